@@ -1,0 +1,7 @@
+"""``pyrys bench``: interleaved benchmarks of pyrys against eager and its peers.
+
+Modules: ``peers`` (one class per system), ``measure`` (interleaved timing, compile
+time, memory, error), ``roofline`` (machine peaks, model FLOPs), ``report`` (table,
+CSV, JSON, chart), ``models`` (model zoo with randomized BatchNorm) and ``cli``
+(``add_arguments`` and ``run`` for the ``pyrys bench`` subcommand).
+"""

@@ -1,0 +1,148 @@
+"""``pyrys bench``: time pyrys against eager, TorchScript, torch.compile, ORT, OpenVINO."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from pyrys.bench.measure import TimingPlan, benchmark_model, error_text, pin_threads
+from pyrys.bench.models import build_model, example_inputs
+from pyrys.bench.peers import Peer, default_peers, select_peers
+from pyrys.bench.report import build_table, describe_machine, make_rows, write_all
+from pyrys.bench.roofline import count_flops, fp32_peak, measure_peaks
+
+DEFAULT_MODELS = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0",
+                  "densenet121", "convnext_tiny", "regnet_y_800mf", "shufflenet_v2_x1_0"]
+QUICK_MODEL = "pyrys.bench.models:tiny_convnet"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``pyrys bench`` options to ``parser``."""
+    parser.add_argument("--models", nargs="+", help=f"torchvision names or module:factory (default: {' '.join(DEFAULT_MODELS)})")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, help="default: 1 16 (1 with --quick)")
+    parser.add_argument("--systems", nargs="+", default=["all"], help="systems to run (eager is always included)")
+    parser.add_argument("--threads", type=int, default=2, help="threads for torch, ORT and OpenVINO")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 5, 2 with --quick)")
+    parser.add_argument("--block-seconds", type=float, default=1.0, help="target time of one timed block")
+    parser.add_argument("--warmup-seconds", type=float, default=0.25, help="warm-up before every block")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for CSV/JSON/PNG")
+    parser.add_argument("--quick", action="store_true", help="tiny model, few iterations (for tests)")
+    parser.add_argument("--list-systems", action="store_true", help="list systems and whether they can run")
+
+
+def timing_plan(args: argparse.Namespace) -> TimingPlan:
+    """The timing plan from the options; ``--quick`` shrinks every duration."""
+    if args.quick:
+        return TimingPlan(rounds=args.rounds or 2, warmup_s=0.02, block_s=0.02, min_iters=2)
+    return TimingPlan(rounds=args.rounds or 5, warmup_s=args.warmup_seconds, block_s=args.block_seconds)
+
+
+def model_names(args: argparse.Namespace) -> list[str]:
+    """``--models``, or the tiny model with ``--quick``, or the default zoo."""
+    return args.models or ([QUICK_MODEL] if args.quick else DEFAULT_MODELS)
+
+
+def batch_sizes(args: argparse.Namespace) -> list[int]:
+    """``--batch-sizes``, or 1 with ``--quick``, or 1 and 16."""
+    return args.batch_sizes or ([1] if args.quick else [1, 16])
+
+
+def short_name(model_name: str) -> str:
+    """``pkg.mod:factory`` -> ``factory``; torchvision names unchanged."""
+    return model_name.rsplit(":", 1)[-1]
+
+
+def list_systems(peers: list[Peer], console: Console) -> int:
+    """Print every system and whether it can run here."""
+    for peer in peers:
+        ok, reason = peer.available()
+        console.print(f"{peer.name:16} {'available' if ok else 'skipped: ' + reason}")
+    return 0
+
+
+def bench_one(name: str, batch: int, peers: list[Peer], plan: TimingPlan, peak: float | None,
+              progress: Progress, task: int) -> list[dict]:
+    """Rows for one model at one batch size."""
+    model = build_model(name)
+    inputs = example_inputs(name, batch, model)
+    flops = count_flops(model, inputs)
+    label = f"{short_name(name)} b{batch}"
+
+    def advance(system: str) -> None:
+        progress.update(task, advance=1, description=f"{label}: {system}")
+
+    results = benchmark_model(peers, model, inputs, plan, advance)
+    torch._dynamo.reset()
+    gc.collect()
+    return make_rows(short_name(name), batch, results, flops, peak)
+
+
+def bench_all(args: argparse.Namespace, peers: list[Peer], plan: TimingPlan, peak: float | None,
+              console: Console) -> tuple[list[dict], int]:
+    """Rows for every model and batch size, with a progress bar; also the failures count."""
+    jobs = [(name, batch) for name in model_names(args) for batch in batch_sizes(args)]
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    rows, failures = [], 0
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("bench", total=len(jobs) * len(peers) * (plan.rounds + 1))
+        for name, batch in jobs:
+            try:
+                rows += bench_one(name, batch, peers, plan, peak, progress, task)
+            except Exception as error:  # a model that cannot be built or counted
+                console.print(f"[red]{name} batch {batch}: {error_text(error)}")
+                failures += 1
+    return rows, failures
+
+
+def run_pinned(args: argparse.Namespace) -> int:
+    """The benchmark with threads pinned to ``--threads``."""
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=170)
+    threads = pin_threads(args.threads)
+    try:
+        peers = select_peers(default_peers(threads), args.systems)
+    except ValueError as error:
+        console.print(f"[red]{error}")
+        return 2
+    if args.list_systems:
+        return list_systems(peers, console)
+    console.print(f"threads: torch {threads}, onnxruntime intra-op {threads}, openvino {threads}")
+    with console.status("measuring this machine's peak GFLOP/s"):
+        peaks = measure_peaks(quick=args.quick)
+    rows, failures = bench_all(args, peers, timing_plan(args), fp32_peak(peaks), console)
+    report(rows, describe_machine(threads, peaks), args.out, console)
+    return 1 if failures else 0
+
+
+def report(rows: list[dict], machine: dict, out: Path, console: Console) -> None:
+    """Print the table and write CSV, JSON and PNG."""
+    console.print(build_table(rows, machine))
+    for kind, path in write_all(rows, machine, out).items():
+        console.print(f"{kind}: {path}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark described by ``args``; print a table and write CSV/JSON/PNG."""
+    threads_before = torch.get_num_threads()
+    try:
+        return run_pinned(args)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point for ``python -m pyrys.bench.cli``."""
+    parser = argparse.ArgumentParser(prog="pyrys bench", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

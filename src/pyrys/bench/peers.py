@@ -1,0 +1,210 @@
+"""The systems pyrys is measured against, one small class each.
+
+A peer has a ``name``, ``available() -> (ok, reason)`` and
+``prepare(model, inputs) -> callable``; the callable takes the same positional
+tensors as the model. ``prepare`` plus the first call is timed as compile time.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+Inputs = tuple[torch.Tensor, ...]
+Runner = Callable[..., Any]
+PYRYS_BACKENDS = ("dnnl", "reference")
+
+
+def has_module(name: str) -> tuple[bool, str]:
+    """Whether ``name`` can be imported, with a reason when it cannot."""
+    if importlib.util.find_spec(name) is None:
+        return False, f"{name} is not installed (pip install -e '.[bench]')"
+    return True, ""
+
+
+class Peer:
+    """A system to benchmark; subclasses override ``prepare``."""
+
+    name = "peer"
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+
+    def available(self) -> tuple[bool, str]:
+        return True, ""
+
+    def prepare(self, model: nn.Module, inputs: Inputs) -> Runner:
+        raise NotImplementedError
+
+
+class Eager(Peer):
+    """The model itself, run by PyTorch eager under ``torch.no_grad``."""
+
+    name = "eager"
+
+    def prepare(self, model: nn.Module, inputs: Inputs) -> Runner:
+        return model
+
+
+class PyrysPeer(Peer):
+    """``pyrys.optimize`` with one backend."""
+
+    def __init__(self, threads: int, backend: str) -> None:
+        super().__init__(threads)
+        self.backend = backend
+        self.name = f"pyrys-{backend}"
+
+    def available(self) -> tuple[bool, str]:
+        try:
+            import pyrys
+        except ImportError as error:
+            return False, f"pyrys is not importable: {error}"
+        if not hasattr(pyrys, "optimize"):
+            return False, "pyrys.optimize does not exist yet"
+        if self.backend not in pyrys_backends(available_only=True):
+            return False, f"pyrys backend {self.backend!r} is not available on this machine"
+        return True, ""
+
+    def prepare(self, model: nn.Module, inputs: Inputs) -> Runner:
+        import pyrys
+
+        return pyrys.optimize(model, example_inputs=inputs, backend=self.backend)
+
+
+def pyrys_backends(available_only: bool = False) -> list[str]:
+    """pyrys's backends: the ones it reports, plus the known ones unless ``available_only``."""
+    try:
+        import pyrys
+
+        reported = list(pyrys.available_backends())
+    except Exception:
+        reported = []
+    return reported if available_only else list(dict.fromkeys([*PYRYS_BACKENDS, *reported]))
+
+
+class TorchScript(Peer):
+    """``torch.jit.trace`` (``script`` if tracing fails), ``freeze``, ``optimize_for_inference``."""
+
+    name = "torchscript"
+
+    def prepare(self, model: nn.Module, inputs: Inputs) -> Runner:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                scripted = torch.jit.trace(model, inputs)
+            except Exception:
+                scripted = torch.jit.script(model)
+            return torch.jit.optimize_for_inference(torch.jit.freeze(scripted.eval()))
+
+
+class Inductor(Peer):
+    """``torch.compile`` (inductor) with weight freezing; compiles on the first call."""
+
+    name = "torch.compile"
+
+    def prepare(self, model: nn.Module, inputs: Inputs) -> Runner:
+        import torch._inductor.config as inductor_config
+
+        compiled = torch.compile(model, backend="inductor")
+        with inductor_config.patch(freezing=True), torch.no_grad():
+            compiled(*inputs)
+        return compiled
+
+
+def export_onnx(model: nn.Module, inputs: Inputs, path: Path) -> None:
+    """Export with the torch.export-based exporter, else the legacy TorchScript one."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(model, inputs, str(path), dynamo=True, optimize=True, verbose=False)
+        except Exception:
+            torch.onnx.export(model, inputs, str(path), dynamo=False)
+
+
+class OnnxRuntime(Peer):
+    """ONNX Runtime, CPU execution provider, all graph optimizations."""
+
+    name = "onnxruntime"
+
+    def available(self) -> tuple[bool, str]:
+        for module in ("onnxruntime", "onnx", "onnxscript"):
+            ok, reason = has_module(module)
+            if not ok:
+                return ok, reason
+        return True, ""
+
+    def prepare(self, model: nn.Module, inputs: Inputs) -> Runner:
+        import onnxruntime as ort
+
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "model.onnx"
+            export_onnx(model, inputs, path)
+            session = ort.InferenceSession(str(path), self._options(ort), providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+        return lambda *xs: session.run(None, {n: x.numpy() for n, x in zip(names, xs)})
+
+    def _options(self, ort: Any) -> Any:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        return options
+
+
+class OpenVino(Peer):
+    """OpenVINO CPU plugin, converted from the torch model, at a given precision."""
+
+    def __init__(self, threads: int, precision: str = "f32") -> None:
+        super().__init__(threads)
+        self.precision = precision
+        self.name = "openvino" if precision == "f32" else f"openvino-{precision}"
+
+    def available(self) -> tuple[bool, str]:
+        ok, reason = has_module("openvino")
+        if ok and self.precision == "bf16" and not openvino_has_bf16():
+            return False, "the CPU has no bf16 support (OpenVINO OPTIMIZATION_CAPABILITIES)"
+        return ok, reason
+
+    def prepare(self, model: nn.Module, inputs: Inputs) -> Runner:
+        import openvino as ov
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            converted = ov.convert_model(model, example_input=inputs)
+        config = {"INFERENCE_PRECISION_HINT": self.precision, "INFERENCE_NUM_THREADS": self.threads,
+                  "PERFORMANCE_HINT": "LATENCY"}
+        compiled = ov.Core().compile_model(converted, "CPU", config)
+        return lambda *xs: compiled([x.numpy() for x in xs]).to_tuple()
+
+
+def openvino_has_bf16() -> bool:
+    """Whether OpenVINO's CPU plugin reports bf16 support."""
+    from openvino import Core
+
+    return "BF16" in Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def default_peers(threads: int) -> list[Peer]:
+    """Every system, in report order: pyrys backends first, then eager and the peers."""
+    pyrys = [PyrysPeer(threads, backend) for backend in pyrys_backends()]
+    others = [Eager(threads), TorchScript(threads), Inductor(threads), OnnxRuntime(threads),
+              OpenVino(threads), OpenVino(threads, "bf16")]
+    return pyrys + others
+
+
+def select_peers(peers: list[Peer], names: list[str] | None) -> list[Peer]:
+    """The peers named (all when ``names`` is empty); eager is always kept as the reference."""
+    if not names or names == ["all"]:
+        return peers
+    known = {peer.name: peer for peer in peers}
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(f"unknown systems {unknown}; choose from {sorted(known)}")
+    wanted = ["eager", *[name for name in names if name != "eager"]]
+    return [known[name] for name in wanted]

@@ -1,0 +1,172 @@
+"""Benchmark output: rows, a rich table, CSV, JSON and a PNG chart."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import platform
+from pathlib import Path
+
+import torch
+from rich.table import Table
+
+from pyrys.bench.measure import SystemResult
+
+COLUMNS = ["model", "batch", "system", "status", "median_ms", "p10_ms", "p90_ms", "vs_eager",
+           "gflop_per_run", "gflop_s", "pct_fp32_peak", "compile_s", "peak_rss_mib",
+           "max_rel_error", "iterations", "note"]
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8")
+PACKAGES = ("torch", "torchvision", "onnxruntime", "onnx", "openvino", "pyrys")
+
+
+def cpu_info() -> tuple[str, list[str]]:
+    """CPU model name and the ISA flags that matter, from ``/proc/cpuinfo``."""
+    name, flags = platform.processor() or "unknown", []
+    with open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = [flag for flag in ISA_FLAGS if flag in value.split()]
+                break
+    return name, flags
+
+
+def package_version(name: str) -> str:
+    """The installed version of ``name``, or "not installed"."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def describe_machine(threads: int, peaks: dict[str, float]) -> dict:
+    """CPU, cores, threads, package versions, date and measured peaks."""
+    cpu, flags = cpu_info()
+    return {"cpu": cpu, "isa": flags, "cores": os.cpu_count(), "threads": threads,
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "versions": {name: package_version(name) for name in PACKAGES},
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "peak_gflop_s": {key: round(value, 1) for key, value in peaks.items()}}
+
+
+def machine_line(machine: dict) -> str:
+    """One line describing the machine, for table captions and charts."""
+    versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v != "not installed")
+    return (f"{machine['cpu']} ({'/'.join(machine['isa']) or 'no AVX2'}), {machine['cores']} cores, "
+            f"{machine['threads']} threads; {versions}; {machine['date']}")
+
+
+def make_rows(model: str, batch: int, results: list[SystemResult], flops: int, fp32_peak: float | None) -> list[dict]:
+    """One row per system for one model and batch size."""
+    eager = next((r.percentile_ms(50) for r in results if r.system == "eager"), None)
+    return [_row(model, batch, result, eager, flops, fp32_peak) for result in results]
+
+
+def _row(model: str, batch: int, result: SystemResult, eager_ms: float | None, flops: int,
+         fp32_peak: float | None) -> dict:
+    median = result.percentile_ms(50)
+    gflop_s = flops / median / 1e6 if median else None
+    return {"model": model, "batch": batch, "system": result.system, "status": result.status,
+            "median_ms": median, "p10_ms": result.percentile_ms(10), "p90_ms": result.percentile_ms(90),
+            "vs_eager": median / eager_ms if median and eager_ms else None,
+            "gflop_per_run": flops / 1e9, "gflop_s": gflop_s,
+            "pct_fp32_peak": 100 * gflop_s / fp32_peak if gflop_s and fp32_peak else None,
+            "compile_s": result.compile_s, "peak_rss_mib": result.peak_rss_mib,
+            "max_rel_error": result.max_rel_error, "iterations": len(result.samples_s), "note": result.note}
+
+
+def _cell(value: object, spec: str = ".2f") -> str:
+    """A table cell: floats formatted by ``spec``, missing values as '-'."""
+    if value is None:
+        return "-"
+    return format(value, spec) if isinstance(value, float) else str(value)
+
+
+def build_table(rows: list[dict], machine: dict) -> Table:
+    """A rich table with one row per system per model and batch size."""
+    table = Table(title="pyrys bench (latency in ms; x eager < 1 is faster)", caption=machine_line(machine))
+    for header in ("model", "batch", "system", "median", "p10-p90", "x eager", "GFLOP/s", "% peak",
+                   "compile s", "dRSS MiB", "max err"):
+        table.add_column(header, no_wrap=True)
+    table.add_column("note", overflow="fold", max_width=60)
+    for row in rows:
+        spread = f"{_cell(row['p10_ms'], '.3g')}-{_cell(row['p90_ms'], '.3g')}" if row["p10_ms"] else "-"
+        error = f"{row['max_rel_error']:.1e}" if row["max_rel_error"] is not None else "-"
+        table.add_row(row["model"], str(row["batch"]), row["system"], _cell(row["median_ms"], ".3g"), spread,
+                      _cell(row["vs_eager"]), _cell(row["gflop_s"], ".1f"), _cell(row["pct_fp32_peak"], ".0f"),
+                      _cell(row["compile_s"], ".1f"), _cell(row["peak_rss_mib"], ".0f"), error, row["note"])
+    return table
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    """All rows as CSV, one column per field in ``COLUMNS``."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_json(rows: list[dict], machine: dict, path: Path) -> None:
+    """Machine description and rows as JSON."""
+    path.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+
+
+def write_chart(rows: list[dict], machine: dict, path: Path) -> None:
+    """Grouped bars, one per system per model: latency relative to eager, log axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(dict.fromkeys(f"{r['model']}\nbatch {r['batch']}" for r in rows))
+    systems = list(dict.fromkeys(r["system"] for r in rows if r["vs_eager"]))
+    fig, ax = plt.subplots(figsize=(max(8.0, 2.0 + 0.35 * len(groups) * max(1, len(systems))), 5.0))
+    _draw_bars(ax, rows, groups, systems)
+    _style_axes(ax)
+    fig.text(0.01, 0.01, machine_line(machine), fontsize=6, wrap=True)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _style_axes(ax) -> None:
+    """Log axis with plain-number ticks, a line at eager, legend outside the plot."""
+    from matplotlib.ticker import FormatStrFormatter
+
+    ax.set_yscale("log")
+    ax.margins(y=0.1)
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%.2g"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2g"))
+    ax.tick_params(axis="y", which="minor", labelsize=7)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_ylabel("latency / eager latency (lower is faster)")
+    ax.set_title("pyrys bench: latency relative to PyTorch eager")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+
+
+def _draw_bars(ax, rows: list[dict], groups: list[str], systems: list[str]) -> None:
+    """One bar series per system, each labelled with its ratio."""
+    ratios = {(f"{r['model']}\nbatch {r['batch']}", r["system"]): r["vs_eager"] for r in rows}
+    width = 0.8 / max(1, len(systems))
+    for index, system in enumerate(systems):
+        positions = [g + (index - (len(systems) - 1) / 2) * width for g in range(len(groups))]
+        heights = [ratios.get((group, system)) or float("nan") for group in groups]
+        bars = ax.bar(positions, heights, width, label=system)
+        ax.bar_label(bars, labels=["" if math.isnan(h) else f"{h:.2f}" for h in heights], fontsize=6, rotation=90)
+    ax.set_xticks(range(len(groups)), groups, fontsize=8)
+
+
+def write_all(rows: list[dict], machine: dict, out_dir: Path) -> dict[str, Path]:
+    """Write CSV, JSON and PNG into ``out_dir``; return their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {kind: out_dir / f"bench.{kind}" for kind in ("csv", "json", "png")}
+    write_csv(rows, paths["csv"])
+    write_json(rows, machine, paths["json"])
+    write_chart(rows, machine, paths["png"])
+    return paths

@@ -1,0 +1,128 @@
+"""End-to-end test of ``pyrys bench --quick`` on a tiny conv net; no timing assertions."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from pyrys.bench import cli
+from pyrys.bench.measure import TimingPlan, benchmark_model, relative_error, rotated
+from pyrys.bench.peers import Eager, Peer, default_peers, select_peers
+from pyrys.bench.report import build_table
+
+SYSTEMS = ["eager", "torchscript", "onnxruntime"]
+
+
+class SmallConvNet(nn.Module):
+    """conv-BN-ReLU, depthwise conv, pool, linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU6(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def example_inputs(self, batch_size: int) -> tuple[torch.Tensor]:
+        return (torch.randn(batch_size, 3, 16, 16),)
+
+
+class MissingPeer(Peer):
+    name = "missing-peer"
+
+    def available(self) -> tuple[bool, str]:
+        return False, "missing-peer is not installed"
+
+
+class BrokenPeer(Peer):
+    name = "broken-peer"
+
+    def prepare(self, model, inputs):
+        raise RuntimeError("cannot compile this model")
+
+
+@pytest.fixture
+def small_model_module(monkeypatch):
+    """A module ``bench_test_models`` so the test model is reachable as ``module:attr``."""
+    module = types.ModuleType("bench_test_models")
+    module.small_convnet = lambda: SmallConvNet()
+    monkeypatch.setitem(sys.modules, "bench_test_models", module)
+    return "bench_test_models:small_convnet"
+
+
+@pytest.fixture
+def bench_output(tmp_path, monkeypatch, small_model_module):
+    """Run ``pyrys bench --quick`` with an unavailable and a broken peer added."""
+    monkeypatch.setattr(cli, "default_peers", lambda threads: [*default_peers(threads), MissingPeer(threads),
+                                                                BrokenPeer(threads)])
+    systems = [*SYSTEMS, "missing-peer", "broken-peer"]
+    argv = ["--quick", "--models", small_model_module, "--systems", *systems, "--threads", "1", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    return tmp_path, systems
+
+
+def test_writes_csv_json_and_png(bench_output):
+    out, systems = bench_output
+    assert (out / "bench.png").stat().st_size > 0
+    with open(out / "bench.csv") as handle:
+        assert [row["system"] for row in csv.DictReader(handle)] == systems
+    data = json.loads((out / "bench.json").read_text())
+    assert data["machine"]["threads"] == 1 and data["machine"]["cpu"]
+    assert [row["system"] for row in data["rows"]] == systems
+
+
+def test_table_has_one_row_per_system(bench_output):
+    out, systems = bench_output
+    data = json.loads((out / "bench.json").read_text())
+    assert build_table(data["rows"], data["machine"]).row_count == len(systems)
+
+
+def test_systems_that_ran_agree_with_eager(bench_output):
+    out, _ = bench_output
+    rows = {row["system"]: row for row in json.loads((out / "bench.json").read_text())["rows"]}
+    assert rows["eager"]["status"] == "ok" and rows["eager"]["vs_eager"] == pytest.approx(1.0)
+    ran = [row for row in rows.values() if row["status"] == "ok"]
+    assert all(row["max_rel_error"] < 1e-4 and row["median_ms"] > 0 for row in ran)
+
+
+def test_missing_and_broken_peers_leave_notes(bench_output):
+    out, _ = bench_output
+    rows = {row["system"]: row for row in json.loads((out / "bench.json").read_text())["rows"]}
+    assert rows["missing-peer"]["status"] == "skipped"
+    assert "not installed" in rows["missing-peer"]["note"]
+    assert rows["broken-peer"]["status"] == "error"
+    assert "cannot compile this model" in rows["broken-peer"]["note"]
+
+
+def test_benchmark_model_times_every_available_system():
+    model = SmallConvNet().eval()
+    plan = TimingPlan(rounds=2, warmup_s=0.0, block_s=0.0, min_iters=2)
+    results = benchmark_model([Eager(1), MissingPeer(1)], model, model.example_inputs(1), plan)
+    assert [len(r.samples_s) for r in results] == [4, 0]
+    assert all(r.runner is None for r in results)
+
+
+def test_select_peers_keeps_eager_and_rejects_unknown_names():
+    peers = default_peers(1)
+    assert [p.name for p in select_peers(peers, ["onnxruntime"])] == ["eager", "onnxruntime"]
+    with pytest.raises(ValueError, match="unknown systems"):
+        select_peers(peers, ["no-such-system"])
+
+
+def test_relative_error_scales_by_the_reference_size():
+    reference = torch.tensor([100.0, -200.0])
+    assert relative_error((reference + 2.0).numpy(), reference) == pytest.approx(0.01)
+    assert relative_error([reference + 0.5], reference) == pytest.approx(0.5 / 200)
+
+
+def test_rotated():
+    assert rotated([1, 2, 3], 4) == [2, 3, 1]
+    assert rotated([], 1) == []
