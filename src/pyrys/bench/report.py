@@ -62,23 +62,27 @@ def machine_line(machine: dict) -> str:
             f"{machine['threads']} threads; {versions}; {machine['date']}")
 
 
-def make_rows(model: str, batch: int, results: list[SystemResult], flops: int, fp32_peak: float | None) -> list[dict]:
+def make_rows(model: str, batch: int, results: list[SystemResult], flops: int) -> list[dict]:
     """One row per system for one model and batch size."""
     eager = next((r.percentile_ms(50) for r in results if r.system == "eager"), None)
-    return [_row(model, batch, result, eager, flops, fp32_peak) for result in results]
+    return [_row(model, batch, result, eager, flops) for result in results]
 
 
-def _row(model: str, batch: int, result: SystemResult, eager_ms: float | None, flops: int,
-         fp32_peak: float | None) -> dict:
+def _row(model: str, batch: int, result: SystemResult, eager_ms: float | None, flops: int) -> dict:
     median = result.percentile_ms(50)
-    gflop_s = flops / median / 1e6 if median else None
     return {"model": model, "batch": batch, "system": result.system, "status": result.status,
             "median_ms": median, "p10_ms": result.percentile_ms(10), "p90_ms": result.percentile_ms(90),
             "vs_eager": median / eager_ms if median and eager_ms else None,
-            "gflop_per_run": flops / 1e9, "gflop_s": gflop_s,
-            "pct_fp32_peak": 100 * gflop_s / fp32_peak if gflop_s and fp32_peak else None,
-            "compile_s": result.compile_s, "peak_rss_mib": result.peak_rss_mib,
+            "gflop_per_run": flops / 1e9, "gflop_s": flops / median / 1e6 if median else None,
+            "pct_fp32_peak": None, "compile_s": result.compile_s, "peak_rss_mib": result.peak_rss_mib,
             "max_rel_error": result.max_rel_error, "iterations": len(result.samples_s), "note": result.note}
+
+
+def add_peak_share(rows: list[dict], fp32_peak: float | None) -> None:
+    """Fill ``pct_fp32_peak``: achieved GFLOP/s as a percentage of the fp32 peak."""
+    for row in rows:
+        if row["gflop_s"] and fp32_peak:
+            row["pct_fp32_peak"] = 100 * row["gflop_s"] / fp32_peak
 
 
 def _cell(value: object, spec: str = ".2f") -> str:

@@ -79,6 +79,11 @@ def measure_peaks(quick: bool = False) -> dict[str, float]:
     return peaks
 
 
+def best_of(*measurements: dict[str, float]) -> dict[str, float]:
+    """Per kernel, the best of several ``measure_peaks`` results (noise only slows kernels)."""
+    return {key: max(m[key] for m in measurements) for key in measurements[0]}
+
+
 def fp32_peak(peaks: dict[str, float]) -> float | None:
     """The best fp32 GFLOP/s among the measured kernels."""
     fp32 = [value for key, value in peaks.items() if key.startswith("fp32")]
