@@ -1,0 +1,46 @@
+"""Backends turn an optimized graph into something that runs.
+
+Each backend is a function ``compile(gm, example_inputs) -> Program``; a program is
+called with the flat list of user inputs and returns the flat list of outputs.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.fx as fx
+
+from pyrys.backends import reference
+
+Program = Callable[[list], list]
+BackendCompile = Callable[[fx.GraphModule, list], Program]
+
+
+def _dnnl_backend() -> tuple[BackendCompile | None, str]:
+    """The dnnl backend if its runtime is present and the library loads, else why not."""
+    try:
+        from pyrys.backends.dnnl import lower
+    except ImportError as error:
+        return None, f"the dnnl runtime is not available ({error})"
+    available, reason = lower.available()
+    return (lower.compile_program, "") if available else (None, reason)
+
+
+def get_backend(name: str) -> tuple[BackendCompile, str, str]:
+    """``(compile, resolved_name, notice)``; ``"auto"`` picks dnnl where it loads, else reference."""
+    if name == "reference":
+        return reference.compile_program, "reference", ""
+    if name in ("dnnl", "auto"):
+        compile_fn, reason = _dnnl_backend()
+        if compile_fn is not None:
+            return compile_fn, "dnnl", ""
+        if name == "dnnl":
+            raise RuntimeError(f"pyrys: backend 'dnnl' is unavailable: {reason}")
+        return reference.compile_program, "reference", f"pyrys: using the reference backend because {reason}"
+    raise ValueError(f"pyrys: unknown backend {name!r}; expected 'auto', 'dnnl' or 'reference'")
+
+
+def available_backends() -> list[str]:
+    names = ["reference"]
+    if _dnnl_backend()[0] is not None:
+        names.insert(0, "dnnl")
+    return names

@@ -1,0 +1,134 @@
+"""Helpers over ``torch.fx`` graphs: pyrys's IR is an ``fx.GraphModule`` with conventions.
+
+* a user input is a ``placeholder``;
+* module state that is not frozen (a parameter, a buffer, or a boolean flag such as
+  ``training``) is a ``placeholder`` whose ``meta["pyrys_state"]`` is a :class:`StateRef`
+  (printed as ``prim::GetAttr``);
+* a constant tensor is a ``get_attr`` node (printed as ``prim::Constant``); scalar
+  constants are literal arguments;
+* every value node carries ``meta["val"]`` (a fake tensor: shape and dtype).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.fx as fx
+from torch.fx.operator_schemas import normalize_function
+
+STATE_KEY = "pyrys_state"
+
+
+@dataclass
+class StateRef:
+    """A read of module state: ``target`` is its attribute path, e.g. ``"bn.running_var"``."""
+
+    target: str
+    kind: str  # "parameter" | "buffer" | "flag"
+    value: Any
+
+    @property
+    def attribute(self) -> str:
+        """The last component of the path: ``"running_var"``, ``"training"``."""
+        return self.target.rsplit(".", 1)[-1]
+
+
+def state_ref(node: fx.Node) -> StateRef | None:
+    return node.meta.get(STATE_KEY) if node.op == "placeholder" else None
+
+
+def user_inputs(graph: fx.Graph) -> list[fx.Node]:
+    return [n for n in graph.nodes if n.op == "placeholder" and STATE_KEY not in n.meta]
+
+
+def state_inputs(graph: fx.Graph) -> list[fx.Node]:
+    return [n for n in graph.nodes if n.op == "placeholder" and STATE_KEY in n.meta]
+
+
+def is_constant(arg: Any) -> bool:
+    """True for a ``get_attr`` node or any non-node literal (scalars, lists of scalars, None)."""
+    if isinstance(arg, fx.Node):
+        return arg.op == "get_attr"
+    if isinstance(arg, (list, tuple)):
+        return all(is_constant(a) for a in arg)
+    return True
+
+
+def constant_value(gm: fx.GraphModule, arg: Any) -> Any:
+    """The value of a constant argument (see :func:`is_constant`)."""
+    if isinstance(arg, fx.Node):
+        return getattr(gm, arg.target)
+    if isinstance(arg, (list, tuple)):
+        return type(arg)(constant_value(gm, a) for a in arg)
+    return arg
+
+
+def add_constant(gm: fx.GraphModule, value: torch.Tensor, name_hint: str) -> fx.Node:
+    """Register ``value`` on ``gm`` and insert a ``get_attr`` node for it (at the graph's insert point)."""
+    name = _unique_attr_name(gm, name_hint)
+    gm.register_buffer(name, value, persistent=False)
+    node = gm.graph.get_attr(name)
+    node.meta["val"] = value
+    return node
+
+
+def _unique_attr_name(gm: fx.GraphModule, hint: str) -> str:
+    base = "".join(c if c.isalnum() or c == "_" else "_" for c in hint) or "const"
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+def call_nodes(graph: fx.Graph, targets=None) -> Iterator[fx.Node]:
+    """``call_function`` nodes, optionally only those whose target is in ``targets``."""
+    for node in list(graph.nodes):
+        if node.op == "call_function" and (targets is None or node.target in targets):
+            yield node
+
+
+def op_args(node: fx.Node) -> dict[str, Any]:
+    """All arguments of an ATen call by schema name, defaults filled in."""
+    pair = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
+    if pair is None:
+        raise ValueError(f"cannot normalize the arguments of {node.format_node()}")
+    return dict(pair.kwargs)
+
+
+def single_user(node: fx.Node) -> bool:
+    return len(node.users) == 1
+
+
+def tensor_meta(node: fx.Node) -> torch.Tensor | None:
+    val = node.meta.get("val")
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def drop_unused_constants(gm: fx.GraphModule) -> int:
+    """Delete ``get_attr`` nodes with no users, then release every tensor no node reads."""
+    removed = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+            removed += 1
+    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name in [name for name, _ in gm.named_buffers() if name not in read]:
+        delattr(gm, name)
+    return removed
+
+
+def replace_with_literal(node: fx.Node, value: Any) -> None:
+    """Substitute a Python value for ``node`` in all its users, then erase it."""
+    for user in list(node.users):
+        user.args = fx.map_arg(user.args, lambda a: value if a is node else a)
+        user.kwargs = fx.map_arg(user.kwargs, lambda a: value if a is node else a)
+    node.graph.erase_node(node)
+
+
+def insert_call(graph: fx.Graph, target, args: tuple, name: str | None = None) -> fx.Node:
+    """``graph.call_function`` with a readable node name (``conv``, not ``conv_default``)."""
+    if name is None:
+        name = target._schema.name.split("::")[-1] if hasattr(target, "_schema") else target.__name__
+    return graph.create_node("call_function", target, args, {}, name=name)

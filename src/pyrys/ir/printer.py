@@ -1,0 +1,113 @@
+"""The seed's text form of a graph, stable enough for golden tests.
+
+    graph(%x : Float(1, 3, 8, 8)):
+      %conv_weight : Float(32, 3, 3, 3) = prim::Constant[value=<Tensor>]()
+      %conv2d : Float(1, 32, 6, 6) = aten::conv2d(%x, %conv_weight, None, [1, 1], [0, 0], [1, 1], 1)
+      return (%conv2d)
+
+Unfrozen module state reads print as ``prim::GetAttr[name="bn.running_var"](%self)``;
+one-element constants print by value (``prim::Constant[value={10.}]()``); fused ops
+print their post-op chain in their name (``pyrys::conv2d_relu``).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from pyrys.ir.graph import state_ref
+from pyrys.ir.ops import FUSED_CONV, FUSED_LINEAR
+from pyrys.ir.post_ops import parse_post_op
+
+_DTYPE_NAMES = {
+    torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16",
+    torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
+    torch.bool: "Bool",
+}
+
+
+def format_tensor_type(shape, dtype: torch.dtype) -> str:
+    """``Float(1, 3, 8, 8)``."""
+    return f"{_DTYPE_NAMES.get(dtype, str(dtype))}({', '.join(str(int(s)) for s in shape)})"
+
+
+def format_type(val: Any) -> str:
+    """``Float(1, 3, 8, 8)`` for a tensor, ``bool``/``int``/``float`` for a scalar, ``Tensor`` if unknown."""
+    if isinstance(val, torch.Tensor):
+        return format_tensor_type(val.shape, val.dtype)
+    if isinstance(val, (tuple, list)):
+        return "(" + ", ".join(format_type(v) for v in val) + ")"
+    if isinstance(val, (bool, int, float)):
+        return type(val).__name__
+    return "Tensor"
+
+
+def format_arg(arg: Any) -> str:
+    if isinstance(arg, fx.Node):
+        return f"%{arg.name}"
+    if isinstance(arg, (list, tuple)):
+        return "[" + ", ".join(format_arg(a) for a in arg) + "]"
+    if isinstance(arg, str):
+        return repr(arg)
+    return str(arg)
+
+
+def op_name(node: fx.Node) -> str:
+    """``aten::conv2d``, ``pyrys::fold_weight``, ``pyrys::conv2d_relu``, ``prim::GetItem``."""
+    if node.target in (FUSED_CONV, FUSED_LINEAR):
+        return _fused_name(node)
+    if isinstance(node.target, torch._ops.OpOverload):
+        return node.target._schema.name
+    if getattr(node.target, "__name__", "") == "getitem":
+        return "prim::TupleIndex"
+    return f"python::{getattr(node.target, '__name__', node.target)}"
+
+
+def _fused_name(node: fx.Node) -> str:
+    base = f"conv{node.args[1].meta['val'].dim() - 2}d" if node.target is FUSED_CONV else "linear"
+    post_ops = node.args[-2]
+    return "pyrys::" + "_".join([base] + [parse_post_op(p)[0].name for p in post_ops])
+
+
+def _fused_args(node: fx.Node) -> str:
+    *args, post_ops, post_inputs = node.args
+    text = ", ".join(format_arg(a) for a in [*args, *post_inputs])
+    params = [p for p in post_ops if ":" in p]
+    return (f"[post_ops={format_arg(list(post_ops))}]" if params else "") + f"({text})"
+
+
+def format_constant(gm: fx.GraphModule, node: fx.Node) -> str:
+    value = getattr(gm, node.target)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return f"prim::Constant[value={{{value.item():g}}}]()"
+    return "prim::Constant[value=<Tensor>]()"
+
+
+def format_node(gm: fx.GraphModule, node: fx.Node) -> str:
+    lhs = f"%{node.name} : {format_type(node.meta.get('val'))}"
+    if node.op == "get_attr":
+        return f"{lhs} = {format_constant(gm, node)}"
+    ref = state_ref(node)
+    if ref is not None:
+        return f'{lhs} = prim::GetAttr[name="{ref.target}"](%self)'
+    if node.target in (FUSED_CONV, FUSED_LINEAR):
+        return f"{lhs} = {op_name(node)}{_fused_args(node)}"
+    args = [format_arg(a) for a in node.args] + [f"{k}={format_arg(v)}" for k, v in node.kwargs.items()]
+    return f"{lhs} = {op_name(node)}({', '.join(args)})"
+
+
+def format_graph(gm: fx.GraphModule, class_name: str = "Module") -> str:
+    """The whole graph in the seed's text form."""
+    nodes = list(gm.graph.nodes)
+    header = [f"%{n.name} : {format_type(n.meta.get('val'))}" for n in nodes if n.op == "placeholder" and not state_ref(n)]
+    if any(state_ref(n) for n in nodes):
+        header.insert(0, f"%self : ClassType<{class_name}>")
+    body = [f"  {format_node(gm, n)}" for n in nodes if state_ref(n) or n.op in ("get_attr", "call_function")]
+    output = next(n for n in nodes if n.op == "output")
+    returns = ", ".join(format_arg(a) for a in _flat(output.args[0]))
+    return "graph(" + ",\n      ".join(header) + "):\n" + "\n".join(body + [f"  return ({returns})"])
+
+
+def _flat(value: Any) -> list[Any]:
+    return [x for v in value for x in _flat(v)] if isinstance(value, (list, tuple)) else [value]

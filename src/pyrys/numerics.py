@@ -1,0 +1,34 @@
+"""How pyrys measures agreement with eager PyTorch.
+
+    relative_error(y, y_eager) = max |y - y_eager| / max |y_eager|
+
+The stated fp32 tolerance is ``FP32_TOLERANCE = 1e-4``: the largest deviation may be
+at most 1e-4 of the output's magnitude.  Nested outputs (tuples, dicts) are compared
+leaf by leaf and the worst leaf counts.
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils._pytree import tree_leaves
+
+FP32_TOLERANCE = 1e-4
+
+
+def _leaf_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.detach(), expected.detach()
+    if actual.shape != expected.shape or actual.dtype != expected.dtype:
+        raise AssertionError(f"output type differs: {actual.dtype}{tuple(actual.shape)} "
+                             f"vs eager {expected.dtype}{tuple(expected.shape)}")
+    if not expected.is_floating_point():
+        return float((actual != expected).any())
+    scale = expected.abs().max().clamp_min(1e-12)
+    return float((actual.double() - expected.double()).abs().max() / scale)
+
+
+def relative_error(actual, expected) -> float:
+    """Worst relative error over all tensor leaves of two outputs with the same structure."""
+    got, want = tree_leaves(actual), tree_leaves(expected)
+    if len(got) != len(want):
+        raise AssertionError(f"output structure differs: {len(got)} leaves vs eager's {len(want)}")
+    errors = [_leaf_error(a, e) for a, e in zip(got, want) if isinstance(e, torch.Tensor)]
+    return max(errors, default=0.0)

@@ -1,0 +1,182 @@
+"""The front door: capture -> pass pipeline -> backend.  The one place that knows every stage."""
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_unflatten
+
+from pyrys.backends import get_backend
+from pyrys.capture.export import Captured, capture_module
+from pyrys.ir.verify import make_verifier, output_types
+from pyrys.passes.pipeline import Instruments, PassOptions, PipelineRun, Step, check_pass_names, run_pipeline
+from pyrys.passes.rewrite import Miss
+from pyrys.signature import Signature, check_compatible, signature_of
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    """Everything a user can choose; see :func:`optimize`."""
+
+    backend: str = "auto"
+    freeze_params: tuple[str, ...] | None = None
+    freeze_flags: tuple[str, ...] = ("training",)
+    disable: tuple[str, ...] = ()
+    print_after_each: bool = False
+    dump_dir: str | None = None
+    verify: bool = False
+
+
+@dataclass
+class Compiled:
+    """One input signature's compiled result."""
+
+    signature: Signature
+    captured: Captured
+    run: PipelineRun
+    program: Any
+    backend: str
+    notes: list[str] = field(default_factory=list)
+
+
+def compile_signature(model: torch.nn.Module, args: tuple, kwargs: dict, config: OptimizeConfig) -> Compiled:
+    """Capture ``model`` on these inputs, run the pipeline, and build the backend's program."""
+    signature, flat = signature_of(args, kwargs)
+    captured = capture_module(model, args, kwargs)
+    instruments = Instruments(config.print_after_each, Path(config.dump_dir) if config.dump_dir else None,
+                              None, captured.class_name)
+    if config.verify:
+        from pyrys.ir.meta import refresh_meta
+
+        refresh_meta(captured.gm)
+        instruments.verify = make_verifier(output_types(captured.gm))
+    options = PassOptions(config.freeze_params, config.freeze_flags)
+    run = run_pipeline(captured.gm, options, config.disable, instruments)
+    compile_program, backend, notice = get_backend(config.backend)
+    program = compile_program(captured.gm, flat)
+    notes = captured.notes + ([notice] if notice else [])
+    return Compiled(signature, captured, run, program, backend, notes)
+
+
+class OptimizedModule(torch.nn.Module):
+    """A drop-in replacement for the model: same inputs, same outputs, optimized graph.
+
+    ``graph`` is the optimized graph in the seed's text form, ``history`` the graph after
+    every pass, ``misses`` every fold/fusion that could not happen and why.
+    """
+
+    def __init__(self, model: torch.nn.Module, args: tuple, kwargs: dict, config: OptimizeConfig):
+        super().__init__()
+        self._source = _Source(model)
+        self._config = config
+        first = compile_signature(model, args, kwargs, config)
+        self._programs: dict[Signature, Compiled] = {first.signature: first}
+        self._first = first
+
+    def forward(self, *args, **kwargs):
+        signature, flat = signature_of(args, kwargs)
+        compiled = self._programs.get(signature)
+        if compiled is None:
+            check_compatible(self._first.signature, signature, flat, args)
+            compiled = compile_signature(self._source.model, args, kwargs, self._config)
+            self._programs[signature] = compiled
+        outputs = compiled.program(flat)
+        return tree_unflatten(outputs, compiled.captured.out_spec)
+
+    @property
+    def graph(self) -> str:
+        return self._first.run.history[-1].graph
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        return self._first.captured.gm
+
+    @property
+    def history(self) -> list[Step]:
+        return self._first.run.history
+
+    @property
+    def misses(self) -> list[Miss]:
+        return self._first.run.misses
+
+    @property
+    def backend(self) -> str:
+        return self._first.backend
+
+    @property
+    def notes(self) -> list[str]:
+        return self._first.notes
+
+    def program_text(self) -> str:
+        return self._first.program.describe()
+
+    def report(self) -> str:
+        """Per-pass counts, then every miss with its reason, then notes."""
+        lines = [step.summary() for step in self.history[1:]]
+        lines += [f"missed: {miss}" for miss in self.misses]
+        lines += [f"note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+@dataclass
+class _Source:
+    """Holds the private copy of the model (not registered as a submodule)."""
+
+    model: torch.nn.Module
+
+
+def _as_args(example_inputs: Any) -> tuple:
+    if example_inputs is None:
+        raise ValueError("pyrys.optimize needs example_inputs: the tuple of inputs the model is called with, "
+                         "e.g. example_inputs=(torch.rand(1, 3, 224, 224),)")
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)) or not example_inputs:
+        raise TypeError("pyrys.optimize expects example_inputs to be a non-empty tuple of inputs "
+                        f"(e.g. (torch.rand(1, 3, 224, 224),)), got {type(example_inputs).__name__}")
+    return tuple(example_inputs)
+
+
+def optimize(
+    model: torch.nn.Module,
+    example_inputs: Sequence[Any] | torch.Tensor | None = None,
+    example_kwargs: dict | None = None,
+    *,
+    backend: str = "auto",
+    freeze_params: Iterable[str] | None = None,
+    freeze_flags: Iterable[str] = ("training",),
+    disable: Iterable[str] = (),
+    print_after_each: bool = False,
+    dump_dir: str | Path | None = None,
+    verify: bool = False,
+) -> OptimizedModule:
+    """Optimize an eval-mode ``model`` for inference on inputs like ``example_inputs``.
+
+    ``freeze_params``: attribute names to freeze (``"weight"``, ``"running_var"`` ...), default all.
+    ``freeze_flags``: boolean module attributes to freeze, default ``("training",)``.
+    ``disable``: pass names to skip (see ``pyrys.passes.pipeline.PASS_NAMES``).
+    ``backend``: ``"auto"`` (dnnl where it loads, else reference), ``"dnnl"`` or ``"reference"``.
+    The user's model is never modified: pyrys works on a private copy.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"pyrys.optimize expects a torch.nn.Module, got {type(model).__name__}")
+    args = _as_args(example_inputs)
+    config = OptimizeConfig(
+        backend=backend,
+        freeze_params=None if freeze_params is None else tuple(freeze_params),
+        freeze_flags=tuple(freeze_flags),
+        disable=check_pass_names(disable),
+        print_after_each=print_after_each,
+        dump_dir=None if dump_dir is None else str(dump_dir),
+        verify=verify,
+    )
+    if model.training:
+        warnings.warn("pyrys.optimize: the model is in training mode; BatchNorm will not be folded and "
+                      "dropout stays random. Call model.eval() first for inference.", stacklevel=2)
+    private = copy.deepcopy(model)
+    return OptimizedModule(private, args, dict(example_kwargs or {}), config)

@@ -1,0 +1,77 @@
+"""Clean-up passes: dead code elimination and common subexpression elimination.
+
+DCE removes nodes whose value nobody uses (impure ops stay), module-state reads
+nobody uses, and constants nobody uses (their tensors are released).
+
+CSE merges nodes that compute the same pure op on the same arguments:
+
+    %a = aten::relu(%x) ; %b = aten::relu(%x) ; aten::add(%a, %b)
+    ->  %a = aten::relu(%x) ; aten::add(%a, %a)
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+import torch.fx as fx
+
+from pyrys.ir.graph import drop_unused_constants, state_inputs
+from pyrys.passes.rewrite import PassResult
+
+
+def dead_code_elimination(gm: fx.GraphModule) -> PassResult:
+    """Remove unused values, state reads and constants; ``fired`` counts each kind."""
+    before = Counter(n.op for n in gm.graph.nodes)
+    gm.graph.eliminate_dead_code()
+    for node in state_inputs(gm.graph):
+        if not node.users:
+            gm.graph.erase_node(node)
+    drop_unused_constants(gm)
+    after = Counter(n.op for n in gm.graph.nodes)
+    removed = Counter({name: before[op] - after[op] for op, name in _KINDS.items()})
+    gm.recompile()
+    return PassResult(fired=+removed)
+
+
+_KINDS = {"call_function": "nodes", "placeholder": "state_reads", "get_attr": "constants"}
+
+
+def _is_pure(node: fx.Node) -> bool:
+    if node.op == "get_attr":
+        return True
+    if node.op != "call_function" or node.is_impure():
+        return False
+    tags = getattr(node.target, "tags", ())
+    return torch.Tag.nondeterministic_seeded not in tags
+
+
+def _key(node: fx.Node) -> tuple:
+    return (node.op, node.target, _hashable(node.args), _hashable(node.kwargs))
+
+
+def _hashable(value):
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__,) + tuple(_hashable(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    if isinstance(value, (bool, float)):
+        return (type(value).__name__, value)  # True, 1 and 1.0 are different arguments
+    return value
+
+
+def common_subexpression_elimination(gm: fx.GraphModule) -> PassResult:
+    """Merge duplicate pure nodes (in topological order, so chains merge in one sweep)."""
+    result = PassResult()
+    seen: dict[tuple, fx.Node] = {}
+    for node in list(gm.graph.nodes):
+        if not _is_pure(node):
+            continue
+        key = _key(node)
+        if key in seen:
+            node.replace_all_uses_with(seen[key])
+            gm.graph.erase_node(node)
+            result.fired["merged"] += 1
+        else:
+            seen[key] = node
+    gm.recompile()
+    return result

@@ -1,0 +1,70 @@
+"""Constant propagation: a node whose inputs are all constants is evaluated once, at compile time.
+
+    %a = aten::full([1], 1.0) ; %b = aten::add(%a, 2) ; %c = aten::add(%b, 3)
+    %d = aten::add(%c, 4) ; aten::add(%x, %d)
+    ->  %d = prim::Constant[value={10.}] ; aten::add(%x, %d)
+
+Fold ops on frozen weights (``pyrys::fold_weight``/``fold_bias``) become tensors the
+same way.  Not folded: ops with random or side effects, ops producing tuples
+(their ``getitem`` users are folded instead when possible), and results much larger
+than their inputs (``expand`` of a scalar to an image would only cost memory).
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from torch.utils._pytree import tree_leaves
+
+from pyrys.ir.graph import add_constant, constant_value, is_constant, replace_with_literal
+from pyrys.passes.rewrite import PassResult
+
+GROWTH_LIMIT_BYTES = 1 << 20  # a folded result may exceed its inputs by at most this much
+
+
+def constant_propagation(gm: fx.GraphModule) -> PassResult:
+    """Evaluate every all-constant node in topological order; ``fired["folded"]`` counts them."""
+    result = PassResult()
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and _foldable(node):
+            if _fold(gm, node):
+                result.fired["folded"] += 1
+    gm.recompile()
+    return result
+
+
+def _foldable(node: fx.Node) -> bool:
+    if node.is_impure() or not node.users:
+        return False
+    if torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ()):
+        return False
+    return is_constant(list(node.args)) and is_constant(list(node.kwargs.values()))
+
+
+def _fold(gm: fx.GraphModule, node: fx.Node) -> bool:
+    args = constant_value(gm, node.args)
+    kwargs = {k: constant_value(gm, v) for k, v in node.kwargs.items()}
+    with torch.no_grad():
+        value = node.target(*args, **kwargs)
+    if isinstance(value, torch.Tensor):
+        return _replace_by_tensor(gm, node, value, args, kwargs)
+    if isinstance(value, (bool, int, float)):
+        replace_with_literal(node, value)
+        return True
+    return False  # tuples and other values stay computed at run time
+
+
+def _input_bytes(args, kwargs) -> int:
+    tensors = [v for v in tree_leaves((args, kwargs)) if isinstance(v, torch.Tensor)]
+    return sum(v.numel() * v.element_size() for v in tensors)
+
+
+def _replace_by_tensor(gm: fx.GraphModule, node: fx.Node, value: torch.Tensor, args, kwargs) -> bool:
+    if value.numel() * value.element_size() > _input_bytes(args, kwargs) + GROWTH_LIMIT_BYTES:
+        return False
+    with gm.graph.inserting_before(node):
+        constant = add_constant(gm, value.contiguous(), node.name)
+    constant.meta["val"] = node.meta.get("val", value)
+    node.replace_all_uses_with(constant)
+    gm.graph.erase_node(node)
+    return True

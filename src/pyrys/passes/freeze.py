@@ -1,0 +1,58 @@
+"""Freezing: module state becomes constants.
+
+``freeze_params``: a read of a parameter or buffer (``prim::GetAttr[name="conv.weight"]``)
+becomes ``prim::Constant[value=<Tensor>]``.  Selectable by attribute name as in the
+seed (``weight``, ``bias``, ``running_mean``, ``running_var``); default: all.
+
+``freeze_flags``: a read of a boolean module flag (``training``) becomes the literal
+value the module had when captured, so branches on it vanish under constant
+propagation.  A model captured in train mode freezes ``training=True``: BatchNorm
+then stays in training form and is not folded (``fold_conv_bn`` says so).
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.fx as fx
+
+from pyrys.ir.graph import add_constant, replace_with_literal, state_inputs, state_ref
+from pyrys.passes.rewrite import PassResult
+
+ALL = None
+
+
+def freeze_params(gm: fx.GraphModule, attributes: Iterable[str] | None = ALL) -> PassResult:
+    """Replace reads of parameters/buffers whose attribute name is in ``attributes`` (all if None)."""
+    wanted = None if attributes is None else set(attributes)
+    result = PassResult()
+    first_op = next(n for n in gm.graph.nodes if n.op != "placeholder")
+    for node in state_inputs(gm.graph):
+        ref = state_ref(node)
+        if ref.kind == "flag" or (wanted is not None and ref.attribute not in wanted):
+            continue
+        _replace_with_constant(gm, node, ref.value.detach(), ref.target, first_op)
+        result.fired[ref.attribute] += 1
+    gm.recompile()
+    return result
+
+
+def freeze_flags(gm: fx.GraphModule, flags: Iterable[str] = ("training",)) -> PassResult:
+    """Replace reads of the named boolean flags by their captured value."""
+    wanted = set(flags)
+    result = PassResult()
+    for node in state_inputs(gm.graph):
+        ref = state_ref(node)
+        if ref.kind == "flag" and ref.attribute in wanted:
+            replace_with_literal(node, ref.value)
+            result.fired[f"{ref.attribute}={ref.value}"] += 1
+    gm.recompile()
+    return result
+
+
+def _replace_with_constant(gm: fx.GraphModule, node: fx.Node, value: torch.Tensor, target: str,
+                           before: fx.Node) -> None:
+    with gm.graph.inserting_before(before):
+        constant = add_constant(gm, value, target)
+    node.replace_all_uses_with(constant)
+    gm.graph.erase_node(node)

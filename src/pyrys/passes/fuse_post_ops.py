@@ -1,0 +1,142 @@
+"""Fuse element-wise ops that follow a convolution or linear into it, as post-ops.
+
+    %y = aten::conv2d(%x, %w, %b, ...) ; %z = aten::relu(%y)
+    ->  %z = pyrys::conv2d_relu(%x, %w, %b, ...)
+
+The activations that can be fused are rows of :data:`ACTIVATIONS` (op -> post-op, with
+its scalar parameters read from the node); chains fuse one after another into the same
+node (``conv2d_relu`` then ``conv2d_relu_...``).  The producer's output must have no
+other user, since the fused op no longer produces it.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from pyrys.ir.graph import insert_call, op_args
+from pyrys.ir.ops import FUSED_CONV, FUSED_LINEAR
+from pyrys.ir.post_ops import format_post_op
+from pyrys.passes.fold_batch_norm import CONVOLUTIONS
+from pyrys.passes.rewrite import Match, Miss, PassResult, Rule, apply_rules, fail
+
+aten = torch.ops.aten
+
+
+def _params(*names: str) -> Callable[[dict], tuple]:
+    return lambda args: tuple(args[n] for n in names)
+
+
+def _no_params(args: dict) -> tuple:
+    return ()
+
+
+# op -> (post-op name, how to read its scalar parameters from the op's arguments)
+ACTIVATIONS: dict[object, tuple[str, Callable[[dict], tuple]]] = {
+    aten.relu.default: ("relu", _no_params),
+    aten.hardtanh.default: ("clamp", _params("min_val", "max_val")),
+    aten.relu6.default: ("clamp", lambda args: (0.0, 6.0)),
+    aten.clamp.default: ("clamp", _params("min", "max")),
+    aten.leaky_relu.default: ("leaky_relu", _params("negative_slope")),
+    aten.silu.default: ("silu", _no_params),
+    aten.hardswish.default: ("hardswish", _no_params),
+    aten.hardsigmoid.default: ("hardsigmoid", _no_params),
+    aten.sigmoid.default: ("sigmoid", _no_params),
+    aten.tanh.default: ("tanh", _no_params),
+    aten.mish.default: ("mish", _no_params),
+}
+
+
+def _gelu(args: dict) -> str:
+    return "gelu_tanh" if args["approximate"] == "tanh" else "gelu_erf"
+
+
+def post_op_for(node: fx.Node) -> str | Miss:
+    """The post-op string for an activation node, or why it has none."""
+    args = op_args(node)
+    if node.target is aten.gelu.default:
+        return format_post_op(_gelu(args))
+    if node.target is aten.elu.default:
+        if args["scale"] != 1 or args["input_scale"] != 1:
+            return fail("elu with scale or input_scale has no oneDNN post-op equivalent")
+        return format_post_op("elu", args["alpha"])
+    name, read = ACTIVATIONS[node.target]
+    params = read(args)
+    if None in params:
+        return fail(f"{node.target._schema.name} with an open bound has no post-op equivalent")
+    return format_post_op(name, *params)
+
+
+FUSABLE_PRODUCERS = CONVOLUTIONS | {aten.linear.default, FUSED_CONV, FUSED_LINEAR}
+
+
+def fusable_producer_miss(producer: fx.Node) -> Miss | None:
+    """Why this conv/linear cannot become a fused node (None if it can)."""
+    if producer.target in CONVOLUTIONS and isinstance(op_args(producer)["padding"], str):
+        return fail(f"conv padding='{op_args(producer)['padding']}' is not lowered to explicit padding")
+    return None
+
+
+def as_fused(gm: fx.GraphModule, producer: fx.Node) -> fx.Node:
+    """Turn a conv/linear node into the equivalent fused node with no post-ops."""
+    if producer.target in (FUSED_CONV, FUSED_LINEAR):
+        return producer
+    args = op_args(producer)
+    if producer.target is aten.linear.default:
+        fused_args = (args["input"], args["weight"], args["bias"], [], [])
+        target = FUSED_LINEAR
+    else:
+        fused_args = (args["input"], args["weight"], args["bias"], args["stride"], args["padding"],
+                      args["dilation"], args["groups"], [], [])
+        target = FUSED_CONV
+    with gm.graph.inserting_before(producer):
+        fused = insert_call(gm.graph, target, fused_args, producer.name)
+    fused.meta.update(producer.meta)
+    producer.replace_all_uses_with(fused)
+    gm.graph.erase_node(producer)
+    return fused
+
+
+def append_post_op(node: fx.Node, post_op: str, post_input: fx.Node | None = None) -> None:
+    """Add one post-op to a fused node's chain."""
+    *head, post_ops, post_inputs = node.args
+    extra = [post_input] if post_input is not None else []
+    node.args = (*head, [*post_ops, post_op], [*post_inputs, *extra])
+
+
+class FuseActivation(Rule):
+    """``act(conv(x))`` -> ``pyrys::conv_<act>(x)`` (likewise for linear)."""
+
+    name = "conv_activation"
+    anchors = frozenset(ACTIVATIONS) | {aten.gelu.default, aten.elu.default}
+
+    def match(self, gm: fx.GraphModule, node: fx.Node) -> Match | Miss | None:
+        producer = node.args[0]
+        if not (isinstance(producer, fx.Node) and producer.target in FUSABLE_PRODUCERS):
+            return None
+        post_op = post_op_for(node)
+        if isinstance(post_op, Miss):
+            return post_op
+        miss = fusable_producer_miss(producer)
+        if miss:
+            return miss
+        if len(producer.users) > 1:
+            return fail(f"the output of %{producer.name} has {len(producer.users)} users, "
+                        f"so {post_op} cannot run inside it")
+        return Match({"producer": producer, "post_op": post_op})
+
+    def rewrite(self, gm: fx.GraphModule, node: fx.Node, match: Match) -> None:
+        fused = as_fused(gm, match["producer"])
+        append_post_op(fused, match["post_op"])
+        fused.meta.update(node.meta)
+        node.replace_all_uses_with(fused)
+        gm.graph.erase_node(node)
+
+
+POST_OP_RULES: tuple[Rule, ...] = (FuseActivation(),)
+
+
+def fuse_post_ops(gm: fx.GraphModule) -> PassResult:
+    """Apply :data:`POST_OP_RULES` once over the graph (chains fuse in the same sweep)."""
+    return apply_rules(gm, POST_OP_RULES)

@@ -1,0 +1,130 @@
+"""The pass pipeline: one ordered, named list, and the pass manager that runs it.
+
+Every pass can be disabled by name; instruments print the graph after each pass,
+dump it to ``NNN_<pass>.txt`` files, time it, and (in tests) verify it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch.fx as fx
+
+from pyrys.ir.meta import refresh_meta
+from pyrys.ir.printer import format_graph
+from pyrys.passes import cleanup, constant_propagation, fold_batch_norm, freeze, fuse_post_ops
+from pyrys.passes.rewrite import Miss, PassResult
+
+
+@dataclass(frozen=True)
+class PassOptions:
+    """User choices the passes read: which attributes to freeze."""
+
+    freeze_params: tuple[str, ...] | None = None  # None: every parameter and buffer
+    freeze_flags: tuple[str, ...] = ("training",)
+
+
+@dataclass(frozen=True)
+class Pass:
+    name: str
+    run: Callable[[fx.GraphModule, PassOptions], PassResult]
+
+
+PIPELINE: tuple[Pass, ...] = (
+    Pass("freeze_params", lambda gm, o: freeze.freeze_params(gm, o.freeze_params)),
+    Pass("freeze_flags", lambda gm, o: freeze.freeze_flags(gm, o.freeze_flags)),
+    Pass("constant_propagation", lambda gm, o: constant_propagation.constant_propagation(gm)),
+    Pass("dead_code_elimination", lambda gm, o: cleanup.dead_code_elimination(gm)),
+    Pass("common_subexpression_elimination", lambda gm, o: cleanup.common_subexpression_elimination(gm)),
+    Pass("fold_conv_bn", lambda gm, o: fold_batch_norm.fold_conv_bn(gm)),
+    Pass("fuse_post_ops", lambda gm, o: fuse_post_ops.fuse_post_ops(gm)),
+    Pass("constant_propagation", lambda gm, o: constant_propagation.constant_propagation(gm)),
+    Pass("dead_code_elimination", lambda gm, o: cleanup.dead_code_elimination(gm)),
+)
+PASS_NAMES = tuple(dict.fromkeys(p.name for p in PIPELINE))
+_PASS_BY_NAME = {p.name: p for p in PIPELINE}
+
+
+def select_passes(*names: str) -> tuple[Pass, ...]:
+    """A custom pipeline of the named passes, in the given order (for tests and experiments)."""
+    return tuple(_PASS_BY_NAME[name] for name in check_pass_names(names))
+
+
+@dataclass
+class Step:
+    """The record of one pass: its graph afterwards, what fired, what was missed, and its time."""
+
+    name: str
+    graph: str
+    fired: dict[str, int]
+    misses: list[Miss]
+    seconds: float
+
+    def summary(self) -> str:
+        fired = ", ".join(f"{k}: {v}" for k, v in self.fired.items()) or "nothing"
+        return f"{self.name}: {fired}" + (f" ({len(self.misses)} missed)" if self.misses else "")
+
+
+@dataclass
+class Instruments:
+    """What the pass manager does around each pass."""
+
+    print_after_each: bool = False
+    dump_dir: Path | None = None
+    verify: Callable[[fx.GraphModule], None] | None = None
+    class_name: str = "Module"
+
+
+@dataclass
+class PipelineRun:
+    history: list[Step] = field(default_factory=list)
+
+    @property
+    def misses(self) -> list[Miss]:
+        return [m for step in self.history for m in step.misses]
+
+
+def check_pass_names(names: Iterable[str]) -> tuple[str, ...]:
+    unknown = sorted(set(names) - set(PASS_NAMES))
+    if unknown:
+        raise ValueError(f"unknown pass name(s) {unknown}; the pipeline's passes are {list(PASS_NAMES)}")
+    return tuple(names)
+
+
+def run_pipeline(
+    gm: fx.GraphModule,
+    options: PassOptions = PassOptions(),
+    disable: Iterable[str] = (),
+    instruments: Instruments = Instruments(),
+    pipeline: tuple[Pass, ...] = PIPELINE,
+) -> PipelineRun:
+    """Run every enabled pass of ``pipeline`` on ``gm`` in place, recording a :class:`Step` for each."""
+    disabled = set(check_pass_names(disable))
+    run = PipelineRun()
+    refresh_meta(gm)
+    _record(run, "capture", gm, PassResult(), 0.0, instruments)
+    for p in pipeline:
+        if p.name in disabled:
+            continue
+        start = time.perf_counter()
+        result = p.run(gm, options)
+        refresh_meta(gm)
+        _record(run, p.name, gm, result, time.perf_counter() - start, instruments)
+    return run
+
+
+def _record(run: PipelineRun, name: str, gm: fx.GraphModule, result: PassResult, seconds: float,
+            instruments: Instruments) -> None:
+    if instruments.verify is not None:
+        instruments.verify(gm)
+    text = format_graph(gm, instruments.class_name)
+    step = Step(name, text, dict(result.fired), list(result.misses), seconds)
+    run.history.append(step)
+    if instruments.print_after_each:
+        print(f"== after {name} ==\n{text}\n")
+    if instruments.dump_dir is not None:
+        path = Path(instruments.dump_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / f"{len(run.history) - 1:03d}_{name}.txt").write_text(text + "\n")

@@ -1,0 +1,76 @@
+"""Input signatures: what the optimized module was compiled for, and clear errors for the rest.
+
+A signature is the flat list of example inputs' (shape, dtype).  Rank, dtype, device and
+the number of inputs must match the example inputs; a new shape of the same rank is a
+new signature and gets its own compiled program.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils._pytree import TreeSpec, tree_flatten
+
+from pyrys.ir.printer import format_tensor_type
+
+
+class InputError(TypeError):
+    """An input that does not fit what the module was optimized for."""
+
+
+@dataclass(frozen=True)
+class Signature:
+    in_spec: TreeSpec
+    leaves: tuple  # per flat input: (shape, dtype) for tensors, the value itself otherwise
+
+    def describe(self) -> str:
+        return ", ".join(_describe_leaf(leaf) for leaf in self.leaves)
+
+
+def _is_tensor_leaf(leaf) -> bool:
+    return isinstance(leaf, tuple) and len(leaf) == 2 and isinstance(leaf[1], torch.dtype)
+
+
+def _describe_leaf(leaf) -> str:
+    return format_tensor_type(*leaf) if _is_tensor_leaf(leaf) else repr(leaf)
+
+
+def _leaf(value: Any):
+    return (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else value
+
+
+def signature_of(args: tuple, kwargs: dict) -> tuple[Signature, list]:
+    flat, spec = tree_flatten((tuple(args), dict(kwargs)))
+    return Signature(spec, tuple(_leaf(v) for v in flat)), flat
+
+
+def _describe_value(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return format_tensor_type(value.shape, value.dtype)
+    return type(value).__name__
+
+
+def check_compatible(expected: Signature, got: Signature, flat: list, args: tuple) -> None:
+    """Raise :class:`InputError` naming what was expected unless only shapes (same rank) differ."""
+    if got.in_spec != expected.in_spec:
+        described = ", ".join(_describe_value(a) for a in args)
+        raise InputError(f"pyrys: expected inputs like the example inputs ({expected.describe()}); got ({described})")
+    for i, (want, have, value) in enumerate(zip(expected.leaves, got.leaves, flat)):
+        _check_leaf(i, want, have, value)
+
+
+def _check_leaf(i: int, want, have, value) -> None:
+    if _is_tensor_leaf(want):
+        if not isinstance(value, torch.Tensor):
+            raise InputError(f"pyrys: input {i} must be a tensor like {_describe_leaf(want)}, got {type(value).__name__}")
+        if value.device.type != "cpu":
+            raise InputError(f"pyrys: input {i} must be on the CPU, got a tensor on {value.device}")
+        if value.dtype != want[1]:
+            raise InputError(f"pyrys: input {i} must have dtype {want[1]} like the example input "
+                             f"{_describe_leaf(want)}, got {value.dtype}")
+        if value.dim() != len(want[0]):
+            raise InputError(f"pyrys: input {i} must have rank {len(want[0])} like the example input "
+                             f"{_describe_leaf(want)}, got shape {tuple(value.shape)}")
+    elif have != want:
+        raise InputError(f"pyrys: input {i} must equal the example's {want!r} (it was specialized), got {have!r}")

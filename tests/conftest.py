@@ -1,0 +1,54 @@
+"""Shared test helpers: run chosen passes with the verifier after each, and compare with eager."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pyrys.backends.reference import ReferenceProgram
+from pyrys.capture.export import capture_module
+from pyrys.ir.meta import refresh_meta
+from pyrys.ir.printer import format_graph
+from pyrys.ir.verify import make_verifier, output_types
+from pyrys.numerics import FP32_TOLERANCE, relative_error
+from pyrys.passes.pipeline import Instruments, PassOptions, run_pipeline, select_passes
+
+
+class PassRun:
+    """The outcome of running some passes on a model: graphs, counts, and a runnable program."""
+
+    def __init__(self, model, inputs, names, options):
+        self.model, self.inputs = model, inputs
+        self.captured = capture_module(model, inputs)
+        refresh_meta(self.captured.gm)
+        self.before = format_graph(self.captured.gm, self.captured.class_name)
+        verify = make_verifier(output_types(self.captured.gm))
+        instruments = Instruments(verify=verify, class_name=self.captured.class_name)
+        self.run = run_pipeline(self.captured.gm, options, (), instruments, select_passes(*names))
+        self.after = self.run.history[-1].graph
+
+    def fired(self, pass_name: str) -> dict:
+        return next(step.fired for step in reversed(self.run.history) if step.name == pass_name)
+
+    @property
+    def misses(self):
+        return self.run.misses
+
+    def error(self) -> float:
+        program = ReferenceProgram(self.captured.gm)
+        with torch.no_grad():
+            (actual,) = program(list(self.inputs))
+            expected = self.model(*self.inputs)
+        return relative_error(actual, expected)
+
+
+@pytest.fixture
+def run_passes():
+    """``run_passes(model, inputs, "freeze_params", "fold_conv_bn", freeze_flags=...)``."""
+
+    def run(model, inputs, *names, **options):
+        return PassRun(model, tuple(inputs), names, PassOptions(**options))
+
+    return run
+
+
+TOLERANCE = FP32_TOLERANCE

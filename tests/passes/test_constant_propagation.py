@@ -1,0 +1,66 @@
+import torch
+
+from pyrys.demo import Foo
+from tests.conftest import TOLERANCE
+from tests.models import conv_bn_relu, image
+
+FOO_BEFORE = """\
+graph(%x : Float(10)):
+  %full : Float(1) = aten::full([1], 1.0, device=cpu, pin_memory=False)
+  %add : Float(1) = aten::add(%full, 2)
+  %add_1 : Float(1) = aten::add(%add, 3)
+  %add_2 : Float(1) = aten::add(%add_1, 4)
+  %add_3 : Float(10) = aten::add(%x, %add_2)
+  return (%add_3)"""
+
+FOO_AFTER = """\
+graph(%x : Float(10)):
+  %add_6 : Float(1) = prim::Constant[value={10}]()
+  %add_3 : Float(10) = aten::add(%x, %add_6)
+  return (%add_3)"""
+
+
+def test_seed_foo_folds_to_ten(run_passes):
+    result = run_passes(Foo().eval(), (torch.rand(10),), "constant_propagation", "dead_code_elimination")
+    assert result.before == FOO_BEFORE
+    assert result.after == FOO_AFTER
+    assert result.fired("constant_propagation") == {"folded": 4}
+    assert result.error() <= TOLERANCE
+
+
+def test_fold_nodes_on_frozen_weights_become_constants(run_passes):
+    result = run_passes(conv_bn_relu(), (image(),), "freeze_params", "freeze_flags", "fold_conv_bn",
+                        "constant_propagation", "dead_code_elimination")
+    assert result.fired("constant_propagation") == {"folded": 2}
+    assert "pyrys::fold_" not in result.after
+    assert result.after.count("prim::Constant") == 2
+    assert result.error() <= TOLERANCE
+
+
+def test_unfrozen_inputs_block_folding(run_passes):
+    result = run_passes(conv_bn_relu(), (image(),), "freeze_flags", "fold_conv_bn", "constant_propagation")
+    assert result.fired("constant_propagation") == {}
+    assert result.fired("fold_conv_bn") == {}
+
+
+class Growing(torch.nn.Module):
+    def forward(self, x):
+        return x + torch.ones(1).expand(512, 1024)
+
+
+def test_results_much_larger_than_inputs_are_not_folded(run_passes):
+    result = run_passes(Growing().eval(), (torch.rand(512, 1024),), "constant_propagation", "dead_code_elimination")
+    assert "aten::expand" in result.after
+    assert result.fired("constant_propagation") == {"folded": 1}  # aten::ones only
+    assert result.error() <= TOLERANCE
+
+
+class Random(torch.nn.Module):
+    def forward(self, x):
+        return x + torch.rand(3)
+
+
+def test_random_ops_are_never_folded(run_passes):
+    result = run_passes(Random().eval(), (torch.rand(3),), "constant_propagation")
+    assert "aten::rand" in result.after
+    assert result.fired("constant_propagation") == {}

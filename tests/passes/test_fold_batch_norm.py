@@ -1,0 +1,96 @@
+import pytest
+import torch
+
+from tests.conftest import TOLERANCE
+from tests.models import conv_bn_relu, image
+
+FOLDED = """\
+graph(%x : Float(1, 3, 6, 6)):
+  %conv_weight_bn_folded_1 : Float(4, 3, 3, 3) = prim::Constant[value=<Tensor>]()
+  %conv_bias_bn_folded_1 : Float(4) = prim::Constant[value=<Tensor>]()
+  %conv2d : Float(1, 4, 4, 4) = aten::conv2d(%x, %conv_weight_bn_folded_1, %conv_bias_bn_folded_1, [1, 1], [0, 0], [1, 1], 1)
+  %relu : Float(1, 4, 4, 4) = aten::relu(%conv2d)
+  return (%relu)"""
+
+PASSES = ("freeze_params", "freeze_flags", "fold_conv_bn", "constant_propagation", "dead_code_elimination")
+
+
+def test_conv_bn_folds_into_weight_and_bias(run_passes):
+    result = run_passes(conv_bn_relu(), (image(),), *PASSES)
+    assert "aten::batch_norm" in result.before
+    assert result.after == FOLDED
+    assert result.fired("fold_conv_bn") == {"conv_bn": 1}
+    assert result.misses == []
+    assert result.error() <= TOLERANCE
+
+
+def test_fold_nodes_stay_visible_without_constant_propagation(run_passes):
+    result = run_passes(conv_bn_relu(), (image(),), "freeze_params", "freeze_flags", "fold_conv_bn")
+    assert ("%conv_weight_bn_folded : Float(4, 3, 3, 3) = "
+            "pyrys::fold_weight(%conv_weight, %bn_weight, %bn_running_var, 1e-05)") in result.after
+    assert ("%conv_bias_bn_folded : Float(4) = "
+            "pyrys::fold_bias(%conv_bias, %bn_weight, %bn_bias, %bn_running_mean, %bn_running_var, 1e-05)") in result.after
+    assert result.error() <= TOLERANCE
+
+
+class ConvNoBiasBn(torch.nn.Module):
+    def __init__(self, dims: int):
+        super().__init__()
+        conv, bn = {1: (torch.nn.Conv1d, torch.nn.BatchNorm1d), 2: (torch.nn.Conv2d, torch.nn.BatchNorm2d),
+                    3: (torch.nn.Conv3d, torch.nn.BatchNorm3d)}[dims]
+        self.conv = conv(3, 6, 3, padding=1, groups=3, bias=False)
+        self.bn = bn(6, affine=dims != 3)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_grouped_conv_without_bias_and_bn_without_affine(run_passes, dims):
+    from pyrys.testing import randomize_batchnorm
+
+    model = randomize_batchnorm(ConvNoBiasBn(dims)).eval()
+    x = torch.rand((1, 3) + (5,) * dims)
+    result = run_passes(model, (x,), *PASSES)
+    assert result.fired("fold_conv_bn") == {"conv_bn": 1}
+    assert "batch_norm" not in result.after
+    assert result.error() <= TOLERANCE
+
+
+def test_training_mode_is_a_miss_with_a_reason(run_passes):
+    result = run_passes(conv_bn_relu().train(), (image(batch=2),), *PASSES)
+    assert result.fired("fold_conv_bn") == {}
+    assert [m.reason for m in result.misses] == [
+        "BatchNorm is in training mode (the model was captured with training=True; "
+        "call model.eval() before optimizing)"]
+    assert result.error() <= TOLERANCE
+
+
+def test_unfrozen_flag_is_a_miss_with_a_reason(run_passes):
+    result = run_passes(conv_bn_relu(), (image(),), *PASSES, freeze_flags=())
+    assert result.fired("fold_conv_bn") == {}
+    assert "freeze_flags did not run or did not include 'training'" in result.misses[0].reason
+
+
+def test_unfrozen_weight_is_a_miss_with_a_reason(run_passes):
+    result = run_passes(conv_bn_relu(), (image(),), *PASSES, freeze_params=("running_mean", "running_var"))
+    assert result.fired("fold_conv_bn") == {}
+    assert "conv weight (%p_conv_weight) is not a constant" in result.misses[0].reason
+
+
+class SharedConv(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+        self.bn = torch.nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+def test_conv_with_two_users_is_a_miss(run_passes):
+    result = run_passes(SharedConv().eval(), (image(),), *PASSES)
+    assert result.fired("fold_conv_bn") == {}
+    assert result.misses[0].reason.endswith("has 2 users, so its weights cannot change")
+    assert result.error() <= TOLERANCE

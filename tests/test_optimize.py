@@ -1,0 +1,97 @@
+import copy
+
+import pytest
+import torch
+
+import pyrys
+from pyrys.passes.pipeline import PASS_NAMES
+from tests.conftest import TOLERANCE
+from tests.models import conv_bn_relu, image
+
+
+def test_drop_in_module_with_graph_and_history():
+    model = conv_bn_relu()
+    opt = pyrys.optimize(model, (image(),), backend="reference")
+    assert isinstance(opt, torch.nn.Module)
+    assert pyrys.relative_error(opt(image()), model(image())) <= TOLERANCE
+    assert "pyrys::conv2d_relu(" in opt.graph and "batch_norm" not in opt.graph
+    names = [step.name for step in opt.history]
+    assert names[0] == "capture" and names[1:] == [
+        "freeze_params", "freeze_flags", "constant_propagation", "dead_code_elimination",
+        "common_subexpression_elimination", "fold_conv_bn", "fuse_post_ops", "constant_propagation",
+        "dead_code_elimination"]
+    assert "fold_conv_bn: conv_bn: 1" in opt.report()
+
+
+def test_user_model_is_never_modified():
+    model = conv_bn_relu()
+    before = copy.deepcopy(model.state_dict())
+    opt = pyrys.optimize(model, (image(),), backend="reference")
+    opt(image())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not model.training
+
+
+def test_disable_by_name_and_unknown_names():
+    opt = pyrys.optimize(conv_bn_relu(), (image(),), backend="reference", disable=["fold_conv_bn"])
+    assert "aten::batch_norm" in opt.graph
+    with pytest.raises(ValueError, match="unknown pass name"):
+        pyrys.optimize(conv_bn_relu(), (image(),), disable=["fold_everything"])
+    assert "fold_conv_bn" in PASS_NAMES
+
+
+def test_dump_dir_and_print_after_each(tmp_path, capsys):
+    pyrys.optimize(conv_bn_relu(), (image(),), backend="reference", dump_dir=tmp_path, print_after_each=True)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files[0] == "000_capture.txt" and files[6] == "006_fold_conv_bn.txt"
+    assert "pyrys::fold_weight" in (tmp_path / "006_fold_conv_bn.txt").read_text()
+    assert "== after fuse_post_ops ==" in capsys.readouterr().out
+
+
+def test_new_batch_size_compiles_a_new_program():
+    model = conv_bn_relu()
+    opt = pyrys.optimize(model, (image(),), backend="reference")
+    x = image(batch=3, size=9)
+    assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE
+    assert len(opt._programs) == 2
+
+
+def test_train_mode_warns_and_explains():
+    model = conv_bn_relu().train()
+    with pytest.warns(UserWarning, match="training mode"):
+        opt = pyrys.optimize(model, (image(batch=2),), backend="reference")
+    assert "BatchNorm is in training mode" in opt.report()
+
+
+def test_non_module_is_rejected():
+    with pytest.raises(TypeError, match="expects a torch.nn.Module, got str"):
+        pyrys.optimize("not a module", (image(),))
+
+
+def test_missing_example_inputs():
+    with pytest.raises(ValueError, match="needs example_inputs"):
+        pyrys.optimize(conv_bn_relu())
+    with pytest.raises(TypeError, match="non-empty tuple of inputs"):
+        pyrys.optimize(conv_bn_relu(), ())
+
+
+@pytest.mark.parametrize("x, message", [
+    (image().double(), "must have dtype torch.float32 like the example input Float\\(1, 3, 6, 6\\), got torch.float64"),
+    (torch.rand(3, 6, 6), "must have rank 4 like the example input Float\\(1, 3, 6, 6\\), got shape \\(3, 6, 6\\)"),
+    ([1, 2], "expected inputs like the example inputs \\(Float\\(1, 3, 6, 6\\)\\); got \\(list\\)"),
+])
+def test_wrong_input_at_call_time(x, message):
+    opt = pyrys.optimize(conv_bn_relu(), (image(),), backend="reference")
+    with pytest.raises(pyrys.InputError, match=message):
+        opt(x)
+
+
+def test_wrong_number_of_inputs():
+    opt = pyrys.optimize(conv_bn_relu(), (image(),), backend="reference")
+    with pytest.raises(pyrys.InputError, match="got \\(Float\\(1, 3, 6, 6\\), Float\\(1, 3, 6, 6\\)\\)"):
+        opt(image(), image())
+
+
+def test_a_single_tensor_is_accepted_as_example_inputs():
+    opt = pyrys.optimize(conv_bn_relu(), image(), backend="reference")
+    assert opt(image()).shape == (1, 4, 4, 4)
