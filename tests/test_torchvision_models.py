@@ -9,11 +9,13 @@ from tests.conftest import TOLERANCE
 QUICK = ["resnet18", "mobilenet_v2"]
 
 
+@pytest.mark.parametrize("backend", pyrys.available_backends())
 @pytest.mark.parametrize("name", QUICK)
-def test_torchvision_model_matches_eager(name):
+def test_torchvision_model_matches_eager(name, backend):
     model = torchvision_model(name)
     x = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    opt = pyrys.optimize(model, (x,), backend="reference", verify=True)
+    opt = pyrys.optimize(model, (x,), backend=backend, verify=True)
+    assert opt.backend == backend
     with torch.no_grad():
         assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE
     convs = opt.history[0].graph.count("aten::conv2d")

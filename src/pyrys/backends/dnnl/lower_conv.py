@@ -1,0 +1,208 @@
+"""Lowering of convolution, transposed convolution and linear, with their post-op chains.
+
+Weights are reordered once, at compile time, into the layout the primitive asked for
+(``format_tag_any``).  The source keeps its producer's layout when the primitive has a
+fast implementation for it; otherwise it is reordered into the policy's layout.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from pyrys.backends.dnnl.binding import DnnlError
+from pyrys.backends.dnnl.builder import Builder, Unsupported, check_dtype, node_text
+from pyrys.backends.dnnl.constants import ARG_BIAS, ARG_DST, ARG_SRC, ARG_WEIGHTS, arg_post_op_src1
+from pyrys.backends.dnnl.layout import any_md, plain_md, policy_md
+from pyrys.backends.dnnl.post_ops import Chain, Operand, build_chain, operand_of
+from pyrys.backends.dnnl.primitives import (
+    MemoryDesc, PrimitiveAttr, PrimitiveDesc, convolution_pd, deconvolution_pd, inner_product_pd,
+)
+from pyrys.backends.dnnl.values import ALIAS, Value
+from pyrys.ir.graph import op_args
+from pyrys.ir.ops import FUSED_CONV, FUSED_LINEAR
+
+aten = torch.ops.aten
+FUSED_CONV_TRANSPOSE = getattr(getattr(torch.ops.pyrys, "conv_transpose", None), "default", None)
+
+
+def conv_arguments(node: fx.Node) -> dict:
+    """Arguments of a fused or plain convolution, by name, with empty post-op lists for plain ones."""
+    if node.target is FUSED_CONV:
+        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups", "post_ops", "post_inputs")
+        return dict(zip(names, node.args))
+    args = op_args(node)
+    if isinstance(args["padding"], str):
+        raise Unsupported("string padding")
+    return {**args, "post_ops": [], "post_inputs": []}
+
+
+def _grouped_weight_dims(weight: torch.Tensor, groups: int) -> list[int]:
+    out, rest = weight.shape[0], list(weight.shape[1:])
+    return [groups, out // groups, *rest] if groups > 1 else [out, *rest]
+
+
+def _is_reference(pd: PrimitiveDesc) -> bool:
+    return pd.impl_info().startswith("ref")
+
+
+def _first_fast(candidates) -> PrimitiveDesc:
+    """The first primitive descriptor that builds and is not a reference implementation."""
+    fallback, errors = None, []
+    for make in candidates:
+        try:
+            pd = make()
+        except DnnlError as error:
+            errors.append(str(error))
+            continue
+        if not _is_reference(pd):
+            return pd
+        fallback = fallback or pd
+    if fallback is None:
+        raise Unsupported("oneDNN has no implementation: " + "; ".join(errors[-1:]))
+    return fallback
+
+
+def _format_info(pd: PrimitiveDesc) -> str:
+    return (f"format_info=[src={pd.src_md().layout_tag()}, weights={pd.weights_md().layout_tag()}, "
+            f"dst={pd.dst_md().layout_tag()}], impl={pd.impl_info()}")
+
+
+def _finish(builder: Builder, node: fx.Node, pd: PrimitiveDesc, src: Value, weight: torch.Tensor,
+            bias: torch.Tensor | None, chain: Chain, label: str) -> Value:
+    """Reorder weights, define the output (in place on a sum base), and add the step."""
+    weights = builder.constant_value(weight, pd.weights_md(), f"{node.name}.weight")
+    args = {ARG_SRC: src, ARG_WEIGHTS: weights}
+    if bias is not None:
+        args[ARG_BIAS] = builder.constant_value(bias, None, f"{node.name}.bias")
+    if chain.sum_base is not None:
+        dst = builder.define(node, pd.dst_md(), ALIAS, chain.sum_base)
+    else:
+        dst = builder.define(node, pd.dst_md())
+    args[ARG_DST] = dst
+    for index, operand in chain.binary_operands.items():
+        args[arg_post_op_src1(index)] = operand
+    reads = [src, *chain.binary_operands.values()] + ([chain.sum_base] if chain.sum_base else [])
+    operands = [f"%{v.name}" for v in reads]
+    builder.add_primitive(node_text(node, label, _format_info(pd), operands), pd, args, reads, [dst])
+    return dst
+
+
+def lower_conv(builder: Builder, node: fx.Node) -> None:
+    a = conv_arguments(node)
+    weight, bias = builder.constant(a["weight"]), builder.constant(a["bias"])
+    if weight is None or (a["bias"] is not None and bias is None):
+        raise Unsupported("conv weights are not constants")
+    x = builder.value_of(a["input"])
+    out = node.meta["val"]
+    check_dtype(a["input"].meta["val"], out)
+    rank = weight.dim() - 2
+    dst_md = policy_md(out.shape, out.dtype, builder.policy)
+    chain = build_chain(builder, list(a["post_ops"]), [operand_of(builder, n) for n in a["post_inputs"]], dst_md)
+    attr = PrimitiveAttr(chain.post_ops)
+    weight_dims = _grouped_weight_dims(weight, a["groups"])
+    w_md, b_md = any_md(weight_dims, weight.dtype), None if bias is None else plain_md(bias.shape, bias.dtype)
+    padding = list(a["padding"]) * (rank if len(a["padding"]) == 1 else 1)
+    stride = list(a["stride"]) * (rank if len(a["stride"]) == 1 else 1)
+    dilation = list(a["dilation"]) * (rank if len(a["dilation"]) == 1 else 1)
+
+    def make(src_md: MemoryDesc):
+        return lambda: convolution_pd(builder.engine, src_md, w_md, dst_md, b_md, strides=stride, padding_l=padding,
+                                      dilation=dilation, attr=attr)
+
+    pd = _first_fast([make(x.md), make(policy_md(x.md.dims, out.dtype, builder.policy))])
+    label = f"dnnl::conv{rank}d" + "".join(f"_{n}" for n in chain.names)
+    src = builder.convert(x, pd.src_md())
+    _finish(builder, node, pd, src, weight.reshape(weight_dims), bias, chain, label)
+
+
+def _linear_arguments(node: fx.Node) -> dict:
+    if node.target is FUSED_LINEAR:
+        return dict(zip(("input", "weight", "bias", "post_ops", "post_inputs"), node.args))
+    return {**op_args(node), "post_ops": [], "post_inputs": []}
+
+
+def lower_linear(builder: Builder, node: fx.Node) -> None:
+    """``y = x W^T + b`` as an inner product on ``x`` viewed as 2-D (leading dims flattened)."""
+    a = _linear_arguments(node)
+    weight, bias = builder.constant(a["weight"]), builder.constant(a["bias"])
+    if weight is None or weight.dim() != 2 or (a["bias"] is not None and bias is None):
+        raise Unsupported("linear weights are not 2-D constants")
+    out = node.meta["val"]
+    check_dtype(a["input"].meta["val"], out)
+    rows = out.numel() // out.shape[-1]
+    x = _as_2d(builder, builder.value_of(a["input"]), rows)
+    dst_md = plain_md([rows, weight.shape[0]], out.dtype)
+    operands = [_operand_2d(builder, n, rows) for n in a["post_inputs"]]
+    chain = build_chain(builder, list(a["post_ops"]), operands, dst_md)
+    b_md = None if bias is None else plain_md(bias.shape, bias.dtype)
+    pd = _first_fast([lambda: inner_product_pd(builder.engine, x.md, any_md(weight.shape, weight.dtype), dst_md,
+                                               b_md, attr=PrimitiveAttr(chain.post_ops))])
+    label = "dnnl::linear" + "".join(f"_{n}" for n in chain.names)
+    dst = _finish(builder, node, pd, x, weight, bias, chain, label)
+    if out.dim() != 2:
+        builder.values[node] = Value(node.name, plain_md(out.shape, out.dtype), ALIAS, dst)
+
+
+def _as_2d(builder: Builder, value: Value, rows: int) -> Value:
+    """``value`` (made plain) viewed as ``(rows, -1)``."""
+    plain = builder.to_plain(value)
+    dims = plain.md.dims
+    if len(dims) == 2:
+        return plain
+    return Value(f"{plain.name}.2d", plain.md.reshape([rows, _numel(dims) // rows]), ALIAS, plain)
+
+
+def _operand_2d(builder: Builder, node: fx.Node, rows: int) -> Operand:
+    operand = operand_of(builder, node)
+    if len(operand.value.md.dims) == 2 or operand.value.md.dims[-1] * rows != _numel(operand.value.md.dims):
+        return operand
+    return Operand(_as_2d(builder, operand.value, rows), operand.exclusive)
+
+
+def _numel(dims) -> int:
+    count = 1
+    for d in dims:
+        count *= d
+    return count
+
+
+def _deconv_arguments(node: fx.Node) -> dict:
+    if node.target is FUSED_CONV_TRANSPOSE:
+        names = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation",
+                 "post_ops", "post_inputs")
+        return dict(zip(names, node.args))
+    return {**op_args(node), "post_ops": [], "post_inputs": []}
+
+
+def _deconv_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """torch (I, O/G, k...) -> oneDNN ([G,] O/G, I/G, k...), contiguous."""
+    in_channels, out_per_group, *kernel = weight.shape
+    grouped = weight.reshape(groups, in_channels // groups, out_per_group, *kernel).transpose(1, 2)
+    return (grouped if groups > 1 else grouped[0]).contiguous()
+
+
+def lower_deconv(builder: Builder, node: fx.Node) -> None:
+    """Transposed convolution; torch's output_padding p_o becomes oneDNN's padding_r = p - p_o."""
+    a = _deconv_arguments(node)
+    weight, bias = builder.constant(a["weight"]), builder.constant(a["bias"])
+    if weight is None or (a["bias"] is not None and bias is None):
+        raise Unsupported("deconvolution weights are not constants")
+    out = node.meta["val"]
+    check_dtype(a["input"].meta["val"], out)
+    rank = weight.dim() - 2
+    x = builder.value_of(a["input"])
+    weight = _deconv_weight(weight, a["groups"])
+    stride, padding, output_padding, dilation = (
+        list(a[k]) * (rank if len(a[k]) == 1 else 1) for k in ("stride", "padding", "output_padding", "dilation"))
+    padding_r = [p - o for p, o in zip(padding, output_padding)]
+    dst_md = policy_md(out.shape, out.dtype, builder.policy)
+    chain = build_chain(builder, list(a["post_ops"]), [operand_of(builder, n) for n in a["post_inputs"]], dst_md)
+    w_md, b_md = any_md(weight.shape, weight.dtype), None if bias is None else plain_md(bias.shape, bias.dtype)
+
+    def make(src_md: MemoryDesc):
+        return lambda: deconvolution_pd(builder.engine, src_md, w_md, dst_md, b_md, strides=stride, padding_l=padding,
+                                        padding_r=padding_r, dilation=dilation, attr=PrimitiveAttr(chain.post_ops))
+
+    pd = _first_fast([make(x.md), make(policy_md(x.md.dims, out.dtype, builder.policy))])
+    label = f"dnnl::conv_transpose{rank}d" + "".join(f"_{n}" for n in chain.names)
+    _finish(builder, node, pd, builder.convert(x, pd.src_md()), weight, bias, chain, label)

@@ -1,0 +1,333 @@
+"""Lowering of the layout-agnostic and normalization ops: eltwise, binary, pooling, concat,
+softmax, layer norm, batch norm, resampling, reduction, and views.
+
+Ops without a layout preference run in their producer's layout (their output takes it too).
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from pyrys.backends.dnnl.builder import Builder, Unsupported, check_dtype, node_text
+from pyrys.backends.dnnl.constants import (
+    ARG_DST, ARG_MEAN, ARG_MULTIPLE_SRC, ARG_SCALE, ARG_SHIFT, ARG_SRC, ARG_SRC_1, ARG_VARIANCE, AlgKind,
+)
+from pyrys.backends.dnnl.layout import POLICY_TAGS, plain_md
+from pyrys.backends.dnnl.post_ops import eltwise_for
+from pyrys.backends.dnnl.primitives import (
+    MemoryDesc, batch_norm_pd, binary_pd, concat_pd, eltwise_pd, layer_norm_pd, pooling_pd, reduction_pd,
+    resampling_pd, softmax_pd,
+)
+from pyrys.backends.dnnl.values import ALIAS, PLANNED, Value
+from pyrys.ir.graph import op_args
+from pyrys.ir.post_ops import format_post_op
+
+aten = torch.ops.aten
+
+
+def same_layout_md(value: Value, shape) -> MemoryDesc:
+    """A descriptor for ``shape`` in the same kind of layout as ``value`` (policy tag or plain)."""
+    layout = value.layout()
+    for tags in POLICY_TAGS.values():
+        for tag in tags.values():
+            if tag.name == layout and len(shape) == value.md.ndims:
+                return MemoryDesc.from_tag([int(s) for s in shape], value.md.dtype, tag)
+    return plain_md(shape, torch.float32)
+
+
+def _unary(builder: Builder, node: fx.Node, spec: str) -> None:
+    x = builder.value_of(node.args[0])
+    check_dtype(node.args[0].meta["val"], node.meta["val"])
+    alg, alpha, beta = eltwise_for(spec)
+    pd = eltwise_pd(builder.engine, alg, x.md, x.md, alpha, beta)
+    out = builder.define(node, pd.dst_md())
+    text = node_text(node, f"dnnl::{spec.split(':')[0]}", f"format_info=[{x.layout()}]", [f"%{x.name}"])
+    builder.add_primitive(text, pd, {ARG_SRC: x, ARG_DST: out}, [x], [out])
+
+
+# aten op -> how to read its post-op spec from the op's arguments
+UNARY = {
+    aten.relu.default: lambda a: "relu",
+    aten.sigmoid.default: lambda a: "sigmoid",
+    aten.tanh.default: lambda a: "tanh",
+    aten.silu.default: lambda a: "silu",
+    aten.hardswish.default: lambda a: "hardswish",
+    aten.hardsigmoid.default: lambda a: "hardsigmoid",
+    aten.mish.default: lambda a: "mish",
+    aten.relu6.default: lambda a: format_post_op("clamp", 0.0, 6.0),
+    aten.hardtanh.default: lambda a: format_post_op("clamp", a["min_val"], a["max_val"]),
+    aten.leaky_relu.default: lambda a: format_post_op("leaky_relu", a["negative_slope"]),
+    aten.gelu.default: lambda a: "gelu_tanh" if a["approximate"] == "tanh" else "gelu_erf",
+    aten.elu.default: lambda a: format_post_op("elu", a["alpha"]) if a["scale"] == a["input_scale"] == 1 else None,
+}
+
+
+def lower_unary(builder: Builder, node: fx.Node) -> None:
+    spec = UNARY[node.target](op_args(node))
+    if spec is None:
+        raise Unsupported("no eltwise equivalent")
+    _unary(builder, node, spec)
+
+
+BINARY_ALGS = {aten.add.Tensor: AlgKind.binary_add, aten.mul.Tensor: AlgKind.binary_mul,
+               aten.sub.Tensor: AlgKind.binary_sub, aten.div.Tensor: AlgKind.binary_div}
+_SCALAR_AS_LINEAR = {  # y = alpha * x + beta for a scalar operand c
+    aten.add.Tensor: lambda c: (1.0, c), aten.sub.Tensor: lambda c: (1.0, -c),
+    aten.mul.Tensor: lambda c: (c, 0.0), aten.div.Tensor: lambda c: (1.0 / c, 0.0),
+}
+
+
+def lower_binary(builder: Builder, node: fx.Node) -> None:
+    a, b = node.args[0], node.args[1]
+    if node.kwargs.get("alpha", 1) != 1 or len(node.args) > 2:
+        raise Unsupported("alpha")
+    out = node.meta["val"]
+    check_dtype(out)
+    if isinstance(b, (int, float)) and isinstance(a, fx.Node):
+        return _linear(builder, node, builder.value_of(a), *_SCALAR_AS_LINEAR[node.target](float(b)))
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        raise Unsupported("operands")
+    check_dtype(a.meta["val"], b.meta["val"])
+    if tuple(a.meta["val"].shape) != tuple(out.shape) and node.target in (aten.add.Tensor, aten.mul.Tensor):
+        a, b = b, a  # commutative: put the full-shape operand first
+    if tuple(a.meta["val"].shape) != tuple(out.shape):
+        raise Unsupported("the first operand is broadcast")
+    x = builder.value_of(a)
+    y = builder.value_of(b)
+    y = builder.convert(y, x.md if tuple(y.md.dims) == tuple(x.md.dims) else _broadcast_md(y, x.md.ndims))
+    pd = binary_pd(builder.engine, BINARY_ALGS[node.target], x.md, y.md, x.md)
+    result = builder.define(node, pd.dst_md())
+    label = f"dnnl::{node.target._schema.name.split('::')[1]}"
+    text = node_text(node, label, f"format_info=[{x.layout()}, {y.layout()}]", [f"%{x.name}", f"%{y.name}"])
+    builder.add_primitive(text, pd, {ARG_SRC: x, ARG_SRC_1: y, ARG_DST: result}, [x, y], [result])
+
+
+def _broadcast_md(value: Value, ndims: int) -> MemoryDesc:
+    dims = [1] * (ndims - value.md.ndims) + list(value.md.dims)
+    return plain_md(dims, torch.float32)
+
+
+def _linear(builder: Builder, node: fx.Node, x: Value, alpha: float, beta: float) -> None:
+    pd = eltwise_pd(builder.engine, AlgKind.eltwise_linear, x.md, x.md, alpha, beta)
+    out = builder.define(node, pd.dst_md())
+    text = node_text(node, "dnnl::linear_eltwise", f"alpha={alpha:g}, beta={beta:g}", [f"%{x.name}"])
+    builder.add_primitive(text, pd, {ARG_SRC: x, ARG_DST: out}, [x], [out])
+
+
+def _pool_padding(size: int, out: int, kernel: int, stride: int, pad: int, dilation: int = 1) -> int:
+    """Right padding that makes oneDNN produce ``out`` elements (covers ceil_mode)."""
+    return (out - 1) * stride + (kernel - 1) * dilation + 1 - size - pad
+
+
+def _pool(builder: Builder, node: fx.Node, alg: AlgKind, kernel, stride, padding, dilation=None) -> None:
+    x = builder.value_of(node.args[0])
+    check_dtype(node.args[0].meta["val"], node.meta["val"])
+    out_shape = node.meta["val"].shape
+    rank = len(kernel)
+    in_spatial, out_spatial = x.md.dims[2:], out_shape[2:]
+    dilation = dilation or [1] * rank
+    right = [_pool_padding(in_spatial[i], out_spatial[i], kernel[i], stride[i], padding[i], dilation[i])
+             for i in range(rank)]
+    if alg != AlgKind.pooling_max and right != list(padding):
+        raise Unsupported("ceil_mode average pooling")
+    dst_md = same_layout_md(x, out_shape)
+    pd = pooling_pd(builder.engine, alg, x.md, dst_md, kernel=kernel, strides=stride, padding_l=padding,
+                    padding_r=right, dilation=dilation)
+    out = builder.define(node, pd.dst_md())
+    text = node_text(node, f"dnnl::{alg.name}", f"kernel={list(kernel)}, format_info=[{x.layout()}]", [f"%{x.name}"])
+    builder.add_primitive(text, pd, {ARG_SRC: x, ARG_DST: out}, [x], [out])
+
+
+def _expand(values, rank: int) -> list[int]:
+    values = list(values)
+    return values * rank if len(values) == 1 else values
+
+
+def lower_max_pool(builder: Builder, node: fx.Node) -> None:
+    a = op_args(node)
+    rank = len(node.meta["val"].shape) - 2
+    kernel = _expand(a["kernel_size"], rank)
+    stride = _expand(a["stride"] or kernel, rank)
+    _pool(builder, node, AlgKind.pooling_max, kernel, stride, _expand(a["padding"], rank), _expand(a["dilation"], rank))
+
+
+def lower_avg_pool(builder: Builder, node: fx.Node) -> None:
+    a = op_args(node)
+    if a.get("divisor_override") is not None:
+        raise Unsupported("divisor_override")
+    rank = len(node.meta["val"].shape) - 2
+    kernel = _expand(a["kernel_size"], rank)
+    stride = _expand(a["stride"] or kernel, rank)
+    alg = AlgKind.pooling_avg_include_padding if a["count_include_pad"] else AlgKind.pooling_avg_exclude_padding
+    _pool(builder, node, alg, kernel, stride, _expand(a["padding"], rank))
+
+
+def lower_adaptive_avg_pool(builder: Builder, node: fx.Node) -> None:
+    """Adaptive average pooling where every window has the same size (global pooling included)."""
+    in_spatial = node.args[0].meta["val"].shape[2:]
+    out_spatial = node.meta["val"].shape[2:]
+    if any(i % o for i, o in zip(in_spatial, out_spatial)):
+        raise Unsupported("uneven adaptive pooling windows")
+    kernel = [i // o for i, o in zip(in_spatial, out_spatial)]
+    _pool(builder, node, AlgKind.pooling_avg_exclude_padding, kernel, kernel, [0] * len(kernel))
+
+
+def lower_mean(builder: Builder, node: fx.Node) -> None:
+    a = op_args(node)
+    source = node.args[0]
+    x = builder.value_of(source)
+    check_dtype(source.meta["val"], node.meta["val"])
+    if a.get("dtype") is not None:
+        raise Unsupported("dtype")
+    dims = list(x.md.dims)
+    for d in a["dim"] or range(len(dims)):
+        dims[d % len(dims)] = 1
+    dst_md = plain_md(dims, torch.float32)
+    pd = reduction_pd(builder.engine, AlgKind.reduction_mean, x.md, dst_md)
+    reduced = Value(f"{node.name}.keepdim", pd.dst_md())
+    text = node_text(node, "dnnl::reduction_mean", f"format_info=[{x.layout()}]", [f"%{x.name}"])
+    builder.add_primitive(text, pd, {ARG_SRC: x, ARG_DST: reduced}, [x], [reduced])
+    out_shape = node.meta["val"].shape
+    builder.values[node] = reduced if a["keepdim"] else Value(node.name, plain_md(out_shape, torch.float32),
+                                                              ALIAS, reduced)
+
+
+def lower_cat(builder: Builder, node: fx.Node) -> None:
+    tensors, dim = node.args[0], node.args[1] if len(node.args) > 1 else 0
+    check_dtype(node.meta["val"], *[t.meta["val"] for t in tensors])
+    values = [builder.value_of(t) for t in tensors]
+    first = values[0]
+    srcs = [builder.convert(v, same_layout_md(first, v.md.dims)) for v in values]
+    out_shape = node.meta["val"].shape
+    dim = dim % len(out_shape)
+    pd = concat_pd(builder.engine, [v.md for v in srcs], dim, same_layout_md(first, out_shape))
+    out = builder.define(node, pd.dst_md())
+    args = {ARG_MULTIPLE_SRC + i: v for i, v in enumerate(srcs)}
+    args[ARG_DST] = out
+    text = node_text(node, "dnnl::concat", f"axis={dim}, format_info=[{first.layout()}]", [f"%{v.name}" for v in srcs])
+    builder.add_primitive(text, pd, args, srcs, [out])
+
+
+def lower_softmax(builder: Builder, node: fx.Node) -> None:
+    x = builder.value_of(node.args[0])
+    check_dtype(node.args[0].meta["val"], node.meta["val"])
+    dim = node.args[1] % x.md.ndims
+    if len(node.args) > 2 and node.args[2] not in (None, False):
+        raise Unsupported("softmax with a dtype")
+    alg = AlgKind.softmax_log if "log_softmax" in node.target._schema.name else AlgKind.softmax_accurate
+    pd = softmax_pd(builder.engine, x.md, dim, x.md, alg)
+    out = builder.define(node, pd.dst_md())
+    builder.add_primitive(node_text(node, "dnnl::softmax", f"axis={dim}", [f"%{x.name}"]),
+                          pd, {ARG_SRC: x, ARG_DST: out}, [x], [out])
+
+
+def lower_layer_norm(builder: Builder, node: fx.Node) -> None:
+    a = op_args(node)
+    weight, bias = builder.constant(a["weight"]), builder.constant(a["bias"])
+    if weight is None or bias is None or len(a["normalized_shape"]) != 1:
+        raise Unsupported("layer norm needs constant affine parameters over the last dim")
+    check_dtype(a["input"].meta["val"], node.meta["val"])
+    x = builder.to_plain(builder.value_of(a["input"]))
+    pd = layer_norm_pd(builder.engine, x.md, x.md, a["eps"])
+    out = builder.define(node, pd.dst_md())
+    scale = builder.constant_value(weight, None, f"{node.name}.weight")
+    shift = builder.constant_value(bias, None, f"{node.name}.bias")
+    builder.add_primitive(node_text(node, "dnnl::layer_norm", f"eps={a['eps']:g}", [f"%{x.name}"]), pd,
+                          {ARG_SRC: x, ARG_SCALE: scale, ARG_SHIFT: shift, ARG_DST: out}, [x], [out])
+
+
+def lower_batch_norm(builder: Builder, node: fx.Node) -> None:
+    """Inference BatchNorm that could not be folded (e.g. after a concat, as in DenseNet)."""
+    a = op_args(node)
+    if a["training"] is not False:
+        raise Unsupported("training-mode BatchNorm")
+    params = [builder.constant(a[k]) for k in ("weight", "bias", "running_mean", "running_var")]
+    if any(p is None for p in params):
+        raise Unsupported("BatchNorm parameters are not constants")
+    check_dtype(a["input"].meta["val"], node.meta["val"])
+    x = builder.value_of(a["input"])
+    pd = batch_norm_pd(builder.engine, x.md, x.md, a["eps"])
+    out = builder.define(node, pd.dst_md())
+    weight, bias, mean, var = (builder.constant_value(p, None, f"{node.name}.{k}") for p, k in
+                               zip(params, ("weight", "bias", "mean", "var")))
+    args = {ARG_SRC: x, ARG_SCALE: weight, ARG_SHIFT: bias, ARG_MEAN: mean, ARG_VARIANCE: var, ARG_DST: out}
+    builder.add_primitive(node_text(node, "dnnl::batch_norm", f"eps={a['eps']:g}, format_info=[{x.layout()}]",
+                                    [f"%{x.name}"]), pd, args, [x], [out])
+
+
+def _resampling_miss(node: fx.Node, nearest: bool) -> str | None:
+    """Where torch's and oneDNN's source-coordinate rules differ, the op stays in torch."""
+    a = op_args(node)
+    if a.get("align_corners"):
+        return "align_corners=True"
+    in_size, out_size = node.args[0].meta["val"].shape[2:], node.meta["val"].shape[2:]
+    if nearest and any(o % i for i, o in zip(in_size, out_size)):
+        return "nearest resampling by a non-integer factor"
+    scales = a.get("scale_factors") or []
+    if any(s is not None and i * s != o for i, o, s in zip(in_size, out_size, scales)):
+        return "a scale factor that does not give the output size exactly"
+    return None
+
+
+def lower_upsample(builder: Builder, node: fx.Node) -> None:
+    nearest = "nearest" in node.target._schema.name
+    miss = _resampling_miss(node, nearest)
+    if miss:
+        raise Unsupported(miss)
+    x = builder.value_of(node.args[0])
+    check_dtype(node.args[0].meta["val"], node.meta["val"])
+    alg = AlgKind.resampling_nearest if nearest else AlgKind.resampling_linear
+    dst_md = same_layout_md(x, node.meta["val"].shape)
+    pd = resampling_pd(builder.engine, alg, x.md, dst_md)
+    out = builder.define(node, pd.dst_md())
+    builder.add_primitive(node_text(node, f"dnnl::{alg.name}", f"format_info=[{x.layout()}]", [f"%{x.name}"]),
+                          pd, {ARG_SRC: x, ARG_DST: out}, [x], [out])
+
+
+VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.flatten.using_ints,
+         aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.unsqueeze.default, aten.alias.default}
+
+
+def lower_view(builder: Builder, node: fx.Node) -> None:
+    """A view of a planned value is an alias: same bytes, another descriptor, no step."""
+    source = builder.value_of(node.args[0])
+    if source.root.kind != PLANNED:
+        raise Unsupported("view of a dynamic tensor")
+    meta = node.meta["val"]
+    check_dtype(meta)
+    plain = builder.to_plain(source)
+    builder.values[node] = Value(node.name, plain_md(meta.shape, meta.dtype), ALIAS, plain)
+
+
+def lower_getitem(builder: Builder, node: fx.Node) -> None:
+    raise Unsupported("getitem runs in torch")
+
+
+LOWERINGS = {
+    **{target: lower_unary for target in UNARY},
+    **{target: lower_binary for target in BINARY_ALGS},
+    **{target: lower_view for target in VIEWS},
+    aten.max_pool2d.default: lower_max_pool,
+    aten.max_pool1d.default: lower_max_pool,
+    aten.max_pool3d.default: lower_max_pool,
+    aten.avg_pool2d.default: lower_avg_pool,
+    aten.avg_pool1d.default: lower_avg_pool,
+    aten.avg_pool3d.default: lower_avg_pool,
+    aten.adaptive_avg_pool2d.default: lower_adaptive_avg_pool,
+    aten.adaptive_avg_pool1d.default: lower_adaptive_avg_pool,
+    aten.mean.dim: lower_mean,
+    aten.cat.default: lower_cat,
+    aten._softmax.default: lower_softmax,
+    aten._log_softmax.default: lower_softmax,
+    aten.softmax.int: lower_softmax,
+    aten.log_softmax.int: lower_softmax,
+    aten.layer_norm.default: lower_layer_norm,
+    aten.batch_norm.default: lower_batch_norm,
+    aten.upsample_nearest2d.default: lower_upsample,
+    aten.upsample_bilinear2d.default: lower_upsample,
+    aten.upsample_nearest2d.vec: lower_upsample,
+    aten.upsample_bilinear2d.vec: lower_upsample,
+    operator.getitem: lower_getitem,
+}

@@ -1,0 +1,158 @@
+"""Each primitive kind of the dnnl backend against eager PyTorch (and so the reference backend)."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import pyrys
+from pyrys.backends.dnnl import binding
+from tests.conftest import TOLERANCE
+
+available, reason = binding.is_available()
+pytestmark = pytest.mark.skipif(not available, reason=f"oneDNN unavailable: {reason}")
+
+
+class Fn(nn.Module):
+    """A module around a function, with optional submodules."""
+
+    def __init__(self, fn, **modules):
+        super().__init__()
+        self.fn = fn
+        for name, module in modules.items():
+            setattr(self, name, module)
+
+    def forward(self, *xs):
+        return self.fn(self, *xs)
+
+
+def seeded(module: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    for p in module.parameters():
+        p.data.uniform_(-0.5, 0.5)
+    return module.eval()
+
+
+def rand(*shape):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+
+
+CASES = {
+    "conv2d": (lambda: Fn(lambda m, x: m.c(x), c=nn.Conv2d(8, 16, 3, padding=1)), [rand(1, 8, 10, 10)]),
+    "conv2d_stride2_dilation2": (lambda: Fn(lambda m, x: m.c(x), c=nn.Conv2d(8, 16, 3, 2, padding=2, dilation=2)),
+                                 [rand(2, 8, 11, 11)]),
+    "conv2d_groups": (lambda: Fn(lambda m, x: m.c(x), c=nn.Conv2d(8, 16, 3, groups=4, bias=False)), [rand(1, 8, 9, 9)]),
+    "conv2d_depthwise": (lambda: Fn(lambda m, x: m.c(x), c=nn.Conv2d(16, 16, 3, padding=1, groups=16)),
+                         [rand(1, 16, 12, 12)]),
+    "conv1d": (lambda: Fn(lambda m, x: m.c(x), c=nn.Conv1d(4, 8, 5, padding=2)), [rand(1, 4, 20)]),
+    "conv3d": (lambda: Fn(lambda m, x: m.c(x), c=nn.Conv3d(4, 8, 3)), [rand(1, 4, 6, 6, 6)]),
+    "conv_asymmetric_padding": (lambda: Fn(lambda m, x: m.c(F.pad(x, (0, 1, 0, 1))), c=nn.Conv2d(4, 8, 3, 2)),
+                                [rand(1, 4, 8, 8)]),
+    "conv_relu6": (lambda: Fn(lambda m, x: F.relu6(m.c(x)), c=nn.Conv2d(4, 8, 3)), [rand(1, 4, 8, 8) * 4]),
+    "conv_transpose2d": (lambda: Fn(lambda m, x: m.c(x), c=nn.ConvTranspose2d(8, 4, 3, 2, 1, output_padding=1)),
+                         [rand(1, 8, 5, 5)]),
+    "conv_transpose2d_groups": (lambda: Fn(lambda m, x: m.c(x), c=nn.ConvTranspose2d(8, 6, 2, 2, groups=2)),
+                                [rand(1, 8, 4, 4)]),
+    "linear": (lambda: Fn(lambda m, x: m.l(x), l=nn.Linear(16, 10)), [rand(3, 16)]),
+    "linear_3d_gelu": (lambda: Fn(lambda m, x: F.gelu(m.l(x)), l=nn.Linear(16, 10)), [rand(2, 5, 16)]),
+    "max_pool": (lambda: Fn(lambda m, x: F.max_pool2d(x, 3, 2, 1)), [rand(1, 8, 11, 11)]),
+    "max_pool_ceil": (lambda: Fn(lambda m, x: F.max_pool2d(x, 3, 2, ceil_mode=True)), [rand(1, 8, 10, 10)]),
+    "avg_pool": (lambda: Fn(lambda m, x: F.avg_pool2d(x, 2, 2)), [rand(1, 8, 10, 10)]),
+    "avg_pool_pad_exclude": (lambda: Fn(lambda m, x: F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)),
+                             [rand(1, 8, 6, 6)]),
+    "global_avg_pool": (lambda: Fn(lambda m, x: F.adaptive_avg_pool2d(x, 1)), [rand(2, 8, 7, 7)]),
+    "adaptive_avg_pool_even": (lambda: Fn(lambda m, x: F.adaptive_avg_pool2d(x, 2)), [rand(1, 8, 8, 8)]),
+    "mean": (lambda: Fn(lambda m, x: x.mean((2, 3))), [rand(2, 8, 5, 5)]),
+    "mean_keepdim": (lambda: Fn(lambda m, x: x.mean((2, 3), keepdim=True)), [rand(2, 8, 5, 5)]),
+    "binary_broadcast": (lambda: Fn(lambda m, x, s: x * s + x), [rand(1, 8, 5, 5), rand(1, 8, 1, 1)]),
+    "binary_sub_div": (lambda: Fn(lambda m, x, y: (x - y) / (y * y + 1)), [rand(2, 3, 4), rand(2, 3, 4)]),
+    "scalar_ops": (lambda: Fn(lambda m, x: (x + 1.5) * 2 - 0.5), [rand(2, 3, 4)]),
+    "concat": (lambda: Fn(lambda m, x, y: torch.cat([torch.relu(x), y], 1)), [rand(1, 8, 5, 5), rand(1, 4, 5, 5)]),
+    "softmax": (lambda: Fn(lambda m, x: torch.softmax(x, -1)), [rand(2, 3, 10)]),
+    "log_softmax": (lambda: Fn(lambda m, x: torch.log_softmax(x, 1)), [rand(4, 10)]),
+    "layer_norm": (lambda: Fn(lambda m, x: m.n(x), n=nn.LayerNorm(16)), [rand(2, 5, 16)]),
+    "batch_norm_unfolded": (lambda: Fn(lambda m, x, y: m.bn(torch.cat([x, y], 1)), bn=nn.BatchNorm2d(8)),
+                            [rand(1, 4, 5, 5), rand(1, 4, 5, 5)]),
+    "upsample_nearest": (lambda: Fn(lambda m, x: F.interpolate(x, scale_factor=2, mode="nearest")), [rand(1, 4, 5, 5)]),
+    "upsample_bilinear": (lambda: Fn(lambda m, x: F.interpolate(x, size=(9, 7), mode="bilinear")), [rand(1, 4, 5, 5)]),
+    "eltwise_chain": (lambda: Fn(lambda m, x: F.hardswish(torch.sigmoid(F.silu(torch.tanh(F.elu(x)))))),
+                      [rand(2, 8, 4, 4)]),
+    "views": (lambda: Fn(lambda m, x: m.l(torch.flatten(torch.relu(m.c(x)), 1)), c=nn.Conv2d(3, 4, 3), l=nn.Linear(36, 5)),
+              [rand(1, 3, 5, 5)]),
+    "fallback_op": (lambda: Fn(lambda m, x: torch.cumsum(m.c(x), dim=1), c=nn.Conv2d(3, 4, 3)), [rand(1, 3, 5, 5)]),
+    "tuple_fallback": (lambda: Fn(lambda m, x: sum(torch.split(m.c(x), 2, dim=1)), c=nn.Conv2d(3, 4, 1)),
+                       [rand(1, 3, 5, 5)]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_primitive_matches_eager(name):
+    make, inputs = CASES[name]
+    model = seeded(make())
+    opt = pyrys.optimize(model, tuple(inputs), backend="dnnl")
+    with torch.no_grad():
+        expected = model(*inputs)
+        assert pyrys.relative_error(opt(*inputs), expected) <= TOLERANCE
+        assert pyrys.relative_error(opt(*inputs), expected) <= TOLERANCE  # a second call reuses the buffers
+    assert opt.backend == "dnnl"
+
+
+@pytest.mark.parametrize("name, label", [
+    ("conv2d", "dnnl::conv2d"), ("conv_transpose2d", "dnnl::conv_transpose2d"), ("linear", "dnnl::linear"),
+    ("max_pool", "dnnl::pooling_max"), ("global_avg_pool", "dnnl::pooling_avg"), ("mean", "dnnl::reduction_mean"),
+    ("binary_broadcast", "dnnl::mul"), ("scalar_ops", "dnnl::linear_eltwise"), ("concat", "dnnl::concat"),
+    ("softmax", "dnnl::softmax"), ("layer_norm", "dnnl::layer_norm"), ("batch_norm_unfolded", "dnnl::batch_norm"),
+    ("upsample_nearest", "dnnl::resampling_nearest"), ("upsample_bilinear", "dnnl::resampling_linear"),
+    ("eltwise_chain", "dnnl::hardswish"), ("conv_relu6", "dnnl::conv2d_clamp"),
+])
+def test_each_kind_is_lowered_to_onednn(name, label):
+    make, inputs = CASES[name]
+    opt = pyrys.optimize(seeded(make()), tuple(inputs), backend="dnnl")
+    text = opt.program_text()
+    assert label in text
+    assert "fallback" not in text.replace("torch::pad", "")
+
+
+def test_unsupported_op_falls_back_to_torch_with_a_reason():
+    make, inputs = CASES["fallback_op"]
+    opt = pyrys.optimize(seeded(make()), tuple(inputs), backend="dnnl")
+    assert "torch::cumsum" in opt.program_text() and "# fallback: no oneDNN lowering" in opt.program_text()
+
+
+def test_outputs_are_fresh_tensors_in_eager_layout():
+    make, inputs = CASES["conv2d"]
+    model = seeded(make())
+    opt = pyrys.optimize(model, tuple(inputs), backend="dnnl")
+    first = opt(*inputs)
+    second = opt(*inputs)
+    assert first.data_ptr() != second.data_ptr() and torch.equal(first, second)
+    assert first.is_contiguous() and first.shape == model(*inputs).shape
+
+
+def test_program_reports_memory_and_reorders_weights_once():
+    make, inputs = CASES["views"]
+    opt = pyrys.optimize(seeded(make()), tuple(inputs), backend="dnnl")
+    program = opt._first.program
+    assert program.peak_activation_bytes > 0 and program.weight_bytes >= (4 * 3 * 9 + 4 + 36 * 5 + 5) * 4
+    assert "peak activation memory" in program.describe()
+
+
+def test_policy_can_be_forced_and_new_batch_compiles():
+    from pyrys.backends.dnnl.lower import compile_program
+
+    make, inputs = CASES["conv2d_depthwise"]
+    model = seeded(make())
+    opt = pyrys.optimize(model, tuple(inputs), backend="dnnl")
+    for policy in ("nhwc", "blocked8"):
+        program = compile_program(opt.graph_module, list(inputs), policy)
+        assert program.policy == policy
+        assert pyrys.relative_error(program(list(inputs))[0], model(*inputs)) <= TOLERANCE
+    x = rand(3, 16, 12, 12)
+    assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE
+
+
+def test_non_contiguous_input_is_handled():
+    make, inputs = CASES["conv2d"]
+    model = seeded(make())
+    opt = pyrys.optimize(model, tuple(inputs), backend="dnnl")
+    x = inputs[0].to(memory_format=torch.channels_last)
+    assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE
