@@ -1,17 +1,26 @@
 """pyrys: a graph-level inference compiler for PyTorch on CPU.
 
-    opt = pyrys.optimize(model, example_inputs=(x,))
+    opt = pyrys.optimize(model, example_inputs=(x,))   # nn.Module, TorchScript or ExportedProgram
     y = opt(x)
     print(opt.graph)
     for step in opt.history: print(step.name, step.graph)
+
+    torch.compile(model, backend="pyrys")               # registered on import (and by entry point)
+    pyrys._jit_pass_freeze_params(m._c, 'forward', 'weight'); pyrys.jit.graph_for(m, x)   # the seed's calls
 """
 from pyrys.backends import available_backends
+from pyrys.explain import explain
 from pyrys.numerics import FP32_TOLERANCE, relative_error
 from pyrys.optimize import OptimizedModule, optimize
 from pyrys.passes.pipeline import PASS_NAMES
 from pyrys.signature import InputError
+from pyrys import jit
+from pyrys.jit import _jit_pass_freeze_flags, _jit_pass_freeze_params
+from pyrys.compile_backend import register_backend
+
+register_backend()
 
 __version__ = "0.1.0"
 
-__all__ = ["optimize", "OptimizedModule", "available_backends", "relative_error", "FP32_TOLERANCE",
-           "PASS_NAMES", "InputError", "__version__"]
+__all__ = ["optimize", "explain", "OptimizedModule", "available_backends", "relative_error", "FP32_TOLERANCE",
+           "PASS_NAMES", "InputError", "jit", "_jit_pass_freeze_params", "_jit_pass_freeze_flags", "__version__"]

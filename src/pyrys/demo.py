@@ -41,6 +41,13 @@ class ConvBnRelu(torch.nn.Module):
         return self.relu(self.bn(self.conv(x)))
 
 
+def ScriptedConv2dBnRelu(in_channels: int = 3, out_channels: int = 32, kernel_size: int = 3,
+                         stride: int = 1) -> torch.jit.ScriptModule:
+    """The seed's scripted module: ``torch.jit.script`` of :class:`ConvBnRelu` (eval mode, BN statistics randomized)."""
+    model = randomize_batchnorm(ConvBnRelu(in_channels, out_channels, kernel_size, stride)).eval()
+    return torch.jit.script(model)
+
+
 def _heading(text: str) -> None:
     console.rule(text)
 

@@ -5,18 +5,21 @@ import copy
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.fx as fx
+from torch.export import ExportedProgram
 from torch.utils._pytree import tree_unflatten
 
 from pyrys.backends import get_backend
 from pyrys.capture.export import Captured, capture_module
+from pyrys.capture.exported_program import capture_exported, exported_example_inputs
+from pyrys.capture.torchscript import capture_torchscript, is_torchscript
 from pyrys.ir.verify import make_verifier, output_types
 from pyrys.passes.pipeline import Instruments, PassOptions, PipelineRun, Step, check_pass_names, run_pipeline
 from pyrys.passes.rewrite import Miss
-from pyrys.signature import Signature, check_compatible, signature_of
+from pyrys.signature import InputError, Signature, check_compatible, signature_of
 
 
 @dataclass(frozen=True)
@@ -44,10 +47,38 @@ class Compiled:
     notes: list[str] = field(default_factory=list)
 
 
-def compile_signature(model: torch.nn.Module, args: tuple, kwargs: dict, config: OptimizeConfig) -> Compiled:
-    """Capture ``model`` on these inputs, run the pipeline, and build the backend's program."""
+@dataclass
+class Frontend:
+    """How a model gets into pyrys IR: ``capture(args, kwargs)`` for each input signature.
+
+    ``kind`` names the way in (``"nn.Module"``, ``"TorchScript"``, ``"ExportedProgram"``);
+    ``fixed_shapes`` is set when the source cannot be captured again for a new shape.
+    """
+
+    capture: Callable[[tuple, dict], Captured]
+    kind: str
+    fixed_shapes: bool = False
+
+
+def module_frontend(model: torch.nn.Module) -> Frontend:
+    """An ``nn.Module``, captured with ``torch.export`` (``model`` is pyrys's private copy)."""
+    return Frontend(lambda args, kwargs: capture_module(model, args, kwargs), "nn.Module")
+
+
+def torchscript_frontend(script: Any, flag_values: dict[str, bool] | None = None) -> Frontend:
+    """A ``ScriptModule`` or scripted function, imported without tracing (state is copied)."""
+    return Frontend(lambda args, kwargs: capture_torchscript(script, args, kwargs, flag_values), "TorchScript")
+
+
+def exported_program_frontend(ep: ExportedProgram) -> Frontend:
+    """A ``torch.export.ExportedProgram``, used as it is (not exported again)."""
+    return Frontend(lambda args, kwargs: capture_exported(ep), "ExportedProgram", fixed_shapes=True)
+
+
+def compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: OptimizeConfig) -> Compiled:
+    """Capture the model on these inputs, run the pipeline, and build the backend's program."""
     signature, flat = signature_of(args, kwargs)
-    captured = capture_module(model, args, kwargs)
+    captured = frontend.capture(args, kwargs)
     instruments = Instruments(config.print_after_each, Path(config.dump_dir) if config.dump_dir else None,
                               None, captured.class_name)
     if config.verify:
@@ -70,11 +101,11 @@ class OptimizedModule(torch.nn.Module):
     every pass, ``misses`` every fold/fusion that could not happen and why.
     """
 
-    def __init__(self, model: torch.nn.Module, args: tuple, kwargs: dict, config: OptimizeConfig):
+    def __init__(self, frontend: Frontend, args: tuple, kwargs: dict, config: OptimizeConfig):
         super().__init__()
-        self._source = _Source(model)
+        self._frontend = frontend
         self._config = config
-        first = compile_signature(model, args, kwargs, config)
+        first = compile_signature(frontend, args, kwargs, config)
         self._programs: dict[Signature, Compiled] = {first.signature: first}
         self._first = first
 
@@ -83,7 +114,11 @@ class OptimizedModule(torch.nn.Module):
         compiled = self._programs.get(signature)
         if compiled is None:
             check_compatible(self._first.signature, signature, flat, args)
-            compiled = compile_signature(self._source.model, args, kwargs, self._config)
+            if self._frontend.fixed_shapes:
+                raise InputError(f"pyrys: this {self._frontend.kind} was captured for inputs "
+                                 f"({self._first.signature.describe()}); got ({signature.describe()}). "
+                                 "Export it again for the new shape")
+            compiled = compile_signature(self._frontend, args, kwargs, self._config)
             self._programs[signature] = compiled
         outputs = compiled.program(flat)
         return tree_unflatten(outputs, compiled.captured.out_spec)
@@ -105,6 +140,11 @@ class OptimizedModule(torch.nn.Module):
         return self._first.run.misses
 
     @property
+    def frontend(self) -> str:
+        """How the model came in: ``"nn.Module"``, ``"TorchScript"``, ``"ExportedProgram"``."""
+        return self._frontend.kind
+
+    @property
     def backend(self) -> str:
         return self._first.backend
 
@@ -123,13 +163,6 @@ class OptimizedModule(torch.nn.Module):
         return "\n".join(lines)
 
 
-@dataclass
-class _Source:
-    """Holds the private copy of the model (not registered as a submodule)."""
-
-    model: torch.nn.Module
-
-
 def _as_args(example_inputs: Any) -> tuple:
     if example_inputs is None:
         raise ValueError("pyrys.optimize needs example_inputs: the tuple of inputs the model is called with, "
@@ -143,7 +176,7 @@ def _as_args(example_inputs: Any) -> tuple:
 
 
 def optimize(
-    model: torch.nn.Module,
+    model: torch.nn.Module | ExportedProgram,
     example_inputs: Sequence[Any] | torch.Tensor | None = None,
     example_kwargs: dict | None = None,
     *,
@@ -155,18 +188,41 @@ def optimize(
     dump_dir: str | Path | None = None,
     verify: bool = False,
 ) -> OptimizedModule:
-    """Optimize an eval-mode ``model`` for inference on inputs like ``example_inputs``.
+    """Optimize ``model`` for inference on inputs like ``example_inputs``.
 
+    ``model`` is an eval-mode ``nn.Module``, a TorchScript ``ScriptModule`` or scripted
+    function (imported without tracing), or a ``torch.export.ExportedProgram`` (used as it
+    is; ``example_inputs`` default to the program's own).
     ``freeze_params``: attribute names to freeze (``"weight"``, ``"running_var"`` ...), default all.
     ``freeze_flags``: boolean module attributes to freeze, default ``("training",)``.
     ``disable``: pass names to skip (see ``pyrys.passes.pipeline.PASS_NAMES``).
     ``backend``: ``"auto"`` (dnnl where it loads, else reference), ``"dnnl"`` or ``"reference"``.
     The user's model is never modified: pyrys works on a private copy.
     """
+    config = make_config(backend=backend, freeze_params=freeze_params, freeze_flags=freeze_flags, disable=disable,
+                         print_after_each=print_after_each, dump_dir=dump_dir, verify=verify)
+    if isinstance(model, ExportedProgram):
+        if example_inputs is None:
+            example_inputs, example_kwargs = exported_example_inputs(model)
+        return OptimizedModule(exported_program_frontend(model), _as_args(example_inputs), dict(example_kwargs or {}),
+                               config)
+    if is_torchscript(model):
+        return optimize_torchscript(model, example_inputs, example_kwargs, config)
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"pyrys.optimize expects a torch.nn.Module, got {type(model).__name__}")
+        raise TypeError("pyrys.optimize expects a torch.nn.Module, a TorchScript module or function, or a "
+                        f"torch.export.ExportedProgram, got {type(model).__name__}")
     args = _as_args(example_inputs)
-    config = OptimizeConfig(
+    _warn_if_training(model)
+    private = copy.deepcopy(model)
+    return OptimizedModule(module_frontend(private), args, dict(example_kwargs or {}), config)
+
+
+def make_config(*, backend: str = "auto", freeze_params: Iterable[str] | None = None,
+                freeze_flags: Iterable[str] = ("training",), disable: Iterable[str] = (),
+                print_after_each: bool = False, dump_dir: str | Path | None = None,
+                verify: bool = False) -> OptimizeConfig:
+    """An :class:`OptimizeConfig` from :func:`optimize`'s keyword options, checked."""
+    return OptimizeConfig(
         backend=backend,
         freeze_params=None if freeze_params is None else tuple(freeze_params),
         freeze_flags=tuple(freeze_flags),
@@ -175,8 +231,18 @@ def optimize(
         dump_dir=None if dump_dir is None else str(dump_dir),
         verify=verify,
     )
-    if model.training:
+
+
+def optimize_torchscript(script: Any, example_inputs: Any, example_kwargs: dict | None, config: OptimizeConfig,
+                         flag_values: dict[str, bool] | None = None) -> OptimizedModule:
+    """The TorchScript way in (``pyrys.jit`` passes the freezes recorded by the seed's calls)."""
+    if (flag_values or {}).get("training", getattr(script, "training", False)):
+        _warn_if_training(script, stacklevel=4)
+    frontend = torchscript_frontend(script, flag_values)
+    return OptimizedModule(frontend, _as_args(example_inputs), dict(example_kwargs or {}), config)
+
+
+def _warn_if_training(model: Any, stacklevel: int = 3) -> None:
+    if getattr(model, "training", False):
         warnings.warn("pyrys.optimize: the model is in training mode; BatchNorm will not be folded and "
-                      "dropout stays random. Call model.eval() first for inference.", stacklevel=2)
-    private = copy.deepcopy(model)
-    return OptimizedModule(private, args, dict(example_kwargs or {}), config)
+                      "dropout stays random. Call model.eval() first for inference.", stacklevel=stacklevel)

@@ -15,6 +15,7 @@ import torch.fx as fx
 from pyrys.ir.meta import refresh_meta
 from pyrys.ir.printer import format_graph
 from pyrys.passes import cleanup, constant_propagation, fold_batch_norm, freeze, fuse_post_ops
+from pyrys.passes import control_flow
 from pyrys.passes.rewrite import Miss, PassResult
 
 
@@ -36,6 +37,7 @@ PIPELINE: tuple[Pass, ...] = (
     Pass("freeze_params", lambda gm, o: freeze.freeze_params(gm, o.freeze_params)),
     Pass("freeze_flags", lambda gm, o: freeze.freeze_flags(gm, o.freeze_flags)),
     Pass("constant_propagation", lambda gm, o: constant_propagation.constant_propagation(gm)),
+    Pass("inline_constant_ifs", lambda gm, o: control_flow.inline_constant_ifs(gm)),
     Pass("dead_code_elimination", lambda gm, o: cleanup.dead_code_elimination(gm)),
     Pass("common_subexpression_elimination", lambda gm, o: cleanup.common_subexpression_elimination(gm)),
     Pass("fold_conv_bn", lambda gm, o: fold_batch_norm.fold_conv_bn(gm)),

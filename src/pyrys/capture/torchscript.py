@@ -1,0 +1,546 @@
+"""Import a TorchScript module or function into pyrys's IR.  Nothing is traced.
+
+The inlined TorchScript graph is walked node by node:
+
+* ``prim::Constant`` -> a literal argument (a ``get_attr`` constant for tensors);
+* ``prim::GetAttr`` on ``self`` -> submodules are followed; a parameter or buffer becomes
+  a state read (``prim::GetAttr[name="conv.weight"]``), a bool attribute (``training``)
+  a flag read; other attributes (ints, floats, strings) are constants of the module;
+* ``prim::If`` on module state (a flag) -> a ``pyrys::If`` node holding both branches as
+  sub-graphs, resolved once ``freeze_flags`` makes the condition a constant
+  (``inline_constant_ifs``).  An If whose condition is already known at import (a shape
+  check such as ``if x.dim() != 4: raise``) is resolved at import: the graph is
+  specialized to the example inputs' shapes, as ``torch.export`` specializes it;
+* ``prim::Loop`` -> unrolled at import; its trip count and condition must be known
+  then (constants, shapes, int attributes), otherwise the import stops with a reason;
+* list/tuple construction and unpacking -> Python lists and tuples of values;
+* ATen calls -> ``torch.ops.aten.<op>.<overload>`` by the node's schema; in-place ops
+  become their functional form (writes to module state, such as BatchNorm's
+  ``num_batches_tracked += 1``, are dropped: inference never writes state);
+* scalar ops on constants and shape queries (``dim``, ``size``, ``len``) are evaluated
+  at import; scalar ops on tensor *data* (``int(x.sum())``) stop the import with a reason.
+
+Every node gets ``meta["val"]`` from fake-tensor evaluation on the example inputs.
+State values are copies: the user's scripted module is never modified.
+"""
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+from pyrys.capture.export import Captured
+from pyrys.ir.control_flow import BRANCHES_KEY, IF, Branch, Branches, register_branches, run_branch
+from pyrys.ir.graph import STATE_KEY, StateRef, add_constant
+
+SHAPE_QUERIES = frozenset({"aten::size", "aten::dim", "aten::numel", "aten::len", "aten::sym_size"})
+MAX_UNROLLED_ITERATIONS = 10_000
+
+
+class TorchScriptImportError(ValueError):
+    """The scripted code uses something pyrys cannot import; the message says what and why."""
+
+
+class _Raised(Exception):
+    """The imported path reaches ``prim::RaiseException``."""
+
+
+@dataclass
+class _ModuleRef:
+    path: str
+    module: Any
+
+
+def is_torchscript(obj: Any) -> bool:
+    return isinstance(obj, (torch.jit.ScriptModule, torch.jit.ScriptFunction))
+
+
+def script_class_name(obj: Any) -> str:
+    if isinstance(obj, torch.jit.ScriptModule):
+        return getattr(obj, "original_name", type(obj).__name__)
+    return getattr(obj, "name", "function")
+
+
+def capture_torchscript(obj: Any, args: tuple, kwargs: dict | None = None,
+                        flag_values: dict[str, bool] | None = None) -> Captured:
+    """Import ``obj`` (a ``ScriptModule`` or scripted function) specialized to ``args``.
+
+    ``flag_values`` overrides the captured value of bool attributes by name
+    (``{"training": False}``, as ``_jit_pass_freeze_flags`` requests).
+    """
+    if kwargs:
+        raise TorchScriptImportError("pyrys imports scripted code called with positional inputs only; "
+                                     f"got keyword inputs {sorted(kwargs)}")
+    importer = _Importer(obj, dict(flag_values or {}))
+    return importer.run(args)
+
+
+class _Scope:
+    """One graph being built: the top level, or a branch of an If (which captures outer values)."""
+
+    def __init__(self, gm: fx.GraphModule, parent: "_Scope | None" = None):
+        self.gm, self.graph, self.parent = gm, gm.graph, parent
+        self.env: dict[int, Any] = {}
+        self.captures: dict[fx.Node, fx.Node] = {}  # outer node -> placeholder here
+
+    def bind(self, value: torch._C.Value, obj: Any) -> None:
+        self.env[value.unique()] = obj
+
+    def defines(self, value: torch._C.Value) -> bool:
+        return value.unique() in self.env
+
+    def lookup(self, value: torch._C.Value) -> Any:
+        key = value.unique()
+        if key in self.env:
+            return self.env[key]
+        if self.parent is None:
+            raise TorchScriptImportError(f"value %{value.debugName()} is used before it is defined")
+        return self.capture(self.parent.lookup(value))
+
+    def capture(self, outer: Any) -> Any:
+        if self.parent is None:
+            return outer
+        return tree_map(lambda v: self._capture_node(v) if isinstance(v, fx.Node) else v, outer)
+
+    def _capture_node(self, outer: fx.Node) -> fx.Node:
+        if outer not in self.captures:
+            if not isinstance(outer.meta.get("val"), torch.Tensor):
+                raise TorchScriptImportError(
+                    f"a branch of an If uses %{outer.name}, which is not a tensor; pyrys passes only "
+                    "tensors into If branches (a flag used inside a branch on another flag, say)")
+            self.captures[outer] = _placeholder(self.graph, outer.name, outer.meta["val"])
+        return self.captures[outer]
+
+
+def _placeholder(graph: fx.Graph, name: str, val: Any) -> fx.Node:
+    first = next((n for n in graph.nodes if n.op != "placeholder"), None)
+    if first is None:
+        node = graph.placeholder(name)
+    else:
+        with graph.inserting_before(first):
+            node = graph.placeholder(name)
+    node.meta["val"] = val
+    return node
+
+
+def _node_name(value: torch._C.Value, fallback: str) -> str:
+    name = value.debugName().split(".")[0]
+    return re.sub(r"\W", "_", name) if name and not name.isdigit() else fallback
+
+
+def _has_node(obj: Any) -> bool:
+    return any(isinstance(v, fx.Node) for v in tree_flatten(obj)[0])
+
+
+def _val(obj: Any) -> Any:
+    return tree_map(lambda v: v.meta["val"] if isinstance(v, fx.Node) else v, obj)
+
+
+def _is_tensor_type(t: torch._C.JitType) -> bool:
+    if isinstance(t, torch._C.TensorType):
+        return True
+    if isinstance(t, (torch._C.ListType, torch._C.OptionalType)):
+        return _is_tensor_type(t.getElementType())
+    if isinstance(t, torch._C.TupleType):
+        return any(_is_tensor_type(e) for e in t.elements())
+    return False
+
+
+class _Importer:
+    def __init__(self, obj: Any, flag_values: dict[str, bool]):
+        self.obj = obj
+        self.flag_values = flag_values
+        self.class_name = script_class_name(obj)
+        self.mode = FakeTensorMode(allow_non_fake_inputs=True)
+        self.root = _Scope(fx.GraphModule(torch.nn.Module(), fx.Graph()))
+        self.state: dict[str, fx.Node] = {}
+        self.viewed: set[fx.Node] = set()
+        self.notes: list[str] = []
+
+    # -- the whole graph -------------------------------------------------------------------
+    def run(self, args: tuple) -> Captured:
+        graph = self.obj.inlined_graph
+        inputs = list(graph.inputs())
+        if isinstance(self.obj, torch.jit.ScriptModule):
+            self.root.bind(inputs.pop(0), _ModuleRef("", self.obj))
+        if isinstance(self.obj, torch.jit.TracedModule):
+            self.notes.append("a traced module: its control flow and flags (training) were fixed when it was "
+                              "traced, so freeze_flags has nothing to freeze; script it to keep them")
+        self._bind_inputs(inputs, args)
+        try:
+            outputs = self._import_block(self.root, graph.nodes(), list(graph.outputs()))
+        except _Raised as raised:
+            raise TorchScriptImportError(f"{self.class_name} raises on inputs like these: {raised}") from None
+        leaves, out_spec = tree_flatten(outputs[0] if len(outputs) == 1 else tuple(outputs))
+        self.root.graph.output(tuple(leaves))
+        self.root.graph.eliminate_dead_code()
+        for node in [n for n in self.state.values() if not n.users]:
+            self.root.graph.erase_node(node)  # state only a dropped update read
+        self.root.gm.recompile()
+        _, in_spec = tree_flatten((tuple(args), {}))
+        return Captured(self.root.gm, in_spec, out_spec, self.class_name, self.notes)
+
+    def _bind_inputs(self, inputs: list, args: tuple) -> None:
+        if len(inputs) != len(args):
+            raise TorchScriptImportError(f"{self.class_name}.forward takes {len(inputs)} input(s) "
+                                         f"({', '.join(v.debugName() for v in inputs)}), got {len(args)}")
+        for value, example in zip(inputs, args):
+            if not isinstance(example, torch.Tensor):
+                raise TorchScriptImportError("pyrys imports scripted code with tensor inputs only; "
+                                             f"input %{value.debugName()} is a {type(example).__name__}")
+            node = self.root.graph.placeholder(_node_name(value, "input"))
+            node.meta["val"] = self.mode.from_tensor(example)
+            self.root.bind(value, node)
+
+    def _import_block(self, scope: _Scope, nodes, outputs: list) -> list:
+        for node in nodes:
+            self._import_node(scope, node)
+        return [scope.lookup(v) for v in outputs]
+
+    # -- one node ----------------------------------------------------------------------------
+    def _import_node(self, scope: _Scope, node: torch._C.Node) -> None:
+        kind = node.kind()
+        handler = _HANDLERS.get(kind)
+        if handler is not None:
+            handler(self, scope, node)
+        elif kind.startswith("prim::") and kind not in _PRIM_AS_OPS:
+            raise TorchScriptImportError(f"pyrys cannot import {kind} yet (in {self.class_name}): {node}".strip())
+        else:
+            self._op(scope, node)
+
+    def _constant(self, scope: _Scope, node: torch._C.Node) -> None:
+        value = node.output().toIValue()
+        if isinstance(value, torch.Tensor):
+            value = add_constant(scope.gm, value.detach().clone(), _node_name(node.output(), "constant"))
+        scope.bind(node.output(), value)
+
+    def _get_attr(self, scope: _Scope, node: torch._C.Node) -> None:
+        owner = scope.lookup(node.input())
+        name = node.s("name")
+        if not isinstance(owner, _ModuleRef):
+            raise TorchScriptImportError(f"prim::GetAttr[name={name!r}] on a value that is not a module")
+        path = f"{owner.path}.{name}" if owner.path else name
+        value = getattr(owner.module, name)
+        if isinstance(value, torch.nn.Module):
+            result: Any = _ModuleRef(path, value)
+        elif isinstance(value, torch.Tensor) or isinstance(value, bool):
+            result = scope.capture(self._state(owner.module, path, name, value))
+        else:
+            result = value  # an int/float/str attribute: a constant of the module
+        scope.bind(node.output(), result)
+
+    def _state(self, module: Any, path: str, name: str, value: Any) -> fx.Node:
+        """The root graph's read of module state at ``path`` (one placeholder per attribute)."""
+        if path not in self.state:
+            if isinstance(value, bool):
+                ref = StateRef(path, "flag", bool(self.flag_values.get(name, value)))
+                val = ref.value
+            else:
+                kind = "parameter" if name in dict(module.named_parameters(recurse=False)) else "buffer"
+                ref = StateRef(path, kind, value.detach().clone())
+                val = self.mode.from_tensor(ref.value)
+            prefix = {"flag": "", "parameter": "p_", "buffer": "b_"}[ref.kind]  # as torch.export names them
+            node = _placeholder(self.root.graph, prefix + path.replace(".", "_"), val)
+            node.meta[STATE_KEY] = ref
+            self.state[path] = node
+        return self.state[path]
+
+    def _if(self, scope: _Scope, node: torch._C.Node) -> None:
+        cond = scope.lookup(node.input())
+        blocks = list(node.blocks())
+        if not isinstance(cond, fx.Node):
+            outputs = self._import_block(scope, blocks[0 if cond else 1].nodes(), list(blocks[0 if cond else 1].outputs()))
+            for value, out in zip(node.outputs(), outputs):
+                scope.bind(value, out)
+            return
+        branches = [self._branch(scope, block) for block in blocks]
+        if not list(node.outputs()) and all(b.raises is None and not _has_effects(b.gm) for b in branches):
+            return  # both arms only wrote module state, which inference drops
+        self._emit_if(scope, node, cond, branches)
+
+    def _branch(self, scope: _Scope, block) -> tuple[Branch, _Scope]:
+        sub = _Scope(fx.GraphModule(torch.nn.Module(), fx.Graph()), scope)
+        try:
+            outputs = self._import_block(sub, block.nodes(), list(block.outputs()))
+        except _Raised as raised:
+            return _PendingBranch(sub, None, str(raised))
+        for out in outputs:
+            if not (isinstance(out, fx.Node) and isinstance(out.meta.get("val"), torch.Tensor)):
+                raise TorchScriptImportError("pyrys supports If branches on module state that produce tensors; "
+                                             f"a branch produces {out!r}")
+        return _PendingBranch(sub, outputs, None)
+
+    def _emit_if(self, scope: _Scope, node: torch._C.Node, cond: fx.Node, pending: list) -> None:
+        operands = list(dict.fromkeys(outer for p in pending for outer in p.scope.captures))
+        arms = [p.finish(operands) for p in pending]
+        branches = Branches(arms[0], arms[1])
+        key = register_branches(branches)
+        call = scope.graph.create_node("call_function", IF, (cond, key, operands), {}, name="If")
+        call.meta[BRANCHES_KEY] = branches
+        with self.mode:
+            call.meta["val"] = run_branch(cond.meta["val"], key, [o.meta["val"] for o in operands])
+        for i, value in enumerate(node.outputs()):
+            item = scope.graph.create_node("call_function", operator.getitem, (call, i), {}, name=_node_name(value, "if_out"))
+            item.meta["val"] = call.meta["val"][i]
+            scope.bind(value, item)
+
+    def _loop(self, scope: _Scope, node: torch._C.Node) -> None:
+        trip, cond, *carried = [scope.lookup(v) for v in node.inputs()]
+        if _has_node(trip) or _has_node(cond):
+            raise TorchScriptImportError("pyrys unrolls loops at import, so a loop's trip count and condition must be "
+                                         "known then (constants, shapes, int attributes); this one depends on "
+                                         f"values computed at run time: {node}".strip())
+        block = next(node.blocks())
+        params, results = list(block.inputs()), list(block.outputs())
+        i = 0
+        while cond and i < trip:
+            if i >= MAX_UNROLLED_ITERATIONS:
+                raise TorchScriptImportError(f"a loop runs more than {MAX_UNROLLED_ITERATIONS} iterations; "
+                                             "pyrys unrolls loops and stops here")
+            for value, obj in zip(params, [i, *carried]):
+                scope.bind(value, obj)
+            cond, *carried = self._import_block(scope, block.nodes(), results)
+            if _has_node(cond):
+                raise TorchScriptImportError("a loop's condition depends on values computed at run time; "
+                                             "pyrys unrolls loops at import and cannot")
+            i += 1
+        for value, obj in zip(node.outputs(), carried):
+            scope.bind(value, obj)
+
+    def _raise(self, scope: _Scope, node: torch._C.Node) -> None:
+        message = scope.lookup(next(node.inputs()))
+        raise _Raised(message if isinstance(message, str) else "an exception")
+
+    def _list(self, scope: _Scope, node: torch._C.Node) -> None:
+        items = [scope.lookup(v) for v in node.inputs()]
+        scope.bind(node.output(), tuple(items) if node.kind() == "prim::TupleConstruct" else items)
+
+    def _unpack(self, scope: _Scope, node: torch._C.Node) -> None:
+        packed = scope.lookup(node.input())
+        for i, value in enumerate(node.outputs()):
+            scope.bind(value, self._index(scope, packed, i, value))
+
+    def _tuple_index(self, scope: _Scope, node: torch._C.Node) -> None:
+        packed, index = [scope.lookup(v) for v in node.inputs()]
+        scope.bind(node.output(), self._index(scope, packed, index, node.output()))
+
+    def _index(self, scope: _Scope, packed: Any, index: Any, value: torch._C.Value) -> Any:
+        if isinstance(index, fx.Node):
+            raise TorchScriptImportError("indexing a list with a value computed at run time is not supported")
+        if isinstance(packed, (list, tuple)):
+            return packed[index]
+        item = scope.graph.create_node("call_function", operator.getitem, (packed, index), {}, name=_node_name(value, "item"))
+        item.meta["val"] = packed.meta["val"][index]
+        return item
+
+    def _identity(self, scope: _Scope, node: torch._C.Node) -> None:
+        scope.bind(node.output(), scope.lookup(node.input()))
+
+    def _format(self, scope: _Scope, node: torch._C.Node) -> None:
+        template, *values = [_val(scope.lookup(v)) for v in node.inputs()]
+        scope.bind(node.output(), template.format(*values))
+
+    def _tensor_property(self, scope: _Scope, node: torch._C.Node) -> None:
+        val = _val(scope.lookup(node.input()))
+        scope.bind(node.output(), val.dtype if node.kind() == "prim::dtype" else torch.device("cpu"))
+
+    def _warn(self, scope: _Scope, node: torch._C.Node) -> None:
+        self.notes.append(f"{self.class_name} calls warnings.warn; pyrys does not repeat the warning at run time")
+
+    def _uninitialized(self, scope: _Scope, node: torch._C.Node) -> None:
+        scope.bind(node.output(), None)
+
+    # -- ATen calls ------------------------------------------------------------------------------
+    def _op(self, scope: _Scope, node: torch._C.Node) -> None:
+        schema = torch._C.parse_schema(node.schema())
+        op = _overload(schema.name, schema.overload_name, node)
+        values = [scope.lookup(v) for v in node.inputs()]
+        tensor_out = any(_is_tensor_type(v.type()) for v in node.outputs())
+        python_op = _PYTHON_OPS.get(schema.name)
+        if python_op is not None and isinstance(values[0], (list, tuple)) and not _has_node(values[1:]):
+            self._bind_results(scope, node, python_op(*values))  # a list of values, possibly tensors
+            return
+        if not tensor_out and not _has_node(values):
+            self._bind_results(scope, node, _call(op, schema, values))  # scalar arithmetic on constants
+            return
+        if not tensor_out and schema.name in SHAPE_QUERIES:
+            self._bind_results(scope, node, _call(op, schema, _val(values)))  # specialized to the example shapes
+            return
+        if not tensor_out and any(isinstance(v, torch.Tensor) for v in tree_flatten(_val(values))[0]):
+            raise TorchScriptImportError(
+                f"{schema.name} turns tensor data into a Python value ({node.kind()} in {self.class_name}); "
+                "pyrys imports scripted code without running it, so data-dependent control flow is not supported "
+                "(torch.compile(model, backend='pyrys') handles it with graph breaks)")
+        mutated = _mutated_argument(schema)
+        if mutated is not None:
+            op = _functional(schema, node)
+        args, kwargs = _split(schema, values)
+        outputs = list(node.outputs())
+        base = op.__name__.split(".")[0]
+        name = _node_name(outputs[0], base) if len(outputs) == 1 else base
+        call = scope.graph.create_node("call_function", op, tuple(args), kwargs, name=name)
+        with self.mode:
+            call.meta["val"] = op(*_val(args), **_val(kwargs))
+        if _is_view(schema):
+            self.viewed.update(v for v in tree_flatten(values)[0] if isinstance(v, fx.Node))
+        if len(outputs) == 1:
+            scope.bind(outputs[0], call)
+        else:
+            for i, value in enumerate(outputs):
+                scope.bind(value, self._index(scope, call, i, value))
+        if mutated is not None:
+            self._rebind_mutated(scope, node, list(node.inputs())[mutated], values[mutated], call)
+
+    def _rebind_mutated(self, scope: _Scope, node, value: torch._C.Value, old: Any, new: fx.Node) -> None:
+        """After ``x.add_(y)``, later reads of ``x`` see the functional result."""
+        if isinstance(old, fx.Node) and (old.meta.get(STATE_KEY) or old in scope.captures.values()
+                                         and _captured_state(scope, old)):
+            self.notes.append(f"state update dropped (inference never writes module state): {node.kind()} on "
+                              f"{_state_target(scope, old)}")
+            return
+        if old in self.viewed or (isinstance(old, fx.Node) and old.op == "call_function" and _is_view_node(old)):
+            raise TorchScriptImportError(f"{node.kind()} writes to a view of another tensor; pyrys does not import "
+                                         "in-place ops on views")
+        if not scope.defines(value):
+            raise TorchScriptImportError(f"{node.kind()} inside a branch on module state writes %{value.debugName()}, "
+                                         "defined outside the branch; pyrys does not import that")
+        scope.bind(value, new)
+
+    def _bind_results(self, scope: _Scope, node: torch._C.Node, result: Any) -> None:
+        outputs = list(node.outputs())
+        if len(outputs) == 1:
+            scope.bind(outputs[0], result)
+        else:
+            for value, item in zip(outputs, result):
+                scope.bind(value, item)
+
+
+@dataclass
+class _PendingBranch:
+    scope: _Scope
+    outputs: list | None
+    raises: str | None
+
+    def finish(self, operands: list[fx.Node]) -> Branch:
+        """Give the branch one placeholder per operand, in the If's operand order."""
+        graph = self.scope.graph
+        placeholders = [self.scope._capture_node(outer) for outer in operands]
+        first = next(iter(graph.nodes))
+        if first is not placeholders[0] if placeholders else False:
+            first.prepend(placeholders[0])
+        for before, ph in zip(placeholders, placeholders[1:]):
+            before.append(ph)
+        graph.output(list(self.outputs or []))
+        graph.eliminate_dead_code()
+        self.scope.gm.recompile()
+        return Branch(self.scope.gm if self.raises is None else None, self.raises)
+
+    @property
+    def gm(self) -> fx.GraphModule:
+        return self.scope.gm
+
+
+def _has_effects(gm: fx.GraphModule) -> bool:
+    return any(n.op == "call_function" and n.is_impure() for n in gm.graph.nodes)
+
+
+def _captured_state(scope: _Scope, placeholder: fx.Node) -> bool:
+    outer = next(o for o, p in scope.captures.items() if p is placeholder)
+    return bool(outer.meta.get(STATE_KEY)) or (outer.op == "placeholder" and scope.parent is not None
+                                               and outer in scope.parent.captures.values()
+                                               and _captured_state(scope.parent, outer))
+
+
+def _state_target(scope: _Scope, node: fx.Node) -> str:
+    while node.meta.get(STATE_KEY) is None and scope is not None:
+        node = next(o for o, p in scope.captures.items() if p is node)
+        scope = scope.parent
+    return node.meta[STATE_KEY].target
+
+
+
+
+def _overload(name: str, overload_name: str, node: torch._C.Node):
+    namespace, base = name.split("::")
+    try:
+        packet = getattr(getattr(torch.ops, namespace), base)
+        return getattr(packet, overload_name or "default")
+    except (AttributeError, RuntimeError):
+        raise TorchScriptImportError(f"no torch op {name}.{overload_name or 'default'} for {node.kind()}") from None
+
+
+def _split(schema, values: list) -> tuple[list, dict]:
+    """Positional and keyword arguments as the op overload takes them; keyword defaults left out."""
+    args, kwargs = [], {}
+    for argument, value in zip(schema.arguments, values):
+        if argument.kwarg_only:
+            if not _is_default(argument, value):
+                kwargs[argument.name] = value
+        else:
+            args.append(value)
+    return args, kwargs
+
+
+def _is_default(argument, value) -> bool:
+    if not argument.has_default_value() or _has_node(value) or isinstance(value, torch.Tensor):
+        return False
+    default = argument.default_value
+    return type(default) is type(value) and default == value or (default is None and value is None)
+
+
+def _call(op, schema, values: list):
+    args, kwargs = _split(schema, values)
+    return op(*args, **kwargs)
+
+
+def _mutated_argument(schema) -> int | None:
+    for i, argument in enumerate(schema.arguments):
+        if argument.alias_info is not None and argument.alias_info.is_write:
+            return i
+    return None
+
+
+def _functional(schema, node: torch._C.Node):
+    namespace, base = schema.name.split("::")
+    if not base.endswith("_") or base.startswith("__"):
+        raise TorchScriptImportError(f"{node.kind()} writes to its input and has no functional form pyrys knows")
+    return _overload(f"{namespace}::{base[:-1]}", schema.overload_name, node)
+
+
+def _is_view(schema) -> bool:
+    return any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns)
+
+
+def _is_view_node(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return schema is not None and _is_view(schema)
+
+
+_HANDLERS = {
+    "prim::Constant": _Importer._constant,
+    "prim::GetAttr": _Importer._get_attr,
+    "prim::If": _Importer._if,
+    "prim::Loop": _Importer._loop,
+    "prim::RaiseException": _Importer._raise,
+    "prim::ListConstruct": _Importer._list,
+    "prim::TupleConstruct": _Importer._list,
+    "prim::ListUnpack": _Importer._unpack,
+    "prim::TupleUnpack": _Importer._unpack,
+    "prim::TupleIndex": _Importer._tuple_index,
+    "prim::unchecked_cast": _Importer._identity,
+    "prim::Uninitialized": _Importer._uninitialized,
+    "prim::dtype": _Importer._tensor_property,
+    "prim::device": _Importer._tensor_property,
+    "aten::format": _Importer._format,
+    "aten::warn": _Importer._warn,
+}
+# list operations TorchScript spells as ATen ops, applied to the Python lists the importer holds
+_PYTHON_OPS = {"aten::__getitem__": operator.getitem, "aten::len": len, "aten::add": operator.add,
+               "aten::eq": operator.eq, "aten::ne": operator.ne, "aten::__contains__": operator.contains}
+_PRIM_AS_OPS = frozenset({"prim::min", "prim::max", "prim::abs"})

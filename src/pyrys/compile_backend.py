@@ -1,0 +1,145 @@
+"""``torch.compile(model, backend="pyrys")``: each graph dynamo hands over becomes a pyrys program.
+
+    compiled = torch.compile(model, backend="pyrys", options={"backend": "reference", "disable": ["fold_conv_bn"]})
+
+Dynamo (torch 2.14, default config) passes a model's parameters and buffers to the graph
+as inputs.  pyrys recognizes them by their source (``L['self']._modules['conv']._parameters
+['weight']``), puts them back as state of a small module around the graph (``conv.weight``),
+and optimizes that module like any other: parameters are frozen, BatchNorm folded, and
+the program built for the default backend.  Each call passes only the real inputs on.
+
+Graph breaks give several graphs, each its own pyrys program.  A new input shape makes
+dynamo recompile; when it hands over a graph with symbolic sizes, pyrys builds one program
+per concrete shape on first use.  The backend registers itself with dynamo when
+``torch._dynamo`` is already imported at ``import pyrys``, and through the
+``torch_dynamo_backends`` entry point otherwise.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+from pyrys.optimize import OptimizedModule, optimize
+from pyrys.signature import signature_of
+
+BACKEND_NAME = "pyrys"
+_OPTION_NAMES = frozenset({"backend", "disable", "freeze_params", "freeze_flags", "verify", "print_after_each",
+                           "dump_dir"})
+_STATE_SOURCE = re.compile(r"\['([^']+)'\]|\.([A-Za-z_]\w*)")
+
+
+def pyrys_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None = None) -> Callable:
+    """The dynamo backend: returns a callable that runs ``gm``'s pyrys program(s)."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - _OPTION_NAMES)
+    if unknown:
+        raise ValueError(f"pyrys: unknown torch.compile option(s) {unknown}; known: {sorted(_OPTION_NAMES)}")
+    return DynamoGraph(gm, example_inputs, options)
+
+
+class _StatefulGraph(torch.nn.Module):
+    """The dynamo graph with its parameter/buffer inputs held as module state again."""
+
+    def __init__(self, gm: fx.GraphModule, positions: list[int], state: dict[int, tuple[str, torch.Tensor]],
+                 scalars: dict[int, Any]):
+        super().__init__()
+        self.graph_module = gm
+        self._positions, self._paths, self._scalars = positions, {}, scalars
+        for position, (path, value) in state.items():
+            self._paths[position] = _register(self, path, value)
+
+    def forward(self, *inputs):
+        full = dict(zip(self._positions, inputs))
+        full.update(self._scalars)
+        for position, (owner, name) in self._paths.items():
+            full[position] = getattr(self.get_submodule(owner), name)
+        return self.graph_module(*[full[i] for i in range(len(full))])
+
+
+def _register(root: torch.nn.Module, path: str, value: torch.Tensor) -> tuple[str, str]:
+    """Register ``value`` at ``path`` (``"layer1.0.conv1.weight"``), creating empty submodules on the way."""
+    *owners, name = ["graph_state", *path.split(".")]
+    module = root
+    for part in owners:
+        if not hasattr(module, part):
+            module.add_module(part, torch.nn.Module())
+        module = getattr(module, part)
+    if isinstance(value, torch.nn.Parameter):
+        module.register_parameter(name, torch.nn.Parameter(value.detach(), requires_grad=False))
+    else:
+        module.register_buffer(name, value.detach())
+    return ".".join(owners), name
+
+
+def _state_path(source_name: str) -> str | None:
+    """``L['self']._modules['conv']._parameters['weight']`` -> ``"conv.weight"`` (None for a user input)."""
+    if not source_name.startswith("L['self']") or ("_parameters[" not in source_name and "_buffers[" not in source_name):
+        return None
+    parts = [m.group(1) or m.group(2) for m in _STATE_SOURCE.finditer(source_name[len("L['self']"):])]
+    return ".".join(p for p in parts if p not in ("_modules", "_parameters", "_buffers"))
+
+
+def _is_state(node: fx.Node, value: Any) -> str | None:
+    grapharg = node.meta.get("grapharg")
+    source = getattr(getattr(grapharg, "source", None), "name", None)
+    path = _state_path(source() if callable(source) else source) if source else None
+    if path is None and isinstance(value, torch.nn.Parameter):
+        path = f"parameter_{node.name}"
+    return path
+
+
+def _trains_batch_norm(gm: fx.GraphModule) -> bool:
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.nn.functional.batch_norm:
+            training = node.kwargs.get("training", node.args[5] if len(node.args) > 5 else False)
+            if training is True:
+                return True
+    return False
+
+
+class DynamoGraph:
+    """The callable dynamo runs for one graph: one pyrys program per concrete input signature."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: list, options: dict):
+        self.gm, self.options = gm, options
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self.state: dict[int, tuple[str, torch.Tensor]] = {}
+        for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
+            path = _is_state(node, value) if isinstance(value, torch.Tensor) else None
+            if path is not None:
+                self.state[i] = (path, value)
+        self.inputs = [i for i, v in enumerate(example_inputs) if i not in self.state and isinstance(v, torch.Tensor)]
+        self.scalars = [i for i, v in enumerate(example_inputs) if not isinstance(v, torch.Tensor)]
+        self.training = _trains_batch_norm(gm)
+        self.programs: dict[Any, OptimizedModule] = {}  # compiled on first call, outside dynamo's tracing
+
+    def _compile(self, args: list) -> OptimizedModule:
+        scalars = {i: int(args[i]) if isinstance(args[i], torch.SymInt) else args[i] for i in self.scalars}
+        inputs = tuple(args[i] for i in self.inputs)
+        key = (signature_of(inputs, {})[0], tuple(sorted(scalars.items())))
+        program = self.programs.get(key)
+        if program is None:
+            module = _StatefulGraph(self.gm, self.inputs, self.state, scalars).train(self.training)
+            with torch.no_grad():
+                program = optimize(module, inputs, **self.options)
+            self.programs[key] = program
+        return program
+
+    def __call__(self, *args):
+        program = self._compile(list(args))
+        with torch.no_grad():
+            return program(*[args[i] for i in self.inputs])
+
+
+def register_backend() -> None:
+    """Register ``"pyrys"`` with dynamo if it is already imported (the entry point covers the rest)."""
+    if "torch._dynamo" not in sys.modules:
+        return
+    from torch._dynamo.backends import registry
+
+    if BACKEND_NAME not in registry._COMPILER_FNS:
+        registry.register_backend(pyrys_backend, name=BACKEND_NAME)

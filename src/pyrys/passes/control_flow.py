@@ -1,0 +1,62 @@
+"""Control flow: an If whose condition is a constant is replaced by the branch it takes.
+
+    %out = pyrys::If(False, <branches>, [%x])          then: y = x * 2   else: y = x + 1
+    %y = prim::TupleIndex(%out, 0)
+    ->  %y = aten::add(%x, 1)
+
+The condition becomes a constant when ``freeze_flags`` replaces the flag it reads
+(``self.training``) by its value and ``constant_propagation`` evaluates what was
+computed from it.  An If left in place is a miss with its reason; a taken branch
+that raises (the scripted code's ``raise``) stops the compile with its message.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch.fx as fx
+
+from pyrys.ir.control_flow import IF, BranchRaised, branches_of
+from pyrys.ir.graph import add_constant, call_nodes, is_constant
+from pyrys.passes.rewrite import Miss, PassResult
+
+RULE = "inline_if"
+
+
+def inline_constant_ifs(gm: fx.GraphModule) -> PassResult:
+    """Inline every ``pyrys::If`` with a constant condition; ``fired["inline_if"]`` counts them."""
+    result = PassResult()
+    for node in call_nodes(gm.graph, {IF}):
+        cond = node.args[0]
+        if is_constant(cond):
+            _inline(gm, node, bool(cond))
+            result.fired[RULE] += 1
+        else:
+            result.misses.append(Miss(RULE, node.name, f"the If's condition %{cond.name} is not a constant: "
+                                      "freeze_flags did not freeze the flag it reads, so both branches stay"))
+    gm.recompile()
+    return result
+
+
+def _inline(gm: fx.GraphModule, node: fx.Node, cond: bool) -> None:
+    branch = branches_of(node).pick(cond)
+    if branch.raises is not None:
+        raise BranchRaised(f"the branch taken when %{node.name}'s condition is {cond} raises: {branch.raises}")
+    env: dict[fx.Node, fx.Node] = dict(zip(_placeholders(branch.gm), node.args[2]))
+    outputs: list = []
+    with gm.graph.inserting_before(node):
+        for inner in branch.gm.graph.nodes:
+            if inner.op == "get_attr":
+                env[inner] = add_constant(gm, getattr(branch.gm, inner.target), inner.target)
+            elif inner.op == "call_function":
+                env[inner] = gm.graph.node_copy(inner, lambda n: env[n])
+            elif inner.op == "output":
+                outputs = [env[o] for o in inner.args[0]]
+    for user in list(node.users):
+        if user.target is operator.getitem:
+            user.replace_all_uses_with(outputs[user.args[1]])
+            gm.graph.erase_node(user)
+    gm.graph.erase_node(node)
+
+
+def _placeholders(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "placeholder"]

@@ -1,0 +1,183 @@
+"""TorchScript in: the importer (golden text), If on a flag, loops, and the bad inputs."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import pyrys
+from pyrys.capture.torchscript import TorchScriptImportError, capture_torchscript
+from pyrys.ir.meta import refresh_meta
+from pyrys.ir.printer import format_graph
+from tests.conftest import TOLERANCE
+from tests.models import conv_bn_relu, image
+
+warnings.filterwarnings("ignore", message=".*torch.jit.*is deprecated", category=FutureWarning)
+
+
+def script(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.jit.script(model)
+
+
+CONV_BN_RELU_IMPORTED = """\
+graph(%self : ClassType<ConvBnRelu>,
+      %x : Float(1, 3, 6, 6)):
+  %p_conv_weight : Float(4, 3, 3, 3) = prim::GetAttr[name="conv.weight"](%self)
+  %p_conv_bias : Float(4) = prim::GetAttr[name="conv.bias"](%self)
+  %bn_training : bool = prim::GetAttr[name="bn.training"](%self)
+  %b_bn_running_mean : Float(4) = prim::GetAttr[name="bn.running_mean"](%self)
+  %b_bn_running_var : Float(4) = prim::GetAttr[name="bn.running_var"](%self)
+  %p_bn_weight : Float(4) = prim::GetAttr[name="bn.weight"](%self)
+  %p_bn_bias : Float(4) = prim::GetAttr[name="bn.bias"](%self)
+  %conv2d : Float(1, 4, 4, 4) = aten::conv2d(%x, %p_conv_weight, %p_conv_bias, [1, 1], [0, 0], [1, 1], 1)
+  %batch_norm : Float(1, 4, 4, 4) = aten::batch_norm(%conv2d, %p_bn_weight, %p_bn_bias, %b_bn_running_mean, %b_bn_running_var, %bn_training, 0.1, 1e-05, True)
+  %result : Float(1, 4, 4, 4) = aten::relu(%batch_norm)
+  return (%result)"""
+
+
+def test_import_conv_bn_relu_golden():
+    captured = capture_torchscript(script(conv_bn_relu()), (image(),))
+    refresh_meta(captured.gm)
+    assert format_graph(captured.gm, captured.class_name) == CONV_BN_RELU_IMPORTED
+    assert "num_batches_tracked" in " ".join(captured.notes)  # the train-mode state update was dropped
+
+
+def test_scripted_module_matches_eager_and_is_not_modified():
+    model = conv_bn_relu()
+    scripted = script(model)
+    before = {k: v.clone() for k, v in scripted.state_dict().items()}
+    opt = pyrys.optimize(scripted, (image(),), backend="reference", verify=True)
+    assert opt.frontend == "TorchScript"
+    assert pyrys.relative_error(opt(image()), model(image())) <= TOLERANCE
+    assert "pyrys::conv2d_relu" in opt.graph and "batch_norm" not in opt.graph
+    assert all(torch.equal(before[k], v) for k, v in scripted.state_dict().items())
+
+
+class FlagAndLoop(torch.nn.Module):
+    """``prim::If`` on a flag and on ``training``; a loop over an int attribute."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 3, 1)
+        self.use_relu = True
+        self.repeats = 3
+
+    def forward(self, x):
+        if self.training:
+            y = x * 2.0
+        else:
+            y = self.conv(x) + 1.0
+        for i in range(self.repeats):
+            y = y * 0.5 + i
+        if self.use_relu:
+            y = torch.relu(y)
+        return y
+
+
+def test_if_on_flag_stays_until_frozen_and_loop_is_unrolled():
+    model = FlagAndLoop().eval()
+    scripted = script(model)
+    x = torch.rand(1, 3, 5, 5) - 0.5
+    unfrozen = pyrys.optimize(scripted, (x,), backend="reference", freeze_flags=())
+    assert unfrozen.graph.count("pyrys::If(") == 2
+    assert "prim::GetAttr[name=\"training\"]" in unfrozen.graph
+    assert "inline_if at %If" in unfrozen.report() and "freeze_flags did not freeze" in unfrozen.report()
+    assert pyrys.relative_error(unfrozen(x), model(x)) <= TOLERANCE
+    only_training = pyrys.optimize(scripted, (x,), backend="reference")
+    assert only_training.graph.count("pyrys::If(%use_relu") == 1  # only the flags named are frozen
+    frozen = pyrys.optimize(scripted, (x,), backend="reference", freeze_flags=("training", "use_relu"), verify=True)
+    assert "pyrys::If" not in frozen.graph and "GetAttr" not in frozen.graph
+    assert next(s for s in frozen.history if s.name == "inline_constant_ifs").fired == {"inline_if": 2}
+    assert frozen.history[0].graph.count("aten::mul") == 3  # the loop, unrolled (branches print as one node)
+    assert pyrys.relative_error(frozen(x), model(x)) <= TOLERANCE
+
+
+def test_seed_calls_freeze_a_flag_to_the_requested_value():
+    scripted = script(FlagAndLoop().eval())
+    x = torch.rand(1, 3, 5, 5) - 0.5
+    pyrys.jit.freeze_flags(scripted, use_relu=False, training=False)
+    pyrys.jit.freeze_params(scripted, "weight", "bias")
+    graph = pyrys.jit.graph_for(scripted, x, backend="reference")
+    assert "relu" not in graph and "If" not in graph
+    assert scripted.use_relu  # the scripted module itself is unchanged
+    expected = FlagAndLoop().eval()
+    expected.use_relu = False
+    assert pyrys.relative_error(pyrys.jit.run(scripted, x, backend="reference"), expected(x)) <= TOLERANCE
+
+
+def test_scripted_function():
+    def foo(x, y):
+        z = torch.full([1], 1.0) + 2
+        return torch.cat([x, y], 1) * z
+
+    scripted = script(foo)
+    x, y = torch.rand(2, 3), torch.rand(2, 2)
+    opt = pyrys.optimize(scripted, (x, y), backend="reference")
+    assert "aten::full" not in opt.graph
+    assert torch.allclose(opt(x, y), foo(x, y))
+
+
+class DataDependent(torch.nn.Module):
+    def forward(self, x):
+        if bool(x.sum() > 0):
+            return x
+        return -x
+
+
+class DynamicLoop(torch.nn.Module):
+    def forward(self, x):
+        for _ in range(int(x.sum())):
+            x = x + 1
+        return x
+
+
+@pytest.mark.parametrize("model, reason", [
+    (DataDependent(), "data-dependent control flow is not supported"),
+    (DynamicLoop(), "aten::Int turns tensor data into a Python value"),
+])
+def test_runtime_dependent_control_flow_is_refused_with_a_reason(model, reason):
+    with pytest.raises(TorchScriptImportError, match=reason):
+        pyrys.optimize(script(model.eval()), (torch.rand(2, 3),), backend="reference")
+
+
+def test_failing_shape_check_is_reported_at_compile_time():
+    with pytest.raises(TorchScriptImportError, match="expected 4D input"):
+        pyrys.optimize(script(torch.nn.BatchNorm2d(3).eval()), (torch.rand(3, 5),), backend="reference")
+
+
+def test_traced_module_is_imported_honestly_with_a_note():
+    model = conv_bn_relu()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, (image(),))
+    opt = pyrys.optimize(traced, (image(),), backend="reference")
+    assert pyrys.relative_error(opt(image()), model(image())) <= TOLERANCE
+    assert "traced module" in opt.report()
+
+
+def test_training_mode_module_warns_and_explains():
+    model = conv_bn_relu().train()
+    scripted = script(copy.deepcopy(model))  # scripting shares tensors with the model
+    x = image(batch=2)
+    with pytest.warns(UserWarning, match="training mode"):
+        opt = pyrys.optimize(scripted, (x,), backend="reference")
+    assert "BatchNorm is in training mode" in opt.report()
+    before = scripted.bn.running_mean.clone()
+    expected = model(x)
+    assert pyrys.relative_error(opt(x), expected) <= TOLERANCE
+    assert torch.equal(scripted.bn.running_mean, before)  # pyrys never writes the module's state
+
+
+def test_freeze_call_naming_a_missing_attribute():
+    scripted = script(conv_bn_relu())
+    with pytest.raises(AttributeError, match="no parameter or buffer named 'wieght'"):
+        pyrys._jit_pass_freeze_params(scripted._c, "forward", "wieght")
+    with pytest.raises(AttributeError, match="no bool attribute named 'trianing'"):
+        pyrys._jit_pass_freeze_flags(scripted._c, "forward", "trianing", False)
+    with pytest.raises(ValueError, match="forward method"):
+        pyrys._jit_pass_freeze_params(scripted._c, "backward", "weight")

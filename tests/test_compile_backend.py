@@ -1,0 +1,86 @@
+"""torch.compile(model, backend="pyrys"): per-graph programs, graph breaks, recompiles, options."""
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+
+import pytest
+import torch
+
+import pyrys
+from pyrys.compile_backend import DynamoGraph, _state_path
+from tests.conftest import TOLERANCE
+from tests.models import conv_bn_relu, image
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def programs_of(compiled_calls: list) -> list[DynamoGraph]:
+    return [g for g in compiled_calls if isinstance(g, DynamoGraph)]
+
+
+def test_entry_point_is_installed():
+    assert "pyrys" in entry_points(group="torch_dynamo_backends").names
+    assert "pyrys" in torch._dynamo.list_backends()
+
+
+def test_state_sources_are_recognized():
+    assert _state_path("L['self']._modules['layer1']._modules['0']._parameters['weight']") == "layer1.0.weight"
+    assert _state_path("L['self']._modules['bn']._buffers['running_var']") == "bn.running_var"
+    assert _state_path("L['x']") is None
+
+
+def test_conv_bn_relu_is_frozen_and_folded(monkeypatch):
+    made = []
+    original = DynamoGraph.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(DynamoGraph, "__init__", spy)
+    model = conv_bn_relu()
+    compiled = torch.compile(model, backend="pyrys", options={"backend": "reference"})
+    assert pyrys.relative_error(compiled(image()), model(image())) <= TOLERANCE
+    (graph,) = made
+    (program,) = graph.programs.values()
+    assert "pyrys::conv2d_relu" in program.graph and "GetAttr" not in program.graph
+    x = image(batch=2, size=9)  # a new shape: dynamo recompiles (with symbolic sizes) and pyrys follows
+    assert pyrys.relative_error(compiled(x), model(x)) <= TOLERANCE
+
+
+class GraphBreaks(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = conv_bn_relu(relu=False)
+
+    def forward(self, x):
+        y = self.block(x)
+        print("a graph break")
+        if y.sum() > 0:  # data-dependent Python control flow: another break
+            return torch.relu(y) * 2
+        return y - 1
+
+
+def test_graph_breaks_give_several_correct_programs(capsys):
+    model = GraphBreaks().eval()
+    compiled = torch.compile(model, backend="pyrys", options={"backend": "reference"})
+    for x in (image(), -image() * 100):
+        assert pyrys.relative_error(compiled(x), model(x)) <= TOLERANCE
+    assert "a graph break" in capsys.readouterr().out
+
+
+def test_unknown_option_is_refused():
+    compiled = torch.compile(conv_bn_relu(), backend="pyrys", options={"colour": "blue"})
+    with pytest.raises(Exception, match="unknown torch.compile option"):
+        compiled(image())
+
+
+def test_disabled_passes_pass_through():
+    model = conv_bn_relu()
+    compiled = torch.compile(model, backend="pyrys", options={"backend": "reference", "disable": ["fold_conv_bn"]})
+    assert pyrys.relative_error(compiled(image()), model(image())) <= TOLERANCE

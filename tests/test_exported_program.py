@@ -1,0 +1,36 @@
+"""An ExportedProgram in, as it is: no re-export, the user's program untouched."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pyrys
+from tests.conftest import TOLERANCE
+from tests.models import conv_bn_relu, image
+
+
+def test_exported_program_uses_its_own_example_inputs():
+    model = conv_bn_relu()
+    ep = torch.export.export(model, (image(),))
+    opt = pyrys.optimize(ep, backend="reference", verify=True)
+    assert opt.frontend == "ExportedProgram"
+    assert "pyrys::conv2d_relu" in opt.graph and "batch_norm" not in opt.graph
+    assert pyrys.relative_error(opt(image()), model(image())) <= TOLERANCE
+
+
+def test_train_mode_program_state_is_not_written():
+    model = conv_bn_relu().train()
+    x = image(batch=2)
+    ep = torch.export.export(model, (x,))
+    before = {k: v.clone() for k, v in ep.state_dict.items()}
+    opt = pyrys.optimize(ep, (x,), backend="reference")
+    assert "BatchNorm is in training mode" in opt.report()
+    opt(x)
+    assert all(torch.equal(before[k], v) for k, v in ep.state_dict.items())
+
+
+def test_a_new_shape_asks_for_a_new_export():
+    ep = torch.export.export(conv_bn_relu(), (image(),))
+    opt = pyrys.optimize(ep, backend="reference")
+    with pytest.raises(pyrys.InputError, match="Export it again"):
+        opt(image(batch=2))
