@@ -67,13 +67,24 @@ def _output(builder: Builder, arg, fresh: list[FreshOutput]):
         return value
     meta = arg.meta["val"]
     strides = tuple(meta.stride())
-    out = Value(f"{arg.name}.out", plain_md(meta.shape, meta.dtype, strides), DYNAMIC)
+    md = plain_md(meta.shape, meta.dtype, strides)
+    if value.kind == PLANNED and value.md == md and not _read_after_written(builder, value):
+        value.kind = DYNAMIC  # the producer writes straight into the caller's fresh tensor
+        fresh.append(FreshOutput(value, tuple(meta.shape), strides, meta.dtype))
+        return value
+    out = Value(f"{arg.name}.out", md, DYNAMIC)
     pd = reorder_pd(builder.engine, value.md, out.md)
     text = (f"%{out.name} : {format_type(meta)} = dnnl::reorder[format_info=[{value.layout()} -> "
             f"{out.layout()}]](%{value.name})")
     builder.add_primitive(text, pd, {ARG_FROM: value, ARG_TO: out}, [value], [out])
     fresh.append(FreshOutput(out, tuple(meta.shape), strides, meta.dtype))
     return out
+
+
+def _read_after_written(builder: Builder, value: Value) -> bool:
+    """Whether a step other than its producer touches ``value`` (reads it, or writes into it in place)."""
+    touching = [step for step in builder.steps if any(v.root is value for v in [*step.reads, *step.writes])]
+    return len(touching) > 1
 
 
 def _all_values(builder: Builder, extra: list) -> list[Value]:
