@@ -79,3 +79,24 @@ def tiny_convnet() -> nn.Module:
     """The ``--quick`` model, seeded."""
     torch.manual_seed(0)
     return TinyConvNet()
+
+
+class ConvChain(nn.Module):
+    """20 tiny 3x3 convolutions (16 channels, 8x8): per-op overhead dominates, not arithmetic."""
+
+    def __init__(self, length: int = 20, channels: int = 16) -> None:
+        super().__init__()
+        self.convs = nn.Sequential(*[nn.Conv2d(channels, channels, 3, padding=1) for _ in range(length)])
+        self.channels = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.convs(x)
+
+    def example_inputs(self, batch_size: int) -> tuple[torch.Tensor]:
+        return (torch.randn(batch_size, self.channels, 8, 8, generator=torch.Generator().manual_seed(1)),)
+
+
+def conv_chain() -> nn.Module:
+    """``pyrys bench --models pyrys.bench.models:conv_chain``: divide the median by 20 for µs per op."""
+    torch.manual_seed(0)
+    return ConvChain()
