@@ -156,3 +156,24 @@ def test_non_contiguous_input_is_handled():
     opt = pyrys.optimize(model, tuple(inputs), backend="dnnl")
     x = inputs[0].to(memory_format=torch.channels_last)
     assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE
+
+
+class ViewsOfPlannedBuffers(nn.Module):
+    """torch fallbacks that return views (split, transpose) of oneDNN buffers, read long after."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = nn.Conv2d(4, 8, 1), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        first, second = torch.split(self.a(x), 4, dim=1)
+        later = self.c(torch.relu(self.b(second)))
+        return first.transpose(2, 3) + later.transpose(2, 3)
+
+
+def test_fallback_views_keep_their_buffers_alive():
+    model = ViewsOfPlannedBuffers().eval()
+    x = rand(1, 4, 6, 5)
+    opt = pyrys.optimize(model, (x,), backend="dnnl")
+    assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE

@@ -69,6 +69,7 @@ def lower_fallback(builder: Builder, node: fx.Node, reason: str) -> None:
     kwargs = {k: _torch_input(builder, v) for k, v in node.kwargs.items()}
     arg_fns, kwarg_fns = [_resolver(a) for a in args], {k: _resolver(v) for k, v in kwargs.items()}
     out = builder.define(node, _output_md(node.meta.get("val")), DYNAMIC)
+    out.borrows = _reads([args, list(kwargs.values())])  # torch may return a view of an input
     target, has_md = node.target, out.md is not None
 
     def call() -> None:

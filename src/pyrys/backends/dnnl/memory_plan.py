@@ -1,7 +1,7 @@
 """Compile-time memory planning: activation buffers reused by liveness.
 
 Each planned value lives from the step that writes it to the last step that reads it
-(reads through aliases count).  Buffers are assigned greedily in program order: a value
+(reads through aliases count, and so do reads of torch results that may be views of it).  Buffers are assigned greedily in program order: a value
 takes the smallest free buffer that fits, else grows the largest free one, else opens a
 new one.  Peak activation memory is the sum of the buffers' sizes.
 """
@@ -31,9 +31,9 @@ def lifetimes(steps) -> dict[Value, tuple[int, int]]:
             if root.kind == PLANNED:
                 spans.setdefault(root, [index, index])
         for value in step.reads:
-            root = value.root
-            if root.kind == PLANNED and root in spans:
-                spans[root][1] = max(spans[root][1], index)
+            for root in value.roots():
+                if root.kind == PLANNED and root in spans:
+                    spans[root][1] = max(spans[root][1], index)
     return {value: (start, end) for value, (start, end) in spans.items()}
 
 

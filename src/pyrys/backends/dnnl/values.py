@@ -25,6 +25,7 @@ class Value:
     memory: Memory | None = None
     current: torch.Tensor | None = None  # a torch view of the bytes (plain layouts), or the dynamic tensor
     aliases: list = field(default_factory=list)  # aliases of a dynamic value, re-pointed with it
+    borrows: list = field(default_factory=list)  # values whose bytes this one may view (torch fallback results)
 
     @property
     def nbytes(self) -> int:
@@ -37,6 +38,13 @@ class Value:
     @property
     def root(self) -> "Value":
         return self.alias_of.root if self.alias_of is not None else self
+
+    def roots(self) -> list["Value"]:
+        """Every root value whose bytes reading this value may touch (through aliases and borrows)."""
+        found = [self.root]
+        for borrowed in self.borrows:
+            found += borrowed.roots()
+        return found
 
     def layout(self) -> str:
         """The format tag, e.g. ``abcd`` (plain), ``acdb`` (nhwc), ``aBcd16b`` (blocked)."""
