@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from torch.utils._pytree import tree_leaves
+
 from pyrys.backends.dnnl.builder import Builder, Unsupported
 from pyrys.backends.dnnl.constants import AlgKind
 from pyrys.backends.dnnl.layout import plain_md
@@ -61,7 +63,10 @@ class Operand:
 
 
 def operand_of(builder: Builder, node) -> Operand:
-    return Operand(builder.value_of(node), len(node.users) == 1)
+    """The operand is exclusive when its one user reads it once (``conv(x) + x`` reads ``x`` twice)."""
+    (user, *others) = node.users
+    reads = sum(1 for arg in tree_leaves((user.args, user.kwargs)) if arg is node)
+    return Operand(builder.value_of(node), not others and reads == 1)
 
 
 def can_sum_into(operand: Operand, dst_md: MemoryDesc) -> bool:
