@@ -84,3 +84,15 @@ def test_disabled_passes_pass_through():
     model = conv_bn_relu()
     compiled = torch.compile(model, backend="pyrys", options={"backend": "reference", "disable": ["fold_conv_bn"]})
     assert pyrys.relative_error(compiled(image()), model(image())) <= TOLERANCE
+
+
+@pytest.mark.parametrize("backend", pyrys.available_backends())
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_large"])
+def test_compiled_torchvision_model_matches_eager(name, backend):
+    from pyrys.testing import torchvision_model
+
+    model = torchvision_model(name)
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(model, backend="pyrys", options={"backend": backend})
+    with torch.no_grad():
+        assert pyrys.relative_error(compiled(x), model(x)) <= TOLERANCE

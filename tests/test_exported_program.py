@@ -34,3 +34,16 @@ def test_a_new_shape_asks_for_a_new_export():
     opt = pyrys.optimize(ep, backend="reference")
     with pytest.raises(pyrys.InputError, match="Export it again"):
         opt(image(batch=2))
+
+
+@pytest.mark.parametrize("backend", pyrys.available_backends())
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_large"])
+def test_exported_torchvision_model_matches_eager(name, backend):
+    from pyrys.testing import torchvision_model
+
+    model = torchvision_model(name)
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    opt = pyrys.optimize(torch.export.export(model, (x,)), backend=backend)
+    with torch.no_grad():
+        assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE
+    assert "batch_norm" not in opt.graph

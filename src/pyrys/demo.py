@@ -1,13 +1,15 @@
 """``pyrys demo``: the seed walkthrough, then a real model.
 
-1. constant propagation on the seed's ``foo``;
-2. Conv2d+BatchNorm2d+ReLU with constant propagation disabled, then enabled;
+1. constant propagation on the seed's ``foo``, scripted (TorchScript in);
+2. the seed's scripted Conv2d+BatchNorm2d+ReLU with its ``_jit_pass_freeze_*`` calls,
+   constant propagation disabled, then enabled, then the dnnl program;
 3. the same without freezing flags, and the reason BatchNorm was not folded;
 4. a torchvision ResNet-18: node counts, numerical error, eager vs optimized latency.
 """
 from __future__ import annotations
 
 import time
+import warnings
 
 import torch
 from rich.console import Console
@@ -52,32 +54,63 @@ def _heading(text: str) -> None:
     console.rule(text)
 
 
+def foo(x):
+    """The seed's ``foo``: TorchScript folds this int arithmetic itself while scripting."""
+    a = 1 + 2
+    b = a + 3
+    c = b + 4
+    return x + c
+
+
+def tensor_foo(x):
+    """The seed's ``foo`` on a tensor constant: TorchScript keeps the chain, pyrys folds it."""
+    a = torch.full([1], 1.0) + 2
+    b = a + 3
+    c = b + 4
+    return x + c
+
+
 def part_constant_propagation() -> None:
-    _heading("1. constant propagation")
-    x = torch.rand(10)
-    opt = pyrys.optimize(Foo().eval(), (x,))
-    console.print("Plain int arithmetic (1 + 2 + 3 + 4) is already folded by torch.export while tracing;")
-    console.print("arithmetic on tensor constants reaches the graph, and pyrys folds it.\n")
-    console.print("Captured graph:\n" + opt.history[0].graph + "\n")
+    _heading("1. constant propagation (TorchScript in)")
+    console.print("torch.jit.script(foo).graph: TorchScript already folded 1 + 2 + 3 + 4 while scripting:\n")
+    console.print(str(torch.jit.script(foo).graph))
+    console.print("Arithmetic on a tensor constant reaches the graph; pyrys imports it without tracing:\n")
+    opt = pyrys.optimize(torch.jit.script(tensor_foo), (torch.rand(10),))
+    console.print("Imported graph:\n" + opt.history[0].graph + "\n")
     console.print("After constant propagation:\n" + opt.graph)
 
 
+def _seed_module() -> torch.jit.ScriptModule:
+    torch.manual_seed(0)
+    return ScriptedConv2dBnRelu(3, 32, kernel_size=3, stride=1)
+
+
 def part_conv_bn_relu() -> None:
-    _heading("2. Conv2d+BatchNorm2d+ReLU")
-    model = randomize_batchnorm(ConvBnRelu()).eval()
+    _heading("2. Conv2d+BatchNorm2d+ReLU, the seed's calls")
+    m = _seed_module()
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        pyrys._jit_pass_freeze_params(m._c, "forward", name)
+    pyrys._jit_pass_freeze_flags(m._c, "forward", "training", False)
     x = torch.rand(1, 3, 8, 8)
-    for disable, label in ((("constant_propagation",), "disable constprop"), ((), "enable constprop")):
-        opt = pyrys.optimize(model, (x,), disable=disable)
-        console.print(f"// {label}\nConv2d+BatchNorm2d+Relu Graph:\n{opt.graph}\n")
-    console.print(f"max relative error vs eager: {pyrys.relative_error(opt(x), model(x)):.2e}\n")
+    with torch.no_grad():
+        for disable, label in ((("constant_propagation",), "disable constprop"), ((), "enable constprop")):
+            graph = pyrys.jit.graph_for(m, x, backend="reference", disable=disable)
+            console.print(f"// {label}\nConv2d+BatchNorm2d+Relu Graph:\n{graph}\n")
+        program = pyrys.jit.compile(m, x)
+        if program.backend == "dnnl":
+            console.print(f"// the dnnl program\n{pyrys.jit.graph_for(m, x)}\n")
+        error = pyrys.relative_error(pyrys.jit.run(m, x), m(x))
+    console.print(f"max relative error vs TorchScript: {error:.2e}\n")
 
 
 def part_unfrozen_flags() -> None:
-    _heading("3. without freezing flags")
-    model = randomize_batchnorm(ConvBnRelu()).eval()
-    opt = pyrys.optimize(model, (torch.rand(1, 3, 8, 8),), freeze_flags=())
-    console.print(f"Conv2d+BatchNorm2d+Relu Graph:\n{opt.graph}\n")
-    for miss in opt.misses:
+    _heading("3. without _jit_pass_freeze_flags")
+    m = _seed_module()
+    pyrys.jit.freeze_params(m, "weight", "bias", "running_mean", "running_var")
+    x = torch.rand(1, 3, 8, 8)
+    compiled = pyrys.jit.compile(m, x, backend="reference")
+    console.print(f"Conv2d+BatchNorm2d+Relu Graph:\n{compiled.graph}\n")
+    for miss in compiled.misses:
         console.print(f"not folded: {miss}")
 
 
@@ -114,6 +147,7 @@ def part_resnet18(iterations: int = 20) -> None:
 
 
 def run_demo() -> int:
+    warnings.filterwarnings("ignore", message=".*torch.jit.*is deprecated", category=FutureWarning)
     part_constant_propagation()
     part_conv_bn_relu()
     part_unfrozen_flags()

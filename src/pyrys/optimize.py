@@ -16,6 +16,7 @@ from pyrys.backends import get_backend
 from pyrys.capture.export import Captured, capture_module
 from pyrys.capture.exported_program import capture_exported, exported_example_inputs
 from pyrys.capture.torchscript import capture_torchscript, is_torchscript
+from pyrys.ir.graph import state_inputs, state_ref
 from pyrys.ir.verify import make_verifier, output_types
 from pyrys.passes.pipeline import Instruments, PassOptions, PipelineRun, Step, check_pass_names, run_pipeline
 from pyrys.passes.rewrite import Miss
@@ -28,7 +29,7 @@ class OptimizeConfig:
 
     backend: str = "auto"
     freeze_params: tuple[str, ...] | None = None
-    freeze_flags: tuple[str, ...] = ("training",)
+    freeze_flags: tuple[str, ...] | None = ("training",)  # None: every flag captured
     disable: tuple[str, ...] = ()
     print_after_each: bool = False
     dump_dir: str | None = None
@@ -86,12 +87,20 @@ def compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: Opt
 
         refresh_meta(captured.gm)
         instruments.verify = make_verifier(output_types(captured.gm))
-    options = PassOptions(config.freeze_params, config.freeze_flags)
+    options = PassOptions(config.freeze_params, _flags_to_freeze(config, captured))
     run = run_pipeline(captured.gm, options, config.disable, instruments)
     compile_program, backend, notice = get_backend(config.backend)
     program = compile_program(captured.gm, flat)
     notes = captured.notes + ([notice] if notice else [])
     return Compiled(signature, captured, run, program, backend, notes)
+
+
+def _flags_to_freeze(config: OptimizeConfig, captured: Captured) -> tuple[str, ...]:
+    """``config.freeze_flags``, where None means every flag the capture found (TorchScript's default)."""
+    if config.freeze_flags is not None:
+        return config.freeze_flags
+    return tuple(dict.fromkeys(state_ref(n).attribute for n in state_inputs(captured.gm.graph)
+                               if state_ref(n).kind == "flag"))
 
 
 class OptimizedModule(torch.nn.Module):
@@ -182,7 +191,7 @@ def optimize(
     *,
     backend: str = "auto",
     freeze_params: Iterable[str] | None = None,
-    freeze_flags: Iterable[str] = ("training",),
+    freeze_flags: Iterable[str] | None = None,
     disable: Iterable[str] = (),
     print_after_each: bool = False,
     dump_dir: str | Path | None = None,
@@ -194,11 +203,14 @@ def optimize(
     function (imported without tracing), or a ``torch.export.ExportedProgram`` (used as it
     is; ``example_inputs`` default to the program's own).
     ``freeze_params``: attribute names to freeze (``"weight"``, ``"running_var"`` ...), default all.
-    ``freeze_flags``: boolean module attributes to freeze, default ``("training",)``.
+    ``freeze_flags``: boolean module attributes to freeze; default ``("training",)``, and for TorchScript
+    every bool attribute (``torch.export`` bakes them into the graph the same way).
     ``disable``: pass names to skip (see ``pyrys.passes.pipeline.PASS_NAMES``).
     ``backend``: ``"auto"`` (dnnl where it loads, else reference), ``"dnnl"`` or ``"reference"``.
     The user's model is never modified: pyrys works on a private copy.
     """
+    if freeze_flags is None and not is_torchscript(model):
+        freeze_flags = ("training",)
     config = make_config(backend=backend, freeze_params=freeze_params, freeze_flags=freeze_flags, disable=disable,
                          print_after_each=print_after_each, dump_dir=dump_dir, verify=verify)
     if isinstance(model, ExportedProgram):
@@ -218,14 +230,14 @@ def optimize(
 
 
 def make_config(*, backend: str = "auto", freeze_params: Iterable[str] | None = None,
-                freeze_flags: Iterable[str] = ("training",), disable: Iterable[str] = (),
+                freeze_flags: Iterable[str] | None = ("training",), disable: Iterable[str] = (),
                 print_after_each: bool = False, dump_dir: str | Path | None = None,
                 verify: bool = False) -> OptimizeConfig:
     """An :class:`OptimizeConfig` from :func:`optimize`'s keyword options, checked."""
     return OptimizeConfig(
         backend=backend,
         freeze_params=None if freeze_params is None else tuple(freeze_params),
-        freeze_flags=tuple(freeze_flags),
+        freeze_flags=None if freeze_flags is None else tuple(freeze_flags),
         disable=check_pass_names(disable),
         print_after_each=print_after_each,
         dump_dir=None if dump_dir is None else str(dump_dir),

@@ -88,9 +88,9 @@ def test_if_on_flag_stays_until_frozen_and_loop_is_unrolled():
     assert "prim::GetAttr[name=\"training\"]" in unfrozen.graph
     assert "inline_if at %If" in unfrozen.report() and "freeze_flags did not freeze" in unfrozen.report()
     assert pyrys.relative_error(unfrozen(x), model(x)) <= TOLERANCE
-    only_training = pyrys.optimize(scripted, (x,), backend="reference")
+    only_training = pyrys.optimize(scripted, (x,), backend="reference", freeze_flags=("training",))
     assert only_training.graph.count("pyrys::If(%use_relu") == 1  # only the flags named are frozen
-    frozen = pyrys.optimize(scripted, (x,), backend="reference", freeze_flags=("training", "use_relu"), verify=True)
+    frozen = pyrys.optimize(scripted, (x,), backend="reference", verify=True)  # default: every bool attribute
     assert "pyrys::If" not in frozen.graph and "GetAttr" not in frozen.graph
     assert next(s for s in frozen.history if s.name == "inline_constant_ifs").fired == {"inline_if": 2}
     assert frozen.history[0].graph.count("aten::mul") == 3  # the loop, unrolled (branches print as one node)
@@ -181,3 +181,16 @@ def test_freeze_call_naming_a_missing_attribute():
         pyrys._jit_pass_freeze_flags(scripted._c, "forward", "trianing", False)
     with pytest.raises(ValueError, match="forward method"):
         pyrys._jit_pass_freeze_params(scripted._c, "backward", "weight")
+
+
+@pytest.mark.parametrize("backend", pyrys.available_backends())
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_large"])
+def test_scripted_torchvision_model_matches_eager(name, backend):
+    from pyrys.testing import torchvision_model
+
+    model = torchvision_model(name)
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    opt = pyrys.optimize(script(model), (x,), backend=backend)
+    with torch.no_grad():
+        assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE
+    assert "batch_norm" not in opt.graph and "GetAttr" not in opt.graph

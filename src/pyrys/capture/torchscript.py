@@ -88,12 +88,19 @@ class _Scope:
         self.gm, self.graph, self.parent = gm, gm.graph, parent
         self.env: dict[int, Any] = {}
         self.captures: dict[fx.Node, fx.Node] = {}  # outer node -> placeholder here
+        self.escaped: dict[int, torch._C.Value] = {}  # outer values this branch writes (in-place ops)
 
     def bind(self, value: torch._C.Value, obj: Any) -> None:
         self.env[value.unique()] = obj
 
     def defines(self, value: torch._C.Value) -> bool:
         return value.unique() in self.env
+
+    def rebind(self, value: torch._C.Value, obj: Any) -> None:
+        """A new version of ``value`` (after an in-place op); a branch passes it out of the If."""
+        if self.parent is not None and not self.defines(value):
+            self.escaped[value.unique()] = value
+        self.bind(value, obj)
 
     def lookup(self, value: torch._C.Value) -> Any:
         key = value.unique()
@@ -260,9 +267,17 @@ class _Importer:
                 scope.bind(value, out)
             return
         branches = [self._branch(scope, block) for block in blocks]
-        if not list(node.outputs()) and all(b.raises is None and not _has_effects(b.gm) for b in branches):
+        escaped = list({k: v for b in branches for k, v in b.scope.escaped.items()}.values())
+        for branch in branches:
+            if branch.outputs is not None:
+                branch.outputs += [branch.scope.lookup(v) for v in escaped]
+                _check_tensors(branch.outputs)
+        outputs = list(node.outputs()) + escaped
+        if not outputs and all(b.raises is None and not _has_effects(b.gm) for b in branches):
             return  # both arms only wrote module state, which inference drops
-        self._emit_if(scope, node, cond, branches)
+        self._emit_if(scope, outputs, cond, branches)
+        for value in escaped:
+            scope.rebind(value, scope.env[value.unique()])
 
     def _branch(self, scope: _Scope, block) -> tuple[Branch, _Scope]:
         sub = _Scope(fx.GraphModule(torch.nn.Module(), fx.Graph()), scope)
@@ -270,13 +285,12 @@ class _Importer:
             outputs = self._import_block(sub, block.nodes(), list(block.outputs()))
         except _Raised as raised:
             return _PendingBranch(sub, None, str(raised))
-        for out in outputs:
-            if not (isinstance(out, fx.Node) and isinstance(out.meta.get("val"), torch.Tensor)):
-                raise TorchScriptImportError("pyrys supports If branches on module state that produce tensors; "
-                                             f"a branch produces {out!r}")
+        except RuntimeError as error:  # e.g. shapes that do not broadcast: eager would fail on this path too
+            return _PendingBranch(sub, None, f"this branch fails on inputs of these shapes: {error}")
+        _check_tensors(outputs)
         return _PendingBranch(sub, outputs, None)
 
-    def _emit_if(self, scope: _Scope, node: torch._C.Node, cond: fx.Node, pending: list) -> None:
+    def _emit_if(self, scope: _Scope, values: list, cond: fx.Node, pending: list) -> None:
         operands = list(dict.fromkeys(outer for p in pending for outer in p.scope.captures))
         arms = [p.finish(operands) for p in pending]
         branches = Branches(arms[0], arms[1])
@@ -285,7 +299,7 @@ class _Importer:
         call.meta[BRANCHES_KEY] = branches
         with self.mode:
             call.meta["val"] = run_branch(cond.meta["val"], key, [o.meta["val"] for o in operands])
-        for i, value in enumerate(node.outputs()):
+        for i, value in enumerate(values):
             item = scope.graph.create_node("call_function", operator.getitem, (call, i), {}, name=_node_name(value, "if_out"))
             item.meta["val"] = call.meta["val"][i]
             scope.bind(value, item)
@@ -407,10 +421,7 @@ class _Importer:
         if old in self.viewed or (isinstance(old, fx.Node) and old.op == "call_function" and _is_view_node(old)):
             raise TorchScriptImportError(f"{node.kind()} writes to a view of another tensor; pyrys does not import "
                                          "in-place ops on views")
-        if not scope.defines(value):
-            raise TorchScriptImportError(f"{node.kind()} inside a branch on module state writes %{value.debugName()}, "
-                                         "defined outside the branch; pyrys does not import that")
-        scope.bind(value, new)
+        scope.rebind(value, new)
 
     def _bind_results(self, scope: _Scope, node: torch._C.Node, result: Any) -> None:
         outputs = list(node.outputs())
@@ -444,6 +455,13 @@ class _PendingBranch:
     @property
     def gm(self) -> fx.GraphModule:
         return self.scope.gm
+
+
+def _check_tensors(outputs: list) -> None:
+    for out in outputs:
+        if not (isinstance(out, fx.Node) and isinstance(out.meta.get("val"), torch.Tensor)):
+            raise TorchScriptImportError("pyrys supports If branches on module state that produce tensors; "
+                                         f"a branch produces {out!r}")
 
 
 def _has_effects(gm: fx.GraphModule) -> bool:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor
 
 
 class BranchRaised(RuntimeError):
@@ -63,8 +64,21 @@ def run_branch(cond: bool, key: int, operands: list[torch.Tensor]) -> list[torch
     if branch.raises is not None:
         raise BranchRaised(branch.raises)
     outputs = branch.gm(*operands)
-    # a custom op's outputs must not alias its inputs
-    return [o.clone() if o._base is not None or any(o is x for x in operands) else o for o in outputs]
+    # a custom op's outputs must not alias its inputs or each other
+    taken = {_storage(x) for x in operands}
+    fresh = []
+    for o in outputs:
+        if o._base is not None or _storage(o) in taken:
+            o = o.clone()
+        taken.add(_storage(o))
+        fresh.append(o)
+    return fresh
+
+
+def _storage(t: torch.Tensor) -> int:
+    if isinstance(t, FakeTensor):  # no data: identity stands in for the storage
+        return id(t)
+    return t.untyped_storage().data_ptr() or id(t)
 
 
 @torch.library.custom_op("pyrys::If", mutates_args=(), schema="(bool cond, int branches, Tensor[] operands) -> Tensor[]")
