@@ -94,3 +94,113 @@ def test_conv_with_two_users_is_a_miss(run_passes):
     assert result.fired("fold_conv_bn") == {}
     assert result.misses[0].reason.endswith("has 2 users, so its weights cannot change")
     assert result.error() <= TOLERANCE
+
+
+class DeconvBn(torch.nn.Module):
+    def __init__(self, dims: int, groups: int):
+        super().__init__()
+        torch.manual_seed(0)
+        deconv, bn = {1: (torch.nn.ConvTranspose1d, torch.nn.BatchNorm1d), 2: (torch.nn.ConvTranspose2d, torch.nn.BatchNorm2d),
+                      3: (torch.nn.ConvTranspose3d, torch.nn.BatchNorm3d)}[dims]
+        self.deconv = deconv(4, 6, 3, stride=2, padding=1, output_padding=1, groups=groups)
+        self.bn = bn(6)
+
+    def forward(self, x):
+        return self.bn(self.deconv(x))
+
+
+@pytest.mark.parametrize("dims,groups", [(1, 1), (2, 1), (2, 2), (3, 2)])
+def test_batch_norm_folds_into_transposed_conv(run_passes, dims, groups):
+    from pyrys.testing import randomize_batchnorm
+
+    model = randomize_batchnorm(DeconvBn(dims, groups)).eval()
+    x = torch.rand((1, 4) + (4,) * dims)
+    result = run_passes(model, (x,), "freeze_params", "freeze_flags", "fold_conv_bn")
+    assert (f"pyrys::fold_weight(%deconv_weight, %bn_weight, %bn_running_var, 1e-05, 1, {groups})"
+            in result.after)
+    assert result.fired("fold_conv_bn") == {"conv_transpose_bn": 1}
+    assert "batch_norm" not in result.after and result.misses == []
+    assert result.error() <= TOLERANCE
+
+
+DECONV_FOLDED = """\
+graph(%x : Float(1, 4, 4, 4)):
+  %deconv_weight_bn_folded_1 : Float(4, 3, 3, 3) = prim::Constant[value=<Tensor>]()
+  %deconv_bias_bn_folded_1 : Float(6) = prim::Constant[value=<Tensor>]()
+  %conv_transpose2d : Float(1, 6, 8, 8) = aten::conv_transpose2d(%x, %deconv_weight_bn_folded_1, %deconv_bias_bn_folded_1, [2, 2], [1, 1], [1, 1], 2, [1, 1])
+  return (%conv_transpose2d)"""
+
+
+def test_transposed_conv_fold_golden(run_passes):
+    from pyrys.testing import randomize_batchnorm
+
+    model = randomize_batchnorm(DeconvBn(2, 2)).eval()
+    result = run_passes(model, (torch.rand(1, 4, 4, 4),), *PASSES)
+    assert result.after == DECONV_FOLDED
+    assert result.error() <= TOLERANCE
+
+
+class LinearBn(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = torch.nn.Linear(8, 5)
+        self.bn = torch.nn.BatchNorm1d(5)
+
+    def forward(self, x):
+        return self.bn(self.linear(x))
+
+
+LINEAR_FOLDED = """\
+graph(%x : Float(3, 8)):
+  %linear_weight_bn_folded_1 : Float(5, 8) = prim::Constant[value=<Tensor>]()
+  %linear_bias_bn_folded_1 : Float(5) = prim::Constant[value=<Tensor>]()
+  %linear : Float(3, 5) = aten::linear(%x, %linear_weight_bn_folded_1, %linear_bias_bn_folded_1)
+  return (%linear)"""
+
+
+def test_batch_norm_1d_folds_into_linear(run_passes):
+    from pyrys.testing import randomize_batchnorm
+
+    result = run_passes(randomize_batchnorm(LinearBn()).eval(), (torch.rand(3, 8),), *PASSES)
+    assert result.after == LINEAR_FOLDED
+    assert result.fired("fold_conv_bn") == {"linear_bn": 1}
+    assert result.error() <= TOLERANCE
+
+
+class BnConv(torch.nn.Module):
+    def __init__(self, padding: int, groups: int = 1):
+        super().__init__()
+        torch.manual_seed(0)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.conv = torch.nn.Conv2d(4, 6, 3, padding=padding, groups=groups)
+
+    def forward(self, x):
+        return self.conv(self.bn(x))
+
+
+BN_CONV_FOLDED = """\
+graph(%x : Float(1, 4, 6, 6)):
+  %conv_weight_bn_input_folded_1 : Float(6, 2, 3, 3) = prim::Constant[value=<Tensor>]()
+  %conv2d_bias_bn_input_folded_1 : Float(6) = prim::Constant[value=<Tensor>]()
+  %conv2d : Float(1, 6, 4, 4) = aten::conv2d(%x, %conv_weight_bn_input_folded_1, %conv2d_bias_bn_input_folded_1, [1, 1], [0, 0], [1, 1], 2)
+  return (%conv2d)"""
+
+
+def test_batch_norm_before_an_unpadded_conv_folds_into_its_input_channels(run_passes):
+    from pyrys.testing import randomize_batchnorm
+
+    result = run_passes(randomize_batchnorm(BnConv(0, groups=2)).eval(), (image(channels=4),), *PASSES)
+    assert result.after == BN_CONV_FOLDED
+    assert result.fired("fold_conv_bn") == {"bn_conv": 1}
+    assert result.error() <= TOLERANCE
+
+
+def test_batch_norm_before_a_padded_conv_is_a_miss(run_passes):
+    from pyrys.testing import randomize_batchnorm
+
+    result = run_passes(randomize_batchnorm(BnConv(1)).eval(), (image(channels=4),), *PASSES)
+    assert result.fired("fold_conv_bn") == {}
+    assert [m.rule for m in result.misses] == ["bn_conv"]
+    assert "pads its input (padding=[1, 1])" in result.misses[0].reason
+    assert result.error() <= TOLERANCE

@@ -104,3 +104,125 @@ def test_after_bn_folding_conv_bn_relu_is_one_op(run_passes):
                         "fuse_post_ops", "constant_propagation", "dead_code_elimination")
     assert "pyrys::conv2d_relu(" in result.after and "batch_norm" not in result.after
     assert result.error() <= TOLERANCE
+
+
+class DeconvAct(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.deconv = torch.nn.ConvTranspose2d(3, 4, 3, stride=2)
+
+    def forward(self, x):
+        return torch.sigmoid(F.hardtanh(self.deconv(x), -1.0, 2.0))
+
+
+DECONV_FUSED = """\
+graph(%x : Float(1, 3, 6, 6)):
+  %deconv_weight : Float(3, 4, 3, 3) = prim::Constant[value=<Tensor>]()
+  %deconv_bias : Float(4) = prim::Constant[value=<Tensor>]()
+  %conv_transpose2d_1 : Float(1, 4, 13, 13) = pyrys::conv_transpose2d_clamp_sigmoid[post_ops=['clamp:-1.0,2.0', 'sigmoid']](%x, %deconv_weight, %deconv_bias, [2, 2], [0, 0], [0, 0], 1, [1, 1])
+  return (%conv_transpose2d_1)"""
+
+
+def test_transposed_conv_takes_an_activation_chain(run_passes):
+    result = run_passes(DeconvAct().eval(), (image(),), "freeze_params", "fuse_post_ops", "dead_code_elimination")
+    assert result.after == DECONV_FUSED
+    assert result.fired("fuse_post_ops") == {"conv_activation": 2}
+    assert result.error() <= TOLERANCE
+
+
+class Residual(torch.nn.Module):
+    """``relu(conv_a(x) + conv_b(x))`` or ``relu(r + conv_a(x))`` with ``r`` computed after the conv."""
+
+    def __init__(self, second_conv: bool, swap: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.b = torch.nn.Conv2d(3, 4, 1) if second_conv else None
+        self.swap = swap
+
+    def forward(self, x):
+        y = self.a(x)
+        r = self.b(x) if self.b is not None else torch.tanh(x).repeat(1, 2, 1, 1)[:, :4]
+        return torch.relu(r + y if self.swap else y + r)
+
+
+RESIDUAL_FUSED = """\
+graph(%x : Float(1, 3, 6, 6)):
+  %a_weight : Float(4, 3, 3, 3) = prim::Constant[value=<Tensor>]()
+  %a_bias : Float(4) = prim::Constant[value=<Tensor>]()
+  %b_weight : Float(4, 3, 1, 1) = prim::Constant[value=<Tensor>]()
+  %b_bias : Float(4) = prim::Constant[value=<Tensor>]()
+  %conv2d : Float(1, 4, 6, 6) = aten::conv2d(%x, %a_weight, %a_bias, [1, 1], [1, 1])
+  %conv2d_2 : Float(1, 4, 6, 6) = pyrys::conv2d_add_relu(%x, %b_weight, %b_bias, [1, 1], [0, 0], [1, 1], 1, %conv2d)
+  return (%conv2d_2)"""
+
+
+def test_residual_add_and_relu_fuse_into_the_later_conv(run_passes):
+    result = run_passes(Residual(second_conv=True).eval(), (image(),), "freeze_params", "fuse_post_ops",
+                        "dead_code_elimination")
+    assert result.after == RESIDUAL_FUSED
+    assert result.fired("fuse_post_ops") == {"binary_add": 1, "conv_activation": 1}
+    assert result.error() <= TOLERANCE
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_residual_computed_after_the_conv_moves_the_fused_node_down(run_passes, swap):
+    result = run_passes(Residual(second_conv=False, swap=swap).eval(), (image(),), "freeze_params", "fuse_post_ops")
+    assert "pyrys::conv2d_add_relu(" in result.after
+    assert result.fired("fuse_post_ops") == {"binary_add": 1, "conv_activation": 1}
+    assert result.misses == []
+    assert result.error() <= TOLERANCE
+
+
+class SqueezeExcite(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.fc = torch.nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        scale = torch.sigmoid(self.fc(F.adaptive_avg_pool2d(x, 1)))
+        return self.conv(x) * scale
+
+
+def test_squeeze_excitation_scale_fuses_as_mul_and_the_broadcast_is_a_miss(run_passes):
+    result = run_passes(SqueezeExcite().eval(), (image(),), "freeze_params", "fuse_post_ops")
+    assert "pyrys::conv2d_mul(" in result.after and "pyrys::conv2d_sigmoid(" in result.after
+    assert result.fired("fuse_post_ops") == {"binary_mul": 1, "conv_activation": 1}
+    assert result.error() <= TOLERANCE
+
+
+class LinearResidual(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = torch.nn.Linear(8, 8)
+
+    def forward(self, x, bias_like):
+        return F.gelu(x + self.linear(x)) + bias_like * 0.5
+
+
+def test_linear_takes_a_residual_add_and_a_bias_like_add(run_passes):
+    result = run_passes(LinearResidual().eval(), (torch.rand(2, 5, 8), torch.rand(8)), "freeze_params",
+                        "fuse_post_ops")
+    assert "pyrys::linear_add_gelu_erf_add(%x, %linear_weight, %linear_bias, %x, %mul)" in result.after
+    assert result.fired("fuse_post_ops") == {"binary_add": 2, "conv_activation": 1}
+    assert result.error() <= TOLERANCE
+
+
+class LargerOther(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+
+    def forward(self, x, y):
+        return self.conv(F.adaptive_avg_pool2d(x, 1)) + y
+
+
+def test_an_operand_that_broadcasts_the_output_larger_is_a_miss(run_passes):
+    result = run_passes(LargerOther().eval(), (image(), torch.rand(1, 4, 5, 5)), "fuse_post_ops")
+    assert result.fired("fuse_post_ops") == {}
+    assert [m.reason for m in result.misses] == [
+        "the other operand of add, %y (1, 4, 5, 5), broadcasts the output of %conv2d (1, 4, 1, 1) to a larger shape"]

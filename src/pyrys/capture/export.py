@@ -140,7 +140,7 @@ def _training_flag(gm: fx.GraphModule, node: fx.Node, model: torch.nn.Module | N
     value = model.get_submodule(path).training if model is not None else captured_value
     first = next(n for n in gm.graph.nodes if n.op != "placeholder")
     with gm.graph.inserting_before(first):
-        flag = gm.graph.placeholder(target.replace(".", "_"))
+        flag = gm.graph.placeholder("".join(c if c.isalnum() else "_" for c in target))
     flag.meta[STATE_KEY] = StateRef(target, "flag", bool(value))
     flag.meta["val"] = bool(value)
     return flag

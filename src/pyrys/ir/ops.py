@@ -10,8 +10,24 @@ With BatchNorm statistics ``mu, var``, affine ``gamma, beta`` and ``eps``:
 so that ``bn(conv(x, W, b)) == conv(x, W', b')``.  The arithmetic runs in
 float64 and is cast back to the weight's dtype.
 
-Fused ops (``pyrys::conv``, ``pyrys::linear``) compute the op and then its
-post-op chain (see :mod:`pyrys.ir.post_ops`) as one node.
+Grouped transposed convolutions keep their weight as ``(in, out/groups, k...)``:
+output channel ``o = g * (out/groups) + j`` lives at ``W[g*(in/groups):(g+1)*(in/groups), j]``,
+so ``fold_weight(..., channel_dim=1, groups=g)`` views ``W`` as ``(g, in/g, out/g, k...)``.
+
+Constant affine ops after a conv/linear (``y * a + c``, ``a`` and ``c`` scalars or
+per-output-channel tensors) fold the same way:
+
+    W' = W * a                                  (``pyrys::fold_scale``)
+    b' = b * a + c                              (``pyrys::fold_affine_bias``)
+
+BatchNorm *before* a convolution without padding, ``conv(x * s + t)`` with ``s, t``
+per input channel ``i``:
+
+    W'[o, i] = W[o, i] * s[i]                   (``pyrys::fold_input_weight``)
+    b'[o]    = b[o] + sum_{i,k} W[o, i, k] * t[i]   (``pyrys::fold_input_bias``)
+
+Fused ops (``pyrys::conv``, ``pyrys::conv_transpose``, ``pyrys::linear``) compute the
+op and then its post-op chain (see :mod:`pyrys.ir.post_ops`) as one node.
 """
 from __future__ import annotations
 
@@ -23,6 +39,7 @@ import torch.nn.functional as F
 from pyrys.ir.post_ops import apply_post_ops
 
 _CONV_BY_RANK = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_TRANSPOSE_BY_RANK = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 def bn_scale(bn_weight: Optional[torch.Tensor], running_var: torch.Tensor, eps: float) -> torch.Tensor:
@@ -31,18 +48,34 @@ def bn_scale(bn_weight: Optional[torch.Tensor], running_var: torch.Tensor, eps: 
     return scale if bn_weight is None else scale * bn_weight.double()
 
 
+def scale_output_channels(weight: torch.Tensor, scale: torch.Tensor, channel_dim: int = 0,
+                          groups: int = 1) -> torch.Tensor:
+    """``weight * scale`` per output channel, in float64 (``scale``: one value or one per channel).
+
+    ``channel_dim`` is 0 for conv and linear weights, 1 for transposed conv weights,
+    whose output channels are split over ``groups`` blocks of the input dimension.
+    """
+    w, scale = weight.double(), scale.double().reshape(-1)
+    if scale.numel() == 1:
+        return (w * scale).to(weight.dtype)
+    if channel_dim == 0:
+        return (w * scale.reshape(-1, *[1] * (w.dim() - 1))).to(weight.dtype)
+    grouped = w.reshape(groups, w.shape[0] // groups, *w.shape[1:])  # (g, in/g, out/g, k...)
+    per_group = scale.reshape(groups, 1, -1, *[1] * (w.dim() - 2))
+    return (grouped * per_group).reshape(weight.shape).to(weight.dtype)
+
+
 @torch.library.custom_op("pyrys::fold_weight", mutates_args=())
 def fold_weight(
-    weight: torch.Tensor, bn_weight: Optional[torch.Tensor], running_var: torch.Tensor, eps: float, channel_dim: int = 0
+    weight: torch.Tensor, bn_weight: Optional[torch.Tensor], running_var: torch.Tensor, eps: float,
+    channel_dim: int = 0, groups: int = 1
 ) -> torch.Tensor:
-    """``W' = W * s`` with ``s`` broadcast along ``channel_dim`` (0 for conv and linear weights)."""
-    shape = [1] * weight.dim()
-    shape[channel_dim] = -1
-    return (weight.double() * bn_scale(bn_weight, running_var, eps).reshape(shape)).to(weight.dtype)
+    """``W' = W * s`` with ``s`` along the output channels (``channel_dim`` 1 and ``groups``: transposed conv)."""
+    return scale_output_channels(weight, bn_scale(bn_weight, running_var, eps), channel_dim, groups)
 
 
 @fold_weight.register_fake
-def _(weight, bn_weight, running_var, eps, channel_dim=0):
+def _(weight, bn_weight, running_var, eps, channel_dim=0, groups=1):
     return torch.empty_like(weight)
 
 
@@ -66,6 +99,83 @@ def fold_bias(
 @fold_bias.register_fake
 def _(bias, bn_weight, bn_bias, running_mean, running_var, eps):
     return torch.empty_like(running_mean)
+
+
+@torch.library.custom_op("pyrys::fold_scale", mutates_args=())
+def fold_scale(weight: torch.Tensor, scale: torch.Tensor, channel_dim: int = 0, groups: int = 1) -> torch.Tensor:
+    """``W' = W * a``: a constant scale (one value or one per output channel) folded into a weight."""
+    return scale_output_channels(weight, scale, channel_dim, groups)
+
+
+@fold_scale.register_fake
+def _(weight, scale, channel_dim=0, groups=1):
+    return torch.empty_like(weight)
+
+
+@torch.library.custom_op("pyrys::fold_affine_bias", mutates_args=())
+def fold_affine_bias(
+    bias: Optional[torch.Tensor], scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], channels: int
+) -> torch.Tensor:
+    """``b' = b * a + c`` over ``channels`` outputs (``b = 0``, ``a = 1``, ``c = 0`` when absent)."""
+    dtype = next(t.dtype for t in (bias, shift, scale) if t is not None)
+    folded = torch.zeros(channels, dtype=torch.float64) if bias is None else bias.double()
+    if scale is not None:
+        folded = folded * scale.double().reshape(-1)
+    if shift is not None:
+        folded = folded + shift.double().reshape(-1)
+    return folded.expand(channels).to(dtype).contiguous()
+
+
+@fold_affine_bias.register_fake
+def _(bias, scale, shift, channels):
+    dtype = next(t.dtype for t in (bias, shift, scale) if t is not None)
+    return torch.empty(channels, dtype=dtype)
+
+
+def _input_channel_values(values: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """Per input channel values laid out like ``weight`` (``(out, in/g, k...)``): value of ``W[o, i]``'s channel."""
+    out, in_per_group = weight.shape[0], weight.shape[1]
+    group_of_output = torch.arange(out) // (out // groups)
+    channel = group_of_output[:, None] * in_per_group + torch.arange(in_per_group)[None, :]
+    return values.double()[channel].reshape(out, in_per_group, *([1] * (weight.dim() - 2)))
+
+
+def bn_shift(bn_weight, bn_bias, running_mean, running_var, eps) -> torch.Tensor:
+    """``beta - mu * s`` in float64: BatchNorm is ``x * s + shift``."""
+    shift = -running_mean.double() * bn_scale(bn_weight, running_var, eps)
+    return shift if bn_bias is None else shift + bn_bias.double()
+
+
+@torch.library.custom_op("pyrys::fold_input_weight", mutates_args=())
+def fold_input_weight(
+    weight: torch.Tensor, bn_weight: Optional[torch.Tensor], running_var: torch.Tensor, eps: float, groups: int
+) -> torch.Tensor:
+    """``W'[o, i] = W[o, i] * s[i]``: a BatchNorm before the conv folded into its input channels."""
+    scale = _input_channel_values(bn_scale(bn_weight, running_var, eps), weight, groups)
+    return (weight.double() * scale).to(weight.dtype)
+
+
+@fold_input_weight.register_fake
+def _(weight, bn_weight, running_var, eps, groups):
+    return torch.empty_like(weight)
+
+
+@torch.library.custom_op("pyrys::fold_input_bias", mutates_args=())
+def fold_input_bias(
+    bias: Optional[torch.Tensor], weight: torch.Tensor, bn_weight: Optional[torch.Tensor],
+    bn_bias: Optional[torch.Tensor], running_mean: torch.Tensor, running_var: torch.Tensor, eps: float, groups: int
+) -> torch.Tensor:
+    """``b'[o] = b[o] + sum_{i,k} W[o, i, k] * t[i]`` with ``t = beta - mu * s``."""
+    shift = _input_channel_values(bn_shift(bn_weight, bn_bias, running_mean, running_var, eps), weight, groups)
+    folded = (weight.double() * shift).flatten(1).sum(1)
+    if bias is not None:
+        folded = folded + bias.double()
+    return folded.to(weight.dtype)
+
+
+@fold_input_bias.register_fake
+def _(bias, weight, bn_weight, bn_bias, running_mean, running_var, eps, groups):
+    return weight.new_empty(weight.shape[0])
 
 
 def _conv_then_post_ops(input, weight, bias, stride, padding, dilation, groups, post_ops, post_inputs):
@@ -98,6 +208,39 @@ def conv(
 conv.register_fake(_conv_then_post_ops)
 
 
+def _conv_transpose_then_post_ops(input, weight, bias, stride, padding, output_padding, groups, dilation,
+                                  post_ops, post_inputs):
+    conv_transpose = _CONV_TRANSPOSE_BY_RANK[weight.dim() - 2]
+    y = conv_transpose(input, weight, bias, stride, padding, output_padding, groups, dilation)
+    return apply_post_ops(y, post_ops, post_inputs)
+
+
+@torch.library.custom_op(
+    "pyrys::conv_transpose",
+    mutates_args=(),
+    schema="(Tensor input, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] output_padding, "
+    "int groups, int[] dilation, str[] post_ops, Tensor[] post_inputs) -> Tensor",
+)
+def conv_transpose(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    stride: list[int],
+    padding: list[int],
+    output_padding: list[int],
+    groups: int,
+    dilation: list[int],
+    post_ops: list[str],
+    post_inputs: list[torch.Tensor],
+) -> torch.Tensor:
+    """Transposed convolution (1d/2d/3d by the weight's rank; ATen argument order) and its post-op chain."""
+    return _conv_transpose_then_post_ops(input, weight, bias, stride, padding, output_padding, groups, dilation,
+                                         post_ops, post_inputs)
+
+
+conv_transpose.register_fake(_conv_transpose_then_post_ops)
+
+
 def _linear_then_post_ops(input, weight, bias, post_ops, post_inputs):
     return apply_post_ops(F.linear(input, weight, bias), post_ops, post_inputs)
 
@@ -122,5 +265,11 @@ linear.register_fake(_linear_then_post_ops)
 
 FOLD_WEIGHT = torch.ops.pyrys.fold_weight.default
 FOLD_BIAS = torch.ops.pyrys.fold_bias.default
+FOLD_SCALE = torch.ops.pyrys.fold_scale.default
+FOLD_AFFINE_BIAS = torch.ops.pyrys.fold_affine_bias.default
+FOLD_INPUT_WEIGHT = torch.ops.pyrys.fold_input_weight.default
+FOLD_INPUT_BIAS = torch.ops.pyrys.fold_input_bias.default
 FUSED_CONV = torch.ops.pyrys.conv.default
+FUSED_CONV_TRANSPOSE = torch.ops.pyrys.conv_transpose.default
 FUSED_LINEAR = torch.ops.pyrys.linear.default
+FUSED_OPS = (FUSED_CONV, FUSED_CONV_TRANSPOSE, FUSED_LINEAR)  # every op with a post-op chain

@@ -7,7 +7,8 @@
 
 Unfrozen module state reads print as ``prim::GetAttr[name="bn.running_var"](%self)``;
 one-element constants print by value (``prim::Constant[value={10.}]()``); fused ops
-print their post-op chain in their name (``pyrys::conv2d_relu``).
+print their post-op chain in their name (``pyrys::conv2d_relu``,
+``pyrys::conv_transpose2d_relu``, ``pyrys::linear_add_relu``).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 import torch.fx as fx
 
 from pyrys.ir.graph import state_ref
-from pyrys.ir.ops import FUSED_CONV, FUSED_LINEAR
+from pyrys.ir.ops import FUSED_CONV, FUSED_CONV_TRANSPOSE, FUSED_OPS
 from pyrys.ir.post_ops import parse_post_op
 
 _DTYPE_NAMES = {
@@ -55,7 +56,7 @@ def format_arg(arg: Any) -> str:
 
 def op_name(node: fx.Node) -> str:
     """``aten::conv2d``, ``pyrys::fold_weight``, ``pyrys::conv2d_relu``, ``prim::GetItem``."""
-    if node.target in (FUSED_CONV, FUSED_LINEAR):
+    if node.target in FUSED_OPS:
         return _fused_name(node)
     if isinstance(node.target, torch._ops.OpOverload):
         return node.target._schema.name
@@ -65,7 +66,8 @@ def op_name(node: fx.Node) -> str:
 
 
 def _fused_name(node: fx.Node) -> str:
-    base = f"conv{node.args[1].meta['val'].dim() - 2}d" if node.target is FUSED_CONV else "linear"
+    rank = f"{node.args[1].meta['val'].dim() - 2}d"
+    base = {FUSED_CONV: "conv" + rank, FUSED_CONV_TRANSPOSE: "conv_transpose" + rank}.get(node.target, "linear")
     post_ops = node.args[-2]
     return "pyrys::" + "_".join([base] + [parse_post_op(p)[0].name for p in post_ops])
 
@@ -91,7 +93,7 @@ def format_node(gm: fx.GraphModule, node: fx.Node) -> str:
     ref = state_ref(node)
     if ref is not None:
         return f'{lhs} = prim::GetAttr[name="{ref.target}"](%self)'
-    if node.target in (FUSED_CONV, FUSED_LINEAR):
+    if node.target in FUSED_OPS:
         return f"{lhs} = {op_name(node)}{_fused_args(node)}"
     args = [format_arg(a) for a in node.args] + [f"{k}={format_arg(v)}" for k, v in node.kwargs.items()]
     return f"{lhs} = {op_name(node)}({', '.join(args)})"

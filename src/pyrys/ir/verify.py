@@ -12,7 +12,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from pyrys.ir.ops import FUSED_CONV, FUSED_LINEAR
+from pyrys.ir.ops import FUSED_OPS
 from pyrys.ir.post_ops import parse_post_op
 
 
@@ -35,8 +35,14 @@ def _type_of(arg) -> tuple:
     return (tuple(val.shape), val.dtype) if isinstance(val, torch.Tensor) else (type(val).__name__,)
 
 
+def _returns_nothing(node: fx.Node) -> bool:
+    """A check such as ``_assert_tensor_metadata``: no value, so nothing to verify."""
+    schema = getattr(node.target, "_schema", None)
+    return schema is not None and not schema.returns
+
+
 def _verify_node(gm: fx.GraphModule, node: fx.Node) -> None:
-    if node.op == "output":
+    if node.op == "output" or _returns_nothing(node):
         return
     _check("val" in node.meta, f"%{node.name} has no shape/dtype (meta['val'])")
     if node.op == "get_attr":
@@ -46,7 +52,7 @@ def _verify_node(gm: fx.GraphModule, node: fx.Node) -> None:
     if node.op == "call_function":
         _check(isinstance(node.target, torch._ops.OpOverload) or node.target is operator.getitem,
                f"%{node.name} calls {node.target!r}, which is not an op overload")
-    if node.target in (FUSED_CONV, FUSED_LINEAR):
+    if node.target in FUSED_OPS:
         post_ops, post_inputs = node.args[-2], node.args[-1]
         binaries = sum(parse_post_op(p)[0].binary for p in post_ops)
         _check(binaries == len(post_inputs), f"%{node.name}: {binaries} binary post-ops but {len(post_inputs)} operands")

@@ -1,4 +1,5 @@
-"""Fold inference BatchNorm into the convolution before it.
+"""Fold inference BatchNorm into the convolution, transposed convolution or linear before it,
+or into the convolution after it.
 
 BatchNorm in inference computes, per channel c,
 
@@ -9,6 +10,15 @@ rewrites ``batch_norm(conv(x, W, b))`` to ``conv(x, fold_weight(W, ...), fold_bi
 ``constant_propagation`` then evaluates the fold nodes (with it disabled they stay
 visible, as in the seed's first dump).  It applies only when every folded operand is
 a constant and BN's ``training`` flag is the constant ``False``.
+
+The same scale applies to the output channels of a transposed convolution (weight
+``(in, out/groups, k...)``: ``fold_weight(..., channel_dim=1, groups=g)``) and of a linear
+whose output is ``(N, C)`` (BatchNorm1d).
+
+BatchNorm *before* a convolution, ``conv(bn(x))`` with ``bn(x) = x * s + t`` per input
+channel, folds into the conv's input side (``fold_input_weight``/``fold_input_bias``,
+see :mod:`pyrys.ir.ops`) -- only without padding, since the conv would pad ``x`` with
+zeros where the original padded ``bn(x)`` with zeros.
 """
 from __future__ import annotations
 
@@ -16,13 +26,22 @@ import torch
 import torch.fx as fx
 
 from pyrys.ir.graph import insert_call, is_constant, op_args
-from pyrys.ir.ops import FOLD_BIAS, FOLD_WEIGHT
+from pyrys.ir.ops import FOLD_BIAS, FOLD_INPUT_BIAS, FOLD_INPUT_WEIGHT, FOLD_WEIGHT
 from pyrys.passes.rewrite import Match, Miss, PassResult, Rule, apply_rules, fail
 
 aten = torch.ops.aten
 CONVOLUTIONS = frozenset({aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
                           aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding})
+CONV_TRANSPOSES = frozenset({aten.conv_transpose1d.default, aten.conv_transpose2d.input,
+                             aten.conv_transpose3d.input})
 _BN_OPERANDS = ("weight", "bias", "running_mean", "running_var")
+
+
+def output_channel_layout(producer: fx.Node, args: dict) -> tuple[int, int]:
+    """``(channel_dim, groups)`` of the producer's weight as ``fold_weight`` wants them."""
+    if producer.target in CONV_TRANSPOSES:
+        return 1, args["groups"]
+    return 0, 1
 
 
 def training_flag_miss(training) -> Miss | None:
@@ -43,30 +62,45 @@ def _not_constant(args: dict, names: tuple[str, ...], owner: str) -> Miss | None
     return None
 
 
-class FoldConvBatchNorm(Rule):
-    """``batch_norm(conv(x, W, b))`` -> ``conv(x, fold_weight(W), fold_bias(b))``."""
+def _bn_miss(bn: dict, producer_args: dict, owner: str) -> Miss | None:
+    return (training_flag_miss(bn["training"])
+            or _not_constant(producer_args, ("weight", "bias"), owner)
+            or _not_constant(bn, _BN_OPERANDS, "BatchNorm"))
 
-    name = "conv_bn"
-    anchors = frozenset({aten.batch_norm.default})
+
+class FoldBatchNormIntoProducer(Rule):
+    """``batch_norm(conv(x, W, b))`` -> ``conv(x, fold_weight(W), fold_bias(b))`` (likewise deconv, linear)."""
+
+    def __init__(self, name: str, producers: frozenset, owner: str):
+        self.name, self.producers, self.owner = name, producers, owner
+        self.anchors = frozenset({aten.batch_norm.default})
 
     def match(self, gm: fx.GraphModule, node: fx.Node) -> Match | Miss | None:
         conv = node.args[0]
-        if not (isinstance(conv, fx.Node) and conv.target in CONVOLUTIONS):
+        if not (isinstance(conv, fx.Node) and conv.target in self.producers):
             return None
         bn = op_args(node)
         conv_args = op_args(conv)
-        miss = (training_flag_miss(bn["training"])
-                or _not_constant(conv_args, ("weight", "bias"), "conv")
-                or _not_constant(bn, _BN_OPERANDS, "BatchNorm"))
+        miss = _bn_miss(bn, conv_args, self.owner) or self._shape_miss(conv)
         if miss:
             return miss
         if len(conv.users) > 1:
-            return fail(f"the conv output %{conv.name} has {len(conv.users)} users, so its weights cannot change")
+            return fail(f"the {self.owner} output %{conv.name} has {len(conv.users)} users, so its weights cannot change")
         return Match({"conv": conv, "conv_args": conv_args, "bn": bn})
+
+    def _shape_miss(self, producer: fx.Node) -> Miss | None:
+        out = producer.meta.get("val")
+        if producer.target is aten.linear.default and (out is None or out.dim() != 2):
+            return fail(f"BatchNorm normalizes dim 1 of the {out.dim() if out is not None else '?'}-d linear output "
+                        f"%{producer.name}, which is not its output features")
+        return None
 
     def rewrite(self, gm: fx.GraphModule, node: fx.Node, match: Match) -> None:
         conv, args, bn = match["conv"], match["conv_args"], match["bn"]
         weight_args = (args["weight"], bn["weight"], bn["running_var"], bn["eps"])
+        channel_dim, groups = output_channel_layout(conv, args)
+        if channel_dim != 0:
+            weight_args += (channel_dim, groups)
         bias_args = (args["bias"], bn["weight"], bn["bias"], bn["running_mean"], bn["running_var"], bn["eps"])
         with gm.graph.inserting_before(conv):
             weight = insert_call(gm.graph, FOLD_WEIGHT, weight_args, f"{_name(args['weight'])}_bn_folded")
@@ -77,11 +111,49 @@ class FoldConvBatchNorm(Rule):
         gm.graph.erase_node(node)
 
 
+class FoldBatchNormIntoNextConv(Rule):
+    """``conv(batch_norm(x), W, b)`` -> ``conv(x, fold_input_weight(W), fold_input_bias(b, W))`` (no padding)."""
+
+    name = "bn_conv"
+    anchors = CONVOLUTIONS
+
+    def match(self, gm: fx.GraphModule, node: fx.Node) -> Match | Miss | None:
+        bn_node = node.args[0]
+        if not (isinstance(bn_node, fx.Node) and bn_node.target is aten.batch_norm.default):
+            return None
+        bn, conv = op_args(bn_node), op_args(node)
+        miss = _bn_miss(bn, conv, "conv")
+        if miss:
+            return miss
+        padding = conv["padding"]
+        if padding != "valid" if isinstance(padding, str) else any(padding):
+            return fail(f"the conv %{node.name} after BatchNorm %{bn_node.name} pads its input "
+                        f"(padding={conv['padding']}), and zeros padded before BatchNorm are not zeros after it")
+        return Match({"bn_node": bn_node, "bn": bn, "conv": conv})
+
+    def rewrite(self, gm: fx.GraphModule, node: fx.Node, match: Match) -> None:
+        bn, conv = match["bn"], match["conv"]
+        w = conv["weight"]
+        weight_args = (w, bn["weight"], bn["running_var"], bn["eps"], conv["groups"])
+        bias_args = (conv["bias"], w, bn["weight"], bn["bias"], bn["running_mean"], bn["running_var"], bn["eps"],
+                     conv["groups"])
+        with gm.graph.inserting_before(node):
+            weight = insert_call(gm.graph, FOLD_INPUT_WEIGHT, weight_args, f"{_name(w)}_bn_input_folded")
+            bias = insert_call(gm.graph, FOLD_INPUT_BIAS, bias_args, f"{node.name}_bias_bn_input_folded")
+        node.args = tuple({**conv, "input": bn["input"], "weight": weight, "bias": bias}.values())
+        node.kwargs = {}
+
+
 def _name(value, default: str = "weight") -> str:
     return value.name if isinstance(value, fx.Node) else default
 
 
-FOLD_BATCH_NORM_RULES: tuple[Rule, ...] = (FoldConvBatchNorm(),)
+FOLD_BATCH_NORM_RULES: tuple[Rule, ...] = (
+    FoldBatchNormIntoProducer("conv_bn", CONVOLUTIONS, "conv"),
+    FoldBatchNormIntoProducer("conv_transpose_bn", CONV_TRANSPOSES, "conv_transpose"),
+    FoldBatchNormIntoProducer("linear_bn", frozenset({aten.linear.default}), "linear"),
+    FoldBatchNormIntoNextConv(),
+)
 
 
 def fold_conv_bn(gm: fx.GraphModule) -> PassResult:

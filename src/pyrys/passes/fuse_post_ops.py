@@ -6,7 +6,19 @@
 The activations that can be fused are rows of :data:`ACTIVATIONS` (op -> post-op, with
 its scalar parameters read from the node); chains fuse one after another into the same
 node (``conv2d_relu`` then ``conv2d_relu_...``).  The producer's output must have no
-other user, since the fused op no longer produces it.
+other user, since the fused op no longer produces it.  Producers: conv (1d/2d/3d),
+transposed conv (``pyrys::conv_transpose2d_relu``) and linear.
+
+Binary post-ops take a second tensor: a residual add (either operand order) and a
+multiply (a squeeze-and-excitation scale ``(N, C, 1, 1)``), when the other operand does
+not broadcast the producer's output to a larger shape:
+
+    %y = aten::conv2d(%x, ...) ; %z = aten::add(%y, %r) ; %o = aten::relu(%z)
+    ->  %o = pyrys::conv2d_add_relu(%x, ..., %r)
+
+When both operands are convs, the later one takes the add (its other operand is already
+computed); when the other operand is computed after the producer, the fused node moves
+down to the add's position (its own inputs all come before the producer).
 """
 from __future__ import annotations
 
@@ -16,9 +28,9 @@ import torch
 import torch.fx as fx
 
 from pyrys.ir.graph import insert_call, op_args
-from pyrys.ir.ops import FUSED_CONV, FUSED_LINEAR
+from pyrys.ir.ops import FUSED_CONV, FUSED_CONV_TRANSPOSE, FUSED_LINEAR, FUSED_OPS
 from pyrys.ir.post_ops import format_post_op
-from pyrys.passes.fold_batch_norm import CONVOLUTIONS
+from pyrys.passes.fold_batch_norm import CONV_TRANSPOSES, CONVOLUTIONS
 from pyrys.passes.rewrite import Match, Miss, PassResult, Rule, apply_rules, fail
 
 aten = torch.ops.aten
@@ -68,7 +80,7 @@ def post_op_for(node: fx.Node) -> str | Miss:
     return format_post_op(name, *params)
 
 
-FUSABLE_PRODUCERS = CONVOLUTIONS | {aten.linear.default, FUSED_CONV, FUSED_LINEAR}
+FUSABLE_PRODUCERS = CONVOLUTIONS | CONV_TRANSPOSES | {aten.linear.default, *FUSED_OPS}
 
 
 def fusable_producer_miss(producer: fx.Node) -> Miss | None:
@@ -80,12 +92,16 @@ def fusable_producer_miss(producer: fx.Node) -> Miss | None:
 
 def as_fused(gm: fx.GraphModule, producer: fx.Node) -> fx.Node:
     """Turn a conv/linear node into the equivalent fused node with no post-ops."""
-    if producer.target in (FUSED_CONV, FUSED_LINEAR):
+    if producer.target in FUSED_OPS:
         return producer
     args = op_args(producer)
     if producer.target is aten.linear.default:
         fused_args = (args["input"], args["weight"], args["bias"], [], [])
         target = FUSED_LINEAR
+    elif producer.target in CONV_TRANSPOSES:
+        fused_args = (args["input"], args["weight"], args["bias"], args["stride"], args["padding"],
+                      args["output_padding"], args["groups"], args["dilation"], [], [])
+        target = FUSED_CONV_TRANSPOSE
     else:
         fused_args = (args["input"], args["weight"], args["bias"], args["stride"], args["padding"],
                       args["dilation"], args["groups"], [], [])
@@ -134,7 +150,69 @@ class FuseActivation(Rule):
         gm.graph.erase_node(node)
 
 
-POST_OP_RULES: tuple[Rule, ...] = (FuseActivation(),)
+def _precedes(a: fx.Node, b: fx.Node) -> bool:
+    """True if ``a`` comes before ``b`` in the graph's (topological) order."""
+    node = a.next
+    while node.op != "root":
+        if node is b:
+            return True
+        node = node.next
+    return False
+
+
+def _binary_miss(node: fx.Node, producer: fx.Node, other, post_op: str) -> Miss | None:
+    """Why ``post_op(producer, other)`` cannot run inside ``producer`` (None if it can)."""
+    miss = fusable_producer_miss(producer)
+    if miss:
+        return miss
+    if len(producer.users) > 1:
+        return fail(f"the output of %{producer.name} has {len(producer.users)} users, so {post_op} cannot run inside it")
+    out, operand = producer.meta.get("val"), other.meta.get("val")
+    if not isinstance(operand, torch.Tensor) or operand.dtype != out.dtype:
+        return fail(f"the other operand of {post_op}, %{other.name}, is not a {out.dtype} tensor")
+    if torch.broadcast_shapes(out.shape, operand.shape) != out.shape:
+        return fail(f"the other operand of {post_op}, %{other.name} {tuple(operand.shape)}, broadcasts the output of "
+                    f"%{producer.name} {tuple(out.shape)} to a larger shape")
+    return None
+
+
+class FuseBinary(Rule):
+    """``conv(x) + y`` / ``y + conv(x)`` -> ``pyrys::conv_add(x, y)`` (likewise ``*``, deconv and linear)."""
+
+    def __init__(self, name: str, targets: frozenset, post_op: str):
+        self.name, self.anchors, self.post_op = name, targets, post_op
+
+    def match(self, gm: fx.GraphModule, node: fx.Node) -> Match | Miss | None:
+        args = op_args(node)
+        a, b = args["input"], args["other"]
+        if args.get("alpha", 1) != 1 or not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or a is b:
+            return None
+        candidates = [(p, o) for p, o in ((b, a), (a, b)) if p.target in FUSABLE_PRODUCERS]
+        candidates.sort(key=lambda pair: not _precedes(pair[1], pair[0]))  # the later producer first
+        misses = []
+        for producer, other in candidates:
+            miss = _binary_miss(node, producer, other, self.post_op)
+            if miss is None:
+                return Match({"producer": producer, "other": other})
+            misses.append(miss.reason)
+        return fail("; ".join(misses)) if misses else None
+
+    def rewrite(self, gm: fx.GraphModule, node: fx.Node, match: Match) -> None:
+        producer, other = match["producer"], match["other"]
+        if not _precedes(other, producer):
+            node.prepend(producer)  # its inputs all precede it; ``other`` precedes ``node``
+        fused = as_fused(gm, producer)
+        append_post_op(fused, format_post_op(self.post_op), other)
+        fused.meta.update(node.meta)
+        node.replace_all_uses_with(fused)
+        gm.graph.erase_node(node)
+
+
+POST_OP_RULES: tuple[Rule, ...] = (
+    FuseActivation(),
+    FuseBinary("binary_add", frozenset({aten.add.Tensor}), "add"),
+    FuseBinary("binary_mul", frozenset({aten.mul.Tensor}), "mul"),
+)
 
 
 def fuse_post_ops(gm: fx.GraphModule) -> PassResult:

@@ -1,7 +1,10 @@
 """The pass pipeline: one ordered, named list, and the pass manager that runs it.
 
 Every pass can be disabled by name; instruments print the graph after each pass,
-dump it to ``NNN_<pass>.txt`` files, time it, and (in tests) verify it.
+dump it to ``NNN_<pass>.txt`` files, time it, and (in tests) verify it.  A pass marked
+``fixed_point`` is repeated until a sweep changes nothing (rules stay single sweeps);
+its step counts every firing and keeps the misses of the last sweep, which are the
+ones still standing.
 """
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ import torch.fx as fx
 
 from pyrys.ir.meta import refresh_meta
 from pyrys.ir.printer import format_graph
-from pyrys.passes import cleanup, constant_propagation, fold_batch_norm, freeze, fuse_post_ops
+from pyrys.passes import (cleanup, constant_propagation, fold_batch_norm, fold_constant_affine, freeze,
+                          fuse_post_ops, simplify)
 from pyrys.passes import control_flow
 from pyrys.passes.rewrite import Miss, PassResult
 
@@ -31,6 +35,10 @@ class PassOptions:
 class Pass:
     name: str
     run: Callable[[fx.GraphModule, PassOptions], PassResult]
+    fixed_point: bool = False  # repeat until nothing fires
+
+
+MAX_SWEEPS = 10  # a fixed-point pass stops after this many sweeps even if rules still fire
 
 
 PIPELINE: tuple[Pass, ...] = (
@@ -40,8 +48,10 @@ PIPELINE: tuple[Pass, ...] = (
     Pass("inline_constant_ifs", lambda gm, o: control_flow.inline_constant_ifs(gm)),
     Pass("dead_code_elimination", lambda gm, o: cleanup.dead_code_elimination(gm)),
     Pass("common_subexpression_elimination", lambda gm, o: cleanup.common_subexpression_elimination(gm)),
+    Pass("simplify", lambda gm, o: simplify.simplify(gm), fixed_point=True),
     Pass("fold_conv_bn", lambda gm, o: fold_batch_norm.fold_conv_bn(gm)),
-    Pass("fuse_post_ops", lambda gm, o: fuse_post_ops.fuse_post_ops(gm)),
+    Pass("fold_constant_affine", lambda gm, o: fold_constant_affine.fold_constant_affine(gm), fixed_point=True),
+    Pass("fuse_post_ops", lambda gm, o: fuse_post_ops.fuse_post_ops(gm), fixed_point=True),
     Pass("constant_propagation", lambda gm, o: constant_propagation.constant_propagation(gm)),
     Pass("dead_code_elimination", lambda gm, o: cleanup.dead_code_elimination(gm)),
 )
@@ -111,10 +121,22 @@ def run_pipeline(
         if p.name in disabled:
             continue
         start = time.perf_counter()
-        result = p.run(gm, options)
-        refresh_meta(gm)
+        result = _run_pass(p, gm, options)
         _record(run, p.name, gm, result, time.perf_counter() - start, instruments)
     return run
+
+
+def _run_pass(p: Pass, gm: fx.GraphModule, options: PassOptions) -> PassResult:
+    """One sweep, or sweeps until nothing fires for a fixed-point pass; meta is current afterwards."""
+    total = PassResult()
+    for _ in range(MAX_SWEEPS if p.fixed_point else 1):
+        result = p.run(gm, options)
+        refresh_meta(gm)
+        total.fired.update(result.fired)
+        total.misses = result.misses
+        if not result.fired:
+            break
+    return total
 
 
 def _record(run: PipelineRun, name: str, gm: fx.GraphModule, result: PassResult, seconds: float,

@@ -1,0 +1,208 @@
+"""Fold constant affine ops (``+ c``, ``- c``, ``* a``, ``/ a``) into the conv or linear before them,
+and merge chains of them.
+
+With ``y = conv(x, W, b)`` and ``a``, ``c`` scalars or one value per output channel
+(shape ``(C, 1, 1)``, ``(1, C, 1, 1)`` for a conv, ``(C,)`` for a linear):
+
+    y * a + c  ==  conv(x, W * a, b * a + c)      (``pyrys::fold_scale``, ``pyrys::fold_affine_bias``)
+    y / a      ==  y * (1 / a)                    y - c  ==  y + (-c)
+
+Consecutive constant ops of one family merge into one op on a constant expression,
+which ``constant_propagation`` evaluates:
+
+    (x + c1) - c2 -> x + (c1 - c2)        (x - c1) + c2 -> x - (c1 - c2)
+    (x * a1) / a2 -> x * (a1 / a2)        (x / a1) * a2 -> x / (a1 / a2)
+
+Only when the constant has the input's dtype (no type promotion) and does not
+broadcast the result to a larger shape.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from pyrys.ir.graph import add_constant, insert_call, is_constant, op_args, tensor_meta
+from pyrys.ir.ops import FOLD_AFFINE_BIAS, FOLD_SCALE
+from pyrys.passes.fold_batch_norm import CONV_TRANSPOSES, CONVOLUTIONS, output_channel_layout
+from pyrys.passes.rewrite import Match, Miss, PassResult, Rule, apply_rules, fail
+
+aten = torch.ops.aten
+
+# op -> (family, inverse): sub is add of -c, div is mul by 1/a
+AFFINE_OPS = {
+    aten.add.Tensor: ("add", False), aten.add.Scalar: ("add", False),
+    aten.sub.Tensor: ("add", True), aten.sub.Scalar: ("add", True),
+    aten.mul.Tensor: ("mul", False), aten.mul.Scalar: ("mul", False),
+    aten.div.Tensor: ("mul", True), aten.div.Scalar: ("mul", True),
+}
+_TENSOR_OP = {("add", False): aten.add.Tensor, ("add", True): aten.sub.Tensor,
+              ("mul", False): aten.mul.Tensor, ("mul", True): aten.div.Tensor}
+_PYTHON_OP = {aten.add.Tensor: lambda a, b: a + b, aten.sub.Tensor: lambda a, b: a - b,
+              aten.mul.Tensor: lambda a, b: a * b, aten.div.Tensor: lambda a, b: a / b}
+PRODUCERS = CONVOLUTIONS | CONV_TRANSPOSES | {aten.linear.default}
+
+
+@dataclass(frozen=True)
+class AffineOp:
+    """``x (+|-|*|/) constant``."""
+
+    x: fx.Node
+    family: str  # "add" | "mul"
+    inverse: bool  # sub / div
+    constant: fx.Node | float | int
+
+
+def constant_expr(arg) -> bool:
+    """A constant, or a pure op on constants not evaluated yet (a fold node, a merged constant)."""
+    if isinstance(arg, fx.Node) and arg.op == "call_function":
+        pure = not arg.is_impure() and torch.Tag.nondeterministic_seeded not in getattr(arg.target, "tags", ())
+        return pure and all(constant_expr(a) for a in arg.all_input_nodes)
+    return is_constant(arg)
+
+
+def _constant_operand(arg) -> bool:
+    return constant_expr(arg) and not isinstance(arg, (bool, list, tuple, type(None)))
+
+
+def _fits(x: torch.Tensor, constant) -> bool:
+    """The constant neither promotes ``x``'s dtype nor broadcasts it to a larger shape."""
+    if not isinstance(constant, fx.Node):
+        return x.is_floating_point()
+    c = tensor_meta(constant)
+    if c is None or c.dtype != x.dtype:
+        return False
+    try:
+        return torch.broadcast_shapes(x.shape, c.shape) == x.shape
+    except RuntimeError:
+        return False
+
+
+def constant_affine(node: fx.Node) -> AffineOp | None:
+    """Read ``node`` as a constant affine op on a tensor, or None."""
+    if node.op != "call_function" or node.target not in AFFINE_OPS:
+        return None
+    family, inverse = AFFINE_OPS[node.target]
+    args = op_args(node)
+    if args.get("alpha", 1) != 1:
+        return None
+    a, b = args["input"], args["other"]
+    if _constant_operand(b) and not _constant_operand(a):
+        x, constant = a, b
+    elif _constant_operand(a) and not _constant_operand(b) and not inverse:
+        x, constant = b, a
+    else:
+        return None
+    if not isinstance(x, fx.Node) or tensor_meta(x) is None or not _fits(tensor_meta(x), constant):
+        return None
+    return AffineOp(x, family, inverse, constant)
+
+
+def _as_tensor_node(gm: fx.GraphModule, value, like: torch.Tensor, name: str) -> fx.Node:
+    if isinstance(value, fx.Node):
+        return value
+    return add_constant(gm, torch.tensor(value, dtype=like.dtype), name)
+
+
+def _channel_miss(out: torch.Tensor, constant, axis: int, producer: fx.Node) -> Miss | None:
+    if not isinstance(constant, fx.Node) or tensor_meta(constant).numel() == 1:
+        return None
+    shape = [1] * (out.dim() - tensor_meta(constant).dim()) + list(tensor_meta(constant).shape)
+    if all(s == 1 for i, s in enumerate(shape) if i != axis):
+        return None
+    return fail(f"the constant %{constant.name} of shape {tuple(tensor_meta(constant).shape)} varies along "
+                f"more than the output channels of %{producer.name}, so it cannot fold into its weights")
+
+
+class FoldAffineIntoProducer(Rule):
+    """``conv(x, W, b) * a + c`` -> ``conv(x, fold_scale(W, a), fold_affine_bias(b, a, c))``."""
+
+    name = "affine_into_weights"
+    anchors = frozenset(AFFINE_OPS)
+
+    def match(self, gm: fx.GraphModule, node: fx.Node) -> Match | Miss | None:
+        op = constant_affine(node)
+        if op is None or op.x.target not in PRODUCERS:
+            return None
+        producer, args = op.x, op_args(op.x)
+        for name in ("weight", "bias"):
+            if args[name] is not None and not constant_expr(args[name]):
+                return fail(f"the {name} of %{producer.name} is not a constant: freeze_params did not freeze it")
+        out = tensor_meta(producer)
+        axis = out.dim() - 1 if producer.target is aten.linear.default else 1
+        miss = _channel_miss(out, op.constant, axis, producer)
+        if miss:
+            return miss
+        if len(producer.users) > 1:
+            return fail(f"the output of %{producer.name} has {len(producer.users)} users, so its weights cannot change")
+        return Match({"op": op, "args": args, "channels": out.shape[axis]})
+
+    def rewrite(self, gm: fx.GraphModule, node: fx.Node, match: Match) -> None:
+        op, args, channels = match["op"], match["args"], match["channels"]
+        producer = op.x
+        node.prepend(producer)  # after every operand of ``node``: the constant may be defined late
+        graph = gm.graph
+        with graph.inserting_before(producer):
+            constant = _as_tensor_node(gm, op.constant, tensor_meta(producer), f"{node.name}_constant")
+            if op.inverse:
+                constant = insert_call(graph, aten.reciprocal.default if op.family == "mul" else aten.neg.default,
+                                       (constant,))
+            weight, bias = args["weight"], args["bias"]
+            if op.family == "mul":
+                channel_dim, groups = output_channel_layout(producer, args)
+                extra = (channel_dim, groups) if channel_dim else ()
+                weight = insert_call(graph, FOLD_SCALE, (weight, constant, *extra), f"{producer.name}_weight_scaled")
+                bias = insert_call(graph, FOLD_AFFINE_BIAS, (bias, constant, None, channels), f"{producer.name}_bias_scaled")
+            else:
+                bias = insert_call(graph, FOLD_AFFINE_BIAS, (bias, None, constant, channels), f"{producer.name}_bias_shifted")
+        producer.args = tuple({**args, "weight": weight, "bias": bias}.values())
+        producer.kwargs = {}
+        node.replace_all_uses_with(producer)
+        graph.erase_node(node)
+
+
+class MergeAffine(Rule):
+    """``(x + c1) + c2`` -> ``x + (c1 + c2)`` (and sub, mul, div: see the module docstring)."""
+
+    name = "merge_affine"
+    anchors = frozenset(AFFINE_OPS)
+
+    def match(self, gm: fx.GraphModule, node: fx.Node) -> Match | Miss | None:
+        outer = constant_affine(node)
+        inner = constant_affine(outer.x) if outer is not None else None
+        if inner is None or inner.family != outer.family:
+            return None
+        if len(outer.x.users) > 1:
+            return fail(f"%{outer.x.name} has {len(outer.x.users)} users, so its constant cannot merge with the next one")
+        combine = _TENSOR_OP[outer.family, outer.inverse != inner.inverse]
+        literal = not isinstance(inner.constant, fx.Node) and not isinstance(outer.constant, fx.Node)
+        if literal and combine is aten.div.Tensor and outer.constant == 0:
+            return None
+        return Match({"inner": inner, "outer": outer, "combine": combine, "literal": literal})
+
+    def rewrite(self, gm: fx.GraphModule, node: fx.Node, match: Match) -> None:
+        inner, outer, combine = match["inner"], match["outer"], match["combine"]
+        like = tensor_meta(inner.x)
+        with gm.graph.inserting_before(node):
+            if match["literal"]:
+                constant = _PYTHON_OP[combine](inner.constant, outer.constant)
+            else:
+                c1 = _as_tensor_node(gm, inner.constant, like, f"{node.name}_c1")
+                c2 = _as_tensor_node(gm, outer.constant, like, f"{node.name}_c2")
+                constant = insert_call(gm.graph, combine, (c1, c2), f"{node.name}_merged")
+                shape = torch.broadcast_shapes(tensor_meta(c1).shape, tensor_meta(c2).shape)
+                constant.meta["val"] = torch.empty(shape, dtype=like.dtype)
+            merged = insert_call(gm.graph, _TENSOR_OP[inner.family, inner.inverse], (inner.x, constant), node.name)
+        merged.meta.update(node.meta)
+        node.replace_all_uses_with(merged)
+        gm.graph.erase_node(node)
+        gm.graph.erase_node(outer.x)
+
+
+FOLD_AFFINE_RULES: tuple[Rule, ...] = (FoldAffineIntoProducer(), MergeAffine())
+
+
+def fold_constant_affine(gm: fx.GraphModule) -> PassResult:
+    """Apply :data:`FOLD_AFFINE_RULES` once over the graph (the pass manager repeats it to a fixed point)."""
+    return apply_rules(gm, FOLD_AFFINE_RULES)

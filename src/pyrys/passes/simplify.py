@@ -1,0 +1,214 @@
+"""Simplify: remove ops that do nothing at inference, and collapse view and permute chains.
+
+No-ops (each a row of :data:`NO_OPS`, replaced by their input):
+
+    dropout(x, p, train=False) -> x            clone(x) -> x   (x already in the asked layout)
+    alias(x) / detach(x) -> x                  _to_copy(x, dtype=x.dtype) -> x
+    expand(x, x.shape) -> x                    _assert_tensor_metadata(x, ...) -> (checked now)
+
+The graph is functional (nothing is written in place), so a copy that changes neither
+values nor layout is never needed.  A no-op whose input is a graph input or a constant
+and whose result is a graph output stays: removing it would hand back the input itself.
+
+Reshapes: a chain of view-like ops (``view``, ``reshape``, ``flatten``, ``squeeze``,
+``unsqueeze``) on a contiguous tensor is one ``view`` to the final shape, and a view to
+the shape the tensor already has is removed:
+
+    view(flatten(x, 1), [1, 512]) -> view(x, [1, 512])       view(x, x.shape) -> x
+
+Permutes: ``permute(permute(x, p), q) == permute(x, [p[i] for i in q])``, and a permutation
+that is the identity is removed (``transpose(transpose(x, 1, 2), 1, 2) -> x``).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from pyrys.ir.graph import insert_call, op_args, tensor_meta
+from pyrys.passes.rewrite import Match, Miss, PassResult, Rule, apply_rules, fail
+
+aten = torch.ops.aten
+
+
+def _layout_kept(x: torch.Tensor, memory_format) -> bool:
+    """True if copying ``x`` into ``memory_format`` gives the same strides it has."""
+    if memory_format in (None, torch.preserve_format):
+        return True
+    return x.is_contiguous(memory_format=memory_format)
+
+
+def _clone_is_no_op(x: torch.Tensor, args: dict) -> bool:
+    return _layout_kept(x, args.get("memory_format"))
+
+
+def _to_is_no_op(x: torch.Tensor, args: dict) -> bool:
+    return (args.get("dtype") in (None, x.dtype)
+            and args.get("device") in (None, x.device)
+            and args.get("layout") in (None, torch.strided)
+            and _layout_kept(x, args.get("memory_format")))
+
+
+def _dropout_is_no_op(x: torch.Tensor, args: dict) -> bool:
+    return args["train"] is False
+
+
+def _expand_is_no_op(x: torch.Tensor, args: dict) -> bool:
+    return list(args["size"]) in (list(x.shape), [-1] * x.dim())
+
+
+def _always(x: torch.Tensor, args: dict) -> bool:
+    return True
+
+
+# op -> (rule name, whether this call changes nothing, given its input's meta and its arguments)
+NO_OPS: dict[object, tuple[str, Callable[[torch.Tensor, dict], bool]]] = {
+    aten.dropout.default: ("dropout", _dropout_is_no_op),
+    aten.feature_dropout.default: ("dropout", _dropout_is_no_op),
+    aten.alpha_dropout.default: ("dropout", _dropout_is_no_op),
+    aten.alias.default: ("alias", _always),
+    aten.detach.default: ("detach", _always),
+    aten.clone.default: ("clone", _clone_is_no_op),
+    aten.contiguous.default: ("contiguous", _clone_is_no_op),
+    aten._to_copy.default: ("to", _to_is_no_op),
+    aten.to.dtype: ("to", _to_is_no_op),
+    aten.expand.default: ("expand", _expand_is_no_op),
+}
+
+VIEW_LIKE = frozenset({aten.view.default, aten._unsafe_view.default, aten.reshape.default,
+                       aten.flatten.using_ints, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
+                       aten.unsqueeze.default})
+PERMUTES = frozenset({aten.permute.default, aten.transpose.int})
+
+
+def _returns_own_input(node: fx.Node, source: fx.Node) -> bool:
+    """Would removing ``node`` make a graph output be a graph input or a constant itself?"""
+    feeds_output = any(user.op == "output" for user in node.users)
+    return feeds_output and source.op in ("placeholder", "get_attr")
+
+
+def _first_input(node: fx.Node) -> fx.Node | None:
+    source = node.args[0] if node.args else None
+    return source if isinstance(source, fx.Node) and tensor_meta(source) is not None else None
+
+
+class RemoveNoOp(Rule):
+    """``op(x) -> x`` when the op changes neither values nor layout (one rule per row of NO_OPS)."""
+
+    def __init__(self, name: str, target, is_no_op: Callable[[torch.Tensor, dict], bool]):
+        self.name = name
+        self.anchors = frozenset({target})
+        self.is_no_op = is_no_op
+
+    def match(self, gm: fx.GraphModule, node: fx.Node) -> Match | Miss | None:
+        source = _first_input(node)
+        if source is None or not self.is_no_op(tensor_meta(source), op_args(node)):
+            return None
+        if _returns_own_input(node, source):
+            return fail(f"%{node.name} is a graph output: without it the output would be "
+                        f"the {'input' if source.op == 'placeholder' else 'constant'} %{source.name} itself")
+        return Match({"source": source})
+
+    def rewrite(self, gm: fx.GraphModule, node: fx.Node, match: Match) -> None:
+        node.replace_all_uses_with(match["source"])
+        gm.graph.erase_node(node)
+
+
+class RemoveMetadataAssert(Rule):
+    """``_assert_tensor_metadata(x, dtype=...)``: checked against the recorded type now, then dropped."""
+
+    name = "assert_metadata"
+    anchors = frozenset({aten._assert_tensor_metadata.default})
+
+    def match(self, gm: fx.GraphModule, node: fx.Node) -> Match | Miss | None:
+        x, args = tensor_meta(node.args[0]), op_args(node)
+        if x is None:
+            return None
+        if args.get("dtype") not in (None, x.dtype) or args.get("size") not in (None, list(x.shape)):
+            return fail(f"%{node.name} asserts a type that %{node.args[0].name} does not have")
+        return Match({})
+
+    def rewrite(self, gm: fx.GraphModule, node: fx.Node, match: Match) -> None:
+        gm.graph.erase_node(node)
+
+
+class CollapseViews(Rule):
+    """``view(view(x))`` -> ``view(x)`` (x contiguous); ``view(x, x.shape)`` -> ``x``."""
+
+    name = "view_chain"
+    anchors = VIEW_LIKE
+
+    def match(self, gm: fx.GraphModule, node: fx.Node) -> Match | Miss | None:
+        source, out = _first_input(node), tensor_meta(node)
+        if source is None or out is None:
+            return None
+        while source.target in VIEW_LIKE and _first_input(source) is not None:
+            source = _first_input(source)
+        x = tensor_meta(source)
+        if not x.is_contiguous():
+            return None  # a reshape of it may copy, and later views may rely on that copy
+        if x.shape == out.shape:
+            return None if _returns_own_input(node, source) else Match({"source": source, "shape": None})
+        if source is node.args[0]:
+            return None
+        return Match({"source": source, "shape": list(out.shape)})
+
+    def rewrite(self, gm: fx.GraphModule, node: fx.Node, match: Match) -> None:
+        replacement = match["source"]
+        if match["shape"] is not None:
+            with gm.graph.inserting_before(node):
+                replacement = insert_call(gm.graph, aten.view.default, (match["source"], match["shape"]), "view")
+            replacement.meta.update(node.meta)
+        node.replace_all_uses_with(replacement)
+        gm.graph.erase_node(node)
+
+
+def as_permutation(node: fx.Node) -> list[int]:
+    """The dims order of a ``permute`` or ``transpose`` node (``transpose(x, 1, 2)`` -> ``[0, 2, 1, ...]``)."""
+    rank = tensor_meta(node).dim()
+    args = op_args(node)
+    if node.target is aten.permute.default:
+        return [d % rank for d in args["dims"]]
+    order = list(range(rank))
+    a, b = args["dim0"] % rank, args["dim1"] % rank
+    order[a], order[b] = order[b], order[a]
+    return order
+
+
+class CollapsePermutes(Rule):
+    """``permute(permute(x, p), q)`` -> ``permute(x, p∘q)``, or ``x`` when that is the identity."""
+
+    name = "permute_chain"
+    anchors = PERMUTES
+
+    def match(self, gm: fx.GraphModule, node: fx.Node) -> Match | Miss | None:
+        inner = _first_input(node)
+        if inner is None or inner.target not in PERMUTES or tensor_meta(node) is None:
+            return None
+        p, q = as_permutation(inner), as_permutation(node)
+        order = [p[i] for i in q]
+        source = inner.args[0]
+        if order == sorted(order) and _returns_own_input(node, source):
+            return None
+        return Match({"source": source, "order": order})
+
+    def rewrite(self, gm: fx.GraphModule, node: fx.Node, match: Match) -> None:
+        replacement, order = match["source"], match["order"]
+        if order != sorted(order):
+            with gm.graph.inserting_before(node):
+                replacement = insert_call(gm.graph, aten.permute.default, (match["source"], order), "permute")
+            replacement.meta.update(node.meta)
+        node.replace_all_uses_with(replacement)
+        gm.graph.erase_node(node)
+
+
+SIMPLIFY_RULES: tuple[Rule, ...] = (
+    tuple(RemoveNoOp(name, target, check) for target, (name, check) in NO_OPS.items())
+    + (RemoveMetadataAssert(), CollapseViews(), CollapsePermutes())
+)
+
+
+def simplify(gm: fx.GraphModule) -> PassResult:
+    """Apply :data:`SIMPLIFY_RULES` once over the graph (the pass manager repeats it to a fixed point)."""
+    return apply_rules(gm, SIMPLIFY_RULES)

@@ -1,0 +1,122 @@
+import pytest
+import torch
+
+from tests.conftest import TOLERANCE
+from tests.models import image
+
+PASSES = ("freeze_params", "fold_constant_affine", "constant_propagation", "dead_code_elimination")
+
+
+class ConvAffine(torch.nn.Module):
+    """``conv(x) * scale + shift`` with scalar or per-channel constants (buffers, so they freeze)."""
+
+    def __init__(self, scale, shift, transposed: bool = False, bias: bool = True):
+        super().__init__()
+        torch.manual_seed(0)
+        conv = torch.nn.ConvTranspose2d if transposed else torch.nn.Conv2d
+        self.conv = conv(4, 6, 3, groups=2, bias=bias)
+        self.register_buffer("scale", scale)
+        self.register_buffer("shift", shift)
+
+    def forward(self, x):
+        return (self.conv(x) - self.shift) / self.scale
+
+
+AFFINE_FOLDED = """\
+graph(%x : Float(1, 4, 6, 6)):
+  %conv2d_weight_scaled_1 : Float(6, 2, 3, 3) = prim::Constant[value=<Tensor>]()
+  %conv2d_bias_scaled_1 : Float(6) = prim::Constant[value=<Tensor>]()
+  %conv2d : Float(1, 6, 4, 4) = aten::conv2d(%x, %conv2d_weight_scaled_1, %conv2d_bias_scaled_1, [1, 1], [0, 0], [1, 1], 2)
+  return (%conv2d)"""
+
+
+def test_sub_and_div_by_per_channel_constants_fold_into_the_conv(run_passes):
+    model = ConvAffine(torch.rand(6, 1, 1) + 0.5, torch.randn(1, 6, 1, 1)).eval()
+    result = run_passes(model, (image(channels=4),), *PASSES)
+    assert "aten::sub" in result.before and "aten::div" in result.before
+    assert result.after == AFFINE_FOLDED
+    assert result.fired("fold_constant_affine") == {"affine_into_weights": 2}
+    assert result.error() <= TOLERANCE
+
+
+def test_fold_nodes_stay_visible_without_constant_propagation(run_passes):
+    model = ConvAffine(torch.rand(6, 1, 1) + 0.5, torch.randn(6, 1, 1)).eval()
+    result = run_passes(model, (image(channels=4),), "freeze_params", "fold_constant_affine")
+    assert "pyrys::fold_affine_bias(%conv_bias, None, %neg, 6)" in result.after
+    assert "pyrys::fold_scale(%conv_weight, %reciprocal)" in result.after
+    assert result.error() <= TOLERANCE
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_scalar_constants_fold_into_conv_and_transposed_conv_without_bias(run_passes, transposed):
+    model = ConvAffine(torch.tensor(2.5), torch.tensor(0.3), transposed=transposed, bias=False).eval()
+    result = run_passes(model, (image(channels=4),), *PASSES)
+    assert "aten::div" not in result.after and "aten::sub" not in result.after
+    assert result.fired("fold_constant_affine") == {"affine_into_weights": 2}
+    assert result.error() <= TOLERANCE
+
+
+class LinearAffine(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = torch.nn.Linear(8, 5)
+        self.register_buffer("scale", torch.rand(5) + 0.5)
+
+    def forward(self, x):
+        return self.linear(x) * self.scale + 1.5
+
+
+def test_constants_fold_into_linear(run_passes):
+    result = run_passes(LinearAffine().eval(), (torch.rand(2, 3, 8),), *PASSES)
+    assert result.fired("fold_constant_affine") == {"affine_into_weights": 2}
+    assert "aten::mul" not in result.after and "aten::add" not in result.after
+    assert result.error() <= TOLERANCE
+
+
+class SpatialConstant(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.register_buffer("mask", torch.rand(1, 1, 4, 4))
+
+    def forward(self, x):
+        return self.conv(x) * self.mask
+
+
+def test_a_constant_that_varies_over_space_is_a_miss(run_passes):
+    result = run_passes(SpatialConstant().eval(), (image(),), *PASSES)
+    assert result.fired("fold_constant_affine") == {}
+    assert [m.reason for m in result.misses] == [
+        "the constant %mask of shape (1, 1, 4, 4) varies along more than the output channels of %conv2d, "
+        "so it cannot fold into its weights"]
+    assert result.error() <= TOLERANCE
+
+
+class Chain(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("a", torch.rand(3) + 0.5)
+        self.register_buffer("b", torch.rand(3))
+
+    def forward(self, x):
+        y = torch.relu(x)
+        return ((y * self.a) / 2.0 * self.a - self.b) + 0.25 + 1
+
+
+CHAIN_MERGED = """\
+graph(%x : Float(2, 3)):
+  %relu : Float(2, 3) = aten::relu(%x)
+  %mul_1_merged_1 : Float(3) = prim::Constant[value=<Tensor>]()
+  %mul_2 : Float(2, 3) = aten::mul(%relu, %mul_1_merged_1)
+  %add_1_merged_1 : Float(3) = prim::Constant[value=<Tensor>]()
+  %add_3 : Float(2, 3) = aten::sub(%mul_2, %add_1_merged_1)
+  return (%add_3)"""
+
+
+def test_consecutive_constant_ops_merge(run_passes):
+    result = run_passes(Chain().eval(), (torch.randn(2, 3),), *PASSES)
+    assert result.before.count("aten::mul") + result.before.count("aten::div") == 3
+    assert result.fired("fold_constant_affine") == {"merge_affine": 4}
+    assert result.after == CHAIN_MERGED
+    assert result.error() <= TOLERANCE

@@ -1,0 +1,95 @@
+import torch
+
+from tests.conftest import TOLERANCE
+
+
+class NoOps(torch.nn.Module):
+    def forward(self, x):
+        y = torch.relu(x).contiguous().to(torch.float32).detach().clone()
+        return torch.ops.aten.alias(y).expand(2, 3) * 2
+
+
+NO_OPS_AFTER = """\
+graph(%x : Float(2, 3)):
+  %relu : Float(2, 3) = aten::relu(%x)
+  %mul : Float(2, 3) = aten::mul(%relu, 2)
+  return (%mul)"""
+
+
+def test_no_op_copies_and_aliases_are_removed(run_passes):
+    result = run_passes(NoOps().eval(), (torch.randn(2, 3),), "simplify", "dead_code_elimination")
+    assert "aten::clone" in result.before and "aten::_assert_tensor_metadata" in result.before
+    assert result.after == NO_OPS_AFTER
+    assert result.fired("simplify") == {"detach": 1, "clone": 1, "alias": 1, "expand": 1, "assert_metadata": 1}
+    assert result.error() <= TOLERANCE
+
+
+class CopyOfPermute(torch.nn.Module):
+    def forward(self, x):
+        return x.transpose(1, 2).contiguous().view(2, -1)
+
+
+def test_a_copy_that_changes_the_layout_stays(run_passes):
+    result = run_passes(CopyOfPermute().eval(), (torch.randn(2, 3, 4),), "simplify")
+    assert result.after == result.before and "aten::clone" in result.after
+    assert result.fired("simplify") == {}
+    assert result.error() <= TOLERANCE
+
+
+class ReturnsClone(torch.nn.Module):
+    def forward(self, x):
+        return x.clone()
+
+
+def test_a_clone_of_an_input_returned_as_output_stays_with_a_reason(run_passes):
+    result = run_passes(ReturnsClone().eval(), (torch.randn(3),), "simplify")
+    assert "aten::clone(%x)" in result.after
+    assert [m.reason for m in result.misses] == [
+        "%clone is a graph output: without it the output would be the input %x itself"]
+
+
+class Views(torch.nn.Module):
+    def forward(self, x):
+        y = torch.relu(x)
+        return y.flatten(1).flatten(0).view(4, 6).reshape(4, 6).unsqueeze(0).squeeze(0) + 1
+
+
+VIEWS_AFTER = """\
+graph(%x : Float(2, 3, 4)):
+  %relu : Float(2, 3, 4) = aten::relu(%x)
+  %view_8 : Float(4, 6) = aten::view(%relu, [4, 6])
+  %add : Float(4, 6) = aten::add(%view_8, 1)
+  return (%add)"""
+
+
+def test_view_chains_collapse_into_one_view(run_passes):
+    result = run_passes(Views().eval(), (torch.randn(2, 3, 4),), "simplify", "dead_code_elimination")
+    assert result.before.count("aten::view") + result.before.count("aten::unsqueeze") >= 4
+    assert result.after == VIEWS_AFTER
+    assert result.fired("simplify")["view_chain"] >= 1
+    assert result.error() <= TOLERANCE
+
+
+class Permutes(torch.nn.Module):
+    def forward(self, x):
+        y = torch.relu(x)
+        cancelled = y.transpose(1, 2).transpose(1, 2)
+        composed = y.permute(0, 2, 1).permute(2, 0, 1)
+        return cancelled + composed.sum(0).unsqueeze(1)
+
+
+PERMUTES_AFTER = """\
+graph(%x : Float(2, 3, 4)):
+  %relu : Float(2, 3, 4) = aten::relu(%x)
+  %permute_2 : Float(3, 2, 4) = aten::permute(%relu, [1, 0, 2])
+  %sum_1 : Float(2, 4) = aten::sum(%permute_2, [0])
+  %unsqueeze : Float(2, 1, 4) = aten::unsqueeze(%sum_1, 1)
+  %add : Float(2, 3, 4) = aten::add(%relu, %unsqueeze)
+  return (%add)"""
+
+
+def test_transposes_that_cancel_are_removed_and_permutes_compose(run_passes):
+    result = run_passes(Permutes().eval(), (torch.randn(2, 3, 4),), "simplify", "dead_code_elimination")
+    assert result.after == PERMUTES_AFTER
+    assert result.fired("simplify") == {"permute_chain": 2}
+    assert result.error() <= TOLERANCE
