@@ -1,4 +1,4 @@
-"""The ``pyrys`` console script: ``pyrys demo``, ``pyrys bench``."""
+"""The ``pyrys`` console script: ``pyrys demo``, ``pyrys bench``, ``pyrys explain``, ``pyrys zoo``."""
 from __future__ import annotations
 
 import argparse
@@ -17,6 +17,18 @@ def _bench(args: argparse.Namespace) -> int:
     return bench_cli.run(args)
 
 
+def _explain(args: argparse.Namespace) -> int:
+    from pyrys import zoo_cli
+
+    return zoo_cli.run_explain(args)
+
+
+def _zoo(args: argparse.Namespace) -> int:
+    from pyrys import zoo_cli
+
+    return zoo_cli.run_zoo_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyrys", description="pyrys: a graph-level inference compiler for PyTorch")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -29,6 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:
         pass
     bench.set_defaults(handler=_bench)
+    from pyrys import zoo_cli
+
+    explain = commands.add_parser("explain", help="what each pass did to a model, and why folds/fusions were missed")
+    zoo_cli.add_explain_arguments(explain)
+    explain.set_defaults(handler=_explain)
+    zoo = commands.add_parser("zoo", help="optimize every torchvision model and compare with eager")
+    zoo_cli.add_zoo_arguments(zoo)
+    zoo.set_defaults(handler=_zoo)
     return parser
 
 

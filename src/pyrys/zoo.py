@@ -1,0 +1,141 @@
+"""The model zoo: every torchvision classifier and three segmentation models, optimized and
+compared with eager PyTorch.
+
+    pyrys zoo                       # every model, every available backend: one row per model
+    pyrys zoo resnet50 vit_b_16     # just these
+    pyrys zoo --quick               # the subset the default test run checks
+
+Models have random weights (no download), randomized BatchNorm statistics
+(:func:`pyrys.testing.torchvision_model`) and no all-zero weight tensors (ViT's head is
+zero-initialized, which would make every output 0 and every comparison vacuous).
+A row passes when ``pyrys.relative_error(optimized, eager) <= pyrys.FP32_TOLERANCE``.
+"""
+from __future__ import annotations
+
+import gc
+import time
+import traceback
+from dataclasses import dataclass
+
+import torch
+
+CLASSIFICATION = (
+    "alexnet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
+    "vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn",
+    "densenet121", "densenet161", "densenet169", "densenet201", "googlenet", "inception_v3",
+    "mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small",
+    "mnasnet0_5", "mnasnet0_75", "mnasnet1_0", "mnasnet1_3",
+    "shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "shufflenet_v2_x1_5", "shufflenet_v2_x2_0",
+    "squeezenet1_0", "squeezenet1_1",
+    "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3", "efficientnet_b4",
+    "efficientnet_b5", "efficientnet_b6", "efficientnet_b7",
+    "efficientnet_v2_s", "efficientnet_v2_m", "efficientnet_v2_l",
+    "regnet_x_400mf", "regnet_x_800mf", "regnet_x_1_6gf", "regnet_x_3_2gf", "regnet_x_8gf", "regnet_x_16gf",
+    "regnet_x_32gf", "regnet_y_400mf", "regnet_y_800mf", "regnet_y_1_6gf", "regnet_y_3_2gf", "regnet_y_8gf",
+    "regnet_y_16gf", "regnet_y_32gf", "regnet_y_128gf",
+    "convnext_tiny", "convnext_small", "convnext_base", "convnext_large",
+    "vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14",
+    "swin_t", "swin_s", "swin_b", "swin_v2_t", "swin_v2_s", "swin_v2_b", "maxvit_t",
+)
+SEGMENTATION = ("fcn_resnet50", "deeplabv3_resnet50", "lraspp_mobilenet_v3_large")
+MODELS = CLASSIFICATION + SEGMENTATION
+QUICK = ("resnet18", "mobilenet_v3_small", "squeezenet1_1", "shufflenet_v2_x0_5")
+INPUT_SIZES = {"inception_v3": 299}  # every other model: 224 x 224
+
+
+def input_shape(name: str, batch: int = 1) -> tuple[int, ...]:
+    size = INPUT_SIZES.get(name, 224)
+    return (batch, 3, size, size)
+
+
+def build_model(name: str, seed: int = 0) -> torch.nn.Module:
+    """A zoo model: random weights, randomized BatchNorm, no all-zero weights, eval mode."""
+    from pyrys.testing import torchvision_model
+
+    kwargs = {"weights_backbone": None} if name in SEGMENTATION else {}
+    model = torchvision_model(name, seed, **kwargs)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.numel() > 1 and not parameter.any():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+    return model
+
+
+@dataclass
+class ZooRow:
+    """One model on one backend."""
+
+    model: str
+    backend: str
+    nodes_before: int = 0
+    nodes_after: int = 0
+    folds: int = 0
+    fusions: int = 0
+    misses: int = 0
+    error: float = float("nan")
+    seconds: float = 0.0
+    failure: str = ""
+
+    @property
+    def passed(self) -> bool:
+        from pyrys.numerics import FP32_TOLERANCE
+
+        return not self.failure and self.error <= FP32_TOLERANCE
+
+
+FOLD_PASSES = ("fold_conv_bn", "fold_constant_affine")
+FUSE_PASSES = ("fuse_post_ops",)
+
+
+def count_ops(graph_text: str) -> int:
+    """Op nodes in a printed graph: every assignment that is not a constant or a state read."""
+    lines = [line for line in graph_text.splitlines() if " = " in line]
+    return sum(1 for line in lines if "prim::Constant" not in line and "prim::GetAttr" not in line)
+
+
+def _fired(history, names) -> int:
+    return sum(sum(step.fired.values()) for step in history if step.name in names)
+
+
+def run_model(name: str, backend: str = "reference", model: torch.nn.Module | None = None) -> ZooRow:
+    """Optimize one zoo model on one backend and compare it with eager; failures become the row's reason."""
+    import pyrys
+
+    row = ZooRow(name, backend)
+    start = time.perf_counter()
+    try:
+        model = model if model is not None else build_model(name)
+        x = torch.rand(input_shape(name), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            expected = model(x)
+        opt = pyrys.optimize(model, (x,), backend=backend)
+        with torch.no_grad():
+            actual = opt(x)
+        history = opt.history
+        row.nodes_before, row.nodes_after = count_ops(history[0].graph), count_ops(history[-1].graph)
+        row.folds, row.fusions = _fired(history, FOLD_PASSES), _fired(history, FUSE_PASSES)
+        row.misses = len(opt.misses)
+        row.error = pyrys.relative_error(actual, expected)
+    except Exception as error:  # a zoo row reports the failure; the run goes on
+        row.failure = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+        traceback.print_exc()
+    row.seconds = time.perf_counter() - start
+    gc.collect()
+    return row
+
+
+def run_zoo(names, backends, on_row=None) -> list[ZooRow]:
+    """Every model on every backend, in order; ``on_row(row)`` is called as each finishes."""
+    rows = []
+    for name in names:
+        model = None
+        for backend in backends:
+            row = run_model(name, backend, model)
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+        del model
+        gc.collect()
+    return rows

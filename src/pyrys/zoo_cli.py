@@ -1,0 +1,134 @@
+"""``pyrys explain MODEL`` and ``pyrys zoo``: argument parsing and console output (rich)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+import sys
+import time
+
+import torch
+
+from pyrys import zoo
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"1x3x224x224"`` -> ``(1, 3, 224, 224)``."""
+    try:
+        return tuple(int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a shape like 1x3x224x224, got {text!r}") from None
+
+
+def load_model(spec: str) -> torch.nn.Module:
+    """A torchvision model name (random weights, randomized BatchNorm) or ``module:attr``.
+
+    ``attr`` may be an ``nn.Module`` instance or something that builds one when called with no arguments.
+    """
+    if ":" not in spec:
+        return zoo.build_model(spec)
+    module_name, _, attr = spec.partition(":")
+    target = importlib.import_module(module_name)
+    for part in attr.split("."):
+        target = getattr(target, part)
+    model = target if isinstance(target, torch.nn.Module) else target()
+    if not isinstance(model, torch.nn.Module):
+        raise SystemExit(f"pyrys explain: {spec} is not an nn.Module and did not build one")
+    return model.eval()
+
+
+def add_explain_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="a torchvision model name (e.g. resnet50) or module:attr")
+    parser.add_argument("--input-shape", type=parse_shape, default=None,
+                        help="input shape, e.g. 1x3x224x224 (default: the model's usual size; 299 for inception_v3)")
+    parser.add_argument("--dump-dir", default=None, help="write the graph after every pass to DIR/NNN_<pass>.txt")
+    parser.add_argument("--backend", default="reference", help="backend to compile for (default: reference)")
+    parser.add_argument("--disable", action="append", default=[], help="a pass to skip (repeatable)")
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    from pyrys.explain import explain
+
+    model = load_model(args.model)
+    shape = args.input_shape or (zoo.input_shape(args.model) if ":" not in args.model else (1, 3, 224, 224))
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    title = f"{args.model} ({'x'.join(map(str, shape))}) on the {args.backend} backend"
+    result = explain(model, (x,), backend=args.backend, dump_dir=args.dump_dir, disable=tuple(args.disable),
+                     title=title)
+    print(result.render())
+    if args.dump_dir:
+        print(f"graphs after every pass written to {args.dump_dir}/")
+    return 0
+
+
+def add_zoo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("models", nargs="*", help=f"model names (default: all {len(zoo.MODELS)})")
+    parser.add_argument("--quick", action="store_true", help=f"only {', '.join(zoo.QUICK)}")
+    parser.add_argument("--backend", action="append", default=None,
+                        help="a backend to check (repeatable; default: every available backend)")
+    parser.add_argument("--markdown", default=None, help="also write the table as markdown to this file")
+
+
+def _format_error(row: zoo.ZooRow) -> str:
+    return "-" if row.failure else f"{row.error:.1e}"
+
+
+def _table(rows: list[zoo.ZooRow]):
+    from rich.table import Table
+
+    table = Table(title="pyrys zoo: optimized vs eager")
+    for column in ("model", "backend", "ops before", "ops after", "folds", "fusions", "misses", "max error",
+                   "result", "s"):
+        table.add_column(column, justify="left" if column in ("model", "backend", "result") else "right")
+    for row in rows:
+        result = "[green]pass[/green]" if row.passed else f"[red]FAIL[/red] {row.failure}"
+        table.add_row(row.model, row.backend, str(row.nodes_before), str(row.nodes_after), str(row.folds),
+                      str(row.fusions), str(row.misses), _format_error(row), result, f"{row.seconds:.0f}")
+    return table
+
+
+def markdown(rows: list[zoo.ZooRow]) -> str:
+    lines = ["| model | backend | ops before | ops after | folds | fusions | misses | max error | result | s |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
+    for row in rows:
+        result = "pass" if row.passed else f"FAIL {row.failure}"
+        lines.append(f"| {row.model} | {row.backend} | {row.nodes_before} | {row.nodes_after} | {row.folds} | "
+                     f"{row.fusions} | {row.misses} | {_format_error(row)} | {result} | {row.seconds:.0f} |")
+    return "\n".join(lines)
+
+
+def run_zoo_command(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    import pyrys
+
+    names = list(args.models) or list(zoo.QUICK if args.quick else zoo.MODELS)
+    unknown = [n for n in names if n not in zoo.MODELS]
+    if unknown:
+        print(f"pyrys zoo: unknown model(s) {unknown}; known: {', '.join(zoo.MODELS)}", file=sys.stderr)
+        return 2
+    backends = args.backend or pyrys.available_backends()
+    console = Console()
+    start = time.time()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("zoo", total=len(names) * len(backends))
+
+        def on_row(row: zoo.ZooRow) -> None:
+            status = "pass" if row.passed else f"FAIL {row.failure}"
+            progress.console.print(escape(f"{row.model} [{row.backend}]: error {_format_error(row)} {status}"))
+            progress.update(task, advance=1, description=row.model)
+
+        rows = zoo.run_zoo(names, backends, on_row)
+    console.print(_table(rows))
+    passed = sum(row.passed for row in rows)
+    summary = (f"{passed}/{len(rows)} passed (tolerance {pyrys.FP32_TOLERANCE:g}) in {time.time() - start:.0f} s; "
+               f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+               f"{torch.get_num_threads()} threads")
+    console.print(summary)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown(rows) + "\n\n" + summary + "\n")
+    return 0 if passed == len(rows) else 1

@@ -1,0 +1,62 @@
+"""``pyrys.explain`` and ``pyrys explain MODEL``: per-pass counts and misses grouped by reason."""
+import torch
+
+import pyrys
+from pyrys.cli import main
+from pyrys.explain import reason_template
+from tests.models import conv_bn_relu, image
+
+
+class TwoUsers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = torch.nn.Conv2d(3, 4, 1)
+        self.conv2 = torch.nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        a, b = self.conv1(x), self.conv2(x)
+        return torch.relu(a) + a, torch.relu(b) * b
+
+
+def test_explain_counts_passes_and_groups_misses_by_reason():
+    result = pyrys.explain(TwoUsers().eval(), (image(),))
+    counts = {name: total for name, total, _ in result.pass_counts()}
+    assert counts["fuse_post_ops"] == 0
+    assert len(result.misses) == 4  # relu twice, add once, mul once
+    groups = result.misses_by_reason()
+    assert groups["conv_activation", "the output of %… has 2 users, so relu cannot run inside it"] == ["relu",
+                                                                                                    "relu_1"]
+    text = result.render()
+    assert "misses: 4" in text and "2 x conv_activation: the output of %… has 2 users" in text
+
+
+def test_explain_of_a_clean_model_has_no_misses():
+    text = pyrys.explain(conv_bn_relu(), (image(),)).render()
+    assert "fold_conv_bn: 1 folded (conv_bn: 1)" in text
+    assert "fuse_post_ops: 1 fused (conv_activation: 1)" in text
+    assert "misses: none" in text
+
+
+def test_reason_template_drops_names_and_shapes():
+    assert reason_template("the other operand of mul, %x_1 (1, 4, 5, 5), broadcasts %conv2d (1, 4, 1, 1)") == \
+        "the other operand of mul, %… (…), broadcasts %… (…)"
+
+
+def test_cli_explain_module_attr_with_dump_dir(tmp_path, capsys):
+    assert main(["explain", "tests.models:conv_bn_relu", "--input-shape", "1x3x6x6",
+                 "--dump-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "fold_conv_bn: 1 folded" in out and "misses: none" in out
+    assert (tmp_path / "000_capture.txt").exists()
+    assert any(p.name.endswith("_fold_conv_bn.txt") for p in tmp_path.iterdir())
+
+
+def test_explain_resnet50_has_no_misses_for_conv_bn_relu_and_residuals():
+    from pyrys.zoo import build_model
+
+    result = pyrys.explain(build_model("resnet50"), (torch.rand(1, 3, 64, 64),))
+    counts = {name: fired for name, _, fired in result.pass_counts()}
+    assert counts["fold_conv_bn"] == {"conv_bn": 53}
+    assert counts["fuse_post_ops"] == {"conv_activation": 49, "binary_add": 16}
+    assert result.misses == []

@@ -1,0 +1,42 @@
+"""The model zoo: a quick subset in the default run, every model with ``-m zoo``.
+
+    python -m pytest -q -m zoo          # the full zoo, every available backend (slow)
+"""
+import pytest
+
+import pyrys
+from pyrys import zoo
+from pyrys.cli import main
+
+
+def _check(name: str, backend: str) -> None:
+    row = zoo.run_model(name, backend)
+    assert not row.failure, row.failure
+    assert row.error <= pyrys.FP32_TOLERANCE, f"{name} on {backend}: relative error {row.error:.2e}"
+    assert row.nodes_after < row.nodes_before
+
+
+@pytest.mark.parametrize("backend", pyrys.available_backends())
+@pytest.mark.parametrize("name", zoo.QUICK)
+def test_quick_zoo_matches_eager(name, backend):
+    _check(name, backend)
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("backend", pyrys.available_backends())
+@pytest.mark.parametrize("name", zoo.MODELS)
+def test_zoo_matches_eager(name, backend):
+    _check(name, backend)
+
+
+def test_zoo_models_have_no_all_zero_weights():
+    model = zoo.build_model("vit_b_32")
+    assert all(p.any() for p in model.parameters() if p.numel() > 1)
+
+
+def test_zoo_command_prints_a_row_and_writes_markdown(tmp_path, capsys):
+    table = tmp_path / "zoo.md"
+    assert main(["zoo", "squeezenet1_1", "--backend", "reference", "--markdown", str(table)]) == 0
+    out = capsys.readouterr().out
+    assert "squeezenet1_1" in out and "pass" in out and "1/1 passed" in out
+    assert table.read_text().startswith("| model | backend |")
