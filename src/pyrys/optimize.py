@@ -12,7 +12,7 @@ import torch.fx as fx
 from torch.export import ExportedProgram
 from torch.utils._pytree import tree_unflatten
 
-from pyrys.backends import get_backend
+from pyrys.backends import LAYOUTS, BackendOptions, get_backend
 from pyrys.capture.export import Captured, capture_module
 from pyrys.capture.exported_program import capture_exported, exported_example_inputs
 from pyrys.capture.torchscript import capture_torchscript, is_torchscript
@@ -34,6 +34,8 @@ class OptimizeConfig:
     print_after_each: bool = False
     dump_dir: str | None = None
     verify: bool = False
+    threads: int | None = None
+    layout: str = "auto"
 
 
 @dataclass
@@ -90,7 +92,7 @@ def compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: Opt
     options = PassOptions(config.freeze_params, _flags_to_freeze(config, captured))
     run = run_pipeline(captured.gm, options, config.disable, instruments)
     compile_program, backend, notice = get_backend(config.backend)
-    program = compile_program(captured.gm, flat)
+    program = compile_program(captured.gm, flat, BackendOptions(config.threads, config.layout))
     notes = captured.notes + ([notice] if notice else [])
     return Compiled(signature, captured, run, program, backend, notes)
 
@@ -196,6 +198,8 @@ def optimize(
     print_after_each: bool = False,
     dump_dir: str | Path | None = None,
     verify: bool = False,
+    threads: int | None = None,
+    layout: str = "auto",
 ) -> OptimizedModule:
     """Optimize ``model`` for inference on inputs like ``example_inputs``.
 
@@ -207,12 +211,16 @@ def optimize(
     every bool attribute (``torch.export`` bakes them into the graph the same way).
     ``disable``: pass names to skip (see ``pyrys.passes.pipeline.PASS_NAMES``).
     ``backend``: ``"auto"`` (dnnl where it loads, else reference), ``"dnnl"`` or ``"reference"``.
+    ``threads``: threads per call (default: ``torch.get_num_threads()`` at call time).
+    ``layout``: the dnnl backend's activation layout: ``"auto"`` (each candidate measured at compile
+    time, the fastest kept), ``"nhwc"``, ``"blocked8"`` or ``"blocked16"``.
     The user's model is never modified: pyrys works on a private copy.
     """
     if freeze_flags is None and not is_torchscript(model):
         freeze_flags = ("training",)
     config = make_config(backend=backend, freeze_params=freeze_params, freeze_flags=freeze_flags, disable=disable,
-                         print_after_each=print_after_each, dump_dir=dump_dir, verify=verify)
+                         print_after_each=print_after_each, dump_dir=dump_dir, verify=verify, threads=threads,
+                         layout=layout)
     if isinstance(model, ExportedProgram):
         if example_inputs is None:
             example_inputs, example_kwargs = exported_example_inputs(model)
@@ -232,8 +240,12 @@ def optimize(
 def make_config(*, backend: str = "auto", freeze_params: Iterable[str] | None = None,
                 freeze_flags: Iterable[str] | None = ("training",), disable: Iterable[str] = (),
                 print_after_each: bool = False, dump_dir: str | Path | None = None,
-                verify: bool = False) -> OptimizeConfig:
+                verify: bool = False, threads: int | None = None, layout: str = "auto") -> OptimizeConfig:
     """An :class:`OptimizeConfig` from :func:`optimize`'s keyword options, checked."""
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"pyrys.optimize: threads must be a positive int, got {threads!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"pyrys.optimize: layout must be one of {LAYOUTS}, got {layout!r}")
     return OptimizeConfig(
         backend=backend,
         freeze_params=None if freeze_params is None else tuple(freeze_params),
@@ -242,6 +254,8 @@ def make_config(*, backend: str = "auto", freeze_params: Iterable[str] | None = 
         print_after_each=print_after_each,
         dump_dir=None if dump_dir is None else str(dump_dir),
         verify=verify,
+        threads=threads,
+        layout=layout,
     )
 
 

@@ -1,7 +1,7 @@
 """Backends turn an optimized graph into something that runs.
 
-Each backend is a function ``compile(gm, example_inputs) -> Program``; a program is
-called with the flat list of user inputs and returns the flat list of outputs.
+Each backend is a function ``compile(gm, example_inputs, options) -> Program``; a program
+is called with the flat list of user inputs and returns the flat list of outputs.
 """
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from typing import Callable
 import torch.fx as fx
 
 from pyrys.backends import reference
+from pyrys.backends.options import LAYOUTS, BackendOptions
 
 Program = Callable[[list], list]
-BackendCompile = Callable[[fx.GraphModule, list], Program]
+BackendCompile = Callable[[fx.GraphModule, list, BackendOptions], Program]
 
 
 def _dnnl_backend() -> tuple[BackendCompile | None, str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from pyrys.backends.options import BackendOptions, ThreadPinned
 from pyrys.ir.graph import state_ref
 
 
@@ -30,5 +31,6 @@ class ReferenceProgram:
         return "reference backend: the optimized graph run with torch ops"
 
 
-def compile_program(gm: fx.GraphModule, example_inputs: list) -> ReferenceProgram:
-    return ReferenceProgram(gm)
+def compile_program(gm: fx.GraphModule, example_inputs: list, options: BackendOptions = BackendOptions()):
+    program = ReferenceProgram(gm)
+    return ThreadPinned(program, options.threads) if options.threads else program

@@ -138,12 +138,13 @@ def test_program_reports_memory_and_reorders_weights_once():
 
 def test_policy_can_be_forced_and_new_batch_compiles():
     from pyrys.backends.dnnl.lower import compile_program
+    from pyrys.backends.options import BackendOptions
 
     make, inputs = CASES["conv2d_depthwise"]
     model = seeded(make())
     opt = pyrys.optimize(model, tuple(inputs), backend="dnnl")
     for policy in ("nhwc", "blocked8"):
-        program = compile_program(opt.graph_module, list(inputs), policy)
+        program = compile_program(opt.graph_module, list(inputs), BackendOptions(layout=policy))
         assert program.policy == policy
         assert pyrys.relative_error(program(list(inputs))[0], model(*inputs)) <= TOLERANCE
     x = rand(3, 16, 12, 12)
@@ -198,3 +199,24 @@ def test_residual_that_is_also_the_conv_input_is_not_overwritten_in_place():
     if fused:  # the pass fused the add: the lowering must not write into the conv's own input
         assert "dnnl::conv2d_add" in opt.program_text()
     assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE
+
+
+def test_threads_option_pins_threads_per_call_and_restores_them():
+    make, inputs = CASES["conv2d"]
+    model = seeded(make())
+    seen = []
+    opt = pyrys.optimize(model, tuple(inputs), backend="dnnl", threads=1)
+    program = opt._first.program
+    inner = program.program
+    program.program = lambda xs: seen.append(torch.get_num_threads()) or inner(xs)
+    before = torch.get_num_threads()
+    assert pyrys.relative_error(opt(*inputs), model(*inputs)) <= TOLERANCE
+    assert seen == [1] and torch.get_num_threads() == before
+
+
+def test_bad_threads_and_layout_options_are_rejected():
+    make, inputs = CASES["conv2d"]
+    with pytest.raises(ValueError, match="threads must be a positive int"):
+        pyrys.optimize(seeded(make()), tuple(inputs), threads=0)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        pyrys.optimize(seeded(make()), tuple(inputs), layout="nchw16")

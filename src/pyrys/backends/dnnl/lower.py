@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 
 from pyrys.backends.dnnl import binding
+from pyrys.backends.options import BackendOptions, ThreadPinned
 from pyrys.backends.dnnl.builder import Builder, Unsupported, node_text
 from pyrys.backends.dnnl.constants import ARG_FROM, ARG_TO
 from pyrys.backends.dnnl.fallback import lower_fallback
@@ -156,11 +157,16 @@ def _time_policies(programs: list[DnnlProgram], inputs: list, budget: float = 0.
     return [sorted(times)[len(times) // 2] for times in samples]
 
 
-def compile_program(gm: fx.GraphModule, example_inputs: list, policy: str | None = None) -> DnnlProgram:
-    """Build the program under each candidate layout policy and keep the fastest (or the given one)."""
+def compile_program(gm: fx.GraphModule, example_inputs: list, options: BackendOptions = BackendOptions()):
+    """Build the program under each candidate layout policy and keep the fastest (or the chosen one)."""
+    program = _best_program(gm, example_inputs, options.layout)
+    return ThreadPinned(program, options.threads) if options.threads else program
+
+
+def _best_program(gm: fx.GraphModule, example_inputs: list, layout: str) -> DnnlProgram:
     engine = Engine()
     stream = Stream(engine)
-    policies = [policy] if policy else candidate_policies()
+    policies = candidate_policies() if layout == "auto" else [layout]
     programs = [build_program(gm, name, engine, stream) for name in policies]
     if len(programs) == 1:
         return programs[0]

@@ -68,8 +68,8 @@ class Engine:
         status = self._lib.dnnl_engine_create(byref(self.handle), EngineKind.cpu, index)
         check(status, "dnnl_engine_create", f"cpu engine {index}")
 
-    def __del__(self) -> None:
-        _destroy(self, "dnnl_engine_destroy")
+    def __del__(self, destroy=_destroy) -> None:  # bound now: module globals are gone at exit
+        destroy(self, "dnnl_engine_destroy")
 
 
 class Stream:
@@ -85,8 +85,8 @@ class Stream:
     def wait(self) -> None:
         check(self._lib.dnnl_stream_wait(self.handle), "dnnl_stream_wait", "stream")
 
-    def __del__(self) -> None:
-        _destroy(self, "dnnl_stream_destroy")
+    def __del__(self, destroy=_destroy) -> None:  # bound now: module globals are gone at exit
+        destroy(self, "dnnl_stream_destroy")
 
 
 class MemoryDesc:
@@ -204,8 +204,8 @@ class MemoryDesc:
     def __repr__(self) -> str:
         return f"MemoryDesc({self.format_summary()})"
 
-    def __del__(self) -> None:
-        _destroy(self, "dnnl_memory_desc_destroy")
+    def __del__(self, destroy=_destroy) -> None:  # bound now: module globals are gone at exit
+        destroy(self, "dnnl_memory_desc_destroy")
 
 
 class Memory:
@@ -233,8 +233,8 @@ class Memory:
         check(self._lib.dnnl_memory_get_data_handle(self.handle, byref(result)), "dnnl_memory_get_data_handle", "")
         return result.value or 0
 
-    def __del__(self) -> None:
-        _destroy(self, "dnnl_memory_destroy")
+    def __del__(self, destroy=_destroy) -> None:  # bound now: module globals are gone at exit
+        destroy(self, "dnnl_memory_destroy")
 
 
 class PostOps:
@@ -268,8 +268,8 @@ class PostOps:
     def __len__(self) -> int:
         return self._lib.dnnl_post_ops_len(self.handle)
 
-    def __del__(self) -> None:
-        _destroy(self, "dnnl_post_ops_destroy")
+    def __del__(self, destroy=_destroy) -> None:  # bound now: module globals are gone at exit
+        destroy(self, "dnnl_post_ops_destroy")
 
 
 class PrimitiveAttr:
@@ -287,8 +287,8 @@ class PrimitiveAttr:
             status = self._lib.dnnl_primitive_attr_set_scratchpad_mode(self.handle, ScratchpadMode.user)
             check(status, "dnnl_primitive_attr_set_scratchpad_mode", "user")
 
-    def __del__(self) -> None:
-        _destroy(self, "dnnl_primitive_attr_destroy")
+    def __del__(self, destroy=_destroy) -> None:  # bound now: module globals are gone at exit
+        destroy(self, "dnnl_primitive_attr_destroy")
 
 
 class PrimitiveDesc:
@@ -354,8 +354,8 @@ class PrimitiveDesc:
     def __repr__(self) -> str:
         return f"PrimitiveDesc({self.kind}, {self.impl_info()})"
 
-    def __del__(self) -> None:
-        _destroy(self, "dnnl_primitive_desc_destroy")
+    def __del__(self, destroy=_destroy) -> None:  # bound now: module globals are gone at exit
+        destroy(self, "dnnl_primitive_desc_destroy")
 
 
 class ExecArgs:
@@ -418,8 +418,8 @@ class Primitive:
         """Convenience for compile time and tests (builds the arguments each call)."""
         self.run(stream, ExecArgs(self.complete_args(args)))
 
-    def __del__(self) -> None:
-        _destroy(self, "dnnl_primitive_destroy")
+    def __del__(self, destroy=_destroy) -> None:  # bound now: module globals are gone at exit
+        destroy(self, "dnnl_primitive_destroy")
 
 
 # ---------------------------------------------------------------- descriptors

@@ -49,19 +49,8 @@ class DnnlProgram:
     weight_bytes: int
     policy: str
     arena: list[torch.Tensor] = field(default_factory=list)
-    threads: int | None = None
 
     def __call__(self, inputs: list) -> list:
-        threads = torch.get_num_threads()
-        if self.threads is not None and self.threads != threads:
-            torch.set_num_threads(self.threads)
-        try:
-            return self._run(inputs)
-        finally:
-            if self.threads is not None and self.threads != threads:
-                torch.set_num_threads(threads)
-
-    def _run(self, inputs: list) -> list:
         for value, tensor in zip(self.inputs, inputs):
             value.bind(tensor if tensor.is_contiguous() else tensor.contiguous())
         for out in self.fresh:
