@@ -119,8 +119,14 @@ class OptimizedModule(torch.nn.Module):
         first = compile_signature(frontend, args, kwargs, config)
         self._programs: dict[Signature, Compiled] = {first.signature: first}
         self._first = first
+        self._fast_calls: dict[tuple, Any] = {}
+        if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
+            self._fast_calls[_tensor_key(args)] = _direct_call(first)
 
     def forward(self, *args, **kwargs):
+        fast = self._fast_calls.get(_tensor_key(args)) if not kwargs else None
+        if fast is not None:
+            return fast(list(args))
         signature, flat = signature_of(args, kwargs)
         compiled = self._programs.get(signature)
         if compiled is None:
@@ -131,6 +137,8 @@ class OptimizedModule(torch.nn.Module):
                                  "Export it again for the new shape")
             compiled = compile_signature(self._frontend, args, kwargs, self._config)
             self._programs[signature] = compiled
+        if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
+            self._fast_calls[_tensor_key(args)] = _direct_call(compiled)
         outputs = compiled.program(flat)
         return tree_unflatten(outputs, compiled.captured.out_spec)
 
@@ -172,6 +180,22 @@ class OptimizedModule(torch.nn.Module):
         lines += [f"missed: {miss}" for miss in self.misses]
         lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)
+
+
+def _tensor_key(args: tuple) -> tuple | None:
+    """A cheap key for calls made of positional CPU tensors only (None otherwise)."""
+    try:
+        return tuple((a.shape, a.dtype, a.device.type) for a in args)
+    except AttributeError:
+        return None
+
+
+def _direct_call(compiled: Compiled):
+    """The program with its outputs restructured, for the all-tensor fast path of ``forward``."""
+    program, spec = compiled.program, compiled.captured.out_spec
+    if spec.is_leaf():
+        return lambda flat: program(flat)[0]
+    return lambda flat: tree_unflatten(program(flat), spec)
 
 
 def _as_args(example_inputs: Any) -> tuple:

@@ -133,7 +133,8 @@ def build_program(gm: fx.GraphModule, policy: str, engine: Engine, stream: Strea
     arena = _attach_memories(builder, _all_values(builder, results), plan)
     calls = [step.make_call(stream) for step in builder.steps]
     text = _program_text(gm, builder, results)
-    return DnnlProgram(engine, stream, inputs, fresh, results, calls, text, plan, builder.weight_bytes, policy, arena)
+    return DnnlProgram(engine, stream, inputs, fresh, results, calls, text, plan, builder.weight_bytes, policy, arena,
+                       [step.text for step in builder.steps])
 
 
 def _program_text(gm: fx.GraphModule, builder: Builder, results: list) -> str:

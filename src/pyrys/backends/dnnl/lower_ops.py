@@ -28,7 +28,11 @@ aten = torch.ops.aten
 
 
 def same_layout_md(value: Value, shape) -> MemoryDesc:
-    """A descriptor for ``shape`` in the same kind of layout as ``value`` (policy tag or plain)."""
+    """A descriptor for ``shape`` in the same kind of layout as ``value`` (policy tag or plain).
+
+    A broadcast operand in its partner's layout keeps oneDNN on its fast per-channel paths
+    (a plain ``(1, C, 1, 1)`` next to a blocked tensor sends binary ops to the reference kernel).
+    """
     layout = value.layout()
     for tags in POLICY_TAGS.values():
         for tag in tags.values():
@@ -96,7 +100,7 @@ def lower_binary(builder: Builder, node: fx.Node) -> None:
         raise Unsupported("the first operand is broadcast")
     x = builder.value_of(a)
     y = builder.value_of(b)
-    y = builder.convert(y, x.md if tuple(y.md.dims) == tuple(x.md.dims) else _broadcast_md(y, x.md.ndims))
+    y = builder.convert(y, same_layout_md(x, _broadcast_dims(y, x.md.ndims)))
     pd = binary_pd(builder.engine, BINARY_ALGS[node.target], x.md, y.md, x.md)
     result = builder.define(node, pd.dst_md())
     label = f"dnnl::{node.target._schema.name.split('::')[1]}"
@@ -104,9 +108,9 @@ def lower_binary(builder: Builder, node: fx.Node) -> None:
     builder.add_primitive(text, pd, {ARG_SRC: x, ARG_SRC_1: y, ARG_DST: result}, [x, y], [result])
 
 
-def _broadcast_md(value: Value, ndims: int) -> MemoryDesc:
-    dims = [1] * (ndims - value.md.ndims) + list(value.md.dims)
-    return plain_md(dims, torch.float32)
+def _broadcast_dims(value: Value, ndims: int) -> list[int]:
+    """The operand's dims with leading 1s up to ``ndims`` (oneDNN broadcasts along dims of size 1)."""
+    return [1] * (ndims - value.md.ndims) + list(value.md.dims)
 
 
 def _linear(builder: Builder, node: fx.Node, x: Value, alpha: float, beta: float) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from torch.utils._pytree import tree_leaves
 
 from pyrys.backends.dnnl.builder import Builder, Unsupported
-from pyrys.backends.dnnl.constants import AlgKind
+from pyrys.backends.dnnl.constants import AlgKind, FormatTag
 from pyrys.backends.dnnl.layout import plain_md
 from pyrys.backends.dnnl.primitives import DNNL_TO_TORCH, MemoryDesc, PostOps
 from pyrys.backends.dnnl.values import PLANNED, Value
@@ -97,7 +97,15 @@ def _append_binary(builder: Builder, chain: Chain, name: str, operand: Operand, 
     if name not in BINARY:
         raise Unsupported(f"binary post-op {name} has no oneDNN equivalent")
     value = operand.value
-    same_shape = tuple(value.md.dims) == tuple(dst_md.dims)
-    md = dst_md if same_shape else plain_md(value.md.dims, DNNL_TO_TORCH[value.md.dtype])
+    dims = [1] * (dst_md.ndims - value.md.ndims) + list(value.md.dims)
+    md = dst_md if tuple(dims) == tuple(dst_md.dims) else _like(dst_md, dims)
     index = chain.post_ops.append_binary(BINARY[name], md)
     chain.binary_operands[index] = builder.convert(value, md)
+
+
+def _like(dst_md: MemoryDesc, dims: list[int]) -> MemoryDesc:
+    """A broadcast operand's descriptor in the destination's layout (plain if the destination is)."""
+    tag = dst_md.layout_tag()
+    if tag in FormatTag.__members__ and len(dims) == dst_md.ndims:
+        return MemoryDesc.from_tag(dims, dst_md.dtype, FormatTag[tag])
+    return plain_md(dims, DNNL_TO_TORCH[dst_md.dtype])

@@ -6,6 +6,7 @@ Nothing else happens per call: no lookups, no descriptor work, no dispatch.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -49,15 +50,30 @@ class DnnlProgram:
     weight_bytes: int
     policy: str
     arena: list[torch.Tensor] = field(default_factory=list)
+    step_texts: list[str] = field(default_factory=list)
 
     def __call__(self, inputs: list) -> list:
+        self._bind(inputs)
+        for call in self.calls:
+            call()
+        return [r.current if isinstance(r, Value) else r for r in self.results]
+
+    def _bind(self, inputs: list) -> None:
         for value, tensor in zip(self.inputs, inputs):
             value.bind(tensor if tensor.is_contiguous() else tensor.contiguous())
         for out in self.fresh:
             out.value.bind(torch.empty_strided(out.shape, out.strides, dtype=out.dtype))
-        for call in self.calls:
-            call()
-        return [r.current if isinstance(r, Value) else r for r in self.results]
+
+    def profile(self, inputs: list, runs: int = 20) -> list[tuple[str, float]]:
+        """Median microseconds of every step over ``runs`` calls, with the step's program line."""
+        samples = [[] for _ in self.calls]
+        for _ in range(runs):
+            self._bind(inputs)
+            for call, times in zip(self.calls, samples):
+                start = time.perf_counter()
+                call()
+                times.append(time.perf_counter() - start)
+        return [(text, sorted(t)[len(t) // 2] * 1e6) for text, t in zip(self.step_texts, samples)]
 
     @property
     def peak_activation_bytes(self) -> int:
