@@ -78,6 +78,11 @@ CASES = {
                       [rand(2, 8, 4, 4)]),
     "views": (lambda: Fn(lambda m, x: m.l(torch.flatten(torch.relu(m.c(x)), 1)), c=nn.Conv2d(3, 4, 3), l=nn.Linear(36, 5)),
               [rand(1, 3, 5, 5)]),
+    "permute_layer_norm": (lambda: Fn(lambda m, x: m.n(m.c(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2) + x,
+                                      c=nn.Conv2d(8, 8, 3, padding=1, groups=8), n=nn.LayerNorm(8)),
+                           [rand(1, 8, 6, 6)]),
+    "channel_shuffle": (lambda: Fn(lambda m, x: torch.flatten(m.c(x).view(1, 2, 4, 5, 5).transpose(1, 2), 1, 2) * 2,
+                                   c=nn.Conv2d(8, 8, 1)), [rand(1, 8, 5, 5)]),
     "fallback_op": (lambda: Fn(lambda m, x: torch.cumsum(m.c(x), dim=1), c=nn.Conv2d(3, 4, 3)), [rand(1, 3, 5, 5)]),
     "tuple_fallback": (lambda: Fn(lambda m, x: sum(torch.split(m.c(x), 2, dim=1)), c=nn.Conv2d(3, 4, 1)),
                        [rand(1, 3, 5, 5)]),
@@ -98,11 +103,12 @@ def test_primitive_matches_eager(name):
 
 @pytest.mark.parametrize("name, label", [
     ("conv2d", "dnnl::conv2d"), ("conv_transpose2d", "dnnl::conv_transpose2d"), ("linear", "dnnl::linear"),
-    ("max_pool", "dnnl::pooling_max"), ("global_avg_pool", "dnnl::pooling_avg"), ("mean", "dnnl::reduction_mean"),
-    ("binary_broadcast", "dnnl::mul"), ("scalar_ops", "dnnl::linear_eltwise"), ("concat", "dnnl::concat"),
+    ("max_pool", "dnnl::pooling_max"), ("global_avg_pool", "dnnl::pooling_avg"), ("mean", "dnnl::pooling_avg"),
+    ("binary_broadcast", "dnnl::mul"), ("mean_keepdim", "dnnl::pooling_avg"), ("scalar_ops", "dnnl::linear_eltwise"), ("concat", "dnnl::concat"),
     ("softmax", "dnnl::softmax"), ("layer_norm", "dnnl::layer_norm"), ("batch_norm_unfolded", "dnnl::batch_norm"),
     ("upsample_nearest", "dnnl::resampling_nearest"), ("upsample_bilinear", "dnnl::resampling_linear"),
     ("eltwise_chain", "dnnl::hardswish"), ("conv_relu6", "dnnl::conv2d_clamp"),
+    ("permute_layer_norm", "dnnl::layer_norm"), ("channel_shuffle", "dnnl::reorder"),
 ])
 def test_each_kind_is_lowered_to_onednn(name, label):
     make, inputs = CASES[name]
@@ -220,3 +226,19 @@ def test_bad_threads_and_layout_options_are_rejected():
         pyrys.optimize(seeded(make()), tuple(inputs), threads=0)
     with pytest.raises(ValueError, match="layout must be one of"):
         pyrys.optimize(seeded(make()), tuple(inputs), layout="nchw16")
+
+
+def test_permutes_are_free_views_between_channels_last_ops():
+    make, inputs = CASES["permute_layer_norm"]
+    opt = pyrys.optimize(seeded(make()), tuple(inputs), backend="dnnl", layout="nhwc")
+    text = opt.program_text()
+    assert "torch::permute" not in text
+    assert "dnnl::reorder[format_info=[acdb -> abcd]](%conv2d" not in text  # the nhwc conv output is read as is
+
+
+def test_mean_over_other_dims_is_a_reduction():
+    model = seeded(Fn(lambda m, x: x.mean(1)))
+    x = rand(2, 8, 5)
+    opt = pyrys.optimize(model, (x,), backend="dnnl")
+    assert "dnnl::reduction_mean" in opt.program_text()
+    assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE

@@ -72,6 +72,7 @@ FUNCTIONS: tuple[tuple[str, Any, tuple], ...] = (
     ("dnnl_memory_desc_create_with_tag", status_t, (handle_p, c_int, Dims, enum_t, enum_t)),
     ("dnnl_memory_desc_create_with_strides", status_t, (handle_p, c_int, Dims, enum_t, Dims)),
     ("dnnl_memory_desc_reshape", status_t, (handle_p, c_void_p, c_int, Dims)),
+    ("dnnl_memory_desc_permute_axes", status_t, (handle_p, c_void_p, POINTER(c_int))),
     ("dnnl_memory_desc_clone", status_t, (handle_p, c_void_p)),
     ("dnnl_memory_desc_destroy", status_t, (c_void_p,)),
     ("dnnl_memory_desc_query", status_t, (c_void_p, enum_t, c_void_p)),

@@ -96,11 +96,10 @@ def lower_binary(builder: Builder, node: fx.Node) -> None:
     check_dtype(a.meta["val"], b.meta["val"])
     if tuple(a.meta["val"].shape) != tuple(out.shape) and node.target in (aten.add.Tensor, aten.mul.Tensor):
         a, b = b, a  # commutative: put the full-shape operand first
-    if tuple(a.meta["val"].shape) != tuple(out.shape):
-        raise Unsupported("the first operand is broadcast")
+    if tuple(a.meta["val"].shape) != tuple(out.shape) or builder.constant(a) is not None:
+        raise Unsupported("the first operand is broadcast or constant")
     x = builder.value_of(a)
-    y = builder.value_of(b)
-    y = builder.convert(y, same_layout_md(x, _broadcast_dims(y, x.md.ndims)))
+    y = _second_operand(builder, b, x)
     pd = binary_pd(builder.engine, BINARY_ALGS[node.target], x.md, y.md, x.md)
     result = builder.define(node, pd.dst_md())
     label = f"dnnl::{node.target._schema.name.split('::')[1]}"
@@ -108,9 +107,18 @@ def lower_binary(builder: Builder, node: fx.Node) -> None:
     builder.add_primitive(text, pd, {ARG_SRC: x, ARG_SRC_1: y, ARG_DST: result}, [x, y], [result])
 
 
-def _broadcast_dims(value: Value, ndims: int) -> list[int]:
-    """The operand's dims with leading 1s up to ``ndims`` (oneDNN broadcasts along dims of size 1)."""
-    return [1] * (ndims - value.md.ndims) + list(value.md.dims)
+def _broadcast_dims(shape, ndims: int) -> list[int]:
+    """``shape`` with leading 1s up to ``ndims`` (oneDNN broadcasts along dims of size 1)."""
+    return [1] * (ndims - len(shape)) + [int(s) for s in shape]
+
+
+def _second_operand(builder: Builder, node: fx.Node, x: Value) -> Value:
+    """The second operand in ``x``'s layout: reordered once now if constant, else where needed."""
+    md = same_layout_md(x, _broadcast_dims(node.meta["val"].shape, x.md.ndims))
+    constant = builder.constant(node)
+    if constant is not None:
+        return builder.constant_value(constant, md, node.name)
+    return builder.convert(builder.value_of(node), md)
 
 
 def _linear(builder: Builder, node: fx.Node, x: Value, alpha: float, beta: float) -> None:
@@ -128,7 +136,13 @@ def _pool_padding(size: int, out: int, kernel: int, stride: int, pad: int, dilat
 def _pool(builder: Builder, node: fx.Node, alg: AlgKind, kernel, stride, padding, dilation=None) -> None:
     x = builder.value_of(node.args[0])
     check_dtype(node.args[0].meta["val"], node.meta["val"])
-    out_shape = node.meta["val"].shape
+    out = builder.define(node, None)
+    _pool_into(builder, node, out, x, alg, kernel, stride, padding, node.meta["val"].shape, dilation)
+
+
+def _pool_into(builder: Builder, node: fx.Node, out: Value, x: Value, alg: AlgKind, kernel, stride, padding,
+               out_shape, dilation=None) -> None:
+    """Pooling of ``x`` into ``out`` (whose descriptor is set here)."""
     rank = len(kernel)
     in_spatial, out_spatial = x.md.dims[2:], out_shape[2:]
     dilation = dilation or [1] * rank
@@ -139,7 +153,7 @@ def _pool(builder: Builder, node: fx.Node, alg: AlgKind, kernel, stride, padding
     dst_md = same_layout_md(x, out_shape)
     pd = pooling_pd(builder.engine, alg, x.md, dst_md, kernel=kernel, strides=stride, padding_l=padding,
                     padding_r=right, dilation=dilation)
-    out = builder.define(node, pd.dst_md())
+    out.md = pd.dst_md()
     text = node_text(node, f"dnnl::{alg.name}", f"kernel={list(kernel)}, format_info=[{x.layout()}]", [f"%{x.name}"])
     builder.add_primitive(text, pd, {ARG_SRC: x, ARG_DST: out}, [x], [out])
 
@@ -178,24 +192,47 @@ def lower_adaptive_avg_pool(builder: Builder, node: fx.Node) -> None:
     _pool(builder, node, AlgKind.pooling_avg_exclude_padding, kernel, kernel, [0] * len(kernel))
 
 
+def _is_global_pool(x: Value, reduced: list[int]) -> bool:
+    """Reducing every spatial dim of an (N, C, spatial...) tensor: a global average pooling."""
+    return x.md.ndims >= 3 and sorted(d % x.md.ndims for d in reduced) == list(range(2, x.md.ndims))
+
+
 def lower_mean(builder: Builder, node: fx.Node) -> None:
+    """Mean over dims: global average pooling when it reduces the spatial dims (fast in every
+    layout), else a reduction on the plain layout."""
     a = op_args(node)
     source = node.args[0]
-    x = builder.value_of(source)
     check_dtype(source.meta["val"], node.meta["val"])
     if a.get("dtype") is not None:
         raise Unsupported("dtype")
+    x = builder.value_of(source)
     dims = list(x.md.dims)
-    for d in a["dim"] or range(len(dims)):
+    reduced = list(a["dim"] or range(len(dims)))
+    for d in reduced:
         dims[d % len(dims)] = 1
+    if _is_global_pool(x, reduced):
+        kernel = list(x.md.dims[2:])
+        keepdim = Value(f"{node.name}.keepdim", None)
+        builder.values[node] = keepdim
+        _pool_into(builder, node, keepdim, x, AlgKind.pooling_avg_exclude_padding, kernel, kernel, [0] * len(kernel),
+                   dims)
+    else:
+        x = builder.to_plain(x)
+        keepdim = _reduce(builder, node, x, dims)
+    out_shape = node.meta["val"].shape
+    if not a["keepdim"]:
+        plain = builder.to_plain(keepdim)
+        builder.values[node] = Value(node.name, plain_md(out_shape, torch.float32), ALIAS, plain)
+
+
+def _reduce(builder: Builder, node: fx.Node, x: Value, dims: list[int]) -> Value:
     dst_md = plain_md(dims, torch.float32)
     pd = reduction_pd(builder.engine, AlgKind.reduction_mean, x.md, dst_md)
     reduced = Value(f"{node.name}.keepdim", pd.dst_md())
     text = node_text(node, "dnnl::reduction_mean", f"format_info=[{x.layout()}]", [f"%{x.name}"])
     builder.add_primitive(text, pd, {ARG_SRC: x, ARG_DST: reduced}, [x], [reduced])
-    out_shape = node.meta["val"].shape
-    builder.values[node] = reduced if a["keepdim"] else Value(node.name, plain_md(out_shape, torch.float32),
-                                                              ALIAS, reduced)
+    builder.values[node] = reduced
+    return reduced
 
 
 def lower_cat(builder: Builder, node: fx.Node) -> None:
@@ -305,6 +342,36 @@ def lower_view(builder: Builder, node: fx.Node) -> None:
     builder.values[node] = Value(node.name, plain_md(meta.shape, meta.dtype), ALIAS, plain)
 
 
+def _permutation(node: fx.Node) -> list[int]:
+    rank = node.meta["val"].dim()
+    if node.target is aten.transpose.int:
+        order = list(range(rank))
+        first, second = node.args[1] % rank, node.args[2] % rank
+        order[first], order[second] = order[second], order[first]
+        return order
+    return [d % rank for d in node.args[1]]
+
+
+def lower_permute(builder: Builder, node: fx.Node) -> None:
+    """A permute is an alias with permuted axes: no data moves until a consumer needs another layout."""
+    source = builder.value_of(node.args[0])
+    if source.root.kind != PLANNED:
+        raise Unsupported("permute of a dynamic tensor")
+    check_dtype(node.meta["val"])
+    builder.values[node] = Value(node.name, source.md.permute(_permutation(node)), ALIAS, source)
+
+
+def lower_clone(builder: Builder, node: fx.Node) -> None:
+    """Nothing writes in place in an inference graph, so a clone is a view in the requested layout."""
+    memory_format = node.kwargs.get("memory_format", torch.contiguous_format)
+    if memory_format not in (torch.contiguous_format, torch.preserve_format, None):
+        raise Unsupported(f"clone to {memory_format}")
+    source = builder.value_of(node.args[0])
+    check_dtype(node.meta["val"])
+    plain = builder.to_plain(source) if memory_format == torch.contiguous_format else source
+    builder.values[node] = Value(node.name, plain.md, ALIAS, plain)
+
+
 def lower_getitem(builder: Builder, node: fx.Node) -> None:
     raise Unsupported("getitem runs in torch")
 
@@ -333,5 +400,8 @@ LOWERINGS = {
     aten.upsample_bilinear2d.default: lower_upsample,
     aten.upsample_nearest2d.vec: lower_upsample,
     aten.upsample_bilinear2d.vec: lower_upsample,
+    aten.permute.default: lower_permute,
+    aten.clone.default: lower_clone,
+    aten.transpose.int: lower_permute,
     operator.getitem: lower_getitem,
 }

@@ -63,10 +63,12 @@ class Operand:
 
 
 def operand_of(builder: Builder, node) -> Operand:
-    """The operand is exclusive when its one user reads it once (``conv(x) + x`` reads ``x`` twice)."""
+    """The operand is exclusive when its one user reads it once (``conv(x) + x`` reads ``x`` twice)
+    and it is no view of another value (whose other readers would see the overwrite)."""
     (user, *others) = node.users
     reads = sum(1 for arg in tree_leaves((user.args, user.kwargs)) if arg is node)
-    return Operand(builder.value_of(node), not others and reads == 1)
+    value = builder.value_of(node)
+    return Operand(value, not others and reads == 1 and value.alias_of is None)
 
 
 def can_sum_into(operand: Operand, dst_md: MemoryDesc) -> bool:

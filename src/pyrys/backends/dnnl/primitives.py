@@ -131,6 +131,16 @@ class MemoryDesc:
         check(status, "dnnl_memory_desc_reshape", f"{self.format_summary()} -> {tuple(dims)}")
         return MemoryDesc(handle)
 
+    def permute(self, dims: Sequence[int]) -> MemoryDesc:
+        """The same memory seen through ``torch.permute(dims)`` (no data moves)."""
+        inverse = [0] * len(dims)
+        for position, axis in enumerate(dims):
+            inverse[axis] = position  # oneDNN: out.dims[perm[i]] = in.dims[i]
+        handle = c_void_p()
+        status = self._lib.dnnl_memory_desc_permute_axes(byref(handle), self.handle, (c_int * len(dims))(*inverse))
+        check(status, "dnnl_memory_desc_permute_axes", f"{self.format_summary()} permute {tuple(dims)}")
+        return MemoryDesc(handle)
+
     def _query_int(self, what: Query) -> int:
         result = c_int()
         check(self._lib.dnnl_memory_desc_query(self.handle, what, byref(result)), "dnnl_memory_desc_query", what.name)
