@@ -120,3 +120,15 @@ def test_consecutive_constant_ops_merge(run_passes):
     assert result.fired("fold_constant_affine") == {"merge_affine": 4}
     assert result.after == CHAIN_MERGED
     assert result.error() <= TOLERANCE
+
+
+def test_constant_check_handles_deep_graphs():
+    """A recursive walk overflowed the stack on ResNet-152; the check must be iterative."""
+    from pyrys.passes.fold_constant_affine import constant_expr
+
+    graph = torch.fx.Graph()
+    value = graph.placeholder("x")
+    for _ in range(3000):
+        value = graph.call_function(torch.ops.aten.relu.default, (value,))
+    graph.output(value)
+    assert constant_expr(value) is False

@@ -55,11 +55,26 @@ class AffineOp:
 
 
 def constant_expr(arg) -> bool:
-    """A constant, or a pure op on constants not evaluated yet (a fold node, a merged constant)."""
-    if isinstance(arg, fx.Node) and arg.op == "call_function":
-        pure = not arg.is_impure() and torch.Tag.nondeterministic_seeded not in getattr(arg.target, "tags", ())
-        return pure and all(constant_expr(a) for a in arg.all_input_nodes)
-    return is_constant(arg)
+    """A constant, or a pure op on constants not evaluated yet (a fold node, a merged constant).
+
+    Walks the producers iteratively, each once, and stops at the first non-constant one
+    (a recursive walk overflowed the stack on ResNet-152's depth)."""
+    if not isinstance(arg, fx.Node):
+        return is_constant(arg)
+    pending, seen = [arg], set()
+    while pending:
+        node = pending.pop()
+        if node in seen or node.op == "get_attr":
+            continue
+        seen.add(node)
+        if node.op != "call_function" or not _pure(node):
+            return False
+        pending.extend(node.all_input_nodes)
+    return True
+
+
+def _pure(node: fx.Node) -> bool:
+    return not node.is_impure() and torch.Tag.nondeterministic_seeded not in getattr(node.target, "tags", ())
 
 
 def _constant_operand(arg) -> bool:
