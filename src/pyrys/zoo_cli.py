@@ -115,11 +115,16 @@ def run_zoo_command(args: argparse.Namespace) -> int:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("zoo", total=len(names) * len(backends))
+        done: list[zoo.ZooRow] = []
 
         def on_row(row: zoo.ZooRow) -> None:
             status = "pass" if row.passed else f"FAIL {row.failure}"
             progress.console.print(escape(f"{row.model} [{row.backend}]: error {_format_error(row)} {status}"))
             progress.update(task, advance=1, description=row.model)
+            done.append(row)
+            if args.markdown:  # kept current, so a long run that is stopped still leaves its rows
+                with open(args.markdown, "w") as f:
+                    f.write(markdown(done) + f"\n\n(in progress: {len(done)} of {len(names) * len(backends)} rows)\n")
 
         rows = zoo.run_zoo(names, backends, on_row)
     console.print(_table(rows))

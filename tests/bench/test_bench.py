@@ -79,6 +79,15 @@ def test_writes_csv_json_and_png(bench_output):
     assert [row["system"] for row in data["rows"]] == systems
 
 
+def test_writes_markdown_with_one_row_per_system_and_the_command(bench_output):
+    out, systems = bench_output
+    text = (out / "bench.md").read_text()
+    assert text.startswith("Command: `pyrys bench ")
+    table_rows = [line for line in text.splitlines() if line.startswith("| ") and line.split("|")[1].strip() in systems]
+    assert [line.split("|")[1].strip() for line in table_rows] == systems
+    assert "vs onnxruntime" in text or "onnxruntime" not in systems
+
+
 def test_table_has_one_row_per_system(bench_output):
     out, systems = bench_output
     data = json.loads((out / "bench.json").read_text())

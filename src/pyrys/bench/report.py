@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
+from pyrys.bench.markdown import command_line, write_markdown
 from pyrys.bench.measure import SystemResult
 
 COLUMNS = ["model", "batch", "system", "status", "median_ms", "p10_ms", "p90_ms", "vs_eager",
@@ -167,10 +168,11 @@ def _draw_bars(ax, rows: list[dict], groups: list[str], systems: list[str]) -> N
 
 
 def write_all(rows: list[dict], machine: dict, out_dir: Path) -> dict[str, Path]:
-    """Write CSV, JSON and PNG into ``out_dir``; return their paths."""
+    """Write CSV, JSON, Markdown and PNG into ``out_dir``; return their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {kind: out_dir / f"bench.{kind}" for kind in ("csv", "json", "png")}
+    paths = {kind: out_dir / f"bench.{kind}" for kind in ("csv", "json", "md", "png")}
     write_csv(rows, paths["csv"])
     write_json(rows, machine, paths["json"])
+    write_markdown(rows, machine, command_line(), paths["md"])
     write_chart(rows, machine, paths["png"])
     return paths

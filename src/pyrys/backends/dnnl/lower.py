@@ -100,22 +100,25 @@ def _all_values(builder: Builder, extra: list) -> list[Value]:
 
 
 def _attach_memories(builder: Builder, values: list[Value], plan) -> list[torch.Tensor]:
+    """Give every value its dnnl memory: planned ones in their buffer, dynamic ones unbound."""
     arena = [torch.empty(max(size, 64), dtype=torch.uint8) for size in plan.buffer_sizes]
+    unwritten: dict[Value, torch.Tensor] = {}  # planned values no step writes (read as they are)
     for value in values:
         if value.kind == CONSTANT or value.md is None:
             continue
         root = value.root
         if root.kind == PLANNED:
-            storage = arena[plan.assignment[root]] if root in plan.assignment else torch.empty(root.nbytes, dtype=torch.uint8)
+            if root in plan.assignment:
+                storage = arena[plan.assignment[root]]
+            else:
+                storage = unwritten.setdefault(root, torch.zeros(max(root.nbytes, 64), dtype=torch.uint8))
             value.attach(builder.engine, storage.data_ptr())
             value.current = value.torch_view(storage)
-            if root not in plan.assignment:
-                arena.append(storage)
         else:
-            value.attach(builder.engine, None)
+            value.attach(builder.engine, 0)  # no memory of its own: bound to each call's tensor
             if value.kind == ALIAS:
                 root.aliases.append(value)
-    return arena
+    return arena + list(unwritten.values())
 
 
 def build_program(gm: fx.GraphModule, policy: str, engine: Engine, stream: Stream) -> DnnlProgram:

@@ -26,6 +26,7 @@ class Value:
     current: torch.Tensor | None = None  # a torch view of the bytes (plain layouts), or the dynamic tensor
     aliases: list = field(default_factory=list)  # aliases of a dynamic value, re-pointed with it
     borrows: list = field(default_factory=list)  # values whose bytes this one may view (torch fallback results)
+    view_shape: tuple | None = None  # set by attach: the torch shape of a plain layout (None otherwise)
 
     @property
     def nbytes(self) -> int:
@@ -50,20 +51,19 @@ class Value:
         """The format tag, e.g. ``abcd`` (plain), ``acdb`` (nhwc), ``aBcd16b`` (blocked)."""
         return self.md.layout_tag() if self.md.format_kind.name == "blocked" else self.md.format_kind.name
 
-    def torch_view(self, storage: torch.Tensor, offset: int = 0) -> torch.Tensor | None:
+    def torch_view(self, storage: torch.Tensor) -> torch.Tensor | None:
         """A tensor over ``storage`` (bytes) with this value's dims; only for plain contiguous layouts."""
-        if not self.plain:
+        if self.view_shape is None:
             return None
-        dtype = DNNL_TO_TORCH[self.md.dtype]
         count = 1
-        for d in self.md.dims:
+        for d in self.view_shape:
             count *= d
-        flat = storage[offset:offset + self.nbytes].view(dtype)[:count]
-        return flat.view(self.md.dims)
+        return storage[:self.nbytes].view(DNNL_TO_TORCH[self.md.dtype])[:count].view(self.view_shape)
 
     def attach(self, engine: Engine, ptr: int) -> None:
-        """Create this value's dnnl memory over ``ptr``."""
+        """Create this value's dnnl memory over ``ptr`` (0 for a dynamic value, bound each call)."""
         self.memory = Memory(engine, self.md, ptr)
+        self.view_shape = tuple(self.md.dims) if self.plain else None
 
     def bind(self, tensor: torch.Tensor) -> None:
         """Point a dynamic value (and its aliases) at this call's tensor."""
@@ -71,4 +71,4 @@ class Value:
         if self.memory is not None:
             self.memory.set_handle(tensor.data_ptr())
         for alias in self.aliases:
-            alias.bind(tensor.view(alias.md.dims) if alias.plain else tensor)
+            alias.bind(tensor.view(alias.view_shape) if alias.view_shape is not None else tensor)
