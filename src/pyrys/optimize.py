@@ -12,7 +12,8 @@ import torch.fx as fx
 from torch.export import ExportedProgram
 from torch.utils._pytree import tree_unflatten
 
-from pyrys.backends import LAYOUTS, BackendOptions, get_backend
+from pyrys.backends import get_backend
+from pyrys.backends.options import LAYOUTS, BackendOptions
 from pyrys.capture.export import Captured, capture_module
 from pyrys.capture.exported_program import capture_exported, exported_example_inputs
 from pyrys.capture.torchscript import capture_torchscript, is_torchscript

@@ -1,4 +1,3 @@
-import torch
 
 from tests.conftest import TOLERANCE
 from tests.models import conv_bn_relu, image

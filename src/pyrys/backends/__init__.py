@@ -10,7 +10,7 @@ from typing import Callable
 import torch.fx as fx
 
 from pyrys.backends import reference
-from pyrys.backends.options import LAYOUTS, BackendOptions
+from pyrys.backends.options import BackendOptions
 
 Program = Callable[[list], list]
 BackendCompile = Callable[[fx.GraphModule, list, BackendOptions], Program]

@@ -9,7 +9,7 @@ import torch.fx as fx
 from pyrys.backends.dnnl.constants import ARG_FROM, ARG_TO
 from pyrys.backends.dnnl.layout import plain_md
 from pyrys.backends.dnnl.primitives import (
-    Engine, MemoryDesc, Primitive, PrimitiveDesc, Stream, dnnl_dtype, reorder_pd, tensor_memory, to_layout,
+    DNNL_TO_TORCH, Engine, MemoryDesc, Primitive, PrimitiveDesc, Stream, dnnl_dtype, reorder_pd, tensor_memory, to_layout,
 )
 from pyrys.backends.dnnl.program import Step
 from pyrys.backends.dnnl.values import CONSTANT, PLANNED, Value
@@ -65,7 +65,7 @@ class Builder:
         return self.converted[key]
 
     def to_plain(self, value: Value) -> Value:
-        return self.convert(value, plain_md(value.md.dims, _torch_dtype(value.md)))
+        return self.convert(value, plain_md(value.md.dims, DNNL_TO_TORCH[value.md.dtype]))
 
     def _reorder(self, value: Value, md: MemoryDesc) -> Value:
         out = Value(f"{value.name}.reorder", md)
@@ -97,12 +97,6 @@ class Builder:
         del self.steps[count:]
         self.converted, self.weight_bytes = converted, weight_bytes
         self.values.pop(node, None)
-
-
-def _torch_dtype(md: MemoryDesc) -> torch.dtype:
-    from pyrys.backends.dnnl.primitives import DNNL_TO_TORCH
-
-    return DNNL_TO_TORCH[md.dtype]
 
 
 def _md_type(md: MemoryDesc) -> str:

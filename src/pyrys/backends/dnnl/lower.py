@@ -15,10 +15,10 @@ import torch.fx as fx
 
 from pyrys.backends.dnnl import binding
 from pyrys.backends.options import BackendOptions, ThreadPinned
-from pyrys.backends.dnnl.builder import Builder, Unsupported, node_text
+from pyrys.backends.dnnl.builder import Builder, Unsupported
 from pyrys.backends.dnnl.constants import ARG_FROM, ARG_TO
 from pyrys.backends.dnnl.fallback import lower_fallback
-from pyrys.backends.dnnl.layout import candidate_policies, contiguous_strides, plain_md
+from pyrys.backends.dnnl.layout import candidate_policies, plain_md
 from pyrys.backends.dnnl.lower_conv import FUSED_CONV_TRANSPOSE, lower_conv, lower_deconv, lower_linear
 from pyrys.backends.dnnl.lower_ops import LOWERINGS as OP_LOWERINGS
 from pyrys.backends.dnnl.memory_plan import plan_memory
