@@ -12,39 +12,15 @@ import importlib
 import torch
 from torch import nn
 
-INPUT_SIZE = {"inception_v3": 299}
-
-
-def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BatchNorm realistic random stats and affine params, seeded."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                _randomize_one(module, generator)
-    return model
-
-
-def _randomize_one(bn: nn.modules.batchnorm._BatchNorm, generator: torch.Generator) -> None:
-    """mean ~ N(0, 0.1), var ~ U(0.5, 1.5), weight ~ U(0.5, 1.5), bias ~ N(0, 0.1)."""
-    n = bn.num_features
-    if bn.running_mean is not None:
-        bn.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
-        bn.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-    if bn.affine:
-        bn.weight.copy_(torch.rand(n, generator=generator) + 0.5)
-        bn.bias.copy_(torch.randn(n, generator=generator) * 0.1)
-
+from pyrys.testing import randomize_batchnorm, torchvision_model
+from pyrys.zoo import INPUT_SIZES
 
 def build_model(name: str) -> nn.Module:
     """A torchvision model by name, or ``pkg.module:factory`` returning an nn.Module."""
-    if ":" in name:
-        module_name, attr = name.split(":", 1)
-        model = getattr(importlib.import_module(module_name), attr)()
-    else:
-        import torchvision
-
-        model = torchvision.models.get_model(name, weights=None)
+    if ":" not in name:
+        return torchvision_model(name)
+    module_name, attr = name.split(":", 1)
+    model = getattr(importlib.import_module(module_name), attr)()
     return randomize_batchnorm(model).eval()
 
 
@@ -52,7 +28,7 @@ def example_inputs(name: str, batch_size: int, model: nn.Module | None = None) -
     """Seeded random image inputs; a model may override with ``example_inputs(batch)``."""
     if model is not None and hasattr(model, "example_inputs"):
         return tuple(model.example_inputs(batch_size))
-    size = INPUT_SIZE.get(name, 224)
+    size = INPUT_SIZES.get(name, 224)
     generator = torch.Generator().manual_seed(1)
     return (torch.randn(batch_size, 3, size, size, generator=generator),)
 
