@@ -242,3 +242,12 @@ def test_mean_over_other_dims_is_a_reduction():
     opt = pyrys.optimize(model, (x,), backend="dnnl")
     assert "dnnl::reduction_mean" in opt.program_text()
     assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE
+
+
+def test_split_parts_are_views_of_the_source():
+    model = seeded(Fn(lambda m, x: torch.cat([m.a(torch.split(m.c(x), [3, 5], 1)[1]), torch.split(m.c(x), [3, 5], 1)[0]], 1),
+                      c=nn.Conv2d(4, 8, 1), a=nn.Conv2d(5, 5, 3, padding=1)))
+    x = rand(1, 4, 6, 6)
+    opt = pyrys.optimize(model, (x,), backend="dnnl", layout="nhwc")
+    assert "torch::split" not in opt.program_text()
+    assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE

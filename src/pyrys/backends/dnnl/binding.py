@@ -73,6 +73,7 @@ FUNCTIONS: tuple[tuple[str, Any, tuple], ...] = (
     ("dnnl_memory_desc_create_with_strides", status_t, (handle_p, c_int, Dims, enum_t, Dims)),
     ("dnnl_memory_desc_reshape", status_t, (handle_p, c_void_p, c_int, Dims)),
     ("dnnl_memory_desc_permute_axes", status_t, (handle_p, c_void_p, POINTER(c_int))),
+    ("dnnl_memory_desc_create_submemory", status_t, (handle_p, c_void_p, Dims, Dims)),
     ("dnnl_memory_desc_clone", status_t, (handle_p, c_void_p)),
     ("dnnl_memory_desc_destroy", status_t, (c_void_p,)),
     ("dnnl_memory_desc_query", status_t, (c_void_p, enum_t, c_void_p)),

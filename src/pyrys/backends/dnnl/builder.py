@@ -24,6 +24,7 @@ class Builder:
     def __init__(self, gm: fx.GraphModule, policy: str, engine: Engine, stream: Stream):
         self.gm, self.policy, self.engine, self.stream = gm, policy, engine, stream
         self.values: dict[fx.Node, Value] = {}
+        self.parts: dict[fx.Node, list[Value]] = {}  # the tensors of a tuple-valued node (split)
         self.steps: list[Step] = []
         self.converted: dict[tuple, Value] = {}
         self.weight_bytes = 0
@@ -97,6 +98,7 @@ class Builder:
         del self.steps[count:]
         self.converted, self.weight_bytes = converted, weight_bytes
         self.values.pop(node, None)
+        self.parts.pop(node, None)
 
 
 def _md_type(md: MemoryDesc) -> str:

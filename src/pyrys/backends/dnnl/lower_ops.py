@@ -372,8 +372,26 @@ def lower_clone(builder: Builder, node: fx.Node) -> None:
     builder.values[node] = Value(node.name, plain.md, ALIAS, plain)
 
 
+def lower_split(builder: Builder, node: fx.Node) -> None:
+    """Each part of a split is an alias of a slice of the source (a sub-memory descriptor)."""
+    source = builder.value_of(node.args[0])
+    if source.root.kind != PLANNED:
+        raise Unsupported("split of a dynamic tensor")
+    dim = (node.args[2] if len(node.args) > 2 else 0) % source.md.ndims
+    offsets, parts = [0] * source.md.ndims, []
+    for index, meta in enumerate(node.meta["val"]):
+        check_dtype(meta)
+        md = source.md.submemory(list(meta.shape), offsets)
+        parts.append(Value(f"{node.name}[{index}]", md, ALIAS, source))
+        offsets[dim] += int(meta.shape[dim])
+    builder.parts[node] = parts
+
+
 def lower_getitem(builder: Builder, node: fx.Node) -> None:
-    raise Unsupported("getitem runs in torch")
+    parts = builder.parts.get(node.args[0])
+    if parts is None:
+        raise Unsupported("getitem of a tensor computed by torch")
+    builder.values[node] = parts[node.args[1]]
 
 
 LOWERINGS = {
@@ -403,5 +421,7 @@ LOWERINGS = {
     aten.permute.default: lower_permute,
     aten.clone.default: lower_clone,
     aten.transpose.int: lower_permute,
+    aten.split.Tensor: lower_split,
+    aten.split_with_sizes.default: lower_split,
     operator.getitem: lower_getitem,
 }

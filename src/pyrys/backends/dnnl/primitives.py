@@ -141,6 +141,13 @@ class MemoryDesc:
         check(status, "dnnl_memory_desc_permute_axes", f"{self.format_summary()} permute {tuple(dims)}")
         return MemoryDesc(handle)
 
+    def submemory(self, dims: Sequence[int], offsets: Sequence[int]) -> MemoryDesc:
+        """The part of this memory with ``dims`` starting at ``offsets`` (a slice; no data moves)."""
+        handle = c_void_p()
+        status = self._lib.dnnl_memory_desc_create_submemory(byref(handle), self.handle, _dims(dims), _dims(offsets))
+        check(status, "dnnl_memory_desc_create_submemory", f"{self.format_summary()} [{tuple(offsets)} + {tuple(dims)}]")
+        return MemoryDesc(handle)
+
     def _query_int(self, what: Query) -> int:
         result = c_int()
         check(self._lib.dnnl_memory_desc_query(self.handle, what, byref(result)), "dnnl_memory_desc_query", what.name)
