@@ -148,17 +148,24 @@ def _program_text(gm: fx.GraphModule, builder: Builder, results: list) -> str:
 
 
 def _time_policies(programs: list[DnnlProgram], inputs: list, budget: float = 0.2, min_rounds: int = 5) -> list[float]:
-    """Median seconds per call of each program, timed interleaved (one call each per round)."""
-    samples: list[list[float]] = [[] for _ in programs]
+    """Median seconds per call of each program, timed interleaved (one call each per round).
+
+    A program whose first call is over 3x the fastest one's is not timed further: it has lost,
+    and timing it again could take minutes (a primitive left on oneDNN's reference code)."""
+    first = []
     for program in programs:
-        program(inputs)  # warm up
+        start = time.perf_counter()
+        program(inputs)
+        first.append(time.perf_counter() - start)
+    contenders = [i for i, seconds in enumerate(first) if seconds <= 3 * min(first)]
+    samples: dict[int, list[float]] = {i: [] for i in contenders}
     deadline = time.perf_counter() + budget
-    while time.perf_counter() < deadline or len(samples[0]) < min_rounds:
-        for program, times in zip(programs, samples):
+    while time.perf_counter() < deadline or len(samples[contenders[0]]) < min_rounds:
+        for i in contenders:
             start = time.perf_counter()
-            program(inputs)
-            times.append(time.perf_counter() - start)
-    return [sorted(times)[len(times) // 2] for times in samples]
+            programs[i](inputs)
+            samples[i].append(time.perf_counter() - start)
+    return [sorted(samples[i])[len(samples[i]) // 2] if i in samples else first[i] for i in range(len(programs))]
 
 
 def compile_program(gm: fx.GraphModule, example_inputs: list, options: BackendOptions = BackendOptions()):

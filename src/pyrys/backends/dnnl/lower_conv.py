@@ -87,32 +87,48 @@ def _finish(builder: Builder, node: fx.Node, pd: PrimitiveDesc, src: Value, weig
     return dst
 
 
+def _layouts_to_try(policy: str) -> list[str]:
+    """The policy's layout first; channels-last next, for convs the blocked kernels do not cover
+    (e.g. groups whose width is not a multiple of the block run only in oneDNN's reference code)."""
+    return [policy] if policy == "nhwc" else [policy, "nhwc"]
+
+
 def lower_conv(builder: Builder, node: fx.Node) -> None:
     a = conv_arguments(node)
     weight, bias = builder.constant(a["weight"]), builder.constant(a["bias"])
     if weight is None or (a["bias"] is not None and bias is None):
         raise Unsupported("conv weights are not constants")
-    x = builder.value_of(a["input"])
     out = node.meta["val"]
     check_dtype(a["input"].meta["val"], out)
+    for layout in _layouts_to_try(builder.policy):
+        snapshot = builder.snapshot()
+        pd, chain = _conv_pd(builder, node, a, weight, bias, layout)
+        if not _is_reference(pd) or layout == "nhwc":
+            break
+        builder.restore(snapshot, node)
     rank = weight.dim() - 2
-    dst_md = policy_md(out.shape, out.dtype, builder.policy)
+    label = f"dnnl::conv{rank}d" + "".join(f"_{n}" for n in chain.names)
+    src = builder.convert(builder.value_of(a["input"]), pd.src_md())
+    _finish(builder, node, pd, src, weight.reshape(_grouped_weight_dims(weight, a["groups"])), bias, chain, label)
+
+
+def _conv_pd(builder: Builder, node: fx.Node, a: dict, weight: torch.Tensor, bias: torch.Tensor | None,
+             layout: str) -> tuple[PrimitiveDesc, Chain]:
+    """The convolution's primitive descriptor with its destination in ``layout``, and its post-op chain."""
+    x, out = builder.value_of(a["input"]), node.meta["val"]
+    rank = weight.dim() - 2
+    dst_md = policy_md(out.shape, out.dtype, layout)
     chain = build_chain(builder, list(a["post_ops"]), [operand_of(builder, n) for n in a["post_inputs"]], dst_md)
     attr = PrimitiveAttr(chain.post_ops)
-    weight_dims = _grouped_weight_dims(weight, a["groups"])
-    w_md, b_md = any_md(weight_dims, weight.dtype), None if bias is None else plain_md(bias.shape, bias.dtype)
-    padding = list(a["padding"]) * (rank if len(a["padding"]) == 1 else 1)
-    stride = list(a["stride"]) * (rank if len(a["stride"]) == 1 else 1)
-    dilation = list(a["dilation"]) * (rank if len(a["dilation"]) == 1 else 1)
+    w_md = any_md(_grouped_weight_dims(weight, a["groups"]), weight.dtype)
+    b_md = None if bias is None else plain_md(bias.shape, bias.dtype)
+    padding, stride, dilation = (list(a[k]) * (rank if len(a[k]) == 1 else 1) for k in ("padding", "stride", "dilation"))
 
     def make(src_md: MemoryDesc):
         return lambda: convolution_pd(builder.engine, src_md, w_md, dst_md, b_md, strides=stride, padding_l=padding,
                                       dilation=dilation, attr=attr)
 
-    pd = _first_fast([make(x.md), make(policy_md(x.md.dims, out.dtype, builder.policy))])
-    label = f"dnnl::conv{rank}d" + "".join(f"_{n}" for n in chain.names)
-    src = builder.convert(x, pd.src_md())
-    _finish(builder, node, pd, src, weight.reshape(weight_dims), bias, chain, label)
+    return _first_fast([make(x.md), make(policy_md(x.md.dims, out.dtype, layout))]), chain
 
 
 def _linear_arguments(node: fx.Node) -> dict:
