@@ -94,3 +94,20 @@ def test_wrong_number_of_inputs():
 def test_a_single_tensor_is_accepted_as_example_inputs():
     opt = pyrys.optimize(conv_bn_relu(), image(), backend="reference")
     assert opt(image()).shape == (1, 4, 4, 4)
+
+
+class InputNamedInput(torch.nn.Module):
+    """``forward(self, input)``: FX renames the placeholder ``input_1`` when the graph is copied."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+
+    def forward(self, input):
+        return self.conv(input)
+
+
+def test_an_input_named_like_a_builtin_is_captured():
+    model = InputNamedInput().eval()
+    opt = pyrys.optimize(model, (image(),))
+    assert pyrys.relative_error(opt(image()), model(image())) <= TOLERANCE

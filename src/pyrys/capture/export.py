@@ -73,10 +73,14 @@ def _copy_graph(graph_module: fx.GraphModule) -> fx.Graph:
 
 
 def _bind_inputs(gm: fx.GraphModule, ep: ExportedProgram) -> None:
-    """Mark state placeholders with a :class:`StateRef`; lifted tensor constants become constants."""
+    """Mark state placeholders with a :class:`StateRef`; lifted tensor constants become constants.
+
+    Placeholders are matched by position: copying the graph may rename one (an input named
+    ``input`` becomes ``input_1``, since FX avoids Python builtins)."""
     specs = {spec.arg.name: spec for spec in ep.graph_signature.input_specs}
-    for node in [n for n in gm.graph.nodes if n.op == "placeholder"]:
-        spec = specs[node.name]
+    originals = [n.name for n in ep.graph_module.graph.nodes if n.op == "placeholder"]
+    for node, original in zip([n for n in gm.graph.nodes if n.op == "placeholder"], originals):
+        spec = specs[original]
         if spec.kind in _STATE_KINDS:
             value = ep.state_dict.get(spec.target, ep.constants.get(spec.target))
             node.meta[STATE_KEY] = StateRef(spec.target, _STATE_KINDS[spec.kind], value)
