@@ -79,3 +79,51 @@ def apply_post_ops(y: torch.Tensor, post_ops: list[str], post_inputs: list[torch
         kind, params = parse_post_op(spec)
         y = kind.reference(y, next(operands)) if kind.binary else kind.reference(y, *params)
     return y
+
+
+class NoPostOp(ValueError):
+    """An activation with no post-op equivalent (the message says why)."""
+
+
+def _reads(name: str, *param_names: str) -> Callable[[dict], str]:
+    """A reader: the post-op ``name`` with parameters taken from the op's arguments by name."""
+
+    def read(args: dict) -> str:
+        params = [args[p] for p in param_names]
+        if None in params:
+            raise NoPostOp(f"{name} with an open bound has no post-op equivalent")
+        return format_post_op(name, *params)
+
+    return read
+
+
+def _elu(args: dict) -> str:
+    if args["scale"] != 1 or args["input_scale"] != 1:
+        raise NoPostOp("elu with scale or input_scale has no oneDNN post-op equivalent")
+    return format_post_op("elu", args["alpha"])
+
+
+_aten = torch.ops.aten
+
+# activation op -> its post-op spec, read from the op's arguments (by schema name).  The passes fuse
+# these into conv/linear; the dnnl backend runs a standalone one as an eltwise primitive.
+ACTIVATIONS: dict[object, Callable[[dict], str]] = {
+    _aten.relu.default: _reads("relu"),
+    _aten.hardtanh.default: _reads("clamp", "min_val", "max_val"),
+    _aten.relu6.default: lambda args: format_post_op("clamp", 0.0, 6.0),
+    _aten.clamp.default: _reads("clamp", "min", "max"),
+    _aten.leaky_relu.default: _reads("leaky_relu", "negative_slope"),
+    _aten.elu.default: _elu,
+    _aten.gelu.default: lambda args: "gelu_tanh" if args["approximate"] == "tanh" else "gelu_erf",
+    _aten.silu.default: _reads("silu"),
+    _aten.hardswish.default: _reads("hardswish"),
+    _aten.hardsigmoid.default: _reads("hardsigmoid"),
+    _aten.sigmoid.default: _reads("sigmoid"),
+    _aten.tanh.default: _reads("tanh"),
+    _aten.mish.default: _reads("mish"),
+}
+
+
+def activation_post_op(target, args: dict) -> str:
+    """The post-op spec of an activation call; :class:`NoPostOp` with the reason if it has none."""
+    return ACTIVATIONS[target](args)

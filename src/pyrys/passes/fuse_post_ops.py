@@ -3,7 +3,7 @@
     %y = aten::conv2d(%x, %w, %b, ...) ; %z = aten::relu(%y)
     ->  %z = pyrys::conv2d_relu(%x, %w, %b, ...)
 
-The activations that can be fused are rows of :data:`ACTIVATIONS` (op -> post-op, with
+The activations that can be fused are rows of :data:`pyrys.ir.post_ops.ACTIVATIONS` (op -> post-op, with
 its scalar parameters read from the node); chains fuse one after another into the same
 node (``conv2d_relu`` then ``conv2d_relu_...``).  The producer's output must have no
 other user, since the fused op no longer produces it.  Producers: conv (1d/2d/3d),
@@ -22,62 +22,25 @@ down to the add's position (its own inputs all come before the producer).
 """
 from __future__ import annotations
 
-from typing import Callable
 
 import torch
 import torch.fx as fx
 
 from pyrys.ir.graph import insert_call, op_args
 from pyrys.ir.ops import FUSED_CONV, FUSED_CONV_TRANSPOSE, FUSED_LINEAR, FUSED_OPS
-from pyrys.ir.post_ops import format_post_op
+from pyrys.ir.post_ops import ACTIVATIONS, NoPostOp, activation_post_op, format_post_op
 from pyrys.passes.fold_batch_norm import CONV_TRANSPOSES, CONVOLUTIONS
 from pyrys.passes.rewrite import Match, Miss, PassResult, Rule, apply_rules, fail
 
 aten = torch.ops.aten
 
 
-def _params(*names: str) -> Callable[[dict], tuple]:
-    return lambda args: tuple(args[n] for n in names)
-
-
-def _no_params(args: dict) -> tuple:
-    return ()
-
-
-# op -> (post-op name, how to read its scalar parameters from the op's arguments)
-ACTIVATIONS: dict[object, tuple[str, Callable[[dict], tuple]]] = {
-    aten.relu.default: ("relu", _no_params),
-    aten.hardtanh.default: ("clamp", _params("min_val", "max_val")),
-    aten.relu6.default: ("clamp", lambda args: (0.0, 6.0)),
-    aten.clamp.default: ("clamp", _params("min", "max")),
-    aten.leaky_relu.default: ("leaky_relu", _params("negative_slope")),
-    aten.silu.default: ("silu", _no_params),
-    aten.hardswish.default: ("hardswish", _no_params),
-    aten.hardsigmoid.default: ("hardsigmoid", _no_params),
-    aten.sigmoid.default: ("sigmoid", _no_params),
-    aten.tanh.default: ("tanh", _no_params),
-    aten.mish.default: ("mish", _no_params),
-}
-
-
-def _gelu(args: dict) -> str:
-    return "gelu_tanh" if args["approximate"] == "tanh" else "gelu_erf"
-
-
 def post_op_for(node: fx.Node) -> str | Miss:
     """The post-op string for an activation node, or why it has none."""
-    args = op_args(node)
-    if node.target is aten.gelu.default:
-        return format_post_op(_gelu(args))
-    if node.target is aten.elu.default:
-        if args["scale"] != 1 or args["input_scale"] != 1:
-            return fail("elu with scale or input_scale has no oneDNN post-op equivalent")
-        return format_post_op("elu", args["alpha"])
-    name, read = ACTIVATIONS[node.target]
-    params = read(args)
-    if None in params:
-        return fail(f"{node.target._schema.name} with an open bound has no post-op equivalent")
-    return format_post_op(name, *params)
+    try:
+        return activation_post_op(node.target, op_args(node))
+    except NoPostOp as reason:
+        return fail(str(reason))
 
 
 FUSABLE_PRODUCERS = CONVOLUTIONS | CONV_TRANSPOSES | {aten.linear.default, *FUSED_OPS}
@@ -125,7 +88,7 @@ class FuseActivation(Rule):
     """``act(conv(x))`` -> ``pyrys::conv_<act>(x)`` (likewise for linear)."""
 
     name = "conv_activation"
-    anchors = frozenset(ACTIVATIONS) | {aten.gelu.default, aten.elu.default}
+    anchors = frozenset(ACTIVATIONS)
 
     def match(self, gm: fx.GraphModule, node: fx.Node) -> Match | Miss | None:
         producer = node.args[0]

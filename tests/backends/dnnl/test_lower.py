@@ -251,3 +251,18 @@ def test_split_parts_are_views_of_the_source():
     opt = pyrys.optimize(model, (x,), backend="dnnl", layout="nhwc")
     assert "torch::split" not in opt.program_text()
     assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.Conv2d(12, 12, 3, padding=1, groups=3),  # group width 4: no blocked kernel
+    lambda: nn.ConvTranspose2d(12, 6, 2, 2, groups=2),  # blocked and plain sources: reference code only
+])
+def test_convs_the_blocked_kernels_do_not_cover_run_channels_last(make):
+    from pyrys.backends.dnnl.layout import native_blocked_policy
+
+    model = seeded(Fn(lambda m, x: torch.relu(m.c(x)), c=make()))
+    x = rand(1, 12, 6, 6)
+    opt = pyrys.optimize(model, (x,), backend="dnnl", layout=native_blocked_policy())
+    text = opt.program_text()
+    assert "dst=acdb" in text and "ref:" not in text
+    assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE

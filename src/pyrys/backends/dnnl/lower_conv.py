@@ -15,7 +15,7 @@ from pyrys.backends.dnnl.constants import ARG_BIAS, ARG_DST, ARG_SRC, ARG_WEIGHT
 from pyrys.backends.dnnl.layout import any_md, plain_md, policy_md
 from pyrys.backends.dnnl.post_ops import Chain, Operand, build_chain, operand_of
 from pyrys.backends.dnnl.primitives import (
-    MemoryDesc, PrimitiveAttr, PrimitiveDesc, convolution_pd, deconvolution_pd, inner_product_pd,
+    PrimitiveAttr, PrimitiveDesc, convolution_pd, deconvolution_pd, inner_product_pd,
 )
 from pyrys.backends.dnnl.values import ALIAS, Value
 from pyrys.ir.graph import op_args
@@ -42,7 +42,8 @@ def _grouped_weight_dims(weight: torch.Tensor, groups: int) -> list[int]:
 
 
 def _is_reference(pd: PrimitiveDesc) -> bool:
-    return pd.impl_info().startswith("ref")
+    """oneDNN's reference code, alone (``ref:any``) or inside a composite (``conv:any+ref:any``)."""
+    return "ref:" in pd.impl_info()
 
 
 def _first_fast(candidates) -> PrimitiveDesc:
@@ -93,42 +94,53 @@ def _layouts_to_try(policy: str) -> list[str]:
     return [policy] if policy == "nhwc" else [policy, "nhwc"]
 
 
-def lower_conv(builder: Builder, node: fx.Node) -> None:
-    a = conv_arguments(node)
-    weight, bias = builder.constant(a["weight"]), builder.constant(a["bias"])
-    if weight is None or (a["bias"] is not None and bias is None):
-        raise Unsupported("conv weights are not constants")
+def _per_dim(values, rank: int) -> list[int]:
+    """torch allows one value for every spatial dim: ``[1]`` -> ``[1, 1]``."""
+    return list(values) * (rank if len(values) == 1 else 1)
+
+
+def _lower_conv_like(builder: Builder, node: fx.Node, a: dict, weight: torch.Tensor, bias: torch.Tensor | None,
+                     create, kind: str) -> None:
+    """Shared by convolution and deconvolution: the post-op chain and the primitive in the best layout,
+    then the step.  ``weight`` is already in oneDNN's logical dims; ``create(src, weights, dst, bias, attr)``
+    makes the primitive descriptor."""
     out = node.meta["val"]
     check_dtype(a["input"].meta["val"], out)
+    x = builder.value_of(a["input"])
+    w_md, b_md = any_md(weight.shape, weight.dtype), None if bias is None else plain_md(bias.shape, bias.dtype)
     for layout in _layouts_to_try(builder.policy):
         snapshot = builder.snapshot()
-        pd, chain = _conv_pd(builder, node, a, weight, bias, layout)
+        dst_md = policy_md(out.shape, out.dtype, layout)
+        chain = build_chain(builder, list(a["post_ops"]), [operand_of(builder, n) for n in a["post_inputs"]], dst_md)
+        attr = PrimitiveAttr(chain.post_ops)
+        sources = (x.md, policy_md(x.md.dims, out.dtype, layout))
+        pd = _first_fast([lambda src=src: create(src, w_md, dst_md, b_md, attr) for src in sources])
         if not _is_reference(pd) or layout == "nhwc":
             break
         builder.restore(snapshot, node)
+    label = f"dnnl::{kind}{out.dim() - 2}d" + "".join(f"_{n}" for n in chain.names)
+    _finish(builder, node, pd, builder.convert(x, pd.src_md()), weight, bias, chain, label)
+
+
+def _constant_weights(builder: Builder, a: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    weight, bias = builder.constant(a["weight"]), builder.constant(a["bias"])
+    if weight is None or (a["bias"] is not None and bias is None):
+        raise Unsupported("weights are not constants")
+    return weight, bias
+
+
+def lower_conv(builder: Builder, node: fx.Node) -> None:
+    a = conv_arguments(node)
+    weight, bias = _constant_weights(builder, a)
     rank = weight.dim() - 2
-    label = f"dnnl::conv{rank}d" + "".join(f"_{n}" for n in chain.names)
-    src = builder.convert(builder.value_of(a["input"]), pd.src_md())
-    _finish(builder, node, pd, src, weight.reshape(_grouped_weight_dims(weight, a["groups"])), bias, chain, label)
+    stride, padding, dilation = (_per_dim(a[k], rank) for k in ("stride", "padding", "dilation"))
 
+    def create(src, weights, dst, bias_md, attr):
+        return convolution_pd(builder.engine, src, weights, dst, bias_md, strides=stride, padding_l=padding,
+                              dilation=dilation, attr=attr)
 
-def _conv_pd(builder: Builder, node: fx.Node, a: dict, weight: torch.Tensor, bias: torch.Tensor | None,
-             layout: str) -> tuple[PrimitiveDesc, Chain]:
-    """The convolution's primitive descriptor with its destination in ``layout``, and its post-op chain."""
-    x, out = builder.value_of(a["input"]), node.meta["val"]
-    rank = weight.dim() - 2
-    dst_md = policy_md(out.shape, out.dtype, layout)
-    chain = build_chain(builder, list(a["post_ops"]), [operand_of(builder, n) for n in a["post_inputs"]], dst_md)
-    attr = PrimitiveAttr(chain.post_ops)
-    w_md = any_md(_grouped_weight_dims(weight, a["groups"]), weight.dtype)
-    b_md = None if bias is None else plain_md(bias.shape, bias.dtype)
-    padding, stride, dilation = (list(a[k]) * (rank if len(a[k]) == 1 else 1) for k in ("padding", "stride", "dilation"))
-
-    def make(src_md: MemoryDesc):
-        return lambda: convolution_pd(builder.engine, src_md, w_md, dst_md, b_md, strides=stride, padding_l=padding,
-                                      dilation=dilation, attr=attr)
-
-    return _first_fast([make(x.md), make(policy_md(x.md.dims, out.dtype, layout))]), chain
+    grouped = weight.reshape(_grouped_weight_dims(weight, a["groups"]))
+    _lower_conv_like(builder, node, a, grouped, bias, create, "conv")
 
 
 def _linear_arguments(node: fx.Node) -> dict:
@@ -200,25 +212,14 @@ def _deconv_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
 def lower_deconv(builder: Builder, node: fx.Node) -> None:
     """Transposed convolution; torch's output_padding p_o becomes oneDNN's padding_r = p - p_o."""
     a = _deconv_arguments(node)
-    weight, bias = builder.constant(a["weight"]), builder.constant(a["bias"])
-    if weight is None or (a["bias"] is not None and bias is None):
-        raise Unsupported("deconvolution weights are not constants")
-    out = node.meta["val"]
-    check_dtype(a["input"].meta["val"], out)
+    weight, bias = _constant_weights(builder, a)
     rank = weight.dim() - 2
-    x = builder.value_of(a["input"])
-    weight = _deconv_weight(weight, a["groups"])
     stride, padding, output_padding, dilation = (
-        list(a[k]) * (rank if len(a[k]) == 1 else 1) for k in ("stride", "padding", "output_padding", "dilation"))
+        _per_dim(a[k], rank) for k in ("stride", "padding", "output_padding", "dilation"))
     padding_r = [p - o for p, o in zip(padding, output_padding)]
-    dst_md = policy_md(out.shape, out.dtype, builder.policy)
-    chain = build_chain(builder, list(a["post_ops"]), [operand_of(builder, n) for n in a["post_inputs"]], dst_md)
-    w_md, b_md = any_md(weight.shape, weight.dtype), None if bias is None else plain_md(bias.shape, bias.dtype)
 
-    def make(src_md: MemoryDesc):
-        return lambda: deconvolution_pd(builder.engine, src_md, w_md, dst_md, b_md, strides=stride, padding_l=padding,
-                                        padding_r=padding_r, dilation=dilation, attr=PrimitiveAttr(chain.post_ops))
+    def create(src, weights, dst, bias_md, attr):
+        return deconvolution_pd(builder.engine, src, weights, dst, bias_md, strides=stride, padding_l=padding,
+                                padding_r=padding_r, dilation=dilation, attr=attr)
 
-    pd = _first_fast([make(x.md), make(policy_md(x.md.dims, out.dtype, builder.policy))])
-    label = f"dnnl::conv_transpose{rank}d" + "".join(f"_{n}" for n in chain.names)
-    _finish(builder, node, pd, builder.convert(x, pd.src_md()), weight, bias, chain, label)
+    _lower_conv_like(builder, node, a, _deconv_weight(weight, a["groups"]), bias, create, "conv_transpose")

@@ -22,7 +22,7 @@ from pyrys.backends.dnnl.primitives import (
 )
 from pyrys.backends.dnnl.values import ALIAS, PLANNED, Value
 from pyrys.ir.graph import op_args
-from pyrys.ir.post_ops import format_post_op
+from pyrys.ir.post_ops import ACTIVATIONS, NoPostOp, activation_post_op
 
 aten = torch.ops.aten
 
@@ -51,27 +51,11 @@ def _unary(builder: Builder, node: fx.Node, spec: str) -> None:
     builder.add_primitive(text, pd, {ARG_SRC: x, ARG_DST: out}, [x], [out])
 
 
-# aten op -> how to read its post-op spec from the op's arguments
-UNARY = {
-    aten.relu.default: lambda a: "relu",
-    aten.sigmoid.default: lambda a: "sigmoid",
-    aten.tanh.default: lambda a: "tanh",
-    aten.silu.default: lambda a: "silu",
-    aten.hardswish.default: lambda a: "hardswish",
-    aten.hardsigmoid.default: lambda a: "hardsigmoid",
-    aten.mish.default: lambda a: "mish",
-    aten.relu6.default: lambda a: format_post_op("clamp", 0.0, 6.0),
-    aten.hardtanh.default: lambda a: format_post_op("clamp", a["min_val"], a["max_val"]),
-    aten.leaky_relu.default: lambda a: format_post_op("leaky_relu", a["negative_slope"]),
-    aten.gelu.default: lambda a: "gelu_tanh" if a["approximate"] == "tanh" else "gelu_erf",
-    aten.elu.default: lambda a: format_post_op("elu", a["alpha"]) if a["scale"] == a["input_scale"] == 1 else None,
-}
-
-
 def lower_unary(builder: Builder, node: fx.Node) -> None:
-    spec = UNARY[node.target](op_args(node))
-    if spec is None:
-        raise Unsupported("no eltwise equivalent")
+    try:
+        spec = activation_post_op(node.target, op_args(node))
+    except NoPostOp as reason:
+        raise Unsupported(str(reason)) from None
     _unary(builder, node, spec)
 
 
@@ -395,7 +379,7 @@ def lower_getitem(builder: Builder, node: fx.Node) -> None:
 
 
 LOWERINGS = {
-    **{target: lower_unary for target in UNARY},
+    **{target: lower_unary for target in ACTIVATIONS},
     **{target: lower_binary for target in BINARY_ALGS},
     **{target: lower_view for target in VIEWS},
     aten.max_pool2d.default: lower_max_pool,
