@@ -19,11 +19,11 @@ BackendCompile = Callable[[fx.GraphModule, list, BackendOptions], Program]
 def _dnnl_backend() -> tuple[BackendCompile | None, str]:
     """The dnnl backend if its runtime is present and the library loads, else why not."""
     try:
-        from pyrys.backends.dnnl import lower
+        from pyrys.backends.dnnl import binding, runtime
     except ImportError as error:
         return None, f"the dnnl runtime is not available ({error})"
-    available, reason = lower.available()
-    return (lower.compile_program, "") if available else (None, reason)
+    available, reason = binding.is_available()
+    return (runtime.compile_program, "") if available else (None, reason)
 
 
 def get_backend(name: str) -> tuple[BackendCompile, str, str]:

@@ -1,31 +1,46 @@
 """The reference backend: the optimized graph run with plain torch ops.
 
 It runs anywhere and is the correctness oracle for the tests.  Module state that was
-not frozen is passed in from the values captured with the graph.
+not frozen is passed in from the values captured with the graph.  Nothing it keeps is
+ever returned: an output that shares bytes with a constant or with module state (a
+constant output, or a view of one) is copied.
 """
 from __future__ import annotations
 
 import torch
 import torch.fx as fx
 
-from pyrys.backends.options import BackendOptions, ThreadPinned
+from pyrys.backends.options import BackendOptions
+from pyrys.backends.threads import ThreadPinned
 from pyrys.ir.graph import state_ref
 
 
 class ReferenceProgram:
-    """Calls the graph module with state values and user inputs in placeholder order."""
+    """Calls the graph module with state values and user inputs in placeholder order.
+
+    It holds nothing a call writes to, so one program serves any number of threads at once."""
 
     def __init__(self, gm: fx.GraphModule):
         self.gm = gm
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.state = {i: state_ref(n).value for i, n in enumerate(placeholders) if state_ref(n)}
         self.arity = len(placeholders)
+        kept = [*gm.buffers(), *gm.parameters(), *[v for v in self.state.values() if isinstance(v, torch.Tensor)]]
+        self.internal = frozenset(p for p in (t.untyped_storage().data_ptr() for t in kept) if p)
 
     def __call__(self, inputs: list) -> list:
         user = iter(inputs)
         args = [self.state[i] if i in self.state else next(user) for i in range(self.arity)]
         with torch.no_grad():
-            return list(self.gm(*args))
+            return [self._owned(output) for output in self.gm(*args)]
+
+    def _owned(self, output):
+        if isinstance(output, torch.Tensor) and output.untyped_storage().data_ptr() in self.internal:
+            return output.clone()
+        return output
+
+    def __deepcopy__(self, memo: dict) -> "ReferenceProgram":
+        return self  # stateless between calls: a copy may share it
 
     def describe(self) -> str:
         return "reference backend: the optimized graph run with torch ops"

@@ -171,3 +171,13 @@ def test_env_var_pointing_at_a_non_library(monkeypatch: pytest.MonkeyPatch, tmp_
     monkeypatch.setenv(binding.ENV_VAR, str(fake))
     ok, reason = binding.is_available()
     assert not ok and "cannot load" in reason
+
+
+def test_env_var_with_a_relative_path_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
+    (tmp_path / "libdnnl.so.3").write_text("would run code from the working directory")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(binding.ENV_VAR, "libdnnl.so.3")
+    ok, reason = binding.is_available()
+    assert not ok and "relative path" in reason and "absolute" in reason
+    with pytest.raises(binding.DnnlUnavailable, match="relative path"):
+        binding.load_library()

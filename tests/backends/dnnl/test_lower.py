@@ -143,7 +143,7 @@ def test_program_reports_memory_and_reorders_weights_once():
 
 
 def test_policy_can_be_forced_and_new_batch_compiles():
-    from pyrys.backends.dnnl.lower import compile_program
+    from pyrys.backends.dnnl.runtime import compile_program
     from pyrys.backends.options import BackendOptions
 
     make, inputs = CASES["conv2d_depthwise"]
@@ -212,9 +212,10 @@ def test_threads_option_pins_threads_per_call_and_restores_them():
     model = seeded(make())
     seen = []
     opt = pyrys.optimize(model, tuple(inputs), backend="dnnl", threads=1)
-    program = opt._first.program
-    inner = program.program
-    program.program = lambda xs: seen.append(torch.get_num_threads()) or inner(xs)
+    runtime = opt._first.program
+    assert list(runtime.programs) == [1] and runtime.first.threads == 1  # primitives created for 1 thread
+    inner = runtime.programs[1]
+    runtime.programs = {1: lambda xs: seen.append(torch.get_num_threads()) or inner(xs)}
     before = torch.get_num_threads()
     assert pyrys.relative_error(opt(*inputs), model(*inputs)) <= TOLERANCE
     assert seen == [1] and torch.get_num_threads() == before

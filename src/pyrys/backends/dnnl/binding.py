@@ -8,7 +8,9 @@ for execution is `ExecArg` (dnnl_exec_arg_t).
 
 The library is `$PYRYS_DNNL_LIBRARY` if set, else `libdnnl.so.3` from the
 `onednn-cpu-gomp` wheel. It is loaded after `import torch`, so both share
-torch's libgomp (one OpenMP pool in the process).
+torch's libgomp (one OpenMP pool in the process).  Loading a library runs its
+code in this process: `$PYRYS_DNNL_LIBRARY` must be an absolute path (a relative
+one would depend on the working directory, and is refused).
 """
 
 from __future__ import annotations
@@ -171,6 +173,9 @@ def library_path() -> str:
     """Path of the libdnnl to load: $PYRYS_DNNL_LIBRARY, else the wheel's file."""
     override = os.environ.get(ENV_VAR)
     if override:
+        if not os.path.isabs(override):
+            raise DnnlUnavailable(f"${ENV_VAR}={override!r} is a relative path; pyrys loads and runs the library "
+                                  "at that path, so it must be absolute (e.g. /opt/onednn/lib/libdnnl.so.3)")
         return override
     return _wheel_library_path()
 

@@ -6,13 +6,15 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from pyrys.backends.dnnl.constants import ARG_FROM, ARG_TO
+from pyrys.backends.dnnl.constants import ARG_FROM, ARG_SCRATCHPAD, ARG_TO
+from pyrys.backends.dnnl.frame import Frame
 from pyrys.backends.dnnl.layout import plain_md
 from pyrys.backends.dnnl.primitives import (
-    DNNL_TO_TORCH, Engine, MemoryDesc, Primitive, PrimitiveDesc, Stream, dnnl_dtype, reorder_pd, tensor_memory, to_layout,
+    DNNL_TO_TORCH, Engine, Memory, MemoryDesc, Primitive, PrimitiveDesc, Stream, dnnl_dtype, reorder_pd, to_layout,
 )
 from pyrys.backends.dnnl.program import Step
 from pyrys.backends.dnnl.values import CONSTANT, PLANNED, Value
+from pyrys.ir.graph import state_ref
 from pyrys.ir.printer import format_arg, format_type
 
 
@@ -20,14 +22,50 @@ class Unsupported(Exception):
     """This node cannot be lowered to oneDNN; it runs through torch instead."""
 
 
+class PackedWeights:
+    """Constants packed into oneDNN layouts, shared by the programs built from one graph
+    (one per layout candidate and per thread count): a weight is packed once per layout."""
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple, list[tuple[MemoryDesc, torch.Tensor]]] = {}  # source -> [(md, bytes)]
+        self.sources: dict[tuple, torch.Tensor] = {}  # keeps each source alive while its address is a key
+
+    def packed(self, engine: Engine, stream: Stream, tensor: torch.Tensor, md: MemoryDesc | None) -> tuple:
+        """``(md, bytes)`` of ``tensor`` in layout ``md`` (its own plain layout for None), packed once."""
+        key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+        candidates = self.entries.setdefault(key, [])
+        self.sources[key] = tensor
+        wanted = plain_md(tensor.shape, tensor.dtype) if md is None else md
+        for known_md, storage in candidates:
+            if known_md == wanted:
+                return known_md, storage
+        source = tensor.detach().contiguous()
+        if md is None:
+            entry = (wanted, source)
+        else:
+            entry = (md, to_layout(engine, stream, source.reshape(md.dims), md).keepalive)
+        candidates.append(entry)
+        return entry
+
+    def retain(self, used: set[int]) -> None:
+        """Forget every packed copy whose bytes (storage address) are not in ``used``."""
+        for key in list(self.entries):
+            self.entries[key] = [(md, s) for md, s in self.entries[key] if s.data_ptr() in used]
+            if not self.entries[key]:
+                del self.entries[key], self.sources[key]
+
+
 class Builder:
-    def __init__(self, gm: fx.GraphModule, policy: str, engine: Engine, stream: Stream):
-        self.gm, self.policy, self.engine, self.stream = gm, policy, engine, stream
+    def __init__(self, gm: fx.GraphModule, policy: str, engine: Engine, packed: PackedWeights | None = None):
+        self.gm, self.policy, self.engine = gm, policy, engine
+        self.stream = Stream(engine)  # compile-time reorders of constants
+        self.packed = packed or PackedWeights()
         self.values: dict[fx.Node, Value] = {}
         self.parts: dict[fx.Node, list[Value]] = {}  # the tensors of a tuple-valued node (split)
         self.steps: list[Step] = []
         self.converted: dict[tuple, Value] = {}
         self.weight_bytes = 0
+        self.scratchpad_bytes = 0
 
     # -- values -------------------------------------------------------------------------
     def value_of(self, arg: Any) -> Value:
@@ -36,10 +74,13 @@ class Builder:
         return self.values[arg]
 
     def constant(self, arg: Any) -> torch.Tensor | None:
-        """The tensor of a constant argument, or None if it is not a constant tensor."""
+        """The tensor of a constant argument, or None if it is not a constant tensor.
+
+        Module state left unfrozen is a constant too: the program runs on the captured values."""
         if isinstance(arg, fx.Node) and arg.op == "get_attr":
             return getattr(self.gm, arg.target)
-        return None
+        ref = state_ref(arg) if isinstance(arg, fx.Node) else None
+        return ref.value if ref is not None and isinstance(ref.value, torch.Tensor) else None
 
     def define(self, node: fx.Node, md: MemoryDesc | None, kind: str = PLANNED, alias_of: Value | None = None) -> Value:
         value = Value(node.name, md, kind, alias_of)
@@ -48,13 +89,9 @@ class Builder:
 
     def constant_value(self, tensor: torch.Tensor, md: MemoryDesc | None = None, name: str = "const") -> Value:
         """A compile-time value holding ``tensor`` in layout ``md`` (reordered once, now)."""
-        tensor = tensor.detach().contiguous()
-        if md is None:
-            memory = tensor_memory(self.engine, tensor)
-        else:
-            memory = to_layout(self.engine, self.stream, tensor.reshape(md.dims), md)
-        self.weight_bytes += memory.md.size()
-        return Value(name, memory.md, CONSTANT, memory=memory)
+        md, storage = self.packed.packed(self.engine, self.stream, tensor, md)
+        self.weight_bytes += md.size()
+        return Value(name, md, CONSTANT, storage=storage)
 
     def convert(self, value: Value, md: MemoryDesc) -> Value:
         """``value`` in layout ``md``: itself if it already is, else the output of a (cached) reorder."""
@@ -78,27 +115,42 @@ class Builder:
 
     # -- steps --------------------------------------------------------------------------
     def add_primitive(self, text: str, pd: PrimitiveDesc, args: dict[int, Value], reads: list[Value],
-                      writes: list[Value]) -> None:
+                      writes: list[Value], drops_nan: bool = False) -> None:
+        """A step running a primitive made from ``pd`` (created in oneDNN's user scratchpad mode);
+        ``drops_nan``: its kernel turns a NaN input into a number where eager keeps the NaN."""
         primitive = Primitive(pd)
+        scratchpad_md = pd.scratchpad_md()
+        self.scratchpad_bytes = max(self.scratchpad_bytes, scratchpad_md.size())
+        engine = self.engine
 
-        def make_call(stream: Stream):
-            memories = {arg: value.memory for arg, value in args.items()}
-            return primitive.bind(stream, memories).run
+        def bind(frame: Frame):
+            memories = {arg: frame.memories[_slot_of(value)] for arg, value in args.items()}
+            if scratchpad_md.size() > 0:
+                memories[ARG_SCRATCHPAD] = Memory(engine, scratchpad_md, frame.scratchpad.data_ptr())
+            return primitive.bind(frame.stream, memories).run
 
-        self.steps.append(Step(text, reads, writes, make_call))
+        constants = [value for value in args.values() if value.kind == CONSTANT]
+        self.steps.append(Step(text, reads, writes, bind, constants, drops_nan))
 
-    def add_torch(self, text: str, call, reads: list[Value], writes: list[Value]) -> None:
-        self.steps.append(Step(text, reads, writes, lambda stream: call))
+    def add_torch(self, text: str, bind, reads: list[Value], writes: list[Value]) -> None:
+        """A step running torch code; ``bind(frame)`` returns the call for one frame."""
+        self.steps.append(Step(text, reads, writes, bind))
 
     def snapshot(self) -> tuple:
-        return len(self.steps), dict(self.converted), self.weight_bytes
+        return len(self.steps), dict(self.converted), self.weight_bytes, self.scratchpad_bytes
 
     def restore(self, snapshot: tuple, node: fx.Node) -> None:
-        count, converted, weight_bytes = snapshot
+        count, converted, weight_bytes, scratchpad_bytes = snapshot
         del self.steps[count:]
-        self.converted, self.weight_bytes = converted, weight_bytes
+        self.converted, self.weight_bytes, self.scratchpad_bytes = converted, weight_bytes, scratchpad_bytes
         self.values.pop(node, None)
         self.parts.pop(node, None)
+
+
+def _slot_of(value: Value) -> int:
+    if value.slot < 0:
+        raise RuntimeError(f"pyrys: {value.name} was given no slot when the program was assembled")
+    return value.slot
 
 
 def _md_type(md: MemoryDesc) -> str:

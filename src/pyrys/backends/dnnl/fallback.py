@@ -1,17 +1,23 @@
 """Ops oneDNN does not run go through torch, on plain-layout tensors.
 
 Inputs in a blocked layout are reordered to plain first; the result is a new torch tensor
-each call (a *dynamic* value) whose memory is re-pointed for any oneDNN consumer.
+each call (a *dynamic* value) whose memory is re-pointed for any oneDNN consumer.  The
+arguments are a template: constants and literals as they are, computed tensors as
+values, read from the calling frame by slot.
 """
 from __future__ import annotations
+
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
 
 from pyrys.backends.dnnl.builder import Builder, node_text
+from pyrys.backends.dnnl.frame import Frame
 from pyrys.backends.dnnl.layout import contiguous_strides, plain_md
 from pyrys.backends.dnnl.primitives import dnnl_dtype
 from pyrys.backends.dnnl.values import DYNAMIC, Value
+from pyrys.ir.graph import state_ref
 from pyrys.ir.printer import format_arg, op_name
 
 
@@ -21,6 +27,8 @@ def _torch_input(builder: Builder, arg):
         constant = builder.constant(arg)
         if constant is not None:
             return constant
+        if state_ref(arg) is not None:
+            return state_ref(arg).value  # an unfrozen flag: the captured value
         value = builder.value_of(arg)
         return builder.to_plain(value) if value.md is not None else value
     if isinstance(arg, (list, tuple)):
@@ -28,21 +36,16 @@ def _torch_input(builder: Builder, arg):
     return arg
 
 
-def _resolver(template):
-    """A function producing the call's arguments from ``template`` (Values read their ``current``)."""
+def _resolver(template, tensors: list) -> Callable[[], Any]:
+    """A function producing one argument from ``template``, reading values from ``tensors`` by slot."""
     if isinstance(template, Value):
-        return lambda: template.current
-    if isinstance(template, (list, tuple)) and any(_has_value(t) for t in template):
-        parts = [_resolver(t) for t in template]
+        slot = template.slot
+        return lambda: tensors[slot]
+    if isinstance(template, (list, tuple)) and _reads(template):
+        parts = [_resolver(t, tensors) for t in template]
         kind = type(template)
         return lambda: kind(p() for p in parts)
     return lambda: template
-
-
-def _has_value(template) -> bool:
-    if isinstance(template, Value):
-        return True
-    return isinstance(template, (list, tuple)) and any(_has_value(t) for t in template)
 
 
 def _reads(template) -> list[Value]:
@@ -51,6 +54,12 @@ def _reads(template) -> list[Value]:
     if isinstance(template, (list, tuple)):
         return [v for t in template for v in _reads(t)]
     return []
+
+
+def _has_constant(template) -> bool:
+    if isinstance(template, torch.Tensor):
+        return True
+    return isinstance(template, (list, tuple)) and any(_has_constant(t) for t in template)
 
 
 def _output_md(meta):
@@ -67,18 +76,26 @@ def lower_fallback(builder: Builder, node: fx.Node, reason: str) -> None:
     """Run ``node`` through torch every call."""
     args = [_torch_input(builder, a) for a in node.args]
     kwargs = {k: _torch_input(builder, v) for k, v in node.kwargs.items()}
-    arg_fns, kwarg_fns = [_resolver(a) for a in args], {k: _resolver(v) for k, v in kwargs.items()}
     out = builder.define(node, _output_md(node.meta.get("val")), DYNAMIC)
-    out.borrows = _reads([args, list(kwargs.values())])  # torch may return a view of an input
+    reads = _reads([args, list(kwargs.values())])
+    out.borrows = reads  # torch may return a view of an input
+    out.reads_constants = _has_constant([args, list(kwargs.values())])
     target, has_md = node.target, out.md is not None
 
-    def call() -> None:
-        result = target(*[f() for f in arg_fns], **{k: f() for k, f in kwarg_fns.items()})
-        if has_md:
-            out.bind(result.contiguous())
-        else:
-            out.current = result
+    def bind(frame: Frame) -> Callable[[], None]:
+        arg_fns = [_resolver(a, frame.tensors) for a in args]
+        kwarg_fns = {k: _resolver(v, frame.tensors) for k, v in kwargs.items()}
+        slot, tensors, bind_value = out.slot, frame.tensors, frame.bind
+
+        def call() -> None:
+            result = target(*[f() for f in arg_fns], **{k: f() for k, f in kwarg_fns.items()})
+            if has_md and isinstance(result, torch.Tensor):
+                bind_value(slot, result.contiguous())
+            else:
+                tensors[slot] = result
+
+        return call
 
     operands = [format_arg(a) if not isinstance(a, Value) else f"%{a.name}" for a in node.args]
     text = node_text(node, f"torch::{op_name(node).split('::')[-1]}", "", [str(o) for o in operands])
-    builder.add_torch(f"{text}  # fallback: {reason}", call, _reads([args, list(kwargs.values())]), [out])
+    builder.add_torch(f"{text}  # fallback: {reason}", bind, reads, [out])

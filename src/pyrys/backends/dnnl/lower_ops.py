@@ -15,9 +15,9 @@ from pyrys.backends.dnnl.constants import (
     ARG_DST, ARG_MEAN, ARG_MULTIPLE_SRC, ARG_SCALE, ARG_SHIFT, ARG_SRC, ARG_SRC_1, ARG_VARIANCE, AlgKind,
 )
 from pyrys.backends.dnnl.layout import POLICY_TAGS, plain_md
-from pyrys.backends.dnnl.post_ops import eltwise_for
+from pyrys.backends.dnnl.post_ops import eltwise_post_ops, eltwise_steps
 from pyrys.backends.dnnl.primitives import (
-    MemoryDesc, batch_norm_pd, binary_pd, concat_pd, eltwise_pd, layer_norm_pd, pooling_pd, reduction_pd,
+    MemoryDesc, PrimitiveAttr, batch_norm_pd, binary_pd, concat_pd, eltwise_pd, layer_norm_pd, pooling_pd, reduction_pd,
     resampling_pd, softmax_pd,
 )
 from pyrys.backends.dnnl.values import ALIAS, PLANNED, Value
@@ -42,13 +42,20 @@ def same_layout_md(value: Value, shape) -> MemoryDesc:
 
 
 def _unary(builder: Builder, node: fx.Node, spec: str) -> None:
+    """One eltwise primitive; a chain of steps runs as the post-ops of ``x + 0`` (a binary
+    primitive: oneDNN's eltwise primitive takes post-ops only on its reference code)."""
     x = builder.value_of(node.args[0])
     check_dtype(node.args[0].meta["val"], node.meta["val"])
-    alg, alpha, beta = eltwise_for(spec)
-    pd = eltwise_pd(builder.engine, alg, x.md, x.md, alpha, beta)
-    out = builder.define(node, pd.dst_md())
+    (alg, alpha, beta), *rest = steps = eltwise_steps(spec)
     text = node_text(node, f"dnnl::{spec.split(':')[0]}", f"format_info=[{x.layout()}]", [f"%{x.name}"])
-    builder.add_primitive(text, pd, {ARG_SRC: x, ARG_DST: out}, [x], [out])
+    if not rest:
+        pd = eltwise_pd(builder.engine, alg, x.md, x.md, alpha, beta)
+        out = builder.define(node, pd.dst_md())
+        return builder.add_primitive(text, pd, {ARG_SRC: x, ARG_DST: out}, [x], [out])
+    zero = builder.constant_value(torch.zeros([1] * x.md.ndims), same_layout_md(x, [1] * x.md.ndims), "zero")
+    pd = binary_pd(builder.engine, AlgKind.binary_add, x.md, zero.md, x.md, PrimitiveAttr(eltwise_post_ops(steps)))
+    out = builder.define(node, pd.dst_md())
+    builder.add_primitive(text, pd, {ARG_SRC: x, ARG_SRC_1: zero, ARG_DST: out}, [x], [out])
 
 
 def lower_unary(builder: Builder, node: fx.Node) -> None:
@@ -139,7 +146,7 @@ def _pool_into(builder: Builder, node: fx.Node, out: Value, x: Value, alg: AlgKi
                     padding_r=right, dilation=dilation)
     out.md = pd.dst_md()
     text = node_text(node, f"dnnl::{alg.name}", f"kernel={list(kernel)}, format_info=[{x.layout()}]", [f"%{x.name}"])
-    builder.add_primitive(text, pd, {ARG_SRC: x, ARG_DST: out}, [x], [out])
+    builder.add_primitive(text, pd, {ARG_SRC: x, ARG_DST: out}, [x], [out], drops_nan=alg == AlgKind.pooling_max)
 
 
 def _expand(values, rank: int) -> list[int]:

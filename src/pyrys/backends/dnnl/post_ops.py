@@ -1,6 +1,6 @@
 """pyrys post-ops (``pyrys.ir.post_ops``) as oneDNN post-op chains.
 
-Unary post-ops map to eltwise algorithms (table below).  ``add`` becomes a *sum*
+Unary post-ops map to short chains of eltwise steps (table below), chosen so NaN survives them.  ``add`` becomes a *sum*
 post-op when the residual operand can be overwritten in place (the primitive then
 writes into the residual's buffer), else a *binary add*; ``mul`` is a *binary mul*
 (per-channel scales broadcast).
@@ -8,6 +8,7 @@ writes into the residual's buffer), else a *binary add*; ``mul`` is a *binary mu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 from torch.utils._pytree import tree_leaves
 
@@ -18,30 +19,74 @@ from pyrys.backends.dnnl.primitives import DNNL_TO_TORCH, MemoryDesc, PostOps
 from pyrys.backends.dnnl.values import PLANNED, Value
 from pyrys.ir.post_ops import parse_post_op
 
-# post-op name -> (algorithm, alpha and beta from the post-op's parameters)
-ELTWISE: dict[str, tuple[AlgKind, object]] = {
-    "relu": (AlgKind.eltwise_relu, lambda: (0.0, 0.0)),
-    "leaky_relu": (AlgKind.eltwise_relu, lambda slope: (slope, 0.0)),
-    "clamp": (AlgKind.eltwise_clip, lambda lo, hi: (lo, hi)),
-    "elu": (AlgKind.eltwise_elu, lambda alpha: (alpha, 0.0)),
-    "gelu_erf": (AlgKind.eltwise_gelu_erf, lambda: (0.0, 0.0)),
-    "gelu_tanh": (AlgKind.eltwise_gelu_tanh, lambda: (0.0, 0.0)),
-    "silu": (AlgKind.eltwise_swish, lambda: (1.0, 0.0)),
-    "hardswish": (AlgKind.eltwise_hardswish, lambda: (1 / 6, 0.5)),
-    "hardsigmoid": (AlgKind.eltwise_hardsigmoid, lambda: (1 / 6, 0.5)),
-    "sigmoid": (AlgKind.eltwise_logistic, lambda: (0.0, 0.0)),
-    "tanh": (AlgKind.eltwise_tanh, lambda: (0.0, 0.0)),
-    "mish": (AlgKind.eltwise_mish, lambda: (0.0, 0.0)),
+Eltwise = tuple[AlgKind, float, float]  # one oneDNN eltwise step: algorithm, alpha, beta
+FLT_MAX = 3.4028234663852886e38
+
+# max(y, 0) keeping NaN.  oneDNN's relu and clip use x86 max/min, which return the bound when
+# y is NaN; eager keeps the NaN.  elu with alpha 0 is y for y > 0, else 0 * (e^y - 1) = -0 (NaN
+# stays NaN, -inf gives -0); abs turns -0 into 0.
+RELU: list[Eltwise] = [(AlgKind.eltwise_elu, 0.0, 0.0), (AlgKind.eltwise_abs, 0.0, 0.0)]
+
+
+def _clamp(lo: float, hi: float) -> list[Eltwise]:
+    """clamp(y, lo, hi) keeping NaN, from steps that each keep it or send it somewhere unique.
+
+    With lo = 0: z = max(y, 0) as above; clip(z, -inf, hi) = min(z, hi) sends NaN (and only
+    NaN, as z >= 0) to -inf; hardswish with alpha = FLT_MAX, beta = 0 is z * clamp(FLT_MAX z, 0, 1):
+    z itself for z in [2^-126, hi] and for 0, and -inf * 0 = NaN.  Another lo shifts:
+    clamp(y, lo, hi) = lo + clamp(y - lo, 0, hi - lo), exact to one rounding of y - lo.
+    """
+    if lo > hi:
+        raise Unsupported(f"clamp with min {lo} > max {hi}")
+    at_zero = [*RELU, (AlgKind.eltwise_clip_v2, -float("inf"), hi - lo), (AlgKind.eltwise_hardswish, FLT_MAX, 0.0)]
+    if lo == 0:
+        return at_zero
+    return [(AlgKind.eltwise_linear, 1.0, -lo), *at_zero, (AlgKind.eltwise_linear, 1.0, lo)]
+
+
+def _leaky_relu(slope: float) -> list[Eltwise]:
+    """y if y > 0 else slope * y.  oneDNN's relu with alpha 0 takes its NaN-dropping path; for slope 0
+    hardswish with alpha = FLT_MAX gives y * clamp(FLT_MAX y, 0, 1): y for y >= 2^-126, else 0 * y as eager
+    (-0, and NaN for -inf)."""
+    return [(AlgKind.eltwise_hardswish, FLT_MAX, 0.0)] if slope == 0 else [(AlgKind.eltwise_relu, slope, 0.0)]
+
+
+def _single(alg: AlgKind, alpha: float = 0.0, beta: float = 0.0) -> Callable[..., list[Eltwise]]:
+    return lambda: [(alg, alpha, beta)]
+
+
+# post-op name -> its oneDNN eltwise steps, from the post-op's parameters.  Each keeps NaN where
+# eager keeps it (tests/backends/dnnl/test_nan.py).
+ELTWISE: dict[str, Callable[..., list[Eltwise]]] = {
+    "relu": lambda: RELU,
+    "leaky_relu": _leaky_relu,
+    "clamp": _clamp,
+    "elu": lambda alpha: [(AlgKind.eltwise_elu, alpha, 0.0)],
+    "gelu_erf": _single(AlgKind.eltwise_gelu_erf),
+    "gelu_tanh": _single(AlgKind.eltwise_gelu_tanh),
+    "silu": _single(AlgKind.eltwise_swish, 1.0),
+    "hardswish": _single(AlgKind.eltwise_hardswish, 1 / 6, 0.5),
+    "hardsigmoid": lambda: [(AlgKind.eltwise_linear, 1 / 6, 0.5), *_clamp(0.0, 1.0)],
+    "sigmoid": _single(AlgKind.eltwise_logistic),
+    "tanh": _single(AlgKind.eltwise_tanh),
+    "mish": _single(AlgKind.eltwise_mish),
 }
 BINARY = {"add": AlgKind.binary_add, "mul": AlgKind.binary_mul}
 
 
-def eltwise_for(spec: str) -> tuple[AlgKind, float, float]:
+def eltwise_steps(spec: str) -> list[Eltwise]:
+    """The oneDNN eltwise steps of a unary post-op spec (``"clamp:0.0,6.0"``)."""
     kind, params = parse_post_op(spec)
     if kind.name not in ELTWISE:
         raise Unsupported(f"post-op {kind.name} has no oneDNN eltwise")
-    alg, read = ELTWISE[kind.name]
-    return (alg, *read(*params))
+    return ELTWISE[kind.name](*params)
+
+
+def eltwise_post_ops(steps: list[Eltwise]) -> PostOps:
+    post_ops = PostOps()
+    for alg, alpha, beta in steps:
+        post_ops.append_eltwise(alg, alpha, beta)
+    return post_ops
 
 
 @dataclass
@@ -86,7 +131,8 @@ def build_chain(builder: Builder, specs: list[str], operands: list[Operand], dst
         if kind.binary:
             _append_binary(builder, chain, kind.name, next(pending), dst_md, allow_sum)
         else:
-            chain.post_ops.append_eltwise(*eltwise_for(spec))
+            for alg, alpha, beta in eltwise_steps(spec):
+                chain.post_ops.append_eltwise(alg, alpha, beta)
     return chain
 
 

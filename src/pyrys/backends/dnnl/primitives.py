@@ -59,6 +59,18 @@ def _handle(obj: object | None) -> c_void_p | None:
     return None if obj is None else obj.handle
 
 
+_DEFAULT_ATTR: list = []
+
+
+def _attr(attr: "PrimitiveAttr | None") -> c_void_p:
+    """``attr``'s handle, or that of a shared default: no post-ops, user scratchpad."""
+    if attr is not None:
+        return attr.handle
+    if not _DEFAULT_ATTR:
+        _DEFAULT_ATTR.append(PrimitiveAttr())
+    return _DEFAULT_ATTR[0].handle
+
+
 class Engine:
     """The CPU engine (index 0 unless told)."""
 
@@ -290,9 +302,14 @@ class PostOps:
 
 
 class PrimitiveAttr:
-    """Primitive attributes: post-ops and scratchpad mode."""
+    """Primitive attributes: post-ops and scratchpad mode.
 
-    def __init__(self, post_ops: PostOps | None = None, user_scratchpad: bool = False) -> None:
+    The scratchpad is the caller's (``dnnl_scratchpad_mode_user``) unless told otherwise: a
+    primitive then keeps no per-execution state and may run from many threads at once, each
+    execution passing its own ``ARG_SCRATCHPAD`` (in the library mode it may only run on the
+    thread that created it)."""
+
+    def __init__(self, post_ops: PostOps | None = None, user_scratchpad: bool = True) -> None:
         self._lib = binding.load_library()
         self.handle = c_void_p()
         self.post_ops = post_ops
@@ -410,20 +427,21 @@ class Primitive:
         self.pd = pd
         self.handle = c_void_p()
         check(self._lib.dnnl_primitive_create(byref(self.handle), pd.handle), "dnnl_primitive_create", pd.context)
-        self._scratchpad: Memory | None = None
 
     def complete_args(self, args: Mapping[int, Memory]) -> dict[int, Memory]:
-        """args plus a scratchpad memory when the descriptor asks for one (user mode)."""
+        """args plus a new scratchpad memory when the descriptor asks for one (user mode)."""
         full = dict(args)
         if ARG_SCRATCHPAD not in full:
             md = self.pd.scratchpad_md()
             if md.size() > 0:
-                self._scratchpad = self._scratchpad or Memory(self.pd.engine, md)
-                full[ARG_SCRATCHPAD] = self._scratchpad
+                full[ARG_SCRATCHPAD] = Memory(self.pd.engine, md)
         return full
 
     def bind(self, stream: Stream, args: Mapping[int, Memory]) -> BoundCall:
-        """Pre-build a call; `bound.run()` then executes with no allocation."""
+        """Pre-build a call; `bound.run()` then executes with no allocation.
+
+        The scratchpad belongs to the bound call, never to the primitive: ``args`` may bring
+        one (``ARG_SCRATCHPAD``, e.g. a frame's), else the call gets its own."""
         return BoundCall(self, stream, ExecArgs(self.complete_args(args)))
 
     def run(self, stream: Stream, exec_args: ExecArgs) -> None:
@@ -467,7 +485,7 @@ def _conv_like(kind: str, call: str, engine: Engine, src: MemoryDesc, weights: M
                         padding_r=tuple(padding_r), attr=attr is not None)  # fmt: skip
     return _create(kind, call, engine, context, engine.handle, PropKind.forward_inference, alg,
                    src.handle, weights.handle, _handle(bias), dst.handle, _dims(strides),
-                   _dims(dilates), _dims(padding_l), _dims(padding_r), _handle(attr))  # fmt: skip
+                   _dims(dilates), _dims(padding_l), _dims(padding_r), _attr(attr))  # fmt: skip
 
 
 def convolution_pd(engine: Engine, src: MemoryDesc, weights: MemoryDesc, dst: MemoryDesc,
@@ -496,7 +514,7 @@ def inner_product_pd(engine: Engine, src: MemoryDesc, weights: MemoryDesc, dst: 
     context = _describe("inner_product", {"src": src, "weights": weights, "bias": bias, "dst": dst})
     return _create("inner_product", "dnnl_inner_product_forward_primitive_desc_create", engine, context,
                    engine.handle, PropKind.forward_inference, src.handle, weights.handle,
-                   _handle(bias), dst.handle, _handle(attr))  # fmt: skip
+                   _handle(bias), dst.handle, _attr(attr))  # fmt: skip
 
 
 def matmul_pd(engine: Engine, src: MemoryDesc, weights: MemoryDesc, dst: MemoryDesc,
@@ -504,7 +522,7 @@ def matmul_pd(engine: Engine, src: MemoryDesc, weights: MemoryDesc, dst: MemoryD
     """dst[.., M, N] = src[.., M, K] @ weights[.., K, N] (+ broadcast bias)."""
     context = _describe("matmul", {"src": src, "weights": weights, "bias": bias, "dst": dst})
     return _create("matmul", "dnnl_matmul_primitive_desc_create", engine, context, engine.handle,
-                   src.handle, weights.handle, _handle(bias), dst.handle, _handle(attr))  # fmt: skip
+                   src.handle, weights.handle, _handle(bias), dst.handle, _attr(attr))  # fmt: skip
 
 
 def pooling_pd(engine: Engine, alg: AlgKind, src: MemoryDesc, dst: MemoryDesc, *,
@@ -519,7 +537,7 @@ def pooling_pd(engine: Engine, alg: AlgKind, src: MemoryDesc, dst: MemoryDesc, *
     return _create("pooling", "dnnl_pooling_forward_primitive_desc_create", engine, context,
                    engine.handle, PropKind.forward_inference, alg, src.handle, dst.handle,
                    _dims(strides), _dims(kernel), _dims(dilates), _dims(padding_l),
-                   _dims(padding_r), _handle(attr))  # fmt: skip
+                   _dims(padding_r), _attr(attr))  # fmt: skip
 
 
 def eltwise_pd(engine: Engine, alg: AlgKind, src: MemoryDesc, dst: MemoryDesc | None = None,
@@ -529,7 +547,7 @@ def eltwise_pd(engine: Engine, alg: AlgKind, src: MemoryDesc, dst: MemoryDesc | 
     context = _describe("eltwise", {"src": src, "dst": dst}, alg=alg.name, alpha=alpha, beta=beta)
     return _create("eltwise", "dnnl_eltwise_forward_primitive_desc_create", engine, context,
                    engine.handle, PropKind.forward_inference, alg, src.handle, dst.handle,
-                   alpha, beta, _handle(attr))  # fmt: skip
+                   alpha, beta, _attr(attr))  # fmt: skip
 
 
 def binary_pd(engine: Engine, alg: AlgKind, src0: MemoryDesc, src1: MemoryDesc, dst: MemoryDesc,
@@ -537,7 +555,7 @@ def binary_pd(engine: Engine, alg: AlgKind, src0: MemoryDesc, src1: MemoryDesc, 
     """dst = alg(src0, src1); src1 broadcasts along its dims of size 1 (same ndims)."""
     context = _describe("binary", {"src0": src0, "src1": src1, "dst": dst}, alg=alg.name)
     return _create("binary", "dnnl_binary_primitive_desc_create", engine, context, engine.handle,
-                   alg, src0.handle, src1.handle, dst.handle, _handle(attr))  # fmt: skip
+                   alg, src0.handle, src1.handle, dst.handle, _attr(attr))  # fmt: skip
 
 
 def _md_array(mds: Sequence[MemoryDesc]) -> ctypes.Array:
@@ -550,7 +568,7 @@ def concat_pd(engine: Engine, srcs: Sequence[MemoryDesc], axis: int, dst: Memory
     mds = {f"src{i}": md for i, md in enumerate(srcs)} | {"dst": dst}
     context = _describe("concat", mds, axis=axis)
     return _create("concat", "dnnl_concat_primitive_desc_create", engine, context, engine.handle,
-                   _handle(dst), len(srcs), axis, _md_array(srcs), _handle(attr))  # fmt: skip
+                   _handle(dst), len(srcs), axis, _md_array(srcs), _attr(attr))  # fmt: skip
 
 
 def sum_pd(engine: Engine, srcs: Sequence[MemoryDesc], scales: Sequence[float] | None = None,
@@ -561,7 +579,7 @@ def sum_pd(engine: Engine, srcs: Sequence[MemoryDesc], scales: Sequence[float] |
     context = _describe("sum", mds, scales=scales)
     return _create("sum", "dnnl_sum_primitive_desc_create", engine, context, engine.handle,
                    _handle(dst), len(srcs), (c_float * len(scales))(*scales), _md_array(srcs),
-                   _handle(attr))  # fmt: skip
+                   _attr(attr))  # fmt: skip
 
 
 def softmax_pd(engine: Engine, src: MemoryDesc, axis: int, dst: MemoryDesc | None = None,
@@ -571,7 +589,7 @@ def softmax_pd(engine: Engine, src: MemoryDesc, axis: int, dst: MemoryDesc | Non
     context = _describe("softmax", {"src": src, "dst": dst}, axis=axis, alg=alg.name)
     return _create("softmax", "dnnl_softmax_forward_primitive_desc_create", engine, context,
                    engine.handle, PropKind.forward_inference, alg, src.handle, dst.handle, axis,
-                   _handle(attr))  # fmt: skip
+                   _attr(attr))  # fmt: skip
 
 
 def layer_norm_pd(engine: Engine, src: MemoryDesc, dst: MemoryDesc | None = None, eps: float = 1e-5,
@@ -582,7 +600,7 @@ def layer_norm_pd(engine: Engine, src: MemoryDesc, dst: MemoryDesc | None = None
     context = _describe("layer_normalization", {"src": src, "dst": dst}, eps=eps, flags=int(flags))
     return _create("layer_normalization", "dnnl_layer_normalization_forward_primitive_desc_create",
                    engine, context, engine.handle, PropKind.forward_inference, src.handle,
-                   dst.handle, None, eps, int(flags), _handle(attr))  # fmt: skip
+                   dst.handle, None, eps, int(flags), _attr(attr))  # fmt: skip
 
 
 _BN_INFERENCE = NormFlags.use_global_stats | NormFlags.use_scale | NormFlags.use_shift
@@ -595,7 +613,7 @@ def batch_norm_pd(engine: Engine, src: MemoryDesc, dst: MemoryDesc | None = None
     context = _describe("batch_normalization", {"src": src, "dst": dst}, eps=eps, flags=int(flags))
     return _create("batch_normalization", "dnnl_batch_normalization_forward_primitive_desc_create",
                    engine, context, engine.handle, PropKind.forward_inference, src.handle,
-                   dst.handle, eps, int(flags), _handle(attr))  # fmt: skip
+                   dst.handle, eps, int(flags), _attr(attr))  # fmt: skip
 
 
 def resampling_pd(engine: Engine, alg: AlgKind, src: MemoryDesc, dst: MemoryDesc,
@@ -605,7 +623,7 @@ def resampling_pd(engine: Engine, alg: AlgKind, src: MemoryDesc, dst: MemoryDesc
     context = _describe("resampling", {"src": src, "dst": dst}, alg=alg.name, factors=factors)
     return _create("resampling", "dnnl_resampling_forward_primitive_desc_create", engine, context,
                    engine.handle, PropKind.forward_inference, alg, factor_array, src.handle,
-                   dst.handle, _handle(attr))  # fmt: skip
+                   dst.handle, _attr(attr))  # fmt: skip
 
 
 def reduction_pd(engine: Engine, alg: AlgKind, src: MemoryDesc, dst: MemoryDesc, p: float = 0.0,
@@ -613,14 +631,14 @@ def reduction_pd(engine: Engine, alg: AlgKind, src: MemoryDesc, dst: MemoryDesc,
     """Reduce src over the dims where dst has size 1."""
     context = _describe("reduction", {"src": src, "dst": dst}, alg=alg.name)
     return _create("reduction", "dnnl_reduction_primitive_desc_create", engine, context,
-                   engine.handle, alg, src.handle, dst.handle, p, eps, _handle(attr))  # fmt: skip
+                   engine.handle, alg, src.handle, dst.handle, p, eps, _attr(attr))  # fmt: skip
 
 
 def reorder_pd(engine: Engine, src: MemoryDesc, dst: MemoryDesc, attr: PrimitiveAttr | None = None) -> PrimitiveDesc:
     """Copy between layouts (or data types); args ARG_FROM / ARG_TO."""
     context = _describe("reorder", {"src": src, "dst": dst})
     return _create("reorder", "dnnl_reorder_primitive_desc_create", engine, context, src.handle,
-                   engine.handle, dst.handle, engine.handle, _handle(attr))  # fmt: skip
+                   engine.handle, dst.handle, engine.handle, _attr(attr))  # fmt: skip
 
 
 # ---------------------------------------------------------------- torch glue

@@ -1,86 +1,134 @@
-"""The dnnl program: pre-bound primitive calls run from a flat loop.
+"""The dnnl program: an immutable plan of pre-built primitives, run in a frame per call.
 
-Per call: point the input memories at the user's tensors, allocate fresh output tensors
-and point their memories at them, run every pre-bound call in order, return the outputs.
-Nothing else happens per call: no lookups, no descriptor work, no dispatch.
+Per call: take an idle frame (or make one), point its input memories at the caller's
+tensors and its output memories at fresh tensors, run every pre-bound call in order,
+return the outputs, put the frame back.  Nothing else happens per call: no lookups, no
+descriptor work, no dispatch.  Two threads calling the same program run in two frames,
+at the same time, with no lock.
 """
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from pyrys.backends.dnnl.frame import Frame
 from pyrys.backends.dnnl.memory_plan import Plan
-from pyrys.backends.dnnl.primitives import Engine, Stream
-from pyrys.backends.dnnl.values import Value
+from pyrys.backends.dnnl.primitives import DNNL_TO_TORCH, Engine, Memory, MemoryDesc
+
+if TYPE_CHECKING:
+    from pyrys.backends.dnnl.values import Value
 
 
 @dataclass(eq=False)
 class Step:
-    """One entry of the run loop; ``make_call`` turns it into a zero-argument callable."""
+    """One entry of the run loop; ``bind(frame)`` returns it as a zero-argument call on that frame."""
 
     text: str
-    reads: list[Value]
-    writes: list[Value]
-    make_call: Callable[[Stream], Callable[[], None]]
+    reads: list["Value"]
+    writes: list["Value"]
+    bind: Callable[[Frame], Callable[[], None]]
+    constants: list["Value"] = field(default_factory=list)  # read-only operands (weights), not planned
+    drops_nan: bool = False  # the kernel turns NaN into a number (oneDNN's max-pooling)
 
 
-@dataclass(eq=False)
-class FreshOutput:
-    """An output whose tensor is allocated anew each call (the caller keeps it)."""
+@dataclass(frozen=True, eq=False)
+class Slot:
+    """Where one value's bytes live in every frame: an activation buffer, a constant, or the call's tensor."""
 
-    value: Value
-    shape: tuple
-    strides: tuple
-    dtype: torch.dtype
+    md: MemoryDesc | None
+    buffer: int | None = None  # planned: index of the frame's buffer
+    constant: torch.Tensor | None = None  # constant: its bytes, shared by every frame
+    view_shape: tuple | None = None  # planned and plain: the torch view the frame keeps of its bytes
+
+    def materialize(self, engine: Engine, buffers: list[torch.Tensor]) -> tuple[Memory | None, torch.Tensor | None]:
+        """This slot's memory (and torch view, for planned plain values) in a frame with ``buffers``."""
+        if self.md is None:
+            return None, None
+        if self.constant is not None:
+            return Memory(engine, self.md, self.constant.data_ptr()), None
+        if self.buffer is None:
+            return Memory(engine, self.md, 0), None  # bound to each call's tensor
+        storage = buffers[self.buffer]
+        return Memory(engine, self.md, storage.data_ptr()), self._view(storage)
+
+    def _view(self, storage: torch.Tensor) -> torch.Tensor | None:
+        if self.view_shape is None:
+            return None
+        count = 1
+        for d in self.view_shape:
+            count *= d
+        return storage[:self.md.size()].view(DNNL_TO_TORCH[self.md.dtype])[:count].view(self.view_shape)
 
 
 @dataclass(eq=False)
 class DnnlProgram:
     engine: Engine
-    stream: Stream
-    inputs: list[Value]
-    fresh: list[FreshOutput]
-    results: list  # per output: a Value (its .current is returned) or a constant
-    calls: list[Callable[[], None]]
+    steps: list[Step]
+    slots: list[Slot]
+    buffers: list[tuple[int, bool]]  # per frame buffer: (bytes, zero-filled)
+    scratchpad_bytes: int
+    input_slots: list[int]
+    fresh: list[tuple[int, tuple, tuple, torch.dtype]]  # outputs written into a new tensor each call
+    outputs: list[Callable[[Frame], Any]]
+    released: list[int]  # slots holding a call's tensors, dropped when the call ends
+    dynamic_aliases: dict[int, list[tuple[int, tuple | None]]]  # dynamic root slot -> (alias slot, view shape)
+    constant_storages: frozenset[int]  # storage addresses of constants a returned tensor may view
     text: str
     plan: Plan
     weight_bytes: int
     policy: str
-    arena: list[torch.Tensor] = field(default_factory=list)
-    step_texts: list[str] = field(default_factory=list)
+    threads: int
+    _idle: deque = field(default_factory=deque, repr=False)
 
     def __call__(self, inputs: list) -> list:
-        self._bind(inputs)
-        for call in self.calls:
-            call()
-        return [r.current if isinstance(r, Value) else r for r in self.results]
+        try:
+            frame = self._idle.pop()
+        except IndexError:
+            frame = Frame(self)
+        try:
+            return frame.run(inputs)
+        finally:
+            self._idle.append(frame)
 
-    def _bind(self, inputs: list) -> None:
-        for value, tensor in zip(self.inputs, inputs):
-            value.bind(tensor if tensor.is_contiguous() else tensor.contiguous())
-        for out in self.fresh:
-            out.value.bind(torch.empty_strided(out.shape, out.strides, dtype=out.dtype))
+    def __deepcopy__(self, memo: dict) -> "DnnlProgram":
+        """A program with its own frames; the immutable plan (primitives, packed weights) is shared."""
+        copied = object.__new__(DnnlProgram)
+        copied.__dict__.update(self.__dict__)
+        copied._idle = deque()
+        return copied
 
     def profile(self, inputs: list, runs: int = 20) -> list[tuple[str, float]]:
         """Median microseconds of every step over ``runs`` calls, with the step's program line."""
-        samples = [[] for _ in self.calls]
+        frame = Frame(self)
+        samples: list[list[float]] = [[] for _ in frame.calls]
         for _ in range(runs):
-            self._bind(inputs)
-            for call, times in zip(self.calls, samples):
+            frame.prepare(inputs)
+            for call, times in zip(frame.calls, samples):
                 start = time.perf_counter()
                 call()
                 times.append(time.perf_counter() - start)
-        return [(text, sorted(t)[len(t) // 2] * 1e6) for text, t in zip(self.step_texts, samples)]
+            frame.finish()
+        return [(step.text, sorted(t)[len(t) // 2] * 1e6) for step, t in zip(self.steps, samples)]
+
+    @property
+    def frames(self) -> int:
+        """Idle frames kept for reuse (one per caller that ran at the same time)."""
+        return len(self._idle)
 
     @property
     def peak_activation_bytes(self) -> int:
         return self.plan.peak_bytes
 
+    @property
+    def drops_nan(self) -> bool:
+        return any(step.drops_nan for step in self.steps)
+
     def describe(self) -> str:
         mib = 1 << 20
-        return (f"{self.text}\n# layout policy: {self.policy}; {len(self.calls)} calls; "
+        return (f"{self.text}\n# layout policy: {self.policy}; {len(self.steps)} calls; "
                 f"peak activation memory {self.plan.peak_bytes / mib:.2f} MiB in {len(self.plan.buffer_sizes)} "
-                f"buffers; weights {self.weight_bytes / mib:.2f} MiB")
+                f"buffers; weights {self.weight_bytes / mib:.2f} MiB; {self.threads} threads")

@@ -1,8 +1,13 @@
 """Values of a dnnl program: one per tensor the program computes, with its memory format.
 
-A value is *planned* (it lives in a buffer chosen by the memory plan, at a fixed address),
+A value is *planned* (it lives in an activation buffer chosen by the memory plan),
 *dynamic* (its tensor changes every call: a user input, an output, a torch fallback's
-result), or an *alias* of another value (a view: same bytes, another descriptor).
+result), an *alias* of another value (a view: same bytes, another descriptor), or a
+*constant* (packed weights, read-only, shared by every call).
+
+Values are compile-time objects: they say where a tensor lives, never which bytes it
+holds in a given call.  Each call's bytes and memory handles belong to its frame
+(``frame.py``), found through ``value.slot``.
 """
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pyrys.backends.dnnl.layout import is_plain_contiguous
-from pyrys.backends.dnnl.primitives import DNNL_TO_TORCH, Engine, Memory, MemoryDesc
+from pyrys.backends.dnnl.primitives import MemoryDesc
 
 PLANNED, DYNAMIC, ALIAS, CONSTANT = "planned", "dynamic", "alias", "constant"
 
@@ -19,14 +24,14 @@ PLANNED, DYNAMIC, ALIAS, CONSTANT = "planned", "dynamic", "alias", "constant"
 @dataclass(eq=False)
 class Value:
     name: str
-    md: MemoryDesc
+    md: MemoryDesc | None
     kind: str = PLANNED
     alias_of: "Value | None" = None
-    memory: Memory | None = None
-    current: torch.Tensor | None = None  # a torch view of the bytes (plain layouts), or the dynamic tensor
-    aliases: list = field(default_factory=list)  # aliases of a dynamic value, re-pointed with it
+    storage: torch.Tensor | None = None  # a constant's bytes (kept alive by the program)
     borrows: list = field(default_factory=list)  # values whose bytes this one may view (torch fallback results)
-    view_shape: tuple | None = None  # set by attach: the torch shape of a plain layout (None otherwise)
+    reads_constants: bool = False  # a torch fallback result computed from constants (it may view them)
+    output_meta: torch.Tensor | None = None  # a graph output written into a new tensor each call: its shape
+    slot: int = -1  # index into each frame's memories and tensors, set when the program is assembled
 
     @property
     def nbytes(self) -> int:
@@ -43,32 +48,18 @@ class Value:
     def roots(self) -> list["Value"]:
         """Every root value whose bytes reading this value may touch (through aliases and borrows)."""
         found = [self.root]
-        for borrowed in self.borrows:
+        for borrowed in self.root.borrows:
             found += borrowed.roots()
         return found
+
+    def may_view_internal_memory(self) -> bool:
+        """Whether this value's tensor may share bytes with an activation buffer or a constant."""
+        return any(root.kind in (PLANNED, CONSTANT) or root.reads_constants for root in self.roots())
 
     def layout(self) -> str:
         """The format tag, e.g. ``abcd`` (plain), ``acdb`` (nhwc), ``aBcd16b`` (blocked)."""
         return self.md.layout_tag() if self.md.format_kind.name == "blocked" else self.md.format_kind.name
 
-    def torch_view(self, storage: torch.Tensor) -> torch.Tensor | None:
-        """A tensor over ``storage`` (bytes) with this value's dims; only for plain contiguous layouts."""
-        if self.view_shape is None:
-            return None
-        count = 1
-        for d in self.view_shape:
-            count *= d
-        return storage[:self.nbytes].view(DNNL_TO_TORCH[self.md.dtype])[:count].view(self.view_shape)
-
-    def attach(self, engine: Engine, ptr: int) -> None:
-        """Create this value's dnnl memory over ``ptr`` (0 for a dynamic value, bound each call)."""
-        self.memory = Memory(engine, self.md, ptr)
-        self.view_shape = tuple(self.md.dims) if self.plain else None
-
-    def bind(self, tensor: torch.Tensor) -> None:
-        """Point a dynamic value (and its aliases) at this call's tensor."""
-        self.current = tensor
-        if self.memory is not None:
-            self.memory.set_handle(tensor.data_ptr())
-        for alias in self.aliases:
-            alias.bind(tensor.view(alias.view_shape) if alias.view_shape is not None else tensor)
+    def view_shape(self) -> tuple | None:
+        """The torch shape of this value's bytes: its dims for a plain contiguous layout, else None."""
+        return tuple(self.md.dims) if self.md is not None and self.plain else None

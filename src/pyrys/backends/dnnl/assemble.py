@@ -1,0 +1,143 @@
+"""Assembly: a lowered graph (values and steps) becomes an immutable :class:`DnnlProgram`.
+
+The graph's outputs are decided first (a value whose producer can write straight into the
+caller's fresh tensor does; anything else is reordered into one), then the memory plan
+assigns activation buffers by liveness, and every value gets a *slot*: where its bytes
+live in each frame.  Outputs never share memory with anything the program keeps: a torch
+fallback's result that may view an activation buffer or a constant is copied when it does.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+from pyrys.backends.dnnl.builder import Builder
+from pyrys.backends.dnnl.constants import ARG_FROM, ARG_TO
+from pyrys.backends.dnnl.frame import Frame
+from pyrys.backends.dnnl.layout import plain_md
+from pyrys.backends.dnnl.memory_plan import plan_memory
+from pyrys.backends.dnnl.primitives import reorder_pd
+from pyrys.backends.dnnl.program import DnnlProgram, Slot
+from pyrys.backends.dnnl.values import ALIAS, CONSTANT, DYNAMIC, PLANNED, Value
+from pyrys.ir.printer import format_type
+
+
+def assemble(builder: Builder, gm: fx.GraphModule, inputs: list[Value], threads: int) -> DnnlProgram:
+    output_node = next(n for n in gm.graph.nodes if n.op == "output")
+    fresh: list[Value] = []
+    results = [_decide_output(builder, arg, fresh) for arg in output_node.args[0]]
+    plan = plan_memory(builder.steps)
+    values = _all_values(builder, [*inputs, *[r for r in results if isinstance(r, Value)]])
+    for index, value in enumerate(values):
+        value.slot = index
+    buffers = [(size, False) for size in plan.buffer_sizes]
+    slots = [_slot(value, plan, buffers) for value in values]
+    dynamic = [v for v in values if v.root.kind == DYNAMIC]
+    aliases: dict[int, list[tuple[int, tuple | None]]] = {}
+    for value in dynamic:
+        if value.kind == ALIAS:
+            aliases.setdefault(value.root.slot, []).append((value.slot, value.view_shape()))
+    return DnnlProgram(
+        engine=builder.engine, steps=list(builder.steps), slots=slots, buffers=buffers,
+        scratchpad_bytes=builder.scratchpad_bytes, input_slots=[v.slot for v in inputs],
+        fresh=[(v.slot, *_fresh_layout(v)) for v in fresh], outputs=[_output(r) for r in results],
+        released=[v.slot for v in dynamic], dynamic_aliases=aliases,
+        constant_storages=_constant_storages(gm, values), text=_program_text(gm, builder, results), plan=plan,
+        weight_bytes=builder.weight_bytes, policy=builder.policy, threads=threads)
+
+
+def _decide_output(builder: Builder, arg: Any, fresh: list[Value]):
+    """What the program returns for one graph output: a Value, a constant tensor, or a literal."""
+    constant = builder.constant(arg)
+    if constant is not None or not isinstance(arg, fx.Node):
+        return constant if constant is not None else arg
+    value = builder.values[arg]
+    if value.kind == DYNAMIC:
+        return value
+    meta = arg.meta["val"]
+    md = plain_md(meta.shape, meta.dtype, tuple(meta.stride()))
+    if value.kind == PLANNED and value.md == md and not _read_after_written(builder, value):
+        value.kind = DYNAMIC  # the producer writes straight into the caller's fresh tensor
+        value.output_meta = meta
+        fresh.append(value)
+        return value
+    out = Value(f"{arg.name}.out", md, DYNAMIC)
+    out.output_meta = meta
+    pd = reorder_pd(builder.engine, value.md, out.md)
+    text = (f"%{out.name} : {format_type(meta)} = dnnl::reorder[format_info=[{value.layout()} -> "
+            f"{out.layout()}]](%{value.name})")
+    builder.add_primitive(text, pd, {ARG_FROM: value, ARG_TO: out}, [value], [out])
+    fresh.append(out)
+    return out
+
+
+def _fresh_layout(value: Value) -> tuple[tuple, tuple, torch.dtype]:
+    meta = value.output_meta
+    return tuple(meta.shape), tuple(meta.stride()), meta.dtype
+
+
+def _output(result) -> Callable[[Frame], Any]:
+    """How a frame produces one output: its slot's tensor, a copy where it may view internal memory."""
+    if isinstance(result, Value):
+        slot = result.slot
+        if result.may_view_internal_memory():
+            return lambda frame: frame.owned(frame.tensors[slot])
+        return lambda frame: frame.tensors[slot]
+    if isinstance(result, torch.Tensor):
+        return lambda frame: result.clone()  # the program's constant stays the program's
+    return lambda frame: result
+
+
+def _read_after_written(builder: Builder, value: Value) -> bool:
+    """Whether a step other than its producer touches ``value`` (reads it, or writes into it in place)."""
+    touching = [step for step in builder.steps if any(v.root is value for v in [*step.reads, *step.writes])]
+    return len(touching) > 1
+
+
+def _all_values(builder: Builder, extra: list[Value]) -> list[Value]:
+    seen: dict[int, Value] = {}
+    for step in builder.steps:
+        for value in [*step.reads, *step.writes, *step.constants]:
+            for v in _with_alias_chain(value):
+                seen.setdefault(id(v), v)
+    for value in [*builder.values.values(), *extra]:
+        for v in _with_alias_chain(value):
+            seen.setdefault(id(v), v)
+    return list(seen.values())
+
+
+def _with_alias_chain(value: Value) -> list[Value]:
+    chain = [value]
+    while chain[-1].alias_of is not None:
+        chain.append(chain[-1].alias_of)
+    return chain
+
+
+def _slot(value: Value, plan, buffers: list[tuple[int, bool]]) -> Slot:
+    """Where ``value``'s bytes live in a frame; a planned value no step writes gets a zero-filled buffer."""
+    if value.md is None:
+        return Slot(None)
+    if value.kind == CONSTANT:
+        return Slot(value.md, constant=value.storage)
+    root = value.root
+    if root.kind != PLANNED:
+        return Slot(value.md)
+    if root not in plan.assignment:
+        plan.assignment[root] = len(buffers)
+        buffers.append((max(root.nbytes, 64), True))
+    return Slot(value.md, buffer=plan.assignment[root], view_shape=value.view_shape())
+
+
+def _constant_storages(gm: fx.GraphModule, values: list[Value]) -> frozenset[int]:
+    """Storage addresses of every constant a torch fallback may return a view of."""
+    tensors = [t for t in gm.buffers()] + [v.storage for v in values if v.storage is not None]
+    return frozenset(p for p in (t.untyped_storage().data_ptr() for t in tensors) if p)
+
+
+def _program_text(gm: fx.GraphModule, builder: Builder, results: list) -> str:
+    header = ", ".join(f"%{n.name} : {format_type(n.meta.get('val'))}" for n in gm.graph.nodes if n.op == "placeholder")
+    body = [f"  {step.text}" for step in builder.steps]
+    returns = ", ".join(f"%{r.name}" if isinstance(r, Value) else "<constant>" for r in results)
+    return f"graph({header}):\n" + "\n".join(body + [f"  return ({returns})"])

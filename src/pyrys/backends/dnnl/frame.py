@@ -1,0 +1,78 @@
+"""A frame: everything one call of a dnnl program writes to.
+
+The program (``program.py``) is immutable after compile: primitives, packed weights,
+descriptors and a step list naming its operands by slot.  A frame holds one call's
+state: its activation buffers, its oneDNN memories (one per slot, pointing into the
+frame's buffers or at the call's tensors), a scratchpad (every primitive is created in
+oneDNN's *user* scratchpad mode, so primitives may run from many threads at once as long
+as no two executions share a scratchpad), a stream, and the steps pre-bound to all of it.
+
+A frame serves one call at a time; the program keeps a pool of them that grows to the
+number of concurrent callers.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from pyrys.backends.dnnl.primitives import Memory, Stream
+
+if TYPE_CHECKING:
+    from pyrys.backends.dnnl.program import DnnlProgram
+
+
+class Frame:
+    def __init__(self, program: "DnnlProgram"):
+        self.program = program
+        self.stream = Stream(program.engine)
+        self.buffers = [torch.zeros(size, dtype=torch.uint8) if zeroed else torch.empty(size, dtype=torch.uint8)
+                        for size, zeroed in program.buffers]
+        self.scratchpad = torch.empty(max(program.scratchpad_bytes, 64), dtype=torch.uint8)
+        self.memories: list[Memory | None] = []
+        self.tensors: list[torch.Tensor | None] = []
+        for slot in program.slots:
+            memory, tensor = slot.materialize(program.engine, self.buffers)
+            self.memories.append(memory)
+            self.tensors.append(tensor)
+        self.aliases = {root: [(alias, shape, self.memories[alias]) for alias, shape in aliases]
+                        for root, aliases in program.dynamic_aliases.items()}
+        self.internal = program.constant_storages | {b.untyped_storage().data_ptr() for b in self.buffers}
+        self.calls: list[Callable[[], None]] = [step.bind(self) for step in program.steps]
+
+    def bind(self, slot: int, tensor: torch.Tensor) -> None:
+        """Point a dynamic slot (and its aliases) at this call's ``tensor``."""
+        self.tensors[slot] = tensor
+        memory = self.memories[slot]
+        if memory is not None:
+            memory.set_handle(tensor.data_ptr())
+        for alias, shape, alias_memory in self.aliases.get(slot, ()):
+            self.tensors[alias] = tensor.view(shape) if shape is not None else tensor
+            if alias_memory is not None:
+                alias_memory.set_handle(tensor.data_ptr())
+
+    def prepare(self, inputs: list) -> None:
+        """Bind the call's inputs (made contiguous) and fresh output tensors."""
+        program = self.program
+        for slot, tensor in zip(program.input_slots, inputs):
+            self.bind(slot, tensor if tensor.is_contiguous() else tensor.contiguous())
+        for slot, shape, strides, dtype in program.fresh:
+            self.bind(slot, torch.empty_strided(shape, strides, dtype=dtype))
+
+    def run(self, inputs: list) -> list:
+        self.prepare(inputs)
+        for call in self.calls:
+            call()
+        return self.finish()
+
+    def finish(self) -> list:
+        """The call's outputs; then the frame lets go of the call's tensors."""
+        outputs = [output(self) for output in self.program.outputs]
+        tensors = self.tensors
+        for slot in self.program.released:
+            tensors[slot] = None
+        return outputs
+
+    def owned(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor``, or a copy of it if it shares bytes with this frame's buffers or the program's constants."""
+        return tensor.clone() if tensor.untyped_storage().data_ptr() in self.internal else tensor

@@ -1,0 +1,140 @@
+"""The dnnl backend's entry point: one compiled signature, a program per thread count.
+
+The layout policy (channels-last or channel-blocked) is chosen once, by building the
+program under each candidate and timing them interleaved.  oneDNN fixes a primitive's
+thread count when it is created, so a caller running with another thread count (its own
+``torch.get_num_threads()``, or ``threads=``) gets a program built for that count, from
+the same graph and policy, sharing the packed weights.
+
+NaN: every fused activation keeps NaN where eager does (``post_ops.py``), but oneDNN's
+max-pooling kernels turn a NaN into the window's largest number.  A program with a
+max-pooling step checks its inputs (one sum per input, a few microseconds); a call with a
+NaN in an input runs on the reference backend (the same optimized graph, on torch ops), so
+its NaN reach the outputs as in eager.  NaN made inside such a network from finite inputs
+(``log`` of a negative number) is still dropped by the pooling; the README says so.
+"""
+from __future__ import annotations
+
+import copy
+import threading
+import time
+
+import torch
+import torch.fx as fx
+
+from pyrys.backends.dnnl.builder import PackedWeights
+from pyrys.backends.dnnl.layout import candidate_policies
+from pyrys.backends.dnnl.lower import build_program
+from pyrys.backends.dnnl.primitives import Engine
+from pyrys.backends.dnnl.program import DnnlProgram
+from pyrys.backends.options import BackendOptions
+from pyrys.backends.reference import ReferenceProgram
+from pyrys.backends.threads import current_threads, with_threads
+
+
+class DnnlRuntime:
+    """Calls the program built for the caller's thread count (``threads=`` pins it for every call)."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: list, options: BackendOptions):
+        self.gm, self.pinned = gm, options.threads
+        self.engine, self.packed = Engine(), PackedWeights()
+        self._building = threading.Lock()
+        threads = options.threads or current_threads()
+        self.first = self._choose_policy(example_inputs, options.layout, threads)
+        self.programs: dict[int, DnnlProgram] = {threads: self.first}
+        self.nan_fallback = ReferenceProgram(gm) if self.first.drops_nan else None
+
+    def __call__(self, inputs: list) -> list:
+        if self.nan_fallback is not None and _has_nan(inputs):
+            return self.nan_fallback(inputs) if self.pinned is None else with_threads(self.pinned, self.nan_fallback, inputs)
+        threads = self.pinned or current_threads()
+        program = self.programs.get(threads)
+        if program is None:
+            program = self._program_for(threads)
+        if self.pinned is None:
+            return program(inputs)
+        return with_threads(threads, program, inputs)
+
+    def _program_for(self, threads: int) -> DnnlProgram:
+        with self._building:
+            if threads not in self.programs:
+                program = build_program(self.gm, self.layout, self.engine, threads, self.packed)
+                program.policy = self.first.policy
+                self.programs = {**self.programs, threads: program}
+        return self.programs[threads]
+
+    def _choose_policy(self, example_inputs: list, layout: str, threads: int) -> DnnlProgram:
+        policies = candidate_policies() if layout == "auto" else [layout]
+        programs = [build_program(self.gm, name, self.engine, threads, self.packed) for name in policies]
+        best = 0
+        if len(programs) > 1:
+            inputs = [t.contiguous() if isinstance(t, torch.Tensor) else t for t in example_inputs]
+            seconds = with_threads(threads, _time_policies, programs, inputs)
+            best = min(range(len(programs)), key=lambda i: seconds[i])
+            timings = ", ".join(f"{name} {s * 1e3:.2f} ms" for name, s in zip(policies, seconds))
+            programs[best].policy = f"{policies[best]} (measured: {timings})"
+        self.layout = policies[best]
+        self.packed.retain({slot.constant.data_ptr() for slot in programs[best].slots if slot.constant is not None})
+        return programs[best]
+
+    def __deepcopy__(self, memo: dict) -> "DnnlRuntime":
+        """A runtime with its own frames; graph, primitives and packed weights are shared (read-only)."""
+        copied = object.__new__(DnnlRuntime)
+        copied.__dict__.update(self.__dict__)
+        copied._building = threading.Lock()
+        copied.programs = {threads: copy.deepcopy(program, memo) for threads, program in self.programs.items()}
+        copied.first = copied.programs[next(iter(self.programs))]
+        return copied
+
+    def __reduce__(self):
+        raise TypeError("pyrys: a compiled dnnl program holds oneDNN primitives and cannot be pickled")
+
+    # what the first program says (the program text, memory, profile) -------------------
+    def describe(self) -> str:
+        return self.first.describe()
+
+    def profile(self, inputs: list, runs: int = 20) -> list[tuple[str, float]]:
+        return with_threads(self.first.threads, self.first.profile, inputs, runs)
+
+    @property
+    def policy(self) -> str:
+        return self.first.policy
+
+    @property
+    def peak_activation_bytes(self) -> int:
+        return self.first.peak_activation_bytes
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.first.weight_bytes
+
+
+def _has_nan(inputs: list) -> bool:
+    """Whether a floating-point input may hold a NaN (its sum is NaN: also when it holds +inf and -inf)."""
+    return any(isinstance(t, torch.Tensor) and t.is_floating_point() and bool(t.sum().isnan()) for t in inputs)
+
+
+def _time_policies(programs: list[DnnlProgram], inputs: list, budget: float = 0.2, min_rounds: int = 5) -> list[float]:
+    """Median seconds per call of each program, timed interleaved (one call each per round).
+
+    A program whose first call is over 3x the fastest one's is not timed further: it has lost,
+    and timing it again could take minutes (a primitive left on oneDNN's reference code)."""
+    first = []
+    for program in programs:
+        start = time.perf_counter()
+        program(inputs)
+        first.append(time.perf_counter() - start)
+    contenders = [i for i, seconds in enumerate(first) if seconds <= 3 * min(first)]
+    samples: dict[int, list[float]] = {i: [] for i in contenders}
+    deadline = time.perf_counter() + budget
+    while time.perf_counter() < deadline or len(samples[contenders[0]]) < min_rounds:
+        for i in contenders:
+            start = time.perf_counter()
+            programs[i](inputs)
+            samples[i].append(time.perf_counter() - start)
+    return [sorted(samples[i])[len(samples[i]) // 2] if i in samples else first[i] for i in range(len(programs))]
+
+
+def compile_program(gm: fx.GraphModule, example_inputs: list, options: BackendOptions = BackendOptions()):
+    """The dnnl backend: see :class:`DnnlRuntime`."""
+    return DnnlRuntime(gm, example_inputs, options)

@@ -1,0 +1,86 @@
+"""Thread counts per call, without touching any process-wide setting.
+
+torch and oneDNN share one GNU OpenMP runtime here.  Its thread count is an internal
+control variable *of the calling thread*: ``omp_set_num_threads`` on one Python thread
+changes nothing for another, and ``torch.get_num_threads()`` reads the calling thread's
+value.  So a call that needs ``n`` threads sets them on its own thread and puts the
+caller's value back before it returns; concurrent callers never see each other's setting.
+
+Where the OpenMP symbols cannot be found (a torch build without OpenMP) pyrys falls back
+to ``torch.set_num_threads``, which is process-wide, under a lock.
+"""
+from __future__ import annotations
+
+import ctypes
+import threading
+from typing import Callable, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+def _openmp() -> tuple[Callable[[], int], Callable[[int], None]] | None:
+    """``(omp_get_max_threads, omp_set_num_threads)`` of the OpenMP runtime torch loaded, or None."""
+    try:
+        process = ctypes.CDLL(None)
+        get, set_ = process.omp_get_max_threads, process.omp_set_num_threads
+    except (OSError, AttributeError):
+        return None
+    get.restype, get.argtypes = ctypes.c_int, ()
+    set_.restype, set_.argtypes = None, (ctypes.c_int,)
+    return get, set_
+
+
+_OPENMP = _openmp()
+_TORCH_LOCK = threading.Lock()
+
+
+def current_threads() -> int:
+    """The calling thread's thread count (what ``torch.get_num_threads()`` says on this thread)."""
+    return _OPENMP[0]() if _OPENMP is not None else torch.get_num_threads()
+
+
+def with_threads(threads: int, function: Callable[..., T], *args) -> T:
+    """``function(*args)`` with ``threads`` threads on the calling thread; the caller's count is restored."""
+    if _OPENMP is None:
+        return _with_torch_threads(threads, function, *args)
+    get, set_ = _OPENMP
+    previous = get()
+    if previous == threads:
+        return function(*args)
+    set_(threads)
+    try:
+        return function(*args)
+    finally:
+        set_(previous)
+
+
+def _with_torch_threads(threads: int, function: Callable[..., T], *args) -> T:
+    with _TORCH_LOCK:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return function(*args)
+        finally:
+            torch.set_num_threads(previous)
+
+
+class ThreadPinned:
+    """A program run with ``threads`` threads on each calling thread (others are not affected)."""
+
+    def __init__(self, program, threads: int):
+        self.program, self.threads = program, threads
+
+    def __call__(self, inputs: list) -> list:
+        return with_threads(self.threads, self.program, inputs)
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)  # copy and pickle protocols must not reach the inner program
+        return getattr(self.program, name)
+
+    def __deepcopy__(self, memo: dict) -> "ThreadPinned":
+        import copy
+
+        return ThreadPinned(copy.deepcopy(self.program, memo), self.threads)

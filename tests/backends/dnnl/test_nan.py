@@ -1,0 +1,153 @@
+"""NaN and infinities through the dnnl backend: where eager keeps a NaN, pyrys keeps it.
+
+oneDNN's relu, clip and hardsigmoid kernels use x86 max/min, which return the bound for a NaN
+input; pyrys builds those activations from steps that keep it (``backends/dnnl/post_ops.py``).
+Max-pooling kernels drop NaN too: a program with one runs calls whose inputs hold a NaN on the
+reference backend.  What stays different is pinned here: a NaN made inside such a network
+from finite inputs is dropped by the pooling.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import pyrys
+from pyrys.backends.dnnl import binding
+from pyrys.backends.dnnl.post_ops import ELTWISE
+
+available, reason = binding.is_available()
+pytestmark = pytest.mark.skipif(not available, reason=f"oneDNN unavailable: {reason}")
+
+SPECIAL = [math.nan, -math.inf, math.inf, 0.0, -0.0, -1.0, 1.0, -0.5, 0.5, 2.5, 7.0, -100.0, 100.0, 1e-30, -1e-30]
+
+ACTIVATIONS = {  # name -> eager activation; every unary post-op pyrys fuses
+    "relu": F.relu,
+    "relu6": F.relu6,
+    "hardtanh": lambda y: F.hardtanh(y, -1.0, 1.0),
+    "clamp_0_3": lambda y: y.clamp(0.0, 3.0),
+    "clamp_-2_5": lambda y: y.clamp(-2.0, 5.0),
+    "leaky_relu": lambda y: F.leaky_relu(y, 0.1),
+    "leaky_relu_0": lambda y: F.leaky_relu(y, 0.0),
+    "elu": F.elu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"),
+    "silu": F.silu,
+    "hardswish": F.hardswish,
+    "hardsigmoid": F.hardsigmoid,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "mish": F.mish,
+}
+
+
+def special_input(shape) -> torch.Tensor:
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 3
+    flat = x.view(-1)
+    flat[: len(SPECIAL)] = torch.tensor(SPECIAL)
+    flat[-len(SPECIAL):] = torch.tensor(SPECIAL)
+    return x
+
+
+class Activation(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x * 1.0)  # a computed tensor, so the activation runs as a dnnl step
+
+
+class ConvActivation(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.fn = nn.Conv2d(16, 16, 1, groups=16, bias=False), fn
+        nn.init.ones_(self.conv.weight)  # y = x exactly: the special values reach the post-ops
+
+    def forward(self, x):
+        return self.fn(self.conv(x))
+
+
+def assert_like_eager(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert torch.equal(torch.isnan(got), torch.isnan(want)), (
+        f"NaN at {torch.isnan(got).sum().item()} places, eager at {torch.isnan(want).sum().item()}")
+    numbers = ~torch.isnan(want)
+    assert torch.equal(torch.isinf(got[numbers]), torch.isinf(want[numbers]))
+    finite = torch.isfinite(want)
+    # within one rounding of a clamp bound (a shifted clamp), or of oneDNN's exp-based approximations
+    torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-6)
+
+
+def test_every_post_op_has_a_nan_case():
+    assert set(ELTWISE) <= {"relu", "leaky_relu", "clamp", "elu", "gelu_erf", "gelu_tanh", "silu", "hardswish",
+                            "hardsigmoid", "sigmoid", "tanh", "mish"}
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "blocked16"])
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_fused_activation_keeps_nan_and_infinities(name, layout):
+    model = ConvActivation(ACTIVATIONS[name]).eval()
+    x = special_input((1, 16, 4, 8))
+    opt = pyrys.optimize(model, (x,), backend="dnnl", layout=layout)
+    assert "dnnl::conv2d_" in opt.program_text()  # the activation ran inside the conv
+    assert_like_eager(opt(x), model(x))
+
+
+@pytest.mark.parametrize("name", ACTIVATIONS)
+def test_standalone_activation_keeps_nan_and_infinities(name):
+    model = Activation(ACTIVATIONS[name]).eval()
+    x = special_input((2, 3, 5, 7))
+    opt = pyrys.optimize(model, (x,), backend="dnnl")
+    assert "fallback" not in opt.program_text()
+    assert_like_eager(opt(x), model(x))
+
+
+def test_relu_gives_positive_zero_for_negative_inputs():
+    model = ConvActivation(F.relu).eval()
+    x = special_input((1, 16, 4, 8))
+    y = pyrys.optimize(model, (x,), backend="dnnl")(x)
+    assert not torch.signbit(y[~torch.isnan(y)]).any()  # elu(0) gives -0; the abs step makes it +0
+
+
+class ConvPool(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        return F.max_pool2d(F.relu(self.conv(x)), 2)
+
+
+def test_nan_in_the_input_reaches_the_output_through_max_pooling():
+    model = ConvPool().eval()
+    x = torch.randn(1, 3, 16, 16)
+    opt = pyrys.optimize(model, (x,), backend="dnnl")
+    assert "dnnl::pooling_max" in opt.program_text()
+    x[0, 1, 5, 5] = math.nan
+    got, want = opt(x), model(x)
+    assert torch.isnan(want).any()
+    assert_like_eager(got, want)
+    clean = torch.randn(1, 3, 16, 16)
+    assert pyrys.relative_error(opt(clean), model(clean)) <= pyrys.FP32_TOLERANCE
+
+
+class LogPool(nn.Module):
+    """log of a negative number makes NaN inside the network, from finite inputs."""
+
+    def forward(self, x):
+        return F.max_pool2d(torch.log(x * 1.0), 2)
+
+
+def test_nan_made_inside_the_network_is_dropped_by_max_pooling_as_documented():
+    model = LogPool().eval()
+    x = torch.rand(1, 4, 8, 8) + 0.5
+    x[0, 0, 0, 0] = -1.0  # log(-1) = NaN in the first pooling window only
+    opt = pyrys.optimize(model, (x,), backend="dnnl")
+    got, want = opt(x), model(x)
+    assert torch.isnan(want[0, 0, 0, 0]) and not torch.isnan(got).any()
+    # exactly: oneDNN's max-pooling takes the largest number in the window, as if the NaN were -inf
+    expected = F.max_pool2d(torch.log(x).nan_to_num(nan=-math.inf), 2)
+    assert torch.equal(got, expected)
