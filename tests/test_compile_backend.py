@@ -34,6 +34,35 @@ def test_state_sources_are_recognized():
     assert _state_path("L['x']") is None
 
 
+def test_state_of_any_module_the_frame_reaches_is_recognized():
+    """A top-level Sequential comes in as ``L['fn']``; a module a compiled function uses keeps its name."""
+    assert _state_path("L['fn']._modules['1']._buffers['running_var']") == "1.running_var"
+    assert _state_path("G['model']._modules['bn']._buffers['running_mean']") == "model.bn.running_mean"
+    assert _state_path("L['model']._modules['0']._parameters['weight']") == "model.0.weight"
+    assert _state_path("L['args'][0]") is None
+
+
+def test_a_function_using_a_model_is_frozen_and_folded(monkeypatch):
+    made = []
+    original = DynamoGraph.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(DynamoGraph, "__init__", spy)
+    model = conv_bn_relu()
+
+    def head(x):  # the model is reached through the closure: L['model']
+        return model(x) + 1
+
+    compiled = torch.compile(head, backend="pyrys", options={"backend": "reference"})
+    assert pyrys.relative_error(compiled(image()), head(image())) <= TOLERANCE
+    (graph,) = made
+    (program,) = graph.programs.values()
+    assert "fold_conv_bn: conv_bn: 1" in program.report() and "GetAttr" not in program.graph
+
+
 def test_conv_bn_relu_is_frozen_and_folded(monkeypatch):
     made = []
     original = DynamoGraph.__init__

@@ -5,10 +5,11 @@
     print(opt.graph)
     for step in opt.history: print(step.name, step.graph)
 
-    torch.compile(model, backend="pyrys")               # registered on import (and by entry point)
+    torch.compile(model, backend="pyrys")               # found by entry point; no import needed
     pyrys._jit_pass_freeze_params(m._c, 'forward', 'weight'); pyrys.jit.graph_for(m, x)   # the seed's calls
 """
 from pyrys.backends import available_backends
+from pyrys.errors import CaptureError, DeviceError, ModelCopyError
 from pyrys.explain import explain
 from pyrys.numerics import FP32_TOLERANCE, relative_error
 from pyrys.optimize import OptimizedModule, optimize
@@ -23,4 +24,5 @@ register_backend()
 __version__ = "0.1.0"
 
 __all__ = ["optimize", "explain", "OptimizedModule", "available_backends", "relative_error", "FP32_TOLERANCE",
-           "PASS_NAMES", "InputError", "jit", "_jit_pass_freeze_params", "_jit_pass_freeze_flags", "__version__"]
+           "PASS_NAMES", "InputError", "CaptureError", "DeviceError", "ModelCopyError", "jit",
+           "_jit_pass_freeze_params", "_jit_pass_freeze_flags", "__version__"]

@@ -10,9 +10,9 @@ the program built for the default backend.  Each call passes only the real input
 
 Graph breaks give several graphs, each its own pyrys program.  A new input shape makes
 dynamo recompile; when it hands over a graph with symbolic sizes, pyrys builds one program
-per concrete shape on first use.  The backend registers itself with dynamo when
-``torch._dynamo`` is already imported at ``import pyrys``, and through the
-``torch_dynamo_backends`` entry point otherwise.
+per concrete shape on first use.  Dynamo finds the backend through the
+``torch_dynamo_backends`` entry point (no ``import pyrys`` needed); :func:`register_backend`
+covers the rest without registering it twice.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
+from pyrys.ir.graph import identifier
 from pyrys.optimize import OptimizedModule, optimize
 from pyrys.signature import signature_of
 
@@ -30,6 +31,8 @@ BACKEND_NAME = "pyrys"
 _OPTION_NAMES = frozenset({"backend", "disable", "freeze_params", "freeze_flags", "verify", "print_after_each",
                            "dump_dir"})
 _STATE_SOURCE = re.compile(r"\['([^']+)'\]|\.([A-Za-z_]\w*)")
+_SOURCE_ROOT = re.compile(r"[LG]\['([^']+)'\]")  # a local or global of the compiled frame
+_COMPILED_MODULE = ("self", "fn")
 
 
 def pyrys_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None = None) -> Callable:
@@ -61,26 +64,42 @@ class _StatefulGraph(torch.nn.Module):
 
 
 def _register(root: torch.nn.Module, path: str, value: torch.Tensor) -> tuple[str, str]:
-    """Register ``value`` at ``path`` (``"layer1.0.conv1.weight"``), creating empty submodules on the way."""
-    *owners, name = ["graph_state", *path.split(".")]
-    module = root
+    """Register ``value`` under ``graph_state`` at ``path``, creating empty submodules on the way.
+
+    Every part becomes an :func:`identifier` (torch.export names state by its path and FX
+    writes it as ``self.<path>``): ``"layer1.0.class.weight"`` -> ``graph_state.layer1._0.class_.weight``.
+    Returns the (owner path, attribute name) it was registered at.
+    """
+    *owners, leaf = ["graph_state", *path.split(".")]
+    module, names = root, []
     for part in owners:
-        if not hasattr(module, part):
-            module.add_module(part, torch.nn.Module())
-        module = getattr(module, part)
+        name = identifier(part)
+        if not hasattr(module, name):
+            module.add_module(name, torch.nn.Module())
+        module, names = getattr(module, name), names + [name]
+    name = identifier(leaf, set(dir(module)))
     if isinstance(value, torch.nn.Parameter):
         module.register_parameter(name, torch.nn.Parameter(value.detach(), requires_grad=False))
     else:
         module.register_buffer(name, value.detach())
-    return ".".join(owners), name
+    return ".".join(names), name
 
 
 def _state_path(source_name: str) -> str | None:
-    """``L['self']._modules['conv']._parameters['weight']`` -> ``"conv.weight"`` (None for a user input)."""
-    if not source_name.startswith("L['self']") or ("_parameters[" not in source_name and "_buffers[" not in source_name):
+    """The path of the module state a graph input reads (None for a user input).
+
+    ``L['self']._modules['conv']._parameters['weight']`` -> ``"conv.weight"``; the compiled module
+    is ``L['self']``, or ``L['fn']`` when dynamo enters through its ``__call__`` (a top-level
+    ``nn.Sequential``).  State of a module reached another way keeps its root's name:
+    ``G['model']._modules['bn']._buffers['running_var']`` -> ``"model.bn.running_var"``.
+    """
+    root = _SOURCE_ROOT.match(source_name)
+    if root is None or ("._parameters[" not in source_name and "._buffers[" not in source_name):
         return None
-    parts = [m.group(1) or m.group(2) for m in _STATE_SOURCE.finditer(source_name[len("L['self']"):])]
-    return ".".join(p for p in parts if p not in ("_modules", "_parameters", "_buffers"))
+    parts = [m.group(1) or m.group(2) for m in _STATE_SOURCE.finditer(source_name[root.end():])]
+    parts = [p for p in parts if p not in ("_modules", "_parameters", "_buffers")]
+    prefix = [] if root.group(1) in _COMPILED_MODULE else [root.group(1)]
+    return ".".join(prefix + parts)
 
 
 def _is_state(node: fx.Node, value: Any) -> str | None:
@@ -136,10 +155,18 @@ class DynamoGraph:
 
 
 def register_backend() -> None:
-    """Register ``"pyrys"`` with dynamo if it is already imported (the entry point covers the rest)."""
+    """Make ``"pyrys"`` known to dynamo exactly once, however pyrys is reached.
+
+    Dynamo finds the ``torch_dynamo_backends`` entry point itself: ``lookup_backend("pyrys")``
+    records it in its registry's ``_BACKENDS``, loads it (which imports pyrys, and so runs
+    this function) and only then registers the function, refusing a name registered twice.
+    So pyrys registers itself only when dynamo is loaded and does not know the name yet
+    (``import torch._dynamo; import pyrys`` with entry points not yet read, or pyrys run
+    from a source tree without its entry point installed); otherwise it leaves it to dynamo.
+    """
     if "torch._dynamo" not in sys.modules:
-        return
+        return  # dynamo reads the entry point when it loads
     from torch._dynamo.backends import registry
 
-    if BACKEND_NAME not in registry._COMPILER_FNS:
+    if BACKEND_NAME not in registry._BACKENDS:
         registry.register_backend(pyrys_backend, name=BACKEND_NAME)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,13 +11,14 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.fx as fx
 from torch.export import ExportedProgram
-from torch.utils._pytree import tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from pyrys.backends import get_backend
 from pyrys.backends.options import LAYOUTS, BackendOptions
-from pyrys.capture.export import Captured, capture_module
+from pyrys.capture.export import Captured, capture_module, rename_for_export
 from pyrys.capture.exported_program import capture_exported, exported_example_inputs
-from pyrys.capture.torchscript import capture_torchscript, is_torchscript
+from pyrys.capture.torchscript import capture_torchscript, is_torchscript, script_class_name
+from pyrys.errors import DeviceError, ModelCopyError
 from pyrys.ir.graph import state_inputs, state_ref
 from pyrys.ir.verify import make_verifier, output_types
 from pyrys.passes.pipeline import Instruments, PassOptions, PipelineRun, Step, check_pass_names, run_pipeline
@@ -66,7 +68,14 @@ class Frontend:
 
 def module_frontend(model: torch.nn.Module) -> Frontend:
     """An ``nn.Module``, captured with ``torch.export`` (``model`` is pyrys's private copy)."""
-    return Frontend(lambda args, kwargs: capture_module(model, args, kwargs), "nn.Module")
+    renamed = rename_for_export(model)
+
+    def capture(args: tuple, kwargs: dict) -> Captured:
+        captured = capture_module(model, args, kwargs)
+        captured.notes[:0] = renamed
+        return captured
+
+    return Frontend(capture, "nn.Module")
 
 
 def torchscript_frontend(script: Any, flag_values: dict[str, bool] | None = None) -> Frontend:
@@ -240,6 +249,9 @@ def optimize(
     ``layout``: the dnnl backend's activation layout: ``"auto"`` (each candidate measured at compile
     time, the fastest kept), ``"nhwc"``, ``"blocked8"`` or ``"blocked16"``.
     The user's model is never modified: pyrys works on a private copy.
+    A model pyrys cannot take raises :class:`pyrys.CaptureError` (``forward`` needs tensor data in
+    Python), :class:`pyrys.DeviceError` (weights not on the CPU) or :class:`pyrys.ModelCopyError`;
+    example inputs off the CPU raise :class:`pyrys.InputError`.
     """
     if freeze_flags is None and not is_torchscript(model):
         freeze_flags = ("training",)
@@ -249,17 +261,76 @@ def optimize(
     if isinstance(model, ExportedProgram):
         if example_inputs is None:
             example_inputs, example_kwargs = exported_example_inputs(model)
-        return OptimizedModule(exported_program_frontend(model), _as_args(example_inputs), dict(example_kwargs or {}),
-                               config)
+        args, kwargs = _example_inputs(example_inputs, example_kwargs)
+        _check_on_cpu("the ExportedProgram", model.state_dict.items())
+        return OptimizedModule(exported_program_frontend(model), args, kwargs, config)
     if is_torchscript(model):
         return optimize_torchscript(model, example_inputs, example_kwargs, config)
     if not isinstance(model, torch.nn.Module):
         raise TypeError("pyrys.optimize expects a torch.nn.Module, a TorchScript module or function, or a "
                         f"torch.export.ExportedProgram, got {type(model).__name__}")
-    args = _as_args(example_inputs)
+    args, kwargs = _example_inputs(example_inputs, example_kwargs)
+    _check_on_cpu(type(model).__name__, _state_of(model))
     _warn_if_training(model)
-    private = copy.deepcopy(model)
-    return OptimizedModule(module_frontend(private), args, dict(example_kwargs or {}), config)
+    return OptimizedModule(module_frontend(_private_copy(model)), args, kwargs, config)
+
+
+def _example_inputs(example_inputs: Any, example_kwargs: dict | None) -> tuple[tuple, dict]:
+    """The example inputs as (args, kwargs), every tensor among them on the CPU."""
+    args, kwargs = _as_args(example_inputs), dict(example_kwargs or {})
+    for i, value in enumerate(tree_flatten((args, kwargs))[0]):
+        if isinstance(value, torch.Tensor) and value.device.type != "cpu":
+            raise InputError(f"pyrys: example input {i} must be on the CPU (pyrys compiles for the CPU), got a tensor "
+                             f"on {value.device}; pass CPU tensors with real values, e.g. x.to(\"cpu\")")
+    return args, kwargs
+
+
+def _state_of(model: Any) -> Iterable[tuple[str, torch.Tensor]]:
+    if not hasattr(model, "named_parameters"):
+        return ()  # a scripted function
+    return itertools.chain(model.named_parameters(), model.named_buffers())
+
+
+def _check_on_cpu(owner: str, state: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Raise :class:`DeviceError` unless every parameter and buffer is a CPU tensor with values."""
+    for name, tensor in state:
+        if tensor.device.type == "meta":
+            raise DeviceError(
+                f"pyrys: {name} of {owner} is on the meta device (a shape without values), and pyrys compiles CPU "
+                "models with real weights. Materialize the model on the CPU with model.to_empty(device=\"cpu\"), "
+                "then load its weights with model.load_state_dict(state_dict)")
+        if tensor.device.type != "cpu":
+            raise DeviceError(f"pyrys: {name} of {owner} is on {tensor.device}, and pyrys compiles CPU models; "
+                              "move the model to the CPU first: model.to(\"cpu\")")
+
+
+def _private_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """pyrys's own deep copy of ``model``, so that the user's model is never modified."""
+    try:
+        return copy.deepcopy(model)
+    except Exception as error:
+        culprit = _uncopyable_attribute(model)
+        where = f" (its attribute {culprit[0]}, a {culprit[1]})" if culprit else ""
+        raise ModelCopyError(
+            f"pyrys: copy.deepcopy cannot copy {type(model).__name__}{where}: {error}. pyrys optimizes a private "
+            "copy so that your model is never modified. Make that attribute deep-copyable (give its class a "
+            "__deepcopy__) or remove it before optimizing, or pass an ExportedProgram, which pyrys uses without "
+            "copying: pyrys.optimize(torch.export.export(model, (x,)))") from error
+
+
+def _uncopyable_attribute(model: torch.nn.Module) -> tuple[str, str] | None:
+    """The path and type name of the first module attribute ``copy.deepcopy`` fails on (None if none alone does)."""
+    for path, module in model.named_modules():
+        for name, value in vars(module).items():
+            if name == "_modules":
+                continue
+            for attribute, item in value.items() if name in ("_parameters", "_buffers") else [(name, value)]:
+                try:
+                    copy.deepcopy(item)
+                except Exception:
+                    kind = type(item)
+                    return (f"{path}.{attribute}" if path else attribute), f"{kind.__module__}.{kind.__qualname__}"
+    return None
 
 
 def make_config(*, backend: str = "auto", freeze_params: Iterable[str] | None = None,
@@ -287,10 +358,11 @@ def make_config(*, backend: str = "auto", freeze_params: Iterable[str] | None = 
 def optimize_torchscript(script: Any, example_inputs: Any, example_kwargs: dict | None, config: OptimizeConfig,
                          flag_values: dict[str, bool] | None = None) -> OptimizedModule:
     """The TorchScript way in (``pyrys.jit`` passes the freezes recorded by the seed's calls)."""
+    args, kwargs = _example_inputs(example_inputs, example_kwargs)
+    _check_on_cpu(script_class_name(script), _state_of(script))
     if (flag_values or {}).get("training", getattr(script, "training", False)):
         _warn_if_training(script, stacklevel=4)
-    frontend = torchscript_frontend(script, flag_values)
-    return OptimizedModule(frontend, _as_args(example_inputs), dict(example_kwargs or {}), config)
+    return OptimizedModule(torchscript_frontend(script, flag_values), args, kwargs, config)
 
 
 def _warn_if_training(model: Any, stacklevel: int = 3) -> None:

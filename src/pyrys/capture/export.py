@@ -9,19 +9,30 @@ their functional forms, eval-mode dropout disappears) and then normalized:
   so ``freeze_flags`` has a flag to freeze and BN folding can tell why it may not fold;
 * outputs that only update buffers (BN running statistics in train mode) are dropped:
   the optimized module never modifies state.
+
+A ``forward`` that needs tensor data in Python (``if x.sum() > 0:``) cannot be exported:
+that is a :class:`pyrys.CaptureError` naming the line and ``torch.compile`` as the way.
+Submodule names torch.export cannot follow (``class``, ``a.b``) are renamed in pyrys's
+private copy first (:func:`rename_for_export`).
 """
 from __future__ import annotations
 
+import keyword
 import operator
+import re
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
+from torch._dynamo.exc import UserError, UserErrorType
+from torch._subclasses.fake_tensor import DataDependentOutputException
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch.utils._pytree import TreeSpec
 
-from pyrys.ir.graph import STATE_KEY, StateRef, add_constant, insert_call
+from pyrys.errors import CaptureError
+from pyrys.ir.graph import STATE_KEY, StateRef, add_constant, add_placeholder, identifier, insert_call
 
 aten = torch.ops.aten
 _BN_VARIANTS = {
@@ -29,6 +40,11 @@ _BN_VARIANTS = {
     aten._native_batch_norm_legit_functional.default: (6, 7),
 }
 _STATE_KINDS = {InputKind.PARAMETER: "parameter", InputKind.BUFFER: "buffer"}
+# the user's line in torch.export's message:
+#     The following call raised this error:
+#       File "model.py", line 7, in forward
+#         if y.sum() > 0:
+_USER_LINE = re.compile(r'raised this error:\s*File "(?P<file>[^"]+)", line (?P<line>\d+), in \w+\n(?P<code>[^\n]+)')
 
 
 @dataclass
@@ -42,10 +58,64 @@ class Captured:
     notes: list[str] = field(default_factory=list)
 
 
+def rename_for_export(model: torch.nn.Module) -> list[str]:
+    """Rename, in place, the submodules whose names torch.export cannot follow; a note per rename.
+
+    torch.export names state by its path, and FX writes ``self.<path>``: a submodule called
+    ``class`` (a Python keyword) makes that a syntax error, one called ``a.b`` (set with
+    ``setattr``; ``add_module`` refuses it) reads as two levels.  Such a submodule is renamed
+    (``class_``, ``a_b``) and stays reachable under its old name, so ``forward`` runs unchanged.
+    Only for pyrys's private copy of a model.
+    """
+    notes = []
+    for owner in list(model.modules()):
+        if not all(_exportable(name) for name in owner._modules):
+            notes += _rename_children(owner)
+    return notes
+
+
+def _rename_children(owner: torch.nn.Module) -> list[str]:
+    """Rebuild ``owner._modules`` in its order, each name torch.export cannot follow made an identifier."""
+    children, taken = list(owner._modules.items()), set(dir(owner))
+    owner._modules.clear()
+    notes = []
+    for name, child in children:
+        if not _exportable(name):
+            object.__setattr__(owner, name, child)  # forward's getattr(self, name) still finds it
+            new = identifier(name, taken)
+            taken.add(new)
+            notes.append(f"submodule {name!r} of {type(owner).__name__} is called {new!r} in the graph "
+                         "(torch.export cannot name it)")
+            name = new
+        owner._modules[name] = child
+    return notes
+
+
+def _exportable(name: str) -> bool:
+    return "." not in name and not keyword.iskeyword(name)
+
+
 def export_module(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> ExportedProgram:
     """``torch.export`` at ATen level, functionalized; the model itself is not modified."""
     with torch.no_grad():
-        return torch.export.export(model, args, kwargs).run_decompositions({})
+        try:
+            exported = torch.export.export(model, args, kwargs)
+        except (UserError, GuardOnDataDependentSymNode, DataDependentOutputException) as error:
+            if isinstance(error, UserError) and error.error_type != UserErrorType.DYNAMIC_CONTROL_FLOW:
+                raise
+            raise CaptureError(_data_dependent_message(model, error)) from error
+        return exported.run_decompositions({})
+
+
+def _data_dependent_message(model: torch.nn.Module, error: Exception) -> str:
+    """What torch.export's data-dependent errors mean for the user, with the line that needs the data."""
+    place = _USER_LINE.search(str(error))
+    where = f" at {place['file']}:{place['line']} (`{place['code'].strip()}`)" if place else ""
+    return (f"pyrys: {type(model).__name__}.forward branches on tensor data{where}: Python needs a tensor's "
+            "values (an `if x.sum() > 0:`, a loop count or a size computed from data), and a captured graph holds "
+            "one path through forward, so torch.export cannot capture it. Use "
+            "torch.compile(model, backend=\"pyrys\") instead: dynamo breaks the graph where Python needs the data "
+            "and pyrys compiles each piece")
 
 
 def capture_module(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> Captured:
@@ -141,12 +211,9 @@ def _training_flag(gm: fx.GraphModule, node: fx.Node, model: torch.nn.Module | N
         ref = existing.meta.get(STATE_KEY)
         if existing.op == "placeholder" and ref is not None and ref.target == target:
             return existing
-    value = model.get_submodule(path).training if model is not None else captured_value
-    first = next(n for n in gm.graph.nodes if n.op != "placeholder")
-    with gm.graph.inserting_before(first):
-        flag = gm.graph.placeholder("".join(c if c.isalnum() else "_" for c in target))
-    flag.meta[STATE_KEY] = StateRef(target, "flag", bool(value))
-    flag.meta["val"] = bool(value)
+    value = bool(model.get_submodule(path).training if model is not None else captured_value)
+    flag = add_placeholder(gm.graph, target, value)  # "0.training" (a Sequential's BatchNorm) -> _0_training
+    flag.meta[STATE_KEY] = StateRef(target, "flag", value)
     return flag
 
 

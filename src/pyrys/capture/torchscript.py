@@ -26,7 +26,6 @@ State values are copies: the user's scripted module is never modified.
 from __future__ import annotations
 
 import operator
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,14 +35,15 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from pyrys.capture.export import Captured
+from pyrys.errors import CaptureError
 from pyrys.ir.control_flow import BRANCHES_KEY, IF, Branch, Branches, register_branches, run_branch
-from pyrys.ir.graph import STATE_KEY, StateRef, add_constant
+from pyrys.ir.graph import STATE_KEY, StateRef, add_constant, add_placeholder
 
 SHAPE_QUERIES = frozenset({"aten::size", "aten::dim", "aten::numel", "aten::len", "aten::sym_size"})
 MAX_UNROLLED_ITERATIONS = 10_000
 
 
-class TorchScriptImportError(ValueError):
+class TorchScriptImportError(CaptureError):
     """The scripted code uses something pyrys cannot import; the message says what and why."""
 
 
@@ -121,24 +121,14 @@ class _Scope:
                 raise TorchScriptImportError(
                     f"a branch of an If uses %{outer.name}, which is not a tensor; pyrys passes only "
                     "tensors into If branches (a flag used inside a branch on another flag, say)")
-            self.captures[outer] = _placeholder(self.graph, outer.name, outer.meta["val"])
+            self.captures[outer] = add_placeholder(self.graph, outer.name, outer.meta["val"])
         return self.captures[outer]
 
 
-def _placeholder(graph: fx.Graph, name: str, val: Any) -> fx.Node:
-    first = next((n for n in graph.nodes if n.op != "placeholder"), None)
-    if first is None:
-        node = graph.placeholder(name)
-    else:
-        with graph.inserting_before(first):
-            node = graph.placeholder(name)
-    node.meta["val"] = val
-    return node
-
-
 def _node_name(value: torch._C.Value, fallback: str) -> str:
+    """A name hint from TorchScript's debug name (``x.1`` -> ``x``); FX and :func:`identifier` make it valid."""
     name = value.debugName().split(".")[0]
-    return re.sub(r"\W", "_", name) if name and not name.isdigit() else fallback
+    return name if name and not name.isdigit() else fallback
 
 
 def _has_node(obj: Any) -> bool:
@@ -201,8 +191,7 @@ class _Importer:
             if not isinstance(example, torch.Tensor):
                 raise TorchScriptImportError("pyrys imports scripted code with tensor inputs only; "
                                              f"input %{value.debugName()} is a {type(example).__name__}")
-            node = self.root.graph.placeholder(_node_name(value, "input"))
-            node.meta["val"] = self.mode.from_tensor(example)
+            node = add_placeholder(self.root.graph, _node_name(value, "input"), self.mode.from_tensor(example))
             self.root.bind(value, node)
 
     def _import_block(self, scope: _Scope, nodes, outputs: list) -> list:
@@ -253,7 +242,7 @@ class _Importer:
                 ref = StateRef(path, kind, value.detach().clone())
                 val = self.mode.from_tensor(ref.value)
             prefix = {"flag": "", "parameter": "p_", "buffer": "b_"}[ref.kind]  # as torch.export names them
-            node = _placeholder(self.root.graph, prefix + path.replace(".", "_"), val)
+            node = add_placeholder(self.root.graph, prefix + path, val)  # "0.training" -> _0_training
             node.meta[STATE_KEY] = ref
             self.state[path] = node
         return self.state[path]

@@ -10,14 +10,20 @@
 """
 from __future__ import annotations
 
+import builtins
+import keyword
+import re
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Container, Iterator
 
 import torch
 import torch.fx as fx
 from torch.fx.operator_schemas import normalize_function
 
 STATE_KEY = "pyrys_state"
+# names generated code must not take: keywords, builtins, forward's own ``self`` and the globals of FX's code
+_RESERVED = frozenset(keyword.kwlist) | frozenset(dir(builtins)) | {
+    "self", "torch", "inf", "nan", "NoneType", "device", "fx_pytree", "pytree"}
 
 
 @dataclass
@@ -64,22 +70,55 @@ def constant_value(gm: fx.GraphModule, arg: Any) -> Any:
     return arg
 
 
+def identifier(hint: str, taken: Container[str] = frozenset()) -> str:
+    """``hint`` as a Python identifier that FX's generated code can use as a name, not in ``taken``.
+
+    FX writes a placeholder's target verbatim as a parameter of ``forward`` and a
+    ``get_attr`` target as ``self.<name>``, so every name pyrys generates goes through here::
+
+        "1.training" -> "_1_training"      "my-bn.weight" -> "my_bn_weight"
+        "class" -> "class_"                "input" -> "input_"  (a builtin)
+        "x" with "x" taken -> "x_1"
+    """
+    name = re.sub(r"\W", "_", hint, flags=re.ASCII) or "_"
+    if name[0].isdigit():
+        name = "_" + name
+    if name in _RESERVED:
+        name += "_"
+    base, i = name, 0
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+def add_placeholder(graph: fx.Graph, hint: str, val: Any) -> fx.Node:
+    """A new input after the existing ones; its target (and name) is an :func:`identifier` from ``hint``."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    taken = {n.name for n in graph.nodes} | {n.target for n in placeholders}
+    with graph.inserting_after(placeholders[-1]) if placeholders else graph.inserting_before(None):
+        node = graph.placeholder(identifier(hint, taken))
+    node.meta["val"] = val
+    return node
+
+
 def add_constant(gm: fx.GraphModule, value: torch.Tensor, name_hint: str) -> fx.Node:
     """Register ``value`` on ``gm`` and insert a ``get_attr`` node for it (at the graph's insert point)."""
-    name = _unique_attr_name(gm, name_hint)
+    name = identifier(name_hint or "const", _Attributes(gm))
     gm.register_buffer(name, value, persistent=False)
     node = gm.graph.get_attr(name)
     node.meta["val"] = value
     return node
 
 
-def _unique_attr_name(gm: fx.GraphModule, hint: str) -> str:
-    base = "".join(c if c.isalnum() or c == "_" else "_" for c in hint) or "const"
-    name, i = base, 0
-    while hasattr(gm, name):
-        i += 1
-        name = f"{base}_{i}"
-    return name
+class _Attributes:
+    """The attribute names of a module as a container: ``name in _Attributes(gm)`` is ``hasattr``."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    def __contains__(self, name: object) -> bool:
+        return hasattr(self.module, str(name))
 
 
 def call_nodes(graph: fx.Graph, targets=None) -> Iterator[fx.Node]:

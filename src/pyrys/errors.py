@@ -1,0 +1,17 @@
+"""The errors pyrys raises for a model it cannot take: each message says what was expected and what to do.
+
+A wrong *input* is a :class:`pyrys.InputError` (``pyrys.signature``).
+"""
+from __future__ import annotations
+
+
+class CaptureError(ValueError):
+    """The model's code cannot become one graph (it branches on tensor data, say)."""
+
+
+class DeviceError(ValueError):
+    """The model's parameters or buffers are not real CPU tensors (on ``meta``, or on a GPU)."""
+
+
+class ModelCopyError(TypeError):
+    """The model cannot be deep-copied, and pyrys works on a private copy so that the user's stays untouched."""

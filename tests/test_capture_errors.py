@@ -1,0 +1,148 @@
+"""Models pyrys cannot take say so: a ``pyrys:`` message naming what was expected and what to do.
+
+Data-dependent control flow (``pyrys.CaptureError``), weights on ``meta`` (``pyrys.DeviceError``),
+example inputs off the CPU (``pyrys.InputError``), a model ``copy.deepcopy`` cannot copy
+(``pyrys.ModelCopyError``); each keeps torch's error as its cause where there is one.
+"""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import pyrys
+from tests.conftest import TOLERANCE
+from tests.models import conv_bn_relu, image
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.*is deprecated:FutureWarning")
+
+
+class BranchOnData(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.sum() > 0:
+            return y.relu()
+        return y
+
+
+class LoopOnData(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        for _ in range(int(x.sum())):
+            x = self.conv(x)
+        return x
+
+
+class Holding(nn.Module):
+    """A conv + BatchNorm holding something ``copy.deepcopy`` refuses."""
+
+    def __init__(self, thing):
+        super().__init__()
+        self.block = conv_bn_relu()
+        self.thing = thing
+
+    def forward(self, x):
+        return self.block(x)
+
+
+def test_branch_on_tensor_data_names_the_line_and_torch_compile():
+    with pytest.raises(pyrys.CaptureError) as raised:
+        pyrys.optimize(BranchOnData().eval(), (image(),), backend="reference")
+    message = str(raised.value)
+    assert message.startswith("pyrys: BranchOnData.forward branches on tensor data")
+    assert "if y.sum() > 0:" in message and "test_capture_errors.py" in message
+    assert 'torch.compile(model, backend="pyrys")' in message
+    assert raised.value.__cause__ is not None  # torch's own error, chained
+
+
+def test_loop_count_from_tensor_data():
+    with pytest.raises(pyrys.CaptureError, match=r"branches on tensor data.*range\(int\(x.sum\(\)\)\)"):
+        pyrys.optimize(LoopOnData().eval(), (image(),), backend="reference")
+
+
+def test_the_named_way_works():
+    model = BranchOnData().eval()
+    compiled = torch.compile(model, backend="pyrys", options={"backend": "reference"})
+    try:
+        for x in (image(), -image()):
+            with torch.no_grad():
+                assert pyrys.relative_error(compiled(x), model(x)) <= TOLERANCE
+    finally:
+        torch._dynamo.reset()
+
+
+def test_torchscript_data_dependence_is_a_capture_error_too():
+    scripted = torch.jit.script(LoopOnData().eval())
+    with pytest.raises(pyrys.CaptureError, match="data-dependent control flow"):
+        pyrys.optimize(scripted, (image(),), backend="reference")
+
+
+def test_weights_on_meta():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    with pytest.raises(pyrys.DeviceError) as raised:
+        pyrys.optimize(model, (image(),), backend="reference")
+    message = str(raised.value)
+    assert message.startswith("pyrys: 0.weight of Sequential is on the meta device")
+    assert "CPU" in message and 'model.to_empty(device="cpu")' in message and "load_state_dict" in message
+
+
+def test_materialized_as_the_message_says_then_optimizes():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    model.to_empty(device="cpu")
+    model.load_state_dict(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).state_dict())
+    opt = pyrys.optimize(model, (image(),), backend="reference")
+    assert pyrys.relative_error(opt(image()), model(image())) <= TOLERANCE
+
+
+def test_torchscript_weights_on_meta():
+    scripted = torch.jit.script(conv_bn_relu())
+    scripted.to("meta")
+    with pytest.raises(pyrys.DeviceError, match="conv.weight of ConvBnRelu is on the meta device"):
+        pyrys.optimize(scripted, (image(),), backend="reference")
+
+
+class Scaled(nn.Module):
+    def forward(self, x, scale):
+        return x * scale
+
+
+def test_example_inputs_off_the_cpu():
+    with pytest.raises(pyrys.InputError, match="example input 0 must be on the CPU.*on meta"):
+        pyrys.optimize(conv_bn_relu(), (image().to("meta"),), backend="reference")
+    with pytest.raises(pyrys.InputError, match="example input 1 must be on the CPU.*on meta"):
+        pyrys.optimize(Scaled(), (image(),), {"scale": image().to("meta")}, backend="reference")
+
+
+@pytest.mark.parametrize("thing, kind", [(threading.Lock(), "_thread.lock"), ("file", "_io.TextIOWrapper")])
+def test_model_that_cannot_be_copied(thing, kind, tmp_path):
+    if thing == "file":
+        thing = open(tmp_path / "log.txt", "w")
+    model = Holding(thing).eval()
+    with pytest.raises(pyrys.ModelCopyError) as raised:
+        pyrys.optimize(model, (image(),), backend="reference")
+    message = str(raised.value)
+    assert message.startswith("pyrys: copy.deepcopy cannot copy Holding")
+    assert f"its attribute thing, a {kind}" in message
+    assert "private copy" in message and "never modified" in message
+    assert "__deepcopy__" in message and "torch.export.export(model, (x,))" in message
+    assert isinstance(raised.value.__cause__, TypeError)
+    assert isinstance(raised.value, TypeError)  # as copy.deepcopy's own error is
+
+
+def test_exported_program_of_an_uncopyable_model_works():
+    """The way the copy error names: an ExportedProgram is used without copying the model."""
+    model = Holding(threading.Lock()).eval()
+    opt = pyrys.optimize(torch.export.export(model, (image(),)), backend="reference")
+    assert pyrys.relative_error(opt(image()), model(image())) <= TOLERANCE
+    assert "fold_conv_bn: conv_bn: 1" in opt.report()
