@@ -14,12 +14,6 @@ from torch import nn
 import pyrys
 from tests.conftest import TOLERANCE
 
-DNNL_ZERO_DIM = pytest.mark.xfail(
-    strict=True, raises=KeyError,
-    reason="dnnl: a 0-dim tensor gets oneDNN's zero memory descriptor (data type undef), and a fallback op "
-           "reading it fails in Builder.to_plain with KeyError: <DataType.undef: 0>")
-
-
 class ConvThen(nn.Module):
     """A conv, then ``tail``: the part that makes the graph end in another dtype or rank, or break."""
 
@@ -53,8 +47,6 @@ TAILS = {
     "sum_zero_dim": (lambda y: y.sum(), False),
     "zero_dim_arithmetic": (lambda y: y.sum() * 2 + 1, False),
 }
-FAILS_ON_DNNL = {"compile": {"branch_on_sum", "zero_dim_across_a_break", "zero_dim_arithmetic"},
-                 "optimize": {"zero_dim_arithmetic"}}
 DNNL_MISSING = pytest.mark.skipif("dnnl" not in pyrys.available_backends(), reason="the dnnl backend does not load")
 
 
@@ -63,8 +55,7 @@ def cases(way: str):
         if breaks and way == "optimize":
             continue  # torch.export cannot capture a break: tests/test_capture_errors.py
         yield pytest.param(name, "reference", id=f"{name}-reference")
-        marks = [DNNL_MISSING] + ([DNNL_ZERO_DIM] if name in FAILS_ON_DNNL[way] else [])
-        yield pytest.param(name, "dnnl", marks=marks, id=f"{name}-dnnl")
+        yield pytest.param(name, "dnnl", marks=[DNNL_MISSING], id=f"{name}-dnnl")
 
 
 def inputs():

@@ -68,10 +68,15 @@ class Builder:
         self.scratchpad_bytes = 0
 
     # -- values -------------------------------------------------------------------------
-    def value_of(self, arg: Any) -> Value:
+    def value_of(self, arg: Any, in_memory: bool = True) -> Value:
+        """The value of a computed tensor; with ``in_memory``, only one oneDNN can read (not a rank-0
+        tensor, a dtype oneDNN has no type for, or a torch result that is not a tensor)."""
         if not isinstance(arg, fx.Node) or arg not in self.values:
             raise Unsupported(f"{format_arg(arg)} is not a computed tensor")
-        return self.values[arg]
+        value = self.values[arg]
+        if in_memory and value.md is None:
+            raise Unsupported(f"%{arg.name} ({format_type(arg.meta.get('val'))}) is not a tensor oneDNN reads")
+        return value
 
     def constant(self, arg: Any) -> torch.Tensor | None:
         """The tensor of a constant argument, or None if it is not a constant tensor.

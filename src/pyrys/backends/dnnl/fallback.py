@@ -29,7 +29,7 @@ def _torch_input(builder: Builder, arg):
             return constant
         if state_ref(arg) is not None:
             return state_ref(arg).value  # an unfrozen flag: the captured value
-        value = builder.value_of(arg)
+        value = builder.value_of(arg, in_memory=False)
         return builder.to_plain(value) if value.md is not None else value
     if isinstance(arg, (list, tuple)):
         return type(arg)(_torch_input(builder, a) for a in arg)
@@ -63,7 +63,8 @@ def _has_constant(template) -> bool:
 
 
 def _output_md(meta):
-    if not isinstance(meta, torch.Tensor):
+    """A plain descriptor for a result oneDNN can read next; None keeps it torch's (rank 0, other dtypes)."""
+    if not isinstance(meta, torch.Tensor) or meta.dim() == 0:
         return None
     try:
         dnnl_dtype(meta.dtype)

@@ -29,8 +29,10 @@ def contiguous_strides(shape) -> list[int]:
 
 
 def plain_md(shape, dtype: torch.dtype, strides=None) -> MemoryDesc:
-    """A plain descriptor: the given strides, or contiguous ones."""
+    """A plain descriptor: the given strides, or contiguous ones (oneDNN has no rank-0 tensors)."""
     shape = [int(s) for s in shape]
+    if not shape:
+        raise ValueError("oneDNN has no rank-0 memory descriptor; a 0-dim tensor stays torch's")
     strides = contiguous_strides(shape) if strides is None else [int(s) for s in strides]
     return MemoryDesc.from_strides(shape, dnnl_dtype(dtype), strides)
 

@@ -47,7 +47,8 @@ def _lower_node(builder: Builder, node: fx.Node) -> None:
 
 def _define_input(builder: Builder, node: fx.Node) -> Value:
     meta = node.meta["val"]
-    md = plain_md(meta.shape, meta.dtype) if isinstance(meta, torch.Tensor) and meta.dtype == torch.float32 else None
+    in_memory = isinstance(meta, torch.Tensor) and meta.dtype == torch.float32 and meta.dim() > 0
+    md = plain_md(meta.shape, meta.dtype) if in_memory else None
     return builder.define(node, md, DYNAMIC)
 
 
