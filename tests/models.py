@@ -1,4 +1,4 @@
-"""Small models shared by the pass tests."""
+"""Small models shared by the tests."""
 from __future__ import annotations
 
 import torch
@@ -24,3 +24,16 @@ def conv_bn_relu(relu: bool = True) -> torch.nn.Module:
 
 def image(batch: int = 1, channels: int = 3, size: int = 6) -> torch.Tensor:
     return torch.rand(batch, channels, size, size, generator=torch.Generator().manual_seed(1))
+
+
+class Fn(torch.nn.Module):
+    """A module around ``fn(module, *xs)``, with optional submodules (seed torch before building them)."""
+
+    def __init__(self, fn, **modules):
+        super().__init__()
+        self.fn = fn
+        for name, module in modules.items():
+            setattr(self, name, module)
+
+    def forward(self, *xs):
+        return self.fn(self, *xs)

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +25,7 @@ from pyrys.ir.graph import state_inputs, state_ref
 from pyrys.ir.verify import make_verifier, output_types
 from pyrys.passes.pipeline import Instruments, PassOptions, PipelineRun, Step, check_pass_names, run_pipeline
 from pyrys.passes.rewrite import Miss
-from pyrys.signature import InputError, Signature, check_compatible, signature_of
+from pyrys.signature import InputError, Signature, check_compatible, runnable_inputs, signature_of
 
 
 @dataclass(frozen=True)
@@ -115,42 +117,81 @@ def _flags_to_freeze(config: OptimizeConfig, captured: Captured) -> tuple[str, .
                                if state_ref(n).kind == "flag"))
 
 
+# torch.export and the passes are not made for two threads at once: compiles take turns
+# (calls of programs already compiled never wait for this).
+_COMPILING = threading.RLock()
+
+
 class OptimizedModule(torch.nn.Module):
     """A drop-in replacement for the model: same inputs, same outputs, optimized graph.
 
     ``graph`` is the optimized graph in the seed's text form, ``history`` the graph after
     every pass, ``misses`` every fold/fusion that could not happen and why.
+
+    Safe to call from many threads at once: a compiled program runs each call in its own
+    frame, a new input shape compiles once (other threads keep running meanwhile), and
+    every output belongs to the caller.  ``copy.deepcopy`` gives an independent module
+    sharing the read-only compiled programs; pickling is refused (see ``__reduce_ex__``).
     """
 
     def __init__(self, frontend: Frontend, args: tuple, kwargs: dict, config: OptimizeConfig):
         super().__init__()
         self._frontend = frontend
         self._config = config
-        first = compile_signature(frontend, args, kwargs, config)
+        with _COMPILING:
+            first = compile_signature(frontend, args, kwargs, config)
         self._programs: dict[Signature, Compiled] = {first.signature: first}
         self._first = first
         self._fast_calls: dict[tuple, Any] = {}
         if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
-            self._fast_calls[_tensor_key(args)] = _direct_call(first)
+            self._fast_calls[_call_key(args)] = _direct_call(first)
 
     def forward(self, *args, **kwargs):
-        fast = self._fast_calls.get(_tensor_key(args)) if not kwargs else None
+        fast = self._fast_calls.get(_call_key(args)) if not kwargs else None
         if fast is not None:
             return fast(list(args))
+        args, kwargs = runnable_inputs(args, kwargs)
         signature, flat = signature_of(args, kwargs)
-        compiled = self._programs.get(signature)
-        if compiled is None:
-            check_compatible(self._first.signature, signature, flat, args)
-            if self._frontend.fixed_shapes:
-                raise InputError(f"pyrys: this {self._frontend.kind} was captured for inputs "
-                                 f"({self._first.signature.describe()}); got ({signature.describe()}). "
-                                 "Export it again for the new shape")
-            compiled = compile_signature(self._frontend, args, kwargs, self._config)
-            self._programs[signature] = compiled
+        compiled = self._programs.get(signature) or self._compile(signature, flat, args, kwargs)
         if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
-            self._fast_calls[_tensor_key(args)] = _direct_call(compiled)
+            self._fast_calls[_call_key(args)] = _direct_call(compiled)
         outputs = compiled.program(flat)
         return tree_unflatten(outputs, compiled.captured.out_spec)
+
+    def _compile(self, signature: Signature, flat: list, args: tuple, kwargs: dict) -> Compiled:
+        """The program for a new input signature, compiled once however many threads ask at once."""
+        check_compatible(self._first.signature, signature, flat, args)
+        if self._frontend.fixed_shapes:
+            raise InputError(f"pyrys: this {self._frontend.kind} was captured for inputs "
+                             f"({self._first.signature.describe()}); got ({signature.describe()}). "
+                             "Export it again for the new shape")
+        with _COMPILING:
+            compiled = self._programs.get(signature)
+            if compiled is None:
+                compiled = compile_signature(self._frontend, args, kwargs, self._config)
+                self._programs = {**self._programs, signature: compiled}
+        return compiled
+
+    def __deepcopy__(self, memo: dict) -> "OptimizedModule":
+        """An independent module: its own frames and caches; the compiled, read-only plans are shared."""
+        copied = OptimizedModule.__new__(OptimizedModule)
+        torch.nn.Module.__init__(copied)
+        copied.training = self.training
+        copied._frontend, copied._config = self._frontend, self._config
+        copied._programs = {signature: dataclasses.replace(compiled, program=copy.deepcopy(compiled.program, memo))
+                            for signature, compiled in self._programs.items()}
+        copied._first = copied._programs[self._first.signature]
+        copied._fast_calls = {}
+        return copied
+
+    def __copy__(self) -> "OptimizedModule":
+        return self.__deepcopy__({})
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(
+            "pyrys: an optimized module holds compiled oneDNN programs and cannot be pickled, so neither pickle "
+            "nor torch.save can keep it. Save the model instead (torch.save(model.state_dict(), path)) and call "
+            "pyrys.optimize on the loaded model; copy.deepcopy(opt) gives an independent copy in this process")
 
     @property
     def graph(self) -> str:
@@ -192,10 +233,14 @@ class OptimizedModule(torch.nn.Module):
         return "\n".join(lines)
 
 
-def _tensor_key(args: tuple) -> tuple | None:
-    """A cheap key for calls made of positional CPU tensors only (None otherwise)."""
+def _call_key(args: tuple) -> tuple | None:
+    """A cheap key for calls made of positional tensors only (None otherwise).
+
+    Only keys of calls that passed :func:`runnable_inputs` unchanged are ever stored, so a
+    tensor on another device, with another layout or with its negation bit set never
+    takes the fast path: it meets the checks instead."""
     try:
-        return tuple((a.shape, a.dtype, a.device.type) for a in args)
+        return tuple((a.shape, a.dtype, a.is_cpu, a.layout, a.is_neg()) for a in args)
     except AttributeError:
         return None
 

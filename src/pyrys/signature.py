@@ -1,8 +1,9 @@
 """Input signatures: what the optimized module was compiled for, and clear errors for the rest.
 
-A signature is the flat list of example inputs' (shape, dtype).  Rank, dtype, device and
-the number of inputs must match the example inputs; a new shape of the same rank is a
-new signature and gets its own compiled program.
+A signature is the flat list of example inputs' (shape, dtype).  Rank, dtype and the
+number of inputs must match the example inputs; a new shape of the same rank is a new
+signature and gets its own compiled program.  Before that, every call's tensors must be
+ones a program can read (:func:`runnable_inputs`): dense CPU tensors with storage.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils._pytree import TreeSpec, tree_flatten
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_map
 
 from pyrys.ir.printer import format_tensor_type
 
@@ -45,6 +46,28 @@ def signature_of(args: tuple, kwargs: dict) -> tuple[Signature, list]:
     return Signature(spec, tuple(_leaf(v) for v in flat)), flat
 
 
+def runnable_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The call's inputs as a program reads them: each tensor on the CPU and dense (else
+    :class:`InputError`), with lazy negation or conjugation (``torch._neg_view``) applied."""
+    flat = tree_flatten((args, kwargs))[0]
+    for i, value in enumerate(flat):
+        if isinstance(value, torch.Tensor):
+            _check_runnable(i, value)
+    if not any(isinstance(v, torch.Tensor) and (v.is_neg() or v.is_conj()) for v in flat):
+        return args, kwargs
+    resolve = lambda v: v.resolve_neg().resolve_conj() if isinstance(v, torch.Tensor) else v  # noqa: E731
+    return tree_map(resolve, args), tree_map(resolve, kwargs)
+
+
+def _check_runnable(i: int, value: torch.Tensor) -> None:
+    if value.device.type != "cpu":
+        raise InputError(f"pyrys: input {i} must be a tensor on the CPU (device 'cpu'), got a tensor on "
+                         f"{value.device}; pyrys runs on the CPU: pass x.to('cpu')")
+    if value.layout != torch.strided:
+        raise InputError(f"pyrys: input {i} must be a dense (strided) tensor, got layout {value.layout}; "
+                         "pass x.to_dense()")
+
+
 def _describe_value(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return format_tensor_type(value.shape, value.dtype)
@@ -64,8 +87,6 @@ def _check_leaf(i: int, want, have, value) -> None:
     if _is_tensor_leaf(want):
         if not isinstance(value, torch.Tensor):
             raise InputError(f"pyrys: input {i} must be a tensor like {_describe_leaf(want)}, got {type(value).__name__}")
-        if value.device.type != "cpu":
-            raise InputError(f"pyrys: input {i} must be on the CPU, got a tensor on {value.device}")
         if value.dtype != want[1]:
             raise InputError(f"pyrys: input {i} must have dtype {want[1]} like the example input "
                              f"{_describe_leaf(want)}, got {value.dtype}")

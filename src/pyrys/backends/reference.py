@@ -13,15 +13,17 @@ import torch.fx as fx
 from pyrys.backends.options import BackendOptions
 from pyrys.backends.threads import ThreadPinned
 from pyrys.ir.graph import state_ref
+from pyrys.ir.ops import PYTHON_IMPLS
 
 
 class ReferenceProgram:
     """Calls the graph module with state values and user inputs in placeholder order.
 
-    It holds nothing a call writes to, so one program serves any number of threads at once."""
+    It holds nothing a call writes to, so one program serves any number of threads at once.
+    pyrys's own ops run as their plain Python functions (see ``PYTHON_IMPLS``)."""
 
     def __init__(self, gm: fx.GraphModule):
-        self.gm = gm
+        self.gm = without_dispatch(gm)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.state = {i: state_ref(n).value for i, n in enumerate(placeholders) if state_ref(n)}
         self.arity = len(placeholders)
@@ -44,6 +46,16 @@ class ReferenceProgram:
 
     def describe(self) -> str:
         return "reference backend: the optimized graph run with torch ops"
+
+
+def without_dispatch(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` with every pyrys op node calling its Python function directly (constants shared, not copied)."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in PYTHON_IMPLS:
+            node.target = PYTHON_IMPLS[node.target]
+    return fx.GraphModule(gm, graph)
 
 
 def compile_program(gm: fx.GraphModule, example_inputs: list, options: BackendOptions = BackendOptions()):

@@ -21,6 +21,8 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor
 
+from pyrys.ir.ops import pyrys_op
+
 
 class BranchRaised(RuntimeError):
     """The scripted code raises on this path (e.g. a shape check that fails)."""
@@ -81,7 +83,7 @@ def _storage(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr() or id(t)
 
 
-@torch.library.custom_op("pyrys::If", mutates_args=(), schema="(bool cond, int branches, Tensor[] operands) -> Tensor[]")
+@pyrys_op("If", schema="(bool cond, int branches, Tensor[] operands) -> Tensor[]")
 def if_op(cond: bool, branches: int, operands: list[torch.Tensor]) -> list[torch.Tensor]:
     """Run the branch ``cond`` selects on ``operands``."""
     return run_branch(cond, branches, operands)

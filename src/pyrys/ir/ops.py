@@ -39,6 +39,23 @@ import torch.nn.functional as F
 from pyrys.ir.post_ops import apply_post_ops
 
 _CONV_BY_RANK = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+# every pyrys op -> the plain Python function behind it.  Running it directly skips torch's
+# custom-op dispatch, whose dynamo wrapper reads and writes torch.export's process-wide
+# state: a call on one thread while another thread exports (a new input shape compiling)
+# failed with KeyError: 'custom'.
+PYTHON_IMPLS: dict = {}
+
+
+def pyrys_op(name: str, schema: str | None = None):
+    """Decorator: ``fn`` becomes the op ``torch.ops.pyrys.<name>`` and stays in :data:`PYTHON_IMPLS`."""
+
+    def register(fn):
+        op = torch.library.custom_op(f"pyrys::{name}", fn, mutates_args=(), schema=schema)
+        PYTHON_IMPLS[getattr(torch.ops.pyrys, name).default] = fn
+        return op
+
+    return register
+
 _CONV_TRANSPOSE_BY_RANK = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
@@ -65,7 +82,7 @@ def scale_output_channels(weight: torch.Tensor, scale: torch.Tensor, channel_dim
     return (grouped * per_group).reshape(weight.shape).to(weight.dtype)
 
 
-@torch.library.custom_op("pyrys::fold_weight", mutates_args=())
+@pyrys_op("fold_weight")
 def fold_weight(
     weight: torch.Tensor, bn_weight: Optional[torch.Tensor], running_var: torch.Tensor, eps: float,
     channel_dim: int = 0, groups: int = 1
@@ -79,7 +96,7 @@ def _(weight, bn_weight, running_var, eps, channel_dim=0, groups=1):
     return torch.empty_like(weight)
 
 
-@torch.library.custom_op("pyrys::fold_bias", mutates_args=())
+@pyrys_op("fold_bias")
 def fold_bias(
     bias: Optional[torch.Tensor],
     bn_weight: Optional[torch.Tensor],
@@ -101,7 +118,7 @@ def _(bias, bn_weight, bn_bias, running_mean, running_var, eps):
     return torch.empty_like(running_mean)
 
 
-@torch.library.custom_op("pyrys::fold_scale", mutates_args=())
+@pyrys_op("fold_scale")
 def fold_scale(weight: torch.Tensor, scale: torch.Tensor, channel_dim: int = 0, groups: int = 1) -> torch.Tensor:
     """``W' = W * a``: a constant scale (one value or one per output channel) folded into a weight."""
     return scale_output_channels(weight, scale, channel_dim, groups)
@@ -112,7 +129,7 @@ def _(weight, scale, channel_dim=0, groups=1):
     return torch.empty_like(weight)
 
 
-@torch.library.custom_op("pyrys::fold_affine_bias", mutates_args=())
+@pyrys_op("fold_affine_bias")
 def fold_affine_bias(
     bias: Optional[torch.Tensor], scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], channels: int
 ) -> torch.Tensor:
@@ -146,7 +163,7 @@ def bn_shift(bn_weight, bn_bias, running_mean, running_var, eps) -> torch.Tensor
     return shift if bn_bias is None else shift + bn_bias.double()
 
 
-@torch.library.custom_op("pyrys::fold_input_weight", mutates_args=())
+@pyrys_op("fold_input_weight")
 def fold_input_weight(
     weight: torch.Tensor, bn_weight: Optional[torch.Tensor], running_var: torch.Tensor, eps: float, groups: int
 ) -> torch.Tensor:
@@ -160,7 +177,7 @@ def _(weight, bn_weight, running_var, eps, groups):
     return torch.empty_like(weight)
 
 
-@torch.library.custom_op("pyrys::fold_input_bias", mutates_args=())
+@pyrys_op("fold_input_bias")
 def fold_input_bias(
     bias: Optional[torch.Tensor], weight: torch.Tensor, bn_weight: Optional[torch.Tensor],
     bn_bias: Optional[torch.Tensor], running_mean: torch.Tensor, running_var: torch.Tensor, eps: float, groups: int
@@ -184,9 +201,8 @@ def _conv_then_post_ops(input, weight, bias, stride, padding, dilation, groups, 
     return apply_post_ops(y, post_ops, post_inputs)
 
 
-@torch.library.custom_op(
-    "pyrys::conv",
-    mutates_args=(),
+@pyrys_op(
+    "conv",
     schema="(Tensor input, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] dilation, int groups, "
     "str[] post_ops, Tensor[] post_inputs) -> Tensor",
 )
@@ -215,9 +231,8 @@ def _conv_transpose_then_post_ops(input, weight, bias, stride, padding, output_p
     return apply_post_ops(y, post_ops, post_inputs)
 
 
-@torch.library.custom_op(
-    "pyrys::conv_transpose",
-    mutates_args=(),
+@pyrys_op(
+    "conv_transpose",
     schema="(Tensor input, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] output_padding, "
     "int groups, int[] dilation, str[] post_ops, Tensor[] post_inputs) -> Tensor",
 )
@@ -245,9 +260,8 @@ def _linear_then_post_ops(input, weight, bias, post_ops, post_inputs):
     return apply_post_ops(F.linear(input, weight, bias), post_ops, post_inputs)
 
 
-@torch.library.custom_op(
-    "pyrys::linear",
-    mutates_args=(),
+@pyrys_op(
+    "linear",
     schema="(Tensor input, Tensor weight, Tensor? bias, str[] post_ops, Tensor[] post_inputs) -> Tensor",
 )
 def linear(

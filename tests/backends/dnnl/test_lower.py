@@ -7,22 +7,10 @@ import torch.nn.functional as F
 import pyrys
 from pyrys.backends.dnnl import binding
 from tests.conftest import TOLERANCE
+from tests.models import Fn
 
 available, reason = binding.is_available()
 pytestmark = pytest.mark.skipif(not available, reason=f"oneDNN unavailable: {reason}")
-
-
-class Fn(nn.Module):
-    """A module around a function, with optional submodules."""
-
-    def __init__(self, fn, **modules):
-        super().__init__()
-        self.fn = fn
-        for name, module in modules.items():
-            setattr(self, name, module)
-
-    def forward(self, *xs):
-        return self.fn(self, *xs)
 
 
 def seeded(module: nn.Module) -> nn.Module:

@@ -18,6 +18,7 @@ from pyrys.backends.dnnl.layout import contiguous_strides, plain_md
 from pyrys.backends.dnnl.primitives import dnnl_dtype
 from pyrys.backends.dnnl.values import DYNAMIC, Value
 from pyrys.ir.graph import state_ref
+from pyrys.ir.ops import PYTHON_IMPLS
 from pyrys.ir.printer import format_arg, op_name
 
 
@@ -81,7 +82,7 @@ def lower_fallback(builder: Builder, node: fx.Node, reason: str) -> None:
     reads = _reads([args, list(kwargs.values())])
     out.borrows = reads  # torch may return a view of an input
     out.reads_constants = _has_constant([args, list(kwargs.values())])
-    target, has_md = node.target, out.md is not None
+    target, has_md = PYTHON_IMPLS.get(node.target, node.target), out.md is not None  # no dispatch: ir/ops.py
 
     def bind(frame: Frame) -> Callable[[], None]:
         arg_fns = [_resolver(a, frame.tensors) for a in args]

@@ -1,0 +1,123 @@
+"""The dnnl runtime's own structure: frames per call, a program per thread count, user scratchpads."""
+import copy
+import threading
+
+import pytest
+import torch
+import torch.nn as nn
+
+import pyrys
+from pyrys.backends.dnnl import binding
+from pyrys.backends.dnnl.constants import ARG_SCRATCHPAD
+from pyrys.backends.dnnl.layout import any_md, policy_md
+from pyrys.backends.dnnl.primitives import Engine, PrimitiveAttr, convolution_pd
+from pyrys.backends.threads import current_threads
+from tests.conftest import TOLERANCE
+
+available, reason = binding.is_available()
+pytestmark = pytest.mark.skipif(not available, reason=f"oneDNN unavailable: {reason}")
+
+
+def small_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3, padding=1)).eval()
+
+
+def run_threads(count: int, work) -> None:
+    barrier = threading.Barrier(count)
+    errors: list[BaseException] = []
+
+    def run(index: int) -> None:
+        barrier.wait()
+        try:
+            work(index)
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+
+
+def test_primitives_take_the_callers_scratchpad():
+    """A primitive made with pyrys's attributes asks for its scratchpad (oneDNN's user mode): in
+    library mode the same conv reports none, because the library keeps one per primitive."""
+    engine = Engine()
+    src = policy_md((1, 64, 28, 28), torch.float32, "nhwc")
+
+    def scratchpad_bytes(attr):
+        pd = convolution_pd(engine, src, any_md((64, 64, 3, 3), torch.float32), src, strides=[1, 1],
+                            padding_l=[1, 1], attr=attr)
+        return pd.scratchpad_md().size()
+
+    assert scratchpad_bytes(PrimitiveAttr(user_scratchpad=False)) == 0
+    assert scratchpad_bytes(None) > 0 and scratchpad_bytes(PrimitiveAttr()) > 0
+
+
+def test_each_frame_brings_its_own_scratchpad():
+    x = torch.randn(1, 3, 28, 28)
+    program = pyrys.optimize(small_net(), (x,), backend="dnnl", layout="nhwc")._first.program.first
+    from pyrys.backends.dnnl.frame import Frame
+
+    first, second = Frame(program), Frame(program)
+    assert first.scratchpad.data_ptr() != second.scratchpad.data_ptr()
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(first.buffers, second.buffers))
+    bound = [call.__self__ for call in first.calls if hasattr(call, "__self__")]
+    scratch = [c.exec_args.memories[ARG_SCRATCHPAD] for c in bound if ARG_SCRATCHPAD in c.exec_args.memories]
+    assert all(m.data_ptr() == first.scratchpad.data_ptr() for m in scratch)
+
+
+def test_frames_grow_to_the_callers_running_at_once_and_are_reused():
+    model, x = small_net(), torch.randn(1, 3, 16, 16)
+    opt = pyrys.optimize(model, (x,), backend="dnnl")
+    program = opt._first.program.programs[current_threads()]
+    for _ in range(5):
+        opt(x)
+    assert program.frames == 1  # one caller at a time: one frame, reused
+    expected = model(x)
+    results = [[] for _ in range(4)]
+    run_threads(4, lambda i: results[i].extend(opt(x) for _ in range(20)))
+    assert 1 <= program.frames <= 4
+    assert all(pyrys.relative_error(y, expected) <= TOLERANCE for per in results for y in per)
+
+
+def test_a_caller_with_another_thread_count_gets_a_program_built_for_it():
+    model, x = small_net(), torch.randn(1, 3, 16, 16)
+    opt = pyrys.optimize(model, (x,), backend="dnnl")
+    runtime, own = opt._first.program, current_threads()
+    other = 1 if own != 1 else 2
+    seen = {}
+
+    def call_with(index: int) -> None:
+        torch.set_num_threads(other if index % 2 else own)
+        seen[index] = pyrys.relative_error(opt(x), model(x))
+
+    run_threads(4, call_with)
+    assert max(seen.values()) <= TOLERANCE
+    assert set(runtime.programs) == {own, other}
+    assert runtime.programs[other].threads == other and runtime.programs[other].policy == runtime.first.policy
+    weights = {slot.constant.data_ptr() for p in runtime.programs.values() for slot in p.slots if slot.constant is not None}
+    first_weights = {slot.constant.data_ptr() for slot in runtime.first.slots if slot.constant is not None}
+    assert weights == first_weights  # the second program packed nothing again
+
+
+def test_deepcopy_shares_the_compiled_plan_but_not_the_frames():
+    model, x = small_net(), torch.randn(1, 3, 16, 16)
+    opt = pyrys.optimize(model, (x,), backend="dnnl")
+    opt(x)
+    twin = copy.deepcopy(opt)
+    original, copied = opt._first.program.first, twin._first.program.first
+    assert copied is not original and copied.steps is original.steps and copied.frames == 0
+    del opt
+    assert pyrys.relative_error(twin(x), model(x)) <= TOLERANCE
+
+
+def test_only_programs_with_max_pooling_check_inputs_for_nan():
+    x = torch.randn(1, 3, 16, 16)
+    plain = pyrys.optimize(small_net(), (x,), backend="dnnl")
+    pooled = pyrys.optimize(nn.Sequential(small_net(), nn.MaxPool2d(2)).eval(), (x,), backend="dnnl")
+    assert plain._first.program.nan_fallback is None
+    assert pooled._first.program.nan_fallback is not None

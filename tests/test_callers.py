@@ -1,0 +1,238 @@
+"""What callers do with an optimized module, and what they must get back, on every backend.
+
+One test per case: fallback views as outputs, inputs it must refuse (meta, wrong dtype, rank,
+count), inputs with unusual strides or a lazy negation bit, NaN, deepcopy, pickling, constant
+outputs, and the user's model left untouched.  Checks that can crash today's runtime, or that
+call from several threads, run in a child process (``run_isolated``).
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import io
+import pickle
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import pyrys
+from pyrys.testing import randomize_batchnorm
+from tests.caller_helpers import (assert_all_right, backend, caller_task, eager, images, optimize,  # noqa: F401
+                                  residual_net, run_isolated, run_together, shared_between_calls)
+from tests.models import Fn, conv_bn_relu, image
+
+TOLERANCE = pyrys.FP32_TOLERANCE
+
+
+def _leaves(output) -> list[torch.Tensor]:
+    return list(output) if isinstance(output, (tuple, list)) else [output]
+
+
+# --- a graph output that is a view made by a torch fallback -------------------------------------
+
+VIEWS = {
+    "index": lambda y: y[0],
+    "slice": lambda y: y[:1],
+    "narrow": lambda y: y.narrow(1, 1, 2),
+    "unbind": lambda y: y.unbind(1),
+}
+
+
+@pytest.mark.parametrize("view", VIEWS)
+def test_fallback_view_output_belongs_to_the_caller(backend, view):
+    torch.manual_seed(0)
+    model = Fn(lambda m, x: VIEWS[view](F.relu(m.conv(x))), conv=nn.Conv2d(3, 4, 3, padding=1)).eval()
+    inputs = images(3, seed=1, shape=(2, 3, 8, 8))
+    opt = optimize(model, (inputs[0],), backend)
+    expected = eager(model, inputs)
+    outputs = []
+    for call, x in enumerate(inputs):
+        outputs.append(opt(x))
+        error = pyrys.relative_error(outputs[-1], expected[call])
+        assert error <= TOLERANCE, f"relative error {error:.3g} on call {call}"
+    changed = [call for call, output in enumerate(outputs) if pyrys.relative_error(output, expected[call]) > TOLERANCE]
+    assert not changed, f"the outputs of calls {changed} changed after later calls"
+    held = [(call, t) for call, output in enumerate(outputs) for t in _leaves(output)]
+    shared = shared_between_calls(held)
+    assert not shared, f"outputs of different calls share memory: (call, call) {shared}"
+
+
+# --- inputs the module must refuse ---------------------------------------------------------------
+
+def meta_input_refused(backend: str) -> None:
+    opt = optimize(conv_bn_relu(), (image(),), backend)
+    opt(image())
+    with pytest.raises(pyrys.InputError) as refused:
+        opt(torch.empty(1, 3, 6, 6, device="meta"))
+    assert "cpu" in str(refused.value).lower(), f"the message does not name the expected device: {refused.value}"
+
+
+def test_meta_input_is_refused_naming_cpu(backend):
+    run_isolated(meta_input_refused, backend)  # today's dnnl runtime reads address 0 and crashes
+
+
+WRONG_INPUTS = {
+    "float64": ((image().double(),), ["Float(1, 3, 6, 6)", "float32"]),
+    "rank": ((image()[0],), ["Float(1, 3, 6, 6)", "rank 4"]),
+    "count": ((image(), image()), ["Float(1, 3, 6, 6)"]),
+}
+
+
+@pytest.mark.parametrize("case", WRONG_INPUTS)
+def test_wrong_input_names_what_was_expected(backend, case):
+    args, expected = WRONG_INPUTS[case]
+    opt = optimize(conv_bn_relu(), (image(),), backend)
+    opt(image())
+    with pytest.raises(pyrys.InputError) as refused:
+        opt(*args)
+    missing = [text for text in expected if text not in str(refused.value)]
+    assert not missing, f"the message does not name {missing}: {refused.value}"
+
+
+# --- inputs with a lazy negation bit, unusual strides or channels-last -----------------------------
+
+UNUSUAL_INPUTS = {
+    "neg_view": lambda: torch._neg_view(images(1, seed=2, shape=(1, 3, 8, 8))[0]),
+    "transposed": lambda: images(1, seed=3, shape=(1, 3, 8, 8))[0].transpose(2, 3),
+    "strided": lambda: images(1, seed=4, shape=(1, 3, 8, 16))[0][..., ::2],
+    "channels_last": lambda: images(1, seed=5, shape=(1, 3, 8, 8))[0].contiguous(memory_format=torch.channels_last),
+}
+
+
+@pytest.mark.parametrize("kind", UNUSUAL_INPUTS)
+def test_unusual_input_gives_eagers_result(backend, kind):
+    model, x = conv_bn_relu(), UNUSUAL_INPUTS[kind]()
+    assert x.shape == (1, 3, 8, 8)
+    for layout in ["auto", "nhwc"] if backend == "dnnl" else ["auto"]:
+        opt = optimize(model, (image(size=8),), backend, layout=layout)
+        error = pyrys.relative_error(opt(x), model(x))
+        assert error <= TOLERANCE, f"relative error {error:.3g} (layout {layout})"
+
+
+# --- NaN in the input -----------------------------------------------------------------------------
+
+def _conv() -> nn.Conv2d:
+    return nn.Conv2d(3, 8, 3, padding=1)
+
+
+NAN_MODELS = {
+    "conv_relu": (lambda: Fn(lambda m, x: F.relu(m.conv(x)), conv=_conv()), (1, 3, 8, 8)),
+    "conv_relu6": (lambda: Fn(lambda m, x: F.relu6(m.conv(x)), conv=_conv()), (1, 3, 8, 8)),
+    "conv_hardtanh": (lambda: Fn(lambda m, x: F.hardtanh(m.conv(x), -1.0, 1.0), conv=_conv()), (1, 3, 8, 8)),
+    "conv_clamp": (lambda: Fn(lambda m, x: torch.clamp(m.conv(x), 0.0, 3.0), conv=_conv()), (1, 3, 8, 8)),
+    "linear_relu": (lambda: Fn(lambda m, x: F.relu(m.linear(x)), linear=nn.Linear(16, 8)), (2, 16)),
+    "conv_max_pool": (lambda: Fn(lambda m, x: F.max_pool2d(m.conv(x), 2), conv=_conv()), (1, 3, 8, 8)),
+    "conv_bn_relu_pool_conv": (lambda: randomize_batchnorm(Fn(
+        lambda m, x: m.conv2(F.max_pool2d(F.relu(m.bn(m.conv(x))), 2)),
+        conv=_conv(), bn=nn.BatchNorm2d(8), conv2=nn.Conv2d(8, 4, 3, padding=1))), (1, 3, 8, 8)),
+    "relu": (lambda: Fn(lambda m, x: torch.relu(x)), (1, 8, 4, 4)),
+    "clamp": (lambda: Fn(lambda m, x: torch.clamp(x, -0.5, 0.5)), (1, 8, 4, 4)),
+    "hardsigmoid": (lambda: Fn(lambda m, x: F.hardsigmoid(x)), (1, 8, 4, 4)),
+}
+
+
+@pytest.mark.parametrize("name", NAN_MODELS)
+def test_nan_stays_where_eager_puts_it(backend, name):
+    build, shape = NAN_MODELS[name]
+    torch.manual_seed(0)
+    model, x = build().eval(), images(1, seed=6, shape=shape)[0]
+    x.view(-1)[[3, 13]] = float("nan")  # for linear_relu both in row 0: row 1 stays finite
+    opt = optimize(model, (x,), backend)
+    with torch.no_grad():
+        got, want = opt(x), model(x)
+    nan = torch.isnan(want)
+    assert nan.any() and not nan.all(), "the case must have both NaN and finite outputs"
+    assert torch.equal(torch.isnan(got), nan), (f"NaN at {int(torch.isnan(got).sum())} places, eager at "
+                                                f"{int(nan.sum())} of {nan.numel()}")
+    error = pyrys.relative_error(got.masked_fill(nan, 0), want.masked_fill(nan, 0))
+    assert error <= TOLERANCE, f"relative error {error:.3g} where eager is finite"
+
+
+# --- copy.deepcopy -------------------------------------------------------------------------------
+
+def deepcopy_is_independent(backend: str) -> None:
+    model = residual_net()
+    inputs = images(4, seed=7)
+    opt = optimize(model, (inputs[0],), backend, layout="nhwc")
+    opt(inputs[0])
+    duplicate = copy.deepcopy(opt)
+    for x in inputs:
+        assert pyrys.relative_error(duplicate(x), opt(x)) <= TOLERANCE, "the copy's output differs from the original's"
+    tasks = []
+    for thread, module in enumerate([opt, duplicate, opt, duplicate]):
+        xs = images(20, seed=700 + thread)
+        tasks.append(caller_task(module, xs, eager(model, xs), thread))
+    assert_all_right(run_together(tasks), 4 * 20)
+    del opt
+    gc.collect()
+    assert pyrys.relative_error([duplicate(x) for x in inputs], eager(model, inputs)) <= TOLERANCE
+
+
+def test_deepcopy_works_alongside_and_after_the_original(backend):
+    run_isolated(deepcopy_is_independent, backend)
+
+
+# --- pickle and torch.save -----------------------------------------------------------------------
+
+SAVERS = {
+    "pickle": pickle.dumps,
+    "torch.save": lambda opt: torch.save(opt, io.BytesIO()),
+}
+
+
+@pytest.mark.parametrize("saver", SAVERS)
+def test_saving_is_refused_saying_what_to_do(backend, saver):
+    opt = optimize(conv_bn_relu(), (image(),), backend)
+    with pytest.raises(Exception) as refused:  # the type is the runtime's choice; the message must be pyrys's
+        SAVERS[saver](opt)
+    assert "pyrys" in str(refused.value), f"the error does not come from pyrys: {type(refused.value).__name__}: " \
+                                          f"{refused.value}"
+
+
+# --- a constant graph output ---------------------------------------------------------------------
+
+def test_mutating_a_constant_output_does_not_change_the_next_call(backend):
+    torch.manual_seed(0)
+    model = Fn(lambda m, x: (m.conv(x), m.conv.weight * 2), conv=nn.Conv2d(3, 4, 3)).eval()
+    x = image(size=8)
+    opt = optimize(model, (x,), backend)
+    first = opt(x)
+    first[1].add_(1.0)
+    first[0].zero_()
+    error = pyrys.relative_error(opt(x), model(x))
+    assert error <= TOLERANCE, f"relative error {error:.3g} after the caller changed the previous call's outputs"
+
+
+# --- the user's model ----------------------------------------------------------------------------
+
+def _bits(state: dict) -> dict:
+    return {name: tensor.detach().reshape(-1).clone().view(torch.uint8) for name, tensor in state.items()}
+
+
+def _assert_same_bits(before: dict, model: nn.Module, when: str) -> None:
+    after = _bits(model.state_dict())
+    changed = [name for name in before if not torch.equal(before[name], after.get(name, torch.empty(0)))]
+    assert after.keys() == before.keys() and not changed, f"{when}, the model's state changed: {changed}"
+
+
+def model_state_unchanged(backend: str) -> None:
+    model = residual_net()
+    before = _bits(model.state_dict())
+    inputs = images(3, seed=8)
+    opt = optimize(model, (inputs[0],), backend)
+    _assert_same_bits(before, model, "after optimize")
+    opt(inputs[1])
+    opt(images(1, seed=9, shape=(2, 3, 32, 32))[0])  # a new shape compiles again
+    _assert_same_bits(before, model, "after calls")
+    tasks = []
+    for thread in range(4):
+        xs = images(10, seed=800 + thread)
+        tasks.append(caller_task(opt, xs, eager(model, xs), thread))
+    run_together(tasks)
+    _assert_same_bits(before, model, "after concurrent calls")
+
+
+def test_the_users_model_state_is_bitwise_unchanged(backend):
+    run_isolated(model_state_unchanged, backend)

@@ -1,0 +1,130 @@
+"""Stress: one optimized module called from many threads at once must give every caller its own right answer.
+
+Each check runs in a child process (``run_isolated``): a runtime that is not safe for
+concurrent callers can crash (SIGSEGV, heap corruption), and that must fail the test, not pytest.
+Every thread calls with its own distinct inputs, so a result mixed up with another call's is caught.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+import pyrys
+from tests.caller_helpers import (assert_all_right, backend, caller_task, eager, images, optimize,  # noqa: F401
+                                  residual_net, run_isolated, run_together, shared_between_calls)
+
+THREADS = 8
+CALLS = 40
+
+
+def one_module_from_eight_threads(backend: str) -> None:
+    model = residual_net()
+    opt = optimize(model, tuple(images(1, seed=0)), backend)
+    tasks = []
+    for thread in range(THREADS):
+        inputs = images(CALLS, seed=100 + thread)
+        tasks.append(caller_task(opt, inputs, eager(model, inputs), thread))
+    assert_all_right(run_together(tasks), THREADS * CALLS)
+
+
+def test_one_module_called_from_eight_threads(backend):
+    run_isolated(one_module_from_eight_threads, backend)
+
+
+def two_modules_four_threads_each(backend: str) -> None:
+    models = [residual_net(), residual_net(width=12, fallback="flip", view="narrow", seed=1)]
+    x = images(1, seed=0)[0]
+    opts = [optimize(models[0], (x,), backend, layout="nhwc"), optimize(models[1], (x,), backend)]
+    tasks = []
+    for thread in range(THREADS):
+        which = thread % 2
+        inputs = images(CALLS, seed=200 + thread)
+        tasks.append(caller_task(opts[which], inputs, eager(models[which], inputs), thread))
+    assert_all_right(run_together(tasks), THREADS * CALLS)
+
+
+def test_two_modules_shared_by_four_threads_each(backend):
+    run_isolated(two_modules_four_threads_each, backend)
+
+
+def two_batch_sizes_at_once(backend: str) -> None:
+    """Half the threads call with batch 2, never compiled before: the new program is built while others run."""
+    model = residual_net(view="index")
+    opt = optimize(model, tuple(images(1, seed=0)), backend, layout="nhwc")
+    tasks = []
+    for thread in range(THREADS):
+        inputs = images(CALLS, seed=300 + thread, shape=(1 + thread % 2, 3, 32, 32))
+        tasks.append(caller_task(opt, inputs, eager(model, inputs), thread))
+    assert_all_right(run_together(tasks), THREADS * CALLS)
+
+
+def test_two_batch_sizes_called_at_once(backend):
+    run_isolated(two_batch_sizes_at_once, backend)
+
+
+def thread_settings_restored(backend: str) -> None:
+    """``threads=1``: each caller's own ``torch.get_num_threads()`` is what it was before its calls."""
+    model = residual_net()
+    opt = optimize(model, tuple(images(1, seed=0)), backend, threads=1)
+    torch.set_num_threads(3)
+    main_before = torch.get_num_threads()
+
+    def caller(thread: int) -> Callable[[], tuple]:
+        inputs = images(CALLS, seed=400 + thread)
+        calls = caller_task(opt, inputs, eager(model, inputs), thread)
+
+        def task() -> tuple:
+            torch.set_num_threads(1 + thread % 2)
+            before = torch.get_num_threads()
+            wrong = calls()
+            return before, torch.get_num_threads(), wrong
+
+        return task
+
+    results = run_together([caller(thread) for thread in range(THREADS)])
+    assert_all_right([wrong for _, _, wrong in results], THREADS * CALLS)
+    changed = [f"thread {t}: {before} -> {after}" for t, (before, after, _) in enumerate(results) if before != after]
+    assert not changed, f"calls with threads=1 changed their caller's torch.get_num_threads(): {changed}"
+    main_after = torch.get_num_threads()
+    assert main_after == main_before, f"the main thread's torch.get_num_threads() went {main_before} -> {main_after}"
+
+
+def test_threads_option_restores_every_callers_setting(backend):
+    run_isolated(thread_settings_restored, backend)
+
+
+def outputs_belong_to_callers(backend: str) -> None:
+    """Outputs held by callers are never shared with another call's, nor overwritten by later calls."""
+    model = residual_net(view="index")
+    opt = optimize(model, tuple(images(1, seed=0)), backend, layout="nhwc")
+    calls = 21  # the first call, whose outputs are kept, then 20 more
+    inputs = {thread: images(calls, seed=500 + thread) for thread in range(THREADS)}
+    expected = {thread: eager(model, xs) for thread, xs in inputs.items()}
+
+    def caller(thread: int) -> Callable[[], tuple[list, list]]:
+        def task() -> tuple[list, list]:
+            outputs, wrong = [], []
+            for k, x in enumerate(inputs[thread]):
+                outputs.append(opt(x))
+                if pyrys.relative_error(outputs[-1], expected[thread][k]) > pyrys.FP32_TOLERANCE:
+                    wrong.append(f"thread {thread} call {k}")
+            return outputs, wrong
+
+        return task
+
+    results = run_together([caller(thread) for thread in range(THREADS)])
+    assert_all_right([wrong for _, wrong in results], THREADS * calls)
+    changed = [(thread, k) for thread, (outputs, _) in enumerate(results) for k, got in enumerate(outputs)
+               if pyrys.relative_error(got, expected[thread][k]) > pyrys.FP32_TOLERANCE]
+    first = [call for call in changed if call[1] == 0]
+    assert not changed, (f"{len(changed)} of {THREADS * calls} outputs held by callers changed after later calls "
+                         f"({len(first)} of the {THREADS} first calls'), e.g. (thread, call) {changed[:3]}")
+    held = [((thread, k), tensor) for thread, (outputs, _) in enumerate(results) for k, output in enumerate(outputs)
+            for tensor in output]
+    shared = shared_between_calls(held)
+    assert not shared, f"{len(shared)} pairs of outputs of different calls share memory, e.g. {shared[:3]}"
+
+
+def test_outputs_belong_to_the_caller(backend):
+    run_isolated(outputs_belong_to_callers, backend)
