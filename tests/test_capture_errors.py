@@ -80,6 +80,34 @@ def test_the_named_way_works():
         torch._dynamo.reset()
 
 
+class MaskOnData(nn.Module):
+    """A boolean mask: the output's shape depends on the values."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y[y > 0].sum() + y.mean()
+
+
+def test_a_shape_that_depends_on_data_names_the_line_and_torch_compile():
+    model = MaskOnData().eval()
+    with pytest.raises(pyrys.CaptureError) as raised:
+        pyrys.optimize(model, (image(),), backend="reference")
+    message = str(raised.value)
+    assert message.startswith("pyrys: MaskOnData.forward makes a tensor whose shape depends on its data")
+    assert "y[y > 0]" in message and 'torch.compile(model, backend="pyrys")' in message
+    compiled = torch.compile(model, backend="pyrys", options={"backend": "reference"})
+    try:
+        with torch.no_grad():
+            assert pyrys.relative_error(compiled(image()), model(image())) <= TOLERANCE
+    finally:
+        torch._dynamo.reset()
+
+
 def test_torchscript_data_dependence_is_a_capture_error_too():
     scripted = torch.jit.script(LoopOnData().eval())
     with pytest.raises(pyrys.CaptureError, match="data-dependent control flow"):

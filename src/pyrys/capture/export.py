@@ -28,7 +28,7 @@ from torch._dynamo.exc import UserError, UserErrorType
 from torch._subclasses.fake_tensor import DataDependentOutputException
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
-from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, free_unbacked_symbols
 from torch.utils._pytree import TreeSpec
 
 from pyrys.errors import CaptureError
@@ -124,6 +124,7 @@ def capture_module(model: torch.nn.Module, args: tuple, kwargs: dict | None = No
 
 def from_exported(ep: ExportedProgram, model: torch.nn.Module | None = None) -> Captured:
     """Turn an ``ExportedProgram`` into pyrys IR (``model`` supplies module flags such as ``training``)."""
+    _refuse_data_dependent_shapes(ep.graph_module, type(model).__name__ if model is not None else "ExportedProgram")
     gm = fx.GraphModule(torch.nn.Module(), _copy_graph(ep.graph_module))
     _bind_inputs(gm, ep)
     notes = _drop_state_updates(gm, ep)
@@ -133,6 +134,20 @@ def from_exported(ep: ExportedProgram, model: torch.nn.Module | None = None) -> 
     signature = ep.module_call_graph[0].signature
     class_name = type(model).__name__ if model is not None else "ExportedProgram"
     return Captured(gm, signature.in_spec, signature.out_spec, class_name, notes)
+
+
+def _refuse_data_dependent_shapes(graph_module: fx.GraphModule, owner: str) -> None:
+    """torch.export captures ops whose output *shape* depends on data (``x[x > 0]``, ``nonzero``,
+    ``unique``) with unbacked sizes; pyrys compiles every shape it runs, so it cannot take them."""
+    for node in graph_module.graph.nodes:
+        if free_unbacked_symbols(node.meta.get("val")):
+            line = (node.meta.get("stack_trace") or "").strip().splitlines()
+            where = f" ({line[-2].strip()}: `{line[-1].strip()}`)" if len(line) >= 2 else ""
+            raise CaptureError(
+                f"pyrys: {owner}.forward makes a tensor whose shape depends on its data at {node.name}{where} "
+                "(boolean-mask indexing, nonzero, unique): pyrys compiles fixed shapes. Use "
+                "torch.compile(model, backend=\"pyrys\"): dynamo breaks the graph there and pyrys compiles "
+                "each piece")
 
 
 def _copy_graph(graph_module: fx.GraphModule) -> fx.Graph:

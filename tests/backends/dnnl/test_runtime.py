@@ -115,9 +115,23 @@ def test_deepcopy_shares_the_compiled_plan_but_not_the_frames():
     assert pyrys.relative_error(twin(x), model(x)) <= TOLERANCE
 
 
-def test_only_programs_with_max_pooling_check_inputs_for_nan():
+def test_only_programs_with_max_pooling_check_their_inputs():
     x = torch.randn(1, 3, 16, 16)
-    plain = pyrys.optimize(small_net(), (x,), backend="dnnl")
-    pooled = pyrys.optimize(nn.Sequential(small_net(), nn.MaxPool2d(2)).eval(), (x,), backend="dnnl")
-    assert plain._first.program.nan_fallback is None
-    assert pooled._first.program.nan_fallback is not None
+    assert pyrys.optimize(small_net(), (x,), backend="dnnl")._first.program.float_inputs == []
+
+
+def test_calls_with_a_nan_or_an_infinity_in_an_input_run_on_the_reference_backend():
+    model, x = nn.Sequential(small_net(), nn.MaxPool2d(2)).eval(), torch.randn(1, 3, 16, 16)
+    opt = pyrys.optimize(model, (x,), backend="dnnl")
+    assert opt._first.program.float_inputs == [0]
+    runtime, referred = opt._first.program, []
+    reference = runtime.reference
+    runtime.reference = lambda inputs: referred.append(True) or reference(inputs)
+    opt(x)
+    assert not referred
+    for value in (float("nan"), float("inf"), -float("inf")):
+        bad = x.clone()
+        bad[0, 1, 2, 3] = value
+        got, want = opt(bad), model(bad)
+        assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want))
+    assert len(referred) == 3

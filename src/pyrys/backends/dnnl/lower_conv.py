@@ -84,7 +84,8 @@ def _finish(builder: Builder, node: fx.Node, pd: PrimitiveDesc, src: Value, weig
         args[arg_post_op_src1(index)] = operand
     reads = [src, *chain.binary_operands.values()] + ([chain.sum_base] if chain.sum_base else [])
     operands = [f"%{v.name}" for v in reads]
-    builder.add_primitive(node_text(node, label, _format_info(pd), operands), pd, args, reads, [dst])
+    builder.add_primitive(node_text(node, label, _format_info(pd), operands), pd, args, reads, [dst],
+                          drops_nan=chain.drops_nan)
     return dst
 
 

@@ -15,7 +15,7 @@ from pyrys.backends.dnnl.constants import (
     ARG_DST, ARG_MEAN, ARG_MULTIPLE_SRC, ARG_SCALE, ARG_SHIFT, ARG_SRC, ARG_SRC_1, ARG_VARIANCE, AlgKind,
 )
 from pyrys.backends.dnnl.layout import POLICY_TAGS, plain_md
-from pyrys.backends.dnnl.post_ops import eltwise_post_ops, eltwise_steps
+from pyrys.backends.dnnl.post_ops import DROPS_NAN, eltwise_post_ops, eltwise_steps
 from pyrys.backends.dnnl.primitives import (
     MemoryDesc, PrimitiveAttr, batch_norm_pd, binary_pd, concat_pd, eltwise_pd, layer_norm_pd, pooling_pd, reduction_pd,
     resampling_pd, softmax_pd,
@@ -47,15 +47,16 @@ def _unary(builder: Builder, node: fx.Node, spec: str) -> None:
     x = builder.value_of(node.args[0])
     check_dtype(node.args[0].meta["val"], node.meta["val"])
     (alg, alpha, beta), *rest = steps = eltwise_steps(spec)
-    text = node_text(node, f"dnnl::{spec.split(':')[0]}", f"format_info=[{x.layout()}]", [f"%{x.name}"])
+    name = spec.split(":")[0]
+    text = node_text(node, f"dnnl::{name}", f"format_info=[{x.layout()}]", [f"%{x.name}"])
     if not rest:
         pd = eltwise_pd(builder.engine, alg, x.md, x.md, alpha, beta)
         out = builder.define(node, pd.dst_md())
-        return builder.add_primitive(text, pd, {ARG_SRC: x, ARG_DST: out}, [x], [out])
+        return builder.add_primitive(text, pd, {ARG_SRC: x, ARG_DST: out}, [x], [out], drops_nan=name in DROPS_NAN)
     zero = builder.constant_value(torch.zeros([1] * x.md.ndims), same_layout_md(x, [1] * x.md.ndims), "zero")
     pd = binary_pd(builder.engine, AlgKind.binary_add, x.md, zero.md, x.md, PrimitiveAttr(eltwise_post_ops(steps)))
     out = builder.define(node, pd.dst_md())
-    builder.add_primitive(text, pd, {ARG_SRC: x, ARG_SRC_1: zero, ARG_DST: out}, [x], [out])
+    builder.add_primitive(text, pd, {ARG_SRC: x, ARG_SRC_1: zero, ARG_DST: out}, [x], [out], drops_nan=name in DROPS_NAN)
 
 
 def lower_unary(builder: Builder, node: fx.Node) -> None:

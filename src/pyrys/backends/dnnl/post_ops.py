@@ -1,9 +1,9 @@
 """pyrys post-ops (``pyrys.ir.post_ops``) as oneDNN post-op chains.
 
-Unary post-ops map to short chains of eltwise steps (table below), chosen so NaN survives them.  ``add`` becomes a *sum*
-post-op when the residual operand can be overwritten in place (the primitive then
-writes into the residual's buffer), else a *binary add*; ``mul`` is a *binary mul*
-(per-channel scales broadcast).
+Unary post-ops map to eltwise steps (table below; relu is two, so that NaN survives it).
+``add`` becomes a *sum* post-op when the residual operand can be overwritten in place (the
+primitive then writes into the residual's buffer), else a *binary add*; ``mul`` is a
+*binary mul* (per-channel scales broadcast).
 """
 from __future__ import annotations
 
@@ -22,55 +22,45 @@ from pyrys.ir.post_ops import parse_post_op
 Eltwise = tuple[AlgKind, float, float]  # one oneDNN eltwise step: algorithm, alpha, beta
 FLT_MAX = 3.4028234663852886e38
 
-# max(y, 0) keeping NaN.  oneDNN's relu and clip use x86 max/min, which return the bound when
-# y is NaN; eager keeps the NaN.  elu with alpha 0 is y for y > 0, else 0 * (e^y - 1) = -0 (NaN
-# stays NaN, -inf gives -0); abs turns -0 into 0.
-RELU: list[Eltwise] = [(AlgKind.eltwise_elu, 0.0, 0.0), (AlgKind.eltwise_abs, 0.0, 0.0)]
-
-
-def _clamp(lo: float, hi: float) -> list[Eltwise]:
-    """clamp(y, lo, hi) keeping NaN, from steps that each keep it or send it somewhere unique.
-
-    With lo = 0: z = max(y, 0) as above; clip(z, -inf, hi) = min(z, hi) sends NaN (and only
-    NaN, as z >= 0) to -inf; hardswish with alpha = FLT_MAX, beta = 0 is z * clamp(FLT_MAX z, 0, 1):
-    z itself for z in [2^-126, hi] and for 0, and -inf * 0 = NaN.  Another lo shifts:
-    clamp(y, lo, hi) = lo + clamp(y - lo, 0, hi - lo), exact to one rounding of y - lo.
-    """
-    if lo > hi:
-        raise Unsupported(f"clamp with min {lo} > max {hi}")
-    at_zero = [*RELU, (AlgKind.eltwise_clip_v2, -float("inf"), hi - lo), (AlgKind.eltwise_hardswish, FLT_MAX, 0.0)]
-    if lo == 0:
-        return at_zero
-    return [(AlgKind.eltwise_linear, 1.0, -lo), *at_zero, (AlgKind.eltwise_linear, 1.0, lo)]
+# oneDNN's relu, clip and hardsigmoid kernels use x86 max/min, which return the bound when y is
+# NaN; eager keeps the NaN.  relu is cheap to build so that it keeps NaN: hardswish with
+# alpha = FLT_MAX and beta = 0 is y * clamp(FLT_MAX y, 0, 1): y itself for y >= 2^-126 (smaller
+# positive y lose digits), 0 * y = -0 for y <= 0, NaN * 0 = NaN, and also -inf * 0 = NaN (eager: 0);
+# abs turns -0 into +0.  It costs nothing measurable (ResNet-50 0.99x oneDNN's relu; an elu(0)-based
+# form, which also maps -inf to 0, cost 1.09x).  The same trick for clip (clip(y, -inf, hi) sends NaN
+# to -inf, the mask turns it back) cost MobileNetV2 1.065x, so clip and hardsigmoid stay oneDNN's and
+# a program holding one checks its inputs instead (DROPS_NAN, runtime.py).
+MASK_NEGATIVE: Eltwise = (AlgKind.eltwise_hardswish, FLT_MAX, 0.0)
+RELU: list[Eltwise] = [MASK_NEGATIVE, (AlgKind.eltwise_abs, 0.0, 0.0)]
 
 
 def _leaky_relu(slope: float) -> list[Eltwise]:
     """y if y > 0 else slope * y.  oneDNN's relu with alpha 0 takes its NaN-dropping path; for slope 0
-    hardswish with alpha = FLT_MAX gives y * clamp(FLT_MAX y, 0, 1): y for y >= 2^-126, else 0 * y as eager
-    (-0, and NaN for -inf)."""
-    return [(AlgKind.eltwise_hardswish, FLT_MAX, 0.0)] if slope == 0 else [(AlgKind.eltwise_relu, slope, 0.0)]
+    the mask above is eager's 0 * y exactly (-0, and NaN for -inf)."""
+    return [MASK_NEGATIVE] if slope == 0 else [(AlgKind.eltwise_relu, slope, 0.0)]
 
 
 def _single(alg: AlgKind, alpha: float = 0.0, beta: float = 0.0) -> Callable[..., list[Eltwise]]:
     return lambda: [(alg, alpha, beta)]
 
 
-# post-op name -> its oneDNN eltwise steps, from the post-op's parameters.  Each keeps NaN where
-# eager keeps it (tests/backends/dnnl/test_nan.py).
+# post-op name -> its oneDNN eltwise steps, from the post-op's parameters
 ELTWISE: dict[str, Callable[..., list[Eltwise]]] = {
     "relu": lambda: RELU,
     "leaky_relu": _leaky_relu,
-    "clamp": _clamp,
+    "clamp": lambda lo, hi: [(AlgKind.eltwise_clip, lo, hi)],
     "elu": lambda alpha: [(AlgKind.eltwise_elu, alpha, 0.0)],
     "gelu_erf": _single(AlgKind.eltwise_gelu_erf),
     "gelu_tanh": _single(AlgKind.eltwise_gelu_tanh),
     "silu": _single(AlgKind.eltwise_swish, 1.0),
     "hardswish": _single(AlgKind.eltwise_hardswish, 1 / 6, 0.5),
-    "hardsigmoid": lambda: [(AlgKind.eltwise_linear, 1 / 6, 0.5), *_clamp(0.0, 1.0)],
+    "hardsigmoid": _single(AlgKind.eltwise_hardsigmoid, 1 / 6, 0.5),
     "sigmoid": _single(AlgKind.eltwise_logistic),
     "tanh": _single(AlgKind.eltwise_tanh),
     "mish": _single(AlgKind.eltwise_mish),
 }
+# the post-ops whose oneDNN steps turn a NaN into a number (tests/backends/dnnl/test_nan.py pins it)
+DROPS_NAN = frozenset({"clamp", "hardsigmoid"})
 BINARY = {"add": AlgKind.binary_add, "mul": AlgKind.binary_mul}
 
 
@@ -97,6 +87,10 @@ class Chain:
     binary_operands: dict[int, Value] = field(default_factory=dict)
     sum_base: Value | None = None
     names: list[str] = field(default_factory=list)
+
+    @property
+    def drops_nan(self) -> bool:
+        return not DROPS_NAN.isdisjoint(self.names)
 
 
 @dataclass

@@ -32,7 +32,7 @@ class Step:
     writes: list["Value"]
     bind: Callable[[Frame], Callable[[], None]]
     constants: list["Value"] = field(default_factory=list)  # read-only operands (weights), not planned
-    drops_nan: bool = False  # the kernel turns NaN into a number (oneDNN's max-pooling)
+    drops_nan: bool = False  # the kernel turns NaN into a number (max-pooling, clip, hardsigmoid)
 
 
 @dataclass(frozen=True, eq=False)

@@ -6,16 +6,19 @@ thread count when it is created, so a caller running with another thread count (
 ``torch.get_num_threads()``, or ``threads=``) gets a program built for that count, from
 the same graph and policy, sharing the packed weights.
 
-NaN: every fused activation keeps NaN where eager does (``post_ops.py``), but oneDNN's
-max-pooling kernels turn a NaN into the window's largest number.  A program with a
-max-pooling step checks its inputs (one sum per input, a few microseconds); a call with a
-NaN in an input runs on the reference backend (the same optimized graph, on torch ops), so
-its NaN reach the outputs as in eager.  NaN made inside such a network from finite inputs
-(``log`` of a negative number) is still dropped by the pooling; the README says so.
+NaN and infinities: relu keeps NaN (``post_ops.py``), but oneDNN's max-pooling, clip
+(relu6, clamp, hardtanh) and hardsigmoid kernels turn it into a number.  A program with
+such a step checks its floating-point inputs (one sum each: 5-15 µs at batch 1); a call
+whose inputs are not all finite runs on the reference backend, the same optimized graph on
+torch ops, so its NaN and infinities reach the outputs exactly as in eager.  Programs
+without one run on: NaN passes every step as in eager, and -inf through relu gives NaN
+(eager: 0).  What a network makes inside from finite inputs (overflow, ``log`` of a
+negative number) is never checked; the README lists the differences.
 """
 from __future__ import annotations
 
 import copy
+import math
 import threading
 import time
 
@@ -42,11 +45,13 @@ class DnnlRuntime:
         threads = options.threads or current_threads()
         self.first = self._choose_policy(example_inputs, options.layout, threads)
         self.programs: dict[int, DnnlProgram] = {threads: self.first}
-        self.nan_fallback = ReferenceProgram(gm) if self.first.drops_nan else None
+        self.reference = ReferenceProgram(gm)
+        self.float_inputs = [i for i, t in enumerate(example_inputs) if self.first.drops_nan
+                             and isinstance(t, torch.Tensor) and t.is_floating_point()]
 
     def __call__(self, inputs: list) -> list:
-        if self.nan_fallback is not None and _has_nan(inputs):
-            return self.nan_fallback(inputs) if self.pinned is None else with_threads(self.pinned, self.nan_fallback, inputs)
+        if self.float_inputs and not _all_finite(inputs, self.float_inputs):
+            return self.reference(inputs) if self.pinned is None else with_threads(self.pinned, self.reference, inputs)
         threads = self.pinned or current_threads()
         program = self.programs.get(threads)
         if program is None:
@@ -109,9 +114,10 @@ class DnnlRuntime:
         return self.first.weight_bytes
 
 
-def _has_nan(inputs: list) -> bool:
-    """Whether a floating-point input may hold a NaN (its sum is NaN: also when it holds +inf and -inf)."""
-    return any(isinstance(t, torch.Tensor) and t.is_floating_point() and bool(t.sum().isnan()) for t in inputs)
+def _all_finite(inputs: list, positions: list[int]) -> bool:
+    """Whether the inputs at ``positions`` hold only finite numbers (their sums are finite; a sum that
+    overflows sends the call to the reference backend too, which is slower but as right)."""
+    return all(math.isfinite(inputs[i].sum().item()) for i in positions)
 
 
 def _time_policies(programs: list[DnnlProgram], inputs: list, budget: float = 0.2, min_rounds: int = 5) -> list[float]:

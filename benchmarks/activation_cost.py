@@ -1,0 +1,76 @@
+"""What keeping NaN costs: each model compiled with pyrys's NaN-keeping activation chains
+(``backends/dnnl/post_ops.py``) and with oneDNN's single relu / clip / hardsigmoid eltwise
+(which drop NaN), in one process, timed interleaved; the ratio chains / single is reported.
+
+    python benchmarks/activation_cost.py --models mobilenet_v2 resnet50 --rounds 6
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import pyrys
+from pyrys.backends.dnnl import post_ops
+from pyrys.backends.dnnl.constants import AlgKind
+from pyrys.bench.models import build_model, example_inputs
+
+SINGLE = {  # oneDNN's own kernels for the activations pyrys builds as NaN-keeping chains
+    "relu": lambda: [(AlgKind.eltwise_relu, 0.0, 0.0)],
+    "clamp": lambda lo, hi: [(AlgKind.eltwise_clip, lo, hi)],
+    "hardsigmoid": lambda: [(AlgKind.eltwise_hardsigmoid, 1 / 6, 0.5)],
+}
+
+
+def compiled(name: str, table: dict, layout: str):
+    saved = dict(post_ops.ELTWISE)
+    post_ops.ELTWISE.update(table)
+    try:
+        model = build_model(name)
+        inputs = example_inputs(name, 1, model)
+        return pyrys.optimize(model, inputs, layout=layout), inputs
+    finally:
+        post_ops.ELTWISE.clear()
+        post_ops.ELTWISE.update(saved)
+
+
+def median_ms(opt, inputs: tuple, seconds: float) -> float:
+    deadline = time.perf_counter() + 0.3
+    while time.perf_counter() < deadline:
+        opt(*inputs)
+    times, deadline = [], time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        opt(*inputs)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["mobilenet_v2", "resnet50"])
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--seconds", type=float, default=1.0)
+    parser.add_argument("--layout", default="auto", help="the dnnl layout policy (auto: measured per build)")
+    args = parser.parse_args()
+    with open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
+    print(f"# {cpu}, {torch.get_num_threads()} threads")
+    with torch.no_grad():
+        for name in args.models:
+            systems = {"chains": compiled(name, {}, args.layout), "single": compiled(name, SINGLE, args.layout)}
+            times: dict[str, list[float]] = {key: [] for key in systems}
+            for round_index in range(args.rounds):
+                order = list(systems) if round_index % 2 == 0 else list(reversed(systems))
+                for key in order:
+                    times[key].append(median_ms(*systems[key], args.seconds))
+            ratios = [c / s for c, s in zip(times["chains"], times["single"])]
+            print(f"{name} ({args.layout}): chains {statistics.median(times['chains']):.3f} ms, single "
+                  f"{statistics.median(times['single']):.3f} ms, chains/single {statistics.median(ratios):.3f} "
+                  f"(rounds {min(ratios):.3f}-{max(ratios):.3f})")
+
+
+if __name__ == "__main__":
+    main()
