@@ -18,7 +18,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -43,18 +42,6 @@ def load_old(src: Path):
     return importlib.import_module("pyrys_old")
 
 
-def median_ms(opt, inputs: tuple, seconds: float) -> float:
-    deadline = time.perf_counter() + 0.2
-    while time.perf_counter() < deadline:
-        opt(*inputs)
-    times, deadline = [], time.perf_counter() + seconds
-    while time.perf_counter() < deadline or len(times) < 5:
-        start = time.perf_counter()
-        opt(*inputs)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--old", required=True, help="src/ folder of the earlier pyrys (a git worktree)")
@@ -64,11 +51,12 @@ def main() -> None:
     parser.add_argument("--layout", default="auto", help="the dnnl layout policy of both (auto: each measures its own)")
     args = parser.parse_args()
     import pyrys
+    from pyrys.bench.measure import median_ms
     from pyrys.bench.models import build_model, example_inputs
+    from pyrys.bench.report import cpu_info
 
     versions = {"old": load_old(Path(args.old)), "new": pyrys}
-    with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
+    cpu = " ".join([cpu_info()[0], "/".join(cpu_info()[1])])
     print(f"# {cpu}, {torch.get_num_threads()} threads; old={args.old}, new={Path(pyrys.__file__).parent}")
     with torch.no_grad():
         for name in args.models:

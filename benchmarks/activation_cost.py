@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
 import pyrys
 from pyrys.backends.dnnl import post_ops
 from pyrys.backends.dnnl.constants import AlgKind
+from pyrys.bench.measure import median_ms
 from pyrys.bench.models import build_model, example_inputs
+from pyrys.bench.report import cpu_info
 
 SINGLE = {  # oneDNN's own kernels for the activations pyrys builds as NaN-keeping chains
     "relu": lambda: [(AlgKind.eltwise_relu, 0.0, 0.0)],
@@ -36,18 +37,6 @@ def compiled(name: str, table: dict, layout: str):
         post_ops.ELTWISE.update(saved)
 
 
-def median_ms(opt, inputs: tuple, seconds: float) -> float:
-    deadline = time.perf_counter() + 0.3
-    while time.perf_counter() < deadline:
-        opt(*inputs)
-    times, deadline = [], time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        start = time.perf_counter()
-        opt(*inputs)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["mobilenet_v2", "resnet50"])
@@ -55,8 +44,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=1.0)
     parser.add_argument("--layout", default="auto", help="the dnnl layout policy (auto: measured per build)")
     args = parser.parse_args()
-    with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
+    cpu = " ".join([cpu_info()[0], "/".join(cpu_info()[1])])
     print(f"# {cpu}, {torch.get_num_threads()} threads")
     with torch.no_grad():
         for name in args.models:

@@ -21,6 +21,7 @@ import torch
 
 import pyrys
 from pyrys.bench.models import build_model, example_inputs
+from pyrys.bench.report import cpu_info
 
 
 def timed_calls(opt, inputs: tuple, callers: int, seconds: float) -> tuple[float, float]:
@@ -55,8 +56,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=3.0)
     args = parser.parse_args()
-    with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown")
+    cpu = " ".join([cpu_info()[0], "/".join(cpu_info()[1])])
     print(f"# {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, pyrys {pyrys.__version__}")
     print("| model | 1 caller, threads=2: calls/s | 2 callers, threads=1: calls/s | ratio | latency ms (1x2 / 2x1) |")
     print("| --- | --- | --- | --- | --- |")

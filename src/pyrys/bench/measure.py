@@ -20,6 +20,7 @@ What is recorded per system:
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -158,6 +159,12 @@ def time_block(runner: Runner, inputs: Inputs, iterations: int) -> list[float]:
         runner(*inputs)
         samples.append(time.perf_counter() - start)
     return samples
+
+
+def median_ms(runner: Runner, inputs: Inputs, seconds: float, warm_seconds: float = 0.2) -> float:
+    """Median latency in ms of a block of calls lasting about ``seconds``, after a warm-up."""
+    mean = warm_up(runner, inputs, warm_seconds)
+    return statistics.median(time_block(runner, inputs, max(5, int(seconds / max(mean, 1e-9))))) * 1e3
 
 
 def measure_block(result: SystemResult, inputs: Inputs, plan: TimingPlan) -> None:
