@@ -23,8 +23,10 @@ import torch
 from torch import nn
 
 from pyrys.backends.dnnl import binding
-from pyrys.backends.dnnl import primitives as p
 from pyrys.backends.dnnl.constants import ARG_BIAS, ARG_DST, ARG_FROM, ARG_SRC, ARG_TO, ARG_WEIGHTS, DataType, FormatTag
+from pyrys.backends.dnnl.descriptors import convolution_pd, reorder_pd
+from pyrys.backends.dnnl.primitives import Engine, Memory, MemoryDesc, Primitive, PrimitiveDesc, Stream
+from pyrys.backends.dnnl.tensors import empty_memory, tensor_memory, to_layout
 
 DEPTH = 20
 SHAPE = (1, 16, 8, 8)
@@ -51,31 +53,31 @@ class DnnlChain:
     """The model as a flat list of pre-bound oneDNN calls."""
 
     def __init__(self, model: nn.Sequential, x: torch.Tensor, out: torch.Tensor, tag: FormatTag) -> None:
-        self.engine = p.Engine()
-        self.stream = p.Stream(self.engine)
-        any_md = p.MemoryDesc.from_tag(SHAPE, DataType.f32, tag)
-        weights_any = p.MemoryDesc.from_tag((16, 16, 3, 3), DataType.f32, FormatTag.any)
-        bias_md = p.MemoryDesc.from_tag((16,), DataType.f32, FormatTag.a)
-        self.pds = [p.convolution_pd(self.engine, any_md, weights_any, any_md, bias_md, strides=(1, 1),
+        self.engine = Engine()
+        self.stream = Stream(self.engine)
+        any_md = MemoryDesc.from_tag(SHAPE, DataType.f32, tag)
+        weights_any = MemoryDesc.from_tag((16, 16, 3, 3), DataType.f32, FormatTag.any)
+        bias_md = MemoryDesc.from_tag((16,), DataType.f32, FormatTag.a)
+        self.pds = [convolution_pd(self.engine, any_md, weights_any, any_md, bias_md, strides=(1, 1),
                                      padding_l=(1, 1)) for _ in model]  # fmt: skip
         act_md = self.pds[0].dst_md()
-        self.input = p.tensor_memory(self.engine, x)
-        buffers = [p.empty_memory(self.engine, act_md) for _ in range(2)]
+        self.input = tensor_memory(self.engine, x)
+        buffers = [empty_memory(self.engine, act_md) for _ in range(2)]
         self.keep = []  # weights, biases, primitives
         self.runs = [self._reorder(self.input, buffers[0])]
         for i, (conv, pd) in enumerate(zip(model, self.pds)):
             self.runs.append(self._conv(conv, pd, buffers[i % 2], buffers[(i + 1) % 2]))
-        self.runs.append(self._reorder(buffers[DEPTH % 2], p.tensor_memory(self.engine, out)))
+        self.runs.append(self._reorder(buffers[DEPTH % 2], tensor_memory(self.engine, out)))
 
-    def _reorder(self, src: p.Memory, dst: p.Memory):
-        primitive = p.Primitive(p.reorder_pd(self.engine, src.md, dst.md))
+    def _reorder(self, src: Memory, dst: Memory):
+        primitive = Primitive(reorder_pd(self.engine, src.md, dst.md))
         self.keep.append(primitive)
         return primitive.bind(self.stream, {ARG_FROM: src, ARG_TO: dst}).run
 
-    def _conv(self, conv: nn.Conv2d, pd: p.PrimitiveDesc, src: p.Memory, dst: p.Memory):
-        weights = p.to_layout(self.engine, self.stream, conv.weight.detach(), pd.weights_md())
-        bias = p.tensor_memory(self.engine, conv.bias.detach().contiguous())
-        primitive = p.Primitive(pd)
+    def _conv(self, conv: nn.Conv2d, pd: PrimitiveDesc, src: Memory, dst: Memory):
+        weights = to_layout(self.engine, self.stream, conv.weight.detach(), pd.weights_md())
+        bias = tensor_memory(self.engine, conv.bias.detach().contiguous())
+        primitive = Primitive(pd)
         self.keep += [weights, bias, primitive]
         args = {ARG_SRC: src, ARG_WEIGHTS: weights, ARG_BIAS: bias, ARG_DST: dst}
         return primitive.bind(self.stream, args).run

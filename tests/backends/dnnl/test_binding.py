@@ -124,15 +124,16 @@ def test_every_declared_function_has_types() -> None:
 
 @needs_dnnl
 def test_bad_call_raises_error_naming_call_and_status() -> None:
-    from pyrys.backends.dnnl import primitives as p
     from pyrys.backends.dnnl.constants import DataType, FormatTag
+    from pyrys.backends.dnnl.descriptors import convolution_pd
+    from pyrys.backends.dnnl.primitives import Engine, MemoryDesc
 
-    engine = p.Engine()
-    src = p.MemoryDesc.from_tag((1, 16, 8, 8), DataType.f32, FormatTag.nchw)
-    weights = p.MemoryDesc.from_tag((16, 8, 3, 3), DataType.f32, FormatTag.oihw)  # 8 != 16 channels
-    dst = p.MemoryDesc.from_tag((1, 16, 8, 8), DataType.f32, FormatTag.nchw)
+    engine = Engine()
+    src = MemoryDesc.from_tag((1, 16, 8, 8), DataType.f32, FormatTag.nchw)
+    weights = MemoryDesc.from_tag((16, 8, 3, 3), DataType.f32, FormatTag.oihw)  # 8 != 16 channels
+    dst = MemoryDesc.from_tag((1, 16, 8, 8), DataType.f32, FormatTag.nchw)
     with pytest.raises(binding.DnnlError) as info:
-        p.convolution_pd(engine, src, weights, dst, strides=(1, 1), padding_l=(1, 1))
+        convolution_pd(engine, src, weights, dst, strides=(1, 1), padding_l=(1, 1))
     message = str(info.value)
     assert "dnnl_convolution_forward_primitive_desc_create" in message
     assert "dnnl_invalid_arguments" in message

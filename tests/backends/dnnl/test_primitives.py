@@ -14,7 +14,6 @@ from pyrys.backends.dnnl import binding
 AVAILABLE, WHY = binding.is_available()
 pytestmark = pytest.mark.skipif(not AVAILABLE, reason=f"oneDNN unavailable: {WHY}")
 
-from pyrys.backends.dnnl import primitives as p  # noqa: E402
 from pyrys.backends.dnnl.constants import (  # noqa: E402
     ARG_BIAS,
     ARG_DST,
@@ -32,18 +31,44 @@ from pyrys.backends.dnnl.constants import (  # noqa: E402
     FormatTag,
     arg_post_op_src1,
 )
+from pyrys.backends.dnnl.descriptors import (  # noqa: E402
+    batch_norm_pd,
+    binary_pd,
+    concat_pd,
+    convolution_pd,
+    deconvolution_pd,
+    eltwise_pd,
+    inner_product_pd,
+    layer_norm_pd,
+    matmul_pd,
+    pooling_pd,
+    reduction_pd,
+    resampling_pd,
+    softmax_pd,
+    sum_pd,
+)
+from pyrys.backends.dnnl.primitives import Engine, MemoryDesc, PostOps, Primitive, PrimitiveAttr, Stream  # noqa: E402
+from pyrys.backends.dnnl.tensors import (  # noqa: E402
+    dnnl_dtype,
+    empty_memory,
+    tensor_md,
+    tensor_memory,
+    to_layout,
+    to_tensor,
+    torch_weights_md,
+)
 
 F32 = DataType.f32
 
 
 @pytest.fixture(scope="module")
-def engine() -> p.Engine:
-    return p.Engine()
+def engine() -> Engine:
+    return Engine()
 
 
 @pytest.fixture(scope="module")
-def stream(engine: p.Engine) -> p.Stream:
-    return p.Stream(engine)
+def stream(engine: Engine) -> Stream:
+    return Stream(engine)
 
 
 @pytest.fixture(autouse=True)
@@ -60,14 +85,14 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor) -> None:
 
 def execute(engine, stream, pd, inputs: dict, out: torch.Tensor, out_arg: int = ARG_DST) -> torch.Tensor:
     """Run pd's primitive on plain torch tensors through the pre-bound hot path."""
-    memories = {arg: p.tensor_memory(engine, t.contiguous()) for arg, t in inputs.items()}
-    memories[out_arg] = p.tensor_memory(engine, out)
-    p.Primitive(pd).bind(stream, memories).run()
+    memories = {arg: tensor_memory(engine, t.contiguous()) for arg, t in inputs.items()}
+    memories[out_arg] = tensor_memory(engine, out)
+    Primitive(pd).bind(stream, memories).run()
     return out
 
 
-def md(t: torch.Tensor) -> p.MemoryDesc:
-    return p.tensor_md(t.contiguous())
+def md(t: torch.Tensor) -> MemoryDesc:
+    return tensor_md(t.contiguous())
 
 
 # ------------------------------------------------------------ convolution
@@ -75,17 +100,17 @@ def md(t: torch.Tensor) -> p.MemoryDesc:
 
 def dnnl_conv(engine, stream, x, w, b, out_shape, *, stride, padding_l, padding_r=None,
               dilation=None, groups=1, attr=None, out=None, extra=None):  # fmt: skip
-    wmd = p.torch_weights_md(w, groups)
+    wmd = torch_weights_md(w, groups)
     out = torch.empty(out_shape) if out is None else out
     bias_md = None if b is None else md(b)
-    pd = p.convolution_pd(engine, md(x), wmd, p.tensor_md(out), bias_md, strides=stride,
+    pd = convolution_pd(engine, md(x), wmd, tensor_md(out), bias_md, strides=stride,
                           padding_l=padding_l, padding_r=padding_r, dilation=dilation, attr=attr)  # fmt: skip
-    memories = {ARG_SRC: p.tensor_memory(engine, x), ARG_WEIGHTS: p.tensor_memory(engine, w, wmd),
-                ARG_DST: p.tensor_memory(engine, out)}  # fmt: skip
+    memories = {ARG_SRC: tensor_memory(engine, x), ARG_WEIGHTS: tensor_memory(engine, w, wmd),
+                ARG_DST: tensor_memory(engine, out)}  # fmt: skip
     if b is not None:
-        memories[ARG_BIAS] = p.tensor_memory(engine, b)
+        memories[ARG_BIAS] = tensor_memory(engine, b)
     memories.update(extra or {})
-    p.Primitive(pd).bind(stream, memories).run()
+    Primitive(pd).bind(stream, memories).run()
     return out
 
 
@@ -134,12 +159,12 @@ def test_conv_post_ops_relu_then_sum(engine, stream) -> None:
     x, w, b = torch.randn(1, 8, 8, 8), torch.randn(8, 8, 3, 3), torch.randn(8)
     residual = torch.randn(1, 8, 8, 8)
     ref = F.relu(F.conv2d(x, w, b, padding=1)) + residual
-    post_ops = p.PostOps()
+    post_ops = PostOps()
     post_ops.append_eltwise(AlgKind.eltwise_relu)
     post_ops.append_sum(1.0)
     out = residual.clone()  # the sum post-op accumulates into dst's previous contents
     dnnl_conv(engine, stream, x, w, b, ref.shape, stride=(1, 1), padding_l=(1, 1),
-              attr=p.PrimitiveAttr(post_ops), out=out)  # fmt: skip
+              attr=PrimitiveAttr(post_ops), out=out)  # fmt: skip
     assert_close(out, ref)
 
 
@@ -147,35 +172,35 @@ def test_conv_post_op_binary_mul_per_channel(engine, stream) -> None:
     x, w = torch.randn(1, 8, 8, 8), torch.randn(16, 8, 3, 3)
     scale = torch.randn(1, 16, 1, 1)
     ref = F.conv2d(x, w, None, padding=1) * scale
-    post_ops = p.PostOps()
+    post_ops = PostOps()
     index = post_ops.append_binary(AlgKind.binary_mul, md(scale))
-    extra = {arg_post_op_src1(index): p.tensor_memory(engine, scale)}
+    extra = {arg_post_op_src1(index): tensor_memory(engine, scale)}
     out = dnnl_conv(engine, stream, x, w, None, ref.shape, stride=(1, 1), padding_l=(1, 1),
-                    attr=p.PrimitiveAttr(post_ops), extra=extra)  # fmt: skip
+                    attr=PrimitiveAttr(post_ops), extra=extra)  # fmt: skip
     assert_close(out, ref)
 
 
 def test_conv_format_any_picks_blocked_or_nhwc(engine, stream) -> None:
     x, w, b = torch.randn(1, 16, 14, 14), torch.randn(32, 16, 3, 3), torch.randn(32)
     ref = F.conv2d(x, w, b, padding=1)
-    any_md = lambda shape: p.MemoryDesc.from_tag(shape, F32, FormatTag.any)  # noqa: E731
-    pd = p.convolution_pd(engine, any_md(x.shape), any_md(w.shape), any_md(ref.shape), md(b),
+    any_md = lambda shape: MemoryDesc.from_tag(shape, F32, FormatTag.any)  # noqa: E731
+    pd = convolution_pd(engine, any_md(x.shape), any_md(w.shape), any_md(ref.shape), md(b),
                           strides=(1, 1), padding_l=(1, 1))  # fmt: skip
     src_md = pd.src_md()
     assert src_md.format_kind == FormatKind.blocked
     assert src_md.inner_blocks or src_md.layout_tag() == "acdb", src_md.format_summary()
     assert pd.impl_info()
-    src = p.to_layout(engine, stream, x, src_md)
-    weights = p.to_layout(engine, stream, w, pd.weights_md())
-    dst = p.empty_memory(engine, pd.dst_md())
-    args = {ARG_SRC: src, ARG_WEIGHTS: weights, ARG_BIAS: p.tensor_memory(engine, b), ARG_DST: dst}
-    p.Primitive(pd).bind(stream, args).run()
-    assert_close(p.to_tensor(engine, stream, dst), ref)
+    src = to_layout(engine, stream, x, src_md)
+    weights = to_layout(engine, stream, w, pd.weights_md())
+    dst = empty_memory(engine, pd.dst_md())
+    args = {ARG_SRC: src, ARG_WEIGHTS: weights, ARG_BIAS: tensor_memory(engine, b), ARG_DST: dst}
+    Primitive(pd).bind(stream, args).run()
+    assert_close(to_tensor(engine, stream, dst), ref)
 
 
 def test_conv_implementation_candidates(engine) -> None:
-    any_md = lambda shape: p.MemoryDesc.from_tag(shape, F32, FormatTag.any)  # noqa: E731
-    pd = p.convolution_pd(engine, any_md((1, 16, 8, 8)), any_md((16, 16, 3, 3)), any_md((1, 16, 8, 8)),
+    any_md = lambda shape: MemoryDesc.from_tag(shape, F32, FormatTag.any)  # noqa: E731
+    pd = convolution_pd(engine, any_md((1, 16, 8, 8)), any_md((16, 16, 3, 3)), any_md((1, 16, 8, 8)),
                           strides=(1, 1), padding_l=(1, 1))  # fmt: skip
     first = pd.impl_info()
     names = [candidate.impl_info() for candidate in pd.candidates()]
@@ -186,10 +211,10 @@ def test_conv_implementation_candidates(engine) -> None:
 def test_memory_set_handle_repoints_without_rebinding(engine, stream) -> None:
     x1, x2, w = torch.randn(1, 4, 6, 6), torch.randn(1, 4, 6, 6), torch.randn(4, 4, 3, 3)
     out = torch.empty(1, 4, 6, 6)
-    pd = p.convolution_pd(engine, md(x1), md(w), md(out), strides=(1, 1), padding_l=(1, 1))
-    src = p.tensor_memory(engine, x1)
-    call = p.Primitive(pd).bind(stream, {ARG_SRC: src, ARG_WEIGHTS: p.tensor_memory(engine, w),
-                                         ARG_DST: p.tensor_memory(engine, out)})  # fmt: skip
+    pd = convolution_pd(engine, md(x1), md(w), md(out), strides=(1, 1), padding_l=(1, 1))
+    src = tensor_memory(engine, x1)
+    call = Primitive(pd).bind(stream, {ARG_SRC: src, ARG_WEIGHTS: tensor_memory(engine, w),
+                                         ARG_DST: tensor_memory(engine, out)})  # fmt: skip
     call.run()
     assert_close(out, F.conv2d(x1, w, padding=1))
     src.set_handle(x2.data_ptr())
@@ -205,13 +230,13 @@ def test_memory_set_handle_repoints_without_rebinding(engine, stream) -> None:
 def test_deconvolution(engine, stream, groups: int) -> None:
     x, w, b = torch.randn(1, 4, 5, 6), torch.randn(4, 6 // groups, 3, 3), torch.randn(6)
     ref = F.conv_transpose2d(x, w, b, stride=2, padding=1, output_padding=1, groups=groups)
-    wmd = p.torch_weights_md(w, groups, transposed=True)
+    wmd = torch_weights_md(w, groups, transposed=True)
     out = torch.empty(ref.shape)
-    pd = p.deconvolution_pd(engine, md(x), wmd, md(out), md(b), strides=(2, 2), padding_l=(1, 1),
+    pd = deconvolution_pd(engine, md(x), wmd, md(out), md(b), strides=(2, 2), padding_l=(1, 1),
                             padding_r=(0, 0))  # padding_r = padding - output_padding  # fmt: skip
-    memories = {ARG_SRC: p.tensor_memory(engine, x), ARG_WEIGHTS: p.tensor_memory(engine, w, wmd),
-                ARG_BIAS: p.tensor_memory(engine, b), ARG_DST: p.tensor_memory(engine, out)}  # fmt: skip
-    p.Primitive(pd).bind(stream, memories).run()
+    memories = {ARG_SRC: tensor_memory(engine, x), ARG_WEIGHTS: tensor_memory(engine, w, wmd),
+                ARG_BIAS: tensor_memory(engine, b), ARG_DST: tensor_memory(engine, out)}  # fmt: skip
+    Primitive(pd).bind(stream, memories).run()
     assert_close(out, ref)
 
 
@@ -219,7 +244,7 @@ def test_inner_product(engine, stream) -> None:
     x, w, b = torch.randn(4, 32), torch.randn(10, 32), torch.randn(10)
     ref = F.linear(x, w, b)
     out = torch.empty(ref.shape)
-    pd = p.inner_product_pd(engine, md(x), md(w), md(out), md(b))
+    pd = inner_product_pd(engine, md(x), md(w), md(out), md(b))
     assert_close(execute(engine, stream, pd, {ARG_SRC: x, ARG_WEIGHTS: w, ARG_BIAS: b}, out), ref)
 
 
@@ -227,12 +252,12 @@ def test_matmul_batched_and_with_bias(engine, stream) -> None:
     a, bmat = torch.randn(2, 5, 8), torch.randn(2, 8, 3)
     ref = torch.matmul(a, bmat)
     out = torch.empty(ref.shape)
-    pd = p.matmul_pd(engine, md(a), md(bmat), md(out))
+    pd = matmul_pd(engine, md(a), md(bmat), md(out))
     assert_close(execute(engine, stream, pd, {ARG_SRC: a, ARG_WEIGHTS: bmat}, out), ref)
     x, w, bias = torch.randn(7, 12), torch.randn(12, 5), torch.randn(1, 5)
     ref2 = x @ w + bias
     out2 = torch.empty(ref2.shape)
-    pd2 = p.matmul_pd(engine, md(x), md(w), md(out2), md(bias))
+    pd2 = matmul_pd(engine, md(x), md(w), md(out2), md(bias))
     assert_close(execute(engine, stream, pd2, {ARG_SRC: x, ARG_WEIGHTS: w, ARG_BIAS: bias}, out2), ref2)
 
 
@@ -258,7 +283,7 @@ def test_pooling(engine, stream, case: str) -> None:
     ref = reference(x)
     out = torch.empty(ref.shape)
     geometry = POOL_GEOMETRY.get(case, dict(strides=(2, 2), padding_l=(1, 1)))
-    pd = p.pooling_pd(engine, alg, md(x), md(out), kernel=(3, 3), **geometry)
+    pd = pooling_pd(engine, alg, md(x), md(out), kernel=(3, 3), **geometry)
     assert_close(execute(engine, stream, pd, {ARG_SRC: x}, out), ref)
 
 
@@ -300,7 +325,7 @@ def test_eltwise(engine, stream, case: str) -> None:
         x = x.abs() + 0.1
     ref = reference(x)
     out = torch.empty(ref.shape)
-    pd = p.eltwise_pd(engine, alg, md(x), alpha=alpha, beta=beta)
+    pd = eltwise_pd(engine, alg, md(x), alpha=alpha, beta=beta)
     assert_close(execute(engine, stream, pd, {ARG_SRC: x}, out), ref)
 
 
@@ -325,7 +350,7 @@ def test_binary_with_broadcast(engine, stream, alg: AlgKind, src1_shape) -> None
         b = b.abs() + 0.5
     ref = BINARY_CASES[alg](a, b)
     out = torch.empty(ref.shape)
-    pd = p.binary_pd(engine, alg, md(a), md(b), md(out))
+    pd = binary_pd(engine, alg, md(a), md(b), md(out))
     assert_close(execute(engine, stream, pd, {ARG_SRC: a, ARG_SRC_1: b}, out), ref)
 
 
@@ -333,7 +358,7 @@ def test_concat(engine, stream) -> None:
     parts = [torch.randn(1, c, 4, 4) for c in (3, 5, 8)]
     ref = torch.cat(parts, dim=1)
     out = torch.empty(ref.shape)
-    pd = p.concat_pd(engine, [md(t) for t in parts], axis=1, dst=md(out))
+    pd = concat_pd(engine, [md(t) for t in parts], axis=1, dst=md(out))
     inputs = {ARG_MULTIPLE_SRC + i: t for i, t in enumerate(parts)}
     assert_close(execute(engine, stream, pd, inputs, out), ref)
 
@@ -342,7 +367,7 @@ def test_sum_with_scales(engine, stream) -> None:
     parts = [torch.randn(2, 3, 4, 4) for _ in range(3)]
     ref = 1.0 * parts[0] + 0.5 * parts[1] - 2.0 * parts[2]
     out = torch.empty(ref.shape)
-    pd = p.sum_pd(engine, [md(t) for t in parts], scales=[1.0, 0.5, -2.0], dst=md(out))
+    pd = sum_pd(engine, [md(t) for t in parts], scales=[1.0, 0.5, -2.0], dst=md(out))
     inputs = {ARG_MULTIPLE_SRC + i: t for i, t in enumerate(parts)}
     assert_close(execute(engine, stream, pd, inputs, out), ref)
 
@@ -355,7 +380,7 @@ def test_softmax(engine, stream, alg: AlgKind) -> None:
     x = torch.randn(3, 10, 4) * 4
     ref = F.softmax(x, dim=1) if alg == AlgKind.softmax_accurate else F.log_softmax(x, dim=1)
     out = torch.empty(ref.shape)
-    pd = p.softmax_pd(engine, md(x), axis=1, alg=alg)
+    pd = softmax_pd(engine, md(x), axis=1, alg=alg)
     assert_close(execute(engine, stream, pd, {ARG_SRC: x}, out), ref)
 
 
@@ -363,7 +388,7 @@ def test_layer_norm(engine, stream) -> None:
     x, weight, bias = torch.randn(2, 5, 16), torch.randn(16), torch.randn(16)
     ref = F.layer_norm(x, (16,), weight, bias, eps=1e-5)
     out = torch.empty(ref.shape)
-    pd = p.layer_norm_pd(engine, md(x), eps=1e-5)
+    pd = layer_norm_pd(engine, md(x), eps=1e-5)
     inputs = {ARG_SRC: x, ARG_SCALE: weight, ARG_SHIFT: bias}
     assert_close(execute(engine, stream, pd, inputs, out), ref)
 
@@ -374,7 +399,7 @@ def test_batch_norm_inference(engine, stream) -> None:
     weight, bias = torch.randn(6), torch.randn(6)
     ref = F.batch_norm(x, mean, var, weight, bias, training=False, eps=1e-5)
     out = torch.empty(ref.shape)
-    pd = p.batch_norm_pd(engine, md(x), eps=1e-5)
+    pd = batch_norm_pd(engine, md(x), eps=1e-5)
     inputs = {ARG_SRC: x, ARG_MEAN: mean, ARG_VARIANCE: var, ARG_SCALE: weight, ARG_SHIFT: bias}
     assert_close(execute(engine, stream, pd, inputs, out), ref)
 
@@ -397,7 +422,7 @@ def test_resampling(engine, stream, case: str) -> None:
     x = torch.randn(1, 3, 5, 6)
     ref = reference(x)
     out = torch.empty(ref.shape)
-    pd = p.resampling_pd(engine, alg, md(x), md(out))
+    pd = resampling_pd(engine, alg, md(x), md(out))
     assert_close(execute(engine, stream, pd, {ARG_SRC: x}, out), ref)
 
 
@@ -414,7 +439,7 @@ def test_reduction(engine, stream, alg: AlgKind) -> None:
     x = torch.randn(2, 6, 5, 4)
     ref = REDUCTION_CASES[alg](x)
     out = torch.empty(ref.shape)
-    pd = p.reduction_pd(engine, alg, md(x), md(out))
+    pd = reduction_pd(engine, alg, md(x), md(out))
     assert_close(execute(engine, stream, pd, {ARG_SRC: x}, out), ref)
 
 
@@ -424,24 +449,24 @@ def test_reduction(engine, stream, alg: AlgKind) -> None:
 @pytest.mark.parametrize("tag", [FormatTag.nChw8c, FormatTag.nChw16c, FormatTag.nhwc], ids=lambda t: t.name)
 def test_reorder_roundtrip(engine, stream, tag: FormatTag) -> None:
     x = torch.randn(2, 12, 5, 3)  # 12 channels: blocked layouts pad to 16
-    blocked_md = p.MemoryDesc.from_tag(x.shape, F32, tag)
-    blocked = p.to_layout(engine, stream, x, blocked_md)
+    blocked_md = MemoryDesc.from_tag(x.shape, F32, tag)
+    blocked = to_layout(engine, stream, x, blocked_md)
     assert blocked.md == blocked_md and blocked.md != md(x)
-    assert torch.equal(p.to_tensor(engine, stream, blocked), x)
+    assert torch.equal(to_tensor(engine, stream, blocked), x)
 
 
 def test_memory_desc_queries_and_summary() -> None:
-    nchw = p.MemoryDesc.from_tag((1, 16, 8, 8), F32, FormatTag.nchw)
+    nchw = MemoryDesc.from_tag((1, 16, 8, 8), F32, FormatTag.nchw)
     assert nchw.dims == (1, 16, 8, 8) and nchw.dtype == F32 and nchw.size() == 16 * 64 * 4
     assert nchw.format_summary() == "f32 1x16x8x8 abcd"
-    assert p.MemoryDesc.from_tag((1, 16, 8, 8), F32, FormatTag.nChw8c).format_summary() == "f32 1x16x8x8 aBcd8b"
-    assert p.MemoryDesc.from_tag((1, 16, 8, 8), F32, FormatTag.any).format_summary() == "f32 1x16x8x8 any"
+    assert MemoryDesc.from_tag((1, 16, 8, 8), F32, FormatTag.nChw8c).format_summary() == "f32 1x16x8x8 aBcd8b"
+    assert MemoryDesc.from_tag((1, 16, 8, 8), F32, FormatTag.any).format_summary() == "f32 1x16x8x8 any"
     channels_last = torch.randn(1, 16, 8, 8).to(memory_format=torch.channels_last)
-    assert p.tensor_md(channels_last).format_summary() == "f32 1x16x8x8 acdb"
-    assert p.tensor_md(channels_last) == p.MemoryDesc.from_tag((1, 16, 8, 8), F32, FormatTag.nhwc)
+    assert tensor_md(channels_last).format_summary() == "f32 1x16x8x8 acdb"
+    assert tensor_md(channels_last) == MemoryDesc.from_tag((1, 16, 8, 8), F32, FormatTag.nhwc)
     assert nchw.reshape((16, 64)).dims == (16, 64)
 
 
 def test_unsupported_dtype_is_a_clear_type_error() -> None:
     with pytest.raises(TypeError, match="float64"):
-        p.dnnl_dtype(torch.float64)
+        dnnl_dtype(torch.float64)

@@ -9,8 +9,9 @@ import torch.nn as nn
 import pyrys
 from pyrys.backends.dnnl import binding
 from pyrys.backends.dnnl.constants import ARG_SCRATCHPAD
+from pyrys.backends.dnnl.descriptors import convolution_pd
 from pyrys.backends.dnnl.layout import any_md, policy_md
-from pyrys.backends.dnnl.primitives import Engine, PrimitiveAttr, convolution_pd
+from pyrys.backends.dnnl.primitives import Engine, PrimitiveAttr
 from pyrys.backends.threads import current_threads
 from tests.conftest import TOLERANCE
 

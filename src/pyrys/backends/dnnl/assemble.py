@@ -15,10 +15,10 @@ import torch.fx as fx
 
 from pyrys.backends.dnnl.builder import Builder
 from pyrys.backends.dnnl.constants import ARG_FROM, ARG_TO
+from pyrys.backends.dnnl.descriptors import reorder_pd
 from pyrys.backends.dnnl.frame import Frame
 from pyrys.backends.dnnl.layout import plain_md
 from pyrys.backends.dnnl.memory_plan import plan_memory
-from pyrys.backends.dnnl.primitives import reorder_pd
 from pyrys.backends.dnnl.program import DnnlProgram, Slot
 from pyrys.backends.dnnl.values import ALIAS, CONSTANT, DYNAMIC, PLANNED, Value
 from pyrys.ir.printer import format_type

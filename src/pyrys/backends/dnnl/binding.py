@@ -18,7 +18,7 @@ from __future__ import annotations
 import ctypes
 import os
 from ctypes import POINTER, c_char_p, c_float, c_int, c_int32, c_int64, c_size_t, c_uint, c_void_p
-from typing import Any
+from typing import Any, Sequence
 
 from pyrys.backends.dnnl.constants import MAX_NDIMS, Status
 
@@ -31,6 +31,11 @@ handle_p = POINTER(c_void_p)
 dims_p = POINTER(c_int64)
 status_t = c_int
 enum_t = c_int
+
+
+def as_dims(values: Sequence[int]) -> Dims:
+    """A ``dnnl_dims_t`` holding ``values`` (the rest zero)."""
+    return Dims(*[int(v) for v in values])
 
 
 class ExecArg(ctypes.Structure):
@@ -167,6 +172,13 @@ def check(status: int, call: str, context: str = "") -> None:
     """Raise DnnlError unless `status` is dnnl_success."""
     if status != Status.success:
         raise DnnlError(call, status, context)
+
+
+def create(call: str, context: str, *args: Any) -> c_void_p:
+    """The handle that `call(&handle, *args)` creates (a dnnl_*_create or _clone); DnnlError if it fails."""
+    handle = c_void_p()
+    check(getattr(load_library(), call)(ctypes.byref(handle), *args), call, context)
+    return handle
 
 
 def library_path() -> str:

@@ -7,12 +7,12 @@ import torch
 import torch.fx as fx
 
 from pyrys.backends.dnnl.constants import ARG_FROM, ARG_SCRATCHPAD, ARG_TO
+from pyrys.backends.dnnl.descriptors import reorder_pd
 from pyrys.backends.dnnl.frame import Frame
 from pyrys.backends.dnnl.layout import plain_md
-from pyrys.backends.dnnl.primitives import (
-    DNNL_TO_TORCH, Engine, Memory, MemoryDesc, Primitive, PrimitiveDesc, Stream, dnnl_dtype, reorder_pd, to_layout,
-)
+from pyrys.backends.dnnl.primitives import Engine, Memory, MemoryDesc, Primitive, PrimitiveDesc, Stream
 from pyrys.backends.dnnl.program import Step
+from pyrys.backends.dnnl.tensors import DNNL_TO_TORCH, dnnl_dtype, to_layout
 from pyrys.backends.dnnl.values import CONSTANT, PLANNED, Value
 from pyrys.ir.graph import state_ref
 from pyrys.ir.printer import format_arg, format_type

@@ -15,7 +15,7 @@ import torch.fx as fx
 from pyrys.backends.dnnl.builder import Builder, node_text
 from pyrys.backends.dnnl.frame import Frame
 from pyrys.backends.dnnl.layout import contiguous_strides, plain_md
-from pyrys.backends.dnnl.primitives import dnnl_dtype
+from pyrys.backends.dnnl.tensors import dnnl_dtype
 from pyrys.backends.dnnl.values import DYNAMIC, Value
 from pyrys.ir.graph import state_ref
 from pyrys.ir.ops import PYTHON_IMPLS

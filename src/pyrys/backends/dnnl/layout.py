@@ -11,7 +11,8 @@ from functools import lru_cache
 import torch
 
 from pyrys.backends.dnnl.constants import FormatTag
-from pyrys.backends.dnnl.primitives import MemoryDesc, dnnl_dtype
+from pyrys.backends.dnnl.primitives import MemoryDesc
+from pyrys.backends.dnnl.tensors import dnnl_dtype
 
 POLICY_TAGS: dict[str, dict[int, FormatTag]] = {
     "nhwc": {3: FormatTag.acb, 4: FormatTag.acdb, 5: FormatTag.acdeb},

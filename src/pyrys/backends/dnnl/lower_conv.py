@@ -12,11 +12,10 @@ import torch.fx as fx
 from pyrys.backends.dnnl.binding import DnnlError
 from pyrys.backends.dnnl.builder import Builder, Unsupported, check_dtype, node_text
 from pyrys.backends.dnnl.constants import ARG_BIAS, ARG_DST, ARG_SRC, ARG_WEIGHTS, arg_post_op_src1
+from pyrys.backends.dnnl.descriptors import convolution_pd, deconvolution_pd, inner_product_pd
 from pyrys.backends.dnnl.layout import any_md, plain_md, policy_md
 from pyrys.backends.dnnl.post_ops import Chain, Operand, build_chain, operand_of
-from pyrys.backends.dnnl.primitives import (
-    PrimitiveAttr, PrimitiveDesc, convolution_pd, deconvolution_pd, inner_product_pd,
-)
+from pyrys.backends.dnnl.primitives import PrimitiveAttr, PrimitiveDesc
 from pyrys.backends.dnnl.values import ALIAS, Value
 from pyrys.ir.graph import op_args
 from pyrys.ir.ops import FUSED_CONV, FUSED_LINEAR

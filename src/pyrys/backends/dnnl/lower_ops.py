@@ -14,12 +14,12 @@ from pyrys.backends.dnnl.builder import Builder, Unsupported, check_dtype, node_
 from pyrys.backends.dnnl.constants import (
     ARG_DST, ARG_MEAN, ARG_MULTIPLE_SRC, ARG_SCALE, ARG_SHIFT, ARG_SRC, ARG_SRC_1, ARG_VARIANCE, AlgKind,
 )
+from pyrys.backends.dnnl.descriptors import (
+    batch_norm_pd, binary_pd, concat_pd, eltwise_pd, layer_norm_pd, pooling_pd, reduction_pd, resampling_pd, softmax_pd,
+)
 from pyrys.backends.dnnl.layout import POLICY_TAGS, plain_md
 from pyrys.backends.dnnl.post_ops import DROPS_NAN, eltwise_post_ops, eltwise_steps
-from pyrys.backends.dnnl.primitives import (
-    MemoryDesc, PrimitiveAttr, batch_norm_pd, binary_pd, concat_pd, eltwise_pd, layer_norm_pd, pooling_pd, reduction_pd,
-    resampling_pd, softmax_pd,
-)
+from pyrys.backends.dnnl.primitives import MemoryDesc, PrimitiveAttr
 from pyrys.backends.dnnl.values import ALIAS, PLANNED, Value
 from pyrys.ir.graph import op_args
 from pyrys.ir.post_ops import ACTIVATIONS, NoPostOp, activation_post_op

@@ -15,7 +15,8 @@ from torch.utils._pytree import tree_leaves
 from pyrys.backends.dnnl.builder import Builder, Unsupported
 from pyrys.backends.dnnl.constants import AlgKind, FormatTag
 from pyrys.backends.dnnl.layout import plain_md
-from pyrys.backends.dnnl.primitives import DNNL_TO_TORCH, MemoryDesc, PostOps
+from pyrys.backends.dnnl.primitives import MemoryDesc, PostOps
+from pyrys.backends.dnnl.tensors import DNNL_TO_TORCH
 from pyrys.backends.dnnl.values import PLANNED, Value
 from pyrys.ir.post_ops import parse_post_op
 

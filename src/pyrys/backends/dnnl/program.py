@@ -17,7 +17,8 @@ import torch
 
 from pyrys.backends.dnnl.frame import Frame
 from pyrys.backends.dnnl.memory_plan import Plan
-from pyrys.backends.dnnl.primitives import DNNL_TO_TORCH, Engine, Memory, MemoryDesc
+from pyrys.backends.dnnl.primitives import Engine, Memory, MemoryDesc
+from pyrys.backends.dnnl.tensors import DNNL_TO_TORCH
 
 if TYPE_CHECKING:
     from pyrys.backends.dnnl.values import Value
