@@ -17,7 +17,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from pyrys.backends import get_backend
 from pyrys.backends.options import LAYOUTS, BackendOptions
-from pyrys.capture.export import Captured, capture_module, rename_for_export
+from pyrys.capture.captured import Captured
+from pyrys.capture.export import capture_module, rename_for_export
 from pyrys.capture.exported_program import capture_exported, exported_example_inputs
 from pyrys.capture.torchscript import capture_torchscript, is_torchscript, script_class_name
 from pyrys.errors import DeviceError, ModelCopyError

@@ -20,7 +20,6 @@ from __future__ import annotations
 import keyword
 import operator
 import re
-from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -29,8 +28,8 @@ from torch._subclasses.fake_tensor import DataDependentOutputException
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, free_unbacked_symbols
-from torch.utils._pytree import TreeSpec
 
+from pyrys.capture.captured import Captured
 from pyrys.errors import CaptureError
 from pyrys.ir.graph import STATE_KEY, StateRef, add_constant, add_placeholder, identifier, insert_call
 
@@ -45,17 +44,6 @@ _STATE_KINDS = {InputKind.PARAMETER: "parameter", InputKind.BUFFER: "buffer"}
 #       File "model.py", line 7, in forward
 #         if y.sum() > 0:
 _USER_LINE = re.compile(r'raised this error:\s*File "(?P<file>[^"]+)", line (?P<line>\d+), in \w+\n(?P<code>[^\n]+)')
-
-
-@dataclass
-class Captured:
-    """A captured graph plus what is needed to call it like the original module."""
-
-    gm: fx.GraphModule
-    in_spec: TreeSpec
-    out_spec: TreeSpec
-    class_name: str
-    notes: list[str] = field(default_factory=list)
 
 
 def rename_for_export(model: torch.nn.Module) -> list[str]:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch.export import ExportedProgram
 
-from pyrys.capture.export import Captured, from_exported
+from pyrys.capture.captured import Captured
+from pyrys.capture.export import from_exported
 from pyrys.ir.graph import state_inputs, state_ref
 
 

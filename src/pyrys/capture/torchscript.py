@@ -34,7 +34,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from pyrys.capture.export import Captured
+from pyrys.capture.captured import Captured
 from pyrys.errors import CaptureError
 from pyrys.ir.control_flow import BRANCHES_KEY, IF, Branch, Branches, register_branches, run_branch
 from pyrys.ir.graph import STATE_KEY, StateRef, add_constant, add_placeholder

@@ -1,0 +1,24 @@
+"""The record every way in returns: a graph in pyrys IR and how to call it like the original.
+
+``torch.export`` (``export.py``), a user's ``ExportedProgram`` (``exported_program.py``) and
+TorchScript (``torchscript.py``) each produce a :class:`Captured`; the passes and backends
+see only ``gm`` (flat inputs, flat outputs), and the optimized module puts the outputs back
+into the model's own structure with ``out_spec``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+from torch.utils._pytree import TreeSpec
+
+
+@dataclass
+class Captured:
+    """A captured graph plus what is needed to call it like the original module."""
+
+    gm: fx.GraphModule
+    in_spec: TreeSpec
+    out_spec: TreeSpec
+    class_name: str
+    notes: list[str] = field(default_factory=list)  # what capture changed or dropped, for ``opt.report()``
