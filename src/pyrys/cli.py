@@ -18,9 +18,9 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from pyrys import zoo_cli
+    from pyrys import explain_cli
 
-    return zoo_cli.run_explain(args)
+    return explain_cli.run_explain(args)
 
 
 def _zoo(args: argparse.Namespace) -> int:
@@ -41,10 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:
         pass
     bench.set_defaults(handler=_bench)
-    from pyrys import zoo_cli
+    from pyrys import explain_cli, zoo_cli
 
     explain = commands.add_parser("explain", help="what each pass did to a model, and why folds/fusions were missed")
-    zoo_cli.add_explain_arguments(explain)
+    explain_cli.add_explain_arguments(explain)
     explain.set_defaults(handler=_explain)
     zoo = commands.add_parser("zoo", help="optimize every torchvision model and compare with eager")
     zoo_cli.add_zoo_arguments(zoo)

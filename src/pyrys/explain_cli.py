@@ -1,0 +1,58 @@
+"""``pyrys explain MODEL``: what each pass did to a model, and why folds and fusions were missed."""
+from __future__ import annotations
+
+import argparse
+import importlib
+
+import torch
+
+from pyrys import zoo
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"1x3x224x224"`` -> ``(1, 3, 224, 224)``."""
+    try:
+        return tuple(int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a shape like 1x3x224x224, got {text!r}") from None
+
+
+def load_model(spec: str) -> torch.nn.Module:
+    """A torchvision model name (random weights, randomized BatchNorm) or ``module:attr``.
+
+    ``attr`` may be an ``nn.Module`` instance or something that builds one when called with no arguments.
+    """
+    if ":" not in spec:
+        return zoo.build_model(spec)
+    module_name, _, attr = spec.partition(":")
+    target = importlib.import_module(module_name)
+    for part in attr.split("."):
+        target = getattr(target, part)
+    model = target if isinstance(target, torch.nn.Module) else target()
+    if not isinstance(model, torch.nn.Module):
+        raise SystemExit(f"pyrys explain: {spec} is not an nn.Module and did not build one")
+    return model.eval()
+
+
+def add_explain_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="a torchvision model name (e.g. resnet50) or module:attr")
+    parser.add_argument("--input-shape", type=parse_shape, default=None,
+                        help="input shape, e.g. 1x3x224x224 (default: the model's usual size; 299 for inception_v3)")
+    parser.add_argument("--dump-dir", default=None, help="write the graph after every pass to DIR/NNN_<pass>.txt")
+    parser.add_argument("--backend", default="reference", help="backend to compile for (default: reference)")
+    parser.add_argument("--disable", action="append", default=[], help="a pass to skip (repeatable)")
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    from pyrys.explain import explain
+
+    model = load_model(args.model)
+    shape = args.input_shape or (zoo.input_shape(args.model) if ":" not in args.model else (1, 3, 224, 224))
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    title = f"{args.model} ({'x'.join(map(str, shape))}) on the {args.backend} backend"
+    result = explain(model, (x,), backend=args.backend, dump_dir=args.dump_dir, disable=tuple(args.disable),
+                     title=title)
+    print(result.render())
+    if args.dump_dir:
+        print(f"graphs after every pass written to {args.dump_dir}/")
+    return 0
