@@ -15,7 +15,7 @@ import torch.fx as fx
 from torch.export import ExportedProgram
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from pyrys.backends import get_backend
+from pyrys.backends import Program, get_backend
 from pyrys.backends.options import LAYOUTS, BackendOptions
 from pyrys.capture.captured import Captured
 from pyrys.capture.export import capture_module, rename_for_export
@@ -51,7 +51,7 @@ class Compiled:
     signature: Signature
     captured: Captured
     run: PipelineRun
-    program: Any
+    program: Program
     backend: str
     notes: list[str] = field(default_factory=list)
 
@@ -225,6 +225,11 @@ class OptimizedModule(torch.nn.Module):
 
     def program_text(self) -> str:
         return self._first.program.describe()
+
+    def memory(self) -> dict[str, int]:
+        """Bytes the program for the first input signature holds: ``weights``, ``packed_weights``,
+        ``activations`` (one call's arena) and ``frames`` (see :mod:`pyrys.backends.program`)."""
+        return self._first.program.memory()
 
     def report(self) -> str:
         """Per-pass counts, then every miss with its reason, then notes."""

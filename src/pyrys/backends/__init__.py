@@ -1,7 +1,9 @@
 """Backends turn an optimized graph into something that runs.
 
 Each backend is a function ``compile(gm, example_inputs, options) -> Program``; a program
-is called with the flat list of user inputs and returns the flat list of outputs.
+is called with the flat list of user inputs and returns the flat list of outputs, and says
+what it is (``describe``), where its time goes (``profile``) and what it holds (``memory``):
+see :class:`pyrys.backends.program.Program`.
 """
 from __future__ import annotations
 
@@ -11,8 +13,8 @@ import torch.fx as fx
 
 from pyrys.backends import reference
 from pyrys.backends.options import BackendOptions
+from pyrys.backends.program import Program
 
-Program = Callable[[list], list]
 BackendCompile = Callable[[fx.GraphModule, list, BackendOptions], Program]
 
 

@@ -75,6 +75,15 @@ class ThreadPinned:
     def __call__(self, inputs: list) -> list:
         return with_threads(self.threads, self.program, inputs)
 
+    def describe(self) -> str:
+        return self.program.describe()
+
+    def profile(self, inputs: list, runs: int = 20) -> list[tuple[str, float]]:
+        return with_threads(self.threads, self.program.profile, inputs, runs)
+
+    def memory(self) -> dict[str, int]:
+        return self.program.memory()
+
     def __getattr__(self, name: str):
         if name.startswith("__"):
             raise AttributeError(name)  # copy and pickle protocols must not reach the inner program

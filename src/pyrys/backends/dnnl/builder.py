@@ -47,6 +47,16 @@ class PackedWeights:
         candidates.append(entry)
         return entry
 
+    def copied_bytes(self) -> int:
+        """Bytes of the packed copies (a constant read in its own contiguous layout is not copied)."""
+        copies = {}
+        for key, entries in self.entries.items():
+            source = self.sources[key].untyped_storage().data_ptr()
+            for _, storage in entries:
+                if storage.untyped_storage().data_ptr() != source:
+                    copies[storage.untyped_storage().data_ptr()] = storage.untyped_storage().nbytes()
+        return sum(copies.values())
+
     def retain(self, used: set[int]) -> None:
         """Forget every packed copy whose bytes (storage address) are not in ``used``."""
         for key in list(self.entries):

@@ -115,6 +115,13 @@ class DnnlProgram:
             frame.finish()
         return [(step.text, sorted(t)[len(t) // 2] * 1e6) for step, t in zip(self.steps, samples)]
 
+    def memory(self) -> dict[str, int]:
+        """Bytes: ``packed_weights`` the constants its steps read, in the layouts they read them (the
+        runtime, which holds the graph's ``weights``, tells copies from the graph's own tensors);
+        ``activations`` one frame's buffers and scratchpad; ``frames`` what its idle frames hold."""
+        arena = sum(size for size, _ in self.buffers) + self.scratchpad_bytes
+        return {"weights": 0, "packed_weights": self.weight_bytes, "activations": arena, "frames": self.frames * arena}
+
     @property
     def frames(self) -> int:
         """Idle frames kept for reuse (one per caller that ran at the same time)."""

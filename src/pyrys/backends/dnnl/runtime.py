@@ -101,6 +101,13 @@ class DnnlRuntime:
     def profile(self, inputs: list, runs: int = 20) -> list[tuple[str, float]]:
         return with_threads(self.first.threads, self.first.profile, inputs, runs)
 
+    def memory(self) -> dict[str, int]:
+        """Bytes: the graph's constants (the reference fallback runs on them too), the packed copies
+        every thread count's program shares, one call's arena, and the idle frames of every program."""
+        programs = [program.memory() for program in self.programs.values()]
+        return {"weights": self.reference.memory()["weights"], "packed_weights": self.packed.copied_bytes(),
+                "activations": max(m["activations"] for m in programs), "frames": sum(m["frames"] for m in programs)}
+
     @property
     def policy(self) -> str:
         return self.first.policy
