@@ -1,4 +1,4 @@
-"""Benchmark output: rows, a rich table, CSV, JSON and a PNG chart."""
+"""Benchmark output: rows, a rich table, CSV and JSON; the chart is ``chart.py``, the Markdown ``markdown.py``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import csv
 import datetime
 import importlib.metadata
 import json
-import math
 import os
 import platform
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import torch
 from rich.table import Table
 
+from pyrys.bench.chart import write_chart
 from pyrys.bench.markdown import command_line, write_markdown
 from pyrys.bench.measure import SystemResult
 
@@ -117,54 +117,23 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
+def read_csv(path: Path) -> list[dict]:
+    """The rows of a CSV :func:`write_csv` wrote, numbers as numbers and empty cells as None."""
+    with open(path, newline="") as handle:
+        return [{key: _parsed(key, value) for key, value in row.items()} for row in csv.DictReader(handle)]
+
+
+def _parsed(column: str, text: str) -> object:
+    if column in ("model", "system", "status", "note"):
+        return text
+    if text == "":
+        return None
+    return int(text) if column in ("batch", "iterations") else float(text)
+
+
 def write_json(rows: list[dict], machine: dict, path: Path) -> None:
     """Machine description and rows as JSON."""
     path.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
-
-
-def write_chart(rows: list[dict], machine: dict, path: Path) -> None:
-    """Grouped bars, one per system per model: latency relative to eager, log axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups = list(dict.fromkeys(f"{r['model']}\nbatch {r['batch']}" for r in rows))
-    systems = list(dict.fromkeys(r["system"] for r in rows if r["vs_eager"]))
-    fig, ax = plt.subplots(figsize=(max(8.0, 2.0 + 0.35 * len(groups) * max(1, len(systems))), 5.0))
-    _draw_bars(ax, rows, groups, systems)
-    _style_axes(ax)
-    fig.text(0.01, 0.01, machine_line(machine), fontsize=6, wrap=True)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _style_axes(ax) -> None:
-    """Log axis with plain-number ticks, a line at eager, legend outside the plot."""
-    from matplotlib.ticker import FormatStrFormatter
-
-    ax.set_yscale("log")
-    ax.margins(y=0.1)
-    ax.yaxis.set_major_formatter(FormatStrFormatter("%.2g"))
-    ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2g"))
-    ax.tick_params(axis="y", which="minor", labelsize=7)
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_ylabel("latency / eager latency (lower is faster)")
-    ax.set_title("pyrys bench: latency relative to PyTorch eager")
-    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
-
-
-def _draw_bars(ax, rows: list[dict], groups: list[str], systems: list[str]) -> None:
-    """One bar series per system, each labelled with its ratio."""
-    ratios = {(f"{r['model']}\nbatch {r['batch']}", r["system"]): r["vs_eager"] for r in rows}
-    width = 0.8 / max(1, len(systems))
-    for index, system in enumerate(systems):
-        positions = [g + (index - (len(systems) - 1) / 2) * width for g in range(len(groups))]
-        heights = [ratios.get((group, system)) or float("nan") for group in groups]
-        bars = ax.bar(positions, heights, width, label=system)
-        ax.bar_label(bars, labels=["" if math.isnan(h) else f"{h:.2f}" for h in heights], fontsize=6, rotation=90)
-    ax.set_xticks(range(len(groups)), groups, fontsize=8)
 
 
 def write_all(rows: list[dict], machine: dict, out_dir: Path) -> dict[str, Path]:
@@ -174,5 +143,5 @@ def write_all(rows: list[dict], machine: dict, out_dir: Path) -> dict[str, Path]
     write_csv(rows, paths["csv"])
     write_json(rows, machine, paths["json"])
     write_markdown(rows, machine, command_line(), paths["md"])
-    write_chart(rows, machine, paths["png"])
+    write_chart(rows, machine_line(machine), paths["png"])
     return paths
