@@ -90,10 +90,11 @@ def write_chart(rows: list[dict], caption: str, path: Path) -> None:
              {(c.model, c.batch): (c.vs_eager, None) for c in comparisons})
     else:
         top.text(0.5, 0.5, f"no {name} results to compare", ha="center", fontsize=16)
-    peers = ", ".join(dict.fromkeys(r["system"] for r in rows if is_peer(r["system"]) and r["median_ms"])) or "none ran"
-    note = (f"A bar is a speed-up: right of 1x {name} is faster, left of it slower. Grey: within {NOISE - 1:.0%} of 1x, "
-            f"run-to-run noise (a tie).\nThe fastest other system is the fastest of: {peers} (bf16 systems left out: "
-            "they are less precise than fp32).")
+    peers = ", ".join(dict.fromkeys(r["system"] for r in rows if is_peer(r["system"]) and r["median_ms"]))
+    note = (f"A bar is a speed-up: right of 1x {name} is faster, left of it slower. "
+            f"Grey: within {NOISE - 1:.0%} of 1x, run-to-run noise (a tie).\n"
+            f"The fastest other system is the fastest of: {peers or 'none ran'} "
+            "(bf16 systems left out: they are less precise than fp32).")
     fig.get_layout_engine().set(h_pad=0.15)
     bottom.text(0.01, 0.0, f"{note}\n{caption}", fontsize=10.5, va="top", wrap=True)
     fig.savefig(path, dpi=100, bbox_inches="tight", pad_inches=0.2)
