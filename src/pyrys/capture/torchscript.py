@@ -431,8 +431,8 @@ class _PendingBranch:
         """Give the branch one placeholder per operand, in the If's operand order."""
         graph = self.scope.graph
         placeholders = [self.scope._capture_node(outer) for outer in operands]
-        first = next(iter(graph.nodes))
-        if first is not placeholders[0] if placeholders else False:
+        first = next(iter(graph.nodes), None)  # None: an empty branch without operands
+        if placeholders and first is not placeholders[0]:
             first.prepend(placeholders[0])
         for before, ph in zip(placeholders, placeholders[1:]):
             before.append(ph)
