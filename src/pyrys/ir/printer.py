@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from pyrys.ir.control_flow import IF
 from pyrys.ir.graph import state_ref
 from pyrys.ir.ops import FUSED_CONV, FUSED_CONV_TRANSPOSE, FUSED_OPS
 from pyrys.ir.post_ops import parse_post_op
@@ -58,6 +59,8 @@ def op_name(node: fx.Node) -> str:
     """``aten::conv2d``, ``pyrys::fold_weight``, ``pyrys::conv2d_relu``, ``prim::GetItem``."""
     if node.target in FUSED_OPS:
         return _fused_name(node)
+    if node.target is IF:
+        return "pyrys::If"
     if isinstance(node.target, torch._ops.OpOverload):
         return node.target._schema.name
     if getattr(node.target, "__name__", "") == "getitem":
