@@ -1,4 +1,4 @@
-"""The If node: branches held by the graph module (copy, pickle), DCE, no torch.fx globals."""
+"""The If node: branches held by the graph module (copy, pickle, print), DCE, no torch.fx globals."""
 from __future__ import annotations
 
 import copy
@@ -62,6 +62,41 @@ def capture(model, x):
 
 
 X = torch.linspace(-1.0, 1.0, 4)
+
+GATE = """\
+graph(%self : ClassType<Gate>,
+      %x : Float(4)):
+  %twice : bool = prim::GetAttr[name="twice"](%self)
+  %If : (Float(4)) = pyrys::If(%twice, [%x])
+    block0(%x : Float(4)):
+      %y : Float(4) = aten::mul(%x, 2.0)
+      -> (%y)
+    block1(%x : Float(4)):
+      %relu : Float(4) = aten::relu(%x)
+      %y : Float(4) = aten::add(%relu, 1.0, 1)
+      -> (%y)
+  %y : Float(4) = prim::TupleIndex(%If, 0)
+  return (%y)"""
+
+STRICT = """\
+graph(%self : ClassType<Strict>,
+      %x : Float(4)):
+  %strict : bool = prim::GetAttr[name="strict"](%self)
+  %If : () = pyrys::If(%strict, [])
+    block0():
+      prim::RaiseException('strict mode')
+      -> ()
+    block1():
+      -> ()
+  %sub : Float(4) = aten::sub(%x, 1.0, 1)
+  return (%sub)"""
+
+
+def test_the_printed_graph_shows_both_branches_as_blocks():
+    gate, strict = capture(Gate(), X), capture(Strict(), X)
+    assert format_graph(gate.gm, gate.class_name) == GATE
+    assert format_graph(strict.gm, strict.class_name) == STRICT
+
 
 def test_branches_are_submodules_of_the_graph_module():
     gm = capture(Gate(), X).gm
