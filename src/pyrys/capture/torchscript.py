@@ -6,11 +6,12 @@ The inlined TorchScript graph is walked node by node:
 * ``prim::GetAttr`` on ``self`` -> submodules are followed; a parameter or buffer becomes
   a state read (``prim::GetAttr[name="conv.weight"]``), a bool attribute (``training``)
   a flag read; other attributes (ints, floats, strings) are constants of the module;
-* ``prim::If`` on module state (a flag) -> a ``pyrys::If`` node holding both branches as
-  sub-graphs, resolved once ``freeze_flags`` makes the condition a constant
-  (``inline_constant_ifs``).  An If whose condition is already known at import (a shape
-  check such as ``if x.dim() != 4: raise``) is resolved at import: the graph is
-  specialized to the example inputs' shapes, as ``torch.export`` specializes it;
+* ``prim::If`` on module state (a flag) -> a ``pyrys::If`` node whose two branches are
+  graph modules held by the graph module (see :mod:`pyrys.ir.control_flow`), resolved
+  once ``freeze_flags`` makes the condition a constant (``inline_constant_ifs``).  An If
+  whose condition is already known at import (a shape check such as
+  ``if x.dim() != 4: raise``) is resolved at import: the graph is specialized to the
+  example inputs' shapes, as ``torch.export`` specializes it;
 * ``prim::Loop`` -> unrolled at import; its trip count and condition must be known
   then (constants, shapes, int attributes), otherwise the import stops with a reason;
 * list/tuple construction and unpacking -> Python lists and tuples of values;
@@ -36,7 +37,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from pyrys.capture.captured import Captured
 from pyrys.errors import CaptureError
-from pyrys.ir.control_flow import BRANCHES_KEY, IF, Branch, Branches, register_branches, run_branch
+from pyrys.ir.control_flow import IF, RaisingBranch, add_if, has_effects
 from pyrys.ir.graph import STATE_KEY, StateRef, add_constant, add_placeholder
 
 SHAPE_QUERIES = frozenset({"aten::size", "aten::dim", "aten::numel", "aten::len", "aten::sym_size"})
@@ -176,7 +177,7 @@ class _Importer:
             raise TorchScriptImportError(f"{self.class_name} raises on inputs like these: {raised}") from None
         leaves, out_spec = tree_flatten(outputs[0] if len(outputs) == 1 else tuple(outputs))
         self.root.graph.output(tuple(leaves))
-        self.root.graph.eliminate_dead_code()
+        self.root.graph.eliminate_dead_code(is_impure_node=has_effects)
         for node in [n for n in self.state.values() if not n.users]:
             self.root.graph.erase_node(node)  # state only a dropped update read
         self.root.gm.recompile()
@@ -268,7 +269,7 @@ class _Importer:
         for value in escaped:
             scope.rebind(value, scope.env[value.unique()])
 
-    def _branch(self, scope: _Scope, block) -> tuple[Branch, _Scope]:
+    def _branch(self, scope: _Scope, block) -> _PendingBranch:
         sub = _Scope(fx.GraphModule(torch.nn.Module(), fx.Graph()), scope)
         try:
             outputs = self._import_block(sub, block.nodes(), list(block.outputs()))
@@ -281,13 +282,10 @@ class _Importer:
 
     def _emit_if(self, scope: _Scope, values: list, cond: fx.Node, pending: list) -> None:
         operands = list(dict.fromkeys(outer for p in pending for outer in p.scope.captures))
-        arms = [p.finish(operands) for p in pending]
-        branches = Branches(arms[0], arms[1])
-        key = register_branches(branches)
-        call = scope.graph.create_node("call_function", IF, (cond, key, operands), {}, name="If")
-        call.meta[BRANCHES_KEY] = branches
+        then, otherwise = [p.finish(operands) for p in pending]
+        call = add_if(scope.gm, cond, then, otherwise, operands)
         with self.mode:
-            call.meta["val"] = run_branch(cond.meta["val"], key, [o.meta["val"] for o in operands])
+            call.meta["val"] = IF(cond.meta["val"], then, otherwise, [o.meta["val"] for o in operands])
         for i, value in enumerate(values):
             item = scope.graph.create_node("call_function", operator.getitem, (call, i), {}, name=_node_name(value, "if_out"))
             item.meta["val"] = call.meta["val"][i]
@@ -427,19 +425,21 @@ class _PendingBranch:
     outputs: list | None
     raises: str | None
 
-    def finish(self, operands: list[fx.Node]) -> Branch:
-        """Give the branch one placeholder per operand, in the If's operand order."""
+    def finish(self, operands: list[fx.Node]) -> torch.nn.Module:
+        """The branch as a module taking one operand per placeholder, in the If's operand order."""
+        if self.raises is not None:
+            return RaisingBranch(self.raises)
         graph = self.scope.graph
         placeholders = [self.scope._capture_node(outer) for outer in operands]
-        first = next(iter(graph.nodes))
-        if first is not placeholders[0] if placeholders else False:
+        first = next(iter(graph.nodes), None)  # None: an empty branch without operands
+        if placeholders and first is not placeholders[0]:
             first.prepend(placeholders[0])
         for before, ph in zip(placeholders, placeholders[1:]):
             before.append(ph)
-        graph.output(list(self.outputs or []))
-        graph.eliminate_dead_code()
+        graph.output(list(self.outputs))
+        graph.eliminate_dead_code(is_impure_node=has_effects)
         self.scope.gm.recompile()
-        return Branch(self.scope.gm if self.raises is None else None, self.raises)
+        return self.scope.gm
 
     @property
     def gm(self) -> fx.GraphModule:
@@ -454,7 +454,7 @@ def _check_tensors(outputs: list) -> None:
 
 
 def _has_effects(gm: fx.GraphModule) -> bool:
-    return any(n.op == "call_function" and n.is_impure() for n in gm.graph.nodes)
+    return any(n.op == "call_function" and has_effects(n) for n in gm.graph.nodes)
 
 
 def _captured_state(scope: _Scope, placeholder: fx.Node) -> bool:

@@ -1,72 +1,56 @@
-"""``prim::If`` in pyrys IR: a node that holds two sub-graphs and runs one of them.
+"""``prim::If`` in pyrys IR: a node that runs one of two branches held by the graph module.
 
-    %out = pyrys::If(%training, <branches id>, [%x, %w])      # outputs: a list of tensors
-    %y   = prim::TupleIndex(%out, 0)
+    %if_then = get_attr[target=if_then]                       # an fx.GraphModule
+    %if_else = get_attr[target=if_else]
+    %If = pyrys::If(%training, %if_then, %if_else, [%x, %w])   # outputs: a list of tensors
+    %y  = prim::TupleIndex(%If, 0)
 
-The two branches are ``fx.GraphModule`` s whose placeholders receive the operand
-tensors; a branch may instead *raise* (the scripted code's ``raise``), in which case
-taking it raises :class:`BranchRaised`.  An If stays in the graph while its condition
-is module state (a flag such as ``training``); once ``freeze_flags`` turned the
-condition into a literal, ``inline_constant_ifs`` replaces the node by the taken branch.
-The op is registered with ``torch.library`` (real and fake implementations run the
-taken branch), so graphs containing it stay runnable and shape propagation works.
+The branches are submodules of the graph module that holds the If, as ``torch.cond``
+holds its branches, so a graph copies (``copy.deepcopy``), pickles and prints whole,
+and graphs never share branches.  A branch is an ``fx.GraphModule`` whose placeholders
+receive the operand tensors, or a :class:`RaisingBranch` (the scripted code's ``raise``):
+taking it raises :class:`BranchRaised`.  An If stays in the graph while its condition is
+module state (a flag such as ``training``); once ``freeze_flags`` turned the condition
+into a literal, ``inline_constant_ifs`` replaces the node by the taken branch.
+
+The If is a plain function rather than a ``torch.library`` op (an op cannot take a
+module); it runs directly in every backend and under fake tensors, and torch.fx traces
+it as one call (a pickled graph module is traced again when loaded).  torch.fx cannot
+know that an If may raise, so pyrys removes dead code with its own predicate,
+:func:`has_effects`, which keeps every If; torch.fx's global tables are left alone.
 """
 from __future__ import annotations
-
-import itertools
-import weakref
-from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor
+from torch.overrides import handle_torch_function, has_torch_function
 
-from pyrys.ir.ops import pyrys_op
+from pyrys.ir.graph import _Attributes, identifier
 
 
 class BranchRaised(RuntimeError):
     """The scripted code raises on this path (e.g. a shape check that fails)."""
 
 
-@dataclass(eq=False)
-class Branch:
-    """One arm of an If: a graph over the operands, or the message it raises."""
+class RaisingBranch(torch.nn.Module):
+    """A branch that raises: what the scripted code says when it takes this path."""
 
-    gm: fx.GraphModule | None
-    raises: str | None = None
+    def __init__(self, message: str):
+        super().__init__()
+        self.message = message
 
-
-@dataclass(eq=False)
-class Branches:
-    then: Branch
-    otherwise: Branch
-
-    def pick(self, cond: bool) -> Branch:
-        return self.then if cond else self.otherwise
+    def forward(self, *operands: torch.Tensor) -> list[torch.Tensor]:
+        raise BranchRaised(self.message)
 
 
-_REGISTRY: "weakref.WeakValueDictionary[int, Branches]" = weakref.WeakValueDictionary()
-_IDS = itertools.count()
-BRANCHES_KEY = "pyrys_branches"  # node.meta key holding the Branches (keeps them alive)
-
-
-def register_branches(branches: Branches) -> int:
-    """An id for the If node's argument; the node's meta must keep ``branches`` alive."""
-    key = next(_IDS)
-    _REGISTRY[key] = branches
-    return key
-
-
-def branches_of(node: fx.Node) -> Branches:
-    return _REGISTRY[node.args[1]]
-
-
-def run_branch(cond: bool, key: int, operands: list[torch.Tensor]) -> list[torch.Tensor]:
-    branch = _REGISTRY[key].pick(bool(cond))
-    if branch.raises is not None:
-        raise BranchRaised(branch.raises)
-    outputs = branch.gm(*operands)
-    # a custom op's outputs must not alias its inputs or each other
+def if_op(cond: bool, then: torch.nn.Module, otherwise: torch.nn.Module,
+          operands: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Run the branch ``cond`` selects on ``operands``; its outputs are new tensors."""
+    if has_torch_function((cond, *operands)):  # torch.fx tracing: one call node
+        return handle_torch_function(if_op, (cond, *operands), cond, then, otherwise, operands)
+    outputs = (then if cond else otherwise)(*operands)
+    # as from an op: outputs alias neither the operands nor each other
     taken = {_storage(x) for x in operands}
     fresh = []
     for o in outputs:
@@ -77,20 +61,39 @@ def run_branch(cond: bool, key: int, operands: list[torch.Tensor]) -> list[torch
     return fresh
 
 
+IF = if_op
+
+
 def _storage(t: torch.Tensor) -> int:
     if isinstance(t, FakeTensor):  # no data: identity stands in for the storage
         return id(t)
     return t.untyped_storage().data_ptr() or id(t)
 
 
-@pyrys_op("If", schema="(bool cond, int branches, Tensor[] operands) -> Tensor[]")
-def if_op(cond: bool, branches: int, operands: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Run the branch ``cond`` selects on ``operands``."""
-    return run_branch(cond, branches, operands)
+def add_branch(gm: fx.GraphModule, branch: torch.nn.Module, hint: str) -> fx.Node:
+    """Hold ``branch`` as a submodule of ``gm``; a ``get_attr`` node for it at the graph's insert point."""
+    name = identifier(hint, _Attributes(gm))
+    gm.add_submodule(name, branch)
+    return gm.graph.get_attr(name)
 
 
-if_op.register_fake(run_branch)
+def add_if(gm: fx.GraphModule, cond: fx.Node, then: torch.nn.Module, otherwise: torch.nn.Module,
+           operands: list[fx.Node]) -> fx.Node:
+    """An If node on ``cond`` over ``operands`` with its two branches held by ``gm``."""
+    branches = add_branch(gm, then, "if_then"), add_branch(gm, otherwise, "if_else")
+    return gm.graph.create_node("call_function", IF, (cond, *branches, list(operands)), {}, name="If")
 
-IF = torch.ops.pyrys.If.default
-# An If whose taken branch raises must not be removed as dead code.
-torch.fx.node.has_side_effect(IF)
+
+def branch_taken(gm: fx.GraphModule, node: fx.Node, cond: bool) -> torch.nn.Module:
+    """The branch of the If ``node`` that runs when its condition is ``cond``."""
+    return getattr(gm, node.args[1 if cond else 2].target)
+
+
+def is_branch(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A ``get_attr`` of a branch (a module), not of a constant tensor."""
+    return node.op == "get_attr" and isinstance(getattr(gm, node.target, None), torch.nn.Module)
+
+
+def has_effects(node: fx.Node) -> bool:
+    """pyrys's impurity for DCE and CSE: torch.fx's, and every If (its taken branch may raise)."""
+    return (node.op == "call_function" and node.target is IF) or node.is_impure()

@@ -153,7 +153,7 @@ def drop_unused_constants(gm: fx.GraphModule) -> int:
             gm.graph.erase_node(node)
             removed += 1
     read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for name in [name for name, _ in gm.named_buffers() if name not in read]:
+    for name in [name for name, _ in gm.named_buffers(recurse=False) if name not in read]:
         delattr(gm, name)
     return removed
 

@@ -8,15 +8,18 @@
 Unfrozen module state reads print as ``prim::GetAttr[name="bn.running_var"](%self)``;
 one-element constants print by value (``prim::Constant[value={10.}]()``); fused ops
 print their post-op chain in their name (``pyrys::conv2d_relu``,
-``pyrys::conv_transpose2d_relu``, ``pyrys::linear_add_relu``).
+``pyrys::conv_transpose2d_relu``, ``pyrys::linear_add_relu``); an If prints its two
+branches below it, as TorchScript prints ``prim::If`` (see :func:`format_if`).
 """
 from __future__ import annotations
 
+import textwrap
 from typing import Any
 
 import torch
 import torch.fx as fx
 
+from pyrys.ir.control_flow import IF, RaisingBranch, is_branch
 from pyrys.ir.graph import state_ref
 from pyrys.ir.ops import FUSED_CONV, FUSED_CONV_TRANSPOSE, FUSED_OPS
 from pyrys.ir.post_ops import parse_post_op
@@ -58,6 +61,8 @@ def op_name(node: fx.Node) -> str:
     """``aten::conv2d``, ``pyrys::fold_weight``, ``pyrys::conv2d_relu``, ``prim::GetItem``."""
     if node.target in FUSED_OPS:
         return _fused_name(node)
+    if node.target is IF:
+        return "pyrys::If"
     if isinstance(node.target, torch._ops.OpOverload):
         return node.target._schema.name
     if getattr(node.target, "__name__", "") == "getitem":
@@ -87,6 +92,8 @@ def format_constant(gm: fx.GraphModule, node: fx.Node) -> str:
 
 
 def format_node(gm: fx.GraphModule, node: fx.Node) -> str:
+    if node.target is IF:
+        return format_if(gm, node)
     lhs = f"%{node.name} : {format_type(node.meta.get('val'))}"
     if node.op == "get_attr":
         return f"{lhs} = {format_constant(gm, node)}"
@@ -99,13 +106,47 @@ def format_node(gm: fx.GraphModule, node: fx.Node) -> str:
     return f"{lhs} = {op_name(node)}({', '.join(args)})"
 
 
+def format_if(gm: fx.GraphModule, node: fx.Node) -> str:
+    """An If with its branches indented below it, as TorchScript prints ``prim::If`` blocks::
+
+          %If : (Float(2)) = pyrys::If(%training, [%x])
+            block0(%x : Float(2)):
+              %mul : Float(2) = aten::mul(%x, 2.0)
+              -> (%mul)
+            block1():
+              prim::RaiseException('expected 4D input')
+              -> ()
+
+    Lines after the first carry the indentation of a node in a graph (two spaces).
+    """
+    cond, then, otherwise, operands = node.args
+    head = f"%{node.name} : {format_type(node.meta.get('val'))} = pyrys::If({format_arg(cond)}, {format_arg(operands)})"
+    blocks = [_format_block(getattr(gm, branch.target), f"block{i}") for i, branch in enumerate((then, otherwise))]
+    return "\n".join([head] + [textwrap.indent(block, "    ") for block in blocks])
+
+
+def _format_block(branch: torch.nn.Module, name: str) -> str:
+    if isinstance(branch, RaisingBranch):
+        return f"{name}():\n  prim::RaiseException({branch.message!r})\n  -> ()"
+    nodes = list(branch.graph.nodes)
+    params = ", ".join(f"%{n.name} : {format_type(n.meta.get('val'))}" for n in nodes if n.op == "placeholder")
+    results = ", ".join(format_arg(a) for a in next(n for n in nodes if n.op == "output").args[0])
+    body = [f"  {format_node(branch, n)}" for n in nodes if _printed(branch, n)]
+    return "\n".join([f"{name}({params}):", *body, f"  -> ({results})"])
+
+
+def _printed(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A node with a line of its own: a state read, a constant or a call (an If's branches print under it)."""
+    return state_ref(node) is not None or node.op in ("get_attr", "call_function") and not is_branch(gm, node)
+
+
 def format_graph(gm: fx.GraphModule, class_name: str = "Module") -> str:
     """The whole graph in the seed's text form."""
     nodes = list(gm.graph.nodes)
     header = [f"%{n.name} : {format_type(n.meta.get('val'))}" for n in nodes if n.op == "placeholder" and not state_ref(n)]
     if any(state_ref(n) for n in nodes):
         header.insert(0, f"%self : ClassType<{class_name}>")
-    body = [f"  {format_node(gm, n)}" for n in nodes if state_ref(n) or n.op in ("get_attr", "call_function")]
+    body = [f"  {format_node(gm, n)}" for n in nodes if _printed(gm, n)]
     output = next(n for n in nodes if n.op == "output")
     returns = ", ".join(format_arg(a) for a in _flat(output.args[0]))
     return "graph(" + ",\n      ".join(header) + "):\n" + "\n".join(body + [f"  return ({returns})"])

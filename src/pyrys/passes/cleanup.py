@@ -1,7 +1,8 @@
 """Clean-up passes: dead code elimination and common subexpression elimination.
 
-DCE removes nodes whose value nobody uses (impure ops stay), module-state reads
-nobody uses, and constants nobody uses (their tensors are released).
+DCE removes nodes whose value nobody uses (impure ops stay, and every ``pyrys::If``:
+its taken branch may raise), module-state reads nobody uses, and constants nobody
+uses (their tensors are released).
 
 CSE merges nodes that compute the same pure op on the same arguments:
 
@@ -15,6 +16,7 @@ from collections import Counter
 import torch
 import torch.fx as fx
 
+from pyrys.ir.control_flow import has_effects
 from pyrys.ir.graph import drop_unused_constants, state_inputs
 from pyrys.passes.rewrite import PassResult
 
@@ -22,7 +24,7 @@ from pyrys.passes.rewrite import PassResult
 def dead_code_elimination(gm: fx.GraphModule) -> PassResult:
     """Remove unused values, state reads and constants; ``fired`` counts each kind."""
     before = Counter(n.op for n in gm.graph.nodes)
-    gm.graph.eliminate_dead_code()
+    gm.graph.eliminate_dead_code(is_impure_node=has_effects)
     for node in state_inputs(gm.graph):
         if not node.users:
             gm.graph.erase_node(node)
@@ -39,7 +41,7 @@ _KINDS = {"call_function": "nodes", "placeholder": "state_reads", "get_attr": "c
 def _is_pure(node: fx.Node) -> bool:
     if node.op == "get_attr":
         return True
-    if node.op != "call_function" or node.is_impure():
+    if node.op != "call_function" or has_effects(node):
         return False
     tags = getattr(node.target, "tags", ())
     return torch.Tag.nondeterministic_seeded not in tags

@@ -16,6 +16,7 @@ import torch.fx as fx
 
 from torch.utils._pytree import tree_leaves
 
+from pyrys.ir.control_flow import has_effects
 from pyrys.ir.graph import add_constant, constant_value, is_constant, replace_with_literal
 from pyrys.passes.rewrite import PassResult
 
@@ -34,7 +35,7 @@ def constant_propagation(gm: fx.GraphModule) -> PassResult:
 
 
 def _foldable(node: fx.Node) -> bool:
-    if node.is_impure() or not node.users:
+    if has_effects(node) or not node.users:
         return False
     if torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ()):
         return False

@@ -1,21 +1,25 @@
 """Control flow: an If whose condition is a constant is replaced by the branch it takes.
 
-    %out = pyrys::If(False, <branches>, [%x])          then: y = x * 2   else: y = x + 1
-    %y = prim::TupleIndex(%out, 0)
+    %If = pyrys::If(False, [%x])
+      block0(%x : Float(2)):  %y = aten::mul(%x, 2)  -> (%y)
+      block1(%x : Float(2)):  %y = aten::add(%x, 1)  -> (%y)
+    %y = prim::TupleIndex(%If, 0)
     ->  %y = aten::add(%x, 1)
 
 The condition becomes a constant when ``freeze_flags`` replaces the flag it reads
 (``self.training``) by its value and ``constant_propagation`` evaluates what was
 computed from it.  An If left in place is a miss with its reason; a taken branch
 that raises (the scripted code's ``raise``) stops the compile with its message.
+The graph module stops holding the inlined If's branches.
 """
 from __future__ import annotations
 
 import operator
 
+import torch
 import torch.fx as fx
 
-from pyrys.ir.control_flow import IF, BranchRaised, branches_of
+from pyrys.ir.control_flow import IF, BranchRaised, RaisingBranch, add_branch, branch_taken
 from pyrys.ir.graph import add_constant, call_nodes, is_constant
 from pyrys.passes.rewrite import Miss, PassResult
 
@@ -38,15 +42,15 @@ def inline_constant_ifs(gm: fx.GraphModule) -> PassResult:
 
 
 def _inline(gm: fx.GraphModule, node: fx.Node, cond: bool) -> None:
-    branch = branches_of(node).pick(cond)
-    if branch.raises is not None:
-        raise BranchRaised(f"the branch taken when %{node.name}'s condition is {cond} raises: {branch.raises}")
-    env: dict[fx.Node, fx.Node] = dict(zip(_placeholders(branch.gm), node.args[2]))
+    branch = branch_taken(gm, node, cond)
+    if isinstance(branch, RaisingBranch):
+        raise BranchRaised(f"the branch taken when %{node.name}'s condition is {cond} raises: {branch.message}")
+    env: dict[fx.Node, fx.Node] = dict(zip(_placeholders(branch), node.args[3]))
     outputs: list = []
     with gm.graph.inserting_before(node):
-        for inner in branch.gm.graph.nodes:
+        for inner in branch.graph.nodes:
             if inner.op == "get_attr":
-                env[inner] = add_constant(gm, getattr(branch.gm, inner.target), inner.target)
+                env[inner] = _copy_attribute(gm, getattr(branch, inner.target), inner.target)
             elif inner.op == "call_function":
                 env[inner] = gm.graph.node_copy(inner, lambda n: env[n])
             elif inner.op == "output":
@@ -55,7 +59,19 @@ def _inline(gm: fx.GraphModule, node: fx.Node, cond: bool) -> None:
         if user.target is operator.getitem:
             user.replace_all_uses_with(outputs[user.args[1]])
             gm.graph.erase_node(user)
+    branches = node.args[1:3]
     gm.graph.erase_node(node)
+    for attribute in branches:
+        if not attribute.users:
+            gm.graph.erase_node(attribute)
+            delattr(gm, attribute.target)
+
+
+def _copy_attribute(gm: fx.GraphModule, value, hint: str) -> fx.Node:
+    """A constant of the branch, or the branch of an If inside it, now held by ``gm``."""
+    if isinstance(value, torch.Tensor):
+        return add_constant(gm, value, hint)
+    return add_branch(gm, value, hint)
 
 
 def _placeholders(gm: fx.GraphModule) -> list[fx.Node]:
