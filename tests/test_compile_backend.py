@@ -115,7 +115,6 @@ def test_disabled_passes_pass_through():
     assert pyrys.relative_error(compiled(image()), model(image())) <= TOLERANCE
 
 
-@pytest.mark.parametrize("backend", pyrys.available_backends())
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_large"])
 def test_compiled_torchvision_model_matches_eager(name, backend):
     from pyrys.testing import torchvision_model

@@ -16,14 +16,12 @@ def _check(name: str, backend: str) -> None:
     assert row.nodes_after < row.nodes_before
 
 
-@pytest.mark.parametrize("backend", pyrys.available_backends())
 @pytest.mark.parametrize("name", zoo.QUICK)
 def test_quick_zoo_matches_eager(name, backend):
     _check(name, backend)
 
 
 @pytest.mark.zoo
-@pytest.mark.parametrize("backend", pyrys.available_backends())
 @pytest.mark.parametrize("name", zoo.MODELS)
 def test_zoo_matches_eager(name, backend):
     _check(name, backend)
