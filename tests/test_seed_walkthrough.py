@@ -7,24 +7,10 @@ import pytest
 import torch
 
 import pyrys
-from pyrys.demo import ScriptedConv2dBnRelu
+from pyrys.demo import ScriptedConv2dBnRelu, foo, tensor_foo
 from tests.conftest import TOLERANCE, why_unavailable
 
 warnings.filterwarnings("ignore", message=".*torch.jit.*is deprecated", category=FutureWarning)
-
-
-def foo(x):
-    a = 1 + 2
-    b = a + 3
-    c = b + 4
-    return x + c
-
-
-def tensor_foo(x):
-    a = torch.full([1], 1.0) + 2
-    b = a + 3
-    c = b + 4
-    return x + c
 
 
 TENSOR_FOO_CAPTURED = """\
