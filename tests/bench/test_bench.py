@@ -17,7 +17,7 @@ from pyrys.bench.measure import TimingPlan, benchmark_model, error_vs_eager, rot
 from pyrys.bench.peers import Eager, Peer, default_peers, select_peers
 from pyrys.bench.report import build_table
 
-SYSTEMS = ["eager", "torchscript", "onnxruntime"]
+SYSTEMS = ["eager", "pyrys-dnnl", "pyrys-reference", "torchscript", "onnxruntime"]
 
 
 class SmallConvNet(nn.Module):
@@ -101,6 +101,17 @@ def test_systems_that_ran_agree_with_eager(bench_output):
     assert rows["eager"]["status"] == "ok" and rows["eager"]["vs_eager"] == pytest.approx(1.0)
     ran = [row for row in rows.values() if row["status"] == "ok"]
     assert all(row["max_rel_error"] < pyrys.FP32_TOLERANCE and row["median_ms"] > 0 for row in ran)
+
+
+def test_pyrys_runs_on_every_backend_that_loads(bench_output):
+    out, _ = bench_output
+    rows = {row["system"]: row for row in json.loads((out / "bench.json").read_text())["rows"]}
+    for backend in ("dnnl", "reference"):
+        row = rows[f"pyrys-{backend}"]
+        if backend in pyrys.available_backends():
+            assert row["status"] == "ok" and row["iterations"] > 0, row["note"]
+        else:
+            assert row["status"] == "skipped" and "not available" in row["note"]
 
 
 def test_missing_and_broken_peers_leave_notes(bench_output):
