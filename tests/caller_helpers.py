@@ -1,5 +1,4 @@
-"""What tests/test_concurrency.py and tests/test_callers.py share: the backend parameter,
-pyrys.optimize with a dnnl layout, a small residual net with torch fallbacks, and running a
+"""What tests/test_concurrency.py and tests/test_callers.py share: pyrys.optimize with a dnnl layout, a small residual net with torch fallbacks, and running a
 check in a child process so that a crash or a hang fails one test instead of killing pytest.
 """
 from __future__ import annotations
@@ -20,26 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import pyrys
-from pyrys.backends import get_backend
 from pyrys.testing import randomize_batchnorm
-
-BACKENDS = ["dnnl", "reference"]
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request) -> str:
-    """Every backend, shown as skipped (not left out) where it is unavailable."""
-    if request.param not in pyrys.available_backends():
-        pytest.skip(_why_unavailable(request.param))
-    return request.param
-
-
-def _why_unavailable(name: str) -> str:
-    try:
-        get_backend(name)
-    except RuntimeError as error:
-        return str(error)
-    return f"pyrys: backend {name!r} is not among pyrys.available_backends() = {pyrys.available_backends()}"
 
 
 def optimize(model: nn.Module, inputs: tuple, backend: str, layout: str = "auto", **options) -> pyrys.OptimizedModule:

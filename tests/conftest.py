@@ -1,9 +1,12 @@
-"""Shared test helpers: run chosen passes with the verifier after each, and compare with eager."""
+"""Shared test helpers: run chosen passes with the verifier after each, and compare with eager;
+the ``backend`` parameter of tests that run on every backend."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+import pyrys
+from pyrys.backends import get_backend
 from pyrys.backends.reference import ReferenceProgram
 from pyrys.capture.export import capture_module
 from pyrys.ir.meta import refresh_meta
@@ -52,3 +55,22 @@ def run_passes():
 
 
 TOLERANCE = FP32_TOLERANCE
+
+BACKENDS = ["dnnl", "reference"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    """Every backend, shown as skipped (not left out) where it is unavailable."""
+    if request.param not in pyrys.available_backends():
+        pytest.skip(why_unavailable(request.param))
+    return request.param
+
+
+def why_unavailable(name: str) -> str:
+    """Why ``pyrys.optimize(..., backend=name)`` cannot run here (the reason for a skip)."""
+    try:
+        get_backend(name)
+    except RuntimeError as error:
+        return str(error)
+    return f"pyrys: backend {name!r} is not among pyrys.available_backends() = {pyrys.available_backends()}"

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 import pyrys
 from pyrys.testing import randomize_batchnorm
-from tests.caller_helpers import (assert_all_right, backend, caller_task, eager, images, optimize,  # noqa: F401
-                                  residual_net, run_isolated, run_together, shared_between_calls)
+from tests.caller_helpers import (assert_all_right, caller_task, eager, images, optimize, residual_net, run_isolated,
+                                  run_together, shared_between_calls)
 from tests.models import Fn, conv_bn_relu, image
 
 TOLERANCE = pyrys.FP32_TOLERANCE

@@ -19,8 +19,18 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def programs_of(compiled_calls: list) -> list[DynamoGraph]:
-    return [g for g in compiled_calls if isinstance(g, DynamoGraph)]
+@pytest.fixture
+def dynamo_graphs(monkeypatch) -> list[DynamoGraph]:
+    """Every :class:`DynamoGraph` the pyrys backend makes during the test, in order."""
+    made = []
+    original = DynamoGraph.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(DynamoGraph, "__init__", spy)
+    return made
 
 
 def test_entry_point_is_installed():
@@ -42,15 +52,7 @@ def test_state_of_any_module_the_frame_reaches_is_recognized():
     assert _state_path("L['args'][0]") is None
 
 
-def test_a_function_using_a_model_is_frozen_and_folded(monkeypatch):
-    made = []
-    original = DynamoGraph.__init__
-
-    def spy(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        made.append(self)
-
-    monkeypatch.setattr(DynamoGraph, "__init__", spy)
+def test_a_function_using_a_model_is_frozen_and_folded(dynamo_graphs):
     model = conv_bn_relu()
 
     def head(x):  # the model is reached through the closure: L['model']
@@ -58,24 +60,16 @@ def test_a_function_using_a_model_is_frozen_and_folded(monkeypatch):
 
     compiled = torch.compile(head, backend="pyrys", options={"backend": "reference"})
     assert pyrys.relative_error(compiled(image()), head(image())) <= TOLERANCE
-    (graph,) = made
+    (graph,) = dynamo_graphs
     (program,) = graph.programs.values()
     assert "fold_conv_bn: conv_bn: 1" in program.report() and "GetAttr" not in program.graph
 
 
-def test_conv_bn_relu_is_frozen_and_folded(monkeypatch):
-    made = []
-    original = DynamoGraph.__init__
-
-    def spy(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        made.append(self)
-
-    monkeypatch.setattr(DynamoGraph, "__init__", spy)
+def test_conv_bn_relu_is_frozen_and_folded(dynamo_graphs):
     model = conv_bn_relu()
     compiled = torch.compile(model, backend="pyrys", options={"backend": "reference"})
     assert pyrys.relative_error(compiled(image()), model(image())) <= TOLERANCE
-    (graph,) = made
+    (graph,) = dynamo_graphs
     (program,) = graph.programs.values()
     assert "pyrys::conv2d_relu" in program.graph and "GetAttr" not in program.graph
     x = image(batch=2, size=9)  # a new shape: dynamo recompiles (with symbolic sizes) and pyrys follows
@@ -109,13 +103,16 @@ def test_unknown_option_is_refused():
         compiled(image())
 
 
-def test_disabled_passes_pass_through():
+def test_disabled_passes_pass_through(dynamo_graphs):
     model = conv_bn_relu()
     compiled = torch.compile(model, backend="pyrys", options={"backend": "reference", "disable": ["fold_conv_bn"]})
     assert pyrys.relative_error(compiled(image()), model(image())) <= TOLERANCE
+    (graph,) = dynamo_graphs
+    (program,) = graph.programs.values()
+    assert "fold_conv_bn" not in [step.name for step in program.history]
+    assert "aten::batch_norm" in program.graph and "GetAttr" not in program.graph  # frozen, not folded
 
 
-@pytest.mark.parametrize("backend", pyrys.available_backends())
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_large"])
 def test_compiled_torchvision_model_matches_eager(name, backend):
     from pyrys.testing import torchvision_model

@@ -11,8 +11,8 @@ from typing import Callable
 import torch
 
 import pyrys
-from tests.caller_helpers import (assert_all_right, backend, caller_task, eager, images, optimize,  # noqa: F401
-                                  residual_net, run_isolated, run_together, shared_between_calls)
+from tests.caller_helpers import (assert_all_right, caller_task, eager, images, optimize, residual_net, run_isolated,
+                                  run_together, shared_between_calls)
 
 THREADS = 8
 CALLS = 40

@@ -53,9 +53,9 @@ def test_cli_explain_module_attr_with_dump_dir(tmp_path, capsys):
 
 
 def test_explain_resnet50_has_no_misses_for_conv_bn_relu_and_residuals():
-    from pyrys.zoo import build_model
+    from pyrys.testing import torchvision_model
 
-    result = pyrys.explain(build_model("resnet50"), (torch.rand(1, 3, 64, 64),))
+    result = pyrys.explain(torchvision_model("resnet50"), (torch.rand(1, 3, 64, 64),))
     counts = {name: fired for name, _, fired in result.pass_counts()}
     assert counts["fold_conv_bn"] == {"conv_bn": 53}
     assert counts["fuse_post_ops"] == {"conv_activation": 49, "binary_add": 16}

@@ -36,7 +36,6 @@ def test_a_new_shape_asks_for_a_new_export():
         opt(image(batch=2))
 
 
-@pytest.mark.parametrize("backend", pyrys.available_backends())
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_large"])
 def test_exported_torchvision_model_matches_eager(name, backend):
     from pyrys.testing import torchvision_model

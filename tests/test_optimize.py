@@ -38,6 +38,20 @@ def test_disable_by_name_and_unknown_names():
     assert "fold_conv_bn" in PASS_NAMES
 
 
+@pytest.mark.parametrize("way_in", ["nn.Module", "ExportedProgram", "TorchScript"])
+def test_freeze_flags_none_means_every_flag_whichever_way_in(way_in):
+    model = conv_bn_relu()
+    source = {"nn.Module": lambda: model, "ExportedProgram": lambda: torch.export.export(model, (image(),)),
+              "TorchScript": lambda: torch.jit.script(model)}[way_in]()
+    default = pyrys.optimize(source, (image(),), backend="reference")
+    every = pyrys.optimize(source, (image(),), backend="reference", freeze_flags=None)
+    assert every.frontend == way_in and every.graph == default.graph
+    flags = next(step for step in every.history if step.name == "freeze_flags").fired
+    assert flags["training=False"] == 1 and "prim::GetAttr" not in every.graph and "batch_norm" not in every.graph
+    none = pyrys.optimize(source, (image(),), backend="reference", freeze_flags=())
+    assert "training" not in next(step for step in none.history if step.name == "freeze_flags").fired
+
+
 def test_dump_dir_and_print_after_each(tmp_path, capsys):
     pyrys.optimize(conv_bn_relu(), (image(),), backend="reference", dump_dir=tmp_path, print_after_each=True)
     files = sorted(p.name for p in tmp_path.iterdir())

@@ -3,27 +3,14 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
 import torch
 
 import pyrys
-from pyrys.demo import ScriptedConv2dBnRelu
-from tests.conftest import TOLERANCE
+from pyrys.demo import ScriptedConv2dBnRelu, foo, tensor_foo
+from tests.conftest import TOLERANCE, why_unavailable
 
 warnings.filterwarnings("ignore", message=".*torch.jit.*is deprecated", category=FutureWarning)
-
-
-def foo(x):
-    a = 1 + 2
-    b = a + 3
-    c = b + 4
-    return x + c
-
-
-def tensor_foo(x):
-    a = torch.full([1], 1.0) + 2
-    b = a + 3
-    c = b + 4
-    return x + c
 
 
 TENSOR_FOO_CAPTURED = """\
@@ -106,8 +93,11 @@ def test_step2_on_the_default_backend_prints_the_program():
     with torch.no_grad():
         graph = pyrys.jit.graph_for(ConvBnRelu, x)
         assert pyrys.relative_error(pyrys.jit.run(ConvBnRelu, x), ConvBnRelu(x)) <= TOLERANCE
-    if pyrys.available_backends()[0] == "dnnl":
-        assert "dnnl::conv2d_relu[format_info=" in graph and "batch_norm" not in graph
+    default = pyrys.available_backends()[0]
+    assert pyrys.jit.compile(ConvBnRelu, x).backend == default
+    if default != "dnnl":
+        pytest.skip(f"the default backend is not dnnl, so there is no dnnl program to print: {why_unavailable('dnnl')}")
+    assert "dnnl::conv2d_relu[format_info=" in graph and "batch_norm" not in graph
 
 
 def test_question1_without_freezing_nothing_folds_and_pyrys_says_why():

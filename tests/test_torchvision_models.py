@@ -9,7 +9,6 @@ from tests.conftest import TOLERANCE
 QUICK = ["resnet18", "mobilenet_v2"]
 
 
-@pytest.mark.parametrize("backend", pyrys.available_backends())
 @pytest.mark.parametrize("name", QUICK)
 def test_torchvision_model_matches_eager(name, backend):
     model = torchvision_model(name)

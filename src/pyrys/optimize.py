@@ -22,8 +22,8 @@ from pyrys.capture.export import capture_module, rename_for_export
 from pyrys.capture.exported_program import capture_exported, exported_example_inputs
 from pyrys.capture.torchscript import capture_torchscript, is_torchscript, script_class_name
 from pyrys.errors import DeviceError, ModelCopyError
-from pyrys.ir.graph import state_inputs, state_ref
 from pyrys.ir.verify import make_verifier, output_types
+from pyrys.passes.freeze import ALL
 from pyrys.passes.pipeline import Instruments, PassOptions, PipelineRun, Step, check_pass_names, run_pipeline
 from pyrys.passes.rewrite import Miss
 from pyrys.signature import InputError, Signature, check_compatible, runnable_inputs, signature_of
@@ -34,8 +34,8 @@ class OptimizeConfig:
     """Everything a user can choose; see :func:`optimize`."""
 
     backend: str = "auto"
-    freeze_params: tuple[str, ...] | None = None
-    freeze_flags: tuple[str, ...] | None = ("training",)  # None: every flag captured
+    freeze_params: tuple[str, ...] | None = ALL  # None: every parameter and buffer
+    freeze_flags: tuple[str, ...] | None = ALL  # None: every flag the captured graph reads
     disable: tuple[str, ...] = ()
     print_after_each: bool = False
     dump_dir: str | None = None
@@ -102,20 +102,12 @@ def compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: Opt
 
         refresh_meta(captured.gm)
         instruments.verify = make_verifier(output_types(captured.gm))
-    options = PassOptions(config.freeze_params, _flags_to_freeze(config, captured))
+    options = PassOptions(config.freeze_params, config.freeze_flags)
     run = run_pipeline(captured.gm, options, config.disable, instruments)
     compile_program, backend, notice = get_backend(config.backend)
     program = compile_program(captured.gm, flat, BackendOptions(config.threads, config.layout))
     notes = captured.notes + ([notice] if notice else [])
     return Compiled(signature, captured, run, program, backend, notes)
-
-
-def _flags_to_freeze(config: OptimizeConfig, captured: Captured) -> tuple[str, ...]:
-    """``config.freeze_flags``, where None means every flag the capture found (TorchScript's default)."""
-    if config.freeze_flags is not None:
-        return config.freeze_flags
-    return tuple(dict.fromkeys(state_ref(n).attribute for n in state_inputs(captured.gm.graph)
-                               if state_ref(n).kind == "flag"))
 
 
 # torch.export and the passes are not made for two threads at once: compiles take turns
@@ -277,8 +269,8 @@ def optimize(
     example_kwargs: dict | None = None,
     *,
     backend: str = "auto",
-    freeze_params: Iterable[str] | None = None,
-    freeze_flags: Iterable[str] | None = None,
+    freeze_params: Iterable[str] | None = ALL,
+    freeze_flags: Iterable[str] | None = ALL,
     disable: Iterable[str] = (),
     print_after_each: bool = False,
     dump_dir: str | Path | None = None,
@@ -291,9 +283,10 @@ def optimize(
     ``model`` is an eval-mode ``nn.Module``, a TorchScript ``ScriptModule`` or scripted
     function (imported without tracing), or a ``torch.export.ExportedProgram`` (used as it
     is; ``example_inputs`` default to the program's own).
-    ``freeze_params``: attribute names to freeze (``"weight"``, ``"running_var"`` ...), default all.
-    ``freeze_flags``: boolean module attributes to freeze; default ``("training",)``, and for TorchScript
-    every bool attribute (``torch.export`` bakes them into the graph the same way).
+    ``freeze_params``: attribute names to freeze (``"weight"``, ``"running_var"`` ...); None (default): all.
+    ``freeze_flags``: boolean module attributes to freeze to their captured value; None (default): every
+    flag the captured graph reads. From an ``nn.Module`` that is each module's ``training`` (``torch.export``
+    bakes every other attribute into the graph); from TorchScript every bool attribute its code reads.
     ``disable``: pass names to skip (see ``pyrys.passes.pipeline.PASS_NAMES``).
     ``backend``: ``"auto"`` (dnnl where it loads, else reference), ``"dnnl"`` or ``"reference"``.
     ``threads``: threads per call (default: ``torch.get_num_threads()`` at call time).
@@ -304,8 +297,6 @@ def optimize(
     Python), :class:`pyrys.DeviceError` (weights not on the CPU) or :class:`pyrys.ModelCopyError`;
     example inputs off the CPU raise :class:`pyrys.InputError`.
     """
-    if freeze_flags is None and not is_torchscript(model):
-        freeze_flags = ("training",)
     config = make_config(backend=backend, freeze_params=freeze_params, freeze_flags=freeze_flags, disable=disable,
                          print_after_each=print_after_each, dump_dir=dump_dir, verify=verify, threads=threads,
                          layout=layout)
@@ -384,8 +375,8 @@ def _uncopyable_attribute(model: torch.nn.Module) -> tuple[str, str] | None:
     return None
 
 
-def make_config(*, backend: str = "auto", freeze_params: Iterable[str] | None = None,
-                freeze_flags: Iterable[str] | None = ("training",), disable: Iterable[str] = (),
+def make_config(*, backend: str = "auto", freeze_params: Iterable[str] | None = ALL,
+                freeze_flags: Iterable[str] | None = ALL, disable: Iterable[str] = (),
                 print_after_each: bool = False, dump_dir: str | Path | None = None,
                 verify: bool = False, threads: int | None = None, layout: str = "auto") -> OptimizeConfig:
     """An :class:`OptimizeConfig` from :func:`optimize`'s keyword options, checked."""

@@ -1,6 +1,8 @@
 """Helpers for tests, the demo and the benchmarks: realistic random models."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 
@@ -28,9 +30,26 @@ def _randomize(bn: torch.nn.Module, generator: torch.Generator) -> None:
 
 
 def torchvision_model(name: str, seed: int = 0, **kwargs) -> torch.nn.Module:
-    """A torchvision model with random weights (no download) and randomized BatchNorm, in eval mode."""
+    """A torchvision model by name, as the tests, the demo, the zoo and the benchmarks use it, in eval mode.
+
+    Random weights, the backbone's too (``weights_backbone=None`` where the model has one): nothing
+    is downloaded.  Randomized BatchNorm (:func:`randomize_batchnorm`).  No all-zero weight tensors
+    (ViT's head starts at zero, which would make every output 0 and every comparison vacuous):
+    each gets ``N(0, 0.02)`` values.  ``kwargs`` go to the torchvision builder.
+    """
     import torchvision
 
     torch.manual_seed(seed)
-    model = torchvision.models.get_model(name, weights=None, **kwargs)
-    return randomize_batchnorm(model, seed).eval()
+    builder = torchvision.models.get_model_builder(name)
+    if "weights_backbone" in inspect.signature(builder).parameters:
+        kwargs.setdefault("weights_backbone", None)
+    model = randomize_batchnorm(builder(weights=None, **kwargs), seed)
+    _fill_all_zero_weights(model, torch.Generator().manual_seed(seed))
+    return model.eval()
+
+
+def _fill_all_zero_weights(model: torch.nn.Module, generator: torch.Generator) -> None:
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.numel() > 1 and not parameter.any():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)

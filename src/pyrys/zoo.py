@@ -5,8 +5,8 @@ compared with eager PyTorch.
     pyrys zoo resnet50 vit_b_16     # just these
     pyrys zoo --quick               # the subset the default test run checks
 
-Models have random weights (no download), randomized BatchNorm statistics
-(:func:`pyrys.testing.torchvision_model`) and no all-zero weight tensors (ViT's head is
+Models come from :func:`pyrys.testing.torchvision_model`: random weights (no download),
+randomized BatchNorm statistics and no all-zero weight tensors (ViT's head is
 zero-initialized, which would make every output 0 and every comparison vacuous).
 A row passes when ``pyrys.relative_error(optimized, eager) <= pyrys.FP32_TOLERANCE``.
 """
@@ -18,6 +18,8 @@ import traceback
 from dataclasses import dataclass
 
 import torch
+
+from pyrys.testing import torchvision_model
 
 CLASSIFICATION = (
     "alexnet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
@@ -49,18 +51,7 @@ def input_shape(name: str, batch: int = 1) -> tuple[int, ...]:
     return (batch, 3, size, size)
 
 
-def build_model(name: str, seed: int = 0) -> torch.nn.Module:
-    """A zoo model: random weights, randomized BatchNorm, no all-zero weights, eval mode."""
-    from pyrys.testing import torchvision_model
-
-    kwargs = {"weights_backbone": None} if name in SEGMENTATION else {}
-    model = torchvision_model(name, seed, **kwargs)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.numel() > 1 and not parameter.any():
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
-    return model
+build_model = torchvision_model  # the name `pyrys explain` loads zoo models by
 
 
 @dataclass
@@ -106,7 +97,7 @@ def run_model(name: str, backend: str = "reference", model: torch.nn.Module | No
     row = ZooRow(name, backend)
     start = time.perf_counter()
     try:
-        model = model if model is not None else build_model(name)
+        model = model if model is not None else torchvision_model(name)
         x = torch.rand(input_shape(name), generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             expected = model(x)

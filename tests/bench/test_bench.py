@@ -11,12 +11,13 @@ import pytest
 import torch
 from torch import nn
 
+import pyrys
 from pyrys.bench import cli
-from pyrys.bench.measure import TimingPlan, benchmark_model, relative_error, rotated
+from pyrys.bench.measure import TimingPlan, benchmark_model, error_vs_eager, rotated
 from pyrys.bench.peers import Eager, Peer, default_peers, select_peers
 from pyrys.bench.report import build_table
 
-SYSTEMS = ["eager", "torchscript", "onnxruntime"]
+SYSTEMS = ["eager", "pyrys-dnnl", "pyrys-reference", "torchscript", "onnxruntime"]
 
 
 class SmallConvNet(nn.Module):
@@ -99,7 +100,18 @@ def test_systems_that_ran_agree_with_eager(bench_output):
     rows = {row["system"]: row for row in json.loads((out / "bench.json").read_text())["rows"]}
     assert rows["eager"]["status"] == "ok" and rows["eager"]["vs_eager"] == pytest.approx(1.0)
     ran = [row for row in rows.values() if row["status"] == "ok"]
-    assert all(row["max_rel_error"] < 1e-4 and row["median_ms"] > 0 for row in ran)
+    assert all(row["max_rel_error"] < pyrys.FP32_TOLERANCE and row["median_ms"] > 0 for row in ran)
+
+
+def test_pyrys_runs_on_every_backend_that_loads(bench_output):
+    out, _ = bench_output
+    rows = {row["system"]: row for row in json.loads((out / "bench.json").read_text())["rows"]}
+    for backend in ("dnnl", "reference"):
+        row = rows[f"pyrys-{backend}"]
+        if backend in pyrys.available_backends():
+            assert row["status"] == "ok" and row["iterations"] > 0, row["note"]
+        else:
+            assert row["status"] == "skipped" and "not available" in row["note"]
 
 
 def test_missing_and_broken_peers_leave_notes(bench_output):
@@ -126,10 +138,13 @@ def test_select_peers_keeps_eager_and_rejects_unknown_names():
         select_peers(peers, ["no-such-system"])
 
 
-def test_relative_error_scales_by_the_reference_size():
+def test_error_vs_eager_is_pyrys_relative_error_on_any_output_form():
     reference = torch.tensor([100.0, -200.0])
-    assert relative_error((reference + 2.0).numpy(), reference) == pytest.approx(0.01)
-    assert relative_error([reference + 0.5], reference) == pytest.approx(0.5 / 200)
+    assert error_vs_eager((reference + 2.0).numpy(), reference) == pytest.approx(0.01)
+    assert error_vs_eager([reference + 0.5], reference) == pytest.approx(0.5 / 200)
+    small = torch.tensor([0.25, -0.5])  # below 1 too: divided by max|y_eager| itself, as pyrys.relative_error does
+    assert error_vs_eager({"logits": (small + 2 ** -7).numpy()}, small) == 2 ** -6
+    assert error_vs_eager(small + 2 ** -7, small) == pyrys.relative_error(small + 2 ** -7, small)
 
 
 def test_rotated():

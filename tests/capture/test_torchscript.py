@@ -183,7 +183,6 @@ def test_freeze_call_naming_a_missing_attribute():
         pyrys._jit_pass_freeze_params(scripted._c, "backward", "weight")
 
 
-@pytest.mark.parametrize("backend", pyrys.available_backends())
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_large"])
 def test_scripted_torchvision_model_matches_eager(name, backend):
     from pyrys.testing import torchvision_model

@@ -191,6 +191,25 @@ def test_squeeze_excitation_scale_fuses_as_mul_and_the_broadcast_is_a_miss(run_p
     result = run_passes(SqueezeExcite().eval(), (image(),), "freeze_params", "fuse_post_ops")
     assert "pyrys::conv2d_mul(" in result.after and "pyrys::conv2d_sigmoid(" in result.after
     assert result.fired("fuse_post_ops") == {"binary_mul": 1, "conv_activation": 1}
+    assert result.misses == []  # the feature map's conv took the mul: the broadcast side is not needed
+    assert result.error() <= TOLERANCE
+
+    class ScaleOfTheFeatureMap(torch.nn.Module):  # EfficientNet's: the feature map also feeds the pooling
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv, self.fc = torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y * torch.sigmoid(self.fc(F.adaptive_avg_pool2d(y, 1)))
+
+    result = run_passes(ScaleOfTheFeatureMap().eval(), (image(),), "freeze_params", "fuse_post_ops")
+    assert "aten::mul(%conv2d, %conv2d_2)" in result.after
+    assert result.fired("fuse_post_ops") == {"conv_activation": 1}
+    assert [(m.rule, m.reason) for m in result.misses] == [(
+        "binary_mul", "the other operand of mul, %conv2d (1, 4, 4, 4), broadcasts the output of %conv2d_2 "
+        "(1, 4, 1, 1) to a larger shape; the output of %conv2d has 2 users, so mul cannot run inside it")]
     assert result.error() <= TOLERANCE
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 REFERENCE_PEER = "onnxruntime"
 PYRYS = "pyrys-dnnl"
+ERROR_MEASURE = ("`pyrys.relative_error`, max|y - y_eager| / max|y_eager| over all outputs "
+                 "(the measure `pyrys.FP32_TOLERANCE` = 1e-4 bounds)")
 
 
 def _num(value, spec: str) -> str:
@@ -32,7 +34,7 @@ def _median(rows: list[dict], system: str) -> float | None:
 def _table(rows: list[dict]) -> list[str]:
     peer = _median(rows, REFERENCE_PEER)
     lines = ["| system | median ms | p10-p90 ms | x eager | x ORT | GFLOP/s | % fp32 peak | compile s | dRSS MiB | "
-             "max rel err | note |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "pyrys.relative_error | note |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         spread = f"{_num(r['p10_ms'], '.3g')}-{_num(r['p90_ms'], '.3g')}" if r["p10_ms"] else "-"
         vs_peer = r["median_ms"] / peer if peer and r["median_ms"] else None
@@ -64,6 +66,7 @@ def render(rows: list[dict], machine: dict, command: str) -> str:
            f"Machine: {machine['cpu']} ({'/'.join(machine['isa'])}), {machine['cores']} cores, "
            f"{machine['threads']} threads; {versions}; {machine['date']}", "",
            f"Roofline (best measured on this machine, before and after the run): {peaks}", "",
+           f"Error: {ERROR_MEASURE}.", "",
            f"## {PYRYS} latency / each system's latency (< 1: pyrys is faster)", "", *_summary(_groups(rows)), ""]
     for (model, batch), group in _groups(rows).items():
         gflop = group[0]["gflop_per_run"]

@@ -14,7 +14,8 @@ What is recorded per system:
   (weight copies, compiled code, transient export buffers) on top of the eager model
   already in memory. Where the reset is not allowed it falls back to the growth
   of the current RSS (``/proc/self/statm``), which misses transient peaks.
-- max error vs eager: ``max|y - y_eager| / max(1, max|y_eager|)`` over all outputs.
+- error vs eager: :func:`pyrys.relative_error`, ``max|y - y_eager| / max|y_eager|`` (the worst
+  output), the measure ``pyrys.FP32_TOLERANCE`` bounds.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 from pyrys.bench.peers import Inputs, Peer, Runner
+from pyrys.numerics import relative_error
 
 MIB = 1024 * 1024
 
@@ -104,13 +106,13 @@ def as_tensors(output: Any) -> list[torch.Tensor]:
     return [tensor for item in output for tensor in as_tensors(item)]
 
 
-def relative_error(output: Any, reference: Any) -> float:
-    """``max|y - y_ref| / max(1, max|y_ref|)`` over all outputs."""
+def error_vs_eager(output: Any, reference: Any) -> float:
+    """:func:`pyrys.relative_error` of a system's output (arrays, lists, dicts) against eager's ``reference``,
+    both as float tensors in eager's shapes."""
     got, want = as_tensors(output), as_tensors(reference)
     if len(got) != len(want):
         raise ValueError(f"{len(got)} outputs, eager gives {len(want)}")
-    errors = [(g.reshape(w.shape) - w).abs().max() / max(1.0, w.abs().max().item()) for g, w in zip(got, want)]
-    return max(float(error) for error in errors)
+    return relative_error([g.reshape(w.shape) for g, w in zip(got, want)], want)
 
 
 def error_text(error: BaseException) -> str:
@@ -139,7 +141,7 @@ def _prepare_and_check(peer: Peer, model: torch.nn.Module, inputs: Inputs, refer
     compile_s = time.perf_counter() - start
     end_rss = peak_rss_bytes() if peak_known else current_rss_bytes()
     return SystemResult(peer.name, compile_s=compile_s, peak_rss_mib=(end_rss - start_rss) / MIB,
-                        max_rel_error=relative_error(output, reference), runner=runner)
+                        max_rel_error=error_vs_eager(output, reference), runner=runner)
 
 
 def warm_up(runner: Runner, inputs: Inputs, seconds: float) -> float:

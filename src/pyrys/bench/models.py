@@ -1,8 +1,9 @@
-"""Models to benchmark: torchvision by name (random weights) or ``module:attr``.
+"""Models to benchmark: torchvision by name or ``module:attr``.
 
-There is no network, so torchvision models are built with ``weights=None``. Random
-BatchNorm statistics of mean 0 and variance 1 are unrealistic (they make folding
-trivial), so every BatchNorm gets seeded random running stats and affine params.
+There is no network, so torchvision models come from :func:`pyrys.testing.torchvision_model`
+(random weights, as the tests and the zoo build them). Random BatchNorm statistics of mean 0
+and variance 1 are unrealistic (they make folding trivial), so every BatchNorm of a
+``module:attr`` model too gets seeded random running stats and affine params.
 """
 
 from __future__ import annotations

@@ -97,7 +97,7 @@ def build_table(rows: list[dict], machine: dict) -> Table:
     """A rich table with one row per system per model and batch size."""
     table = Table(title="pyrys bench (latency in ms; x eager < 1 is faster)", caption=machine_line(machine))
     for header in ("model", "batch", "system", "median", "p10-p90", "x eager", "GFLOP/s", "% peak",
-                   "compile s", "dRSS MiB", "max err"):
+                   "compile s", "dRSS MiB", "relative_error"):
         table.add_column(header, no_wrap=True)
     table.add_column("note", overflow="fold", max_width=60)
     for row in rows:

@@ -6,8 +6,12 @@ seed (``weight``, ``bias``, ``running_mean``, ``running_var``); default: all.
 
 ``freeze_flags``: a read of a boolean module flag (``training``) becomes the literal
 value the module had when captured, so branches on it vanish under constant
-propagation.  A model captured in train mode freezes ``training=True``: BatchNorm
-then stays in training form and is not folded (``fold_conv_bn`` says so).
+propagation.  Selectable by attribute name; default: all (from ``torch.export`` that is
+each module's ``training``, the one flag it leaves in the graph; from TorchScript every
+bool attribute the code reads).  A model captured in train mode freezes ``training=True``:
+BatchNorm then stays in training form and is not folded (``fold_conv_bn`` says so).
+
+``ALL`` (None) is the one spelling of "everything" for both, in every layer above too.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import torch.fx as fx
 from pyrys.ir.graph import add_constant, replace_with_literal, state_inputs, state_ref
 from pyrys.passes.rewrite import PassResult
 
-ALL = None
+ALL = None  # freeze every parameter and buffer / every flag
 
 
 def freeze_params(gm: fx.GraphModule, attributes: Iterable[str] | None = ALL) -> PassResult:
@@ -37,13 +41,13 @@ def freeze_params(gm: fx.GraphModule, attributes: Iterable[str] | None = ALL) ->
     return result
 
 
-def freeze_flags(gm: fx.GraphModule, flags: Iterable[str] = ("training",)) -> PassResult:
-    """Replace reads of the named boolean flags by their captured value."""
-    wanted = set(flags)
+def freeze_flags(gm: fx.GraphModule, flags: Iterable[str] | None = ALL) -> PassResult:
+    """Replace reads of the boolean flags whose attribute name is in ``flags`` (all if None) by their captured value."""
+    wanted = None if flags is None else set(flags)
     result = PassResult()
     for node in state_inputs(gm.graph):
         ref = state_ref(node)
-        if ref.kind == "flag" and ref.attribute in wanted:
+        if ref.kind == "flag" and (wanted is None or ref.attribute in wanted):
             replace_with_literal(node, ref.value)
             result.fired[f"{ref.attribute}={ref.value}"] += 1
     gm.recompile()

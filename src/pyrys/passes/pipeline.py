@@ -27,8 +27,8 @@ from pyrys.passes.rewrite import Miss, PassResult
 class PassOptions:
     """User choices the passes read: which attributes to freeze."""
 
-    freeze_params: tuple[str, ...] | None = None  # None: every parameter and buffer
-    freeze_flags: tuple[str, ...] = ("training",)
+    freeze_params: tuple[str, ...] | None = freeze.ALL  # None: every parameter and buffer
+    freeze_flags: tuple[str, ...] | None = freeze.ALL  # None: every flag
 
 
 @dataclass(frozen=True)

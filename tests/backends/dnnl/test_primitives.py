@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from pyrys.backends.dnnl import binding
+from pyrys.numerics import FP32_TOLERANCE, relative_error
 
 AVAILABLE, WHY = binding.is_available()
 pytestmark = pytest.mark.skipif(not AVAILABLE, reason=f"oneDNN unavailable: {WHY}")
@@ -78,9 +79,8 @@ def _seed() -> None:
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor) -> None:
     assert out.shape == ref.shape
-    err = (out - ref).abs().max().item()
-    bound = 1e-4 * max(1.0, ref.abs().max().item())
-    assert err <= bound, f"max abs err {err:.3g} > {bound:.3g}"
+    error = relative_error(out, ref)
+    assert error <= FP32_TOLERANCE, f"relative error {error:.3g} > {FP32_TOLERANCE}"
 
 
 def execute(engine, stream, pd, inputs: dict, out: torch.Tensor, out_arg: int = ARG_DST) -> torch.Tensor:
