@@ -24,7 +24,8 @@ from pyrys.capture.torchscript import capture_torchscript, is_torchscript, scrip
 from pyrys.errors import DeviceError, ModelCopyError
 from pyrys.ir.verify import make_verifier, output_types
 from pyrys.passes.freeze import ALL
-from pyrys.passes.pipeline import Instruments, PassOptions, PipelineRun, Step, check_pass_names, run_pipeline
+from pyrys.passes.pipeline import (Instruments, PassOptions, PipelineRun, Step, check_pass_names,
+                                   legalize_for_backends, run_pipeline)
 from pyrys.passes.rewrite import Miss
 from pyrys.signature import InputError, Signature, check_compatible, runnable_inputs, signature_of
 
@@ -104,6 +105,7 @@ def compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: Opt
         instruments.verify = make_verifier(output_types(captured.gm))
     options = PassOptions(config.freeze_params, config.freeze_flags)
     run = run_pipeline(captured.gm, options, config.disable, instruments)
+    legalize_for_backends(captured.gm, instruments)
     compile_program, backend, notice = get_backend(config.backend)
     program = compile_program(captured.gm, flat, BackendOptions(config.threads, config.layout))
     notes = captured.notes + ([notice] if notice else [])

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 import pyrys
 from pyrys.backends.program import MEMORY_KEYS, Program
-from tests.caller_helpers import backend, optimize  # noqa: F401 - backend is a fixture
+from tests.caller_helpers import optimize
 from tests.conftest import TOLERANCE
 
 

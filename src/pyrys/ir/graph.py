@@ -136,10 +136,6 @@ def op_args(node: fx.Node) -> dict[str, Any]:
     return dict(pair.kwargs)
 
 
-def single_user(node: fx.Node) -> bool:
-    return len(node.users) == 1
-
-
 def tensor_meta(node: fx.Node) -> torch.Tensor | None:
     val = node.meta.get("val")
     return val if isinstance(val, torch.Tensor) else None

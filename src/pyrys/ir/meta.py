@@ -1,12 +1,33 @@
-"""Shape and dtype of every value: ``meta["val"]`` recomputed by fake-tensor propagation."""
+"""Shape and dtype of every value: ``meta["val"]``, a fake tensor, computed by fake-tensor propagation.
+
+One rule computes it everywhere: run the node's op on fake tensors shaped like its inputs'
+``meta["val"]``.  Capture runs it over the whole graph (:func:`refresh_meta`); a rewrite runs it
+on the nodes it creates or changes and on the users whose inputs changed (:func:`settle_meta`,
+through :mod:`pyrys.ir.edit`); the verifier runs it over the whole graph again without writing
+(:func:`fresh_meta`) and compares (:func:`meta_mismatch`).
+"""
 from __future__ import annotations
+
+from collections import deque
+from typing import Any, Iterable
 
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.node import map_aggregate
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from pyrys.ir.graph import state_ref
+
+
+def _fake_like(mode: FakeTensorMode, val: Any) -> Any:
+    """A fake tensor with ``val``'s shape, strides and dtype (lists element-wise; scalars as they are)."""
+    if isinstance(val, torch.Tensor):
+        with mode:
+            return torch.empty_strided(val.shape, val.stride(), dtype=val.dtype, device=val.device)
+    if isinstance(val, (list, tuple)):
+        return type(val)(_fake_like(mode, v) for v in val)
+    return val
 
 
 def _fake_input(mode: FakeTensorMode, node: fx.Node):
@@ -14,14 +35,105 @@ def _fake_input(mode: FakeTensorMode, node: fx.Node):
     if ref is not None:
         value = ref.value
         return mode.from_tensor(value) if isinstance(value, torch.Tensor) else value
-    val = node.meta["val"]
-    with mode:
-        return torch.empty_strided(val.shape, val.stride(), dtype=val.dtype, device=val.device)
+    return _fake_like(mode, node.meta["val"])
 
 
-def refresh_meta(gm: fx.GraphModule) -> None:
-    """Re-run fake-tensor propagation over ``gm`` so every node's ``meta["val"]`` is current."""
+class _Fresh(FakeTensorProp):
+    """FakeTensorProp that collects each node's value in ``fresh`` and leaves ``meta`` as it was."""
+
+    def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode):
+        super().__init__(gm, mode)
+        self.fresh: dict[fx.Node, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        missing = object()
+        recorded = n.meta.get("val", missing)
+        result = super().run_node(n)
+        self.fresh[n] = n.meta.get("val")
+        if recorded is missing:
+            n.meta.pop("val", None)
+        else:
+            n.meta["val"] = recorded
+        return result
+
+
+def fresh_meta(gm: fx.GraphModule) -> dict[fx.Node, Any]:
+    """Every node's value by fake-tensor propagation from the inputs, without writing ``meta``."""
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     fake_inputs = [_fake_input(mode, n) for n in placeholders]
-    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fake_inputs)
+    propagation = _Fresh(gm, mode)
+    propagation.propagate_dont_convert_inputs(*fake_inputs)
+    return propagation.fresh
+
+
+def refresh_meta(gm: fx.GraphModule) -> None:
+    """Set every node's ``meta["val"]`` by propagation over ``gm`` (at capture)."""
+    for node, val in fresh_meta(gm).items():
+        if val is not None:
+            node.meta["val"] = val
+
+
+def infer_meta(node: fx.Node, mode: FakeTensorMode | None = None) -> Any:
+    """``node``'s value computed from its inputs' recorded ``meta["val"]``: its op run on fake tensors."""
+    mode = mode or FakeTensorMode(allow_non_fake_inputs=True)
+
+    def fake(arg: fx.Node) -> Any:
+        if "val" not in arg.meta:
+            raise ValueError(f"%{node.name} reads %{arg.name}, whose value was never recorded")
+        return _fake_like(mode, arg.meta["val"])
+
+    args, kwargs = fx.map_arg(node.args, fake), fx.map_arg(node.kwargs, fake)
+    with mode:
+        result = node.target(*args, **kwargs)
+    return map_aggregate(result, lambda v: v.detach() if isinstance(v, torch.Tensor) else v)
+
+
+def settle_meta(nodes: Iterable[fx.Node]) -> None:
+    """Infer ``meta["val"]`` of ``nodes``, then of the users of each node whose value changed, until none does."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    forced = dict.fromkeys(nodes)
+    pending = deque(forced)
+    while pending:
+        node = pending.popleft()
+        if node.op != "call_function":
+            continue
+        val = infer_meta(node, mode)
+        changed = "val" not in node.meta or meta_mismatch(node.meta["val"], val) is not None
+        if changed or node in forced:
+            node.meta["val"] = val
+        if changed:
+            pending.extend(node.users)
+
+
+def meta_mismatch(recorded: Any, fresh: Any) -> str | None:
+    """How ``recorded`` differs from ``fresh`` (None if it does not): kind, shape, dtype, or layout.
+
+    Layout compares the strides of dims longer than 1 (the stride of a dim of size 1 is never used)."""
+    if isinstance(fresh, torch.Tensor):
+        if not isinstance(recorded, torch.Tensor):
+            return f"{_kind(recorded)} where a tensor is computed"
+        if (tuple(recorded.shape), recorded.dtype) != (tuple(fresh.shape), fresh.dtype):
+            return f"{_describe(recorded)} where {_describe(fresh)} is computed"
+        if _layout(recorded) != _layout(fresh):
+            return f"strides {tuple(recorded.stride())} where {tuple(fresh.stride())} are computed"
+        return None
+    if isinstance(fresh, (list, tuple)):
+        if not isinstance(recorded, (list, tuple)) or len(recorded) != len(fresh):
+            return f"{_kind(recorded)} where {len(fresh)} values are computed"
+        return next((m for m in map(meta_mismatch, recorded, fresh) if m), None)
+    if fresh is None or type(recorded) is type(fresh):
+        return None
+    return f"{_kind(recorded)} where {_kind(fresh)} is computed"
+
+
+def _layout(t: torch.Tensor) -> tuple:
+    return tuple(stride for size, stride in zip(t.shape, t.stride()) if size > 1)
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"{str(t.dtype).removeprefix('torch.')}{tuple(t.shape)}"
+
+
+def _kind(value: Any) -> str:
+    return "nothing" if value is None else type(value).__name__

@@ -26,19 +26,15 @@ per input channel ``i``:
     W'[o, i] = W[o, i] * s[i]                   (``pyrys::fold_input_weight``)
     b'[o]    = b[o] + sum_{i,k} W[o, i, k] * t[i]   (``pyrys::fold_input_bias``)
 
-Fused ops (``pyrys::conv``, ``pyrys::conv_transpose``, ``pyrys::linear``) compute the
-op and then its post-op chain (see :mod:`pyrys.ir.post_ops`) as one node.
+The fused ops (``pyrys::conv``, ``pyrys::conv_transpose``, ``pyrys::linear``) are registered
+from their table in :mod:`pyrys.ir.fused`, through :func:`pyrys_op` as well.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from pyrys.ir.post_ops import apply_post_ops
-
-_CONV_BY_RANK = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 # every pyrys op -> the plain Python function behind it.  Running it directly skips torch's
 # custom-op dispatch, whose dynamo wrapper reads and writes torch.export's process-wide
 # state: a call on one thread while another thread exports (a new input shape compiling)
@@ -55,8 +51,6 @@ def pyrys_op(name: str, schema: str | None = None):
         return op
 
     return register
-
-_CONV_TRANSPOSE_BY_RANK = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 def bn_scale(bn_weight: Optional[torch.Tensor], running_var: torch.Tensor, eps: float) -> torch.Tensor:
@@ -195,95 +189,9 @@ def _(bias, weight, bn_weight, bn_bias, running_mean, running_var, eps, groups):
     return weight.new_empty(weight.shape[0])
 
 
-def _conv_then_post_ops(input, weight, bias, stride, padding, dilation, groups, post_ops, post_inputs):
-    conv = _CONV_BY_RANK[weight.dim() - 2]
-    y = conv(input, weight, bias, stride, padding, dilation, groups)
-    return apply_post_ops(y, post_ops, post_inputs)
-
-
-@pyrys_op(
-    "conv",
-    schema="(Tensor input, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] dilation, int groups, "
-    "str[] post_ops, Tensor[] post_inputs) -> Tensor",
-)
-def conv(
-    input: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    groups: int,
-    post_ops: list[str],
-    post_inputs: list[torch.Tensor],
-) -> torch.Tensor:
-    """Convolution (1d/2d/3d by the weight's rank) followed by its post-op chain."""
-    return _conv_then_post_ops(input, weight, bias, stride, padding, dilation, groups, post_ops, post_inputs)
-
-
-conv.register_fake(_conv_then_post_ops)
-
-
-def _conv_transpose_then_post_ops(input, weight, bias, stride, padding, output_padding, groups, dilation,
-                                  post_ops, post_inputs):
-    conv_transpose = _CONV_TRANSPOSE_BY_RANK[weight.dim() - 2]
-    y = conv_transpose(input, weight, bias, stride, padding, output_padding, groups, dilation)
-    return apply_post_ops(y, post_ops, post_inputs)
-
-
-@pyrys_op(
-    "conv_transpose",
-    schema="(Tensor input, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] output_padding, "
-    "int groups, int[] dilation, str[] post_ops, Tensor[] post_inputs) -> Tensor",
-)
-def conv_transpose(
-    input: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    stride: list[int],
-    padding: list[int],
-    output_padding: list[int],
-    groups: int,
-    dilation: list[int],
-    post_ops: list[str],
-    post_inputs: list[torch.Tensor],
-) -> torch.Tensor:
-    """Transposed convolution (1d/2d/3d by the weight's rank; ATen argument order) and its post-op chain."""
-    return _conv_transpose_then_post_ops(input, weight, bias, stride, padding, output_padding, groups, dilation,
-                                         post_ops, post_inputs)
-
-
-conv_transpose.register_fake(_conv_transpose_then_post_ops)
-
-
-def _linear_then_post_ops(input, weight, bias, post_ops, post_inputs):
-    return apply_post_ops(F.linear(input, weight, bias), post_ops, post_inputs)
-
-
-@pyrys_op(
-    "linear",
-    schema="(Tensor input, Tensor weight, Tensor? bias, str[] post_ops, Tensor[] post_inputs) -> Tensor",
-)
-def linear(
-    input: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    post_ops: list[str],
-    post_inputs: list[torch.Tensor],
-) -> torch.Tensor:
-    """``input @ weight.T + bias`` followed by its post-op chain."""
-    return _linear_then_post_ops(input, weight, bias, post_ops, post_inputs)
-
-
-linear.register_fake(_linear_then_post_ops)
-
 FOLD_WEIGHT = torch.ops.pyrys.fold_weight.default
 FOLD_BIAS = torch.ops.pyrys.fold_bias.default
 FOLD_SCALE = torch.ops.pyrys.fold_scale.default
 FOLD_AFFINE_BIAS = torch.ops.pyrys.fold_affine_bias.default
 FOLD_INPUT_WEIGHT = torch.ops.pyrys.fold_input_weight.default
 FOLD_INPUT_BIAS = torch.ops.pyrys.fold_input_bias.default
-FUSED_CONV = torch.ops.pyrys.conv.default
-FUSED_CONV_TRANSPOSE = torch.ops.pyrys.conv_transpose.default
-FUSED_LINEAR = torch.ops.pyrys.linear.default
-FUSED_OPS = (FUSED_CONV, FUSED_CONV_TRANSPOSE, FUSED_LINEAR)  # every op with a post-op chain

@@ -1,18 +1,23 @@
 """Post-ops: element-wise work that runs inside a fused op's epilogue.
 
-A fused op carries its post-ops as data: a list of strings, each
-``name`` or ``name:p1,p2`` (scalar parameters), applied in order to the op's
-result ``y``.  Binary post-ops take their second operand from the fused op's
-``post_inputs`` list, in order.  Adding a post-op is adding one row to
-``POST_OPS``; the passes and the backends read this table.
+A fused op carries its post-ops as data, applied in order to the op's result ``y``:
+each is a :class:`PostOp` (a name from ``POST_OPS`` and its scalar parameters); a
+binary post-op takes its second operand from the fused op's ``post_inputs``, in order.
+Adding a post-op is adding one row to ``POST_OPS`` (and, if an activation op should
+fuse into it, one row to ``ACTIVATIONS``); the passes and the backends read these tables.
 
     y = conv(x) ; y = relu(y) ; y = y + r ; y = clamp(y, 0, 6)
-    ->  post_ops=["relu", "add", "clamp:0.0,6.0"], post_inputs=[r]
+    ->  post_ops=[PostOp("relu"), PostOp("add"), PostOp("clamp", (0.0, 6.0))], post_inputs=[r]
+
+In the op's schema (``str[] post_ops``) a post-op is written ``name`` or ``name:p1,p2``
+(``"clamp:0.0,6.0"``); :meth:`PostOp.parse` and ``str(post_op)`` are the only code that
+reads or writes that form.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +30,11 @@ class PostOpKind:
     name: str
     binary: bool
     reference: Callable[..., torch.Tensor]
+
+    @property
+    def arity(self) -> int:
+        """How many scalar parameters it takes (the reference's arguments after ``y``)."""
+        return 0 if self.binary else len(inspect.signature(self.reference).parameters) - 1
 
 
 def _unary(name: str, fn: Callable[..., torch.Tensor]) -> PostOpKind:
@@ -56,28 +66,49 @@ POST_OPS: dict[str, PostOpKind] = {
 }
 
 
-def format_post_op(name: str, *params: float) -> str:
-    """``format_post_op("clamp", 0, 6) == "clamp:0.0,6.0"``."""
-    if name not in POST_OPS:
-        raise KeyError(f"unknown post-op {name!r}; known: {sorted(POST_OPS)}")
-    if not params:
-        return name
-    return name + ":" + ",".join(repr(float(p)) for p in params)
+@dataclass(frozen=True)
+class PostOp:
+    """One step of a post-op chain: ``PostOp("clamp", (0.0, 6.0))``, written ``"clamp:0.0,6.0"``."""
+
+    name: str
+    params: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.name not in POST_OPS:
+            raise ValueError(f"unknown post-op {self.name!r}; known: {sorted(POST_OPS)}")
+        if len(self.params) != POST_OPS[self.name].arity:
+            raise ValueError(f"{self.name} takes {POST_OPS[self.name].arity} parameters, not {len(self.params)}")
+        object.__setattr__(self, "params", tuple(float(p) for p in self.params))
+
+    @property
+    def binary(self) -> bool:
+        """True if it takes a second tensor operand (``add``, ``mul``)."""
+        return POST_OPS[self.name].binary
+
+    def apply(self, y: torch.Tensor, operand: torch.Tensor | None = None) -> torch.Tensor:
+        """The reference math: ``kind(y, *params)``, or ``kind(y, operand)`` for a binary post-op."""
+        return POST_OPS[self.name].reference(y, *((operand,) if self.binary else self.params))
+
+    def __str__(self) -> str:
+        return self.name + (":" + ",".join(repr(p) for p in self.params) if self.params else "")
+
+    @staticmethod
+    def parse(spec: str) -> "PostOp":
+        """Inverse of ``str``: ``PostOp.parse("clamp:0.0,6.0") == PostOp("clamp", (0.0, 6.0))``."""
+        if not isinstance(spec, str):
+            raise ValueError(f"a post-op is written as a string, not {spec!r}")
+        name, _, raw = spec.partition(":")
+        try:
+            return PostOp(name, tuple(float(p) for p in raw.split(",")) if raw else ())
+        except ValueError as error:
+            raise ValueError(f"malformed post-op {spec!r}: {error}") from None
 
 
-def parse_post_op(spec: str) -> tuple[PostOpKind, tuple[float, ...]]:
-    """Inverse of :func:`format_post_op`."""
-    name, _, raw = spec.partition(":")
-    params = tuple(float(p) for p in raw.split(",")) if raw else ()
-    return POST_OPS[name], params
-
-
-def apply_post_ops(y: torch.Tensor, post_ops: list[str], post_inputs: list[torch.Tensor]) -> torch.Tensor:
+def apply_post_ops(y: torch.Tensor, post_ops: Sequence[PostOp], post_inputs: Sequence[torch.Tensor]) -> torch.Tensor:
     """Reference semantics of a post-op chain."""
     operands = iter(post_inputs)
-    for spec in post_ops:
-        kind, params = parse_post_op(spec)
-        y = kind.reference(y, next(operands)) if kind.binary else kind.reference(y, *params)
+    for post_op in post_ops:
+        y = post_op.apply(y, next(operands)) if post_op.binary else post_op.apply(y)
     return y
 
 
@@ -85,36 +116,36 @@ class NoPostOp(ValueError):
     """An activation with no post-op equivalent (the message says why)."""
 
 
-def _reads(name: str, *param_names: str) -> Callable[[dict], str]:
+def _reads(name: str, *param_names: str) -> Callable[[dict], PostOp]:
     """A reader: the post-op ``name`` with parameters taken from the op's arguments by name."""
 
-    def read(args: dict) -> str:
+    def read(args: dict) -> PostOp:
         params = [args[p] for p in param_names]
         if None in params:
             raise NoPostOp(f"{name} with an open bound has no post-op equivalent")
-        return format_post_op(name, *params)
+        return PostOp(name, tuple(params))
 
     return read
 
 
-def _elu(args: dict) -> str:
+def _elu(args: dict) -> PostOp:
     if args["scale"] != 1 or args["input_scale"] != 1:
         raise NoPostOp("elu with scale or input_scale has no oneDNN post-op equivalent")
-    return format_post_op("elu", args["alpha"])
+    return PostOp("elu", (args["alpha"],))
 
 
 _aten = torch.ops.aten
 
-# activation op -> its post-op spec, read from the op's arguments (by schema name).  The passes fuse
+# activation op -> its post-op, read from the op's arguments (by schema name).  The passes fuse
 # these into conv/linear; the dnnl backend runs a standalone one as an eltwise primitive.
-ACTIVATIONS: dict[object, Callable[[dict], str]] = {
+ACTIVATIONS: dict[object, Callable[[dict], PostOp]] = {
     _aten.relu.default: _reads("relu"),
     _aten.hardtanh.default: _reads("clamp", "min_val", "max_val"),
-    _aten.relu6.default: lambda args: format_post_op("clamp", 0.0, 6.0),
+    _aten.relu6.default: lambda args: PostOp("clamp", (0.0, 6.0)),
     _aten.clamp.default: _reads("clamp", "min", "max"),
     _aten.leaky_relu.default: _reads("leaky_relu", "negative_slope"),
     _aten.elu.default: _elu,
-    _aten.gelu.default: lambda args: "gelu_tanh" if args["approximate"] == "tanh" else "gelu_erf",
+    _aten.gelu.default: lambda args: PostOp("gelu_tanh" if args["approximate"] == "tanh" else "gelu_erf"),
     _aten.silu.default: _reads("silu"),
     _aten.hardswish.default: _reads("hardswish"),
     _aten.hardsigmoid.default: _reads("hardsigmoid"),
@@ -124,6 +155,6 @@ ACTIVATIONS: dict[object, Callable[[dict], str]] = {
 }
 
 
-def activation_post_op(target, args: dict) -> str:
-    """The post-op spec of an activation call; :class:`NoPostOp` with the reason if it has none."""
+def activation_post_op(target, args: dict) -> PostOp:
+    """The post-op of an activation call; :class:`NoPostOp` with the reason if it has none."""
     return ACTIVATIONS[target](args)

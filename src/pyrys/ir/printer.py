@@ -20,9 +20,8 @@ import torch
 import torch.fx as fx
 
 from pyrys.ir.control_flow import IF, RaisingBranch, is_branch
+from pyrys.ir.fused import Fused, read_fused
 from pyrys.ir.graph import state_ref
-from pyrys.ir.ops import FUSED_CONV, FUSED_CONV_TRANSPOSE, FUSED_OPS
-from pyrys.ir.post_ops import parse_post_op
 
 _DTYPE_NAMES = {
     torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16",
@@ -59,8 +58,9 @@ def format_arg(arg: Any) -> str:
 
 def op_name(node: fx.Node) -> str:
     """``aten::conv2d``, ``pyrys::fold_weight``, ``pyrys::conv2d_relu``, ``prim::GetItem``."""
-    if node.target in FUSED_OPS:
-        return _fused_name(node)
+    fused = read_fused(node)
+    if fused is not None:
+        return f"pyrys::{fused.label}"
     if node.target is IF:
         return "pyrys::If"
     if isinstance(node.target, torch._ops.OpOverload):
@@ -70,18 +70,11 @@ def op_name(node: fx.Node) -> str:
     return f"python::{getattr(node.target, '__name__', node.target)}"
 
 
-def _fused_name(node: fx.Node) -> str:
-    rank = f"{node.args[1].meta['val'].dim() - 2}d"
-    base = {FUSED_CONV: "conv" + rank, FUSED_CONV_TRANSPOSE: "conv_transpose" + rank}.get(node.target, "linear")
-    post_ops = node.args[-2]
-    return "pyrys::" + "_".join([base] + [parse_post_op(p)[0].name for p in post_ops])
-
-
-def _fused_args(node: fx.Node) -> str:
-    *args, post_ops, post_inputs = node.args
-    text = ", ".join(format_arg(a) for a in [*args, *post_inputs])
-    params = [p for p in post_ops if ":" in p]
-    return (f"[post_ops={format_arg(list(post_ops))}]" if params else "") + f"({text})"
+def _fused_args(fused: Fused) -> str:
+    """``(%x, %w, %b, [1, 1], ..., %r)``, after ``[post_ops=['clamp:0.0,6.0']]`` when a post-op has parameters."""
+    text = ", ".join(format_arg(a) for a in [*fused.args.values(), *fused.post_inputs])
+    with_params = any(p.params for p in fused.post_ops)
+    return (f"[post_ops={format_arg([str(p) for p in fused.post_ops])}]" if with_params else "") + f"({text})"
 
 
 def format_constant(gm: fx.GraphModule, node: fx.Node) -> str:
@@ -100,8 +93,9 @@ def format_node(gm: fx.GraphModule, node: fx.Node) -> str:
     ref = state_ref(node)
     if ref is not None:
         return f'{lhs} = prim::GetAttr[name="{ref.target}"](%self)'
-    if node.target in FUSED_OPS:
-        return f"{lhs} = {op_name(node)}{_fused_args(node)}"
+    fused = read_fused(node)
+    if fused is not None:
+        return f"{lhs} = pyrys::{fused.label}{_fused_args(fused)}"
     args = [format_arg(a) for a in node.args] + [f"{k}={format_arg(v)}" for k, v in node.kwargs.items()]
     return f"{lhs} = {op_name(node)}({', '.join(args)})"
 

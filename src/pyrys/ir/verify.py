@@ -1,9 +1,13 @@
 """The verifier run after every pass in tests: a broken graph fails here, not later.
 
-Checks: FX well-formedness and topological order (``graph.lint``); every value has a
-shape/dtype; constants hold tensors matching their recorded type; ops are ATen/pyrys
-op overloads or an If (whose branch graphs pass ``graph.lint`` too); fused ops have one
-operand per binary post-op; and the graph's outputs keep the types they had at capture.
+Checks, in order: FX well-formedness and topological order (``graph.lint``); every call is an
+ATen/pyrys op overload or an If (whose branch graphs pass ``graph.lint`` too); every fused op
+reads as one (:func:`pyrys.ir.fused.read_fused`: known post-ops with their parameters, one
+operand per binary post-op); every value has a recorded
+shape/dtype (``meta["val"]``) and every constant holds a tensor of that shape; the recorded meta
+is what a fresh fake-tensor propagation computes (shape, dtype, and the strides of dims longer
+than 1), so a pass that records a wrong type fails at that pass; and the graph's outputs keep
+the types they had at capture.
 """
 from __future__ import annotations
 
@@ -13,8 +17,9 @@ import torch
 import torch.fx as fx
 
 from pyrys.ir.control_flow import IF, is_branch
-from pyrys.ir.ops import FUSED_OPS
-from pyrys.ir.post_ops import parse_post_op
+from pyrys.ir.fused import read_fused
+from pyrys.ir.meta import fresh_meta, meta_mismatch
+from pyrys.ir.printer import op_name
 
 
 class VerificationError(AssertionError):
@@ -42,7 +47,25 @@ def _returns_nothing(node: fx.Node) -> bool:
     return schema is not None and not schema.returns
 
 
+def _lint(gm: fx.GraphModule) -> None:
+    try:
+        gm.graph.lint()
+    except RuntimeError as error:
+        raise VerificationError(f"malformed graph: {error}") from None
+
+
+def _verify_call(node: fx.Node) -> None:
+    _check(isinstance(node.target, torch._ops.OpOverload) or node.target in (operator.getitem, IF),
+           f"%{node.name} calls {node.target!r}, which is not an op overload")
+    try:
+        read_fused(node)
+    except ValueError as error:
+        raise VerificationError(f"%{node.name}: {error}") from None
+
+
 def _verify_node(gm: fx.GraphModule, node: fx.Node) -> None:
+    if node.op == "call_function":
+        _verify_call(node)
     if node.op == "output" or _returns_nothing(node):
         return
     if is_branch(gm, node):
@@ -52,13 +75,17 @@ def _verify_node(gm: fx.GraphModule, node: fx.Node) -> None:
         value = getattr(gm, node.target, None)
         _check(isinstance(value, torch.Tensor), f"constant %{node.name} holds no tensor")
         _check(tuple(value.shape) == tuple(node.meta["val"].shape), f"constant %{node.name} changed shape")
-    if node.op == "call_function":
-        _check(isinstance(node.target, torch._ops.OpOverload) or node.target in (operator.getitem, IF),
-               f"%{node.name} calls {node.target!r}, which is not an op overload")
-    if node.target in FUSED_OPS:
-        post_ops, post_inputs = node.args[-2], node.args[-1]
-        binaries = sum(parse_post_op(p)[0].binary for p in post_ops)
-        _check(binaries == len(post_inputs), f"%{node.name}: {binaries} binary post-ops but {len(post_inputs)} operands")
+
+
+def _verify_meta(gm: fx.GraphModule) -> None:
+    """Every recorded ``meta["val"]`` against a fresh propagation from the inputs."""
+    try:
+        fresh = fresh_meta(gm)
+    except Exception as error:  # noqa: BLE001 -- any failure of an op on fake tensors is a broken graph
+        raise VerificationError(f"shape propagation fails: {error}") from error
+    for node, val in fresh.items():
+        mismatch = meta_mismatch(node.meta.get("val"), val)
+        _check(mismatch is None, f"%{node.name} ({op_name(node)}) records {mismatch}")
 
 
 def _verify_branch(branch: torch.nn.Module) -> None:
@@ -70,9 +97,10 @@ def make_verifier(expected_outputs: list[tuple]):
     """A verifier that also checks the outputs keep the types recorded at capture."""
 
     def verify(gm: fx.GraphModule) -> None:
-        gm.graph.lint()
+        _lint(gm)
         for node in gm.graph.nodes:
             _verify_node(gm, node)
+        _verify_meta(gm)
         _check(output_types(gm) == expected_outputs,
                f"outputs changed type: {output_types(gm)} != {expected_outputs}")
 

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from collections import Counter
 
-import torch
 import torch.fx as fx
 
 from pyrys.ir.control_flow import has_effects
+from pyrys.ir.edit import replace_node
 from pyrys.ir.graph import drop_unused_constants, state_inputs
+from pyrys.ir.vocabulary import is_pure
 from pyrys.passes.rewrite import PassResult
 
 
@@ -36,15 +37,6 @@ def dead_code_elimination(gm: fx.GraphModule) -> PassResult:
 
 
 _KINDS = {"call_function": "nodes", "placeholder": "state_reads", "get_attr": "constants"}
-
-
-def _is_pure(node: fx.Node) -> bool:
-    if node.op == "get_attr":
-        return True
-    if node.op != "call_function" or has_effects(node):
-        return False
-    tags = getattr(node.target, "tags", ())
-    return torch.Tag.nondeterministic_seeded not in tags
 
 
 def _key(node: fx.Node) -> tuple:
@@ -66,12 +58,11 @@ def common_subexpression_elimination(gm: fx.GraphModule) -> PassResult:
     result = PassResult()
     seen: dict[tuple, fx.Node] = {}
     for node in list(gm.graph.nodes):
-        if not _is_pure(node):
+        if not is_pure(node):
             continue
         key = _key(node)
         if key in seen:
-            node.replace_all_uses_with(seen[key])
-            gm.graph.erase_node(node)
+            replace_node(node, seen[key])
             result.fired["merged"] += 1
         else:
             seen[key] = node

@@ -16,8 +16,9 @@ import torch.fx as fx
 
 from torch.utils._pytree import tree_leaves
 
-from pyrys.ir.control_flow import has_effects
+from pyrys.ir.edit import replace_node
 from pyrys.ir.graph import add_constant, constant_value, is_constant, replace_with_literal
+from pyrys.ir.vocabulary import is_pure
 from pyrys.passes.rewrite import PassResult
 
 GROWTH_LIMIT_BYTES = 1 << 20  # a folded result may exceed its inputs by at most this much
@@ -35,9 +36,7 @@ def constant_propagation(gm: fx.GraphModule) -> PassResult:
 
 
 def _foldable(node: fx.Node) -> bool:
-    if has_effects(node) or not node.users:
-        return False
-    if torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ()):
+    if not is_pure(node) or not node.users:
         return False
     return is_constant(list(node.args)) and is_constant(list(node.kwargs.values()))
 
@@ -65,7 +64,5 @@ def _replace_by_tensor(gm: fx.GraphModule, node: fx.Node, value: torch.Tensor, a
         return False
     with gm.graph.inserting_before(node):
         constant = add_constant(gm, value.contiguous(), node.name)
-    constant.meta["val"] = node.meta.get("val", value)
-    node.replace_all_uses_with(constant)
-    gm.graph.erase_node(node)
+    replace_node(node, constant)
     return True

@@ -21,6 +21,7 @@ import torch.fx as fx
 
 from pyrys.ir.control_flow import IF, BranchRaised, RaisingBranch, add_branch, branch_taken
 from pyrys.ir.graph import add_constant, call_nodes, is_constant
+from pyrys.ir.meta import settle_meta
 from pyrys.passes.rewrite import Miss, PassResult
 
 RULE = "inline_if"
@@ -55,6 +56,7 @@ def _inline(gm: fx.GraphModule, node: fx.Node, cond: bool) -> None:
                 env[inner] = gm.graph.node_copy(inner, lambda n: env[n])
             elif inner.op == "output":
                 outputs = [env[o] for o in inner.args[0]]
+    settle_meta(env[n] for n in branch.graph.nodes if n.op == "call_function")
     for user in list(node.users):
         if user.target is operator.getitem:
             user.replace_all_uses_with(outputs[user.args[1]])

@@ -25,23 +25,14 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from pyrys.ir.graph import insert_call, is_constant, op_args
+from pyrys.ir.edit import insert_op, replace_node, set_args
+from pyrys.ir.graph import is_constant, op_args
 from pyrys.ir.ops import FOLD_BIAS, FOLD_INPUT_BIAS, FOLD_INPUT_WEIGHT, FOLD_WEIGHT
-from pyrys.passes.rewrite import Match, Miss, PassResult, Rule, apply_rules, fail
+from pyrys.ir.vocabulary import CONV_TRANSPOSES, CONVOLUTIONS, LINEARS, output_channel_layout
+from pyrys.passes.rewrite import Match, Miss, PassResult, Rule, apply_rules, fail, shared_miss
 
 aten = torch.ops.aten
-CONVOLUTIONS = frozenset({aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
-                          aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding})
-CONV_TRANSPOSES = frozenset({aten.conv_transpose1d.default, aten.conv_transpose2d.input,
-                             aten.conv_transpose3d.input})
 _BN_OPERANDS = ("weight", "bias", "running_mean", "running_var")
-
-
-def output_channel_layout(producer: fx.Node, args: dict) -> tuple[int, int]:
-    """``(channel_dim, groups)`` of the producer's weight as ``fold_weight`` wants them."""
-    if producer.target in CONV_TRANSPOSES:
-        return 1, args["groups"]
-    return 0, 1
 
 
 def training_flag_miss(training) -> Miss | None:
@@ -81,16 +72,15 @@ class FoldBatchNormIntoProducer(Rule):
             return None
         bn = op_args(node)
         conv_args = op_args(conv)
-        miss = _bn_miss(bn, conv_args, self.owner) or self._shape_miss(conv)
+        miss = (_bn_miss(bn, conv_args, self.owner) or self._shape_miss(conv)
+                or shared_miss(conv, "its weights cannot change", f"the {self.owner} output %{conv.name}"))
         if miss:
             return miss
-        if len(conv.users) > 1:
-            return fail(f"the {self.owner} output %{conv.name} has {len(conv.users)} users, so its weights cannot change")
         return Match({"conv": conv, "conv_args": conv_args, "bn": bn})
 
     def _shape_miss(self, producer: fx.Node) -> Miss | None:
         out = producer.meta.get("val")
-        if producer.target is aten.linear.default and (out is None or out.dim() != 2):
+        if producer.target in LINEARS and (out is None or out.dim() != 2):
             return fail(f"BatchNorm normalizes dim 1 of the {out.dim() if out is not None else '?'}-d linear output "
                         f"%{producer.name}, which is not its output features")
         return None
@@ -98,17 +88,15 @@ class FoldBatchNormIntoProducer(Rule):
     def rewrite(self, gm: fx.GraphModule, node: fx.Node, match: Match) -> None:
         conv, args, bn = match["conv"], match["conv_args"], match["bn"]
         weight_args = (args["weight"], bn["weight"], bn["running_var"], bn["eps"])
-        channel_dim, groups = output_channel_layout(conv, args)
+        channel_dim, groups = output_channel_layout(conv.target, args)
         if channel_dim != 0:
             weight_args += (channel_dim, groups)
         bias_args = (args["bias"], bn["weight"], bn["bias"], bn["running_mean"], bn["running_var"], bn["eps"])
         with gm.graph.inserting_before(conv):
-            weight = insert_call(gm.graph, FOLD_WEIGHT, weight_args, f"{_name(args['weight'])}_bn_folded")
-            bias = insert_call(gm.graph, FOLD_BIAS, bias_args, f"{_name(args['bias'], conv.name + '_bias')}_bn_folded")
-        conv.args = tuple({**args, "weight": weight, "bias": bias}.values())
-        conv.kwargs = {}
-        node.replace_all_uses_with(conv)
-        gm.graph.erase_node(node)
+            weight = insert_op(gm.graph, FOLD_WEIGHT, weight_args, f"{_name(args['weight'])}_bn_folded")
+            bias = insert_op(gm.graph, FOLD_BIAS, bias_args, f"{_name(args['bias'], conv.name + '_bias')}_bn_folded")
+        set_args(conv, tuple({**args, "weight": weight, "bias": bias}.values()))
+        replace_node(node, conv)
 
 
 class FoldBatchNormIntoNextConv(Rule):
@@ -138,10 +126,9 @@ class FoldBatchNormIntoNextConv(Rule):
         bias_args = (conv["bias"], w, bn["weight"], bn["bias"], bn["running_mean"], bn["running_var"], bn["eps"],
                      conv["groups"])
         with gm.graph.inserting_before(node):
-            weight = insert_call(gm.graph, FOLD_INPUT_WEIGHT, weight_args, f"{_name(w)}_bn_input_folded")
-            bias = insert_call(gm.graph, FOLD_INPUT_BIAS, bias_args, f"{node.name}_bias_bn_input_folded")
-        node.args = tuple({**conv, "input": bn["input"], "weight": weight, "bias": bias}.values())
-        node.kwargs = {}
+            weight = insert_op(gm.graph, FOLD_INPUT_WEIGHT, weight_args, f"{_name(w)}_bn_input_folded")
+            bias = insert_op(gm.graph, FOLD_INPUT_BIAS, bias_args, f"{node.name}_bias_bn_input_folded")
+        set_args(node, tuple({**conv, "input": bn["input"], "weight": weight, "bias": bias}.values()))
 
 
 def _name(value, default: str = "weight") -> str:
@@ -151,7 +138,7 @@ def _name(value, default: str = "weight") -> str:
 FOLD_BATCH_NORM_RULES: tuple[Rule, ...] = (
     FoldBatchNormIntoProducer("conv_bn", CONVOLUTIONS, "conv"),
     FoldBatchNormIntoProducer("conv_transpose_bn", CONV_TRANSPOSES, "conv_transpose"),
-    FoldBatchNormIntoProducer("linear_bn", frozenset({aten.linear.default}), "linear"),
+    FoldBatchNormIntoProducer("linear_bn", LINEARS, "linear"),
     FoldBatchNormIntoNextConv(),
 )
 

@@ -23,10 +23,11 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from pyrys.ir.graph import add_constant, insert_call, is_constant, op_args, tensor_meta
+from pyrys.ir.edit import insert_op, replace_node, set_args
+from pyrys.ir.graph import add_constant, is_constant, op_args, tensor_meta
 from pyrys.ir.ops import FOLD_AFFINE_BIAS, FOLD_SCALE
-from pyrys.passes.fold_batch_norm import CONV_TRANSPOSES, CONVOLUTIONS, output_channel_layout
-from pyrys.passes.rewrite import Match, Miss, PassResult, Rule, apply_rules, fail
+from pyrys.ir.vocabulary import LINEARS, WEIGHTED, is_pure, output_channel_layout
+from pyrys.passes.rewrite import Match, Miss, PassResult, Rule, apply_rules, fail, shared_miss
 
 aten = torch.ops.aten
 
@@ -41,7 +42,6 @@ _TENSOR_OP = {("add", False): aten.add.Tensor, ("add", True): aten.sub.Tensor,
               ("mul", False): aten.mul.Tensor, ("mul", True): aten.div.Tensor}
 _PYTHON_OP = {aten.add.Tensor: lambda a, b: a + b, aten.sub.Tensor: lambda a, b: a - b,
               aten.mul.Tensor: lambda a, b: a * b, aten.div.Tensor: lambda a, b: a / b}
-PRODUCERS = CONVOLUTIONS | CONV_TRANSPOSES | {aten.linear.default}
 
 
 @dataclass(frozen=True)
@@ -67,14 +67,10 @@ def constant_expr(arg) -> bool:
         if node in seen or node.op == "get_attr":
             continue
         seen.add(node)
-        if node.op != "call_function" or not _pure(node):
+        if not is_pure(node):
             return False
         pending.extend(node.all_input_nodes)
     return True
-
-
-def _pure(node: fx.Node) -> bool:
-    return not node.is_impure() and torch.Tag.nondeterministic_seeded not in getattr(node.target, "tags", ())
 
 
 def _constant_operand(arg) -> bool:
@@ -138,19 +134,17 @@ class FoldAffineIntoProducer(Rule):
 
     def match(self, gm: fx.GraphModule, node: fx.Node) -> Match | Miss | None:
         op = constant_affine(node)
-        if op is None or op.x.target not in PRODUCERS:
+        if op is None or op.x.target not in WEIGHTED:
             return None
         producer, args = op.x, op_args(op.x)
         for name in ("weight", "bias"):
             if args[name] is not None and not constant_expr(args[name]):
                 return fail(f"the {name} of %{producer.name} is not a constant: freeze_params did not freeze it")
         out = tensor_meta(producer)
-        axis = out.dim() - 1 if producer.target is aten.linear.default else 1
-        miss = _channel_miss(out, op.constant, axis, producer)
+        axis = out.dim() - 1 if producer.target in LINEARS else 1
+        miss = _channel_miss(out, op.constant, axis, producer) or shared_miss(producer, "its weights cannot change")
         if miss:
             return miss
-        if len(producer.users) > 1:
-            return fail(f"the output of %{producer.name} has {len(producer.users)} users, so its weights cannot change")
         return Match({"op": op, "args": args, "channels": out.shape[axis]})
 
     def rewrite(self, gm: fx.GraphModule, node: fx.Node, match: Match) -> None:
@@ -161,20 +155,18 @@ class FoldAffineIntoProducer(Rule):
         with graph.inserting_before(producer):
             constant = _as_tensor_node(gm, op.constant, tensor_meta(producer), f"{node.name}_constant")
             if op.inverse:
-                constant = insert_call(graph, aten.reciprocal.default if op.family == "mul" else aten.neg.default,
-                                       (constant,))
+                constant = insert_op(graph, aten.reciprocal.default if op.family == "mul" else aten.neg.default,
+                                     (constant,))
             weight, bias = args["weight"], args["bias"]
             if op.family == "mul":
-                channel_dim, groups = output_channel_layout(producer, args)
+                channel_dim, groups = output_channel_layout(producer.target, args)
                 extra = (channel_dim, groups) if channel_dim else ()
-                weight = insert_call(graph, FOLD_SCALE, (weight, constant, *extra), f"{producer.name}_weight_scaled")
-                bias = insert_call(graph, FOLD_AFFINE_BIAS, (bias, constant, None, channels), f"{producer.name}_bias_scaled")
+                weight = insert_op(graph, FOLD_SCALE, (weight, constant, *extra), f"{producer.name}_weight_scaled")
+                bias = insert_op(graph, FOLD_AFFINE_BIAS, (bias, constant, None, channels), f"{producer.name}_bias_scaled")
             else:
-                bias = insert_call(graph, FOLD_AFFINE_BIAS, (bias, None, constant, channels), f"{producer.name}_bias_shifted")
-        producer.args = tuple({**args, "weight": weight, "bias": bias}.values())
-        producer.kwargs = {}
-        node.replace_all_uses_with(producer)
-        graph.erase_node(node)
+                bias = insert_op(graph, FOLD_AFFINE_BIAS, (bias, None, constant, channels), f"{producer.name}_bias_shifted")
+        set_args(producer, tuple({**args, "weight": weight, "bias": bias}.values()))
+        replace_node(node, producer)
 
 
 class MergeAffine(Rule):
@@ -188,8 +180,9 @@ class MergeAffine(Rule):
         inner = constant_affine(outer.x) if outer is not None else None
         if inner is None or inner.family != outer.family:
             return None
-        if len(outer.x.users) > 1:
-            return fail(f"%{outer.x.name} has {len(outer.x.users)} users, so its constant cannot merge with the next one")
+        miss = shared_miss(outer.x, "its constant cannot merge with the next one", f"%{outer.x.name}")
+        if miss:
+            return miss
         combine = _TENSOR_OP[outer.family, outer.inverse != inner.inverse]
         literal = not isinstance(inner.constant, fx.Node) and not isinstance(outer.constant, fx.Node)
         if literal and combine is aten.div.Tensor and outer.constant == 0:
@@ -205,13 +198,9 @@ class MergeAffine(Rule):
             else:
                 c1 = _as_tensor_node(gm, inner.constant, like, f"{node.name}_c1")
                 c2 = _as_tensor_node(gm, outer.constant, like, f"{node.name}_c2")
-                constant = insert_call(gm.graph, combine, (c1, c2), f"{node.name}_merged")
-                shape = torch.broadcast_shapes(tensor_meta(c1).shape, tensor_meta(c2).shape)
-                constant.meta["val"] = torch.empty(shape, dtype=like.dtype)
-            merged = insert_call(gm.graph, _TENSOR_OP[inner.family, inner.inverse], (inner.x, constant), node.name)
-        merged.meta.update(node.meta)
-        node.replace_all_uses_with(merged)
-        gm.graph.erase_node(node)
+                constant = insert_op(gm.graph, combine, (c1, c2), f"{node.name}_merged")
+            merged = insert_op(gm.graph, _TENSOR_OP[inner.family, inner.inverse], (inner.x, constant), node.name)
+        replace_node(node, merged)
         gm.graph.erase_node(outer.x)
 
 

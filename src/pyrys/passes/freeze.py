@@ -20,6 +20,7 @@ from typing import Iterable
 import torch
 import torch.fx as fx
 
+from pyrys.ir.edit import replace_node
 from pyrys.ir.graph import add_constant, replace_with_literal, state_inputs, state_ref
 from pyrys.passes.rewrite import PassResult
 
@@ -58,5 +59,4 @@ def _replace_with_constant(gm: fx.GraphModule, node: fx.Node, value: torch.Tenso
                            before: fx.Node) -> None:
     with gm.graph.inserting_before(before):
         constant = add_constant(gm, value, target)
-    node.replace_all_uses_with(constant)
-    gm.graph.erase_node(node)
+    replace_node(node, constant)

@@ -22,66 +22,34 @@ down to the add's position (its own inputs all come before the producer).
 """
 from __future__ import annotations
 
-
 import torch
 import torch.fx as fx
 
-from pyrys.ir.graph import insert_call, op_args
-from pyrys.ir.ops import FUSED_CONV, FUSED_CONV_TRANSPOSE, FUSED_LINEAR, FUSED_OPS
-from pyrys.ir.post_ops import ACTIVATIONS, NoPostOp, activation_post_op, format_post_op
-from pyrys.passes.fold_batch_norm import CONV_TRANSPOSES, CONVOLUTIONS
-from pyrys.passes.rewrite import Match, Miss, PassResult, Rule, apply_rules, fail
+from pyrys.ir.edit import replace_node
+from pyrys.ir.fused import FUSED_OPS, add_post_op, fused_form_miss, to_fused
+from pyrys.ir.graph import op_args
+from pyrys.ir.post_ops import ACTIVATIONS, NoPostOp, PostOp, activation_post_op
+from pyrys.ir.vocabulary import WEIGHTED
+from pyrys.passes.rewrite import Match, Miss, PassResult, Rule, apply_rules, fail, shared_miss
 
 aten = torch.ops.aten
+FUSABLE_PRODUCERS = WEIGHTED | FUSED_OPS
 
 
-def post_op_for(node: fx.Node) -> str | Miss:
-    """The post-op string for an activation node, or why it has none."""
+def post_op_for(node: fx.Node) -> PostOp | Miss:
+    """The post-op of an activation node, or why it has none."""
     try:
         return activation_post_op(node.target, op_args(node))
     except NoPostOp as reason:
         return fail(str(reason))
 
 
-FUSABLE_PRODUCERS = CONVOLUTIONS | CONV_TRANSPOSES | {aten.linear.default, *FUSED_OPS}
-
-
-def fusable_producer_miss(producer: fx.Node) -> Miss | None:
-    """Why this conv/linear cannot become a fused node (None if it can)."""
-    if producer.target in CONVOLUTIONS and isinstance(op_args(producer)["padding"], str):
-        return fail(f"conv padding='{op_args(producer)['padding']}' is not lowered to explicit padding")
-    return None
-
-
-def as_fused(gm: fx.GraphModule, producer: fx.Node) -> fx.Node:
-    """Turn a conv/linear node into the equivalent fused node with no post-ops."""
-    if producer.target in FUSED_OPS:
-        return producer
-    args = op_args(producer)
-    if producer.target is aten.linear.default:
-        fused_args = (args["input"], args["weight"], args["bias"], [], [])
-        target = FUSED_LINEAR
-    elif producer.target in CONV_TRANSPOSES:
-        fused_args = (args["input"], args["weight"], args["bias"], args["stride"], args["padding"],
-                      args["output_padding"], args["groups"], args["dilation"], [], [])
-        target = FUSED_CONV_TRANSPOSE
-    else:
-        fused_args = (args["input"], args["weight"], args["bias"], args["stride"], args["padding"],
-                      args["dilation"], args["groups"], [], [])
-        target = FUSED_CONV
-    with gm.graph.inserting_before(producer):
-        fused = insert_call(gm.graph, target, fused_args, producer.name)
-    fused.meta.update(producer.meta)
-    producer.replace_all_uses_with(fused)
-    gm.graph.erase_node(producer)
-    return fused
-
-
-def append_post_op(node: fx.Node, post_op: str, post_input: fx.Node | None = None) -> None:
-    """Add one post-op to a fused node's chain."""
-    *head, post_ops, post_inputs = node.args
-    extra = [post_input] if post_input is not None else []
-    node.args = (*head, [*post_ops, post_op], [*post_inputs, *extra])
+def _producer_miss(producer: fx.Node, post_op: PostOp) -> Miss | None:
+    """Why ``post_op`` cannot run inside this conv/linear (None if it can)."""
+    reason = fused_form_miss(producer)
+    if reason:
+        return fail(reason)
+    return shared_miss(producer, f"{post_op} cannot run inside it")
 
 
 class FuseActivation(Rule):
@@ -97,20 +65,12 @@ class FuseActivation(Rule):
         post_op = post_op_for(node)
         if isinstance(post_op, Miss):
             return post_op
-        miss = fusable_producer_miss(producer)
-        if miss:
-            return miss
-        if len(producer.users) > 1:
-            return fail(f"the output of %{producer.name} has {len(producer.users)} users, "
-                        f"so {post_op} cannot run inside it")
-        return Match({"producer": producer, "post_op": post_op})
+        return _producer_miss(producer, post_op) or Match({"producer": producer, "post_op": post_op})
 
     def rewrite(self, gm: fx.GraphModule, node: fx.Node, match: Match) -> None:
-        fused = as_fused(gm, match["producer"])
-        append_post_op(fused, match["post_op"])
-        fused.meta.update(node.meta)
-        node.replace_all_uses_with(fused)
-        gm.graph.erase_node(node)
+        fused = to_fused(gm, match["producer"])
+        add_post_op(fused, match["post_op"])
+        replace_node(node, fused)
 
 
 def _precedes(a: fx.Node, b: fx.Node) -> bool:
@@ -123,13 +83,11 @@ def _precedes(a: fx.Node, b: fx.Node) -> bool:
     return False
 
 
-def _binary_miss(node: fx.Node, producer: fx.Node, other, post_op: str) -> Miss | None:
+def _binary_miss(producer: fx.Node, other: fx.Node, post_op: PostOp) -> Miss | None:
     """Why ``post_op(producer, other)`` cannot run inside ``producer`` (None if it can)."""
-    miss = fusable_producer_miss(producer)
+    miss = _producer_miss(producer, post_op)
     if miss:
         return miss
-    if len(producer.users) > 1:
-        return fail(f"the output of %{producer.name} has {len(producer.users)} users, so {post_op} cannot run inside it")
     out, operand = producer.meta.get("val"), other.meta.get("val")
     if not isinstance(operand, torch.Tensor) or operand.dtype != out.dtype:
         return fail(f"the other operand of {post_op}, %{other.name}, is not a {out.dtype} tensor")
@@ -142,7 +100,7 @@ def _binary_miss(node: fx.Node, producer: fx.Node, other, post_op: str) -> Miss 
 class FuseBinary(Rule):
     """``conv(x) + y`` / ``y + conv(x)`` -> ``pyrys::conv_add(x, y)`` (likewise ``*``, deconv and linear)."""
 
-    def __init__(self, name: str, targets: frozenset, post_op: str):
+    def __init__(self, name: str, targets: frozenset, post_op: PostOp):
         self.name, self.anchors, self.post_op = name, targets, post_op
 
     def match(self, gm: fx.GraphModule, node: fx.Node) -> Match | Miss | None:
@@ -154,7 +112,7 @@ class FuseBinary(Rule):
         candidates.sort(key=lambda pair: not _precedes(pair[1], pair[0]))  # the later producer first
         misses = []
         for producer, other in candidates:
-            miss = _binary_miss(node, producer, other, self.post_op)
+            miss = _binary_miss(producer, other, self.post_op)
             if miss is None:
                 return Match({"producer": producer, "other": other})
             misses.append(miss.reason)
@@ -164,17 +122,15 @@ class FuseBinary(Rule):
         producer, other = match["producer"], match["other"]
         if not _precedes(other, producer):
             node.prepend(producer)  # its inputs all precede it; ``other`` precedes ``node``
-        fused = as_fused(gm, producer)
-        append_post_op(fused, format_post_op(self.post_op), other)
-        fused.meta.update(node.meta)
-        node.replace_all_uses_with(fused)
-        gm.graph.erase_node(node)
+        fused = to_fused(gm, producer)
+        add_post_op(fused, self.post_op, other)
+        replace_node(node, fused)
 
 
 POST_OP_RULES: tuple[Rule, ...] = (
     FuseActivation(),
-    FuseBinary("binary_add", frozenset({aten.add.Tensor}), "add"),
-    FuseBinary("binary_mul", frozenset({aten.mul.Tensor}), "mul"),
+    FuseBinary("binary_add", frozenset({aten.add.Tensor}), PostOp("add")),
+    FuseBinary("binary_mul", frozenset({aten.mul.Tensor}), PostOp("mul")),
 )
 
 

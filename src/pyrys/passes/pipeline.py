@@ -5,6 +5,14 @@ dump it to ``NNN_<pass>.txt`` files, time it, and (in tests) verify it.  A pass 
 ``fixed_point`` is repeated until a sweep changes nothing (rules stay single sweeps);
 its step counts every firing and keeps the misses of the last sweep, which are the
 ones still standing.
+
+Shapes and dtypes (``meta["val"]``) are propagated once at capture; after that each pass
+keeps them current for what it rewrites (:mod:`pyrys.ir.edit`), and nothing recomputes
+them behind its back: the verifier compares them with a fresh propagation after every
+pass and names the pass and the node whose record is wrong.
+
+After the pipeline, :func:`legalize_for_backends` gives every conv and linear its fused
+form (``passes/legalize.py``), outside the history: ``opt.graph`` is the pipeline's result.
 """
 from __future__ import annotations
 
@@ -17,8 +25,9 @@ import torch.fx as fx
 
 from pyrys.ir.meta import refresh_meta
 from pyrys.ir.printer import format_graph
+from pyrys.ir.verify import VerificationError
 from pyrys.passes import (cleanup, constant_propagation, fold_batch_norm, fold_constant_affine, freeze,
-                          fuse_post_ops, simplify)
+                          fuse_post_ops, legalize, simplify)
 from pyrys.passes import control_flow
 from pyrys.passes.rewrite import Miss, PassResult
 
@@ -126,12 +135,18 @@ def run_pipeline(
     return run
 
 
+def legalize_for_backends(gm: fx.GraphModule, instruments: Instruments = Instruments()) -> PassResult:
+    """The one form every backend takes (``passes/legalize.py``), verified like a pass; not in the history."""
+    result = legalize.legalize(gm)
+    _verify("legalize", gm, instruments)
+    return result
+
+
 def _run_pass(p: Pass, gm: fx.GraphModule, options: PassOptions) -> PassResult:
-    """One sweep, or sweeps until nothing fires for a fixed-point pass; meta is current afterwards."""
+    """One sweep, or sweeps until nothing fires for a fixed-point pass."""
     total = PassResult()
     for _ in range(MAX_SWEEPS if p.fixed_point else 1):
         result = p.run(gm, options)
-        refresh_meta(gm)
         total.fired.update(result.fired)
         total.misses = result.misses
         if not result.fired:
@@ -139,10 +154,18 @@ def _run_pass(p: Pass, gm: fx.GraphModule, options: PassOptions) -> PassResult:
     return total
 
 
+def _verify(name: str, gm: fx.GraphModule, instruments: Instruments) -> None:
+    if instruments.verify is None:
+        return
+    try:
+        instruments.verify(gm)
+    except VerificationError as error:
+        raise VerificationError(f"after {name}: {error}") from error
+
+
 def _record(run: PipelineRun, name: str, gm: fx.GraphModule, result: PassResult, seconds: float,
             instruments: Instruments) -> None:
-    if instruments.verify is not None:
-        instruments.verify(gm)
+    _verify(name, gm, instruments)
     text = format_graph(gm, instruments.class_name)
     step = Step(name, text, dict(result.fired), list(result.misses), seconds)
     run.history.append(step)

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch.fx as fx
 
+from pyrys.ir.vocabulary import single_user
+
 
 @dataclass
 class Match:
@@ -42,6 +44,17 @@ class Miss:
 def fail(reason: str) -> Miss:
     """A rule's check failed: ``return fail("weight is not constant")``. Filled in by :func:`apply_rules`."""
     return Miss("", "", reason)
+
+
+def shared_miss(node: fx.Node, consequence: str, subject: str | None = None) -> Miss | None:
+    """Why a rewrite cannot consume ``node``'s value: something else reads it too (None if nothing does).
+
+        shared_miss(conv, "its weights cannot change")
+        -> fail("the output of %conv has 2 users, so its weights cannot change")
+    """
+    if single_user(node):
+        return None
+    return fail(f"{subject or f'the output of %{node.name}'} has {len(node.users)} users, so {consequence}")
 
 
 class Rule:

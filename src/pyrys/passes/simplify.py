@@ -10,9 +10,9 @@ The graph is functional (nothing is written in place), so a copy that changes ne
 values nor layout is never needed.  A no-op whose input is a graph input or a constant
 and whose result is a graph output stays: removing it would hand back the input itself.
 
-Reshapes: a chain of view-like ops (``view``, ``reshape``, ``flatten``, ``squeeze``,
-``unsqueeze``) on a contiguous tensor is one ``view`` to the final shape, and a view to
-the shape the tensor already has is removed:
+Reshapes: a chain of views (:data:`pyrys.ir.vocabulary.VIEWS`: ``view``, ``reshape``, ``flatten``,
+``squeeze``, ``unsqueeze``, ``alias``) on a contiguous tensor is one ``view`` to the final shape,
+and a view to the shape the tensor already has is removed:
 
     view(flatten(x, 1), [1, 512]) -> view(x, [1, 512])       view(x, x.shape) -> x
 
@@ -26,7 +26,9 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from pyrys.ir.graph import insert_call, op_args, tensor_meta
+from pyrys.ir.edit import insert_op, replace_node
+from pyrys.ir.graph import op_args, tensor_meta
+from pyrys.ir.vocabulary import PERMUTES, VIEWS, permutation
 from pyrys.passes.rewrite import Match, Miss, PassResult, Rule, apply_rules, fail
 
 aten = torch.ops.aten
@@ -76,11 +78,6 @@ NO_OPS: dict[object, tuple[str, Callable[[torch.Tensor, dict], bool]]] = {
     aten.expand.default: ("expand", _expand_is_no_op),
 }
 
-VIEW_LIKE = frozenset({aten.view.default, aten._unsafe_view.default, aten.reshape.default,
-                       aten.flatten.using_ints, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
-                       aten.unsqueeze.default})
-PERMUTES = frozenset({aten.permute.default, aten.transpose.int})
-
 
 def _returns_own_input(node: fx.Node, source: fx.Node) -> bool:
     """Would removing ``node`` make a graph output be a graph input or a constant itself?"""
@@ -111,8 +108,7 @@ class RemoveNoOp(Rule):
         return Match({"source": source})
 
     def rewrite(self, gm: fx.GraphModule, node: fx.Node, match: Match) -> None:
-        node.replace_all_uses_with(match["source"])
-        gm.graph.erase_node(node)
+        replace_node(node, match["source"])
 
 
 class RemoveMetadataAssert(Rule):
@@ -137,13 +133,13 @@ class CollapseViews(Rule):
     """``view(view(x))`` -> ``view(x)`` (x contiguous); ``view(x, x.shape)`` -> ``x``."""
 
     name = "view_chain"
-    anchors = VIEW_LIKE
+    anchors = VIEWS
 
     def match(self, gm: fx.GraphModule, node: fx.Node) -> Match | Miss | None:
         source, out = _first_input(node), tensor_meta(node)
         if source is None or out is None:
             return None
-        while source.target in VIEW_LIKE and _first_input(source) is not None:
+        while source.target in VIEWS and _first_input(source) is not None:
             source = _first_input(source)
         x = tensor_meta(source)
         if not x.is_contiguous():
@@ -158,22 +154,8 @@ class CollapseViews(Rule):
         replacement = match["source"]
         if match["shape"] is not None:
             with gm.graph.inserting_before(node):
-                replacement = insert_call(gm.graph, aten.view.default, (match["source"], match["shape"]), "view")
-            replacement.meta.update(node.meta)
-        node.replace_all_uses_with(replacement)
-        gm.graph.erase_node(node)
-
-
-def as_permutation(node: fx.Node) -> list[int]:
-    """The dims order of a ``permute`` or ``transpose`` node (``transpose(x, 1, 2)`` -> ``[0, 2, 1, ...]``)."""
-    rank = tensor_meta(node).dim()
-    args = op_args(node)
-    if node.target is aten.permute.default:
-        return [d % rank for d in args["dims"]]
-    order = list(range(rank))
-    a, b = args["dim0"] % rank, args["dim1"] % rank
-    order[a], order[b] = order[b], order[a]
-    return order
+                replacement = insert_op(gm.graph, aten.view.default, (match["source"], match["shape"]), "view")
+        replace_node(node, replacement)
 
 
 class CollapsePermutes(Rule):
@@ -186,7 +168,7 @@ class CollapsePermutes(Rule):
         inner = _first_input(node)
         if inner is None or inner.target not in PERMUTES or tensor_meta(node) is None:
             return None
-        p, q = as_permutation(inner), as_permutation(node)
+        p, q = permutation(inner), permutation(node)
         order = [p[i] for i in q]
         source = inner.args[0]
         if order == sorted(order) and _returns_own_input(node, source):
@@ -197,10 +179,8 @@ class CollapsePermutes(Rule):
         replacement, order = match["source"], match["order"]
         if order != sorted(order):
             with gm.graph.inserting_before(node):
-                replacement = insert_call(gm.graph, aten.permute.default, (match["source"], order), "permute")
-            replacement.meta.update(node.meta)
-        node.replace_all_uses_with(replacement)
-        gm.graph.erase_node(node)
+                replacement = insert_op(gm.graph, aten.permute.default, (match["source"], order), "permute")
+        replace_node(node, replacement)
 
 
 SIMPLIFY_RULES: tuple[Rule, ...] = (

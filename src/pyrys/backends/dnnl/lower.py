@@ -16,21 +16,17 @@ from pyrys.backends.dnnl.assemble import assemble
 from pyrys.backends.dnnl.builder import Builder, PackedWeights, Unsupported
 from pyrys.backends.dnnl.fallback import lower_fallback
 from pyrys.backends.dnnl.layout import plain_md
-from pyrys.backends.dnnl.lower_conv import FUSED_CONV_TRANSPOSE, lower_conv, lower_deconv, lower_linear
+from pyrys.backends.dnnl.lower_conv import lower_conv, lower_deconv, lower_linear
 from pyrys.backends.dnnl.lower_ops import LOWERINGS as OP_LOWERINGS
 from pyrys.backends.dnnl.primitives import Engine
 from pyrys.backends.dnnl.program import DnnlProgram
 from pyrys.backends.dnnl.values import DYNAMIC, Value
 from pyrys.backends.threads import with_threads
+from pyrys.ir.fused import FUSED_CONV, FUSED_CONV_TRANSPOSE, FUSED_LINEAR
 from pyrys.ir.graph import state_ref
-from pyrys.ir.ops import FUSED_CONV, FUSED_LINEAR
 
-aten = torch.ops.aten
-CONVOLUTIONS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, FUSED_CONV}
-DECONVOLUTIONS = {aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input,
-                  FUSED_CONV_TRANSPOSE} - {None}
-LOWERINGS = {**{t: lower_conv for t in CONVOLUTIONS}, **{t: lower_deconv for t in DECONVOLUTIONS},
-             aten.linear.default: lower_linear, FUSED_LINEAR: lower_linear, **OP_LOWERINGS}
+# op -> its lowering.  Convolutions and linears arrive in their fused form only (passes/legalize.py).
+LOWERINGS = {FUSED_CONV: lower_conv, FUSED_CONV_TRANSPOSE: lower_deconv, FUSED_LINEAR: lower_linear, **OP_LOWERINGS}
 
 
 def _lower_node(builder: Builder, node: fx.Node) -> None:

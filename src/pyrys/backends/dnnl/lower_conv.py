@@ -1,4 +1,7 @@
-"""Lowering of convolution, transposed convolution and linear, with their post-op chains.
+"""Lowering of the fused ops (convolution, transposed convolution, linear) with their post-op chains.
+
+Every conv and linear arrives as its fused op (``passes/legalize.py``), read by name through
+:func:`pyrys.ir.fused.read_fused`.
 
 Weights are reordered once, at compile time, into the layout the primitive asked for
 (``format_tag_any``).  The source keeps its producer's layout when the primitive has a
@@ -17,22 +20,7 @@ from pyrys.backends.dnnl.layout import any_md, plain_md, policy_md
 from pyrys.backends.dnnl.post_ops import Chain, Operand, build_chain, operand_of
 from pyrys.backends.dnnl.primitives import PrimitiveAttr, PrimitiveDesc
 from pyrys.backends.dnnl.values import ALIAS, Value
-from pyrys.ir.graph import op_args
-from pyrys.ir.ops import FUSED_CONV, FUSED_LINEAR
-
-aten = torch.ops.aten
-FUSED_CONV_TRANSPOSE = getattr(getattr(torch.ops.pyrys, "conv_transpose", None), "default", None)
-
-
-def conv_arguments(node: fx.Node) -> dict:
-    """Arguments of a fused or plain convolution, by name, with empty post-op lists for plain ones."""
-    if node.target is FUSED_CONV:
-        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups", "post_ops", "post_inputs")
-        return dict(zip(names, node.args))
-    args = op_args(node)
-    if isinstance(args["padding"], str):
-        raise Unsupported("string padding")
-    return {**args, "post_ops": [], "post_inputs": []}
+from pyrys.ir.fused import Fused, read_fused
 
 
 def _grouped_weight_dims(weight: torch.Tensor, groups: int) -> list[int]:
@@ -99,27 +87,26 @@ def _per_dim(values, rank: int) -> list[int]:
     return list(values) * (rank if len(values) == 1 else 1)
 
 
-def _lower_conv_like(builder: Builder, node: fx.Node, a: dict, weight: torch.Tensor, bias: torch.Tensor | None,
-                     create, kind: str) -> None:
+def _lower_conv_like(builder: Builder, node: fx.Node, fused: Fused, weight: torch.Tensor,
+                     bias: torch.Tensor | None, create) -> None:
     """Shared by convolution and deconvolution: the post-op chain and the primitive in the best layout,
     then the step.  ``weight`` is already in oneDNN's logical dims; ``create(src, weights, dst, bias, attr)``
     makes the primitive descriptor."""
     out = node.meta["val"]
-    check_dtype(a["input"].meta["val"], out)
-    x = builder.value_of(a["input"])
+    check_dtype(fused.args["input"].meta["val"], out)
+    x = builder.value_of(fused.args["input"])
     w_md, b_md = any_md(weight.shape, weight.dtype), None if bias is None else plain_md(bias.shape, bias.dtype)
     for layout in _layouts_to_try(builder.policy):
         snapshot = builder.snapshot()
         dst_md = policy_md(out.shape, out.dtype, layout)
-        chain = build_chain(builder, list(a["post_ops"]), [operand_of(builder, n) for n in a["post_inputs"]], dst_md)
+        chain = build_chain(builder, fused.post_ops, [operand_of(builder, n) for n in fused.post_inputs], dst_md)
         attr = PrimitiveAttr(chain.post_ops)
         sources = (x.md, policy_md(x.md.dims, out.dtype, layout))
         pd = _first_fast([lambda src=src: create(src, w_md, dst_md, b_md, attr) for src in sources])
         if not _is_reference(pd) or layout == "nhwc":
             break
         builder.restore(snapshot, node)
-    label = f"dnnl::{kind}{out.dim() - 2}d" + "".join(f"_{n}" for n in chain.names)
-    _finish(builder, node, pd, builder.convert(x, pd.src_md()), weight, bias, chain, label)
+    _finish(builder, node, pd, builder.convert(x, pd.src_md()), weight, bias, chain, f"dnnl::{fused.label}")
 
 
 def _constant_weights(builder: Builder, a: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -130,7 +117,8 @@ def _constant_weights(builder: Builder, a: dict) -> tuple[torch.Tensor, torch.Te
 
 
 def lower_conv(builder: Builder, node: fx.Node) -> None:
-    a = conv_arguments(node)
+    fused = read_fused(node)
+    a = fused.args
     weight, bias = _constant_weights(builder, a)
     rank = weight.dim() - 2
     stride, padding, dilation = (_per_dim(a[k], rank) for k in ("stride", "padding", "dilation"))
@@ -140,18 +128,13 @@ def lower_conv(builder: Builder, node: fx.Node) -> None:
                               dilation=dilation, attr=attr)
 
     grouped = weight.reshape(_grouped_weight_dims(weight, a["groups"]))
-    _lower_conv_like(builder, node, a, grouped, bias, create, "conv")
-
-
-def _linear_arguments(node: fx.Node) -> dict:
-    if node.target is FUSED_LINEAR:
-        return dict(zip(("input", "weight", "bias", "post_ops", "post_inputs"), node.args))
-    return {**op_args(node), "post_ops": [], "post_inputs": []}
+    _lower_conv_like(builder, node, fused, grouped, bias, create)
 
 
 def lower_linear(builder: Builder, node: fx.Node) -> None:
     """``y = x W^T + b`` as an inner product on ``x`` viewed as 2-D (leading dims flattened)."""
-    a = _linear_arguments(node)
+    fused = read_fused(node)
+    a = fused.args
     weight, bias = builder.constant(a["weight"]), builder.constant(a["bias"])
     if weight is None or weight.dim() != 2 or (a["bias"] is not None and bias is None):
         raise Unsupported("linear weights are not 2-D constants")
@@ -160,13 +143,12 @@ def lower_linear(builder: Builder, node: fx.Node) -> None:
     rows = out.numel() // out.shape[-1]
     x = _as_2d(builder, builder.value_of(a["input"]), rows)
     dst_md = plain_md([rows, weight.shape[0]], out.dtype)
-    operands = [_operand_2d(builder, n, rows) for n in a["post_inputs"]]
-    chain = build_chain(builder, list(a["post_ops"]), operands, dst_md)
+    operands = [_operand_2d(builder, n, rows) for n in fused.post_inputs]
+    chain = build_chain(builder, fused.post_ops, operands, dst_md)
     b_md = None if bias is None else plain_md(bias.shape, bias.dtype)
     pd = _first_fast([lambda: inner_product_pd(builder.engine, x.md, any_md(weight.shape, weight.dtype), dst_md,
                                                b_md, attr=PrimitiveAttr(chain.post_ops))])
-    label = "dnnl::linear" + "".join(f"_{n}" for n in chain.names)
-    dst = _finish(builder, node, pd, x, weight, bias, chain, label)
+    dst = _finish(builder, node, pd, x, weight, bias, chain, f"dnnl::{fused.label}")
     if out.dim() != 2:
         builder.values[node] = Value(node.name, plain_md(out.shape, out.dtype), ALIAS, dst)
 
@@ -194,14 +176,6 @@ def _numel(dims) -> int:
     return count
 
 
-def _deconv_arguments(node: fx.Node) -> dict:
-    if node.target is FUSED_CONV_TRANSPOSE:
-        names = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation",
-                 "post_ops", "post_inputs")
-        return dict(zip(names, node.args))
-    return {**op_args(node), "post_ops": [], "post_inputs": []}
-
-
 def _deconv_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
     """torch (I, O/G, k...) -> oneDNN ([G,] O/G, I/G, k...), contiguous."""
     in_channels, out_per_group, *kernel = weight.shape
@@ -211,7 +185,8 @@ def _deconv_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
 
 def lower_deconv(builder: Builder, node: fx.Node) -> None:
     """Transposed convolution; torch's output_padding p_o becomes oneDNN's padding_r = p - p_o."""
-    a = _deconv_arguments(node)
+    fused = read_fused(node)
+    a = fused.args
     weight, bias = _constant_weights(builder, a)
     rank = weight.dim() - 2
     stride, padding, output_padding, dilation = (
@@ -222,4 +197,4 @@ def lower_deconv(builder: Builder, node: fx.Node) -> None:
         return deconvolution_pd(builder.engine, src, weights, dst, bias_md, strides=stride, padding_l=padding,
                                 padding_r=padding_r, dilation=dilation, attr=attr)
 
-    _lower_conv_like(builder, node, a, _deconv_weight(weight, a["groups"]), bias, create, "conv_transpose")
+    _lower_conv_like(builder, node, fused, _deconv_weight(weight, a["groups"]), bias, create)

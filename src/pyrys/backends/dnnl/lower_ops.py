@@ -22,7 +22,8 @@ from pyrys.backends.dnnl.post_ops import DROPS_NAN, eltwise_post_ops, eltwise_st
 from pyrys.backends.dnnl.primitives import MemoryDesc, PrimitiveAttr
 from pyrys.backends.dnnl.values import ALIAS, PLANNED, Value
 from pyrys.ir.graph import op_args
-from pyrys.ir.post_ops import ACTIVATIONS, NoPostOp, activation_post_op
+from pyrys.ir.post_ops import ACTIVATIONS, NoPostOp, PostOp, activation_post_op
+from pyrys.ir.vocabulary import PERMUTES, VIEWS, permutation
 
 aten = torch.ops.aten
 
@@ -41,13 +42,13 @@ def same_layout_md(value: Value, shape) -> MemoryDesc:
     return plain_md(shape, torch.float32)
 
 
-def _unary(builder: Builder, node: fx.Node, spec: str) -> None:
+def _unary(builder: Builder, node: fx.Node, post_op: PostOp) -> None:
     """One eltwise primitive; a chain of steps runs as the post-ops of ``x + 0`` (a binary
     primitive: oneDNN's eltwise primitive takes post-ops only on its reference code)."""
     x = builder.value_of(node.args[0])
     check_dtype(node.args[0].meta["val"], node.meta["val"])
-    (alg, alpha, beta), *rest = steps = eltwise_steps(spec)
-    name = spec.split(":")[0]
+    (alg, alpha, beta), *rest = steps = eltwise_steps(post_op)
+    name = post_op.name
     text = node_text(node, f"dnnl::{name}", f"format_info=[{x.layout()}]", [f"%{x.name}"])
     if not rest:
         pd = eltwise_pd(builder.engine, alg, x.md, x.md, alpha, beta)
@@ -61,10 +62,10 @@ def _unary(builder: Builder, node: fx.Node, spec: str) -> None:
 
 def lower_unary(builder: Builder, node: fx.Node) -> None:
     try:
-        spec = activation_post_op(node.target, op_args(node))
+        post_op = activation_post_op(node.target, op_args(node))
     except NoPostOp as reason:
         raise Unsupported(str(reason)) from None
-    _unary(builder, node, spec)
+    _unary(builder, node, post_op)
 
 
 BINARY_ALGS = {aten.add.Tensor: AlgKind.binary_add, aten.mul.Tensor: AlgKind.binary_mul,
@@ -319,10 +320,6 @@ def lower_upsample(builder: Builder, node: fx.Node) -> None:
                           pd, {ARG_SRC: x, ARG_DST: out}, [x], [out])
 
 
-VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.flatten.using_ints,
-         aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.unsqueeze.default, aten.alias.default}
-
-
 def lower_view(builder: Builder, node: fx.Node) -> None:
     """A view of a planned value is an alias: same bytes, another descriptor, no step."""
     source = builder.value_of(node.args[0])
@@ -334,23 +331,13 @@ def lower_view(builder: Builder, node: fx.Node) -> None:
     builder.values[node] = Value(node.name, plain_md(meta.shape, meta.dtype), ALIAS, plain)
 
 
-def _permutation(node: fx.Node) -> list[int]:
-    rank = node.meta["val"].dim()
-    if node.target is aten.transpose.int:
-        order = list(range(rank))
-        first, second = node.args[1] % rank, node.args[2] % rank
-        order[first], order[second] = order[second], order[first]
-        return order
-    return [d % rank for d in node.args[1]]
-
-
 def lower_permute(builder: Builder, node: fx.Node) -> None:
     """A permute is an alias with permuted axes: no data moves until a consumer needs another layout."""
     source = builder.value_of(node.args[0])
     if source.root.kind != PLANNED:
         raise Unsupported("permute of a dynamic tensor")
     check_dtype(node.meta["val"])
-    builder.values[node] = Value(node.name, source.md.permute(_permutation(node)), ALIAS, source)
+    builder.values[node] = Value(node.name, source.md.permute(permutation(node)), ALIAS, source)
 
 
 def lower_clone(builder: Builder, node: fx.Node) -> None:
@@ -410,9 +397,8 @@ LOWERINGS = {
     aten.upsample_bilinear2d.default: lower_upsample,
     aten.upsample_nearest2d.vec: lower_upsample,
     aten.upsample_bilinear2d.vec: lower_upsample,
-    aten.permute.default: lower_permute,
+    **{target: lower_permute for target in PERMUTES},
     aten.clone.default: lower_clone,
-    aten.transpose.int: lower_permute,
     aten.split.Tensor: lower_split,
     aten.split_with_sizes.default: lower_split,
     operator.getitem: lower_getitem,

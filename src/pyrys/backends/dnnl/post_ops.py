@@ -8,7 +8,7 @@ primitive then writes into the residual's buffer), else a *binary add*; ``mul`` 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 from torch.utils._pytree import tree_leaves
 
@@ -18,7 +18,7 @@ from pyrys.backends.dnnl.layout import plain_md
 from pyrys.backends.dnnl.primitives import MemoryDesc, PostOps
 from pyrys.backends.dnnl.tensors import DNNL_TO_TORCH
 from pyrys.backends.dnnl.values import PLANNED, Value
-from pyrys.ir.post_ops import parse_post_op
+from pyrys.ir.post_ops import PostOp
 
 Eltwise = tuple[AlgKind, float, float]  # one oneDNN eltwise step: algorithm, alpha, beta
 FLT_MAX = 3.4028234663852886e38
@@ -65,12 +65,11 @@ DROPS_NAN = frozenset({"clamp", "hardsigmoid"})
 BINARY = {"add": AlgKind.binary_add, "mul": AlgKind.binary_mul}
 
 
-def eltwise_steps(spec: str) -> list[Eltwise]:
-    """The oneDNN eltwise steps of a unary post-op spec (``"clamp:0.0,6.0"``)."""
-    kind, params = parse_post_op(spec)
-    if kind.name not in ELTWISE:
-        raise Unsupported(f"post-op {kind.name} has no oneDNN eltwise")
-    return ELTWISE[kind.name](*params)
+def eltwise_steps(post_op: PostOp) -> list[Eltwise]:
+    """The oneDNN eltwise steps of a unary post-op (``PostOp("clamp", (0.0, 6.0))``)."""
+    if post_op.name not in ELTWISE:
+        raise Unsupported(f"post-op {post_op.name} has no oneDNN eltwise")
+    return ELTWISE[post_op.name](*post_op.params)
 
 
 def eltwise_post_ops(steps: list[Eltwise]) -> PostOps:
@@ -116,17 +115,16 @@ def can_sum_into(operand: Operand, dst_md: MemoryDesc) -> bool:
     return operand.exclusive and operand.value.root.kind == PLANNED and operand.value.md == dst_md
 
 
-def build_chain(builder: Builder, specs: list[str], operands: list[Operand], dst_md: MemoryDesc,
+def build_chain(builder: Builder, post_ops: Sequence[PostOp], operands: list[Operand], dst_md: MemoryDesc,
                 allow_sum: bool = True) -> Chain:
     chain = Chain(PostOps())
     pending = iter(operands)
-    for spec in specs:
-        kind, _ = parse_post_op(spec)
-        chain.names.append(kind.name)
-        if kind.binary:
-            _append_binary(builder, chain, kind.name, next(pending), dst_md, allow_sum)
+    for post_op in post_ops:
+        chain.names.append(post_op.name)
+        if post_op.binary:
+            _append_binary(builder, chain, post_op.name, next(pending), dst_md, allow_sum)
         else:
-            for alg, alpha, beta in eltwise_steps(spec):
+            for alg, alpha, beta in eltwise_steps(post_op):
                 chain.post_ops.append_eltwise(alg, alpha, beta)
     return chain
 

@@ -1,0 +1,168 @@
+"""Fused ops: a convolution, transposed convolution or linear and its post-op chain, as one node.
+
+    o = add(relu(conv2d(x, W, b, stride, padding, dilation, groups)), r)
+    ==  pyrys::conv(x, W, b, stride, padding, dilation, groups, post_ops=["relu", "add"], post_inputs=[r])
+
+printed ``pyrys::conv2d_relu_add``.  ``FUSED_KINDS`` holds one row per family: the op's name,
+the ATen ops it stands for, its own arguments (named and ordered as in ATen) and the base
+computation; the ops are registered from it.  :func:`read_fused` is the one reader of a fused
+node's arguments, :func:`to_fused` and :func:`add_post_op` are its only writers: nothing else
+knows their positions or how a post-op is spelled in the schema.  Before the backends, every
+conv and linear takes this form (``passes/legalize.py``), so they lower these three ops only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from pyrys.ir.edit import insert_op, replace_node, set_args
+from pyrys.ir.graph import op_args
+from pyrys.ir.ops import pyrys_op
+from pyrys.ir.post_ops import PostOp, apply_post_ops
+from pyrys.ir.vocabulary import CONV_TRANSPOSES, CONVOLUTIONS, LINEARS
+
+_CONV_BY_RANK = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_TRANSPOSE_BY_RANK = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+_POST_OP_SIGNATURE = "str[] post_ops, Tensor[] post_inputs"
+
+
+@dataclass(frozen=True)
+class FusedKind:
+    """One family of fused ops: ``pyrys::<name>(<signature>, post_ops, post_inputs)`` standing for ``bases``."""
+
+    name: str
+    bases: frozenset
+    signature: str  # its own arguments, as schema text
+    compute: Callable[..., torch.Tensor]  # the base op, on those arguments
+    ranked: bool = True  # printed with the spatial rank: conv2d, conv_transpose3d
+
+    @property
+    def op(self) -> torch._ops.OpOverload:
+        return getattr(torch.ops.pyrys, self.name).default
+
+    @property
+    def arguments(self) -> tuple[str, ...]:
+        """Its own argument names, in order: ``("input", "weight", "bias")`` for linear."""
+        return tuple(argument.split()[-1] for argument in self.signature.split(", "))
+
+
+def _conv(input, weight, bias, stride, padding, dilation, groups):
+    """Convolution, 1d/2d/3d by the weight's rank."""
+    return _CONV_BY_RANK[weight.dim() - 2](input, weight, bias, stride, padding, dilation, groups)
+
+
+def _conv_transpose(input, weight, bias, stride, padding, output_padding, groups, dilation):
+    """Transposed convolution, 1d/2d/3d by the weight's rank (ATen's argument order)."""
+    fn = _CONV_TRANSPOSE_BY_RANK[weight.dim() - 2]
+    return fn(input, weight, bias, stride, padding, output_padding, groups, dilation)
+
+
+FUSED_KINDS: tuple[FusedKind, ...] = (
+    FusedKind("conv", CONVOLUTIONS, "Tensor input, Tensor weight, Tensor? bias, int[] stride, int[] padding, "
+              "int[] dilation, int groups", _conv),
+    FusedKind("conv_transpose", CONV_TRANSPOSES, "Tensor input, Tensor weight, Tensor? bias, int[] stride, "
+              "int[] padding, int[] output_padding, int groups, int[] dilation", _conv_transpose),
+    FusedKind("linear", LINEARS, "Tensor input, Tensor weight, Tensor? bias", F.linear, ranked=False),
+)
+
+
+def _register(kind: FusedKind) -> None:
+    """``pyrys::<kind.name>``: the base op, then its post-op chain (the same function is its fake)."""
+
+    def run(*args):
+        *own, post_ops, post_inputs = args
+        return apply_post_ops(kind.compute(*own), [PostOp.parse(p) for p in post_ops], post_inputs)
+
+    run.__name__ = run.__qualname__ = kind.name
+    op = pyrys_op(kind.name, f"({kind.signature}, {_POST_OP_SIGNATURE}) -> Tensor")(run)
+    op.register_fake(run)
+
+
+for _kind in FUSED_KINDS:
+    _register(_kind)
+
+FUSED_BY_OP = {kind.op: kind for kind in FUSED_KINDS}
+FUSED_BY_BASE = {base: kind for kind in FUSED_KINDS for base in kind.bases}
+FUSED_OPS = frozenset(FUSED_BY_OP)  # every op with a post-op chain
+FUSED_CONV = torch.ops.pyrys.conv.default
+FUSED_CONV_TRANSPOSE = torch.ops.pyrys.conv_transpose.default
+FUSED_LINEAR = torch.ops.pyrys.linear.default
+
+
+@dataclass(frozen=True)
+class Fused:
+    """A fused node read by name: its kind, its own arguments, its post-ops and their tensor operands."""
+
+    kind: FusedKind
+    args: dict[str, Any]
+    post_ops: tuple[PostOp, ...] = ()
+    post_inputs: tuple[fx.Node, ...] = ()
+
+    @property
+    def label(self) -> str:
+        """``conv2d_relu_add``: the family (with the weight's spatial rank) and the post-op names."""
+        base = self.kind.name
+        if self.kind.ranked:
+            base += f"{self.args['weight'].meta['val'].dim() - 2}d"
+        return "_".join([base, *(p.name for p in self.post_ops)])
+
+    def node_args(self) -> tuple:
+        """The node's positional arguments: its own, then ``post_ops`` as schema strings, then ``post_inputs``."""
+        own = (self.args[name] for name in self.kind.arguments)
+        return (*own, [str(p) for p in self.post_ops], list(self.post_inputs))
+
+
+def read_fused(node: fx.Node) -> Fused | None:
+    """``node`` read by name if it calls a fused op, else None; ``ValueError`` saying what is malformed."""
+    kind = FUSED_BY_OP.get(node.target)
+    if kind is None:
+        return None
+    names = (*kind.arguments, "post_ops", "post_inputs")
+    values = {**dict(zip(names, node.args)), **node.kwargs}
+    if len(node.args) > len(names) or set(values) != set(names):
+        raise ValueError(f"pyrys::{kind.name} takes ({', '.join(names)}), not {len(node.args)} arguments "
+                         f"and {sorted(node.kwargs)}")
+    if not isinstance(values["post_ops"], (list, tuple)) or not isinstance(values["post_inputs"], (list, tuple)):
+        raise ValueError("post_ops and post_inputs must be lists")
+    post_ops = tuple(PostOp.parse(p) for p in values["post_ops"])
+    binaries = sum(p.binary for p in post_ops)
+    if binaries != len(values["post_inputs"]):
+        raise ValueError(f"{binaries} binary post-ops but {len(values['post_inputs'])} operands")
+    return Fused(kind, {name: values[name] for name in kind.arguments}, post_ops, tuple(values["post_inputs"]))
+
+
+def fused_form_miss(node: fx.Node) -> str | None:
+    """Why this conv, transposed conv or linear has no fused form (None if it has one)."""
+    if node.target in CONVOLUTIONS and isinstance(op_args(node)["padding"], str):
+        return f"conv padding='{op_args(node)['padding']}' is not lowered to explicit padding"
+    return None
+
+
+def to_fused(gm: fx.GraphModule, node: fx.Node, in_place: bool = False) -> fx.Node:
+    """``node`` as its fused op with no post-ops: a new node replacing it, or with ``in_place`` the node
+    itself, keeping its name (a fused node is returned as it is).
+
+        %y = aten::conv2d(%x, %w, %b, [1, 1], [0, 0], [1, 1], 1)  ->  %y_1 = pyrys::conv2d(<the same arguments>)
+    """
+    if node.target in FUSED_OPS:
+        return node
+    kind = FUSED_BY_BASE[node.target]
+    args = Fused(kind, op_args(node)).node_args()
+    if in_place:
+        set_args(node, args, kind.op)
+        return node
+    with gm.graph.inserting_before(node):
+        fused = insert_op(gm.graph, kind.op, args, node.name)
+    replace_node(node, fused)
+    return fused
+
+
+def add_post_op(node: fx.Node, post_op: PostOp, operand: fx.Node | None = None) -> None:
+    """Append ``post_op`` (and its tensor operand, if binary) to a fused node's chain."""
+    fused = read_fused(node)
+    operands = fused.post_inputs + ((operand,) if post_op.binary else ())
+    set_args(node, replace(fused, post_ops=fused.post_ops + (post_op,), post_inputs=operands).node_args())

@@ -1,0 +1,70 @@
+"""The op vocabulary: op groups and small predicates, defined once for the passes and the backends.
+
+    CONVOLUTIONS     conv1d/2d/3d (explicit or string padding)     y = conv(x, W) + b
+    CONV_TRANSPOSES  conv_transpose1d/2d/3d                         y = conv_transpose(x, W) + b
+    LINEARS          linear                                         y = x W^T + b
+    WEIGHTED         all of the above: a constant weight, one bias value per output channel
+    VIEWS            the same bytes under another shape: view, reshape, flatten, squeeze, unsqueeze, alias
+    PERMUTES         the same bytes with the dims reordered: permute, transpose
+
+A pass or a backend that needs one of these names imports it from here, never from another pass.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from pyrys.ir.control_flow import has_effects
+from pyrys.ir.graph import op_args
+
+aten = torch.ops.aten
+
+CONVOLUTIONS = frozenset({aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
+                          aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding})
+CONV_TRANSPOSES = frozenset({aten.conv_transpose1d.default, aten.conv_transpose2d.input,
+                             aten.conv_transpose3d.input})
+LINEARS = frozenset({aten.linear.default})
+WEIGHTED = CONVOLUTIONS | CONV_TRANSPOSES | LINEARS
+VIEWS = frozenset({aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.flatten.using_ints,
+                   aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.unsqueeze.default,
+                   aten.alias.default})
+PERMUTES = frozenset({aten.permute.default, aten.transpose.int})
+
+
+def is_pure(node: fx.Node) -> bool:
+    """Same arguments, same result, no effect: a constant, or a call that is neither impure nor random.
+
+    Such a node may be merged with its twin, evaluated at compile time, or dropped when unused."""
+    if node.op == "get_attr":
+        return True
+    if node.op != "call_function" or has_effects(node):
+        return False
+    return torch.Tag.nondeterministic_seeded not in getattr(node.target, "tags", ())
+
+
+def single_user(node: fx.Node) -> bool:
+    """Exactly one node reads ``node``'s value: a rewrite may consume it."""
+    return len(node.users) == 1
+
+
+def permutation(node: fx.Node) -> list[int]:
+    """The dims order of a ``permute`` or ``transpose`` node: output dim ``i`` is input dim ``order[i]``.
+
+        permute(x, [0, 2, -1, 1]) -> [0, 2, 3, 1]        transpose(x, 1, 2) (4-d) -> [0, 2, 1, 3]
+    """
+    rank = node.meta["val"].dim()
+    args = op_args(node)
+    if node.target is aten.permute.default:
+        return [d % rank for d in args["dims"]]
+    order = list(range(rank))
+    a, b = args["dim0"] % rank, args["dim1"] % rank
+    order[a], order[b] = order[b], order[a]
+    return order
+
+
+def output_channel_layout(target, args: dict) -> tuple[int, int]:
+    """``(channel_dim, groups)``: where a weight keeps its output channels, as ``fold_weight`` takes them.
+
+    Dim 0 for conv and linear weights ``(out, in/g, k...)``; dim 1, split over ``groups`` blocks,
+    for transposed conv weights ``(in, out/g, k...)``."""
+    return (1, args["groups"]) if target in CONV_TRANSPOSES else (0, 1)
