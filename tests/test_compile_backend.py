@@ -103,6 +103,20 @@ def test_unknown_option_is_refused():
         compiled(image())
 
 
+def test_options_are_optimizes_keywords_threads_and_layout_included(dynamo_graphs):
+    import inspect
+
+    keywords = {name for name, p in inspect.signature(pyrys.optimize).parameters.items() if p.kind is p.KEYWORD_ONLY}
+    assert {"threads", "layout"} <= keywords
+    model = conv_bn_relu()
+    options = {"backend": "reference", "threads": 1, "layout": "nhwc"}
+    compiled = torch.compile(model, backend="pyrys", options=options)
+    assert pyrys.relative_error(compiled(image()), model(image())) <= TOLERANCE
+    (graph,) = dynamo_graphs
+    (program,) = graph.programs.values()
+    assert (program._config.threads, program._config.layout) == (1, "nhwc")
+
+
 def test_disabled_passes_pass_through(dynamo_graphs):
     model = conv_bn_relu()
     compiled = torch.compile(model, backend="pyrys", options={"backend": "reference", "disable": ["fold_conv_bn"]})

@@ -2,6 +2,8 @@
 
     compiled = torch.compile(model, backend="pyrys", options={"backend": "reference", "disable": ["fold_conv_bn"]})
 
+``options`` are :func:`pyrys.optimize`'s keyword options (``threads``, ``layout``, ``disable`` ...).
+
 Dynamo (torch 2.14, default config) passes a model's parameters and buffers to the graph
 as inputs.  pyrys recognizes them by their source (``L['self']._modules['conv']._parameters
 ['weight']``), puts them back as state of a small module around the graph (``conv.weight``),
@@ -16,6 +18,7 @@ covers the rest without registering it twice.
 """
 from __future__ import annotations
 
+import inspect
 import re
 import sys
 from typing import Any, Callable
@@ -28,8 +31,9 @@ from pyrys.optimize import OptimizedModule, optimize
 from pyrys.signature import signature_of
 
 BACKEND_NAME = "pyrys"
-_OPTION_NAMES = frozenset({"backend", "disable", "freeze_params", "freeze_flags", "verify", "print_after_each",
-                           "dump_dir"})
+# the options are optimize's keyword options, all of them
+_OPTION_NAMES = frozenset(name for name, parameter in inspect.signature(optimize).parameters.items()
+                          if parameter.kind is inspect.Parameter.KEYWORD_ONLY)
 _STATE_SOURCE = re.compile(r"\['([^']+)'\]|\.([A-Za-z_]\w*)")
 _SOURCE_ROOT = re.compile(r"[LG]\['([^']+)'\]")  # a local or global of the compiled frame
 _COMPILED_MODULE = ("self", "fn")

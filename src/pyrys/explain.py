@@ -62,9 +62,6 @@ class Explanation:
             groups[miss.rule, reason_template(miss.reason)].append(miss.node)
         return dict(sorted(groups.items(), key=lambda item: -len(item[1])))
 
-    def misses_of(self, *rules: str) -> list[Miss]:
-        return [m for m in self.misses if m.rule in rules]
-
     def render(self, examples: int = 4) -> str:
         lines = [self.title, ""]
         for name, total, counts in self.pass_counts():

@@ -70,8 +70,11 @@ def _tensor_attribute_names(cpp: torch._C.ScriptModule) -> set[str]:
     return {name.rsplit(".", 1)[-1] for name, _ in named}
 
 
-def _has_flag(cpp: torch._C.ScriptModule, name: str) -> bool:
-    return any(sub._c.hasattr(name) and isinstance(sub._c.getattr(name), bool) for sub in _wrapped(cpp).modules())
+def _flag_names(cpp: torch._C.ScriptModule) -> set[str]:
+    """The bool attributes of the module and its submodules (``training``, ``strict`` ...)."""
+    return {name for sub in _wrapped(cpp).modules()
+            for name, (jit_type, _) in sub._concrete_type.get_attributes().items()
+            if isinstance(jit_type, torch._C.BoolType)}
 
 
 def _jit_pass_freeze_params(module: Any, method_name: str, attribute: str) -> None:
@@ -94,8 +97,10 @@ def _jit_pass_freeze_flags(module: Any, method_name: str, attribute: str, value:
     _check_method(cpp, method_name)
     if not isinstance(value, bool):
         raise TypeError(f"a flag is frozen to True or False, got {value!r}")
-    if not _has_flag(cpp, attribute):
-        raise AttributeError(f"the scripted module has no bool attribute named {attribute!r}")
+    flags = _flag_names(cpp)
+    if attribute not in flags:
+        raise AttributeError(f"the scripted module has no bool attribute named {attribute!r}; "
+                             f"its bool attributes are named {sorted(flags)}")
     entry = requests_for(cpp)
     entry.flags[attribute] = value
     entry.compiled.clear()

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
-import torch.fx as fx
 from torch.export import ExportedProgram
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -22,11 +21,11 @@ from pyrys.capture.export import capture_module, rename_for_export
 from pyrys.capture.exported_program import capture_exported, exported_example_inputs
 from pyrys.capture.torchscript import capture_torchscript, is_torchscript, script_class_name
 from pyrys.errors import DeviceError, ModelCopyError
+from pyrys.forwarding import forwarded
 from pyrys.ir.verify import make_verifier, output_types
 from pyrys.passes.freeze import ALL
-from pyrys.passes.pipeline import (Instruments, PassOptions, PipelineRun, Step, check_pass_names,
-                                   legalize_for_backends, run_pipeline)
-from pyrys.passes.rewrite import Miss
+from pyrys.passes.pipeline import (Instruments, PassOptions, PipelineRun, check_pass_names, legalize_for_backends,
+                                   run_pipeline)
 from pyrys.signature import InputError, Signature, check_compatible, runnable_inputs, signature_of
 
 
@@ -192,30 +191,16 @@ class OptimizedModule(torch.nn.Module):
     def graph(self) -> str:
         return self._first.run.history[-1].graph
 
-    @property
-    def graph_module(self) -> fx.GraphModule:
-        return self._first.captured.gm
-
-    @property
-    def history(self) -> list[Step]:
-        return self._first.run.history
-
-    @property
-    def misses(self) -> list[Miss]:
-        return self._first.run.misses
+    graph_module = forwarded("_first.captured.gm", "The optimized graph module (first input signature).")
+    history = forwarded("_first.run.history", "Every pass's :class:`pyrys.passes.pipeline.Step`: graph text, rule counts, misses.")
+    misses = forwarded("_first.run.misses", "The :class:`pyrys.passes.rewrite.Miss` records still standing after the pipeline.")
+    backend = forwarded("_first.backend", "The backend the program runs on: ``\"dnnl\"`` or ``\"reference\"``.")
+    notes = forwarded("_first.notes", "What capture and the backend choice said (a fallback, a dropped write).")
 
     @property
     def frontend(self) -> str:
         """How the model came in: ``"nn.Module"``, ``"TorchScript"``, ``"ExportedProgram"``."""
         return self._frontend.kind
-
-    @property
-    def backend(self) -> str:
-        return self._first.backend
-
-    @property
-    def notes(self) -> list[str]:
-        return self._first.notes
 
     def program_text(self) -> str:
         return self._first.program.describe()

@@ -6,7 +6,6 @@ peak, compile time, memory and error.  Then one line per model: pyrys-dnnl again
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -84,9 +83,3 @@ def command_line() -> str:
 
 def write_markdown(rows: list[dict], machine: dict, command: str, path: Path) -> None:
     path.write_text(render(rows, machine, command))
-
-
-def from_json(json_path: str | Path, command: str, out_path: str | Path) -> None:
-    """Render a ``bench.json`` written by ``pyrys bench``."""
-    data = json.loads(Path(json_path).read_text())
-    write_markdown(data["rows"], data["machine"], command, Path(out_path))

@@ -61,12 +61,6 @@ class PyrysPeer(Peer):
         self.name = f"pyrys-{backend}"
 
     def available(self) -> tuple[bool, str]:
-        try:
-            import pyrys
-        except ImportError as error:
-            return False, f"pyrys is not importable: {error}"
-        if not hasattr(pyrys, "optimize"):
-            return False, "pyrys.optimize does not exist yet"
         if self.backend not in pyrys_backends(available_only=True):
             return False, f"pyrys backend {self.backend!r} is not available on this machine"
         return True, ""

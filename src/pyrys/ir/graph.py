@@ -44,10 +44,6 @@ def state_ref(node: fx.Node) -> StateRef | None:
     return node.meta.get(STATE_KEY) if node.op == "placeholder" else None
 
 
-def user_inputs(graph: fx.Graph) -> list[fx.Node]:
-    return [n for n in graph.nodes if n.op == "placeholder" and STATE_KEY not in n.meta]
-
-
 def state_inputs(graph: fx.Graph) -> list[fx.Node]:
     return [n for n in graph.nodes if n.op == "placeholder" and STATE_KEY in n.meta]
 

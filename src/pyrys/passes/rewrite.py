@@ -77,15 +77,6 @@ class PassResult:
     fired: Counter = field(default_factory=Counter)
     misses: list[Miss] = field(default_factory=list)
 
-    def merge(self, other: "PassResult") -> "PassResult":
-        self.fired.update(other.fired)
-        self.misses.extend(other.misses)
-        return self
-
-    @property
-    def total(self) -> int:
-        return sum(self.fired.values())
-
 
 def apply_rules(gm: fx.GraphModule, rules: tuple[Rule, ...]) -> PassResult:
     """One sweep over the graph in order; each node is offered to the rules anchored on its target."""

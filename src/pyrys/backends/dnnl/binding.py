@@ -73,7 +73,6 @@ FUNCTIONS: tuple[tuple[str, Any, tuple], ...] = (
     ("dnnl_engine_create", status_t, (handle_p, enum_t, c_size_t)),
     ("dnnl_engine_destroy", status_t, (c_void_p,)),
     ("dnnl_stream_create", status_t, (handle_p, c_void_p, c_uint)),
-    ("dnnl_stream_wait", status_t, (c_void_p,)),
     ("dnnl_stream_destroy", status_t, (c_void_p,)),
     # memory descriptors
     ("dnnl_memory_desc_create_with_tag", status_t, (handle_p, c_int, Dims, enum_t, enum_t)),

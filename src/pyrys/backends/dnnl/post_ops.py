@@ -115,23 +115,21 @@ def can_sum_into(operand: Operand, dst_md: MemoryDesc) -> bool:
     return operand.exclusive and operand.value.root.kind == PLANNED and operand.value.md == dst_md
 
 
-def build_chain(builder: Builder, post_ops: Sequence[PostOp], operands: list[Operand], dst_md: MemoryDesc,
-                allow_sum: bool = True) -> Chain:
+def build_chain(builder: Builder, post_ops: Sequence[PostOp], operands: list[Operand], dst_md: MemoryDesc) -> Chain:
     chain = Chain(PostOps())
     pending = iter(operands)
     for post_op in post_ops:
         chain.names.append(post_op.name)
         if post_op.binary:
-            _append_binary(builder, chain, post_op.name, next(pending), dst_md, allow_sum)
+            _append_binary(builder, chain, post_op.name, next(pending), dst_md)
         else:
             for alg, alpha, beta in eltwise_steps(post_op):
                 chain.post_ops.append_eltwise(alg, alpha, beta)
     return chain
 
 
-def _append_binary(builder: Builder, chain: Chain, name: str, operand: Operand, dst_md: MemoryDesc,
-                   allow_sum: bool) -> None:
-    if name == "add" and allow_sum and chain.sum_base is None and can_sum_into(operand, dst_md):
+def _append_binary(builder: Builder, chain: Chain, name: str, operand: Operand, dst_md: MemoryDesc) -> None:
+    if name == "add" and chain.sum_base is None and can_sum_into(operand, dst_md):
         chain.post_ops.append_sum(1.0)
         chain.sum_base = operand.value
         return

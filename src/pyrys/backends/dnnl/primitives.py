@@ -72,9 +72,6 @@ class Stream(Handle):
         super().__init__(create("dnnl_stream_create", "cpu in-order stream", engine.handle, StreamFlags.in_order))
         self.engine = engine
 
-    def wait(self) -> None:
-        check(self._lib.dnnl_stream_wait(self.handle), "dnnl_stream_wait", "stream")
-
 
 class MemoryDesc(Handle):
     """An owned dnnl_memory_desc_t: dims, data type and layout."""

@@ -33,6 +33,7 @@ from pyrys.backends.dnnl.program import DnnlProgram
 from pyrys.backends.options import BackendOptions
 from pyrys.backends.reference import ReferenceProgram
 from pyrys.backends.threads import current_threads, with_threads
+from pyrys.forwarding import forwarded
 
 
 class DnnlRuntime:
@@ -108,17 +109,9 @@ class DnnlRuntime:
         return {"weights": self.reference.memory()["weights"], "packed_weights": self.packed.copied_bytes(),
                 "activations": max(m["activations"] for m in programs), "frames": sum(m["frames"] for m in programs)}
 
-    @property
-    def policy(self) -> str:
-        return self.first.policy
-
-    @property
-    def peak_activation_bytes(self) -> int:
-        return self.first.peak_activation_bytes
-
-    @property
-    def weight_bytes(self) -> int:
-        return self.first.weight_bytes
+    policy = forwarded("first.policy", "The activation layout chosen, with the measurements when it was measured.")
+    peak_activation_bytes = forwarded("first.peak_activation_bytes", "One call's activation arena, in bytes.")
+    weight_bytes = forwarded("first.weight_bytes", "The packed weights, in bytes.")
 
 
 def _all_finite(inputs: list, positions: list[int]) -> bool:
