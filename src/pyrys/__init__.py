@@ -3,17 +3,19 @@
     opt = pyrys.optimize(model, example_inputs=(x,))   # nn.Module, TorchScript or ExportedProgram
     y = opt(x)
     print(opt.graph)
+    pyrys.save(opt, "model.pyrys"); opt = pyrys.load("model.pyrys")   # no pickle, no recompile
     for step in opt.history: print(step.name, step.graph)
 
     torch.compile(model, backend="pyrys")               # found by entry point; no import needed
     pyrys._jit_pass_freeze_params(m._c, 'forward', 'weight'); pyrys.jit.graph_for(m, x)   # the seed's calls
 """
 from pyrys.backends import available_backends
-from pyrys.errors import CaptureError, DeviceError, ModelCopyError
+from pyrys.errors import CaptureError, DeviceError, LoadError, ModelCopyError, SaveError
 from pyrys.explain import explain
 from pyrys.numerics import FP32_TOLERANCE, relative_error
 from pyrys.optimize import OptimizedModule, optimize
 from pyrys.passes.pipeline import PASS_NAMES
+from pyrys.saving import load, save
 from pyrys.signature import InputError
 from pyrys import jit
 from pyrys.jit import _jit_pass_freeze_flags, _jit_pass_freeze_params
@@ -23,6 +25,6 @@ register_backend()
 
 __version__ = "0.1.0"
 
-__all__ = ["optimize", "explain", "OptimizedModule", "available_backends", "relative_error", "FP32_TOLERANCE",
-           "PASS_NAMES", "InputError", "CaptureError", "DeviceError", "ModelCopyError", "jit",
+__all__ = ["optimize", "explain", "save", "load", "OptimizedModule", "available_backends", "relative_error", "FP32_TOLERANCE",
+           "PASS_NAMES", "InputError", "CaptureError", "DeviceError", "ModelCopyError", "SaveError", "LoadError", "jit",
            "_jit_pass_freeze_params", "_jit_pass_freeze_flags", "__version__"]

@@ -15,3 +15,11 @@ class DeviceError(ValueError):
 
 class ModelCopyError(TypeError):
     """The model cannot be deep-copied, and pyrys works on a private copy so that the user's stays untouched."""
+
+
+class SaveError(RuntimeError):
+    """``pyrys.save`` could not write the program (the path, or something the program holds)."""
+
+
+class LoadError(ValueError):
+    """``pyrys.load`` was given a directory that is not a whole pyrys save this version can read."""

@@ -60,13 +60,13 @@ class Compiled:
 class Frontend:
     """How a model gets into pyrys IR: ``capture(args, kwargs)`` for each input signature.
 
-    ``kind`` names the way in (``"nn.Module"``, ``"TorchScript"``, ``"ExportedProgram"``);
-    ``fixed_shapes`` is set when the source cannot be captured again for a new shape.
+    ``kind`` names the way in (``"nn.Module"``, ``"TorchScript"``, ``"ExportedProgram"``, ``"saved"``);
+    ``fixed_shapes`` says what to do when the source cannot be captured again for a new shape.
     """
 
     capture: Callable[[tuple, dict], Captured]
     kind: str
-    fixed_shapes: bool = False
+    fixed_shapes: str = ""  # empty: a new shape is captured again
 
 
 def module_frontend(model: torch.nn.Module) -> Frontend:
@@ -88,7 +88,8 @@ def torchscript_frontend(script: Any, flag_values: dict[str, bool] | None = None
 
 def exported_program_frontend(ep: ExportedProgram) -> Frontend:
     """A ``torch.export.ExportedProgram``, used as it is (not exported again)."""
-    return Frontend(lambda args, kwargs: capture_exported(ep), "ExportedProgram", fixed_shapes=True)
+    return Frontend(lambda args, kwargs: capture_exported(ep), "ExportedProgram",
+                    fixed_shapes="Export it again for the new shape")
 
 
 def compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: OptimizeConfig) -> Compiled:
@@ -134,11 +135,24 @@ class OptimizedModule(torch.nn.Module):
         self._config = config
         with _COMPILING:
             first = compile_signature(frontend, args, kwargs, config)
-        self._programs: dict[Signature, Compiled] = {first.signature: first}
-        self._first = first
-        self._fast_calls: dict[tuple, Any] = {}
+        self._hold(frontend, config, [first])
         if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
             self._fast_calls[_call_key(args)] = _direct_call(first)
+
+    def _hold(self, frontend: Frontend, config: OptimizeConfig, compiled: list[Compiled]) -> None:
+        """Hold these compiled signatures (the first is the one ``graph``, ``history`` ... describe)."""
+        self._frontend, self._config = frontend, config
+        self._programs: dict[Signature, Compiled] = {c.signature: c for c in compiled}
+        self._first = compiled[0]
+        self._fast_calls: dict[tuple, Any] = {}
+
+    @classmethod
+    def from_compiled(cls, frontend: Frontend, config: OptimizeConfig, compiled: list[Compiled]) -> "OptimizedModule":
+        """A module holding signatures compiled elsewhere (a copy, or ``pyrys.load``)."""
+        module = cls.__new__(cls)
+        torch.nn.Module.__init__(module)
+        module._hold(frontend, config, compiled)
+        return module
 
     def forward(self, *args, **kwargs):
         fast = self._fast_calls.get(_call_key(args)) if not kwargs else None
@@ -156,9 +170,9 @@ class OptimizedModule(torch.nn.Module):
         """The program for a new input signature, compiled once however many threads ask at once."""
         check_compatible(self._first.signature, signature, flat, args)
         if self._frontend.fixed_shapes:
-            raise InputError(f"pyrys: this {self._frontend.kind} was captured for inputs "
-                             f"({self._first.signature.describe()}); got ({signature.describe()}). "
-                             "Export it again for the new shape")
+            held = "; ".join(f"({s.describe()})" for s in self._programs)
+            raise InputError(f"pyrys: this {self._frontend.kind} program was compiled for inputs {held}; "
+                             f"got ({signature.describe()}). {self._frontend.fixed_shapes}")
         with _COMPILING:
             compiled = self._programs.get(signature)
             if compiled is None:
@@ -168,14 +182,11 @@ class OptimizedModule(torch.nn.Module):
 
     def __deepcopy__(self, memo: dict) -> "OptimizedModule":
         """An independent module: its own frames and caches; the compiled, read-only plans are shared."""
-        copied = OptimizedModule.__new__(OptimizedModule)
-        torch.nn.Module.__init__(copied)
+        programs = {signature: dataclasses.replace(compiled, program=copy.deepcopy(compiled.program, memo))
+                    for signature, compiled in self._programs.items()}
+        first = programs.pop(self._first.signature)
+        copied = OptimizedModule.from_compiled(self._frontend, self._config, [first, *programs.values()])
         copied.training = self.training
-        copied._frontend, copied._config = self._frontend, self._config
-        copied._programs = {signature: dataclasses.replace(compiled, program=copy.deepcopy(compiled.program, memo))
-                            for signature, compiled in self._programs.items()}
-        copied._first = copied._programs[self._first.signature]
-        copied._fast_calls = {}
         return copied
 
     def __copy__(self) -> "OptimizedModule":
@@ -184,8 +195,8 @@ class OptimizedModule(torch.nn.Module):
     def __reduce_ex__(self, protocol):
         raise TypeError(
             "pyrys: an optimized module holds compiled oneDNN programs and cannot be pickled, so neither pickle "
-            "nor torch.save can keep it. Save the model instead (torch.save(model.state_dict(), path)) and call "
-            "pyrys.optimize on the loaded model; copy.deepcopy(opt) gives an independent copy in this process")
+            "nor torch.save can keep it. Use pyrys.save(opt, path) and pyrys.load(path) (no pickle); "
+            "copy.deepcopy(opt) gives an independent copy in this process")
 
     @property
     def graph(self) -> str:

@@ -16,26 +16,12 @@ from rich.table import Table
 from pyrys.bench.chart import write_chart
 from pyrys.bench.markdown import command_line, write_markdown
 from pyrys.bench.measure import SystemResult
+from pyrys.machine import cpu_info
 
 COLUMNS = ["model", "batch", "system", "status", "median_ms", "p10_ms", "p90_ms", "vs_eager",
            "gflop_per_run", "gflop_s", "pct_fp32_peak", "compile_s", "peak_rss_mib",
            "max_rel_error", "iterations", "note"]
-ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8")
 PACKAGES = ("torch", "torchvision", "onnxruntime", "onnx", "openvino", "pyrys")
-
-
-def cpu_info() -> tuple[str, list[str]]:
-    """CPU model name and the ISA flags that matter, from ``/proc/cpuinfo``."""
-    name, flags = platform.processor() or "unknown", []
-    with open("/proc/cpuinfo") as cpuinfo:
-        for line in cpuinfo:
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                name = value.strip()
-            elif key.strip() == "flags":
-                flags = [flag for flag in ISA_FLAGS if flag in value.split()]
-                break
-    return name, flags
 
 
 def package_version(name: str) -> str:

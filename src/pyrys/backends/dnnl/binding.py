@@ -16,6 +16,7 @@ one would depend on the working directory, and is refused).
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 from ctypes import POINTER, c_char_p, c_float, c_int, c_int32, c_int64, c_size_t, c_uint, c_void_p
 from typing import Any, Sequence
@@ -191,7 +192,10 @@ def library_path() -> str:
     return _wheel_library_path()
 
 
+@functools.cache
 def _wheel_library_path() -> str:
+    """The wheel's libdnnl, looked up once per process (the lookup reads the wheel's file list:
+    on every primitive it cost ResNet-50 2 s of its compile)."""
     import importlib.metadata
 
     try:

@@ -1,0 +1,4 @@
+"""Saving and loading compiled modules: ``pyrys.save(opt, path)``, ``pyrys.load(path)`` (no pickle)."""
+from pyrys.saving.program import load, save
+
+__all__ = ["save", "load"]

@@ -1,0 +1,131 @@
+"""The saved directory: written whole or not at all, read only if whole, of a known format.
+
+    path/
+      manifest.json          {"format": "pyrys-program", "format_version": 1, "pyrys": ..., "torch": ...,
+                              "onednn": ..., "cpu": ..., "isa": [...], "files": {name: sha256}}
+      program.json           the program (graphs, decisions, history)
+      tensors.safetensors    every tensor, by key
+
+``write_directory`` writes into a fresh sibling directory and renames it into place, so an
+interrupted save leaves no half-written ``path``; an existing ``path`` is replaced only if
+it is a pyrys save.  ``read_directory`` checks the format, its version and every file's
+SHA-256 before anything is parsed, so a truncated or edited save is refused by name.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from pyrys.errors import LoadError, SaveError
+
+FORMAT = "pyrys-program"
+FORMAT_VERSION = 1
+MANIFEST, PROGRAM, TENSORS = "manifest.json", "program.json", "tensors.safetensors"
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def is_pyrys_save(path: Path) -> bool:
+    """Whether ``path`` is a directory holding a pyrys manifest."""
+    try:
+        return json.loads((path / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def write_directory(path: str | os.PathLike, program: dict, tensors: dict[str, torch.Tensor], about: dict) -> Path:
+    """Write ``program`` (JSON), ``tensors`` and a manifest (``about`` plus format and hashes) to ``path``."""
+    path = Path(path)
+    if path.exists() and not is_pyrys_save(path):
+        raise SaveError(f"pyrys.save: {path} exists and is not a pyrys save; pyrys replaces only its own saves")
+    files = {PROGRAM: json.dumps(program, indent=1).encode(), TENSORS: save_tensors(tensors)}
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **about,
+                "files": {name: _sha256(data) for name, data in files.items()}}
+    files[MANIFEST] = json.dumps(manifest, indent=1).encode()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.saving-", dir=path.parent))
+    except OSError as error:
+        raise SaveError(f"pyrys.save: cannot write in {path.parent}: {error}") from None
+    try:
+        for name, data in files.items():
+            with open(staging / name, "wb") as file:
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+        _replace(staging, path)
+    except OSError as error:
+        raise SaveError(f"pyrys.save: cannot write {path}: {error}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def _replace(staging: Path, path: Path) -> None:
+    """Rename ``staging`` to ``path``; an existing save is moved aside first and removed after."""
+    if not path.exists():
+        os.rename(staging, path)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+    os.rename(path, retired / "save")
+    try:
+        os.rename(staging, path)
+    except OSError:
+        os.rename(retired / "save", path)
+        raise
+    finally:
+        shutil.rmtree(retired, ignore_errors=True)
+
+
+def read_directory(path: str | os.PathLike) -> tuple[dict, dict, dict[str, torch.Tensor]]:
+    """``(manifest, program, tensors)`` of a whole save of a format this pyrys reads; else :class:`LoadError`."""
+    path = Path(path)
+    manifest = _read_manifest(path)
+    data = {}
+    for name in (PROGRAM, TENSORS):
+        try:
+            data[name] = (path / name).read_bytes()
+        except OSError as error:
+            raise LoadError(f"pyrys.load: {path} is incomplete: cannot read {name} ({error.strerror})") from None
+        if _sha256(data[name]) != manifest["files"].get(name):
+            raise LoadError(f"pyrys.load: {path / name} was changed or truncated after it was saved "
+                            "(its SHA-256 is not the one the manifest records); save the model again")
+    try:
+        program = json.loads(data[PROGRAM])
+        tensors = load_tensors(data[TENSORS])
+    except (ValueError, SafetensorError) as error:
+        raise LoadError(f"pyrys.load: {path} cannot be read: {error}") from None
+    return manifest, program, tensors
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    if not path.is_dir():
+        raise LoadError(f"pyrys.load: {path} is not a directory (pyrys.save writes a directory)")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except OSError:
+        raise LoadError(f"pyrys.load: {path} is not a pyrys save: it has no {MANIFEST}") from None
+    except ValueError as error:
+        raise LoadError(f"pyrys.load: {path / MANIFEST} is not valid JSON ({error})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise LoadError(f"pyrys.load: {path} is not a pyrys save (its manifest is not of format {FORMAT!r})")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise LoadError(f"pyrys.load: {path} was saved in format version {version} by pyrys "
+                        f"{manifest.get('pyrys', '?')}; this pyrys reads format versions up to {FORMAT_VERSION}. "
+                        "Upgrade pyrys, or save the model again with this one")
+    if not isinstance(manifest.get("files"), dict):
+        raise LoadError(f"pyrys.load: {path / MANIFEST} lists no files")
+    return manifest

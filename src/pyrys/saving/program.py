@@ -1,0 +1,224 @@
+"""``pyrys.save(opt, path)`` and ``pyrys.load(path)``: a compiled model kept without pickle.
+
+What is saved, per input signature the module has compiled: the optimized graph (after every
+pass, in the form the backend takes) with its constants, the input and output structure,
+the backend and the layout it chose, the pass history (graph text, rule counts, misses) and
+the notes.  Loading rebuilds the backend's program from that graph and those decisions:
+no ``torch.export``, no pass, no measuring, so the outputs are the ones the saved module
+gave (bitwise, on the same machine).  On a CPU with another instruction set the layout is
+measured again (a note says so); where the saved backend does not load, the reference
+backend runs the same graph (a note says so).  A loaded module runs the shapes it was saved
+with; another shape raises :class:`pyrys.InputError` saying so.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils._pytree import treespec_dumps, treespec_loads
+
+import pyrys
+from pyrys.backends import get_backend
+from pyrys.backends.options import BackendOptions
+from pyrys.capture.captured import Captured
+from pyrys.errors import LoadError, SaveError
+from pyrys.ir.meta import refresh_meta
+from pyrys.machine import cpu_info
+from pyrys.optimize import Compiled, Frontend, OptimizeConfig, OptimizedModule
+from pyrys.passes.pipeline import PipelineRun, Step
+from pyrys.passes.rewrite import Miss
+from pyrys.saving.directory import read_directory, write_directory
+from pyrys.saving.graph_json import _DTYPES, decode_arg, decode_graph, encode_arg, encode_graph
+from pyrys.signature import Signature
+
+
+def save(opt: OptimizedModule, path: str | os.PathLike) -> Path:
+    """Write ``opt`` (every input signature it has compiled) to the directory ``path``; returns it.
+
+    ``path`` is written whole or not at all; an existing pyrys save there is replaced, anything
+    else is refused.  Raises :class:`pyrys.SaveError`."""
+    if not isinstance(opt, OptimizedModule):
+        raise SaveError(f"pyrys.save takes the module pyrys.optimize returned, got {type(opt).__name__}")
+    compiled = list(opt._programs.values())  # one read: a compile on another thread replaces the dict
+    first = compiled.index(opt._first)
+    tensors: dict[str, torch.Tensor] = {}
+    signatures = [_encode_compiled(c, f"sig{i}", tensors) for i, c in enumerate(compiled)]
+    tensors, aliases = _without_repeats(tensors)
+    program = {"frontend": opt._frontend.kind, "threads": opt._config.threads, "layout": opt._config.layout,
+               "first": first, "signatures": signatures, "aliases": aliases,
+               "tensors": {key: {"shape": list(t.shape), "stride": list(t.stride()), "dtype": _dtype_name(t.dtype)}
+                           for key, t in tensors.items()}}
+    cpu, isa = cpu_info()
+    about = {"pyrys": pyrys.__version__, "torch": torch.__version__, "onednn": _onednn_version(), "cpu": cpu,
+             "isa": isa}
+    return write_directory(path, program, _storable(tensors), about)
+
+
+def load(path: str | os.PathLike, *, threads: int | None = None) -> OptimizedModule:
+    """The module :func:`save` wrote to ``path``, ready to call; ``threads`` as in :func:`pyrys.optimize`.
+
+    Raises :class:`pyrys.LoadError` for a directory that is not a whole pyrys save of a format
+    this pyrys reads, or whose tensors do not match its program."""
+    manifest, program, tensors = read_directory(path)
+    try:
+        tensors = _checked_tensors(program["tensors"], tensors)
+        tensors.update({alias: tensors[key] for alias, key in program["aliases"].items()})
+        same_cpu = manifest.get("isa") == cpu_info()[1]
+        config = OptimizeConfig(threads=threads if threads is not None else program["threads"],
+                                layout=program["layout"])
+        compiled = [_decode_compiled(record, tensors, config, same_cpu, manifest) for record in program["signatures"]]
+        first = compiled.pop(program["first"])
+    except LoadError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError) as error:
+        raise LoadError(f"pyrys.load: the program in {path} is malformed ({type(error).__name__}: {error})") from None
+    frontend = Frontend(_no_capture, f"saved {program['frontend']}",
+                        fixed_shapes=f"It was loaded from {path}: optimize the model for another shape "
+                                     "(and save it again)")
+    return OptimizedModule.from_compiled(frontend, config, [first, *compiled])
+
+
+def _no_capture(args: tuple, kwargs: dict) -> Captured:
+    raise AssertionError("a loaded module never captures")  # fixed_shapes stops every new shape before this
+
+
+def _onednn_version() -> str:
+    try:
+        from pyrys.backends.dnnl import binding
+
+        return binding.version()
+    except Exception:  # noqa: BLE001 -- no oneDNN here: the save records that
+        return "not loaded"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _without_repeats(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(stored, aliases)``: each distinct tensor once (the signatures of one model hold equal weights),
+    and every other key -> the stored key with the same shape, strides, dtype and bytes."""
+    stored: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    by_content: dict[tuple, str] = {}
+    for key, tensor in tensors.items():
+        content = (tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype, _digest(tensor))
+        if content in by_content:
+            aliases[key] = by_content[content]
+        else:
+            by_content[content], stored[key] = key, tensor
+    return stored, aliases
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.sha256(data).hexdigest()
+
+
+def _storable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each tensor dense, contiguous and owning its bytes (safetensors refuses tensors that share memory);
+    the program records the strides, and :func:`load` restores them."""
+    seen: set[int] = set()
+    result = {}
+    for key, tensor in tensors.items():
+        tensor = tensor.detach()
+        if tensor.layout != torch.strided or tensor.is_sparse:
+            raise SaveError(f"pyrys.save: {key} is a {tensor.layout} tensor; a saved program holds dense ones")
+        pointer = tensor.untyped_storage().data_ptr()
+        if pointer in seen or not tensor.is_contiguous():
+            tensor = tensor.clone(memory_format=torch.contiguous_format)
+        seen.add(tensor.untyped_storage().data_ptr())
+        result[key] = tensor
+    return result
+
+
+def _encode_leaf(leaf: Any) -> Any:
+    if isinstance(leaf, tuple) and len(leaf) == 2 and isinstance(leaf[1], torch.dtype):
+        return {"tensor": [list(leaf[0]), _dtype_name(leaf[1])]}
+    return {"value": encode_arg(leaf, "an input")}
+
+
+def _decode_leaf(record: dict) -> Any:
+    if "tensor" in record:
+        shape, dtype = record["tensor"]
+        return tuple(shape), _DTYPES[dtype]
+    return decode_arg(record["value"], {})
+
+
+def _encode_compiled(compiled: Compiled, prefix: str, tensors: dict) -> dict:
+    captured, program = compiled.captured, compiled.program
+    return {
+        "in_spec": treespec_dumps(compiled.signature.in_spec),
+        "leaves": [_encode_leaf(leaf) for leaf in compiled.signature.leaves],
+        "out_spec": treespec_dumps(captured.out_spec),
+        "class_name": captured.class_name,
+        "capture_notes": captured.notes,
+        "graph": encode_graph(captured.gm, prefix, tensors),
+        "backend": compiled.backend,
+        "layout": getattr(program, "layout", None),
+        "policy": getattr(program, "policy", None),
+        "notes": compiled.notes[len(captured.notes):],
+        "history": [{"name": s.name, "graph": s.graph, "fired": dict(s.fired), "seconds": s.seconds,
+                     "misses": [[m.rule, m.node, m.reason] for m in s.misses]} for s in compiled.run.history],
+    }
+
+
+def _decode_compiled(record: dict, tensors: dict, config: OptimizeConfig, same_cpu: bool, manifest: dict) -> Compiled:
+    in_spec = treespec_loads(record["in_spec"])
+    signature = Signature(in_spec, tuple(_decode_leaf(leaf) for leaf in record["leaves"]))
+    gm = decode_graph(record["graph"], tensors)
+    refresh_meta(gm)
+    captured = Captured(gm, in_spec, treespec_loads(record["out_spec"]), record["class_name"],
+                        list(record["capture_notes"]))
+    history = [Step(s["name"], s["graph"], dict(s["fired"]), [Miss(*m) for m in s["misses"]], s["seconds"])
+               for s in record["history"]]
+    compile_program, backend, notice = get_backend("auto" if record["backend"] == "dnnl" else record["backend"])
+    notes = list(record["notes"])
+    if backend != record["backend"]:
+        notes.append(f"saved for the {record['backend']} backend, running on {backend}: {notice}")
+    layout = config.layout
+    if backend == "dnnl" and record["layout"]:
+        if same_cpu:
+            layout = record["layout"]
+        else:
+            notes.append(f"saved on a CPU with {'/'.join(manifest.get('isa', [])) or 'other instructions'}; "
+                         f"the layout was chosen again here ({config.layout})")
+    program = compile_program(gm, _example_inputs(signature), BackendOptions(config.threads, layout))
+    if backend == "dnnl" and same_cpu and record["policy"]:
+        program = _with_policy(program, record["policy"])
+    return Compiled(signature, captured, PipelineRun(history), program, backend, captured.notes + notes)
+
+
+def _with_policy(program: Any, policy: str) -> Any:
+    """The saved program text names the layout as it was chosen (with the timings measured then)."""
+    for built in program.programs.values():
+        built.policy = policy
+    return program
+
+
+def _example_inputs(signature: Signature) -> list:
+    """Inputs of the signature's shapes and dtypes (zeros) for the backend's compile."""
+    return [torch.zeros(leaf[0], dtype=leaf[1]) if isinstance(leaf, tuple) and len(leaf) == 2
+            and isinstance(leaf[1], torch.dtype) else leaf for leaf in signature.leaves]
+
+
+def _checked_tensors(recorded: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every tensor the program records, with its shape, dtype and strides; :class:`LoadError` if one is
+    missing or different, or if there is another."""
+    missing = sorted(set(recorded) - set(tensors))
+    extra = sorted(set(tensors) - set(recorded))
+    if missing or extra:
+        raise LoadError(f"pyrys.load: the saved tensors do not match the program: missing {missing[:5]}, "
+                        f"unexpected {extra[:5]}")
+    for key, meta in recorded.items():
+        tensor = tensors[key]
+        if list(tensor.shape) != meta["shape"] or _dtype_name(tensor.dtype) != meta["dtype"]:
+            raise LoadError(f"pyrys.load: the saved tensor {key} is {_dtype_name(tensor.dtype)}{list(tensor.shape)}, "
+                            f"the program expects {meta['dtype']}{meta['shape']}")
+        if list(tensor.stride()) != meta["stride"]:
+            tensors[key] = torch.empty_strided(tensor.shape, meta["stride"], dtype=tensor.dtype).copy_(tensor)
+    return tensors
+

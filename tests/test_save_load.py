@@ -1,0 +1,243 @@
+"""pyrys.save / pyrys.load: the same outputs without recompiling, no pickle, bad saves refused by name."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+import pyrys
+from pyrys.saving import directory
+from tests.caller_helpers import images, residual_net
+from tests.conftest import TOLERANCE
+from tests.models import conv_bn_relu, image
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    return type(a) is type(b) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+
+
+def _round_trip(opt, path: Path, *inputs):
+    pyrys.save(opt, path)
+    loaded = pyrys.load(path)
+    with torch.no_grad():
+        assert _equal(loaded(*inputs), opt(*inputs))  # bitwise: the same program, rebuilt
+    return loaded
+
+
+class Gate(torch.nn.Module):
+    """A TorchScript If on a flag: with ``freeze_flags=()`` it stays, and its branches are saved."""
+
+    def __init__(self):
+        super().__init__()
+        self.twice = True
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.twice:
+            y = y * 2.0
+        else:
+            y = torch.relu(y) + 1.0
+        return y
+
+
+def _scripted(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.jit.script(model)
+
+
+def test_every_way_in_round_trips_bitwise_with_the_same_graph_and_report(tmp_path, backend):
+    x = image(2, size=16)
+    sources = {
+        "nn.Module": (residual_net(), {}),
+        "TorchScript": (_scripted(conv_bn_relu()), {}),
+        "ExportedProgram": (torch.export.export(conv_bn_relu(), (x,)), {}),
+        "unfrozen state and flags": (_scripted(Gate().eval()), {"freeze_params": (), "freeze_flags": ()}),
+    }
+    for name, (source, options) in sources.items():
+        x_in = image(2, size=16) if name != "nn.Module" else images(1, 0, (2, 3, 16, 16))[0]
+        opt = pyrys.optimize(source, (x_in,), backend=backend, **options)
+        loaded = _round_trip(opt, tmp_path / name.replace(" ", "_"), x_in)
+        assert loaded.backend == opt.backend == backend, name
+        assert (loaded.graph, loaded.report(), loaded.program_text()) == (opt.graph, opt.report(), opt.program_text())
+        assert loaded.frontend == f"saved {opt.frontend}"
+    gate = pyrys.load(tmp_path / "unfrozen_state_and_flags")
+    assert "pyrys::If(%twice" in gate.graph and "block1(%y" in gate.graph  # state, the If and its branches
+    assert "If(%twice, %if_then, %if_else" in gate.program_text() or gate.backend == "reference"
+
+
+def test_every_signature_is_saved_once_with_the_weights_stored_once(tmp_path):
+    model = conv_bn_relu()
+    opt = pyrys.optimize(model, (image(1, size=8),))
+    for batch in (2, 3):
+        opt(image(batch, size=8))
+    single = pyrys.optimize(model, (image(1, size=8),))
+    pyrys.save(single, tmp_path / "one")
+    loaded = _round_trip(opt, tmp_path / "three", image(3, size=8))
+    for batch in (1, 2, 3):
+        x = image(batch, size=8)
+        assert torch.equal(loaded(x), opt(x))
+    sizes = [(tmp_path / name / directory.TENSORS).stat().st_size for name in ("one", "three")]
+    assert sizes[1] < 1.05 * sizes[0]  # three signatures, one copy of the folded weights
+    with pytest.raises(pyrys.InputError, match=r"loaded from .*three.*optimize the model for another shape"):
+        loaded(image(4, size=8))
+
+
+def test_load_neither_compiles_nor_unpickles(tmp_path, monkeypatch):
+    opt = pyrys.optimize(conv_bn_relu(), (image(),))
+    pyrys.save(opt, tmp_path / "saved")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("pyrys.load must not do this")
+
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(torch.export, "export", refuse)
+    monkeypatch.setattr("pyrys.passes.pipeline.run_pipeline", refuse)
+    loaded = pyrys.load(tmp_path / "saved")
+    assert pyrys.relative_error(loaded(image()), conv_bn_relu()(image())) <= TOLERANCE
+
+
+def test_a_loaded_module_is_safe_under_many_callers_while_it_is_saved_again(tmp_path):
+    model = residual_net()
+    inputs = images(24, seed=3)
+    opt = pyrys.optimize(model, (inputs[0],))
+    loaded = _round_trip(opt, tmp_path / "saved", inputs[0])
+    with torch.no_grad():
+        expected = [opt(x) for x in inputs]
+    saves = [threading.Thread(target=pyrys.save, args=(loaded, tmp_path / f"again{i}")) for i in range(3)]
+    for thread in saves:
+        thread.start()
+    with ThreadPoolExecutor(8) as pool, torch.no_grad():
+        results = list(pool.map(loaded, inputs * 4))
+    for thread in saves:
+        thread.join()
+    assert all(_equal(result, expected[i % len(inputs)]) for i, result in enumerate(results))
+    for i in range(3):
+        assert _equal(pyrys.load(tmp_path / f"again{i}")(inputs[1]), expected[1])
+
+
+def test_a_save_replaces_only_a_pyrys_save_and_leaves_nothing_half_written(tmp_path, monkeypatch):
+    opt = pyrys.optimize(conv_bn_relu(), (image(),))
+    pyrys.save(opt, tmp_path / "saved")
+    pyrys.save(opt, tmp_path / "saved")  # replaces its own save
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_bytes(b"cat")
+    with pytest.raises(pyrys.SaveError, match="exists and is not a pyrys save"):
+        pyrys.save(opt, tmp_path / "photos")
+    assert (tmp_path / "photos" / "cat.jpg").read_bytes() == b"cat"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(pyrys.SaveError, match="cannot write"):
+        pyrys.save(opt, tmp_path / "file" / "saved")
+
+    calls = []
+
+    def fail_second(fd):
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", fail_second)
+    with pytest.raises(pyrys.SaveError, match="No space left"):
+        pyrys.save(opt, tmp_path / "interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "photos", "saved"]  # no staging left either
+    with pytest.raises(pyrys.SaveError, match="No space left"):
+        calls.clear()
+        pyrys.save(opt, tmp_path / "saved")
+    assert torch.equal(pyrys.load(tmp_path / "saved")(image()), opt(image()))  # the old save is whole
+
+
+def _half(path: Path) -> bytes:
+    data = path.read_bytes()
+    return data[:len(data) // 2]
+
+
+def test_bad_saves_are_refused_by_name(tmp_path):
+    opt = pyrys.optimize(conv_bn_relu(), (image(),))
+    good = tmp_path / "good"
+    pyrys.save(opt, good)
+    with pytest.raises(pyrys.LoadError, match="not a directory"):
+        pyrys.load(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(pyrys.LoadError, match="not a pyrys save: it has no manifest.json"):
+        pyrys.load(tmp_path / "empty")
+
+    def broken(name: str, change) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        for file in good.iterdir():
+            (path / file.name).write_bytes(file.read_bytes())
+        change(path)
+        return path
+
+    def edit_manifest(**fields):
+        def change(path):
+            manifest = json.loads((path / directory.MANIFEST).read_text())
+            manifest.update(fields)
+            (path / directory.MANIFEST).write_text(json.dumps(manifest))
+        return change
+
+    cases = {
+        "newer": (edit_manifest(format_version=directory.FORMAT_VERSION + 1), "format version 2 .* up to 1"),
+        "foreign": (edit_manifest(format="onnx"), "not a pyrys save"),
+        "truncated": (lambda p: (p / directory.TENSORS).write_bytes(_half(p / directory.TENSORS)),
+                      "tensors.safetensors was changed or truncated"),
+        "edited": (lambda p: (p / directory.PROGRAM).write_text((p / directory.PROGRAM).read_text()
+                                                                .replace("aten::", "aten:: ")),
+                   "program.json was changed or truncated"),
+        "missing": (lambda p: (p / directory.PROGRAM).unlink(), "incomplete: cannot read program.json"),
+    }
+    for name, (change, message) in cases.items():
+        with pytest.raises(pyrys.LoadError, match=message):
+            pyrys.load(broken(name, change))
+
+
+def test_tensors_that_do_not_match_the_program_are_refused(tmp_path):
+    from safetensors.torch import load as load_tensors, save as save_tensors
+
+    opt = pyrys.optimize(conv_bn_relu(), (image(),))
+    path = tmp_path / "saved"
+    pyrys.save(opt, path)
+    tensors = load_tensors((path / directory.TENSORS).read_bytes())
+    key = next(iter(tensors))
+    tensors[key] = torch.zeros(tensors[key].numel() + 1)
+    data = save_tensors(tensors)
+    (path / directory.TENSORS).write_bytes(data)
+    manifest = json.loads((path / directory.MANIFEST).read_text())
+    manifest["files"][directory.TENSORS] = directory._sha256(data)  # a consistent but wrong save
+    (path / directory.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(pyrys.LoadError, match=f"the saved tensor {key} is float32"):
+        pyrys.load(path)
+
+
+def test_another_cpu_measures_the_layout_again_and_says_so(tmp_path):
+    if "dnnl" not in pyrys.available_backends():
+        pytest.skip("the dnnl backend does not load here: there is no layout to choose")
+    opt = pyrys.optimize(conv_bn_relu(), (image(),), backend="dnnl")
+    path = tmp_path / "saved"
+    pyrys.save(opt, path)
+    manifest = json.loads((path / directory.MANIFEST).read_text())
+    manifest["isa"] = ["avx2"] if manifest["isa"] != ["avx2"] else ["avx512f"]
+    (path / directory.MANIFEST).write_text(json.dumps(manifest))
+    loaded = pyrys.load(path)
+    assert any("the layout was chosen again here" in note for note in loaded.notes)
+    assert pyrys.relative_error(loaded(image()), opt(image())) <= TOLERANCE
+
+
+def test_save_takes_only_an_optimized_module_and_pickle_points_to_it(tmp_path):
+    with pytest.raises(pyrys.SaveError, match="takes the module pyrys.optimize returned"):
+        pyrys.save(conv_bn_relu(), tmp_path / "x")
+    with pytest.raises(TypeError, match="pyrys.save"):
+        pickle.dumps(pyrys.optimize(conv_bn_relu(), (image(),)))
