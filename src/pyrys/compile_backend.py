@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 import re
 import sys
+import threading
 from typing import Any, Callable
 
 import torch
@@ -28,6 +29,7 @@ import torch.fx as fx
 
 from pyrys.ir.graph import identifier
 from pyrys.optimize import OptimizedModule, optimize
+from pyrys.shape_cache import DEFAULT_MAX_SHAPES, ShapeCache
 from pyrys.signature import signature_of
 
 BACKEND_NAME = "pyrys"
@@ -138,19 +140,36 @@ class DynamoGraph:
         self.inputs = [i for i, v in enumerate(example_inputs) if i not in self.state and isinstance(v, torch.Tensor)]
         self.scalars = [i for i, v in enumerate(example_inputs) if not isinstance(v, torch.Tensor)]
         self.training = _trains_batch_norm(gm)
-        self.programs: dict[Any, OptimizedModule] = {}  # compiled on first call, outside dynamo's tracing
+        # one program per concrete signature, compiled on first call (outside dynamo's tracing); at most
+        # max_shapes of them, the least recently called dropped first
+        self._shapes: ShapeCache | None = None
+        self._compiling = threading.Lock()
+
+    @property
+    def programs(self) -> dict[Any, OptimizedModule]:
+        return {} if self._shapes is None else self._shapes.entries
 
     def _compile(self, args: list) -> OptimizedModule:
         scalars = {i: int(args[i]) if isinstance(args[i], torch.SymInt) else args[i] for i in self.scalars}
         inputs = tuple(args[i] for i in self.inputs)
         key = (signature_of(inputs, {})[0], tuple(sorted(scalars.items())))
-        program = self.programs.get(key)
+        program = None if self._shapes is None else self._shapes.get(key)
         if program is None:
-            module = _StatefulGraph(self.gm, self.inputs, self.state, scalars).train(self.training)
-            with torch.no_grad():
-                program = optimize(module, inputs, **self.options)
-            self.programs[key] = program
+            with self._compiling:
+                program = None if self._shapes is None else self._shapes.get(key)
+                if program is None:
+                    program = self._optimize(inputs, scalars)
+                    if self._shapes is None:
+                        limit = self.options.get("max_shapes", DEFAULT_MAX_SHAPES)
+                        self._shapes = ShapeCache(limit, key, {key: program})
+                    else:
+                        self._shapes.put(key, program)
         return program
+
+    def _optimize(self, inputs: tuple, scalars: dict) -> OptimizedModule:
+        module = _StatefulGraph(self.gm, self.inputs, self.state, scalars).train(self.training)
+        with torch.no_grad():
+            return optimize(module, inputs, **self.options)
 
     def __call__(self, *args):
         program = self._compile(list(args))

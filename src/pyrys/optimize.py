@@ -26,6 +26,7 @@ from pyrys.ir.verify import make_verifier, output_types
 from pyrys.passes.freeze import ALL
 from pyrys.passes.pipeline import (Instruments, PassOptions, PipelineRun, check_pass_names, legalize_for_backends,
                                    run_pipeline)
+from pyrys.shape_cache import DEFAULT_MAX_SHAPES, ShapeCache
 from pyrys.signature import InputError, Signature, check_compatible, runnable_inputs, signature_of
 
 
@@ -42,6 +43,7 @@ class OptimizeConfig:
     verify: bool = False
     threads: int | None = None
     layout: str = "auto"
+    max_shapes: int = DEFAULT_MAX_SHAPES
 
 
 @dataclass
@@ -137,14 +139,14 @@ class OptimizedModule(torch.nn.Module):
             first = compile_signature(frontend, args, kwargs, config)
         self._hold(frontend, config, [first])
         if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
-            self._fast_calls[_call_key(args)] = _direct_call(first)
+            self._remember_fast_call(_call_key(args), first)
 
     def _hold(self, frontend: Frontend, config: OptimizeConfig, compiled: list[Compiled]) -> None:
         """Hold these compiled signatures (the first is the one ``graph``, ``history`` ... describe)."""
         self._frontend, self._config = frontend, config
-        self._programs: dict[Signature, Compiled] = {c.signature: c for c in compiled}
         self._first = compiled[0]
-        self._fast_calls: dict[tuple, Any] = {}
+        self._shapes = ShapeCache(config.max_shapes, self._first.signature, {c.signature: c for c in compiled})
+        self._fast_calls: dict[tuple, tuple[Signature, Any]] = {}
 
     @classmethod
     def from_compiled(cls, frontend: Frontend, config: OptimizeConfig, compiled: list[Compiled]) -> "OptimizedModule":
@@ -157,14 +159,25 @@ class OptimizedModule(torch.nn.Module):
     def forward(self, *args, **kwargs):
         fast = self._fast_calls.get(_call_key(args)) if not kwargs else None
         if fast is not None:
-            return fast(list(args))
+            self._shapes.touch(fast[0])
+            return fast[1](list(args))
         args, kwargs = runnable_inputs(args, kwargs)
         signature, flat = signature_of(args, kwargs)
-        compiled = self._programs.get(signature) or self._compile(signature, flat, args, kwargs)
+        compiled = self._shapes.get(signature) or self._compile(signature, flat, args, kwargs)
         if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
-            self._fast_calls[_call_key(args)] = _direct_call(compiled)
+            self._remember_fast_call(_call_key(args), compiled)
         outputs = compiled.program(flat)
         return tree_unflatten(outputs, compiled.captured.out_spec)
+
+    def _remember_fast_call(self, key: tuple, compiled: Compiled) -> None:
+        self._fast_calls[key] = (compiled.signature, _direct_call(compiled))
+        if compiled.signature not in self._shapes.entries:  # evicted meanwhile: do not keep it alive here
+            self._fast_calls.pop(key, None)
+
+    @property
+    def _programs(self) -> dict[Signature, Compiled]:
+        """The compiled signatures held now (at most ``max_shapes``; the first is always held)."""
+        return self._shapes.entries
 
     def _compile(self, signature: Signature, flat: list, args: tuple, kwargs: dict) -> Compiled:
         """The program for a new input signature, compiled once however many threads ask at once."""
@@ -174,10 +187,12 @@ class OptimizedModule(torch.nn.Module):
             raise InputError(f"pyrys: this {self._frontend.kind} program was compiled for inputs {held}; "
                              f"got ({signature.describe()}). {self._frontend.fixed_shapes}")
         with _COMPILING:
-            compiled = self._programs.get(signature)
+            compiled = self._shapes.get(signature)
             if compiled is None:
                 compiled = compile_signature(self._frontend, args, kwargs, self._config)
-                self._programs = {**self._programs, signature: compiled}
+                evicted = set(self._shapes.put(signature, compiled))
+                if evicted:
+                    self._fast_calls = {k: v for k, v in self._fast_calls.items() if v[0] not in evicted}
         return compiled
 
     def __deepcopy__(self, memo: dict) -> "OptimizedModule":
@@ -275,6 +290,7 @@ def optimize(
     verify: bool = False,
     threads: int | None = None,
     layout: str = "auto",
+    max_shapes: int = DEFAULT_MAX_SHAPES,
 ) -> OptimizedModule:
     """Optimize ``model`` for inference on inputs like ``example_inputs``.
 
@@ -290,6 +306,8 @@ def optimize(
     ``threads``: threads per call (default: ``torch.get_num_threads()`` at call time).
     ``layout``: the dnnl backend's activation layout: ``"auto"`` (each candidate measured at compile
     time, the fastest kept), ``"nhwc"``, ``"blocked8"`` or ``"blocked16"``.
+    ``max_shapes``: how many input signatures (shapes) keep their compiled program; past that the least
+    recently called one is dropped (the first is kept) and compiles again if it comes back.
     The user's model is never modified: pyrys works on a private copy.
     A model pyrys cannot take raises :class:`pyrys.CaptureError` (``forward`` needs tensor data in
     Python), :class:`pyrys.DeviceError` (weights not on the CPU) or :class:`pyrys.ModelCopyError`;
@@ -297,7 +315,7 @@ def optimize(
     """
     config = make_config(backend=backend, freeze_params=freeze_params, freeze_flags=freeze_flags, disable=disable,
                          print_after_each=print_after_each, dump_dir=dump_dir, verify=verify, threads=threads,
-                         layout=layout)
+                         layout=layout, max_shapes=max_shapes)
     if isinstance(model, ExportedProgram):
         if example_inputs is None:
             example_inputs, example_kwargs = exported_example_inputs(model)
@@ -376,12 +394,15 @@ def _uncopyable_attribute(model: torch.nn.Module) -> tuple[str, str] | None:
 def make_config(*, backend: str = "auto", freeze_params: Iterable[str] | None = ALL,
                 freeze_flags: Iterable[str] | None = ALL, disable: Iterable[str] = (),
                 print_after_each: bool = False, dump_dir: str | Path | None = None,
-                verify: bool = False, threads: int | None = None, layout: str = "auto") -> OptimizeConfig:
+                verify: bool = False, threads: int | None = None, layout: str = "auto",
+                max_shapes: int = DEFAULT_MAX_SHAPES) -> OptimizeConfig:
     """An :class:`OptimizeConfig` from :func:`optimize`'s keyword options, checked."""
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ValueError(f"pyrys.optimize: threads must be a positive int, got {threads!r}")
     if layout not in LAYOUTS:
         raise ValueError(f"pyrys.optimize: layout must be one of {LAYOUTS}, got {layout!r}")
+    if not isinstance(max_shapes, int) or isinstance(max_shapes, bool) or max_shapes < 1:
+        raise ValueError(f"pyrys.optimize: max_shapes must be a positive int, got {max_shapes!r}")
     return OptimizeConfig(
         backend=backend,
         freeze_params=None if freeze_params is None else tuple(freeze_params),
@@ -392,6 +413,7 @@ def make_config(*, backend: str = "auto", freeze_params: Iterable[str] | None = 
         verify=verify,
         threads=threads,
         layout=layout,
+        max_shapes=max_shapes,
     )
 
 

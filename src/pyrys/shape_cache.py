@@ -1,0 +1,52 @@
+"""A bounded cache of compiled input signatures: the least recently called one goes first.
+
+    cache = ShapeCache(limit=8, pinned=first_signature)
+    cache.get(signature)              # the entry, marked as just used (no lock: a dict read and write)
+    evicted = cache.put(signature, compiled)   # callers serialize their puts (the compile lock)
+
+Readers never lock: ``entries`` is replaced, never changed, and a use is one dict store.  An
+entry evicted while a call runs on it finishes that call; the call holds its own reference.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Hashable
+
+DEFAULT_MAX_SHAPES = 8
+
+
+class ShapeCache:
+    """At most ``limit`` entries; ``pinned`` (the signature ``opt.graph`` describes) is never evicted."""
+
+    def __init__(self, limit: int, pinned: Hashable, entries: dict[Hashable, Any]):
+        self.limit, self.pinned = max(limit, len(entries)), pinned
+        self.entries: dict[Hashable, Any] = dict(entries)
+        self._clock = itertools.count()
+        self._used: dict[Hashable, int] = {key: next(self._clock) for key in entries}
+
+    def get(self, key: Hashable) -> Any:
+        value = self.entries.get(key)
+        if value is not None:
+            self.touch(key)
+        return value
+
+    def touch(self, key: Hashable) -> None:
+        """Mark ``key`` as just used."""
+        self._used[key] = next(self._clock)
+
+    def put(self, key: Hashable, value: Any) -> list[Hashable]:
+        """Add ``key``; returns the keys evicted to stay within ``limit`` (least recently used first).
+
+        With nothing else to evict (``limit`` 1 and the pinned entry held) ``key`` itself is not kept."""
+        entries = {**self.entries, key: value}
+        self.touch(key)
+        evicted = []
+        while len(entries) > self.limit:
+            candidates = [k for k in entries if k not in (key, self.pinned)] or [key]
+            victim = min(candidates, key=lambda k: self._used.get(k, -1))
+            del entries[victim]
+            evicted.append(victim)
+        self.entries = entries
+        for victim in evicted:
+            self._used.pop(victim, None)
+        return evicted

@@ -1,0 +1,102 @@
+"""max_shapes: compiled shapes are bounded, the least recently called goes first, the first never."""
+from __future__ import annotations
+
+import importlib
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+import pyrys
+from pyrys.shape_cache import ShapeCache
+from tests.conftest import TOLERANCE
+from tests.models import conv_bn_relu, image
+
+optimize_module = importlib.import_module("pyrys.optimize")  # the module, not the function pyrys exports
+
+
+def test_the_least_recently_used_entry_goes_and_the_pinned_one_stays():
+    cache = ShapeCache(3, "first", {"first": 0})
+    assert cache.put("a", 1) == [] and cache.put("b", 2) == []
+    cache.get("a")  # now b is the least recently used
+    assert cache.put("c", 3) == ["b"]
+    cache.touch("first")
+    assert cache.put("d", 4) == ["a"]
+    assert set(cache.entries) == {"first", "c", "d"}
+    tiny = ShapeCache(1, "first", {"first": 0})
+    assert tiny.put("a", 1) == ["a"] and set(tiny.entries) == {"first"}  # nothing else to drop: not kept
+
+
+@pytest.fixture
+def compiles(monkeypatch) -> list:
+    """The batch size of every signature compiled during the test, in order."""
+    seen = []
+    original = optimize_module.compile_signature
+
+    def spy(frontend, args, kwargs, config):
+        seen.append(args[0].shape[0])
+        return original(frontend, args, kwargs, config)
+
+    monkeypatch.setattr(optimize_module, "compile_signature", spy)
+    return seen
+
+
+def test_an_optimized_module_keeps_at_most_max_shapes(compiles, backend):
+    model = conv_bn_relu()
+    opt = pyrys.optimize(model, (image(1),), backend=backend, max_shapes=2)
+    first_graph = opt.graph
+    for batch in (2, 3, 2, 1, 3, 4):
+        x = image(batch)
+        assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE
+        assert len(opt._programs) <= 2
+    # 1 is pinned; 2 was dropped for 3, came back (dropping 3), 3 came back, then 4 dropped 3
+    assert compiles == [1, 2, 3, 2, 3, 4]
+    held = {signature.leaves[0][0][0] for signature in opt._programs}
+    assert held == {1, 4}
+    assert {key[0][0][0] for key in opt._fast_calls} <= held  # no fast path keeps a dropped program alive
+    assert opt.graph == first_graph  # still the first shape's
+
+
+def test_many_callers_with_many_shapes_stay_correct_and_bounded(backend):
+    model = conv_bn_relu()
+    opt = pyrys.optimize(model, (image(1),), backend=backend, max_shapes=2)
+    inputs = [image(1 + i % 4) * (i + 1) for i in range(24)]
+    with torch.no_grad():
+        expected = [model(x) for x in inputs]
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(opt, inputs))
+    assert all(pyrys.relative_error(r, e) <= TOLERANCE for r, e in zip(results, expected))
+    assert len(opt._programs) <= 2
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "8"])
+def test_max_shapes_must_be_a_positive_int(value):
+    with pytest.raises(ValueError, match="max_shapes must be a positive int"):
+        pyrys.optimize(conv_bn_relu(), (image(),), max_shapes=value)
+
+
+def test_torch_compile_graphs_keep_at_most_max_shapes(monkeypatch):
+    from pyrys.compile_backend import DynamoGraph
+
+    compiled_shapes: dict[int, list[int]] = {}
+    original = DynamoGraph._optimize
+
+    def spy(self, inputs, scalars):
+        compiled_shapes.setdefault(id(self), []).append(inputs[0].shape[0])
+        return original(self, inputs, scalars)
+
+    monkeypatch.setattr(DynamoGraph, "_optimize", spy)
+    made = []
+    init = DynamoGraph.__init__
+    monkeypatch.setattr(DynamoGraph, "__init__", lambda self, *a, **k: (init(self, *a, **k), made.append(self))[0])
+    torch._dynamo.reset()
+    model = conv_bn_relu()
+    compiled = torch.compile(model, backend="pyrys", options={"backend": "reference", "max_shapes": 2})
+    try:
+        for batch in (2, 3, 4, 5):
+            x = image(batch)
+            assert pyrys.relative_error(compiled(x), model(x)) <= TOLERANCE
+    finally:
+        torch._dynamo.reset()
+    assert max(len(shapes) for shapes in compiled_shapes.values()) >= 3  # dynamo's dynamic graph saw 3 shapes
+    assert made and all(len(graph.programs) <= 2 for graph in made)
