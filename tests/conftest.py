@@ -44,6 +44,14 @@ class PassRun:
         return relative_error(actual, expected)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_tuning_cache(tmp_path_factory):
+    """The suite's tuning cache is its own (none of the user's records, nothing left in their home)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYRYS_CACHE_DIR", str(tmp_path_factory.mktemp("pyrys_cache")))
+        yield
+
+
 @pytest.fixture
 def run_passes():
     """``run_passes(model, inputs, "freeze_params", "fold_conv_bn", freeze_flags=...)``."""

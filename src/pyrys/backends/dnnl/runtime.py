@@ -1,7 +1,9 @@
 """The dnnl backend's entry point: one compiled signature, a program per thread count.
 
 The layout policy (channels-last or channel-blocked) is chosen once, by building the
-program under each candidate and timing them interleaved.  oneDNN fixes a primitive's
+program under each candidate and timing them interleaved; the choice is kept in the tuning
+cache (``pyrys.tuning_cache``), so the next compile of the same graph on this CPU and thread
+count builds only the winner.  oneDNN fixes a primitive's
 thread count when it is created, so a caller running with another thread count (its own
 ``torch.get_num_threads()``, or ``threads=``) gets a program built for that count, from
 the same graph and policy, sharing the packed weights.
@@ -19,12 +21,15 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import threading
 import time
 
 import torch
 import torch.fx as fx
 
+from pyrys import tuning_cache
+from pyrys.backends.dnnl import binding
 from pyrys.backends.dnnl.builder import PackedWeights
 from pyrys.backends.dnnl.layout import candidate_policies
 from pyrys.backends.dnnl.lower import build_program
@@ -34,6 +39,8 @@ from pyrys.backends.options import BackendOptions
 from pyrys.backends.reference import ReferenceProgram
 from pyrys.backends.threads import current_threads, with_threads
 from pyrys.forwarding import forwarded
+from pyrys.ir.printer import format_graph
+from pyrys.machine import cpu_info
 
 
 class DnnlRuntime:
@@ -70,7 +77,16 @@ class DnnlRuntime:
         return self.programs[threads]
 
     def _choose_policy(self, example_inputs: list, layout: str, threads: int) -> DnnlProgram:
+        """The program in the layout policy asked for; for ``"auto"`` the faster candidate, measured here
+        or found in the tuning cache (``pyrys.tuning_cache``) under this graph, thread count and CPU."""
         policies = candidate_policies() if layout == "auto" else [layout]
+        key = _tuning_key(self.gm, threads, policies) if len(policies) > 1 else None
+        cached = tuning_cache.lookup("layout", key) if key else None
+        if cached and cached.get("policy") in policies:
+            program = build_program(self.gm, cached["policy"], self.engine, threads, self.packed)
+            program.policy = f"{cached['policy']} (tuning cache: {cached.get('measured', 'measured before')})"
+            self.layout = cached["policy"]
+            return program
         programs = [build_program(self.gm, name, self.engine, threads, self.packed) for name in policies]
         best = 0
         if len(programs) > 1:
@@ -79,6 +95,7 @@ class DnnlRuntime:
             best = min(range(len(programs)), key=lambda i: seconds[i])
             timings = ", ".join(f"{name} {s * 1e3:.2f} ms" for name, s in zip(policies, seconds))
             programs[best].policy = f"{policies[best]} (measured: {timings})"
+            tuning_cache.store("layout", key, {"policy": policies[best], "measured": timings})
         self.layout = policies[best]
         self.packed.retain({slot.constant.data_ptr() for slot in programs[best].slots if slot.constant is not None})
         return programs[best]
@@ -118,6 +135,16 @@ def _all_finite(inputs: list, positions: list[int]) -> bool:
     """Whether the inputs at ``positions`` hold only finite numbers (their sums are finite; a sum that
     overflows sends the call to the reference backend too, which is slower but as right)."""
     return all(math.isfinite(inputs[i].sum().item()) for i in positions)
+
+
+def _tuning_key(gm: fx.GraphModule, threads: int, policies: list[str]) -> dict:
+    """What a layout decision depends on: the graph (ops, shapes, dtypes; not the weights' values),
+    the candidates, the thread count, the CPU's ISA flags and the pyrys and oneDNN versions."""
+    from pyrys import __version__
+
+    return {"graph": format_graph(gm), "candidates": policies, "threads": threads, "isa": cpu_info()[1],
+            "isa_limit": os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA")),
+            "pyrys": __version__, "onednn": binding.version()}
 
 
 def _time_policies(programs: list[DnnlProgram], inputs: list, budget: float = 0.2, min_rounds: int = 5) -> list[float]:
