@@ -136,3 +136,25 @@ def test_calls_with_a_nan_or_an_infinity_in_an_input_run_on_the_reference_backen
         got, want = opt(bad), model(bad)
         assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want))
     assert len(referred) == 3
+
+
+def test_the_losing_layout_candidate_is_freed_before_optimize_returns(monkeypatch):
+    import gc
+    import weakref
+
+    from pyrys.backends.dnnl import runtime
+
+    built = []
+    original = runtime.build_program
+
+    def spy(*args, **kwargs):
+        program = original(*args, **kwargs)
+        built.append(weakref.ref(program))
+        return program
+
+    monkeypatch.setattr(runtime, "build_program", spy)
+    monkeypatch.setenv("PYRYS_CACHE_DIR", "")  # measure both candidates
+    opt = pyrys.optimize(small_net(), (torch.rand(1, 3, 8, 8),), backend="dnnl", layout="auto", threads=1)
+    gc.collect()
+    alive = [ref() for ref in built if ref() is not None]
+    assert len(built) == 2 and alive == [opt._first.program.first]

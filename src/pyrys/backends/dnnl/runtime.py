@@ -20,6 +20,7 @@ negative number) is never checked; the README lists the differences.
 from __future__ import annotations
 
 import copy
+import ctypes
 import math
 import os
 import threading
@@ -98,7 +99,11 @@ class DnnlRuntime:
             tuning_cache.store("layout", key, {"policy": policies[best], "measured": timings})
         self.layout = policies[best]
         self.packed.retain({slot.constant.data_ptr() for slot in programs[best].slots if slot.constant is not None})
-        return programs[best]
+        chosen = programs[best]
+        if len(programs) > 1:
+            del programs
+            _give_back_freed_memory()
+        return chosen
 
     def __deepcopy__(self, memo: dict) -> "DnnlRuntime":
         """A runtime with its own frames; graph, primitives and packed weights are shared (read-only)."""
@@ -135,6 +140,15 @@ def _all_finite(inputs: list, positions: list[int]) -> bool:
     """Whether the inputs at ``positions`` hold only finite numbers (their sums are finite; a sum that
     overflows sends the call to the reference backend too, which is slower but as right)."""
     return all(math.isfinite(inputs[i].sum().item()) for i in positions)
+
+
+def _give_back_freed_memory() -> None:
+    """Return the pages the losing candidates' weights and buffers held to the system (glibc keeps freed
+    memory for reuse: ResNet-50's RSS after optimize went from 4.8x its weights to 3.8x)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to ask
+        pass
 
 
 def _tuning_key(gm: fx.GraphModule, threads: int, policies: list[str]) -> dict:
