@@ -1,6 +1,7 @@
 """pyrys.save / pyrys.load: the same outputs without recompiling, no pickle, bad saves refused by name."""
 from __future__ import annotations
 
+import collections
 import json
 import os
 import pickle
@@ -241,3 +242,60 @@ def test_save_takes_only_an_optimized_module_and_pickle_points_to_it(tmp_path):
         pyrys.save(conv_bn_relu(), tmp_path / "x")
     with pytest.raises(TypeError, match="pyrys.save"):
         pickle.dumps(pyrys.optimize(conv_bn_relu(), (image(),)))
+
+
+Pair = collections.namedtuple("Pair", "scaled embedded")
+
+
+class Structured(torch.nn.Module):
+    """Positional, numeric and keyword inputs; a dict and a namedtuple out."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.embed = torch.nn.Conv2d(3, 4, 3), torch.nn.Embedding(10, 4)
+
+    def forward(self, x, ids, scale: float = 2.0, *, extra=None):
+        y = self.conv(x) * scale
+        return {"pair": Pair(y, self.embed(ids)), "stats": (y.sum(), y.amax()), "extra": extra + 1}
+
+
+def test_inputs_and_outputs_keep_their_structure(tmp_path, backend):
+    model = Structured().eval()
+    args, kwargs = (torch.rand(2, 3, 8, 8), torch.tensor([[1, 2], [3, 4]]), 3.0), {"extra": torch.rand(2)}
+    opt = pyrys.optimize(model, args, kwargs, backend=backend)
+    pyrys.save(opt, tmp_path / "saved")
+    loaded = pyrys.load(tmp_path / "saved")
+    with torch.no_grad():
+        expected, got = model(*args, **kwargs), loaded(*args, **kwargs)
+    assert isinstance(got["pair"], Pair) and isinstance(got["stats"], tuple)
+    assert _equal(got["pair"], opt(*args, **kwargs)["pair"])
+    assert pyrys.relative_error(got["pair"].scaled, expected["pair"].scaled) <= TOLERANCE
+    assert torch.equal(got["extra"], expected["extra"])
+
+
+def test_a_namedtuple_whose_module_is_not_imported_comes_back_by_name_and_fields(tmp_path):
+    model = Structured().eval()
+    args, kwargs = (torch.rand(1, 3, 8, 8), torch.tensor([[1]])), {"extra": torch.rand(2)}
+    path = tmp_path / "saved"
+    pyrys.save(pyrys.optimize(model, args, kwargs), path)
+    program = (path / directory.PROGRAM).read_text().replace(f'"module": "{__name__}"', '"module": "gone.models"')
+    (path / directory.PROGRAM).write_text(program)
+    manifest = json.loads((path / directory.MANIFEST).read_text())
+    manifest["files"][directory.PROGRAM] = directory._sha256(program.encode())
+    (path / directory.MANIFEST).write_text(json.dumps(manifest))
+    loaded = pyrys.load(path)
+    pair = loaded(*args, **kwargs)["pair"]
+    assert type(pair) is not Pair and type(pair).__name__ == "Pair" and pair._fields == ("scaled", "embedded")
+    assert any("gone.models.Pair" in note for note in loaded.notes)
+
+
+def test_a_save_for_dnnl_runs_on_the_reference_backend_where_dnnl_does_not_load(tmp_path, monkeypatch):
+    if "dnnl" not in pyrys.available_backends():
+        pytest.skip("the dnnl backend does not load here, so nothing is saved for it")
+    opt = pyrys.optimize(conv_bn_relu(), (image(),), backend="dnnl")
+    pyrys.save(opt, tmp_path / "saved")
+    monkeypatch.setattr("pyrys.backends._dnnl_backend", lambda: (None, "libdnnl is not installed"))
+    loaded = pyrys.load(tmp_path / "saved")
+    assert loaded.backend == "reference"
+    assert any("saved for the dnnl backend, running on reference" in note for note in loaded.notes)
+    assert pyrys.relative_error(loaded(image()), opt(image())) <= TOLERANCE

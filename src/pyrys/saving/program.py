@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils._pytree import treespec_dumps, treespec_loads
 
 import pyrys
 from pyrys.backends import get_backend
@@ -32,6 +31,7 @@ from pyrys.passes.pipeline import PipelineRun, Step
 from pyrys.passes.rewrite import Miss
 from pyrys.saving.directory import read_directory, write_directory
 from pyrys.saving.graph_json import _DTYPES, decode_arg, decode_graph, encode_arg, encode_graph
+from pyrys.saving.tree_spec import decode_spec, encode_spec
 from pyrys.signature import Signature
 
 
@@ -151,9 +151,9 @@ def _decode_leaf(record: dict) -> Any:
 def _encode_compiled(compiled: Compiled, prefix: str, tensors: dict) -> dict:
     captured, program = compiled.captured, compiled.program
     return {
-        "in_spec": treespec_dumps(compiled.signature.in_spec),
+        "in_spec": encode_spec(compiled.signature.in_spec),
         "leaves": [_encode_leaf(leaf) for leaf in compiled.signature.leaves],
-        "out_spec": treespec_dumps(captured.out_spec),
+        "out_spec": encode_spec(captured.out_spec),
         "class_name": captured.class_name,
         "capture_notes": captured.notes,
         "graph": encode_graph(captured.gm, prefix, tensors),
@@ -167,16 +167,19 @@ def _encode_compiled(compiled: Compiled, prefix: str, tensors: dict) -> dict:
 
 
 def _decode_compiled(record: dict, tensors: dict, config: OptimizeConfig, same_cpu: bool, manifest: dict) -> Compiled:
-    in_spec = treespec_loads(record["in_spec"])
+    made: list[str] = []
+    in_spec = decode_spec(record["in_spec"], made)
     signature = Signature(in_spec, tuple(_decode_leaf(leaf) for leaf in record["leaves"]))
     gm = decode_graph(record["graph"], tensors)
     refresh_meta(gm)
-    captured = Captured(gm, in_spec, treespec_loads(record["out_spec"]), record["class_name"],
+    captured = Captured(gm, in_spec, decode_spec(record["out_spec"], made), record["class_name"],
                         list(record["capture_notes"]))
     history = [Step(s["name"], s["graph"], dict(s["fired"]), [Miss(*m) for m in s["misses"]], s["seconds"])
                for s in record["history"]]
     compile_program, backend, notice = get_backend("auto" if record["backend"] == "dnnl" else record["backend"])
     notes = list(record["notes"])
+    notes += [f"the namedtuple {name} is not imported here: it comes back as a namedtuple of that name and "
+              "fields made at load" for name in dict.fromkeys(made)]
     if backend != record["backend"]:
         notes.append(f"saved for the {record['backend']} backend, running on {backend}: {notice}")
     layout = config.layout

@@ -52,10 +52,11 @@ class Frame:
                 alias_memory.set_handle(tensor.data_ptr())
 
     def prepare(self, inputs: list) -> None:
-        """Bind the call's inputs (made contiguous) and fresh output tensors."""
+        """Bind the call's inputs (tensors made contiguous; numbers as they are) and fresh output tensors."""
         program = self.program
-        for slot, tensor in zip(program.input_slots, inputs):
-            self.bind(slot, tensor if tensor.is_contiguous() else tensor.contiguous())
+        for slot, value in zip(program.input_slots, inputs):
+            contiguous = not isinstance(value, torch.Tensor) or value.is_contiguous()
+            self.bind(slot, value if contiguous else value.contiguous())
         for slot, shape, strides, dtype in program.fresh:
             self.bind(slot, torch.empty_strided(shape, strides, dtype=dtype))
 
