@@ -22,7 +22,6 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import pyrys.ir.fused  # noqa: F401 -- registers the fused ops a saved graph may call
 from pyrys.errors import LoadError, SaveError
 from pyrys.ir.control_flow import IF, RaisingBranch
 from pyrys.ir.graph import STATE_KEY, StateRef
