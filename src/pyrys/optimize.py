@@ -133,8 +133,6 @@ class OptimizedModule(torch.nn.Module):
 
     def __init__(self, frontend: Frontend, args: tuple, kwargs: dict, config: OptimizeConfig):
         super().__init__()
-        self._frontend = frontend
-        self._config = config
         with _COMPILING:
             first = compile_signature(frontend, args, kwargs, config)
         self._hold(frontend, config, [first])
