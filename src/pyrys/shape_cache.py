@@ -1,6 +1,6 @@
 """A bounded cache of compiled input signatures: the least recently called one goes first.
 
-    cache = ShapeCache(limit=8, pinned=first_signature)
+    cache = ShapeCache(8, first_signature, {first_signature: compiled})
     cache.get(signature)              # the entry, marked as just used (no lock: a dict read and write)
     evicted = cache.put(signature, compiled)   # callers serialize their puts (the compile lock)
 

@@ -3,10 +3,10 @@
 The layout policy (channels-last or channel-blocked) is chosen once, by building the
 program under each candidate and timing them interleaved; the choice is kept in the tuning
 cache (``pyrys.tuning_cache``), so the next compile of the same graph on this CPU and thread
-count builds only the winner.  oneDNN fixes a primitive's
-thread count when it is created, so a caller running with another thread count (its own
-``torch.get_num_threads()``, or ``threads=``) gets a program built for that count, from
-the same graph and policy, sharing the packed weights.
+count builds only the winner.  oneDNN fixes a primitive's thread count when it is created,
+so a caller running with another thread count (its own ``torch.get_num_threads()``, or
+``threads=``) gets a program built for that count, from the same graph and policy, sharing
+the packed weights.
 
 NaN and infinities: relu keeps NaN (``post_ops.py``), but oneDNN's max-pooling, clip
 (relu6, clamp, hardtanh) and hardsigmoid kernels turn it into a number.  A program with
