@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 import pyrys
 from pyrys.testing import randomize_batchnorm
+from tests.conftest import backend  # noqa: F401 -- the fixture, for test files that import it from here
 
 
 def optimize(model: nn.Module, inputs: tuple, backend: str, layout: str = "auto", **options) -> pyrys.OptimizedModule:

@@ -195,3 +195,13 @@ FOLD_SCALE = torch.ops.pyrys.fold_scale.default
 FOLD_AFFINE_BIAS = torch.ops.pyrys.fold_affine_bias.default
 FOLD_INPUT_WEIGHT = torch.ops.pyrys.fold_input_weight.default
 FOLD_INPUT_BIAS = torch.ops.pyrys.fold_input_bias.default
+
+
+def __getattr__(name: str):
+    """The fused ops' constants (``FUSED_CONV`` ...) live in :mod:`pyrys.ir.fused`, which imports this
+    module; ``from pyrys.ir.ops import FUSED_CONV`` still works."""
+    if name.startswith("FUSED_"):
+        from pyrys.ir import fused
+
+        return getattr(fused, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -390,3 +390,19 @@ class Primitive(Handle):
     def execute(self, stream: Stream, args: Mapping[int, Memory]) -> None:
         """Convenience for compile time and tests (builds the arguments each call)."""
         self.run(stream, ExecArgs(self.complete_args(args)))
+
+
+_MOVED_TO = ("descriptors", "tensors")  # the *_pd creators and the torch glue lived here before issue 17
+
+
+def __getattr__(name: str):
+    """``from pyrys.backends.dnnl.primitives import convolution_pd`` still works: the name is looked up in
+    the module it moved to (imported on first use: both import this one)."""
+    import importlib
+
+    if not name.startswith("_"):
+        for module in _MOVED_TO:
+            moved = importlib.import_module(f"pyrys.backends.dnnl.{module}")
+            if hasattr(moved, name):
+                return getattr(moved, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
