@@ -82,3 +82,18 @@ def why_unavailable(name: str) -> str:
     except RuntimeError as error:
         return str(error)
     return f"pyrys: backend {name!r} is not among pyrys.available_backends() = {pyrys.available_backends()}"
+
+
+def spy_dynamo_graphs(monkeypatch) -> list:
+    """Every :class:`pyrys.compile_backend.DynamoGraph` the pyrys backend makes from now on in the test, in order."""
+    from pyrys.compile_backend import DynamoGraph
+
+    made = []
+    original = DynamoGraph.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(DynamoGraph, "__init__", spy)
+    return made

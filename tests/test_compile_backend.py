@@ -8,7 +8,7 @@ import torch
 
 import pyrys
 from pyrys.compile_backend import DynamoGraph, _state_path
-from tests.conftest import TOLERANCE
+from tests.conftest import TOLERANCE, spy_dynamo_graphs
 from tests.models import conv_bn_relu, image
 
 
@@ -22,15 +22,7 @@ def fresh_dynamo():
 @pytest.fixture
 def dynamo_graphs(monkeypatch) -> list[DynamoGraph]:
     """Every :class:`DynamoGraph` the pyrys backend makes during the test, in order."""
-    made = []
-    original = DynamoGraph.__init__
-
-    def spy(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        made.append(self)
-
-    monkeypatch.setattr(DynamoGraph, "__init__", spy)
-    return made
+    return spy_dynamo_graphs(monkeypatch)
 
 
 def test_entry_point_is_installed():

@@ -9,7 +9,7 @@ import torch
 
 import pyrys
 from pyrys.shape_cache import ShapeCache
-from tests.conftest import TOLERANCE
+from tests.conftest import TOLERANCE, spy_dynamo_graphs
 from tests.models import conv_bn_relu, image
 
 optimize_module = importlib.import_module("pyrys.optimize")  # the module, not the function pyrys exports
@@ -86,9 +86,7 @@ def test_torch_compile_graphs_keep_at_most_max_shapes(monkeypatch):
         return original(self, inputs, scalars)
 
     monkeypatch.setattr(DynamoGraph, "_optimize", spy)
-    made = []
-    init = DynamoGraph.__init__
-    monkeypatch.setattr(DynamoGraph, "__init__", lambda self, *a, **k: (init(self, *a, **k), made.append(self))[0])
+    made = spy_dynamo_graphs(monkeypatch)
     torch._dynamo.reset()
     model = conv_bn_relu()
     compiled = torch.compile(model, backend="pyrys", options={"backend": "reference", "max_shapes": 2})

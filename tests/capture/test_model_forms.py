@@ -17,10 +17,9 @@ import torchvision
 from torch import nn
 
 import pyrys
-from pyrys.compile_backend import DynamoGraph
 from pyrys.ir.graph import identifier
 from pyrys.testing import randomize_batchnorm
-from tests.conftest import TOLERANCE
+from tests.conftest import TOLERANCE, spy_dynamo_graphs
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.*is deprecated:FutureWarning")
 
@@ -105,14 +104,7 @@ def via_torchscript(model, x):
 
 
 def via_compile(model, x, monkeypatch):
-    made = []
-    original = DynamoGraph.__init__
-
-    def spy(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        made.append(self)
-
-    monkeypatch.setattr(DynamoGraph, "__init__", spy)
+    made = spy_dynamo_graphs(monkeypatch)
     torch._dynamo.reset()
     try:
         y = torch.compile(model, backend="pyrys", options={"backend": "reference"})(x)
