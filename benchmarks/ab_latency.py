@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--layout", default="auto", help="the dnnl layout policy of both (auto: each measures its own)")
     args = parser.parse_args()
     import pyrys
-    from pyrys.bench.measure import median_ms
+    from pyrys.bench.measure import interleaved_ms
     from pyrys.bench.models import build_model, example_inputs
     from pyrys.bench.report import cpu_info
 
@@ -64,11 +64,7 @@ def main() -> None:
             inputs = example_inputs(name, 1, model)
             opts = {key: package.optimize(model, inputs, layout=args.layout) for key, package in versions.items()}
             policies = {key: opt._first.program.policy.split(" ")[0] for key, opt in opts.items()}
-            times: dict[str, list[float]] = {key: [] for key in opts}
-            for round_index in range(args.rounds):
-                order = list(opts) if round_index % 2 == 0 else list(reversed(opts))
-                for key in order:
-                    times[key].append(median_ms(opts[key], inputs, args.seconds))
+            times = interleaved_ms({key: (opt, inputs) for key, opt in opts.items()}, args.rounds, args.seconds)
             ratios = [new / old for new, old in zip(times["new"], times["old"])]
             print(f"{name}: old {statistics.median(times['old']):.4f} ms, new {statistics.median(times['new']):.4f} ms, "
                   f"new/old {statistics.median(ratios):.3f} (rounds: {min(ratios):.3f}-{max(ratios):.3f}; "

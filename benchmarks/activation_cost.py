@@ -14,7 +14,7 @@ import torch
 import pyrys
 from pyrys.backends.dnnl import post_ops
 from pyrys.backends.dnnl.constants import AlgKind
-from pyrys.bench.measure import median_ms
+from pyrys.bench.measure import interleaved_ms
 from pyrys.bench.models import build_model, example_inputs
 from pyrys.bench.report import cpu_info
 
@@ -49,11 +49,7 @@ def main() -> None:
     with torch.no_grad():
         for name in args.models:
             systems = {"chains": compiled(name, {}, args.layout), "single": compiled(name, SINGLE, args.layout)}
-            times: dict[str, list[float]] = {key: [] for key in systems}
-            for round_index in range(args.rounds):
-                order = list(systems) if round_index % 2 == 0 else list(reversed(systems))
-                for key in order:
-                    times[key].append(median_ms(*systems[key], args.seconds))
+            times = interleaved_ms(systems, args.rounds, args.seconds)
             ratios = [c / s for c, s in zip(times["chains"], times["single"])]
             print(f"{name} ({args.layout}): chains {statistics.median(times['chains']):.3f} ms, single "
                   f"{statistics.median(times['single']):.3f} ms, chains/single {statistics.median(ratios):.3f} "

@@ -16,9 +16,8 @@ import sys
 
 CHILD = """
 import json, sys, torch, pyrys
+from pyrys.bench.measure import current_rss_bytes as rss
 from pyrys.bench.models import build_model, example_inputs
-def rss():
-    return int(open("/proc/self/statm").read().split()[1]) * 4096
 name, layout = sys.argv[1], sys.argv[2]
 model = build_model(name)
 inputs = example_inputs(name, 1, model)

@@ -169,6 +169,17 @@ def median_ms(runner: Runner, inputs: Inputs, seconds: float, warm_seconds: floa
     return statistics.median(time_block(runner, inputs, max(5, int(seconds / max(mean, 1e-9))))) * 1e3
 
 
+def interleaved_ms(runs: dict[str, tuple[Runner, Inputs]], rounds: int, seconds: float) -> dict[str, list[float]]:
+    """Per name, the :func:`median_ms` of each round; the order alternates between rounds, so a slow
+    drift of a shared machine weighs on every name alike (compare the rounds' ratios)."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for round_index in range(rounds):
+        order = list(runs) if round_index % 2 == 0 else list(reversed(runs))
+        for name in order:
+            times[name].append(median_ms(*runs[name], seconds))
+    return times
+
+
 def measure_block(result: SystemResult, inputs: Inputs, plan: TimingPlan) -> None:
     """Warm one system up, then time one block of iterations; errors mark the result."""
     try:
