@@ -29,15 +29,15 @@ def test_the_least_recently_used_entry_goes_and_the_pinned_one_stays():
 
 @pytest.fixture
 def compiles(monkeypatch) -> list:
-    """The batch size of every signature compiled during the test, in order."""
+    """The batch size of every program built during the test (a capture, or a shape specialized), in order."""
     seen = []
-    original = optimize_module.compile_signature
+    original = optimize_module.build_for_shape
 
-    def spy(frontend, args, kwargs, config):
-        seen.append(args[0].shape[0])
-        return original(frontend, args, kwargs, config)
+    def spy(template, signature, flat, config, like=None):
+        seen.append(flat[0].shape[0])
+        return original(template, signature, flat, config, like)
 
-    monkeypatch.setattr(optimize_module, "compile_signature", spy)
+    monkeypatch.setattr(optimize_module, "build_for_shape", spy)
     return seen
 
 

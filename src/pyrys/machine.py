@@ -1,6 +1,8 @@
-"""The CPU this process runs on, as benchmarks and saved programs record it."""
+"""The CPU this process runs on, as benchmarks and saved programs record it, and the memory it holds."""
 from __future__ import annotations
 
+import ctypes
+import gc
 import platform
 
 # the instruction sets that decide which kernels oneDNN picks (and so a program's layouts and speed)
@@ -19,3 +21,14 @@ def cpu_info() -> tuple[str, list[str]]:
                 flags = [flag for flag in ISA_FLAGS if flag in value.split()]
                 break
     return name, flags
+
+
+def give_back_freed_memory() -> None:
+    """Free what only the collector can (objects in reference cycles: a program and its frames) and return
+    freed pages to the system (glibc keeps them for reuse). ResNet-50's RSS after a first optimize: 4.8x its
+    weights before, 3.8x after (``benchmarks/memory.py``)."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to ask
+        pass

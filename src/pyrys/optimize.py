@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
+import torch.fx as fx
 from torch.export import ExportedProgram
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -23,7 +24,10 @@ from pyrys.capture.torchscript import capture_torchscript, is_torchscript, scrip
 from pyrys.errors import DeviceError, ModelCopyError
 from pyrys.forwarding import forwarded
 from pyrys.ir.verify import make_verifier, output_types
+from pyrys.ir.symbolic import describe_dims, is_symbolic
+from pyrys.machine import give_back_freed_memory
 from pyrys.passes.freeze import ALL
+from pyrys.passes.specialize import ShapeMismatch, specialize
 from pyrys.passes.pipeline import (Instruments, PassOptions, PipelineRun, check_pass_names, legalize_for_backends,
                                    run_pipeline)
 from pyrys.shape_cache import DEFAULT_MAX_SHAPES, ShapeCache
@@ -44,11 +48,16 @@ class OptimizeConfig:
     threads: int | None = None
     layout: str = "auto"
     max_shapes: int = DEFAULT_MAX_SHAPES
+    dynamic: bool | None = None  # see optimize()
 
 
 @dataclass
 class Compiled:
-    """One input signature's compiled result."""
+    """One input signature's compiled result.
+
+    ``captured.gm`` is the graph its program runs (concrete shapes); ``generic`` the optimized graph with
+    symbolic dims it was specialized from (shared by every signature specialized from it; None when the
+    capture holds fixed shapes)."""
 
     signature: Signature
     captured: Captured
@@ -56,17 +65,19 @@ class Compiled:
     program: Program
     backend: str
     notes: list[str] = field(default_factory=list)
+    generic: Captured | None = None
 
 
 @dataclass
 class Frontend:
-    """How a model gets into pyrys IR: ``capture(args, kwargs)`` for each input signature.
+    """How a model gets into pyrys IR: ``capture(args, kwargs, dynamic)`` for each input signature.
 
     ``kind`` names the way in (``"nn.Module"``, ``"TorchScript"``, ``"ExportedProgram"``, ``"saved"``);
+    ``dynamic`` asks for symbolic sizes where the way in can give them (torch.export can);
     ``fixed_shapes`` says what to do when the source cannot be captured again for a new shape.
     """
 
-    capture: Callable[[tuple, dict], Captured]
+    capture: Callable[[tuple, dict, bool], Captured]
     kind: str
     fixed_shapes: str = ""  # empty: a new shape is captured again
 
@@ -75,8 +86,8 @@ def module_frontend(model: torch.nn.Module) -> Frontend:
     """An ``nn.Module``, captured with ``torch.export`` (``model`` is pyrys's private copy)."""
     renamed = rename_for_export(model)
 
-    def capture(args: tuple, kwargs: dict) -> Captured:
-        captured = capture_module(model, args, kwargs)
+    def capture(args: tuple, kwargs: dict, dynamic: bool) -> Captured:
+        captured = capture_module(model, args, kwargs, dynamic=dynamic)
         captured.notes[:0] = renamed
         return captured
 
@@ -85,19 +96,24 @@ def module_frontend(model: torch.nn.Module) -> Frontend:
 
 def torchscript_frontend(script: Any, flag_values: dict[str, bool] | None = None) -> Frontend:
     """A ``ScriptModule`` or scripted function, imported without tracing (state is copied)."""
-    return Frontend(lambda args, kwargs: capture_torchscript(script, args, kwargs, flag_values), "TorchScript")
+    return Frontend(lambda args, kwargs, dynamic: capture_torchscript(script, args, kwargs, flag_values),
+                    "TorchScript")
 
 
 def exported_program_frontend(ep: ExportedProgram) -> Frontend:
-    """A ``torch.export.ExportedProgram``, used as it is (not exported again)."""
-    return Frontend(lambda args, kwargs: capture_exported(ep), "ExportedProgram",
-                    fixed_shapes="Export it again for the new shape")
+    """A ``torch.export.ExportedProgram``, used as it is (not exported again); its dynamic dims stay symbolic."""
+    return Frontend(lambda args, kwargs, dynamic: capture_exported(ep), "ExportedProgram",
+                    fixed_shapes="Export it again for the new shape, or export it with dynamic_shapes")
 
 
-def compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: OptimizeConfig) -> Compiled:
-    """Capture the model on these inputs, run the pipeline, and build the backend's program."""
+def compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: OptimizeConfig,
+                      dynamic: bool = False, like: Compiled | None = None) -> Compiled:
+    """Capture the model on these inputs (``dynamic``: for every shape, where it can), run the pipeline,
+    and build the backend's program for these inputs' shapes.  ``like``: a signature compiled before,
+    whose equal constants this one shares (:func:`share_constants`) and whose backend decisions and
+    packed weights it reuses."""
     signature, flat = signature_of(args, kwargs)
-    captured = frontend.capture(args, kwargs)
+    captured = frontend.capture(args, kwargs, dynamic)
     instruments = Instruments(config.print_after_each, Path(config.dump_dir) if config.dump_dir else None,
                               None, captured.class_name)
     if config.verify:
@@ -108,11 +124,57 @@ def compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: Opt
     options = PassOptions(config.freeze_params, config.freeze_flags)
     run = run_pipeline(captured.gm, options, config.disable, instruments)
     legalize_for_backends(captured.gm, instruments)
-    compile_program, backend, notice = get_backend(config.backend)
-    program = compile_program(captured.gm, flat, BackendOptions(config.threads, config.layout))
-    notes = captured.notes + ([notice] if notice else [])
-    return Compiled(signature, captured, run, program, backend, notes)
+    if like is not None:
+        share_constants(captured.gm, like.captured.gm)
+    generic = captured if is_symbolic(captured.gm) else None
+    notice = get_backend(config.backend)[2]
+    template = Compiled(signature, captured, run, None, "", captured.notes + ([notice] if notice else []), generic)
+    try:
+        return build_for_shape(template, signature, flat, config, like=like.program if like else None)
+    except ShapeMismatch as why:  # the example itself: only if a pass assumed what its own shapes break
+        if not dynamic:
+            raise
+        compiled = compile_signature(frontend, args, kwargs, config, like=like)
+        compiled.notes.append(f"captured for these input shapes only: {why}")
+        return compiled
 
+
+def share_constants(gm: fx.GraphModule, other: fx.GraphModule) -> int:
+    """Point every constant of ``gm`` equal to one of ``other``'s (shape, dtype, strides and values) at
+    ``other``'s tensor, so that two captures of one model hold (and a backend packs) its weights once;
+    how many were shared."""
+    held: dict[tuple, list[torch.Tensor]] = {}
+    for tensor in other.buffers():
+        held.setdefault(_tensor_key(tensor), []).append(tensor)
+    shared = 0
+    for name, tensor in list(gm.named_buffers(recurse=False)):
+        match = next((t for t in held.get(_tensor_key(tensor), ()) if t is tensor or torch.equal(t, tensor)), None)
+        if match is not None and match is not tensor:
+            setattr(gm, name, match)
+            shared += 1
+    return shared
+
+
+def _tensor_key(tensor: torch.Tensor) -> tuple:
+    return tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype
+
+
+def build_for_shape(template: Compiled, signature: Signature, flat: list, config: OptimizeConfig,
+                    like: Program | None = None) -> Compiled:
+    """The program for ``signature`` from ``template``'s optimized graph (specialized to these shapes when
+    it is symbolic: :mod:`pyrys.passes.specialize`, which raises ``ShapeMismatch`` for a shape it does not
+    hold for); ``like``: a program of the same graph whose decisions and packed weights to reuse."""
+    source = template.generic or template.captured
+    gm = specialize(source.gm, flat)
+    if config.verify and gm is not source.gm:
+        make_verifier(output_types(gm))(gm)
+    compile_program, backend, _ = get_backend(config.backend)
+    program = compile_program(gm, flat, BackendOptions(config.threads, config.layout), like=like)
+    captured = dataclasses.replace(source, gm=gm, notes=list(source.notes))
+    return Compiled(signature, captured, template.run, program, backend, list(template.notes), template.generic)
+
+
+MAX_SHAPE_NOTES = 16  # opt.notes keeps at most this many, however many shapes are captured again
 
 # torch.export and the passes are not made for two threads at once: compiles take turns
 # (calls of programs already compiled never wait for this).
@@ -134,7 +196,7 @@ class OptimizedModule(torch.nn.Module):
     def __init__(self, frontend: Frontend, args: tuple, kwargs: dict, config: OptimizeConfig):
         super().__init__()
         with _COMPILING:
-            first = compile_signature(frontend, args, kwargs, config)
+            first = compile_signature(frontend, args, kwargs, config, dynamic=config.dynamic is True)
         self._hold(frontend, config, [first])
         if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
             self._remember_fast_call(_call_key(args), first)
@@ -143,6 +205,8 @@ class OptimizedModule(torch.nn.Module):
         """Hold these compiled signatures (the first is the one ``graph``, ``history`` ... describe)."""
         self._frontend, self._config = frontend, config
         self._first = compiled[0]
+        self._generic = next((c for c in compiled if c.generic is not None), None)  # shapes specialize from it
+        self._generic_tried = self._generic is not None or config.dynamic is not None
         self._shapes = ShapeCache(config.max_shapes, self._first.signature, {c.signature: c for c in compiled})
         self._fast_calls: dict[tuple, tuple[Signature, Any]] = {}
 
@@ -180,18 +244,58 @@ class OptimizedModule(torch.nn.Module):
     def _compile(self, signature: Signature, flat: list, args: tuple, kwargs: dict) -> Compiled:
         """The program for a new input signature, compiled once however many threads ask at once."""
         check_compatible(self._first.signature, signature, flat, args)
-        if self._frontend.fixed_shapes:
-            held = "; ".join(f"({s.describe()})" for s in self._programs)
-            raise InputError(f"pyrys: this {self._frontend.kind} program was compiled for inputs {held}; "
-                             f"got ({signature.describe()}). {self._frontend.fixed_shapes}")
+        if self._frontend.fixed_shapes and self._generic is None:
+            raise self._fixed_shapes_error(signature, "")
         with _COMPILING:
             compiled = self._shapes.get(signature)
             if compiled is None:
-                compiled = compile_signature(self._frontend, args, kwargs, self._config)
+                compiled = self._new_shape(signature, flat, args, kwargs)
                 evicted = set(self._shapes.put(signature, compiled))
                 if evicted:
                     self._fast_calls = {k: v for k, v in self._fast_calls.items() if v[0] not in evicted}
         return compiled
+
+    def _new_shape(self, signature: Signature, flat: list, args: tuple, kwargs: dict) -> Compiled:
+        """The program for a new shape: specialized from the graph optimized for every shape.  With
+        ``dynamic=None`` that graph is captured at the first new shape (the first signature was captured
+        for its own shape only); a shape it does not hold for, or a way in without symbolic sizes, is
+        captured and optimized again for that shape alone, with a note saying why."""
+        if self._generic is None and not self._generic_tried:
+            self._generic_tried = True
+            compiled = compile_signature(self._frontend, args, kwargs, self._config, dynamic=True, like=self._first)
+            give_back_freed_memory()  # the capture's own copies of the weights, shared away (share_constants)
+            if compiled.generic is not None:
+                self._generic = compiled
+                self._note(f"input shapes vary: captured once more with symbolic sizes "
+                           f"({describe_dims(compiled.generic.gm)}); every later shape is specialized from it")
+            else:
+                self._note(f"inputs ({signature.describe()}) captured and optimized again: {_static_reason(compiled)}")
+            return compiled
+        if self._generic is not None:
+            try:
+                return build_for_shape(self._generic, signature, flat, self._config, like=self._first.program)
+            except ShapeMismatch as error:
+                why = str(error)
+        else:
+            why = "the captured graph holds fixed shapes (no input dim could stay symbolic)"
+        if self._frontend.fixed_shapes:
+            raise self._fixed_shapes_error(signature, why)
+        compiled = compile_signature(self._frontend, args, kwargs, self._config, like=self._first)
+        note = f"inputs ({signature.describe()}) captured and optimized again: {why}"
+        compiled.notes.append(note)
+        self._note(note)
+        return compiled
+
+    def _note(self, note: str) -> None:
+        """Add to ``opt.notes`` (the first signature's), at most :data:`MAX_SHAPE_NOTES` times."""
+        if len(self._first.notes) < MAX_SHAPE_NOTES:
+            self._first.notes.append(note)
+
+    def _fixed_shapes_error(self, signature: Signature, why: str) -> InputError:
+        held = "; ".join(f"({s.describe()})" for s in self._programs)
+        reason = f" ({why})" if why else ""
+        return InputError(f"pyrys: this {self._frontend.kind} program was compiled for inputs {held}{reason}; "
+                          f"got ({signature.describe()}). {self._frontend.fixed_shapes}")
 
     def __deepcopy__(self, memo: dict) -> "OptimizedModule":
         """An independent module: its own frames and caches; the compiled, read-only plans are shared."""
@@ -289,6 +393,7 @@ def optimize(
     threads: int | None = None,
     layout: str = "auto",
     max_shapes: int = DEFAULT_MAX_SHAPES,
+    dynamic: bool | None = None,
 ) -> OptimizedModule:
     """Optimize ``model`` for inference on inputs like ``example_inputs``.
 
@@ -306,6 +411,13 @@ def optimize(
     time, the fastest kept), ``"nhwc"``, ``"blocked8"`` or ``"blocked16"``.
     ``max_shapes``: how many input signatures (shapes) keep their compiled program; past that the least
     recently called one is dropped (the first is kept) and compiles again if it comes back.
+    ``dynamic``: capture with symbolic sizes (every input dim ``torch.export`` can keep symbolic: batch,
+    sequence length, image size), run the passes once, and give each new shape a program specialized
+    from that graph (about 5% of a compile, the weights shared). ``None`` (default): the example's shape
+    is captured as it is (the fastest first compile) and the symbolic capture happens at the first call
+    with another shape; ``True``: at ``optimize`` (a slower first compile, every new shape fast);
+    ``False``: never (each new shape is captured and optimized again). A shape the symbolic graph does
+    not hold for (a branch on a size, a dim the model pins) is captured again, with a note in ``notes``.
     The user's model is never modified: pyrys works on a private copy.
     A model pyrys cannot take raises :class:`pyrys.CaptureError` (``forward`` needs tensor data in
     Python), :class:`pyrys.DeviceError` (weights not on the CPU) or :class:`pyrys.ModelCopyError`;
@@ -313,7 +425,7 @@ def optimize(
     """
     config = make_config(backend=backend, freeze_params=freeze_params, freeze_flags=freeze_flags, disable=disable,
                          print_after_each=print_after_each, dump_dir=dump_dir, verify=verify, threads=threads,
-                         layout=layout, max_shapes=max_shapes)
+                         layout=layout, max_shapes=max_shapes, dynamic=dynamic)
     if isinstance(model, ExportedProgram):
         if example_inputs is None:
             example_inputs, example_kwargs = exported_example_inputs(model)
@@ -393,7 +505,7 @@ def make_config(*, backend: str = "auto", freeze_params: Iterable[str] | None = 
                 freeze_flags: Iterable[str] | None = ALL, disable: Iterable[str] = (),
                 print_after_each: bool = False, dump_dir: str | Path | None = None,
                 verify: bool = False, threads: int | None = None, layout: str = "auto",
-                max_shapes: int = DEFAULT_MAX_SHAPES) -> OptimizeConfig:
+                max_shapes: int = DEFAULT_MAX_SHAPES, dynamic: bool | None = None) -> OptimizeConfig:
     """An :class:`OptimizeConfig` from :func:`optimize`'s keyword options, checked."""
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ValueError(f"pyrys.optimize: threads must be a positive int, got {threads!r}")
@@ -401,6 +513,8 @@ def make_config(*, backend: str = "auto", freeze_params: Iterable[str] | None = 
         raise ValueError(f"pyrys.optimize: layout must be one of {LAYOUTS}, got {layout!r}")
     if not isinstance(max_shapes, int) or isinstance(max_shapes, bool) or max_shapes < 1:
         raise ValueError(f"pyrys.optimize: max_shapes must be a positive int, got {max_shapes!r}")
+    if dynamic not in (None, True, False):
+        raise ValueError(f"pyrys.optimize: dynamic must be None, True or False, got {dynamic!r}")
     return OptimizeConfig(
         backend=backend,
         freeze_params=None if freeze_params is None else tuple(freeze_params),
@@ -412,6 +526,7 @@ def make_config(*, backend: str = "auto", freeze_params: Iterable[str] | None = 
         threads=threads,
         layout=layout,
         max_shapes=max_shapes,
+        dynamic=dynamic,
     )
 
 
@@ -429,3 +544,9 @@ def _warn_if_training(model: Any, stacklevel: int = 3) -> None:
     if getattr(model, "training", False):
         warnings.warn("pyrys.optimize: the model is in training mode; BatchNorm will not be folded and "
                       "dropout stays random. Call model.eval() first for inference.", stacklevel=stacklevel)
+
+
+def _static_reason(compiled: Compiled) -> str:
+    """Why a capture asked for symbolic sizes has none: its note, or torch.export pinned every dim."""
+    said = [note for note in compiled.notes if note.startswith("captured for these input shapes only")]
+    return said[0] if said else "torch.export kept no input dim symbolic (the model pins every one)"

@@ -1,6 +1,8 @@
 """Backends turn an optimized graph into something that runs.
 
-Each backend is a function ``compile(gm, example_inputs, options) -> Program``; a program
+Each backend is a function ``compile(gm, example_inputs, options, like=None) -> Program``
+(``like``: the program of another input shape of the same optimized graph, whose decisions and
+packed weights the new one reuses); a program
 is called with the flat list of user inputs and returns the flat list of outputs, and says
 what it is (``describe``), where its time goes (``profile``) and what it holds (``memory``):
 see :class:`pyrys.backends.program.Program`.
@@ -15,7 +17,7 @@ from pyrys.backends import reference
 from pyrys.backends.options import BackendOptions
 from pyrys.backends.program import Program
 
-BackendCompile = Callable[[fx.GraphModule, list, BackendOptions], Program]
+BackendCompile = Callable[..., Program]  # (gm, example_inputs, options, like=None): see the module docstring
 
 
 def _dnnl_backend() -> tuple[BackendCompile | None, str]:

@@ -95,6 +95,8 @@ def without_dispatch(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph)
 
 
-def compile_program(gm: fx.GraphModule, example_inputs: list, options: BackendOptions = BackendOptions()):
+def compile_program(gm: fx.GraphModule, example_inputs: list, options: BackendOptions = BackendOptions(),
+                    like=None):
+    """The reference backend (``like``, another shape's program, has nothing to share here)."""
     program = ReferenceProgram(gm)
     return ThreadPinned(program, options.threads) if options.threads else program

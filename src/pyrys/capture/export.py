@@ -17,6 +17,7 @@ private copy first (:func:`rename_for_export`).
 """
 from __future__ import annotations
 
+import contextlib
 import keyword
 import operator
 import re
@@ -24,14 +25,17 @@ import re
 import torch
 import torch.fx as fx
 from torch._dynamo.exc import UserError, UserErrorType
+from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import DataDependentOutputException
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, free_unbacked_symbols
 
 from pyrys.capture.captured import Captured
+from pyrys.capture.dynamic_shapes import every_dim_auto
 from pyrys.errors import CaptureError
 from pyrys.ir.graph import STATE_KEY, StateRef, add_constant, add_placeholder, identifier, insert_call
+from pyrys.ir.symbolic import input_dims, set_fake_mode, sizes_kept_symbolic
 
 aten = torch.ops.aten
 _BN_VARIANTS = {
@@ -83,11 +87,17 @@ def _exportable(name: str) -> bool:
     return "." not in name and not keyword.iskeyword(name)
 
 
-def export_module(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> ExportedProgram:
-    """``torch.export`` at ATen level, functionalized; the model itself is not modified."""
-    with torch.no_grad():
+def export_module(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
+                  dynamic: bool = False) -> ExportedProgram:
+    """``torch.export`` at ATen level, functionalized; the model itself is not modified.
+
+    ``dynamic``: every input dim ``Dim.AUTO`` (``dynamic_shapes.py``), for a graph that holds for
+    every shape torch.export could keep symbolic."""
+    kwargs = kwargs or {}
+    with torch.no_grad(), sizes_kept_symbolic() if dynamic else contextlib.nullcontext():
         try:
-            exported = torch.export.export(model, args, kwargs)
+            shapes = every_dim_auto(model, args, kwargs) if dynamic else None
+            exported = torch.export.export(model, args, kwargs, dynamic_shapes=shapes)
         except (UserError, GuardOnDataDependentSymNode, DataDependentOutputException) as error:
             if isinstance(error, UserError) and error.error_type != UserErrorType.DYNAMIC_CONTROL_FLOW:
                 raise
@@ -106,14 +116,30 @@ def _data_dependent_message(model: torch.nn.Module, error: Exception) -> str:
             "and pyrys compiles each piece")
 
 
-def capture_module(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> Captured:
-    return from_exported(export_module(model, args, kwargs), model)
+def capture_module(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
+                   dynamic: bool = False) -> Captured:
+    """``model`` in pyrys IR; ``dynamic``: for every shape, falling back to these inputs' shapes (with a
+    note saying why) when torch.export cannot trace it with symbolic sizes."""
+    if not dynamic:
+        return from_exported(export_module(model, args, kwargs), model)
+    try:
+        exported = export_module(model, args, kwargs, dynamic=True)
+    except CaptureError:
+        raise
+    except Exception as error:  # noqa: BLE001 -- whatever fails with symbolic sizes is tried again with fixed ones
+        captured = from_exported(export_module(model, args, kwargs), model)
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        captured.notes.append(f"captured for these input shapes only: torch.export fails with symbolic sizes "
+                              f"({type(error).__name__}: {first_line[:300]}); a new shape is captured again")
+        return captured
+    return from_exported(exported, model)
 
 
 def from_exported(ep: ExportedProgram, model: torch.nn.Module | None = None) -> Captured:
     """Turn an ``ExportedProgram`` into pyrys IR (``model`` supplies module flags such as ``training``)."""
     _refuse_data_dependent_shapes(ep.graph_module, type(model).__name__ if model is not None else "ExportedProgram")
     gm = fx.GraphModule(torch.nn.Module(), _copy_graph(ep.graph_module))
+    _keep_symbolic_shapes(gm)
     _bind_inputs(gm, ep)
     notes = _drop_state_updates(gm, ep)
     _raise_batch_norms(gm, model)
@@ -122,6 +148,13 @@ def from_exported(ep: ExportedProgram, model: torch.nn.Module | None = None) -> 
     signature = ep.module_call_graph[0].signature
     class_name = type(model).__name__ if model is not None else "ExportedProgram"
     return Captured(gm, signature.in_spec, signature.out_spec, class_name, notes)
+
+
+def _keep_symbolic_shapes(gm: fx.GraphModule) -> None:
+    """A graph whose inputs have symbolic dims keeps the fake mode they belong to (``ir/symbolic.py``)."""
+    mode = detect_fake_mode([n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"])
+    if mode is not None and mode.shape_env is not None and input_dims(gm):
+        set_fake_mode(gm, mode)
 
 
 def _refuse_data_dependent_shapes(graph_module: fx.GraphModule, owner: str) -> None:

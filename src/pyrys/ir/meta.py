@@ -18,6 +18,7 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from pyrys.ir.graph import state_ref
+from pyrys.ir.symbolic import dims_key, graph_fake_mode, hint, propagating
 
 
 def _fake_like(mode: FakeTensorMode, val: Any) -> Any:
@@ -34,7 +35,7 @@ def _fake_input(mode: FakeTensorMode, node: fx.Node):
     ref = state_ref(node)
     if ref is not None:
         value = ref.value
-        return mode.from_tensor(value) if isinstance(value, torch.Tensor) else value
+        return mode.from_tensor(value, static_shapes=True) if isinstance(value, torch.Tensor) else value
     return _fake_like(mode, node.meta["val"])
 
 
@@ -58,12 +59,14 @@ class _Fresh(FakeTensorProp):
 
 
 def fresh_meta(gm: fx.GraphModule) -> dict[fx.Node, Any]:
-    """Every node's value by fake-tensor propagation from the inputs, without writing ``meta``."""
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    """Every node's value by fake-tensor propagation from the inputs, without writing ``meta``
+    (under the graph's own fake mode when its shapes are symbolic: :mod:`pyrys.ir.symbolic`)."""
+    mode = graph_fake_mode(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     fake_inputs = [_fake_input(mode, n) for n in placeholders]
     propagation = _Fresh(gm, mode)
-    propagation.propagate_dont_convert_inputs(*fake_inputs)
+    with propagating(mode):
+        propagation.propagate_dont_convert_inputs(*fake_inputs)
     return propagation.fresh
 
 
@@ -76,7 +79,7 @@ def refresh_meta(gm: fx.GraphModule) -> None:
 
 def infer_meta(node: fx.Node, mode: FakeTensorMode | None = None) -> Any:
     """``node``'s value computed from its inputs' recorded ``meta["val"]``: its op run on fake tensors."""
-    mode = mode or FakeTensorMode(allow_non_fake_inputs=True)
+    mode = mode or graph_fake_mode(node.graph.owning_module)
 
     def fake(arg: fx.Node) -> Any:
         if "val" not in arg.meta:
@@ -84,15 +87,15 @@ def infer_meta(node: fx.Node, mode: FakeTensorMode | None = None) -> Any:
         return _fake_like(mode, arg.meta["val"])
 
     args, kwargs = fx.map_arg(node.args, fake), fx.map_arg(node.kwargs, fake)
-    with mode:
+    with mode, propagating(mode):
         result = node.target(*args, **kwargs)
     return map_aggregate(result, lambda v: v.detach() if isinstance(v, torch.Tensor) else v)
 
 
 def settle_meta(nodes: Iterable[fx.Node]) -> None:
     """Infer ``meta["val"]`` of ``nodes``, then of the users of each node whose value changed, until none does."""
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
     forced = dict.fromkeys(nodes)
+    mode = graph_fake_mode(next(iter(forced)).graph.owning_module) if forced else None
     pending = deque(forced)
     while pending:
         node = pending.popleft()
@@ -113,7 +116,7 @@ def meta_mismatch(recorded: Any, fresh: Any) -> str | None:
     if isinstance(fresh, torch.Tensor):
         if not isinstance(recorded, torch.Tensor):
             return f"{_kind(recorded)} where a tensor is computed"
-        if (tuple(recorded.shape), recorded.dtype) != (tuple(fresh.shape), fresh.dtype):
+        if (dims_key(recorded.shape), recorded.dtype) != (dims_key(fresh.shape), fresh.dtype):
             return f"{_describe(recorded)} where {_describe(fresh)} is computed"
         if _layout(recorded) != _layout(fresh):
             return f"strides {tuple(recorded.stride())} where {tuple(fresh.stride())} are computed"
@@ -128,7 +131,7 @@ def meta_mismatch(recorded: Any, fresh: Any) -> str | None:
 
 
 def _layout(t: torch.Tensor) -> tuple:
-    return tuple(stride for size, stride in zip(t.shape, t.stride()) if size > 1)
+    return dims_key(stride for size, stride in zip(t.shape, t.stride()) if hint(size) > 1)
 
 
 def _describe(t: torch.Tensor) -> str:

@@ -22,6 +22,7 @@ import torch.fx as fx
 from pyrys.ir.control_flow import IF, RaisingBranch, is_branch
 from pyrys.ir.fused import Fused, read_fused
 from pyrys.ir.graph import state_ref
+from pyrys.ir.symbolic import hint
 
 _DTYPE_NAMES = {
     torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16",
@@ -31,8 +32,8 @@ _DTYPE_NAMES = {
 
 
 def format_tensor_type(shape, dtype: torch.dtype) -> str:
-    """``Float(1, 3, 8, 8)``."""
-    return f"{_DTYPE_NAMES.get(dtype, str(dtype))}({', '.join(str(int(s)) for s in shape)})"
+    """``Float(1, 3, 8, 8)``; a symbolic dim prints as the example's value (:func:`pyrys.ir.symbolic.hint`)."""
+    return f"{_DTYPE_NAMES.get(dtype, str(dtype))}({', '.join(str(int(hint(s))) for s in shape)})"
 
 
 def format_type(val: Any) -> str:
@@ -41,8 +42,8 @@ def format_type(val: Any) -> str:
         return format_tensor_type(val.shape, val.dtype)
     if isinstance(val, (tuple, list)):
         return "(" + ", ".join(format_type(v) for v in val) + ")"
-    if isinstance(val, (bool, int, float)):
-        return type(val).__name__
+    if isinstance(hint(val), (bool, int, float)):
+        return type(hint(val)).__name__
     return "Tensor"
 
 

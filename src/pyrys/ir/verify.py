@@ -20,6 +20,7 @@ from pyrys.ir.control_flow import IF, is_branch
 from pyrys.ir.fused import read_fused
 from pyrys.ir.meta import fresh_meta, meta_mismatch
 from pyrys.ir.printer import op_name
+from pyrys.ir.symbolic import dims_key, hint, is_symbolic_scalar_op
 
 
 class VerificationError(AssertionError):
@@ -38,7 +39,7 @@ def output_types(gm: fx.GraphModule) -> list[tuple]:
 
 def _type_of(arg) -> tuple:
     val = arg.meta.get("val") if isinstance(arg, fx.Node) else arg
-    return (tuple(val.shape), val.dtype) if isinstance(val, torch.Tensor) else (type(val).__name__,)
+    return (dims_key(val.shape), val.dtype) if isinstance(val, torch.Tensor) else (type(hint(val)).__name__,)
 
 
 def _returns_nothing(node: fx.Node) -> bool:
@@ -55,7 +56,8 @@ def _lint(gm: fx.GraphModule) -> None:
 
 
 def _verify_call(node: fx.Node) -> None:
-    _check(isinstance(node.target, torch._ops.OpOverload) or node.target in (operator.getitem, IF),
+    _check(isinstance(node.target, torch._ops.OpOverload) or node.target in (operator.getitem, IF)
+           or is_symbolic_scalar_op(node.target),
            f"%{node.name} calls {node.target!r}, which is not an op overload")
     try:
         read_fused(node)
@@ -74,7 +76,7 @@ def _verify_node(gm: fx.GraphModule, node: fx.Node) -> None:
     if node.op == "get_attr":
         value = getattr(gm, node.target, None)
         _check(isinstance(value, torch.Tensor), f"constant %{node.name} holds no tensor")
-        _check(tuple(value.shape) == tuple(node.meta["val"].shape), f"constant %{node.name} changed shape")
+        _check(tuple(value.shape) == dims_key(node.meta["val"].shape), f"constant %{node.name} changed shape")
 
 
 def _verify_meta(gm: fx.GraphModule) -> None:

@@ -25,6 +25,7 @@ import torch.fx as fx
 
 from pyrys.ir.edit import insert_op, replace_node, set_args
 from pyrys.ir.graph import add_constant, is_constant, op_args, tensor_meta
+from pyrys.ir.symbolic import keeps_shape
 from pyrys.ir.ops import FOLD_AFFINE_BIAS, FOLD_SCALE
 from pyrys.ir.vocabulary import LINEARS, WEIGHTED, is_pure, output_channel_layout
 from pyrys.passes.rewrite import Match, Miss, PassResult, Rule, apply_rules, fail, shared_miss
@@ -84,10 +85,7 @@ def _fits(x: torch.Tensor, constant) -> bool:
     c = tensor_meta(constant)
     if c is None or c.dtype != x.dtype:
         return False
-    try:
-        return torch.broadcast_shapes(x.shape, c.shape) == x.shape
-    except RuntimeError:
-        return False
+    return keeps_shape(x.shape, c.shape)
 
 
 def constant_affine(node: fx.Node) -> AffineOp | None:

@@ -28,6 +28,7 @@ import torch.fx as fx
 from pyrys.ir.edit import replace_node
 from pyrys.ir.fused import FUSED_OPS, add_post_op, fused_form_miss, to_fused
 from pyrys.ir.graph import op_args
+from pyrys.ir.symbolic import hint, keeps_shape
 from pyrys.ir.post_ops import ACTIVATIONS, NoPostOp, PostOp, activation_post_op
 from pyrys.ir.vocabulary import WEIGHTED
 from pyrys.passes.rewrite import Match, Miss, PassResult, Rule, apply_rules, fail, shared_miss
@@ -91,9 +92,9 @@ def _binary_miss(producer: fx.Node, other: fx.Node, post_op: PostOp) -> Miss | N
     out, operand = producer.meta.get("val"), other.meta.get("val")
     if not isinstance(operand, torch.Tensor) or operand.dtype != out.dtype:
         return fail(f"the other operand of {post_op}, %{other.name}, is not a {out.dtype} tensor")
-    if torch.broadcast_shapes(out.shape, operand.shape) != out.shape:
-        return fail(f"the other operand of {post_op}, %{other.name} {tuple(operand.shape)}, broadcasts the output of "
-                    f"%{producer.name} {tuple(out.shape)} to a larger shape")
+    if not keeps_shape(out.shape, operand.shape):
+        return fail(f"the other operand of {post_op}, %{other.name} {_shape(operand)}, broadcasts the output of "
+                    f"%{producer.name} {_shape(out)} to a larger shape")
     return None
 
 
@@ -137,3 +138,7 @@ POST_OP_RULES: tuple[Rule, ...] = (
 def fuse_post_ops(gm: fx.GraphModule) -> PassResult:
     """Apply :data:`POST_OP_RULES` once over the graph (chains fuse in the same sweep)."""
     return apply_rules(gm, POST_OP_RULES)
+
+
+def _shape(t: torch.Tensor) -> tuple:
+    return tuple(hint(d) for d in t.shape)

@@ -28,6 +28,7 @@ import torch.fx as fx
 
 from pyrys.ir.edit import insert_op, replace_node
 from pyrys.ir.graph import op_args, tensor_meta
+from pyrys.ir.symbolic import dims_key, known_contiguous, view_shape
 from pyrys.ir.vocabulary import PERMUTES, VIEWS, permutation
 from pyrys.passes.rewrite import Match, Miss, PassResult, Rule, apply_rules, fail
 
@@ -142,13 +143,14 @@ class CollapseViews(Rule):
         while source.target in VIEWS and _first_input(source) is not None:
             source = _first_input(source)
         x = tensor_meta(source)
-        if not x.is_contiguous():
+        if not known_contiguous(x):
             return None  # a reshape of it may copy, and later views may rely on that copy
-        if x.shape == out.shape:
+        if dims_key(x.shape) == dims_key(out.shape):
             return None if _returns_own_input(node, source) else Match({"source": source, "shape": None})
         if source is node.args[0]:
             return None
-        return Match({"source": source, "shape": list(out.shape)})
+        shape = view_shape(out.shape)
+        return None if shape is None else Match({"source": source, "shape": shape})
 
     def rewrite(self, gm: fx.GraphModule, node: fx.Node, match: Match) -> None:
         replacement = match["source"]

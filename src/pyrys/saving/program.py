@@ -81,7 +81,7 @@ def load(path: str | os.PathLike, *, threads: int | None = None) -> OptimizedMod
     return OptimizedModule.from_compiled(frontend, config, [first, *compiled])
 
 
-def _no_capture(args: tuple, kwargs: dict) -> Captured:
+def _no_capture(args: tuple, kwargs: dict, dynamic: bool) -> Captured:
     raise AssertionError("a loaded module never captures")  # fixed_shapes stops every new shape before this
 
 

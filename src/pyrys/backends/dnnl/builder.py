@@ -1,6 +1,7 @@
 """Compile-time state of a lowering: values per graph node, the steps so far, reorders, weights."""
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -9,7 +10,7 @@ import torch.fx as fx
 from pyrys.backends.dnnl.constants import ARG_FROM, ARG_SCRATCHPAD, ARG_TO
 from pyrys.backends.dnnl.descriptors import reorder_pd
 from pyrys.backends.dnnl.frame import Frame
-from pyrys.backends.dnnl.layout import plain_md
+from pyrys.backends.dnnl.layout import any_md, plain_md
 from pyrys.backends.dnnl.primitives import Engine, Memory, MemoryDesc, Primitive, PrimitiveDesc, Stream
 from pyrys.backends.dnnl.program import Step
 from pyrys.backends.dnnl.tensors import DNNL_TO_TORCH, dnnl_dtype, to_layout
@@ -29,10 +30,22 @@ class PackedWeights:
     def __init__(self) -> None:
         self.entries: dict[tuple, list[tuple[MemoryDesc, torch.Tensor]]] = {}  # source -> [(md, bytes)]
         self.sources: dict[tuple, torch.Tensor] = {}  # keeps each source alive while its address is a key
+        self._lock = threading.Lock()  # programs of several shapes and thread counts build at once
 
     def packed(self, engine: Engine, stream: Stream, tensor: torch.Tensor, md: MemoryDesc | None) -> tuple:
         """``(md, bytes)`` of ``tensor`` in layout ``md`` (its own plain layout for None), packed once."""
-        key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+        with self._lock:
+            return self._packed(engine, stream, tensor, md)
+
+    def layouts_of(self, tensor: torch.Tensor) -> list[MemoryDesc]:
+        """The layouts ``tensor`` is already packed in (its own plain layout left out)."""
+        with self._lock:
+            entries = list(self.entries.get(_key(tensor), ()))
+        plain = plain_md(tensor.shape, tensor.dtype)
+        return [md for md, _ in entries if md != plain]
+
+    def _packed(self, engine: Engine, stream: Stream, tensor: torch.Tensor, md: MemoryDesc | None) -> tuple:
+        key = _key(tensor)
         candidates = self.entries.setdefault(key, [])
         self.sources[key] = tensor
         wanted = plain_md(tensor.shape, tensor.dtype) if md is None else md
@@ -50,7 +63,9 @@ class PackedWeights:
     def copied_bytes(self) -> int:
         """Bytes of the packed copies (a constant read in its own contiguous layout is not copied)."""
         copies = {}
-        for key, entries in self.entries.items():
+        with self._lock:
+            held = list(self.entries.items())
+        for key, entries in held:
             source = self.sources[key].untyped_storage().data_ptr()
             for _, storage in entries:
                 if storage.untyped_storage().data_ptr() != source:
@@ -59,15 +74,28 @@ class PackedWeights:
 
     def retain(self, used: set[int]) -> None:
         """Forget every packed copy whose bytes (storage address) are not in ``used``."""
+        with self._lock:
+            self._retain(used)
+
+    def _retain(self, used: set[int]) -> None:
         for key in list(self.entries):
             self.entries[key] = [(md, s) for md, s in self.entries[key] if s.data_ptr() in used]
             if not self.entries[key]:
                 del self.entries[key], self.sources[key]
 
 
+def _key(tensor: torch.Tensor) -> tuple:
+    return tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype
+
+
 class Builder:
-    def __init__(self, gm: fx.GraphModule, policy: str, engine: Engine, packed: PackedWeights | None = None):
-        self.gm, self.policy, self.engine = gm, policy, engine
+    """What lowering one graph under one layout policy needs.  ``reuse_packed``: a weight already packed
+    (for another input shape) is offered to oneDNN in that layout first (:meth:`weight_layouts`), so
+    that every shape's program reads the one packed copy."""
+
+    def __init__(self, gm: fx.GraphModule, policy: str, engine: Engine, packed: PackedWeights | None = None,
+                 reuse_packed: bool = False):
+        self.gm, self.policy, self.engine, self.reuse_packed = gm, policy, engine, reuse_packed
         self.stream = Stream(engine)  # compile-time reorders of constants
         self.packed = packed or PackedWeights()
         self.values: dict[fx.Node, Value] = {}
@@ -101,6 +129,12 @@ class Builder:
         value = Value(node.name, md, kind, alias_of)
         self.values[node] = value
         return value
+
+    def weight_layouts(self, tensor: torch.Tensor) -> list[MemoryDesc]:
+        """The layouts to offer a primitive for ``tensor`` as its weights, in order: those it is packed in
+        already (with ``reuse_packed``), then ``format_tag_any`` (oneDNN's choice)."""
+        known = self.packed.layouts_of(tensor) if self.reuse_packed else []
+        return [*known, any_md(tensor.shape, tensor.dtype)]
 
     def constant_value(self, tensor: torch.Tensor, md: MemoryDesc | None = None, name: str = "const") -> Value:
         """A compile-time value holding ``tensor`` in layout ``md`` (reordered once, now)."""

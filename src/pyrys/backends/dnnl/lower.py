@@ -48,8 +48,9 @@ def _define_input(builder: Builder, node: fx.Node) -> Value:
     return builder.define(node, md, DYNAMIC)
 
 
-def _lower(gm: fx.GraphModule, policy: str, engine: Engine, packed: PackedWeights, threads: int) -> DnnlProgram:
-    builder = Builder(gm, policy, engine, packed)
+def _lower(gm: fx.GraphModule, policy: str, engine: Engine, packed: PackedWeights, threads: int,
+           reuse_packed: bool) -> DnnlProgram:
+    builder = Builder(gm, policy, engine, packed, reuse_packed)
     inputs = []
     for node in gm.graph.nodes:
         if node.op == "placeholder" and state_ref(node) is None:
@@ -60,6 +61,7 @@ def _lower(gm: fx.GraphModule, policy: str, engine: Engine, packed: PackedWeight
 
 
 def build_program(gm: fx.GraphModule, policy: str, engine: Engine, threads: int,
-                  packed: PackedWeights | None = None) -> DnnlProgram:
-    """The program of ``gm`` under a layout policy, for ``threads`` threads per call."""
-    return with_threads(threads, _lower, gm, policy, engine, packed or PackedWeights(), threads)
+                  packed: PackedWeights | None = None, reuse_packed: bool = False) -> DnnlProgram:
+    """The program of ``gm`` under a layout policy, for ``threads`` threads per call; ``reuse_packed``:
+    weights read in the layouts ``packed`` holds them in where oneDNN takes that (another input shape)."""
+    return with_threads(threads, _lower, gm, policy, engine, packed or PackedWeights(), threads, reuse_packed)

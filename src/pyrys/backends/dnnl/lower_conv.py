@@ -16,7 +16,7 @@ from pyrys.backends.dnnl.binding import DnnlError
 from pyrys.backends.dnnl.builder import Builder, Unsupported, check_dtype, node_text
 from pyrys.backends.dnnl.constants import ARG_BIAS, ARG_DST, ARG_SRC, ARG_WEIGHTS, arg_post_op_src1
 from pyrys.backends.dnnl.descriptors import convolution_pd, deconvolution_pd, inner_product_pd
-from pyrys.backends.dnnl.layout import any_md, plain_md, policy_md
+from pyrys.backends.dnnl.layout import plain_md, policy_md
 from pyrys.backends.dnnl.post_ops import Chain, Operand, build_chain, operand_of
 from pyrys.backends.dnnl.primitives import PrimitiveAttr, PrimitiveDesc
 from pyrys.backends.dnnl.values import ALIAS, Value
@@ -95,14 +95,15 @@ def _lower_conv_like(builder: Builder, node: fx.Node, fused: Fused, weight: torc
     out = node.meta["val"]
     check_dtype(fused.args["input"].meta["val"], out)
     x = builder.value_of(fused.args["input"])
-    w_md, b_md = any_md(weight.shape, weight.dtype), None if bias is None else plain_md(bias.shape, bias.dtype)
+    w_mds, b_md = builder.weight_layouts(weight), None if bias is None else plain_md(bias.shape, bias.dtype)
     for layout in _layouts_to_try(builder.policy):
         snapshot = builder.snapshot()
         dst_md = policy_md(out.shape, out.dtype, layout)
         chain = build_chain(builder, fused.post_ops, [operand_of(builder, n) for n in fused.post_inputs], dst_md)
         attr = PrimitiveAttr(chain.post_ops)
         sources = (x.md, policy_md(x.md.dims, out.dtype, layout))
-        pd = _first_fast([lambda src=src: create(src, w_md, dst_md, b_md, attr) for src in sources])
+        pd = _first_fast([lambda src=src, w_md=w_md: create(src, w_md, dst_md, b_md, attr)
+                          for w_md in w_mds for src in sources])
         if not _is_reference(pd) or layout == "nhwc":
             break
         builder.restore(snapshot, node)
@@ -146,8 +147,9 @@ def lower_linear(builder: Builder, node: fx.Node) -> None:
     operands = [_operand_2d(builder, n, rows) for n in fused.post_inputs]
     chain = build_chain(builder, fused.post_ops, operands, dst_md)
     b_md = None if bias is None else plain_md(bias.shape, bias.dtype)
-    pd = _first_fast([lambda: inner_product_pd(builder.engine, x.md, any_md(weight.shape, weight.dtype), dst_md,
-                                               b_md, attr=PrimitiveAttr(chain.post_ops))])
+    pd = _first_fast([lambda w_md=w_md: inner_product_pd(builder.engine, x.md, w_md, dst_md, b_md,
+                                                         attr=PrimitiveAttr(chain.post_ops))
+                      for w_md in builder.weight_layouts(weight)])
     dst = _finish(builder, node, pd, x, weight, bias, chain, f"dnnl::{fused.label}")
     if out.dim() != 2:
         builder.values[node] = Value(node.name, plain_md(out.shape, out.dtype), ALIAS, dst)

@@ -20,8 +20,6 @@ negative number) is never checked; the README lists the differences.
 from __future__ import annotations
 
 import copy
-import ctypes
-import gc
 import math
 import os
 import threading
@@ -42,18 +40,24 @@ from pyrys.backends.reference import ReferenceProgram
 from pyrys.backends.threads import current_threads, with_threads
 from pyrys.forwarding import forwarded
 from pyrys.ir.printer import format_graph
-from pyrys.machine import cpu_info
+from pyrys.machine import cpu_info, give_back_freed_memory
 
 
 class DnnlRuntime:
     """Calls the program built for the caller's thread count (``threads=`` pins it for every call)."""
 
-    def __init__(self, gm: fx.GraphModule, example_inputs: list, options: BackendOptions):
-        self.gm, self.pinned = gm, options.threads
-        self.engine, self.packed = Engine(), PackedWeights()
+    def __init__(self, gm: fx.GraphModule, example_inputs: list, options: BackendOptions,
+                 like: "DnnlRuntime | None" = None):
+        self.gm, self.pinned, self.reuse_packed = gm, options.threads, like is not None
         self._building = threading.Lock()
         threads = options.threads or current_threads()
-        self.first = self._choose_policy(example_inputs, options.layout, threads)
+        if like is None:
+            self.engine, self.packed = Engine(), PackedWeights()
+            self.first = self._choose_policy(example_inputs, options.layout, threads)
+        else:  # another shape of the same graph: its layout, engine and packed weights (in their layouts)
+            self.engine, self.packed, self.layout = like.engine, like.packed, like.layout
+            self.first = build_program(gm, self.layout, self.engine, threads, self.packed, reuse_packed=True)
+            self.first.policy = f"{self.layout} (as chosen for the first input shape)"
         self.programs: dict[int, DnnlProgram] = {threads: self.first}
         self.reference = ReferenceProgram(gm)
         self.float_inputs = [i for i, t in enumerate(example_inputs) if self.first.drops_nan
@@ -73,7 +77,7 @@ class DnnlRuntime:
     def _program_for(self, threads: int) -> DnnlProgram:
         with self._building:
             if threads not in self.programs:
-                program = build_program(self.gm, self.layout, self.engine, threads, self.packed)
+                program = build_program(self.gm, self.layout, self.engine, threads, self.packed, self.reuse_packed)
                 program.policy = self.first.policy
                 self.programs = {**self.programs, threads: program}
         return self.programs[threads]
@@ -99,11 +103,11 @@ class DnnlRuntime:
             programs[best].policy = f"{policies[best]} (measured: {timings})"
             tuning_cache.store("layout", key, {"policy": policies[best], "measured": timings})
         self.layout = policies[best]
-        self.packed.retain({slot.constant.data_ptr() for slot in programs[best].slots if slot.constant is not None})
         chosen = programs[best]
         if len(programs) > 1:
+            self.packed.retain({slot.constant.data_ptr() for slot in chosen.slots if slot.constant is not None})
             del programs
-            _give_back_freed_memory()
+            give_back_freed_memory()
         return chosen
 
     def __deepcopy__(self, memo: dict) -> "DnnlRuntime":
@@ -143,17 +147,6 @@ def _all_finite(inputs: list, positions: list[int]) -> bool:
     return all(math.isfinite(inputs[i].sum().item()) for i in positions)
 
 
-def _give_back_freed_memory() -> None:
-    """Free the losing candidates (a program and its frames refer to each other: only the collector frees
-    them) and return their pages to the system (glibc keeps freed memory for reuse). ResNet-50's RSS
-    after a first optimize: 4.8x its weights before, 3.8x after (``benchmarks/memory.py``)."""
-    gc.collect()
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to ask
-        pass
-
-
 def _tuning_key(gm: fx.GraphModule, threads: int, policies: list[str]) -> dict:
     """What a layout decision depends on: the graph (ops, shapes, dtypes; not the weights' values),
     the candidates, the thread count, the CPU's ISA flags and the pyrys and oneDNN versions."""
@@ -185,6 +178,7 @@ def _time_policies(programs: list[DnnlProgram], inputs: list, budget: float = 0.
     return [sorted(samples[i])[len(samples[i]) // 2] if i in samples else first[i] for i in range(len(programs))]
 
 
-def compile_program(gm: fx.GraphModule, example_inputs: list, options: BackendOptions = BackendOptions()):
-    """The dnnl backend: see :class:`DnnlRuntime`."""
-    return DnnlRuntime(gm, example_inputs, options)
+def compile_program(gm: fx.GraphModule, example_inputs: list, options: BackendOptions = BackendOptions(),
+                    like=None):
+    """The dnnl backend: see :class:`DnnlRuntime` (``like``: a runtime of another shape, or None)."""
+    return DnnlRuntime(gm, example_inputs, options, like if isinstance(like, DnnlRuntime) else None)

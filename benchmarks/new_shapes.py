@@ -1,0 +1,109 @@
+"""What a new input shape costs: time to the first result at that shape, and RSS, against the first compile.
+
+Each model and ``dynamic=`` setting runs in a fresh process (RSS only grows within one), tuning cache
+off: ``optimize`` + first call at the first shape, then one call at each new shape, timed, with the RSS
+growth it caused.  ``dynamic=None`` (default) captures with symbolic sizes at the first new shape,
+``True`` at ``optimize``, ``False`` never (each shape captured and optimized again, the old behaviour).
+
+    python benchmarks/new_shapes.py                      # resnet18 1 -> 2, 3, 5; a 4-layer BERT 128 -> 32, 64, 77
+    python benchmarks/new_shapes.py --models resnet18 --modes none true
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+CHILD = r"""
+import json, math, sys, time, torch, torchvision, pyrys
+from pyrys.bench.measure import current_rss_bytes as rss
+
+class Layer(torch.nn.Module):
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.out = torch.nn.Linear(width, 3 * width), torch.nn.Linear(width, width)
+        self.up, self.down = torch.nn.Linear(width, 4 * width), torch.nn.Linear(4 * width, width)
+        self.norm1, self.norm2 = torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
+
+    def forward(self, h, mask):
+        b, t, c = h.shape
+        q, k, v = self.qkv(h).view(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(c // self.heads) + mask
+        h = self.norm1(h + self.out((scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, c)))
+        return self.norm2(h + self.down(torch.nn.functional.gelu(self.up(h))))
+
+class Bert(torch.nn.Module):
+    "BERT-base width (768, 12 heads), 4 layers, token + position embeddings and a padding mask."
+    def __init__(self, layers=4, width=768, heads=12):
+        super().__init__()
+        self.tokens, self.positions = torch.nn.Embedding(30522, width), torch.nn.Embedding(512, width)
+        self.norm = torch.nn.LayerNorm(width)
+        self.layers = torch.nn.ModuleList(Layer(width, heads) for _ in range(layers))
+
+    def forward(self, ids, mask):
+        positions = torch.arange(ids.shape[1]).unsqueeze(0)
+        h = self.norm(self.tokens(ids) + self.positions(positions))
+        bias = (1.0 - mask[:, None, None, :]) * -10000.0
+        for layer in self.layers:
+            h = layer(h, bias)
+        return h
+
+def inputs(name, size):
+    if name == "bert4":
+        ids = torch.randint(0, 30522, (1, size), generator=torch.Generator().manual_seed(size))
+        return ids, torch.ones(1, size)
+    return (torch.rand(size, 3, 224, 224),)
+
+name, mode, sizes = sys.argv[1], sys.argv[2], [int(s) for s in sys.argv[3].split(",")]
+dynamic = {"none": None, "true": True, "false": False}[mode]
+torch.manual_seed(0)
+model = Bert().eval() if name == "bert4" else getattr(torchvision.models, name)().eval()
+weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+rows = []
+with torch.no_grad():
+    first = inputs(name, sizes[0])
+    before, start = rss(), time.perf_counter()
+    opt = pyrys.optimize(model, first, dynamic=dynamic)
+    opt(*first)
+    rows.append({"size": sizes[0], "seconds": time.perf_counter() - start, "rss": rss() - before})
+    for size in sizes[1:]:
+        x = inputs(name, size)
+        before, start = rss(), time.perf_counter()
+        y = opt(*x)
+        seconds = time.perf_counter() - start
+        rows.append({"size": size, "seconds": seconds, "rss": rss() - before,
+                     "error": pyrys.relative_error(y, model(*x))})
+print(json.dumps({"weights": weights, "rows": rows, "notes": opt.notes}))
+"""
+
+SIZES = {"resnet18": "1,2,3,5", "bert4": "128,32,64,77"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["resnet18", "bert4"])
+    parser.add_argument("--modes", nargs="+", default=["none", "true", "false"], choices=["none", "true", "false"])
+    args = parser.parse_args()
+    from pyrys.machine import cpu_info
+
+    print(f"# {cpu_info()[0]} ({'/'.join(cpu_info()[1])}), {os.cpu_count()} cores")
+    print("| model | dynamic= | first compile s | new shape | s | / first compile | RSS MiB | / weights | error |")
+    print("| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+    for name in args.models:
+        for mode in args.modes:
+            env = {**os.environ, "PYRYS_CACHE_DIR": ""}
+            out = subprocess.run([sys.executable, "-W", "ignore", "-c", CHILD, name, mode, SIZES[name]], check=True,
+                                 capture_output=True, text=True, env=env).stdout
+            result = json.loads(out.strip().splitlines()[-1])
+            first, weights = result["rows"][0], result["weights"]
+            for row in result["rows"][1:]:
+                print(f"| {name} | {mode.capitalize()} | {first['seconds']:.2f} | {row['size']} | {row['seconds']:.2f} | "
+                      f"{row['seconds'] / first['seconds']:.3f} | {row['rss'] / 2**20:.1f} | "
+                      f"{row['rss'] / weights:.2f} | {row['error']:.1e} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""Symbolic dimensions: a graph captured once for every batch size and sequence length.
+
+``torch.export`` with dynamic shapes gives values whose dims are ``SymInt`` (``s0``), tied to
+one ``ShapeEnv`` that records what the trace assumed about them (*guards*: ``Ne(s1, 1)``)
+and their ranges.  pyrys keeps that fake mode on the graph (:func:`set_fake_mode`), so the
+passes propagate shapes under it: a decision a pass takes on a symbolic dim (a broadcast
+check, a view's contiguity) adds its guard to the same record.  A graph is then valid for an
+input shape exactly when binding its symbols to that shape's dims meets every range and guard
+(:func:`bind_symbols`); ``pyrys.specialize`` builds the concrete graph a backend lowers.
+
+Reading a ``SymInt`` with ``int()`` would add a guard that pins it to the example's value;
+code that only shows or compares shapes reads :func:`hint` (the example's value) instead.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import sympy
+import torch
+import torch.fx as fx
+import torch.fx.experimental._config as symbolic_shapes_config
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+FAKE_MODE_KEY = "pyrys_fake_mode"
+
+
+def sizes_kept_symbolic(mode: FakeTensorMode | None = None):
+    """The context in which torch reasons about sizes 0 and 1 like any other ("size-oblivious"): export
+    keeps a batch-1 dim symbolic, and propagation adds no guard such as ``Eq(s0, 1)`` from a layout
+    heuristic.  Only for a graph with symbolic shapes (``mode`` None or one with a ``ShapeEnv``)."""
+    if mode is not None and mode.shape_env is None:
+        return contextlib.nullcontext()
+    try:
+        return symbolic_shapes_config.patch(backed_size_oblivious=True)
+    except (AttributeError, TypeError):  # an older torch without the option: 0/1 are specialized
+        return contextlib.nullcontext()
+
+
+def propagating(mode: FakeTensorMode):
+    """The context of shape propagation (``ir/meta.py``): size-oblivious, and recording no guard.
+
+    Propagation only computes what each op gives; a guard torch takes on the way (a conv's
+    output-layout heuristic guards ``s0 < 16``) would pin every later shape to the example's
+    side of it.  What a *pass decides* from the shapes still records its guards."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(sizes_kept_symbolic(mode))
+    if mode.shape_env is not None:
+        stack.enter_context(mode.shape_env.suppress_guards())
+    return stack
+
+
+def keeps_shape(shape, other) -> bool:
+    """Whether broadcasting ``other`` against ``shape`` gives ``shape`` for every value of their symbolic
+    dims (``torch.broadcast_shapes(shape, other) == shape``, decided without a guard: a symbolic dim
+    counts only where it is the very same expression)."""
+    shape, other = dims_key(shape), dims_key(other)
+    if len(other) > len(shape):
+        return False
+    return all(o == 1 or o == s for s, o in zip(shape[len(shape) - len(other):], other))
+
+
+def known_contiguous(t: torch.Tensor) -> bool:
+    """``t.is_contiguous()`` where that is known for every value of its symbolic dims (no guard);
+    False where it is not known."""
+    if not any(isinstance(d, torch.SymInt) for d in (*t.shape, *t.stride())):
+        return t.is_contiguous()
+    expected: Any = 1
+    for size, stride in reversed(list(zip(t.shape, t.stride()))):
+        if not (isinstance(size, int) and size == 1) and not statically_known_true(stride == expected):
+            return False
+        expected = expected * size
+    return True
+
+
+def set_fake_mode(gm: fx.GraphModule, mode: FakeTensorMode) -> None:
+    """Keep ``mode`` (and its ``ShapeEnv``) as the one ``gm``'s symbolic shapes belong to."""
+    gm.meta[FAKE_MODE_KEY] = mode
+
+
+def graph_fake_mode(gm: fx.GraphModule | None) -> FakeTensorMode:
+    """The fake mode of ``gm``'s symbolic shapes; a fresh one for a graph of concrete shapes."""
+    mode = gm.meta.get(FAKE_MODE_KEY) if gm is not None else None
+    return mode if mode is not None else FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def is_symbolic(gm: fx.GraphModule) -> bool:
+    """Whether ``gm``'s shapes are symbolic (captured for every shape)."""
+    return gm.meta.get(FAKE_MODE_KEY) is not None
+
+
+def hint(dim: Any) -> Any:
+    """The example's value of ``dim`` (an int stays as it is); never adds a guard."""
+    if isinstance(dim, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return dim.node.hint
+    return dim
+
+
+def dims_key(dims) -> tuple:
+    """Sizes or strides in a form to compare without adding a guard: a symbolic one as its expression."""
+    return tuple(d.node.expr if isinstance(d, torch.SymInt) else d for d in dims)
+
+
+def is_symbolic_scalar_op(target: Any) -> bool:
+    """Arithmetic on sizes in a symbolic graph: ``operator.mul(s0, 32)``, ``torch.sym_max`` ..."""
+    return getattr(target, "__module__", None) in ("_operator", "operator") or target in _SYM_FUNCTIONS
+
+
+_SYM_FUNCTIONS = frozenset({torch.sym_max, torch.sym_min, torch.sym_not, torch.sym_float, torch.sym_int,
+                            torch.sym_ite, torch.sym_sqrt})
+
+
+def static_shape(shape) -> list[int] | None:
+    """``shape`` as ints when every dim is one (None when a dim is symbolic)."""
+    dims = list(shape)
+    return None if any(isinstance(d, torch.SymInt) for d in dims) else [int(d) for d in dims]
+
+
+def view_shape(shape) -> list[int] | None:
+    """A size argument for ``view`` that gives ``shape`` on any input of the right number of elements:
+    the ints, with ``-1`` for the one symbolic dim; None when more than one dim is symbolic."""
+    dims = list(shape)
+    symbolic = [i for i, d in enumerate(dims) if isinstance(d, torch.SymInt)]
+    if len(symbolic) > 1:
+        return None
+    return [-1 if i in symbolic else int(d) for i, d in enumerate(dims)]
+
+
+def input_dims(gm: fx.GraphModule) -> list[tuple[str, int, sympy.Expr]]:
+    """``(input name, dim, expression)`` of every symbolic dim of the graph's user inputs."""
+    dims = []
+    for node in gm.graph.nodes:
+        val = node.meta.get("val") if node.op == "placeholder" else None
+        if isinstance(val, FakeTensor):
+            exprs = [(i, d.node.expr) for i, d in enumerate(val.shape) if isinstance(d, torch.SymInt)]
+            dims += [(node.name, i, expr) for i, expr in exprs if expr.free_symbols]
+    return dims
+
+
+def describe_dims(gm: fx.GraphModule) -> str:
+    """``x dim 0 (s77), x dim 2 (s53)``: which input dims the graph keeps symbolic."""
+    return ", ".join(f"{name} dim {i} ({expr})" for name, i, expr in input_dims(gm))
+
+
+def bind_symbols(gm: fx.GraphModule, inputs: list) -> tuple[dict, str | None]:
+    """Bind the symbols of ``gm``'s user inputs to the dims of ``inputs`` (its flat user inputs, in
+    order); ``(bindings, None)`` when every range and guard holds, else ``({}, why not)``."""
+    mode = gm.meta[FAKE_MODE_KEY]
+    env = mode.shape_env
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    bindings: dict[sympy.Symbol, sympy.Integer] = {}
+    checks: list[tuple[sympy.Expr, int, str]] = []
+    for node, value in zip(placeholders, inputs):
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor) or not isinstance(value, torch.Tensor):
+            continue
+        if val.dim() != value.dim():
+            return {}, f"{node.name} has {value.dim()} dims, the graph {val.dim()}"
+        for i, (dim, size) in enumerate(zip(val.shape, value.shape)):
+            where = f"{node.name} dim {i}"
+            if not isinstance(dim, torch.SymInt):
+                if int(dim) != size:
+                    return {}, f"{where} is {size}; the graph holds it at {int(dim)} (torch.export could not keep it symbolic)"
+                continue
+            expr = env.replace(dim.node.expr)
+            if isinstance(expr, sympy.Symbol) and expr not in bindings:
+                bindings[expr] = sympy.Integer(size)
+            else:
+                checks.append((expr, size, where))
+    for expr, size, where in checks:
+        if _evaluate(expr, bindings) != size:
+            return {}, f"{where} is {size}, where the graph has {expr} = {_evaluate(expr, bindings)}"
+    for symbol, value in bindings.items():
+        bounds = env.var_to_range.get(symbol)
+        if bounds is not None and not (bounds.lower <= value <= bounds.upper):
+            return {}, f"{symbol} = {value} is outside its range [{bounds.lower}, {bounds.upper}]"
+    for guard in env.guards:
+        expr = env.replace(guard.expr)
+        if _evaluate(expr, bindings) is not sympy.true:
+            return {}, f"the graph assumes {guard.expr}, which {_bound_text(expr, bindings)} breaks"
+    return bindings, None
+
+
+def _evaluate(expr: sympy.Expr, bindings: dict) -> Any:
+    value = expr.xreplace(bindings)
+    if isinstance(value, sympy.Integer):
+        return int(value)
+    return value
+
+
+def _bound_text(expr: sympy.Expr, bindings: dict) -> str:
+    used = sorted(expr.free_symbols & set(bindings), key=str)
+    return ", ".join(f"{s} = {bindings[s]}" for s in used) or "this shape"

@@ -1,0 +1,85 @@
+"""Specialize: one input shape's concrete graph from a graph optimized once for every shape.
+
+The passes run once, on the graph with symbolic dims (``ir/symbolic.py``).  A backend lowers
+concrete shapes, so each input shape gets a copy in which
+
+* the symbols are bound to the inputs' dims, after checking every range and guard the trace
+  and the passes assumed (a shape that breaks one raises :class:`ShapeMismatch`: the caller
+  captures that shape again and says why);
+* every value's shape is propagated again, concretely;
+* size arithmetic becomes literals: ``sym_size(x, 0)`` -> ``2``, ``mul(s1, 32)`` -> ``4096``,
+  so ``view(x, [%sym_size, %mul])`` reads ``view(x, [2, 4096])``; size checks are evaluated
+  and dropped;
+* :data:`SHAPE_PASSES` run again: a view or slice that is a no-op at this shape goes.
+
+The copy shares every constant tensor with the generic graph (no weight is copied), so a
+backend packing them once (keyed by the tensor) packs them once for every shape.
+A graph with concrete shapes is returned as it is.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from pyrys.ir.graph import replace_with_literal
+from pyrys.ir.meta import refresh_meta
+from pyrys.ir.symbolic import bind_symbols, is_symbolic, is_symbolic_scalar_op
+from pyrys.passes import cleanup, simplify
+
+aten = torch.ops.aten
+SIZE_QUERIES = frozenset({aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int,
+                          aten.sym_storage_offset.default})
+SIZE_CHECKS = frozenset({aten._assert_scalar.default, aten.sym_constrain_range_for_size.default,
+                         aten.sym_constrain_range.default})
+SHAPE_PASSES = (simplify.simplify, cleanup.dead_code_elimination)
+MAX_SWEEPS = 10
+
+
+class ShapeMismatch(Exception):
+    """The input shape is not one the symbolic graph holds for; the message says which dim and why."""
+
+
+def specialize(gm: fx.GraphModule, inputs: list) -> fx.GraphModule:
+    """``gm`` for the shapes of ``inputs`` (its flat user inputs); see the module docstring."""
+    if not is_symbolic(gm):
+        return gm
+    _, why = bind_symbols(gm, inputs)
+    if why is not None:
+        raise ShapeMismatch(why)
+    concrete = fx.GraphModule(gm, _copy(gm.graph), gm.__class__.__name__)
+    placeholders = [n for n in concrete.graph.nodes if n.op == "placeholder"]
+    for node, value in zip(placeholders, inputs):
+        node.meta["val"] = value
+    try:
+        refresh_meta(concrete)
+    except Exception as error:  # noqa: BLE001 -- an op that fails at this shape: capture it again
+        raise ShapeMismatch(f"shape propagation fails at this shape: {type(error).__name__}: {error}") from error
+    _fold_sizes(concrete)
+    for run in SHAPE_PASSES:
+        for _ in range(MAX_SWEEPS):
+            if not run(concrete).fired:
+                break
+    concrete.recompile()
+    return concrete
+
+
+def _copy(graph: fx.Graph) -> fx.Graph:
+    copied = fx.Graph()
+    copied.output(copied.graph_copy(graph, {}))
+    return copied
+
+
+def _fold_sizes(gm: fx.GraphModule) -> None:
+    """Sizes and size arithmetic -> literals; size checks evaluated (a false one: :class:`ShapeMismatch`)."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in SIZE_CHECKS:
+            condition = node.args[0]
+            if node.target is aten._assert_scalar.default and condition is False:
+                raise ShapeMismatch(f"the graph asserts {node.args[1] if len(node.args) > 1 else 'a size check'}")
+            gm.graph.erase_node(node)
+        elif node.target in SIZE_QUERIES or is_symbolic_scalar_op(node.target):
+            value = node.meta.get("val")
+            if isinstance(value, (bool, int, float)):
+                replace_with_literal(node, value)

@@ -1,0 +1,197 @@
+"""One capture for every shape: a new batch size or sequence length is specialized, not captured again.
+
+Each test counts captures (torch.export runs) and program builds, checks every output against
+eager, and checks what happens where a dim cannot be symbolic (a note, and a correct result).
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from torch.export import Dim
+
+import pyrys
+from pyrys.ir.symbolic import describe_dims
+from tests.conftest import TOLERANCE
+from tests.models import conv_bn_relu, image
+
+optimize_module = importlib.import_module("pyrys.optimize")
+
+
+@pytest.fixture
+def captures(monkeypatch) -> list:
+    """``dynamic`` of every nn.Module capture during the test, in order."""
+    seen = []
+    original = optimize_module.capture_module
+
+    def spy(model, args, kwargs=None, dynamic=False):
+        seen.append(dynamic)
+        return original(model, args, kwargs, dynamic=dynamic)
+
+    monkeypatch.setattr(optimize_module, "capture_module", spy)
+    return seen
+
+
+class Flattening(torch.nn.Module):
+    """conv -> BN -> relu -> pool -> flatten -> linear: a view whose size is the batch."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
+                                        torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2))
+        self.head = torch.nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.head(self.body(x).flatten(1))
+
+
+class Attention(torch.nn.Module):
+    """Embedding + one self-attention block with a padding mask: batch and sequence length vary."""
+
+    def __init__(self, width: int = 16, heads: int = 2):
+        super().__init__()
+        torch.manual_seed(0)
+        self.heads = heads
+        self.embed = torch.nn.Embedding(50, width)
+        self.qkv = torch.nn.Linear(width, 3 * width)
+        self.out = torch.nn.Linear(width, width)
+        self.norm = torch.nn.LayerNorm(width)
+
+    def forward(self, ids, mask):
+        h = self.embed(ids)
+        b, t, c = h.shape
+        q, k, v = self.qkv(h).view(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(c // self.heads) + (1 - mask[:, None, None, :]) * -1e4
+        y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, c)
+        return self.norm(h + torch.nn.functional.gelu(self.out(y)))
+
+
+def tokens(batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(batch * 100 + length)
+    ids = torch.randint(0, 50, (batch, length), generator=generator)
+    mask = torch.ones(batch, length)
+    mask[:, length * 3 // 4:] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("dynamic", [True, None])
+def test_new_batch_sizes_and_image_sizes_are_specialized_not_captured_again(captures, backend, dynamic):
+    model = pyrys.testing.randomize_batchnorm(Flattening()).eval()
+    opt = pyrys.optimize(model, (image(1, size=8),), backend=backend, dynamic=dynamic)
+    # True: symbolic from the start; None: the first shape as it is, the symbolic capture at the second
+    assert captures == ([True] if dynamic else [False])
+    for batch, size in [(2, 8), (3, 8), (5, 8), (1, 8), (4, 12), (2, 7)]:
+        x = image(batch, size=size)
+        assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE, (batch, size)
+    assert captures == ([True] if dynamic else [False, True])  # no shape was captured again
+    assert "x dim 0" in describe_dims(opt._generic.generic.gm)
+    assert len(opt._programs) == 6 and not any("again" in note for note in opt.notes)
+    assert any("input shapes vary" in note for note in opt.notes) == (dynamic is None)
+    programs = [compiled.program for compiled in opt._programs.values()]
+    if backend == "dnnl":  # one packing of each weight, shared by every shape's program
+        assert all(p.packed is programs[0].packed for p in programs)
+    for compiled in opt._programs.values():  # the graphs lowered hold literal sizes only
+        assert all(n.target is not torch.ops.aten.sym_size.int for n in compiled.captured.gm.graph.nodes)
+
+
+def test_the_printed_graph_shows_the_example_shape(captures):
+    opt = pyrys.optimize(pyrys.testing.randomize_batchnorm(Flattening()).eval(), (image(2, size=8),),
+                         backend="reference", dynamic=True)
+    assert "%x : Float(2, 3, 8, 8)" in opt.graph and "Float(2, 5)" in opt.graph
+    specialized = opt._first.captured.gm
+    assert all(n.target is not torch.ops.aten.sym_size.int for n in specialized.graph.nodes)
+
+
+def test_sequence_lengths_and_batches_of_an_attention_block(captures, backend):
+    model = Attention().eval()
+    opt = pyrys.optimize(model, tokens(1, 16), backend=backend)
+    for batch, length in [(1, 32), (2, 7), (3, 16), (1, 77)]:
+        inputs = tokens(batch, length)
+        assert pyrys.relative_error(opt(*inputs), model(*inputs)) <= TOLERANCE, (batch, length)
+    assert captures == [False, True]
+
+
+def test_a_shape_the_graph_does_not_hold_for_is_captured_again_with_a_note(captures, backend):
+    class Branches(torch.nn.Module):
+        def forward(self, x):
+            return x * 2 if x.shape[0] > 2 else x + 1  # a branch on the batch size
+
+    model = Branches().eval()
+    opt = pyrys.optimize(model, (torch.rand(2, 4),), backend=backend, dynamic=True)
+    for batch in (1, 2, 3, 4):
+        x = torch.rand(batch, 4)
+        assert torch.allclose(opt(x), model(x)), batch
+    assert captures == [True, False, False]  # each shape on the other side of the branch: captured again
+    note = next(note for note in opt.notes if "captured and optimized again" in note)
+    assert "(3, 4)" in note or "(4, 4)" in note
+
+
+def test_a_dim_pinned_by_the_model_is_captured_again(captures, backend):
+    class Pinned(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("c", torch.arange(18.0).view(3, 6))
+
+        def forward(self, x):
+            return x * self.c  # (3, 6) pins the batch to 3 ... or to 1, which broadcasts
+
+    model = Pinned().eval()
+    opt = pyrys.optimize(model, (torch.rand(3, 6),), backend=backend)
+    x = torch.rand(1, 6)
+    assert torch.allclose(opt(x), model(x))
+    assert captures == [False, True]  # the symbolic capture, which could not keep the batch symbolic
+    note = next(note for note in opt.notes if "captured and optimized again" in note)
+    assert "(Float(1, 6))" in note and "torch.export fails with symbolic sizes" in note
+    y = torch.rand(3, 6)
+    assert torch.allclose(opt(y), model(y))
+
+
+def test_an_exported_program_with_dynamic_dims_takes_new_shapes():
+    model = pyrys.testing.randomize_batchnorm(Flattening()).eval()
+    ep = torch.export.export(model, (image(2, size=8),), dynamic_shapes=({0: Dim("batch")},))
+    opt = pyrys.optimize(ep, backend="reference")
+    x = image(5, size=8)
+    assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE
+    with pytest.raises(pyrys.InputError, match="Export it again"):
+        opt(image(2, size=10))  # the image size was exported static
+
+
+def test_dynamic_false_captures_every_shape_again(captures):
+    opt = pyrys.optimize(conv_bn_relu(), (image(1),), backend="reference", dynamic=False)
+    opt(image(2))
+    assert captures == [False, False] and opt._generic is None
+    with pytest.raises(ValueError, match="dynamic must be"):
+        pyrys.optimize(conv_bn_relu(), (image(1),), dynamic="yes")
+
+
+def test_many_threads_at_many_shapes_at_once(backend):
+    model = pyrys.testing.randomize_batchnorm(Flattening()).eval()
+    opt = pyrys.optimize(model, (image(1, size=8),), backend=backend, dynamic=True)
+    shapes = [(1 + i % 4, 8 + (i % 3)) for i in range(24)]
+    inputs = [image(batch, size=size) for batch, size in shapes]
+    expected = [model(x) for x in inputs]
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(opt, inputs))
+    assert all(pyrys.relative_error(r, e) <= TOLERANCE for r, e in zip(results, expected))
+
+
+def test_verify_checks_every_specialized_graph():
+    model = Attention().eval()
+    opt = pyrys.optimize(model, tokens(1, 8), backend="reference", verify=True, dynamic=True)
+    inputs = tokens(2, 5)
+    assert pyrys.relative_error(opt(*inputs), model(*inputs)) <= TOLERANCE
+
+
+def test_conv_bn_relu_memory_does_not_grow_with_a_copy_of_the_weights_per_shape():
+    opt = pyrys.optimize(conv_bn_relu(), (image(1),))
+    before = opt.memory()
+    for batch in (2, 3, 5):
+        opt(image(batch))
+    weights = {id(t) for c in opt._programs.values() for t in c.captured.gm.buffers()}
+    first = {id(t) for t in opt._first.captured.gm.buffers()}
+    assert weights == first  # every shape's graph, the symbolic capture's too, holds the same constant tensors
+    assert opt.memory() == before or opt.memory()["packed_weights"] == before["packed_weights"]
