@@ -79,7 +79,7 @@ def test_every_way_in_round_trips_bitwise_with_the_same_graph_and_report(tmp_pat
 
 def test_every_signature_is_saved_once_with_the_weights_stored_once(tmp_path):
     model = conv_bn_relu()
-    opt = pyrys.optimize(model, (image(1, size=8),))
+    opt = pyrys.optimize(model, (image(1, size=8),), dynamic=False)  # each shape its own capture
     for batch in (2, 3):
         opt(image(batch, size=8))
     single = pyrys.optimize(model, (image(1, size=8),))
@@ -92,6 +92,38 @@ def test_every_signature_is_saved_once_with_the_weights_stored_once(tmp_path):
     assert sizes[1] < 1.05 * sizes[0]  # three signatures, one copy of the folded weights
     with pytest.raises(pyrys.InputError, match=r"loaded from .*three.*optimize the model for another shape"):
         loaded(image(4, size=8))
+
+
+def test_a_module_with_symbolic_sizes_is_loaded_able_to_take_new_shapes(tmp_path, monkeypatch, backend):
+    from tests.test_every_shape import Attention, tokens
+
+    model = Attention().eval()
+    opt = pyrys.optimize(model, tokens(1, 16), backend=backend)
+    opt(*tokens(2, 8))  # a second shape: the symbolic capture, saved with the module
+    pyrys.save(opt, tmp_path / "saved")
+    program = json.loads((tmp_path / "saved" / "program.json").read_text())
+    assert program["generic"]["symbolic"]["guards"]  # what the graph assumes, as expression trees
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a loaded module must not capture or run a pass")
+
+    monkeypatch.setattr(torch.export, "export", refuse)
+    monkeypatch.setattr("pyrys.passes.pipeline.run_pipeline", refuse)
+    loaded = pyrys.load(tmp_path / "saved", threads=1)
+    for batch, length in [(1, 16), (3, 5), (1, 40)]:
+        inputs = tokens(batch, length)
+        assert pyrys.relative_error(loaded(*inputs), model(*inputs)) <= TOLERANCE, (batch, length)
+    with pytest.raises(pyrys.InputError, match=r"assumes .*1\)?, which s\w+ = 1 breaks.*optimize the model"):
+        loaded(*tokens(1, 1))  # a sequence of one: the trace assumed it is not 1
+
+
+def test_a_saved_size_expression_is_read_from_a_table_never_evaluated(tmp_path):
+    from pyrys.saving.symbolic import decode_expr
+
+    with pytest.raises(pyrys.LoadError, match="calls '__import__'"):
+        decode_expr({"f": "__import__", "a": ["os"]}, {})
+    with pytest.raises(pyrys.LoadError, match="reads s9, which no input has"):
+        decode_expr({"s": "s9"}, {})
 
 
 def test_load_neither_compiles_nor_unpickles(tmp_path, monkeypatch):

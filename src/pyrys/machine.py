@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import math
+import os
 import platform
+from functools import cache
+from pathlib import Path
 
 # the instruction sets that decide which kernels oneDNN picks (and so a program's layouts and speed)
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8")
@@ -32,3 +36,28 @@ def give_back_freed_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to ask
         pass
+
+
+@cache
+def available_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (a container given
+    2 CPUs on a 64-core host sees 64 cores but runs 2 at a time; OpenMP's default counts the 64)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = _cgroup_quota(cgroup)
+    return max(1, min(cpus, math.ceil(quota))) if quota else cpus
+
+
+def _cgroup_quota(cgroup: Path) -> float | None:
+    """CPUs per period from cgroup v2 ``cpu.max`` (``"200000 100000"``) or v1 ``cfs_quota_us``/``cfs_period_us``;
+    None where there is no quota."""
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None

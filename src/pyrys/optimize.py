@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
-import torch.fx as fx
 from torch.export import ExportedProgram
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -24,6 +23,7 @@ from pyrys.capture.torchscript import capture_torchscript, is_torchscript, scrip
 from pyrys.errors import DeviceError, ModelCopyError
 from pyrys.forwarding import forwarded
 from pyrys.ir.verify import make_verifier, output_types
+from pyrys.ir.graph import share_constants
 from pyrys.ir.symbolic import describe_dims, is_symbolic
 from pyrys.machine import give_back_freed_memory
 from pyrys.passes.freeze import ALL
@@ -73,13 +73,14 @@ class Frontend:
     """How a model gets into pyrys IR: ``capture(args, kwargs, dynamic)`` for each input signature.
 
     ``kind`` names the way in (``"nn.Module"``, ``"TorchScript"``, ``"ExportedProgram"``, ``"saved"``);
-    ``dynamic`` asks for symbolic sizes where the way in can give them (torch.export can);
+    ``dynamic`` asks for symbolic sizes, which a way in with ``symbolic`` gives where it can;
     ``fixed_shapes`` says what to do when the source cannot be captured again for a new shape.
     """
 
     capture: Callable[[tuple, dict, bool], Captured]
     kind: str
     fixed_shapes: str = ""  # empty: a new shape is captured again
+    symbolic: bool = False  # torch.export can capture it with symbolic sizes
 
 
 def module_frontend(model: torch.nn.Module) -> Frontend:
@@ -91,7 +92,7 @@ def module_frontend(model: torch.nn.Module) -> Frontend:
         captured.notes[:0] = renamed
         return captured
 
-    return Frontend(capture, "nn.Module")
+    return Frontend(capture, "nn.Module", symbolic=True)
 
 
 def torchscript_frontend(script: Any, flag_values: dict[str, bool] | None = None) -> Frontend:
@@ -139,26 +140,6 @@ def compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: Opt
         return compiled
 
 
-def share_constants(gm: fx.GraphModule, other: fx.GraphModule) -> int:
-    """Point every constant of ``gm`` equal to one of ``other``'s (shape, dtype, strides and values) at
-    ``other``'s tensor, so that two captures of one model hold (and a backend packs) its weights once;
-    how many were shared."""
-    held: dict[tuple, list[torch.Tensor]] = {}
-    for tensor in other.buffers():
-        held.setdefault(_tensor_key(tensor), []).append(tensor)
-    shared = 0
-    for name, tensor in list(gm.named_buffers(recurse=False)):
-        match = next((t for t in held.get(_tensor_key(tensor), ()) if t is tensor or torch.equal(t, tensor)), None)
-        if match is not None and match is not tensor:
-            setattr(gm, name, match)
-            shared += 1
-    return shared
-
-
-def _tensor_key(tensor: torch.Tensor) -> tuple:
-    return tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype
-
-
 def build_for_shape(template: Compiled, signature: Signature, flat: list, config: OptimizeConfig,
                     like: Program | None = None) -> Compiled:
     """The program for ``signature`` from ``template``'s optimized graph (specialized to these shapes when
@@ -201,21 +182,24 @@ class OptimizedModule(torch.nn.Module):
         if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
             self._remember_fast_call(_call_key(args), first)
 
-    def _hold(self, frontend: Frontend, config: OptimizeConfig, compiled: list[Compiled]) -> None:
-        """Hold these compiled signatures (the first is the one ``graph``, ``history`` ... describe)."""
+    def _hold(self, frontend: Frontend, config: OptimizeConfig, compiled: list[Compiled],
+              generic: Compiled | None = None) -> None:
+        """Hold these compiled signatures (the first is the one ``graph``, ``history`` ... describe) and the
+        one new shapes are specialized from (``generic``, or the first of them captured with symbolic sizes)."""
         self._frontend, self._config = frontend, config
         self._first = compiled[0]
-        self._generic = next((c for c in compiled if c.generic is not None), None)  # shapes specialize from it
-        self._generic_tried = self._generic is not None or config.dynamic is not None
+        self._generic = generic or next((c for c in compiled if c.generic is not None), None)
+        self._generic_tried = self._generic is not None or config.dynamic is not None or not frontend.symbolic
         self._shapes = ShapeCache(config.max_shapes, self._first.signature, {c.signature: c for c in compiled})
         self._fast_calls: dict[tuple, tuple[Signature, Any]] = {}
 
     @classmethod
-    def from_compiled(cls, frontend: Frontend, config: OptimizeConfig, compiled: list[Compiled]) -> "OptimizedModule":
+    def from_compiled(cls, frontend: Frontend, config: OptimizeConfig, compiled: list[Compiled],
+                      generic: Compiled | None = None) -> "OptimizedModule":
         """A module holding signatures compiled elsewhere (a copy, or ``pyrys.load``)."""
         module = cls.__new__(cls)
         torch.nn.Module.__init__(module)
-        module._hold(frontend, config, compiled)
+        module._hold(frontend, config, compiled, generic)
         return module
 
     def forward(self, *args, **kwargs):
@@ -276,8 +260,10 @@ class OptimizedModule(torch.nn.Module):
                 return build_for_shape(self._generic, signature, flat, self._config, like=self._first.program)
             except ShapeMismatch as error:
                 why = str(error)
-        else:
+        elif self._frontend.symbolic:
             why = "the captured graph holds fixed shapes (no input dim could stay symbolic)"
+        else:
+            why = f"a {self._frontend.kind} import is specialized to its inputs' shapes"
         if self._frontend.fixed_shapes:
             raise self._fixed_shapes_error(signature, why)
         compiled = compile_signature(self._frontend, args, kwargs, self._config, like=self._first)
@@ -302,7 +288,7 @@ class OptimizedModule(torch.nn.Module):
         programs = {signature: dataclasses.replace(compiled, program=copy.deepcopy(compiled.program, memo))
                     for signature, compiled in self._programs.items()}
         first = programs.pop(self._first.signature)
-        copied = OptimizedModule.from_compiled(self._frontend, self._config, [first, *programs.values()])
+        copied = OptimizedModule.from_compiled(self._frontend, self._config, [first, *programs.values()], self._generic)
         copied.training = self.training
         return copied
 

@@ -17,6 +17,8 @@ from typing import Callable, TypeVar
 
 import torch
 
+from pyrys.machine import available_cpus
+
 T = TypeVar("T")
 
 
@@ -37,8 +39,10 @@ _TORCH_LOCK = threading.Lock()
 
 
 def current_threads() -> int:
-    """The calling thread's thread count (what ``torch.get_num_threads()`` says on this thread)."""
-    return _OPENMP[0]() if _OPENMP is not None else torch.get_num_threads()
+    """The calling thread's thread count (what ``torch.get_num_threads()`` says on this thread), at most
+    the CPUs the process may use (:func:`pyrys.machine.available_cpus`: affinity and cgroup quota)."""
+    threads = _OPENMP[0]() if _OPENMP is not None else torch.get_num_threads()
+    return min(threads, available_cpus())
 
 
 def with_threads(threads: int, function: Callable[..., T], *args) -> T:

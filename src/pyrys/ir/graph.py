@@ -150,6 +150,26 @@ def drop_unused_constants(gm: fx.GraphModule) -> int:
     return removed
 
 
+def share_constants(gm: fx.GraphModule, other: fx.GraphModule) -> int:
+    """Point every constant of ``gm`` equal to one of ``other``'s (shape, dtype, strides and values) at
+    ``other``'s tensor, so that two captures of one model hold (and a backend packs) its weights once;
+    how many were shared."""
+    held: dict[tuple, list[torch.Tensor]] = {}
+    for tensor in other.buffers():
+        held.setdefault(_tensor_key(tensor), []).append(tensor)
+    shared = 0
+    for name, tensor in list(gm.named_buffers(recurse=False)):
+        match = next((t for t in held.get(_tensor_key(tensor), ()) if t is tensor or torch.equal(t, tensor)), None)
+        if match is not None and match is not tensor:
+            setattr(gm, name, match)
+            shared += 1
+    return shared
+
+
+def _tensor_key(tensor: torch.Tensor) -> tuple:
+    return tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype
+
+
 def replace_with_literal(node: fx.Node, value: Any) -> None:
     """Substitute a Python value for ``node`` in all its users, then erase it."""
     for user in list(node.users):

@@ -22,14 +22,17 @@ import torch.fx as fx
 import torch.fx.experimental._config as symbolic_shapes_config
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.utils._sympy.numbers import int_oo
 
 FAKE_MODE_KEY = "pyrys_fake_mode"
+GUARDS_KEY, RANGES_KEY = "pyrys_guards", "pyrys_ranges"  # a loaded graph's (``saving/symbolic.py``)
 
 
 def sizes_kept_symbolic(mode: FakeTensorMode | None = None):
     """The context in which torch reasons about sizes 0 and 1 like any other ("size-oblivious"): export
     keeps a batch-1 dim symbolic, and propagation adds no guard such as ``Eq(s0, 1)`` from a layout
-    heuristic.  Only for a graph with symbolic shapes (``mode`` None or one with a ``ShapeEnv``)."""
+    heuristic.  Only for a graph with symbolic shapes (``mode`` None or one with a ``ShapeEnv``).
+    The option is torch's, process-wide: it is held only while pyrys captures or propagates shapes."""
     if mode is not None and mode.shape_env is None:
         return contextlib.nullcontext()
     try:
@@ -171,15 +174,32 @@ def bind_symbols(gm: fx.GraphModule, inputs: list) -> tuple[dict, str | None]:
     for expr, size, where in checks:
         if _evaluate(expr, bindings) != size:
             return {}, f"{where} is {size}, where the graph has {expr} = {_evaluate(expr, bindings)}"
+    ranges = ranges_of(gm)
     for symbol, value in bindings.items():
-        bounds = env.var_to_range.get(symbol)
-        if bounds is not None and not (bounds.lower <= value <= bounds.upper):
-            return {}, f"{symbol} = {value} is outside its range [{bounds.lower}, {bounds.upper}]"
-    for guard in env.guards:
-        expr = env.replace(guard.expr)
+        lower, upper = ranges.get(symbol, (0, None))
+        if value < lower or (upper is not None and value > upper):
+            return {}, f"{symbol} = {value} is outside its range [{lower}, {upper}]"
+    for guard in guards_of(gm):
+        expr = env.replace(guard)
         if _evaluate(expr, bindings) is not sympy.true:
-            return {}, f"the graph assumes {guard.expr}, which {_bound_text(expr, bindings)} breaks"
+            return {}, f"the graph assumes {guard}, which {_bound_text(expr, bindings)} breaks"
     return bindings, None
+
+
+def guards_of(gm: fx.GraphModule) -> list[sympy.Basic]:
+    """What the graph assumes about its sizes: its ``ShapeEnv``'s guards (a loaded graph: the saved ones)."""
+    if GUARDS_KEY in gm.meta:
+        return list(gm.meta[GUARDS_KEY])
+    return [guard.expr for guard in gm.meta[FAKE_MODE_KEY].shape_env.guards]
+
+
+def ranges_of(gm: fx.GraphModule) -> dict[sympy.Symbol, tuple]:
+    """``symbol -> (lower, upper)`` (upper None: unbounded) of the graph's sizes."""
+    if RANGES_KEY in gm.meta:
+        return dict(gm.meta[RANGES_KEY])
+    env = gm.meta[FAKE_MODE_KEY].shape_env
+    return {symbol: (bounds.lower, None if bounds.upper in (int_oo, sympy.oo) else bounds.upper)
+            for symbol, bounds in env.var_to_range.items()}
 
 
 def _evaluate(expr: sympy.Expr, bindings: dict) -> Any:

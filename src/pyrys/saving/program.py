@@ -7,11 +7,14 @@ the notes.  Loading rebuilds the backend's program from that graph and those dec
 no ``torch.export``, no pass, no measuring, so the outputs are the ones the saved module
 gave (bitwise, on the same machine).  On a CPU with another instruction set the layout is
 measured again (a note says so); where the saved backend does not load, the reference
-backend runs the same graph (a note says so).  A loaded module runs the shapes it was saved
-with; another shape raises :class:`pyrys.InputError` saying so.
+backend runs the same graph (a note says so).  A module that had captured its model with symbolic
+sizes (``dynamic=``) is saved with that graph too, so the loaded one specializes new shapes from it;
+otherwise, and for a shape that graph does not hold for, another shape raises
+:class:`pyrys.InputError` saying so.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from pathlib import Path
@@ -31,6 +34,7 @@ from pyrys.passes.pipeline import PipelineRun, Step
 from pyrys.passes.rewrite import Miss
 from pyrys.saving.directory import read_directory, write_directory
 from pyrys.saving.graph_json import _DTYPES, decode_arg, decode_graph, encode_arg, encode_graph
+from pyrys.saving.symbolic import decode_symbolic, encode_symbolic
 from pyrys.saving.tree_spec import decode_spec, encode_spec
 from pyrys.signature import Signature
 
@@ -46,9 +50,10 @@ def save(opt: OptimizedModule, path: str | os.PathLike) -> Path:
     first = compiled.index(opt._first)
     tensors: dict[str, torch.Tensor] = {}
     signatures = [_encode_compiled(c, f"sig{i}", tensors) for i, c in enumerate(compiled)]
+    generic = _encode_generic(opt._generic, tensors) if opt._generic is not None else None
     tensors, aliases = _without_repeats(tensors)
     program = {"frontend": opt._frontend.kind, "threads": opt._config.threads, "layout": opt._config.layout,
-               "first": first, "signatures": signatures, "aliases": aliases,
+               "first": first, "signatures": signatures, "aliases": aliases, "generic": generic,
                "tensors": {key: {"shape": list(t.shape), "stride": list(t.stride()), "dtype": _dtype_name(t.dtype)}
                            for key, t in tensors.items()}}
     cpu, isa = cpu_info()
@@ -71,6 +76,8 @@ def load(path: str | os.PathLike, *, threads: int | None = None) -> OptimizedMod
                                 layout=program["layout"])
         compiled = [_decode_compiled(record, tensors, config, same_cpu, manifest) for record in program["signatures"]]
         first = compiled.pop(program["first"])
+        config = dataclasses.replace(config, backend=first.backend)
+        generic = _decode_generic(program["generic"], tensors, first) if program.get("generic") else None
     except LoadError:
         raise
     except (KeyError, TypeError, ValueError, IndexError) as error:
@@ -78,7 +85,30 @@ def load(path: str | os.PathLike, *, threads: int | None = None) -> OptimizedMod
     frontend = Frontend(_no_capture, f"saved {program['frontend']}",
                         fixed_shapes=f"It was loaded from {path}: optimize the model for another shape "
                                      "(and save it again)")
-    return OptimizedModule.from_compiled(frontend, config, [first, *compiled])
+    return OptimizedModule.from_compiled(frontend, config, [first, *compiled], generic)
+
+
+def _encode_generic(template: Compiled, tensors: dict) -> dict | None:
+    """The graph new shapes are specialized from, with its symbolic sizes (``saving/symbolic.py``);
+    None where they cannot be written (the module is saved without it: its shapes only)."""
+    captured = template.generic
+    try:
+        symbolic = encode_symbolic(captured.gm)
+        graph = encode_graph(captured.gm, "generic", tensors)
+    except SaveError:
+        return None
+    return {"graph": graph, "symbolic": symbolic, "in_spec": encode_spec(captured.in_spec),
+            "out_spec": encode_spec(captured.out_spec), "class_name": captured.class_name}
+
+
+def _decode_generic(record: dict, tensors: dict, first: Compiled) -> Compiled:
+    """A template for new shapes: the symbolic graph, with the first signature's history and notes."""
+    made: list[str] = []
+    gm = decode_graph(record["graph"], tensors)
+    decode_symbolic(gm, record["symbolic"])
+    captured = Captured(gm, decode_spec(record["in_spec"], made), decode_spec(record["out_spec"], made),
+                        record["class_name"], [])
+    return Compiled(first.signature, captured, first.run, first.program, first.backend, first.notes, captured)
 
 
 def _no_capture(args: tuple, kwargs: dict, dynamic: bool) -> Captured:
