@@ -195,3 +195,12 @@ def test_conv_bn_relu_memory_does_not_grow_with_a_copy_of_the_weights_per_shape(
     first = {id(t) for t in opt._first.captured.gm.buffers()}
     assert weights == first  # every shape's graph, the symbolic capture's too, holds the same constant tensors
     assert opt.memory() == before or opt.memory()["packed_weights"] == before["packed_weights"]
+
+
+def test_unfrozen_state_inputs_do_not_shift_the_user_inputs(backend):
+    model = pyrys.testing.randomize_batchnorm(Flattening()).eval()
+    opt = pyrys.optimize(model, (image(1, size=8),), backend=backend, freeze_params=(), dynamic=True)
+    for batch in (2, 3):
+        x = image(batch, size=8)
+        assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE, batch
+    assert not any("again" in note for note in opt.notes)

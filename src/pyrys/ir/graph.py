@@ -48,6 +48,11 @@ def state_inputs(graph: fx.Graph) -> list[fx.Node]:
     return [n for n in graph.nodes if n.op == "placeholder" and STATE_KEY in n.meta]
 
 
+def user_inputs(graph: fx.Graph) -> list[fx.Node]:
+    """The placeholders of the caller's inputs, in order (module state left unfrozen is not one)."""
+    return [n for n in graph.nodes if n.op == "placeholder" and STATE_KEY not in n.meta]
+
+
 def is_constant(arg: Any) -> bool:
     """True for a ``get_attr`` node or any non-node literal (scalars, lists of scalars, None)."""
     if isinstance(arg, fx.Node):

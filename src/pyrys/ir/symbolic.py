@@ -24,6 +24,8 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils._sympy.numbers import int_oo
 
+from pyrys.ir.graph import user_inputs
+
 FAKE_MODE_KEY = "pyrys_fake_mode"
 GUARDS_KEY, RANGES_KEY = "pyrys_guards", "pyrys_ranges"  # a loaded graph's (``saving/symbolic.py``)
 
@@ -151,7 +153,7 @@ def bind_symbols(gm: fx.GraphModule, inputs: list) -> tuple[dict, str | None]:
     order); ``(bindings, None)`` when every range and guard holds, else ``({}, why not)``."""
     mode = gm.meta[FAKE_MODE_KEY]
     env = mode.shape_env
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    placeholders = user_inputs(gm.graph)
     bindings: dict[sympy.Symbol, sympy.Integer] = {}
     checks: list[tuple[sympy.Expr, int, str]] = []
     for node, value in zip(placeholders, inputs):

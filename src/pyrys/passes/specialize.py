@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from pyrys.ir.graph import replace_with_literal
+from pyrys.ir.graph import replace_with_literal, user_inputs
 from pyrys.ir.meta import refresh_meta
 from pyrys.ir.symbolic import bind_symbols, is_symbolic, is_symbolic_scalar_op
 from pyrys.passes import cleanup, simplify
@@ -47,8 +47,7 @@ def specialize(gm: fx.GraphModule, inputs: list) -> fx.GraphModule:
     if why is not None:
         raise ShapeMismatch(why)
     concrete = fx.GraphModule(gm, _copy(gm.graph), gm.__class__.__name__)
-    placeholders = [n for n in concrete.graph.nodes if n.op == "placeholder"]
-    for node, value in zip(placeholders, inputs):
+    for node, value in zip(user_inputs(concrete.graph), inputs):
         node.meta["val"] = value
     try:
         refresh_meta(concrete)
