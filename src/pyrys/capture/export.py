@@ -34,7 +34,7 @@ from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, f
 from pyrys.capture.captured import Captured
 from pyrys.capture.dynamic_shapes import every_dim_auto
 from pyrys.errors import CaptureError
-from pyrys.ir.graph import STATE_KEY, StateRef, add_constant, add_placeholder, identifier, insert_call
+from pyrys.ir.graph import STATE_KEY, StateRef, add_constant, add_placeholder, copy_graph, identifier, insert_call
 from pyrys.ir.symbolic import input_dims, set_fake_mode, sizes_kept_symbolic
 
 aten = torch.ops.aten
@@ -138,7 +138,7 @@ def capture_module(model: torch.nn.Module, args: tuple, kwargs: dict | None = No
 def from_exported(ep: ExportedProgram, model: torch.nn.Module | None = None) -> Captured:
     """Turn an ``ExportedProgram`` into pyrys IR (``model`` supplies module flags such as ``training``)."""
     _refuse_data_dependent_shapes(ep.graph_module, type(model).__name__ if model is not None else "ExportedProgram")
-    gm = fx.GraphModule(torch.nn.Module(), _copy_graph(ep.graph_module))
+    gm = fx.GraphModule(torch.nn.Module(), copy_graph(ep.graph_module.graph))
     _keep_symbolic_shapes(gm)
     _bind_inputs(gm, ep)
     notes = _drop_state_updates(gm, ep)
@@ -169,13 +169,6 @@ def _refuse_data_dependent_shapes(graph_module: fx.GraphModule, owner: str) -> N
                 "(boolean-mask indexing, nonzero, unique): pyrys compiles fixed shapes. Use "
                 "torch.compile(model, backend=\"pyrys\"): dynamo breaks the graph there and pyrys compiles "
                 "each piece")
-
-
-def _copy_graph(graph_module: fx.GraphModule) -> fx.Graph:
-    graph = fx.Graph()
-    output = graph.graph_copy(graph_module.graph, {})
-    graph.output(output)
-    return graph
 
 
 def _bind_inputs(gm: fx.GraphModule, ep: ExportedProgram) -> None:

@@ -48,6 +48,13 @@ def state_inputs(graph: fx.Graph) -> list[fx.Node]:
     return [n for n in graph.nodes if n.op == "placeholder" and STATE_KEY in n.meta]
 
 
+def copy_graph(graph: fx.Graph) -> fx.Graph:
+    """A new graph with a copy of every node (meta included), for another graph module."""
+    copied = fx.Graph()
+    copied.output(copied.graph_copy(graph, {}))
+    return copied
+
+
 def user_inputs(graph: fx.Graph) -> list[fx.Node]:
     """The placeholders of the caller's inputs, in order (module state left unfrozen is not one)."""
     return [n for n in graph.nodes if n.op == "placeholder" and STATE_KEY not in n.meta]

@@ -6,7 +6,7 @@ and their ranges.  pyrys keeps that fake mode on the graph (:func:`set_fake_mode
 passes propagate shapes under it: a decision a pass takes on a symbolic dim (a broadcast
 check, a view's contiguity) adds its guard to the same record.  A graph is then valid for an
 input shape exactly when binding its symbols to that shape's dims meets every range and guard
-(:func:`bind_symbols`); ``pyrys.specialize`` builds the concrete graph a backend lowers.
+(:func:`bind_symbols`); ``passes/specialize.py`` builds the concrete graph a backend lowers.
 
 Reading a ``SymInt`` with ``int()`` would add a guard that pins it to the example's value;
 code that only shows or compares shapes reads :func:`hint` (the example's value) instead.

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from pyrys.ir.graph import replace_with_literal, user_inputs
+from pyrys.ir.graph import copy_graph, replace_with_literal, user_inputs
 from pyrys.ir.meta import refresh_meta
 from pyrys.ir.symbolic import bind_symbols, is_symbolic, is_symbolic_scalar_op
 from pyrys.passes import cleanup, simplify
@@ -46,7 +46,7 @@ def specialize(gm: fx.GraphModule, inputs: list) -> fx.GraphModule:
     _, why = bind_symbols(gm, inputs)
     if why is not None:
         raise ShapeMismatch(why)
-    concrete = fx.GraphModule(gm, _copy(gm.graph), gm.__class__.__name__)
+    concrete = fx.GraphModule(gm, copy_graph(gm.graph), gm.__class__.__name__)
     for node, value in zip(user_inputs(concrete.graph), inputs):
         node.meta["val"] = value
     try:
@@ -60,12 +60,6 @@ def specialize(gm: fx.GraphModule, inputs: list) -> fx.GraphModule:
                 break
     concrete.recompile()
     return concrete
-
-
-def _copy(graph: fx.Graph) -> fx.Graph:
-    copied = fx.Graph()
-    copied.output(copied.graph_copy(graph, {}))
-    return copied
 
 
 def _fold_sizes(gm: fx.GraphModule) -> None:
