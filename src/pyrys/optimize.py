@@ -397,8 +397,8 @@ def optimize(
     time, the fastest kept), ``"nhwc"``, ``"blocked8"`` or ``"blocked16"``.
     ``max_shapes``: how many input signatures (shapes) keep their compiled program; past that the least
     recently called one is dropped (the first is kept) and compiles again if it comes back.
-    ``dynamic``: capture with symbolic sizes (every input dim ``torch.export`` can keep symbolic: batch,
-    sequence length, image size), run the passes once, and give each new shape a program specialized
+    ``dynamic``: capture with symbolic sizes (the batch, and every dim of inputs of rank <= 3: sequence
+    lengths; where ``torch.export`` can keep them symbolic), run the passes once, and give each new shape a program specialized
     from that graph (about 5% of a compile, the weights shared). ``None`` (default): the example's shape
     is captured as it is (the fastest first compile) and the symbolic capture happens at the first call
     with another shape; ``True``: at ``optimize`` (a slower first compile, every new shape fast);

@@ -32,7 +32,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, free_unbacked_symbols
 
 from pyrys.capture.captured import Captured
-from pyrys.capture.dynamic_shapes import every_dim_auto
+from pyrys.capture.dynamic_shapes import symbolic_dims
 from pyrys.errors import CaptureError
 from pyrys.ir.graph import STATE_KEY, StateRef, add_constant, add_placeholder, copy_graph, identifier, insert_call
 from pyrys.ir.symbolic import input_dims, set_fake_mode, sizes_kept_symbolic
@@ -91,12 +91,12 @@ def export_module(model: torch.nn.Module, args: tuple, kwargs: dict | None = Non
                   dynamic: bool = False) -> ExportedProgram:
     """``torch.export`` at ATen level, functionalized; the model itself is not modified.
 
-    ``dynamic``: every input dim ``Dim.AUTO`` (``dynamic_shapes.py``), for a graph that holds for
-    every shape torch.export could keep symbolic."""
+    ``dynamic``: batch and sequence dims ``Dim.AUTO`` (``dynamic_shapes.py``), for a graph that holds
+    for every size torch.export could keep symbolic."""
     kwargs = kwargs or {}
     with torch.no_grad(), sizes_kept_symbolic() if dynamic else contextlib.nullcontext():
         try:
-            shapes = every_dim_auto(model, args, kwargs) if dynamic else None
+            shapes = symbolic_dims(model, args, kwargs) if dynamic else None
             exported = torch.export.export(model, args, kwargs, dynamic_shapes=shapes)
         except (UserError, GuardOnDataDependentSymNode, DataDependentOutputException) as error:
             if isinstance(error, UserError) and error.error_type != UserErrorType.DYNAMIC_CONTROL_FLOW:

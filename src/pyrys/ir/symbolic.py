@@ -166,7 +166,7 @@ def bind_symbols(gm: fx.GraphModule, inputs: list) -> tuple[dict, str | None]:
             where = f"{node.name} dim {i}"
             if not isinstance(dim, torch.SymInt):
                 if int(dim) != size:
-                    return {}, f"{where} is {size}; the graph holds it at {int(dim)} (torch.export could not keep it symbolic)"
+                    return {}, f"{where} is {size}; the graph holds it fixed at {int(dim)}"
                 continue
             expr = env.replace(dim.node.expr)
             if isinstance(expr, sympy.Symbol) and expr not in bindings:
