@@ -9,10 +9,8 @@ capture, the passes and the program.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
+
+from pyrys.bench.measure import in_fresh_process
 
 CHILD = """
 import json, sys, torch, pyrys
@@ -42,10 +40,7 @@ def main() -> None:
     print("| --- | --- | ---: | ---: | ---: | --- |")
     for name in args.models:
         for layout in args.layouts:
-            env = {**os.environ, "PYRYS_CACHE_DIR": ""}  # "auto" measures both candidates, as a first compile does
-            out = subprocess.run([sys.executable, "-W", "ignore", "-c", CHILD, name, layout], check=True,
-                                 capture_output=True, text=True, env=env).stdout
-            row = json.loads(out.strip().splitlines()[-1])
+            row = in_fresh_process(CHILD, name, layout)  # "auto" measures both candidates, as a first compile does
             mib = {key: round(value / 2**20, 1) for key, value in row["memory"].items()}
             print(f"| {name} | {layout} | {row['weights'] / 2**20:.1f} | {row['growth'] / 2**20:.0f} | "
                   f"{row['growth'] / row['weights']:.2f} | {mib} |")

@@ -11,10 +11,9 @@ growth it caused.  ``dynamic=None`` (default) captures with symbolic sizes at th
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
-import sys
+
+from pyrys.bench.measure import in_fresh_process
 
 CHILD = r"""
 import json, math, sys, time, torch, torchvision, pyrys
@@ -94,10 +93,7 @@ def main() -> None:
     print("| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for name in args.models:
         for mode in args.modes:
-            env = {**os.environ, "PYRYS_CACHE_DIR": ""}
-            out = subprocess.run([sys.executable, "-W", "ignore", "-c", CHILD, name, mode, SIZES[name]], check=True,
-                                 capture_output=True, text=True, env=env).stdout
-            result = json.loads(out.strip().splitlines()[-1])
+            result = in_fresh_process(CHILD, name, mode, SIZES[name])
             first, weights = result["rows"][0], result["weights"]
             for row in result["rows"][1:]:
                 print(f"| {name} | {mode.capitalize()} | {first['seconds']:.2f} | {row['size']} | {row['seconds']:.2f} | "

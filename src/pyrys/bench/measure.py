@@ -20,8 +20,11 @@ What is recorded per system:
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -74,6 +77,15 @@ def current_rss_bytes() -> int:
     """Resident set size from ``/proc/self/statm``."""
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def in_fresh_process(code: str, *args: str) -> Any:
+    """Run ``code`` (a script that prints one JSON line last) in a new Python process, tuning cache off,
+    and return that line's value: RSS only grows within a process, and a first compile is what is timed."""
+    env = {**os.environ, "PYRYS_CACHE_DIR": ""}
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code, *args], check=True, capture_output=True,
+                         text=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def reset_peak_rss() -> bool:
