@@ -207,3 +207,23 @@ def test_unfrozen_state_inputs_do_not_shift_the_user_inputs(backend):
         x = image(batch, size=8)
         assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE, batch
     assert not any("again" in note for note in opt.notes)
+
+
+def test_a_symbolic_compile_that_fails_compiles_the_shape_as_it_is_with_a_note(monkeypatch, backend):
+    from pyrys.ir.symbolic import is_symbolic
+
+    original = optimize_module.run_pipeline
+
+    def fails_on_symbolic_sizes(gm, *args, **kwargs):
+        if is_symbolic(gm):
+            raise RuntimeError("a pass met a size it cannot take")
+        return original(gm, *args, **kwargs)
+
+    monkeypatch.setattr(optimize_module, "run_pipeline", fails_on_symbolic_sizes)
+    model = pyrys.testing.randomize_batchnorm(Flattening()).eval()
+    opt = pyrys.optimize(model, (image(1, size=8),), backend=backend, dynamic=True)
+    for batch in (1, 2):
+        x = image(batch, size=8)
+        assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE, batch
+    assert opt._generic is None
+    assert any("the compile with symbolic sizes failed (RuntimeError: a pass met a size" in n for n in opt.notes)

@@ -20,9 +20,9 @@ from pyrys.capture.captured import Captured
 from pyrys.capture.export import capture_module, rename_for_export
 from pyrys.capture.exported_program import capture_exported, exported_example_inputs
 from pyrys.capture.torchscript import capture_torchscript, is_torchscript, script_class_name
-from pyrys.errors import DeviceError, ModelCopyError
+from pyrys.errors import CaptureError, DeviceError, ModelCopyError
 from pyrys.forwarding import forwarded
-from pyrys.ir.verify import make_verifier, output_types
+from pyrys.ir.verify import VerificationError, make_verifier, output_types
 from pyrys.ir.graph import share_constants
 from pyrys.ir.symbolic import describe_dims, is_symbolic
 from pyrys.machine import give_back_freed_memory
@@ -112,7 +112,24 @@ def compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: Opt
     """Capture the model on these inputs (``dynamic``: for every shape, where it can), run the pipeline,
     and build the backend's program for these inputs' shapes.  ``like``: a signature compiled before,
     whose equal constants this one shares (:func:`share_constants`) and whose backend decisions and
-    packed weights it reuses."""
+    packed weights it reuses.  Where the symbolic compile fails (a pass or a lowering meeting a symbolic
+    size it cannot take), these shapes are compiled as they are, with a note giving the error."""
+    if not dynamic:
+        return _compile_signature(frontend, args, kwargs, config, False, like)
+    try:
+        return _compile_signature(frontend, args, kwargs, config, True, like)
+    except (CaptureError, InputError, VerificationError):
+        raise  # the model, the inputs or a pass is wrong: fixed shapes would not help
+    except Exception as error:  # noqa: BLE001 -- anything else symbolic sizes broke: compile these shapes
+        compiled = _compile_signature(frontend, args, kwargs, config, False, like)
+        line = (str(error).strip().splitlines() or [""])[0][:300]
+        compiled.notes.append(f"captured for these input shapes only: the compile with symbolic sizes failed "
+                              f"({type(error).__name__}: {line})")
+        return compiled
+
+
+def _compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: OptimizeConfig, dynamic: bool,
+                       like: Compiled | None) -> Compiled:
     signature, flat = signature_of(args, kwargs)
     captured = frontend.capture(args, kwargs, dynamic)
     instruments = Instruments(config.print_after_each, Path(config.dump_dir) if config.dump_dir else None,
