@@ -35,6 +35,7 @@ def _openmp() -> tuple[Callable[[], int], Callable[[int], None]] | None:
 
 
 _OPENMP = _openmp()
+_AVAILABLE_CPUS = available_cpus()  # read once: every call caps its thread count by it
 _TORCH_LOCK = threading.Lock()
 
 
@@ -42,7 +43,7 @@ def current_threads() -> int:
     """The calling thread's thread count (what ``torch.get_num_threads()`` says on this thread), at most
     the CPUs the process may use (:func:`pyrys.machine.available_cpus`: affinity and cgroup quota)."""
     threads = _OPENMP[0]() if _OPENMP is not None else torch.get_num_threads()
-    return min(threads, available_cpus())
+    return min(threads, _AVAILABLE_CPUS)
 
 
 def with_threads(threads: int, function: Callable[..., T], *args) -> T:

@@ -14,6 +14,7 @@ code that only shows or compares shapes reads :func:`hint` (the example's value)
 from __future__ import annotations
 
 import contextlib
+import operator
 from typing import Any
 
 import sympy
@@ -107,19 +108,16 @@ def dims_key(dims) -> tuple:
     return tuple(d.node.expr if isinstance(d, torch.SymInt) else d for d in dims)
 
 
+# arithmetic on sizes in a graph with symbolic shapes (``mul(s1, 32)``), by name
+SIZE_ARITHMETIC: dict[str, Any] = {f.__name__: f for f in (
+    operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod, operator.neg,
+    operator.pow, operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
+    torch.sym_max, torch.sym_min, torch.sym_not, torch.sym_float, torch.sym_int, torch.sym_ite, torch.sym_sqrt)}
+
+
 def is_symbolic_scalar_op(target: Any) -> bool:
     """Arithmetic on sizes in a symbolic graph: ``operator.mul(s0, 32)``, ``torch.sym_max`` ..."""
-    return getattr(target, "__module__", None) in ("_operator", "operator") or target in _SYM_FUNCTIONS
-
-
-_SYM_FUNCTIONS = frozenset({torch.sym_max, torch.sym_min, torch.sym_not, torch.sym_float, torch.sym_int,
-                            torch.sym_ite, torch.sym_sqrt})
-
-
-def static_shape(shape) -> list[int] | None:
-    """``shape`` as ints when every dim is one (None when a dim is symbolic)."""
-    dims = list(shape)
-    return None if any(isinstance(d, torch.SymInt) for d in dims) else [int(d) for d in dims]
+    return SIZE_ARITHMETIC.get(getattr(target, "__name__", None)) is target
 
 
 def view_shape(shape) -> list[int] | None:

@@ -135,6 +135,13 @@ def run_pipeline(
     return run
 
 
+def apply_passes(gm: fx.GraphModule, passes: tuple[Pass, ...], options: PassOptions = PassOptions()) -> None:
+    """Run ``passes`` on ``gm`` in place (each to its fixed point where marked), recording nothing: for a
+    graph the pipeline has already run on (``passes/specialize.py``)."""
+    for p in passes:
+        _run_pass(p, gm, options)
+
+
 def legalize_for_backends(gm: fx.GraphModule, instruments: Instruments = Instruments()) -> PassResult:
     """The one form every backend takes (``passes/legalize.py``), verified like a pass; not in the history."""
     result = legalize.legalize(gm)

@@ -24,15 +24,14 @@ import torch.fx as fx
 from pyrys.ir.graph import copy_graph, replace_with_literal, user_inputs
 from pyrys.ir.meta import refresh_meta
 from pyrys.ir.symbolic import bind_symbols, is_symbolic, is_symbolic_scalar_op
-from pyrys.passes import cleanup, simplify
+from pyrys.passes.pipeline import apply_passes, select_passes
 
 aten = torch.ops.aten
 SIZE_QUERIES = frozenset({aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int,
                           aten.sym_storage_offset.default})
 SIZE_CHECKS = frozenset({aten._assert_scalar.default, aten.sym_constrain_range_for_size.default,
                          aten.sym_constrain_range.default})
-SHAPE_PASSES = (simplify.simplify, cleanup.dead_code_elimination)
-MAX_SWEEPS = 10
+SHAPE_PASSES = select_passes("simplify", "dead_code_elimination")  # run again once sizes are literals
 
 
 class ShapeMismatch(Exception):
@@ -54,10 +53,7 @@ def specialize(gm: fx.GraphModule, inputs: list) -> fx.GraphModule:
     except Exception as error:  # noqa: BLE001 -- an op that fails at this shape: capture it again
         raise ShapeMismatch(f"shape propagation fails at this shape: {type(error).__name__}: {error}") from error
     _fold_sizes(concrete)
-    for run in SHAPE_PASSES:
-        for _ in range(MAX_SWEEPS):
-            if not run(concrete).fired:
-                break
+    apply_passes(concrete, SHAPE_PASSES)
     concrete.recompile()
     return concrete
 

@@ -25,15 +25,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from pyrys.errors import LoadError, SaveError
 from pyrys.ir.control_flow import IF, RaisingBranch
 from pyrys.ir.graph import STATE_KEY, StateRef
-from pyrys.ir.symbolic import hint
+from pyrys.ir.symbolic import SIZE_ARITHMETIC, hint, is_symbolic_scalar_op
 
 _GETITEM, _IF = "python::getitem", "pyrys::If"
-# arithmetic on sizes in a graph with symbolic shapes (``mul(s1, 32)``), by name
-_SIZE_ARITHMETIC = {f.__name__: f for f in (operator.add, operator.sub, operator.mul, operator.floordiv,
-                                             operator.truediv, operator.mod, operator.neg, operator.pow,
-                                             operator.eq, operator.ne, operator.lt, operator.le, operator.gt,
-                                             operator.ge, torch.sym_max, torch.sym_min, torch.sym_not,
-                                             torch.sym_float, torch.sym_int, torch.sym_ite, torch.sym_sqrt)}
 _DTYPES = {str(t).removeprefix("torch."): t for t in (
     torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16, torch.int8,
     torch.uint8, torch.bool, torch.complex64, torch.complex128)}
@@ -50,7 +44,7 @@ def target_name(target: Any) -> str:
         return _GETITEM
     if target is IF:
         return _IF
-    if _SIZE_ARITHMETIC.get(getattr(target, "__name__", None)) is target:
+    if is_symbolic_scalar_op(target):
         return f"python::{target.__name__}"
     raise SaveError(f"pyrys.save: the graph calls {target!r}, which is not an op pyrys can name in a file")
 
@@ -61,8 +55,8 @@ def resolve_target(name: str) -> Any:
         return operator.getitem
     if name == _IF:
         return IF
-    if name.startswith("python::") and name.removeprefix("python::") in _SIZE_ARITHMETIC:
-        return _SIZE_ARITHMETIC[name.removeprefix("python::")]
+    if name.startswith("python::") and name.removeprefix("python::") in SIZE_ARITHMETIC:
+        return SIZE_ARITHMETIC[name.removeprefix("python::")]
     namespace, _, qualified = name.partition("::")
     op, _, overload = qualified.rpartition(".")
     try:
