@@ -16,50 +16,19 @@ import os
 from pyrys.bench.measure import in_fresh_process
 
 CHILD = r"""
-import json, math, sys, time, torch, torchvision, pyrys
+import json, sys, time, torch, torchvision, pyrys
 from pyrys.bench.measure import current_rss_bytes as rss
-
-class Layer(torch.nn.Module):
-    def __init__(self, width, heads):
-        super().__init__()
-        self.heads = heads
-        self.qkv, self.out = torch.nn.Linear(width, 3 * width), torch.nn.Linear(width, width)
-        self.up, self.down = torch.nn.Linear(width, 4 * width), torch.nn.Linear(4 * width, width)
-        self.norm1, self.norm2 = torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
-
-    def forward(self, h, mask):
-        b, t, c = h.shape
-        q, k, v = self.qkv(h).view(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(c // self.heads) + mask
-        h = self.norm1(h + self.out((scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, c)))
-        return self.norm2(h + self.down(torch.nn.functional.gelu(self.up(h))))
-
-class Bert(torch.nn.Module):
-    "BERT-base width (768, 12 heads), 4 layers, token + position embeddings and a padding mask."
-    def __init__(self, layers=4, width=768, heads=12):
-        super().__init__()
-        self.tokens, self.positions = torch.nn.Embedding(30522, width), torch.nn.Embedding(512, width)
-        self.norm = torch.nn.LayerNorm(width)
-        self.layers = torch.nn.ModuleList(Layer(width, heads) for _ in range(layers))
-
-    def forward(self, ids, mask):
-        positions = torch.arange(ids.shape[1]).unsqueeze(0)
-        h = self.norm(self.tokens(ids) + self.positions(positions))
-        bias = (1.0 - mask[:, None, None, :]) * -10000.0
-        for layer in self.layers:
-            h = layer(h, bias)
-        return h
+from pyrys.bench.models import bert4
 
 def inputs(name, size):
     if name == "bert4":
-        ids = torch.randint(0, 30522, (1, size), generator=torch.Generator().manual_seed(size))
-        return ids, torch.ones(1, size)
+        return model.example_inputs(1, size)
     return (torch.rand(size, 3, 224, 224),)
 
 name, mode, sizes = sys.argv[1], sys.argv[2], [int(s) for s in sys.argv[3].split(",")]
 dynamic = {"none": None, "true": True, "false": False}[mode]
 torch.manual_seed(0)
-model = Bert().eval() if name == "bert4" else getattr(torchvision.models, name)().eval()
+model = bert4().eval() if name == "bert4" else getattr(torchvision.models, name)().eval()
 weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
 rows = []
 with torch.no_grad():

@@ -10,7 +10,7 @@
     pyrys._jit_pass_freeze_params(m._c, 'forward', 'weight'); pyrys.jit.graph_for(m, x)   # the seed's calls
 """
 from pyrys.backends import available_backends
-from pyrys.errors import CaptureError, DeviceError, LoadError, ModelCopyError, SaveError
+from pyrys.errors import CaptureError, DeviceError, LoadError, ModelChangedError, ModelCopyError, SaveError
 from pyrys.explain import explain
 from pyrys.numerics import FP32_TOLERANCE, relative_error
 from pyrys.optimize import OptimizedModule, optimize
@@ -26,5 +26,6 @@ register_backend()
 __version__ = "0.1.0"
 
 __all__ = ["optimize", "explain", "save", "load", "OptimizedModule", "available_backends", "relative_error", "FP32_TOLERANCE",
-           "PASS_NAMES", "InputError", "CaptureError", "DeviceError", "ModelCopyError", "SaveError", "LoadError", "jit",
+           "PASS_NAMES", "InputError", "CaptureError", "DeviceError", "ModelCopyError",
+           "ModelChangedError", "SaveError", "LoadError", "jit",
            "_jit_pass_freeze_params", "_jit_pass_freeze_flags", "__version__"]

@@ -17,6 +17,10 @@ class ModelCopyError(TypeError):
     """The model cannot be deep-copied, and pyrys works on a private copy so that the user's stays untouched."""
 
 
+class ModelChangedError(RuntimeError):
+    """The model's weights were written after ``optimize``, and a new input shape would capture it again."""
+
+
 class SaveError(RuntimeError):
     """``pyrys.save`` could not write the program (the path, or something the program holds)."""
 

@@ -14,13 +14,14 @@ import torch
 from torch.export import ExportedProgram
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from pyrys.backends import Program, get_backend
+from pyrys.backends import Program, get_backend, release_constants
 from pyrys.backends.options import LAYOUTS, BackendOptions
 from pyrys.capture.captured import Captured
 from pyrys.capture.export import capture_module, rename_for_export
+from pyrys.capture.model_copy import WriteCheck, private_copy
 from pyrys.capture.exported_program import capture_exported, exported_example_inputs
 from pyrys.capture.torchscript import capture_torchscript, is_torchscript, script_class_name
-from pyrys.errors import CaptureError, DeviceError, ModelCopyError
+from pyrys.errors import CaptureError, DeviceError
 from pyrys.forwarding import forwarded
 from pyrys.ir.verify import VerificationError, make_verifier, output_types
 from pyrys.ir.graph import share_constants
@@ -83,11 +84,14 @@ class Frontend:
     symbolic: bool = False  # torch.export can capture it with symbolic sizes
 
 
-def module_frontend(model: torch.nn.Module) -> Frontend:
-    """An ``nn.Module``, captured with ``torch.export`` (``model`` is pyrys's private copy)."""
+def module_frontend(model: torch.nn.Module, writes: WriteCheck | None = None) -> Frontend:
+    """An ``nn.Module``, captured with ``torch.export`` (``model`` is pyrys's private copy, ``writes`` the
+    check that the weights it shares with the user's model are as they were: :mod:`pyrys.capture.model_copy`)."""
     renamed = rename_for_export(model)
 
     def capture(args: tuple, kwargs: dict, dynamic: bool) -> Captured:
+        if writes is not None:
+            writes.check()
         captured = capture_module(model, args, kwargs, dynamic=dynamic)
         captured.notes[:0] = renamed
         return captured
@@ -168,6 +172,7 @@ def build_for_shape(template: Compiled, signature: Signature, flat: list, config
         make_verifier(output_types(gm))(gm)
     compile_program, backend, _ = get_backend(config.backend)
     program = compile_program(gm, flat, BackendOptions(config.threads, config.layout), like=like)
+    release_constants(program, [gm, source.gm])
     captured = dataclasses.replace(source, gm=gm, notes=list(source.notes))
     return Compiled(signature, captured, template.run, program, backend, list(template.notes), template.generic)
 
@@ -337,9 +342,13 @@ class OptimizedModule(torch.nn.Module):
         return self._first.program.describe()
 
     def memory(self) -> dict[str, int]:
-        """Bytes the program for the first input signature holds: ``weights``, ``packed_weights``,
-        ``activations`` (one call's arena) and ``frames`` (see :mod:`pyrys.backends.program`)."""
-        return self._first.program.memory()
+        """Bytes the module holds, over every input signature it keeps (see :mod:`pyrys.backends.program`):
+        ``weights`` and ``packed_weights`` once (every shape's program shares the first's), ``activations``
+        the largest call's arena, ``frames`` what every shape's idle frames hold."""
+        held = [compiled.program.memory() for compiled in list(self._programs.values())]
+        first = self._first.program.memory()
+        return {"weights": first["weights"], "packed_weights": first["packed_weights"],
+                "activations": max(m["activations"] for m in held), "frames": sum(m["frames"] for m in held)}
 
     def report(self) -> str:
         """Per-pass counts, then every miss with its reason, then notes."""
@@ -421,7 +430,9 @@ def optimize(
     with another shape; ``True``: at ``optimize`` (a slower first compile, every new shape fast);
     ``False``: never (each new shape is captured and optimized again). A shape the symbolic graph does
     not hold for (a branch on a size, a dim the model pins) is captured again, with a note in ``notes``.
-    The user's model is never modified: pyrys works on a private copy.
+    The user's model is never modified: pyrys works on a private copy (its modules copied, the weights
+    it freezes read, not copied: :mod:`pyrys.capture.model_copy`); a new shape after the user wrote to
+    those weights raises :class:`pyrys.ModelChangedError`.
     A model pyrys cannot take raises :class:`pyrys.CaptureError` (``forward`` needs tensor data in
     Python), :class:`pyrys.DeviceError` (weights not on the CPU) or :class:`pyrys.ModelCopyError`;
     example inputs off the CPU raise :class:`pyrys.InputError`.
@@ -443,7 +454,7 @@ def optimize(
     args, kwargs = _example_inputs(example_inputs, example_kwargs)
     _check_on_cpu(type(model).__name__, _state_of(model))
     _warn_if_training(model)
-    return OptimizedModule(module_frontend(_private_copy(model)), args, kwargs, config)
+    return OptimizedModule(module_frontend(*private_copy(model, config.freeze_params)), args, kwargs, config)
 
 
 def _example_inputs(example_inputs: Any, example_kwargs: dict | None) -> tuple[tuple, dict]:
@@ -473,35 +484,6 @@ def _check_on_cpu(owner: str, state: Iterable[tuple[str, torch.Tensor]]) -> None
         if tensor.device.type != "cpu":
             raise DeviceError(f"pyrys: {name} of {owner} is on {tensor.device}, and pyrys compiles CPU models; "
                               "move the model to the CPU first: model.to(\"cpu\")")
-
-
-def _private_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """pyrys's own deep copy of ``model``, so that the user's model is never modified."""
-    try:
-        return copy.deepcopy(model)
-    except Exception as error:
-        culprit = _uncopyable_attribute(model)
-        where = f" (its attribute {culprit[0]}, a {culprit[1]})" if culprit else ""
-        raise ModelCopyError(
-            f"pyrys: copy.deepcopy cannot copy {type(model).__name__}{where}: {error}. pyrys optimizes a private "
-            "copy so that your model is never modified. Make that attribute deep-copyable (give its class a "
-            "__deepcopy__) or remove it before optimizing, or pass an ExportedProgram, which pyrys uses without "
-            "copying: pyrys.optimize(torch.export.export(model, (x,)))") from error
-
-
-def _uncopyable_attribute(model: torch.nn.Module) -> tuple[str, str] | None:
-    """The path and type name of the first module attribute ``copy.deepcopy`` fails on (None if none alone does)."""
-    for path, module in model.named_modules():
-        for name, value in vars(module).items():
-            if name == "_modules":
-                continue
-            for attribute, item in value.items() if name in ("_parameters", "_buffers") else [(name, value)]:
-                try:
-                    copy.deepcopy(item)
-                except Exception:
-                    kind = type(item)
-                    return (f"{path}.{attribute}" if path else attribute), f"{kind.__module__}.{kind.__qualname__}"
-    return None
 
 
 def make_config(*, backend: str = "auto", freeze_params: Iterable[str] | None = ALL,

@@ -7,6 +7,7 @@ import torch.nn as nn
 
 import pyrys
 from pyrys.backends.program import MEMORY_KEYS, Program
+from pyrys.ir.released import is_released
 from tests.caller_helpers import optimize
 from tests.conftest import TOLERANCE
 
@@ -39,11 +40,16 @@ def test_every_backend_returns_a_program(backend, threads):
 
 
 def test_weights_are_the_folded_parameters(backend):
-    """BatchNorm folds into the conv before it: the program keeps the conv and linear weights, not BN's."""
+    """BatchNorm folds into the conv before it: the graph keeps the conv and linear weights, not BN's; the dnnl
+    program keeps the weights it packs only packed (their graph copies are released: ``ir/released.py``)."""
     model, x = small_conv_net(), torch.randn(1, 3, 16, 16)
-    memory = optimize(model, (x,), backend, layout="nhwc").memory()
-    assert memory["weights"] == state_bytes(model)
-    assert memory["weights"] < state_bytes(model, (nn.Module,))
+    opt = optimize(model, (x,), backend, layout="nhwc")
+    constants = list(opt.graph_module.buffers())
+    assert sum(t.numel() * t.element_size() for t in constants) == state_bytes(model)
+    assert state_bytes(model) < state_bytes(model, (nn.Module,))
+    held = sum(t.numel() * t.element_size() for t in constants if not is_released(t))
+    assert opt.memory()["weights"] == held
+    assert (held < state_bytes(model)) == (backend == "dnnl")
 
 
 def test_the_reference_backend_holds_only_weights():

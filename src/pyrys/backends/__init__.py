@@ -44,6 +44,14 @@ def get_backend(name: str) -> tuple[BackendCompile, str, str]:
     raise ValueError(f"pyrys: unknown backend {name!r}; expected 'auto', 'dnnl' or 'reference'")
 
 
+def release_constants(program: Program, gms: list[fx.GraphModule]) -> int:
+    """Let ``program`` free the plain copies of the constants it holds in its own layouts, wherever
+    ``gms`` (its graph and the graphs sharing its constants) hold them: see :mod:`pyrys.ir.released`.
+    How many it released (0 for a backend that reads the graph's tensors as they are)."""
+    release = getattr(program, "release_constants", None)
+    return release(gms) if release is not None else 0
+
+
 def available_backends() -> list[str]:
     names = ["reference"]
     if _dnnl_backend()[0] is not None:

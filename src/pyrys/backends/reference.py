@@ -15,7 +15,8 @@ import torch.fx as fx
 
 from pyrys.backends.options import BackendOptions
 from pyrys.backends.threads import ThreadPinned
-from pyrys.ir.graph import state_ref
+from pyrys.ir.graph import copy_graph, state_ref
+from pyrys.ir.released import is_released, values_of
 from pyrys.ir.ops import PYTHON_IMPLS
 from pyrys.ir.printer import format_node
 
@@ -27,15 +28,15 @@ class ReferenceProgram:
     pyrys's own ops run as their plain Python functions (see ``PYTHON_IMPLS``)."""
 
     def __init__(self, gm: fx.GraphModule):
+        gm = with_values(gm)
         self.gm = without_dispatch(gm)
         self.source = gm  # the graph as printed: profile's step texts
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.state = {i: state_ref(n).value for i, n in enumerate(placeholders) if state_ref(n)}
         self.arity = len(placeholders)
         kept = [*gm.buffers(), *gm.parameters(), *[v for v in self.state.values() if isinstance(v, torch.Tensor)]]
-        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in kept}
-        self.internal = frozenset(p for p in storages if p)
-        self.weight_bytes = sum(storages.values())
+        self.internal = frozenset(p for p in _storages(kept) if p)
+        self.weight_bytes = held_bytes(gm)
 
     def __call__(self, inputs: list) -> list:
         user = iter(inputs)
@@ -83,6 +84,27 @@ class _NodeTimer(fx.Interpreter):
         result = super().run_node(node)
         self.seconds.setdefault(node.name, []).append(time.perf_counter() - start)
         return result
+
+
+def _storages(tensors) -> dict[int, int]:
+    """Storage address -> bytes, each storage once (stand-ins of released constants hold none)."""
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if not t.is_meta}
+
+
+def held_bytes(gm: fx.GraphModule) -> int:
+    """Bytes of the constants and parameters ``gm`` holds as tensors (each storage once)."""
+    return sum(_storages([*gm.buffers(), *gm.parameters()]).values())
+
+
+def with_values(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm``, or a copy of it whose released constants (:mod:`pyrys.ir.released`) hold their values again."""
+    released = [(name, t) for name, t in gm.named_buffers(recurse=False) if is_released(t)]
+    if not released:
+        return gm
+    copied = fx.GraphModule(gm, copy_graph(gm.graph), gm.__class__.__name__)
+    for name, tensor in released:
+        setattr(copied, name, values_of(tensor))
+    return copied
 
 
 def without_dispatch(gm: fx.GraphModule) -> fx.GraphModule:

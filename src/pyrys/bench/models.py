@@ -9,6 +9,7 @@ and variance 1 are unrealistic (they make folding trivial), so every BatchNorm o
 from __future__ import annotations
 
 import importlib
+import math
 
 import torch
 from torch import nn
@@ -77,3 +78,58 @@ def conv_chain() -> nn.Module:
     """``pyrys bench --models pyrys.bench.models:conv_chain``: divide the median by 20 for µs per op."""
     torch.manual_seed(0)
     return ConvChain()
+
+
+class EncoderLayer(nn.Module):
+    """One BERT layer: fused QKV projection, attention with an additive mask, GELU MLP, post-norms."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.out = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.up, self.down = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, t, c = h.shape
+        q, k, v = self.qkv(h).view(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(c // self.heads) + mask
+        h = self.norm1(h + self.out((scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, c)))
+        return self.norm2(h + self.down(nn.functional.gelu(self.up(h))))
+
+
+class Encoder(nn.Module):
+    """BERT-base width (768, 12 heads), token + position embeddings and a padding mask; inputs
+    ``(ids, mask)`` of ``tokens`` each.  Written out here: ``transformers`` is an optional extra."""
+
+    def __init__(self, layers: int = 12, width: int = 768, heads: int = 12, tokens: int = 128) -> None:
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(30522, width), nn.Embedding(512, width)
+        self.norm = nn.LayerNorm(width)
+        self.layers = nn.ModuleList(EncoderLayer(width, heads) for _ in range(layers))
+        self.length = tokens
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(ids.shape[1]).unsqueeze(0)
+        h = self.norm(self.tokens(ids) + self.positions(positions))
+        bias = (1.0 - mask[:, None, None, :]) * -10000.0
+        for layer in self.layers:
+            h = layer(h, bias)
+        return h
+
+    def example_inputs(self, batch_size: int, tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = tokens or self.length
+        ids = torch.randint(0, 30522, (batch_size, tokens), generator=torch.Generator().manual_seed(tokens))
+        return ids, torch.ones(batch_size, tokens)
+
+
+def bert4() -> nn.Module:
+    """``pyrys.bench.models:bert4``: the encoder with 4 layers, seeded."""
+    torch.manual_seed(0)
+    return Encoder(layers=4)
+
+
+def bert_base() -> nn.Module:
+    """``pyrys.bench.models:bert_base``: the encoder with BERT-base's 12 layers (110M parameters), seeded."""
+    torch.manual_seed(0)
+    return Encoder(layers=12)

@@ -13,12 +13,16 @@ from __future__ import annotations
 import builtins
 import keyword
 import re
+import zlib
 from dataclasses import dataclass
 from typing import Any, Container, Iterator
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.operator_schemas import normalize_function
+
+from pyrys.ir.released import is_released, values_of
 
 STATE_KEY = "pyrys_state"
 # names generated code must not take: keywords, builtins, forward's own ``self`` and the globals of FX's code
@@ -115,8 +119,18 @@ def add_constant(gm: fx.GraphModule, value: torch.Tensor, name_hint: str) -> fx.
     name = identifier(name_hint or "const", _Attributes(gm))
     gm.register_buffer(name, value, persistent=False)
     node = gm.graph.get_attr(name)
-    node.meta["val"] = value
+    node.meta["val"] = shape_of(value)
     return node
+
+
+def shape_of(value: torch.Tensor) -> torch.Tensor:
+    """A fake tensor with ``value``'s shape, strides, dtype and device, for ``meta["val"]``: a node's
+    recorded value never holds the bytes of a constant (FX keeps erased nodes named, meta and all)."""
+    with _SHAPES:
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=value.device)
+
+
+_SHAPES = FakeTensorMode(allow_non_fake_inputs=True)
 
 
 class _Attributes:
@@ -165,17 +179,35 @@ def drop_unused_constants(gm: fx.GraphModule) -> int:
 def share_constants(gm: fx.GraphModule, other: fx.GraphModule) -> int:
     """Point every constant of ``gm`` equal to one of ``other``'s (shape, dtype, strides and values) at
     ``other``'s tensor, so that two captures of one model hold (and a backend packs) its weights once;
-    how many were shared."""
+    how many were shared.  ``other``'s released constants (:mod:`pyrys.ir.released`) are compared by
+    their restored values, each restored once for a digest and once more to confirm a match."""
     held: dict[tuple, list[torch.Tensor]] = {}
     for tensor in other.buffers():
         held.setdefault(_tensor_key(tensor), []).append(tensor)
+    digests: dict[int, int] = {}
     shared = 0
     for name, tensor in list(gm.named_buffers(recurse=False)):
-        match = next((t for t in held.get(_tensor_key(tensor), ()) if t is tensor or torch.equal(t, tensor)), None)
+        match = next((t for t in held.get(_tensor_key(tensor), ()) if _same_values(t, tensor, digests)), None)
         if match is not None and match is not tensor:
             setattr(gm, name, match)
             shared += 1
     return shared
+
+
+def _same_values(held: torch.Tensor, tensor: torch.Tensor, digests: dict[int, int]) -> bool:
+    if held is tensor:
+        return True
+    if not is_released(held):
+        return torch.equal(held, tensor)
+    return _digest(held, digests) == _digest(tensor, digests) and torch.equal(values_of(held), tensor)
+
+
+def _digest(tensor: torch.Tensor, digests: dict[int, int]) -> int:
+    """A CRC of the tensor's bytes (a released one's restored values), computed once per tensor."""
+    if id(tensor) not in digests:
+        data = values_of(tensor).detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        digests[id(tensor)] = zlib.crc32(data)
+    return digests[id(tensor)]
 
 
 def _tensor_key(tensor: torch.Tensor) -> tuple:

@@ -18,14 +18,15 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from pyrys.ir.graph import state_ref
+from pyrys.ir.released import is_released
 from pyrys.ir.symbolic import dims_key, graph_fake_mode, hint, propagating
 
 
-def _fake_like(mode: FakeTensorMode, val: Any) -> Any:
+def _fake_like(mode: FakeTensorMode, val: Any, device: str | None = None) -> Any:
     """A fake tensor with ``val``'s shape, strides and dtype (lists element-wise; scalars as they are)."""
     if isinstance(val, torch.Tensor):
         with mode:
-            return torch.empty_strided(val.shape, val.stride(), dtype=val.dtype, device=val.device)
+            return torch.empty_strided(val.shape, val.stride(), dtype=val.dtype, device=device or val.device)
     if isinstance(val, (list, tuple)):
         return type(val)(_fake_like(mode, v) for v in val)
     return val
@@ -45,6 +46,11 @@ class _Fresh(FakeTensorProp):
     def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode):
         super().__init__(gm, mode)
         self.fresh: dict[fx.Node, Any] = {}
+
+    def get_attr(self, target, args, kwargs) -> Any:
+        """A constant as a fake CPU tensor of its shape: a released one (:mod:`pyrys.ir.released`) has no bytes."""
+        value = super().get_attr(target, args, kwargs)
+        return _fake_like(self._mode, value, device="cpu") if is_released(value) else value
 
     def run_node(self, n: fx.Node) -> Any:
         missing = object()

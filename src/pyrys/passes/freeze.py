@@ -1,7 +1,8 @@
 """Freezing: module state becomes constants.
 
 ``freeze_params``: a read of a parameter or buffer (``prim::GetAttr[name="conv.weight"]``)
-becomes ``prim::Constant[value=<Tensor>]``.  Selectable by attribute name as in the
+becomes ``prim::Constant[value=<Tensor>]``, a copy of its values now: what pyrys compiles never
+reads the model's own bytes, which stay the user's to change.  Selectable by attribute name as in the
 seed (``weight``, ``bias``, ``running_mean``, ``running_var``); default: all.
 
 ``freeze_flags``: a read of a boolean module flag (``training``) becomes the literal
@@ -32,11 +33,14 @@ def freeze_params(gm: fx.GraphModule, attributes: Iterable[str] | None = ALL) ->
     wanted = None if attributes is None else set(attributes)
     result = PassResult()
     first_op = next(n for n in gm.graph.nodes if n.op != "placeholder")
+    copies: dict[int, torch.Tensor] = {}  # a tensor read twice (tied weights) is copied once
     for node in state_inputs(gm.graph):
         ref = state_ref(node)
         if ref.kind == "flag" or (wanted is not None and ref.attribute not in wanted):
             continue
-        _replace_with_constant(gm, node, ref.value.detach(), ref.target, first_op)
+        if id(ref.value) not in copies:
+            copies[id(ref.value)] = ref.value.detach().clone()
+        _replace_with_constant(gm, node, copies[id(ref.value)], ref.target, first_op)
         result.fired[ref.attribute] += 1
     gm.recompile()
     return result

@@ -23,11 +23,12 @@ from typing import Any
 import torch
 
 import pyrys
-from pyrys.backends import get_backend
+from pyrys.backends import get_backend, release_constants
 from pyrys.backends.options import BackendOptions
 from pyrys.capture.captured import Captured
 from pyrys.errors import LoadError, SaveError
 from pyrys.ir.meta import refresh_meta
+from pyrys.ir.released import values_of
 from pyrys.machine import cpu_info
 from pyrys.optimize import Compiled, Frontend, OptimizeConfig, OptimizedModule
 from pyrys.passes.pipeline import PipelineRun, Step
@@ -74,10 +75,14 @@ def load(path: str | os.PathLike, *, threads: int | None = None) -> OptimizedMod
         same_cpu = manifest.get("isa") == cpu_info()[1]
         config = OptimizeConfig(threads=threads if threads is not None else program["threads"],
                                 layout=program["layout"])
-        compiled = [_decode_compiled(record, tensors, config, same_cpu, manifest) for record in program["signatures"]]
-        first = compiled.pop(program["first"])
+        records = list(program["signatures"])
+        first = _decode_compiled(records.pop(program["first"]), tensors, config, same_cpu, manifest)
+        compiled = [_decode_compiled(record, tensors, config, same_cpu, manifest, like=first.program)
+                    for record in records]
         config = dataclasses.replace(config, backend=first.backend)
         generic = _decode_generic(program["generic"], tensors, first) if program.get("generic") else None
+        graphs = [c.captured.gm for c in (first, *compiled, *([generic] if generic else []))]
+        release_constants(first.program, graphs)  # every signature's packed copies are the first's
     except LoadError:
         raise
     except (KeyError, TypeError, ValueError, IndexError) as error:
@@ -130,16 +135,23 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def _without_repeats(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``(stored, aliases)``: each distinct tensor once (the signatures of one model hold equal weights),
-    and every other key -> the stored key with the same shape, strides, dtype and bytes."""
+    with its values (restored, for a released constant), and every other key -> the stored key with
+    the same shape, strides, dtype and bytes."""
     stored: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     by_content: dict[tuple, str] = {}
+    by_object: dict[int, str] = {}
     for key, tensor in tensors.items():
-        content = (tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype, _digest(tensor))
+        if id(tensor) in by_object:  # the same tensor in another graph: no need to read it again
+            aliases[key] = by_object[id(tensor)]
+            continue
+        values = values_of(tensor)  # a released constant's values, read back from the backend's copy
+        content = (tuple(values.shape), tuple(values.stride()), values.dtype, _digest(values))
         if content in by_content:
             aliases[key] = by_content[content]
         else:
-            by_content[content], stored[key] = key, tensor
+            by_content[content], stored[key] = key, values
+        by_object[id(tensor)] = aliases.get(key, key)
     return stored, aliases
 
 
@@ -196,7 +208,10 @@ def _encode_compiled(compiled: Compiled, prefix: str, tensors: dict) -> dict:
     }
 
 
-def _decode_compiled(record: dict, tensors: dict, config: OptimizeConfig, same_cpu: bool, manifest: dict) -> Compiled:
+def _decode_compiled(record: dict, tensors: dict, config: OptimizeConfig, same_cpu: bool, manifest: dict,
+                     like: Any = None) -> Compiled:
+    """One saved signature, its program built (``like``: the first signature's, whose engine, layout and
+    packed weights it shares)."""
     made: list[str] = []
     in_spec = decode_spec(record["in_spec"], made)
     signature = Signature(in_spec, tuple(_decode_leaf(leaf) for leaf in record["leaves"]))
@@ -219,7 +234,7 @@ def _decode_compiled(record: dict, tensors: dict, config: OptimizeConfig, same_c
         else:
             notes.append(f"saved on a CPU with {'/'.join(manifest.get('isa', [])) or 'other instructions'}; "
                          f"the layout was chosen again here ({config.layout})")
-    program = compile_program(gm, _example_inputs(signature), BackendOptions(config.threads, layout))
+    program = compile_program(gm, _example_inputs(signature), BackendOptions(config.threads, layout), like=like)
     if backend == "dnnl" and same_cpu and record["policy"]:
         program = _with_policy(program, record["policy"])
     return Compiled(signature, captured, PipelineRun(history), program, backend, captured.notes + notes)

@@ -44,13 +44,13 @@ def assemble(builder: Builder, gm: fx.GraphModule, inputs: list[Value], threads:
         scratchpad_bytes=builder.scratchpad_bytes, input_slots=[v.slot for v in inputs],
         fresh=[(v.slot, *_fresh_layout(v)) for v in fresh], outputs=[_output(r) for r in results],
         released=[v.slot for v in dynamic], dynamic_aliases=aliases,
-        constant_storages=_constant_storages(gm, values), text=_program_text(gm, builder, results), plan=plan,
+        constant_storages=_constant_storages(gm, builder, values), text=_program_text(gm, builder, results), plan=plan,
         weight_bytes=builder.weight_bytes, policy=builder.policy, threads=threads)
 
 
 def _decide_output(builder: Builder, arg: Any, fresh: list[Value]):
     """What the program returns for one graph output: a Value, a constant tensor, or a literal."""
-    constant = builder.constant(arg)
+    constant = builder.constant_values(arg)
     if constant is not None or not isinstance(arg, fx.Node):
         return constant if constant is not None else arg
     value = builder.values[arg]
@@ -130,9 +130,9 @@ def _slot(value: Value, plan, buffers: list[tuple[int, bool]]) -> Slot:
     return Slot(value.md, buffer=plan.assignment[root], view_shape=value.view_shape())
 
 
-def _constant_storages(gm: fx.GraphModule, values: list[Value]) -> frozenset[int]:
+def _constant_storages(gm: fx.GraphModule, builder: Builder, values: list[Value]) -> frozenset[int]:
     """Storage addresses of every constant a torch fallback may return a view of."""
-    tensors = [t for t in gm.buffers()] + [v.storage for v in values if v.storage is not None]
+    tensors = [*gm.buffers(), *builder.restored.values(), *(v.storage for v in values if v.storage is not None)]
     return frozenset(p for p in (t.untyped_storage().data_ptr() for t in tensors) if p)
 
 

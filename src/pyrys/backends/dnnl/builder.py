@@ -1,6 +1,7 @@
 """Compile-time state of a lowering: values per graph node, the steps so far, reorders, weights."""
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Any
 
@@ -13,10 +14,11 @@ from pyrys.backends.dnnl.frame import Frame
 from pyrys.backends.dnnl.layout import any_md, plain_md
 from pyrys.backends.dnnl.primitives import Engine, Memory, MemoryDesc, Primitive, PrimitiveDesc, Stream
 from pyrys.backends.dnnl.program import Step
-from pyrys.backends.dnnl.tensors import DNNL_TO_TORCH, dnnl_dtype, to_layout
+from pyrys.backends.dnnl.tensors import DNNL_TO_TORCH, dnnl_dtype, to_layout, to_tensor
 from pyrys.backends.dnnl.values import CONSTANT, PLANNED, Value
 from pyrys.ir.graph import state_ref
 from pyrys.ir.printer import format_arg, format_type
+from pyrys.ir.released import is_released, release, released_base, values_of
 
 
 class Unsupported(Exception):
@@ -25,7 +27,11 @@ class Unsupported(Exception):
 
 class PackedWeights:
     """Constants packed into oneDNN layouts, shared by the programs built from one graph
-    (one per layout candidate and per thread count): a weight is packed once per layout."""
+    (one per layout candidate, thread count and input shape): a weight is packed once per layout.
+
+    :meth:`release` hands out a stand-in (:mod:`pyrys.ir.released`) for a constant held here only
+    in other layouts, so that the graph's plain copy can be freed; a stand-in's values come back
+    from its packed copy, and a further layout is packed from them."""
 
     def __init__(self) -> None:
         self.entries: dict[tuple, list[tuple[MemoryDesc, torch.Tensor]]] = {}  # source -> [(md, bytes)]
@@ -52,7 +58,7 @@ class PackedWeights:
         for known_md, storage in candidates:
             if known_md == wanted:
                 return known_md, storage
-        source = tensor.detach().contiguous()
+        source = values_of(tensor).detach().contiguous()
         if md is None:
             entry = (wanted, source)
         else:
@@ -73,18 +79,49 @@ class PackedWeights:
         return sum(copies.values())
 
     def retain(self, used: set[int]) -> None:
-        """Forget every packed copy whose bytes (storage address) are not in ``used``."""
+        """Forget every packed copy whose bytes (storage address) are not in ``used`` (a stand-in's
+        copies are all kept: its values live nowhere else)."""
         with self._lock:
             self._retain(used)
 
     def _retain(self, used: set[int]) -> None:
         for key in list(self.entries):
-            self.entries[key] = [(md, s) for md, s in self.entries[key] if s.data_ptr() in used]
+            if not is_released(self.sources[key]):
+                self.entries[key] = [(md, s) for md, s in self.entries[key] if s.data_ptr() in used]
             if not self.entries[key]:
                 del self.entries[key], self.sources[key]
 
+    def release(self, engine: Engine, tensor: torch.Tensor) -> torch.Tensor | None:
+        """A stand-in for ``tensor`` if every copy held of it is packed in another layout, with its
+        dtype (read back, it gives the same values exactly); else None (it is read as it is,
+        or not packed here, or a single number)."""
+        with self._lock:
+            key = _key(tensor)
+            entries = self.entries.get(key)
+            own = tensor.untyped_storage().data_ptr()
+            if (not entries or tensor.numel() <= 1 or is_released(tensor)
+                    or any(s.untyped_storage().data_ptr() == own or DNNL_TO_TORCH.get(md.dtype) != tensor.dtype
+                           for md, s in entries)
+                    or any(k != key and s.untyped_storage().data_ptr() == own for k, s in self.sources.items())):
+                return None  # read as it is, not packed, a number, or packed through a view of another shape
+            md, storage = entries[0]
+            stand_in = release(tensor, functools.partial(_unpack, engine, md, storage, tuple(tensor.shape)))
+            self.entries[_key(stand_in)] = self.entries.pop(key)
+            self.sources[_key(stand_in)] = stand_in
+            del self.sources[key]
+            return stand_in
+
+
+def _unpack(engine: Engine, md: MemoryDesc, storage: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """A plain tensor of ``shape`` with the values packed in ``storage`` (layout ``md``), read back."""
+    return to_tensor(engine, Stream(engine), Memory(engine, md, storage.data_ptr(), keepalive=storage)).reshape(shape)
+
 
 def _key(tensor: torch.Tensor) -> tuple:
+    """A constant's identity here: its bytes (address, shape, strides, dtype), or its stand-in's object."""
+    base = released_base(tensor)
+    if base is not None:
+        return "released", id(base), tuple(tensor.shape), tuple(tensor.stride()), tensor.storage_offset()
     return tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype
 
 
@@ -102,6 +139,7 @@ class Builder:
         self.parts: dict[fx.Node, list[Value]] = {}  # the tensors of a tuple-valued node (split)
         self.steps: list[Step] = []
         self.converted: dict[tuple, Value] = {}
+        self.restored: dict[tuple, torch.Tensor] = {}  # released constants torch steps read: their values
         self.weight_bytes = 0
         self.scratchpad_bytes = 0
 
@@ -124,6 +162,17 @@ class Builder:
             return getattr(self.gm, arg.target)
         ref = state_ref(arg) if isinstance(arg, fx.Node) else None
         return ref.value if ref is not None and isinstance(ref.value, torch.Tensor) else None
+
+    def constant_values(self, arg: Any) -> torch.Tensor | None:
+        """Like :meth:`constant`, for torch code that reads the numbers: a released constant's values are
+        restored (once per program; :attr:`restored` keeps them, so that outputs viewing them are copied)."""
+        constant = self.constant(arg)
+        if constant is None or not is_released(constant):
+            return constant
+        key = _key(constant)
+        if key not in self.restored:
+            self.restored[key] = values_of(constant)
+        return self.restored[key]
 
     def define(self, node: fx.Node, md: MemoryDesc | None, kind: str = PLANNED, alias_of: Value | None = None) -> Value:
         value = Value(node.name, md, kind, alias_of)

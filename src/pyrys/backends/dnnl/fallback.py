@@ -25,7 +25,7 @@ from pyrys.ir.printer import format_arg, op_name
 def _torch_input(builder: Builder, arg):
     """A Value (made plain) for a computed tensor, the tensor for a constant, the literal otherwise."""
     if isinstance(arg, fx.Node):
-        constant = builder.constant(arg)
+        constant = builder.constant_values(arg)
         if constant is not None:
             return constant
         if state_ref(arg) is not None:

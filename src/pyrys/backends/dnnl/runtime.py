@@ -36,7 +36,7 @@ from pyrys.backends.dnnl.lower import build_program
 from pyrys.backends.dnnl.primitives import Engine
 from pyrys.backends.dnnl.program import DnnlProgram
 from pyrys.backends.options import BackendOptions
-from pyrys.backends.reference import ReferenceProgram
+from pyrys.backends.reference import ReferenceProgram, held_bytes
 from pyrys.backends.threads import current_threads, with_threads
 from pyrys.forwarding import forwarded
 from pyrys.ir.printer import format_graph
@@ -59,9 +59,35 @@ class DnnlRuntime:
             self.first = build_program(gm, self.layout, self.engine, threads, self.packed, reuse_packed=True)
             self.first.policy = f"{self.layout} (as chosen for the first input shape)"
         self.programs: dict[int, DnnlProgram] = {threads: self.first}
-        self.reference = ReferenceProgram(gm)
+        self._reference: ReferenceProgram | None = None
         self.float_inputs = [i for i, t in enumerate(example_inputs) if self.first.drops_nan
                              and isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+    @property
+    def reference(self) -> ReferenceProgram:
+        """The graph on torch ops, for calls with NaN or infinite inputs; made at the first such call,
+        with the values of released constants restored (a plain copy of those weights from then on)."""
+        if self._reference is None:
+            with self._building:
+                if self._reference is None:
+                    self._reference = ReferenceProgram(self.gm)
+        return self._reference
+
+    def release_constants(self, gms: list[fx.GraphModule]) -> int:
+        """Give every constant the programs hold only packed (in other layouts) a stand-in in ``gms``
+        (:mod:`pyrys.ir.released`): the graphs keep its shape, the packed copy its values, and the plain
+        copy is freed once nothing else holds it.  How many constants were released."""
+        stand_ins: dict[int, torch.Tensor] = {}
+        for gm in dict.fromkeys(gms):
+            for name, tensor in list(gm.named_buffers(recurse=False)):
+                stand_in = stand_ins.get(id(tensor))
+                if stand_in is None:
+                    stand_in = self.packed.release(self.engine, tensor)
+                if stand_in is not None:
+                    stand_ins[id(tensor)] = stand_in
+                    setattr(gm, name, stand_in)
+        give_back_freed_memory()
+        return len(stand_ins)
 
     def __call__(self, inputs: list) -> list:
         if self.float_inputs and not _all_finite(inputs, self.float_inputs):
@@ -130,10 +156,11 @@ class DnnlRuntime:
         return with_threads(self.first.threads, self.first.profile, inputs, runs)
 
     def memory(self) -> dict[str, int]:
-        """Bytes: the graph's constants (the reference fallback runs on them too), the packed copies
-        every thread count's program shares, one call's arena, and the idle frames of every program."""
+        """Bytes: the graph's constants still held as plain tensors (a released one is counted in its
+        packed copy), the packed copies every thread count's program shares, one call's arena, and the
+        idle frames of every program."""
         programs = [program.memory() for program in self.programs.values()]
-        return {"weights": self.reference.memory()["weights"], "packed_weights": self.packed.copied_bytes(),
+        return {"weights": held_bytes(self.gm), "packed_weights": self.packed.copied_bytes(),
                 "activations": max(m["activations"] for m in programs), "frames": sum(m["frames"] for m in programs)}
 
     policy = forwarded("first.policy", "The activation layout chosen, with the measurements when it was measured.")

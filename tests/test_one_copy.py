@@ -1,0 +1,198 @@
+"""One copy of the weights: after optimize and the first call, the program's packed copy is the only one.
+
+pyrys's private model copy shares the user's tensors instead of copying them (``capture/model_copy.py``),
+freezing copies the values it compiles, and a constant the dnnl program holds packed is released
+from the graph (``ir/released.py``): the graph keeps its shape, the packed copy its values.  These
+tests count live tensors of a distinctive shape, check every path that reads a released weight
+again (a new shape, another thread count, NaN inputs, save/load, a torch fallback), and check
+that a write to the user's weights after optimize is never compiled silently.
+"""
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+import pyrys
+from pyrys.backends import available_backends
+from pyrys.backends.threads import with_threads
+from pyrys.ir.released import is_released, release, values_of
+from tests.conftest import TOLERANCE
+
+pytestmark = pytest.mark.skipif("dnnl" not in available_backends(), reason="the dnnl backend is not available")
+
+OUT, IN = 37, 29  # a conv weight shape no other tensor in the process has
+
+
+class Net(nn.Module):
+    """conv -> BN -> relu -> pool -> flatten -> linear: a folded weight, a plain one, a batch-sized view."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(IN, OUT, 3, padding=1), nn.BatchNorm2d(OUT)
+        self.fc = nn.Linear(OUT, 5)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-0.5, 0.5)
+            self.bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x)))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 1), 1))
+
+
+def live_plain_copies() -> int:
+    """Live CPU tensors with the conv weight's shape (the user's parameter is one)."""
+    gc.collect()
+    return sum(1 for o in gc.get_objects()
+               if type(o) in (torch.Tensor, nn.Parameter) and not o.is_meta and tuple(o.shape) == (OUT, IN, 3, 3))
+
+
+def net_and_input(batch: int = 1):
+    return Net().eval(), torch.randn(batch, IN, 8, 8)
+
+
+def test_the_packed_copy_is_the_only_copy_after_optimize_and_the_first_call():
+    model, x = net_and_input()
+    assert live_plain_copies() == 1
+    with torch.no_grad():
+        opt = pyrys.optimize(model, (x,), backend="dnnl")
+        got = opt(x)
+        assert (got - model(x)).abs().max() <= TOLERANCE * model(x).abs().max()
+    assert live_plain_copies() == 1  # the user's: no private copy, no folded fp32 weight
+    released = [name for name, t in opt.graph_module.named_buffers() if is_released(t)]
+    assert released and "conv" in opt.graph and "Constant" in opt.graph  # the graph still prints
+    memory = opt.memory()
+    assert memory["weights"] < memory["packed_weights"] / 10
+
+
+def test_a_released_weight_serves_new_shapes_and_thread_counts():
+    model, x = net_and_input()
+    with torch.no_grad():
+        opt = pyrys.optimize(model, (x,), backend="dnnl")
+        opt(x)
+        for batch in (2, 3):
+            xb = torch.randn(batch, IN, 8, 8)
+            assert torch.allclose(opt(xb), model(xb), atol=1e-5)
+        threads = 1 if torch.get_num_threads() > 1 else 2
+        assert torch.allclose(with_threads(threads, opt, x), model(x), atol=1e-5)
+    assert live_plain_copies() == 1
+    assert len(opt._programs) == 3
+
+
+def test_nan_inputs_run_on_the_restored_weights():
+    model = nn.Sequential(Net().conv, nn.MaxPool2d(2)).eval()  # max-pooling: NaN goes to the reference backend
+    x = torch.randn(1, IN, 8, 8)
+    with torch.no_grad():
+        opt = pyrys.optimize(model, (x,), backend="dnnl")
+        opt(x)
+        bad = x.clone()
+        bad[0, 0, 0, 0] = float("nan")
+        got, want = opt(bad), model(bad)
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.allclose(got.nan_to_num(), want.nan_to_num(), atol=1e-5)
+
+
+def test_save_writes_the_values_of_released_weights(tmp_path):
+    model, x = net_and_input()
+    with torch.no_grad():
+        opt = pyrys.optimize(model, (x,), backend="dnnl")
+        expected = opt(x)
+        pyrys.save(opt, tmp_path / "net")
+        loaded = pyrys.load(tmp_path / "net")
+        assert torch.equal(loaded(x), expected)
+        assert any(is_released(t) for t in loaded.graph_module.buffers())
+
+
+def test_the_optimized_module_keeps_the_weights_of_optimize_time():
+    model, x = net_and_input()
+    with torch.no_grad():
+        opt = pyrys.optimize(model, (x,), backend="dnnl")
+        before = opt(x)
+        model.fc.bias.add_(1.0)  # read by oneDNN as it lies: a plain copy, not the user's bytes
+        model.conv.weight.mul_(2.0)
+        assert torch.equal(opt(x), before)
+
+
+def test_a_new_shape_after_the_user_wrote_the_weights_raises():
+    model, x = net_and_input()
+    with torch.no_grad():
+        opt = pyrys.optimize(model, (x,), backend="dnnl")
+        opt(x)
+        model.load_state_dict({k: v + 1 for k, v in model.state_dict().items()})
+        opt(x)  # the shape compiled before runs on
+        with pytest.raises(pyrys.ModelChangedError, match="conv.weight of Net was written after pyrys.optimize"):
+            opt(torch.randn(2, IN, 8, 8))
+
+
+def test_dynamic_true_compiles_every_shape_from_the_weights_at_optimize():
+    model, x = net_and_input()
+    with torch.no_grad():
+        opt = pyrys.optimize(model, (x,), backend="dnnl", dynamic=True)
+        x2 = torch.randn(2, IN, 8, 8)
+        want = model(x2)
+        model.conv.weight.mul_(2.0)
+        assert torch.allclose(opt(x2), want, atol=1e-5)
+
+
+def test_state_left_unfrozen_is_copied_not_shared():
+    model, x = net_and_input()
+    with torch.no_grad():
+        opt = pyrys.optimize(model, (x,), backend="dnnl", freeze_params=["running_mean", "running_var"])
+        before = opt(x)
+        model.conv.weight.mul_(2.0)
+        assert torch.equal(opt(x), before)
+
+
+def test_the_user_model_is_untouched_and_its_tensors_are_not_copied():
+    model, x = net_and_input()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    versions = {k: v._version for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        pyrys.optimize(model, (x,), backend="dnnl")(x)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert {k: v._version for k, v in model.state_dict().items()} == versions
+
+
+def test_dropping_the_module_frees_its_packed_weights():
+    model, x = net_and_input()
+    with torch.no_grad():
+        opt = pyrys.optimize(model, (x,), backend="dnnl")
+        opt(x)
+    packed = weakref.ref(opt._first.program.packed)
+    del opt
+    gc.collect()
+    assert packed() is None
+
+
+def test_a_stand_in_and_its_views_restore_the_values_exactly():
+    tensor = torch.randn(4, 6)
+    stand_in = release(tensor, lambda: tensor.clone())
+    assert is_released(stand_in) and stand_in.shape == tensor.shape and stand_in.is_meta
+    assert torch.equal(values_of(stand_in), tensor)
+    view = stand_in.reshape(6, 4)
+    assert is_released(view) and torch.equal(values_of(view), tensor.reshape(6, 4))
+    assert values_of(tensor) is tensor and not is_released(torch.empty(2, device="meta"))
+
+
+class GroupedAndTransposed(nn.Module):
+    """A grouped conv and a transposed conv, whose weights are packed through views."""
+
+    def __init__(self):
+        super().__init__()
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.up = nn.ConvTranspose2d(8, 4, 2, stride=2)
+
+    def forward(self, x):
+        return self.up(torch.relu(self.grouped(x)))
+
+
+def test_weights_packed_through_views_stay_correct_across_shapes():
+    model, x = GroupedAndTransposed().eval(), torch.randn(1, 8, 6, 6)
+    with torch.no_grad():
+        opt = pyrys.optimize(model, (x,), backend="dnnl")
+        for batch in (1, 2, 3):
+            xb = torch.randn(batch, 8, 6, 6)
+            assert torch.allclose(opt(xb), model(xb), atol=1e-5)
