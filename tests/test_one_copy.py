@@ -62,8 +62,10 @@ def test_the_packed_copy_is_the_only_copy_after_optimize_and_the_first_call():
         got = opt(x)
         assert (got - model(x)).abs().max() <= TOLERANCE * model(x).abs().max()
     assert live_plain_copies() == 1  # the user's: no private copy, no folded fp32 weight
-    released = [name for name, t in opt.graph_module.named_buffers() if is_released(t)]
+    released = [name for name, t in opt._first.captured.gm.named_buffers() if is_released(t)]
     assert released and "conv" in opt.graph and "Constant" in opt.graph  # the graph still prints
+    with torch.no_grad():  # and opt.graph_module runs: a copy with the released weights restored
+        assert torch.allclose(opt.graph_module(x)[0], got, atol=1e-5)
     memory = opt.memory()
     assert memory["weights"] < memory["packed_weights"] / 10
 
@@ -103,7 +105,7 @@ def test_save_writes_the_values_of_released_weights(tmp_path):
         pyrys.save(opt, tmp_path / "net")
         loaded = pyrys.load(tmp_path / "net")
         assert torch.equal(loaded(x), expected)
-        assert any(is_released(t) for t in loaded.graph_module.buffers())
+        assert any(is_released(t) for t in loaded._first.captured.gm.buffers())
 
 
 def test_the_optimized_module_keeps_the_weights_of_optimize_time():
@@ -125,6 +127,46 @@ def test_a_new_shape_after_the_user_wrote_the_weights_raises():
         opt(x)  # the shape compiled before runs on
         with pytest.raises(pyrys.ModelChangedError, match="conv.weight of Net was written after pyrys.optimize"):
             opt(torch.randn(2, IN, 8, 8))
+
+
+def test_a_write_through_data_is_seen_too():
+    model, x = net_and_input()
+    with torch.no_grad():
+        opt = pyrys.optimize(model, (x,), backend="dnnl")
+        model.fc.weight.data.mul_(2.0)  # no version counter sees this: the CRC does
+        with pytest.raises(pyrys.ModelChangedError, match="fc.weight"):
+            opt(torch.randn(2, IN, 8, 8))
+
+
+def test_with_freezing_disabled_the_state_is_copied_not_shared():
+    model, x = net_and_input()
+    with torch.no_grad():
+        opt = pyrys.optimize(model, (x,), backend="dnnl", disable=["freeze_params"])
+        before = opt(x)
+        model.fc.bias.add_(10.0)
+        assert torch.equal(opt(x), before)
+
+
+class TiedConvAndDeconv(nn.Module):
+    """A transposed conv sharing the conv's weight: packed directly once, and through a transposed copy."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.dec = nn.Conv2d(8, 16, 3), nn.ConvTranspose2d(16, 8, 3)
+        self.dec.weight = self.enc.weight
+
+    def forward(self, x):
+        return self.dec(torch.relu(self.enc(x)))
+
+
+def test_a_weight_tied_to_a_transposed_conv_serves_new_shapes_and_thread_counts():
+    model, x = TiedConvAndDeconv().eval(), torch.randn(1, 8, 10, 10)
+    with torch.no_grad():
+        opt = pyrys.optimize(model, (x,), backend="dnnl")
+        threads = 1 if torch.get_num_threads() > 1 else 2
+        assert torch.allclose(with_threads(threads, opt, x), model(x), atol=1e-5)
+        x2 = torch.randn(2, 8, 10, 10)
+        assert torch.allclose(opt(x2), model(x2), atol=1e-5)
 
 
 def test_dynamic_true_compiles_every_shape_from_the_weights_at_optimize():
@@ -196,3 +238,33 @@ def test_weights_packed_through_views_stay_correct_across_shapes():
         for batch in (1, 2, 3):
             xb = torch.randn(batch, 8, 6, 6)
             assert torch.allclose(opt(xb), model(xb), atol=1e-5)
+
+
+VOCAB, WIDTH = 53, 24  # a shape no other tensor in the process has
+
+
+class TiedHead(nn.Module):
+    """An embedding (a torch fallback reads its table as it lies) tied to a linear head (packed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(VOCAB, WIDTH), nn.Linear(WIDTH, VOCAB, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.embed(ids)))
+
+
+def test_a_weight_read_as_it_lies_is_never_released_nor_copied_per_shape():
+    model, ids = TiedHead().eval(), torch.randint(0, VOCAB, (1, 7))
+    with torch.no_grad():
+        opt = pyrys.optimize(model, (ids,), backend="dnnl")
+        threads = 1 if torch.get_num_threads() > 1 else 2
+        for batch, length in ((1, 7), (2, 7), (3, 5)):
+            xb = torch.randint(0, VOCAB, (batch, length))
+            assert torch.allclose(opt(xb), model(xb), atol=1e-5)
+            assert torch.allclose(with_threads(threads, opt, xb), model(xb), atol=1e-5)
+    gc.collect()
+    plain = sum(1 for o in gc.get_objects() if type(o) in (torch.Tensor, nn.Parameter) and not o.is_meta
+                and tuple(o.shape) == (VOCAB, WIDTH))
+    assert plain <= 2  # the user's and pyrys's frozen copy, whatever the shapes and thread counts

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import itertools
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -15,10 +14,11 @@ from torch.export import ExportedProgram
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from pyrys.backends import Program, get_backend, release_constants
+from pyrys.backends.reference import with_values
 from pyrys.backends.options import LAYOUTS, BackendOptions
 from pyrys.capture.captured import Captured
 from pyrys.capture.export import capture_module, rename_for_export
-from pyrys.capture.model_copy import WriteCheck, private_copy
+from pyrys.capture.model_copy import WriteCheck, private_copy, state_of
 from pyrys.capture.exported_program import capture_exported, exported_example_inputs
 from pyrys.capture.torchscript import capture_torchscript, is_torchscript, script_class_name
 from pyrys.errors import CaptureError, DeviceError
@@ -327,7 +327,12 @@ class OptimizedModule(torch.nn.Module):
     def graph(self) -> str:
         return self._first.run.history[-1].graph
 
-    graph_module = forwarded("_first.captured.gm", "The optimized graph module (first input signature).")
+    @property
+    def graph_module(self) -> torch.fx.GraphModule:
+        """The optimized graph module (first input signature), runnable: weights the backend holds packed
+        are restored into a copy (:mod:`pyrys.ir.released`), which is as large as those weights."""
+        return with_values(self._first.captured.gm)
+
     history = forwarded("_first.run.history", "Every pass's :class:`pyrys.passes.pipeline.Step`: graph text, rule counts, misses.")
     misses = forwarded("_first.run.misses", "The :class:`pyrys.passes.rewrite.Miss` records still standing after the pipeline.")
     backend = forwarded("_first.backend", "The backend the program runs on: ``\"dnnl\"`` or ``\"reference\"``.")
@@ -452,9 +457,13 @@ def optimize(
         raise TypeError("pyrys.optimize expects a torch.nn.Module, a TorchScript module or function, or a "
                         f"torch.export.ExportedProgram, got {type(model).__name__}")
     args, kwargs = _example_inputs(example_inputs, example_kwargs)
-    _check_on_cpu(type(model).__name__, _state_of(model))
+    _check_on_cpu(type(model).__name__, state_of(model))
     _warn_if_training(model)
-    return OptimizedModule(module_frontend(*private_copy(model, config.freeze_params)), args, kwargs, config)
+    frozen = () if "freeze_params" in config.disable else config.freeze_params
+    model, writes = private_copy(model, frozen)
+    optimized = OptimizedModule(module_frontend(model, writes), args, kwargs, config)
+    writes.wait()
+    return optimized
 
 
 def _example_inputs(example_inputs: Any, example_kwargs: dict | None) -> tuple[tuple, dict]:
@@ -465,12 +474,6 @@ def _example_inputs(example_inputs: Any, example_kwargs: dict | None) -> tuple[t
             raise InputError(f"pyrys: example input {i} must be on the CPU (pyrys compiles for the CPU), got a tensor "
                              f"on {value.device}; pass CPU tensors with real values, e.g. x.to(\"cpu\")")
     return args, kwargs
-
-
-def _state_of(model: Any) -> Iterable[tuple[str, torch.Tensor]]:
-    if not hasattr(model, "named_parameters"):
-        return ()  # a scripted function
-    return itertools.chain(model.named_parameters(), model.named_buffers())
 
 
 def _check_on_cpu(owner: str, state: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -519,7 +522,7 @@ def optimize_torchscript(script: Any, example_inputs: Any, example_kwargs: dict 
                          flag_values: dict[str, bool] | None = None) -> OptimizedModule:
     """The TorchScript way in (``pyrys.jit`` passes the freezes recorded by the seed's calls)."""
     args, kwargs = _example_inputs(example_inputs, example_kwargs)
-    _check_on_cpu(script_class_name(script), _state_of(script))
+    _check_on_cpu(script_class_name(script), state_of(script))
     if (flag_values or {}).get("training", getattr(script, "training", False)):
         _warn_if_training(script, stacklevel=4)
     return OptimizedModule(torchscript_frontend(script, flag_values), args, kwargs, config)

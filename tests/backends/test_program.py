@@ -44,7 +44,7 @@ def test_weights_are_the_folded_parameters(backend):
     program keeps the weights it packs only packed (their graph copies are released: ``ir/released.py``)."""
     model, x = small_conv_net(), torch.randn(1, 3, 16, 16)
     opt = optimize(model, (x,), backend, layout="nhwc")
-    constants = list(opt.graph_module.buffers())
+    constants = list(opt._first.captured.gm.buffers())
     assert sum(t.numel() * t.element_size() for t in constants) == state_bytes(model)
     assert state_bytes(model) < state_bytes(model, (nn.Module,))
     held = sum(t.numel() * t.element_size() for t in constants if not is_released(t))

@@ -96,14 +96,15 @@ def held_bytes(gm: fx.GraphModule) -> int:
     return sum(_storages([*gm.buffers(), *gm.parameters()]).values())
 
 
-def with_values(gm: fx.GraphModule) -> fx.GraphModule:
-    """``gm``, or a copy of it whose released constants (:mod:`pyrys.ir.released`) hold their values again."""
+def with_values(gm: fx.GraphModule, values=values_of) -> fx.GraphModule:
+    """``gm``, or a copy of it whose released constants (:mod:`pyrys.ir.released`) hold their values again
+    (``values(stand_in)``: a backend may give the plain copy it keeps)."""
     released = [(name, t) for name, t in gm.named_buffers(recurse=False) if is_released(t)]
     if not released:
         return gm
     copied = fx.GraphModule(gm, copy_graph(gm.graph), gm.__class__.__name__)
     for name, tensor in released:
-        setattr(copied, name, values_of(tensor))
+        setattr(copied, name, values(tensor))
     return copied
 
 

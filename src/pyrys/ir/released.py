@@ -13,18 +13,21 @@ torch fallback, the reference backend, comparing two captures) asks :func:`value
 """
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 _RESTORE: WeakIdKeyDictionary = WeakIdKeyDictionary()  # stand-in -> () -> its values
+_LOCK = threading.Lock()  # compiles and loads on several threads register stand-ins
 
 
 def release(tensor: torch.Tensor, restore: Callable[[], torch.Tensor]) -> torch.Tensor:
     """A stand-in for ``tensor`` (same shape, strides and dtype; no bytes); ``restore()`` gives its values."""
     stand_in = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="meta")
-    _RESTORE[stand_in] = restore
+    with _LOCK:
+        _RESTORE[stand_in] = restore
     return stand_in
 
 
@@ -33,7 +36,8 @@ def released_base(value: object) -> torch.Tensor | None:
     if not isinstance(value, torch.Tensor) or not value.is_meta:
         return None
     base = value if value._base is None else value._base
-    return base if base in _RESTORE else None
+    with _LOCK:
+        return base if base in _RESTORE else None
 
 
 def is_released(value: object) -> bool:
@@ -46,7 +50,9 @@ def values_of(tensor: torch.Tensor) -> torch.Tensor:
     base = released_base(tensor)
     if base is None:
         return tensor
-    values = _RESTORE[base]()
+    with _LOCK:
+        restore = _RESTORE[base]
+    values = restore()
     if values.shape != base.shape or values.dtype != base.dtype:
         raise RuntimeError(f"pyrys: a released constant came back as {values.dtype}{tuple(values.shape)}, "
                            f"not {base.dtype}{tuple(base.shape)}")

@@ -36,12 +36,25 @@ class PackedWeights:
     def __init__(self) -> None:
         self.entries: dict[tuple, list[tuple[MemoryDesc, torch.Tensor]]] = {}  # source -> [(md, bytes)]
         self.sources: dict[tuple, torch.Tensor] = {}  # keeps each source alive while its address is a key
+        self.read_as_is: set[tuple] = set()  # constants torch code reads by address: never released
         self._lock = threading.Lock()  # programs of several shapes and thread counts build at once
 
     def packed(self, engine: Engine, stream: Stream, tensor: torch.Tensor, md: MemoryDesc | None) -> tuple:
         """``(md, bytes)`` of ``tensor`` in layout ``md`` (its own plain layout for None), packed once."""
         with self._lock:
             return self._packed(engine, stream, tensor, md)
+
+    def values(self, engine: Engine, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor``'s values for torch code that reads them as they lie: itself, marked so that it is never
+        released; for a stand-in, its plain copy, restored once and shared by every program."""
+        with self._lock:
+            if not is_released(tensor):
+                self.read_as_is.add(_key(tensor))
+                return tensor
+            storage = self._packed(engine, Stream(engine), tensor, None)[1]  # plain: a tensor, or its bytes
+        if storage.dtype != tensor.dtype:
+            storage = storage.view(tensor.dtype)[:tensor.numel()]
+        return storage.view(tensor.shape)
 
     def layouts_of(self, tensor: torch.Tensor) -> list[MemoryDesc]:
         """The layouts ``tensor`` is already packed in (its own plain layout left out)."""
@@ -59,6 +72,9 @@ class PackedWeights:
             if known_md == wanted:
                 return known_md, storage
         source = values_of(tensor).detach().contiguous()
+        if source.is_meta:
+            raise RuntimeError(f"pyrys: a constant {tuple(tensor.shape)} without values reached the packer (made "
+                               "from a released constant without pyrys.ir.released.values_of)")
         if md is None:
             entry = (wanted, source)
         else:
@@ -99,7 +115,7 @@ class PackedWeights:
             key = _key(tensor)
             entries = self.entries.get(key)
             own = tensor.untyped_storage().data_ptr()
-            if (not entries or tensor.numel() <= 1 or is_released(tensor)
+            if (not entries or tensor.numel() <= 1 or is_released(tensor) or key in self.read_as_is
                     or any(s.untyped_storage().data_ptr() == own or DNNL_TO_TORCH.get(md.dtype) != tensor.dtype
                            for md, s in entries)
                     or any(k != key and s.untyped_storage().data_ptr() == own for k, s in self.sources.items())):
@@ -164,15 +180,15 @@ class Builder:
         return ref.value if ref is not None and isinstance(ref.value, torch.Tensor) else None
 
     def constant_values(self, arg: Any) -> torch.Tensor | None:
-        """Like :meth:`constant`, for torch code that reads the numbers: a released constant's values are
-        restored (once per program; :attr:`restored` keeps them, so that outputs viewing them are copied)."""
+        """Like :meth:`constant`, for torch code that reads the numbers (:meth:`PackedWeights.values`; a
+        released constant's plain copy is kept in :attr:`restored`, so that outputs viewing it are copied)."""
         constant = self.constant(arg)
-        if constant is None or not is_released(constant):
-            return constant
-        key = _key(constant)
-        if key not in self.restored:
-            self.restored[key] = values_of(constant)
-        return self.restored[key]
+        if not isinstance(constant, torch.Tensor):
+            return constant  # None, or a branch (a graph module) an If reads
+        values = self.packed.values(self.engine, constant)
+        if values is not constant:
+            self.restored[_key(constant)] = values
+        return values
 
     def define(self, node: fx.Node, md: MemoryDesc | None, kind: str = PLANNED, alias_of: Value | None = None) -> Value:
         value = Value(node.name, md, kind, alias_of)

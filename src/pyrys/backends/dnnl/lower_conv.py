@@ -21,6 +21,7 @@ from pyrys.backends.dnnl.post_ops import Chain, Operand, build_chain, operand_of
 from pyrys.backends.dnnl.primitives import PrimitiveAttr, PrimitiveDesc
 from pyrys.backends.dnnl.values import ALIAS, Value
 from pyrys.ir.fused import Fused, read_fused
+from pyrys.ir.released import values_of
 
 
 def _grouped_weight_dims(weight: torch.Tensor, groups: int) -> list[int]:
@@ -199,4 +200,4 @@ def lower_deconv(builder: Builder, node: fx.Node) -> None:
         return deconvolution_pd(builder.engine, src, weights, dst, bias_md, strides=stride, padding_l=padding,
                                 padding_r=padding_r, dilation=dilation, attr=attr)
 
-    _lower_conv_like(builder, node, fused, _deconv_weight(weight, a["groups"]), bias, create)
+    _lower_conv_like(builder, node, fused, _deconv_weight(values_of(weight), a["groups"]), bias, create)

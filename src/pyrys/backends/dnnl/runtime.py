@@ -36,7 +36,7 @@ from pyrys.backends.dnnl.lower import build_program
 from pyrys.backends.dnnl.primitives import Engine
 from pyrys.backends.dnnl.program import DnnlProgram
 from pyrys.backends.options import BackendOptions
-from pyrys.backends.reference import ReferenceProgram, held_bytes
+from pyrys.backends.reference import ReferenceProgram, held_bytes, with_values
 from pyrys.backends.threads import current_threads, with_threads
 from pyrys.forwarding import forwarded
 from pyrys.ir.printer import format_graph
@@ -65,13 +65,16 @@ class DnnlRuntime:
 
     @property
     def reference(self) -> ReferenceProgram:
-        """The graph on torch ops, for calls with NaN or infinite inputs; made at the first such call,
-        with the values of released constants restored (a plain copy of those weights from then on)."""
+        """The graph on torch ops, for calls with NaN or infinite inputs; made at the first such call, on
+        plain copies of the released constants (restored once, shared by every shape: ``packed_weights``)."""
         if self._reference is None:
             with self._building:
                 if self._reference is None:
-                    self._reference = ReferenceProgram(self.gm)
+                    self._reference = ReferenceProgram(with_values(self.gm, self._values))
         return self._reference
+
+    def _values(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.packed.values(self.engine, tensor)
 
     def release_constants(self, gms: list[fx.GraphModule]) -> int:
         """Give every constant the programs hold only packed (in other layouts) a stand-in in ``gms``
