@@ -160,3 +160,19 @@ def test_the_losing_layout_candidate_is_freed_before_optimize_returns(monkeypatc
     gc.collect()
     alive = [ref() for ref in built if ref() is not None]
     assert len(built) == 2 and alive == [opt._first.program.first]
+
+
+def test_a_graph_without_convolution_is_built_once_whatever_the_layout_policy(monkeypatch):
+    from pyrys.backends.dnnl import runtime
+
+    built = []
+    original = runtime.build_program
+    monkeypatch.setattr(runtime, "build_program", lambda *a, **k: built.append(a[1]) or original(*a, **k))
+    monkeypatch.setenv("PYRYS_CACHE_DIR", "")  # nothing found in the cache: it would measure
+    model, x = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.LayerNorm(32), nn.Linear(32, 4)).eval(), torch.rand(3, 16)
+    opt = pyrys.optimize(model, (x,), backend="dnnl", layout="auto")
+    assert len(built) == 1
+    assert "no convolution: every layout policy gives this program" in opt.program_text()
+    assert (opt(x) - model(x)).abs().max() <= TOLERANCE * model(x).abs().max()
+    conv = pyrys.optimize(small_net(), (torch.rand(1, 3, 8, 8),), backend="dnnl", layout="auto")
+    assert len(built) == 3 and "measured" in conv.program_text()  # a convolution: both candidates

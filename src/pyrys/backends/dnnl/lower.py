@@ -27,6 +27,13 @@ from pyrys.ir.graph import state_ref
 
 # op -> its lowering.  Convolutions and linears arrive in their fused form only (passes/legalize.py).
 LOWERINGS = {FUSED_CONV: lower_conv, FUSED_CONV_TRANSPOSE: lower_deconv, FUSED_LINEAR: lower_linear, **OP_LOWERINGS}
+# the lowerings that read the layout policy: every other op takes the layout its inputs come in
+LAYOUT_CHOOSERS = frozenset({FUSED_CONV, FUSED_CONV_TRANSPOSE})
+
+
+def layout_applies(gm: fx.GraphModule) -> bool:
+    """Whether the layout policy can change ``gm``'s program (it has a convolution to lay out)."""
+    return any(node.op == "call_function" and node.target in LAYOUT_CHOOSERS for node in gm.graph.nodes)
 
 
 def _lower_node(builder: Builder, node: fx.Node) -> None:

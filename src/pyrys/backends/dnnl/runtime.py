@@ -32,7 +32,7 @@ from pyrys import tuning_cache
 from pyrys.backends.dnnl import binding
 from pyrys.backends.dnnl.builder import PackedWeights
 from pyrys.backends.dnnl.layout import candidate_policies
-from pyrys.backends.dnnl.lower import build_program
+from pyrys.backends.dnnl.lower import build_program, layout_applies
 from pyrys.backends.dnnl.primitives import Engine
 from pyrys.backends.dnnl.program import DnnlProgram
 from pyrys.backends.options import BackendOptions
@@ -113,8 +113,14 @@ class DnnlRuntime:
 
     def _choose_policy(self, example_inputs: list, layout: str, threads: int) -> DnnlProgram:
         """The program in the layout policy asked for; for ``"auto"`` the faster candidate, measured here
-        or found in the tuning cache (``pyrys.tuning_cache``) under this graph, thread count and CPU."""
+        or found in the tuning cache (``pyrys.tuning_cache``) under this graph, thread count and CPU (a
+        graph with no convolution is built once: the policy changes nothing in it)."""
         policies = candidate_policies() if layout == "auto" else [layout]
+        if len(policies) > 1 and not layout_applies(self.gm):  # a transformer, an MLP: nothing to choose
+            self.layout = policies[0]
+            program = build_program(self.gm, self.layout, self.engine, threads, self.packed)
+            program.policy = f"{self.layout} (no convolution: every layout policy gives this program)"
+            return program
         key = _tuning_key(self.gm, threads, policies) if len(policies) > 1 else None
         cached = tuning_cache.lookup("layout", key) if key else None
         if cached and cached.get("policy") in policies:
