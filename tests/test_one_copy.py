@@ -268,3 +268,16 @@ def test_a_weight_read_as_it_lies_is_never_released_nor_copied_per_shape():
     plain = sum(1 for o in gc.get_objects() if type(o) in (torch.Tensor, nn.Parameter) and not o.is_meta
                 and tuple(o.shape) == (VOCAB, WIDTH))
     assert plain <= 2  # the user's and pyrys's frozen copy, whatever the shapes and thread counts
+
+
+def test_a_transposed_conv_weight_is_packed_once_for_every_shape():
+    model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.ReLU(), nn.ConvTranspose2d(16, 8, 3, stride=2)).eval()
+    x = torch.randn(1, 8, 10, 10)
+    with torch.no_grad():
+        opt = pyrys.optimize(model, (x,), backend="dnnl", layout="nhwc")
+        opt(x)
+        packed = opt.memory()["packed_weights"]
+        for batch in (2, 3):
+            xb = torch.randn(batch, 8, 10, 10)
+            assert torch.allclose(opt(xb), model(xb), atol=1e-5)
+    assert opt.memory()["packed_weights"] == packed  # each shape reads the first shape's packed copies

@@ -21,7 +21,6 @@ from pyrys.backends.dnnl.post_ops import Chain, Operand, build_chain, operand_of
 from pyrys.backends.dnnl.primitives import PrimitiveAttr, PrimitiveDesc
 from pyrys.backends.dnnl.values import ALIAS, Value
 from pyrys.ir.fused import Fused, read_fused
-from pyrys.ir.released import values_of
 
 
 def _grouped_weight_dims(weight: torch.Tensor, groups: int) -> list[int]:
@@ -180,10 +179,11 @@ def _numel(dims) -> int:
 
 
 def _deconv_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """torch (I, O/G, k...) -> oneDNN ([G,] O/G, I/G, k...), contiguous."""
+    """torch (I, O/G, k...) -> oneDNN ([G,] O/G, I/G, k...): a view of the weight, the same one every build,
+    so that the packed copy is made once (the packer reads it whatever its strides)."""
     in_channels, out_per_group, *kernel = weight.shape
     grouped = weight.reshape(groups, in_channels // groups, out_per_group, *kernel).transpose(1, 2)
-    return (grouped if groups > 1 else grouped[0]).contiguous()
+    return grouped if groups > 1 else grouped[0]
 
 
 def lower_deconv(builder: Builder, node: fx.Node) -> None:
@@ -200,4 +200,4 @@ def lower_deconv(builder: Builder, node: fx.Node) -> None:
         return deconvolution_pd(builder.engine, src, weights, dst, bias_md, strides=stride, padding_l=padding,
                                 padding_r=padding_r, dilation=dilation, attr=attr)
 
-    _lower_conv_like(builder, node, fused, _deconv_weight(values_of(weight), a["groups"]), bias, create)
+    _lower_conv_like(builder, node, fused, _deconv_weight(weight, a["groups"]), bias, create)
