@@ -1,0 +1,64 @@
+"""Compile time of pyrys against an earlier pyrys: ``optimize`` + first call, fresh processes, alternating.
+
+Each run is a fresh process (a compile warms caches a second one would find), with the tuning
+cache off and a small model optimized first, so that loading the libraries is not counted.
+The models come from this tree's ``pyrys.bench.models`` (loaded by path, so the earlier tree
+compiles the same model); rounds alternate the two trees; medians and their ratio are printed.
+
+    git worktree add /tmp/pyrys_old <commit>
+    python benchmarks/compile_ab.py --old /tmp/pyrys_old/src --models bert4 bert_base --rounds 3
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+CHILD = r"""
+import importlib.util, sys, time, torch, pyrys
+spec = importlib.util.spec_from_file_location("models_here", sys.argv[1])
+models = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(models)
+model = (getattr(models, sys.argv[2]) if hasattr(models, sys.argv[2]) else lambda: models.build_model(sys.argv[2]))()
+x = models.example_inputs(sys.argv[2], 1, model)
+tiny = models.tiny_convnet().eval()
+pyrys.optimize(tiny, tiny.example_inputs(1))(*tiny.example_inputs(1))
+start = time.perf_counter()
+with torch.no_grad():
+    pyrys.optimize(model.eval(), x)(*x)
+print(time.perf_counter() - start)
+"""
+MODELS = Path(__file__).resolve().parents[1] / "src" / "pyrys" / "bench" / "models.py"
+
+
+def compile_seconds(src: str, model: str) -> float:
+    env = dict(os.environ, PYTHONPATH=src, PYRYS_CACHE_DIR="")
+    out = subprocess.run([sys.executable, "-c", CHILD, str(MODELS), model], env=env, capture_output=True,
+                         text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--old", required=True, help="the earlier tree's src folder")
+    parser.add_argument("--models", nargs="+", default=["bert4", "bert_base", "resnet50"])
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    trees = {"old": args.old, "new": str(MODELS.parents[2])}
+    print("| model | old s (runs) | new s (runs) | new / old |")
+    print("| --- | --- | --- | ---: |")
+    for model in args.models:
+        times: dict[str, list[float]] = {label: [] for label in trees}
+        for _ in range(args.rounds):
+            for label, src in trees.items():
+                times[label].append(compile_seconds(src, model))
+        old, new = statistics.median(times["old"]), statistics.median(times["new"])
+        runs = {label: ", ".join(f"{t:.2f}" for t in values) for label, values in times.items()}
+        print(f"| {model} | {old:.2f} ({runs['old']}) | {new:.2f} ({runs['new']}) | {new / old:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
