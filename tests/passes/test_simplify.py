@@ -93,3 +93,62 @@ def test_transposes_that_cancel_are_removed_and_permutes_compose(run_passes):
     assert result.after == PERMUTES_AFTER
     assert result.fired("simplify") == {"permute_chain": 2}
     assert result.error() <= TOLERANCE
+
+
+class Conv1D(torch.nn.Module):
+    """HF transformers' GPT-2 ``Conv1D``: ``addmm(b, x, W)`` with ``W`` (in, out); then a matmul without bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight, self.bias = torch.nn.Parameter(torch.randn(6, 8)), torch.nn.Parameter(torch.randn(8))
+        self.proj = torch.nn.Parameter(torch.randn(8, 4))
+
+    def forward(self, x):
+        h = torch.addmm(self.bias, x.view(-1, 6), self.weight).view(x.shape[0], x.shape[1], 8)
+        return torch.relu(h).view(-1, 8) @ self.proj
+
+
+CONV1D_AFTER = """\
+graph(%x : Float(2, 3, 6)):
+  %bias : Float(8) = prim::Constant[value=<Tensor>]()
+  %weight_t : Float(8, 6) = prim::Constant[value=<Tensor>]()
+  %linear_1 : Float(2, 3, 8) = aten::linear(%x, %weight_t, %bias)
+  %relu : Float(2, 3, 8) = aten::relu(%linear_1)
+  %view_2 : Float(6, 8) = aten::view(%relu, [-1, 8])
+  %proj_t : Float(4, 8) = prim::Constant[value=<Tensor>]()
+  %linear_2 : Float(6, 4) = aten::linear(%view_2, %proj_t)
+  return (%linear_2)"""
+
+
+def test_a_matmul_with_a_constant_weight_becomes_a_linear_of_the_unflattened_input(run_passes):
+    result = run_passes(Conv1D().eval(), (torch.randn(2, 3, 6),), "freeze_params", "simplify", "dead_code_elimination")
+    assert "aten::addmm" in result.before and "aten::matmul" in result.before
+    assert result.after == CONV1D_AFTER
+    assert result.fired("simplify") == {"linear_from_matmul": 2, "linear_of_flattened": 1}
+    assert result.error() <= TOLERANCE
+
+
+class ProductOfInputs(torch.nn.Module):
+    def forward(self, x, y):
+        return x @ y
+
+
+def test_a_matmul_of_two_computed_tensors_stays_and_is_no_miss(run_passes):
+    result = run_passes(ProductOfInputs().eval(), (torch.randn(3, 4), torch.randn(4, 5)), "simplify")
+    assert "aten::matmul(%x, %y)" in result.after and not result.misses
+
+
+class ScaledAddmm(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight, self.bias = torch.nn.Parameter(torch.randn(4, 5)), torch.nn.Parameter(torch.randn(5))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x, self.weight, beta=0.5)
+
+
+def test_an_addmm_that_scales_stays_with_a_reason(run_passes):
+    result = run_passes(ScaledAddmm().eval(), (torch.randn(3, 4),), "freeze_params", "simplify")
+    assert "aten::addmm" in result.after
+    assert [m.reason for m in result.misses] == ["addmm scales by beta or alpha"]
+    assert result.error() <= TOLERANCE

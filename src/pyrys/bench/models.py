@@ -133,3 +133,38 @@ def bert_base() -> nn.Module:
     """``pyrys.bench.models:bert_base``: the encoder with BERT-base's 12 layers (110M parameters), seeded."""
     torch.manual_seed(0)
     return Encoder(layers=12)
+
+
+class Conv1D(nn.Module):
+    """HF transformers' GPT-2 ``Conv1D``: ``addmm`` on the leading dims flattened, weight ``(in, out)``."""
+
+    def __init__(self, out_features: int, in_features: int) -> None:
+        super().__init__()
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.randn(in_features, out_features) * 0.02)
+        self.bias = nn.Parameter(torch.empty(out_features).uniform_(-0.1, 0.1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.size()[:-1] + (self.out_features,)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(shape)
+
+
+class Gpt2Mlp(nn.Module):
+    """GPT-2's MLP with its residual: ``x + c_proj(gelu_tanh(c_fc(x)))``, inputs of ``tokens`` each."""
+
+    def __init__(self, width: int = 768, tokens: int = 64) -> None:
+        super().__init__()
+        self.c_fc, self.c_proj = Conv1D(4 * width, width), Conv1D(width, 4 * width)
+        self.width, self.tokens = width, tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.c_proj(nn.functional.gelu(self.c_fc(x), approximate="tanh"))
+
+    def example_inputs(self, batch_size: int) -> tuple[torch.Tensor]:
+        return (torch.randn(batch_size, self.tokens, self.width, generator=torch.Generator().manual_seed(0)),)
+
+
+def gpt2_mlp() -> nn.Module:
+    """``pyrys.bench.models:gpt2_mlp``: GPT-2's MLP block at its widths (768 -> 3072 -> 768), seeded."""
+    torch.manual_seed(0)
+    return Gpt2Mlp()

@@ -18,6 +18,18 @@ and a view to the shape the tensor already has is removed:
 
 Permutes: ``permute(permute(x, p), q) == permute(x, [p[i] for i in q])``, and a permutation
 that is the identity is removed (``transpose(transpose(x, 1, 2), 1, 2) -> x``).
+
+Linears: a matrix product with a constant weight is a linear, in one spelling (HF's ``Conv1D``
+in GPT-2 is ``addmm(b, x, W)``; ``x @ W`` is ``matmul`` or ``mm``):
+
+    matmul(x, W) -> linear(x, W^T)      addmm(b, x, W) -> linear(x, W^T, b)     (W^T: a new constant)
+
+and a linear between a view that flattens the leading dims and one that restores them is a
+linear of the unflattened input (a linear takes any leading dims):
+
+    view(linear(view(x, [-1, K]), W, b), [*x.shape[:-1], N]) -> linear(x, W, b)
+
+so that it is lowered, folded into and fused like ``nn.Linear``.
 """
 from __future__ import annotations
 
@@ -27,9 +39,10 @@ import torch
 import torch.fx as fx
 
 from pyrys.ir.edit import insert_op, replace_node
-from pyrys.ir.graph import op_args, tensor_meta
+from pyrys.ir.graph import add_constant, constant_value, op_args, tensor_meta
+from pyrys.ir.printer import format_arg
 from pyrys.ir.symbolic import dims_key, known_contiguous, view_shape
-from pyrys.ir.vocabulary import PERMUTES, VIEWS, permutation
+from pyrys.ir.vocabulary import PERMUTES, VIEWS, permutation, single_user
 from pyrys.passes.rewrite import Match, Miss, PassResult, Rule, apply_rules, fail
 
 aten = torch.ops.aten
@@ -185,9 +198,76 @@ class CollapsePermutes(Rule):
         replace_node(node, replacement)
 
 
+# op -> the schema names of its (input, weight, bias): each computes input @ weight (+ bias)
+MATRIX_PRODUCTS = {aten.mm.default: ("input", "mat2", None), aten.matmul.default: ("input", "other", None),
+                   aten.addmm.default: ("mat1", "mat2", "input")}
+
+
+class LinearFromMatmul(Rule):
+    """``x @ W`` (``mm``, ``matmul``) -> ``linear(x, W^T)``, ``addmm(b, x, W)`` -> ``linear(x, W^T, b)``
+    (W a constant matrix, b a constant vector over W's columns, ``beta = alpha = 1``)."""
+
+    name = "linear_from_matmul"
+    anchors = frozenset(MATRIX_PRODUCTS)
+
+    def match(self, gm: fx.GraphModule, node: fx.Node) -> Match | Miss | None:
+        args = op_args(node)
+        x_name, weight_name, bias_name = MATRIX_PRODUCTS[node.target]
+        weight = args[weight_name]
+        if not (isinstance(weight, fx.Node) and weight.op == "get_attr") or tensor_meta(weight) is None:
+            return None  # a product of two computed tensors (attention's q @ k^T): not a linear, not a miss
+        if tensor_meta(weight).dim() != 2:
+            return fail(f"the weight %{weight.name} is not a matrix")
+        columns, bias = tensor_meta(weight).shape[1], args[bias_name] if bias_name else None
+        if bias_name is not None:
+            if args.get("beta", 1) != 1 or args.get("alpha", 1) != 1:
+                return fail("addmm scales by beta or alpha")
+            meta = tensor_meta(bias) if isinstance(bias, fx.Node) and bias.op == "get_attr" else None
+            if meta is None or tuple(meta.shape) != (columns,):
+                return fail(f"the bias {format_arg(bias)} is not a constant vector of {columns}")
+        return Match({"x": args[x_name], "weight": weight, "bias": bias})
+
+    def rewrite(self, gm: fx.GraphModule, node: fx.Node, match: Match) -> None:
+        weight = match["weight"]
+        with gm.graph.inserting_before(node):
+            transposed = add_constant(gm, constant_value(gm, weight).t().contiguous(), f"{weight.target}_t")
+            bias = () if match["bias"] is None else (match["bias"],)
+            linear = insert_op(gm.graph, aten.linear.default, (match["x"], transposed, *bias), "linear")
+        replace_node(node, linear)
+
+
+class LinearOfFlattened(Rule):
+    """``view(linear(view(x, [-1, K]), W, b), [*x.shape[:-1], N])`` -> ``linear(x, W, b)``: a linear reads
+    the leading dims as rows itself (HF's ``Conv1D`` flattens them around its ``addmm``), and its
+    post-ops can then be fused."""
+
+    name = "linear_of_flattened"
+    anchors = VIEWS
+
+    def match(self, gm: fx.GraphModule, node: fx.Node) -> Match | Miss | None:
+        linear = _first_input(node)
+        if linear is None or linear.target is not aten.linear.default or not single_user(linear):
+            return None
+        flat = linear.args[0]
+        if not isinstance(flat, fx.Node) or flat.target not in VIEWS or _first_input(flat) is None:
+            return None
+        x, rows, out = tensor_meta(_first_input(flat)), tensor_meta(flat), tensor_meta(node)
+        if out is None or rows is None or rows.dim() != 2 or x.dim() < 2 or x.shape[-1] != rows.shape[1]:
+            return None
+        if dims_key(out.shape) != dims_key([*x.shape[:-1], tensor_meta(linear).shape[-1]]):
+            return None
+        return Match({"x": _first_input(flat), "linear": linear})
+
+    def rewrite(self, gm: fx.GraphModule, node: fx.Node, match: Match) -> None:
+        linear = match["linear"]
+        with gm.graph.inserting_before(node):
+            unflattened = insert_op(gm.graph, aten.linear.default, (match["x"], *linear.args[1:]), "linear")
+        replace_node(node, unflattened)
+
+
 SIMPLIFY_RULES: tuple[Rule, ...] = (
     tuple(RemoveNoOp(name, target, check) for target, (name, check) in NO_OPS.items())
-    + (RemoveMetadataAssert(), CollapseViews(), CollapsePermutes())
+    + (RemoveMetadataAssert(), CollapseViews(), CollapsePermutes(), LinearFromMatmul(), LinearOfFlattened())
 )
 
 

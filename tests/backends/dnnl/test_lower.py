@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import pyrys
 from pyrys.backends.dnnl import binding
+from pyrys.bench.models import Gpt2Mlp
 from tests.conftest import TOLERANCE
 from tests.models import Fn
 
@@ -267,3 +268,14 @@ def test_convs_the_blocked_kernels_do_not_cover_run_channels_last(make):
     text = opt.program_text()
     assert "dst=acdb" in text and "ref:" not in text
     assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE
+
+
+def test_gpt2_conv1d_is_a_fused_onednn_linear_at_every_sequence_length():
+    model, x = Gpt2Mlp(width=16).eval(), torch.randn(1, 12, 16)  # HF's Conv1D: view -> addmm -> view
+    with torch.no_grad():
+        opt = pyrys.optimize(model, (x,), backend="dnnl", dynamic=True)
+        text = opt.program_text()
+        assert "dnnl::linear_gelu_tanh" in text and "dnnl::linear_add" in text and "addmm" not in text
+        for length in (12, 5, 31):
+            xs = torch.randn(2, length, 16)
+            assert pyrys.relative_error(opt(xs), model(xs)) <= TOLERANCE
