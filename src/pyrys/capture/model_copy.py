@@ -35,7 +35,7 @@ class WriteCheck:
     def __init__(self, owner: str, shared: dict[str, torch.Tensor]):
         self.owner, self.shared = owner, shared
         self.stamps = {name: _stamp(tensor) for name, tensor in shared.items()}
-        self.digests: dict[str, int] = {}
+        self.digests: dict[str, int | None] = {}
         self._digesting = threading.Thread(target=self._digest_all, name="pyrys-weight-digests", daemon=True)
         self._digesting.start()
 
@@ -62,8 +62,13 @@ def _stamp(tensor: torch.Tensor) -> tuple:
     return tensor._version, tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype
 
 
-def _digest(tensor: torch.Tensor) -> int:
-    return zlib.crc32(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+def _digest(tensor: torch.Tensor) -> int | None:
+    """CRC-32 of the tensor's bytes; None where they cannot be read as bytes (a quantized or sparse
+    tensor: its version counter and address are all that is checked)."""
+    try:
+        return zlib.crc32(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+    except (RuntimeError, TypeError, ValueError):
+        return None
 
 
 def private_copy(model: torch.nn.Module, frozen: Iterable[str] | None) -> tuple[torch.nn.Module, WriteCheck]:
