@@ -50,6 +50,11 @@ def live_plain_copies() -> int:
                if type(o) in (torch.Tensor, nn.Parameter) and not o.is_meta and tuple(o.shape) == (OUT, IN, 3, 3))
 
 
+def other_thread_count() -> int:
+    """A thread count other than this thread's: a call with it builds another program."""
+    return 1 if torch.get_num_threads() > 1 else 2
+
+
 def net_and_input(batch: int = 1):
     return Net().eval(), torch.randn(batch, IN, 8, 8)
 
@@ -78,7 +83,7 @@ def test_a_released_weight_serves_new_shapes_and_thread_counts():
         for batch in (2, 3):
             xb = torch.randn(batch, IN, 8, 8)
             assert torch.allclose(opt(xb), model(xb), atol=1e-5)
-        threads = 1 if torch.get_num_threads() > 1 else 2
+        threads = other_thread_count()
         assert torch.allclose(with_threads(threads, opt, x), model(x), atol=1e-5)
     assert live_plain_copies() == 1
     assert len(opt._programs) == 3
@@ -148,7 +153,7 @@ def test_with_freezing_disabled_the_state_is_copied_not_shared():
 
 
 class TiedConvAndDeconv(nn.Module):
-    """A transposed conv sharing the conv's weight: packed directly once, and through a transposed copy."""
+    """A transposed conv sharing the conv's weight: packed directly, and through a transposed view."""
 
     def __init__(self):
         super().__init__()
@@ -163,7 +168,7 @@ def test_a_weight_tied_to_a_transposed_conv_serves_new_shapes_and_thread_counts(
     model, x = TiedConvAndDeconv().eval(), torch.randn(1, 8, 10, 10)
     with torch.no_grad():
         opt = pyrys.optimize(model, (x,), backend="dnnl")
-        threads = 1 if torch.get_num_threads() > 1 else 2
+        threads = other_thread_count()
         assert torch.allclose(with_threads(threads, opt, x), model(x), atol=1e-5)
         x2 = torch.randn(2, 8, 10, 10)
         assert torch.allclose(opt(x2), model(x2), atol=1e-5)
@@ -259,7 +264,7 @@ def test_a_weight_read_as_it_lies_is_never_released_nor_copied_per_shape():
     model, ids = TiedHead().eval(), torch.randint(0, VOCAB, (1, 7))
     with torch.no_grad():
         opt = pyrys.optimize(model, (ids,), backend="dnnl")
-        threads = 1 if torch.get_num_threads() > 1 else 2
+        threads = other_thread_count()
         for batch, length in ((1, 7), (2, 7), (3, 5)):
             xb = torch.randint(0, VOCAB, (batch, length))
             assert torch.allclose(opt(xb), model(xb), atol=1e-5)

@@ -27,6 +27,7 @@ from typing import Any, Iterable
 import torch
 
 from pyrys.errors import ModelChangedError, ModelCopyError
+from pyrys.ir.graph import tensor_bytes
 
 
 class WriteCheck:
@@ -66,7 +67,7 @@ def _digest(tensor: torch.Tensor) -> int | None:
     """CRC-32 of the tensor's bytes; None where they cannot be read as bytes (a quantized or sparse
     tensor: its version counter and address are all that is checked)."""
     try:
-        return zlib.crc32(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+        return zlib.crc32(tensor_bytes(tensor))
     except (RuntimeError, TypeError, ValueError):
         return None
 

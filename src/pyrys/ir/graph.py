@@ -13,6 +13,7 @@ from __future__ import annotations
 import builtins
 import keyword
 import re
+import threading
 import zlib
 from dataclasses import dataclass
 from typing import Any, Container, Iterator
@@ -126,11 +127,12 @@ def add_constant(gm: fx.GraphModule, value: torch.Tensor, name_hint: str) -> fx.
 def shape_of(value: torch.Tensor) -> torch.Tensor:
     """A fake tensor with ``value``'s shape, strides, dtype and device, for ``meta["val"]``: a node's
     recorded value never holds the bytes of a constant (FX keeps erased nodes named, meta and all)."""
-    with _SHAPES:
+    with _SHAPES_LOCK, _SHAPES:
         return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=value.device)
 
 
-_SHAPES = FakeTensorMode(allow_non_fake_inputs=True)
+_SHAPES = FakeTensorMode(allow_non_fake_inputs=True)  # one mode (making one takes ~10 ms), one thread at a time
+_SHAPES_LOCK = threading.Lock()
 
 
 class _Attributes:
@@ -205,9 +207,14 @@ def _same_values(held: torch.Tensor, tensor: torch.Tensor, digests: dict[int, in
 def _digest(tensor: torch.Tensor, digests: dict[int, int]) -> int:
     """A CRC of the tensor's bytes (a released one's restored values), computed once per tensor."""
     if id(tensor) not in digests:
-        data = values_of(tensor).detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        digests[id(tensor)] = zlib.crc32(data)
+        digests[id(tensor)] = zlib.crc32(tensor_bytes(values_of(tensor)))
     return digests[id(tensor)]
+
+
+def tensor_bytes(tensor: torch.Tensor):
+    """The tensor's values as one flat array of bytes (a copy only where it is not contiguous), for a
+    digest; raises for a tensor whose bytes are not its values (quantized, sparse)."""
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 def _tensor_key(tensor: torch.Tensor) -> tuple:

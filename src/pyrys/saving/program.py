@@ -27,6 +27,7 @@ from pyrys.backends import get_backend, release_constants
 from pyrys.backends.options import BackendOptions
 from pyrys.capture.captured import Captured
 from pyrys.errors import LoadError, SaveError
+from pyrys.ir.graph import tensor_bytes
 from pyrys.ir.meta import refresh_meta
 from pyrys.ir.released import values_of
 from pyrys.machine import cpu_info
@@ -156,8 +157,7 @@ def _without_repeats(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.
 
 
 def _digest(tensor: torch.Tensor) -> str:
-    data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-    return hashlib.sha256(data).hexdigest()
+    return hashlib.sha256(tensor_bytes(tensor)).hexdigest()
 
 
 def _storable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
