@@ -5,6 +5,8 @@
     print(opt.graph)
     pyrys.save(opt, "model.pyrys"); opt = pyrys.load("model.pyrys")   # no pickle, no recompile
     for step in opt.history: print(step.name, step.graph)
+    print(pyrys.optimize(model, (x,), numerics=True).numerics.render())   # error after every pass, per layer
+    print(pyrys.bisect(model, (x,), tolerance=1e-4).render())             # the first pass over a tolerance
 
     torch.compile(model, backend="pyrys")               # found by entry point; no import needed
     pyrys._jit_pass_freeze_params(m._c, 'forward', 'weight'); pyrys.jit.graph_for(m, x)   # the seed's calls
@@ -13,6 +15,7 @@ from pyrys.backends import available_backends
 from pyrys.errors import CaptureError, DeviceError, LoadError, ModelChangedError, ModelCopyError, SaveError
 from pyrys.explain import explain
 from pyrys.numerics import FP32_TOLERANCE, relative_error
+from pyrys.numerics.bisect import bisect
 from pyrys.optimize import OptimizedModule, optimize
 from pyrys.passes.pipeline import PASS_NAMES
 from pyrys.saving import load, save
@@ -25,7 +28,7 @@ register_backend()
 
 __version__ = "0.1.0"
 
-__all__ = ["optimize", "explain", "save", "load", "OptimizedModule", "available_backends", "relative_error", "FP32_TOLERANCE",
+__all__ = ["optimize", "explain", "bisect", "save", "load", "OptimizedModule", "available_backends", "relative_error", "FP32_TOLERANCE",
            "PASS_NAMES", "InputError", "CaptureError", "DeviceError", "ModelCopyError",
            "ModelChangedError", "SaveError", "LoadError", "jit",
            "_jit_pass_freeze_params", "_jit_pass_freeze_flags", "__version__"]

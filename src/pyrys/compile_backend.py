@@ -12,13 +12,16 @@ the program built for the default backend.  Each call passes only the real input
 
 Graph breaks give several graphs, each its own pyrys program.  A new input shape makes
 dynamo recompile; when it hands over a graph with symbolic sizes, pyrys builds one program
-per concrete shape on first use.  Dynamo finds the backend through the
+per concrete shape on first use.  With ``options={"numerics": True}`` every graph's program is
+measured against the graph run eagerly (``program.numerics`` of ``DynamoGraph.programs``), and
+the report is logged at INFO on the ``"pyrys"`` logger.  Dynamo finds the backend through the
 ``torch_dynamo_backends`` entry point (no ``import pyrys`` needed); :func:`register_backend`
 covers the rest without registering it twice.
 """
 from __future__ import annotations
 
 import inspect
+import logging
 import re
 import sys
 import threading
@@ -33,6 +36,7 @@ from pyrys.shape_cache import DEFAULT_MAX_SHAPES, ShapeCache
 from pyrys.signature import signature_of
 
 BACKEND_NAME = "pyrys"
+LOG = logging.getLogger("pyrys")
 # the options are optimize's keyword options, all of them
 _OPTION_NAMES = frozenset(name for name, parameter in inspect.signature(optimize).parameters.items()
                           if parameter.kind is inspect.Parameter.KEYWORD_ONLY)
@@ -169,7 +173,11 @@ class DynamoGraph:
     def _optimize(self, inputs: tuple, scalars: dict) -> OptimizedModule:
         module = _StatefulGraph(self.gm, self.inputs, self.state, scalars).train(self.training)
         with torch.no_grad():
-            return optimize(module, inputs, **self.options)
+            program = optimize(module, inputs, **self.options)
+        if program.numerics is not None:
+            shapes = ", ".join(str(tuple(x.shape)) for x in inputs)
+            LOG.info("pyrys numerics of a torch.compile graph on inputs %s:\n%s", shapes, program.numerics.render())
+        return program
 
     def __call__(self, *args):
         program = self._compile(list(args))

@@ -11,6 +11,7 @@ reason so that the same cause in many places is one line with a count.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -19,6 +20,9 @@ from typing import Any
 
 import torch
 
+from pyrys.numerics import FP32_TOLERANCE
+from pyrys.numerics.bisect import locate
+from pyrys.numerics.report import NumericsReport
 from pyrys.passes.pipeline import Step
 from pyrys.passes.rewrite import Miss
 
@@ -45,6 +49,7 @@ class Explanation:
     history: list[Step]
     misses: list[Miss]
     notes: list[str] = field(default_factory=list)
+    numerics: NumericsReport | None = None  # explain(..., numerics=True)
 
     def pass_counts(self) -> list[tuple[str, int, dict[str, int]]]:
         """``(pass, total, {rule: count})`` per pass name, in pipeline order (repeated passes summed)."""
@@ -74,14 +79,23 @@ class Explanation:
             lines.append(f"  {len(nodes):4d} x {rule}: {reason}")
             lines.append(f"         at {shown}")
         lines += [f"note: {note}" for note in self.notes]
+        if self.numerics is not None:
+            lines += ["", self.numerics.render()]
+            crossing = locate(self.history, self.numerics, self.numerics.tolerance)
+            if crossing.stage is not None:
+                lines += ["", crossing.render()]
         return "\n".join(lines)
 
 
 def explain(model: torch.nn.Module, example_inputs: Any, *, backend: str = "reference",
-            dump_dir: str | Path | None = None, title: str | None = None, **options) -> Explanation:
-    """Optimize ``model`` (see :func:`pyrys.optimize` for ``options``) and explain what happened."""
+            dump_dir: str | Path | None = None, title: str | None = None, numerics: bool = False,
+            tolerance: float = FP32_TOLERANCE, **options) -> Explanation:
+    """Optimize ``model`` (see :func:`pyrys.optimize` for ``options``) and explain what happened;
+    ``numerics``: also the error after every pass and of every layer, and the first stage over
+    ``tolerance`` with what it changed (:mod:`pyrys.numerics`)."""
     from pyrys.optimize import optimize
 
-    opt = optimize(model, example_inputs, backend=backend, dump_dir=dump_dir, **options)
+    opt = optimize(model, example_inputs, backend=backend, dump_dir=dump_dir, numerics=numerics, **options)
     title = title or f"{type(model).__name__} on the {opt.backend} backend"
-    return Explanation(title, opt.history, opt.misses, list(opt.notes))
+    report = None if opt.numerics is None else dataclasses.replace(opt.numerics, tolerance=tolerance)
+    return Explanation(title, opt.history, opt.misses, list(opt.notes), report)

@@ -7,6 +7,7 @@ import importlib
 import torch
 
 from pyrys import zoo
+from pyrys.numerics import FP32_TOLERANCE
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -34,24 +35,39 @@ def load_model(spec: str) -> torch.nn.Module:
     return model.eval()
 
 
+def example_inputs(model: torch.nn.Module, spec: str, shape: tuple[int, ...] | None) -> tuple[torch.Tensor, ...]:
+    """One seeded image of ``shape``; without one, the model's own ``example_inputs(1)`` where it has that
+    method (``pyrys.bench.models``' transformers take token ids), else the model's usual image size."""
+    if shape is None and callable(getattr(model, "example_inputs", None)):
+        return tuple(model.example_inputs(1))
+    shape = shape or (zoo.input_shape(spec) if ":" not in spec else (1, 3, 224, 224))
+    return (torch.rand(shape, generator=torch.Generator().manual_seed(0)),)
+
+
 def add_explain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="a torchvision model name (e.g. resnet50) or module:attr")
     parser.add_argument("--input-shape", type=parse_shape, default=None,
-                        help="input shape, e.g. 1x3x224x224 (default: the model's usual size; 299 for inception_v3)")
+                        help="input shape, e.g. 1x3x224x224 (default: the model's usual size; 299 for inception_v3; "
+                             "a module:attr model's own example_inputs(1) where it has one)")
     parser.add_argument("--dump-dir", default=None, help="write the graph after every pass to DIR/NNN_<pass>.txt")
     parser.add_argument("--backend", default="reference", help="backend to compile for (default: reference)")
     parser.add_argument("--disable", action="append", default=[], help="a pass to skip (repeatable)")
+    parser.add_argument("--numerics", action="store_true",
+                        help="also the error against eager after every pass and of every layer, and the first "
+                             "stage over the tolerance")
+    parser.add_argument("--tolerance", type=float, default=FP32_TOLERANCE,
+                        help=f"the relative error --numerics flags (default: {FP32_TOLERANCE:g})")
 
 
 def run_explain(args: argparse.Namespace) -> int:
     from pyrys.explain import explain
 
     model = load_model(args.model)
-    shape = args.input_shape or (zoo.input_shape(args.model) if ":" not in args.model else (1, 3, 224, 224))
-    x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
-    title = f"{args.model} ({'x'.join(map(str, shape))}) on the {args.backend} backend"
-    result = explain(model, (x,), backend=args.backend, dump_dir=args.dump_dir, disable=tuple(args.disable),
-                     title=title)
+    inputs = example_inputs(model, args.model, args.input_shape)
+    shapes = ", ".join("x".join(map(str, x.shape)) for x in inputs)
+    title = f"{args.model} ({shapes}) on the {args.backend} backend"
+    result = explain(model, inputs, backend=args.backend, dump_dir=args.dump_dir, disable=tuple(args.disable),
+                     title=title, numerics=args.numerics, tolerance=args.tolerance)
     print(result.render())
     if args.dump_dir:
         print(f"graphs after every pass written to {args.dump_dir}/")

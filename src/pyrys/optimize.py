@@ -26,6 +26,9 @@ from pyrys.forwarding import forwarded
 from pyrys.ir.verify import VerificationError, make_verifier, output_types
 from pyrys.ir.graph import share_constants
 from pyrys.ir.symbolic import describe_dims, is_symbolic
+from pyrys.numerics.eager import eager_outputs
+from pyrys.numerics.report import NumericsReport
+from pyrys.numerics.trace import NumericsTrace
 from pyrys.machine import give_back_freed_memory
 from pyrys.passes.freeze import ALL
 from pyrys.passes.specialize import ShapeMismatch, specialize
@@ -50,6 +53,7 @@ class OptimizeConfig:
     layout: str = "auto"
     max_shapes: int = DEFAULT_MAX_SHAPES
     dynamic: bool | None = None  # see optimize()
+    numerics: bool = False  # measure every pass and layer against eager on the example inputs
 
 
 @dataclass
@@ -67,6 +71,7 @@ class Compiled:
     backend: str
     notes: list[str] = field(default_factory=list)
     generic: Captured | None = None
+    numerics: NumericsReport | None = None  # measured on the example inputs (``numerics=True``)
 
 
 @dataclass
@@ -112,20 +117,21 @@ def exported_program_frontend(ep: ExportedProgram) -> Frontend:
 
 
 def compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: OptimizeConfig,
-                      dynamic: bool = False, like: Compiled | None = None) -> Compiled:
+                      dynamic: bool = False, like: Compiled | None = None, trace: NumericsTrace | None = None) -> Compiled:
     """Capture the model on these inputs (``dynamic``: for every shape, where it can), run the pipeline,
     and build the backend's program for these inputs' shapes.  ``like``: a signature compiled before,
     whose equal constants this one shares (:func:`share_constants`) and whose backend decisions and
     packed weights it reuses.  Where the symbolic compile fails (a pass or a lowering meeting a symbolic
-    size it cannot take), these shapes are compiled as they are, with a note giving the error."""
+    size it cannot take), these shapes are compiled as they are, with a note giving the error.  ``trace``:
+    measure every pass and the program against eager on these inputs (:mod:`pyrys.numerics.trace`)."""
     if not dynamic:
-        return _compile_signature(frontend, args, kwargs, config, False, like)
+        return _compile_signature(frontend, args, kwargs, config, False, like, trace)
     try:
-        return _compile_signature(frontend, args, kwargs, config, True, like)
+        return _compile_signature(frontend, args, kwargs, config, True, like, trace)
     except (CaptureError, InputError, VerificationError):
         raise  # the model, the inputs or a pass is wrong: fixed shapes would not help
     except Exception as error:  # noqa: BLE001 -- anything else symbolic sizes broke: compile these shapes
-        compiled = _compile_signature(frontend, args, kwargs, config, False, like)
+        compiled = _compile_signature(frontend, args, kwargs, config, False, like, trace)
         line = (str(error).strip().splitlines() or [""])[0][:300]
         compiled.notes.append(f"captured for these input shapes only: the compile with symbolic sizes failed "
                               f"({type(error).__name__}: {line})")
@@ -133,11 +139,12 @@ def compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: Opt
 
 
 def _compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: OptimizeConfig, dynamic: bool,
-                       like: Compiled | None) -> Compiled:
+                       like: Compiled | None, trace: NumericsTrace | None = None) -> Compiled:
     signature, flat = signature_of(args, kwargs)
     captured = frontend.capture(args, kwargs, dynamic)
+    measure = None if trace is None else (lambda step, gm: trace.measure(step, gm, flat))
     instruments = Instruments(config.print_after_each, Path(config.dump_dir) if config.dump_dir else None,
-                              None, captured.class_name)
+                              None, captured.class_name, measure)
     if config.verify:
         from pyrys.ir.meta import refresh_meta
 
@@ -152,13 +159,29 @@ def _compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: Op
     notice = get_backend(config.backend)[2]
     template = Compiled(signature, captured, run, None, "", captured.notes + ([notice] if notice else []), generic)
     try:
-        return build_for_shape(template, signature, flat, config, like=like.program if like else None)
+        compiled = build_for_shape(template, signature, flat, config, like=like.program if like else None)
     except ShapeMismatch as why:  # the example itself: only if a pass assumed what its own shapes break
         if not dynamic:
             raise
-        compiled = compile_signature(frontend, args, kwargs, config, like=like)
+        compiled = compile_signature(frontend, args, kwargs, config, like=like, trace=trace)
         compiled.notes.append(f"captured for these input shapes only: {why}")
         return compiled
+    if trace is not None:
+        compiled.numerics = _measure_program(trace, compiled, flat, config)
+    return compiled
+
+
+def _measure_program(trace: NumericsTrace, compiled: Compiled, flat: list, config: OptimizeConfig) -> NumericsReport:
+    """The trace's report for ``compiled``: its program's error, and each layer's through a probe program
+    compiled like it (its decisions and packed weights shared)."""
+    compile_program = get_backend(config.backend)[0]
+    options = BackendOptions(config.threads, config.layout)
+
+    def compile_probe(gm: torch.fx.GraphModule) -> Program:
+        return compile_program(gm, flat, options, like=compiled.program)
+
+    return trace.report(compiled.run.history, compiled.captured.gm, compiled.program, compiled.backend, flat,
+                        compile_probe)
 
 
 def build_for_shape(template: Compiled, signature: Signature, flat: list, config: OptimizeConfig,
@@ -196,10 +219,11 @@ class OptimizedModule(torch.nn.Module):
     sharing the read-only compiled programs; pickling is refused (see ``__reduce_ex__``).
     """
 
-    def __init__(self, frontend: Frontend, args: tuple, kwargs: dict, config: OptimizeConfig):
+    def __init__(self, frontend: Frontend, args: tuple, kwargs: dict, config: OptimizeConfig,
+                 trace: NumericsTrace | None = None):
         super().__init__()
         with _COMPILING:
-            first = compile_signature(frontend, args, kwargs, config, dynamic=config.dynamic is True)
+            first = compile_signature(frontend, args, kwargs, config, dynamic=config.dynamic is True, trace=trace)
         self._hold(frontend, config, [first])
         if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
             self._remember_fast_call(_call_key(args), first)
@@ -337,6 +361,8 @@ class OptimizedModule(torch.nn.Module):
     misses = forwarded("_first.run.misses", "The :class:`pyrys.passes.rewrite.Miss` records still standing after the pipeline.")
     backend = forwarded("_first.backend", "The backend the program runs on: ``\"dnnl\"`` or ``\"reference\"``.")
     notes = forwarded("_first.notes", "What capture and the backend choice said (a fallback, a dropped write).")
+    numerics = forwarded("_first.numerics", "The :class:`pyrys.numerics.report.NumericsReport` of ``numerics=True`` "
+                                            "(error after every pass and of every layer), else None.")
 
     @property
     def frontend(self) -> str:
@@ -356,10 +382,11 @@ class OptimizedModule(torch.nn.Module):
                 "activations": max(m["activations"] for m in held), "frames": sum(m["frames"] for m in held)}
 
     def report(self) -> str:
-        """Per-pass counts, then every miss with its reason, then notes."""
+        """Per-pass counts, then every miss with its reason, then notes; then the numerics when measured."""
         lines = [step.summary() for step in self.history[1:]]
         lines += [f"missed: {miss}" for miss in self.misses]
         lines += [f"note: {note}" for note in self.notes]
+        lines += [self.numerics.render()] if self.numerics is not None else []
         return "\n".join(lines)
 
 
@@ -411,6 +438,7 @@ def optimize(
     layout: str = "auto",
     max_shapes: int = DEFAULT_MAX_SHAPES,
     dynamic: bool | None = None,
+    numerics: bool = False,
 ) -> OptimizedModule:
     """Optimize ``model`` for inference on inputs like ``example_inputs``.
 
@@ -435,6 +463,10 @@ def optimize(
     with another shape; ``True``: at ``optimize`` (a slower first compile, every new shape fast);
     ``False``: never (each new shape is captured and optimized again). A shape the symbolic graph does
     not hold for (a branch on a size, a dim the model pins) is captured again, with a note in ``notes``.
+    ``numerics``: run the model eagerly on the example inputs (its state cloned: nothing of it is written),
+    then measure the graph after every pass (on the reference backend) and the backend's program, and the
+    program's every layer against the captured graph's value it computes: ``opt.numerics``
+    (:class:`pyrys.numerics.report.NumericsReport`), also in ``opt.report()``; slower to compile.
     The user's model is never modified: pyrys works on a private copy (its modules copied, the weights
     it freezes read, not copied: :mod:`pyrys.capture.model_copy`); a new shape after the user wrote to
     those weights raises :class:`pyrys.ModelChangedError`.
@@ -444,13 +476,13 @@ def optimize(
     """
     config = make_config(backend=backend, freeze_params=freeze_params, freeze_flags=freeze_flags, disable=disable,
                          print_after_each=print_after_each, dump_dir=dump_dir, verify=verify, threads=threads,
-                         layout=layout, max_shapes=max_shapes, dynamic=dynamic)
+                         layout=layout, max_shapes=max_shapes, dynamic=dynamic, numerics=numerics)
     if isinstance(model, ExportedProgram):
         if example_inputs is None:
             example_inputs, example_kwargs = exported_example_inputs(model)
         args, kwargs = _example_inputs(example_inputs, example_kwargs)
         _check_on_cpu("the ExportedProgram", model.state_dict.items())
-        return OptimizedModule(exported_program_frontend(model), args, kwargs, config)
+        return OptimizedModule(exported_program_frontend(model), args, kwargs, config, _trace(config, model, args, kwargs))
     if is_torchscript(model):
         return optimize_torchscript(model, example_inputs, example_kwargs, config)
     if not isinstance(model, torch.nn.Module):
@@ -461,9 +493,15 @@ def optimize(
     _warn_if_training(model)
     frozen = () if "freeze_params" in config.disable else config.freeze_params
     model, writes = private_copy(model, frozen)
-    optimized = OptimizedModule(module_frontend(model, writes), args, kwargs, config)
+    trace = _trace(config, model, args, kwargs)
+    optimized = OptimizedModule(module_frontend(model, writes), args, kwargs, config, trace)
     writes.wait()
     return optimized
+
+
+def _trace(config: OptimizeConfig, model: Any, args: tuple, kwargs: dict) -> NumericsTrace | None:
+    """What measures the compile when ``numerics=True``: the model's own outputs on the example inputs."""
+    return NumericsTrace(eager_outputs(model, args, kwargs)) if config.numerics else None
 
 
 def _example_inputs(example_inputs: Any, example_kwargs: dict | None) -> tuple[tuple, dict]:
@@ -493,7 +531,8 @@ def make_config(*, backend: str = "auto", freeze_params: Iterable[str] | None = 
                 freeze_flags: Iterable[str] | None = ALL, disable: Iterable[str] = (),
                 print_after_each: bool = False, dump_dir: str | Path | None = None,
                 verify: bool = False, threads: int | None = None, layout: str = "auto",
-                max_shapes: int = DEFAULT_MAX_SHAPES, dynamic: bool | None = None) -> OptimizeConfig:
+                max_shapes: int = DEFAULT_MAX_SHAPES, dynamic: bool | None = None,
+                numerics: bool = False) -> OptimizeConfig:
     """An :class:`OptimizeConfig` from :func:`optimize`'s keyword options, checked."""
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ValueError(f"pyrys.optimize: threads must be a positive int, got {threads!r}")
@@ -503,6 +542,8 @@ def make_config(*, backend: str = "auto", freeze_params: Iterable[str] | None = 
         raise ValueError(f"pyrys.optimize: max_shapes must be a positive int, got {max_shapes!r}")
     if dynamic not in (None, True, False):
         raise ValueError(f"pyrys.optimize: dynamic must be None, True or False, got {dynamic!r}")
+    if not isinstance(numerics, bool):
+        raise ValueError(f"pyrys.optimize: numerics must be True or False, got {numerics!r}")
     return OptimizeConfig(
         backend=backend,
         freeze_params=None if freeze_params is None else tuple(freeze_params),
@@ -515,6 +556,7 @@ def make_config(*, backend: str = "auto", freeze_params: Iterable[str] | None = 
         layout=layout,
         max_shapes=max_shapes,
         dynamic=dynamic,
+        numerics=numerics,
     )
 
 
@@ -525,7 +567,8 @@ def optimize_torchscript(script: Any, example_inputs: Any, example_kwargs: dict 
     _check_on_cpu(script_class_name(script), state_of(script))
     if (flag_values or {}).get("training", getattr(script, "training", False)):
         _warn_if_training(script, stacklevel=4)
-    return OptimizedModule(torchscript_frontend(script, flag_values), args, kwargs, config)
+    trace = _trace(config, script, args, kwargs)
+    return OptimizedModule(torchscript_frontend(script, flag_values), args, kwargs, config, trace)
 
 
 def _warn_if_training(model: Any, stacklevel: int = 3) -> None:

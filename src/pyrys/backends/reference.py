@@ -65,6 +65,14 @@ class ReferenceProgram:
         texts = {node.name: format_node(self.source, node) for node in self.source.graph.nodes}
         return [(texts[name], statistics.median(seconds) * 1e6) for name, seconds in timer.seconds.items()]
 
+    def activations(self, inputs: list) -> tuple[list, dict[str, torch.Tensor]]:
+        """The outputs, and the value of every op node that makes a tensor, by node name (for numerics)."""
+        recorder, user = _ValueRecorder(self.gm), iter(inputs)
+        args = [self.state[i] if i in self.state else next(user) for i in range(self.arity)]
+        with torch.no_grad():
+            outputs = recorder.run(*args)
+        return [self._owned(output) for output in outputs], recorder.values
+
     def memory(self) -> dict[str, int]:
         """Bytes: the graph's constants; torch allocates each call's activations and frees them after."""
         return {"weights": self.weight_bytes, "packed_weights": 0, "activations": 0, "frames": 0}
@@ -83,6 +91,20 @@ class _NodeTimer(fx.Interpreter):
         start = time.perf_counter()
         result = super().run_node(node)
         self.seconds.setdefault(node.name, []).append(time.perf_counter() - start)
+        return result
+
+
+class _ValueRecorder(fx.Interpreter):
+    """Runs a graph module node by node, keeping the tensor each op makes."""
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__(gm)
+        self.values: dict[str, torch.Tensor] = {}
+
+    def run_node(self, node: fx.Node):
+        result = super().run_node(node)
+        if node.op == "call_function" and isinstance(result, torch.Tensor):
+            self.values[node.name] = result
         return result
 
 

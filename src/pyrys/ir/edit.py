@@ -16,6 +16,7 @@ import torch.fx as fx
 
 from pyrys.ir.graph import insert_call
 from pyrys.ir.meta import meta_mismatch, settle_meta
+from pyrys.ir.provenance import take_over
 
 
 def insert_op(graph: fx.Graph, target, args: tuple, name: str | None = None) -> fx.Node:
@@ -36,8 +37,10 @@ def set_args(node: fx.Node, args: tuple[Any, ...], target=None) -> None:
 def replace_node(node: fx.Node, replacement: fx.Node) -> None:
     """Every use of ``node`` reads ``replacement`` instead, and ``node`` is erased.
 
-    The users' values are inferred again unless ``replacement`` has the value ``node`` had."""
+    The users' values are inferred again unless ``replacement`` has the value ``node`` had;
+    ``replacement`` inherits ``node``'s provenance (:mod:`pyrys.ir.provenance`)."""
     users = list(node.users)
+    take_over(replacement, node)
     same = "val" in node.meta and "val" in replacement.meta and not meta_mismatch(node.meta["val"],
                                                                                  replacement.meta["val"])
     node.replace_all_uses_with(replacement)

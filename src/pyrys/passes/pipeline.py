@@ -11,6 +11,9 @@ keeps them current for what it rewrites (:mod:`pyrys.ir.edit`), and nothing reco
 them behind its back: the verifier compares them with a fresh propagation after every
 pass and names the pass and the node whose record is wrong.
 
+With a ``measure`` instrument (``optimize(..., numerics=True)``) each step also records the
+error of its graph against eager (:mod:`pyrys.numerics.trace`).
+
 After the pipeline, :func:`legalize_for_backends` gives every conv and linear its fused
 form (``passes/legalize.py``), outside the history: ``opt.graph`` is the pipeline's result.
 """
@@ -75,17 +78,20 @@ def select_passes(*names: str) -> tuple[Pass, ...]:
 
 @dataclass
 class Step:
-    """The record of one pass: its graph afterwards, what fired, what was missed, and its time."""
+    """The record of one pass: its graph afterwards, what fired, what was missed, its time, and (when
+    measured) the relative error of its graph's outputs against eager."""
 
     name: str
     graph: str
     fired: dict[str, int]
     misses: list[Miss]
     seconds: float
+    error: float | None = None
 
     def summary(self) -> str:
         fired = ", ".join(f"{k}: {v}" for k, v in self.fired.items()) or "nothing"
-        return f"{self.name}: {fired}" + (f" ({len(self.misses)} missed)" if self.misses else "")
+        error = f" [error {self.error:.1e}]" if self.error is not None else ""
+        return f"{self.name}: {fired}" + (f" ({len(self.misses)} missed)" if self.misses else "") + error
 
 
 @dataclass
@@ -96,6 +102,7 @@ class Instruments:
     dump_dir: Path | None = None
     verify: Callable[[fx.GraphModule], None] | None = None
     class_name: str = "Module"
+    measure: Callable[[str, fx.GraphModule], float] | None = None  # (step name, graph) -> error against eager
 
 
 @dataclass
@@ -119,9 +126,11 @@ def run_pipeline(
     options: PassOptions = PassOptions(),
     disable: Iterable[str] = (),
     instruments: Instruments = Instruments(),
-    pipeline: tuple[Pass, ...] = PIPELINE,
+    pipeline: tuple[Pass, ...] | None = None,
 ) -> PipelineRun:
-    """Run every enabled pass of ``pipeline`` on ``gm`` in place, recording a :class:`Step` for each."""
+    """Run every enabled pass of ``pipeline`` (default: :data:`PIPELINE` as it is at the call, so a test
+    may plant a pass in it) on ``gm`` in place, recording a :class:`Step` for each."""
+    pipeline = PIPELINE if pipeline is None else pipeline
     disabled = set(check_pass_names(disable))
     run = PipelineRun()
     refresh_meta(gm)
@@ -174,7 +183,8 @@ def _record(run: PipelineRun, name: str, gm: fx.GraphModule, result: PassResult,
             instruments: Instruments) -> None:
     _verify(name, gm, instruments)
     text = format_graph(gm, instruments.class_name)
-    step = Step(name, text, dict(result.fired), list(result.misses), seconds)
+    error = instruments.measure(name, gm) if instruments.measure is not None else None
+    step = Step(name, text, dict(result.fired), list(result.misses), seconds, error)
     run.history.append(step)
     if instruments.print_after_each:
         print(f"== after {name} ==\n{text}\n")

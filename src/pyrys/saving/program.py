@@ -204,7 +204,8 @@ def _encode_compiled(compiled: Compiled, prefix: str, tensors: dict) -> dict:
         "policy": getattr(program, "policy", None),
         "notes": compiled.notes[len(captured.notes):],
         "history": [{"name": s.name, "graph": s.graph, "fired": dict(s.fired), "seconds": s.seconds,
-                     "misses": [[m.rule, m.node, m.reason] for m in s.misses]} for s in compiled.run.history],
+                     "misses": [[m.rule, m.node, m.reason] for m in s.misses], "error": s.error}
+                    for s in compiled.run.history],
     }
 
 
@@ -219,8 +220,8 @@ def _decode_compiled(record: dict, tensors: dict, config: OptimizeConfig, same_c
     refresh_meta(gm)
     captured = Captured(gm, in_spec, decode_spec(record["out_spec"], made), record["class_name"],
                         list(record["capture_notes"]))
-    history = [Step(s["name"], s["graph"], dict(s["fired"]), [Miss(*m) for m in s["misses"]], s["seconds"])
-               for s in record["history"]]
+    history = [Step(s["name"], s["graph"], dict(s["fired"]), [Miss(*m) for m in s["misses"]], s["seconds"],
+                    s.get("error")) for s in record["history"]]
     compile_program, backend, notice = get_backend("auto" if record["backend"] == "dnnl" else record["backend"])
     notes = list(record["notes"])
     notes += [f"the namedtuple {name} is not imported here: it comes back as a namedtuple of that name and "

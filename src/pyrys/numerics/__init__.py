@@ -1,10 +1,15 @@
-"""How pyrys measures agreement with eager PyTorch.
+"""How pyrys measures agreement with eager PyTorch, and where a disagreement comes from.
 
     relative_error(y, y_eager) = max |y - y_eager| / max |y_eager|
 
 The stated fp32 tolerance is ``FP32_TOLERANCE = 1e-4``: the largest deviation may be
 at most 1e-4 of the output's magnitude.  Nested outputs (tuples, dicts) are compared
 leaf by leaf and the worst leaf counts.
+
+``optimize(..., numerics=True)`` measures this after every pass and for every layer of the
+backend's program (``trace.py``, ``layers.py``; the result is ``opt.numerics``, a
+:class:`~pyrys.numerics.report.NumericsReport`); :func:`pyrys.bisect` names the first pass
+that crosses a tolerance (``bisect.py``).
 """
 from __future__ import annotations
 
@@ -32,3 +37,11 @@ def relative_error(actual, expected) -> float:
         raise AssertionError(f"output structure differs: {len(got)} leaves vs eager's {len(want)}")
     errors = [_leaf_error(a, e) for a, e in zip(got, want) if isinstance(e, torch.Tensor)]
     return max(errors, default=0.0)
+
+
+def error_or_reason(actual, expected) -> tuple[float, str]:
+    """``(relative_error, "")``, or ``(inf, why)`` when the two cannot be compared (structure, shape, dtype)."""
+    try:
+        return relative_error(actual, expected), ""
+    except AssertionError as error:
+        return float("inf"), str(error)

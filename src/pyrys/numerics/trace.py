@@ -1,0 +1,87 @@
+"""Measuring one compile: the graph after every pass, and the backend's program, against eager.
+
+``optimize(..., numerics=True)`` makes a :class:`NumericsTrace` with the model's own outputs
+(:mod:`pyrys.numerics.eager`); the pass manager calls :meth:`NumericsTrace.measure` after every
+pass (its ``measure`` instrument), which runs that graph on the reference backend on the
+example inputs; at the captured graph it also keeps every intermediate value, which
+:meth:`NumericsTrace.report` compares with the backend program's layers
+(:mod:`pyrys.numerics.layers`) and then lets go.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from pyrys.backends.reference import ReferenceProgram
+from pyrys.ir.graph import STATE_KEY, copy_graph, state_ref
+from pyrys.numerics import FP32_TOLERANCE, error_or_reason
+from pyrys.numerics.layers import layer_errors, unmatched_nodes
+from pyrys.numerics.report import NumericsReport
+from pyrys.passes.pipeline import Step
+
+
+class NumericsTrace:
+    """The errors of one compile on one set of example inputs (``eager``: the model's flat outputs on them)."""
+
+    def __init__(self, eager: list, tolerance: float = FP32_TOLERANCE):
+        self.eager, self.tolerance = eager, tolerance
+        self.captured: dict[str, torch.Tensor] | None = None
+        self.problems: list[str] = []
+
+    def measure(self, step: str, gm: fx.GraphModule, inputs: list) -> float:
+        """The error of ``gm`` (the graph after ``step``) on ``inputs``, run on the reference backend."""
+        if step == "capture":  # a new capture (the symbolic one may have failed and been done again)
+            self.captured, self.problems = None, []
+        try:
+            program = ReferenceProgram(with_own_state(gm))
+            if step == "capture":
+                outputs, self.captured = program.activations(inputs)
+            else:
+                outputs = program(inputs)
+        except Exception as error:  # noqa: BLE001 -- a graph that cannot run is a finding, not a crash
+            self.problems.append(f"after {step}: the graph did not run on the reference backend "
+                                 f"({type(error).__name__}: {str(error).strip()[:200]})")
+            return float("inf")
+        error, reason = error_or_reason(outputs, self.eager)
+        if reason:
+            self.problems.append(f"after {step}: {reason}")
+        return error
+
+    def report(self, history: list[Step], gm: fx.GraphModule, program: Callable[[list], list], backend: str,
+               inputs: list, compile_probe: Callable[[fx.GraphModule], Callable[[list], list]]) -> NumericsReport:
+        """The report for the program compiled from ``gm``: its error, and every layer's (``compile_probe``
+        compiles ``gm`` with extra outputs like ``program`` was compiled); frees the captured values."""
+        captured, self.captured = self.captured or {}, None
+        error, reason = error_or_reason(program(inputs), self.eager)
+        problems = self.problems + ([f"the {backend} program: {reason}"] if reason else [])
+        try:
+            layers = layer_errors(gm, captured, inputs, compile_probe)
+        except Exception as failure:  # noqa: BLE001 -- the program's own error above still stands
+            layers = []
+            problems.append(f"per-layer errors unavailable: the probe program failed "
+                            f"({type(failure).__name__}: {str(failure).strip()[:200]})")
+        passes = [(step.name, step.error if step.error is not None else float("nan")) for step in history]
+        return NumericsReport(self.tolerance, passes, backend, error, layers, unmatched_nodes(gm, captured), problems)
+
+
+def with_own_state(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` whose constants and module state are clones: some ops write what they read
+    (``aten::batch_norm`` in training mode updates its running statistics, and its schema does not say so),
+    and a measuring run must write neither the user's tensors nor the ones the program is built from."""
+    copied = fx.GraphModule(gm, copy_graph(gm.graph), gm.__class__.__name__)
+    for name, tensor in [*copied.named_buffers(), *copied.named_parameters()]:
+        owner, _, leaf = name.rpartition(".")
+        module = copied.get_submodule(owner)
+        if owner and module is gm.get_submodule(owner):
+            continue  # a submodule the copy shares (a branch's graph): left as it is
+        value = tensor.detach().clone()
+        setattr(module, leaf, torch.nn.Parameter(value, requires_grad=False) if isinstance(tensor, torch.nn.Parameter)
+                else value)
+    for node in copied.graph.nodes:
+        ref = state_ref(node)
+        if ref is not None and isinstance(ref.value, torch.Tensor):
+            node.meta = {**node.meta, STATE_KEY: dataclasses.replace(ref, value=ref.value.clone())}
+    return copied

@@ -1,0 +1,244 @@
+"""Numerics you can see: the error after every pass, the first pass over a tolerance, per-layer errors."""
+from __future__ import annotations
+
+import logging
+import warnings
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn as nn
+
+import pyrys
+import pyrys.passes.fold_batch_norm as fold_batch_norm
+from pyrys.ir.edit import insert_op, set_args
+from pyrys.ir.vocabulary import CONVOLUTIONS
+from pyrys.numerics.bisect import graph_change, locate
+from pyrys.numerics.layers import LayerError
+from pyrys.numerics.report import NumericsReport
+from pyrys.passes import pipeline
+from pyrys.passes.pipeline import Pass, Step
+from pyrys.passes.rewrite import PassResult
+from pyrys.testing import torchvision_model
+from tests.caller_helpers import images, residual_net, run_together
+from tests.conftest import TOLERANCE, spy_dynamo_graphs
+from tests.models import conv_bn_relu, image
+
+aten = torch.ops.aten
+
+
+def stages(report: NumericsReport) -> list[str]:
+    return [name for name, _ in report.rows]
+
+
+def scale_first_conv_weight(monkeypatch, factor: float = 1.01) -> None:
+    """A wrong rewrite planted in ``fold_conv_bn``: after folding, the first conv's weight is scaled by ``factor``."""
+    original = fold_batch_norm.fold_conv_bn
+
+    def wrong(gm):
+        result = original(gm)
+        conv = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target in CONVOLUTIONS)
+        with gm.graph.inserting_before(conv):
+            scaled = insert_op(gm.graph, aten.mul.Tensor, (conv.args[1], factor))
+        set_args(conv, (conv.args[0], scaled, *conv.args[2:]))
+        return result
+
+    monkeypatch.setattr(fold_batch_norm, "fold_conv_bn", wrong)
+
+
+def test_bisect_names_a_planted_wrong_rewrite(monkeypatch, backend):
+    scale_first_conv_weight(monkeypatch)
+    found = pyrys.bisect(residual_net(), tuple(images(1, seed=0)), backend=backend)
+    assert found.stage == "fold_conv_bn"
+    assert 1e-3 < found.error < 0.1 and found.error_before <= TOLERANCE
+    assert any(line.startswith("+ %mul") and "aten::mul" in line for line in found.changed)
+    assert any(line.startswith("- %batch_norm ") for line in found.changed)
+    text = found.render()
+    assert text.startswith("first over 1e-04: step 8, fold_conv_bn") and "what fold_conv_bn changed in the graph:" in text
+
+
+def test_bisect_names_a_pass_planted_in_the_pipeline(monkeypatch):
+    """A test-only pass after constant propagation scales one folded conv weight (a constant) by 1.01."""
+
+    def scale_a_folded_weight(gm, options) -> PassResult:
+        conv = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target in CONVOLUTIONS)
+        weight = conv.args[1]
+        setattr(gm, weight.target, getattr(gm, weight.target) * 1.01)
+        return PassResult(Counter(scaled=1))
+
+    monkeypatch.setattr(pipeline, "PIPELINE", (*pipeline.PIPELINE, Pass("scale_a_folded_weight", scale_a_folded_weight)))
+    found = pyrys.bisect(residual_net(), tuple(images(1, seed=0)), backend="reference")
+    assert (found.stage, found.index, found.changed) == ("scale_a_folded_weight", len(pipeline.PIPELINE), [])
+    assert "left the graph's text as it was: it changed the values of constants" in found.render()
+
+
+def test_bisect_of_a_correct_compile_names_nothing(backend):
+    found = pyrys.bisect(residual_net(), tuple(images(1, seed=0)), backend=backend)
+    assert found.stage is None and found.render().startswith("every stage within 1e-04")
+    assert pyrys.bisect(residual_net(), tuple(images(1, seed=0)), tolerance=0.0, backend=backend).stage is not None
+
+
+def test_every_pass_of_a_torchvision_model_within_the_tolerance(backend):
+    model = torchvision_model("resnet18")
+    opt = pyrys.optimize(model, (torch.rand(1, 3, 64, 64),), backend=backend, numerics=True)
+    report = opt.numerics
+    assert stages(report) == [step.name for step in opt.history] + [f"program ({backend})"]
+    assert all(0 <= error <= TOLERANCE for _, error in report.rows), report.render()
+    assert [step.error for step in opt.history] == [error for _, error in report.passes]
+    assert report.passes[0] == ("capture", 0.0)  # the captured graph computes what eager does
+    # every conv (20) and pooling, flatten and linear has a twin; the worst layer is first
+    assert len(report.layers) >= 20 and not report.problems and not report.unmatched
+    assert all(layer.error <= TOLERANCE for layer in report.layers)
+    assert [layer.error for layer in report.layers] == sorted((layer.error for layer in report.layers), reverse=True)
+    assert report.first_over() is None and "numerics: max relative error" in opt.report()
+
+
+def test_layers_name_the_captured_value_they_compute(backend):
+    opt = pyrys.optimize(conv_bn_relu(), (image(),), backend=backend, numerics=True)
+    (layer,) = opt.numerics.layers
+    assert layer.op == "pyrys::conv2d_relu" and layer.computes == "relu"
+    assert layer.absorbed[-3:] == ("conv2d", "batch_norm", "relu")
+    assert layer.describe().endswith("= %relu (+ %conv2d, %batch_norm)")
+    assert opt.numerics.layer("relu") is layer and opt.numerics.layer(layer.node) is layer
+    with pytest.raises(KeyError, match="%batch_norm has no value of its own .* folded or fused into"):
+        opt.numerics.layer("batch_norm")
+    with pytest.raises(KeyError, match="no op %nothing"):
+        opt.numerics.layer("nothing")
+
+
+def test_a_probe_program_with_fallbacks_and_view_outputs(backend):
+    """The probe program returns every layer: torch fallbacks, views of computed tensors and graph outputs too."""
+    for view in ("slice", "narrow", "index"):
+        model = residual_net(view=view, fallback="flip")
+        opt = pyrys.optimize(model, tuple(images(1, seed=1)), backend=backend, numerics=True)
+        assert opt.numerics.first_over() is None, opt.numerics.render()
+        assert {layer.op for layer in opt.numerics.layers} >= {"aten::flip", "aten::max_pool2d"}
+        assert all(layer.error <= TOLERANCE for layer in opt.numerics.layers)
+        x = images(1, seed=2)[0]
+        assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE  # the program itself is untouched
+
+
+class Planted(nn.Module):
+    """Keyword inputs, a dict output with an integer leaf."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(6, 4)
+
+    def forward(self, x, *, scale):
+        y = self.linear(x) * scale
+        return {"y": torch.relu(y), "argmax": y.argmax(-1)}
+
+
+def test_keyword_inputs_and_a_dict_output_with_an_integer_leaf(backend):
+    model = Planted().eval()
+    opt = pyrys.optimize(model, (torch.randn(3, 6),), {"scale": torch.tensor(2.0)}, backend=backend, numerics=True)
+    assert opt.numerics.first_over() is None, opt.numerics.render()
+
+
+@pytest.mark.parametrize("way", ["TorchScript", "ExportedProgram", "torch.compile", "dynamic"])
+def test_every_way_in_is_measured(way, backend, monkeypatch):
+    model, x = conv_bn_relu(), image()
+    if way == "TorchScript":
+        opt = pyrys.optimize(torch.jit.script(model), (x,), backend=backend, numerics=True)
+    elif way == "ExportedProgram":
+        opt = pyrys.optimize(torch.export.export(model, (x,)), backend=backend, numerics=True)
+    elif way == "dynamic":
+        opt = pyrys.optimize(model, (x,), backend=backend, numerics=True, dynamic=True)
+    else:
+        graphs = spy_dynamo_graphs(monkeypatch)
+        torch.compile(model, backend="pyrys", options={"backend": backend, "numerics": True})(x)
+        (opt,) = graphs[0].programs.values()
+    report = opt.numerics
+    assert report.rows[0][0] == "capture" and report.rows[-1][0] == f"program ({backend})"
+    assert report.first_over() is None and len(report.layers) == 1, report.render()
+
+
+def test_torch_compile_logs_the_report(backend, caplog):
+    torch._dynamo.reset()  # a graph dynamo compiled in an earlier test would be reused without a new compile
+    with caplog.at_level(logging.INFO, logger="pyrys"):
+        torch.compile(conv_bn_relu(), backend="pyrys", options={"backend": backend, "numerics": True})(image())
+    assert "numerics: max relative error against eager" in caplog.text
+
+
+@pytest.mark.parametrize("way", ["nn.Module", "ExportedProgram", "TorchScript"])
+def test_the_eager_run_writes_nothing_of_the_users_model(way, backend):
+    model = conv_bn_relu().train()  # BatchNorm in training mode updates its running statistics
+    source = {"nn.Module": lambda: model, "TorchScript": lambda: torch.jit.script(model),
+              "ExportedProgram": lambda: torch.export.export(model, (image(batch=2),))}[way]()
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # optimizing a model in training mode warns
+        opt = pyrys.optimize(source, (image(batch=2),), backend=backend, numerics=True)
+    assert [name for name, t in model.state_dict().items() if not torch.equal(before[name], t)] == []
+    assert opt.numerics.first_over() is None, opt.numerics.render()
+    if way == "nn.Module":
+        opt(image(batch=3))  # a new shape is captured again: the model was not written, so no ModelChangedError
+
+
+def test_off_by_default_and_kept_by_save(backend, tmp_path):
+    plain = pyrys.optimize(conv_bn_relu(), (image(),), backend=backend)
+    assert plain.numerics is None and all(step.error is None for step in plain.history)
+    assert "numerics" not in plain.report() and "[error" not in plain.report()
+    measured = pyrys.optimize(conv_bn_relu(), (image(),), backend=backend, numerics=True)
+    assert "[error " in measured.report()
+    pyrys.save(measured, tmp_path / "m")
+    loaded = pyrys.load(tmp_path / "m")
+    assert [s.error for s in loaded.history] == [s.error for s in measured.history]
+    assert loaded.numerics is None  # a loaded program has no model to measure against
+
+
+def test_numerics_must_be_a_bool():
+    with pytest.raises(ValueError, match="numerics must be True or False"):
+        pyrys.optimize(conv_bn_relu(), (image(),), numerics="yes")
+    with pytest.raises(ValueError, match="tolerance must be a non-negative number"):
+        pyrys.bisect(conv_bn_relu(), (image(),), tolerance=-1)
+
+
+def test_explain_with_numerics_shows_the_table_and_the_first_stage_over(monkeypatch):
+    plain = pyrys.explain(conv_bn_relu(), (image(),), numerics=True).render()
+    assert "numerics: max relative error" in plain and "first over" not in plain
+    scale_first_conv_weight(monkeypatch)
+    text = pyrys.explain(conv_bn_relu(), (image(),), numerics=True).render()
+    assert "fold_conv_bn" in text and "<- over the tolerance" in text
+    assert "first over 1e-04: step 8, fold_conv_bn" in text
+
+
+def test_explain_cli_numerics(capsys):
+    from pyrys.cli import main
+
+    assert main(["explain", "tests.models:conv_bn_relu", "--input-shape", "1x3x6x6", "--numerics"]) == 0
+    out = capsys.readouterr().out
+    assert "program (reference)" in out and "pyrys::conv2d_relu = %relu" in out and "first over" not in out
+    assert main(["explain", "tests.models:conv_bn_relu", "--input-shape", "1x3x6x6", "--numerics",
+                 "--tolerance", "0"]) == 0
+    assert "first over 0e+00: step 8, fold_conv_bn" in capsys.readouterr().out  # folding rounds differently
+
+
+def test_locate_names_the_program_and_its_layers_over():
+    layers = [LayerError("conv2d_2", "pyrys::conv2d", "conv2d_1", ("conv2d_1",), 3e-3),
+              LayerError("conv2d_3", "pyrys::conv2d_relu", "relu", ("conv2d", "relu"), 1e-6)]
+    report = NumericsReport(1e-4, [("capture", 0.0), ("simplify", 1e-7)], "dnnl", 2e-3, layers)
+    history = [Step("capture", "a", {}, [], 0.0, 0.0), Step("simplify", "a", {}, [], 0.0, 1e-7)]
+    found = locate(history, report)
+    assert (found.stage, found.error, found.error_before) == ("program (dnnl)", 2e-3, 1e-7)
+    assert found.layers == layers[:1] and "%conv2d_2 pyrys::conv2d = %conv2d_1" in found.render()
+    nan = NumericsReport(1e-4, [("capture", float("nan"))], "dnnl", 0.0)
+    assert locate(history, nan).stage == "capture"  # a graph that gave no number is not within anything
+
+
+def test_graph_change_lists_removed_then_added_lines():
+    before = "graph(%x):\n  %a = f(%x)\n  %b = g(%a)\n  return (%b)"
+    after = "graph(%x):\n  %a = f(%x)\n  %b = h(%a)\n  return (%b)"
+    assert graph_change(before, after) == ["- %b = g(%a)", "+ %b = h(%a)"]
+
+
+def test_bisect_from_many_threads_at_once(backend):
+    """Public callables are safe from many threads: four bisects of one model agree, and the model is untouched."""
+    model = residual_net()
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    results = run_together([lambda: pyrys.bisect(model, tuple(images(1, seed=0)), backend=backend)
+                            for _ in range(4)])
+    assert all(found.stage is None for found in results)
+    assert len({tuple(error for _, error in found.report.rows) for found in results}) == 1
+    assert all(torch.equal(before[name], t) for name, t in model.state_dict().items())
