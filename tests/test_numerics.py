@@ -193,6 +193,8 @@ def test_numerics_must_be_a_bool():
         pyrys.optimize(conv_bn_relu(), (image(),), numerics="yes")
     with pytest.raises(ValueError, match="tolerance must be a non-negative number"):
         pyrys.bisect(conv_bn_relu(), (image(),), tolerance=-1)
+    with pytest.raises(ValueError, match="pyrys.explain: tolerance must be a non-negative number"):
+        pyrys.explain(conv_bn_relu(), (image(),), numerics=True, tolerance="small")
 
 
 def test_explain_with_numerics_shows_the_table_and_the_first_stage_over(monkeypatch):
@@ -242,3 +244,76 @@ def test_bisect_from_many_threads_at_once(backend):
     assert all(found.stage is None for found in results)
     assert len({tuple(error for _, error in found.report.rows) for found in results}) == 1
     assert all(torch.equal(before[name], t) for name, t in model.state_dict().items())
+
+
+class WritesItsInput(nn.Module):
+    def forward(self, x):
+        x.mul_(2)
+        return x + 1
+
+
+class CountsCalls(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.calls, self.linear = 0, nn.Linear(4, 4)
+
+    def forward(self, x):
+        self.calls += 1
+        return self.linear(x) * self.calls
+
+
+def test_measuring_writes_neither_the_inputs_nor_what_is_compiled(backend):
+    x = torch.ones(2, 3)
+    opt = pyrys.optimize(WritesItsInput().eval(), (x,), backend=backend, numerics=True)
+    assert torch.equal(x, torch.ones(2, 3)) and opt.numerics.first_over() is None, opt.numerics.render()
+    counted, plain = CountsCalls().eval(), CountsCalls().eval()
+    x = torch.randn(2, 4)
+    measured = pyrys.optimize(counted, (x,), backend=backend, numerics=True)
+    assert torch.equal(measured(x), pyrys.optimize(plain, (x,), backend=backend)(x))  # the same program
+    assert counted.calls == 0 and measured.numerics.first_over() is None, measured.numerics.render()
+
+
+class EdgeValues(nn.Module):
+    """An empty output, and -inf where eager has -inf (a causal mask)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.linear(x)
+        mask = torch.ones(4, 4, dtype=torch.bool).triu(1)
+        return y[:, :0], y.masked_fill(mask, float("-inf"))
+
+
+def test_empty_outputs_and_matching_infinities_agree(backend):
+    opt = pyrys.optimize(EdgeValues().eval(), (torch.randn(4, 4),), backend=backend, numerics=True)
+    assert opt.numerics.first_over() is None, opt.numerics.render()
+    assert pyrys.relative_error(torch.tensor([float("inf"), 1.0]), torch.tensor([float("inf"), 1.0])) == 0
+    assert pyrys.relative_error(torch.tensor([float("nan"), 1.0]), torch.tensor([2.0, 1.0])) != 0  # not silent
+
+
+class Branches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.second = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.first(x)
+        if self.training:
+            y = y * 2
+        else:
+            y = torch.relu(y) + 1
+        return torch.relu(self.second(y))
+
+
+def test_an_inlined_torchscript_branch_keeps_its_twins(backend):
+    """The If's output (``%y_1``, read by ``prim::TupleIndex``) is computed by the branch's ``add`` once the If is
+    inlined: they are compared.  The branch's inner ``relu`` has no value in the captured graph (it lives in the
+    If's block), so the linear it fused into is listed as made by pyrys."""
+    opt = pyrys.optimize(torch.jit.script(Branches().eval()), (torch.randn(2, 4),), backend=backend, numerics=True)
+    assert opt.numerics.first_over() is None, opt.numerics.render()
+    assert opt.numerics.layer("y_1").op == "aten::add" and len(opt.numerics.unmatched) == 1

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from pyrys.numerics import FP32_TOLERANCE
-from pyrys.numerics.bisect import locate
+from pyrys.numerics.bisect import checked_tolerance, locate
 from pyrys.numerics.report import NumericsReport
 from pyrys.passes.pipeline import Step
 from pyrys.passes.rewrite import Miss
@@ -31,6 +31,7 @@ VERBS = {
     "freeze_params": "frozen", "freeze_flags": "frozen", "constant_propagation": "evaluated",
     "dead_code_elimination": "removed", "common_subexpression_elimination": "merged", "simplify": "simplified",
     "fold_conv_bn": "folded", "fold_constant_affine": "folded", "fuse_post_ops": "fused",
+    "lower_precision": "changed",
 }
 _NODE = re.compile(r"%[\w.]+")
 _SHAPE = re.compile(r"\(\d+(?:, \d+)*,?\)")
@@ -95,6 +96,7 @@ def explain(model: torch.nn.Module, example_inputs: Any, *, backend: str = "refe
     ``tolerance`` with what it changed (:mod:`pyrys.numerics`)."""
     from pyrys.optimize import optimize
 
+    tolerance = checked_tolerance(tolerance, "pyrys.explain")
     opt = optimize(model, example_inputs, backend=backend, dump_dir=dump_dir, numerics=numerics, **options)
     title = title or f"{type(model).__name__} on the {opt.backend} backend"
     report = None if opt.numerics is None else dataclasses.replace(opt.numerics, tolerance=tolerance)

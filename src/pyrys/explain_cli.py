@@ -7,7 +7,8 @@ import importlib
 import torch
 
 from pyrys import zoo
-from pyrys.numerics import FP32_TOLERANCE
+from pyrys.numerics import BF16_TOLERANCE, FP32_TOLERANCE, TOLERANCES
+from pyrys.passes.precision import PRECISIONS
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -55,8 +56,11 @@ def add_explain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--numerics", action="store_true",
                         help="also the error against eager after every pass and of every layer, and the first "
                              "stage over the tolerance")
-    parser.add_argument("--tolerance", type=float, default=FP32_TOLERANCE,
-                        help=f"the relative error --numerics flags (default: {FP32_TOLERANCE:g})")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="the precision to compile for (bf16: see README, 'bf16')")
+    parser.add_argument("--tolerance", type=float, default=None,
+                        help=f"the relative error --numerics flags (default: {FP32_TOLERANCE:g}; "
+                             f"{BF16_TOLERANCE:g} with --precision bf16)")
 
 
 def run_explain(args: argparse.Namespace) -> int:
@@ -67,7 +71,8 @@ def run_explain(args: argparse.Namespace) -> int:
     shapes = ", ".join("x".join(map(str, x.shape)) for x in inputs)
     title = f"{args.model} ({shapes}) on the {args.backend} backend"
     result = explain(model, inputs, backend=args.backend, dump_dir=args.dump_dir, disable=tuple(args.disable),
-                     title=title, numerics=args.numerics, tolerance=args.tolerance)
+                     title=title, numerics=args.numerics, precision=args.precision,
+                     tolerance=args.tolerance if args.tolerance is not None else TOLERANCES[args.precision])
     print(result.render())
     if args.dump_dir:
         print(f"graphs after every pass written to {args.dump_dir}/")

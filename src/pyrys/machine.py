@@ -27,6 +27,12 @@ def cpu_info() -> tuple[str, list[str]]:
     return name, flags
 
 
+@cache
+def native_bf16() -> bool:
+    """Whether the CPU computes in bfloat16 itself (AVX-512 BF16 or AMX-BF16); emulated bf16 is slower than fp32."""
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_info()[1]))
+
+
 def give_back_freed_memory() -> None:
     """Free what only the collector can (objects in reference cycles: a program and its frames) and return
     freed pages to the system (glibc keeps them for reuse). ResNet-50's RSS after a first optimize: 4.8x its

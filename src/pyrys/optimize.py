@@ -26,11 +26,13 @@ from pyrys.forwarding import forwarded
 from pyrys.ir.verify import VerificationError, make_verifier, output_types
 from pyrys.ir.graph import share_constants
 from pyrys.ir.symbolic import describe_dims, is_symbolic
+from pyrys.numerics import TOLERANCES
 from pyrys.numerics.eager import eager_outputs
 from pyrys.numerics.report import NumericsReport
 from pyrys.numerics.trace import NumericsTrace
-from pyrys.machine import give_back_freed_memory
+from pyrys.machine import give_back_freed_memory, native_bf16
 from pyrys.passes.freeze import ALL
+from pyrys.passes.precision import PRECISIONS
 from pyrys.passes.specialize import ShapeMismatch, specialize
 from pyrys.passes.pipeline import (Instruments, PassOptions, PipelineRun, check_pass_names, legalize_for_backends,
                                    run_pipeline)
@@ -54,6 +56,7 @@ class OptimizeConfig:
     max_shapes: int = DEFAULT_MAX_SHAPES
     dynamic: bool | None = None  # see optimize()
     numerics: bool = False  # measure every pass and layer against eager on the example inputs
+    precision: str = "fp32"  # "bf16": see optimize()
 
 
 @dataclass
@@ -150,14 +153,16 @@ def _compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: Op
 
         refresh_meta(captured.gm)
         instruments.verify = make_verifier(output_types(captured.gm))
-    options = PassOptions(config.freeze_params, config.freeze_flags)
+    precision, precision_note = effective_precision(config.precision)
+    options = PassOptions(config.freeze_params, config.freeze_flags, precision)
     run = run_pipeline(captured.gm, options, config.disable, instruments)
     legalize_for_backends(captured.gm, instruments)
     if like is not None:
         share_constants(captured.gm, like.captured.gm)
     generic = captured if is_symbolic(captured.gm) else None
     notice = get_backend(config.backend)[2]
-    template = Compiled(signature, captured, run, None, "", captured.notes + ([notice] if notice else []), generic)
+    notes = captured.notes + [note for note in (notice, precision_note) if note]
+    template = Compiled(signature, captured, run, None, "", notes, generic)
     try:
         compiled = build_for_shape(template, signature, flat, config, like=like.program if like else None)
     except ShapeMismatch as why:  # the example itself: only if a pass assumed what its own shapes break
@@ -439,6 +444,7 @@ def optimize(
     max_shapes: int = DEFAULT_MAX_SHAPES,
     dynamic: bool | None = None,
     numerics: bool = False,
+    precision: str = "fp32",
 ) -> OptimizedModule:
     """Optimize ``model`` for inference on inputs like ``example_inputs``.
 
@@ -466,7 +472,14 @@ def optimize(
     ``numerics``: run the model eagerly on the example inputs (its state cloned: nothing of it is written),
     then measure the graph after every pass (on the reference backend) and the backend's program, and the
     program's every layer against the captured graph's value it computes: ``opt.numerics``
-    (:class:`pyrys.numerics.report.NumericsReport`), also in ``opt.report()``; slower to compile.
+    (:class:`pyrys.numerics.report.NumericsReport`), also in ``opt.report()``.  It costs compile time (a
+    reference run per pass, a second build of the program) and, while it runs, memory: a copy of the
+    model, every intermediate activation of the example, and a clone of the weights per measuring run.
+    A program saved and loaded keeps each step's error in ``history``, not ``numerics``.
+    ``precision``: ``"fp32"`` (default) or ``"bf16"``: convolutions, linears, matmuls and the pooling,
+    elementwise and data-movement ops between them run in bfloat16 with float32 accumulation, the rest
+    in float32, with a conversion node at each edge (:mod:`pyrys.passes.precision`); outputs stay float32.
+    Where the CPU has no native bf16 it runs in fp32, with a note in ``notes``.
     The user's model is never modified: pyrys works on a private copy (its modules copied, the weights
     it freezes read, not copied: :mod:`pyrys.capture.model_copy`); a new shape after the user wrote to
     those weights raises :class:`pyrys.ModelChangedError`.
@@ -476,7 +489,8 @@ def optimize(
     """
     config = make_config(backend=backend, freeze_params=freeze_params, freeze_flags=freeze_flags, disable=disable,
                          print_after_each=print_after_each, dump_dir=dump_dir, verify=verify, threads=threads,
-                         layout=layout, max_shapes=max_shapes, dynamic=dynamic, numerics=numerics)
+                         layout=layout, max_shapes=max_shapes, dynamic=dynamic, numerics=numerics,
+                         precision=precision)
     if isinstance(model, ExportedProgram):
         if example_inputs is None:
             example_inputs, example_kwargs = exported_example_inputs(model)
@@ -500,8 +514,19 @@ def optimize(
 
 
 def _trace(config: OptimizeConfig, model: Any, args: tuple, kwargs: dict) -> NumericsTrace | None:
-    """What measures the compile when ``numerics=True``: the model's own outputs on the example inputs."""
-    return NumericsTrace(eager_outputs(model, args, kwargs)) if config.numerics else None
+    """What measures the compile when ``numerics=True``: the model's own outputs on the example inputs,
+    and the tolerance of the precision it runs in."""
+    if not config.numerics:
+        return None
+    return NumericsTrace(lambda: eager_outputs(model, args, kwargs), TOLERANCES[effective_precision(config.precision)[0]])
+
+
+def effective_precision(precision: str) -> tuple[str, str]:
+    """The precision the passes use, and a note where it is not the one asked for (no native bf16 here)."""
+    if precision == "bf16" and not native_bf16():
+        return "fp32", ("precision='bf16' runs in fp32 here: this CPU has no native bfloat16 (neither avx512_bf16 "
+                        "nor amx_bf16), and emulated bf16 is slower than fp32")
+    return precision, ""
 
 
 def _example_inputs(example_inputs: Any, example_kwargs: dict | None) -> tuple[tuple, dict]:
@@ -532,7 +557,7 @@ def make_config(*, backend: str = "auto", freeze_params: Iterable[str] | None = 
                 print_after_each: bool = False, dump_dir: str | Path | None = None,
                 verify: bool = False, threads: int | None = None, layout: str = "auto",
                 max_shapes: int = DEFAULT_MAX_SHAPES, dynamic: bool | None = None,
-                numerics: bool = False) -> OptimizeConfig:
+                numerics: bool = False, precision: str = "fp32") -> OptimizeConfig:
     """An :class:`OptimizeConfig` from :func:`optimize`'s keyword options, checked."""
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ValueError(f"pyrys.optimize: threads must be a positive int, got {threads!r}")
@@ -542,6 +567,8 @@ def make_config(*, backend: str = "auto", freeze_params: Iterable[str] | None = 
         raise ValueError(f"pyrys.optimize: max_shapes must be a positive int, got {max_shapes!r}")
     if dynamic not in (None, True, False):
         raise ValueError(f"pyrys.optimize: dynamic must be None, True or False, got {dynamic!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"pyrys.optimize: precision must be one of {PRECISIONS}, got {precision!r}")
     if not isinstance(numerics, bool):
         raise ValueError(f"pyrys.optimize: numerics must be True or False, got {numerics!r}")
     return OptimizeConfig(
@@ -557,6 +584,7 @@ def make_config(*, backend: str = "auto", freeze_params: Iterable[str] | None = 
         max_shapes=max_shapes,
         dynamic=dynamic,
         numerics=numerics,
+        precision=precision,
     )
 
 

@@ -53,22 +53,26 @@ class Eager(Peer):
 
 
 class PyrysPeer(Peer):
-    """``pyrys.optimize`` with one backend."""
+    """``pyrys.optimize`` with one backend, at one precision (``pyrys-dnnl``, ``pyrys-dnnl-bf16``)."""
 
-    def __init__(self, threads: int, backend: str) -> None:
+    def __init__(self, threads: int, backend: str, precision: str = "fp32") -> None:
         super().__init__(threads)
-        self.backend = backend
-        self.name = f"pyrys-{backend}"
+        self.backend, self.precision = backend, precision
+        self.name = f"pyrys-{backend}" + ("" if precision == "fp32" else f"-{precision}")
 
     def available(self) -> tuple[bool, str]:
+        from pyrys.machine import native_bf16
+
         if self.backend not in pyrys_backends(available_only=True):
             return False, f"pyrys backend {self.backend!r} is not available on this machine"
+        if self.precision == "bf16" and not native_bf16():
+            return False, "the CPU has no native bf16 (avx512_bf16 or amx_bf16)"
         return True, ""
 
     def prepare(self, model: nn.Module, inputs: Inputs) -> Runner:
         import pyrys
 
-        return pyrys.optimize(model, example_inputs=inputs, backend=self.backend)
+        return pyrys.optimize(model, example_inputs=inputs, backend=self.backend, precision=self.precision)
 
 
 def pyrys_backends(available_only: bool = False) -> list[str]:
@@ -186,7 +190,7 @@ def openvino_has_bf16() -> bool:
 
 def default_peers(threads: int) -> list[Peer]:
     """Every system, in report order: pyrys backends first, then eager and the peers."""
-    pyrys = [PyrysPeer(threads, backend) for backend in pyrys_backends()]
+    pyrys = [PyrysPeer(threads, backend) for backend in pyrys_backends()] + [PyrysPeer(threads, "dnnl", "bf16")]
     others = [Eager(threads), TorchScript(threads), Inductor(threads), OnnxRuntime(threads),
               OpenVino(threads), OpenVino(threads, "bf16")]
     return pyrys + others

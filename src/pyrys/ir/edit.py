@@ -26,11 +26,12 @@ def insert_op(graph: fx.Graph, target, args: tuple, name: str | None = None) -> 
     return node
 
 
-def set_args(node: fx.Node, args: tuple[Any, ...], target=None) -> None:
-    """``node`` now calls its op (or ``target``) on ``args`` (positional; no kwargs); its value is inferred again."""
+def set_args(node: fx.Node, args: tuple[Any, ...], target=None, kwargs: dict | None = None) -> None:
+    """``node`` now calls its op (or ``target``) on ``args`` (and ``kwargs``, none by default); its value
+    is inferred again."""
     if target is not None:
         node.target = target
-    node.args, node.kwargs = tuple(args), {}
+    node.args, node.kwargs = tuple(args), dict(kwargs or {})
     settle_meta([node])
 
 

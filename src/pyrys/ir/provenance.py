@@ -9,6 +9,9 @@ backend's graph, where :mod:`pyrys.layer_errors` compares each node with its cap
 
     computes(node)        -> "relu_3"        # the last captured name it took over
     absorbed(node)        -> ("conv2d_3", "batch_norm_3", "relu_3")
+
+A conversion to another dtype (``passes/precision.py``) stands for the value it converts
+(:func:`copies`): its twin is that value's.
 """
 from __future__ import annotations
 
@@ -33,3 +36,8 @@ def take_over(replacement: fx.Node, node: fx.Node) -> None:
         return
     taken = absorbed(node)
     replacement.meta[PROVENANCE_KEY] = tuple(n for n in absorbed(replacement) if n not in taken) + taken
+
+
+def copies(copy: fx.Node, source: fx.Node) -> None:
+    """``copy`` computes ``source``'s value in another form (a dtype conversion): it stands for the same."""
+    copy.meta[PROVENANCE_KEY] = absorbed(source)

@@ -14,6 +14,7 @@ listed instead of a graph change (:mod:`pyrys.numerics.layers`).
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,8 +48,12 @@ class Bisection:
                  f"{format_error(self.error_before)} before it)"]
         if self.stage == "capture":
             lines.append("the captured graph itself differs from the model (the capture changed the arithmetic)")
-        if self.index > 0 and not self.layers and not self.changed:
+        program = self.index == len(self.report.passes)
+        if 0 < self.index and not program and not self.changed:
             lines.append(f"{self.stage} left the graph's text as it was: it changed the values of constants")
+        if program and not self.layers:
+            lines.append("no compared layer is over the tolerance: see the report's problems, or outputs that are "
+                         "not the value of any one op")
         if self.changed:
             lines.append(f"what {self.stage} changed in the graph:")
             lines += [f"  {line}" for line in self.changed[:lines_shown]]
@@ -63,7 +68,9 @@ class Bisection:
 
 def locate(history: list[Step], report: NumericsReport, tolerance: float = FP32_TOLERANCE) -> Bisection:
     """The first stage of ``report`` over ``tolerance``, with the graph lines it changed (``history``: the
-    steps the report's pass rows were measured on, in the same order)."""
+    steps the report's pass rows were measured on, in the same order).  The bisection's report is
+    ``report`` judged by ``tolerance``."""
+    report = dataclasses.replace(report, tolerance=tolerance)
     first = report.first_over(tolerance)
     if first is None:
         return Bisection(tolerance, report)
@@ -89,9 +96,15 @@ def bisect(model: Any, example_inputs: Any = None, example_kwargs: dict | None =
     stage whose output's relative error against eager crosses ``tolerance``."""
     from pyrys.optimize import optimize
 
-    if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or not tolerance >= 0:
-        raise ValueError(f"pyrys.bisect: tolerance must be a non-negative number, got {tolerance!r}")
+    tolerance = checked_tolerance(tolerance, "pyrys.bisect")
     options.pop("numerics", None)
     with torch.no_grad():
         opt = optimize(model, example_inputs, example_kwargs, numerics=True, **options)
-    return locate(opt.history, opt.numerics, float(tolerance))
+    return locate(opt.history, opt.numerics, tolerance)
+
+
+def checked_tolerance(tolerance: Any, caller: str) -> float:
+    """``tolerance`` as a float; ``ValueError`` naming ``caller`` unless it is a non-negative number."""
+    if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or not tolerance >= 0:
+        raise ValueError(f"{caller}: tolerance must be a non-negative number, got {tolerance!r}")
+    return float(tolerance)

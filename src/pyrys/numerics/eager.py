@@ -1,10 +1,12 @@
 """The model's own outputs on the example inputs: what every pass is measured against.
 
-Nothing of the user's is written while they are computed: an ``nn.Module`` runs with
-``torch.func.functional_call`` on pyrys's private copy (:mod:`pyrys.capture.model_copy`)
-with every parameter and buffer cloned, so a forward that writes its state (BatchNorm in
-training mode, a step counter) writes the clones; an ``ExportedProgram``'s module likewise;
-a TorchScript module runs as a deep copy.
+Nothing of the user's is written, and nothing pyrys compiles either: the model runs as a deep
+copy (an ``nn.Module``: pyrys's private copy, copied again with its state, so a forward that
+writes its state or its Python attributes, BatchNorm in training mode or a call counter, writes
+the copy; an ``ExportedProgram``: its module; a TorchScript module: itself when ``copy.deepcopy``
+cannot copy it), on clones of the example inputs (a forward may write its inputs in place).
+It runs after the capture (:class:`pyrys.numerics.trace.NumericsTrace` calls it), so a model
+that cannot run on these inputs fails there first, with the capture's explanation.
 """
 from __future__ import annotations
 
@@ -13,19 +15,26 @@ from typing import Any
 
 import torch
 from torch.export import ExportedProgram
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 
 def eager_outputs(model: Any, args: tuple, kwargs: dict) -> list:
     """The flat outputs (tensor leaves and scalars, in pytree order) of ``model(*args, **kwargs)``."""
     if isinstance(model, ExportedProgram):
-        model = model.module()  # its state is the program's own tensors: cloned below like a module's
+        model = model.module()
+    args, kwargs = tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, (args, kwargs))
     with torch.no_grad():
-        if isinstance(model, torch.jit.ScriptModule):
-            outputs = copy.deepcopy(model)(*args, **kwargs)
-        elif isinstance(model, torch.nn.Module):
-            state = {name: tensor.clone() for name, tensor in [*model.named_parameters(), *model.named_buffers()]}
-            outputs = torch.func.functional_call(model, state, args, kwargs, tie_weights=True)
-        else:  # a scripted function: no state
-            outputs = model(*args, **kwargs)
+        outputs = _own_copy(model)(*args, **kwargs)
     return [leaf.detach() if isinstance(leaf, torch.Tensor) else leaf for leaf in tree_leaves(outputs)]
+
+
+def _own_copy(model: Any) -> Any:
+    """A deep copy of a module to run; a scripted function (no state) or an uncopyable script as it is."""
+    if not isinstance(model, torch.nn.Module):
+        return model
+    try:
+        return copy.deepcopy(model)
+    except Exception:  # noqa: BLE001 -- a ScriptModule holding something deepcopy refuses
+        if isinstance(model, torch.jit.ScriptModule) and not model.training:
+            return model
+        raise

@@ -15,6 +15,7 @@ rewritten shape) has no captured twin and is listed as such, not compared.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Container
 
@@ -79,9 +80,12 @@ def layer_errors(gm: fx.GraphModule, captured: dict[str, torch.Tensor], inputs: 
     values = program(inputs)[-len(nodes):]
     layers = []
     for node, value in zip(nodes, values):
-        error, reason = error_or_reason(value, captured[computes(node)])
+        twin = captured[computes(node)]
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and twin.is_floating_point():
+            value = value.to(twin.dtype)  # a layer run in lower precision, against its float32 twin
+        error, reason = error_or_reason(value, twin)
         layers.append(LayerError(node.name, op_name(node), computes(node), absorbed(node), error, reason))
-    return sorted(layers, key=lambda layer: -layer.error)
+    return sorted(layers, key=lambda layer: -math.inf if math.isnan(layer.error) else -layer.error)  # NaN: worst
 
 
 def _is_float_tensor(value) -> bool:

@@ -1,7 +1,7 @@
 """Measuring one compile: the graph after every pass, and the backend's program, against eager.
 
-``optimize(..., numerics=True)`` makes a :class:`NumericsTrace` with the model's own outputs
-(:mod:`pyrys.numerics.eager`); the pass manager calls :meth:`NumericsTrace.measure` after every
+``optimize(..., numerics=True)`` makes a :class:`NumericsTrace` that computes the model's own
+outputs at its first measurement (:mod:`pyrys.numerics.eager`); the pass manager calls :meth:`NumericsTrace.measure` after every
 pass (its ``measure`` instrument), which runs that graph on the reference backend on the
 example inputs; at the captured graph it also keeps every intermediate value, which
 :meth:`NumericsTrace.report` compares with the backend program's layers
@@ -26,13 +26,22 @@ from pyrys.passes.pipeline import Step
 class NumericsTrace:
     """The errors of one compile on one set of example inputs (``eager``: the model's flat outputs on them)."""
 
-    def __init__(self, eager: list, tolerance: float = FP32_TOLERANCE):
-        self.eager, self.tolerance = eager, tolerance
+    def __init__(self, run_eager: Callable[[], list], tolerance: float = FP32_TOLERANCE):
+        self.run_eager, self.tolerance = run_eager, tolerance
+        self._eager: list | None = None
         self.captured: dict[str, torch.Tensor] | None = None
         self.problems: list[str] = []
 
+    @property
+    def eager(self) -> list:
+        """The model's flat outputs, computed at the first measurement (after the capture)."""
+        if self._eager is None:
+            self._eager = self.run_eager()
+        return self._eager
+
     def measure(self, step: str, gm: fx.GraphModule, inputs: list) -> float:
         """The error of ``gm`` (the graph after ``step``) on ``inputs``, run on the reference backend."""
+        eager = self.eager  # outside the try: a model that does not run eagerly is the user's error to see
         if step == "capture":  # a new capture (the symbolic one may have failed and been done again)
             self.captured, self.problems = None, []
         try:
@@ -45,7 +54,7 @@ class NumericsTrace:
             self.problems.append(f"after {step}: the graph did not run on the reference backend "
                                  f"({type(error).__name__}: {str(error).strip()[:200]})")
             return float("inf")
-        error, reason = error_or_reason(outputs, self.eager)
+        error, reason = error_or_reason(outputs, eager)
         if reason:
             self.problems.append(f"after {step}: {reason}")
         return error

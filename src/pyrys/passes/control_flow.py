@@ -22,6 +22,7 @@ import torch.fx as fx
 from pyrys.ir.control_flow import IF, BranchRaised, RaisingBranch, add_branch, branch_taken
 from pyrys.ir.graph import add_constant, call_nodes, is_constant
 from pyrys.ir.meta import settle_meta
+from pyrys.ir.provenance import take_over
 from pyrys.passes.rewrite import Miss, PassResult
 
 RULE = "inline_if"
@@ -59,7 +60,10 @@ def _inline(gm: fx.GraphModule, node: fx.Node, cond: bool) -> None:
     settle_meta(env[n] for n in branch.graph.nodes if n.op == "call_function")
     for user in list(node.users):
         if user.target is operator.getitem:
-            user.replace_all_uses_with(outputs[user.args[1]])
+            output = outputs[user.args[1]]
+            if isinstance(output, fx.Node):
+                take_over(output, user)  # the branch's op computes the If's output now (numerics pairs them)
+            user.replace_all_uses_with(output)
             gm.graph.erase_node(user)
     branches = node.args[1:3]
     gm.graph.erase_node(node)

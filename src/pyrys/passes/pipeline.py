@@ -31,16 +31,17 @@ from pyrys.ir.printer import format_graph
 from pyrys.ir.verify import VerificationError
 from pyrys.passes import (cleanup, constant_propagation, fold_batch_norm, fold_constant_affine, freeze,
                           fuse_post_ops, legalize, simplify)
-from pyrys.passes import control_flow
+from pyrys.passes import control_flow, precision
 from pyrys.passes.rewrite import Miss, PassResult
 
 
 @dataclass(frozen=True)
 class PassOptions:
-    """User choices the passes read: which attributes to freeze."""
+    """User choices the passes read: which attributes to freeze, the precision to run in."""
 
     freeze_params: tuple[str, ...] | None = freeze.ALL  # None: every parameter and buffer
     freeze_flags: tuple[str, ...] | None = freeze.ALL  # None: every flag
+    precision: str = "fp32"  # "bf16": the ops of precision.BF16_OPS run in bfloat16
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ PIPELINE: tuple[Pass, ...] = (
     Pass("fold_conv_bn", lambda gm, o: fold_batch_norm.fold_conv_bn(gm)),
     Pass("fold_constant_affine", lambda gm, o: fold_constant_affine.fold_constant_affine(gm), fixed_point=True),
     Pass("fuse_post_ops", lambda gm, o: fuse_post_ops.fuse_post_ops(gm), fixed_point=True),
+    Pass("lower_precision", lambda gm, o: precision.lower_precision(gm, o.precision)),
     Pass("constant_propagation", lambda gm, o: constant_propagation.constant_propagation(gm)),
     Pass("dead_code_elimination", lambda gm, o: cleanup.dead_code_elimination(gm)),
 )

@@ -280,7 +280,13 @@ def node_text(node: fx.Node, label: str, attrs: str, operands: list[str]) -> str
     return f"%{node.name} : {format_type(node.meta.get('val'))} = {label}{attrs}({', '.join(operands)})"
 
 
-def check_dtype(*tensors_meta) -> None:
+F32 = frozenset({torch.float32})
+F32_OR_BF16 = frozenset({torch.float32, torch.bfloat16})  # where the lowering is written for either
+
+
+def check_dtype(*tensors_meta, dtypes: frozenset = F32) -> None:
+    """Every value is a tensor of one dtype, one of ``dtypes`` (float32 unless the lowering takes bfloat16
+    too); else :class:`Unsupported` (the op runs through torch)."""
     for meta in tensors_meta:
         if not isinstance(meta, torch.Tensor):
             raise Unsupported("not a tensor")
@@ -288,5 +294,7 @@ def check_dtype(*tensors_meta) -> None:
             dnnl_dtype(meta.dtype)
         except TypeError as error:
             raise Unsupported(str(error)) from None
-        if meta.dtype != torch.float32:
+        if meta.dtype not in dtypes:
             raise Unsupported(f"dtype {meta.dtype} is lowered through torch")
+    if len({meta.dtype for meta in tensors_meta}) > 1:
+        raise Unsupported(f"mixed dtypes {sorted(str(m.dtype) for m in tensors_meta)}")

@@ -13,7 +13,7 @@ import torch.fx as fx
 
 from pyrys.backends.dnnl import binding
 from pyrys.backends.dnnl.assemble import assemble
-from pyrys.backends.dnnl.builder import Builder, PackedWeights, Unsupported
+from pyrys.backends.dnnl.builder import F32_OR_BF16, Builder, PackedWeights, Unsupported
 from pyrys.backends.dnnl.fallback import lower_fallback
 from pyrys.backends.dnnl.layout import plain_md
 from pyrys.backends.dnnl.lower_conv import lower_conv, lower_deconv, lower_linear
@@ -50,7 +50,7 @@ def _lower_node(builder: Builder, node: fx.Node) -> None:
 
 def _define_input(builder: Builder, node: fx.Node) -> Value:
     meta = node.meta["val"]
-    in_memory = isinstance(meta, torch.Tensor) and meta.dtype == torch.float32 and meta.dim() > 0
+    in_memory = isinstance(meta, torch.Tensor) and meta.dtype in F32_OR_BF16 and meta.dim() > 0
     md = plain_md(meta.shape, meta.dtype) if in_memory else None
     return builder.define(node, md, DYNAMIC)
 

@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 
 from pyrys.backends.dnnl.binding import DnnlError
-from pyrys.backends.dnnl.builder import Builder, Unsupported, check_dtype, node_text
+from pyrys.backends.dnnl.builder import F32_OR_BF16, Builder, Unsupported, check_dtype, node_text
 from pyrys.backends.dnnl.constants import ARG_BIAS, ARG_DST, ARG_SRC, ARG_WEIGHTS, arg_post_op_src1
 from pyrys.backends.dnnl.descriptors import convolution_pd, deconvolution_pd, inner_product_pd
 from pyrys.backends.dnnl.layout import plain_md, policy_md
@@ -21,6 +21,7 @@ from pyrys.backends.dnnl.post_ops import Chain, Operand, build_chain, operand_of
 from pyrys.backends.dnnl.primitives import PrimitiveAttr, PrimitiveDesc
 from pyrys.backends.dnnl.values import ALIAS, Value
 from pyrys.ir.fused import Fused, read_fused
+from pyrys.passes.precision import CONVERT
 
 
 def _grouped_weight_dims(weight: torch.Tensor, groups: int) -> list[int]:
@@ -56,7 +57,7 @@ def _format_info(pd: PrimitiveDesc) -> str:
 
 
 def _finish(builder: Builder, node: fx.Node, pd: PrimitiveDesc, src: Value, weight: torch.Tensor,
-            bias: torch.Tensor | None, chain: Chain, label: str) -> Value:
+            bias: torch.Tensor | None, chain: Chain, label: str, note: str = "") -> Value:
     """Reorder weights, define the output (in place on a sum base), and add the step."""
     weights = builder.constant_value(weight, pd.weights_md(), f"{node.name}.weight")
     args = {ARG_SRC: src, ARG_WEIGHTS: weights}
@@ -71,9 +72,25 @@ def _finish(builder: Builder, node: fx.Node, pd: PrimitiveDesc, src: Value, weig
         args[arg_post_op_src1(index)] = operand
     reads = [src, *chain.binary_operands.values()] + ([chain.sum_base] if chain.sum_base else [])
     operands = [f"%{v.name}" for v in reads]
-    builder.add_primitive(node_text(node, label, _format_info(pd), operands), pd, args, reads, [dst],
+    builder.add_primitive(node_text(node, label, _format_info(pd) + note, operands), pd, args, reads, [dst],
                           drops_nan=chain.drops_nan)
     return dst
+
+
+def destination_dtype(node: fx.Node) -> torch.dtype:
+    """The data type the primitive writes: the node's own, or float32 where a bfloat16 result's one reader
+    converts it to float32 (``passes/precision.py``): the kernel accumulates in float32 and writes that,
+    without rounding to bfloat16 first and without a reorder (the conversion becomes an alias)."""
+    dtype = node.meta["val"].dtype
+    users = list(node.users)
+    if dtype == torch.bfloat16 and len(users) == 1 and users[0].target is CONVERT and \
+            users[0].meta["val"].dtype == torch.float32:
+        return torch.float32
+    return dtype
+
+
+def _dtype_note(dtype: torch.dtype, node: fx.Node) -> str:
+    return ", dst_dtype=f32" if dtype != node.meta["val"].dtype else ""
 
 
 def _layouts_to_try(policy: str) -> list[str]:
@@ -93,21 +110,24 @@ def _lower_conv_like(builder: Builder, node: fx.Node, fused: Fused, weight: torc
     then the step.  ``weight`` is already in oneDNN's logical dims; ``create(src, weights, dst, bias, attr)``
     makes the primitive descriptor."""
     out = node.meta["val"]
-    check_dtype(fused.args["input"].meta["val"], out)
+    check_dtype(fused.args["input"].meta["val"], dtypes=F32_OR_BF16)
+    check_dtype(out, dtypes=F32_OR_BF16)  # bfloat16 in, float32 out: a bf16 op with a float32 residual
     x = builder.value_of(fused.args["input"])
     w_mds, b_md = builder.weight_layouts(weight), None if bias is None else plain_md(bias.shape, bias.dtype)
+    dst_dtype = destination_dtype(node)
     for layout in _layouts_to_try(builder.policy):
         snapshot = builder.snapshot()
-        dst_md = policy_md(out.shape, out.dtype, layout)
+        dst_md = policy_md(out.shape, dst_dtype, layout)
         chain = build_chain(builder, fused.post_ops, [operand_of(builder, n) for n in fused.post_inputs], dst_md)
         attr = PrimitiveAttr(chain.post_ops)
-        sources = (x.md, policy_md(x.md.dims, out.dtype, layout))
+        sources = (x.md, policy_md(x.md.dims, fused.args["input"].meta["val"].dtype, layout))
         pd = _first_fast([lambda src=src, w_md=w_md: create(src, w_md, dst_md, b_md, attr)
                           for w_md in w_mds for src in sources])
         if not _is_reference(pd) or layout == "nhwc":
             break
         builder.restore(snapshot, node)
-    _finish(builder, node, pd, builder.convert(x, pd.src_md()), weight, bias, chain, f"dnnl::{fused.label}")
+    _finish(builder, node, pd, builder.convert(x, pd.src_md()), weight, bias, chain, f"dnnl::{fused.label}",
+            _dtype_note(dst_dtype, node))
 
 
 def _constant_weights(builder: Builder, a: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -140,19 +160,21 @@ def lower_linear(builder: Builder, node: fx.Node) -> None:
     if weight is None or weight.dim() != 2 or (a["bias"] is not None and bias is None):
         raise Unsupported("linear weights are not 2-D constants")
     out = node.meta["val"]
-    check_dtype(a["input"].meta["val"], out)
+    check_dtype(a["input"].meta["val"], dtypes=F32_OR_BF16)
+    check_dtype(out, dtypes=F32_OR_BF16)  # bfloat16 in, float32 out: a bf16 op with a float32 residual
     rows = out.numel() // out.shape[-1]
     x = _as_2d(builder, builder.value_of(a["input"]), rows)
-    dst_md = plain_md([rows, weight.shape[0]], out.dtype)
+    dst_dtype = destination_dtype(node)
+    dst_md = plain_md([rows, weight.shape[0]], dst_dtype)
     operands = [_operand_2d(builder, n, rows) for n in fused.post_inputs]
     chain = build_chain(builder, fused.post_ops, operands, dst_md)
     b_md = None if bias is None else plain_md(bias.shape, bias.dtype)
     pd = _first_fast([lambda w_md=w_md: inner_product_pd(builder.engine, x.md, w_md, dst_md, b_md,
                                                          attr=PrimitiveAttr(chain.post_ops))
                       for w_md in builder.weight_layouts(weight)])
-    dst = _finish(builder, node, pd, x, weight, bias, chain, f"dnnl::{fused.label}")
+    dst = _finish(builder, node, pd, x, weight, bias, chain, f"dnnl::{fused.label}", _dtype_note(dst_dtype, node))
     if out.dim() != 2:
-        builder.values[node] = Value(node.name, plain_md(out.shape, out.dtype), ALIAS, dst)
+        builder.values[node] = Value(node.name, plain_md(out.shape, dst_dtype), ALIAS, dst)
 
 
 def _as_2d(builder: Builder, value: Value, rows: int) -> Value:

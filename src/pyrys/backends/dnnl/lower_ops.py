@@ -10,17 +10,21 @@ import operator
 import torch
 import torch.fx as fx
 
-from pyrys.backends.dnnl.builder import Builder, Unsupported, check_dtype, node_text
+from pyrys.backends.dnnl.builder import F32_OR_BF16, Builder, Unsupported, check_dtype, node_text
+from pyrys.backends.dnnl.tensors import DNNL_TO_TORCH, dnnl_dtype
 from pyrys.backends.dnnl.constants import (
-    ARG_DST, ARG_MEAN, ARG_MULTIPLE_SRC, ARG_SCALE, ARG_SHIFT, ARG_SRC, ARG_SRC_1, ARG_VARIANCE, AlgKind,
+    ARG_DST, ARG_FROM, ARG_MEAN, ARG_MULTIPLE_SRC, ARG_SCALE, ARG_SHIFT, ARG_SRC, ARG_SRC_1, ARG_TO, ARG_VARIANCE,
+    AlgKind,
 )
 from pyrys.backends.dnnl.descriptors import (
-    batch_norm_pd, binary_pd, concat_pd, eltwise_pd, layer_norm_pd, pooling_pd, reduction_pd, resampling_pd, softmax_pd,
+    batch_norm_pd, binary_pd, concat_pd, eltwise_pd, layer_norm_pd, pooling_pd, reduction_pd, reorder_pd, resampling_pd,
+    softmax_pd,
 )
-from pyrys.backends.dnnl.layout import POLICY_TAGS, plain_md
+from pyrys.backends.dnnl.layout import POLICY_TAGS, plain_md, policy_md
 from pyrys.backends.dnnl.post_ops import DROPS_NAN, eltwise_post_ops, eltwise_steps
 from pyrys.backends.dnnl.primitives import MemoryDesc, PrimitiveAttr
 from pyrys.backends.dnnl.values import ALIAS, PLANNED, Value
+from pyrys.ir.fused import FUSED_CONV, FUSED_CONV_TRANSPOSE
 from pyrys.ir.graph import op_args
 from pyrys.ir.post_ops import ACTIVATIONS, NoPostOp, PostOp, activation_post_op
 from pyrys.ir.vocabulary import PERMUTES, VIEWS, permutation
@@ -28,25 +32,27 @@ from pyrys.ir.vocabulary import PERMUTES, VIEWS, permutation
 aten = torch.ops.aten
 
 
-def same_layout_md(value: Value, shape) -> MemoryDesc:
-    """A descriptor for ``shape`` in the same kind of layout as ``value`` (policy tag or plain).
+def same_layout_md(value: Value, shape, dtype: torch.dtype | None = None) -> MemoryDesc:
+    """A descriptor for ``shape`` in the same kind of layout as ``value`` (policy tag or plain), of
+    ``value``'s data type or ``dtype``.
 
     A broadcast operand in its partner's layout keeps oneDNN on its fast per-channel paths
     (a plain ``(1, C, 1, 1)`` next to a blocked tensor sends binary ops to the reference kernel).
     """
+    dtype = dtype or DNNL_TO_TORCH[value.md.dtype]
     layout = value.layout()
     for tags in POLICY_TAGS.values():
         for tag in tags.values():
             if tag.name == layout and len(shape) == value.md.ndims:
-                return MemoryDesc.from_tag([int(s) for s in shape], value.md.dtype, tag)
-    return plain_md(shape, torch.float32)
+                return MemoryDesc.from_tag([int(s) for s in shape], dnnl_dtype(dtype), tag)
+    return plain_md(shape, dtype)
 
 
 def _unary(builder: Builder, node: fx.Node, post_op: PostOp) -> None:
     """One eltwise primitive; a chain of steps runs as the post-ops of ``x + 0`` (a binary
     primitive: oneDNN's eltwise primitive takes post-ops only on its reference code)."""
     x = builder.value_of(node.args[0])
-    check_dtype(node.args[0].meta["val"], node.meta["val"])
+    check_dtype(node.args[0].meta["val"], node.meta["val"], dtypes=F32_OR_BF16)
     (alg, alpha, beta), *rest = steps = eltwise_steps(post_op)
     name = post_op.name
     text = node_text(node, f"dnnl::{name}", f"format_info=[{x.layout()}]", [f"%{x.name}"])
@@ -81,12 +87,13 @@ def lower_binary(builder: Builder, node: fx.Node) -> None:
     if node.kwargs.get("alpha", 1) != 1 or len(node.args) > 2:
         raise Unsupported("alpha")
     out = node.meta["val"]
-    check_dtype(out)
+    check_dtype(out, dtypes=F32_OR_BF16)
     if isinstance(b, (int, float)) and isinstance(a, fx.Node):
+        check_dtype(a.meta["val"], out, dtypes=F32_OR_BF16)
         return _linear(builder, node, builder.value_of(a), *_SCALAR_AS_LINEAR[node.target](float(b)))
     if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
         raise Unsupported("operands")
-    check_dtype(a.meta["val"], b.meta["val"])
+    check_dtype(a.meta["val"], b.meta["val"], out, dtypes=F32_OR_BF16)
     if tuple(a.meta["val"].shape) != tuple(out.shape) and node.target in (aten.add.Tensor, aten.mul.Tensor):
         a, b = b, a  # commutative: put the full-shape operand first
     if tuple(a.meta["val"].shape) != tuple(out.shape) or builder.constant(a) is not None:
@@ -128,7 +135,7 @@ def _pool_padding(size: int, out: int, kernel: int, stride: int, pad: int, dilat
 
 def _pool(builder: Builder, node: fx.Node, alg: AlgKind, kernel, stride, padding, dilation=None) -> None:
     x = builder.value_of(node.args[0])
-    check_dtype(node.args[0].meta["val"], node.meta["val"])
+    check_dtype(node.args[0].meta["val"], node.meta["val"], dtypes=F32_OR_BF16)
     out = builder.define(node, None)
     _pool_into(builder, node, out, x, alg, kernel, stride, padding, node.meta["val"].shape, dilation)
 
@@ -230,7 +237,7 @@ def _reduce(builder: Builder, node: fx.Node, x: Value, dims: list[int]) -> Value
 
 def lower_cat(builder: Builder, node: fx.Node) -> None:
     tensors, dim = node.args[0], node.args[1] if len(node.args) > 1 else 0
-    check_dtype(node.meta["val"], *[t.meta["val"] for t in tensors])
+    check_dtype(node.meta["val"], *[t.meta["val"] for t in tensors], dtypes=F32_OR_BF16)
     values = [builder.value_of(t) for t in tensors]
     first = values[0]
     srcs = [builder.convert(v, same_layout_md(first, v.md.dims)) for v in values]
@@ -326,7 +333,7 @@ def lower_view(builder: Builder, node: fx.Node) -> None:
     if source.root.kind != PLANNED:
         raise Unsupported("view of a dynamic tensor")
     meta = node.meta["val"]
-    check_dtype(meta)
+    check_dtype(node.args[0].meta["val"], meta, dtypes=F32_OR_BF16)
     plain = builder.to_plain(source)
     builder.values[node] = Value(node.name, plain_md(meta.shape, meta.dtype), ALIAS, plain)
 
@@ -336,7 +343,7 @@ def lower_permute(builder: Builder, node: fx.Node) -> None:
     source = builder.value_of(node.args[0])
     if source.root.kind != PLANNED:
         raise Unsupported("permute of a dynamic tensor")
-    check_dtype(node.meta["val"])
+    check_dtype(node.args[0].meta["val"], node.meta["val"], dtypes=F32_OR_BF16)
     builder.values[node] = Value(node.name, source.md.permute(permutation(node)), ALIAS, source)
 
 
@@ -346,7 +353,7 @@ def lower_clone(builder: Builder, node: fx.Node) -> None:
     if memory_format not in (torch.contiguous_format, torch.preserve_format, None):
         raise Unsupported(f"clone to {memory_format}")
     source = builder.value_of(node.args[0])
-    check_dtype(node.meta["val"])
+    check_dtype(node.args[0].meta["val"], node.meta["val"], dtypes=F32_OR_BF16)
     plain = builder.to_plain(source) if memory_format == torch.contiguous_format else source
     builder.values[node] = Value(node.name, plain.md, ALIAS, plain)
 
@@ -359,11 +366,33 @@ def lower_split(builder: Builder, node: fx.Node) -> None:
     dim = (node.args[2] if len(node.args) > 2 else 0) % source.md.ndims
     offsets, parts = [0] * source.md.ndims, []
     for index, meta in enumerate(node.meta["val"]):
-        check_dtype(meta)
+        check_dtype(node.args[0].meta["val"], meta, dtypes=F32_OR_BF16)
         md = source.md.submemory(list(meta.shape), offsets)
         parts.append(Value(f"{node.name}[{index}]", md, ALIAS, source))
         offsets[dim] += int(meta.shape[dim])
     builder.parts[node] = parts
+
+
+def lower_convert(builder: Builder, node: fx.Node) -> None:
+    """``to(x, dtype)`` between float32 and bfloat16 (``passes/precision.py``): a reorder into the same kind
+    of layout in the other data type."""
+    a = op_args(node)
+    if a.get("memory_format") not in (None, torch.preserve_format):
+        raise Unsupported(f"to() with memory_format={a['memory_format']}")
+    check_dtype(node.args[0].meta["val"], dtypes=F32_OR_BF16)
+    check_dtype(node.meta["val"], dtypes=F32_OR_BF16)
+    x = builder.value_of(node.args[0])
+    dtype = node.meta["val"].dtype
+    if x.md.dtype == dnnl_dtype(dtype):  # its producer wrote this data type already (destination_dtype)
+        builder.values[node] = x
+        return
+    md = same_layout_md(x, x.md.dims, dtype)
+    if node.users and all(user.target in (FUSED_CONV, FUSED_CONV_TRANSPOSE) for user in node.users):
+        md = policy_md(x.md.dims, dtype, builder.policy)  # straight into the layout the convs read
+    pd = reorder_pd(builder.engine, x.md, md)
+    out = builder.define(node, pd.dst_md())
+    text = node_text(node, "dnnl::reorder", f"format_info=[{x.layout()} -> {out.layout()}]", [f"%{x.name}"])
+    builder.add_primitive(text, pd, {ARG_FROM: x, ARG_TO: out}, [x], [out])
 
 
 def lower_getitem(builder: Builder, node: fx.Node) -> None:
@@ -402,4 +431,5 @@ LOWERINGS = {
     aten.split.Tensor: lower_split,
     aten.split_with_sizes.default: lower_split,
     operator.getitem: lower_getitem,
+    aten.to.dtype: lower_convert,
 }

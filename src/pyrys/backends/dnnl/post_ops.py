@@ -137,14 +137,17 @@ def _append_binary(builder: Builder, chain: Chain, name: str, operand: Operand, 
         raise Unsupported(f"binary post-op {name} has no oneDNN equivalent")
     value = operand.value
     dims = [1] * (dst_md.ndims - value.md.ndims) + list(value.md.dims)
-    md = dst_md if tuple(dims) == tuple(dst_md.dims) else _like(dst_md, dims)
+    same = tuple(dims) == tuple(dst_md.dims) and value.md.dtype == dst_md.dtype
+    md = dst_md if same else _like(dst_md, dims, value.md.dtype)  # the operand keeps its data type
     index = chain.post_ops.append_binary(BINARY[name], md)
     chain.binary_operands[index] = builder.convert(value, md)
 
 
-def _like(dst_md: MemoryDesc, dims: list[int]) -> MemoryDesc:
-    """A broadcast operand's descriptor in the destination's layout (plain if the destination is)."""
+def _like(dst_md: MemoryDesc, dims: list[int], dtype=None) -> MemoryDesc:
+    """A broadcast operand's descriptor in the destination's layout (plain if the destination is), of the
+    destination's data type or ``dtype`` (a oneDNN data type)."""
+    dtype = dst_md.dtype if dtype is None else dtype
     tag = dst_md.layout_tag()
     if tag in FormatTag.__members__ and len(dims) == dst_md.ndims:
-        return MemoryDesc.from_tag(dims, dst_md.dtype, FormatTag[tag])
-    return plain_md(dims, DNNL_TO_TORCH[dst_md.dtype])
+        return MemoryDesc.from_tag(dims, dtype, FormatTag[tag])
+    return plain_md(dims, DNNL_TO_TORCH[dtype])

@@ -1,0 +1,138 @@
+"""Lower precision: the ops with fast bfloat16 kernels run in bfloat16, every other op in float32.
+
+With ``precision="bf16"`` each op of :data:`BF16_OPS` whose floating-point inputs are float32
+runs in bfloat16: an activation input is converted (``aten::to(%x, torch.bfloat16)``), a constant
+input (a weight, a bias, a residual constant) becomes a bfloat16 constant (constant propagation
+evaluates its conversion once), and its output is bfloat16.  An op outside the set that reads a
+bfloat16 value reads it converted back to float32, and so do the graph's outputs: the caller gets
+float32 as before.  A value is converted at most once each way, and never between two bf16 ops,
+so every conversion left is a node of the graph and a line of the program text.  A fused op's
+float32 residual operand stays float32, and so does its result: a transformer's residual stream,
+between float32 layer norms, is never rounded to bfloat16.
+
+    %y = conv(%x, %W) ; %z = softmax(%y)
+    ->  %x_bf16 = to(%x, bf16) ; %y = conv(%x_bf16, %W_bf16) ; %y_f32 = to(%y, f32) ; %z = softmax(%y_f32)
+
+The kernels accumulate in float32 (oneDNN's bf16 convolution, inner product and matmul do, and so
+do torch's); what bfloat16 loses is the 8-bit mantissa of each stored value, about 4e-3 relative.
+Ops kept in float32 (normalizations, softmax, reductions, everything not listed) are the ones
+whose result depends on summing or exponentiating many values, or that oneDNN has no bf16 path
+for here.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import replace
+
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_map
+
+from pyrys.ir.edit import insert_op
+from pyrys.ir.meta import settle_meta
+from pyrys.ir.provenance import copies
+from pyrys.ir.fused import FUSED_OPS, Fused, read_fused
+from pyrys.ir.post_ops import ACTIVATIONS
+from pyrys.ir.vocabulary import PERMUTES, VIEWS, WEIGHTED
+from pyrys.passes.rewrite import PassResult
+
+aten = torch.ops.aten
+PRECISIONS = ("fp32", "bf16")
+LOW = torch.bfloat16
+HIGH = torch.float32
+CONVERT = aten.to.dtype  # to(x, dtype): the one conversion op this pass writes
+
+# the ops that run in bfloat16: the weighted ops and their fused forms, and the cheap elementwise,
+# pooling and data-movement ops between them (so no conversion separates two of them)
+BF16_OPS = frozenset({
+    *WEIGHTED, *FUSED_OPS,
+    aten.matmul.default, aten.bmm.default, aten.mm.default,
+    aten.max_pool1d.default, aten.max_pool2d.default, aten.max_pool3d.default,
+    aten.avg_pool1d.default, aten.avg_pool2d.default, aten.avg_pool3d.default,
+    aten.adaptive_avg_pool1d.default, aten.adaptive_avg_pool2d.default,
+    *ACTIVATIONS, aten.add.Tensor, aten.mul.Tensor, aten.sub.Tensor, aten.div.Tensor,
+    aten.cat.default, *VIEWS, *PERMUTES, aten.clone.default, aten.contiguous.default,
+    aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int,
+})
+
+
+def lower_precision(gm: fx.GraphModule, precision: str) -> PassResult:
+    """Run :data:`BF16_OPS` in bfloat16 when ``precision == "bf16"`` (see the module docstring);
+    ``fired["bf16"]`` counts the ops moved, ``fired["conversion"]`` the conversions written."""
+    result = PassResult()
+    if precision != "bf16":
+        return result
+    low: set[fx.Node] = set()  # nodes whose value is bfloat16 now
+    converted: dict[tuple[fx.Node, torch.dtype], fx.Node] = {}
+
+    def convert(node: fx.Node, dtype: torch.dtype, first_user: fx.Node) -> fx.Node:
+        """``node`` converted to ``dtype``, once: before its first user (nodes are visited in order)."""
+        if (node, dtype) not in converted:
+            with gm.graph.inserting_before(first_user):
+                converted[node, dtype] = insert_op(gm.graph, CONVERT, (node, dtype), f"{node.name}_{_SHORT[dtype]}")
+            copies(converted[node, dtype], node)
+            result.fired["conversion"] += 1
+        return converted[node, dtype]
+
+    rewired: list[fx.Node] = []  # their values are inferred once every op is rewired (each in turn would
+    for node in list(gm.graph.nodes):  # see a bfloat16 input next to the float32 weights of the op after it)
+        if node.op not in ("call_function", "output"):
+            continue
+        if node.op == "call_function" and _runs_low(node, low):
+            fused = read_fused(node)
+            kept = _float32_residuals(fused, low)
+            if kept:  # y = op(x_bf16, W_bf16) + r in float32: the sum is never rounded to bfloat16
+                own = {name: _as_low(arg, low, convert, node) for name, arg in fused.args.items()}
+                operands = tuple(p if p in kept else _as_low(p, low, convert, node) for p in fused.post_inputs)
+                node.args, node.kwargs = replace(fused, args=own, post_inputs=operands).node_args(), {}
+            else:
+                node.args, node.kwargs = tree_map(lambda a: _as_low(a, low, convert, node), (node.args, node.kwargs))
+                low.add(node)
+            rewired.append(node)
+            result.fired["bf16"] += node.target is not operator.getitem
+        elif any(a in low for a in node.all_input_nodes):
+            node.args, node.kwargs = tree_map(lambda a: convert(a, HIGH, node) if a in low else a,
+                                              (node.args, node.kwargs))
+            rewired.append(node)
+    settle_meta(rewired)  # in graph order: each node after the nodes it reads
+    gm.graph.lint()
+    gm.recompile()
+    return result
+
+
+def _runs_low(node: fx.Node, low: set[fx.Node]) -> bool:
+    """Whether ``node`` runs in bfloat16: a listed op on float32 (or already bfloat16) tensors only, making
+    float32 tensors; a ``getitem`` follows its source."""
+    if node.target is operator.getitem:
+        return node.args[0] in low
+    if node.target not in BF16_OPS or not _is_high(node.meta.get("val")):
+        return False
+    return all(a in low or _is_high(a.meta.get("val")) or not isinstance(a.meta.get("val"), torch.Tensor)
+               for a in node.all_input_nodes)
+
+
+def _float32_residuals(fused: Fused | None, low: set[fx.Node]) -> set[fx.Node]:
+    """The binary post-op operands of a fused op that are float32 activations (a transformer's residual
+    stream, between float32 norms): they stay float32, and so does the op's result (the kernel adds in
+    float32 and writes float32).  Not the op's own input: that one is converted."""
+    if fused is None:
+        return set()
+    return {p for p in fused.post_inputs if p not in low and p.op != "get_attr" and _is_high(p.meta.get("val"))
+            and p is not fused.args["input"]}
+
+
+def _as_low(arg, low: set[fx.Node], convert, user: fx.Node):
+    """``arg`` as bfloat16: itself if it is bfloat16 already (or not a float32 tensor), else converted."""
+    if not isinstance(arg, fx.Node) or arg in low or not _is_high(arg.meta.get("val")):
+        return arg
+    return convert(arg, LOW, user)
+
+
+def _is_high(value) -> bool:
+    """A float32 tensor, or a tuple or list of them (a split's value)."""
+    if isinstance(value, (tuple, list)):
+        return bool(value) and all(_is_high(v) for v in value)
+    return isinstance(value, torch.Tensor) and value.dtype == HIGH
+
+
+_SHORT = {LOW: "bf16", HIGH: "f32"}

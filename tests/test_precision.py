@@ -1,0 +1,164 @@
+"""precision="bf16": the graph it makes, its accuracy, its oneDNN program, and every way it is reached.
+
+Where the CPU has no native bfloat16 pyrys runs fp32 (tested with the CPU check forced off); the
+bf16 graph itself is tested on every CPU with the check forced on (torch and oneDNN emulate
+bfloat16 where the CPU lacks it: slow, but the same arithmetic).  Tests of the oneDNN program's
+kernels need a CPU with native bf16 and say so when skipped.
+"""
+from __future__ import annotations
+
+import importlib
+import tempfile
+
+import pytest
+import torch
+
+import pyrys
+from pyrys.bench.models import Encoder
+from pyrys.machine import native_bf16
+from pyrys.numerics import BF16_TOLERANCE, FP32_TOLERANCE
+from pyrys.testing import torchvision_model
+from tests.caller_helpers import images, run_together
+from tests.conftest import spy_dynamo_graphs
+from tests.models import conv_bn_relu, image
+
+optimize_module = importlib.import_module("pyrys.optimize")
+needs_native_bf16 = pytest.mark.skipif(not native_bf16(), reason="the CPU has no native bf16 (avx512_bf16, amx_bf16)")
+
+
+@pytest.fixture
+def bf16_cpu(monkeypatch):
+    """Treat this CPU as one with native bf16, so the bf16 graph is built and run here too."""
+    monkeypatch.setattr(optimize_module, "native_bf16", lambda: True)
+
+
+GOLDEN = """graph(%x : Float(1, 3, 6, 6)):
+  %x_bf16 : BFloat16(1, 3, 6, 6) = aten::to(%x, torch.bfloat16)
+  %conv_weight_bn_folded_bf16_1 : BFloat16(4, 3, 3, 3) = prim::Constant[value=<Tensor>]()
+  %conv_bias_bn_folded_bf16_1 : BFloat16(4) = prim::Constant[value=<Tensor>]()
+  %conv2d_1 : BFloat16(1, 4, 4, 4) = pyrys::conv2d_relu(%x_bf16, %conv_weight_bn_folded_bf16_1, %conv_bias_bn_folded_bf16_1, [1, 1], [0, 0], [1, 1], 1)
+  %conv2d_1_f32 : Float(1, 4, 4, 4) = aten::to(%conv2d_1, torch.float32)
+  return (%conv2d_1_f32)"""
+
+
+def test_golden_graph_and_counts(bf16_cpu, backend):
+    opt = pyrys.optimize(conv_bn_relu(), (image(),), backend=backend, precision="bf16")
+    assert opt.graph == GOLDEN
+    (step,) = [s for s in opt.history if s.name == "lower_precision"]
+    assert step.fired == {"bf16": 1, "conversion": 4}  # the conv; input, weight, bias, output
+    y = opt(image())
+    assert y.dtype == torch.float32 and 1e-5 < pyrys.relative_error(y, conv_bn_relu()(image())) <= BF16_TOLERANCE
+
+
+def test_fp32_is_the_default_and_untouched(backend):
+    opt = pyrys.optimize(conv_bn_relu(), (image(),), backend=backend)
+    (step,) = [s for s in opt.history if s.name == "lower_precision"]
+    assert step.fired == {} and "BFloat16" not in opt.graph
+
+
+def test_a_torchvision_model_in_bf16(bf16_cpu, backend):
+    model, x = torchvision_model("resnet18"), torch.rand(2, 3, 64, 64)
+    opt = pyrys.optimize(model, (x,), backend=backend, precision="bf16", numerics=True)
+    error = pyrys.relative_error(opt(x), model(x))
+    assert 1e-5 < error <= BF16_TOLERANCE  # bf16 really ran, and within its tolerance
+    report = opt.numerics
+    assert report.tolerance == BF16_TOLERANCE and report.first_over() is None, report.render()
+    rows = dict(report.passes)
+    assert rows["fuse_post_ops"] <= FP32_TOLERANCE < rows["lower_precision"]  # where the error comes from
+    assert report.layers and all(layer.error <= BF16_TOLERANCE for layer in report.layers), report.render()
+
+
+def test_bisect_names_the_precision_pass(bf16_cpu):
+    found = pyrys.bisect(conv_bn_relu(), (image(),), backend="reference", precision="bf16")
+    assert found.stage == "lower_precision" and any("aten::to(%x, torch.bfloat16)" in line for line in found.changed)
+
+
+def test_norms_and_softmax_stay_in_float32(bf16_cpu, backend):
+    torch.manual_seed(0)
+    model = Encoder(layers=2, width=64, heads=4, tokens=16).eval()
+    inputs = model.example_inputs(2)
+    opt = pyrys.optimize(model, inputs, backend=backend, precision="bf16")
+    assert pyrys.relative_error(opt(*inputs), model(*inputs)) <= BF16_TOLERANCE
+    lines = opt.graph.splitlines()
+    assert all(line.split(" = ")[0].endswith(")") and ": Float(" in line
+               for line in lines if "aten::layer_norm" in line or "aten::_softmax" in line or "aten::softmax" in line)
+    assert any(": BFloat16(" in line and "pyrys::linear" in line for line in lines)
+
+
+def test_new_shapes_and_save_load(bf16_cpu, backend):
+    model = conv_bn_relu()
+    opt = pyrys.optimize(model, (image(),), backend=backend, precision="bf16")
+    assert pyrys.relative_error(opt(image(batch=3)), model(image(batch=3))) <= BF16_TOLERANCE
+    with tempfile.TemporaryDirectory() as directory:
+        pyrys.save(opt, f"{directory}/m")
+        loaded = pyrys.load(f"{directory}/m")
+    assert torch.equal(loaded(image()), opt(image())) and "BFloat16" in loaded.graph
+
+
+def test_without_native_bf16_it_runs_fp32_and_says_so(monkeypatch, backend):
+    monkeypatch.setattr(optimize_module, "native_bf16", lambda: False)
+    opt = pyrys.optimize(conv_bn_relu(), (image(),), backend=backend, precision="bf16")
+    assert any("precision='bf16' runs in fp32 here" in note for note in opt.notes)
+    assert "BFloat16" not in opt.graph
+    assert pyrys.relative_error(opt(image()), conv_bn_relu()(image())) <= FP32_TOLERANCE
+
+
+def test_a_bad_precision_is_refused():
+    with pytest.raises(ValueError, match=r"precision must be one of \('fp32', 'bf16'\), got 'int4'"):
+        pyrys.optimize(conv_bn_relu(), (image(),), precision="int4")
+
+
+def test_torch_compile_option(bf16_cpu, monkeypatch, backend):
+    torch._dynamo.reset()
+    graphs = spy_dynamo_graphs(monkeypatch)
+    model = conv_bn_relu()
+    y = torch.compile(model, backend="pyrys", options={"backend": backend, "precision": "bf16"})(image())
+    (opt,) = graphs[0].programs.values()
+    assert "BFloat16" in opt.graph and y.dtype == torch.float32
+    assert pyrys.relative_error(y, model(image())) <= BF16_TOLERANCE
+
+
+def test_many_callers_get_the_single_callers_answer(bf16_cpu, backend):
+    model = conv_bn_relu()
+    opt = pyrys.optimize(model, (image(),), backend=backend, precision="bf16")
+    inputs = images(8, seed=3, shape=(1, 3, 6, 6))
+    expected = [opt(x) for x in inputs]
+
+    def caller():
+        return all(torch.equal(opt(x), want) for _ in range(10) for x, want in zip(inputs, expected))
+
+    assert all(run_together([caller] * 4))
+
+
+@needs_native_bf16
+def test_the_dnnl_program_runs_the_convs_in_bf16():
+    model = torchvision_model("resnet18")
+    opt = pyrys.optimize(model, (torch.rand(1, 3, 64, 64),), backend="dnnl", precision="bf16")
+    lines = opt.program_text().splitlines()
+    convs = [line for line in lines if "dnnl::conv2d" in line]
+    assert len(convs) == 20 and all(": BFloat16(" in line for line in convs)
+    assert not [line for line in lines if "torch::" in line]
+    converts = [line for line in lines if "dnnl::reorder" in line and ("_bf16 :" in line or "_f32 :" in line)]
+    assert len(converts) == 1 and "acdb" in converts[0]  # the input into bf16, straight into the convs' layout
+    (linear,) = [line for line in lines if "dnnl::linear" in line]
+    assert "dst_dtype=f32" in linear  # the classifier writes float32 itself: no conversion step after it
+
+
+@needs_native_bf16
+def test_a_model_already_in_bf16_runs_in_onednn():
+    model = torchvision_model("resnet18").to(torch.bfloat16)
+    x = torch.rand(1, 3, 64, 64).to(torch.bfloat16)
+    opt = pyrys.optimize(model, (x,), backend="dnnl")
+    y = opt(x)
+    assert y.dtype == torch.bfloat16 and pyrys.relative_error(y.float(), model(x).float()) <= BF16_TOLERANCE
+    lines = opt.program_text().splitlines()
+    assert sum("dnnl::conv2d" in line for line in lines) == 20 and not [line for line in lines if "torch::" in line]
+
+
+def test_explain_cli_precision(bf16_cpu, capsys):
+    from pyrys.cli import main
+
+    assert main(["explain", "tests.models:conv_bn_relu", "--input-shape", "1x3x6x6", "--precision", "bf16",
+                 "--numerics"]) == 0
+    out = capsys.readouterr().out
+    assert "lower_precision: 5 changed (conversion: 4, bf16: 1)" in out and "(tolerance 3e-02)" in out
