@@ -162,3 +162,37 @@ def test_explain_cli_precision(bf16_cpu, capsys):
                  "--numerics"]) == 0
     out = capsys.readouterr().out
     assert "lower_precision: 5 changed (conversion: 4, bf16: 1)" in out and "(tolerance 3e-02)" in out
+
+
+class Stream(torch.nn.Module):
+    """A position embedding added to the input, a residual stream between layer norms, a 0-dim operand,
+    and angles for sin/cos: values no bf16 op computed."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc, self.pos = torch.nn.Linear(8, 8), torch.nn.Parameter(torch.randn(1, 8))
+
+    def forward(self, x, t):
+        h = x + self.pos
+        for _ in range(3):
+            h = h + self.fc(torch.layer_norm(h, (8,)))
+        angles = t[:, None] * torch.arange(1, 9).float()[None] * 37.5
+        return h + self.fc(x).mean(), torch.cat([angles.sin(), angles.cos()], -1)
+
+
+def test_float32_values_no_bf16_op_computed_stay_float32(bf16_cpu, backend):
+    model, x, t = Stream().eval(), torch.randn(4, 8), torch.tensor([1.0, 500.0, 999.0, 3.0])
+    opt = pyrys.optimize(model, (x, t), backend=backend, precision="bf16", verify=True)
+    outputs = opt(x, t)
+    assert [y.dtype for y in outputs] == [torch.float32, torch.float32]
+    assert pyrys.relative_error(outputs, model(x, t)) <= BF16_TOLERANCE  # the angles were not rounded
+    lines = {line.split(" : ")[0].strip(): line for line in opt.graph.splitlines() if " : " in line}
+    assert ": Float(" in lines["%add"] and ": Float(" in lines["%mul"] and ": Float(" in lines["%mul_1"]
+    fused = [line for line in lines.values() if "pyrys::linear_add" in line]
+    assert len(fused) == 3 and all(": Float(" in line and "_bf16" in line for line in fused)  # bf16 in, f32 sum
+
+
+def test_unfrozen_weights_stay_float32(bf16_cpu, backend):
+    opt = pyrys.optimize(conv_bn_relu(), (image(),), backend=backend, precision="bf16", freeze_params=())
+    assert "BFloat16" not in opt.graph  # converting them on every call would cost more than bf16 saves

@@ -1,14 +1,16 @@
 """Lower precision: the ops with fast bfloat16 kernels run in bfloat16, every other op in float32.
 
-With ``precision="bf16"`` each op of :data:`BF16_OPS` whose floating-point inputs are float32
-runs in bfloat16: an activation input is converted (``aten::to(%x, torch.bfloat16)``), a constant
-input (a weight, a bias, a residual constant) becomes a bfloat16 constant (constant propagation
-evaluates its conversion once), and its output is bfloat16.  An op outside the set that reads a
-bfloat16 value reads it converted back to float32, and so do the graph's outputs: the caller gets
-float32 as before.  A value is converted at most once each way, and never between two bf16 ops,
-so every conversion left is a node of the graph and a line of the program text.  A fused op's
-float32 residual operand stays float32, and so does its result: a transformer's residual stream,
-between float32 layer norms, is never rounded to bfloat16.
+With ``precision="bf16"`` the ops of :data:`COMPUTE_OPS` (convolutions, linears, matmuls) run in
+bfloat16, and so do the cheap ops of :data:`BETWEEN_OPS` that read only bfloat16 activations: an
+activation input is converted (``aten::to(%x, torch.bfloat16)``), a constant input (a weight, a
+bias, a residual constant) becomes a bfloat16 constant (constant propagation evaluates its
+conversion once), and the output is bfloat16.  An op that stays float32 and reads a bfloat16 value
+reads it converted back, and so do the graph's outputs: the caller gets float32 as before.  A value
+is converted at most once each way, and never between two bf16 ops, so every conversion left is a
+node of the graph and a line of the program text.  A fused op's float32 residual operand stays
+float32, and so does its result: a transformer's residual stream, between float32 layer norms, is
+never rounded to bfloat16; nor is a float32 value no bf16 op computed (a position embedding added
+to the input, the angles of a rotary embedding).
 
     %y = conv(%x, %W) ; %z = softmax(%y)
     ->  %x_bf16 = to(%x, bf16) ; %y = conv(%x_bf16, %W_bf16) ; %y_f32 = to(%y, f32) ; %z = softmax(%y_f32)
@@ -32,8 +34,9 @@ from pyrys.ir.edit import insert_op
 from pyrys.ir.meta import settle_meta
 from pyrys.ir.provenance import copies
 from pyrys.ir.fused import FUSED_OPS, Fused, read_fused
+from pyrys.ir.graph import op_args
 from pyrys.ir.post_ops import ACTIVATIONS
-from pyrys.ir.vocabulary import PERMUTES, VIEWS, WEIGHTED
+from pyrys.ir.vocabulary import PERMUTES, VIEWS, WEIGHTED, is_pure
 from pyrys.passes.rewrite import PassResult
 
 aten = torch.ops.aten
@@ -42,11 +45,13 @@ LOW = torch.bfloat16
 HIGH = torch.float32
 CONVERT = aten.to.dtype  # to(x, dtype): the one conversion op this pass writes
 
-# the ops that run in bfloat16: the weighted ops and their fused forms, and the cheap elementwise,
-# pooling and data-movement ops between them (so no conversion separates two of them)
-BF16_OPS = frozenset({
-    *WEIGHTED, *FUSED_OPS,
-    aten.matmul.default, aten.bmm.default, aten.mm.default,
+# the ops worth running in bfloat16: each moves when its floating-point inputs are float32 or bfloat16
+# and its weight (if it has one) is a constant
+COMPUTE_OPS = frozenset({*WEIGHTED, *FUSED_OPS, aten.matmul.default, aten.bmm.default, aten.mm.default})
+# the cheap ops between them: each moves only when every activation it reads is bfloat16 already, so
+# float32 values are never rounded for nothing (a position embedding added to the input, angles
+# computed for a rotary embedding, a residual stream added to a linear's result stay float32)
+BETWEEN_OPS = frozenset({
     aten.max_pool1d.default, aten.max_pool2d.default, aten.max_pool3d.default,
     aten.avg_pool1d.default, aten.avg_pool2d.default, aten.avg_pool3d.default,
     aten.adaptive_avg_pool1d.default, aten.adaptive_avg_pool2d.default,
@@ -54,6 +59,7 @@ BF16_OPS = frozenset({
     aten.cat.default, *VIEWS, *PERMUTES, aten.clone.default, aten.contiguous.default,
     aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int,
 })
+BF16_OPS = COMPUTE_OPS | BETWEEN_OPS
 
 
 def lower_precision(gm: fx.GraphModule, precision: str) -> PassResult:
@@ -101,14 +107,38 @@ def lower_precision(gm: fx.GraphModule, precision: str) -> PassResult:
 
 
 def _runs_low(node: fx.Node, low: set[fx.Node]) -> bool:
-    """Whether ``node`` runs in bfloat16: a listed op on float32 (or already bfloat16) tensors only, making
-    float32 tensors; a ``getitem`` follows its source."""
+    """Whether ``node`` runs in bfloat16: an op of :data:`COMPUTE_OPS` (with a constant weight) or of
+    :data:`BETWEEN_OPS` (reading bfloat16 activations only) on float32 or bfloat16 tensors, making float32
+    tensors; a ``getitem`` follows its source."""
     if node.target is operator.getitem:
         return node.args[0] in low
     if node.target not in BF16_OPS or not _is_high(node.meta.get("val")):
         return False
-    return all(a in low or _is_high(a.meta.get("val")) or not isinstance(a.meta.get("val"), torch.Tensor)
-               for a in node.all_input_nodes)
+    tensors = [a for a in node.all_input_nodes if isinstance(a.meta.get("val"), (torch.Tensor, tuple, list))]
+    if not all(a in low or _is_high(a.meta.get("val")) for a in tensors):
+        return False  # an integer or float64 tensor among its inputs
+    if node.target in COMPUTE_OPS:
+        return _weight_is_constant(node)
+    activations = [a for a in tensors if a.op != "get_attr"]
+    return bool(activations) and all(a in low for a in activations)
+
+
+def _weight_is_constant(node: fx.Node) -> bool:
+    """A conv's, transposed conv's or linear's weight is a constant, or computed from constants only (a fold
+    the next constant propagation evaluates); an unfrozen one would be converted on every call, and the
+    backends take constant weights only.  A matmul has none."""
+    fused = read_fused(node)
+    if fused is not None:
+        return _from_constants(fused.args["weight"])
+    return node.target not in WEIGHTED or _from_constants(op_args(node)["weight"])
+
+
+def _from_constants(arg) -> bool:
+    if not isinstance(arg, fx.Node):
+        return True
+    if arg.op == "get_attr":
+        return True
+    return arg.op == "call_function" and is_pure(arg) and all(_from_constants(a) for a in arg.all_input_nodes)
 
 
 def _float32_residuals(fused: Fused | None, low: set[fx.Node]) -> set[fx.Node]:
@@ -118,7 +148,7 @@ def _float32_residuals(fused: Fused | None, low: set[fx.Node]) -> set[fx.Node]:
     if fused is None:
         return set()
     return {p for p in fused.post_inputs if p not in low and p.op != "get_attr" and _is_high(p.meta.get("val"))
-            and p is not fused.args["input"]}
+            and p.meta["val"].dim() > 0 and p is not fused.args["input"]}  # a 0-dim one would not promote
 
 
 def _as_low(arg, low: set[fx.Node], convert, user: fx.Node):
