@@ -133,7 +133,7 @@ def test_many_callers_get_the_single_callers_answer(bf16_cpu, backend):
 @needs_native_bf16
 def test_the_dnnl_program_runs_the_convs_in_bf16():
     model = torchvision_model("resnet18")
-    opt = pyrys.optimize(model, (torch.rand(1, 3, 64, 64),), backend="dnnl", precision="bf16")
+    opt = pyrys.optimize(model, (torch.rand(1, 3, 64, 64),), backend="dnnl", precision="bf16", layout="nhwc")
     lines = opt.program_text().splitlines()
     convs = [line for line in lines if "dnnl::conv2d" in line]
     assert len(convs) == 20 and all(": BFloat16(" in line for line in convs)
@@ -178,7 +178,8 @@ class Stream(torch.nn.Module):
         for _ in range(3):
             h = h + self.fc(torch.layer_norm(h, (8,)))
         angles = t[:, None] * torch.arange(1, 9).float()[None] * 37.5
-        return h + self.fc(x).mean(), torch.cat([angles.sin(), angles.cos()], -1)
+        rotary = torch.matmul(t[:, None], t[None, :] * 0 + 37.5)  # two activations (a constant would be a linear)
+        return h + self.fc(x).mean(), torch.cat([angles.sin(), angles.cos(), rotary.sin()], -1)
 
 
 def test_float32_values_no_bf16_op_computed_stay_float32(bf16_cpu, backend):
@@ -189,6 +190,7 @@ def test_float32_values_no_bf16_op_computed_stay_float32(bf16_cpu, backend):
     assert pyrys.relative_error(outputs, model(x, t)) <= BF16_TOLERANCE  # the angles were not rounded
     lines = {line.split(" : ")[0].strip(): line for line in opt.graph.splitlines() if " : " in line}
     assert ": Float(" in lines["%add"] and ": Float(" in lines["%mul"] and ": Float(" in lines["%mul_1"]
+    assert ": Float(" in lines["%matmul"]  # a product of two float32 values no bf16 op computed
     fused = [line for line in lines.values() if "pyrys::linear_add" in line]
     assert len(fused) == 3 and all(": Float(" in line and "_bf16" in line for line in fused)  # bf16 in, f32 sum
 

@@ -45,9 +45,11 @@ LOW = torch.bfloat16
 HIGH = torch.float32
 CONVERT = aten.to.dtype  # to(x, dtype): the one conversion op this pass writes
 
-# the ops worth running in bfloat16: each moves when its floating-point inputs are float32 or bfloat16
-# and its weight (if it has one) is a constant
-COMPUTE_OPS = frozenset({*WEIGHTED, *FUSED_OPS, aten.matmul.default, aten.bmm.default, aten.mm.default})
+# the ops worth running in bfloat16: a conv or linear when its weight is a constant; a matrix product of
+# two activations when one of them is bfloat16 already (attention's q @ k^T after the projections, not
+# the float32 angles of a rotary embedding)
+MATMULS = frozenset({aten.matmul.default, aten.bmm.default, aten.mm.default})
+COMPUTE_OPS = frozenset({*WEIGHTED, *FUSED_OPS, *MATMULS})
 # the cheap ops between them: each moves only when every activation it reads is bfloat16 already, so
 # float32 values are never rounded for nothing (a position embedding added to the input, angles
 # computed for a rotary embedding, a residual stream added to a linear's result stay float32)
@@ -107,9 +109,9 @@ def lower_precision(gm: fx.GraphModule, precision: str) -> PassResult:
 
 
 def _runs_low(node: fx.Node, low: set[fx.Node]) -> bool:
-    """Whether ``node`` runs in bfloat16: an op of :data:`COMPUTE_OPS` (with a constant weight) or of
-    :data:`BETWEEN_OPS` (reading bfloat16 activations only) on float32 or bfloat16 tensors, making float32
-    tensors; a ``getitem`` follows its source."""
+    """Whether ``node`` runs in bfloat16: an op of :data:`COMPUTE_OPS` (see there) or of :data:`BETWEEN_OPS`
+    (reading bfloat16 activations only) on float32 or bfloat16 tensors, making float32 tensors; a
+    ``getitem`` follows its source."""
     if node.target is operator.getitem:
         return node.args[0] in low
     if node.target not in BF16_OPS or not _is_high(node.meta.get("val")):
@@ -117,20 +119,22 @@ def _runs_low(node: fx.Node, low: set[fx.Node]) -> bool:
     tensors = [a for a in node.all_input_nodes if isinstance(a.meta.get("val"), (torch.Tensor, tuple, list))]
     if not all(a in low or _is_high(a.meta.get("val")) for a in tensors):
         return False  # an integer or float64 tensor among its inputs
+    activations = [a for a in tensors if a.op != "get_attr"]
+    if node.target in MATMULS:
+        return any(a in low for a in activations)
     if node.target in COMPUTE_OPS:
         return _weight_is_constant(node)
-    activations = [a for a in tensors if a.op != "get_attr"]
     return bool(activations) and all(a in low for a in activations)
 
 
 def _weight_is_constant(node: fx.Node) -> bool:
     """A conv's, transposed conv's or linear's weight is a constant, or computed from constants only (a fold
     the next constant propagation evaluates); an unfrozen one would be converted on every call, and the
-    backends take constant weights only.  A matmul has none."""
+    backends take constant weights only."""
     fused = read_fused(node)
     if fused is not None:
         return _from_constants(fused.args["weight"])
-    return node.target not in WEIGHTED or _from_constants(op_args(node)["weight"])
+    return _from_constants(op_args(node)["weight"])
 
 
 def _from_constants(arg) -> bool:
