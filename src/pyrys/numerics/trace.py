@@ -1,9 +1,9 @@
 """Measuring one compile: the graph after every pass, and the backend's program, against eager.
 
 ``optimize(..., numerics=True)`` makes a :class:`NumericsTrace` that computes the model's own
-outputs at its first measurement (:mod:`pyrys.numerics.eager`); the pass manager calls :meth:`NumericsTrace.measure` after every
-pass (its ``measure`` instrument), which runs that graph on the reference backend on the
-example inputs; at the captured graph it also keeps every intermediate value, which
+outputs at its first measurement (:mod:`pyrys.numerics.eager`); the pass manager calls
+:meth:`NumericsTrace.measure` after every pass (its ``measure`` instrument), which runs that
+graph on the reference backend on the example inputs; at the captured graph it also keeps every intermediate value, which
 :meth:`NumericsTrace.report` compares with the backend program's layers
 (:mod:`pyrys.numerics.layers`) and then lets go.
 """
@@ -24,7 +24,8 @@ from pyrys.passes.pipeline import Step
 
 
 class NumericsTrace:
-    """The errors of one compile on one set of example inputs (``eager``: the model's flat outputs on them)."""
+    """The errors of one compile on one set of example inputs (``run_eager``: the model's flat outputs on
+    them, computed once, at the first measurement: after the capture)."""
 
     def __init__(self, run_eager: Callable[[], list], tolerance: float = FP32_TOLERANCE):
         self.run_eager, self.tolerance = run_eager, tolerance
