@@ -104,7 +104,7 @@ def test_without_native_bf16_it_runs_fp32_and_says_so(monkeypatch, backend):
 
 
 def test_a_bad_precision_is_refused():
-    with pytest.raises(ValueError, match=r"precision must be one of \('fp32', 'bf16'\), got 'int4'"):
+    with pytest.raises(ValueError, match=r"precision must be one of \('fp32', 'bf16', 'int8'\), got 'int4'"):
         pyrys.optimize(conv_bn_relu(), (image(),), precision="int4")
 
 

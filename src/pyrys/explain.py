@@ -31,7 +31,7 @@ VERBS = {
     "freeze_params": "frozen", "freeze_flags": "frozen", "constant_propagation": "evaluated",
     "dead_code_elimination": "removed", "common_subexpression_elimination": "merged", "simplify": "simplified",
     "fold_conv_bn": "folded", "fold_constant_affine": "folded", "fuse_post_ops": "fused",
-    "lower_precision": "changed",
+    "lower_precision": "changed", "quantize": "quantized",
 }
 _NODE = re.compile(r"%[\w.]+")
 _SHAPE = re.compile(r"\(\d+(?:, \d+)*,?\)")

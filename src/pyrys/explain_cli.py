@@ -7,8 +7,9 @@ import importlib
 import torch
 
 from pyrys import zoo
-from pyrys.numerics import BF16_TOLERANCE, FP32_TOLERANCE, TOLERANCES
+from pyrys.numerics import BF16_TOLERANCE, FP32_TOLERANCE, INT8_TOLERANCE, TOLERANCES
 from pyrys.passes.precision import PRECISIONS
+from pyrys.quantization.calibration import samples_like
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -57,10 +58,11 @@ def add_explain_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also the error against eager after every pass and of every layer, and the first "
                              "stage over the tolerance")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                        help="the precision to compile for (bf16: see README, 'bf16')")
+                        help="the precision to compile for (bf16, int8: see README; int8 calibrates on the example "
+                             "and inputs drawn like it)")
     parser.add_argument("--tolerance", type=float, default=None,
                         help=f"the relative error --numerics flags (default: {FP32_TOLERANCE:g}; "
-                             f"{BF16_TOLERANCE:g} with --precision bf16)")
+                             f"{BF16_TOLERANCE:g} with --precision bf16, {INT8_TOLERANCE:g} with int8)")
 
 
 def run_explain(args: argparse.Namespace) -> int:
@@ -70,8 +72,13 @@ def run_explain(args: argparse.Namespace) -> int:
     inputs = example_inputs(model, args.model, args.input_shape)
     shapes = ", ".join("x".join(map(str, x.shape)) for x in inputs)
     title = f"{args.model} ({shapes}) on the {args.backend} backend"
+    calibration = None
+    if args.precision == "int8":
+        calibration = samples_like(inputs)
+        title += (f", int8 calibrated on the example and {len(calibration) - 1} inputs drawn like it (random: pass "
+                  "real data to pyrys.optimize(..., calibration=...))")
     result = explain(model, inputs, backend=args.backend, dump_dir=args.dump_dir, disable=tuple(args.disable),
-                     title=title, numerics=args.numerics, precision=args.precision,
+                     title=title, numerics=args.numerics, precision=args.precision, calibration=calibration,
                      tolerance=args.tolerance if args.tolerance is not None else TOLERANCES[args.precision])
     print(result.render())
     if args.dump_dir:

@@ -28,6 +28,20 @@ def cpu_info() -> tuple[str, list[str]]:
 
 
 @cache
+def cpu_flags() -> frozenset[str]:
+    """Every flag of the first CPU in ``/proc/cpuinfo`` (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() == "flags":
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+@cache
 def native_bf16() -> bool:
     """Whether the CPU computes in bfloat16 itself (AVX-512 BF16 or AMX-BF16); emulated bf16 is slower than fp32."""
     return bool({"avx512_bf16", "amx_bf16"} & set(cpu_info()[1]))

@@ -33,6 +33,8 @@ from pyrys.numerics.trace import NumericsTrace
 from pyrys.machine import give_back_freed_memory, native_bf16
 from pyrys.passes.freeze import ALL
 from pyrys.passes.precision import PRECISIONS
+from pyrys.quantization import DEFAULT_ACCURACY_BUDGET, int8_note
+from pyrys.quantization.calibration import Calibration, calibration_samples
 from pyrys.passes.specialize import ShapeMismatch, specialize
 from pyrys.passes.pipeline import (Instruments, PassOptions, PipelineRun, check_pass_names, legalize_for_backends,
                                    run_pipeline)
@@ -56,7 +58,8 @@ class OptimizeConfig:
     max_shapes: int = DEFAULT_MAX_SHAPES
     dynamic: bool | None = None  # see optimize()
     numerics: bool = False  # measure every pass and layer against eager on the example inputs
-    precision: str = "fp32"  # "bf16": see optimize()
+    precision: str = "fp32"  # "bf16", "int8": see optimize()
+    calibration: Calibration | None = field(default=None, compare=False, repr=False)  # precision="int8"
 
 
 @dataclass
@@ -154,14 +157,14 @@ def _compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: Op
         refresh_meta(captured.gm)
         instruments.verify = make_verifier(output_types(captured.gm))
     precision, precision_note = effective_precision(config.precision)
-    options = PassOptions(config.freeze_params, config.freeze_flags, precision)
+    options = PassOptions(config.freeze_params, config.freeze_flags, precision, config.calibration)
     run = run_pipeline(captured.gm, options, config.disable, instruments)
     legalize_for_backends(captured.gm, instruments)
     if like is not None:
         share_constants(captured.gm, like.captured.gm)
     generic = captured if is_symbolic(captured.gm) else None
     notice = get_backend(config.backend)[2]
-    notes = captured.notes + [note for note in (notice, precision_note) if note]
+    notes = captured.notes + [note for note in (notice, precision_note, _no_int8_note(precision, run)) if note]
     template = Compiled(signature, captured, run, None, "", notes, generic)
     try:
         compiled = build_for_shape(template, signature, flat, config, like=like.program if like else None)
@@ -445,6 +448,8 @@ def optimize(
     dynamic: bool | None = None,
     numerics: bool = False,
     precision: str = "fp32",
+    calibration: Iterable | None = None,
+    accuracy_budget: float | None = DEFAULT_ACCURACY_BUDGET,
 ) -> OptimizedModule:
     """Optimize ``model`` for inference on inputs like ``example_inputs``.
 
@@ -479,7 +484,14 @@ def optimize(
     ``precision``: ``"fp32"`` (default) or ``"bf16"``: convolutions, linears, matmuls and the pooling,
     elementwise and data-movement ops between them run in bfloat16 with float32 accumulation, the rest
     in float32, with a conversion node at each edge (:mod:`pyrys.passes.precision`); outputs stay float32.
-    Where the CPU has no native bf16 it runs in fp32, with a note in ``notes``.
+    Where the CPU has no native bf16 it runs in fp32, with a note in ``notes``.  ``"int8"``: convolutions
+    and linears read 8-bit activations (per tensor, scales from ``calibration``) and weights (per output
+    channel) and accumulate in int32 (:mod:`pyrys.passes.quantize`); ``notes`` says which kernels this CPU gets.
+    ``calibration`` (int8 only, required there): an iterable of samples, each one call's inputs (a tensor or
+    a tuple of them, a ``DataLoader`` over the inputs) with the example's shapes and dtypes; the first 300 are
+    read.  ``accuracy_budget`` (int8): the largest relative error against float32 on the calibration data;
+    the ops whose quantization costs the most go back to float32 until it holds, each a miss saying why
+    (:mod:`pyrys.quantization.guard`); None: no guard.
     The user's model is never modified: pyrys works on a private copy (its modules copied, the weights
     it freezes read, not copied: :mod:`pyrys.capture.model_copy`); a new shape after the user wrote to
     those weights raises :class:`pyrys.ModelChangedError`.
@@ -491,18 +503,22 @@ def optimize(
                          print_after_each=print_after_each, dump_dir=dump_dir, verify=verify, threads=threads,
                          layout=layout, max_shapes=max_shapes, dynamic=dynamic, numerics=numerics,
                          precision=precision)
+    check_calibration_options(precision, calibration, accuracy_budget)
     if isinstance(model, ExportedProgram):
         if example_inputs is None:
             example_inputs, example_kwargs = exported_example_inputs(model)
         args, kwargs = _example_inputs(example_inputs, example_kwargs)
+        config = with_calibration(config, calibration, accuracy_budget, args, kwargs)
         _check_on_cpu("the ExportedProgram", model.state_dict.items())
         return OptimizedModule(exported_program_frontend(model), args, kwargs, config, _trace(config, model, args, kwargs))
     if is_torchscript(model):
-        return optimize_torchscript(model, example_inputs, example_kwargs, config)
+        return optimize_torchscript(model, example_inputs, example_kwargs, config, calibration=calibration,
+                                    accuracy_budget=accuracy_budget)
     if not isinstance(model, torch.nn.Module):
         raise TypeError("pyrys.optimize expects a torch.nn.Module, a TorchScript module or function, or a "
                         f"torch.export.ExportedProgram, got {type(model).__name__}")
     args, kwargs = _example_inputs(example_inputs, example_kwargs)
+    config = with_calibration(config, calibration, accuracy_budget, args, kwargs)
     _check_on_cpu(type(model).__name__, state_of(model))
     _warn_if_training(model)
     frozen = () if "freeze_params" in config.disable else config.freeze_params
@@ -522,11 +538,44 @@ def _trace(config: OptimizeConfig, model: Any, args: tuple, kwargs: dict) -> Num
 
 
 def effective_precision(precision: str) -> tuple[str, str]:
-    """The precision the passes use, and a note where it is not the one asked for (no native bf16 here)."""
+    """The precision the passes use, and a note where it is not the one asked for (no native bf16 here)
+    or says what it runs on (int8)."""
     if precision == "bf16" and not native_bf16():
         return "fp32", ("precision='bf16' runs in fp32 here: this CPU has no native bfloat16 (neither avx512_bf16 "
                         "nor amx_bf16), and emulated bf16 is slower than fp32")
+    if precision == "int8":
+        return precision, int8_note()
     return precision, ""
+
+
+def _no_int8_note(precision: str, run) -> str:
+    """With ``precision="int8"``, a note when no op could run in int8 (the misses say why)."""
+    if precision != "int8" or any(step.fired.get("int8") for step in run.history):
+        return ""
+    return "precision='int8': no convolution or linear could run in int8 here, so the model runs in float32 (see misses)"
+
+
+def check_calibration_options(precision: str, calibration: Any, accuracy_budget: Any) -> None:
+    """``calibration`` is given exactly when ``precision == "int8"``; the budget is None or a positive number."""
+    if precision == "int8" and calibration is None:
+        raise ValueError("pyrys.optimize: precision='int8' needs calibration=: samples of the model's inputs to "
+                         "measure its activations on (an iterable of input tensors or tuples, e.g. a DataLoader "
+                         "over the inputs; a few hundred representative samples)")
+    if precision != "int8" and calibration is not None:
+        raise ValueError(f"pyrys.optimize: calibration= is read with precision='int8' only, not {precision!r}")
+    if accuracy_budget is not None and (isinstance(accuracy_budget, bool) or not isinstance(accuracy_budget, (int, float))
+                                        or not accuracy_budget > 0):
+        raise ValueError(f"pyrys.optimize: accuracy_budget must be a positive number or None, got {accuracy_budget!r}")
+
+
+def with_calibration(config: OptimizeConfig, calibration: Iterable | None, accuracy_budget: float | None,
+                     args: tuple, kwargs: dict) -> OptimizeConfig:
+    """``config`` holding the checked calibration samples (precision="int8"), else as it is."""
+    if calibration is None:
+        return config
+    samples = calibration_samples(calibration, args, kwargs)
+    budget = None if accuracy_budget is None else float(accuracy_budget)
+    return dataclasses.replace(config, calibration=Calibration(samples, budget))
 
 
 def _example_inputs(example_inputs: Any, example_kwargs: dict | None) -> tuple[tuple, dict]:
@@ -589,9 +638,11 @@ def make_config(*, backend: str = "auto", freeze_params: Iterable[str] | None = 
 
 
 def optimize_torchscript(script: Any, example_inputs: Any, example_kwargs: dict | None, config: OptimizeConfig,
-                         flag_values: dict[str, bool] | None = None) -> OptimizedModule:
+                         flag_values: dict[str, bool] | None = None, calibration: Iterable | None = None,
+                         accuracy_budget: float | None = DEFAULT_ACCURACY_BUDGET) -> OptimizedModule:
     """The TorchScript way in (``pyrys.jit`` passes the freezes recorded by the seed's calls)."""
     args, kwargs = _example_inputs(example_inputs, example_kwargs)
+    config = with_calibration(config, calibration, accuracy_budget, args, kwargs)
     _check_on_cpu(script_class_name(script), state_of(script))
     if (flag_values or {}).get("training", getattr(script, "training", False)):
         _warn_if_training(script, stacklevel=4)

@@ -73,6 +73,15 @@ class ReferenceProgram:
             outputs = recorder.run(*args)
         return [self._owned(output) for output in outputs], recorder.values
 
+    def observe(self, inputs: list, visit) -> list:
+        """The outputs; ``visit(name, tensor)`` sees every tensor an input or op node makes, when it is made
+        (for calibration: nothing is kept here)."""
+        recorder, user = _ValueRecorder(self.gm, visit), iter(inputs)
+        args = [self.state[i] if i in self.state else next(user) for i in range(self.arity)]
+        with torch.no_grad():
+            outputs = recorder.run(*args)
+        return [self._owned(output) for output in outputs]
+
     def memory(self) -> dict[str, int]:
         """Bytes: the graph's constants; torch allocates each call's activations and frees them after."""
         return {"weights": self.weight_bytes, "packed_weights": 0, "activations": 0, "frames": 0}
@@ -95,15 +104,22 @@ class _NodeTimer(fx.Interpreter):
 
 
 class _ValueRecorder(fx.Interpreter):
-    """Runs a graph module node by node, keeping the tensor each op makes."""
+    """Runs a graph module node by node, keeping the tensor each op makes (or, with ``visit``, showing it
+    ``visit(name, tensor)``, inputs' tensors too, and keeping nothing)."""
 
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, visit=None):
         super().__init__(gm)
         self.values: dict[str, torch.Tensor] = {}
+        self.visit = visit
 
     def run_node(self, node: fx.Node):
         result = super().run_node(node)
-        if node.op == "call_function" and isinstance(result, torch.Tensor):
+        if not isinstance(result, torch.Tensor):
+            return result
+        if self.visit is not None:
+            if node.op in ("call_function", "placeholder"):
+                self.visit(node.name, result)
+        elif node.op == "call_function":
             self.values[node.name] = result
         return result
 

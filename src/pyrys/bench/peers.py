@@ -53,7 +53,8 @@ class Eager(Peer):
 
 
 class PyrysPeer(Peer):
-    """``pyrys.optimize`` with one backend, at one precision (``pyrys-dnnl``, ``pyrys-dnnl-bf16``)."""
+    """``pyrys.optimize`` with one backend, at one precision (``pyrys-dnnl``, ``pyrys-dnnl-bf16``,
+    ``pyrys-dnnl-int8``: calibrated on :func:`calibration_data`)."""
 
     def __init__(self, threads: int, backend: str, precision: str = "fp32") -> None:
         super().__init__(threads)
@@ -72,7 +73,16 @@ class PyrysPeer(Peer):
     def prepare(self, model: nn.Module, inputs: Inputs) -> Runner:
         import pyrys
 
-        return pyrys.optimize(model, example_inputs=inputs, backend=self.backend, precision=self.precision)
+        calibration = calibration_data(inputs) if self.precision == "int8" else None
+        return pyrys.optimize(model, example_inputs=inputs, backend=self.backend, precision=self.precision,
+                              calibration=calibration)
+
+
+def calibration_data(inputs: Inputs) -> list[Inputs]:
+    """The calibration samples every int8 system gets: the same ones (:func:`pyrys.quantization.calibration.samples_like`)."""
+    from pyrys.quantization.calibration import samples_like
+
+    return samples_like(inputs)
 
 
 def pyrys_backends(available_only: bool = False) -> list[str]:
@@ -181,6 +191,34 @@ class OpenVino(Peer):
         return lambda *xs: compiled([x.numpy() for x in xs]).to_tuple()
 
 
+class OpenVinoInt8(Peer):
+    """OpenVINO with NNCF's post-training int8 quantization (its defaults) on :func:`calibration_data`;
+    what NNCF leaves in floating point runs at OpenVINO's default precision for the CPU."""
+
+    name = "openvino-int8"
+
+    def available(self) -> tuple[bool, str]:
+        for module in ("openvino", "nncf"):
+            ok, reason = has_module(module)
+            if not ok:
+                return False, f"{module} is not installed (pip install nncf)" if module == "nncf" else reason
+        return True, ""
+
+    def prepare(self, model: nn.Module, inputs: Inputs) -> Runner:
+        import nncf
+        import openvino as ov
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            converted = ov.convert_model(model, example_input=inputs)
+            samples = calibration_data(inputs)
+            dataset = nncf.Dataset(samples, lambda sample: [x.numpy() for x in sample])
+            quantized = nncf.quantize(converted, dataset, subset_size=len(samples))
+        config = {"INFERENCE_NUM_THREADS": self.threads, "PERFORMANCE_HINT": "LATENCY"}
+        compiled = ov.Core().compile_model(quantized, "CPU", config)
+        return lambda *xs: compiled([x.numpy() for x in xs]).to_tuple()
+
+
 def openvino_has_bf16() -> bool:
     """Whether OpenVINO's CPU plugin reports bf16 support."""
     from openvino import Core
@@ -190,9 +228,10 @@ def openvino_has_bf16() -> bool:
 
 def default_peers(threads: int) -> list[Peer]:
     """Every system, in report order: pyrys backends first, then eager and the peers."""
-    pyrys = [PyrysPeer(threads, backend) for backend in pyrys_backends()] + [PyrysPeer(threads, "dnnl", "bf16")]
+    pyrys = [PyrysPeer(threads, backend) for backend in pyrys_backends()] + [
+        PyrysPeer(threads, "dnnl", "bf16"), PyrysPeer(threads, "dnnl", "int8")]
     others = [Eager(threads), TorchScript(threads), Inductor(threads), OnnxRuntime(threads),
-              OpenVino(threads), OpenVino(threads, "bf16")]
+              OpenVino(threads), OpenVino(threads, "bf16"), OpenVinoInt8(threads)]
     return pyrys + others
 
 

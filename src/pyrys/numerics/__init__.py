@@ -19,7 +19,8 @@ from torch.utils._pytree import tree_leaves
 
 FP32_TOLERANCE = 1e-4
 BF16_TOLERANCE = 3e-2  # bfloat16 keeps 8 bits of mantissa: ~4e-3 per stored value, compounding over layers
-TOLERANCES = {"fp32": FP32_TOLERANCE, "bf16": BF16_TOLERANCE}  # by ``optimize(precision=...)``
+INT8_TOLERANCE = 5e-2  # 8-bit activations and weights: OpenVINO int8 errs 1.5-2.8e-2 on torchvision CNNs
+TOLERANCES = {"fp32": FP32_TOLERANCE, "bf16": BF16_TOLERANCE, "int8": INT8_TOLERANCE}  # by ``optimize(precision=...)``
 
 
 def _leaf_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

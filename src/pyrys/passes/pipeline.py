@@ -31,8 +31,9 @@ from pyrys.ir.printer import format_graph
 from pyrys.ir.verify import VerificationError
 from pyrys.passes import (cleanup, constant_propagation, fold_batch_norm, fold_constant_affine, freeze,
                           fuse_post_ops, legalize, simplify)
-from pyrys.passes import control_flow, precision
+from pyrys.passes import control_flow, precision, quantize
 from pyrys.passes.rewrite import Miss, PassResult
+from pyrys.quantization.calibration import Calibration
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,8 @@ class PassOptions:
 
     freeze_params: tuple[str, ...] | None = freeze.ALL  # None: every parameter and buffer
     freeze_flags: tuple[str, ...] | None = freeze.ALL  # None: every flag
-    precision: str = "fp32"  # "bf16": the ops of precision.BF16_OPS run in bfloat16
+    precision: str = "fp32"  # "bf16": the ops of precision.BF16_OPS run in bfloat16; "int8": passes/quantize.py
+    calibration: Calibration | None = field(default=None, compare=False)  # precision="int8": samples, then the plan
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ PIPELINE: tuple[Pass, ...] = (
     Pass("lower_precision", lambda gm, o: precision.lower_precision(gm, o.precision)),
     Pass("constant_propagation", lambda gm, o: constant_propagation.constant_propagation(gm)),
     Pass("dead_code_elimination", lambda gm, o: cleanup.dead_code_elimination(gm)),
+    Pass("quantize", lambda gm, o: quantize.quantize(gm, o.precision, o.calibration)),
 )
 PASS_NAMES = tuple(dict.fromkeys(p.name for p in PIPELINE))
 _PASS_BY_NAME = {p.name: p for p in PIPELINE}

@@ -40,7 +40,7 @@ from pyrys.ir.vocabulary import PERMUTES, VIEWS, WEIGHTED, is_pure
 from pyrys.passes.rewrite import PassResult
 
 aten = torch.ops.aten
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "int8")  # int8: passes/quantize.py
 LOW = torch.bfloat16
 HIGH = torch.float32
 CONVERT = aten.to.dtype  # to(x, dtype): the one conversion op this pass writes

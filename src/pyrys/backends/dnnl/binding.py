@@ -97,6 +97,7 @@ FUNCTIONS: tuple[tuple[str, Any, tuple], ...] = (
     ("dnnl_primitive_attr_destroy", status_t, (c_void_p,)),
     ("dnnl_primitive_attr_set_scratchpad_mode", status_t, (c_void_p, enum_t)),
     ("dnnl_primitive_attr_set_post_ops", status_t, (c_void_p, c_void_p)),
+    ("dnnl_primitive_attr_set_scales_mask", status_t, (c_void_p, c_int, c_int)),
     ("dnnl_post_ops_create", status_t, (handle_p,)),
     ("dnnl_post_ops_destroy", status_t, (c_void_p,)),
     ("dnnl_post_ops_len", c_int, (c_void_p,)),

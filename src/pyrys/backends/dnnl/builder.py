@@ -155,6 +155,7 @@ class Builder:
         self.parts: dict[fx.Node, list[Value]] = {}  # the tensors of a tuple-valued node (split)
         self.steps: list[Step] = []
         self.converted: dict[tuple, Value] = {}
+        self.deferred: dict[fx.Node, Any] = {}  # node -> what defines its value, run when something reads it
         self.restored: dict[tuple, torch.Tensor] = {}  # released constants torch steps read: their values
         self.weight_bytes = 0
         self.scratchpad_bytes = 0
@@ -163,6 +164,8 @@ class Builder:
     def value_of(self, arg: Any, in_memory: bool = True) -> Value:
         """The value of a computed tensor; with ``in_memory``, only one oneDNN can read (not a rank-0
         tensor, a dtype oneDNN has no type for, or a torch result that is not a tensor)."""
+        if isinstance(arg, fx.Node) and arg not in self.values and arg in self.deferred:
+            self.deferred.pop(arg)()  # defines it now, before the step that reads it
         if not isinstance(arg, fx.Node) or arg not in self.values:
             raise Unsupported(f"{format_arg(arg)} is not a computed tensor")
         value = self.values[arg]
@@ -195,6 +198,11 @@ class Builder:
         self.values[node] = value
         return value
 
+    def defer(self, node: fx.Node, define) -> None:
+        """``define()`` gives ``node`` its value when a step first reads it (:meth:`value_of`), not before: a
+        dequantized int8 activation exists only where something reads it in float32."""
+        self.deferred[node] = define
+
     def weight_layouts(self, tensor: torch.Tensor) -> list[MemoryDesc]:
         """The layouts to offer a primitive for ``tensor`` as its weights, in order: those it is packed in
         already (with ``reuse_packed``), then ``format_tag_any`` (oneDNN's choice)."""
@@ -215,6 +223,11 @@ class Builder:
         if key not in self.converted:
             self.converted[key] = self._reorder(value, md)
         return self.converted[key]
+
+    def copy(self, value: Value, md: MemoryDesc) -> Value:
+        """A new value holding ``value`` in layout ``md`` (a reorder, even to the same layout: a buffer to
+        overwrite)."""
+        return self._reorder(value, md)
 
     def to_plain(self, value: Value) -> Value:
         return self.convert(value, plain_md(value.md.dims, DNNL_TO_TORCH[value.md.dtype]))
@@ -251,12 +264,18 @@ class Builder:
         self.steps.append(Step(text, reads, writes, bind))
 
     def snapshot(self) -> tuple:
-        return len(self.steps), dict(self.converted), self.weight_bytes, self.scratchpad_bytes
+        return (len(self.steps), dict(self.converted), self.weight_bytes, self.scratchpad_bytes, len(self.values),
+                dict(self.deferred))
 
     def restore(self, snapshot: tuple, node: fx.Node) -> None:
-        count, converted, weight_bytes, scratchpad_bytes = snapshot
+        """Back to ``snapshot``: the steps and values made since are forgotten (deferred ones defined since are
+        deferred again)."""
+        count, converted, weight_bytes, scratchpad_bytes, defined, deferred = snapshot
         del self.steps[count:]
         self.converted, self.weight_bytes, self.scratchpad_bytes = converted, weight_bytes, scratchpad_bytes
+        for later in list(self.values)[defined:]:  # values are only added between a snapshot and its restore
+            del self.values[later]
+        self.deferred = deferred
         self.values.pop(node, None)
         self.parts.pop(node, None)
 

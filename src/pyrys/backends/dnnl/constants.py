@@ -257,6 +257,7 @@ ARG_SCRATCHPAD = 80
 ARG_MULTIPLE_SRC = 1024
 ARG_MULTIPLE_DST = 2048
 ARG_ATTR_MULTIPLE_POST_OP_BASE = 32768
+ARG_ATTR_SCALES = 4096  # | ARG_SRC etc.: the runtime scales of that argument (int8)
 
 
 def arg_attr_multiple_post_op(index: int) -> int:

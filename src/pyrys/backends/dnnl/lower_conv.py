@@ -17,6 +17,7 @@ from pyrys.backends.dnnl.builder import F32_OR_BF16, Builder, Unsupported, check
 from pyrys.backends.dnnl.constants import ARG_BIAS, ARG_DST, ARG_SRC, ARG_WEIGHTS, arg_post_op_src1
 from pyrys.backends.dnnl.descriptors import convolution_pd, deconvolution_pd, inner_product_pd
 from pyrys.backends.dnnl.layout import plain_md, policy_md
+from pyrys.backends.dnnl.lower_int8 import INT8, Int8Op, post_operands, read_int8
 from pyrys.backends.dnnl.post_ops import Chain, Operand, build_chain, operand_of
 from pyrys.backends.dnnl.primitives import PrimitiveAttr, PrimitiveDesc
 from pyrys.backends.dnnl.values import ALIAS, Value
@@ -57,10 +58,13 @@ def _format_info(pd: PrimitiveDesc) -> str:
 
 
 def _finish(builder: Builder, node: fx.Node, pd: PrimitiveDesc, src: Value, weight: torch.Tensor,
-            bias: torch.Tensor | None, chain: Chain, label: str, note: str = "") -> Value:
+            bias: torch.Tensor | None, chain: Chain, label: str, note: str = "", int8: Int8Op | None = None) -> Value:
     """Reorder weights, define the output (in place on a sum base), and add the step."""
     weights = builder.constant_value(weight, pd.weights_md(), f"{node.name}.weight")
     args = {ARG_SRC: src, ARG_WEIGHTS: weights}
+    if int8 is not None:
+        args.update(int8.scale_args(builder, node.name))
+        note += int8.note
     if bias is not None:
         args[ARG_BIAS] = builder.constant_value(bias, None, f"{node.name}.bias")
     if chain.sum_base is not None:
@@ -105,29 +109,31 @@ def _per_dim(values, rank: int) -> list[int]:
 
 
 def _lower_conv_like(builder: Builder, node: fx.Node, fused: Fused, weight: torch.Tensor,
-                     bias: torch.Tensor | None, create) -> None:
+                     bias: torch.Tensor | None, create, int8: Int8Op | None = None, weight_mask: int = 1) -> None:
     """Shared by convolution and deconvolution: the post-op chain and the primitive in the best layout,
     then the step.  ``weight`` is already in oneDNN's logical dims; ``create(src, weights, dst, bias, attr)``
-    makes the primitive descriptor."""
+    makes the primitive descriptor.  ``int8``: it reads int8 (``lower_int8.py``); ``weight_mask``: the dims of
+    ``weight`` its per-output-channel scales run over."""
     out = node.meta["val"]
-    check_dtype(fused.args["input"].meta["val"], dtypes=F32_OR_BF16)
+    source = int8.src if int8 is not None else fused.args["input"]
+    check_dtype(source.meta["val"], dtypes=F32_OR_BF16 | INT8 if int8 is not None else F32_OR_BF16)
     check_dtype(out, dtypes=F32_OR_BF16)  # bfloat16 in, float32 out: a bf16 op with a float32 residual
-    x = builder.value_of(fused.args["input"])
+    x = builder.value_of(source)
     w_mds, b_md = builder.weight_layouts(weight), None if bias is None else plain_md(bias.shape, bias.dtype)
-    dst_dtype = destination_dtype(node)
+    dst_dtype = int8.dst_quant.dtype if int8 is not None and int8.dst_quant is not None else destination_dtype(node)
     for layout in _layouts_to_try(builder.policy):
         snapshot = builder.snapshot()
         dst_md = policy_md(out.shape, dst_dtype, layout)
-        chain = build_chain(builder, fused.post_ops, [operand_of(builder, n) for n in fused.post_inputs], dst_md)
-        attr = PrimitiveAttr(chain.post_ops)
-        sources = (x.md, policy_md(x.md.dims, fused.args["input"].meta["val"].dtype, layout))
+        chain = build_chain(builder, fused.post_ops, post_operands(builder, node, fused, int8), dst_md)
+        attr = int8.attr(chain.post_ops, weight_mask) if int8 is not None else PrimitiveAttr(chain.post_ops)
+        sources = (x.md, policy_md(x.md.dims, source.meta["val"].dtype, layout))
         pd = _first_fast([lambda src=src, w_md=w_md: create(src, w_md, dst_md, b_md, attr)
                           for w_md in w_mds for src in sources])
         if not _is_reference(pd) or layout == "nhwc":
             break
         builder.restore(snapshot, node)
     _finish(builder, node, pd, builder.convert(x, pd.src_md()), weight, bias, chain, f"dnnl::{fused.label}",
-            _dtype_note(dst_dtype, node))
+            _dtype_note(dst_dtype, node) if int8 is None else "", int8)
 
 
 def _constant_weights(builder: Builder, a: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -140,7 +146,13 @@ def _constant_weights(builder: Builder, a: dict) -> tuple[torch.Tensor, torch.Te
 def lower_conv(builder: Builder, node: fx.Node) -> None:
     fused = read_fused(node)
     a = fused.args
-    weight, bias = _constant_weights(builder, a)
+    int8 = read_int8(builder, node, fused)
+    if int8 is not None:
+        weight, bias = int8.weight, builder.constant(a["bias"])
+        if a["bias"] is not None and bias is None:
+            raise Unsupported("the bias is not a constant")
+    else:
+        weight, bias = _constant_weights(builder, a)
     rank = weight.dim() - 2
     stride, padding, dilation = (_per_dim(a[k], rank) for k in ("stride", "padding", "dilation"))
 
@@ -149,30 +161,35 @@ def lower_conv(builder: Builder, node: fx.Node) -> None:
                               dilation=dilation, attr=attr)
 
     grouped = weight.reshape(_grouped_weight_dims(weight, a["groups"]))
-    _lower_conv_like(builder, node, fused, grouped, bias, create)
+    weight_mask = 0b11 if a["groups"] > 1 else 0b1  # the output channels: (G, O/G) grouped, O plain
+    _lower_conv_like(builder, node, fused, grouped, bias, create, int8, weight_mask)
 
 
 def lower_linear(builder: Builder, node: fx.Node) -> None:
     """``y = x W^T + b`` as an inner product on ``x`` viewed as 2-D (leading dims flattened)."""
     fused = read_fused(node)
     a = fused.args
-    weight, bias = builder.constant(a["weight"]), builder.constant(a["bias"])
+    int8 = read_int8(builder, node, fused, residual=False)
+    weight = int8.weight if int8 is not None else builder.constant(a["weight"])
+    bias = builder.constant(a["bias"])
     if weight is None or weight.dim() != 2 or (a["bias"] is not None and bias is None):
         raise Unsupported("linear weights are not 2-D constants")
     out = node.meta["val"]
-    check_dtype(a["input"].meta["val"], dtypes=F32_OR_BF16)
+    source = int8.src if int8 is not None else a["input"]
+    check_dtype(source.meta["val"], dtypes=F32_OR_BF16 | INT8 if int8 is not None else F32_OR_BF16)
     check_dtype(out, dtypes=F32_OR_BF16)  # bfloat16 in, float32 out: a bf16 op with a float32 residual
     rows = out.numel() // out.shape[-1]
-    x = _as_2d(builder, builder.value_of(a["input"]), rows)
-    dst_dtype = destination_dtype(node)
+    x = _as_2d(builder, builder.value_of(source), rows)
+    dst_dtype = int8.dst_quant.dtype if int8 is not None and int8.dst_quant is not None else destination_dtype(node)
     dst_md = plain_md([rows, weight.shape[0]], dst_dtype)
     operands = [_operand_2d(builder, n, rows) for n in fused.post_inputs]
     chain = build_chain(builder, fused.post_ops, operands, dst_md)
     b_md = None if bias is None else plain_md(bias.shape, bias.dtype)
-    pd = _first_fast([lambda w_md=w_md: inner_product_pd(builder.engine, x.md, w_md, dst_md, b_md,
-                                                         attr=PrimitiveAttr(chain.post_ops))
+    attr = int8.attr(chain.post_ops, 0b1) if int8 is not None else PrimitiveAttr(chain.post_ops)
+    pd = _first_fast([lambda w_md=w_md: inner_product_pd(builder.engine, x.md, w_md, dst_md, b_md, attr=attr)
                       for w_md in builder.weight_layouts(weight)])
-    dst = _finish(builder, node, pd, x, weight, bias, chain, f"dnnl::{fused.label}", _dtype_note(dst_dtype, node))
+    dst = _finish(builder, node, pd, x, weight, bias, chain, f"dnnl::{fused.label}",
+                  _dtype_note(dst_dtype, node) if int8 is None else "", int8)
     if out.dim() != 2:
         builder.values[node] = Value(node.name, plain_md(out.shape, dst_dtype), ALIAS, dst)
 

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 from torch.utils._pytree import tree_leaves
 
 from pyrys.backends.dnnl.builder import Builder, Unsupported
-from pyrys.backends.dnnl.constants import AlgKind, FormatTag
+from pyrys.backends.dnnl.constants import AlgKind, DataType, FormatTag
 from pyrys.backends.dnnl.layout import plain_md
 from pyrys.backends.dnnl.primitives import MemoryDesc, PostOps
 from pyrys.backends.dnnl.tensors import DNNL_TO_TORCH
@@ -95,10 +95,12 @@ class Chain:
 
 @dataclass
 class Operand:
-    """A binary post-op operand: its value, and whether the fused node is its only reader."""
+    """A binary post-op operand: its value, and whether the fused node is its only reader (or its last:
+    nothing reads it after); ``scale``: an int8 residual's (``lower_int8.py``), added as ``scale * q``."""
 
     value: Value
     exclusive: bool
+    scale: float | None = None
 
 
 def operand_of(builder: Builder, node) -> Operand:
@@ -129,6 +131,15 @@ def build_chain(builder: Builder, post_ops: Sequence[PostOp], operands: list[Ope
 
 
 def _append_binary(builder: Builder, chain: Chain, name: str, operand: Operand, dst_md: MemoryDesc) -> None:
+    if operand.scale is not None:  # an int8 residual: summed with its scale, in its own buffer or a copy of it
+        if name != "add" or chain.sum_base is not None:
+            raise Unsupported("an int8 residual is added by one sum post-op")
+        dtype = operand.value.md.dtype  # s8 or u8 read as it is, whichever of the two dst is
+        base_md = _like(dst_md, list(dst_md.dims), dtype)
+        chain.post_ops.append_sum(operand.scale, dtype if dtype != dst_md.dtype else DataType.undef)
+        in_place = can_sum_into(operand, base_md)
+        chain.sum_base = operand.value if in_place else builder.copy(operand.value, base_md)
+        return
     if name == "add" and chain.sum_base is None and can_sum_into(operand, dst_md):
         chain.post_ops.append_sum(1.0)
         chain.sum_base = operand.value

@@ -228,9 +228,10 @@ class PostOps(Handle):
         check(status, "dnnl_post_ops_append_eltwise", f"{alg.name} alpha={alpha} beta={beta}")
         return len(self) - 1
 
-    def append_sum(self, scale: float = 1.0) -> int:
-        """dst = dst + scale * (previous dst contents); returns the post-op index."""
-        status = self._lib.dnnl_post_ops_append_sum(self.handle, scale, 0, DataType.undef)
+    def append_sum(self, scale: float = 1.0, dtype: DataType = DataType.undef) -> int:
+        """dst = dst + scale * (previous dst contents, read as ``dtype``: one of dst's size; undef: dst's own);
+        returns the post-op index."""
+        status = self._lib.dnnl_post_ops_append_sum(self.handle, scale, 0, dtype)
         check(status, "dnnl_post_ops_append_sum", f"scale={scale}")
         return len(self) - 1
 
@@ -255,12 +256,16 @@ class PrimitiveAttr(Handle):
 
     DESTROY = "dnnl_primitive_attr_destroy"
 
-    def __init__(self, post_ops: PostOps | None = None, user_scratchpad: bool = True) -> None:
+    def __init__(self, post_ops: PostOps | None = None, user_scratchpad: bool = True,
+                 scales: Mapping[int, int] | None = None) -> None:
         super().__init__(create("dnnl_primitive_attr_create", ""))
         self.post_ops = post_ops
         if post_ops is not None:
             status = self._lib.dnnl_primitive_attr_set_post_ops(self.handle, post_ops.handle)
             check(status, "dnnl_primitive_attr_set_post_ops", f"{len(post_ops)} post-ops")
+        for arg, mask in (scales or {}).items():  # int8: the scales come at execution, ARG_ATTR_SCALES | arg
+            status = self._lib.dnnl_primitive_attr_set_scales_mask(self.handle, arg, mask)
+            check(status, "dnnl_primitive_attr_set_scales_mask", f"arg={arg} mask={mask}")
         if user_scratchpad:
             status = self._lib.dnnl_primitive_attr_set_scratchpad_mode(self.handle, ScratchpadMode.user)
             check(status, "dnnl_primitive_attr_set_scratchpad_mode", "user")

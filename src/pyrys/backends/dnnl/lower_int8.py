@@ -1,0 +1,211 @@
+"""int8 in the dnnl backend: the quantize/dequantize spelling of ``passes/quantize.py`` as int8 primitives.
+
+    %x_q  = quantize(%x, s_x)          a reorder f32 -> u8/s8 (scale s_x), or nothing: the conv making %x
+                                       writes u8/s8 itself when this is its one reader
+    %x_dq = dequantize(%x_q, s_x)      nothing, unless an op reads it in float32 (then a reorder, made then)
+    %W_dq = dequantize_per_channel(%W_int8, %s_W, ...)   nothing: the conv packs %W_int8 itself
+    %y    = pyrys::conv(%x_dq, %W_dq, %b)  one u8/s8 x s8 primitive, int32 sums, with the runtime scales
+                                       src = s_x, weights = s_W[o] and (writing int8) dst = s_y:
+
+    y = post_ops(s_x * s_W[o] * sum(q_x * q_W) + b[o])      then, for an int8 result, round(y / s_y)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_leaves
+
+from pyrys.backends.dnnl.builder import Builder, Unsupported, node_text
+from pyrys.backends.dnnl.constants import ARG_ATTR_SCALES, ARG_DST, ARG_FROM, ARG_SRC, ARG_TO, ARG_WEIGHTS
+from pyrys.backends.dnnl.descriptors import reorder_pd
+from pyrys.backends.dnnl.layout import policy_md
+from pyrys.backends.dnnl.lower_ops import same_layout_md
+from pyrys.backends.dnnl.post_ops import Operand, operand_of
+from pyrys.backends.dnnl.primitives import PrimitiveAttr
+from pyrys.backends.dnnl.tensors import dnnl_dtype
+from pyrys.backends.dnnl.values import Value
+from pyrys.ir.fused import FUSED_CONV, FUSED_CONV_TRANSPOSE, Fused
+from pyrys.quantization import DEQUANTIZE, DEQUANTIZE_WEIGHT, QUANTIZE, TensorQuant
+
+aten = torch.ops.aten
+INT8 = frozenset({torch.uint8, torch.int8})
+# ops that commute with quantization (monotonic, no arithmetic): between an int8 op and the quantize of its
+# result they run on the int8 values (their lowering takes the data type of what they read)
+COMMUTING = frozenset({aten.max_pool1d.default, aten.max_pool2d.default, aten.max_pool3d.default})
+
+
+@dataclass(frozen=True)
+class Int8Op:
+    """What an int8 conv or linear reads: the quantized input (the quantize node), its quantization, the int8
+    weight and its scales, and the quantization it writes (None: it writes float32)."""
+
+    src: fx.Node
+    src_quant: TensorQuant
+    weight: torch.Tensor
+    weight_scales: torch.Tensor
+    dst_quant: TensorQuant | None
+
+    def attr(self, post_ops, weight_mask: int) -> PrimitiveAttr:
+        """Post-ops and the scales (given at execution) of src, weights (``weight_mask``: the output-channel
+        dims) and, writing int8, dst."""
+        scales = {ARG_SRC: 0, ARG_WEIGHTS: weight_mask}
+        if self.dst_quant is not None:
+            scales[ARG_DST] = 0
+        return PrimitiveAttr(post_ops, scales=scales)
+
+    def scale_args(self, builder: Builder, name: str) -> dict[int, Value]:
+        """The runtime scales, as constant values."""
+        args = {ARG_ATTR_SCALES | ARG_SRC: _scale(builder, self.src_quant.scale, f"{name}.src_scale"),
+                ARG_ATTR_SCALES | ARG_WEIGHTS: builder.constant_value(self.weight_scales, None, f"{name}.weight_scales")}
+        if self.dst_quant is not None:
+            args[ARG_ATTR_SCALES | ARG_DST] = _scale(builder, self.dst_quant.scale, f"{name}.dst_scale")
+        return args
+
+    @property
+    def note(self) -> str:
+        src = _short(self.src_quant.dtype)
+        dst = _short(self.dst_quant.dtype) if self.dst_quant is not None else "f32"
+        return f", int8=[src={src}, weights=s8, dst={dst}]"
+
+
+def read_int8(builder: Builder, node: fx.Node, fused: Fused, residual: bool = True) -> Int8Op | None:
+    """``node`` read as an int8 op (its input a dequantize, its weight a dequantize of constants), or None."""
+    x, weight = fused.args["input"], fused.args["weight"]
+    if not (isinstance(x, fx.Node) and x.target is DEQUANTIZE and isinstance(weight, fx.Node)
+            and weight.target is DEQUANTIZE_WEIGHT):
+        return None
+    q_weight, scales, zero_points = (builder.constant(a) for a in weight.args[:3])
+    if q_weight is None or scales is None or weight.args[3] != 0 or weight.args[6] != torch.int8:
+        raise Unsupported("an int8 weight that is not a constant quantized per output channel")
+    if zero_points is not None and bool(zero_points.ne(0).any()):
+        raise Unsupported("an int8 weight with zero points")
+    src_quant = TensorQuant.of_node(x)
+    if src_quant.zero_point != 0 or src_quant.dtype not in INT8:
+        raise Unsupported("an int8 input with a zero point")
+    return Int8Op(x.args[0], src_quant, q_weight, scales.to(torch.float32), _written_quant(node, fused, residual))
+
+
+def _written_quant(node: fx.Node, fused: Fused, residual: bool) -> TensorQuant | None:
+    """The quantization the op writes: that of its one reader, a quantize node, when it adds no residual
+    or (``residual``) one int8 residual of that data type (summed in int8: :func:`post_operands`); else None
+    (float32)."""
+    users = list(node.users)
+    while len(users) == 1 and users[0].target in COMMUTING:  # q(max_pool(y)) = max_pool(q(y))
+        users = list(users[0].users)
+    if len(users) != 1 or users[0].target is not QUANTIZE:
+        return None
+    quant = TensorQuant.of_node(users[0])
+    if quant.zero_point != 0:
+        return None
+    if not fused.post_inputs:
+        return quant
+    binaries = [p.name for p in fused.post_ops if p.binary]
+    (operand, *others) = fused.post_inputs
+    if not residual or others or binaries != ["add"] or operand.target is not DEQUANTIZE:
+        return None
+    return quant if TensorQuant.of_node(operand).zero_point == 0 else None
+
+
+def post_operands(builder: Builder, node: fx.Node, fused: Fused, int8: Int8Op | None) -> list[Operand]:
+    """The post-op operands of a fused op: an int8 op writing int8 reads its residual in int8 (the
+    quantized value, added with its scale: ``y = post_ops(acc + s_r * q_r)``), in place when this op is its
+    last reader; any other reads float32."""
+    if int8 is None or int8.dst_quant is None or not fused.post_inputs:
+        return [operand_of(builder, n) for n in fused.post_inputs]
+    (dequantized,) = fused.post_inputs
+    quantized = dequantized.args[0]
+    return [Operand(builder.value_of(quantized), _last_reader(node, dequantized), TensorQuant.of_node(dequantized).scale)]
+
+
+def _last_reader(node: fx.Node, dequantized: fx.Node) -> bool:
+    """Whether ``node`` reads the quantized value behind ``dequantized`` once and after everything else that
+    reads it (so that its buffer may take ``node``'s result)."""
+    quantized = dequantized.args[0]
+    readers = [user for user in quantized.users if user.target is not DEQUANTIZE]
+    readers += [user for d in quantized.users if d.target is DEQUANTIZE for user in d.users]
+    if sum(1 for arg in tree_leaves((node.args, node.kwargs)) if arg is dequantized) != 1:
+        return False
+    later = set()
+    cursor = node.next
+    while cursor.op != "root":
+        later.add(cursor)
+        cursor = cursor.next
+    return not any(reader in later for reader in readers if reader is not node)
+
+
+def lower_quantize(builder: Builder, node: fx.Node) -> None:
+    """``quantize_per_tensor``: the int8 value its producer wrote (see :func:`_written_quant`), else a
+    reorder to u8/s8 with the scale: ``q = round(x / s)``, saturated."""
+    quant = TensorQuant.of_node(node)
+    if quant.zero_point != 0 or quant.dtype not in INT8:
+        raise Unsupported("quantization with a zero point")
+    x = builder.value_of(node.args[0])
+    if x.md.dtype == dnnl_dtype(quant.dtype):
+        builder.values[node] = x  # written by its producer in int8 already
+        return
+    if x.md.dtype != dnnl_dtype(torch.float32):
+        raise Unsupported("quantizing a value that is not float32")
+    md = same_layout_md(x, x.md.dims, quant.dtype)
+    if node.users and all(_read_as_int8_by_convs(user) for user in node.users):
+        md = policy_md(x.md.dims, quant.dtype, "nhwc")  # straight into the layout oneDNN's int8 convs read
+    _scaled_reorder(builder, node, x, md, {ARG_DST: quant.scale})
+
+
+def _read_as_int8_by_convs(dequantize: fx.Node) -> bool:
+    return dequantize.target is DEQUANTIZE and bool(dequantize.users) and all(
+        user.target in (FUSED_CONV, FUSED_CONV_TRANSPOSE) for user in dequantize.users)
+
+
+def lower_dequantize(builder: Builder, node: fx.Node) -> None:
+    """``dequantize_per_tensor``: made only when an op reads it in float32 (int8 ops read the quantized value):
+    a reorder ``x = s * q``."""
+    quant = TensorQuant.of_node(node)
+    if quant.zero_point != 0:
+        raise Unsupported("quantization with a zero point")
+
+    def define() -> None:
+        q = builder.value_of(node.args[0])
+        _scaled_reorder(builder, node, q, same_layout_md(q, q.md.dims, torch.float32), {ARG_SRC: quant.scale})
+
+    builder.value_of(node.args[0])  # the quantized value exists (else this runs through torch)
+    builder.defer(node, define)
+
+
+def lower_dequantize_weight(builder: Builder, node: fx.Node) -> None:
+    """``dequantize_per_channel`` of constants: nothing unless an op reads the float32 weight (then the
+    float32 values, computed once, as a constant)."""
+    if any(builder.constant(a) is None for a in node.args[:2]):
+        raise Unsupported("dequantizing a weight that is not a constant")
+
+    def define() -> None:
+        q, scales, zero_points = (builder.constant_values(a) for a in node.args[:3])
+        values = node.target(q, scales, zero_points, *node.args[3:])
+        builder.values[node] = builder.constant_value(values, None, node.name)
+
+    builder.defer(node, define)
+
+
+def _scaled_reorder(builder: Builder, node: fx.Node, x: Value, md, scales: dict[int, float]) -> None:
+    attr = PrimitiveAttr(scales={arg: 0 for arg in scales})
+    pd = reorder_pd(builder.engine, x.md, md, attr)
+    out = builder.define(node, pd.dst_md())
+    args = {ARG_FROM: x, ARG_TO: out}
+    for arg, scale in scales.items():
+        args[ARG_ATTR_SCALES | arg] = _scale(builder, scale, f"{node.name}.scale")
+    (arg, scale), = scales.items()
+    text = node_text(node, "dnnl::reorder", f"format_info=[{x.layout()} -> {out.layout()}], "
+                                            f"{'dst' if arg == ARG_DST else 'src'}_scale={scale:.6g}", [f"%{x.name}"])
+    builder.add_primitive(text, pd, args, [x], [out])
+
+
+def _scale(builder: Builder, scale: float, name: str) -> Value:
+    return builder.constant_value(torch.tensor([scale], dtype=torch.float32), None, name)
+
+
+def _short(dtype: torch.dtype) -> str:
+    return {torch.uint8: "u8", torch.int8: "s8"}[dtype]
+
+
+LOWERINGS = {QUANTIZE: lower_quantize, DEQUANTIZE: lower_dequantize, DEQUANTIZE_WEIGHT: lower_dequantize_weight}

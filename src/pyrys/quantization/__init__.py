@@ -1,0 +1,94 @@
+"""int8 post-training quantization: the numbers, and the ops that spell them in a graph.
+
+An activation is quantized per tensor, a weight per output channel, symmetrically:
+
+    x ~= s_x * (q_x - z_x),   q_x = clamp(round(x / s_x) + z_x, q_min, q_max)    u8 if x >= 0 seen, else s8 (z_x = 0)
+    W[o] ~= s_W[o] * q_W[o],  q_W[o] = clamp(round(W[o] / s_W[o]), -w_max, w_max)  s8
+    y[o] = s_x * s_W[o] * sum(q_x * q_W[o]) + b[o]                                 int32 sums, then float32
+
+``s_x`` comes from calibration (:mod:`pyrys.quantization.calibration`), ``s_W[o] = max|W[o]| / w_max``.
+A graph spells this with torch's ``quantized_decomposed`` ops (as PT2E does): an int8 op reads its input
+through a quantize/dequantize pair and its weight through a dequantize of an int8 constant, so the graph
+runs as it is on the reference backend (the rounding simulated in float32: the same numbers up to
+float32 summation order) and the dnnl backend reads the pattern as one int8 primitive.
+
+``w_max`` is 127 where the CPU has VNNI or AMX int8; without (AVX2), 63: the older kernels sum two
+u8 x s8 products in 16 bits, which saturates for 8-bit weights (oneDNN's documented workaround).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401 -- registers torch.ops.quantized_decomposed
+
+from pyrys.machine import cpu_flags
+from pyrys.numerics import INT8_TOLERANCE
+
+_DECOMPOSED = torch.ops.quantized_decomposed
+QUANTIZE = _DECOMPOSED.quantize_per_tensor.default  # (x, scale, zero_point, q_min, q_max, dtype)
+DEQUANTIZE = _DECOMPOSED.dequantize_per_tensor.default  # (q, scale, zero_point, q_min, q_max, dtype)
+DEQUANTIZE_WEIGHT = _DECOMPOSED.dequantize_per_channel.default  # (q, scales, zero_points, axis, q_min, q_max, dtype)
+QUANTIZATION_OPS = frozenset({QUANTIZE, DEQUANTIZE, DEQUANTIZE_WEIGHT})
+
+DEFAULT_ACCURACY_BUDGET = INT8_TOLERANCE  # relative error against float32 (pyrys.numerics.relative_error)
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+@dataclass(frozen=True)
+class TensorQuant:
+    """One activation's quantization: ``x ~= scale * (q - zero_point)``, ``q`` a ``dtype`` (uint8 or int8)."""
+
+    scale: float
+    zero_point: int
+    dtype: torch.dtype
+
+    @property
+    def bounds(self) -> tuple[int, int]:
+        info = torch.iinfo(self.dtype)
+        return info.min, info.max
+
+    def node_args(self) -> tuple:
+        """The arguments after the tensor of a quantize or dequantize node."""
+        return (self.scale, self.zero_point, *self.bounds, self.dtype)
+
+    @classmethod
+    def of_node(cls, node) -> "TensorQuant":
+        """Read back from a quantize or dequantize node's arguments."""
+        _, scale, zero_point, _, _, dtype = node.args[:6]
+        return cls(float(scale), int(zero_point), dtype)
+
+
+@cache
+def vnni() -> bool:
+    """Whether the CPU multiplies u8 x s8 into 32 bits in one instruction (AVX-512 VNNI, AVX-VNNI or AMX int8)."""
+    return bool(set(VNNI_FLAGS) & cpu_flags())
+
+
+def weight_max() -> int:
+    """The largest |q_W|: 127 with VNNI, 63 without (see the module docstring)."""
+    return 127 if vnni() else 63
+
+
+def int8_note() -> str:
+    """What ``opt.notes`` says about the int8 kernels this CPU gets."""
+    if "amx_int8" in cpu_flags():
+        return "int8: oneDNN's AMX int8 kernels (8-bit weights)"
+    if vnni():
+        return "int8: oneDNN's VNNI int8 kernels (8-bit weights)"
+    return ("int8: this CPU has no VNNI: oneDNN's AVX2 int8 kernels, with 7-bit weights (-63..63) so that their "
+            "16-bit intermediate sums cannot saturate")
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q_W int8, s_W float32 per output channel)`` of a float32 weight (output channels first)."""
+    w_max = weight_max()
+    observer = torch.ao.quantization.PerChannelMinMaxObserver(
+        ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric, quant_min=-w_max, quant_max=w_max)
+    observer(weight.detach())
+    scales, _ = observer.calculate_qparams()
+    scales = scales.to(torch.float32)
+    zero_points = torch.zeros(scales.shape, dtype=torch.int64)
+    q = _DECOMPOSED.quantize_per_channel(weight.detach(), scales, zero_points, 0, -w_max, w_max, torch.int8)
+    return q, scales

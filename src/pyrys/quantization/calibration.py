@@ -1,0 +1,138 @@
+"""Calibration: the inputs ``optimize(..., calibration=data)`` reads, and the activation scales they give.
+
+Each sample is one call's inputs (a tensor, or a tuple or list of them: what a ``DataLoader`` over the
+model's inputs yields), with the example inputs' structure, shapes and dtypes.  The captured graph runs on
+each (in float32, on the reference backend) and a histogram observer sees every activation an int8 op
+reads; its scale is the one that minimizes the quantization's squared error over the histogram
+(``torch.ao.quantization.HistogramObserver``), u8 for a value never seen negative, s8 otherwise.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+from torch.ao.quantization.observer import HistogramObserver
+
+from pyrys.backends.reference import ReferenceProgram
+from pyrys.quantization import TensorQuant
+from pyrys.signature import InputError, signature_of
+
+MAX_SAMPLES = 300  # calibration reads at most this many samples (OpenVINO NNCF's default subset size)
+DRAWN_SAMPLES = 16  # samples_like's default count
+
+
+@dataclass
+class QuantizationPlan:
+    """What the first compile decided, reused by the compiles of other input shapes (by node name):
+    each int8 op's input's quantization, and the ops kept in float32 by the accuracy guard, with why."""
+
+    activations: dict[str, TensorQuant]
+    kept: dict[str, str] = field(default_factory=dict)
+
+
+class Calibration:
+    """The calibration samples of one ``optimize`` call and the plan made from them, once (the samples
+    are let go then); ``accuracy_budget``: see :mod:`pyrys.quantization.guard` (None: no guard)."""
+
+    def __init__(self, samples: list[list], accuracy_budget: float | None):
+        self.samples: list[list] | None = samples
+        self.accuracy_budget = accuracy_budget
+        self.plan: QuantizationPlan | None = None
+        self.lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        held = "planned" if self.plan is not None else f"{len(self.samples or [])} samples"
+        return f"Calibration({held}, accuracy_budget={self.accuracy_budget})"
+
+
+def calibration_samples(data: Iterable, args: tuple, kwargs: dict) -> list[list]:
+    """The flat inputs of each sample of ``data`` (at most :data:`MAX_SAMPLES`), each checked against the
+    example inputs ``(args, kwargs)``: :class:`InputError` naming the sample and what differs."""
+    if isinstance(data, torch.Tensor) or not isinstance(data, Iterable):
+        raise TypeError("pyrys.optimize: calibration must be an iterable of input samples (a list of tensors or of "
+                        "input tuples, or a DataLoader over the inputs), got " + type(data).__name__)
+    expected, _ = signature_of(args, kwargs)
+    samples = []
+    for i, sample in enumerate(itertools.islice(data, MAX_SAMPLES)):
+        sample_args, sample_kwargs = _as_call(sample, kwargs)
+        signature, flat = signature_of(sample_args, sample_kwargs)
+        if signature != expected:
+            raise InputError(f"pyrys: calibration sample {i} must be inputs like the example inputs "
+                             f"({expected.describe()}), got ({_describe(signature)}); every sample is one call's "
+                             "inputs with the example's shapes and dtypes (a DataLoader over the inputs alone, "
+                             "with drop_last=True when its last batch would be smaller)")
+        samples.append(flat)
+    if not samples:
+        raise ValueError("pyrys.optimize: calibration gave no samples: pass a non-empty iterable of input samples")
+    return samples
+
+
+def samples_like(inputs: tuple, count: int = DRAWN_SAMPLES, seed: int = 7) -> list[tuple]:
+    """Calibration samples where there is no data (``pyrys bench``, ``pyrys explain --precision int8``): the
+    inputs themselves, then ``count - 1`` drawn like them (a float tensor: normal with its mean and std;
+    any other: itself), seeded."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def like(x):
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            return x
+        drawn = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+        return drawn * x.std() + x.mean() if x.numel() > 1 else drawn
+
+    return [tuple(inputs)] + [tuple(like(x) for x in inputs) for _ in range(count - 1)]
+
+
+def _as_call(sample: Any, kwargs: dict) -> tuple[tuple, dict]:
+    """A sample as a call's ``(args, kwargs)``: a tensor is one input, a tuple or list the positional inputs
+    (the example's keyword inputs are taken as they are: calibration varies the positional ones)."""
+    if isinstance(sample, torch.Tensor):
+        return (sample,), kwargs
+    if isinstance(sample, (tuple, list)):
+        return tuple(sample), kwargs
+    return (sample,), kwargs
+
+
+def _describe(signature) -> str:
+    try:
+        return signature.describe()
+    except Exception:  # noqa: BLE001 -- a leaf of an odd kind: say what we can
+        return repr(signature.leaves)
+
+
+def observe(gm: fx.GraphModule, names: set[str], samples: list[list],
+            keep_outputs: int) -> tuple[dict[str, TensorQuant], list[list]]:
+    """Run ``gm`` on every sample; the quantization of each value named in ``names`` (an activation an int8
+    op reads), and the outputs of the first ``keep_outputs`` samples (the float32 answers the guard
+    compares with)."""
+    program = ReferenceProgram(gm)
+    observers: dict[str, HistogramObserver] = {}
+
+    def visit(name: str, value: torch.Tensor) -> None:
+        if name in names and value.is_floating_point() and value.numel():
+            if name not in observers:
+                observers[name] = HistogramObserver(dtype=torch.quint8, qscheme=torch.per_tensor_affine)
+            observers[name](value.detach().float())
+
+    outputs = []
+    for i, sample in enumerate(samples):
+        result = program.observe(sample, visit)
+        if i < keep_outputs:
+            outputs.append(result)
+    return {name: _quant_of(observer) for name, observer in observers.items()}, outputs
+
+
+def _quant_of(observer: HistogramObserver) -> TensorQuant:
+    """u8 (zero point 0) when nothing negative was seen, else s8 symmetric: zero is exact in both, and the
+    kernels need no zero-point compensation."""
+    if float(observer.min_val) < 0:
+        symmetric = HistogramObserver(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
+        symmetric.load_state_dict(observer.state_dict())
+        observer, dtype = symmetric, torch.int8
+    else:
+        dtype = torch.uint8
+    scale, zero_point = observer.calculate_qparams()
+    return TensorQuant(float(scale.reshape(-1)[0]), int(zero_point.reshape(-1)[0]), dtype)
