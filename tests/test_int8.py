@@ -1,0 +1,338 @@
+"""precision="int8": calibration, the graph it makes, the accuracy guard, the oneDNN program, and every way in.
+
+Both backends run the same quantized graph: the reference backend simulates the rounding in float32,
+the dnnl backend runs oneDNN's int8 kernels (AMX, VNNI or AVX2: whatever this CPU has), so the two
+agree closely and each agrees with eager within ``INT8_TOLERANCE``.
+"""
+from __future__ import annotations
+
+import copy
+import re
+import tempfile
+
+import pytest
+import torch
+from torch import nn
+
+import pyrys
+from pyrys.numerics import INT8_TOLERANCE
+from pyrys.quantization import weight_max
+from pyrys.quantization.calibration import MAX_SAMPLES, samples_like
+from pyrys.testing import randomize_batchnorm
+from tests.caller_helpers import run_together
+from tests.models import Fn
+
+
+def conv_bn(cin: int, cout: int, stride: int = 1, groups: int = 1, kernel: int = 3) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
+                         nn.BatchNorm2d(cout))
+
+
+class Block(nn.Module):
+    """A ResNet basic block (with a downsampling shortcut when the shape changes)."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.a, self.b = conv_bn(cin, cout, stride), conv_bn(cout, cout)
+        self.down = conv_bn(cin, cout, stride, kernel=1) if stride != 1 or cin != cout else None
+
+    def forward(self, x):
+        shortcut = x if self.down is None else self.down(x)
+        return torch.relu(self.b(torch.relu(self.a(x))) + shortcut)
+
+
+class ResNetLike(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Sequential(conv_bn(3, 16), nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+        self.blocks = nn.Sequential(Block(16, 16), Block(16, 32, 2), Block(32, 32))
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: expand, depthwise, project, residual (no activation after the sum)."""
+
+    def __init__(self, channels: int = 16, expand: int = 4):
+        super().__init__()
+        torch.manual_seed(0)
+        hidden = channels * expand
+        self.expand = nn.Sequential(conv_bn(channels, hidden, kernel=1), nn.ReLU6())
+        self.depthwise = nn.Sequential(conv_bn(hidden, hidden, groups=hidden), nn.ReLU6())
+        self.project = conv_bn(hidden, channels, kernel=1)
+
+    def forward(self, x):
+        return x + self.project(self.depthwise(self.expand(x)))
+
+
+def resnet_like() -> nn.Module:
+    return randomize_batchnorm(ResNetLike()).eval()
+
+
+def inverted_residual() -> nn.Module:
+    return randomize_batchnorm(InvertedResidual()).eval()
+
+
+def images(count: int, shape=(2, 3, 32, 32), seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=generator) for _ in range(count)]
+
+
+def int8(model, x, backend="reference", calibration=None, **options) -> pyrys.OptimizedModule:
+    calibration = images(8, tuple(x.shape), seed=1) if calibration is None else calibration
+    return pyrys.optimize(model, (x,), backend=backend, precision="int8", calibration=calibration, **options)
+
+
+def fired(opt) -> dict:
+    (step,) = [s for s in opt.history if s.name == "quantize"]
+    return dict(step.fired)
+
+
+def test_the_graph_spells_int8_with_quantize_and_dequantize_nodes():
+    model, x = resnet_like(), images(1)[0]
+    opt = int8(model, x)
+    assert fired(opt) == {"int8": 9}  # 8 convs and the linear
+    graph = opt.graph
+    quantized = re.findall(r"quantized_decomposed::quantize_per_tensor\(%(\w+), [\d.e-]+, 0, (-?\d+), (\d+), (torch\.\w+)\)",
+                           graph)
+    # the input, the stem's pooled output, 2 more block inputs, 3 inner convs, the downsampled shortcut (a
+    # residual summed in int8: the others are block inputs), the pooled features: one pair per value
+    assert len(quantized) == 9
+    assert ("x", "-128", "127", "torch.int8") in quantized  # the input has negatives: s8
+    assert {name for name, _, _, dtype in quantized if dtype == "torch.int8"} == {"x", "conv2d_3"}  # no relu
+    w_max = weight_max()
+    assert graph.count("quantized_decomposed::dequantize_per_channel") == 9
+    assert graph.count(f", 0, -{w_max}, {w_max}, torch.int8)") == 9
+    assert re.search(r"Char\(16, 3, 3, 3\) = prim::Constant", graph)  # the int8 weights are constants
+    assert pyrys.relative_error(opt(x), model(x)) <= INT8_TOLERANCE
+
+
+@pytest.mark.parametrize("make", [resnet_like, inverted_residual], ids=["resnet_like", "inverted_residual"])
+def test_accuracy_on_both_backends_and_their_agreement(make, backend):
+    model = make()
+    x = images(1, (2, 16, 16, 16) if make is inverted_residual else (2, 3, 32, 32), seed=5)[0]
+    opt = int8(model, x, backend=backend)
+    reference = int8(model, x)
+    expected = model(x)
+    assert 1e-4 < pyrys.relative_error(opt(x), expected) <= INT8_TOLERANCE  # really rounded, and close
+    assert pyrys.relative_error(opt(x), reference(x)) <= 2e-2  # the same rounding, up to ties and sum order
+
+
+def test_the_dnnl_program_stays_int8_between_convolutions():
+    if "dnnl" not in pyrys.available_backends():
+        pytest.skip("the dnnl backend is not available")
+    model, x = resnet_like(), images(1)[0]
+    text = int8(model, x, backend="dnnl").program_text()
+    convs = [line for line in text.splitlines() if "dnnl::conv2d" in line]
+    assert len(convs) == 8 and all("int8=[" in line for line in convs)
+    residuals = [line for line in convs if "_add_relu" in line]
+    # the sums are made in int8 but the last one's, which the float32 mean reads
+    assert [line.split("dst=")[-1][:3] for line in residuals] == ["u8]", "u8]", "f32"]
+    assert "dst=u8]](%max_pool2d, " not in text  # the max pooling runs on the stem's u8 result
+    reorders = [re.match(r"\s*%(\w+) :", line).group(1) for line in text.splitlines() if "dnnl::reorder" in line]
+    assert reorders == ["x_q", "conv2d_12_dq", "mean_q"]  # the input, the last residual, the pooled features
+    assert "pooling_max" in text and "torch::" not in text
+
+
+def test_a_residual_read_again_later_is_summed_into_a_copy(backend):
+    """``b = conv_b(a) + a`` then ``conv_c(a)``: ``a``'s int8 buffer must survive the sum."""
+    torch.manual_seed(0)
+    model = Fn(lambda m, x: m.c(torch.relu(m.b(m.a(x)) + m.a(x)) + m.a(x)),
+               a=nn.Conv2d(3, 8, 3, padding=1), b=nn.Conv2d(8, 8, 3, padding=1), c=nn.Conv2d(8, 8, 3, padding=1)).eval()
+    x = images(1, (1, 3, 12, 12))[0]
+    opt, reference = int8(model, x, backend=backend), int8(model, x)
+    assert pyrys.relative_error(opt(x), model(x)) <= INT8_TOLERANCE
+    assert pyrys.relative_error(opt(x), reference(x)) <= 2e-2
+
+
+def test_the_accuracy_guard_keeps_the_sensitive_layer_in_float32(backend):
+    """Feature 0 of the input is huge but unused: one per-tensor scale for the input rounds every used
+    feature to zero.  The guard keeps that linear in float32 and says why."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    with torch.no_grad():
+        model[0].weight[:, 0] = 0
+    generator = torch.Generator().manual_seed(0)
+
+    def sample():
+        x = torch.randn(4, 8, generator=generator)
+        x[:, 0] *= 5000
+        return x
+    calibration = [sample() for _ in range(8)]
+    x = calibration[0]
+    unguarded = int8(model, x, backend, calibration, accuracy_budget=None)
+    assert pyrys.relative_error(unguarded(x), model(x)) > 0.1
+    guarded = int8(model, x, backend, calibration, accuracy_budget=1e-2)
+    (miss,) = guarded.misses
+    assert miss.rule == "int8" and "accuracy guard" in miss.reason
+    assert re.search(rf"%{miss.node} : Float\(4, 16\) = pyrys::linear_relu\(%input_1, ", guarded.graph)  # the first
+    assert "accuracy_budget=0.01" in miss.reason
+    assert fired(guarded) == {"int8": 1}  # the second linear is still int8
+    assert pyrys.relative_error(guarded(x), model(x)) <= 1e-2
+
+
+def test_bad_input_gets_a_clear_error():
+    model, x = resnet_like(), images(1)[0]
+    with pytest.raises(ValueError, match="precision='int8' needs calibration="):
+        pyrys.optimize(model, (x,), precision="int8")
+    with pytest.raises(ValueError, match="calibration= is read with precision='int8' only"):
+        pyrys.optimize(model, (x,), calibration=[x])
+    with pytest.raises(ValueError, match="calibration gave no samples"):
+        pyrys.optimize(model, (x,), precision="int8", calibration=[])
+    with pytest.raises(TypeError, match="calibration must be an iterable of input samples"):
+        pyrys.optimize(model, (x,), precision="int8", calibration=x)
+    with pytest.raises(pyrys.InputError, match=r"calibration sample 1 must be inputs like the example inputs "
+                                               r"\(Float\(2, 3, 32, 32\)\), got \(Float\(3, 3, 32, 32\)\).*drop_last"):
+        pyrys.optimize(model, (x,), precision="int8", calibration=[x, torch.randn(3, 3, 32, 32)])
+    with pytest.raises(pyrys.InputError, match=r"calibration sample 0 .* got \(Double\(2, 3, 32, 32\)\)"):
+        pyrys.optimize(model, (x,), precision="int8", calibration=[x.double()])
+    for budget in (0, -1.0, "1e-2", True):
+        with pytest.raises(ValueError, match="accuracy_budget must be a positive number or None"):
+            pyrys.optimize(model, (x,), precision="int8", calibration=[x], accuracy_budget=budget)
+
+
+def test_a_model_without_a_quantizable_op_runs_float32_and_says_so(backend):
+    model = Fn(lambda m, x: torch.relu(x) * 2 + 1).eval()
+    x = images(1)[0]
+    opt = int8(model, x, backend)
+    assert fired(opt) == {"int8": 0}
+    assert any("no convolution or linear could run in int8" in note for note in opt.notes)
+    assert torch.equal(opt(x), model(x))
+
+
+def test_what_stays_float32_is_a_miss_with_its_reason(backend):
+    torch.manual_seed(0)
+    model = Fn(lambda m, x: m.up(torch.relu(m.conv(x))), conv=nn.Conv2d(3, 8, 3), up=nn.ConvTranspose2d(8, 4, 2, 2)).eval()
+    x = images(1, (1, 3, 10, 10))[0]
+    opt = int8(model, x, backend)
+    assert fired(opt) == {"int8": 1}
+    (miss,) = opt.misses
+    assert miss.rule == "int8" and "transposed convolutions have no int8 lowering" in miss.reason
+    assert pyrys.relative_error(opt(x), model(x)) <= INT8_TOLERANCE
+
+
+def test_a_dataloader_and_a_linear_on_3d_inputs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32)).eval()
+    data = torch.utils.data.TensorDataset(torch.randn(64, 16, 32))
+    loader = torch.utils.data.DataLoader(data, batch_size=4, drop_last=True)
+    x = next(iter(loader))[0]
+    for backend in pyrys.available_backends():
+        opt = pyrys.optimize(model, (x,), backend=backend, precision="int8", calibration=loader)
+        assert fired(opt) == {"int8": 2}
+        assert pyrys.relative_error(opt(x), model(x)) <= INT8_TOLERANCE
+
+
+def test_calibration_reads_at_most_max_samples():
+    taken = []
+
+    def endless():
+        while True:
+            taken.append(1)
+            yield torch.randn(1, 3, 8, 8)
+    model = Fn(lambda m, x: m.conv(x), conv=nn.Conv2d(3, 4, 3)).eval()
+    int8(model, torch.randn(1, 3, 8, 8), calibration=endless())
+    assert len(taken) == MAX_SAMPLES
+
+
+def test_another_input_shape_reuses_the_calibration(backend):
+    model, x = resnet_like(), images(1)[0]
+    opt = int8(model, x, backend)
+    y = images(1, (3, 3, 40, 40), seed=3)[0]
+    assert pyrys.relative_error(opt(y), model(y)) <= INT8_TOLERANCE
+    compiled = opt._programs  # every shape's program: both in int8
+    assert len(compiled) == 2 and all(fired_in(c.run) == 9 for c in compiled.values())
+
+
+def fired_in(run) -> int:
+    return sum(step.fired.get("int8", 0) for step in run.history)
+
+
+def test_many_threads_at_once(backend):
+    model, x = resnet_like(), images(1)[0]
+    opt = int8(model, x, backend)
+    inputs = images(8, seed=11)
+    alone = [opt(i) for i in inputs]
+    together = run_together([lambda i=i: opt(i) for i in inputs])
+    assert all(torch.equal(a, b) for a, b in zip(alone, together))
+
+
+def test_the_users_model_is_not_modified():
+    model, x = resnet_like(), images(1)[0]
+    before = copy.deepcopy(model.state_dict())
+    int8(model, x)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_torchscript_and_exported_program(backend):
+    model, x = resnet_like(), images(1)[0]
+    calibration = images(4, seed=1)
+    scripted = torch.jit.script(model)
+    exported = torch.export.export(model, (x,))
+    for source in (scripted, exported):
+        opt = pyrys.optimize(source, (x,), backend=backend, precision="int8", calibration=calibration)
+        assert fired(opt) == {"int8": 9}
+        assert pyrys.relative_error(opt(x), model(x)) <= INT8_TOLERANCE
+
+
+def test_save_and_load_give_the_same_outputs(backend):
+    model, x = resnet_like(), images(1)[0]
+    opt = int8(model, x, backend)
+    with tempfile.TemporaryDirectory() as directory:
+        pyrys.save(opt, f"{directory}/int8")
+        loaded = pyrys.load(f"{directory}/int8")
+    assert torch.equal(loaded(x), opt(x))
+    assert "quantize_per_tensor" in loaded.graph
+
+
+def test_numerics_show_the_error_appear_at_quantize(backend):
+    model, x = resnet_like(), images(1)[0]
+    opt = int8(model, x, backend, numerics=True)
+    report = opt.numerics
+    assert report.tolerance == INT8_TOLERANCE
+    errors = dict(report.rows)
+    assert errors["fuse_post_ops"] <= 1e-5 < errors["quantize"] <= INT8_TOLERANCE
+
+
+def test_explain_lists_what_stayed_float32():
+    torch.manual_seed(0)
+    model = Fn(lambda m, x: m.up(torch.relu(m.conv(x))), conv=nn.Conv2d(3, 8, 3), up=nn.ConvTranspose2d(8, 4, 2, 2)).eval()
+    x = images(1, (1, 3, 10, 10))[0]
+    text = pyrys.explain(model, (x,), precision="int8", calibration=samples_like((x,))).render()
+    assert "quantize: 1 quantized (int8: 1)" in text
+    assert "int8: stays float32: transposed convolutions have no int8 lowering here yet" in text
+
+
+def test_a_trained_digit_classifier_keeps_its_accuracy():
+    """A small CNN trained on scikit-learn's bundled 8x8 digits: int8 test accuracy within 1 point of fp32."""
+    datasets = pytest.importorskip("sklearn.datasets", reason="scikit-learn is not installed (pip install -e '.[test]')")
+    digits = datasets.load_digits()
+    images_ = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(digits.target)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    train, test = order[:1400], order[1400:]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Flatten(), nn.Linear(32 * 16, 10))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for epoch in range(8):
+        for batch in train[torch.randperm(len(train), generator=torch.Generator().manual_seed(epoch))].split(64):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(images_[batch]), labels[batch]).backward()
+            optimizer.step()
+    model.eval()
+    x_test = images_[test]
+    calibration = [images_[batch] for batch in train[:256].split(len(test))[:2]
+                   if len(batch) == len(test)] or [images_[train[:len(test)]]]
+    with torch.no_grad():
+        fp32_accuracy = (model(x_test).argmax(1) == labels[test]).float().mean().item()
+    assert fp32_accuracy > 0.9  # it learned
+    for backend in pyrys.available_backends():
+        opt = pyrys.optimize(model, (x_test,), backend=backend, precision="int8", calibration=calibration)
+        assert fired(opt) == {"int8": 3}
+        int8_accuracy = (opt(x_test).argmax(1) == labels[test]).float().mean().item()
+        assert int8_accuracy >= fp32_accuracy - 0.01, (backend, fp32_accuracy, int8_accuracy)
