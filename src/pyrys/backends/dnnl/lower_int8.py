@@ -20,6 +20,7 @@ from torch.utils._pytree import tree_leaves
 from pyrys.backends.dnnl.builder import Builder, Unsupported, node_text
 from pyrys.backends.dnnl.constants import ARG_ATTR_SCALES, ARG_DST, ARG_FROM, ARG_SRC, ARG_TO, ARG_WEIGHTS
 from pyrys.backends.dnnl.descriptors import reorder_pd
+from pyrys.backends.dnnl.int8_dst import quantized_reader
 from pyrys.backends.dnnl.layout import policy_md
 from pyrys.backends.dnnl.lower_ops import same_layout_md
 from pyrys.backends.dnnl.post_ops import Operand, operand_of
@@ -88,35 +89,34 @@ def read_int8(builder: Builder, node: fx.Node, fused: Fused, residual: bool = Tr
 
 
 def _written_quant(node: fx.Node, fused: Fused, residual: bool) -> TensorQuant | None:
-    """The quantization the op writes: that of its one reader, a quantize node, when it adds no residual
-    or (``residual``) one int8 residual of that data type (summed in int8: :func:`post_operands`); else None
-    (float32)."""
-    users = list(node.users)
-    while len(users) == 1 and users[0].target in COMMUTING:  # q(max_pool(y)) = max_pool(q(y))
-        users = list(users[0].users)
-    if len(users) != 1 or users[0].target is not QUANTIZE:
-        return None
-    quant = TensorQuant.of_node(users[0])
-    if quant.zero_point != 0:
-        return None
-    if not fused.post_inputs:
+    """The quantization the op writes: that of its one reader (through max poolings), a quantize node, when
+    each residual it adds in int8 is one it can sum (``residual``: at most one, an ``add``: see
+    :func:`post_operands`); else None (float32).  Float32 post-op operands are read as they are."""
+    reader = node
+    while len(reader.users) == 1 and next(iter(reader.users)).target in COMMUTING:  # q(max_pool(y)) = max_pool(q(y))
+        reader = next(iter(reader.users))
+    quant = quantized_reader(reader)
+    dequantized = [p for p in fused.post_inputs if p.target is DEQUANTIZE]
+    if quant is None or not dequantized:
         return quant
-    binaries = [p.name for p in fused.post_ops if p.binary]
-    (operand, *others) = fused.post_inputs
-    if not residual or others or binaries != ["add"] or operand.target is not DEQUANTIZE:
+    added = dict(zip(fused.post_inputs, [p.name for p in fused.post_ops if p.binary]))
+    if not residual or len(dequantized) > 1 or added[dequantized[0]] != "add":
         return None
-    return quant if TensorQuant.of_node(operand).zero_point == 0 else None
+    return quant if TensorQuant.of_node(dequantized[0]).zero_point == 0 else None
 
 
 def post_operands(builder: Builder, node: fx.Node, fused: Fused, int8: Int8Op | None) -> list[Operand]:
-    """The post-op operands of a fused op: an int8 op writing int8 reads its residual in int8 (the
+    """The post-op operands of a fused op: an int8 op writing int8 reads its int8 residual as it is (the
     quantized value, added with its scale: ``y = post_ops(acc + s_r * q_r)``), in place when this op is its
-    last reader; any other reads float32."""
-    if int8 is None or int8.dst_quant is None or not fused.post_inputs:
-        return [operand_of(builder, n) for n in fused.post_inputs]
-    (dequantized,) = fused.post_inputs
-    quantized = dequantized.args[0]
-    return [Operand(builder.value_of(quantized), _last_reader(node, dequantized), TensorQuant.of_node(dequantized).scale)]
+    last reader; every other operand is read in float32."""
+    writes_int8 = int8 is not None and int8.dst_quant is not None
+    return [_int8_operand(builder, node, n) if writes_int8 and n.target is DEQUANTIZE else operand_of(builder, n)
+            for n in fused.post_inputs]
+
+
+def _int8_operand(builder: Builder, node: fx.Node, dequantized: fx.Node) -> Operand:
+    return Operand(builder.value_of(dequantized.args[0]), _last_reader(node, dequantized),
+                   TensorQuant.of_node(dequantized).scale)
 
 
 def _last_reader(node: fx.Node, dequantized: fx.Node) -> bool:

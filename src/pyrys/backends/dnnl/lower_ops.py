@@ -16,6 +16,7 @@ from pyrys.backends.dnnl.constants import (
     ARG_DST, ARG_FROM, ARG_MEAN, ARG_MULTIPLE_SRC, ARG_SCALE, ARG_SHIFT, ARG_SRC, ARG_SRC_1, ARG_TO, ARG_VARIANCE,
     AlgKind,
 )
+from pyrys.backends.dnnl.int8_dst import quantized_reader, quantizing_attr, quantizing_note, with_int8_dst
 from pyrys.backends.dnnl.descriptors import (
     batch_norm_pd, binary_pd, concat_pd, eltwise_pd, layer_norm_pd, pooling_pd, reduction_pd, reorder_pd, resampling_pd,
     softmax_pd,
@@ -100,10 +101,17 @@ def lower_binary(builder: Builder, node: fx.Node) -> None:
         raise Unsupported("the first operand is broadcast or constant")
     x = builder.value_of(a)
     y = _second_operand(builder, b, x)
-    pd = binary_pd(builder.engine, BINARY_ALGS[node.target], x.md, y.md, x.md)
+    quant = quantized_reader(node) if x.md.dtype == dnnl_dtype(torch.float32) else None  # int8: int8_dst.py
+
+    def create(quant):
+        dst_md = x.md if quant is None else same_layout_md(x, x.md.dims, quant.dtype)
+        attr = None if quant is None else quantizing_attr(quant)
+        return binary_pd(builder.engine, BINARY_ALGS[node.target], x.md, y.md, dst_md, attr)
+    pd, quant = with_int8_dst(create, quant)
     result = builder.define(node, pd.dst_md())
     label = f"dnnl::{node.target._schema.name.split('::')[1]}"
-    text = node_text(node, label, f"format_info=[{x.layout()}, {y.layout()}]", [f"%{x.name}", f"%{y.name}"])
+    text = node_text(node, label, f"format_info=[{x.layout()}, {y.layout()}]{quantizing_note(quant)}",
+                     [f"%{x.name}", f"%{y.name}"])
     builder.add_primitive(text, pd, {ARG_SRC: x, ARG_SRC_1: y, ARG_DST: result}, [x, y], [result])
 
 
@@ -150,11 +158,16 @@ def _pool_into(builder: Builder, node: fx.Node, out: Value, x: Value, alg: AlgKi
              for i in range(rank)]
     if alg != AlgKind.pooling_max and right != list(padding):
         raise Unsupported("ceil_mode average pooling")
-    dst_md = same_layout_md(x, out_shape)
-    pd = pooling_pd(builder.engine, alg, x.md, dst_md, kernel=kernel, strides=stride, padding_l=padding,
-                    padding_r=right, dilation=dilation)
+    quant = quantized_reader(node) if x.md.dtype == dnnl_dtype(torch.float32) else None  # int8: int8_dst.py
+
+    def create(quant):
+        dst_md = same_layout_md(x, out_shape, None if quant is None else quant.dtype)
+        return pooling_pd(builder.engine, alg, x.md, dst_md, kernel=kernel, strides=stride, padding_l=padding,
+                          padding_r=right, dilation=dilation, attr=None if quant is None else quantizing_attr(quant))
+    pd, quant = with_int8_dst(create, quant)
     out.md = pd.dst_md()
-    text = node_text(node, f"dnnl::{alg.name}", f"kernel={list(kernel)}, format_info=[{x.layout()}]", [f"%{x.name}"])
+    text = node_text(node, f"dnnl::{alg.name}", f"kernel={list(kernel)}, format_info=[{x.layout()}]"
+                                               f"{quantizing_note(quant)}", [f"%{x.name}"])
     builder.add_primitive(text, pd, {ARG_SRC: x, ARG_DST: out}, [x], [out], drops_nan=alg == AlgKind.pooling_max)
 
 
