@@ -68,6 +68,27 @@ class InvertedResidual(nn.Module):
         return x + self.project(self.depthwise(self.expand(x)))
 
 
+class SqueezeExcite(nn.Module):
+    """EfficientNet's block: expand, depthwise, squeeze-and-excitation scale (``scale * x``), project."""
+
+    def __init__(self, channels: int = 8, hidden: int = 32):
+        super().__init__()
+        torch.manual_seed(0)
+        self.expand = nn.Sequential(conv_bn(channels, hidden, kernel=1), nn.SiLU())
+        self.depthwise = nn.Sequential(conv_bn(hidden, hidden, groups=hidden), nn.SiLU())
+        self.squeeze = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(hidden, 8, 1), nn.SiLU(),
+                                     nn.Conv2d(8, hidden, 1), nn.Sigmoid())
+        self.project = conv_bn(hidden, channels, kernel=1)
+
+    def forward(self, x):
+        y = self.depthwise(self.expand(x))
+        return self.project(self.squeeze(y) * y)
+
+
+def squeeze_excite() -> nn.Module:
+    return randomize_batchnorm(SqueezeExcite()).eval()
+
+
 def resnet_like() -> nn.Module:
     return randomize_batchnorm(ResNetLike()).eval()
 
@@ -135,6 +156,21 @@ def test_the_dnnl_program_stays_int8_between_convolutions():
     reorders = [re.match(r"\s*%(\w+) :", line).group(1) for line in text.splitlines() if "dnnl::reorder" in line]
     assert reorders == ["x_q", "conv2d_12_dq", "mean_q"]  # the input, the last residual, the pooled features
     assert "pooling_max" in text and "torch::" not in text
+
+
+def test_a_squeeze_and_excitation_block_reads_the_depthwise_result_in_int8(backend):
+    model, x = squeeze_excite(), images(1, (1, 8, 16, 16), seed=2)[0]
+    opt, reference = int8(model, x, backend, accuracy_budget=None), int8(model, x, accuracy_budget=None)
+    assert pyrys.relative_error(opt(x), model(x)) <= INT8_TOLERANCE
+    assert pyrys.relative_error(opt(x), reference(x)) <= 2e-2
+    graph = opt.graph  # the pooling and the mul read the depthwise result as the project conv's inputs do
+    assert re.search(r"aten::adaptive_avg_pool2d\(%conv2d_\d+_dq, ", graph)
+    assert re.search(r"aten::mul\(%\w+, %conv2d_\d+_dq\)", graph)
+    if backend == "dnnl":
+        text = opt.program_text()  # the depthwise conv writes s8 for the pooling, the mul and nothing else
+        assert re.search(r"dnnl::conv2d_silu\[.*dst=s8\]\]\(%conv2d_\d+\)\n.*dnnl::pooling_avg.*\(%conv2d_\d+\)", text)
+        assert re.search(r"dnnl::mul\[.*dst=s8, dst_scale=[\d.e-]+, src_scale=[\d.e-]+\]\(%conv2d_\d+, ", text)
+        assert "torch::" not in text and text.count("dnnl::reorder") == 2  # the input's quantize, the output's layout
 
 
 def test_a_residual_read_again_later_is_summed_into_a_copy(backend):

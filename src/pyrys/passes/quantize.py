@@ -22,6 +22,7 @@ from dataclasses import replace
 
 import torch
 import torch.fx as fx
+from torch.utils._pytree import tree_leaves
 
 from pyrys.ir.edit import insert_op
 from pyrys.ir.fused import (FUSED_BY_BASE, FUSED_CONV_TRANSPOSE, FUSED_OPS, Fused, fused_form_miss, read_fused,
@@ -35,6 +36,13 @@ from pyrys.quantization.calibration import Calibration, QuantizationPlan, observ
 from pyrys.quantization.guard import GUARD_SAMPLES, Switch, guard
 
 RULE = "int8"
+aten = torch.ops.aten
+# ops that read an int8 layer's result as it is, with its scale (the dnnl backend's binary and pooling
+# kernels take int8 sources): the full-shape operand of an elementwise mul or add (a squeeze-and-excitation
+# scale), an average pooling.  Where every reader of a layer's result is one of these or another layer,
+# the result is quantized and the layer writes int8 (:func:`_shared_results`).
+INT8_READERS = frozenset({aten.mul.Tensor, aten.add.Tensor, aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default})
+COMMUTATIVE = frozenset({aten.mul.Tensor, aten.add.Tensor})
 
 
 def quantize(gm: fx.GraphModule, precision: str, calibration: Calibration | None) -> PassResult:
@@ -49,7 +57,8 @@ def quantize(gm: fx.GraphModule, precision: str, calibration: Calibration | None
     with calibration.lock:
         if calibration.plan is None:
             samples = calibration.samples
-            quants, expected = observe(gm, _observed(layers), samples, GUARD_SAMPLES)
+            quants, expected = observe(gm, _observed(layers) | {v.name for v in _shared_results(layers)}, samples,
+                                       GUARD_SAMPLES)
             switches = _rewrite(gm, layers, quants, result)
             kept = {}
             if calibration.accuracy_budget is not None and switches:
@@ -119,6 +128,7 @@ def _rewrite(gm: fx.GraphModule, layers: list[fx.Node], quants: dict[str, Tensor
     is quantized too); the switches, set to int8."""
     pairs: dict[fx.Node, fx.Node] = {}  # input -> its dequantized form
     switches = {}
+    shared = _shared_results(layers)  # before the layers read their inputs' dequantized forms
 
     def dequantized(x: fx.Node) -> fx.Node:
         if x not in pairs:
@@ -140,7 +150,32 @@ def _rewrite(gm: fx.GraphModule, layers: list[fx.Node], quants: dict[str, Tensor
                            post_inputs=operands).node_args()
         switches[layer.name] = Switch(layer, tuple(layer.args), tuple(int8))
         switches[layer.name].set(True)
+    for value, readers in shared.items():
+        if value.name in quants and value.name in switches:
+            with gm.graph.inserting_before(readers[0]):
+                source = dequantized(value)
+            for reader in readers:  # the same value, rounded as the layers read it
+                int8_args = tuple(source if arg is value else arg for arg in reader.args)
+                switches[value.name].readers.append((reader, tuple(reader.args), int8_args))
+                reader.args = int8_args
     return switches
+
+
+def _shared_results(layers: list[fx.Node]) -> dict[fx.Node, list[fx.Node]]:
+    """The layers' results read only by :data:`INT8_READERS` (a pooling's input, a full-shape operand of mul or add)
+    and by layers (as their
+    input), each reader reading it once, with the readers of the first kind: quantized once, read in int8 by
+    every one."""
+    layer_set = set(layers)
+    shared = {}
+    for layer in layers:
+        readers = [user for user in layer.users if user.target in INT8_READERS and _reads_once(user, layer) and (
+            user.args[0] is layer if user.target not in COMMUTATIVE  # a pooling's input; either operand of mul, add
+            else layer in user.args[:2] and user.meta["val"].shape == layer.meta["val"].shape)]
+        if readers and all(user in readers or (user in layer_set and read_fused(user).args["input"] is layer
+                                               and _reads_once(user, layer)) for user in layer.users):
+            shared[layer] = readers
+    return shared
 
 
 def _quantize_dequantize(gm: fx.GraphModule, x: fx.Node, quant: TensorQuant) -> fx.Node:
@@ -158,3 +193,7 @@ def _dequantized_weight(gm: fx.GraphModule, weight: fx.Node) -> fx.Node:
     dq = insert_op(gm.graph, DEQUANTIZE_WEIGHT, (*nodes, 0, -w_max, w_max, torch.int8), f"{weight.target}_dq")
     copies(dq, weight)
     return dq
+
+
+def _reads_once(user: fx.Node, value: fx.Node) -> bool:
+    return sum(1 for arg in tree_leaves((user.args, user.kwargs)) if arg is value) == 1

@@ -10,7 +10,7 @@ reference backend, the rounding simulated) per int8 op and per op put back, on t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch.fx as fx
 
@@ -22,14 +22,18 @@ GUARD_SAMPLES = 4  # calibration samples the guard measures on
 
 @dataclass
 class Switch:
-    """One int8 op: its arguments in float32 and in int8 (reading the quantize/dequantize nodes)."""
+    """One int8 op: its arguments in float32 and in int8 (reading the quantize/dequantize nodes); ``readers``:
+    other ops reading its result in int8 while it is in int8, with their two argument tuples likewise."""
 
     layer: fx.Node
     float_args: tuple
     int8_args: tuple
+    readers: list[tuple[fx.Node, tuple, tuple]] = field(default_factory=list)
 
     def set(self, int8: bool) -> None:
         self.layer.args = self.int8_args if int8 else self.float_args  # the value's type is the same either way
+        for reader, float_args, int8_args in self.readers:
+            reader.args = int8_args if int8 else float_args
 
     @property
     def int8(self) -> bool:

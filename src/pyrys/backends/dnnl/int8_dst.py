@@ -11,12 +11,17 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 import torch.fx as fx
 
 from pyrys.backends.dnnl.binding import DnnlError
-from pyrys.backends.dnnl.constants import AlgKind
+from pyrys.backends.dnnl.constants import AlgKind, DataType
 from pyrys.backends.dnnl.primitives import PostOps, PrimitiveAttr
-from pyrys.quantization import QUANTIZE, TensorQuant
+from pyrys.backends.dnnl.builder import Builder
+from pyrys.backends.dnnl.values import Value
+from pyrys.quantization import DEQUANTIZE, QUANTIZE, TensorQuant
+
+INT8_DTYPES = frozenset({DataType.u8, DataType.s8})
 
 
 def quantized_reader(node: fx.Node) -> TensorQuant | None:
@@ -28,11 +33,33 @@ def quantized_reader(node: fx.Node) -> TensorQuant | None:
     return quant if quant.zero_point == 0 else None
 
 
-def quantizing_attr(quant: TensorQuant) -> PrimitiveAttr:
-    """Post-ops dividing the result by the scale; the destination's data type does the rounding."""
-    post_ops = PostOps()
-    post_ops.append_eltwise(AlgKind.eltwise_linear, 1.0 / quant.scale, 0.0)
-    return PrimitiveAttr(post_ops)
+def quantizing_attr(quant: TensorQuant | None, factor: float = 1.0, scales: dict[int, int] | None = None
+                    ) -> PrimitiveAttr | None:
+    """Post-ops multiplying the result by ``factor`` (an int8 source's scale, for a linear op) and dividing it
+    by ``quant``'s scale (the destination's data type then rounds); ``scales``: runtime scales (arg -> mask)."""
+    alpha = factor / (quant.scale if quant is not None else 1.0)
+    if alpha == 1.0 and not scales:
+        return None
+    post_ops = None
+    if alpha != 1.0:
+        post_ops = PostOps()
+        post_ops.append_eltwise(AlgKind.eltwise_linear, alpha, 0.0)
+    return PrimitiveAttr(post_ops, scales=scales)
+
+
+def read_quantized(builder: Builder, arg) -> tuple[Value, float | None]:
+    """What an op reads for ``arg``: a dequantize node's int8 value as it is and its scale (``passes/quantize.py``
+    quantizes what int8 layers and these ops share), or the value of anything else and None."""
+    if isinstance(arg, fx.Node) and arg.target is DEQUANTIZE:
+        quant = TensorQuant.of_node(arg)
+        if quant.zero_point == 0:
+            return builder.value_of(arg.args[0]), quant.scale
+    return builder.value_of(arg), None
+
+
+def scale_value(builder: Builder, scale: float, name: str) -> Value:
+    """A runtime scale, as a constant value."""
+    return builder.constant_value(torch.tensor([scale], dtype=torch.float32), None, name)
 
 
 def quantizing_note(quant: TensorQuant | None) -> str:

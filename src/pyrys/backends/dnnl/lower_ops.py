@@ -10,13 +10,15 @@ import operator
 import torch
 import torch.fx as fx
 
+from pyrys.backends.dnnl.binding import DnnlError
 from pyrys.backends.dnnl.builder import F32_OR_BF16, Builder, Unsupported, check_dtype, node_text
 from pyrys.backends.dnnl.tensors import DNNL_TO_TORCH, dnnl_dtype
 from pyrys.backends.dnnl.constants import (
-    ARG_DST, ARG_FROM, ARG_MEAN, ARG_MULTIPLE_SRC, ARG_SCALE, ARG_SHIFT, ARG_SRC, ARG_SRC_1, ARG_TO, ARG_VARIANCE,
+    ARG_ATTR_SCALES, ARG_DST, ARG_FROM, ARG_MEAN, ARG_MULTIPLE_SRC, ARG_SCALE, ARG_SHIFT, ARG_SRC, ARG_SRC_1, ARG_TO, ARG_VARIANCE,
     AlgKind,
 )
-from pyrys.backends.dnnl.int8_dst import quantized_reader, quantizing_attr, quantizing_note, with_int8_dst
+from pyrys.backends.dnnl.int8_dst import (INT8_DTYPES, quantized_reader, quantizing_attr, quantizing_note,
+                                          read_quantized, scale_value, with_int8_dst)
 from pyrys.backends.dnnl.descriptors import (
     batch_norm_pd, binary_pd, concat_pd, eltwise_pd, layer_norm_pd, pooling_pd, reduction_pd, reorder_pd, resampling_pd,
     softmax_pd,
@@ -99,20 +101,29 @@ def lower_binary(builder: Builder, node: fx.Node) -> None:
         a, b = b, a  # commutative: put the full-shape operand first
     if tuple(a.meta["val"].shape) != tuple(out.shape) or builder.constant(a) is not None:
         raise Unsupported("the first operand is broadcast or constant")
-    x = builder.value_of(a)
+    x, x_scale = read_quantized(builder, a)  # int8 with its scale where int8 layers share it (int8_dst.py)
     y = _second_operand(builder, b, x)
-    quant = quantized_reader(node) if x.md.dtype == dnnl_dtype(torch.float32) else None  # int8: int8_dst.py
+    quant = quantized_reader(node)
 
     def create(quant):
-        dst_md = x.md if quant is None else same_layout_md(x, x.md.dims, quant.dtype)
-        attr = None if quant is None else quantizing_attr(quant)
+        dst_md = same_layout_md(x, x.md.dims, out.dtype if quant is None else quant.dtype)
+        attr = quantizing_attr(quant, scales={ARG_SRC: 0} if x_scale is not None else None)
         return binary_pd(builder.engine, BINARY_ALGS[node.target], x.md, y.md, dst_md, attr)
-    pd, quant = with_int8_dst(create, quant)
+    try:
+        pd, quant = with_int8_dst(create, quant)
+    except DnnlError:
+        if x_scale is None:
+            raise
+        x, x_scale = builder.value_of(a), None  # no int8 kernel for it: it reads the dequantized value
+        pd, quant = with_int8_dst(create, quant)
     result = builder.define(node, pd.dst_md())
     label = f"dnnl::{node.target._schema.name.split('::')[1]}"
-    text = node_text(node, label, f"format_info=[{x.layout()}, {y.layout()}]{quantizing_note(quant)}",
-                     [f"%{x.name}", f"%{y.name}"])
-    builder.add_primitive(text, pd, {ARG_SRC: x, ARG_SRC_1: y, ARG_DST: result}, [x, y], [result])
+    note = quantizing_note(quant) + (f", src_scale={x_scale:.6g}" if x_scale is not None else "")
+    text = node_text(node, label, f"format_info=[{x.layout()}, {y.layout()}]{note}", [f"%{x.name}", f"%{y.name}"])
+    args = {ARG_SRC: x, ARG_SRC_1: y, ARG_DST: result}
+    if x_scale is not None:
+        args[ARG_ATTR_SCALES | ARG_SRC] = scale_value(builder, x_scale, f"{node.name}.src_scale")
+    builder.add_primitive(text, pd, args, [x, y], [result])
 
 
 def _broadcast_dims(shape, ndims: int) -> list[int]:
@@ -122,7 +133,7 @@ def _broadcast_dims(shape, ndims: int) -> list[int]:
 
 def _second_operand(builder: Builder, node: fx.Node, x: Value) -> Value:
     """The second operand in ``x``'s layout: reordered once now if constant, else where needed."""
-    md = same_layout_md(x, _broadcast_dims(node.meta["val"].shape, x.md.ndims))
+    md = same_layout_md(x, _broadcast_dims(node.meta["val"].shape, x.md.ndims), node.meta["val"].dtype)
     constant = builder.constant(node)
     if constant is not None:
         return builder.constant_value(constant, md, node.name)
@@ -142,15 +153,24 @@ def _pool_padding(size: int, out: int, kernel: int, stride: int, pad: int, dilat
 
 
 def _pool(builder: Builder, node: fx.Node, alg: AlgKind, kernel, stride, padding, dilation=None) -> None:
-    x = builder.value_of(node.args[0])
     check_dtype(node.args[0].meta["val"], node.meta["val"], dtypes=F32_OR_BF16)
     out = builder.define(node, None)
+    if alg != AlgKind.pooling_max:  # an average reads int8 with its scale where it can (int8_dst.py)
+        x, x_scale = read_quantized(builder, node.args[0])
+        if x_scale is not None:
+            try:
+                return _pool_into(builder, node, out, x, alg, kernel, stride, padding, node.meta["val"].shape,
+                                  dilation, x_scale)
+            except DnnlError:
+                pass  # no int8 kernel for it: it reads the dequantized value
+    x = builder.value_of(node.args[0])
     _pool_into(builder, node, out, x, alg, kernel, stride, padding, node.meta["val"].shape, dilation)
 
 
 def _pool_into(builder: Builder, node: fx.Node, out: Value, x: Value, alg: AlgKind, kernel, stride, padding,
-               out_shape, dilation=None) -> None:
-    """Pooling of ``x`` into ``out`` (whose descriptor is set here)."""
+               out_shape, dilation=None, x_scale: float | None = None) -> None:
+    """Pooling of ``x`` into ``out`` (whose descriptor is set here); ``x_scale``: ``x`` is int8 with this scale
+    (an average is linear: the result is multiplied by it)."""
     rank = len(kernel)
     in_spatial, out_spatial = x.md.dims[2:], out_shape[2:]
     dilation = dilation or [1] * rank
@@ -158,12 +178,14 @@ def _pool_into(builder: Builder, node: fx.Node, out: Value, x: Value, alg: AlgKi
              for i in range(rank)]
     if alg != AlgKind.pooling_max and right != list(padding):
         raise Unsupported("ceil_mode average pooling")
-    quant = quantized_reader(node) if x.md.dtype == dnnl_dtype(torch.float32) else None  # int8: int8_dst.py
+    written = x_scale is None and x.md.dtype in INT8_DTYPES  # int8 already, for the quantize after (max pooling)
+    quant = None if written else quantized_reader(node)  # int8: int8_dst.py
+    dtype = DNNL_TO_TORCH[x.md.dtype] if written else node.meta["val"].dtype
 
     def create(quant):
-        dst_md = same_layout_md(x, out_shape, None if quant is None else quant.dtype)
+        dst_md = same_layout_md(x, out_shape, dtype if quant is None else quant.dtype)
         return pooling_pd(builder.engine, alg, x.md, dst_md, kernel=kernel, strides=stride, padding_l=padding,
-                          padding_r=right, dilation=dilation, attr=None if quant is None else quantizing_attr(quant))
+                          padding_r=right, dilation=dilation, attr=quantizing_attr(quant, x_scale or 1.0))
     pd, quant = with_int8_dst(create, quant)
     out.md = pd.dst_md()
     text = node_text(node, f"dnnl::{alg.name}", f"kernel={list(kernel)}, format_info=[{x.layout()}]"
@@ -235,7 +257,7 @@ def lower_mean(builder: Builder, node: fx.Node) -> None:
     out_shape = node.meta["val"].shape
     if not a["keepdim"]:
         plain = builder.to_plain(keepdim)
-        builder.values[node] = Value(node.name, plain_md(out_shape, torch.float32), ALIAS, plain)
+        builder.values[node] = Value(node.name, plain_md(out_shape, DNNL_TO_TORCH[plain.md.dtype]), ALIAS, plain)
 
 
 def _reduce(builder: Builder, node: fx.Node, x: Value, dims: list[int]) -> Value:
