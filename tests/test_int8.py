@@ -210,6 +210,49 @@ def test_the_accuracy_guard_keeps_the_sensitive_layer_in_float32(backend):
     assert pyrys.relative_error(guarded(x), model(x)) <= 1e-2
 
 
+def test_a_reader_before_the_layer_reading_the_same_value(backend):
+    """``p = avg_pool(y)`` comes before ``conv_b(y)`` in the graph: the quantize/dequantize pair of ``y`` must
+    come before both (it is placed right after ``y``)."""
+    torch.manual_seed(0)
+    model = Fn(lambda m, x: (m.b(torch.relu(m.a(x))), nn.functional.avg_pool2d(torch.relu(m.a(x)), 2)),
+               a=nn.Conv2d(3, 8, 3, padding=1), b=nn.Conv2d(8, 8, 3, padding=1)).eval()
+
+    def forward(m, x):
+        y = torch.relu(m.a(x))
+        p = nn.functional.avg_pool2d(y, 2)
+        return m.b(y), p
+    model.fn = forward
+    x = images(1, (1, 3, 8, 8))[0]
+    opt = int8(model, x, backend, accuracy_budget=None)
+    assert fired(opt) == {"int8": 2}
+    assert pyrys.relative_error(opt(x), model(x)) <= INT8_TOLERANCE
+
+
+class ShapeBranch(nn.Module):
+    """A conv only wide inputs go through: the graph captured at another width has one more layer."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.pre, self.a, self.b, self.c = (nn.Conv2d(4, 4, 3, padding=1) for _ in range(4))
+
+    def forward(self, x):
+        if x.shape[-1] > 16:
+            x = torch.relu(self.pre(x)) * 8
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def test_another_capture_never_takes_a_scale_measured_on_another_value(backend):
+    model = ShapeBranch().eval()
+    x = images(1, (1, 4, 16, 16))[0]
+    opt = int8(model, x, backend, accuracy_budget=None, dynamic=False)
+    wide = images(1, (1, 4, 32, 32), seed=4)[0]
+    assert pyrys.relative_error(opt(wide), model(wide)) <= INT8_TOLERANCE  # a's input is pre's result now
+    (compiled,) = [c for c in opt._programs.values() if c.signature != opt._first.signature]
+    misses = [m for step in compiled.run.history for m in step.misses if m.rule == "int8"]
+    assert misses and all("was not calibrated" in m.reason for m in misses)  # float32, and it says so
+
+
 def test_bad_input_gets_a_clear_error():
     model, x = resnet_like(), images(1)[0]
     with pytest.raises(ValueError, match="precision='int8' needs calibration="):

@@ -18,6 +18,7 @@ last: constant propagation must not fold the weight's dequantize back into a flo
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import replace
 
 import torch
@@ -54,25 +55,81 @@ def quantize(gm: fx.GraphModule, precision: str, calibration: Calibration | None
     if calibration is None:
         raise ValueError("pyrys: precision='int8' needs calibration= (input samples to measure activations on)")
     layers = _candidates(gm, result)
+    keys, shared = _layer_keys(layers), _shared_results(layers)
+    roles = _roles(layers, keys, shared)  # before the rewrite: each value the plan names, by its role
     with calibration.lock:
-        if calibration.plan is None:
+        plan = calibration.plan
+        if plan is None:
             samples = calibration.samples
-            quants, expected = observe(gm, _observed(layers) | {v.name for v in _shared_results(layers)}, samples,
-                                       GUARD_SAMPLES)
-            switches = _rewrite(gm, layers, quants, result)
-            kept = {}
+            quants, expected = observe(gm, {value.name for value in roles.values()}, samples, GUARD_SAMPLES)
+            memo: dict = {}
+            plan = QuantizationPlan({role: (_origin(value, keys, memo), quants[value.name])
+                                     for role, value in roles.items() if value.name in quants})
+        switches = _rewrite(gm, layers, keys, shared, _lookup(plan, roles, keys), result)
+        if calibration.plan is None:
             if calibration.accuracy_budget is not None and switches:
-                kept = guard(gm, switches, samples[:GUARD_SAMPLES], expected, calibration.accuracy_budget)
-            calibration.plan, calibration.samples = QuantizationPlan(quants, kept), None
-        else:
-            switches = _rewrite(gm, layers, calibration.plan.activations, result)
-    for name, why in calibration.plan.kept.items():
-        if name in switches:
-            switches[name].set(False)
-            result.misses.append(Miss(RULE, name, why))
+                plan.kept = guard(gm, switches, samples[:GUARD_SAMPLES], expected, calibration.accuracy_budget)
+            calibration.plan, calibration.samples = plan, None
+    for key, why in plan.kept.items():
+        if key in switches:
+            switches[key].set(False)
+            result.misses.append(Miss(RULE, switches[key].layer.name, why))
     result.fired[RULE] = sum(switch.int8 for switch in switches.values())
     cleanup.dead_code_elimination(gm)  # the quantize/dequantize nodes and constants of ops kept in float32
     return result
+
+
+def _layer_keys(layers: list[fx.Node]) -> dict[fx.Node, str]:
+    """A name for each layer that does not depend on node names (another input shape's capture may number
+    them differently): its weight's constant name, from the frozen parameter's, with a count where layers
+    share a weight."""
+    keys, seen = {}, Counter()
+    for layer in layers:
+        weight = read_fused(layer).args["weight"].target
+        keys[layer] = weight if not seen[weight] else f"{weight}#{seen[weight]}"
+        seen[weight] += 1
+    return keys
+
+
+def _roles(layers: list[fx.Node], keys: dict[fx.Node, str], shared: dict) -> dict[str, fx.Node]:
+    """Every value calibration measures, by its role: each layer's input, the residuals a layer adds when
+    its own result is another layer's input (the sum is then made in int8) or when they are quantized for
+    another layer anyway, and the results of :func:`_shared_results`."""
+    inputs = {read_fused(layer).args["input"] for layer in layers}
+    roles = {f"input of {keys[layer]}": read_fused(layer).args["input"] for layer in layers}
+    for layer in layers:  # a residual already quantized for a layer, or one a layer writing int8 adds
+        roles.update({f"residual {i} of {keys[layer]}": r for i, r in enumerate(_residuals(layer))
+                      if layer in inputs or r in inputs})
+    roles.update({f"output of {keys[layer]}": layer for layer in shared})
+    return roles
+
+
+def _origin(value: fx.Node, keys: dict[fx.Node, str], memo: dict | None = None) -> int:
+    """What computes ``value``, to check a reused plan against: a digest of every op upstream of it (a layer
+    by its key, an input or constant by name, other ops by target), over the tensors they read.  A value
+    computed otherwise in another capture (a branch taken at one shape only) gets another digest, and so
+    does everything after it: its distribution is not the one calibrated."""
+    memo = {} if memo is None else memo
+    if value not in memo:
+        own = keys.get(value) or (f"{value.op} {value.target}" if value.op in ("placeholder", "get_attr")
+                                  else str(value.target))
+        reads = tuple(_origin(arg, keys, memo) for arg in value.all_input_nodes
+                      if isinstance(arg.meta.get("val"), torch.Tensor))  # not symbolic sizes: any shape
+        memo[value] = hash((own, reads))
+    return memo[value]
+
+
+def _lookup(plan: QuantizationPlan, roles: dict[str, fx.Node], keys: dict[fx.Node, str]):
+    """``quant(role)``: the plan's quantization for the value in ``role``, or None if the plan has none or
+    measured another value in that role (computed otherwise: this graph differs from the calibrated one)."""
+    memo: dict = {}
+    origins = {role: _origin(value, keys, memo) for role, value in roles.items()}  # now, before the rewrite
+
+    def quant(role: str) -> TensorQuant | None:
+        entry = plan.activations.get(role)
+        return entry[1] if entry is not None and entry[0] == origins.get(role) else None
+
+    return quant
 
 
 def _candidates(gm: fx.GraphModule, result: PassResult) -> list[fx.Node]:
@@ -106,13 +163,6 @@ def _why_float(node: fx.Node) -> str:
     return ""
 
 
-def _observed(layers: list[fx.Node]) -> set[str]:
-    """The values calibration measures: every layer's input, and the residual a layer adds when its own
-    result is another layer's input (the sum is then made in int8: :func:`_residuals`)."""
-    inputs = {read_fused(layer).args["input"].name for layer in layers}
-    return inputs | {r.name for layer in layers if layer.name in inputs for r in _residuals(layer)}
-
-
 def _residuals(layer: fx.Node) -> list[fx.Node]:
     """The float32 activations of the layer's shape a fused op adds to its result (``conv(x) + r``)."""
     fused, shape = read_fused(layer), layer.meta["val"].shape
@@ -122,41 +172,43 @@ def _residuals(layer: fx.Node) -> list[fx.Node]:
             and r.meta["val"].dtype == torch.float32 and r.meta["val"].shape == shape]
 
 
-def _rewrite(gm: fx.GraphModule, layers: list[fx.Node], quants: dict[str, TensorQuant],
+def _rewrite(gm: fx.GraphModule, layers: list[fx.Node], keys: dict[fx.Node, str], shared: dict, quant,
              result: PassResult) -> dict[str, Switch]:
-    """Give each layer whose input has a quantization its int8 arguments (and its residual, when its result
-    is quantized too); the switches, set to int8."""
-    pairs: dict[fx.Node, fx.Node] = {}  # input -> its dequantized form
+    """Give each layer whose input the plan quantizes (``quant(role)``) its int8 arguments, and its residual
+    when the plan quantizes it; the readers of :func:`_shared_results` read its int8 result.  The switches,
+    by layer key, set to int8."""
+    pairs: dict[fx.Node, fx.Node] = {}  # value -> its dequantized form
     switches = {}
-    shared = _shared_results(layers)  # before the layers read their inputs' dequantized forms
 
-    def dequantized(x: fx.Node) -> fx.Node:
+    def dequantized(x: fx.Node, role: str) -> fx.Node | None:
+        wanted = quant(role)
+        if wanted is None:
+            return None
         if x not in pairs:
-            pairs[x] = _quantize_dequantize(gm, x, quants[x.name])
-        return pairs[x]
+            pairs[x] = _quantize_dequantize(gm, x, wanted)
+        return pairs[x] if TensorQuant.of_node(pairs[x]) == wanted else None  # one value, one quantization
 
     for layer in layers:
-        fused = read_fused(layer)
+        fused, key = read_fused(layer), keys[layer]
         x = fused.args["input"]
-        if x.name not in quants:
+        x_dq = dequantized(x, f"input of {key}")
+        if x_dq is None:
             result.misses.append(Miss(RULE, layer.name, f"stays float32: its input %{x.name} was not calibrated "
                                                         "(not in the graph the calibration ran on)"))
             continue
         with gm.graph.inserting_before(layer):
             weight = _dequantized_weight(gm, fused.args["weight"])
-            residuals = {r: dequantized(r) for r in _residuals(layer) if r.name in quants}
-            operands = tuple(residuals.get(p, p) for p in fused.post_inputs)
-            int8 = replace(fused, args={**fused.args, "input": dequantized(x), "weight": weight},
-                           post_inputs=operands).node_args()
-        switches[layer.name] = Switch(layer, tuple(layer.args), tuple(int8))
-        switches[layer.name].set(True)
+        residuals = {r: dequantized(r, f"residual {i} of {key}") for i, r in enumerate(_residuals(layer))}
+        operands = tuple(residuals.get(p) or p for p in fused.post_inputs)
+        int8 = replace(fused, args={**fused.args, "input": x_dq, "weight": weight}, post_inputs=operands).node_args()
+        switches[key] = Switch(layer, tuple(layer.args), tuple(int8))
+        switches[key].set(True)
     for value, readers in shared.items():
-        if value.name in quants and value.name in switches:
-            with gm.graph.inserting_before(readers[0]):
-                source = dequantized(value)
+        source = dequantized(value, f"output of {keys[value]}")
+        if source is not None and keys[value] in switches:
             for reader in readers:  # the same value, rounded as the layers read it
                 int8_args = tuple(source if arg is value else arg for arg in reader.args)
-                switches[value.name].readers.append((reader, tuple(reader.args), int8_args))
+                switches[keys[value]].readers.append((reader, tuple(reader.args), int8_args))
                 reader.args = int8_args
     return switches
 
@@ -179,8 +231,12 @@ def _shared_results(layers: list[fx.Node]) -> dict[fx.Node, list[fx.Node]]:
 
 
 def _quantize_dequantize(gm: fx.GraphModule, x: fx.Node, quant: TensorQuant) -> fx.Node:
-    q = insert_op(gm.graph, QUANTIZE, (x, *quant.node_args()), f"{x.name}_q")
-    dq = insert_op(gm.graph, DEQUANTIZE, (q, *quant.node_args()), f"{x.name}_dq")
+    """``x``'s quantize/dequantize pair, right after ``x`` (after the inputs, for an input): before every reader."""
+    anchor = x if x.op != "placeholder" else [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    with gm.graph.inserting_after(anchor):
+        q = insert_op(gm.graph, QUANTIZE, (x, *quant.node_args()), f"{x.name}_q")
+    with gm.graph.inserting_after(q):
+        dq = insert_op(gm.graph, DEQUANTIZE, (q, *quant.node_args()), f"{x.name}_dq")
     copies(dq, x)  # it stands for x (numerics compare it with x's value)
     return dq
 

@@ -27,10 +27,12 @@ DRAWN_SAMPLES = 16  # samples_like's default count
 
 @dataclass
 class QuantizationPlan:
-    """What the first compile decided, reused by the compiles of other input shapes (by node name):
-    each int8 op's input's quantization, and the ops kept in float32 by the accuracy guard, with why."""
+    """What the first compile decided, reused by the compiles of other input shapes: the quantization of each
+    value by its role (``"input of <layer>"``, a layer named by its weight: ``passes/quantize.py``) with what
+    computed it there (a value computed otherwise in another capture is not quantized by this plan), and the
+    layers kept in float32 by the accuracy guard, with why."""
 
-    activations: dict[str, TensorQuant]
+    activations: dict[str, tuple[str, TensorQuant]]
     kept: dict[str, str] = field(default_factory=dict)
 
 

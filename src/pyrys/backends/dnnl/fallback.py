@@ -15,7 +15,8 @@ import torch.fx as fx
 from pyrys.backends.dnnl.builder import Builder, node_text
 from pyrys.backends.dnnl.frame import Frame
 from pyrys.backends.dnnl.layout import contiguous_strides, plain_md
-from pyrys.backends.dnnl.tensors import dnnl_dtype
+from pyrys.backends.dnnl.int8_dst import COMMUTING, INT8_DTYPES
+from pyrys.backends.dnnl.tensors import DNNL_TO_TORCH, dnnl_dtype
 from pyrys.backends.dnnl.values import DYNAMIC, Value
 from pyrys.ir.graph import state_ref
 from pyrys.ir.ops import PYTHON_IMPLS
@@ -78,8 +79,12 @@ def lower_fallback(builder: Builder, node: fx.Node, reason: str) -> None:
     """Run ``node`` through torch every call."""
     args = [_torch_input(builder, a) for a in node.args]
     kwargs = {k: _torch_input(builder, v) for k, v in node.kwargs.items()}
-    out = builder.define(node, _output_md(node.meta.get("val")), DYNAMIC)
     reads = _reads([args, list(kwargs.values())])
+    meta, md = node.meta.get("val"), _output_md(node.meta.get("val"))
+    if node.target in COMMUTING and md is not None and reads and reads[0].md is not None \
+            and reads[0].md.dtype in INT8_DTYPES:  # a max pooling of int8 values (int8_dst.py) makes int8
+        md = plain_md(meta.shape, DNNL_TO_TORCH[reads[0].md.dtype], contiguous_strides(meta.shape))
+    out = builder.define(node, md, DYNAMIC)
     out.borrows = reads  # torch may return a view of an input
     out.reads_constants = _has_constant([args, list(kwargs.values())])
     target, has_md = PYTHON_IMPLS.get(node.target, node.target), out.md is not None  # no dispatch: ir/ops.py

@@ -24,13 +24,26 @@ from pyrys.quantization import DEQUANTIZE, QUANTIZE, TensorQuant
 INT8_DTYPES = frozenset({DataType.u8, DataType.s8})
 
 
+# ops that commute with quantization (monotonic, no arithmetic): between an int8 op and the quantize of its
+# result they run on the int8 values, and their result has the data type of what they read
+COMMUTING = frozenset({torch.ops.aten.max_pool1d.default, torch.ops.aten.max_pool2d.default,
+                       torch.ops.aten.max_pool3d.default})
+
+
+def int8_quant(node: fx.Node) -> TensorQuant | None:
+    """The quantization a quantize or dequantize node spells, where the kernels here run it: u8 or s8 over the
+    type's whole range, zero point 0 (what ``passes/quantize.py`` writes); else None."""
+    quant = TensorQuant.of_node(node)
+    full = tuple(node.args[3:5]) == quant.bounds if quant.dtype in (torch.uint8, torch.int8) else False
+    return quant if full and quant.zero_point == 0 else None
+
+
 def quantized_reader(node: fx.Node) -> TensorQuant | None:
-    """The quantization of ``node``'s one reader when that is a quantize node (zero point 0), else None."""
+    """The quantization of ``node``'s one reader when that is a quantize node the kernels run, else None."""
     users = list(node.users)
     if len(users) != 1 or users[0].target is not QUANTIZE:
         return None
-    quant = TensorQuant.of_node(users[0])
-    return quant if quant.zero_point == 0 else None
+    return int8_quant(users[0])
 
 
 def quantizing_attr(quant: TensorQuant | None, factor: float = 1.0, scales: dict[int, int] | None = None
@@ -50,10 +63,10 @@ def quantizing_attr(quant: TensorQuant | None, factor: float = 1.0, scales: dict
 def read_quantized(builder: Builder, arg) -> tuple[Value, float | None]:
     """What an op reads for ``arg``: a dequantize node's int8 value as it is and its scale (``passes/quantize.py``
     quantizes what int8 layers and these ops share), or the value of anything else and None."""
-    if isinstance(arg, fx.Node) and arg.target is DEQUANTIZE:
-        quant = TensorQuant.of_node(arg)
-        if quant.zero_point == 0:
-            return builder.value_of(arg.args[0]), quant.scale
+    if isinstance(arg, fx.Node) and arg.target is DEQUANTIZE and int8_quant(arg) is not None:
+        value = builder.value_of(arg.args[0])
+        if value.md is not None and value.md.dtype in INT8_DTYPES:
+            return value, int8_quant(arg).scale
     return builder.value_of(arg), None
 
 

@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_leaves
 from pyrys.backends.dnnl.builder import Builder, Unsupported, node_text
 from pyrys.backends.dnnl.constants import ARG_ATTR_SCALES, ARG_DST, ARG_FROM, ARG_SRC, ARG_TO, ARG_WEIGHTS
 from pyrys.backends.dnnl.descriptors import reorder_pd
-from pyrys.backends.dnnl.int8_dst import quantized_reader
+from pyrys.backends.dnnl.int8_dst import COMMUTING, int8_quant, quantized_reader
 from pyrys.backends.dnnl.layout import policy_md
 from pyrys.backends.dnnl.lower_ops import same_layout_md
 from pyrys.backends.dnnl.post_ops import Operand, operand_of
@@ -28,13 +28,9 @@ from pyrys.backends.dnnl.primitives import PrimitiveAttr
 from pyrys.backends.dnnl.tensors import dnnl_dtype
 from pyrys.backends.dnnl.values import Value
 from pyrys.ir.fused import FUSED_CONV, FUSED_CONV_TRANSPOSE, Fused
-from pyrys.quantization import DEQUANTIZE, DEQUANTIZE_WEIGHT, QUANTIZE, TensorQuant
+from pyrys.quantization import DEQUANTIZE, DEQUANTIZE_WEIGHT, QUANTIZE, TensorQuant, weight_max
 
-aten = torch.ops.aten
 INT8 = frozenset({torch.uint8, torch.int8})
-# ops that commute with quantization (monotonic, no arithmetic): between an int8 op and the quantize of its
-# result they run on the int8 values (their lowering takes the data type of what they read)
-COMMUTING = frozenset({aten.max_pool1d.default, aten.max_pool2d.default, aten.max_pool3d.default})
 
 
 @dataclass(frozen=True)
@@ -82,9 +78,12 @@ def read_int8(builder: Builder, node: fx.Node, fused: Fused, residual: bool = Tr
         raise Unsupported("an int8 weight that is not a constant quantized per output channel")
     if zero_points is not None and bool(zero_points.ne(0).any()):
         raise Unsupported("an int8 weight with zero points")
-    src_quant = TensorQuant.of_node(x)
-    if src_quant.zero_point != 0 or src_quant.dtype not in INT8:
-        raise Unsupported("an int8 input with a zero point")
+    if -weight.args[4] != weight.args[5] or weight.args[5] > weight_max():
+        raise Unsupported(f"weights in -{weight.args[5]}..{weight.args[5]}: this CPU's int8 kernels take "
+                          f"-{weight_max()}..{weight_max()} (without VNNI their 16-bit sums saturate)")
+    src_quant = int8_quant(x)
+    if src_quant is None:
+        raise Unsupported("an int8 input with a zero point or a narrower range")
     return Int8Op(x.args[0], src_quant, q_weight, scales.to(torch.float32), _written_quant(node, fused, residual))
 
 
@@ -102,7 +101,7 @@ def _written_quant(node: fx.Node, fused: Fused, residual: bool) -> TensorQuant |
     added = dict(zip(fused.post_inputs, [p.name for p in fused.post_ops if p.binary]))
     if not residual or len(dequantized) > 1 or added[dequantized[0]] != "add":
         return None
-    return quant if TensorQuant.of_node(dequantized[0]).zero_point == 0 else None
+    return quant if int8_quant(dequantized[0]) is not None else None
 
 
 def post_operands(builder: Builder, node: fx.Node, fused: Fused, int8: Int8Op | None) -> list[Operand]:
@@ -138,9 +137,9 @@ def _last_reader(node: fx.Node, dequantized: fx.Node) -> bool:
 def lower_quantize(builder: Builder, node: fx.Node) -> None:
     """``quantize_per_tensor``: the int8 value its producer wrote (see :func:`_written_quant`), else a
     reorder to u8/s8 with the scale: ``q = round(x / s)``, saturated."""
-    quant = TensorQuant.of_node(node)
-    if quant.zero_point != 0 or quant.dtype not in INT8:
-        raise Unsupported("quantization with a zero point")
+    quant = int8_quant(node)
+    if quant is None:
+        raise Unsupported("quantization with a zero point or a narrower range")
     x = builder.value_of(node.args[0])
     if x.md.dtype == dnnl_dtype(quant.dtype):
         builder.values[node] = x  # written by its producer in int8 already
@@ -161,9 +160,9 @@ def _read_as_int8_by_convs(dequantize: fx.Node) -> bool:
 def lower_dequantize(builder: Builder, node: fx.Node) -> None:
     """``dequantize_per_tensor``: made only when an op reads it in float32 (int8 ops read the quantized value):
     a reorder ``x = s * q``."""
-    quant = TensorQuant.of_node(node)
-    if quant.zero_point != 0:
-        raise Unsupported("quantization with a zero point")
+    quant = int8_quant(node)
+    if quant is None:
+        raise Unsupported("quantization with a zero point or a narrower range")
 
     def define() -> None:
         q = builder.value_of(node.args[0])
