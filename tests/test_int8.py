@@ -253,6 +253,13 @@ def test_another_capture_never_takes_a_scale_measured_on_another_value(backend):
     assert misses and all("was not calibrated" in m.reason for m in misses)  # float32, and it says so
 
 
+def test_torch_compile_says_int8_needs_optimize():
+    model, x = resnet_like(), images(1)[0]
+    compiled = torch.compile(model, backend="pyrys", options={"precision": "int8"})
+    with pytest.raises(Exception, match="precision='int8' is not available through torch.compile"):
+        compiled(x)
+
+
 def test_bad_input_gets_a_clear_error():
     model, x = resnet_like(), images(1)[0]
     with pytest.raises(ValueError, match="precision='int8' needs calibration="):

@@ -51,6 +51,10 @@ def pyrys_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None
     unknown = sorted(set(options) - _OPTION_NAMES)
     if unknown:
         raise ValueError(f"pyrys: unknown torch.compile option(s) {unknown}; known: {sorted(_OPTION_NAMES)}")
+    if options.get("precision") == "int8" or "calibration" in options:
+        raise ValueError("pyrys: precision='int8' is not available through torch.compile: calibration samples are "
+                         "the model's inputs, and dynamo's graphs take other ones; use pyrys.optimize(model, x, "
+                         "precision='int8', calibration=...)")
     return DynamoGraph(gm, example_inputs, options)
 
 
