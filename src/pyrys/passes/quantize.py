@@ -12,7 +12,8 @@ in :mod:`pyrys.quantization`:
         %y = pyrys::conv2d_relu(%x_dq, %W_dq, %b, ...)
 
 The first compile calibrates (:mod:`pyrys.quantization.calibration`) and runs the accuracy guard
-(:mod:`pyrys.quantization.guard`); the compiles of other input shapes reuse its plan by node name.  Every
+(:mod:`pyrys.quantization.guard`); the compiles of other input shapes reuse its plan, each value named by
+its role and checked against a digest of what computes it (:func:`_roles`, :func:`_origin`).  Every
 conv or linear left in float32 is a miss with its reason (``opt.report()``, ``pyrys explain``).  This runs
 last: constant propagation must not fold the weight's dequantize back into a float32 constant.
 """

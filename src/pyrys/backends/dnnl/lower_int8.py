@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_leaves
 from pyrys.backends.dnnl.builder import Builder, Unsupported, node_text
 from pyrys.backends.dnnl.constants import ARG_ATTR_SCALES, ARG_DST, ARG_FROM, ARG_SRC, ARG_TO, ARG_WEIGHTS
 from pyrys.backends.dnnl.descriptors import reorder_pd
-from pyrys.backends.dnnl.int8_dst import COMMUTING, int8_quant, quantized_reader
+from pyrys.backends.dnnl.int8_dst import COMMUTING, int8_quant, quantized_reader, scale_value
 from pyrys.backends.dnnl.layout import policy_md
 from pyrys.backends.dnnl.lower_ops import same_layout_md
 from pyrys.backends.dnnl.post_ops import Operand, operand_of
@@ -54,10 +54,10 @@ class Int8Op:
 
     def scale_args(self, builder: Builder, name: str) -> dict[int, Value]:
         """The runtime scales, as constant values."""
-        args = {ARG_ATTR_SCALES | ARG_SRC: _scale(builder, self.src_quant.scale, f"{name}.src_scale"),
+        args = {ARG_ATTR_SCALES | ARG_SRC: scale_value(builder, self.src_quant.scale, f"{name}.src_scale"),
                 ARG_ATTR_SCALES | ARG_WEIGHTS: builder.constant_value(self.weight_scales, None, f"{name}.weight_scales")}
         if self.dst_quant is not None:
-            args[ARG_ATTR_SCALES | ARG_DST] = _scale(builder, self.dst_quant.scale, f"{name}.dst_scale")
+            args[ARG_ATTR_SCALES | ARG_DST] = scale_value(builder, self.dst_quant.scale, f"{name}.dst_scale")
         return args
 
     @property
@@ -192,15 +192,11 @@ def _scaled_reorder(builder: Builder, node: fx.Node, x: Value, md, scales: dict[
     out = builder.define(node, pd.dst_md())
     args = {ARG_FROM: x, ARG_TO: out}
     for arg, scale in scales.items():
-        args[ARG_ATTR_SCALES | arg] = _scale(builder, scale, f"{node.name}.scale")
+        args[ARG_ATTR_SCALES | arg] = scale_value(builder, scale, f"{node.name}.scale")
     (arg, scale), = scales.items()
     text = node_text(node, "dnnl::reorder", f"format_info=[{x.layout()} -> {out.layout()}], "
                                             f"{'dst' if arg == ARG_DST else 'src'}_scale={scale:.6g}", [f"%{x.name}"])
     builder.add_primitive(text, pd, args, [x], [out])
-
-
-def _scale(builder: Builder, scale: float, name: str) -> Value:
-    return builder.constant_value(torch.tensor([scale], dtype=torch.float32), None, name)
 
 
 def _short(dtype: torch.dtype) -> str:
