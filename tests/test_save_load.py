@@ -331,3 +331,19 @@ def test_a_save_for_dnnl_runs_on_the_reference_backend_where_dnnl_does_not_load(
     assert loaded.backend == "reference"
     assert any("saved for the dnnl backend, running on reference" in note for note in loaded.notes)
     assert pyrys.relative_error(loaded(image()), opt(image())) <= TOLERANCE
+
+
+def test_a_save_loads_from_its_files_in_memory(tmp_path):
+    model = conv_bn_relu().eval()
+    x = image(2)
+    path = pyrys.save(pyrys.optimize(model, (x,)), tmp_path / "m.pyrys")
+    files = pyrys.saving.read_files(path)
+    assert sorted(files) == [directory.MANIFEST, directory.PROGRAM, directory.TENSORS]
+    with torch.no_grad():
+        assert torch.equal(pyrys.load(files)(x), pyrys.load(path)(x))
+    with pytest.raises(pyrys.LoadError, match="in memory is incomplete: it has no tensors.safetensors"):
+        pyrys.load({k: v for k, v in files.items() if k != directory.TENSORS})
+    with pytest.raises(pyrys.LoadError, match="program.json was changed or truncated"):
+        pyrys.load({**files, directory.PROGRAM: files[directory.PROGRAM][:-10]})
+    with pytest.raises(pyrys.LoadError, match="not a pyrys save: it has no manifest.json"):
+        pyrys.load({})

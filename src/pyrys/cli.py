@@ -1,4 +1,4 @@
-"""The ``pyrys`` console script: ``pyrys demo``, ``pyrys bench``, ``pyrys explain``, ``pyrys zoo``."""
+"""The ``pyrys`` console script: ``pyrys demo``, ``pyrys bench``, ``pyrys explain``, ``pyrys zoo``, ``pyrys serve``."""
 from __future__ import annotations
 
 import argparse
@@ -29,6 +29,12 @@ def _zoo(args: argparse.Namespace) -> int:
     return zoo_cli.run_zoo_command(args)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from pyrys.ray import serve_cli
+
+    return serve_cli.run_serve(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyrys", description="pyrys: a graph-level inference compiler for PyTorch")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -49,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     zoo = commands.add_parser("zoo", help="optimize every torchvision model and compare with eager")
     zoo_cli.add_zoo_arguments(zoo)
     zoo.set_defaults(handler=_zoo)
+    from pyrys.ray import serve_cli
+
+    serve = commands.add_parser("serve", help="serve a saved program over HTTP on Ray Serve (the ray extra)")
+    serve_cli.add_serve_arguments(serve)
+    serve.set_defaults(handler=_serve)
     return parser
 
 

@@ -377,6 +377,18 @@ class OptimizedModule(torch.nn.Module):
         """How the model came in: ``"nn.Module"``, ``"TorchScript"``, ``"ExportedProgram"``."""
         return self._frontend.kind
 
+    @property
+    def input_types(self) -> list:
+        """Per flat input (positional, then keyword) of the first compiled signature: ``(shape, dtype)`` for
+        a tensor, the value itself for an input it was specialized to."""
+        return list(self._first.signature.leaves)
+
+    @property
+    def specializes_shapes(self) -> bool:
+        """Whether a new input shape is specialized from a graph captured with symbolic sizes (no capture,
+        no pass); False where a new shape captures the model again or, loaded, is refused."""
+        return self._generic is not None
+
     def program_text(self) -> str:
         return self._first.program.describe()
 

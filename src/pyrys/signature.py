@@ -29,12 +29,12 @@ class Signature:
         return ", ".join(_describe_leaf(leaf) for leaf in self.leaves)
 
 
-def _is_tensor_leaf(leaf) -> bool:
+def is_tensor_leaf(leaf) -> bool:
     return isinstance(leaf, tuple) and len(leaf) == 2 and isinstance(leaf[1], torch.dtype)
 
 
 def _describe_leaf(leaf) -> str:
-    return format_tensor_type(*leaf) if _is_tensor_leaf(leaf) else repr(leaf)
+    return format_tensor_type(*leaf) if is_tensor_leaf(leaf) else repr(leaf)
 
 
 def _leaf(value: Any):
@@ -84,7 +84,7 @@ def check_compatible(expected: Signature, got: Signature, flat: list, args: tupl
 
 
 def _check_leaf(i: int, want, have, value) -> None:
-    if _is_tensor_leaf(want):
+    if is_tensor_leaf(want):
         if not isinstance(value, torch.Tensor):
             raise InputError(f"pyrys: input {i} must be a tensor like {_describe_leaf(want)}, got {type(value).__name__}")
         if value.dtype != want[1]:

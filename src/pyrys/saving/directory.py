@@ -91,41 +91,59 @@ def _replace(staging: Path, path: Path) -> None:
 
 def read_directory(path: str | os.PathLike) -> tuple[dict, dict, dict[str, torch.Tensor]]:
     """``(manifest, program, tensors)`` of a whole save of a format this pyrys reads; else :class:`LoadError`."""
+    return parse_files(read_files(path), str(path))
+
+
+def read_files(path: str | os.PathLike) -> dict[str, bytes]:
+    """A save's files, by name, as bytes (what :func:`parse_files` and ``pyrys.load`` take): a program
+    kept in memory or sent elsewhere (Ray's object store) without a shared file system."""
     path = Path(path)
-    manifest = _read_manifest(path)
-    data = {}
-    for name in (PROGRAM, TENSORS):
-        try:
-            data[name] = (path / name).read_bytes()
-        except OSError as error:
-            raise LoadError(f"pyrys.load: {path} is incomplete: cannot read {name} ({error.strerror})") from None
-        if _sha256(data[name]) != manifest["files"].get(name):
-            raise LoadError(f"pyrys.load: {path / name} was changed or truncated after it was saved "
-                            "(its SHA-256 is not the one the manifest records); save the model again")
-    try:
-        program = json.loads(data[PROGRAM])
-        tensors = load_tensors(data[TENSORS])
-    except (ValueError, SafetensorError) as error:
-        raise LoadError(f"pyrys.load: {path} cannot be read: {error}") from None
-    return manifest, program, tensors
-
-
-def _read_manifest(path: Path) -> dict[str, Any]:
     if not path.is_dir():
         raise LoadError(f"pyrys.load: {path} is not a directory (pyrys.save writes a directory)")
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
+        files = {MANIFEST: (path / MANIFEST).read_bytes()}
     except OSError:
         raise LoadError(f"pyrys.load: {path} is not a pyrys save: it has no {MANIFEST}") from None
+    for name in (PROGRAM, TENSORS):
+        try:
+            files[name] = (path / name).read_bytes()
+        except OSError as error:
+            raise LoadError(f"pyrys.load: {path} is incomplete: cannot read {name} ({error.strerror})") from None
+    return files
+
+
+def parse_files(files: dict[str, bytes], where: str) -> tuple[dict, dict, dict[str, torch.Tensor]]:
+    """``(manifest, program, tensors)`` from a save's files (``where`` names them in errors), each file's
+    SHA-256 checked against the manifest before anything else is parsed."""
+    manifest = _parse_manifest(files.get(MANIFEST), where)
+    for name in (PROGRAM, TENSORS):
+        if not isinstance(files.get(name), bytes):
+            raise LoadError(f"pyrys.load: {where} is incomplete: it has no {name}")
+        if _sha256(files[name]) != manifest["files"].get(name):
+            raise LoadError(f"pyrys.load: {where}: {name} was changed or truncated after it was saved "
+                            "(its SHA-256 is not the one the manifest records); save the model again")
+    try:
+        program = json.loads(files[PROGRAM])
+        tensors = load_tensors(files[TENSORS])
+    except (ValueError, SafetensorError) as error:
+        raise LoadError(f"pyrys.load: {where} cannot be read: {error}") from None
+    return manifest, program, tensors
+
+
+def _parse_manifest(data: bytes | None, where: str) -> dict[str, Any]:
+    if not isinstance(data, bytes):
+        raise LoadError(f"pyrys.load: {where} is not a pyrys save: it has no {MANIFEST}")
+    try:
+        manifest = json.loads(data)
     except ValueError as error:
-        raise LoadError(f"pyrys.load: {path / MANIFEST} is not valid JSON ({error})") from None
+        raise LoadError(f"pyrys.load: {where}: {MANIFEST} is not valid JSON ({error})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise LoadError(f"pyrys.load: {path} is not a pyrys save (its manifest is not of format {FORMAT!r})")
+        raise LoadError(f"pyrys.load: {where} is not a pyrys save (its manifest is not of format {FORMAT!r})")
     version = manifest.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise LoadError(f"pyrys.load: {path} was saved in format version {version} by pyrys "
+        raise LoadError(f"pyrys.load: {where} was saved in format version {version} by pyrys "
                         f"{manifest.get('pyrys', '?')}; this pyrys reads format versions up to {FORMAT_VERSION}. "
                         "Upgrade pyrys, or save the model again with this one")
     if not isinstance(manifest.get("files"), dict):
-        raise LoadError(f"pyrys.load: {path / MANIFEST} lists no files")
+        raise LoadError(f"pyrys.load: {where}: {MANIFEST} lists no files")
     return manifest

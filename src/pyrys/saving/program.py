@@ -18,7 +18,7 @@ import dataclasses
 import hashlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -34,7 +34,7 @@ from pyrys.machine import cpu_info
 from pyrys.optimize import Compiled, Frontend, OptimizeConfig, OptimizedModule
 from pyrys.passes.pipeline import PipelineRun, Step
 from pyrys.passes.rewrite import Miss
-from pyrys.saving.directory import read_directory, write_directory
+from pyrys.saving.directory import parse_files, read_directory, write_directory
 from pyrys.saving.graph_json import _DTYPES, decode_arg, decode_graph, encode_arg, encode_graph
 from pyrys.saving.symbolic import decode_symbolic, encode_symbolic
 from pyrys.saving.tree_spec import decode_spec, encode_spec
@@ -64,12 +64,17 @@ def save(opt: OptimizedModule, path: str | os.PathLike) -> Path:
     return write_directory(path, program, _storable(tensors), about)
 
 
-def load(path: str | os.PathLike, *, threads: int | None = None) -> OptimizedModule:
+def load(path: str | os.PathLike | Mapping[str, bytes], *, threads: int | None = None) -> OptimizedModule:
     """The module :func:`save` wrote to ``path``, ready to call; ``threads`` as in :func:`pyrys.optimize`.
+    ``path`` may also be the save's files in memory (``pyrys.saving.read_files(path)``: name -> bytes).
 
     Raises :class:`pyrys.LoadError` for a directory that is not a whole pyrys save of a format
     this pyrys reads, or whose tensors do not match its program."""
-    manifest, program, tensors = read_directory(path)
+    if isinstance(path, Mapping):
+        manifest, program, tensors = parse_files(dict(path), "the program's files in memory")
+        path = "files in memory"
+    else:
+        manifest, program, tensors = read_directory(path)
     try:
         tensors = _checked_tensors(program["tensors"], tensors)
         tensors.update({alias: tensors[key] for alias, key in program["aliases"].items()})

@@ -1,0 +1,101 @@
+"""Ray Data batch inference with a saved pyrys program.
+
+    ds = ray.data.from_numpy(images)                       # a column "data"; read_images gives "image"
+    ds = ds.map_batches(pyrys.ray.Predictor, fn_constructor_args=("resnet50.pyrys",),
+                        fn_constructor_kwargs={"column": "data"}, batch_size=64, concurrency=2)
+
+Each actor loads the program once (``pyrys.load``: no capture, no pass).  ``path`` is the saved
+directory (every node must read it), or its files (``pyrys.saving.read_files(path)``, which Ray
+ships to each actor with the constructor's arguments), or an object reference to them.  A batch's ``column``
+(or columns, one per positional input) become the inputs, dim 0 being the rows; the outputs are
+added to the batch as ``output_column`` (one tensor output), or, for several outputs, as
+``output_column`` + ``"_"`` + the output's name (:func:`pyrys.ray.codec.named_leaves`: ``output_0``,
+``output_logits``), or under the names ``output_column`` lists.  Every output must have one row
+per input row.  A batch size the program cannot take (a program saved for fixed shapes) runs
+row by row when the program takes one row, else raises :class:`pyrys.InputError` naming the shapes.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from pyrys.ray.codec import as_tensor, named_leaves
+from pyrys.signature import InputError
+
+
+class Predictor:
+    """A callable class for ``Dataset.map_batches``: ``batch -> batch`` with the model's outputs added."""
+
+    def __init__(self, path: str | os.PathLike | Mapping[str, bytes], column: str | Sequence[str] = "image",
+                 output_column: str | Sequence[str] = "output", *, threads: int | None = None):
+        from pyrys.saving import load
+
+        if "ray" in sys.modules and isinstance(path, sys.modules["ray"].ObjectRef):
+            path = sys.modules["ray"].get(path)  # the files of a save, put in the object store
+        self.module = load(path, threads=threads)
+        self.columns = [column] if isinstance(column, str) else list(column)
+        self.output_column = output_column
+
+    def __call__(self, batch: Mapping[str, Any]) -> Any:
+        missing = [name for name in self.columns if name not in batch]
+        if missing:
+            raise InputError(f"pyrys.ray.Predictor: the batch has no column {missing[0]!r} (it has "
+                             f"{sorted(batch.keys())}); pass column= the input's column name")
+        inputs = tuple(_column_tensor(batch[name], name) for name in self.columns)
+        outputs = self._run(inputs)
+        rows = len(inputs[0])
+        named = named_leaves(outputs)
+        for (_, leaf), name in zip(named, self._output_names(named)):
+            if not isinstance(leaf, torch.Tensor) or leaf.dim() == 0 or len(leaf) != rows:
+                raise ValueError(f"pyrys.ray.Predictor: output {name!r} must have one row per input row ({rows}), "
+                                 f"got {_describe(leaf)}; Ray Data needs per-row outputs")
+            batch[name] = _column_value(leaf, batch)
+        return batch
+
+    def _run(self, inputs: tuple[torch.Tensor, ...]) -> Any:
+        with torch.inference_mode():
+            try:
+                return self.module(*inputs)
+            except InputError as error:
+                if self.module.specializes_shapes or len(inputs[0]) <= 1:
+                    raise
+                try:
+                    rows = [self.module(*(t[i:i + 1] for t in inputs)) for i in range(len(inputs[0]))]
+                except InputError:
+                    raise error from None
+        return torch.utils._pytree.tree_map(lambda *parts: torch.cat(parts), *rows) if len(rows) > 1 else rows[0]
+
+    def _output_names(self, named: list[tuple[str, Any]]) -> list[str]:
+        if not isinstance(self.output_column, str):
+            if len(self.output_column) != len(named):
+                raise ValueError(f"pyrys.ray.Predictor: output_column names {len(self.output_column)} columns; "
+                                 f"the model has {len(named)} outputs ({[n for n, _ in named]})")
+            return list(self.output_column)
+        if len(named) == 1:
+            return [self.output_column]
+        return [f"{self.output_column}_{name.replace('.', '_')}" for name, _ in named]
+
+
+def _column_tensor(values: Any, name: str) -> torch.Tensor:
+    """A batch column as one tensor, rows in dim 0 (a column of per-row arrays is stacked)."""
+    array = values.to_numpy() if hasattr(values, "to_numpy") else np.asarray(values)
+    if array.dtype == object:
+        try:
+            array = np.stack([np.asarray(row) for row in array])
+        except ValueError as error:
+            raise InputError(f"pyrys.ray.Predictor: column {name!r} holds rows of different shapes ({error}); "
+                             "resize them to one shape first") from None
+    return as_tensor(array, f"column {name!r}")
+
+
+def _column_value(leaf: torch.Tensor, batch: Any) -> Any:
+    array = leaf.detach().float().numpy() if leaf.dtype == torch.bfloat16 else leaf.detach().numpy()
+    return list(array) if hasattr(batch, "to_numpy") and array.ndim > 1 else array
+
+
+def _describe(leaf: Any) -> str:
+    return f"shape {tuple(leaf.shape)}" if isinstance(leaf, torch.Tensor) else type(leaf).__name__

@@ -1,0 +1,73 @@
+"""The Ray Serve application behind ``pyrys serve``: replicas that each load a saved program once.
+
+    POST /   body (.npy / .npz / JSON, :mod:`pyrys.ray.codec`)
+      -> decode (a bad body: 400 with the pyrys.InputError text, before any batching)
+      -> serve.batch: up to ``max_batch`` requests, or what arrived within ``batch_wait_s``
+      -> Batcher.run on a worker thread (the replica's event loop keeps taking requests)
+      -> the request's rows, encoded like its body (an input the module refuses: 400; a failure: 500)
+
+Ray Serve's own proxy answers ``GET /-/healthz`` (200 once the application is running) and
+``GET /-/routes``.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Callable
+
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import Response
+
+from pyrys.ray.batching import Batcher
+from pyrys.ray.codec import decode, encode
+from pyrys.signature import InputError, is_tensor_leaf
+
+APP_NAME = "pyrys"
+
+
+@serve.deployment
+class PyrysReplica:
+    """One replica: the module ``load()`` returns, called in dynamic batches."""
+
+    def __init__(self, load: Callable[[], Any], max_batch: int, batch_wait_s: float):
+        self.module = load()
+        self.batcher = Batcher(self.module)
+        self.input_dtypes = [t[1] if is_tensor_leaf(t) else None for t in getattr(self.module, "input_types", [])]
+        self.run_batch.set_max_batch_size(max_batch)
+        self.run_batch.set_batch_wait_timeout_s(batch_wait_s)
+
+    async def __call__(self, request: Request) -> Response:
+        if request.method != "POST":
+            return _text(405, "pyrys serve: POST a .npy, .npz or JSON body to /; GET /-/healthz says whether it is up")
+        try:
+            decoded = decode(await request.body(), self.input_dtypes)
+        except InputError as error:
+            return _text(400, str(error))
+        outcome = await self.run_batch(decoded.inputs)
+        if isinstance(outcome, InputError):
+            return _text(400, str(outcome))
+        if isinstance(outcome, Exception):
+            return _text(500, f"pyrys serve: the model failed: {type(outcome).__name__}: {outcome}")
+        body, content_type = encode(outcome, decoded.form)
+        return Response(body, media_type=content_type)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def run_batch(self, requests: list[tuple]) -> list[Any]:
+        return await asyncio.to_thread(self.batcher.run, requests)
+
+
+def application(load: Callable[[], Any], *, replicas: int, cpus_per_replica: float, max_batch: int,
+                batch_wait_s: float, access_log: bool = False) -> serve.Application:
+    """The application: ``replicas`` copies of :class:`PyrysReplica`, each reserving ``cpus_per_replica``.
+
+    Ray Serve's access log (a line per request, in the replica's log file and on the driver's
+    terminal) is off unless ``access_log``: it is work per request on the CPUs the model runs on."""
+    return PyrysReplica.options(
+        num_replicas=replicas, max_ongoing_requests=max(16, 2 * max_batch),
+        ray_actor_options={"num_cpus": cpus_per_replica},
+        logging_config={"enable_access_log": access_log, "log_level": "INFO" if access_log else "WARNING"},
+    ).bind(load, max_batch, batch_wait_s)
+
+
+def _text(status: int, message: str) -> Response:
+    return Response(message + "\n", status_code=status, media_type="text/plain")

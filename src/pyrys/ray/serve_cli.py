@@ -1,0 +1,126 @@
+"""``pyrys serve PATH``: a saved program on Ray Serve, until SIGINT or SIGTERM.
+
+Starts a local Ray runtime (or joins the cluster ``RAY_ADDRESS`` names), then Ray Serve's HTTP
+proxy on ``--host``/``--port`` and ``--replicas`` replicas of :mod:`pyrys.ray.serve_app`, each
+loading ``PATH`` with ``pyrys.load`` and running ``--threads`` threads per call (default: this
+machine's CPUs / replicas).  Each replica reserves ``--threads`` CPUs from Ray; a local runtime is
+given at least replicas x threads CPUs so that what was asked for is scheduled.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", help="a directory pyrys.save wrote")
+    parser.add_argument("--replicas", type=_positive, default=1, help="replicas, each with its own copy (default 1)")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    parser.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1; 0.0.0.0 for every interface)")
+    parser.add_argument("--max-batch", type=_positive, default=8,
+                        help="requests run as one batch at most (default 8; 1 turns batching off)")
+    parser.add_argument("--batch-wait-ms", type=_non_negative, default=5.0,
+                        help="how long a batch waits to fill, in ms (default 5)")
+    parser.add_argument("--threads", type=_positive, default=None,
+                        help="threads per replica's call (default: CPUs / replicas)")
+    parser.add_argument("--access-log", action="store_true", help="log every request (Ray Serve's access log)")
+    parser.add_argument("--ship", action="store_true",
+                        help="send the saved program to the replicas through Ray's object store (for cluster "
+                             "nodes that cannot read PATH) instead of each replica reading PATH")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        print("pyrys serve runs on Ray Serve, which is not installed here: pip install 'pyrys[ray]' "
+              "(or pip install 'ray[serve]')", file=sys.stderr)
+        return 2
+    from pyrys.machine import available_cpus
+    from pyrys.ray.serve_app import APP_NAME, application
+    from pyrys.saving import load, read_files
+
+    path = Path(args.path).resolve()
+    try:
+        described = _describe(load(path))  # a path that is not a whole save fails here, before Ray starts
+        _check_port_free(args.host, args.port)
+    except (ValueError, OSError) as error:
+        print(f"pyrys serve: {error}", file=sys.stderr)
+        return 2
+    threads = args.threads or max(1, available_cpus() // args.replicas)
+    address = os.environ.get("RAY_ADDRESS")
+    ray.init(address=address or "local", include_dashboard=False, logging_level="WARNING",
+             **({} if address else {"num_cpus": max(available_cpus(), args.replicas * threads)}))
+    stop = _stop_on_signals()  # after ray.init, which sets its own SIGTERM handler
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        source = ray.put(read_files(path)) if args.ship else str(path)  # the driver holds the object until it stops
+        app = application(functools.partial(load_program, source, threads), replicas=args.replicas,
+                          cpus_per_replica=threads, max_batch=args.max_batch, batch_wait_s=args.batch_wait_ms / 1000,
+                          access_log=args.access_log)
+        serve.run(app, name=APP_NAME, route_prefix="/")
+        print(f"pyrys serve: {path.name} ({described}) on http://{args.host}:{args.port}/ -- {args.replicas} "
+              f"replica(s) x {threads} thread(s), batches of up to {args.max_batch} within {args.batch_wait_ms:g} ms; "
+              "Ctrl-C stops", flush=True)
+        while not stop.wait(timeout=0.5):
+            pass
+    finally:
+        print("pyrys serve: stopping", flush=True)
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+def load_program(source, threads: int):
+    """In a replica: ``pyrys.load`` of a path, or of the files an object reference names (``--ship``)."""
+    from pyrys.saving import load
+
+    if not isinstance(source, str):
+        import ray
+
+        source = ray.get(source)
+    return load(source, threads=threads)
+
+
+def _describe(module) -> str:
+    from pyrys.signature import Signature
+
+    return "inputs " + Signature(None, tuple(module.input_types)).describe()
+
+
+def _stop_on_signals() -> threading.Event:
+    """An event SIGINT or SIGTERM sets (the default SIGINT would interrupt Ray mid-shutdown)."""
+    stop = threading.Event()
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, lambda *_: stop.set())
+    return stop
+
+
+def _check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise OSError(f"cannot listen on {host}:{port} ({error.strerror}); pass --port another port") from None
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value

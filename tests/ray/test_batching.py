@@ -1,0 +1,175 @@
+"""Dynamic batching and the Ray Data predictor, without Ray: rows go back to their request, every
+request gets its own error, a program saved for fixed shapes is never batched past what it holds."""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import pyrys
+from pyrys.ray import Predictor
+from pyrys.ray.batching import Batcher
+from tests.conftest import TOLERANCE
+from tests.ray.models import images, two_heads
+
+
+class Total(nn.Module):
+    """An output that is not per row: a batch of it cannot be split."""
+
+    def forward(self, x):
+        return (x * 2).sum()
+
+
+def _close(actual, expected) -> bool:
+    if isinstance(expected, torch.Tensor):
+        return pyrys.relative_error(actual, expected) <= TOLERANCE
+    if isinstance(expected, dict):
+        return actual.keys() == expected.keys() and all(_close(actual[k], expected[k]) for k in expected)
+    return len(actual) == len(expected) and all(_close(a, e) for a, e in zip(actual, expected))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return two_heads()
+
+
+@pytest.fixture(scope="module")
+def saved(model, tmp_path_factory):
+    """The model saved twice: shape-generic (``dynamic=True``) and for batch 1 and 4 only."""
+    root = tmp_path_factory.mktemp("ray_batching")
+    generic = pyrys.optimize(model, (images(2, 0),), dynamic=True)
+    fixed = pyrys.optimize(model, (images(1, 0),), dynamic=False)
+    fixed(images(4, 0))
+    return pyrys.save(generic, root / "generic.pyrys"), pyrys.save(fixed, root / "fixed.pyrys")
+
+
+def test_requests_of_a_shape_run_as_one_batch_and_get_their_own_rows(model, saved):
+    module = pyrys.load(saved[0])
+    calls = []
+    batcher = Batcher(lambda *inputs: calls.append(inputs[0].shape[0]) or module(*inputs))
+    requests = [(images(rows, seed),) for seed, rows in enumerate([1, 3, 2, 1])]
+    results = batcher.run(requests)
+    assert calls == [7]
+    with torch.no_grad():
+        assert all(_close(result, model(*inputs)) for result, inputs in zip(results, requests))
+
+
+def test_requests_of_other_shapes_or_dtypes_run_in_their_own_batches(saved):
+    module = pyrys.load(saved[0])
+    calls = []
+    batcher = Batcher(lambda x: calls.append(tuple(x.shape)) or module(x))
+    requests = [(images(1, 0),), (torch.randn(2, 3, 10, 10),), (images(2, 1),), (torch.zeros(1, 3, 8, 8).double(),)]
+    results = batcher.run(requests)
+    assert calls == [(3, 3, 8, 8), (2, 3, 10, 10), (1, 3, 8, 8)]
+    assert isinstance(results[3], pyrys.InputError) and "dtype torch.float32" in str(results[3])
+
+
+def test_a_bad_request_gets_its_error_and_the_others_their_outputs(model, saved):
+    batcher = Batcher(pyrys.load(saved[0]))
+    good = [(images(1, seed),) for seed in range(3)]
+    bad = (torch.randn(1, 4, 8, 8),)  # four channels: the conv takes three
+    results = batcher.run([good[0], bad, good[1], good[2]])
+    assert isinstance(results[1], pyrys.InputError) and "dim 1 is 4" in str(results[1])
+    with torch.no_grad():
+        assert all(_close(results[i], model(*good[j])) for i, j in [(0, 0), (2, 1), (3, 2)])
+
+
+def test_a_program_saved_for_fixed_shapes_runs_request_by_request(model, saved):
+    module = pyrys.load(saved[1])
+    assert not module.specializes_shapes and pyrys.load(saved[0]).specializes_shapes
+    batcher = Batcher(module)
+    requests = [(images(1, seed),) for seed in range(3)] + [(images(2, 9),)]
+    results = batcher.run(requests)
+    with torch.no_grad():
+        assert all(_close(results[i], model(*requests[i])) for i in range(3))
+    assert isinstance(results[3], pyrys.InputError) and "compiled for inputs" in str(results[3])
+
+
+def test_outputs_that_are_not_per_row_are_never_batched():
+    calls = []
+    batcher = Batcher(lambda x: calls.append(len(x)) or Total()(x))
+    requests = [(torch.ones(2, 3),), (torch.ones(1, 3),)]
+    assert [float(r) for r in batcher.run(requests)] == [12.0, 6.0]
+    assert not batcher.batches and calls == [3, 2, 1]
+    batcher.run(requests)
+    assert calls == [3, 2, 1, 2, 1]
+
+
+def test_many_threads_batching_at_once_each_get_their_own_rows(model, saved):
+    batcher = Batcher(pyrys.load(saved[0]))
+    wrong = []
+
+    def caller(thread: int) -> None:
+        for call in range(6):
+            requests = [(images(1 + (thread + i) % 3, 100 * thread + 10 * call + i),) for i in range(3)]
+            with torch.no_grad():
+                expected = [model(*inputs) for inputs in requests]
+            wrong.extend((thread, call) for r, e in zip(batcher.run(requests), expected) if not _close(r, e))
+
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(caller, range(6)))
+    assert wrong == []
+
+
+def test_the_predictor_adds_named_output_columns_to_a_batch(model, saved):
+    predictor = Predictor(saved[0], column="pixels", output_column="out")
+    x = images(5, 3).numpy()
+    batch = predictor({"pixels": x, "id": np.arange(5)})
+    assert sorted(batch) == ["id", "out_0", "out_1_features", "pixels"]
+    with torch.no_grad():
+        logits, rest = model(torch.from_numpy(x))
+    assert pyrys.relative_error(torch.from_numpy(batch["out_0"]), logits) <= TOLERANCE
+    assert pyrys.relative_error(torch.from_numpy(batch["out_1_features"]), rest["features"]) <= TOLERANCE
+    named = Predictor(saved[0], column="pixels", output_column=["logits", "features"])({"pixels": x})
+    assert np.array_equal(named["logits"], batch["out_0"])
+
+
+def test_the_predictor_stacks_a_column_of_per_row_arrays(saved):
+    x = images(3, 4).numpy()
+    rows = np.empty(3, dtype=object)
+    rows[:] = list(x)
+    predictor = Predictor(saved[0], output_column=["a", "b"])
+    assert np.array_equal(predictor({"image": rows})["a"], predictor({"image": x})["a"])
+
+
+def test_the_predictor_runs_rows_one_by_one_when_the_program_holds_only_single_rows(model, saved):
+    x = images(3, 5).numpy()  # batch 3 was not saved; batch 1 was
+    batch = Predictor(saved[1], output_column=["logits", "features"])({"image": x})
+    with torch.no_grad():
+        assert pyrys.relative_error(torch.from_numpy(batch["logits"]), model(torch.from_numpy(x))[0]) <= TOLERANCE
+
+
+@pytest.mark.parametrize("batch, column, says", [
+    ({"pixels": np.zeros((2, 3, 8, 8), np.float32)}, "image", "no column 'image'"),
+    ({"image": np.zeros((2, 3, 8, 8), np.float64)}, "image", "dtype torch.float32"),
+    ({"image": np.array(["a", "b"])}, "image", "numbers or booleans"),
+])
+def test_the_predictor_names_what_a_bad_batch_lacks(saved, batch, column, says):
+    with pytest.raises(pyrys.InputError, match=says):
+        Predictor(saved[0], column=column)(batch)
+
+
+def test_the_predictor_refuses_outputs_that_are_not_per_row(tmp_path):
+    opt = pyrys.optimize(Total().eval(), (torch.ones(2, 3),))
+    with pytest.raises(ValueError, match="one row per input row"):
+        Predictor(pyrys.save(opt, tmp_path / "total.pyrys"), column="x")({"x": np.ones((2, 3), np.float32)})
+
+
+def test_the_predictor_is_safe_to_call_from_many_threads(model, saved):
+    predictor = Predictor(saved[0], output_column=["logits", "features"])
+    inputs = [images(1 + i % 4, 50 + i).numpy() for i in range(24)]
+    with torch.no_grad():
+        expected = [model(torch.from_numpy(x))[0] for x in inputs]
+    barrier = threading.Barrier(6)
+
+    def call(i: int) -> float:
+        if i < 6:
+            barrier.wait()
+        return pyrys.relative_error(torch.from_numpy(predictor({"image": inputs[i]})["logits"]), expected[i])
+
+    with ThreadPoolExecutor(6) as pool:
+        assert max(pool.map(call, range(24))) <= TOLERANCE
