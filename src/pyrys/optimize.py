@@ -25,7 +25,7 @@ from pyrys.errors import CaptureError, DeviceError
 from pyrys.forwarding import forwarded
 from pyrys.ir.verify import VerificationError, make_verifier, output_types
 from pyrys.ir.graph import share_constants
-from pyrys.ir.symbolic import describe_dims, is_symbolic
+from pyrys.ir.symbolic import describe_dims, is_symbolic, rows_dim
 from pyrys.numerics import TOLERANCES
 from pyrys.numerics.eager import eager_outputs
 from pyrys.numerics.report import NumericsReport
@@ -388,6 +388,13 @@ class OptimizedModule(torch.nn.Module):
         """Whether a new input shape is specialized from a graph captured with symbolic sizes (no capture,
         no pass); False where a new shape captures the model again or, loaded, is refused."""
         return self._generic is not None
+
+    @property
+    def batches_rows(self) -> bool:
+        """Whether calls can be joined along dim 0 (``pyrys serve``'s batching): new shapes are specialized
+        without capture, and dim 0 of every input and every output is one symbolic size, the rows.  That no
+        op mixes rows (a reduction or attention across dim 0) is not visible in shapes: the caller's to know."""
+        return self._generic is not None and rows_dim(self._generic.generic.gm) is not None
 
     def program_text(self) -> str:
         return self._first.program.describe()

@@ -53,9 +53,9 @@ def test_requests_of_a_shape_run_as_one_batch_and_get_their_own_rows(model, save
     batcher = Batcher(lambda *inputs: calls.append(inputs[0].shape[0]) or module(*inputs))
     requests = [(images(rows, seed),) for seed, rows in enumerate([1, 3, 2, 1])]
     results = batcher.run(requests)
-    assert calls == [7]
+    assert calls == [7] and [rows for _, rows in results] == [7, 7, 7, 7]
     with torch.no_grad():
-        assert all(_close(result, model(*inputs)) for result, inputs in zip(results, requests))
+        assert all(_close(result, model(*inputs)) for (result, _), inputs in zip(results, requests))
 
 
 def test_requests_of_other_shapes_or_dtypes_run_in_their_own_batches(saved):
@@ -63,7 +63,7 @@ def test_requests_of_other_shapes_or_dtypes_run_in_their_own_batches(saved):
     calls = []
     batcher = Batcher(lambda x: calls.append(tuple(x.shape)) or module(x))
     requests = [(images(1, 0),), (torch.randn(2, 3, 10, 10),), (images(2, 1),), (torch.zeros(1, 3, 8, 8).double(),)]
-    results = batcher.run(requests)
+    results = [outcome for outcome, _ in batcher.run(requests)]
     assert calls == [(3, 3, 8, 8), (2, 3, 10, 10), (1, 3, 8, 8)]
     assert isinstance(results[3], pyrys.InputError) and "dtype torch.float32" in str(results[3])
 
@@ -72,7 +72,7 @@ def test_a_bad_request_gets_its_error_and_the_others_their_outputs(model, saved)
     batcher = Batcher(pyrys.load(saved[0]))
     good = [(images(1, seed),) for seed in range(3)]
     bad = (torch.randn(1, 4, 8, 8),)  # four channels: the conv takes three
-    results = batcher.run([good[0], bad, good[1], good[2]])
+    results = [outcome for outcome, _ in batcher.run([good[0], bad, good[1], good[2]])]
     assert isinstance(results[1], pyrys.InputError) and "dim 1 is 4" in str(results[1])
     with torch.no_grad():
         assert all(_close(results[i], model(*good[j])) for i, j in [(0, 0), (2, 1), (3, 2)])
@@ -81,9 +81,10 @@ def test_a_bad_request_gets_its_error_and_the_others_their_outputs(model, saved)
 def test_a_program_saved_for_fixed_shapes_runs_request_by_request(model, saved):
     module = pyrys.load(saved[1])
     assert not module.specializes_shapes and pyrys.load(saved[0]).specializes_shapes
+    assert not module.batches_rows and pyrys.load(saved[0]).batches_rows
     batcher = Batcher(module)
     requests = [(images(1, seed),) for seed in range(3)] + [(images(2, 9),)]
-    results = batcher.run(requests)
+    results = [outcome for outcome, _ in batcher.run(requests)]
     with torch.no_grad():
         assert all(_close(results[i], model(*requests[i])) for i in range(3))
     assert isinstance(results[3], pyrys.InputError) and "compiled for inputs" in str(results[3])
@@ -93,10 +94,27 @@ def test_outputs_that_are_not_per_row_are_never_batched():
     calls = []
     batcher = Batcher(lambda x: calls.append(len(x)) or Total()(x))
     requests = [(torch.ones(2, 3),), (torch.ones(1, 3),)]
-    assert [float(r) for r in batcher.run(requests)] == [12.0, 6.0]
+    assert [float(r) for r, _ in batcher.run(requests)] == [12.0, 6.0]
     assert not batcher.batches and calls == [3, 2, 1]
     batcher.run(requests)
     assert calls == [3, 2, 1, 2, 1]
+
+
+class Transposed(nn.Module):
+    """Rows in dim 1 of the output: with eight rows of eight, its length matches the batch by chance."""
+
+    def forward(self, x):
+        return (x * 2).t()
+
+
+def test_a_graph_whose_output_rows_are_not_dim_0_is_never_batched(tmp_path):
+    opt = pyrys.optimize(Transposed().eval(), (torch.ones(2, 8),), dynamic=True)
+    module = pyrys.load(pyrys.save(opt, tmp_path / "t.pyrys"))
+    assert module.specializes_shapes and not module.batches_rows
+    requests = [(torch.full((1, 8), float(i)),) for i in range(8)]
+    results = Batcher(module).run(requests)
+    assert [rows for _, rows in results] == [1] * 8
+    assert all(torch.equal(out, (x * 2).t()) for (out, _), (x,) in zip(results, requests))
 
 
 def test_many_threads_batching_at_once_each_get_their_own_rows(model, saved):
@@ -108,7 +126,7 @@ def test_many_threads_batching_at_once_each_get_their_own_rows(model, saved):
             requests = [(images(1 + (thread + i) % 3, 100 * thread + 10 * call + i),) for i in range(3)]
             with torch.no_grad():
                 expected = [model(*inputs) for inputs in requests]
-            wrong.extend((thread, call) for r, e in zip(batcher.run(requests), expected) if not _close(r, e))
+            wrong.extend((thread, call) for (r, _), e in zip(batcher.run(requests), expected) if not _close(r, e))
 
     with ThreadPoolExecutor(6) as pool:
         list(pool.map(caller, range(6)))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import zipfile
 
 import numpy as np
 import pytest
@@ -24,19 +25,35 @@ def _npz(*arrays, **named) -> bytes:
     return buffer.getvalue()
 
 
-def test_an_npy_body_is_the_one_input_and_keeps_its_dtype():
+def test_an_npy_body_is_the_one_input_and_keeps_its_dtype_and_shape():
     x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
     request = decode(_npy(x))
     assert request.form == NPY and len(request.inputs) == 1
     assert request.inputs[0].dtype == torch.float32 and np.array_equal(request.inputs[0].numpy(), x)
-    request.inputs[0].add_(1)  # writable: torch does not warn, the body's bytes are not shared
+    assert request.inputs[0].numpy().flags.writeable  # torch.from_numpy of a read-only array would warn
+    assert decode(_npy(np.float32(2.5))).inputs[0].shape == ()  # a 0-d array stays 0-d
 
 
-def test_an_npz_body_gives_the_inputs_in_the_order_they_were_written():
+def test_an_npz_body_gives_the_inputs_by_position():
+    arrays = [np.full((1, 2), i, dtype=np.int64) for i in range(12)]
+    assert [int(t[0, 0]) for t in decode(_npz(*arrays)).inputs] == list(range(12))  # arr_10 after arr_9
     ids, mask = np.arange(6).reshape(1, 6), np.ones((1, 6), dtype=np.int64)
-    assert [t.tolist() for t in decode(_npz(ids=ids, mask=mask)).inputs] == [ids.tolist(), mask.tolist()]
-    assert [t.tolist() for t in decode(_npz(mask, ids)).inputs] == [mask.tolist(), ids.tolist()]
+    assert [t.tolist() for t in decode(_npz(arr_1=mask, arr_0=ids)).inputs] == [ids.tolist(), mask.tolist()]
     assert decode(_npz(ids)).form == NPZ
+
+
+def test_npz_names_that_do_not_say_the_position_are_refused():
+    ids, mask = np.arange(6).reshape(1, 6), np.ones((1, 6), dtype=np.int64)
+    with pytest.raises(InputError, match=r"by position, arrays named arr_0.*\['ids', 'mask'\]"):
+        decode(_npz(ids=ids, mask=mask))
+    with pytest.raises(InputError, match="by position"):
+        decode(_npz(ids, arr_2=mask))
+
+
+def test_a_float32_array_for_a_bfloat16_input_is_rounded_to_it():
+    (x,) = decode(_npy(np.ones((1, 2), np.float32)), [torch.bfloat16]).inputs
+    assert x.dtype == torch.bfloat16
+    assert decode(_npy(np.ones(2, np.float64)), [torch.bfloat16]).inputs[0].dtype == torch.float64  # refused later
 
 
 def test_fortran_order_and_big_endian_arrays_arrive_as_the_same_values():
@@ -71,6 +88,31 @@ def test_a_bad_body_is_an_input_error_saying_what_was_expected(body, dtypes, say
     assert says in str(error.value)
 
 
+def _zip(**members: bytes) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def _npy_header(shape: tuple, dtype: str = "<f4") -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": dtype, "fortran_order": False, "shape": shape})
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("body, says", [
+    (_npy_header((10**6, 10**6)) + b"\0" * 64, r"declares shape \(1000000, 1000000\)"),
+    (_zip(**{"arr_0.npy": _npy_header((1 << 40,))}), "declares shape"),
+    (_zip(**{"arr_0.npy": b"not an array"}), "cannot be read"),
+    (b"[" * 100000 + b"]" * 100000, "JSON"),
+], ids=["npy-header", "npz-header", "npz-member", "deep-json"])
+def test_a_body_that_lies_about_its_size_or_nests_too_deep_is_an_input_error(body, says):
+    with pytest.raises(InputError, match=says):
+        decode(body)
+
+
 def test_an_object_array_is_refused_not_unpickled():
     buffer = io.BytesIO()
     np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
@@ -87,18 +129,24 @@ def test_the_answer_takes_the_requests_form():
     y = torch.arange(6.0).reshape(2, 3)
     body, content_type = encode(y, NPY)
     assert content_type == "application/x-npy" and np.array_equal(np.load(io.BytesIO(body)), y.numpy())
-    body, content_type = encode((y, {"logits": y + 1}), NPY)
-    with np.load(io.BytesIO(body)) as archive:
-        assert content_type == "application/x-npz" and archive.files == ["0", "1.logits"]
+    body, content_type = encode((y, {"logits": y + 1, "file": y}), NPY)  # "file": savez's own argument's name
+    with np.load(io.BytesIO(body), allow_pickle=False) as archive:
+        assert content_type == "application/x-npz" and archive.files == ["0", "1.logits", "1.file"]
         assert np.array_equal(archive["1.logits"], (y + 1).numpy())
     body, content_type = encode(y, JSON)
     assert content_type == "application/json" and json.loads(body) == y.tolist()
     assert json.loads(encode((y, y), JSON)[0]) == {"0": y.tolist(), "1": y.tolist()}
 
 
-def test_bfloat16_outputs_are_answered_as_float32():
+def test_bfloat16_outputs_are_answered_as_float32_and_lazy_negation_is_applied():
     body, _ = encode(torch.ones(2, dtype=torch.bfloat16), NPY)
     assert np.load(io.BytesIO(body)).dtype == np.float32
+    body, _ = encode(torch._neg_view(torch.ones(2)), NPY)
+    assert np.load(io.BytesIO(body)).tolist() == [-1.0, -1.0]
+
+
+def test_complex_outputs_in_json_are_real_imaginary_pairs():
+    assert json.loads(encode(torch.tensor([1 + 2j]), JSON)[0]) == [[1.0, 2.0]]
 
 
 def test_leaves_are_named_by_their_place():

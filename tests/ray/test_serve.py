@@ -36,12 +36,18 @@ def _free_port() -> int:
 
 
 def _post(url: str, body: bytes, timeout: float = 60) -> tuple[int, bytes, str]:
+    return _ask(url, body, timeout)[:3]
+
+
+def _ask(url: str, body: bytes, timeout: float = 60) -> tuple[int, bytes, str, int]:
+    """(status, body, content type, rows of the call that answered) of a POST."""
     request = urllib.request.Request(url, data=body, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as answer:
-            return answer.status, answer.read(), answer.headers.get("content-type", "")
+            return (answer.status, answer.read(), answer.headers.get("content-type", ""),
+                    int(answer.headers.get("x-pyrys-batch-rows", 0)))
     except urllib.error.HTTPError as error:
-        return error.code, error.read(), error.headers.get("content-type", "")
+        return error.code, error.read(), error.headers.get("content-type", ""), 0
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -117,17 +123,20 @@ def _expected(model, x: np.ndarray):
 def test_concurrent_requests_get_their_own_answers(server, model):
     inputs = [images(1 + i % 3, seed=i).numpy() for i in range(48)]
 
-    def ask(x: np.ndarray) -> float:
-        status, body, content_type = _post(server.url, _npy(x))
+    def ask(x: np.ndarray) -> tuple[float, bool]:
+        status, body, content_type, call_rows = _ask(server.url, _npy(x))
         assert status == 200, body.decode(errors="replace")
         assert content_type == "application/x-npz"
         with np.load(io.BytesIO(body)) as answer:
             logits, features = torch.from_numpy(answer["0"]), torch.from_numpy(answer["1.features"])
         expected = _expected(model, x)
-        return max(pyrys.relative_error(logits, expected[0]), pyrys.relative_error(features, expected[1]))
+        error = max(pyrys.relative_error(logits, expected[0]), pyrys.relative_error(features, expected[1]))
+        return error, call_rows > len(x)
 
     with ThreadPoolExecutor(12) as pool:
-        assert max(pool.map(ask, inputs)) <= TOLERANCE, server.output()
+        answers = list(pool.map(ask, inputs))
+    assert max(error for error, _ in answers) <= TOLERANCE, server.output()
+    assert any(batched for _, batched in answers), "12 clients at once, and no request was batched with another"
 
 
 def test_json_in_json_out(server, model):
@@ -192,6 +201,8 @@ def test_a_shipped_program_serves_and_sigint_stops_it(model, tmp_path):
         assert status == 200, body
         with np.load(io.BytesIO(body)) as answer:
             assert pyrys.relative_error(torch.from_numpy(answer["0"]), _expected(model, x)[0]) <= TOLERANCE
+        status, body, _ = _post(server.url, _npy(images(2, seed=3).numpy()))  # a shape it was not saved for
+        assert status == 400 and "loaded from files in memory" in body.decode(), body  # not from PATH
         os.kill(server.process.pid, signal.SIGINT)
         assert server.process.wait(timeout=120) == 0, server.output()
     finally:

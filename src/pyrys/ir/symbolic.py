@@ -23,6 +23,7 @@ import torch.fx as fx
 import torch.fx.experimental._config as symbolic_shapes_config
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.utils._pytree import tree_flatten
 from torch.utils._sympy.numbers import int_oo
 
 from pyrys.ir.graph import user_inputs
@@ -212,3 +213,23 @@ def _evaluate(expr: sympy.Expr, bindings: dict) -> Any:
 def _bound_text(expr: sympy.Expr, bindings: dict) -> str:
     used = sorted(expr.free_symbols & set(bindings), key=str)
     return ", ".join(f"{s} = {bindings[s]}" for s in used) or "this shape"
+
+
+def rows_dim(gm: fx.GraphModule) -> sympy.Expr | None:
+    """The symbol that is dim 0 of every user input and every output of ``gm`` (its rows, which calls
+    can be joined along), else None: a fixed dim 0, another dim 0 somewhere (a transposed output, a
+    per-batch statistic), or an input or output that is not a tensor."""
+    output = next(node for node in reversed(gm.graph.nodes) if node.op == "output")
+    values = [node.meta.get("val") for node in user_inputs(gm.graph)]
+    values += [a.meta.get("val") if isinstance(a, fx.Node) else a for a in tree_flatten(output.args[0])[0]]
+    dims = {_dim0(value) for value in values}
+    if len(dims) != 1:
+        return None
+    (dim,) = dims
+    return dim if isinstance(dim, sympy.Symbol) else None
+
+
+def _dim0(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and isinstance(value.shape[0], torch.SymInt):
+        return value.shape[0].node.expr
+    return None

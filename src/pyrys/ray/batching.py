@@ -5,13 +5,16 @@ brings n_i rows (the dim 0 every one of its inputs shares).  A group's inputs ar
 along dim 0, run once, and every output tensor is split back: request i gets rows
 [n_0 + ... + n_{i-1}, n_0 + ... + n_i).  A group runs request by request instead
 
-- when the module cannot take a new batch size without capturing the model again (a program
-  saved for fixed shapes: :attr:`pyrys.OptimizedModule.specializes_shapes` is False);
+- when the module's graph does not show dim 0 as the rows: every input and every output must have
+  the same symbolic size there (:attr:`pyrys.OptimizedModule.batches_rows`; False for a program
+  saved for fixed shapes, or one whose output is, say, transposed);
 - when an output is not a tensor with the batch's rows in dim 0 (then never batched again);
 - when the batched call fails, so that only the request at fault gets its error.
 
-Batching changes which kernels run (they depend on the batch size), so a row's output agrees
-with the same row run alone within the module's float tolerance, not bitwise.
+That rows do not mix (no op reduces or attends across dim 0) cannot be read from the shapes: it is
+what every batching server assumes, and ``--max-batch 1`` turns batching off.  Batching changes
+which kernels run (they depend on the batch size), so a row's output agrees with the same row run
+alone within the module's float tolerance, not bitwise.
 """
 from __future__ import annotations
 
@@ -22,30 +25,32 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 
 class Batcher:
-    """Runs lists of requests (each a tuple of positional input tensors) on ``module``."""
+    """Runs lists of requests (each a tuple of positional input tensors) on ``module``; safe to call from
+    many threads at once when ``module`` is."""
 
     def __init__(self, module: Callable[..., Any]):
         self._module = module
-        self.batches = getattr(module, "specializes_shapes", True)
+        self.batches = getattr(module, "batches_rows", True)
 
-    def run(self, requests: Sequence[tuple[torch.Tensor, ...]]) -> list[Any]:
-        """Per request, its outputs, or the exception its inputs raised (returned, not raised)."""
+    def run(self, requests: Sequence[tuple[torch.Tensor, ...]]) -> list[tuple[Any, int]]:
+        """Per request: its outputs, or the exception its inputs raised (returned, not raised), and the rows
+        of the call that ran it (its own, or the batch's)."""
         results: list[Any] = [None] * len(requests)
         for group in _groups(requests):
-            outputs = self._batched([requests[i] for i in group]) if self.batches and len(group) > 1 else None
-            for i, output in zip(group, outputs or [self._one(requests[i]) for i in group]):
-                results[i] = output
+            answers = self._batched([requests[i] for i in group]) if self.batches and len(group) > 1 else None
+            for i, answer in zip(group, answers or [self._one(requests[i]) for i in group]):
+                results[i] = answer
         return results
 
-    def _one(self, inputs: tuple[torch.Tensor, ...]) -> Any:
+    def _one(self, inputs: tuple[torch.Tensor, ...]) -> tuple[Any, int]:
         try:
             with torch.inference_mode():
-                return self._module(*inputs)
+                return self._module(*inputs), rows_of(inputs)
         except Exception as error:  # noqa: BLE001 - the caller answers each request with its own error
-            return error
+            return error, rows_of(inputs)
 
-    def _batched(self, requests: list[tuple[torch.Tensor, ...]]) -> list[Any] | None:
-        rows = [len(inputs[0]) for inputs in requests]
+    def _batched(self, requests: list[tuple[torch.Tensor, ...]]) -> list[tuple[Any, int]] | None:
+        rows = [rows_of(inputs) for inputs in requests]
         joined = tuple(torch.cat(column) for column in zip(*requests))
         try:
             with torch.inference_mode():
@@ -53,11 +58,22 @@ class Batcher:
         except Exception:  # noqa: BLE001 - run one by one: only the request at fault gets the error
             return None
         leaves, spec = tree_flatten(outputs)
-        if not all(isinstance(leaf, torch.Tensor) and leaf.dim() > 0 and len(leaf) == sum(rows) for leaf in leaves):
+        if not all(per_row(leaf, sum(rows)) for leaf in leaves):
             self.batches = False  # this model's outputs are not per row: it never batches
             return None
         parts = [leaf.split(rows) for leaf in leaves]
-        return [tree_unflatten([part[i] for part in parts], spec) for i in range(len(requests))]
+        return [(tree_unflatten([part[i] for part in parts], spec), sum(rows)) for i in range(len(requests))]
+
+
+def per_row(leaf: Any, rows: int) -> bool:
+    """Whether an output ``leaf`` has one row (dim 0 entry) per input row."""
+    return isinstance(leaf, torch.Tensor) and leaf.dim() > 0 and len(leaf) == rows
+
+
+def rows_of(inputs: tuple) -> int:
+    """The rows a request brings: its first input's dim 0 (1 for a scalar or no input)."""
+    first = inputs[0] if inputs else None
+    return len(first) if isinstance(first, torch.Tensor) and first.dim() > 0 else 1
 
 
 def _groups(requests: Sequence[tuple[torch.Tensor, ...]]) -> list[list[int]]:
@@ -70,7 +86,7 @@ def _groups(requests: Sequence[tuple[torch.Tensor, ...]]) -> list[list[int]]:
 
 def _batch_key(inputs: tuple[torch.Tensor, ...], index: int) -> Any:
     """What must agree for two requests to be batched: each input's dtype and all but its dim 0, and
-    that every input has as many rows; a request that cannot batch gets a key of its own."""
+    that every input has as many rows (at least one); a request that cannot batch gets a key of its own."""
     if not inputs or not all(isinstance(t, torch.Tensor) and t.dim() > 0 for t in inputs):
         return ("alone", index)
     if len({len(t) for t in inputs}) != 1 or len(inputs[0]) == 0:

@@ -3,24 +3,29 @@
 A body is one of
 
 - ``.npy`` (``np.save``): the module's one input;
-- ``.npz`` (``np.savez(f, a, b)`` or ``np.savez(f, ids=..., mask=...)``): its inputs, in the order they
-  were written;
-- JSON: a nested list of numbers (one input) or ``{"inputs": [first, second, ...]}``.  JSON numbers
-  take the dtype of the input they fill (``input_dtypes``); a value that dtype cannot hold exactly
-  (``1.5`` for an integer input) is refused.
+- ``.npz`` (``np.savez(f, x, mask)``, or ``savez_compressed``): its inputs, by position: the arrays
+  must be named ``arr_0``, ``arr_1``, ... (what ``savez`` names positional arrays), since a name
+  cannot say which positional input it is;
+- JSON: a nested list of numbers (one input) or ``{"inputs": [first, second, ...]}``.
+
+JSON numbers take the dtype of the input they fill (``input_dtypes``); a value that dtype cannot
+hold exactly (``1.5`` for an integer input) is refused.  A float32 array for a bfloat16 input is
+rounded to it (numpy has no bfloat16).  Arrays are read with ``allow_pickle=False`` after their
+header's size is checked against the bytes that hold them.
 
 The answer takes the request's form: ``.npy`` for a one-tensor output (``.npz`` for several), JSON
 for JSON.  Several outputs are named by their place in the output's structure: ``"0"``, ``"1"`` for
-a tuple, the key for a dict, joined with ``.`` when nested (``"0.logits"``).  ``.npy``/``.npz`` bodies
-are read with ``allow_pickle=False``: an object array is refused, not unpickled.
+a tuple, the key for a dict, joined with ``.`` when nested (``"0.logits"``).  bfloat16 outputs are
+answered as float32; complex ones in JSON as ``[real, imaginary]`` pairs.
 """
 from __future__ import annotations
 
 import io
 import json
+import math
 import zipfile
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import IO, Any, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +35,7 @@ from pyrys.signature import InputError
 
 NPY, NPZ, JSON = "npy", "npz", "json"
 CONTENT_TYPES = {NPY: "application/x-npy", NPZ: "application/x-npz", JSON: "application/json"}
+_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
 @dataclass(frozen=True)
@@ -43,13 +49,16 @@ class Request:
 def decode(body: bytes, input_dtypes: Sequence[torch.dtype | None] = ()) -> Request:
     """The inputs ``body`` holds (see the module docstring); :class:`InputError` saying why not."""
     if body.startswith(b"\x93NUMPY"):
-        return Request((as_tensor(_load_npy(body), "the .npy body"),), NPY)
-    if body.startswith(b"PK"):
-        return Request(_load_npz(body), NPZ)
-    if body.lstrip()[:1] in (b"[", b"{"):
+        arrays, form = [("the .npy body", _read_npy(io.BytesIO(body), len(body), "the .npy body"))], NPY
+    elif body.startswith(b"PK"):
+        arrays, form = _read_npz(body), NPZ
+    elif body.lstrip()[:1] in (b"[", b"{"):
         return Request(_load_json(body, input_dtypes), JSON)
-    raise InputError("pyrys serve: expected a body in .npy (np.save), .npz (np.savez) or JSON (a nested list, or "
-                     f'{{"inputs": [...]}}), got {len(body)} bytes starting {body[:8]!r}')
+    else:
+        raise InputError("pyrys serve: expected a body in .npy (np.save), .npz (np.savez) or JSON (a nested list, "
+                         f'or {{"inputs": [...]}}), got {len(body)} bytes starting {body[:8]!r}')
+    dtypes = list(input_dtypes) + [None] * (len(arrays) - len(input_dtypes))
+    return Request(tuple(as_tensor(array, what, dtype) for (what, array), dtype in zip(arrays, dtypes)), form)
 
 
 def encode(outputs: Any, form: str) -> tuple[bytes, str]:
@@ -60,9 +69,12 @@ def encode(outputs: Any, form: str) -> tuple[bytes, str]:
         return json.dumps(value).encode(), CONTENT_TYPES[JSON]
     buffer = io.BytesIO()
     if len(named) == 1:
-        np.save(buffer, _numpy(named[0][1]), allow_pickle=False)
+        np.lib.format.write_array(buffer, to_numpy(named[0][1]), allow_pickle=False)
         return buffer.getvalue(), CONTENT_TYPES[NPY]
-    np.savez(buffer, **{n: _numpy(v) for n, v in named})
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        for name, value in named:
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, to_numpy(value), allow_pickle=False)
     return buffer.getvalue(), CONTENT_TYPES[NPZ]
 
 
@@ -73,18 +85,25 @@ def named_leaves(outputs: Any) -> list[tuple[str, Any]]:
     return [(".".join(str(_key_name(k)) for k in path), leaf) for path, leaf in flat]
 
 
-def as_tensor(array: np.ndarray, what: str) -> torch.Tensor:
-    """``array`` as a tensor torch can read (native byte order, writable, dense); :class:`InputError`
-    for an array of something that is not a number."""
-    if array.dtype.kind not in "biufc":
-        raise InputError(f"pyrys: {what} must hold numbers or booleans, got dtype {array.dtype}")
-    array = np.ascontiguousarray(array.astype(array.dtype.newbyteorder("="), copy=False))
-    if not array.flags.writeable:
-        array = array.copy()
+def to_numpy(value: Any) -> np.ndarray:
+    """An output as an array: a tensor's values (bfloat16 as float32, lazy negation/conjugation applied)."""
+    if isinstance(value, torch.Tensor):
+        return (value.float() if value.dtype == torch.bfloat16 else value).numpy(force=True)
+    return np.asarray(value)
+
+
+def as_tensor(array: np.ndarray, what: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``array`` as a tensor torch can read (native byte order, writable, dense, its shape kept); a float32
+    array for a bfloat16 ``dtype`` rounded to it; :class:`InputError` for something that is not numbers."""
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "biufc":
+        described = f"dtype {array.dtype}" if isinstance(array, np.ndarray) else type(array).__name__
+        raise InputError(f"pyrys: {what} must hold numbers or booleans, got {described}")
+    array = np.require(array.astype(array.dtype.newbyteorder("="), copy=False), requirements=["C", "W"])
     try:
-        return torch.from_numpy(array)
+        tensor = torch.from_numpy(array)
     except TypeError as error:
         raise InputError(f"pyrys: {what} has dtype {array.dtype}, which torch does not take ({error})") from None
+    return tensor.to(dtype) if dtype == torch.bfloat16 and tensor.dtype == torch.float32 else tensor
 
 
 def _key_name(key: Any) -> Any:
@@ -94,39 +113,52 @@ def _key_name(key: Any) -> Any:
     return key
 
 
-def _numpy(value: Any) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        value = value.detach()
-        return (value.float() if value.dtype == torch.bfloat16 else value).numpy()
-    return np.asarray(value)
-
-
 def _json_value(value: Any) -> Any:
-    return _numpy(value).tolist() if isinstance(value, torch.Tensor) else value
+    if not isinstance(value, torch.Tensor):
+        return value
+    return to_numpy(torch.view_as_real(value.resolve_conj()) if value.is_complex() else value).tolist()
 
 
-def _load_npy(body: bytes) -> np.ndarray:
+def _read_npy(stream: IO[bytes], available: int, what: str) -> np.ndarray:
+    """One array from ``stream`` (``available`` bytes), its header's claimed size checked first."""
     try:
-        return np.load(io.BytesIO(body), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
-        raise InputError(f"pyrys serve: the .npy body cannot be read: {error}") from None
+        start = stream.tell()
+        reader = _HEADER_READERS.get(np.lib.format.read_magic(stream))
+        if reader is not None:
+            shape, _, dtype = reader(stream)
+            needed = math.prod(shape) * dtype.itemsize + stream.tell() - start
+            if needed > available:
+                raise InputError(f"pyrys serve: {what} declares shape {shape} of {dtype} ({needed} bytes) but holds "
+                                 f"{available} bytes")
+        stream.seek(start)
+        return np.lib.format.read_array(stream, allow_pickle=False)
+    except (ValueError, OSError, EOFError, MemoryError) as error:
+        raise InputError(f"pyrys serve: {what} cannot be read: {error or type(error).__name__}") from None
 
 
-def _load_npz(body: bytes) -> tuple[torch.Tensor, ...]:
+def _read_npz(body: bytes) -> list[tuple[str, np.ndarray]]:
     try:
-        with np.load(io.BytesIO(body), allow_pickle=False) as archive:
-            arrays = [(name, archive[name]) for name in archive.files]
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as error:
-        raise InputError(f"pyrys serve: the .npz body cannot be read: {error}") from None
-    if not arrays:
-        raise InputError("pyrys serve: the .npz body holds no array; write the inputs with np.savez(f, x, ...)")
-    return tuple(as_tensor(array, f"the .npz body's {name!r}") for name, array in arrays)
+        with zipfile.ZipFile(io.BytesIO(body)) as archive:
+            members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
+            order = [f"arr_{i}" for i in range(len(members))]
+            if not members or set(members) != set(order):
+                raise InputError("pyrys serve: the .npz body must hold the inputs by position, arrays named arr_0, "
+                                 f"arr_1, ... (np.savez(f, x, mask) writes them so); got {sorted(members)}")
+            arrays = []
+            for name in order:
+                with archive.open(members[name]) as member:
+                    stream = io.BytesIO(member.read())
+                arrays.append((f"the .npz body's {name}", _read_npy(stream, members[name].file_size,
+                                                                     f"the .npz body's {name}")))
+            return arrays
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, OSError, EOFError, MemoryError) as error:
+        raise InputError(f"pyrys serve: the .npz body cannot be read: {error or type(error).__name__}") from None
 
 
 def _load_json(body: bytes, input_dtypes: Sequence[torch.dtype | None]) -> tuple[torch.Tensor, ...]:
     try:
         value = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as error:
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
         raise InputError(f"pyrys serve: the JSON body cannot be read: {error}") from None
     if isinstance(value, dict):
         if set(value) != {"inputs"} or not isinstance(value["inputs"], list) or not value["inputs"]:
@@ -143,7 +175,7 @@ def _json_tensor(value: Any, dtype: torch.dtype | None, what: str) -> torch.Tens
     """A nested list of numbers as a tensor of ``dtype`` (the input's), refusing values it cannot hold."""
     try:
         array = np.array(value)
-    except ValueError as error:  # a ragged list
+    except (ValueError, RecursionError) as error:  # a ragged list; one nested too deep
         raise InputError(f"pyrys serve: {what} must be a rectangular nested list of numbers: {error}") from None
     if array.dtype.kind not in "biuf":
         raise InputError(f"pyrys serve: {what} must be a rectangular nested list of numbers, got {array.dtype} values")

@@ -17,13 +17,14 @@ row by row when the program takes one row, else raises :class:`pyrys.InputError`
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from pyrys.ray.codec import as_tensor, named_leaves
+from pyrys.ray.batching import per_row
+from pyrys.ray.codec import as_tensor, named_leaves, to_numpy
+from pyrys.ray.source import load_program
 from pyrys.signature import InputError
 
 
@@ -32,15 +33,14 @@ class Predictor:
 
     def __init__(self, path: str | os.PathLike | Mapping[str, bytes], column: str | Sequence[str] = "image",
                  output_column: str | Sequence[str] = "output", *, threads: int | None = None):
-        from pyrys.saving import load
-
-        if "ray" in sys.modules and isinstance(path, sys.modules["ray"].ObjectRef):
-            path = sys.modules["ray"].get(path)  # the files of a save, put in the object store
-        self.module = load(path, threads=threads)
+        self.module = load_program(path, threads)
         self.columns = [column] if isinstance(column, str) else list(column)
         self.output_column = output_column
 
     def __call__(self, batch: Mapping[str, Any]) -> Any:
+        if not hasattr(batch, "keys"):
+            raise InputError(f"pyrys.ray.Predictor takes batches of columns by name (batch_format='numpy', the "
+                             f"default, or 'pandas'), got {type(batch).__name__}")
         missing = [name for name in self.columns if name not in batch]
         if missing:
             raise InputError(f"pyrys.ray.Predictor: the batch has no column {missing[0]!r} (it has "
@@ -50,7 +50,7 @@ class Predictor:
         rows = len(inputs[0])
         named = named_leaves(outputs)
         for (_, leaf), name in zip(named, self._output_names(named)):
-            if not isinstance(leaf, torch.Tensor) or leaf.dim() == 0 or len(leaf) != rows:
+            if not per_row(leaf, rows):
                 raise ValueError(f"pyrys.ray.Predictor: output {name!r} must have one row per input row ({rows}), "
                                  f"got {_describe(leaf)}; Ray Data needs per-row outputs")
             batch[name] = _column_value(leaf, batch)
@@ -93,7 +93,7 @@ def _column_tensor(values: Any, name: str) -> torch.Tensor:
 
 
 def _column_value(leaf: torch.Tensor, batch: Any) -> Any:
-    array = leaf.detach().float().numpy() if leaf.dtype == torch.bfloat16 else leaf.detach().numpy()
+    array = to_numpy(leaf)
     return list(array) if hasattr(batch, "to_numpy") and array.ndim > 1 else array
 
 

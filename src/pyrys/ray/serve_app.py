@@ -4,7 +4,8 @@
       -> decode (a bad body: 400 with the pyrys.InputError text, before any batching)
       -> serve.batch: up to ``max_batch`` requests, or what arrived within ``batch_wait_s``
       -> Batcher.run on a worker thread (the replica's event loop keeps taking requests)
-      -> the request's rows, encoded like its body (an input the module refuses: 400; a failure: 500)
+      -> the request's rows, encoded like its body (an input the module refuses: 400; a failure: 500),
+         with the rows of the call that ran it in the ``x-pyrys-batch-rows`` header
 
 Ray Serve's own proxy answers ``GET /-/healthz`` (200 once the application is running) and
 ``GET /-/routes``.
@@ -23,6 +24,7 @@ from pyrys.ray.codec import decode, encode
 from pyrys.signature import InputError, is_tensor_leaf
 
 APP_NAME = "pyrys"
+BATCH_ROWS_HEADER = "x-pyrys-batch-rows"  # the rows of the call that answered: the request's own, or its batch's
 
 
 @serve.deployment
@@ -43,13 +45,16 @@ class PyrysReplica:
             decoded = decode(await request.body(), self.input_dtypes)
         except InputError as error:
             return _text(400, str(error))
-        outcome = await self.run_batch(decoded.inputs)
+        outcome, rows = await self.run_batch(decoded.inputs)
         if isinstance(outcome, InputError):
             return _text(400, str(outcome))
-        if isinstance(outcome, Exception):
-            return _text(500, f"pyrys serve: the model failed: {type(outcome).__name__}: {outcome}")
-        body, content_type = encode(outcome, decoded.form)
-        return Response(body, media_type=content_type)
+        try:
+            if isinstance(outcome, Exception):
+                raise outcome
+            body, content_type = encode(outcome, decoded.form)
+        except Exception as error:  # noqa: BLE001 - answered, and the replica stays up
+            return _text(500, f"pyrys serve: the model failed: {type(error).__name__}: {error}")
+        return Response(body, media_type=content_type, headers={BATCH_ROWS_HEADER: str(rows)})
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def run_batch(self, requests: list[tuple]) -> list[Any]:

@@ -4,7 +4,9 @@ Starts a local Ray runtime (or joins the cluster ``RAY_ADDRESS`` names), then Ra
 proxy on ``--host``/``--port`` and ``--replicas`` replicas of :mod:`pyrys.ray.serve_app`, each
 loading ``PATH`` with ``pyrys.load`` and running ``--threads`` threads per call (default: this
 machine's CPUs / replicas).  Each replica reserves ``--threads`` CPUs from Ray; a local runtime is
-given at least replicas x threads CPUs so that what was asked for is scheduled.
+given at least replicas x threads CPUs so that what was asked for is scheduled (with a note when
+that is more than there are).  Stopping shuts a local runtime down; on a cluster it deletes only
+the ``pyrys`` application it started.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import socket
 import sys
 import threading
 from pathlib import Path
+
+from pyrys.ray.source import load_program
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,23 +53,39 @@ def run_serve(args: argparse.Namespace) -> int:
 
     path = Path(args.path).resolve()
     try:
-        described = _describe(load(path))  # a path that is not a whole save fails here, before Ray starts
+        module = load(path)  # a path that is not a whole save fails here, before Ray starts
         _check_port_free(args.host, args.port)
     except (ValueError, OSError) as error:
         print(f"pyrys serve: {error}", file=sys.stderr)
         return 2
-    threads = args.threads or max(1, available_cpus() // args.replicas)
     address = os.environ.get("RAY_ADDRESS")
+    cpus = available_cpus()
+    threads = args.threads or max(1, cpus // args.replicas)
+    for note in _notes(module, args, threads, cpus, cluster=bool(address)):
+        print(f"pyrys serve: note: {note}", file=sys.stderr)
+    described = _describe(module)
+    del module
     ray.init(address=address or "local", include_dashboard=False, logging_level="WARNING",
-             **({} if address else {"num_cpus": max(available_cpus(), args.replicas * threads)}))
+             **({} if address else {"num_cpus": max(cpus, args.replicas * threads)}))
     stop = _stop_on_signals()  # after ray.init, which sets its own SIGTERM handler
+    deployed = False
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
+        if address and APP_NAME in serve.status().applications:
+            print(f"pyrys serve: this Ray cluster already runs a Serve application named {APP_NAME!r}; "
+                  "stop it first (serve.delete), pyrys serve does not replace it", file=sys.stderr)
+            return 2
         source = ray.put(read_files(path)) if args.ship else str(path)  # the driver holds the object until it stops
         app = application(functools.partial(load_program, source, threads), replicas=args.replicas,
                           cpus_per_replica=threads, max_batch=args.max_batch, batch_wait_s=args.batch_wait_ms / 1000,
                           access_log=args.access_log)
-        serve.run(app, name=APP_NAME, route_prefix="/")
+        deployed = True
+        error = _deploy(serve, app, APP_NAME, stop)
+        if error is not None:
+            print(f"pyrys serve: the replicas did not start: {error}", file=sys.stderr)
+            return 1
+        if stop.is_set():
+            return 0
         print(f"pyrys serve: {path.name} ({described}) on http://{args.host}:{args.port}/ -- {args.replicas} "
               f"replica(s) x {threads} thread(s), batches of up to {args.max_batch} within {args.batch_wait_ms:g} ms; "
               "Ctrl-C stops", flush=True)
@@ -73,20 +93,43 @@ def run_serve(args: argparse.Namespace) -> int:
             pass
     finally:
         print("pyrys serve: stopping", flush=True)
-        serve.shutdown()
+        if not address:
+            serve.shutdown()
+        elif deployed:
+            serve.delete(APP_NAME)  # on a shared cluster, only what pyrys serve started
         ray.shutdown()
     return 0
 
 
-def load_program(source, threads: int):
-    """In a replica: ``pyrys.load`` of a path, or of the files an object reference names (``--ship``)."""
-    from pyrys.saving import load
+def _deploy(serve, app, name: str, stop: threading.Event) -> BaseException | None:
+    """``serve.run`` (it returns once every replica is up) on a thread, so that a signal stops the wait;
+    the error it raised, if any."""
+    failed: list[BaseException] = []
 
-    if not isinstance(source, str):
-        import ray
+    def run() -> None:
+        try:
+            serve.run(app, name=name, route_prefix="/")
+        except BaseException as error:  # noqa: BLE001 - reported by the main thread
+            failed.append(error)
 
-        source = ray.get(source)
-    return load(source, threads=threads)
+    deploying = threading.Thread(target=run, name="pyrys-serve-deploy", daemon=True)
+    deploying.start()
+    while deploying.is_alive() and not stop.wait(timeout=0.5):
+        pass
+    return failed[0] if failed else None
+
+
+def _notes(module, args: argparse.Namespace, threads: int, cpus: int, cluster: bool) -> list[str]:
+    """What the user should know before it starts: CPUs shared, batching that cannot happen."""
+    notes = []
+    if not cluster and args.replicas * threads > cpus:
+        notes.append(f"{args.replicas} replica(s) x {threads} thread(s) is more than the {cpus} CPUs here: "
+                     "they will take turns on them")
+    if args.max_batch > 1 and not module.batches_rows:
+        notes.append("requests will run one by one: this program cannot join them along dim 0 (it was saved for "
+                     "fixed shapes, or an input's or output's dim 0 is not the rows); optimize it with "
+                     "dynamic=True and save it again to batch")
+    return notes
 
 
 def _describe(module) -> str:
@@ -96,10 +139,17 @@ def _describe(module) -> str:
 
 
 def _stop_on_signals() -> threading.Event:
-    """An event SIGINT or SIGTERM sets (the default SIGINT would interrupt Ray mid-shutdown)."""
+    """An event the first SIGINT or SIGTERM sets (the default SIGINT would interrupt Ray mid-shutdown);
+    a second one interrupts whatever is running, the shutdown included."""
     stop = threading.Event()
+
+    def handle(number, frame) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
     for number in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(number, lambda *_: stop.set())
+        signal.signal(number, handle)
     return stop
 
 
