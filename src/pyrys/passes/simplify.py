@@ -30,6 +30,11 @@ linear of the unflattened input (a linear takes any leading dims):
     view(linear(view(x, [-1, K]), W, b), [*x.shape[:-1], N]) -> linear(x, W, b)
 
 so that it is lowered, folded into and fused like ``nn.Linear``.
+
+Activations written out as arithmetic (GPT-2's tanh GELU, the erf GELU, SiLU) are the one op they
+compute (:mod:`pyrys.passes.activation_formulas`), so they are fused into the op before them:
+
+    0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3))) -> gelu(x, approximate="tanh")
 """
 from __future__ import annotations
 
@@ -43,6 +48,7 @@ from pyrys.ir.graph import add_constant, constant_value, op_args, tensor_meta
 from pyrys.ir.printer import format_arg
 from pyrys.ir.symbolic import dims_key, known_contiguous, view_shape
 from pyrys.ir.vocabulary import PERMUTES, VIEWS, permutation, single_user
+from pyrys.passes.activation_formulas import ActivationFromFormula
 from pyrys.passes.rewrite import Match, Miss, PassResult, Rule, apply_rules, fail
 
 aten = torch.ops.aten
@@ -267,7 +273,8 @@ class LinearOfFlattened(Rule):
 
 SIMPLIFY_RULES: tuple[Rule, ...] = (
     tuple(RemoveNoOp(name, target, check) for target, (name, check) in NO_OPS.items())
-    + (RemoveMetadataAssert(), CollapseViews(), CollapsePermutes(), LinearFromMatmul(), LinearOfFlattened())
+    + (RemoveMetadataAssert(), CollapseViews(), CollapsePermutes(), LinearFromMatmul(), LinearOfFlattened(),
+       ActivationFromFormula())
 )
 
 
