@@ -7,11 +7,13 @@ spell the erf GELU; some code writes SiLU by hand:
     x * 0.5 * (1 + erf(x / sqrt(2)))                            -> gelu(x)
     x * sigmoid(x)                                              -> silu(x)
 
-A formula is recognised by what it computes, not by how it is spelled: from a ``mul`` or ``div``, the
+A formula is recognised by what it computes, not by how it is spelled (it has exactly one curve,
+``tanh``, ``erf`` or ``sigmoid``, and at most :data:`MAX_NODES` ops): from a ``mul`` or ``div``, the
 elementwise ops above it (:data:`ELEMENTWISE`) whose other operands are numbers are followed up to a
 tensor ``x`` that every path reaches (each of its nodes in turn, nearest first, then the tensors the
 ops read); the expression of ``x`` is evaluated in float64 on :data:`PROBE` points and compared with
-each of :data:`FORMULAS`.  Any order of operands, ``x*x*x`` for ``x^3``, a
+each of :data:`FORMULAS`, and again in the graph's own dtype (so that float32 cancellation a float64
+evaluation hides, ``(x + 1e8) - 1e8``, is seen).  Any order of operands, ``x*x*x`` for ``x^3``, a
 division for a multiplication: all match, and a formula with another constant (``0.0447``) does
 not, so nothing changes what the model computes beyond float32 rounding.
 """
@@ -37,9 +39,12 @@ ELEMENTWISE = frozenset({
     aten.sqrt.default,
 })
 CURVES = frozenset({aten.tanh.default, aten.erf.default, aten.sigmoid.default, aten.exp.default})
-MAX_NODES = 16  # the longest of FORMULAS spelled out is 9 ops
-PROBE = torch.cat([torch.linspace(-8.0, 8.0, 321, dtype=torch.float64), torch.tensor([-30.0, 30.0], dtype=torch.float64)])
+MAX_NODES = 12  # the longest of FORMULAS spelled out is 9 ops
+_GRID = torch.linspace(-8.0, 8.0, 641, dtype=torch.float64)
+_WIDE = torch.logspace(-6.0, 4.0, 41, dtype=torch.float64)
+PROBE = torch.cat([_GRID, _WIDE, -_WIDE, torch.tensor([0.0], dtype=torch.float64)])  # 0 exactly: x / x is NaN there
 AGREE = 1e-9  # float64 agreement, relative to the largest value on the probe
+AGREE_ULPS = 64  # in the graph's own dtype: within this many of its epsilon, relative (an absolute floor of 1)
 
 
 # name -> (the function in float64, the op and keyword arguments that compute it)
@@ -48,6 +53,7 @@ FORMULAS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], object, dict]]
     "gelu_erf": (F.gelu, aten.gelu.default, {}),
     "silu": (F.silu, aten.silu.default, {}),
 }
+_EXPECTED = {name: function(PROBE) for name, (function, _, _) in FORMULAS.items()}
 
 
 class ActivationFromFormula(Rule):
@@ -58,12 +64,12 @@ class ActivationFromFormula(Rule):
 
     def match(self, gm: fx.GraphModule, node: fx.Node) -> Match | Miss | None:
         region = _expression(gm, node)
-        if region is None or not any(n.target in CURVES for n in region[1]):
+        if region is None or not _one_curve(region[1]):
             return None
         leaves, nodes = region
         for x in [*nodes[1:], *leaves]:  # x: the one tensor the formula reads, wherever the formula begins
             inner = _expression(gm, node, stop=x)
-            if inner is None or inner[0] != {x} or not any(n.target in CURVES for n in inner[1]):
+            if inner is None or inner[0] != {x} or not _one_curve(inner[1]):
                 continue
             formula = _formula(gm, node, x, inner[1])
             if formula is not None:
@@ -113,29 +119,49 @@ def _expression(gm: fx.GraphModule, root: fx.Node, stop: fx.Node | None = None) 
     return (leaves, nodes) if root in nodes else None
 
 
+def _one_curve(nodes: list[fx.Node]) -> bool:
+    return sum(n.target in CURVES for n in nodes) == 1
+
+
 def _formula(gm: fx.GraphModule, root: fx.Node, x: fx.Node, nodes: list[fx.Node]) -> str | None:
     """The name of the one of :data:`FORMULAS` that ``root`` computes from ``x`` (through ``nodes``), if any."""
     out, leaf = tensor_meta(root), tensor_meta(x)
-    if out is None or leaf is None or not leaf.is_floating_point() or (out.dtype, out.shape) != (leaf.dtype, leaf.shape):
+    if out is None or leaf is None or not leaf.is_floating_point() or out.dtype != leaf.dtype:
         return None
-    values = _evaluate(gm, root, x, nodes)
+    values = _evaluate(gm, root, x, nodes, PROBE)
     if values is None:
         return None
     scale = max(1.0, float(values.abs().max()))
-    return next((name for name, (function, _, _) in FORMULAS.items()
-                 if float((values - function(PROBE)).abs().max()) <= AGREE * scale), None)
+    for name, (function, _, _) in FORMULAS.items():
+        if not float((values - _EXPECTED[name]).abs().max()) <= AGREE * scale:  # NaN anywhere: not it
+            continue
+        probe = PROBE.to(leaf.dtype)
+        own, expected = _evaluate(gm, root, x, nodes, probe), function(probe)
+        if own is not None and _close_in(own, expected, leaf.dtype):
+            return name
+    return None
+
+
+def _close_in(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Within :data:`AGREE_ULPS` of ``dtype``'s epsilon, relative to each value (at least 1)."""
+    actual, expected = actual.double(), expected.double()
+    bound = AGREE_ULPS * torch.finfo(dtype).eps * expected.abs().clamp_min(1.0)
+    return bool(((actual - expected).abs() <= bound).all())
 
 
 def _is_number(gm: fx.GraphModule, arg: fx.Node) -> bool:
     if arg.op != "get_attr":
         return False
     value = constant_value(gm, arg)
-    return isinstance(value, torch.Tensor) and value.numel() == 1 and value.dim() == 0
+    return isinstance(value, torch.Tensor) and value.dim() == 0 and value.device.type == "cpu"
 
 
-def _evaluate(gm: fx.GraphModule, root: fx.Node, x: fx.Node, nodes: list[fx.Node]) -> torch.Tensor | None:
-    """``root``'s value in float64 as a function of ``x`` on :data:`PROBE`."""
-    values: dict[fx.Node, torch.Tensor] = {x: PROBE}
+def _evaluate(gm: fx.GraphModule, root: fx.Node, x: fx.Node, nodes: list[fx.Node],
+              probe: torch.Tensor) -> torch.Tensor | None:
+    """``root``'s value as a function of ``x`` on ``probe``: numbers in float64 for a float64 probe (the
+    exact function), else as the graph holds them (what it computes in its dtype)."""
+    values: dict[fx.Node, torch.Tensor] = {x: probe}
+    exact = probe.dtype == torch.float64
 
     def value(arg):
         if not isinstance(arg, fx.Node):
@@ -145,9 +171,10 @@ def _evaluate(gm: fx.GraphModule, root: fx.Node, x: fx.Node, nodes: list[fx.Node
                 args = tuple(value(a) for a in arg.args)
                 values[arg] = arg.target(*args, **{k: value(v) for k, v in arg.kwargs.items()})
             else:
-                values[arg] = constant_value(gm, arg).double()
+                constant = constant_value(gm, arg)
+                values[arg] = constant.double() if exact else constant
         return values[arg]
 
     with torch.no_grad():
         result = value(root)
-    return result if result.dtype == torch.float64 and result.shape == PROBE.shape else None
+    return result if result.dtype == probe.dtype and result.shape == probe.shape else None
