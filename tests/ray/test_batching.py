@@ -191,3 +191,21 @@ def test_the_predictor_is_safe_to_call_from_many_threads(model, saved):
 
     with ThreadPoolExecutor(6) as pool:
         assert max(pool.map(call, range(24))) <= TOLERANCE
+
+
+class TwoInputs(nn.Module):
+    def forward(self, ids, mask):
+        return (ids * mask).float().cumsum(-1)
+
+
+def test_the_predictor_reads_one_column_per_input_and_pandas_batches(tmp_path):
+    pandas = pytest.importorskip("pandas", reason="pandas batches need pandas")
+    opt = pyrys.optimize(TwoInputs().eval(), (torch.ones(2, 5, dtype=torch.long), torch.ones(2, 5, dtype=torch.long)),
+                         dynamic=True)
+    predictor = Predictor(pyrys.save(opt, tmp_path / "two.pyrys"), column=["ids", "mask"])
+    ids, mask = np.arange(15).reshape(3, 5), (np.arange(15).reshape(3, 5) % 2)
+    expected = np.cumsum(ids * mask, axis=-1).astype(np.float32)
+    assert np.array_equal(predictor({"ids": ids, "mask": mask})["output"], expected)
+    frame = pandas.DataFrame({"ids": list(ids), "mask": list(mask)})
+    answered = predictor(frame)
+    assert isinstance(answered, pandas.DataFrame) and np.array_equal(np.stack(answered["output"]), expected)
