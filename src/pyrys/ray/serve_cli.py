@@ -52,13 +52,14 @@ def run_serve(args: argparse.Namespace) -> int:
     from pyrys.saving import load, read_files
 
     path = Path(args.path).resolve()
+    address = os.environ.get("RAY_ADDRESS")
     try:
         module = load(path)  # a path that is not a whole save fails here, before Ray starts
-        _check_port_free(args.host, args.port)
+        if not address:  # a cluster's Serve may already listen there, and keeps its own HTTP options
+            _check_port_free(args.host, args.port)
     except (ValueError, OSError) as error:
         print(f"pyrys serve: {error}", file=sys.stderr)
         return 2
-    address = os.environ.get("RAY_ADDRESS")
     cpus = available_cpus()
     threads = args.threads or max(1, cpus // args.replicas)
     for note in _notes(module, args, threads, cpus, cluster=bool(address)):
