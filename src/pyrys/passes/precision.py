@@ -1,7 +1,7 @@
 """Lower precision: the ops with fast bfloat16 kernels run in bfloat16, every other op in float32.
 
-With ``precision="bf16"`` the ops of :data:`COMPUTE_OPS` (convolutions, linears, matmuls) run in
-bfloat16, and so do the cheap ops of :data:`BETWEEN_OPS` that read only bfloat16 activations: an
+With ``precision="bf16"`` the ops of :data:`COMPUTE_OPS` (convolutions, linears, matmuls, attention) run
+in bfloat16, and so do the cheap ops of :data:`BETWEEN_OPS` that read only bfloat16 activations: an
 activation input is converted (``aten::to(%x, torch.bfloat16)``), a constant input (a weight, a
 bias, a residual constant) becomes a bfloat16 constant (constant propagation evaluates its
 conversion once), and the output is bfloat16.  An op that stays float32 and reads a bfloat16 value
@@ -49,7 +49,9 @@ CONVERT = aten.to.dtype  # to(x, dtype): the one conversion op this pass writes
 # two activations when one of them is bfloat16 already (attention's q @ k^T after the projections, not
 # the float32 angles of a rotary embedding)
 MATMULS = frozenset({aten.matmul.default, aten.bmm.default, aten.mm.default})
-COMPUTE_OPS = frozenset({*WEIGHTED, *FUSED_OPS, *MATMULS})
+# attention likewise, on bfloat16 query, key and value; its mask stays as it is (float32 or boolean)
+ATTENTION = aten.scaled_dot_product_attention.default
+COMPUTE_OPS = frozenset({*WEIGHTED, *FUSED_OPS, *MATMULS, ATTENTION})
 # the cheap ops between them: each moves only when every activation it reads is bfloat16 already, so
 # float32 values are never rounded for nothing (a position embedding added to the input, angles
 # computed for a rotary embedding, a residual stream added to a linear's result stay float32)
@@ -93,6 +95,9 @@ def lower_precision(gm: fx.GraphModule, precision: str) -> PassResult:
                 own = {name: _as_low(arg, low, convert, node) for name, arg in fused.args.items()}
                 operands = tuple(p if p in kept else _as_low(p, low, convert, node) for p in fused.post_inputs)
                 node.args, node.kwargs = replace(fused, args=own, post_inputs=operands).node_args(), {}
+            elif node.target is ATTENTION:
+                node.args = (*(_as_low(a, low, convert, node) for a in node.args[:3]), *node.args[3:])
+                low.add(node)
             else:
                 node.args, node.kwargs = tree_map(lambda a: _as_low(a, low, convert, node), (node.args, node.kwargs))
                 low.add(node)
@@ -120,7 +125,7 @@ def _runs_low(node: fx.Node, low: set[fx.Node]) -> bool:
     if not all(a in low or _is_high(a.meta.get("val")) for a in tensors):
         return False  # an integer or float64 tensor among its inputs
     activations = [a for a in tensors if a.op != "get_attr"]
-    if node.target in MATMULS:
+    if node.target in MATMULS or node.target is ATTENTION:
         return any(a in low for a in activations)
     if node.target in COMPUTE_OPS:
         return _weight_is_constant(node)

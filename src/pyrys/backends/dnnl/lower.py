@@ -15,6 +15,7 @@ from pyrys.backends.dnnl import binding
 from pyrys.backends.dnnl.assemble import assemble
 from pyrys.backends.dnnl.builder import F32_OR_BF16, Builder, PackedWeights, Unsupported
 from pyrys.backends.dnnl.fallback import lower_fallback
+from pyrys.backends.dnnl.lower_attention import LOWERINGS as ATTENTION_LOWERINGS
 from pyrys.backends.dnnl.layout import plain_md
 from pyrys.backends.dnnl.lower_conv import lower_conv, lower_deconv, lower_linear
 from pyrys.backends.dnnl.lower_int8 import LOWERINGS as INT8_LOWERINGS
@@ -28,7 +29,7 @@ from pyrys.ir.graph import state_ref
 
 # op -> its lowering.  Convolutions and linears arrive in their fused form only (passes/legalize.py).
 LOWERINGS = {FUSED_CONV: lower_conv, FUSED_CONV_TRANSPOSE: lower_deconv, FUSED_LINEAR: lower_linear, **OP_LOWERINGS,
-             **INT8_LOWERINGS}
+             **INT8_LOWERINGS, **ATTENTION_LOWERINGS}
 # the lowerings that read the layout policy: every other op takes the layout its inputs come in
 LAYOUT_CHOOSERS = frozenset({FUSED_CONV, FUSED_CONV_TRANSPOSE})
 

@@ -363,12 +363,19 @@ def lower_upsample(builder: Builder, node: fx.Node) -> None:
 
 
 def lower_view(builder: Builder, node: fx.Node) -> None:
-    """A view of a planned value is an alias: same bytes, another descriptor, no step."""
+    """A view of a planned value is an alias: same bytes, another descriptor, no step (strides kept where
+    the new dims allow, as ``torch.Tensor.view``)."""
     source = builder.value_of(node.args[0])
     if source.root.kind != PLANNED:
         raise Unsupported("view of a dynamic tensor")
     meta = node.meta["val"]
     check_dtype(node.args[0].meta["val"], meta, dtypes=F32_OR_BF16)
+    if meta.dim() > 0 and not source.md.inner_blocks:
+        try:  # a strided view (a head of a split projection) stays one where its dims allow
+            builder.values[node] = Value(node.name, source.md.reshape(list(meta.shape)), ALIAS, source)
+            return
+        except DnnlError:
+            pass  # dims no view of these strides can take: a contiguous copy first, as torch's reshape does
     plain = builder.to_plain(source)
     builder.values[node] = Value(node.name, plain_md(meta.shape, meta.dtype), ALIAS, plain)
 
