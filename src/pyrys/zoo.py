@@ -1,8 +1,9 @@
-"""The model zoo: every torchvision classifier and three segmentation models, optimized and
-compared with eager PyTorch.
+"""The model zoo: every torchvision classifier, three segmentation models and five HuggingFace
+transformers (with the ``transformers`` extra), optimized and compared with eager PyTorch.
 
     pyrys zoo                       # every model, every available backend: one row per model
     pyrys zoo resnet50 vit_b_16     # just these
+    pyrys zoo hf_bert hf_gpt2       # transformers (pyrys.bench.transformer_models)
     pyrys zoo --quick               # the subset the default test run checks
 
 Models come from :func:`pyrys.testing.torchvision_model`: random weights (no download),
@@ -13,12 +14,14 @@ A row passes when ``pyrys.relative_error(optimized, eager) <= pyrys.FP32_TOLERAN
 from __future__ import annotations
 
 import gc
+import importlib.util
 import time
 import traceback
 from dataclasses import dataclass
 
 import torch
 
+from pyrys.bench.transformer_models import MODELS as TRANSFORMER_MODELS
 from pyrys.testing import torchvision_model
 
 CLASSIFICATION = (
@@ -41,7 +44,9 @@ CLASSIFICATION = (
     "swin_t", "swin_s", "swin_b", "swin_v2_t", "swin_v2_s", "swin_v2_b", "maxvit_t",
 )
 SEGMENTATION = ("fcn_resnet50", "deeplabv3_resnet50", "lraspp_mobilenet_v3_large")
-MODELS = CLASSIFICATION + SEGMENTATION
+# HuggingFace models, each with its own inputs (token ids and a mask, an image, log-mel features)
+TRANSFORMERS = tuple(TRANSFORMER_MODELS) if importlib.util.find_spec("transformers") else ()
+MODELS = CLASSIFICATION + SEGMENTATION + TRANSFORMERS
 QUICK = ("resnet18", "mobilenet_v3_small", "squeezenet1_1", "shufflenet_v2_x0_5")
 INPUT_SIZES = {"inception_v3": 299}  # every other model: 224 x 224
 
@@ -51,7 +56,18 @@ def input_shape(name: str, batch: int = 1) -> tuple[int, ...]:
     return (batch, 3, size, size)
 
 
-build_model = torchvision_model  # the name `pyrys explain` loads zoo models by
+def build_model(name: str) -> torch.nn.Module:
+    """A zoo model by name (``pyrys explain`` loads zoo models through this)."""
+    if name in TRANSFORMER_MODELS:
+        return TRANSFORMER_MODELS[name]()
+    return torchvision_model(name)
+
+
+def example_inputs(name: str, model: torch.nn.Module) -> tuple[torch.Tensor, ...]:
+    """The model's own ``example_inputs(1)`` where it has them, else one seeded image of its usual size."""
+    if callable(getattr(model, "example_inputs", None)):
+        return tuple(model.example_inputs(1))
+    return (torch.rand(input_shape(name), generator=torch.Generator().manual_seed(0)),)
 
 
 @dataclass
@@ -97,13 +113,13 @@ def run_model(name: str, backend: str = "reference", model: torch.nn.Module | No
     row = ZooRow(name, backend)
     start = time.perf_counter()
     try:
-        model = model if model is not None else torchvision_model(name)
-        x = torch.rand(input_shape(name), generator=torch.Generator().manual_seed(0))
+        model = model if model is not None else build_model(name)
+        inputs = example_inputs(name, model)
         with torch.no_grad():
-            expected = model(x)
-        opt = pyrys.optimize(model, (x,), backend=backend)
+            expected = model(*inputs)
+        opt = pyrys.optimize(model, inputs, backend=backend)
         with torch.no_grad():
-            actual = opt(x)
+            actual = opt(*inputs)
         history = opt.history
         row.nodes_before, row.nodes_after = count_ops(history[0].graph), count_ops(history[-1].graph)
         row.folds, row.fusions = _fired(history, FOLD_PASSES), _fired(history, FUSE_PASSES)

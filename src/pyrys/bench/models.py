@@ -14,11 +14,15 @@ import math
 import torch
 from torch import nn
 
+from pyrys.bench.transformer_models import MODELS as TRANSFORMER_MODELS
 from pyrys.testing import randomize_batchnorm, torchvision_model
 from pyrys.zoo import INPUT_SIZES
 
 def build_model(name: str) -> nn.Module:
-    """A torchvision model by name, or ``pkg.module:factory`` returning an nn.Module."""
+    """A torchvision model or a zoo transformer (``hf_bert``) by name, or ``pkg.module:factory`` returning an
+    nn.Module."""
+    if name in TRANSFORMER_MODELS:
+        return TRANSFORMER_MODELS[name]()
     if ":" not in name:
         return torchvision_model(name)
     module_name, attr = name.split(":", 1)
