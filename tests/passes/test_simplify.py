@@ -128,6 +128,38 @@ def test_a_matmul_with_a_constant_weight_becomes_a_linear_of_the_unflattened_inp
     assert result.error() <= TOLERANCE
 
 
+class MergedHeadsProjection(torch.nn.Module):
+    """GPT-2's attention output: the heads ``(B, T, H, D)`` flattened to rows of ``H * D`` for ``Conv1D``'s
+    addmm, then viewed back to ``(B, T, N)`` and added to the residual stream."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight, self.bias = torch.nn.Parameter(torch.randn(8, 5)), torch.nn.Parameter(torch.randn(5))
+
+    def forward(self, heads, residual):
+        b, t = heads.shape[:2]
+        return torch.addmm(self.bias, heads.reshape(-1, 8), self.weight).view(b, t, 5) + residual
+
+
+MERGED_HEADS_AFTER = """\
+graph(%heads : Float(2, 3, 2, 4),
+      %residual : Float(2, 3, 5)):
+  %bias : Float(5) = prim::Constant[value=<Tensor>]()
+  %weight_t : Float(5, 8) = prim::Constant[value=<Tensor>]()
+  %flatten : Float(2, 3, 8) = aten::flatten(%heads, 2, 3)
+  %linear_1 : Float(2, 3, 5) = aten::linear(%flatten, %weight_t, %bias)
+  %add : Float(2, 3, 5) = aten::add(%linear_1, %residual)
+  return (%add)"""
+
+
+def test_a_linear_of_merged_heads_reads_them_flattened_in_place_of_rows(run_passes):
+    inputs = (torch.randn(2, 3, 2, 4), torch.randn(2, 3, 5))
+    result = run_passes(MergedHeadsProjection().eval(), inputs, "freeze_params", "simplify", "dead_code_elimination")
+    assert result.after == MERGED_HEADS_AFTER
+    assert result.fired("simplify") == {"linear_from_matmul": 1, "linear_of_flattened": 1}
+    assert result.error() <= TOLERANCE
+
+
 class ProductOfInputs(torch.nn.Module):
     def forward(self, x, y):
         return x @ y

@@ -243,9 +243,10 @@ class LinearFromMatmul(Rule):
 
 
 class LinearOfFlattened(Rule):
-    """``view(linear(view(x, [-1, K]), W, b), [*x.shape[:-1], N])`` -> ``linear(x, W, b)``: a linear reads
-    the leading dims as rows itself (HF's ``Conv1D`` flattens them around its ``addmm``), and its
-    post-ops can then be fused."""
+    """``view(linear(view(x, [-1, K]), W, b), [*x.shape[:-m], N])`` -> ``linear(flatten(x, -m), W, b)``, where
+    x's last m dims hold K values (m = 1: no flatten): a linear reads the leading dims as rows itself (HF's
+    ``Conv1D`` flattens them around its ``addmm``; GPT-2's attention output projection reads the heads merged
+    back, ``(B, T, H, D)``), and its post-ops (the residual add after it) can then be fused."""
 
     name = "linear_of_flattened"
     anchors = VIEWS
@@ -258,17 +259,37 @@ class LinearOfFlattened(Rule):
         if not isinstance(flat, fx.Node) or flat.target not in VIEWS or _first_input(flat) is None:
             return None
         x, rows, out = tensor_meta(_first_input(flat)), tensor_meta(flat), tensor_meta(node)
-        if out is None or rows is None or rows.dim() != 2 or x.dim() < 2 or x.shape[-1] != rows.shape[1]:
+        if out is None or rows is None or rows.dim() != 2 or x.dim() < 2:
             return None
-        if dims_key(out.shape) != dims_key([*x.shape[:-1], tensor_meta(linear).shape[-1]]):
+        merged = _trailing_dims_holding(x.shape, rows.shape[1])
+        if merged is None or dims_key(out.shape) != dims_key([*x.shape[:-merged], tensor_meta(linear).shape[-1]]):
             return None
-        return Match({"x": _first_input(flat), "linear": linear})
+        return Match({"x": _first_input(flat), "linear": linear, "merged": merged})
 
     def rewrite(self, gm: fx.GraphModule, node: fx.Node, match: Match) -> None:
-        linear = match["linear"]
+        linear, x, merged = match["linear"], match["x"], match["merged"]
         with gm.graph.inserting_before(node):
-            unflattened = insert_op(gm.graph, aten.linear.default, (match["x"], *linear.args[1:]), "linear")
+            if merged > 1:
+                rank = tensor_meta(x).dim()
+                x = insert_op(gm.graph, aten.flatten.using_ints, (x, rank - merged, rank - 1), "flatten")
+            unflattened = insert_op(gm.graph, aten.linear.default, (x, *linear.args[1:]), "linear")
         replace_node(node, unflattened)
+
+
+def _trailing_dims_holding(shape, count) -> int | None:
+    """How many of ``shape``'s last dims (static, leaving one in front) hold ``count`` values; None if none do."""
+    if isinstance(count, torch.SymInt):
+        return None
+    held = 1
+    for merged, size in enumerate(reversed(shape[1:]), start=1):
+        if isinstance(size, torch.SymInt):
+            return None
+        held *= size
+        if held == count:
+            return merged
+        if held > count:
+            return None
+    return None
 
 
 SIMPLIFY_RULES: tuple[Rule, ...] = (

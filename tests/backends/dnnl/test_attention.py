@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import pyrys
-from pyrys.backends.dnnl import binding
+from pyrys.backends.dnnl import binding, lower_attention
 from pyrys.numerics import relative_error
 from tests.conftest import TOLERANCE
 
@@ -89,6 +89,42 @@ def test_attention_runs_on_onednn_and_matches_eager(name):
     assert relative_error(out, expected) <= TOLERANCE, name
     text = opt.program_text()
     assert "torch::scaled_dot_product_attention" not in text and "dnnl::softmax" in text, text
+
+
+# the cases that run in blocks: more than 4 queries, and no mask computed each call (its bias and keep are one
+# buffer each, which a block cannot read a slice of)
+IN_BLOCKS = {"no mask", "causal", "causal, more queries than keys"}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_attention_in_blocks_of_queries_matches_eager(name, monkeypatch):
+    """Long sequences run a block of queries at a time (their scores stay in cache): forced here with a tiny
+    budget and blocks of 4 queries (the 6 and 7 queries of these cases: a block and a tail)."""
+    monkeypatch.setattr(lower_attention, "SCORES_BLOCK_BYTES", 64)
+    monkeypatch.setattr(lower_attention, "MIN_BLOCK_ROWS", 4)
+    model, args = CASES[name]
+    opt = pyrys.optimize(model, args)
+    assert relative_error(opt(*args), model(*args)) <= TOLERANCE, name
+    text = opt.program_text()
+    assert "torch::scaled_dot_product_attention" not in text and ("scores[0:4]" in text) == (name in IN_BLOCKS), text
+
+
+def test_a_constant_mask_is_sliced_into_one_buffer_per_block(monkeypatch):
+    monkeypatch.setattr(lower_attention, "SCORES_BLOCK_BYTES", 64)
+    monkeypatch.setattr(lower_attention, "MIN_BLOCK_ROWS", 4)
+
+    class Banded(Heads):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("mask", torch.ones(6, 6, dtype=torch.bool).triu(-2).tril(2))
+
+        def forward(self, x):
+            return super().forward(x, self.mask)
+
+    model = Banded()
+    opt = pyrys.optimize(model, (X,))
+    assert relative_error(opt(X), model(X)) <= TOLERANCE
+    assert "bias[4:6]" in opt.program_text()
 
 
 def test_a_query_that_sees_no_key_gives_zeros_as_in_torch():

@@ -279,3 +279,13 @@ def test_gpt2_conv1d_is_a_fused_onednn_linear_at_every_sequence_length():
         for length in (12, 5, 31):
             xs = torch.randn(2, length, 16)
             assert pyrys.relative_error(opt(xs), model(xs)) <= TOLERANCE
+
+
+def test_a_linear_over_3d_rows_writes_its_output_straight_into_the_callers_tensor():
+    model = seeded(Fn(lambda m, x: m.l(torch.relu(x)), l=nn.Linear(16, 10)))
+    x = rand(2, 5, 16)
+    opt = pyrys.optimize(model, (x,))
+    first, second = opt(x), opt(x * 2)
+    assert "dnnl::reorder" not in opt.program_text(), opt.program_text()  # no copy of the rows into the output
+    assert first.shape == (2, 5, 10) and first.data_ptr() != second.data_ptr()
+    assert torch.allclose(first, model(x), atol=1e-5) and torch.allclose(second, model(x * 2), atol=1e-5)

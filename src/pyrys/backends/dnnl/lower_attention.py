@@ -13,10 +13,15 @@ gives such a query 0, which ``keep`` (1 where the query keeps a key, else 0) res
 is read once, when the program is built; a computed one each call, by one torch step that every
 attention reading that mask shares.  The output is written in the layout that makes its readers'
 ``transpose(1, 2)`` (the heads merged back) a contiguous view.
+
+Long sequences run a block of queries at a time (``block_rows``): the three steps per block, every block
+reusing one scores buffer of ``SCORES_BLOCK_BYTES``, so that the scores are read back from cache rather
+than memory.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -26,12 +31,19 @@ from pyrys.backends.dnnl.constants import ARG_DST, ARG_SRC, ARG_WEIGHTS, AlgKind
 from pyrys.backends.dnnl.descriptors import matmul_pd, softmax_pd
 from pyrys.backends.dnnl.layout import contiguous_strides, is_plain_contiguous, plain_md
 from pyrys.backends.dnnl.primitives import MemoryDesc, PostOps, PrimitiveAttr, PrimitiveDesc
+from pyrys.backends.dnnl.tensors import DNNL_TO_TORCH
 from pyrys.backends.dnnl.values import ALIAS, DYNAMIC, Value
 from pyrys.ir.graph import op_args
 from pyrys.ir.vocabulary import PERMUTES, VIEWS, permutation
 
 aten = torch.ops.aten
 MASKED = -1e30  # a masked score: exp(MASKED - max) is 0 next to any real score, and never NaN
+# Queries run in blocks whose scores take about this much: Whisper's encoder (1500 queries and keys, 6 heads:
+# 54 MB of scores per layer) ran 0.83x of the time of one block in blocks of 6-12 MB, 0.86x in 4 MB, 0.93x in
+# 2 MB and 0.97x in 32 MB (Sapphire Rapids, 2 cores, 2 MB of L2 each); a block of fewer than 16 queries makes
+# too small a matrix product
+SCORES_BLOCK_BYTES = 8 << 20
+MIN_BLOCK_ROWS = 16
 
 
 def attention_bias(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,14 +142,17 @@ def _operand_layouts(natural: list[int], dst: MemoryDesc) -> list[tuple[list[int
 def _expanded(tensor: torch.Tensor, layout: tuple[list[int], list[int]]) -> torch.Tensor:
     """``tensor`` broadcast to ``layout``'s dims, in new memory with its strides."""
     dims, strides = layout
-    broadcast = tensor.reshape(_padded(tensor.shape, len(dims))).expand(dims)
-    return torch.empty_strided(dims, strides, dtype=tensor.dtype).copy_(broadcast)
+    return torch.empty_strided(dims, strides, dtype=tensor.dtype).copy_(_padded_expand(tensor, dims))
+
+
+def _padded_expand(tensor: torch.Tensor, dims: list[int]) -> torch.Tensor:
+    return tensor.reshape(_padded(tensor.shape, len(dims))).expand(dims)
 
 
 def _constant_operand(builder: Builder, tensor: torch.Tensor, layout: tuple, name: str) -> Value:
     """A constant post-op operand, packed once in ``layout``."""
     dims, strides = layout
-    logical = tensor.reshape(_padded(tensor.shape, len(dims))).expand(dims).contiguous()
+    logical = _padded_expand(tensor, dims).contiguous()
     return builder.constant_value(logical, plain_md(dims, torch.float32, strides), name)
 
 
@@ -180,15 +195,14 @@ def _computed_mask(builder: Builder, mask: fx.Node, bias_layout: tuple, keep_lay
 
 
 def _matmul_pd(builder: Builder, src: MemoryDesc, weights: MemoryDesc, dst: MemoryDesc, scale: float | None,
-               binary: tuple[AlgKind, tuple] | None) -> PrimitiveDesc:
+               binary: tuple[AlgKind, MemoryDesc] | None) -> PrimitiveDesc | None:
     """A matmul descriptor, ``dst = (src @ weights) [* scale] [alg operand]``; None where oneDNN runs it only
     in its reference code."""
     chain = PostOps()
     if scale is not None:
         chain.append_eltwise(AlgKind.eltwise_linear, scale, 0.0)
     if binary is not None:
-        dims, strides = binary[1]
-        chain.append_binary(binary[0], plain_md(dims, torch.float32, strides))
+        chain.append_binary(*binary)
     pd = matmul_pd(builder.engine, src, weights, dst, attr=PrimitiveAttr(chain))
     return None if "ref" in pd.impl_info() else pd
 
@@ -197,7 +211,8 @@ def _fast_matmul(builder: Builder, src: MemoryDesc, weights: MemoryDesc, dst: Me
                  alg: AlgKind, operand_layouts: list[tuple] | None) -> tuple[PrimitiveDesc, tuple | None]:
     """The first fast matmul over the operand layouts offered (None: no binary post-op), and that layout."""
     for layout in operand_layouts or [None]:
-        pd = _matmul_pd(builder, src, weights, dst, scale, None if layout is None else (alg, layout))
+        operand = None if layout is None else (alg, plain_md(layout[0], torch.float32, layout[1]))
+        pd = _matmul_pd(builder, src, weights, dst, scale, operand)
         if pd is not None:
             return pd, layout
     raise Unsupported(f"oneDNN runs this matmul only in its reference code ({src.format_summary()} x "
@@ -234,43 +249,132 @@ def lower_attention(builder: Builder, node: fx.Node) -> None:
     scores_md = plain_md([*batch, queries, keys], torch.float32)
     natural = None if bias is None else _padded(bias.shape if isinstance(bias, torch.Tensor) else bias.meta["val"].shape, rank)
     bias_offers = None if bias is None else _operand_layouts(natural, scores_md)
-    pd, bias_layout = _fast_matmul(builder, q.md, k_t.md, scores_md, scale, AlgKind.binary_add, bias_offers)
+    bias_layout = _fast_matmul(builder, q.md, k_t.md, scores_md, scale, AlgKind.binary_add, bias_offers)[1]
     probs_md = scores_md if out.dtype == torch.float32 else plain_md(scores_md.dims, out.dtype)
     out_md = output_md(node, out.dtype)
     keep_layout = None
     if may_drop:
         keep_offers = _operand_layouts([*natural[:-1], value_width], out_md)
         keep_layout = _fast_matmul(builder, probs_md, v.md, out_md, None, AlgKind.binary_mul, keep_offers)[1]
-    bias_value = keep_value = None
+    bias_value = keep_value = bias_rows = None
     if isinstance(bias, fx.Node):
         bias_value, keep_value = _computed_mask(builder, bias, bias_layout, keep_layout)
     elif bias is not None:
         bias_value = _constant_operand(builder, bias, bias_layout, f"{node.name}.bias")
+        bias_rows = _padded_expand(bias, bias_layout[0])
         if may_drop:
             keep = attention_bias(builder.constant_values(a["attn_mask"]))[1]
             keep_value = _constant_operand(builder, keep, keep_layout, f"{node.name}.keep")
-    scores = Value(f"{node.name}.scores", pd.dst_md())
-    reads = [q, k_t] + ([bias_value] if bias_value is not None else [])
-    post_args = {arg_post_op_src1(1): bias_value} if bias_value is not None else {}
-    text = f"%{scores.name} : Float({', '.join(str(d) for d in scores_md.dims)}) = dnnl::matmul"
-    text += f"[scale={scale:g}, {_format_info(pd)}]({', '.join(f'%{r.name}' for r in reads)})"
-    builder.add_primitive(text, pd, {ARG_SRC: q, ARG_WEIGHTS: k_t, ARG_DST: scores, **post_args}, reads, [scores])
+    operands = Operands(q, k_t, v, bias_value, keep_value, scale, out.dtype, bias_rows)
+    result = builder.define(node, out_md)
+    # in blocks where a block's operands are whole buffers: oneDNN's kernels misread a broadcast operand that
+    # is a slice of a larger one, so a computed mask with a row per query, or a keep, runs all at once
+    sliced = bias_value is not None and bias_value.md.dims[-2] > 1 and bias_rows is None
+    rows = queries if keep_value is not None or sliced else block_rows(q.md.dims, keys)
+    snapshot = builder.snapshot()
+    try:
+        _emit_blocks(builder, node, operands, result, rows)
+    except Unsupported:
+        if rows == queries:
+            raise
+        builder.restore(snapshot, node)  # a block oneDNN has no fast kernel for: the whole at once
+        result = builder.define(node, out_md)
+        _emit_blocks(builder, node, operands, result, queries)
 
-    # P = softmax(S), in place (in bfloat16 for bfloat16 attention)
-    softmax = softmax_pd(builder.engine, scores.md, rank - 1, probs_md)
+
+@dataclass(frozen=True)
+class Operands:
+    """What one attention reads: ``Q``, ``K^T``, ``V``, the mask's bias and keep (or None), the scale, and the
+    output's data type."""
+
+    q: Value
+    k_t: Value
+    v: Value
+    bias: Value | None
+    keep: Value | None
+    scale: float
+    dtype: torch.dtype
+    bias_rows: torch.Tensor | None = None  # a constant bias's values, for a block's rows as their own buffer
+
+
+def block_rows(query_dims, keys: int) -> int:
+    """How many queries one block takes: all of them where their scores fit ``SCORES_BLOCK_BYTES``, else a
+    multiple of ``MIN_BLOCK_ROWS`` whose scores do (at least that many)."""
+    *batch, queries, _ = query_dims
+    per_row = keys * 4 * math.prod(batch)
+    if queries * per_row <= SCORES_BLOCK_BYTES:
+        return queries
+    step = MIN_BLOCK_ROWS
+    return min(queries, max(step, SCORES_BLOCK_BYTES // per_row // step * step))
+
+
+def _rows(value: Value | None, start: int, count: int, total: int) -> Value | None:
+    """Rows ``start:start+count`` (the second-to-last dim) of ``value``: a view; ``value`` itself where it has
+    them all or broadcasts that dim."""
+    if value is None or count == total or value.md.dims[-2] != total:
+        return value
+    dims, offsets = list(value.md.dims), [0] * value.md.ndims
+    dims[-2], offsets[-2] = count, start
+    return Value(f"{value.name}[{start}:{start + count}]", value.md.submemory(dims, offsets), ALIAS, value)
+
+
+def _leading(value: Value, count: int) -> Value:
+    """The first ``count`` rows of a contiguous buffer, contiguous themselves (a broadcast post-op operand
+    needs a contiguous destination)."""
+    if count == value.md.dims[-2]:
+        return value
+    dims = [*value.md.dims[:-2], count, value.md.dims[-1]]
+    return Value(f"{value.name}[:{count}]", plain_md(dims, DNNL_TO_TORCH[value.md.dtype]), ALIAS, value)
+
+
+def _emit_blocks(builder: Builder, node: fx.Node, o: Operands, result: Value, rows: int) -> None:
+    """The three steps per block of ``rows`` queries; every block reuses one scores buffer."""
+    *batch, queries, _ = o.q.md.dims
+    keys, last = o.k_t.md.dims[-1], o.q.md.ndims - 1
+    scores = Value(f"{node.name}.scores", plain_md([*batch, rows, keys], torch.float32))
+    probs_md = scores.md if o.dtype == torch.float32 else plain_md(scores.md.dims, o.dtype)
     probs = Value(f"{node.name}.probs", probs_md, ALIAS, scores) if probs_md == scores.md else \
         Value(f"{node.name}.probs", probs_md)
-    text = f"%{probs.name} = dnnl::softmax[axis={rank - 1}](%{scores.name})"
-    builder.add_primitive(text, softmax, {ARG_SRC: scores, ARG_DST: probs}, [scores], [probs])
+    for start in range(0, queries, rows):
+        count = min(rows, queries - start)
+        q, keep, out = (_rows(v, start, count, queries) for v in (o.q, o.keep, result))
+        bias = o.bias
+        if bias is not None and count < queries and bias.md.dims[-2] > 1:  # a constant (see lower_attention)
+            rows_of_bias = o.bias_rows[..., start:start + count, :].contiguous()
+            bias = builder.constant_value(rows_of_bias, None, f"{o.bias.name}[{start}:{start + count}]")
+        s, p = _leading(scores, count), _leading(probs, count)
+        block = "" if rows == queries else f"[{start}:{start + count}]"
 
-    # O = (P V) * keep
-    pd, _ = _fast_matmul(builder, probs.md, v.md, out_md, None, AlgKind.binary_mul, None if keep_layout is None else [keep_layout])
-    result = builder.define(node, pd.dst_md())
-    reads = [probs, v] + ([keep_value] if keep_value is not None else [])
-    post_args = {arg_post_op_src1(0): keep_value} if keep_value is not None else {}
-    label = "dnnl::matmul_mul" if keep_value is not None else "dnnl::matmul"
-    builder.add_primitive(node_text(node, label, _format_info(pd), [f"%{r.name}" for r in reads]), pd,
-                          {ARG_SRC: probs, ARG_WEIGHTS: v, ARG_DST: result, **post_args}, reads, [result])
+        # S = (Q K^T) * scale + bias, in float32 (bfloat16 inputs too)
+        pd = _block_pd(builder, q, o.k_t, s, o.scale, bias and (AlgKind.binary_add, bias))
+        reads = [q, o.k_t] + ([bias] if bias is not None else [])
+        text = f"%{scores.name}{block} : Float({', '.join(str(d) for d in s.md.dims)}) = dnnl::matmul"
+        text += f"[scale={o.scale:g}, {_format_info(pd)}]({', '.join(f'%{r.name}' for r in reads)})"
+        post_args = {arg_post_op_src1(1): bias} if bias is not None else {}
+        builder.add_primitive(text, pd, {ARG_SRC: q, ARG_WEIGHTS: o.k_t, ARG_DST: s, **post_args}, reads, [s])
+
+        # P = softmax(S), in place (in bfloat16 for bfloat16 attention)
+        softmax = softmax_pd(builder.engine, s.md, last, p.md)
+        text = f"%{probs.name}{block} = dnnl::softmax[axis={last}](%{scores.name}{block})"
+        builder.add_primitive(text, softmax, {ARG_SRC: s, ARG_DST: p}, [s], [p])
+
+        # O = (P V) * keep, into the block's rows of the output
+        pd = _block_pd(builder, p, o.v, out, None, keep and (AlgKind.binary_mul, keep))
+        reads = [p, o.v] + ([keep] if keep is not None else [])
+        label = "dnnl::matmul_mul" if keep is not None else "dnnl::matmul"
+        post_args = {arg_post_op_src1(0): keep} if keep is not None else {}
+        text = node_text(node, label, _format_info(pd), [f"%{r.name}" for r in reads])
+        if block:
+            text = text.replace(f"%{node.name} :", f"%{node.name}{block} :", 1)
+        builder.add_primitive(text, pd, {ARG_SRC: p, ARG_WEIGHTS: o.v, ARG_DST: out, **post_args}, reads, [out])
+
+
+def _block_pd(builder: Builder, src: Value, weights: Value, dst: Value, scale: float | None, binary) -> PrimitiveDesc:
+    pd = _matmul_pd(builder, src.md, weights.md, dst.md, scale, binary and (binary[0], binary[1].md))
+    if pd is None:
+        raise Unsupported(f"oneDNN runs this matmul only in its reference code ({src.md.format_summary()} x "
+                          f"{weights.md.format_summary()})")
+    return pd
 
 
 LOWERINGS = {aten.scaled_dot_product_attention.default: lower_attention}
