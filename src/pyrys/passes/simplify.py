@@ -49,6 +49,7 @@ from pyrys.ir.printer import format_arg
 from pyrys.ir.symbolic import dims_key, known_contiguous, view_shape
 from pyrys.ir.vocabulary import PERMUTES, VIEWS, permutation, single_user
 from pyrys.passes.activation_formulas import ActivationFromFormula
+from pyrys.passes.attention_formula import AttentionFromFormula
 from pyrys.passes.rewrite import Match, Miss, PassResult, Rule, apply_rules, fail
 
 aten = torch.ops.aten
@@ -295,7 +296,7 @@ def _trailing_dims_holding(shape, count) -> int | None:
 SIMPLIFY_RULES: tuple[Rule, ...] = (
     tuple(RemoveNoOp(name, target, check) for target, (name, check) in NO_OPS.items())
     + (RemoveMetadataAssert(), CollapseViews(), CollapsePermutes(), LinearFromMatmul(), LinearOfFlattened(),
-       ActivationFromFormula())
+       ActivationFromFormula(), AttentionFromFormula())
 )
 
 

@@ -255,6 +255,20 @@ def test_split_parts_are_views_of_the_source():
     assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE
 
 
+def test_unbind_parts_are_views_of_the_source():
+    """``q, k, v = qkv(x).view(b, t, 3, h, d).permute(2, 0, 3, 1, 4)``: each a strided view, no copy."""
+    def heads(m, x):
+        q, k, v = m.l(x).view(2, 5, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        return torch.relu(q) + k * v
+
+    model = seeded(Fn(heads, l=nn.Linear(8, 24)))
+    x = rand(2, 5, 8)
+    opt = pyrys.optimize(model, (x,))
+    text = opt.program_text()
+    assert "torch::unbind" not in text and "permute.reorder" not in text, text
+    assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE
+
+
 @pytest.mark.parametrize("make", [
     lambda: nn.Conv2d(12, 12, 3, padding=1, groups=3),  # group width 4: no blocked kernel
     lambda: nn.ConvTranspose2d(12, 6, 2, 2, groups=2),  # blocked and plain sources: reference code only

@@ -415,6 +415,24 @@ def lower_split(builder: Builder, node: fx.Node) -> None:
     builder.parts[node] = parts
 
 
+def lower_unbind(builder: Builder, node: fx.Node) -> None:
+    """Each part of an unbind is an alias of one slice of the source, the dim dropped (``q, k, v = qkv``)."""
+    source = builder.value_of(node.args[0])
+    if source.root.kind != PLANNED:
+        raise Unsupported("unbind of a dynamic tensor")
+    if source.md.inner_blocks:
+        source = builder.to_plain(source)
+    dim = (node.args[1] if len(node.args) > 1 else 0) % source.md.ndims
+    parts = []
+    for index, meta in enumerate(node.meta["val"]):
+        check_dtype(node.args[0].meta["val"], meta, dtypes=F32_OR_BF16)
+        dims, offsets = list(source.md.dims), [0] * source.md.ndims
+        dims[dim], offsets[dim] = 1, index
+        md = source.md.submemory(dims, offsets).reshape(list(meta.shape))
+        parts.append(Value(f"{node.name}[{index}]", md, ALIAS, source))
+    builder.parts[node] = parts
+
+
 def lower_convert(builder: Builder, node: fx.Node) -> None:
     """``to(x, dtype)`` between float32 and bfloat16 (``passes/precision.py``): a reorder into the same kind
     of layout in the other data type."""
@@ -472,6 +490,7 @@ LOWERINGS = {
     aten.clone.default: lower_clone,
     aten.split.Tensor: lower_split,
     aten.split_with_sizes.default: lower_split,
+    aten.unbind.int: lower_unbind,
     operator.getitem: lower_getitem,
     aten.to.dtype: lower_convert,
 }
