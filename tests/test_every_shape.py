@@ -227,3 +227,20 @@ def test_a_symbolic_compile_that_fails_compiles_the_shape_as_it_is_with_a_note(m
         assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE, batch
     assert opt._generic is None
     assert any("the compile with symbolic sizes failed (RuntimeError: a pass met a size" in n for n in opt.notes)
+
+
+def test_a_forward_taking_star_args_is_captured_once_for_every_shape(captures, backend):
+    class StarArgs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = Attention()
+
+        def forward(self, *inputs):
+            return self.attention(*inputs)
+
+    model = StarArgs().eval()
+    opt = pyrys.optimize(model, tokens(1, 16), backend=backend)
+    for batch, length in [(2, 16), (3, 9)]:
+        inputs = tokens(batch, length)
+        assert pyrys.relative_error(opt(*inputs), model(*inputs)) <= TOLERANCE, (batch, length)
+    assert captures == [False, True] and not any("again" in note for note in opt.notes), opt.notes

@@ -28,11 +28,21 @@ MAX_SEQUENCE_RANK = 3  # inputs up to this rank have every dim symbolic; higher 
 
 
 def symbolic_dims(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
-    """The ``dynamic_shapes`` argument of ``torch.export.export``: ``Dim.AUTO`` on the dims above."""
-    if not kwargs:
+    """The ``dynamic_shapes`` argument of ``torch.export.export``: ``Dim.AUTO`` on the dims above, by position,
+    or by parameter name where there are keyword arguments or a ``*args`` parameter (export takes the
+    tensors of ``forward(self, *inputs)`` as one argument, a tuple)."""
+    if not kwargs and not _takes_varargs(model):
         return tuple(_auto(a) for a in args)
     bound = inspect.signature(model.forward).bind(*args, **kwargs)
     return {name: _auto(value) for name, value in bound.arguments.items()}
+
+
+def _takes_varargs(model: torch.nn.Module) -> bool:
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):  # a forward without a Python signature
+        return False
+    return any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters)
 
 
 def _auto(value: Any) -> Any:

@@ -122,6 +122,8 @@ def _runs_low(node: fx.Node, low: set[fx.Node]) -> bool:
     if node.target not in BF16_OPS or not _is_high(node.meta.get("val")):
         return False
     tensors = [a for a in node.all_input_nodes if isinstance(a.meta.get("val"), (torch.Tensor, tuple, list))]
+    if node.target is ATTENTION:  # query, key and value; the mask (boolean, or float32) stays as it is
+        tensors = [a for a in node.args[:3] if isinstance(a, fx.Node)]
     if not all(a in low or _is_high(a.meta.get("val")) for a in tensors):
         return False  # an integer or float64 tensor among its inputs
     activations = [a for a in tensors if a.op != "get_attr"]

@@ -50,6 +50,7 @@ from pyrys.ir.symbolic import dims_key, known_contiguous, view_shape
 from pyrys.ir.vocabulary import PERMUTES, VIEWS, permutation, single_user
 from pyrys.passes.activation_formulas import ActivationFromFormula
 from pyrys.passes.attention_formula import AttentionFromFormula
+from pyrys.passes.merge_linears import MergeSiblingLinears
 from pyrys.passes.rewrite import Match, Miss, PassResult, Rule, apply_rules, fail
 
 aten = torch.ops.aten
@@ -59,6 +60,8 @@ def _layout_kept(x: torch.Tensor, memory_format) -> bool:
     """True if copying ``x`` into ``memory_format`` gives the same strides it has."""
     if memory_format in (None, torch.preserve_format):
         return True
+    if memory_format == torch.contiguous_format:
+        return known_contiguous(x)  # no guard: attention's (B, L, H, D) output, transposed, is contiguous for any B
     return x.is_contiguous(memory_format=memory_format)
 
 
@@ -296,7 +299,7 @@ def _trailing_dims_holding(shape, count) -> int | None:
 SIMPLIFY_RULES: tuple[Rule, ...] = (
     tuple(RemoveNoOp(name, target, check) for target, (name, check) in NO_OPS.items())
     + (RemoveMetadataAssert(), CollapseViews(), CollapsePermutes(), LinearFromMatmul(), LinearOfFlattened(),
-       ActivationFromFormula(), AttentionFromFormula())
+       ActivationFromFormula(), AttentionFromFormula(), MergeSiblingLinears())
 )
 
 

@@ -218,10 +218,13 @@ def test_many_threads_with_their_own_masks_get_their_own_answers():
     assert not errors
 
 
-def test_precision_bf16_runs_attention_in_bfloat16_with_its_mask_in_float32():
-    model, x, mask = Heads(), rand(2, 6, 32), (1.0 - padding_mask(2, 6, [6, 3]).float()) * -1e9
+@pytest.mark.parametrize("mask", [(1.0 - padding_mask(2, 6, [6, 3]).float()) * -1e9, padding_mask(2, 6, [6, 3])],
+                         ids=["float mask", "boolean mask"])
+def test_precision_bf16_runs_attention_in_bfloat16_with_its_mask_as_it_is(mask):
+    model, x = Heads(), rand(2, 6, 32)
     opt = pyrys.optimize(model, (x, mask), precision="bf16")
     text = opt.program_text()
     attention = next(line for line in text.splitlines() if line.lstrip().startswith("%scaled_dot_product_attention :"))
     assert "BFloat16" in attention and "dnnl::matmul" in attention, text
+    assert not [line for line in text.splitlines() if "_f32 :" in line and "transpose" in line], text  # q, k, v stay bf16
     assert relative_error(opt(x, mask), model(x, mask)) <= 2e-2

@@ -273,9 +273,19 @@ def _reduce(builder: Builder, node: fx.Node, x: Value, dims: list[int]) -> Value
 def lower_cat(builder: Builder, node: fx.Node) -> None:
     tensors, dim = node.args[0], node.args[1] if len(node.args) > 1 else 0
     check_dtype(node.meta["val"], *[t.meta["val"] for t in tensors], dtypes=F32_OR_BF16)
-    values = [builder.value_of(t) for t in tensors]
-    first = values[0]
-    srcs = [builder.convert(v, same_layout_md(first, v.md.dims)) for v in values]
+    computed = [builder.value_of(t) for t in tensors if builder.constant(t) is None]
+    if not computed:
+        raise Unsupported("every part is a constant")
+    first = computed[0]
+    srcs = []
+    for t in tensors:  # a constant part (ViT's class token, expanded over the batch) is packed once
+        constant = builder.constant(t)
+        if constant is None:
+            value = builder.value_of(t)
+            srcs.append(builder.convert(value, same_layout_md(first, value.md.dims)))
+        else:
+            values = builder.constant_values(t).contiguous()
+            srcs.append(builder.constant_value(values, same_layout_md(first, values.shape), t.name))
     out_shape = node.meta["val"].shape
     dim = dim % len(out_shape)
     pd = concat_pd(builder.engine, [v.md for v in srcs], dim, same_layout_md(first, out_shape))

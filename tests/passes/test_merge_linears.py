@@ -1,0 +1,60 @@
+"""simplify's merge_sibling_linears rule: linears reading one input become one linear and a split."""
+import torch
+import torch.nn as nn
+
+from tests.conftest import TOLERANCE
+
+
+class Projections(nn.Module):
+    """Query, key and value projections of one input (widths 6, 6, 4), then attention without its softmax."""
+
+    def __init__(self, bias=True, activation_on_value=False, mixed_bias=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k = nn.Linear(8, 6, bias=bias), nn.Linear(8, 6, bias=bias and not mixed_bias)
+        self.v = nn.Linear(8, 4, bias=bias)
+        self.activation_on_value = activation_on_value
+
+    def forward(self, x):
+        v = self.v(x)
+        v = torch.relu(v) if self.activation_on_value else v
+        return (self.q(x) @ self.k(x).transpose(-1, -2)) @ v
+
+
+AFTER = """\
+graph(%x : Float(2, 3, 8)):
+  %merged_weight : Float(16, 8) = prim::Constant[value=<Tensor>]()
+  %merged_bias : Float(16) = prim::Constant[value=<Tensor>]()
+  %merged_linear : Float(2, 3, 16) = aten::linear(%x, %merged_weight, %merged_bias)
+  %split : (Float(2, 3, 4), Float(2, 3, 6), Float(2, 3, 6)) = aten::split_with_sizes(%merged_linear, [4, 6, 6], -1)
+  %linear_part : Float(2, 3, 4) = prim::TupleIndex(%split, 0)
+  %linear_1_part : Float(2, 3, 6) = prim::TupleIndex(%split, 1)
+  %linear_2_part : Float(2, 3, 6) = prim::TupleIndex(%split, 2)"""
+
+
+def test_linears_of_one_input_become_one_linear_and_a_split(run_passes):
+    result = run_passes(Projections().eval(), (torch.randn(2, 3, 8),), "freeze_params", "simplify",
+                        "dead_code_elimination")
+    assert result.after.startswith(AFTER), result.after
+    assert result.fired("simplify")["merge_sibling_linears"] == 1
+    assert result.error() <= TOLERANCE
+
+
+def test_without_biases_they_merge_too(run_passes):
+    result = run_passes(Projections(bias=False).eval(), (torch.randn(2, 3, 8),), "freeze_params", "simplify")
+    assert result.fired("simplify")["merge_sibling_linears"] == 1 and "merged_bias" not in result.after
+    assert result.error() <= TOLERANCE
+
+
+def test_a_linear_whose_activation_would_fuse_stays_apart(run_passes):
+    result = run_passes(Projections(activation_on_value=True).eval(), (torch.randn(2, 3, 8),), "freeze_params",
+                        "simplify", "dead_code_elimination")
+    assert result.fired("simplify")["merge_sibling_linears"] == 1
+    assert "Float(2, 3, 12) = aten::linear" in result.after and "Float(2, 3, 4) = aten::linear" in result.after
+    assert result.error() <= TOLERANCE
+
+
+def test_a_bias_on_some_but_not_all_keeps_them_apart(run_passes):
+    result = run_passes(Projections(mixed_bias=True).eval(), (torch.randn(2, 3, 8),), "freeze_params", "simplify")
+    assert "merge_sibling_linears" not in result.fired("simplify")
+    assert result.error() <= TOLERANCE
