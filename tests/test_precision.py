@@ -198,3 +198,29 @@ def test_float32_values_no_bf16_op_computed_stay_float32(bf16_cpu, backend):
 def test_unfrozen_weights_stay_float32(bf16_cpu, backend):
     opt = pyrys.optimize(conv_bn_relu(), (image(),), backend=backend, precision="bf16", freeze_params=())
     assert "BFloat16" not in opt.graph  # converting them on every call would cost more than bf16 saves
+
+
+class PatchEmbedding(torch.nn.Module):
+    """ViT's embeddings: a conv's patches (bf16) plus a position embedding, then pre-norm layers."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.patches, self.fc = torch.nn.Conv2d(3, 8, 4, 4), torch.nn.Linear(8, 8)
+        self.pos = torch.nn.Parameter(torch.randn(1, 4, 8))
+
+    def forward(self, x):
+        h = self.patches(x).flatten(2).transpose(1, 2) + self.pos
+        for _ in range(2):
+            h = h + self.fc(torch.layer_norm(h, (8,)))
+        return torch.layer_norm(h, (8,))
+
+
+def test_a_sum_a_norm_reads_stays_float32(bf16_cpu, backend):
+    model, x = PatchEmbedding().eval(), torch.randn(1, 3, 8, 8)
+    opt = pyrys.optimize(model, (x,), backend=backend, precision="bf16", verify=True)
+    assert pyrys.relative_error(opt(x), model(x)) <= BF16_TOLERANCE
+    lines = {line.split(" : ")[0].strip(): line for line in opt.graph.splitlines() if " : " in line}
+    assert ": Float(" in lines["%add"] and ": BFloat16(" in lines["%conv2d"], opt.graph  # the conv in bf16, its sum not
+    fused = [line for line in lines.values() if "pyrys::linear_add" in line]
+    assert len(fused) == 2 and all(": Float(" in line for line in fused)  # the stream stays float32

@@ -64,6 +64,9 @@ BETWEEN_OPS = frozenset({
     aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int,
 })
 BF16_OPS = COMPUTE_OPS | BETWEEN_OPS
+# sums stay float32 where a float32 op reads them: a norm would read them converted back anyway, and the
+# residual stream between norms is never rounded to bfloat16 (the fused ops' float32 residuals keep it so)
+SUMS = frozenset({aten.add.Tensor, aten.sub.Tensor})
 
 
 def lower_precision(gm: fx.GraphModule, precision: str) -> PassResult:
@@ -131,7 +134,15 @@ def _runs_low(node: fx.Node, low: set[fx.Node]) -> bool:
         return any(a in low for a in activations)
     if node.target in COMPUTE_OPS:
         return _weight_is_constant(node)
+    if node.target in SUMS and any(_reads_float32(user) for user in node.users):
+        return False  # a residual stream a norm reads (ViT's embeddings: a conv's result plus positions)
     return bool(activations) and all(a in low for a in activations)
+
+
+def _reads_float32(user: fx.Node) -> bool:
+    """Whether ``user`` stays float32 whatever it reads (a norm, a softmax, a graph output)."""
+    return user.op == "output" or (user.op == "call_function" and user.target not in BF16_OPS
+                                   and user.target is not operator.getitem)
 
 
 def _weight_is_constant(node: fx.Node) -> bool:
