@@ -303,3 +303,18 @@ def test_a_linear_over_3d_rows_writes_its_output_straight_into_the_callers_tenso
     assert "dnnl::reorder" not in opt.program_text(), opt.program_text()  # no copy of the rows into the output
     assert first.shape == (2, 5, 10) and first.data_ptr() != second.data_ptr()
     assert torch.allclose(first, model(x), atol=1e-5) and torch.allclose(second, model(x * 2), atol=1e-5)
+
+
+@pytest.mark.parametrize("name, fn", [
+    ("transposed", lambda m, x: m.l(x).transpose(1, 2)),
+    ("chunked", lambda m, x: m.l(x).chunk(2, -1)),
+    ("reshaped twice", lambda m, x: (m.l(x).reshape(-1), m.l(x).view(10, 5))),
+])
+def test_outputs_viewing_a_linears_rows_are_their_own_shape(name, fn):
+    model = seeded(Fn(fn, l=nn.Linear(16, 10)))
+    x = rand(5, 16) if name == "reshaped twice" else rand(2, 5, 16)
+    opt = pyrys.optimize(model, (x,))
+    got, expected = opt(x), model(x)
+    got, expected = (got, expected) if isinstance(got, tuple) else ((got,), (expected,))
+    assert [tuple(g.shape) for g in got] == [tuple(e.shape) for e in expected], name
+    assert all(torch.allclose(g, e, atol=1e-5) for g, e in zip(got, expected)), name

@@ -64,7 +64,7 @@ def _decide_output(builder: Builder, arg: Any, fresh: list[Value]):
         fresh.append(value)
         return value
     root = value.root
-    if value.kind == ALIAS and root.kind == PLANNED and value.md == md and root.plain and \
+    if value.kind == ALIAS and value.plain and value.md == md and root.kind == PLANNED and root.plain and \
             root.nbytes == value.nbytes and not _read_after_written(builder, root):
         root.kind = DYNAMIC  # a reshape of what its producer writes (a linear's rows): the same, as a view
         root.output_meta = torch.empty(root.md.dims, dtype=meta.dtype, device="meta")

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from pyrys.backends.dnnl.binding import DnnlError
 from pyrys.backends.dnnl.builder import F32_OR_BF16, Builder, Unsupported, check_dtype, node_text
 from pyrys.backends.dnnl.constants import ARG_DST, ARG_SRC, ARG_WEIGHTS, AlgKind, arg_post_op_src1
 from pyrys.backends.dnnl.descriptors import matmul_pd, softmax_pd
@@ -240,6 +241,8 @@ def lower_attention(builder: Builder, node: fx.Node) -> None:
         raise Unsupported("query, key and value of one rank (3 or more) and the same batch dims")
     *batch, queries, width = (int(d) for d in q_meta.shape)
     keys, value_width = int(k_meta.shape[-2]), int(v_meta.shape[-1])
+    if 0 in (queries, keys, width, value_width, *batch):
+        raise Unsupported("attention over an empty dim")
     scale = a["scale"] if a.get("scale") is not None else 1.0 / math.sqrt(width)
     bias, may_drop = _mask_tensors(builder, a.get("attn_mask"), queries, keys, bool(a.get("is_causal")))
     q, k, v = (_strided(builder, n) for n in (q_node, k_node, v_node))
@@ -260,21 +263,19 @@ def lower_attention(builder: Builder, node: fx.Node) -> None:
     if isinstance(bias, fx.Node):
         bias_value, keep_value = _computed_mask(builder, bias, bias_layout, keep_layout)
     elif bias is not None:
-        bias_value = _constant_operand(builder, bias, bias_layout, f"{node.name}.bias")
-        bias_rows = _padded_expand(bias, bias_layout[0])
+        bias_rows = (_padded_expand(bias, bias_layout[0]).contiguous(), bias_layout)  # packed where a block reads it
         if may_drop:
             keep = attention_bias(builder.constant_values(a["attn_mask"]))[1]
             keep_value = _constant_operand(builder, keep, keep_layout, f"{node.name}.keep")
     operands = Operands(q, k_t, v, bias_value, keep_value, scale, out.dtype, bias_rows)
     result = builder.define(node, out_md)
     # in blocks where a block's operands are whole buffers: oneDNN's kernels misread a broadcast operand that
-    # is a slice of a larger one, so a computed mask with a row per query, or a keep, runs all at once
-    sliced = bias_value is not None and bias_value.md.dims[-2] > 1 and bias_rows is None
-    rows = queries if keep_value is not None or sliced else block_rows(q.md.dims, keys)
+    # is a slice of a larger one, so a keep (a computed mask has one) runs all at once
+    rows = queries if keep_value is not None else block_rows(q.md.dims, keys)
     snapshot = builder.snapshot()
     try:
         _emit_blocks(builder, node, operands, result, rows)
-    except Unsupported:
+    except (Unsupported, DnnlError):
         if rows == queries:
             raise
         builder.restore(snapshot, node)  # a block oneDNN has no fast kernel for: the whole at once
@@ -294,7 +295,7 @@ class Operands:
     keep: Value | None
     scale: float
     dtype: torch.dtype
-    bias_rows: torch.Tensor | None = None  # a constant bias's values, for a block's rows as their own buffer
+    bias_rows: tuple | None = None  # a constant bias: its values (broadcast) and layout, packed per block read
 
 
 def block_rows(query_dims, keys: int) -> int:
@@ -335,13 +336,11 @@ def _emit_blocks(builder: Builder, node: fx.Node, o: Operands, result: Value, ro
     probs_md = scores.md if o.dtype == torch.float32 else plain_md(scores.md.dims, o.dtype)
     probs = Value(f"{node.name}.probs", probs_md, ALIAS, scores) if probs_md == scores.md else \
         Value(f"{node.name}.probs", probs_md)
+    packed = {}
     for start in range(0, queries, rows):
         count = min(rows, queries - start)
-        q, keep, out = (_rows(v, start, count, queries) for v in (o.q, o.keep, result))
-        bias = o.bias
-        if bias is not None and count < queries and bias.md.dims[-2] > 1:  # a constant (see lower_attention)
-            rows_of_bias = o.bias_rows[..., start:start + count, :].contiguous()
-            bias = builder.constant_value(rows_of_bias, None, f"{o.bias.name}[{start}:{start + count}]")
+        q, out = _rows(o.q, start, count, queries), _rows(result, start, count, queries)
+        keep, bias = o.keep, _constant_bias(builder, node, o, start, count, queries, packed) or o.bias
         s, p = _leading(scores, count), _leading(probs, count)
         block = "" if rows == queries else f"[{start}:{start + count}]"
 
@@ -367,6 +366,21 @@ def _emit_blocks(builder: Builder, node: fx.Node, o: Operands, result: Value, ro
         if block:
             text = text.replace(f"%{node.name} :", f"%{node.name}{block} :", 1)
         builder.add_primitive(text, pd, {ARG_SRC: p, ARG_WEIGHTS: o.v, ARG_DST: out, **post_args}, reads, [out])
+
+
+def _constant_bias(builder: Builder, node: fx.Node, o: Operands, start: int, count: int, queries: int,
+                   packed: dict) -> Value | None:
+    """A constant bias for the block's rows: the whole (packed once, kept in ``packed``) where it has one row or
+    the block takes every query; else the block's rows as their own buffer.  None for a computed bias, or none."""
+    if o.bias_rows is None:
+        return None
+    values, (dims, strides) = o.bias_rows
+    if count == queries or dims[-2] == 1:
+        if "whole" not in packed:
+            packed["whole"] = builder.constant_value(values, plain_md(dims, torch.float32, strides), f"{node.name}.bias")
+        return packed["whole"]
+    part = values[..., start:start + count, :].contiguous()
+    return builder.constant_value(part, None, f"{node.name}.bias[{start}:{start + count}]")
 
 
 def _block_pd(builder: Builder, src: Value, weights: Value, dst: Value, scale: float | None, binary) -> PrimitiveDesc:
