@@ -21,7 +21,8 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 
 def load_model(spec: str) -> torch.nn.Module:
-    """A torchvision model name (random weights, randomized BatchNorm) or ``module:attr``.
+    """A zoo model name (torchvision's, random weights and randomized BatchNorm; or a transformer, ``hf_bert``)
+    or ``module:attr``.
 
     ``attr`` may be an ``nn.Module`` instance or something that builds one when called with no arguments.
     """
@@ -47,7 +48,7 @@ def example_inputs(model: torch.nn.Module, spec: str, shape: tuple[int, ...] | N
 
 
 def add_explain_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="a torchvision model name (e.g. resnet50) or module:attr")
+    parser.add_argument("model", help="a zoo model name (e.g. resnet50, hf_bert) or module:attr")
     parser.add_argument("--input-shape", type=parse_shape, default=None,
                         help="input shape, e.g. 1x3x224x224 (default: the model's usual size; 299 for inception_v3; "
                              "a module:attr model's own example_inputs(1) where it has one)")

@@ -24,7 +24,9 @@ QUICK_MODEL = "pyrys.bench.models:tiny_convnet"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``pyrys bench`` options to ``parser``."""
-    parser.add_argument("--models", nargs="+", help=f"torchvision names or module:factory (default: {' '.join(DEFAULT_MODELS)})")
+    parser.add_argument("--models", nargs="+",
+                        help=f"torchvision names, zoo transformers (hf_bert, hf_gpt2, ...) or module:factory "
+                             f"(default: {' '.join(DEFAULT_MODELS)})")
     parser.add_argument("--batch-sizes", nargs="+", type=int, help="default: 1 16 (1 with --quick)")
     parser.add_argument("--systems", nargs="+", default=["all"], help="systems to run (eager is always included)")
     parser.add_argument("--threads", type=int, default=2, help="threads for torch, ORT and OpenVINO")
