@@ -31,6 +31,7 @@ from pyrys.backends.dnnl.builder import F32_OR_BF16, Builder, Unsupported, check
 from pyrys.backends.dnnl.constants import ARG_DST, ARG_SRC, ARG_WEIGHTS, AlgKind, arg_post_op_src1
 from pyrys.backends.dnnl.descriptors import matmul_pd, softmax_pd
 from pyrys.backends.dnnl.layout import contiguous_strides, is_plain_contiguous, plain_md
+from pyrys.backends.dnnl.lower_conv import format_info, is_reference
 from pyrys.backends.dnnl.primitives import MemoryDesc, PostOps, PrimitiveAttr, PrimitiveDesc
 from pyrys.backends.dnnl.tensors import DNNL_TO_TORCH
 from pyrys.backends.dnnl.values import ALIAS, DYNAMIC, Value
@@ -205,7 +206,12 @@ def _matmul_pd(builder: Builder, src: MemoryDesc, weights: MemoryDesc, dst: Memo
     if binary is not None:
         chain.append_binary(*binary)
     pd = matmul_pd(builder.engine, src, weights, dst, attr=PrimitiveAttr(chain))
-    return None if "ref" in pd.impl_info() else pd
+    return None if is_reference(pd) else pd
+
+
+def _reference_only(src: MemoryDesc, weights: MemoryDesc) -> Unsupported:
+    return Unsupported(f"oneDNN runs this matmul only in its reference code ({src.format_summary()} x "
+                       f"{weights.format_summary()})")
 
 
 def _fast_matmul(builder: Builder, src: MemoryDesc, weights: MemoryDesc, dst: MemoryDesc, scale: float | None,
@@ -216,13 +222,7 @@ def _fast_matmul(builder: Builder, src: MemoryDesc, weights: MemoryDesc, dst: Me
         pd = _matmul_pd(builder, src, weights, dst, scale, operand)
         if pd is not None:
             return pd, layout
-    raise Unsupported(f"oneDNN runs this matmul only in its reference code ({src.format_summary()} x "
-                      f"{weights.format_summary()})")
-
-
-def _format_info(pd: PrimitiveDesc) -> str:
-    return (f"format_info=[src={pd.src_md().layout_tag()}, weights={pd.weights_md().layout_tag()}, "
-            f"dst={pd.dst_md().layout_tag()}], impl={pd.impl_info()}")
+    raise _reference_only(src, weights)
 
 
 def lower_attention(builder: Builder, node: fx.Node) -> None:
@@ -348,7 +348,7 @@ def _emit_blocks(builder: Builder, node: fx.Node, o: Operands, result: Value, ro
         pd = _block_pd(builder, q, o.k_t, s, o.scale, bias and (AlgKind.binary_add, bias))
         reads = [q, o.k_t] + ([bias] if bias is not None else [])
         text = f"%{scores.name}{block} : Float({', '.join(str(d) for d in s.md.dims)}) = dnnl::matmul"
-        text += f"[scale={o.scale:g}, {_format_info(pd)}]({', '.join(f'%{r.name}' for r in reads)})"
+        text += f"[scale={o.scale:g}, {format_info(pd)}]({', '.join(f'%{r.name}' for r in reads)})"
         post_args = {arg_post_op_src1(1): bias} if bias is not None else {}
         builder.add_primitive(text, pd, {ARG_SRC: q, ARG_WEIGHTS: o.k_t, ARG_DST: s, **post_args}, reads, [s])
 
@@ -362,7 +362,7 @@ def _emit_blocks(builder: Builder, node: fx.Node, o: Operands, result: Value, ro
         reads = [p, o.v] + ([keep] if keep is not None else [])
         label = "dnnl::matmul_mul" if keep is not None else "dnnl::matmul"
         post_args = {arg_post_op_src1(0): keep} if keep is not None else {}
-        text = node_text(node, label, _format_info(pd), [f"%{r.name}" for r in reads])
+        text = node_text(node, label, format_info(pd), [f"%{r.name}" for r in reads])
         if block:
             text = text.replace(f"%{node.name} :", f"%{node.name}{block} :", 1)
         builder.add_primitive(text, pd, {ARG_SRC: p, ARG_WEIGHTS: o.v, ARG_DST: out, **post_args}, reads, [out])
@@ -386,8 +386,7 @@ def _constant_bias(builder: Builder, node: fx.Node, o: Operands, start: int, cou
 def _block_pd(builder: Builder, src: Value, weights: Value, dst: Value, scale: float | None, binary) -> PrimitiveDesc:
     pd = _matmul_pd(builder, src.md, weights.md, dst.md, scale, binary and (binary[0], binary[1].md))
     if pd is None:
-        raise Unsupported(f"oneDNN runs this matmul only in its reference code ({src.md.format_summary()} x "
-                          f"{weights.md.format_summary()})")
+        raise _reference_only(src.md, weights.md)
     return pd
 
 

@@ -30,7 +30,7 @@ def _grouped_weight_dims(weight: torch.Tensor, groups: int) -> list[int]:
     return [groups, out // groups, *rest] if groups > 1 else [out, *rest]
 
 
-def _is_reference(pd: PrimitiveDesc) -> bool:
+def is_reference(pd: PrimitiveDesc) -> bool:
     """oneDNN's reference code, alone (``ref:any``) or inside a composite (``conv:any+ref:any``)."""
     return "ref:" in pd.impl_info()
 
@@ -44,7 +44,7 @@ def _first_fast(candidates) -> PrimitiveDesc:
         except DnnlError as error:
             errors.append(str(error))
             continue
-        if not _is_reference(pd):
+        if not is_reference(pd):
             return pd
         fallback = fallback or pd
     if fallback is None:
@@ -52,7 +52,8 @@ def _first_fast(candidates) -> PrimitiveDesc:
     return fallback
 
 
-def _format_info(pd: PrimitiveDesc) -> str:
+def format_info(pd: PrimitiveDesc) -> str:
+    """``format_info=[src=.., weights=.., dst=..], impl=..`` of a program line."""
     return (f"format_info=[src={pd.src_md().layout_tag()}, weights={pd.weights_md().layout_tag()}, "
             f"dst={pd.dst_md().layout_tag()}], impl={pd.impl_info()}")
 
@@ -76,7 +77,7 @@ def _finish(builder: Builder, node: fx.Node, pd: PrimitiveDesc, src: Value, weig
         args[arg_post_op_src1(index)] = operand
     reads = [src, *chain.binary_operands.values()] + ([chain.sum_base] if chain.sum_base else [])
     operands = [f"%{v.name}" for v in reads]
-    builder.add_primitive(node_text(node, label, _format_info(pd) + note, operands), pd, args, reads, [dst],
+    builder.add_primitive(node_text(node, label, format_info(pd) + note, operands), pd, args, reads, [dst],
                           drops_nan=chain.drops_nan)
     return dst
 
@@ -129,7 +130,7 @@ def _lower_conv_like(builder: Builder, node: fx.Node, fused: Fused, weight: torc
         sources = (x.md, policy_md(x.md.dims, source.meta["val"].dtype, layout))
         pd = _first_fast([lambda src=src, w_md=w_md: create(src, w_md, dst_md, b_md, attr)
                           for w_md in w_mds for src in sources])
-        if not _is_reference(pd) or layout == "nhwc":
+        if not is_reference(pd) or layout == "nhwc":
             break
         builder.restore(snapshot, node)
     _finish(builder, node, pd, builder.convert(x, pd.src_md()), weight, bias, chain, f"dnnl::{fused.label}",
