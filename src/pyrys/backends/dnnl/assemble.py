@@ -35,10 +35,10 @@ def assemble(builder: Builder, gm: fx.GraphModule, inputs: list[Value], threads:
     buffers = [(size, False) for size in plan.buffer_sizes]
     slots = [_slot(value, plan, buffers) for value in values]
     dynamic = [v for v in values if v.root.kind == DYNAMIC]
-    aliases: dict[int, list[tuple[int, tuple | None]]] = {}
+    aliases: dict[int, list[tuple[int, tuple | None, int]]] = {}
     for value in dynamic:
         if value.kind == ALIAS:
-            aliases.setdefault(value.root.slot, []).append((value.slot, value.view_shape()))
+            aliases.setdefault(value.root.slot, []).append((value.slot, value.view_shape(), value.byte_offset))
     return DnnlProgram(
         engine=builder.engine, steps=list(builder.steps), slots=slots, buffers=buffers,
         scratchpad_bytes=builder.scratchpad_bytes, input_slots=[v.slot for v in inputs],
@@ -134,7 +134,7 @@ def _slot(value: Value, plan, buffers: list[tuple[int, bool]]) -> Slot:
     if root not in plan.assignment:
         plan.assignment[root] = len(buffers)
         buffers.append((max(root.nbytes, 64), True))
-    return Slot(value.md, buffer=plan.assignment[root], view_shape=value.view_shape())
+    return Slot(value.md, buffer=plan.assignment[root], view_shape=value.view_shape(), offset=value.byte_offset)
 
 
 def _constant_storages(gm: fx.GraphModule, builder: Builder, values: list[Value]) -> frozenset[int]:

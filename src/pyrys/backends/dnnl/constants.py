@@ -229,6 +229,7 @@ class Query(enum.IntEnum):
     ndims_s32 = 256
     dims = 257
     data_type = 258
+    submemory_offset_s64 = 259
     padded_dims = 260
     format_kind = 262
     inner_nblks_s32 = 263

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from pyrys.backends.dnnl.layout import contiguous_strides
 from pyrys.backends.dnnl.primitives import Memory, Stream
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ class Frame:
             memory, tensor = slot.materialize(program.engine, self.buffers)
             self.memories.append(memory)
             self.tensors.append(tensor)
-        self.aliases = {root: [(alias, shape, self.memories[alias]) for alias, shape in aliases]
+        self.aliases = {root: [(alias, shape, offset, self.memories[alias]) for alias, shape, offset in aliases]
                         for root, aliases in program.dynamic_aliases.items()}
         self.internal = program.constant_storages | {b.untyped_storage().data_ptr() for b in self.buffers}
         self.calls: list[Callable[[], None]] = [step.bind(self) for step in program.steps]
@@ -46,10 +47,10 @@ class Frame:
         memory = self.memories[slot]
         if memory is not None:
             memory.set_handle(tensor.data_ptr())
-        for alias, shape, alias_memory in self.aliases.get(slot, ()):
-            self.tensors[alias] = tensor.view(shape) if shape is not None else tensor
+        for alias, shape, offset, alias_memory in self.aliases.get(slot, ()):
+            self.tensors[alias] = tensor if shape is None else _view(tensor, shape, offset)
             if alias_memory is not None:
-                alias_memory.set_handle(tensor.data_ptr())
+                alias_memory.set_handle(tensor.data_ptr() + offset)
 
     def prepare(self, inputs: list) -> None:
         """Bind the call's inputs (tensors made contiguous; numbers as they are) and fresh output tensors."""
@@ -77,3 +78,10 @@ class Frame:
     def owned(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor``, or a copy of it if it shares bytes with this frame's buffers or the program's constants."""
         return tensor.clone() if tensor.untyped_storage().data_ptr() in self.internal else tensor
+
+
+def _view(tensor: torch.Tensor, shape: tuple, offset: int) -> torch.Tensor:
+    """The contiguous ``shape`` starting ``offset`` bytes into ``tensor``'s data (what an alias's plain
+    descriptor says, whatever ``tensor``'s own strides)."""
+    start = tensor.storage_offset() + offset // tensor.element_size()
+    return tensor.as_strided(shape, contiguous_strides(shape), start)

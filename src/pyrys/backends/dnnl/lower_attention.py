@@ -34,7 +34,7 @@ from pyrys.backends.dnnl.layout import contiguous_strides, is_plain_contiguous, 
 from pyrys.backends.dnnl.lower_conv import format_info, is_reference
 from pyrys.backends.dnnl.primitives import MemoryDesc, PostOps, PrimitiveAttr, PrimitiveDesc
 from pyrys.backends.dnnl.tensors import DNNL_TO_TORCH
-from pyrys.backends.dnnl.values import ALIAS, DYNAMIC, Value
+from pyrys.backends.dnnl.values import ALIAS, DYNAMIC, Value, part_of
 from pyrys.ir.graph import op_args
 from pyrys.ir.vocabulary import PERMUTES, VIEWS, permutation
 
@@ -316,7 +316,7 @@ def _rows(value: Value | None, start: int, count: int, total: int) -> Value | No
         return value
     dims, offsets = list(value.md.dims), [0] * value.md.ndims
     dims[-2], offsets[-2] = count, start
-    return Value(f"{value.name}[{start}:{start + count}]", value.md.submemory(dims, offsets), ALIAS, value)
+    return part_of(value, f"{value.name}[{start}:{start + count}]", dims, offsets)
 
 
 def _leading(value: Value, count: int) -> Value:

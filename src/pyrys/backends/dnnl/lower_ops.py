@@ -26,7 +26,7 @@ from pyrys.backends.dnnl.descriptors import (
 from pyrys.backends.dnnl.layout import POLICY_TAGS, plain_md, policy_md
 from pyrys.backends.dnnl.post_ops import DROPS_NAN, eltwise_post_ops, eltwise_steps
 from pyrys.backends.dnnl.primitives import MemoryDesc, PrimitiveAttr
-from pyrys.backends.dnnl.values import ALIAS, PLANNED, Value
+from pyrys.backends.dnnl.values import ALIAS, PLANNED, Value, part_of
 from pyrys.ir.fused import FUSED_CONV, FUSED_CONV_TRANSPOSE
 from pyrys.ir.graph import op_args
 from pyrys.ir.post_ops import ACTIVATIONS, NoPostOp, PostOp, activation_post_op
@@ -419,8 +419,7 @@ def lower_split(builder: Builder, node: fx.Node) -> None:
     offsets, parts = [0] * source.md.ndims, []
     for index, meta in enumerate(node.meta["val"]):
         check_dtype(node.args[0].meta["val"], meta, dtypes=F32_OR_BF16)
-        md = source.md.submemory(list(meta.shape), offsets)
-        parts.append(Value(f"{node.name}[{index}]", md, ALIAS, source))
+        parts.append(part_of(source, f"{node.name}[{index}]", list(meta.shape), offsets))
         offsets[dim] += int(meta.shape[dim])
     builder.parts[node] = parts
 
@@ -438,8 +437,9 @@ def lower_unbind(builder: Builder, node: fx.Node) -> None:
         check_dtype(node.args[0].meta["val"], meta, dtypes=F32_OR_BF16)
         dims, offsets = list(source.md.dims), [0] * source.md.ndims
         dims[dim], offsets[dim] = 1, index
-        md = source.md.submemory(dims, offsets).reshape(list(meta.shape))
-        parts.append(Value(f"{node.name}[{index}]", md, ALIAS, source))
+        part = part_of(source, f"{node.name}[{index}]", dims, offsets)
+        part.md = part.md.reshape(list(meta.shape))
+        parts.append(part)
     builder.parts[node] = parts
 
 

@@ -137,6 +137,14 @@ class MemoryDesc(Handle):
         return DataType(self._query_int(Query.data_type))
 
     @property
+    def offset0(self) -> int:
+        """Where the described data starts, in elements from the memory's handle (a submemory's start)."""
+        result = c_int64()
+        check(self._lib.dnnl_memory_desc_query(self.handle, Query.submemory_offset_s64, byref(result)),
+              "dnnl_memory_desc_query", "submemory_offset_s64")
+        return result.value
+
+    @property
     def format_kind(self) -> FormatKind:
         return FormatKind(self._query_int(Query.format_kind))
 

@@ -44,6 +44,7 @@ class Slot:
     buffer: int | None = None  # planned: index of the frame's buffer
     constant: torch.Tensor | None = None  # constant: its bytes, shared by every frame
     view_shape: tuple | None = None  # planned and plain: the torch view the frame keeps of its bytes
+    offset: int = 0  # planned: where its bytes start in the buffer
 
     def materialize(self, engine: Engine, buffers: list[torch.Tensor]) -> tuple[Memory | None, torch.Tensor | None]:
         """This slot's memory (and torch view, for planned plain values) in a frame with ``buffers``."""
@@ -53,7 +54,7 @@ class Slot:
             return Memory(engine, self.md, self.constant.data_ptr()), None
         if self.buffer is None:
             return Memory(engine, self.md, 0), None  # bound to each call's tensor
-        storage = buffers[self.buffer]
+        storage = buffers[self.buffer][self.offset:]
         return Memory(engine, self.md, storage.data_ptr()), self._view(storage)
 
     def _view(self, storage: torch.Tensor) -> torch.Tensor | None:
@@ -76,7 +77,7 @@ class DnnlProgram:
     fresh: list[tuple[int, tuple, tuple, torch.dtype]]  # outputs written into a new tensor each call
     outputs: list[Callable[[Frame], Any]]
     released: list[int]  # slots holding a call's tensors, dropped when the call ends
-    dynamic_aliases: dict[int, list[tuple[int, tuple | None]]]  # dynamic root slot -> (alias slot, view shape)
+    dynamic_aliases: dict[int, list[tuple[int, tuple | None, int]]]  # dynamic root slot -> (alias slot, view shape, byte offset)
     constant_storages: frozenset[int]  # storage addresses of constants a returned tensor may view
     text: str
     plan: Plan

@@ -2,8 +2,13 @@
 
 A value is *planned* (it lives in an activation buffer chosen by the memory plan),
 *dynamic* (its tensor changes every call: a user input, an output, a torch fallback's
-result), an *alias* of another value (a view: same bytes, another descriptor), or a
-*constant* (packed weights, read-only, shared by every call).
+result), an *alias* of another value (a view: same bytes, another descriptor, starting ``offset``
+bytes into them), or a *constant* (packed weights, read-only, shared by every call).
+
+An alias's descriptor never carries a start of its own (oneDNN's ``offset0``): a slice's start is
+the alias's ``offset``, added to the memory handle when a frame binds it.  oneDNN's gemm-based
+matmul ignores a descriptor's ``offset0`` when it has a single batch (it read the key of a one-head
+attention from the start of a merged key/value projection: tests/backends/dnnl/test_attention.py).
 
 Values are compile-time objects: they say where a tensor lives, never which bytes it
 holds in a given call.  Each call's bytes and memory handles belong to its frame
@@ -17,6 +22,7 @@ import torch
 
 from pyrys.backends.dnnl.layout import is_plain_contiguous
 from pyrys.backends.dnnl.primitives import MemoryDesc
+from pyrys.backends.dnnl.tensors import DNNL_TO_TORCH
 
 PLANNED, DYNAMIC, ALIAS, CONSTANT = "planned", "dynamic", "alias", "constant"
 
@@ -32,6 +38,12 @@ class Value:
     reads_constants: bool = False  # a torch fallback result computed from constants (it may view them)
     output_meta: torch.Tensor | None = None  # a graph output written into a new tensor each call: its shape
     slot: int = -1  # index into each frame's memories and tensors, set when the program is assembled
+    offset: int = 0  # an alias: how many bytes after the start of ``alias_of``'s bytes its own start
+
+    @property
+    def byte_offset(self) -> int:
+        """Where this value's bytes start, in bytes from its root's start."""
+        return self.offset + (self.alias_of.byte_offset if self.alias_of is not None else 0)
 
     @property
     def nbytes(self) -> int:
@@ -63,3 +75,12 @@ class Value:
     def view_shape(self) -> tuple | None:
         """The torch shape of this value's bytes: its dims for a plain contiguous layout, else None."""
         return tuple(self.md.dims) if self.md is not None and self.plain else None
+
+
+def part_of(source: Value, name: str, dims, offsets) -> Value:
+    """The slice of ``source`` with ``dims`` starting at ``offsets`` (per dim): an alias, no data moves; its
+    start is the alias's byte offset, its descriptor starts at 0."""
+    start = source.md.submemory(dims, [0] * len(dims))
+    assert start.offset0 == 0, f"{source.name}'s descriptor has a start of its own"  # the start is the offset's
+    elements = source.md.submemory(dims, offsets).offset0 - start.offset0
+    return Value(name, start, ALIAS, source, offset=elements * DNNL_TO_TORCH[start.dtype].itemsize)
