@@ -41,11 +41,13 @@ def _fake_input(mode: FakeTensorMode, node: fx.Node):
 
 
 class _Fresh(FakeTensorProp):
-    """FakeTensorProp that collects each node's value in ``fresh`` and leaves ``meta`` as it was."""
+    """FakeTensorProp that collects each node's value in ``fresh`` and leaves ``meta`` as it was; with
+    ``repair_views``, a ``view`` its input's strides refuse becomes a ``reshape`` (:func:`_repair_view`)."""
 
-    def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode):
+    def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode, repair_views: bool = False):
         super().__init__(gm, mode)
         self.fresh: dict[fx.Node, Any] = {}
+        self.repair_views = repair_views
 
     def get_attr(self, target, args, kwargs) -> Any:
         """A constant as a fake CPU tensor of its shape: a released one (:mod:`pyrys.ir.released`) has no bytes."""
@@ -55,7 +57,12 @@ class _Fresh(FakeTensorProp):
     def run_node(self, n: fx.Node) -> Any:
         missing = object()
         recorded = n.meta.get("val", missing)
-        result = super().run_node(n)
+        try:
+            result = super().run_node(n)
+        except (RuntimeError, ValueError) as error:
+            if not (self.repair_views and _repair_view(n, error)):
+                raise
+            result = super().run_node(n)
         self.fresh[n] = n.meta.get("val")
         if recorded is missing:
             n.meta.pop("val", None)
@@ -64,21 +71,38 @@ class _Fresh(FakeTensorProp):
         return result
 
 
-def fresh_meta(gm: fx.GraphModule) -> dict[fx.Node, Any]:
+def _repair_view(node: fx.Node, error: Exception) -> bool:
+    """Make ``node`` a ``reshape`` if it is a ``view`` that failed on its input's strides; whether it did.
+
+    An exported graph keeps ``view`` where the strides torch's kernel gave at export allowed one, and drops
+    a ``.contiguous()`` that was a no-op there; some ops' strides depend on the kernel torch picks
+    (attention's output: (B, L, H, D) from the flash kernel, (B, H, L, D) from the math one), so the same
+    view may meet strides it cannot take.  ``reshape`` gives the same values either way (a copy when it
+    must), which is what the model's own code (``.contiguous().view``) asked for."""
+    if node.target is not torch.ops.aten.view.default or "view" not in str(error):
+        return False
+    node.target = torch.ops.aten.reshape.default
+    node.graph.owning_module.recompile()
+    return True
+
+
+def fresh_meta(gm: fx.GraphModule, repair_views: bool = False) -> dict[fx.Node, Any]:
     """Every node's value by fake-tensor propagation from the inputs, without writing ``meta``
-    (under the graph's own fake mode when its shapes are symbolic: :mod:`pyrys.ir.symbolic`)."""
+    (under the graph's own fake mode when its shapes are symbolic: :mod:`pyrys.ir.symbolic`); with
+    ``repair_views`` (:func:`refresh_meta`), a view whose input's strides refuse it becomes a reshape."""
     mode = graph_fake_mode(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     fake_inputs = [_fake_input(mode, n) for n in placeholders]
-    propagation = _Fresh(gm, mode)
+    propagation = _Fresh(gm, mode, repair_views)
     with propagating(mode):
         propagation.propagate_dont_convert_inputs(*fake_inputs)
     return propagation.fresh
 
 
 def refresh_meta(gm: fx.GraphModule) -> None:
-    """Set every node's ``meta["val"]`` by propagation over ``gm`` (at capture)."""
-    for node, val in fresh_meta(gm).items():
+    """Set every node's ``meta["val"]`` by propagation over ``gm`` (at capture, specialization and load;
+    repairing views: :func:`_repair_view`)."""
+    for node, val in fresh_meta(gm, repair_views=True).items():
         if val is not None:
             node.meta["val"] = val
 
