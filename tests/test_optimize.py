@@ -88,6 +88,23 @@ def test_missing_example_inputs():
         pyrys.optimize(conv_bn_relu(), ())
 
 
+def test_inputs_by_keyword_only():
+    """``model(**inputs)``, as HuggingFace models are called: no positional example inputs at all."""
+    class Keywords(torch.nn.Module):
+        def forward(self, x=None, scale=None):
+            return torch.relu(x) * scale
+
+    x, scale = image(), torch.rand(1, 3, 1, 1)
+    for example_inputs in ((), None):
+        opt = pyrys.optimize(Keywords().eval(), example_inputs, {"x": x, "scale": scale})
+        assert torch.allclose(opt(x=x, scale=scale), torch.relu(x) * scale)
+
+
+def test_two_inputs_passed_apart_get_told_to_come_as_one_tuple():
+    with pytest.raises(TypeError, match=r"example_kwargs to be a dict .* got Tensor.*pyrys.optimize\(model, \(x, y\)\)"):
+        pyrys.optimize(conv_bn_relu(), image(), image())
+
+
 @pytest.mark.parametrize("x, message", [
     (image().double(), "must have dtype torch.float32 like the example input Float\\(1, 3, 6, 6\\), got torch.float64"),
     (torch.rand(3, 6, 6), "must have rank 4 like the example input Float\\(1, 3, 6, 6\\), got shape \\(3, 6, 6\\)"),

@@ -7,7 +7,7 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch.export import ExportedProgram
@@ -599,7 +599,13 @@ def with_calibration(config: OptimizeConfig, calibration: Iterable | None, accur
 
 def _example_inputs(example_inputs: Any, example_kwargs: dict | None) -> tuple[tuple, dict]:
     """The example inputs as (args, kwargs), every tensor among them on the CPU."""
-    args, kwargs = _as_args(example_inputs), dict(example_kwargs or {})
+    if example_kwargs is not None and not isinstance(example_kwargs, Mapping):
+        raise TypeError("pyrys.optimize expects example_kwargs to be a dict of keyword inputs, got "
+                        f"{type(example_kwargs).__name__}; a model with several positional inputs takes them as "
+                        "one tuple: pyrys.optimize(model, (x, y))")
+    kwargs = dict(example_kwargs or {})
+    keywords_only = kwargs and (example_inputs is None or (isinstance(example_inputs, (tuple, list)) and not example_inputs))
+    args = () if keywords_only else _as_args(example_inputs)  # model(**inputs), as HF models are called
     for i, value in enumerate(tree_flatten((args, kwargs))[0]):
         if isinstance(value, torch.Tensor) and value.device.type != "cpu":
             raise InputError(f"pyrys: example input {i} must be on the CPU (pyrys compiles for the CPU), got a tensor "
