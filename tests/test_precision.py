@@ -224,3 +224,41 @@ def test_a_sum_a_norm_reads_stays_float32(bf16_cpu, backend):
     assert ": Float(" in lines["%add"] and ": BFloat16(" in lines["%conv2d"], opt.graph  # the conv in bf16, its sum not
     fused = [line for line in lines.values() if "pyrys::linear_add" in line]
     assert len(fused) == 2 and all(": Float(" in line for line in fused)  # the stream stays float32
+
+
+GOLDEN_BF16_OUT = GOLDEN.replace("  %conv2d_1_f32 : Float(1, 4, 4, 4) = aten::to(%conv2d_1, torch.float32)\n", "") \
+    .replace("return (%conv2d_1_f32)", "return (%conv2d_1)")
+
+
+def test_output_dtype_bf16_returns_the_bf16_result_as_it_is(bf16_cpu, backend):
+    opt = pyrys.optimize(conv_bn_relu(), (image(),), backend=backend, precision="bf16", output_dtype=torch.bfloat16,
+                         verify=True, numerics=True)
+    assert opt.graph == GOLDEN_BF16_OUT
+    (step,) = [s for s in opt.history if s.name == "lower_precision"]
+    assert step.fired == {"bf16": 1, "conversion": 3}  # input, weight, bias: no conversion back
+    y = opt(image())
+    assert y.dtype == torch.bfloat16 and pyrys.relative_error(y.float(), conv_bn_relu()(image())) <= BF16_TOLERANCE
+    assert opt.numerics.first_over() is None and opt.numerics.backend_error <= BF16_TOLERANCE, opt.numerics.render()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_output_dtype_converts_every_floating_output_and_nothing_else(bf16_cpu, backend, precision):
+    class Two(torch.nn.Module):
+        def forward(self, x):
+            return torch.relu(x) * 2.0, x.argmax(-1)
+
+    x = image()
+    for dtype in (torch.bfloat16, torch.float32, None):
+        opt = pyrys.optimize(Two().eval(), (x,), backend=backend, precision=precision, output_dtype=dtype, verify=True)
+        values, indices = opt(x)
+        assert values.dtype == (dtype or torch.float32) and indices.dtype == torch.int64
+        assert pyrys.relative_error(values.float(), Two()(x)[0]) <= BF16_TOLERANCE
+        assert torch.equal(indices, x.argmax(-1))
+
+
+def test_a_bad_output_dtype_is_refused():
+    with pytest.raises(ValueError, match="output_dtype must be None, torch.float32 or torch.bfloat16, got torch.float16"):
+        pyrys.optimize(conv_bn_relu(), (image(),), output_dtype=torch.float16)
+    with pytest.raises(ValueError, match="output_dtype is not available through torch.compile"):
+        from pyrys.compile_backend import pyrys_backend
+        pyrys_backend(torch.fx.symbolic_trace(conv_bn_relu()), [image()], {"output_dtype": torch.bfloat16})

@@ -60,6 +60,7 @@ class OptimizeConfig:
     numerics: bool = False  # measure every pass and layer against eager on the example inputs
     precision: str = "fp32"  # "bf16", "int8": see optimize()
     calibration: Calibration | None = field(default=None, compare=False, repr=False)  # precision="int8"
+    output_dtype: torch.dtype | None = None  # every floating-point output in this dtype; None: eager's
 
 
 @dataclass
@@ -155,9 +156,9 @@ def _compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: Op
         from pyrys.ir.meta import refresh_meta
 
         refresh_meta(captured.gm)
-        instruments.verify = make_verifier(output_types(captured.gm))
+        instruments.verify = make_verifier(output_types(captured.gm), config.output_dtype)
     precision, precision_note = effective_precision(config.precision)
-    options = PassOptions(config.freeze_params, config.freeze_flags, precision, config.calibration)
+    options = PassOptions(config.freeze_params, config.freeze_flags, precision, config.calibration, config.output_dtype)
     run = run_pipeline(captured.gm, options, config.disable, instruments)
     legalize_for_backends(captured.gm, instruments)
     if like is not None:
@@ -469,6 +470,7 @@ def optimize(
     precision: str = "fp32",
     calibration: Iterable | None = None,
     accuracy_budget: float | None = DEFAULT_ACCURACY_BUDGET,
+    output_dtype: torch.dtype | None = None,
 ) -> OptimizedModule:
     """Optimize ``model`` for inference on inputs like ``example_inputs``.
 
@@ -502,8 +504,8 @@ def optimize(
     A program saved and loaded keeps each step's error in ``history``, not ``numerics``.
     ``precision``: ``"fp32"`` (default) or ``"bf16"``: convolutions, linears, matmuls and the pooling,
     elementwise and data-movement ops between them run in bfloat16 with float32 accumulation, the rest
-    in float32, with a conversion node at each edge (:mod:`pyrys.passes.precision`); outputs stay float32.
-    Where the CPU has no native bf16 it runs in fp32, with a note in ``notes``.  ``"int8"``: convolutions
+    in float32, with a conversion node at each edge (:mod:`pyrys.passes.precision`); outputs stay float32
+    (see ``output_dtype``).  Where the CPU has no native bf16 it runs in fp32, with a note in ``notes``.  ``"int8"``: convolutions
     and linears read 8-bit activations (per tensor, scales from ``calibration``) and weights (per output
     channel) and accumulate in int32 (:mod:`pyrys.passes.quantize`); ``notes`` says which kernels this CPU gets.
     ``calibration`` (int8 only, required there): an iterable of samples, each one call's inputs (a tensor or
@@ -511,6 +513,9 @@ def optimize(
     read.  ``accuracy_budget`` (int8): the largest relative error against float32 on the calibration data;
     the ops whose quantization costs the most go back to float32 until it holds, each a miss saying why
     (:mod:`pyrys.quantization.guard`); None: no guard.
+    ``output_dtype``: ``None`` (default): each output in the dtype eager gives (float32 under every
+    ``precision``); ``torch.bfloat16``: every floating-point output in bfloat16 (with ``precision="bf16"``
+    a bfloat16 result comes back as it is, no conversion); ``torch.float32``: in float32.
     The user's model is never modified: pyrys works on a private copy (its modules copied, the weights
     it freezes read, not copied: :mod:`pyrys.capture.model_copy`); a new shape after the user wrote to
     those weights raises :class:`pyrys.ModelChangedError`.
@@ -521,7 +526,7 @@ def optimize(
     config = make_config(backend=backend, freeze_params=freeze_params, freeze_flags=freeze_flags, disable=disable,
                          print_after_each=print_after_each, dump_dir=dump_dir, verify=verify, threads=threads,
                          layout=layout, max_shapes=max_shapes, dynamic=dynamic, numerics=numerics,
-                         precision=precision)
+                         precision=precision, output_dtype=output_dtype)
     check_calibration_options(precision, calibration, accuracy_budget)
     if isinstance(model, ExportedProgram):
         if example_inputs is None:
@@ -553,7 +558,8 @@ def _trace(config: OptimizeConfig, model: Any, args: tuple, kwargs: dict) -> Num
     and the tolerance of the precision it runs in."""
     if not config.numerics:
         return None
-    return NumericsTrace(lambda: eager_outputs(model, args, kwargs), TOLERANCES[effective_precision(config.precision)[0]])
+    return NumericsTrace(lambda: eager_outputs(model, args, kwargs), TOLERANCES[effective_precision(config.precision)[0]],
+                         config.output_dtype)
 
 
 def effective_precision(precision: str) -> tuple[str, str]:
@@ -626,12 +632,16 @@ def _check_on_cpu(owner: str, state: Iterable[tuple[str, torch.Tensor]]) -> None
                               "move the model to the CPU first: model.to(\"cpu\")")
 
 
+OUTPUT_DTYPES = (None, torch.float32, torch.bfloat16)
+
+
 def make_config(*, backend: str = "auto", freeze_params: Iterable[str] | None = ALL,
                 freeze_flags: Iterable[str] | None = ALL, disable: Iterable[str] = (),
                 print_after_each: bool = False, dump_dir: str | Path | None = None,
                 verify: bool = False, threads: int | None = None, layout: str = "auto",
                 max_shapes: int = DEFAULT_MAX_SHAPES, dynamic: bool | None = None,
-                numerics: bool = False, precision: str = "fp32") -> OptimizeConfig:
+                numerics: bool = False, precision: str = "fp32",
+                output_dtype: torch.dtype | None = None) -> OptimizeConfig:
     """An :class:`OptimizeConfig` from :func:`optimize`'s keyword options, checked."""
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ValueError(f"pyrys.optimize: threads must be a positive int, got {threads!r}")
@@ -645,6 +655,9 @@ def make_config(*, backend: str = "auto", freeze_params: Iterable[str] | None = 
         raise ValueError(f"pyrys.optimize: precision must be one of {PRECISIONS}, got {precision!r}")
     if not isinstance(numerics, bool):
         raise ValueError(f"pyrys.optimize: numerics must be True or False, got {numerics!r}")
+    if output_dtype not in OUTPUT_DTYPES:
+        raise ValueError(f"pyrys.optimize: output_dtype must be None, torch.float32 or torch.bfloat16, got "
+                         f"{output_dtype!r}")
     return OptimizeConfig(
         backend=backend,
         freeze_params=None if freeze_params is None else tuple(freeze_params),
@@ -659,6 +672,7 @@ def make_config(*, backend: str = "auto", freeze_params: Iterable[str] | None = 
         dynamic=dynamic,
         numerics=numerics,
         precision=precision,
+        output_dtype=output_dtype,
     )
 
 

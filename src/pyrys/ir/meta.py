@@ -129,6 +129,8 @@ def settle_meta(nodes: Iterable[fx.Node]) -> None:
     pending = deque(forced)
     while pending:
         node = pending.popleft()
+        if node.op == "output" and "val" in node.meta:  # the outputs' values, as propagation records them
+            node.meta["val"] = map_aggregate(node.args[0], lambda a: a.meta.get("val") if isinstance(a, fx.Node) else a)
         if node.op != "call_function":
             continue
         val = infer_meta(node, mode)

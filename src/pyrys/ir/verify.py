@@ -33,8 +33,14 @@ def _check(condition: bool, message: str) -> None:
 
 
 def output_types(gm: fx.GraphModule) -> list[tuple]:
+    """Each output's (dims, dtype), or its Python type."""
     output = next(n for n in gm.graph.nodes if n.op == "output")
     return [_type_of(a) for a in output.args[0]]
+
+
+def _in_dtype(types: list[tuple], dtype: torch.dtype) -> list[tuple]:
+    """``types`` with every floating-point tensor's dtype ``dtype``."""
+    return [(t[0], dtype) if len(t) == 2 and t[1].is_floating_point else t for t in types]
 
 
 def _type_of(arg) -> tuple:
@@ -95,15 +101,17 @@ def _verify_branch(branch: torch.nn.Module) -> None:
         branch.graph.lint()
 
 
-def make_verifier(expected_outputs: list[tuple]):
-    """A verifier that also checks the outputs keep the types recorded at capture."""
+def make_verifier(expected_outputs: list[tuple], output_dtype: torch.dtype | None = None):
+    """A verifier that also checks the outputs keep the types recorded at capture (or, with ``output_dtype``,
+    have those types with every floating-point output in ``output_dtype``: once the pass that converts
+    them has run)."""
+    allowed = [expected_outputs] + ([_in_dtype(expected_outputs, output_dtype)] if output_dtype else [])
 
     def verify(gm: fx.GraphModule) -> None:
         _lint(gm)
         for node in gm.graph.nodes:
             _verify_node(gm, node)
         _verify_meta(gm)
-        _check(output_types(gm) == expected_outputs,
-               f"outputs changed type: {output_types(gm)} != {expected_outputs}")
+        _check(output_types(gm) in allowed, f"outputs changed type: {output_types(gm)} != {expected_outputs}")
 
     return verify

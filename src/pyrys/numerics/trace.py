@@ -25,10 +25,12 @@ from pyrys.passes.pipeline import Step
 
 class NumericsTrace:
     """The errors of one compile on one set of example inputs (``run_eager``: the model's flat outputs on
-    them, computed once, at the first measurement: after the capture)."""
+    them, computed once, at the first measurement: after the capture).  With ``output_dtype`` (the outputs
+    asked for in that dtype) outputs are compared as eager's dtype: the rounding to it counts."""
 
-    def __init__(self, run_eager: Callable[[], list], tolerance: float = FP32_TOLERANCE):
-        self.run_eager, self.tolerance = run_eager, tolerance
+    def __init__(self, run_eager: Callable[[], list], tolerance: float = FP32_TOLERANCE,
+                 output_dtype: torch.dtype | None = None):
+        self.run_eager, self.tolerance, self.output_dtype = run_eager, tolerance, output_dtype
         self._eager: list | None = None
         self.captured: dict[str, torch.Tensor] | None = None
         self.problems: list[str] = []
@@ -55,7 +57,7 @@ class NumericsTrace:
             self.problems.append(f"after {step}: the graph did not run on the reference backend "
                                  f"({type(error).__name__}: {str(error).strip()[:200]})")
             return float("inf")
-        error, reason = error_or_reason(outputs, eager)
+        error, reason = error_or_reason(self._comparable(outputs), eager)
         if reason:
             self.problems.append(f"after {step}: {reason}")
         return error
@@ -65,7 +67,7 @@ class NumericsTrace:
         """The report for the program compiled from ``gm``: its error, and every layer's (``compile_probe``
         compiles ``gm`` with extra outputs like ``program`` was compiled); frees the captured values."""
         captured, self.captured = self.captured or {}, None
-        error, reason = error_or_reason(program(inputs), self.eager)
+        error, reason = error_or_reason(self._comparable(program(inputs)), self.eager)
         problems = self.problems + ([f"the {backend} program: {reason}"] if reason else [])
         try:
             layers = layer_errors(gm, captured, inputs, compile_probe)
@@ -75,6 +77,15 @@ class NumericsTrace:
                             f"({type(failure).__name__}: {str(failure).strip()[:200]})")
         passes = [(step.name, step.error if step.error is not None else float("nan")) for step in history]
         return NumericsReport(self.tolerance, passes, backend, error, layers, unmatched_nodes(gm, captured), problems)
+
+
+    def _comparable(self, outputs: list) -> list:
+        """``outputs`` with the floating-point ones asked for in ``output_dtype`` back in eager's dtype."""
+        if self.output_dtype is None:
+            return outputs
+        return [out.to(want.dtype) if isinstance(out, torch.Tensor) and isinstance(want, torch.Tensor)
+                and out.is_floating_point() and want.is_floating_point() else out
+                for out, want in zip(outputs, self.eager)]
 
 
 def with_own_state(gm: fx.GraphModule) -> fx.GraphModule:

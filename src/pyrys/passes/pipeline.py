@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+import torch
 import torch.fx as fx
 
 from pyrys.ir.meta import refresh_meta
@@ -44,6 +45,7 @@ class PassOptions:
     freeze_flags: tuple[str, ...] | None = freeze.ALL  # None: every flag
     precision: str = "fp32"  # "bf16": the ops of precision.BF16_OPS run in bfloat16; "int8": passes/quantize.py
     calibration: Calibration | None = field(default=None, compare=False)  # precision="int8": samples, then the plan
+    output_dtype: torch.dtype | None = None  # every floating-point output in this dtype (None: as eager gives it)
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ PIPELINE: tuple[Pass, ...] = (
     Pass("fold_conv_bn", lambda gm, o: fold_batch_norm.fold_conv_bn(gm)),
     Pass("fold_constant_affine", lambda gm, o: fold_constant_affine.fold_constant_affine(gm), fixed_point=True),
     Pass("fuse_post_ops", lambda gm, o: fuse_post_ops.fuse_post_ops(gm), fixed_point=True),
-    Pass("lower_precision", lambda gm, o: precision.lower_precision(gm, o.precision)),
+    Pass("lower_precision", lambda gm, o: precision.lower_precision(gm, o.precision, o.output_dtype)),
     Pass("constant_propagation", lambda gm, o: constant_propagation.constant_propagation(gm)),
     Pass("dead_code_elimination", lambda gm, o: cleanup.dead_code_elimination(gm)),
     Pass("quantize", lambda gm, o: quantize.quantize(gm, o.precision, o.calibration)),

@@ -69,11 +69,13 @@ BF16_OPS = COMPUTE_OPS | BETWEEN_OPS
 SUMS = frozenset({aten.add.Tensor, aten.sub.Tensor})
 
 
-def lower_precision(gm: fx.GraphModule, precision: str) -> PassResult:
+def lower_precision(gm: fx.GraphModule, precision: str, output_dtype: torch.dtype | None = None) -> PassResult:
     """Run :data:`BF16_OPS` in bfloat16 when ``precision == "bf16"`` (see the module docstring);
-    ``fired["bf16"]`` counts the ops moved, ``fired["conversion"]`` the conversions written."""
+    ``fired["bf16"]`` counts the ops moved, ``fired["conversion"]`` the conversions written.  The graph's
+    floating-point outputs come back as eager gives them, or all in ``output_dtype`` when it is given (a
+    bfloat16 result is then returned as it is, no conversion back)."""
     result = PassResult()
-    if precision != "bf16":
+    if precision != "bf16" and output_dtype is None:
         return result
     low: set[fx.Node] = set()  # nodes whose value is bfloat16 now
     converted: dict[tuple[fx.Node, torch.dtype], fx.Node] = {}
@@ -91,7 +93,10 @@ def lower_precision(gm: fx.GraphModule, precision: str) -> PassResult:
     for node in list(gm.graph.nodes):  # see a bfloat16 input next to the float32 weights of the op after it)
         if node.op not in ("call_function", "output"):
             continue
-        if node.op == "call_function" and _runs_low(node, low):
+        if node.op == "output" and output_dtype is not None:
+            node.args = tree_map(lambda a: _as_dtype(a, output_dtype, low, convert, node), node.args)
+            rewired.append(node)
+        elif precision == "bf16" and node.op == "call_function" and _runs_low(node, low):
             fused = read_fused(node)
             kept = _float32_residuals(fused, low)
             if kept:  # y = op(x_bf16, W_bf16) + r in float32: the sum is never rounded to bfloat16
@@ -178,6 +183,14 @@ def _as_low(arg, low: set[fx.Node], convert, user: fx.Node):
     if not isinstance(arg, fx.Node) or arg in low or not _is_high(arg.meta.get("val")):
         return arg
     return convert(arg, LOW, user)
+
+
+def _as_dtype(arg, dtype: torch.dtype, low: set[fx.Node], convert, user: fx.Node):
+    """``arg`` in ``dtype`` if it is a floating-point tensor (converted where it is not), else as it is."""
+    if not isinstance(arg, fx.Node) or not isinstance(arg.meta.get("val"), torch.Tensor):
+        return arg
+    current = LOW if arg in low else arg.meta["val"].dtype
+    return convert(arg, dtype, user) if current.is_floating_point and current != dtype else arg
 
 
 def _is_high(value) -> bool:
