@@ -82,6 +82,10 @@ CASES = {
     # oneDNN's gemm matmul ignores a descriptor's own start when there is one batch (it read Q's columns)
     "one head, batch 1": (Heads(heads=1), (X[:1],)),
     "one head, batch 1, causal": (Heads(heads=1, causal=True), (X[:1],)),
+    # multi-query attention (Falcon): one key and value head serves every query head, broadcast by the matmuls
+    "one key and value head for all": (Plain(), (rand(2, 4, 6, 8), rand(2, 1, 7, 8, seed=2), rand(2, 1, 7, 5, seed=3))),
+    "one key and value head for all, a mask": (Plain(), (rand(2, 4, 6, 8), rand(1, 1, 7, 8, seed=2),
+                                                         rand(1, 1, 7, 5, seed=3), padding_mask(2, 7, [7, 4]))),
 }
 
 
@@ -97,7 +101,8 @@ def test_attention_runs_on_onednn_and_matches_eager(name):
 
 # the cases that run in blocks: more than 4 queries, and no mask computed each call (its bias and keep are one
 # buffer each, which a block cannot read a slice of)
-IN_BLOCKS = {"no mask", "causal", "causal, more queries than keys", "one head, batch 1", "one head, batch 1, causal"}
+IN_BLOCKS = {"no mask", "causal", "causal, more queries than keys", "one head, batch 1", "one head, batch 1, causal",
+             "one key and value head for all"}
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -236,9 +236,9 @@ def lower_attention(builder: Builder, node: fx.Node) -> None:
     check_dtype(*metas, out, dtypes=F32_OR_BF16)
     q_meta, k_meta, v_meta = metas
     rank = q_meta.dim()
-    if rank < 3 or k_meta.dim() != rank or v_meta.dim() != rank or \
-            not (q_meta.shape[:-2] == k_meta.shape[:-2] == v_meta.shape[:-2]):
-        raise Unsupported("query, key and value of one rank (3 or more) and the same batch dims")
+    if rank < 3 or k_meta.dim() != rank or v_meta.dim() != rank or not _batch_broadcasts(q_meta, k_meta, v_meta):
+        raise Unsupported("query, key and value of one rank (3 or more), the key's and value's batch dims the "
+                          "query's or 1 (one key and value head for every query head)")
     *batch, queries, width = (int(d) for d in q_meta.shape)
     keys, value_width = int(k_meta.shape[-2]), int(v_meta.shape[-1])
     if 0 in (queries, keys, width, value_width, *batch):
@@ -281,6 +281,12 @@ def lower_attention(builder: Builder, node: fx.Node) -> None:
         builder.restore(snapshot, node)  # a block oneDNN has no fast kernel for: the whole at once
         result = builder.define(node, out_md)
         _emit_blocks(builder, node, operands, result, queries)
+
+
+def _batch_broadcasts(query, key, value) -> bool:
+    """Whether every batch dim of ``key`` and ``value`` is the query's, or 1 and broadcast (multi-query
+    attention: one key and value head serves every query head; oneDNN's matmul broadcasts its weights)."""
+    return all(k in (q, 1) and v == k for q, k, v in zip(query.shape[:-2], key.shape[:-2], value.shape[:-2]))
 
 
 @dataclass(frozen=True)
