@@ -71,22 +71,37 @@ def guard(gm: fx.GraphModule, switches: dict[str, Switch], samples: list[list], 
 
 
 def own_errors(gm: fx.GraphModule, switches: dict[str, Switch], samples: list[list]) -> dict[str, float]:
-    """``own(op)`` of the module docstring for every op of ``switches`` (left in float32 on return)."""
+    """``own(op)`` of the module docstring for every op of ``switches`` (left in float32 on return); only the
+    tensors an op's quantized arguments read are kept, each op measured as soon as its result is made."""
     for switch in switches.values():
         switch.set(False)  # the quantize/dequantize nodes stay in the graph, unread: each run computes them
     program = ReferenceProgram(gm)
+    by_layer = {switch.layer.name: name for name, switch in switches.items()}
+    read = {arg.name for switch in switches.values() for arg in _nodes((switch.int8_args, switch.layer.kwargs))
+            if arg.op != "get_attr"}
     own = dict.fromkeys(switches, 0.0)
+
+    def value(arg: fx.Node):
+        return getattr(program.gm, arg.target) if arg.op == "get_attr" else values[arg.name]
+
     for sample in samples:
-        values: dict = {}  # every input's and op's tensor, by node name
-        program.observe(sample, values.__setitem__)
+        values: dict = {}
 
-        def value(arg: fx.Node):
-            return getattr(program.gm, arg.target) if arg.op == "get_attr" else values[arg.name]
+        def visit(node_name: str, tensor) -> None:
+            if node_name in read:
+                values[node_name] = tensor
+            name = by_layer.get(node_name)
+            if name is not None:
+                switch = switches[name]
+                run = PYTHON_IMPLS.get(switch.layer.target, switch.layer.target)
+                quantized = run(*fx.map_arg(switch.int8_args, value), **fx.map_arg(switch.layer.kwargs, value))
+                own[name] = max(own[name], relative_error(quantized, tensor))
 
-        for name, switch in switches.items():
-            layer = switch.layer
-            run = PYTHON_IMPLS.get(layer.target, layer.target)
-            args = fx.map_arg(switch.int8_args, value)
-            kwargs = fx.map_arg(layer.kwargs, value)
-            own[name] = max(own[name], relative_error(run(*args, **kwargs), values[layer.name]))
+        program.observe(sample, visit)
     return own
+
+
+def _nodes(args) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.map_arg(args, found.append)
+    return found
