@@ -99,3 +99,20 @@ def test_more_families_match_eager(make, backend):
     with torch.no_grad():
         expected = model(*inputs)
     assert pyrys.relative_error(opt(*inputs), expected) <= TOLERANCE
+
+
+@pytest.mark.parametrize("name", ["hf_bert", "hf_gpt2", "hf_vit"])
+def test_traced_transformers_through_torchscript(name):
+    """``torch.jit.trace`` of an HF model: sizes made tensors (``prim::NumToTensor``), ``.contiguous()`` with
+    its memory format as a number."""
+    import warnings
+
+    model = MODELS[name](small=True)
+    inputs = model.example_inputs(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, inputs, strict=False)
+    opt = pyrys.optimize(traced, inputs)
+    with torch.no_grad():
+        expected = model(*inputs)
+    assert pyrys.relative_error(opt(*inputs), expected) <= TOLERANCE

@@ -193,3 +193,27 @@ def test_scripted_torchvision_model_matches_eager(name, backend):
     with torch.no_grad():
         assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE
     assert "batch_norm" not in opt.graph and "GetAttr" not in opt.graph
+
+
+class SizesAsTensors(torch.nn.Module):
+    """What ``torch.jit.trace`` makes of size arithmetic (HF BERT's ``seq_length``): ``prim::NumToTensor`` and
+    tensor ops on it, then ``aten::Int``; and ``.contiguous()`` with its memory format as a number."""
+
+    def __init__(self):
+        super().__init__()
+        self.positions = torch.nn.Embedding(16, 6)
+
+    def forward(self, x):
+        length = x.size(1)
+        ids = torch.arange(length - 1) + 1
+        return (x[:, 1:, :] + self.positions(ids)).transpose(1, 2).contiguous() * 2.0
+
+
+def test_a_trace_s_sizes_made_tensors_are_numbers_again():
+    model, x = SizesAsTensors().eval(), torch.randn(2, 5, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, (x,))
+    assert "prim::NumToTensor" in str(traced.inlined_graph)
+    opt = pyrys.optimize(traced, (x,))
+    assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE

@@ -136,6 +136,19 @@ def _has_node(obj: Any) -> bool:
     return any(isinstance(v, fx.Node) for v in tree_flatten(obj)[0])
 
 
+def _constant_values(obj: Any) -> Any:
+    """``obj`` with each constant node (``get_attr``) replaced by its tensor; None if it reads a computed one."""
+    leaves = tree_flatten(obj)[0]
+    if any(isinstance(v, fx.Node) and v.op != "get_attr" for v in leaves):
+        return None
+    return tree_map(lambda v: getattr(v.graph.owning_module, v.target) if isinstance(v, fx.Node) else v, obj)
+
+
+def _numbers_only(obj: Any) -> bool:
+    """Every tensor in ``obj`` is a 0-dim one (a number)."""
+    return all(v.dim() == 0 for v in tree_flatten(obj)[0] if isinstance(v, torch.Tensor))
+
+
 def _val(obj: Any) -> Any:
     return tree_map(lambda v: v.meta["val"] if isinstance(v, fx.Node) else v, obj)
 
@@ -354,6 +367,13 @@ class _Importer:
     def _warn(self, scope: _Scope, node: torch._C.Node) -> None:
         self.notes.append(f"{self.class_name} calls warnings.warn; pyrys does not repeat the warning at run time")
 
+    def _num_to_tensor(self, scope: _Scope, node: torch._C.Node) -> None:
+        """A number as a 0-dim tensor (a traced ``x.size(1)`` is one): a constant, the number being known."""
+        number = scope.lookup(node.input())
+        if _has_node(number):
+            raise TorchScriptImportError(f"prim::NumToTensor of a computed number (in {self.class_name}): {node}".strip())
+        scope.bind(node.output(), add_constant(scope.gm, torch.tensor(number), _node_name(node.output(), "number")))
+
     def _uninitialized(self, scope: _Scope, node: torch._C.Node) -> None:
         scope.bind(node.output(), None)
 
@@ -373,6 +393,16 @@ class _Importer:
         if not tensor_out and schema.name in SHAPE_QUERIES:
             self._bind_results(scope, node, _call(op, schema, _val(values)))  # specialized to the example shapes
             return
+        constants = _constant_values(values)
+        if constants is not None and _numbers_only(constants) and _has_node(values) and \
+                torch.Tag.nondeterministic_seeded not in op.tags:
+            # arithmetic on sizes a trace made tensors (prim::NumToTensor): computed now, as the sizes are
+            result = _call(op, schema, constants)
+            if isinstance(result, torch.Tensor):
+                result = add_constant(scope.gm, result, _node_name(node.output(), "number"))
+            if not any(isinstance(v, torch.Tensor) for v in tree_flatten(result)[0]):
+                self._bind_results(scope, node, result)
+                return
         if not tensor_out and any(isinstance(v, torch.Tensor) for v in tree_flatten(_val(values))[0]):
             raise TorchScriptImportError(
                 f"{schema.name} turns tensor data into a Python value ({node.kind()} in {self.class_name}); "
@@ -542,6 +572,7 @@ _HANDLERS = {
     "prim::TupleIndex": _Importer._tuple_index,
     "prim::unchecked_cast": _Importer._identity,
     "prim::Uninitialized": _Importer._uninitialized,
+    "prim::NumToTensor": _Importer._num_to_tensor,
     "prim::dtype": _Importer._tensor_property,
     "prim::device": _Importer._tensor_property,
     "aten::format": _Importer._format,

@@ -56,8 +56,14 @@ from pyrys.passes.rewrite import Match, Miss, PassResult, Rule, apply_rules, fai
 aten = torch.ops.aten
 
 
+# c10::MemoryFormat by number: TorchScript passes ``aten::contiguous``'s memory format as an int
+MEMORY_FORMATS = (torch.contiguous_format, torch.preserve_format, torch.channels_last, torch.channels_last_3d)
+
+
 def _layout_kept(x: torch.Tensor, memory_format) -> bool:
     """True if copying ``x`` into ``memory_format`` gives the same strides it has."""
+    if isinstance(memory_format, int):
+        memory_format = MEMORY_FORMATS[memory_format]
     if memory_format in (None, torch.preserve_format):
         return True
     if memory_format == torch.contiguous_format:
