@@ -116,3 +116,21 @@ def test_traced_transformers_through_torchscript(name):
     with torch.no_grad():
         expected = model(*inputs)
     assert pyrys.relative_error(opt(*inputs), expected) <= TOLERANCE
+
+
+def test_int8_at_new_shapes_says_when_layers_fall_back_and_dynamic_true_keeps_them():
+    """BERT's static capture folds its position embeddings into a constant, the symbolic one computes them:
+    the calibrated scales do not name the symbolic graph's values.  The note says so; ``dynamic=True``
+    calibrates the symbolic graph itself, and every shape runs in int8."""
+    model = MODELS["hf_bert"](small=True)
+    calibration = [model.example_inputs(2) for _ in range(3)]
+    opt = pyrys.optimize(model, model.example_inputs(2), precision="int8", calibration=calibration)
+    opt(*model.example_inputs(1))
+    assert any("int8 layers in int8, the rest in float32" in note for note in opt.notes), opt.notes
+    opt = pyrys.optimize(model, model.example_inputs(2), precision="int8", calibration=calibration, dynamic=True)
+    for batch in (1, 3):
+        inputs = model.example_inputs(batch)
+        with torch.no_grad():
+            expected = model(*inputs)
+        assert 1e-3 < pyrys.relative_error(opt(*inputs), expected) <= 5e-2  # int8 ran, within its tolerance
+    assert not any("the rest in float32" in note for note in opt.notes), opt.notes

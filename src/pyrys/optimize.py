@@ -309,6 +309,7 @@ class OptimizedModule(torch.nn.Module):
                            f"({describe_dims(compiled.generic.gm)}); every later shape is specialized from it")
             else:
                 self._note(f"inputs ({signature.describe()}) captured and optimized again: {_static_reason(compiled)}")
+            self._note_int8_lost(compiled, signature)
             return compiled
         if self._generic is not None:
             try:
@@ -325,7 +326,18 @@ class OptimizedModule(torch.nn.Module):
         note = f"inputs ({signature.describe()}) captured and optimized again: {why}"
         compiled.notes.append(note)
         self._note(note)
+        self._note_int8_lost(compiled, signature)
         return compiled
+
+    def _note_int8_lost(self, compiled: Compiled, signature: Signature) -> None:
+        """A note when a capture for new shapes runs fewer layers in int8 than the calibrated one: its
+        values computed otherwise (constants folded at one shape, not at another) have no calibrated scale."""
+        first, now = _int8_layers(self._first.run), _int8_layers(compiled.run)
+        if now < first:
+            self._note(f"precision='int8': the capture for inputs ({signature.describe()}) runs {now} of the "
+                       f"{first} int8 layers in int8, the rest in float32 (their inputs are computed otherwise "
+                       "there than in the graph calibrated; its misses say which); optimize with dynamic=True to "
+                       "calibrate the graph every shape is specialized from")
 
     def _note(self, note: str) -> None:
         """Add to ``opt.notes`` (the first signature's), at most :data:`MAX_SHAPE_NOTES` times."""
@@ -571,6 +583,11 @@ def effective_precision(precision: str) -> tuple[str, str]:
     if precision == "int8":
         return precision, int8_note()
     return precision, ""
+
+
+def _int8_layers(run) -> int:
+    """How many convs and linears a pipeline run put in int8."""
+    return sum(step.fired.get("int8", 0) for step in run.history)
 
 
 def _no_int8_note(precision: str, run) -> str:

@@ -37,6 +37,8 @@ FUNCTIONS: dict[str, Any] = {
                                      sympy.StrictGreaterThan, sympy.GreaterThan)},
     **{name: value for name, value in vars(torch_sympy).items()
        if inspect.isclass(value) and issubclass(value, sympy.Function)},
+    # torch's own (not sympy.Function): a slice of a constant to a sequence length (BERT's position ids[:, :L])
+    "Min": torch_sympy.Min, "Max": torch_sympy.Max,
 }
 
 
