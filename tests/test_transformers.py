@@ -134,3 +134,21 @@ def test_int8_at_new_shapes_says_when_layers_fall_back_and_dynamic_true_keeps_th
             expected = model(*inputs)
         assert 1e-3 < pyrys.relative_error(opt(*inputs), expected) <= 5e-2  # int8 ran, within its tolerance
     assert not any("the rest in float32" in note for note in opt.notes), opt.notes
+
+
+def test_a_saved_transformer_takes_new_shapes_after_load(tmp_path):
+    """BERT's symbolic sizes include torch's ``Min`` (its position ids sliced to the length): saved and read
+    back, so the loaded module specializes new batch sizes and lengths without ``torch.export``."""
+    import warnings
+
+    model = MODELS["hf_bert"](small=True)
+    opt = pyrys.optimize(model, model.example_inputs(2), dynamic=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a save that leaves the symbolic graph out warns
+        pyrys.save(opt, tmp_path / "bert")
+    loaded = pyrys.load(tmp_path / "bert")
+    ids, mask = model.example_inputs(3)
+    shorter = (ids[:, :9], mask[:, :9])
+    with torch.no_grad():
+        expected = model(*shorter)
+    assert pyrys.relative_error(loaded(*shorter), expected) <= TOLERANCE

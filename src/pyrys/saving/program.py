@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -106,7 +107,9 @@ def _encode_generic(template: Compiled, tensors: dict) -> dict | None:
     try:
         symbolic = encode_symbolic(captured.gm)
         graph = encode_graph(captured.gm, "generic", tensors)
-    except SaveError:
+    except SaveError as error:
+        warnings.warn(f"{error}; the graph for every shape is left out: the loaded module runs the shapes "
+                      "compiled so far only", stacklevel=3)
         return None
     return {"graph": graph, "symbolic": symbolic, "in_spec": encode_spec(captured.in_spec),
             "out_spec": encode_spec(captured.out_spec), "class_name": captured.class_name}
