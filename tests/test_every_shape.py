@@ -244,3 +244,40 @@ def test_a_forward_taking_star_args_is_captured_once_for_every_shape(captures, b
         inputs = tokens(batch, length)
         assert pyrys.relative_error(opt(*inputs), model(*inputs)) <= TOLERANCE, (batch, length)
     assert captures == [False, True] and not any("again" in note for note in opt.notes), opt.notes
+
+
+class BatchOnePath(torch.nn.Module):
+    """A path taken at batch 1 only (HF GPT-2's mask code has one): a batch-1 example would pin the batch."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.linear(x)
+        return y * 2.0 if x.shape[0] == 1 else y
+
+
+def test_a_batch_1_call_does_not_pin_the_batch_of_the_graph_for_every_shape(captures, backend):
+    """The symbolic capture at a batch-1 call runs from a batch of 2 (the inputs repeated): batch 1 gets a
+    program of its own, every other batch is specialized from the symbolic graph."""
+    model = BatchOnePath().eval()
+    opt = pyrys.optimize(model, (torch.rand(3, 4),), backend=backend)
+    for batch in (1, 4, 5, 1, 2):
+        x = torch.rand(batch, 4)
+        assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE, batch
+    assert captures == [False, True, False]  # the example; the symbolic capture; batch 1 alone (it breaks Ne(s, 1))
+    assert not any("(4, 4)" in note or "(5, 4)" in note for note in opt.notes), opt.notes
+
+
+def test_a_model_that_takes_a_batch_of_1_only_is_captured_from_its_own_example(captures, backend):
+    class OneOnly(torch.nn.Module):
+        def forward(self, x):
+            assert x.shape[0] == 1, "one at a time"
+            return x.sum(-1)
+
+    model = OneOnly().eval()
+    opt = pyrys.optimize(model, (torch.rand(1, 4),), backend=backend)
+    x = torch.rand(1, 6)
+    assert torch.allclose(opt(x), model(x))

@@ -13,7 +13,8 @@ Sizes 0 and 1 are specialized by default ("0/1 specialization": a batch-1 exampl
 batch); ``backed_size_oblivious`` keeps them symbolic, and what the trace assumed about them
 (``Ne(s1, 1)``) is recorded as a guard, checked for every later shape
 (:func:`pyrys.ir.symbolic.bind_symbols`); the passes propagate shapes in the same mode
-(:func:`pyrys.ir.symbolic.sizes_kept_symbolic`).
+(:func:`pyrys.ir.symbolic.sizes_kept_symbolic`).  A guard the model's own code makes on a batch of 1
+(``if batch == 1``) would still pin it: the capture runs from :func:`symbolic_example`.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 from torch.export import Dim
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 MAX_SEQUENCE_RANK = 3  # inputs up to this rank have every dim symbolic; higher ranks only the batch
 
@@ -52,3 +53,18 @@ def _auto(value: Any) -> Any:
 def _dims(tensor: torch.Tensor) -> dict[int, Any]:
     dims = range(tensor.dim()) if tensor.dim() <= MAX_SEQUENCE_RANK else [0]
     return {i: Dim.AUTO for i in dims}
+
+
+def symbolic_example(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The inputs to capture with symbolic sizes: as given, or, where every input's batch is 1, with each
+    input's first dim repeated to 2.  A batch-1 example takes the model's batch-1 path (HF GPT-2's mask
+    code guards ``Eq(batch, 1)``), which pins the batch of the graph every shape is specialized from; from a
+    batch of 2 only batch 1 itself may need a capture of its own."""
+    tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim()]
+    if not tensors or any(t.shape[0] != 1 for t in tensors):
+        return args, kwargs
+
+    def widened(value):
+        return torch.cat([value, value]) if isinstance(value, torch.Tensor) and value.dim() else value
+
+    return tree_map(widened, args), tree_map(widened, kwargs)

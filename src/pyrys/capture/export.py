@@ -32,7 +32,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, free_unbacked_symbols
 
 from pyrys.capture.captured import Captured
-from pyrys.capture.dynamic_shapes import symbolic_dims
+from pyrys.capture.dynamic_shapes import symbolic_dims, symbolic_example
 from pyrys.errors import CaptureError
 from pyrys.ir.graph import STATE_KEY, StateRef, add_constant, add_placeholder, copy_graph, identifier, insert_call
 from pyrys.ir.symbolic import input_dims, set_fake_mode, sizes_kept_symbolic
@@ -123,7 +123,7 @@ def capture_module(model: torch.nn.Module, args: tuple, kwargs: dict | None = No
     if not dynamic:
         return from_exported(export_module(model, args, kwargs), model)
     try:
-        exported = export_module(model, args, kwargs, dynamic=True)
+        exported = _export_symbolic(model, args, kwargs or {})
     except CaptureError:
         raise
     except Exception as error:  # noqa: BLE001 -- whatever fails with symbolic sizes is tried again with fixed ones
@@ -133,6 +133,18 @@ def capture_module(model: torch.nn.Module, args: tuple, kwargs: dict | None = No
                               f"({type(error).__name__}: {first_line[:300]}); a new shape is captured again")
         return captured
     return from_exported(exported, model)
+
+
+def _export_symbolic(model: torch.nn.Module, args: tuple, kwargs: dict) -> ExportedProgram:
+    """``export_module(dynamic=True)`` from :func:`symbolic_example` (a batch of 1 made 2), or, where the
+    model refuses that example, from the inputs as given."""
+    wide_args, wide_kwargs = symbolic_example(args, kwargs)
+    if wide_args is args and wide_kwargs is kwargs:
+        return export_module(model, args, kwargs, dynamic=True)
+    try:
+        return export_module(model, wide_args, wide_kwargs, dynamic=True)
+    except Exception:  # noqa: BLE001 -- a model that takes a batch of 1 only: its own example
+        return export_module(model, args, kwargs, dynamic=True)
 
 
 def from_exported(ep: ExportedProgram, model: torch.nn.Module | None = None) -> Captured:
