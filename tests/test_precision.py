@@ -262,3 +262,10 @@ def test_a_bad_output_dtype_is_refused():
     with pytest.raises(ValueError, match="output_dtype is not available through torch.compile"):
         from pyrys.compile_backend import pyrys_backend
         pyrys_backend(torch.fx.symbolic_trace(conv_bn_relu()), [image()], {"output_dtype": torch.bfloat16})
+
+
+def test_numerics_of_bf16_outputs_from_fp32_counts_their_rounding_against_the_bf16_tolerance(backend):
+    opt = pyrys.optimize(conv_bn_relu(), (image(),), backend=backend, output_dtype=torch.bfloat16, numerics=True)
+    report = opt.numerics
+    assert report.tolerance == BF16_TOLERANCE and report.first_over() is None, report.render()
+    assert FP32_TOLERANCE < report.backend_error <= BF16_TOLERANCE  # the rounding to bfloat16 is measured

@@ -572,8 +572,10 @@ def _trace(config: OptimizeConfig, model: Any, args: tuple, kwargs: dict) -> Num
     and the tolerance of the precision it runs in."""
     if not config.numerics:
         return None
-    return NumericsTrace(lambda: eager_outputs(model, args, kwargs), TOLERANCES[effective_precision(config.precision)[0]],
-                         config.output_dtype)
+    tolerance = TOLERANCES[effective_precision(config.precision)[0]]
+    if config.output_dtype is torch.bfloat16:  # the outputs' own rounding counts
+        tolerance = max(tolerance, TOLERANCES["bf16"])
+    return NumericsTrace(lambda: eager_outputs(model, args, kwargs), tolerance, config.output_dtype)
 
 
 def effective_precision(precision: str) -> tuple[str, str]:

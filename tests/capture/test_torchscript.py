@@ -217,3 +217,18 @@ def test_a_trace_s_sizes_made_tensors_are_numbers_again():
     assert "prim::NumToTensor" in str(traced.inlined_graph)
     opt = pyrys.optimize(traced, (x,))
     assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE
+
+
+def test_a_traced_size_in_float_arithmetic_keeps_the_trace_s_dtype():
+    """``size / 2.5`` is a float64 tensor when folded as tensors, float32 in the trace (a number promotes like a
+    Python number): the folded constant takes the trace's dtype, and so does the output."""
+    class Scaled(torch.nn.Module):
+        def forward(self, x):
+            return torch.arange(6).view(2, 3) * (x.size(1) / 2.5) + x
+
+    x = torch.randn(2, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(Scaled(), (x,))
+    y = pyrys.optimize(traced, (x,))(x)
+    assert y.dtype == torch.float32 and pyrys.relative_error(y, Scaled()(x)) <= TOLERANCE

@@ -144,6 +144,12 @@ def _constant_values(obj: Any) -> Any:
     return tree_map(lambda v: getattr(v.graph.owning_module, v.target) if isinstance(v, fx.Node) else v, obj)
 
 
+def _as_declared(value: torch._C.Value, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in the dtype the TorchScript graph declares for ``value`` (where it declares one)."""
+    declared = value.type().dtype() if isinstance(value.type(), torch._C.TensorType) else None
+    return tensor if declared is None else tensor.to(declared)
+
+
 def _numbers_only(obj: Any) -> bool:
     """Every tensor in ``obj`` is a 0-dim one (a number)."""
     return all(v.dim() == 0 for v in tree_flatten(obj)[0] if isinstance(v, torch.Tensor))
@@ -372,7 +378,8 @@ class _Importer:
         number = scope.lookup(node.input())
         if _has_node(number):
             raise TorchScriptImportError(f"prim::NumToTensor of a computed number (in {self.class_name}): {node}".strip())
-        scope.bind(node.output(), add_constant(scope.gm, torch.tensor(number), _node_name(node.output(), "number")))
+        scope.bind(node.output(), add_constant(scope.gm, _as_declared(node.output(), torch.tensor(number)),
+                                               _node_name(node.output(), "number")))
 
     def _uninitialized(self, scope: _Scope, node: torch._C.Node) -> None:
         scope.bind(node.output(), None)
@@ -395,11 +402,11 @@ class _Importer:
             return
         constants = _constant_values(values)
         if constants is not None and _numbers_only(constants) and _has_node(values) and \
-                torch.Tag.nondeterministic_seeded not in op.tags:
+                torch.Tag.nondeterministic_seeded not in op.tags and _mutated_argument(schema) is None:
             # arithmetic on sizes a trace made tensors (prim::NumToTensor): computed now, as the sizes are
             result = _call(op, schema, constants)
-            if isinstance(result, torch.Tensor):
-                result = add_constant(scope.gm, result, _node_name(node.output(), "number"))
+            if isinstance(result, torch.Tensor):  # in the trace's dtype: a traced number promotes like a Python one
+                result = add_constant(scope.gm, _as_declared(node.output(), result), _node_name(node.output(), "number"))
             if not any(isinstance(v, torch.Tensor) for v in tree_flatten(result)[0]):
                 self._bind_results(scope, node, result)
                 return
