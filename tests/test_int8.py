@@ -267,7 +267,7 @@ def test_bad_input_gets_a_clear_error():
     model, x = resnet_like(), images(1)[0]
     with pytest.raises(ValueError, match="precision='int8' needs calibration="):
         pyrys.optimize(model, (x,), precision="int8")
-    with pytest.raises(ValueError, match="calibration= is read with precision='int8' only"):
+    with pytest.raises(ValueError, match="calibration= is read with precision='int8' or 'bf16' only"):
         pyrys.optimize(model, (x,), calibration=[x])
     with pytest.raises(ValueError, match="calibration gave no samples"):
         pyrys.optimize(model, (x,), precision="int8", calibration=[])
@@ -279,7 +279,7 @@ def test_bad_input_gets_a_clear_error():
     with pytest.raises(pyrys.InputError, match=r"calibration sample 0 .* got \(Double\(2, 3, 32, 32\)\)"):
         pyrys.optimize(model, (x,), precision="int8", calibration=[x.double()])
     for budget in (0, -1.0, "1e-2", True):
-        with pytest.raises(ValueError, match="accuracy_budget must be a positive number or None"):
+        with pytest.raises(ValueError, match="accuracy_budget must be a positive number, 'auto' or None"):
             pyrys.optimize(model, (x,), precision="int8", calibration=[x], accuracy_budget=budget)
 
 

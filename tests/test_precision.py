@@ -8,6 +8,7 @@ kernels need a CPU with native bf16 and say so when skipped.
 from __future__ import annotations
 
 import importlib
+import re
 import tempfile
 
 import pytest
@@ -269,3 +270,88 @@ def test_numerics_of_bf16_outputs_from_fp32_counts_their_rounding_against_the_bf
     report = opt.numerics
     assert report.tolerance == BF16_TOLERANCE and report.first_over() is None, report.render()
     assert FP32_TOLERANCE < report.backend_error <= BF16_TOLERANCE  # the rounding to bfloat16 is measured
+
+
+class Cancelling(torch.nn.Module):
+    """A linear taking differences of neighbouring features of an input that is ~100 everywhere: the
+    differences are ~1e-2, and rounding the input to bfloat16 (steps of 0.5 there) loses them all; the
+    linear after it is benign."""
+
+    def __init__(self):
+        super().__init__()
+        self.differences, self.mix = torch.nn.Linear(8, 7, bias=False), torch.nn.Linear(7, 4)
+        with torch.no_grad():
+            self.differences.weight.copy_(torch.eye(7, 8) - torch.eye(8)[1:])
+
+    def forward(self, x):
+        return self.mix(self.differences(x) * 100)
+
+    @staticmethod
+    def inputs(batch: int = 4, seed: int = 0) -> torch.Tensor:
+        return 100 + 0.01 * torch.randn(batch, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_accuracy_budget_keeps_the_op_that_breaks_it_in_float32(bf16_cpu, backend):
+    model, x = Cancelling().eval(), Cancelling.inputs()
+    unguarded = pyrys.optimize(model, (x,), backend=backend, precision="bf16", accuracy_budget=None)
+    assert pyrys.relative_error(unguarded(x), model(x)) > 0.1  # the differences are lost in bf16
+    assert unguarded.notes == []  # nothing measured
+    opt = pyrys.optimize(model, (x,), backend=backend, precision="bf16", accuracy_budget=1e-2, verify=True)
+    (miss,) = opt.misses
+    assert miss.rule == "bf16" and "kept in float32 by the accuracy guard" in miss.reason
+    assert "accuracy_budget=0.01" in miss.reason and "on the inputs compiled for" in miss.reason
+    assert re.search(rf"%{miss.node} : Float\(4, 7\) = aten::linear\(%x, ", opt.graph)  # the differences, in float32
+    (step,) = [s for s in opt.history if s.name == "lower_precision"]
+    assert step.fired["bf16"] >= 1 and "BFloat16(4, 4) = aten::linear" in opt.graph  # the mix stays bf16
+    error = pyrys.relative_error(opt(x), model(x))
+    assert error <= 1e-2
+    (note,) = [n for n in opt.notes if "outputs within" in n]
+    assert "accuracy_budget=0.01: 1 op kept in float32, see misses" in note
+    assert float(re.search(r"within (\S+) of float32", note).group(1)) == pytest.approx(error, rel=0.1, abs=1e-3)
+    other = Cancelling.inputs(batch=6, seed=1)  # a new shape: its own capture, guarded on its own inputs
+    assert pyrys.relative_error(opt(other), model(other)) <= 1e-2
+
+
+def test_the_default_budget_measures_and_keeps_what_holds(bf16_cpu, backend):
+    model, x = conv_bn_relu(), image()
+    opt = pyrys.optimize(model, (x,), backend=backend, precision="bf16")
+    assert opt.misses == [] and opt.graph == GOLDEN  # ~4e-3: within the default 3e-2
+    (note,) = [n for n in opt.notes if "outputs within" in n]
+    assert "accuracy_budget=0.03)" in note
+    measured = float(re.search(r"within (\S+) of float32", note).group(1))
+    assert 1e-5 < measured <= BF16_TOLERANCE
+
+
+def test_calibration_samples_are_what_the_bf16_guard_measures_on(bf16_cpu, backend):
+    model = Cancelling().eval()
+    samples = [Cancelling.inputs(seed=seed) for seed in range(6)]
+    opt = pyrys.optimize(model, (samples[0],), backend=backend, precision="bf16", calibration=samples,
+                         accuracy_budget=1e-2)
+    assert [m.rule for m in opt.misses] == ["bf16"] and "on 4 calibration samples" in opt.misses[0].reason
+    for x in samples:
+        assert pyrys.relative_error(opt(x), model(x)) <= 1e-2
+    with pytest.raises(pyrys.InputError, match="calibration sample 1 must be inputs like the example inputs"):
+        pyrys.optimize(model, (samples[0],), precision="bf16", calibration=[samples[0], torch.randn(3, 8)])
+    with pytest.raises(ValueError, match="calibration= is read with precision='int8' or 'bf16' only, not 'fp32'"):
+        pyrys.optimize(model, (samples[0],), calibration=samples)
+
+
+def test_a_guard_that_cannot_measure_says_so_and_compiles(bf16_cpu, monkeypatch):
+    from pyrys.passes.precision_guard import Bf16Guard
+
+    def fails(self, gm, lower):
+        raise RuntimeError("no reference run here")
+
+    monkeypatch.setattr(Bf16Guard, "choose", fails)
+    model, x = Cancelling().eval(), Cancelling.inputs()
+    opt = pyrys.optimize(model, (x,), precision="bf16", accuracy_budget=1e-2)
+    assert any("accuracy guard could not measure the graph" in n and "no reference run here" in n for n in opt.notes)
+    assert opt.misses == [] and "BFloat16(4, 7) = aten::linear" in opt.graph  # compiled as without a guard
+
+
+def test_disabling_lower_precision_says_what_it_leaves_undone(bf16_cpu, backend):
+    opt = pyrys.optimize(conv_bn_relu(), (image(),), backend=backend, precision="bf16", output_dtype=torch.bfloat16,
+                         disable=("lower_precision",))
+    assert opt(image()).dtype == torch.float32 and "BFloat16" not in opt.graph
+    assert ("the pass lower_precision is disabled: precision='bf16' and output_dtype=torch.bfloat16 not applied "
+            "(float32 throughout)") in opt.notes

@@ -27,13 +27,15 @@ from pyrys.ir.verify import VerificationError, make_verifier, output_types
 from pyrys.ir.graph import share_constants
 from pyrys.ir.symbolic import describe_dims, is_symbolic, rows_dim
 from pyrys.numerics import TOLERANCES
+from pyrys.numerics.budget import AUTO, GUARD_SAMPLES, accuracy_note, budget_for, check_budget
 from pyrys.numerics.eager import eager_outputs
 from pyrys.numerics.report import NumericsReport
 from pyrys.numerics.trace import NumericsTrace
 from pyrys.machine import give_back_freed_memory, native_bf16
 from pyrys.passes.freeze import ALL
 from pyrys.passes.precision import PRECISIONS
-from pyrys.quantization import DEFAULT_ACCURACY_BUDGET, int8_note
+from pyrys.passes.precision_guard import Bf16Guard
+from pyrys.quantization import int8_note
 from pyrys.quantization.calibration import Calibration, calibration_samples
 from pyrys.passes.specialize import ShapeMismatch, specialize
 from pyrys.passes.pipeline import (Instruments, PassOptions, PipelineRun, check_pass_names, legalize_for_backends,
@@ -59,7 +61,8 @@ class OptimizeConfig:
     dynamic: bool | None = None  # see optimize()
     numerics: bool = False  # measure every pass and layer against eager on the example inputs
     precision: str = "fp32"  # "bf16", "int8": see optimize()
-    calibration: Calibration | None = field(default=None, compare=False, repr=False)  # precision="int8"
+    # precision="int8": the samples, then the plan; "bf16": the samples (if given) and the accuracy budget
+    calibration: Calibration | None = field(default=None, compare=False, repr=False)
     output_dtype: torch.dtype | None = None  # every floating-point output in this dtype; None: eager's
 
 
@@ -158,14 +161,18 @@ def _compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: Op
         refresh_meta(captured.gm)
         instruments.verify = make_verifier(output_types(captured.gm), config.output_dtype)
     precision, precision_note = effective_precision(config.precision)
-    options = PassOptions(config.freeze_params, config.freeze_flags, precision, config.calibration, config.output_dtype)
+    guard = _bf16_guard(config.calibration, flat) if precision == "bf16" else None
+    options = PassOptions(config.freeze_params, config.freeze_flags, precision, config.calibration, config.output_dtype,
+                          guard)
     run = run_pipeline(captured.gm, options, config.disable, instruments)
     legalize_for_backends(captured.gm, instruments)
     if like is not None:
         share_constants(captured.gm, like.captured.gm)
     generic = captured if is_symbolic(captured.gm) else None
     notice = get_backend(config.backend)[2]
-    notes = captured.notes + [note for note in (notice, precision_note, _no_int8_note(precision, run)) if note]
+    notes = captured.notes + [note for note in (notice, precision_note, _no_int8_note(precision, run),
+                                                _accuracy_note(precision, config.calibration, guard),
+                                                _disabled_precision_note(precision, config)) if note]
     template = Compiled(signature, captured, run, None, "", notes, generic)
     try:
         compiled = build_for_shape(template, signature, flat, config, like=like.program if like else None)
@@ -180,6 +187,41 @@ def _compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: Op
     if trace is not None:
         compiled.numerics = _measure_program(trace, compiled, flat, config)
     return compiled
+
+
+def _bf16_guard(calibration: Calibration | None, flat: list) -> Bf16Guard | None:
+    """What the bf16 accuracy guard of this compile measures on: the first compile takes the samples of
+    ``calibration=`` where given (and lets them go), every other the inputs it compiles for; None where
+    ``accuracy_budget=None`` (nothing measured)."""
+    if calibration is None:
+        return None
+    with calibration.lock:
+        samples, calibration.samples = calibration.samples, None
+    if samples:
+        samples = samples[:GUARD_SAMPLES]
+        return Bf16Guard(samples, calibration.accuracy_budget, f"{len(samples)} calibration sample{'s' * (len(samples) > 1)}")
+    return Bf16Guard([flat], calibration.accuracy_budget, "the inputs compiled for")
+
+
+def _accuracy_note(precision: str, calibration: Calibration | None, guard: Bf16Guard | None) -> str:
+    """How far the outputs are from float32's, as the accuracy guard measured (bf16: this compile's; int8:
+    the first compile's, whose plan every compile uses)."""
+    if guard is not None:
+        return guard.note()
+    plan = calibration.plan if calibration is not None and precision == "int8" else None
+    if plan is None or plan.error is None:
+        return ""
+    return accuracy_note("int8", plan.error, calibration.accuracy_budget, len(plan.kept), "the calibration data")
+
+
+def _disabled_precision_note(precision: str, config: OptimizeConfig) -> str:
+    """What ``disable=("lower_precision",)`` leaves undone (bf16, ``output_dtype``), said rather than silent."""
+    if "lower_precision" not in config.disable:
+        return ""
+    undone = [f"precision={precision!r}"] * (precision == "bf16")
+    undone += [f"output_dtype={config.output_dtype}"] * (config.output_dtype is not None)
+    return (f"the pass lower_precision is disabled: {' and '.join(undone)} not applied (float32 throughout)"
+            if undone else "")
 
 
 def _measure_program(trace: NumericsTrace, compiled: Compiled, flat: list, config: OptimizeConfig) -> NumericsReport:
@@ -483,7 +525,7 @@ def optimize(
     numerics: bool = False,
     precision: str = "fp32",
     calibration: Iterable | None = None,
-    accuracy_budget: float | None = DEFAULT_ACCURACY_BUDGET,
+    accuracy_budget: float | str | None = AUTO,
     output_dtype: torch.dtype | None = None,
 ) -> OptimizedModule:
     """Optimize ``model`` for inference on inputs like ``example_inputs``.
@@ -522,11 +564,13 @@ def optimize(
     (see ``output_dtype``).  Where the CPU has no native bf16 it runs in fp32, with a note in ``notes``.  ``"int8"``: convolutions
     and linears read 8-bit activations (per tensor, scales from ``calibration``) and weights (per output
     channel) and accumulate in int32 (:mod:`pyrys.passes.quantize`); ``notes`` says which kernels this CPU gets.
-    ``calibration`` (int8 only, required there): an iterable of samples, each one call's inputs (a tensor or
-    a tuple of them, a ``DataLoader`` over the inputs) with the example's shapes and dtypes; the first 300 are
-    read.  ``accuracy_budget`` (int8): the largest relative error against float32 on the calibration data;
-    the ops whose quantization costs the most go back to float32 until it holds, each a miss saying why
-    (:mod:`pyrys.quantization.guard`); None: no guard.
+    ``calibration`` (int8: required; bf16: optional, what the accuracy guard measures on): an iterable of
+    samples, each one call's inputs (a tensor or a tuple of them, a ``DataLoader`` over the inputs) with the
+    example's shapes and dtypes; the first 300 are read.  ``accuracy_budget`` (bf16, int8): the largest
+    relative error against float32 of the outputs on the calibration data (bf16 without it: the inputs
+    compiled for); the fewest ops whose own rounding costs the most go back to float32 so that it holds,
+    each a miss saying why, and ``notes`` gives the error measured (:mod:`pyrys.numerics.budget`).
+    ``"auto"`` (default): 3e-2 for bf16, 5e-2 for int8 (``TOLERANCES``); None: nothing measured.
     ``output_dtype``: ``None`` (default): each output in the dtype eager gives (float32 under every
     ``precision``); ``torch.bfloat16``: every floating-point output in bfloat16 (with ``precision="bf16"``
     a bfloat16 result comes back as it is, no conversion); ``torch.float32``: in float32.
@@ -602,25 +646,25 @@ def _no_int8_note(precision: str, run) -> str:
 
 
 def check_calibration_options(precision: str, calibration: Any, accuracy_budget: Any) -> None:
-    """``calibration`` is given exactly when ``precision == "int8"``; the budget is None or a positive number."""
+    """``calibration`` is given when ``precision == "int8"``, and only with a lower precision; the budget is
+    ``"auto"``, None or a positive number."""
     if precision == "int8" and calibration is None:
         raise ValueError("pyrys.optimize: precision='int8' needs calibration=: samples of the model's inputs to "
                          "measure its activations on (an iterable of input tensors or tuples, e.g. a DataLoader "
                          "over the inputs; a few hundred representative samples)")
-    if precision != "int8" and calibration is not None:
-        raise ValueError(f"pyrys.optimize: calibration= is read with precision='int8' only, not {precision!r}")
-    if accuracy_budget is not None and (isinstance(accuracy_budget, bool) or not isinstance(accuracy_budget, (int, float))
-                                        or not accuracy_budget > 0):
-        raise ValueError(f"pyrys.optimize: accuracy_budget must be a positive number or None, got {accuracy_budget!r}")
+    if precision not in ("bf16", "int8") and calibration is not None:
+        raise ValueError(f"pyrys.optimize: calibration= is read with precision='int8' or 'bf16' only, not {precision!r}")
+    check_budget(accuracy_budget)
 
 
-def with_calibration(config: OptimizeConfig, calibration: Iterable | None, accuracy_budget: float | None,
+def with_calibration(config: OptimizeConfig, calibration: Iterable | None, accuracy_budget: float | str | None,
                      args: tuple, kwargs: dict) -> OptimizeConfig:
-    """``config`` holding the checked calibration samples (precision="int8"), else as it is."""
-    if calibration is None:
+    """``config`` holding the checked calibration samples (if any) and the accuracy budget of its precision
+    (int8, bf16; with bf16 and ``accuracy_budget=None``: none, nothing is measured), else as it is."""
+    budget = budget_for(config.precision, accuracy_budget)
+    if calibration is None and (config.precision != "bf16" or budget is None):
         return config
-    samples = calibration_samples(calibration, args, kwargs)
-    budget = None if accuracy_budget is None else float(accuracy_budget)
+    samples = None if calibration is None else calibration_samples(calibration, args, kwargs)
     return dataclasses.replace(config, calibration=Calibration(samples, budget))
 
 
@@ -699,7 +743,7 @@ def make_config(*, backend: str = "auto", freeze_params: Iterable[str] | None = 
 
 def optimize_torchscript(script: Any, example_inputs: Any, example_kwargs: dict | None, config: OptimizeConfig,
                          flag_values: dict[str, bool] | None = None, calibration: Iterable | None = None,
-                         accuracy_budget: float | None = DEFAULT_ACCURACY_BUDGET) -> OptimizedModule:
+                         accuracy_budget: float | str | None = AUTO) -> OptimizedModule:
     """The TorchScript way in (``pyrys.jit`` passes the freezes recorded by the seed's calls)."""
     args, kwargs = _example_inputs(example_inputs, example_kwargs)
     config = with_calibration(config, calibration, accuracy_budget, args, kwargs)

@@ -33,6 +33,7 @@ from pyrys.ir.verify import VerificationError
 from pyrys.passes import (cleanup, constant_propagation, fold_batch_norm, fold_constant_affine, freeze,
                           fuse_post_ops, legalize, simplify)
 from pyrys.passes import control_flow, precision, quantize
+from pyrys.passes.precision_guard import Bf16Guard
 from pyrys.passes.rewrite import Miss, PassResult
 from pyrys.quantization.calibration import Calibration
 
@@ -46,6 +47,7 @@ class PassOptions:
     precision: str = "fp32"  # "bf16": the ops of precision.BF16_OPS run in bfloat16; "int8": passes/quantize.py
     calibration: Calibration | None = field(default=None, compare=False)  # precision="int8": samples, then the plan
     output_dtype: torch.dtype | None = None  # every floating-point output in this dtype (None: as eager gives it)
+    guard: Bf16Guard | None = field(default=None, compare=False)  # precision="bf16": what the accuracy guard measures on
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ PIPELINE: tuple[Pass, ...] = (
     Pass("fold_conv_bn", lambda gm, o: fold_batch_norm.fold_conv_bn(gm)),
     Pass("fold_constant_affine", lambda gm, o: fold_constant_affine.fold_constant_affine(gm), fixed_point=True),
     Pass("fuse_post_ops", lambda gm, o: fuse_post_ops.fuse_post_ops(gm), fixed_point=True),
-    Pass("lower_precision", lambda gm, o: precision.lower_precision(gm, o.precision, o.output_dtype)),
+    Pass("lower_precision", lambda gm, o: precision.lower_precision(gm, o.precision, o.output_dtype, o.guard)),
     Pass("constant_propagation", lambda gm, o: constant_propagation.constant_propagation(gm)),
     Pass("dead_code_elimination", lambda gm, o: cleanup.dead_code_elimination(gm)),
     Pass("quantize", lambda gm, o: quantize.quantize(gm, o.precision, o.calibration)),

@@ -37,7 +37,8 @@ from pyrys.ir.fused import FUSED_OPS, Fused, read_fused
 from pyrys.ir.graph import op_args
 from pyrys.ir.post_ops import ACTIVATIONS
 from pyrys.ir.vocabulary import PERMUTES, VIEWS, WEIGHTED, is_pure
-from pyrys.passes.rewrite import PassResult
+from pyrys.passes.precision_guard import Bf16Guard
+from pyrys.passes.rewrite import Miss, PassResult
 
 aten = torch.ops.aten
 PRECISIONS = ("fp32", "bf16", "int8")  # int8: passes/quantize.py
@@ -69,14 +70,28 @@ BF16_OPS = COMPUTE_OPS | BETWEEN_OPS
 SUMS = frozenset({aten.add.Tensor, aten.sub.Tensor})
 
 
-def lower_precision(gm: fx.GraphModule, precision: str, output_dtype: torch.dtype | None = None) -> PassResult:
+def lower_precision(gm: fx.GraphModule, precision: str, output_dtype: torch.dtype | None = None,
+                    guard: Bf16Guard | None = None) -> PassResult:
     """Run :data:`BF16_OPS` in bfloat16 when ``precision == "bf16"`` (see the module docstring);
     ``fired["bf16"]`` counts the ops moved, ``fired["conversion"]`` the conversions written.  The graph's
     floating-point outputs come back as eager gives them, or all in ``output_dtype`` when it is given (a
-    bfloat16 result is then returned as it is, no conversion back)."""
-    result = PassResult()
+    bfloat16 result is then returned as it is, no conversion back).  ``guard``: measure the outputs' error
+    against float32 and keep in float32 the ops it chooses (:mod:`pyrys.passes.precision_guard`), each a miss."""
+    kept: dict[str, str] = {}
+    if precision == "bf16" and guard is not None:  # measured without output_dtype: no op choice changes that
+        kept = guard.keep(gm, lambda trial, names: _lower(trial, precision, None, names)[1])
+    result, _ = _lower(gm, precision, output_dtype, frozenset(kept))
+    result.misses = [Miss("bf16", name, why) for name, why in kept.items()]
+    return result
+
+
+def _lower(gm: fx.GraphModule, precision: str, output_dtype: torch.dtype | None,
+           kept: frozenset[str]) -> tuple[PassResult, set[str]]:
+    """:func:`lower_precision` with the compute ops named in ``kept`` left in float32; also the names of the
+    compute ops it moved."""
+    result, moved = PassResult(), set()
     if precision != "bf16" and output_dtype is None:
-        return result
+        return result, moved
     low: set[fx.Node] = set()  # nodes whose value is bfloat16 now
     converted: dict[tuple[fx.Node, torch.dtype], fx.Node] = {}
 
@@ -96,12 +111,12 @@ def lower_precision(gm: fx.GraphModule, precision: str, output_dtype: torch.dtyp
         if node.op == "output" and output_dtype is not None:
             node.args = tree_map(lambda a: _as_dtype(a, output_dtype, low, convert, node), node.args)
             rewired.append(node)
-        elif precision == "bf16" and node.op == "call_function" and _runs_low(node, low):
+        elif precision == "bf16" and node.op == "call_function" and node.name not in kept and _runs_low(node, low):
             fused = read_fused(node)
-            kept = _float32_residuals(fused, low)
-            if kept:  # y = op(x_bf16, W_bf16) + r in float32: the sum is never rounded to bfloat16
+            residuals = _float32_residuals(fused, low)
+            if residuals:  # y = op(x_bf16, W_bf16) + r in float32: the sum is never rounded to bfloat16
                 own = {name: _as_low(arg, low, convert, node) for name, arg in fused.args.items()}
-                operands = tuple(p if p in kept else _as_low(p, low, convert, node) for p in fused.post_inputs)
+                operands = tuple(p if p in residuals else _as_low(p, low, convert, node) for p in fused.post_inputs)
                 node.args, node.kwargs = replace(fused, args=own, post_inputs=operands).node_args(), {}
             elif node.target is ATTENTION:
                 node.args = (*(_as_low(a, low, convert, node) for a in node.args[:3]), *node.args[3:])
@@ -111,6 +126,8 @@ def lower_precision(gm: fx.GraphModule, precision: str, output_dtype: torch.dtyp
                 low.add(node)
             rewired.append(node)
             result.fired["bf16"] += node.target is not operator.getitem
+            if node.target in COMPUTE_OPS:
+                moved.add(node.name)
         elif any(a in low for a in node.all_input_nodes):
             node.args, node.kwargs = tree_map(lambda a: convert(a, HIGH, node) if a in low else a,
                                               (node.args, node.kwargs))
@@ -118,7 +135,7 @@ def lower_precision(gm: fx.GraphModule, precision: str, output_dtype: torch.dtyp
     settle_meta(rewired)  # in graph order: each node after the nodes it reads
     gm.graph.lint()
     gm.recompile()
-    return result
+    return result, moved
 
 
 def _runs_low(node: fx.Node, low: set[fx.Node]) -> bool:

@@ -27,15 +27,16 @@ import torch.fx as fx
 from torch.utils._pytree import tree_leaves
 
 from pyrys.ir.edit import insert_op
-from pyrys.ir.fused import (FUSED_BY_BASE, FUSED_CONV_TRANSPOSE, FUSED_OPS, Fused, fused_form_miss, read_fused,
-                            to_fused)
+from pyrys.ir.fused import (FUSED_BY_BASE, FUSED_CONV_TRANSPOSE, FUSED_OPS, Fused, fused_form_miss,
+                            read_fused, to_fused)
 from pyrys.ir.graph import add_constant, op_args
 from pyrys.ir.provenance import copies
 from pyrys.passes import cleanup
 from pyrys.passes.rewrite import Miss, PassResult
 from pyrys.quantization import DEQUANTIZE, DEQUANTIZE_WEIGHT, QUANTIZE, TensorQuant, quantize_weight, weight_max
 from pyrys.quantization.calibration import Calibration, QuantizationPlan, observe
-from pyrys.quantization.guard import GUARD_SAMPLES, Switch, guard
+from pyrys.numerics.budget import GUARD_SAMPLES
+from pyrys.quantization.guard import Switch, guard
 
 RULE = "int8"
 aten = torch.ops.aten
@@ -69,7 +70,8 @@ def quantize(gm: fx.GraphModule, precision: str, calibration: Calibration | None
         switches = _rewrite(gm, layers, keys, shared, _lookup(plan, roles, keys), result)
         if calibration.plan is None:
             if calibration.accuracy_budget is not None and switches:
-                plan.kept = guard(gm, switches, samples[:GUARD_SAMPLES], expected, calibration.accuracy_budget)
+                plan.kept, plan.error = guard(gm, switches, samples[:GUARD_SAMPLES], expected,
+                                              calibration.accuracy_budget)
             calibration.plan, calibration.samples = plan, None
     for key, why in plan.kept.items():
         if key in switches:

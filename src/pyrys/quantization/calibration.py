@@ -34,13 +34,16 @@ class QuantizationPlan:
 
     activations: dict[str, tuple[str, TensorQuant]]
     kept: dict[str, str] = field(default_factory=dict)
+    error: float | None = None  # the outputs' error against float32 the guard measured (None: no guard)
 
 
 class Calibration:
     """The calibration samples of one ``optimize`` call and the plan made from them, once (the samples
-    are let go then); ``accuracy_budget``: see :mod:`pyrys.quantization.guard` (None: no guard)."""
+    are let go then); ``accuracy_budget``: see :mod:`pyrys.numerics.budget` (None: no guard).  With
+    ``precision="bf16"`` there is no plan: the first compile's accuracy guard measures on the samples
+    (None where none were given: each compile measures on its own inputs)."""
 
-    def __init__(self, samples: list[list], accuracy_budget: float | None):
+    def __init__(self, samples: list[list] | None, accuracy_budget: float | None):
         self.samples: list[list] | None = samples
         self.accuracy_budget = accuracy_budget
         self.plan: QuantizationPlan | None = None

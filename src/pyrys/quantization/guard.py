@@ -5,12 +5,13 @@ the calibration data are within ``accuracy_budget`` of float32's.
     own(op)   = max over the samples of relative_error(op on its int8 arguments, op on its float32 ones),
                 both on the float32 graph's activations: the error the op's own quantization makes
 
-If error(every op) > budget, ops go back to float32, the largest ``own`` first, until error(the rest) <=
-budget.  Every op's ``own`` comes from one run of the float32 graph per sample (each op evaluated once
-more on its quantized arguments), so the guard costs two runs of the graph (on the reference backend,
-the rounding simulated) per sample plus one per op put back, on the first :data:`GUARD_SAMPLES`
-calibration samples; nothing beyond the first when the budget holds with every op in int8.  (Measuring
-each op's effect on the outputs alone took a run per op: 200 s for BERT-base's 73 linears.)
+If error(every op) > budget, the fewest ops with the largest ``own`` go back to float32 so that error(the
+rest) <= budget (the search: :mod:`pyrys.numerics.budget`).  Every op's ``own`` comes from one run of
+the float32 graph per sample (each op evaluated once more on its quantized arguments), so the guard
+costs two runs of the graph (on the reference backend, the rounding simulated) per sample plus about
+2 log2(k) more for k ops put back, on the first :data:`~pyrys.numerics.budget.GUARD_SAMPLES` calibration
+samples; nothing beyond the first when the budget holds with every op in int8.  (Measuring each op's
+effect on the outputs alone took a run per op: 200 s for BERT-base's 73 linears.)
 """
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ import torch.fx as fx
 from pyrys.backends.reference import ReferenceProgram
 from pyrys.ir.ops import PYTHON_IMPLS
 from pyrys.numerics import relative_error
+from pyrys.numerics.budget import fewest, kept_reason
 
-GUARD_SAMPLES = 4  # calibration samples the guard measures on
+DATA = "the calibration data"
 
 
 @dataclass
@@ -46,8 +48,9 @@ class Switch:
 
 
 def guard(gm: fx.GraphModule, switches: dict[str, Switch], samples: list[list], expected: list[list],
-          budget: float) -> dict[str, str]:
-    """Put ops of ``switches`` back into float32 (see the module docstring); ``{op name: why}`` for each."""
+          budget: float) -> tuple[dict[str, str], float]:
+    """Put ops of ``switches`` back into float32 (see the module docstring); ``{op name: why}`` for each,
+    and the outputs' error with the rest in int8."""
 
     def error() -> float:
         program = ReferenceProgram(gm)
@@ -55,19 +58,25 @@ def guard(gm: fx.GraphModule, switches: dict[str, Switch], samples: list[list], 
 
     total = error()
     if total <= budget:
-        return {}
+        return {}, total
     own = own_errors(gm, switches, samples)
-    for switch in switches.values():
-        switch.set(True)
-    kept: dict[str, str] = {}
-    for name in sorted(own, key=own.__getitem__, reverse=True):
-        switches[name].set(False)
-        kept[name] = (f"kept in float32 by the accuracy guard: int8 moves its own result by {own[name]:.1e} "
-                      f"(relative, on the calibration data), the most of the ops left; with every op in int8 "
-                      f"the outputs moved {total:.1e}, over accuracy_budget={budget:g}")
-        if error() <= budget:
-            break
-    return kept
+    ordered = sorted(own, key=own.__getitem__, reverse=True)
+    errors: dict[int, float] = {}
+
+    def holds(k: int) -> bool:
+        errors[k] = kept_error(k)
+        return errors[k] <= budget
+
+    def kept_error(k: int) -> float:
+        for i, name in enumerate(ordered):
+            switches[name].set(i >= k)
+        return error()
+
+    count = fewest(len(ordered), holds)
+    for i, name in enumerate(ordered):  # as chosen (the search may have tried others last)
+        switches[name].set(i >= count)
+    final = errors[count] if count in errors else error()
+    return {name: kept_reason("int8", own[name], total, budget, DATA, count) for name in ordered[:count]}, final
 
 
 def own_errors(gm: fx.GraphModule, switches: dict[str, Switch], samples: list[list]) -> dict[str, float]:

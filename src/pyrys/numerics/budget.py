@@ -1,0 +1,70 @@
+"""The accuracy budget a lower precision keeps (``optimize(..., accuracy_budget=)``), for bf16
+(:mod:`pyrys.passes.precision_guard`) and int8 (:mod:`pyrys.quantization.guard`) alike.
+
+    error(K) = max over the guard's samples of relative_error(outputs with the ops K kept in float32,
+               float32 outputs)
+    own(op)  = the error an op's own rounding makes in its result, on the float32 graph's activations
+
+When error(nothing kept) > budget, the ops are ordered by ``own``, largest first, and the fewest first
+k of them with error(first k) <= budget go back to float32.  k is found by doubling, then bisection
+(:func:`fewest`): about 2 log2(k) evaluations of error instead of k.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from pyrys.numerics import BF16_TOLERANCE, INT8_TOLERANCE
+
+AUTO = "auto"  # optimize's default accuracy_budget: the precision's own (DEFAULT_BUDGETS)
+DEFAULT_BUDGETS = {"bf16": BF16_TOLERANCE, "int8": INT8_TOLERANCE}  # relative error against float32
+GUARD_SAMPLES = 4  # samples the guards measure on (the first ones of calibration=, else the example inputs)
+
+
+def budget_for(precision: str, accuracy_budget: float | str | None) -> float | None:
+    """The budget ``optimize`` keeps: ``accuracy_budget`` as a float, the precision's default for ``"auto"``,
+    None (no guard) for None or for a precision without one (fp32)."""
+    if accuracy_budget == AUTO:
+        return DEFAULT_BUDGETS.get(precision)
+    if accuracy_budget is None or precision not in DEFAULT_BUDGETS:
+        return None
+    return float(accuracy_budget)
+
+
+def check_budget(accuracy_budget) -> None:
+    """``"auto"``, None or a positive number; anything else raises ``ValueError`` naming what it takes."""
+    if accuracy_budget == AUTO or accuracy_budget is None:
+        return
+    if isinstance(accuracy_budget, bool) or not isinstance(accuracy_budget, (int, float)) or not accuracy_budget > 0:
+        raise ValueError(f"pyrys.optimize: accuracy_budget must be a positive number, 'auto' or None, got "
+                         f"{accuracy_budget!r}")
+
+
+def fewest(count: int, holds: Callable[[int], bool]) -> int:
+    """The smallest k in 1..count with ``holds(k)``, for ``holds`` false below some k and true from it on
+    (``holds(count)`` is taken as true, not asked): doubling k until it holds, then bisecting."""
+    low, high = 0, 1  # holds(low) is false (nothing kept breaks the budget: why the guard runs)
+    while high < count and not holds(high):
+        low, high = high, high * 2
+    high = min(high, count)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if holds(middle):
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+def kept_reason(precision: str, own: float, total: float, budget: float, data: str, kept: int) -> str:
+    """A kept op's miss reason."""
+    which = "the op that moves its own the most" if kept == 1 else f"one of the {kept} ops that move theirs the most"
+    return (f"kept in float32 by the accuracy guard: {precision} moves its own result by {own:.1e} (relative, on "
+            f"{data}), {which}; with every op in {precision} the outputs moved {total:.1e}, over "
+            f"accuracy_budget={budget:g}")
+
+
+def accuracy_note(precision: str, error: float, budget: float | None, kept: int, data: str) -> str:
+    """The note saying how far the outputs are from float32's, and what the guard kept."""
+    held = "" if budget is None else f" (accuracy_budget={budget:g}" + (
+        f": {kept} op{'s' * (kept != 1)} kept in float32, see misses)" if kept else ")")
+    return f"precision={precision!r}: outputs within {error:.1e} of float32's (max relative error on {data}){held}"

@@ -1,0 +1,133 @@
+"""The bf16 accuracy guard: how far ``precision="bf16"`` moves the outputs from float32's, and which ops
+go back to float32 when that is more than ``accuracy_budget`` (the search: :mod:`pyrys.numerics.budget`).
+
+    error(K) = max over the samples of relative_error(graph lowered with the ops K kept in float32, float32 graph)
+    own(op)  = max over the samples of relative_error(op on its float32 arguments rounded to bfloat16,
+                                                      op on the float32 arguments)
+
+both on the reference backend, ``own`` on the float32 graph's activations (one run per sample for all
+ops: each op evaluated once more on its rounded arguments).  Each evaluation of ``error`` lowers a copy
+of the graph (its constants shared) and runs it; the graph itself is lowered once, with the ops chosen.
+With the budget kept by everything in bf16 (the usual case: ~4e-3 on CNNs and encoders) the guard
+costs one float32 and one bf16 run of the graph per sample.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from pyrys.backends.reference import ReferenceProgram
+from pyrys.ir.graph import copy_graph
+from pyrys.ir.ops import PYTHON_IMPLS
+from pyrys.numerics import relative_error
+from pyrys.numerics.budget import accuracy_note, fewest, kept_reason
+
+ATTENTION = torch.ops.aten.scaled_dot_product_attention.default  # its mask is never rounded
+
+
+@dataclass
+class Bf16Guard:
+    """What the guard measures on: ``samples`` (each one call's flat inputs), ``budget`` (None: measure
+    only), ``data`` (the samples in words, for the note); after the pass, ``error`` (the outputs' error
+    against float32 with the ops ``kept`` in float32) and ``kept`` (``{node name: why}``)."""
+
+    samples: list[list]
+    budget: float | None
+    data: str
+    error: float | None = None
+    kept: dict[str, str] = field(default_factory=dict)
+    failure: str = ""  # why the graph could not be measured (the model then runs with every op in bf16)
+
+    def keep(self, gm: fx.GraphModule, lower: Callable[[fx.GraphModule, frozenset[str]], set[str]]) -> dict[str, str]:
+        """:meth:`choose`, or nothing kept where the graph cannot be measured on the reference backend (the
+        failure is noted: a guard never stops a compile)."""
+        try:
+            return self.choose(gm, lower)
+        except Exception as error:  # noqa: BLE001 -- say why, compile as without a guard
+            self.error, self.kept = None, {}
+            self.failure = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
+            return {}
+
+    def choose(self, gm: fx.GraphModule, lower: Callable[[fx.GraphModule, frozenset[str]], set[str]]) -> dict[str, str]:
+        """The ops of ``gm`` (float32, not lowered yet) to keep in float32; ``lower(graph, kept)`` lowers a
+        graph in place keeping the ops named in ``kept``, and returns the names of the compute ops it moved."""
+        reference = ReferenceProgram(gm)
+        expected = [reference(sample) for sample in self.samples]
+
+        def error(kept: frozenset[str]) -> tuple[float, set[str]]:
+            trial = fx.GraphModule(gm, copy_graph(gm.graph))  # the constants are shared, not copied
+            moved = lower(trial, kept)
+            program = ReferenceProgram(trial)
+            return max(relative_error(program(s), want) for s, want in zip(self.samples, expected)), moved
+
+        total, moved = error(frozenset())
+        self.error = total
+        if self.budget is None or total <= self.budget or not moved:
+            return {}
+        own = own_errors(gm, moved, self.samples)
+        ordered = sorted(own, key=own.__getitem__, reverse=True)
+        errors: dict[int, float] = {}
+
+        def holds(k: int) -> bool:
+            errors[k] = error(frozenset(ordered[:k]))[0]
+            return errors[k] <= self.budget
+
+        count = fewest(len(ordered), holds)
+        self.error = errors[count] if count in errors else error(frozenset(ordered[:count]))[0]
+        self.kept = {name: kept_reason("bf16", own[name], total, self.budget, self.data, count)
+                     for name in ordered[:count]}
+        return self.kept
+
+    def note(self) -> str:
+        if self.failure:
+            return (f"precision='bf16': the accuracy guard could not measure the graph on {self.data} "
+                    f"({self.failure}); every op that can runs in bf16")
+        if self.error is None:
+            return ""
+        return accuracy_note("bf16", self.error, self.budget, len(self.kept), self.data)
+
+
+def own_errors(gm: fx.GraphModule, names: set[str], samples: list[list]) -> dict[str, float]:
+    """``own(op)`` of the module docstring for each op named in ``names``; only the values those ops read
+    are kept, each op measured as soon as its result is made."""
+    program = ReferenceProgram(gm)
+    nodes = {node.name: node for node in gm.graph.nodes if node.name in names}
+    read = {arg.name for node in nodes.values() for arg in node.all_input_nodes if arg.op != "get_attr"}
+    own = dict.fromkeys(names, 0.0)
+
+    for sample in samples:
+        values: dict[str, torch.Tensor] = {}
+
+        def value(arg: fx.Node):
+            return getattr(program.gm, arg.target) if arg.op == "get_attr" else values[arg.name]
+
+        def visit(node_name: str, tensor) -> None:
+            if node_name in read:
+                values[node_name] = tensor
+            node = nodes.get(node_name)
+            if node is None:
+                return
+            rounded = node.args[:3] if node.target is ATTENTION else (node.args, node.kwargs)
+            args, kwargs = fx.map_arg((node.args, node.kwargs),
+                                      lambda a: _rounded(value(a)) if _reads(rounded, a) else value(a))
+            run = PYTHON_IMPLS.get(node.target, node.target)
+            own[node_name] = max(own[node_name], relative_error(run(*args, **kwargs), tensor))
+
+        program.observe(sample, visit)
+    return own
+
+
+def _reads(args, node: fx.Node) -> bool:
+    found: list[fx.Node] = []
+    fx.map_arg(args, found.append)
+    return node in found
+
+
+def _rounded(value):
+    """A float32 tensor rounded to bfloat16's precision (kept float32, so the op runs as it did); else itself."""
+    if isinstance(value, torch.Tensor) and value.dtype == torch.float32:
+        return value.to(torch.bfloat16).to(torch.float32)
+    return value
