@@ -26,6 +26,7 @@ from pyrys.ir.graph import copy_graph
 from pyrys.ir.printer import op_name
 from pyrys.ir.provenance import absorbed, computes
 from pyrys.numerics import error_or_reason
+from pyrys.quantization import QUANTIZATION_OPS
 
 
 @dataclass(frozen=True)
@@ -48,9 +49,11 @@ class LayerError:
 
 
 def probed_nodes(gm: fx.GraphModule, captured: Container[str]) -> list[fx.Node]:
-    """The op nodes whose floating-point value has a captured twin."""
+    """The op nodes whose floating-point value has a captured twin; not int8's dequantize nodes: they are
+    part of the int8 op that reads them (made an output, one would stand alone), the op itself is probed."""
     return [node for node in gm.graph.nodes
-            if node.op == "call_function" and _is_float_tensor(node.meta.get("val")) and computes(node) in captured]
+            if node.op == "call_function" and node.target not in QUANTIZATION_OPS
+            and _is_float_tensor(node.meta.get("val")) and computes(node) in captured]
 
 
 def unmatched_nodes(gm: fx.GraphModule, captured: Container[str]) -> list[str]:

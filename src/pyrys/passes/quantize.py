@@ -27,7 +27,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_leaves
 
 from pyrys.ir.edit import insert_op
-from pyrys.ir.fused import (FUSED_BY_BASE, FUSED_CONV_TRANSPOSE, FUSED_OPS, Fused, fused_form_miss,
+from pyrys.ir.fused import (FUSED_BY_BASE, FUSED_CONV, FUSED_CONV_TRANSPOSE, FUSED_OPS, Fused, fused_form_miss,
                             read_fused, to_fused)
 from pyrys.ir.graph import add_constant, op_args
 from pyrys.ir.provenance import copies
@@ -200,7 +200,8 @@ def _rewrite(gm: fx.GraphModule, layers: list[fx.Node], keys: dict[fx.Node, str]
                                                         "(not in the graph the calibration ran on)"))
             continue
         with gm.graph.inserting_before(layer):
-            weight = _dequantized_weight(gm, fused.args["weight"])
+            weight = _dequantized_weight(gm, fused.args["weight"], TensorQuant.of_node(x_dq).dtype,
+                                         fused.kind.op is FUSED_CONV)
         residuals = {r: dequantized(r, f"residual {i} of {key}") for i, r in enumerate(_residuals(layer))}
         operands = tuple(residuals.get(p) or p for p in fused.post_inputs)
         int8 = replace(fused, args={**fused.args, "input": x_dq, "weight": weight}, post_inputs=operands).node_args()
@@ -244,9 +245,10 @@ def _quantize_dequantize(gm: fx.GraphModule, x: fx.Node, quant: TensorQuant) -> 
     return dq
 
 
-def _dequantized_weight(gm: fx.GraphModule, weight: fx.Node) -> fx.Node:
-    q, scales = quantize_weight(getattr(gm, weight.target))
-    w_max = weight_max()
+def _dequantized_weight(gm: fx.GraphModule, weight: fx.Node, src_dtype: torch.dtype, convolution: bool) -> fx.Node:
+    """The int8 form of a layer's ``weight`` for an input of ``src_dtype``, dequantized (per output channel)."""
+    q, scales = quantize_weight(getattr(gm, weight.target), src_dtype, convolution)
+    w_max = weight_max(src_dtype, convolution)
     nodes = [add_constant(gm, value, f"{weight.target}_{suffix}") for value, suffix in
              ((q, "int8"), (scales, "scale"), (torch.zeros(scales.shape, dtype=torch.int64), "zero_point"))]
     dq = insert_op(gm.graph, DEQUANTIZE_WEIGHT, (*nodes, 0, -w_max, w_max, torch.int8), f"{weight.target}_dq")

@@ -12,8 +12,13 @@ through a quantize/dequantize pair and its weight through a dequantize of an int
 runs as it is on the reference backend (the rounding simulated in float32: the same numbers up to
 float32 summation order) and the dnnl backend reads the pattern as one int8 primitive.
 
-``w_max`` is 127 where the CPU has VNNI or AMX int8; without (AVX2), 63: the older kernels sum two
-u8 x s8 products in 16 bits, which saturates for 8-bit weights (oneDNN's documented workaround).
+``w_max`` is 127 where the CPU has VNNI or AMX int8.  Without (AVX2) the kernels sum two u8 x s8
+products in 16 bits, which saturates for 8-bit weights: ops get 7-bit weights (-63..63, oneDNN's
+documented workaround), except that a convolution reading s8 has its weights halved by oneDNN itself
+(its AVX2 convolutions' s8s8 path: given 7-bit weights it would compute with 6 bits, twice the error),
+so it gets the same 7-bit values stored doubled (-126..126 in steps of 2, scales halved): halved
+exactly, the kernel computes what the graph says.  (Linears reading s8 run on a gemm that does not
+halve them: doubled, they saturate.)
 """
 from __future__ import annotations
 
@@ -66,9 +71,17 @@ def vnni() -> bool:
     return bool(set(VNNI_FLAGS) & cpu_flags())
 
 
-def weight_max() -> int:
-    """The largest |q_W|: 127 with VNNI, 63 without (see the module docstring)."""
-    return 127 if vnni() else 63
+def weight_max(src_dtype: torch.dtype = torch.uint8, convolution: bool = False) -> int:
+    """The largest |q_W| of an op reading ``src_dtype`` activations: 127 with VNNI; without, 63, and 126 (in
+    steps of :func:`weight_step`) for a convolution reading s8 (see the module docstring)."""
+    if vnni():
+        return 127
+    return 63 * weight_step(src_dtype, convolution)
+
+
+def weight_step(src_dtype: torch.dtype = torch.uint8, convolution: bool = False) -> int:
+    """The step between the int8 weight values of an op: 2 for a convolution reading s8 without VNNI, else 1."""
+    return 2 if convolution and src_dtype == torch.int8 and not vnni() else 1
 
 
 def int8_note() -> str:
@@ -77,18 +90,21 @@ def int8_note() -> str:
         return "int8: oneDNN's AMX int8 kernels (8-bit weights)"
     if vnni():
         return "int8: oneDNN's VNNI int8 kernels (8-bit weights)"
-    return ("int8: this CPU has no VNNI: oneDNN's AVX2 int8 kernels, with 7-bit weights (-63..63) so that their "
-            "16-bit intermediate sums cannot saturate")
+    return ("int8: this CPU has no VNNI: oneDNN's AVX2 int8 kernels, with 7-bit weights so that their 16-bit "
+            "intermediate sums cannot saturate (-63..63; a convolution reading s8 gets them doubled: oneDNN halves those)")
 
 
-def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(q_W int8, s_W float32 per output channel)`` of a float32 weight (output channels first)."""
-    w_max = weight_max()
+def quantize_weight(weight: torch.Tensor, src_dtype: torch.dtype = torch.uint8,
+                    convolution: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q_W int8, s_W float32 per output channel)`` of a float32 weight (output channels first), for an op
+    reading ``src_dtype`` activations: values up to :func:`weight_max` in steps of :func:`weight_step`."""
+    step = weight_step(src_dtype, convolution)
+    levels = weight_max(src_dtype, convolution) // step
     observer = torch.ao.quantization.PerChannelMinMaxObserver(
-        ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric, quant_min=-w_max, quant_max=w_max)
+        ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric, quant_min=-levels, quant_max=levels)
     observer(weight.detach())
     scales, _ = observer.calculate_qparams()
     scales = scales.to(torch.float32)
     zero_points = torch.zeros(scales.shape, dtype=torch.int64)
-    q = _DECOMPOSED.quantize_per_channel(weight.detach(), scales, zero_points, 0, -w_max, w_max, torch.int8)
-    return q, scales
+    q = _DECOMPOSED.quantize_per_channel(weight.detach(), scales, zero_points, 0, -levels, levels, torch.int8)
+    return q * step, scales / step

@@ -8,8 +8,12 @@ import torch.nn.functional as F
 
 import pyrys
 from pyrys.backends.dnnl import binding, lower_attention
+from pyrys.machine import native_bf16
 from pyrys.numerics import relative_error
 from tests.conftest import TOLERANCE
+
+# without native bf16 oneDNN has no bf16 kernels (and precision="bf16" runs fp32): these run on such CPUs only
+needs_native_bf16 = pytest.mark.skipif(not native_bf16(), reason="the CPU has no native bf16 (avx512_bf16, amx_bf16)")
 
 available, reason = binding.is_available()
 pytestmark = pytest.mark.skipif(not available, reason=f"oneDNN unavailable: {reason}")
@@ -194,6 +198,7 @@ def test_grouped_query_attention_falls_back_with_the_reason():
     assert "grouped-query attention" in opt.program_text()
 
 
+@needs_native_bf16
 def test_bfloat16_attention_runs_on_onednn():
     model = Heads().to(torch.bfloat16)
     x, mask = X.to(torch.bfloat16), padding_mask(2, 6, [6, 4])
@@ -229,6 +234,7 @@ def test_many_threads_with_their_own_masks_get_their_own_answers():
 
 @pytest.mark.parametrize("mask", [(1.0 - padding_mask(2, 6, [6, 3]).float()) * -1e9, padding_mask(2, 6, [6, 3])],
                          ids=["float mask", "boolean mask"])
+@needs_native_bf16
 def test_precision_bf16_runs_attention_in_bfloat16_with_its_mask_as_it_is(mask):
     model, x = Heads(), rand(2, 6, 32)
     opt = pyrys.optimize(model, (x, mask), precision="bf16")

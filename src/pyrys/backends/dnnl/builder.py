@@ -121,7 +121,10 @@ class PackedWeights:
                     or any(k != key and s.untyped_storage().data_ptr() == own for k, s in self.sources.items())):
                 return None  # read as it is, not packed, a number, or packed through a view of another shape
             md, storage = entries[0]
-            stand_in = release(tensor, functools.partial(_unpack, engine, md, storage, tuple(tensor.shape)))
+            unpack = functools.partial(_unpack, engine, md, storage, tuple(tensor.shape))
+            if tensor.dtype == torch.int8 and not torch.equal(unpack(), tensor):
+                return None  # packed transformed: oneDNN's AVX2 convolutions reading s8 halve their int8 weights
+            stand_in = release(tensor, unpack)
             self.entries[_key(stand_in)] = self.entries.pop(key)
             self.sources[_key(stand_in)] = stand_in
             del self.sources[key]

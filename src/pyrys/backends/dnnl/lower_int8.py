@@ -78,12 +78,13 @@ def read_int8(builder: Builder, node: fx.Node, fused: Fused, residual: bool = Tr
         raise Unsupported("an int8 weight that is not a constant quantized per output channel")
     if zero_points is not None and bool(zero_points.ne(0).any()):
         raise Unsupported("an int8 weight with zero points")
-    if -weight.args[4] != weight.args[5] or weight.args[5] > weight_max():
-        raise Unsupported(f"weights in -{weight.args[5]}..{weight.args[5]}: this CPU's int8 kernels take "
-                          f"-{weight_max()}..{weight_max()} (without VNNI their 16-bit sums saturate)")
     src_quant = int8_quant(x)
     if src_quant is None:
         raise Unsupported("an int8 input with a zero point or a narrower range")
+    w_max = weight_max(src_quant.dtype, fused.kind.op is FUSED_CONV)
+    if -weight.args[4] != weight.args[5] or weight.args[5] > w_max:
+        raise Unsupported(f"weights in -{weight.args[5]}..{weight.args[5]}: this CPU's int8 kernels take "
+                          f"-{w_max}..{w_max} for {src_quant.dtype} inputs (without VNNI their 16-bit sums saturate)")
     return Int8Op(x.args[0], src_quant, q_weight, scales.to(torch.float32), _written_quant(node, fused, residual))
 
 
