@@ -281,3 +281,22 @@ def test_a_model_that_takes_a_batch_of_1_only_is_captured_from_its_own_example(c
     opt = pyrys.optimize(model, (torch.rand(1, 4),), backend=backend)
     x = torch.rand(1, 6)
     assert torch.allclose(opt(x), model(x))
+
+
+def test_a_batch_1_example_captured_for_every_shape_holds_the_weights_once(backend):
+    """dynamic=True from a batch-1 example whose symbolic graph assumes ``Ne(s, 1)``: the example gets a static
+    program, later shapes come from the symbolic graph, and both read the same constant tensors."""
+    class BatchOneRelu(BatchOnePath):  # its batch-1 path changes no weight
+        def forward(self, x):
+            y = self.linear(x)
+            return y.relu() if x.shape[0] == 1 else y
+
+    model = BatchOneRelu().eval()
+    opt = pyrys.optimize(model, (torch.rand(1, 4),), backend=backend, dynamic=True)
+    assert any("captured for these input shapes only" in note and "Ne(" in note for note in opt.notes), opt.notes
+    for batch in (3, 4):
+        x = torch.rand(batch, 4)
+        assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE, batch
+    weights = {id(t) for c in opt._programs.values() for t in c.captured.gm.buffers()}
+    first = {id(t) for t in opt._first.captured.gm.buffers()}
+    assert weights == first  # one copy of each weight, packed once

@@ -181,7 +181,8 @@ def _compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: Op
             raise
         compiled = compile_signature(frontend, args, kwargs, config, like=like, trace=trace)
         compiled.notes.append(f"captured for these input shapes only: {why}")
-        if compiled.generic is None and generic is not None:  # other shapes are specialized from it still
+        if compiled.generic is None and generic is not None:  # other shapes are specialized from it still,
+            share_constants(generic.gm, compiled.captured.gm)  # on the weights this program packed: one copy
             compiled.generic = generic
         return compiled
     if trace is not None:
