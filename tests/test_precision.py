@@ -330,10 +330,22 @@ def test_calibration_samples_are_what_the_bf16_guard_measures_on(bf16_cpu, backe
     assert [m.rule for m in opt.misses] == ["bf16"] and "on 4 calibration samples" in opt.misses[0].reason
     for x in samples:
         assert pyrys.relative_error(opt(x), model(x)) <= 1e-2
+    for batch in (2, 7):  # new shapes: the symbolic capture is guarded on the same samples, and says so
+        x = Cancelling.inputs(batch=batch, seed=batch)
+        assert pyrys.relative_error(opt(x), model(x)) <= 1e-2, batch
+    assert any(n.startswith("the capture for inputs (Float(2, 8)): precision='bf16': outputs within") and
+               "on 4 calibration samples" in n and "1 op kept" in n for n in opt.notes), opt.notes
+    unmeasured = pyrys.optimize(model, (samples[0],), precision="bf16", calibration=samples, accuracy_budget=None)
+    assert unmeasured.misses == [] and not any("outputs within" in n for n in unmeasured.notes)
+    scripted = pyrys.jit.compile(torch.jit.script(model), samples[0], backend=backend, precision="bf16",
+                                 calibration=samples, accuracy_budget=1e-2)  # pyrys.jit takes them too
+    assert any("outputs within" in n and "on 4 calibration samples" in n for n in scripted.notes), scripted.notes
     with pytest.raises(pyrys.InputError, match="calibration sample 1 must be inputs like the example inputs"):
         pyrys.optimize(model, (samples[0],), precision="bf16", calibration=[samples[0], torch.randn(3, 8)])
     with pytest.raises(ValueError, match="calibration= is read with precision='int8' or 'bf16' only, not 'fp32'"):
         pyrys.optimize(model, (samples[0],), calibration=samples)
+    with pytest.raises(ValueError, match="accuracy_budget= is read with precision='int8' or 'bf16' only, not 'fp32'"):
+        pyrys.optimize(model, (samples[0],), accuracy_budget=1e-2)
 
 
 def test_a_guard_that_cannot_measure_says_so_and_compiles(bf16_cpu, monkeypatch):
@@ -353,5 +365,4 @@ def test_disabling_lower_precision_says_what_it_leaves_undone(bf16_cpu, backend)
     opt = pyrys.optimize(conv_bn_relu(), (image(),), backend=backend, precision="bf16", output_dtype=torch.bfloat16,
                          disable=("lower_precision",))
     assert opt(image()).dtype == torch.float32 and "BFloat16" not in opt.graph
-    assert ("the pass lower_precision is disabled: precision='bf16' and output_dtype=torch.bfloat16 not applied "
-            "(float32 throughout)") in opt.notes
+    assert "the pass lower_precision is disabled: precision='bf16' and output_dtype=torch.bfloat16 not applied" in opt.notes

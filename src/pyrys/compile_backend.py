@@ -52,9 +52,9 @@ def pyrys_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None
     if unknown:
         raise ValueError(f"pyrys: unknown torch.compile option(s) {unknown}; known: {sorted(_OPTION_NAMES)}")
     if options.get("precision") == "int8" or "calibration" in options:
-        raise ValueError("pyrys: precision='int8' is not available through torch.compile: calibration samples are "
-                         "the model's inputs, and dynamo's graphs take other ones; use pyrys.optimize(model, x, "
-                         "precision='int8', calibration=...)")
+        raise ValueError("pyrys: precision='int8' and calibration= are not available through torch.compile: "
+                         "calibration samples are the model's inputs, and dynamo's graphs take other ones; use "
+                         "pyrys.optimize(model, x, precision=..., calibration=...)")
     if options.get("output_dtype") is not None:
         raise ValueError("pyrys: output_dtype is not available through torch.compile: dynamo expects the dtypes "
                          "its graph was traced with; use pyrys.optimize(model, x, output_dtype=...)")

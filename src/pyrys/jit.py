@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from pyrys.optimize import OptimizedModule, make_config, optimize_torchscript
+from pyrys.numerics.budget import AUTO
+from pyrys.optimize import OptimizedModule, check_calibration_options, make_config, optimize_torchscript
 
 
 @dataclass
@@ -133,8 +134,10 @@ def compile(module: Any, *example_inputs: Any, **options: Any) -> OptimizedModul
     key = repr(sorted(options.items()))
     compiled = entry.compiled.get(key)
     if compiled is None:
+        measured = {name: options.pop(name) for name in ("calibration", "accuracy_budget") if name in options}
         config = make_config(freeze_params=tuple(entry.params), freeze_flags=tuple(entry.flags), **options)
-        compiled = optimize_torchscript(module, example_inputs, None, config, dict(entry.flags))
+        check_calibration_options(config.precision, measured.get("calibration"), measured.get("accuracy_budget", AUTO))
+        compiled = optimize_torchscript(module, example_inputs, None, config, dict(entry.flags), **measured)
         entry.compiled[key] = compiled
     return compiled
 

@@ -37,6 +37,7 @@ from pyrys.passes.precision import PRECISIONS
 from pyrys.passes.precision_guard import Bf16Guard
 from pyrys.quantization import int8_note
 from pyrys.quantization.calibration import Calibration, calibration_samples
+from pyrys.quantization.guard import CALIBRATION_DATA
 from pyrys.passes.specialize import ShapeMismatch, specialize
 from pyrys.passes.pipeline import (Instruments, PassOptions, PipelineRun, check_pass_names, legalize_for_backends,
                                    run_pipeline)
@@ -161,7 +162,7 @@ def _compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: Op
         refresh_meta(captured.gm)
         instruments.verify = make_verifier(output_types(captured.gm), config.output_dtype)
     precision, precision_note = effective_precision(config.precision)
-    guard = _bf16_guard(config.calibration, flat) if precision == "bf16" else None
+    guard = _bf16_guard(config.calibration, flat, is_symbolic(captured.gm)) if precision == "bf16" else None
     options = PassOptions(config.freeze_params, config.freeze_flags, precision, config.calibration, config.output_dtype,
                           guard)
     run = run_pipeline(captured.gm, options, config.disable, instruments)
@@ -190,18 +191,21 @@ def _compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: Op
     return compiled
 
 
-def _bf16_guard(calibration: Calibration | None, flat: list) -> Bf16Guard | None:
-    """What the bf16 accuracy guard of this compile measures on: the first compile takes the samples of
-    ``calibration=`` where given (and lets them go), every other the inputs it compiles for; None where
-    ``accuracy_budget=None`` (nothing measured)."""
-    if calibration is None:
+def _bf16_guard(calibration: Calibration | None, flat: list, symbolic: bool) -> Bf16Guard | None:
+    """What the bf16 accuracy guard of this compile measures on: the samples of ``calibration=`` where given
+    and the graph takes them (a graph for every shape, or one for the samples' shapes), else the inputs
+    it compiles for; None where ``accuracy_budget=None`` (nothing measured)."""
+    if calibration is None or calibration.accuracy_budget is None:
         return None
-    with calibration.lock:
-        samples, calibration.samples = calibration.samples, None
-    if samples:
-        samples = samples[:GUARD_SAMPLES]
-        return Bf16Guard(samples, calibration.accuracy_budget, f"{len(samples)} calibration sample{'s' * (len(samples) > 1)}")
+    samples = calibration.samples  # kept (GUARD_SAMPLES of them): every capture measures on them
+    if samples and (symbolic or all(_same_shape(a, b) for a, b in zip(samples[0], flat))):
+        return Bf16Guard(samples, calibration.accuracy_budget,
+                         f"{len(samples)} calibration sample{'s' * (len(samples) > 1)}")
     return Bf16Guard([flat], calibration.accuracy_budget, "the inputs compiled for")
+
+
+def _same_shape(a: Any, b: Any) -> bool:
+    return a.shape == b.shape if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) else True
 
 
 def _accuracy_note(precision: str, calibration: Calibration | None, guard: Bf16Guard | None) -> str:
@@ -212,7 +216,7 @@ def _accuracy_note(precision: str, calibration: Calibration | None, guard: Bf16G
     plan = calibration.plan if calibration is not None and precision == "int8" else None
     if plan is None or plan.error is None:
         return ""
-    return accuracy_note("int8", plan.error, calibration.accuracy_budget, len(plan.kept), "the calibration data")
+    return accuracy_note("int8", plan.error, calibration.accuracy_budget, len(plan.kept), CALIBRATION_DATA)
 
 
 def _disabled_precision_note(precision: str, config: OptimizeConfig) -> str:
@@ -221,8 +225,7 @@ def _disabled_precision_note(precision: str, config: OptimizeConfig) -> str:
         return ""
     undone = [f"precision={precision!r}"] * (precision == "bf16")
     undone += [f"output_dtype={config.output_dtype}"] * (config.output_dtype is not None)
-    return (f"the pass lower_precision is disabled: {' and '.join(undone)} not applied (float32 throughout)"
-            if undone else "")
+    return f"the pass lower_precision is disabled: {' and '.join(undone)} not applied" if undone else ""
 
 
 def _measure_program(trace: NumericsTrace, compiled: Compiled, flat: list, config: OptimizeConfig) -> NumericsReport:
@@ -354,7 +357,7 @@ class OptimizedModule(torch.nn.Module):
                            f"({describe_dims(compiled.generic.gm)}); every later shape is specialized from it")
             else:
                 self._note(f"inputs ({signature.describe()}) captured and optimized again: {_static_reason(compiled)}")
-            self._note_int8_lost(compiled, signature)
+            self._note_precision(compiled, signature)
             return compiled
         if self._generic is not None:
             try:
@@ -371,12 +374,17 @@ class OptimizedModule(torch.nn.Module):
         note = f"inputs ({signature.describe()}) captured and optimized again: {why}"
         compiled.notes.append(note)
         self._note(note)
-        self._note_int8_lost(compiled, signature)
+        self._note_precision(compiled, signature)
         return compiled
 
-    def _note_int8_lost(self, compiled: Compiled, signature: Signature) -> None:
-        """A note when a capture for new shapes runs fewer layers in int8 than the calibrated one: its
-        values computed otherwise (constants folded at one shape, not at another) have no calibrated scale."""
+    def _note_precision(self, compiled: Compiled, signature: Signature) -> None:
+        """What a capture for new shapes did in lower precision, in ``opt.notes``: its bf16 accuracy guard's
+        measure (it may keep other ops in float32: its misses say which), and fewer int8 layers than the
+        calibrated capture (its values computed otherwise, constants folded at one shape and not at another,
+        have no calibrated scale)."""
+        for note in compiled.notes:
+            if note.startswith("precision='bf16': "):
+                self._note(f"the capture for inputs ({signature.describe()}): {note}")
         first, now = _int8_layers(self._first.run), _int8_layers(compiled.run)
         if now < first:
             self._note(f"precision='int8': the capture for inputs ({signature.describe()}) runs {now} of the "
@@ -656,6 +664,9 @@ def check_calibration_options(precision: str, calibration: Any, accuracy_budget:
     if precision not in ("bf16", "int8") and calibration is not None:
         raise ValueError(f"pyrys.optimize: calibration= is read with precision='int8' or 'bf16' only, not {precision!r}")
     check_budget(accuracy_budget)
+    if precision not in ("bf16", "int8") and accuracy_budget not in (AUTO, None):
+        raise ValueError(f"pyrys.optimize: accuracy_budget= is read with precision='int8' or 'bf16' only, not "
+                         f"{precision!r}")
 
 
 def with_calibration(config: OptimizeConfig, calibration: Iterable | None, accuracy_budget: float | str | None,
@@ -665,7 +676,8 @@ def with_calibration(config: OptimizeConfig, calibration: Iterable | None, accur
     budget = budget_for(config.precision, accuracy_budget)
     if calibration is None and (config.precision != "bf16" or budget is None):
         return config
-    samples = None if calibration is None else calibration_samples(calibration, args, kwargs)
+    limit = GUARD_SAMPLES if config.precision == "bf16" else None  # bf16 reads only what its guard measures on
+    samples = None if calibration is None else calibration_samples(calibration, args, kwargs, limit)
     return dataclasses.replace(config, calibration=Calibration(samples, budget))
 
 

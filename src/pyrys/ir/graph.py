@@ -60,6 +60,13 @@ def copy_graph(graph: fx.Graph) -> fx.Graph:
     return copied
 
 
+def nodes_in(args) -> list[fx.Node]:
+    """The nodes among ``args`` (nested tuples, lists, dicts), in order."""
+    found: list[fx.Node] = []
+    fx.map_arg(args, found.append)
+    return found
+
+
 def user_inputs(graph: fx.Graph) -> list[fx.Node]:
     """The placeholders of the caller's inputs, in order (module state left unfrozen is not one)."""
     return [n for n in graph.nodes if n.op == "placeholder" and STATE_KEY not in n.meta]

@@ -29,6 +29,7 @@ VIEWS = frozenset({aten.view.default, aten._unsafe_view.default, aten.reshape.de
                    aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.unsqueeze.default,
                    aten.alias.default})
 PERMUTES = frozenset({aten.permute.default, aten.transpose.int})
+ATTENTION = aten.scaled_dot_product_attention.default  # (q, k, v, mask, ...): softmax(q k^T * scale + mask) v
 
 
 def is_pure(node: fx.Node) -> bool:

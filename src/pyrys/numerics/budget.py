@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from typing import Callable
 
-from pyrys.numerics import BF16_TOLERANCE, INT8_TOLERANCE
+from pyrys.numerics import TOLERANCES
 
 AUTO = "auto"  # optimize's default accuracy_budget: the precision's own (DEFAULT_BUDGETS)
-DEFAULT_BUDGETS = {"bf16": BF16_TOLERANCE, "int8": INT8_TOLERANCE}  # relative error against float32
+DEFAULT_BUDGETS = {p: TOLERANCES[p] for p in ("bf16", "int8")}  # each lower precision's tolerance
 GUARD_SAMPLES = 4  # samples the guards measure on (the first ones of calibration=, else the example inputs)
 
 
@@ -37,6 +37,19 @@ def check_budget(accuracy_budget) -> None:
     if isinstance(accuracy_budget, bool) or not isinstance(accuracy_budget, (int, float)) or not accuracy_budget > 0:
         raise ValueError(f"pyrys.optimize: accuracy_budget must be a positive number, 'auto' or None, got "
                          f"{accuracy_budget!r}")
+
+
+def keep_fewest(count: int, error_keeping: Callable[[int], float], budget: float) -> tuple[int, float]:
+    """How many of ``count`` ops (largest own error first) to keep in float32, and the outputs' error then:
+    the fewest first k with ``error_keeping(k) <= budget`` (:func:`fewest`), each k measured once."""
+    errors: dict[int, float] = {}
+
+    def holds(k: int) -> bool:
+        errors[k] = error_keeping(k)
+        return errors[k] <= budget
+
+    kept = fewest(count, holds)
+    return kept, errors[kept] if kept in errors else error_keeping(kept)
 
 
 def fewest(count: int, holds: Callable[[int], bool]) -> int:

@@ -21,11 +21,10 @@ import torch.fx as fx
 from pyrys.ir.edit import insert_op, replace_node, set_args
 from pyrys.ir.graph import op_args, tensor_meta
 from pyrys.ir.symbolic import dims_key
-from pyrys.ir.vocabulary import PERMUTES, permutation, single_user
+from pyrys.ir.vocabulary import ATTENTION, PERMUTES, permutation, single_user
 from pyrys.passes.rewrite import Match, Miss, Rule
 
 aten = torch.ops.aten
-ATTENTION = aten.scaled_dot_product_attention.default
 SOFTMAXES = frozenset({aten.softmax.int, aten._softmax.default})
 SCALES = {aten.mul.Tensor: lambda c: c, aten.mul.Scalar: lambda c: c,
           aten.div.Tensor: lambda c: 1.0 / c, aten.div.Scalar: lambda c: 1.0 / c}

@@ -36,7 +36,7 @@ from pyrys.ir.provenance import copies
 from pyrys.ir.fused import FUSED_OPS, Fused, read_fused
 from pyrys.ir.graph import op_args
 from pyrys.ir.post_ops import ACTIVATIONS
-from pyrys.ir.vocabulary import PERMUTES, VIEWS, WEIGHTED, is_pure
+from pyrys.ir.vocabulary import ATTENTION, PERMUTES, VIEWS, WEIGHTED, is_pure
 from pyrys.passes.precision_guard import Bf16Guard
 from pyrys.passes.rewrite import Miss, PassResult
 
@@ -51,7 +51,6 @@ CONVERT = aten.to.dtype  # to(x, dtype): the one conversion op this pass writes
 # the float32 angles of a rotary embedding)
 MATMULS = frozenset({aten.matmul.default, aten.bmm.default, aten.mm.default})
 # attention likewise, on bfloat16 query, key and value; its mask stays as it is (float32 or boolean)
-ATTENTION = aten.scaled_dot_product_attention.default
 COMPUTE_OPS = frozenset({*WEIGHTED, *FUSED_OPS, *MATMULS, ATTENTION})
 # the cheap ops between them: each moves only when every activation it reads is bfloat16 already, so
 # float32 values are never rounded for nothing (a position embedding added to the input, angles

@@ -20,12 +20,11 @@ import torch
 import torch.fx as fx
 
 from pyrys.backends.reference import ReferenceProgram
-from pyrys.ir.graph import copy_graph
+from pyrys.ir.graph import copy_graph, nodes_in
 from pyrys.ir.ops import PYTHON_IMPLS
+from pyrys.ir.vocabulary import ATTENTION
 from pyrys.numerics import relative_error
-from pyrys.numerics.budget import accuracy_note, fewest, kept_reason
-
-ATTENTION = torch.ops.aten.scaled_dot_product_attention.default  # its mask is never rounded
+from pyrys.numerics.budget import accuracy_note, keep_fewest, kept_reason
 
 
 @dataclass
@@ -68,15 +67,8 @@ class Bf16Guard:
         if self.budget is None or total <= self.budget or not moved:
             return {}
         own = own_errors(gm, moved, self.samples)
-        ordered = sorted(own, key=own.__getitem__, reverse=True)
-        errors: dict[int, float] = {}
-
-        def holds(k: int) -> bool:
-            errors[k] = error(frozenset(ordered[:k]))[0]
-            return errors[k] <= self.budget
-
-        count = fewest(len(ordered), holds)
-        self.error = errors[count] if count in errors else error(frozenset(ordered[:count]))[0]
+        ordered = sorted(own, key=own.__getitem__, reverse=True)  # ties in graph order
+        count, self.error = keep_fewest(len(ordered), lambda k: error(frozenset(ordered[:k]))[0], self.budget)
         self.kept = {name: kept_reason("bf16", own[name], total, self.budget, self.data, count)
                      for name in ordered[:count]}
         return self.kept
@@ -96,7 +88,7 @@ def own_errors(gm: fx.GraphModule, names: set[str], samples: list[list]) -> dict
     program = ReferenceProgram(gm)
     nodes = {node.name: node for node in gm.graph.nodes if node.name in names}
     read = {arg.name for node in nodes.values() for arg in node.all_input_nodes if arg.op != "get_attr"}
-    own = dict.fromkeys(names, 0.0)
+    own = dict.fromkeys(nodes, 0.0)  # in graph order
 
     for sample in samples:
         values: dict[str, torch.Tensor] = {}
@@ -110,20 +102,14 @@ def own_errors(gm: fx.GraphModule, names: set[str], samples: list[list]) -> dict
             node = nodes.get(node_name)
             if node is None:
                 return
-            rounded = node.args[:3] if node.target is ATTENTION else (node.args, node.kwargs)
+            rounded = nodes_in(node.args[:3] if node.target is ATTENTION else (node.args, node.kwargs))
             args, kwargs = fx.map_arg((node.args, node.kwargs),
-                                      lambda a: _rounded(value(a)) if _reads(rounded, a) else value(a))
+                                      lambda a: _rounded(value(a)) if a in rounded else value(a))
             run = PYTHON_IMPLS.get(node.target, node.target)
             own[node_name] = max(own[node_name], relative_error(run(*args, **kwargs), tensor))
 
         program.observe(sample, visit)
     return own
-
-
-def _reads(args, node: fx.Node) -> bool:
-    found: list[fx.Node] = []
-    fx.map_arg(args, found.append)
-    return node in found
 
 
 def _rounded(value):

@@ -29,7 +29,6 @@ import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401 -- registers torch.ops.quantized_decomposed
 
 from pyrys.machine import cpu_flags
-from pyrys.numerics import INT8_TOLERANCE
 
 _DECOMPOSED = torch.ops.quantized_decomposed
 QUANTIZE = _DECOMPOSED.quantize_per_tensor.default  # (x, scale, zero_point, q_min, q_max, dtype)
@@ -37,7 +36,6 @@ DEQUANTIZE = _DECOMPOSED.dequantize_per_tensor.default  # (q, scale, zero_point,
 DEQUANTIZE_WEIGHT = _DECOMPOSED.dequantize_per_channel.default  # (q, scales, zero_points, axis, q_min, q_max, dtype)
 QUANTIZATION_OPS = frozenset({QUANTIZE, DEQUANTIZE, DEQUANTIZE_WEIGHT})
 
-DEFAULT_ACCURACY_BUDGET = INT8_TOLERANCE  # relative error against float32 (pyrys.numerics.relative_error)
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 

@@ -40,8 +40,8 @@ class QuantizationPlan:
 class Calibration:
     """The calibration samples of one ``optimize`` call and the plan made from them, once (the samples
     are let go then); ``accuracy_budget``: see :mod:`pyrys.numerics.budget` (None: no guard).  With
-    ``precision="bf16"`` there is no plan: the first compile's accuracy guard measures on the samples
-    (None where none were given: each compile measures on its own inputs)."""
+    ``precision="bf16"`` there is no plan: every compile's accuracy guard measures on the samples where its
+    graph takes them (None where none were given: each compile measures on its own inputs)."""
 
     def __init__(self, samples: list[list] | None, accuracy_budget: float | None):
         self.samples: list[list] | None = samples
@@ -54,15 +54,15 @@ class Calibration:
         return f"Calibration({held}, accuracy_budget={self.accuracy_budget})"
 
 
-def calibration_samples(data: Iterable, args: tuple, kwargs: dict) -> list[list]:
-    """The flat inputs of each sample of ``data`` (at most :data:`MAX_SAMPLES`), each checked against the
-    example inputs ``(args, kwargs)``: :class:`InputError` naming the sample and what differs."""
+def calibration_samples(data: Iterable, args: tuple, kwargs: dict, limit: int | None = None) -> list[list]:
+    """The flat inputs of each sample of ``data`` (at most ``limit``, default :data:`MAX_SAMPLES`), each checked
+    against the example inputs ``(args, kwargs)``: :class:`InputError` naming the sample and what differs."""
     if isinstance(data, torch.Tensor) or not isinstance(data, Iterable):
         raise TypeError("pyrys.optimize: calibration must be an iterable of input samples (a list of tensors or of "
                         "input tuples, or a DataLoader over the inputs), got " + type(data).__name__)
     expected, _ = signature_of(args, kwargs)
     samples = []
-    for i, sample in enumerate(itertools.islice(data, MAX_SAMPLES)):
+    for i, sample in enumerate(itertools.islice(data, MAX_SAMPLES if limit is None else limit)):
         sample_args, sample_kwargs = _as_call(sample, kwargs)
         signature, flat = signature_of(sample_args, sample_kwargs)
         if signature != expected:

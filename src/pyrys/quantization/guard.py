@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 
 from pyrys.backends.reference import ReferenceProgram
+from pyrys.ir.graph import nodes_in
 from pyrys.ir.ops import PYTHON_IMPLS
 from pyrys.numerics import relative_error
-from pyrys.numerics.budget import fewest, kept_reason
+from pyrys.numerics.budget import keep_fewest, kept_reason
 
-DATA = "the calibration data"
+CALIBRATION_DATA = "the calibration data"  # what int8's reasons and note say the guard measured on
 
 
 @dataclass
@@ -61,22 +62,18 @@ def guard(gm: fx.GraphModule, switches: dict[str, Switch], samples: list[list], 
         return {}, total
     own = own_errors(gm, switches, samples)
     ordered = sorted(own, key=own.__getitem__, reverse=True)
-    errors: dict[int, float] = {}
 
-    def holds(k: int) -> bool:
-        errors[k] = kept_error(k)
-        return errors[k] <= budget
+    def keep(k: int) -> None:
+        """Every op in int8, then the first k back in float32: the order ``quantize`` applies a plan in (a
+        reader of two ops' results is rewired by each in turn, so the order decides what it reads)."""
+        for switch in switches.values():
+            switch.set(True)
+        for name in ordered[:k]:
+            switches[name].set(False)
 
-    def kept_error(k: int) -> float:
-        for i, name in enumerate(ordered):
-            switches[name].set(i >= k)
-        return error()
-
-    count = fewest(len(ordered), holds)
-    for i, name in enumerate(ordered):  # as chosen (the search may have tried others last)
-        switches[name].set(i >= count)
-    final = errors[count] if count in errors else error()
-    return {name: kept_reason("int8", own[name], total, budget, DATA, count) for name in ordered[:count]}, final
+    count, final = keep_fewest(len(ordered), lambda k: keep(k) or error(), budget)
+    keep(count)  # as chosen (the search may have tried others last)
+    return {name: kept_reason("int8", own[name], total, budget, CALIBRATION_DATA, count) for name in ordered[:count]}, final
 
 
 def own_errors(gm: fx.GraphModule, switches: dict[str, Switch], samples: list[list]) -> dict[str, float]:
@@ -86,7 +83,7 @@ def own_errors(gm: fx.GraphModule, switches: dict[str, Switch], samples: list[li
         switch.set(False)  # the quantize/dequantize nodes stay in the graph, unread: each run computes them
     program = ReferenceProgram(gm)
     by_layer = {switch.layer.name: name for name, switch in switches.items()}
-    read = {arg.name for switch in switches.values() for arg in _nodes((switch.int8_args, switch.layer.kwargs))
+    read = {arg.name for switch in switches.values() for arg in nodes_in((switch.int8_args, switch.layer.kwargs))
             if arg.op != "get_attr"}
     own = dict.fromkeys(switches, 0.0)
 
@@ -109,8 +106,3 @@ def own_errors(gm: fx.GraphModule, switches: dict[str, Switch], samples: list[li
         program.observe(sample, visit)
     return own
 
-
-def _nodes(args) -> list[fx.Node]:
-    found: list[fx.Node] = []
-    fx.map_arg(args, found.append)
-    return found

@@ -123,7 +123,11 @@ class PackedWeights:
             md, storage = entries[0]
             unpack = functools.partial(_unpack, engine, md, storage, tuple(tensor.shape))
             if tensor.dtype == torch.int8 and not torch.equal(unpack(), tensor):
-                return None  # packed transformed: oneDNN's AVX2 convolutions reading s8 halve their int8 weights
+                # packed halved (oneDNN's AVX2 convolutions reading s8 halve their int8 weights, which pyrys
+                # gives them even): read back doubled, or kept as it is where that is not exact
+                unpack = functools.partial(_doubled, unpack)
+                if not torch.equal(unpack(), tensor):
+                    return None
             stand_in = release(tensor, unpack)
             self.entries[_key(stand_in)] = self.entries.pop(key)
             self.sources[_key(stand_in)] = stand_in
@@ -134,6 +138,10 @@ class PackedWeights:
 def _unpack(engine: Engine, md: MemoryDesc, storage: torch.Tensor, shape: tuple) -> torch.Tensor:
     """A plain tensor of ``shape`` with the values packed in ``storage`` (layout ``md``), read back."""
     return to_tensor(engine, Stream(engine), Memory(engine, md, storage.data_ptr(), keepalive=storage)).reshape(shape)
+
+
+def _doubled(unpack) -> torch.Tensor:
+    return (unpack().to(torch.int16) * 2).to(torch.int8)
 
 
 def _key(tensor: torch.Tensor) -> tuple:

@@ -28,7 +28,7 @@ from pyrys.backends.dnnl.primitives import PrimitiveAttr
 from pyrys.backends.dnnl.tensors import dnnl_dtype
 from pyrys.backends.dnnl.values import Value
 from pyrys.ir.fused import FUSED_CONV, FUSED_CONV_TRANSPOSE, Fused
-from pyrys.quantization import DEQUANTIZE, DEQUANTIZE_WEIGHT, QUANTIZE, TensorQuant, weight_max
+from pyrys.quantization import DEQUANTIZE, DEQUANTIZE_WEIGHT, QUANTIZE, TensorQuant, weight_max, weight_step
 
 INT8 = frozenset({torch.uint8, torch.int8})
 
@@ -81,10 +81,14 @@ def read_int8(builder: Builder, node: fx.Node, fused: Fused, residual: bool = Tr
     src_quant = int8_quant(x)
     if src_quant is None:
         raise Unsupported("an int8 input with a zero point or a narrower range")
-    w_max = weight_max(src_quant.dtype, fused.kind.op is FUSED_CONV)
+    convolution = fused.kind.op is FUSED_CONV
+    w_max = weight_max(src_quant.dtype, convolution)
     if -weight.args[4] != weight.args[5] or weight.args[5] > w_max:
         raise Unsupported(f"weights in -{weight.args[5]}..{weight.args[5]}: this CPU's int8 kernels take "
                           f"-{w_max}..{w_max} for {src_quant.dtype} inputs (without VNNI their 16-bit sums saturate)")
+    if weight_step(src_quant.dtype, convolution) == 2 and bool(builder.constant_values(weight.args[0]).remainder(2).any()):
+        raise Unsupported("odd int8 weights for a convolution reading s8: oneDNN's AVX2 kernels halve them (a "
+                          "graph quantized for another CPU; optimize again here)")
     return Int8Op(x.args[0], src_quant, q_weight, scales.to(torch.float32), _written_quant(node, fused, residual))
 
 
