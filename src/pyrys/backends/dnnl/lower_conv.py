@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from pyrys.backends.dnnl import linear_kernels
 from pyrys.backends.dnnl.binding import DnnlError
 from pyrys.backends.dnnl.builder import F32_OR_BF16, Builder, Unsupported, check_dtype, node_text
 from pyrys.backends.dnnl.constants import ARG_BIAS, ARG_DST, ARG_SRC, ARG_WEIGHTS, arg_post_op_src1
@@ -187,8 +188,11 @@ def lower_linear(builder: Builder, node: fx.Node) -> None:
     chain = build_chain(builder, fused.post_ops, operands, dst_md)
     b_md = None if bias is None else plain_md(bias.shape, bias.dtype)
     attr = int8.attr(chain.post_ops, 0b1) if int8 is not None else PrimitiveAttr(chain.post_ops)
+    layouts = builder.weight_layouts(weight)
+    if int8 is None:
+        layouts = linear_kernels.weight_layouts(builder.engine, x.md, weight, dst_md, b_md, layouts)
     pd = _first_fast([lambda w_md=w_md: inner_product_pd(builder.engine, x.md, w_md, dst_md, b_md, attr=attr)
-                      for w_md in builder.weight_layouts(weight)])
+                      for w_md in layouts])
     dst = _finish(builder, node, pd, x, weight, bias, chain, f"dnnl::{fused.label}",
                   _dtype_note(dst_dtype, node) if int8 is None else "", int8)
     if out.dim() != 2:
