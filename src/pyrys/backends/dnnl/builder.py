@@ -56,12 +56,12 @@ class PackedWeights:
             storage = storage.view(tensor.dtype)[:tensor.numel()]
         return storage.view(tensor.shape)
 
-    def layouts_of(self, tensor: torch.Tensor) -> list[MemoryDesc]:
-        """The layouts ``tensor`` is already packed in (its own plain layout left out)."""
+    def layouts_of(self, tensor: torch.Tensor, plain: bool = False) -> list[MemoryDesc]:
+        """The layouts ``tensor`` is already packed in (its own plain layout left out unless ``plain``)."""
         with self._lock:
             entries = list(self.entries.get(_key(tensor), ()))
-        plain = plain_md(tensor.shape, tensor.dtype)
-        return [md for md, _ in entries if md != plain]
+        own = plain_md(tensor.shape, tensor.dtype)
+        return [md for md, _ in entries if plain or md != own]
 
     def _packed(self, engine: Engine, stream: Stream, tensor: torch.Tensor, md: MemoryDesc | None) -> tuple:
         key = _key(tensor)

@@ -5,12 +5,14 @@ its gemm kernel (weights plain) is faster on some shapes and slower on others (Z
 brgemm / gemm: 197x3072->768 6.7 / 5.7, 197x768->3072 6.8 / 5.5, 128x768->3072 3.5 / 3.9; RESULTS.md).
 There both are timed once per shape (without post-ops, on a buffer of constant bytes) and the faster
 one's weight layout is offered first; the decision is kept in the tuning cache (``pyrys.tuning_cache``,
-kind ``linear_kernel``) under the shape, the thread count and the CPU.  A linear whose weights are packed
-already (another input shape) keeps that layout.
+kind ``linear_kernel``) under the shape, the thread count and the CPU.  A weight packed already (for
+another input shape or thread count) keeps its layout: it is packed once.
 """
 from __future__ import annotations
 
+import json
 import os
+import threading
 import time
 
 import torch
@@ -22,54 +24,71 @@ from pyrys.backends.dnnl.constants import ARG_BIAS, ARG_DST, ARG_SRC, ARG_WEIGHT
 from pyrys.backends.dnnl.descriptors import inner_product_pd
 from pyrys.backends.dnnl.layout import plain_md
 from pyrys.backends.dnnl.primitives import Engine, Memory, MemoryDesc, Primitive, PrimitiveAttr, Stream
-from pyrys.backends.threads import current_threads
-from pyrys.machine import cpu_flags
+from pyrys.machine import cpu_flags, cpu_info
 
 MIN_ROWS = 16  # fewer rows (a decoder step, a classifier head): not worth a measurement
+MAX_WEIGHT = 1 << 23  # larger weights (a vocabulary projection) are not measured: a copy of it per kernel timed
 FASTER = 0.95  # the gemm kernel is chosen when it takes at most this fraction of the brgemm kernel's time
-RUNS = 5
+RUNS = 7  # calls of each kernel, interleaved; the best of each counts
+_DECIDED: dict[str, dict] = {}  # this process's decisions (the tuning cache may be off)
+_LOCK = threading.Lock()
 
 
 def weight_layouts(engine: Engine, x_md: MemoryDesc, weight: torch.Tensor, dst_md: MemoryDesc,
-                   bias_md: MemoryDesc | None, offered: list[MemoryDesc]) -> list[MemoryDesc]:
-    """``offered`` (oneDNN's choice last), with the plain layout first where it is measured faster here."""
+                   bias_md: MemoryDesc | None, offered: list[MemoryDesc], held: list[MemoryDesc]) -> list[MemoryDesc]:
+    """``offered`` (oneDNN's choice last), with the plain layout first where it is measured faster here;
+    ``held``: the layouts the weight is packed in already (another shape, another thread count), offered
+    first and nothing measured, so that a weight is packed once."""
+    if weight.dtype != torch.float32 or "avx512f" in cpu_flags() or not {"avx2", "fma"} <= cpu_flags():
+        return offered
+    if held:
+        return [*held, *(md for md in offered if md not in held)]
     rows = x_md.dims[0]
-    if (rows < MIN_ROWS or weight.dtype != torch.float32 or len(offered) != 1 or "avx512f" in cpu_flags()
-            or not {"avx2", "fma"} <= cpu_flags()):
+    if rows < MIN_ROWS or weight.numel() > MAX_WEIGHT or len(offered) != 1:
         return offered
     plain = plain_md(weight.shape, weight.dtype)
-    key = {"rows": rows, "weight": list(weight.shape), "bias": bias_md is not None, "threads": current_threads(),
-           "isa": sorted(cpu_flags() & {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16"}),
+    from pyrys import __version__
+
+    key = {"rows": rows, "weight": list(weight.shape), "bias": bias_md is not None,
+           "threads": torch.get_num_threads(),  # what the program runs with (set for the build)
+           "cpu": cpu_info()[0], "isa": cpu_info()[1],
            "isa_limit": os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA")),
-           "onednn": binding.version()}
-    cached = tuning_cache.lookup("linear_kernel", key)
-    if cached is None:
-        try:
-            brgemm, gemm = (_seconds(engine, x_md, md, dst_md, bias_md) for md in (offered[0], plain))
-        except DnnlError:
-            return offered
-        cached = {"layout": "plain" if gemm <= FASTER * brgemm else "any",
-                  "measured": f"oneDNN's choice {brgemm * 1e3:.2f} ms, plain weights {gemm * 1e3:.2f} ms"}
-        tuning_cache.store("linear_kernel", key, cached)
-    return [plain, *offered] if cached.get("layout") == "plain" else offered
+           "pyrys": __version__, "onednn": binding.version(), "runs": RUNS, "faster": FASTER}
+    memo = json.dumps(key, sort_keys=True)
+    with _LOCK:
+        decided = _DECIDED.get(memo) or tuning_cache.lookup("linear_kernel", key)
+        if decided is None:
+            try:
+                brgemm, gemm = _seconds(engine, x_md, (offered[0], plain), dst_md, bias_md)
+            except DnnlError:
+                return offered
+            decided = {"layout": "plain" if gemm <= FASTER * brgemm else "any",
+                       "measured": f"oneDNN's choice {brgemm * 1e3:.3f} ms, plain weights {gemm * 1e3:.3f} ms"}
+            tuning_cache.store("linear_kernel", key, decided)
+        _DECIDED[memo] = decided
+    return [plain, *offered] if decided.get("layout") == "plain" else offered
 
 
-def _seconds(engine: Engine, x_md: MemoryDesc, w_md: MemoryDesc, dst_md: MemoryDesc,
-             bias_md: MemoryDesc | None) -> float:
-    """The best of :data:`RUNS` calls of the inner product with weights in ``w_md``, after one warm-up."""
-    pd = inner_product_pd(engine, x_md, w_md, dst_md, bias_md, attr=PrimitiveAttr())
-    args = {ARG_SRC: _filled(engine, pd.src_md()), ARG_WEIGHTS: _filled(engine, pd.weights_md()),
-            ARG_DST: _filled(engine, pd.dst_md())}
-    if bias_md is not None:
-        args[ARG_BIAS] = _filled(engine, pd.weights_md(1))
-    stream = Stream(engine)  # held here: the bound call keeps only its handle
-    call = Primitive(pd).bind(stream, args)
-    call.run()
-    best = float("inf")
+def _seconds(engine: Engine, x_md: MemoryDesc, w_mds: tuple[MemoryDesc, ...], dst_md: MemoryDesc,
+             bias_md: MemoryDesc | None) -> list[float]:
+    """For each weight layout of ``w_mds``, the best of :data:`RUNS` calls of the inner product, the layouts
+    called in turn (a busy moment slows both), after one warm-up call each."""
+    stream = Stream(engine)  # held here: a bound call keeps only its handle
+    calls = []
+    for w_md in w_mds:
+        pd = inner_product_pd(engine, x_md, w_md, dst_md, bias_md, attr=PrimitiveAttr())
+        args = {ARG_SRC: _filled(engine, pd.src_md()), ARG_WEIGHTS: _filled(engine, pd.weights_md()),
+                ARG_DST: _filled(engine, pd.dst_md())}
+        if bias_md is not None:
+            args[ARG_BIAS] = _filled(engine, pd.weights_md(1))
+        calls.append(Primitive(pd).bind(stream, args))
+        calls[-1].run()
+    best = [float("inf")] * len(calls)
     for _ in range(RUNS):
-        start = time.perf_counter()
-        call.run()
-        best = min(best, time.perf_counter() - start)
+        for i, call in enumerate(calls):
+            start = time.perf_counter()
+            call.run()
+            best[i] = min(best[i], time.perf_counter() - start)
     return best
 
 

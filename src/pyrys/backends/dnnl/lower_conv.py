@@ -190,7 +190,8 @@ def lower_linear(builder: Builder, node: fx.Node) -> None:
     attr = int8.attr(chain.post_ops, 0b1) if int8 is not None else PrimitiveAttr(chain.post_ops)
     layouts = builder.weight_layouts(weight)
     if int8 is None:
-        layouts = linear_kernels.weight_layouts(builder.engine, x.md, weight, dst_md, b_md, layouts)
+        layouts = linear_kernels.weight_layouts(builder.engine, x.md, weight, dst_md, b_md, layouts,
+                                                builder.packed.layouts_of(weight, plain=True))
     pd = _first_fast([lambda w_md=w_md: inner_product_pd(builder.engine, x.md, w_md, dst_md, b_md, attr=attr)
                       for w_md in layouts])
     dst = _finish(builder, node, pd, x, weight, bias, chain, f"dnnl::{fused.label}",
