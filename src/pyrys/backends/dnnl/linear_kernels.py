@@ -2,7 +2,7 @@
 
 On CPUs without AVX-512 oneDNN gives every float32 linear its brgemm kernel (weights packed ``AB8b24a``);
 its gemm kernel (weights plain) is faster on some shapes and slower on others (Zen 3, 2 threads, ms,
-brgemm / gemm: 197x3072->768 6.7 / 5.7, 197x768->3072 6.8 / 5.5, 128x768->3072 3.5 / 3.9; RESULTS.md).
+brgemm / gemm: 197x3072->768 6.7 / 5.7, 197x768->3072 6.9 / 6.5, 128x768->3072 3.6 / 3.8; RESULTS.md).
 There both are timed once per shape (without post-ops, on a buffer of constant bytes) and the faster
 one's weight layout is offered first; the decision is kept in the tuning cache (``pyrys.tuning_cache``,
 kind ``linear_kernel``) under the shape, the thread count and the CPU.  A weight packed already (for
