@@ -7,6 +7,7 @@ agree closely and each agrees with eager within ``INT8_TOLERANCE``.
 from __future__ import annotations
 
 import copy
+import importlib
 import re
 import tempfile
 
@@ -19,6 +20,7 @@ from torch import nn
 import pyrys
 from pyrys.numerics import INT8_TOLERANCE
 from pyrys.quantization import weight_max
+from pyrys.quantization.bias_correction import BIAS_SAMPLES
 from pyrys.quantization.calibration import MAX_SAMPLES, samples_like
 from pyrys.testing import randomize_batchnorm
 from tests.caller_helpers import run_together
@@ -353,8 +355,41 @@ def test_another_input_shape_reuses_the_calibration(backend):
     opt = int8(model, x, backend)
     y = images(1, (3, 3, 40, 40), seed=3)[0]
     assert pyrys.relative_error(opt(y), model(y)) <= INT8_TOLERANCE
-    compiled = opt._programs  # every shape's program: both in int8
+    compiled = opt._programs  # every shape's program: both in int8, with the plan's bias corrections
     assert len(compiled) == 2 and all(fired_in(c.run) == 9 for c in compiled.values())
+    assert all(len(corrected_biases(c.captured.gm)) == 9 for c in compiled.values())
+
+
+def corrected_biases(gm) -> list[str]:
+    return [n.target for n in gm.graph.nodes if n.op == "get_attr" and n.target.endswith("_bias_corrected")]
+
+
+@pytest.mark.parametrize("case", ["conv", "depthwise without bias", "linear on 3-d inputs"])
+def test_bias_correction_gives_each_channel_the_float32_mean(case, backend, monkeypatch):
+    """On the samples it measured on, the int8 op's output has float32's mean in every output channel (exactly,
+    on the graph's own rounding; the dnnl kernels' within float32 sums), and the uncorrected one does not."""
+    torch.manual_seed(0)
+    model = {"conv": nn.Conv2d(8, 16, 3), "depthwise without bias": nn.Conv2d(8, 8, 3, groups=8, bias=False),
+             "linear on 3-d inputs": nn.Linear(8, 16)}[case].eval()
+    shape = (2, 5, 8) if case.startswith("linear") else (1, 8, 12, 12)
+    generator = torch.Generator().manual_seed(3)
+    calibration = [torch.rand(shape, generator=generator) * 3 for _ in range(BIAS_SAMPLES)]  # u8, mean 1.5
+    opt = int8(model, calibration[0], backend, calibration, accuracy_budget=None)
+    assert len(corrected_biases(opt._programs[next(iter(opt._programs))].captured.gm)) == 1
+
+    def channel_shift(run) -> torch.Tensor:
+        shift = torch.stack([run(x) - model(x) for x in calibration]).detach()
+        channel = shift.dim() - 1 if case.startswith("linear") else 2  # (samples, batch, C, H, W)
+        return shift.transpose(0, channel).reshape(shift.shape[channel], -1).mean(1)
+
+    with torch.no_grad():
+        corrected = channel_shift(opt).abs().max()
+        scale = torch.stack([model(x) for x in calibration]).abs().max()
+    assert corrected <= (1e-6 if backend == "reference" else 1e-4) * scale
+    monkeypatch.setattr(importlib.import_module("pyrys.passes.quantize"), "bias_corrections", lambda *_: {})
+    with torch.no_grad():
+        uncorrected = channel_shift(int8(model, calibration[0], backend, calibration, accuracy_budget=None))
+    assert uncorrected.abs().max() > 1e-3 * scale and uncorrected.abs().max() > 30 * corrected
 
 
 def fired_in(run) -> int:

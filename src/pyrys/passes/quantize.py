@@ -11,8 +11,9 @@ in :mod:`pyrys.quantization`:
         %W_dq = quantized_decomposed::dequantize_per_channel(%W_int8, %W_scale, %W_zero_point, 0, -127, 127, torch.int8)
         %y = pyrys::conv2d_relu(%x_dq, %W_dq, %b, ...)
 
-The first compile calibrates (:mod:`pyrys.quantization.calibration`) and runs the accuracy guard
-(:mod:`pyrys.quantization.guard`); the compiles of other input shapes reuse its plan, each value named by
+The first compile calibrates (:mod:`pyrys.quantization.calibration`), corrects each int8 op's bias for
+its rounding's mean shift (:mod:`pyrys.quantization.bias_correction`: the op's bias argument becomes a
+new constant) and runs the accuracy guard (:mod:`pyrys.quantization.guard`); the compiles of other input shapes reuse its plan, each value named by
 its role and checked against a digest of what computes it (:func:`_roles`, :func:`_origin`).  Every
 conv or linear left in float32 is a miss with its reason (``opt.report()``, ``pyrys explain``).  This runs
 last: constant propagation must not fold the weight's dequantize back into a float32 constant.
@@ -34,6 +35,7 @@ from pyrys.ir.provenance import copies
 from pyrys.passes import cleanup
 from pyrys.passes.rewrite import Miss, PassResult
 from pyrys.quantization import DEQUANTIZE, DEQUANTIZE_WEIGHT, QUANTIZE, TensorQuant, quantize_weight, weight_max
+from pyrys.quantization.bias_correction import bias_corrections, corrected_args, correctable
 from pyrys.quantization.calibration import Calibration, QuantizationPlan, observe
 from pyrys.numerics.budget import GUARD_SAMPLES
 from pyrys.quantization.guard import Switch, guard
@@ -69,6 +71,9 @@ def quantize(gm: fx.GraphModule, precision: str, calibration: Calibration | None
                                      for role, value in roles.items() if value.name in quants})
         switches = _rewrite(gm, layers, keys, shared, _lookup(plan, roles, keys), result)
         if calibration.plan is None:
+            plan.biases = bias_corrections(gm, switches, samples)
+        _correct_biases(gm, switches, plan.biases)
+        if calibration.plan is None:
             if calibration.accuracy_budget is not None and switches:
                 plan.kept, plan.error = guard(gm, switches, samples[:GUARD_SAMPLES], expected,
                                               calibration.accuracy_budget)
@@ -80,6 +85,16 @@ def quantize(gm: fx.GraphModule, precision: str, calibration: Calibration | None
     result.fired[RULE] = sum(switch.int8 for switch in switches.values())
     cleanup.dead_code_elimination(gm)  # the quantize/dequantize nodes and constants of ops kept in float32
     return result
+
+
+def _correct_biases(gm: fx.GraphModule, switches: dict[str, Switch], corrections: dict[str, torch.Tensor]) -> None:
+    """Each int8 op's arguments with its bias corrected by the plan (:mod:`pyrys.quantization.bias_correction`)."""
+    for key, correction in corrections.items():
+        switch = switches.get(key)
+        if switch is not None and correctable(switch):
+            int8 = switch.int8
+            switch.int8_args = corrected_args(gm, switch.layer, switch.int8_args, correction, key)
+            switch.set(int8)
 
 
 def _layer_keys(layers: list[fx.Node]) -> dict[fx.Node, str]:

@@ -77,18 +77,37 @@ def guard(gm: fx.GraphModule, switches: dict[str, Switch], samples: list[list], 
 
 
 def own_errors(gm: fx.GraphModule, switches: dict[str, Switch], samples: list[list]) -> dict[str, float]:
-    """``own(op)`` of the module docstring for every op of ``switches`` (left in float32 on return); only the
-    tensors an op's quantized arguments read are kept, each op measured as soon as its result is made."""
+    """``own(op)`` of the module docstring for every op of ``switches`` (left in float32 on return)."""
+    own = dict.fromkeys(switches, 0.0)
+
+    def measure(name: str, arguments, result) -> None:
+        switch = switches[name]
+        run = PYTHON_IMPLS.get(switch.layer.target, switch.layer.target)
+        quantized = run(*arguments(switch.int8_args), **arguments(switch.layer.kwargs))
+        own[name] = max(own[name], relative_error(quantized, result))
+
+    on_float32_activations(gm, switches, samples, measure)
+    return own
+
+
+def on_float32_activations(gm: fx.GraphModule, switches: dict[str, Switch], samples: list[list], measure,
+                           float_arguments: bool = False) -> None:
+    """Run the graph with every op of ``switches`` in float32 (so left) on each sample; as each op's result is
+    made, ``measure(name, arguments, result)``, where ``arguments(args)`` gives the tensors an argument tuple
+    of that op (its int8 one; its float32 one too with ``float_arguments``) reads.  Only those tensors are kept."""
     for switch in switches.values():
         switch.set(False)  # the quantize/dequantize nodes stay in the graph, unread: each run computes them
     program = ReferenceProgram(gm)
     by_layer = {switch.layer.name: name for name, switch in switches.items()}
-    read = {arg.name for switch in switches.values() for arg in nodes_in((switch.int8_args, switch.layer.kwargs))
+    read = {arg.name for switch in switches.values()
+            for arg in nodes_in((switch.int8_args, switch.float_args if float_arguments else (), switch.layer.kwargs))
             if arg.op != "get_attr"}
-    own = dict.fromkeys(switches, 0.0)
 
     def value(arg: fx.Node):
         return getattr(program.gm, arg.target) if arg.op == "get_attr" else values[arg.name]
+
+    def arguments(args):
+        return fx.map_arg(args, value)
 
     for sample in samples:
         values: dict = {}
@@ -98,11 +117,6 @@ def own_errors(gm: fx.GraphModule, switches: dict[str, Switch], samples: list[li
                 values[node_name] = tensor
             name = by_layer.get(node_name)
             if name is not None:
-                switch = switches[name]
-                run = PYTHON_IMPLS.get(switch.layer.target, switch.layer.target)
-                quantized = run(*fx.map_arg(switch.int8_args, value), **fx.map_arg(switch.layer.kwargs, value))
-                own[name] = max(own[name], relative_error(quantized, tensor))
+                measure(name, arguments, tensor)
 
         program.observe(sample, visit)
-    return own
-
