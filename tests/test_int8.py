@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import itertools
 import re
 import tempfile
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+import torch.fx as fx
 from torch import nn
 
 import pyrys
@@ -22,6 +24,7 @@ from pyrys.numerics import INT8_TOLERANCE
 from pyrys.quantization import weight_max
 from pyrys.quantization.bias_correction import BIAS_SAMPLES
 from pyrys.quantization.calibration import MAX_SAMPLES, samples_like
+from pyrys.quantization.guard import Switch
 from pyrys.testing import randomize_batchnorm
 from tests.caller_helpers import run_together
 from tests.models import Fn
@@ -364,14 +367,23 @@ def corrected_biases(gm) -> list[str]:
     return [n.target for n in gm.graph.nodes if n.op == "get_attr" and n.target.endswith("_bias_corrected")]
 
 
-@pytest.mark.parametrize("case", ["conv", "depthwise without bias", "linear on 3-d inputs"])
+BIAS_CASES = {  # the layer, its input's shape, its output's channel dim in the samples' stacked outputs
+    "conv": (lambda: nn.Conv2d(8, 16, 3), (1, 8, 12, 12), 2),
+    "depthwise without bias": (lambda: nn.Conv2d(8, 8, 3, groups=8, bias=False), (1, 8, 12, 12), 2),
+    "conv on an unbatched input": (lambda: nn.Conv2d(8, 16, 3), (8, 12, 12), 1),
+    "conv1d": (lambda: nn.Conv1d(8, 16, 3), (2, 8, 20), 2),
+    "linear on 3-d inputs": (lambda: nn.Linear(8, 16), (2, 5, 8), 3),
+    "linear on one vector": (lambda: nn.Linear(8, 16), (8,), 1),
+}
+
+
+@pytest.mark.parametrize("case", list(BIAS_CASES))
 def test_bias_correction_gives_each_channel_the_float32_mean(case, backend, monkeypatch):
     """On the samples it measured on, the int8 op's output has float32's mean in every output channel (exactly,
     on the graph's own rounding; the dnnl kernels' within float32 sums), and the uncorrected one does not."""
     torch.manual_seed(0)
-    model = {"conv": nn.Conv2d(8, 16, 3), "depthwise without bias": nn.Conv2d(8, 8, 3, groups=8, bias=False),
-             "linear on 3-d inputs": nn.Linear(8, 16)}[case].eval()
-    shape = (2, 5, 8) if case.startswith("linear") else (1, 8, 12, 12)
+    make, shape, channel = BIAS_CASES[case]
+    model = make().eval()
     generator = torch.Generator().manual_seed(3)
     calibration = [torch.rand(shape, generator=generator) * 3 for _ in range(BIAS_SAMPLES)]  # u8, mean 1.5
     opt = int8(model, calibration[0], backend, calibration, accuracy_budget=None)
@@ -379,7 +391,6 @@ def test_bias_correction_gives_each_channel_the_float32_mean(case, backend, monk
 
     def channel_shift(run) -> torch.Tensor:
         shift = torch.stack([run(x) - model(x) for x in calibration]).detach()
-        channel = shift.dim() - 1 if case.startswith("linear") else 2  # (samples, batch, C, H, W)
         return shift.transpose(0, channel).reshape(shift.shape[channel], -1).mean(1)
 
     with torch.no_grad():
@@ -390,6 +401,23 @@ def test_bias_correction_gives_each_channel_the_float32_mean(case, backend, monk
     with torch.no_grad():
         uncorrected = channel_shift(int8(model, calibration[0], backend, calibration, accuracy_budget=None))
     assert uncorrected.abs().max() > 1e-3 * scale and uncorrected.abs().max() > 30 * corrected
+
+
+def test_a_reader_of_two_int8_results_reads_each_as_its_layer_is_set():
+    """``add(a_dq, b_dq)``: whichever order the guard sets the two layers in, the add reads each one's result
+    in int8 exactly when its layer is in int8."""
+    graph = fx.Graph()
+    a, b = graph.placeholder("a"), graph.placeholder("b")
+    a_dq, b_dq = graph.call_function(torch.neg, (a,)), graph.call_function(torch.neg, (b,))
+    total = graph.call_function(torch.add, (a, b))
+    layer_a, layer_b = graph.call_function(torch.relu, (a,)), graph.call_function(torch.relu, (b,))
+    switches = {name: Switch(layer, (value,), (dq,), [(total, value, dq)])
+                for name, layer, value, dq in (("a", layer_a, a, a_dq), ("b", layer_b, b, b_dq))}
+    for states in itertools.product([True, False], repeat=4):  # two settings of each, in both orders
+        for name, int8_now in zip("abba", states):
+            switches[name].set(int8_now)
+        assert total.args == tuple(switches[name].int8_args[0] if switches[name].int8 else value
+                                   for name, value in (("a", a), ("b", b)))
 
 
 def fired_in(run) -> int:

@@ -54,8 +54,10 @@ class _Fresh(FakeTensorProp):
         and making one from a real tensor's metadata costs 50x a fresh one (ResNet-50's 216 constants: 0.26 s
         a propagation).  A one-element constant stays real: the fake mode tracks its value (``item()``)."""
         value = super().get_attr(target, args, kwargs)
-        if isinstance(value, torch.Tensor) and (is_released(value) or value.numel() > 1):
+        if is_released(value):
             return _fake_like(self._mode, value, device="cpu")
+        if isinstance(value, torch.Tensor) and value.layout == torch.strided and value.numel() > 1:
+            return _fake_like(self._mode, value)
         return value
 
     def run_node(self, n: fx.Node) -> Any:

@@ -70,7 +70,7 @@ def quantize(gm: fx.GraphModule, precision: str, calibration: Calibration | None
             plan = QuantizationPlan({role: (_origin(value, keys, memo), quants[value.name])
                                      for role, value in roles.items() if value.name in quants})
         switches = _rewrite(gm, layers, keys, shared, _lookup(plan, roles, keys), result)
-        if calibration.plan is None:
+        if calibration.plan is None and switches:
             plan.biases = bias_corrections(gm, switches, samples)
         _correct_biases(gm, switches, plan.biases)
         if calibration.plan is None:
@@ -226,9 +226,8 @@ def _rewrite(gm: fx.GraphModule, layers: list[fx.Node], keys: dict[fx.Node, str]
         source = dequantized(value, f"output of {keys[value]}")
         if source is not None and keys[value] in switches:
             for reader in readers:  # the same value, rounded as the layers read it
-                int8_args = tuple(source if arg is value else arg for arg in reader.args)
-                switches[keys[value]].readers.append((reader, tuple(reader.args), int8_args))
-                reader.args = int8_args
+                switches[keys[value]].readers.append((reader, value, source))
+            switches[keys[value]].set(True)
     return switches
 
 

@@ -1,11 +1,12 @@
 """Bias correction: each int8 op's mean output shift, measured on the calibration data, added to its bias.
 
 Rounding a layer's weights (and clipping its input at the calibrated range) shifts the mean of each
-output channel: ``E[W_q x_q] != E[W x]``, and a shift passes through every layer after it (it is most
-of the error of depthwise convolutions, and of 7-bit weights on AVX2).  On the float32 graph's
-activations, with ``op`` the layer's convolution or linear before its post-ops:
+output channel: ``E[W_q x_q] != E[W x]``, and a shift passes through every layer after it (on
+random-weight torchvision models it was most of the int8 error: ResNet-50's 5.9e-2 -> 1.1e-2 with 7-bit
+weights on AVX2, ``benchmarks/RESULTS.md``).  On the float32 graph's activations, with ``op`` the layer's
+convolution or linear before its post-ops:
 
-    c[o] = mean over samples and positions of ( op(x, W, b) - op(dq(q(x)), dq(W_q), b) )[o]
+    c[o] = mean over samples and positions of ( op(x, W, b) - op(dq(q(x)), dq(W_q), b) )[o]   (finite ones)
     b'[o] = b[o] + c[o]                                       (b = 0 for a layer without a bias)
 
 so the int8 op's output has the float32 op's mean per channel (the empirical bias correction of Nagel
@@ -29,8 +30,8 @@ def bias_corrections(gm: fx.GraphModule, switches: dict, samples: list[list]) ->
     """``c`` of the module docstring for every op of ``switches`` (:class:`~pyrys.quantization.guard.Switch`,
     by layer key; left as they were on return), float32, one value per output channel."""
     was_int8 = {name: switch.int8 for name, switch in switches.items()}
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = dict.fromkeys(switches, 0)
+    sums: dict[str, torch.Tensor] = {}  # per channel: the shifts' sum, and how many (finite) were summed
+    counts: dict[str, torch.Tensor] = {}
 
     def measure(name: str, arguments, result) -> None:
         switch = switches[name]
@@ -38,15 +39,27 @@ def bias_corrections(gm: fx.GraphModule, switches: dict, samples: list[list]) ->
         own = len(fused.kind.arguments)  # the op's own arguments: no post-ops
         shift = (fused.kind.compute(*arguments(switch.float_args[:own]))
                  - fused.kind.compute(*arguments(switch.int8_args[:own])))
-        channels = 1 if fused.kind.op is FUSED_CONV else shift.dim() - 1
-        per_channel = shift.double().transpose(0, channels).reshape(shift.shape[channels], -1)
-        sums[name] = sums.get(name, 0) + per_channel.sum(1)
-        counts[name] += per_channel.shape[1]
+        channel = _channel_dim(fused, shift)
+        others = [d for d in range(shift.dim()) if d != channel]
+        finite = shift.isfinite()  # an overflowing activation says nothing about the mean shift
+        if not bool(finite.all()):
+            shift = shift.where(finite, 0)
+        # (an empty dim list would sum every dim: a linear on one vector has no other dim)
+        sums[name] = sums.get(name, 0) + (shift.sum(others, dtype=torch.float64) if others else shift.double())
+        counts[name] = counts.get(name, 0) + (finite.sum(others) if others else finite.long())
 
     on_float32_activations(gm, switches, samples[:BIAS_SAMPLES], measure, float_arguments=True)
     for name, switch in switches.items():
         switch.set(was_int8[name])
-    return {name: (total / counts[name]).float() for name, total in sums.items() if counts[name]}
+    return {name: (total / counts[name].clamp_min(1)).float() for name, total in sums.items()}
+
+
+def _channel_dim(fused, result: torch.Tensor) -> int:
+    """The output-channel dim of a conv's or linear's result: a conv's is after the batch (none when its input
+    is unbatched: ``[C, H, W]``), a linear's is the last."""
+    if fused.kind.op is FUSED_CONV:
+        return result.dim() - fused.args["weight"].meta["val"].dim() + 1
+    return result.dim() - 1
 
 
 def correctable(switch) -> bool:

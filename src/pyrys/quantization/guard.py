@@ -31,17 +31,19 @@ CALIBRATION_DATA = "the calibration data"  # what int8's reasons and note say th
 @dataclass
 class Switch:
     """One int8 op: its arguments in float32 and in int8 (reading the quantize/dequantize nodes); ``readers``:
-    other ops reading its result in int8 while it is in int8, with their two argument tuples likewise."""
+    other ops reading its result in int8 while it is in int8, each with the result and its dequantized form
+    (a reader of two ops' results reads each as its own op is set, whatever the order)."""
 
     layer: fx.Node
     float_args: tuple
     int8_args: tuple
-    readers: list[tuple[fx.Node, tuple, tuple]] = field(default_factory=list)
+    readers: list[tuple[fx.Node, fx.Node, fx.Node]] = field(default_factory=list)
 
     def set(self, int8: bool) -> None:
         self.layer.args = self.int8_args if int8 else self.float_args  # the value's type is the same either way
-        for reader, float_args, int8_args in self.readers:
-            reader.args = int8_args if int8 else float_args
+        for reader, value, dequantized in self.readers:
+            old, new = (value, dequantized) if int8 else (dequantized, value)
+            reader.args = tuple(new if arg is old else arg for arg in reader.args)
 
     @property
     def int8(self) -> bool:

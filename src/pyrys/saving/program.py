@@ -89,6 +89,7 @@ def load(path: str | os.PathLike | Mapping[str, bytes], *, threads: int | None =
         config = dataclasses.replace(config, backend=first.backend)
         generic = _decode_generic(program["generic"], tensors, first) if program.get("generic") else None
         graphs = [c.captured.gm for c in (first, *compiled, *([generic] if generic else []))]
+        tensors.clear()  # the graphs hold them now: released below, freed with nothing else holding them
         release_constants(first.program, graphs)  # every signature's packed copies are the first's
     except LoadError:
         raise

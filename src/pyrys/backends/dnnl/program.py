@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from pyrys.backends.dnnl.frame import Frame
+from pyrys.backends.dnnl.layout import is_plain_contiguous
 from pyrys.backends.dnnl.memory_plan import Plan
 from pyrys.backends.dnnl.primitives import Engine, Memory, MemoryDesc
 from pyrys.backends.dnnl.tensors import DNNL_TO_TORCH
@@ -50,20 +51,23 @@ class Slot:
         """This slot's memory (and torch view, for planned plain values) in a frame with ``buffers``."""
         if self.md is None:
             return None, None
-        if self.constant is not None:
-            return Memory(engine, self.md, self.constant.data_ptr()), None
+        if self.constant is not None:  # a plain one viewed for torch steps too (a dequantized weight they read)
+            bytes_ = self.constant.reshape(-1).view(torch.uint8)
+            shape = tuple(self.md.dims) if is_plain_contiguous(self.md) else None
+            return Memory(engine, self.md, self.constant.data_ptr()), self._view(bytes_, shape)
         if self.buffer is None:
             return Memory(engine, self.md, 0), None  # bound to each call's tensor
         storage = buffers[self.buffer][self.offset:]
-        return Memory(engine, self.md, storage.data_ptr()), self._view(storage)
+        return Memory(engine, self.md, storage.data_ptr()), self._view(storage, self.view_shape)
 
-    def _view(self, storage: torch.Tensor) -> torch.Tensor | None:
-        if self.view_shape is None:
+    def _view(self, storage: torch.Tensor, shape: tuple | None) -> torch.Tensor | None:
+        """``storage`` (bytes) as a tensor of ``shape`` and this slot's dtype (None for no shape)."""
+        if shape is None:
             return None
         count = 1
-        for d in self.view_shape:
+        for d in shape:
             count *= d
-        return storage[:self.md.size()].view(DNNL_TO_TORCH[self.md.dtype])[:count].view(self.view_shape)
+        return storage[:self.md.size()].view(DNNL_TO_TORCH[self.md.dtype])[:count].view(shape)
 
 
 @dataclass(eq=False)

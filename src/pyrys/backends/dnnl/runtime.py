@@ -24,6 +24,7 @@ import math
 import os
 import threading
 import time
+import weakref
 
 import torch
 import torch.fx as fx
@@ -81,17 +82,21 @@ class DnnlRuntime:
         (:mod:`pyrys.ir.released`): the graphs keep its shape, the packed copy its values, and the plain
         copy is freed once nothing else holds it.  How many constants were released."""
         stand_ins: dict[int, torch.Tensor] = {}
+        plain: list[weakref.ref] = []
         for gm in dict.fromkeys(gms):
             for name, tensor in list(gm.named_buffers(recurse=False)):
                 stand_in = stand_ins.get(id(tensor))
                 if stand_in is None:
                     stand_in = self.packed.release(self.engine, tensor)
+                    if stand_in is not None:
+                        plain.append(weakref.ref(tensor))
                 if stand_in is not None:
                     stand_ins[id(tensor)] = stand_in
                     setattr(gm, name, stand_in)
-        # the plain copies were the graphs' buffers, freed as they are replaced: no cycle holds them (RSS after
-        # ResNet-50's optimize or load is the same with a collection here, which took 0.2 s of a 0.75 s load)
-        give_back_freed_memory(collect_cycles=False)
+        tensor = None  # the loop's last one
+        # a full collection (0.2 s once torch is loaded) only where a plain copy outlived its graphs: held by a
+        # reference cycle (a discarded graph module of calibration or the accuracy guard), or by its owner
+        give_back_freed_memory(collect_cycles=any(ref() is not None for ref in plain))
         return len(stand_ins)
 
     def __call__(self, inputs: list) -> list:
