@@ -56,7 +56,8 @@ class _Fresh(FakeTensorProp):
         value = super().get_attr(target, args, kwargs)
         if is_released(value):
             return _fake_like(self._mode, value, device="cpu")
-        if isinstance(value, torch.Tensor) and value.layout == torch.strided and value.numel() > 1:
+        if (isinstance(value, torch.Tensor) and value.layout == torch.strided and not value.is_quantized
+                and value.numel() > 1):
             return _fake_like(self._mode, value)
         return value
 

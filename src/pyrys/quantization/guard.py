@@ -66,8 +66,7 @@ def guard(gm: fx.GraphModule, switches: dict[str, Switch], samples: list[list], 
     ordered = sorted(own, key=own.__getitem__, reverse=True)
 
     def keep(k: int) -> None:
-        """Every op in int8, then the first k back in float32: the order ``quantize`` applies a plan in (a
-        reader of two ops' results is rewired by each in turn, so the order decides what it reads)."""
+        """Every op in int8, then the first k back in float32."""
         for switch in switches.values():
             switch.set(True)
         for name in ordered[:k]:

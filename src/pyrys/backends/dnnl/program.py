@@ -52,7 +52,7 @@ class Slot:
         if self.md is None:
             return None, None
         if self.constant is not None:  # a plain one viewed for torch steps too (a dequantized weight they read)
-            bytes_ = self.constant.reshape(-1).view(torch.uint8)
+            bytes_ = self.constant.view(-1).view(torch.uint8)  # contiguous: packed once
             shape = tuple(self.md.dims) if is_plain_contiguous(self.md) else None
             return Memory(engine, self.md, self.constant.data_ptr()), self._view(bytes_, shape)
         if self.buffer is None:
