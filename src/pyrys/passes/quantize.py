@@ -13,8 +13,9 @@ in :mod:`pyrys.quantization`:
 
 The first compile calibrates (:mod:`pyrys.quantization.calibration`), corrects each int8 op's bias for
 its rounding's mean shift (:mod:`pyrys.quantization.bias_correction`: the op's bias argument becomes a
-new constant) and runs the accuracy guard (:mod:`pyrys.quantization.guard`); the compiles of other input shapes reuse its plan, each value named by
-its role and checked against a digest of what computes it (:func:`_roles`, :func:`_origin`).  Every
+new constant) and runs the accuracy guard (:mod:`pyrys.quantization.guard`); the compiles of other input
+shapes reuse its plan, each value named by its role and checked against a digest of what computes it
+(:func:`_roles`, :func:`_origin`).  Every
 conv or linear left in float32 is a miss with its reason (``opt.report()``, ``pyrys explain``).  This runs
 last: constant propagation must not fold the weight's dequantize back into a float32 constant.
 """
