@@ -14,8 +14,9 @@ from torch import nn
 import pyrys
 from pyrys.bench import cli
 from pyrys.bench.measure import TimingPlan, benchmark_model, error_vs_eager, rotated
-from pyrys.bench.peers import Eager, Peer, default_peers, select_peers
+from pyrys.bench.peers import Eager, OnnxRuntimeInt8, Peer, default_peers, select_peers
 from pyrys.bench.report import build_table
+from pyrys.numerics import INT8_TOLERANCE
 
 SYSTEMS = ["eager", "pyrys-dnnl", "pyrys-reference", "torchscript", "onnxruntime"]
 
@@ -150,3 +151,16 @@ def test_error_vs_eager_is_pyrys_relative_error_on_any_output_form():
 def test_rotated():
     assert rotated([1, 2, 3], 4) == [2, 3, 1]
     assert rotated([], 1) == []
+
+
+def test_onnxruntime_static_int8_runs_quantized_on_the_shared_samples():
+    peer = OnnxRuntimeInt8(1)
+    ok, reason = peer.available()
+    if not ok:
+        pytest.skip(reason)
+    torch.manual_seed(0)
+    model = SmallConvNet().eval()
+    x = model.example_inputs(2)
+    with torch.no_grad():
+        error = error_vs_eager(peer.prepare(model, x)(*x), model(*x))
+    assert 1e-5 < error <= INT8_TOLERANCE  # really rounded (QDQ nodes ran), and close

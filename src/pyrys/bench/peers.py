@@ -165,6 +165,41 @@ class OnnxRuntime(Peer):
         return options
 
 
+class OnnxRuntimeInt8(OnnxRuntime):
+    """ONNX Runtime static int8 on :func:`calibration_data`: its pre-processing (shape inference, graph
+    optimization), then ``quantize_static`` with its defaults otherwise (QDQ, u8 activations and s8 weights
+    per channel, min/max calibration); without VNNI, ``reduce_range`` (7-bit weights, as its documentation
+    advises against the saturation pyrys avoids the same way)."""
+
+    name = "onnxruntime-int8"
+
+    def prepare(self, model: nn.Module, inputs: Inputs) -> Runner:
+        import onnxruntime as ort
+        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        from pyrys.quantization import vnni
+
+        class Samples(CalibrationDataReader):
+            def __init__(self, names: list[str]):
+                samples = calibration_data(inputs)
+                self.feeds = iter([{n: x.numpy() for n, x in zip(names, sample)} for sample in samples])
+
+            def get_next(self):
+                return next(self.feeds, None)
+
+        with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            exported, prepared, quantized = (str(Path(folder) / f"{n}.onnx") for n in ("model", "prepared", "int8"))
+            export_onnx(model, inputs, Path(exported))
+            quant_pre_process(exported, prepared)
+            names = [i.name for i in ort.InferenceSession(prepared, providers=["CPUExecutionProvider"]).get_inputs()]
+            quantize_static(prepared, quantized, Samples(names), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=not vnni())
+            session = ort.InferenceSession(quantized, self._options(ort), providers=["CPUExecutionProvider"])
+        return lambda *xs: session.run(None, {n: x.numpy() for n, x in zip(names, xs)})
+
+
 class OpenVino(Peer):
     """OpenVINO CPU plugin, converted from the torch model, at a given precision."""
 
@@ -230,7 +265,7 @@ def default_peers(threads: int) -> list[Peer]:
     """Every system, in report order: pyrys backends first, then eager and the peers."""
     pyrys = [PyrysPeer(threads, backend) for backend in pyrys_backends()] + [
         PyrysPeer(threads, "dnnl", "bf16"), PyrysPeer(threads, "dnnl", "int8")]
-    others = [Eager(threads), TorchScript(threads), Inductor(threads), OnnxRuntime(threads),
+    others = [Eager(threads), TorchScript(threads), Inductor(threads), OnnxRuntime(threads), OnnxRuntimeInt8(threads),
               OpenVino(threads), OpenVino(threads, "bf16"), OpenVinoInt8(threads)]
     return pyrys + others
 
