@@ -474,6 +474,12 @@ class OptimizedModule(torch.nn.Module):
         return {"weights": first["weights"], "packed_weights": first["packed_weights"],
                 "activations": max(m["activations"] for m in held), "frames": sum(m["frames"] for m in held)}
 
+    def thread_choice(self) -> str:
+        """How many threads the first input shape's calls run with now: at most the caller's
+        ``torch.get_num_threads()``, fewer while busy CPUs make that faster (``threads=`` pins it)."""
+        choice = getattr(self._first.program, "thread_choice", None)
+        return choice() if choice is not None else "the caller's thread count, or threads= (not adapted on this backend)"
+
     def report(self) -> str:
         """Per-pass counts, then every miss with its reason, then notes; then the numerics when measured."""
         lines = [step.summary() for step in self.history[1:]]

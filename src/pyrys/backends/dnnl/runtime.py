@@ -6,7 +6,8 @@ cache (``pyrys.tuning_cache``), so the next compile of the same graph on this CP
 count builds only the winner.  oneDNN fixes a primitive's thread count when it is created,
 so a caller running with another thread count (its own ``torch.get_num_threads()``, or
 ``threads=``) gets a program built for that count, from the same graph and policy, sharing
-the packed weights.
+the packed weights.  Unless ``threads=`` pins the count, a call may run with fewer threads than
+the caller's while other work keeps the CPUs busy (``pyrys.backends.thread_choice``).
 
 NaN and infinities: relu keeps NaN (``post_ops.py``), but oneDNN's max-pooling, clip
 (relu6, clamp, hardtanh) and hardsigmoid kernels turn it into a number.  A program with
@@ -38,6 +39,7 @@ from pyrys.backends.dnnl.primitives import Engine
 from pyrys.backends.dnnl.program import DnnlProgram
 from pyrys.backends.options import BackendOptions
 from pyrys.backends.reference import ReferenceProgram, held_bytes, with_values
+from pyrys.backends.thread_choice import ThreadChooser
 from pyrys.backends.threads import current_threads, with_threads
 from pyrys.forwarding import forwarded
 from pyrys.ir.printer import format_graph
@@ -60,6 +62,7 @@ class DnnlRuntime:
             self.first = build_program(gm, self.layout, self.engine, threads, self.packed, reuse_packed=True)
             self.first.policy = f"{self.layout} (as chosen for the first input shape)"
         self.programs: dict[int, DnnlProgram] = {threads: self.first}
+        self.choosers: dict[int, ThreadChooser] = {}  # by the caller's thread count, when not pinned
         self._reference: ReferenceProgram | None = None
         self.float_inputs = [i for i, t in enumerate(example_inputs) if self.first.drops_nan
                              and isinstance(t, torch.Tensor) and t.is_floating_point()]
@@ -102,13 +105,33 @@ class DnnlRuntime:
     def __call__(self, inputs: list) -> list:
         if self.float_inputs and not _all_finite(inputs, self.float_inputs):
             return self.reference(inputs) if self.pinned is None else with_threads(self.pinned, self.reference, inputs)
-        threads = self.pinned or current_threads()
+        if self.pinned is not None:
+            return with_threads(self.pinned, self._program(self.pinned), inputs)
+        threads = current_threads()
+        if threads == 1:
+            return self._program(1)(inputs)
+        return self._call_adapting(threads, inputs)
+
+    def _call_adapting(self, threads: int, inputs: list) -> list:
+        """A call with the count the caller's chooser picks (at most ``threads``), timed for the next pick."""
+        start = time.perf_counter()
+        chooser = self.choosers.get(threads)
+        if chooser is None:
+            chooser = self.choosers.setdefault(threads, ThreadChooser(threads, start))
+        count = chooser.pick(self.programs, start)
+        program = self.programs.get(count)
+        if program is None:  # built for a probe: its build is not the call's time
+            program = self._program_for(count)
+            start = time.perf_counter()
+        outputs = program(inputs) if count == threads else with_threads(count, program, inputs)
+        end = time.perf_counter()
+        chooser.record(count, end - start, end)
+        return outputs
+
+    def _program(self, threads: int) -> DnnlProgram:
+        """The program for ``threads`` threads, built at its first call."""
         program = self.programs.get(threads)
-        if program is None:
-            program = self._program_for(threads)
-        if self.pinned is None:
-            return program(inputs)
-        return with_threads(threads, program, inputs)
+        return program if program is not None else self._program_for(threads)
 
     def _program_for(self, threads: int) -> DnnlProgram:
         with self._building:
@@ -158,6 +181,7 @@ class DnnlRuntime:
         copied.__dict__.update(self.__dict__)
         copied._building = threading.Lock()
         copied.programs = {threads: copy.deepcopy(program, memo) for threads, program in self.programs.items()}
+        copied.choosers = {}
         copied.first = copied.programs[next(iter(self.programs))]
         return copied
 
@@ -178,6 +202,14 @@ class DnnlRuntime:
         programs = [program.memory() for program in self.programs.values()]
         return {"weights": held_bytes(self.gm), "packed_weights": self.packed.copied_bytes(),
                 "activations": max(m["activations"] for m in programs), "frames": sum(m["frames"] for m in programs)}
+
+    def thread_choice(self) -> str:
+        """How many threads calls run with now, and why."""
+        if self.pinned is not None:
+            return f"{self.pinned} thread{'s' * (self.pinned > 1)} (threads= pins it)"
+        if not self.choosers:
+            return "the caller's thread count (no call with more than one thread yet)"
+        return "; ".join(chooser.describe() for chooser in list(self.choosers.values()))
 
     policy = forwarded("first.policy", "The activation layout chosen, with the measurements when it was measured.")
     peak_activation_bytes = forwarded("first.peak_activation_bytes", "One call's activation arena, in bytes.")

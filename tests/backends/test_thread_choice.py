@@ -1,0 +1,90 @@
+"""The thread count a call runs with, chosen from measured call times (``pyrys.backends.thread_choice``)."""
+from __future__ import annotations
+
+import pytest
+
+from pyrys.backends.thread_choice import (BELOW_CAP, FIRST_INTERVAL, TOP_CAP, ThreadChooser, thread_counts)
+
+
+class Clock:
+    now = 0.0
+
+
+def run(chooser: ThreadChooser, seconds_at: dict[int, float], calls: int, built: set[int],
+        clock: Clock | None = None) -> list[int]:
+    """``calls`` calls, each taking ``seconds_at[count]``; the counts picked, in order; ``built`` grows as a
+    runtime's programs do (a picked count gets its program); each call advances ``clock`` (a new one if none)."""
+    picked, clock = [], clock or Clock()
+    for _ in range(calls):
+        count = chooser.pick(built, clock.now)
+        built.add(count)
+        picked.append(count)
+        clock.now += seconds_at[count]
+        chooser.record(count, seconds_at[count], clock.now)
+    return picked
+
+
+@pytest.mark.parametrize("threads, counts", [(1, [1]), (2, [2, 1]), (6, [6, 3, 1]), (8, [8, 4, 2, 1])])
+def test_thread_counts_halve_down_to_one(threads, counts):
+    assert thread_counts(threads) == counts
+
+
+def test_a_quiet_machine_runs_every_call_with_all_threads_and_builds_nothing_else():
+    chooser, built = ThreadChooser(2), {2}
+    assert run(chooser, {2: 0.040, 1: 0.075}, 3000, built) == [2] * 3000
+    assert built == {2}
+
+
+def test_busy_cpus_move_the_calls_to_fewer_threads_and_a_freed_cpu_moves_them_back():
+    chooser, built = ThreadChooser(2), {2}
+    run(chooser, {2: 0.040, 1: 0.075}, 50, built)
+    loaded = run(chooser, {2: 0.130, 1: 0.076}, 200, built)     # OpenMP spinning for a descheduled thread
+    first_at_one = loaded.index(1)
+    assert first_at_one == 1                                     # one call pushed the average over 1.3x
+    assert loaded[8:].count(2) <= 200 // FIRST_INTERVAL          # once the average caught up: 1, but probes
+    assert chooser.active == 1
+    quiet = run(chooser, {2: 0.040, 1: 0.075}, BELOW_CAP[0] + 1, built)
+    assert chooser.active == 2 and quiet[-1] == 2
+
+
+def test_probes_that_lose_come_less_often_up_to_the_cap():
+    clock = Clock()
+    chooser, built = ThreadChooser(2), {2, 1}                 # both programs exist already
+    picked = run(chooser, {2: 0.001, 1: 0.0019}, 4000, built, clock)  # 4 s: the time cap never comes
+    probes = [i for i, count in enumerate(picked) if count == 1]
+    gaps = [b - a for a, b in zip(probes, probes[1:])]
+    assert gaps == sorted(gaps) and gaps[-1] == TOP_CAP[0] + 1
+    assert chooser.active == 2
+
+
+def test_the_time_cap_probes_a_slow_program_below_the_full_count():
+    clock = Clock()
+    chooser, built = ThreadChooser(2), {2, 1}
+    chooser._activate(1)
+    picked = run(chooser, {2: 3.0, 1: 2.0}, 12, built, clock)        # 2 s calls: 5 s before 8 calls
+    assert picked == [1, 1, 1, 2] * 3                           # every 5 s, not every 8 calls
+
+
+def test_a_lasting_slowdown_no_count_beats_is_probed_once():
+    chooser, built = ThreadChooser(2), {2}
+    run(chooser, {2: 0.040, 1: 0.075}, 20, built)
+    picked = run(chooser, {2: 0.060, 1: 0.150}, 500, built)         # slower everywhere: 2 threads still best
+    assert chooser.active == 2
+    assert picked.count(1) <= 1 + 8                                 # the signal's probe, then doubling intervals
+
+
+def test_a_lucky_probe_is_undone_by_the_next_one():
+    chooser, built = ThreadChooser(2), {2, 1}
+    run(chooser, {2: 0.040, 1: 0.075}, FIRST_INTERVAL + 1, built)   # a probe of 1 thread lost
+    picked = run(chooser, {2: 0.040, 1: 0.030}, 2 * FIRST_INTERVAL + 1, built)
+    assert picked[-1] == 1 and chooser.active == 1                  # one fast outlier at 1 thread won
+    run(chooser, {2: 0.040, 1: 0.075}, 2 * FIRST_INTERVAL + 2, built)
+    assert chooser.active == 2
+
+
+def test_four_threads_step_down_one_halving_at_a_time():
+    chooser, built = ThreadChooser(4), {4}
+    run(chooser, {4: 0.020, 2: 0.035, 1: 0.065}, 30, built)
+    run(chooser, {4: 0.090, 2: 0.050, 1: 0.066}, 60, built)
+    assert chooser.active == 2 and built == {4, 2}                  # 2 beat 4; 2 stays as fast: 1 is not built
+    assert "2 of up to 4 threads" in chooser.describe()
