@@ -1,5 +1,7 @@
 """Throughput of concurrent callers: 2 threads calling one module with ``threads=1`` each,
-against 1 thread calling a module with ``threads=2``, interleaved in one process.
+against 1 thread calling a module with ``threads=2``, and 2 threads calling one with the default
+(each caller's own thread count, 2, or fewer while that is faster: ``opt.thread_choice()``),
+interleaved in one process.
 
 On a 2-core machine both use both cores; what differs is where the parallelism is: inside
 each call (OpenMP teams of 2) or across calls (two frames of the same program running at
@@ -58,9 +60,10 @@ def main() -> None:
     args = parser.parse_args()
     cpu = " ".join([cpu_info()[0], "/".join(cpu_info()[1])])
     print(f"# {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, pyrys {pyrys.__version__}")
-    print("| model | 1 caller, threads=2: calls/s | 2 callers, threads=1: calls/s | ratio | latency ms (1x2 / 2x1) |")
-    print("| --- | --- | --- | --- | --- |")
-    configs = {"1x2": (2, 1), "2x1": (1, 2)}  # name -> (threads per call, callers)
+    print("| model | 1 caller, threads=2: calls/s | 2 callers, threads=1: calls/s | ratio | "
+          "2 callers, default threads: calls/s | / 2 callers, threads=1 | latency ms (1x2 / 2x1 / 2x default) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    configs = {"1x2": (2, 1), "2x1": (1, 2), "2xd": (None, 2)}  # name -> (threads per call, callers)
     for name in args.models:
         model = build_model(name)
         inputs = example_inputs(name, 1, model)
@@ -76,7 +79,9 @@ def main() -> None:
         rate = {key: statistics.median(r[0] for r in rows) for key, rows in results.items()}
         latency = {key: statistics.median(r[1] for r in rows) for key, rows in results.items()}
         print(f"| {name} | {rate['1x2']:.1f} | {rate['2x1']:.1f} | {rate['2x1'] / rate['1x2']:.2f} | "
-              f"{latency['1x2']:.2f} / {latency['2x1']:.2f} |")
+              f"{rate['2xd']:.1f} | {rate['2xd'] / rate['2x1']:.2f} | "
+              f"{latency['1x2']:.2f} / {latency['2x1']:.2f} / {latency['2xd']:.2f} |")
+        print(f"# {name}, 2 callers with default threads, at the end: {modules['2xd'].thread_choice()}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Latency under CPU load: pyrys and ONNX Runtime quiet, then with a busy loop on one core, in one process.
 
 A server shares its CPUs.  Each system runs ``--threads`` threads per call; a child process spins on
-one core (``--busy-core``; a fair share of a 2-core machine is then 2x slower).  Quiet and loaded blocks
+one core (``--busy-cores``; a fair share of a 2-core machine is then 2x slower).  Quiet and loaded blocks
 alternate, systems interleaved within each block, each system called unmeasured for ``--settle`` seconds
 after the load starts; the table gives the medians and loaded / quiet.  pyrys runs fewer threads while
 that is faster (``pyrys.backends.thread_choice``): "recovery s" is how long after the busy loop ends its
@@ -60,13 +60,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="quiet/loaded block pairs")
     parser.add_argument("--seconds", type=float, default=1.0, help="timing per system per block")
     parser.add_argument("--settle", type=float, default=1.0, help="unmeasured calls after the load starts")
-    parser.add_argument("--busy-core", type=int, default=1)
+    parser.add_argument("--busy-cores", type=int, nargs="+", default=[1], help="a busy loop pinned to each")
     args = parser.parse_args()
     from pyrys.machine import cpu_info
 
     torch.set_num_threads(args.threads)
     env = {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS") if k in os.environ}
-    print(f"# {cpu_info()[0]}, {os.cpu_count()} cores, {args.threads} threads per call; env {env or 'default'}")
+    print(f"# {cpu_info()[0]}, {os.cpu_count()} cores, {args.threads} threads per call; env {env or 'default'}; "
+          f"busy loops on cores {args.busy_cores}")
     print("| model | system | quiet ms | loaded ms | loaded / quiet | loaded / ORT loaded | recovery s |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     peers = [PyrysPeer(args.threads, "dnnl")]
@@ -84,16 +85,18 @@ def main() -> None:
             for _ in range(args.rounds):
                 for n, times in interleaved_ms(runs, 1, args.seconds).items():
                     quiet[n] += times
-                busy = multiprocessing.Process(target=_spin, args=(args.busy_core,), daemon=True)
-                busy.start()
+                busy = [multiprocessing.Process(target=_spin, args=(core,), daemon=True) for core in args.busy_cores]
+                for process in busy:
+                    process.start()
                 try:
                     _settle(runs, args.settle)
                     for n, times in interleaved_ms(runs, 1, args.seconds).items():
                         loaded[n] += times
                     choice = pyrys_runner.thread_choice()
                 finally:
-                    busy.terminate()
-                    busy.join()
+                    for process in busy:
+                        process.terminate()
+                        process.join()
                 recovery.append(_recovery_s(pyrys_runner, inputs, statistics.median(quiet[peers[0].name])))
         ort = statistics.median(loaded[OnnxRuntime.name]) if OnnxRuntime.name in loaded else float("nan")
         for n in runs:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from pyrys.backends.thread_choice import (BELOW_CAP, FIRST_INTERVAL, TOP_CAP, ThreadChooser, thread_counts)
+from pyrys.backends.thread_choice import (BELOW_CAP, FIRST_INTERVAL, SLOW_CALLS, TOP_CAP, ThreadChooser,
+                                         thread_counts)
 
 
 class Clock:
@@ -39,30 +40,32 @@ def test_busy_cpus_move_the_calls_to_fewer_threads_and_a_freed_cpu_moves_them_ba
     chooser, built = ThreadChooser(2), {2}
     run(chooser, {2: 0.040, 1: 0.075}, 50, built)
     loaded = run(chooser, {2: 0.130, 1: 0.076}, 200, built)     # OpenMP spinning for a descheduled thread
-    first_at_one = loaded.index(1)
-    assert first_at_one == 1                                     # one call pushed the average over 1.3x
+    assert loaded.index(1) == SLOW_CALLS                         # three slow calls in a row, then a probe
     assert loaded[8:].count(2) <= 200 // FIRST_INTERVAL          # once the average caught up: 1, but probes
     assert chooser.active == 1
-    quiet = run(chooser, {2: 0.040, 1: 0.075}, BELOW_CAP[0] + 1, built)
+    quiet = run(chooser, {2: 0.040, 1: 0.075}, BELOW_CAP + 1, built)
     assert chooser.active == 2 and quiet[-1] == 2
 
 
 def test_probes_that_lose_come_less_often_up_to_the_cap():
     clock = Clock()
     chooser, built = ThreadChooser(2), {2, 1}                 # both programs exist already
-    picked = run(chooser, {2: 0.001, 1: 0.0019}, 4000, built, clock)  # 4 s: the time cap never comes
+    picked = run(chooser, {2: 1.0, 1: 1.9}, 4000, built, clock)       # long calls: no time cap up here
     probes = [i for i, count in enumerate(picked) if count == 1]
     gaps = [b - a for a, b in zip(probes, probes[1:])]
-    assert gaps == sorted(gaps) and gaps[-1] == TOP_CAP[0] + 1
+    assert gaps == sorted(gaps) and gaps[-1] == TOP_CAP + 1
     assert chooser.active == 2
 
 
-def test_the_time_cap_probes_a_slow_program_below_the_full_count():
+def test_below_the_full_count_a_probe_comes_every_5_s_once_8_calls_ran():
     clock = Clock()
     chooser, built = ThreadChooser(2), {2, 1}
     chooser._activate(1)
-    picked = run(chooser, {2: 3.0, 1: 2.0}, 12, built, clock)        # 2 s calls: 5 s before 8 calls
-    assert picked == [1, 1, 1, 2] * 3                           # every 5 s, not every 8 calls
+    chooser.interval = chooser.due_calls = BELOW_CAP                  # after probes that lost
+    picked = run(chooser, {2: 3.0, 1: 0.5}, 40, built, clock)        # 0.5 s calls: 10 in 5 s
+    assert picked == ([1] * 10 + [2]) * 3 + [1] * 7
+    spaced = run(chooser, {2: 90.0, 1: 60.0}, 27, built, clock)      # a call a minute: not all probes
+    assert spaced.count(2) == 3
 
 
 def test_a_lasting_slowdown_no_count_beats_is_probed_once():
@@ -70,7 +73,25 @@ def test_a_lasting_slowdown_no_count_beats_is_probed_once():
     run(chooser, {2: 0.040, 1: 0.075}, 20, built)
     picked = run(chooser, {2: 0.060, 1: 0.150}, 500, built)         # slower everywhere: 2 threads still best
     assert chooser.active == 2
-    assert picked.count(1) <= 1 + 8                                 # the signal's probe, then doubling intervals
+    assert picked.count(1) <= 1 + 7                                 # the signal's probe, then doubling intervals
+
+
+def test_one_slow_call_on_a_quiet_machine_builds_nothing():
+    chooser, built = ThreadChooser(2), {2}
+    for _ in range(20):
+        run(chooser, {2: 0.040}, 50, built)
+        run(chooser, {2: 0.200}, SLOW_CALLS - 1, built)             # a pause, a page fault, a tick
+    assert built == {2}
+
+
+def test_a_probe_another_caller_is_building_is_cancelled():
+    chooser = ThreadChooser(2)
+    run(chooser, {2: 0.040}, 10, {2})
+    run(chooser, {2: 0.200}, SLOW_CALLS, {2})
+    assert chooser.pick({2}, 0.0) == 1
+    chooser.cancel(1)
+    chooser.record(1, 0.001, 0.0)                                  # a late record of the cancelled probe
+    assert chooser.active == 2 and chooser.probing is None
 
 
 def test_a_lucky_probe_is_undone_by_the_next_one():

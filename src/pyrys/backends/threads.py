@@ -35,6 +35,9 @@ def _openmp() -> tuple[Callable[[], int], Callable[[int], None]] | None:
 
 
 _OPENMP = _openmp()
+# whether a thread count can be set for one caller alone (else each change is process-wide, under a lock,
+# and a program's calls do not change their thread count on their own: pyrys.backends.thread_choice)
+PER_CALLER_THREADS = _OPENMP is not None
 _AVAILABLE_CPUS = available_cpus()  # read once: every call caps its thread count by it
 _TORCH_LOCK = threading.Lock()
 

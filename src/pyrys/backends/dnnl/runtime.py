@@ -40,7 +40,7 @@ from pyrys.backends.dnnl.program import DnnlProgram
 from pyrys.backends.options import BackendOptions
 from pyrys.backends.reference import ReferenceProgram, held_bytes, with_values
 from pyrys.backends.thread_choice import ThreadChooser
-from pyrys.backends.threads import current_threads, with_threads
+from pyrys.backends.threads import PER_CALLER_THREADS, current_threads, with_threads
 from pyrys.forwarding import forwarded
 from pyrys.ir.printer import format_graph
 from pyrys.machine import cpu_info, give_back_freed_memory
@@ -51,7 +51,7 @@ class DnnlRuntime:
 
     def __init__(self, gm: fx.GraphModule, example_inputs: list, options: BackendOptions,
                  like: "DnnlRuntime | None" = None):
-        self.gm, self.pinned, self.reuse_packed = gm, options.threads, like is not None
+        self.gm, self.pinned = gm, options.threads
         self._building = threading.Lock()
         threads = options.threads or current_threads()
         if like is None:
@@ -108,8 +108,8 @@ class DnnlRuntime:
         if self.pinned is not None:
             return with_threads(self.pinned, self._program(self.pinned), inputs)
         threads = current_threads()
-        if threads == 1:
-            return self._program(1)(inputs)
+        if threads == 1 or not PER_CALLER_THREADS:
+            return self._program(threads)(inputs)
         return self._call_adapting(threads, inputs)
 
     def _call_adapting(self, threads: int, inputs: list) -> list:
@@ -120,9 +120,12 @@ class DnnlRuntime:
             chooser = self.choosers.setdefault(threads, ThreadChooser(threads, start))
         count = chooser.pick(self.programs, start)
         program = self.programs.get(count)
-        if program is None:  # built for a probe: its build is not the call's time
-            program = self._program_for(count)
-            start = time.perf_counter()
+        if program is None:
+            program = self._program_for(count, wait=count == threads)
+            if program is None:  # a probe's program another caller is building: not this call's to wait for
+                chooser.cancel(count)
+                count, program = threads, self._program(threads)
+            start = time.perf_counter()  # a build is not the call's time
         outputs = program(inputs) if count == threads else with_threads(count, program, inputs)
         end = time.perf_counter()
         chooser.record(count, end - start, end)
@@ -133,12 +136,18 @@ class DnnlRuntime:
         program = self.programs.get(threads)
         return program if program is not None else self._program_for(threads)
 
-    def _program_for(self, threads: int) -> DnnlProgram:
-        with self._building:
+    def _program_for(self, threads: int, wait: bool = True) -> DnnlProgram | None:
+        """Build the program for ``threads`` (reading the weights as packed already); None without
+        ``wait`` when another caller is building one."""
+        if not self._building.acquire(blocking=wait):
+            return None
+        try:
             if threads not in self.programs:
-                program = build_program(self.gm, self.layout, self.engine, threads, self.packed, self.reuse_packed)
+                program = build_program(self.gm, self.layout, self.engine, threads, self.packed, reuse_packed=True)
                 program.policy = self.first.policy
                 self.programs = {**self.programs, threads: program}
+        finally:
+            self._building.release()
         return self.programs[threads]
 
     def _choose_policy(self, example_inputs: list, layout: str, threads: int) -> DnnlProgram:
