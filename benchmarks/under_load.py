@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=4, help="quiet/loaded block pairs")
     parser.add_argument("--seconds", type=float, default=1.0, help="timing per system per block")
-    parser.add_argument("--settle", type=float, default=1.0, help="unmeasured calls after the load starts")
+    parser.add_argument("--settle", type=float, default=2.0, help="unmeasured calls after the load starts")
     parser.add_argument("--busy-cores", type=int, nargs="+", default=[1], help="a busy loop pinned to each")
     args = parser.parse_args()
     from pyrys.machine import cpu_info

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from pyrys.backends.thread_choice import (BELOW_CAP, FIRST_INTERVAL, SLOW_CALLS, TOP_CAP, ThreadChooser,
-                                         thread_counts)
+from pyrys.backends.thread_choice import BELOW_CAP, FIRST_INTERVAL, PROBE_SHARE, TOP_CAP, ThreadChooser, thread_counts
+
+SLOW_CALLS = 3  # slow calls in a row that signal busier CPUs
 
 
 class Clock:
@@ -14,8 +15,9 @@ class Clock:
 def run(chooser: ThreadChooser, seconds_at: dict[int, float], calls: int, built: set[int],
         clock: Clock | None = None) -> list[int]:
     """``calls`` calls, each taking ``seconds_at[count]``; the counts picked, in order; ``built`` grows as a
-    runtime's programs do (a picked count gets its program); each call advances ``clock`` (a new one if none)."""
-    picked, clock = [], clock or Clock()
+    runtime's programs do (a picked count gets its program); each call advances ``clock`` (the chooser's own
+    if none is given)."""
+    picked, clock = [], clock or vars(chooser).setdefault("test_clock", Clock())
     for _ in range(calls):
         count = chooser.pick(built, clock.now)
         built.add(count)
@@ -44,7 +46,16 @@ def test_busy_cpus_move_the_calls_to_fewer_threads_and_a_freed_cpu_moves_them_ba
     assert loaded[8:].count(2) <= 200 // FIRST_INTERVAL          # once the average caught up: 1, but probes
     assert chooser.active == 1
     quiet = run(chooser, {2: 0.040, 1: 0.075}, BELOW_CAP + 1, built)
-    assert chooser.active == 2 and quiet[-1] == 2
+    assert chooser.active == 2 and quiet[BELOW_CAP // 2:].count(2) > BELOW_CAP // 3   # back within 64 calls or 5 s
+
+
+def test_a_probe_far_slower_than_the_active_count_waits_longer():
+    chooser, built = ThreadChooser(2), {2, 1}
+    chooser._activate(1)
+    picked = run(chooser, {2: 0.090, 1: 0.013}, 2000, built)          # 2 threads under load: 7x
+    probes = [i for i, count in enumerate(picked) if count == 2]
+    gaps = [b - a for a, b in zip(probes, probes[1:])]
+    assert min(gaps) > (0.090 / 0.013 - 1) / PROBE_SHARE           # past BELOW_CAP: the extra time stays under 2%
 
 
 def test_probes_that_lose_come_less_often_up_to_the_cap():
@@ -62,18 +73,21 @@ def test_below_the_full_count_a_probe_comes_every_5_s_once_8_calls_ran():
     chooser, built = ThreadChooser(2), {2, 1}
     chooser._activate(1)
     chooser.interval = chooser.due_calls = BELOW_CAP                  # after probes that lost
-    picked = run(chooser, {2: 3.0, 1: 0.5}, 40, built, clock)        # 0.5 s calls: 10 in 5 s
-    assert picked == ([1] * 10 + [2]) * 3 + [1] * 7
-    spaced = run(chooser, {2: 90.0, 1: 60.0}, 27, built, clock)      # a call a minute: not all probes
-    assert spaced.count(2) == 3
+    picked = run(chooser, {2: 0.52, 1: 0.5}, 40, built, clock)       # 0.5 s calls: 10 in 5 s
+    assert [i for i, count in enumerate(picked) if count == 2] == [10, 21, 32]   # every 5 s (10 calls and a bit)
+    spaced, clock = ThreadChooser(2), Clock()
+    spaced._activate(1)
+    picked = run(spaced, {2: 61.0, 1: 60.0}, 45, built, clock)       # a call a minute: not all probes
+    assert picked.count(2) == 5                                     # one in 9: 8 calls, then a probe
 
 
-def test_a_lasting_slowdown_no_count_beats_is_probed_once():
+def test_a_lasting_slowdown_no_count_beats_costs_its_probes_under_2_percent():
     chooser, built = ThreadChooser(2), {2}
     run(chooser, {2: 0.040, 1: 0.075}, 20, built)
-    picked = run(chooser, {2: 0.060, 1: 0.150}, 500, built)         # slower everywhere: 2 threads still best
+    picked = run(chooser, {2: 0.060, 1: 0.150}, 2000, built)        # slower everywhere: 2 threads still best
     assert chooser.active == 2
-    assert picked.count(1) <= 1 + 7                                 # the signal's probe, then doubling intervals
+    extra = picked.count(1) * (0.150 - 0.060)
+    assert 1 <= picked.count(1) and extra / (len(picked) * 0.060) <= PROBE_SHARE * 1.1
 
 
 def test_one_slow_call_on_a_quiet_machine_builds_nothing():
@@ -81,7 +95,18 @@ def test_one_slow_call_on_a_quiet_machine_builds_nothing():
     for _ in range(20):
         run(chooser, {2: 0.040}, 50, built)
         run(chooser, {2: 0.200}, SLOW_CALLS - 1, built)             # a pause, a page fault, a tick
+        run(chooser, {2: 0.040}, 1, built)
+        run(chooser, {2: 0.200}, 1, built)
     assert built == {2}
+
+
+def test_a_load_that_comes_and_goes_between_calls_is_seen():
+    chooser, built = ThreadChooser(2), {2}
+    run(chooser, {2: 0.040}, 20, built)
+    picked = []
+    for _ in range(3):
+        picked += run(chooser, {2: 0.130, 1: 0.076}, 2, built) + run(chooser, {2: 0.045, 1: 0.076}, 1, built)
+    assert 1 in picked
 
 
 def test_a_probe_another_caller_is_building_is_cancelled():
@@ -97,9 +122,9 @@ def test_a_probe_another_caller_is_building_is_cancelled():
 def test_a_lucky_probe_is_undone_by_the_next_one():
     chooser, built = ThreadChooser(2), {2, 1}
     run(chooser, {2: 0.040, 1: 0.075}, FIRST_INTERVAL + 1, built)   # a probe of 1 thread lost
-    picked = run(chooser, {2: 0.040, 1: 0.030}, 2 * FIRST_INTERVAL + 1, built)
+    picked = run(chooser, {2: 0.040, 1: 0.030}, 60, built)            # the next probe, 1.9x: 44 calls on
     assert picked[-1] == 1 and chooser.active == 1                  # one fast outlier at 1 thread won
-    run(chooser, {2: 0.040, 1: 0.075}, 2 * FIRST_INTERVAL + 2, built)
+    run(chooser, {2: 0.040, 1: 0.075}, 3 * FIRST_INTERVAL, built)
     assert chooser.active == 2
 
 

@@ -10,19 +10,24 @@ How: each call's seconds update an average for the count it ran with,
 changes only when a *probe* (one call run with a neighbouring count) takes under ``SWITCH`` times the
 active count's average.  A probe comes
 
-- when ``SLOW_CALLS`` calls in a row each took over ``LOAD_SIGNAL`` times the active count's best (the
-  CPUs got busier; one slow call is noise): the next lower count, its program built then if it never
-  was;
+- when most recent calls took over ``LOAD_SIGNAL`` times the active count's best: each slow call adds 1
+  to a score that decays by ``SLOW_DECAY`` per call, and the score reaching ``SLOW_SCORE`` (three slow
+  calls in a row, or three of the last four) means the CPUs got busier, where one slow call is noise.
+  The probe is of the next lower count, its program built then if it never was;
 - every ``interval`` calls, to a neighbour whose program exists, the higher one first.  The interval
   starts at ``FIRST_INTERVAL`` calls and doubles after every probe that loses, up to ``TOP_CAP`` calls
   at the full count and ``BELOW_CAP`` calls below it, where a CPU that became free must be noticed
-  soon: there a probe also comes ``BELOW_CAP_SECONDS`` after the last one (``FIRST_INTERVAL`` calls
-  at least, so spaced-out calls are not all probes).
+  soon: there a probe also comes ``BELOW_CAP_SECONDS`` after the last one.
 
-A probe that loses makes the active count's current average its best, so a lasting slowdown that no
-other count beats does not probe again and again.  On a quiet machine nothing below the full count is
-built; once one is, its probes cost at most ``(probe / active - 1) / interval`` of the time, under 0.1%
-at the full count's cap.
+Every probe waits as many calls after the last one as keep the probes' extra time under
+``PROBE_SHARE`` of the calls', judged by the count's last measured time: a count that took ``k`` times
+the active average waits ``(k - 1) / PROBE_SHARE`` calls (a 2-thread call of a 4 ms model under load
+took 90 ms), and ``FIRST_INTERVAL`` at least; one never measured waits ``FIRST_INTERVAL``; one that
+took under ``SWITCH`` times what the calls take now is tried again at once.
+So a lasting slowdown that no other count beats costs its probes at most ``PROBE_SHARE`` of the time
+(or a ``FIRST_INTERVAL``-th of a call's where the probes are nearly as fast).  On a quiet machine
+nothing below the full count is built; once one is, its probes cost at most
+``(probe / active - 1) / interval`` of the time, under 0.1% at the full count's cap.
 """
 from __future__ import annotations
 
@@ -30,12 +35,14 @@ import math
 from collections.abc import Container
 
 LOAD_SIGNAL = 1.3
-SLOW_CALLS = 3
+SLOW_DECAY = 0.75
+SLOW_SCORE = 2.0          # 1 + 0.75 + 0.5625 = 2.31 after three slow calls; 1.75 after two
 SWITCH = 0.9
 FIRST_INTERVAL = 8
 TOP_CAP = 1024            # calls between probes at the full count, at most
-BELOW_CAP = 64            # and below it
+BELOW_CAP = 64            # and below it (unless PROBE_SHARE asks for more)
 BELOW_CAP_SECONDS = 5.0
+PROBE_SHARE = 0.02
 
 
 def thread_counts(threads: int) -> list[int]:
@@ -60,7 +67,7 @@ class ThreadChooser:
         self.average: dict[int, float] = {}
         self.best: dict[int, float] = dict.fromkeys(self.counts, math.inf)
         self.interval, self.since_probe, self.last_probe = FIRST_INTERVAL, 0, now
-        self.slow_calls = 0     # calls in a row over LOAD_SIGNAL x the active count's best
+        self.slow_score = 0.0   # recent calls over LOAD_SIGNAL x the active count's best, decaying
         self.probing: int | None = None
         self._activate(self.counts[0])
 
@@ -68,14 +75,25 @@ class ThreadChooser:
         """The thread count for the next call; ``built``: the counts whose programs exist; ``now``:
         ``time.perf_counter()``."""
         lower, higher, since = self.lower, self.higher, self.since_probe
-        if self.slow_calls >= SLOW_CALLS and lower is not None:
+        if self.slow_score >= SLOW_SCORE and lower is not None and self._affordable(lower, since):
             return self._probe(lower)
-        if since >= self.due_calls or (higher is not None and since >= FIRST_INTERVAL
-                                       and now - self.last_probe >= BELOW_CAP_SECONDS):
+        if since >= self.due_calls or (higher is not None and now - self.last_probe >= BELOW_CAP_SECONDS):
             for count in (higher, lower):
-                if count is not None and count in built:
+                if count is not None and count in built and self._affordable(count, since):
                     return self._probe(count)
         return self.active
+
+    def _affordable(self, count: int, since: int) -> bool:
+        """Whether a probe of ``count`` now keeps the probes' extra time under ``PROBE_SHARE`` of the calls',
+        judged by ``count``'s last measured time against the active average: at once if that was faster
+        than the calls take now, else ``FIRST_INTERVAL`` calls after the last probe at least (a count
+        never measured) or ``(expected / average - 1) / PROBE_SHARE``."""
+        expected, average = self.average.get(count), self.active_average
+        if expected is not None and average is not None and expected < SWITCH * average:
+            return since >= 1
+        if since < FIRST_INTERVAL:
+            return False
+        return expected is None or average is None or since * PROBE_SHARE >= expected / average - 1
 
     def record(self, count: int, seconds: float, now: float) -> None:
         """What a call with ``count`` threads took, ending at ``now``."""
@@ -85,7 +103,7 @@ class ThreadChooser:
             self.active_average = average
             if average < best:
                 self.active_best = average
-            self.slow_calls = self.slow_calls + 1 if seconds > LOAD_SIGNAL * best else 0
+            self.slow_score = self.slow_score * SLOW_DECAY + (seconds > LOAD_SIGNAL * best)
             self.since_probe += 1
         elif count == self.probing:
             self._judge(count, seconds, now)
@@ -96,7 +114,7 @@ class ThreadChooser:
             self.probing = None
 
     def _probe(self, count: int) -> int:
-        self.probing, self.slow_calls = count, 0
+        self.probing, self.slow_score = count, 0.0
         return count
 
     def _judge(self, count: int, seconds: float, now: float) -> None:
@@ -111,8 +129,6 @@ class ThreadChooser:
             self._activate(count)
         else:
             self.interval = min(2 * self.interval, TOP_CAP)
-            if average < math.inf:
-                self.best[active] = average   # the slowdown no other count beats is the new normal
             self._activate(active)
 
     def _keep_active(self) -> None:

@@ -12,7 +12,7 @@ from pyrys.backends.dnnl.constants import ARG_SCRATCHPAD
 from pyrys.backends.dnnl.descriptors import convolution_pd
 from pyrys.backends.dnnl.layout import any_md, policy_md
 from pyrys.backends.dnnl.primitives import Engine, PrimitiveAttr
-from pyrys.backends.thread_choice import SLOW_CALLS
+from pyrys.backends.thread_choice import SLOW_SCORE
 from pyrys.backends.threads import current_threads
 from pyrys.ir.released import is_released
 from tests.conftest import TOLERANCE
@@ -120,9 +120,9 @@ def test_busy_cpus_move_calls_to_fewer_threads_with_the_same_outputs():
         opt(x)
     chooser = runtime.choosers[own]
     chooser.active_best = chooser.active_average / 10  # as if the CPUs had got 10x busier since the fastest calls
-    for _ in range(SLOW_CALLS):
+    for _ in range(3):
         opt(x)
-    assert chooser.slow_calls == SLOW_CALLS
+    assert chooser.slow_score >= SLOW_SCORE
     results = [opt(x) for _ in range(3)]
     assert own // 2 in runtime.programs and f"up to {own} threads" in opt.thread_choice()
     assert max(pyrys.relative_error(y, model(x)) for y in results) <= TOLERANCE
