@@ -32,6 +32,38 @@ def test_one_module_called_from_eight_threads(backend):
     run_isolated(one_module_from_eight_threads, backend)
 
 
+def thread_counts_switching_under_callers(backend: str) -> None:
+    """The thread choice made to probe and switch at nearly every call (``pyrys.backends.thread_choice``):
+    programs for fewer threads are built while others run, probes of one being built are cancelled, and
+    every caller still gets its own right answer."""
+    from pyrys.backends import thread_choice
+    from pyrys.backends.threads import current_threads
+
+    thread_choice.LOAD_SIGNAL, thread_choice.FIRST_INTERVAL, thread_choice.BELOW_CAP = 0.0, 1, 1
+    thread_choice.PROBE_SHARE = 1e9
+    model = residual_net()
+    opt = optimize(model, tuple(images(1, seed=0)), backend)
+    tasks = []
+    for thread in range(THREADS):
+        inputs = images(CALLS, seed=150 + thread)
+        tasks.append(caller_task(opt, inputs, eager(model, inputs), thread))
+    threads = [0] * THREADS
+
+    def counted(task: Callable, index: int) -> Callable:
+        def run() -> list:
+            threads[index] = current_threads()
+            return task()
+        return run
+
+    assert_all_right(run_together([counted(task, i) for i, task in enumerate(tasks)]), THREADS * CALLS)
+    if backend == "dnnl" and max(threads) >= 2:
+        assert len(opt._first.program.programs) >= 2, "the calls never ran with fewer threads"
+
+
+def test_thread_counts_switching_under_many_callers(backend):
+    run_isolated(thread_counts_switching_under_callers, backend)
+
+
 def two_modules_four_threads_each(backend: str) -> None:
     models = [residual_net(), residual_net(width=12, fallback="flip", view="narrow", seed=1)]
     x = images(1, seed=0)[0]
