@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from pyrys.backends.thread_choice import BELOW_CAP, FIRST_INTERVAL, PROBE_SHARE, TOP_CAP, ThreadChooser, thread_counts
+from pyrys.backends.thread_choice import (BELOW_CAP, FIRST_INTERVAL, LONGEST_WAIT, PROBE_SHARE, TOP_CAP, ThreadChooser,
+                                         thread_counts)
 
 SLOW_CALLS = 3  # slow calls in a row that signal busier CPUs
 
@@ -134,3 +135,26 @@ def test_four_threads_step_down_one_halving_at_a_time():
     run(chooser, {4: 0.090, 2: 0.050, 1: 0.066}, 60, built)
     assert chooser.active == 2 and built == {4, 2}                  # 2 beat 4; 2 stays as fast: 1 is not built
     assert "2 of up to 4 threads" in chooser.describe()
+
+
+def test_probes_of_the_lower_count_do_not_keep_the_higher_one_from_being_tried():
+    """Four threads, the calls at 2 after a load; 4 last measured under heavy load (200 ms), 1 under load."""
+    quiet = {4: 0.020, 2: 0.035, 1: 0.065}
+    slow_two = {4: 0.045, 2: 0.060, 1: 0.064}                       # 2 still slow against its best: 1 is probed
+    for times, best_two in ((quiet, 0.035), (slow_two, 0.030)):
+        chooser, built = ThreadChooser(4), {4, 2, 1}
+        chooser._activate(2)
+        chooser.average.update({4: 0.200, 1: 0.065})
+        chooser.active_best = best_two
+        picked = run(chooser, times, 2000, built)
+        assert chooser.active == 4, chooser.describe()
+        assert picked[-200:].count(4) > 190
+
+
+def test_one_outlier_probe_keeps_a_count_untried_for_a_minute_at_most():
+    clock = Clock()
+    chooser, built = ThreadChooser(2), {2, 1}
+    chooser._activate(1)
+    chooser.average[2] = 100 * 0.010                                # one probe at 100x (a page-fault storm)
+    picked = run(chooser, {2: 0.005, 1: 0.010}, 7000, built, clock)  # 70 s of calls at 1 thread
+    assert 2 in picked and picked.index(2) * 0.010 <= LONGEST_WAIT + 0.1

@@ -6,28 +6,29 @@ is not running, and a call with ``n`` threads can take 3x its quiet time where a
 one thread fewer then waits for nobody.
 
 How: each call's seconds update an average for the count it ran with,
-``average += (seconds - average) / 4``, and ``best`` is the lowest average seen.  The active count
-changes only when a *probe* (one call run with a neighbouring count) takes under ``SWITCH`` times the
-active count's average.  A probe comes
+``average += (seconds - average) / 4``, and ``best`` is the lowest average seen (for a count only
+probed, its fastest probe).  The active count changes only when a *probe* (one call run with a
+neighbouring count) takes under ``SWITCH`` times the active count's average.  A probe comes
 
-- when most recent calls took over ``LOAD_SIGNAL`` times the active count's best: each slow call adds 1
-  to a score that decays by ``SLOW_DECAY`` per call, and the score reaching ``SLOW_SCORE`` (three slow
-  calls in a row, or three of the last four) means the CPUs got busier, where one slow call is noise.
-  The probe is of the next lower count, its program built then if it never was;
-- every ``interval`` calls, to a neighbour whose program exists, the higher one first.  The interval
-  starts at ``FIRST_INTERVAL`` calls and doubles after every probe that loses, up to ``TOP_CAP`` calls
-  at the full count and ``BELOW_CAP`` calls below it, where a CPU that became free must be noticed
-  soon: there a probe also comes ``BELOW_CAP_SECONDS`` after the last one.
+- to the next lower count when recent calls are slow: each call over ``LOAD_SIGNAL`` times the
+  active count's best adds 1 to a score that decays by ``SLOW_DECAY`` per call, and a score of
+  ``SLOW_SCORE`` (three slow calls in a row; about half of recent calls) means the CPUs got busier,
+  where one slow call is noise.  That count's program is built then if it never was;
+- below the full count, to the next higher count ``interval`` calls (at most ``BELOW_CAP``) or
+  ``BELOW_CAP_SECONDS`` after its last probe, so that the calls come back when a CPU frees up;
+- at the full count, to the next lower count if its program exists, ``interval`` calls (at most
+  ``TOP_CAP``) after its last probe.
 
-Every probe waits as many calls after the last one as keep the probes' extra time under
-``PROBE_SHARE`` of the calls', judged by the count's last measured time: a count that took ``k`` times
-the active average waits ``(k - 1) / PROBE_SHARE`` calls (a 2-thread call of a 4 ms model under load
-took 90 ms), and ``FIRST_INTERVAL`` at least; one never measured waits ``FIRST_INTERVAL``; one that
-took under ``SWITCH`` times what the calls take now is tried again at once.
-So a lasting slowdown that no other count beats costs its probes at most ``PROBE_SHARE`` of the time
-(or a ``FIRST_INTERVAL``-th of a call's where the probes are nearly as fast).  On a quiet machine
-nothing below the full count is built; once one is, its probes cost at most
-``(probe / active - 1) / interval`` of the time, under 0.1% at the full count's cap.
+The interval starts at ``FIRST_INTERVAL`` calls and doubles after every probe that loses.  Each count's
+probes are counted apart (probes of the lower count never hold back the higher one's).  Every probe
+also waits ``FIRST_INTERVAL`` calls after that count's last probe (or the last switch), and as long
+as keeps the probes' extra time under ``PROBE_SHARE`` of the time: a count whose last measured call
+took ``extra`` seconds more than the active average is probed ``extra / PROBE_SHARE`` seconds after its
+last probe at the earliest (a 2-thread call of a 4 ms model under load took 90 ms: 4 s),
+``LONGEST_WAIT`` at the latest (one outlier must not keep a count untried for long).  A count last measured under ``SWITCH`` times the active
+average, or never measured, waits for nothing but the calls.  On a quiet machine nothing below the
+full count is built.  A process that starts under load never sees its calls slow down, so it keeps the
+full count until the load changes.
 """
 from __future__ import annotations
 
@@ -39,10 +40,11 @@ SLOW_DECAY = 0.75
 SLOW_SCORE = 2.0          # 1 + 0.75 + 0.5625 = 2.31 after three slow calls; 1.75 after two
 SWITCH = 0.9
 FIRST_INTERVAL = 8
-TOP_CAP = 1024            # calls between probes at the full count, at most
-BELOW_CAP = 64            # and below it (unless PROBE_SHARE asks for more)
+TOP_CAP = 1024            # calls between periodic probes at the full count, at most
+BELOW_CAP = 64            # and below it
 BELOW_CAP_SECONDS = 5.0
 PROBE_SHARE = 0.02
+LONGEST_WAIT = 60.0
 
 
 def thread_counts(threads: int) -> list[int]:
@@ -66,34 +68,43 @@ class ThreadChooser:
         self.counts = thread_counts(threads)
         self.average: dict[int, float] = {}
         self.best: dict[int, float] = dict.fromkeys(self.counts, math.inf)
-        self.interval, self.since_probe, self.last_probe = FIRST_INTERVAL, 0, now
+        self.probed_at: dict[int, float] = dict.fromkeys(self.counts, now)  # each count's last probe
+        self.calls = 0          # calls run with the active count, all told
+        self.probe_call: dict[int, int] = dict.fromkeys(self.counts, 0)  # ``calls`` at each count's last probe
+        self.interval = FIRST_INTERVAL
         self.slow_score = 0.0   # recent calls over LOAD_SIGNAL x the active count's best, decaying
         self.probing: int | None = None
-        self._activate(self.counts[0])
+        self.active = self.counts[0]
+        self._activate(self.active)
 
     def pick(self, built: Container[int], now: float) -> int:
         """The thread count for the next call; ``built``: the counts whose programs exist; ``now``:
         ``time.perf_counter()``."""
-        lower, higher, since = self.lower, self.higher, self.since_probe
-        if self.slow_score >= SLOW_SCORE and lower is not None and self._affordable(lower, since):
-            return self._probe(lower)
-        if since >= self.due_calls or (higher is not None and now - self.last_probe >= BELOW_CAP_SECONDS):
-            for count in (higher, lower):
-                if count is not None and count in built and self._affordable(count, since):
-                    return self._probe(count)
+        lower, higher, calls = self.lower, self.higher, self.calls
+        if lower is not None:
+            since = calls - self.probe_call[lower]
+            if self.slow_score >= SLOW_SCORE and self._affordable(lower, since, now):
+                return self._probe(lower)
+            if higher is None and since >= self.due_calls and lower in built and self._affordable(lower, since, now):
+                return self._probe(lower)
+        if higher is not None:
+            since = calls - self.probe_call[higher]
+            if ((since >= self.due_calls or now - self.probed_at[higher] >= BELOW_CAP_SECONDS)
+                    and self._affordable(higher, since, now)):
+                return self._probe(higher)
         return self.active
 
-    def _affordable(self, count: int, since: int) -> bool:
-        """Whether a probe of ``count`` now keeps the probes' extra time under ``PROBE_SHARE`` of the calls',
-        judged by ``count``'s last measured time against the active average: at once if that was faster
-        than the calls take now, else ``FIRST_INTERVAL`` calls after the last probe at least (a count
-        never measured) or ``(expected / average - 1) / PROBE_SHARE``."""
+    def _affordable(self, count: int, since: int, now: float) -> bool:
+        """Whether a probe of ``count`` now keeps the probes' extra time under ``PROBE_SHARE``, judged by
+        ``count``'s last measured time against the active average (see the module docstring)."""
         expected, average = self.average.get(count), self.active_average
-        if expected is not None and average is not None and expected < SWITCH * average:
+        if expected is not None and average and expected < SWITCH * average:
             return since >= 1
         if since < FIRST_INTERVAL:
             return False
-        return expected is None or average is None or since * PROBE_SHARE >= expected / average - 1
+        if expected is None or not average:
+            return True
+        return now - self.probed_at[count] >= min((expected - average) / PROBE_SHARE, LONGEST_WAIT)
 
     def record(self, count: int, seconds: float, now: float) -> None:
         """What a call with ``count`` threads took, ending at ``now``."""
@@ -104,7 +115,7 @@ class ThreadChooser:
             if average < best:
                 self.active_best = average
             self.slow_score = self.slow_score * SLOW_DECAY + (seconds > LOAD_SIGNAL * best)
-            self.since_probe += 1
+            self.calls += 1
         elif count == self.probing:
             self._judge(count, seconds, now)
 
@@ -118,7 +129,8 @@ class ThreadChooser:
         return count
 
     def _judge(self, count: int, seconds: float, now: float) -> None:
-        self.probing, self.since_probe, self.last_probe = None, 0, now
+        self.probing = None
+        self.probed_at[count], self.probe_call[count] = now, self.calls
         active, average = self.active, self.active_average
         average = math.inf if average is None else average
         self._keep_active()
@@ -144,10 +156,15 @@ class ThreadChooser:
         self.active_average, self.active_best = self.average.get(count), self.best[count]
         self.lower = self.counts[i + 1] if i + 1 < len(self.counts) else None
         self.higher = self.counts[i - 1] if i > 0 else None
+        if count != self.active:  # a switch: the new neighbours wait their calls again
+            for neighbour in (self.lower, self.higher):
+                if neighbour is not None:
+                    self.probe_call[neighbour] = self.calls
         self.due_calls = min(self.interval, TOP_CAP if i == 0 else BELOW_CAP)
         self.active = count
 
     def describe(self) -> str:
+        """The active count and the latest average (or probe) time of every count measured."""
         active, average = self.active, self.active_average
         averages = {**self.average, active: average}
         seen = ", ".join(f"{c}: {averages[c] * 1e3:.2f} ms" for c in self.counts if averages.get(c) is not None)

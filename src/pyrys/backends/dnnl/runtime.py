@@ -124,7 +124,8 @@ class DnnlRuntime:
             program = self._program_for(count, wait=count == threads)
             if program is None:  # a probe's program another caller is building: not this call's to wait for
                 chooser.cancel(count)
-                count, program = threads, self._program(threads)
+                count = chooser.active
+                program = self._program(count)
             start = time.perf_counter()  # a build is not the call's time
         outputs = program(inputs) if count == threads else with_threads(count, program, inputs)
         end = time.perf_counter()
@@ -216,6 +217,8 @@ class DnnlRuntime:
         """How many threads calls run with now, and why."""
         if self.pinned is not None:
             return f"{self.pinned} thread{'s' * (self.pinned > 1)} (threads= pins it)"
+        if not PER_CALLER_THREADS:
+            return "the caller's thread count (not adapted: OpenMP's per-thread count is not reachable here)"
         if not self.choosers:
             return "the caller's thread count (no call with more than one thread yet)"
         return "; ".join(chooser.describe() for chooser in list(self.choosers.values()))
