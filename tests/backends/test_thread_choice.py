@@ -158,3 +158,14 @@ def test_one_outlier_probe_keeps_a_count_untried_for_a_minute_at_most():
     chooser.average[2] = 100 * 0.010                                # one probe at 100x (a page-fault storm)
     picked = run(chooser, {2: 0.005, 1: 0.010}, 7000, built, clock)  # 70 s of calls at 1 thread
     assert 2 in picked and picked.index(2) * 0.010 <= LONGEST_WAIT + 0.1
+
+
+def test_a_cold_first_call_of_a_new_program_that_loses_is_tried_again_at_once():
+    chooser, built = ThreadChooser(2), {2}
+    run(chooser, {2: 0.040}, 20, built)
+    run(chooser, {2: 0.130}, 3, built)
+    assert chooser.pick(built, 10.0) == 1
+    chooser.record(1, 0.400, 10.4, first=True)                      # page faults of a new arena
+    assert chooser.active == 2 and chooser.pick(built, 10.5) == 1   # not judged: the next call probes again
+    chooser.record(1, 0.076, 10.6)
+    assert chooser.active == 1

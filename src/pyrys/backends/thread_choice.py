@@ -13,7 +13,8 @@ neighbouring count) takes under ``SWITCH`` times the active count's average.  A 
 - to the next lower count when recent calls are slow: each call over ``LOAD_SIGNAL`` times the
   active count's best adds 1 to a score that decays by ``SLOW_DECAY`` per call, and a score of
   ``SLOW_SCORE`` (three slow calls in a row; about half of recent calls) means the CPUs got busier,
-  where one slow call is noise.  That count's program is built then if it never was;
+  where one slow call is noise.  That count's program is built then if it never was (and its first,
+  cold call counts only if it wins: else the next call probes again);
 - below the full count, to the next higher count ``interval`` calls (at most ``BELOW_CAP``) or
   ``BELOW_CAP_SECONDS`` after its last probe, so that the calls come back when a CPU frees up;
 - at the full count, to the next lower count if its program exists, ``interval`` calls (at most
@@ -106,8 +107,14 @@ class ThreadChooser:
             return True
         return now - self.probed_at[count] >= min((expected - average) / PROBE_SHARE, LONGEST_WAIT)
 
-    def record(self, count: int, seconds: float, now: float) -> None:
-        """What a call with ``count`` threads took, ending at ``now``."""
+    def record(self, count: int, seconds: float, now: float, first: bool = False) -> None:
+        """What a call with ``count`` threads took, ending at ``now``; ``first``: the first call of a
+        program just built (cold: its buffers fault in), which counts only if it wins; otherwise the
+        count may be probed again at the next call."""
+        if first and count == self.probing and not seconds < SWITCH * (self.active_average or math.inf):
+            self.probing, self.slow_score = None, SLOW_SCORE
+            self.probe_call[count] = self.calls - FIRST_INTERVAL
+            return
         if count == self.active:
             average, best = self.active_average, self.active_best
             average = seconds if average is None else average + (seconds - average) * 0.25

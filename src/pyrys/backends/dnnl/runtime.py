@@ -119,9 +119,9 @@ class DnnlRuntime:
         if chooser is None:
             chooser = self.choosers.setdefault(threads, ThreadChooser(threads, start))
         count = chooser.pick(self.programs, start)
-        program = self.programs.get(count)
+        program, first = self.programs.get(count), False
         if program is None:
-            program = self._program_for(count, wait=count == threads)
+            program, first = self._program_for(count, wait=count == threads), True
             if program is None:  # a probe's program another caller is building: not this call's to wait for
                 chooser.cancel(count)
                 count = chooser.active
@@ -129,7 +129,7 @@ class DnnlRuntime:
             start = time.perf_counter()  # a build is not the call's time
         outputs = program(inputs) if count == threads else with_threads(count, program, inputs)
         end = time.perf_counter()
-        chooser.record(count, end - start, end)
+        chooser.record(count, end - start, end, first)
         return outputs
 
     def _program(self, threads: int) -> DnnlProgram:
