@@ -124,7 +124,7 @@ class DnnlRuntime:
             program, first = self._program_for(count, wait=count == threads), True
             if program is None:  # a probe's program another caller is building: not this call's to wait for
                 chooser.cancel(count)
-                count = chooser.active
+                count, first = chooser.active, False
                 program = self._program(count)
             start = time.perf_counter()  # a build is not the call's time
         outputs = program(inputs) if count == threads else with_threads(count, program, inputs)
