@@ -6,7 +6,7 @@ import os
 import pytest
 
 from pyrys.backends.threads import current_threads
-from pyrys.machine import available_cpus
+from pyrys.machine import available_cpus, runnable_tasks
 
 
 def affinity() -> int:
@@ -31,3 +31,12 @@ def test_a_cgroup_quota_caps_the_cpus(tmp_path, files, expected):
 
 def test_calls_never_plan_more_threads_than_the_process_may_run():
     assert 1 <= current_threads() <= available_cpus() <= affinity()
+
+
+def test_runnable_tasks_reads_the_fourth_field_of_loadavg(tmp_path):
+    loadavg = tmp_path / "loadavg"
+    loadavg.write_text("1.22 1.40 1.41 3/82 16687\n")
+    assert runnable_tasks(loadavg) == 3
+    loadavg.write_text("garbage\n")
+    assert runnable_tasks(loadavg) is None
+    assert runnable_tasks(tmp_path / "missing") is None

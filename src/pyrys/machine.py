@@ -60,6 +60,15 @@ def give_back_freed_memory(collect_cycles: bool = True) -> None:
         pass
 
 
+def runnable_tasks(loadavg: Path = Path("/proc/loadavg")) -> int | None:
+    """How many tasks the whole system has running or ready to run at this instant (the reader included;
+    Linux ``/proc/loadavg``'s fourth field, ``"3/412"``); None where there is no such file."""
+    try:
+        return int(loadavg.read_text().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 @cache
 def available_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
     """The CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (a container given

@@ -3,10 +3,15 @@ from __future__ import annotations
 
 import pytest
 
-from pyrys.backends.thread_choice import (BELOW_CAP, FIRST_INTERVAL, LONGEST_WAIT, PROBE_SHARE, TOP_CAP, ThreadChooser,
-                                         thread_counts)
+from pyrys.backends.thread_choice import (BELOW_CAP, EXPLORE_AT, FIRST_INTERVAL, LONGEST_WAIT, PROBE_SHARE, TOP_CAP,
+                                         ThreadChooser, thread_counts)
 
 SLOW_CALLS = 3  # slow calls in a row that signal busier CPUs
+
+
+def never() -> bool:
+    """A machine that never looks crowded (the default reads this machine's task count)."""
+    return False
 
 
 class Clock:
@@ -34,13 +39,13 @@ def test_thread_counts_halve_down_to_one(threads, counts):
 
 
 def test_a_quiet_machine_runs_every_call_with_all_threads_and_builds_nothing_else():
-    chooser, built = ThreadChooser(2), {2}
+    chooser, built = ThreadChooser(2, crowded=never), {2}
     assert run(chooser, {2: 0.040, 1: 0.075}, 3000, built) == [2] * 3000
     assert built == {2}
 
 
 def test_busy_cpus_move_the_calls_to_fewer_threads_and_a_freed_cpu_moves_them_back():
-    chooser, built = ThreadChooser(2), {2}
+    chooser, built = ThreadChooser(2, crowded=never), {2}
     run(chooser, {2: 0.040, 1: 0.075}, 50, built)
     loaded = run(chooser, {2: 0.130, 1: 0.076}, 200, built)     # OpenMP spinning for a descheduled thread
     assert loaded.index(1) == SLOW_CALLS                         # three slow calls in a row, then a probe
@@ -51,7 +56,7 @@ def test_busy_cpus_move_the_calls_to_fewer_threads_and_a_freed_cpu_moves_them_ba
 
 
 def test_a_probe_far_slower_than_the_active_count_waits_longer():
-    chooser, built = ThreadChooser(2), {2, 1}
+    chooser, built = ThreadChooser(2, crowded=never), {2, 1}
     chooser._activate(1)
     picked = run(chooser, {2: 0.090, 1: 0.013}, 2000, built)          # 2 threads under load: 7x
     probes = [i for i, count in enumerate(picked) if count == 2]
@@ -61,7 +66,7 @@ def test_a_probe_far_slower_than_the_active_count_waits_longer():
 
 def test_probes_that_lose_come_less_often_up_to_the_cap():
     clock = Clock()
-    chooser, built = ThreadChooser(2), {2, 1}                 # both programs exist already
+    chooser, built = ThreadChooser(2, crowded=never), {2, 1}                 # both programs exist already
     picked = run(chooser, {2: 1.0, 1: 1.9}, 4000, built, clock)       # long calls: no time cap up here
     probes = [i for i, count in enumerate(picked) if count == 1]
     gaps = [b - a for a, b in zip(probes, probes[1:])]
@@ -71,19 +76,19 @@ def test_probes_that_lose_come_less_often_up_to_the_cap():
 
 def test_below_the_full_count_a_probe_comes_every_5_s_once_8_calls_ran():
     clock = Clock()
-    chooser, built = ThreadChooser(2), {2, 1}
+    chooser, built = ThreadChooser(2, crowded=never), {2, 1}
     chooser._activate(1)
     chooser.interval = chooser.due_calls = BELOW_CAP                  # after probes that lost
     picked = run(chooser, {2: 0.52, 1: 0.5}, 40, built, clock)       # 0.5 s calls: 10 in 5 s
     assert [i for i, count in enumerate(picked) if count == 2] == [10, 21, 32]   # every 5 s (10 calls and a bit)
-    spaced, clock = ThreadChooser(2), Clock()
+    spaced, clock = ThreadChooser(2, crowded=never), Clock()
     spaced._activate(1)
     picked = run(spaced, {2: 61.0, 1: 60.0}, 45, built, clock)       # a call a minute: not all probes
     assert picked.count(2) == 5                                     # one in 9: 8 calls, then a probe
 
 
 def test_a_lasting_slowdown_no_count_beats_costs_its_probes_under_2_percent():
-    chooser, built = ThreadChooser(2), {2}
+    chooser, built = ThreadChooser(2, crowded=never), {2}
     run(chooser, {2: 0.040, 1: 0.075}, 20, built)
     picked = run(chooser, {2: 0.060, 1: 0.150}, 2000, built)        # slower everywhere: 2 threads still best
     assert chooser.active == 2
@@ -92,7 +97,7 @@ def test_a_lasting_slowdown_no_count_beats_costs_its_probes_under_2_percent():
 
 
 def test_one_slow_call_on_a_quiet_machine_builds_nothing():
-    chooser, built = ThreadChooser(2), {2}
+    chooser, built = ThreadChooser(2, crowded=never), {2}
     for _ in range(20):
         run(chooser, {2: 0.040}, 50, built)
         run(chooser, {2: 0.200}, SLOW_CALLS - 1, built)             # a pause, a page fault, a tick
@@ -102,7 +107,7 @@ def test_one_slow_call_on_a_quiet_machine_builds_nothing():
 
 
 def test_a_load_that_comes_and_goes_between_calls_is_seen():
-    chooser, built = ThreadChooser(2), {2}
+    chooser, built = ThreadChooser(2, crowded=never), {2}
     run(chooser, {2: 0.040}, 20, built)
     picked = []
     for _ in range(3):
@@ -111,7 +116,7 @@ def test_a_load_that_comes_and_goes_between_calls_is_seen():
 
 
 def test_a_probe_another_caller_is_building_is_cancelled():
-    chooser = ThreadChooser(2)
+    chooser = ThreadChooser(2, crowded=never)
     run(chooser, {2: 0.040}, 10, {2})
     run(chooser, {2: 0.200}, SLOW_CALLS, {2})
     assert chooser.pick({2}, 0.0) == 1
@@ -121,7 +126,7 @@ def test_a_probe_another_caller_is_building_is_cancelled():
 
 
 def test_a_lucky_probe_is_undone_by_the_next_one():
-    chooser, built = ThreadChooser(2), {2, 1}
+    chooser, built = ThreadChooser(2, crowded=never), {2, 1}
     run(chooser, {2: 0.040, 1: 0.075}, FIRST_INTERVAL + 1, built)   # a probe of 1 thread lost
     picked = run(chooser, {2: 0.040, 1: 0.030}, 60, built)            # the next probe, 1.9x: 44 calls on
     assert picked[-1] == 1 and chooser.active == 1                  # one fast outlier at 1 thread won
@@ -130,7 +135,7 @@ def test_a_lucky_probe_is_undone_by_the_next_one():
 
 
 def test_four_threads_step_down_one_halving_at_a_time():
-    chooser, built = ThreadChooser(4), {4}
+    chooser, built = ThreadChooser(4, crowded=never), {4}
     run(chooser, {4: 0.020, 2: 0.035, 1: 0.065}, 30, built)
     run(chooser, {4: 0.090, 2: 0.050, 1: 0.066}, 60, built)
     assert chooser.active == 2 and built == {4, 2}                  # 2 beat 4; 2 stays as fast: 1 is not built
@@ -142,7 +147,7 @@ def test_probes_of_the_lower_count_do_not_keep_the_higher_one_from_being_tried()
     quiet = {4: 0.020, 2: 0.035, 1: 0.065}
     slow_two = {4: 0.045, 2: 0.060, 1: 0.064}                       # 2 still slow against its best: 1 is probed
     for times, best_two in ((quiet, 0.035), (slow_two, 0.030)):
-        chooser, built = ThreadChooser(4), {4, 2, 1}
+        chooser, built = ThreadChooser(4, crowded=never), {4, 2, 1}
         chooser._activate(2)
         chooser.average.update({4: 0.200, 1: 0.065})
         chooser.active_best = best_two
@@ -153,7 +158,7 @@ def test_probes_of_the_lower_count_do_not_keep_the_higher_one_from_being_tried()
 
 def test_one_outlier_probe_keeps_a_count_untried_for_a_minute_at_most():
     clock = Clock()
-    chooser, built = ThreadChooser(2), {2, 1}
+    chooser, built = ThreadChooser(2, crowded=never), {2, 1}
     chooser._activate(1)
     chooser.average[2] = 100 * 0.010                                # one probe at 100x (a page-fault storm)
     picked = run(chooser, {2: 0.005, 1: 0.010}, 7000, built, clock)  # 70 s of calls at 1 thread
@@ -161,7 +166,7 @@ def test_one_outlier_probe_keeps_a_count_untried_for_a_minute_at_most():
 
 
 def test_a_cold_first_call_of_a_new_program_that_loses_is_tried_again_at_once():
-    chooser, built = ThreadChooser(2), {2}
+    chooser, built = ThreadChooser(2, crowded=never), {2}
     run(chooser, {2: 0.040}, 20, built)
     run(chooser, {2: 0.130}, 3, built)
     assert chooser.pick(built, 10.0) == 1
@@ -169,3 +174,14 @@ def test_a_cold_first_call_of_a_new_program_that_loses_is_tried_again_at_once():
     assert chooser.active == 2 and chooser.pick(built, 10.5) == 1   # not judged: the next call probes again
     chooser.record(1, 0.076, 10.6)
     assert chooser.active == 1
+
+
+@pytest.mark.parametrize("readings, probed", [((True, True, True), True), ((True, False, True), True),
+                                              ((False, True, False), False), ((False, False, False), False)])
+def test_a_process_started_under_load_looks_once_at_how_crowded_the_cpus_are(readings, probed):
+    said = iter(readings)
+    chooser, built = ThreadChooser(2, crowded=lambda: next(said)), {2}
+    picked = run(chooser, {2: 0.130, 1: 0.076}, EXPLORE_AT + 2, built)   # loaded from the start: never slower
+    assert picked == [2] * (EXPLORE_AT + 2)
+    picked = run(chooser, {2: 0.130, 1: 0.076}, 100, built)
+    assert (chooser.active == 1) is probed and (picked[0] == 1) is probed

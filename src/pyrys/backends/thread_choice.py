@@ -28,13 +28,19 @@ took ``extra`` seconds more than the active average is probed ``extra / PROBE_SH
 last probe at the earliest (a 2-thread call of a 4 ms model under load took 90 ms: 4 s),
 ``LONGEST_WAIT`` at the latest (one outlier must not keep a count untried for long).  A count last measured under ``SWITCH`` times the active
 average, or never measured, waits for nothing but the calls.  On a quiet machine nothing below the
-full count is built.  A process that starts under load never sees its calls slow down, so it keeps the
-full count until the load changes.
+full count is built.
+
+A process that starts under load never sees its calls slow down (its best is a loaded time).  So once,
+after ``EXPLORE_AT`` calls at the full count, three readings of how many tasks the system is running
+(:func:`pyrys.machine.runnable_tasks`) are taken; if two say more than the CPUs this process may use,
+the next lower count is probed as if the calls had slowed down.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Container
+from collections.abc import Callable, Container
+
+from pyrys.machine import available_cpus, runnable_tasks
 
 LOAD_SIGNAL = 1.3
 SLOW_DECAY = 0.75
@@ -46,6 +52,12 @@ BELOW_CAP = 64            # and below it
 BELOW_CAP_SECONDS = 5.0
 PROBE_SHARE = 0.02
 LONGEST_WAIT = 60.0
+EXPLORE_AT = 64
+
+
+def crowded() -> bool:
+    """Whether more tasks are running or ready to run, system-wide, than the CPUs this process may use."""
+    return (runnable_tasks() or 0) > available_cpus()
 
 
 def thread_counts(threads: int) -> list[int]:
@@ -65,8 +77,9 @@ class ThreadChooser:
     between two callers costs at most one stale average (never a wrong result: every count runs the same
     graph).  A call that picks nothing new costs about half a microsecond here."""
 
-    def __init__(self, threads: int, now: float = 0.0):
+    def __init__(self, threads: int, now: float = 0.0, crowded: Callable[[], bool] = crowded):
         self.counts = thread_counts(threads)
+        self.crowded, self.crowded_readings = crowded, 0
         self.average: dict[int, float] = {}
         self.best: dict[int, float] = dict.fromkeys(self.counts, math.inf)
         self.probed_at: dict[int, float] = dict.fromkeys(self.counts, now)  # each count's last probe
@@ -123,8 +136,19 @@ class ThreadChooser:
                 self.active_best = average
             self.slow_score = self.slow_score * SLOW_DECAY + (seconds > LOAD_SIGNAL * best)
             self.calls += 1
+            if EXPLORE_AT <= self.calls < EXPLORE_AT + 3:
+                self._explore()
         elif count == self.probing:
             self._judge(count, seconds, now)
+
+    def _explore(self) -> None:
+        """One of the three readings at ``EXPLORE_AT`` calls (see the module docstring)."""
+        lower = self.lower
+        if self.active != self.counts[0] or lower is None or lower in self.average:
+            return
+        self.crowded_readings += bool(self.crowded())
+        if self.calls == EXPLORE_AT + 2 and self.crowded_readings >= 2:
+            self.slow_score = SLOW_SCORE
 
     def cancel(self, count: int) -> None:
         """The probe of ``count`` did not run (its program was being built by another caller)."""
