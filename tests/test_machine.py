@@ -6,7 +6,7 @@ import os
 import pytest
 
 from pyrys.backends.threads import current_threads
-from pyrys.machine import available_cpus, runnable_tasks
+from pyrys.machine import available_cpus, other_runnable_tasks, runnable_tasks
 
 
 def affinity() -> int:
@@ -40,3 +40,13 @@ def test_runnable_tasks_reads_the_fourth_field_of_loadavg(tmp_path):
     loadavg.write_text("garbage\n")
     assert runnable_tasks(loadavg) is None
     assert runnable_tasks(tmp_path / "missing") is None
+
+
+def test_other_runnable_tasks_leaves_out_this_process_own_running_threads(tmp_path):
+    loadavg, tasks = tmp_path / "loadavg", tmp_path / "task"
+    loadavg.write_text("1.22 1.40 1.41 4/82 16687\n")
+    for tid, state in ((1, "R"), (2, "S"), (3, "R")):
+        (tasks / str(tid)).mkdir(parents=True)
+        (tasks / str(tid) / "stat").write_text(f"{tid} (python (x)) {state} 1 2 3\n")
+    assert other_runnable_tasks(loadavg, tasks) == 2
+    assert other_runnable_tasks(tmp_path / "missing", tasks) is None

@@ -69,6 +69,21 @@ def runnable_tasks(loadavg: Path = Path("/proc/loadavg")) -> int | None:
         return None
 
 
+def other_runnable_tasks(loadavg: Path = Path("/proc/loadavg"), tasks: Path = Path("/proc/self/task")) -> int | None:
+    """:func:`runnable_tasks` less this process's own threads in state ``R`` (``/proc/self/task/*/stat``:
+    OpenMP's workers spinning after a call count as running); None where Linux does not say."""
+    total = runnable_tasks(loadavg)
+    if total is None:
+        return None
+    own = 0
+    for stat in tasks.glob("*/stat"):
+        try:
+            own += stat.read_text().rsplit(")", 1)[1].split()[0] == "R"
+        except (OSError, IndexError):
+            continue  # a thread that ended meanwhile
+    return max(0, total - own)
+
+
 @cache
 def available_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
     """The CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (a container given

@@ -9,7 +9,7 @@ from pyrys.backends.thread_choice import (BELOW_CAP, EXPLORE_AT, FIRST_INTERVAL,
 SLOW_CALLS = 3  # slow calls in a row that signal busier CPUs
 
 
-def never() -> bool:
+def never(threads: int) -> bool:
     """A machine that never looks crowded (the default reads this machine's task count)."""
     return False
 
@@ -176,12 +176,25 @@ def test_a_cold_first_call_of_a_new_program_that_loses_is_tried_again_at_once():
     assert chooser.active == 1
 
 
-@pytest.mark.parametrize("readings, probed", [((True, True, True), True), ((True, False, True), True),
-                                              ((False, True, False), False), ((False, False, False), False)])
-def test_a_process_started_under_load_looks_once_at_how_crowded_the_cpus_are(readings, probed):
-    said = iter(readings)
-    chooser, built = ThreadChooser(2, crowded=lambda: next(said)), {2}
-    picked = run(chooser, {2: 0.130, 1: 0.076}, EXPLORE_AT + 2, built)   # loaded from the start: never slower
-    assert picked == [2] * (EXPLORE_AT + 2)
-    picked = run(chooser, {2: 0.130, 1: 0.076}, 100, built)
+@pytest.mark.parametrize("readings, probed", [((True, True, True), True), ((True, False, True), False),
+                                              ((False, False, False), False)])
+def test_a_process_started_under_load_looks_at_how_crowded_the_cpus_are(readings, probed):
+    said, asked = iter(readings), []
+
+    def crowded(threads: int) -> bool:
+        asked.append(threads)
+        return next(said)
+
+    chooser, built = ThreadChooser(2, crowded=crowded), {2}
+    picked = run(chooser, {2: 0.130, 1: 0.076}, EXPLORE_AT[-1], built)  # loaded from the start: never slower
+    assert picked == [2] * EXPLORE_AT[-1] and asked == [2, 2, 2]      # three readings, at the full count
+    picked = run(chooser, {2: 0.130, 1: 0.076}, 300, built)
     assert (chooser.active == 1) is probed and (picked[0] == 1) is probed
+    assert len(asked) == 3                                            # never again, after a switch either
+
+
+def test_the_reading_at_the_full_count_is_skipped_once_a_lower_count_was_measured():
+    chooser, built = ThreadChooser(2, crowded=lambda threads: pytest.fail("read")), {2}
+    run(chooser, {2: 0.040}, 20, built)
+    run(chooser, {2: 0.130, 1: 0.140}, 3, built)                     # a probe of 1 that loses
+    run(chooser, {2: 0.040, 1: 0.140}, EXPLORE_AT[-1], built)

@@ -30,17 +30,18 @@ last probe at the earliest (a 2-thread call of a 4 ms model under load took 90 m
 average, or never measured, waits for nothing but the calls.  On a quiet machine nothing below the
 full count is built.
 
-A process that starts under load never sees its calls slow down (its best is a loaded time).  So once,
-after ``EXPLORE_AT`` calls at the full count, three readings of how many tasks the system is running
-(:func:`pyrys.machine.runnable_tasks`) are taken; if two say more than the CPUs this process may use,
-the next lower count is probed as if the calls had slowed down.
+A process that starts under load never sees its calls slow down (its best is a loaded time).  So at
+the full count's calls ``EXPLORE_AT`` (a few seconds apart for most models), while no lower count has
+been measured, it reads how many other tasks the system is running or ready to run
+(:func:`pyrys.machine.other_runnable_tasks`); if all three readings leave fewer free CPUs than its
+threads (a neighbour that stays, not one that passes), the next lower count is probed once.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Container
 
-from pyrys.machine import available_cpus, runnable_tasks
+from pyrys.machine import available_cpus, other_runnable_tasks
 
 LOAD_SIGNAL = 1.3
 SLOW_DECAY = 0.75
@@ -52,12 +53,13 @@ BELOW_CAP = 64            # and below it
 BELOW_CAP_SECONDS = 5.0
 PROBE_SHARE = 0.02
 LONGEST_WAIT = 60.0
-EXPLORE_AT = 64
+EXPLORE_AT = (64, 128, 192)
 
 
-def crowded() -> bool:
-    """Whether more tasks are running or ready to run, system-wide, than the CPUs this process may use."""
-    return (runnable_tasks() or 0) > available_cpus()
+def crowded(threads: int) -> bool:
+    """Whether other tasks, running or ready to run, leave fewer free CPUs of this process's than ``threads``."""
+    others = other_runnable_tasks()
+    return others is not None and others + threads > available_cpus()
 
 
 def thread_counts(threads: int) -> list[int]:
@@ -74,12 +76,12 @@ class ThreadChooser:
     Use: ``count = chooser.pick(built, now)``; run the call with ``count`` threads; ``chooser.record(count,
     seconds, now)`` (or ``chooser.cancel(count)`` if the call did not run with it).  Safe from many
     threads: each update is a few attribute writes, each attribute read once per decision, and a race
-    between two callers costs at most one stale average (never a wrong result: every count runs the same
-    graph).  A call that picks nothing new costs about half a microsecond here."""
+    between two callers costs at most a stale average or a probe (never a wrong result: every count runs
+    the same graph).  A call that picks nothing new costs about half a microsecond here."""
 
-    def __init__(self, threads: int, now: float = 0.0, crowded: Callable[[], bool] = crowded):
+    def __init__(self, threads: int, now: float = 0.0, crowded: Callable[[int], bool] = crowded):
         self.counts = thread_counts(threads)
-        self.crowded, self.crowded_readings = crowded, 0
+        self.crowded, self.crowded_readings, self.explore_due = crowded, 0, False
         self.average: dict[int, float] = {}
         self.best: dict[int, float] = dict.fromkeys(self.counts, math.inf)
         self.probed_at: dict[int, float] = dict.fromkeys(self.counts, now)  # each count's last probe
@@ -97,7 +99,7 @@ class ThreadChooser:
         lower, higher, calls = self.lower, self.higher, self.calls
         if lower is not None:
             since = calls - self.probe_call[lower]
-            if self.slow_score >= SLOW_SCORE and self._affordable(lower, since, now):
+            if (self.slow_score >= SLOW_SCORE or self.explore_due) and self._affordable(lower, since, now):
                 return self._probe(lower)
             if higher is None and since >= self.due_calls and lower in built and self._affordable(lower, since, now):
                 return self._probe(lower)
@@ -135,20 +137,21 @@ class ThreadChooser:
             if average < best:
                 self.active_best = average
             self.slow_score = self.slow_score * SLOW_DECAY + (seconds > LOAD_SIGNAL * best)
-            self.calls += 1
-            if EXPLORE_AT <= self.calls < EXPLORE_AT + 3:
-                self._explore()
+            calls = self.calls = self.calls + 1
+            if calls in EXPLORE_AT:
+                self._explore(calls)
         elif count == self.probing:
             self._judge(count, seconds, now)
 
-    def _explore(self) -> None:
-        """One of the three readings at ``EXPLORE_AT`` calls (see the module docstring)."""
-        lower = self.lower
-        if self.active != self.counts[0] or lower is None or lower in self.average:
+    def _explore(self, calls: int) -> None:
+        """The reading at the full count's call ``calls``, one of ``EXPLORE_AT`` (see the module docstring)."""
+        lower, full = self.lower, self.counts[0]
+        if self.active != full or lower is None or lower in self.average:
             return
-        self.crowded_readings += bool(self.crowded())
-        if self.calls == EXPLORE_AT + 2 and self.crowded_readings >= 2:
-            self.slow_score = SLOW_SCORE
+        readings = self.crowded_readings + bool(self.crowded(full))
+        self.crowded_readings = readings
+        if calls == EXPLORE_AT[-1] and readings == len(EXPLORE_AT):
+            self.explore_due = True
 
     def cancel(self, count: int) -> None:
         """The probe of ``count`` did not run (its program was being built by another caller)."""
@@ -156,7 +159,7 @@ class ThreadChooser:
             self.probing = None
 
     def _probe(self, count: int) -> int:
-        self.probing, self.slow_score = count, 0.0
+        self.probing, self.slow_score, self.explore_due = count, 0.0, False
         return count
 
     def _judge(self, count: int, seconds: float, now: float) -> None:
