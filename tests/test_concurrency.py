@@ -18,14 +18,19 @@ THREADS = 8
 CALLS = 40
 
 
+def callers_of(opt, model, seed: int) -> list[Callable]:
+    """A task per thread, each calling ``opt`` on its own inputs (seeds ``seed``, ``seed + 1``, ...)."""
+    tasks = []
+    for thread in range(THREADS):
+        inputs = images(CALLS, seed=seed + thread)
+        tasks.append(caller_task(opt, inputs, eager(model, inputs), thread))
+    return tasks
+
+
 def one_module_from_eight_threads(backend: str) -> None:
     model = residual_net()
     opt = optimize(model, tuple(images(1, seed=0)), backend)
-    tasks = []
-    for thread in range(THREADS):
-        inputs = images(CALLS, seed=100 + thread)
-        tasks.append(caller_task(opt, inputs, eager(model, inputs), thread))
-    assert_all_right(run_together(tasks), THREADS * CALLS)
+    assert_all_right(run_together(callers_of(opt, model, 100)), THREADS * CALLS)
 
 
 def test_one_module_called_from_eight_threads(backend):
@@ -43,10 +48,7 @@ def thread_counts_switching_under_callers(backend: str) -> None:
     thread_choice.PROBE_SHARE = 1e9
     model = residual_net()
     opt = optimize(model, tuple(images(1, seed=0)), backend)
-    tasks = []
-    for thread in range(THREADS):
-        inputs = images(CALLS, seed=150 + thread)
-        tasks.append(caller_task(opt, inputs, eager(model, inputs), thread))
+    tasks = callers_of(opt, model, 150)
     threads = [0] * THREADS
 
     def counted(task: Callable, index: int) -> Callable:
