@@ -200,6 +200,25 @@ def test_the_losing_layout_candidate_is_freed_before_optimize_returns(monkeypatc
     assert len(built) == 2 and alive == [opt._first.program.first]
 
 
+def test_a_graph_whose_convolutions_do_little_of_the_work_is_not_timed(monkeypatch):
+    """A patch-embedding conv before big linears (ViT, Whisper): one program, channels-last, the share said."""
+    from pyrys.backends.dnnl import runtime
+
+    timed = []
+    original = runtime._time_policies
+    monkeypatch.setattr(runtime, "_time_policies", lambda *a, **k: timed.append(a) or original(*a, **k))
+    monkeypatch.setenv("PYRYS_CACHE_DIR", "")
+    model = nn.Sequential(nn.Conv2d(3, 32, 4, stride=4), nn.Flatten(2), nn.Linear(16, 512), nn.GELU(),
+                          nn.Linear(512, 16)).eval()
+    x = torch.rand(2, 3, 16, 16)
+    opt = pyrys.optimize(model, (x,), backend="dnnl", layout="auto")
+    assert timed == [] and opt._first.program.layout == "nhwc"
+    assert "convolutions do 4.5% of the multiply-adds: not worth timing the layouts" in opt.program_text()
+    assert (opt(x) - model(x)).abs().max() <= TOLERANCE * model(x).abs().max()
+    pyrys.optimize(small_net(), (torch.rand(1, 3, 8, 8),), backend="dnnl", layout="auto")
+    assert len(timed) == 1  # convolutions only: timed
+
+
 def test_a_graph_without_convolution_is_built_once_whatever_the_layout_policy(monkeypatch):
     from pyrys.backends.dnnl import runtime
 

@@ -3,7 +3,9 @@
 The layout policy (channels-last or channel-blocked) is chosen once, by building the
 program under each candidate and timing them interleaved; the choice is kept in the tuning
 cache (``pyrys.tuning_cache``), so the next compile of the same graph on this CPU and thread
-count builds only the winner.  oneDNN fixes a primitive's thread count when it is created,
+count builds only the winner.  A graph whose convolutions do under 10% of the multiply-adds
+(``pyrys.ir.work``: a transformer's patch or feature convolution) takes channels-last unmeasured.
+oneDNN fixes a primitive's thread count when it is created,
 so a caller running with another thread count (its own ``torch.get_num_threads()``, or
 ``threads=``) gets a program built for that count, from the same graph and policy, sharing
 the packed weights.  Unless ``threads=`` pins the count, a call may run with fewer threads than
@@ -34,7 +36,7 @@ from pyrys import tuning_cache
 from pyrys.backends.dnnl import binding
 from pyrys.backends.dnnl.builder import PackedWeights
 from pyrys.backends.dnnl.layout import candidate_policies
-from pyrys.backends.dnnl.lower import build_program, layout_applies
+from pyrys.backends.dnnl.lower import LAYOUT_CHOOSERS, build_program, layout_applies
 from pyrys.backends.dnnl.primitives import Engine
 from pyrys.backends.dnnl.program import DnnlProgram
 from pyrys.backends.options import BackendOptions
@@ -43,7 +45,11 @@ from pyrys.backends.thread_choice import ThreadChooser
 from pyrys.backends.threads import PER_CALLER_THREADS, current_threads, with_threads
 from pyrys.forwarding import forwarded
 from pyrys.ir.printer import format_graph
+from pyrys.ir.work import share_of
 from pyrys.machine import cpu_info, give_back_freed_memory
+
+# below this share of the multiply-adds in convolutions, the layout policy is not timed
+LAYOUT_MIN_SHARE = 0.10
 
 
 class DnnlRuntime:
@@ -156,10 +162,11 @@ class DnnlRuntime:
         or found in the tuning cache (``pyrys.tuning_cache``) under this graph, thread count and CPU (a
         graph with no convolution is built once: the policy changes nothing in it)."""
         policies = candidate_policies() if layout == "auto" else [layout]
-        if len(policies) > 1 and not layout_applies(self.gm):  # a transformer, an MLP: nothing to choose
+        unmeasured = _why_not_measured(self.gm) if len(policies) > 1 else None
+        if unmeasured:  # a transformer, an MLP: nothing (worth measuring) to choose
             self.layout = policies[0]
             program = build_program(self.gm, self.layout, self.engine, threads, self.packed)
-            program.policy = f"{self.layout} (no convolution: every layout policy gives this program)"
+            program.policy = f"{self.layout} ({unmeasured})"
             return program
         key = _tuning_key(self.gm, threads, policies) if len(policies) > 1 else None
         cached = tuning_cache.lookup("layout", key) if key else None
@@ -226,6 +233,21 @@ class DnnlRuntime:
     policy = forwarded("first.policy", "The activation layout chosen, with the measurements when it was measured.")
     peak_activation_bytes = forwarded("first.peak_activation_bytes", "One call's activation arena, in bytes.")
     weight_bytes = forwarded("first.weight_bytes", "The packed weights, in bytes.")
+
+
+def _why_not_measured(gm: fx.GraphModule) -> str | None:
+    """Why the layout policies need not be timed on ``gm`` (None: they must be).
+
+    With no convolution every policy gives the same program. Where convolutions do under
+    ``LAYOUT_MIN_SHARE`` of the multiply-adds (Whisper's and ViT's input convolutions: 5% and 0.7%),
+    the choice moves little (ConvNeXt-tiny, 6.6%: blocked8 / nhwc 1.007) and timing it costs a dozen
+    calls of the whole model; the first policy (channels-last, the plain rows a linear reads) is taken."""
+    if not layout_applies(gm):
+        return "no convolution: every layout policy gives this program"
+    share = share_of(gm, LAYOUT_CHOOSERS)
+    if share is not None and share < LAYOUT_MIN_SHARE:
+        return f"convolutions do {share:.1%} of the multiply-adds: not worth timing the layouts"
+    return None
 
 
 def _all_finite(inputs: list, positions: list[int]) -> bool:
