@@ -35,3 +35,47 @@ def test_the_verifier_s_propagation_changes_nothing():
     with pytest.raises((RuntimeError, ValueError), match="view"):
         fresh_meta(gm)
     assert merged.target is aten.view.default
+
+
+def test_inference_on_concrete_shapes_is_memoized_by_what_it_reads(monkeypatch):
+    """Equal layers are inferred once; an argument's shape, strides, dtype or scalar type gives another key
+    (``x * 1`` on an int tensor stays int, ``x * 1.0`` is float)."""
+    from pyrys.ir import meta
+
+    monkeypatch.setattr(meta, "_INFERRED", {})
+    inferred = []
+    original = meta._infer
+    monkeypatch.setattr(meta, "_infer", lambda node, mode: inferred.append(node.name) or original(node, mode))
+    graph = fx.Graph()
+    ints, floats = graph.placeholder("ints"), graph.placeholder("floats")
+    ints.meta["val"], floats.meta["val"] = torch.empty(2, 3, dtype=torch.int64), torch.empty(2, 3)
+    by_int = graph.call_function(aten.mul.Tensor, (ints, 1))
+    by_float = graph.call_function(aten.mul.Tensor, (ints, 1.0))
+    again = graph.call_function(aten.mul.Tensor, (ints, 1))
+    transposed = graph.call_function(aten.t.default, (floats,))
+    moved = graph.call_function(aten.mul.Tensor, (transposed, 1))
+    graph.output((by_int, by_float, again, moved))
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    for node in (by_int, by_float, again, transposed, moved):
+        node.meta["val"] = meta.infer_meta(node)
+    assert inferred == [by_int.name, by_float.name, transposed.name, moved.name]  # `again` asked what `by_int` did
+    assert by_int.meta["val"].dtype == torch.int64 and by_float.meta["val"].dtype == torch.float32
+    assert moved.meta["val"].shape == (3, 2) and moved.meta["val"].stride() == transposed.meta["val"].stride()
+    assert meta.fresh_meta(gm)[again].dtype == again.meta["val"].dtype
+
+
+def test_inference_with_symbolic_shapes_is_not_memoized(monkeypatch):
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from pyrys.ir import meta
+
+    monkeypatch.setattr(meta, "_INFERRED", {})
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    x.meta["val"] = mode.from_tensor(torch.empty(4, 3), static_shapes=False)
+    doubled = graph.call_function(aten.mul.Tensor, (x, 2))
+    graph.output(doubled)
+    fx.GraphModule(torch.nn.Module(), graph)
+    assert isinstance(meta.infer_meta(doubled, mode).shape[0], torch.SymInt) and meta._INFERRED == {}

@@ -114,9 +114,68 @@ def refresh_meta(gm: fx.GraphModule) -> None:
             node.meta["val"] = val
 
 
+# inferred values of ops on concrete shapes, by (op, its arguments' descriptions): a rewrite of a graph
+# with many equal layers asks the same question many times (ResNet-50's 53 convolutions: 12 shapes)
+_INFERRED: dict[tuple, Any] = {}
+_INFERRED_LIMIT = 4096
+
+
+def _described(value: Any) -> Any:
+    """``value`` as a hashable key of what fake propagation reads from it: a tensor's shape, strides,
+    dtype and device, a scalar's type and value (``1``, ``1.0`` and ``True`` give other results)."""
+    if isinstance(value, fx.Node):
+        val = value.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            raise TypeError("not a tensor")  # no key: inferred every time
+        return ("tensor", tuple(val.shape), val.stride(), val.dtype, val.device.type)
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_described(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple((k, _described(v)) for k, v in value.items()))
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device, torch.memory_format,
+                                           torch.layout)):
+        return (type(value).__name__, value)
+    raise TypeError(f"no key for {type(value).__name__}")
+
+
+def _inference_key(node: fx.Node, mode: FakeTensorMode) -> tuple | None:
+    """The memo key of ``node``'s inference; None where there is none (symbolic shapes, an argument
+    that is not a tensor, a scalar or a list of them)."""
+    if mode.shape_env is not None or not isinstance(node.target, torch._ops.OpOverload):
+        return None
+    try:
+        key = (node.target, _described(node.args), _described(node.kwargs))
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
 def infer_meta(node: fx.Node, mode: FakeTensorMode | None = None) -> Any:
-    """``node``'s value computed from its inputs' recorded ``meta["val"]``: its op run on fake tensors."""
+    """``node``'s value computed from its inputs' recorded ``meta["val"]``: its op run on fake tensors
+    (on concrete shapes, an op asked again with arguments alike gives the value it gave before)."""
     mode = mode or graph_fake_mode(node.graph.owning_module)
+    key = _inference_key(node, mode)
+    if key is not None and key in _INFERRED:
+        return _INFERRED[key]
+    val = _infer(node, mode)
+    if key is not None and not _has_symbols(val):
+        if len(_INFERRED) >= _INFERRED_LIMIT:
+            _INFERRED.clear()
+        _INFERRED[key] = val
+    return val
+
+
+def _has_symbols(val: Any) -> bool:
+    """Whether ``val`` holds a symbolic size or stride, or is not a tensor or a list of them (not memoized)."""
+    found = []
+    map_aggregate(val, lambda v: found.append(v) if isinstance(v, torch.Tensor) and not all(
+        isinstance(d, int) for d in (*v.shape, *v.stride())) else None)
+    return bool(found) or not isinstance(val, (torch.Tensor, tuple, list))
+
+
+def _infer(node: fx.Node, mode: FakeTensorMode) -> Any:
+    """``node``'s op run on fake tensors made from its arguments' recorded values."""
 
     def fake(arg: fx.Node) -> Any:
         if "val" not in arg.meta:
