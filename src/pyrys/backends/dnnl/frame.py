@@ -75,6 +75,11 @@ class Frame:
             tensors[slot] = None
         return outputs
 
+    def close(self) -> None:
+        """Let go of everything: its steps' bound calls refer back to it (a cycle only the collector would
+        free), so a frame closed frees its buffers at once."""
+        self.calls, self.memories, self.tensors, self.buffers, self.aliases = [], [], [], [], {}
+
     def owned(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor``, or a copy of it if it shares bytes with this frame's buffers or the program's constants."""
         return tensor.clone() if tensor.untyped_storage().data_ptr() in self.internal else tensor

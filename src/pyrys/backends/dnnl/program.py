@@ -100,6 +100,11 @@ class DnnlProgram:
         finally:
             self._idle.append(frame)
 
+    def close(self) -> None:
+        """Close the idle frames (a program no caller will run again: its memory goes back at once)."""
+        while self._idle:
+            self._idle.pop().close()
+
     def __deepcopy__(self, memo: dict) -> "DnnlProgram":
         """A program with its own frames; the immutable plan (primitives, packed weights) is shared."""
         copied = object.__new__(DnnlProgram)
