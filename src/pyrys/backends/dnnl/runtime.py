@@ -271,24 +271,25 @@ def _tuning_key(gm: fx.GraphModule, threads: int, policies: list[str]) -> dict:
 
 def _time_policies(programs: list[DnnlProgram], inputs: list, budget: float = 0.2, min_rounds: int = 3) -> list[float]:
     """Median seconds per call of each program, timed interleaved (one call each per round), for
-    ``budget`` seconds and at least ``min_rounds`` rounds (ResNet-50 at batch 1: 3 rounds of 65 ms calls).
+    ``budget`` seconds and at least ``min_rounds`` rounds, the first (cold) one included: the median
+    of three is a warm call (ResNet-50 at batch 1: 3 rounds of 65 ms calls).
 
     A program whose first call is over 3x the fastest one's is not timed further: it has lost,
     and timing it again could take minutes (a primitive left on oneDNN's reference code)."""
-    first = []
-    for program in programs:
-        start = time.perf_counter()
-        program(inputs)
-        first.append(time.perf_counter() - start)
-    contenders = [i for i, seconds in enumerate(first) if seconds <= 3 * min(first)]
-    samples: dict[int, list[float]] = {i: [] for i in contenders}
+    samples: dict[int, list[float]] = {i: [_seconds(program, inputs)] for i, program in enumerate(programs)}
+    fastest = min(times[0] for times in samples.values())
+    contenders = [i for i, times in samples.items() if times[0] <= 3 * fastest]
     deadline = time.perf_counter() + budget
     while time.perf_counter() < deadline or len(samples[contenders[0]]) < min_rounds:
         for i in contenders:
-            start = time.perf_counter()
-            programs[i](inputs)
-            samples[i].append(time.perf_counter() - start)
-    return [sorted(samples[i])[len(samples[i]) // 2] if i in samples else first[i] for i in range(len(programs))]
+            samples[i].append(_seconds(programs[i], inputs))
+    return [sorted(times)[len(times) // 2] if i in contenders else times[0] for i, times in samples.items()]
+
+
+def _seconds(program: DnnlProgram, inputs: list) -> float:
+    start = time.perf_counter()
+    program(inputs)
+    return time.perf_counter() - start
 
 
 def compile_program(gm: fx.GraphModule, example_inputs: list, options: BackendOptions = BackendOptions(),
