@@ -79,3 +79,31 @@ def test_inference_with_symbolic_shapes_is_not_memoized(monkeypatch):
     graph.output(doubled)
     fx.GraphModule(torch.nn.Module(), graph)
     assert isinstance(meta.infer_meta(doubled, mode).shape[0], torch.SymInt) and meta._INFERRED == {}
+
+
+def test_propagation_reuses_what_was_inferred_and_remakes_it_for_an_op_it_runs(monkeypatch):
+    """A second graph's propagation takes ``relu`` from the memo (a fake tensor of the first one's mode) and
+    runs ``sigmoid`` on it, remade in its own mode; the verifier's propagation runs every op itself."""
+    from pyrys.ir import meta
+
+    monkeypatch.setattr(meta, "_INFERRED", {})
+
+    def graph_with(last) -> fx.GraphModule:
+        graph = fx.Graph()
+        x = graph.placeholder("x")
+        x.meta["val"] = torch.empty(2, 3)
+        graph.output(graph.call_function(last, (graph.call_function(aten.relu.default, (x,)),)))
+        return fx.GraphModule(torch.nn.Module(), graph)
+
+    meta.refresh_meta(graph_with(aten.neg.default))
+    ran = []
+    original = fx.Interpreter.call_function
+    monkeypatch.setattr(fx.Interpreter, "call_function",
+                        lambda self, target, args, kwargs: ran.append(target) or original(self, target, args, kwargs))
+    second = graph_with(aten.sigmoid.default)
+    meta.refresh_meta(second)
+    assert ran == [aten.sigmoid.default]
+    assert [tuple(n.meta["val"].shape) for n in second.graph.nodes if n.op == "call_function"] == [(2, 3), (2, 3)]
+    ran.clear()
+    meta.fresh_meta(second)
+    assert ran == [aten.relu.default, aten.sigmoid.default]

@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.node import map_aggregate
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
@@ -33,21 +33,44 @@ def _fake_like(mode: FakeTensorMode, val: Any, device: str | None = None) -> Any
 
 
 def _fake_input(mode: FakeTensorMode, node: fx.Node):
+    """An input's fake value: a state input's (a parameter, a buffer) from its tensor, as constants are
+    (:meth:`_Fresh.get_attr`), else from its recorded value."""
     ref = state_ref(node)
     if ref is not None:
         value = ref.value
+        if _shape_is_enough(value):
+            return _fake_like(mode, value)
         return mode.from_tensor(value, static_shapes=True) if isinstance(value, torch.Tensor) else value
     return _fake_like(mode, node.meta["val"])
+
+
+def _shape_is_enough(value: Any) -> bool:
+    """Whether a fake tensor of ``value``'s shape stands for it: a plain tensor of more than one element
+    (making it from the tensor's metadata costs 50x more; a one-element one stays real or tracked, as the
+    fake mode follows its value through ``item()``)."""
+    return (isinstance(value, torch.Tensor) and value.layout == torch.strided and not value.is_quantized
+            and value.numel() > 1)
 
 
 class _Fresh(FakeTensorProp):
     """FakeTensorProp that collects each node's value in ``fresh`` and leaves ``meta`` as it was; with
     ``repair_views``, a ``view`` its input's strides refuse becomes a ``reshape`` (:func:`_repair_view`)."""
 
-    def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode, repair_views: bool = False):
+    def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode, repair_views: bool = False, memo: bool = False):
         super().__init__(gm, mode)
         self.fresh: dict[fx.Node, Any] = {}
-        self.repair_views = repair_views
+        self.repair_views, self.memo = repair_views, memo
+
+    def call_function(self, target, args, kwargs) -> Any:
+        """The op on these fake values; with ``memo``, a value remembered for arguments alike (its fake
+        tensors may come from another propagation's mode: an op that is run gets them remade in this one)."""
+        key = _memo_key(target, (args, kwargs), self._mode, fakes_only=True) if self.memo else None
+        if key is not None and key in _INFERRED:
+            return _INFERRED[key]
+        args, kwargs = _in_mode(args, self._mode), _in_mode(kwargs, self._mode)
+        result = super().call_function(target, args, kwargs)
+        _remember(key, result)
+        return result
 
     def get_attr(self, target, args, kwargs) -> Any:
         """A constant as a fake CPU tensor of its shape: a released one (:mod:`pyrys.ir.released`) has no bytes,
@@ -56,8 +79,7 @@ class _Fresh(FakeTensorProp):
         value = super().get_attr(target, args, kwargs)
         if is_released(value):
             return _fake_like(self._mode, value, device="cpu")
-        if (isinstance(value, torch.Tensor) and value.layout == torch.strided and not value.is_quantized
-                and value.numel() > 1):
+        if _shape_is_enough(value):
             return _fake_like(self._mode, value)
         return value
 
@@ -93,14 +115,15 @@ def _repair_view(node: fx.Node, error: Exception) -> bool:
     return True
 
 
-def fresh_meta(gm: fx.GraphModule, repair_views: bool = False) -> dict[fx.Node, Any]:
+def fresh_meta(gm: fx.GraphModule, repair_views: bool = False, memo: bool = False) -> dict[fx.Node, Any]:
     """Every node's value by fake-tensor propagation from the inputs, without writing ``meta``
     (under the graph's own fake mode when its shapes are symbolic: :mod:`pyrys.ir.symbolic`); with
-    ``repair_views`` (:func:`refresh_meta`), a view whose input's strides refuse it becomes a reshape."""
+    ``repair_views`` (:func:`refresh_meta`), a view whose input's strides refuse it becomes a reshape;
+    with ``memo``, ops on concrete shapes asked before are not run again (the verifier runs every op)."""
     mode = graph_fake_mode(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     fake_inputs = [_fake_input(mode, n) for n in placeholders]
-    propagation = _Fresh(gm, mode, repair_views)
+    propagation = _Fresh(gm, mode, repair_views, memo)
     with propagating(mode):
         propagation.propagate_dont_convert_inputs(*fake_inputs)
     return propagation.fresh
@@ -109,7 +132,7 @@ def fresh_meta(gm: fx.GraphModule, repair_views: bool = False) -> dict[fx.Node, 
 def refresh_meta(gm: fx.GraphModule) -> None:
     """Set every node's ``meta["val"]`` by propagation over ``gm`` (at capture, specialization and load;
     repairing views: :func:`_repair_view`)."""
-    for node, val in fresh_meta(gm, repair_views=True).items():
+    for node, val in fresh_meta(gm, repair_views=True, memo=True).items():
         if val is not None:
             node.meta["val"] = val
 
@@ -120,50 +143,69 @@ _INFERRED: dict[tuple, Any] = {}
 _INFERRED_LIMIT = 4096
 
 
-def _described(value: Any) -> Any:
+def _described(value: Any, fakes_only: bool) -> Any:
     """``value`` as a hashable key of what fake propagation reads from it: a tensor's shape, strides,
-    dtype and device, a scalar's type and value (``1``, ``1.0`` and ``True`` give other results)."""
-    if isinstance(value, fx.Node):
-        val = value.meta.get("val")
-        if not isinstance(val, torch.Tensor):
-            raise TypeError("not a tensor")  # no key: inferred every time
-        return ("tensor", tuple(val.shape), val.stride(), val.dtype, val.device.type)
+    dtype and device, a scalar's type and value (``1``, ``1.0`` and ``True`` give other results).
+    ``fakes_only``: a real tensor (a one-element constant, whose value the fake mode tracks) has none."""
+    if isinstance(value, torch.Tensor):
+        if fakes_only and not isinstance(value, FakeTensor):
+            raise TypeError("a real tensor")
+        return ("tensor", tuple(value.shape), value.stride(), value.dtype, value.device.type)
     if isinstance(value, (list, tuple)):
-        return (type(value).__name__, tuple(_described(v) for v in value))
+        return (type(value).__name__, tuple(_described(v, fakes_only) for v in value))
     if isinstance(value, dict):
-        return ("dict", tuple((k, _described(v)) for k, v in value.items()))
+        return ("dict", tuple((k, _described(v, fakes_only)) for k, v in value.items()))
     if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device, torch.memory_format,
                                            torch.layout)):
         return (type(value).__name__, value)
     raise TypeError(f"no key for {type(value).__name__}")
 
 
-def _inference_key(node: fx.Node, mode: FakeTensorMode) -> tuple | None:
-    """The memo key of ``node``'s inference; None where there is none (symbolic shapes, an argument
-    that is not a tensor, a scalar or a list of them)."""
-    if mode.shape_env is not None or not isinstance(node.target, torch._ops.OpOverload):
+def _memo_key(target: Any, arguments: Any, mode: FakeTensorMode, fakes_only: bool = False) -> tuple | None:
+    """The memo key of ``target`` on ``arguments`` (values); None where there is none (symbolic shapes,
+    not an ATen or pyrys op, an argument that is not a tensor, a scalar or a list of them)."""
+    if mode.shape_env is not None or not isinstance(target, torch._ops.OpOverload):
         return None
     try:
-        key = (node.target, _described(node.args), _described(node.kwargs))
+        key = (target, _described(arguments, fakes_only))
         hash(key)
     except TypeError:
         return None
     return key
 
 
-def infer_meta(node: fx.Node, mode: FakeTensorMode | None = None) -> Any:
-    """``node``'s value computed from its inputs' recorded ``meta["val"]``: its op run on fake tensors
-    (on concrete shapes, an op asked again with arguments alike gives the value it gave before)."""
-    mode = mode or graph_fake_mode(node.graph.owning_module)
-    key = _inference_key(node, mode)
-    if key is not None and key in _INFERRED:
-        return _INFERRED[key]
-    val = _infer(node, mode)
+def _remember(key: tuple | None, val: Any) -> None:
     if key is not None and not _has_symbols(val):
         if len(_INFERRED) >= _INFERRED_LIMIT:
             _INFERRED.clear()
         _INFERRED[key] = val
+
+
+def _in_mode(value: Any, mode: FakeTensorMode) -> Any:
+    """``value`` with every fake tensor of another mode remade in ``mode`` (same shape, strides, dtype)."""
+    if isinstance(value, FakeTensor):
+        return value if value.fake_mode is mode else _fake_like(mode, value)
+    if isinstance(value, (list, tuple)) and any(isinstance(v, (FakeTensor, list, tuple)) for v in value):
+        return type(value)(_in_mode(v, mode) for v in value) if not hasattr(value, "_fields") else value
+    if isinstance(value, dict):
+        return {k: _in_mode(v, mode) for k, v in value.items()}
+    return value
+
+
+def infer_meta(node: fx.Node, mode: FakeTensorMode | None = None) -> Any:
+    """``node``'s value computed from its inputs' recorded ``meta["val"]``: its op run on fake tensors
+    (on concrete shapes, an op asked again with arguments alike gives the value it gave before)."""
+    mode = mode or graph_fake_mode(node.graph.owning_module)
+    recorded = fx.map_arg((node.args, node.kwargs), lambda arg: arg.meta.get("val", _NOT_RECORDED))
+    key = _memo_key(node.target, recorded, mode)
+    if key is not None and key in _INFERRED:
+        return _INFERRED[key]
+    val = _infer(node, mode)
+    _remember(key, val)
     return val
+
+
+_NOT_RECORDED = object()  # no key: inference raises, naming the argument
 
 
 def _has_symbols(val: Any) -> bool:
