@@ -259,9 +259,9 @@ def build_for_shape(template: Compiled, signature: Signature, flat: list, config
 
 MAX_SHAPE_NOTES = 16  # opt.notes keeps at most this many, however many shapes are captured again
 
-# torch.export and the passes are not made for two threads at once: compiles take turns
-# (calls of programs already compiled never wait for this).
-_COMPILING = threading.RLock()
+# torch.export and the passes are not made for two threads at once: compiles (and loads) take turns
+# (calls of programs already compiled never wait for this); so does the meta memo (ir/meta.py).
+COMPILING = threading.RLock()
 
 
 class OptimizedModule(torch.nn.Module):
@@ -279,7 +279,7 @@ class OptimizedModule(torch.nn.Module):
     def __init__(self, frontend: Frontend, args: tuple, kwargs: dict, config: OptimizeConfig,
                  trace: NumericsTrace | None = None):
         super().__init__()
-        with _COMPILING:
+        with COMPILING:
             first = compile_signature(frontend, args, kwargs, config, dynamic=config.dynamic is True, trace=trace)
         self._hold(frontend, config, [first])
         if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
@@ -333,7 +333,7 @@ class OptimizedModule(torch.nn.Module):
         check_compatible(self._first.signature, signature, flat, args)
         if self._frontend.fixed_shapes and self._generic is None:
             raise self._fixed_shapes_error(signature, "")
-        with _COMPILING:
+        with COMPILING:
             compiled = self._shapes.get(signature)
             if compiled is None:
                 compiled = self._new_shape(signature, flat, args, kwargs)

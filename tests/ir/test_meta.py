@@ -107,3 +107,25 @@ def test_propagation_reuses_what_was_inferred_and_remakes_it_for_an_op_it_runs(m
     ran.clear()
     meta.fresh_meta(second)
     assert ran == [aten.relu.default, aten.sigmoid.default]
+
+
+def test_a_value_the_fake_mode_tracks_is_never_taken_from_the_memo(monkeypatch):
+    """One-element constants keep their values through fake propagation (``item()`` reads them): 3 * 2 + 1
+    and 5 * 2 + 1 are 7 and 11, whatever was inferred before for tensors of the same shape."""
+    from pyrys.ir import meta
+
+    monkeypatch.setattr(meta, "_INFERRED", {})
+    graph = fx.Graph()
+    values = []
+    for name in ("three", "five"):
+        doubled = graph.call_function(aten.mul.Tensor, (graph.get_attr(name), 2))
+        values.append(graph.call_function(aten._local_scalar_dense.default,
+                                          (graph.call_function(aten.add.Tensor, (doubled, 1)),)))
+    graph.output(values)
+    owner = torch.nn.Module()
+    owner.register_buffer("three", torch.tensor([3.0]))
+    owner.register_buffer("five", torch.tensor([5.0]))
+    gm = fx.GraphModule(owner, graph)
+    for memo in (False, True, True):
+        fresh = meta.fresh_meta(gm, memo=memo)
+        assert [fresh[v] for v in values] == [7.0, 11.0]

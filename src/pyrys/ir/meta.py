@@ -65,8 +65,9 @@ class _Fresh(FakeTensorProp):
         """The op on these fake values; with ``memo``, a value remembered for arguments alike (its fake
         tensors may come from another propagation's mode: an op that is run gets them remade in this one)."""
         key = _memo_key(target, (args, kwargs), self._mode, fakes_only=True) if self.memo else None
-        if key is not None and key in _INFERRED:
-            return _INFERRED[key]
+        remembered = _INFERRED.get(key) if key is not None else None
+        if remembered is not None:
+            return remembered
         args, kwargs = _in_mode(args, self._mode), _in_mode(kwargs, self._mode)
         result = super().call_function(target, args, kwargs)
         _remember(key, result)
@@ -150,7 +151,9 @@ def _described(value: Any, fakes_only: bool) -> Any:
     if isinstance(value, torch.Tensor):
         if fakes_only and not isinstance(value, FakeTensor):
             raise TypeError("a real tensor")
-        return ("tensor", tuple(value.shape), value.stride(), value.dtype, value.device.type)
+        if isinstance(value, FakeTensor) and value.constant is not None:
+            raise TypeError("a fake tensor that carries its value")  # what follows may read it
+        return ("tensor", tuple(value.shape), value.stride(), value.storage_offset(), value.dtype, value.device)
     if isinstance(value, (list, tuple)):
         return (type(value).__name__, tuple(_described(v, fakes_only) for v in value))
     if isinstance(value, dict):
@@ -162,12 +165,13 @@ def _described(value: Any, fakes_only: bool) -> Any:
 
 
 def _memo_key(target: Any, arguments: Any, mode: FakeTensorMode, fakes_only: bool = False) -> tuple | None:
-    """The memo key of ``target`` on ``arguments`` (values); None where there is none (symbolic shapes,
-    not an ATen or pyrys op, an argument that is not a tensor, a scalar or a list of them)."""
-    if mode.shape_env is not None or not isinstance(target, torch._ops.OpOverload):
+    """The memo key of ``target`` on ``arguments`` (values) and the default dtype; None where there is
+    none (symbolic shapes, not an ATen or pyrys op, an op that writes to an argument, an argument that is
+    not a tensor, a scalar or a list of them, a fake tensor that carries its value)."""
+    if mode.shape_env is not None or not isinstance(target, torch._ops.OpOverload) or target._schema.is_mutable:
         return None
     try:
-        key = (target, _described(arguments, fakes_only))
+        key = (target, torch.get_default_dtype(), _described(arguments, fakes_only))
         hash(key)
     except TypeError:
         return None
@@ -175,7 +179,12 @@ def _memo_key(target: Any, arguments: Any, mode: FakeTensorMode, fakes_only: boo
 
 
 def _remember(key: tuple | None, val: Any) -> None:
-    if key is not None and not _has_symbols(val):
+    """Keep ``val`` under ``key`` unless it has symbolic sizes or carries a tensor's value (the fake mode
+    tracks one-element constants through ``item()``: another graph's constant has another value).
+
+    Compiles and loads take turns (``pyrys.optimize.COMPILING``), so one thread at a time reads and
+    writes the memo, and a fake tensor of one compile's mode is read in another's only after it."""
+    if key is not None and not _has_symbols(val) and not _carries_values(val):
         if len(_INFERRED) >= _INFERRED_LIMIT:
             _INFERRED.clear()
         _INFERRED[key] = val
@@ -198,14 +207,21 @@ def infer_meta(node: fx.Node, mode: FakeTensorMode | None = None) -> Any:
     mode = mode or graph_fake_mode(node.graph.owning_module)
     recorded = fx.map_arg((node.args, node.kwargs), lambda arg: arg.meta.get("val", _NOT_RECORDED))
     key = _memo_key(node.target, recorded, mode)
-    if key is not None and key in _INFERRED:
-        return _INFERRED[key]
+    remembered = _INFERRED.get(key) if key is not None else None
+    if remembered is not None:
+        return remembered
     val = _infer(node, mode)
     _remember(key, val)
     return val
 
 
 _NOT_RECORDED = object()  # no key: inference raises, naming the argument
+
+
+def _carries_values(val: Any) -> bool:
+    found = []
+    map_aggregate(val, lambda v: found.append(v) if isinstance(v, FakeTensor) and v.constant is not None else None)
+    return bool(found)
 
 
 def _has_symbols(val: Any) -> bool:

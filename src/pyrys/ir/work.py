@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 
 from pyrys.ir.fused import FUSED_CONV, FUSED_CONV_TRANSPOSE, FUSED_LINEAR
+from pyrys.ir.graph import op_args
 from pyrys.ir.vocabulary import ATTENTION
 
 aten = torch.ops.aten
@@ -28,12 +29,9 @@ CONTRACTING = frozenset({aten.mm.default, aten.bmm.default, aten.matmul.default,
 
 def _shape(value) -> list[int] | None:
     """The value's concrete sizes (None for a non-tensor or a symbolic size)."""
-    if not isinstance(value, torch.Tensor):
-        return None
-    try:
-        return [int(size) for size in value.shape]
-    except (TypeError, ValueError, RuntimeError):  # an unbacked or unresolved symbolic size
-        return None
+    if not isinstance(value, torch.Tensor) or not all(isinstance(size, int) for size in value.shape):
+        return None  # a symbolic size: int() of it would add a guard
+    return list(value.shape)
 
 
 def _meta_shape(argument) -> list[int] | None:
@@ -61,7 +59,8 @@ def multiply_adds(node: fx.Node) -> int | None:
             return None
         return math.prod(out) * (left_shape[-1] if left_shape else 1)
     if target is ATTENTION:
-        query, key, value = (_meta_shape(argument) for argument in node.args[:3])
+        arguments = op_args(node)
+        query, key, value = (_meta_shape(arguments[name]) for name in ("query", "key", "value"))
         if query is None or key is None or value is None:
             return None
         return math.prod(query[:-1]) * key[-2] * (query[-1] + value[-1])

@@ -32,7 +32,7 @@ from pyrys.ir.graph import tensor_bytes
 from pyrys.ir.meta import refresh_meta
 from pyrys.ir.released import values_of
 from pyrys.machine import cpu_info
-from pyrys.optimize import Compiled, Frontend, OptimizeConfig, OptimizedModule
+from pyrys.optimize import COMPILING, Compiled, Frontend, OptimizeConfig, OptimizedModule
 from pyrys.passes.pipeline import PipelineRun, Step
 from pyrys.passes.rewrite import Miss
 from pyrys.saving.directory import parse_files, read_directory, write_directory
@@ -76,6 +76,13 @@ def load(path: str | os.PathLike | Mapping[str, bytes], *, threads: int | None =
         path = "files in memory"
     else:
         manifest, program, tensors = read_directory(path)
+    with COMPILING:  # loading propagates meta and builds programs, as a compile does: they take turns
+        return _load(path, manifest, program, tensors, threads)
+
+
+def _load(path: str | os.PathLike, manifest: dict, program: dict, tensors: dict,
+          threads: int | None) -> OptimizedModule:
+    """:func:`load` of the files read (``path`` names them in errors)."""
     try:
         tensors = _checked_tensors(program["tensors"], tensors)
         tensors.update({alias: tensors[key] for alias, key in program["aliases"].items()})

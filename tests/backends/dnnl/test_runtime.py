@@ -194,13 +194,15 @@ def test_the_losing_layout_candidate_is_freed_before_optimize_returns(monkeypatc
 
     monkeypatch.setattr(runtime, "build_program", spy)
     monkeypatch.setenv("PYRYS_CACHE_DIR", "")  # measure both candidates
-    monkeypatch.setattr(gc, "collect", lambda *args: 0)  # freed at once, without the collector (its frames
-    gc.disable()  # closed, no cycle holds it)
+    monkeypatch.setattr(gc, "collect", lambda *args, **kwargs: 0)  # freed at once, without the collector
+    enabled = gc.isenabled()  # (its frames closed, no cycle holds it)
+    gc.disable()
     try:
         opt = pyrys.optimize(small_net(), (torch.rand(1, 3, 8, 8),), backend="dnnl", layout="auto", threads=1)
         alive = [ref() for ref in built if ref() is not None]
     finally:
-        gc.enable()
+        if enabled:
+            gc.enable()
     assert len(built) == 2 and alive == [opt._first.program.first]
 
 
