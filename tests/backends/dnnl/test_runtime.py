@@ -144,6 +144,32 @@ def test_a_probe_whose_program_another_caller_is_building_runs_the_active_count(
     assert pyrys.relative_error(y, model(x)) <= TOLERANCE
 
 
+def test_a_probe_whose_program_fails_to_build_runs_the_active_count_and_is_not_tried_again(monkeypatch):
+    if current_threads() < 2 or not PER_CALLER_THREADS:
+        pytest.skip("one thread per call here, or no per-caller thread count: nothing to choose from")
+    from pyrys.backends.dnnl import runtime as runtime_module
+
+    model, x = small_net(), torch.randn(1, 3, 16, 16)
+    opt = pyrys.optimize(model, (x,), backend="dnnl")
+    runtime, own = opt._first.program, current_threads()
+    for _ in range(FIRST_INTERVAL):
+        opt(x)
+    builds = []
+
+    def out_of_memory(*args, **kwargs):
+        builds.append(args[3])
+        raise MemoryError("no room for the frames")
+
+    monkeypatch.setattr(runtime_module, "build_program", out_of_memory)
+    chooser = runtime.choosers[own]
+    for _ in range(3):
+        chooser.slow_score = SLOW_SCORE  # as if the CPUs were busy: the next call probes own // 2
+        y = opt(x)
+        assert pyrys.relative_error(y, model(x)) <= TOLERANCE
+    assert builds == [own // 2] and chooser.active == own and own // 2 not in runtime.programs
+    assert "failed to build (MemoryError: no room for the frames)" in opt.thread_choice()
+
+
 def test_deepcopy_shares_the_compiled_plan_but_not_the_frames():
     model, x = small_net(), torch.randn(1, 3, 16, 16)
     opt = pyrys.optimize(model, (x,), backend="dnnl")

@@ -69,6 +69,7 @@ class DnnlRuntime:
             self.first.policy = f"{self.layout} (as chosen for the first input shape)"
         self.programs: dict[int, DnnlProgram] = {threads: self.first}
         self.choosers: dict[int, ThreadChooser] = {}  # by the caller's thread count, when not pinned
+        self.unbuildable: dict[int, str] = {}  # thread counts whose program failed to build, and why
         self._reference: ReferenceProgram | None = None
         self.float_inputs = [i for i, t in enumerate(example_inputs) if self.first.drops_nan
                              and isinstance(t, torch.Tensor) and t.is_floating_point()]
@@ -127,9 +128,9 @@ class DnnlRuntime:
         count = chooser.pick(self.programs, start)
         program, first = self.programs.get(count), False
         if program is None:
-            program, first = self._program_for(count, wait=count == threads), True
-            if program is None:  # a probe's program another caller is building: not this call's to wait for
-                chooser.cancel(count)
+            program, first = self._probe_program(count) if count != threads else self._program_for(count), True
+            if program is None:  # a probe's program another caller is building (not this call's to wait
+                chooser.cancel(count)  # for) or one that failed to build: the call runs the active count
                 count, first = chooser.active, False
                 program = self._program(count)
             start = time.perf_counter()  # a build is not the call's time
@@ -137,6 +138,18 @@ class DnnlRuntime:
         end = time.perf_counter()
         chooser.record(count, end - start, end, first)
         return outputs
+
+    def _probe_program(self, threads: int) -> DnnlProgram | None:
+        """The program for a probe of ``threads`` threads; None while another caller builds it, or if it
+        failed to build (memory, a primitive oneDNN refuses at that count): a probe is optional, so the
+        failure is kept in ``unbuildable`` (``thread_choice()`` says it) and that count is not tried again."""
+        if threads in self.unbuildable:
+            return None
+        try:
+            return self._program_for(threads, wait=False)
+        except Exception as error:  # noqa: BLE001 -- whatever the build raised, the call runs on
+            self.unbuildable[threads] = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
+            return None
 
     def _program(self, threads: int) -> DnnlProgram:
         """The program for ``threads`` threads, built at its first call."""
@@ -201,7 +214,7 @@ class DnnlRuntime:
         copied.__dict__.update(self.__dict__)
         copied._building = threading.Lock()
         copied.programs = {threads: copy.deepcopy(program, memo) for threads, program in self.programs.items()}
-        copied.choosers = {}
+        copied.choosers, copied.unbuildable = {}, dict(self.unbuildable)
         copied.first = copied.programs[next(iter(self.programs))]
         return copied
 
@@ -231,7 +244,9 @@ class DnnlRuntime:
             return "the caller's thread count (not adapted: OpenMP's per-thread count is not reachable here)"
         if not self.choosers:
             return "the caller's thread count (no call with more than one thread yet)"
-        return "; ".join(chooser.describe() for chooser in list(self.choosers.values()))
+        failed = "".join(f"; {count} thread{'s' * (count > 1)} not used: its program failed to build ({why})"
+                         for count, why in list(self.unbuildable.items()))
+        return "; ".join(chooser.describe() for chooser in list(self.choosers.values())) + failed
 
     policy = forwarded("first.policy", "The activation layout chosen, with the measurements when it was measured.")
     peak_activation_bytes = forwarded("first.peak_activation_bytes", "One call's activation arena, in bytes.")
