@@ -107,18 +107,23 @@ def test_a_caller_with_another_thread_count_gets_a_program_built_for_it():
     assert weights == first_weights  # the second program packed nothing again
 
 
-def test_busy_cpus_move_calls_to_fewer_threads_with_the_same_outputs():
-    """The chooser's decisions are unit-tested in tests/backends/test_thread_choice.py; here its probe of a
-    lower count (as a slowdown triggers it) builds that program, and calls run on it, right."""
+def adapting_after_warm_up(model: nn.Module, x: torch.Tensor):
+    """``model`` optimized and called until its thread chooser may probe: (opt, runtime, own count, chooser)."""
     if current_threads() < 2 or not PER_CALLER_THREADS:
         pytest.skip("one thread per call here, or no per-caller thread count: nothing to choose from")
-    model, x = small_net(), torch.randn(1, 3, 16, 16)
     opt = pyrys.optimize(model, (x,), backend="dnnl")
     runtime, own = opt._first.program, current_threads()
     assert "no call" in opt.thread_choice()
     for _ in range(FIRST_INTERVAL):
         opt(x)
-    chooser = runtime.choosers[own]
+    return opt, runtime, own, runtime.choosers[own]
+
+
+def test_busy_cpus_move_calls_to_fewer_threads_with_the_same_outputs():
+    """The chooser's decisions are unit-tested in tests/backends/test_thread_choice.py; here its probe of a
+    lower count (as a slowdown triggers it) builds that program, and calls run on it, right."""
+    model, x = small_net(), torch.randn(1, 3, 16, 16)
+    opt, runtime, own, chooser = adapting_after_warm_up(model, x)
     chooser.slow_score = SLOW_SCORE  # as if the CPUs had got busier: the next call probes own // 2
     y = opt(x)
     assert own // 2 in runtime.programs and f"up to {own} threads" in opt.thread_choice()
@@ -129,14 +134,8 @@ def test_busy_cpus_move_calls_to_fewer_threads_with_the_same_outputs():
 
 
 def test_a_probe_whose_program_another_caller_is_building_runs_the_active_count():
-    if current_threads() < 2 or not PER_CALLER_THREADS:
-        pytest.skip("one thread per call here, or no per-caller thread count: nothing to choose from")
     model, x = small_net(), torch.randn(1, 3, 16, 16)
-    opt = pyrys.optimize(model, (x,), backend="dnnl")
-    runtime, own = opt._first.program, current_threads()
-    for _ in range(FIRST_INTERVAL):
-        opt(x)
-    chooser = runtime.choosers[own]
+    opt, runtime, own, chooser = adapting_after_warm_up(model, x)
     chooser.slow_score = SLOW_SCORE
     with runtime._building:  # another caller building the lower count's program
         y = opt(x)
@@ -145,15 +144,10 @@ def test_a_probe_whose_program_another_caller_is_building_runs_the_active_count(
 
 
 def test_a_probe_whose_program_fails_to_build_runs_the_active_count_and_is_not_tried_again(monkeypatch):
-    if current_threads() < 2 or not PER_CALLER_THREADS:
-        pytest.skip("one thread per call here, or no per-caller thread count: nothing to choose from")
     from pyrys.backends.dnnl import runtime as runtime_module
 
     model, x = small_net(), torch.randn(1, 3, 16, 16)
-    opt = pyrys.optimize(model, (x,), backend="dnnl")
-    runtime, own = opt._first.program, current_threads()
-    for _ in range(FIRST_INTERVAL):
-        opt(x)
+    opt, runtime, own, chooser = adapting_after_warm_up(model, x)
     builds = []
 
     def out_of_memory(*args, **kwargs):
@@ -161,7 +155,6 @@ def test_a_probe_whose_program_fails_to_build_runs_the_active_count_and_is_not_t
         raise MemoryError("no room for the frames")
 
     monkeypatch.setattr(runtime_module, "build_program", out_of_memory)
-    chooser = runtime.choosers[own]
     for _ in range(3):
         chooser.slow_score = SLOW_SCORE  # as if the CPUs were busy: the next call probes own // 2
         y = opt(x)
