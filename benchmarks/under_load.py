@@ -62,6 +62,8 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=2.0, help="unmeasured calls after the load starts")
     parser.add_argument("--busy-cores", type=int, nargs="+", default=[1], help="a busy loop pinned to each")
     args = parser.parse_args()
+    if args.rounds < 1 or args.seconds <= 0 or args.threads < 1:
+        parser.error("--rounds and --threads must be at least 1 and --seconds more than 0")
     from pyrys.machine import cpu_info
 
     torch.set_num_threads(args.threads)
