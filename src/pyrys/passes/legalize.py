@@ -8,15 +8,30 @@ with an empty post-op chain (:func:`pyrys.ir.fused.to_fused`), so a backend lowe
     ->  %conv2d = pyrys::conv2d(%x, %w, %b, [1, 1], [0, 0], [1, 1], 1)      (the node keeps its name)
 
 A convolution with string padding (``padding="same"``) has no fused form and stays as it is
-(the dnnl backend runs it through torch).  This runs after the recorded pipeline
+(the dnnl backend runs it through torch).  An unbatched convolution (``[C, H, W]`` in) becomes a batch
+of one between views, the form oneDNN takes (a binary post-op's operand broadcasts from the right, so
+it reads the same against ``[1, C, H, W]``):
+
+    %y = pyrys::conv2d(%x, ...)  ->  %x_batched = aten::unsqueeze(%x, 0)
+                                     %y = pyrys::conv2d(%x_batched, ...)
+                                     %y_unbatched = aten::squeeze(%y, [0])   (read where %y was)
+
+This runs after the recorded pipeline
 (:func:`pyrys.passes.pipeline.legalize_for_backends`), so ``opt.graph`` keeps ATen's names.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
+import torch
 import torch.fx as fx
 
-from pyrys.ir.fused import FUSED_BY_BASE, fused_form_miss, to_fused
+from pyrys.ir.edit import insert_op, set_args
+from pyrys.ir.fused import FUSED_BY_BASE, FUSED_CONV, FUSED_CONV_TRANSPOSE, fused_form_miss, read_fused, to_fused
+from pyrys.ir.graph import tensor_meta
 from pyrys.passes.rewrite import Match, Miss, PassResult, Rule, apply_rules, fail
+
+aten = torch.ops.aten
 
 
 class ToFusedForm(Rule):
@@ -33,9 +48,52 @@ class ToFusedForm(Rule):
         to_fused(gm, node, in_place=True)
 
 
+class BatchOfOne(Rule):
+    """An unbatched (transposed) convolution runs on its input as a batch of one."""
+
+    name = "batch_of_one"
+    anchors = frozenset({FUSED_CONV, FUSED_CONV_TRANSPOSE})
+
+    def match(self, gm: fx.GraphModule, node: fx.Node) -> Match | None:
+        fused = read_fused(node)
+        data, weight = tensor_meta(fused.args["input"]), tensor_meta(fused.args["weight"])
+        return Match({}) if data is not None and weight is not None and data.dim() == weight.dim() - 1 else None
+
+    def rewrite(self, gm: fx.GraphModule, node: fx.Node, match: Match) -> None:
+        fused = read_fused(node)
+        data = fused.args["input"]
+        batched = _batch_of(data)
+        if batched is None:
+            with gm.graph.inserting_before(node):
+                batched = insert_op(gm.graph, aten.unsqueeze.default, (data, 0), f"{node.name}_batched")
+        operands = tuple(_batch_of(operand) or operand for operand in fused.post_inputs)
+        with gm.graph.inserting_after(node):
+            unbatched = insert_op(gm.graph, aten.squeeze.dims, (node, [0]), f"{node.name}_unbatched")
+        node.replace_all_uses_with(unbatched, delete_user_cb=lambda user: user is not unbatched)
+        set_args(node, replace(fused, args={**fused.args, "input": batched}, post_inputs=operands).node_args())
+        for dropped in (data, *fused.post_inputs):  # an earlier convolution's squeeze no one reads now
+            if isinstance(dropped, fx.Node) and not dropped.users and _batch_of(dropped) is not None:
+                gm.graph.erase_node(dropped)
+
+
+def _batch_of(node: object) -> fx.Node | None:
+    """The batch of one ``node`` squeezes (``aten::squeeze(%y, [0])`` of a ``%y`` whose first dim is 1:
+    an earlier unbatched convolution's), else None: ``unsqueeze(node, 0)`` is that ``%y`` exactly."""
+    if not isinstance(node, fx.Node) or node.target is not aten.squeeze.dims or list(node.args[1]) != [0]:
+        return None
+    source = node.args[0]
+    val = tensor_meta(source) if isinstance(source, fx.Node) else None
+    return source if val is not None and val.dim() >= 1 and val.shape[0] == 1 else None
+
+
 LEGALIZE_RULES: tuple[Rule, ...] = (ToFusedForm(),)
+BATCHING_RULES: tuple[Rule, ...] = (BatchOfOne(),)
 
 
 def legalize(gm: fx.GraphModule) -> PassResult:
-    """Apply :data:`LEGALIZE_RULES` once over the graph."""
-    return apply_rules(gm, LEGALIZE_RULES)
+    """Apply :data:`LEGALIZE_RULES` once over the graph, then :data:`BATCHING_RULES` on their fused forms."""
+    result = apply_rules(gm, LEGALIZE_RULES)
+    batching = apply_rules(gm, BATCHING_RULES)
+    result.fired.update(batching.fired)
+    result.misses += batching.misses
+    return result
