@@ -57,22 +57,40 @@ def test_unbatched_convolutions_run_in_onednn_with_eager_s_outputs(shape):
     assert "torch::conv" not in text
 
 
-def test_an_unbatched_conv1d_with_a_per_channel_operand_keeps_its_broadcast():
-    class Scaled(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv1d(4, 6, 5, padding=2)
-            self.shift = nn.Parameter(torch.randn(6, 1))
+class Residual1d(nn.Module):
+    """relu(conv(x) + x + shift): the input and a per-channel parameter as the conv's binary post-ops."""
 
-        def forward(self, x):
-            y = self.conv(x)
-            return torch.relu(y + torch.sigmoid(y).mean(-1, keepdim=True) + self.shift), y.sum()
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv1d(4, 4, 5, padding=2)
+        self.shift = nn.Parameter(torch.randn(4, 1))
 
-    model, x = Scaled().eval(), torch.randn(4, 30)
+    def forward(self, x):
+        return torch.relu(self.conv(x) + x + self.shift)
+
+
+def test_an_unbatched_conv_s_operands_of_its_rank_are_batched_too():
+    """``x`` and ``shift`` (``[C, 1]``, the output's rank) are read as ``[1, C, L]`` and ``[1, C, 1]``: oneDNN
+    takes an operand of the output's rank (before, such a conv ran through torch)."""
+    model, x = Residual1d().eval(), torch.randn(4, 30)
+    gm = pyrys.optimize(model, (x,), backend="reference", verify=True).graph_module
+    (conv,) = [n for n in gm.graph.nodes if n.target is FUSED_CONV]
+    assert conv.args[-2] == ["add", "add", "relu"]
+    assert [tuple(o.meta["val"].shape) for o in conv.args[-1]] == [(1, 4, 30), (1, 4, 1)]
+    assert conv.args[0] is conv.args[-1][0]  # the input, batched once for both reads
     for backend in ("reference", "dnnl"):
         if backend not in pyrys.available_backends():
             continue
         opt = pyrys.optimize(model, (x,), backend=backend, verify=True)
         for inputs in (x, torch.randn(4, 19)):
-            for got, want in zip(opt(inputs), model(inputs)):
-                assert got.shape == want.shape and pyrys.relative_error(got, want) <= TOLERANCE
+            assert pyrys.relative_error(opt(inputs), model(inputs)) <= TOLERANCE
+        if backend == "dnnl":
+            assert "dnnl::conv1d_add_add_relu" in opt.program_text() and "torch::conv" not in opt.program_text()
+
+
+def test_the_per_layer_numerics_compare_a_batch_of_one_with_its_unbatched_twin():
+    opt = pyrys.optimize(Unbatched().eval(), (torch.randn(3, 12, 12),), numerics=True)
+    layers = {layer.node: layer for layer in opt.numerics.layers}
+    assert {"conv2d_2", "conv2d_3", "conv_transpose2d"} <= set(layers)
+    assert all(layer.error <= TOLERANCE for layer in layers.values()), opt.numerics.layers

@@ -86,6 +86,8 @@ def layer_errors(gm: fx.GraphModule, captured: dict[str, torch.Tensor], inputs: 
         twin = captured[computes(node)]
         if isinstance(value, torch.Tensor) and value.is_floating_point() and twin.is_floating_point():
             value = value.to(twin.dtype)  # a layer run in lower precision, against its float32 twin
+        if isinstance(value, torch.Tensor) and value.dim() == twin.dim() + 1 and value.shape[1:] == twin.shape:
+            value = value[0]  # an unbatched convolution, run as a batch of one (passes/legalize.py)
         error, reason = error_or_reason(value, twin)
         layers.append(LayerError(node.name, op_name(node), computes(node), absorbed(node), error, reason))
     return sorted(layers, key=lambda layer: -math.inf if math.isnan(layer.error) else -layer.error)  # NaN: worst

@@ -9,8 +9,8 @@ with an empty post-op chain (:func:`pyrys.ir.fused.to_fused`), so a backend lowe
 
 A convolution with string padding (``padding="same"``) has no fused form and stays as it is
 (the dnnl backend runs it through torch).  An unbatched convolution (``[C, H, W]`` in) becomes a batch
-of one between views, the form oneDNN takes (a binary post-op's operand broadcasts from the right, so
-it reads the same against ``[1, C, H, W]``):
+of one between views, the form oneDNN takes; a binary post-op's operand of the output's rank is
+batched too (a lower-rank one broadcasts from the right: it reads the same against ``[1, C, H, W]``):
 
     %y = pyrys::conv2d(%x, ...)  ->  %x_batched = aten::unsqueeze(%x, 0)
                                      %y = pyrys::conv2d(%x_batched, ...)
@@ -25,6 +25,7 @@ from dataclasses import replace
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from pyrys.ir.edit import insert_op, set_args
 from pyrys.ir.fused import FUSED_BY_BASE, FUSED_CONV, FUSED_CONV_TRANSPOSE, fused_form_miss, read_fused, to_fused
@@ -57,7 +58,8 @@ class BatchOfOne(Rule):
     def match(self, gm: fx.GraphModule, node: fx.Node) -> Match | None:
         fused = read_fused(node)
         data, weight = tensor_meta(fused.args["input"]), tensor_meta(fused.args["weight"])
-        return Match({}) if data is not None and weight is not None and data.dim() == weight.dim() - 1 else None
+        unbatched = data is not None and weight is not None and data.dim() == weight.dim() - 1
+        return Match({"rank": data.dim()}) if unbatched else None
 
     def rewrite(self, gm: fx.GraphModule, node: fx.Node, match: Match) -> None:
         fused = read_fused(node)
@@ -66,11 +68,19 @@ class BatchOfOne(Rule):
         if batched is None:
             with gm.graph.inserting_before(node):
                 batched = insert_op(gm.graph, aten.unsqueeze.default, (data, 0), f"{node.name}_batched")
-        operands = tuple(_batch_of(operand) or operand for operand in fused.post_inputs)
+        operands = []
+        for operand in fused.post_inputs:  # batched too where they had the unbatched output's rank
+            batched_operand = batched if operand is data else _batch_of(operand)
+            val = tensor_meta(operand)
+            if batched_operand is None and val is not None and val.dim() == match["rank"]:
+                with gm.graph.inserting_before(node):
+                    batched_operand = insert_op(gm.graph, aten.unsqueeze.default, (operand, 0),
+                                                f"{operand.name}_batched")
+            operands.append(batched_operand or operand)
         with gm.graph.inserting_after(node):
             unbatched = insert_op(gm.graph, aten.squeeze.dims, (node, [0]), f"{node.name}_unbatched")
         node.replace_all_uses_with(unbatched, delete_user_cb=lambda user: user is not unbatched)
-        set_args(node, replace(fused, args={**fused.args, "input": batched}, post_inputs=operands).node_args())
+        set_args(node, replace(fused, args={**fused.args, "input": batched}, post_inputs=tuple(operands)).node_args())
         for dropped in (data, *fused.post_inputs):  # an earlier convolution's squeeze no one reads now
             if isinstance(dropped, fx.Node) and not dropped.users and _batch_of(dropped) is not None:
                 gm.graph.erase_node(dropped)
@@ -83,7 +93,7 @@ def _batch_of(node: object) -> fx.Node | None:
         return None
     source = node.args[0]
     val = tensor_meta(source) if isinstance(source, fx.Node) else None
-    return source if val is not None and val.dim() >= 1 and val.shape[0] == 1 else None
+    return source if val is not None and val.dim() >= 1 and statically_known_true(val.shape[0] == 1) else None
 
 
 LEGALIZE_RULES: tuple[Rule, ...] = (ToFusedForm(),)

@@ -1,6 +1,7 @@
 """The dnnl runtime's own structure: frames per call, a program per thread count, user scratchpads."""
 import copy
 import threading
+import warnings
 
 import pytest
 import torch
@@ -155,9 +156,14 @@ def test_a_probe_whose_program_fails_to_build_runs_the_active_count_and_is_not_t
         raise MemoryError("no room for the frames")
 
     monkeypatch.setattr(runtime_module, "build_program", out_of_memory)
-    for _ in range(3):
+    for attempt in range(3):
         chooser.slow_score = SLOW_SCORE  # as if the CPUs were busy: the next call probes own // 2
-        y = opt(x)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            y = opt(x)
+        assert [str(w.message) for w in caught if "failed to build" in str(w.message)] == (
+            [f"pyrys: the program for {own // 2} threads failed to build (MemoryError: no room for the frames); "
+             "calls keep their thread count"] if attempt == 0 else [])
         assert pyrys.relative_error(y, model(x)) <= TOLERANCE
     assert builds == [own // 2] and chooser.active == own and own // 2 not in runtime.programs
     assert "failed to build (MemoryError: no room for the frames)" in opt.thread_choice()

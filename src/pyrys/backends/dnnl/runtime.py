@@ -27,6 +27,7 @@ import math
 import os
 import threading
 import time
+import warnings
 import weakref
 
 import torch
@@ -140,34 +141,41 @@ class DnnlRuntime:
         return outputs
 
     def _probe_program(self, threads: int) -> DnnlProgram | None:
-        """The program for a probe of ``threads`` threads; None while another caller builds it, or if it
+        """The program for a probe of ``threads`` threads; None while another caller builds one, or if it
         failed to build (memory, a primitive oneDNN refuses at that count): a probe is optional, so the
-        failure is kept in ``unbuildable`` (``thread_choice()`` says it) and that count is not tried again."""
-        if threads in self.unbuildable:
+        failure is kept in ``unbuildable`` (``thread_choice()`` says it, a warning once) and that count
+        is not tried again."""
+        if threads in self.unbuildable or not self._building.acquire(blocking=False):
             return None
         try:
-            return self._program_for(threads, wait=False)
+            if threads not in self.unbuildable:
+                return self._built(threads)
         except Exception as error:  # noqa: BLE001 -- whatever the build raised, the call runs on
-            self.unbuildable[threads] = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
-            return None
+            message = (str(error).splitlines() or [""])[0][:200]
+            self.unbuildable[threads] = type(error).__name__ + (f": {message}" if message else "")
+            warnings.warn(f"pyrys: the program for {threads} threads failed to build "
+                          f"({self.unbuildable[threads]}); calls keep their thread count", RuntimeWarning)
+        finally:
+            self._building.release()
+        return None
 
     def _program(self, threads: int) -> DnnlProgram:
         """The program for ``threads`` threads, built at its first call."""
         program = self.programs.get(threads)
         return program if program is not None else self._program_for(threads)
 
-    def _program_for(self, threads: int, wait: bool = True) -> DnnlProgram | None:
-        """Build the program for ``threads`` (reading the weights as packed already); None without
-        ``wait`` when another caller is building one."""
-        if not self._building.acquire(blocking=wait):
-            return None
-        try:
-            if threads not in self.programs:
-                program = build_program(self.gm, self.layout, self.engine, threads, self.packed, reuse_packed=True)
-                program.policy = self.first.policy
-                self.programs = {**self.programs, threads: program}
-        finally:
-            self._building.release()
+    def _program_for(self, threads: int) -> DnnlProgram:
+        """Build the program for ``threads`` (reading the weights as packed already), waiting for a
+        build another caller has under way."""
+        with self._building:
+            return self._built(threads)
+
+    def _built(self, threads: int) -> DnnlProgram:
+        """The program for ``threads``, built now if it is not yet (the caller holds ``_building``)."""
+        if threads not in self.programs:
+            program = build_program(self.gm, self.layout, self.engine, threads, self.packed, reuse_packed=True)
+            program.policy = self.first.policy
+            self.programs = {**self.programs, threads: program}
         return self.programs[threads]
 
     def _choose_policy(self, example_inputs: list, layout: str, threads: int) -> DnnlProgram:
