@@ -94,3 +94,25 @@ def test_the_per_layer_numerics_compare_a_batch_of_one_with_its_unbatched_twin()
     layers = {layer.node: layer for layer in opt.numerics.layers}
     assert {"conv2d_2", "conv2d_3", "conv_transpose2d"} <= set(layers)
     assert all(layer.error <= TOLERANCE for layer in layers.values()), opt.numerics.layers
+
+
+UNBATCHED_POOLS = {  # (C, spatial...) inputs: before, the dnnl lowering read them as batched and raised
+    "max_pool2d": (nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(3, 2, 1)), (3, 14, 14)),
+    "avg_pool2d": (nn.Sequential(nn.Conv2d(3, 4, 3), nn.AvgPool2d(2)), (3, 14, 14)),
+    "adaptive_avg_pool2d": (nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d((2, 3))), (3, 14, 14)),
+    "max_pool1d": (nn.Sequential(nn.Conv1d(3, 4, 3), nn.MaxPool1d(2)), (3, 20)),
+    "adaptive_avg_pool1d": (nn.Sequential(nn.Conv1d(3, 4, 3), nn.AdaptiveAvgPool1d(2)), (3, 20)),
+    "a pool first": (nn.Sequential(nn.MaxPool2d(2), nn.ReLU()), (3, 14, 14)),
+}
+
+
+@pytest.mark.parametrize("case", list(UNBATCHED_POOLS))
+def test_unbatched_pooling_runs_as_a_batch_of_one(case, backend):
+    model, shape = UNBATCHED_POOLS[case]
+    model, x = model.eval(), torch.randn(*shape)
+    opt = pyrys.optimize(model, (x,), backend=backend, verify=True)
+    for inputs in (x, torch.randn(*shape[:-1], shape[-1] + 3)):
+        assert opt(inputs).shape == model(inputs).shape
+        assert pyrys.relative_error(opt(inputs), model(inputs)) <= TOLERANCE
+    if backend == "dnnl":
+        assert "dnnl::pooling" in opt.program_text() and "torch::conv" not in opt.program_text()

@@ -30,6 +30,11 @@ VIEWS = frozenset({aten.view.default, aten._unsafe_view.default, aten.reshape.de
                    aten.alias.default})
 PERMUTES = frozenset({aten.permute.default, aten.transpose.int})
 ATTENTION = aten.scaled_dot_product_attention.default  # (q, k, v, mask, ...): softmax(q k^T * scale + mask) v
+# pooling ops by their number of spatial dims: the input is (N, C, spatial...), or (C, spatial...) unbatched
+POOLS = {aten.max_pool1d.default: 1, aten.max_pool2d.default: 2, aten.max_pool3d.default: 3,
+         aten.avg_pool1d.default: 1, aten.avg_pool2d.default: 2, aten.avg_pool3d.default: 3,
+         aten.adaptive_avg_pool1d.default: 1, aten.adaptive_avg_pool2d.default: 2,
+         aten.adaptive_avg_pool3d.default: 3}
 
 
 def is_pure(node: fx.Node) -> bool:

@@ -8,8 +8,8 @@ with an empty post-op chain (:func:`pyrys.ir.fused.to_fused`), so a backend lowe
     ->  %conv2d = pyrys::conv2d(%x, %w, %b, [1, 1], [0, 0], [1, 1], 1)      (the node keeps its name)
 
 A convolution with string padding (``padding="same"``) has no fused form and stays as it is
-(the dnnl backend runs it through torch).  An unbatched convolution (``[C, H, W]`` in) becomes a batch
-of one between views, the form oneDNN takes; a binary post-op's operand of the output's rank is
+(the dnnl backend runs it through torch).  An unbatched convolution or pooling (``[C, H, W]`` in)
+becomes a batch of one between views, the form oneDNN takes; a binary post-op's operand of the output's rank is
 batched too (a lower-rank one broadcasts from the right: it reads the same against ``[1, C, H, W]``):
 
     %y = pyrys::conv2d(%x, ...)  ->  %x_batched = aten::unsqueeze(%x, 0)
@@ -30,6 +30,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from pyrys.ir.edit import insert_op, set_args
 from pyrys.ir.fused import FUSED_BY_BASE, FUSED_CONV, FUSED_CONV_TRANSPOSE, fused_form_miss, read_fused, to_fused
 from pyrys.ir.graph import tensor_meta
+from pyrys.ir.vocabulary import POOLS
 from pyrys.passes.rewrite import Match, Miss, PassResult, Rule, apply_rules, fail
 
 aten = torch.ops.aten
@@ -50,24 +51,34 @@ class ToFusedForm(Rule):
 
 
 class BatchOfOne(Rule):
-    """An unbatched (transposed) convolution runs on its input as a batch of one."""
+    """An unbatched (transposed) convolution or pooling runs on its input as a batch of one."""
 
     name = "batch_of_one"
-    anchors = frozenset({FUSED_CONV, FUSED_CONV_TRANSPOSE})
+    anchors = frozenset({FUSED_CONV, FUSED_CONV_TRANSPOSE, *POOLS})
 
     def match(self, gm: fx.GraphModule, node: fx.Node) -> Match | None:
-        fused = read_fused(node)
-        data, weight = tensor_meta(fused.args["input"]), tensor_meta(fused.args["weight"])
-        unbatched = data is not None and weight is not None and data.dim() == weight.dim() - 1
-        return Match({"rank": data.dim()}) if unbatched else None
+        data = tensor_meta(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+        if node.target in POOLS:
+            unbatched_rank = POOLS[node.target] + 1
+        else:
+            weight = tensor_meta(read_fused(node).args["weight"])
+            unbatched_rank = weight.dim() - 1 if weight is not None else None
+        return Match({"rank": data.dim()}) if data is not None and data.dim() == unbatched_rank else None
 
     def rewrite(self, gm: fx.GraphModule, node: fx.Node, match: Match) -> None:
-        fused = read_fused(node)
-        data = fused.args["input"]
+        data = node.args[0]
         batched = _batch_of(data)
         if batched is None:
             with gm.graph.inserting_before(node):
                 batched = insert_op(gm.graph, aten.unsqueeze.default, (data, 0), f"{node.name}_batched")
+        if node.target in POOLS:
+            with gm.graph.inserting_after(node):
+                unbatched = insert_op(gm.graph, aten.squeeze.dims, (node, [0]), f"{node.name}_unbatched")
+            node.replace_all_uses_with(unbatched, delete_user_cb=lambda user: user is not unbatched)
+            set_args(node, (batched, *node.args[1:]), kwargs=node.kwargs)
+            _erase_unread(data)
+            return
+        fused = read_fused(node)
         operands = []
         for operand in fused.post_inputs:  # batched too where they had the unbatched output's rank
             batched_operand = batched if operand is data else _batch_of(operand)
@@ -81,9 +92,14 @@ class BatchOfOne(Rule):
             unbatched = insert_op(gm.graph, aten.squeeze.dims, (node, [0]), f"{node.name}_unbatched")
         node.replace_all_uses_with(unbatched, delete_user_cb=lambda user: user is not unbatched)
         set_args(node, replace(fused, args={**fused.args, "input": batched}, post_inputs=tuple(operands)).node_args())
-        for dropped in (data, *fused.post_inputs):  # an earlier convolution's squeeze no one reads now
-            if isinstance(dropped, fx.Node) and not dropped.users and _batch_of(dropped) is not None:
-                gm.graph.erase_node(dropped)
+        for dropped in (data, *fused.post_inputs):
+            _erase_unread(dropped)
+
+
+def _erase_unread(node: object) -> None:
+    """Erase an earlier batch's squeeze no one reads now."""
+    if isinstance(node, fx.Node) and not node.users and _batch_of(node) is not None:
+        node.graph.erase_node(node)
 
 
 def _batch_of(node: object) -> fx.Node | None:

@@ -30,7 +30,7 @@ from pyrys.backends.dnnl.values import ALIAS, PLANNED, Value, part_of
 from pyrys.ir.fused import FUSED_CONV, FUSED_CONV_TRANSPOSE
 from pyrys.ir.graph import op_args
 from pyrys.ir.post_ops import ACTIVATIONS, NoPostOp, PostOp, activation_post_op
-from pyrys.ir.vocabulary import PERMUTES, VIEWS, permutation
+from pyrys.ir.vocabulary import PERMUTES, POOLS, VIEWS, permutation
 
 aten = torch.ops.aten
 
@@ -198,9 +198,18 @@ def _expand(values, rank: int) -> list[int]:
     return values * rank if len(values) == 1 else values
 
 
+def _spatial_rank(node: fx.Node) -> int:
+    """The pooling op's number of spatial dims, its input being (N, C, spatial...); Unsupported otherwise
+    (an unbatched input reaches here only if legalize did not batch it)."""
+    rank = POOLS[node.target]
+    if node.args[0].meta["val"].dim() != rank + 2:
+        raise Unsupported(f"a {node.args[0].meta['val'].dim()}-D input: oneDNN pools (N, C, {rank} spatial dims)")
+    return rank
+
+
 def lower_max_pool(builder: Builder, node: fx.Node) -> None:
     a = op_args(node)
-    rank = len(node.meta["val"].shape) - 2
+    rank = _spatial_rank(node)
     kernel = _expand(a["kernel_size"], rank)
     stride = _expand(a["stride"] or kernel, rank)
     _pool(builder, node, AlgKind.pooling_max, kernel, stride, _expand(a["padding"], rank), _expand(a["dilation"], rank))
@@ -210,7 +219,7 @@ def lower_avg_pool(builder: Builder, node: fx.Node) -> None:
     a = op_args(node)
     if a.get("divisor_override") is not None:
         raise Unsupported("divisor_override")
-    rank = len(node.meta["val"].shape) - 2
+    rank = _spatial_rank(node)
     kernel = _expand(a["kernel_size"], rank)
     stride = _expand(a["stride"] or kernel, rank)
     alg = AlgKind.pooling_avg_include_padding if a["count_include_pad"] else AlgKind.pooling_avg_exclude_padding
@@ -219,6 +228,7 @@ def lower_avg_pool(builder: Builder, node: fx.Node) -> None:
 
 def lower_adaptive_avg_pool(builder: Builder, node: fx.Node) -> None:
     """Adaptive average pooling where every window has the same size (global pooling included)."""
+    _spatial_rank(node)
     in_spatial = node.args[0].meta["val"].shape[2:]
     out_spatial = node.meta["val"].shape[2:]
     if any(i % o for i, o in zip(in_spatial, out_spatial)):
