@@ -57,7 +57,7 @@ class BatchOfOne(Rule):
     anchors = frozenset({FUSED_CONV, FUSED_CONV_TRANSPOSE, *POOLS})
 
     def match(self, gm: fx.GraphModule, node: fx.Node) -> Match | None:
-        data = tensor_meta(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+        data = tensor_meta(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
         if node.target in POOLS:
             unbatched_rank = POOLS[node.target] + 1
         else:
