@@ -1,10 +1,12 @@
 """Shape and dtype of every value: ``meta["val"]``, a fake tensor, computed by fake-tensor propagation.
 
 One rule computes it everywhere: run the node's op on fake tensors shaped like its inputs'
-``meta["val"]``.  Capture runs it over the whole graph (:func:`refresh_meta`); a rewrite runs it
-on the nodes it creates or changes and on the users whose inputs changed (:func:`settle_meta`,
-through :mod:`pyrys.ir.edit`); the verifier runs it over the whole graph again without writing
-(:func:`fresh_meta`) and compares (:func:`meta_mismatch`).
+``meta["val"]`` (on concrete shapes, an answer is remembered by the op and what it reads of its
+arguments, and given again: a network of equal layers asks the same question many times).  Capture
+runs it over the whole graph (:func:`refresh_meta`); a rewrite runs it on the nodes it creates or
+changes and on the users whose inputs changed (:func:`settle_meta`, through :mod:`pyrys.ir.edit`);
+the verifier runs it over the whole graph again, every op, without writing (:func:`fresh_meta`) and
+compares (:func:`meta_mismatch`).
 """
 from __future__ import annotations
 
@@ -179,12 +181,11 @@ def _memo_key(target: Any, arguments: Any, mode: FakeTensorMode, fakes_only: boo
 
 
 def _remember(key: tuple | None, val: Any) -> None:
-    """Keep ``val`` under ``key`` unless it has symbolic sizes or carries a tensor's value (the fake mode
-    tracks one-element constants through ``item()``: another graph's constant has another value).
+    """Keep ``val`` under ``key`` where it may be kept (:func:`_memorable`).
 
     Compiles and loads take turns (``pyrys.optimize.COMPILING``), so one thread at a time reads and
     writes the memo, and a fake tensor of one compile's mode is read in another's only after it."""
-    if key is not None and not _has_symbols(val) and not _carries_values(val):
+    if key is not None and _memorable(val):
         if len(_INFERRED) >= _INFERRED_LIMIT:
             _INFERRED.clear()
         _INFERRED[key] = val
@@ -201,6 +202,9 @@ def _in_mode(value: Any, mode: FakeTensorMode) -> Any:
     return value
 
 
+_NOT_RECORDED = object()  # an argument without a recorded value: no key (inference raises, naming it)
+
+
 def infer_meta(node: fx.Node, mode: FakeTensorMode | None = None) -> Any:
     """``node``'s value computed from its inputs' recorded ``meta["val"]``: its op run on fake tensors
     (on concrete shapes, an op asked again with arguments alike gives the value it gave before)."""
@@ -215,21 +219,14 @@ def infer_meta(node: fx.Node, mode: FakeTensorMode | None = None) -> Any:
     return val
 
 
-_NOT_RECORDED = object()  # no key: inference raises, naming the argument
-
-
-def _carries_values(val: Any) -> bool:
-    found = []
-    map_aggregate(val, lambda v: found.append(v) if isinstance(v, FakeTensor) and v.constant is not None else None)
-    return bool(found)
-
-
-def _has_symbols(val: Any) -> bool:
-    """Whether ``val`` holds a symbolic size or stride, or is not a tensor or a list of them (not memoized)."""
-    found = []
-    map_aggregate(val, lambda v: found.append(v) if isinstance(v, torch.Tensor) and not all(
-        isinstance(d, int) for d in (*v.shape, *v.stride())) else None)
-    return bool(found) or not isinstance(val, (torch.Tensor, tuple, list))
+def _memorable(val: Any) -> bool:
+    """Whether ``val`` may be kept: a tensor or a list of them, every size and stride concrete, none
+    carrying its value (the fake mode tracks a one-element constant's: another graph's has another)."""
+    refused = []
+    map_aggregate(val, lambda v: refused.append(v) if isinstance(v, torch.Tensor) and (
+        not all(isinstance(d, int) for d in (*v.shape, *v.stride()))
+        or (isinstance(v, FakeTensor) and v.constant is not None)) else None)
+    return isinstance(val, (torch.Tensor, tuple, list)) and not refused
 
 
 def _infer(node: fx.Node, mode: FakeTensorMode) -> Any:
