@@ -181,7 +181,8 @@ class DnnlRuntime:
     def _choose_policy(self, example_inputs: list, layout: str, threads: int) -> DnnlProgram:
         """The program in the layout policy asked for; for ``"auto"`` the faster candidate, measured here
         or found in the tuning cache (``pyrys.tuning_cache``) under this graph, thread count and CPU (a
-        graph with no convolution is built once: the policy changes nothing in it)."""
+        graph with no convolution, or whose convolutions do little of the work, is built once:
+        :func:`_why_not_measured`)."""
         policies = candidate_policies() if layout == "auto" else [layout]
         unmeasured = _why_not_measured(self.gm) if len(policies) > 1 else None
         if unmeasured:  # a transformer, an MLP: nothing (worth measuring) to choose
