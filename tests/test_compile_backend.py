@@ -128,3 +128,43 @@ def test_compiled_torchvision_model_matches_eager(name, backend):
     compiled = torch.compile(model, backend="pyrys", options={"backend": backend})
     with torch.no_grad():
         assert pyrys.relative_error(compiled(x), model(x)) <= TOLERANCE
+
+
+class _CountsCalls(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.linear(x) * self.calls
+
+
+class _WritesItsInput(torch.nn.Module):
+    def forward(self, x):
+        x.mul_(2)
+        return x + 1
+
+
+def test_a_graph_that_writes_state_keeps_torch_compiles_semantics(dynamo_graphs, caplog):
+    """torch.compile keeps a forward's writes to its buffers: such a graph runs in torch, and says why."""
+    model, x = _CountsCalls().eval(), torch.rand(3, 4)
+    compiled = torch.compile(model, backend="pyrys")
+    with torch.no_grad():
+        outputs = [compiled(x) for _ in range(3)]
+        expected = [model.linear(x) * k for k in (1, 2, 3)]
+    assert all(torch.allclose(a, b) for a, b in zip(outputs, expected))
+    assert model.calls.item() == 3
+    (graph,) = dynamo_graphs
+    assert graph.runs_in_torch.startswith("the graph writes calls in place") and not graph.programs
+    assert "writes calls in place" in caplog.text
+
+
+def test_a_graph_that_writes_its_input_writes_it_as_eager_does(dynamo_graphs):
+    x = torch.rand(3, 4)
+    given = x.clone()
+    out = torch.compile(_WritesItsInput(), backend="pyrys")(given)
+    assert torch.equal(given, x * 2) and torch.equal(out, x * 2 + 1)
+    (graph,) = dynamo_graphs
+    assert graph.runs_in_torch.startswith("the graph writes input 0 in place")

@@ -64,6 +64,8 @@ def pyrys_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None
 class _StatefulGraph(torch.nn.Module):
     """The dynamo graph with its parameter/buffer inputs held as module state again."""
 
+    caller_keeps_writes = True  # a graph that writes its inputs or state runs in torch (DynamoGraph)
+
     def __init__(self, gm: fx.GraphModule, positions: list[int], state: dict[int, tuple[str, torch.Tensor]],
                  scalars: dict[int, Any]):
         super().__init__()
@@ -155,12 +157,14 @@ class DynamoGraph:
         # max_shapes of them, the least recently called dropped first
         self._shapes: ShapeCache | None = None
         self._compiling = threading.Lock()
+        # why this graph runs in torch as dynamo gave it (None: it runs as pyrys programs)
+        self.runs_in_torch: str | None = None
 
     @property
     def programs(self) -> dict[Any, OptimizedModule]:
         return {} if self._shapes is None else self._shapes.entries
 
-    def _compile(self, args: list) -> OptimizedModule:
+    def _compile(self, args: list) -> OptimizedModule | None:
         scalars = {i: int(args[i]) if isinstance(args[i], torch.SymInt) else args[i] for i in self.scalars}
         inputs = tuple(args[i] for i in self.inputs)
         key = (signature_of(inputs, {})[0], tuple(sorted(scalars.items())))
@@ -170,6 +174,9 @@ class DynamoGraph:
                 program = None if self._shapes is None else self._shapes.get(key)
                 if program is None:
                     program = self._optimize(inputs, scalars)
+                    if program.writes:
+                        self._run_in_torch(program.writes)
+                        return None
                     if self._shapes is None:
                         limit = self.options.get("max_shapes", DEFAULT_MAX_SHAPES)
                         self._shapes = ShapeCache(limit, key, {key: program})
@@ -186,8 +193,17 @@ class DynamoGraph:
             LOG.info("pyrys numerics of a torch.compile graph on inputs %s:\n%s", shapes, program.numerics.render())
         return program
 
+    def _run_in_torch(self, writes: tuple[str, ...]) -> None:
+        """torch.compile keeps a graph's in-place writes to its inputs and module state (a counter, a cache,
+        BatchNorm's statistics in training); a pyrys program drops them, so such a graph runs in torch."""
+        written = ", ".join(re.sub(r"^inputs_(\d+)$", r"input \1", name.removeprefix("graph_state.")) for name in writes)
+        self.runs_in_torch = f"the graph writes {written} in place, which a pyrys program would not: it runs in torch"
+        LOG.warning("pyrys (torch.compile): %s", self.runs_in_torch)
+
     def __call__(self, *args):
-        program = self._compile(list(args))
+        program = None if self.runs_in_torch else self._compile(list(args))
+        if program is None:
+            return self.gm(*args)
         with torch.no_grad():
             return program(*[args[i] for i in self.inputs])
 

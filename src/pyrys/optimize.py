@@ -16,7 +16,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from pyrys.backends import Program, get_backend, release_constants
 from pyrys.backends.reference import with_values
 from pyrys.backends.options import LAYOUTS, BackendOptions
-from pyrys.capture.captured import Captured
+from pyrys.capture.captured import Captured, input_writes_note
 from pyrys.capture.export import capture_module, rename_for_export
 from pyrys.capture.model_copy import WriteCheck, private_copy, state_of
 from pyrys.capture.exported_program import capture_exported, exported_example_inputs
@@ -435,6 +435,12 @@ class OptimizedModule(torch.nn.Module):
     misses = forwarded("_first.run.misses", "The :class:`pyrys.passes.rewrite.Miss` records still standing after the pipeline.")
     backend = forwarded("_first.backend", "The backend the program runs on: ``\"dnnl\"`` or ``\"reference\"``.")
     notes = forwarded("_first.notes", "What capture and the backend choice said (a fallback, a dropped write).")
+
+    @property
+    def writes(self) -> tuple[str, ...]:
+        """The inputs and module state the model's forward writes in place, which the optimized module does
+        not (``notes`` says so)."""
+        return self._first.captured.input_writes + self._first.captured.state_writes
     numerics = forwarded("_first.numerics", "The :class:`pyrys.numerics.report.NumericsReport` of ``numerics=True`` "
                                             "(error after every pass and of every layer), else None.")
 
@@ -607,7 +613,9 @@ def optimize(
         args, kwargs = _example_inputs(example_inputs, example_kwargs)
         config = with_calibration(config, calibration, accuracy_budget, args, kwargs)
         _check_on_cpu("the ExportedProgram", model.state_dict.items())
-        return OptimizedModule(exported_program_frontend(model), args, kwargs, config, _trace(config, model, args, kwargs))
+        optimized = OptimizedModule(exported_program_frontend(model), args, kwargs, config, _trace(config, model, args, kwargs))
+        _warn_of_input_writes(optimized, caller_keeps_writes=False)
+        return optimized
     if is_torchscript(model):
         return optimize_torchscript(model, example_inputs, example_kwargs, config, calibration=calibration,
                                     accuracy_budget=accuracy_budget)
@@ -618,11 +626,13 @@ def optimize(
     config = with_calibration(config, calibration, accuracy_budget, args, kwargs)
     _check_on_cpu(type(model).__name__, state_of(model))
     _warn_if_training(model)
+    caller_keeps_writes = getattr(model, "caller_keeps_writes", False)
     frozen = () if "freeze_params" in config.disable else config.freeze_params
     model, writes = private_copy(model, frozen)
     trace = _trace(config, model, args, kwargs)
     optimized = OptimizedModule(module_frontend(model, writes), args, kwargs, config, trace)
     writes.wait()
+    _warn_of_input_writes(optimized, caller_keeps_writes)
     return optimized
 
 
@@ -770,7 +780,17 @@ def optimize_torchscript(script: Any, example_inputs: Any, example_kwargs: dict 
     if (flag_values or {}).get("training", getattr(script, "training", False)):
         _warn_if_training(script, stacklevel=4)
     trace = _trace(config, script, args, kwargs)
-    return OptimizedModule(torchscript_frontend(script, flag_values), args, kwargs, config, trace)
+    optimized = OptimizedModule(torchscript_frontend(script, flag_values), args, kwargs, config, trace)
+    _warn_of_input_writes(optimized, caller_keeps_writes=False, stacklevel=4)
+    return optimized
+
+
+def _warn_of_input_writes(optimized: OptimizedModule, caller_keeps_writes: bool, stacklevel: int = 3) -> None:
+    """An input written in place changes the caller's tensor in eager and not here: say so, unless the caller
+    (the ``torch.compile`` backend) runs such a model in torch instead."""
+    if optimized._first.captured.input_writes and not caller_keeps_writes:
+        warnings.warn(f"pyrys.optimize: {input_writes_note(optimized._first.captured.input_writes)}",
+                      stacklevel=stacklevel)
 
 
 def _warn_if_training(model: Any, stacklevel: int = 3) -> None:

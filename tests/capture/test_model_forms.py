@@ -180,3 +180,58 @@ def test_renamed_submodules_are_noted():
 def test_identifier(hint, name):
     assert identifier(hint, taken={"x"}) == name
     assert name.isidentifier() and not keyword.iskeyword(name)
+
+
+class _WritesItsInput(nn.Module):
+    def forward(self, a):
+        a.add_(1)
+        return a * 2
+
+
+class _CountsCalls(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, a):
+        self.calls += 1
+        return a * self.calls
+
+
+@pytest.mark.parametrize("way", ["export", "torchscript"])
+def test_dropped_input_write_warns_and_outputs_match_eager(way):
+    x = torch.rand(3, 4)
+    model = _WritesItsInput() if way == "export" else torch.jit.script(_WritesItsInput())
+    with pytest.warns(UserWarning, match="forward writes a in place"):
+        opt = pyrys.optimize(model, (x.clone(),))
+    given = x.clone()
+    assert torch.allclose(opt(given), (x + 1) * 2)
+    assert torch.equal(given, x)  # as the warning says: the caller's tensor is left as it was
+    assert opt.writes == ("a",) and any(note.startswith("input writes dropped") for note in opt.notes)
+
+
+def test_dropped_buffer_update_is_a_note_not_a_warning(recwarn, tmp_path):
+    opt = pyrys.optimize(_CountsCalls().eval(), (torch.rand(3, 4),))
+    assert not [w for w in recwarn if "writes" in str(w.message)]
+    assert opt.notes == ["state updates dropped (inference never writes them): calls"] and opt.writes == ("calls",)
+    pyrys.save(opt, tmp_path / "saved")
+    assert pyrys.load(tmp_path / "saved").writes == ("calls",)
+
+
+class _TwoInputs(nn.Module):
+    def forward(self, a, b, extra=None, pair=()):
+        out = 2 * a - b
+        for t in pair:
+            out = out + t
+        return out if extra is None else out * extra
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_example_inputs_that_share_memory_give_a_graph_reading_each(dynamic):
+    """torch.export captures ``(x, x)`` as one input; pyrys captures from copies, so other tensors later are each read."""
+    x, y, z = torch.rand(3, 4), torch.rand(3, 4), torch.rand(3, 4)
+    model = _TwoInputs()
+    opt = pyrys.optimize(model, (x, x), {"extra": x[0], "pair": [x, x.view(4, 3).view(3, 4)]}, dynamic=dynamic)
+    kwargs = {"extra": z[0], "pair": [y, z]}
+    assert pyrys.relative_error(opt(x, y, **kwargs), model(x, y, **kwargs)) <= TOLERANCE
+    assert pyrys.relative_error(opt(x, x, **kwargs), model(x, x, **kwargs)) <= TOLERANCE  # and aliased calls still work

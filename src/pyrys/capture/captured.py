@@ -22,3 +22,11 @@ class Captured:
     out_spec: TreeSpec
     class_name: str
     notes: list[str] = field(default_factory=list)  # what capture changed or dropped, for ``opt.report()``
+    input_writes: tuple[str, ...] = ()  # the inputs forward writes in place (dropped from ``gm``)
+    state_writes: tuple[str, ...] = ()  # the module state it writes (BatchNorm's statistics ...; dropped)
+
+
+def input_writes_note(inputs) -> str:
+    """What ``notes`` (and ``pyrys.optimize``'s warning) say of inputs the model's forward writes in place."""
+    return (f"input writes dropped: forward writes {', '.join(inputs)} in place; the optimized module returns the "
+            "same outputs but leaves the caller's tensors as they were")

@@ -30,8 +30,9 @@ from torch._subclasses.fake_tensor import DataDependentOutputException
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, free_unbacked_symbols
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from pyrys.capture.captured import Captured
+from pyrys.capture.captured import Captured, input_writes_note
 from pyrys.capture.dynamic_shapes import symbolic_dims, symbolic_example
 from pyrys.errors import CaptureError
 from pyrys.ir.graph import STATE_KEY, StateRef, add_constant, add_placeholder, copy_graph, identifier, insert_call
@@ -93,7 +94,7 @@ def export_module(model: torch.nn.Module, args: tuple, kwargs: dict | None = Non
 
     ``dynamic``: batch and sequence dims ``Dim.AUTO`` (``dynamic_shapes.py``), for a graph that holds
     for every size torch.export could keep symbolic."""
-    kwargs = kwargs or {}
+    args, kwargs = _unaliased(args, kwargs or {})
     with torch.no_grad(), sizes_kept_symbolic() if dynamic else contextlib.nullcontext():
         try:
             shapes = symbolic_dims(model, args, kwargs) if dynamic else None
@@ -103,6 +104,27 @@ def export_module(model: torch.nn.Module, args: tuple, kwargs: dict | None = Non
                 raise
             raise CaptureError(_data_dependent_message(model, error)) from error
         return exported.run_decompositions({})
+
+
+def _unaliased(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The example inputs with each tensor that shares memory with an earlier one replaced by a copy.
+
+    ``torch.export(model, (x, x))`` gives one graph input for both (the other is left unread), so a
+    later call with two different tensors would read one of them twice."""
+    leaves, spec = tree_flatten((args, kwargs))
+    seen: set[int] = set()
+    changed = False
+    for i, leaf in enumerate(leaves):
+        if not isinstance(leaf, torch.Tensor) or leaf.numel() == 0:
+            continue
+        try:
+            memory = leaf.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):  # a tensor without storage of its own
+            continue
+        if memory in seen:
+            leaves[i], changed = leaf.clone(), True
+        seen.add(memory)
+    return tree_unflatten(leaves, spec) if changed else (args, kwargs)
 
 
 def _data_dependent_message(model: torch.nn.Module, error: Exception) -> str:
@@ -153,13 +175,13 @@ def from_exported(ep: ExportedProgram, model: torch.nn.Module | None = None) -> 
     gm = fx.GraphModule(torch.nn.Module(), copy_graph(ep.graph_module.graph))
     _keep_symbolic_shapes(gm)
     _bind_inputs(gm, ep)
-    notes = _drop_state_updates(gm, ep)
+    notes, input_writes, state_writes = _drop_state_updates(gm, ep)
     _raise_batch_norms(gm, model)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     signature = ep.module_call_graph[0].signature
     class_name = type(model).__name__ if model is not None else "ExportedProgram"
-    return Captured(gm, signature.in_spec, signature.out_spec, class_name, notes)
+    return Captured(gm, signature.in_spec, signature.out_spec, class_name, notes, input_writes, state_writes)
 
 
 def _keep_symbolic_shapes(gm: fx.GraphModule) -> None:
@@ -206,15 +228,23 @@ def _inline_constant(gm: fx.GraphModule, node: fx.Node, value) -> None:
     gm.graph.erase_node(node)
 
 
-def _drop_state_updates(gm: fx.GraphModule, ep: ExportedProgram) -> list[str]:
-    """Keep only the user outputs: the optimized module never writes module state or inputs."""
+def _drop_state_updates(gm: fx.GraphModule, ep: ExportedProgram) -> tuple[list[str], tuple, tuple]:
+    """Keep only the user outputs: the optimized module never writes module state or inputs.
+
+    Returns the notes, the inputs written and the state written (``pyrys.optimize`` warns of the
+    inputs: eager changes the caller's tensors, the optimized module leaves them as they were)."""
     output = next(n for n in gm.graph.nodes if n.op == "output")
     kinds = [spec.kind for spec in ep.graph_signature.output_specs]
     values = output.args[0]
     kept = tuple(v for v, kind in zip(values, kinds) if kind == OutputKind.USER_OUTPUT)
     output.args = (kept,)
-    dropped = [s.target for s in ep.graph_signature.output_specs if s.kind != OutputKind.USER_OUTPUT]
-    return [f"state updates dropped (inference never writes them): {', '.join(dropped)}"] if dropped else []
+    specs = ep.graph_signature.output_specs
+    inputs = [s.target for s in specs if s.kind == OutputKind.USER_INPUT_MUTATION]
+    state = [s.target for s in specs if s.kind not in (OutputKind.USER_OUTPUT, OutputKind.USER_INPUT_MUTATION)]
+    notes = [f"state updates dropped (inference never writes them): {', '.join(state)}"] if state else []
+    if inputs:
+        notes.append(input_writes_note(inputs))
+    return notes, tuple(inputs), tuple(state)
 
 
 def _raise_batch_norms(gm: fx.GraphModule, model: torch.nn.Module | None) -> None:

@@ -35,7 +35,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from pyrys.capture.captured import Captured
+from pyrys.capture.captured import Captured, input_writes_note
 from pyrys.errors import CaptureError
 from pyrys.ir.control_flow import IF, RaisingBranch, add_if, has_effects
 from pyrys.ir.graph import STATE_KEY, StateRef, add_constant, add_placeholder
@@ -179,6 +179,8 @@ class _Importer:
         self.state: dict[str, fx.Node] = {}
         self.viewed: set[fx.Node] = set()
         self.notes: list[str] = []
+        self.input_writes: list[str] = []  # inputs forward writes in place (placeholder names)
+        self.state_writes: list[str] = []  # state it writes (paths)
 
     # -- the whole graph -------------------------------------------------------------------
     def run(self, args: tuple) -> Captured:
@@ -201,7 +203,8 @@ class _Importer:
             self.root.graph.erase_node(node)  # state only a dropped update read
         self.root.gm.recompile()
         _, in_spec = tree_flatten((tuple(args), {}))
-        return Captured(self.root.gm, in_spec, out_spec, self.class_name, self.notes)
+        return Captured(self.root.gm, in_spec, out_spec, self.class_name, self.notes, tuple(self.input_writes),
+                        tuple(self.state_writes))
 
     def _bind_inputs(self, inputs: list, args: tuple) -> None:
         if len(inputs) != len(args):
@@ -439,9 +442,13 @@ class _Importer:
         """After ``x.add_(y)``, later reads of ``x`` see the functional result."""
         if isinstance(old, fx.Node) and (old.meta.get(STATE_KEY) or old in scope.captures.values()
                                          and _captured_state(scope, old)):
-            self.notes.append(f"state update dropped (inference never writes module state): {node.kind()} on "
-                              f"{_state_target(scope, old)}")
+            target = _state_target(scope, old)
+            self.notes.append(f"state update dropped (inference never writes module state): {node.kind()} on {target}")
+            self.state_writes.append(target)
             return
+        if isinstance(old, fx.Node) and old.op == "placeholder" and old.name not in self.input_writes:
+            self.input_writes.append(old.name)  # the optimized module leaves the caller's tensor as it was
+            self.notes.append(input_writes_note([old.name]))
         if old in self.viewed or (isinstance(old, fx.Node) and old.op == "call_function" and _is_view_node(old)):
             raise TorchScriptImportError(f"{node.kind()} writes to a view of another tensor; pyrys does not import "
                                          "in-place ops on views")

@@ -214,6 +214,8 @@ def _encode_compiled(compiled: Compiled, prefix: str, tensors: dict) -> dict:
         "out_spec": encode_spec(captured.out_spec),
         "class_name": captured.class_name,
         "capture_notes": captured.notes,
+        "input_writes": list(captured.input_writes),
+        "state_writes": list(captured.state_writes),
         "graph": encode_graph(captured.gm, prefix, tensors),
         "backend": compiled.backend,
         "layout": getattr(program, "layout", None),
@@ -235,7 +237,8 @@ def _decode_compiled(record: dict, tensors: dict, config: OptimizeConfig, same_c
     gm = decode_graph(record["graph"], tensors)
     refresh_meta(gm)
     captured = Captured(gm, in_spec, decode_spec(record["out_spec"], made), record["class_name"],
-                        list(record["capture_notes"]))
+                        list(record["capture_notes"]),
+                        tuple(record.get("input_writes", ())), tuple(record.get("state_writes", ())))
     history = [Step(s["name"], s["graph"], dict(s["fired"]), [Miss(*m) for m in s["misses"]], s["seconds"],
                     s.get("error")) for s in record["history"]]
     compile_program, backend, notice = get_backend("auto" if record["backend"] == "dnnl" else record["backend"])
