@@ -168,3 +168,39 @@ def test_a_graph_that_writes_its_input_writes_it_as_eager_does(dynamo_graphs):
     assert torch.equal(given, x * 2) and torch.equal(out, x * 2 + 1)
     (graph,) = dynamo_graphs
     assert graph.runs_in_torch.startswith("the graph writes input 0 in place")
+
+
+def test_dynamic_true_numbers_passed_as_tensors_are_compile_keys(dynamo_graphs):
+    """With ``dynamic=True`` dynamo passes BatchNorm's eps and momentum, and float arguments, as 0-dim tensors read
+    with ``.item()``; each value gets its program (torch.export would take ``.item()`` for tensor data)."""
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = conv_bn_relu()
+
+        def forward(self, x, temperature: float):
+            return self.body(x) / temperature
+
+    model = Scaled().eval()
+    compiled = torch.compile(model, backend="pyrys", dynamic=True)
+    with torch.no_grad():
+        for batch, temperature in [(2, 0.5), (3, 0.5), (2, 4.0)]:
+            x = image(batch)
+            assert pyrys.relative_error(compiled(x, temperature), model(x, temperature)) <= TOLERANCE
+    (graph,) = dynamo_graphs
+    assert graph.runs_in_torch is None and len(graph.programs) == 3
+    assert all("fold_conv_bn: conv_bn: 1" in program.report() for program in graph.programs.values())
+
+
+def test_a_graph_pyrys_cannot_capture_runs_in_torch(dynamo_graphs, monkeypatch, caplog):
+    def refuse(*args, **kwargs):
+        raise pyrys.CaptureError("pyrys: a reason")
+
+    monkeypatch.setattr("pyrys.compile_backend.optimize", refuse)
+    model = conv_bn_relu()
+    with torch.no_grad():
+        assert pyrys.relative_error(torch.compile(model, backend="pyrys")(image()), model(image())) <= TOLERANCE
+    (graph,) = dynamo_graphs
+    assert graph.runs_in_torch == "pyrys cannot capture it (pyrys: a reason): it runs in torch"
+    assert "a reason" in caplog.text

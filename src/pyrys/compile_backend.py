@@ -20,6 +20,7 @@ covers the rest without registering it twice.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import re
@@ -30,6 +31,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
+from pyrys.errors import CaptureError
 from pyrys.ir.graph import identifier
 from pyrys.optimize import OptimizedModule, optimize
 from pyrys.shape_cache import DEFAULT_MAX_SHAPES, ShapeCache
@@ -139,6 +141,22 @@ def _trains_batch_norm(gm: fx.GraphModule) -> bool:
     return False
 
 
+def _unwrapped(gm: fx.GraphModule, wrapped: list[int], scalars: dict) -> tuple[fx.GraphModule, dict]:
+    """``gm`` with each ``.item()`` of a wrapped number replaced by its value (torch.export would take it for
+    tensor data), and the scalars with an unread 0-dim tensor in those places."""
+    if not wrapped:
+        return gm, scalars
+    graph = copy.deepcopy(gm.graph)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for position in wrapped:
+        for user in [u for u in placeholders[position].users if u.op == "call_method" and u.target == "item"]:
+            for reader in list(user.users):
+                reader.replace_input_with(user, scalars[position])
+            graph.erase_node(user)
+    scalars = {i: torch.tensor(v) if i in wrapped else v for i, v in scalars.items()}
+    return fx.GraphModule(gm, graph), scalars
+
+
 class DynamoGraph:
     """The callable dynamo runs for one graph: one pyrys program per concrete input signature."""
 
@@ -150,7 +168,12 @@ class DynamoGraph:
             path = _is_state(node, value) if isinstance(value, torch.Tensor) else None
             if path is not None:
                 self.state[i] = (path, value)
-        self.inputs = [i for i, v in enumerate(example_inputs) if i not in self.state and isinstance(v, torch.Tensor)]
+        # Python numbers dynamo passes as 0-dim tensors (a module's float attribute, a float argument, with
+        # dynamic=True) and reads with .item(): each value is a compile key, as the ints are
+        self.wrapped = [i for i, node in enumerate(placeholders) if getattr(node.meta.get("grapharg"),
+                                                                              "pass_arg_as_tensor", False)]
+        self.inputs = [i for i, v in enumerate(example_inputs)
+                       if i not in self.state and i not in self.wrapped and isinstance(v, torch.Tensor)]
         self.scalars = [i for i, v in enumerate(example_inputs) if not isinstance(v, torch.Tensor)]
         self.training = _trains_batch_norm(gm)
         # one program per concrete signature, compiled on first call (outside dynamo's tracing); at most
@@ -166,6 +189,7 @@ class DynamoGraph:
 
     def _compile(self, args: list) -> OptimizedModule | None:
         scalars = {i: int(args[i]) if isinstance(args[i], torch.SymInt) else args[i] for i in self.scalars}
+        scalars.update({i: args[i].item() for i in self.wrapped})
         inputs = tuple(args[i] for i in self.inputs)
         key = (signature_of(inputs, {})[0], tuple(sorted(scalars.items())))
         program = None if self._shapes is None else self._shapes.get(key)
@@ -173,9 +197,15 @@ class DynamoGraph:
             with self._compiling:
                 program = None if self._shapes is None else self._shapes.get(key)
                 if program is None:
-                    program = self._optimize(inputs, scalars)
+                    try:
+                        program = self._optimize(inputs, scalars)
+                    except CaptureError as error:  # what torch.export cannot take, torch runs
+                        self._run_in_torch(f"pyrys cannot capture it ({error})")
+                        return None
                     if program.writes:
-                        self._run_in_torch(program.writes)
+                        written = ", ".join(re.sub(r"^inputs_(\d+)$", r"input \1", name.removeprefix("graph_state."))
+                                            for name in program.writes)
+                        self._run_in_torch(f"the graph writes {written} in place, which a pyrys program would not")
                         return None
                     if self._shapes is None:
                         limit = self.options.get("max_shapes", DEFAULT_MAX_SHAPES)
@@ -185,7 +215,8 @@ class DynamoGraph:
         return program
 
     def _optimize(self, inputs: tuple, scalars: dict) -> OptimizedModule:
-        module = _StatefulGraph(self.gm, self.inputs, self.state, scalars).train(self.training)
+        gm, scalars = _unwrapped(self.gm, self.wrapped, scalars)
+        module = _StatefulGraph(gm, self.inputs, self.state, scalars).train(self.training)
         with torch.no_grad():
             program = optimize(module, inputs, **self.options)
         if program.numerics is not None:
@@ -193,11 +224,11 @@ class DynamoGraph:
             LOG.info("pyrys numerics of a torch.compile graph on inputs %s:\n%s", shapes, program.numerics.render())
         return program
 
-    def _run_in_torch(self, writes: tuple[str, ...]) -> None:
-        """torch.compile keeps a graph's in-place writes to its inputs and module state (a counter, a cache,
-        BatchNorm's statistics in training); a pyrys program drops them, so such a graph runs in torch."""
-        written = ", ".join(re.sub(r"^inputs_(\d+)$", r"input \1", name.removeprefix("graph_state.")) for name in writes)
-        self.runs_in_torch = f"the graph writes {written} in place, which a pyrys program would not: it runs in torch"
+    def _run_in_torch(self, why: str) -> None:
+        """This graph runs in torch as dynamo gave it, from now on: torch.compile keeps a graph's in-place writes
+        to its inputs and module state (a counter, a cache, BatchNorm's statistics in training), which a pyrys
+        program drops, and some graphs torch.export cannot capture."""
+        self.runs_in_torch = f"{why}: it runs in torch"
         LOG.warning("pyrys (torch.compile): %s", self.runs_in_torch)
 
     def __call__(self, *args):
