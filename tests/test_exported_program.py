@@ -46,3 +46,15 @@ def test_exported_torchvision_model_matches_eager(name, backend):
     with torch.no_grad():
         assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE
     assert "batch_norm" not in opt.graph
+
+
+def test_a_program_exported_with_dynamic_shapes_runs_every_size_its_ranges_allow(backend):
+    """``Dim("B", min=1, max=8)``: the program's ranges say [1, 8] (its shape env [2, 8]); batch 1 runs, 9 is refused."""
+    model = conv_bn_relu()
+    batch = torch.export.Dim("B", min=1, max=8)
+    ep = torch.export.export(model, (image(batch=2),), dynamic_shapes=({0: batch},))
+    opt = pyrys.optimize(ep, backend=backend)
+    for size in (2, 1, 8, 3):
+        assert pyrys.relative_error(opt(image(batch=size)), model(image(batch=size))) <= TOLERANCE
+    with pytest.raises(pyrys.InputError, match=r"outside its range \[1, 8\]"):
+        opt(image(batch=9))

@@ -398,10 +398,13 @@ class OptimizedModule(torch.nn.Module):
             self._first.notes.append(note)
 
     def _fixed_shapes_error(self, signature: Signature, why: str) -> InputError:
+        source = f"pyrys: the module optimized from this {self._frontend.kind}"
+        if why:  # its graph has symbolic sizes, and these inputs break what it holds for
+            return InputError(f"{source} cannot take inputs ({signature.describe()}): {why}. "
+                              f"{self._frontend.fixed_shapes}")
         held = "; ".join(f"({s.describe()})" for s in self._programs)
-        reason = f" ({why})" if why else ""
-        return InputError(f"pyrys: this {self._frontend.kind} program was compiled for inputs {held}{reason}; "
-                          f"got ({signature.describe()}). {self._frontend.fixed_shapes}")
+        return InputError(f"{source} was compiled for inputs {held}; got ({signature.describe()}). "
+                          f"{self._frontend.fixed_shapes}")
 
     def __deepcopy__(self, memo: dict) -> "OptimizedModule":
         """An independent module: its own frames and caches; the compiled, read-only plans are shared."""

@@ -36,7 +36,7 @@ from pyrys.capture.captured import Captured, input_writes_note
 from pyrys.capture.dynamic_shapes import symbolic_dims, symbolic_example
 from pyrys.errors import CaptureError
 from pyrys.ir.graph import STATE_KEY, StateRef, add_constant, add_placeholder, copy_graph, identifier, insert_call
-from pyrys.ir.symbolic import input_dims, set_fake_mode, sizes_kept_symbolic
+from pyrys.ir.symbolic import input_dims, set_fake_mode, set_ranges, sizes_kept_symbolic
 
 aten = torch.ops.aten
 _BN_VARIANTS = {
@@ -173,7 +173,7 @@ def from_exported(ep: ExportedProgram, model: torch.nn.Module | None = None) -> 
     """Turn an ``ExportedProgram`` into pyrys IR (``model`` supplies module flags such as ``training``)."""
     _refuse_data_dependent_shapes(ep.graph_module, type(model).__name__ if model is not None else "ExportedProgram")
     gm = fx.GraphModule(torch.nn.Module(), copy_graph(ep.graph_module.graph))
-    _keep_symbolic_shapes(gm)
+    _keep_symbolic_shapes(gm, ep)
     _bind_inputs(gm, ep)
     notes, input_writes, state_writes = _drop_state_updates(gm, ep)
     _raise_batch_norms(gm, model)
@@ -184,11 +184,13 @@ def from_exported(ep: ExportedProgram, model: torch.nn.Module | None = None) -> 
     return Captured(gm, signature.in_spec, signature.out_spec, class_name, notes, input_writes, state_writes)
 
 
-def _keep_symbolic_shapes(gm: fx.GraphModule) -> None:
-    """A graph whose inputs have symbolic dims keeps the fake mode they belong to (``ir/symbolic.py``)."""
+def _keep_symbolic_shapes(gm: fx.GraphModule, ep: ExportedProgram) -> None:
+    """A graph whose inputs have symbolic dims keeps the fake mode they belong to (``ir/symbolic.py``), and
+    the program's ranges: ``Dim("B", min=1)`` gives ``[1, 64]`` there, where its shape env says ``[2, 64]``."""
     mode = detect_fake_mode([n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"])
     if mode is not None and mode.shape_env is not None and input_dims(gm):
         set_fake_mode(gm, mode)
+        set_ranges(gm, {symbol: (bounds.lower, bounds.upper) for symbol, bounds in ep.range_constraints.items()})
 
 
 def _refuse_data_dependent_shapes(graph_module: fx.GraphModule, owner: str) -> None:

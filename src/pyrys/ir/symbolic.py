@@ -194,6 +194,12 @@ def guards_of(gm: fx.GraphModule) -> list[sympy.Basic]:
     return [guard.expr for guard in gm.meta[FAKE_MODE_KEY].shape_env.guards]
 
 
+def set_ranges(gm: fx.GraphModule, ranges: dict[sympy.Symbol, tuple]) -> None:
+    """Hold ``symbol -> (lower, upper)`` as the graph's ranges (``torch.export``'s promise, or a save's)."""
+    gm.meta[RANGES_KEY] = {symbol: (int(lower), None if upper in (int_oo, sympy.oo) else int(upper))
+                           for symbol, (lower, upper) in ranges.items()}
+
+
 def ranges_of(gm: fx.GraphModule) -> dict[sympy.Symbol, tuple]:
     """``symbol -> (lower, upper)`` (upper None: unbounded) of the graph's sizes."""
     if RANGES_KEY in gm.meta:
