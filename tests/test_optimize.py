@@ -142,3 +142,31 @@ def test_an_input_named_like_a_builtin_is_captured():
     model = InputNamedInput().eval()
     opt = pyrys.optimize(model, (image(),))
     assert pyrys.relative_error(opt(image()), model(image())) <= TOLERANCE
+
+
+class _Difference(torch.nn.Module):
+    def forward(self, a, b):
+        return a - b
+
+
+class _ScaledDifference(torch.nn.Module):
+    def forward(self, a, b, scale: float = 1.0):
+        return (a - b) * scale
+
+
+@pytest.mark.parametrize("way", ["nn.Module", "TorchScript"])
+def test_a_call_may_pass_by_keyword_what_the_example_passed_by_position(way):
+    """As eager does: ``opt(x, b=y)`` and ``opt(b=y, a=x)`` for an example ``(x, y)``."""
+    model = _Difference() if way == "nn.Module" else torch.jit.script(_Difference())
+    x, y = torch.rand(3, 4), torch.rand(3, 4)
+    opt = pyrys.optimize(model, (x, y))
+    for call in [lambda m: m(x, b=y), lambda m: m(b=y, a=x), lambda m: m(x, y)]:
+        assert torch.allclose(call(opt), x - y)
+
+
+def test_a_call_may_pass_by_position_what_the_example_passed_by_keyword():
+    model, x, y = _ScaledDifference(), torch.rand(3, 4), torch.rand(3, 4)
+    opt = pyrys.optimize(model, (x,), {"b": y})
+    assert torch.allclose(opt(x, y), x - y) and torch.allclose(opt(a=x, b=y), x - y)
+    with pytest.raises(pyrys.InputError):  # an input the example did not pass is not dropped: a clear error
+        opt(x, y, scale=2.0)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from pyrys.capture.captured import Captured, input_writes_note
 from pyrys.capture.export import capture_module, rename_for_export
 from pyrys.capture.model_copy import WriteCheck, private_copy, state_of
 from pyrys.capture.exported_program import capture_exported, exported_example_inputs
-from pyrys.capture.torchscript import capture_torchscript, is_torchscript, script_class_name
+from pyrys.capture.torchscript import capture_torchscript, is_torchscript, script_class_name, script_parameters
 from pyrys.errors import CaptureError, DeviceError
 from pyrys.forwarding import forwarded
 from pyrys.ir.verify import VerificationError, make_verifier, output_types
@@ -42,7 +43,7 @@ from pyrys.passes.specialize import ShapeMismatch, specialize
 from pyrys.passes.pipeline import (Instruments, PassOptions, PipelineRun, check_pass_names, legalize_for_backends,
                                    run_pipeline)
 from pyrys.shape_cache import DEFAULT_MAX_SHAPES, ShapeCache
-from pyrys.signature import InputError, Signature, check_compatible, runnable_inputs, signature_of
+from pyrys.signature import InputError, Signature, arranged_like, check_compatible, runnable_inputs, signature_of
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,14 @@ class Frontend:
     kind: str
     fixed_shapes: str = ""  # empty: a new shape is captured again
     symbolic: bool = False  # torch.export can capture it with symbolic sizes
+    parameters: inspect.Signature | None = None  # forward's, to take a call that passes inputs another way
+
+
+def _parameters(forward: Callable) -> inspect.Signature | None:
+    try:
+        return inspect.signature(forward)
+    except (TypeError, ValueError):  # a builtin or C++ forward
+        return None
 
 
 def module_frontend(model: torch.nn.Module, writes: WriteCheck | None = None) -> Frontend:
@@ -112,13 +121,13 @@ def module_frontend(model: torch.nn.Module, writes: WriteCheck | None = None) ->
         captured.notes[:0] = renamed
         return captured
 
-    return Frontend(capture, "nn.Module", symbolic=True)
+    return Frontend(capture, "nn.Module", symbolic=True, parameters=_parameters(model.forward))
 
 
 def torchscript_frontend(script: Any, flag_values: dict[str, bool] | None = None) -> Frontend:
     """A ``ScriptModule`` or scripted function, imported without tracing (state is copied)."""
     return Frontend(lambda args, kwargs, dynamic: capture_torchscript(script, args, kwargs, flag_values),
-                    "TorchScript")
+                    "TorchScript", parameters=script_parameters(script))
 
 
 def exported_program_frontend(ep: ExportedProgram) -> Frontend:
@@ -310,7 +319,8 @@ class OptimizedModule(torch.nn.Module):
         if fast is not None:
             self._shapes.touch(fast[0])
             return fast[1](list(args))
-        args, kwargs = runnable_inputs(args, kwargs)
+        args, kwargs = runnable_inputs(*arranged_like(self._first.signature.in_spec, self._frontend.parameters,
+                                                     args, kwargs))
         signature, flat = signature_of(args, kwargs)
         compiled = self._shapes.get(signature) or self._compile(signature, flat, args, kwargs)
         if not kwargs and all(isinstance(a, torch.Tensor) for a in args):

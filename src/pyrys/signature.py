@@ -7,6 +7,7 @@ ones a program can read (:func:`runnable_inputs`): dense CPU tensors with storag
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,26 @@ def _leaf(value: Any):
 def signature_of(args: tuple, kwargs: dict) -> tuple[Signature, list]:
     flat, spec = tree_flatten((tuple(args), dict(kwargs)))
     return Signature(spec, tuple(_leaf(v) for v in flat)), flat
+
+
+def arranged_like(spec: TreeSpec, parameters: inspect.Signature | None, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A call's inputs passed as the example passed them (``spec``: the example's), by ``forward``'s parameters:
+    ``opt(x, mask=m)`` for an example ``(x, m)``, or the reverse. Any other call is returned as it is (and
+    the signature check says what differs): one that passes or leaves out an input the example did not,
+    or a ``forward`` taking ``*args`` or ``**kwargs``."""
+    positional, names = spec.children_specs[0].num_children, list(spec.children_specs[1].context)
+    if parameters is None or (len(args) == positional and sorted(kwargs) == sorted(names)):
+        return args, kwargs
+    order = list(parameters.parameters)
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters.parameters.values()):
+        return args, kwargs
+    try:
+        given = parameters.bind(*args, **kwargs).arguments
+    except TypeError:
+        return args, kwargs
+    if set(given) != set(order[:positional]) | set(names):
+        return args, kwargs
+    return tuple(given[name] for name in order[:positional]), {name: given[name] for name in names}
 
 
 def runnable_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:

@@ -26,6 +26,7 @@ State values are copies: the user's scripted module is never modified.
 """
 from __future__ import annotations
 
+import inspect
 import operator
 from dataclasses import dataclass
 from typing import Any
@@ -60,6 +61,16 @@ class _ModuleRef:
 
 def is_torchscript(obj: Any) -> bool:
     return isinstance(obj, (torch.jit.ScriptModule, torch.jit.ScriptFunction))
+
+
+def script_parameters(obj: Any) -> inspect.Signature | None:
+    """``forward``'s parameters (a scripted function's own), by name, from the schema: what lets a call pass
+    by keyword what the example passed by position."""
+    try:
+        arguments = obj.forward.schema.arguments[1:] if isinstance(obj, torch.jit.ScriptModule) else obj.schema.arguments
+    except (AttributeError, RuntimeError):
+        return None
+    return inspect.Signature([inspect.Parameter(a.name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for a in arguments])
 
 
 def script_class_name(obj: Any) -> str:
