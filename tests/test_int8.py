@@ -300,8 +300,12 @@ def test_bad_input_gets_a_clear_error():
     with pytest.raises(TypeError, match="calibration must be an iterable of input samples"):
         pyrys.optimize(model, (x,), precision="int8", calibration=x)
     with pytest.raises(pyrys.InputError, match=r"calibration sample 1 must be inputs like the example inputs "
-                                               r"\(Float\(2, 3, 32, 32\)\), got \(Float\(3, 3, 32, 32\)\).*drop_last"):
-        pyrys.optimize(model, (x,), precision="int8", calibration=[x, torch.randn(3, 3, 32, 32)])
+                                               r"\(Float\(2, 3, 32, 32\)\), got \(Float\(2, 3, 16, 16\)\).*without labels"):
+        pyrys.optimize(model, (x,), precision="int8", calibration=[x, torch.randn(2, 3, 16, 16)])
+    with pytest.raises(pyrys.InputError, match=r"calibration sample 0 .* got \(Float\(2, 3, 32, 32\), Long\(2\)\)"):
+        pyrys.optimize(model, (x,), precision="int8", calibration=[(x, torch.zeros(2, dtype=torch.long))])
+    with pytest.raises(ValueError, match="it gave 1 rows, fewer than the example's 2"):
+        pyrys.optimize(model, (x,), precision="int8", calibration=[x[:1]])
     with pytest.raises(pyrys.InputError, match=r"calibration sample 0 .* got \(Double\(2, 3, 32, 32\)\)"):
         pyrys.optimize(model, (x,), precision="int8", calibration=[x.double()])
     for budget in (0, -1.0, "1e-2", True):
@@ -533,3 +537,24 @@ def test_random_conv_nets_in_int8_keep_the_budget_and_the_backends_agree(specs, 
         opt = pyrys.optimize(model, (x,), backend="dnnl", precision="int8", calibration=calibration)
         assert opt.graph == reference.graph  # the same quantized graph
         assert pyrys.relative_error(opt(x), reference(x)) <= 2e-2
+
+
+def test_calibration_batches_are_cut_into_the_examples_rows():
+    """A DataLoader's batches of 8 (and a last batch of 3) for an example of 2 rows: the rows are carried over
+    from one batch to the next, the same rows and statistics as samples of 2; a keyword-only example takes
+    mappings (a tokenizer's output)."""
+    from pyrys.quantization.calibration import calibration_samples
+
+    rows = torch.randn(19, 3, 8, 8)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(rows), batch_size=8)
+    samples = calibration_samples(loader, (rows[:2],), {})
+    assert len(samples) == 9 and all(s[0].shape == (2, 3, 8, 8) for s in samples)
+    assert torch.equal(torch.cat([s[0] for s in samples]), rows[:18])  # the 19th row makes no sample of 2
+    assert len(calibration_samples(loader, (rows[:2],), {}, limit=4)) == 4
+    mask = torch.ones(2, 5)
+    keyed = calibration_samples([{"ids": rows[:4, 0, 0, :5], "mask": torch.ones(4, 5)}], (), {"ids": rows[:2, 0, 0, :5],
+                                                                                               "mask": mask})
+    assert len(keyed) == 2 and torch.equal(keyed[1][0], rows[2:4, 0, 0, :5])
+    model = Fn(lambda m, x: m.conv(x), conv=nn.Conv2d(3, 4, 3)).eval()
+    opt = pyrys.optimize(model, (rows[:2],), precision="int8", calibration=loader)
+    assert pyrys.relative_error(opt(rows[:2]), model(rows[:2])) <= INT8_TOLERANCE

@@ -1,17 +1,17 @@
 """Calibration: the inputs ``optimize(..., calibration=data)`` reads, and the activation scales they give.
 
 Each sample is one call's inputs (a tensor, or a tuple or list of them: what a ``DataLoader`` over the
-model's inputs yields), with the example inputs' structure, shapes and dtypes.  The captured graph runs on
+model's inputs yields), with the example inputs' structure, shapes and dtypes, or a batch of such (cut
+into the example's rows).  The captured graph runs on
 each (in float32, on the reference backend) and a histogram observer sees every activation an int8 op
 reads; its scale is the one that minimizes the quantization's squared error over the histogram
 (``torch.ao.quantization.HistogramObserver``), u8 for a value never seen negative, s8 otherwise.
 """
 from __future__ import annotations
 
-import itertools
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
 import torch.fx as fx
@@ -19,7 +19,7 @@ from torch.ao.quantization.observer import HistogramObserver
 
 from pyrys.backends.reference import ReferenceProgram
 from pyrys.quantization import TensorQuant
-from pyrys.signature import InputError, signature_of
+from pyrys.signature import InputError, is_tensor_leaf, signature_of
 
 MAX_SAMPLES = 300  # calibration reads at most this many samples (OpenVINO NNCF's default subset size)
 DRAWN_SAMPLES = 16  # samples_like's default count
@@ -57,24 +57,76 @@ class Calibration:
 
 def calibration_samples(data: Iterable, args: tuple, kwargs: dict, limit: int | None = None) -> list[list]:
     """The flat inputs of each sample of ``data`` (at most ``limit``, default :data:`MAX_SAMPLES`), each checked
-    against the example inputs ``(args, kwargs)``: :class:`InputError` naming the sample and what differs."""
+    against the example inputs ``(args, kwargs)``: :class:`InputError` naming the sample and what differs.
+
+    Samples whose tensors differ from the example's only in their rows (dim 0 of every tensor: a
+    ``DataLoader`` batch of 32 for an example of one, a smaller last batch) are cut into samples of the
+    example's rows, carrying rows over from one sample to the next; rows too few for a last sample are
+    left out. The observers' statistics are the same however rows are grouped."""
     if isinstance(data, torch.Tensor) or not isinstance(data, Iterable):
         raise TypeError("pyrys.optimize: calibration must be an iterable of input samples (a list of tensors or of "
                         "input tuples, or a DataLoader over the inputs), got " + type(data).__name__)
     expected, _ = signature_of(args, kwargs)
-    samples = []
-    for i, sample in enumerate(itertools.islice(data, MAX_SAMPLES if limit is None else limit)):
-        sample_args, sample_kwargs = _as_call(sample, kwargs)
+    wanted = MAX_SAMPLES if limit is None else limit
+    samples: list[list] = []
+    rows = _Rows(expected)
+    for i, sample in enumerate(data):
+        sample_args, sample_kwargs = _as_call(sample, args, kwargs)
         signature, flat = signature_of(sample_args, sample_kwargs)
-        if signature != expected:
+        if signature == expected:
+            samples.append(flat)
+        elif rows.fits(signature):
+            samples += rows.take(flat)
+        else:
             raise InputError(f"pyrys: calibration sample {i} must be inputs like the example inputs "
                              f"({expected.describe()}), got ({_describe(signature)}); every sample is one call's "
-                             "inputs with the example's shapes and dtypes (a DataLoader over the inputs alone, "
-                             "with drop_last=True when its last batch would be smaller)")
-        samples.append(flat)
+                             "inputs with the example's shapes and dtypes, or a batch of such along dim 0 (a "
+                             "DataLoader over the inputs alone, without labels)")
+        if len(samples) >= wanted:
+            break
     if not samples:
-        raise ValueError("pyrys.optimize: calibration gave no samples: pass a non-empty iterable of input samples")
-    return samples
+        raise ValueError("pyrys.optimize: calibration gave no samples: pass a non-empty iterable of input samples"
+                         + (f" (it gave {rows.held} rows, fewer than the example's {rows.per_sample})" if rows.held else ""))
+    return samples[:wanted]
+
+
+class _Rows:
+    """Samples cut into the example's rows: ``fits`` a sample that differs from the example only in dim 0 of
+    every tensor; ``take`` its rows, giving each whole sample they complete."""
+
+    def __init__(self, expected):
+        tensors = [leaf for leaf in expected.leaves if is_tensor_leaf(leaf)]
+        firsts = {shape[0] for shape, _ in tensors if shape}
+        self.expected = expected
+        self.per_sample = firsts.pop() if len(firsts) == 1 and all(shape for shape, _ in tensors) else None
+        self.pending: list | None = None  # the flat inputs of rows not yet in a sample
+        self.held = 0
+
+    def fits(self, signature) -> bool:
+        if self.per_sample is None or signature.in_spec != self.expected.in_spec:
+            return False
+        firsts = set()
+        for got, want in zip(signature.leaves, self.expected.leaves, strict=True):
+            if not is_tensor_leaf(want):
+                if got != want:
+                    return False
+                continue
+            if not is_tensor_leaf(got) or got[1] != want[1] or len(got[0]) != len(want[0]) or got[0][1:] != want[0][1:]:
+                return False
+            firsts.add(got[0][0])
+        return len(firsts) == 1
+
+    def take(self, flat: list) -> list[list]:
+        if self.pending is not None:
+            flat = [torch.cat([a, b]) if isinstance(a, torch.Tensor) else a for a, b in zip(self.pending, flat)]
+        held = next(x.shape[0] for x in flat if isinstance(x, torch.Tensor))
+        whole = held // self.per_sample
+        cut = lambda x, start, stop: x[start:stop] if isinstance(x, torch.Tensor) else x  # noqa: E731
+        done = [[cut(x, k * self.per_sample, (k + 1) * self.per_sample) for x in flat] for k in range(whole)]
+        rest = whole * self.per_sample
+        self.pending = [cut(x, rest, held) for x in flat] if rest < held else None
+        self.held = held - rest
+        return done
 
 
 def samples_like(inputs: tuple, count: int = DRAWN_SAMPLES, seed: int = 7) -> list[tuple]:
@@ -92,9 +144,12 @@ def samples_like(inputs: tuple, count: int = DRAWN_SAMPLES, seed: int = 7) -> li
     return [tuple(inputs)] + [tuple(like(x) for x in inputs) for _ in range(count - 1)]
 
 
-def _as_call(sample: Any, kwargs: dict) -> tuple[tuple, dict]:
+def _as_call(sample: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """A sample as a call's ``(args, kwargs)``: a tensor is one input, a tuple or list the positional inputs
-    (the example's keyword inputs are taken as they are: calibration varies the positional ones)."""
+    (the example's keyword inputs are taken as they are: calibration varies the positional ones), a mapping
+    the keyword inputs where the example passed keywords only (as a HuggingFace tokenizer's output is passed)."""
+    if isinstance(sample, Mapping) and kwargs and not args:
+        return (), dict(sample)
     if isinstance(sample, torch.Tensor):
         return (sample,), kwargs
     if isinstance(sample, (tuple, list)):
