@@ -272,6 +272,8 @@ def test_another_cpu_measures_the_layout_again_and_says_so(tmp_path):
 def test_save_takes_only_an_optimized_module_and_pickle_points_to_it(tmp_path):
     with pytest.raises(pyrys.SaveError, match="takes the module pyrys.optimize returned"):
         pyrys.save(conv_bn_relu(), tmp_path / "x")
+    with pytest.raises(pyrys.SaveError, match="got torch._dynamo.eval_frame.OptimizedModule .torch.compile's"):
+        pyrys.save(torch.compile(conv_bn_relu(), backend="pyrys"), tmp_path / "x")
     with pytest.raises(TypeError, match="pyrys.save"):
         pickle.dumps(pyrys.optimize(conv_bn_relu(), (image(),)))
 

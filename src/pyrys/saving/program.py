@@ -48,7 +48,10 @@ def save(opt: OptimizedModule, path: str | os.PathLike) -> Path:
     ``path`` is written whole or not at all; an existing pyrys save there is replaced, anything
     else is refused.  Raises :class:`pyrys.SaveError`."""
     if not isinstance(opt, OptimizedModule):
-        raise SaveError(f"pyrys.save takes the module pyrys.optimize returned, got {type(opt).__name__}")
+        kind = type(opt).__module__ + "." + type(opt).__qualname__
+        compiled_by_dynamo = (" (torch.compile's: its programs are made per graph on first call; save "
+                              "pyrys.optimize(model, example_inputs) instead)") if kind.startswith("torch._dynamo") else ""
+        raise SaveError(f"pyrys.save takes the module pyrys.optimize returned, got {kind}{compiled_by_dynamo}")
     compiled = list(opt._programs.values())  # one read: a compile on another thread replaces the dict
     first = compiled.index(opt._first)
     tensors: dict[str, torch.Tensor] = {}
