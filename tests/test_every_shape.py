@@ -300,3 +300,15 @@ def test_a_batch_1_example_captured_for_every_shape_holds_the_weights_once(backe
     weights = {id(t) for c in opt._programs.values() for t in c.captured.gm.buffers()}
     first = {id(t) for t in opt._first.captured.gm.buffers()}
     assert weights == first  # one copy of each weight, packed once
+
+
+@pytest.mark.parametrize("dynamic", [None, False])
+def test_an_empty_batch_gives_empty_outputs_as_eager_does(backend, dynamic):
+    """A batch of 0 rows: the ops on tensors without elements run in torch (oneDNN takes none)."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(16, 4, 32, batch_first=True).eval()
+    opt = pyrys.optimize(layer, (torch.rand(2, 5, 16),), backend=backend, dynamic=dynamic)
+    empty = torch.rand(0, 5, 16)
+    assert opt(empty).shape == layer(empty).shape == (0, 5, 16)
+    convs = pyrys.optimize(conv_bn_relu(), (image(),), backend=backend, dynamic=dynamic)
+    assert convs(image(batch=0)).shape == conv_bn_relu()(image(batch=0)).shape

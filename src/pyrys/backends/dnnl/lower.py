@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
+from torch.utils._pytree import tree_flatten
 
 from pyrys.backends.dnnl import binding
 from pyrys.backends.dnnl.assemble import assemble
@@ -43,12 +44,19 @@ def _lower_node(builder: Builder, node: fx.Node) -> None:
     rule = LOWERINGS.get(node.target)
     if rule is None:
         return lower_fallback(builder, node, "no oneDNN lowering")
+    if _has_zero_size(node):
+        return lower_fallback(builder, node, "a tensor with no elements (oneDNN takes none)")
     snapshot = builder.snapshot()
     try:
         rule(builder, node)
     except (Unsupported, binding.DnnlError) as error:
         builder.restore(snapshot, node)
         lower_fallback(builder, node, str(error).splitlines()[0][:120])
+
+
+def _has_zero_size(node: fx.Node) -> bool:
+    values = [node.meta.get("val")] + [n.meta.get("val") for n in node.all_input_nodes]
+    return any(isinstance(v, torch.Tensor) and v.numel() == 0 for v in tree_flatten(values)[0])
 
 
 def _define_input(builder: Builder, node: fx.Node) -> Value:
