@@ -547,14 +547,18 @@ def test_calibration_batches_are_cut_into_the_examples_rows():
 
     rows = torch.randn(19, 3, 8, 8)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(rows), batch_size=8)
-    samples = calibration_samples(loader, (rows[:2],), {})
+    samples, note = calibration_samples(loader, (rows[:2],), {})
+    assert note == "calibration: samples of 3, 8 rows were cut into the example's 2 along dim 0 (taken as the batch)"
     assert len(samples) == 9 and all(s[0].shape == (2, 3, 8, 8) for s in samples)
     assert torch.equal(torch.cat([s[0] for s in samples]), rows[:18])  # the 19th row makes no sample of 2
-    assert len(calibration_samples(loader, (rows[:2],), {}, limit=4)) == 4
+    assert len(calibration_samples(loader, (rows[:2],), {}, limit=4)[0]) == 4
     mask = torch.ones(2, 5)
-    keyed = calibration_samples([{"ids": rows[:4, 0, 0, :5], "mask": torch.ones(4, 5)}], (), {"ids": rows[:2, 0, 0, :5],
-                                                                                               "mask": mask})
+    keyed, _ = calibration_samples([{"mask": torch.ones(4, 5), "ids": rows[:4, 0, 0, :5]}], (),
+                                   {"ids": rows[:2, 0, 0, :5], "mask": mask})  # keys in another order
     assert len(keyed) == 2 and torch.equal(keyed[1][0], rows[2:4, 0, 0, :5])
     model = Fn(lambda m, x: m.conv(x), conv=nn.Conv2d(3, 4, 3)).eval()
     opt = pyrys.optimize(model, (rows[:2],), precision="int8", calibration=loader)
     assert pyrys.relative_error(opt(rows[:2]), model(rows[:2])) <= INT8_TOLERANCE
+    assert note in opt.notes
+    with pytest.raises(pyrys.InputError, match="calibration sample 0"):  # an example of 0 rows: nothing to cut into
+        calibration_samples([rows[:3]], (rows[:0],), {})

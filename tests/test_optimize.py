@@ -170,3 +170,5 @@ def test_a_call_may_pass_by_position_what_the_example_passed_by_keyword():
     assert torch.allclose(opt(x, y), x - y) and torch.allclose(opt(a=x, b=y), x - y)
     with pytest.raises(pyrys.InputError):  # an input the example did not pass is not dropped: a clear error
         opt(x, y, scale=2.0)
+    keywords = pyrys.optimize(model, (), {"a": x, "b": y})
+    assert torch.allclose(keywords(b=y, a=x), x - y)  # keywords in another order

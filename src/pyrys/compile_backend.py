@@ -45,6 +45,7 @@ _OPTION_NAMES = frozenset(name for name, parameter in inspect.signature(optimize
 _STATE_SOURCE = re.compile(r"\['([^']+)'\]|\.([A-Za-z_]\w*)")
 _SOURCE_ROOT = re.compile(r"[LG]\['([^']+)'\]")  # a local or global of the compiled frame
 _COMPILED_MODULE = ("self", "fn")
+MAX_WRAPPED_VALUES = 8  # distinct values of a graph's number inputs that get programs (then torch runs it)
 
 
 def pyrys_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None = None) -> Callable:
@@ -141,6 +142,14 @@ def _trains_batch_norm(gm: fx.GraphModule) -> bool:
     return False
 
 
+def _wrapped_number(node: fx.Node) -> bool:
+    """A Python number dynamo passes as a 0-dim tensor (``pass_arg_as_tensor``; not a NumPy array, which it
+    passes so too) that the graph reads only with ``.item()``."""
+    grapharg = node.meta.get("grapharg")
+    return (getattr(grapharg, "pass_arg_as_tensor", False) and not getattr(grapharg, "is_tensor", True)
+            and bool(node.users) and all(u.op == "call_method" and u.target == "item" for u in node.users))
+
+
 def _unwrapped(gm: fx.GraphModule, wrapped: list[int], scalars: dict) -> tuple[fx.GraphModule, dict]:
     """``gm`` with each ``.item()`` of a wrapped number replaced by its value (torch.export would take it for
     tensor data), and the scalars with an unread 0-dim tensor in those places."""
@@ -153,7 +162,7 @@ def _unwrapped(gm: fx.GraphModule, wrapped: list[int], scalars: dict) -> tuple[f
             for reader in list(user.users):
                 reader.replace_input_with(user, scalars[position])
             graph.erase_node(user)
-    scalars = {i: torch.tensor(v) if i in wrapped else v for i, v in scalars.items()}
+    scalars = {i: torch.tensor(v) if i in wrapped else v for i, v in scalars.items()}  # unread now
     return fx.GraphModule(gm, graph), scalars
 
 
@@ -170,8 +179,8 @@ class DynamoGraph:
                 self.state[i] = (path, value)
         # Python numbers dynamo passes as 0-dim tensors (a module's float attribute, a float argument, with
         # dynamic=True) and reads with .item(): each value is a compile key, as the ints are
-        self.wrapped = [i for i, node in enumerate(placeholders) if getattr(node.meta.get("grapharg"),
-                                                                              "pass_arg_as_tensor", False)]
+        self.wrapped = [i for i, node in enumerate(placeholders) if _wrapped_number(node)]
+        self._wrapped_seen: set[tuple] = set()  # the values they took
         self.inputs = [i for i, v in enumerate(example_inputs)
                        if i not in self.state and i not in self.wrapped and isinstance(v, torch.Tensor)]
         self.scalars = [i for i, v in enumerate(example_inputs) if not isinstance(v, torch.Tensor)]
@@ -190,11 +199,17 @@ class DynamoGraph:
     def _compile(self, args: list) -> OptimizedModule | None:
         scalars = {i: int(args[i]) if isinstance(args[i], torch.SymInt) else args[i] for i in self.scalars}
         scalars.update({i: args[i].item() for i in self.wrapped})
+        if self.wrapped:
+            self._bound_wrapped_values(tuple(scalars[i] for i in self.wrapped))
+            if self.runs_in_torch:
+                return None
         inputs = tuple(args[i] for i in self.inputs)
         key = (signature_of(inputs, {})[0], tuple(sorted(scalars.items())))
         program = None if self._shapes is None else self._shapes.get(key)
         if program is None:
             with self._compiling:
+                if self.runs_in_torch:  # decided by another thread's compile meanwhile
+                    return None
                 program = None if self._shapes is None else self._shapes.get(key)
                 if program is None:
                     try:
@@ -223,6 +238,14 @@ class DynamoGraph:
             shapes = ", ".join(str(tuple(x.shape)) for x in inputs)
             LOG.info("pyrys numerics of a torch.compile graph on inputs %s:\n%s", shapes, program.numerics.render())
         return program
+
+    def _bound_wrapped_values(self, values: tuple) -> None:
+        """Numbers that take a new value call after call (a random draw, a counter) would compile on every
+        call: past :data:`MAX_WRAPPED_VALUES` values the graph runs in torch."""
+        with self._compiling:
+            self._wrapped_seen.add(values)
+            if len(self._wrapped_seen) > MAX_WRAPPED_VALUES and not self.runs_in_torch:
+                self._run_in_torch(f"its number inputs took more than {MAX_WRAPPED_VALUES} values, each a compile")
 
     def _run_in_torch(self, why: str) -> None:
         """This graph runs in torch as dynamo gave it, from now on: torch.compile keeps a graph's in-place writes

@@ -182,7 +182,8 @@ def _compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: Op
     notice = get_backend(config.backend)[2]
     notes = captured.notes + [note for note in (notice, precision_note, _no_int8_note(precision, run),
                                                 _accuracy_note(precision, config.calibration, guard),
-                                                _disabled_precision_note(precision, config)) if note]
+                                                _disabled_precision_note(precision, config),
+                                                config.calibration.note if config.calibration else "") if note]
     template = Compiled(signature, captured, run, None, "", notes, generic)
     try:
         compiled = build_for_shape(template, signature, flat, config, like=like.program if like else None)
@@ -706,8 +707,8 @@ def with_calibration(config: OptimizeConfig, calibration: Iterable | None, accur
     if calibration is None and (config.precision != "bf16" or budget is None):
         return config
     limit = GUARD_SAMPLES if config.precision == "bf16" else None  # bf16 reads only what its guard measures on
-    samples = None if calibration is None else calibration_samples(calibration, args, kwargs, limit)
-    return dataclasses.replace(config, calibration=Calibration(samples, budget))
+    samples, note = (None, "") if calibration is None else calibration_samples(calibration, args, kwargs, limit)
+    return dataclasses.replace(config, calibration=Calibration(samples, budget, note))
 
 
 def _example_inputs(example_inputs: Any, example_kwargs: dict | None) -> tuple[tuple, dict]:

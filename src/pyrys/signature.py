@@ -53,7 +53,9 @@ def arranged_like(spec: TreeSpec, parameters: inspect.Signature | None, args: tu
     the signature check says what differs): one that passes or leaves out an input the example did not,
     or a ``forward`` taking ``*args`` or ``**kwargs``."""
     positional, names = spec.children_specs[0].num_children, list(spec.children_specs[1].context)
-    if parameters is None or (len(args) == positional and sorted(kwargs) == sorted(names)):
+    if len(args) == positional and sorted(kwargs) == sorted(names):
+        return args, (kwargs if list(kwargs) == names else {name: kwargs[name] for name in names})
+    if parameters is None:
         return args, kwargs
     order = list(parameters.parameters)
     if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters.parameters.values()):

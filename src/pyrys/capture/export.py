@@ -122,7 +122,7 @@ def _unaliased(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         except (RuntimeError, NotImplementedError):  # a tensor without storage of its own
             continue
         if memory in seen:
-            leaves[i], changed = leaf.clone(), True
+            leaves[i], changed = leaf.detach().clone(), True
         seen.add(memory)
     return tree_unflatten(leaves, spec) if changed else (args, kwargs)
 

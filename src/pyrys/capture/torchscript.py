@@ -68,9 +68,9 @@ def script_parameters(obj: Any) -> inspect.Signature | None:
     by keyword what the example passed by position."""
     try:
         arguments = obj.forward.schema.arguments[1:] if isinstance(obj, torch.jit.ScriptModule) else obj.schema.arguments
-    except (AttributeError, RuntimeError):
+        return inspect.Signature([inspect.Parameter(a.name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for a in arguments])
+    except (AttributeError, RuntimeError, ValueError):  # no schema, or names Python cannot take
         return None
-    return inspect.Signature([inspect.Parameter(a.name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for a in arguments])
 
 
 def script_class_name(obj: Any) -> str:
@@ -457,9 +457,10 @@ class _Importer:
             self.notes.append(f"state update dropped (inference never writes module state): {node.kind()} on {target}")
             self.state_writes.append(target)
             return
-        if isinstance(old, fx.Node) and old.op == "placeholder" and old.name not in self.input_writes:
-            self.input_writes.append(old.name)  # the optimized module leaves the caller's tensor as it was
-            self.notes.append(input_writes_note([old.name]))
+        written = _written_input(scope, old) if isinstance(old, fx.Node) else None
+        if written is not None and written not in self.input_writes:
+            self.input_writes.append(written)  # the optimized module leaves the caller's tensor as it was
+            self.notes.append(input_writes_note([written]))
         if old in self.viewed or (isinstance(old, fx.Node) and old.op == "call_function" and _is_view_node(old)):
             raise TorchScriptImportError(f"{node.kind()} writes to a view of another tensor; pyrys does not import "
                                          "in-place ops on views")
@@ -517,6 +518,16 @@ def _captured_state(scope: _Scope, placeholder: fx.Node) -> bool:
     return bool(outer.meta.get(STATE_KEY)) or (outer.op == "placeholder" and scope.parent is not None
                                                and outer in scope.parent.captures.values()
                                                and _captured_state(scope.parent, outer))
+
+
+def _written_input(scope: _Scope, node: fx.Node) -> str | None:
+    """The name of the model input ``node`` is (in a branch: the value it stands for), else None."""
+    while scope.parent is not None and node.op == "placeholder":
+        node = next((o for o, p in scope.captures.items() if p is node), None)
+        if node is None:
+            return None
+        scope = scope.parent
+    return node.name if node.op == "placeholder" and node.meta.get(STATE_KEY) is None else None
 
 
 def _state_target(scope: _Scope, node: fx.Node) -> str:

@@ -44,8 +44,9 @@ class Calibration:
     ``precision="bf16"`` there is no plan: every compile's accuracy guard measures on the samples where its
     graph takes them (None where none were given: each compile measures on its own inputs)."""
 
-    def __init__(self, samples: list[list] | None, accuracy_budget: float | None):
+    def __init__(self, samples: list[list] | None, accuracy_budget: float | None, note: str = ""):
         self.samples: list[list] | None = samples
+        self.note = note  # what reading the samples did to them (cut into the example's rows), for opt.notes
         self.accuracy_budget = accuracy_budget
         self.plan: QuantizationPlan | None = None
         self.lock = threading.Lock()
@@ -55,9 +56,10 @@ class Calibration:
         return f"Calibration({held}, accuracy_budget={self.accuracy_budget})"
 
 
-def calibration_samples(data: Iterable, args: tuple, kwargs: dict, limit: int | None = None) -> list[list]:
+def calibration_samples(data: Iterable, args: tuple, kwargs: dict, limit: int | None = None) -> tuple[list[list], str]:
     """The flat inputs of each sample of ``data`` (at most ``limit``, default :data:`MAX_SAMPLES`), each checked
     against the example inputs ``(args, kwargs)``: :class:`InputError` naming the sample and what differs.
+    Returns them and a note when samples were cut (below), else "".
 
     Samples whose tensors differ from the example's only in their rows (dim 0 of every tensor: a
     ``DataLoader`` batch of 32 for an example of one, a smaller last batch) are cut into samples of the
@@ -87,7 +89,9 @@ def calibration_samples(data: Iterable, args: tuple, kwargs: dict, limit: int | 
     if not samples:
         raise ValueError("pyrys.optimize: calibration gave no samples: pass a non-empty iterable of input samples"
                          + (f" (it gave {rows.held} rows, fewer than the example's {rows.per_sample})" if rows.held else ""))
-    return samples[:wanted]
+    cut = (f"calibration: samples of {', '.join(map(str, sorted(rows.cut)))} rows were cut into the example's "
+           f"{rows.per_sample} along dim 0 (taken as the batch)") if rows.cut else ""
+    return samples[:wanted], cut
 
 
 class _Rows:
@@ -98,9 +102,11 @@ class _Rows:
         tensors = [leaf for leaf in expected.leaves if is_tensor_leaf(leaf)]
         firsts = {shape[0] for shape, _ in tensors if shape}
         self.expected = expected
-        self.per_sample = firsts.pop() if len(firsts) == 1 and all(shape for shape, _ in tensors) else None
+        rows = firsts.pop() if len(firsts) == 1 and all(shape for shape, _ in tensors) else 0
+        self.per_sample = rows or None  # None: nothing to cut (no common dim 0, or an example of 0 rows)
         self.pending: list | None = None  # the flat inputs of rows not yet in a sample
         self.held = 0
+        self.cut: set[int] = set()  # the row counts of the samples cut
 
     def fits(self, signature) -> bool:
         if self.per_sample is None or signature.in_spec != self.expected.in_spec:
@@ -117,6 +123,7 @@ class _Rows:
         return len(firsts) == 1
 
     def take(self, flat: list) -> list[list]:
+        self.cut.add(next(x.shape[0] for x in flat if isinstance(x, torch.Tensor)))
         if self.pending is not None:
             flat = [torch.cat([a, b]) if isinstance(a, torch.Tensor) else a for a, b in zip(self.pending, flat)]
         held = next(x.shape[0] for x in flat if isinstance(x, torch.Tensor))
@@ -149,7 +156,7 @@ def _as_call(sample: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     (the example's keyword inputs are taken as they are: calibration varies the positional ones), a mapping
     the keyword inputs where the example passed keywords only (as a HuggingFace tokenizer's output is passed)."""
     if isinstance(sample, Mapping) and kwargs and not args:
-        return (), dict(sample)
+        return (), ({name: sample[name] for name in kwargs} if set(sample) == set(kwargs) else dict(sample))
     if isinstance(sample, torch.Tensor):
         return (sample,), kwargs
     if isinstance(sample, (tuple, list)):
