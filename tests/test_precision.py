@@ -342,7 +342,7 @@ def test_calibration_samples_are_what_the_bf16_guard_measures_on(bf16_cpu, backe
                                  calibration=samples, accuracy_budget=1e-2)  # pyrys.jit takes them too
     assert any("outputs within" in n and "on 4 calibration samples" in n for n in scripted.notes), scripted.notes
     with pytest.raises(pyrys.InputError, match="calibration sample 1 must be inputs like the example inputs"):
-        pyrys.optimize(model, (samples[0],), precision="bf16", calibration=[samples[0], torch.randn(3, 8)])
+        pyrys.optimize(model, (samples[0],), precision="bf16", calibration=[samples[0], torch.randn(3, 9)])
     with pytest.raises(ValueError, match="calibration= is read with precision='int8' or 'bf16' only, not 'fp32'"):
         pyrys.optimize(model, (samples[0],), calibration=samples)
     with pytest.raises(ValueError, match="accuracy_budget= is read with precision='int8' or 'bf16' only, not 'fp32'"):
