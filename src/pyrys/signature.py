@@ -52,7 +52,7 @@ def arranged_like(spec: TreeSpec, parameters: inspect.Signature | None, args: tu
     ``opt(x, mask=m)`` for an example ``(x, m)``, or the reverse. Any other call is returned as it is (and
     the signature check says what differs): one that passes or leaves out an input the example did not,
     or a ``forward`` taking ``*args`` or ``**kwargs``."""
-    positional, names = spec.children_specs[0].num_children, list(spec.children_specs[1].context)
+    positional, names = spec.child(0).num_children, list(spec.child(1).context)
     if len(args) == positional and sorted(kwargs) == sorted(names):
         return args, (kwargs if list(kwargs) == names else {name: kwargs[name] for name in names})
     if parameters is None:

@@ -1,11 +1,12 @@
 """Capture an ``nn.Module`` with ``torch.export`` into pyrys's IR.
 
-The exported program is functionalized (``run_decompositions({})``: in-place ops become
-their functional forms, eval-mode dropout disappears) and then normalized:
+The exported program is functional: its training IR where that is what pyrys reads, in-place
+ops made functional (``training_ir.py``, no second trace), else ``run_decompositions({})``
+(a second trace of the model). Then it is normalized:
 
 * parameters and buffers become state reads (``prim::GetAttr``) until ``freeze_params``;
-* ``_native_batch_norm_legit_*`` + ``getitem 0`` is raised back to ``aten::batch_norm``
-  whose ``training`` argument is a read of the owning module's ``training`` flag,
+* ``_native_batch_norm_legit_*`` + ``getitem 0`` is raised back to ``aten::batch_norm`` (the
+  training IR's ``batch_norm`` is that already), whose ``training`` argument is a read of the owning module's ``training`` flag,
   so ``freeze_flags`` has a flag to freeze and BN folding can tell why it may not fold;
 * outputs that only update buffers (BN running statistics in train mode) are dropped:
   the optimized module never modifies state.
@@ -34,6 +35,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from pyrys.capture.captured import Captured, input_writes_note
 from pyrys.capture.dynamic_shapes import symbolic_dims, symbolic_example
+from pyrys.capture.training_ir import as_inference_graph
 from pyrys.errors import CaptureError
 from pyrys.ir.graph import STATE_KEY, StateRef, add_constant, add_placeholder, copy_graph, identifier, insert_call
 from pyrys.ir.symbolic import input_dims, set_fake_mode, set_ranges, sizes_kept_symbolic
@@ -90,7 +92,7 @@ def _exportable(name: str) -> bool:
 
 def export_module(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
                   dynamic: bool = False) -> ExportedProgram:
-    """``torch.export`` at ATen level, functionalized; the model itself is not modified.
+    """``torch.export`` at ATen level, functional; the model itself is not modified.
 
     ``dynamic``: batch and sequence dims ``Dim.AUTO`` (``dynamic_shapes.py``), for a graph that holds
     for every size torch.export could keep symbolic."""
@@ -103,7 +105,17 @@ def export_module(model: torch.nn.Module, args: tuple, kwargs: dict | None = Non
             if isinstance(error, UserError) and error.error_type != UserErrorType.DYNAMIC_CONTROL_FLOW:
                 raise
             raise CaptureError(_data_dependent_message(model, error)) from error
+        if _reads_as_inference(exported):
+            return exported
         return exported.run_decompositions({})
+
+
+def _reads_as_inference(ep: ExportedProgram) -> bool:
+    """Whether ``ep``'s training IR, its in-place ops made functional, is the graph pyrys reads
+    (``training_ir.py``); it writes no state or input either way."""
+    if any(spec.kind != OutputKind.USER_OUTPUT for spec in ep.graph_signature.output_specs):
+        return False
+    return as_inference_graph(ep.graph_module)
 
 
 def _unaliased(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -252,6 +264,8 @@ def _drop_state_updates(gm: fx.GraphModule, ep: ExportedProgram) -> tuple[list[s
 def _raise_batch_norms(gm: fx.GraphModule, model: torch.nn.Module | None) -> None:
     for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _BN_VARIANTS]:
         _raise_batch_norm(gm, node, model)
+    for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target is aten.batch_norm.default]:
+        node.args = (*node.args[:5], _training_flag(gm, node, model), *node.args[6:])  # the training IR's: a flag
 
 
 def _raise_batch_norm(gm: fx.GraphModule, node: fx.Node, model: torch.nn.Module | None) -> None:

@@ -1,0 +1,177 @@
+"""Take ``torch.export``'s graph as it comes (its training IR) where it is already what pyrys reads.
+
+``ExportedProgram.run_decompositions({})`` traces the whole model a second time to reach the inference
+IR: about as long as the export itself (ResNet-18 1.1 s, MobileNetV3 2.6 s here).  On most inference
+graphs the two IRs differ only in what pyrys reads either way:
+
+* in-place ops on values the graph computed (``relu_``, ``add_``, ``hardswish_``), which the second
+  trace makes functional; here ``y = relu_(x)`` becomes ``y = relu(x)`` and every later read of ``x``
+  reads ``y``;
+* ops the second trace decomposes that are already pyrys vocabulary: ``batch_norm`` (pyrys's own form;
+  the inference IR has ``_native_batch_norm_legit_no_training``), ``reshape``, ``flatten`` and
+  ``dropout``.
+
+:func:`as_inference_graph` checks that a graph is of that kind and rewrites its in-place ops; anything
+else (an in-place write to an input, a parameter or a buffer, or to a value that is a view or has views,
+a ``batch_norm`` in training, any other op the second trace would change) leaves the graph alone and
+returns False, and the caller runs the second trace.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+aten = torch.ops.aten
+
+# ops run_decompositions({}) decomposes that pyrys reads as they are (passes/simplify.py, ir/vocabulary.py);
+# batch_norm only when not training (capture/export.py gives it its flag)
+READ_AS_THEY_ARE = frozenset({aten.reshape.default, aten.flatten.using_ints, aten.dropout.default,
+                              aten.batch_norm.default})
+
+
+def as_inference_graph(gm: fx.GraphModule) -> bool:
+    """Rewrite ``gm``'s in-place ops functionally if every op of ``gm`` is one the inference IR would hold
+    as it is, or one of the above; True when done, False (``gm`` untouched) otherwise."""
+    in_place, rewritten = [], []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if not isinstance(node.target, torch._ops.OpOverload):
+            if node.target.__module__ != "_operator":  # getitem and arithmetic on sizes only
+                return False
+            continue
+        if node.target in REWRITES:
+            if not _rewritable(node):
+                return False
+            rewritten.append(node)
+        elif node.target._schema.is_mutable:
+            if _functional_twin(node) is None or not _writes_a_fresh_value(node, in_place):
+                return False
+            in_place.append(node)
+        elif node.target in READ_AS_THEY_ARE:
+            if node.target is aten.batch_norm.default and _training(node) is not False:
+                return False
+        elif _decomposed_by_second_trace(node.target):
+            return False
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for node in in_place:
+        _make_functional(node, order)
+    for node in rewritten:
+        REWRITES[node.target](gm, node)
+    return True
+
+
+def _functional_twin(node: fx.Node) -> torch._ops.OpOverload | None:
+    """``aten.relu.default`` for ``aten.relu_.default``: the op without the trailing ``_``, same overload,
+    which writes nothing; None if there is none or the in-place op writes another argument than its first."""
+    schema = node.target._schema
+    written = [i for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
+    name = schema.name.split("::")[1]
+    if written != [0] or not name.endswith("_") or name.startswith("_"):
+        return None
+    packet = getattr(aten, name[:-1], None)
+    twin = getattr(packet, schema.overload_name or "default", None) if packet is not None else None
+    return twin if isinstance(twin, torch._ops.OpOverload) and not twin._schema.is_mutable else None
+
+
+def _writes_a_fresh_value(node: fx.Node, in_place: list[fx.Node]) -> bool:
+    """The written value was computed by the graph (not an input, parameter or buffer), by an op that
+    returns new memory (or by an in-place op made functional before this one: ``relu_(add_(x, y))``), and
+    nothing views it: writing it changes nothing else."""
+    written = node.args[0]
+    if not isinstance(written, fx.Node) or written.op != "call_function":
+        return False
+    if not isinstance(written.target, torch._ops.OpOverload) or (_aliases(written.target) and written not in in_place):
+        return False
+    return not any(isinstance(u.target, torch._ops.OpOverload) and _aliases(u.target) and u is not node
+                   for u in written.users)
+
+
+def _aliases(op: torch._ops.OpOverload) -> bool:
+    """Whether ``op`` returns (a view of) one of its arguments, in place or not."""
+    return any(r.alias_info is not None for r in op._schema.returns)
+
+
+def _training(node: fx.Node):
+    training = node.kwargs.get("training", node.args[5] if len(node.args) > 5 else None)
+    return training if isinstance(training, bool) else None
+
+
+def _decomposed_by_second_trace(op: torch._ops.OpOverload) -> bool:
+    """A CompositeImplicitAutograd op that export does not preserve (it aliases or writes, or torch says it is
+    unsafe to keep): the inference IR holds its decomposition instead."""
+    from torch._export.utils import _is_cia_op, _is_preservable_cia_op
+
+    return _is_cia_op(op) and not _is_preservable_cia_op(op)
+
+
+def _make_functional(node: fx.Node, order: dict[fx.Node, int]) -> None:
+    """``y = op_(x, ...)`` -> ``y = op(x, ...)``; reads of ``x`` after ``node`` read ``y``."""
+    written = node.args[0]
+    for user in [u for u in written.users if u is not node and order[u] > order[node]]:
+        user.replace_input_with(written, node)
+    node.target = _functional_twin(node)
+    node._rename(node.target._schema.name.split("::")[1])  # "relu__3" -> "relu" or the next free "relu_<n>"
+
+
+def _rewritable(node: fx.Node) -> bool:
+    """An in-place dropout when not training (it writes nothing), or another rewrite on fixed shapes."""
+    if node.target is aten.dropout_.default:
+        return len(node.args) > 2 and node.args[2] is False
+    return _static(node)
+
+
+def _static(node: fx.Node) -> bool:
+    """The node's input and output have fixed shapes (the rewrites below read them)."""
+    values = [node.meta.get("val"), node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None]
+    return all(isinstance(v, torch.Tensor) and all(isinstance(d, int) for d in v.shape) for v in values)
+
+
+def _replace(gm: fx.GraphModule, node: fx.Node, target, args: tuple, kwargs: dict | None = None) -> None:
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(target, args, kwargs or {})
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+
+
+def _alias(gm: fx.GraphModule, node: fx.Node) -> None:
+    node.replace_all_uses_with(node.args[0])
+    gm.graph.erase_node(node)
+
+
+def _contiguous(gm: fx.GraphModule, node: fx.Node) -> None:
+    """``x.contiguous()``: ``x`` where it is contiguous, else a contiguous clone (as the second trace gives)."""
+    memory_format = node.kwargs.get("memory_format", torch.contiguous_format)
+    if node.args[0].meta["val"].is_contiguous(memory_format=memory_format):
+        return _alias(gm, node)
+    _replace(gm, node, aten.clone.default, (node.args[0],), {"memory_format": memory_format})
+
+
+def _to(gm: fx.GraphModule, node: fx.Node) -> None:
+    """``x.to(...)``: ``x`` where nothing changes, else a copy in the output's dtype."""
+    source, out = node.args[0].meta["val"], node.meta["val"]
+    copy = node.kwargs.get("copy", False) or any(a is True for a in node.args[1:])  # to(..., non_blocking, copy)
+    memory_format = node.kwargs.get("memory_format")
+    if not copy and out.dtype == source.dtype and out.device == source.device and memory_format in (
+            None, torch.preserve_format):
+        return _alias(gm, node)
+    _replace(gm, node, aten._to_copy.default, (node.args[0],), {"dtype": out.dtype})
+
+
+def _unflatten(gm: fx.GraphModule, node: fx.Node) -> None:
+    _replace(gm, node, aten.view.default, (node.args[0], list(node.meta["val"].shape)))
+
+
+def _dropout_in_place(gm: fx.GraphModule, node: fx.Node) -> None:
+    """``dropout_(x, p, train=False)`` writes nothing: ``x``."""
+    _alias(gm, node)
+
+
+# aliasing or writing ops the second trace decomposes, rewritten as it would (fixed shapes only)
+REWRITES = {
+    aten.contiguous.default: _contiguous,
+    aten.to.device: _to, aten.to.dtype: _to, aten.to.dtype_layout: _to, aten.to.other: _to,
+    aten.unflatten.int: _unflatten,
+    aten.dropout_.default: _dropout_in_place,
+}

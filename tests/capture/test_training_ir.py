@@ -1,0 +1,85 @@
+"""torch.export's training IR taken as it is, its in-place ops made functional, where that is what the
+second trace (``run_decompositions``) would give; anything else takes the second trace."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import pyrys
+from pyrys.capture.export import export_module
+from tests.conftest import TOLERANCE
+from tests.models import Fn, conv_bn_relu, image
+
+aten = torch.ops.aten
+
+
+@pytest.fixture
+def second_traces(monkeypatch) -> list:
+    """Every ``run_decompositions`` call during the test."""
+    calls = []
+    original = torch.export.ExportedProgram.run_decompositions
+
+    def spy(self, *args, **kwargs):
+        calls.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.export.ExportedProgram, "run_decompositions", spy)
+    return calls
+
+
+def _targets(ep) -> set:
+    return {n.target for n in ep.graph.nodes if n.op == "call_function"}
+
+
+def _relu_then_read(m, x):
+    y = m.conv(x)
+    before = y * 2  # reads y before it is written
+    y.relu_()
+    return before + y, y  # and after
+
+
+def _writes_a_viewed_value(m, x):
+    y = m.conv(x)
+    flat = y.view(-1)
+    y.add_(1)  # flat sees the write
+    return flat
+
+
+def _contiguous_to_unflatten(m, x):
+    y = m.conv(x).transpose(1, 3).contiguous().to(torch.float32)
+    y = nn.functional.dropout(y, 0.5, training=False, inplace=True)
+    return y.flatten(1).unflatten(1, (y.shape[1], -1)).to(torch.float64)
+
+
+@pytest.mark.parametrize("forward", [_relu_then_read, _contiguous_to_unflatten])
+def test_an_inference_graph_is_taken_without_a_second_trace(forward, second_traces, backend):
+    model = Fn(forward, conv=nn.Conv2d(3, 4, 3)).eval()
+    ep = export_module(model, (image(),))
+    assert not second_traces
+    written = {aten.relu_.default, aten.add_.Tensor, aten.dropout_.default, aten.contiguous.default,
+               aten.to.dtype, aten.unflatten.int}
+    assert not _targets(ep) & written
+    opt = pyrys.optimize(model, (image(),), backend=backend, verify=True)
+    with torch.no_grad():
+        assert pyrys.relative_error(opt(image(batch=2)), model(image(batch=2))) <= TOLERANCE
+
+
+def test_batch_norm_in_the_training_ir_reads_its_flag(second_traces):
+    opt = pyrys.optimize(conv_bn_relu(), (image(),), freeze_flags=(), backend="reference")
+    assert not second_traces
+    assert "training" in opt.graph and "batch_norm" in opt.graph  # not frozen: the flag is a state read
+    assert pyrys.relative_error(opt(image()), conv_bn_relu()(image())) <= TOLERANCE
+
+
+@pytest.mark.parametrize("model", [
+    Fn(_writes_a_viewed_value, conv=nn.Conv2d(3, 4, 3)).eval(),  # a write a view sees
+    conv_bn_relu().train(),  # batch_norm in training writes its statistics
+    Fn(lambda m, x: x.mul_(2) + 1),  # a write to an input
+])
+def test_a_graph_the_second_trace_would_change_takes_it(model, second_traces, recwarn):
+    export_module(model, (image(),))
+    assert len(second_traces) == 1
+    with torch.no_grad():
+        expected = model(image())
+    assert pyrys.relative_error(pyrys.optimize(model, (image(),))(image()), expected) <= TOLERANCE
