@@ -72,6 +72,37 @@ def test_batch_norm_in_the_training_ir_reads_its_flag(second_traces):
     assert pyrys.relative_error(opt(image()), conv_bn_relu()(image())) <= TOLERANCE
 
 
+def _compared_in_place(m, x):
+    y = x + 0.5
+    y.gt_(1.0)  # gt gives bool; gt_ keeps y's float dtype
+    return y
+
+
+def _half_add_in_place(m, x):
+    y = x.half() * 2
+    y.add_(x)  # add of half and float32 gives float32; add_ keeps half
+    return y.float()
+
+
+def _pow_in_place(m, x):
+    y = x * 2
+    y.pow_(2)  # pow_.Scalar(Tensor, Scalar); pow.Scalar is (Scalar, Tensor)
+    return y
+
+
+def _channels_last(m, x):
+    return (x * 2).to(memory_format=torch.channels_last) + 1
+
+
+@pytest.mark.parametrize("forward", [_compared_in_place, _half_add_in_place, _pow_in_place, _channels_last])
+def test_an_op_whose_functional_form_differs_takes_the_second_trace(forward, second_traces):
+    model = Fn(forward)
+    export_module(model, (image(),))
+    assert len(second_traces) == 1
+    out, expected = pyrys.optimize(model, (image(),))(image()), model(image())
+    assert out.dtype == expected.dtype and pyrys.relative_error(out, expected) <= TOLERANCE
+
+
 @pytest.mark.parametrize("model", [
     Fn(_writes_a_viewed_value, conv=nn.Conv2d(3, 4, 3)).eval(),  # a write a view sees
     conv_bn_relu().train(),  # batch_norm in training writes its statistics
@@ -83,3 +114,13 @@ def test_a_graph_the_second_trace_would_change_takes_it(model, second_traces, re
     with torch.no_grad():
         expected = model(image())
     assert pyrys.relative_error(pyrys.optimize(model, (image(),))(image()), expected) <= TOLERANCE
+
+
+def test_the_program_returned_stays_runnable_and_named(second_traces):
+    model = Fn(_relu_then_read, conv=nn.Conv2d(3, 4, 3)).eval()
+    ep = export_module(model, (image(),))
+    assert not second_traces and "relu_" not in ep.graph_module.code
+    outputs = [n.name for n in ep.graph.find_nodes(op="output")[0].args[0]]
+    assert [spec.arg.name for spec in ep.graph_signature.output_specs] == outputs
+    with torch.no_grad():
+        assert pyrys.relative_error(ep.module()(image()), model(image())) <= TOLERANCE

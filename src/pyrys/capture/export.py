@@ -29,7 +29,7 @@ from torch._dynamo.exc import UserError, UserErrorType
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import DataDependentOutputException
 from torch.export import ExportedProgram
-from torch.export.graph_signature import InputKind, OutputKind
+from torch.export.graph_signature import InputKind, OutputKind, TensorArgument
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, free_unbacked_symbols
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -115,7 +115,14 @@ def _reads_as_inference(ep: ExportedProgram) -> bool:
     (``training_ir.py``); it writes no state or input either way."""
     if any(spec.kind != OutputKind.USER_OUTPUT for spec in ep.graph_signature.output_specs):
         return False
-    return as_inference_graph(ep.graph_module)
+    if not as_inference_graph(ep.graph_module):
+        return False
+    ep.graph_module.recompile()  # the program stays runnable, its outputs named as they are now
+    output = next(n for n in ep.graph_module.graph.nodes if n.op == "output")
+    for spec, value in zip(ep.graph_signature.output_specs, output.args[0]):
+        if isinstance(value, fx.Node) and isinstance(spec.arg, TensorArgument):
+            spec.arg.name = value.name
+    return True
 
 
 def _unaliased(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -262,10 +269,11 @@ def _drop_state_updates(gm: fx.GraphModule, ep: ExportedProgram) -> tuple[list[s
 
 
 def _raise_batch_norms(gm: fx.GraphModule, model: torch.nn.Module | None) -> None:
+    raised = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is aten.batch_norm.default]
     for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _BN_VARIANTS]:
         _raise_batch_norm(gm, node, model)
-    for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target is aten.batch_norm.default]:
-        node.args = (*node.args[:5], _training_flag(gm, node, model), *node.args[6:])  # the training IR's: a flag
+    for node in raised:  # the training IR's, raised already: its training argument becomes a flag read
+        node.args = (*node.args[:5], _training_flag(gm, node, model), *node.args[6:])
 
 
 def _raise_batch_norm(gm: fx.GraphModule, node: fx.Node, model: torch.nn.Module | None) -> None:
@@ -291,6 +299,8 @@ def _training_flag(gm: fx.GraphModule, node: fx.Node, model: torch.nn.Module | N
     """The ``training`` flag of the module that owns ``node``, as a state read (a literal if unknown)."""
     path = _owner_path(node)
     captured_value = node.target is aten._native_batch_norm_legit_functional.default
+    if node.target is aten.batch_norm.default and isinstance(node.args[5], bool):  # the training IR's
+        captured_value = node.args[5]
     if path is None:
         return captured_value
     target = f"{path}.training" if path else "training"

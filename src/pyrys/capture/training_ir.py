@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
+from torch._guards import detect_fake_mode
 
 aten = torch.ops.aten
 
@@ -45,7 +46,8 @@ def as_inference_graph(gm: fx.GraphModule) -> bool:
                 return False
             rewritten.append(node)
         elif node.target._schema.is_mutable:
-            if _functional_twin(node) is None or not _writes_a_fresh_value(node, in_place):
+            twin = _functional_twin(node)
+            if twin is None or not _writes_a_fresh_value(node, in_place) or not _same_result(node, twin):
                 return False
             in_place.append(node)
         elif node.target in READ_AS_THEY_ARE:
@@ -66,12 +68,33 @@ def _functional_twin(node: fx.Node) -> torch._ops.OpOverload | None:
     which writes nothing; None if there is none or the in-place op writes another argument than its first."""
     schema = node.target._schema
     written = [i for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
-    name = schema.name.split("::")[1]
-    if written != [0] or not name.endswith("_") or name.startswith("_"):
+    namespace, name = schema.name.split("::")
+    if namespace != "aten" or written != [0] or not name.endswith("_") or name.startswith("_"):
         return None
     packet = getattr(aten, name[:-1], None)
     twin = getattr(packet, schema.overload_name or "default", None) if packet is not None else None
-    return twin if isinstance(twin, torch._ops.OpOverload) and not twin._schema.is_mutable else None
+    if not isinstance(twin, torch._ops.OpOverload) or twin._schema.is_mutable:
+        return None
+    same_arguments = [(a.name, str(a.type)) for a in twin._schema.arguments] == [
+        (a.name, str(a.type)) for a in schema.arguments]  # pow_.Scalar's twin pow.Scalar takes a number first
+    return twin if same_arguments else None
+
+
+def _same_result(node: fx.Node, twin: torch._ops.OpOverload) -> bool:
+    """The functional op gives what the in-place one wrote: its dtype (``y.gt_(0)`` keeps ``y``'s float dtype
+    where ``gt`` gives bool; ``half.add_(float32)`` stays half), run on the fake values."""
+    expected = node.meta.get("val")
+    values = [a.meta.get("val") for a in node.all_input_nodes]
+    mode = detect_fake_mode(values)
+    if not isinstance(expected, torch.Tensor) or mode is None:
+        return False
+    fake = lambda a: a.meta["val"] if isinstance(a, fx.Node) else a  # noqa: E731
+    try:
+        with mode:
+            result = twin(*fx.node.map_arg(node.args, fake), **fx.node.map_arg(node.kwargs, fake))
+    except Exception:  # noqa: BLE001 -- whatever the functional op refuses, the second trace decides
+        return False
+    return isinstance(result, torch.Tensor) and result.dtype == expected.dtype and result.dim() == expected.dim()
 
 
 def _writes_a_fresh_value(node: fx.Node, in_place: list[fx.Node]) -> bool:
@@ -115,9 +138,12 @@ def _make_functional(node: fx.Node, order: dict[fx.Node, int]) -> None:
 
 
 def _rewritable(node: fx.Node) -> bool:
-    """An in-place dropout when not training (it writes nothing), or another rewrite on fixed shapes."""
+    """An in-place dropout when not training (it writes nothing), or another rewrite on fixed shapes
+    (``to`` without a ``memory_format``)."""
     if node.target is aten.dropout_.default:
         return len(node.args) > 2 and node.args[2] is False
+    if node.target in _TO and node.kwargs.get("memory_format") not in (None, torch.preserve_format):
+        return False
     return _static(node)
 
 
@@ -152,9 +178,7 @@ def _to(gm: fx.GraphModule, node: fx.Node) -> None:
     """``x.to(...)``: ``x`` where nothing changes, else a copy in the output's dtype."""
     source, out = node.args[0].meta["val"], node.meta["val"]
     copy = node.kwargs.get("copy", False) or any(a is True for a in node.args[1:])  # to(..., non_blocking, copy)
-    memory_format = node.kwargs.get("memory_format")
-    if not copy and out.dtype == source.dtype and out.device == source.device and memory_format in (
-            None, torch.preserve_format):
+    if not copy and out.dtype == source.dtype and out.device == source.device:
         return _alias(gm, node)
     _replace(gm, node, aten._to_copy.default, (node.args[0],), {"dtype": out.dtype})
 
@@ -168,10 +192,11 @@ def _dropout_in_place(gm: fx.GraphModule, node: fx.Node) -> None:
     _alias(gm, node)
 
 
+_TO = (aten.to.device, aten.to.dtype, aten.to.dtype_layout, aten.to.other)
 # aliasing or writing ops the second trace decomposes, rewritten as it would (fixed shapes only)
 REWRITES = {
     aten.contiguous.default: _contiguous,
-    aten.to.device: _to, aten.to.dtype: _to, aten.to.dtype_layout: _to, aten.to.other: _to,
+    **{op: _to for op in _TO},
     aten.unflatten.int: _unflatten,
     aten.dropout_.default: _dropout_in_place,
 }
