@@ -57,14 +57,14 @@ class Views(torch.nn.Module):
 VIEWS_AFTER = """\
 graph(%x : Float(2, 3, 4)):
   %relu : Float(2, 3, 4) = aten::relu(%x)
-  %view_8 : Float(4, 6) = aten::view(%relu, [4, 6])
-  %add : Float(4, 6) = aten::add(%view_8, 1)
+  %view_5 : Float(4, 6) = aten::view(%relu, [4, 6])
+  %add : Float(4, 6) = aten::add(%view_5, 1)
   return (%add)"""
 
 
 def test_view_chains_collapse_into_one_view(run_passes):
     result = run_passes(Views().eval(), (torch.randn(2, 3, 4),), "simplify", "dead_code_elimination")
-    assert result.before.count("aten::view") + result.before.count("aten::unsqueeze") >= 4
+    assert sum(result.before.count(f"aten::{op}(") for op in ("view", "flatten", "reshape", "unsqueeze")) >= 4
     assert result.after == VIEWS_AFTER
     assert result.fired("simplify")["view_chain"] >= 1
     assert result.error() <= TOLERANCE
