@@ -204,3 +204,16 @@ def test_a_graph_pyrys_cannot_capture_runs_in_torch(dynamo_graphs, monkeypatch, 
     (graph,) = dynamo_graphs
     assert graph.runs_in_torch == "pyrys cannot capture it (pyrys: a reason): it runs in torch"
     assert "a reason" in caplog.text
+
+
+def test_numbers_that_keep_changing_stop_compiling_and_run_in_torch(dynamo_graphs, monkeypatch):
+    monkeypatch.setattr("pyrys.compile_backend.MAX_WRAPPED_VALUES", 3)
+
+    def scaled(x, temperature: float):
+        return torch.nn.functional.relu(x) / temperature
+
+    compiled = torch.compile(scaled, backend="pyrys", dynamic=True, options={"backend": "reference"})
+    for temperature in (0.5, 1.0, 2.0, 0.5, 3.0, 4.0):
+        assert torch.allclose(compiled(image(), temperature), scaled(image(), temperature))
+    (graph,) = dynamo_graphs
+    assert len(graph.programs) == 3 and graph.runs_in_torch.startswith("its number inputs took more than 3 values")

@@ -181,6 +181,7 @@ class DynamoGraph:
         # dynamic=True) and reads with .item(): each value is a compile key, as the ints are
         self.wrapped = [i for i, node in enumerate(placeholders) if _wrapped_number(node)]
         self._wrapped_seen: set[tuple] = set()  # the values they took
+        self._seeing = threading.Lock()
         self.inputs = [i for i, v in enumerate(example_inputs)
                        if i not in self.state and i not in self.wrapped and isinstance(v, torch.Tensor)]
         self.scalars = [i for i, v in enumerate(example_inputs) if not isinstance(v, torch.Tensor)]
@@ -242,7 +243,9 @@ class DynamoGraph:
     def _bound_wrapped_values(self, values: tuple) -> None:
         """Numbers that take a new value call after call (a random draw, a counter) would compile on every
         call: past :data:`MAX_WRAPPED_VALUES` values the graph runs in torch."""
-        with self._compiling:
+        if values in self._wrapped_seen:
+            return
+        with self._seeing:  # not the compile lock: a call whose values were seen never waits for a compile
             self._wrapped_seen.add(values)
             if len(self._wrapped_seen) > MAX_WRAPPED_VALUES and not self.runs_in_torch:
                 self._run_in_torch(f"its number inputs took more than {MAX_WRAPPED_VALUES} values, each a compile")
