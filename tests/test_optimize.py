@@ -157,7 +157,7 @@ class _ScaledDifference(torch.nn.Module):
 @pytest.mark.parametrize("way", ["nn.Module", "TorchScript"])
 def test_a_call_may_pass_by_keyword_what_the_example_passed_by_position(way):
     """As eager does: ``opt(x, b=y)`` and ``opt(b=y, a=x)`` for an example ``(x, y)``."""
-    model = _Difference() if way == "nn.Module" else torch.jit.script(_Difference())
+    model = _Difference().eval() if way == "nn.Module" else torch.jit.script(_Difference().eval())
     x, y = torch.rand(3, 4), torch.rand(3, 4)
     opt = pyrys.optimize(model, (x, y))
     for call in [lambda m: m(x, b=y), lambda m: m(b=y, a=x), lambda m: m(x, y)]:
@@ -165,7 +165,7 @@ def test_a_call_may_pass_by_keyword_what_the_example_passed_by_position(way):
 
 
 def test_a_call_may_pass_by_position_what_the_example_passed_by_keyword():
-    model, x, y = _ScaledDifference(), torch.rand(3, 4), torch.rand(3, 4)
+    model, x, y = _ScaledDifference().eval(), torch.rand(3, 4), torch.rand(3, 4)
     opt = pyrys.optimize(model, (x,), {"b": y})
     assert torch.allclose(opt(x, y), x - y) and torch.allclose(opt(a=x, b=y), x - y)
     with pytest.raises(pyrys.InputError):  # an input the example did not pass is not dropped: a clear error
