@@ -124,3 +124,19 @@ def test_the_program_returned_stays_runnable_and_named(second_traces):
     assert [spec.arg.name for spec in ep.graph_signature.output_specs] == outputs
     with torch.no_grad():
         assert pyrys.relative_error(ep.module()(image()), model(image())) <= TOLERANCE
+
+
+def _mask_of(m, x):
+    mask = (x > 0.5).to(torch.float32)  # HF's extended attention mask: to(dtype), contiguous, with symbolic sizes
+    return (m.linear(x) * mask).transpose(0, 1).contiguous()
+
+
+def test_to_and_contiguous_are_rewritten_with_symbolic_sizes_too(second_traces):
+    model = Fn(_mask_of, linear=nn.Linear(8, 8)).eval()
+    x = torch.rand(3, 8)
+    ep = export_module(model, (x,), dynamic=True)
+    assert not second_traces and not _targets(ep) & {aten.to.dtype, aten.contiguous.default}
+    opt = pyrys.optimize(model, (x,), dynamic=True)
+    for rows in (3, 5):
+        y = torch.rand(rows, 8)
+        assert pyrys.relative_error(opt(y), model(y)) <= TOLERANCE

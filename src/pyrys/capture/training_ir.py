@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 aten = torch.ops.aten
 
@@ -138,12 +139,14 @@ def _make_functional(node: fx.Node, order: dict[fx.Node, int]) -> None:
 
 
 def _rewritable(node: fx.Node) -> bool:
-    """An in-place dropout when not training (it writes nothing), or another rewrite on fixed shapes
-    (``to`` without a ``memory_format``)."""
+    """An in-place dropout when not training (it writes nothing), ``to`` without a ``memory_format`` (it reads
+    dtypes only), ``contiguous``, or ``unflatten`` on fixed shapes."""
     if node.target is aten.dropout_.default:
         return len(node.args) > 2 and node.args[2] is False
-    if node.target in _TO and node.kwargs.get("memory_format") not in (None, torch.preserve_format):
-        return False
+    if node.target in _TO:
+        return node.kwargs.get("memory_format") in (None, torch.preserve_format)
+    if node.target is aten.contiguous.default:
+        return isinstance(node.args[0], fx.Node) and isinstance(node.args[0].meta.get("val"), torch.Tensor)
     return _static(node)
 
 
@@ -169,8 +172,8 @@ def _alias(gm: fx.GraphModule, node: fx.Node) -> None:
 def _contiguous(gm: fx.GraphModule, node: fx.Node) -> None:
     """``x.contiguous()``: ``x`` where it is contiguous, else a contiguous clone (as the second trace gives)."""
     memory_format = node.kwargs.get("memory_format", torch.contiguous_format)
-    if node.args[0].meta["val"].is_contiguous(memory_format=memory_format):
-        return _alias(gm, node)
+    if statically_known_true(node.args[0].meta["val"].is_contiguous(memory_format=memory_format)):
+        return _alias(gm, node)  # (with symbolic sizes, where that is not known for every size: the clone)
     _replace(gm, node, aten.clone.default, (node.args[0],), {"memory_format": memory_format})
 
 
