@@ -37,6 +37,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from pyrys.capture.captured import Captured, input_writes_note
+from pyrys.capture.in_place import functional_twin
 from pyrys.errors import CaptureError
 from pyrys.ir.control_flow import IF, RaisingBranch, add_if, has_effects
 from pyrys.ir.graph import STATE_KEY, StateRef, add_constant, add_placeholder
@@ -580,10 +581,10 @@ def _mutated_argument(schema) -> int | None:
 
 
 def _functional(schema, node: torch._C.Node):
-    namespace, base = schema.name.split("::")
-    if not base.endswith("_") or base.startswith("__"):
+    twin = functional_twin(schema)
+    if twin is None:
         raise TorchScriptImportError(f"{node.kind()} writes to its input and has no functional form pyrys knows")
-    return _overload(f"{namespace}::{base[:-1]}", schema.overload_name, node)
+    return twin
 
 
 def _is_view(schema) -> bool:

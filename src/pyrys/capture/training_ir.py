@@ -23,6 +23,8 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from pyrys.capture.in_place import functional_twin
+
 aten = torch.ops.aten
 
 # ops run_decompositions({}) decomposes that pyrys reads as they are (passes/simplify.py, ir/vocabulary.py);
@@ -47,7 +49,7 @@ def as_inference_graph(gm: fx.GraphModule) -> bool:
                 return False
             rewritten.append(node)
         elif node.target._schema.is_mutable:
-            twin = _functional_twin(node)
+            twin = functional_twin(node.target._schema)
             if twin is None or not _writes_a_fresh_value(node, in_place) or not _same_result(node, twin):
                 return False
             in_place.append(node)
@@ -62,23 +64,6 @@ def as_inference_graph(gm: fx.GraphModule) -> bool:
     for node in rewritten:
         REWRITES[node.target](gm, node)
     return True
-
-
-def _functional_twin(node: fx.Node) -> torch._ops.OpOverload | None:
-    """``aten.relu.default`` for ``aten.relu_.default``: the op without the trailing ``_``, same overload,
-    which writes nothing; None if there is none or the in-place op writes another argument than its first."""
-    schema = node.target._schema
-    written = [i for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
-    namespace, name = schema.name.split("::")
-    if namespace != "aten" or written != [0] or not name.endswith("_") or name.startswith("_"):
-        return None
-    packet = getattr(aten, name[:-1], None)
-    twin = getattr(packet, schema.overload_name or "default", None) if packet is not None else None
-    if not isinstance(twin, torch._ops.OpOverload) or twin._schema.is_mutable:
-        return None
-    same_arguments = [(a.name, str(a.type)) for a in twin._schema.arguments] == [
-        (a.name, str(a.type)) for a in schema.arguments]  # pow_.Scalar's twin pow.Scalar takes a number first
-    return twin if same_arguments else None
 
 
 def _same_result(node: fx.Node, twin: torch._ops.OpOverload) -> bool:
@@ -134,7 +119,7 @@ def _make_functional(node: fx.Node, order: dict[fx.Node, int]) -> None:
     written = node.args[0]
     for user in [u for u in written.users if u is not node and order[u] > order[node]]:
         user.replace_input_with(written, node)
-    node.target = _functional_twin(node)
+    node.target = functional_twin(node.target._schema)
     node._rename(node.target._schema.name.split("::")[1])  # "relu__3" -> "relu" or the next free "relu_<n>"
 
 
