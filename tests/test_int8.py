@@ -404,7 +404,8 @@ def test_bias_correction_gives_each_channel_the_float32_mean(case, backend, monk
     monkeypatch.setattr(importlib.import_module("pyrys.passes.quantize"), "bias_corrections", lambda *_: {})
     with torch.no_grad():
         uncorrected = channel_shift(int8(model, calibration[0], backend, calibration, accuracy_budget=None))
-    assert uncorrected.abs().max() > 1e-3 * scale and uncorrected.abs().max() > 30 * corrected
+    # 8-bit weights (VNNI, AMX) shift a channel's mean by ~7e-4 of the output's scale here, 7-bit ones (AVX2) more
+    assert uncorrected.abs().max() > 3e-4 * scale and uncorrected.abs().max() > 30 * corrected
 
 
 def test_a_reader_of_two_int8_results_reads_each_as_its_layer_is_set():
