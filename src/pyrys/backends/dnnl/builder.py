@@ -112,15 +112,28 @@ class PackedWeights:
         dtype (read back, it gives the same values exactly); else None (it is read as it is,
         or not packed here, or a single number)."""
         with self._lock:
-            key = _key(tensor)
+            key = packed_key = _key(tensor)
             entries = self.entries.get(key)
+            if not entries and tensor.dim() == 2 and not is_released(tensor):
+                packed_key = _key(tensor.t())  # a linear run as a matmul packs its weight's transpose
+                entries = self.entries.get(packed_key)
             own = tensor.untyped_storage().data_ptr()
             if (not entries or tensor.numel() <= 1 or is_released(tensor) or key in self.read_as_is
                     or any(s.untyped_storage().data_ptr() == own or DNNL_TO_TORCH.get(md.dtype) != tensor.dtype
                            for md, s in entries)
-                    or any(k != key and s.untyped_storage().data_ptr() == own for k, s in self.sources.items())):
+                    or any(k not in (key, packed_key) and s.untyped_storage().data_ptr() == own
+                           for k, s in self.sources.items())):
                 return None  # read as it is, not packed, a number, or packed through a view of another shape
             md, storage = entries[0]
+            if packed_key != key:
+                unpack = functools.partial(_unpack_transposed, engine, md, storage, tuple(tensor.t().shape))
+                if tensor.dtype == torch.int8 and not torch.equal(unpack(), tensor):
+                    return None  # not read back exactly (int8 weights are packed as they are where matmuls read them)
+                stand_in = release(tensor, unpack)
+                self.entries[_key(stand_in.t())] = self.entries.pop(packed_key)
+                self.sources[_key(stand_in.t())] = stand_in.t()
+                del self.sources[packed_key]
+                return stand_in
             unpack = functools.partial(_unpack, engine, md, storage, tuple(tensor.shape))
             if tensor.dtype == torch.int8 and not torch.equal(unpack(), tensor):
                 # packed halved (oneDNN's AVX2 convolutions reading s8 halve their int8 weights, which pyrys
@@ -138,6 +151,11 @@ class PackedWeights:
 def _unpack(engine: Engine, md: MemoryDesc, storage: torch.Tensor, shape: tuple) -> torch.Tensor:
     """A plain tensor of ``shape`` with the values packed in ``storage`` (layout ``md``), read back."""
     return to_tensor(engine, Stream(engine), Memory(engine, md, storage.data_ptr(), keepalive=storage)).reshape(shape)
+
+
+def _unpack_transposed(engine: Engine, md: MemoryDesc, storage: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """The plain tensor whose transpose (of ``shape``) is packed in ``storage``."""
+    return _unpack(engine, md, storage, shape).t().contiguous()
 
 
 def _doubled(unpack) -> torch.Tensor:

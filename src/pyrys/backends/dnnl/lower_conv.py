@@ -16,7 +16,7 @@ from pyrys.backends.dnnl import linear_kernels
 from pyrys.backends.dnnl.binding import DnnlError
 from pyrys.backends.dnnl.builder import F32_OR_BF16, Builder, Unsupported, check_dtype, node_text
 from pyrys.backends.dnnl.constants import ARG_BIAS, ARG_DST, ARG_SRC, ARG_WEIGHTS, arg_post_op_src1
-from pyrys.backends.dnnl.descriptors import convolution_pd, deconvolution_pd, inner_product_pd
+from pyrys.backends.dnnl.descriptors import convolution_pd, deconvolution_pd, inner_product_pd, matmul_pd
 from pyrys.backends.dnnl.layout import plain_md, policy_md
 from pyrys.backends.dnnl.lower_int8 import INT8, Int8Op, post_operands, read_int8
 from pyrys.backends.dnnl.post_ops import Chain, Operand, build_chain, operand_of
@@ -186,18 +186,40 @@ def lower_linear(builder: Builder, node: fx.Node) -> None:
     dst_md = plain_md([rows, weight.shape[0]], dst_dtype)
     operands = [_operand_2d(builder, n, rows) for n in fused.post_inputs]
     chain = build_chain(builder, fused.post_ops, operands, dst_md)
-    b_md = None if bias is None else plain_md(bias.shape, bias.dtype)
-    attr = int8.attr(chain.post_ops, 0b1) if int8 is not None else PrimitiveAttr(chain.post_ops)
-    layouts = builder.weight_layouts(weight)
-    if int8 is None:
-        layouts = linear_kernels.weight_layouts(builder.engine, x.md, weight, dst_md, b_md, layouts,
-                                                builder.packed.layouts_of(weight, plain=True))
-    pd = _first_fast([lambda w_md=w_md: inner_product_pd(builder.engine, x.md, w_md, dst_md, b_md, attr=attr)
-                      for w_md in layouts])
-    dst = _finish(builder, node, pd, x, weight, bias, chain, f"dnnl::{fused.label}",
-                  _dtype_note(dst_dtype, node) if int8 is None else "", int8)
+    note = _dtype_note(dst_dtype, node) if int8 is None else ""
+    pd = None
+    if linear_kernels.as_matmul(rows, weight, builder.packed):
+        # x [rows, in] @ W^T [in, out]: the weight's transposed view is what is packed (the same view every build)
+        weight_t, bias_row = weight.t(), None if bias is None else bias.reshape(1, -1)
+        pd = _linear_pd(builder, x, weight_t, bias_row, dst_md, chain, int8, 0b10, matmul_pd)
+        if pd is not None:
+            weight, bias, note = weight_t, bias_row, note + ", as=matmul"
+    if pd is None:
+        pd = _linear_pd(builder, x, weight, bias, dst_md, chain, int8, 0b1, inner_product_pd, required=True)
+    dst = _finish(builder, node, pd, x, weight, bias, chain, f"dnnl::{fused.label}", note, int8)
     if out.dim() != 2:
         builder.values[node] = Value(node.name, plain_md(out.shape, dst_dtype), ALIAS, dst)
+
+
+def _linear_pd(builder: Builder, x: Value, weight: torch.Tensor, bias: torch.Tensor | None, dst_md, chain: Chain,
+               int8: Int8Op | None, weight_mask: int, create, required: bool = False) -> PrimitiveDesc | None:
+    """The primitive descriptor of a linear as ``create`` (``inner_product_pd`` on ``W [out, in]``, or
+    ``matmul_pd`` on ``W^T [in, out]`` with a ``[1, out]`` bias); None where that one has no fast kernel,
+    unless ``required``.  ``weight_mask``: the dim of ``weight`` its per-output-channel int8 scales run over."""
+    b_md = None if bias is None else plain_md(bias.shape, bias.dtype)
+    attr = int8.attr(chain.post_ops, weight_mask) if int8 is not None else PrimitiveAttr(chain.post_ops)
+    layouts = builder.weight_layouts(weight)
+    if int8 is None and create is inner_product_pd:
+        layouts = linear_kernels.weight_layouts(builder.engine, x.md, weight, dst_md, b_md, layouts,
+                                                builder.packed.layouts_of(weight, plain=True))
+    try:
+        pd = _first_fast([lambda w_md=w_md: create(builder.engine, x.md, w_md, dst_md, b_md, attr=attr)
+                          for w_md in layouts])
+    except Unsupported:
+        if required:
+            raise
+        return None
+    return pd if required or not is_reference(pd) else None
 
 
 def _as_2d(builder: Builder, value: Value, rows: int) -> Value:
