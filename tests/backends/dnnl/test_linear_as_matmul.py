@@ -1,14 +1,16 @@
-"""bf16 and int8 linears with many rows run as oneDNN matmuls (``linear_kernels.as_matmul``): the same
+"""bf16 and int8 linears with many rows run as oneDNN matmuls (``linear_primitive.as_matmul``): the same
 numbers as the inner product within bf16/int8 tolerance, one packed copy of each weight whatever the shapes
 that follow, and a saved program that rebuilds the same kernels."""
 from __future__ import annotations
+
+import importlib
 
 import pytest
 import torch
 import torch.nn as nn
 
 import pyrys
-from pyrys.backends.dnnl import binding, linear_kernels
+from pyrys.backends.dnnl import binding, linear_primitive
 from pyrys.machine import native_bf16
 from pyrys.numerics import BF16_TOLERANCE, relative_error
 from pyrys.quantization import vnni
@@ -58,7 +60,7 @@ def test_a_bf16_linear_with_many_rows_runs_as_a_matmul_on_one_packed_copy():
 
 @needs_native_bf16
 def test_a_bf16_linear_with_few_rows_stays_an_inner_product():
-    opt = pyrys.optimize(Block(), (tokens(1, linear_kernels.MATMUL_MIN_ROWS - 1),), precision="bf16")
+    opt = pyrys.optimize(Block(), (tokens(1, linear_primitive.MATMUL_MIN_ROWS - 1),), precision="bf16")
     assert linear_lines(opt) and not any("as=matmul" in line for line in linear_lines(opt))
 
 
@@ -78,13 +80,27 @@ def test_a_saved_bf16_matmul_linear_loads_to_the_same_kernels_and_bits(tmp_path)
 
 
 @needs_vnni
-def test_an_int8_linear_with_many_rows_runs_as_a_matmul():
+def test_an_int8_linear_with_many_rows_runs_as_a_matmul_and_loads_bitwise(tmp_path):
     model, x = Block(), tokens(2, 50)
     calibration = [(tokens(2, 50, seed=s),) for s in range(2, 8)]
     opt = pyrys.optimize(model, (x,), precision="int8", calibration=calibration)
     int8_lines = [line for line in linear_lines(opt) if "int8=" in line]
     assert int8_lines and all("as=matmul" in line for line in int8_lines), opt.program_text()
     assert relative_error(opt(x), model(x)) <= 5e-2
+    assert opt.memory()["weights"] < WIDTH * HIDDEN  # the s8 weights' plain copies released
+    pyrys.save(opt, tmp_path / "int8")
+    loaded = pyrys.load(tmp_path / "int8")
+    assert linear_lines(loaded) == linear_lines(opt) and torch.equal(loaded(x), opt(x))
+
+
+@needs_native_bf16
+def test_a_linear_whose_matmul_has_no_fast_kernel_is_an_inner_product(monkeypatch):
+    lower_conv = importlib.import_module("pyrys.backends.dnnl.lower_conv")
+    monkeypatch.setattr(lower_conv, "_matmul_linear_pd", lambda *args: None)
+    model, x = Block(), tokens(2, 50)
+    opt = pyrys.optimize(model, (x,), precision="bf16")
+    assert linear_lines(opt) and not any("as=matmul" in line for line in linear_lines(opt))
+    assert relative_error(opt(x), model(x)) <= BF16_TOLERANCE
 
 
 def test_the_rule_follows_the_weight_s_packed_copy(monkeypatch):
@@ -93,15 +109,15 @@ def test_the_rule_follows_the_weight_s_packed_copy(monkeypatch):
         def __init__(self, transposed: bool, plain: bool):
             self.transposed, self.plain = transposed, plain
 
-        def layouts_of(self, tensor):
+        def layouts_of(self, tensor, plain=False):
             return ["md"] if (self.transposed if tensor.stride(0) == 1 else self.plain) else []
 
-    monkeypatch.setattr(linear_kernels, "native_bf16", lambda: True)
+    monkeypatch.setattr(linear_primitive, "native_bf16", lambda: True)
     weight = torch.zeros(8, 4, dtype=torch.bfloat16)
-    assert linear_kernels.as_matmul(64, weight, Packed(False, False))
-    assert not linear_kernels.as_matmul(63, weight, Packed(False, False))
-    assert linear_kernels.as_matmul(1, weight, Packed(True, False))
-    assert not linear_kernels.as_matmul(1000, weight, Packed(False, True))
-    assert not linear_kernels.as_matmul(1000, weight.float(), Packed(False, False))
-    monkeypatch.setattr(linear_kernels, "native_bf16", lambda: False)
-    assert not linear_kernels.as_matmul(1000, weight, Packed(False, False))
+    assert linear_primitive.as_matmul(64, weight, Packed(False, False))
+    assert not linear_primitive.as_matmul(63, weight, Packed(False, False))
+    assert linear_primitive.as_matmul(1, weight, Packed(True, False))
+    assert not linear_primitive.as_matmul(1000, weight, Packed(False, True))
+    assert not linear_primitive.as_matmul(1000, weight.float(), Packed(False, False))
+    monkeypatch.setattr(linear_primitive, "native_bf16", lambda: False)
+    assert not linear_primitive.as_matmul(1000, weight, Packed(False, False))

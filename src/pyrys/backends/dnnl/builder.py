@@ -30,8 +30,9 @@ class PackedWeights:
     (one per layout candidate, thread count and input shape): a weight is packed once per layout.
 
     :meth:`release` hands out a stand-in (:mod:`pyrys.ir.released`) for a constant held here only
-    in other layouts, so that the graph's plain copy can be freed; a stand-in's values come back
-    from its packed copy, and a further layout is packed from them."""
+    in other layouts (or, for a linear run as a matmul, only its transpose), so that the graph's plain
+    copy can be freed; a stand-in's values come back from its packed copy, and a further layout is
+    packed from them."""
 
     def __init__(self) -> None:
         self.entries: dict[tuple, list[tuple[MemoryDesc, torch.Tensor]]] = {}  # source -> [(md, bytes)]
@@ -85,10 +86,9 @@ class PackedWeights:
     def copied_bytes(self) -> int:
         """Bytes of the packed copies (a constant read in its own contiguous layout is not copied)."""
         copies = {}
-        with self._lock:
-            held = list(self.entries.items())
-        for key, entries in held:
-            source = self.sources[key].untyped_storage().data_ptr()
+        with self._lock:  # a release on another thread re-keys both dicts
+            held = [(self.sources[key].untyped_storage().data_ptr(), entries) for key, entries in self.entries.items()]
+        for source, entries in held:
             for _, storage in entries:
                 if storage.untyped_storage().data_ptr() != source:
                     copies[storage.untyped_storage().data_ptr()] = storage.untyped_storage().nbytes()
@@ -108,9 +108,9 @@ class PackedWeights:
                 del self.entries[key], self.sources[key]
 
     def release(self, engine: Engine, tensor: torch.Tensor) -> torch.Tensor | None:
-        """A stand-in for ``tensor`` if every copy held of it is packed in another layout, with its
-        dtype (read back, it gives the same values exactly); else None (it is read as it is,
-        or not packed here, or a single number)."""
+        """A stand-in for ``tensor`` if every copy held of it (or, where it has none, of its transpose: a
+        linear's weight run as a matmul) is packed in another layout, with its dtype (read back, it gives
+        the same values exactly); else None (it is read as it is, or not packed here, or a single number)."""
         with self._lock:
             key = packed_key = _key(tensor)
             entries = self.entries.get(key)
@@ -125,16 +125,9 @@ class PackedWeights:
                            for k, s in self.sources.items())):
                 return None  # read as it is, not packed, a number, or packed through a view of another shape
             md, storage = entries[0]
-            if packed_key != key:
-                unpack = functools.partial(_unpack_transposed, engine, md, storage, tuple(tensor.t().shape))
-                if tensor.dtype == torch.int8 and not torch.equal(unpack(), tensor):
-                    return None  # not read back exactly (int8 weights are packed as they are where matmuls read them)
-                stand_in = release(tensor, unpack)
-                self.entries[_key(stand_in.t())] = self.entries.pop(packed_key)
-                self.sources[_key(stand_in.t())] = stand_in.t()
-                del self.sources[packed_key]
-                return stand_in
-            unpack = functools.partial(_unpack, engine, md, storage, tuple(tensor.shape))
+            transposed = packed_key != key
+            unpack = functools.partial(_unpack_transposed if transposed else _unpack, engine, md, storage,
+                                       tuple(tensor.t().shape if transposed else tensor.shape))
             if tensor.dtype == torch.int8 and not torch.equal(unpack(), tensor):
                 # packed halved (oneDNN's AVX2 convolutions reading s8 halve their int8 weights, which pyrys
                 # gives them even): read back doubled, or kept as it is where that is not exact
@@ -142,9 +135,10 @@ class PackedWeights:
                 if not torch.equal(unpack(), tensor):
                     return None
             stand_in = release(tensor, unpack)
-            self.entries[_key(stand_in)] = self.entries.pop(key)
-            self.sources[_key(stand_in)] = stand_in
-            del self.sources[key]
+            packed_view = stand_in.t() if transposed else stand_in  # what later builds pack and look up
+            self.entries[_key(packed_view)] = self.entries.pop(packed_key)
+            self.sources[_key(packed_view)] = packed_view
+            del self.sources[packed_key]
             return stand_in
 
 

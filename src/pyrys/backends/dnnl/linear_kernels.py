@@ -7,28 +7,6 @@ There both are timed once per shape (without post-ops, on a buffer of constant b
 one's weight layout is offered first; the decision is kept in the tuning cache (``pyrys.tuning_cache``,
 kind ``linear_kernel``) under the shape, the thread count and the CPU.  A weight packed already (for
 another input shape or thread count) keeps its layout: it is packed once.
-
-Which primitive a bf16 or int8 linear runs as (:func:`as_matmul`): oneDNN 3.2's inner product
-handles a row count that is not a multiple of its blocking, and large ones, far worse than its
-matmul on the same brgemm kernels; a linear with at least :data:`MATMUL_MIN_ROWS` rows runs as
-``matmul(x, W^T)`` there.  Measured per primitive (Sapphire Rapids, 2 threads; matmul / inner
-product time, weights in the layout each asks for), rows x in -> out:
-
-==================  ==========  =========  ============================  ==============
-rows x in -> out    bf16 (AMX)  u8s8 (AMX)  bf16 (AVX-512 BF16, no AMX)   u8s8 (VNNI)
-==================  ==========  =========  ============================  ==============
-197 x 768 -> 3072   0.66        0.62        0.78                          0.72
-197 x 3072 -> 768   0.65        0.71        0.77                          0.74
-3152 x 768 -> 3072  0.39        0.44        0.99                          0.73
-128 x 768 -> 2304   1.02        0.80        1.01                          0.99
-64 x 768 -> 3072    0.99        0.95        1.03                          0.99
-16 x 768 -> 3072    0.99        1.05        1.02                          1.04
-1 x 2048 -> 1000    0.97        1.17        0.96                          1.07
-==================  ==========  =========  ============================  ==============
-
-float32 is left alone (0.97-1.07 on AVX-512; on AVX2 the choice above is measured).  The rule is fixed,
-not measured, so that a saved program rebuilds the same kernels; a weight already packed for one
-primitive keeps it for every other shape, so that it is packed once.
 """
 from __future__ import annotations
 
@@ -46,14 +24,12 @@ from pyrys.backends.dnnl.constants import ARG_BIAS, ARG_DST, ARG_SRC, ARG_WEIGHT
 from pyrys.backends.dnnl.descriptors import inner_product_pd
 from pyrys.backends.dnnl.layout import plain_md
 from pyrys.backends.dnnl.primitives import Engine, Memory, MemoryDesc, Primitive, PrimitiveAttr, Stream
-from pyrys.machine import cpu_flags, cpu_info, native_bf16
-from pyrys.quantization import vnni
+from pyrys.machine import cpu_flags, cpu_info
 
 MIN_ROWS = 16  # fewer rows (a decoder step, a classifier head): not worth a measurement
 MAX_WEIGHT = 1 << 23  # larger weights (a vocabulary projection) are not measured: a copy of it per kernel timed
 FASTER = 0.95  # the gemm kernel is chosen when it takes at most this fraction of the brgemm kernel's time
 RUNS = 7  # calls of each kernel, interleaved; the best of each counts
-MATMUL_MIN_ROWS = 64  # fewer rows: the two primitives tie (table above)
 _DECIDED: dict[str, dict] = {}  # this process's decisions (the tuning cache may be off)
 _LOCK = threading.Lock()
 
@@ -120,22 +96,3 @@ def _filled(engine: Engine, md: MemoryDesc) -> Memory:
     """A memory of ``md`` over bytes 0x3c (0.0115 as float32: no NaN, no denormal slowing a kernel down)."""
     data = torch.full((md.size(),), 0x3C, dtype=torch.uint8)
     return Memory(engine, md, data.data_ptr(), keepalive=data)
-
-
-def as_matmul(rows: int, weight: torch.Tensor, packed) -> bool:
-    """Whether a linear of ``rows`` rows reading ``weight`` (bf16, or int8 after quantization) runs as a
-    oneDNN matmul rather than an inner product (module docstring); ``packed``: the program's
-    :class:`~pyrys.backends.dnnl.builder.PackedWeights`, whose packed copy of the weight decides first."""
-    if weight.dim() != 2:
-        return False
-    if packed.layouts_of(weight.t()):
-        return True
-    if packed.layouts_of(weight):
-        return False
-    if rows < MATMUL_MIN_ROWS:
-        return False
-    if weight.dtype == torch.bfloat16:
-        return native_bf16()
-    if weight.dtype == torch.int8:
-        return vnni()
-    return False

@@ -10,7 +10,7 @@ the heads of one merged projection (``passes/merge_linears.py``) have the merged
 oneDNN 3.2 runs in its gemm kernel.  In bfloat16 that is 1.6-2.5x slower than the brgemm kernel on a
 compact copy (scores of 12 heads x 197 x 64 on AMX: 112 us against 69; 24 us more for the copies in a
 ViT-base program, 365 us against 135 per layer for both matmuls), so bfloat16 heads are copied compact
-first (:func:`_compact_for_brgemm`); in float32 the two kernels are within 7-17% (AVX-512), less than the
+first (:func:`_compact_is_faster`); in float32 the two kernels are within 7-17% (AVX-512), less than the
 copies cost, and the heads stay views.  ``bias`` is the mask as an additive float: 0 where a boolean mask
 attends and ``MASKED`` (-1e30) where it does not, a float mask as it is with -inf raised to
 ``MASKED``, keys after the query's position for ``is_causal``.  A finite ``MASKED`` keeps a query
@@ -253,9 +253,12 @@ def lower_attention(builder: Builder, node: fx.Node) -> None:
     bias, may_drop = _mask_tensors(builder, a.get("attn_mask"), queries, keys, bool(a.get("is_causal")))
     q, k, v = (_strided(builder, n) for n in (q_node, k_node, v_node))
     scores_md = plain_md([*batch, queries, keys], torch.float32)
-    q, k_t = _compact_for_brgemm(builder, q, _transposed(k), scores_md)
+    k_t = _transposed(k)
+    if _compact_is_faster(builder, q.md, k_t.md, scores_md):
+        q, k_t = _compact(builder, q), _compact(builder, k_t)
     probs_md = scores_md if out.dtype == torch.float32 else plain_md(scores_md.dims, out.dtype)
-    v = _compact_for_brgemm(builder, Value("probs", probs_md), v, output_md(node, out.dtype))[1]
+    if _compact_is_faster(builder, probs_md, v.md, output_md(node, out.dtype)):
+        v = _compact(builder, v)
 
     # S = (Q K^T) * scale + bias, in float32 (bfloat16 inputs too)
     natural = None if bias is None else _padded(bias.shape if isinstance(bias, torch.Tensor) else bias.meta["val"].shape, rank)
@@ -299,22 +302,30 @@ def _compact_md(md: MemoryDesc) -> MemoryDesc:
     return MemoryDesc.from_strides(md.dims, md.dtype, strides)
 
 
-def _kernel(builder: Builder, src: MemoryDesc, weights: MemoryDesc, dst: MemoryDesc) -> str:
+def _matmul_kernel(builder: Builder, src: MemoryDesc, weights: MemoryDesc, dst: MemoryDesc) -> str:
+    """The implementation oneDNN gives a matmul of these operands (``brg:avx512_core_amx``, ``gemm:jit:bf16``)."""
     try:
         return matmul_pd(builder.engine, src, weights, dst).impl_info()
     except DnnlError:
         return ""
 
 
-def _compact_for_brgemm(builder: Builder, src: Value, weights: Value, dst: MemoryDesc) -> tuple[Value, Value]:
-    """``src`` and ``weights`` of a matmul writing ``dst``, each as it lies, or, in bfloat16, copied compact
-    where only compact operands get oneDNN's brgemm kernel (module docstring)."""
-    compact = [_compact_md(x.md) for x in (src, weights)]
-    if weights.md.dtype != DataType.bf16 or all(x.md == c for x, c in zip((src, weights), compact)) or \
-            _kernel(builder, src.md, weights.md, dst).startswith("brg") or \
-            not _kernel(builder, *compact, dst).startswith("brg"):
-        return src, weights
-    return tuple(x if x.md == c else builder.convert(x, c) for x, c in zip((src, weights), compact))
+def _compact_is_faster(builder: Builder, src: MemoryDesc, weights: MemoryDesc, dst: MemoryDesc) -> bool:
+    """Whether a bfloat16 matmul gets oneDNN's brgemm kernel only on compact copies of its operands (module
+    docstring).  An operand broadcast along a dim (stride 0) stays as it is."""
+    broadcast = any(s == 0 and d > 1 for md in (src, weights) for s, d in zip(md.strides, md.dims))
+    if weights.dtype != DataType.bf16 or broadcast:
+        return False
+    compact = [_compact_md(md) for md in (src, weights)]
+    if compact == [src, weights] or _matmul_kernel(builder, src, weights, dst).startswith("brg"):
+        return False
+    return _matmul_kernel(builder, *compact, dst).startswith("brg")
+
+
+def _compact(builder: Builder, value: Value) -> Value:
+    """``value`` itself where it is compact already, else a compact copy of it."""
+    compact = _compact_md(value.md)
+    return value if value.md == compact else builder.convert(value, compact)
 
 
 def _batch_broadcasts(query, key, value) -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from pyrys.backends.dnnl import linear_kernels
+from pyrys.backends.dnnl import linear_kernels, linear_primitive
 from pyrys.backends.dnnl.binding import DnnlError
 from pyrys.backends.dnnl.builder import F32_OR_BF16, Builder, Unsupported, check_dtype, node_text
 from pyrys.backends.dnnl.constants import ARG_BIAS, ARG_DST, ARG_SRC, ARG_WEIGHTS, arg_post_op_src1
@@ -20,7 +20,7 @@ from pyrys.backends.dnnl.descriptors import convolution_pd, deconvolution_pd, in
 from pyrys.backends.dnnl.layout import plain_md, policy_md
 from pyrys.backends.dnnl.lower_int8 import INT8, Int8Op, post_operands, read_int8
 from pyrys.backends.dnnl.post_ops import Chain, Operand, build_chain, operand_of
-from pyrys.backends.dnnl.primitives import PrimitiveAttr, PrimitiveDesc
+from pyrys.backends.dnnl.primitives import MemoryDesc, PrimitiveAttr, PrimitiveDesc
 from pyrys.backends.dnnl.values import ALIAS, Value
 from pyrys.ir.fused import Fused, read_fused
 from pyrys.passes.precision import CONVERT
@@ -168,7 +168,8 @@ def lower_conv(builder: Builder, node: fx.Node) -> None:
 
 
 def lower_linear(builder: Builder, node: fx.Node) -> None:
-    """``y = x W^T + b`` as an inner product on ``x`` viewed as 2-D (leading dims flattened)."""
+    """``y = x W^T + b`` on ``x`` viewed as 2-D (leading dims flattened): an inner product, or a matmul on
+    ``W^T`` where :mod:`linear_primitive` says so."""
     fused = read_fused(node)
     a = fused.args
     int8 = read_int8(builder, node, fused, residual=False)
@@ -188,38 +189,48 @@ def lower_linear(builder: Builder, node: fx.Node) -> None:
     chain = build_chain(builder, fused.post_ops, operands, dst_md)
     note = _dtype_note(dst_dtype, node) if int8 is None else ""
     pd = None
-    if linear_kernels.as_matmul(rows, weight, builder.packed):
+    if linear_primitive.as_matmul(rows, weight, builder.packed):
         # x [rows, in] @ W^T [in, out]: the weight's transposed view is what is packed (the same view every build)
         weight_t, bias_row = weight.t(), None if bias is None else bias.reshape(1, -1)
-        pd = _linear_pd(builder, x, weight_t, bias_row, dst_md, chain, int8, 0b10, matmul_pd)
-        if pd is not None:
+        pd = _matmul_linear_pd(builder, x, weight_t, bias_row, dst_md, chain, int8)
+        # the brgemm kernel the rule measured, or any where the weight is packed for a matmul already (packed once)
+        kept = linear_primitive.packed_for_matmul(weight, builder.packed)
+        if pd is not None and (pd.impl_info().startswith("brg") or kept):
             weight, bias, note = weight_t, bias_row, note + ", as=matmul"
+        else:
+            pd = None
     if pd is None:
-        pd = _linear_pd(builder, x, weight, bias, dst_md, chain, int8, 0b1, inner_product_pd, required=True)
+        pd = _inner_product_pd(builder, x, weight, bias, dst_md, chain, int8)
     dst = _finish(builder, node, pd, x, weight, bias, chain, f"dnnl::{fused.label}", note, int8)
     if out.dim() != 2:
         builder.values[node] = Value(node.name, plain_md(out.shape, dst_dtype), ALIAS, dst)
 
 
-def _linear_pd(builder: Builder, x: Value, weight: torch.Tensor, bias: torch.Tensor | None, dst_md, chain: Chain,
-               int8: Int8Op | None, weight_mask: int, create, required: bool = False) -> PrimitiveDesc | None:
-    """The primitive descriptor of a linear as ``create`` (``inner_product_pd`` on ``W [out, in]``, or
-    ``matmul_pd`` on ``W^T [in, out]`` with a ``[1, out]`` bias); None where that one has no fast kernel,
-    unless ``required``.  ``weight_mask``: the dim of ``weight`` its per-output-channel int8 scales run over."""
+def _inner_product_pd(builder: Builder, x: Value, weight: torch.Tensor, bias: torch.Tensor | None,
+                      dst_md: MemoryDesc, chain: Chain, int8: Int8Op | None) -> PrimitiveDesc:
+    """``dst [rows, out] = x [rows, in] W^T + b`` as an inner product on ``W [out, in]``."""
     b_md = None if bias is None else plain_md(bias.shape, bias.dtype)
-    attr = int8.attr(chain.post_ops, weight_mask) if int8 is not None else PrimitiveAttr(chain.post_ops)
+    attr = int8.attr(chain.post_ops, 0b1) if int8 is not None else PrimitiveAttr(chain.post_ops)  # scales per out
     layouts = builder.weight_layouts(weight)
-    if int8 is None and create is inner_product_pd:
+    if int8 is None:
         layouts = linear_kernels.weight_layouts(builder.engine, x.md, weight, dst_md, b_md, layouts,
                                                 builder.packed.layouts_of(weight, plain=True))
+    return _first_fast([lambda w_md=w_md: inner_product_pd(builder.engine, x.md, w_md, dst_md, b_md, attr=attr)
+                        for w_md in layouts])
+
+
+def _matmul_linear_pd(builder: Builder, x: Value, weight_t: torch.Tensor, bias_row: torch.Tensor | None,
+                      dst_md: MemoryDesc, chain: Chain, int8: Int8Op | None) -> PrimitiveDesc | None:
+    """The same as a matmul on ``W^T [in, out]`` with a ``[1, out]`` bias; None where oneDNN has only its
+    reference code for it."""
+    b_md = None if bias_row is None else plain_md(bias_row.shape, bias_row.dtype)
+    attr = int8.attr(chain.post_ops, 0b10) if int8 is not None else PrimitiveAttr(chain.post_ops)  # scales per out
     try:
-        pd = _first_fast([lambda w_md=w_md: create(builder.engine, x.md, w_md, dst_md, b_md, attr=attr)
-                          for w_md in layouts])
+        pd = _first_fast([lambda w_md=w_md: matmul_pd(builder.engine, x.md, w_md, dst_md, b_md, attr=attr)
+                          for w_md in builder.weight_layouts(weight_t)])
     except Unsupported:
-        if required:
-            raise
         return None
-    return pd if required or not is_reference(pd) else None
+    return None if is_reference(pd) else pd
 
 
 def _as_2d(builder: Builder, value: Value, rows: int) -> Value:
