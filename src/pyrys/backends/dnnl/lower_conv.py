@@ -194,8 +194,8 @@ def lower_linear(builder: Builder, node: fx.Node) -> None:
         weight_t, bias_row = weight.t(), None if bias is None else bias.reshape(1, -1)
         pd = _matmul_linear_pd(builder, x, weight_t, bias_row, dst_md, chain, int8)
         # the brgemm kernel the rule measured, or any where the weight is packed for a matmul already (packed once)
-        kept = linear_primitive.packed_for_matmul(weight, builder.packed)
-        if pd is not None and (pd.impl_info().startswith("brg") or kept):
+        packed_as_matmul = linear_primitive.packed_for_matmul(weight, builder.packed)
+        if pd is not None and (pd.impl_info().startswith("brg") or packed_as_matmul):
             weight, bias, note = weight_t, bias_row, note + ", as=matmul"
         else:
             pd = None
