@@ -449,14 +449,14 @@ class OptimizedModule(torch.nn.Module):
     misses = forwarded("_first.run.misses", "The :class:`pyrys.passes.rewrite.Miss` records still standing after the pipeline.")
     backend = forwarded("_first.backend", "The backend the program runs on: ``\"dnnl\"`` or ``\"reference\"``.")
     notes = forwarded("_first.notes", "What capture and the backend choice said (a fallback, a dropped write).")
+    numerics = forwarded("_first.numerics", "The :class:`pyrys.numerics.report.NumericsReport` of ``numerics=True`` "
+                                            "(error after every pass and of every layer), else None.")
 
     @property
     def writes(self) -> tuple[str, ...]:
         """The inputs and module state the model's forward writes in place, which the optimized module does
         not (``notes`` says so)."""
         return self._first.captured.input_writes + self._first.captured.state_writes
-    numerics = forwarded("_first.numerics", "The :class:`pyrys.numerics.report.NumericsReport` of ``numerics=True`` "
-                                            "(error after every pass and of every layer), else None.")
 
     @property
     def frontend(self) -> str:
