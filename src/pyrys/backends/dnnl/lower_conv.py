@@ -21,6 +21,7 @@ from pyrys.backends.dnnl.layout import plain_md, policy_md
 from pyrys.backends.dnnl.lower_int8 import INT8, Int8Op, post_operands, read_int8
 from pyrys.backends.dnnl.post_ops import Chain, Operand, build_chain, operand_of
 from pyrys.backends.dnnl.primitives import MemoryDesc, PrimitiveAttr, PrimitiveDesc
+from pyrys.backends.dnnl.tensors import dnnl_dtype
 from pyrys.backends.dnnl.values import ALIAS, Value
 from pyrys.ir.fused import Fused, read_fused
 from pyrys.passes.precision import CONVERT
@@ -66,7 +67,7 @@ def _finish(builder: Builder, node: fx.Node, pd: PrimitiveDesc, src: Value, weig
     args = {ARG_SRC: src, ARG_WEIGHTS: weights}
     if int8 is not None:
         args.update(int8.scale_args(builder, node.name))
-        note += int8.note
+        note += int8.note(pd.dst_md().dtype)
     if bias is not None:
         args[ARG_BIAS] = builder.constant_value(bias, None, f"{node.name}.bias")
     if chain.sum_base is not None:
@@ -84,19 +85,22 @@ def _finish(builder: Builder, node: fx.Node, pd: PrimitiveDesc, src: Value, weig
 
 
 def destination_dtype(node: fx.Node) -> torch.dtype:
-    """The data type the primitive writes: the node's own, or float32 where a bfloat16 result's one reader
-    converts it to float32 (``passes/precision.py``): the kernel accumulates in float32 and writes that,
-    without rounding to bfloat16 first and without a reorder (the conversion becomes an alias)."""
+    """The data type the primitive writes: the node's own, or the other one of float32 and bfloat16 where
+    the result's one reader converts it so (``passes/precision.py``; an int8 layer read by a bf16 one): the
+    kernel accumulates in float32 and rounds once to what it writes, without a reorder (the conversion
+    becomes an alias)."""
     dtype = node.meta["val"].dtype
     users = list(node.users)
-    if dtype == torch.bfloat16 and len(users) == 1 and users[0].target is CONVERT and \
-            users[0].meta["val"].dtype == torch.float32:
-        return torch.float32
+    if dtype in FLOATS and len(users) == 1 and users[0].target is CONVERT and users[0].meta["val"].dtype in FLOATS:
+        return users[0].meta["val"].dtype
     return dtype
 
 
+FLOATS = (torch.float32, torch.bfloat16)
+
+
 def _dtype_note(dtype: torch.dtype, node: fx.Node) -> str:
-    return ", dst_dtype=f32" if dtype != node.meta["val"].dtype else ""
+    return f", dst_dtype={dnnl_dtype(dtype).name}" if dtype != node.meta["val"].dtype else ""
 
 
 def _layouts_to_try(policy: str) -> list[str]:

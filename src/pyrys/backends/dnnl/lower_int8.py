@@ -18,7 +18,8 @@ import torch.fx as fx
 from torch.utils._pytree import tree_leaves
 
 from pyrys.backends.dnnl.builder import Builder, Unsupported, node_text
-from pyrys.backends.dnnl.constants import ARG_ATTR_SCALES, ARG_DST, ARG_FROM, ARG_SRC, ARG_TO, ARG_WEIGHTS
+from pyrys.backends.dnnl.constants import (ARG_ATTR_SCALES, ARG_DST, ARG_FROM, ARG_SRC, ARG_TO, ARG_WEIGHTS,
+                                          DataType)
 from pyrys.backends.dnnl.descriptors import reorder_pd
 from pyrys.backends.dnnl.int8_dst import COMMUTING, int8_quant, quantized_reader, scale_value
 from pyrys.backends.dnnl.layout import policy_md
@@ -60,11 +61,9 @@ class Int8Op:
             args[ARG_ATTR_SCALES | ARG_DST] = scale_value(builder, self.dst_quant.scale, f"{name}.dst_scale")
         return args
 
-    @property
-    def note(self) -> str:
-        src = _short(self.src_quant.dtype)
-        dst = _short(self.dst_quant.dtype) if self.dst_quant is not None else "f32"
-        return f", int8=[src={src}, weights=s8, dst={dst}]"
+    def note(self, dst: DataType) -> str:
+        """``, int8=[src=.., weights=s8, dst=..]`` of a program line, for a primitive writing ``dst``."""
+        return f", int8=[src={_short(self.src_quant.dtype)}, weights=s8, dst={DataType(dst).name}]"
 
 
 def read_int8(builder: Builder, node: fx.Node, fused: Fused, residual: bool = True) -> Int8Op | None:
