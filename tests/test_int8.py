@@ -21,6 +21,8 @@ from torch import nn
 
 import pyrys
 from pyrys.numerics import INT8_TOLERANCE
+from pyrys.machine import native_bf16
+from pyrys.passes import quantize as quantize_pass
 from pyrys.quantization import weight_max
 from pyrys.quantization.bias_correction import BIAS_SAMPLES
 from pyrys.quantization.calibration import MAX_SAMPLES, samples_like
@@ -213,9 +215,14 @@ def test_a_residual_read_again_later_is_summed_into_a_copy(backend):
     assert pyrys.relative_error(opt(x), reference(x)) <= 2e-2
 
 
-def test_the_accuracy_guard_keeps_the_sensitive_layer_in_float32(backend):
+@pytest.mark.parametrize("kept_in", ["float32", "bf16"])
+def test_the_accuracy_guard_keeps_the_sensitive_layer_in_floating_point(backend, kept_in, monkeypatch):
     """Feature 0 of the input is huge but unused: one per-tensor scale for the input rounds every used
-    feature to zero.  The guard keeps that linear in float32 and says why."""
+    feature to zero.  The guard keeps that linear in floating point and says why: in bf16 where the CPU
+    has native bf16 (``keeps_in_bf16``; forced here either way), else in float32."""
+    if kept_in == "bf16" and backend == "dnnl" and not native_bf16():
+        pytest.skip("this CPU has no native bf16: oneDNN 3.2 has no bf16 linear for it")
+    monkeypatch.setattr(quantize_pass, "keeps_in_bf16", lambda: kept_in == "bf16")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
     with torch.no_grad():
@@ -232,11 +239,42 @@ def test_the_accuracy_guard_keeps_the_sensitive_layer_in_float32(backend):
     assert pyrys.relative_error(unguarded(x), model(x)) > 0.1
     guarded = int8(model, x, backend, calibration, accuracy_budget=1e-2)
     (miss,) = guarded.misses
-    assert miss.rule == "int8" and "accuracy guard" in miss.reason
-    assert re.search(rf"%{miss.node} : Float\(4, 16\) = pyrys::linear_relu\(%input_1, ", guarded.graph)  # the first
+    assert miss.rule == "int8" and f"kept in {kept_in} by the accuracy guard" in miss.reason
     assert "accuracy_budget=0.01" in miss.reason
-    assert fired(guarded) == {"int8": 1}  # the second linear is still int8
+    assert f"1 op kept in {kept_in}, see misses" in " ".join(guarded.notes)
+    if kept_in == "float32":
+        assert re.search(rf"%{miss.node} : Float\(4, 16\) = pyrys::linear_relu\(%input_1, ", guarded.graph)  # the first
+        assert fired(guarded) == {"int8": 1}  # the second linear is still int8
+    else:  # its input converted, its weight and bias bf16 constants (folded), its result converted for the next
+        assert re.search(rf"%{miss.node} : BFloat16\(4, 16\) = pyrys::linear_relu\(%input_1_bf16, %\w+, %\w+\)\n"
+                         rf"  %{miss.node}_f32 : Float\(4, 16\) = aten::to\(%{miss.node}, torch.float32\)",
+                         guarded.graph)
+        assert "BFloat16(16, 8) = prim::Constant" in guarded.graph
+        assert fired(guarded) == {"int8": 1, "bf16": 1, "conversion": 2}
     assert pyrys.relative_error(guarded(x), model(x)) <= 1e-2
+
+
+@pytest.mark.skipif(not native_bf16(), reason="this CPU has no native bf16: the guard keeps layers in float32")
+def test_an_int8_layer_read_by_a_bf16_kept_one_writes_bf16():
+    """The first linear is int8; the second reads one huge, unused feature (the guard keeps it, in bf16 on this
+    CPU): the first writes bf16 itself (``dst=bf16``), no conversion between, and the program computes what
+    the graph says."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    with torch.no_grad():
+        model[0].bias[0] = 5000.0
+        model[2].weight[:, 0] = 0
+    calibration = [torch.randn(64, 8, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    x = calibration[0]
+    opt = int8(model, x, "dnnl", calibration, accuracy_budget=5e-2)
+    (miss,) = opt.misses
+    assert "kept in bf16 by the accuracy guard" in miss.reason
+    text = opt.program_text()
+    assert re.search(r"dnnl::linear_relu\[.*int8=\[src=\w+, weights=s8, dst=bf16\]\]", text)
+    assert "dnnl::reorder" not in text.split("linear_relu")[1].split(f"%{miss.node} ")[0]
+    reference = int8(model, x, "reference", calibration, accuracy_budget=5e-2)
+    assert pyrys.relative_error(opt(x), reference(x)) <= 1e-2  # bf16 rounding of different sums
+    assert pyrys.relative_error(opt(x), model(x)) <= 5e-2
 
 
 def test_a_reader_before_the_layer_reading_the_same_value(backend):
@@ -376,6 +414,8 @@ BIAS_CASES = {  # the layer, its input's shape, its output's channel dim in the 
     "depthwise without bias": (lambda: nn.Conv2d(8, 8, 3, groups=8, bias=False), (1, 8, 12, 12), 2),
     "conv on an unbatched input": (lambda: nn.Conv2d(8, 16, 3), (8, 12, 12), 1),
     "conv1d": (lambda: nn.Conv1d(8, 16, 3), (2, 8, 20), 2),
+    "padded conv on a batch, summed first": (lambda: nn.Conv2d(8, 16, 3, padding=1, stride=2), (4, 8, 12, 12), 2),
+    "grouped conv on a batch without bias": (lambda: nn.Conv2d(8, 8, 3, groups=4, bias=False), (3, 8, 9, 9), 2),
     "linear on 3-d inputs": (lambda: nn.Linear(8, 16), (2, 5, 8), 3),
     "linear on one vector": (lambda: nn.Linear(8, 16), (8,), 1),
 }

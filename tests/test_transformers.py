@@ -1,5 +1,7 @@
 """HuggingFace transformers (small configs of the zoo's five families) on the dnnl backend against eager:
 attention in oneDNN, no torch fallback inside a layer.  They skip without the ``transformers`` extra."""
+import re
+
 import pytest
 import torch
 
@@ -7,6 +9,8 @@ import pyrys
 from pyrys import zoo
 from pyrys.backends.dnnl import binding
 from pyrys.bench.transformer_models import EXTRA, MODELS
+from pyrys.machine import native_bf16
+from pyrys.passes import quantize as quantize_pass
 from tests.conftest import TOLERANCE
 
 pytest.importorskip("transformers", reason=f"needs HuggingFace transformers: {EXTRA}")
@@ -134,6 +138,46 @@ def test_int8_at_new_shapes_says_when_layers_fall_back_and_dynamic_true_keeps_th
             expected = model(*inputs)
         assert 1e-3 < pyrys.relative_error(opt(*inputs), expected) <= 5e-2  # int8 ran, within its tolerance
     assert not any("the rest in float32" in note for note in opt.notes), opt.notes
+
+
+@pytest.mark.parametrize("backend", ["reference", "dnnl"])
+def test_int8_runs_attention_in_bf16_where_the_cpu_has_it(backend, monkeypatch):
+    """With native bf16 (forced on the reference backend, which runs bf16 anywhere) the int8 model's attention
+    runs in bf16: the merged QKV projection's result is converted once, where it is made (the int8 kernel
+    writes bf16 itself on the dnnl backend), its heads' views are bf16, and the outputs stay within int8's
+    tolerance."""
+    if backend == "dnnl" and not native_bf16():
+        pytest.skip("this CPU has no native bf16: int8 models keep attention in float32")
+    monkeypatch.setattr(quantize_pass, "keeps_in_bf16", lambda: True)
+    model = MODELS["hf_bert"](small=True)
+    inputs = model.example_inputs(2)
+    calibration = [model.example_inputs(2) for _ in range(3)]
+    opt = pyrys.optimize(model, inputs, precision="int8", calibration=calibration, backend=backend)
+    with torch.no_grad():
+        expected = model(*inputs)
+    assert 1e-3 < pyrys.relative_error(opt(*inputs), expected) <= 5e-2
+    graph = opt.graph
+    assert re.search(r"%merged_linear_bf16 : BFloat16\(2, 16, 192\) = aten::to\(%merged_linear, torch.bfloat16\)", graph)
+    assert re.search(r"%scaled_dot_product_attention : BFloat16\(2, 4, 16, 16\) = aten::scaled_dot_product_attention\("
+                     r"%\w+, %\w+, %\w+", graph)
+    assert any("ops run in bf16, not float32" in note for note in opt.notes), opt.notes
+    if backend == "dnnl":
+        text = opt.program_text()
+        assert re.search(r"%merged_linear : .*int8=\[src=s8, weights=s8, dst=bf16\]", text), text
+        assert "merged_linear_bf16" not in text  # the conversion is the kernel's own
+
+
+def test_the_bf16_guard_measures_a_symbolic_graph_without_pinning_its_sizes():
+    """The accuracy guard lowers trial copies of the graph; their shape propagation adds no guard to the
+    symbolic graph's sizes (it did: ``Ne(s0, 1)`` from a reshape, and batch 1 was captured again)."""
+    model = MODELS["hf_bert"](small=True)
+    opt = pyrys.optimize(model, model.example_inputs(2), precision="bf16", dynamic=True)
+    for batch in (1, 3):
+        inputs = model.example_inputs(batch)
+        with torch.no_grad():
+            expected = model(*inputs)
+        assert pyrys.relative_error(opt(*inputs), expected) <= 1e-2
+    assert not any("captured and optimized again" in note for note in opt.notes), opt.notes
 
 
 def test_a_saved_transformer_takes_new_shapes_after_load(tmp_path):

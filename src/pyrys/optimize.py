@@ -180,7 +180,7 @@ def _compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: Op
         share_constants(captured.gm, like.captured.gm)
     generic = captured if is_symbolic(captured.gm) else None
     notice = get_backend(config.backend)[2]
-    notes = captured.notes + [note for note in (notice, precision_note, _no_int8_note(precision, run),
+    notes = captured.notes + [note for note in (notice, precision_note, _int8_note(precision, run),
                                                 _accuracy_note(precision, config.calibration, guard),
                                                 _disabled_precision_note(precision, config),
                                                 config.calibration.note if config.calibration else "") if note]
@@ -226,7 +226,8 @@ def _accuracy_note(precision: str, calibration: Calibration | None, guard: Bf16G
     plan = calibration.plan if calibration is not None and precision == "int8" else None
     if plan is None or plan.error is None:
         return ""
-    return accuracy_note("int8", plan.error, calibration.accuracy_budget, len(plan.kept), CALIBRATION_DATA)
+    return accuracy_note("int8", plan.error, calibration.accuracy_budget, len(plan.kept), CALIBRATION_DATA,
+                         plan.floating)
 
 
 def _disabled_precision_note(precision: str, config: OptimizeConfig) -> str:
@@ -677,11 +678,19 @@ def _int8_layers(run) -> int:
     return sum(step.fired.get("int8", 0) for step in run.history)
 
 
-def _no_int8_note(precision: str, run) -> str:
-    """With ``precision="int8"``, a note when no op could run in int8 (the misses say why)."""
-    if precision != "int8" or any(step.fired.get("int8") for step in run.history):
+def _int8_note(precision: str, run) -> str:
+    """With ``precision="int8"``, a note when no op could run in int8 (the misses say why), or saying how many
+    ops run in bf16 beside the int8 ones (where the CPU has native bf16: ``passes/quantize.py``)."""
+    if precision != "int8":
         return ""
-    return "precision='int8': no convolution or linear could run in int8 here, so the model runs in float32 (see misses)"
+    bf16 = sum(step.fired.get("bf16", 0) for step in run.history)
+    if not any(step.fired.get("int8") for step in run.history):
+        kept_in = "bf16 where the accuracy guard kept it, else float32" if bf16 else "float32"
+        return f"precision='int8': no convolution or linear could run in int8 here, so the model runs in {kept_in} (see misses)"
+    if bf16:
+        return (f"precision='int8': {bf16} ops run in bf16, not float32 (this CPU has native bf16): attention (no "
+                "int8 kernel here), the layers the accuracy guard keeps out of int8, and the views between")
+    return ""
 
 
 def check_calibration_options(precision: str, calibration: Any, accuracy_budget: Any) -> None:

@@ -60,6 +60,15 @@ def copy_graph(graph: fx.Graph) -> fx.Graph:
     return copied
 
 
+def trial_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` to rewrite and run (an accuracy guard's trial): its own nodes, ``gm``'s constants
+    shared, not copied, and ``gm``'s meta (a symbolic graph's fake mode: its rewrites then propagate
+    shapes without adding guards to the graph's sizes)."""
+    trial = fx.GraphModule(gm, copy_graph(gm.graph))
+    trial.meta.update(gm.meta)
+    return trial
+
+
 def nodes_in(args) -> list[fx.Node]:
     """The nodes among ``args`` (nested tuples, lists, dicts), in order."""
     found: list[fx.Node] = []

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from pyrys.numerics import TOLERANCES
+from pyrys.numerics import TOLERANCES, relative_error
 
 AUTO = "auto"  # optimize's default accuracy_budget: the precision's own (DEFAULT_BUDGETS)
 DEFAULT_BUDGETS = {p: TOLERANCES[p] for p in ("bf16", "int8")}  # each lower precision's tolerance
@@ -37,6 +37,17 @@ def check_budget(accuracy_budget) -> None:
     if isinstance(accuracy_budget, bool) or not isinstance(accuracy_budget, (int, float)) or not accuracy_budget > 0:
         raise ValueError(f"pyrys.optimize: accuracy_budget must be a positive number, 'auto' or None, got "
                          f"{accuracy_budget!r}")
+
+
+def max_error(program, samples: list[list], expected: list[list], limit: float = float("inf")) -> float:
+    """The largest relative error of ``program``'s outputs on ``samples`` against ``expected``; the first one
+    over ``limit`` as soon as it is seen (a trial that breaks the budget needs no more samples run)."""
+    largest = 0.0
+    for sample, want in zip(samples, expected):
+        largest = max(largest, relative_error(program(sample), want))
+        if largest > limit:
+            break
+    return largest
 
 
 def keep_fewest(count: int, error_keeping: Callable[[int], float], budget: float) -> tuple[int, float]:
@@ -68,16 +79,18 @@ def fewest(count: int, holds: Callable[[int], bool]) -> int:
     return high
 
 
-def kept_reason(precision: str, own: float, total: float, budget: float, data: str, kept: int) -> str:
-    """A kept op's miss reason."""
+def kept_reason(precision: str, own: float, total: float, budget: float, data: str, kept: int,
+                kept_in: str = "float32") -> str:
+    """A kept op's miss reason (kept in ``kept_in``)."""
     which = "the op that moves its own the most" if kept == 1 else f"one of the {kept} ops that move theirs the most"
-    return (f"kept in float32 by the accuracy guard: {precision} moves its own result by {own:.1e} (relative, on "
+    return (f"kept in {kept_in} by the accuracy guard: {precision} moves its own result by {own:.1e} (relative, on "
             f"{data}), {which}; with every op in {precision} the outputs moved {total:.1e}, over "
             f"accuracy_budget={budget:g}")
 
 
-def accuracy_note(precision: str, error: float, budget: float | None, kept: int, data: str) -> str:
-    """The note saying how far the outputs are from float32's, and what the guard kept."""
+def accuracy_note(precision: str, error: float, budget: float | None, kept: int, data: str,
+                  kept_in: str = "float32") -> str:
+    """The note saying how far the outputs are from float32's, and what the guard kept (in ``kept_in``)."""
     held = "" if budget is None else f" (accuracy_budget={budget:g}" + (
-        f": {kept} op{'s' * (kept != 1)} kept in float32, see misses)" if kept else ")")
+        f": {kept} op{'s' * (kept != 1)} kept in {kept_in}, see misses)" if kept else ")")
     return f"precision={precision!r}: outputs within {error:.1e} of float32's (max relative error on {data}){held}"

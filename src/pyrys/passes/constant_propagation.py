@@ -24,11 +24,13 @@ from pyrys.passes.rewrite import PassResult
 GROWTH_LIMIT_BYTES = 1 << 20  # a folded result may exceed its inputs by at most this much
 
 
-def constant_propagation(gm: fx.GraphModule) -> PassResult:
-    """Evaluate every all-constant node in topological order; ``fired["folded"]`` counts them."""
+def constant_propagation(gm: fx.GraphModule, only: frozenset | None = None) -> PassResult:
+    """Evaluate every all-constant node in topological order (only those whose target is in ``only``, where
+    given: the int8 pass folds its bf16 weights' conversions, not the weights' dequantize); ``fired["folded"]``
+    counts them."""
     result = PassResult()
     for node in list(gm.graph.nodes):
-        if node.op == "call_function" and _foldable(node):
+        if node.op == "call_function" and (only is None or node.target in only) and _foldable(node):
             if _fold(gm, node):
                 result.fired["folded"] += 1
     gm.recompile()

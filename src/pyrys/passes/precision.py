@@ -37,6 +37,7 @@ from pyrys.ir.fused import FUSED_OPS, Fused, read_fused
 from pyrys.ir.graph import op_args
 from pyrys.ir.post_ops import ACTIVATIONS
 from pyrys.ir.vocabulary import ATTENTION, PERMUTES, VIEWS, WEIGHTED, is_pure
+from pyrys.passes.constant_propagation import constant_propagation
 from pyrys.passes.precision_guard import Bf16Guard
 from pyrys.passes.rewrite import Miss, PassResult
 
@@ -84,10 +85,22 @@ def lower_precision(gm: fx.GraphModule, precision: str, output_dtype: torch.dtyp
     return result
 
 
+def run_in_bf16(gm: fx.GraphModule, names: set[str] | frozenset[str]) -> PassResult:
+    """Run the compute ops named in ``names`` in bfloat16 (and the cheap ops between them, as
+    :func:`lower_precision` does), every other compute op as it is: the int8 accuracy guard's kept ops on a
+    CPU with native bf16.  Their constants' conversions are folded here (the int8 pass runs after constant
+    propagation); ``fired["bf16"]`` counts the ops moved, ``fired["conversion"]`` the conversions left."""
+    result, _ = _lower(gm, "bf16", None, frozenset(), frozenset(names))
+    folded = constant_propagation(gm, only=frozenset({CONVERT})).fired["folded"]
+    result.fired["conversion"] -= folded
+    return result
+
+
 def _lower(gm: fx.GraphModule, precision: str, output_dtype: torch.dtype | None,
-           kept: frozenset[str]) -> tuple[PassResult, set[str]]:
-    """:func:`lower_precision` with the compute ops named in ``kept`` left in float32; also the names of the
-    compute ops it moved."""
+           kept: frozenset[str], chosen: frozenset[str] | None = None) -> tuple[PassResult, set[str]]:
+    """:func:`lower_precision` with the compute ops named in ``kept`` left in float32 (and with ``chosen``,
+    only those named there moved, a matmul or attention even on float32 activations); also the names of
+    the compute ops it moved."""
     result, moved = PassResult(), set()
     if precision != "bf16" and output_dtype is None:
         return result, moved
@@ -103,6 +116,10 @@ def _lower(gm: fx.GraphModule, precision: str, output_dtype: torch.dtype | None,
             result.fired["conversion"] += 1
         return converted[node, dtype]
 
+    for source in _attention_sources(gm, chosen):  # converted once where it is made, not each head's view
+        converted_source = convert(source, LOW, source.next)  # right after it
+        source.replace_all_uses_with(converted_source, delete_user_cb=lambda user, c=converted_source: user is not c)
+        low.add(converted_source)
     rewired: list[fx.Node] = []  # their values are inferred once every op is rewired (each in turn would
     for node in list(gm.graph.nodes):  # see a bfloat16 input next to the float32 weights of the op after it)
         if node.op not in ("call_function", "output"):
@@ -110,7 +127,8 @@ def _lower(gm: fx.GraphModule, precision: str, output_dtype: torch.dtype | None,
         if node.op == "output" and output_dtype is not None:
             node.args = tree_map(lambda a: _as_dtype(a, output_dtype, low, convert, node), node.args)
             rewired.append(node)
-        elif precision == "bf16" and node.op == "call_function" and node.name not in kept and _runs_low(node, low):
+        elif precision == "bf16" and node.op == "call_function" and node.name not in kept and _runs_low(node, low,
+                                                                                                     chosen):
             fused = read_fused(node)
             residuals = _float32_residuals(fused, low)
             if residuals:  # y = op(x_bf16, W_bf16) + r in float32: the sum is never rounded to bfloat16
@@ -137,10 +155,48 @@ def _lower(gm: fx.GraphModule, precision: str, output_dtype: torch.dtype | None,
     return result, moved
 
 
-def _runs_low(node: fx.Node, low: set[fx.Node]) -> bool:
-    """Whether ``node`` runs in bfloat16: an op of :data:`COMPUTE_OPS` (see there) or of :data:`BETWEEN_OPS`
-    (reading bfloat16 activations only) on float32 or bfloat16 tensors, making float32 tensors; a
-    ``getitem`` follows its source."""
+# the ops between a projection and the attention reading it: views of the heads (split, views, permutes)
+HEAD_VIEWS = frozenset({*VIEWS, *PERMUTES, aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int,
+                        operator.getitem, aten.clone.default, aten.contiguous.default})
+
+
+def _attention_sources(gm: fx.GraphModule, chosen: frozenset[str] | None) -> list[fx.Node]:
+    """The float32 values that the chosen attention ops read as query, key or value through
+    :data:`HEAD_VIEWS` only, and that nothing else reads: converted where they are made (one conversion,
+    which the int8 projection making it writes itself: ``dst=bf16``), not three times per attention."""
+    if not chosen:
+        return []
+    sources = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.name not in chosen or node.target is not ATTENTION:
+            continue
+        for arg in node.args[:3]:
+            while isinstance(arg, fx.Node) and arg.op == "call_function" and arg.target in HEAD_VIEWS:
+                arg = arg.args[0]
+            if (isinstance(arg, fx.Node) and arg.op == "call_function" and arg not in sources
+                    and _is_high(arg.meta.get("val")) and _only_heads_of(arg, chosen)):
+                sources.append(arg)
+    return sources
+
+
+def _only_heads_of(source: fx.Node, chosen: frozenset[str]) -> bool:
+    """Whether every reader of ``source``, through :data:`HEAD_VIEWS`, is a chosen attention's query, key or value."""
+    pending = [source]
+    while pending:
+        node = pending.pop()
+        for user in node.users:
+            if user.op == "call_function" and user.target in HEAD_VIEWS and user.args[0] is node:
+                pending.append(user)
+            elif not (user.target is ATTENTION and user.name in chosen and node in user.args[:3]
+                      and node not in user.args[3:] and node not in user.kwargs.values()):
+                return False
+    return True
+
+
+def _runs_low(node: fx.Node, low: set[fx.Node], chosen: frozenset[str] | None = None) -> bool:
+    """Whether ``node`` runs in bfloat16: an op of :data:`COMPUTE_OPS` (see there; named in ``chosen`` where
+    given) or of :data:`BETWEEN_OPS` (reading bfloat16 activations only) on float32 or bfloat16 tensors,
+    making float32 tensors; a ``getitem`` follows its source."""
     if node.target is operator.getitem:
         return node.args[0] in low
     if node.target not in BF16_OPS or not _is_high(node.meta.get("val")):
@@ -152,9 +208,9 @@ def _runs_low(node: fx.Node, low: set[fx.Node]) -> bool:
         return False  # an integer or float64 tensor among its inputs
     activations = [a for a in tensors if a.op != "get_attr"]
     if node.target in MATMULS or node.target is ATTENTION:
-        return any(a in low for a in activations)
+        return any(a in low for a in activations) or (chosen is not None and node.name in chosen)
     if node.target in COMPUTE_OPS:
-        return _weight_is_constant(node)
+        return (chosen is None or node.name in chosen) and _weight_is_constant(node)
     if node.target in SUMS and any(_reads_float32(user) for user in node.users):
         return False  # a residual stream a norm reads (ViT's embeddings: a conv's result plus positions)
     return bool(activations) and all(a in low for a in activations)

@@ -20,11 +20,11 @@ import torch
 import torch.fx as fx
 
 from pyrys.backends.reference import ReferenceProgram
-from pyrys.ir.graph import copy_graph, nodes_in
+from pyrys.ir.graph import nodes_in, trial_copy
 from pyrys.ir.ops import PYTHON_IMPLS
 from pyrys.ir.vocabulary import ATTENTION
 from pyrys.numerics import relative_error
-from pyrys.numerics.budget import accuracy_note, keep_fewest, kept_reason
+from pyrys.numerics.budget import accuracy_note, keep_fewest, kept_reason, max_error
 
 
 @dataclass
@@ -56,11 +56,10 @@ class Bf16Guard:
         reference = ReferenceProgram(gm)
         expected = [reference(sample) for sample in self.samples]
 
-        def error(kept: frozenset[str]) -> tuple[float, set[str]]:
-            trial = fx.GraphModule(gm, copy_graph(gm.graph))  # the constants are shared, not copied
+        def error(kept: frozenset[str], limit: float = float("inf")) -> tuple[float, set[str]]:
+            trial = trial_copy(gm)
             moved = lower(trial, kept)
-            program = ReferenceProgram(trial)
-            return max(relative_error(program(s), want) for s, want in zip(self.samples, expected)), moved
+            return max_error(ReferenceProgram(trial), self.samples, expected, limit), moved
 
         total, moved = error(frozenset())
         self.error = total
@@ -68,7 +67,8 @@ class Bf16Guard:
             return {}
         own = own_errors(gm, moved, self.samples)
         ordered = sorted(own, key=own.__getitem__, reverse=True)  # ties in graph order
-        count, self.error = keep_fewest(len(ordered), lambda k: error(frozenset(ordered[:k]))[0], self.budget)
+        count, self.error = keep_fewest(len(ordered), lambda k: error(frozenset(ordered[:k]), self.budget)[0],
+                                        self.budget)
         self.kept = {name: kept_reason("bf16", own[name], total, self.budget, self.data, count)
                      for name in ordered[:count]}
         return self.kept

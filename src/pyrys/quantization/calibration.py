@@ -30,12 +30,14 @@ class QuantizationPlan:
     """What the first compile decided, reused by the compiles of other input shapes: the quantization of each
     value by its role (``"input of <layer>"``, a layer named by its weight: ``passes/quantize.py``) with what
     computed it there (a value computed otherwise in another capture is not quantized by this plan), each
-    int8 layer's bias correction, and the layers kept in float32 by the accuracy guard, with why."""
+    int8 layer's bias correction, and the layers kept in floating point by the accuracy guard, with why."""
 
     activations: dict[str, tuple[str, TensorQuant]]
     kept: dict[str, str] = field(default_factory=dict)
     biases: dict[str, torch.Tensor] = field(default_factory=dict)  # each layer's bias correction, by layer key
     error: float | None = None  # the outputs' error against float32 the guard measured (None: no guard)
+    floating: str = "float32"  # what the ops not in int8 run in where they can: "bf16" where the CPU has it and
+    # the budget holds so (the layers the guard keeps, attention), else "float32"
 
 
 class Calibration:
