@@ -204,6 +204,21 @@ def test_the_dnnl_int8_kernels_compute_what_the_graph_says(case):
     assert 1e-4 < pyrys.relative_error(opt(x), model(x)) <= INT8_TOLERANCE
 
 
+def test_a_float32_residual_is_added_as_it_is(backend):
+    """``h = layer_norm(x); fc(h) + h``: ``h`` is quantized for ``fc``, but the sum is float32 (the graph's
+    output): the residual is ``h`` itself, not its int8 copy dequantized (which would cost a reorder and
+    add rounding)."""
+    torch.manual_seed(0)
+    model = Fn(lambda m, x: m.fc(m.norm(x)) + m.norm(x), norm=nn.LayerNorm(16), fc=nn.Linear(16, 16)).eval()
+    calibration = [torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    opt = int8(model, calibration[0], backend, calibration)
+    assert fired(opt) == {"int8": 1}
+    assert re.search(r"= pyrys::linear_add\(%layer_norm_dq, %\w+, %\w+, %layer_norm\)", opt.graph), opt.graph
+    if backend == "dnnl":
+        assert "src_scale" not in opt.program_text()  # nothing dequantized
+    assert pyrys.relative_error(opt(calibration[0]), model(calibration[0])) <= INT8_TOLERANCE
+
+
 def test_a_residual_read_again_later_is_summed_into_a_copy(backend):
     """``b = conv_b(a) + a`` then ``conv_c(a)``: ``a``'s int8 buffer must survive the sum."""
     torch.manual_seed(0)

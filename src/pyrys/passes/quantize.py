@@ -135,15 +135,25 @@ def _layer_keys(layers: list[fx.Node]) -> dict[fx.Node, str]:
 
 def _roles(layers: list[fx.Node], keys: dict[fx.Node, str], shared: dict) -> dict[str, fx.Node]:
     """Every value calibration measures, by its role: each layer's input, the residuals a layer adds when
-    its own result is another layer's input (the sum is then made in int8) or when they are quantized for
-    another layer anyway, and the results of :func:`_shared_results`."""
+    its own result is another layer's input (the sum is then made in int8) or when they are made in int8
+    anyway (:func:`_made_in_int8`), and the results of :func:`_shared_results`.  Any other residual is
+    added as it is, in float32: the float32 value exists, and reading its int8 copy would cost a
+    dequantize (a transformer's layer norm, quantized for the next projection, is also its residual)."""
     inputs = {read_fused(layer).args["input"] for layer in layers}
     roles = {f"input of {keys[layer]}": read_fused(layer).args["input"] for layer in layers}
-    for layer in layers:  # a residual already quantized for a layer, or one a layer writing int8 adds
+    made_in_int8 = _made_in_int8(layers, inputs)
+    for layer in layers:  # a residual a layer writing int8 adds, or one that only exists in int8
         roles.update({f"residual {i} of {keys[layer]}": r for i, r in enumerate(_residuals(layer))
-                      if layer in inputs or r in inputs})
+                      if layer in inputs or r in made_in_int8})
     roles.update({f"output of {keys[layer]}": layer for layer in shared})
     return roles
+
+
+def _made_in_int8(layers: list[fx.Node], inputs: set[fx.Node]) -> set[fx.Node]:
+    """The layers' results that are only ever read by layers, at least one as its input: each is written in
+    int8 (quantized for the layer reading it), so a layer adding it as a residual reads that."""
+    layer_set = set(layers)
+    return {layer for layer in layers if layer in inputs and all(user in layer_set for user in layer.users)}
 
 
 def _origin(value: fx.Node, keys: dict[fx.Node, str], memo: dict | None = None) -> int:
