@@ -13,7 +13,7 @@ so the int8 op's output has the float32 op's mean per channel (the empirical bia
 et al., "Data-Free Quantization", 2019; OpenVINO NNCF's "fast bias correction").  It runs on the first
 :data:`BIAS_SAMPLES` calibration samples: one run of the float32 graph per sample, each int8 op computed
 twice more on its activations.  The op is linear in its input, so the sum of the shifts is the shift of
-the summed input, summed in float64 (exact up to rounding):
+the summed input (summed in float64: exact up to rounding):
 
     sum over rows of (x W^T - x_q W_q^T) = (sum over rows of x) W^T - (sum over rows of x_q) W_q^T
     sum over the batch of conv(x_n, W) = conv(sum over the batch of x_n, W)
@@ -70,7 +70,9 @@ def bias_corrections(gm: fx.GraphModule, switches: dict, samples: list[list]) ->
 def _summed_shift(fused, float_args: tuple, int8_args: tuple, result: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The shifts' sum per output channel (float64) and how many were summed, from the summed inputs (see the
-    module docstring); None where nothing is saved (one row, a conv on one image) or a sum is not finite."""
+    module docstring); None where nothing is saved (one row, a conv on one image) or a sum is not finite.
+    With ``L`` the op without its bias, ``L(x, W) - L(x_q, W_q) = L(x - x_q, W) + L(x_q, W - W_q)``: each term
+    is as small as the shift, so float32 products lose nothing to cancellation."""
     channel = _channel_dim(fused, result)
     convolution = fused.kind.op is FUSED_CONV
     x = float_args[0]
@@ -79,18 +81,21 @@ def _summed_shift(fused, float_args: tuple, int8_args: tuple, result: torch.Tens
     count = result.numel() // result.shape[channel]  # positions per channel
     position = fused.kind.arguments.index("bias")
 
-    def summed(args: tuple) -> torch.Tensor:
-        """sum over positions of op(x, W) + count * b, the input summed first."""
-        x = args[0].double()
-        x = x.sum(0, keepdim=True) if convolution else x.reshape(-1, x.shape[-1]).sum(0, keepdim=True)
-        own = [a.double() if isinstance(a, torch.Tensor) else a for a in args]
-        own[0], own[position] = x, None
-        y = fused.kind.compute(*own)
-        y = y.sum([d for d in range(y.dim()) if d != _channel_dim(fused, y)])
-        bias = args[position]
-        return y if bias is None else y + count * bias.double()
+    def summed_input(x: torch.Tensor) -> torch.Tensor:
+        x = x.double()
+        return x.sum(0, keepdim=True) if convolution else x.reshape(-1, x.shape[-1]).sum(0, keepdim=True)
 
-    shift = summed(float_args) - summed(int8_args)
+    def summed_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """sum over positions of L(x, W), in float64."""
+        own = list(float_args)
+        own[0], own[1], own[position] = x.float(), weight, None
+        y = fused.kind.compute(*own)
+        return y.double().sum([d for d in range(y.dim()) if d != _channel_dim(fused, y)])
+
+    x_float, x_int8 = summed_input(float_args[0]), summed_input(int8_args[0])
+    shift = summed_op(x_float - x_int8, float_args[1]) + summed_op(x_int8, float_args[1] - int8_args[1])
+    float_bias, int8_bias = (0 if b is None else b.double() for b in (float_args[position], int8_args[position]))
+    shift += count * (float_bias - int8_bias)
     return (shift, torch.full(shift.shape, count)) if bool(shift.isfinite().all()) else None
 
 

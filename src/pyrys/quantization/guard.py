@@ -21,13 +21,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
 import torch.fx as fx
 
 from pyrys.backends.reference import ReferenceProgram
-from pyrys.ir.graph import nodes_in, trial_copy
+from pyrys.ir.graph import add_constant, nodes_in, trial_copy
 from pyrys.ir.ops import PYTHON_IMPLS
 from pyrys.numerics import relative_error
 from pyrys.numerics.budget import keep_fewest, kept_reason, max_error
+from pyrys.quantization import DEQUANTIZE_WEIGHT
 
 CALIBRATION_DATA = "the calibration data"  # what int8's reasons and note say the guard measured on
 FLOAT32, BF16 = "float32", "bf16"  # what the guard keeps ops in
@@ -64,10 +66,11 @@ def guard(gm: fx.GraphModule, switches: dict[str, Switch], samples: list[list], 
     holds so, the ops named in ``in_bf16`` (attention: no int8 kernel) in bf16 too; else ``"float32"``."""
     lowered: set[str] = set()  # names of the ops a trial runs in bf16
 
+    weights = dequantized_weights(gm)
+
     def error(limit: float = float("inf")) -> float:
-        trial = gm
+        trial = with_weights(gm, weights)
         if lowered:
-            trial = trial_copy(gm)
             keep_in_bf16(trial, lowered)
         return max_error(ReferenceProgram(trial), samples, expected, limit)
 
@@ -119,13 +122,16 @@ def on_float32_activations(gm: fx.GraphModule, switches: dict[str, Switch], samp
     of that op (its int8 one; its float32 one too with ``float_arguments``) reads.  Only those tensors are kept."""
     for switch in switches.values():
         switch.set(False)  # the quantize/dequantize nodes stay in the graph, unread: each run computes them
-    program = ReferenceProgram(gm)
+    weights = dequantized_weights(gm)  # (but the weights' once)
+    program = ReferenceProgram(with_weights(gm, weights))
     by_layer = {switch.layer.name: name for name, switch in switches.items()}
     read = {arg.name for switch in switches.values()
             for arg in nodes_in((switch.int8_args, switch.float_args if float_arguments else (), switch.layer.kwargs))
             if arg.op != "get_attr"}
 
     def value(arg: fx.Node):
+        if arg.name in weights:
+            return weights[arg.name]
         return getattr(program.gm, arg.target) if arg.op == "get_attr" else values[arg.name]
 
     def arguments(args):
@@ -142,3 +148,25 @@ def on_float32_activations(gm: fx.GraphModule, switches: dict[str, Switch], samp
                 measure(name, arguments, tensor)
 
         program.observe(sample, visit)
+
+
+def dequantized_weights(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """Every int8 weight's float32 value (its dequantize evaluated), by the dequantize node's name: the
+    guard's and bias correction's runs read these instead of dequantizing every weight on every run."""
+    return {node.name: node.target(*fx.map_arg(node.args, lambda a: getattr(gm, a.target)))
+            for node in gm.graph.nodes if node.op == "call_function" and node.target is DEQUANTIZE_WEIGHT
+            and all(arg.op == "get_attr" for arg in node.all_input_nodes)}
+
+
+def with_weights(gm: fx.GraphModule, weights: dict[str, torch.Tensor]) -> fx.GraphModule:
+    """A trial copy of ``gm`` (:func:`~pyrys.ir.graph.trial_copy`) whose weight dequantize nodes read the
+    values of ``weights`` (:func:`dequantized_weights`) as constants."""
+    trial = trial_copy(gm)
+    for node in list(trial.graph.nodes):
+        if node.name in weights and node.op == "call_function":
+            with trial.graph.inserting_before(node):
+                constant = add_constant(trial, weights[node.name], f"{node.name}_value")
+            node.replace_all_uses_with(constant)
+            trial.graph.erase_node(node)
+    trial.recompile()
+    return trial
