@@ -4,12 +4,13 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 import pyrys
 from pyrys.numerics import BF16_TOLERANCE, INT8_TOLERANCE
-from pyrys.numerics.budget import budget_for, fewest
+from pyrys.numerics.budget import budget_for, fewest, max_error
 from tests.models import conv_bn_relu, image
 
 
@@ -42,3 +43,16 @@ def test_the_default_budget_is_each_precisions_tolerance():
 def test_a_bad_budget_is_refused(budget):
     with pytest.raises(ValueError, match="accuracy_budget must be a positive number, 'auto' or None"):
         pyrys.optimize(conv_bn_relu(), (image(),), precision="bf16", accuracy_budget=budget)
+
+
+def test_a_nan_output_breaks_any_budget():
+    """A trial whose outputs hold NaN is over every budget (``max`` alone would skip a NaN error)."""
+    expected = [[torch.ones(3)], [torch.ones(3)]]
+    samples = [[0], [1]]
+
+    def program(sample):
+        return [torch.tensor([1.0, float("nan"), 1.0])] if sample[0] == 1 else [torch.ones(3)]
+
+    assert max_error(program, samples, expected) == float("inf")
+    assert max_error(program, samples, expected, limit=1e-2) == float("inf")
+    assert max_error(lambda sample: [torch.ones(3)], samples, expected) == 0.0

@@ -44,7 +44,8 @@ def max_error(program, samples: list[list], expected: list[list], limit: float =
     over ``limit`` as soon as it is seen (a trial that breaks the budget needs no more samples run)."""
     largest = 0.0
     for sample, want in zip(samples, expected):
-        largest = max(largest, relative_error(program(sample), want))
+        error = relative_error(program(sample), want)
+        largest = max(largest, error) if error == error else float("inf")  # NaN breaks any budget
         if largest > limit:
             break
     return largest

@@ -86,9 +86,9 @@ def lower_precision(gm: fx.GraphModule, precision: str, output_dtype: torch.dtyp
 
 
 def run_in_bf16(gm: fx.GraphModule, names: set[str] | frozenset[str]) -> PassResult:
-    """Run the compute ops named in ``names`` in bfloat16 (and the cheap ops between them, as
-    :func:`lower_precision` does), every other compute op as it is: the int8 accuracy guard's kept ops on a
-    CPU with native bf16.  Their constants' conversions are folded here (the int8 pass runs after constant
+    """Run the compute ops named in ``names`` in bfloat16 (and the cheap ops between them, and a matmul or
+    attention reading their bfloat16 results, as :func:`lower_precision` does), every other weighted op as it
+    is: with int8 on a CPU with native bf16, the guard's kept layers and attention.  Their constants' conversions are folded here (the int8 pass runs after constant
     propagation); ``fired["bf16"]`` counts the ops moved, ``fired["conversion"]`` the conversions left."""
     result, _ = _lower(gm, "bf16", None, frozenset(), frozenset(names))
     folded = constant_propagation(gm, only=frozenset({CONVERT})).fired["folded"]
@@ -99,8 +99,8 @@ def run_in_bf16(gm: fx.GraphModule, names: set[str] | frozenset[str]) -> PassRes
 def _lower(gm: fx.GraphModule, precision: str, output_dtype: torch.dtype | None,
            kept: frozenset[str], chosen: frozenset[str] | None = None) -> tuple[PassResult, set[str]]:
     """:func:`lower_precision` with the compute ops named in ``kept`` left in float32 (and with ``chosen``,
-    only those named there moved, a matmul or attention even on float32 activations); also the names of
-    the compute ops it moved."""
+    only the weighted ops named there moved, and a matmul or attention named there even on float32
+    activations: one reading bfloat16 moves anyway, as always); also the names of the compute ops it moved."""
     result, moved = PassResult(), set()
     if precision != "bf16" and output_dtype is None:
         return result, moved
@@ -174,9 +174,16 @@ def _attention_sources(gm: fx.GraphModule, chosen: frozenset[str] | None) -> lis
             while isinstance(arg, fx.Node) and arg.op == "call_function" and arg.target in HEAD_VIEWS:
                 arg = arg.args[0]
             if (isinstance(arg, fx.Node) and arg.op == "call_function" and arg not in sources
-                    and _is_high(arg.meta.get("val")) and _only_heads_of(arg, chosen)):
+                    and _stays_float32(arg, chosen) and isinstance(arg.meta.get("val"), torch.Tensor)
+                    and _is_high(arg.meta["val"]) and _only_heads_of(arg, chosen)):
                 sources.append(arg)
     return sources
+
+
+def _stays_float32(node: fx.Node, chosen: frozenset[str]) -> bool:
+    """Whether ``node`` stays float32 when only the compute ops in ``chosen`` move: a compute op not chosen,
+    or an op that never runs in bfloat16 (a cheap op of :data:`BETWEEN_OPS` may follow its inputs)."""
+    return node.name not in chosen and (node.target in COMPUTE_OPS or node.target not in BF16_OPS)
 
 
 def _only_heads_of(source: fx.Node, chosen: frozenset[str]) -> bool:

@@ -57,7 +57,8 @@ COMMUTATIVE = frozenset({aten.mul.Tensor, aten.add.Tensor})
 
 def quantize(gm: fx.GraphModule, precision: str, calibration: Calibration | None) -> PassResult:
     """Quantize every conv and linear it can when ``precision == "int8"`` (see the module docstring);
-    ``fired["int8"]`` counts the ops in int8, misses name those left in float32."""
+    ``fired["int8"]`` counts the ops in int8, misses name those left in floating point (float32, or bf16
+    where the guard keeps them so)."""
     result = PassResult()
     if precision != "int8":
         return result

@@ -36,8 +36,8 @@ class QuantizationPlan:
     kept: dict[str, str] = field(default_factory=dict)
     biases: dict[str, torch.Tensor] = field(default_factory=dict)  # each layer's bias correction, by layer key
     error: float | None = None  # the outputs' error against float32 the guard measured (None: no guard)
-    floating: str = "float32"  # what the ops not in int8 run in where they can: "bf16" where the CPU has it and
-    # the budget holds so (the layers the guard keeps, attention), else "float32"
+    floating: str = "float32"  # what the ops not in int8 run in where they can (the layers the guard keeps,
+    # attention): "bf16" where the CPU has it (and the budget holds so, where a guard measures), else "float32"
 
 
 class Calibration:

@@ -91,7 +91,7 @@ def guard(gm: fx.GraphModule, switches: dict[str, Switch], samples: list[list], 
         if total <= budget:
             return {}, total, precision
         if not ordered:
-            own = own_errors(gm, switches, samples)
+            own = own_errors(gm, switches, samples, weights)
             ordered = sorted(own, key=own.__getitem__, reverse=True)
         count, final = keep_fewest(len(ordered), lambda k: keep(k, precision) or error(budget), budget)
         if final <= budget:
@@ -101,8 +101,10 @@ def guard(gm: fx.GraphModule, switches: dict[str, Switch], samples: list[list], 
             for name in ordered[:count]}, final, precision
 
 
-def own_errors(gm: fx.GraphModule, switches: dict[str, Switch], samples: list[list]) -> dict[str, float]:
-    """``own(op)`` of the module docstring for every op of ``switches`` (left in float32 on return)."""
+def own_errors(gm: fx.GraphModule, switches: dict[str, Switch], samples: list[list],
+               weights: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """``own(op)`` of the module docstring for every op of ``switches`` (left in float32 on return);
+    ``weights``: :func:`dequantized_weights`, where the caller holds them already."""
     own = dict.fromkeys(switches, 0.0)
 
     def measure(name: str, arguments, result) -> None:
@@ -111,18 +113,18 @@ def own_errors(gm: fx.GraphModule, switches: dict[str, Switch], samples: list[li
         quantized = run(*arguments(switch.int8_args), **arguments(switch.layer.kwargs))
         own[name] = max(own[name], relative_error(quantized, result))
 
-    on_float32_activations(gm, switches, samples, measure)
+    on_float32_activations(gm, switches, samples, measure, weights=weights)
     return own
 
 
 def on_float32_activations(gm: fx.GraphModule, switches: dict[str, Switch], samples: list[list], measure,
-                           float_arguments: bool = False) -> None:
+                           float_arguments: bool = False, weights: dict[str, torch.Tensor] | None = None) -> None:
     """Run the graph with every op of ``switches`` in float32 (so left) on each sample; as each op's result is
     made, ``measure(name, arguments, result)``, where ``arguments(args)`` gives the tensors an argument tuple
     of that op (its int8 one; its float32 one too with ``float_arguments``) reads.  Only those tensors are kept."""
     for switch in switches.values():
         switch.set(False)  # the quantize/dequantize nodes stay in the graph, unread: each run computes them
-    weights = dequantized_weights(gm)  # (but the weights' once)
+    weights = dequantized_weights(gm) if weights is None else weights  # (but the weights' once)
     program = ReferenceProgram(with_weights(gm, weights))
     by_layer = {switch.layer.name: name for name, switch in switches.items()}
     read = {arg.name for switch in switches.values()

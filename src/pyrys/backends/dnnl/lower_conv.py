@@ -84,19 +84,28 @@ def _finish(builder: Builder, node: fx.Node, pd: PrimitiveDesc, src: Value, weig
     return dst
 
 
-def destination_dtype(node: fx.Node) -> torch.dtype:
-    """The data type the primitive writes: the node's own, or the other one of float32 and bfloat16 where
-    the result's one reader converts it so (``passes/precision.py``; an int8 layer read by a bf16 one): the
-    kernel accumulates in float32 and rounds once to what it writes, without a reorder (the conversion
-    becomes an alias)."""
+def destination_dtype(node: fx.Node, int8: bool = False) -> torch.dtype:
+    """The data type the primitive writes: the node's own, or float32 where a bfloat16 result's one reader
+    converts it to float32 (``passes/precision.py``), or bfloat16 where an int8 op's one reader converts its
+    float32 result to bfloat16 (a bf16 op reads it): the kernel accumulates in float32 and rounds once to
+    what it writes, without a reorder (the conversion becomes an alias).  (oneDNN documents bf16
+    destinations for int8 and bf16 sources, not for float32 ones.)"""
     dtype = node.meta["val"].dtype
     users = list(node.users)
-    if dtype in FLOATS and len(users) == 1 and users[0].target is CONVERT and users[0].meta["val"].dtype in FLOATS:
-        return users[0].meta["val"].dtype
+    if len(users) != 1 or users[0].target is not CONVERT:
+        return dtype
+    wanted = users[0].meta["val"].dtype
+    if (dtype, wanted) == (torch.bfloat16, torch.float32) or (int8 and (dtype, wanted) == (torch.float32,
+                                                                                       torch.bfloat16)):
+        return wanted
     return dtype
 
 
-FLOATS = (torch.float32, torch.bfloat16)
+def _dst_dtype(node: fx.Node, int8: Int8Op | None) -> torch.dtype:
+    """What a conv or linear writes: its int8 result's type where it is quantized, else :func:`destination_dtype`."""
+    if int8 is not None and int8.dst_quant is not None:
+        return int8.dst_quant.dtype
+    return destination_dtype(node, int8 is not None)
 
 
 def _dtype_note(dtype: torch.dtype, node: fx.Node) -> str:
@@ -126,7 +135,7 @@ def _lower_conv_like(builder: Builder, node: fx.Node, fused: Fused, weight: torc
     check_dtype(out, dtypes=F32_OR_BF16)  # bfloat16 in, float32 out: a bf16 op with a float32 residual
     x = builder.value_of(source)
     w_mds, b_md = builder.weight_layouts(weight), None if bias is None else plain_md(bias.shape, bias.dtype)
-    dst_dtype = int8.dst_quant.dtype if int8 is not None and int8.dst_quant is not None else destination_dtype(node)
+    dst_dtype = _dst_dtype(node, int8)
     for layout in _layouts_to_try(builder.policy):
         snapshot = builder.snapshot()
         dst_md = policy_md(out.shape, dst_dtype, layout)
@@ -187,7 +196,7 @@ def lower_linear(builder: Builder, node: fx.Node) -> None:
     check_dtype(out, dtypes=F32_OR_BF16)  # bfloat16 in, float32 out: a bf16 op with a float32 residual
     rows = out.numel() // out.shape[-1]
     x = _as_2d(builder, builder.value_of(source), rows)
-    dst_dtype = int8.dst_quant.dtype if int8 is not None and int8.dst_quant is not None else destination_dtype(node)
+    dst_dtype = _dst_dtype(node, int8)
     dst_md = plain_md([rows, weight.shape[0]], dst_dtype)
     operands = [_operand_2d(builder, n, rows) for n in fused.post_inputs]
     chain = build_chain(builder, fused.post_ops, operands, dst_md)
