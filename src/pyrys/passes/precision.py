@@ -88,8 +88,9 @@ def lower_precision(gm: fx.GraphModule, precision: str, output_dtype: torch.dtyp
 def run_in_bf16(gm: fx.GraphModule, names: set[str] | frozenset[str]) -> PassResult:
     """Run the compute ops named in ``names`` in bfloat16 (and the cheap ops between them, and a matmul or
     attention reading their bfloat16 results, as :func:`lower_precision` does), every other weighted op as it
-    is: with int8 on a CPU with native bf16, the guard's kept layers and attention.  Their constants' conversions are folded here (the int8 pass runs after constant
-    propagation); ``fired["bf16"]`` counts the ops moved, ``fired["conversion"]`` the conversions left."""
+    is: with int8 on a CPU with native bf16, the guard's kept layers and attention.  Their constants'
+    conversions are folded here (the int8 pass runs after constant propagation); ``fired["bf16"]`` counts
+    the ops moved, ``fired["conversion"]`` the conversions left."""
     result, _ = _lower(gm, "bf16", None, frozenset(), frozenset(names))
     folded = constant_propagation(gm, only=frozenset({CONVERT})).fired["folded"]
     result.fired["conversion"] -= folded
@@ -181,9 +182,11 @@ def _attention_sources(gm: fx.GraphModule, chosen: frozenset[str] | None) -> lis
 
 
 def _stays_float32(node: fx.Node, chosen: frozenset[str]) -> bool:
-    """Whether ``node`` stays float32 when only the compute ops in ``chosen`` move: a compute op not chosen,
-    or an op that never runs in bfloat16 (a cheap op of :data:`BETWEEN_OPS` may follow its inputs)."""
-    return node.name not in chosen and (node.target in COMPUTE_OPS or node.target not in BF16_OPS)
+    """Whether ``node`` stays float32 when only the compute ops in ``chosen`` move: a weighted op not chosen,
+    or an op that never runs in bfloat16 (a cheap op of :data:`BETWEEN_OPS`, a matmul or an attention may
+    follow a bfloat16 input)."""
+    follows = BETWEEN_OPS | MATMULS | {ATTENTION}
+    return node.name not in chosen and node.target not in follows
 
 
 def _only_heads_of(source: fx.Node, chosen: frozenset[str]) -> bool:
