@@ -1,4 +1,5 @@
 """scaled_dot_product_attention on oneDNN (matmul -> softmax -> matmul) against eager, masks of every kind."""
+import math
 import threading
 
 import pytest
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 
 import pyrys
 from pyrys.backends.dnnl import binding, lower_attention
-from pyrys.machine import native_bf16
+from pyrys.machine import cpu_flags, native_bf16
 from pyrys.numerics import relative_error
 from tests.conftest import TOLERANCE
 
@@ -119,7 +120,89 @@ def test_attention_in_blocks_of_queries_matches_eager(name, monkeypatch):
     opt = pyrys.optimize(model, args)
     assert relative_error(opt(*args), model(*args)) <= TOLERANCE, name
     text = opt.program_text()
-    assert "torch::scaled_dot_product_attention" not in text and ("scores[0:4]" in text) == (name in IN_BLOCKS), text
+    assert "torch::scaled_dot_product_attention" not in text and (", 0:4] :" in text) == (name in IN_BLOCKS), text
+
+
+class ConstantMask(Plain):
+    def __init__(self, mask):
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, q, k, v):
+        return super().forward(q, k, v, self.mask)
+
+
+def keeps_the_first_key(mask):
+    """``mask`` with every query keeping key 0 (no query without a key, so no keep operand)."""
+    mask = mask.clone()
+    mask[..., 0] = True
+    return mask
+
+
+Q5, K5, V5 = rand(5, 3, 6, 8), rand(5, 3, 7, 8, seed=2), rand(5, 3, 7, 4, seed=3)
+RANDOM_MASK = torch.rand(5, 1, 6, 7, generator=torch.Generator().manual_seed(7)) > 0.5
+# attention whose scores take more than the budget, in blocks of 2 indices of its outermost batch or head dim
+# longer than 1 (5 of them: 2 blocks and a tail); the second item is how the first block's slice prints
+BATCH_BLOCK_CASES = {
+    "batch of 5": (Plain(), (Q5, K5, V5), "[0:2]"),
+    "heads outermost (batch 1), causal": (Plain(causal=True), (Q5[None, :, 0], K5[None, :, 0], V5[None, :, 0]),
+                                           "[:, 0:2]"),
+    "one key and value head for all": (Plain(), (Q5, K5[:, :1], V5[:, :1]), "[0:2]"),
+    "keys and values shared by the batch": (Plain(), (Q5, K5[:1], V5[:1]), "[0:2]"),
+    "3-d inputs": (Plain(), (Q5[:, 0], K5[:, 0], V5[:, 0]), "[0:2]"),
+    "a constant mask per batch element": (ConstantMask(keeps_the_first_key(RANDOM_MASK)), (Q5, K5, V5), "[0:2]"),
+    "a constant mask for all": (ConstantMask(keeps_the_first_key(RANDOM_MASK[:1])), (Q5, K5, V5), "[0:2]"),
+    "heads of a projection": (Heads(), (rand(5, 6, 32),), "[0:2]"),
+}
+
+
+@pytest.mark.parametrize("name", list(BATCH_BLOCK_CASES))
+def test_attention_in_blocks_of_its_batch_matches_eager(name, monkeypatch):
+    """Where one batch index's scores fit the budget, a block takes as many batch indices as fit: a slice of
+    the outermost dim keeps every operand's layout (and oneDNN's kernel)."""
+    model, args, first = BATCH_BLOCK_CASES[name]
+    query_dims, keys = ((5, 4, 6, 8), 6) if isinstance(model, Heads) else (args[0].shape, args[1].shape[-2])
+    outer = next(n for n in query_dims[:-2] if n > 1)
+    per_index = math.prod(query_dims[:-1]) * keys * 4 // outer
+    monkeypatch.setattr(lower_attention, "SCORES_BLOCK_BYTES", 2 * per_index)
+    opt = pyrys.optimize(model, args)
+    assert relative_error(opt(*args), model(*args)) <= TOLERANCE, name
+    text = opt.program_text()
+    tail = first.replace("0:2", "4:5")
+    assert f"scores{first}" in text and f"scores{tail}" in text, text
+    if name == "a constant mask per batch element":
+        assert f"bias{tail}" in text, text
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_attention_one_head_at_a_time_matches_eager(name, monkeypatch):
+    """Blocks of 4 queries of one batch index and head at a time (what bfloat16 attention over long sequences
+    runs where blocks of every head lose oneDNN's brgemm kernel), forced here on every case."""
+    forced = lambda dims, keys: [lower_attention.Blocks(len(dims) - 2, 4, singles=len(dims) - 2),  # noqa: E731
+                                 lower_attention.Blocks(len(dims) - 2, dims[-2])]
+    monkeypatch.setattr(lower_attention, "blockings", forced)
+    model, args = CASES[name]
+    opt = pyrys.optimize(model, args)
+    assert relative_error(opt(*args), model(*args)) <= TOLERANCE, name
+    text = opt.program_text()
+    one_head = "scores[0, 0:4] :" in text or "scores[0, 0, 0:4] :" in text
+    assert "torch::scaled_dot_product_attention" not in text and one_head == (name in IN_BLOCKS), text
+
+
+@pytest.mark.skipif("amx_bf16" not in cpu_flags(), reason="the CPU has no AMX (the kernel choice this is about)")
+def test_bfloat16_attention_over_long_sequences_runs_one_head_at_a_time(monkeypatch):
+    """Blocks of queries of every head lose oneDNN's brgemm kernel in bfloat16; blocks of one head's queries
+    keep it (Whisper's encoder: 1500 queries, 9 MB of scores per head), writing a compact buffer that one
+    reorder lays out for the heads' merge."""
+    monkeypatch.setattr(lower_attention, "SCORES_BLOCK_BYTES", 6 << 20)  # 9.4 MB a head: blocks of 768 queries
+    model, x = Heads(width=128, heads=2), rand(1, 1536, 128)
+    opt = pyrys.optimize(model, (x,), precision="bf16")
+    text = opt.program_text()
+    scores = [line for line in text.splitlines() if ".scores" in line and "dnnl::matmul" in line]
+    assert len(scores) == 4 and "scores[0, 1, 768:1536] :" in text, text
+    assert len({line.split("impl=")[1].split("]")[0] for line in scores}) == 1, text
+    assert "scaled_dot_product_attention.heads.reorder" in text, text
+    assert relative_error(opt(x), model(x)) <= 2e-2
 
 
 def test_a_constant_mask_is_sliced_into_one_buffer_per_block(monkeypatch):
@@ -137,7 +220,7 @@ def test_a_constant_mask_is_sliced_into_one_buffer_per_block(monkeypatch):
     model = Banded()
     opt = pyrys.optimize(model, (X,))
     assert relative_error(opt(X), model(X)) <= TOLERANCE
-    assert "bias[4:6]" in opt.program_text()
+    assert "bias[:, :, 4:6]" in opt.program_text()
 
 
 def test_a_query_that_sees_no_key_gives_zeros_as_in_torch():

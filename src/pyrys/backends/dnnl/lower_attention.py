@@ -20,14 +20,18 @@ is read once, when the program is built; a computed one each call, by one torch 
 attention reading that mask shares.  The output is written in the layout that makes its readers'
 ``transpose(1, 2)`` (the heads merged back) a contiguous view.
 
-Long sequences run a block of queries at a time (``block_rows``): the three steps per block, every block
-reusing one scores buffer of ``SCORES_BLOCK_BYTES``, so that the scores are read back from cache rather
-than memory.  Not in bfloat16 where a block would lose oneDNN's brgemm kernel (:func:`_blocks_lose_brgemm`:
-a block of a batched Q is not compact): unblocked, ViT-base at batch 8 ran 0.87x and Whisper's encoder
-0.89x of the blocked time (Sapphire Rapids, bf16; the same outputs bit for bit).
+Attention whose scores outgrow ``SCORES_BLOCK_BYTES`` runs a block at a time (:func:`blockings`): the three
+steps per block, every block reusing one scores buffer, so that the scores are read back from cache rather
+than memory.  A block takes as many batch indices as fit, or else a block of queries of every head; in
+bfloat16, where that block is not compact and oneDNN 3.2 gives it a slower kernel than the whole
+(:func:`_blocks_lose_brgemm`), a block of one head's queries, the heads copied compact one after another
+(the output too, reordered once for the heads' merge).  Measured in one process, interleaved, a
+projection and its attention (Sapphire Rapids, bf16): ViT-base's shapes at batch 8 0.95x of the unblocked
+time, Whisper's encoder (1500 queries, 9 MB of scores per head) 0.95x; float32 at batch 8 and 16 0.98x.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -42,7 +46,7 @@ from pyrys.backends.dnnl.layout import contiguous_strides, is_plain_contiguous, 
 from pyrys.backends.dnnl.lower_conv import format_info, is_reference
 from pyrys.backends.dnnl.primitives import MemoryDesc, PostOps, PrimitiveAttr, PrimitiveDesc
 from pyrys.backends.dnnl.tensors import DNNL_TO_TORCH
-from pyrys.backends.dnnl.values import ALIAS, DYNAMIC, Value, part_of
+from pyrys.backends.dnnl.values import ALIAS, DYNAMIC, Value
 from pyrys.ir.graph import op_args
 from pyrys.ir.vocabulary import PERMUTES, VIEWS, permutation
 
@@ -256,17 +260,25 @@ def lower_attention(builder: Builder, node: fx.Node) -> None:
     q, k, v = (_strided(builder, n) for n in (q_node, k_node, v_node))
     scores_md = plain_md([*batch, queries, keys], torch.float32)
     k_t = _transposed(k)
-    if _compact_is_faster(builder, q.md, k_t.md, scores_md):
-        q, k_t = _compact(builder, q), _compact(builder, k_t)
     probs_md = scores_md if out.dtype == torch.float32 else plain_md(scores_md.dims, out.dtype)
-    if _compact_is_faster(builder, probs_md, v.md, output_md(node, out.dtype)):
-        v = _compact(builder, v)
+    out_md = output_md(node, out.dtype)
+    compact_qk = _compact_is_faster(builder, q.md, k_t.md, scores_md)
+    compact_v = _compact_is_faster(builder, probs_md, v.md, out_md)
+    # in blocks where a block's operands are whole buffers: oneDNN's kernels misread a broadcast operand that
+    # is a slice of a larger one, so a keep (a computed mask has one) runs all at once
+    whole = Blocks(rank - 2, queries)
+    choices = [whole] if may_drop else blockings(q.md.dims, keys)
+    blocks = next(b for b in choices if b == whole or not _blocks_lose_brgemm(
+        builder, _compact_md(q.md, b) if compact_qk else q.md, _compact_md(k_t.md, b) if compact_qk else k_t.md, b))
+    if compact_qk:
+        q, k_t = _compact(builder, q, blocks), _compact(builder, k_t, blocks)
+    if compact_v:
+        v = _compact(builder, v, blocks)
 
     # S = (Q K^T) * scale + bias, in float32 (bfloat16 inputs too)
     natural = None if bias is None else _padded(bias.shape if isinstance(bias, torch.Tensor) else bias.meta["val"].shape, rank)
     bias_offers = None if bias is None else _operand_layouts(natural, scores_md)
     bias_layout = _fast_matmul(builder, q.md, k_t.md, scores_md, scale, AlgKind.binary_add, bias_offers)[1]
-    out_md = output_md(node, out.dtype)
     keep_layout = None
     if may_drop:
         keep_offers = _operand_layouts([*natural[:-1], value_width], out_md)
@@ -280,27 +292,37 @@ def lower_attention(builder: Builder, node: fx.Node) -> None:
             keep = attention_bias(builder.constant_values(a["attn_mask"]))[1]
             keep_value = _constant_operand(builder, keep, keep_layout, f"{node.name}.keep")
     operands = Operands(q, k_t, v, bias_value, keep_value, scale, out.dtype, bias_rows)
-    result = builder.define(node, out_md)
-    # in blocks where a block's operands are whole buffers: oneDNN's kernels misread a broadcast operand that
-    # is a slice of a larger one, so a keep (a computed mask has one) runs all at once
-    rows = queries if keep_value is not None else block_rows(q.md.dims, keys)
-    if rows < queries and _blocks_lose_brgemm(builder, q.md, k_t.md, rows):
-        rows = queries
     snapshot = builder.snapshot()
     try:
-        _emit_blocks(builder, node, operands, result, rows)
+        _emit(builder, node, operands, out_md, blocks, compact_v)
     except (Unsupported, DnnlError):
-        if rows == queries:
+        if blocks == whole:
             raise
         builder.restore(snapshot, node)  # a block oneDNN has no fast kernel for: the whole at once
-        result = builder.define(node, out_md)
-        _emit_blocks(builder, node, operands, result, queries)
+        _emit(builder, node, operands, out_md, whole, compact_v)
 
 
-def _compact_md(md: MemoryDesc) -> MemoryDesc:
-    """``md``'s dims in the same order in memory, with no gaps between them."""
+def _emit(builder: Builder, node: fx.Node, o: Operands, out_md: MemoryDesc, blocks: Blocks, compact: bool) -> None:
+    """The blocks, written into the node's value; or, where a block is one head (``blocks.singles``) and its
+    bfloat16 matmul has the brgemm kernel only for a compact destination, into a compact buffer that one
+    reorder then lays out as the node's value."""
+    staged = _compact_md(out_md, blocks)
+    if not (blocks.singles and compact) or staged == out_md:
+        _emit_blocks(builder, node, o, builder.define(node, out_md), blocks)
+        return
+    heads = Value(f"{node.name}.heads", staged)
+    _emit_blocks(builder, node, o, heads, blocks)
+    builder.define(node, out_md, ALIAS, alias_of=builder.copy(heads, out_md))
+
+
+def _compact_md(md: MemoryDesc, blocks: Blocks | None = None) -> MemoryDesc:
+    """``md`` with no gaps.  Where ``blocks`` split a batch or head dim, the batch dims go outermost, in
+    order, so that one index of them is one compact matrix; else every dim keeps its place in memory."""
     strides, step = [0] * md.ndims, 1
-    for dim in sorted(range(md.ndims), key=lambda d: (md.strides[d], md.dims[d])):  # innermost first
+    innermost_first = sorted(range(md.ndims), key=lambda d: (md.strides[d], md.dims[d]))
+    if blocks is not None and blocks.splits_batch(md.ndims):
+        innermost_first = [d for d in innermost_first if d >= md.ndims - 2] + list(reversed(range(md.ndims - 2)))
+    for dim in innermost_first:
         strides[dim] = step
         step *= md.dims[dim]
     return MemoryDesc.from_strides(md.dims, md.dtype, strides)
@@ -326,23 +348,24 @@ def _compact_is_faster(builder: Builder, src: MemoryDesc, weights: MemoryDesc, d
     return _matmul_kernel(builder, *compact, dst).startswith("brg")
 
 
-def _blocks_lose_brgemm(builder: Builder, q: MemoryDesc, k_t: MemoryDesc, rows: int) -> bool:
-    """Whether a bfloat16 scores matmul gets oneDNN's brgemm kernel on every query at once and not on a block
-    of ``rows`` queries (a block of Q is not compact where Q has a batch or head dim: oneDNN 3.2 gives it its
-    gemm kernel, or a compact one its AVX-512 rather than AMX brgemm kernel); then it runs unblocked."""
+def _blocks_lose_brgemm(builder: Builder, q: MemoryDesc, k_t: MemoryDesc, blocks: Blocks) -> bool:
+    """Whether a bfloat16 scores matmul gets oneDNN's brgemm kernel on every query at once and not on the
+    first of ``blocks`` (oneDNN 3.2 gives a batched operand whose batch strides are not those of a compact
+    one its gemm kernel: a block of the queries of several heads)."""
     if k_t.dtype != DataType.bf16:
         return False
-    *batch, queries, width = q.dims
-    keys = k_t.dims[-1]
-    block = q.submemory([*batch, rows, width], [0] * q.ndims)
-    whole_kernel = _matmul_kernel(builder, q, k_t, plain_md([*batch, queries, keys], torch.float32))
-    block_kernel = _matmul_kernel(builder, block, k_t, plain_md([*batch, rows, keys], torch.float32))
+    keys, dims = k_t.dims[-1], q.dims
+    whole_kernel = _matmul_kernel(builder, q, k_t, plain_md([*dims[:-1], keys], torch.float32))
+    offsets, counts = blocks.parts(dims)[0]
+    q_block = _part_md(q, offsets, counts, dims, q.ndims - 1)
+    k_block = _part_md(k_t, offsets, counts, dims, q.ndims - 2)
+    block_kernel = _matmul_kernel(builder, q_block, k_block, plain_md([*counts[:-1], keys], torch.float32))
     return whole_kernel.startswith("brg") and whole_kernel != block_kernel
 
 
-def _compact(builder: Builder, value: Value) -> Value:
-    """``value`` itself where it is compact already, else a compact copy of it."""
-    compact = _compact_md(value.md)
+def _compact(builder: Builder, value: Value, blocks: Blocks) -> Value:
+    """``value`` itself where it is compact already (as ``blocks`` need it), else a compact copy of it."""
+    compact = _compact_md(value.md, blocks)
     return value if value.md == compact else builder.convert(value, compact)
 
 
@@ -367,89 +390,165 @@ class Operands:
     bias_rows: tuple | None = None  # a constant bias: its values (broadcast) and layout, packed per block read
 
 
-def block_rows(query_dims, keys: int) -> int:
-    """How many queries one block takes: all of them where their scores fit ``SCORES_BLOCK_BYTES``, else a
-    multiple of ``MIN_BLOCK_ROWS`` whose scores do (at least that many)."""
+@dataclass(frozen=True)
+class Blocks:
+    """Attention a block at a time: ``size`` indices of Q's dim ``dim`` per block, and each index of Q's first
+    ``singles`` dims on its own; the scores, the output and a constant mask split alike, K and V along their
+    batch dims only (a dim they broadcast stays whole)."""
+
+    dim: int
+    size: int
+    singles: int = 0
+
+    def splits_batch(self, rank: int) -> bool:
+        return self.singles > 0 or self.dim < rank - 2
+
+    def parts(self, dims) -> list[tuple[list[int], list[int]]]:
+        """``(offsets, counts)`` per dim of Q, for each block in order."""
+        ranges = [[(i, 1) for i in range(dims[d])] for d in range(self.singles)]
+        ranges.append([(s, min(self.size, dims[self.dim] - s)) for s in range(0, dims[self.dim], self.size)])
+        parts = []
+        for choice in itertools.product(*ranges):
+            offsets, counts = [0] * len(dims), list(dims)
+            for d, (offset, count) in zip([*range(self.singles), self.dim], choice):
+                offsets[d], counts[d] = offset, count
+            parts.append((offsets, counts))
+        return parts
+
+    def label(self, offsets, counts, dims) -> str:
+        """A block as an index (``[0:4]``, ``[:, :, 16:32]``, ``[0, 3, 0:752]``); empty for the whole."""
+        items = [str(o) if d < self.singles else ":" if c == n else f"{o}:{o + c}"
+                 for d, (o, c, n) in enumerate(zip(offsets, counts, dims))]
+        while items and items[-1] == ":":
+            items.pop()
+        return f"[{', '.join(items)}]" if items else ""
+
+
+def blockings(query_dims, keys: int) -> list[Blocks]:
+    """The ways to split attention whose scores do not fit ``SCORES_BLOCK_BYTES``, best first; the whole last.
+
+    1. blocks of the outermost batch or head dim longer than 1 (every dim before it is 1), as many indices of
+       it as fit: each block keeps the whole's kernel;
+    2. blocks of queries of every head at once, a multiple of ``MIN_BLOCK_ROWS``, as few as fit;
+    3. blocks of queries of one head at a time, where bfloat16 loses oneDNN's brgemm kernel on 2
+       (:func:`_blocks_lose_brgemm`; Whisper's encoder: 1500 queries and keys, 9 MB of scores per head);
+    4. the whole."""
     *batch, queries, _ = query_dims
-    per_row = keys * 4 * math.prod(batch)
-    if queries * per_row <= SCORES_BLOCK_BYTES:
-        return queries
-    step = MIN_BLOCK_ROWS
-    return min(queries, max(step, SCORES_BLOCK_BYTES // per_row // step * step))
+    rank = len(query_dims)
+    whole = Blocks(rank - 2, queries)
+    scores = math.prod(batch) * queries * keys * 4
+    if scores <= SCORES_BLOCK_BYTES:
+        return [whole]
+    outer = next((d for d, n in enumerate(batch) if n > 1), None)
+    choices = []
+    if outer is not None and scores // batch[outer] <= SCORES_BLOCK_BYTES:
+        choices.append(Blocks(outer, SCORES_BLOCK_BYTES // (scores // batch[outer])))
+    choices.append(Blocks(rank - 2, _rows(queries, scores)))
+    if batch and scores // math.prod(batch) > SCORES_BLOCK_BYTES:
+        choices.append(Blocks(rank - 2, _rows(queries, scores // math.prod(batch)), singles=rank - 2))
+    return [*choices, whole]
 
 
-def _rows(value: Value | None, start: int, count: int, total: int) -> Value | None:
-    """Rows ``start:start+count`` (the second-to-last dim) of ``value``: a view; ``value`` itself where it has
-    them all or broadcasts that dim."""
-    if value is None or count == total or value.md.dims[-2] != total:
+def _rows(queries: int, scores: int) -> int:
+    """Queries per block: the fewest blocks whose ``scores`` bytes fit, a multiple of ``MIN_BLOCK_ROWS``."""
+    blocks = -(-scores // SCORES_BLOCK_BYTES)
+    return min(queries, -(-queries // blocks // MIN_BLOCK_ROWS) * MIN_BLOCK_ROWS)
+
+
+def _part_md(md: MemoryDesc, offsets, counts, dims, split: int) -> MemoryDesc:
+    """The descriptor of ``md``'s part ``counts`` (over Q's ``dims``) along its first ``split`` dims (those
+    it broadcasts stay whole), its dims of 1 given the strides of a compact layout: oneDNN 3.2 takes a batch
+    stride that is not for its brgemm kernel (one head of several)."""
+    part = [c if d < split and md.dims[d] == dims[d] else md.dims[d] for d, c in enumerate(counts)]
+    if part == list(md.dims):
+        return md
+    strides = list(md.submemory(part, [0] * md.ndims).strides)
+    for d in reversed(range(md.ndims - 2)):
+        if part[d] == 1:  # the span of the dims inside it
+            strides[d] = max(strides[e] * part[e] for e in range(d + 1, md.ndims))
+    return MemoryDesc.from_strides(part, md.dtype, strides)
+
+
+def _part(value: Value | None, blocks: Blocks, offsets, counts, dims, split: int) -> Value | None:
+    """``value``'s part of a block (:func:`_part_md`): a view; ``value`` itself where it is the whole."""
+    if value is None:
+        return None
+    md = _part_md(value.md, offsets, counts, dims, split)
+    if md is value.md:
         return value
-    dims, offsets = list(value.md.dims), [0] * value.md.ndims
-    dims[-2], offsets[-2] = count, start
-    return part_of(value, f"{value.name}[{start}:{start + count}]", dims, offsets)
+    start = [o if d < split and value.md.dims[d] == dims[d] else 0 for d, o in enumerate(offsets)]
+    base = value.md.submemory(list(md.dims), [0] * md.ndims).offset0
+    elements = value.md.submemory(list(md.dims), start).offset0 - base
+    name = value.name + blocks.label(start, md.dims, value.md.dims)
+    return Value(name, md, ALIAS, value, offset=elements * DNNL_TO_TORCH[md.dtype].itemsize)
 
 
-def _leading(value: Value, count: int) -> Value:
-    """The first ``count`` rows of a contiguous buffer, contiguous themselves (a broadcast post-op operand
-    needs a contiguous destination)."""
-    if count == value.md.dims[-2]:
+def _leading(value: Value, counts) -> Value:
+    """A contiguous buffer of dims ``counts`` at the start of ``value``'s memory (a smaller last block reusing
+    the scores buffer; a broadcast post-op operand needs a contiguous destination)."""
+    if list(counts) == list(value.md.dims):
         return value
-    dims = [*value.md.dims[:-2], count, value.md.dims[-1]]
-    return Value(f"{value.name}[:{count}]", plain_md(dims, DNNL_TO_TORCH[value.md.dtype]), ALIAS, value)
+    return Value(f"{value.name}[:{counts[-2]}]", plain_md(counts, DNNL_TO_TORCH[value.md.dtype]), ALIAS, value)
 
 
-def _emit_blocks(builder: Builder, node: fx.Node, o: Operands, result: Value, rows: int) -> None:
-    """The three steps per block of ``rows`` queries; every block reuses one scores buffer."""
-    *batch, queries, _ = o.q.md.dims
-    keys, last = o.k_t.md.dims[-1], o.q.md.ndims - 1
-    scores = Value(f"{node.name}.scores", plain_md([*batch, rows, keys], torch.float32))
+def _emit_blocks(builder: Builder, node: fx.Node, o: Operands, result: Value, blocks: Blocks) -> None:
+    """The three steps per block; every block reuses one scores buffer."""
+    dims = list(o.q.md.dims)
+    rank, keys, last = len(dims), o.k_t.md.dims[-1], len(dims) - 1
+    parts = blocks.parts(dims)
+    scores = Value(f"{node.name}.scores", plain_md([*parts[0][1][:-1], keys], torch.float32))
     probs_md = scores.md if o.dtype == torch.float32 else plain_md(scores.md.dims, o.dtype)
     probs = Value(f"{node.name}.probs", probs_md, ALIAS, scores) if probs_md == scores.md else \
         Value(f"{node.name}.probs", probs_md)
     packed = {}
-    for start in range(0, queries, rows):
-        count = min(rows, queries - start)
-        q, out = _rows(o.q, start, count, queries), _rows(result, start, count, queries)
-        keep, bias = o.keep, _constant_bias(builder, node, o, start, count, queries, packed) or o.bias
-        s, p = _leading(scores, count), _leading(probs, count)
-        block = "" if rows == queries else f"[{start}:{start + count}]"
+    for offsets, counts in parts:
+        block = blocks.label(offsets, counts, dims)
+        q, out = (_part(x, blocks, offsets, counts, dims, rank - 1) for x in (o.q, result))
+        k_t, v = (_part(x, blocks, offsets, counts, dims, rank - 2) for x in (o.k_t, o.v))
+        keep, bias = o.keep, _constant_bias(builder, node, o, blocks, offsets, counts, dims, packed) or o.bias
+        s, p = (_leading(x, [*counts[:-1], keys]) for x in (scores, probs))
 
         # S = (Q K^T) * scale + bias, in float32 (bfloat16 inputs too)
-        pd = _block_pd(builder, q, o.k_t, s, o.scale, bias and (AlgKind.binary_add, bias))
-        reads = [q, o.k_t] + ([bias] if bias is not None else [])
+        pd = _block_pd(builder, q, k_t, s, o.scale, bias and (AlgKind.binary_add, bias))
+        reads = [q, k_t] + ([bias] if bias is not None else [])
         text = f"%{scores.name}{block} : Float({', '.join(str(d) for d in s.md.dims)}) = dnnl::matmul"
         text += f"[scale={o.scale:g}, {format_info(pd)}]({', '.join(f'%{r.name}' for r in reads)})"
         post_args = {arg_post_op_src1(1): bias} if bias is not None else {}
-        builder.add_primitive(text, pd, {ARG_SRC: q, ARG_WEIGHTS: o.k_t, ARG_DST: s, **post_args}, reads, [s])
+        builder.add_primitive(text, pd, {ARG_SRC: q, ARG_WEIGHTS: k_t, ARG_DST: s, **post_args}, reads, [s])
 
         # P = softmax(S), in place (in bfloat16 for bfloat16 attention)
         softmax = softmax_pd(builder.engine, s.md, last, p.md)
         text = f"%{probs.name}{block} = dnnl::softmax[axis={last}](%{scores.name}{block})"
         builder.add_primitive(text, softmax, {ARG_SRC: s, ARG_DST: p}, [s], [p])
 
-        # O = (P V) * keep, into the block's rows of the output
-        pd = _block_pd(builder, p, o.v, out, None, keep and (AlgKind.binary_mul, keep))
-        reads = [p, o.v] + ([keep] if keep is not None else [])
+        # O = (P V) * keep, into the block's part of the output
+        pd = _block_pd(builder, p, v, out, None, keep and (AlgKind.binary_mul, keep))
+        reads = [p, v] + ([keep] if keep is not None else [])
         label = "dnnl::matmul_mul" if keep is not None else "dnnl::matmul"
         post_args = {arg_post_op_src1(0): keep} if keep is not None else {}
         text = node_text(node, label, format_info(pd), [f"%{r.name}" for r in reads])
-        if block:
-            text = text.replace(f"%{node.name} :", f"%{node.name}{block} :", 1)
-        builder.add_primitive(text, pd, {ARG_SRC: p, ARG_WEIGHTS: o.v, ARG_DST: out, **post_args}, reads, [out])
+        if result.name != node.name or block:
+            text = text.replace(f"%{node.name} :", f"%{result.name}{block} :", 1)
+        builder.add_primitive(text, pd, {ARG_SRC: p, ARG_WEIGHTS: v, ARG_DST: out, **post_args}, reads, [out])
 
 
-def _constant_bias(builder: Builder, node: fx.Node, o: Operands, start: int, count: int, queries: int,
+def _constant_bias(builder: Builder, node: fx.Node, o: Operands, blocks: Blocks, offsets, counts, dims,
                    packed: dict) -> Value | None:
-    """A constant bias for the block's rows: the whole (packed once, kept in ``packed``) where it has one row or
-    the block takes every query; else the block's rows as their own buffer.  None for a computed bias, or none."""
+    """A constant bias for the block: the whole (packed once, kept in ``packed``) where it broadcasts every
+    dim the block splits; else the block's part as its own buffer.  None for a computed bias, or none."""
     if o.bias_rows is None:
         return None
-    values, (dims, strides) = o.bias_rows
-    if count == queries or dims[-2] == 1:
+    values, (whole_dims, strides) = o.bias_rows
+    split = [d for d in range(len(dims) - 1) if counts[d] < dims[d] and whole_dims[d] != 1]
+    if not split:
         if "whole" not in packed:
-            packed["whole"] = builder.constant_value(values, plain_md(dims, torch.float32, strides), f"{node.name}.bias")
+            packed["whole"] = builder.constant_value(values, plain_md(whole_dims, torch.float32, strides),
+                                                     f"{node.name}.bias")
         return packed["whole"]
-    part = values[..., start:start + count, :].contiguous()
-    return builder.constant_value(part, None, f"{node.name}.bias[{start}:{start + count}]")
+    part = values
+    for d in split:
+        part = part.narrow(d, offsets[d], counts[d])
+    return builder.constant_value(part.contiguous(), None, f"{node.name}.bias{blocks.label(offsets, counts, dims)}")
 
 
 def _block_pd(builder: Builder, src: Value, weights: Value, dst: Value, scale: float | None, binary) -> PrimitiveDesc:
