@@ -136,6 +136,8 @@ def _mask_tensors(builder: Builder, mask, queries: int, keys: int,
     constant = builder.constant_values(mask)
     if constant is None:
         return mask, True
+    if bool(constant.all() if constant.dtype == torch.bool else (constant == 0).all()):
+        return None, False  # a mask that masks nothing (HF ViT's all-True one): adding it changes no score
     bias, keep = attention_bias(constant)
     return bias, not bool(keep.all())
 
