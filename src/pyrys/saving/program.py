@@ -2,9 +2,9 @@
 
 What is saved, per input signature the module has compiled: the optimized graph (after every
 pass, in the form the backend takes) with its constants, the input and output structure,
-the backend and the layout it chose, the pass history (graph text, rule counts, misses) and
-the notes.  Loading rebuilds the backend's program from that graph and those decisions:
-no ``torch.export``, no pass, no measuring, so the outputs are the ones the saved module
+the backend, the layout and the kernels it chose (``attention_kernels.py``), the pass history
+(graph text, rule counts, misses) and the notes.  Loading rebuilds the backend's program from that
+graph and those decisions: no ``torch.export``, no pass, no measuring, so the outputs are the ones the saved module
 gave (bitwise, on the same machine).  On a CPU with another instruction set the layout is
 measured again (a note says so); where the saved backend does not load, the reference
 backend runs the same graph (a note says so).  A module that had captured its model with symbolic
@@ -223,6 +223,7 @@ def _encode_compiled(compiled: Compiled, prefix: str, tensors: dict) -> dict:
         "backend": compiled.backend,
         "layout": getattr(program, "layout", None),
         "policy": getattr(program, "policy", None),
+        "kernel_choices": getattr(program, "kernel_choices", {}),
         "notes": compiled.notes[len(captured.notes):],
         "history": [{"name": s.name, "graph": s.graph, "fired": dict(s.fired), "seconds": s.seconds,
                      "misses": [[m.rule, m.node, m.reason] for m in s.misses], "error": s.error}
@@ -257,6 +258,9 @@ def _decode_compiled(record: dict, tensors: dict, config: OptimizeConfig, same_c
         else:
             notes.append(f"saved on a CPU with {'/'.join(manifest.get('isa', [])) or 'other instructions'}; "
                          f"the layout was chosen again here ({config.layout})")
+    if backend == "dnnl" and same_cpu:
+        from pyrys.backends.dnnl import measured
+        measured.remember(record.get("kernel_choices", {}))  # the kernels it was saved with
     program = compile_program(gm, _example_inputs(signature), BackendOptions(config.threads, layout), like=like)
     if backend == "dnnl" and same_cpu and record["policy"]:
         program = _with_policy(program, record["policy"])

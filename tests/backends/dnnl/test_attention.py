@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import pyrys
-from pyrys.backends.dnnl import binding, lower_attention
+from pyrys.backends.dnnl import attention_kernels, binding, lower_attention, measured
 from pyrys.machine import cpu_flags, native_bf16
 from pyrys.numerics import relative_error
 from tests.conftest import TOLERANCE
@@ -18,6 +18,14 @@ needs_native_bf16 = pytest.mark.skipif(not native_bf16(), reason="the CPU has no
 
 available, reason = binding.is_available()
 pytestmark = pytest.mark.skipif(not available, reason=f"oneDNN unavailable: {reason}")
+
+
+@pytest.fixture(autouse=True)
+def onednn_steps(monkeypatch):
+    """These tests are about oneDNN's steps: torch's fused attention, chosen where it is measured faster
+    (attention_kernels.py), never is here, except where a test says so."""
+    monkeypatch.setattr(attention_kernels, "FASTER", 0.0)
+    monkeypatch.setattr(measured, "_DECIDED", {})
 
 
 def rand(*shape, seed=1):
@@ -388,3 +396,76 @@ def test_float32_attention_keeps_its_blocks(monkeypatch):
     monkeypatch.setattr(lower_attention, "SCORES_BLOCK_BYTES", 1 << 16)
     opt = pyrys.optimize(Heads(width=128, heads=2), (rand(2, 96, 128),))
     assert len([line for line in opt.program_text().splitlines() if ".scores[" in line]) > 1
+
+
+TORCH_CASES = {name: CASES[name] for name in ("no mask", "padding mask (B,1,1,S)", "bool mask (B,1,L,S) with queries "
+                                              "that see no key", "causal", "explicit scale", "heads not merged back",
+                                              "one key and value head for all, a mask")}
+TORCH_CASES["a constant mask"] = (ConstantMask(keeps_the_first_key(RANDOM_MASK)), (Q5, K5, V5))
+
+
+@pytest.mark.parametrize("name", list(TORCH_CASES))
+def test_torch_fused_attention_runs_where_it_is_measured_faster(name, monkeypatch, tmp_path):
+    """Over scores larger than ``SCORES_BLOCK_BYTES`` both kernels are timed; torch's runs where it takes at
+    most ``FASTER`` of oneDNN's time (forced here), on the query, key and value as eager gives them."""
+    monkeypatch.setenv("PYRYS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(lower_attention, "SCORES_BLOCK_BYTES", 64)
+    monkeypatch.setattr(attention_kernels, "FASTER", float("inf"))
+    model, args = TORCH_CASES[name]
+    opt = pyrys.optimize(model, args)
+    assert relative_error(opt(*args), model(*args)) <= TOLERANCE, name
+    text = opt.program_text()
+    assert "torch::scaled_dot_product_attention" in text and "# chosen: torch's fused attention" in text, text
+    assert "dnnl::softmax" not in text and "# fallback" not in text.split("scaled_dot_product_attention")[1], text
+
+
+def test_the_kernel_choice_is_measured_once_and_kept(monkeypatch, tmp_path):
+    """One timing per signature: the attentions of one shape share it, and the next compile reads it from
+    the tuning cache."""
+    monkeypatch.setenv("PYRYS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(lower_attention, "SCORES_BLOCK_BYTES", 64)
+    monkeypatch.setattr(attention_kernels, "FASTER", 0.9)
+    timed = []
+    original = attention_kernels.best_seconds
+    monkeypatch.setattr(attention_kernels, "best_seconds", lambda calls, runs: timed.append(1) or original(calls, runs))
+
+    class TwoLayers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = Heads(), Heads()
+
+        def forward(self, x):
+            return self.second(self.first(x))
+
+    model = TwoLayers().eval()
+    first = pyrys.optimize(model, (X,))
+    assert len(timed) == 1
+    monkeypatch.setattr(measured, "_DECIDED", {})  # a new process: only the cache remembers
+    second = pyrys.optimize(model, (X,))
+    assert len(timed) == 1 and list((tmp_path / "attention_kernel").glob("*.json"))
+    assert first.program_text() == second.program_text()
+    assert relative_error(second(X), model(X)) <= TOLERANCE
+
+
+def test_short_attention_is_not_timed(monkeypatch):
+    """Below ``SCORES_BLOCK_BYTES`` of scores oneDNN's steps run, with nothing measured."""
+    monkeypatch.setattr(attention_kernels, "FASTER", float("inf"))
+    monkeypatch.setattr(attention_kernels, "best_seconds", lambda calls, runs: pytest.fail("timed"))
+    opt = pyrys.optimize(Heads().eval(), (X,))
+    assert "dnnl::softmax" in opt.program_text()
+
+
+def test_a_loaded_program_runs_the_attention_kernel_it_was_saved_with(monkeypatch, tmp_path):
+    """The choice is saved with the program; loading (in a process that never measured it, with no tuning
+    cache) measures nothing and gives the saved module's outputs bit for bit."""
+    monkeypatch.setenv("PYRYS_CACHE_DIR", "")
+    monkeypatch.setattr(lower_attention, "SCORES_BLOCK_BYTES", 64)
+    monkeypatch.setattr(attention_kernels, "FASTER", float("inf"))
+    model = Heads().eval()
+    opt = pyrys.optimize(model, (X,))
+    pyrys.save(opt, tmp_path / "saved")
+    monkeypatch.setattr(measured, "_DECIDED", {})  # another process
+    monkeypatch.setattr(attention_kernels, "best_seconds", lambda calls, runs: pytest.fail("measured at load"))
+    loaded = pyrys.load(tmp_path / "saved")
+    assert "# chosen: torch's fused attention" in loaded.program_text()
+    assert torch.equal(loaded(X), opt(X))

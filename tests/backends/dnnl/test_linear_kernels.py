@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import pyrys
-from pyrys.backends.dnnl import linear_kernels
+from pyrys.backends.dnnl import linear_kernels, measured
 from pyrys.backends.threads import with_threads
 from tests.conftest import TOLERANCE
 from tests.models import Fn
@@ -20,7 +20,7 @@ def avx2_cpu(monkeypatch, tmp_path):
     if "dnnl" not in pyrys.available_backends():
         pytest.skip("the dnnl backend is not available")
     monkeypatch.setattr(linear_kernels, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
-    monkeypatch.setattr(linear_kernels, "_DECIDED", {})  # this test's decisions only
+    monkeypatch.setattr(measured, "_DECIDED", {})  # this test's decisions only
     monkeypatch.setenv("PYRYS_CACHE_DIR", str(tmp_path))
 
 
@@ -87,7 +87,7 @@ def test_post_ops_and_no_bias_on_both_kernels(avx2_cpu, monkeypatch):
                a=torch.nn.Linear(32, 32, bias=False), b=torch.nn.Linear(32, 32)).eval()
     x = torch.randn(3, 20, 32)
     for brgemm, gemm in ((2.0, 1.0), (1.0, 2.0)):
-        monkeypatch.setattr(linear_kernels, "_DECIDED", {})
+        monkeypatch.setattr(measured, "_DECIDED", {})
         monkeypatch.setenv("PYRYS_CACHE_DIR", "")
         timed(monkeypatch, brgemm, gemm)
         opt = pyrys.optimize(model, (x,), backend="dnnl")

@@ -45,7 +45,8 @@ def assemble(builder: Builder, gm: fx.GraphModule, inputs: list[Value], threads:
         fresh=[(v.slot, *_fresh_layout(v)) for v in fresh], outputs=[_output(r) for r in results],
         released=[v.slot for v in dynamic], dynamic_aliases=aliases,
         constant_storages=_constant_storages(gm, builder, values), text=_program_text(gm, builder, results), plan=plan,
-        weight_bytes=builder.weight_bytes, policy=builder.policy, threads=threads)
+        weight_bytes=builder.weight_bytes, policy=builder.policy, threads=threads,
+        kernel_choices=dict(builder.kernel_choices))
 
 
 def _decide_output(builder: Builder, arg: Any, fresh: list[Value]):

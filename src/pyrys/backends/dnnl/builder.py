@@ -176,6 +176,7 @@ class Builder:
         self.packed = packed or PackedWeights()
         self.values: dict[fx.Node, Value] = {}
         self.parts: dict[fx.Node, list[Value]] = {}  # the tensors of a tuple-valued node (split)
+        self.kernel_choices: dict[str, dict] = {}  # measured choices (attention_kernels.py), kept when saved
         self.steps: list[Step] = []
         self.converted: dict[tuple, Value] = {}
         self.deferred: dict[fx.Node, Any] = {}  # node -> what defines its value, run when something reads it
@@ -280,7 +281,8 @@ class Builder:
             return primitive.bind(frame.stream, memories).run
 
         constants = [value for value in args.values() if value.kind == CONSTANT]
-        self.steps.append(Step(text, reads, writes, bind, constants, drops_nan))
+        mds = {arg: value.md for arg, value in args.items()}
+        self.steps.append(Step(text, reads, writes, bind, constants, drops_nan, primitive=(primitive, mds)))
 
     def add_torch(self, text: str, bind, reads: list[Value], writes: list[Value]) -> None:
         """A step running torch code; ``bind(frame)`` returns the call for one frame."""

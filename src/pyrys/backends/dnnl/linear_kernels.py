@@ -10,28 +10,20 @@ another input shape or thread count) keeps its layout: it is packed once.
 """
 from __future__ import annotations
 
-import json
-import os
-import threading
-import time
-
 import torch
 
-from pyrys import tuning_cache
-from pyrys.backends.dnnl import binding
 from pyrys.backends.dnnl.binding import DnnlError
 from pyrys.backends.dnnl.constants import ARG_BIAS, ARG_DST, ARG_SRC, ARG_WEIGHTS
 from pyrys.backends.dnnl.descriptors import inner_product_pd
 from pyrys.backends.dnnl.layout import plain_md
-from pyrys.backends.dnnl.primitives import Engine, Memory, MemoryDesc, Primitive, PrimitiveAttr, Stream
-from pyrys.machine import cpu_flags, cpu_info
+from pyrys.backends.dnnl.measured import best_seconds, decide, filled_memory, machine_key
+from pyrys.backends.dnnl.primitives import Engine, MemoryDesc, Primitive, PrimitiveAttr, Stream
+from pyrys.machine import cpu_flags
 
 MIN_ROWS = 16  # fewer rows (a decoder step, a classifier head): not worth a measurement
 MAX_WEIGHT = 1 << 23  # larger weights (a vocabulary projection) are not measured: a copy of it per kernel timed
 FASTER = 0.95  # the gemm kernel is chosen when it takes at most this fraction of the brgemm kernel's time
 RUNS = 7  # calls of each kernel, interleaved; the best of each counts
-_DECIDED: dict[str, dict] = {}  # this process's decisions (the tuning cache may be off)
-_LOCK = threading.Lock()
 
 
 def weight_layouts(engine: Engine, x_md: MemoryDesc, weight: torch.Tensor, dst_md: MemoryDesc,
@@ -47,26 +39,19 @@ def weight_layouts(engine: Engine, x_md: MemoryDesc, weight: torch.Tensor, dst_m
     if rows < MIN_ROWS or weight.numel() > MAX_WEIGHT or len(offered) != 1:
         return offered
     plain = plain_md(weight.shape, weight.dtype)
-    from pyrys import __version__
+    key = {"rows": rows, "weight": list(weight.shape), "bias": bias_md is not None, "runs": RUNS, "faster": FASTER,
+           **machine_key(torch.get_num_threads())}  # the thread count the program runs with (set for the build)
 
-    key = {"rows": rows, "weight": list(weight.shape), "bias": bias_md is not None,
-           "threads": torch.get_num_threads(),  # what the program runs with (set for the build)
-           "cpu": cpu_info()[0], "isa": cpu_info()[1],
-           "isa_limit": os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA")),
-           "pyrys": __version__, "onednn": binding.version(), "runs": RUNS, "faster": FASTER}
-    memo = json.dumps(key, sort_keys=True)
-    with _LOCK:
-        decided = _DECIDED.get(memo) or tuning_cache.lookup("linear_kernel", key)
-        if decided is None:
-            try:
-                brgemm, gemm = _seconds(engine, x_md, (offered[0], plain), dst_md, bias_md)
-            except DnnlError:
-                return offered
-            decided = {"layout": "plain" if gemm <= FASTER * brgemm else "any",
-                       "measured": f"oneDNN's choice {brgemm * 1e3:.3f} ms, plain weights {gemm * 1e3:.3f} ms"}
-            tuning_cache.store("linear_kernel", key, decided)
-        _DECIDED[memo] = decided
-    return [plain, *offered] if decided.get("layout") == "plain" else offered
+    def measure() -> dict | None:
+        try:
+            brgemm, gemm = _seconds(engine, x_md, (offered[0], plain), dst_md, bias_md)
+        except DnnlError:
+            return None
+        return {"layout": "plain" if gemm <= FASTER * brgemm else "any",
+                "measured": f"oneDNN's choice {brgemm * 1e3:.3f} ms, plain weights {gemm * 1e3:.3f} ms"}
+
+    choice = decide("linear_kernel", key, measure)[1]
+    return [plain, *offered] if choice is not None and choice.get("layout") == "plain" else offered
 
 
 def _seconds(engine: Engine, x_md: MemoryDesc, w_mds: tuple[MemoryDesc, ...], dst_md: MemoryDesc,
@@ -77,22 +62,9 @@ def _seconds(engine: Engine, x_md: MemoryDesc, w_mds: tuple[MemoryDesc, ...], ds
     calls = []
     for w_md in w_mds:
         pd = inner_product_pd(engine, x_md, w_md, dst_md, bias_md, attr=PrimitiveAttr())
-        args = {ARG_SRC: _filled(engine, pd.src_md()), ARG_WEIGHTS: _filled(engine, pd.weights_md()),
-                ARG_DST: _filled(engine, pd.dst_md())}
+        args = {ARG_SRC: filled_memory(engine, pd.src_md()), ARG_WEIGHTS: filled_memory(engine, pd.weights_md()),
+                ARG_DST: filled_memory(engine, pd.dst_md())}
         if bias_md is not None:
-            args[ARG_BIAS] = _filled(engine, pd.weights_md(1))
-        calls.append(Primitive(pd).bind(stream, args))
-        calls[-1].run()
-    best = [float("inf")] * len(calls)
-    for _ in range(RUNS):
-        for i, call in enumerate(calls):
-            start = time.perf_counter()
-            call.run()
-            best[i] = min(best[i], time.perf_counter() - start)
-    return best
-
-
-def _filled(engine: Engine, md: MemoryDesc) -> Memory:
-    """A memory of ``md`` over bytes 0x3c (0.0115 as float32: no NaN, no denormal slowing a kernel down)."""
-    data = torch.full((md.size(),), 0x3C, dtype=torch.uint8)
-    return Memory(engine, md, data.data_ptr(), keepalive=data)
+            args[ARG_BIAS] = filled_memory(engine, pd.weights_md(1))
+        calls.append(Primitive(pd).bind(stream, args).run)
+    return best_seconds(calls, RUNS)

@@ -35,6 +35,7 @@ class Step:
     bind: Callable[[Frame], Callable[[], None]]
     constants: list["Value"] = field(default_factory=list)  # read-only operands (weights), not planned
     drops_nan: bool = False  # the kernel turns NaN into a number (max-pooling, clip, hardsigmoid)
+    primitive: tuple | None = None  # a oneDNN step: (its primitive, {argument: descriptor}), to time it alone
 
 
 @dataclass(frozen=True, eq=False)
@@ -88,6 +89,7 @@ class DnnlProgram:
     weight_bytes: int
     policy: str
     threads: int
+    kernel_choices: dict = field(default_factory=dict)  # measured kernel choices: saved, given back at load
     _idle: deque = field(default_factory=deque, repr=False)
 
     def __call__(self, inputs: list) -> list:

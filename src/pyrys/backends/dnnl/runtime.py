@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import threading
 import time
 import warnings
@@ -34,10 +33,10 @@ import torch
 import torch.fx as fx
 
 from pyrys import tuning_cache
-from pyrys.backends.dnnl import binding
 from pyrys.backends.dnnl.builder import PackedWeights
 from pyrys.backends.dnnl.layout import candidate_policies
 from pyrys.backends.dnnl.lower import LAYOUT_CHOOSERS, build_program, layout_applies
+from pyrys.backends.dnnl.measured import machine_key
 from pyrys.backends.dnnl.primitives import Engine
 from pyrys.backends.dnnl.program import DnnlProgram
 from pyrys.backends.options import BackendOptions
@@ -47,7 +46,7 @@ from pyrys.backends.threads import PER_CALLER_THREADS, current_threads, with_thr
 from pyrys.forwarding import forwarded
 from pyrys.ir.printer import format_graph
 from pyrys.ir.work import share_of
-from pyrys.machine import cpu_info, give_back_freed_memory
+from pyrys.machine import give_back_freed_memory
 
 # below this share of the multiply-adds in convolutions, the layout policy is not timed
 LAYOUT_MIN_SHARE = 0.10
@@ -258,6 +257,12 @@ class DnnlRuntime:
         return "; ".join(chooser.describe() for chooser in list(self.choosers.values())) + failed
 
     policy = forwarded("first.policy", "The activation layout chosen, with the measurements when it was measured.")
+
+    @property
+    def kernel_choices(self) -> dict[str, dict]:
+        """The kernel choices measured for every program built (``attention_kernels.py``), by their key."""
+        return {key: choice for program in list(self.programs.values()) for key, choice in program.kernel_choices.items()}
+
     peak_activation_bytes = forwarded("first.peak_activation_bytes", "One call's activation arena, in bytes.")
     weight_bytes = forwarded("first.weight_bytes", "The packed weights, in bytes.")
 
@@ -286,11 +291,7 @@ def _all_finite(inputs: list, positions: list[int]) -> bool:
 def _tuning_key(gm: fx.GraphModule, threads: int, policies: list[str]) -> dict:
     """What a layout decision depends on: the graph (ops, shapes, dtypes; not the weights' values),
     the candidates, the thread count, the CPU's ISA flags and the pyrys and oneDNN versions."""
-    from pyrys import __version__
-
-    return {"graph": format_graph(gm), "candidates": policies, "threads": threads, "isa": cpu_info()[1],
-            "isa_limit": os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA")),
-            "pyrys": __version__, "onednn": binding.version()}
+    return {"graph": format_graph(gm), "candidates": policies, **machine_key(threads)}
 
 
 def _time_policies(programs: list[DnnlProgram], inputs: list, budget: float = 0.2, min_rounds: int = 3) -> list[float]:

@@ -1,0 +1,77 @@
+"""Choices the dnnl backend measures: each made once per process and kept in the tuning cache.
+
+    memo, choice = decide("attention_kernel", {**inputs, **machine_key(threads)}, measure)
+
+``measure()`` returns the choice (a JSON-able dict), or None where it could not measure (nothing is
+kept then).  A choice is looked up in this process first (``remember`` seeds it from a saved
+program), then in the tuning cache (``pyrys.tuning_cache``), and measured only where neither has it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from typing import Callable
+
+import torch
+
+from pyrys import tuning_cache
+from pyrys.backends.dnnl import binding
+from pyrys.backends.dnnl.primitives import Engine, Memory, MemoryDesc
+from pyrys.machine import cpu_info
+
+_DECIDED: dict[str, dict] = {}  # this process's choices, by kind and key (the tuning cache may be off)
+_LOCK = threading.Lock()
+
+
+def machine_key(threads: int) -> dict:
+    """What every measured choice depends on besides its own inputs: the thread count the program runs
+    with, the CPU, its ISA flags (and a limit set on them), the pyrys and oneDNN versions."""
+    from pyrys import __version__
+
+    return {"threads": threads, "cpu": cpu_info()[0], "isa": cpu_info()[1],
+            "isa_limit": os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA")),
+            "pyrys": __version__, "onednn": binding.version()}
+
+
+def decide(kind: str, key: dict, measure: Callable[[], dict | None]) -> tuple[str, dict | None]:
+    """The choice of ``kind`` for ``key`` and the memo it is remembered under (:func:`remember`)."""
+    memo = json.dumps({"kind": kind, **key}, sort_keys=True)
+    with _LOCK:
+        choice = _DECIDED.get(memo) or tuning_cache.lookup(kind, key)
+        if choice is None:
+            choice = measure()
+            if choice is None:
+                return memo, None
+            tuning_cache.store(kind, key, choice)
+        _DECIDED[memo] = choice
+    return memo, choice
+
+
+def remember(choices: dict[str, dict]) -> None:
+    """Take ``choices`` (a saved program's, made on this CPU, by memo) as this process's: a loaded program
+    runs what it was saved with, nothing measured."""
+    with _LOCK:
+        _DECIDED.update(choices)
+
+
+def best_seconds(calls: list[Callable[[], object]], runs: int) -> list[float]:
+    """The best of ``runs`` timed calls of each, called in turn (a busy moment slows all of them), after
+    one warm-up call each."""
+    for call in calls:
+        call()
+    best = [float("inf")] * len(calls)
+    for _ in range(runs):
+        for i, call in enumerate(calls):
+            start = time.perf_counter()
+            call()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best
+
+
+def filled_memory(engine: Engine, md: MemoryDesc) -> Memory:
+    """A memory of ``md`` over bytes 0x3c (0.0115 as float32 or bfloat16: no NaN, no denormal slowing a
+    kernel down)."""
+    data = torch.full((max(md.size(), 1),), 0x3C, dtype=torch.uint8)
+    return Memory(engine, md, data.data_ptr(), keepalive=data)
