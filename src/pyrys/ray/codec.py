@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import threading
 import zipfile
 from dataclasses import dataclass
 from typing import IO, Any, Sequence
@@ -36,6 +37,9 @@ from pyrys.signature import InputError
 NPY, NPZ, JSON = "npy", "npz", "json"
 CONTENT_TYPES = {NPY: "application/x-npy", NPZ: "application/x-npz", JSON: "application/json"}
 _HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+# numpy parses a .npy header with ast.literal_eval, and CPython 3.11's parser is not safe from several threads
+# at once ("SystemError: AST constructor recursion depth mismatch", CPython gh-106905): one array at a time
+NPY_READING = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,11 @@ def _json_value(value: Any) -> Any:
 
 def _read_npy(stream: IO[bytes], available: int, what: str) -> np.ndarray:
     """One array from ``stream`` (``available`` bytes), its header's claimed size checked first."""
+    with NPY_READING:
+        return _read_npy_alone(stream, available, what)
+
+
+def _read_npy_alone(stream: IO[bytes], available: int, what: str) -> np.ndarray:
     try:
         start = stream.tell()
         reader = _HEADER_READERS.get(np.lib.format.read_magic(stream))
