@@ -12,10 +12,10 @@ attention steps alone, Sapphire Rapids (AMX), 2 threads, ms, oneDNN / torch (eac
     8, 12, 197, 64 (ViT-base, batch 8)     8.5 / 4.1        7.1 / 7.7
     1, 12, 197, 64 (ViT-base)              0.71 / 0.40      0.68 / 0.90
 
-yet whole models in bfloat16 ran ViT-base 43.9 ms with oneDNN's and 55.3 with torch's (its mask, and the
-copies that torch's plain output needs for the heads' merge), Whisper's encoder 71.8 and 50.3.  So, like
+yet whole models in bfloat16 ran ViT-base 43.9 ms with oneDNN's and 55.3 with torch's (as a fallback then:
+its mask, and copies before and after), Whisper's encoder 71.8 and 50.3.  So, like
 ``linear_kernels.py``, both are timed once per signature (the shapes, dtypes, mask and layouts, the thread
-count, the CPU) on buffers of constant bytes, each with the copies it needs, and torch's runs where it
+count, the CPU) on buffers of constant bytes, torch's with the copy of its result, and torch's runs where it
 takes at most :data:`FASTER` of oneDNN's time; the choice is kept (``measured.py``: kind
 ``attention_kernel``) and saved with the program.
 """

@@ -75,13 +75,10 @@ def _output_md(meta):
     return plain_md(meta.shape, meta.dtype, contiguous_strides(meta.shape))
 
 
-def lower_fallback(builder: Builder, node: fx.Node, reason: str, kind: str = "fallback",
-                   call: tuple[tuple, dict] | None = None) -> None:
-    """Run ``node`` through torch every call, its text ending ``# {kind}: {reason}``; ``call``: the
-    ``(args, kwargs)`` to call its target with instead of the node's own."""
-    node_args, node_kwargs = call if call is not None else (node.args, node.kwargs)
-    args = [_torch_input(builder, a) for a in node_args]
-    kwargs = {k: _torch_input(builder, v) for k, v in node_kwargs.items()}
+def lower_fallback(builder: Builder, node: fx.Node, reason: str) -> None:
+    """Run ``node`` through torch every call."""
+    args = [_torch_input(builder, a) for a in node.args]
+    kwargs = {k: _torch_input(builder, v) for k, v in node.kwargs.items()}
     reads = _reads([args, list(kwargs.values())])
     meta, md = node.meta.get("val"), _output_md(node.meta.get("val"))
     if node.target in COMMUTING and md is not None and reads and reads[0].md is not None \
@@ -106,7 +103,6 @@ def lower_fallback(builder: Builder, node: fx.Node, reason: str, kind: str = "fa
 
         return call
 
-    operands = [format_arg(a) if not isinstance(a, Value) else f"%{a.name}" for a in node_args]
-    operands += [f"{k}={format_arg(v)}" for k, v in node_kwargs.items() if call is not None]
+    operands = [format_arg(a) if not isinstance(a, Value) else f"%{a.name}" for a in node.args]
     text = node_text(node, f"torch::{op_name(node).split('::')[-1]}", "", [str(o) for o in operands])
-    builder.add_torch(f"{text}  # {kind}: {reason}", bind, reads, [out])
+    builder.add_torch(f"{text}  # fallback: {reason}", bind, reads, [out])

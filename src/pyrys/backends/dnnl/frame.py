@@ -18,6 +18,7 @@ import torch
 
 from pyrys.backends.dnnl.layout import contiguous_strides
 from pyrys.backends.dnnl.primitives import Memory, Stream
+from pyrys.backends.dnnl.tensors import DNNL_TO_TORCH
 
 if TYPE_CHECKING:
     from pyrys.backends.dnnl.program import DnnlProgram
@@ -79,6 +80,15 @@ class Frame:
         """Let go of everything: its steps' bound calls refer back to it (a cycle only the collector would
         free), so a frame closed frees its buffers at once."""
         self.calls, self.memories, self.tensors, self.buffers, self.aliases = [], [], [], [], {}
+
+    def strided(self, value) -> torch.Tensor:
+        """A torch view of a planned value's bytes in this frame, with its (plain) descriptor's dims and
+        strides: what a torch step reads or writes in place."""
+        root = self.program.slots[value.root.slot]
+        dtype = DNNL_TO_TORCH[value.md.dtype]
+        data = self.buffers[root.buffer][root.offset + value.byte_offset:]
+        typed = data[:len(data) // dtype.itemsize * dtype.itemsize].view(dtype)
+        return typed.as_strided(value.md.dims, value.md.strides)
 
     def owned(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor``, or a copy of it if it shares bytes with this frame's buffers or the program's constants."""

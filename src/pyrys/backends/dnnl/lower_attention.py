@@ -37,14 +37,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
-from pyrys.backends.dnnl import attention_kernels
+from pyrys.backends.dnnl import torch_attention
 from pyrys.backends.dnnl.binding import DnnlError
 from pyrys.backends.dnnl.builder import F32_OR_BF16, Builder, Unsupported, check_dtype, node_text
 from pyrys.backends.dnnl.constants import ARG_DST, ARG_SRC, ARG_WEIGHTS, AlgKind, DataType, arg_post_op_src1
 from pyrys.backends.dnnl.descriptors import matmul_pd, softmax_pd
-from pyrys.backends.dnnl.fallback import lower_fallback
 from pyrys.backends.dnnl.layout import contiguous_strides, is_plain_contiguous, plain_md
 from pyrys.backends.dnnl.lower_conv import format_info, is_reference
 from pyrys.backends.dnnl.primitives import MemoryDesc, PostOps, PrimitiveAttr, PrimitiveDesc
@@ -307,52 +305,7 @@ def lower_attention(builder: Builder, node: fx.Node) -> None:
         builder.restore(snapshot, node)  # a block oneDNN has no fast kernel for: the whole at once
         _emit(builder, node, operands, out_md, whole, compact_v)
     if scores_md.size() > SCORES_BLOCK_BYTES:  # below it oneDNN's steps are as fast (attention_kernels.py)
-        _unless_torch_is_faster(builder, node, start, read, out_md, a, bias is not None or may_drop)
-
-
-def _unless_torch_is_faster(builder: Builder, node: fx.Node, start: tuple, read: tuple[Value, Value, Value],
-                            out_md: MemoryDesc, a: dict, masked: bool) -> None:
-    """Where torch's fused attention is measurably faster than the oneDNN steps just built since ``start``
-    (``attention_kernels.py``): those steps undone, and torch's kernel called on ``read`` (the query, key and
-    value, made plain) instead, the mask only where it masks something."""
-    mask = a.get("attn_mask") if masked else None
-    meta = mask.meta.get("val") if isinstance(mask, fx.Node) else None
-    constant = None if mask is None else builder.constant_values(mask)
-    dtype = node.meta["val"].dtype
-    signature = {"query": _layout(read[0].md), "key": _layout(read[1].md), "value": _layout(read[2].md),
-                 "output": _layout(out_md), "dtype": str(dtype), "causal": bool(a.get("is_causal")),
-                 "mask": None if mask is None else [str(meta.dtype), list(meta.shape), constant is not None]}
-    if mask is not None and constant is None:  # computed each call: a mask of its kind for the timing
-        constant = torch.ones(meta.shape, dtype=torch.bool) if meta.dtype == torch.bool else torch.zeros(meta.shape)
-    kwargs = {"attn_mask": constant, "is_causal": bool(a.get("is_causal")), "scale": a.get("scale")}
-    steps = [step for step in builder.steps[start[0]:] if step.primitive is not None]
-    memo, decided = attention_kernels.choose(builder.engine, signature, steps, _torch_attention(read, out_md, dtype, kwargs))
-    builder.kernel_choices[memo] = decided
-    if decided["kernel"] != "torch":
-        return
-    builder.restore(start, node)
-    call = ((a["query"], a["key"], a["value"]), {**kwargs, "attn_mask": mask})
-    lower_fallback(builder, node, f"torch's fused attention is faster here ({decided['measured']})", "chosen", call)
-
-
-def _layout(md: MemoryDesc) -> list:
-    return [list(md.dims), list(md.strides)]
-
-
-def _torch_attention(read: tuple[Value, Value, Value], out_md: MemoryDesc, dtype: torch.dtype, kwargs: dict):
-    """One call of torch's attention as the program would make it: on plain copies of the query, key and
-    value where they are not plain, its output copied into the layout its readers want where that is not."""
-    generator = torch.Generator().manual_seed(0)
-    q, k, v = (torch.empty_strided(value.md.dims, value.md.strides, dtype=DNNL_TO_TORCH[value.md.dtype]).copy_(
-        torch.randn(value.md.dims, generator=generator)) for value in read)
-    out = None if is_plain_contiguous(out_md) else torch.empty_strided(out_md.dims, out_md.strides, dtype=dtype)
-
-    def call() -> None:
-        result = F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous(), **kwargs)
-        if out is not None:
-            out.copy_(result)
-
-    return call
+        torch_attention.instead_if_faster(builder, node, start, read, out_md, a, bias is not None or may_drop)
 
 
 def _emit(builder: Builder, node: fx.Node, o: Operands, out_md: MemoryDesc, blocks: Blocks, compact: bool) -> None:
