@@ -406,10 +406,10 @@ TORCH_CASES["a constant mask"] = (ConstantMask(keeps_the_first_key(RANDOM_MASK))
 
 @pytest.mark.parametrize("name", list(TORCH_CASES))
 def test_torch_fused_attention_runs_where_it_is_measured_faster(name, monkeypatch, tmp_path):
-    """Over scores larger than ``SCORES_BLOCK_BYTES`` both kernels are timed; torch's runs where it takes at
+    """Over scores larger than ``TIMED_SCORES_BYTES`` both kernels are timed; torch's runs where it takes at
     most ``FASTER`` of oneDNN's time (forced here), on the query, key and value as eager gives them."""
     monkeypatch.setenv("PYRYS_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(lower_attention, "SCORES_BLOCK_BYTES", 64)
+    monkeypatch.setattr(attention_kernels, "TIMED_SCORES_BYTES", 0)
     monkeypatch.setattr(attention_kernels, "FASTER", float("inf"))
     model, args = TORCH_CASES[name]
     opt = pyrys.optimize(model, args)
@@ -423,7 +423,7 @@ def test_the_kernel_choice_is_measured_once_and_kept(monkeypatch, tmp_path):
     """One timing per signature: the attentions of one shape share it, and the next compile reads it from
     the tuning cache."""
     monkeypatch.setenv("PYRYS_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(lower_attention, "SCORES_BLOCK_BYTES", 64)
+    monkeypatch.setattr(attention_kernels, "TIMED_SCORES_BYTES", 0)
     monkeypatch.setattr(attention_kernels, "FASTER", 0.9)
     timed = []
     original = attention_kernels.best_seconds
@@ -448,7 +448,7 @@ def test_the_kernel_choice_is_measured_once_and_kept(monkeypatch, tmp_path):
 
 
 def test_short_attention_is_not_timed(monkeypatch):
-    """Below ``SCORES_BLOCK_BYTES`` of scores oneDNN's steps run, with nothing measured."""
+    """Below ``TIMED_SCORES_BYTES`` of scores oneDNN's steps run, with nothing measured."""
     monkeypatch.setattr(attention_kernels, "FASTER", float("inf"))
     monkeypatch.setattr(attention_kernels, "best_seconds", lambda calls, runs: pytest.fail("timed"))
     opt = pyrys.optimize(Heads().eval(), (X,))
@@ -459,7 +459,7 @@ def test_a_loaded_program_runs_the_attention_kernel_it_was_saved_with(monkeypatc
     """The choice is saved with the program; loading (in a process that never measured it, with no tuning
     cache) measures nothing and gives the saved module's outputs bit for bit."""
     monkeypatch.setenv("PYRYS_CACHE_DIR", "")
-    monkeypatch.setattr(lower_attention, "SCORES_BLOCK_BYTES", 64)
+    monkeypatch.setattr(attention_kernels, "TIMED_SCORES_BYTES", 0)
     monkeypatch.setattr(attention_kernels, "FASTER", float("inf"))
     model = Heads().eval()
     opt = pyrys.optimize(model, (X,))

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from pyrys.backends.dnnl import torch_attention
+from pyrys.backends.dnnl import attention_kernels, torch_attention
 from pyrys.backends.dnnl.binding import DnnlError
 from pyrys.backends.dnnl.builder import F32_OR_BF16, Builder, Unsupported, check_dtype, node_text
 from pyrys.backends.dnnl.constants import ARG_DST, ARG_SRC, ARG_WEIGHTS, AlgKind, DataType, arg_post_op_src1
@@ -304,7 +304,7 @@ def lower_attention(builder: Builder, node: fx.Node) -> None:
             raise
         builder.restore(snapshot, node)  # a block oneDNN has no fast kernel for: the whole at once
         _emit(builder, node, operands, out_md, whole, compact_v)
-    if scores_md.size() > SCORES_BLOCK_BYTES:  # below it oneDNN's steps are as fast (attention_kernels.py)
+    if scores_md.size() > attention_kernels.TIMED_SCORES_BYTES:
         torch_attention.instead_if_faster(builder, node, start, read, out_md, a, bias is not None or may_drop)
 
 
