@@ -169,6 +169,9 @@ def test_int8_runs_attention_in_bf16_where_the_cpu_has_it(backend, monkeypatch):
         text = opt.program_text()
         assert re.search(r"%merged_linear : .*int8=\[src=s8, weights=s8, dst=bf16\]", text), text
         assert "merged_linear_bf16" not in text  # the conversion is the kernel's own
+        # the attention's bf16 result is quantized for the output projection as it is, not converted first
+        quantized = re.findall(r"%\w+_q : Char\(.*= dnnl::binary_mul\[.*\]\(%(\w+)\)", text)
+        assert quantized and not any(source.endswith("_f32") for source in quantized), text
 
 
 @pytest.mark.skipif(not native_bf16(), reason="this CPU has no native bf16: precision='bf16' runs float32, no guard")

@@ -31,6 +31,7 @@ from pyrys.ir.fused import FUSED_CONV, FUSED_CONV_TRANSPOSE
 from pyrys.ir.graph import op_args
 from pyrys.ir.post_ops import ACTIVATIONS, NoPostOp, PostOp, activation_post_op
 from pyrys.ir.vocabulary import PERMUTES, POOLS, VIEWS, permutation
+from pyrys.quantization import QUANTIZE
 
 aten = torch.ops.aten
 
@@ -453,14 +454,29 @@ def lower_unbind(builder: Builder, node: fx.Node) -> None:
     builder.parts[node] = parts
 
 
+def is_bf16_to_float32(node) -> bool:
+    """Whether ``node`` is a ``to(x, float32)`` of a bfloat16 ``x`` (``passes/precision.py``)."""
+    return isinstance(node, fx.Node) and node.target is aten.to.dtype and node.meta["val"].dtype == torch.float32 \
+        and isinstance(node.args[0], fx.Node) and node.args[0].meta["val"].dtype == torch.bfloat16
+
+
 def lower_convert(builder: Builder, node: fx.Node) -> None:
     """``to(x, dtype)`` between float32 and bfloat16 (``passes/precision.py``): a reorder into the same kind
-    of layout in the other data type."""
+    of layout in the other data type; made only where something reads it when every reader quantizes it
+    (``lower_int8.lower_quantize`` quantizes the bfloat16 value itself)."""
     a = op_args(node)
     if a.get("memory_format") not in (None, torch.preserve_format):
         raise Unsupported(f"to() with memory_format={a['memory_format']}")
     check_dtype(node.args[0].meta["val"], dtypes=F32_OR_BF16)
     check_dtype(node.meta["val"], dtypes=F32_OR_BF16)
+    if node.users and is_bf16_to_float32(node) and all(user.target is QUANTIZE for user in node.users):
+        builder.value_of(node.args[0])  # the bfloat16 value exists (else this runs through torch)
+        builder.defer(node, lambda: _convert(builder, node))
+        return
+    _convert(builder, node)
+
+
+def _convert(builder: Builder, node: fx.Node) -> None:
     x = builder.value_of(node.args[0])
     dtype = node.meta["val"].dtype
     if x.md.dtype == dnnl_dtype(dtype):  # its producer wrote this data type already (destination_dtype)
