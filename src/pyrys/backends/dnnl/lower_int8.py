@@ -1,7 +1,8 @@
 """int8 in the dnnl backend: the quantize/dequantize spelling of ``passes/quantize.py`` as int8 primitives.
 
-    %x_q  = quantize(%x, s_x)          a reorder f32 -> u8/s8 (scale s_x), or nothing: the conv making %x
-                                       writes u8/s8 itself when this is its one reader
+    %x_q  = quantize(%x, s_x)          x * (1/s_x) written u8/s8 (a binary multiply; a scaled reorder into
+                                       the layout int8 convs read), of %x in f32 or bf16; or nothing: the
+                                       conv making %x writes u8/s8 itself when this is its one reader
     %x_dq = dequantize(%x_q, s_x)      nothing, unless an op reads it in float32 (then a reorder, made then)
     %W_dq = dequantize_per_channel(%W_int8, %s_W, ...)   nothing: the conv packs %W_int8 itself
     %y    = pyrys::conv(%x_dq, %W_dq, %b)  one u8/s8 x s8 primitive, int32 sums, with the runtime scales
