@@ -1,5 +1,6 @@
 """scaled_dot_product_attention on oneDNN (matmul -> softmax -> matmul) against eager, masks of every kind."""
 import math
+import re
 import threading
 
 import pytest
@@ -469,3 +470,29 @@ def test_a_loaded_program_runs_the_attention_kernel_it_was_saved_with(monkeypatc
     loaded = pyrys.load(tmp_path / "saved")
     assert "# chosen: torch's fused attention" in loaded.program_text()
     assert torch.equal(loaded(X), opt(X))
+
+
+def test_a_mask_of_one_head_is_packed_once_for_every_head(monkeypatch):
+    """Blocks of one head at a time share the parts of a mask that every head reads alike (causal)."""
+    forced = lambda dims, keys: [lower_attention.Blocks(len(dims) - 2, 4, singles=len(dims) - 2),  # noqa: E731
+                                 lower_attention.Blocks(len(dims) - 2, dims[-2])]
+    monkeypatch.setattr(lower_attention, "blockings", forced)
+    model = Heads(causal=True).eval()
+    opt = pyrys.optimize(model, (X,))
+    assert relative_error(opt(X), model(X)) <= TOLERANCE
+    parts = set(re.findall(r"%scaled_dot_product_attention\.bias\[[^\]]*\]", opt.program_text()))
+    assert len(parts) == 2, parts  # queries 0:4 and 4:6, for 2 images x 4 heads
+
+
+def test_choosing_torch_keeps_none_of_the_constants_the_onednn_steps_packed(monkeypatch):
+    """The oneDNN steps built (and timed) before torch's kernel won are undone with what they packed."""
+    monkeypatch.setattr(lower_attention, "SCORES_BLOCK_BYTES", 64)  # a causal bias packed block by block
+    monkeypatch.setattr(attention_kernels, "TIMED_SCORES_BYTES", 0)
+    monkeypatch.setattr(attention_kernels, "FASTER", float("inf"))
+    model = Heads(causal=True).eval()
+    opt = pyrys.optimize(model, (X,))
+    assert "# chosen: torch's fused attention" in opt.program_text()
+    assert relative_error(opt(X), model(X)) <= TOLERANCE
+    runtime = opt._first.program
+    shapes = sorted(tuple(source.shape) for source in runtime.packed.sources.values())
+    assert all(len(shape) <= 2 for shape in shapes), shapes  # the projection's weight and bias only

@@ -15,9 +15,9 @@ attention steps alone, Sapphire Rapids (AMX), 2 threads, ms, oneDNN / torch (eac
 yet whole models in bfloat16 ran ViT-base 43.9 ms with oneDNN's and 55.3 with torch's (as a fallback then:
 its mask, and copies before and after), Whisper's encoder 71.8 and 50.3.  So, like
 ``linear_kernels.py``, both are timed once per signature (the shapes, dtypes, mask and layouts, the thread
-count, the CPU) on buffers of constant bytes, torch's with the copy of its result, and torch's runs where it
-takes at most :data:`FASTER` of oneDNN's time; the choice is kept (``measured.py``: kind
-``attention_kernel``) and saved with the program.  Only attention whose scores take more than
+count, the CPU), oneDNN's on buffers of constant bytes, torch's on random ones with the copy of its
+result, and torch's runs where it takes at most :data:`FASTER` of oneDNN's time; the choice is kept
+(``measured.py``: kind ``attention_kernel``) and saved with the program.  Only attention whose scores take more than
 :data:`TIMED_SCORES_BYTES` is timed: below it (BERT, DistilBERT and ViT at batch 1) the timing chose
 oneDNN's on every model tried, as the whole models did (bf16 ViT-base 43.2 ms against 48.2 with torch's,
 DistilBERT 15.7 against 16.7), and a choice between steps of a few hundred microseconds rests on noise.
@@ -38,9 +38,9 @@ RUNS = 5  # calls of each, interleaved; the best of each counts
 
 
 def choose(engine: Engine, signature: dict, steps: list[Step], torch_call: Callable[[], object]) -> tuple[str, dict]:
-    """The choice for one attention signature, ``{"kernel": "torch" | "onednn", "measured": text}``, and its
-    memo (``measured.py``): timing ``steps`` (oneDNN's, each run alone on constant bytes) against
-    ``torch_call`` where no choice is known."""
+    """``(memo, choice)`` for one attention signature, the choice ``{"kernel": "torch" | "onednn", "measured":
+    text}`` and the memo it is remembered under (``measured.py``): timing ``steps`` (oneDNN's, each run alone
+    on constant bytes) against ``torch_call`` where no choice is known."""
     def measure() -> dict:
         onednn, by_torch = best_seconds([_steps_call(engine, steps), torch_call], RUNS)
         return {"kernel": "torch" if by_torch <= FASTER * onednn else "onednn",

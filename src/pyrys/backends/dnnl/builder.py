@@ -40,10 +40,25 @@ class PackedWeights:
         self.read_as_is: set[tuple] = set()  # constants torch code reads by address: never released
         self._lock = threading.Lock()  # programs of several shapes and thread counts build at once
 
-    def packed(self, engine: Engine, stream: Stream, tensor: torch.Tensor, md: MemoryDesc | None) -> tuple:
-        """``(md, bytes)`` of ``tensor`` in layout ``md`` (its own plain layout for None), packed once."""
+    def packed(self, engine: Engine, stream: Stream, tensor: torch.Tensor, md: MemoryDesc | None,
+               made: list | None = None) -> tuple:
+        """``(md, bytes)`` of ``tensor`` in layout ``md`` (its own plain layout for None), packed once;
+        ``made``: where to note a copy packed by this call (:meth:`forget` takes it back)."""
         with self._lock:
-            return self._packed(engine, stream, tensor, md)
+            key, count = _key(tensor), len(self.entries.get(_key(tensor), ()))
+            entry = self._packed(engine, stream, tensor, md)
+            if made is not None and len(self.entries[key]) > count:
+                made.append((key, entry))
+            return entry
+
+    def forget(self, made: list) -> None:
+        """Drop the copies ``made`` noted (a lowering undone: no program reads them)."""
+        with self._lock:
+            for key, entry in made:
+                entries = self.entries.get(key, [])
+                entries[:] = [e for e in entries if e is not entry]
+                if not entries and key in self.entries:
+                    del self.entries[key], self.sources[key]
 
     def values(self, engine: Engine, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor``'s values for torch code that reads them as they lie: itself, marked so that it is never
@@ -176,7 +191,8 @@ class Builder:
         self.packed = packed or PackedWeights()
         self.values: dict[fx.Node, Value] = {}
         self.parts: dict[fx.Node, list[Value]] = {}  # the tensors of a tuple-valued node (split)
-        self.kernel_choices: dict[str, dict] = {}  # measured choices (attention_kernels.py), kept when saved
+        self.kernel_choices: dict[str, dict] = {}  # measured kernel choices (measured.py), saved with the program
+        self.packed_here: list = []  # the copies this build packed, in order (restore forgets the later ones)
         self.steps: list[Step] = []
         self.converted: dict[tuple, Value] = {}
         self.deferred: dict[fx.Node, Any] = {}  # node -> what defines its value, run when something reads it
@@ -235,7 +251,7 @@ class Builder:
 
     def constant_value(self, tensor: torch.Tensor, md: MemoryDesc | None = None, name: str = "const") -> Value:
         """A compile-time value holding ``tensor`` in layout ``md`` (reordered once, now)."""
-        md, storage = self.packed.packed(self.engine, self.stream, tensor, md)
+        md, storage = self.packed.packed(self.engine, self.stream, tensor, md, self.packed_here)
         self.weight_bytes += md.size()
         return Value(name, md, CONSTANT, storage=storage)
 
@@ -290,12 +306,14 @@ class Builder:
 
     def snapshot(self) -> tuple:
         return (len(self.steps), dict(self.converted), self.weight_bytes, self.scratchpad_bytes, len(self.values),
-                dict(self.deferred))
+                dict(self.deferred), len(self.packed_here))
 
     def restore(self, snapshot: tuple, node: fx.Node) -> None:
-        """Back to ``snapshot``: the steps and values made since are forgotten (deferred ones defined since are
-        deferred again)."""
-        count, converted, weight_bytes, scratchpad_bytes, defined, deferred = snapshot
+        """Back to ``snapshot``: the steps, values and packed copies made since are forgotten (deferred ones
+        defined since are deferred again); measured kernel choices are kept."""
+        count, converted, weight_bytes, scratchpad_bytes, defined, deferred, packed = snapshot
+        self.packed.forget(self.packed_here[packed:])
+        del self.packed_here[packed:]
         del self.steps[count:]
         self.converted, self.weight_bytes, self.scratchpad_bytes = converted, weight_bytes, scratchpad_bytes
         for later in list(self.values)[defined:]:  # values are only added between a snapshot and its restore

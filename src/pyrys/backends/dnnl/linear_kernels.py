@@ -27,8 +27,10 @@ RUNS = 7  # calls of each kernel, interleaved; the best of each counts
 
 
 def weight_layouts(engine: Engine, x_md: MemoryDesc, weight: torch.Tensor, dst_md: MemoryDesc,
-                   bias_md: MemoryDesc | None, offered: list[MemoryDesc], held: list[MemoryDesc]) -> list[MemoryDesc]:
-    """``offered`` (oneDNN's choice last), with the plain layout first where it is measured faster here;
+                   bias_md: MemoryDesc | None, offered: list[MemoryDesc], held: list[MemoryDesc],
+                   choices: dict | None = None) -> list[MemoryDesc]:
+    """``offered`` (oneDNN's choice last), with the plain layout first where it is measured faster here (the
+    choice noted in ``choices``, by its memo: saved with the program);
     ``held``: the layouts the weight is packed in already (another shape, another thread count), offered
     first and nothing measured, so that a weight is packed once."""
     if weight.dtype != torch.float32 or "avx512f" in cpu_flags() or not {"avx2", "fma"} <= cpu_flags():
@@ -50,7 +52,9 @@ def weight_layouts(engine: Engine, x_md: MemoryDesc, weight: torch.Tensor, dst_m
         return {"layout": "plain" if gemm <= FASTER * brgemm else "any",
                 "measured": f"oneDNN's choice {brgemm * 1e3:.3f} ms, plain weights {gemm * 1e3:.3f} ms"}
 
-    choice = decide("linear_kernel", key, measure)[1]
+    memo, choice = decide("linear_kernel", key, measure)
+    if choice is not None and choices is not None:
+        choices[memo] = choice
     return [plain, *offered] if choice is not None and choice.get("layout") == "plain" else offered
 
 

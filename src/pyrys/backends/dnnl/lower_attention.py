@@ -53,10 +53,11 @@ from pyrys.ir.vocabulary import PERMUTES, VIEWS, permutation
 
 aten = torch.ops.aten
 MASKED = -1e30  # a masked score: exp(MASKED - max) is 0 next to any real score, and never NaN
-# Queries run in blocks whose scores take about this much: Whisper's encoder (1500 queries and keys, 6 heads:
-# 54 MB of scores per layer) ran 0.83x of the time of one block in blocks of 6-12 MB, 0.86x in 4 MB, 0.93x in
-# 2 MB and 0.97x in 32 MB (Sapphire Rapids, 2 cores, 2 MB of L2 each); a block of fewer than 16 queries makes
-# too small a matrix product
+# Attention runs in blocks whose scores take about this much (blockings): Whisper's encoder (1500 queries and
+# keys, 6 heads: 54 MB of scores per layer) ran 0.83x of the time of one block in blocks of 6-12 MB, 0.86x in
+# 4 MB, 0.93x in 2 MB and 0.97x in 32 MB (Sapphire Rapids, 2 cores, 2 MB of L2 each; float32); ViT-base at
+# batch 8 in bf16 within 4% from 2 to 8 MB, 0.86x of unblocked; a block of fewer than 16 queries makes too
+# small a matrix product
 SCORES_BLOCK_BYTES = 8 << 20
 MIN_BLOCK_ROWS = 16
 
@@ -71,6 +72,11 @@ def attention_bias(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         bias = mask.float().clamp_min(MASKED)
         keep = (mask != float("-inf")).any(-1, keepdim=True)
     return bias, keep.float()
+
+
+def masks_nothing(mask: torch.Tensor) -> bool:
+    """Whether an SDPA mask keeps every score as it is: all True, or all 0.0."""
+    return bool(mask.all() if mask.dtype == torch.bool else (mask == 0).all())
 
 
 def causal_bias(queries: int, keys: int) -> torch.Tensor:
@@ -137,8 +143,8 @@ def _mask_tensors(builder: Builder, mask, queries: int, keys: int,
     constant = builder.constant_values(mask)
     if constant is None:
         return mask, True
-    if bool(constant.all() if constant.dtype == torch.bool else (constant == 0).all()):
-        return None, False  # a mask that masks nothing (HF ViT's all-True one): adding it changes no score
+    if masks_nothing(constant):
+        return None, False  # HF ViT's all-True mask: adding it changes no score
     bias, keep = attention_bias(constant)
     return bias, not bool(keep.all())
 
@@ -192,7 +198,7 @@ def _computed_mask(builder: Builder, mask: fx.Node, bias_layout: tuple, keep_lay
 
         def call() -> None:
             mask = tensors[source_slot]
-            if not bool(mask.all() if mask.dtype == torch.bool else (mask == 0).all()):
+            if not masks_nothing(mask):
                 bias_tensor, keep_tensor = attention_bias(mask)
                 bind_value(bias_slot, _expanded(bias_tensor, bias_layout))
                 bind_value(keep_slot, _expanded(keep_tensor, keep_layout))
@@ -291,7 +297,7 @@ def lower_attention(builder: Builder, node: fx.Node) -> None:
     if isinstance(bias, fx.Node):
         bias_value, keep_value = _computed_mask(builder, bias, bias_layout, keep_layout)
     elif bias is not None:
-        bias_rows = (_padded_expand(bias, bias_layout[0]).contiguous(), bias_layout)  # packed where a block reads it
+        bias_rows = (_padded_expand(bias, bias_layout[0]).contiguous(), bias_layout, natural)  # packed per block
         if may_drop:
             keep = attention_bias(builder.constant_values(a["attn_mask"]))[1]
             keep_value = _constant_operand(builder, keep, keep_layout, f"{node.name}.keep")
@@ -309,9 +315,9 @@ def lower_attention(builder: Builder, node: fx.Node) -> None:
 
 
 def _emit(builder: Builder, node: fx.Node, o: Operands, out_md: MemoryDesc, blocks: Blocks, compact: bool) -> None:
-    """The blocks, written into the node's value; or, where a block is one head (``blocks.singles``) and its
-    bfloat16 matmul has the brgemm kernel only for a compact destination, into a compact buffer that one
-    reorder then lays out as the node's value."""
+    """The blocks, written into the node's value; or, where a block is one head (``blocks.singles``) and V
+    was copied compact (bfloat16: oneDNN 3.2 gives a one-head block its brgemm kernel only with a compact
+    destination too), into a compact buffer that one reorder then lays out as the node's value."""
     staged = _compact_md(out_md, blocks)
     if not (blocks.singles and compact) or staged == out_md:
         _emit_blocks(builder, node, o, builder.define(node, out_md), blocks)
@@ -393,7 +399,7 @@ class Operands:
     keep: Value | None
     scale: float
     dtype: torch.dtype
-    bias_rows: tuple | None = None  # a constant bias: its values (broadcast) and layout, packed per block read
+    bias_rows: tuple | None = None  # a constant bias: its values (broadcast), layout and own dims, packed per block
 
 
 @dataclass(frozen=True)
@@ -540,21 +546,28 @@ def _emit_blocks(builder: Builder, node: fx.Node, o: Operands, result: Value, bl
 
 def _constant_bias(builder: Builder, node: fx.Node, o: Operands, blocks: Blocks, offsets, counts, dims,
                    packed: dict) -> Value | None:
-    """A constant bias for the block: the whole (packed once, kept in ``packed``) where it broadcasts every
-    dim the block splits; else the block's part as its own buffer.  None for a computed bias, or none."""
+    """A constant bias for the block: the whole where it broadcasts every dim the block splits, else the
+    block's part as its own buffer, each packed once (kept in ``packed``).  None for a computed bias, or
+    none."""
     if o.bias_rows is None:
         return None
-    values, (whole_dims, strides) = o.bias_rows
+    values, (whole_dims, strides), natural = o.bias_rows
     split = [d for d in range(len(dims) - 1) if counts[d] < dims[d] and whole_dims[d] != 1]
     if not split:
         if "whole" not in packed:
             packed["whole"] = builder.constant_value(values, plain_md(whole_dims, torch.float32, strides),
                                                      f"{node.name}.bias")
         return packed["whole"]
-    part = values
-    for d in split:
-        part = part.narrow(d, offsets[d], counts[d])
-    return builder.constant_value(part.contiguous(), None, f"{node.name}.bias{blocks.label(offsets, counts, dims)}")
+    # along a dim the mask itself broadcasts (a causal mask's batch and heads) every block's part is the same
+    starts = {d: offsets[d] if natural[d] != 1 else 0 for d in split}
+    key = tuple((d, starts[d], counts[d]) for d in split)
+    if key not in packed:
+        part = values
+        for d in split:
+            part = part.narrow(d, starts[d], counts[d])
+        label = blocks.label(offsets, counts, dims)
+        packed[key] = builder.constant_value(part.contiguous(), None, f"{node.name}.bias{label}")
+    return packed[key]
 
 
 def _block_pd(builder: Builder, src: Value, weights: Value, dst: Value, scale: float | None, binary) -> PrimitiveDesc:

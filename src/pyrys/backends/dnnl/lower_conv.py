@@ -227,7 +227,7 @@ def _inner_product_pd(builder: Builder, x: Value, weight: torch.Tensor, bias: to
     layouts = builder.weight_layouts(weight)
     if int8 is None:
         layouts = linear_kernels.weight_layouts(builder.engine, x.md, weight, dst_md, b_md, layouts,
-                                                builder.packed.layouts_of(weight, plain=True))
+                                                builder.packed.layouts_of(weight, plain=True), builder.kernel_choices)
     return _first_fast([lambda w_md=w_md: inner_product_pd(builder.engine, x.md, w_md, dst_md, b_md, attr=attr)
                         for w_md in layouts])
 

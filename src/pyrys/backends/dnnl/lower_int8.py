@@ -141,8 +141,9 @@ def _last_reader(node: fx.Node, dequantized: fx.Node) -> bool:
 
 
 def lower_quantize(builder: Builder, node: fx.Node) -> None:
-    """``quantize_per_tensor``: the int8 value its producer wrote (see :func:`_written_quant`), else a
-    reorder to u8/s8 with the scale: ``q = round(x / s)``, saturated."""
+    """``quantize_per_tensor``: the int8 value its producer wrote (see :func:`_written_quant`), else
+    ``q = round(x * (1 / s))``, saturated: a binary multiply (:func:`_quantizing_multiply`), or a reorder
+    with the scale into the layout int8 convolutions read (or where there is no such binary kernel)."""
     quant = int8_quant(node)
     if quant is None:
         raise Unsupported("quantization with a zero point or a narrower range")

@@ -41,7 +41,7 @@ def instead_if_faster(builder: Builder, node: fx.Node, start: tuple, read: tuple
     steps = [step for step in builder.steps[start[0]:] if step.primitive is not None]
     memo, choice = attention_kernels.choose(builder.engine, signature, steps, _timed_call(read, out_md, timed))
     builder.kernel_choices[memo] = choice
-    if choice["kernel"] != "torch":
+    if choice.get("kernel") != "torch":  # an unreadable record too: oneDNN's steps
         return
     builder.restore(start, node)
     mask_value = None
@@ -49,7 +49,7 @@ def instead_if_faster(builder: Builder, node: fx.Node, start: tuple, read: tuple
         mask_value = builder.value_of(mask, in_memory=False)
         mask_value = builder.to_plain(mask_value) if mask_value.md is not None else mask_value
     _lower(builder, node, read, out_md, mask_value, kwargs, f"torch's fused attention is faster here "
-                                                            f"({choice['measured']})")
+                                                            f"({choice.get('measured', 'measured before')})")
 
 
 def _lower(builder: Builder, node: fx.Node, read: tuple[Value, ...], out_md: MemoryDesc, mask: Value | None,
@@ -79,7 +79,8 @@ def _lower(builder: Builder, node: fx.Node, read: tuple[Value, ...], out_md: Mem
 
 
 def _readable(builder: Builder, value: Value) -> Value:
-    """``value`` where a frame can view it for torch (plain, in the frame's buffers), else a plain copy."""
+    """``value`` where a frame can view it for torch (plain, in the frame's buffers) or where it is a call's
+    own plain tensor; else a plain copy."""
     return value if value.root.kind == PLANNED and not value.md.inner_blocks else builder.to_plain(value)
 
 
