@@ -47,7 +47,7 @@ from pyrys.backends.dnnl.layout import contiguous_strides, is_plain_contiguous, 
 from pyrys.backends.dnnl.lower_conv import format_info, is_reference
 from pyrys.backends.dnnl.primitives import MemoryDesc, PostOps, PrimitiveAttr, PrimitiveDesc
 from pyrys.backends.dnnl.tensors import DNNL_TO_TORCH
-from pyrys.backends.dnnl.values import ALIAS, DYNAMIC, Value
+from pyrys.backends.dnnl.values import ALIAS, DYNAMIC, Value, part_of
 from pyrys.ir.graph import op_args
 from pyrys.ir.vocabulary import PERMUTES, VIEWS, permutation
 
@@ -489,10 +489,9 @@ def _part(value: Value | None, blocks: Blocks, offsets, counts, dims, split: int
     if md is value.md:
         return value
     start = [o if d < split and value.md.dims[d] == dims[d] else 0 for d, o in enumerate(offsets)]
-    base = value.md.submemory(list(md.dims), [0] * md.ndims).offset0
-    elements = value.md.submemory(list(md.dims), start).offset0 - base
-    name = value.name + blocks.label(start, md.dims, value.md.dims)
-    return Value(name, md, ALIAS, value, offset=elements * DNNL_TO_TORCH[md.dtype].itemsize)
+    part = part_of(value, value.name + blocks.label(start, md.dims, value.md.dims), list(md.dims), start)
+    part.md = md  # the same bytes, its dims of 1 strided as compact
+    return part
 
 
 def _leading(value: Value, counts) -> Value:

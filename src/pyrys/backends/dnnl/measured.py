@@ -30,7 +30,8 @@ def machine_key(threads: int) -> dict:
     with, the CPU, its ISA flags (and a limit set on them), the pyrys and oneDNN versions."""
     from pyrys import __version__
 
-    return {"threads": threads, "cpu": cpu_info()[0], "isa": cpu_info()[1],
+    cpu, isa = cpu_info()
+    return {"threads": threads, "cpu": cpu, "isa": isa,
             "isa_limit": os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA")),
             "pyrys": __version__, "onednn": binding.version()}
 
