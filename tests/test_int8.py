@@ -24,7 +24,7 @@ from pyrys.numerics import INT8_TOLERANCE
 from pyrys.machine import native_bf16
 from pyrys.passes import quantize as quantize_pass
 from pyrys.quantization import weight_max
-from pyrys.quantization.bias_correction import BIAS_SAMPLES
+from pyrys.quantization.bias_correction import BIAS_SAMPLES, measured_samples
 from pyrys.quantization.calibration import MAX_SAMPLES, samples_like
 from pyrys.quantization.guard import Switch
 from pyrys.testing import randomize_batchnorm
@@ -449,19 +449,31 @@ def test_bias_correction_gives_each_channel_the_float32_mean(case, backend, monk
     opt = int8(model, calibration[0], backend, calibration, accuracy_budget=None)
     assert len(corrected_biases(opt._programs[next(iter(opt._programs))].captured.gm)) == 1
 
+    measured = [x for x, in measured_samples([[x] for x in calibration])]
+
     def channel_shift(run) -> torch.Tensor:
-        shift = torch.stack([run(x) - model(x) for x in calibration]).detach()
+        shift = torch.stack([run(x) - model(x) for x in measured]).detach()
         return shift.transpose(0, channel).reshape(shift.shape[channel], -1).mean(1)
 
     with torch.no_grad():
         corrected = channel_shift(opt).abs().max()
-        scale = torch.stack([model(x) for x in calibration]).abs().max()
+        scale = torch.stack([model(x) for x in measured]).abs().max()
     assert corrected <= (1e-6 if backend == "reference" else 1e-4) * scale
     monkeypatch.setattr(importlib.import_module("pyrys.passes.quantize"), "bias_corrections", lambda *_: {})
     with torch.no_grad():
         uncorrected = channel_shift(int8(model, calibration[0], backend, calibration, accuracy_budget=None))
     # 8-bit weights (VNNI, AMX) shift a channel's mean by ~7e-4 of the output's scale here, 7-bit ones (AVX2) more
     assert uncorrected.abs().max() > 3e-4 * scale and uncorrected.abs().max() > 30 * corrected
+
+
+def test_bias_correction_reads_sixteen_rows_of_samples_and_at_least_four_samples():
+    def count(*shapes) -> int:
+        return len(measured_samples([[torch.zeros(shape) for shape in shapes] for _ in range(30)]))
+
+    assert count((1, 3, 8, 8)) == BIAS_SAMPLES == 16
+    assert count((3, 3, 8, 8)) == 6 and count((8, 128), (8, 128)) == 4 and count((16, 3, 8, 8)) == 4
+    assert count((8, 128), (1, 128)) == 16 and count(()) == 16  # no common batch: one row each
+    assert len(measured_samples([[torch.zeros(16, 3)]] * 2)) == 2 and measured_samples([]) == []
 
 
 def test_a_reader_of_two_int8_results_reads_each_as_its_layer_is_set():
