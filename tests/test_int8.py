@@ -220,6 +220,25 @@ def test_a_float32_residual_is_added_as_it_is(backend):
     assert pyrys.relative_error(opt(calibration[0]), model(calibration[0])) <= INT8_TOLERANCE
 
 
+def test_a_layer_norm_read_only_by_an_int8_layer_writes_int8():
+    """Pre-norm ``fc(layer_norm(x)) + x``: the layer norm's only reader is the quantize, so it writes s8 with
+    the quantize's scale itself (no float32 result, no quantizing step); where the residual reads it too
+    (above) it writes float32."""
+    torch.manual_seed(0)
+    model = Fn(lambda m, x: m.fc(m.norm(x)) + x, norm=nn.LayerNorm(16), fc=nn.Linear(16, 16)).eval()
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 2)
+        model.norm.bias.uniform_(-1, 1)
+    calibration = [torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    opt, reference = int8(model, calibration[0], "dnnl", calibration), int8(model, calibration[0], "reference", calibration)
+    text = opt.program_text()
+    assert re.search(r"%layer_norm : \w+\([^)]*\) = dnnl::layer_norm\[eps=1e-05, dst=s8, dst_scale=", text), text
+    assert "layer_norm_q" not in text and "binary_mul" not in text, text
+    for x in calibration:
+        assert pyrys.relative_error(opt(x), reference(x)) <= 1e-5  # the same rounding as the graph's quantize
+        assert pyrys.relative_error(opt(x), model(x)) <= INT8_TOLERANCE
+
+
 def test_a_residual_read_again_later_is_summed_into_a_copy(backend):
     """``b = conv_b(a) + a`` then ``conv_c(a)``: ``a``'s int8 buffer must survive the sum."""
     torch.manual_seed(0)

@@ -327,12 +327,20 @@ def lower_layer_norm(builder: Builder, node: fx.Node) -> None:
         raise Unsupported("layer norm needs constant affine parameters over the last dim")
     check_dtype(a["input"].meta["val"], node.meta["val"])
     x = builder.to_plain(builder.value_of(a["input"]))
-    pd = layer_norm_pd(builder.engine, x.md, x.md, a["eps"])
+
+    def create(quant):  # int8 where its one reader quantizes (int8_dst.py): y / s rounded, the dst scale s
+        dst_md = x.md if quant is None else same_layout_md(x, x.md.dims, quant.dtype)
+        attr = None if quant is None else PrimitiveAttr(scales={ARG_DST: 0})
+        return layer_norm_pd(builder.engine, x.md, dst_md, a["eps"], attr=attr)
+    pd, quant = with_int8_dst(create, quantized_reader(node))
     out = builder.define(node, pd.dst_md())
     scale = builder.constant_value(weight, None, f"{node.name}.weight")
     shift = builder.constant_value(bias, None, f"{node.name}.bias")
-    builder.add_primitive(node_text(node, "dnnl::layer_norm", f"eps={a['eps']:g}", [f"%{x.name}"]), pd,
-                          {ARG_SRC: x, ARG_SCALE: scale, ARG_SHIFT: shift, ARG_DST: out}, [x], [out])
+    args = {ARG_SRC: x, ARG_SCALE: scale, ARG_SHIFT: shift, ARG_DST: out}
+    if quant is not None:
+        args[ARG_ATTR_SCALES | ARG_DST] = scale_value(builder, quant.scale, f"{node.name}.dst_scale")
+    builder.add_primitive(node_text(node, "dnnl::layer_norm", f"eps={a['eps']:g}{quantizing_note(quant)}",
+                                    [f"%{x.name}"]), pd, args, [x], [out])
 
 
 def lower_batch_norm(builder: Builder, node: fx.Node) -> None:
