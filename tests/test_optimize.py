@@ -109,6 +109,8 @@ def test_two_inputs_passed_apart_get_told_to_come_as_one_tuple():
     (image().double(), "must have dtype torch.float32 like the example input Float\\(1, 3, 6, 6\\), got torch.float64"),
     (torch.rand(3, 6, 6), "must have rank 4 like the example input Float\\(1, 3, 6, 6\\), got shape \\(3, 6, 6\\)"),
     ([1, 2], "expected inputs like the example inputs \\(Float\\(1, 3, 6, 6\\)\\); got \\(list\\)"),
+    (image().numpy(), "input 0 must be a tensor like Float\\(1, 3, 6, 6\\), got ndarray"),  # has no hash
+    ("an image", "input 0 must be a tensor like Float\\(1, 3, 6, 6\\), got str"),
 ])
 def test_wrong_input_at_call_time(x, message):
     opt = pyrys.optimize(conv_bn_relu(), (image(),), backend="reference")

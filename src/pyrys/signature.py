@@ -39,7 +39,24 @@ def _describe_leaf(leaf) -> str:
 
 
 def _leaf(value: Any):
-    return (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else value
+    if isinstance(value, torch.Tensor):
+        return (tuple(value.shape), value.dtype)
+    try:
+        hash(value)
+    except TypeError:  # a numpy array, say: the signature still hashes, and the checks name what it is
+        return Unhashable(type(value).__name__, id(value))
+    return value
+
+
+@dataclass(frozen=True)
+class Unhashable:
+    """A signature's stand-in for an input that has no hash: equal only to itself (the same object)."""
+
+    type_name: str
+    identity: int
+
+    def __repr__(self) -> str:
+        return f"<{self.type_name} object>"
 
 
 def signature_of(args: tuple, kwargs: dict) -> tuple[Signature, list]:
