@@ -292,7 +292,9 @@ def test_empty_outputs_and_matching_infinities_agree(backend):
     opt = pyrys.optimize(EdgeValues().eval(), (torch.randn(4, 4),), backend=backend, numerics=True)
     assert opt.numerics.first_over() is None, opt.numerics.render()
     assert pyrys.relative_error(torch.tensor([float("inf"), 1.0]), torch.tensor([float("inf"), 1.0])) == 0
-    assert pyrys.relative_error(torch.tensor([float("nan"), 1.0]), torch.tensor([2.0, 1.0])) != 0  # not silent
+    nan, one = torch.tensor([float("nan"), 1.0]), torch.tensor([2.0, 1.0])
+    assert pyrys.relative_error(nan, one) == pyrys.relative_error(one, nan) == float("inf")  # not silent
+    assert pyrys.relative_error([one, nan], [one, one]) == pyrys.relative_error([nan, one], [one, one]) == float("inf")
 
 
 class Branches(nn.Module):

@@ -5,7 +5,8 @@
 The stated fp32 tolerance is ``FP32_TOLERANCE = 1e-4``: the largest deviation may be
 at most 1e-4 of the output's magnitude.  Nested outputs (tuples, dicts) are compared
 leaf by leaf and the worst leaf counts.  Where both hold the same infinity, or both a NaN,
-they agree; the magnitude is that of the finite values; an empty tensor agrees with itself.
+they agree; a NaN on one side only is an infinite error (so ``error > budget`` holds and ``max`` keeps
+it); the magnitude is that of the finite values; an empty tensor agrees with itself.
 
 ``optimize(..., numerics=True)`` measures this after every pass and for every layer of the
 backend's program (``trace.py``, ``layers.py``; the result is ``opt.numerics``, a
@@ -35,7 +36,7 @@ def _leaf_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     actual, expected = actual.double(), expected.double()
     difference = (actual - expected).abs()
     agree = (actual == expected) | (actual.isnan() & expected.isnan())  # the same inf, or NaN in both
-    difference = difference.masked_fill(agree, 0.0)
+    difference = difference.masked_fill(agree, 0.0).nan_to_num(nan=float("inf"))  # NaN on one side only: inf
     finite = expected[expected.isfinite()].abs()
     scale = (finite.max() if finite.numel() else expected.new_tensor(1.0)).clamp_min(1e-12)
     return float(difference.max() / scale)

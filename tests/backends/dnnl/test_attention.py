@@ -61,6 +61,19 @@ class Plain(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal)
 
 
+class MergedHeads(Plain):
+    """Attention on its inputs with the heads merged back, ``(B, H, L, E) -> (B, L, H*E)``; ``mask``: a constant
+    one, read when the call passes none."""
+
+    def __init__(self, mask=None):
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, q, k, v, mask=None):
+        o = super().forward(q, k, v, self.mask if mask is None else mask)
+        return o.transpose(1, 2).reshape(o.shape[0], o.shape[2], -1)
+
+
 def padding_mask(batch, keys, lengths):
     """(batch, 1, 1, keys) True for the first ``lengths[b]`` keys."""
     return (torch.arange(keys)[None, :] < torch.tensor(lengths)[:, None])[:, None, None, :]
@@ -73,6 +86,7 @@ def rows_masked(mask, rows):
 
 
 X = rand(2, 6, 32)
+DECODER_STEP = (rand(2, 4, 1, 16), rand(2, 4, 6, 16, seed=2), rand(2, 4, 6, 16, seed=3))
 CASES = {
     "no mask": (Heads(), (X,)),
     "padding mask (B,1,1,S)": (Heads(), (X, padding_mask(2, 6, [6, 3]))),
@@ -100,6 +114,12 @@ CASES = {
     "one key and value head for all": (Plain(), (rand(2, 4, 6, 8), rand(2, 1, 7, 8, seed=2), rand(2, 1, 7, 5, seed=3))),
     "one key and value head for all, a mask": (Plain(), (rand(2, 4, 6, 8), rand(1, 1, 7, 8, seed=2),
                                                          rand(1, 1, 7, 5, seed=3), padding_mask(2, 7, [7, 4]))),
+    # a decoder step: one query written into merged heads, (B, H, 1, E) with strides (H*E, E, H*E, 1), which
+    # oneDNN's descriptors call contiguous; its brgemm kernel crashed reading a broadcast mask operand there
+    "a decoder step, a padding mask (B,1,1,S)": (MergedHeads(), (*DECODER_STEP, padding_mask(2, 6, [6, 3]))),
+    "a decoder step, a float mask (1,S)": (MergedHeads(), (*DECODER_STEP, torch.tensor([[0.0, -1e9, 0, 0, -1e9, 0]]))),
+    "a decoder step, a constant mask hiding every key": (
+        MergedHeads(torch.zeros(1, 1, 1, 6, dtype=torch.bool)), DECODER_STEP),
 }
 
 
@@ -401,7 +421,8 @@ def test_float32_attention_keeps_its_blocks(monkeypatch):
 
 TORCH_CASES = {name: CASES[name] for name in ("no mask", "padding mask (B,1,1,S)", "bool mask (B,1,L,S) with queries "
                                               "that see no key", "causal", "explicit scale", "heads not merged back",
-                                              "one key and value head for all, a mask")}
+                                              "one key and value head for all, a mask",
+                                              "a decoder step, a padding mask (B,1,1,S)")}
 TORCH_CASES["a constant mask"] = (ConstantMask(keeps_the_first_key(RANDOM_MASK)), (Q5, K5, V5))
 
 

@@ -43,7 +43,7 @@ from pyrys.backends.dnnl.binding import DnnlError
 from pyrys.backends.dnnl.builder import F32_OR_BF16, Builder, Unsupported, check_dtype, node_text
 from pyrys.backends.dnnl.constants import ARG_DST, ARG_SRC, ARG_WEIGHTS, AlgKind, DataType, arg_post_op_src1
 from pyrys.backends.dnnl.descriptors import matmul_pd, softmax_pd
-from pyrys.backends.dnnl.layout import contiguous_strides, is_plain_contiguous, plain_md
+from pyrys.backends.dnnl.layout import contiguous_strides, plain_md
 from pyrys.backends.dnnl.lower_conv import format_info, is_reference
 from pyrys.backends.dnnl.primitives import MemoryDesc, PostOps, PrimitiveAttr, PrimitiveDesc
 from pyrys.backends.dnnl.tensors import DNNL_TO_TORCH
@@ -154,9 +154,11 @@ def _operand_layouts(natural: list[int], dst: MemoryDesc) -> list[tuple[list[int
     kernels broadcast an operand over any dim but the first, into a contiguous destination: the first dim
     expanded, then the full shape.  A broadcast operand into a strided destination crashed oneDNN's brgemm
     matmul (tests/backends/dnnl/test_attention.py), so there the operand takes the destination's own shape
-    and strides."""
+    and strides.  Contiguous means contiguous strides on every dim: oneDNN's descriptors compare equal
+    whatever a dim of 1's stride is, but its brgemm kernel reads that stride (one query written into
+    merged heads, ``(B, H, 1, E)`` with strides ``(H*E, E, H*E, 1)``, crashed with a broadcast operand)."""
     full = list(dst.dims)
-    if not is_plain_contiguous(dst):
+    if list(dst.strides) != contiguous_strides(full):
         return [(full, list(dst.strides))]
     expanded = [full[0], *natural[1:]]
     return [(expanded, contiguous_strides(expanded)), (full, contiguous_strides(full))]
