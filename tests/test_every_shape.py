@@ -153,6 +153,25 @@ def test_a_dim_pinned_by_the_model_is_captured_again(captures, backend):
     assert torch.allclose(opt(y), model(y))
 
 
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_a_length_pinned_through_floor_divisions_falls_back_to_these_shapes(backend, dynamic):
+    """A stride-2 conv, a pooling and a linear pin the length through ``((L/2)//2)``, a guard torch's solver
+    cannot solve: the symbolic capture fails, and the capture with fixed sizes after it must not inherit the
+    dims torch.export marked dynamic on the input tensors (it failed the same way; and the caller's tensors
+    carried the marks away)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv1d(1, 8, 5, stride=2, padding=4, dilation=2), torch.nn.MaxPool1d(2),
+                                torch.nn.Flatten(), torch.nn.Linear(32, 6)).eval()
+    example = torch.randn(1, 1, 16)
+    opt = pyrys.optimize(model, (example,), backend=backend, dynamic=dynamic)
+    for batch in (5, 2, 1):
+        x = torch.randn(batch, 1, 16)
+        assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE, batch
+        assert not x.__dict__, x.__dict__  # no dynamo marks left on the caller's tensor
+    assert not example.__dict__
+    assert any("torch.export fails with symbolic sizes (NotImplementedError" in note for note in opt.notes), opt.notes
+
+
 def test_an_exported_program_with_dynamic_dims_takes_new_shapes():
     model = pyrys.testing.randomize_batchnorm(Flattening()).eval()
     ep = torch.export.export(model, (image(2, size=8),), dynamic_shapes=({0: Dim("batch")},))

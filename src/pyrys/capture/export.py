@@ -31,7 +31,7 @@ from torch._subclasses.fake_tensor import DataDependentOutputException
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind, TensorArgument
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, free_unbacked_symbols
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from pyrys.capture.captured import Captured, input_writes_note
 from pyrys.capture.dynamic_shapes import symbolic_dims, symbolic_example
@@ -96,7 +96,7 @@ def export_module(model: torch.nn.Module, args: tuple, kwargs: dict | None = Non
 
     ``dynamic``: batch and sequence dims ``Dim.AUTO`` (``dynamic_shapes.py``), for a graph that holds
     for every size torch.export could keep symbolic."""
-    args, kwargs = _unaliased(args, kwargs or {})
+    args, kwargs = _unaliased(*_own_tensor_objects(args, kwargs or {}))
     with torch.no_grad(), sizes_kept_symbolic() if dynamic else contextlib.nullcontext():
         try:
             shapes = symbolic_dims(model, args, kwargs) if dynamic else None
@@ -123,6 +123,15 @@ def _reads_as_inference(ep: ExportedProgram) -> bool:
         if isinstance(value, fx.Node) and isinstance(spec.arg, TensorArgument):
             spec.arg.name = value.name
     return True
+
+
+def _own_tensor_objects(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The inputs with each tensor a new object over the same memory (``detach``): torch.export with
+    ``Dim.AUTO`` marks the tensors it is given as dynamic (``_dynamo_weak_dynamic_indices``) and leaves the
+    marks, so the caller's tensors would carry them into their own ``torch.compile``, and a capture with
+    fixed sizes after a failed symbolic one would trace those dims symbolically again and fail the same way."""
+    own = lambda value: value.detach() if isinstance(value, torch.Tensor) else value  # noqa: E731
+    return tree_map(own, args), tree_map(own, kwargs)
 
 
 def _unaliased(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
