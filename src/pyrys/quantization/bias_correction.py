@@ -35,6 +35,7 @@ import torch.fx as fx
 
 from pyrys.ir.fused import FUSED_CONV, read_fused
 from pyrys.ir.graph import add_constant
+from pyrys.quantization.calibration import common_rows
 from pyrys.quantization.guard import on_float32_activations
 
 BIAS_SAMPLES = 16  # rows (samples of one row) the mean shift is measured on (a per-channel mean over every position)
@@ -75,12 +76,11 @@ def bias_corrections(gm: fx.GraphModule, switches: dict, samples: list[list]) ->
 
 
 def measured_samples(samples: list[list]) -> list[list]:
-    """The first samples, as many as hold :data:`BIAS_SAMPLES` rows (at least :data:`BIAS_MIN_SAMPLES`): a
-    sample's rows are dim 0 of its tensors where they all have the same, else 1."""
+    """The first samples, as many as hold :data:`BIAS_SAMPLES` rows (at least :data:`BIAS_MIN_SAMPLES`); a
+    sample without common rows (:func:`~pyrys.quantization.calibration.common_rows`) counts as one row."""
     if not samples:
         return []
-    firsts = {x.shape[0] if x.dim() else 1 for x in samples[0] if isinstance(x, torch.Tensor)}
-    rows = max(firsts.pop(), 1) if len(firsts) == 1 else 1
+    rows = max(common_rows([tuple(x.shape) for x in samples[0] if isinstance(x, torch.Tensor)]) or 1, 1)
     return samples[:max(BIAS_MIN_SAMPLES, -(-BIAS_SAMPLES // rows))]
 
 

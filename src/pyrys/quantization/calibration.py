@@ -101,10 +101,8 @@ class _Rows:
     every tensor; ``take`` its rows, giving each whole sample they complete."""
 
     def __init__(self, expected):
-        tensors = [leaf for leaf in expected.leaves if is_tensor_leaf(leaf)]
-        firsts = {shape[0] for shape, _ in tensors if shape}
         self.expected = expected
-        rows = firsts.pop() if len(firsts) == 1 and all(shape for shape, _ in tensors) else 0
+        rows = common_rows([shape for shape, _ in (leaf for leaf in expected.leaves if is_tensor_leaf(leaf))])
         self.per_sample = rows or None  # None: nothing to cut (no common dim 0, or an example of 0 rows)
         self.pending: list | None = None  # the flat inputs of rows not yet in a sample
         self.held = 0
@@ -136,6 +134,12 @@ class _Rows:
         self.pending = [cut(x, rest, held) for x in flat] if rest < held else None
         self.held = held - rest
         return done
+
+
+def common_rows(shapes: list) -> int | None:
+    """A sample's rows: dim 0 of its tensors' ``shapes`` where every one has a dim 0 and they share it; else None."""
+    firsts = {shape[0] if len(shape) else None for shape in shapes}
+    return firsts.pop() if len(firsts) == 1 else None
 
 
 def samples_like(inputs: tuple, count: int = DRAWN_SAMPLES, seed: int = 7) -> list[tuple]:
