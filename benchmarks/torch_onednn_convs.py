@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 import warnings
 
 import torch
 import torch.nn as nn
 
 import pyrys
+from pyrys.bench.measure import time_block, warm_up
 
 # (in channels, out channels, height and width, kernel, stride): ResNet-50's convolutions after the stem
 SHAPES = [(64, 64, 56, 3, 1), (256, 64, 56, 1, 1), (64, 256, 56, 1, 1), (128, 128, 28, 3, 1),
@@ -41,7 +41,8 @@ def pyrys_conv_seconds(conv: nn.Conv2d, x: torch.Tensor, runs: int) -> tuple[flo
 
 
 def torch_conv_seconds(conv: nn.Conv2d, x: torch.Tensor, runs: int) -> float:
-    """Median seconds of torch's oneDNN convolution + relu on bf16 channels-last, the weight packed once."""
+    """Median seconds of torch's oneDNN convolution + relu on bf16 channels-last, the weight packed once
+    (warmed for 0.25 s first)."""
     padding, stride = list(conv.padding), list(conv.stride)
     source = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
     weight = torch.ops.mkldnn._reorder_convolution_weight(conv.weight.detach().to(torch.bfloat16), padding, stride,
@@ -51,14 +52,8 @@ def torch_conv_seconds(conv: nn.Conv2d, x: torch.Tensor, runs: int) -> float:
     def call():
         return torch.ops.mkldnn._convolution_pointwise(source, weight, bias, padding, stride, [1, 1], 1, "relu", [], "")
 
-    for _ in range(3):
-        call()
-    seconds = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        call()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
+    warm_up(call, (), 0.25)
+    return statistics.median(time_block(call, (), runs))
 
 
 def main() -> None:
