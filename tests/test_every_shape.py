@@ -18,20 +18,21 @@ from pyrys.ir.symbolic import describe_dims
 from tests.conftest import TOLERANCE
 from tests.models import conv_bn_relu, image
 
-optimize_module = importlib.import_module("pyrys.optimize")
+frontend_module = importlib.import_module("pyrys.capture.frontend")
+compiled_module = importlib.import_module("pyrys.compiled")
 
 
 @pytest.fixture
 def captures(monkeypatch) -> list:
     """``dynamic`` of every nn.Module capture during the test, in order."""
     seen = []
-    original = optimize_module.capture_module
+    original = frontend_module.capture_module
 
     def spy(model, args, kwargs=None, dynamic=False):
         seen.append(dynamic)
         return original(model, args, kwargs, dynamic=dynamic)
 
-    monkeypatch.setattr(optimize_module, "capture_module", spy)
+    monkeypatch.setattr(frontend_module, "capture_module", spy)
     return seen
 
 
@@ -231,14 +232,14 @@ def test_unfrozen_state_inputs_do_not_shift_the_user_inputs(backend):
 def test_a_symbolic_compile_that_fails_compiles_the_shape_as_it_is_with_a_note(monkeypatch, backend):
     from pyrys.ir.symbolic import is_symbolic
 
-    original = optimize_module.run_pipeline
+    original = compiled_module.run_pipeline
 
     def fails_on_symbolic_sizes(gm, *args, **kwargs):
         if is_symbolic(gm):
             raise RuntimeError("a pass met a size it cannot take")
         return original(gm, *args, **kwargs)
 
-    monkeypatch.setattr(optimize_module, "run_pipeline", fails_on_symbolic_sizes)
+    monkeypatch.setattr(compiled_module, "run_pipeline", fails_on_symbolic_sizes)
     model = pyrys.testing.randomize_batchnorm(Flattening()).eval()
     opt = pyrys.optimize(model, (image(1, size=8),), backend=backend, dynamic=True)
     for batch in (1, 2):

@@ -23,14 +23,14 @@ from tests.caller_helpers import images, run_together
 from tests.conftest import spy_dynamo_graphs
 from tests.models import conv_bn_relu, image
 
-optimize_module = importlib.import_module("pyrys.optimize")
+precision_notes = importlib.import_module("pyrys.precision_notes")
 needs_native_bf16 = pytest.mark.skipif(not native_bf16(), reason="the CPU has no native bf16 (avx512_bf16, amx_bf16)")
 
 
 @pytest.fixture
 def bf16_cpu(monkeypatch):
     """Treat this CPU as one with native bf16, so the bf16 graph is built and run here too."""
-    monkeypatch.setattr(optimize_module, "native_bf16", lambda: True)
+    monkeypatch.setattr(precision_notes, "native_bf16", lambda: True)
 
 
 GOLDEN = """graph(%x : Float(1, 3, 6, 6)):
@@ -97,7 +97,7 @@ def test_new_shapes_and_save_load(bf16_cpu, backend):
 
 
 def test_without_native_bf16_it_runs_fp32_and_says_so(monkeypatch, backend):
-    monkeypatch.setattr(optimize_module, "native_bf16", lambda: False)
+    monkeypatch.setattr(precision_notes, "native_bf16", lambda: False)
     opt = pyrys.optimize(conv_bn_relu(), (image(),), backend=backend, precision="bf16")
     assert any("precision='bf16' runs in fp32 here" in note for note in opt.notes)
     assert "BFloat16" not in opt.graph

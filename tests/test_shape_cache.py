@@ -12,7 +12,7 @@ from pyrys.shape_cache import ShapeCache
 from tests.conftest import TOLERANCE, spy_dynamo_graphs
 from tests.models import conv_bn_relu, image
 
-optimize_module = importlib.import_module("pyrys.optimize")  # the module, not the function pyrys exports
+BUILDERS = [importlib.import_module(name) for name in ("pyrys.compiled", "pyrys.optimized_module")]  # both call it
 
 
 def test_the_least_recently_used_entry_goes_and_the_pinned_one_stays():
@@ -31,13 +31,14 @@ def test_the_least_recently_used_entry_goes_and_the_pinned_one_stays():
 def compiles(monkeypatch) -> list:
     """The batch size of every program built during the test (a capture, or a shape specialized), in order."""
     seen = []
-    original = optimize_module.build_for_shape
+    original = BUILDERS[0].build_for_shape
 
     def spy(template, signature, flat, config, like=None):
         seen.append(flat[0].shape[0])
         return original(template, signature, flat, config, like)
 
-    monkeypatch.setattr(optimize_module, "build_for_shape", spy)
+    for module in BUILDERS:
+        monkeypatch.setattr(module, "build_for_shape", spy)
     return seen
 
 

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from pyrys.numerics.budget import AUTO
-from pyrys.optimize import OptimizedModule, check_calibration_options, make_config, optimize_torchscript
+from pyrys.config import check_calibration_options, make_config
+from pyrys.optimize import OptimizedModule, optimize_torchscript
 
 
 @dataclass

@@ -183,7 +183,7 @@ def _memo_key(target: Any, arguments: Any, mode: FakeTensorMode, fakes_only: boo
 def _remember(key: tuple | None, val: Any) -> None:
     """Keep ``val`` under ``key`` where it may be kept (:func:`_memorable`).
 
-    Compiles and loads take turns (``pyrys.optimize.COMPILING``), so one thread at a time reads and
+    Compiles and loads take turns (``pyrys.compiled.COMPILING``), so one thread at a time reads and
     writes the memo, and a fake tensor of one compile's mode is read in another's only after it."""
     if key is not None and _memorable(val):
         if len(_INFERRED) >= _INFERRED_LIMIT:

@@ -32,7 +32,10 @@ from pyrys.ir.graph import tensor_bytes
 from pyrys.ir.meta import refresh_meta
 from pyrys.ir.released import values_of
 from pyrys.machine import cpu_info
-from pyrys.optimize import COMPILING, Compiled, Frontend, OptimizeConfig, OptimizedModule
+from pyrys.capture.frontend import Frontend
+from pyrys.compiled import COMPILING, Compiled
+from pyrys.config import OptimizeConfig
+from pyrys.optimized_module import OptimizedModule
 from pyrys.passes.pipeline import PipelineRun, Step
 from pyrys.passes.rewrite import Miss
 from pyrys.saving.directory import parse_files, read_directory, write_directory

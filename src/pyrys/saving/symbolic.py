@@ -1,6 +1,6 @@
 """The symbolic sizes of a graph captured for every shape, as JSON: its inputs' dims, guards and ranges.
 
-A saved module keeps the graph it specializes new shapes from (``optimize.py``), so a loaded one
+A saved module keeps the graph it specializes new shapes from (``optimized_module.py``), so a loaded one
 takes new batch sizes and sequence lengths without ``torch.export``.  What the graph assumed
 about its sizes is written as expression trees of named functions, never as code:
 

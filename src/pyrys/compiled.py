@@ -1,0 +1,151 @@
+"""One input signature compiled: capture -> pass pipeline -> backend program (:func:`compile_signature`),
+and a program for another shape from its graph (:func:`build_for_shape`)."""
+from __future__ import annotations
+
+
+import dataclasses
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pyrys.backends import Program, get_backend, release_constants
+from pyrys.backends.options import BackendOptions
+from pyrys.capture.captured import Captured
+from pyrys.errors import CaptureError
+from pyrys.ir.verify import VerificationError, make_verifier, output_types
+from pyrys.ir.graph import share_constants
+from pyrys.ir.symbolic import is_symbolic
+from pyrys.numerics.report import NumericsReport
+from pyrys.numerics.trace import NumericsTrace
+from pyrys.passes.specialize import ShapeMismatch, specialize
+from pyrys.passes.pipeline import Instruments, PassOptions, PipelineRun, legalize_for_backends, run_pipeline
+from pyrys.signature import InputError, Signature, signature_of
+from pyrys.capture.frontend import Frontend
+from pyrys.config import OptimizeConfig
+from pyrys.precision_notes import (bf16_guard, disabled_precision_note, effective_precision, guard_accuracy_note,
+                                   int8_coverage_note)
+
+
+@dataclass
+class Compiled:
+    """One input signature's compiled result.
+
+    ``captured.gm`` is the graph its program runs (concrete shapes); ``generic`` the optimized graph with
+    symbolic dims it was specialized from (shared by every signature specialized from it; None when the
+    capture holds fixed shapes)."""
+
+    signature: Signature
+    captured: Captured
+    run: PipelineRun
+    program: Program
+    backend: str
+    notes: list[str] = field(default_factory=list)
+    generic: Captured | None = None
+    numerics: NumericsReport | None = None  # measured on the example inputs (``numerics=True``)
+
+
+def compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: OptimizeConfig,
+                      dynamic: bool = False, like: Compiled | None = None, trace: NumericsTrace | None = None) -> Compiled:
+    """Capture the model on these inputs (``dynamic``: for every shape, where it can), run the pipeline,
+    and build the backend's program for these inputs' shapes.  ``like``: a signature compiled before,
+    whose equal constants this one shares (:func:`share_constants`) and whose backend decisions and
+    packed weights it reuses.  Where the symbolic compile fails (a pass or a lowering meeting a symbolic
+    size it cannot take), these shapes are compiled as they are, with a note giving the error.  ``trace``:
+    measure every pass and the program against eager on these inputs (:mod:`pyrys.numerics.trace`)."""
+    if not dynamic:
+        return _compile_signature(frontend, args, kwargs, config, False, like, trace)
+    try:
+        return _compile_signature(frontend, args, kwargs, config, True, like, trace)
+    except (CaptureError, InputError, VerificationError):
+        raise  # the model, the inputs or a pass is wrong: fixed shapes would not help
+    except Exception as error:  # noqa: BLE001 -- anything else symbolic sizes broke: compile these shapes
+        compiled = _compile_signature(frontend, args, kwargs, config, False, like, trace)
+        line = (str(error).strip().splitlines() or [""])[0][:300]
+        compiled.notes.append(f"captured for these input shapes only: the compile with symbolic sizes failed "
+                              f"({type(error).__name__}: {line})")
+        return compiled
+
+
+def _compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: OptimizeConfig, dynamic: bool,
+                       like: Compiled | None, trace: NumericsTrace | None = None) -> Compiled:
+    signature, flat = signature_of(args, kwargs)
+    captured = frontend.capture(args, kwargs, dynamic)
+    measure = None if trace is None else (lambda step, gm: trace.measure(step, gm, flat))
+    instruments = Instruments(config.print_after_each, Path(config.dump_dir) if config.dump_dir else None,
+                              None, captured.class_name, measure)
+    if config.verify:
+        from pyrys.ir.meta import refresh_meta
+
+        refresh_meta(captured.gm)
+        instruments.verify = make_verifier(output_types(captured.gm), config.output_dtype)
+    precision, precision_note = effective_precision(config.precision)
+    guard = bf16_guard(config.calibration, flat, is_symbolic(captured.gm)) if precision == "bf16" else None
+    options = PassOptions(config.freeze_params, config.freeze_flags, precision, config.calibration, config.output_dtype,
+                          guard)
+    run = run_pipeline(captured.gm, options, config.disable, instruments)
+    legalize_for_backends(captured.gm, instruments)
+    if like is not None:
+        share_constants(captured.gm, like.captured.gm)
+    generic = captured if is_symbolic(captured.gm) else None
+    notice = get_backend(config.backend)[2]
+    notes = captured.notes + [note for note in (notice, precision_note, int8_coverage_note(precision, run),
+                                                guard_accuracy_note(precision, config.calibration, guard),
+                                                disabled_precision_note(precision, config),
+                                                config.calibration.note if config.calibration else "") if note]
+    template = Compiled(signature, captured, run, None, "", notes, generic)
+    try:
+        compiled = build_for_shape(template, signature, flat, config, like=like.program if like else None)
+    except ShapeMismatch as why:  # the example itself: only if a pass assumed what its own shapes break
+        if not dynamic:
+            raise
+        compiled = compile_signature(frontend, args, kwargs, config, like=like, trace=trace)
+        compiled.notes.append(f"captured for these input shapes only: {why}")
+        if compiled.generic is None and generic is not None:  # other shapes are specialized from it still,
+            share_constants(generic.gm, compiled.captured.gm)  # on the weights this program packed: one copy
+            compiled.generic = generic
+        return compiled
+    if trace is not None:
+        compiled.numerics = _measure_program(trace, compiled, flat, config)
+    return compiled
+
+
+def _measure_program(trace: NumericsTrace, compiled: Compiled, flat: list, config: OptimizeConfig) -> NumericsReport:
+    """The trace's report for ``compiled``: its program's error, and each layer's through a probe program
+    compiled like it (its decisions and packed weights shared)."""
+    compile_program = get_backend(config.backend)[0]
+    options = BackendOptions(config.threads, config.layout)
+
+    def compile_probe(gm: torch.fx.GraphModule) -> Program:
+        return compile_program(gm, flat, options, like=compiled.program)
+
+    return trace.report(compiled.run.history, compiled.captured.gm, compiled.program, compiled.backend, flat,
+                        compile_probe)
+
+
+def build_for_shape(template: Compiled, signature: Signature, flat: list, config: OptimizeConfig,
+                    like: Program | None = None) -> Compiled:
+    """The program for ``signature`` from ``template``'s optimized graph (specialized to these shapes when
+    it is symbolic: :mod:`pyrys.passes.specialize`, which raises ``ShapeMismatch`` for a shape it does not
+    hold for); ``like``: a program of the same graph whose decisions and packed weights to reuse."""
+    source = template.generic or template.captured
+    gm = specialize(source.gm, flat)
+    if config.verify and gm is not source.gm:
+        make_verifier(output_types(gm))(gm)
+    compile_program, backend, _ = get_backend(config.backend)
+    program = compile_program(gm, flat, BackendOptions(config.threads, config.layout), like=like)
+    release_constants(program, [gm, source.gm])
+    captured = dataclasses.replace(source, gm=gm, notes=list(source.notes))
+    return Compiled(signature, captured, template.run, program, backend, list(template.notes), template.generic)
+
+
+# torch.export and the passes are not made for two threads at once: compiles (and loads) take turns
+# (calls of programs already compiled never wait for this); so does the meta memo (ir/meta.py).
+COMPILING = threading.RLock()
+
+
+def static_reason(compiled: Compiled) -> str:
+    """Why a capture asked for symbolic sizes has none: its note, or torch.export pinned every dim."""
+    said = [note for note in compiled.notes if note.startswith("captured for these input shapes only")]
+    return said[0] if said else "torch.export kept no input dim symbolic (the model pins every one)"

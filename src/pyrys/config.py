@@ -1,0 +1,111 @@
+"""What a user chooses in :func:`pyrys.optimize`, checked once: :class:`OptimizeConfig`."""
+from __future__ import annotations
+
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from pyrys.backends.options import LAYOUTS
+from pyrys.numerics.budget import AUTO, GUARD_SAMPLES, budget_for, check_budget
+from pyrys.passes.freeze import ALL
+from pyrys.passes.precision import PRECISIONS
+from pyrys.quantization.calibration import Calibration, calibration_samples
+from pyrys.passes.pipeline import check_pass_names
+from pyrys.shape_cache import DEFAULT_MAX_SHAPES
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    """Everything a user can choose; see :func:`pyrys.optimize`."""
+
+    backend: str = "auto"
+    freeze_params: tuple[str, ...] | None = ALL  # None: every parameter and buffer
+    freeze_flags: tuple[str, ...] | None = ALL  # None: every flag the captured graph reads
+    disable: tuple[str, ...] = ()
+    print_after_each: bool = False
+    dump_dir: str | None = None
+    verify: bool = False
+    threads: int | None = None
+    layout: str = "auto"
+    max_shapes: int = DEFAULT_MAX_SHAPES
+    dynamic: bool | None = None  # see optimize()
+    numerics: bool = False  # measure every pass and layer against eager on the example inputs
+    precision: str = "fp32"  # "bf16", "int8": see optimize()
+    # precision="int8": the samples, then the plan; "bf16": the samples (if given) and the accuracy budget
+    calibration: Calibration | None = field(default=None, compare=False, repr=False)
+    output_dtype: torch.dtype | None = None  # every floating-point output in this dtype; None: eager's
+
+
+OUTPUT_DTYPES = (None, torch.float32, torch.bfloat16)
+
+
+def make_config(*, backend: str = "auto", freeze_params: Iterable[str] | None = ALL,
+                freeze_flags: Iterable[str] | None = ALL, disable: Iterable[str] = (),
+                print_after_each: bool = False, dump_dir: str | Path | None = None,
+                verify: bool = False, threads: int | None = None, layout: str = "auto",
+                max_shapes: int = DEFAULT_MAX_SHAPES, dynamic: bool | None = None,
+                numerics: bool = False, precision: str = "fp32",
+                output_dtype: torch.dtype | None = None) -> OptimizeConfig:
+    """An :class:`OptimizeConfig` from :func:`optimize`'s keyword options, checked."""
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"pyrys.optimize: threads must be a positive int, got {threads!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"pyrys.optimize: layout must be one of {LAYOUTS}, got {layout!r}")
+    if not isinstance(max_shapes, int) or isinstance(max_shapes, bool) or max_shapes < 1:
+        raise ValueError(f"pyrys.optimize: max_shapes must be a positive int, got {max_shapes!r}")
+    if dynamic not in (None, True, False):
+        raise ValueError(f"pyrys.optimize: dynamic must be None, True or False, got {dynamic!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"pyrys.optimize: precision must be one of {PRECISIONS}, got {precision!r}")
+    if not isinstance(numerics, bool):
+        raise ValueError(f"pyrys.optimize: numerics must be True or False, got {numerics!r}")
+    if output_dtype not in OUTPUT_DTYPES:
+        raise ValueError(f"pyrys.optimize: output_dtype must be None, torch.float32 or torch.bfloat16, got "
+                         f"{output_dtype!r}")
+    return OptimizeConfig(
+        backend=backend,
+        freeze_params=None if freeze_params is None else tuple(freeze_params),
+        freeze_flags=None if freeze_flags is None else tuple(freeze_flags),
+        disable=check_pass_names(disable),
+        print_after_each=print_after_each,
+        dump_dir=None if dump_dir is None else str(dump_dir),
+        verify=verify,
+        threads=threads,
+        layout=layout,
+        max_shapes=max_shapes,
+        dynamic=dynamic,
+        numerics=numerics,
+        precision=precision,
+        output_dtype=output_dtype,
+    )
+
+
+def check_calibration_options(precision: str, calibration: Any, accuracy_budget: Any) -> None:
+    """``calibration`` is given when ``precision == "int8"``, and only with a lower precision; the budget is
+    ``"auto"``, None or a positive number."""
+    if precision == "int8" and calibration is None:
+        raise ValueError("pyrys.optimize: precision='int8' needs calibration=: samples of the model's inputs to "
+                         "measure its activations on (an iterable of input tensors or tuples, e.g. a DataLoader "
+                         "over the inputs; a few hundred representative samples)")
+    if precision not in ("bf16", "int8") and calibration is not None:
+        raise ValueError(f"pyrys.optimize: calibration= is read with precision='int8' or 'bf16' only, not {precision!r}")
+    check_budget(accuracy_budget)
+    if precision not in ("bf16", "int8") and accuracy_budget not in (AUTO, None):
+        raise ValueError(f"pyrys.optimize: accuracy_budget= is read with precision='int8' or 'bf16' only, not "
+                         f"{precision!r}")
+
+
+def with_calibration(config: OptimizeConfig, calibration: Iterable | None, accuracy_budget: float | str | None,
+                     args: tuple, kwargs: dict) -> OptimizeConfig:
+    """``config`` holding the checked calibration samples (if any) and the accuracy budget of its precision
+    (int8, bf16; with bf16 and ``accuracy_budget=None``: none, nothing is measured), else as it is."""
+    budget = budget_for(config.precision, accuracy_budget)
+    if calibration is None and (config.precision != "bf16" or budget is None):
+        return config
+    limit = GUARD_SAMPLES if config.precision == "bf16" else None  # bf16 reads only what its guard measures on
+    samples, note = (None, "") if calibration is None else calibration_samples(calibration, args, kwargs, limit)
+    return dataclasses.replace(config, calibration=Calibration(samples, budget, note))

@@ -1,0 +1,281 @@
+"""The module :func:`pyrys.optimize` returns: compiled signatures held, new shapes compiled once."""
+from __future__ import annotations
+
+
+import copy
+import dataclasses
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_unflatten
+
+from pyrys.backends.reference import with_values
+from pyrys.forwarding import forwarded
+from pyrys.ir.symbolic import describe_dims, rows_dim
+from pyrys.numerics.trace import NumericsTrace
+from pyrys.machine import give_back_freed_memory
+from pyrys.passes.specialize import ShapeMismatch
+from pyrys.shape_cache import ShapeCache
+from pyrys.signature import InputError, Signature, arranged_like, check_compatible, runnable_inputs, signature_of
+from pyrys.capture.frontend import Frontend
+from pyrys.config import OptimizeConfig
+from pyrys.compiled import COMPILING, Compiled, build_for_shape, compile_signature, static_reason
+from pyrys.precision_notes import int8_layers
+
+
+MAX_SHAPE_NOTES = 16  # opt.notes keeps at most this many, however many shapes are captured again
+
+
+class OptimizedModule(torch.nn.Module):
+    """A drop-in replacement for the model: same inputs, same outputs, optimized graph.
+
+    ``graph`` is the optimized graph in the seed's text form, ``history`` the graph after
+    every pass, ``misses`` every fold/fusion that could not happen and why.
+
+    Safe to call from many threads at once: a compiled program runs each call in its own
+    frame, a new input shape compiles once (other threads keep running meanwhile), and
+    every output belongs to the caller.  ``copy.deepcopy`` gives an independent module
+    sharing the read-only compiled programs; pickling is refused (see ``__reduce_ex__``).
+    """
+
+    def __init__(self, frontend: Frontend, args: tuple, kwargs: dict, config: OptimizeConfig,
+                 trace: NumericsTrace | None = None):
+        super().__init__()
+        with COMPILING:
+            first = compile_signature(frontend, args, kwargs, config, dynamic=config.dynamic is True, trace=trace)
+        self._hold(frontend, config, [first])
+        if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
+            self._remember_fast_call(_call_key(args), first)
+
+    def _hold(self, frontend: Frontend, config: OptimizeConfig, compiled: list[Compiled],
+              generic: Compiled | None = None) -> None:
+        """Hold these compiled signatures (the first is the one ``graph``, ``history`` ... describe) and the
+        one new shapes are specialized from (``generic``, or the first of them captured with symbolic sizes)."""
+        self._frontend, self._config = frontend, config
+        self._first = compiled[0]
+        self._generic = generic or next((c for c in compiled if c.generic is not None), None)
+        self._generic_tried = self._generic is not None or config.dynamic is not None or not frontend.symbolic
+        self._shapes = ShapeCache(config.max_shapes, self._first.signature, {c.signature: c for c in compiled})
+        self._fast_calls: dict[tuple, tuple[Signature, Any]] = {}
+
+    @classmethod
+    def from_compiled(cls, frontend: Frontend, config: OptimizeConfig, compiled: list[Compiled],
+                      generic: Compiled | None = None) -> "OptimizedModule":
+        """A module holding signatures compiled elsewhere (a copy, or ``pyrys.load``)."""
+        module = cls.__new__(cls)
+        torch.nn.Module.__init__(module)
+        module._hold(frontend, config, compiled, generic)
+        return module
+
+    def forward(self, *args, **kwargs):
+        fast = self._fast_calls.get(_call_key(args)) if not kwargs else None
+        if fast is not None:
+            self._shapes.touch(fast[0])
+            return fast[1](list(args))
+        args, kwargs = runnable_inputs(*arranged_like(self._first.signature.in_spec, self._frontend.parameters,
+                                                     args, kwargs))
+        signature, flat = signature_of(args, kwargs)
+        compiled = self._shapes.get(signature) or self._compile(signature, flat, args, kwargs)
+        if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
+            self._remember_fast_call(_call_key(args), compiled)
+        outputs = compiled.program(flat)
+        return tree_unflatten(outputs, compiled.captured.out_spec)
+
+    def _remember_fast_call(self, key: tuple, compiled: Compiled) -> None:
+        self._fast_calls[key] = (compiled.signature, _direct_call(compiled))
+        if compiled.signature not in self._shapes.entries:  # evicted meanwhile: do not keep it alive here
+            self._fast_calls.pop(key, None)
+
+    @property
+    def _programs(self) -> dict[Signature, Compiled]:
+        """The compiled signatures held now (at most ``max_shapes``; the first is always held)."""
+        return self._shapes.entries
+
+    def _compile(self, signature: Signature, flat: list, args: tuple, kwargs: dict) -> Compiled:
+        """The program for a new input signature, compiled once however many threads ask at once."""
+        check_compatible(self._first.signature, signature, flat, args)
+        if self._frontend.fixed_shapes and self._generic is None:
+            raise self._fixed_shapes_error(signature, "")
+        with COMPILING:
+            compiled = self._shapes.get(signature)
+            if compiled is None:
+                compiled = self._new_shape(signature, flat, args, kwargs)
+                evicted = set(self._shapes.put(signature, compiled))
+                if evicted:
+                    self._fast_calls = {k: v for k, v in self._fast_calls.items() if v[0] not in evicted}
+        return compiled
+
+    def _new_shape(self, signature: Signature, flat: list, args: tuple, kwargs: dict) -> Compiled:
+        """The program for a new shape: specialized from the graph optimized for every shape.  With
+        ``dynamic=None`` that graph is captured at the first new shape (the first signature was captured
+        for its own shape only); a shape it does not hold for, or a way in without symbolic sizes, is
+        captured and optimized again for that shape alone, with a note saying why."""
+        if self._generic is None and not self._generic_tried:
+            self._generic_tried = True
+            compiled = compile_signature(self._frontend, args, kwargs, self._config, dynamic=True, like=self._first)
+            give_back_freed_memory()  # the capture's own copies of the weights, shared away (share_constants)
+            if compiled.generic is not None:
+                self._generic = compiled
+                self._note(f"input shapes vary: captured once more with symbolic sizes "
+                           f"({describe_dims(compiled.generic.gm)}); every later shape is specialized from it")
+            else:
+                self._note(f"inputs ({signature.describe()}) captured and optimized again: {static_reason(compiled)}")
+            self._note_precision(compiled, signature)
+            return compiled
+        if self._generic is not None:
+            try:
+                return build_for_shape(self._generic, signature, flat, self._config, like=self._first.program)
+            except ShapeMismatch as error:
+                why = str(error)
+        elif self._frontend.symbolic:
+            why = "the captured graph holds fixed shapes (no input dim could stay symbolic)"
+        else:
+            why = f"a {self._frontend.kind} import is specialized to its inputs' shapes"
+        if self._frontend.fixed_shapes:
+            raise self._fixed_shapes_error(signature, why)
+        compiled = compile_signature(self._frontend, args, kwargs, self._config, like=self._first)
+        note = f"inputs ({signature.describe()}) captured and optimized again: {why}"
+        compiled.notes.append(note)
+        self._note(note)
+        self._note_precision(compiled, signature)
+        return compiled
+
+    def _note_precision(self, compiled: Compiled, signature: Signature) -> None:
+        """What a capture for new shapes did in lower precision, in ``opt.notes``: its bf16 accuracy guard's
+        measure (it may keep other ops in float32: its misses say which), and fewer int8 layers than the
+        calibrated capture (its values computed otherwise, constants folded at one shape and not at another,
+        have no calibrated scale)."""
+        for note in compiled.notes:
+            if note.startswith("precision='bf16': "):
+                self._note(f"the capture for inputs ({signature.describe()}): {note}")
+        first, now = int8_layers(self._first.run), int8_layers(compiled.run)
+        if now < first:
+            self._note(f"precision='int8': the capture for inputs ({signature.describe()}) runs {now} of the "
+                       f"{first} int8 layers in int8, the rest in float32 (their inputs are computed otherwise "
+                       "there than in the graph calibrated; its misses say which); optimize with dynamic=True to "
+                       "calibrate the graph every shape is specialized from")
+
+    def _note(self, note: str) -> None:
+        """Add to ``opt.notes`` (the first signature's), at most :data:`MAX_SHAPE_NOTES` times."""
+        if len(self._first.notes) < MAX_SHAPE_NOTES:
+            self._first.notes.append(note)
+
+    def _fixed_shapes_error(self, signature: Signature, why: str) -> InputError:
+        source = f"pyrys: the module optimized from this {self._frontend.kind}"
+        if why:  # its graph has symbolic sizes, and these inputs break what it holds for
+            return InputError(f"{source} cannot take inputs ({signature.describe()}): {why}. "
+                              f"{self._frontend.fixed_shapes}")
+        held = "; ".join(f"({s.describe()})" for s in self._programs)
+        return InputError(f"{source} was compiled for inputs {held}; got ({signature.describe()}). "
+                          f"{self._frontend.fixed_shapes}")
+
+    def __deepcopy__(self, memo: dict) -> "OptimizedModule":
+        """An independent module: its own frames and caches; the compiled, read-only plans are shared."""
+        programs = {signature: dataclasses.replace(compiled, program=copy.deepcopy(compiled.program, memo))
+                    for signature, compiled in self._programs.items()}
+        first = programs.pop(self._first.signature)
+        copied = OptimizedModule.from_compiled(self._frontend, self._config, [first, *programs.values()], self._generic)
+        copied.training = self.training
+        return copied
+
+    def __copy__(self) -> "OptimizedModule":
+        return self.__deepcopy__({})
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(
+            "pyrys: an optimized module holds compiled oneDNN programs and cannot be pickled, so neither pickle "
+            "nor torch.save can keep it. Use pyrys.save(opt, path) and pyrys.load(path) (no pickle); "
+            "copy.deepcopy(opt) gives an independent copy in this process")
+
+    @property
+    def graph(self) -> str:
+        return self._first.run.history[-1].graph
+
+    @property
+    def graph_module(self) -> torch.fx.GraphModule:
+        """The optimized graph module (first input signature), runnable: weights the backend holds packed
+        are restored into a copy (:mod:`pyrys.ir.released`), which is as large as those weights."""
+        return with_values(self._first.captured.gm)
+
+    history = forwarded("_first.run.history", "Every pass's :class:`pyrys.passes.pipeline.Step`: graph text, rule counts, misses.")
+    misses = forwarded("_first.run.misses", "The :class:`pyrys.passes.rewrite.Miss` records still standing after the pipeline.")
+    backend = forwarded("_first.backend", "The backend the program runs on: ``\"dnnl\"`` or ``\"reference\"``.")
+    notes = forwarded("_first.notes", "What capture and the backend choice said (a fallback, a dropped write).")
+    numerics = forwarded("_first.numerics", "The :class:`pyrys.numerics.report.NumericsReport` of ``numerics=True`` "
+                                            "(error after every pass and of every layer), else None.")
+
+    @property
+    def writes(self) -> tuple[str, ...]:
+        """The inputs and module state the model's forward writes in place, which the optimized module does
+        not (``notes`` says so)."""
+        return self._first.captured.input_writes + self._first.captured.state_writes
+
+    @property
+    def frontend(self) -> str:
+        """How the model came in: ``"nn.Module"``, ``"TorchScript"``, ``"ExportedProgram"``."""
+        return self._frontend.kind
+
+    @property
+    def input_types(self) -> list:
+        """Per flat input (positional, then keyword) of the first compiled signature: ``(shape, dtype)`` for
+        a tensor, the value itself for an input it was specialized to."""
+        return list(self._first.signature.leaves)
+
+    @property
+    def specializes_shapes(self) -> bool:
+        """Whether a new input shape is specialized from a graph captured with symbolic sizes (no capture,
+        no pass); False where a new shape captures the model again or, loaded, is refused."""
+        return self._generic is not None
+
+    @property
+    def batches_rows(self) -> bool:
+        """Whether calls can be joined along dim 0 (``pyrys serve``'s batching): new shapes are specialized
+        without capture, and dim 0 of every input and every output is one symbolic size, the rows.  That no
+        op mixes rows (a reduction or attention across dim 0) is not visible in shapes: the caller's to know."""
+        return self._generic is not None and rows_dim(self._generic.generic.gm) is not None
+
+    def program_text(self) -> str:
+        return self._first.program.describe()
+
+    def memory(self) -> dict[str, int]:
+        """Bytes the module holds, over every input signature it keeps (see :mod:`pyrys.backends.program`):
+        ``weights`` and ``packed_weights`` once (every shape's program shares the first's), ``activations``
+        the largest call's arena, ``frames`` what every shape's idle frames hold."""
+        held = [compiled.program.memory() for compiled in list(self._programs.values())]
+        first = self._first.program.memory()
+        return {"weights": first["weights"], "packed_weights": first["packed_weights"],
+                "activations": max(m["activations"] for m in held), "frames": sum(m["frames"] for m in held)}
+
+    def thread_choice(self) -> str:
+        """How many threads the first input shape's calls run with now: at most the caller's
+        ``torch.get_num_threads()``, fewer while busy CPUs make that faster (``threads=`` pins it)."""
+        choice = getattr(self._first.program, "thread_choice", None)
+        return choice() if choice is not None else "the caller's thread count, or threads= (not adapted on this backend)"
+
+    def report(self) -> str:
+        """Per-pass counts, then every miss with its reason, then notes; then the numerics when measured."""
+        lines = [step.summary() for step in self.history[1:]]
+        lines += [f"missed: {miss}" for miss in self.misses]
+        lines += [f"note: {note}" for note in self.notes]
+        lines += [self.numerics.render()] if self.numerics is not None else []
+        return "\n".join(lines)
+
+
+def _call_key(args: tuple) -> tuple | None:
+    """A cheap key for calls made of positional tensors only (None otherwise).
+
+    Only keys of calls that passed :func:`runnable_inputs` unchanged are ever stored, so a
+    tensor on another device, with another layout or with its negation bit set never
+    takes the fast path: it meets the checks instead."""
+    try:
+        return tuple((a.shape, a.dtype, a.is_cpu, a.layout, a.is_neg()) for a in args)
+    except AttributeError:
+        return None
+
+
+def _direct_call(compiled: Compiled):
+    """The program with its outputs restructured, for the all-tensor fast path of ``forward``."""
+    program, spec = compiled.program, compiled.captured.out_spec
+    if spec.is_leaf():
+        return lambda flat: program(flat)[0]
+    return lambda flat: tree_unflatten(program(flat), spec)

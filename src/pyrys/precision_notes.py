@@ -1,0 +1,84 @@
+"""The precision a compile runs in, what its accuracy guard measures on, and the notes saying so."""
+from __future__ import annotations
+
+
+from typing import Any
+
+import torch
+
+from pyrys.numerics.budget import accuracy_note
+from pyrys.machine import native_bf16
+from pyrys.passes.precision_guard import Bf16Guard
+from pyrys.quantization import int8_note
+from pyrys.quantization.calibration import Calibration
+from pyrys.quantization.guard import CALIBRATION_DATA
+from pyrys.config import OptimizeConfig
+
+
+def effective_precision(precision: str) -> tuple[str, str]:
+    """The precision the passes use, and a note where it is not the one asked for (no native bf16 here)
+    or says what it runs on (int8)."""
+    if precision == "bf16" and not native_bf16():
+        return "fp32", ("precision='bf16' runs in fp32 here: this CPU has no native bfloat16 (neither avx512_bf16 "
+                        "nor amx_bf16), and emulated bf16 is slower than fp32")
+    if precision == "int8":
+        return precision, int8_note()
+    return precision, ""
+
+
+def int8_layers(run) -> int:
+    """How many convs and linears a pipeline run put in int8."""
+    return sum(step.fired.get("int8", 0) for step in run.history)
+
+
+def int8_coverage_note(precision: str, run) -> str:
+    """With ``precision="int8"``, a note when no op could run in int8 (the misses say why), or saying how many
+    ops run in bf16 beside the int8 ones (where the CPU has native bf16: ``passes/quantize.py``)."""
+    if precision != "int8":
+        return ""
+    bf16 = sum(step.fired.get("bf16", 0) for step in run.history)
+    if not any(step.fired.get("int8") for step in run.history):
+        kept_in = "bf16 where the accuracy guard kept it, else float32" if bf16 else "float32"
+        return f"precision='int8': no convolution or linear could run in int8 here, so the model runs in {kept_in} (see misses)"
+    if bf16:
+        return (f"precision='int8': {bf16} ops run in bf16, not float32 (this CPU has native bf16): attention (no "
+                "int8 kernel here), the layers the accuracy guard keeps out of int8, and the views between")
+    return ""
+
+
+def bf16_guard(calibration: Calibration | None, flat: list, symbolic: bool) -> Bf16Guard | None:
+    """What the bf16 accuracy guard of this compile measures on: the samples of ``calibration=`` where given
+    and the graph takes them (a graph for every shape, or one for the samples' shapes), else the inputs
+    it compiles for; None where ``accuracy_budget=None`` (nothing measured)."""
+    if calibration is None or calibration.accuracy_budget is None:
+        return None
+    samples = calibration.samples  # kept (GUARD_SAMPLES of them): every capture measures on them
+    if samples and (symbolic or all(_same_shape(a, b) for a, b in zip(samples[0], flat))):
+        return Bf16Guard(samples, calibration.accuracy_budget,
+                         f"{len(samples)} calibration sample{'s' * (len(samples) > 1)}")
+    return Bf16Guard([flat], calibration.accuracy_budget, "the inputs compiled for")
+
+
+def _same_shape(a: Any, b: Any) -> bool:
+    return a.shape == b.shape if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) else True
+
+
+def guard_accuracy_note(precision: str, calibration: Calibration | None, guard: Bf16Guard | None) -> str:
+    """How far the outputs are from float32's, as the accuracy guard measured (bf16: this compile's; int8:
+    the first compile's, whose plan every compile uses)."""
+    if guard is not None:
+        return guard.note()
+    plan = calibration.plan if calibration is not None and precision == "int8" else None
+    if plan is None or plan.error is None:
+        return ""
+    return accuracy_note("int8", plan.error, calibration.accuracy_budget, len(plan.kept), CALIBRATION_DATA,
+                         plan.floating)
+
+
+def disabled_precision_note(precision: str, config: OptimizeConfig) -> str:
+    """What ``disable=("lower_precision",)`` leaves undone (bf16, ``output_dtype``), said rather than silent."""
+    if "lower_precision" not in config.disable:
+        return ""
+    undone = [f"precision={precision!r}"] * (precision == "bf16")
+    undone += [f"output_dtype={config.output_dtype}"] * (config.output_dtype is not None)
+    return f"the pass lower_precision is disabled: {' and '.join(undone)} not applied" if undone else ""
