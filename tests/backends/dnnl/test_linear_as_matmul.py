@@ -121,3 +121,29 @@ def test_the_rule_follows_the_weight_s_packed_copy(monkeypatch):
     assert not linear_primitive.as_matmul(1000, weight.float(), Packed(False, False))
     monkeypatch.setattr(linear_primitive, "native_bf16", lambda: False)
     assert not linear_primitive.as_matmul(1000, weight, Packed(False, False))
+
+
+class OneByOne(nn.Module):
+    """A ``1 -> 1`` linear over a transposed view: its weight is its own transpose, bytes and strides alike."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = nn.Linear(1, 1)
+        self.eval()
+
+    def forward(self, x):
+        return self.linear(torch.relu(x).flatten(2).transpose(1, 2))
+
+
+@pytest.mark.parametrize("dynamic", [None, True, False])
+def test_a_one_by_one_weight_packed_for_an_inner_product_stays_one_at_a_new_shape(dynamic):
+    """The first shape packs the ``1 x 1`` weight for its inner product; a new shape must not take that copy
+    as packed for a matmul (``W^T`` has the same key), which oneDNN refused at run time."""
+    model = OneByOne()
+    opt = pyrys.optimize(model, (torch.randn(3, 1, 2, 2),), backend="dnnl", dynamic=dynamic)
+    for batch in (3, 5, 40):
+        x = torch.randn(batch, 1, 2, 2)
+        assert relative_error(opt(x), model(x)) <= 1e-6
+    assert all("as=matmul" not in line for compiled in opt._programs.values()
+               for line in compiled.program.describe().splitlines() if "dnnl::linear" in line)

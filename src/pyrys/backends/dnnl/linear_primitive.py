@@ -40,8 +40,10 @@ MATMUL_MIN_ROWS = 64
 
 
 def packed_for_matmul(weight: torch.Tensor, packed: "PackedWeights") -> bool:
-    """Whether ``weight`` (``[out, in]``) is packed already as a matmul's ``W^T``, in any layout."""
-    return weight.dim() == 2 and bool(packed.layouts_of(weight.t(), plain=True))
+    """Whether ``weight`` (``[out, in]``) is packed already as a matmul's ``W^T``, in any layout.  A ``1 x 1``
+    weight is its own transpose, the same bytes, shape and strides: packed, it is taken as the inner product's
+    ``W`` it was packed for."""
+    return weight.dim() == 2 and weight.shape != (1, 1) and bool(packed.layouts_of(weight.t(), plain=True))
 
 
 def as_matmul(rows: int, weight: torch.Tensor, packed: "PackedWeights") -> bool:
