@@ -58,3 +58,16 @@ def test_a_program_exported_with_dynamic_shapes_runs_every_size_its_ranges_allow
         assert pyrys.relative_error(opt(image(batch=size)), model(image(batch=size))) <= TOLERANCE
     with pytest.raises(pyrys.InputError, match=r"outside its range \[1, 8\]"):
         opt(image(batch=9))
+
+
+@pytest.mark.parametrize("layout", ["transposed", "channels_last", "strided slice"])
+def test_an_input_in_another_layout_than_exported_gives_eagers_result(layout, backend):
+    """The program's ``flatten`` is a ``view`` after its decomposition, valid for the strides it was exported
+    with only; a caller's input in another layout must still give eager's result."""
+    model = torch.nn.Sequential(torch.nn.Flatten(1), torch.nn.Linear(216, 5)).eval()
+    x = torch.randn(2, 3, 12, 6)
+    inputs = {"transposed": x.transpose(-1, -2).contiguous().transpose(-1, -2),
+              "channels_last": x.contiguous(memory_format=torch.channels_last),
+              "strided slice": torch.randn(2, 3, 12, 12)[..., ::2]}
+    opt = pyrys.optimize(torch.export.export(model, (x,)), backend=backend)
+    assert pyrys.relative_error(opt(inputs[layout]), model(inputs[layout])) <= TOLERANCE

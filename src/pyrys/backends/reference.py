@@ -34,15 +34,20 @@ class ReferenceProgram:
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.state = {i: state_ref(n).value for i, n in enumerate(placeholders) if state_ref(n)}
         self.arity = len(placeholders)
+        self.strides = [_traced_strides(n) for i, n in enumerate(placeholders) if i not in self.state]
         kept = [*gm.buffers(), *gm.parameters(), *[v for v in self.state.values() if isinstance(v, torch.Tensor)]]
         self.internal = frozenset(p for p in _storages(kept) if p)
         self.weight_bytes = held_bytes(gm)
 
     def __call__(self, inputs: list) -> list:
-        user = iter(inputs)
-        args = [self.state[i] if i in self.state else next(user) for i in range(self.arity)]
+        args = self._arguments(inputs)
         with torch.no_grad():
             return [self._owned(output) for output in self.gm(*args)]
+
+    def _arguments(self, inputs: list) -> list:
+        """The graph's arguments in placeholder order: module state, and the user's inputs as captured."""
+        user = iter(map(_as_traced, inputs, self.strides))
+        return [self.state[i] if i in self.state else next(user) for i in range(self.arity)]
 
     def _owned(self, output):
         if isinstance(output, torch.Tensor) and output.untyped_storage().data_ptr() in self.internal:
@@ -57,8 +62,7 @@ class ReferenceProgram:
 
     def profile(self, inputs: list, runs: int = 20) -> list[tuple[str, float]]:
         """Median microseconds of every op over ``runs`` calls, with the op's line of the graph."""
-        timer, user = _NodeTimer(self.gm), iter(inputs)
-        args = [self.state[i] if i in self.state else next(user) for i in range(self.arity)]
+        timer, args = _NodeTimer(self.gm), self._arguments(inputs)
         with torch.no_grad():
             for _ in range(runs):
                 timer.run(*args)
@@ -67,8 +71,7 @@ class ReferenceProgram:
 
     def activations(self, inputs: list) -> tuple[list, dict[str, torch.Tensor]]:
         """The outputs, and the value of every op node that makes a tensor, by node name (for numerics)."""
-        recorder, user = _ValueRecorder(self.gm), iter(inputs)
-        args = [self.state[i] if i in self.state else next(user) for i in range(self.arity)]
+        recorder, args = _ValueRecorder(self.gm), self._arguments(inputs)
         with torch.no_grad():
             outputs = recorder.run(*args)
         return [self._owned(output) for output in outputs], recorder.values
@@ -76,8 +79,7 @@ class ReferenceProgram:
     def observe(self, inputs: list, visit) -> list:
         """The outputs; ``visit(name, tensor)`` sees every tensor an input or op node makes, when it is made
         (for calibration: nothing is kept here)."""
-        recorder, user = _ValueRecorder(self.gm, visit), iter(inputs)
-        args = [self.state[i] if i in self.state else next(user) for i in range(self.arity)]
+        recorder, args = _ValueRecorder(self.gm, visit), self._arguments(inputs)
         with torch.no_grad():
             outputs = recorder.run(*args)
         return [self._owned(output) for output in outputs]
@@ -122,6 +124,25 @@ class _ValueRecorder(fx.Interpreter):
         elif node.op == "call_function":
             self.values[node.name] = result
         return result
+
+
+def _traced_strides(placeholder: fx.Node) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """The shape and strides the graph was captured with for this input, where they are numbers."""
+    value = placeholder.meta.get("val")
+    if not isinstance(value, torch.Tensor) or not all(isinstance(s, int) for s in (*value.shape, *value.stride())):
+        return None
+    return tuple(value.shape), tuple(value.stride())
+
+
+def _as_traced(value, traced: tuple[tuple[int, ...], tuple[int, ...]] | None):
+    """``value`` laid out with the strides it was captured with (a copy where they differ): the captured graph's
+    views (``flatten`` decomposed to ``view``) hold for those strides only, while a caller may pass any layout."""
+    if traced is None or not isinstance(value, torch.Tensor) or tuple(value.shape) != traced[0]:
+        return value
+    shape, strides = traced
+    if all(a == b for a, b, size in zip(value.stride(), strides, shape) if size > 1):
+        return value
+    return torch.empty_strided(shape, strides, dtype=value.dtype).copy_(value)
 
 
 def _storages(tensors) -> dict[int, int]:
