@@ -217,3 +217,29 @@ def test_numbers_that_keep_changing_stop_compiling_and_run_in_torch(dynamo_graph
         assert torch.allclose(compiled(image(), temperature), scaled(image(), temperature))
     (graph,) = dynamo_graphs
     assert len(graph.programs) == 3 and graph.runs_in_torch.startswith("its number inputs took more than 3 values")
+
+
+def test_captures_take_turns_with_dynamos_compiles(monkeypatch):
+    """torch.export (and run_decompositions) in one thread interleaved with a dynamo compile in another fails
+    inside torch ("ProxyTorchDispatchMode slot already occupied"), which a torch.compile'd model called from
+    several threads made happen: every capture holds dynamo's compile lock."""
+    from torch._dynamo import convert_frame
+
+    held = []
+    export, decompose = torch.export.export, torch.export.ExportedProgram.run_decompositions
+
+    def spy_export(*args, **kwargs):
+        held.append(("export", convert_frame.compile_lock._is_owned()))
+        return export(*args, **kwargs)
+
+    def spy_decompose(self, *args, **kwargs):
+        held.append(("decompositions", convert_frame.compile_lock._is_owned()))
+        return decompose(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.export, "export", spy_export)
+    monkeypatch.setattr(torch.export.ExportedProgram, "run_decompositions", spy_decompose)
+    model = conv_bn_relu()
+    pyrys.optimize(model, (image(),), backend="reference")
+    pyrys.optimize(export(model, (image(),)), backend="reference")
+    assert ("export", True) in held and ("decompositions", True) in held
+    assert all(owned for _, owned in held), held

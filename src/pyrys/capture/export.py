@@ -25,6 +25,7 @@ import re
 
 import torch
 import torch.fx as fx
+from torch._dynamo import convert_frame
 from torch._dynamo.exc import UserError, UserErrorType
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import DataDependentOutputException
@@ -90,6 +91,15 @@ def _exportable(name: str) -> bool:
     return "." not in name and not keyword.iskeyword(name)
 
 
+def tracing() -> contextlib.AbstractContextManager:
+    """Take turns with dynamo's compiles (``torch._dynamo.convert_frame.compile_lock``): torch.export traces
+    with the machinery a ``torch.compile`` in another thread uses at the same time (its proxy and fake modes),
+    and the two interleaved fail (``ProxyTorchDispatchMode slot already occupied``, "Trying to pop empty mode
+    stack").  Dynamo holds it while it compiles a frame, and a dynamo backend (``compile_backend.py``) builds
+    nothing then, so a capture under ``pyrys.optimize``'s own lock waits on it without a cycle."""
+    return convert_frame.compile_lock
+
+
 def export_module(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
                   dynamic: bool = False) -> ExportedProgram:
     """``torch.export`` at ATen level, functional; the model itself is not modified.
@@ -97,7 +107,7 @@ def export_module(model: torch.nn.Module, args: tuple, kwargs: dict | None = Non
     ``dynamic``: batch and sequence dims ``Dim.AUTO`` (``dynamic_shapes.py``), for a graph that holds
     for every size torch.export could keep symbolic."""
     args, kwargs = _unaliased(*_own_tensor_objects(args, kwargs or {}))
-    with torch.no_grad(), sizes_kept_symbolic() if dynamic else contextlib.nullcontext():
+    with tracing(), torch.no_grad(), sizes_kept_symbolic() if dynamic else contextlib.nullcontext():
         try:
             shapes = symbolic_dims(model, args, kwargs) if dynamic else None
             exported = torch.export.export(model, args, kwargs, dynamic_shapes=shapes)

@@ -11,12 +11,12 @@ import torch
 from torch.export import ExportedProgram
 
 from pyrys.capture.captured import Captured
-from pyrys.capture.export import from_exported
+from pyrys.capture.export import from_exported, tracing
 from pyrys.ir.graph import state_inputs, state_ref
 
 
 def capture_exported(ep: ExportedProgram) -> Captured:
-    with torch.no_grad():
+    with tracing(), torch.no_grad():
         functional = ep.run_decompositions({})
     captured = from_exported(functional, None)
     for node in state_inputs(captured.gm.graph):
