@@ -395,8 +395,8 @@ def test_a_compact_descriptor_keeps_the_dims_order_in_memory(strides):
 
     md = MemoryDesc.from_strides([1, 4, 5, 16], DataType.bf16, strides)
     compact = lower_attention._compact_md(md)
-    order = sorted(range(4), key=lambda d: (strides[d], md.dims[d]))
-    assert sorted(range(4), key=lambda d: compact.strides[d]) == order
+    moving = [d for d in range(4) if md.dims[d] > 1]  # a dim of 1 has no place in memory (canonical_strides)
+    assert sorted(moving, key=lambda d: compact.strides[d]) == sorted(moving, key=lambda d: strides[d])
     assert compact.size() == 1 * 4 * 5 * 16 * 2
 
 

@@ -470,3 +470,20 @@ def test_memory_desc_queries_and_summary() -> None:
 def test_unsupported_dtype_is_a_clear_type_error() -> None:
     with pytest.raises(TypeError, match="float64"):
         dnnl_dtype(torch.float64)
+
+
+@pytest.mark.parametrize("dims, strides, canonical", [
+    ((1, 4, 1, 16), (128, 16, 128, 1), (64, 16, 16, 1)),     # a head of a merged projection at one token
+    ((1, 3, 4, 4), (48, 1, 12, 3), (48, 1, 12, 3)),          # channels-last at batch 1: as oneDNN's tag gives it
+    ((2, 1, 5), (5, 999, 1), (5, 5, 1)),
+    ((3, 1), (1, 7), (1, 1)),
+])
+def test_a_size_one_dims_stride_is_the_span_inside_it(dims, strides, canonical):
+    """Descriptors of the same bytes are the same descriptor: oneDNN 3.2 compares them equal whatever a dim of
+    1's stride, and its primitive cache then hands one's primitive to the other, whose kernel reads that
+    stride (a decoder step's logits came out NaN)."""
+    from pyrys.backends.dnnl.primitives import MemoryDesc, canonical_strides
+
+    assert canonical_strides(dims, strides) == list(canonical)
+    md = MemoryDesc.from_strides(dims, DataType.f32, strides)
+    assert md.strides == canonical and md.permute(list(range(len(dims)))).strides == canonical

@@ -73,6 +73,20 @@ class Stream(Handle):
         self.engine = engine
 
 
+def canonical_strides(dims: Sequence[int], strides: Sequence[int]) -> list[int]:
+    """``strides`` with each size-1 dim's stride the span of the dims inside it, ``max(stride[e] * dims[e]
+    for e > i)`` (1 for the last dim), as oneDNN's own format tags give an outer dim of 1.  Such a stride moves
+    no element, and oneDNN 3.2's descriptor equality ignores it, but its primitive cache and kernels do not
+    (``memory_desc_wrapper::size`` reads it): two descriptors of the same bytes, one a view whose size-1 dim kept
+    a wide stride (a head of a merged projection at one token), compared equal, the cache gave the second the
+    first's primitive, and that wrote garbage (a decoder step's logits all NaN)."""
+    canonical = [int(s) for s in strides]
+    for i in reversed(range(len(canonical))):
+        if int(dims[i]) == 1:
+            canonical[i] = max((canonical[e] * max(int(dims[e]), 1) for e in range(i + 1, len(canonical))), default=1)
+    return canonical
+
+
 class MemoryDesc(Handle):
     """An owned dnnl_memory_desc_t: dims, data type and layout."""
 
@@ -86,7 +100,9 @@ class MemoryDesc(Handle):
 
     @classmethod
     def from_strides(cls, dims: Sequence[int], dtype: DataType, strides: Sequence[int]) -> MemoryDesc:
-        """A plain (unblocked) descriptor with explicit strides in elements."""
+        """A plain (unblocked) descriptor with explicit strides in elements (those of its size-1 dims made
+        canonical: :func:`canonical_strides`)."""
+        strides = canonical_strides(dims, strides)
         return cls(create("dnnl_memory_desc_create_with_strides", f"dims={tuple(dims)} strides={tuple(strides)}",
                           len(dims), as_dims(dims), dtype, as_dims(strides)))
 
@@ -98,7 +114,7 @@ class MemoryDesc(Handle):
     def reshape(self, dims: Sequence[int]) -> MemoryDesc:
         """Same memory, new logical dims (dnnl_memory_desc_reshape)."""
         return MemoryDesc(create("dnnl_memory_desc_reshape", f"{self.format_summary()} -> {tuple(dims)}",
-                                 self.handle, len(dims), as_dims(dims)))
+                                 self.handle, len(dims), as_dims(dims))).canonical()
 
     def permute(self, dims: Sequence[int]) -> MemoryDesc:
         """The same memory seen through ``torch.permute(dims)`` (no data moves)."""
@@ -106,13 +122,23 @@ class MemoryDesc(Handle):
         for position, axis in enumerate(dims):
             inverse[axis] = position  # oneDNN: out.dims[perm[i]] = in.dims[i]
         return MemoryDesc(create("dnnl_memory_desc_permute_axes", f"{self.format_summary()} permute {tuple(dims)}",
-                                 self.handle, (c_int * len(dims))(*inverse)))
+                                 self.handle, (c_int * len(dims))(*inverse))).canonical()
 
     def submemory(self, dims: Sequence[int], offsets: Sequence[int]) -> MemoryDesc:
         """The part of this memory with ``dims`` starting at ``offsets`` (a slice; no data moves)."""
         context = f"{self.format_summary()} [{tuple(offsets)} + {tuple(dims)}]"
         return MemoryDesc(create("dnnl_memory_desc_create_submemory", context, self.handle, as_dims(dims),
-                                 as_dims(offsets)))
+                                 as_dims(offsets))).canonical()
+
+    def canonical(self) -> MemoryDesc:
+        """This descriptor with its size-1 dims' strides made canonical (:func:`canonical_strides`), where it is
+        plain and starts at 0 (a blocked one is made by oneDNN; a start would be lost); else itself."""
+        if self.format_kind != FormatKind.blocked or self.inner_blocks or self.offset0 != 0:
+            return self
+        dims, strides = self.dims, self.strides
+        if list(strides) == canonical_strides(dims, strides):
+            return self
+        return MemoryDesc.from_strides(dims, self.dtype, strides)
 
     def _query_int(self, what: Query) -> int:
         result = c_int()
