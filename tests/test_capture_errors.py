@@ -174,3 +174,21 @@ def test_exported_program_of_an_uncopyable_model_works():
     opt = pyrys.optimize(torch.export.export(model, (image(),)), backend="reference")
     assert pyrys.relative_error(opt(image()), model(image())) <= TOLERANCE
     assert "fold_conv_bn: conv_bn: 1" in opt.report()
+
+
+class Box:
+    """A class torch's pytree does not know (as a HuggingFace cache is)."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
+class ReturnsABox(torch.nn.Module):
+    def forward(self, x):
+        return x * 2, Box(x + 1)
+
+
+def test_an_output_of_a_class_torch_export_cannot_take_apart_is_a_capture_error_saying_what_to_do():
+    with pytest.raises(pyrys.CaptureError, match=r"ReturnsABox.forward returns a .*Box, which torch.export cannot take "
+                                           r"apart.*wrap the model"):
+        pyrys.optimize(ReturnsABox(), (torch.rand(2, 3),))
