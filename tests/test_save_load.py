@@ -307,20 +307,59 @@ def test_inputs_and_outputs_keep_their_structure(tmp_path, backend):
     assert torch.equal(got["extra"], expected["extra"])
 
 
-def test_a_namedtuple_whose_module_is_not_imported_comes_back_by_name_and_fields(tmp_path):
-    model = Structured().eval()
-    args, kwargs = (torch.rand(1, 3, 8, 8), torch.tensor([[1]])), {"extra": torch.rand(2)}
-    path = tmp_path / "saved"
-    pyrys.save(pyrys.optimize(model, args, kwargs), path)
+def _move_classes_to_a_module_not_imported(path: Path) -> None:
+    """Edit a save so that the classes of this test module are said to live in ``gone.models`` (hashes kept)."""
     program = (path / directory.PROGRAM).read_text().replace(f'"module": "{__name__}"', '"module": "gone.models"')
     (path / directory.PROGRAM).write_text(program)
     manifest = json.loads((path / directory.MANIFEST).read_text())
     manifest["files"][directory.PROGRAM] = directory._sha256(program.encode())
     (path / directory.MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_a_namedtuple_whose_module_is_not_imported_comes_back_by_name_and_fields(tmp_path):
+    model = Structured().eval()
+    args, kwargs = (torch.rand(1, 3, 8, 8), torch.tensor([[1]])), {"extra": torch.rand(2)}
+    path = tmp_path / "saved"
+    pyrys.save(pyrys.optimize(model, args, kwargs), path)
+    _move_classes_to_a_module_not_imported(path)
     loaded = pyrys.load(path)
     pair = loaded(*args, **kwargs)["pair"]
     assert type(pair) is not Pair and type(pair).__name__ == "Pair" and pair._fields == ("scaled", "embedded")
     assert any("gone.models.Pair" in note for note in loaded.notes)
+
+
+class Outputs:
+    """A class registered with torch's pytree by its keys, as HuggingFace registers its ``ModelOutput``s."""
+
+    def __init__(self, **values):
+        self.values = values
+
+
+torch.utils._pytree.register_pytree_node(
+    Outputs, lambda o: (list(o.values.values()), list(o.values)), lambda v, keys: Outputs(**dict(zip(keys, v))),
+    serialized_type_name=f"{__name__}.Outputs")
+
+
+class ReturnsOutputs(torch.nn.Module):
+    def forward(self, x):
+        return Outputs(doubled=x * 2, summed=x.sum(1))
+
+
+def test_a_registered_pytree_output_class_comes_back_as_itself_or_as_a_dict_of_its_keys(tmp_path):
+    """A saved HuggingFace model returns its ModelOutput: any class torch's pytree knows, with a JSON context,
+    is saved; where its module is not imported at load it comes back as a dict of its keys, and notes say so."""
+    x = torch.rand(2, 3)
+    opt = pyrys.optimize(ReturnsOutputs(), (x,))
+    path = tmp_path / "saved"
+    pyrys.save(opt, path)
+    got = pyrys.load(path)(x)
+    assert isinstance(got, Outputs) and list(got.values) == ["doubled", "summed"]
+    assert torch.equal(got.values["summed"], opt(x).values["summed"])
+    _move_classes_to_a_module_not_imported(path)
+    loaded = pyrys.load(path)
+    as_dict = loaded(x)
+    assert type(as_dict) is dict and list(as_dict) == ["doubled", "summed"] and torch.equal(as_dict["doubled"], x * 2)
+    assert any("gone.models.Outputs" in note for note in loaded.notes)
 
 
 def test_a_save_for_dnnl_runs_on_the_reference_backend_where_dnnl_does_not_load(tmp_path, monkeypatch):

@@ -206,6 +206,21 @@ def test_a_saved_transformer_takes_new_shapes_after_load(tmp_path):
     assert pyrys.relative_error(loaded(*shorter), expected) <= TOLERANCE
 
 
+def test_a_model_returning_a_model_output_is_saved_and_gives_it_back(tmp_path):
+    """HuggingFace models return a ``ModelOutput`` (registered with torch's pytree): saved, it comes back."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=128,
+                                 vocab_size=100)).eval()
+    ids = torch.randint(0, 100, (2, 7))
+    opt = pyrys.optimize(model, (), {"input_ids": ids})
+    pyrys.save(opt, tmp_path / "bert")
+    got, expected = pyrys.load(tmp_path / "bert")(input_ids=ids), opt(input_ids=ids)
+    assert type(got) is type(expected) and list(got.keys()) == list(expected.keys())
+    assert torch.equal(got.last_hidden_state, expected.last_hidden_state)
+
+
 def test_a_decoder_with_rotary_heads_gives_eagers_logits_at_one_token():
     """Qwen2 optimized at (2, 7), then called at one token: its rotary ``q * cos`` reads one query head as a
     view of the merged projection, whose dim of 1 kept the row's stride, and ``rotate_half(q) * sin`` reads a

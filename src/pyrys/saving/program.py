@@ -250,8 +250,9 @@ def _decode_compiled(record: dict, tensors: dict, config: OptimizeConfig, same_c
                     s.get("error")) for s in record["history"]]
     compile_program, backend, notice = get_backend("auto" if record["backend"] == "dnnl" else record["backend"])
     notes = list(record["notes"])
-    notes += [f"the namedtuple {name} is not imported here: it comes back as a namedtuple of that name and "
-              "fields made at load" for name in dict.fromkeys(made)]
+    notes += [f"the class {name} is not imported here: it comes back as a namedtuple of that name and fields "
+              "made at load (a namedtuple), or as a dict of its keys (a pytree class such as a ModelOutput)"
+              for name in dict.fromkeys(made)]
     if backend != record["backend"]:
         notes.append(f"saved for the {record['backend']} backend, running on {backend}: {notice}")
     layout = config.layout

@@ -4,10 +4,17 @@
     Out(logits=y, loss=z)       ->  {"namedtuple": {"module": "model", "name": "Out",
                                                     "fields": ["logits", "loss"], "children": [null, null]}}
 
-``null`` is a leaf.  Tuples, lists, dicts, ordered dicts and namedtuples are kept.  A namedtuple
+    BaseModelOutput(last_hidden_state=h)  ->  {"registered": {"module": "transformers.modeling_outputs",
+                                                  "name": "BaseModelOutput", "context": ["last_hidden_state"],
+                                                  "children": [null]}}
+
+``null`` is a leaf.  Tuples, lists, dicts, ordered dicts and namedtuples are kept, and any class
+registered with torch's pytree (a HuggingFace ``ModelOutput``) whose context is JSON.  A namedtuple
 comes back as its own class when its module is already imported and the class has the same
-fields; otherwise as a class of that name and those fields made at load, which
-:func:`decode_spec` reports.  Nothing is imported and nothing is unpickled.
+fields; otherwise as a class of that name and those fields made at load.  A registered class comes
+back as itself when its module is already imported, else as a dict of its keys (a tuple where the
+context is not a list of keys).  :func:`decode_spec` reports each class it could not find.  Nothing
+is imported and nothing is unpickled.
 """
 from __future__ import annotations
 
@@ -15,7 +22,7 @@ import collections
 import sys
 from typing import Any
 
-from torch.utils._pytree import TreeSpec, treespec_leaf
+from torch.utils._pytree import SUPPORTED_NODES, TreeSpec, treespec_leaf
 
 from pyrys.errors import SaveError
 from pyrys.saving.graph_json import decode_arg, encode_arg
@@ -37,8 +44,24 @@ def encode_spec(spec: TreeSpec) -> Any:
     if isinstance(cls, type) and issubclass(cls, tuple) and hasattr(cls, "_fields"):
         return {"namedtuple": {"module": cls.__module__, "name": cls.__qualname__, "fields": list(cls._fields),
                                "children": children}}
+    context = _encoded_context(spec.context) if spec.type in SUPPORTED_NODES else _UNENCODABLE
+    if context is not _UNENCODABLE:
+        return {"registered": {"module": spec.type.__module__, "name": spec.type.__qualname__, "context": context,
+                               "children": children}}
     raise SaveError(f"pyrys.save: the model's inputs or outputs hold a {getattr(spec.type, '__name__', spec.type)}; "
-                    "a saved program keeps tuples, lists, dicts and namedtuples")
+                    "a saved program keeps tuples, lists, dicts, namedtuples and classes registered with torch's "
+                    "pytree whose context is JSON (a HuggingFace ModelOutput)")
+
+
+_UNENCODABLE = object()
+
+
+def _encoded_context(context: Any) -> Any:
+    """A registered pytree class's context as JSON, or :data:`_UNENCODABLE`."""
+    try:
+        return encode_arg(context, "a pytree context")
+    except (SaveError, TypeError, ValueError):
+        return _UNENCODABLE
 
 
 def decode_spec(record: Any, made: list[str]) -> TreeSpec:
@@ -55,15 +78,31 @@ def decode_spec(record: Any, made: list[str]) -> TreeSpec:
     if kind == "namedtuple":
         cls = _namedtuple_class(payload, made)
         return TreeSpec(collections.namedtuple, cls, [decode_spec(c, made) for c in payload["children"]])
+    if kind == "registered":
+        children = [decode_spec(c, made) for c in payload["children"]]
+        context = decode_arg(payload["context"], {})
+        cls = _imported_class(payload["module"], payload["name"])
+        if cls is not None and cls in SUPPORTED_NODES:
+            return TreeSpec(cls, context, children)
+        made.append(f"{payload['module']}.{payload['name']}")
+        if isinstance(context, (list, tuple)) and len(context) == len(children) and all(isinstance(k, str) for k in context):
+            return TreeSpec(dict, list(context), children)
+        return TreeSpec(tuple, None, children)
     raise ValueError(f"unknown container {kind!r}")
+
+
+def _imported_class(module: str, name: str) -> type | None:
+    """The class ``module.name`` if its module is imported already (nothing is imported here), else None."""
+    owner: Any = sys.modules.get(module)
+    for part in name.split("."):
+        owner = getattr(owner, part, None)
+    return owner if isinstance(owner, type) else None
 
 
 def _namedtuple_class(payload: dict, made: list[str]) -> type:
     """The namedtuple class if its module is imported and its fields match, else one made with that name."""
-    owner: Any = sys.modules.get(payload["module"])
-    for part in payload["name"].split("."):
-        owner = getattr(owner, part, None)
-    if isinstance(owner, type) and issubclass(owner, tuple) and list(getattr(owner, "_fields", ())) == payload["fields"]:
+    owner = _imported_class(payload["module"], payload["name"])
+    if owner is not None and issubclass(owner, tuple) and list(getattr(owner, "_fields", ())) == payload["fields"]:
         return owner
     made.append(f"{payload['module']}.{payload['name']}")
     return collections.namedtuple(payload["name"].rsplit(".", 1)[-1], payload["fields"])
