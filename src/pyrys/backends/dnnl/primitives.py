@@ -382,10 +382,11 @@ class ExecArgs:
 class BoundCall:
     """One primitive call with its stream and arguments pre-bound: `run()` is the hot path."""
 
-    __slots__ = ("primitive", "exec_args", "_execute", "_call_args")
+    __slots__ = ("primitive", "stream", "exec_args", "_execute", "_call_args")
 
     def __init__(self, primitive: Primitive, stream: Stream, exec_args: ExecArgs) -> None:
         self.primitive = primitive
+        self.stream = stream  # its handle is in the call's arguments: the stream lives as long as the call
         self.exec_args = exec_args
         self._call_args = (primitive.handle, stream.handle, exec_args.count, exec_args.array)
         self._execute = binding.prevalidated("dnnl_primitive_execute", self._call_args)
