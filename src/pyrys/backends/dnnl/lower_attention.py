@@ -471,16 +471,13 @@ def _rows(queries: int, scores: int) -> int:
 
 def _part_md(md: MemoryDesc, offsets, counts, dims, split: int) -> MemoryDesc:
     """The descriptor of ``md``'s part ``counts`` (over Q's ``dims``) along its first ``split`` dims (those
-    it broadcasts stay whole), its dims of 1 given the strides of a compact layout: oneDNN 3.2 takes a batch
-    stride that is not for its brgemm kernel (one head of several)."""
+    it broadcasts stay whole), starting at 0; its dims of 1 get the span inside them as their stride
+    (``primitives.canonical_strides``): oneDNN 3.2 takes a batch stride that is not for its brgemm kernel
+    (one head of several)."""
     part = [c if d < split and md.dims[d] == dims[d] else md.dims[d] for d, c in enumerate(counts)]
     if part == list(md.dims):
         return md
-    strides = list(md.submemory(part, [0] * md.ndims).strides)
-    for d in reversed(range(md.ndims - 2)):
-        if part[d] == 1:  # the span of the dims inside it
-            strides[d] = max(strides[e] * part[e] for e in range(d + 1, md.ndims))
-    return MemoryDesc.from_strides(part, md.dtype, strides)
+    return md.submemory(part, [0] * md.ndims)
 
 
 def _part(value: Value | None, blocks: Blocks, offsets, counts, dims, split: int) -> Value | None:
