@@ -192,3 +192,14 @@ def test_an_output_of_a_class_torch_export_cannot_take_apart_is_a_capture_error_
     with pytest.raises(pyrys.CaptureError, match=r"ReturnsABox.forward returns a .*Box, which torch.export cannot take "
                                            r"apart.*wrap the model"):
         pyrys.optimize(ReturnsABox(), (torch.rand(2, 3),))
+
+
+class TakesABox(torch.nn.Module):
+    def forward(self, x, box):
+        return x + box.tensor
+
+
+def test_an_input_of_a_class_torch_export_cannot_take_apart_is_a_capture_error_saying_what_to_do():
+    with pytest.raises(pyrys.CaptureError, match=r"TakesABox.forward takes a .*Box, which torch.export cannot take "
+                                                 r"apart.*wrap the model"):
+        pyrys.optimize(TakesABox(), (torch.rand(2, 3), Box(torch.rand(2, 3))))

@@ -4,6 +4,8 @@ from __future__ import annotations
 import copy
 import warnings
 
+import logging
+
 import pytest
 import torch
 
@@ -232,3 +234,42 @@ def test_a_traced_size_in_float_arithmetic_keeps_the_trace_s_dtype():
         traced = torch.jit.trace(Scaled(), (x,))
     y = pyrys.optimize(traced, (x,))(x)
     assert y.dtype == torch.float32 and pyrys.relative_error(y, Scaled()(x)) <= TOLERANCE
+
+
+class UnusedResidual(torch.nn.Module):
+    """``if self.use_res:`` around an add whose shapes do not broadcast (torchvision's blocks with a stride)."""
+
+    def __init__(self):
+        super().__init__()
+        self.use_res = False
+        self.conv = torch.nn.Conv2d(3, 8, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.use_res:
+            y += x
+        return y
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def test_a_branch_that_fails_on_these_shapes_is_imported_quietly():
+    """The import records the branch's failure; torch's fake tensors logged it with a traceback first (their
+    logger does not propagate to the root, so a handler of its own listens)."""
+    model = UnusedResidual().eval()
+    x = torch.rand(1, 3, 4, 4)
+    logger, seen = logging.getLogger("torch._subclasses.fake_tensor"), _Records()
+    logger.addHandler(seen)
+    try:
+        opt = pyrys.optimize(torch.jit.script(model), (x,))
+    finally:
+        logger.removeHandler(seen)
+    assert not seen.records, [r.getMessage() for r in seen.records]
+    assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE

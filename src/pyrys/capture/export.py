@@ -115,11 +115,12 @@ def export_module(model: torch.nn.Module, args: tuple, kwargs: dict | None = Non
             if isinstance(error, UserError) and error.error_type != UserErrorType.DYNAMIC_CONTROL_FLOW:
                 raise
             raise CaptureError(_data_dependent_message(model, error)) from error
-        except RuntimeError as error:
+        except (RuntimeError, ValueError) as error:
             unknown = _UNKNOWN_TYPE.search(str(error))
             if unknown is None:
                 raise
-            raise CaptureError(_unknown_type_message(model, unknown["type"], unknown["where"])) from error
+            raise CaptureError(_unknown_type_message(model, unknown["type"] or unknown["type2"],
+                                                     unknown["where"] or unknown["where2"])) from error
         if _reads_as_inference(exported):
             return exported
         return exported.run_decompositions({})
@@ -170,14 +171,19 @@ def _unaliased(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return tree_unflatten(leaves, spec) if changed else (args, kwargs)
 
 
-_UNKNOWN_TYPE = re.compile(r"Found <class '(?P<type>[^']+)'> in (?P<where>output|input), which is not a known type")
+_UNKNOWN_TYPE = re.compile(r"Found <class '(?P<type>[^']+)'> in (?P<where>output|input), which is not a known type"
+                           r"|Unsupported (?P<where2>input) type <class '(?P<type2>[^']+)'>")
 
 
 def _unknown_type_message(model: torch.nn.Module, type_name: str, where: str) -> str:
     """What torch.export's "not a known type" (a class it cannot take apart, say a HuggingFace cache) means."""
     cache = "Cache" in type_name.rsplit(".", 1)[-1]
-    advice = ("pass use_cache=False among the inputs (the cache is what the model returns beside its outputs), or "
-              if cache else "")
+    advice = ""
+    if cache and where == "output":
+        advice = "pass use_cache=False among the inputs (the cache is what the model returns beside its outputs), or "
+    elif cache:
+        advice = ("run decoder steps with a cache through torch.compile(model, backend=\"pyrys\") (dynamo takes the "
+                  "cache apart), or ")
     return (f"pyrys: {type(model).__name__}.forward {'returns' if where == 'output' else 'takes'} a {type_name}, "
             "which torch.export cannot take apart into tensors (pyrys captures tensors and numbers in tuples, "
             f"lists, dicts and dataclasses); {advice}wrap the model so that forward {'returns' if where == 'output' else 'takes'} "

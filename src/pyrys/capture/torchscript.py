@@ -26,8 +26,11 @@ State values are copies: the user's scripted module is never modified.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
+import logging
 import operator
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +55,33 @@ class TorchScriptImportError(CaptureError):
 
 class _Raised(Exception):
     """The imported path reaches ``prim::RaiseException``."""
+
+
+class _UnloggedHere(logging.Filter):
+    """Drops records on the threads importing a branch (:func:`_fake_tensor_errors_unlogged`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(self.local, "depth", 0)
+
+
+_UNLOGGED = _UnloggedHere()
+logging.getLogger("torch._subclasses.fake_tensor").addFilter(_UNLOGGED)
+
+
+@contextlib.contextmanager
+def _fake_tensor_errors_unlogged():
+    """A branch not taken may fail on these shapes (a residual add whose shapes do not broadcast), which the
+    import catches and records; torch's fake tensors log the failure with its traceback first (165 lines
+    for one model), so their log is quiet on this thread meanwhile."""
+    _UNLOGGED.local.depth = getattr(_UNLOGGED.local, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _UNLOGGED.local.depth -= 1
 
 
 @dataclass
@@ -306,7 +336,8 @@ class _Importer:
     def _branch(self, scope: _Scope, block) -> _PendingBranch:
         sub = _Scope(fx.GraphModule(torch.nn.Module(), fx.Graph()), scope)
         try:
-            outputs = self._import_block(sub, block.nodes(), list(block.outputs()))
+            with _fake_tensor_errors_unlogged():
+                outputs = self._import_block(sub, block.nodes(), list(block.outputs()))
         except _Raised as raised:
             return _PendingBranch(sub, None, str(raised))
         except RuntimeError as error:  # e.g. shapes that do not broadcast: eager would fail on this path too
