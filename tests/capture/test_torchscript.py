@@ -273,3 +273,33 @@ def test_a_branch_that_fails_on_these_shapes_is_imported_quietly():
         logger.removeHandler(seen)
     assert not seen.records, [r.getMessage() for r in seen.records]
     assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE
+
+
+class ResidualWithStochasticDepth(torch.nn.Module):
+    """torchvision's blocks: a flag (``StochasticDepth.training``) read inside a branch on another flag, a
+    stochastic depth at the top level (``not training or p == 0.0``: an If making a bool), and an in-place
+    dropout on a view (EfficientNet's classifier)."""
+
+    def __init__(self):
+        super().__init__()
+        from torchvision.ops import StochasticDepth
+
+        self.use_res = True
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.inner, self.outer = StochasticDepth(0.1, "row"), StochasticDepth(0.2, "row")
+        self.dropout = torch.nn.Dropout(0.3, inplace=True)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.use_res:
+            y = self.inner(y) + x
+        return self.dropout(self.outer(y).flatten(1))
+
+
+def test_flags_read_where_branches_cannot_take_them_are_their_captured_values():
+    pytest.importorskip("torchvision")
+    model = ResidualWithStochasticDepth().eval()
+    x = torch.rand(2, 4, 6, 6)
+    opt = pyrys.optimize(torch.jit.script(model), (x,))
+    assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE
+    assert "use_res=True: 1" in opt.report()

@@ -168,6 +168,15 @@ class _Scope:
         return self.captures[outer]
 
 
+_DROPOUTS = {f"aten::{kind}dropout{suffix}" for kind in ("", "feature_", "alpha_", "feature_alpha_")
+             for suffix in ("", "_")}
+
+
+def _known_false(value: Any) -> bool:
+    """``False``, or a flag read whose captured value is False (what the program reads for it)."""
+    return value is False or (isinstance(value, fx.Node) and value.meta.get("val") is False)
+
+
 def _node_name(value: torch._C.Value, fallback: str) -> str:
     """A name hint from TorchScript's debug name (``x.1`` -> ``x``); FX and :func:`identifier` make it valid."""
     name = value.debugName().split(".")[0]
@@ -290,6 +299,11 @@ class _Importer:
         value = getattr(owner.module, name)
         if isinstance(value, torch.nn.Module):
             result: Any = _ModuleRef(path, value)
+        elif isinstance(value, bool) and scope.parent is not None:
+            # a flag read inside a branch (``StochasticDepth``'s ``training`` under ``if self.use_res_connect:``):
+            # its captured value, which is what the program reads for an unfrozen flag too, so that an If on it
+            # is resolved here (branches take tensors only)
+            result = bool(self.flag_values.get(name, value))
         elif isinstance(value, torch.Tensor) or isinstance(value, bool):
             result = scope.capture(self._state(owner.module, path, name, value))
         else:
@@ -315,6 +329,11 @@ class _Importer:
     def _if(self, scope: _Scope, node: torch._C.Node) -> None:
         cond = scope.lookup(node.input())
         blocks = list(node.blocks())
+        if isinstance(cond, fx.Node) and isinstance(cond.meta.get("val"), bool) and \
+                not all(_is_tensor_type(v.type()) for v in node.outputs()):
+            # an If on flags that makes numbers or bools (``not training or p == 0.0``, a short-circuit ``or``):
+            # branches pass tensors only, so it is resolved by the flags' captured values, as the program reads them
+            cond = cond.meta["val"]
         if not isinstance(cond, fx.Node):
             outputs = self._import_block(scope, blocks[0 if cond else 1].nodes(), list(blocks[0 if cond else 1].outputs()))
             for value, out in zip(node.outputs(), outputs):
@@ -461,6 +480,9 @@ class _Importer:
                 f"{schema.name} turns tensor data into a Python value ({node.kind()} in {self.class_name}); "
                 "pyrys imports scripted code without running it, so data-dependent control flow is not supported "
                 "(torch.compile(model, backend='pyrys') handles it with graph breaks)")
+        if schema.name in _DROPOUTS and _known_false(values[2]):
+            scope.bind(node.output(), values[0])  # dropout with train=False returns its input (in place or not)
+            return
         mutated = _mutated_argument(schema)
         if mutated is not None:
             op = _functional(schema, node)
@@ -648,5 +670,6 @@ _HANDLERS = {
 }
 # list operations TorchScript spells as ATen ops, applied to the Python lists the importer holds
 _PYTHON_OPS = {"aten::__getitem__": operator.getitem, "aten::len": len, "aten::add": operator.add,
-               "aten::eq": operator.eq, "aten::ne": operator.ne, "aten::__contains__": operator.contains}
+               "aten::eq": operator.eq, "aten::ne": operator.ne, "aten::__contains__": operator.contains,
+               "aten::copy": list}  # list.copy() (torchvision's Swin); a tensor's aten::copy takes a tensor first
 _PRIM_AS_OPS = frozenset({"prim::min", "prim::max", "prim::abs"})
