@@ -71,3 +71,12 @@ def test_an_input_in_another_layout_than_exported_gives_eagers_result(layout, ba
               "strided slice": torch.randn(2, 3, 12, 12)[..., ::2]}
     opt = pyrys.optimize(torch.export.export(model, (x,)), backend=backend)
     assert pyrys.relative_error(opt(inputs[layout]), model(inputs[layout])) <= TOLERANCE
+
+
+def test_a_program_exported_from_an_expanded_input_takes_a_dense_one(backend):
+    """Captured strides with a 0 (an expanded example) are no layout to copy a caller's input into."""
+    model = torch.nn.Sequential(torch.nn.Flatten(0), torch.nn.ReLU()).eval()
+    example = torch.rand(3).expand(4, 3)
+    opt = pyrys.optimize(torch.export.export(model, (example,)), backend=backend)
+    for x in (example, torch.rand(4, 3), torch.rand(3, 4).t()):
+        assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE

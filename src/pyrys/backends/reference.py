@@ -142,6 +142,8 @@ def _as_traced(value, traced: tuple[tuple[int, ...], tuple[int, ...]] | None):
     shape, strides = traced
     if all(a == b for a, b, size in zip(value.stride(), strides, shape) if size > 1):
         return value
+    if any(stride == 0 and size > 1 for stride, size in zip(strides, shape)):
+        return value  # captured from an expanded tensor: one element per row, no layout to copy into
     return torch.empty_strided(shape, strides, dtype=value.dtype).copy_(value)
 
 
