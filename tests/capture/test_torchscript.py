@@ -303,3 +303,18 @@ def test_flags_read_where_branches_cannot_take_them_are_their_captured_values():
     opt = pyrys.optimize(torch.jit.script(model), (x,))
     assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE
     assert "use_res=True: 1" in opt.report()
+
+
+class IdentityTest(torch.nn.Module):
+    """``nn.MultiheadAttention``'s ``query is key`` checks: an identity test of the values imported."""
+
+    def forward(self, x, y):
+        if x is not y:
+            return x + y
+        return x * 2
+
+
+def test_an_identity_test_of_tensors_is_resolved_at_import():
+    x, y = torch.rand(2, 3), torch.rand(2, 3)
+    opt = pyrys.optimize(torch.jit.script(IdentityTest()), (x, y))
+    assert torch.allclose(opt(x, y), x + y)

@@ -168,6 +168,7 @@ class _Scope:
         return self.captures[outer]
 
 
+_IDENTITY_TESTS = {"aten::__is__": operator.is_, "aten::__isnot__": operator.is_not}
 _DROPOUTS = {f"aten::{kind}dropout{suffix}" for kind in ("", "feature_", "alpha_", "feature_alpha_")
              for suffix in ("", "_")}
 
@@ -455,6 +456,9 @@ class _Importer:
         op = _overload(schema.name, schema.overload_name, node)
         values = [scope.lookup(v) for v in node.inputs()]
         tensor_out = any(_is_tensor_type(v.type()) for v in node.outputs())
+        if schema.name in _IDENTITY_TESTS:  # `query is not key`, `bias_k is not None`: the values imported are
+            self._bind_results(scope, node, _IDENTITY_TESTS[schema.name](*values))  # the tensors eager compares
+            return
         python_op = _PYTHON_OPS.get(schema.name)
         if python_op is not None and isinstance(values[0], (list, tuple)) and not _has_node(values[1:]):
             self._bind_results(scope, node, python_op(*values))  # a list of values, possibly tensors
