@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import copy
-import warnings
-
 import logging
+import warnings
+from typing import Optional
 
 import pytest
 import torch
@@ -318,3 +318,24 @@ def test_an_identity_test_of_tensors_is_resolved_at_import():
     x, y = torch.rand(2, 3), torch.rand(2, 3)
     opt = pyrys.optimize(torch.jit.script(IdentityTest()), (x, y))
     assert torch.allclose(opt(x, y), x + y)
+
+
+class AuxiliaryHead(torch.nn.Module):
+    """GoogLeNet's auxiliary logits: an optional tensor, None unless training."""
+
+    def __init__(self):
+        super().__init__()
+        self.head, self.aux = torch.nn.Linear(4, 2), torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        aux: Optional[torch.Tensor] = None
+        if self.training:
+            aux = self.aux(x)
+        return self.head(x), aux
+
+
+def test_an_if_on_flags_making_an_optional_tensor_is_resolved_at_import():
+    model = AuxiliaryHead().eval()
+    x = torch.rand(2, 4)
+    out, aux = pyrys.optimize(torch.jit.script(model), (x,))(x)
+    assert aux is None and pyrys.relative_error(out, model(x)[0]) <= TOLERANCE

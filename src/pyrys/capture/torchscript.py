@@ -331,9 +331,10 @@ class _Importer:
         cond = scope.lookup(node.input())
         blocks = list(node.blocks())
         if isinstance(cond, fx.Node) and isinstance(cond.meta.get("val"), bool) and \
-                not all(_is_tensor_type(v.type()) for v in node.outputs()):
-            # an If on flags that makes numbers or bools (``not training or p == 0.0``, a short-circuit ``or``):
-            # branches pass tensors only, so it is resolved by the flags' captured values, as the program reads them
+                not all(isinstance(v.type(), torch._C.TensorType) for v in node.outputs()):
+            # an If on flags that makes numbers, bools or optional tensors (``not training or p == 0.0``, a
+            # short-circuit ``or``; GoogLeNet's auxiliary logits, None in eval): branches pass tensors only, so it
+            # is resolved by the flags' captured values, as the program reads them
             cond = cond.meta["val"]
         if not isinstance(cond, fx.Node):
             outputs = self._import_block(scope, blocks[0 if cond else 1].nodes(), list(blocks[0 if cond else 1].outputs()))
