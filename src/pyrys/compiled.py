@@ -134,10 +134,15 @@ def build_for_shape(template: Compiled, signature: Signature, flat: list, config
     if config.verify and gm is not source.gm:
         make_verifier(output_types(gm))(gm)
     compile_program, backend, _ = get_backend(config.backend)
-    program = compile_program(gm, flat, BackendOptions(config.threads, config.layout), like=like)
+    program = compile_program(gm, flat, BackendOptions(config.threads, config.layout, check=True), like=like)
     release_constants(program, [gm, source.gm])
     captured = dataclasses.replace(source, gm=gm, notes=list(source.notes))
-    return Compiled(signature, captured, template.run, program, backend, list(template.notes), template.generic)
+    notes = list(template.notes)
+    fault = getattr(program, "fault", None)  # its calls run on the reference backend (dnnl's self_check.py)
+    if fault is not None:
+        notes.append(fault)
+        backend = "reference"  # so it is saved: a load builds the reference program
+    return Compiled(signature, captured, template.run, program, backend, notes, template.generic)
 
 
 # torch.export and the passes are not made for two threads at once: compiles (and loads) take turns

@@ -9,7 +9,10 @@ LAYOUTS = ("auto", "nhwc", "blocked8", "blocked16")
 @dataclass(frozen=True)
 class BackendOptions:
     """``threads``: threads per call (None: ``torch.get_num_threads()`` at call time);
-    ``layout``: the dnnl activation layout policy (``"auto"``: measured at compile time)."""
+    ``layout``: the dnnl activation layout policy (``"auto"``: measured at compile time);
+    ``check``: run a new program on the example inputs against the reference backend (the dnnl backend's
+    ``self_check.py``; not where the inputs are stand-ins, as at ``pyrys.load``)."""
 
     threads: int | None = None
     layout: str = "auto"
+    check: bool = False

@@ -38,6 +38,7 @@ from pyrys.backends.dnnl.layout import candidate_policies
 from pyrys.backends.dnnl.lower import LAYOUT_CHOOSERS, build_program, layout_applies
 from pyrys.backends.dnnl.measured import machine_key
 from pyrys.backends.dnnl.primitives import Engine
+from pyrys.backends.dnnl import self_check
 from pyrys.backends.dnnl.program import DnnlProgram
 from pyrys.backends.options import BackendOptions
 from pyrys.backends.reference import ReferenceProgram, held_bytes, with_values
@@ -73,6 +74,18 @@ class DnnlRuntime:
         self._reference: ReferenceProgram | None = None
         self.float_inputs = [i for i, t in enumerate(example_inputs) if self.first.drops_nan
                              and isinstance(t, torch.Tensor) and t.is_floating_point()]
+        self.fault: str | None = None  # why every call runs on the reference backend (``self_check.py``)
+        if options.check and (like is None or like.fault) and self_check.checkable(gm, example_inputs):
+            self._check(example_inputs, threads)
+
+    def _check(self, example_inputs: list, threads: int) -> None:
+        """The first program against the reference backend on the example inputs (the graph's constants
+        are still its own here: the reference reads them, nothing is copied); kept only where they disagree."""
+        reference = ReferenceProgram(self.gm)
+        self.fault = with_threads(threads, self_check.disagreement, self.first, reference, self.gm, example_inputs)
+        if self.fault is not None:
+            self._reference = reference
+            warnings.warn(f"pyrys: {self.fault}", RuntimeWarning, stacklevel=2)
 
     @property
     def reference(self) -> ReferenceProgram:
@@ -90,7 +103,10 @@ class DnnlRuntime:
     def release_constants(self, gms: list[fx.GraphModule]) -> int:
         """Give every constant the programs hold only packed (in other layouts) a stand-in in ``gms``
         (:mod:`pyrys.ir.released`): the graphs keep its shape, the packed copy its values, and the plain
-        copy is freed once nothing else holds it.  How many constants were released."""
+        copy is freed once nothing else holds it.  How many constants were released (none by a program
+        whose calls run on the reference backend: it reads them)."""
+        if self.fault is not None:
+            return 0
         stand_ins: dict[int, torch.Tensor] = {}
         plain: list[weakref.ref] = []
         for gm in dict.fromkeys(gms):
@@ -110,7 +126,7 @@ class DnnlRuntime:
         return len(stand_ins)
 
     def __call__(self, inputs: list) -> list:
-        if self.float_inputs and not _all_finite(inputs, self.float_inputs):
+        if self.fault is not None or self.float_inputs and not _all_finite(inputs, self.float_inputs):
             return self.reference(inputs) if self.pinned is None else with_threads(self.pinned, self.reference, inputs)
         if self.pinned is not None:
             return with_threads(self.pinned, self._program(self.pinned), inputs)
@@ -231,7 +247,8 @@ class DnnlRuntime:
 
     # what the first program says (the program text, memory, profile) -------------------
     def describe(self) -> str:
-        return self.first.describe()
+        said = f"# every call runs on the reference backend: {self.fault}\n" if self.fault is not None else ""
+        return said + self.first.describe()
 
     def profile(self, inputs: list, runs: int = 20) -> list[tuple[str, float]]:
         return with_threads(self.first.threads, self.first.profile, inputs, runs)

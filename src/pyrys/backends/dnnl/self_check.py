@@ -1,0 +1,98 @@
+"""A new program checked against the same graph on torch ops (the reference backend), on the example inputs.
+
+oneDNN 3.2 has faults no lowering rule can see: its AMX int8 brgconv computed patch convolutions of 96,
+144, 160, 224 or 288 input channels wrongly (ConvNeXt-T int8 off by 1.3), its primitive cache took two
+descriptors differing only in a size-1 dim's stride for one (every logit of a Qwen2 step NaN), its gemm
+matmul ignored a descriptor's start at batch 1 (SegFormer, 1.8e-3).  Each was fixed where a fuzz found
+it; this check is for the next one, so that it does not reach a user as wrong numbers.  The first program
+built for a graph runs copies of the example inputs, so does the reference backend, and where
+
+    disagreement = max |y_program - y_reference| / max(max |y_reference|, 1e-4)   (``pyrys.relative_error``)
+
+is over :data:`ALLOWED` for the graph's precision, every call of that program runs on the reference
+backend instead (slower, right), with a warning and a note.  The bounds sit 10x above what the two
+legitimately differ by: float32 sums in another order (1e-6 on every model tried), bfloat16 rounds
+another op's result (1e-2), int8 rounds a result 1 LSB the other way, which later layers carry (up to
+3e-2 on torchvision CNNs, ``benchmarks/int8_agreement.py``).
+
+Not compared: what the reference gives as NaN or infinity (README, "NaN and infinities").  Not checked: a
+graph with a random op (two runs differ anyway), example inputs that are not finite (such
+calls take the reference backend where a step would drop NaN), and a program of another shape built from
+a checked one (its constants are released by then: the check would first copy every weight back).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx as fx
+
+from pyrys.numerics import relative_error
+
+ALLOWED = {"fp32": 1e-3, "bf16": 1e-1, "int8": 2.5e-1}
+SMALLEST_SCALE = 1e-4  # an output nearer 0 everywhere (a zero input's) is measured against this, not itself
+
+
+def checkable(gm: fx.GraphModule, inputs: list) -> bool:
+    """Whether two runs of ``gm`` on ``inputs`` should agree: no random op, every floating input finite."""
+    if any(_random(node) for node in gm.graph.nodes if node.op == "call_function"):
+        return False
+    return all(math.isfinite(t.double().sum().item()) for t in inputs
+               if isinstance(t, torch.Tensor) and t.is_floating_point())
+
+
+def _random(node: fx.Node) -> bool:
+    """Whether ``node`` draws random numbers (attention is tagged so for its dropout, which is 0 here)."""
+    if torch.Tag.nondeterministic_seeded not in getattr(node.target, "tags", ()):
+        return False
+    if node.target is torch.ops.aten.scaled_dot_product_attention.default:
+        dropout = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
+        return dropout != 0.0
+    return True
+
+
+def precision_of(gm: fx.GraphModule) -> str:
+    """The lowest precision the graph computes in: ``"int8"``, ``"bf16"`` or ``"fp32"`` (its inputs aside:
+    a model converting uint8 images is a float32 graph)."""
+    dtypes = {getattr(node.meta.get("val"), "dtype", None) for node in gm.graph.nodes if node.op == "call_function"}
+    if dtypes & {torch.int8, torch.uint8}:
+        return "int8"
+    return "bf16" if torch.bfloat16 in dtypes else "fp32"
+
+
+def disagreement(program, reference, gm: fx.GraphModule, inputs: list) -> str | None:
+    """Why ``program`` cannot be trusted on ``gm``'s shapes (its outputs against ``reference``'s on copies of
+    ``inputs``), or None where they agree within :data:`ALLOWED`."""
+    got, want = program(_copies(inputs)), reference(_copies(inputs))
+    precision = precision_of(gm)
+    worst, where = 0.0, 0
+    for i, (a, b) in enumerate(zip(got, want)):
+        if isinstance(b, torch.Tensor) and b.is_floating_point() and isinstance(a, torch.Tensor) \
+                and a.shape == b.shape and a.dtype == b.dtype:
+            error = _error(a, b)
+            if not error <= worst:  # NaN on one side only is inf
+                worst, where = error, i
+    if worst <= ALLOWED[precision]:
+        return None
+    return (f"the oneDNN program disagrees with the same graph on torch ops on the example inputs (output {where}: "
+            f"relative error {worst:.1e}, over the {ALLOWED[precision]:.0e} allowed in {precision}): a fault in a "
+            "oneDNN kernel pyrys does not know yet; every call of these input shapes runs on torch ops (the "
+            "reference backend) instead. Please report it, with pyrys.save(opt, path) of the module")
+
+
+def _error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``relative_error`` over the values the reference gives finite (a NaN or infinity made inside the network,
+    ``log`` of a negative number, oneDNN's max-pooling and clip turn into a number: a documented difference,
+    README "NaN and infinities"), against :data:`SMALLEST_SCALE` where those are all smaller (float32 sums in
+    another order differ by ~1e-7 of their terms, which an output of zeros would make infinite)."""
+    finite = expected.isfinite()
+    if not bool(finite.any()):
+        return 0.0
+    scale = float(expected[finite].abs().max())
+    error = relative_error(actual[finite], expected[finite])
+    return error * min(1.0, max(scale, 1e-12) / SMALLEST_SCALE)
+
+
+def _copies(inputs: list) -> list:
+    """The inputs, tensors copied (a program may write to its inputs, as the model did)."""
+    return [t.clone() if isinstance(t, torch.Tensor) else t for t in inputs]

@@ -1,0 +1,97 @@
+"""A program that disagrees with its graph on torch ops runs there instead (``self_check.py``): a planted
+kernel fault (every output of the oneDNN program scaled by 1.01) is caught at compile, said, and saved."""
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import pyrys
+from pyrys.backends.dnnl import binding, self_check
+from pyrys.backends.dnnl.program import DnnlProgram
+from tests.conftest import TOLERANCE
+
+available, reason = binding.is_available()
+pytestmark = pytest.mark.skipif(not available, reason=f"oneDNN unavailable: {reason}")
+
+
+def net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(8 * 8 * 8, 10)).eval()
+
+
+@pytest.fixture
+def faulty_kernels(monkeypatch):
+    """Every oneDNN program's outputs 1% off, as a wrong kernel would make them."""
+    call = DnnlProgram.__call__
+    monkeypatch.setattr(DnnlProgram, "__call__", lambda self, inputs: [y * 1.01 for y in call(self, inputs)])
+
+
+def test_agreeing_program_runs_on_onednn():
+    model, x = net(), torch.rand(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        opt = pyrys.optimize(model, (x,), backend="dnnl")
+    assert opt._first.program.fault is None and opt._first.backend == "dnnl"
+    assert pyrys.relative_error(opt(x), model(x)) < TOLERANCE
+
+
+def test_faulty_program_runs_on_torch_ops(faulty_kernels, tmp_path):
+    model, x = net(), torch.rand(2, 3, 8, 8)
+    with pytest.warns(RuntimeWarning, match="disagrees with the same graph on torch ops"):
+        opt = pyrys.optimize(model, (x,), backend="dnnl")
+    expected = model(x)
+    assert pyrys.relative_error(opt(x), expected) < TOLERANCE
+    assert any("relative error 1.0e-02, over the 1e-03 allowed in fp32" in note for note in opt.notes)
+    assert "every call runs on the reference backend" in opt.program_text()
+    assert opt.memory()["packed_weights"] >= 0
+    # another batch size: built from the same graph, checked again (its constants were kept), right
+    x5 = torch.rand(5, 3, 8, 8)
+    with pytest.warns(RuntimeWarning):
+        assert pyrys.relative_error(opt(x5), model(x5)) < TOLERANCE
+    pyrys.save(opt, tmp_path / "saved")
+    loaded = pyrys.load(tmp_path / "saved")  # saved as a reference program: the load runs no oneDNN kernel
+    assert torch.equal(loaded(x), opt(x))
+
+
+def test_precision_of_graphs():
+    model, x = net(), torch.rand(2, 3, 8, 8)
+    calibration = {"fp32": None, "bf16": None, "int8": [(torch.rand(2, 3, 8, 8),)] * 2}
+    graphs = {precision: pyrys.optimize(model, (x,), backend="reference", precision=precision,
+                                        calibration=samples).graph_module for precision, samples in calibration.items()}
+    for precision, gm in graphs.items():
+        expected = precision if precision != "bf16" or torch.bfloat16 in _dtypes(gm) else "fp32"  # no native bf16
+        assert self_check.precision_of(gm) == expected
+
+
+def test_random_graphs_and_non_finite_inputs_are_not_checked():
+    class Noisy(nn.Module):
+        def forward(self, x):
+            return x + torch.rand_like(x)
+
+    gm = torch.fx.symbolic_trace(Noisy())
+    gm.graph.call_function(torch.ops.aten.rand_like.default, (next(iter(gm.graph.nodes)),))
+    assert not self_check.checkable(gm, [torch.rand(2)])
+    q = torch.rand(1, 2, 4, 8)
+    for dropout, random in ((0.0, False), (0.1, True)):
+        attention = torch.fx.Graph()
+        inputs = [attention.placeholder(name) for name in "qkv"]
+        attention.output(attention.call_function(torch.ops.aten.scaled_dot_product_attention.default,
+                                                 (*inputs, None, dropout)))
+        assert self_check.checkable(torch.fx.GraphModule({}, attention), [q, q, q]) is not random
+    plain = torch.fx.symbolic_trace(nn.ReLU())
+    assert self_check.checkable(plain, [torch.rand(2)])
+    assert not self_check.checkable(plain, [torch.tensor([1.0, float("nan")])])
+
+
+def _dtypes(gm) -> set:
+    return {getattr(node.meta.get("val"), "dtype", None) for node in gm.graph.nodes}
+
+
+def test_outputs_near_zero_are_measured_against_a_floor():
+    zeros, tiny = torch.zeros(4), torch.full((4,), 1e-9)
+    assert self_check._error(tiny, zeros) == pytest.approx(1e-5)
+    assert self_check._error(zeros + 2.0, torch.ones(4)) == pytest.approx(1.0)
+    assert self_check._error(torch.tensor([float("nan")]), torch.ones(1)) == float("inf")  # the program's NaN
+    assert self_check._error(torch.tensor([0.0, 1.0]), torch.tensor([float("nan"), 1.0])) == 0.0  # the reference's
