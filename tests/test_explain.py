@@ -1,4 +1,5 @@
 """``pyrys.explain`` and ``pyrys explain MODEL``: per-pass counts and misses grouped by reason."""
+import pytest
 import torch
 
 import pyrys
@@ -60,3 +61,28 @@ def test_explain_resnet50_has_no_misses_for_conv_bn_relu_and_residuals():
     assert counts["fold_conv_bn"] == {"conv_bn": 53}
     assert counts["fuse_post_ops"] == {"conv_activation": 49, "binary_add": 16}
     assert result.misses == []
+
+
+def test_explain_takes_an_exported_programs_own_inputs_and_the_precisions_tolerance():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()).eval()
+    x = torch.rand(2, 4)
+    explained = pyrys.explain(torch.export.export(model, (x,)), numerics=True)
+    assert explained.numerics.tolerance == pyrys.FP32_TOLERANCE
+    assert pyrys.explain(model, (x,), numerics=True, precision="bf16").numerics.tolerance == 3e-2
+
+
+@pytest.mark.parametrize("arguments, says", [
+    (["--tolerance", "-1"], "argument --tolerance: expected a positive number like 1e-4, got '-1'"),
+    (["--disable", "nosuchpass"], "argument --disable: unknown pass 'nosuchpass'; the passes are freeze_params"),
+])
+def test_cli_explain_refuses_bad_flags_with_a_message(arguments, says, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["explain", "torch.nn:Identity", *arguments])
+    assert stopped.value.code == 2 and says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec, says", [("no_such_module_here:Net", "cannot import 'no_such_module_here'"),
+                                        ("torch.nn:NoSuchNet", "'torch.nn' has no attribute 'NoSuchNet'")])
+def test_cli_explain_says_which_model_it_cannot_find(spec, says):
+    with pytest.raises(SystemExit, match=says):
+        main(["explain", spec])

@@ -174,3 +174,25 @@ def test_a_call_may_pass_by_position_what_the_example_passed_by_keyword():
         opt(x, y, scale=2.0)
     keywords = pyrys.optimize(model, (), {"a": x, "b": y})
     assert torch.allclose(keywords(b=y, a=x), x - y)  # keywords in another order
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"freeze_params": "weight"}, "freeze_params must be a list or tuple of names, e.g. \\['weight', 'bias'\\] or None; got 'weight'"),
+    ({"freeze_params": [1]}, "freeze_params must hold names \\(strings\\), got 1"),
+    ({"freeze_flags": "training"}, "freeze_flags must be a list or tuple of names"),
+    ({"disable": "fold_conv_bn"}, "disable must be a list or tuple of names, e.g. \\('fold_conv_bn',\\); got 'fold_conv_bn'"),
+    ({"disable": None}, "disable must be a list or tuple of names"),
+    ({"threads": True}, "threads must be a positive int, got True"),
+    ({"dynamic": 1}, "dynamic must be None, True or False, got 1"),
+    ({"verify": None}, "verify must be True or False, got None"),
+    ({"print_after_each": "x"}, "print_after_each must be True or False"),
+])
+def test_options_of_the_wrong_kind_are_refused_by_name(options, message):
+    with pytest.raises(ValueError, match=message):
+        pyrys.optimize(conv_bn_relu(), (image(),), backend="reference", **options)
+
+
+def test_a_freeze_name_no_parameter_has_is_warned_of():
+    with pytest.warns(UserWarning, match=r"freeze_params names \['wieght'\], which no parameter .* named \[.*'weight'"):
+        opt = pyrys.optimize(conv_bn_relu(), (image(),), backend="reference", freeze_params=["wieght"])
+    assert opt(image()).shape == (1, 4, 4, 4)

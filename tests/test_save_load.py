@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import os
 import pickle
@@ -232,6 +233,30 @@ def test_bad_saves_are_refused_by_name(tmp_path):
                    "program.json was changed or truncated"),
         "missing": (lambda p: (p / directory.PROGRAM).unlink(), "incomplete: cannot read program.json"),
     }
+    def edit_program(edit):  # an edit whose manifest is made to match: only the program's own checks see it
+        def change(path):
+            program = json.loads((path / directory.PROGRAM).read_text())
+            edit(program)
+            data = json.dumps(program).encode()
+            (path / directory.PROGRAM).write_bytes(data)
+            manifest = json.loads((path / directory.MANIFEST).read_text())
+            manifest["files"][directory.PROGRAM] = hashlib.sha256(data).hexdigest()
+            (path / directory.MANIFEST).write_text(json.dumps(manifest))
+        return change
+
+    def cut_nodes(keep: int):
+        def edit(program):
+            graph = program["signatures"][0]["graph"]
+            graph["nodes"] = graph["nodes"][:keep]
+        return edit
+
+    cases.update({
+        "version as text": (edit_manifest(format_version="1"), "format_version '1', not a version number"),
+        "no nodes": (edit_program(cut_nodes(0)), "malformed"),
+        "one node": (edit_program(cut_nodes(1)), "malformed"),
+        "threads": (edit_program(lambda program: program.update(threads=-3)), "threads -3 is not a positive int"),
+        "layout": (edit_program(lambda program: program.update(layout="blocked99")), "layout 'blocked99' is not one"),
+    })
     for name, (change, message) in cases.items():
         with pytest.raises(pyrys.LoadError, match=message):
             pyrys.load(broken(name, change))

@@ -51,13 +51,16 @@ def make_config(*, backend: str = "auto", freeze_params: Iterable[str] | None = 
                 numerics: bool = False, precision: str = "fp32",
                 output_dtype: torch.dtype | None = None) -> OptimizeConfig:
     """An :class:`OptimizeConfig` from :func:`optimize`'s keyword options, checked."""
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise ValueError(f"pyrys.optimize: threads must be a positive int, got {threads!r}")
+    for name, value in (("print_after_each", print_after_each), ("verify", verify)):
+        if not isinstance(value, bool):
+            raise ValueError(f"pyrys.optimize: {name} must be True or False, got {value!r}")
     if layout not in LAYOUTS:
         raise ValueError(f"pyrys.optimize: layout must be one of {LAYOUTS}, got {layout!r}")
     if not isinstance(max_shapes, int) or isinstance(max_shapes, bool) or max_shapes < 1:
         raise ValueError(f"pyrys.optimize: max_shapes must be a positive int, got {max_shapes!r}")
-    if dynamic not in (None, True, False):
+    if not any(dynamic is allowed for allowed in (None, True, False)):
         raise ValueError(f"pyrys.optimize: dynamic must be None, True or False, got {dynamic!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"pyrys.optimize: precision must be one of {PRECISIONS}, got {precision!r}")
@@ -68,9 +71,9 @@ def make_config(*, backend: str = "auto", freeze_params: Iterable[str] | None = 
                          f"{output_dtype!r}")
     return OptimizeConfig(
         backend=backend,
-        freeze_params=None if freeze_params is None else tuple(freeze_params),
-        freeze_flags=None if freeze_flags is None else tuple(freeze_flags),
-        disable=check_pass_names(disable),
+        freeze_params=_names("freeze_params", freeze_params, "['weight', 'bias']"),
+        freeze_flags=_names("freeze_flags", freeze_flags, "['training']"),
+        disable=check_pass_names(_names("disable", disable, "('fold_conv_bn',)")),
         print_after_each=print_after_each,
         dump_dir=None if dump_dir is None else str(dump_dir),
         verify=verify,
@@ -82,6 +85,22 @@ def make_config(*, backend: str = "auto", freeze_params: Iterable[str] | None = 
         precision=precision,
         output_dtype=output_dtype,
     )
+
+
+def _names(option: str, names: Iterable[str] | None, like: str) -> tuple[str, ...] | None:
+    """``names`` as a tuple of strings (None stays None where the option allows it: every one); a single
+    string, or anything but an iterable of strings, is refused (``"weight"`` would be its letters)."""
+    if names is None and option != "disable":
+        return None
+    if isinstance(names, (str, bytes)) or not isinstance(names, Iterable):
+        allowed = " or None" if option != "disable" else ""
+        raise ValueError(f"pyrys.optimize: {option} must be a list or tuple of names, e.g. {like}{allowed}; "
+                         f"got {names!r}")
+    names = tuple(names)
+    wrong = [name for name in names if not isinstance(name, str)]
+    if wrong:
+        raise ValueError(f"pyrys.optimize: {option} must hold names (strings), got {wrong[0]!r} in {names!r}")
+    return names
 
 
 def check_calibration_options(precision: str, calibration: Any, accuracy_budget: Any) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from pyrys.numerics import FP32_TOLERANCE
+from pyrys.numerics import FP32_TOLERANCE, TOLERANCES
 from pyrys.numerics.bisect import checked_tolerance, locate
 from pyrys.numerics.report import NumericsReport
 from pyrys.passes.pipeline import Step
@@ -88,14 +88,17 @@ class Explanation:
         return "\n".join(lines)
 
 
-def explain(model: torch.nn.Module, example_inputs: Any, *, backend: str = "reference",
+def explain(model: torch.nn.Module, example_inputs: Any = None, *, backend: str = "reference",
             dump_dir: str | Path | None = None, title: str | None = None, numerics: bool = False,
-            tolerance: float = FP32_TOLERANCE, **options) -> Explanation:
-    """Optimize ``model`` (see :func:`pyrys.optimize` for ``options``) and explain what happened;
-    ``numerics``: also the error after every pass and of every layer, and the first stage over
-    ``tolerance`` with what it changed (:mod:`pyrys.numerics`)."""
+            tolerance: float | None = None, **options) -> Explanation:
+    """Optimize ``model`` (see :func:`pyrys.optimize` for ``options``; an ``ExportedProgram`` needs no
+    ``example_inputs``) and explain what happened; ``numerics``: also the error after every pass and of
+    every layer, and the first stage over ``tolerance`` with what it changed (:mod:`pyrys.numerics`);
+    ``tolerance`` defaults to the precision's (``pyrys.numerics.TOLERANCES``: 1e-4 for fp32)."""
     from pyrys.optimize import optimize
 
+    if tolerance is None:
+        tolerance = TOLERANCES.get(options.get("precision", "fp32"), FP32_TOLERANCE)
     tolerance = checked_tolerance(tolerance, "pyrys.explain")
     opt = optimize(model, example_inputs, backend=backend, dump_dir=dump_dir, numerics=numerics, **options)
     title = title or f"{type(model).__name__} on the {opt.backend} backend"

@@ -20,6 +20,26 @@ def parse_shape(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected a shape like 1x3x224x224, got {text!r}") from None
 
 
+def positive_float(text: str) -> float:
+    """A tolerance: a number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number like 1e-4, got {text!r}")
+    return value
+
+
+def pass_name(text: str) -> str:
+    """One of the pipeline's pass names."""
+    from pyrys.passes.pipeline import PASS_NAMES
+
+    if text not in PASS_NAMES:
+        raise argparse.ArgumentTypeError(f"unknown pass {text!r}; the passes are {', '.join(PASS_NAMES)}")
+    return text
+
+
 def load_model(spec: str) -> torch.nn.Module:
     """A zoo model name (torchvision's, random weights and randomized BatchNorm; or a transformer, ``hf_bert``)
     or ``module:attr``.
@@ -29,8 +49,13 @@ def load_model(spec: str) -> torch.nn.Module:
     if ":" not in spec:
         return zoo.build_model(spec)
     module_name, _, attr = spec.partition(":")
-    target = importlib.import_module(module_name)
+    try:
+        target = importlib.import_module(module_name)
+    except ImportError as error:
+        raise SystemExit(f"pyrys explain: cannot import {module_name!r} (from {spec!r}): {error}") from None
     for part in attr.split("."):
+        if not hasattr(target, part):
+            raise SystemExit(f"pyrys explain: {module_name!r} has no attribute {attr!r} (from {spec!r})")
         target = getattr(target, part)
     model = target if isinstance(target, torch.nn.Module) else target()
     if not isinstance(model, torch.nn.Module):
@@ -54,14 +79,14 @@ def add_explain_arguments(parser: argparse.ArgumentParser) -> None:
                              "a module:attr model's own example_inputs(1) where it has one)")
     parser.add_argument("--dump-dir", default=None, help="write the graph after every pass to DIR/NNN_<pass>.txt")
     parser.add_argument("--backend", default="reference", help="backend to compile for (default: reference)")
-    parser.add_argument("--disable", action="append", default=[], help="a pass to skip (repeatable)")
+    parser.add_argument("--disable", action="append", default=[], type=pass_name, help="a pass to skip (repeatable)")
     parser.add_argument("--numerics", action="store_true",
                         help="also the error against eager after every pass and of every layer, and the first "
                              "stage over the tolerance")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="the precision to compile for (bf16, int8: see README; int8 calibrates on the example "
                              "and inputs drawn like it)")
-    parser.add_argument("--tolerance", type=float, default=None,
+    parser.add_argument("--tolerance", type=positive_float, default=None,
                         help=f"the relative error --numerics flags (default: {FP32_TOLERANCE:g}; "
                              f"{BF16_TOLERANCE:g} with --precision bf16, {INT8_TOLERANCE:g} with int8)")
 

@@ -154,6 +154,15 @@ def test_the_predictor_stacks_a_column_of_per_row_arrays(saved):
     assert np.array_equal(predictor({"image": rows})["a"], predictor({"image": x})["a"])
 
 
+def test_the_predictor_takes_an_empty_object_column_and_names_a_row_that_is_not_numbers(saved):
+    predictor = Predictor(saved[0], output_column=["a", "b"])
+    assert predictor({"image": np.empty(0, dtype=object)})["a"].shape[0] == 0
+    rows = np.empty(2, dtype=object)
+    rows[:] = [images(1, 4).numpy()[0], None]
+    with pytest.raises(pyrys.InputError, match="row 1 of column 'image' is NoneType None, not an array of numbers"):
+        predictor({"image": rows})
+
+
 def test_the_predictor_runs_rows_one_by_one_when_the_program_holds_only_single_rows(model, saved):
     x = images(3, 5).numpy()  # batch 3 was not saved; batch 1 was
     batch = Predictor(saved[1], output_column=["logits", "features"])({"image": x})

@@ -16,6 +16,7 @@ BatchNorm then stays in training form and is not folded (``fold_conv_bn`` says s
 """
 from __future__ import annotations
 
+import warnings
 from typing import Iterable
 
 import torch
@@ -42,6 +43,11 @@ def freeze_params(gm: fx.GraphModule, attributes: Iterable[str] | None = ALL) ->
             copies[id(ref.value)] = ref.value.detach().clone()
         _replace_with_constant(gm, node, copies[id(ref.value)], ref.target, first_op)
         result.fired[ref.attribute] += 1
+    read = {state_ref(node).attribute for node in state_inputs(gm.graph) if state_ref(node).kind != "flag"}
+    unknown = sorted((wanted or set()) - read - set(result.fired))
+    if unknown:  # a typo freezes nothing: say so (a name the model has not, "running_var" of an MLP, too)
+        warnings.warn(f"pyrys: freeze_params names {unknown}, which no parameter or buffer the model reads has; "
+                      f"those it reads are named {sorted(read | set(result.fired))}", UserWarning, stacklevel=2)
     gm.recompile()
     return result
 

@@ -75,8 +75,13 @@ def calibration_samples(data: Iterable, args: tuple, kwargs: dict, limit: int | 
     samples: list[list] = []
     rows = _Rows(expected)
     for i, sample in enumerate(data):
+        if isinstance(sample, Mapping) and args:
+            raise InputError(f"pyrys: calibration sample {i} is a mapping (keys {sorted(map(str, sample))}), but the "
+                             "example inputs were passed by position: give each sample as a tuple in the example's "
+                             "order (a mapping is read where the example passed keywords only)")
         sample_args, sample_kwargs = _as_call(sample, args, kwargs)
         signature, flat = signature_of(sample_args, sample_kwargs)
+        _check_finite(i, flat)
         if signature == expected:
             samples.append(flat)
         elif rows.fits(signature):
@@ -155,6 +160,15 @@ def samples_like(inputs: tuple, count: int = DRAWN_SAMPLES, seed: int = 7) -> li
         return drawn * x.std() + x.mean() if x.numel() > 1 else drawn
 
     return [tuple(inputs)] + [tuple(like(x) for x in inputs) for _ in range(count - 1)]
+
+
+def _check_finite(index: int, flat: list) -> None:
+    """:class:`InputError` where a floating-point input of calibration sample ``index`` holds NaN or an
+    infinity: the observers measure ranges, which one such number makes meaningless."""
+    for position, value in enumerate(flat):
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(value.isfinite().all()):
+            raise InputError(f"pyrys: calibration sample {index} holds NaN or infinite values (its input {position}); "
+                             "calibration measures the ranges of finite inputs: leave that sample out or clean it")
 
 
 def _as_call(sample: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

@@ -25,7 +25,7 @@ import torch
 from pyrys.ray.batching import per_row
 from pyrys.ray.codec import as_tensor, named_leaves, to_numpy
 from pyrys.ray.source import load_program
-from pyrys.signature import InputError
+from pyrys.signature import InputError, is_tensor_leaf
 
 
 class Predictor:
@@ -45,7 +45,9 @@ class Predictor:
         if missing:
             raise InputError(f"pyrys.ray.Predictor: the batch has no column {missing[0]!r} (it has "
                              f"{sorted(batch.keys())}); pass column= the input's column name")
-        inputs = tuple(_column_tensor(batch[name], name) for name in self.columns)
+        leaves = self.module.input_types
+        inputs = tuple(_column_tensor(batch[name], name, leaves[i] if i < len(leaves) else None)
+                       for i, name in enumerate(self.columns))
         outputs = self._run(inputs)
         rows = len(inputs[0])
         named = named_leaves(outputs)
@@ -80,12 +82,20 @@ class Predictor:
         return [f"{self.output_column}_{name.replace('.', '_')}" for name, _ in named]
 
 
-def _column_tensor(values: Any, name: str) -> torch.Tensor:
-    """A batch column as one tensor, rows in dim 0 (a column of per-row arrays is stacked)."""
+def _column_tensor(values: Any, name: str, expected: Any = None) -> torch.Tensor:
+    """A batch column as one tensor, rows in dim 0 (a column of per-row arrays is stacked; one of no rows is
+    the program's input with 0 rows, ``expected``: its signature leaf, ``(shape, dtype)``)."""
     array = values.to_numpy() if hasattr(values, "to_numpy") else np.asarray(values)
+    if array.dtype == object and len(array) == 0 and is_tensor_leaf(expected):
+        return torch.empty((0, *expected[0][1:]), dtype=expected[1])
     if array.dtype == object:
+        rows = [np.asarray(row) for row in array]
+        for i, row in enumerate(rows):
+            if row.dtype.kind not in "biufc":
+                raise InputError(f"pyrys.ray.Predictor: row {i} of column {name!r} is {type(array[i]).__name__} "
+                                 f"{array[i]!r:.60}, not an array of numbers")
         try:
-            array = np.stack([np.asarray(row) for row in array])
+            array = np.stack(rows)
         except ValueError as error:
             raise InputError(f"pyrys.ray.Predictor: column {name!r} holds rows of different shapes ({error}); "
                              "resize them to one shape first") from None

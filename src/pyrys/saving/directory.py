@@ -140,7 +140,10 @@ def _parse_manifest(data: bytes | None, where: str) -> dict[str, Any]:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise LoadError(f"pyrys.load: {where} is not a pyrys save (its manifest is not of format {FORMAT!r})")
     version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise LoadError(f"pyrys.load: {where}: {MANIFEST} gives format_version {version!r}, not a version number "
+                        f"(this pyrys writes {FORMAT_VERSION}): the manifest was edited or is not pyrys's")
+    if version > FORMAT_VERSION:
         raise LoadError(f"pyrys.load: {where} was saved in format version {version} by pyrys "
                         f"{manifest.get('pyrys', '?')}; this pyrys reads format versions up to {FORMAT_VERSION}. "
                         "Upgrade pyrys, or save the model again with this one")

@@ -25,7 +25,7 @@ import torch
 
 import pyrys
 from pyrys.backends import get_backend, release_constants
-from pyrys.backends.options import BackendOptions
+from pyrys.backends.options import LAYOUTS, BackendOptions
 from pyrys.capture.captured import Captured
 from pyrys.errors import LoadError, SaveError
 from pyrys.ir.graph import tensor_bytes
@@ -93,6 +93,7 @@ def _load(path: str | os.PathLike, manifest: dict, program: dict, tensors: dict,
         tensors = _checked_tensors(program["tensors"], tensors)
         tensors.update({alias: tensors[key] for alias, key in program["aliases"].items()})
         same_cpu = manifest.get("isa") == cpu_info()[1]
+        _check_options(program)
         config = OptimizeConfig(threads=threads if threads is not None else program["threads"],
                                 layout=program["layout"])
         records = list(program["signatures"])
@@ -106,12 +107,24 @@ def _load(path: str | os.PathLike, manifest: dict, program: dict, tensors: dict,
         release_constants(first.program, graphs)  # every signature's packed copies are the first's
     except LoadError:
         raise
-    except (KeyError, TypeError, ValueError, IndexError) as error:
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, StopIteration, SyntaxError) as error:
         raise LoadError(f"pyrys.load: the program in {path} is malformed ({type(error).__name__}: {error})") from None
     frontend = Frontend(_no_capture, f"saved {program['frontend']}",
                         fixed_shapes=f"It was loaded from {path}: optimize the model for another shape "
                                      "(and save it again)")
     return OptimizedModule.from_compiled(frontend, config, [first, *compiled], generic)
+
+
+def _check_options(program: dict) -> None:
+    """The saved options are ones :func:`pyrys.optimize` takes (``LoadError`` for an edited program)."""
+    threads, layout = program["threads"], program["layout"]
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise LoadError(f"pyrys.load: the saved threads {threads!r} is not a positive int or null")
+    if layout not in LAYOUTS:
+        raise LoadError(f"pyrys.load: the saved layout {layout!r} is not one of {LAYOUTS}")
+    for record in program["signatures"]:
+        if record.get("layout") not in (None, *LAYOUTS[1:]):
+            raise LoadError(f"pyrys.load: a saved signature's layout {record.get('layout')!r} is not one of {LAYOUTS[1:]}")
 
 
 def _encode_generic(template: Compiled, tensors: dict) -> dict | None:
