@@ -111,11 +111,48 @@ def test_a_module_with_symbolic_sizes_is_loaded_able_to_take_new_shapes(tmp_path
     monkeypatch.setattr(torch.export, "export", refuse)
     monkeypatch.setattr("pyrys.passes.pipeline.run_pipeline", refuse)
     loaded = pyrys.load(tmp_path / "saved", threads=1)
-    for batch, length in [(1, 16), (3, 5), (1, 40)]:
+    # a sequence of one, which the trace assumed is not 1, was captured before saving (``size_one.py``)
+    for batch, length in [(1, 16), (3, 5), (1, 40), (1, 1), (3, 1)]:
         inputs = tokens(batch, length)
         assert pyrys.relative_error(loaded(*inputs), model(*inputs)) <= TOLERANCE, (batch, length)
-    with pytest.raises(pyrys.InputError, match=r"assumes .*1\)?, which s\w+ = 1 breaks.*optimize the model"):
-        loaded(*tokens(1, 1))  # a sequence of one: the trace assumed it is not 1
+
+
+class PaddedEncoder(torch.nn.Module):
+    """Token ids and a padding mask through two encoder layers: torch's trace assumes a batch and a length
+    other than 1 (``Ne(s, 1)``)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(50, 32)
+        layer = torch.nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0)
+        self.encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+    def forward(self, ids, mask):
+        return self.encoder(self.embed(ids), src_key_padding_mask=mask == 0)
+
+
+def padded(batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(batch * 100 + length)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[-1, (length + 1) // 2:] = 0
+    return torch.randint(0, 50, (batch, length), generator=generator), mask
+
+
+@pytest.mark.parametrize("dynamic", [True, None])
+def test_a_saved_module_takes_the_batch_and_length_of_one_its_graph_for_every_shape_excludes(tmp_path, dynamic):
+    model = PaddedEncoder().eval()
+    opt = pyrys.optimize(model, padded(2, 9), dynamic=dynamic)
+    if dynamic is None:
+        opt(*padded(3, 6))  # the symbolic capture
+    assert opt._size_one_missing  # what it excludes, found from the inputs at hand
+    pyrys.save(opt, tmp_path / "saved")
+    loaded = pyrys.load(tmp_path / "saved")
+    for batch, length in [(1, 13), (2, 1), (1, 1), (4, 7), (1, 3)]:
+        inputs = padded(batch, length)
+        assert pyrys.relative_error(loaded(*inputs), model(*inputs)) <= TOLERANCE, (batch, length)
+        assert torch.equal(loaded(*inputs), opt(*inputs)), (batch, length)
+    assert any("captured once more with their size-1 dims fixed" in note for note in opt.notes)
 
 
 def test_a_saved_size_expression_is_read_from_a_table_never_evaluated(tmp_path):

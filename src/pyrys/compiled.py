@@ -47,8 +47,9 @@ class Compiled:
 
 
 def compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: OptimizeConfig,
-                      dynamic: bool = False, like: Compiled | None = None, trace: NumericsTrace | None = None) -> Compiled:
-    """Capture the model on these inputs (``dynamic``: for every shape, where it can), run the pipeline,
+                      dynamic: bool | str = False, like: Compiled | None = None, trace: NumericsTrace | None = None) -> Compiled:
+    """Capture the model on these inputs (``dynamic``: for every shape, where it can; ``SIZE_ONE_FIXED``: every
+    shape with these inputs' size-1 dims), run the pipeline,
     and build the backend's program for these inputs' shapes.  ``like``: a signature compiled before,
     whose equal constants this one shares (:func:`share_constants`) and whose backend decisions and
     packed weights it reuses.  Where the symbolic compile fails (a pass or a lowering meeting a symbolic
@@ -57,7 +58,7 @@ def compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: Opt
     if not dynamic:
         return _compile_signature(frontend, args, kwargs, config, False, like, trace)
     try:
-        return _compile_signature(frontend, args, kwargs, config, True, like, trace)
+        return _compile_signature(frontend, args, kwargs, config, dynamic, like, trace)
     except (CaptureError, InputError, VerificationError):
         raise  # the model, the inputs or a pass is wrong: fixed shapes would not help
     except Exception as error:  # noqa: BLE001 -- anything else symbolic sizes broke: compile these shapes
@@ -68,7 +69,7 @@ def compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: Opt
         return compiled
 
 
-def _compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: OptimizeConfig, dynamic: bool,
+def _compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: OptimizeConfig, dynamic: bool | str,
                        like: Compiled | None, trace: NumericsTrace | None = None) -> Compiled:
     signature, flat = signature_of(args, kwargs)
     captured = frontend.capture(args, kwargs, dynamic)

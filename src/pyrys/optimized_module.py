@@ -11,11 +11,13 @@ from torch.utils._pytree import tree_unflatten
 
 from pyrys.backends.reference import with_values
 from pyrys.forwarding import forwarded
-from pyrys.ir.symbolic import describe_dims, rows_dim
+from pyrys.ir.symbolic import bind_symbols, describe_dims, rows_dim
 from pyrys.numerics.trace import NumericsTrace
 from pyrys.machine import give_back_freed_memory
 from pyrys.passes.specialize import ShapeMismatch
 from pyrys.shape_cache import ShapeCache
+from pyrys.size_one import excluded_size_one_inputs, size_one_dims
+from pyrys.capture.dynamic_shapes import SIZE_ONE_FIXED
 from pyrys.signature import InputError, Signature, arranged_like, check_compatible, runnable_inputs, signature_of
 from pyrys.capture.frontend import Frontend
 from pyrys.config import OptimizeConfig
@@ -44,27 +46,31 @@ class OptimizedModule(torch.nn.Module):
         with COMPILING:
             first = compile_signature(frontend, args, kwargs, config, dynamic=config.dynamic is True, trace=trace)
         self._hold(frontend, config, [first])
+        self._find_size_one_gaps(args, kwargs)
         if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
             self._remember_fast_call(_call_key(args), first)
 
     def _hold(self, frontend: Frontend, config: OptimizeConfig, compiled: list[Compiled],
-              generic: Compiled | None = None) -> None:
+              generic: Compiled | None = None, size_one: list[Compiled] | None = None) -> None:
         """Hold these compiled signatures (the first is the one ``graph``, ``history`` ... describe) and the
-        one new shapes are specialized from (``generic``, or the first of them captured with symbolic sizes)."""
+        one new shapes are specialized from (``generic``, or the first of them captured with symbolic sizes),
+        and those captured with size-1 dims fixed for the shapes it excludes (``size_one``: ``size_one.py``)."""
         self._frontend, self._config = frontend, config
         self._first = compiled[0]
         self._generic = generic or next((c for c in compiled if c.generic is not None), None)
+        self._size_one: list[Compiled] = list(size_one or [])
+        self._size_one_missing: list[tuple[tuple, dict]] = []  # inputs to capture them from, before a save
         self._generic_tried = self._generic is not None or config.dynamic is not None or not frontend.symbolic
         self._shapes = ShapeCache(config.max_shapes, self._first.signature, {c.signature: c for c in compiled})
         self._fast_calls: dict[tuple, tuple[Signature, Any]] = {}
 
     @classmethod
     def from_compiled(cls, frontend: Frontend, config: OptimizeConfig, compiled: list[Compiled],
-                      generic: Compiled | None = None) -> "OptimizedModule":
+                      generic: Compiled | None = None, size_one: list[Compiled] | None = None) -> "OptimizedModule":
         """A module holding signatures compiled elsewhere (a copy, or ``pyrys.load``)."""
         module = cls.__new__(cls)
         torch.nn.Module.__init__(module)
-        module._hold(frontend, config, compiled, generic)
+        module._hold(frontend, config, compiled, generic, size_one)
         return module
 
     def forward(self, *args, **kwargs):
@@ -118,6 +124,7 @@ class OptimizedModule(torch.nn.Module):
                 self._generic = compiled
                 self._note(f"input shapes vary: captured once more with symbolic sizes "
                            f"({describe_dims(compiled.generic.gm)}); every later shape is specialized from it")
+                self._find_size_one_gaps(args, kwargs)
             else:
                 self._note(f"inputs ({signature.describe()}) captured and optimized again: {static_reason(compiled)}")
             self._note_precision(compiled, signature)
@@ -127,6 +134,13 @@ class OptimizedModule(torch.nn.Module):
                 return build_for_shape(self._generic, signature, flat, self._config, like=self._first.program)
             except ShapeMismatch as error:
                 why = str(error)
+            for template in self._size_one:
+                try:
+                    return build_for_shape(template, signature, flat, self._config, like=self._first.program)
+                except ShapeMismatch:
+                    pass
+            if not self._frontend.fixed_shapes and size_one_dims(self._generic.generic.gm, flat):
+                return self._capture_size_one(args, kwargs, why)
         elif self._frontend.symbolic:
             why = "the captured graph holds fixed shapes (no input dim could stay symbolic)"
         else:
@@ -139,6 +153,40 @@ class OptimizedModule(torch.nn.Module):
         self._note(note)
         self._note_precision(compiled, signature)
         return compiled
+
+    def _capture_size_one(self, args: tuple, kwargs: dict, why: str) -> Compiled:
+        """The program for inputs with a size of 1 the graph for every shape excludes (``why``), from a capture
+        with those dims fixed at 1 and the others symbolic, kept for every later shape it holds for (and for
+        ``pyrys.save``; where that capture keeps no size symbolic, it is these shapes' alone)."""
+        compiled = compile_signature(self._frontend, args, kwargs, self._config, dynamic=SIZE_ONE_FIXED, like=self._first)
+        signature = compiled.signature.describe()
+        if compiled.generic is not None:
+            self._size_one.append(compiled)
+            self._note(f"inputs ({signature}) captured once more with their size-1 dims fixed ({why}); other shapes "
+                       f"with those dims of size 1 are specialized from it ({describe_dims(compiled.generic.gm)})")
+        else:
+            self._note(f"inputs ({signature}) captured and optimized again: {why}; {static_reason(compiled)}")
+        self._note_precision(compiled, compiled.signature)
+        return compiled
+
+    def _find_size_one_gaps(self, args: tuple, kwargs: dict) -> None:
+        """Remember, from the inputs at hand, the size-1 shapes the graph for every shape excludes, to capture
+        them before a save (:mod:`pyrys.size_one`)."""
+        if self._generic is not None and not self._frontend.fixed_shapes:
+            self._size_one_missing = excluded_size_one_inputs(self._generic.generic.gm, args, kwargs)
+
+    def complete_size_one(self) -> None:
+        """Capture the size-1 shapes the graph for every shape excludes and no size-1 capture holds yet (what
+        ``pyrys.save`` does first, since a loaded module cannot capture)."""
+        with COMPILING:
+            missing, self._size_one_missing = self._size_one_missing, []
+            while missing:  # a size-1 capture may in turn exclude a size 1 of another dim: batch 1 of length 1
+                args, kwargs = missing.pop(0)
+                signature, flat = signature_of(args, kwargs)
+                if self._shapes.get(signature) is None and not any(_holds(t, flat) for t in self._size_one):
+                    compiled = self._compile(signature, flat, args, kwargs)
+                    if compiled.generic is not None and compiled.generic is not self._generic.generic:
+                        missing += excluded_size_one_inputs(compiled.generic.gm, args, kwargs)
 
     def _note_precision(self, compiled: Compiled, signature: Signature) -> None:
         """What a capture for new shapes did in lower precision, in ``opt.notes``: its bf16 accuracy guard's
@@ -174,7 +222,9 @@ class OptimizedModule(torch.nn.Module):
         programs = {signature: dataclasses.replace(compiled, program=copy.deepcopy(compiled.program, memo))
                     for signature, compiled in self._programs.items()}
         first = programs.pop(self._first.signature)
-        copied = OptimizedModule.from_compiled(self._frontend, self._config, [first, *programs.values()], self._generic)
+        copied = OptimizedModule.from_compiled(self._frontend, self._config, [first, *programs.values()], self._generic,
+                                               self._size_one)
+        copied._size_one_missing = list(self._size_one_missing)
         copied.training = self.training
         return copied
 
@@ -259,6 +309,11 @@ class OptimizedModule(torch.nn.Module):
         lines += [f"note: {note}" for note in self.notes]
         lines += [self.numerics.render()] if self.numerics is not None else []
         return "\n".join(lines)
+
+
+def _holds(template: Compiled, flat: list) -> bool:
+    """Whether ``template``'s graph for every shape holds for these inputs' shapes."""
+    return bind_symbols(template.generic.gm, flat)[1] is None
 
 
 def _call_key(args: tuple) -> tuple | None:

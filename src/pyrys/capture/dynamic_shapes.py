@@ -26,16 +26,21 @@ from torch.export import Dim
 from torch.utils._pytree import tree_leaves, tree_map
 
 MAX_SEQUENCE_RANK = 3  # inputs up to this rank have every dim symbolic; higher ranks only the batch
+# ``dynamic=`` of a capture whose example's dims of size 1 stay 1 (the rest as above): the graph for the shapes
+# a graph captured from larger sizes excludes (``Ne(batch, 1)``, a length in ``[2, oo)``), symbolic elsewhere
+SIZE_ONE_FIXED = "size-1 dims fixed"
 
 
-def symbolic_dims(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
-    """The ``dynamic_shapes`` argument of ``torch.export.export``: ``Dim.AUTO`` on the dims above, by position,
-    or by parameter name where there are keyword arguments or a ``*args`` parameter (export takes the
-    tensors of ``forward(self, *inputs)`` as one argument, a tuple)."""
+def symbolic_dims(model: torch.nn.Module, args: tuple, kwargs: dict, size_one_fixed: bool = False) -> Any:
+    """The ``dynamic_shapes`` argument of ``torch.export.export``: ``Dim.AUTO`` on the dims above (those of
+    size 1 left fixed with ``size_one_fixed``), by position, or by parameter name where there are keyword
+    arguments or a ``*args`` parameter (export takes the tensors of ``forward(self, *inputs)`` as one
+    argument, a tuple)."""
+    auto = lambda value: _auto(value, size_one_fixed)  # noqa: E731
     if not kwargs and not _takes_varargs(model):
-        return tuple(_auto(a) for a in args)
+        return tuple(auto(a) for a in args)
     bound = inspect.signature(model.forward).bind(*args, **kwargs)
-    return {name: _auto(value) for name, value in bound.arguments.items()}
+    return {name: auto(value) for name, value in bound.arguments.items()}
 
 
 def _takes_varargs(model: torch.nn.Module) -> bool:
@@ -46,13 +51,13 @@ def _takes_varargs(model: torch.nn.Module) -> bool:
     return any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters)
 
 
-def _auto(value: Any) -> Any:
-    return tree_map(lambda v: _dims(v) if isinstance(v, torch.Tensor) and v.dim() else None, value)
+def _auto(value: Any, size_one_fixed: bool) -> Any:
+    return tree_map(lambda v: _dims(v, size_one_fixed) if isinstance(v, torch.Tensor) and v.dim() else None, value)
 
 
-def _dims(tensor: torch.Tensor) -> dict[int, Any]:
+def _dims(tensor: torch.Tensor, size_one_fixed: bool) -> dict[int, Any]:
     dims = range(tensor.dim()) if tensor.dim() <= MAX_SEQUENCE_RANK else [0]
-    return {i: Dim.AUTO for i in dims}
+    return {i: Dim.AUTO for i in dims if not (size_one_fixed and tensor.shape[i] == 1)}
 
 
 def symbolic_example(args: tuple, kwargs: dict) -> tuple[tuple, dict]:

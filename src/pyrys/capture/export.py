@@ -35,7 +35,7 @@ from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, f
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from pyrys.capture.captured import Captured, input_writes_note
-from pyrys.capture.dynamic_shapes import symbolic_dims, symbolic_example
+from pyrys.capture.dynamic_shapes import SIZE_ONE_FIXED, symbolic_dims, symbolic_example
 from pyrys.capture.training_ir import as_inference_graph
 from pyrys.errors import CaptureError
 from pyrys.ir.graph import STATE_KEY, StateRef, add_constant, add_placeholder, copy_graph, identifier, insert_call
@@ -101,15 +101,15 @@ def tracing() -> contextlib.AbstractContextManager:
 
 
 def export_module(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
-                  dynamic: bool = False) -> ExportedProgram:
+                  dynamic: bool | str = False) -> ExportedProgram:
     """``torch.export`` at ATen level, functional; the model itself is not modified.
 
-    ``dynamic``: batch and sequence dims ``Dim.AUTO`` (``dynamic_shapes.py``), for a graph that holds
-    for every size torch.export could keep symbolic."""
+    ``dynamic``: batch and sequence dims ``Dim.AUTO`` (``dynamic_shapes.py``; ``SIZE_ONE_FIXED``: those of
+    size 1 kept), for a graph that holds for every size torch.export could keep symbolic."""
     args, kwargs = _unaliased(*_own_tensor_objects(args, kwargs or {}))
     with tracing(), torch.no_grad(), sizes_kept_symbolic() if dynamic else contextlib.nullcontext():
         try:
-            shapes = symbolic_dims(model, args, kwargs) if dynamic else None
+            shapes = symbolic_dims(model, args, kwargs, dynamic == SIZE_ONE_FIXED) if dynamic else None
             exported = torch.export.export(model, args, kwargs, dynamic_shapes=shapes)
         except (UserError, GuardOnDataDependentSymNode, DataDependentOutputException) as error:
             if isinstance(error, UserError) and error.error_type != UserErrorType.DYNAMIC_CONTROL_FLOW:
@@ -202,13 +202,17 @@ def _data_dependent_message(model: torch.nn.Module, error: Exception) -> str:
 
 
 def capture_module(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
-                   dynamic: bool = False) -> Captured:
-    """``model`` in pyrys IR; ``dynamic``: for every shape, falling back to these inputs' shapes (with a
-    note saying why) when torch.export cannot trace it with symbolic sizes."""
+                   dynamic: bool | str = False) -> Captured:
+    """``model`` in pyrys IR; ``dynamic``: for every shape (``SIZE_ONE_FIXED``: every shape with these inputs'
+    dims of size 1), falling back to these inputs' shapes (with a note saying why) when torch.export cannot
+    trace it with symbolic sizes."""
     if not dynamic:
         return from_exported(export_module(model, args, kwargs), model)
     try:
-        exported = _export_symbolic(model, args, kwargs or {})
+        if dynamic == SIZE_ONE_FIXED:
+            exported = export_module(model, args, kwargs, dynamic=SIZE_ONE_FIXED)
+        else:
+            exported = _export_symbolic(model, args, kwargs or {})
     except CaptureError:
         raise
     except Exception as error:  # noqa: BLE001 -- whatever fails with symbolic sizes is tried again with fixed ones

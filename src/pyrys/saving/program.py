@@ -55,14 +55,17 @@ def save(opt: OptimizedModule, path: str | os.PathLike) -> Path:
         compiled_by_dynamo = (" (torch.compile's: its programs are made per graph on first call; save "
                               "pyrys.optimize(model, example_inputs) instead)") if kind.startswith("torch._dynamo") else ""
         raise SaveError(f"pyrys.save takes the module pyrys.optimize returned, got {kind}{compiled_by_dynamo}")
+    opt.complete_size_one()  # a loaded module cannot capture the size-1 shapes the graph for every shape excludes
     compiled = list(opt._programs.values())  # one read: a compile on another thread replaces the dict
     first = compiled.index(opt._first)
     tensors: dict[str, torch.Tensor] = {}
     signatures = [_encode_compiled(c, f"sig{i}", tensors) for i, c in enumerate(compiled)]
     generic = _encode_generic(opt._generic, tensors) if opt._generic is not None else None
+    size_one = [record for i, template in enumerate(list(opt._size_one)) if generic is not None
+                and (record := _encode_generic(template, tensors, f"size_one{i}")) is not None]
     tensors, aliases = _without_repeats(tensors)
     program = {"frontend": opt._frontend.kind, "threads": opt._config.threads, "layout": opt._config.layout,
-               "first": first, "signatures": signatures, "aliases": aliases, "generic": generic,
+               "first": first, "signatures": signatures, "aliases": aliases, "generic": generic, "size_one": size_one,
                "tensors": {key: {"shape": list(t.shape), "stride": list(t.stride()), "dtype": _dtype_name(t.dtype)}
                            for key, t in tensors.items()}}
     cpu, isa = cpu_info()
@@ -102,7 +105,8 @@ def _load(path: str | os.PathLike, manifest: dict, program: dict, tensors: dict,
                     for record in records]
         config = dataclasses.replace(config, backend=first.backend)
         generic = _decode_generic(program["generic"], tensors, first) if program.get("generic") else None
-        graphs = [c.captured.gm for c in (first, *compiled, *([generic] if generic else []))]
+        size_one = [_decode_generic(record, tensors, first) for record in program.get("size_one", [])] if generic else []
+        graphs = [c.captured.gm for c in (first, *compiled, *([generic] if generic else []), *size_one)]
         tensors.clear()  # the graphs hold them now: released below, freed with nothing else holding them
         release_constants(first.program, graphs)  # every signature's packed copies are the first's
     except LoadError:
@@ -112,7 +116,7 @@ def _load(path: str | os.PathLike, manifest: dict, program: dict, tensors: dict,
     frontend = Frontend(_no_capture, f"saved {program['frontend']}",
                         fixed_shapes=f"It was loaded from {path}: optimize the model for another shape "
                                      "(and save it again)")
-    return OptimizedModule.from_compiled(frontend, config, [first, *compiled], generic)
+    return OptimizedModule.from_compiled(frontend, config, [first, *compiled], generic, size_one)
 
 
 def _check_options(program: dict) -> None:
@@ -127,13 +131,13 @@ def _check_options(program: dict) -> None:
             raise LoadError(f"pyrys.load: a saved signature's layout {record.get('layout')!r} is not one of {LAYOUTS[1:]}")
 
 
-def _encode_generic(template: Compiled, tensors: dict) -> dict | None:
+def _encode_generic(template: Compiled, tensors: dict, prefix: str = "generic") -> dict | None:
     """The graph new shapes are specialized from, with its symbolic sizes (``saving/symbolic.py``);
     None where they cannot be written (the module is saved without it: its shapes only)."""
     captured = template.generic
     try:
         symbolic = encode_symbolic(captured.gm)
-        graph = encode_graph(captured.gm, "generic", tensors)
+        graph = encode_graph(captured.gm, prefix, tensors)
     except SaveError as error:
         warnings.warn(f"{error}; the graph for every shape is left out: the loaded module runs the shapes "
                       "compiled so far only", stacklevel=3)
