@@ -108,7 +108,8 @@ def _npy_header(shape: tuple, dtype: str = "<f4") -> bytes:
     (_zip(**{"arr_0.npy": _npy_header((1 << 40,))}), "declares shape"),
     (_zip(**{"arr_0.npy": b"not an array"}), "cannot be read"),
     (b"[" * 100000 + b"]" * 100000, "JSON"),
-], ids=["npy-header", "npz-header", "npz-member", "deep-json"])
+    (_zip(**{"arr_0.npy": _npy_header((1,)) + b"\0" * 4, "arr_0": _npy_header((1,)) + b"\0" * 4}), "names an input twice"),
+], ids=["npy-header", "npz-header", "npz-member", "deep-json", "npz-twice"])
 def test_a_body_that_lies_about_its_size_or_nests_too_deep_is_an_input_error(body, says):
     with pytest.raises(InputError, match=says):
         decode(body)

@@ -175,6 +175,9 @@ def test_a_get_is_told_to_post(server):
     with pytest.raises(urllib.error.HTTPError) as error:
         urllib.request.urlopen(server.url, timeout=30)
     assert error.value.code == 405
+    with pytest.raises(urllib.error.HTTPError) as error:  # only / is served
+        urllib.request.urlopen(urllib.request.Request(server.url.rstrip("/") + "/other", data=b"[1]"), timeout=30)
+    assert error.value.code == 404
 
 
 def test_sigterm_stops_the_replicas_and_ray(server):

@@ -148,7 +148,12 @@ def _read_npy_alone(stream: IO[bytes], available: int, what: str) -> np.ndarray:
 def _read_npz(body: bytes) -> list[tuple[str, np.ndarray]]:
     try:
         with zipfile.ZipFile(io.BytesIO(body)) as archive:
-            members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
+            infos = archive.infolist()
+            members = {info.filename.removesuffix(".npy"): info for info in infos}
+            if len(members) != len(infos):
+                names = sorted(info.filename for info in infos)
+                raise InputError(f"pyrys serve: the .npz body names an input twice ({names}): each array once, "
+                                 "arr_0, arr_1, ...")
             order = [f"arr_{i}" for i in range(len(members))]
             if not members or set(members) != set(order):
                 raise InputError("pyrys serve: the .npz body must hold the inputs by position, arrays named arr_0, "

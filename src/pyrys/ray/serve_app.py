@@ -39,6 +39,8 @@ class PyrysReplica:
         self.run_batch.set_batch_wait_timeout_s(batch_wait_s)
 
     async def __call__(self, request: Request) -> Response:
+        if request.url.path.rstrip("/"):  # Serve routes every path under the prefix "/" here
+            return _text(404, f"pyrys serve: no {request.url.path}; POST a .npy, .npz or JSON body to /")
         if request.method != "POST":
             return _text(405, "pyrys serve: POST a .npy, .npz or JSON body to /; GET /-/healthz says whether it is up")
         try:
