@@ -367,3 +367,12 @@ def test_disabling_lower_precision_says_what_it_leaves_undone(bf16_cpu, backend)
                          disable=("lower_precision",))
     assert opt(image()).dtype == torch.float32 and "BFloat16" not in opt.graph
     assert "the pass lower_precision is disabled: precision='bf16' and output_dtype=torch.bfloat16 not applied" in opt.notes
+
+
+def test_a_graph_with_no_op_in_bf16_says_so_also_through_torch_compile(bf16_cpu, caplog):
+    """torch.compile hands over torch's fused TransformerEncoderLayer fast path, one op pyrys runs through torch."""
+    model, x = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True).eval(), torch.rand(2, 5, 16)
+    compiled = torch.compile(model, backend="pyrys", options={"precision": "bf16", "backend": "reference"})
+    with torch.no_grad(), caplog.at_level("INFO", logger="pyrys"):
+        assert pyrys.relative_error(compiled(x), model(x)) <= 1e-5
+    assert "precision='bf16': no op could run in bf16 here" in caplog.text

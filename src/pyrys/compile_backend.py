@@ -235,8 +235,10 @@ class DynamoGraph:
         module = _StatefulGraph(gm, self.inputs, self.state, scalars).train(self.training)
         with torch.no_grad():
             program = optimize(module, inputs, **self.options)
+        shapes = ", ".join(str(tuple(x.shape)) for x in inputs if isinstance(x, torch.Tensor))
+        for note in program.notes:
+            LOG.info("pyrys, a torch.compile graph on inputs %s: %s", shapes, note)
         if program.numerics is not None:
-            shapes = ", ".join(str(tuple(x.shape)) for x in inputs)
             LOG.info("pyrys numerics of a torch.compile graph on inputs %s:\n%s", shapes, program.numerics.render())
         return program
 

@@ -33,7 +33,11 @@ def int8_layers(run) -> int:
 
 def int8_coverage_note(precision: str, run) -> str:
     """With ``precision="int8"``, a note when no op could run in int8 (the misses say why), or saying how many
-    ops run in bf16 beside the int8 ones (where the CPU has native bf16: ``passes/quantize.py``)."""
+    ops run in bf16 beside the int8 ones (where the CPU has native bf16: ``passes/quantize.py``); with
+    ``"bf16"``, a note when no op could run in bf16."""
+    if precision == "bf16" and not any(step.fired.get("bf16") for step in run.history):
+        return ("precision='bf16': no op could run in bf16 here, so the model runs in float32 (see misses; an op "
+                "pyrys runs through torch, such as torch's fused TransformerEncoderLayer fast path, keeps its dtype)")
     if precision != "int8":
         return ""
     bf16 = sum(step.fired.get("bf16", 0) for step in run.history)
