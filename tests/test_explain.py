@@ -72,7 +72,7 @@ def test_explain_takes_an_exported_programs_own_inputs_and_the_precisions_tolera
 
 
 @pytest.mark.parametrize("arguments, says", [
-    (["--tolerance", "-1"], "argument --tolerance: expected a positive number like 1e-4, got '-1'"),
+    (["--tolerance", "-1"], "argument --tolerance: expected a number >= 0 like 1e-4, got '-1'"),
     (["--disable", "nosuchpass"], "argument --disable: unknown pass 'nosuchpass'; the passes are freeze_params"),
 ])
 def test_cli_explain_refuses_bad_flags_with_a_message(arguments, says, capsys):

@@ -20,14 +20,14 @@ def parse_shape(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected a shape like 1x3x224x224, got {text!r}") from None
 
 
-def positive_float(text: str) -> float:
-    """A tolerance: a number above 0."""
+def tolerance(text: str) -> float:
+    """A tolerance: a finite number, 0 or more."""
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number like 1e-4, got {text!r}")
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 like 1e-4, got {text!r}")
     return value
 
 
@@ -86,7 +86,7 @@ def add_explain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="the precision to compile for (bf16, int8: see README; int8 calibrates on the example "
                              "and inputs drawn like it)")
-    parser.add_argument("--tolerance", type=positive_float, default=None,
+    parser.add_argument("--tolerance", type=tolerance, default=None,
                         help=f"the relative error --numerics flags (default: {FP32_TOLERANCE:g}; "
                              f"{BF16_TOLERANCE:g} with --precision bf16, {INT8_TOLERANCE:g} with int8)")
 
