@@ -145,7 +145,7 @@ def test_a_saved_module_takes_the_batch_and_length_of_one_its_graph_for_every_sh
     opt = pyrys.optimize(model, padded(2, 9), dynamic=dynamic)
     if dynamic is None:
         opt(*padded(3, 6))  # the symbolic capture
-    assert opt._size_one_missing  # what it excludes, found from the inputs at hand
+    assert opt._size_one_inputs  # what it excludes, found from the inputs at hand
     pyrys.save(opt, tmp_path / "saved")
     loaded = pyrys.load(tmp_path / "saved")
     for batch, length in [(1, 13), (2, 1), (1, 1), (4, 7), (1, 3)]:
@@ -450,3 +450,36 @@ def test_a_save_loads_from_its_files_in_memory(tmp_path):
         pyrys.load({**files, directory.PROGRAM: files[directory.PROGRAM][:-10]})
     with pytest.raises(pyrys.LoadError, match="not a pyrys save: it has no manifest.json"):
         pyrys.load({})
+
+
+def test_a_size_one_program_evicted_before_the_save_is_captured_again_and_a_loaded_one_is_never_evicted(tmp_path):
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0).eval()
+    opt = pyrys.optimize(layer, (torch.randn(4, 10, 16),), dynamic=True, max_shapes=3)
+    for shape in [(1, 10), (4, 1), (1, 1)] + [(3, length) for length in range(2, 8)]:  # (1, 1) evicted
+        opt(torch.randn(*shape, 16)[:, :shape[1]])
+    pyrys.save(opt, tmp_path / "saved")
+    loaded = pyrys.load(tmp_path / "saved")
+    one = torch.randn(1, 1, 16)
+    for length in range(2, 12):  # other shapes come and go; the saved ones stay
+        loaded(torch.randn(2, length, 16))
+    for x in (one, torch.randn(4, 10, 16)[:, :1], torch.randn(1, 5, 16)):  # a view of one row too
+        assert pyrys.relative_error(loaded(x), layer(x)) <= TOLERANCE
+
+
+class TwoBatches(torch.nn.Module):
+    """ids and a mask whose batch torch.export gives a symbol each: a size-1 capture narrows both."""
+
+    def forward(self, ids, mask):
+        return torch.nn.functional.one_hot(ids, 8).float().sum(1) * mask.float().sum(-1, keepdim=True)
+
+
+def test_size_one_inputs_narrow_every_dim_of_that_size_at_that_place():
+    from pyrys.size_one import excluded_size_one_inputs
+
+    model = TwoBatches()
+    opt = pyrys.optimize(model, (torch.zeros(4, 6, dtype=torch.long), torch.ones(4, 6)), dynamic=True)
+    gm = opt._generic.generic.gm
+    for args, _ in excluded_size_one_inputs(gm, (torch.zeros(4, 6, dtype=torch.long), torch.ones(4, 6)), {}):
+        assert args[0].shape[0] == args[1].shape[0] and args[0].shape[1] == args[1].shape[1]
+        assert all(t.is_contiguous() for t in args)

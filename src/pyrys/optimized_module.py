@@ -7,7 +7,7 @@ import dataclasses
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_unflatten
+from torch.utils._pytree import tree_map, tree_unflatten
 
 from pyrys.backends.reference import with_values
 from pyrys.forwarding import forwarded
@@ -59,9 +59,10 @@ class OptimizedModule(torch.nn.Module):
         self._first = compiled[0]
         self._generic = generic or next((c for c in compiled if c.generic is not None), None)
         self._size_one: list[Compiled] = list(size_one or [])
-        self._size_one_missing: list[tuple[tuple, dict]] = []  # inputs to capture them from, before a save
+        self._size_one_inputs: list[tuple[tuple, dict]] = []  # inputs to capture them from, before a save
         self._generic_tried = self._generic is not None or config.dynamic is not None or not frontend.symbolic
-        self._shapes = ShapeCache(config.max_shapes, self._first.signature, {c.signature: c for c in compiled})
+        kept = {c.signature for c in compiled} if frontend.fixed_shapes else set()  # loaded: nothing to capture from
+        self._shapes = ShapeCache(config.max_shapes, self._first.signature, {c.signature: c for c in compiled}, kept)
         self._fast_calls: dict[tuple, tuple[Signature, Any]] = {}
 
     @classmethod
@@ -158,6 +159,7 @@ class OptimizedModule(torch.nn.Module):
         """The program for inputs with a size of 1 the graph for every shape excludes (``why``), from a capture
         with those dims fixed at 1 and the others symbolic, kept for every later shape it holds for (and for
         ``pyrys.save``; where that capture keeps no size symbolic, it is these shapes' alone)."""
+        args, kwargs = tree_map(_contiguous, (args, kwargs))  # a view's strides would become symbols of their own
         compiled = compile_signature(self._frontend, args, kwargs, self._config, dynamic=SIZE_ONE_FIXED, like=self._first)
         signature = compiled.signature.describe()
         if compiled.generic is not None:
@@ -173,20 +175,31 @@ class OptimizedModule(torch.nn.Module):
         """Remember, from the inputs at hand, the size-1 shapes the graph for every shape excludes, to capture
         them before a save (:mod:`pyrys.size_one`)."""
         if self._generic is not None and not self._frontend.fixed_shapes:
-            self._size_one_missing = excluded_size_one_inputs(self._generic.generic.gm, args, kwargs)
+            self._size_one_inputs = excluded_size_one_inputs(self._generic.generic.gm, args, kwargs)
 
     def complete_size_one(self) -> None:
-        """Capture the size-1 shapes the graph for every shape excludes and no size-1 capture holds yet (what
-        ``pyrys.save`` does first, since a loaded module cannot capture)."""
+        """Capture the size-1 shapes the graph for every shape excludes and no size-1 capture holds yet, nor a
+        program kept (what ``pyrys.save`` does first, since a loaded module cannot capture); one that fails to
+        capture is left out, with a note."""
         with COMPILING:
-            missing, self._size_one_missing = self._size_one_missing, []
-            while missing:  # a size-1 capture may in turn exclude a size 1 of another dim: batch 1 of length 1
-                args, kwargs = missing.pop(0)
+            pending, index = self._size_one_inputs, 0
+            while index < len(pending):  # a size-1 capture may exclude a size 1 of another dim: batch 1, length 1
+                args, kwargs = pending[index]
+                index += 1
                 signature, flat = signature_of(args, kwargs)
-                if self._shapes.get(signature) is None and not any(_holds(t, flat) for t in self._size_one):
-                    compiled = self._compile(signature, flat, args, kwargs)
-                    if compiled.generic is not None and compiled.generic is not self._generic.generic:
-                        missing += excluded_size_one_inputs(compiled.generic.gm, args, kwargs)
+                template = next((t for t in self._size_one if _holds(t, flat)), None)
+                if template is None:
+                    try:
+                        template = self._shapes.get(signature) or self._compile(signature, flat, args, kwargs)
+                    except Exception as error:  # noqa: BLE001 -- the model refuses these inputs: the save goes on
+                        line = (str(error).strip().splitlines() or [""])[0][:200]
+                        self._note(f"inputs ({signature.describe()}) of a size 1 the graph for every shape excludes "
+                                   f"could not be captured before saving ({type(error).__name__}: {line}); a module "
+                                   "loaded from the save refuses them")
+                        continue
+                if template.generic is not None and template.generic is not self._generic.generic:
+                    more = excluded_size_one_inputs(template.generic.gm, args, kwargs)
+                    pending += [inputs for inputs in more if not any(_same(inputs, known) for known in pending)]
 
     def _note_precision(self, compiled: Compiled, signature: Signature) -> None:
         """What a capture for new shapes did in lower precision, in ``opt.notes``: its bf16 accuracy guard's
@@ -224,7 +237,7 @@ class OptimizedModule(torch.nn.Module):
         first = programs.pop(self._first.signature)
         copied = OptimizedModule.from_compiled(self._frontend, self._config, [first, *programs.values()], self._generic,
                                                self._size_one)
-        copied._size_one_missing = list(self._size_one_missing)
+        copied._size_one_inputs = list(self._size_one_inputs)
         copied.training = self.training
         return copied
 
@@ -309,6 +322,15 @@ class OptimizedModule(torch.nn.Module):
         lines += [f"note: {note}" for note in self.notes]
         lines += [self.numerics.render()] if self.numerics is not None else []
         return "\n".join(lines)
+
+
+def _contiguous(value: Any) -> Any:
+    return value.contiguous() if isinstance(value, torch.Tensor) else value
+
+
+def _same(a: tuple[tuple, dict], b: tuple[tuple, dict]) -> bool:
+    """Whether two calls' inputs have one signature (shapes, dtypes)."""
+    return signature_of(*a)[0] == signature_of(*b)[0]
 
 
 def _holds(template: Compiled, flat: list) -> bool:

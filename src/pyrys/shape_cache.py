@@ -16,10 +16,12 @@ DEFAULT_MAX_SHAPES = 8
 
 
 class ShapeCache:
-    """At most ``limit`` entries; ``pinned`` (the signature ``opt.graph`` describes) is never evicted."""
+    """At most ``limit`` entries besides those ``kept``; ``pinned`` (the signature ``opt.graph`` describes) and the
+    ``kept`` ones (a loaded module's saved signatures: it cannot compile them again) are never evicted."""
 
-    def __init__(self, limit: int, pinned: Hashable, entries: dict[Hashable, Any]):
-        self.limit, self.pinned = max(limit, len(entries)), pinned
+    def __init__(self, limit: int, pinned: Hashable, entries: dict[Hashable, Any], kept: set[Hashable] = frozenset()):
+        self.kept = frozenset(kept) - {pinned}  # never evicted either: entries that could not be compiled again
+        self.limit, self.pinned = len(self.kept) + max(limit, len(entries) - len(self.kept)), pinned
         self.entries: dict[Hashable, Any] = dict(entries)
         self._clock = itertools.count()
         self._used: dict[Hashable, int] = {key: next(self._clock) for key in entries}
@@ -42,7 +44,7 @@ class ShapeCache:
         self.touch(key)
         evicted = []
         while len(entries) > self.limit:
-            candidates = [k for k in entries if k not in (key, self.pinned)] or [key]
+            candidates = [k for k in entries if k not in (key, self.pinned) and k not in self.kept] or [key]
             victim = min(candidates, key=lambda k: self._used.get(k, -1))
             del entries[victim]
             evicted.append(victim)

@@ -23,7 +23,10 @@ from pyrys.signature import signature_of
 
 def excluded_size_one_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list[tuple[tuple, dict]]:
     """For each symbol of ``gm``'s inputs whose value 1 its ranges or guards exclude (the other dims as in
-    ``args``, ``kwargs``), those inputs with every dim of that symbol narrowed to 1 (a view, its first row)."""
+    ``args``, ``kwargs``), those inputs with that symbol's dims narrowed to 1, and with them every other
+    input dim at the same place of the same size (ids and a mask may have a symbol each for one batch: a
+    model given one narrowed and not the other fails), copied contiguous (a narrowed view's strides would
+    become symbols of their own in the capture)."""
     signature, flat = signature_of(args, kwargs)
     env = gm.meta[FAKE_MODE_KEY].shape_env
     dims: dict[sympy.Symbol, list[tuple[int, int]]] = {}  # symbol -> (flat input, dim) it sizes
@@ -35,18 +38,23 @@ def excluded_size_one_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> l
             expr = env.replace(size.node.expr) if isinstance(size, torch.SymInt) else None
             if isinstance(expr, sympy.Symbol):
                 dims.setdefault(expr, []).append((position, d))
-    examples = []
+    examples, seen = [], set()
     for symbol, where in dims.items():
-        if any(flat[i].shape[d] < 1 for i, d in where):
-            continue  # an empty input: no row to narrow to
+        size = flat[where[0][0]].shape[where[0][1]]
+        if size <= 1:
+            continue  # of size 1 (or empty) already: a capture from these inputs is no other graph
+        group = sorted({(i, d) for places in dims.values() for i, d in places
+                        if d == where[0][1] and flat[i].shape[d] == size} | set(where))
+        if tuple(group) in seen:
+            continue
+        seen.add(tuple(group))
         narrowed = list(flat)
-        for i, d in where:
+        for i, d in group:
             narrowed[i] = narrowed[i].narrow(d, 0, 1)
-        if all(flat[i].shape[d] == 1 for i, d in where):
-            continue  # the inputs at hand are of size 1 there already: a capture from them is no other graph
         shapes = [torch.empty(t.shape, dtype=t.dtype, device="meta") if isinstance(t, torch.Tensor) else t
                   for t in narrowed]
         if bind_symbols(gm, shapes)[1] is not None:
+            narrowed = [t.contiguous() if isinstance(t, torch.Tensor) else t for t in narrowed]
             examples.append(tree_unflatten(narrowed, signature.in_spec))
     return examples
 
