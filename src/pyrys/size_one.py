@@ -26,7 +26,7 @@ def excluded_size_one_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> l
     ``args``, ``kwargs``), those inputs with that symbol's dims narrowed to 1, and with them every other
     input dim at the same place of the same size (ids and a mask may have a symbol each for one batch: a
     model given one narrowed and not the other fails), copied contiguous (a narrowed view's strides would
-    become symbols of their own in the capture)."""
+    become symbols of their own in the capture; a view would keep the caller's whole tensor)."""
     signature, flat = signature_of(args, kwargs)
     env = gm.meta[FAKE_MODE_KEY].shape_env
     dims: dict[sympy.Symbol, list[tuple[int, int]]] = {}  # symbol -> (flat input, dim) it sizes
@@ -54,7 +54,8 @@ def excluded_size_one_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> l
         shapes = [torch.empty(t.shape, dtype=t.dtype, device="meta") if isinstance(t, torch.Tensor) else t
                   for t in narrowed]
         if bind_symbols(gm, shapes)[1] is not None:
-            narrowed = [t.contiguous() if isinstance(t, torch.Tensor) else t for t in narrowed]
+            narrowed = [t.clone(memory_format=torch.contiguous_format) if isinstance(t, torch.Tensor) else t
+                        for t in narrowed]  # copies: kept until a save, they must not hold the caller's tensors
             examples.append(tree_unflatten(narrowed, signature.in_spec))
     return examples
 

@@ -161,6 +161,9 @@ def test_the_predictor_takes_an_empty_object_column_and_names_a_row_that_is_not_
     rows[:] = [images(1, 4).numpy()[0], None]
     with pytest.raises(pyrys.InputError, match="row 1 of column 'image' is NoneType None, not an array of numbers"):
         predictor({"image": rows})
+    rows[:] = [[[1.0, 2.0], [3.0]], [[1.0, 2.0], [3.0, 4.0]]]  # numbers nested unevenly
+    with pytest.raises(pyrys.InputError, match="holds rows of different shapes"):
+        predictor({"image": rows})
 
 
 def test_the_predictor_runs_rows_one_by_one_when_the_program_holds_only_single_rows(model, saved):

@@ -80,6 +80,7 @@ def test_json_numbers_take_the_inputs_dtypes():
     (b'{"inputs": []}', [], '{"inputs": [first, second, ...]}'),
     (b"[1.5, 2]", [torch.int64], "must hold values of torch.int64"),
     (b"[1180591620717411303424, 2]", [torch.int64], "an integer too large for 64 bits"),
+    (b"[9223372036854775808]", [torch.int64], "an integer too large for 64 bits"),
     (b"\x93NUMPY\x01\x00garbage", [], ".npy body cannot be read"),
     (b"PK\x03\x04garbage", [], ".npz body cannot be read"),
 ])

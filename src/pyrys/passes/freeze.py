@@ -44,10 +44,11 @@ def freeze_params(gm: fx.GraphModule, attributes: Iterable[str] | None = ALL) ->
         _replace_with_constant(gm, node, copies[id(ref.value)], ref.target, first_op)
         result.fired[ref.attribute] += 1
     read = {state_ref(node).attribute for node in state_inputs(gm.graph) if state_ref(node).kind != "flag"}
-    unknown = sorted((wanted or set()) - read - set(result.fired))
-    if unknown:  # a typo freezes nothing: say so (a name the model has not, "running_var" of an MLP, too)
+    read |= set(result.fired)
+    unknown = sorted((wanted or set()) - read)
+    if wanted and read and not wanted & read:  # a typo froze nothing; a general list ("running_var" of an MLP) froze some
         warnings.warn(f"pyrys: freeze_params names {unknown}, which no parameter or buffer the model reads has; "
-                      f"those it reads are named {sorted(read | set(result.fired))}", UserWarning, stacklevel=2)
+                      f"those it reads are named {sorted(read)}", UserWarning, stacklevel=2)
     gm.recompile()
     return result
 

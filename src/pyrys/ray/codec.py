@@ -191,8 +191,8 @@ def _json_tensor(value: Any, dtype: torch.dtype | None, what: str) -> torch.Tens
         array = np.array(value)
     except (ValueError, RecursionError) as error:  # a ragged list; one nested too deep
         raise InputError(f"pyrys serve: {what} must be a rectangular nested list of numbers: {error}") from None
-    if array.dtype == object and any(isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 2 ** 63
-                                     for v in array.reshape(-1)):
+    if array.dtype == np.uint64 or array.dtype == object and any(
+            isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 2 ** 63 for v in array.reshape(-1)):
         raise InputError(f"pyrys serve: {what} holds an integer too large for 64 bits")
     if array.dtype.kind not in "biuf":
         raise InputError(f"pyrys serve: {what} must be a rectangular nested list of numbers, got {array.dtype} values")

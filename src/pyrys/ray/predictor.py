@@ -89,7 +89,11 @@ def _column_tensor(values: Any, name: str, expected: Any = None) -> torch.Tensor
     if array.dtype == object and len(array) == 0 and is_tensor_leaf(expected):
         return torch.empty((0, *expected[0][1:]), dtype=expected[1])
     if array.dtype == object:
-        rows = [np.asarray(row) for row in array]
+        try:
+            rows = [np.asarray(row) for row in array]
+        except ValueError as error:  # a ragged row: numbers nested unevenly
+            raise InputError(f"pyrys.ray.Predictor: column {name!r} holds rows of different shapes ({error}); "
+                             "resize them to one shape first") from None
         for i, row in enumerate(rows):
             if row.dtype.kind not in "biufc":
                 raise InputError(f"pyrys.ray.Predictor: row {i} of column {name!r} is {type(array[i]).__name__} "

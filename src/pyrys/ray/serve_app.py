@@ -39,7 +39,8 @@ class PyrysReplica:
         self.run_batch.set_batch_wait_timeout_s(batch_wait_s)
 
     async def __call__(self, request: Request) -> Response:
-        if request.url.path.rstrip("/"):  # Serve routes every path under the prefix "/" here
+        root = request.scope.get("root_path", "")  # the route prefix the application is mounted at
+        if request.url.path.removeprefix(root).rstrip("/"):  # Serve routes every path under the prefix here
             return _text(404, f"pyrys serve: no {request.url.path}; POST a .npy, .npz or JSON body to /")
         if request.method != "POST":
             return _text(405, "pyrys serve: POST a .npy, .npz or JSON body to /; GET /-/healthz says whether it is up")
