@@ -86,6 +86,8 @@ class DnnlRuntime:
         if self.fault is not None:
             self._reference = reference
             warnings.warn(f"pyrys: {self.fault}", RuntimeWarning, stacklevel=2)
+        else:
+            reference.discard()
 
     @property
     def reference(self) -> ReferenceProgram:
