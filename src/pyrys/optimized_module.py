@@ -17,7 +17,7 @@ from pyrys.machine import give_back_freed_memory
 from pyrys.passes.specialize import ShapeMismatch
 from pyrys.shape_cache import ShapeCache
 from pyrys.size_one import excluded_size_one_inputs, size_one_dims
-from pyrys.capture.dynamic_shapes import SIZE_ONE_FIXED
+from pyrys.capture.dynamic_shapes import SIZE_ONE_FIXED, symbolic_example
 from pyrys.signature import InputError, Signature, arranged_like, check_compatible, runnable_inputs, signature_of
 from pyrys.capture.frontend import Frontend
 from pyrys.config import OptimizeConfig
@@ -107,10 +107,14 @@ class OptimizedModule(torch.nn.Module):
             compiled = self._shapes.get(signature)
             if compiled is None:
                 compiled = self._new_shape(signature, flat, args, kwargs)
-                evicted = set(self._shapes.put(signature, compiled))
-                if evicted:
-                    self._fast_calls = {k: v for k, v in self._fast_calls.items() if v[0] not in evicted}
+                self._keep(signature, compiled)
         return compiled
+
+    def _keep(self, signature: Signature, compiled: Compiled) -> None:
+        """Hold ``compiled`` among the signatures (the caller holds ``COMPILING``), dropping what it evicts."""
+        evicted = set(self._shapes.put(signature, compiled))
+        if evicted:
+            self._fast_calls = {k: v for k, v in self._fast_calls.items() if v[0] not in evicted}
 
     def _new_shape(self, signature: Signature, flat: list, args: tuple, kwargs: dict) -> Compiled:
         """The program for a new shape: specialized from the graph optimized for every shape.  With
@@ -174,7 +178,8 @@ class OptimizedModule(torch.nn.Module):
     def _find_size_one_gaps(self, args: tuple, kwargs: dict) -> None:
         """Remember, from the inputs at hand, the size-1 shapes the graph for every shape excludes, to capture
         them before a save (:mod:`pyrys.size_one`)."""
-        if self._generic is not None and not self._frontend.fixed_shapes:
+        if self._generic is not None and not self._frontend.fixed_shapes:  # from the inputs it was captured from:
+            args, kwargs = symbolic_example(args, kwargs)  # a batch of 1 made 2, so that a length of 1 is found too
             self._size_one_inputs = excluded_size_one_inputs(self._generic.generic.gm, args, kwargs)
 
     def complete_size_one(self) -> None:
@@ -189,8 +194,13 @@ class OptimizedModule(torch.nn.Module):
                 signature, flat = signature_of(args, kwargs)
                 template = next((t for t in self._size_one if _holds(t, flat)), None)
                 if template is None:
+                    held = self._shapes.get(signature)
+                    if held is not None and held.generic is None:
+                        continue  # a program of these shapes alone (no dim left symbolic): saved as it is
                     try:
-                        template = self._shapes.get(signature) or self._compile(signature, flat, args, kwargs)
+                        template = self._capture_size_one(args, kwargs, "before saving")
+                        if template.generic is None:
+                            self._keep(signature, template)
                     except Exception as error:  # noqa: BLE001 -- the model refuses these inputs: the save goes on
                         line = (str(error).strip().splitlines() or [""])[0][:200]
                         self._note(f"inputs ({signature.describe()}) of a size 1 the graph for every shape excludes "

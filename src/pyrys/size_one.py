@@ -41,16 +41,17 @@ def excluded_size_one_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> l
     examples, seen = [], set()
     for symbol, where in dims.items():
         size = flat[where[0][0]].shape[where[0][1]]
-        if size <= 1:
-            continue  # of size 1 (or empty) already: a capture from these inputs is no other graph
+        if size < 1:
+            continue  # empty: no row to narrow to
         group = sorted({(i, d) for places in dims.values() for i, d in places
                         if d == where[0][1] and flat[i].shape[d] == size} | set(where))
-        if tuple(group) in seen:
-            continue
-        seen.add(tuple(group))
-        narrowed = list(flat)
+        narrowed = list(flat)  # (of size 1 already: these inputs, where a graph captured from others excludes them)
         for i, d in group:
             narrowed[i] = narrowed[i].narrow(d, 0, 1)
+        shapes = tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in narrowed)
+        if shapes in seen:
+            continue
+        seen.add(shapes)
         shapes = [torch.empty(t.shape, dtype=t.dtype, device="meta") if isinstance(t, torch.Tensor) else t
                   for t in narrowed]
         if bind_symbols(gm, shapes)[1] is not None:
