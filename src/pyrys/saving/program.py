@@ -284,9 +284,16 @@ def _decode_compiled(record: dict, tensors: dict, config: OptimizeConfig, same_c
     if backend == "dnnl" and same_cpu:
         from pyrys.backends.dnnl import measured
         measured.remember(record.get("kernel_choices", {}))  # the kernels it was saved with
-    program = compile_program(gm, _example_inputs(signature), BackendOptions(config.threads, layout), like=like)
+    # on another CPU the program gets other kernels, whose faults the compile's check never saw: checked here too,
+    # on seeded random inputs (zeros would hide a wrong convolution behind its bias)
+    options = BackendOptions(config.threads, layout, check=not same_cpu)
+    program = compile_program(gm, _example_inputs(signature, random=not same_cpu), options, like=like)
     if backend == "dnnl" and same_cpu and record["policy"]:
         program = _with_policy(program, record["policy"])
+    fault = getattr(program, "fault", None)
+    if fault is not None:
+        notes.append(fault)
+        backend = "reference"
     return Compiled(signature, captured, PipelineRun(history), program, backend, captured.notes + notes)
 
 
@@ -297,10 +304,18 @@ def _with_policy(program: Any, policy: str) -> Any:
     return program
 
 
-def _example_inputs(signature: Signature) -> list:
-    """Inputs of the signature's shapes and dtypes (zeros) for the backend's compile."""
-    return [torch.zeros(leaf[0], dtype=leaf[1]) if isinstance(leaf, tuple) and len(leaf) == 2
-            and isinstance(leaf[1], torch.dtype) else leaf for leaf in signature.leaves]
+def _example_inputs(signature: Signature, random: bool = False) -> list:
+    """Inputs of the signature's shapes and dtypes for the backend's compile: zeros, or with ``random`` seeded
+    uniform [0, 1) floating-point ones (integer and boolean inputs stay zeros: valid ids and masks)."""
+    generator = torch.Generator().manual_seed(0)
+
+    def made(shape, dtype):
+        if random and dtype.is_floating_point:
+            return torch.rand(shape, generator=generator).to(dtype)
+        return torch.zeros(shape, dtype=dtype)
+
+    return [made(*leaf) if isinstance(leaf, tuple) and len(leaf) == 2 and isinstance(leaf[1], torch.dtype)
+            else leaf for leaf in signature.leaves]
 
 
 def _checked_tensors(recorded: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

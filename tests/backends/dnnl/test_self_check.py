@@ -109,3 +109,21 @@ def test_an_ill_conditioned_example_is_not_taken_for_a_fault():
     assert opt._first.program.fault is None
     x = torch.rand(1, 3, 32, 32)
     assert pyrys.relative_error(opt(x), model(x)) < TOLERANCE
+
+
+def test_a_save_loaded_on_another_cpu_is_checked_there(tmp_path, monkeypatch):
+    """Other ISA flags, other kernels: the load checks the program the compile's check never saw."""
+    import json
+
+    from pyrys.saving import directory
+
+    model, x = net(), torch.rand(2, 3, 8, 8)
+    pyrys.save(pyrys.optimize(model, (x,), backend="dnnl"), tmp_path / "saved")
+    manifest = json.loads((tmp_path / "saved" / directory.MANIFEST).read_text())
+    manifest["isa"] = ["avx2"] if manifest["isa"] != ["avx2"] else ["avx512f"]
+    (tmp_path / "saved" / directory.MANIFEST).write_text(json.dumps(manifest))
+    call = DnnlProgram.__call__
+    monkeypatch.setattr(DnnlProgram, "__call__", lambda self, inputs: [y * 1.01 for y in call(self, inputs)])
+    with pytest.warns(RuntimeWarning, match="disagrees with the same graph on torch ops"):
+        loaded = pyrys.load(tmp_path / "saved")
+    assert pyrys.relative_error(loaded(x), model(x)) < TOLERANCE and loaded.backend == "reference"
