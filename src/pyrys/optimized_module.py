@@ -223,8 +223,9 @@ class OptimizedModule(torch.nn.Module):
         if now < first:
             self._note(f"precision='int8': the capture for inputs ({signature.describe()}) runs {now} of the "
                        f"{first} int8 layers in int8, the rest in float32 (their inputs are computed otherwise "
-                       "there than in the graph calibrated; its misses say which); optimize with dynamic=True to "
-                       "calibrate the graph every shape is specialized from")
+                       "there than in the graph calibrated; its misses say which)" + (
+                           "" if self._config.dynamic is True else
+                           "; optimize with dynamic=True to calibrate the graph every shape is specialized from"))
 
     def _note(self, note: str) -> None:
         """Add to ``opt.notes`` (the first signature's), at most :data:`MAX_SHAPE_NOTES` times."""

@@ -183,7 +183,7 @@ def bind_symbols(gm: fx.GraphModule, inputs: list) -> tuple[dict, str | None]:
     for guard in guards_of(gm):
         expr = env.replace(guard)
         if _evaluate(expr, bindings) is not sympy.true:
-            return {}, f"the graph assumes {guard}, which {_bound_text(expr, bindings)} breaks"
+            return {}, f"the graph assumes {expr}, which {_bound_text(expr, bindings)} breaks"  # in the input symbols
     return bindings, None
 
 
