@@ -28,16 +28,7 @@ def excluded_size_one_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> l
     model given one narrowed and not the other fails), copied contiguous (a narrowed view's strides would
     become symbols of their own in the capture; a view would keep the caller's whole tensor)."""
     signature, flat = signature_of(args, kwargs)
-    env = gm.meta[FAKE_MODE_KEY].shape_env
-    dims: dict[sympy.Symbol, list[tuple[int, int]]] = {}  # symbol -> (flat input, dim) it sizes
-    for position, (node, value) in enumerate(zip(user_inputs(gm.graph), flat)):
-        val = node.meta.get("val")
-        if not isinstance(val, torch.Tensor) or not isinstance(value, torch.Tensor) or val.dim() != value.dim():
-            continue
-        for d, size in enumerate(val.shape):
-            expr = env.replace(size.node.expr) if isinstance(size, torch.SymInt) else None
-            if isinstance(expr, sympy.Symbol):
-                dims.setdefault(expr, []).append((position, d))
+    dims = _symbol_dims(gm, flat)
     examples, seen = [], set()
     for symbol, where in dims.items():
         size = flat[where[0][0]].shape[where[0][1]]
@@ -64,11 +55,20 @@ def excluded_size_one_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> l
 def size_one_dims(gm: fx.GraphModule, flat: list) -> bool:
     """Whether one of ``gm``'s symbolic input dims has size 1 in ``flat`` (a shape a graph captured with those
     dims fixed at 1 may hold for)."""
+    return any(flat[i].shape[d] == 1 for places in _symbol_dims(gm, flat).values() for i, d in places)
+
+
+def _symbol_dims(gm: fx.GraphModule, flat: list) -> dict[sympy.Symbol, list[tuple[int, int]]]:
+    """Each symbol sizing one of ``gm``'s user input dims alone, with the ``(flat input, dim)`` places it sizes
+    (inputs of another rank than the graph's left out)."""
     env = gm.meta[FAKE_MODE_KEY].shape_env
-    for node, value in zip(user_inputs(gm.graph), flat):
+    dims: dict[sympy.Symbol, list[tuple[int, int]]] = {}
+    for position, (node, value) in enumerate(zip(user_inputs(gm.graph), flat)):
         val = node.meta.get("val")
-        if isinstance(val, torch.Tensor) and isinstance(value, torch.Tensor) and val.dim() == value.dim():
-            if any(isinstance(size, torch.SymInt) and isinstance(env.replace(size.node.expr), sympy.Symbol)
-                   and value.shape[d] == 1 for d, size in enumerate(val.shape)):
-                return True
-    return False
+        if not isinstance(val, torch.Tensor) or not isinstance(value, torch.Tensor) or val.dim() != value.dim():
+            continue
+        for d, size in enumerate(val.shape):
+            expr = env.replace(size.node.expr) if isinstance(size, torch.SymInt) else None
+            if isinstance(expr, sympy.Symbol):
+                dims.setdefault(expr, []).append((position, d))
+    return dims

@@ -23,11 +23,10 @@ a checked one (its constants are released by then: the check would first copy ev
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.fx as fx
 
+from pyrys.backends.dnnl.lower_int8 import INT8
 from pyrys.numerics import relative_error
 
 ALLOWED = {"fp32": 1e-3, "bf16": 1e-1, "int8": 2.5e-1}
@@ -38,8 +37,7 @@ def checkable(gm: fx.GraphModule, inputs: list) -> bool:
     """Whether two runs of ``gm`` on ``inputs`` should agree: no random op, every floating input finite."""
     if any(_random(node) for node in gm.graph.nodes if node.op == "call_function"):
         return False
-    return all(math.isfinite(t.double().sum().item()) for t in inputs
-               if isinstance(t, torch.Tensor) and t.is_floating_point())
+    return all(bool(t.isfinite().all()) for t in inputs if isinstance(t, torch.Tensor) and t.is_floating_point())
 
 
 def _random(node: fx.Node) -> bool:
@@ -56,7 +54,7 @@ def precision_of(gm: fx.GraphModule) -> str:
     """The lowest precision the graph computes in: ``"int8"``, ``"bf16"`` or ``"fp32"`` (its inputs aside:
     a model converting uint8 images is a float32 graph)."""
     dtypes = {getattr(node.meta.get("val"), "dtype", None) for node in gm.graph.nodes if node.op == "call_function"}
-    if dtypes & {torch.int8, torch.uint8}:
+    if dtypes & INT8:
         return "int8"
     return "bf16" if torch.bfloat16 in dtypes else "fp32"
 
