@@ -6,6 +6,7 @@ first, huge, is one block) and times them in alternating order; it prints each m
 the first.  Within ~5% of 1 is a tie.
 
     python benchmarks/attention_blocks_ab.py --model hf_whisper_encoder --budgets-mb 1000 2 4 8 16 32
+    python benchmarks/attention_blocks_ab.py --precision bf16 --budgets-mb 1000 0.5 1 2 4 8
 """
 from __future__ import annotations
 
@@ -23,13 +24,14 @@ def main() -> None:
     parser.add_argument("--model", default="hf_whisper_encoder")
     parser.add_argument("--budgets-mb", type=float, nargs="+", default=[1000, 2, 4, 8, 16, 32])
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     args = parser.parse_args()
     model = build_model(args.model)
     inputs = example_inputs(args.model, 1, model)
     programs = {}
     for budget in args.budgets_mb:
         lower_attention.SCORES_BLOCK_BYTES = int(budget * (1 << 20))
-        programs[budget] = pyrys.optimize(model, inputs, layout="nhwc")
+        programs[budget] = pyrys.optimize(model, inputs, layout="nhwc", precision=args.precision)
         programs[budget](*inputs)
     times = {budget: [] for budget in programs}
     for round_ in range(args.rounds):

@@ -56,8 +56,9 @@ MASKED = -1e30  # a masked score: exp(MASKED - max) is 0 next to any real score,
 # Attention runs in blocks whose scores take about this much (blockings): Whisper's encoder (1500 queries and
 # keys, 6 heads: 54 MB of scores per layer) ran 0.83x of the time of one block in blocks of 6-12 MB, 0.86x in
 # 4 MB, 0.93x in 2 MB and 0.97x in 32 MB (Sapphire Rapids, 2 cores, 2 MB of L2 each; float32); ViT-base at
-# batch 8 in bf16 within 4% from 2 to 8 MB, 0.86x of unblocked; a block of fewer than 16 queries makes too
-# small a matrix product
+# batch 8 in bf16 within 4% from 2 to 8 MB, 0.86x of unblocked; Whisper's encoder in bf16 on an AVX-512 BF16
+# EPYC without AMX (1 MB of L2 per core) 0.72x in 8 MB, 0.74-0.76x in 1-4 MB, 0.80x in 0.5 MB
+# (benchmarks/attention_blocks_ab.py); a block of fewer than 16 queries makes too small a matrix product
 SCORES_BLOCK_BYTES = 8 << 20
 MIN_BLOCK_ROWS = 16
 
