@@ -33,6 +33,38 @@ def rand(*shape, seed=1):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
+class SeparateHeads(nn.Module):
+    """Query, key and value from projections of their own, each made compact (as Whisper writes it), the
+    heads merged back."""
+
+    def __init__(self, width=128, heads=2):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.v, self.heads = nn.Linear(width, width), nn.Linear(width, width), nn.Linear(width, width), heads
+        self.eval()
+
+    def forward(self, x):
+        b, t, c = x.shape
+        q, k, v = (p(x).view(b, t, self.heads, c // self.heads).transpose(1, 2).contiguous() for p in (self.q, self.k, self.v))
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, c)
+
+
+@needs_native_bf16
+def test_bfloat16_one_head_blocks_write_a_compact_buffer_where_the_merge_layout_loses_the_brgemm_kernel(monkeypatch):
+    """V compact already, the output laid out for the heads' merge: a one-head block's rows there lie a
+    row of every head apart, which oneDNN 3.2's bf16 matmul runs in its gemm kernel; the blocks write a
+    compact buffer (brgemm) that one reorder lays out for the merge."""
+    forced = lambda dims, keys: [lower_attention.Blocks(len(dims) - 2, 48, singles=len(dims) - 2)]  # noqa: E731
+    monkeypatch.setattr(lower_attention, "blockings", forced)
+    model, x = SeparateHeads(), rand(1, 96, 128)
+    opt = pyrys.optimize(model, (x,), precision="bf16")
+    text = opt.program_text()
+    matmuls = [line for line in text.splitlines() if "scaled_dot_product_attention" in line and "dnnl::matmul" in line]
+    assert len(matmuls) == 8 and all("impl=brg" in line for line in matmuls), text
+    assert "scaled_dot_product_attention.heads.reorder" in text, text
+    assert relative_error(opt(x), model(x)) <= 2e-2
+
+
 class Heads(nn.Module):
     """A projection split into heads, attention, the heads merged back (as BERT and GPT-2 write it)."""
 
