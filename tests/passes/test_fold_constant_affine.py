@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+import pyrys
+
 from tests.conftest import TOLERANCE
 from tests.models import image
 
@@ -132,3 +134,54 @@ def test_constant_check_handles_deep_graphs():
         value = graph.call_function(torch.ops.aten.relu.default, (value,))
     graph.output(value)
     assert constant_expr(value) is False
+
+
+class ConvOver(torch.nn.Module):
+    """``conv(x) / d`` for a number ``d`` (0 here: eager gives +-inf)."""
+
+    def __init__(self, divisor):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.divisor = torch.nn.Conv2d(3, 4, 1), divisor
+
+    def forward(self, x):
+        return self.conv(x) / self.divisor
+
+
+@pytest.mark.parametrize("model, word", [(ConvOver(0.0), "divisor 0.0"),
+                                         (ConvAffine(torch.tensor(float("inf")), torch.tensor(0.0)), "divisor %scale"),
+                                         (ConvAffine(torch.tensor([1.0, 0.0, 2.0, 1.0, 1.0, 1.0]).view(6, 1, 1),
+                                                     torch.tensor(0.0)), "divisor %scale")])
+def test_a_divisor_of_zero_or_inf_does_not_fold_into_the_weights(run_passes, model, word):
+    """``W * (1 / 0)`` sums to NaN where eager's ``conv(x) / 0`` is +-inf (and ``W / inf`` to 0 where eager's
+    ``inf / inf`` is NaN): such a constant stays an op, a miss saying why."""
+    x = image(channels=model.conv.in_channels)
+    result = run_passes(model.eval(), (x,), *PASSES)
+    assert "aten::div" in result.after
+    assert any(m.reason.startswith(f"the {word} is not finite or is 0") for m in result.misses), result.misses
+    torch.testing.assert_close(pyrys.optimize(model, (x,))(x), model(x), equal_nan=True)
+
+
+class ScaleChain(torch.nn.Module):
+    def forward(self, x):
+        return (x.sin() * 1e-39) * 1e39
+
+
+def test_scales_merge_only_where_float32_holds_them_and_their_product():
+    """float32 rounds ``1e39`` to inf, so eager's ``x * 1e-39 * 1e39`` is +-inf, not ``x * 1.0``."""
+    x = torch.randn(2, 3)
+    opt = pyrys.optimize(ScaleChain().eval(), (x,))
+    assert "merge_affine" not in str(opt.report())
+    torch.testing.assert_close(opt(x), ScaleChain()(x), equal_nan=True)
+
+
+def test_division_by_zero_runs_as_in_eager(backend):
+    """``relu(x) / 0``: inf where x > 0, NaN where it is 0; the dnnl backend's ``x * (1 / c)`` has no such
+    ``1 / c``, so torch divides."""
+    model, x = ConvOver(0), image(channels=3)
+    opt = pyrys.optimize(model.eval(), (x,), backend=backend)
+    torch.testing.assert_close(opt(x), model(x), equal_nan=True)
+    relu = torch.nn.Sequential(torch.nn.ReLU())
+    relu.forward = lambda x: torch.relu(x) / 0  # noqa: E731 (a module whose forward divides by a literal 0)
+    opt = pyrys.optimize(relu.eval(), (x,), backend=backend)
+    torch.testing.assert_close(opt(x), torch.relu(x) / 0, equal_nan=True)

@@ -14,7 +14,10 @@ which ``constant_propagation`` evaluates:
     (x * a1) / a2 -> x * (a1 / a2)        (x / a1) * a2 -> x / (a1 / a2)
 
 Only when the constant has the input's dtype (no type promotion) and does not
-broadcast the result to a larger shape.
+broadcast the result to a larger shape; and, for ``*`` and ``/``, where its values (known now:
+a number, a frozen tensor) are finite, nonzero as a divisor, and merge into a finite, nonzero
+one in that dtype: ``conv(x) / 0`` is ``+-inf`` in eager, ``W * inf`` sums to NaN, and
+``x * 1e-39 * 1e39`` is ``inf`` in float32 (``1e39`` rounds to it) but ``x * 1.0`` merged.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import torch
 import torch.fx as fx
 
 from pyrys.ir.edit import insert_op, replace_node, set_args
-from pyrys.ir.graph import add_constant, is_constant, op_args, tensor_meta
+from pyrys.ir.graph import add_constant, constant_value, is_constant, op_args, tensor_meta
 from pyrys.ir.symbolic import keeps_shape
 from pyrys.ir.ops import FOLD_AFFINE_BIAS, FOLD_SCALE
 from pyrys.ir.vocabulary import LINEARS, WEIGHTED, is_pure, output_channel_layout
@@ -108,6 +111,24 @@ def constant_affine(node: fx.Node) -> AffineOp | None:
     return AffineOp(x, family, inverse, constant)
 
 
+def _known_values(gm: fx.GraphModule, constant, dtype: torch.dtype) -> torch.Tensor | None:
+    """The constant's values in ``dtype`` where they are known now (a number, a frozen tensor), else None."""
+    if not isinstance(constant, fx.Node):
+        return torch.tensor(constant, dtype=dtype)
+    value = constant_value(gm, constant) if is_constant(constant) else None
+    return value.to(dtype) if isinstance(value, torch.Tensor) else None
+
+
+def _scales_like_eager(values: torch.Tensor | None, inverse: bool) -> bool:
+    """Whether multiplying by ``values`` (dividing, for ``inverse``) folds into weights or another scale as
+    eager computes it: finite values, a divisor nonzero with a finite reciprocal; unknown values pass."""
+    if values is None:
+        return True
+    if not bool(torch.isfinite(values).all()):
+        return False
+    return not inverse or bool((values != 0).all() and torch.isfinite(values.reciprocal()).all())
+
+
 def _as_tensor_node(gm: fx.GraphModule, value, like: torch.Tensor, name: str) -> fx.Node:
     if isinstance(value, fx.Node):
         return value
@@ -143,6 +164,10 @@ class FoldAffineIntoProducer(Rule):
         miss = _channel_miss(out, op.constant, axis, producer) or shared_miss(producer, "its weights cannot change")
         if miss:
             return miss
+        if op.family == "mul" and not _scales_like_eager(_known_values(gm, op.constant, out.dtype), op.inverse):
+            word = "divisor" if op.inverse else "scale"
+            return fail(f"the {word} {_constant_text(op.constant)} is not finite{' or is 0' if op.inverse else ''}: in "
+                        f"the weights of %{producer.name} it would give NaN where eager gives inf")
         return Match({"op": op, "args": args, "channels": out.shape[axis]})
 
     def rewrite(self, gm: fx.GraphModule, node: fx.Node, match: Match) -> None:
@@ -183,7 +208,7 @@ class MergeAffine(Rule):
             return miss
         combine = _TENSOR_OP[outer.family, outer.inverse != inner.inverse]
         literal = not isinstance(inner.constant, fx.Node) and not isinstance(outer.constant, fx.Node)
-        if literal and combine is aten.div.Tensor and outer.constant == 0:
+        if outer.family == "mul" and not _merges_like_eager(gm, inner, outer, combine, tensor_meta(inner.x).dtype):
             return None
         return Match({"inner": inner, "outer": outer, "combine": combine, "literal": literal})
 
@@ -200,6 +225,23 @@ class MergeAffine(Rule):
             merged = insert_op(gm.graph, _TENSOR_OP[inner.family, inner.inverse], (inner.x, constant), node.name)
         replace_node(node, merged)
         gm.graph.erase_node(outer.x)
+
+
+def _merges_like_eager(gm: fx.GraphModule, inner: AffineOp, outer: AffineOp, combine, dtype: torch.dtype) -> bool:
+    """Whether ``(x * a1) * a2`` (or ``/``) may run as ``x * (a1 * a2)``: each scale as eager rounds it
+    (:func:`_scales_like_eager`), and their merge, in ``dtype``, finite and nonzero (no overflow or underflow
+    the two steps would not have)."""
+    a1, a2 = (_known_values(gm, op.constant, dtype) for op in (inner, outer))
+    if not (_scales_like_eager(a1, inner.inverse) and _scales_like_eager(a2, outer.inverse)):
+        return False
+    if a1 is None or a2 is None:
+        return True
+    merged = _PYTHON_OP[combine](a1, a2)
+    return bool(torch.isfinite(merged).all() and (merged != 0).all())
+
+
+def _constant_text(constant) -> str:
+    return f"%{constant.name}" if isinstance(constant, fx.Node) else repr(constant)
 
 
 FOLD_AFFINE_RULES: tuple[Rule, ...] = (FoldAffineIntoProducer(), MergeAffine())

@@ -5,6 +5,8 @@ Ops without a layout preference run in their producer's layout (their output tak
 """
 from __future__ import annotations
 
+import math
+
 import operator
 
 import torch
@@ -94,6 +96,8 @@ def lower_binary(builder: Builder, node: fx.Node) -> None:
     check_dtype(out, dtypes=F32_OR_BF16)
     if isinstance(b, (int, float)) and isinstance(a, fx.Node):
         check_dtype(a.meta["val"], out, dtypes=F32_OR_BF16)
+        if node.target is aten.div.Tensor and not _reciprocal_is_finite(b):
+            raise Unsupported(f"division by {b!r}, whose reciprocal is not a finite float32 (torch divides)")
         return _linear(builder, node, builder.value_of(a), *_SCALAR_AS_LINEAR[node.target](float(b)))
     if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
         raise Unsupported("operands")
@@ -125,6 +129,11 @@ def lower_binary(builder: Builder, node: fx.Node) -> None:
     if x_scale is not None:
         args[ARG_ATTR_SCALES | ARG_SRC] = scale_value(builder, x_scale, f"{node.name}.src_scale")
     builder.add_primitive(text, pd, args, [x, y], [result])
+
+
+def _reciprocal_is_finite(c: float) -> bool:
+    """``x / c`` runs as ``x * (1 / c)`` where ``1 / c`` is a finite float32 (not for 0, inf, NaN, 1e-40)."""
+    return c != 0 and math.isfinite(1.0 / c) and abs(1.0 / c) <= torch.finfo(torch.float32).max
 
 
 def _broadcast_dims(shape, ndims: int) -> list[int]:
