@@ -243,3 +243,88 @@ def test_captures_take_turns_with_dynamos_compiles(monkeypatch):
     pyrys.optimize(export(model, (image(),)), backend="reference")
     assert ("export", True) in held and ("decompositions", True) in held
     assert all(owned for _, owned in held), held
+
+
+def test_inputs_that_require_grad_run_in_torch_so_that_gradients_reach_them(dynamo_graphs, caplog):
+    model, x = torch.nn.Linear(4, 2).eval(), torch.rand(3, 4, requires_grad=True)
+    y = torch.compile(model, backend="pyrys")(x)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, model.weight.sum(0).expand(3, 4))
+    (graph,) = dynamo_graphs
+    assert not graph.programs and "inputs that require grad" in caplog.text
+
+
+def test_parameters_that_require_grad_alone_get_the_program_and_a_warning(dynamo_graphs, caplog):
+    model, x = conv_bn_relu(), image()
+    y = torch.compile(model, backend="pyrys")(x)
+    assert pyrys.relative_error(y, model(x)) <= TOLERANCE and not y.requires_grad
+    (graph,) = dynamo_graphs
+    assert graph.programs and "outputs carry no autograd graph" in caplog.text
+
+
+def test_weights_written_or_replaced_after_compiling_compile_again(dynamo_graphs):
+    """Eager reads the parameters at every call: an optimizer step, ``load_state_dict`` or a new Parameter is
+    seen by the next call, as in eager (and in torch.compile's other backends)."""
+    model, x = torch.nn.Linear(4, 4).eval(), torch.rand(2, 4)
+    compiled = torch.compile(model, backend="pyrys")
+    with torch.no_grad():
+        compiled(x)
+        model.weight.mul_(2)
+        assert pyrys.relative_error(compiled(x), model(x)) <= TOLERANCE
+        model.load_state_dict({"weight": torch.rand(4, 4), "bias": torch.rand(4)})
+        assert pyrys.relative_error(compiled(x), model(x)) <= TOLERANCE
+        model.weight = torch.nn.Parameter(torch.rand(4, 4))
+        assert pyrys.relative_error(compiled(x), model(x)) <= TOLERANCE
+    assert all(graph.programs for graph in dynamo_graphs)
+
+
+def test_batch_norm_statistics_a_training_call_updates_reach_the_eval_program():
+    """The train-mode graph runs in torch (it writes the statistics, without a new version counter: pyrys
+    gives them one), the eval-mode graph compiles again from the new statistics."""
+    model, x = conv_bn_relu(), image(batch=2)
+    compiled = torch.compile(model, backend="pyrys")
+    with torch.no_grad():
+        compiled(x)
+        model.train()
+        compiled(x * 3 + 1)
+        model.eval()
+        assert pyrys.relative_error(compiled(x), model(x)) <= TOLERANCE
+
+
+def test_state_that_keeps_changing_stops_compiling_and_runs_in_torch(dynamo_graphs, monkeypatch):
+    from pyrys import compile_backend
+
+    monkeypatch.setattr(compile_backend, "MAX_STATE_CHANGES", 2)
+    model, x = torch.nn.Linear(4, 4).eval(), torch.rand(2, 4)
+    compiled = torch.compile(model, backend="pyrys")
+    with torch.no_grad():
+        for _ in range(4):
+            model.weight.add_(1)
+            assert pyrys.relative_error(compiled(x), model(x)) <= TOLERANCE
+    (graph,) = dynamo_graphs
+    assert graph.runs_in_torch.startswith("its parameters or buffers changed more than 2 times")
+
+
+def test_a_graph_under_autocast_runs_in_torch_with_autocasts_dtypes(dynamo_graphs, caplog):
+    model, x = torch.nn.Linear(8, 8).eval(), torch.rand(3, 8)
+
+    def inside(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(x)
+        return y.float().softmax(-1)
+
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outside, expected = torch.compile(model, backend="pyrys")(x), model(x)
+        assert outside.dtype == torch.bfloat16 and torch.equal(outside, expected)
+        torch.testing.assert_close(torch.compile(inside, backend="pyrys")(x), inside(x))
+    assert len(dynamo_graphs) == 2 and all(g.runs_in_torch.startswith("it runs under torch.autocast") for g in dynamo_graphs)
+    assert "options={'precision': 'bf16'}" in caplog.text
+
+
+def test_a_graph_without_tensor_inputs_runs_in_torch():
+    torch.testing.assert_close(torch.compile(lambda n: torch.arange(n).float() * 2 + 1, backend="pyrys")(4),
+                               torch.arange(4).float() * 2 + 1)
+    x = torch.rand(3)
+    ones, same = torch.compile(lambda x: (torch.ones(2), x), backend="pyrys")(x)
+    assert torch.equal(ones, torch.ones(2)) and torch.equal(same, x)

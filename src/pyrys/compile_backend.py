@@ -46,6 +46,7 @@ _STATE_SOURCE = re.compile(r"\['([^']+)'\]|\.([A-Za-z_]\w*)")
 _SOURCE_ROOT = re.compile(r"[LG]\['([^']+)'\]")  # a local or global of the compiled frame
 _COMPILED_MODULE = ("self", "fn")
 MAX_WRAPPED_VALUES = 8  # distinct values of a graph's number inputs that get programs (then torch runs it)
+MAX_STATE_CHANGES = 4  # times a graph's parameters or buffers may change and compile again (then torch runs it)
 
 
 def pyrys_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None = None) -> Callable:
@@ -142,6 +143,13 @@ def _trains_batch_norm(gm: fx.GraphModule) -> bool:
     return False
 
 
+def _under_autocast(gm: fx.GraphModule) -> bool:
+    """Whether ``gm`` runs under autocast (the caller's: dynamo guards on it, so this graph is called under it
+    only; or its own), whose dtypes a pyrys program would not follow."""
+    return torch.is_autocast_enabled("cpu") or any(node.target is torch.amp.autocast_mode._enter_autocast
+                                                   for node in gm.graph.nodes)
+
+
 def _wrapped_number(node: fx.Node) -> bool:
     """A Python number dynamo passes as a 0-dim tensor (``pass_arg_as_tensor``; not a NumPy array, which it
     passes so too) that the graph reads only with ``.item()``."""
@@ -186,12 +194,25 @@ class DynamoGraph:
                        if i not in self.state and i not in self.wrapped and isinstance(v, torch.Tensor)]
         self.scalars = [i for i, v in enumerate(example_inputs) if not isinstance(v, torch.Tensor)]
         self.training = _trains_batch_norm(gm)
+        # the state the programs froze, to see it written or replaced (an optimizer step, load_state_dict, a
+        # train-mode call updating BatchNorm's statistics): each object and its version counter
+        self._held = [value for _, value in self.state.values()]
+        self._versions = _versions(self._held)
+        self._state_changes = 0
+        self._grad_noted = False
+        self._state_names: dict[int, str] = {}  # state position -> its name in the optimized module
+        self._writes_state: list[int] = []  # the state positions this graph writes (it runs in torch)
         # one program per concrete signature, compiled on first call (outside dynamo's tracing); at most
         # max_shapes of them, the least recently called dropped first
         self._shapes: ShapeCache | None = None
         self._compiling = threading.Lock()
         # why this graph runs in torch as dynamo gave it (None: it runs as pyrys programs)
         self.runs_in_torch: str | None = None
+        if not self.inputs:  # a graph of constants: nothing to compile for, nothing to warn about
+            self.runs_in_torch = "it has no tensor input to compile for: it runs in torch"
+        elif _under_autocast(gm):
+            self._run_in_torch("it runs under torch.autocast, whose dtypes a pyrys program would not follow (for "
+                               "bfloat16, options={'precision': 'bf16'} without autocast)")
 
     @property
     def programs(self) -> dict[Any, OptimizedModule]:
@@ -221,6 +242,7 @@ class DynamoGraph:
                     if program.writes:
                         written = ", ".join(re.sub(r"^inputs_(\d+)$", r"input \1", name.removeprefix("graph_state."))
                                             for name in program.writes)
+                        self._writes_state = [i for i, name in self._state_names.items() if name in program.writes]
                         self._run_in_torch(f"the graph writes {written} in place, which a pyrys program would not")
                         return None
                     if self._shapes is None:
@@ -233,6 +255,7 @@ class DynamoGraph:
     def _optimize(self, inputs: tuple, scalars: dict) -> OptimizedModule:
         gm, scalars = _unwrapped(self.gm, self.wrapped, scalars)
         module = _StatefulGraph(gm, self.inputs, self.state, scalars).train(self.training)
+        self._state_names = {i: f"{owner}.{name}" for i, (owner, name) in module._paths.items()}
         with torch.no_grad():
             program = optimize(module, inputs, **self.options)
         shapes = ", ".join(str(tuple(x.shape)) for x in inputs if isinstance(x, torch.Tensor))
@@ -259,12 +282,80 @@ class DynamoGraph:
         self.runs_in_torch = f"{why}: it runs in torch"
         LOG.warning("pyrys (torch.compile): %s", self.runs_in_torch)
 
+    def _follow_state(self, args: tuple) -> None:
+        """Compile again where the parameters or buffers were written or replaced since the programs froze them
+        (eager reads them at every call); past :data:`MAX_STATE_CHANGES` changes the graph runs in torch."""
+        current = [args[i] for i in self.state]
+        if all(a is b for a, b in zip(current, self._held)) and _versions(current) == self._versions:
+            return
+        with self._compiling:
+            if self.runs_in_torch or (all(a is b for a, b in zip(current, self._held))
+                                      and _versions(current) == self._versions):
+                return
+            self._state_changes += 1
+            if self._state_changes > MAX_STATE_CHANGES:
+                self._run_in_torch(f"its parameters or buffers changed more than {MAX_STATE_CHANGES} times since "
+                                   "they were frozen, each a compile")
+                return
+            changed = [path for (path, _), a, b in zip(self.state.values(), current, self._held)
+                       if a is not b or _versions([a]) != _versions([b])]
+            LOG.info("pyrys (torch.compile): %s changed since compiling: compiling again", ", ".join(changed) or "state")
+            self.state = {i: (path, args[i]) for i, (path, _) in self.state.items()}
+            self._held, self._versions, self._shapes = current, _versions(current), None
+
+    def _grad_in_torch(self, args: tuple) -> bool:
+        """Whether this call records autograd for inputs that require grad: then torch runs it (gradients
+        w.r.t. the inputs are what the caller wants); parameters that require grad alone get the program,
+        whose outputs carry no autograd graph, noted once."""
+        if not torch.is_grad_enabled():
+            return False
+        if any(isinstance(args[i], torch.Tensor) and args[i].requires_grad for i in self.inputs):
+            self._note_grad("inputs that require grad, in grad mode: torch runs the graph, so that gradients "
+                            "reach them")
+            return True
+        if any(args[i].requires_grad for i in self.state):
+            self._note_grad("parameters that require grad, in grad mode: the program's outputs carry no "
+                            "autograd graph (pyrys compiles for inference; call under torch.no_grad() or "
+                            "torch.inference_mode(), or train with another backend)")
+        return False
+
+    def _note_grad(self, what: str) -> None:
+        if not self._grad_noted:
+            self._grad_noted = True
+            LOG.warning("pyrys (torch.compile): a graph called with %s", what)
+
     def __call__(self, *args):
+        if not self.runs_in_torch and self._grad_in_torch(args):
+            return self.gm(*args)
+        if self.state and not self.runs_in_torch:
+            self._follow_state(args)
         program = None if self.runs_in_torch else self._compile(list(args))
         if program is None:
-            return self.gm(*args)
+            outputs = self.gm(*args)
+            for i in self._writes_state:  # BatchNorm's statistics are written without a new version: the
+                _bump_version(args[i])   # graphs that froze them see the write by this
+            return outputs
         with torch.no_grad():
             return program(*[args[i] for i in self.inputs])
+
+
+def _versions(tensors: list[torch.Tensor]) -> list[int | None]:
+    """Each tensor's version counter, which every write in place bumps (None for an inference-mode tensor,
+    which has none)."""
+    versions = []
+    for tensor in tensors:
+        try:
+            versions.append(tensor._version)
+        except RuntimeError:
+            versions.append(None)
+    return versions
+
+
+def _bump_version(tensor: torch.Tensor) -> None:
+    try:
+        torch.autograd.graph.increment_version(tensor)
+    except RuntimeError:  # an inference-mode tensor has no version counter
+        pass
 
 
 def register_backend() -> None:
