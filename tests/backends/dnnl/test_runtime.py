@@ -180,9 +180,11 @@ def test_deepcopy_shares_the_compiled_plan_but_not_the_frames():
     assert pyrys.relative_error(twin(x), model(x)) <= TOLERANCE
 
 
-def test_only_programs_with_max_pooling_check_their_inputs():
+def test_only_programs_with_a_step_unlike_eager_on_nonfinite_values_check_their_inputs():
     x = torch.randn(1, 3, 16, 16)
-    assert pyrys.optimize(small_net(), (x,), backend="dnnl")._first.program.float_inputs == []
+    conv_sigmoid = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sigmoid()).eval()
+    assert pyrys.optimize(conv_sigmoid, (x,), backend="dnnl")._first.program.float_inputs == []
+    assert pyrys.optimize(small_net(), (x,), backend="dnnl")._first.program.float_inputs == [0]  # its relu
 
 
 def test_calls_with_a_nan_or_an_infinity_in_an_input_run_on_the_reference_backend():

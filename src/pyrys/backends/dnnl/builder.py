@@ -282,9 +282,9 @@ class Builder:
 
     # -- steps --------------------------------------------------------------------------
     def add_primitive(self, text: str, pd: PrimitiveDesc, args: dict[int, Value], reads: list[Value],
-                      writes: list[Value], drops_nan: bool = False) -> None:
+                      writes: list[Value], unlike_eager_on_nonfinite: bool = False) -> None:
         """A step running a primitive made from ``pd`` (created in oneDNN's user scratchpad mode);
-        ``drops_nan``: its kernel turns a NaN input into a number where eager keeps the NaN."""
+        ``unlike_eager_on_nonfinite``: its kernel gives another result than eager's for NaN or infinities."""
         primitive = Primitive(pd)
         scratchpad_md = pd.scratchpad_md()
         self.scratchpad_bytes = max(self.scratchpad_bytes, scratchpad_md.size())
@@ -298,7 +298,7 @@ class Builder:
 
         constants = [value for value in args.values() if value.kind == CONSTANT]
         mds = {arg: value.md for arg, value in args.items()}
-        self.steps.append(Step(text, reads, writes, bind, constants, drops_nan, primitive=(primitive, mds)))
+        self.steps.append(Step(text, reads, writes, bind, constants, unlike_eager_on_nonfinite, primitive=(primitive, mds)))
 
     def add_torch(self, text: str, bind, reads: list[Value], writes: list[Value]) -> None:
         """A step running torch code; ``bind(frame)`` returns the call for one frame."""

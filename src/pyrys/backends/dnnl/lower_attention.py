@@ -546,7 +546,7 @@ def _emit_blocks(builder: Builder, node: fx.Node, o: Operands, result: Value, bl
         # P = softmax(S), in place (in bfloat16 for bfloat16 attention)
         softmax = softmax_pd(builder.engine, s.md, last, p.md)
         text = f"%{probs.name}{block} = dnnl::softmax[axis={last}](%{scores.name}{block})"
-        builder.add_primitive(text, softmax, {ARG_SRC: s, ARG_DST: p}, [s], [p])
+        builder.add_primitive(text, softmax, {ARG_SRC: s, ARG_DST: p}, [s], [p], unlike_eager_on_nonfinite=True)
 
         # O = (P V) * keep, into the block's part of the output
         pd = _block_pd(builder, p, v, out, None, keep and (AlgKind.binary_mul, keep))

@@ -80,7 +80,7 @@ def _finish(builder: Builder, node: fx.Node, pd: PrimitiveDesc, src: Value, weig
     reads = [src, *chain.binary_operands.values()] + ([chain.sum_base] if chain.sum_base else [])
     operands = [f"%{v.name}" for v in reads]
     builder.add_primitive(node_text(node, label, format_info(pd) + note, operands), pd, args, reads, [dst],
-                          drops_nan=chain.drops_nan)
+                          unlike_eager_on_nonfinite=chain.unlike_eager_on_nonfinite)
     return dst
 
 

@@ -26,7 +26,7 @@ from pyrys.backends.dnnl.descriptors import (
     softmax_pd,
 )
 from pyrys.backends.dnnl.layout import POLICY_TAGS, plain_md, policy_md
-from pyrys.backends.dnnl.post_ops import DROPS_NAN, eltwise_post_ops, eltwise_steps
+from pyrys.backends.dnnl.post_ops import UNLIKE_EAGER_ON_NONFINITE, eltwise_post_ops, eltwise_steps
 from pyrys.backends.dnnl.primitives import MemoryDesc, PrimitiveAttr
 from pyrys.backends.dnnl.values import ALIAS, PLANNED, Value, part_of
 from pyrys.ir.fused import FUSED_CONV, FUSED_CONV_TRANSPOSE
@@ -61,15 +61,16 @@ def _unary(builder: Builder, node: fx.Node, post_op: PostOp) -> None:
     check_dtype(node.args[0].meta["val"], node.meta["val"], dtypes=F32_OR_BF16)
     (alg, alpha, beta), *rest = steps = eltwise_steps(post_op)
     name = post_op.name
+    unlike_eager = name in UNLIKE_EAGER_ON_NONFINITE
     text = node_text(node, f"dnnl::{name}", f"format_info=[{x.layout()}]", [f"%{x.name}"])
     if not rest:
         pd = eltwise_pd(builder.engine, alg, x.md, x.md, alpha, beta)
         out = builder.define(node, pd.dst_md())
-        return builder.add_primitive(text, pd, {ARG_SRC: x, ARG_DST: out}, [x], [out], drops_nan=name in DROPS_NAN)
+        return builder.add_primitive(text, pd, {ARG_SRC: x, ARG_DST: out}, [x], [out], unlike_eager_on_nonfinite=unlike_eager)
     zero = builder.constant_value(torch.zeros([1] * x.md.ndims), same_layout_md(x, [1] * x.md.ndims), "zero")
     pd = binary_pd(builder.engine, AlgKind.binary_add, x.md, zero.md, x.md, PrimitiveAttr(eltwise_post_ops(steps)))
     out = builder.define(node, pd.dst_md())
-    builder.add_primitive(text, pd, {ARG_SRC: x, ARG_SRC_1: zero, ARG_DST: out}, [x], [out], drops_nan=name in DROPS_NAN)
+    builder.add_primitive(text, pd, {ARG_SRC: x, ARG_SRC_1: zero, ARG_DST: out}, [x], [out], unlike_eager_on_nonfinite=unlike_eager)
 
 
 def lower_unary(builder: Builder, node: fx.Node) -> None:
@@ -200,7 +201,7 @@ def _pool_into(builder: Builder, node: fx.Node, out: Value, x: Value, alg: AlgKi
     out.md = pd.dst_md()
     text = node_text(node, f"dnnl::{alg.name}", f"kernel={list(kernel)}, format_info=[{x.layout()}]"
                                                f"{quantizing_note(quant)}", [f"%{x.name}"])
-    builder.add_primitive(text, pd, {ARG_SRC: x, ARG_DST: out}, [x], [out], drops_nan=alg == AlgKind.pooling_max)
+    builder.add_primitive(text, pd, {ARG_SRC: x, ARG_DST: out}, [x], [out], unlike_eager_on_nonfinite=alg == AlgKind.pooling_max)
 
 
 def _expand(values, rank: int) -> list[int]:
@@ -326,7 +327,7 @@ def lower_softmax(builder: Builder, node: fx.Node) -> None:
     pd = softmax_pd(builder.engine, x.md, dim, x.md, alg)
     out = builder.define(node, pd.dst_md())
     builder.add_primitive(node_text(node, "dnnl::softmax", f"axis={dim}", [f"%{x.name}"]),
-                          pd, {ARG_SRC: x, ARG_DST: out}, [x], [out])
+                          pd, {ARG_SRC: x, ARG_DST: out}, [x], [out], unlike_eager_on_nonfinite=True)  # a row's NaN or inf
 
 
 def lower_layer_norm(builder: Builder, node: fx.Node) -> None:

@@ -29,8 +29,9 @@ FLT_MAX = 3.4028234663852886e38
 # positive y lose digits), 0 * y = -0 for y <= 0, NaN * 0 = NaN, and also -inf * 0 = NaN (eager: 0);
 # abs turns -0 into +0.  It costs nothing measurable (ResNet-50 0.99x oneDNN's relu; an elu(0)-based
 # form, which also maps -inf to 0, cost 1.09x).  The same trick for clip (clip(y, -inf, hi) sends NaN
-# to -inf, the mask turns it back) cost MobileNetV2 1.065x, so clip and hardsigmoid stay oneDNN's and
-# a program holding one checks its inputs instead (DROPS_NAN, runtime.py).
+# to -inf, the mask turns it back) cost MobileNetV2 1.065x, so clip and hardsigmoid stay oneDNN's;
+# a program holding one of these, or the mask (its -inf), checks its inputs instead (UNLIKE_EAGER_ON_NONFINITE,
+# runtime.py).
 MASK_NEGATIVE: Eltwise = (AlgKind.eltwise_hardswish, FLT_MAX, 0.0)
 RELU: list[Eltwise] = [MASK_NEGATIVE, (AlgKind.eltwise_abs, 0.0, 0.0)]
 
@@ -60,8 +61,10 @@ ELTWISE: dict[str, Callable[..., list[Eltwise]]] = {
     "tanh": _single(AlgKind.eltwise_tanh),
     "mish": _single(AlgKind.eltwise_mish),
 }
-# the post-ops whose oneDNN steps turn a NaN into a number (tests/backends/dnnl/test_nan.py pins it)
-DROPS_NAN = frozenset({"clamp", "hardsigmoid"})
+# the post-ops whose oneDNN steps give another result than eager's for a value that is not finite: clip and
+# hardsigmoid turn NaN into a number, relu's mask (leaky_relu's with slope 0) turns -inf into NaN
+# (tests/backends/dnnl/test_nan.py pins it)
+UNLIKE_EAGER_ON_NONFINITE = frozenset({"clamp", "hardsigmoid", "relu", "leaky_relu"})
 BINARY = {"add": AlgKind.binary_add, "mul": AlgKind.binary_mul}
 
 
@@ -89,8 +92,8 @@ class Chain:
     names: list[str] = field(default_factory=list)
 
     @property
-    def drops_nan(self) -> bool:
-        return not DROPS_NAN.isdisjoint(self.names)
+    def unlike_eager_on_nonfinite(self) -> bool:
+        return not UNLIKE_EAGER_ON_NONFINITE.isdisjoint(self.names)
 
 
 @dataclass

@@ -34,7 +34,9 @@ class Step:
     writes: list["Value"]
     bind: Callable[[Frame], Callable[[], None]]
     constants: list["Value"] = field(default_factory=list)  # read-only operands (weights), not planned
-    drops_nan: bool = False  # the kernel turns NaN into a number (max-pooling, clip, hardsigmoid)
+    # the kernel differs from eager on a value that is not finite (max-pooling, clip and hardsigmoid turn NaN
+    # into a number, relu's mask -inf into NaN, softmax a row's NaN or inf into numbers)
+    unlike_eager_on_nonfinite: bool = False
     primitive: tuple | None = None  # a oneDNN step: (its primitive, {argument: descriptor}), to time it alone
 
 
@@ -144,8 +146,8 @@ class DnnlProgram:
         return self.plan.peak_bytes
 
     @property
-    def drops_nan(self) -> bool:
-        return any(step.drops_nan for step in self.steps)
+    def unlike_eager_on_nonfinite(self) -> bool:
+        return any(step.unlike_eager_on_nonfinite for step in self.steps)
 
     def describe(self) -> str:
         mib = 1 << 20

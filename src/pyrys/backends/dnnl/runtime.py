@@ -72,7 +72,7 @@ class DnnlRuntime:
         self.choosers: dict[int, ThreadChooser] = {}  # by the caller's thread count, when not pinned
         self.unbuildable: dict[int, str] = {}  # thread counts whose program failed to build, and why
         self._reference: ReferenceProgram | None = None
-        self.float_inputs = [i for i, t in enumerate(example_inputs) if self.first.drops_nan
+        self.float_inputs = [i for i, t in enumerate(example_inputs) if self.first.unlike_eager_on_nonfinite
                              and isinstance(t, torch.Tensor) and t.is_floating_point()]
         self.fault: str | None = None  # why every call runs on the reference backend (``self_check.py``)
         if options.check and (like is None or like.fault) and self_check.checkable(gm, example_inputs):
