@@ -185,3 +185,25 @@ def test_division_by_zero_runs_as_in_eager(backend):
     relu.forward = lambda x: torch.relu(x) / 0  # noqa: E731 (a module whose forward divides by a literal 0)
     opt = pyrys.optimize(relu.eval(), (x,), backend=backend)
     torch.testing.assert_close(opt(x), torch.relu(x) / 0, equal_nan=True)
+
+
+class ConvTimes(torch.nn.Module):
+    """``conv(x) * s``, the conv's weights 100: ``W * 1e37`` is past float32's largest, ``conv(x) * 1e37`` is not
+    for outputs below 34."""
+
+    def __init__(self, scale):
+        super().__init__()
+        self.conv, self.scale = torch.nn.Conv2d(3, 4, 1, bias=False), scale
+        torch.nn.init.constant_(self.conv.weight, 100.0)
+
+    def forward(self, x):
+        return self.conv(x) * self.scale
+
+
+def test_a_scale_that_would_overflow_the_weights_does_not_fold(run_passes):
+    model, x = ConvTimes(1e37).eval(), image(channels=3) * 0.01
+    result = run_passes(model, (x,), *PASSES)
+    assert "aten::mul" in result.after
+    assert [m.reason for m in result.misses] == [
+        "the scale 1e+37 would scale the weights of %conv2d past the largest torch.float32"]
+    torch.testing.assert_close(pyrys.optimize(model, (x,))(x), model(x))

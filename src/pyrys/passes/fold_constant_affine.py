@@ -129,6 +129,19 @@ def _scales_like_eager(values: torch.Tensor | None, inverse: bool) -> bool:
     return not inverse or bool((values != 0).all() and torch.isfinite(values.reciprocal()).all())
 
 
+def _keeps_finite(gm: fx.GraphModule, weights: list, scale: torch.Tensor | None, inverse: bool) -> bool:
+    """Whether the weights (and bias) known now stay finite multiplied by ``scale`` (divided, for ``inverse``):
+    ``conv(x) * 1e30`` overflows in eager only where the output does, folded ones overflow every weight."""
+    if scale is None:
+        return True
+    factor = (scale.reciprocal() if inverse else scale).abs().amax()
+    for weight in weights:
+        value = constant_value(gm, weight) if weight is not None and is_constant(weight) else None
+        if isinstance(value, torch.Tensor) and value.numel() and not bool(torch.isfinite(value.abs().amax() * factor)):
+            return False
+    return True
+
+
 def _as_tensor_node(gm: fx.GraphModule, value, like: torch.Tensor, name: str) -> fx.Node:
     if isinstance(value, fx.Node):
         return value
@@ -164,10 +177,14 @@ class FoldAffineIntoProducer(Rule):
         miss = _channel_miss(out, op.constant, axis, producer) or shared_miss(producer, "its weights cannot change")
         if miss:
             return miss
-        if op.family == "mul" and not _scales_like_eager(_known_values(gm, op.constant, out.dtype), op.inverse):
-            word = "divisor" if op.inverse else "scale"
-            return fail(f"the {word} {_constant_text(op.constant)} is not finite{' or is 0' if op.inverse else ''}: in "
-                        f"the weights of %{producer.name} it would give NaN where eager gives inf")
+        if op.family == "mul":
+            scale, word = _known_values(gm, op.constant, out.dtype), "divisor" if op.inverse else "scale"
+            if not _scales_like_eager(scale, op.inverse):
+                return fail(f"the {word} {_constant_text(op.constant)} is not finite{' or is 0' if op.inverse else ''}: "
+                            f"in the weights of %{producer.name} it would give NaN where eager gives inf")
+            if not _keeps_finite(gm, [args["weight"], args["bias"]], scale, op.inverse):
+                return fail(f"the {word} {_constant_text(op.constant)} would scale the weights of %{producer.name} "
+                            f"past the largest {out.dtype}")
         return Match({"op": op, "args": args, "channels": out.shape[axis]})
 
     def rewrite(self, gm: fx.GraphModule, node: fx.Node, match: Match) -> None:
