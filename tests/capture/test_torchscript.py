@@ -339,3 +339,83 @@ def test_an_if_on_flags_making_an_optional_tensor_is_resolved_at_import():
     x = torch.rand(2, 4)
     out, aux = pyrys.optimize(torch.jit.script(model), (x,))(x)
     assert aux is None and pyrys.relative_error(out, model(x)[0]) <= TOLERANCE
+
+
+class CountsCalls(torch.nn.Module):
+    """Writes a buffer, then reads it: the read sees the write (the write itself is not kept: a note)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("count", torch.zeros(1))
+
+    def forward(self, x):
+        self.count.add_(1)
+        return x + self.count
+
+
+def test_state_read_after_a_write_in_the_same_call_sees_the_write():
+    scripted, x = torch.jit.script(CountsCalls().eval()), torch.zeros(2, 3)
+    opt = pyrys.optimize(scripted, (x,))
+    assert torch.equal(opt(x), torch.ones(2, 3)) and torch.equal(opt(x), torch.ones(2, 3))
+    assert any("state update dropped" in note for note in opt.notes)
+
+
+class Collects(torch.nn.Module):
+    """A list built by ``append`` in a loop, a chunk's list of parts sliced and concatenated, a dict out."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(6, 6) for _ in range(2)])
+
+    def forward(self, x, mask: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        outs: list[torch.Tensor] = []
+        for layer in self.layers:
+            x = layer(x)
+            outs.append(x)
+        parts = torch.chunk(x, 3, 1)
+        y = torch.cat([p * 2 for p in parts[1:]] + [parts[0]], 1)
+        if mask is not None:
+            y = y * mask
+        return {"stacked": torch.stack(outs), "y": y, "parts": torch.tensor(len(parts))}
+
+
+def test_lists_dicts_and_an_argument_left_to_its_default_are_imported():
+    model, x = Collects().eval(), torch.randn(2, 6)
+    opt = pyrys.optimize(torch.jit.script(model), (x,))
+    got, want = opt(x), model(x)
+    assert sorted(got) == ["parts", "stacked", "y"]
+    assert all(pyrys.relative_error(got[k], want[k]) <= TOLERANCE for k in want)
+
+
+@pytest.mark.parametrize("module", [torch.nn.GroupNorm(2, 4), torch.nn.Upsample(scale_factor=2.5, mode="bilinear")])
+def test_group_norm_and_upsampling_by_a_float_factor_are_imported(module):
+    x = torch.randn(2, 4, 11, 13)
+    opt = pyrys.optimize(torch.jit.script(module.eval()), (x,))
+    assert pyrys.relative_error(opt(x), module(x)) <= TOLERANCE
+
+
+class LstmHead(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lstm, self.out = torch.nn.LSTM(6, 8, batch_first=True), torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.out(self.lstm(x)[0])
+
+
+def test_a_scripted_lstm_reads_its_weights_as_state_and_saves(tmp_path):
+    """A scripted nn.LSTM reads its weights through the list ``_flat_weights``: each is its parameter."""
+    model, x = LstmHead().eval(), torch.randn(2, 5, 6)
+    opt = pyrys.optimize(torch.jit.script(model), (x,))
+    assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE
+    pyrys.save(opt, tmp_path / "lstm")
+    assert torch.equal(pyrys.load(tmp_path / "lstm")(x), opt(x))
+    calibrated = pyrys.optimize(torch.jit.script(model), (x,), precision="int8", calibration=[x, torch.randn(2, 5, 6)])
+    assert pyrys.relative_error(calibrated(x), model(x)) <= 1e-1
+
+
+def test_a_module_with_overloaded_forwards_is_refused_with_what_to_do():
+    with pytest.raises(TorchScriptImportError, match="no single scripted forward.*pass the nn.Module itself"):
+        pyrys.optimize(torch.jit.script(torch.nn.LSTM(6, 8).eval()), (torch.randn(5, 6),))

@@ -104,6 +104,18 @@ def script_parameters(obj: Any) -> inspect.Signature | None:
         return None
 
 
+_NO_DEFAULT = object()
+
+
+def _defaults(obj: Any) -> list:
+    """Each input's default value in ``forward``'s schema (``_NO_DEFAULT`` where it has none); [] unknown."""
+    try:
+        arguments = obj.forward.schema.arguments[1:] if isinstance(obj, torch.jit.ScriptModule) else obj.schema.arguments
+    except (AttributeError, RuntimeError):
+        return []
+    return [a.default_value if a.has_default_value() else _NO_DEFAULT for a in arguments]
+
+
 def script_class_name(obj: Any) -> str:
     if isinstance(obj, torch.jit.ScriptModule):
         return getattr(obj, "original_name", type(obj).__name__)
@@ -120,6 +132,12 @@ def capture_torchscript(obj: Any, args: tuple, kwargs: dict | None = None,
     if kwargs:
         raise TorchScriptImportError("pyrys imports scripted code called with positional inputs only; "
                                      f"got keyword inputs {sorted(kwargs)}")
+    if not hasattr(obj, "inlined_graph"):
+        methods = sorted(m for m in obj._c._method_names() if m.startswith("forward")) if hasattr(obj, "_c") else []
+        raise TorchScriptImportError(
+            f"{script_class_name(obj)} has no single scripted forward to import (its methods: {', '.join(methods) or 'none'}; "
+            "a module with overloaded forwards, such as a scripted nn.LSTM): script a module that calls it, or pass "
+            "the nn.Module itself")
     importer = _Importer(obj, dict(flag_values or {}))
     return importer.run(args)
 
@@ -233,6 +251,7 @@ class _Importer:
         self.notes: list[str] = []
         self.input_writes: list[str] = []  # inputs forward writes in place (placeholder names)
         self.state_writes: list[str] = []  # state it writes (paths)
+        self.written_state: dict[str, fx.Node] = {}  # path -> its value after a write at the top level
 
     # -- the whole graph -------------------------------------------------------------------
     def run(self, args: tuple) -> Captured:
@@ -259,6 +278,14 @@ class _Importer:
                         tuple(self.state_writes))
 
     def _bind_inputs(self, inputs: list, args: tuple) -> None:
+        defaults = _defaults(self.obj)
+        if len(args) < len(inputs) and len(defaults) == len(inputs):
+            for value, default in zip(inputs[len(args):], defaults[len(args):]):
+                if default is _NO_DEFAULT:
+                    break
+                self.root.bind(value, default)  # an argument the example leaves to its default: a constant
+            else:
+                inputs = inputs[:len(args)]
         if len(inputs) != len(args):
             raise TorchScriptImportError(f"{self.class_name}.forward takes {len(inputs)} input(s) "
                                          f"({', '.join(v.debugName() for v in inputs)}), got {len(args)}")
@@ -305,11 +332,27 @@ class _Importer:
             # its captured value, which is what the program reads for an unfrozen flag too, so that an If on it
             # is resolved here (branches take tensors only)
             result = bool(self.flag_values.get(name, value))
+        elif isinstance(value, torch.Tensor) and path in self.written_state:
+            result = scope.capture(self.written_state[path])  # read after this call wrote it, as eager reads it
         elif isinstance(value, torch.Tensor) or isinstance(value, bool):
             result = scope.capture(self._state(owner.module, path, name, value))
+        elif isinstance(value, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in value):
+            # a list of the module's tensors (a scripted nn.LSTM's _flat_weights): each its state read
+            result = type(value)(self._held(scope, owner, v, f"{path}_{i}") if isinstance(v, torch.Tensor) else v
+                                 for i, v in enumerate(value))
         else:
             result = value  # an int/float/str attribute: a constant of the module
         scope.bind(node.output(), result)
+
+    def _held(self, scope: _Scope, owner: "_ModuleRef", tensor: torch.Tensor, hint: str) -> fx.Node:
+        """A tensor held in a list attribute: the read of the parameter or buffer of ``owner`` it is, else a
+        constant."""
+        held = [*owner.module.named_parameters(recurse=False), *owner.module.named_buffers(recurse=False)]
+        for name, state in held:
+            if state.data_ptr() == tensor.data_ptr() and state.shape == tensor.shape and state.dtype == tensor.dtype:
+                path = f"{owner.path}.{name}" if owner.path else name
+                return scope.capture(self._state(owner.module, path, name, state))
+        return add_constant(scope.gm, tensor.detach().clone(), hint)
 
     def _state(self, module: Any, path: str, name: str, value: Any) -> fx.Node:
         """The root graph's read of module state at ``path`` (one placeholder per attribute)."""
@@ -408,6 +451,12 @@ class _Importer:
         items = [scope.lookup(v) for v in node.inputs()]
         scope.bind(node.output(), tuple(items) if node.kind() == "prim::TupleConstruct" else items)
 
+    def _dict(self, scope: _Scope, node: torch._C.Node) -> None:
+        items = [scope.lookup(v) for v in node.inputs()]
+        if _has_node(items[0::2]):
+            raise TorchScriptImportError(f"a dict with keys computed at run time (in {self.class_name}) is not supported")
+        scope.bind(node.output(), dict(zip(items[0::2], items[1::2])))
+
     def _unpack(self, scope: _Scope, node: torch._C.Node) -> None:
         packed = scope.lookup(node.input())
         for i, value in enumerate(node.outputs()):
@@ -460,8 +509,15 @@ class _Importer:
         if schema.name in _IDENTITY_TESTS:  # `query is not key`, `bias_k is not None`: the values imported are
             self._bind_results(scope, node, _IDENTITY_TESTS[schema.name](*values))  # the tensors eager compares
             return
+        if schema.name in _LIST_WRITES and isinstance(values[0], list):
+            if scope.parent is not None:
+                raise TorchScriptImportError(f"{schema.name} on a list inside a branch taken at run time (in "
+                                             f"{self.class_name}) is not supported")
+            self._bind_results(scope, node, _LIST_WRITES[schema.name](*values))  # the list the importer holds
+            return
         python_op = _PYTHON_OPS.get(schema.name)
-        if python_op is not None and isinstance(values[0], (list, tuple)) and not _has_node(values[1:]):
+        concatenated = schema.name == "aten::add" and isinstance(values[1], (list, tuple))  # tensors in it too
+        if python_op is not None and isinstance(values[0], (list, tuple)) and (concatenated or not _has_node(values[1:])):
             self._bind_results(scope, node, python_op(*values))  # a list of values, possibly tensors
             return
         if not tensor_out and not _has_node(values):
@@ -500,7 +556,10 @@ class _Importer:
             call.meta["val"] = op(*_val(args), **_val(kwargs))
         if _is_view(schema):
             self.viewed.update(v for v in tree_flatten(values)[0] if isinstance(v, fx.Node))
-        if len(outputs) == 1:
+        if len(outputs) == 1 and isinstance(outputs[0].type(), torch._C.ListType) and \
+                isinstance(call.meta["val"], (list, tuple)):  # chunk, split, unbind: a list of known length
+            scope.bind(outputs[0], [self._index(scope, call, i, outputs[0]) for i in range(len(call.meta["val"]))])
+        elif len(outputs) == 1:
             scope.bind(outputs[0], call)
         else:
             for i, value in enumerate(outputs):
@@ -515,6 +574,9 @@ class _Importer:
             target = _state_target(scope, old)
             self.notes.append(f"state update dropped (inference never writes module state): {node.kind()} on {target}")
             self.state_writes.append(target)
+            if scope.parent is None:  # later reads in this call see the value written, as in eager
+                self.written_state[target] = new
+                scope.rebind(value, new)
             return
         written = _written_input(scope, old) if isinstance(old, fx.Node) else None
         if written is not None and written not in self.input_writes:
@@ -662,6 +724,7 @@ _HANDLERS = {
     "prim::RaiseException": _Importer._raise,
     "prim::ListConstruct": _Importer._list,
     "prim::TupleConstruct": _Importer._list,
+    "prim::DictConstruct": _Importer._dict,
     "prim::ListUnpack": _Importer._unpack,
     "prim::TupleUnpack": _Importer._unpack,
     "prim::TupleIndex": _Importer._tuple_index,
@@ -676,5 +739,9 @@ _HANDLERS = {
 # list operations TorchScript spells as ATen ops, applied to the Python lists the importer holds
 _PYTHON_OPS = {"aten::__getitem__": operator.getitem, "aten::len": len, "aten::add": operator.add,
                "aten::eq": operator.eq, "aten::ne": operator.ne, "aten::__contains__": operator.contains,
-               "aten::copy": list}  # list.copy() (torchvision's Swin); a tensor's aten::copy takes a tensor first
+               "aten::copy": list,  # list.copy() (torchvision's Swin); a tensor's aten::copy takes a tensor first
+               "aten::slice": lambda items, start=None, end=None, step=1: items[start:end:step], "aten::list": list}
+# list operations that write the list (a loop collecting outputs)
+_LIST_WRITES = {"aten::append": lambda items, item: (items.append(item), items)[1],
+                "aten::extend": lambda items, more: (items.extend(more), None)[1]}
 _PRIM_AS_OPS = frozenset({"prim::min", "prim::max", "prim::abs"})
