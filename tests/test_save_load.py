@@ -486,3 +486,16 @@ def test_size_one_inputs_narrow_every_dim_of_that_size_at_that_place():
         assert args[0].shape[0] == args[1].shape[0] and args[0].shape[1] == args[1].shape[1]
         assert all(t.is_contiguous() for t in args)  # copies: kept until a save, not holding the caller's tensors
         assert not any(t.untyped_storage().data_ptr() == g.untyped_storage().data_ptr() for t, g in zip(args, given))
+
+
+def test_a_symbolic_graph_load_could_not_rebuild_is_left_out_at_save_with_a_warning(tmp_path):
+    """torch's fake tensors cannot rebuild a negative padding's slices over symbolic sizes from the saved
+    graph: save leaves that graph out (the shapes compiled so far load and run), rather than load failing."""
+    model = torch.nn.Sequential(torch.nn.ZeroPad2d((-1, 2, 3, -2)), torch.nn.Conv2d(4, 4, 3)).eval()
+    opt = pyrys.optimize(model, (torch.randn(2, 4, 11, 13),))
+    x = torch.randn(3, 4, 11, 13)
+    opt(x)  # a second batch size: the graph for every shape
+    with pytest.warns(UserWarning, match="cannot be rebuilt from its saved form"):
+        pyrys.save(opt, tmp_path / "padded")
+    loaded = pyrys.load(tmp_path / "padded")
+    assert torch.equal(loaded(x), opt(x))

@@ -26,11 +26,8 @@ State values are copies: the user's scripted module is never modified.
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
-import logging
 import operator
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +38,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from pyrys.capture.captured import Captured, input_writes_note
 from pyrys.capture.in_place import functional_twin
+from pyrys.ir.quiet_fake import fake_tensor_errors_unlogged
 from pyrys.errors import CaptureError
 from pyrys.ir.control_flow import IF, RaisingBranch, add_if, has_effects
 from pyrys.ir.graph import STATE_KEY, StateRef, add_constant, add_placeholder
@@ -55,33 +53,6 @@ class TorchScriptImportError(CaptureError):
 
 class _Raised(Exception):
     """The imported path reaches ``prim::RaiseException``."""
-
-
-class _UnloggedHere(logging.Filter):
-    """Drops records on the threads importing a branch (:func:`_fake_tensor_errors_unlogged`)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.local = threading.local()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not getattr(self.local, "depth", 0)
-
-
-_UNLOGGED = _UnloggedHere()
-logging.getLogger("torch._subclasses.fake_tensor").addFilter(_UNLOGGED)
-
-
-@contextlib.contextmanager
-def _fake_tensor_errors_unlogged():
-    """A branch not taken may fail on these shapes (a residual add whose shapes do not broadcast), which the
-    import catches and records; torch's fake tensors log the failure with its traceback first (165 lines
-    for one model), so their log is quiet on this thread meanwhile."""
-    _UNLOGGED.local.depth = getattr(_UNLOGGED.local, "depth", 0) + 1
-    try:
-        yield
-    finally:
-        _UNLOGGED.local.depth -= 1
 
 
 @dataclass
@@ -400,7 +371,7 @@ class _Importer:
     def _branch(self, scope: _Scope, block) -> _PendingBranch:
         sub = _Scope(fx.GraphModule(torch.nn.Module(), fx.Graph()), scope)
         try:
-            with _fake_tensor_errors_unlogged():
+            with fake_tensor_errors_unlogged():
                 outputs = self._import_block(sub, block.nodes(), list(block.outputs()))
         except _Raised as raised:
             return _PendingBranch(sub, None, str(raised))

@@ -30,6 +30,7 @@ from pyrys.capture.captured import Captured
 from pyrys.errors import LoadError, SaveError
 from pyrys.ir.graph import tensor_bytes
 from pyrys.ir.meta import refresh_meta
+from pyrys.ir.quiet_fake import fake_tensor_errors_unlogged
 from pyrys.ir.released import values_of
 from pyrys.machine import cpu_info
 from pyrys.capture.frontend import Frontend
@@ -143,6 +144,14 @@ def _encode_generic(template: Compiled, tensors: dict, prefix: str = "generic") 
     except SaveError as error:
         warnings.warn(f"{error}; the graph for every shape is left out: the loaded module runs the shapes "
                       "compiled so far only", stacklevel=3)
+        return None
+    try:  # what load does: torch's fake tensors cannot rebuild some views over symbolic sizes (a negative
+        with fake_tensor_errors_unlogged():  # padding's slices), which load would raise on
+            decode_symbolic(decode_graph(graph, tensors), symbolic)
+    except RuntimeError as error:
+        why = str(error).splitlines()[0]
+        warnings.warn(f"pyrys.save: the graph for every shape cannot be rebuilt from its saved form ({why}); it is "
+                      "left out: the loaded module runs the shapes compiled so far only", stacklevel=3)
         return None
     return {"graph": graph, "symbolic": symbolic, "in_spec": encode_spec(captured.in_spec),
             "out_spec": encode_spec(captured.out_spec), "class_name": captured.class_name}

@@ -1,0 +1,36 @@
+"""Fake-tensor failures a caller expects and handles, kept out of the log.
+
+torch's fake tensors log a failing op with its traceback (165 lines for one model) before raising it; where
+pyrys tries something that may fail and records why (a TorchScript branch not taken on these shapes, a saved
+symbolic graph rebuilt to see whether load can), that log is quiet on the trying thread meanwhile.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+
+
+class _UnloggedHere(logging.Filter):
+    """Drops records on the threads inside :func:`fake_tensor_errors_unlogged`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(self.local, "depth", 0)
+
+
+_UNLOGGED = _UnloggedHere()
+logging.getLogger("torch._subclasses.fake_tensor").addFilter(_UNLOGGED)
+
+
+@contextlib.contextmanager
+def fake_tensor_errors_unlogged():
+    """torch's fake-tensor log is quiet on this thread meanwhile."""
+    _UNLOGGED.local.depth = getattr(_UNLOGGED.local, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _UNLOGGED.local.depth -= 1
