@@ -196,3 +196,24 @@ def test_a_freeze_name_no_parameter_has_is_warned_of():
     with pytest.warns(UserWarning, match=r"freeze_params names \['wieght'\], which no parameter .* named \[.*'weight'"):
         opt = pyrys.optimize(conv_bn_relu(), (image(),), backend="reference", freeze_params=["wieght"])
     assert opt(image()).shape == (1, 4, 4, 4)
+
+
+class WritesItsFirstInput(torch.nn.Module):
+    def forward(self, x, y):
+        x.mul_(y)
+        return x + y
+
+
+def test_inputs_sharing_memory_with_one_written_in_place_are_refused():
+    """Eager's ``x.mul_(y)`` with ``x is y`` changes ``y`` too; the program writes no input, so it refuses
+    such a call rather than answer otherwise; inputs in separate memory (two halves of one tensor) run."""
+    import pyrys
+
+    with pytest.warns(UserWarning, match="writes"):
+        opt = pyrys.optimize(WritesItsFirstInput(), (torch.rand(2, 2), torch.rand(2, 2)))
+    t = torch.full((2, 2), 3.0)
+    with pytest.raises(pyrys.InputError, match="inputs 0 and 1 share memory"):
+        opt(t, t)
+    halves = torch.rand(4, 2)
+    expected = WritesItsFirstInput()(halves[:2].clone(), halves[2:].clone())
+    assert torch.equal(opt(halves[:2], halves[2:]), expected)

@@ -7,7 +7,7 @@ import dataclasses
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from pyrys.backends.reference import with_values
 from pyrys.forwarding import forwarded
@@ -75,6 +75,8 @@ class OptimizedModule(torch.nn.Module):
         return module
 
     def forward(self, *args, **kwargs):
+        if self._first.captured.input_writes:
+            _refuse_shared_memory(args, kwargs, self._first.captured.input_writes)
         fast = self._fast_calls.get(_call_key(args)) if not kwargs else None
         if fast is not None:
             self._shapes.touch(fast[0])
@@ -367,3 +369,19 @@ def _direct_call(compiled: Compiled):
     if spec.is_leaf():
         return lambda flat: program(flat)[0]
     return lambda flat: tree_unflatten(program(flat), spec)
+
+
+def _refuse_shared_memory(args: tuple, kwargs: dict, written: tuple[str, ...]) -> None:
+    """``InputError`` where two inputs' memory overlaps and forward writes an input in place: eager's write
+    through one changes the other, the program (which writes no input) cannot follow it."""
+    spans = []
+    for i, tensor in enumerate(tree_flatten((args, kwargs))[0]):
+        if isinstance(tensor, torch.Tensor) and tensor.numel():
+            start = tensor.data_ptr()
+            end = start + (sum((n - 1) * abs(s) for n, s in zip(tensor.shape, tensor.stride())) + 1) * tensor.element_size()
+            for j, (other_start, other_end) in spans:
+                if start < other_end and other_start < end:
+                    raise InputError(f"pyrys: inputs {j} and {i} share memory, and forward writes "
+                                     f"{', '.join(written)} in place, which eager would see through the other; "
+                                     "pass separate tensors (a .clone())")
+            spans.append((i, (start, end)))
