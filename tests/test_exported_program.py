@@ -80,3 +80,16 @@ def test_a_program_exported_from_an_expanded_input_takes_a_dense_one(backend):
     opt = pyrys.optimize(torch.export.export(model, (example,)), backend=backend)
     for x in (example, torch.rand(4, 3), torch.rand(3, 4).t()):
         assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE
+
+
+class WritesThroughAnAlias(torch.nn.Module):
+    def forward(self, x, y):
+        x.mul_(y)
+        return x + y
+
+
+def test_a_program_torch_cannot_functionalize_is_a_capture_error():
+    x = torch.randn(2, 2)
+    ep = torch.export.export(WritesThroughAnAlias(), (x, x))  # one tensor passed twice, written in place
+    with pytest.raises(pyrys.CaptureError, match="cannot functionalize this ExportedProgram"):
+        pyrys.optimize(ep)

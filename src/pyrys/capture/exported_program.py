@@ -12,12 +12,19 @@ from torch.export import ExportedProgram
 
 from pyrys.capture.captured import Captured
 from pyrys.capture.export import from_exported, tracing
+from pyrys.errors import CaptureError
 from pyrys.ir.graph import state_inputs, state_ref
 
 
 def capture_exported(ep: ExportedProgram) -> Captured:
-    with tracing(), torch.no_grad():
-        functional = ep.run_decompositions({})
+    try:
+        with tracing(), torch.no_grad():
+            functional = ep.run_decompositions({})
+    except (AssertionError, RuntimeError) as error:  # torch cannot functionalize it (an input written in place
+        raise CaptureError(  # through another it aliases, say)
+            "pyrys: torch cannot functionalize this ExportedProgram (ep.run_decompositions({}) fails: "
+            f"{str(error).splitlines()[0] if str(error) else type(error).__name__}); export it again from "
+            "example inputs in separate memory, or pass the nn.Module") from error
     captured = from_exported(functional, None)
     for node in state_inputs(captured.gm.graph):
         ref = state_ref(node)
