@@ -203,3 +203,24 @@ def test_an_input_of_a_class_torch_export_cannot_take_apart_is_a_capture_error_s
     with pytest.raises(pyrys.CaptureError, match=r"TakesABox.forward takes a .*Box, which torch.export cannot take "
                                                  r"apart.*wrap the model"):
         pyrys.optimize(TakesABox(), (torch.rand(2, 3), Box(torch.rand(2, 3))))
+
+
+class PaddedEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+
+    def forward(self, x, mask):
+        return self.encoder(x, src_key_padding_mask=mask)
+
+
+def test_a_shape_torch_export_cannot_trace_is_a_capture_error_naming_the_shapes():
+    """A batch of 0 through torch's unfused attention path (the one torch.export traces) reshapes 0 elements
+    to -1: torch's RuntimeError, chained under a pyrys message naming the model and the shapes."""
+    opt = pyrys.optimize(PaddedEncoder().eval(), (torch.randn(2, 5, 16), torch.zeros(2, 5, dtype=torch.bool)))
+    with pytest.raises(pyrys.CaptureError, match=r"cannot capture PaddedEncoder on inputs of shapes \(\(0, 5, 16\), "
+                                                 r"\(0, 5\)\): RuntimeError") as error:
+        opt(torch.randn(0, 5, 16), torch.zeros(0, 5, dtype=torch.bool))
+    assert isinstance(error.value.__cause__, RuntimeError)

@@ -207,7 +207,7 @@ def capture_module(model: torch.nn.Module, args: tuple, kwargs: dict | None = No
     dims of size 1), falling back to these inputs' shapes (with a note saying why) when torch.export cannot
     trace it with symbolic sizes."""
     if not dynamic:
-        return from_exported(export_module(model, args, kwargs), model)
+        return from_exported(_exported_for_these_shapes(model, args, kwargs), model)
     try:
         if dynamic == SIZE_ONE_FIXED:
             exported = export_module(model, args, kwargs, dynamic=SIZE_ONE_FIXED)
@@ -216,12 +216,29 @@ def capture_module(model: torch.nn.Module, args: tuple, kwargs: dict | None = No
     except CaptureError:
         raise
     except Exception as error:  # noqa: BLE001 -- whatever fails with symbolic sizes is tried again with fixed ones
-        captured = from_exported(export_module(model, args, kwargs), model)
+        captured = from_exported(_exported_for_these_shapes(model, args, kwargs), model)
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         captured.notes.append(f"captured for these input shapes only: torch.export fails with symbolic sizes "
                               f"({type(error).__name__}: {first_line[:300]}); a new shape is captured again")
         return captured
     return from_exported(exported, model)
+
+
+def _exported_for_these_shapes(model: torch.nn.Module, args: tuple, kwargs: dict | None) -> ExportedProgram:
+    """:func:`export_module` with the inputs' own shapes; torch's failure there (forward itself failing on
+    these inputs under torch.export's tracing: a batch of 0 through a reshape to -1) a ``CaptureError`` naming
+    the model and the shapes, torch's error chained."""
+    try:
+        return export_module(model, args, kwargs)
+    except CaptureError:
+        raise
+    except Exception as error:  # noqa: BLE001 -- every torch failure gets the pyrys message, its cause chained
+        shapes = ", ".join(str(tuple(t.shape)) for t in tree_flatten((args, kwargs or {}))[0] if isinstance(t, torch.Tensor))
+        first_line = (str(error).strip().splitlines() or [""])[0][:300]
+        raise CaptureError(f"pyrys: torch.export cannot capture {type(model).__name__} on inputs of shapes ({shapes}): "
+                           f"{type(error).__name__}: {first_line}. Does eager forward run on these inputs with "
+                           "gradients on (torch.export traces that path)? Otherwise use "
+                           "torch.compile(model, backend=\"pyrys\"), or report it") from error
 
 
 def _export_symbolic(model: torch.nn.Module, args: tuple, kwargs: dict) -> ExportedProgram:
