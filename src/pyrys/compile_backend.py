@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import operator
 import re
 import sys
 import threading
@@ -286,22 +287,27 @@ class DynamoGraph:
         """Compile again where the parameters or buffers were written or replaced since the programs froze them
         (eager reads them at every call); past :data:`MAX_STATE_CHANGES` changes the graph runs in torch."""
         current = [args[i] for i in self.state]
-        if all(a is b for a, b in zip(current, self._held)) and _versions(current) == self._versions:
+        if self._holds(current):
             return
         with self._compiling:
-            if self.runs_in_torch or (all(a is b for a, b in zip(current, self._held))
-                                      and _versions(current) == self._versions):
+            if self.runs_in_torch or self._holds(current):
                 return
             self._state_changes += 1
             if self._state_changes > MAX_STATE_CHANGES:
                 self._run_in_torch(f"its parameters or buffers changed more than {MAX_STATE_CHANGES} times since "
                                    "they were frozen, each a compile")
                 return
-            changed = [path for (path, _), a, b in zip(self.state.values(), current, self._held)
-                       if a is not b or _versions([a]) != _versions([b])]
-            LOG.info("pyrys (torch.compile): %s changed since compiling: compiling again", ", ".join(changed) or "state")
+            versions = _versions(current)
+            changed = [path for (path, _), now, held, version, frozen in
+                       zip(self.state.values(), current, self._held, versions, self._versions)
+                       if now is not held or version != frozen]
+            LOG.info("pyrys (torch.compile): %s changed since compiling: compiling again", ", ".join(changed))
             self.state = {i: (path, args[i]) for i, (path, _) in self.state.items()}
-            self._held, self._versions, self._shapes = current, _versions(current), None
+            self._held, self._versions, self._shapes = current, versions, None
+
+    def _holds(self, current: list[torch.Tensor]) -> bool:
+        """Whether ``current`` are the tensors the programs froze, unwritten since."""
+        return all(map(operator.is_, current, self._held)) and _versions(current) == self._versions
 
     def _grad_in_torch(self, args: tuple) -> bool:
         """Whether this call records autograd for inputs that require grad: then torch runs it (gradients
@@ -342,13 +348,17 @@ class DynamoGraph:
 def _versions(tensors: list[torch.Tensor]) -> list[int | None]:
     """Each tensor's version counter, which every write in place bumps (None for an inference-mode tensor,
     which has none)."""
-    versions = []
-    for tensor in tensors:
-        try:
-            versions.append(tensor._version)
-        except RuntimeError:
-            versions.append(None)
-    return versions
+    try:
+        return [tensor._version for tensor in tensors]
+    except RuntimeError:
+        return [_version(tensor) for tensor in tensors]
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
 
 
 def _bump_version(tensor: torch.Tensor) -> None:
