@@ -292,9 +292,10 @@ def test_batch_norm_statistics_a_training_call_updates_reach_the_eval_program():
 
 
 def test_state_that_keeps_changing_stops_compiling_and_runs_in_torch(dynamo_graphs, monkeypatch):
-    from pyrys import compile_backend
+    from pyrys import compile_backend, compile_weights
 
-    monkeypatch.setattr(compile_backend, "MAX_STATE_CHANGES", 2)
+    monkeypatch.setattr(compile_weights, "MAX_CHANGES", 2)
+    monkeypatch.setattr(compile_backend, "MAX_CHANGES", 2)
     model, x = torch.nn.Linear(4, 4).eval(), torch.rand(2, 4)
     compiled = torch.compile(model, backend="pyrys")
     with torch.no_grad():
@@ -302,7 +303,7 @@ def test_state_that_keeps_changing_stops_compiling_and_runs_in_torch(dynamo_grap
             model.weight.add_(1)
             assert pyrys.relative_error(compiled(x), model(x)) <= TOLERANCE
     (graph,) = dynamo_graphs
-    assert graph.runs_in_torch.startswith("its parameters or buffers changed more than 2 times")
+    assert graph.runs_in_torch.startswith("its parameters or buffers changed at nearly every call, more than 2 times")
 
 
 def test_a_graph_under_autocast_runs_in_torch_with_autocasts_dtypes(dynamo_graphs, caplog):
@@ -328,3 +329,46 @@ def test_a_graph_without_tensor_inputs_runs_in_torch():
     x = torch.rand(3)
     ones, same = torch.compile(lambda x: (torch.ones(2), x), backend="pyrys")(x)
     assert torch.equal(ones, torch.ones(2)) and torch.equal(same, x)
+
+
+def test_two_models_of_one_class_share_dynamos_graph_each_with_its_own_programs(dynamo_graphs):
+    """One dynamo graph serves both (their weights are its inputs): each set of weights keeps its programs,
+    alternating calls compile nothing more and count as no change."""
+    first, second, x = torch.nn.Linear(4, 4).eval(), torch.nn.Linear(4, 4).eval(), torch.rand(2, 4)
+    compiled = (torch.compile(first, backend="pyrys"), torch.compile(second, backend="pyrys"))
+    with torch.no_grad():
+        for _ in range(6):
+            for model, run in zip((first, second), compiled):
+                assert pyrys.relative_error(run(x), model(x)) <= TOLERANCE
+    assert all(graph.runs_in_torch is None for graph in dynamo_graphs)
+    assert sum(len(graph.programs) for graph in dynamo_graphs) == 2 and all(g._weights.changes == 0 for g in dynamo_graphs)
+
+
+def test_weights_changed_between_evaluations_keep_compiling(dynamo_graphs, monkeypatch):
+    """An evaluation after each epoch of training: a change many calls after the last is not counted."""
+    from pyrys import compile_weights
+
+    monkeypatch.setattr(compile_weights, "MIN_CALLS_APART", 3)
+    model, x = torch.nn.Linear(4, 4).eval(), torch.rand(2, 4)
+    compiled = torch.compile(model, backend="pyrys")
+    with torch.no_grad():
+        for _ in range(8):
+            model.weight.add_(0.1)
+            for _ in range(3):
+                assert pyrys.relative_error(compiled(x), model(x)) <= TOLERANCE
+    (graph,) = dynamo_graphs
+    assert graph.runs_in_torch is None and graph.programs
+
+
+def test_statistics_a_training_call_in_torch_writes_reach_the_eval_program():
+    """A train-mode call that runs in torch before any compile (its input requires grad) writes BatchNorm's
+    statistics too; the eval-mode program sees them."""
+    model, x = conv_bn_relu(), image(batch=2)
+    compiled = torch.compile(model, backend="pyrys")
+    with torch.no_grad():
+        compiled(x)
+    model.train()
+    compiled((x * 3 + 1).requires_grad_())
+    model.eval()
+    with torch.no_grad():
+        assert pyrys.relative_error(compiled(x), model(x)) <= TOLERANCE

@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
-import operator
 import re
 import sys
 import threading
@@ -32,7 +31,8 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from pyrys.errors import CaptureError
+from pyrys.compile_weights import MAX_CHANGES, WeightSet, WeightSets, note_state_written
+from pyrys.errors import CaptureError, ModelChangedError
 from pyrys.ir.graph import identifier
 from pyrys.optimize import OptimizedModule, optimize
 from pyrys.shape_cache import DEFAULT_MAX_SHAPES, ShapeCache
@@ -47,7 +47,6 @@ _STATE_SOURCE = re.compile(r"\['([^']+)'\]|\.([A-Za-z_]\w*)")
 _SOURCE_ROOT = re.compile(r"[LG]\['([^']+)'\]")  # a local or global of the compiled frame
 _COMPILED_MODULE = ("self", "fn")
 MAX_WRAPPED_VALUES = 8  # distinct values of a graph's number inputs that get programs (then torch runs it)
-MAX_STATE_CHANGES = 4  # times a graph's parameters or buffers may change and compile again (then torch runs it)
 
 
 def pyrys_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None = None) -> Callable:
@@ -195,18 +194,13 @@ class DynamoGraph:
                        if i not in self.state and i not in self.wrapped and isinstance(v, torch.Tensor)]
         self.scalars = [i for i, v in enumerate(example_inputs) if not isinstance(v, torch.Tensor)]
         self.training = _trains_batch_norm(gm)
-        # the state the programs froze, to see it written or replaced (an optimizer step, load_state_dict, a
-        # train-mode call updating BatchNorm's statistics): each object and its version counter
-        self._held = [value for _, value in self.state.values()]
-        self._versions = _versions(self._held)
-        self._state_changes = 0
         self._grad_noted = False
         self._state_names: dict[int, str] = {}  # state position -> its name in the optimized module
         self._writes_state: list[int] = []  # the state positions this graph writes (it runs in torch)
-        # one program per concrete signature, compiled on first call (outside dynamo's tracing); at most
-        # max_shapes of them, the least recently called dropped first
-        self._shapes: ShapeCache | None = None
         self._compiling = threading.Lock()
+        # per set of state tensors (compile_weights.py), one program per concrete signature, compiled on first
+        # call (outside dynamo's tracing); at most max_shapes of them, the least recently called dropped first
+        self._weights = WeightSets({i: path for i, (path, _) in self.state.items()}, self._compiling)
         # why this graph runs in torch as dynamo gave it (None: it runs as pyrys programs)
         self.runs_in_torch: str | None = None
         if not self.inputs:  # a graph of constants: nothing to compile for, nothing to warn about
@@ -217,9 +211,9 @@ class DynamoGraph:
 
     @property
     def programs(self) -> dict[Any, OptimizedModule]:
-        return {} if self._shapes is None else self._shapes.entries
+        return self._weights.programs()
 
-    def _compile(self, args: list) -> OptimizedModule | None:
+    def _compile(self, args: list, weights: WeightSet) -> OptimizedModule | None:
         scalars = {i: int(args[i]) if isinstance(args[i], torch.SymInt) else args[i] for i in self.scalars}
         scalars.update({i: args[i].item() for i in self.wrapped})
         if self.wrapped:
@@ -228,34 +222,37 @@ class DynamoGraph:
                 return None
         inputs = tuple(args[i] for i in self.inputs)
         key = (signature_of(inputs, {})[0], tuple(sorted(scalars.items())))
-        program = None if self._shapes is None else self._shapes.get(key)
+        shapes = weights.shapes  # read once: a change of weights on another thread makes it None
+        program = None if shapes is None else shapes.get(key)
         if program is None:
             with self._compiling:
                 if self.runs_in_torch:  # decided by another thread's compile meanwhile
                     return None
-                program = None if self._shapes is None else self._shapes.get(key)
+                program = None if weights.shapes is None else weights.shapes.get(key)
                 if program is None:
                     try:
-                        program = self._optimize(inputs, scalars)
+                        program = self._optimize(inputs, scalars, weights.state)
                     except CaptureError as error:  # what torch.export cannot take, torch runs
                         self._run_in_torch(f"pyrys cannot capture it ({error})")
                         return None
+                    except ModelChangedError:  # a weight written while it compiled: torch runs this call,
+                        return None  # the next compiles from the weights then
                     if program.writes:
                         written = ", ".join(re.sub(r"^inputs_(\d+)$", r"input \1", name.removeprefix("graph_state."))
                                             for name in program.writes)
                         self._writes_state = [i for i, name in self._state_names.items() if name in program.writes]
                         self._run_in_torch(f"the graph writes {written} in place, which a pyrys program would not")
                         return None
-                    if self._shapes is None:
+                    if weights.shapes is None:
                         limit = self.options.get("max_shapes", DEFAULT_MAX_SHAPES)
-                        self._shapes = ShapeCache(limit, key, {key: program})
+                        weights.shapes = ShapeCache(limit, key, {key: program})
                     else:
-                        self._shapes.put(key, program)
+                        weights.shapes.put(key, program)
         return program
 
-    def _optimize(self, inputs: tuple, scalars: dict) -> OptimizedModule:
+    def _optimize(self, inputs: tuple, scalars: dict, state: dict) -> OptimizedModule:
         gm, scalars = _unwrapped(self.gm, self.wrapped, scalars)
-        module = _StatefulGraph(gm, self.inputs, self.state, scalars).train(self.training)
+        module = _StatefulGraph(gm, self.inputs, state, scalars).train(self.training)
         self._state_names = {i: f"{owner}.{name}" for i, (owner, name) in module._paths.items()}
         with torch.no_grad():
             program = optimize(module, inputs, **self.options)
@@ -283,32 +280,6 @@ class DynamoGraph:
         self.runs_in_torch = f"{why}: it runs in torch"
         LOG.warning("pyrys (torch.compile): %s", self.runs_in_torch)
 
-    def _follow_state(self, args: tuple) -> None:
-        """Compile again where the parameters or buffers were written or replaced since the programs froze them
-        (eager reads them at every call); past :data:`MAX_STATE_CHANGES` changes the graph runs in torch."""
-        current = [args[i] for i in self.state]
-        if self._holds(current):
-            return
-        with self._compiling:
-            if self.runs_in_torch or self._holds(current):
-                return
-            self._state_changes += 1
-            if self._state_changes > MAX_STATE_CHANGES:
-                self._run_in_torch(f"its parameters or buffers changed more than {MAX_STATE_CHANGES} times since "
-                                   "they were frozen, each a compile")
-                return
-            versions = _versions(current)
-            changed = [path for (path, _), now, held, version, frozen in
-                       zip(self.state.values(), current, self._held, versions, self._versions)
-                       if now is not held or version != frozen]
-            LOG.info("pyrys (torch.compile): %s changed since compiling: compiling again", ", ".join(changed))
-            self.state = {i: (path, args[i]) for i, (path, _) in self.state.items()}
-            self._held, self._versions, self._shapes = current, versions, None
-
-    def _holds(self, current: list[torch.Tensor]) -> bool:
-        """Whether ``current`` are the tensors the programs froze, unwritten since."""
-        return all(map(operator.is_, current, self._held)) and _versions(current) == self._versions
-
     def _grad_in_torch(self, args: tuple) -> bool:
         """Whether this call records autograd for inputs that require grad: then torch runs it (gradients
         w.r.t. the inputs are what the caller wants); parameters that require grad alone get the program,
@@ -325,6 +296,14 @@ class DynamoGraph:
                             "torch.inference_mode(), or train with another backend)")
         return False
 
+    def _in_torch(self, args: tuple):
+        """The graph run as dynamo gave it; where it writes state (what its captured program said it writes, or,
+        not captured, a graph that trains a BatchNorm), noted for the graphs that froze it (compile_weights.py)."""
+        outputs = self.gm(*args)
+        if self._writes_state or self.training:
+            note_state_written()
+        return outputs
+
     def _note_grad(self, what: str) -> None:
         if not self._grad_noted:
             self._grad_noted = True
@@ -332,40 +311,16 @@ class DynamoGraph:
 
     def __call__(self, *args):
         if not self.runs_in_torch and self._grad_in_torch(args):
-            return self.gm(*args)
-        if self.state and not self.runs_in_torch:
-            self._follow_state(args)
-        program = None if self.runs_in_torch else self._compile(list(args))
+            return self._in_torch(args)
+        weights = None if self.runs_in_torch else self._weights.of(args)
+        if weights is None and not self.runs_in_torch:
+            self._run_in_torch(f"its parameters or buffers changed at nearly every call, more than {MAX_CHANGES} "
+                               "times, each a compile")
+        program = None if self.runs_in_torch else self._compile(list(args), weights)
         if program is None:
-            outputs = self.gm(*args)
-            for i in self._writes_state:  # BatchNorm's statistics are written without a new version: the
-                _bump_version(args[i])   # graphs that froze them see the write by this
-            return outputs
+            return self._in_torch(args)
         with torch.no_grad():
             return program(*[args[i] for i in self.inputs])
-
-
-def _versions(tensors: list[torch.Tensor]) -> list[int | None]:
-    """Each tensor's version counter, which every write in place bumps (None for an inference-mode tensor,
-    which has none)."""
-    try:
-        return [tensor._version for tensor in tensors]
-    except RuntimeError:
-        return [_version(tensor) for tensor in tensors]
-
-
-def _version(tensor: torch.Tensor) -> int | None:
-    try:
-        return tensor._version
-    except RuntimeError:
-        return None
-
-
-def _bump_version(tensor: torch.Tensor) -> None:
-    try:
-        torch.autograd.graph.increment_version(tensor)
-    except RuntimeError:  # an inference-mode tensor has no version counter
-        pass
 
 
 def register_backend() -> None:
