@@ -419,3 +419,110 @@ def test_a_scripted_lstm_reads_its_weights_as_state_and_saves(tmp_path):
 def test_a_module_with_overloaded_forwards_is_refused_with_what_to_do():
     with pytest.raises(TorchScriptImportError, match="no single scripted forward.*pass the nn.Module itself"):
         pyrys.optimize(torch.jit.script(torch.nn.LSTM(6, 8).eval()), (torch.randn(5, 6),))
+
+
+class Aliases(torch.nn.Module):
+    """In-place writes through every name a tensor has: a chain, a list holding it, an Optional refinement."""
+
+    def forward(self, x):
+        y = x * 1.0
+        z = y.add_(1)
+        z.mul_(3)  # y too
+        held = [y]
+        y.add_(1)  # held[0] too
+        o: Optional[torch.Tensor] = y
+        if o is not None:
+            o.mul_(2)  # y too
+        return y, held[0]
+
+
+def test_in_place_writes_reach_every_name_of_the_tensor():
+    model, x = Aliases(), torch.ones(2, 3)
+    got, want = pyrys.optimize(torch.jit.script(model), (x,))(x), model(x)
+    assert all(torch.equal(a, b) for a, b in zip(got, want)), (got, want)
+
+
+class WritesAChunk(torch.nn.Module):
+    def forward(self, x):
+        y = x * 1.0
+        first, _ = y.chunk(2, 1)
+        first.mul_(10)  # writes y's first half in eager
+        return y
+
+
+class ChainedBufferWrite(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("count", torch.ones(3))
+
+    def forward(self, x):
+        self.count.add_(1).mul_(2)
+        return x + self.count
+
+
+def test_writes_to_a_chunk_are_refused_and_chained_buffer_writes_are_read_whole():
+    x = torch.ones(2, 4)
+    with pytest.raises(TorchScriptImportError, match="writes to a view"):
+        pyrys.optimize(torch.jit.script(WritesAChunk()), (x,))
+    model, x = ChainedBufferWrite().eval(), torch.zeros(2, 3)
+    assert torch.equal(pyrys.optimize(torch.jit.script(model), (x,))(x), torch.full((2, 3), 4.0))
+
+
+class Containers(torch.nn.Module):
+    """Lists and dicts as scripted code uses them; tensor queries answered for an inference program."""
+
+    def __init__(self):
+        super().__init__()
+        self.heads = torch.nn.ModuleDict({"a": torch.nn.Linear(6, 2), "b": torch.nn.Linear(6, 3)})
+
+    def forward(self, x, scale: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for name, head in self.heads.items():
+            out[name] = head(x)
+        parts = [x, x * 2]
+        parts.insert(0, x * 3)
+        last = parts.pop()
+        parts.extend([last, x + 1])
+        sizes = [4, 1, 3]
+        sizes.sort()
+        picked = torch.tensor([0, 2])
+        y = torch.cat(parts * 2, 1)[:, sizes[0]:] + out["a"].sum() + float(len(out))
+        if x.is_floating_point() and x.is_contiguous() and not x.requires_grad and x.device.type == "cpu":
+            y = y * 2
+        return {"y": y, "b": out["b"], "picked": x.index_select(1, picked)}
+
+
+def test_lists_dicts_literals_and_tensor_queries_are_imported_and_a_default_may_be_named():
+    model, x = Containers().eval(), torch.randn(2, 6)
+    opt = pyrys.optimize(torch.jit.script(model), (x,))
+    want = model(x)
+    for got in (opt(x), opt(x=x)):
+        assert sorted(got) == sorted(want)
+        assert all(pyrys.relative_error(got[k], want[k]) <= TOLERANCE for k in want)
+
+
+class SelectsByData(torch.nn.Module):
+    def forward(self, x):
+        return x[x > 0]
+
+
+def test_a_shape_from_tensor_data_is_refused_with_a_reason():
+    with pytest.raises(TorchScriptImportError, match="shape that depends on tensor data"):
+        pyrys.optimize(torch.jit.script(SelectsByData()), (torch.randn(4),))
+
+
+def test_a_scripted_multihead_attention_with_a_padding_mask_is_imported():
+    torch.manual_seed(0)
+    attention = torch.nn.MultiheadAttention(16, 4, batch_first=True).eval()
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = attention
+
+        def forward(self, q, mask):
+            return self.attention(q, q, q, key_padding_mask=mask, need_weights=False)[0]
+
+    q, mask = torch.randn(2, 5, 16), torch.tensor([[False] * 4 + [True], [False] * 5])
+    opt = pyrys.optimize(torch.jit.script(Wrapped().eval()), (q, mask))
+    assert pyrys.relative_error(opt(q, mask), Wrapped()(q, mask)) <= TOLERANCE

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import DynamicOutputShapeException, FakeTensorMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from pyrys.capture.captured import Captured, input_writes_note
@@ -70,7 +70,9 @@ def script_parameters(obj: Any) -> inspect.Signature | None:
     by keyword what the example passed by position."""
     try:
         arguments = obj.forward.schema.arguments[1:] if isinstance(obj, torch.jit.ScriptModule) else obj.schema.arguments
-        return inspect.Signature([inspect.Parameter(a.name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for a in arguments])
+        return inspect.Signature([inspect.Parameter(a.name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                    default=a.default_value if a.has_default_value() else inspect.Parameter.empty)
+                                  for a in arguments])
     except (AttributeError, RuntimeError, ValueError):  # no schema, or names Python cannot take
         return None
 
@@ -218,7 +220,8 @@ class _Importer:
         self.mode = FakeTensorMode(allow_non_fake_inputs=True)
         self.root = _Scope(fx.GraphModule(torch.nn.Module(), fx.Graph()))
         self.state: dict[str, fx.Node] = {}
-        self.viewed: set[fx.Node] = set()
+        self.viewed: set[fx.Node] = set()  # tensors a view was taken of
+        self.view_parts: set[fx.Node] = set()  # the parts of a chunk or split: views too
         self.notes: list[str] = []
         self.input_writes: list[str] = []  # inputs forward writes in place (placeholder names)
         self.state_writes: list[str] = []  # state it writes (paths)
@@ -457,6 +460,10 @@ class _Importer:
         val = _val(scope.lookup(node.input()))
         scope.bind(node.output(), val.dtype if node.kind() == "prim::dtype" else torch.device("cpu"))
 
+    def _tensor_query(self, scope: _Scope, node: torch._C.Node) -> None:
+        """``x.is_nested``, ``x.is_cuda``, ``x.requires_grad``: the answer for an inference program's tensors."""
+        scope.bind(node.output(), _TENSOR_QUERIES[node.kind()](_val(scope.lookup(node.input()))))
+
     def _warn(self, scope: _Scope, node: torch._C.Node) -> None:
         self.notes.append(f"{self.class_name} calls warnings.warn; pyrys does not repeat the warning at run time")
 
@@ -480,7 +487,14 @@ class _Importer:
         if schema.name in _IDENTITY_TESTS:  # `query is not key`, `bias_k is not None`: the values imported are
             self._bind_results(scope, node, _IDENTITY_TESTS[schema.name](*values))  # the tensors eager compares
             return
-        if schema.name in _LIST_WRITES and isinstance(values[0], list):
+        if schema.name in ("aten::tensor", "aten::as_tensor") and not _has_node(values):  # torch.tensor([0, 2])
+            literal = torch.tensor(values[0], dtype=values[1] if len(values) > 1 else None)
+            scope.bind(node.output(), add_constant(scope.gm, literal, _node_name(node.output(), "tensor")))
+            return
+        if schema.name in _TENSOR_QUERIES and isinstance(values[0], fx.Node):
+            self._bind_results(scope, node, _TENSOR_QUERIES[schema.name](*_val(values)))
+            return
+        if schema.name in _LIST_WRITES and isinstance(values[0], (list, dict)):
             if scope.parent is not None:
                 raise TorchScriptImportError(f"{schema.name} on a list inside a branch taken at run time (in "
                                              f"{self.class_name}) is not supported")
@@ -488,7 +502,9 @@ class _Importer:
             return
         python_op = _PYTHON_OPS.get(schema.name)
         concatenated = schema.name == "aten::add" and isinstance(values[1], (list, tuple))  # tensors in it too
-        if python_op is not None and isinstance(values[0], (list, tuple)) and (concatenated or not _has_node(values[1:])):
+        container = bool(values) and isinstance(values[0], (list, tuple, dict))
+        if python_op is not None and container and (concatenated or schema.name == "aten::__getitem__" and
+                                                    isinstance(values[0], dict) or not _has_node(values[1:])):
             self._bind_results(scope, node, python_op(*values))  # a list of values, possibly tensors
             return
         if not tensor_out and not _has_node(values):
@@ -523,13 +539,22 @@ class _Importer:
         base = op.__name__.split(".")[0]
         name = _node_name(outputs[0], base) if len(outputs) == 1 else base
         call = scope.graph.create_node("call_function", op, tuple(args), kwargs, name=name)
-        with self.mode:
-            call.meta["val"] = op(*_val(args), **_val(kwargs))
+        try:
+            with self.mode:
+                call.meta["val"] = op(*_val(args), **_val(kwargs))
+        except DynamicOutputShapeException:
+            raise TorchScriptImportError(
+                f"{schema.name} makes a shape that depends on tensor data (in {self.class_name}: `x[x > 0]`, "
+                "nonzero); pyrys imports scripted code without running it (torch.compile(model, backend='pyrys') "
+                "runs such ops in torch)") from None
         if _is_view(schema):
             self.viewed.update(v for v in tree_flatten(values)[0] if isinstance(v, fx.Node))
         if len(outputs) == 1 and isinstance(outputs[0].type(), torch._C.ListType) and \
                 isinstance(call.meta["val"], (list, tuple)):  # chunk, split, unbind: a list of known length
-            scope.bind(outputs[0], [self._index(scope, call, i, outputs[0]) for i in range(len(call.meta["val"]))])
+            parts = [self._index(scope, call, i, outputs[0]) for i in range(len(call.meta["val"]))]
+            if _is_view(schema):
+                self.view_parts.update(parts)
+            scope.bind(outputs[0], parts)
         elif len(outputs) == 1:
             scope.bind(outputs[0], call)
         else:
@@ -539,7 +564,12 @@ class _Importer:
             self._rebind_mutated(scope, node, list(node.inputs())[mutated], values[mutated], call)
 
     def _rebind_mutated(self, scope: _Scope, node, value: torch._C.Value, old: Any, new: fx.Node) -> None:
-        """After ``x.add_(y)``, later reads of ``x`` see the functional result."""
+        """After ``x.add_(y)``, later reads of ``x`` see the functional result, through every name and list that
+        held it (``y = x.add_(1); y.mul_(2)`` writes ``x`` twice)."""
+        if old in self.viewed or (isinstance(old, fx.Node) and (old in self.view_parts or old.op == "call_function"
+                                                                and _is_view_node(old))):
+            raise TorchScriptImportError(f"{node.kind()} writes to a view of another tensor, or to a tensor a view was "
+                                         "taken of; pyrys does not import in-place ops on views")
         if isinstance(old, fx.Node) and (old.meta.get(STATE_KEY) or old in scope.captures.values()
                                          and _captured_state(scope, old)):
             target = _state_target(scope, old)
@@ -548,15 +578,32 @@ class _Importer:
             if scope.parent is None:  # later reads in this call see the value written, as in eager
                 self.written_state[target] = new
                 scope.rebind(value, new)
+                self._rebind_aliases(scope, old, new)
             return
         written = _written_input(scope, old) if isinstance(old, fx.Node) else None
         if written is not None and written not in self.input_writes:
             self.input_writes.append(written)  # the optimized module leaves the caller's tensor as it was
             self.notes.append(input_writes_note([written]))
-        if old in self.viewed or (isinstance(old, fx.Node) and old.op == "call_function" and _is_view_node(old)):
-            raise TorchScriptImportError(f"{node.kind()} writes to a view of another tensor; pyrys does not import "
-                                         "in-place ops on views")
         scope.rebind(value, new)
+        if scope.parent is None:
+            self._rebind_aliases(scope, old, new)
+
+    def _rebind_aliases(self, scope: _Scope, old: fx.Node, new: fx.Node) -> None:
+        """Every other name, list, tuple or dict entry of the top level that held ``old`` holds ``new`` (they
+        are one tensor in eager), and so does a state read after a write."""
+        swap = lambda v: new if v is old else v  # noqa: E731
+        for key, obj in list(scope.env.items()):
+            if obj is old:
+                scope.env[key] = new
+            elif isinstance(obj, list):
+                obj[:] = [swap(v) for v in obj]  # in place: every holder of this list sees it
+            elif isinstance(obj, dict):
+                obj.update({k: new for k, v in obj.items() if v is old})
+            elif isinstance(obj, tuple) and any(v is old for v in obj):
+                scope.env[key] = type(obj)(swap(v) for v in obj)
+        for target, read in list(self.written_state.items()):
+            if read is old:
+                self.written_state[target] = new
 
     def _bind_results(self, scope: _Scope, node: torch._C.Node, result: Any) -> None:
         outputs = list(node.outputs())
@@ -687,6 +734,34 @@ def _is_view_node(node: fx.Node) -> bool:
     return schema is not None and _is_view(schema)
 
 
+# list operations TorchScript spells as ATen ops, applied to the Python lists the importer holds
+_PYTHON_OPS = {"aten::__getitem__": operator.getitem, "aten::len": len, "aten::add": operator.add,
+               "aten::eq": operator.eq, "aten::ne": operator.ne, "aten::__contains__": operator.contains,
+               "aten::copy": list,  # list.copy() (torchvision's Swin); a tensor's aten::copy takes a tensor first
+               "aten::slice": lambda items, start=None, end=None, step=1: items[start:end:step], "aten::list": list,
+               "aten::mul": operator.mul, "aten::keys": lambda d: list(d.keys()), "aten::values": lambda d: list(d.values()),
+               "aten::items": lambda d: list(d.items()), "aten::get": lambda d, key, default=None: d.get(key, default),
+               "aten::dict": dict}
+# list and dict operations that write it in place (a loop collecting outputs, a ModuleDict's outputs by name); no
+# outputs but the list, or none
+_LIST_WRITES = {"aten::append": lambda items, item: (items.append(item), items)[1],
+                "aten::extend": lambda items, more: (items.extend(more), ())[1],
+                "aten::insert": lambda items, index, item: (items.insert(index, item), ())[1],
+                "aten::pop": lambda items, index=-1: items.pop(index),
+                "aten::_set_item": lambda items, key, item: (items.__setitem__(key, item), items)[1],
+                "aten::sort": lambda items, reverse=False: (items.sort(reverse=reverse), ())[1],
+                "aten::reverse": lambda items: (items.reverse(), ())[1],
+                "aten::clear": lambda items: (items.clear(), ())[1]}
+# tensor properties TorchScript asks about, read from the example's: an inference program's own
+_TENSOR_QUERIES = {"aten::is_floating_point": lambda t: t.is_floating_point(), "aten::is_complex": lambda t: t.is_complex(),
+                   "aten::is_contiguous": lambda t, *fmt: t.is_contiguous(*fmt), "aten::element_size": lambda t: t.element_size(),
+                   "aten::is_signed": lambda t: t.is_signed(), "aten::stride": lambda t, *dim: t.stride(*dim),
+                   "prim::is_nested": lambda t: False, "prim::is_cuda": lambda t: False, "prim::is_mkldnn": lambda t: False,
+                   "prim::is_sparse": lambda t: False, "prim::is_quantized": lambda t: False, "prim::is_meta": lambda t: False,
+                   "prim::requires_grad": lambda t: False, "prim::layout": lambda t: torch.strided,
+                   "prim::type": lambda device: device.type}  # x.device.type
+_PRIM_AS_OPS = frozenset({"prim::min", "prim::max", "prim::abs"})
+
 _HANDLERS = {
     "prim::Constant": _Importer._constant,
     "prim::GetAttr": _Importer._get_attr,
@@ -705,14 +780,6 @@ _HANDLERS = {
     "prim::dtype": _Importer._tensor_property,
     "prim::device": _Importer._tensor_property,
     "aten::format": _Importer._format,
+    **{kind: _Importer._tensor_query for kind in _TENSOR_QUERIES if kind.startswith("prim::")},
     "aten::warn": _Importer._warn,
 }
-# list operations TorchScript spells as ATen ops, applied to the Python lists the importer holds
-_PYTHON_OPS = {"aten::__getitem__": operator.getitem, "aten::len": len, "aten::add": operator.add,
-               "aten::eq": operator.eq, "aten::ne": operator.ne, "aten::__contains__": operator.contains,
-               "aten::copy": list,  # list.copy() (torchvision's Swin); a tensor's aten::copy takes a tensor first
-               "aten::slice": lambda items, start=None, end=None, step=1: items[start:end:step], "aten::list": list}
-# list operations that write the list (a loop collecting outputs)
-_LIST_WRITES = {"aten::append": lambda items, item: (items.append(item), items)[1],
-                "aten::extend": lambda items, more: (items.extend(more), None)[1]}
-_PRIM_AS_OPS = frozenset({"prim::min", "prim::max", "prim::abs"})
