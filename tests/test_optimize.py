@@ -217,3 +217,20 @@ def test_inputs_sharing_memory_with_one_written_in_place_are_refused():
     halves = torch.rand(4, 2)
     expected = WritesItsFirstInput()(halves[:2].clone(), halves[2:].clone())
     assert torch.equal(opt(halves[:2], halves[2:]), expected)
+
+
+class WritesItsFirstInputOnly(torch.nn.Module):
+    def forward(self, x, a, b):
+        x.add_(1)
+        return x * a + b
+
+
+def test_inputs_sharing_memory_that_forward_does_not_write_run():
+    import pyrys
+
+    with pytest.warns(UserWarning, match="writes"):
+        opt = pyrys.optimize(WritesItsFirstInputOnly(), (torch.rand(4), torch.rand(4), torch.rand(4)))
+    x, a = torch.rand(4), torch.rand(4)
+    assert torch.allclose(opt(x, a, a), WritesItsFirstInputOnly()(x.clone(), a, a))
+    with pytest.raises(pyrys.InputError, match="inputs 0 and 2 share memory"):
+        opt(x, a, x)

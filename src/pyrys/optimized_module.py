@@ -18,6 +18,7 @@ from pyrys.passes.specialize import ShapeMismatch
 from pyrys.shape_cache import ShapeCache
 from pyrys.size_one import excluded_size_one_inputs, size_one_dims
 from pyrys.capture.dynamic_shapes import SIZE_ONE_FIXED, symbolic_example
+from pyrys.ir.graph import user_inputs
 from pyrys.signature import InputError, Signature, arranged_like, check_compatible, runnable_inputs, signature_of
 from pyrys.capture.frontend import Frontend
 from pyrys.config import OptimizeConfig
@@ -76,7 +77,7 @@ class OptimizedModule(torch.nn.Module):
 
     def forward(self, *args, **kwargs):
         if self._first.captured.input_writes:
-            _refuse_shared_memory(args, kwargs, self._first.captured.input_writes)
+            _refuse_shared_memory(args, kwargs, self._first.captured)
         fast = self._fast_calls.get(_call_key(args)) if not kwargs else None
         if fast is not None:
             self._shapes.touch(fast[0])
@@ -371,17 +372,24 @@ def _direct_call(compiled: Compiled):
     return lambda flat: tree_unflatten(program(flat), spec)
 
 
-def _refuse_shared_memory(args: tuple, kwargs: dict, written: tuple[str, ...]) -> None:
-    """``InputError`` where two inputs' memory overlaps and forward writes an input in place: eager's write
+def _refuse_shared_memory(args: tuple, kwargs: dict, captured) -> None:
+    """``InputError`` where an input forward writes in place overlaps another input in memory: eager's write
     through one changes the other, the program (which writes no input) cannot follow it."""
-    spans = []
-    for i, tensor in enumerate(tree_flatten((args, kwargs))[0]):
-        if isinstance(tensor, torch.Tensor) and tensor.numel():
-            start = tensor.data_ptr()
-            end = start + (sum((n - 1) * abs(s) for n, s in zip(tensor.shape, tensor.stride())) + 1) * tensor.element_size()
-            for j, (other_start, other_end) in spans:
-                if start < other_end and other_start < end:
-                    raise InputError(f"pyrys: inputs {j} and {i} share memory, and forward writes "
-                                     f"{', '.join(written)} in place, which eager would see through the other; "
-                                     "pass separate tensors (a .clone())")
-            spans.append((i, (start, end)))
+    names = [node.name for node in user_inputs(captured.gm.graph)]
+    flat = tree_flatten((args, kwargs))[0]
+    written = {i for i, name in enumerate(names) if name in captured.input_writes} if len(names) == len(flat) else None
+    written = written or set(range(len(flat)))  # not told which: any
+    spans = [(i, _span(t)) for i, t in enumerate(flat) if isinstance(t, torch.Tensor) and t.numel()]
+    for i, (start, end) in spans:
+        for j, (other_start, other_end) in spans:
+            if i in written and j != i and start < other_end and other_start < end:
+                raise InputError(f"pyrys: inputs {min(i, j)} and {max(i, j)} share memory, and forward writes "
+                                 f"{', '.join(captured.input_writes)} in place, which eager would see through the "
+                                 "other; pass separate tensors (a .clone())")
+
+
+def _span(tensor: torch.Tensor) -> tuple[int, int]:
+    """The bytes ``tensor`` may touch: from its first element's address to past its last one's."""
+    start = tensor.data_ptr()
+    last = sum((n - 1) * abs(s) for n, s in zip(tensor.shape, tensor.stride()))
+    return start, start + (last + 1) * tensor.element_size()
