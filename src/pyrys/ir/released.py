@@ -24,8 +24,10 @@ _LOCK = threading.Lock()  # compiles and loads on several threads register stand
 
 
 def release(tensor: torch.Tensor, restore: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """A stand-in for ``tensor`` (same shape, strides and dtype; no bytes); ``restore()`` gives its values."""
-    stand_in = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="meta")
+    """A stand-in for ``tensor`` (same shape, strides and dtype; no bytes); ``restore()`` gives its values.
+    Made outside inference mode: an inference tensor's views and detached copies keep no base to find it by."""
+    with torch.inference_mode(False):
+        stand_in = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="meta")
     with _LOCK:
         _RESTORE[stand_in] = restore
     return stand_in

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 import pyrys
 from pyrys.backends.dnnl import binding
+from pyrys.backends.threads import with_threads
 from pyrys.backends.dnnl.constants import ARG_SCRATCHPAD
 from pyrys.backends.dnnl.descriptors import convolution_pd
 from pyrys.backends.dnnl.layout import any_md, policy_md
@@ -106,6 +107,23 @@ def test_a_caller_with_another_thread_count_gets_a_program_built_for_it():
     weights = {slot.constant.data_ptr() for p in runtime.programs.values() for slot in p.slots if slot.constant is not None}
     first_weights = {slot.constant.data_ptr() for slot in runtime.first.slots if slot.constant is not None}
     assert weights == first_weights  # the second program packed nothing again
+
+
+def test_a_model_optimized_in_inference_mode_gets_programs_for_other_thread_counts():
+    """Stand-ins of released weights made in inference mode (torch.compile compiles at a call, under the
+    caller's) were inference tensors, whose detached copies keep no base: a later thread count's program found
+    no values to pack."""
+    x = torch.randn(1, 3, 16, 16)
+    with torch.inference_mode():
+        model = small_net()
+        opt = pyrys.optimize(model, (x,), backend="dnnl")
+    runtime, own = opt._first.program, current_threads()
+    other = 1 if own != 1 else 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a program that fails to build warns
+        with torch.inference_mode():
+            assert pyrys.relative_error(with_threads(other, opt, x), model(x)) <= TOLERANCE
+    assert other in runtime.programs
 
 
 def adapting_after_warm_up(model: nn.Module, x: torch.Tensor):
