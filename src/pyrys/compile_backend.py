@@ -290,7 +290,7 @@ class DynamoGraph:
             self._note_grad("inputs that require grad, in grad mode: torch runs the graph, so that gradients "
                             "reach them")
             return True
-        if any(args[i].requires_grad for i in self.state):
+        if not self._grad_noted and any(args[i].requires_grad for i in self.state):  # scanned until noted once
             self._note_grad("parameters that require grad, in grad mode: the program's outputs carry no "
                             "autograd graph (pyrys compiles for inference; call under torch.no_grad() or "
                             "torch.inference_mode(), or train with another backend)")
