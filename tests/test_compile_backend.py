@@ -372,3 +372,27 @@ def test_statistics_a_training_call_in_torch_writes_reach_the_eval_program():
     model.eval()
     with torch.no_grad():
         assert pyrys.relative_error(compiled(x), model(x)) <= TOLERANCE
+
+
+class ClampsByBuffers(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = torch.nn.Linear(4, 4)
+        self.register_buffer("bounds", torch.tensor([-float("inf"), float("inf")]))  # sums to NaN
+
+    def forward(self, x):
+        return self.linear(x).clamp(self.bounds[0], self.bounds[1])
+
+
+def test_another_model_training_in_torch_does_not_recompile_an_eval_model(dynamo_graphs):
+    """A train-mode BatchNorm graph runs in torch and notes the statistics it writes; an eval model holding
+    none of them (one with a buffer that sums to NaN, too) keeps its program."""
+    student, teacher, x = conv_bn_relu(), ClampsByBuffers().eval(), torch.rand(2, 4)
+    run_student, run_teacher = torch.compile(student.train(), backend="pyrys"), torch.compile(teacher, backend="pyrys")
+    with torch.no_grad():
+        for _ in range(8):
+            run_student(image(batch=2))
+            assert pyrys.relative_error(run_teacher(x), teacher(x)) <= TOLERANCE
+    graph = next(g for g in dynamo_graphs if g.runs_in_torch is None)
+    assert graph._weights.changes == 0 and len(graph.programs) == 1

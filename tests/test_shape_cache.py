@@ -85,9 +85,9 @@ def test_torch_compile_graphs_keep_at_most_max_shapes(monkeypatch):
     compiled_shapes: dict[int, list[int]] = {}
     original = DynamoGraph._optimize
 
-    def spy(self, inputs, scalars):
+    def spy(self, inputs, scalars, state):
         compiled_shapes.setdefault(id(self), []).append(inputs[0].shape[0])
-        return original(self, inputs, scalars)
+        return original(self, inputs, scalars, state)
 
     monkeypatch.setattr(DynamoGraph, "_optimize", spy)
     made = spy_dynamo_graphs(monkeypatch)

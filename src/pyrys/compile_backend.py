@@ -197,6 +197,7 @@ class DynamoGraph:
         self._grad_noted = False
         self._state_names: dict[int, str] = {}  # state position -> its name in the optimized module
         self._writes_state: list[int] = []  # the state positions this graph writes (it runs in torch)
+        self._buffers = [i for i, (_, value) in self.state.items() if not isinstance(value, torch.nn.Parameter)]
         self._compiling = threading.Lock()
         # per set of state tensors (compile_weights.py), one program per concrete signature, compiled on first
         # call (outside dynamo's tracing); at most max_shapes of them, the least recently called dropped first
@@ -300,8 +301,9 @@ class DynamoGraph:
         """The graph run as dynamo gave it; where it writes state (what its captured program said it writes, or,
         not captured, a graph that trains a BatchNorm), noted for the graphs that froze it (compile_weights.py)."""
         outputs = self.gm(*args)
-        if self._writes_state or self.training:
-            note_state_written()
+        written = self._writes_state or (self._buffers if self.training else ())
+        if written:
+            note_state_written([args[i] for i in written])
         return outputs
 
     def _note_grad(self, what: str) -> None:

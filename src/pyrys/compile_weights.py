@@ -12,9 +12,8 @@ version of ``p``'s moves) and in-place writes to tensors made under ``torch.infe
 no version counter).
 
 BatchNorm's statistics, written by a train-mode graph that runs in torch, get no new version either (and a
-new one would break autograd's check of the tensors it saved): such a graph counts a write
-(:func:`note_state_written`), and the next call of a set after one compares its buffers' sums with the sums
-frozen.
+new one would break autograd's check of the tensors it saved): such a graph notes the tensors it wrote
+(:func:`note_state_written`), and a set holding one compiles again at its next call.
 """
 from __future__ import annotations
 
@@ -33,18 +32,17 @@ LOG = logging.getLogger("pyrys")
 MAX_SETS = 4  # sets of state tensors (model instances) a graph keeps programs for
 MAX_CHANGES = 4  # changes fewer than MIN_CALLS_APART calls apart before torch runs the graph
 MIN_CALLS_APART = 16  # a change this many calls or more after the last one (an evaluation between epochs) is free
-_STATE_WRITES = [0]  # writes of state that move no version counter, process-wide (note_state_written)
+_WRITES = [0]  # writes of state that move no version counter, process-wide (note_state_written)
+_WRITTEN_AT: dict[int, int] = {}  # id of a tensor so written -> the count of the write that wrote it last
 _VERSION = operator.attrgetter("_version")
 
 
-def note_state_written() -> None:
-    """A graph that runs in torch wrote module state (BatchNorm's statistics in training) without new versions."""
-    _STATE_WRITES[0] += 1
-
-
-def _sums(tensors: tuple, buffers: list[int]) -> list[float]:
-    """The sum of each buffer (BatchNorm's statistics: a few hundred numbers each), to see it written."""
-    return [float(tensors[i].detach().double().sum()) for i in buffers]
+def note_state_written(tensors: list[torch.Tensor]) -> None:
+    """A graph that runs in torch wrote these (BatchNorm's statistics in training) without new versions."""
+    _WRITES[0] += 1
+    if len(_WRITTEN_AT) > 100_000:  # ids of tensors long gone: a set holding none of them misses nothing
+        _WRITTEN_AT.clear()
+    _WRITTEN_AT.update(dict.fromkeys(map(id, tensors), _WRITES[0]))
 
 
 def _gatherer(positions: list[int]) -> Callable[[tuple], tuple]:
@@ -56,23 +54,20 @@ def _gatherer(positions: list[int]) -> Callable[[tuple], tuple]:
 
 @dataclass
 class WeightSet:
-    """One set of state tensors: by position, its path and tensor; the tensors as frozen, their versions and
-    their buffers' sums; the programs compiled from them (by input signature; None until the first)."""
+    """One set of state tensors: by position, its path and tensor; the tensors as frozen and their versions; the
+    programs compiled from them (by input signature; None until the first)."""
 
     state: dict[int, tuple[str, torch.Tensor]]
     held: tuple
     versioned: bool  # every tensor has a version counter (none made under inference_mode)
     versions: list
-    buffers: list[int]  # the places of the tensors that are not parameters
-    sums: list[float]
-    writes_seen: int  # _STATE_WRITES when the sums were last compared
+    writes_seen: int  # _WRITES when this set last looked for its tensors among those written
     shapes: ShapeCache | None = field(default=None)
 
     @classmethod
     def of(cls, paths: dict[int, str], tensors: tuple) -> "WeightSet":
         versioned = not any(tensor.is_inference() for tensor in tensors)
-        buffers = [n for n, tensor in enumerate(tensors) if not isinstance(tensor, torch.nn.Parameter)]
-        made = cls(dict(zip(paths, zip(paths.values(), tensors))), tensors, versioned, [], buffers, [], 0)
+        made = cls(dict(zip(paths, zip(paths.values(), tensors))), tensors, versioned, [], 0)
         made.refreeze(tensors)
         return made
 
@@ -82,21 +77,20 @@ class WeightSet:
         return [None if tensor.is_inference() else tensor._version for tensor in tensors]
 
     def unchanged(self, tensors: tuple) -> bool:
-        """Whether ``tensors`` are the ones frozen, unwritten since (after a write that moves no version, their
-        buffers' sums as frozen)."""
+        """Whether ``tensors`` are the ones frozen, unwritten since (by a write that moves a version, or one
+        noted by :func:`note_state_written`)."""
         if not (all(map(operator.is_, tensors, self.held)) and self._versions(tensors) == self.versions):
             return False
-        writes = _STATE_WRITES[0]
+        writes = _WRITES[0]
         if writes != self.writes_seen:
-            if _sums(tensors, self.buffers) != self.sums:
+            if any(_WRITTEN_AT.get(id(tensor), 0) > self.writes_seen for tensor in tensors):
                 return False
             self.writes_seen = writes
         return True
 
     def refreeze(self, tensors: tuple) -> None:
         """Take ``tensors`` (these very ones) as frozen now, the programs from before dropped."""
-        self.versions, self.sums = self._versions(tensors), _sums(tensors, self.buffers)
-        self.writes_seen, self.shapes = _STATE_WRITES[0], None
+        self.versions, self.writes_seen, self.shapes = self._versions(tensors), _WRITES[0], None
 
 
 class WeightSets:

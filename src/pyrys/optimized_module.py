@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import weakref
 from typing import Any
 
 import torch
@@ -375,7 +376,7 @@ def _direct_call(compiled: Compiled):
 def _refuse_shared_memory(args: tuple, kwargs: dict, captured) -> None:
     """``InputError`` where an input forward writes in place overlaps another input in memory: eager's write
     through one changes the other, the program (which writes no input) cannot follow it."""
-    names = [node.name for node in user_inputs(captured.gm.graph)]
+    names = _input_names(captured)
     flat = tree_flatten((args, kwargs))[0]
     written = {i for i, name in enumerate(names) if name in captured.input_writes} if len(names) == len(flat) else None
     written = written or set(range(len(flat)))  # not told which: any
@@ -386,6 +387,17 @@ def _refuse_shared_memory(args: tuple, kwargs: dict, captured) -> None:
                 raise InputError(f"pyrys: inputs {min(i, j)} and {max(i, j)} share memory, and forward writes "
                                  f"{', '.join(captured.input_writes)} in place, which eager would see through the "
                                  "other; pass separate tensors (a .clone())")
+
+
+_INPUT_NAMES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # captured graph -> its inputs' names
+
+
+def _input_names(captured) -> list[str]:
+    """The names of ``captured``'s user inputs, in order: found once per graph (a walk over its nodes)."""
+    names = _INPUT_NAMES.get(captured.gm)
+    if names is None:
+        names = _INPUT_NAMES[captured.gm] = [node.name for node in user_inputs(captured.gm.graph)]
+    return names
 
 
 def _span(tensor: torch.Tensor) -> tuple[int, int]:

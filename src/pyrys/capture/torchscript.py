@@ -26,6 +26,7 @@ State values are copies: the user's scripted module is never modified.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import operator
 from dataclasses import dataclass
@@ -164,6 +165,26 @@ _DROPOUTS = {f"aten::{kind}dropout{suffix}" for kind in ("", "feature_", "alpha_
              for suffix in ("", "_")}
 
 
+def _swapped(obj: Any, old: fx.Node, new: fx.Node, seen: set | None = None) -> Any:
+    """``obj`` with ``old`` replaced by ``new`` at any depth: lists and dicts changed in place (every holder sees
+    them), tuples rebuilt."""
+    if obj is old:
+        return new
+    seen = set() if seen is None else seen
+    if not isinstance(obj, (list, dict, tuple)) or id(obj) in seen:
+        return obj
+    seen.add(id(obj))
+    if isinstance(obj, list):
+        obj[:] = [_swapped(v, old, new, seen) for v in obj]
+    elif isinstance(obj, dict):
+        obj.update({k: _swapped(v, old, new, seen) for k, v in obj.items()})
+    else:
+        items = [_swapped(v, old, new, seen) for v in obj]
+        if any(a is not b for a, b in zip(items, obj)):
+            return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    return obj
+
+
 def _known_false(value: Any) -> bool:
     """``False``, or a flag read whose captured value is False (what the program reads for it)."""
     return value is False or (isinstance(value, fx.Node) and value.meta.get("val") is False)
@@ -220,12 +241,15 @@ class _Importer:
         self.mode = FakeTensorMode(allow_non_fake_inputs=True)
         self.root = _Scope(fx.GraphModule(torch.nn.Module(), fx.Graph()))
         self.state: dict[str, fx.Node] = {}
-        self.viewed: set[fx.Node] = set()  # tensors a view was taken of
+        self.views_of: dict[fx.Node, list[fx.Node]] = {}  # a tensor -> the views taken of it
+        self.stale: set[fx.Node] = set()  # views of a tensor written in place since: reading one is refused
         self.view_parts: set[fx.Node] = set()  # the parts of a chunk or split: views too
         self.notes: list[str] = []
         self.input_writes: list[str] = []  # inputs forward writes in place (placeholder names)
         self.state_writes: list[str] = []  # state it writes (paths)
         self.written_state: dict[str, fx.Node] = {}  # path -> its value after a write at the top level
+        self.branch_written_state: set[str] = set()  # paths written inside a branch taken at run time
+        self.attribute_containers: dict[str, Any] = {}  # path -> the list or dict a module attribute holds
 
     # -- the whole graph -------------------------------------------------------------------
     def run(self, args: tuple) -> Captured:
@@ -242,6 +266,7 @@ class _Importer:
         except _Raised as raised:
             raise TorchScriptImportError(f"{self.class_name} raises on inputs like these: {raised}") from None
         leaves, out_spec = tree_flatten(outputs[0] if len(outputs) == 1 else tuple(outputs))
+        self._refuse_stale(leaves)
         self.root.graph.output(tuple(leaves))
         self.root.graph.eliminate_dead_code(is_impure_node=has_effects)
         for node in [n for n in self.state.values() if not n.users]:
@@ -306,6 +331,9 @@ class _Importer:
             # its captured value, which is what the program reads for an unfrozen flag too, so that an If on it
             # is resolved here (branches take tensors only)
             result = bool(self.flag_values.get(name, value))
+        elif isinstance(value, torch.Tensor) and path in self.branch_written_state:
+            raise TorchScriptImportError(f"{self.class_name} reads {path} after a branch taken at run time writes it "
+                                         "in place; pyrys does not import that (freeze the flag the branch is on)")
         elif isinstance(value, torch.Tensor) and path in self.written_state:
             result = scope.capture(self.written_state[path])  # read after this call wrote it, as eager reads it
         elif isinstance(value, torch.Tensor) or isinstance(value, bool):
@@ -314,6 +342,8 @@ class _Importer:
             # a list of the module's tensors (a scripted nn.LSTM's _flat_weights): each its state read
             result = type(value)(self._held(scope, owner, v, f"{path}_{i}") if isinstance(v, torch.Tensor) else v
                                  for i, v in enumerate(value))
+        elif isinstance(value, (list, dict)):  # one object per attribute, so that a write to it is read later
+            result = self.attribute_containers.setdefault(path, copy.copy(value))
         else:
             result = value  # an int/float/str attribute: a constant of the module
         scope.bind(node.output(), result)
@@ -323,7 +353,8 @@ class _Importer:
         constant."""
         held = [*owner.module.named_parameters(recurse=False), *owner.module.named_buffers(recurse=False)]
         for name, state in held:
-            if state.data_ptr() == tensor.data_ptr() and state.shape == tensor.shape and state.dtype == tensor.dtype:
+            if (state.data_ptr(), state.shape, state.stride(), state.dtype) == \
+                    (tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype):
                 path = f"{owner.path}.{name}" if owner.path else name
                 return scope.capture(self._state(owner.module, path, name, state))
         return add_constant(scope.gm, tensor.detach().clone(), hint)
@@ -367,9 +398,12 @@ class _Importer:
         outputs = list(node.outputs()) + escaped
         if not outputs and all(b.raises is None and not _has_effects(b.gm) for b in branches):
             return  # both arms only wrote module state, which inference drops
+        before = {value.unique(): scope.lookup(value) for value in escaped}
         self._emit_if(scope, outputs, cond, branches)
         for value in escaped:
             scope.rebind(value, scope.env[value.unique()])
+            if scope.parent is None and isinstance(before[value.unique()], fx.Node):
+                self._rebind_aliases(scope, before[value.unique()], scope.env[value.unique()])
 
     def _branch(self, scope: _Scope, block) -> _PendingBranch:
         sub = _Scope(fx.GraphModule(torch.nn.Module(), fx.Graph()), scope)
@@ -483,6 +517,7 @@ class _Importer:
         schema = torch._C.parse_schema(node.schema())
         op = _overload(schema.name, schema.overload_name, node)
         values = [scope.lookup(v) for v in node.inputs()]
+        self._refuse_stale(values)
         tensor_out = any(_is_tensor_type(v.type()) for v in node.outputs())
         if schema.name in _IDENTITY_TESTS:  # `query is not key`, `bias_k is not None`: the values imported are
             self._bind_results(scope, node, _IDENTITY_TESTS[schema.name](*values))  # the tensors eager compares
@@ -491,6 +526,9 @@ class _Importer:
             literal = torch.tensor(values[0], dtype=values[1] if len(values) > 1 else None)
             scope.bind(node.output(), add_constant(scope.gm, literal, _node_name(node.output(), "tensor")))
             return
+        if schema.name in _LAYOUT_QUERIES:
+            raise TorchScriptImportError(f"{schema.name} asks for a tensor's memory layout (in {self.class_name}), "
+                                         "which a call may change and a program does not specialize on")
         if schema.name in _TENSOR_QUERIES and isinstance(values[0], fx.Node):
             self._bind_results(scope, node, _TENSOR_QUERIES[schema.name](*_val(values)))
             return
@@ -498,14 +536,14 @@ class _Importer:
             if scope.parent is not None:
                 raise TorchScriptImportError(f"{schema.name} on a list inside a branch taken at run time (in "
                                              f"{self.class_name}) is not supported")
-            self._bind_results(scope, node, _LIST_WRITES[schema.name](*values))  # the list the importer holds
+            self._bind_results(scope, node, self._python(_LIST_WRITES[schema.name], values, node))  # the importer's
             return
         python_op = _PYTHON_OPS.get(schema.name)
         concatenated = schema.name == "aten::add" and isinstance(values[1], (list, tuple))  # tensors in it too
         container = bool(values) and isinstance(values[0], (list, tuple, dict))
         if python_op is not None and container and (concatenated or schema.name == "aten::__getitem__" and
                                                     isinstance(values[0], dict) or not _has_node(values[1:])):
-            self._bind_results(scope, node, python_op(*values))  # a list of values, possibly tensors
+            self._bind_results(scope, node, self._python(python_op, values, node))  # a list of values, possibly tensors
             return
         if not tensor_out and not _has_node(values):
             self._bind_results(scope, node, _call(op, schema, values))  # scalar arithmetic on constants
@@ -529,8 +567,8 @@ class _Importer:
                 "pyrys imports scripted code without running it, so data-dependent control flow is not supported "
                 "(torch.compile(model, backend='pyrys') handles it with graph breaks)")
         if schema.name in _DROPOUTS and _known_false(values[2]):
-            scope.bind(node.output(), values[0])  # dropout with train=False returns its input (in place or not)
-            return
+            scope.bind(node.output(), values[0])  # dropout with train=False returns its input itself (a write to
+            return  # either is a write to both, in TorchScript as in eager)
         mutated = _mutated_argument(schema)
         if mutated is not None:
             op = _functional(schema, node)
@@ -547,15 +585,16 @@ class _Importer:
                 f"{schema.name} makes a shape that depends on tensor data (in {self.class_name}: `x[x > 0]`, "
                 "nonzero); pyrys imports scripted code without running it (torch.compile(model, backend='pyrys') "
                 "runs such ops in torch)") from None
-        if _is_view(schema):
-            self.viewed.update(v for v in tree_flatten(values)[0] if isinstance(v, fx.Node))
         if len(outputs) == 1 and isinstance(outputs[0].type(), torch._C.ListType) and \
                 isinstance(call.meta["val"], (list, tuple)):  # chunk, split, unbind: a list of known length
             parts = [self._index(scope, call, i, outputs[0]) for i in range(len(call.meta["val"]))]
             if _is_view(schema):
                 self.view_parts.update(parts)
+                self._note_views(values, parts)
             scope.bind(outputs[0], parts)
         elif len(outputs) == 1:
+            if _is_view(schema):
+                self._note_views(values, [call])
             scope.bind(outputs[0], call)
         else:
             for i, value in enumerate(outputs):
@@ -563,13 +602,39 @@ class _Importer:
         if mutated is not None:
             self._rebind_mutated(scope, node, list(node.inputs())[mutated], values[mutated], call)
 
+    def _note_views(self, values: list, views: list[fx.Node]) -> None:
+        for base in tree_flatten(values)[0]:
+            if isinstance(base, fx.Node):
+                self.views_of.setdefault(base, []).extend(views)
+
+    def _stale_views_of(self, written: Any) -> None:
+        """The views taken of ``written`` (and of them) before this write hold its old values from now on."""
+        pending = [written] if isinstance(written, fx.Node) else []
+        while pending:
+            views = self.views_of.pop(pending.pop(), [])
+            self.stale.update(views)
+            pending.extend(views)
+
+    def _refuse_stale(self, values: Any) -> None:
+        if self.stale and any(isinstance(v, fx.Node) and v in self.stale for v in tree_flatten(values)[0]):
+            raise TorchScriptImportError(f"{self.class_name} reads a view of a tensor after writing that tensor in "
+                                         "place; pyrys does not import that (take the view after the write)")
+
+    def _python(self, operation, values: list, node: torch._C.Node) -> Any:
+        """A list or dict operation applied to the importer's own, its failure (eager's too) a reason."""
+        try:
+            return operation(*values)
+        except (TypeError, KeyError, IndexError, ValueError) as error:
+            raise TorchScriptImportError(f"{node.kind()} fails on the values it is given at import (in "
+                                         f"{self.class_name}: {type(error).__name__}: {error})") from None
+
     def _rebind_mutated(self, scope: _Scope, node, value: torch._C.Value, old: Any, new: fx.Node) -> None:
         """After ``x.add_(y)``, later reads of ``x`` see the functional result, through every name and list that
         held it (``y = x.add_(1); y.mul_(2)`` writes ``x`` twice)."""
-        if old in self.viewed or (isinstance(old, fx.Node) and (old in self.view_parts or old.op == "call_function"
-                                                                and _is_view_node(old))):
-            raise TorchScriptImportError(f"{node.kind()} writes to a view of another tensor, or to a tensor a view was "
-                                         "taken of; pyrys does not import in-place ops on views")
+        if isinstance(old, fx.Node) and (old in self.view_parts or old.op == "call_function" and _is_view_node(old)):
+            raise TorchScriptImportError(f"{node.kind()} writes to a view of another tensor; pyrys does not import "
+                                         "in-place ops on views")
+        self._stale_views_of(old)
         if isinstance(old, fx.Node) and (old.meta.get(STATE_KEY) or old in scope.captures.values()
                                          and _captured_state(scope, old)):
             target = _state_target(scope, old)
@@ -579,6 +644,8 @@ class _Importer:
                 self.written_state[target] = new
                 scope.rebind(value, new)
                 self._rebind_aliases(scope, old, new)
+            else:  # written in a branch taken at run time: a read after it is refused (_get_attr)
+                self.branch_written_state.add(target)
             return
         written = _written_input(scope, old) if isinstance(old, fx.Node) else None
         if written is not None and written not in self.input_writes:
@@ -591,16 +658,8 @@ class _Importer:
     def _rebind_aliases(self, scope: _Scope, old: fx.Node, new: fx.Node) -> None:
         """Every other name, list, tuple or dict entry of the top level that held ``old`` holds ``new`` (they
         are one tensor in eager), and so does a state read after a write."""
-        swap = lambda v: new if v is old else v  # noqa: E731
         for key, obj in list(scope.env.items()):
-            if obj is old:
-                scope.env[key] = new
-            elif isinstance(obj, list):
-                obj[:] = [swap(v) for v in obj]  # in place: every holder of this list sees it
-            elif isinstance(obj, dict):
-                obj.update({k: new for k, v in obj.items() if v is old})
-            elif isinstance(obj, tuple) and any(v is old for v in obj):
-                scope.env[key] = type(obj)(swap(v) for v in obj)
+            scope.env[key] = _swapped(obj, old, new)
         for target, read in list(self.written_state.items()):
             if read is old:
                 self.written_state[target] = new
@@ -737,7 +796,8 @@ def _is_view_node(node: fx.Node) -> bool:
 # list operations TorchScript spells as ATen ops, applied to the Python lists the importer holds
 _PYTHON_OPS = {"aten::__getitem__": operator.getitem, "aten::len": len, "aten::add": operator.add,
                "aten::eq": operator.eq, "aten::ne": operator.ne, "aten::__contains__": operator.contains,
-               "aten::copy": list,  # list.copy() (torchvision's Swin); a tensor's aten::copy takes a tensor first
+               "aten::copy": lambda items: items.copy(),  # list.copy() (torchvision's Swin), dict.copy(); a tensor's
+               # aten::copy takes a tensor first
                "aten::slice": lambda items, start=None, end=None, step=1: items[start:end:step], "aten::list": list,
                "aten::mul": operator.mul, "aten::keys": lambda d: list(d.keys()), "aten::values": lambda d: list(d.values()),
                "aten::items": lambda d: list(d.items()), "aten::get": lambda d, key, default=None: d.get(key, default),
@@ -747,15 +807,19 @@ _PYTHON_OPS = {"aten::__getitem__": operator.getitem, "aten::len": len, "aten::a
 _LIST_WRITES = {"aten::append": lambda items, item: (items.append(item), items)[1],
                 "aten::extend": lambda items, more: (items.extend(more), ())[1],
                 "aten::insert": lambda items, index, item: (items.insert(index, item), ())[1],
-                "aten::pop": lambda items, index=-1: items.pop(index),
+                "aten::pop": lambda items, *where: items.pop(*where),
+                "aten::remove": lambda items, item: (items.remove(item), ())[1],
+                "aten::Delete": lambda items, key: (items.__delitem__(key), ())[1],
+                "aten::setdefault": lambda items, key, default: items.setdefault(key, default),
+                "aten::update": lambda items, more: (items.update(more), ())[1],
                 "aten::_set_item": lambda items, key, item: (items.__setitem__(key, item), items)[1],
                 "aten::sort": lambda items, reverse=False: (items.sort(reverse=reverse), ())[1],
                 "aten::reverse": lambda items: (items.reverse(), ())[1],
                 "aten::clear": lambda items: (items.clear(), ())[1]}
+_LAYOUT_QUERIES = frozenset({"aten::is_contiguous", "aten::stride"})
 # tensor properties TorchScript asks about, read from the example's: an inference program's own
 _TENSOR_QUERIES = {"aten::is_floating_point": lambda t: t.is_floating_point(), "aten::is_complex": lambda t: t.is_complex(),
-                   "aten::is_contiguous": lambda t, *fmt: t.is_contiguous(*fmt), "aten::element_size": lambda t: t.element_size(),
-                   "aten::is_signed": lambda t: t.is_signed(), "aten::stride": lambda t, *dim: t.stride(*dim),
+                   "aten::element_size": lambda t: t.element_size(), "aten::is_signed": lambda t: t.is_signed(),
                    "prim::is_nested": lambda t: False, "prim::is_cuda": lambda t: False, "prim::is_mkldnn": lambda t: False,
                    "prim::is_sparse": lambda t: False, "prim::is_quantized": lambda t: False, "prim::is_meta": lambda t: False,
                    "prim::requires_grad": lambda t: False, "prim::layout": lambda t: torch.strided,
