@@ -207,3 +207,14 @@ def test_a_scale_that_would_overflow_the_weights_does_not_fold(run_passes):
     assert [m.reason for m in result.misses] == [
         "the scale 1e+37 would scale the weights of %conv2d past the largest torch.float32"]
     torch.testing.assert_close(pyrys.optimize(model, (x,))(x), model(x))
+
+
+def test_a_scale_far_from_one_does_not_fold(run_passes):
+    """``linear(x) * 1e-36``: eager's outputs are ~1e-34; folded, the weights' products underflowed to 0."""
+    model, x = ConvTimes(1e-36).eval(), image(channels=3)
+    result = run_passes(model, (x,), *PASSES)
+    assert "aten::mul" in result.after
+    assert [m.reason for m in result.misses] == [
+        "the scale 1e-36 is beyond 2^+-64: in the weights of %conv2d their products could leave torch.float32's "
+        "range where eager's do not"]
+    torch.testing.assert_close(pyrys.optimize(model, (x,))(x), model(x))

@@ -34,6 +34,7 @@ from pyrys.ir.vocabulary import LINEARS, WEIGHTED, is_pure, output_channel_layou
 from pyrys.passes.rewrite import Match, Miss, PassResult, Rule, apply_rules, fail, shared_miss
 
 aten = torch.ops.aten
+MODERATE_EXPONENT = 64  # scales beyond 2^+-64 stay ops: folded, the weights' products may leave float32's range
 
 # op -> (family, inverse): sub is add of -c, div is mul by 1/a
 AFFINE_OPS = {
@@ -142,6 +143,16 @@ def _keeps_finite(gm: fx.GraphModule, weights: list, scale: torch.Tensor | None,
     return True
 
 
+def _moderate(scale: torch.Tensor | None, inverse: bool) -> bool:
+    """Whether every nonzero factor ``scale`` multiplies by lies within 2^+-MODERATE_EXPONENT (unknown: yes):
+    ``linear(x) * 1e-36`` folded makes weights whose products underflow (4e-36 in eager, 0 folded)."""
+    if scale is None:
+        return True
+    factors = (scale.reciprocal() if inverse else scale).abs().double()
+    factors = factors[factors != 0]
+    return bool(((factors >= 2.0 ** -MODERATE_EXPONENT) & (factors <= 2.0 ** MODERATE_EXPONENT)).all())
+
+
 def _as_tensor_node(gm: fx.GraphModule, value, like: torch.Tensor, name: str) -> fx.Node:
     if isinstance(value, fx.Node):
         return value
@@ -185,6 +196,9 @@ class FoldAffineIntoProducer(Rule):
             if not _keeps_finite(gm, [args["weight"], args["bias"]], scale, op.inverse):
                 return fail(f"the {word} {_constant_text(op.constant)} would scale the weights of %{producer.name} "
                             f"past the largest {out.dtype}")
+            if not _moderate(scale, op.inverse):
+                return fail(f"the {word} {_constant_text(op.constant)} is beyond 2^+-{MODERATE_EXPONENT}: in the weights "
+                            f"of %{producer.name} their products could leave {out.dtype}'s range where eager's do not")
         return Match({"op": op, "args": args, "channels": out.shape[axis]})
 
     def rewrite(self, gm: fx.GraphModule, node: fx.Node, match: Match) -> None:
