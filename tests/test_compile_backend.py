@@ -291,17 +291,23 @@ def test_batch_norm_statistics_a_training_call_updates_reach_the_eval_program():
         assert pyrys.relative_error(compiled(x), model(x)) <= TOLERANCE
 
 
-def test_state_that_keeps_changing_stops_compiling_and_runs_in_torch(dynamo_graphs, monkeypatch):
-    from pyrys import compile_backend, compile_weights
-
-    monkeypatch.setattr(compile_weights, "MAX_CHANGES", 2)
-    monkeypatch.setattr(compile_backend, "MAX_CHANGES", 2)
+def calls_between_weight_changes(changes: int, calls: int, step: float) -> None:
+    """A linear compiled, its weight changed ``changes`` times with ``calls`` calls after each, every call
+    against eager."""
     model, x = torch.nn.Linear(4, 4).eval(), torch.rand(2, 4)
     compiled = torch.compile(model, backend="pyrys")
     with torch.no_grad():
-        for _ in range(4):
-            model.weight.add_(1)
-            assert pyrys.relative_error(compiled(x), model(x)) <= TOLERANCE
+        for _ in range(changes):
+            model.weight.add_(step)
+            for _ in range(calls):
+                assert pyrys.relative_error(compiled(x), model(x)) <= TOLERANCE
+
+
+def test_state_that_keeps_changing_stops_compiling_and_runs_in_torch(dynamo_graphs, monkeypatch):
+    from pyrys import compile_weights
+
+    monkeypatch.setattr(compile_weights, "MAX_CHANGES", 2)
+    calls_between_weight_changes(changes=4, calls=1, step=1.0)
     (graph,) = dynamo_graphs
     assert graph.runs_in_torch.startswith("its parameters or buffers changed at nearly every call, more than 2 times")
 
@@ -349,13 +355,7 @@ def test_weights_changed_between_evaluations_keep_compiling(dynamo_graphs, monke
     from pyrys import compile_weights
 
     monkeypatch.setattr(compile_weights, "MIN_CALLS_APART", 3)
-    model, x = torch.nn.Linear(4, 4).eval(), torch.rand(2, 4)
-    compiled = torch.compile(model, backend="pyrys")
-    with torch.no_grad():
-        for _ in range(8):
-            model.weight.add_(0.1)
-            for _ in range(3):
-                assert pyrys.relative_error(compiled(x), model(x)) <= TOLERANCE
+    calls_between_weight_changes(changes=8, calls=3, step=0.1)
     (graph,) = dynamo_graphs
     assert graph.runs_in_torch is None and graph.programs
 

@@ -31,7 +31,8 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from pyrys.compile_weights import MAX_CHANGES, WeightSet, WeightSets, note_state_written
+from pyrys import compile_weights
+from pyrys.compile_weights import WeightSet, WeightSets, note_state_written
 from pyrys.errors import CaptureError, ModelChangedError
 from pyrys.ir.graph import identifier
 from pyrys.optimize import OptimizedModule, optimize
@@ -316,7 +317,7 @@ class DynamoGraph:
             return self._in_torch(args)
         weights = None if self.runs_in_torch else self._weights.of(args)
         if weights is None and not self.runs_in_torch:
-            self._run_in_torch(f"its parameters or buffers changed at nearly every call, more than {MAX_CHANGES} "
+            self._run_in_torch(f"its parameters or buffers changed at nearly every call, more than {compile_weights.MAX_CHANGES} "
                                "times, each a compile")
         program = None if self.runs_in_torch else self._compile(list(args), weights)
         if program is None:
