@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
-from typing import Optional
+from typing import NamedTuple, Optional, Tuple
 
 import pytest
 import torch
@@ -613,3 +613,30 @@ class AsksLayout(torch.nn.Module):
 def test_what_a_program_would_get_wrong_is_refused_with_a_reason(model, reason):
     with pytest.raises(TorchScriptImportError, match=reason):
         pyrys.optimize(torch.jit.script(model.eval()), (torch.rand(2, 4),), freeze_flags=[])
+
+
+class Pair(NamedTuple):
+    scores: torch.Tensor
+    parts: Tuple[torch.Tensor, torch.Tensor]
+
+
+class ReturnsNamed(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, x) -> Pair:
+        return Pair(self.head(x), (x.relu(), x * 2))
+
+
+def test_a_named_tuple_output_keeps_its_class_and_fields_through_save(tmp_path):
+    """TorchScript outputs a NamedTuple as one (``out.scores``); pyrys gave a plain tuple."""
+    model, x = ReturnsNamed().eval(), torch.randn(2, 4)
+    opt = pyrys.optimize(torch.jit.script(model), (x,))
+    out = opt(x)
+    assert type(out) is Pair and out._fields == ("scores", "parts")
+    assert pyrys.relative_error(out.scores, model(x).scores) <= TOLERANCE
+    assert torch.equal(out.parts[1], x * 2)
+    pyrys.save(opt, tmp_path / "named")
+    loaded = pyrys.load(tmp_path / "named")(x)
+    assert loaded._fields == ("scores", "parts") and torch.equal(loaded.scores, out.scores)

@@ -14,7 +14,8 @@ The inlined TorchScript graph is walked node by node:
   example inputs' shapes, as ``torch.export`` specializes it;
 * ``prim::Loop`` -> unrolled at import; its trip count and condition must be known
   then (constants, shapes, int attributes), otherwise the import stops with a reason;
-* list/tuple construction and unpacking -> Python lists and tuples of values;
+* list/tuple construction and unpacking -> Python lists and tuples of values (a NamedTuple keeps its class:
+  :mod:`pyrys.capture.script_types`);
 * ATen calls -> ``torch.ops.aten.<op>.<overload>`` by the node's schema; in-place ops
   become their functional form (writes to module state, such as BatchNorm's
   ``num_batches_tracked += 1``, are dropped: inference never writes state);
@@ -39,6 +40,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from pyrys.capture.captured import Captured, input_writes_note
 from pyrys.capture.in_place import functional_twin
+from pyrys.capture.script_types import named_tuple_class
 from pyrys.ir.quiet_fake import fake_tensor_errors_unlogged
 from pyrys.errors import CaptureError
 from pyrys.ir.control_flow import IF, RaisingBranch, add_if, has_effects
@@ -457,7 +459,11 @@ class _Importer:
 
     def _list(self, scope: _Scope, node: torch._C.Node) -> None:
         items = [scope.lookup(v) for v in node.inputs()]
-        scope.bind(node.output(), tuple(items) if node.kind() == "prim::TupleConstruct" else items)
+        if node.kind() != "prim::TupleConstruct":
+            scope.bind(node.output(), items)
+            return
+        named = named_tuple_class(node.output())
+        scope.bind(node.output(), named(*items) if named else tuple(items))
 
     def _dict(self, scope: _Scope, node: torch._C.Node) -> None:
         items = [scope.lookup(v) for v in node.inputs()]

@@ -1,0 +1,51 @@
+"""A TorchScript ``NamedTuple`` as a Python class, so a scripted module's named outputs keep their names.
+
+TorchScript knows a NamedTuple by its qualified name (``__torch__.<module>.<class>``) and its fields, which
+its Python binding shows only in the graph's text (``%7 : NamedTuple(a : Tensor, b : Tensor) = ...``). The
+class is the caller's own where its module is loaded and it has those fields, else a ``collections.namedtuple``
+of that name and those fields (what calling the scripted module returns).
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import sys
+
+import torch
+
+SCRIPT_PREFIX = "__torch__."
+NAMED_TUPLE = "NamedTuple("
+
+
+def named_tuple_class(value: torch._C.Value) -> type | None:
+    """The class of the NamedTuple ``value`` is, or None where it is a plain tuple."""
+    text = str(value.node())
+    head = f"%{value.debugName()} : {NAMED_TUPLE}"
+    if not text.startswith(head):
+        return None
+    return _class(value.type().annotation_str, tuple(_field_names(text[len(head):])))
+
+
+def _field_names(rest: str) -> list[str]:
+    """The names in ``a : Tensor, b : (Tensor, int))...``: each top-level ``name : type`` up to the closing paren."""
+    names, depth, start = [], 0, 0
+    for i, char in enumerate(rest):
+        if char in "([":
+            depth += 1
+        elif char in ")]" and depth:
+            depth -= 1
+        elif char in ",)" and depth == 0:
+            names.append(rest[start:i].split(":", 1)[0].strip())
+            start = i + 1
+            if char == ")":
+                return names
+    raise ValueError(f"pyrys: cannot read the fields of a TorchScript NamedTuple from {rest!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def _class(qualified_name: str, fields: tuple[str, ...]) -> type:
+    module_name, _, name = qualified_name.removeprefix(SCRIPT_PREFIX).rpartition(".")
+    own = getattr(sys.modules.get(module_name or "__main__"), name, None)
+    if isinstance(own, type) and issubclass(own, tuple) and getattr(own, "_fields", None) == fields:
+        return own
+    return collections.namedtuple(name, fields)
