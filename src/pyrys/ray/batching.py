@@ -11,10 +11,13 @@ along dim 0, run once, and every output tensor is split back: request i gets row
 - when an output is not a tensor with the batch's rows in dim 0 (then never batched again);
 - when the batched call fails, so that only the request at fault gets its error.
 
-That rows do not mix (no op reduces or attends across dim 0) cannot be read from the shapes: it is
-what every batching server assumes, and ``--max-batch 1`` turns batching off.  Batching changes
-which kernels run (they depend on the batch size), so a row's output agrees with the same row run
-alone within the module's float tolerance, not bitwise.
+That rows do not mix (no op reduces or attends across dim 0) cannot be read from the shapes: a
+sequence-first model (``(S, B, E)``, attention across dim 0) has the same symbolic size in dim 0 of
+its input and output.  So the first batch that runs is also run request by request, and where any
+output moved by more than ``ROWS_AGREE`` (relative) the module never batches again, and its callers
+get the request-by-request outputs.  ``--max-batch 1`` turns batching off.  Batching changes which
+kernels run (they depend on the batch size), so a row's output agrees with the same row run alone
+within the module's float tolerance, not bitwise; rows that mix move by far more.
 """
 from __future__ import annotations
 
@@ -22,6 +25,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from pyrys.numerics import relative_error
+
+ROWS_AGREE = 1e-2  # bf16 and int8 rows move ~1e-3 with the batch's kernels; mixed rows move O(1)
 
 
 class Batcher:
@@ -31,6 +38,7 @@ class Batcher:
     def __init__(self, module: Callable[..., Any]):
         self._module = module
         self.batches = getattr(module, "batches_rows", True)
+        self._rows_checked = False  # whether a batch's rows were seen to be each request's own
 
     def run(self, requests: Sequence[tuple[torch.Tensor, ...]]) -> list[tuple[Any, int]]:
         """Per request: its outputs, or the exception its inputs raised (returned, not raised), and the rows
@@ -62,7 +70,20 @@ class Batcher:
             self.batches = False  # this model's outputs are not per row: it never batches
             return None
         parts = [leaf.split(rows) for leaf in leaves]
-        return [(tree_unflatten([part[i] for part in parts], spec), sum(rows)) for i in range(len(requests))]
+        batched = [(tree_unflatten([part[i] for part in parts], spec), sum(rows)) for i in range(len(requests))]
+        return batched if self._rows_checked else self._check_rows(requests, batched)
+
+    def _check_rows(self, requests: list[tuple[torch.Tensor, ...]],
+                    batched: list[tuple[Any, int]]) -> list[tuple[Any, int]]:
+        """The first batch's answers against each request run alone: the alone ones where rows mixed."""
+        alone = [self._one(inputs) for inputs in requests]
+        if any(isinstance(outputs, Exception) for outputs, _ in alone):
+            return alone  # undecided: a request failed alone that ran in the batch
+        if all(relative_error(joined, own) <= ROWS_AGREE for (own, _), (joined, _) in zip(alone, batched)):
+            self._rows_checked = True
+            return batched
+        self.batches = False  # rows mix across dim 0 (a sequence-first model): never batch
+        return alone
 
 
 def per_row(leaf: Any, rows: int) -> bool:
