@@ -1,4 +1,5 @@
 import copy
+import warnings
 
 import pytest
 import torch
@@ -108,7 +109,7 @@ def test_two_inputs_passed_apart_get_told_to_come_as_one_tuple():
 @pytest.mark.parametrize("x, message", [
     (image().double(), "must have dtype torch.float32 like the example input Float\\(1, 3, 6, 6\\), got torch.float64"),
     (torch.rand(3, 6, 6), "must have rank 4 like the example input Float\\(1, 3, 6, 6\\), got shape \\(3, 6, 6\\)"),
-    ([1, 2], "expected inputs like the example inputs \\(Float\\(1, 3, 6, 6\\)\\); got \\(list\\)"),
+    ([1, 2], "expected inputs like the example inputs \\(Float\\(1, 3, 6, 6\\)\\): 1 by position; got \\(list\\)"),
     (image().numpy(), "input 0 must be a tensor like Float\\(1, 3, 6, 6\\), got ndarray"),  # has no hash
     ("an image", "input 0 must be a tensor like Float\\(1, 3, 6, 6\\), got str"),
 ])
@@ -122,6 +123,15 @@ def test_wrong_number_of_inputs():
     opt = pyrys.optimize(conv_bn_relu(), (image(),), backend="reference")
     with pytest.raises(pyrys.InputError, match="got \\(Float\\(1, 3, 6, 6\\), Float\\(1, 3, 6, 6\\)\\)"):
         opt(image(), image())
+
+
+def test_an_input_passed_twice_or_by_an_unknown_keyword_is_named():
+    """``opt(x, x=x)`` said only "expected (Float(..)); got (Float(..))": the keyword was not shown."""
+    opt = pyrys.optimize(conv_bn_relu(), (image(),), backend="reference")
+    with pytest.raises(pyrys.InputError, match=r"1 by position; got \(Float\(1, 3, 6, 6\)\): 1 by position, x by keyword"):
+        opt(image(), x=image())
+    with pytest.raises(pyrys.InputError, match=r"got \(\): 0 by position, scale by keyword"):
+        opt(scale=image())
 
 
 def test_a_single_tensor_is_accepted_as_example_inputs():
@@ -182,7 +192,8 @@ def test_a_call_may_pass_by_position_what_the_example_passed_by_keyword():
     ({"freeze_flags": "training"}, "freeze_flags must be a list or tuple of names"),
     ({"disable": "fold_conv_bn"}, "disable must be a list or tuple of names, e.g. \\('fold_conv_bn',\\); got 'fold_conv_bn'"),
     ({"disable": None}, "disable must be a list or tuple of names"),
-    ({"threads": True}, "threads must be a positive int, got True"),
+    ({"threads": True}, "threads must be None or an int from 1 to 1024, got True"),
+    ({"threads": 100_000}, "threads must be None or an int from 1 to 1024, got 100000"),  # crashed in libgomp
     ({"dynamic": 1}, "dynamic must be None, True or False, got 1"),
     ({"verify": None}, "verify must be True or False, got None"),
     ({"print_after_each": "x"}, "print_after_each must be True or False"),
@@ -234,3 +245,17 @@ def test_inputs_sharing_memory_that_forward_does_not_write_run():
     assert torch.allclose(opt(x, a, a), WritesItsFirstInputOnly()(x.clone(), a, a))
     with pytest.raises(pyrys.InputError, match="inputs 0 and 2 share memory"):
         opt(x, a, x)
+
+
+def test_an_input_that_requires_grad_in_grad_mode_is_warned_of():
+    """The outputs carry no gradient: backward() failed far away, with nothing said at the call."""
+    opt, x = pyrys.optimize(conv_bn_relu(), (image(),), backend="reference"), image().requires_grad_()
+    for _ in range(2):  # the second call too: such calls never take the fast path that skips the check
+        with pytest.warns(UserWarning, match="input 0 requires grad, but pyrys runs inference only"):
+            out = opt(x)
+    assert not out.requires_grad and torch.allclose(out, conv_bn_relu()(x), atol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            opt(x)
+        opt(image())

@@ -118,9 +118,16 @@ def check_compatible(expected: Signature, got: Signature, flat: list, args: tupl
     """Raise :class:`InputError` naming what was expected unless only shapes (same rank) differ."""
     if got.in_spec != expected.in_spec:
         described = ", ".join(_describe_value(a) for a in args)
-        raise InputError(f"pyrys: expected inputs like the example inputs ({expected.describe()}); got ({described})")
+        raise InputError(f"pyrys: expected inputs like the example inputs ({expected.describe()}): "
+                         f"{_passed(expected.in_spec)}; got ({described}): {_passed(got.in_spec)}")
     for i, (want, have, value) in enumerate(zip(expected.leaves, got.leaves, flat)):
         _check_leaf(i, want, have, value)
+
+
+def _passed(spec: TreeSpec) -> str:
+    """How a call passed its inputs: ``2 by position, mask by keyword``."""
+    keywords = list(spec.child(1).context)
+    return f"{spec.child(0).num_children} by position" + (f", {', '.join(keywords)} by keyword" if keywords else "")
 
 
 def _check_leaf(i: int, want, have, value) -> None:
