@@ -292,7 +292,7 @@ def test_bad_saves_are_refused_by_name(tmp_path):
         "version as text": (edit_manifest(format_version="1"), "format_version '1', not a version number"),
         "no nodes": (edit_program(cut_nodes(0)), "malformed"),
         "one node": (edit_program(cut_nodes(1)), "malformed"),
-        "threads": (edit_program(lambda program: program.update(threads=-3)), "threads -3 is not a positive int"),
+        "threads": (edit_program(lambda program: program.update(threads=-3)), "the saved program.s threads must be None or an int from 1 to 1024, got -3"),
         "layout": (edit_program(lambda program: program.update(layout="blocked99")), "layout 'blocked99' is not one"),
     })
     for name, (change, message) in cases.items():
@@ -499,3 +499,11 @@ def test_a_symbolic_graph_load_could_not_rebuild_is_left_out_at_save_with_a_warn
         pyrys.save(opt, tmp_path / "padded")
     loaded = pyrys.load(tmp_path / "padded")
     assert torch.equal(loaded(x), opt(x))
+
+
+@pytest.mark.parametrize("threads", [0, 2000, "2"])
+def test_load_refuses_threads_optimize_would_refuse(tmp_path, threads):
+    """``pyrys.load(path, threads=0)`` went on to build programs for 0 threads."""
+    path = pyrys.save(pyrys.optimize(torch.nn.Linear(4, 2).eval(), (torch.rand(2, 4),)), tmp_path / "linear")
+    with pytest.raises(ValueError, match="pyrys.load: threads must be None or an int from 1 to 1024"):
+        pyrys.load(path, threads=threads)

@@ -43,6 +43,22 @@ class OptimizeConfig:
 OUTPUT_DTYPES = (None, torch.float32, torch.bfloat16)
 
 
+MAX_THREADS = 1024  # libgomp's team of 100,000 threads crashes the interpreter; 1024 start and run
+
+
+def threads_problem(threads: Any) -> str:
+    """What is wrong with ``threads=`` (None, or an int from 1 to MAX_THREADS), or ""."""
+    if threads is None or (isinstance(threads, int) and not isinstance(threads, bool) and 1 <= threads <= MAX_THREADS):
+        return ""
+    return f"threads must be None or an int from 1 to {MAX_THREADS}, got {threads!r}"
+
+
+def check_threads(threads: Any, who: str) -> None:
+    """``ValueError`` naming ``who`` for a ``threads=`` :func:`threads_problem` refuses."""
+    if problem := threads_problem(threads):
+        raise ValueError(f"{who}: {problem}")
+
+
 def make_config(*, backend: str = "auto", freeze_params: Iterable[str] | None = ALL,
                 freeze_flags: Iterable[str] | None = ALL, disable: Iterable[str] = (),
                 print_after_each: bool = False, dump_dir: str | Path | None = None,
@@ -51,8 +67,7 @@ def make_config(*, backend: str = "auto", freeze_params: Iterable[str] | None = 
                 numerics: bool = False, precision: str = "fp32",
                 output_dtype: torch.dtype | None = None) -> OptimizeConfig:
     """An :class:`OptimizeConfig` from :func:`optimize`'s keyword options, checked."""
-    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-        raise ValueError(f"pyrys.optimize: threads must be a positive int, got {threads!r}")
+    check_threads(threads, "pyrys.optimize")
     for name, value in (("print_after_each", print_after_each), ("verify", verify)):
         if not isinstance(value, bool):
             raise ValueError(f"pyrys.optimize: {name} must be True or False, got {value!r}")

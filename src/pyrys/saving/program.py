@@ -35,7 +35,7 @@ from pyrys.ir.released import values_of
 from pyrys.machine import cpu_info
 from pyrys.capture.frontend import Frontend
 from pyrys.compiled import COMPILING, Compiled
-from pyrys.config import OptimizeConfig
+from pyrys.config import OptimizeConfig, check_threads, threads_problem
 from pyrys.optimized_module import OptimizedModule
 from pyrys.passes.pipeline import PipelineRun, Step
 from pyrys.passes.rewrite import Miss
@@ -83,6 +83,7 @@ def load(path: str | os.PathLike | Mapping[str, bytes], *, threads: int | None =
 
     Raises :class:`pyrys.LoadError` for a directory that is not a whole pyrys save of a format
     this pyrys reads, or whose tensors do not match its program."""
+    check_threads(threads, "pyrys.load")
     if isinstance(path, Mapping):
         manifest, program, tensors = parse_files(dict(path), "the program's files in memory")
         path = "files in memory"
@@ -125,8 +126,8 @@ def _load(path: str | os.PathLike, manifest: dict, program: dict, tensors: dict,
 def _check_options(program: dict) -> None:
     """The saved options are ones :func:`pyrys.optimize` takes (``LoadError`` for an edited program)."""
     threads, layout = program["threads"], program["layout"]
-    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-        raise LoadError(f"pyrys.load: the saved threads {threads!r} is not a positive int or null")
+    if problem := threads_problem(threads):
+        raise LoadError(f"pyrys.load: the saved program's {problem}")
     if layout not in LAYOUTS:
         raise LoadError(f"pyrys.load: the saved layout {layout!r} is not one of {LAYOUTS}")
     for record in program["signatures"]:
