@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 import weakref
 from typing import Any
 
@@ -87,7 +88,12 @@ class OptimizedModule(torch.nn.Module):
                                                      args, kwargs))
         signature, flat = signature_of(args, kwargs)
         compiled = self._shapes.get(signature) or self._compile(signature, flat, args, kwargs)
-        if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
+        wanting_grad = [i for i, v in enumerate(flat) if isinstance(v, torch.Tensor) and v.requires_grad]
+        if wanting_grad and torch.is_grad_enabled():
+            warnings.warn(f"pyrys: input {wanting_grad[0]} requires grad, but pyrys runs inference only: the outputs "
+                          "carry no gradient (their requires_grad is False). Call the model itself to train, or "
+                          "torch.compile(model, backend='pyrys'), which runs such calls in torch", stacklevel=3)
+        if not kwargs and not wanting_grad and all(isinstance(a, torch.Tensor) for a in args):
             self._remember_fast_call(_call_key(args), compiled)
         outputs = compiled.program(flat)
         return tree_unflatten(outputs, compiled.captured.out_spec)
@@ -357,10 +363,10 @@ def _call_key(args: tuple) -> tuple | None:
     """A cheap key for calls made of positional tensors only (None otherwise).
 
     Only keys of calls that passed :func:`runnable_inputs` unchanged are ever stored, so a
-    tensor on another device, with another layout or with its negation bit set never
-    takes the fast path: it meets the checks instead."""
+    tensor on another device, with another layout, with its negation bit set or requiring grad
+    never takes the fast path: it meets the checks instead."""
     try:
-        return tuple((a.shape, a.dtype, a.is_cpu, a.layout, a.is_neg()) for a in args)
+        return tuple((a.shape, a.dtype, a.is_cpu, a.layout, a.is_neg(), a.requires_grad) for a in args)
     except AttributeError:
         return None
 
