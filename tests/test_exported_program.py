@@ -93,3 +93,28 @@ def test_a_program_torch_cannot_functionalize_is_a_capture_error():
     ep = torch.export.export(WritesThroughAnAlias(), (x, x))  # one tensor passed twice, written in place
     with pytest.raises(pyrys.CaptureError, match="cannot functionalize this ExportedProgram"):
         pyrys.optimize(ep)
+
+
+class HalvesAndAdds(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, x, y):
+        return self.fc(x)[:, ::2] + y
+
+
+def test_a_derived_dim_is_solved_for_its_symbol():
+    """``2 * Dim("h")``: the sequence was bound only as ``2*s0``, so the example's own shape was refused with a
+    raw ``ShapeMismatch``; now ``s0`` is solved from it, and a length no ``h`` gives is an ``InputError``."""
+    h = torch.export.Dim("h", min=1, max=12)
+    model = HalvesAndAdds().eval()
+    ep = torch.export.export(model, (torch.randn(2, 4, 8), torch.randn(2, 2, 8)), dynamic_shapes=({1: 2 * h}, {1: h}))
+    opt = pyrys.optimize(ep)
+    for length in (4, 6, 24):
+        inputs = (torch.randn(2, length, 8), torch.randn(2, length // 2, 8))
+        assert pyrys.relative_error(opt(*inputs), model(*inputs)) <= TOLERANCE
+    with pytest.raises(pyrys.InputError, match="x dim 1 is 5, where the graph has 2\\*s\\d+ = 4"):
+        opt(torch.randn(2, 5, 8), torch.randn(2, 2, 8))
+    with pytest.raises(pyrys.InputError, match="= 13 is outside its range \\[1, 12\\]"):
+        opt(torch.randn(2, 26, 8), torch.randn(2, 13, 8))

@@ -100,7 +100,9 @@ def _compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: Op
         compiled = build_for_shape(template, signature, flat, config, like=like.program if like else None)
     except ShapeMismatch as why:  # the example itself: only if a pass assumed what its own shapes break
         if not dynamic:
-            raise
+            raise CaptureError(f"pyrys: the graph captured from this {frontend.kind} does not hold for its own "
+                               f"example inputs' shapes ({why}); export it without dynamic_shapes, or report "
+                               "this as a pyrys bug") from why
         compiled = compile_signature(frontend, args, kwargs, config, like=like, trace=trace)
         compiled.notes.append(f"captured for these input shapes only: {why}")
         if compiled.generic is None and generic is not None:  # other shapes are specialized from it still,

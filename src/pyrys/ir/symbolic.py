@@ -172,6 +172,7 @@ def bind_symbols(gm: fx.GraphModule, inputs: list) -> tuple[dict, str | None]:
                 bindings[expr] = sympy.Integer(size)
             else:
                 checks.append((expr, size, where))
+    _solve_derived(checks, bindings)
     for expr, size, where in checks:
         if _evaluate(expr, bindings) != size:
             return {}, f"{where} is {size}, where the graph has {expr} = {_evaluate(expr, bindings)}"
@@ -185,6 +186,27 @@ def bind_symbols(gm: fx.GraphModule, inputs: list) -> tuple[dict, str | None]:
         if _evaluate(expr, bindings) is not sympy.true:
             return {}, f"the graph assumes {expr}, which {_bound_text(expr, bindings)} breaks"  # in the input symbols
     return bindings, None
+
+
+def _solve_derived(checks: list[tuple[sympy.Expr, int, str]], bindings: dict) -> None:
+    """Bind each symbol seen only inside an expression (a derived dim, ``2*s0``: ``torch.export``'s
+    ``2 * Dim("h")``) from the size it must give: ``expr(s) = size`` solved for ``s``, where exactly one
+    non-negative integer does; what stays unsolved is refused by the checks."""
+    solved = True
+    while solved:
+        solved = False
+        for expr, size, _ in checks:
+            unbound = [s for s in expr.free_symbols if s not in bindings]
+            if len(unbound) != 1:
+                continue
+            try:
+                roots = sympy.solve(sympy.Eq(expr.xreplace(bindings), size), unbound[0])
+            except (NotImplementedError, TypeError, ValueError):
+                continue
+            whole = [r for r in roots if r.is_integer and r.is_nonnegative]
+            if len(whole) == 1:
+                bindings[unbound[0]] = sympy.Integer(whole[0])
+                solved = True
 
 
 def guards_of(gm: fx.GraphModule) -> list[sympy.Basic]:
