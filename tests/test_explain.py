@@ -74,6 +74,7 @@ def test_explain_takes_an_exported_programs_own_inputs_and_the_precisions_tolera
 @pytest.mark.parametrize("arguments, says", [
     (["--tolerance", "-1"], "argument --tolerance: expected a number >= 0 like 1e-4, got '-1'"),
     (["--disable", "nosuchpass"], "argument --disable: unknown pass 'nosuchpass'; the passes are freeze_params"),
+    (["--backend", "nope"], "argument --backend: invalid choice: 'nope'"),
 ])
 def test_cli_explain_refuses_bad_flags_with_a_message(arguments, says, capsys):
     with pytest.raises(SystemExit) as stopped:
@@ -82,7 +83,15 @@ def test_cli_explain_refuses_bad_flags_with_a_message(arguments, says, capsys):
 
 
 @pytest.mark.parametrize("spec, says", [("no_such_module_here:Net", "cannot import 'no_such_module_here'"),
-                                        ("torch.nn:NoSuchNet", "'torch.nn' has no attribute 'NoSuchNet'")])
+                                        ("torch.nn:NoSuchNet", "'torch.nn' has no attribute 'NoSuchNet'"),
+                                        ("no_such_zoo_model", "unknown model 'no_such_zoo_model': expected a torchvision"),
+                                        ("torch.nn:Linear", "cannot be built with no arguments")])
 def test_cli_explain_says_which_model_it_cannot_find(spec, says):
+    """Tracebacks before: torchvision's ValueError, Linear's TypeError."""
     with pytest.raises(SystemExit, match=says):
         main(["explain", spec])
+
+
+def test_cli_explain_says_in_one_line_why_a_model_cannot_be_captured():
+    with pytest.raises(SystemExit, match="pyrys explain: CaptureError: pyrys: torch.export cannot capture"):
+        main(["explain", "tests.models:conv_bn_relu", "--input-shape", "1x3x1x1"])

@@ -47,6 +47,8 @@ def load_model(spec: str) -> torch.nn.Module:
     ``attr`` may be an ``nn.Module`` instance or something that builds one when called with no arguments.
     """
     if ":" not in spec:
+        if why := zoo.unknown_model(spec):
+            raise SystemExit(f"pyrys explain: {why}")
         return zoo.build_model(spec)
     module_name, _, attr = spec.partition(":")
     try:
@@ -57,7 +59,10 @@ def load_model(spec: str) -> torch.nn.Module:
         if not hasattr(target, part):
             raise SystemExit(f"pyrys explain: {module_name!r} has no attribute {attr!r} (from {spec!r})")
         target = getattr(target, part)
-    model = target if isinstance(target, torch.nn.Module) else target()
+    try:
+        model = target if isinstance(target, torch.nn.Module) else target()
+    except TypeError as error:
+        raise SystemExit(f"pyrys explain: {spec} cannot be built with no arguments: {error}") from None
     if not isinstance(model, torch.nn.Module):
         raise SystemExit(f"pyrys explain: {spec} is not an nn.Module and did not build one")
     return model.eval()
@@ -78,7 +83,7 @@ def add_explain_arguments(parser: argparse.ArgumentParser) -> None:
                         help="input shape, e.g. 1x3x224x224 (default: the model's usual size; 299 for inception_v3; "
                              "a module:attr model's own example_inputs(1) where it has one)")
     parser.add_argument("--dump-dir", default=None, help="write the graph after every pass to DIR/NNN_<pass>.txt")
-    parser.add_argument("--backend", default="reference", help="backend to compile for (default: reference)")
+    parser.add_argument("--backend", default="reference", choices=["auto", "dnnl", "reference"], help="backend to compile for (default: reference)")
     parser.add_argument("--disable", action="append", default=[], type=pass_name, help="a pass to skip (repeatable)")
     parser.add_argument("--numerics", action="store_true",
                         help="also the error against eager after every pass and of every layer, and the first "
@@ -103,9 +108,12 @@ def run_explain(args: argparse.Namespace) -> int:
         calibration = samples_like(inputs)
         title += (f", int8 calibrated on the example and {len(calibration) - 1} inputs drawn like it (random: pass "
                   "real data to pyrys.optimize(..., calibration=...))")
-    result = explain(model, inputs, backend=args.backend, dump_dir=args.dump_dir, disable=tuple(args.disable),
-                     title=title, numerics=args.numerics, precision=args.precision, calibration=calibration,
-                     tolerance=args.tolerance if args.tolerance is not None else TOLERANCES[args.precision])
+    try:
+        result = explain(model, inputs, backend=args.backend, dump_dir=args.dump_dir, disable=tuple(args.disable),
+                         title=title, numerics=args.numerics, precision=args.precision, calibration=calibration,
+                         tolerance=args.tolerance if args.tolerance is not None else TOLERANCES[args.precision])
+    except (ValueError, TypeError) as error:  # pyrys's errors (CaptureError, InputError) and bad options
+        raise SystemExit(f"pyrys explain: {type(error).__name__}: {error}") from None
     print(result.render())
     if args.dump_dir:
         print(f"graphs after every pass written to {args.dump_dir}/")

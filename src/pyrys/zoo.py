@@ -56,6 +56,16 @@ def input_shape(name: str, batch: int = 1) -> tuple[int, ...]:
     return (batch, 3, size, size)
 
 
+def unknown_model(name: str) -> str:
+    """Why ``name`` names no model ``build_model`` knows ("" where it does): torchvision's and the zoo transformers."""
+    import torchvision
+
+    if name in TRANSFORMER_MODELS or name in torchvision.models.list_models():
+        return ""
+    return (f"unknown model {name!r}: expected a torchvision model name (resnet50, ...), a zoo transformer "
+            f"({', '.join(TRANSFORMER_MODELS)}) or module:factory")
+
+
 def build_model(name: str) -> torch.nn.Module:
     """A zoo model by name (``pyrys explain`` loads zoo models through this)."""
     if name in TRANSFORMER_MODELS:

@@ -164,3 +164,9 @@ def test_onnxruntime_static_int8_runs_quantized_on_the_shared_samples():
     with torch.no_grad():
         error = error_vs_eager(peer.prepare(model, x)(*x), model(*x))
     assert 1e-5 < error <= INT8_TOLERANCE  # really rounded (QDQ nodes ran), and close
+
+
+def test_an_unknown_model_name_is_refused_before_anything_runs(tmp_path, capsys):
+    """``--models nope`` ran, and wrote an empty bench.csv/json/md/png."""
+    assert cli.main(["--models", "nope", "--systems", "pyrys-reference", "--out", str(tmp_path / "out")]) == 2
+    assert "unknown model 'nope'" in capsys.readouterr().out and not (tmp_path / "out").exists()

@@ -16,6 +16,7 @@ from pyrys.bench.models import build_model, example_inputs
 from pyrys.bench.peers import Peer, default_peers, select_peers
 from pyrys.bench.report import add_peak_share, build_table, describe_machine, make_rows, write_all
 from pyrys.bench.roofline import best_of, count_flops, fp32_peak, measure_peaks
+from pyrys.zoo import unknown_model
 
 DEFAULT_MODELS = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0",
                   "densenet121", "convnext_tiny", "regnet_y_800mf", "shufflenet_v2_x1_0"]
@@ -119,6 +120,10 @@ def run_pinned(args: argparse.Namespace) -> int:
         return 2
     if args.list_systems:
         return list_systems(peers, console)
+    unknown = [why for name in model_names(args) if ":" not in name and (why := unknown_model(name))]
+    if unknown:
+        console.print(f"[red]pyrys bench: {'; '.join(unknown)}")
+        return 2
     console.print(f"threads: torch {threads}, onnxruntime intra-op {threads}, openvino {threads}")
     first_peaks = measure_machine_peaks(args.quick, console)
     rows, failures = bench_all(args, peers, timing_plan(args), console)

@@ -25,7 +25,7 @@ from pyrys.ray.source import load_program
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", help="a directory pyrys.save wrote")
     parser.add_argument("--replicas", type=_positive, default=1, help="replicas, each with its own copy (default 1)")
-    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    parser.add_argument("--port", type=_port, default=8000, help="HTTP port (default 8000)")
     parser.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1; 0.0.0.0 for every interface)")
     parser.add_argument("--max-batch", type=_positive, default=8,
                         help="requests run as one batch at most (default 8; 1 turns batching off)")
@@ -167,6 +167,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port, 0 to 65535, got {value}")
     return value
 
 
