@@ -294,6 +294,7 @@ def test_bad_saves_are_refused_by_name(tmp_path):
         "one node": (edit_program(cut_nodes(1)), "malformed"),
         "threads": (edit_program(lambda program: program.update(threads=-3)), "the saved program.s threads must be None or an int from 1 to 1024, got -3"),
         "layout": (edit_program(lambda program: program.update(layout="blocked99")), "layout 'blocked99' is not one"),
+        "no frontend": (edit_program(lambda program: program.pop("frontend")), "malformed \\(KeyError: 'frontend'\\)"),
     })
     for name, (change, message) in cases.items():
         with pytest.raises(pyrys.LoadError, match=message):
@@ -507,3 +508,23 @@ def test_load_refuses_threads_optimize_would_refuse(tmp_path, threads):
     path = pyrys.save(pyrys.optimize(torch.nn.Linear(4, 2).eval(), (torch.rand(2, 4),)), tmp_path / "linear")
     with pytest.raises(ValueError, match="pyrys.load: threads must be None or an int from 1 to 1024"):
         pyrys.load(path, threads=threads)
+
+
+def test_the_next_save_removes_what_a_killed_save_left(tmp_path):
+    """A save killed late left ``.NAME.saving-XXXX`` with its partial tensors (100-200 MB) for good."""
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host, pid = socket.gethostname(), int(dead.stdout)
+    left = tmp_path / f".m.pyrys.saving-{host}-{pid}-abc"
+    left.mkdir()
+    (left / "tensors.safetensors").write_bytes(b"partial")
+    live = tmp_path / f".m.pyrys.saving-{host}-1-def"  # pid 1 is alive: another process's save, left alone
+    live.mkdir()
+    opt = pyrys.optimize(torch.nn.Linear(4, 2).eval(), (torch.rand(2, 4),))
+    pyrys.save(opt, tmp_path / "m.pyrys")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "m.pyrys"]
+    x = torch.rand(2, 4)
+    assert torch.equal(pyrys.load(tmp_path / "m.pyrys")(x), opt(x))

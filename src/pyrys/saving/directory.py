@@ -8,15 +8,18 @@
 
 ``write_directory`` writes into a fresh sibling directory and renames it into place, so an
 interrupted save leaves no half-written ``path``; an existing ``path`` is replaced only if
-it is a pyrys save.  ``read_directory`` checks the format, its version and every file's
+it is a pyrys save.  The sibling's name holds the host and process that write it
+(``.NAME.saving-HOST-PID-XXXX``), so the next save to ``path`` removes what a killed save left.  ``read_directory`` checks the format, its version and every file's
 SHA-256 before anything is parsed, so a truncated or edited save is refused by name.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -56,7 +59,8 @@ def write_directory(path: str | os.PathLike, program: dict, tensors: dict[str, t
     files[MANIFEST] = json.dumps(manifest, indent=1).encode()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.saving-", dir=path.parent))
+        _remove_what_killed_saves_left(path)
+        staging = Path(tempfile.mkdtemp(prefix=_sibling_prefix(path, "saving"), dir=path.parent))
     except OSError as error:
         raise SaveError(f"pyrys.save: cannot write in {path.parent}: {error}") from None
     try:
@@ -78,7 +82,7 @@ def _replace(staging: Path, path: Path) -> None:
     if not path.exists():
         os.rename(staging, path)
         return
-    retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+    retired = Path(tempfile.mkdtemp(prefix=_sibling_prefix(path, "old"), dir=path.parent))
     os.rename(path, retired / "save")
     try:
         os.rename(staging, path)
@@ -87,6 +91,38 @@ def _replace(staging: Path, path: Path) -> None:
         raise
     finally:
         shutil.rmtree(retired, ignore_errors=True)
+
+
+def _sibling_base(path: Path, kind: str) -> str:
+    return f".{path.name}.{kind}-{socket.gethostname()}-"
+
+
+def _sibling_prefix(path: Path, kind: str) -> str:
+    return f"{_sibling_base(path, kind)}{os.getpid()}-"
+
+
+def _remove_what_killed_saves_left(path: Path) -> None:
+    """Remove the siblings of saves to ``path`` whose process (on this host) is gone; a previous save a killed
+    one had moved aside (``.old-``) is put back where nothing replaced it."""
+    for kind in ("old", "saving"):
+        base = _sibling_base(path, kind)
+        for sibling in path.parent.glob(f"{glob.escape(base)}*"):
+            pid = sibling.name[len(base):].split("-", 1)[0]
+            if not pid.isdigit() or _alive(int(pid)):
+                continue
+            if kind == "old" and (sibling / "save").is_dir() and not path.exists():
+                os.rename(sibling / "save", path)
+            shutil.rmtree(sibling, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def read_directory(path: str | os.PathLike) -> tuple[dict, dict, dict[str, torch.Tensor]]:

@@ -113,13 +113,13 @@ def _load(path: str | os.PathLike, manifest: dict, program: dict, tensors: dict,
         graphs = [c.captured.gm for c in (first, *compiled, *([generic] if generic else []), *size_one)]
         tensors.clear()  # the graphs hold them now: released below, freed with nothing else holding them
         release_constants(first.program, graphs)  # every signature's packed copies are the first's
+        frontend = Frontend(_no_capture, f"saved {program['frontend']}",
+                            fixed_shapes=f"It was loaded from {path}: optimize the model for another shape "
+                                         "(and save it again)")
     except LoadError:
         raise
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, StopIteration, SyntaxError) as error:
         raise LoadError(f"pyrys.load: the program in {path} is malformed ({type(error).__name__}: {error})") from None
-    frontend = Frontend(_no_capture, f"saved {program['frontend']}",
-                        fixed_shapes=f"It was loaded from {path}: optimize the model for another shape "
-                                     "(and save it again)")
     return OptimizedModule.from_compiled(frontend, config, [first, *compiled], generic, size_one)
 
 
