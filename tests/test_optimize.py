@@ -259,3 +259,12 @@ def test_an_input_that_requires_grad_in_grad_mode_is_warned_of():
         with torch.no_grad():
             opt(x)
         opt(image())
+
+
+def test_a_module_pyrys_already_optimized_is_refused_by_name():
+    """It said ``OptimizedModule.forward branches on tensor data`` (false), after torch printed its graph."""
+    opt = pyrys.optimize(conv_bn_relu(), (image(),), backend="reference")
+    with pytest.raises(TypeError, match="already optimized by pyrys"):
+        pyrys.optimize(opt, (image(),))
+    with pytest.raises(TypeError, match="already optimized by pyrys"):
+        pyrys.explain(opt, (image(),))

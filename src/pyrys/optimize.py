@@ -132,6 +132,9 @@ def optimize(
     if is_torchscript(model):
         return optimize_torchscript(model, example_inputs, example_kwargs, config, calibration=calibration,
                                     accuracy_budget=accuracy_budget)
+    if isinstance(model, OptimizedModule):
+        raise TypeError("pyrys.optimize: this model is already optimized by pyrys (an OptimizedModule); pass the "
+                        "model it was optimized from")
     if not isinstance(model, torch.nn.Module):
         raise TypeError("pyrys.optimize expects a torch.nn.Module, a TorchScript module or function, or a "
                         f"torch.export.ExportedProgram, got {type(model).__name__}")
