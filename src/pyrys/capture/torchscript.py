@@ -386,12 +386,13 @@ class _Importer:
             # short-circuit ``or``; GoogLeNet's auxiliary logits, None in eval): branches pass tensors only, so it
             # is resolved by the flags' captured values, as the program reads them
             cond = cond.meta["val"]
-        if not isinstance(cond, fx.Node):
+        branches = None if not isinstance(cond, fx.Node) else self._branches_or_none(scope, cond, blocks)
+        if branches is None:  # a known condition, or flags whose branches do what a pyrys::If cannot hold
+            cond = cond.meta["val"] if isinstance(cond, fx.Node) else cond
             outputs = self._import_block(scope, blocks[0 if cond else 1].nodes(), list(blocks[0 if cond else 1].outputs()))
             for value, out in zip(node.outputs(), outputs):
                 scope.bind(value, out)
             return
-        branches = [self._branch(scope, block) for block in blocks]
         escaped = list({k: v for b in branches for k, v in b.scope.escaped.items()}.values())
         for branch in branches:
             if branch.outputs is not None:
@@ -406,6 +407,23 @@ class _Importer:
             scope.rebind(value, scope.env[value.unique()])
             if scope.parent is None and isinstance(before[value.unique()], fx.Node):
                 self._rebind_aliases(scope, before[value.unique()], scope.env[value.unique()])
+
+    def _branches_or_none(self, scope: _Scope, cond: fx.Node, blocks: list) -> list | None:
+        """Both branches of a run-time If, or None where its condition is flags (a bool at import) and a branch
+        writes a list or module state (``if self.keep: outs.append(h)``; BatchNorm's ``num_batches_tracked``
+        read later): such an If is resolved by the flags' captured values, as the program reads them."""
+        on_flags = isinstance(cond.meta.get("val"), bool)
+        written_before = set(self.branch_written_state)
+        try:
+            branches = [self._branch(scope, block) for block in blocks]
+        except TorchScriptImportError:
+            if not on_flags:
+                raise
+            branches = None
+        if on_flags and (branches is None or self.branch_written_state != written_before):
+            self.branch_written_state = written_before
+            return None
+        return branches
 
     def _branch(self, scope: _Scope, block) -> _PendingBranch:
         sub = _Scope(fx.GraphModule(torch.nn.Module(), fx.Graph()), scope)
