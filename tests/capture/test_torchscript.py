@@ -664,3 +664,24 @@ def test_a_named_tuple_output_keeps_its_class_and_fields_through_save(tmp_path):
     pyrys.save(opt, tmp_path / "named")
     loaded = pyrys.load(tmp_path / "named")(x)
     assert loaded._fields == ("scores", "parts") and torch.equal(loaded.scores, out.scores)
+
+
+class MaskedSum(torch.nn.Module):
+    def forward(self, x, y, mask: Optional[torch.Tensor] = None, scale: float = 2.0):
+        out = (x - y) * scale
+        return out if mask is None else out.masked_fill(mask, 0.0)
+
+
+def test_example_inputs_by_keyword_and_an_optional_passed_none_are_imported():
+    """Both were refused ("positional inputs only"; "input %mask is a NoneType"), as the nn.Module way takes them."""
+    scripted, x, y = torch.jit.script(MaskedSum().eval()), torch.randn(2, 3), torch.randn(2, 3)
+    mask = x > 0
+    for args, kwargs in [((), {"y": y, "x": x}), ((x,), {"y": y, "mask": mask}), ((x, y, None), {})]:
+        opt = pyrys.optimize(scripted, args, kwargs)
+        assert torch.allclose(opt(*args, **kwargs), scripted(*args, **kwargs)), (args, kwargs)
+    assert torch.allclose(opt(x, y, None), scripted(x, y))
+    with pytest.raises(pyrys.InputError):
+        opt(x, y, mask)  # compiled for mask None
+    with pytest.raises(TorchScriptImportError, match=r"takes 4 input\(s\) \(x, y, mask, scale\), got 1 by position "
+                                                     r"and z by keyword"):
+        pyrys.optimize(scripted, (x,), {"z": y})

@@ -105,9 +105,6 @@ def capture_torchscript(obj: Any, args: tuple, kwargs: dict | None = None,
     ``flag_values`` overrides the captured value of bool attributes by name
     (``{"training": False}``, as ``_jit_pass_freeze_flags`` requests).
     """
-    if kwargs:
-        raise TorchScriptImportError("pyrys imports scripted code called with positional inputs only; "
-                                     f"got keyword inputs {sorted(kwargs)}")
     if not hasattr(obj, "inlined_graph"):
         methods = sorted(m for m in obj._c._method_names() if m.startswith("forward")) if hasattr(obj, "_c") else []
         raise TorchScriptImportError(
@@ -115,7 +112,7 @@ def capture_torchscript(obj: Any, args: tuple, kwargs: dict | None = None,
             "a module with overloaded forwards, such as a scripted nn.LSTM): script a module that calls it, or pass "
             "the nn.Module itself")
     importer = _Importer(obj, dict(flag_values or {}))
-    return importer.run(args)
+    return importer.run(args, dict(kwargs or {}))
 
 
 class _Scope:
@@ -254,7 +251,7 @@ class _Importer:
         self.attribute_containers: dict[str, Any] = {}  # path -> the list or dict a module attribute holds
 
     # -- the whole graph -------------------------------------------------------------------
-    def run(self, args: tuple) -> Captured:
+    def run(self, args: tuple, kwargs: dict) -> Captured:
         graph = self.obj.inlined_graph
         inputs = list(graph.inputs())
         if isinstance(self.obj, torch.jit.ScriptModule):
@@ -262,7 +259,7 @@ class _Importer:
         if isinstance(self.obj, torch.jit.TracedModule):
             self.notes.append("a traced module: its control flow and flags (training) were fixed when it was "
                               "traced, so freeze_flags has nothing to freeze; script it to keep them")
-        self._bind_inputs(inputs, args)
+        self._bind_inputs(inputs, args, kwargs)
         try:
             outputs = self._import_block(self.root, graph.nodes(), list(graph.outputs()))
         except _Raised as raised:
@@ -274,25 +271,34 @@ class _Importer:
         for node in [n for n in self.state.values() if not n.users]:
             self.root.graph.erase_node(node)  # state only a dropped update read
         self.root.gm.recompile()
-        _, in_spec = tree_flatten((tuple(args), {}))
+        _, in_spec = tree_flatten((tuple(args), kwargs))
         return Captured(self.root.gm, in_spec, out_spec, self.class_name, self.notes, tuple(self.input_writes),
                         tuple(self.state_writes))
 
-    def _bind_inputs(self, inputs: list, args: tuple) -> None:
-        defaults = _defaults(self.obj)
-        if len(args) < len(inputs) and len(defaults) == len(inputs):
-            for value, default in zip(inputs[len(args):], defaults[len(args):]):
-                if default is _NO_DEFAULT:
-                    break
-                self.root.bind(value, default)  # an argument the example leaves to its default: a constant
-            else:
-                inputs = inputs[:len(args)]
-        if len(inputs) != len(args):
+    def _bind_inputs(self, inputs: list, args: tuple, kwargs: dict) -> None:
+        """Each graph input bound: a placeholder per tensor the call passes (by position, then by keyword, in the
+        order the call's inputs flatten), a constant for None and for an argument left to its default."""
+        parameters = script_parameters(self.obj)
+        names = list(parameters.parameters) if parameters is not None and len(parameters.parameters) == len(inputs) \
+            else [v.debugName() for v in inputs]
+        if len(args) > len(inputs) or any(name not in names[len(args):] for name in kwargs):
             raise TorchScriptImportError(f"{self.class_name}.forward takes {len(inputs)} input(s) "
-                                         f"({', '.join(v.debugName() for v in inputs)}), got {len(args)}")
-        for value, example in zip(inputs, args):
+                                         f"({', '.join(names)}), got {len(args)} by position"
+                                         + (f" and {', '.join(kwargs)} by keyword" if kwargs else ""))
+        by_name = dict(zip(names, inputs))
+        for name, value, default in zip(names, inputs, _defaults(self.obj) or [_NO_DEFAULT] * len(inputs)):
+            if name not in kwargs and names.index(name) >= len(args):
+                if default is _NO_DEFAULT:
+                    raise TorchScriptImportError(f"{self.class_name}.forward takes {len(inputs)} input(s) "
+                                                 f"({', '.join(names)}); the example leaves out {name}, which has "
+                                                 "no default")
+                self.root.bind(value, default)  # an argument the example leaves to its default: a constant
+        for value, example in [*zip(inputs, args), *((by_name[k], v) for k, v in kwargs.items())]:
+            if example is None:
+                self.root.bind(value, None)  # an Optional input passed None: calls must pass None there too
+                continue
             if not isinstance(example, torch.Tensor):
-                raise TorchScriptImportError("pyrys imports scripted code with tensor inputs only; "
+                raise TorchScriptImportError("pyrys imports scripted code with tensor (or None) inputs only; "
                                              f"input %{value.debugName()} is a {type(example).__name__}")
             node = add_placeholder(self.root.graph, _node_name(value, "input"), self.mode.from_tensor(example))
             self.root.bind(value, node)
