@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pyrys import InputError
-from pyrys.ray.codec import JSON, NPY, NPZ, decode, encode, named_leaves
+from pyrys.ray.codec import JSON, NPY, NPZ, RequestTooLarge, decode, encode, named_leaves
 
 
 def _npy(array) -> bytes:
@@ -81,6 +81,9 @@ def test_json_numbers_take_the_inputs_dtypes():
     (b"[1.5, 2]", [torch.int64], "must hold values of torch.int64"),
     (b"[1180591620717411303424, 2]", [torch.int64], "an integer too large for 64 bits"),
     (b"[9223372036854775808]", [torch.int64], "an integer too large for 64 bits"),
+    (b"[[1e40, 2.0]]", [torch.float32], "beyond the range of torch.float32"),  # it was inf
+    (b"[[100000.0]]", [torch.float16], "beyond the range of torch.float16"),
+    (b"[[1e400]]", [torch.float32], "1e400 is beyond float64's range"),
     (b"\x93NUMPY\x01\x00garbage", [], ".npy body cannot be read"),
     (b"PK\x03\x04garbage", [], ".npz body cannot be read"),
 ])
@@ -155,3 +158,16 @@ def test_complex_outputs_in_json_are_real_imaginary_pairs():
 def test_leaves_are_named_by_their_place():
     assert [n for n, _ in named_leaves(torch.ones(1))] == [""]
     assert [n for n, _ in named_leaves({"a": (torch.ones(1), torch.ones(1))})] == ["a.0", "a.1"]
+
+
+def test_a_body_or_what_it_decompresses_to_beyond_the_limit_is_refused_before_it_is_read():
+    """0.5 MB of savez_compressed zeros decoded to 499 MB before the model ran on 650,000 rows."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, np.zeros((4096, 3, 8, 8), np.float32))
+    body = buffer.getvalue()
+    assert len(body) < 2**16
+    with pytest.raises(RequestTooLarge, match="the .npz body decompressed is 3145856 bytes, beyond this server's limit"):
+        decode(body, max_bytes=2**20)
+    with pytest.raises(RequestTooLarge, match="the body is"):
+        decode(_npy(np.zeros(2**18, np.float32)), max_bytes=2**20)
+    assert decode(body).inputs[0].shape == (4096, 3, 8, 8)  # within the default limit

@@ -107,7 +107,7 @@ def server(model, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     path = pyrys.save(pyrys.optimize(model, (images(2, 0),), dynamic=True), root / "two_heads.pyrys")
     started = Server(path, root / "serve.log", "--replicas", "2", "--threads", "1", "--max-batch", "8",
-                     "--batch-wait-ms", "20")
+                     "--batch-wait-ms", "20", "--max-request-mb", "1")
     try:
         started.wait_until_ready()
         yield started
@@ -169,6 +169,15 @@ def test_bad_and_good_requests_at_once_each_get_their_own_answer(server):
     with ThreadPoolExecutor(8) as pool:
         statuses = list(pool.map(lambda body: _post(server.url, body)[0], bodies))
     assert statuses == [400 if i % 2 == 0 else 200 for i in range(16)]
+
+
+def test_a_body_beyond_the_limit_or_decompressing_beyond_it_is_a_413(server):
+    zeros = np.zeros((4096, 3, 8, 8), np.float32)  # 3 MiB
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, zeros)
+    for body, says in [(_npy(zeros), "the body is"), (buffer.getvalue(), "the .npz body decompressed is")]:
+        status, answer, _ = _post(server.url, body)
+        assert status == 413 and says in answer.decode() and "--max-request-mb" in answer.decode(), answer
 
 
 def test_a_get_is_told_to_post(server):

@@ -9,14 +9,18 @@ A body is one of
 - JSON: a nested list of numbers (one input) or ``{"inputs": [first, second, ...]}``.
 
 JSON numbers take the dtype of the input they fill (``input_dtypes``); a value that dtype cannot
-hold exactly (``1.5`` for an integer input) is refused.  A float32 array for a bfloat16 input is
+hold exactly (``1.5`` for an integer input) is refused, and so is a float beyond its range (``1e40``
+for float32), which would be inf.  A body, and the arrays it holds once decompressed, may take at most
+``max_bytes`` (:class:`RequestTooLarge` beyond: a small ``savez_compressed`` of zeros can hold GBs).  A float32 array for a bfloat16 input is
 rounded to it (numpy has no bfloat16).  Arrays are read with ``allow_pickle=False`` after their
 header's size is checked against the bytes that hold them.
 
 The answer takes the request's form: ``.npy`` for a one-tensor output (``.npz`` for several), JSON
 for JSON.  Several outputs are named by their place in the output's structure: ``"0"``, ``"1"`` for
 a tuple, the key for a dict, joined with ``.`` when nested (``"0.logits"``).  bfloat16 outputs are
-answered as float32; complex ones in JSON as ``[real, imaginary]`` pairs.
+answered as float32; complex ones in JSON as ``[real, imaginary]`` pairs; NaN and infinities in JSON as
+``NaN``, ``Infinity`` and ``-Infinity``, as Python's and TensorFlow Serving's JSON write them (strict JSON
+has no such numbers: ask for ``.npy`` where they matter).
 """
 from __future__ import annotations
 
@@ -40,6 +44,11 @@ _HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.f
 # numpy parses a .npy header with ast.literal_eval, and CPython 3.11's parser is not safe from several threads
 # at once ("SystemError: AST constructor recursion depth mismatch", CPython gh-106905): one array at a time
 NPY_READING = threading.Lock()
+MAX_REQUEST_BYTES = 256 * 2**20  # pyrys serve --max-request-mb
+
+
+class RequestTooLarge(InputError):
+    """A body, or what it decompresses to, beyond the server's limit (HTTP 413)."""
 
 
 @dataclass(frozen=True)
@@ -50,12 +59,13 @@ class Request:
     form: str
 
 
-def decode(body: bytes, input_dtypes: Sequence[torch.dtype | None] = ()) -> Request:
+def decode(body: bytes, input_dtypes: Sequence[torch.dtype | None] = (), max_bytes: int = MAX_REQUEST_BYTES) -> Request:
     """The inputs ``body`` holds (see the module docstring); :class:`InputError` saying why not."""
+    check_size(len(body), max_bytes, "the body")
     if body.startswith(b"\x93NUMPY"):
         arrays, form = [("the .npy body", _read_npy(io.BytesIO(body), len(body), "the .npy body"))], NPY
     elif body.startswith(b"PK"):
-        arrays, form = _read_npz(body), NPZ
+        arrays, form = _read_npz(body, max_bytes), NPZ
     elif body.lstrip()[:1] in (b"[", b"{"):
         return Request(_load_json(body, input_dtypes), JSON)
     else:
@@ -63,6 +73,13 @@ def decode(body: bytes, input_dtypes: Sequence[torch.dtype | None] = ()) -> Requ
                          f'or {{"inputs": [...]}}), got {len(body)} bytes starting {body[:8]!r}')
     dtypes = list(input_dtypes) + [None] * (len(arrays) - len(input_dtypes))
     return Request(tuple(as_tensor(array, what, dtype) for (what, array), dtype in zip(arrays, dtypes)), form)
+
+
+def check_size(size: int, max_bytes: int, what: str) -> None:
+    """:class:`RequestTooLarge` where ``size`` bytes is beyond ``max_bytes``."""
+    if size > max_bytes:
+        raise RequestTooLarge(f"pyrys serve: {what} is {size} bytes, beyond this server's limit of {max_bytes} "
+                              "(pyrys serve --max-request-mb): send fewer rows per request")
 
 
 def encode(outputs: Any, form: str) -> tuple[bytes, str]:
@@ -145,10 +162,11 @@ def _read_npy_alone(stream: IO[bytes], available: int, what: str) -> np.ndarray:
         raise InputError(f"pyrys serve: {what} cannot be read: {error or type(error).__name__}") from None
 
 
-def _read_npz(body: bytes) -> list[tuple[str, np.ndarray]]:
+def _read_npz(body: bytes, max_bytes: int) -> list[tuple[str, np.ndarray]]:
     try:
         with zipfile.ZipFile(io.BytesIO(body)) as archive:
             infos = archive.infolist()
+            check_size(sum(info.file_size for info in infos), max_bytes, "the .npz body decompressed")
             members = {info.filename.removesuffix(".npy"): info for info in infos}
             if len(members) != len(infos):
                 names = sorted(info.filename for info in infos)
@@ -171,7 +189,7 @@ def _read_npz(body: bytes) -> list[tuple[str, np.ndarray]]:
 
 def _load_json(body: bytes, input_dtypes: Sequence[torch.dtype | None]) -> tuple[torch.Tensor, ...]:
     try:
-        value = json.loads(body)
+        value = json.loads(body, parse_float=_finite_float)
     except (ValueError, UnicodeDecodeError, RecursionError) as error:
         raise InputError(f"pyrys serve: the JSON body cannot be read: {error}") from None
     if isinstance(value, dict):
@@ -183,6 +201,14 @@ def _load_json(body: bytes, input_dtypes: Sequence[torch.dtype | None]) -> tuple
         values = [value]
     dtypes = list(input_dtypes) + [None] * (len(values) - len(input_dtypes))
     return tuple(_json_tensor(v, dtype, f"JSON input {i}") for i, (v, dtype) in enumerate(zip(values, dtypes)))
+
+
+def _finite_float(text: str) -> float:
+    """A JSON number as a float; beyond float64 (``1e400``, which Python reads as inf) a ValueError."""
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"the number {text} is beyond float64's range")
+    return value
 
 
 def _json_tensor(value: Any, dtype: torch.dtype | None, what: str) -> torch.Tensor:
@@ -203,4 +229,7 @@ def _json_tensor(value: Any, dtype: torch.dtype | None, what: str) -> torch.Tens
     if not dtype.is_floating_point and not torch.equal(cast.to(tensor.dtype), tensor):
         raise InputError(f"pyrys serve: {what} must hold values of {dtype} (the module's input), "
                          "got values that type cannot hold exactly")
+    if dtype.is_floating_point and tensor.is_floating_point() and bool((cast.isinf() & ~tensor.isinf()).any()):
+        raise InputError(f"pyrys serve: {what} holds a number beyond the range of {dtype} (the module's input), "
+                         f"which would be inf; the largest is {torch.finfo(dtype).max:g}")
     return cast

@@ -1,7 +1,8 @@
 """The Ray Serve application behind ``pyrys serve``: replicas that each load a saved program once.
 
     POST /   body (.npy / .npz / JSON, :mod:`pyrys.ray.codec`)
-      -> decode (a bad body: 400 with the pyrys.InputError text, before any batching)
+      -> decode (a bad body: 400 with the pyrys.InputError text, before any batching; beyond
+         ``max_request_bytes``, or decompressing beyond it: 413)
       -> serve.batch: up to ``max_batch`` requests, or what arrived within ``batch_wait_s``
       -> Batcher.run on a worker thread (the replica's event loop keeps taking requests)
       -> the request's rows, encoded like its body (an input the module refuses: 400; a failure: 500),
@@ -20,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from pyrys.ray.batching import Batcher
-from pyrys.ray.codec import decode, encode
+from pyrys.ray.codec import MAX_REQUEST_BYTES, RequestTooLarge, check_size, decode, encode
 from pyrys.signature import InputError, is_tensor_leaf
 
 APP_NAME = "pyrys"
@@ -31,8 +32,9 @@ BATCH_ROWS_HEADER = "x-pyrys-batch-rows"  # the rows of the call that answered: 
 class PyrysReplica:
     """One replica: the module ``load()`` returns, called in dynamic batches."""
 
-    def __init__(self, load: Callable[[], Any], max_batch: int, batch_wait_s: float):
+    def __init__(self, load: Callable[[], Any], max_batch: int, batch_wait_s: float, max_request_bytes: int):
         self.module = load()
+        self.max_request_bytes = max_request_bytes
         self.batcher = Batcher(self.module)
         self.input_dtypes = [t[1] if is_tensor_leaf(t) else None for t in getattr(self.module, "input_types", [])]
         self.run_batch.set_max_batch_size(max_batch)
@@ -45,7 +47,12 @@ class PyrysReplica:
         if request.method != "POST":
             return _text(405, "pyrys serve: POST a .npy, .npz or JSON body to /; GET /-/healthz says whether it is up")
         try:
-            decoded = decode(await request.body(), self.input_dtypes)
+            declared = request.headers.get("content-length", "")
+            if declared.isdigit():  # refused before the body is read
+                check_size(int(declared), self.max_request_bytes, "the body")
+            decoded = decode(await request.body(), self.input_dtypes, self.max_request_bytes)
+        except RequestTooLarge as error:
+            return _text(413, str(error))
         except InputError as error:
             return _text(400, str(error))
         outcome, rows = await self.run_batch(decoded.inputs)
@@ -65,7 +72,8 @@ class PyrysReplica:
 
 
 def application(load: Callable[[], Any], *, replicas: int, cpus_per_replica: float, max_batch: int,
-                batch_wait_s: float, access_log: bool = False) -> serve.Application:
+                batch_wait_s: float, access_log: bool = False,
+                max_request_bytes: int = MAX_REQUEST_BYTES) -> serve.Application:
     """The application: ``replicas`` copies of :class:`PyrysReplica`, each reserving ``cpus_per_replica``.
 
     Ray Serve's access log (a line per request, in the replica's log file and on the driver's
@@ -74,7 +82,7 @@ def application(load: Callable[[], Any], *, replicas: int, cpus_per_replica: flo
         num_replicas=replicas, max_ongoing_requests=max(16, 2 * max_batch),
         ray_actor_options={"num_cpus": cpus_per_replica},
         logging_config={"enable_access_log": access_log, "log_level": "INFO" if access_log else "WARNING"},
-    ).bind(load, max_batch, batch_wait_s)
+    ).bind(load, max_batch, batch_wait_s, max_request_bytes)
 
 
 def _text(status: int, message: str) -> Response:

@@ -19,6 +19,7 @@ import sys
 import threading
 from pathlib import Path
 
+from pyrys.ray.codec import MAX_REQUEST_BYTES
 from pyrys.ray.source import load_program
 
 
@@ -29,6 +30,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1; 0.0.0.0 for every interface)")
     parser.add_argument("--max-batch", type=_positive, default=8,
                         help="requests run as one batch at most (default 8; 1 turns batching off)")
+    parser.add_argument("--max-request-mb", type=_positive, default=MAX_REQUEST_BYTES // 2**20,
+                        help=f"the largest request body, and what an .npz body may decompress to, in MiB (default "
+                             f"{MAX_REQUEST_BYTES // 2**20}; beyond: 413)")
     parser.add_argument("--batch-wait-ms", type=_non_negative, default=5.0,
                         help="how long a batch waits to fill, in ms (default 5)")
     parser.add_argument("--threads", type=_positive, default=None,
@@ -79,6 +83,7 @@ def run_serve(args: argparse.Namespace) -> int:
         source = ray.put(read_files(path)) if args.ship else str(path)  # the driver holds the object until it stops
         app = application(functools.partial(load_program, source, threads), replicas=args.replicas,
                           cpus_per_replica=threads, max_batch=args.max_batch, batch_wait_s=args.batch_wait_ms / 1000,
+                          max_request_bytes=args.max_request_mb * 2**20,
                           access_log=args.access_log)
         deployed = True
         error = _deploy(serve, app, APP_NAME, stop)

@@ -150,7 +150,9 @@ def read_files(path: str | os.PathLike) -> dict[str, bytes]:
 
 def parse_files(files: dict[str, bytes], where: str) -> tuple[dict, dict, dict[str, torch.Tensor]]:
     """``(manifest, program, tensors)`` from a save's files (``where`` names them in errors), each file's
-    SHA-256 checked against the manifest before anything else is parsed."""
+    SHA-256 checked against the manifest before anything else is parsed.  A file may be any bytes-like object
+    (``bytearray``, ``memoryview``: what a transport hands over)."""
+    files = {name: bytes(data) if isinstance(data, (bytearray, memoryview)) else data for name, data in files.items()}
     manifest = _parse_manifest(files.get(MANIFEST), where)
     for name in (PROGRAM, TENSORS):
         if not isinstance(files.get(name), bytes):
