@@ -197,6 +197,9 @@ def test_a_call_may_pass_by_position_what_the_example_passed_by_keyword():
     ({"dynamic": 1}, "dynamic must be None, True or False, got 1"),
     ({"verify": None}, "verify must be True or False, got None"),
     ({"print_after_each": "x"}, "print_after_each must be True or False"),
+    ({"freeze_flags": {"training": True}}, "freeze_flags must be a list or tuple of names"),  # froze its keys
+    ({"dump_dir": 5}, "dump_dir must be a path \\(str or pathlib.Path\\) or None, got 5"),  # wrote to ./5/
+    ({"dump_dir": "/proc/no/such"}, "cannot make dump_dir '/proc/no/such'"),  # a raw FileNotFoundError
 ])
 def test_options_of_the_wrong_kind_are_refused_by_name(options, message):
     with pytest.raises(ValueError, match=message):
@@ -268,3 +271,13 @@ def test_a_module_pyrys_already_optimized_is_refused_by_name():
         pyrys.optimize(opt, (image(),))
     with pytest.raises(TypeError, match="already optimized by pyrys"):
         pyrys.explain(opt, (image(),))
+
+
+@pytest.mark.parametrize("option, says", [
+    ({"freeze_params": ["wieght"]}, r"freeze_params names \['wieght'\], which no parameter or buffer the model reads"),
+    ({"freeze_flags": ["trainig"]}, r"freeze_flags names \['trainig'\], which no flag the model reads has; those it "
+                                    r"reads are named \['training'\]"),
+])
+def test_a_freeze_name_the_model_lacks_is_warned_of(option, says):
+    with pytest.warns(UserWarning, match=says):
+        pyrys.optimize(conv_bn_relu(), (image(),), backend="reference", **option)

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
 
@@ -59,6 +60,18 @@ def check_threads(threads: Any, who: str) -> None:
         raise ValueError(f"{who}: {problem}")
 
 
+def _check_dump_dir(dump_dir: Any) -> None:
+    """``dump_dir`` is None or a directory pyrys can create (``ValueError`` naming why not)."""
+    if dump_dir is None:
+        return
+    if not isinstance(dump_dir, (str, os.PathLike)):
+        raise ValueError(f"pyrys.optimize: dump_dir must be a path (str or pathlib.Path) or None, got {dump_dir!r}")
+    try:
+        Path(dump_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"pyrys.optimize: cannot make dump_dir {str(dump_dir)!r}: {error.strerror or error}") from None
+
+
 def make_config(*, backend: str = "auto", freeze_params: Iterable[str] | None = ALL,
                 freeze_flags: Iterable[str] | None = ALL, disable: Iterable[str] = (),
                 print_after_each: bool = False, dump_dir: str | Path | None = None,
@@ -81,6 +94,7 @@ def make_config(*, backend: str = "auto", freeze_params: Iterable[str] | None = 
         raise ValueError(f"pyrys.optimize: precision must be one of {PRECISIONS}, got {precision!r}")
     if not isinstance(numerics, bool):
         raise ValueError(f"pyrys.optimize: numerics must be True or False, got {numerics!r}")
+    _check_dump_dir(dump_dir)
     if output_dtype not in OUTPUT_DTYPES:
         raise ValueError(f"pyrys.optimize: output_dtype must be None, torch.float32 or torch.bfloat16, got "
                          f"{output_dtype!r}")
@@ -107,7 +121,7 @@ def _names(option: str, names: Iterable[str] | None, like: str) -> tuple[str, ..
     string, or anything but an iterable of strings, is refused (``"weight"`` would be its letters)."""
     if names is None and option != "disable":
         return None
-    if isinstance(names, (str, bytes)) or not isinstance(names, Iterable):
+    if isinstance(names, (str, bytes, Mapping)) or not isinstance(names, Iterable):  # a dict: its keys, not values
         allowed = " or None" if option != "disable" else ""
         raise ValueError(f"pyrys.optimize: {option} must be a list or tuple of names, e.g. {like}{allowed}; "
                          f"got {names!r}")

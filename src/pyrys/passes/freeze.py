@@ -45,10 +45,7 @@ def freeze_params(gm: fx.GraphModule, attributes: Iterable[str] | None = ALL) ->
         result.fired[ref.attribute] += 1
     read = {state_ref(node).attribute for node in state_inputs(gm.graph) if state_ref(node).kind != "flag"}
     read |= set(result.fired)
-    unknown = sorted((wanted or set()) - read)
-    if wanted and read and not wanted & read:  # a typo froze nothing; a general list ("running_var" of an MLP) froze some
-        warnings.warn(f"pyrys: freeze_params names {unknown}, which no parameter or buffer the model reads has; "
-                      f"those it reads are named {sorted(read)}", UserWarning, stacklevel=2)
+    _warn_if_none_is_read("freeze_params", wanted, read, "parameter or buffer")
     gm.recompile()
     return result
 
@@ -62,8 +59,18 @@ def freeze_flags(gm: fx.GraphModule, flags: Iterable[str] | None = ALL) -> PassR
         if ref.kind == "flag" and (wanted is None or ref.attribute in wanted):
             replace_with_literal(node, ref.value)
             result.fired[f"{ref.attribute}={ref.value}"] += 1
+    read = {state_ref(node).attribute for node in state_inputs(gm.graph) if state_ref(node).kind == "flag"}
+    read |= {name.split("=", 1)[0] for name in result.fired}
+    _warn_if_none_is_read("freeze_flags", wanted, read, "flag")
     gm.recompile()
     return result
+
+
+def _warn_if_none_is_read(option: str, wanted: set[str] | None, read: set[str], what: str) -> None:
+    """A typo froze nothing: say so; a general list (``running_var`` of an MLP) that froze some is fine."""
+    if wanted and read and not wanted & read:
+        warnings.warn(f"pyrys: {option} names {sorted(wanted - read)}, which no {what} the model reads has; "
+                      f"those it reads are named {sorted(read)}", UserWarning, stacklevel=4)
 
 
 def _replace_with_constant(gm: fx.GraphModule, node: fx.Node, value: torch.Tensor, target: str,
