@@ -10,6 +10,7 @@ reads; its scale is the one that minimizes the quantization's squared error over
 from __future__ import annotations
 
 import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
@@ -96,6 +97,7 @@ def calibration_samples(data: Iterable, args: tuple, kwargs: dict, limit: int | 
     if not samples:
         raise ValueError("pyrys.optimize: calibration gave no samples: pass a non-empty iterable of input samples"
                          + (f" (it gave {rows.held} rows, fewer than the example's {rows.per_sample})" if rows.held else ""))
+    _warn_of_constant_inputs(samples[:wanted])
     cut = (f"calibration: samples of {', '.join(map(str, sorted(rows.cut)))} rows were cut into the example's "
            f"{rows.per_sample} along dim 0 (taken as the batch)") if rows.cut else ""
     return samples[:wanted], cut
@@ -160,6 +162,20 @@ def samples_like(inputs: tuple, count: int = DRAWN_SAMPLES, seed: int = 7) -> li
         return drawn * x.std() + x.mean() if x.numel() > 1 else drawn
 
     return [tuple(inputs)] + [tuple(like(x) for x in inputs) for _ in range(count - 1)]
+
+
+def _warn_of_constant_inputs(samples: list[list]) -> None:
+    """Warn where a floating-point input holds one value in every sample (all zeros): ranges measured on it fit
+    nothing else, and the accuracy measured on it says nothing of other inputs."""
+    for position, value in enumerate(samples[0]):
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.numel() < 2:
+            continue
+        first = value.reshape(-1)[0]
+        if all(bool((sample[position] == first).all()) for sample in samples):
+            warnings.warn(f"pyrys: calibration input {position} is {float(first):g} everywhere in all {len(samples)} "
+                          "samples: the int8 ranges measured on it will clip other inputs, and the accuracy measured "
+                          "on it says nothing of them; calibrate on data like what will be served", UserWarning,
+                          stacklevel=5)
 
 
 def _check_finite(index: int, flat: list) -> None:
