@@ -58,12 +58,13 @@ class PyrysReplica:
         outcome, rows = await self.run_batch(decoded.inputs)
         if isinstance(outcome, InputError):
             return _text(400, str(outcome))
+        if isinstance(outcome, Exception):
+            return _text(500, f"pyrys serve: the model failed: {type(outcome).__name__}: {outcome}")
         try:
-            if isinstance(outcome, Exception):
-                raise outcome
             body, content_type = encode(outcome, decoded.form)
         except Exception as error:  # noqa: BLE001 - answered, and the replica stays up
-            return _text(500, f"pyrys serve: the model failed: {type(error).__name__}: {error}")
+            return _text(500, f"pyrys serve: the model's output cannot be answered as {decoded.form} "
+                              f"({type(error).__name__}: {error}); ask for JSON, or return tensors")
         return Response(body, media_type=content_type, headers={BATCH_ROWS_HEADER: str(rows)})
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
