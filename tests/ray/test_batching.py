@@ -238,3 +238,33 @@ def test_the_predictor_reads_one_column_per_input_and_pandas_batches(tmp_path):
     frame = pandas.DataFrame({"ids": list(ids), "mask": list(mask)})
     answered = predictor(frame)
     assert isinstance(answered, pandas.DataFrame) and np.array_equal(np.stack(answered["output"]), expected)
+
+
+def test_a_warm_up_of_copies_does_not_pass_the_row_check_for_good(tmp_path):
+    """Copies agree even where rows mix: the check then passed, and later callers got each other's rows."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, dropout=0.0).eval()
+    module = pyrys.load(pyrys.save(pyrys.optimize(layer, (torch.randn(5, 2, 8),), dynamic=True), tmp_path / "s"))
+    batcher, warm = Batcher(module), torch.randn(4, 2, 8)
+    batcher.run([(warm,), (warm.clone(),)])
+    assert batcher.batches
+    requests = [(torch.randn(5, 2, 8),), (torch.randn(3, 2, 8),)]
+    results = batcher.run(requests)
+    assert not batcher.batches
+    with torch.no_grad():
+        assert all(_close(out, layer(*inputs)) for (out, _), inputs in zip(results, requests))
+
+
+class RowsByChance(nn.Module):
+    """Four rows out, whatever comes in: with four rows in, it looks per row."""
+
+    def forward(self, x):
+        return x.sum(0, keepdim=True).expand(4, -1) * 1.0
+
+
+def test_an_output_whose_rows_only_matched_by_chance_answers_each_request():
+    """The check compared outputs of two shapes and raised, losing every request of the batch."""
+    batcher = Batcher(RowsByChance())
+    requests = [(torch.ones(1, 3),), (torch.ones(3, 3) * 2,)]
+    results = batcher.run(requests)
+    assert not batcher.batches and [tuple(out.shape) for out, _ in results] == [(4, 3), (4, 3)]

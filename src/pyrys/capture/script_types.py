@@ -7,11 +7,9 @@ of that name and those fields (what calling the scripted module returns).
 """
 from __future__ import annotations
 
-import collections
-import functools
-import sys
-
 import torch
+
+from pyrys.named_tuples import namedtuple_class
 
 SCRIPT_PREFIX = "__torch__."
 NAMED_TUPLE = "NamedTuple("
@@ -35,17 +33,20 @@ def _field_names(rest: str) -> list[str]:
         elif char in ")]" and depth:
             depth -= 1
         elif char in ",)" and depth == 0:
-            names.append(rest[start:i].split(":", 1)[0].strip())
+            names += [name] if (name := rest[start:i].split(":", 1)[0].strip()) else []  # NamedTuple(): none
             start = i + 1
             if char == ")":
                 return names
     raise ValueError(f"pyrys: cannot read the fields of a TorchScript NamedTuple from {rest!r}")
 
 
-@functools.lru_cache(maxsize=None)
 def _class(qualified_name: str, fields: tuple[str, ...]) -> type:
-    module_name, _, name = qualified_name.removeprefix(SCRIPT_PREFIX).rpartition(".")
-    own = getattr(sys.modules.get(module_name or "__main__"), name, None)
-    if isinstance(own, type) and issubclass(own, tuple) and getattr(own, "_fields", None) == fields:
-        return own
-    return collections.namedtuple(name, fields)
+    """The caller's class where some split of ``module.Class.Nested`` names an imported one with these fields,
+    else one made in the module it names."""
+    parts = qualified_name.removeprefix(SCRIPT_PREFIX).split(".")
+    splits = [(".".join(parts[:i]) or "__main__", ".".join(parts[i:])) for i in range(len(parts) - 1, -1, -1)]
+    for module, name in splits:
+        cls, made = namedtuple_class(module, name, fields)
+        if not made:
+            return cls
+    return namedtuple_class(*splits[0], fields)[0]

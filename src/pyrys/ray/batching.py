@@ -13,8 +13,9 @@ along dim 0, run once, and every output tensor is split back: request i gets row
 
 That rows do not mix (no op reduces or attends across dim 0) cannot be read from the shapes: a
 sequence-first model (``(S, B, E)``, attention across dim 0) has the same symbolic size in dim 0 of
-its input and output.  So the first batch that runs is also run request by request, and where any
-output moved by more than ``ROWS_AGREE`` (relative) the module never batches again, and its callers
+its input and output.  So the first batch that runs is also run request by request (the first whose
+requests are not all one payload: a warm-up sending copies cannot show rows mixing), and where any output
+moved by more than ``ROWS_AGREE`` (relative), or changed shape, the module never batches again, and its callers
 get the request-by-request outputs.  ``--max-batch 1`` turns batching off.  Batching changes which
 kernels run (they depend on the batch size), so a row's output agrees with the same row run alone
 within the module's float tolerance, not bitwise; rows that mix move by far more.
@@ -26,7 +27,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from pyrys.numerics import relative_error
+from pyrys.numerics import error_or_reason
 
 ROWS_AGREE = 1e-2  # bf16 and int8 rows move ~1e-3 with the batch's kernels; mixed rows move O(1)
 
@@ -79,11 +80,19 @@ class Batcher:
         alone = [self._one(inputs) for inputs in requests]
         if any(isinstance(outputs, Exception) for outputs, _ in alone):
             return alone  # undecided: a request failed alone that ran in the batch
-        if all(relative_error(joined, own) <= ROWS_AGREE for (own, _), (joined, _) in zip(alone, batched)):
-            self._rows_checked = True
+        if all(error_or_reason(joined, own)[0] <= ROWS_AGREE for (own, _), (joined, _) in zip(alone, batched)):
+            # requests all alike (a warm-up sending one payload) agree even where rows mix: check again later
+            self._rows_checked = not _all_alike(requests)
             return batched
         self.batches = False  # rows mix across dim 0 (a sequence-first model): never batch
         return alone
+
+
+def _all_alike(requests: list[tuple[torch.Tensor, ...]]) -> bool:
+    """Whether every request is the first one again (a batch of copies cannot show rows mixing: attention over
+    keys repeated alike gives what it gives over them once)."""
+    return all(len(inputs) == len(requests[0]) and all(a.shape == b.shape and torch.equal(a, b)
+                                                       for a, b in zip(inputs, requests[0])) for inputs in requests[1:])
 
 
 def per_row(leaf: Any, rows: int) -> bool:

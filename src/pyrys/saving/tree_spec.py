@@ -19,12 +19,12 @@ is imported and nothing is unpickled.
 from __future__ import annotations
 
 import collections
-import sys
 from typing import Any
 
 from torch.utils._pytree import SUPPORTED_NODES, TreeSpec, treespec_leaf
 
 from pyrys.errors import SaveError
+from pyrys.named_tuples import imported_class, namedtuple_class
 from pyrys.saving.graph_json import decode_arg, encode_arg
 
 _CONTAINERS = {tuple: "tuple", list: "list"}
@@ -81,7 +81,7 @@ def decode_spec(record: Any, made: list[str]) -> TreeSpec:
     if kind == "registered":
         children = [decode_spec(c, made) for c in payload["children"]]
         context = decode_arg(payload["context"], {})
-        cls = _imported_class(payload["module"], payload["name"])
+        cls = imported_class(payload["module"], payload["name"])
         if cls is not None and cls in SUPPORTED_NODES:
             return TreeSpec(cls, context, children)
         made.append(f"{payload['module']}.{payload['name']}")
@@ -91,18 +91,9 @@ def decode_spec(record: Any, made: list[str]) -> TreeSpec:
     raise ValueError(f"unknown container {kind!r}")
 
 
-def _imported_class(module: str, name: str) -> type | None:
-    """The class ``module.name`` if its module is imported already (nothing is imported here), else None."""
-    owner: Any = sys.modules.get(module)
-    for part in name.split("."):
-        owner = getattr(owner, part, None)
-    return owner if isinstance(owner, type) else None
-
-
 def _namedtuple_class(payload: dict, made: list[str]) -> type:
     """The namedtuple class if its module is imported and its fields match, else one made with that name."""
-    owner = _imported_class(payload["module"], payload["name"])
-    if owner is not None and issubclass(owner, tuple) and list(getattr(owner, "_fields", ())) == payload["fields"]:
-        return owner
-    made.append(f"{payload['module']}.{payload['name']}")
-    return collections.namedtuple(payload["name"].rsplit(".", 1)[-1], payload["fields"])
+    cls, was_made = namedtuple_class(payload["module"], payload["name"], payload["fields"])
+    if was_made:
+        made.append(f"{payload['module']}.{payload['name']}")
+    return cls
