@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import threading
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -520,13 +521,19 @@ def test_the_next_save_removes_what_a_killed_save_left(tmp_path):
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     host, pid = socket.gethostname(), int(dead.stdout)
-    left = tmp_path / f".m.pyrys.saving-{host}-{pid}-abc"
+    left = tmp_path / f".m.pyrys.saving@{host}@{pid}-abc"
     left.mkdir()
     (left / "tensors.safetensors").write_bytes(b"partial")
-    live = tmp_path / f".m.pyrys.saving-{host}-1-def"  # pid 1 is alive: another process's save, left alone
-    live.mkdir()
+    live = tmp_path / f".m.pyrys.saving@{host}@1-def"  # pid 1 is alive: another process's save, left alone
+    young = tmp_path / f".m.pyrys.saving@{host}@{pid}-ghi"  # too recent to be sure (another container's?)
+    other = tmp_path / f".m.pyrys.saving@{host}-7@{pid}-jkl"  # another host's, whose name extends this one's
+    for kept in (live, young, other):
+        kept.mkdir()
+    old = time.time() - directory.STALE_AFTER_S - 60
+    for sibling in (left, live, other):
+        os.utime(sibling, (old, old))
     opt = pyrys.optimize(torch.nn.Linear(4, 2).eval(), (torch.rand(2, 4),))
     pyrys.save(opt, tmp_path / "m.pyrys")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "m.pyrys"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, young.name, other.name, "m.pyrys"])
     x = torch.rand(2, 4)
     assert torch.equal(pyrys.load(tmp_path / "m.pyrys")(x), opt(x))

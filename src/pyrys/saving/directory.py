@@ -9,7 +9,8 @@
 ``write_directory`` writes into a fresh sibling directory and renames it into place, so an
 interrupted save leaves no half-written ``path``; an existing ``path`` is replaced only if
 it is a pyrys save.  The sibling's name holds the host and process that write it
-(``.NAME.saving-HOST-PID-XXXX``), so the next save to ``path`` removes what a killed save left.  ``read_directory`` checks the format, its version and every file's
+(``.NAME.saving@HOST@PID-XXXX``; a host name holds no ``@``), so the next save to ``path`` removes
+what a save killed on this host left, once it is ``STALE_AFTER_S`` old.  ``read_directory`` checks the format, its version and every file's
 SHA-256 before anything is parsed, so a truncated or edited save is refused by name.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -93,8 +95,11 @@ def _replace(staging: Path, path: Path) -> None:
         shutil.rmtree(retired, ignore_errors=True)
 
 
+STALE_AFTER_S = 600  # a sibling this old whose process is gone is what a killed save left
+
+
 def _sibling_base(path: Path, kind: str) -> str:
-    return f".{path.name}.{kind}-{socket.gethostname()}-"
+    return f".{path.name}.{kind}@{socket.gethostname()}@"
 
 
 def _sibling_prefix(path: Path, kind: str) -> str:
@@ -108,10 +113,13 @@ def _remove_what_killed_saves_left(path: Path) -> None:
         base = _sibling_base(path, kind)
         for sibling in path.parent.glob(f"{glob.escape(base)}*"):
             pid = sibling.name[len(base):].split("-", 1)[0]
-            if not pid.isdigit() or _alive(int(pid)):
+            try:
+                if not pid.isdigit() or _alive(int(pid)) or time.time() - sibling.stat().st_mtime < STALE_AFTER_S:
+                    continue
+                if kind == "old" and (sibling / "save").is_dir() and not path.exists():
+                    os.rename(sibling / "save", path)
+            except OSError:  # another save cleaning it up at once
                 continue
-            if kind == "old" and (sibling / "save").is_dir() and not path.exists():
-                os.rename(sibling / "save", path)
             shutil.rmtree(sibling, ignore_errors=True)
 
 
