@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from typing import Any
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -36,11 +37,11 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _post(url: str, body: bytes, timeout: float = 60) -> tuple[int, bytes, str]:
+def _post(url: str, body: Any, timeout: float = 60) -> tuple[int, bytes, str]:
     return _ask(url, body, timeout)[:3]
 
 
-def _ask(url: str, body: bytes, timeout: float = 60) -> tuple[int, bytes, str, int]:
+def _ask(url: str, body: Any, timeout: float = 60) -> tuple[int, bytes, str, int]:
     """(status, body, content type, rows of the call that answered) of a POST."""
     request = urllib.request.Request(url, data=body, method="POST")
     try:
@@ -175,7 +176,9 @@ def test_a_body_beyond_the_limit_or_decompressing_beyond_it_is_a_413(server):
     zeros = np.zeros((4096, 3, 8, 8), np.float32)  # 3 MiB
     buffer = io.BytesIO()
     np.savez_compressed(buffer, zeros)
-    for body, says in [(_npy(zeros), "the body is"), (buffer.getvalue(), "the .npz body decompressed is")]:
+    chunked = iter([_npy(zeros)[i:i + 2**16] for i in range(0, len(_npy(zeros)), 2**16)])  # no length: read in turn
+    for body, says in [(_npy(zeros), "the body is"), (buffer.getvalue(), "the .npz body decompressed is"),
+                       (chunked, "the body is"), (json.dumps(zeros[:256].tolist()).encode(), "a JSON body decodes to")]:
         status, answer, _ = _post(server.url, body)
         assert status == 413 and says in answer.decode() and "--max-request-mb" in answer.decode(), answer
 

@@ -11,7 +11,8 @@ A body is one of
 JSON numbers take the dtype of the input they fill (``input_dtypes``); a value that dtype cannot
 hold exactly (``1.5`` for an integer input) is refused, and so is a float beyond its range (``1e40``
 for float32), which would be inf.  A body, and the arrays it holds once decompressed, may take at most
-``max_bytes`` (:class:`RequestTooLarge` beyond: a small ``savez_compressed`` of zeros can hold GBs).  A float32 array for a bfloat16 input is
+``max_bytes`` (:class:`RequestTooLarge` beyond: a small ``savez_compressed`` of zeros can hold GBs); a JSON
+body at most 1/``JSON_DECODE_FACTOR`` of it, since decoding it takes that many times its size.  A float32 array for a bfloat16 input is
 rounded to it (numpy has no bfloat16).  Arrays are read with ``allow_pickle=False`` after their
 header's size is checked against the bytes that hold them.
 
@@ -45,6 +46,7 @@ _HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.f
 # at once ("SystemError: AST constructor recursion depth mismatch", CPython gh-106905): one array at a time
 NPY_READING = threading.Lock()
 MAX_REQUEST_BYTES = 256 * 2**20  # pyrys serve --max-request-mb
+JSON_DECODE_FACTOR = 16  # Python's numbers and lists of a JSON body: measured 15x its bytes at their peak
 
 
 class RequestTooLarge(InputError):
@@ -67,6 +69,8 @@ def decode(body: bytes, input_dtypes: Sequence[torch.dtype | None] = (), max_byt
     elif body.startswith(b"PK"):
         arrays, form = _read_npz(body, max_bytes), NPZ
     elif body.lstrip()[:1] in (b"[", b"{"):
+        check_size(len(body) * JSON_DECODE_FACTOR, max_bytes, f"a JSON body decodes to about {JSON_DECODE_FACTOR} "
+                   "times its size, which")
         return Request(_load_json(body, input_dtypes), JSON)
     else:
         raise InputError("pyrys serve: expected a body in .npy (np.save), .npz (np.savez) or JSON (a nested list, "

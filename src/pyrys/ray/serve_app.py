@@ -47,10 +47,7 @@ class PyrysReplica:
         if request.method != "POST":
             return _text(405, "pyrys serve: POST a .npy, .npz or JSON body to /; GET /-/healthz says whether it is up")
         try:
-            declared = request.headers.get("content-length", "")
-            if declared.isdigit():  # refused before the body is read
-                check_size(int(declared), self.max_request_bytes, "the body")
-            decoded = decode(await request.body(), self.input_dtypes, self.max_request_bytes)
+            decoded = decode(await _body(request, self.max_request_bytes), self.input_dtypes, self.max_request_bytes)
         except RequestTooLarge as error:
             return _text(413, str(error))
         except InputError as error:
@@ -84,6 +81,20 @@ def application(load: Callable[[], Any], *, replicas: int, cpus_per_replica: flo
         ray_actor_options={"num_cpus": cpus_per_replica},
         logging_config={"enable_access_log": access_log, "log_level": "INFO" if access_log else "WARNING"},
     ).bind(load, max_batch, batch_wait_s, max_request_bytes)
+
+
+async def _body(request: Request, max_bytes: int) -> bytes:
+    """The request's body, refused (:class:`RequestTooLarge`) as soon as it is declared or read beyond
+    ``max_bytes``: a chunked body has no length to check first."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit():
+        check_size(int(declared), max_bytes, "the body")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        check_size(size, max_bytes, "the body")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _text(status: int, message: str) -> Response:
