@@ -45,7 +45,9 @@ def test_import_conv_bn_relu_golden():
     captured = capture_torchscript(script(conv_bn_relu()), (image(),))
     refresh_meta(captured.gm)
     assert format_graph(captured.gm, captured.class_name) == CONV_BN_RELU_IMPORTED
-    assert "num_batches_tracked" in " ".join(captured.notes)  # the train-mode state update was dropped
+    # BatchNorm's train-mode counter update is under ``if self.training``: resolved by the captured False, so
+    # nothing is written, nor noted as dropped
+    assert "num_batches_tracked" not in " ".join(captured.notes)
 
 
 def test_scripted_module_matches_eager_and_is_not_modified():
@@ -685,3 +687,29 @@ def test_example_inputs_by_keyword_and_an_optional_passed_none_are_imported():
     with pytest.raises(TorchScriptImportError, match=r"takes 4 input\(s\) \(x, y, mask, scale\), got 1 by position "
                                                      r"and z by keyword"):
         pyrys.optimize(scripted, (x,), {"z": y})
+    with pytest.raises(TorchScriptImportError, match=r"input %y\S* takes Tensor, the example passes NoneType"):
+        pyrys.optimize(scripted, (x, None))  # y is not Optional: it failed later inside torch
+
+
+class KeepsUnderAFlag(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.keep = False
+        self.twice = True
+
+    def forward(self, x):
+        outs: List[torch.Tensor] = []
+        if self.keep:
+            x.add_(1)
+            outs.append(x)
+        return x * 2 if self.twice else x, outs
+
+
+def test_a_branch_thrown_away_at_import_leaves_no_records_and_its_flag_counts_as_read():
+    """The If's discarded import left ``x`` written (a warning; opt(x, x) refused) and ``keep`` unread (a
+    freeze_flags warning naming a flag the model reads)."""
+    x, scripted = torch.randn(2, 3), torch.jit.script(KeepsUnderAFlag().eval())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = pyrys.optimize(scripted, (x,), freeze_flags=["keep"])
+    assert opt.writes == () and torch.equal(opt(x)[0], x * 2)

@@ -44,7 +44,7 @@ from pyrys.capture.script_types import named_tuple_class
 from pyrys.ir.quiet_fake import fake_tensor_errors_unlogged
 from pyrys.errors import CaptureError
 from pyrys.ir.control_flow import IF, RaisingBranch, add_if, has_effects
-from pyrys.ir.graph import STATE_KEY, StateRef, add_constant, add_placeholder
+from pyrys.ir.graph import FLAGS_READ_KEY, STATE_KEY, StateRef, add_constant, add_placeholder
 
 SHAPE_QUERIES = frozenset({"aten::size", "aten::dim", "aten::numel", "aten::len", "aten::sym_size"})
 MAX_UNROLLED_ITERATIONS = 10_000
@@ -68,15 +68,25 @@ def is_torchscript(obj: Any) -> bool:
     return isinstance(obj, (torch.jit.ScriptModule, torch.jit.ScriptFunction))
 
 
+def _arguments(obj: Any) -> list | None:
+    """``forward``'s schema arguments (a scripted function's own), without ``self``; None where unknown."""
+    try:
+        return list(obj.forward.schema.arguments[1:] if isinstance(obj, torch.jit.ScriptModule) else obj.schema.arguments)
+    except (AttributeError, RuntimeError):
+        return None
+
+
 def script_parameters(obj: Any) -> inspect.Signature | None:
     """``forward``'s parameters (a scripted function's own), by name, from the schema: what lets a call pass
     by keyword what the example passed by position."""
+    arguments = _arguments(obj)
+    if arguments is None:
+        return None
     try:
-        arguments = obj.forward.schema.arguments[1:] if isinstance(obj, torch.jit.ScriptModule) else obj.schema.arguments
         return inspect.Signature([inspect.Parameter(a.name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
                                                     default=a.default_value if a.has_default_value() else inspect.Parameter.empty)
                                   for a in arguments])
-    except (AttributeError, RuntimeError, ValueError):  # no schema, or names Python cannot take
+    except ValueError:  # names Python cannot take
         return None
 
 
@@ -85,10 +95,7 @@ _NO_DEFAULT = object()
 
 def _defaults(obj: Any) -> list:
     """Each input's default value in ``forward``'s schema (``_NO_DEFAULT`` where it has none); [] unknown."""
-    try:
-        arguments = obj.forward.schema.arguments[1:] if isinstance(obj, torch.jit.ScriptModule) else obj.schema.arguments
-    except (AttributeError, RuntimeError):
-        return []
+    arguments = _arguments(obj) or []
     return [a.default_value if a.has_default_value() else _NO_DEFAULT for a in arguments]
 
 
@@ -232,6 +239,10 @@ def _is_tensor_type(t: torch._C.JitType) -> bool:
     return False
 
 
+_RECORDS = ("views_of", "stale", "view_parts", "notes", "input_writes", "state_writes", "written_state",
+            "branch_written_state", "flags_read")  # the _Importer's records of what the import did
+
+
 class _Importer:
     def __init__(self, obj: Any, flag_values: dict[str, bool]):
         self.obj = obj
@@ -249,6 +260,7 @@ class _Importer:
         self.written_state: dict[str, fx.Node] = {}  # path -> its value after a write at the top level
         self.branch_written_state: set[str] = set()  # paths written inside a branch taken at run time
         self.attribute_containers: dict[str, Any] = {}  # path -> the list or dict a module attribute holds
+        self.flags_read: set[str] = set()  # the flags read (attribute names), also those resolved at import
 
     # -- the whole graph -------------------------------------------------------------------
     def run(self, args: tuple, kwargs: dict) -> Captured:
@@ -271,6 +283,7 @@ class _Importer:
         for node in [n for n in self.state.values() if not n.users]:
             self.root.graph.erase_node(node)  # state only a dropped update read
         self.root.gm.recompile()
+        self.root.gm.meta[FLAGS_READ_KEY] = frozenset(self.flags_read)
         _, in_spec = tree_flatten((tuple(args), kwargs))
         return Captured(self.root.gm, in_spec, out_spec, self.class_name, self.notes, tuple(self.input_writes),
                         tuple(self.state_writes))
@@ -294,12 +307,13 @@ class _Importer:
                                                  "no default")
                 self.root.bind(value, default)  # an argument the example leaves to its default: a constant
         for value, example in [*zip(inputs, args), *((by_name[k], v) for k, v in kwargs.items())]:
-            if example is None:
+            if example is None and isinstance(value.type(), torch._C.OptionalType):
                 self.root.bind(value, None)  # an Optional input passed None: calls must pass None there too
                 continue
             if not isinstance(example, torch.Tensor):
-                raise TorchScriptImportError("pyrys imports scripted code with tensor (or None) inputs only; "
-                                             f"input %{value.debugName()} is a {type(example).__name__}")
+                raise TorchScriptImportError("pyrys imports scripted code with tensor inputs (and None for an "
+                                             f"Optional one) only; input %{value.debugName()} takes {value.type()}, "
+                                             f"the example passes {type(example).__name__}")
             node = add_placeholder(self.root.graph, _node_name(value, "input"), self.mode.from_tensor(example))
             self.root.bind(value, node)
 
@@ -332,6 +346,8 @@ class _Importer:
             raise TorchScriptImportError(f"prim::GetAttr[name={name!r}] on a value that is not a module")
         path = f"{owner.path}.{name}" if owner.path else name
         value = getattr(owner.module, name)
+        if isinstance(value, bool):
+            self.flags_read.add(name)
         if isinstance(value, torch.nn.Module):
             result: Any = _ModuleRef(path, value)
         elif isinstance(value, bool) and scope.parent is not None:
@@ -419,17 +435,24 @@ class _Importer:
         writes a list or module state (``if self.keep: outs.append(h)``; BatchNorm's ``num_batches_tracked``
         read later): such an If is resolved by the flags' captured values, as the program reads them."""
         on_flags = isinstance(cond.meta.get("val"), bool)
-        written_before = set(self.branch_written_state)
+        records = self._records()
         try:
             branches = [self._branch(scope, block) for block in blocks]
         except TorchScriptImportError:
             if not on_flags:
                 raise
             branches = None
-        if on_flags and (branches is None or self.branch_written_state != written_before):
-            self.branch_written_state = written_before
+        if on_flags and (branches is None or self.branch_written_state != records["branch_written_state"]):
+            vars(self).update(records)  # what the branches' imports recorded is thrown away with them
             return None
         return branches
+
+    def _records(self) -> dict[str, Any]:
+        """Copies of what the import has recorded so far (writes, views, notes): restored where branches'
+        imports are thrown away."""
+        return {name: {k: list(v) if isinstance(v, list) else v for k, v in value.items()}
+                if isinstance(value, dict) else type(value)(value) for name in _RECORDS
+                for value in [getattr(self, name)]}
 
     def _branch(self, scope: _Scope, block) -> _PendingBranch:
         sub = _Scope(fx.GraphModule(torch.nn.Module(), fx.Graph()), scope)

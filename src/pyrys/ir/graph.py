@@ -26,6 +26,7 @@ from torch.fx.operator_schemas import normalize_function
 from pyrys.ir.released import is_released, values_of
 
 STATE_KEY = "pyrys_state"
+FLAGS_READ_KEY = "pyrys_flags_read"  # gm.meta: names of the flags the model reads, those resolved at import too
 # names generated code must not take: keywords, builtins, forward's own ``self`` and the globals of FX's code
 _RESERVED = frozenset(keyword.kwlist) | frozenset(dir(builtins)) | {
     "self", "torch", "inf", "nan", "NoneType", "device", "fx_pytree", "pytree"}

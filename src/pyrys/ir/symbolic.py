@@ -174,8 +174,12 @@ def bind_symbols(gm: fx.GraphModule, inputs: list) -> tuple[dict, str | None]:
                 checks.append((expr, size, where))
     _solve_derived(checks, bindings)
     for expr, size, where in checks:
-        if _evaluate(expr, bindings) != size:
-            return {}, f"{where} is {size}, where the graph has {expr} = {_evaluate(expr, bindings)}"
+        value = _evaluate(expr, bindings)
+        if getattr(value, "free_symbols", None):
+            return {}, (f"{where} is {size}, where the graph has {expr}, which gives {size} for no whole "
+                        f"{', '.join(map(str, sorted(value.free_symbols, key=str)))}")
+        if value != size:
+            return {}, f"{where} is {size}, where the graph has {expr} = {value}"
     ranges = ranges_of(gm)
     for symbol, value in bindings.items():
         lower, upper = ranges.get(symbol, (0, None))

@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 
 from pyrys.ir.edit import replace_node
-from pyrys.ir.graph import add_constant, replace_with_literal, state_inputs, state_ref
+from pyrys.ir.graph import FLAGS_READ_KEY, add_constant, replace_with_literal, state_inputs, state_ref
 from pyrys.passes.rewrite import PassResult
 
 ALL = None  # freeze every parameter and buffer / every flag
@@ -60,7 +60,7 @@ def freeze_flags(gm: fx.GraphModule, flags: Iterable[str] | None = ALL) -> PassR
             replace_with_literal(node, ref.value)
             result.fired[f"{ref.attribute}={ref.value}"] += 1
     read = {state_ref(node).attribute for node in state_inputs(gm.graph) if state_ref(node).kind == "flag"}
-    read |= {name.split("=", 1)[0] for name in result.fired}
+    read |= {name.split("=", 1)[0] for name in result.fired} | gm.meta.get(FLAGS_READ_KEY, frozenset())
     _warn_if_none_is_read("freeze_flags", wanted, read, "flag")
     gm.recompile()
     return result
