@@ -262,6 +262,20 @@ def test_parameters_that_require_grad_alone_get_the_program_and_a_warning(dynamo
     assert graph.programs and "outputs carry no autograd graph" in caplog.text
 
 
+def test_parameters_passed_as_arguments_get_their_gradients(dynamo_graphs):
+    """``f(x, w)`` with ``w`` a Parameter, and ``torch.func.functional_call``: taken for the model's state, they were
+    frozen, and backward() failed ("element 0 of tensors does not require grad")."""
+    model, x = torch.nn.Linear(4, 2).eval(), torch.rand(3, 4)
+    weight = torch.nn.Parameter(torch.rand(2, 4))
+    y = torch.compile(lambda x, w: torch.nn.functional.linear(x, w), backend="pyrys")(x, weight)
+    y.sum().backward()
+    torch.testing.assert_close(weight.grad, x.sum(0).expand(2, 4))
+    params = {name: torch.nn.Parameter(p.detach().clone()) for name, p in model.named_parameters()}
+    out = torch.compile(lambda p, x: torch.func.functional_call(model, p, (x,)), backend="pyrys")(params, x)
+    out.sum().backward()
+    assert params["weight"].grad is not None and params["bias"].grad is not None
+
+
 def test_weights_written_or_replaced_after_compiling_compile_again(dynamo_graphs):
     """Eager reads the parameters at every call: an optimizer step, ``load_state_dict`` or a new Parameter is
     seen by the next call, as in eager (and in torch.compile's other backends)."""

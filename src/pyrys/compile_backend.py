@@ -126,12 +126,15 @@ def _state_path(source_name: str) -> str | None:
     return ".".join(prefix + parts)
 
 
+UNOWNED_PARAMETER = "parameter_"  # the path prefix of a Parameter no module attribute reaches (an argument)
+
+
 def _is_state(node: fx.Node, value: Any) -> str | None:
     grapharg = node.meta.get("grapharg")
     source = getattr(getattr(grapharg, "source", None), "name", None)
     path = _state_path(source() if callable(source) else source) if source else None
     if path is None and isinstance(value, torch.nn.Parameter):
-        path = f"parameter_{node.name}"
+        path = f"{UNOWNED_PARAMETER}{node.name}"
     return path
 
 
@@ -199,6 +202,7 @@ class DynamoGraph:
         self._state_names: dict[int, str] = {}  # state position -> its name in the optimized module
         self._writes_state: list[int] = []  # the state positions this graph writes (it runs in torch)
         self._buffers = [i for i, (_, value) in self.state.items() if not isinstance(value, torch.nn.Parameter)]
+        self._unowned_parameters = [i for i, (path, _) in self.state.items() if path.startswith(UNOWNED_PARAMETER)]
         self._compiling = threading.Lock()
         # per set of state tensors (compile_weights.py), one program per concrete signature, compiled on first
         # call (outside dynamo's tracing); at most max_shapes of them, the least recently called dropped first
@@ -288,9 +292,10 @@ class DynamoGraph:
         whose outputs carry no autograd graph, noted once."""
         if not torch.is_grad_enabled():
             return False
-        if any(isinstance(args[i], torch.Tensor) and args[i].requires_grad for i in self.inputs):
-            self._note_grad("inputs that require grad, in grad mode: torch runs the graph, so that gradients "
-                            "reach them")
+        if any(isinstance(args[i], torch.Tensor) and args[i].requires_grad for i in self.inputs) or \
+                any(args[i].requires_grad for i in self._unowned_parameters):
+            self._note_grad("inputs that require grad (or parameters passed as arguments: torch.func.functional_call), "
+                            "in grad mode: torch runs the graph, so that gradients reach them")
             return True
         if not self._grad_noted and any(args[i].requires_grad for i in self.state):  # scanned until noted once
             self._note_grad("parameters that require grad, in grad mode: the program's outputs carry no "
