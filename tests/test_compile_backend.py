@@ -410,3 +410,11 @@ def test_another_model_training_in_torch_does_not_recompile_an_eval_model(dynamo
             assert pyrys.relative_error(run_teacher(x), teacher(x)) <= TOLERANCE
     graph = next(g for g in dynamo_graphs if g.runs_in_torch is None)
     assert graph._weights.changes == 0 and len(graph.programs) == 1
+
+
+def test_a_float_argument_of_minus_zero_gets_its_own_program(dynamo_graphs):
+    """Programs were keyed by ``==``: ``-0.0`` took the one built for ``0.0`` (atan2 gave +pi for -pi)."""
+    x = torch.rand(3) + 0.5
+    compiled = torch.compile(lambda x, s: torch.atan2(x * s, torch.tensor(-1.0)), backend="pyrys", dynamic=True)
+    assert torch.equal(compiled(x, 0.0), torch.atan2(x * 0.0, torch.tensor(-1.0)))
+    assert torch.equal(compiled(x, -0.0), torch.atan2(x * -0.0, torch.tensor(-1.0)))

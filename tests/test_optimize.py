@@ -281,3 +281,20 @@ def test_a_module_pyrys_already_optimized_is_refused_by_name():
 def test_a_freeze_name_the_model_lacks_is_warned_of(option, says):
     with pytest.warns(UserWarning, match=says):
         pyrys.optimize(conv_bn_relu(), (image(),), backend="reference", **option)
+
+
+class DividesBy(torch.nn.Module):
+    def forward(self, x, s: float):
+        return x / s
+
+
+def test_a_float_input_is_specialized_to_its_bits():
+    """``-0.0 == 0.0``: a program for 0.0 answered x / -0.0 with +inf; and NaN, equal to nothing, was refused as
+    not the example's NaN."""
+    x = torch.rand(3) + 0.5
+    opt = pyrys.optimize(DividesBy(), (x, 0.0), backend="reference")
+    assert torch.equal(opt(x, 0.0), x / 0.0)
+    with pytest.raises(pyrys.InputError, match="must equal the example's 0.0 \\(it was specialized\\), got -0.0"):
+        opt(x, -0.0)
+    nan = pyrys.optimize(DividesBy(), (x, float("nan")), backend="reference")
+    assert nan(x, float("nan")).isnan().all()

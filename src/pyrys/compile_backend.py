@@ -138,6 +138,12 @@ def _is_state(node: fx.Node, value: Any) -> str | None:
     return path
 
 
+def _as_key(value: Any) -> Any:
+    """A number as a compile key: a float by its bits (``-0.0 == 0.0`` but ``x / -0.0`` is -inf; NaN equals
+    no NaN, so it compiled at every call), anything else as it is."""
+    return ("float", value.hex()) if isinstance(value, float) else value
+
+
 def _trains_batch_norm(gm: fx.GraphModule) -> bool:
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is torch.nn.functional.batch_norm:
@@ -223,11 +229,11 @@ class DynamoGraph:
         scalars = {i: int(args[i]) if isinstance(args[i], torch.SymInt) else args[i] for i in self.scalars}
         scalars.update({i: args[i].item() for i in self.wrapped})
         if self.wrapped:
-            self._bound_wrapped_values(tuple(scalars[i] for i in self.wrapped))
+            self._bound_wrapped_values(tuple(_as_key(scalars[i]) for i in self.wrapped))
             if self.runs_in_torch:
                 return None
         inputs = tuple(args[i] for i in self.inputs)
-        key = (signature_of(inputs, {})[0], tuple(sorted(scalars.items())))
+        key = (signature_of(inputs, {})[0], tuple(sorted((i, _as_key(v)) for i, v in scalars.items())))
         shapes = weights.shapes  # read once: a change of weights on another thread makes it None
         program = None if shapes is None else shapes.get(key)
         if program is None:

@@ -8,6 +8,7 @@ ones a program can read (:func:`runnable_inputs`): dense CPU tensors with storag
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,9 +39,25 @@ def _describe_leaf(leaf) -> str:
     return format_tensor_type(*leaf) if is_tensor_leaf(leaf) else repr(leaf)
 
 
+class ExactFloat(float):
+    """A float input in a signature, equal only to the same bits: ``x / -0.0`` is -inf where ``x / 0.0`` is inf,
+    though ``-0.0 == 0.0``; and a NaN is its own value again (``nan != nan`` compiled it at every call)."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, float) and self.hex() == other.hex()
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    def __hash__(self) -> int:
+        return hash("nan") if math.isnan(self) else float.__hash__(self)  # else a plain float's: a loaded one finds it
+
+
 def _leaf(value: Any):
     if isinstance(value, torch.Tensor):
         return (tuple(value.shape), value.dtype)
+    if type(value) is float:
+        return ExactFloat(value)
     try:
         hash(value)
     except TypeError:  # a numpy array, say: the signature still hashes, and the checks name what it is
