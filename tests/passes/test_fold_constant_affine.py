@@ -162,6 +162,25 @@ def test_a_divisor_of_zero_or_inf_does_not_fold_into_the_weights(run_passes, mod
     torch.testing.assert_close(pyrys.optimize(model, (x,))(x), model(x), equal_nan=True)
 
 
+class ConvTimes(torch.nn.Module):
+    def __init__(self, scale):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.scale = torch.nn.Conv2d(3, 4, 1), scale
+
+    def forward(self, x):
+        return 1 / (self.conv(x) * self.scale)
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.0])
+def test_a_scale_of_zero_does_not_fold_into_the_weights(run_passes, scale):
+    """``1 / (conv(x) * 0.0)`` is +-inf by the sign of conv(x); folded, weights times 0 gave +inf everywhere."""
+    model, x = ConvTimes(scale).eval(), image(channels=3)
+    result = run_passes(model, (x,), *PASSES)
+    assert any(m.reason.startswith(f"the scale {scale} is not finite or is 0") for m in result.misses), result.misses
+    assert torch.equal(pyrys.optimize(model, (x,))(x), model(x))
+
+
 class ScaleChain(torch.nn.Module):
     def forward(self, x):
         return (x.sin() * 1e-39) * 1e39

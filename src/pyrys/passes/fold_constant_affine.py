@@ -122,12 +122,13 @@ def _known_values(gm: fx.GraphModule, constant, dtype: torch.dtype) -> torch.Ten
 
 def _scales_like_eager(values: torch.Tensor | None, inverse: bool) -> bool:
     """Whether multiplying by ``values`` (dividing, for ``inverse``) folds into weights or another scale as
-    eager computes it: finite values, a divisor nonzero with a finite reciprocal; unknown values pass."""
+    eager computes it: finite, nonzero values (``y * 0.0`` keeps the sign of y and makes inf NaN, weights times
+    0 give +0 everywhere), a divisor's reciprocal finite too; unknown values pass."""
     if values is None:
         return True
-    if not bool(torch.isfinite(values).all()):
+    if not bool((torch.isfinite(values) & (values != 0)).all()):
         return False
-    return not inverse or bool((values != 0).all() and torch.isfinite(values.reciprocal()).all())
+    return not inverse or bool(torch.isfinite(values.reciprocal()).all())
 
 
 def _keeps_finite(gm: fx.GraphModule, weights: list, scale: torch.Tensor | None, inverse: bool) -> bool:
@@ -191,8 +192,8 @@ class FoldAffineIntoProducer(Rule):
         if op.family == "mul":
             scale, word = _known_values(gm, op.constant, out.dtype), "divisor" if op.inverse else "scale"
             if not _scales_like_eager(scale, op.inverse):
-                return fail(f"the {word} {_constant_text(op.constant)} is not finite{' or is 0' if op.inverse else ''}: "
-                            f"in the weights of %{producer.name} it would give NaN where eager gives inf")
+                return fail(f"the {word} {_constant_text(op.constant)} is not finite or is 0: in the weights of "
+                            f"%{producer.name} it would not give eager's infinities, NaN and signed zeros")
             if not _keeps_finite(gm, [args["weight"], args["bias"]], scale, op.inverse):
                 return fail(f"the {word} {_constant_text(op.constant)} would scale the weights of %{producer.name} "
                             f"past the largest {out.dtype}")
