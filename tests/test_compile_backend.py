@@ -418,3 +418,11 @@ def test_a_float_argument_of_minus_zero_gets_its_own_program(dynamo_graphs):
     compiled = torch.compile(lambda x, s: torch.atan2(x * s, torch.tensor(-1.0)), backend="pyrys", dynamic=True)
     assert torch.equal(compiled(x, 0.0), torch.atan2(x * 0.0, torch.tensor(-1.0)))
     assert torch.equal(compiled(x, -0.0), torch.atan2(x * -0.0, torch.tensor(-1.0)))
+
+
+def test_an_inductor_mode_is_ignored_with_a_warning(dynamo_graphs, caplog):
+    """``mode="reduce-overhead"`` raised ``TypeError: pyrys_backend() got an unexpected keyword argument 'mode'``."""
+    model, x = torch.nn.Linear(4, 2).eval(), torch.rand(3, 4)
+    with torch.no_grad():
+        y = torch.compile(model, backend="pyrys", mode="reduce-overhead")(x)
+    assert pyrys.relative_error(y, model(x)) <= TOLERANCE and "mode='reduce-overhead' is inductor's" in caplog.text

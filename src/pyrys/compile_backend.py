@@ -50,8 +50,14 @@ _COMPILED_MODULE = ("self", "fn")
 MAX_WRAPPED_VALUES = 8  # distinct values of a graph's number inputs that get programs (then torch runs it)
 
 
-def pyrys_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None = None) -> Callable:
-    """The dynamo backend: returns a callable that runs ``gm``'s pyrys program(s)."""
+def pyrys_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None = None,
+                  mode: str | None = None) -> Callable:
+    """The dynamo backend: returns a callable that runs ``gm``'s pyrys program(s). ``mode`` (inductor's
+    ``"reduce-overhead"``, ``"max-autotune"``) has no meaning here: said per graph, and ignored, as torch's own
+    ``eager`` backend does."""
+    if mode not in (None, "default"):
+        LOG.warning("pyrys (torch.compile): mode=%r is inductor's and is ignored; pyrys's own settings are "
+                    "options={...} (precision, threads, layout ...)", mode)
     options = dict(options or {})
     unknown = sorted(set(options) - _OPTION_NAMES)
     if unknown:
