@@ -51,7 +51,7 @@ class OptimizedModule(torch.nn.Module):
         self._hold(frontend, config, [first])
         self._find_size_one_gaps(args, kwargs)
         if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
-            self._remember_fast_call(_call_key(args), first)
+            self._remember_fast_call(_call_key(args, grad=False), first)
 
     def _hold(self, frontend: Frontend, config: OptimizeConfig, compiled: list[Compiled],
               generic: Compiled | None = None, size_one: list[Compiled] | None = None) -> None:
@@ -80,7 +80,8 @@ class OptimizedModule(torch.nn.Module):
     def forward(self, *args, **kwargs):
         if self._first.captured.input_writes:
             _refuse_shared_memory(args, kwargs, self._first.captured)
-        fast = self._fast_calls.get(_call_key(args)) if not kwargs else None
+        grad = torch.is_grad_enabled()
+        fast = self._fast_calls.get(_call_key(args, grad)) if not kwargs else None
         if fast is not None:
             self._shapes.touch(fast[0])
             return fast[1](list(args))
@@ -88,13 +89,13 @@ class OptimizedModule(torch.nn.Module):
                                                      args, kwargs))
         signature, flat = signature_of(args, kwargs)
         compiled = self._shapes.get(signature) or self._compile(signature, flat, args, kwargs)
-        wanting_grad = [i for i, v in enumerate(flat) if isinstance(v, torch.Tensor) and v.requires_grad]
-        if wanting_grad and torch.is_grad_enabled():
+        wanting_grad = [i for i, v in enumerate(flat) if grad and isinstance(v, torch.Tensor) and v.requires_grad]
+        if wanting_grad:
             warnings.warn(f"pyrys: input {wanting_grad[0]} requires grad, but pyrys runs inference only: the outputs "
                           "carry no gradient (their requires_grad is False). Call the model itself to train, or "
-                          "torch.compile(model, backend='pyrys'), which runs such calls in torch", stacklevel=3)
+                          "torch.compile(model, backend='pyrys'), which runs such calls in torch", stacklevel=4)
         if not kwargs and not wanting_grad and all(isinstance(a, torch.Tensor) for a in args):
-            self._remember_fast_call(_call_key(args), compiled)
+            self._remember_fast_call(_call_key(args, grad), compiled)
         outputs = compiled.program(flat)
         return tree_unflatten(outputs, compiled.captured.out_spec)
 
@@ -359,14 +360,14 @@ def _holds(template: Compiled, flat: list) -> bool:
     return bind_symbols(template.generic.gm, flat)[1] is None
 
 
-def _call_key(args: tuple) -> tuple | None:
+def _call_key(args: tuple, grad: bool) -> tuple | None:
     """A cheap key for calls made of positional tensors only (None otherwise).
 
     Only keys of calls that passed :func:`runnable_inputs` unchanged are ever stored, so a
-    tensor on another device, with another layout, with its negation bit set or requiring grad
-    never takes the fast path: it meets the checks instead."""
+    tensor on another device, with another layout, with its negation bit set or requiring grad in grad
+    mode (``grad``) never takes the fast path: it meets the checks instead."""
     try:
-        return tuple((a.shape, a.dtype, a.is_cpu, a.layout, a.is_neg(), a.requires_grad) for a in args)
+        return tuple((a.shape, a.dtype, a.is_cpu, a.layout, a.is_neg(), grad and a.requires_grad) for a in args)
     except AttributeError:
         return None
 
