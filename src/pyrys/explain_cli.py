@@ -7,9 +7,12 @@ import importlib
 import torch
 
 from pyrys import zoo
+from pyrys.backends import BACKEND_NAMES
+from pyrys.errors import ModelCopyError
 from pyrys.numerics import BF16_TOLERANCE, FP32_TOLERANCE, INT8_TOLERANCE, TOLERANCES
 from pyrys.passes.precision import PRECISIONS
 from pyrys.quantization.calibration import samples_like
+from pyrys.signature import InputError
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -83,7 +86,7 @@ def add_explain_arguments(parser: argparse.ArgumentParser) -> None:
                         help="input shape, e.g. 1x3x224x224 (default: the model's usual size; 299 for inception_v3; "
                              "a module:attr model's own example_inputs(1) where it has one)")
     parser.add_argument("--dump-dir", default=None, help="write the graph after every pass to DIR/NNN_<pass>.txt")
-    parser.add_argument("--backend", default="reference", choices=["auto", "dnnl", "reference"], help="backend to compile for (default: reference)")
+    parser.add_argument("--backend", default="reference", choices=BACKEND_NAMES, help="backend to compile for (default: reference)")
     parser.add_argument("--disable", action="append", default=[], type=pass_name, help="a pass to skip (repeatable)")
     parser.add_argument("--numerics", action="store_true",
                         help="also the error against eager after every pass and of every layer, and the first "
@@ -112,7 +115,7 @@ def run_explain(args: argparse.Namespace) -> int:
         result = explain(model, inputs, backend=args.backend, dump_dir=args.dump_dir, disable=tuple(args.disable),
                          title=title, numerics=args.numerics, precision=args.precision, calibration=calibration,
                          tolerance=args.tolerance if args.tolerance is not None else TOLERANCES[args.precision])
-    except (ValueError, TypeError) as error:  # pyrys's errors (CaptureError, InputError) and bad options
+    except (ValueError, InputError, ModelCopyError) as error:  # pyrys's errors (CaptureError ...), bad options
         raise SystemExit(f"pyrys explain: {type(error).__name__}: {error}") from None
     print(result.render())
     if args.dump_dir:

@@ -30,6 +30,9 @@ def _dnnl_backend() -> tuple[BackendCompile | None, str]:
     return (runtime.compile_program, "") if available else (None, reason)
 
 
+BACKEND_NAMES = ("auto", "dnnl", "reference")  # what backend= takes
+
+
 def get_backend(name: str) -> tuple[BackendCompile, str, str]:
     """``(compile, resolved_name, notice)``; ``"auto"`` picks dnnl where it loads, else reference."""
     if name == "reference":
@@ -41,7 +44,7 @@ def get_backend(name: str) -> tuple[BackendCompile, str, str]:
         if name == "dnnl":
             raise RuntimeError(f"pyrys: backend 'dnnl' is unavailable: {reason}")
         return reference.compile_program, "reference", f"pyrys: using the reference backend because {reason}"
-    raise ValueError(f"pyrys: unknown backend {name!r}; expected 'auto', 'dnnl' or 'reference'")
+    raise ValueError(f"pyrys: unknown backend {name!r}; expected one of {', '.join(map(repr, BACKEND_NAMES))}")
 
 
 def release_constants(program: Program, gms: list[fx.GraphModule]) -> int:
