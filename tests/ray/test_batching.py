@@ -53,9 +53,9 @@ def test_requests_of_a_shape_run_as_one_batch_and_get_their_own_rows(model, save
     batcher = Batcher(lambda *inputs: calls.append(inputs[0].shape[0]) or module(*inputs))
     requests = [(images(rows, seed),) for seed, rows in enumerate([1, 3, 2, 1])]
     checked = batcher.run(requests)
-    assert calls == [7, 1, 3, 2, 1] and batcher.batches  # the first batch is checked against each alone
+    assert calls == [7, 1, 3, 2, 1, 2] and batcher.batches  # the first batch checked: each alone, then a probe
     results = batcher.run(requests)
-    assert calls[5:] == [7] and [rows for _, rows in results] == [7, 7, 7, 7]
+    assert calls[6:] == [7] and [rows for _, rows in results] == [7, 7, 7, 7]
     with torch.no_grad():
         assert all(_close(result, model(*inputs)) for (result, _), inputs in zip(checked + results, requests * 2))
 
@@ -66,7 +66,7 @@ def test_requests_of_other_shapes_or_dtypes_run_in_their_own_batches(saved):
     batcher = Batcher(lambda x: calls.append(tuple(x.shape)) or module(x))
     requests = [(images(1, 0),), (torch.randn(2, 3, 10, 10),), (images(2, 1),), (torch.zeros(1, 3, 8, 8).double(),)]
     results = [outcome for outcome, _ in batcher.run(requests)]
-    assert calls == [(3, 3, 8, 8), (1, 3, 8, 8), (2, 3, 8, 8), (2, 3, 10, 10), (1, 3, 8, 8)]
+    assert calls == [(3, 3, 8, 8), (1, 3, 8, 8), (2, 3, 8, 8), (2, 3, 8, 8), (2, 3, 10, 10), (1, 3, 8, 8)]
     assert isinstance(results[3], pyrys.InputError) and "dtype torch.float32" in str(results[3])
 
 
@@ -241,18 +241,19 @@ def test_the_predictor_reads_one_column_per_input_and_pandas_batches(tmp_path):
 
 
 def test_a_warm_up_of_copies_does_not_pass_the_row_check_for_good(tmp_path):
-    """Copies agree even where rows mix: the check then passed, and later callers got each other's rows."""
+    """Copies (and a request twice along dim 0) agree even where rows mix: the check passed on them, and later
+    callers got each other's rows."""
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, dropout=0.0).eval()
     module = pyrys.load(pyrys.save(pyrys.optimize(layer, (torch.randn(5, 2, 8),), dynamic=True), tmp_path / "s"))
     batcher, warm = Batcher(module), torch.randn(4, 2, 8)
-    batcher.run([(warm,), (warm.clone(),)])
-    assert batcher.batches
+    warmed = batcher.run([(warm,), (warm.clone(),), (torch.cat([warm, warm]),)])  # attend alike: agree batched
+    assert not batcher.batches  # the probe, rows unlike the first request's, shows them mixing
     requests = [(torch.randn(5, 2, 8),), (torch.randn(3, 2, 8),)]
     results = batcher.run(requests)
     assert not batcher.batches
     with torch.no_grad():
-        assert all(_close(out, layer(*inputs)) for (out, _), inputs in zip(results, requests))
+        assert all(_close(out, layer(*inputs)) for (out, _), inputs in zip(results + warmed[:1], requests + [(warm,)]))
 
 
 class RowsByChance(nn.Module):

@@ -13,9 +13,10 @@ along dim 0, run once, and every output tensor is split back: request i gets row
 
 That rows do not mix (no op reduces or attends across dim 0) cannot be read from the shapes: a
 sequence-first model (``(S, B, E)``, attention across dim 0) has the same symbolic size in dim 0 of
-its input and output.  So the first batch that runs is also run request by request (the first whose
-requests are not all one payload: a warm-up sending copies cannot show rows mixing), and where any output
-moved by more than ``ROWS_AGREE`` (relative), or changed shape, the module never batches again, and its callers
+its input and output.  So the first batch that runs is also run request by request, and its first
+request once more joined with rows unlike it (requests that attend alike, a warm-up of copies, cannot
+show rows mixing); where any output moved by more than ``ROWS_AGREE`` (relative), or changed shape,
+the module never batches again, and its callers
 get the request-by-request outputs.  ``--max-batch 1`` turns batching off.  Batching changes which
 kernels run (they depend on the batch size), so a row's output agrees with the same row run alone
 within the module's float tolerance, not bitwise; rows that mix move by far more.
@@ -76,23 +77,41 @@ class Batcher:
 
     def _check_rows(self, requests: list[tuple[torch.Tensor, ...]],
                     batched: list[tuple[Any, int]]) -> list[tuple[Any, int]]:
-        """The first batch's answers against each request run alone: the alone ones where rows mixed."""
+        """The first batch's answers against each request run alone, then a probe (:func:`_probe_mixes_rows`):
+        the alone answers, and no batching from now on, where rows mixed."""
         alone = [self._one(inputs) for inputs in requests]
         if any(isinstance(outputs, Exception) for outputs, _ in alone):
             return alone  # undecided: a request failed alone that ran in the batch
-        if all(error_or_reason(joined, own)[0] <= ROWS_AGREE for (own, _), (joined, _) in zip(alone, batched)):
-            # requests all alike (a warm-up sending one payload) agree even where rows mix: check again later
-            self._rows_checked = not _all_alike(requests)
-            return batched
-        self.batches = False  # rows mix across dim 0 (a sequence-first model): never batch
-        return alone
+        agree = all(error_or_reason(joined, own)[0] <= ROWS_AGREE for (own, _), (joined, _) in zip(alone, batched))
+        mixes = not agree or self._probe_mixes_rows(requests[0], alone[0][0])
+        if mixes is None:
+            return batched  # undecided: the probe could not run; the next batch checks again
+        self._rows_checked, self.batches = True, not mixes
+        return alone if mixes else batched
+
+    def _probe_mixes_rows(self, inputs: tuple[torch.Tensor, ...], alone: Any) -> bool | None:
+        """Whether ``inputs`` joined with rows unlike them (:func:`_unlike`) answer differently for their own rows:
+        requests that attend alike (copies, a warm-up, one row and the same twice) cannot show rows mixing.
+        None where the probe fails."""
+        try:
+            with torch.inference_mode():
+                joined = self._module(*(torch.cat([t, _unlike(t)]) for t in inputs))
+            own = tree_unflatten([leaf[:rows_of(inputs)] for leaf in tree_flatten(joined)[0]], tree_flatten(alone)[1])
+        except Exception:  # noqa: BLE001 - the probe's rows are made up: a model may refuse them
+            return None
+        return error_or_reason(own, alone)[0] > ROWS_AGREE
 
 
-def _all_alike(requests: list[tuple[torch.Tensor, ...]]) -> bool:
-    """Whether every request is the first one again (a batch of copies cannot show rows mixing: attention over
-    keys repeated alike gives what it gives over them once)."""
-    return all(len(inputs) == len(requests[0]) and all(a.shape == b.shape and torch.equal(a, b)
-                                                       for a, b in zip(inputs, requests[0])) for inputs in requests[1:])
+def _unlike(tensor: torch.Tensor) -> torch.Tensor:
+    """Rows of ``tensor``'s shape and dtype, unlike its own: floats drawn around its values, anything else (token
+    ids, masks) its values shuffled, so that they stay ones the model takes."""
+    generator = torch.Generator().manual_seed(len(tensor))
+    if tensor.is_floating_point() or tensor.is_complex():
+        spread = float(tensor.float().std()) if tensor.numel() > 1 else 1.0
+        noise = torch.randn(tensor.shape, generator=generator).to(tensor.dtype)
+        return tensor.mean() + noise * (spread if spread > 0 else 1.0)
+    flat = tensor.reshape(-1)
+    return flat[torch.randperm(flat.numel(), generator=generator)].view_as(tensor)
 
 
 def per_row(leaf: Any, rows: int) -> bool:
