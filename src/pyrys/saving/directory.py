@@ -15,6 +15,8 @@ SHA-256 before anything is parsed, so a truncated or edited save is refused by n
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob
 import hashlib
 import json
@@ -53,15 +55,15 @@ def is_pyrys_save(path: Path) -> bool:
 def write_directory(path: str | os.PathLike, program: dict, tensors: dict[str, torch.Tensor], about: dict) -> Path:
     """Write ``program`` (JSON), ``tensors`` and a manifest (``about`` plus format and hashes) to ``path``."""
     path = Path(path)
-    if path.exists() and not is_pyrys_save(path):
-        raise SaveError(f"pyrys.save: {path} exists and is not a pyrys save; pyrys replaces only its own saves")
     files = {PROGRAM: json.dumps(program, indent=1).encode(), TENSORS: save_tensors(tensors)}
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **about,
                 "files": {name: _sha256(data) for name, data in files.items()}}
     files[MANIFEST] = json.dumps(manifest, indent=1).encode()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_what_killed_saves_left(path)
+        with _directory_lock(path.parent, exclusive=True):
+            _refuse_what_is_not_a_save(path)
+            _remove_what_killed_saves_left(path)
         staging = Path(tempfile.mkdtemp(prefix=_sibling_prefix(path, "saving"), dir=path.parent))
     except OSError as error:
         raise SaveError(f"pyrys.save: cannot write in {path.parent}: {error}") from None
@@ -71,12 +73,39 @@ def write_directory(path: str | os.PathLike, program: dict, tensors: dict[str, t
                 file.write(data)
                 file.flush()
                 os.fsync(file.fileno())
-        _replace(staging, path)
+        with _directory_lock(path.parent, exclusive=True):  # saves to one path take turns; loads wait for it
+            _refuse_what_is_not_a_save(path)
+            _replace(staging, path)
     except OSError as error:
         raise SaveError(f"pyrys.save: cannot write {path}: {error}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def _refuse_what_is_not_a_save(path: Path) -> None:
+    if path.exists() and not is_pyrys_save(path):
+        raise SaveError(f"pyrys.save: {path} exists and is not a pyrys save; pyrys replaces only its own saves")
+
+
+@contextlib.contextmanager
+def _directory_lock(directory: Path, exclusive: bool):
+    """``flock`` on ``directory``: a save's replace holds it exclusively, a load's read shared, so that a load
+    never reads a save half replaced (the old one moved aside, the new one not yet in) and saves to one path
+    from several threads or processes take turns. Where the file system has no flock, nothing is held."""
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
 
 
 def _replace(staging: Path, path: Path) -> None:
@@ -142,6 +171,11 @@ def read_files(path: str | os.PathLike) -> dict[str, bytes]:
     """A save's files, by name, as bytes (what :func:`parse_files` and ``pyrys.load`` take): a program
     kept in memory or sent elsewhere (Ray's object store) without a shared file system."""
     path = Path(path)
+    with _directory_lock(path.parent, exclusive=False):  # a save's replace is never seen half done
+        return _read_files(path)
+
+
+def _read_files(path: Path) -> dict[str, bytes]:
     if not path.is_dir():
         raise LoadError(f"pyrys.load: {path} is not a directory (pyrys.save writes a directory)")
     try:
