@@ -39,9 +39,9 @@ def test_the_default_budget_is_each_precisions_tolerance():
     assert budget_for("int8", 1e-3) == 1e-3
 
 
-@pytest.mark.parametrize("budget", [0, -1.0, "1e-2", True, float("nan")])
+@pytest.mark.parametrize("budget", [0, -1.0, "1e-2", True, float("nan"), float("inf")])
 def test_a_bad_budget_is_refused(budget):
-    with pytest.raises(ValueError, match="accuracy_budget must be a positive number, 'auto' or None"):
+    with pytest.raises(ValueError, match="accuracy_budget must be a finite positive number, 'auto' or None"):
         pyrys.optimize(conv_bn_relu(), (image(),), precision="bf16", accuracy_budget=budget)
 
 

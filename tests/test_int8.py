@@ -388,7 +388,7 @@ def test_bad_input_gets_a_clear_error():
     with pytest.raises(pyrys.InputError, match="calibration sample 1 holds NaN or infinite values \\(its input 0\\)"):
         pyrys.optimize(model, (x,), precision="int8", calibration=[x, x.clone().index_fill_(0, torch.tensor([1]), float("nan"))])
     for budget in (0, -1.0, "1e-2", True):
-        with pytest.raises(ValueError, match="accuracy_budget must be a positive number, 'auto' or None"):
+        with pytest.raises(ValueError, match="accuracy_budget must be a finite positive number, 'auto' or None"):
             pyrys.optimize(model, (x,), precision="int8", calibration=[x], accuracy_budget=budget)
 
 

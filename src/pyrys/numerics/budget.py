@@ -31,12 +31,14 @@ def budget_for(precision: str, accuracy_budget: float | str | None) -> float | N
 
 
 def check_budget(accuracy_budget) -> None:
-    """``"auto"``, None or a positive number; anything else raises ``ValueError`` naming what it takes."""
+    """``"auto"``, None or a finite positive number (inf would measure for nothing: None measures nothing);
+    anything else raises ``ValueError`` naming what it takes."""
     if accuracy_budget == AUTO or accuracy_budget is None:
         return
-    if isinstance(accuracy_budget, bool) or not isinstance(accuracy_budget, (int, float)) or not accuracy_budget > 0:
-        raise ValueError(f"pyrys.optimize: accuracy_budget must be a positive number, 'auto' or None, got "
-                         f"{accuracy_budget!r}")
+    if isinstance(accuracy_budget, bool) or not isinstance(accuracy_budget, (int, float)) or \
+            not 0 < accuracy_budget < float("inf"):
+        raise ValueError(f"pyrys.optimize: accuracy_budget must be a finite positive number, 'auto' or None (no "
+                         f"guard), got {accuracy_budget!r}")
 
 
 def max_error(program, samples: list[list], expected: list[list], limit: float = float("inf")) -> float:
