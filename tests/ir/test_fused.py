@@ -13,7 +13,7 @@ from pyrys.ir.meta import fresh_meta, meta_mismatch, refresh_meta
 from pyrys.ir.ops import PYTHON_IMPLS
 from pyrys.ir.post_ops import POST_OPS, PostOp
 from pyrys.ir.printer import format_graph
-from pyrys.ir.vocabulary import WEIGHTED
+from pyrys.ir.vocabulary import MATRIX_PRODUCTS, WEIGHTED
 from pyrys.passes.pipeline import run_pipeline, select_passes
 from tests.models import image
 
@@ -27,8 +27,9 @@ def test_every_kind_is_registered_with_its_python_function():
 def test_every_kind_takes_its_aten_ops_arguments_by_the_same_names():
     for kind in FUSED_KINDS:
         for base in kind.bases:
-            assert [a.name for a in base._schema.arguments] == list(kind.arguments), base
-    assert set(FUSED_BY_BASE) == WEIGHTED
+            names = ["input" if a.name == "self" else a.name for a in base._schema.arguments]  # as op_args reads
+            assert list(kind.own_args(dict.fromkeys(names))) == list(kind.arguments), base
+    assert set(FUSED_BY_BASE) == WEIGHTED | MATRIX_PRODUCTS
 
 
 CASES = {  # kind -> (its own arguments, the same computation in torch)
@@ -37,6 +38,7 @@ CASES = {  # kind -> (its own arguments, the same computation in torch)
     "conv_transpose": ((torch.rand(1, 4, 5), torch.rand(4, 3, 3), None, [2], [1], [1], 1, [1]),
                        F.conv_transpose1d),
     "linear": ((torch.rand(3, 5), torch.rand(2, 5), torch.rand(2)), F.linear),
+    "matmul": ((torch.rand(2, 3, 5), torch.rand(1, 5, 4)), torch.matmul),
 }
 
 

@@ -1,4 +1,4 @@
-"""Fused ops: a convolution, transposed convolution or linear and its post-op chain, as one node.
+"""Fused ops: a convolution, transposed convolution, linear or matrix product and its post-op chain, as one node.
 
     o = add(relu(conv2d(x, W, b, stride, padding, dilation, groups)), r)
     ==  pyrys::conv(x, W, b, stride, padding, dilation, groups, post_ops=["relu", "add"], post_inputs=[r])
@@ -8,7 +8,10 @@ the ATen ops it stands for, its own arguments (named and ordered as in ATen) and
 computation; the ops are registered from it.  :func:`read_fused` is the one reader of a fused
 node's arguments, :func:`to_fused` and :func:`add_post_op` are its only writers: nothing else
 knows their positions or how a post-op is spelled in the schema.  Before the backends, every
-conv and linear takes this form (``passes/legalize.py``), so they lower these three ops only.
+conv, linear and matrix product takes this form (``passes/legalize.py``), so they lower these four ops only.
+
+A matrix product (``bmm``, ``mm``, ``matmul``) has no weight: both its operands may be computed
+(attention's ``q @ k^T`` outside ``scaled_dot_product_attention``); :attr:`FusedKind.weighted` says so.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from pyrys.ir.edit import insert_op, replace_node, set_args
 from pyrys.ir.graph import op_args
 from pyrys.ir.ops import pyrys_op
 from pyrys.ir.post_ops import PostOp, apply_post_ops
-from pyrys.ir.vocabulary import CONV_TRANSPOSES, CONVOLUTIONS, LINEARS
+from pyrys.ir.vocabulary import CONV_TRANSPOSES, CONVOLUTIONS, LINEARS, MATRIX_PRODUCTS
 
 _CONV_BY_RANK = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_TRANSPOSE_BY_RANK = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -39,6 +42,8 @@ class FusedKind:
     signature: str  # its own arguments, as schema text
     compute: Callable[..., torch.Tensor]  # the base op, on those arguments
     ranked: bool = True  # printed with the spatial rank: conv2d, conv_transpose3d
+    weighted: bool = True  # its "weight" argument is a constant (conv, linear); False: two activations
+    renamed: tuple[tuple[str, str], ...] = ()  # (ATen's argument name, its name here): matmul's "other" is "mat2"
 
     @property
     def op(self) -> torch._ops.OpOverload:
@@ -48,6 +53,11 @@ class FusedKind:
     def arguments(self) -> tuple[str, ...]:
         """Its own argument names, in order: ``("input", "weight", "bias")`` for linear."""
         return tuple(argument.split()[-1] for argument in self.signature.split(", "))
+
+    def own_args(self, aten_args: dict[str, Any]) -> dict[str, Any]:
+        """A base op's arguments (by ATen's schema names) under this kind's names."""
+        renamed = dict(self.renamed)
+        return {renamed.get(name, name): value for name, value in aten_args.items()}
 
 
 def _conv(input, weight, bias, stride, padding, dilation, groups):
@@ -67,6 +77,8 @@ FUSED_KINDS: tuple[FusedKind, ...] = (
     FusedKind("conv_transpose", CONV_TRANSPOSES, "Tensor input, Tensor weight, Tensor? bias, int[] stride, "
               "int[] padding, int[] output_padding, int groups, int[] dilation", _conv_transpose),
     FusedKind("linear", LINEARS, "Tensor input, Tensor weight, Tensor? bias", F.linear, ranked=False),
+    FusedKind("matmul", MATRIX_PRODUCTS, "Tensor input, Tensor mat2", torch.matmul, ranked=False, weighted=False,
+              renamed=(("other", "mat2"),)),
 )
 
 
@@ -91,6 +103,7 @@ FUSED_OPS = frozenset(FUSED_BY_OP)  # every op with a post-op chain
 FUSED_CONV = torch.ops.pyrys.conv.default
 FUSED_CONV_TRANSPOSE = torch.ops.pyrys.conv_transpose.default
 FUSED_LINEAR = torch.ops.pyrys.linear.default
+FUSED_MATMUL = torch.ops.pyrys.matmul.default
 
 
 @dataclass(frozen=True)
@@ -135,6 +148,15 @@ def read_fused(node: fx.Node) -> Fused | None:
     return Fused(kind, {name: values[name] for name in kind.arguments}, post_ops, tuple(values["post_inputs"]))
 
 
+def as_fused(node: fx.Node) -> Fused:
+    """A fused node read by name, or a base op (``aten::conv2d``, ``aten::bmm``) read as its fused form."""
+    fused = read_fused(node)
+    if fused is not None:
+        return fused
+    kind = FUSED_BY_BASE[node.target]
+    return Fused(kind, kind.own_args(op_args(node)))
+
+
 def fused_form_miss(node: fx.Node) -> str | None:
     """Why this conv, transposed conv or linear has no fused form (None if it has one)."""
     if node.target in CONVOLUTIONS and isinstance(op_args(node)["padding"], str):
@@ -150,8 +172,8 @@ def to_fused(gm: fx.GraphModule, node: fx.Node, in_place: bool = False) -> fx.No
     """
     if node.target in FUSED_OPS:
         return node
+    args = as_fused(node).node_args()
     kind = FUSED_BY_BASE[node.target]
-    args = Fused(kind, op_args(node)).node_args()
     if in_place:
         set_args(node, args, kind.op)
         return node

@@ -60,6 +60,8 @@ POST_OPS: dict[str, PostOpKind] = {
         _unary("sigmoid", lambda y: torch.sigmoid(y)),
         _unary("tanh", lambda y: torch.tanh(y)),
         _unary("mish", lambda y: F.mish(y)),
+        _unary("scale", lambda y, factor: y * factor),  # a product's scalar factor (attention's 1/sqrt(d))
+        _unary("shift", lambda y, term: y + term),
         _binary("add", lambda y, other: y + other),
         _binary("mul", lambda y, other: y * other),
     )

@@ -4,6 +4,7 @@
     CONV_TRANSPOSES  conv_transpose1d/2d/3d                         y = conv_transpose(x, W) + b
     LINEARS          linear                                         y = x W^T + b
     WEIGHTED         all of the above: a constant weight, one bias value per output channel
+    MATRIX_PRODUCTS  mm, bmm, matmul                                y[..., m, n] = sum_k a[..., m, k] b[..., k, n]
     VIEWS            the same bytes under another shape: view, reshape, flatten, squeeze, unsqueeze, alias
     PERMUTES         the same bytes with the dims reordered: permute, transpose
 
@@ -25,6 +26,7 @@ CONV_TRANSPOSES = frozenset({aten.conv_transpose1d.default, aten.conv_transpose2
                              aten.conv_transpose3d.input})
 LINEARS = frozenset({aten.linear.default})
 WEIGHTED = CONVOLUTIONS | CONV_TRANSPOSES | LINEARS
+MATRIX_PRODUCTS = frozenset({aten.mm.default, aten.bmm.default, aten.matmul.default})
 VIEWS = frozenset({aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.flatten.using_ints,
                    aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.unsqueeze.default,
                    aten.alias.default})

@@ -17,14 +17,13 @@ import math
 import torch
 import torch.fx as fx
 
-from pyrys.ir.fused import FUSED_CONV, FUSED_CONV_TRANSPOSE, FUSED_LINEAR
+from pyrys.ir.fused import FUSED_CONV, FUSED_CONV_TRANSPOSE, FUSED_LINEAR, FUSED_MATMUL
 from pyrys.ir.graph import op_args
-from pyrys.ir.vocabulary import ATTENTION
+from pyrys.ir.vocabulary import ATTENTION, MATRIX_PRODUCTS
 
 aten = torch.ops.aten
 
-CONTRACTING = frozenset({aten.mm.default, aten.bmm.default, aten.matmul.default, aten.addmm.default,
-                         aten.baddbmm.default})
+CONTRACTING = MATRIX_PRODUCTS | {aten.addmm.default, aten.baddbmm.default, FUSED_MATMUL}
 
 
 def _shape(value) -> list[int] | None:

@@ -7,7 +7,8 @@ The activations that can be fused are rows of :data:`pyrys.ir.post_ops.ACTIVATIO
 its scalar parameters read from the node); chains fuse one after another into the same
 node (``conv2d_relu`` then ``conv2d_relu_...``).  The producer's output must have no
 other user, since the fused op no longer produces it.  Producers: conv (1d/2d/3d),
-transposed conv (``pyrys::conv_transpose2d_relu``) and linear.
+transposed conv (``pyrys::conv_transpose2d_relu``), linear and the matrix products
+(``mm``, ``bmm``, ``matmul``: ``pyrys::matmul_gelu_erf``).
 
 Binary post-ops take a second tensor: a residual add (either operand order) and a
 multiply (a squeeze-and-excitation scale ``(N, C, 1, 1)``), when the other operand does
@@ -22,19 +23,20 @@ down to the add's position (its own inputs all come before the producer).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.fx as fx
 
 from pyrys.ir.edit import replace_node
-from pyrys.ir.fused import FUSED_OPS, add_post_op, fused_form_miss, to_fused
+from pyrys.ir.fused import FUSED_BY_BASE, FUSED_OPS, add_post_op, fused_form_miss, to_fused
 from pyrys.ir.graph import op_args
 from pyrys.ir.symbolic import hint, keeps_shape
 from pyrys.ir.post_ops import ACTIVATIONS, NoPostOp, PostOp, activation_post_op
-from pyrys.ir.vocabulary import WEIGHTED
 from pyrys.passes.rewrite import Match, Miss, PassResult, Rule, apply_rules, fail, shared_miss
 
 aten = torch.ops.aten
-FUSABLE_PRODUCERS = WEIGHTED | FUSED_OPS
+FUSABLE_PRODUCERS = frozenset(FUSED_BY_BASE) | FUSED_OPS
 
 
 def post_op_for(node: fx.Node) -> PostOp | Miss:
@@ -92,6 +94,8 @@ def _binary_miss(producer: fx.Node, other: fx.Node, post_op: PostOp) -> Miss | N
     out, operand = producer.meta.get("val"), other.meta.get("val")
     if not isinstance(operand, torch.Tensor) or operand.dtype != out.dtype:
         return fail(f"the other operand of {post_op}, %{other.name}, is not a {out.dtype} tensor")
+    if operand.dim() == 0:  # a computed scalar: the backends read post-op operands of one dim or more
+        return fail(f"the other operand of {post_op}, %{other.name}, is a 0-dim tensor")
     if not keeps_shape(out.shape, operand.shape):
         return fail(f"the other operand of {post_op}, %{other.name} {_shape(operand)}, broadcasts the output of "
                     f"%{producer.name} {_shape(out)} to a larger shape")
@@ -128,8 +132,45 @@ class FuseBinary(Rule):
         replace_node(node, fused)
 
 
+# scalar op -> its post-op on ``y op c`` for a number ``c`` (a fold into the weights, where one applies, came first)
+SCALAR_POST_OPS = {
+    aten.mul.Tensor: lambda c: PostOp("scale", (c,)),
+    aten.div.Tensor: lambda c: PostOp("scale", (1.0 / c,)),
+    aten.add.Tensor: lambda c: PostOp("shift", (c,)),
+    aten.sub.Tensor: lambda c: PostOp("shift", (-c,)),
+}
+
+
+class FuseScalar(Rule):
+    """``matmul(a, b) * c`` -> ``pyrys::matmul_scale(a, b)`` for a number ``c`` (likewise ``/ c``, ``+ c``,
+    ``- c``, and after a conv or linear whose weights took no fold): one multiply or add, as eager's.  A
+    factor of 0 or one that is not finite, or whose reciprocal is not (a divisor), stays an op: 0 would turn
+    -0 into +0 and inf into NaN differently from eager."""
+
+    name = "scalar"
+    anchors = frozenset(SCALAR_POST_OPS)
+
+    def match(self, gm: fx.GraphModule, node: fx.Node) -> Match | Miss | None:
+        args = op_args(node)
+        producer, c = args["input"], args["other"]
+        if not (isinstance(producer, fx.Node) and producer.target in FUSABLE_PRODUCERS):
+            return None
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or args.get("alpha", 1) != 1:
+            return None
+        if not (math.isfinite(c) and c != 0 and math.isfinite(1.0 / c)) or args.get("rounding_mode") is not None:
+            return fail(f"the number {c} stays an op (0, not finite, or a rounding division)")
+        post_op = SCALAR_POST_OPS[node.target](float(c))
+        return _producer_miss(producer, post_op) or Match({"producer": producer, "post_op": post_op})
+
+    def rewrite(self, gm: fx.GraphModule, node: fx.Node, match: Match) -> None:
+        fused = to_fused(gm, match["producer"])
+        add_post_op(fused, match["post_op"])
+        replace_node(node, fused)
+
+
 POST_OP_RULES: tuple[Rule, ...] = (
     FuseActivation(),
+    FuseScalar(),
     FuseBinary("binary_add", frozenset({aten.add.Tensor}), PostOp("add")),
     FuseBinary("binary_mul", frozenset({aten.mul.Tensor}), PostOp("mul")),
 )

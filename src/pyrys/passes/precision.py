@@ -33,10 +33,10 @@ from torch.utils._pytree import tree_map
 from pyrys.ir.edit import insert_op
 from pyrys.ir.meta import settle_meta
 from pyrys.ir.provenance import copies
-from pyrys.ir.fused import FUSED_OPS, Fused, read_fused
+from pyrys.ir.fused import FUSED_MATMUL, FUSED_OPS, Fused, read_fused
 from pyrys.ir.graph import op_args
 from pyrys.ir.post_ops import ACTIVATIONS
-from pyrys.ir.vocabulary import ATTENTION, PERMUTES, VIEWS, WEIGHTED, is_pure
+from pyrys.ir.vocabulary import ATTENTION, MATRIX_PRODUCTS, PERMUTES, VIEWS, WEIGHTED, is_pure
 from pyrys.passes.constant_propagation import constant_propagation
 from pyrys.passes.precision_guard import Bf16Guard
 from pyrys.passes.rewrite import Miss, PassResult
@@ -50,7 +50,7 @@ CONVERT = aten.to.dtype  # to(x, dtype): the one conversion op this pass writes
 # the ops worth running in bfloat16: a conv or linear when its weight is a constant; a matrix product of
 # two activations when one of them is bfloat16 already (attention's q @ k^T after the projections, not
 # the float32 angles of a rotary embedding)
-MATMULS = frozenset({aten.matmul.default, aten.bmm.default, aten.mm.default})
+MATMULS = MATRIX_PRODUCTS | {FUSED_MATMUL}
 # attention likewise, on bfloat16 query, key and value; its mask stays as it is (float32 or boolean)
 COMPUTE_OPS = frozenset({*WEIGHTED, *FUSED_OPS, *MATMULS, ATTENTION})
 # the cheap ops between them: each moves only when every activation it reads is bfloat16 already, so

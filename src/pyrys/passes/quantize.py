@@ -30,9 +30,9 @@ import torch.fx as fx
 from torch.utils._pytree import tree_leaves
 
 from pyrys.ir.edit import insert_op
-from pyrys.ir.fused import (FUSED_BY_BASE, FUSED_CONV, FUSED_CONV_TRANSPOSE, FUSED_OPS, Fused, fused_form_miss,
+from pyrys.ir.fused import (FUSED_BY_BASE, FUSED_CONV, FUSED_CONV_TRANSPOSE, FUSED_OPS, as_fused, fused_form_miss,
                             read_fused, to_fused)
-from pyrys.ir.graph import add_constant, op_args
+from pyrys.ir.graph import add_constant
 from pyrys.ir.provenance import copies
 from pyrys.ir.vocabulary import ATTENTION
 from pyrys.machine import native_bf16
@@ -203,7 +203,9 @@ def _why_float(node: fx.Node) -> str:
     """Why ``node`` cannot run in int8 ("" if it can)."""
     if node.target not in FUSED_OPS and fused_form_miss(node):
         return fused_form_miss(node)
-    fused = read_fused(node) if node.target in FUSED_OPS else Fused(FUSED_BY_BASE[node.target], op_args(node))
+    fused = as_fused(node)
+    if not fused.kind.weighted:
+        return "a product of two activations has no int8 lowering here"
     if fused.kind.op is FUSED_CONV_TRANSPOSE:
         return "transposed convolutions have no int8 lowering here yet"
     x, weight = fused.args["input"], fused.args["weight"]

@@ -215,7 +215,7 @@ class CollapsePermutes(Rule):
 
 
 # op -> the schema names of its (input, weight, bias): each computes input @ weight (+ bias)
-MATRIX_PRODUCTS = {aten.mm.default: ("input", "mat2", None), aten.matmul.default: ("input", "other", None),
+PRODUCT_ARGUMENTS = {aten.mm.default: ("input", "mat2", None), aten.matmul.default: ("input", "other", None),
                    aten.addmm.default: ("mat1", "mat2", "input")}
 
 
@@ -224,11 +224,11 @@ class LinearFromMatmul(Rule):
     (W a constant matrix, b a constant vector over W's columns, ``beta = alpha = 1``)."""
 
     name = "linear_from_matmul"
-    anchors = frozenset(MATRIX_PRODUCTS)
+    anchors = frozenset(PRODUCT_ARGUMENTS)
 
     def match(self, gm: fx.GraphModule, node: fx.Node) -> Match | Miss | None:
         args = op_args(node)
-        x_name, weight_name, bias_name = MATRIX_PRODUCTS[node.target]
+        x_name, weight_name, bias_name = PRODUCT_ARGUMENTS[node.target]
         weight = args[weight_name]
         if not (isinstance(weight, fx.Node) and weight.op == "get_attr") or tensor_meta(weight) is None:
             return None  # a product of two computed tensors (attention's q @ k^T): not a linear, not a miss

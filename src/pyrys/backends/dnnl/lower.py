@@ -20,6 +20,7 @@ from pyrys.backends.dnnl.lower_attention import LOWERINGS as ATTENTION_LOWERINGS
 from pyrys.backends.dnnl.layout import plain_md
 from pyrys.backends.dnnl.lower_conv import lower_conv, lower_deconv, lower_linear
 from pyrys.backends.dnnl.lower_int8 import LOWERINGS as INT8_LOWERINGS
+from pyrys.backends.dnnl.lower_matmul import LOWERINGS as MATMUL_LOWERINGS
 from pyrys.backends.dnnl.lower_ops import LOWERINGS as OP_LOWERINGS
 from pyrys.backends.dnnl.primitives import Engine
 from pyrys.backends.dnnl.program import DnnlProgram
@@ -28,9 +29,9 @@ from pyrys.backends.threads import with_threads
 from pyrys.ir.fused import FUSED_CONV, FUSED_CONV_TRANSPOSE, FUSED_LINEAR
 from pyrys.ir.graph import state_ref
 
-# op -> its lowering.  Convolutions and linears arrive in their fused form only (passes/legalize.py).
+# op -> its lowering.  Convolutions, linears and matrix products arrive in their fused form only (passes/legalize.py).
 LOWERINGS = {FUSED_CONV: lower_conv, FUSED_CONV_TRANSPOSE: lower_deconv, FUSED_LINEAR: lower_linear, **OP_LOWERINGS,
-             **INT8_LOWERINGS, **ATTENTION_LOWERINGS}
+             **INT8_LOWERINGS, **ATTENTION_LOWERINGS, **MATMUL_LOWERINGS}
 # the lowerings that read the layout policy: every other op takes the layout its inputs come in
 LAYOUT_CHOOSERS = frozenset({FUSED_CONV, FUSED_CONV_TRANSPOSE})
 

@@ -60,6 +60,8 @@ ELTWISE: dict[str, Callable[..., list[Eltwise]]] = {
     "sigmoid": _single(AlgKind.eltwise_logistic),
     "tanh": _single(AlgKind.eltwise_tanh),
     "mish": _single(AlgKind.eltwise_mish),
+    "scale": lambda factor: [(AlgKind.eltwise_linear, factor, 0.0)],
+    "shift": lambda term: [(AlgKind.eltwise_linear, 1.0, term)],
 }
 # the post-ops whose oneDNN steps give another result than eager's for a value that is not finite: clip and
 # hardsigmoid turn NaN into a number, relu's mask (leaky_relu's with slope 0) turns -inf into NaN

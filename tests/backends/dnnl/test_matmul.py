@@ -1,0 +1,173 @@
+"""Matrix products of computed tensors (``mm``, ``bmm``, ``matmul``) run as oneDNN matmuls with their
+post-ops fused (``pyrys::matmul``, ``backends/dnnl/lower_matmul.py``), match eager, and fall back to torch
+with a reason where oneDNN cannot run them."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import pyrys
+from pyrys.backends.dnnl import binding
+from pyrys.machine import native_bf16
+from pyrys.numerics import BF16_TOLERANCE, relative_error
+from tests.conftest import TOLERANCE
+
+available, reason = binding.is_available()
+pytestmark = pytest.mark.skipif(not available, reason=f"oneDNN unavailable: {reason}")
+
+
+def rand(*shape, seed=1):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+class Product(nn.Module):
+    """``fn(a, b)`` of two computed tensors (each a linear of an input, so neither is a graph input)."""
+
+    def __init__(self, fn, a_width=8, b_width=8):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fn, self.a, self.b = fn, nn.Linear(a_width, a_width), nn.Linear(b_width, b_width)
+        self.eval()
+
+    def forward(self, a, b):
+        return self.fn(self.a(a), self.b(b))
+
+
+class ConstantStack(nn.Module):
+    """``x @ W`` with ``W`` a constant stack of matrices (not a linear's weight)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.register_buffer("stack", torch.randn(3, 8, 5))
+
+    def forward(self, x):
+        return torch.matmul(x.relu(), self.stack)
+
+
+CASES = {
+    "mm": (Product(torch.mm), (rand(6, 8), rand(8, 8, seed=2))),
+    "bmm": (Product(torch.bmm), (rand(2, 6, 8), rand(2, 8, 8, seed=2))),
+    "bmm with a transposed operand": (Product(lambda a, b: torch.bmm(a, b.transpose(1, 2))),
+                                      (rand(2, 6, 8), rand(2, 5, 8, seed=2))),
+    "matmul 4-D": (Product(torch.matmul), (rand(2, 3, 6, 8), rand(2, 3, 8, 8, seed=2))),
+    "matmul, batch dims broadcast": (Product(torch.matmul), (rand(2, 1, 6, 8), rand(1, 3, 8, 8, seed=2))),
+    "matmul of a 3-D and a 2-D activation": (Product(torch.matmul), (rand(2, 6, 8), rand(8, 8, seed=2))),
+    "matmul of a 2-D and a 4-D activation": (Product(torch.matmul), (rand(6, 8), rand(2, 3, 8, 8, seed=2))),
+    "x @ x^T of one tensor": (Product(lambda a, b: a @ a.transpose(-1, -2) + b.sum()),
+                              (rand(2, 6, 8), rand(8, seed=2))),
+    "matmul of a constant stack": (ConstantStack(), (rand(3, 4, 8),)),
+}
+
+
+def runs_in_onednn(opt) -> bool:
+    text = opt.program_text()
+    return "dnnl::matmul" in text and not any(f"torch::{op}(" in text for op in ("mm", "bmm", "matmul"))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_a_product_runs_as_a_onednn_matmul_and_matches_eager(name):
+    model, args = CASES[name]
+    opt = pyrys.optimize(model, args)
+    assert relative_error(opt(*args), model(*args)) <= TOLERANCE, name
+    assert runs_in_onednn(opt), opt.program_text()
+
+
+@pytest.mark.parametrize("name", ["bmm", "matmul 4-D", "matmul, batch dims broadcast"])
+def test_the_reference_backend_agrees(name):
+    model, args = CASES[name]
+    reference = pyrys.optimize(model, args, backend="reference")
+    assert relative_error(reference(*args), model(*args)) <= TOLERANCE
+
+
+POST_OPS = {
+    "relu": (lambda a, b: torch.bmm(a, b).relu(), "dnnl::matmul_relu"),
+    "gelu": (lambda a, b: F.gelu(torch.bmm(a, b)), "dnnl::matmul_gelu_erf"),
+    "tanh-gelu then a residual": (lambda a, b: F.gelu(torch.bmm(a, b), approximate="tanh") + a,
+                                  "dnnl::matmul_gelu_tanh_add"),
+    "a computed mask": (lambda a, b: torch.bmm(a, b) + (a[:, :1, :] > 0).float() * -1e4, "dnnl::matmul_add"),
+    "a product": (lambda a, b: torch.bmm(a, b) * b[:, :1, :].sigmoid(), "dnnl::matmul_mul"),
+    "a scale, then a mask": (lambda a, b: torch.bmm(a, b) / 8 + (a[:, :1, :] > 0).float() * -1e4,
+                             "dnnl::matmul_scale_add"),
+    "a shift and a scale": (lambda a, b: (torch.bmm(a, b) - 0.5) * 3, "dnnl::matmul_shift_scale"),
+}
+
+
+@pytest.mark.parametrize("name", list(POST_OPS))
+def test_post_ops_fuse_into_the_matmul(name):
+    fn, label = POST_OPS[name]
+    model, args = Product(fn), (rand(2, 8, 8), rand(2, 8, 8, seed=2))
+    opt = pyrys.optimize(model, args)
+    assert relative_error(opt(*args), model(*args)) <= TOLERANCE, name
+    assert label in opt.program_text(), opt.program_text()
+
+
+def test_the_fused_form_is_in_the_printed_graph_and_counted(run_passes):
+    model, args = Product(lambda a, b: F.gelu(torch.bmm(a, b))), (rand(2, 8, 8), rand(2, 8, 8, seed=2))
+    result = run_passes(model, args, "freeze_params", "fuse_post_ops")
+    assert "pyrys::matmul_gelu_erf(%linear, %linear_1)" in result.after, result.after
+    assert result.fired("fuse_post_ops") == {"conv_activation": 1}
+    assert result.error() <= TOLERANCE
+
+
+@pytest.mark.parametrize("factor", [0.0, float("inf"), 1e-320])
+def test_a_factor_of_zero_or_beyond_float_stays_an_op(run_passes, factor):
+    model = Product(lambda a, b: 1 / (torch.bmm(a, b) * factor))
+    result = run_passes(model, (rand(2, 8, 8), rand(2, 8, 8, seed=2)), "freeze_params", "fuse_post_ops")
+    assert "scale" not in result.after and "aten::mul" in result.after, result.after
+    assert any("stays an op" in miss.reason for miss in result.misses), result.misses
+
+
+def test_a_product_with_a_vector_runs_in_torch_and_says_why():
+    model, args = Product(torch.matmul), (rand(2, 6, 8), rand(8, seed=2))
+    opt = pyrys.optimize(model, args)
+    assert relative_error(opt(*args), model(*args)) <= TOLERANCE
+    assert "fallback: a product with a vector" in opt.program_text(), opt.program_text()
+
+
+def test_a_new_shape_gets_its_own_matmul():
+    model, args = CASES["bmm with a transposed operand"]
+    opt = pyrys.optimize(model, args, dynamic=True)
+    for batch, rows in ((1, 3), (4, 7)):
+        other = (rand(batch, rows, 8, seed=batch), rand(batch, 5, 8, seed=rows))
+        assert relative_error(opt(*other), model(*other)) <= TOLERANCE
+
+
+def test_many_threads_get_their_own_results():
+    model, args = CASES["matmul 4-D"]
+    opt = pyrys.optimize(model, args)
+    inputs = [(rand(2, 3, 6, 8, seed=i), rand(2, 3, 8, 8, seed=100 + i)) for i in range(8)]
+    expected = [model(*x) for x in inputs]
+    errors = []
+
+    def call(i):
+        for _ in range(20):
+            if relative_error(opt(*inputs[i]), expected[i]) > TOLERANCE:
+                errors.append(i)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+@pytest.mark.skipif(not native_bf16(), reason="the CPU has no native bf16 (avx512_bf16, amx_bf16)")
+def test_a_bf16_product_of_bf16_activations():
+    model, args = Product(lambda a, b: F.gelu(torch.matmul(a, b.transpose(-1, -2)))), (rand(2, 16, 8), rand(2, 16, 8))
+    opt = pyrys.optimize(model, args, precision="bf16")
+    assert relative_error(opt(*args), model(*args)) <= BF16_TOLERANCE
+    assert "dnnl::matmul_gelu_erf" in opt.program_text(), opt.program_text()
+
+
+def test_int8_keeps_a_product_of_activations_in_floating_point_and_says_why():
+    model, args = Product(torch.bmm), (rand(2, 8, 8), rand(2, 8, 8, seed=2))
+    samples = [(rand(2, 8, 8, seed=s), rand(2, 8, 8, seed=s + 50)) for s in range(4)]
+    opt = pyrys.optimize(model, args, precision="int8", calibration=samples)
+    assert relative_error(opt(*args), model(*args)) <= 0.05
+    assert "a product of two activations has no int8 lowering here" in opt.report(), opt.report()
