@@ -179,8 +179,10 @@ class ScaledAddmm(torch.nn.Module):
         return torch.addmm(self.bias, x, self.weight, beta=0.5)
 
 
-def test_an_addmm_that_scales_stays_with_a_reason(run_passes):
+def test_an_addmm_that_scales_is_a_linear_plus_its_scaled_term(run_passes):
     result = run_passes(ScaledAddmm().eval(), (torch.randn(3, 4),), "freeze_params", "simplify")
-    assert "aten::addmm" in result.after
-    assert [m.reason for m in result.misses] == ["addmm scales by beta or alpha"]
+    assert "aten::addmm" not in result.after and "aten::linear(%x" in result.after, result.after
+    assert "aten::mul(%bias, 0.5)" in result.after and "aten::add(%linear, %term_scaled)" in result.after
+    assert result.fired("simplify") == {"product_plus_term": 1, "linear_from_matmul": 1}
+    assert not result.misses  # the node it would be a miss of is gone
     assert result.error() <= TOLERANCE

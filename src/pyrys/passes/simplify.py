@@ -51,6 +51,7 @@ from pyrys.ir.vocabulary import PERMUTES, VIEWS, permutation, single_user
 from pyrys.passes.activation_formulas import ActivationFromFormula
 from pyrys.passes.attention_formula import AttentionFromFormula
 from pyrys.passes.merge_linears import MergeSiblingLinears
+from pyrys.passes.product_sums import ProductPlusTerm
 from pyrys.passes.rewrite import Match, Miss, PassResult, Rule, apply_rules, fail
 
 aten = torch.ops.aten
@@ -304,7 +305,8 @@ def _trailing_dims_holding(shape, count) -> int | None:
 
 SIMPLIFY_RULES: tuple[Rule, ...] = (
     tuple(RemoveNoOp(name, target, check) for target, (name, check) in NO_OPS.items())
-    + (RemoveMetadataAssert(), CollapseViews(), CollapsePermutes(), LinearFromMatmul(), LinearOfFlattened(),
+    + (RemoveMetadataAssert(), CollapseViews(), CollapsePermutes(), LinearFromMatmul(), ProductPlusTerm(),
+       LinearOfFlattened(),
        ActivationFromFormula(), AttentionFromFormula(), MergeSiblingLinears())
 )
 

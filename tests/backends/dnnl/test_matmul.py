@@ -171,3 +171,51 @@ def test_int8_keeps_a_product_of_activations_in_floating_point_and_says_why():
     opt = pyrys.optimize(model, args, precision="int8", calibration=samples)
     assert relative_error(opt(*args), model(*args)) <= 0.05
     assert "a product of two activations has no int8 lowering here" in opt.report(), opt.report()
+
+
+class Baddbmm(nn.Module):
+    def __init__(self, beta=1.0, alpha=1.0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.beta, self.alpha, self.a, self.b = beta, alpha, nn.Linear(8, 8), nn.Linear(8, 8)
+        self.eval()
+
+    def forward(self, a, b, c):
+        return torch.baddbmm(c, self.a(a), self.b(b).transpose(1, 2), beta=self.beta, alpha=self.alpha)
+
+
+@pytest.mark.parametrize("beta, alpha, label", [(1.0, 1.0, "dnnl::matmul_add"), (0.5, 0.125, "dnnl::matmul_scale_add"),
+                                                (0.0, 2.0, "dnnl::matmul_scale[")])
+def test_baddbmm_is_a_matmul_with_its_factors_and_term_as_post_ops(beta, alpha, label):
+    model, args = Baddbmm(beta, alpha), (rand(2, 6, 8), rand(2, 5, 8, seed=2), rand(2, 6, 5, seed=3))
+    opt = pyrys.optimize(model, args)
+    assert relative_error(opt(*args), model(*args)) <= TOLERANCE
+    assert label in opt.program_text() and runs_in_onednn(opt), opt.program_text()
+
+
+def test_baddbmm_with_beta_zero_does_not_read_its_term():
+    model, args = Baddbmm(beta=0.0), (rand(2, 6, 8), rand(2, 5, 8, seed=2), torch.full((2, 6, 5), float("nan")))
+    opt = pyrys.optimize(model, args)
+    assert not opt(*args).isnan().any() and torch.equal(opt(*args).isnan(), model(*args).isnan())
+
+
+def test_baddbmm_with_alpha_zero_stays_as_it_is(run_passes):
+    model, args = Baddbmm(alpha=0.0), (rand(2, 6, 8), rand(2, 5, 8, seed=2), rand(2, 6, 5, seed=3))
+    result = run_passes(model, args, "freeze_params", "simplify")
+    assert "aten::baddbmm" in result.after and result.error() <= TOLERANCE
+
+
+def test_addmm_with_a_computed_bias_is_a_linear_and_an_add():
+    class Addmm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.weight, self.bias = nn.Parameter(torch.randn(8, 4)), nn.Linear(4, 4)
+
+        def forward(self, x, c):
+            return torch.addmm(self.bias(c), x, self.weight)
+
+    model, args = Addmm().eval(), (rand(6, 8), rand(6, 4, seed=2))
+    opt = pyrys.optimize(model, args)
+    assert relative_error(opt(*args), model(*args)) <= TOLERANCE
+    assert "dnnl::linear_add" in opt.program_text() and "torch::addmm" not in opt.program_text(), opt.program_text()

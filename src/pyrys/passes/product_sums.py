@@ -1,0 +1,53 @@
+"""``addmm`` and ``baddbmm`` of computed tensors as a product, a scale and a sum, which fuse as post-ops.
+
+    addmm(c, a, b, beta, alpha)    = beta * c + alpha * (a @ b)      (a, b matrices)
+    baddbmm(c, a, b, beta, alpha)  = beta * c + alpha * bmm(a, b)    (a, b batches of matrices)
+    ->  add(mul(mm(a, b), alpha), mul(c, beta))                        (a factor of 1 is left out)
+
+With a constant matrix ``b`` and a constant bias ``c`` an ``addmm`` is a linear already
+(:class:`pyrys.passes.simplify.LinearFromMatmul`, which comes first); this rule takes the rest: a computed
+bias, computed operands, factors other than 1.  ``beta = 0`` drops ``c`` (torch does not read it: a NaN
+there does not reach the result); ``alpha = 0`` stays an ``addmm`` (torch does not read ``a`` and ``b``,
+and ``0 * (a @ b)`` would carry their NaN).
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from pyrys.ir.edit import insert_op, replace_node
+from pyrys.ir.graph import op_args, tensor_meta
+from pyrys.passes.rewrite import Match, Miss, Rule
+
+aten = torch.ops.aten
+# op -> (its product, the names of that product's operands)
+PRODUCT_OF = {aten.addmm.default: (aten.mm.default, ("mat1", "mat2")),
+              aten.baddbmm.default: (aten.bmm.default, ("batch1", "batch2"))}
+
+
+class ProductPlusTerm(Rule):
+    """``addmm(c, a, b)`` -> ``mm(a, b) + c`` (likewise ``baddbmm``, with its factors as products)."""
+
+    name = "product_plus_term"
+    anchors = frozenset(PRODUCT_OF)
+
+    def match(self, gm: fx.GraphModule, node: fx.Node) -> Match | Miss | None:
+        args = op_args(node)
+        out = tensor_meta(node)
+        if out is None or not out.dtype.is_floating_point or args["alpha"] == 0:
+            return None
+        return Match({"args": args})
+
+    def rewrite(self, gm: fx.GraphModule, node: fx.Node, match: Match) -> None:
+        args = match["args"]
+        product, operands = PRODUCT_OF[node.target]
+        with gm.graph.inserting_before(node):
+            result = insert_op(gm.graph, product, tuple(args[name] for name in operands), "product")
+            if args["alpha"] != 1:
+                result = insert_op(gm.graph, aten.mul.Tensor, (result, args["alpha"]), "product_scaled")
+            if args["beta"] != 0:
+                term = args["input"]
+                if args["beta"] != 1:
+                    term = insert_op(gm.graph, aten.mul.Tensor, (term, args["beta"]), "term_scaled")
+                result = insert_op(gm.graph, aten.add.Tensor, (result, term), "product_plus_term")
+        replace_node(node, result)
