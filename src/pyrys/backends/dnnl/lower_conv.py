@@ -220,7 +220,7 @@ def lower_linear(builder: Builder, node: fx.Node) -> None:
     x = _as_2d(builder, builder.value_of(source), rows)
     dst_dtype = _dst_dtype(node, int8)
     dst_md = plain_md([rows, weight.shape[0]], dst_dtype)
-    operands = [_operand_2d(builder, n, rows) for n in fused.post_inputs]
+    operands = [_operand_2d(builder, n, rows, out.shape) for n in fused.post_inputs]
     chain = build_chain(builder, fused.post_ops, operands, dst_md)
     note = _dtype_note(dst_dtype, node) if int8 is None else ""
     pd = None
@@ -277,8 +277,17 @@ def _as_2d(builder: Builder, value: Value, rows: int) -> Value:
     return Value(f"{plain.name}.2d", plain.md.reshape([rows, _numel(dims) // rows]), ALIAS, plain)
 
 
-def _operand_2d(builder: Builder, node: fx.Node, rows: int) -> Operand:
+def _operand_2d(builder: Builder, node: fx.Node, rows: int, out_shape) -> Operand:
+    """A post-op operand of a linear run on ``rows`` rows: a computed one viewed as 2-D where it has every
+    row; a constant one as one row, or (where it differs from row to row) broadcast to every row."""
     operand = operand_of(builder, node)
+    if operand.constant is not None:
+        constant = operand.constant
+        if all(d == 1 for d in constant.shape[:-1]):
+            constant = constant.reshape(1, -1)
+        else:
+            constant = constant.expand(list(out_shape)).reshape(rows, -1)
+        return Operand(None, False, constant=constant, name=operand.name)
     if len(operand.value.md.dims) == 2 or operand.value.md.dims[-1] * rows != _numel(operand.value.md.dims):
         return operand
     return Operand(_as_2d(builder, operand.value, rows), operand.exclusive)

@@ -22,7 +22,7 @@ from pyrys.backends.dnnl.layout import plain_md
 from pyrys.backends.dnnl.lower_attention import output_md
 from pyrys.backends.dnnl.lower_conv import destination_dtype, format_info, is_reference
 from pyrys.backends.dnnl.lower_int8 import post_operands
-from pyrys.backends.dnnl.post_ops import build_chain
+from pyrys.backends.dnnl.post_ops import Operand, build_chain
 from pyrys.backends.dnnl.primitives import MemoryDesc, PrimitiveAttr, PrimitiveDesc
 from pyrys.backends.dnnl.tensors import DNNL_TO_TORCH
 from pyrys.backends.dnnl.values import ALIAS, CONSTANT, Value
@@ -40,9 +40,18 @@ def lower_matmul(builder: Builder, node: fx.Node) -> None:
     rank = out.dim()
     src, weights = (_operand(builder, arg, rank, f"{node.name}.{role}") for arg, role in ((a, "input"), (b, "mat2")))
     dst_md = _destination(node, bool(fused.post_inputs))
-    chain = build_chain(builder, fused.post_ops, post_operands(builder, node, fused, None), dst_md)
-    attr = PrimitiveAttr(chain.post_ops)
-    pd, compact = _fastest(builder, src, weights, dst_md, attr)
+    operands = post_operands(builder, node, fused, None)
+    tries = [operands] + ([_first_dim_expanded(operands, dst_md)] if _expandable(operands, dst_md) else [])
+    for attempt in tries:
+        snapshot = builder.snapshot()
+        chain = build_chain(builder, fused.post_ops, attempt, dst_md)
+        try:
+            pd, compact = _fastest(builder, src, weights, dst_md, PrimitiveAttr(chain.post_ops))
+            break
+        except Unsupported:
+            if attempt is tries[-1]:
+                raise
+            builder.restore(snapshot, node)
     if compact:
         src, weights = (v if v.kind == CONSTANT else builder.convert(v, _compact(v.md)) for v in (src, weights))
     dst = (builder.define(node, pd.dst_md(), ALIAS, chain.sum_base) if chain.sum_base is not None
@@ -61,6 +70,29 @@ def _destination(node: fx.Node, binary: bool) -> MemoryDesc:
     matmul writing a strided destination (``lower_attention._operand_layouts``)."""
     dtype = destination_dtype(node)
     return plain_md(node.meta["val"].shape, dtype) if binary else output_md(node, dtype)
+
+
+def _padded_shape(tensor, rank: int) -> list[int]:
+    return [1] * (rank - tensor.dim()) + list(tensor.shape)
+
+
+def _expandable(operands: list[Operand], dst_md: MemoryDesc) -> bool:
+    """Whether a constant operand broadcasts over the first dim, which oneDNN's fast matmul kernels do not
+    take (they broadcast over any other dim: ``lower_attention._operand_layouts``)."""
+    return dst_md.dims[0] > 1 and any(o.constant is not None and _padded_shape(o.constant, dst_md.ndims)[0] == 1
+                                      for o in operands)
+
+
+def _first_dim_expanded(operands: list[Operand], dst_md: MemoryDesc) -> list[Operand]:
+    """The constant operands with their first dim expanded to the destination's (a copy, made once)."""
+    expanded = []
+    for o in operands:
+        if o.constant is not None and _padded_shape(o.constant, dst_md.ndims)[0] == 1:
+            dims = _padded_shape(o.constant, dst_md.ndims)
+            tensor = o.constant.reshape(dims).expand([dst_md.dims[0], *dims[1:]]).contiguous()
+            o = Operand(None, False, constant=tensor, name=f"{o.name}.expanded")
+        expanded.append(o)
+    return expanded
 
 
 def _operand(builder: Builder, arg: fx.Node, rank: int, name: str) -> Value:

@@ -10,13 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+import torch
 from torch.utils._pytree import tree_leaves
 
 from pyrys.backends.dnnl.builder import Builder, Unsupported
 from pyrys.backends.dnnl.constants import AlgKind, DataType, FormatTag
 from pyrys.backends.dnnl.layout import plain_md
 from pyrys.backends.dnnl.primitives import MemoryDesc, PostOps
-from pyrys.backends.dnnl.tensors import DNNL_TO_TORCH
+from pyrys.backends.dnnl.tensors import DNNL_TO_TORCH, dnnl_dtype
 from pyrys.backends.dnnl.values import PLANNED, Value
 from pyrys.ir.post_ops import PostOp
 
@@ -103,14 +104,19 @@ class Operand:
     """A binary post-op operand: its value, and whether the fused node is its only reader (or its last:
     nothing reads it after); ``scale``: an int8 residual's (``lower_int8.py``), added as ``scale * q``."""
 
-    value: Value
+    value: Value | None
     exclusive: bool
     scale: float | None = None
+    constant: torch.Tensor | None = None  # a constant operand (no value: packed where the chain says how)
+    name: str = ""
 
 
 def operand_of(builder: Builder, node) -> Operand:
     """The operand is exclusive when its one user reads it once (``conv(x) + x`` reads ``x`` twice)
     and it is no view of another value (whose other readers would see the overwrite)."""
+    constant = builder.constant(node)
+    if isinstance(constant, torch.Tensor):  # a norm's weight after a residual add (MobileBERT's NoNorm)
+        return Operand(None, False, constant=constant, name=node.name)
     (user, *others) = node.users
     reads = sum(1 for arg in tree_leaves((user.args, user.kwargs)) if arg is node)
     value = builder.value_of(node)
@@ -119,7 +125,7 @@ def operand_of(builder: Builder, node) -> Operand:
 
 def can_sum_into(operand: Operand, dst_md: MemoryDesc) -> bool:
     """A residual can take the result in place if nothing else reads it and it has the dst layout."""
-    return operand.exclusive and operand.value.root.kind == PLANNED and operand.value.md == dst_md
+    return operand.constant is None and operand.exclusive and operand.value.root.kind == PLANNED and operand.value.md == dst_md
 
 
 def build_chain(builder: Builder, post_ops: Sequence[PostOp], operands: list[Operand], dst_md: MemoryDesc) -> Chain:
@@ -151,6 +157,13 @@ def _append_binary(builder: Builder, chain: Chain, name: str, operand: Operand, 
         return
     if name not in BINARY:
         raise Unsupported(f"binary post-op {name} has no oneDNN equivalent")
+    if operand.constant is not None:  # packed once, in the destination's layout
+        tensor = operand.constant
+        dims = [1] * (dst_md.ndims - tensor.dim()) + list(tensor.shape)
+        md = _like(dst_md, dims, dnnl_dtype(tensor.dtype))
+        index = chain.post_ops.append_binary(BINARY[name], md)
+        chain.binary_operands[index] = builder.constant_value(tensor.reshape(dims), md, operand.name)
+        return
     value = operand.value
     dims = [1] * (dst_md.ndims - value.md.ndims) + list(value.md.dims)
     same = tuple(dims) == tuple(dst_md.dims) and value.md.dtype == dst_md.dtype
