@@ -16,6 +16,7 @@ reads or writes that form.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -104,6 +105,15 @@ class PostOp:
             return PostOp(name, tuple(float(p) for p in raw.split(",")) if raw else ())
         except ValueError as error:
             raise ValueError(f"malformed post-op {spec!r}: {error}") from None
+
+
+def is_float32_factor(c: float) -> bool:
+    """Whether ``y * c`` can run as a float32 multiply by ``c``: ``c`` and its float32 value finite and not 0
+    (0 would give ``+0`` for eager's ``-0`` beside a negative ``y``, and a rounding to 0 or inf changes it)."""
+    return math.isfinite(c) and c != 0 and 0 < abs(c) <= FLOAT32_MAX and float(torch.tensor(c).float()) != 0
+
+
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def apply_post_ops(y: torch.Tensor, post_ops: Sequence[PostOp], post_inputs: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -23,8 +23,6 @@ down to the add's position (its own inputs all come before the producer).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.fx as fx
 
@@ -32,7 +30,7 @@ from pyrys.ir.edit import replace_node
 from pyrys.ir.fused import FUSED_BY_BASE, FUSED_OPS, add_post_op, fused_form_miss, to_fused
 from pyrys.ir.graph import op_args
 from pyrys.ir.symbolic import hint, keeps_shape
-from pyrys.ir.post_ops import ACTIVATIONS, NoPostOp, PostOp, activation_post_op
+from pyrys.ir.post_ops import ACTIVATIONS, NoPostOp, PostOp, activation_post_op, is_float32_factor
 from pyrys.passes.rewrite import Match, Miss, PassResult, Rule, apply_rules, fail, shared_miss
 
 aten = torch.ops.aten
@@ -139,13 +137,14 @@ SCALAR_POST_OPS = {
     aten.add.Tensor: lambda c: PostOp("shift", (c,)),
     aten.sub.Tensor: lambda c: PostOp("shift", (-c,)),
 }
+DIVISIONS = frozenset({aten.div.Tensor})
 
 
 class FuseScalar(Rule):
     """``matmul(a, b) * c`` -> ``pyrys::matmul_scale(a, b)`` for a number ``c`` (likewise ``/ c``, ``+ c``,
-    ``- c``, and after a conv or linear whose weights took no fold): one multiply or add, as eager's.  A
-    factor of 0 or one that is not finite, or whose reciprocal is not (a divisor), stays an op: 0 would turn
-    -0 into +0 and inf into NaN differently from eager."""
+    ``- c``, and after a conv or linear whose weights took no fold): one multiply or add, as eager's (a
+    divisor becomes the factor ``1 / c``).  A factor that is 0, or not a finite float32, stays an op
+    (:func:`pyrys.ir.post_ops.is_float32_factor`)."""
 
     name = "scalar"
     anchors = frozenset(SCALAR_POST_OPS)
@@ -157,9 +156,9 @@ class FuseScalar(Rule):
             return None
         if isinstance(c, bool) or not isinstance(c, (int, float)) or args.get("alpha", 1) != 1:
             return None
-        if not (math.isfinite(c) and c != 0 and math.isfinite(1.0 / c)) or args.get("rounding_mode") is not None:
-            return fail(f"the number {c} stays an op (0, not finite, or a rounding division)")
-        post_op = SCALAR_POST_OPS[node.target](float(c))
+        post_op = SCALAR_POST_OPS[node.target](float(c)) if c != 0 or node.target not in DIVISIONS else None
+        if post_op is None or (post_op.name == "scale" and not is_float32_factor(post_op.params[0])):
+            return fail(f"{node.target._schema.name} by {c} stays an op (a factor of 0 or beyond float32)")
         return _producer_miss(producer, post_op) or Match({"producer": producer, "post_op": post_op})
 
     def rewrite(self, gm: fx.GraphModule, node: fx.Node, match: Match) -> None:

@@ -3,6 +3,7 @@ post-ops fused (``pyrys::matmul``, ``backends/dnnl/lower_matmul.py``), match eag
 with a reason where oneDNN cannot run them."""
 from __future__ import annotations
 
+import math
 import threading
 
 import pytest
@@ -219,3 +220,54 @@ def test_addmm_with_a_computed_bias_is_a_linear_and_an_add():
     opt = pyrys.optimize(model, args)
     assert relative_error(opt(*args), model(*args)) <= TOLERANCE
     assert "dnnl::linear_add" in opt.program_text() and "torch::addmm" not in opt.program_text(), opt.program_text()
+
+
+def test_a_negative_factor_keeps_the_sign_of_zero():
+    """``0 * -2`` is ``-0`` in eager, and ``1 / -0`` is ``-inf``: the factor is one multiply (oneDNN's pow
+    with exponent 1), not ``x * c + 0``, which gave ``+0``."""
+    model = Product(lambda a, b: 1 / (torch.bmm(a * 0, b) * -2))
+    args = (rand(2, 6, 8), rand(2, 8, 8, seed=2))
+    opt = pyrys.optimize(model, args)
+    assert "dnnl::matmul_scale" in opt.program_text()
+    assert torch.equal(opt(*args), model(*args)) and bool((model(*args) == -float("inf")).all())
+
+
+class PlusOperand(nn.Module):
+    """``relu(a @ b + c)`` with ``c`` a graph input of any shape that broadcasts to the product's."""
+
+    def forward(self, a, b, c):
+        return torch.relu((a + 0.1) @ (b * 0.5) + c)
+
+
+@pytest.mark.parametrize("shape", [(9,), (7, 1), (7, 9), (1, 9), (2, 1, 1), (1, 7, 9), (2, 7, 1), (1, 1, 1), (2, 7, 9)])
+def test_an_operand_of_any_broadcast_shape_fuses_into_a_onednn_matmul(shape):
+    model, args = PlusOperand(), (rand(2, 7, 16), rand(2, 16, 9, seed=2), rand(*shape, seed=3))
+    opt = pyrys.optimize(model, args)
+    assert relative_error(opt(*args), model(*args)) <= TOLERANCE
+    assert "dnnl::matmul_add_relu" in opt.program_text() and runs_in_onednn(opt), opt.program_text()
+
+
+@pytest.mark.parametrize("rank", [3, 4])
+def test_a_result_read_transposed_runs_in_onednn(rank):
+    batch = (2,) if rank == 3 else (2, 3)
+    model = Product(lambda a, b: torch.relu(a @ b.transpose(-1, -2)).transpose(-1, -2) + 1)
+    args = (rand(*batch, 7, 8), rand(*batch, 9, 8, seed=2))
+    opt = pyrys.optimize(model, args)
+    assert relative_error(opt(*args), model(*args)) <= TOLERANCE
+    assert runs_in_onednn(opt), opt.program_text()
+
+
+def test_scale_and_shift_post_ops_keep_nan_infinities_and_signed_zeros():
+    class Identity(nn.Module):  # a @ I is a exactly, so the special values reach the post-ops
+        def forward(self, a, eye):
+            return (torch.bmm(a * 1.0, eye) * -2.5 + 1.5) * 0.5
+
+    values = torch.tensor([math.nan, -math.inf, math.inf, 0.0, -0.0, -1.0, 1e-30, -3e38, 3e38, 0.6])
+    a, eye = values.reshape(1, 1, -1).expand(1, 10, 10).contiguous(), torch.eye(10).reshape(1, 10, 10)
+    model = Identity()
+    opt = pyrys.optimize(model, (a, eye))
+    assert "dnnl::matmul_scale_shift_scale" in opt.program_text(), opt.program_text()
+    got, want = opt(a, eye), model(a, eye)
+    assert torch.equal(got.isnan(), want.isnan())
+    same = got[~want.isnan()] == want[~want.isnan()]
+    assert bool(same.all()) and torch.equal(torch.signbit(got[~want.isnan()]), torch.signbit(want[~want.isnan()]))

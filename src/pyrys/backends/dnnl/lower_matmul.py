@@ -7,8 +7,10 @@ constant (a stack of matrices).  The lower-rank operand gains leading dims of 1;
 broadcasts, as in torch.  Operands are read in the strides they lie in, so a transposed view costs no
 copy, unless oneDNN gives the strided operands a slower kernel than compact copies of them (bfloat16:
 its brgemm kernel wants compact operands; float32 ones may run in its gemm): then they are copied
-compact first.  A product oneDNN runs only in its reference code, or a vector operand (``matmul`` of a
-1-D tensor), runs through torch.
+compact first.  A post-op operand that broadcasts where oneDNN's fast kernels do not take it (over the
+first dim, or a per-batch bias) is expanded first: a constant once, a computed one by a copy each call.
+A product oneDNN runs only in its reference code, or a vector operand (``matmul`` of a 1-D tensor), runs
+through torch.
 """
 from __future__ import annotations
 
@@ -39,19 +41,8 @@ def lower_matmul(builder: Builder, node: fx.Node) -> None:
     out = node.meta["val"]
     rank = out.dim()
     src, weights = (_operand(builder, arg, rank, f"{node.name}.{role}") for arg, role in ((a, "input"), (b, "mat2")))
-    dst_md = _destination(node, bool(fused.post_inputs))
     operands = post_operands(builder, node, fused, None)
-    tries = [operands] + ([_first_dim_expanded(operands, dst_md)] if _expandable(operands, dst_md) else [])
-    for attempt in tries:
-        snapshot = builder.snapshot()
-        chain = build_chain(builder, fused.post_ops, attempt, dst_md)
-        try:
-            pd, compact = _fastest(builder, src, weights, dst_md, PrimitiveAttr(chain.post_ops))
-            break
-        except Unsupported:
-            if attempt is tries[-1]:
-                raise
-            builder.restore(snapshot, node)
+    pd, compact, chain = _first_fast(builder, node, fused, src, weights, operands)
     if compact:
         src, weights = (v if v.kind == CONSTANT else builder.convert(v, _compact(v.md)) for v in (src, weights))
     dst = (builder.define(node, pd.dst_md(), ALIAS, chain.sum_base) if chain.sum_base is not None
@@ -64,6 +55,31 @@ def lower_matmul(builder: Builder, node: fx.Node) -> None:
     builder.add_primitive(text, pd, args, reads, [dst], unlike_eager_on_nonfinite=chain.unlike_eager_on_nonfinite)
 
 
+def _first_fast(builder: Builder, node: fx.Node, fused, src: Value, weights: Value, operands: list[Operand]):
+    """The first of these that oneDNN runs in more than its reference code: the destination in the layout
+    its readers want (:func:`_destination`), then plain, then with the post-op operands that broadcast over
+    the first dim expanded (a copy: oneDNN's fast kernels broadcast over some other dims,
+    ``lower_attention._operand_layouts``), then expanded over every dim.  Gives the descriptor, whether the operands are copied compact,
+    and the post-op chain."""
+    wanted = _destination(node, bool(operands))
+    plain = plain_md(wanted.dims, DNNL_TO_TORCH[wanted.dtype])
+    tries = [(wanted, None)] + ([(plain, None)] if plain != wanted else [])
+    tries += [(plain, "first")] if _broadcast_first(operands, plain) else []
+    tries += [(plain, "every")] if any(_padded_dims(_operand_dims(o), plain.ndims) != list(plain.dims)
+                                       for o in operands) else []
+    for dst_md, expand in tries:
+        snapshot = builder.snapshot()
+        try:
+            attempt = _expanded(builder, operands, dst_md, expand == "every") if expand else operands
+            chain = build_chain(builder, fused.post_ops, attempt, dst_md)
+            pd, compact = _fastest(builder, src, weights, dst_md, PrimitiveAttr(chain.post_ops))
+            return pd, compact, chain
+        except (Unsupported, DnnlError):
+            builder.restore(snapshot, node)
+            if (dst_md, expand) == tries[-1]:
+                raise
+
+
 def _destination(node: fx.Node, binary: bool) -> MemoryDesc:
     """Where every reader permutes the result alike, the layout that makes that view contiguous
     (:func:`output_md`); plain with a binary post-op, whose broadcast operand crashed oneDNN 3.2's brgemm
@@ -72,26 +88,40 @@ def _destination(node: fx.Node, binary: bool) -> MemoryDesc:
     return plain_md(node.meta["val"].shape, dtype) if binary else output_md(node, dtype)
 
 
-def _padded_shape(tensor, rank: int) -> list[int]:
-    return [1] * (rank - tensor.dim()) + list(tensor.shape)
+def _padded_dims(dims, rank: int) -> list[int]:
+    return [1] * (rank - len(dims)) + list(dims)
 
 
-def _expandable(operands: list[Operand], dst_md: MemoryDesc) -> bool:
-    """Whether a constant operand broadcasts over the first dim, which oneDNN's fast matmul kernels do not
-    take (they broadcast over any other dim: ``lower_attention._operand_layouts``)."""
-    return dst_md.dims[0] > 1 and any(o.constant is not None and _padded_shape(o.constant, dst_md.ndims)[0] == 1
-                                      for o in operands)
+def _operand_dims(operand: Operand) -> list[int]:
+    return list(operand.constant.shape) if operand.constant is not None else list(operand.value.md.dims)
 
 
-def _first_dim_expanded(operands: list[Operand], dst_md: MemoryDesc) -> list[Operand]:
-    """The constant operands with their first dim expanded to the destination's (a copy, made once)."""
+def _broadcast_first(operands: list[Operand], dst_md: MemoryDesc) -> bool:
+    """Whether an operand broadcasts over the destination's first dim."""
+    return dst_md.dims[0] > 1 and any(_padded_dims(_operand_dims(o), dst_md.ndims)[0] == 1 for o in operands)
+
+
+def _expanded(builder: Builder, operands: list[Operand], dst_md: MemoryDesc, every_dim: bool) -> list[Operand]:
+    """The operands that broadcast over the first dim (``every_dim``: over any dim) expanded to the
+    destination's size there: a constant once, now; a computed one by a reorder each call, from a view with
+    strides of 0 along those dims."""
     expanded = []
     for o in operands:
-        if o.constant is not None and _padded_shape(o.constant, dst_md.ndims)[0] == 1:
-            dims = _padded_shape(o.constant, dst_md.ndims)
-            tensor = o.constant.reshape(dims).expand([dst_md.dims[0], *dims[1:]]).contiguous()
-            o = Operand(None, False, constant=tensor, name=f"{o.name}.expanded")
-        expanded.append(o)
+        dims = _padded_dims(_operand_dims(o), dst_md.ndims)
+        grown = [d for d in range(len(dims)) if dims[d] == 1 and dst_md.dims[d] > 1 and (every_dim or d == 0)]
+        if not grown:
+            expanded.append(o)
+            continue
+        full = [dst_md.dims[d] if d in grown else dims[d] for d in range(len(dims))]
+        if o.constant is not None:
+            tensor = o.constant.reshape(dims).expand(full).contiguous()
+            expanded.append(Operand(None, False, constant=tensor, name=f"{o.name}.expanded"))
+            continue
+        source = builder.to_plain(o.value)
+        strides = _padded_dims(list(source.md.strides), dst_md.ndims)
+        strides = [0 if d in grown else strides[d] for d in range(len(dims))]
+        view = Value(f"{source.name}.expanded", MemoryDesc.from_strides(full, source.md.dtype, strides), ALIAS, source)
+        expanded.append(Operand(builder.copy(view, plain_md(full, DNNL_TO_TORCH[source.md.dtype])), True))
     return expanded
 
 

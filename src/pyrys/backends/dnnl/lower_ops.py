@@ -5,7 +5,6 @@ Ops without a layout preference run in their producer's layout (their output tak
 """
 from __future__ import annotations
 
-import math
 
 import operator
 
@@ -31,7 +30,7 @@ from pyrys.backends.dnnl.primitives import MemoryDesc, PrimitiveAttr
 from pyrys.backends.dnnl.values import ALIAS, PLANNED, Value, part_of
 from pyrys.ir.fused import FUSED_CONV, FUSED_CONV_TRANSPOSE
 from pyrys.ir.graph import op_args
-from pyrys.ir.post_ops import ACTIVATIONS, NoPostOp, PostOp, activation_post_op
+from pyrys.ir.post_ops import ACTIVATIONS, NoPostOp, PostOp, activation_post_op, is_float32_factor
 from pyrys.ir.vocabulary import PERMUTES, POOLS, VIEWS, permutation
 from pyrys.quantization import QUANTIZE
 
@@ -83,9 +82,13 @@ def lower_unary(builder: Builder, node: fx.Node) -> None:
 
 BINARY_ALGS = {aten.add.Tensor: AlgKind.binary_add, aten.mul.Tensor: AlgKind.binary_mul,
                aten.sub.Tensor: AlgKind.binary_sub, aten.div.Tensor: AlgKind.binary_div}
-_SCALAR_AS_LINEAR = {  # y = alpha * x + beta for a scalar operand c
-    aten.add.Tensor: lambda c: (1.0, c), aten.sub.Tensor: lambda c: (1.0, -c),
-    aten.mul.Tensor: lambda c: (c, 0.0), aten.div.Tensor: lambda c: (1.0 / c, 0.0),
+# y = x op c for a number c, as one eltwise step: a sum as linear (x * 1 + c), a product as pow (c * x^1, which
+# oneDNN computes as one multiply: linear's x * c + 0 would turn eager's -0 into +0)
+_SCALAR_AS_ELTWISE = {
+    aten.add.Tensor: lambda c: (AlgKind.eltwise_linear, 1.0, c),
+    aten.sub.Tensor: lambda c: (AlgKind.eltwise_linear, 1.0, -c),
+    aten.mul.Tensor: lambda c: (AlgKind.eltwise_pow, c, 1.0),
+    aten.div.Tensor: lambda c: (AlgKind.eltwise_pow, 1.0 / c, 1.0),
 }
 
 
@@ -97,9 +100,10 @@ def lower_binary(builder: Builder, node: fx.Node) -> None:
     check_dtype(out, dtypes=F32_OR_BF16)
     if isinstance(b, (int, float)) and isinstance(a, fx.Node):
         check_dtype(a.meta["val"], out, dtypes=F32_OR_BF16)
-        if node.target is aten.div.Tensor and not _reciprocal_is_finite(b):
-            raise Unsupported(f"division by {b!r}, whose reciprocal is not a finite float32 (torch divides)")
-        return _linear(builder, node, builder.value_of(a), *_SCALAR_AS_LINEAR[node.target](float(b)))
+        alg, alpha, beta = _SCALAR_AS_ELTWISE[node.target](float(b)) if b != 0 else (None, 0.0, 0.0)
+        if alg is None or (alg is AlgKind.eltwise_pow and not is_float32_factor(alpha)):
+            raise Unsupported(f"{node.target._schema.name} by {b!r}: a factor of 0 or beyond float32 (torch computes it)")
+        return _eltwise(builder, node, builder.value_of(a), alg, alpha, beta)
     if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
         raise Unsupported("operands")
     check_dtype(a.meta["val"], b.meta["val"], out, dtypes=F32_OR_BF16)
@@ -132,11 +136,6 @@ def lower_binary(builder: Builder, node: fx.Node) -> None:
     builder.add_primitive(text, pd, args, [x, y], [result])
 
 
-def _reciprocal_is_finite(c: float) -> bool:
-    """``x / c`` runs as ``x * (1 / c)`` where ``1 / c`` is a finite float32 (not for 0, inf, NaN, 1e-40)."""
-    return c != 0 and math.isfinite(1.0 / c) and abs(1.0 / c) <= torch.finfo(torch.float32).max
-
-
 def _broadcast_dims(shape, ndims: int) -> list[int]:
     """``shape`` with leading 1s up to ``ndims`` (oneDNN broadcasts along dims of size 1)."""
     return [1] * (ndims - len(shape)) + [int(s) for s in shape]
@@ -151,10 +150,11 @@ def _second_operand(builder: Builder, node: fx.Node, x: Value) -> Value:
     return builder.convert(builder.value_of(node), md)
 
 
-def _linear(builder: Builder, node: fx.Node, x: Value, alpha: float, beta: float) -> None:
-    pd = eltwise_pd(builder.engine, AlgKind.eltwise_linear, x.md, x.md, alpha, beta)
+def _eltwise(builder: Builder, node: fx.Node, x: Value, alg: AlgKind, alpha: float, beta: float) -> None:
+    pd = eltwise_pd(builder.engine, alg, x.md, x.md, alpha, beta)
     out = builder.define(node, pd.dst_md())
-    text = node_text(node, "dnnl::linear_eltwise", f"alpha={alpha:g}, beta={beta:g}", [f"%{x.name}"])
+    label = "dnnl::scale" if alg is AlgKind.eltwise_pow else "dnnl::linear_eltwise"
+    text = node_text(node, label, f"alpha={alpha:g}, beta={beta:g}", [f"%{x.name}"])
     builder.add_primitive(text, pd, {ARG_SRC: x, ARG_DST: out}, [x], [out])
 
 

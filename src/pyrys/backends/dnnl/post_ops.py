@@ -18,7 +18,7 @@ from pyrys.backends.dnnl.constants import AlgKind, DataType, FormatTag
 from pyrys.backends.dnnl.layout import plain_md
 from pyrys.backends.dnnl.primitives import MemoryDesc, PostOps
 from pyrys.backends.dnnl.tensors import DNNL_TO_TORCH, dnnl_dtype
-from pyrys.backends.dnnl.values import PLANNED, Value
+from pyrys.backends.dnnl.values import ALIAS, PLANNED, Value
 from pyrys.ir.post_ops import PostOp
 
 Eltwise = tuple[AlgKind, float, float]  # one oneDNN eltwise step: algorithm, alpha, beta
@@ -61,7 +61,7 @@ ELTWISE: dict[str, Callable[..., list[Eltwise]]] = {
     "sigmoid": _single(AlgKind.eltwise_logistic),
     "tanh": _single(AlgKind.eltwise_tanh),
     "mish": _single(AlgKind.eltwise_mish),
-    "scale": lambda factor: [(AlgKind.eltwise_linear, factor, 0.0)],
+    "scale": lambda factor: [(AlgKind.eltwise_pow, factor, 1.0)],
     "shift": lambda term: [(AlgKind.eltwise_linear, 1.0, term)],
 }
 # the post-ops whose oneDNN steps give another result than eager's for a value that is not finite: clip and
@@ -169,7 +169,15 @@ def _append_binary(builder: Builder, chain: Chain, name: str, operand: Operand, 
     same = tuple(dims) == tuple(dst_md.dims) and value.md.dtype == dst_md.dtype
     md = dst_md if same else _like(dst_md, dims, value.md.dtype)  # the operand keeps its data type
     index = chain.post_ops.append_binary(BINARY[name], md)
-    chain.binary_operands[index] = builder.convert(value, md)
+    chain.binary_operands[index] = builder.convert(_with_rank(builder, value, dims), md)
+
+
+def _with_rank(builder: Builder, value: Value, dims: list[int]) -> Value:
+    """``value`` seen with ``dims`` (its own, with leading 1s): a reorder takes no change of rank."""
+    if len(dims) == value.md.ndims:
+        return value
+    source = builder.to_plain(value) if value.md.inner_blocks else value
+    return Value(f"{value.name}.{len(dims)}d", source.md.reshape(dims), ALIAS, source)
 
 
 def _like(dst_md: MemoryDesc, dims: list[int], dtype=None) -> MemoryDesc:
