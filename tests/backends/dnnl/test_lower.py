@@ -1,4 +1,6 @@
 """Each primitive kind of the dnnl backend against eager PyTorch (and so the reference backend)."""
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -334,3 +336,46 @@ def test_outputs_viewing_a_linears_rows_are_their_own_shape(name, fn):
     got, expected = (got, expected) if isinstance(got, tuple) else ((got,), (expected,))
     assert [tuple(g.shape) for g in got] == [tuple(e.shape) for e in expected], name
     assert all(torch.allclose(g, e, atol=1e-5) for g, e in zip(got, expected)), name
+
+
+class RMSNorm(nn.Module):
+    """LLaMA's and T5's norm: ``w * x * rsqrt(mean(x^2) + eps)``."""
+
+    def __init__(self, width=16):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(width) + 0.5)
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+def test_an_rms_norm_runs_in_onednn():
+    model, x = RMSNorm().eval(), rand(2, 5, 16)
+    opt = pyrys.optimize(model, (x,))
+    assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE
+    text = opt.program_text()
+    assert "fallback" not in text and "dnnl::rsqrt" in text and "dnnl::pow" in text, text
+
+
+@pytest.mark.parametrize("op, reason", [(torch.rsqrt, "rsqrt of a value not known positive"),
+                                        (lambda x: x.pow(3), "pow to 3")])
+def test_elementwise_math_oneDNN_computes_unlike_torch_stays_torch(op, reason):
+    model = Fn(lambda m, x: op(x * 1.0))
+    x = torch.tensor([[-0.0, 0.0, -math.inf, 4.0, -2.0, math.nan]])
+    opt = pyrys.optimize(model, (x,))
+    got, want = opt(x), model(x)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got[~want.isnan()], want[~want.isnan()])
+    assert torch.equal(torch.signbit(got[~want.isnan()]), torch.signbit(want[~want.isnan()]))
+    assert reason in opt.program_text(), opt.program_text()
+
+
+@pytest.mark.parametrize("op", [torch.sqrt, torch.abs, torch.neg, lambda x: x.pow(2)])
+def test_elementwise_math_in_onednn_keeps_nan_infinities_and_signed_zeros(op):
+    model = Fn(lambda m, x: op(x * 1.0))
+    x = torch.tensor([[-0.0, 0.0, -math.inf, math.inf, 4.0, -2.0, math.nan, 1e-40, 2.0]])
+    opt = pyrys.optimize(model, (x,))
+    got, want = opt(x), model(x)
+    assert "fallback" not in opt.program_text(), opt.program_text()
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(torch.signbit(got[~want.isnan()]), torch.signbit(want[~want.isnan()]))
+    torch.testing.assert_close(got[~want.isnan()], want[~want.isnan()], rtol=2e-7, atol=0)

@@ -54,13 +54,15 @@ def same_layout_md(value: Value, shape, dtype: torch.dtype | None = None) -> Mem
 
 
 def _unary(builder: Builder, node: fx.Node, post_op: PostOp) -> None:
+    _steps(builder, node, eltwise_steps(post_op), post_op.name, post_op.name in UNLIKE_EAGER_ON_NONFINITE)
+
+
+def _steps(builder: Builder, node: fx.Node, steps: list, name: str, unlike_eager: bool) -> None:
     """One eltwise primitive; a chain of steps runs as the post-ops of ``x + 0`` (a binary
     primitive: oneDNN's eltwise primitive takes post-ops only on its reference code)."""
     x = builder.value_of(node.args[0])
     check_dtype(node.args[0].meta["val"], node.meta["val"], dtypes=F32_OR_BF16)
-    (alg, alpha, beta), *rest = steps = eltwise_steps(post_op)
-    name = post_op.name
-    unlike_eager = name in UNLIKE_EAGER_ON_NONFINITE
+    (alg, alpha, beta), *rest = steps
     text = node_text(node, f"dnnl::{name}", f"format_info=[{x.layout()}]", [f"%{x.name}"])
     if not rest:
         pd = eltwise_pd(builder.engine, alg, x.md, x.md, alpha, beta)
@@ -150,10 +152,56 @@ def _second_operand(builder: Builder, node: fx.Node, x: Value) -> Value:
     return builder.convert(builder.value_of(node), md)
 
 
+# elementwise math with no post-op form, op -> (its oneDNN eltwise step, from the op's arguments); an
+# exponent oneDNN computes as an approximation (through exp and log) is left to torch
+# elementwise math with no post-op form: op -> its oneDNN eltwise steps, from the op's arguments (or why
+# torch computes it).  Each step is one operation, as in torch's kernels (sqrt within one rounding of torch's): a
+# product by -1 or a reciprocal is pow with exponent 1 or -1, which oneDNN computes as one multiply or
+# divide; other exponents go through exp and log, and stay torch's.  rsqrt is 1 / sqrt(x) where x is known
+# positive (RMSNorm's mean of squares plus eps): oneDNN gives +inf for -0 (torch: -inf), and pow(x, -0.5)
+# also 0 for -inf (torch: NaN).
+ELEMENTWISE = {
+    aten.rsqrt.default: lambda a: ([(AlgKind.eltwise_sqrt, 0.0, 0.0), (AlgKind.eltwise_pow, 1.0, -1.0)]
+                                   if _known_positive(a["input"]) else "rsqrt of a value not known positive "
+                                   "(oneDNN's gives +inf for -0)"),
+    aten.sqrt.default: lambda a: [(AlgKind.eltwise_sqrt, 0.0, 0.0)],
+    aten.abs.default: lambda a: [(AlgKind.eltwise_abs, 0.0, 0.0)],
+    aten.neg.default: lambda a: [(AlgKind.eltwise_pow, -1.0, 1.0)],
+    aten.pow.Tensor_Scalar: lambda a: ([(AlgKind.eltwise_square, 0.0, 0.0)] if a["exponent"] == 2 else
+                                       f"pow to {a['exponent']!r} (oneDNN's goes through exp and log)"),
+}
+
+
+def _known_positive(node) -> bool:
+    """``c + x`` with a number ``c > 0`` and ``x`` a square or a mean or sum of them (or NaN)."""
+    if not (isinstance(node, fx.Node) and node.target is aten.add.Tensor):
+        return False
+    x, c = node.args[0], node.args[1]
+    return isinstance(c, (int, float)) and c > 0 and _known_non_negative(x)
+
+
+def _known_non_negative(node) -> bool:
+    if not isinstance(node, fx.Node):
+        return False
+    if node.target is aten.pow.Tensor_Scalar:
+        return node.args[1] == 2
+    if node.target in (aten.mean.dim, aten.sum.dim_IntList):
+        return _known_non_negative(node.args[0])
+    return False
+
+
+def lower_elementwise(builder: Builder, node: fx.Node) -> None:
+    """``rsqrt``, ``sqrt``, ``abs``, ``neg``, ``pow(x, 2)`` (RMSNorm's steps) as eltwise steps."""
+    steps = ELEMENTWISE[node.target](op_args(node))
+    if isinstance(steps, str):
+        raise Unsupported(steps)
+    _steps(builder, node, steps, node.target._schema.name.split("::")[1], unlike_eager=False)
+
+
 def _eltwise(builder: Builder, node: fx.Node, x: Value, alg: AlgKind, alpha: float, beta: float) -> None:
     pd = eltwise_pd(builder.engine, alg, x.md, x.md, alpha, beta)
     out = builder.define(node, pd.dst_md())
-    label = "dnnl::scale" if alg is AlgKind.eltwise_pow else "dnnl::linear_eltwise"
+    label = "dnnl::" + (alg.name.removeprefix("eltwise_") if alg is not AlgKind.eltwise_linear else "linear_eltwise")
     text = node_text(node, label, f"alpha={alpha:g}, beta={beta:g}", [f"%{x.name}"])
     builder.add_primitive(text, pd, {ARG_SRC: x, ARG_DST: out}, [x], [out])
 
@@ -519,6 +567,7 @@ def lower_getitem(builder: Builder, node: fx.Node) -> None:
 LOWERINGS = {
     **{target: lower_unary for target in ACTIVATIONS},
     **{target: lower_binary for target in BINARY_ALGS},
+    **{target: lower_elementwise for target in ELEMENTWISE},
     **{target: lower_view for target in VIEWS},
     aten.max_pool2d.default: lower_max_pool,
     aten.max_pool1d.default: lower_max_pool,
