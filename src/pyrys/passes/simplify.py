@@ -142,6 +142,40 @@ class RemoveNoOp(Rule):
         replace_node(node, match["source"])
 
 
+def _is_empty(node) -> bool:
+    """A tensor with a size of 0 known at compile time (a key-value cache before its first step)."""
+    meta = tensor_meta(node) if isinstance(node, fx.Node) else None
+    return meta is not None and any(isinstance(size, int) and size == 0 for size in meta.shape)
+
+
+class ConcatWithoutEmpty(Rule):
+    """``cat([empty, x, ...])`` -> ``cat([x, ...])``, and ``cat([x])`` -> ``x``: an empty operand adds no
+    element (HF's ``DynamicCache`` joins the first step's keys to an empty cache).  Only where the rest
+    have the result's dtype (``cat`` promotes, an empty float64 tensor too)."""
+
+    name = "concat_without_empty"
+    anchors = frozenset({aten.cat.default})
+
+    def match(self, gm: fx.GraphModule, node: fx.Node) -> Match | Miss | None:
+        tensors, out = node.args[0], tensor_meta(node)
+        kept = [t for t in tensors if not _is_empty(t)]
+        if out is None or len(kept) == len(tensors) or not kept or _is_empty(node):
+            return None
+        if any(tensor_meta(t) is None or tensor_meta(t).dtype != out.dtype for t in kept):
+            return None
+        if len(kept) == 1 and _returns_own_input(node, kept[0]):
+            return None
+        return Match({"kept": kept})
+
+    def rewrite(self, gm: fx.GraphModule, node: fx.Node, match: Match) -> None:
+        kept = match["kept"]
+        if len(kept) == 1:
+            return replace_node(node, kept[0])
+        with gm.graph.inserting_before(node):
+            joined = insert_op(gm.graph, aten.cat.default, (kept, *node.args[1:]), node.name)
+        replace_node(node, joined)
+
+
 class RemoveMetadataAssert(Rule):
     """``_assert_tensor_metadata(x, dtype=...)``: checked against the recorded type now, then dropped."""
 
@@ -305,7 +339,7 @@ def _trailing_dims_holding(shape, count) -> int | None:
 
 SIMPLIFY_RULES: tuple[Rule, ...] = (
     tuple(RemoveNoOp(name, target, check) for target, (name, check) in NO_OPS.items())
-    + (RemoveMetadataAssert(), CollapseViews(), CollapsePermutes(), LinearFromMatmul(), ProductPlusTerm(),
+    + (ConcatWithoutEmpty(), RemoveMetadataAssert(), CollapseViews(), CollapsePermutes(), LinearFromMatmul(), ProductPlusTerm(),
        LinearOfFlattened(),
        ActivationFromFormula(), AttentionFromFormula(), MergeSiblingLinears())
 )

@@ -379,3 +379,45 @@ def test_elementwise_math_in_onednn_keeps_nan_infinities_and_signed_zeros(op):
     assert torch.equal(got.isnan(), want.isnan())
     assert torch.equal(torch.signbit(got[~want.isnan()]), torch.signbit(want[~want.isnan()]))
     torch.testing.assert_close(got[~want.isnan()], want[~want.isnan()], rtol=2e-7, atol=0)
+
+
+def rotate_half(x):
+    """RoPE's rotation: the halves of the last dim swapped, the first negated."""
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], -1)
+
+
+VIEW_CASES = {
+    "RoPE halves": lambda x: x * 0.5 + rotate_half(x * 2.0),
+    "slices of slices": lambda x: (x * 2.0)[:, 1:4][..., 2:-1] + 1,
+    "a slice from the end": lambda x: (x * 2.0)[..., -3:].relu(),
+    "grouped-query keys: expand, then reshape": lambda x: (x * 2.0)[:, None].expand(2, 3, 5, 12).reshape(6, 5, 12),
+    "an expand read directly": lambda x: (x * 2.0)[:1].expand(2, 5, 12) - x,
+}
+
+
+@pytest.mark.parametrize("name", list(VIEW_CASES))
+def test_slices_and_expands_of_computed_tensors_run_in_onednn(name):
+    model, x = Fn(lambda m, x: VIEW_CASES[name](x)), rand(2, 5, 12)
+    opt = pyrys.optimize(model, (x,))
+    assert torch.equal(opt(x), model(x))
+    assert "fallback" not in opt.program_text(), opt.program_text()
+    other = rand(2, 5, 12) * 3  # the same program, other values: the views read the new ones
+    assert torch.equal(opt(other), model(other))
+
+
+def test_a_slice_with_a_step_runs_in_torch_and_says_why():
+    model, x = Fn(lambda m, x: (x * 2.0)[:, ::2] + 1), rand(2, 5, 12)
+    opt = pyrys.optimize(model, (x,))
+    assert torch.equal(opt(x), model(x)) and "a slice with a step" in opt.program_text()
+
+
+def test_an_empty_operand_of_a_concat_is_dropped(run_passes):
+    class Cache(nn.Module):
+        def forward(self, x):
+            past = torch.zeros(x.shape[0], 0, x.shape[2])
+            return torch.cat([past, x * 2.0], 1) + torch.cat([past, x, x + 1], 1)[:, :5]
+
+    result = run_passes(Cache(), (rand(2, 5, 12),), "constant_propagation", "simplify")
+    assert result.fired("simplify").get("concat_without_empty") == 2, result.after
+    assert "aten::cat([%x, %add], 1)" in result.after and result.error() == 0

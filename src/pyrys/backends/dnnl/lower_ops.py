@@ -501,6 +501,45 @@ def lower_split(builder: Builder, node: fx.Node) -> None:
     builder.parts[node] = parts
 
 
+def lower_slice(builder: Builder, node: fx.Node) -> None:
+    """``x[..., a:b]`` is an alias of a part of the source (RoPE's halves).  A step > 1 runs through torch:
+    oneDNN takes no strides whose dims could overlap (``x[:, ::2]``: 3 rows 24 apart inside a row of 60)."""
+    source = builder.value_of(node.args[0])
+    if source.root.kind != PLANNED:
+        raise Unsupported("slice of a dynamic tensor")
+    meta, a = node.meta["val"], op_args(node)
+    if a["step"] != 1:
+        raise Unsupported("a slice with a step (oneDNN takes no such strides)")
+    check_dtype(node.args[0].meta["val"], meta, dtypes=F32_OR_BF16)
+    if source.md.inner_blocks:
+        source = builder.to_plain(source)
+    dims = list(source.md.dims)
+    dim = a["dim"] % len(dims)
+    start = 0 if a["start"] is None else a["start"]
+    start = min(max(start + dims[dim] if start < 0 else start, 0), dims[dim])
+    counts, offsets = list(dims), [0] * len(dims)
+    counts[dim], offsets[dim] = int(meta.shape[dim]), start
+    builder.values[node] = part_of(source, node.name, counts, offsets)
+
+
+def lower_expand(builder: Builder, node: fx.Node) -> None:
+    """``x.expand(sizes)``: a copy, made by a reorder from a view of ``x`` with strides of 0 along the dims it
+    repeats (grouped-query attention's keys, expanded and then reshaped to every head)."""
+    source = builder.value_of(node.args[0])
+    meta = node.meta["val"]
+    check_dtype(node.args[0].meta["val"], meta, dtypes=F32_OR_BF16)
+    source = builder.to_plain(source) if source.md.inner_blocks else source
+    rank, dims = meta.dim(), list(source.md.dims)
+    padded = [1] * (rank - len(dims)) + dims
+    strides = [0] * (rank - len(dims)) + list(source.md.strides)
+    strides = [0 if size == 1 and int(out) != 1 else stride for size, out, stride in zip(padded, meta.shape, strides)]
+    view = Value(f"{node.name}.view", MemoryDesc.from_strides(list(meta.shape), source.md.dtype, strides), ALIAS, source)
+    out = builder.define(node, plain_md(meta.shape, meta.dtype))
+    pd = reorder_pd(builder.engine, view.md, out.md)
+    text = node_text(node, "dnnl::expand", f"format_info=[{source.layout()} -> {out.layout()}]", [f"%{source.name}"])
+    builder.add_primitive(text, pd, {ARG_FROM: view, ARG_TO: out}, [view], [out])
+
+
 def lower_unbind(builder: Builder, node: fx.Node) -> None:
     """Each part of an unbind is an alias of one slice of the source, the dim dropped (``q, k, v = qkv``)."""
     source = builder.value_of(node.args[0])
@@ -594,6 +633,8 @@ LOWERINGS = {
     aten.split.Tensor: lower_split,
     aten.split_with_sizes.default: lower_split,
     aten.unbind.int: lower_unbind,
+    aten.slice.Tensor: lower_slice,
+    aten.expand.default: lower_expand,
     operator.getitem: lower_getitem,
     aten.to.dtype: lower_convert,
 }
