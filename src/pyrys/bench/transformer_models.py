@@ -111,7 +111,27 @@ def whisper_encoder(small: bool = False) -> nn.Module:
     return Wrapped(encoder, ("input_features",), "last_hidden_state", inputs)
 
 
+def llama(small: bool = False) -> nn.Module:
+    """LlamaModel, 12 layers 768 wide (12 query heads sharing 4 key-value heads; RoPE, RMSNorm, SwiGLU), ids
+    and mask of 128 tokens -> last hidden state."""
+    full = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
+                intermediate_size=2048, vocab_size=32000)
+    small_size = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=128, vocab_size=1000)
+    t, config = _config("LlamaConfig", small_size, small, use_cache=False, **({} if small else full))
+    return Wrapped(t.LlamaModel(config), ("input_ids", "attention_mask"), "last_hidden_state",
+                   _tokens(config.vocab_size, 16 if small else 128))
+
+
+def t5_encoder(small: bool = False) -> nn.Module:
+    """T5EncoderModel, T5-small's encoder (6 layers, 512 wide; relative position bias, RMSNorm), ids and mask of
+    128 tokens -> last hidden state."""
+    return _text_encoder("T5Config", "T5EncoderModel", dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                                                            vocab_size=1000), small)
+
+
 # zoo name -> factory
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "hf_bert": bert, "hf_distilbert": distilbert, "hf_vit": vit, "hf_gpt2": gpt2, "hf_whisper_encoder": whisper_encoder,
+    "hf_llama": llama, "hf_t5_encoder": t5_encoder,
 }
