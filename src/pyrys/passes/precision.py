@@ -218,6 +218,9 @@ def _runs_low(node: fx.Node, low: set[fx.Node], chosen: frozenset[str] | None = 
         return False  # an integer or float64 tensor among its inputs
     activations = [a for a in tensors if a.op != "get_attr"]
     if node.target in MATMULS or node.target is ATTENTION:
+        if node.target is FUSED_MATMUL:  # its own operands: a bfloat16 residual or mask moves no product
+            operands = list(read_fused(node).args.values())
+            activations = [a for a in activations if a in operands]
         return any(a in low for a in activations) or (chosen is not None and node.name in chosen)
     if node.target in COMPUTE_OPS:
         return (chosen is None or node.name in chosen) and _weight_is_constant(node)

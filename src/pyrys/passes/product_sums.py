@@ -8,7 +8,8 @@ With a constant matrix ``b`` and a constant bias ``c`` an ``addmm`` is a linear 
 (:class:`pyrys.passes.simplify.LinearFromMatmul`, which comes first); this rule takes the rest: a computed
 bias, computed operands, factors other than 1.  ``beta = 0`` drops ``c`` (torch does not read it: a NaN
 there does not reach the result); ``alpha = 0`` stays an ``addmm`` (torch does not read ``a`` and ``b``,
-and ``0 * (a @ b)`` would carry their NaN).
+and ``0 * (a @ b)`` would carry their NaN).  Each factor is compared as a float32, as torch's kernel reads
+it: ``beta=1e-50`` is 0 there.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ class ProductPlusTerm(Rule):
     def match(self, gm: fx.GraphModule, node: fx.Node) -> Match | Miss | None:
         args = op_args(node)
         out = tensor_meta(node)
-        if out is None or not out.dtype.is_floating_point or args["alpha"] == 0:
+        if out is None or not out.dtype.is_floating_point or _as_float32(args["alpha"]) == 0:
             return None
         return Match({"args": args})
 
@@ -45,9 +46,14 @@ class ProductPlusTerm(Rule):
             result = insert_op(gm.graph, product, tuple(args[name] for name in operands), "product")
             if args["alpha"] != 1:
                 result = insert_op(gm.graph, aten.mul.Tensor, (result, args["alpha"]), "product_scaled")
-            if args["beta"] != 0:
+            if _as_float32(args["beta"]) != 0:
                 term = args["input"]
                 if args["beta"] != 1:
                     term = insert_op(gm.graph, aten.mul.Tensor, (term, args["beta"]), "term_scaled")
                 result = insert_op(gm.graph, aten.add.Tensor, (result, term), "product_plus_term")
         replace_node(node, result)
+
+
+def _as_float32(factor) -> float:
+    """The factor as torch's kernel reads it (float32): ``1e-50`` is 0 there, and the term is not read."""
+    return float(torch.tensor(float(factor), dtype=torch.float32))

@@ -271,3 +271,64 @@ def test_scale_and_shift_post_ops_keep_nan_infinities_and_signed_zeros():
     assert torch.equal(got.isnan(), want.isnan())
     same = got[~want.isnan()] == want[~want.isnan()]
     assert bool(same.all()) and torch.equal(torch.signbit(got[~want.isnan()]), torch.signbit(want[~want.isnan()]))
+
+
+class ReleasedConstantOperands(nn.Module):
+    """A constant added after a product and after a linear (a position embedding): both packed as post-op
+    operands, the graph's copies released, then expanded again for another batch size."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.linear = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.register_buffer("scores_bias", torch.randn(1, 5, 5))
+        self.register_buffer("positions", torch.randn(5, 8))
+
+    def forward(self, x):
+        q = self.q(x)
+        return torch.bmm(q, q.transpose(1, 2)) + self.scores_bias, self.linear(x) + self.positions
+
+
+@pytest.mark.parametrize("dynamic", [True, None])
+def test_released_constant_operands_serve_every_new_batch_size(dynamic):
+    model = ReleasedConstantOperands().eval()
+    opt = pyrys.optimize(model, (rand(1, 5, 8),), dynamic=dynamic)
+    for batch in (1, 3, 2):
+        x = rand(batch, 5, 8, seed=batch)
+        for out, expected in zip(opt(x), model(x)):
+            assert relative_error(out, expected) <= TOLERANCE
+
+
+@pytest.mark.skipif(not native_bf16(), reason="the CPU has no native bf16 (avx512_bf16, amx_bf16)")
+def test_a_bf16_residual_does_not_move_a_product_of_float32_activations_to_bf16():
+    class Angles(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.linear = nn.Linear(16, 16)
+
+        def forward(self, t, f, h):
+            bf16_residual = self.linear(h)
+            return torch.cos(torch.matmul(t, f) + bf16_residual)  # t: positions up to 1000, as RoPE's angles
+
+    model = Angles().eval()
+    args = ((torch.arange(64.0) * 15.7 + 0.3).reshape(1, 64, 1), rand(1, 1, 16, seed=1).abs() + 0.5, rand(1, 64, 16))
+    opt = pyrys.optimize(model, args, precision="bf16", accuracy_budget=None)
+    assert relative_error(opt(*args), model(*args)) <= BF16_TOLERANCE
+    line = next(line for line in opt.program_text().splitlines() if "dnnl::matmul" in line)
+    assert "(%t, %f" in line, line  # read as they are, in float32
+
+
+def test_addmm_with_a_factor_that_is_zero_in_float32_does_not_read_its_term():
+    class Addmm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x, c):
+            return torch.addmm(c * float("inf"), self.a(x), self.b(x), beta=1e-50)
+
+    model, args = Addmm().eval(), (rand(8, 8), rand(8, 8, seed=2))
+    opt = pyrys.optimize(model, args)
+    assert not model(*args).isnan().any() and torch.equal(opt(*args), model(*args))

@@ -24,6 +24,7 @@ from pyrys.backends.dnnl.primitives import MemoryDesc, PrimitiveAttr, PrimitiveD
 from pyrys.backends.dnnl.tensors import dnnl_dtype
 from pyrys.backends.dnnl.values import ALIAS, Value
 from pyrys.ir.fused import Fused, read_fused
+from pyrys.ir.released import values_of
 from pyrys.passes.precision import CONVERT
 
 
@@ -286,7 +287,7 @@ def _operand_2d(builder: Builder, node: fx.Node, rows: int, out_shape) -> Operan
         if all(d == 1 for d in constant.shape[:-1]):
             constant = constant.reshape(1, -1)
         else:
-            constant = constant.expand(list(out_shape)).reshape(rows, -1)
+            constant = values_of(constant).expand(list(out_shape)).reshape(rows, -1)  # a released one's values
         return Operand(None, False, constant=constant, name=operand.name)
     if len(operand.value.md.dims) == 2 or operand.value.md.dims[-1] * rows != _numel(operand.value.md.dims):
         return operand

@@ -29,6 +29,7 @@ from pyrys.backends.dnnl.primitives import MemoryDesc, PrimitiveAttr, PrimitiveD
 from pyrys.backends.dnnl.tensors import DNNL_TO_TORCH
 from pyrys.backends.dnnl.values import ALIAS, CONSTANT, Value
 from pyrys.ir.fused import FUSED_MATMUL, read_fused
+from pyrys.ir.released import values_of
 
 
 def lower_matmul(builder: Builder, node: fx.Node) -> None:
@@ -114,7 +115,7 @@ def _expanded(builder: Builder, operands: list[Operand], dst_md: MemoryDesc, eve
             continue
         full = [dst_md.dims[d] if d in grown else dims[d] for d in range(len(dims))]
         if o.constant is not None:
-            tensor = o.constant.reshape(dims).expand(full).contiguous()
+            tensor = values_of(o.constant).reshape(dims).expand(full).contiguous()  # a released one's values
             expanded.append(Operand(None, False, constant=tensor, name=f"{o.name}.expanded"))
             continue
         source = builder.to_plain(o.value)
