@@ -30,7 +30,7 @@ from pyrys.ir.edit import replace_node
 from pyrys.ir.fused import FUSED_BY_BASE, FUSED_OPS, add_post_op, fused_form_miss, to_fused
 from pyrys.ir.graph import op_args
 from pyrys.ir.symbolic import hint, keeps_shape
-from pyrys.ir.post_ops import ACTIVATIONS, NoPostOp, PostOp, activation_post_op, is_float32_factor
+from pyrys.ir.post_ops import ACTIVATIONS, NoPostOp, PostOp, activation_post_op, scalar_post_op
 from pyrys.passes.rewrite import Match, Miss, PassResult, Rule, apply_rules, fail, shared_miss
 
 aten = torch.ops.aten
@@ -130,21 +130,15 @@ class FuseBinary(Rule):
         replace_node(node, fused)
 
 
-# scalar op -> its post-op on ``y op c`` for a number ``c`` (a fold into the weights, where one applies, came first)
-SCALAR_POST_OPS = {
-    aten.mul.Tensor: lambda c: PostOp("scale", (c,)),
-    aten.div.Tensor: lambda c: PostOp("scale", (1.0 / c,)),
-    aten.add.Tensor: lambda c: PostOp("shift", (c,)),
-    aten.sub.Tensor: lambda c: PostOp("shift", (-c,)),
-}
-DIVISIONS = frozenset({aten.div.Tensor})
+# scalar op -> its name in :data:`pyrys.ir.post_ops.SCALAR_OPS` (a fold into the weights, where one applies,
+# came first)
+SCALAR_POST_OPS = {aten.mul.Tensor: "mul", aten.div.Tensor: "div", aten.add.Tensor: "add", aten.sub.Tensor: "sub"}
 
 
 class FuseScalar(Rule):
     """``matmul(a, b) * c`` -> ``pyrys::matmul_scale(a, b)`` for a number ``c`` (likewise ``/ c``, ``+ c``,
     ``- c``, and after a conv or linear whose weights took no fold): one multiply or add, as eager's (a
-    divisor becomes the factor ``1 / c``).  A factor that is 0, or not a finite float32, stays an op
-    (:func:`pyrys.ir.post_ops.is_float32_factor`)."""
+    divisor becomes the factor ``1 / c``); what stays an op: :func:`pyrys.ir.post_ops.scalar_post_op`."""
 
     name = "scalar"
     anchors = frozenset(SCALAR_POST_OPS)
@@ -156,9 +150,9 @@ class FuseScalar(Rule):
             return None
         if isinstance(c, bool) or not isinstance(c, (int, float)) or args.get("alpha", 1) != 1:
             return None
-        post_op = SCALAR_POST_OPS[node.target](float(c)) if c != 0 or node.target not in DIVISIONS else None
-        if post_op is None or (post_op.name == "scale" and not is_float32_factor(post_op.params[0])):
-            return fail(f"{node.target._schema.name} by {c} stays an op (a factor of 0 or beyond float32)")
+        post_op = scalar_post_op(SCALAR_POST_OPS[node.target], c)
+        if isinstance(post_op, str):
+            return fail(f"{post_op}: it stays an op")
         return _producer_miss(producer, post_op) or Match({"producer": producer, "post_op": post_op})
 
     def rewrite(self, gm: fx.GraphModule, node: fx.Node, match: Match) -> None:

@@ -95,7 +95,7 @@ def test_primitive_matches_eager(name):
 @pytest.mark.parametrize("name, label", [
     ("conv2d", "dnnl::conv2d"), ("conv_transpose2d", "dnnl::conv_transpose2d"), ("linear", "dnnl::linear"),
     ("max_pool", "dnnl::pooling_max"), ("global_avg_pool", "dnnl::pooling_avg"), ("mean", "dnnl::pooling_avg"),
-    ("binary_broadcast", "dnnl::mul"), ("mean_keepdim", "dnnl::pooling_avg"), ("scalar_ops", "dnnl::linear_eltwise"), ("concat", "dnnl::concat"),
+    ("binary_broadcast", "dnnl::mul"), ("mean_keepdim", "dnnl::pooling_avg"), ("scalar_ops", "dnnl::shift"), ("concat", "dnnl::concat"),
     ("softmax", "dnnl::softmax"), ("layer_norm", "dnnl::layer_norm"), ("batch_norm_unfolded", "dnnl::batch_norm"),
     ("upsample_nearest", "dnnl::resampling_nearest"), ("upsample_bilinear", "dnnl::resampling_linear"),
     ("eltwise_chain", "dnnl::hardswish"), ("conv_relu6", "dnnl::conv2d_clamp"),

@@ -332,3 +332,21 @@ def test_addmm_with_a_factor_that_is_zero_in_float32_does_not_read_its_term():
     model, args = Addmm().eval(), (rand(8, 8), rand(8, 8, seed=2))
     opt = pyrys.optimize(model, args)
     assert not model(*args).isnan().any() and torch.equal(opt(*args), model(*args))
+
+
+@pytest.mark.parametrize("op", ["x / 1e39", "x - 1e-46", "x + 1e-46", "x * 1e-50"])
+def test_a_number_torch_reads_as_inf_or_zero_stays_torch(op):
+    """Eager reads a Python number as float32: ``x / 1e39`` divides by inf (NaN for inf, -0 for -x), and
+    ``x - 1e-46`` subtracts -0 (oneDNN's primitive cache does not tell a term of -0 from +0)."""
+    fn = {"x / 1e39": lambda y: y / 1e39, "x - 1e-46": lambda y: y - 1e-46, "x + 1e-46": lambda y: y + 1e-46,
+          "x * 1e-50": lambda y: y * 1e-50}[op]
+    model = Product(lambda a, b: fn(torch.bmm(a, b)))
+    model.a, model.b = nn.Identity(), nn.Identity()  # a @ 1 is a: the special values reach the op
+    special = torch.tensor([0.0, -0.0, math.inf, -math.inf, 1e30, -3.0, 1.0, 2.0]).reshape(1, 8, 1)
+    args = (special, torch.ones(1, 1, 1))
+    opt = pyrys.optimize(model, args)
+    got, want = opt(*args), model(*args)
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got[~want.isnan()], want[~want.isnan()])
+    assert torch.equal(torch.signbit(got[~want.isnan()]), torch.signbit(want[~want.isnan()]))
+    assert "stays an op" in " ".join(m.reason for m in opt.misses) or "torch computes it" in opt.program_text()

@@ -30,7 +30,7 @@ from pyrys.backends.dnnl.primitives import MemoryDesc, PrimitiveAttr
 from pyrys.backends.dnnl.values import ALIAS, PLANNED, Value, part_of
 from pyrys.ir.fused import FUSED_CONV, FUSED_CONV_TRANSPOSE
 from pyrys.ir.graph import op_args
-from pyrys.ir.post_ops import ACTIVATIONS, NoPostOp, PostOp, activation_post_op, is_float32_factor
+from pyrys.ir.post_ops import ACTIVATIONS, NoPostOp, PostOp, activation_post_op, scalar_post_op
 from pyrys.ir.vocabulary import PERMUTES, POOLS, VIEWS, permutation
 from pyrys.quantization import QUANTIZE
 
@@ -84,14 +84,7 @@ def lower_unary(builder: Builder, node: fx.Node) -> None:
 
 BINARY_ALGS = {aten.add.Tensor: AlgKind.binary_add, aten.mul.Tensor: AlgKind.binary_mul,
                aten.sub.Tensor: AlgKind.binary_sub, aten.div.Tensor: AlgKind.binary_div}
-# y = x op c for a number c, as one eltwise step: a sum as linear (x * 1 + c), a product as pow (c * x^1, which
-# oneDNN computes as one multiply: linear's x * c + 0 would turn eager's -0 into +0)
-_SCALAR_AS_ELTWISE = {
-    aten.add.Tensor: lambda c: (AlgKind.eltwise_linear, 1.0, c),
-    aten.sub.Tensor: lambda c: (AlgKind.eltwise_linear, 1.0, -c),
-    aten.mul.Tensor: lambda c: (AlgKind.eltwise_pow, c, 1.0),
-    aten.div.Tensor: lambda c: (AlgKind.eltwise_pow, 1.0 / c, 1.0),
-}
+SCALAR_OPS_BY_TARGET = {aten.add.Tensor: "add", aten.sub.Tensor: "sub", aten.mul.Tensor: "mul", aten.div.Tensor: "div"}
 
 
 def lower_binary(builder: Builder, node: fx.Node) -> None:
@@ -102,10 +95,10 @@ def lower_binary(builder: Builder, node: fx.Node) -> None:
     check_dtype(out, dtypes=F32_OR_BF16)
     if isinstance(b, (int, float)) and isinstance(a, fx.Node):
         check_dtype(a.meta["val"], out, dtypes=F32_OR_BF16)
-        alg, alpha, beta = _SCALAR_AS_ELTWISE[node.target](float(b)) if b != 0 else (None, 0.0, 0.0)
-        if alg is None or (alg is AlgKind.eltwise_pow and not is_float32_factor(alpha)):
-            raise Unsupported(f"{node.target._schema.name} by {b!r}: a factor of 0 or beyond float32 (torch computes it)")
-        return _eltwise(builder, node, builder.value_of(a), alg, alpha, beta)
+        post_op = scalar_post_op(SCALAR_OPS_BY_TARGET[node.target], b)
+        if isinstance(post_op, str):
+            raise Unsupported(post_op)
+        return _unary(builder, node, post_op)  # x * c as pow(c x^1), one multiply; x + c as linear(x + c)
     if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
         raise Unsupported("operands")
     check_dtype(a.meta["val"], b.meta["val"], out, dtypes=F32_OR_BF16)
@@ -196,14 +189,6 @@ def lower_elementwise(builder: Builder, node: fx.Node) -> None:
     if isinstance(steps, str):
         raise Unsupported(steps)
     _steps(builder, node, steps, node.target._schema.name.split("::")[1], unlike_eager=False)
-
-
-def _eltwise(builder: Builder, node: fx.Node, x: Value, alg: AlgKind, alpha: float, beta: float) -> None:
-    pd = eltwise_pd(builder.engine, alg, x.md, x.md, alpha, beta)
-    out = builder.define(node, pd.dst_md())
-    label = "dnnl::" + (alg.name.removeprefix("eltwise_") if alg is not AlgKind.eltwise_linear else "linear_eltwise")
-    text = node_text(node, label, f"alpha={alpha:g}, beta={beta:g}", [f"%{x.name}"])
-    builder.add_primitive(text, pd, {ARG_SRC: x, ARG_DST: out}, [x], [out])
 
 
 def _pool_padding(size: int, out: int, kernel: int, stride: int, pad: int, dilation: int = 1) -> int:
