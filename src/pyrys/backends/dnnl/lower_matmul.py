@@ -131,7 +131,7 @@ def _operand(builder: Builder, arg: fx.Node, rank: int, name: str) -> Value:
     made plain), a constant packed once in the layout oneDNN picks for it."""
     constant = builder.constant(arg)
     if constant is not None:
-        tensor = constant.reshape([1] * (rank - constant.dim()) + list(constant.shape))
+        tensor = values_of(constant).reshape([1] * (rank - constant.dim()) + list(constant.shape))
         return builder.constant_value(tensor.contiguous(), None, name)
     value = builder.value_of(arg)
     if value.md.inner_blocks:
