@@ -125,7 +125,8 @@ def operand_of(builder: Builder, node) -> Operand:
 
 def can_sum_into(operand: Operand, dst_md: MemoryDesc) -> bool:
     """A residual can take the result in place if nothing else reads it and it has the dst layout."""
-    return operand.constant is None and operand.exclusive and operand.value.root.kind == PLANNED and operand.value.md == dst_md
+    return (operand.constant is None and operand.exclusive and operand.value.root.kind == PLANNED
+            and operand.value.md == dst_md)
 
 
 def build_chain(builder: Builder, post_ops: Sequence[PostOp], operands: list[Operand], dst_md: MemoryDesc) -> Chain:
