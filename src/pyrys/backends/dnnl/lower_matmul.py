@@ -60,8 +60,8 @@ def _first_fast(builder: Builder, node: fx.Node, fused, src: Value, weights: Val
     """The first of these that oneDNN runs in more than its reference code: the destination in the layout
     its readers want (:func:`_destination`), then plain, then with the post-op operands that broadcast over
     the first dim expanded (a copy: oneDNN's fast kernels broadcast over some other dims,
-    ``lower_attention._operand_layouts``), then expanded over every dim.  Gives the descriptor, whether the operands are copied compact,
-    and the post-op chain."""
+    ``lower_attention._operand_layouts``), then expanded over every dim.  Gives the descriptor, whether the
+    operands are copied compact, and the post-op chain."""
     wanted = _destination(node, bool(operands))
     plain = plain_md(wanted.dims, DNNL_TO_TORCH[wanted.dtype])
     tries = [(wanted, None)] + ([(plain, None)] if plain != wanted else [])

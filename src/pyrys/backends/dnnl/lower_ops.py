@@ -518,7 +518,8 @@ def lower_expand(builder: Builder, node: fx.Node) -> None:
     padded = [1] * (rank - len(dims)) + dims
     strides = [0] * (rank - len(dims)) + list(source.md.strides)
     strides = [0 if size == 1 and int(out) != 1 else stride for size, out, stride in zip(padded, meta.shape, strides)]
-    view = Value(f"{node.name}.view", MemoryDesc.from_strides(list(meta.shape), source.md.dtype, strides), ALIAS, source)
+    view_md = MemoryDesc.from_strides(list(meta.shape), source.md.dtype, strides)
+    view = Value(f"{node.name}.view", view_md, ALIAS, source)
     out = builder.define(node, plain_md(meta.shape, meta.dtype))
     pd = reorder_pd(builder.engine, view.md, out.md)
     text = node_text(node, "dnnl::expand", f"format_info=[{source.layout()} -> {out.layout()}]", [f"%{source.name}"])
