@@ -172,7 +172,7 @@ class ConcatWithoutEmpty(Rule):
         if len(kept) == 1:
             return replace_node(node, kept[0])
         with gm.graph.inserting_before(node):
-            joined = insert_op(gm.graph, aten.cat.default, (kept, *node.args[1:]), node.name)
+            joined = insert_op(gm.graph, aten.cat.default, (kept, op_args(node)["dim"]), node.name)
         replace_node(node, joined)
 
 
