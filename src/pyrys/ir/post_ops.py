@@ -107,40 +107,6 @@ class PostOp:
             raise ValueError(f"malformed post-op {spec!r}: {error}") from None
 
 
-def is_float32_factor(c: float) -> bool:
-    """Whether ``y * c`` can run as a float32 multiply by ``c``: ``c`` and its float32 value finite and not 0
-    (0 would give ``+0`` for eager's ``-0`` beside a negative ``y``, and a rounding to 0 or inf changes it)."""
-    return math.isfinite(c) and c != 0 and 0 < abs(c) <= FLOAT32_MAX and as_float32(c) != 0
-
-
-def as_float32(c: float) -> float:
-    """``c`` as torch's float32 kernels read a Python number."""
-    return float(torch.tensor(float(c), dtype=torch.float32))
-
-
-# the scalar ops that are a scale or a shift post-op: y op c for a number c
-SCALAR_OPS = {"mul": "scale", "div": "scale", "add": "shift", "sub": "shift"}
-
-
-def scalar_post_op(op: str, c: float) -> "PostOp | str":
-    """``y op c`` (``op`` in :data:`SCALAR_OPS`) as one scale or shift post-op, or why it has none.
-
-    ``c`` is read as float32, as eager reads it (``x / 1e39`` divides by inf).  A divisor becomes the factor
-    ``1 / c``.  A factor of 0 or beyond float32 stays an op (:func:`is_float32_factor`); so does a term that is
-    0 in float32: ``y + 0`` and ``y - 0`` differ only at ``-0``, which oneDNN's primitive cache does not tell
-    from ``+0`` (a program for ``x - 1e-46`` reused the one built for ``x + 1e-46``)."""
-    value = as_float32(c)
-    if SCALAR_OPS[op] == "scale":
-        factor = value if op == "mul" else (1.0 / value if value != 0 and math.isfinite(value) else 0.0)
-        if not is_float32_factor(factor):
-            return f"{op} by {c!r}: a factor of 0 or beyond float32 (torch computes it)"
-        return PostOp("scale", (factor,))
-    if value == 0:
-        return f"{op} of {c!r}: a term of 0 in float32 (torch computes it)"
-    return PostOp("shift", (value if op == "add" else -value,))
-
-
-FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def apply_post_ops(y: torch.Tensor, post_ops: Sequence[PostOp], post_inputs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -197,3 +163,40 @@ ACTIVATIONS: dict[object, Callable[[dict], PostOp]] = {
 def activation_post_op(target, args: dict) -> PostOp:
     """The post-op of an activation call; :class:`NoPostOp` with the reason if it has none."""
     return ACTIVATIONS[target](args)
+
+
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def is_float32_factor(c: float) -> bool:
+    """Whether ``y * c`` can run as a float32 multiply by ``c``: ``c`` and its float32 value finite and not 0
+    (0 would give ``+0`` for eager's ``-0`` beside a negative ``y``, and a rounding to 0 or inf changes it)."""
+    return math.isfinite(c) and c != 0 and 0 < abs(c) <= FLOAT32_MAX and as_float32(c) != 0
+
+
+def as_float32(c: float) -> float:
+    """``c`` as torch's float32 kernels read a Python number."""
+    return float(torch.tensor(float(c), dtype=torch.float32))
+
+
+# ``y op c`` for a number ``c``: op -> its name (the passes fuse it as a scale or shift post-op; the dnnl
+# backend runs a standalone one as that post-op's eltwise step)
+SCALAR_OPS = {_aten.mul.Tensor: "mul", _aten.div.Tensor: "div", _aten.add.Tensor: "add", _aten.sub.Tensor: "sub"}
+
+
+def scalar_post_op(target, c: float) -> "PostOp | str":
+    """``y op c`` (``target`` in :data:`SCALAR_OPS`) as one scale or shift post-op, or why it has none.
+
+    ``c`` is read as float32, as eager reads it (``x / 1e39`` divides by inf).  A divisor becomes the factor
+    ``1 / c``.  A factor of 0 or beyond float32 stays an op (:func:`is_float32_factor`); so does a term that is
+    0 in float32: ``y + 0`` and ``y - 0`` differ only at ``-0``, which oneDNN's primitive cache does not tell
+    from ``+0`` (a program for ``x - 1e-46`` reused the one built for ``x + 1e-46``)."""
+    op, value = SCALAR_OPS[target], as_float32(c)
+    if op in ("mul", "div"):
+        factor = value if op == "mul" else (1.0 / value if value != 0 and math.isfinite(value) else 0.0)
+        if not is_float32_factor(factor):
+            return f"{op} by {c!r}: a factor of 0 or beyond float32 (torch computes it)"
+        return PostOp("scale", (factor,))
+    if value == 0:
+        return f"{op} of {c!r}: a term of 0 in float32 (torch computes it)"
+    return PostOp("shift", (value if op == "add" else -value,))

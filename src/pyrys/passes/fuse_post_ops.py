@@ -30,7 +30,7 @@ from pyrys.ir.edit import replace_node
 from pyrys.ir.fused import FUSED_BY_BASE, FUSED_OPS, add_post_op, fused_form_miss, to_fused
 from pyrys.ir.graph import op_args
 from pyrys.ir.symbolic import hint, keeps_shape
-from pyrys.ir.post_ops import ACTIVATIONS, NoPostOp, PostOp, activation_post_op, scalar_post_op
+from pyrys.ir.post_ops import ACTIVATIONS, SCALAR_OPS, NoPostOp, PostOp, activation_post_op, scalar_post_op
 from pyrys.passes.rewrite import Match, Miss, PassResult, Rule, apply_rules, fail, shared_miss
 
 aten = torch.ops.aten
@@ -130,18 +130,13 @@ class FuseBinary(Rule):
         replace_node(node, fused)
 
 
-# scalar op -> its name in :data:`pyrys.ir.post_ops.SCALAR_OPS` (a fold into the weights, where one applies,
-# came first)
-SCALAR_POST_OPS = {aten.mul.Tensor: "mul", aten.div.Tensor: "div", aten.add.Tensor: "add", aten.sub.Tensor: "sub"}
-
-
 class FuseScalar(Rule):
     """``matmul(a, b) * c`` -> ``pyrys::matmul_scale(a, b)`` for a number ``c`` (likewise ``/ c``, ``+ c``,
     ``- c``, and after a conv or linear whose weights took no fold): one multiply or add, as eager's (a
     divisor becomes the factor ``1 / c``); what stays an op: :func:`pyrys.ir.post_ops.scalar_post_op`."""
 
     name = "scalar"
-    anchors = frozenset(SCALAR_POST_OPS)
+    anchors = frozenset(SCALAR_OPS)  # a fold into the weights, where one applies, came first
 
     def match(self, gm: fx.GraphModule, node: fx.Node) -> Match | Miss | None:
         args = op_args(node)
@@ -150,7 +145,7 @@ class FuseScalar(Rule):
             return None
         if isinstance(c, bool) or not isinstance(c, (int, float)) or args.get("alpha", 1) != 1:
             return None
-        post_op = scalar_post_op(SCALAR_POST_OPS[node.target], c)
+        post_op = scalar_post_op(node.target, c)
         if isinstance(post_op, str):
             return fail(f"{post_op}: it stays an op")
         return _producer_miss(producer, post_op) or Match({"producer": producer, "post_op": post_op})

@@ -27,7 +27,7 @@ from pyrys.backends.dnnl.lower_int8 import post_operands
 from pyrys.backends.dnnl.post_ops import Operand, build_chain
 from pyrys.backends.dnnl.primitives import MemoryDesc, PrimitiveAttr, PrimitiveDesc
 from pyrys.backends.dnnl.tensors import DNNL_TO_TORCH
-from pyrys.backends.dnnl.values import ALIAS, CONSTANT, Value
+from pyrys.backends.dnnl.values import ALIAS, CONSTANT, Value, broadcast_of
 from pyrys.ir.fused import FUSED_MATMUL, read_fused
 from pyrys.ir.released import values_of
 
@@ -119,9 +119,7 @@ def _expanded(builder: Builder, operands: list[Operand], dst_md: MemoryDesc, eve
             expanded.append(Operand(None, False, constant=tensor, name=f"{o.name}.expanded"))
             continue
         source = builder.to_plain(o.value)
-        strides = _padded_dims(list(source.md.strides), dst_md.ndims)
-        strides = [0 if d in grown else strides[d] for d in range(len(dims))]
-        view = Value(f"{source.name}.expanded", MemoryDesc.from_strides(full, source.md.dtype, strides), ALIAS, source)
+        view = broadcast_of(source, f"{source.name}.expanded", full)
         expanded.append(Operand(builder.copy(view, plain_md(full, DNNL_TO_TORCH[source.md.dtype])), True))
     return expanded
 
@@ -136,13 +134,9 @@ def _operand(builder: Builder, arg: fx.Node, rank: int, name: str) -> Value:
     value = builder.value_of(arg)
     if value.md.inner_blocks:
         value = builder.to_plain(value)
-    dims, strides = list(value.md.dims), list(value.md.strides)
-    if len(dims) == rank:
+    if value.md.ndims == rank:
         return value
-    padding = rank - len(dims)
-    md = MemoryDesc.from_strides([1] * padding + dims, value.md.dtype,
-                                 [dims[0] * strides[0]] * padding + strides).canonical()
-    return Value(f"{value.name}.{rank}d", md, ALIAS, value)
+    return broadcast_of(value, f"{value.name}.{rank}d", _padded_dims(value.md.dims, rank))
 
 
 def _compact(md: MemoryDesc) -> MemoryDesc:

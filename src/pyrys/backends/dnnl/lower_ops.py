@@ -27,7 +27,7 @@ from pyrys.backends.dnnl.descriptors import (
 from pyrys.backends.dnnl.layout import POLICY_TAGS, plain_md, policy_md
 from pyrys.backends.dnnl.post_ops import UNLIKE_EAGER_ON_NONFINITE, eltwise_post_ops, eltwise_steps
 from pyrys.backends.dnnl.primitives import MemoryDesc, PrimitiveAttr
-from pyrys.backends.dnnl.values import ALIAS, PLANNED, Value, part_of
+from pyrys.backends.dnnl.values import broadcast_of, ALIAS, PLANNED, Value, part_of
 from pyrys.ir.fused import FUSED_CONV, FUSED_CONV_TRANSPOSE
 from pyrys.ir.graph import op_args
 from pyrys.ir.post_ops import ACTIVATIONS, NoPostOp, PostOp, activation_post_op, scalar_post_op
@@ -84,7 +84,6 @@ def lower_unary(builder: Builder, node: fx.Node) -> None:
 
 BINARY_ALGS = {aten.add.Tensor: AlgKind.binary_add, aten.mul.Tensor: AlgKind.binary_mul,
                aten.sub.Tensor: AlgKind.binary_sub, aten.div.Tensor: AlgKind.binary_div}
-SCALAR_OPS_BY_TARGET = {aten.add.Tensor: "add", aten.sub.Tensor: "sub", aten.mul.Tensor: "mul", aten.div.Tensor: "div"}
 
 
 def lower_binary(builder: Builder, node: fx.Node) -> None:
@@ -95,7 +94,7 @@ def lower_binary(builder: Builder, node: fx.Node) -> None:
     check_dtype(out, dtypes=F32_OR_BF16)
     if isinstance(b, (int, float)) and isinstance(a, fx.Node):
         check_dtype(a.meta["val"], out, dtypes=F32_OR_BF16)
-        post_op = scalar_post_op(SCALAR_OPS_BY_TARGET[node.target], b)
+        post_op = scalar_post_op(node.target, b)
         if isinstance(post_op, str):
             raise Unsupported(post_op)
         return _unary(builder, node, post_op)  # x * c as pow(c x^1), one multiply; x + c as linear(x + c)
@@ -514,12 +513,7 @@ def lower_expand(builder: Builder, node: fx.Node) -> None:
     meta = node.meta["val"]
     check_dtype(node.args[0].meta["val"], meta, dtypes=F32_OR_BF16)
     source = builder.to_plain(source) if source.md.inner_blocks else source
-    rank, dims = meta.dim(), list(source.md.dims)
-    padded = [1] * (rank - len(dims)) + dims
-    strides = [0] * (rank - len(dims)) + list(source.md.strides)
-    strides = [0 if size == 1 and int(out) != 1 else stride for size, out, stride in zip(padded, meta.shape, strides)]
-    view_md = MemoryDesc.from_strides(list(meta.shape), source.md.dtype, strides)
-    view = Value(f"{node.name}.view", view_md, ALIAS, source)
+    view = broadcast_of(source, f"{node.name}.view", meta.shape)
     out = builder.define(node, plain_md(meta.shape, meta.dtype))
     pd = reorder_pd(builder.engine, view.md, out.md)
     text = node_text(node, "dnnl::expand", f"format_info=[{source.layout()} -> {out.layout()}]", [f"%{source.name}"])

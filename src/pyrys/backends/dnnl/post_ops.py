@@ -18,7 +18,7 @@ from pyrys.backends.dnnl.constants import AlgKind, DataType, FormatTag
 from pyrys.backends.dnnl.layout import plain_md
 from pyrys.backends.dnnl.primitives import MemoryDesc, PostOps
 from pyrys.backends.dnnl.tensors import DNNL_TO_TORCH, dnnl_dtype
-from pyrys.backends.dnnl.values import ALIAS, PLANNED, Value
+from pyrys.backends.dnnl.values import PLANNED, Value, broadcast_of
 from pyrys.ir.post_ops import PostOp
 
 Eltwise = tuple[AlgKind, float, float]  # one oneDNN eltwise step: algorithm, alpha, beta
@@ -178,7 +178,7 @@ def _with_rank(builder: Builder, value: Value, dims: list[int]) -> Value:
     if len(dims) == value.md.ndims:
         return value
     source = builder.to_plain(value) if value.md.inner_blocks else value
-    return Value(f"{value.name}.{len(dims)}d", source.md.reshape(dims), ALIAS, source)
+    return broadcast_of(source, f"{value.name}.{len(dims)}d", dims)
 
 
 def _like(dst_md: MemoryDesc, dims: list[int], dtype=None) -> MemoryDesc:

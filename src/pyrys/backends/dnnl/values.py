@@ -84,3 +84,14 @@ def part_of(source: Value, name: str, dims, offsets) -> Value:
     assert start.offset0 == 0, f"{source.name}'s descriptor has a start of its own"  # the start is the offset's
     elements = source.md.submemory(dims, offsets).offset0 - start.offset0
     return Value(name, start, ALIAS, source, offset=elements * DNNL_TO_TORCH[start.dtype].itemsize)
+
+
+def broadcast_of(source: Value, name: str, dims) -> Value:
+    """``source`` (plain) seen with ``dims``: its own dims with leading 1s added, a dim of 1 repeated where
+    ``dims`` is larger, by a stride of 0 (``Tensor.expand``) - an alias; only a reorder reads one that repeats."""
+    dims = [int(d) for d in dims]
+    rank, own = len(dims), list(source.md.dims)
+    padded = [1] * (rank - len(own)) + own
+    strides = [0] * (rank - len(own)) + list(source.md.strides)
+    strides = [0 if size == 1 and out != 1 else stride for size, out, stride in zip(padded, dims, strides)]
+    return Value(name, MemoryDesc.from_strides(dims, source.md.dtype, strides).canonical(), ALIAS, source)
