@@ -42,6 +42,9 @@ def test_state_of_any_module_the_frame_reaches_is_recognized():
     assert _state_path("G['model']._modules['bn']._buffers['running_mean']") == "model.bn.running_mean"
     assert _state_path("L['model']._modules['0']._parameters['weight']") == "model.0.weight"
     assert _state_path("L['args'][0]") is None
+    # a module that sets an attribute in forward (HF Swin's layers) is reached through its __dict__
+    assert _state_path("L['self']._modules['blocks']._modules['0'].__dict__['_modules']['norm']._parameters['weight']") \
+        == "blocks.0.norm.weight"
 
 
 def test_a_function_using_a_model_is_frozen_and_folded(dynamo_graphs):
@@ -159,6 +162,27 @@ def test_a_graph_that_writes_state_keeps_torch_compiles_semantics(dynamo_graphs,
     (graph,) = dynamo_graphs
     assert graph.runs_in_torch.startswith("the graph writes calls in place") and not graph.programs
     assert "writes calls in place" in caplog.text
+
+
+class _SetsAnAttribute(torch.nn.Module):
+    """HF Swin's layers set their window shift in ``forward``."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.shift = torch.nn.LayerNorm(8), 2
+
+    def forward(self, x):
+        self.shift = 0
+        return self.norm(x) + self.shift
+
+
+def test_a_module_that_sets_an_attribute_in_forward_compiles(dynamo_graphs):
+    """dynamo reaches such a module's state through its ``__dict__``; the weights are still the module's."""
+    model, x = torch.nn.Sequential(_SetsAnAttribute()).eval(), torch.randn(2, 8)
+    with torch.no_grad():
+        torch.nn.init.normal_(model[0].norm.weight)
+        assert torch.allclose(torch.compile(model, backend="pyrys")(x), model(x), atol=1e-5)
+    assert any(graph.programs for graph in dynamo_graphs)
 
 
 def test_a_graph_that_writes_its_input_writes_it_as_eager_does(dynamo_graphs):

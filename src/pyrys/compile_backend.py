@@ -121,13 +121,14 @@ def _state_path(source_name: str) -> str | None:
     ``L['self']._modules['conv']._parameters['weight']`` -> ``"conv.weight"``; the compiled module
     is ``L['self']``, or ``L['fn']`` when dynamo enters through its ``__call__`` (a top-level
     ``nn.Sequential``).  State of a module reached another way keeps its root's name:
-    ``G['model']._modules['bn']._buffers['running_var']`` -> ``"model.bn.running_var"``.
+    ``G['model']._modules['bn']._buffers['running_var']`` -> ``"model.bn.running_var"``.  A module that
+    sets an attribute in ``forward`` is reached through its ``__dict__``: ``._modules['0'].__dict__['_modules']``.
     """
     root = _SOURCE_ROOT.match(source_name)
     if root is None or ("._parameters[" not in source_name and "._buffers[" not in source_name):
         return None
     parts = [m.group(1) or m.group(2) for m in _STATE_SOURCE.finditer(source_name[root.end():])]
-    parts = [p for p in parts if p not in ("_modules", "_parameters", "_buffers")]
+    parts = [p for p in parts if p not in ("_modules", "_parameters", "_buffers", "__dict__")]
     prefix = [] if root.group(1) in _COMPILED_MODULE else [root.group(1)]
     return ".".join(prefix + parts)
 
