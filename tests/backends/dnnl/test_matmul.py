@@ -206,6 +206,18 @@ def test_baddbmm_with_alpha_zero_stays_as_it_is(run_passes):
     assert "aten::baddbmm" in result.after and result.error() <= TOLERANCE
 
 
+@pytest.mark.parametrize("beta, alpha", [(1e39, 1.0), (1.0, -1e39)])
+def test_baddbmm_with_a_factor_beyond_float32_is_refused_as_eager_refuses_it(run_passes, beta, alpha):
+    """Eager raises "value cannot be converted to type float without overflow"; a scale post-op would give inf."""
+    model, args = Baddbmm(beta, alpha), (rand(2, 6, 8), rand(2, 5, 8, seed=2), rand(2, 6, 5, seed=3))
+    result = run_passes(model, args, "freeze_params", "simplify")
+    assert "aten::baddbmm" in result.after and "beyond float32" in str(result.misses), result.misses
+    with pytest.raises(RuntimeError, match="overflow"):
+        model(*args)
+    with pytest.raises(RuntimeError, match="overflow"):
+        pyrys.optimize(model, args)(*args)
+
+
 def test_addmm_with_a_computed_bias_is_a_linear_and_an_add():
     class Addmm(nn.Module):
         def __init__(self):
