@@ -237,3 +237,37 @@ def test_a_scale_far_from_one_does_not_fold(run_passes):
         "the scale 1e-36 is beyond 2^+-64: in the weights of %conv2d their products could leave torch.float32's "
         "range where eager's do not"]
     torch.testing.assert_close(pyrys.optimize(model, (x,))(x), model(x))
+
+
+CHAINS_EAGER_ROUNDS = {
+    "x + 1e8 - 1e8": lambda x: x + 1e8 - 1e8,  # eager rounds x to a multiple of 8 on the way
+    "x - 2**24 + 2**24": lambda x: x - 16777216.0 + 16777216.0,
+    "x * 1e30 * 1e30 * 1e-30": lambda x: x * 1e30 * 1e30 * 1e-30,  # the second step overflows
+    "x * 1e-25 * 1e-25 * 1e25": lambda x: x * 1e-25 * 1e-25 * 1e25,  # the second step underflows
+    "x * 1e-45 * 1e30": lambda x: x * 1e-45 * 1e30,  # the first step is a denormal, rounded
+}
+
+
+class Lambda(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(torch.relu(x) - x)
+
+
+@pytest.mark.parametrize("chain", CHAINS_EAGER_ROUNDS)
+def test_constants_whose_steps_round_overflow_or_cancel_do_not_merge(run_passes, chain):
+    """Merged, these would be another function than eager's; unmerged, every step rounds as eager's does."""
+    model, x = Lambda(CHAINS_EAGER_ROUNDS[chain]).eval(), (torch.randn(4, 8) * 3,)
+    result = run_passes(model, x, *PASSES)
+    assert "merge_affine" not in result.fired("fold_constant_affine"), result.after
+    assert torch.equal(pyrys.optimize(model, x)(*x), model(*x))
+
+
+def test_small_terms_that_cancel_and_terms_that_add_up_merge(run_passes):
+    model = Lambda(lambda x: (x + 0.5 - 0.25) * 4.0 * 0.5 + 1e8 + 1e8).eval()
+    result = run_passes(model, (torch.randn(4, 8),), *PASSES)
+    assert result.fired("fold_constant_affine") == {"merge_affine": 3}, result.after
+    assert result.error() <= TOLERANCE

@@ -15,9 +15,12 @@ which ``constant_propagation`` evaluates:
 
 Only when the constant has the input's dtype (no type promotion) and does not
 broadcast the result to a larger shape; and, for ``*`` and ``/``, where its values (known now:
-a number, a frozen tensor) are finite, nonzero as a divisor, and merge into a finite, nonzero
-one in that dtype: ``conv(x) / 0`` is ``+-inf`` in eager, ``W * inf`` sums to NaN, and
-``x * 1e-39 * 1e39`` is ``inf`` in float32 (``1e39`` rounds to it) but ``x * 1.0`` merged.
+a number, a frozen tensor) are finite, nonzero as a divisor, within 2^+-64, and merge into a finite,
+nonzero one in that dtype: ``conv(x) / 0`` is ``+-inf`` in eager, ``W * inf`` sums to NaN,
+``x * 1e-39 * 1e39`` is ``inf`` in float32 (``1e39`` rounds to it) but ``x * 1.0`` merged, and
+``x * 1e30 * 1e30 * 1e-30`` overflows in eager's second step.  Terms merge where they are at most 1, or
+do not cancel, ``|c1 + c2| >= max(|c1|, |c2|) / 2``: eager's ``x + 1e8 - 1e8`` rounds x to a multiple of 8
+on the way, which ``x + 0`` would not (terms up to 1 move x by at most 6e-8).
 """
 from __future__ import annotations
 
@@ -113,9 +116,13 @@ def constant_affine(node: fx.Node) -> AffineOp | None:
 
 
 def _known_values(gm: fx.GraphModule, constant, dtype: torch.dtype) -> torch.Tensor | None:
-    """The constant's values in ``dtype`` where they are known now (a number, a frozen tensor), else None."""
+    """The constant's values in ``dtype`` where they are known now (a number, a frozen tensor, a merge of
+    two such that this pass made and constant propagation has not yet evaluated), else None."""
     if not isinstance(constant, fx.Node):
         return torch.tensor(constant, dtype=dtype)
+    if constant.op == "call_function" and constant.target in _PYTHON_OP and len(constant.args) == 2:
+        a, b = (_known_values(gm, arg, dtype) for arg in constant.args)
+        return None if a is None or b is None else _PYTHON_OP[constant.target](a, b)
     value = constant_value(gm, constant) if is_constant(constant) else None
     return value.to(dtype) if isinstance(value, torch.Tensor) else None
 
@@ -240,7 +247,10 @@ class MergeAffine(Rule):
             return miss
         combine = _TENSOR_OP[outer.family, outer.inverse != inner.inverse]
         literal = not isinstance(inner.constant, fx.Node) and not isinstance(outer.constant, fx.Node)
-        if outer.family == "mul" and not _merges_like_eager(gm, inner, outer, combine, tensor_meta(inner.x).dtype):
+        dtype = tensor_meta(inner.x).dtype
+        if outer.family == "mul" and not _merges_like_eager(gm, inner, outer, combine, dtype):
+            return None
+        if outer.family == "add" and not _adds_like_eager(gm, inner, outer, combine, dtype):
             return None
         return Match({"inner": inner, "outer": outer, "combine": combine, "literal": literal})
 
@@ -264,12 +274,24 @@ def _merges_like_eager(gm: fx.GraphModule, inner: AffineOp, outer: AffineOp, com
     (:func:`_scales_like_eager`), and their merge, in ``dtype``, finite and nonzero (no overflow or underflow
     the two steps would not have)."""
     a1, a2 = (_known_values(gm, op.constant, dtype) for op in (inner, outer))
-    if not (_scales_like_eager(a1, inner.inverse) and _scales_like_eager(a2, outer.inverse)):
+    if not all(_scales_like_eager(a, op.inverse) and _moderate(a, op.inverse) for a, op in ((a1, inner), (a2, outer))):
         return False
     if a1 is None or a2 is None:
         return True
     merged = _PYTHON_OP[combine](a1, a2)
     return bool(torch.isfinite(merged).all() and (merged != 0).all())
+
+
+def _adds_like_eager(gm: fx.GraphModule, inner: AffineOp, outer: AffineOp, combine, dtype: torch.dtype) -> bool:
+    """Whether ``(x + c1) + c2`` (or ``-``) may run as ``x + (c1 + c2)``: known terms, with a finite sum, that
+    are at most 1 or do not cancel, ``|c1 + c2| >= max(|c1|, |c2|) / 2`` (eager's first step rounds x at the
+    scale of ``c1``, by up to half its ulp; merged, at the scale of the sum)."""
+    c1, c2 = (_known_values(gm, op.constant, dtype) for op in (inner, outer))
+    if c1 is None or c2 is None:
+        return False
+    merged = _PYTHON_OP[combine](c1, c2)
+    larger = torch.maximum(c1.abs(), c2.abs()).double()
+    return bool(torch.isfinite(merged).all() and ((larger <= 1) | (merged.double().abs() >= larger / 2)).all())
 
 
 def _constant_text(constant) -> str:
