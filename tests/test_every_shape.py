@@ -119,6 +119,24 @@ def test_sequence_lengths_and_batches_of_an_attention_block(captures, backend):
     assert captures == [False, True]
 
 
+class AlibiScores(torch.nn.Module):
+    """BLOOM's attention scores: ``baddbmm`` of a bias broadcast over the queries, ``(B*H, 1, L)``."""
+
+    def forward(self, q, k):
+        bias = q[:, :1, :1].expand(-1, 1, k.shape[1])
+        return torch.baddbmm(bias, q, k.transpose(1, 2), beta=1.0, alpha=0.5).softmax(-1)
+
+
+def test_a_baddbmm_of_a_broadcast_bias_takes_every_shape_from_one_capture(captures, backend):
+    """torch's meta for it fails on symbolic sizes; its decomposition does not."""
+    model, rand = AlibiScores().eval(), lambda *shape: torch.randn(*shape, generator=torch.Generator().manual_seed(7))
+    opt = pyrys.optimize(model, (rand(8, 12, 16), rand(8, 12, 16)), backend=backend, dynamic=True)
+    for heads, length in [(12, 20), (4, 5), (8, 12)]:
+        q, k = rand(heads, length, 16), rand(heads, length, 16)
+        assert pyrys.relative_error(opt(q, k), model(q, k)) <= TOLERANCE, (heads, length)
+    assert captures == [True] and not opt.notes, opt.notes
+
+
 def test_a_shape_the_graph_does_not_hold_for_is_captured_again_with_a_note(captures, backend):
     class Branches(torch.nn.Module):
         def forward(self, x):

@@ -15,6 +15,7 @@ from typing import Any, Iterable
 
 import torch
 import torch.fx as fx
+from torch._decomp import decomposition_table
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.node import map_aggregate
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
@@ -22,6 +23,8 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from pyrys.ir.graph import state_ref
 from pyrys.ir.released import is_released
 from pyrys.ir.symbolic import dims_key, graph_fake_mode, hint, propagating
+
+aten = torch.ops.aten
 
 
 def _fake_like(mode: FakeTensorMode, val: Any, device: str | None = None) -> Any:
@@ -54,6 +57,17 @@ def _shape_is_enough(value: Any) -> bool:
             and value.numel() > 1)
 
 
+# ops whose torch meta fails on symbolic sizes and whose value comes from torch's decomposition there:
+# baddbmm's meta expands a broadcast input ((B*H, 1, L): BLOOM's alibi) with the C++ expand of concrete sizes
+_DECOMPOSED_WHEN_SYMBOLIC = {aten.baddbmm.default: decomposition_table[aten.baddbmm.default]}
+
+
+def _op_for(target: Any, mode: FakeTensorMode) -> Any:
+    """What gives ``target``'s fake value under ``mode``: the op, or on symbolic sizes its decomposition
+    where :data:`_DECOMPOSED_WHEN_SYMBOLIC` says so."""
+    return _DECOMPOSED_WHEN_SYMBOLIC.get(target, target) if mode.shape_env is not None else target
+
+
 class _Fresh(FakeTensorProp):
     """FakeTensorProp that collects each node's value in ``fresh`` and leaves ``meta`` as it was; with
     ``repair_views``, a ``view`` its input's strides refuse becomes a ``reshape`` (:func:`_repair_view`)."""
@@ -71,7 +85,7 @@ class _Fresh(FakeTensorProp):
         if remembered is not None:
             return remembered
         args, kwargs = _in_mode(args, self._mode), _in_mode(kwargs, self._mode)
-        result = super().call_function(target, args, kwargs)
+        result = super().call_function(_op_for(target, self._mode), args, kwargs)
         _remember(key, result)
         return result
 
@@ -239,7 +253,7 @@ def _infer(node: fx.Node, mode: FakeTensorMode) -> Any:
 
     args, kwargs = fx.map_arg(node.args, fake), fx.map_arg(node.kwargs, fake)
     with mode, propagating(mode):
-        result = node.target(*args, **kwargs)
+        result = _op_for(node.target, mode)(*args, **kwargs)
     return map_aggregate(result, lambda v: v.detach() if isinstance(v, torch.Tensor) else v)
 
 
