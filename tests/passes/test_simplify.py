@@ -1,5 +1,6 @@
 import torch
 
+import pyrys
 from tests.conftest import TOLERANCE
 
 
@@ -186,3 +187,26 @@ def test_an_addmm_that_scales_is_a_linear_plus_its_scaled_term(run_passes):
     assert result.fired("simplify") == {"product_plus_term": 1, "linear_from_matmul": 1}
     assert not result.misses  # the node it would be a miss of is gone
     assert result.error() <= TOLERANCE
+
+
+class EagerAttention(torch.nn.Module):
+    """HF's eager attention: the softmax asked for in float32, then cast back to the queries' dtype."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.qkv = torch.nn.Linear(16, 48)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).view(2, 8, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        weights = torch.nn.functional.softmax(q @ k.transpose(-1, -2) * 0.125, dim=-1, dtype=torch.float32)
+        return weights.to(q.dtype) @ v
+
+
+def test_a_softmax_asked_for_in_its_own_dtype_is_a_softmax(run_passes):
+    result = run_passes(EagerAttention().eval(), (torch.randn(2, 8, 16),), "freeze_params", "simplify")
+    assert "torch.float32" in result.before and "torch.float32" not in result.after, result.after
+    assert result.fired("simplify")["softmax_own_dtype"] == 1
+    assert result.error() <= TOLERANCE
+    opt = pyrys.optimize(EagerAttention().eval(), (torch.randn(2, 8, 16),))
+    assert "torch::" not in opt.program_text(), opt.program_text()

@@ -5,6 +5,7 @@ No-ops (each a row of :data:`NO_OPS`, replaced by their input):
     dropout(x, p, train=False) -> x            clone(x) -> x   (x already in the asked layout)
     alias(x) / detach(x) -> x                  _to_copy(x, dtype=x.dtype) -> x
     expand(x, x.shape) -> x                    _assert_tensor_metadata(x, ...) -> (checked now)
+    softmax(x, dim, dtype=x.dtype) -> softmax(x, dim)
 
 The graph is functional (nothing is written in place), so a copy that changes neither
 values nor layout is never needed.  A no-op whose input is a graph input or a constant
@@ -43,7 +44,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from pyrys.ir.edit import insert_op, replace_node
+from pyrys.ir.edit import insert_op, replace_node, set_args
 from pyrys.ir.graph import add_constant, constant_value, op_args, tensor_meta
 from pyrys.ir.printer import format_arg
 from pyrys.ir.symbolic import dims_key, known_contiguous, view_shape
@@ -174,6 +175,23 @@ class ConcatWithoutEmpty(Rule):
         with gm.graph.inserting_before(node):
             joined = insert_op(gm.graph, aten.cat.default, (kept, op_args(node)["dim"]), node.name)
         replace_node(node, joined)
+
+
+class SoftmaxInItsOwnDtype(Rule):
+    """``softmax(x, dim, dtype=x.dtype)`` -> ``softmax(x, dim)`` (likewise ``log_softmax``): HF's eager attention
+    asks for float32 to keep half-precision models' sums exact; on a float32 ``x`` it changes nothing."""
+
+    name = "softmax_own_dtype"
+    anchors = frozenset({aten.softmax.int, aten.log_softmax.int})
+
+    def match(self, gm: fx.GraphModule, node: fx.Node) -> Match | Miss | None:
+        x, args = tensor_meta(node.args[0]), op_args(node)
+        if x is None or args.get("dtype") is None or args["dtype"] != x.dtype:
+            return None
+        return Match({"dim": args["dim"]})
+
+    def rewrite(self, gm: fx.GraphModule, node: fx.Node, match: Match) -> None:
+        set_args(node, (node.args[0], match["dim"]))
 
 
 class RemoveMetadataAssert(Rule):
@@ -339,7 +357,7 @@ def _trailing_dims_holding(shape, count) -> int | None:
 
 SIMPLIFY_RULES: tuple[Rule, ...] = (
     tuple(RemoveNoOp(name, target, check) for target, (name, check) in NO_OPS.items())
-    + (ConcatWithoutEmpty(), RemoveMetadataAssert(), CollapseViews(), CollapsePermutes(), LinearFromMatmul(),
+    + (ConcatWithoutEmpty(), SoftmaxInItsOwnDtype(), RemoveMetadataAssert(), CollapseViews(), CollapsePermutes(), LinearFromMatmul(),
        ProductPlusTerm(), LinearOfFlattened(), ActivationFromFormula(), AttentionFromFormula(), MergeSiblingLinears())
 )
 
