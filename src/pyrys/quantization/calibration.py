@@ -179,12 +179,13 @@ def _warn_of_constant_inputs(samples: list[list]) -> None:
 
 
 def _check_finite(index: int, flat: list) -> None:
-    """:class:`InputError` where a floating-point input of calibration sample ``index`` holds NaN or an
-    infinity: the observers measure ranges, which one such number makes meaningless."""
+    """:class:`InputError` where a floating-point input of calibration sample ``index`` holds NaN, which has no
+    place in a range.  Infinities are taken (an additive attention mask's ``-inf``): the observers measure the
+    finite values (:func:`observe`)."""
     for position, value in enumerate(flat):
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(value.isfinite().all()):
-            raise InputError(f"pyrys: calibration sample {index} holds NaN or infinite values (its input {position}); "
-                             "calibration measures the ranges of finite inputs: leave that sample out or clean it")
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and bool(value.isnan().any()):
+            raise InputError(f"pyrys: calibration sample {index} holds NaN (its input {position}); calibration "
+                             "measures the ranges of numbers: leave that sample out or clean it")
 
 
 def _as_call(sample: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -210,16 +211,23 @@ def _describe(signature) -> str:
 def observe(gm: fx.GraphModule, names: set[str], samples: list[list],
             keep_outputs: int) -> tuple[dict[str, TensorQuant], list[list]]:
     """Run ``gm`` on every sample; the quantization of each value named in ``names`` (an activation an int8
-    op reads), and the outputs of the first ``keep_outputs`` samples (the float32 answers the guard
-    compares with)."""
+    op reads), from its finite values (an infinity or NaN saturates or stays what it is in int8 whatever the
+    scale, and would make the histogram's range meaningless), and the outputs of the first ``keep_outputs``
+    samples (the float32 answers the guard compares with)."""
     program = ReferenceProgram(gm)
     observers: dict[str, HistogramObserver] = {}
 
     def visit(name: str, value: torch.Tensor) -> None:
-        if name in names and value.is_floating_point() and value.numel():
+        if name not in names or not value.is_floating_point():
+            return
+        value = value.detach().float()
+        finite = value.isfinite()
+        if not bool(finite.all()):
+            value = value[finite]
+        if value.numel():
             if name not in observers:
                 observers[name] = HistogramObserver(dtype=torch.quint8, qscheme=torch.per_tensor_affine)
-            observers[name](value.detach().float())
+            observers[name](value)
 
     outputs = []
     for i, sample in enumerate(samples):
