@@ -4,6 +4,7 @@ No-ops (each a row of :data:`NO_OPS`, replaced by their input):
 
     dropout(x, p, train=False) -> x            clone(x) -> x   (x already in the asked layout)
     alias(x) / detach(x) -> x                  _to_copy(x, dtype=x.dtype) -> x
+    type_as(x, y) -> x   (y of x's dtype)
     expand(x, x.shape) -> x                    _assert_tensor_metadata(x, ...) -> (checked now)
     softmax(x, dim, dtype=x.dtype) -> softmax(x, dim)
 
@@ -84,6 +85,11 @@ def _to_is_no_op(x: torch.Tensor, args: dict) -> bool:
             and _layout_kept(x, args.get("memory_format")))
 
 
+def _type_as_is_no_op(x: torch.Tensor, args: dict) -> bool:
+    other = tensor_meta(args["other"]) if isinstance(args["other"], fx.Node) else None
+    return other is not None and other.dtype == x.dtype and other.device == x.device
+
+
 def _dropout_is_no_op(x: torch.Tensor, args: dict) -> bool:
     return args["train"] is False
 
@@ -107,6 +113,7 @@ NO_OPS: dict[object, tuple[str, Callable[[torch.Tensor, dict], bool]]] = {
     aten.contiguous.default: ("contiguous", _clone_is_no_op),
     aten._to_copy.default: ("to", _to_is_no_op),
     aten.to.dtype: ("to", _to_is_no_op),
+    aten.type_as.default: ("type_as", _type_as_is_no_op),
     aten.expand.default: ("expand", _expand_is_no_op),
 }
 
