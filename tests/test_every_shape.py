@@ -137,6 +137,35 @@ def test_a_baddbmm_of_a_broadcast_bias_takes_every_shape_from_one_capture(captur
     assert captures == [True] and not opt.notes, opt.notes
 
 
+class MaskedSdpa(torch.nn.Module):
+    """Attention with the usual 4-D mask ``(batch, 1, length, length)`` beside ``(batch, length, width)`` features."""
+
+    def __init__(self, width: int = 16, heads: int = 2):
+        super().__init__()
+        torch.manual_seed(0)
+        self.heads, self.qkv = heads, torch.nn.Linear(width, 3 * width)
+
+    def forward(self, x, mask):
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return out.transpose(1, 2).reshape(b, t, c)
+
+
+def test_a_four_dim_mask_keeps_the_sequence_length_symbolic(captures, backend):
+    """Its last two dims are the features' length: fixed as an image's size, they would pin it everywhere."""
+    def inputs(batch: int, length: int):
+        generator = torch.Generator().manual_seed(batch * 100 + length)
+        mask = torch.rand(batch, 1, length, length, generator=generator) > 0.3
+        return torch.randn(batch, length, 16, generator=generator), mask | torch.eye(length, dtype=torch.bool)
+
+    model = MaskedSdpa().eval()
+    opt = pyrys.optimize(model, inputs(2, 8), backend=backend, dynamic=True)
+    for batch, length in [(2, 5), (3, 12), (1, 8)]:
+        assert pyrys.relative_error(opt(*inputs(batch, length)), model(*inputs(batch, length))) <= TOLERANCE
+    assert captures == [True] and not any("again" in note for note in opt.notes), opt.notes
+
+
 def test_a_shape_the_graph_does_not_hold_for_is_captured_again_with_a_note(captures, backend):
     class Branches(torch.nn.Module):
         def forward(self, x):

@@ -5,7 +5,9 @@ masks ``(batch, length)``, sequences of features ``(batch, length, width)``, aud
 channels, samples)``).  Image and video sizes (dims 2+ of a rank-4/5 input) stay as captured:
 serving rarely varies them, and symbolic spatial sizes through a CNN's convs and pools make the
 capture 2x slower (MobileNetV3: 21 s against 11 s); a new image size is captured again, with a
-note.
+note.  But a dim of a rank-4/5 input whose size is that of a non-batch dim of a rank <= 3 input is
+symbolic too: it is a sequence length, as in an attention mask ``(batch, 1, length, length)`` beside
+``(batch, length, width)`` features, and fixed there it would pin the length everywhere.
 
 ``torch.export`` keeps a ``Dim.AUTO`` dim symbolic unless the model pins it (a conv's channels, a
 reshape to a constant, a branch on the size), in which case it specializes that dim silently.
@@ -36,7 +38,8 @@ def symbolic_dims(model: torch.nn.Module, args: tuple, kwargs: dict, size_one_fi
     size 1 left fixed with ``size_one_fixed``), by position, or by parameter name where there are keyword
     arguments or a ``*args`` parameter (export takes the tensors of ``forward(self, *inputs)`` as one
     argument, a tuple)."""
-    auto = lambda value: _auto(value, size_one_fixed)  # noqa: E731
+    lengths = _sequence_sizes((args, kwargs))
+    auto = lambda value: _auto(value, size_one_fixed, lengths)  # noqa: E731
     if not kwargs and not _takes_varargs(model):
         return tuple(auto(a) for a in args)
     bound = inspect.signature(model.forward).bind(*args, **kwargs)
@@ -51,12 +54,22 @@ def _takes_varargs(model: torch.nn.Module) -> bool:
     return any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters)
 
 
-def _auto(value: Any, size_one_fixed: bool) -> Any:
-    return tree_map(lambda v: _dims(v, size_one_fixed) if isinstance(v, torch.Tensor) and v.dim() else None, value)
+def _sequence_sizes(inputs: Any) -> set[int]:
+    """The sizes (above 1) of the non-batch dims of the input tensors of rank <= MAX_SEQUENCE_RANK."""
+    return {size for t in tree_leaves(inputs) if isinstance(t, torch.Tensor) and t.dim() <= MAX_SEQUENCE_RANK
+            for size in t.shape[1:] if size > 1}
 
 
-def _dims(tensor: torch.Tensor, size_one_fixed: bool) -> dict[int, Any]:
-    dims = range(tensor.dim()) if tensor.dim() <= MAX_SEQUENCE_RANK else [0]
+def _auto(value: Any, size_one_fixed: bool, lengths: set[int]) -> Any:
+    return tree_map(lambda v: _dims(v, size_one_fixed, lengths) if isinstance(v, torch.Tensor) and v.dim() else None,
+                    value)
+
+
+def _dims(tensor: torch.Tensor, size_one_fixed: bool, lengths: set[int]) -> dict[int, Any]:
+    if tensor.dim() <= MAX_SEQUENCE_RANK:
+        dims = range(tensor.dim())
+    else:
+        dims = [0] + [i for i in range(1, tensor.dim()) if tensor.shape[i] in lengths]
     return {i: Dim.AUTO for i in dims if not (size_one_fixed and tensor.shape[i] == 1)}
 
 
