@@ -21,17 +21,21 @@ from pyrys.backends.dnnl.layout import plain_md
 from pyrys.backends.dnnl.lower_conv import lower_conv, lower_deconv, lower_linear
 from pyrys.backends.dnnl.lower_int8 import LOWERINGS as INT8_LOWERINGS
 from pyrys.backends.dnnl.lower_matmul import LOWERINGS as MATMUL_LOWERINGS
-from pyrys.backends.dnnl.lower_ops import LOWERINGS as OP_LOWERINGS
+from pyrys.backends.dnnl.lower_ops import LOWERINGS as OP_LOWERINGS, lower_max_pool
 from pyrys.backends.dnnl.primitives import Engine
 from pyrys.backends.dnnl.program import DnnlProgram
 from pyrys.backends.dnnl.values import DYNAMIC, Value
 from pyrys.backends.threads import with_threads
-from pyrys.ir.fused import FUSED_CONV, FUSED_CONV_TRANSPOSE, FUSED_LINEAR
-from pyrys.ir.graph import state_ref
+from pyrys.backends.dnnl.post_ops import DROPS_NAN
+from pyrys.ir.finite import nonfinite_values
+from pyrys.ir.fused import FUSED_CONV, FUSED_CONV_TRANSPOSE, FUSED_LINEAR, read_fused
+from pyrys.ir.graph import op_args, state_ref
+from pyrys.ir.post_ops import ACTIVATIONS, NoPostOp, activation_post_op
 
 # op -> its lowering.  Convolutions, linears and matrix products arrive in their fused form only (passes/legalize.py).
 LOWERINGS = {FUSED_CONV: lower_conv, FUSED_CONV_TRANSPOSE: lower_deconv, FUSED_LINEAR: lower_linear, **OP_LOWERINGS,
              **INT8_LOWERINGS, **ATTENTION_LOWERINGS, **MATMUL_LOWERINGS}
+MAX_POOLINGS = frozenset(target for target, rule in OP_LOWERINGS.items() if rule is lower_max_pool)
 # the lowerings that read the layout policy: every other op takes the layout its inputs come in
 LAYOUT_CHOOSERS = frozenset({FUSED_CONV, FUSED_CONV_TRANSPOSE})
 
@@ -41,18 +45,38 @@ def layout_applies(gm: fx.GraphModule) -> bool:
     return any(node.op == "call_function" and node.target in LAYOUT_CHOOSERS for node in gm.graph.nodes)
 
 
-def _lower_node(builder: Builder, node: fx.Node) -> None:
+def _lower_node(builder: Builder, node: fx.Node, nonfinite: dict[fx.Node, str]) -> None:
     rule = LOWERINGS.get(node.target)
     if rule is None:
         return lower_fallback(builder, node, "no oneDNN lowering")
     if _has_zero_size(node):
         return lower_fallback(builder, node, "a tensor with no elements (oneDNN takes none)")
+    dropped = _drops_nan(node) if node in nonfinite else None
+    if dropped:
+        return lower_fallback(builder, node, f"oneDNN's {dropped} turns NaN into a number, and a NaN may come from "
+                                             f"{nonfinite[node]}")
     snapshot = builder.snapshot()
     try:
         rule(builder, node)
     except (Unsupported, binding.DnnlError) as error:
         builder.restore(snapshot, node)
         lower_fallback(builder, node, str(error).splitlines()[0][:120])
+
+
+def _drops_nan(node: fx.Node) -> str | None:
+    """What in ``node`` gives a number for NaN where eager keeps it, if anything: max pooling, or a post-op (a
+    fused op's, or its own as an activation) in :data:`DROPS_NAN`."""
+    if node.target in MAX_POOLINGS:
+        return "max pooling"
+    if node.target in ACTIVATIONS:
+        try:
+            names = [activation_post_op(node.target, op_args(node)).name]
+        except NoPostOp:
+            return None
+    else:
+        fused = read_fused(node)
+        names = [post_op.name for post_op in fused.post_ops] if fused is not None else []
+    return next((name for name in names if name in DROPS_NAN), None)
 
 
 def _has_zero_size(node: fx.Node) -> bool:
@@ -70,12 +94,12 @@ def _define_input(builder: Builder, node: fx.Node) -> Value:
 def _lower(gm: fx.GraphModule, policy: str, engine: Engine, packed: PackedWeights, threads: int,
            reuse_packed: bool) -> DnnlProgram:
     builder = Builder(gm, policy, engine, packed, reuse_packed)
-    inputs = []
+    inputs, nonfinite = [], nonfinite_values(gm)
     for node in gm.graph.nodes:
         if node.op == "placeholder" and state_ref(node) is None:
             inputs.append(_define_input(builder, node))
         elif node.op == "call_function":
-            _lower_node(builder, node)
+            _lower_node(builder, node, nonfinite)
     return assemble(builder, gm, inputs, threads)
 
 

@@ -68,6 +68,9 @@ ELTWISE: dict[str, Callable[..., list[Eltwise]]] = {
 # hardsigmoid turn NaN into a number, relu's mask (leaky_relu's with slope 0) turns -inf into NaN
 # (tests/backends/dnnl/test_nan.py pins it)
 UNLIKE_EAGER_ON_NONFINITE = frozenset({"clamp", "hardsigmoid", "relu", "leaky_relu"})
+# of those, the ones that turn NaN into a number: where a NaN may be made inside the graph (``ir/finite.py``),
+# the op runs in torch (``lower.py``)
+DROPS_NAN = frozenset({"clamp", "hardsigmoid"})
 BINARY = {"add": AlgKind.binary_add, "mul": AlgKind.binary_mul}
 
 
