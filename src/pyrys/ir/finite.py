@@ -5,12 +5,15 @@ steps treats them otherwise than eager (``backends/dnnl/post_ops.UNLIKE_EAGER_ON
 turns NaN into a bound).  A NaN made inside the graph escapes that check: ``clamp(sqrt(a @ b), -1, 1)`` where
 ``a @ b < 0``.  Those values are the ones computed, through any ops, from
 
-- an op of :data:`NONFINITE_SOURCES` (a square root or logarithm of a computed value, ``0 / 0``);
-- a number argument that is NaN or infinite (``x * nan``, ``addmm(..., beta=nan)``), or a divisor of 0;
-- a constant tensor that holds one (a released constant, whose numbers the backend holds, counts as finite).
+- an op of :data:`NONFINITE_SOURCES` (a square root or logarithm of a computed value not known positive,
+  a variance over one element, ``x ** -1`` at 0), or a division by anything but a finite nonzero constant;
+- a number argument that is NaN or infinite as torch reads it, in float32 (``x * nan``, ``x * 1e39``,
+  ``addmm(..., beta=nan)``), or a divisor that is 0 there (``x / 1e-50``);
+- a constant tensor that holds one (a released constant, whose numbers the backend holds, counts as finite
+  and nowhere 0).
 
-An overflow to infinity (``exp`` of a large value) is not followed: where it happens, eager's result is
-not finite either.
+A known gap: an overflow to infinity (``exp`` of a large value, a sum beyond float32) is not followed, and
+``inf - inf`` after it makes a NaN that a clip downstream turns into its bound.
 """
 from __future__ import annotations
 
@@ -20,17 +23,22 @@ import torch
 import torch.fx as fx
 
 from pyrys.ir.graph import is_constant
+from pyrys.ir.post_ops import as_float32
 from pyrys.ir.released import is_released
 
 aten = torch.ops.aten
 
 # ops whose result from finite operands may be NaN or infinite
 NONFINITE_SOURCES = frozenset({
-    aten.sqrt.default, aten.rsqrt.default, aten.log.default, aten.log2.default, aten.log10.default,
-    aten.log1p.default, aten.reciprocal.default, aten.acos.default, aten.asin.default, aten.acosh.default,
-    aten.atanh.default, aten.fmod.Tensor, aten.fmod.Scalar, aten.remainder.Tensor, aten.remainder.Scalar,
-    aten.pow.Tensor_Tensor, aten.pow.Scalar, aten.logit.default, aten.xlogy.Tensor,
+    aten.log2.default, aten.log10.default, aten.log1p.default, aten.reciprocal.default, aten.acos.default,
+    aten.asin.default, aten.acosh.default, aten.atanh.default, aten.fmod.Tensor, aten.fmod.Scalar,
+    aten.remainder.Tensor, aten.remainder.Scalar, aten.pow.Tensor_Tensor, aten.pow.Scalar, aten.logit.default,
+    aten.xlogy.Tensor, aten.var.correction, aten.var.dim, aten.std.correction, aten.std.dim,
+    aten.var_mean.correction, aten.std_mean.correction, aten.erfinv.default, aten.lgamma.default,
+    aten.digamma.default, aten.floor_divide.default,
 })
+# ops finite on a value known positive (:func:`known_positive`); sqrt also on one known non-negative
+_POSITIVE_ONLY = frozenset({aten.rsqrt.default, aten.log.default})
 _DIVISIONS = frozenset({aten.div.Tensor, aten.div.Tensor_mode, aten.div.Scalar, aten.true_divide.Tensor})
 
 
@@ -51,25 +59,55 @@ def nonfinite_values(gm: fx.GraphModule) -> dict[fx.Node, str]:
 
 
 def _source(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    x = node.args[0] if node.args else None
     if node.target in NONFINITE_SOURCES:
         return f"%{node.name}"
-    if node.target is aten.pow.Tensor_Scalar and not float(node.args[1]).is_integer():
+    if node.target in _POSITIVE_ONLY and not known_positive(x):
         return f"%{node.name}"
+    if node.target is aten.sqrt.default and not (known_positive(x) or known_non_negative(x)):
+        return f"%{node.name}"
+    if node.target is aten.pow.Tensor_Scalar:
+        exponent = node.args[1]
+        if not isinstance(exponent, (int, float)) or exponent < 0 or not float(exponent).is_integer():
+            return f"%{node.name}"
     if node.target in _DIVISIONS and len(node.args) > 1 and not _nonzero_constant(gm, node.args[1]):
         return f"%{node.name}"
     for arg in (*node.args, *node.kwargs.values()):
-        if isinstance(arg, float) and not math.isfinite(arg):
+        if isinstance(arg, float) and not math.isfinite(as_float32(arg)):
             return f"the number {arg} (%{node.name})"
     return None
 
 
+def known_positive(node) -> bool:
+    """``c + x`` with a number ``c > 0`` and ``x`` a square or a mean or sum of them (or NaN): RMSNorm's
+    ``mean(x^2) + eps``."""
+    if not (isinstance(node, fx.Node) and node.target is aten.add.Tensor):
+        return False
+    x, c = node.args[0], node.args[1]
+    return isinstance(c, (int, float)) and c > 0 and known_non_negative(x)
+
+
+def known_non_negative(node) -> bool:
+    """A square ``x^2``, or a mean or sum of squares."""
+    if not isinstance(node, fx.Node):
+        return False
+    if node.target is aten.pow.Tensor_Scalar:
+        return node.args[1] == 2
+    if node.target in (aten.mean.dim, aten.sum.dim_IntList):
+        return known_non_negative(node.args[0])
+    return False
+
+
 def _nonzero_constant(gm: fx.GraphModule, divisor) -> bool:
-    """Whether ``divisor`` is a number or a constant tensor that is finite and nowhere 0."""
+    """Whether ``divisor`` is a number or a constant tensor that is finite and nowhere 0 (as float32, for a
+    number: ``1e-50`` is 0 there)."""
     if isinstance(divisor, (int, float)):
-        return divisor != 0 and math.isfinite(divisor)
+        return as_float32(divisor) != 0 and math.isfinite(as_float32(divisor))
     if not (isinstance(divisor, fx.Node) and is_constant(divisor)):
         return False
-    value = getattr(gm, divisor.target)
+    value = getattr(gm, divisor.target, None)
+    if not isinstance(value, torch.Tensor):
+        return False
     return is_released(value) or bool((value.isfinite() & (value != 0)).all())
 
 

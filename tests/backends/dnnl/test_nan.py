@@ -223,3 +223,40 @@ def test_minus_infinity_made_inside_the_network_gives_nan_through_relu_as_docume
     assert "dnnl::conv2d_relu" in opt.program_text()
     x[0, 0, 0, 0] = 200.0  # finite; exp(200) is inf in float32
     assert_like_eager(opt(x), model(x), nan_also_at=torch.isinf(torch.exp(x)))
+
+
+NAN_MAKERS = {  # a NaN made from finite inputs, then a clip
+    "x * 1e39": lambda x: x.relu() * 1e39,  # inf in float32: 0 * inf
+    "x / 1e-50": lambda x: x.relu() / 1e-50,  # a divisor of 0 in float32: 0 / 0
+    "x ** -1": lambda x: (x.relu() ** -1) * 0.5 - x.relu() ** -1,  # inf - inf
+    "var over one element": lambda x: x.var(dim=0, keepdim=True) + x,
+}
+
+
+@pytest.mark.filterwarnings("ignore:var\\(\\)")
+@pytest.mark.parametrize("maker", NAN_MAKERS)
+def test_nan_made_by_numbers_as_float32_reads_them_reaches_the_output(maker):
+    model = Activation(lambda y: torch.clamp(NAN_MAKERS[maker](y), -1.0, 1.0)).eval()
+    x = torch.randn(1, 4)
+    x[0, 0] = -1.0
+    opt = pyrys.optimize(model, (x,), backend="dnnl")
+    assert model(x).isnan().any()
+    assert_like_eager(opt(x), model(x))
+
+
+class RmsNormThenClip(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.clamp(self.linear(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)), -1.0, 1.0)
+
+
+def test_a_clip_after_an_rms_norm_stays_in_onednn():
+    """rsqrt of a mean of squares plus eps is known positive: no NaN comes from it."""
+    model, x = RmsNormThenClip().eval(), torch.randn(2, 3, 8)
+    opt = pyrys.optimize(model, (x,), backend="dnnl")
+    assert "dnnl::linear_clamp" in opt.program_text() and "torch::" not in opt.program_text(), opt.program_text()
+    assert pyrys.relative_error(opt(x), model(x)) <= pyrys.FP32_TOLERANCE

@@ -28,6 +28,7 @@ from pyrys.backends.dnnl.layout import POLICY_TAGS, plain_md, policy_md
 from pyrys.backends.dnnl.post_ops import UNLIKE_EAGER_ON_NONFINITE, eltwise_post_ops, eltwise_steps
 from pyrys.backends.dnnl.primitives import MemoryDesc, PrimitiveAttr
 from pyrys.backends.dnnl.values import broadcast_of, ALIAS, PLANNED, Value, part_of
+from pyrys.ir.finite import known_positive
 from pyrys.ir.fused import FUSED_CONV, FUSED_CONV_TRANSPOSE
 from pyrys.ir.graph import op_args
 from pyrys.ir.post_ops import ACTIVATIONS, NoPostOp, PostOp, activation_post_op, scalar_post_op
@@ -154,7 +155,7 @@ def _second_operand(builder: Builder, node: fx.Node, x: Value) -> Value:
 # also 0 for -inf (torch: NaN).
 ELEMENTWISE = {
     aten.rsqrt.default: lambda a: ([(AlgKind.eltwise_sqrt, 0.0, 0.0), (AlgKind.eltwise_pow, 1.0, -1.0)]
-                                   if _known_positive(a["input"]) else "rsqrt of a value not known positive "
+                                   if known_positive(a["input"]) else "rsqrt of a value not known positive "
                                    "(oneDNN's gives +inf for -0)"),
     aten.sqrt.default: lambda a: [(AlgKind.eltwise_sqrt, 0.0, 0.0)],
     aten.abs.default: lambda a: [(AlgKind.eltwise_abs, 0.0, 0.0)],
@@ -162,24 +163,6 @@ ELEMENTWISE = {
     aten.pow.Tensor_Scalar: lambda a: ([(AlgKind.eltwise_square, 0.0, 0.0)] if a["exponent"] == 2 else
                                        f"pow to {a['exponent']!r} (oneDNN's goes through exp and log)"),
 }
-
-
-def _known_positive(node) -> bool:
-    """``c + x`` with a number ``c > 0`` and ``x`` a square or a mean or sum of them (or NaN)."""
-    if not (isinstance(node, fx.Node) and node.target is aten.add.Tensor):
-        return False
-    x, c = node.args[0], node.args[1]
-    return isinstance(c, (int, float)) and c > 0 and _known_non_negative(x)
-
-
-def _known_non_negative(node) -> bool:
-    if not isinstance(node, fx.Node):
-        return False
-    if node.target is aten.pow.Tensor_Scalar:
-        return node.args[1] == 2
-    if node.target in (aten.mean.dim, aten.sum.dim_IntList):
-        return _known_non_negative(node.args[0])
-    return False
 
 
 def lower_elementwise(builder: Builder, node: fx.Node) -> None:
