@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 
 from pyrys.ir.graph import is_constant
-from pyrys.ir.post_ops import as_float32
+from pyrys.ir.post_ops import as_float32, is_float32_factor
 from pyrys.ir.released import is_released
 
 aten = torch.ops.aten
@@ -79,8 +79,8 @@ def _source(gm: fx.GraphModule, node: fx.Node) -> str | None:
 
 
 def known_positive(node) -> bool:
-    """``c + x`` with a number ``c > 0`` and ``x`` a square or a mean or sum of them (or NaN): RMSNorm's
-    ``mean(x^2) + eps``."""
+    """``c + x`` with a number ``c > 0`` and ``x`` a square or a mean or sum of them: RMSNorm's
+    ``mean(x^2) + eps`` (positive unless a NaN came in)."""
     if not (isinstance(node, fx.Node) and node.target is aten.add.Tensor):
         return False
     x, c = node.args[0], node.args[1]
@@ -102,7 +102,7 @@ def _nonzero_constant(gm: fx.GraphModule, divisor) -> bool:
     """Whether ``divisor`` is a number or a constant tensor that is finite and nowhere 0 (as float32, for a
     number: ``1e-50`` is 0 there)."""
     if isinstance(divisor, (int, float)):
-        return as_float32(divisor) != 0 and math.isfinite(as_float32(divisor))
+        return is_float32_factor(divisor)
     if not (isinstance(divisor, fx.Node) and is_constant(divisor)):
         return False
     value = getattr(gm, divisor.target, None)

@@ -19,8 +19,8 @@ a number, a frozen tensor) are finite, nonzero as a divisor, within 2^+-64, and 
 nonzero one in that dtype: ``conv(x) / 0`` is ``+-inf`` in eager, ``W * inf`` sums to NaN,
 ``x * 1e-39 * 1e39`` is ``inf`` in float32 (``1e39`` rounds to it) but ``x * 1.0`` merged, and
 ``x * 1e30 * 1e30 * 1e-30`` overflows in eager's second step.  Terms merge where they are at most 1 (in
-float32), or do not cancel, ``|c1 + c2| >= max(|c1|, |c2|) / 2``: eager's ``x + 1e8 - 1e8`` rounds x to a multiple of 8
-on the way, which ``x + 0`` would not (terms up to 1 move x by at most 6e-8).
+float32), or do not cancel, ``|c1 + c2| >= max(|c1|, |c2|) / 2``: eager's ``x + 1e8 - 1e8`` rounds x to
+a multiple of 8 on the way, which ``x + 0`` would not (terms up to 1 move x by at most 6e-8).
 """
 from __future__ import annotations
 
@@ -284,14 +284,14 @@ def _merges_like_eager(gm: fx.GraphModule, inner: AffineOp, outer: AffineOp, com
 
 def _adds_like_eager(gm: fx.GraphModule, inner: AffineOp, outer: AffineOp, combine, dtype: torch.dtype) -> bool:
     """Whether ``(x + c1) + c2`` (or ``-``) may run as ``x + (c1 + c2)``: known terms, with a finite sum, that
-    are at most 1 in float32 or do not cancel, ``|c1 + c2| >= max(|c1|, |c2|) / 2`` (eager's first step rounds x at the
-    scale of ``c1``, by up to half its ulp; merged, at the scale of the sum)."""
+    are at most 1 in float32 or do not cancel, ``|c1 + c2| >= max(|c1|, |c2|) / 2`` (eager's first step rounds x
+    at the scale of ``c1``, by up to half its ulp; merged, at the scale of the sum)."""
     c1, c2 = (_known_values(gm, op.constant, dtype) for op in (inner, outer))
     if c1 is None or c2 is None:
         return False
     merged = _PYTHON_OP[combine](c1, c2)
     larger = torch.maximum(c1.abs(), c2.abs()).double()
-    small = larger <= 1 if dtype == torch.float32 else torch.zeros_like(larger, dtype=torch.bool)  # bf16's ulp(1): 8e-3
+    small = (larger <= 1) & (dtype == torch.float32)  # in bf16, ulp(1) is 8e-3
     return bool(torch.isfinite(merged).all() and (small | (merged.double().abs() >= larger / 2)).all())
 
 

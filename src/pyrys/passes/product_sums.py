@@ -43,7 +43,8 @@ class ProductPlusTerm(Rule):
             return None
         beyond = [name for name in ("beta", "alpha") if math.isfinite(args[name]) and abs(args[name]) > FLOAT32_MAX]
         if beyond:
-            return fail(f"{beyond[0]}={args[beyond[0]]} is beyond float32: torch refuses it at each call, as eager does")
+            return fail(f"{beyond[0]}={args[beyond[0]]} is beyond float32: torch refuses it at each call, "
+                        "as eager does")
         return Match({"args": args})
 
     def rewrite(self, gm: fx.GraphModule, node: fx.Node, match: Match) -> None:

@@ -364,8 +364,9 @@ def _trailing_dims_holding(shape, count) -> int | None:
 
 SIMPLIFY_RULES: tuple[Rule, ...] = (
     tuple(RemoveNoOp(name, target, check) for target, (name, check) in NO_OPS.items())
-    + (ConcatWithoutEmpty(), SoftmaxInItsOwnDtype(), RemoveMetadataAssert(), CollapseViews(), CollapsePermutes(), LinearFromMatmul(),
-       ProductPlusTerm(), LinearOfFlattened(), ActivationFromFormula(), AttentionFromFormula(), MergeSiblingLinears())
+    + (ConcatWithoutEmpty(), SoftmaxInItsOwnDtype(), RemoveMetadataAssert(), CollapseViews(), CollapsePermutes(),
+       LinearFromMatmul(), ProductPlusTerm(), LinearOfFlattened(), ActivationFromFormula(), AttentionFromFormula(),
+       MergeSiblingLinears())
 )
 
 
