@@ -14,7 +14,7 @@ from torch import nn
 import pyrys
 from pyrys.bench import cli
 from pyrys.bench.measure import TimingPlan, benchmark_model, error_vs_eager, rotated
-from pyrys.bench.peers import Eager, OnnxRuntimeInt8, Peer, default_peers, select_peers
+from pyrys.bench.peers import Eager, InductorInt8, OnnxRuntimeInt8, Peer, default_peers, select_peers
 from pyrys.bench.report import build_table
 from pyrys.numerics import INT8_TOLERANCE
 
@@ -153,8 +153,9 @@ def test_rotated():
     assert rotated([], 1) == []
 
 
-def test_onnxruntime_static_int8_runs_quantized_on_the_shared_samples():
-    peer = OnnxRuntimeInt8(1)
+@pytest.mark.parametrize("peer_class", [OnnxRuntimeInt8, InductorInt8])
+def test_int8_peers_run_quantized_on_the_shared_samples(peer_class):
+    peer = peer_class(1)
     ok, reason = peer.available()
     if not ok:
         pytest.skip(reason)
@@ -163,7 +164,28 @@ def test_onnxruntime_static_int8_runs_quantized_on_the_shared_samples():
     x = model.example_inputs(2)
     with torch.no_grad():
         error = error_vs_eager(peer.prepare(model, x)(*x), model(*x))
-    assert 1e-5 < error <= INT8_TOLERANCE  # really rounded (QDQ nodes ran), and close
+    assert 1e-5 < error <= INT8_TOLERANCE  # really rounded (quantized ops ran), and close
+
+
+def test_the_torch_int8_peer_takes_a_module_called_twice():
+    """torchao's quantizer refused ResNet's blocks, which call one ReLU twice (one partition, two outputs)."""
+    peer = InductorInt8(1)
+    ok, reason = peer.available()
+    if not ok:
+        pytest.skip(reason)
+
+    class SharedRelu(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.conv2, self.relu = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()
+
+        def forward(self, x):
+            return self.relu(self.conv2(self.relu(self.conv1(x))) + x)
+
+    torch.manual_seed(0)
+    model, x = SharedRelu().eval(), (torch.randn(2, 4, 8, 8),)
+    with torch.no_grad():
+        assert error_vs_eager(peer.prepare(model, x)(*x), model(*x)) <= INT8_TOLERANCE
 
 
 def test_an_unknown_model_name_is_refused_before_anything_runs(tmp_path, capsys):

@@ -67,9 +67,10 @@ def short_name(model_name: str) -> str:
 
 def list_systems(peers: list[Peer], console: Console) -> int:
     """Print every system and whether it can run here."""
+    width = max(len(peer.name) for peer in peers)
     for peer in peers:
         ok, reason = peer.available()
-        console.print(f"{peer.name:16} {'available' if ok else 'skipped: ' + reason}")
+        console.print(f"{peer.name:{width}} {'available' if ok else 'skipped: ' + reason}")
     return 0
 
 

@@ -254,6 +254,55 @@ class OpenVinoInt8(Peer):
         return lambda *xs: compiled([x.numpy() for x in xs]).to_tuple()
 
 
+class InductorInt8(Peer):
+    """PyTorch's own int8 path: PT2E post-training quantization with torchao's ``X86InductorQuantizer``
+    (its default config: static, u8 activations per tensor, s8 weights per channel) calibrated on
+    :func:`calibration_data`, then ``torch.compile`` (inductor, weights frozen), which runs oneDNN's int8
+    convolutions and linears with their post-ops fused."""
+
+    name = "torch.compile-int8"
+
+    def available(self) -> tuple[bool, str]:
+        if importlib.util.find_spec("torchao") is None:
+            return False, "torchao is not installed (pip install -e '.[bench]')"
+        return True, ""
+
+    def prepare(self, model: nn.Module, inputs: Inputs) -> Runner:
+        import torch._inductor.config as inductor_config
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            captured = torch.export.export(model, inputs).module()
+            one_partition_per_call(captured)
+            quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
+            observed = prepare_pt2e(captured, quantizer)
+            with torch.no_grad():
+                for sample in calibration_data(inputs):
+                    observed(*sample)
+            compiled = torch.compile(convert_pt2e(observed), backend="inductor")
+            with inductor_config.patch(freezing=True), torch.no_grad():
+                compiled(*inputs)
+        return compiled
+
+
+def one_partition_per_call(captured: torch.fx.GraphModule) -> None:
+    """Name each op's innermost module after the op, in the captured copy's metadata.
+
+    torchao's quantizer groups ops into partitions by the module that made them; a module called twice
+    (torchvision's ResNet blocks call one ``ReLU`` twice) becomes one partition with two outputs, which it
+    refuses ("Input partition has more than one output node").  The modules it matches (convolutions,
+    linears, norms, activations) make one aten op per call in a non-strict export, so a name per op keeps
+    each call apart.
+    """
+    for node in captured.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if node.op == "call_function" and stack:
+            key, (path, kind) = next(reversed(stack.items()))
+            stack[key] = (f"{path}@{node.name}", kind)
+
+
 def openvino_has_bf16() -> bool:
     """Whether OpenVINO's CPU plugin reports bf16 support."""
     from openvino import Core
@@ -266,7 +315,7 @@ def default_peers(threads: int) -> list[Peer]:
     pyrys = [PyrysPeer(threads, backend) for backend in pyrys_backends()] + [
         PyrysPeer(threads, "dnnl", "bf16"), PyrysPeer(threads, "dnnl", "int8")]
     others = [Eager(threads), TorchScript(threads), Inductor(threads), OnnxRuntime(threads), OnnxRuntimeInt8(threads),
-              OpenVino(threads), OpenVino(threads, "bf16"), OpenVinoInt8(threads)]
+              InductorInt8(threads), OpenVino(threads), OpenVino(threads, "bf16"), OpenVinoInt8(threads)]
     return pyrys + others
 
 
