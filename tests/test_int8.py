@@ -705,3 +705,31 @@ def test_calibration_on_a_constant_input_is_warned_of():
         warnings.simplefilter("error")
         pyrys.optimize(model, (torch.zeros(1, 3, 8, 8),), precision="int8", backend="reference",
                        calibration=[torch.zeros(1, 3, 8, 8), torch.ones(1, 3, 8, 8)])
+
+
+class ConvPoolLinear(nn.Module):
+    """No activation and no max-pooling: nothing in it but the rounding turns NaN into a number."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.fc = nn.Conv2d(3, 8, 3), nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(torch.nn.functional.adaptive_avg_pool2d(self.conv(x), 1).flatten(1))
+
+
+@pytest.mark.parametrize("make", [resnet_like, ConvPoolLinear], ids=["resnet_like", "conv_pool_linear"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_nan_and_infinities_in_the_input_reach_the_output_as_in_eager(make, value, backend):
+    """A quantize turned them into numbers: a NaN pixel gave a finite row (eager: NaN)."""
+    model, x = make().eval(), images(1)[0]
+    opt = int8(model, x, backend)
+    with torch.no_grad():
+        bad = x.clone()
+        bad[1, 0, 5, 5] = value
+        got, want = opt(bad), model(bad)
+    assert not torch.isfinite(want[1]).all() and torch.isfinite(want[0]).all()
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want))
+    assert pyrys.relative_error(got[0], want[0]) <= INT8_TOLERANCE  # the float path: activations in float, weights rounded
+    assert 1e-4 < pyrys.relative_error(opt(x), model(x)) <= INT8_TOLERANCE  # a finite call still runs in int8

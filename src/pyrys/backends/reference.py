@@ -8,6 +8,7 @@ constant output, or a view of one) is copied.
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 
 import torch
@@ -15,17 +16,21 @@ import torch.fx as fx
 
 from pyrys.backends.options import BackendOptions
 from pyrys.backends.threads import ThreadPinned
+from pyrys.ir.finite import all_finite
 from pyrys.ir.graph import copy_graph, state_ref
 from pyrys.ir.released import is_released, values_of
 from pyrys.ir.ops import PYTHON_IMPLS
 from pyrys.ir.printer import format_node
+from pyrys.quantization.nonfinite import float_path, rounds_activations
 
 
 class ReferenceProgram:
     """Calls the graph module with state values and user inputs in placeholder order.
 
     It holds nothing a call writes to, so one program serves any number of threads at once.
-    pyrys's own ops run as their plain Python functions (see ``PYTHON_IMPLS``)."""
+    pyrys's own ops run as their plain Python functions (see ``PYTHON_IMPLS``).  An int8 graph's call whose
+    floating-point inputs hold NaN or infinities runs its float path (:mod:`pyrys.quantization.nonfinite`),
+    made at the first such call."""
 
     def __init__(self, gm: fx.GraphModule):
         gm = with_values(gm)
@@ -38,8 +43,14 @@ class ReferenceProgram:
         kept = [*gm.buffers(), *gm.parameters(), *[v for v in self.state.values() if isinstance(v, torch.Tensor)]]
         self.internal = frozenset(p for p in _storages(kept) if p)
         self.weight_bytes = held_bytes(gm)
+        user = [n for i, n in enumerate(placeholders) if i not in self.state]
+        self.float_inputs = [i for i, n in enumerate(user) if _is_floating(n)] if rounds_activations(gm) else []
+        self._float_path: ReferenceProgram | None = None
+        self._building = threading.Lock()
 
     def __call__(self, inputs: list) -> list:
+        if self.float_inputs and not all_finite(inputs, self.float_inputs):
+            return self.float_path(inputs)
         args = self._arguments(inputs)
         with torch.no_grad():
             return [self._owned(output) for output in self.gm(*args)]
@@ -53,6 +64,15 @@ class ReferenceProgram:
         if isinstance(output, torch.Tensor) and output.untyped_storage().data_ptr() in self.internal:
             return output.clone()
         return output
+
+    @property
+    def float_path(self) -> "ReferenceProgram":
+        """The graph with its activations in float (weights still rounded), for calls with NaN or infinities."""
+        if self._float_path is None:
+            with self._building:
+                if self._float_path is None:
+                    self._float_path = ReferenceProgram(float_path(self.source))
+        return self._float_path
 
     def discard(self) -> None:
         """Let go of the graph's constants now, for a program made to run once (``self_check.py``): its graph
@@ -153,6 +173,11 @@ def _as_traced(value, traced: tuple[tuple[int, ...], tuple[int, ...]] | None):
     if any(stride == 0 and size > 1 for stride, size in zip(strides, shape)):
         return value  # captured from an expanded tensor: one element per row, no layout to copy into
     return torch.empty_strided(shape, strides, dtype=value.dtype).copy_(value)
+
+
+def _is_floating(placeholder: fx.Node) -> bool:
+    value = placeholder.meta.get("val")
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
 
 
 def _storages(tensors) -> dict[int, int]:

@@ -116,3 +116,9 @@ def _constant_origin(gm: fx.GraphModule, node: fx.Node) -> str | None:
     if not isinstance(value, torch.Tensor) or not value.is_floating_point() or is_released(value):
         return None
     return None if bool(value.isfinite().all()) else f"the constant %{node.name}"
+
+
+def all_finite(inputs: list, positions: list[int]) -> bool:
+    """Whether the inputs at ``positions`` hold only finite numbers, read at run time (their sums are finite; a
+    sum that overflows sends the call the slower way too, which is as right)."""
+    return all(math.isfinite(inputs[i].sum().item()) for i in positions)

@@ -23,7 +23,6 @@ negative number) is never checked; the README lists the differences.
 from __future__ import annotations
 
 import copy
-import math
 import threading
 import time
 import warnings
@@ -45,9 +44,11 @@ from pyrys.backends.reference import ReferenceProgram, held_bytes, with_values
 from pyrys.backends.thread_choice import ThreadChooser
 from pyrys.backends.threads import PER_CALLER_THREADS, current_threads, with_threads
 from pyrys.forwarding import forwarded
+from pyrys.ir.finite import all_finite
 from pyrys.ir.printer import format_graph
 from pyrys.ir.work import share_of
 from pyrys.machine import give_back_freed_memory
+from pyrys.quantization.nonfinite import rounds_activations
 
 # below this share of the multiply-adds in convolutions, the layout policy is not timed
 LAYOUT_MIN_SHARE = 0.10
@@ -72,8 +73,10 @@ class DnnlRuntime:
         self.choosers: dict[int, ThreadChooser] = {}  # by the caller's thread count, when not pinned
         self.unbuildable: dict[int, str] = {}  # thread counts whose program failed to build, and why
         self._reference: ReferenceProgram | None = None
-        self.float_inputs = [i for i, t in enumerate(example_inputs) if self.first.unlike_eager_on_nonfinite
-                             and isinstance(t, torch.Tensor) and t.is_floating_point()]
+        # calls with NaN or infinities in these inputs run on the reference backend (which takes an int8
+        # graph's float path: ``quantization/nonfinite.py``)
+        self.float_inputs = [i for i, t in enumerate(example_inputs) if isinstance(t, torch.Tensor)
+                             and t.is_floating_point()] if self.first.unlike_eager_on_nonfinite or rounds_activations(gm) else []
         self.fault: str | None = None  # why every call runs on the reference backend (``self_check.py``)
         if options.check and (like is None or like.fault) and self_check.checkable(gm, example_inputs):
             self._check(example_inputs, threads)
@@ -128,7 +131,7 @@ class DnnlRuntime:
         return len(stand_ins)
 
     def __call__(self, inputs: list) -> list:
-        if self.fault is not None or self.float_inputs and not _all_finite(inputs, self.float_inputs):
+        if self.fault is not None or self.float_inputs and not all_finite(inputs, self.float_inputs):
             return self.reference(inputs) if self.pinned is None else with_threads(self.pinned, self.reference, inputs)
         if self.pinned is not None:
             return with_threads(self.pinned, self._program(self.pinned), inputs)
@@ -299,12 +302,6 @@ def _why_not_measured(gm: fx.GraphModule) -> str | None:
     if share is not None and share < LAYOUT_MIN_SHARE:
         return f"convolutions do {share:.1%} of the multiply-adds: not worth timing the layouts"
     return None
-
-
-def _all_finite(inputs: list, positions: list[int]) -> bool:
-    """Whether the inputs at ``positions`` hold only finite numbers (their sums are finite; a sum that
-    overflows sends the call to the reference backend too, which is slower but as right)."""
-    return all(math.isfinite(inputs[i].sum().item()) for i in positions)
 
 
 def _tuning_key(gm: fx.GraphModule, threads: int, policies: list[str]) -> dict:
