@@ -206,7 +206,7 @@ def test_division_by_zero_runs_as_in_eager(backend):
     torch.testing.assert_close(opt(x), torch.relu(x) / 0, equal_nan=True)
 
 
-class ConvTimes(torch.nn.Module):
+class ConvOfHundredsTimes(torch.nn.Module):
     """``conv(x) * s``, the conv's weights 100: ``W * 1e37`` is past float32's largest, ``conv(x) * 1e37`` is not
     for outputs below 34."""
 
@@ -220,7 +220,7 @@ class ConvTimes(torch.nn.Module):
 
 
 def test_a_scale_that_would_overflow_the_weights_does_not_fold(run_passes):
-    model, x = ConvTimes(1e37).eval(), image(channels=3) * 0.01
+    model, x = ConvOfHundredsTimes(1e37).eval(), image(channels=3) * 0.01
     result = run_passes(model, (x,), *PASSES)
     assert "aten::mul" in result.after
     assert [m.reason for m in result.misses] == [
@@ -230,7 +230,7 @@ def test_a_scale_that_would_overflow_the_weights_does_not_fold(run_passes):
 
 def test_a_scale_far_from_one_does_not_fold(run_passes):
     """``linear(x) * 1e-36``: eager's outputs are ~1e-34; folded, the weights' products underflowed to 0."""
-    model, x = ConvTimes(1e-36).eval(), image(channels=3)
+    model, x = ConvOfHundredsTimes(1e-36).eval(), image(channels=3)
     result = run_passes(model, (x,), *PASSES)
     assert "aten::mul" in result.after
     assert [m.reason for m in result.misses] == [
