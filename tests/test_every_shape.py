@@ -379,3 +379,35 @@ def test_an_empty_batch_gives_empty_outputs_as_eager_does(backend, dynamic):
     assert opt(empty).shape == layer(empty).shape == (0, 5, 16)
     convs = pyrys.optimize(conv_bn_relu(), (image(),), backend=backend, dynamic=dynamic)
     assert convs(image(batch=0)).shape == conv_bn_relu()(image(batch=0)).shape
+
+
+def test_another_image_size_is_captured_once_for_every_batch_at_that_size(captures, backend, tmp_path):
+    """Each batch at a second image size was captured again (6 s each for ResNet-18), batch 1 first with a
+    note blaming the model ("kept no input dim symbolic")."""
+    model = pyrys.testing.randomize_batchnorm(Flattening()).eval()
+    opt = pyrys.optimize(model, (image(2, size=8),), backend=backend, dynamic=True)
+    for batch in (1, 2, 3, 5):  # a batch of 1 first at the new size
+        x = image(batch, size=12)
+        assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE, batch
+    assert captures == [True, True], captures  # one capture with symbolic sizes at the new height and width
+    note = next(note for note in opt.notes if "x dim 2 is 12" in note)
+    assert "captured once more with symbolic sizes" in note and "pins" not in note
+    for size in (8, 12):
+        x = image(4, size=size)
+        assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE
+    assert captures == [True, True]
+    pyrys.save(opt, tmp_path / "saved")
+    loaded = pyrys.load(tmp_path / "saved")
+    for size in (8, 12):  # shapes it never compiled, at both sizes
+        x = image(6, size=size)
+        assert pyrys.relative_error(loaded(x), model(x)) <= TOLERANCE
+
+
+def test_the_graphs_for_other_image_sizes_are_bounded(captures, monkeypatch):
+    monkeypatch.setattr(importlib.import_module("pyrys.optimized_module"), "MAX_OTHER_TEMPLATES", 1)
+    model = pyrys.testing.randomize_batchnorm(Flattening()).eval()
+    opt = pyrys.optimize(model, (image(2, size=8),), backend="reference", dynamic=True)
+    for size in (10, 12):
+        x = image(2, size=size)
+        assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE
+    assert captures == [True, True, False] and len(opt._other_templates) == 1  # the third: its shape alone

@@ -13,7 +13,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from pyrys.backends.reference import with_values
 from pyrys.forwarding import forwarded
-from pyrys.ir.symbolic import bind_symbols, describe_dims, rows_dim
+from pyrys.ir.symbolic import bind_symbols, describe_dims, fixed_dims_differ, rows_dim
 from pyrys.numerics.trace import NumericsTrace
 from pyrys.machine import give_back_freed_memory
 from pyrys.passes.specialize import ShapeMismatch
@@ -29,6 +29,9 @@ from pyrys.precision_notes import int8_layers
 
 
 MAX_SHAPE_NOTES = 16  # opt.notes keeps at most this many, however many shapes are captured again
+# graphs for every shape kept beside the first (size-1 dims fixed, other image sizes); past this many, a
+# shape none holds for is captured for itself alone (its program then counts against max_shapes)
+MAX_OTHER_TEMPLATES = 8
 
 
 class OptimizedModule(torch.nn.Module):
@@ -54,14 +57,15 @@ class OptimizedModule(torch.nn.Module):
             self._remember_fast_call(_call_key(args, grad=False), first)
 
     def _hold(self, frontend: Frontend, config: OptimizeConfig, compiled: list[Compiled],
-              generic: Compiled | None = None, size_one: list[Compiled] | None = None) -> None:
+              generic: Compiled | None = None, other_templates: list[Compiled] | None = None) -> None:
         """Hold these compiled signatures (the first is the one ``graph``, ``history`` ... describe) and the
         one new shapes are specialized from (``generic``, or the first of them captured with symbolic sizes),
-        and those captured with size-1 dims fixed for the shapes it excludes (``size_one``: ``size_one.py``)."""
+        and those captured with symbolic sizes for the shapes it excludes (``other_templates``): with size-1
+        dims fixed (``size_one.py``), or at other sizes of the dims it holds fixed (an image's height and width)."""
         self._frontend, self._config = frontend, config
         self._first = compiled[0]
         self._generic = generic or next((c for c in compiled if c.generic is not None), None)
-        self._size_one: list[Compiled] = list(size_one or [])
+        self._other_templates: list[Compiled] = list(other_templates or [])
         self._size_one_inputs: list[tuple[tuple, dict]] = []  # inputs to capture them from, before a save
         self._generic_tried = self._generic is not None or config.dynamic is not None or not frontend.symbolic
         kept = {c.signature for c in compiled} if frontend.fixed_shapes else set()  # loaded: nothing to capture from
@@ -150,13 +154,18 @@ class OptimizedModule(torch.nn.Module):
                 return build_for_shape(self._generic, signature, flat, self._config, like=self._first.program)
             except ShapeMismatch as error:
                 why = str(error)
-            for template in self._size_one:
+            for template in self._other_templates:
                 try:
                     return build_for_shape(template, signature, flat, self._config, like=self._first.program)
                 except ShapeMismatch:
                     pass
-            if not self._frontend.fixed_shapes and size_one_dims(self._generic.generic.gm, flat):
-                return self._capture_size_one(args, kwargs, why)
+            if not self._frontend.fixed_shapes:
+                templates = [self._generic, *self._other_templates]
+                fitting = next((t for t in templates if not fixed_dims_differ(t.generic.gm, flat)), None)
+                if fitting is None and len(self._other_templates) < MAX_OTHER_TEMPLATES:
+                    return self._capture_other_sizes(args, kwargs, why)
+                if fitting is not None and size_one_dims(fitting.generic.gm, flat):
+                    return self._capture_size_one(args, kwargs, why)
         elif self._frontend.symbolic:
             why = "the captured graph holds fixed shapes (no input dim could stay symbolic)"
         else:
@@ -178,7 +187,7 @@ class OptimizedModule(torch.nn.Module):
         compiled = compile_signature(self._frontend, args, kwargs, self._config, dynamic=SIZE_ONE_FIXED, like=self._first)
         signature = compiled.signature.describe()
         if compiled.generic is not None:
-            self._size_one.append(compiled)
+            self._other_templates.append(compiled)
             self._note(f"inputs ({signature}) captured once more with their size-1 dims fixed ({why}); other shapes "
                        f"with those dims of size 1 are specialized from it ({describe_dims(compiled.generic.gm)})")
         else:
@@ -186,12 +195,30 @@ class OptimizedModule(torch.nn.Module):
         self._note_precision(compiled, compiled.signature)
         return compiled
 
-    def _find_size_one_gaps(self, args: tuple, kwargs: dict) -> None:
-        """Remember, from the inputs at hand, the size-1 shapes the graph for every shape excludes, to capture
-        them before a save (:mod:`pyrys.size_one`)."""
-        if self._generic is not None and not self._frontend.fixed_shapes:  # from the inputs it was captured from:
+    def _capture_other_sizes(self, args: tuple, kwargs: dict, why: str) -> Compiled:
+        """The program for inputs that differ from every graph for every shape in a dim it holds fixed (``why``:
+        an image of another height), from a capture with symbolic sizes at these inputs' fixed dims, kept for
+        every later shape it holds for (a batch of another size at that height) and for ``pyrys.save``."""
+        compiled = compile_signature(self._frontend, args, kwargs, self._config, dynamic=True, like=self._first)
+        give_back_freed_memory()  # the capture's own copies of the weights, shared away (share_constants)
+        signature = compiled.signature.describe()
+        if compiled.generic is not None:
+            self._other_templates.append(compiled)
+            self._note(f"inputs ({signature}) captured once more with symbolic sizes ({why}); other shapes with "
+                       f"these fixed dims are specialized from it ({describe_dims(compiled.generic.gm)})")
+            self._find_size_one_gaps(args, kwargs, compiled)
+        else:
+            self._note(f"inputs ({signature}) captured and optimized again: {why}; {static_reason(compiled)}")
+        self._note_precision(compiled, compiled.signature)
+        return compiled
+
+    def _find_size_one_gaps(self, args: tuple, kwargs: dict, template: Compiled | None = None) -> None:
+        """Remember, from the inputs at hand, the size-1 shapes the graph for every shape (``template``, else the
+        first) excludes, to capture them before a save (:mod:`pyrys.size_one`)."""
+        template = template or self._generic
+        if template is not None and not self._frontend.fixed_shapes:  # from the inputs it was captured from:
             args, kwargs = symbolic_example(args, kwargs)  # a batch of 1 made 2, so that a length of 1 is found too
-            self._size_one_inputs = excluded_size_one_inputs(self._generic.generic.gm, args, kwargs)
+            self._size_one_inputs += excluded_size_one_inputs(template.generic.gm, args, kwargs)
 
     def complete_size_one(self) -> None:
         """Capture the size-1 shapes the graph for every shape excludes and no size-1 capture holds yet, nor a
@@ -203,7 +230,7 @@ class OptimizedModule(torch.nn.Module):
                 args, kwargs = pending[index]
                 index += 1
                 signature, flat = signature_of(args, kwargs)
-                template = next((t for t in self._size_one if _holds(t, flat)), None)
+                template = next((t for t in self._other_templates if _holds(t, flat)), None)
                 if template is None:
                     held = self._shapes.get(signature)
                     if held is not None and held.generic is None:
@@ -258,7 +285,7 @@ class OptimizedModule(torch.nn.Module):
                     for signature, compiled in self._programs.items()}
         first = programs.pop(self._first.signature)
         copied = OptimizedModule.from_compiled(self._frontend, self._config, [first, *programs.values()], self._generic,
-                                               self._size_one)
+                                               self._other_templates)
         copied._size_one_inputs = list(self._size_one_inputs)
         copied.training = self.training
         return copied

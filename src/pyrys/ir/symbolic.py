@@ -147,6 +147,25 @@ def describe_dims(gm: fx.GraphModule) -> str:
     return ", ".join(f"{name} dim {i} ({expr})" for name, i, expr in input_dims(gm))
 
 
+def fixed_dims_differ(gm: fx.GraphModule, inputs: list) -> str | None:
+    """Why ``inputs`` (``gm``'s flat user inputs) differ from ``gm`` in a dim it holds fixed (or in rank),
+    or None where every fixed dim matches: then only a symbol's range or guard can exclude them."""
+    for node, value in zip(user_inputs(gm.graph), inputs):
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and isinstance(value, torch.Tensor) and (why := _fixed_dim_differs(node, val, value)):
+            return why
+    return None
+
+
+def _fixed_dim_differs(node: fx.Node, val: torch.Tensor, value: torch.Tensor) -> str | None:
+    if val.dim() != value.dim():
+        return f"{node.name} has {value.dim()} dims, the graph {val.dim()}"
+    for i, (dim, size) in enumerate(zip(val.shape, value.shape)):
+        if not isinstance(dim, torch.SymInt) and int(dim) != size:
+            return f"{node.name} dim {i} is {size}; the graph holds it fixed at {int(dim)}"
+    return None
+
+
 def bind_symbols(gm: fx.GraphModule, inputs: list) -> tuple[dict, str | None]:
     """Bind the symbols of ``gm``'s user inputs to the dims of ``inputs`` (its flat user inputs, in
     order); ``(bindings, None)`` when every range and guard holds, else ``({}, why not)``."""
@@ -159,13 +178,11 @@ def bind_symbols(gm: fx.GraphModule, inputs: list) -> tuple[dict, str | None]:
         val = node.meta.get("val")
         if not isinstance(val, torch.Tensor) or not isinstance(value, torch.Tensor):
             continue
-        if val.dim() != value.dim():
-            return {}, f"{node.name} has {value.dim()} dims, the graph {val.dim()}"
+        if why := _fixed_dim_differs(node, val, value):
+            return {}, why
         for i, (dim, size) in enumerate(zip(val.shape, value.shape)):
             where = f"{node.name} dim {i}"
             if not isinstance(dim, torch.SymInt):
-                if int(dim) != size:
-                    return {}, f"{where} is {size}; the graph holds it fixed at {int(dim)}"
                 continue
             expr = env.replace(dim.node.expr)
             if isinstance(expr, sympy.Symbol) and expr not in bindings:

@@ -64,7 +64,7 @@ def save(opt: OptimizedModule, path: str | os.PathLike) -> Path:
     tensors: dict[str, torch.Tensor] = {}
     signatures = [_encode_compiled(c, f"sig{i}", tensors) for i, c in enumerate(compiled)]
     generic = _encode_generic(opt._generic, tensors) if opt._generic is not None else None
-    size_one = [record for i, template in enumerate(list(opt._size_one)) if generic is not None
+    size_one = [record for i, template in enumerate(list(opt._other_templates)) if generic is not None
                 and (record := _encode_generic(template, tensors, f"size_one{i}")) is not None]
     tensors, aliases = _without_repeats(tensors)
     program = {"frontend": opt._frontend.kind, "threads": opt._config.threads, "layout": opt._config.layout,
