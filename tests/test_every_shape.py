@@ -411,3 +411,35 @@ def test_the_graphs_for_other_image_sizes_are_bounded(captures, monkeypatch):
         x = image(2, size=size)
         assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE
     assert captures == [True, True, False] and len(opt._other_templates) == 1  # the third: its shape alone
+
+
+class Recurrent(torch.nn.Module):
+    def __init__(self, kind: str):
+        super().__init__()
+        torch.manual_seed(0)
+        layer = getattr(torch.nn, kind)
+        self.rnn = layer(16, 24, num_layers=2, batch_first=True, bidirectional=True)
+        self.fc = torch.nn.Linear(48, 7)
+
+    def forward(self, x):
+        y, _ = self.rnn(x)
+        return self.fc(y[:, -1])
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_recurrent_layers_take_every_batch_from_one_capture(captures, kind, tmp_path):
+    """``at::native::lstm`` reads ``numel()``, which fake propagation on symbolic sizes refuses: every LSTM
+    and GRU model fell back to its example's shapes (a saved one refused batch 5).  torch.export fixes the
+    length (its decomposition steps through time): each length is one more capture for every batch."""
+    model = Recurrent(kind).eval()
+    opt = pyrys.optimize(model, (torch.randn(3, 20, 16),), backend="reference", dynamic=True)
+    assert not any("symbolic sizes failed" in note for note in opt.notes), opt.notes
+    for batch, length in ((5, 20), (2, 20), (3, 7), (8, 7)):
+        x = torch.randn(batch, length, 16)
+        assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE, (batch, length)
+    assert captures == [True, True]
+    pyrys.save(opt, tmp_path / "saved")
+    loaded = pyrys.load(tmp_path / "saved")
+    for length in (20, 7):
+        x = torch.randn(4, length, 16)
+        assert pyrys.relative_error(loaded(x), model(x)) <= TOLERANCE

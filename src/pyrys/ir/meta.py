@@ -58,8 +58,10 @@ def _shape_is_enough(value: Any) -> bool:
 
 
 # ops whose torch meta fails on symbolic sizes and whose value comes from torch's decomposition there:
-# baddbmm's meta expands a broadcast input ((B*H, 1, L): BLOOM's alibi) with the C++ expand of concrete sizes
-_DECOMPOSED_WHEN_SYMBOLIC = {aten.baddbmm.default: decomposition_table[aten.baddbmm.default]}
+# baddbmm's meta expands a broadcast input ((B*H, 1, L): BLOOM's alibi) with the C++ expand of concrete sizes;
+# ``at::native::lstm`` reads ``numel()`` of its input (GRU's and RNN's C++ take symbolic sizes)
+_DECOMPOSED_WHEN_SYMBOLIC = {op: decomposition_table[op] for op in (aten.baddbmm.default, aten.lstm.input,
+                                                                      aten.lstm.data)}
 
 
 def _op_for(target: Any, mode: FakeTensorMode) -> Any:
