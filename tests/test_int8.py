@@ -733,3 +733,48 @@ def test_nan_and_infinities_in_the_input_reach_the_output_as_in_eager(make, valu
     assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(torch.isinf(got), torch.isinf(want))
     assert pyrys.relative_error(got[0], want[0]) <= INT8_TOLERANCE  # the float path: activations in float, weights rounded
     assert 1e-4 < pyrys.relative_error(opt(x), model(x)) <= INT8_TOLERANCE  # a finite call still runs in int8
+
+
+class Lookup(nn.Module):
+    """An embedding (rows growing with the id) and an embedding bag into a linear: the recommendation shape."""
+
+    def __init__(self, bag_mode: str = "mean"):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.bag = nn.Embedding(200, 16), nn.EmbeddingBag(100, 8, mode=bag_mode)
+        with torch.no_grad():
+            self.emb.weight.mul_(torch.linspace(1, 8, 200)[:, None])
+        self.fc = nn.Linear(24, 5)
+
+    def forward(self, ids, bag_ids):
+        return self.fc(torch.cat([self.emb(ids), self.bag(bag_ids)], 1))
+
+
+def test_an_embedding_read_by_an_int8_layer_covers_every_row_of_its_table(backend):
+    """Calibrated on ids below 20, the range clipped the rows of larger ids (error 0.6 on them)."""
+    model = Lookup().eval()
+    generator = torch.Generator().manual_seed(3)
+
+    def ids(low, high):
+        return torch.randint(low, high, (4,), generator=generator), torch.randint(0, 100, (4, 3), generator=generator)
+
+    opt = pyrys.optimize(model, ids(0, 20), backend=backend, precision="int8",
+                         calibration=[ids(0, 20) for _ in range(4)])
+    with torch.no_grad():
+        for _ in range(3):
+            x = ids(150, 200)
+            assert pyrys.relative_error(opt(*x), model(*x)) <= INT8_TOLERANCE
+
+
+def test_table_bounds_follow_rows_of_a_table_and_no_sums():
+    from pyrys.quantization.calibration import table_bounds
+
+    for mode, bounded in (("mean", True), ("max", True), ("sum", False)):
+        model = Lookup(mode).eval()
+        args = (torch.randint(0, 200, (4,)), torch.randint(0, 100, (4, 3)))
+        gm = pyrys.optimize(model, args, backend="reference")._first.captured.gm
+        bounds = table_bounds(gm)
+        emb = (float(model.emb.weight.min()), float(model.emb.weight.max()))
+        table = torch.cat([model.emb.weight.flatten(), model.bag.weight.flatten(), torch.zeros(1)])
+        (cat,) = [n.name for n in gm.graph.nodes if n.target is torch.ops.aten.cat.default]
+        assert bounds[cat] == ((float(table.min()), float(table.max())) if bounded else emb), mode

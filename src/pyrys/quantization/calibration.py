@@ -6,9 +6,15 @@ into the example's rows).  The captured graph runs on
 each (in float32, on the reference backend) and a histogram observer sees every activation an int8 op
 reads; its scale is the one that minimizes the quantization's squared error over the histogram
 (``torch.ao.quantization.HistogramObserver``), u8 for a value never seen negative, s8 otherwise.
+
+A value that holds rows of a constant table (an ``nn.Embedding`` lookup, an ``nn.EmbeddingBag`` mean or max,
+through views and ``cat``) may meet any row of it, while the samples look up a few: its range takes in the
+table's smallest and largest number too (:func:`table_bounds`), min/max then, so that an id never seen in
+calibration is not clipped.
 """
 from __future__ import annotations
 
+import operator
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -16,12 +22,15 @@ from typing import Any, Iterable, Mapping
 
 import torch
 import torch.fx as fx
-from torch.ao.quantization.observer import HistogramObserver
+from torch.ao.quantization.observer import HistogramObserver, MinMaxObserver
 
 from pyrys.backends.reference import ReferenceProgram
+from pyrys.ir.graph import constant_value, is_constant
+from pyrys.ir.vocabulary import PERMUTES, VIEWS
 from pyrys.quantization import TensorQuant
 from pyrys.signature import InputError, is_tensor_leaf, signature_of
 
+aten = torch.ops.aten
 MAX_SAMPLES = 300  # calibration reads at most this many samples (OpenVINO NNCF's default subset size)
 DRAWN_SAMPLES = 16  # samples_like's default count
 
@@ -234,12 +243,71 @@ def observe(gm: fx.GraphModule, names: set[str], samples: list[list],
         result = program.observe(sample, visit)
         if i < keep_outputs:
             outputs.append(result)
-    return {name: _quant_of(observer) for name, observer in observers.items()}, outputs
+    bounds = table_bounds(gm)
+    return {name: _quant_of(observer, bounds.get(name)) for name, observer in observers.items()}, outputs
 
 
-def _quant_of(observer: HistogramObserver) -> TensorQuant:
+# ops whose result holds only numbers of their first argument
+_SAME_NUMBERS = VIEWS | PERMUTES | frozenset({aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default,
+                                               aten.clone.default, aten.contiguous.default, aten.select.int,
+                                               aten.slice.Tensor, aten.expand.default})
+_BAGS = frozenset({aten.embedding_bag.default, aten.embedding_bag.padding_idx, aten._embedding_bag.default})
+_BAG_MEAN, _BAG_MAX = 1, 2  # embedding_bag's mode argument (0: sum, which is not bounded by the table)
+
+
+def table_bounds(gm: fx.GraphModule) -> dict[str, tuple[float, float]]:
+    """For each value that may hold rows of a constant table, the table's smallest and largest number (of every
+    table it may hold rows of): ``embedding(W, ids)``, ``embedding_bag(W, ...)[0]`` in mean or max mode without
+    per-sample weights (0 too: an empty bag), and what views or ``cat`` make of them."""
+    bounds: dict[fx.Node, tuple[float, float]] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is aten.embedding.default and _is_table(node.args[0]):
+            bounds[node] = _extremes(constant_value(gm, node.args[0]))
+        elif node.target is operator.getitem and node.args[1] == 0 and _is_bag_of_rows(node.args[0]):
+            low, high = _extremes(constant_value(gm, node.args[0].args[0]))
+            bounds[node] = (min(low, 0.0), max(high, 0.0))
+        elif node.target in _SAME_NUMBERS and node.args[0] in bounds:
+            bounds[node] = bounds[node.args[0]]
+        elif node.target is aten.cat.default and any(arg in bounds for arg in node.args[0]):
+            held = [bounds[arg] for arg in node.args[0] if arg in bounds]
+            bounds[node] = (min(low for low, _ in held), max(high for _, high in held))
+    return {node.name: extremes for node, extremes in bounds.items()}
+
+
+def _is_table(arg) -> bool:
+    return isinstance(arg, fx.Node) and is_constant(arg)
+
+
+def _is_bag_of_rows(node) -> bool:
+    """An ``embedding_bag`` whose every result row is a mean or max of the table's rows."""
+    if not (isinstance(node, fx.Node) and node.target in _BAGS
+            and _is_table(node.args[0])):
+        return False
+    mode = node.args[4] if len(node.args) > 4 else node.kwargs.get("mode", 0)
+    weights = node.args[6] if len(node.args) > 6 else node.kwargs.get("per_sample_weights")
+    return mode in (_BAG_MEAN, _BAG_MAX) and weights is None
+
+
+def _extremes(table: torch.Tensor) -> tuple[float, float]:
+    finite = table[table.isfinite()].float()
+    return (float(finite.min()), float(finite.max())) if finite.numel() else (0.0, 0.0)
+
+
+def _quant_of(observer: HistogramObserver, table: tuple[float, float] | None = None) -> TensorQuant:
     """u8 (zero point 0) when nothing negative was seen, else s8 symmetric: zero is exact in both, and the
-    kernels need no zero-point compensation."""
+    kernels need no zero-point compensation.  ``table``: the extremes of the constant tables the value holds
+    rows of, which its range takes in (min/max over them and what was seen)."""
+    if table is not None and (table[0] < float(observer.min_val) or table[1] > float(observer.max_val)):
+        seen = torch.tensor([float(observer.min_val), float(observer.max_val), *table])
+        signed = bool(seen.min() < 0)
+        bounded = MinMaxObserver(dtype=torch.qint8 if signed else torch.quint8,
+                                 qscheme=torch.per_tensor_symmetric if signed else torch.per_tensor_affine)
+        bounded(seen)
+        scale, zero_point = bounded.calculate_qparams()
+        return TensorQuant(float(scale.reshape(-1)[0]), int(zero_point.reshape(-1)[0]),
+                           torch.int8 if signed else torch.uint8)
     if float(observer.min_val) < 0:
         symmetric = HistogramObserver(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
         symmetric.load_state_dict(observer.state_dict())
