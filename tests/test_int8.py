@@ -778,3 +778,44 @@ def test_table_bounds_follow_rows_of_a_table_and_no_sums():
         table = torch.cat([model.emb.weight.flatten(), model.bag.weight.flatten(), torch.zeros(1)])
         (cat,) = [n.name for n in gm.graph.nodes if n.target is torch.ops.aten.cat.default]
         assert bounds[cat] == ((float(table.min()), float(table.max())) if bounded else emb), mode
+
+
+def test_a_table_whose_extremes_calibration_saw_still_sets_the_range():
+    """The table's range was taken only past what calibration saw; seen, the histogram narrowed it again."""
+    model = Lookup().eval()
+    with torch.no_grad():
+        model.emb.weight.normal_()
+        model.emb.weight[7, 3] = 12.0  # one outlier, which a histogram's squared error clips
+    ids = torch.arange(200)  # every row, the outlier's too
+    calibration = [(ids[i::4], torch.randint(0, 100, (50, 3))) for i in range(4)]
+    opt = pyrys.optimize(model, calibration[0], backend="reference", precision="int8", calibration=calibration)
+    (scale,) = [float(s) for s in re.findall(r"::quantize_per_tensor\(%cat\w*, ([\d.e-]+),", opt.graph)]
+    extreme = max(model.emb.weight.abs().max(), model.bag.weight.abs().max())
+    assert scale * 127.5 >= extreme * (1 - 1e-6)
+
+
+def test_the_nonfinite_check_reads_half_precision_inputs_without_overflow():
+    from pyrys.ir.finite import all_finite
+
+    image = torch.full((1, 3, 224, 224), 0.9, dtype=torch.float16)  # sums to 1.4e5, past float16's largest
+    assert all_finite([image], [0]) and all_finite([image.to(torch.bfloat16)], [0])
+    image[0, 0, 0, 0] = float("nan")
+    assert not all_finite([image], [0])
+
+
+def test_the_float_path_never_takes_a_float_path_of_its_own():
+    """A quantize left in the float path (a graph output) sent each NaN call one float path deeper."""
+    from pyrys.backends.reference import ReferenceProgram
+    from pyrys.quantization import QUANTIZE, DEQUANTIZE
+
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    x.meta["val"] = torch.empty(4)
+    q = graph.call_function(QUANTIZE, (x, 0.1, 0, -128, 127, torch.int8))
+    y = graph.call_function(DEQUANTIZE, (q, 0.1, 0, -128, 127, torch.int8))
+    graph.output((y, q))
+    program = ReferenceProgram(fx.GraphModule(torch.nn.Module(), graph))
+    assert program.float_inputs == [0]
+    got, _ = program([torch.tensor([1.0, float("nan"), float("inf"), -2.0])])
+    assert torch.equal(got.isnan(), torch.tensor([False, True, False, False])) and got[2] == float("inf")
+    assert program.float_path.float_inputs == []

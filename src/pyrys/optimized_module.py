@@ -74,11 +74,12 @@ class OptimizedModule(torch.nn.Module):
 
     @classmethod
     def from_compiled(cls, frontend: Frontend, config: OptimizeConfig, compiled: list[Compiled],
-                      generic: Compiled | None = None, size_one: list[Compiled] | None = None) -> "OptimizedModule":
+                      generic: Compiled | None = None,
+                      other_templates: list[Compiled] | None = None) -> "OptimizedModule":
         """A module holding signatures compiled elsewhere (a copy, or ``pyrys.load``)."""
         module = cls.__new__(cls)
         torch.nn.Module.__init__(module)
-        module._hold(frontend, config, compiled, generic, size_one)
+        module._hold(frontend, config, compiled, generic, other_templates)
         return module
 
     def forward(self, *args, **kwargs):

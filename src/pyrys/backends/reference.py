@@ -32,7 +32,7 @@ class ReferenceProgram:
     floating-point inputs hold NaN or infinities runs its float path (:mod:`pyrys.quantization.nonfinite`),
     made at the first such call."""
 
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, float_path_for_nonfinite: bool = True):
         gm = with_values(gm)
         self.gm = without_dispatch(gm)
         self.source = gm  # the graph as printed: profile's step texts
@@ -44,7 +44,8 @@ class ReferenceProgram:
         self.internal = frozenset(p for p in _storages(kept) if p)
         self.weight_bytes = held_bytes(gm)
         user = [n for i, n in enumerate(placeholders) if i not in self.state]
-        self.float_inputs = [i for i, n in enumerate(user) if _is_floating(n)] if rounds_activations(gm) else []
+        rounds = float_path_for_nonfinite and rounds_activations(gm)
+        self.float_inputs = [i for i, n in enumerate(user) if _is_floating(n)] if rounds else []
         self._float_path: ReferenceProgram | None = None
         self._building = threading.Lock()
 
@@ -71,7 +72,7 @@ class ReferenceProgram:
         if self._float_path is None:
             with self._building:
                 if self._float_path is None:
-                    self._float_path = ReferenceProgram(float_path(self.source))
+                    self._float_path = ReferenceProgram(float_path(self.source), float_path_for_nonfinite=False)
         return self._float_path
 
     def discard(self) -> None:

@@ -119,6 +119,11 @@ def _constant_origin(gm: fx.GraphModule, node: fx.Node) -> str | None:
 
 
 def all_finite(inputs: list, positions: list[int]) -> bool:
-    """Whether the inputs at ``positions`` hold only finite numbers, read at run time (their sums are finite; a
-    sum that overflows sends the call the slower way too, which is as right)."""
-    return all(math.isfinite(inputs[i].sum().item()) for i in positions)
+    """Whether the inputs at ``positions`` hold only finite numbers, read at run time (their sums are finite,
+    a 16-bit input's summed in float32, where a finite image cannot overflow; a float32 sum that overflows
+    sends the call the slower way too, which is as right)."""
+    return all(math.isfinite(_sum(inputs[i])) for i in positions)
+
+
+def _sum(tensor: torch.Tensor) -> float:
+    return (tensor.sum(dtype=torch.float32) if tensor.element_size() < 4 else tensor.sum()).item()

@@ -152,7 +152,9 @@ def fixed_dims_differ(gm: fx.GraphModule, inputs: list) -> str | None:
     or None where every fixed dim matches: then only a symbol's range or guard can exclude them."""
     for node, value in zip(user_inputs(gm.graph), inputs):
         val = node.meta.get("val")
-        if isinstance(val, torch.Tensor) and isinstance(value, torch.Tensor) and (why := _fixed_dim_differs(node, val, value)):
+        if not isinstance(val, torch.Tensor) or not isinstance(value, torch.Tensor):
+            continue
+        if why := _fixed_dim_differs(node, val, value):
             return why
     return None
 

@@ -248,8 +248,7 @@ def observe(gm: fx.GraphModule, names: set[str], samples: list[list],
 
 
 # ops whose result holds only numbers of their first argument
-_SAME_NUMBERS = VIEWS | PERMUTES | frozenset({aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default,
-                                               aten.clone.default, aten.contiguous.default, aten.select.int,
+_SAME_NUMBERS = VIEWS | PERMUTES | frozenset({aten.clone.default, aten.contiguous.default, aten.select.int,
                                                aten.slice.Tensor, aten.expand.default})
 _BAGS = frozenset({aten.embedding_bag.default, aten.embedding_bag.padding_idx, aten._embedding_bag.default})
 _BAG_MEAN, _BAG_MAX = 1, 2  # embedding_bag's mode argument (0: sum, which is not bounded by the table)
@@ -299,7 +298,7 @@ def _quant_of(observer: HistogramObserver, table: tuple[float, float] | None = N
     """u8 (zero point 0) when nothing negative was seen, else s8 symmetric: zero is exact in both, and the
     kernels need no zero-point compensation.  ``table``: the extremes of the constant tables the value holds
     rows of, which its range takes in (min/max over them and what was seen)."""
-    if table is not None and (table[0] < float(observer.min_val) or table[1] > float(observer.max_val)):
+    if table is not None:
         seen = torch.tensor([float(observer.min_val), float(observer.max_val), *table])
         signed = bool(seen.min() < 0)
         bounded = MinMaxObserver(dtype=torch.qint8 if signed else torch.quint8,

@@ -75,8 +75,9 @@ class DnnlRuntime:
         self._reference: ReferenceProgram | None = None
         # calls with NaN or infinities in these inputs run on the reference backend (which takes an int8
         # graph's float path: ``quantization/nonfinite.py``)
-        self.float_inputs = [i for i, t in enumerate(example_inputs) if isinstance(t, torch.Tensor)
-                             and t.is_floating_point()] if self.first.unlike_eager_on_nonfinite or rounds_activations(gm) else []
+        checked = self.first.unlike_eager_on_nonfinite or rounds_activations(gm)
+        self.float_inputs = [i for i, t in enumerate(example_inputs)
+                             if checked and isinstance(t, torch.Tensor) and t.is_floating_point()]
         self.fault: str | None = None  # why every call runs on the reference backend (``self_check.py``)
         if options.check and (like is None or like.fault) and self_check.checkable(gm, example_inputs):
             self._check(example_inputs, threads)
