@@ -281,8 +281,7 @@ def _is_table(arg) -> bool:
 
 def _is_bag_of_rows(node) -> bool:
     """An ``embedding_bag`` whose every result row is a mean or max of the table's rows."""
-    if not (isinstance(node, fx.Node) and node.target in _BAGS
-            and _is_table(node.args[0])):
+    if not (isinstance(node, fx.Node) and node.target in _BAGS and _is_table(node.args[0])):
         return False
     mode = node.args[4] if len(node.args) > 4 else node.kwargs.get("mode", 0)
     weights = node.args[6] if len(node.args) > 6 else node.kwargs.get("per_sample_weights")

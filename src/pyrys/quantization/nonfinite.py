@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from pyrys.ir.control_flow import has_effects
 from pyrys.ir.graph import copy_graph
 from pyrys.quantization import DEQUANTIZE, QUANTIZE
 
@@ -25,7 +26,7 @@ def float_path(gm: fx.GraphModule) -> fx.GraphModule:
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target is DEQUANTIZE and _is_quantize(node.args[0]):
             node.replace_all_uses_with(node.args[0].args[0])
-    graph.eliminate_dead_code()
+    graph.eliminate_dead_code(is_impure_node=has_effects)  # pyrys's effects: a pyrys::If may raise
     return fx.GraphModule(gm, graph, gm.__class__.__name__)
 
 
