@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from pyrys.backends.thread_choice import (BELOW_CAP, EXPLORE_AT, FIRST_INTERVAL, LONGEST_WAIT, PROBE_SHARE, TOP_CAP,
+from pyrys.backends.thread_choice import (BELOW_CAP, EXPLORE_CALLS, EXPLORE_READINGS, EXPLORE_SECONDS, FIRST_INTERVAL, LONGEST_WAIT, PROBE_SHARE, TOP_CAP,
                                          ThreadChooser, thread_counts)
 
 SLOW_CALLS = 3  # slow calls in a row that signal busier CPUs
@@ -178,7 +178,10 @@ def test_a_cold_first_call_of_a_new_program_that_loses_is_tried_again_at_once():
 
 @pytest.mark.parametrize("readings, probed", [((True, True, True), True), ((True, False, True), False),
                                               ((False, False, False), False)])
-def test_a_process_started_under_load_looks_at_how_crowded_the_cpus_are(readings, probed):
+@pytest.mark.parametrize("seconds, calls_apart", [(0.004, EXPLORE_CALLS),                    # a fast model: by calls
+                                                  (0.4, int(EXPLORE_SECONDS / 0.4) + 1),   # a slow one: by seconds
+                                                  (2.0, 1)])                               # BERT-base under load
+def test_a_process_started_under_load_looks_at_how_crowded_the_cpus_are(readings, probed, seconds, calls_apart):
     said, asked = iter(readings), []
 
     def crowded(threads: int) -> bool:
@@ -186,15 +189,27 @@ def test_a_process_started_under_load_looks_at_how_crowded_the_cpus_are(readings
         return next(said)
 
     chooser, built = ThreadChooser(2, crowded=crowded), {2}
-    picked = run(chooser, {2: 0.130, 1: 0.076}, EXPLORE_AT[-1], built)  # loaded from the start: never slower
-    assert picked == [2] * EXPLORE_AT[-1] and asked == [2, 2, 2]      # three readings, at the full count
-    picked = run(chooser, {2: 0.130, 1: 0.076}, 300, built)
+    last_reading = EXPLORE_READINGS * calls_apart
+    picked = run(chooser, {2: seconds, 1: seconds / 2}, last_reading, built)  # loaded from the start: never slower
+    assert picked == [2] * last_reading and asked == [2] * EXPLORE_READINGS   # three readings, at the full count
+    picked = run(chooser, {2: seconds, 1: seconds / 2}, 300, built)
     assert (chooser.active == 1) is probed and (picked[0] == 1) is probed
-    assert len(asked) == 3                                            # never again, after a switch either
+    assert len(asked) == EXPLORE_READINGS                                     # never again, after a switch either
+
+
+def test_the_readings_are_spaced_by_calls_or_seconds_whichever_comes_first():
+    asked = []
+    chooser, built = ThreadChooser(2, crowded=lambda threads: asked.append(threads) or False), {2}
+    run(chooser, {2: 0.004}, EXPLORE_CALLS - 1, built)
+    assert asked == []
+    run(chooser, {2: 0.004}, 1, built)
+    assert asked == [2]                                     # 64 calls of 4 ms: by calls
+    run(chooser, {2: EXPLORE_SECONDS}, 1, built)
+    assert asked == [2, 2]                                  # one call of a second: by seconds
 
 
 def test_the_reading_at_the_full_count_is_skipped_once_a_lower_count_was_measured():
     chooser, built = ThreadChooser(2, crowded=lambda threads: pytest.fail("read")), {2}
-    run(chooser, {2: 0.040}, 20, built)
-    run(chooser, {2: 0.130, 1: 0.140}, 3, built)                     # a probe of 1 that loses
-    run(chooser, {2: 0.040, 1: 0.140}, EXPLORE_AT[-1], built)
+    run(chooser, {2: 0.040}, 10, built)
+    run(chooser, {2: 0.130, 1: 0.140}, 3, built)                     # a probe of 1 that loses, within a second
+    run(chooser, {2: 0.040, 1: 0.140}, EXPLORE_READINGS * EXPLORE_CALLS, built)

@@ -31,10 +31,13 @@ average, or never measured, waits for nothing but the calls.  On a quiet machine
 full count is built.
 
 A process that starts under load never sees its calls slow down (its best is a loaded time).  So at
-the full count's calls ``EXPLORE_AT`` (a few seconds apart for most models), while no lower count has
-been measured, it reads how many other tasks the system is running or ready to run
-(:func:`pyrys.machine.other_runnable_tasks`); if all three readings leave fewer free CPUs than its
-threads (a neighbour that stays, not one that passes), the next lower count is probed once.
+the full count's calls, while no lower count has been measured, it reads how many other tasks the system
+is running or ready to run (:func:`pyrys.machine.other_runnable_tasks`): ``EXPLORE_READINGS`` readings,
+each ``EXPLORE_CALLS`` calls or ``EXPLORE_SECONDS`` after the one before (or after the first call),
+whichever comes first: a few seconds apart for a fast model, a call apart for one whose loaded calls take
+seconds (BERT-base took 2 s a call with 2 threads under a load where 1 thread took 0.7 s).  If every
+reading leaves fewer free CPUs than its threads (a neighbour that stays, not one that passes), the next
+lower count is probed once.
 """
 from __future__ import annotations
 
@@ -53,7 +56,9 @@ BELOW_CAP = 64            # and below it
 BELOW_CAP_SECONDS = 5.0
 PROBE_SHARE = 0.02
 LONGEST_WAIT = 60.0
-EXPLORE_AT = (64, 128, 192)
+EXPLORE_READINGS = 3
+EXPLORE_CALLS = 64
+EXPLORE_SECONDS = 1.0
 
 
 def crowded(threads: int) -> bool:
@@ -82,6 +87,7 @@ class ThreadChooser:
     def __init__(self, threads: int, now: float = 0.0, crowded: Callable[[int], bool] = crowded):
         self.counts = thread_counts(threads)
         self.crowded, self.crowded_readings, self.explore_due = crowded, 0, False
+        self.readings, self.reading_call, self.reading_at = 0, 0, now  # readings taken; the last one's call and time
         self.average: dict[int, float] = {}
         self.best: dict[int, float] = dict.fromkeys(self.counts, math.inf)
         self.probed_at: dict[int, float] = dict.fromkeys(self.counts, now)  # each count's last probe
@@ -99,8 +105,8 @@ class ThreadChooser:
         lower, higher, calls = self.lower, self.higher, self.calls
         if lower is not None:
             since = calls - self.probe_call[lower]
-            if (self.slow_score >= SLOW_SCORE or self.explore_due) and self._affordable(lower, since, now):
-                return self._probe(lower)
+            if self.explore_due or self.slow_score >= SLOW_SCORE and self._affordable(lower, since, now):
+                return self._probe(lower)  # (the readings that set explore_due were spaced already)
             if higher is None and since >= self.due_calls and lower in built and self._affordable(lower, since, now):
                 return self._probe(lower)
         if higher is not None:
@@ -138,19 +144,21 @@ class ThreadChooser:
                 self.active_best = average
             self.slow_score = self.slow_score * SLOW_DECAY + (seconds > LOAD_SIGNAL * best)
             calls = self.calls = self.calls + 1
-            if calls in EXPLORE_AT:
-                self._explore(calls)
+            if self.readings < EXPLORE_READINGS and (calls - self.reading_call >= EXPLORE_CALLS
+                                                     or now - self.reading_at >= EXPLORE_SECONDS):
+                self._explore(calls, now)
         elif count == self.probing:
             self._judge(count, seconds, now)
 
-    def _explore(self, calls: int) -> None:
-        """The reading at the full count's call ``calls``, one of ``EXPLORE_AT`` (see the module docstring)."""
+    def _explore(self, calls: int, now: float) -> None:
+        """A reading at the full count's call ``calls``, ending at ``now`` (see the module docstring)."""
         lower, full = self.lower, self.counts[0]
         if self.active != full or lower is None or lower in self.average:
+            self.readings = EXPLORE_READINGS  # measured already: no reading is needed again
             return
-        readings = self.crowded_readings + bool(self.crowded(full))
-        self.crowded_readings = readings
-        if calls == EXPLORE_AT[-1] and readings == len(EXPLORE_AT):
+        self.readings, self.reading_call, self.reading_at = self.readings + 1, calls, now
+        self.crowded_readings += bool(self.crowded(full))
+        if self.readings == EXPLORE_READINGS and self.crowded_readings == EXPLORE_READINGS:
             self.explore_due = True
 
     def cancel(self, count: int) -> None:
