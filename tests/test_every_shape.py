@@ -401,6 +401,9 @@ def test_another_image_size_is_captured_once_for_every_batch_at_that_size(captur
     for size in (8, 12):  # shapes it never compiled, at both sizes
         x = image(6, size=size)
         assert pyrys.relative_error(loaded(x), model(x)) <= TOLERANCE
+    with pytest.raises(pyrys.InputError) as refused:  # a third size: no saved graph holds for it
+        loaded(image(2, size=10))
+    assert "dim 2 is 10" in str(refused.value) and "fixed at 12" in str(refused.value)  # each graph's why
 
 
 def test_the_graphs_for_other_image_sizes_are_bounded(captures, monkeypatch):

@@ -150,6 +150,7 @@ class OptimizedModule(torch.nn.Module):
                 self._note(f"inputs ({signature.describe()}) captured and optimized again: {static_reason(compiled)}")
             self._note_precision(compiled, signature)
             return compiled
+        others: list[str] = []  # why the graphs for other sizes did not hold either (a loaded module says so)
         if self._generic is not None:
             try:
                 return build_for_shape(self._generic, signature, flat, self._config, like=self._first.program)
@@ -158,8 +159,8 @@ class OptimizedModule(torch.nn.Module):
             for template in self._other_templates:
                 try:
                     return build_for_shape(template, signature, flat, self._config, like=self._first.program)
-                except ShapeMismatch:
-                    pass
+                except ShapeMismatch as error:
+                    others.append(f"another graph saved with it: {error}")
             if not self._frontend.fixed_shapes:
                 templates = [self._generic, *self._other_templates]
                 fitting = next((t for t in templates if not fixed_dims_differ(t.generic.gm, flat)), None)
@@ -172,7 +173,7 @@ class OptimizedModule(torch.nn.Module):
         else:
             why = f"a {self._frontend.kind} import is specialized to its inputs' shapes"
         if self._frontend.fixed_shapes:
-            raise self._fixed_shapes_error(signature, why)
+            raise self._fixed_shapes_error(signature, "; ".join([why, *others]))
         compiled = compile_signature(self._frontend, args, kwargs, self._config, like=self._first)
         note = f"inputs ({signature.describe()}) captured and optimized again: {why}"
         compiled.notes.append(note)
