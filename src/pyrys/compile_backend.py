@@ -12,7 +12,11 @@ the program built for the default backend.  Each call passes only the real input
 
 Graph breaks give several graphs, each its own pyrys program.  A new input shape makes
 dynamo recompile; when it hands over a graph with symbolic sizes, pyrys builds one program
-per concrete shape on first use.  With ``options={"numerics": True}`` every graph's program is
+per concrete shape, from the second time that shape comes within the graph's last ``max_shapes``
+new shapes: its first call runs in torch.  So a generation loop, whose cache grows by a token
+a call (a shape that never comes back within a loop), runs its decode steps in torch instead of
+compiling at every token (GPT-2 through ``generate``: 12 compiles a 12-token loop, each loop
+again, with 8 shapes kept), and a server's batch sizes get programs from their second call.  With ``options={"numerics": True}`` every graph's program is
 measured against the graph run eagerly (``program.numerics`` of ``DynamoGraph.programs``), and
 the report is logged at INFO on the ``"pyrys"`` logger.  Dynamo finds the backend through the
 ``torch_dynamo_backends`` entry point (no ``import pyrys`` needed); :func:`register_backend`
@@ -26,6 +30,7 @@ import logging
 import re
 import sys
 import threading
+from collections import OrderedDict
 from typing import Any, Callable
 
 import torch
@@ -207,6 +212,7 @@ class DynamoGraph:
         self.wrapped = [i for i, node in enumerate(placeholders) if _wrapped_number(node)]
         self._wrapped_seen: set[tuple] = set()  # the values they took
         self._seeing = threading.Lock()
+        self._new_keys: OrderedDict[tuple, None] = OrderedDict()  # the last new shapes, run in torch once
         self.inputs = [i for i, v in enumerate(example_inputs)
                        if i not in self.state and i not in self.wrapped and isinstance(v, torch.Tensor)]
         self.scalars = [i for i, v in enumerate(example_inputs) if not isinstance(v, torch.Tensor)]
@@ -244,6 +250,8 @@ class DynamoGraph:
         shapes = weights.shapes  # read once: a change of weights on another thread makes it None
         program = None if shapes is None else shapes.get(key)
         if program is None:
+            if shapes is not None and not self._came_again(key):
+                return None  # torch runs a shape's first call: a loop's growing cache may never bring it back
             with self._compiling:
                 if self.runs_in_torch:  # decided by another thread's compile meanwhile
                     return None
@@ -281,6 +289,18 @@ class DynamoGraph:
         if program.numerics is not None:
             LOG.info("pyrys numerics of a torch.compile graph on inputs %s:\n%s", shapes, program.numerics.render())
         return program
+
+    def _came_again(self, key: tuple) -> bool:
+        """Whether the shape ``key`` (no program yet) came among the graph's last ``max_shapes`` new shapes
+        before; if not, it is counted among them now."""
+        with self._seeing:
+            if key in self._new_keys:
+                del self._new_keys[key]
+                return True
+            self._new_keys[key] = None
+            if len(self._new_keys) > self.options.get("max_shapes", DEFAULT_MAX_SHAPES):
+                self._new_keys.popitem(last=False)
+            return False
 
     def _bound_wrapped_values(self, values: tuple) -> None:
         """Numbers that take a new value call after call (a random draw, a counter) would compile on every
