@@ -14,6 +14,7 @@ import torch
 from torch.export import Dim
 
 import pyrys
+from pyrys.capture.dynamic_shapes import VaryingDims
 from pyrys.ir.symbolic import describe_dims
 from tests.conftest import TOLERANCE
 from tests.models import conv_bn_relu, image
@@ -404,6 +405,38 @@ def test_another_image_size_is_captured_once_for_every_batch_at_that_size(captur
     with pytest.raises(pyrys.InputError) as refused:  # a third size: no saved graph holds for it
         loaded(image(2, size=10))
     assert "dim 2 is 10" in str(refused.value) and "fixed at 12" in str(refused.value)  # each graph's why
+
+
+class CachedAttention(torch.nn.Module):
+    """A decoder step with its KV cache as tensors: ``(batch, heads, length, width)``, one token longer a call."""
+
+    def __init__(self, width: int = 32, heads: int = 4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.heads, self.q, self.k, self.v = heads, *(torch.nn.Linear(width, width) for _ in range(3))
+
+    def forward(self, x, past_k, past_v):
+        batch, length, width = x.shape
+        q, k, v = (layer(x).view(batch, length, self.heads, -1).transpose(1, 2) for layer in (self.q, self.k, self.v))
+        k, v = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
+        attended = torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+        return attended.transpose(1, 2).reshape(batch, length, width), k, v
+
+
+def test_a_kv_cache_growing_a_token_a_call_is_captured_with_its_length_symbolic(captures, backend):
+    """Every cache length was a capture of its own (0.5-1 s each for a one-layer step, ~8 s under load), past
+    eight of them each for its shape alone: a rank-4 dim stays fixed, as an image's height does."""
+    model = CachedAttention().eval()
+    step = lambda length: (torch.rand(1, 1, 32), torch.rand(1, 4, length, 8), torch.rand(1, 4, length, 8))  # noqa: E731
+    opt = pyrys.optimize(model, step(1), backend=backend, dynamic=True)
+    for length in range(2, 14):
+        inputs = step(length)
+        for got, expected in zip(opt(*inputs), model(*inputs)):
+            assert pyrys.relative_error(got, expected) <= TOLERANCE, length
+        if length == 4:  # length 2 captured at 2, 3 with the length symbolic (from a batch of 2), then batch 1's
+            so_far = list(captures)
+    assert captures == so_far and any(isinstance(dynamic, VaryingDims) for dynamic in captures), captures
+    assert any("past_k dim 2 (s" in note for note in opt.notes), opt.notes
 
 
 def test_the_graphs_for_other_image_sizes_are_bounded(captures, monkeypatch):

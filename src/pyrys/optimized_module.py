@@ -13,13 +13,13 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from pyrys.backends.reference import with_values
 from pyrys.forwarding import forwarded
-from pyrys.ir.symbolic import bind_symbols, describe_dims, fixed_dims_differ, rows_dim
+from pyrys.ir.symbolic import bind_symbols, describe_dims, differing_fixed_dims, fixed_dims_differ, rows_dim
 from pyrys.numerics.trace import NumericsTrace
 from pyrys.machine import give_back_freed_memory
 from pyrys.passes.specialize import ShapeMismatch
 from pyrys.shape_cache import ShapeCache
 from pyrys.size_one import excluded_size_one_inputs, size_one_dims
-from pyrys.capture.dynamic_shapes import SIZE_ONE_FIXED, symbolic_example
+from pyrys.capture.dynamic_shapes import SIZE_ONE_FIXED, VaryingDims, symbolic_example
 from pyrys.ir.graph import user_inputs
 from pyrys.signature import InputError, Signature, arranged_like, check_compatible, runnable_inputs, signature_of
 from pyrys.capture.frontend import Frontend
@@ -66,6 +66,7 @@ class OptimizedModule(torch.nn.Module):
         self._first = compiled[0]
         self._generic = generic or next((c for c in compiled if c.generic is not None), None)
         self._other_templates: list[Compiled] = list(other_templates or [])
+        self._varied: set[tuple[int, int]] = set()  # fixed dims (input position, dim) other sizes came in
         self._size_one_inputs: list[tuple[tuple, dict]] = []  # inputs to capture them from, before a save
         self._generic_tried = self._generic is not None or config.dynamic is not None or not frontend.symbolic
         kept = {c.signature for c in compiled} if frontend.fixed_shapes else set()  # loaded: nothing to capture from
@@ -165,7 +166,7 @@ class OptimizedModule(torch.nn.Module):
                 templates = [self._generic, *self._other_templates]
                 fitting = next((t for t in templates if not fixed_dims_differ(t.generic.gm, flat)), None)
                 if fitting is None and len(self._other_templates) < MAX_OTHER_TEMPLATES:
-                    return self._capture_other_sizes(args, kwargs, why)
+                    return self._capture_other_sizes(args, kwargs, why, flat)
                 if fitting is not None and size_one_dims(fitting.generic.gm, flat):
                     return self._capture_size_one(args, kwargs, why)
         elif self._frontend.symbolic:
@@ -186,7 +187,8 @@ class OptimizedModule(torch.nn.Module):
         with those dims fixed at 1 and the others symbolic, kept for every later shape it holds for (and for
         ``pyrys.save``; where that capture keeps no size symbolic, it is these shapes' alone)."""
         args, kwargs = tree_map(_contiguous, (args, kwargs))  # a view's strides would become symbols of their own
-        compiled = compile_signature(self._frontend, args, kwargs, self._config, dynamic=SIZE_ONE_FIXED, like=self._first)
+        dynamic = VaryingDims(self._varied, size_one_fixed=True) if self._varied else SIZE_ONE_FIXED
+        compiled = compile_signature(self._frontend, args, kwargs, self._config, dynamic=dynamic, like=self._first)
         signature = compiled.signature.describe()
         if compiled.generic is not None:
             self._other_templates.append(compiled)
@@ -197,11 +199,17 @@ class OptimizedModule(torch.nn.Module):
         self._note_precision(compiled, compiled.signature)
         return compiled
 
-    def _capture_other_sizes(self, args: tuple, kwargs: dict, why: str) -> Compiled:
+    def _capture_other_sizes(self, args: tuple, kwargs: dict, why: str, flat: list) -> Compiled:
         """The program for inputs that differ from every graph for every shape in a dim it holds fixed (``why``:
         an image of another height), from a capture with symbolic sizes at these inputs' fixed dims, kept for
-        every later shape it holds for (a batch of another size at that height) and for ``pyrys.save``."""
-        compiled = compile_signature(self._frontend, args, kwargs, self._config, dynamic=True, like=self._first)
+        every later shape it holds for (a batch of another size at that height) and for ``pyrys.save``.  A
+        fixed dim that comes at a third size (a KV cache's length, growing a call at a time) is symbolic in
+        that capture (``VaryingDims``): one capture for all its sizes, not one per size."""
+        differing = differing_fixed_dims(self._generic.generic.gm, flat)
+        again = differing & self._varied
+        self._varied |= differing
+        dynamic = VaryingDims(differing) if again else True
+        compiled = compile_signature(self._frontend, args, kwargs, self._config, dynamic=dynamic, like=self._first)
         give_back_freed_memory()  # the capture's own copies of the weights, shared away (share_constants)
         signature = compiled.signature.describe()
         if compiled.generic is not None:

@@ -7,7 +7,10 @@ serving rarely varies them, and symbolic spatial sizes through a CNN's convs and
 capture 2x slower (MobileNetV3: 21 s against 11 s); a new image size is captured again, with a
 note.  But a dim of a rank-4/5 input whose size is that of a non-batch dim of a rank <= 3 input is
 symbolic too: it is a sequence length, as in an attention mask ``(batch, 1, length, length)`` beside
-``(batch, length, width)`` features, and fixed there it would pin the length everywhere.
+``(batch, length, width)`` features, and fixed there it would pin the length everywhere.  And a dim
+of a rank-4/5 input that came at a third size (:class:`VaryingDims`: a KV cache ``(batch, heads,
+length, width)`` growing a token a call, an image size that keeps changing) is symbolic in the capture
+made then: one slower capture instead of one per size.
 
 ``torch.export`` keeps a ``Dim.AUTO`` dim symbolic unless the model pins it (a conv's channels, a
 reshape to a constant, a branch on the size), in which case it specializes that dim silently.
@@ -33,13 +36,31 @@ MAX_SEQUENCE_RANK = 3  # inputs up to this rank have every dim symbolic; higher 
 SIZE_ONE_FIXED = "size-1 dims fixed"
 
 
-def symbolic_dims(model: torch.nn.Module, args: tuple, kwargs: dict, size_one_fixed: bool = False) -> Any:
+class VaryingDims(frozenset):
+    """``dynamic=`` of a capture that also keeps these dims symbolic: ``(position, dim)`` pairs, ``position``
+    an input's place among the flattened ``(args, kwargs)`` leaves; ``size_one_fixed`` as ``SIZE_ONE_FIXED``."""
+
+    def __new__(cls, dims=(), size_one_fixed: bool = False):
+        varying = super().__new__(cls, dims)
+        varying.size_one_fixed = size_one_fixed
+        return varying
+
+
+def size_one_fixed(dynamic: object) -> bool:
+    """Whether a capture's ``dynamic=`` keeps the example's dims of size 1 fixed."""
+    return dynamic == SIZE_ONE_FIXED or getattr(dynamic, "size_one_fixed", False)
+
+
+def symbolic_dims(model: torch.nn.Module, args: tuple, kwargs: dict, size_one_fixed: bool = False,
+                  varying: frozenset = frozenset()) -> Any:
     """The ``dynamic_shapes`` argument of ``torch.export.export``: ``Dim.AUTO`` on the dims above (those of
-    size 1 left fixed with ``size_one_fixed``), by position, or by parameter name where there are keyword
-    arguments or a ``*args`` parameter (export takes the tensors of ``forward(self, *inputs)`` as one
-    argument, a tuple)."""
+    size 1 left fixed with ``size_one_fixed``) and on ``varying`` (:class:`VaryingDims`), by position, or by
+    parameter name where there are keyword arguments or a ``*args`` parameter (export takes the tensors of
+    ``forward(self, *inputs)`` as one argument, a tuple)."""
     lengths = _sequence_sizes((args, kwargs))
-    auto = lambda value: _auto(value, size_one_fixed, lengths)  # noqa: E731
+    leaves = tree_leaves((tuple(args), dict(kwargs)))
+    extra = {(id(leaves[position]), dim) for position, dim in varying if position < len(leaves)}
+    auto = lambda value: _auto(value, size_one_fixed, lengths, extra)  # noqa: E731
     if not kwargs and not _takes_varargs(model):
         return tuple(auto(a) for a in args)
     bound = inspect.signature(model.forward).bind(*args, **kwargs)
@@ -60,16 +81,16 @@ def _sequence_sizes(inputs: Any) -> set[int]:
             for size in t.shape[1:] if size > 1}
 
 
-def _auto(value: Any, size_one_fixed: bool, lengths: set[int]) -> Any:
-    return tree_map(lambda v: _dims(v, size_one_fixed, lengths) if isinstance(v, torch.Tensor) and v.dim() else None,
-                    value)
+def _auto(value: Any, size_one_fixed: bool, lengths: set[int], extra: set[tuple[int, int]]) -> Any:
+    return tree_map(lambda v: _dims(v, size_one_fixed, lengths, extra) if isinstance(v, torch.Tensor) and v.dim()
+                    else None, value)
 
 
-def _dims(tensor: torch.Tensor, size_one_fixed: bool, lengths: set[int]) -> dict[int, Any]:
+def _dims(tensor: torch.Tensor, size_one_fixed: bool, lengths: set[int], extra: set[tuple[int, int]]) -> dict[int, Any]:
     if tensor.dim() <= MAX_SEQUENCE_RANK:
         dims = range(tensor.dim())
     else:
-        dims = [0] + [i for i in range(1, tensor.dim()) if tensor.shape[i] in lengths]
+        dims = [0] + [i for i in range(1, tensor.dim()) if tensor.shape[i] in lengths or (id(tensor), i) in extra]
     return {i: Dim.AUTO for i in dims if not (size_one_fixed and tensor.shape[i] == 1)}
 
 

@@ -35,7 +35,7 @@ from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, f
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from pyrys.capture.captured import Captured, input_writes_note
-from pyrys.capture.dynamic_shapes import SIZE_ONE_FIXED, symbolic_dims, symbolic_example
+from pyrys.capture.dynamic_shapes import VaryingDims, size_one_fixed, symbolic_dims, symbolic_example
 from pyrys.capture.training_ir import as_inference_graph
 from pyrys.errors import CaptureError
 from pyrys.ir.graph import STATE_KEY, StateRef, add_constant, add_placeholder, copy_graph, identifier, insert_call
@@ -109,7 +109,8 @@ def export_module(model: torch.nn.Module, args: tuple, kwargs: dict | None = Non
     args, kwargs = _unaliased(*_own_tensor_objects(args, kwargs or {}))
     with tracing(), torch.no_grad(), sizes_kept_symbolic() if dynamic else contextlib.nullcontext():
         try:
-            shapes = symbolic_dims(model, args, kwargs, dynamic == SIZE_ONE_FIXED) if dynamic else None
+            varying = dynamic if isinstance(dynamic, VaryingDims) else frozenset()
+            shapes = symbolic_dims(model, args, kwargs, size_one_fixed(dynamic), varying) if dynamic else None
             exported = torch.export.export(model, args, kwargs, dynamic_shapes=shapes)
         except (UserError, GuardOnDataDependentSymNode, DataDependentOutputException) as error:
             if isinstance(error, UserError) and error.error_type != UserErrorType.DYNAMIC_CONTROL_FLOW:
@@ -209,10 +210,10 @@ def capture_module(model: torch.nn.Module, args: tuple, kwargs: dict | None = No
     if not dynamic:
         return from_exported(_exported_for_these_shapes(model, args, kwargs), model)
     try:
-        if dynamic == SIZE_ONE_FIXED:
-            exported = export_module(model, args, kwargs, dynamic=SIZE_ONE_FIXED)
+        if size_one_fixed(dynamic):
+            exported = export_module(model, args, kwargs, dynamic=dynamic)
         else:
-            exported = _export_symbolic(model, args, kwargs or {})
+            exported = _export_symbolic(model, args, kwargs or {}, dynamic)
     except CaptureError:
         raise
     except Exception as error:  # noqa: BLE001 -- whatever fails with symbolic sizes is tried again with fixed ones
@@ -241,16 +242,16 @@ def _exported_for_these_shapes(model: torch.nn.Module, args: tuple, kwargs: dict
                            "torch.compile(model, backend=\"pyrys\"), or report it") from error
 
 
-def _export_symbolic(model: torch.nn.Module, args: tuple, kwargs: dict) -> ExportedProgram:
-    """``export_module(dynamic=True)`` from :func:`symbolic_example` (a batch of 1 made 2), or, where the
+def _export_symbolic(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool | VaryingDims = True) -> ExportedProgram:
+    """``export_module(dynamic=...)`` from :func:`symbolic_example` (a batch of 1 made 2), or, where the
     model refuses that example, from the inputs as given."""
     wide_args, wide_kwargs = symbolic_example(args, kwargs)
     if wide_args is args and wide_kwargs is kwargs:
-        return export_module(model, args, kwargs, dynamic=True)
+        return export_module(model, args, kwargs, dynamic=dynamic)
     try:
-        return export_module(model, wide_args, wide_kwargs, dynamic=True)
+        return export_module(model, wide_args, wide_kwargs, dynamic=dynamic)
     except Exception:  # noqa: BLE001 -- a model that takes a batch of 1 only: its own example
-        return export_module(model, args, kwargs, dynamic=True)
+        return export_module(model, args, kwargs, dynamic=dynamic)
 
 
 def from_exported(ep: ExportedProgram, model: torch.nn.Module | None = None) -> Captured:

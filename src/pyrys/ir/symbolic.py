@@ -159,6 +159,15 @@ def fixed_dims_differ(gm: fx.GraphModule, inputs: list) -> str | None:
     return None
 
 
+def differing_fixed_dims(gm: fx.GraphModule, inputs: list) -> set[tuple[int, int]]:
+    """The ``(position, dim)`` of every dim ``gm`` holds fixed that ``inputs`` (its flat user inputs) differ in."""
+    return {(position, i) for position, (node, value) in enumerate(zip(user_inputs(gm.graph), inputs))
+            for val in [node.meta.get("val")]
+            if isinstance(val, torch.Tensor) and isinstance(value, torch.Tensor) and val.dim() == value.dim()
+            for i, (dim, size) in enumerate(zip(val.shape, value.shape))
+            if not isinstance(dim, torch.SymInt) and int(dim) != size}
+
+
 def _fixed_dim_differs(node: fx.Node, val: torch.Tensor, value: torch.Tensor) -> str | None:
     if val.dim() != value.dim():
         return f"{node.name} has {value.dim()} dims, the graph {val.dim()}"
