@@ -58,11 +58,17 @@ class Value:
         return self.alias_of.root if self.alias_of is not None else self
 
     def roots(self) -> list["Value"]:
-        """Every root value whose bytes reading this value may touch (through aliases and borrows)."""
-        found = [self.root]
-        for borrowed in self.root.borrows:
-            found += borrowed.roots()
-        return found
+        """Every root value whose bytes reading this value may touch (through aliases and borrows), each once
+        (a chain of torch steps each borrowing the one before twice, ``atan2(x, x)``, is walked once, not
+        ``2**n`` times: swin3d's compile never ended)."""
+        found: dict[int, Value] = {}
+        pending = [self.root]
+        while pending:
+            root = pending.pop()
+            if id(root) not in found:
+                found[id(root)] = root
+                pending.extend(borrowed.root for borrowed in root.borrows)
+        return list(found.values())
 
     def may_view_internal_memory(self) -> bool:
         """Whether this value's tensor may share bytes with an activation buffer or a constant."""
