@@ -2,6 +2,8 @@
 second trace (``run_decompositions``) would give; anything else takes the second trace."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -70,6 +72,32 @@ def test_batch_norm_in_the_training_ir_reads_its_flag(second_traces):
     assert not second_traces
     assert "training" in opt.graph and "batch_norm" in opt.graph  # not frozen: the flag is a state read
     assert pyrys.relative_error(opt(image()), conv_bn_relu()(image())) <= TOLERANCE
+
+
+class FunctionalBatchNorm(nn.Module):
+    """``F.batch_norm`` with its own ``training=``: batch statistics or running ones, whatever the module's mode."""
+
+    def __init__(self, batch_statistics: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.batch_statistics = batch_statistics
+        self.register_buffer("mean", torch.randn(4))
+        self.register_buffer("var", torch.rand(4) + 0.5)
+
+    def forward(self, x):
+        return nn.functional.batch_norm(x, self.mean.clone(), self.var.clone(), None, None, self.batch_statistics,
+                                        0.1, 1e-3)
+
+
+@pytest.mark.parametrize("batch_statistics, mode", [(True, "eval"), (False, "train")])
+def test_a_functional_batch_norm_keeps_the_training_argument_it_was_given(batch_statistics, mode, backend):
+    """The argument was replaced by the module's flag and frozen: running statistics (0.87 off) or batch ones."""
+    model, x = getattr(FunctionalBatchNorm(batch_statistics), mode)(), torch.randn(2, 4, 5, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # training mode
+        opt = pyrys.optimize(model, (x,), backend=backend, verify=True)
+    with torch.no_grad():
+        assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE
 
 
 def _compared_in_place(m, x):

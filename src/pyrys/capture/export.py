@@ -362,12 +362,14 @@ def _raise_batch_norm(gm: fx.GraphModule, node: fx.Node, model: torch.nn.Module 
 
 
 def _training_flag(gm: fx.GraphModule, node: fx.Node, model: torch.nn.Module | None):
-    """The ``training`` flag of the module that owns ``node``, as a state read (a literal if unknown)."""
+    """The ``training`` flag of the module that owns ``node``, as a state read; the literal captured where the
+    owner is unknown or its flag is not what the call passed (``F.batch_norm(..., training=True)`` in an eval
+    module: batch statistics, whatever the module's mode)."""
     path = _owner_path(node)
     captured_value = node.target is aten._native_batch_norm_legit_functional.default
     if node.target is aten.batch_norm.default and isinstance(node.args[5], bool):  # the training IR's
         captured_value = node.args[5]
-    if path is None:
+    if path is None or model is not None and bool(model.get_submodule(path).training) != captured_value:
         return captured_value
     target = f"{path}.training" if path else "training"
     for existing in gm.graph.nodes:
