@@ -86,6 +86,17 @@ def test_norms_and_softmax_stay_in_float32(bf16_cpu, backend):
     assert any(": BFloat16(" in line and "pyrys::linear" in line for line in lines)
 
 
+def test_an_average_pooling_of_video_stays_in_float32(bf16_cpu, backend):
+    """torch 2.14 has no bfloat16 avg_pool3d on CPU: S3D's optimize raised NotImplementedError from the check
+    against torch (and a torch step would have)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv3d(3, 8, 3), torch.nn.AvgPool3d(2), torch.nn.ReLU()).eval()
+    x = torch.randn(1, 3, 4, 16, 16)
+    opt = pyrys.optimize(model, (x,), backend=backend, precision="bf16")
+    assert pyrys.relative_error(opt(x), model(x)) <= BF16_TOLERANCE
+    assert any("avg_pool3d" in line and ": Float(" in line for line in opt.graph.splitlines())
+
+
 def test_new_shapes_and_save_load(bf16_cpu, backend):
     model = conv_bn_relu()
     opt = pyrys.optimize(model, (image(),), backend=backend, precision="bf16")
