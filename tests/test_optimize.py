@@ -298,3 +298,27 @@ def test_a_float_input_is_specialized_to_its_bits():
         opt(x, -0.0)
     nan = pyrys.optimize(DividesBy(), (x, float("nan")), backend="reference")
     assert nan(x, float("nan")).isnan().all()
+
+
+class CountsItsCalls(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("count", torch.zeros(1))
+
+    def forward(self, x):
+        self.count += 1
+        return x * self.count
+
+
+def test_module_state_that_forward_writes_is_warned_of():
+    """A counter (or a cache) written in forward: eager's second call reads 2, the optimized module's 1 again;
+    only a note said so."""
+    import pyrys
+
+    with pytest.warns(UserWarning, match="forward writes count in place .module state."):
+        opt = pyrys.optimize(CountsItsCalls().eval(), (torch.ones(2),))
+    assert "state updates dropped" in " ".join(opt.notes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a BatchNorm's statistics in training mode: the training-mode warning only
+        warnings.filterwarnings("ignore", message=".*training mode")
+        pyrys.optimize(torch.nn.BatchNorm1d(3).train(), (torch.rand(4, 3),))

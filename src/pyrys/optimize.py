@@ -207,12 +207,22 @@ def optimize_torchscript(script: Any, example_inputs: Any, example_kwargs: dict 
     return optimized
 
 
+NORM_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")  # written in training mode
+
+
 def _warn_of_input_writes(optimized: OptimizedModule, caller_keeps_writes: bool, stacklevel: int = 3) -> None:
-    """An input written in place changes the caller's tensor in eager and not here: say so, unless the caller
-    (the ``torch.compile`` backend) runs such a model in torch instead."""
+    """An input written in place changes the caller's tensor in eager and not here, and module state written in
+    place (other than a norm's statistics in training mode, which training mode warns of) changes what eager's
+    later calls read: say so, unless the caller (the ``torch.compile`` backend) runs such a model in torch."""
     if optimized._first.captured.input_writes and not caller_keeps_writes:
         warnings.warn(f"pyrys.optimize: {input_writes_note(optimized._first.captured.input_writes)}",
                       stacklevel=stacklevel)
+    state = [name for name in optimized._first.captured.state_writes if name.rsplit(".", 1)[-1] not in NORM_STATISTICS]
+    if state and not caller_keeps_writes:  # a counter, a cache: eager's later calls read what forward wrote
+        warnings.warn(f"pyrys.optimize: forward writes {', '.join(state)} in place (module state); the optimized "
+                      "module never writes it, so every call reads it as it was at optimize, where eager's next "
+                      "calls read what forward wrote. torch.compile(model, backend='pyrys') runs such a graph in "
+                      "torch", stacklevel=stacklevel)
 
 
 def _warn_if_training(model: Any, stacklevel: int = 3) -> None:
