@@ -224,3 +224,26 @@ def test_a_shape_torch_export_cannot_trace_is_a_capture_error_naming_the_shapes(
                                                  r"\(0, 5\)\): RuntimeError") as error:
         opt(torch.randn(0, 5, 16), torch.zeros(0, 5, dtype=torch.bool))
     assert isinstance(error.value.__cause__, RuntimeError)
+
+
+class DrawsFromItsGenerator(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.generator = torch.Generator().manual_seed(0)
+
+    def forward(self, x):
+        return x + torch.rand(x.shape, generator=self.generator)
+
+
+def test_a_generator_in_forward_is_a_capture_error_saying_what_to_do():
+    """It was a bare AssertionError from the data-dependence check (a script object has no symbols)."""
+    with pytest.raises(pyrys.CaptureError, match=r"uses torch._C.Generator .*torch.compile\(model, backend=.pyrys.\)"):
+        pyrys.optimize(DrawsFromItsGenerator().eval(), (torch.ones(2, 3),))
+
+
+def test_a_model_quantized_by_torch_ao_is_a_capture_error_saying_what_to_do():
+    """Its packed parameters are TorchScript class objects: the message advised checking eager with gradients on."""
+    torchvision = pytest.importorskip("torchvision")
+    quantized = torchvision.models.quantization.mobilenet_v2(weights=None, quantize=True).eval()
+    with pytest.raises(pyrys.CaptureError, match="quantized packed parameters: a model quantized already"):
+        pyrys.optimize(quantized, (torch.rand(1, 3, 64, 64),))

@@ -236,6 +236,11 @@ def _exported_for_these_shapes(model: torch.nn.Module, args: tuple, kwargs: dict
     except Exception as error:  # noqa: BLE001 -- every torch failure gets the pyrys message, its cause chained
         shapes = ", ".join(str(tuple(t.shape)) for t in tree_flatten((args, kwargs or {}))[0] if isinstance(t, torch.Tensor))
         first_line = (str(error).strip().splitlines() or [""])[0][:300]
+        if "__obj_flatten__" in str(error):  # a TorchScript class torch.export cannot take apart
+            raise CaptureError(f"pyrys: {type(model).__name__} holds a TorchScript class object torch.export cannot "
+                               f"trace (torch.ao's quantized packed parameters: a model quantized already): "
+                               f"{first_line}. {SCRIPT_OBJECTS_ADVICE[0].upper()}{SCRIPT_OBJECTS_ADVICE[1:]}, or give "
+                               "pyrys the float model (precision=\"int8\" quantizes it)") from error
         raise CaptureError(f"pyrys: torch.export cannot capture {type(model).__name__} on inputs of shapes ({shapes}): "
                            f"{type(error).__name__}: {first_line}. Does eager forward run on these inputs with "
                            "gradients on (torch.export traces that path)? Otherwise use "
@@ -256,7 +261,9 @@ def _export_symbolic(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic:
 
 def from_exported(ep: ExportedProgram, model: torch.nn.Module | None = None) -> Captured:
     """Turn an ``ExportedProgram`` into pyrys IR (``model`` supplies module flags such as ``training``)."""
-    _refuse_data_dependent_shapes(ep.graph_module, type(model).__name__ if model is not None else "ExportedProgram")
+    owner = type(model).__name__ if model is not None else "ExportedProgram"
+    _refuse_script_objects(ep, owner)
+    _refuse_data_dependent_shapes(ep.graph_module, owner)
     gm = fx.GraphModule(torch.nn.Module(), copy_graph(ep.graph_module.graph))
     _keep_symbolic_shapes(gm, ep)
     _bind_inputs(gm, ep)
@@ -276,6 +283,23 @@ def _keep_symbolic_shapes(gm: fx.GraphModule, ep: ExportedProgram) -> None:
     if mode is not None and mode.shape_env is not None and input_dims(gm):
         set_fake_mode(gm, mode)
         set_ranges(gm, {symbol: (bounds.lower, bounds.upper) for symbol, bounds in ep.range_constraints.items()})
+
+
+SCRIPT_OBJECTS_ADVICE = ("use torch.compile(model, backend=\"pyrys\"): dynamo runs what it cannot give pyrys in "
+                         "torch and pyrys compiles the rest")
+
+
+def _refuse_script_objects(ep: ExportedProgram, owner: str) -> None:
+    """A graph that passes a script object (a ``torch.Generator``, torch.ao's packed parameters) between its
+    ops: pyrys's programs hold tensors and numbers only."""
+    objects = [spec for spec in ep.graph_signature.input_specs if spec.kind in (InputKind.CUSTOM_OBJ, InputKind.TOKEN)]
+    objects += [spec for spec in ep.graph_signature.input_specs
+                if spec.kind is InputKind.USER_INPUT and type(spec.arg).__name__ == "CustomObjArgument"]
+    if objects:
+        kinds = sorted({getattr(spec.arg, "class_fqn", None) or spec.kind.name for spec in objects})
+        raise CaptureError(f"pyrys: {owner}.forward uses {', '.join(kinds)} (a script object, such as a "
+                           f"torch.Generator passed to a random op), which a pyrys program cannot hold: "
+                           f"{SCRIPT_OBJECTS_ADVICE}")
 
 
 def _refuse_data_dependent_shapes(graph_module: fx.GraphModule, owner: str) -> None:
