@@ -247,3 +247,14 @@ def test_a_model_quantized_by_torch_ao_is_a_capture_error_saying_what_to_do():
     quantized = torchvision.models.quantization.mobilenet_v2(weights=None, quantize=True).eval()
     with pytest.raises(pyrys.CaptureError, match="quantized packed parameters: a model quantized already"):
         pyrys.optimize(quantized, (torch.rand(1, 3, 64, 64),))
+
+
+class ScalesByADraw(nn.Module):
+    def forward(self, x):
+        return x * torch.rand(1).item()
+
+
+def test_a_value_read_into_python_is_named_so():
+    """``.item()`` was refused as "a tensor whose shape depends on its data"."""
+    with pytest.raises(pyrys.CaptureError, match=r"reads a tensor's value into a Python number at item"):
+        pyrys.optimize(ScalesByADraw().eval(), (torch.ones(2, 3),))

@@ -309,9 +309,12 @@ def _refuse_data_dependent_shapes(graph_module: fx.GraphModule, owner: str) -> N
         if free_unbacked_symbols(node.meta.get("val")):
             line = (node.meta.get("stack_trace") or "").strip().splitlines()
             where = f" ({line[-2].strip()}: `{line[-1].strip()}`)" if len(line) >= 2 else ""
+            what = ("reads a tensor's value into a Python number"
+                    if node.target in (aten.item.default, aten._local_scalar_dense.default)
+                    else "makes a tensor whose shape depends on its data")
             raise CaptureError(
-                f"pyrys: {owner}.forward makes a tensor whose shape depends on its data at {node.name}{where} "
-                "(boolean-mask indexing, nonzero, unique): pyrys compiles fixed shapes. Use "
+                f"pyrys: {owner}.forward {what} at {node.name}{where} (`.item()`, `float(t)`; boolean-mask "
+                "indexing, nonzero, unique): pyrys compiles tensors of known shapes. Use "
                 "torch.compile(model, backend=\"pyrys\"): dynamo breaks the graph there and pyrys compiles "
                 "each piece")
 
