@@ -269,6 +269,22 @@ def test_a_shape_gets_its_program_when_it_comes_again_not_at_every_step_of_a_loo
     assert len(graph.programs) == 2
 
 
+def test_with_one_shape_kept_a_further_shape_always_runs_in_torch(dynamo_graphs, monkeypatch):
+    """With ``max_shapes=1`` a further shape was compiled at every second call and dropped at once."""
+    compiles = []
+    original = DynamoGraph._optimize
+    monkeypatch.setattr(DynamoGraph, "_optimize", lambda self, *args: compiles.append(1) or original(self, *args))
+
+    def gram(x):
+        return torch.relu(x @ x.transpose(-1, -2))
+
+    compiled = torch.compile(gram, backend="pyrys", dynamic=True, options={"backend": "reference", "max_shapes": 1})
+    with torch.no_grad():
+        for x in [torch.rand(2, 3, 8)] + [torch.rand(2, 5, 8)] * 6:
+            assert pyrys.relative_error(compiled(x), gram(x)) <= TOLERANCE
+    assert len(compiles) == 1
+
+
 def test_captures_take_turns_with_dynamos_compiles(monkeypatch):
     """torch.export (and run_decompositions) in one thread interleaved with a dynamo compile in another fails
     inside torch ("ProxyTorchDispatchMode slot already occupied"), which a torch.compile'd model called from

@@ -310,6 +310,18 @@ class CountsItsCalls(torch.nn.Module):
         return x * self.count
 
 
+class NormalizesByWhatItSaw(torch.nn.Module):
+    """An observation normalizer (reinforcement learning's): its running mean updated at every call, eval or not."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("running_mean", torch.zeros(3))
+
+    def forward(self, x):
+        self.running_mean.mul_(0.9).add_(x.mean(0), alpha=0.1)
+        return x - self.running_mean
+
+
 def test_module_state_that_forward_writes_is_warned_of():
     """A counter (or a cache) written in forward: eager's second call reads 2, the optimized module's 1 again;
     only a note said so."""
@@ -318,6 +330,8 @@ def test_module_state_that_forward_writes_is_warned_of():
     with pytest.warns(UserWarning, match="forward writes count in place .module state."):
         opt = pyrys.optimize(CountsItsCalls().eval(), (torch.ones(2),))
     assert "state updates dropped" in " ".join(opt.notes)
+    with pytest.warns(UserWarning, match="forward writes running_mean in place"):  # in eval mode: it matters
+        pyrys.optimize(NormalizesByWhatItSaw().eval(), (torch.rand(4, 3),))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a BatchNorm's statistics in training mode: the training-mode warning only
         warnings.filterwarnings("ignore", message=".*training mode")

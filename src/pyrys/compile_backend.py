@@ -12,8 +12,8 @@ the program built for the default backend.  Each call passes only the real input
 
 Graph breaks give several graphs, each its own pyrys program.  A new input shape makes
 dynamo recompile; when it hands over a graph with symbolic sizes, pyrys builds one program
-per concrete shape, from the second time that shape comes within the graph's last ``max_shapes``
-new shapes: its first call runs in torch.  So a generation loop, whose cache grows by a token
+per concrete shape: the first at its first call, a further one from the second time it comes within
+the graph's last ``max_shapes`` new shapes (its first call runs in torch).  So a generation loop, whose cache grows by a token
 a call (a shape that never comes back within a loop), runs its decode steps in torch instead of
 compiling at every token (GPT-2 through ``generate``: 12 compiles a 12-token loop, each loop
 again, with 8 shapes kept), and a server's batch sizes get programs from their second call.  With ``options={"numerics": True}`` every graph's program is
@@ -223,8 +223,9 @@ class DynamoGraph:
         self._buffers = [i for i, (_, value) in self.state.items() if not isinstance(value, torch.nn.Parameter)]
         self._unowned_parameters = [i for i, (path, _) in self.state.items() if path.startswith(UNOWNED_PARAMETER)]
         self._compiling = threading.Lock()
-        # per set of state tensors (compile_weights.py), one program per concrete signature, compiled on first
-        # call (outside dynamo's tracing); at most max_shapes of them, the least recently called dropped first
+        # per set of state tensors (compile_weights.py), one program per concrete signature, compiled outside
+        # dynamo's tracing at the set's first call, and for a further signature at its second (``_came_again``);
+        # at most max_shapes of them, the least recently called dropped first
         self._weights = WeightSets({i: path for i, (path, _) in self.state.items()}, self._compiling)
         # why this graph runs in torch as dynamo gave it (None: it runs as pyrys programs)
         self.runs_in_torch: str | None = None
@@ -263,7 +264,8 @@ class DynamoGraph:
                         self._run_in_torch(f"pyrys cannot capture it ({error})")
                         return None
                     except ModelChangedError:  # a weight written while it compiled: torch runs this call,
-                        return None  # the next compiles from the weights then
+                        self._came_again(key)  # the next compiles from the weights then (counted as seen)
+                        return None
                     if program.writes:
                         written = ", ".join(re.sub(r"^inputs_(\d+)$", r"input \1", name.removeprefix("graph_state."))
                                             for name in program.writes)
@@ -292,7 +294,10 @@ class DynamoGraph:
 
     def _came_again(self, key: tuple) -> bool:
         """Whether the shape ``key`` (no program yet) came among the graph's last ``max_shapes`` new shapes
-        before; if not, it is counted among them now."""
+        before; if not, it is counted among them now.  With ``max_shapes=1`` no shape but the first keeps a
+        program: the others always run in torch (a compile would be dropped at once)."""
+        if self.options.get("max_shapes", DEFAULT_MAX_SHAPES) <= 1:
+            return False
         with self._seeing:
             if key in self._new_keys:
                 del self._new_keys[key]

@@ -148,7 +148,7 @@ def optimize(
     trace = _trace(config, model, args, kwargs)
     optimized = OptimizedModule(module_frontend(model, writes), args, kwargs, config, trace)
     writes.wait()
-    _warn_of_input_writes(optimized, caller_keeps_writes)
+    _warn_of_input_writes(optimized, caller_keeps_writes, model=model)
     return optimized
 
 
@@ -210,14 +210,28 @@ def optimize_torchscript(script: Any, example_inputs: Any, example_kwargs: dict 
 NORM_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")  # written in training mode
 
 
-def _warn_of_input_writes(optimized: OptimizedModule, caller_keeps_writes: bool, stacklevel: int = 3) -> None:
+def _norm_statistics_in_training(name: str, model: torch.nn.Module | None) -> bool:
+    """Whether the state ``name`` is a norm's running statistics its module writes in training mode (batch
+    statistics are what it reads then: the writes change no output); without the model (an ExportedProgram, a
+    TorchScript import), whether its name says so."""
+    owner, _, leaf = name.rpartition(".")
+    if leaf not in NORM_STATISTICS:
+        return False
+    try:
+        return model is None or bool(model.get_submodule(owner).training)
+    except AttributeError:
+        return True
+
+
+def _warn_of_input_writes(optimized: OptimizedModule, caller_keeps_writes: bool, stacklevel: int = 3,
+                          model: torch.nn.Module | None = None) -> None:
     """An input written in place changes the caller's tensor in eager and not here, and module state written in
-    place (other than a norm's statistics in training mode, which training mode warns of) changes what eager's
-    later calls read: say so, unless the caller (the ``torch.compile`` backend) runs such a model in torch."""
+    place (other than a norm's statistics in training mode) changes what eager's later calls read: say so,
+    unless the caller (the ``torch.compile`` backend) runs such a model in torch."""
     if optimized._first.captured.input_writes and not caller_keeps_writes:
         warnings.warn(f"pyrys.optimize: {input_writes_note(optimized._first.captured.input_writes)}",
                       stacklevel=stacklevel)
-    state = [name for name in optimized._first.captured.state_writes if name.rsplit(".", 1)[-1] not in NORM_STATISTICS]
+    state = [name for name in optimized._first.captured.state_writes if not _norm_statistics_in_training(name, model)]
     if state and not caller_keeps_writes:  # a counter, a cache: eager's later calls read what forward wrote
         warnings.warn(f"pyrys.optimize: forward writes {', '.join(state)} in place (module state); the optimized "
                       "module never writes it, so every call reads it as it was at optimize, where eager's next "

@@ -66,7 +66,8 @@ class OptimizedModule(torch.nn.Module):
         self._first = compiled[0]
         self._generic = generic or next((c for c in compiled if c.generic is not None), None)
         self._other_templates: list[Compiled] = list(other_templates or [])
-        self._varied: set[tuple[int, int]] = set()  # fixed dims (input position, dim) other sizes came in
+        self._sizes_seen: dict[tuple[int, int], set[int]] = {}  # fixed dims (input position, dim) other sizes came
+        # in, and the sizes each came at (the graph's included)
         self._size_one_inputs: list[tuple[tuple, dict]] = []  # inputs to capture them from, before a save
         self._generic_tried = self._generic is not None or config.dynamic is not None or not frontend.symbolic
         kept = {c.signature for c in compiled} if frontend.fixed_shapes else set()  # loaded: nothing to capture from
@@ -187,7 +188,8 @@ class OptimizedModule(torch.nn.Module):
         with those dims fixed at 1 and the others symbolic, kept for every later shape it holds for (and for
         ``pyrys.save``; where that capture keeps no size symbolic, it is these shapes' alone)."""
         args, kwargs = tree_map(_contiguous, (args, kwargs))  # a view's strides would become symbols of their own
-        dynamic = VaryingDims(self._varied, size_one_fixed=True) if self._varied else SIZE_ONE_FIXED
+        varying = self._varying_dims()
+        dynamic = VaryingDims(varying, size_one_fixed=True) if varying else SIZE_ONE_FIXED
         compiled = compile_signature(self._frontend, args, kwargs, self._config, dynamic=dynamic, like=self._first)
         signature = compiled.signature.describe()
         if compiled.generic is not None:
@@ -206,9 +208,10 @@ class OptimizedModule(torch.nn.Module):
         fixed dim that comes at a third size (a KV cache's length, growing a call at a time) is symbolic in
         that capture (``VaryingDims``): one capture for all its sizes, not one per size."""
         differing = differing_fixed_dims(self._generic.generic.gm, flat)
-        again = differing & self._varied
-        self._varied |= differing
-        dynamic = VaryingDims(differing) if again else True
+        for (position, dim), fixed in differing.items():
+            self._sizes_seen.setdefault((position, dim), {fixed}).add(flat[position].shape[dim])
+        varying = self._varying_dims() & differing.keys()
+        dynamic = VaryingDims(varying) if varying else True
         compiled = compile_signature(self._frontend, args, kwargs, self._config, dynamic=dynamic, like=self._first)
         give_back_freed_memory()  # the capture's own copies of the weights, shared away (share_constants)
         signature = compiled.signature.describe()
@@ -221,6 +224,10 @@ class OptimizedModule(torch.nn.Module):
             self._note(f"inputs ({signature}) captured and optimized again: {why}; {static_reason(compiled)}")
         self._note_precision(compiled, compiled.signature)
         return compiled
+
+    def _varying_dims(self) -> frozenset[tuple[int, int]]:
+        """The fixed dims that came at three sizes or more: symbolic in the next capture (``VaryingDims``)."""
+        return frozenset(where for where, sizes in self._sizes_seen.items() if len(sizes) >= 3)
 
     def _find_size_one_gaps(self, args: tuple, kwargs: dict, template: Compiled | None = None) -> None:
         """Remember, from the inputs at hand, the size-1 shapes the graph for every shape (``template``, else the
@@ -297,6 +304,7 @@ class OptimizedModule(torch.nn.Module):
         copied = OptimizedModule.from_compiled(self._frontend, self._config, [first, *programs.values()], self._generic,
                                                self._other_templates)
         copied._size_one_inputs = list(self._size_one_inputs)
+        copied._sizes_seen = {where: set(sizes) for where, sizes in self._sizes_seen.items()}
         copied.training = self.training
         return copied
 

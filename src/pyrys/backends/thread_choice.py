@@ -33,7 +33,7 @@ full count is built.
 A process that starts under load never sees its calls slow down (its best is a loaded time).  So at
 the full count's calls, while no lower count has been measured, it reads how many other tasks the system
 is running or ready to run (:func:`pyrys.machine.other_runnable_tasks`): ``EXPLORE_READINGS`` readings,
-each ``EXPLORE_CALLS`` calls or ``EXPLORE_SECONDS`` after the one before (or after the first call),
+each ``EXPLORE_CALLS`` calls or ``EXPLORE_SECONDS`` after the one before (the first: after the start of the first call),
 whichever comes first: a few seconds apart for a fast model, a call apart for one whose loaded calls take
 seconds (BERT-base took 2 s a call with 2 threads under a load where 1 thread took 0.7 s).  If every
 reading leaves fewer free CPUs than its threads (a neighbour that stays, not one that passes), the next

@@ -159,9 +159,9 @@ def fixed_dims_differ(gm: fx.GraphModule, inputs: list) -> str | None:
     return None
 
 
-def differing_fixed_dims(gm: fx.GraphModule, inputs: list) -> set[tuple[int, int]]:
-    """The ``(position, dim)`` of every dim ``gm`` holds fixed that ``inputs`` (its flat user inputs) differ in."""
-    return {(position, i) for position, (node, value) in enumerate(zip(user_inputs(gm.graph), inputs))
+def differing_fixed_dims(gm: fx.GraphModule, inputs: list) -> dict[tuple[int, int], int]:
+    """The size ``gm`` holds fixed, by ``(position, dim)``, of every dim ``inputs`` (its flat user inputs) differ in."""
+    return {(position, i): int(dim) for position, (node, value) in enumerate(zip(user_inputs(gm.graph), inputs))
             for val in [node.meta.get("val")]
             if isinstance(val, torch.Tensor) and isinstance(value, torch.Tensor) and val.dim() == value.dim()
             for i, (dim, size) in enumerate(zip(val.shape, value.shape))
