@@ -285,6 +285,26 @@ def test_with_one_shape_kept_a_further_shape_always_runs_in_torch(dynamo_graphs,
     assert len(compiles) == 1
 
 
+def test_shapes_cycling_past_max_shapes_stop_compiling(monkeypatch):
+    """Three shapes taking turns with two kept: each was compiled, dropped and compiled again, for ever."""
+    compiles = []
+    original = DynamoGraph._optimize
+    monkeypatch.setattr(DynamoGraph, "_optimize", lambda self, *args: compiles.append(1) or original(self, *args))
+
+    def gram(x):
+        return torch.relu(x @ x.transpose(-1, -2))
+
+    compiled = torch.compile(gram, backend="pyrys", dynamic=True, options={"backend": "reference", "max_shapes": 2})
+    counts = []
+    with torch.no_grad():
+        for _ in range(12):
+            for length in (3, 4, 5):
+                x = torch.rand(2, length, 8)
+                assert pyrys.relative_error(compiled(x), gram(x)) <= TOLERANCE
+            counts.append(len(compiles))
+    assert counts[-1] == counts[-5], counts  # no compile in the last rounds
+
+
 def test_captures_take_turns_with_dynamos_compiles(monkeypatch):
     """torch.export (and run_decompositions) in one thread interleaved with a dynamo compile in another fails
     inside torch ("ProxyTorchDispatchMode slot already occupied"), which a torch.compile'd model called from

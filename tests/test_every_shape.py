@@ -423,12 +423,13 @@ class CachedAttention(torch.nn.Module):
         return attended.transpose(1, 2).reshape(batch, length, width), k, v
 
 
-def test_a_kv_cache_growing_a_token_a_call_is_captured_with_its_length_symbolic(captures, backend):
+@pytest.mark.parametrize("dynamic", [True, None])
+def test_a_kv_cache_growing_a_token_a_call_is_captured_with_its_length_symbolic(captures, backend, dynamic):
     """Every cache length was a capture of its own (0.5-1 s each for a one-layer step, ~8 s under load), past
     eight of them each for its shape alone: a rank-4 dim stays fixed, as an image's height does."""
     model = CachedAttention().eval()
     step = lambda length: (torch.rand(1, 1, 32), torch.rand(1, 4, length, 8), torch.rand(1, 4, length, 8))  # noqa: E731
-    opt = pyrys.optimize(model, step(1), backend=backend, dynamic=True)
+    opt = pyrys.optimize(model, step(1), backend=backend, dynamic=dynamic)
     for length in range(2, 14):
         inputs = step(length)
         for got, expected in zip(opt(*inputs), model(*inputs)):
@@ -437,6 +438,31 @@ def test_a_kv_cache_growing_a_token_a_call_is_captured_with_its_length_symbolic(
             so_far = list(captures)
     assert captures == so_far and any(isinstance(dynamic, VaryingDims) for dynamic in captures), captures
     assert any("past_k dim 2 (s" in note for note in opt.notes), opt.notes
+
+
+class UpsampledToItsInput(torch.nn.Module):
+    """A segmentation head's way back: ``F.interpolate(y, size=x.shape[-2:])``."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.mode, self.conv = mode, torch.nn.Conv2d(3, 4, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return torch.nn.functional.interpolate(self.conv(x), size=x.shape[-2:], mode=self.mode)
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_an_upsampling_to_the_input_size_takes_symbolic_sizes(captures, mode):
+    """torch's meta of the ``.vec`` upsamplings takes concrete sizes only: every image size was a capture."""
+    model = UpsampledToItsInput(mode).eval()
+    opt = pyrys.optimize(model, (image(1, size=16),), dynamic=True)
+    for size in (20, 24, 17, 33, 31):
+        x = image(1, size=size)
+        assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE, size
+        if size == 24:
+            so_far = list(captures)
+    assert captures == so_far, captures  # sizes 20 and 24, then symbolic: nothing more
 
 
 def test_the_graphs_for_other_image_sizes_are_bounded(captures, monkeypatch):

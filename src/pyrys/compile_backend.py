@@ -213,6 +213,8 @@ class DynamoGraph:
         self._wrapped_seen: set[tuple] = set()  # the values they took
         self._seeing = threading.Lock()
         self._new_keys: OrderedDict[tuple, None] = OrderedDict()  # the last new shapes, run in torch once
+        self._compiled_keys: OrderedDict[tuple, None] = OrderedDict()  # shapes compiled (to tell a recompile)
+        self._recompiles = 0  # compiles of shapes compiled before and dropped since
         self.inputs = [i for i, v in enumerate(example_inputs)
                        if i not in self.state and i not in self.wrapped and isinstance(v, torch.Tensor)]
         self.scalars = [i for i, v in enumerate(example_inputs) if not isinstance(v, torch.Tensor)]
@@ -295,12 +297,22 @@ class DynamoGraph:
     def _came_again(self, key: tuple) -> bool:
         """Whether the shape ``key`` (no program yet) came among the graph's last ``max_shapes`` new shapes
         before; if not, it is counted among them now.  With ``max_shapes=1`` no shape but the first keeps a
-        program: the others always run in torch (a compile would be dropped at once)."""
-        if self.options.get("max_shapes", DEFAULT_MAX_SHAPES) <= 1:
+        program: the others always run in torch (a compile would be dropped at once).  Shapes that cycle past
+        ``max_shapes`` (9 batch sizes taking turns) would be compiled, dropped and compiled again forever:
+        after ``max_shapes`` such recompiles, a shape compiled before runs in torch."""
+        limit = self.options.get("max_shapes", DEFAULT_MAX_SHAPES)
+        if limit <= 1:
             return False
         with self._seeing:
             if key in self._new_keys:
                 del self._new_keys[key]
+                if key in self._compiled_keys:  # dropped since: more shapes come back than are kept
+                    if self._recompiles >= limit:
+                        return False  # enough compiles thrown away: it runs in torch from now on
+                    self._recompiles += 1
+                self._compiled_keys[key] = None
+                while len(self._compiled_keys) > 64 * limit:
+                    self._compiled_keys.popitem(last=False)
                 return True
             self._new_keys[key] = None
             if len(self._new_keys) > self.options.get("max_shapes", DEFAULT_MAX_SHAPES):

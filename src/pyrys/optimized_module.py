@@ -208,8 +208,10 @@ class OptimizedModule(torch.nn.Module):
         fixed dim that comes at a third size (a KV cache's length, growing a call at a time) is symbolic in
         that capture (``VaryingDims``): one capture for all its sizes, not one per size."""
         differing = differing_fixed_dims(self._generic.generic.gm, flat)
+        first = differing_fixed_dims(self._first.captured.gm, flat)  # dynamic=None: the example's size too
         for (position, dim), fixed in differing.items():
-            self._sizes_seen.setdefault((position, dim), {fixed}).add(flat[position].shape[dim])
+            sizes = self._sizes_seen.setdefault((position, dim), {fixed})
+            sizes |= {flat[position].shape[dim], *([first[position, dim]] if (position, dim) in first else [])}
         varying = self._varying_dims() & differing.keys()
         dynamic = VaryingDims(varying) if varying else True
         compiled = compile_signature(self._frontend, args, kwargs, self._config, dynamic=dynamic, like=self._first)

@@ -60,8 +60,12 @@ def _shape_is_enough(value: Any) -> bool:
 # ops whose torch meta fails on symbolic sizes and whose value comes from torch's decomposition there:
 # baddbmm's meta expands a broadcast input ((B*H, 1, L): BLOOM's alibi) with the C++ expand of concrete sizes;
 # ``at::native::lstm`` reads ``numel()`` of its input (GRU's and RNN's C++ take symbolic sizes)
-_DECOMPOSED_WHEN_SYMBOLIC = {op: decomposition_table[op] for op in (aten.baddbmm.default, aten.lstm.input,
-                                                                      aten.lstm.data)}
+_DECOMPOSED_WHEN_SYMBOLIC = {op: decomposition_table[op] for op in (
+    aten.baddbmm.default, aten.lstm.input, aten.lstm.data,
+    # ``F.interpolate(y, size=x.shape[-2:])`` (FPN, UNet): the .vec overloads take concrete output sizes only
+    aten.upsample_nearest1d.vec, aten.upsample_nearest2d.vec, aten.upsample_nearest3d.vec,
+    aten._upsample_nearest_exact2d.vec, aten.upsample_bilinear2d.vec, aten.upsample_bicubic2d.vec,
+    aten.upsample_trilinear3d.vec)}
 
 
 def _op_for(target: Any, mode: FakeTensorMode) -> Any:

@@ -32,6 +32,7 @@ from pyrys.ir.graph import tensor_bytes
 from pyrys.ir.meta import refresh_meta
 from pyrys.ir.quiet_fake import fake_tensor_errors_unlogged
 from pyrys.ir.released import values_of
+from pyrys.ir.symbolic import describe_dims
 from pyrys.machine import cpu_info
 from pyrys.capture.frontend import Frontend
 from pyrys.compiled import COMPILING, Compiled
@@ -151,8 +152,9 @@ def _encode_generic(template: Compiled, tensors: dict, prefix: str = "generic") 
             decode_symbolic(decode_graph(graph, tensors), symbolic)
     except RuntimeError as error:
         why = str(error).splitlines()[0]
-        warnings.warn(f"pyrys.save: the graph for every shape cannot be rebuilt from its saved form ({why}); it is "
-                      "left out: the loaded module runs the shapes compiled so far only", stacklevel=3)
+        warnings.warn(f"pyrys.save: the graph with symbolic sizes ({describe_dims(captured.gm)}) cannot be rebuilt "
+                      f"from its saved form ({why}); it is left out: the loaded module runs the shapes compiled so "
+                      "far and those the other graphs saved hold for", stacklevel=3)
         return None
     return {"graph": graph, "symbolic": symbolic, "in_spec": encode_spec(captured.in_spec),
             "out_spec": encode_spec(captured.out_spec), "class_name": captured.class_name}
