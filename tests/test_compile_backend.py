@@ -269,15 +269,20 @@ def test_a_shape_gets_its_program_when_it_comes_again_not_at_every_step_of_a_loo
     assert len(graph.programs) == 2
 
 
-def test_with_one_shape_kept_a_further_shape_always_runs_in_torch(dynamo_graphs, monkeypatch):
+@pytest.fixture
+def compiles(monkeypatch) -> list:
+    """One entry per program the pyrys backend compiles during the test."""
+    made, original = [], DynamoGraph._optimize
+    monkeypatch.setattr(DynamoGraph, "_optimize", lambda self, *args: made.append(1) or original(self, *args))
+    return made
+
+
+def gram(x):
+    return torch.relu(x @ x.transpose(-1, -2))
+
+
+def test_with_one_shape_kept_a_further_shape_always_runs_in_torch(dynamo_graphs, compiles):
     """With ``max_shapes=1`` a further shape was compiled at every second call and dropped at once."""
-    compiles = []
-    original = DynamoGraph._optimize
-    monkeypatch.setattr(DynamoGraph, "_optimize", lambda self, *args: compiles.append(1) or original(self, *args))
-
-    def gram(x):
-        return torch.relu(x @ x.transpose(-1, -2))
-
     compiled = torch.compile(gram, backend="pyrys", dynamic=True, options={"backend": "reference", "max_shapes": 1})
     with torch.no_grad():
         for x in [torch.rand(2, 3, 8)] + [torch.rand(2, 5, 8)] * 6:
@@ -285,15 +290,8 @@ def test_with_one_shape_kept_a_further_shape_always_runs_in_torch(dynamo_graphs,
     assert len(compiles) == 1
 
 
-def test_shapes_cycling_past_max_shapes_stop_compiling(monkeypatch):
+def test_shapes_cycling_past_max_shapes_stop_compiling(compiles):
     """Three shapes taking turns with two kept: each was compiled, dropped and compiled again, for ever."""
-    compiles = []
-    original = DynamoGraph._optimize
-    monkeypatch.setattr(DynamoGraph, "_optimize", lambda self, *args: compiles.append(1) or original(self, *args))
-
-    def gram(x):
-        return torch.relu(x @ x.transpose(-1, -2))
-
     compiled = torch.compile(gram, backend="pyrys", dynamic=True, options={"backend": "reference", "max_shapes": 2})
     counts = []
     with torch.no_grad():
