@@ -510,3 +510,19 @@ def test_an_inductor_mode_is_ignored_with_a_warning(dynamo_graphs, caplog):
     with torch.no_grad():
         y = torch.compile(model, backend="pyrys", mode="reduce-overhead")(x)
     assert pyrys.relative_error(y, model(x)) <= TOLERANCE and "mode='reduce-overhead' is inductor's" in caplog.text
+
+
+def test_shapes_recompiled_for_new_weights_are_not_counted_as_thrown_away(compiles):
+    """Each weight update compiles every shape again; counted as recompiles of dropped shapes, they sent every
+    further shape to torch after ``max_shapes`` updates."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 8).eval()
+    compiled = torch.compile(layer, backend="pyrys", dynamic=True, options={"backend": "reference", "max_shapes": 2})
+    with torch.no_grad():
+        for update in range(6):
+            layer.weight.add_(0.01)  # a fine-tuning step between evaluations
+            before = len(compiles)
+            for rows in (3, 4, 5) * 6:  # (17 calls or more apart: weights changed at nearly every call run in torch)
+                x = torch.rand(rows, 8)
+                assert pyrys.relative_error(compiled(x), layer(x)) <= TOLERANCE
+            assert len(compiles) - before >= 2, update  # further shapes still get programs

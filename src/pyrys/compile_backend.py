@@ -13,10 +13,11 @@ the program built for the default backend.  Each call passes only the real input
 Graph breaks give several graphs, each its own pyrys program.  A new input shape makes
 dynamo recompile; when it hands over a graph with symbolic sizes, pyrys builds one program
 per concrete shape: the first at its first call, a further one from the second time it comes within
-the graph's last ``max_shapes`` new shapes (its first call runs in torch).  So a generation loop, whose cache grows by a token
-a call (a shape that never comes back within a loop), runs its decode steps in torch instead of
-compiling at every token (GPT-2 through ``generate``: 12 compiles a 12-token loop, each loop
-again, with 8 shapes kept), and a server's batch sizes get programs from their second call.  With ``options={"numerics": True}`` every graph's program is
+the graph's last ``max_shapes`` new shapes (its first call runs in torch).  So a generation loop,
+whose cache grows by a token a call (a shape that never comes back within a loop), runs its decode
+steps in torch instead of compiling at every token (GPT-2 through ``generate``: 12 compiles a
+12-token loop, each loop again, with 8 shapes kept), and a server's batch sizes get programs from
+their second call.  With ``options={"numerics": True}`` every graph's program is
 measured against the graph run eagerly (``program.numerics`` of ``DynamoGraph.programs``), and
 the report is logged at INFO on the ``"pyrys"`` logger.  Dynamo finds the backend through the
 ``torch_dynamo_backends`` entry point (no ``import pyrys`` needed); :func:`register_backend`
@@ -277,6 +278,9 @@ class DynamoGraph:
                     if weights.shapes is None:
                         limit = self.options.get("max_shapes", DEFAULT_MAX_SHAPES)
                         weights.shapes = ShapeCache(limit, key, {key: program})
+                        with self._seeing:  # new weights: their shapes' compiles are not recompiles
+                            self._compiled_keys.clear()
+                            self._recompiles = 0
                     else:
                         weights.shapes.put(key, program)
         return program
@@ -315,7 +319,7 @@ class DynamoGraph:
                     self._compiled_keys.popitem(last=False)
                 return True
             self._new_keys[key] = None
-            if len(self._new_keys) > self.options.get("max_shapes", DEFAULT_MAX_SHAPES):
+            if len(self._new_keys) > limit:
                 self._new_keys.popitem(last=False)
             return False
 
