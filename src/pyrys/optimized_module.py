@@ -211,7 +211,9 @@ class OptimizedModule(torch.nn.Module):
         first = differing_fixed_dims(self._first.captured.gm, flat)  # dynamic=None: the example's size too
         for (position, dim), fixed in differing.items():
             sizes = self._sizes_seen.setdefault((position, dim), {fixed})
-            sizes |= {flat[position].shape[dim], *([first[position, dim]] if (position, dim) in first else [])}
+            sizes.add(flat[position].shape[dim])
+            if (position, dim) in first:
+                sizes.add(first[position, dim])
         varying = self._varying_dims() & differing.keys()
         dynamic = VaryingDims(varying) if varying else True
         compiled = compile_signature(self._frontend, args, kwargs, self._config, dynamic=dynamic, like=self._first)

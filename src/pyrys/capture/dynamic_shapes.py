@@ -46,7 +46,7 @@ class VaryingDims(frozenset):
         return varying
 
 
-def size_one_fixed(dynamic: object) -> bool:
+def keeps_size_one_fixed(dynamic: object) -> bool:
     """Whether a capture's ``dynamic=`` keeps the example's dims of size 1 fixed."""
     return dynamic == SIZE_ONE_FIXED or getattr(dynamic, "size_one_fixed", False)
 

@@ -30,12 +30,12 @@ from torch._dynamo.exc import UserError, UserErrorType
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import DataDependentOutputException
 from torch.export import ExportedProgram
-from torch.export.graph_signature import InputKind, OutputKind, TensorArgument
+from torch.export.graph_signature import CustomObjArgument, InputKind, OutputKind, TensorArgument
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, free_unbacked_symbols
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from pyrys.capture.captured import Captured, input_writes_note
-from pyrys.capture.dynamic_shapes import VaryingDims, size_one_fixed, symbolic_dims, symbolic_example
+from pyrys.capture.dynamic_shapes import VaryingDims, keeps_size_one_fixed, symbolic_dims, symbolic_example
 from pyrys.capture.training_ir import as_inference_graph
 from pyrys.errors import CaptureError
 from pyrys.ir.graph import STATE_KEY, StateRef, add_constant, add_placeholder, copy_graph, identifier, insert_call
@@ -110,7 +110,7 @@ def export_module(model: torch.nn.Module, args: tuple, kwargs: dict | None = Non
     with tracing(), torch.no_grad(), sizes_kept_symbolic() if dynamic else contextlib.nullcontext():
         try:
             varying = dynamic if isinstance(dynamic, VaryingDims) else frozenset()
-            shapes = symbolic_dims(model, args, kwargs, size_one_fixed(dynamic), varying) if dynamic else None
+            shapes = symbolic_dims(model, args, kwargs, keeps_size_one_fixed(dynamic), varying) if dynamic else None
             exported = torch.export.export(model, args, kwargs, dynamic_shapes=shapes)
         except (UserError, GuardOnDataDependentSymNode, DataDependentOutputException) as error:
             if isinstance(error, UserError) and error.error_type != UserErrorType.DYNAMIC_CONTROL_FLOW:
@@ -210,7 +210,7 @@ def capture_module(model: torch.nn.Module, args: tuple, kwargs: dict | None = No
     if not dynamic:
         return from_exported(_exported_for_these_shapes(model, args, kwargs), model)
     try:
-        if size_one_fixed(dynamic):
+        if keeps_size_one_fixed(dynamic):
             exported = export_module(model, args, kwargs, dynamic=dynamic)
         else:
             exported = _export_symbolic(model, args, kwargs or {}, dynamic)
@@ -239,7 +239,7 @@ def _exported_for_these_shapes(model: torch.nn.Module, args: tuple, kwargs: dict
         if "__obj_flatten__" in str(error):  # a TorchScript class torch.export cannot take apart
             raise CaptureError(f"pyrys: {type(model).__name__} holds a TorchScript class object torch.export cannot "
                                f"trace (torch.ao's quantized packed parameters: a model quantized already): "
-                               f"{first_line}. {SCRIPT_OBJECTS_ADVICE[0].upper()}{SCRIPT_OBJECTS_ADVICE[1:]}, or give "
+                               f"{first_line}. {SCRIPT_OBJECTS_ADVICE.capitalize()}, or give "
                                "pyrys the float model (precision=\"int8\" quantizes it)") from error
         raise CaptureError(f"pyrys: torch.export cannot capture {type(model).__name__} on inputs of shapes ({shapes}): "
                            f"{type(error).__name__}: {first_line}. Does eager forward run on these inputs with "
@@ -294,7 +294,7 @@ def _refuse_script_objects(ep: ExportedProgram, owner: str) -> None:
     ops: pyrys's programs hold tensors and numbers only."""
     objects = [spec for spec in ep.graph_signature.input_specs if spec.kind in (InputKind.CUSTOM_OBJ, InputKind.TOKEN)]
     objects += [spec for spec in ep.graph_signature.input_specs
-                if spec.kind is InputKind.USER_INPUT and type(spec.arg).__name__ == "CustomObjArgument"]
+                if spec.kind is InputKind.USER_INPUT and isinstance(spec.arg, CustomObjArgument)]
     if objects:
         kinds = sorted({getattr(spec.arg, "class_fqn", None) or spec.kind.name for spec in objects})
         raise CaptureError(f"pyrys: {owner}.forward uses {', '.join(kinds)} (a script object, such as a "

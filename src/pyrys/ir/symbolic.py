@@ -161,20 +161,26 @@ def fixed_dims_differ(gm: fx.GraphModule, inputs: list) -> str | None:
 
 def differing_fixed_dims(gm: fx.GraphModule, inputs: list) -> dict[tuple[int, int], int]:
     """The size ``gm`` holds fixed, by ``(position, dim)``, of every dim ``inputs`` (its flat user inputs) differ in."""
-    return {(position, i): int(dim) for position, (node, value) in enumerate(zip(user_inputs(gm.graph), inputs))
+    return {(position, i): fixed for position, (node, value) in enumerate(zip(user_inputs(gm.graph), inputs))
             for val in [node.meta.get("val")]
             if isinstance(val, torch.Tensor) and isinstance(value, torch.Tensor) and val.dim() == value.dim()
-            for i, (dim, size) in enumerate(zip(val.shape, value.shape))
-            if not isinstance(dim, torch.SymInt) and int(dim) != size}
+            for i, fixed, _ in _fixed_sizes_differing(val, value)}
+
+
+def _fixed_sizes_differing(val: torch.Tensor, value: torch.Tensor) -> list[tuple[int, int, int]]:
+    """``(dim, size held fixed, size given)`` of every dim ``val`` holds fixed that ``value`` (of its rank) differs in."""
+    return [(i, int(dim), size) for i, (dim, size) in enumerate(zip(val.shape, value.shape))
+            if not isinstance(dim, torch.SymInt) and int(dim) != size]
 
 
 def _fixed_dim_differs(node: fx.Node, val: torch.Tensor, value: torch.Tensor) -> str | None:
     if val.dim() != value.dim():
         return f"{node.name} has {value.dim()} dims, the graph {val.dim()}"
-    for i, (dim, size) in enumerate(zip(val.shape, value.shape)):
-        if not isinstance(dim, torch.SymInt) and int(dim) != size:
-            return f"{node.name} dim {i} is {size}; the graph holds it fixed at {int(dim)}"
-    return None
+    differing = _fixed_sizes_differing(val, value)
+    if not differing:
+        return None
+    i, fixed, size = differing[0]
+    return f"{node.name} dim {i} is {size}; the graph holds it fixed at {fixed}"
 
 
 def bind_symbols(gm: fx.GraphModule, inputs: list) -> tuple[dict, str | None]:
