@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import pytest
 import torch
@@ -100,3 +101,20 @@ def test_int8_and_bf16_linears_are_not_measured(avx2_cpu, monkeypatch):
     pyrys.optimize(model.to(torch.bfloat16), (x.to(torch.bfloat16),), backend="dnnl")
     pyrys.optimize(torch.nn.Linear(64, 96).eval(), (x,), backend="dnnl", precision="int8", calibration=[x])
     assert calls == []
+
+
+def test_long_calls_are_timed_in_fewer_rounds(monkeypatch):
+    """Candidates that take long at the warm-up get :data:`measured.MIN_RUNS` rounds, short ones all ``runs``."""
+    monkeypatch.setattr(measured, "MEASURE_SECONDS", 0.05)
+    counts = {"long": 0, "short": 0}
+
+    def call(kind: str, seconds: float):
+        def run() -> None:
+            counts[kind] += 1
+            time.sleep(seconds)
+        return run
+
+    best = measured.best_seconds([call("long", 0.04), call("long", 0.0)], 5)
+    assert counts["long"] == 2 * (1 + measured.MIN_RUNS) and best[0] >= 0.04 > best[1]
+    measured.best_seconds([call("short", 0.0), call("short", 0.0)], 5)
+    assert counts["short"] == 2 * (1 + 5)

@@ -23,6 +23,8 @@ from pyrys.machine import cpu_info
 
 _DECIDED: dict[str, dict] = {}  # this process's choices, by kind and key (the tuning cache may be off)
 _LOCK = threading.Lock()
+MEASURE_SECONDS = 1.0  # timed rounds of one choice stop short where a round would take longer in all
+MIN_RUNS = 2
 
 
 def machine_key(threads: int) -> dict:
@@ -59,11 +61,16 @@ def remember(choices: dict[str, dict]) -> None:
 
 def best_seconds(calls: list[Callable[[], object]], runs: int) -> list[float]:
     """The best of ``runs`` timed calls of each, called in turn (a busy moment slows all of them), after
-    one warm-up call each."""
+    one warm-up call each.  Calls that are long at the warm-up get fewer rounds, at least :data:`MIN_RUNS`:
+    ``rounds = max(MIN_RUNS, min(runs, MEASURE_SECONDS // warm-up seconds of all))`` (Whisper's attention at
+    batch 8, 0.3 s a call: 2 rounds, not 5; the best of two such calls is as steady as of five short ones)."""
+    started = time.perf_counter()
     for call in calls:
         call()
+    warm_up = time.perf_counter() - started
+    rounds = max(MIN_RUNS, min(runs, int(MEASURE_SECONDS // max(warm_up, 1e-9))))
     best = [float("inf")] * len(calls)
-    for _ in range(runs):
+    for _ in range(rounds):
         for i, call in enumerate(calls):
             start = time.perf_counter()
             call()
