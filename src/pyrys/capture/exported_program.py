@@ -14,6 +14,7 @@ from pyrys.capture.captured import Captured
 from pyrys.capture.export import from_exported, tracing
 from pyrys.errors import CaptureError
 from pyrys.ir.graph import state_inputs, state_ref
+from pyrys.signature import InputError
 
 
 def capture_exported(ep: ExportedProgram) -> Captured:
@@ -41,3 +42,18 @@ def exported_example_inputs(ep: ExportedProgram) -> tuple[tuple, dict]:
                          "(pass example_inputs=(x,) with the shapes it was exported for)")
     args, kwargs = recorded
     return tuple(args), dict(kwargs)
+
+
+def check_example_inputs(ep: ExportedProgram, args: tuple, kwargs: dict) -> None:
+    """``InputError`` where ``args``/``kwargs`` are not inputs ``ep`` was exported for (another size of a dim it
+    holds fixed, a size outside a ``Dim``'s range, another structure): torch's own check, as ``ep.module()``
+    runs it, so that the graph is never run on shapes its sizes were not traced for."""
+    from torch.export._unlift import _check_inputs_match
+
+    try:
+        ep._check_input_constraints(_check_inputs_match(args, kwargs, ep.call_spec.in_spec))
+    except (RuntimeError, ValueError, TypeError) as error:
+        why = " ".join(str(error).split()) or type(error).__name__
+        raise InputError(f"pyrys.optimize: the example inputs do not fit this ExportedProgram ({why}). Pass inputs "
+                         "like those it was exported with, or export it with dynamic_shapes= (torch.export.Dim) "
+                         "for the sizes that vary") from None
