@@ -440,6 +440,22 @@ def test_a_kv_cache_growing_a_token_a_call_is_captured_with_its_length_symbolic(
     assert any("past_k dim 2 (s" in note for note in opt.notes), opt.notes
 
 
+def test_a_graph_captured_from_one_query_token_is_not_the_graph_for_every_length(captures, backend):
+    """A symbolic capture from a step of one token (``x`` of length 1) holds for length 1 alone (its trace
+    assumes it); it stays for that length, and another length gets a symbolic capture of its own, once,
+    not a capture for each length."""
+    model = CachedAttention().eval()
+    step = lambda batch, length: (torch.rand(batch, length, 32), torch.rand(batch, 4, 5, 8),  # noqa: E731
+                                  torch.rand(batch, 4, 5, 8))
+    opt = pyrys.optimize(model, step(2, 3), backend=backend)
+    for batch, length in [(3, 1), (3, 4), (2, 6), (2, 2), (4, 1), (3, 7)]:
+        inputs = step(batch, length)
+        for got, expected in zip(opt(*inputs), model(*inputs)):
+            assert pyrys.relative_error(got, expected) <= TOLERANCE, (batch, length)
+    assert captures == [False, True, True], captures
+    assert not any("optimized again" in note for note in opt.notes), opt.notes
+
+
 class UpsampledToItsInput(torch.nn.Module):
     """A segmentation head's way back: ``F.interpolate(y, size=x.shape[-2:])``."""
 

@@ -13,7 +13,8 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from pyrys.backends.reference import with_values
 from pyrys.forwarding import forwarded
-from pyrys.ir.symbolic import bind_symbols, describe_dims, differing_fixed_dims, fixed_dims_differ, rows_dim
+from pyrys.ir.symbolic import (bind_symbols, describe_dims, differing_fixed_dims, fixed_dims_differ, pinned_dims_differ,
+                                rows_dim)
 from pyrys.numerics.trace import NumericsTrace
 from pyrys.machine import give_back_freed_memory
 from pyrys.passes.specialize import ShapeMismatch
@@ -165,7 +166,8 @@ class OptimizedModule(torch.nn.Module):
                     others.append(f"another graph saved with it: {error}")
             if not self._frontend.fixed_shapes:
                 templates = [self._generic, *self._other_templates]
-                fitting = next((t for t in templates if not fixed_dims_differ(t.generic.gm, flat)), None)
+                fitting = next((t for t in templates if not fixed_dims_differ(t.generic.gm, flat)
+                                and not pinned_dims_differ(t.generic.gm, flat)), None)
                 if fitting is None and len(self._other_templates) < MAX_OTHER_TEMPLATES:
                     return self._capture_other_sizes(args, kwargs, why, flat)
                 if fitting is not None and size_one_dims(fitting.generic.gm, flat):
