@@ -387,3 +387,41 @@ def test_a_graph_with_no_op_in_bf16_says_so_also_through_torch_compile(bf16_cpu,
     with torch.no_grad(), caplog.at_level("INFO", logger="pyrys"):
         assert pyrys.relative_error(compiled(x), model(x)) <= 1e-5
     assert "precision='bf16': no op could run in bf16 here" in caplog.text
+
+
+class StepWithCancelling(torch.nn.Module):
+    """A decoder step (``x`` of ``(batch, tokens, 16)``, a KV cache) beside differences bf16 loses."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.v = (torch.nn.Linear(16, 16) for _ in range(3))
+        self.diff = torch.nn.Linear(16, 15, bias=False)
+        with torch.no_grad():
+            self.diff.weight.copy_(torch.eye(15, 16) - torch.eye(16)[1:])
+
+    def forward(self, x, past_k, past_v):
+        batch, tokens, _ = x.shape
+        q, k, v = (layer(x).view(batch, tokens, 2, 8).transpose(1, 2) for layer in (self.q, self.k, self.v))
+        k, v = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
+        attended = torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+        return attended.transpose(1, 2).reshape(batch, tokens, 16), self.diff(0.01 * x + 100)
+
+    @staticmethod
+    def inputs(batch: int, tokens: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        draw = torch.Generator().manual_seed(seed)
+        return tuple(torch.randn(shape, generator=draw) for shape in
+                     [(batch, tokens, 16), (batch, 2, 5, 8), (batch, 2, 5, 8)])
+
+
+def test_a_capture_the_calibration_samples_do_not_fit_is_guarded_on_its_own_inputs(bf16_cpu, backend):
+    """A capture for one token (its size-1 dim fixed) takes no sample of three tokens: its guard measured
+    nothing and ran every op in bf16 (the differences off by 1.0); it measures on the inputs it compiles for."""
+    model = StepWithCancelling().eval()
+    opt = pyrys.optimize(model, StepWithCancelling.inputs(2, 3), backend=backend, precision="bf16",
+                         calibration=[StepWithCancelling.inputs(2, 3, seed) for seed in range(4)],
+                         accuracy_budget=1e-2)
+    for batch, tokens in [(3, 3), (3, 1), (2, 1)]:
+        inputs = StepWithCancelling.inputs(batch, tokens, seed=9)
+        assert pyrys.relative_error(opt(*inputs)[1], model(*inputs)[1]) <= 1e-2, (batch, tokens)
+    assert not any("could not measure" in note for note in opt.notes), opt.notes

@@ -157,6 +157,42 @@ def test_a_saved_module_takes_the_batch_and_length_of_one_its_graph_for_every_sh
     assert any("captured once more with their size-1 dims fixed" in note for note in opt.notes)
 
 
+def test_a_size_one_capture_the_model_refuses_is_noted_once_not_tried_at_every_save(tmp_path):
+    model = PaddedEncoder().eval()
+    opt = pyrys.optimize(model, padded(2, 9), dynamic=True)
+    assert opt._size_one_inputs
+    tried = []
+
+    def refused(args, kwargs, why):
+        tried.append(why)
+        raise RuntimeError("the model refuses a size of 1 here")
+
+    opt._capture_size_one = refused
+    counts = []
+    for attempt in range(3):
+        pyrys.save(opt, tmp_path / f"saved{attempt}")
+        counts.append(len(tried))
+    assert counts[0] >= 1 and counts[1] == counts[2] == counts[0], counts
+    assert sum("could not be captured before saving" in note for note in opt.notes) == counts[0]
+
+
+def test_a_save_waits_for_a_capture_on_another_thread(tmp_path):
+    """Its check that the symbolic graph rebuilds runs torch's fake tensors, as a capture does: at the same
+    time as another thread's capture it failed, and the graph for every shape was left out of the save."""
+    from pyrys.compiled import COMPILING
+
+    model = PaddedEncoder().eval()
+    opt = pyrys.optimize(model, padded(2, 9), dynamic=True)
+    opt.complete_size_one = lambda: None  # nothing to capture first (it takes turns with captures itself)
+    saved = threading.Event()
+    with COMPILING:  # a capture in progress
+        saver = threading.Thread(target=lambda: (pyrys.save(opt, tmp_path / "saved"), saved.set()))
+        saver.start()
+        assert not saved.wait(3.0)
+    saver.join(120)
+    assert saved.is_set()
+
+
 def test_a_saved_size_expression_is_read_from_a_table_never_evaluated(tmp_path):
     from pyrys.saving.symbolic import decode_expr
 

@@ -82,7 +82,7 @@ def _compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: Op
         refresh_meta(captured.gm)
         instruments.verify = make_verifier(output_types(captured.gm), config.output_dtype)
     precision, precision_note = effective_precision(config.precision)
-    guard = bf16_guard(config.calibration, flat, is_symbolic(captured.gm)) if precision == "bf16" else None
+    guard = bf16_guard(config.calibration, flat, captured.gm) if precision == "bf16" else None
     options = PassOptions(config.freeze_params, config.freeze_flags, precision, config.calibration, config.output_dtype,
                           guard)
     run = run_pipeline(captured.gm, options, config.disable, instruments)

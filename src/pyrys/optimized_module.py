@@ -25,6 +25,7 @@ from pyrys.ir.graph import user_inputs
 from pyrys.signature import InputError, Signature, arranged_like, check_compatible, runnable_inputs, signature_of
 from pyrys.capture.frontend import Frontend
 from pyrys.config import OptimizeConfig
+from pyrys.ir.quiet_fake import fake_tensor_errors_unlogged
 from pyrys.compiled import COMPILING, Compiled, build_for_shape, compile_signature, static_reason
 from pyrys.precision_notes import int8_layers
 
@@ -259,7 +260,8 @@ class OptimizedModule(torch.nn.Module):
                     if held is not None and held.generic is None:
                         continue  # a program of these shapes alone (no dim left symbolic): saved as it is
                     try:
-                        template = self._capture_size_one(args, kwargs, "before saving")
+                        with fake_tensor_errors_unlogged():  # a refusal is the note below, not torch's traceback
+                            template = self._capture_size_one(args, kwargs, "before saving")
                         if template.generic is None:
                             self._keep(signature, template)
                     except Exception as error:  # noqa: BLE001 -- the model refuses these inputs: the save goes on
@@ -267,6 +269,8 @@ class OptimizedModule(torch.nn.Module):
                         self._note(f"inputs ({signature.describe()}) of a size 1 the graph for every shape excludes "
                                    f"could not be captured before saving ({type(error).__name__}: {line}); a module "
                                    "loaded from the save refuses them")
+                        index -= 1
+                        del pending[index]  # not tried again at the next save
                         continue
                 if template.generic is not None and template.generic is not self._generic.generic:
                     more = excluded_size_one_inputs(template.generic.gm, args, kwargs)

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 
-from typing import Any
-
 import torch
+import torch.fx as fx
 
+from pyrys.ir.symbolic import bind_symbols, is_symbolic
 from pyrys.numerics.budget import accuracy_note
 from pyrys.machine import native_bf16
 from pyrys.passes.precision_guard import Bf16Guard
@@ -50,21 +50,25 @@ def int8_coverage_note(precision: str, run) -> str:
     return ""
 
 
-def bf16_guard(calibration: Calibration | None, flat: list, symbolic: bool) -> Bf16Guard | None:
+def bf16_guard(calibration: Calibration | None, flat: list, gm: fx.GraphModule) -> Bf16Guard | None:
     """What the bf16 accuracy guard of this compile measures on: the samples of ``calibration=`` where given
-    and the graph takes them (a graph for every shape, or one for the samples' shapes), else the inputs
-    it compiles for; None where ``accuracy_budget=None`` (nothing measured)."""
+    and the graph ``gm`` takes every one (its ranges and guards, or its fixed shapes: a capture for a step of
+    one token does not take samples of three), else the inputs it compiles for (``flat``); None where
+    ``accuracy_budget=None`` (nothing measured)."""
     if calibration is None or calibration.accuracy_budget is None:
         return None
     samples = calibration.samples  # kept (GUARD_SAMPLES of them): every capture measures on them
-    if samples and (symbolic or all(_same_shape(a, b) for a, b in zip(samples[0], flat))):
+    if samples and all(_takes(gm, sample, flat) for sample in samples):
         return Bf16Guard(samples, calibration.accuracy_budget,
                          f"{len(samples)} calibration sample{'s' * (len(samples) > 1)}")
     return Bf16Guard([flat], calibration.accuracy_budget, "the inputs compiled for")
 
 
-def _same_shape(a: Any, b: Any) -> bool:
-    return a.shape == b.shape if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) else True
+def _takes(gm: fx.GraphModule, sample: list, flat: list) -> bool:
+    """Whether ``gm`` (captured for ``flat``'s shapes, or for every shape) holds for ``sample``."""
+    if is_symbolic(gm):
+        return bind_symbols(gm, sample)[1] is None
+    return all(a.shape == b.shape for a, b in zip(sample, flat) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor))
 
 
 def guard_accuracy_note(precision: str, calibration: Calibration | None, guard: Bf16Guard | None) -> str:

@@ -57,16 +57,17 @@ def save(opt: OptimizedModule, path: str | os.PathLike) -> Path:
         compiled_by_dynamo = (" (torch.compile's: its programs are made per graph on first call; save "
                               "pyrys.optimize(model, example_inputs) instead)") if kind.startswith("torch._dynamo") else ""
         raise SaveError(f"pyrys.save takes the module pyrys.optimize returned, got {kind}{compiled_by_dynamo}")
-    held = list(opt._programs.values())  # one read: a compile on another thread replaces the dict
-    opt.complete_size_one()  # a loaded module cannot capture the size-1 shapes the graph for every shape excludes
-    signatures = {c.signature for c in held}  # what those captures may have evicted from the cache is saved too
-    compiled = held + [c for c in list(opt._programs.values()) if c.signature not in signatures]
-    first = compiled.index(opt._first)
-    tensors: dict[str, torch.Tensor] = {}
-    signatures = [_encode_compiled(c, f"sig{i}", tensors) for i, c in enumerate(compiled)]
-    generic = _encode_generic(opt._generic, tensors) if opt._generic is not None else None
-    size_one = [record for i, template in enumerate(list(opt._other_templates)) if generic is not None
-                and (record := _encode_generic(template, tensors, f"size_one{i}")) is not None]
+    with COMPILING:  # the rebuild check of a symbolic graph uses torch's fake tensors, as another thread's capture does
+        held = list(opt._programs.values())  # one read: a compile on another thread replaces the dict
+        opt.complete_size_one()  # a loaded module cannot capture the size-1 shapes the graph for every shape excludes
+        signatures = {c.signature for c in held}  # what those captures may have evicted from the cache is saved too
+        compiled = held + [c for c in list(opt._programs.values()) if c.signature not in signatures]
+        first = compiled.index(opt._first)
+        tensors: dict[str, torch.Tensor] = {}
+        signatures = [_encode_compiled(c, f"sig{i}", tensors) for i, c in enumerate(compiled)]
+        generic = _encode_generic(opt._generic, tensors) if opt._generic is not None else None
+        size_one = [record for i, template in enumerate(list(opt._other_templates)) if generic is not None
+                    and (record := _encode_generic(template, tensors, f"size_one{i}")) is not None]
     tensors, aliases = _without_repeats(tensors)
     program = {"frontend": opt._frontend.kind, "threads": opt._config.threads, "layout": opt._config.layout,
                "first": first, "signatures": signatures, "aliases": aliases, "generic": generic, "size_one": size_one,
