@@ -147,6 +147,7 @@ def test_busy_cpus_move_calls_to_fewer_threads_with_the_same_outputs():
     y = opt(x)
     assert own // 2 in runtime.programs and f"up to {own} threads" in opt.thread_choice()
     assert pyrys.relative_error(y, model(x)) <= TOLERANCE
+    assert with_threads(1, opt.thread_choice).startswith("1 thread (the caller's")  # what a 1-thread caller runs
     pinned = pyrys.optimize(model, (x,), backend="dnnl", threads=own)
     pinned(x)
     assert not pinned._first.program.choosers and "pins" in pinned.thread_choice()

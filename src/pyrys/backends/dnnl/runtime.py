@@ -268,16 +268,21 @@ class DnnlRuntime:
                 "activations": max(m["activations"] for m in programs), "frames": sum(m["frames"] for m in programs)}
 
     def thread_choice(self) -> str:
-        """How many threads calls run with now, and why."""
+        """How many threads the calls of the asking thread run with now (its ``torch.get_num_threads()`` picks
+        the chooser, as its calls do), and why."""
         if self.pinned is not None:
             return f"{self.pinned} thread{'s' * (self.pinned > 1)} (threads= pins it)"
         if not PER_CALLER_THREADS:
             return "the caller's thread count (not adapted: OpenMP's per-thread count is not reachable here)"
-        if not self.choosers:
-            return "the caller's thread count (no call with more than one thread yet)"
+        threads = current_threads()
+        if threads == 1:
+            return "1 thread (the caller's torch.get_num_threads(): nothing fewer to choose)"
+        chooser = self.choosers.get(threads)
+        if chooser is None:
+            return f"the caller's {threads} threads (no call with {threads} threads yet)"
         failed = "".join(f"; {count} thread{'s' * (count > 1)} not used: its program failed to build ({why})"
                          for count, why in list(self.unbuildable.items()))
-        return "; ".join(chooser.describe() for chooser in list(self.choosers.values())) + failed
+        return chooser.describe() + failed
 
     policy = forwarded("first.policy", "The activation layout chosen, with the measurements when it was measured.")
 
