@@ -36,14 +36,16 @@ def test_a_new_shape_asks_for_a_new_export():
         opt(image(batch=2))
 
 
-@pytest.mark.parametrize("dims, batch, says", [(None, 2, "to be equal to 1"), ("B", 9, "to be <= 8"),
-                                                ("B", 1, "outside its range")])
-def test_example_inputs_the_program_was_not_exported_for_are_an_input_error(dims, batch, says):
-    """Not an internal error from the graph run at sizes it was not traced for (a static export's batch)."""
+@pytest.mark.parametrize("dims, batch, dtype, says", [(None, 2, torch.float32, "to be equal to 1"),
+                                                       ("B", 9, torch.float32, "to be <= 8"),
+                                                       ("B", 1, torch.float32, "outside its range"),
+                                                       (None, 1, torch.float64, "is torch.float64, exported as")])
+def test_example_inputs_the_program_was_not_exported_for_are_an_input_error(dims, batch, dtype, says):
+    """Not an internal error from the graph run on inputs it was not traced for (a static export's batch)."""
     dynamic = None if dims is None else ({0: torch.export.Dim(dims, min=2, max=8)},)
     ep = torch.export.export(conv_bn_relu(), (image(batch=1 if dims is None else 2),), dynamic_shapes=dynamic)
     with pytest.raises(pyrys.InputError, match=f"example inputs do not fit this ExportedProgram .*{says}"):
-        pyrys.optimize(ep, (image(batch=batch),), backend="reference")
+        pyrys.optimize(ep, (image(batch=batch).to(dtype),), backend="reference")
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_large"])

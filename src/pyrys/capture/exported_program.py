@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind
 
 from pyrys.capture.captured import Captured
 from pyrys.capture.export import from_exported, tracing
@@ -46,14 +47,21 @@ def exported_example_inputs(ep: ExportedProgram) -> tuple[tuple, dict]:
 
 def check_example_inputs(ep: ExportedProgram, args: tuple, kwargs: dict) -> None:
     """``InputError`` where ``args``/``kwargs`` are not inputs ``ep`` was exported for (another size of a dim it
-    holds fixed, a size outside a ``Dim``'s range, another structure): torch's own check, as ``ep.module()``
-    runs it, so that the graph is never run on shapes its sizes were not traced for."""
+    holds fixed, a size outside a ``Dim``'s range, another structure: torch's own check, as ``ep.module()``
+    runs it; another dtype), so that the graph is never run on inputs it was not traced for."""
     from torch.export._unlift import _check_inputs_match
 
     try:
-        ep._check_input_constraints(_check_inputs_match(args, kwargs, ep.call_spec.in_spec))
+        flat = _check_inputs_match(args, kwargs, ep.call_spec.in_spec)
+        ep._check_input_constraints(flat)
+        placeholders = [node for node, spec in zip(ep.graph.find_nodes(op="placeholder"), ep.graph_signature.input_specs)
+                        if spec.kind is InputKind.USER_INPUT]
+        for position, ((_, value), node) in enumerate(zip(flat, placeholders)):  # torch's check reads shapes only
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor) and isinstance(value, torch.Tensor) and val.dtype != value.dtype:
+                raise TypeError(f"input {position} is {value.dtype}, exported as {val.dtype}")
     except (RuntimeError, ValueError, TypeError) as error:
         why = " ".join(str(error).split()) or type(error).__name__
         raise InputError(f"pyrys.optimize: the example inputs do not fit this ExportedProgram ({why}). Pass inputs "
-                         "like those it was exported with, or export it with dynamic_shapes= (torch.export.Dim) "
+                         "like those it was exported with (shapes, dtypes), or export it with dynamic_shapes= (torch.export.Dim) "
                          "for the sizes that vary") from None
