@@ -819,3 +819,15 @@ def test_the_float_path_never_takes_a_float_path_of_its_own():
     got, _ = program([torch.tensor([1.0, float("nan"), float("inf"), -2.0])])
     assert torch.equal(got.isnan(), torch.tensor([False, True, False, False])) and got[2] == float("inf")
     assert program.float_path.float_inputs == []
+
+
+def test_the_int8_kernel_note_is_given_where_onednn_runs_int8_layers():
+    """Not on the reference backend, nor where no layer could be quantized (the model runs in float32)."""
+    from pyrys.quantization import int8_note
+
+    x = torch.rand(2, 16)
+    linear = nn.Sequential(nn.Linear(16, 8)).eval()
+    assert int8_note() not in pyrys.optimize(linear, (x,), precision="int8", calibration=[x], backend="reference").notes
+    assert int8_note() not in pyrys.optimize(nn.Softmax(-1).eval(), (x,), precision="int8", calibration=[x]).notes
+    if "dnnl" in pyrys.available_backends():
+        assert int8_note() in pyrys.optimize(linear, (x,), precision="int8", calibration=[x], backend="dnnl").notes

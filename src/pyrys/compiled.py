@@ -25,7 +25,7 @@ from pyrys.signature import InputError, Signature, signature_of
 from pyrys.capture.frontend import Frontend
 from pyrys.config import OptimizeConfig
 from pyrys.precision_notes import (bf16_guard, disabled_precision_note, effective_precision, guard_accuracy_note,
-                                   int8_coverage_note)
+                                   int8_coverage_note, int8_layers)
 
 
 @dataclass
@@ -91,6 +91,8 @@ def _compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: Op
         share_constants(captured.gm, like.captured.gm)
     generic = captured if is_symbolic(captured.gm) else None
     notice = get_backend(config.backend)[2]
+    if precision == "int8" and (config.backend != "dnnl" or not int8_layers(run)):
+        precision_note = ""  # which oneDNN int8 kernels this CPU gets: said where they run
     notes = captured.notes + [note for note in (notice, precision_note, int8_coverage_note(precision, run),
                                                 guard_accuracy_note(precision, config.calibration, guard),
                                                 disabled_precision_note(precision, config),
