@@ -456,6 +456,18 @@ def test_a_graph_captured_from_one_query_token_is_not_the_graph_for_every_length
     assert not any("optimized again" in note for note in opt.notes), opt.notes
 
 
+def test_a_size_one_capture_with_nothing_left_to_vary_says_so():
+    """Not that the model pins every dim: every dim that may vary is of size 1 there."""
+    model = CachedAttention().eval()
+    step = lambda batch, length: (torch.rand(batch, length, 32), torch.rand(batch, 4, 5, 8),  # noqa: E731
+                                  torch.rand(batch, 4, 5, 8))
+    opt = pyrys.optimize(model, step(2, 3), backend="reference")
+    for batch, length in [(3, 3), (1, 1)]:
+        opt(*step(batch, length))
+    assert any("every dim that may vary is of size 1 here" in note for note in opt.notes), opt.notes
+    assert not any("pins every one" in note for note in opt.notes), opt.notes
+
+
 class UpsampledToItsInput(torch.nn.Module):
     """A segmentation head's way back: ``F.interpolate(y, size=x.shape[-2:])``."""
 

@@ -159,7 +159,12 @@ def build_for_shape(template: Compiled, signature: Signature, flat: list, config
 COMPILING = threading.RLock()
 
 
-def static_reason(compiled: Compiled) -> str:
-    """Why a capture asked for symbolic sizes has none: its note, or torch.export pinned every dim."""
+def static_reason(compiled: Compiled, size_one_fixed: bool = False) -> str:
+    """Why a capture asked for symbolic sizes has none: its note, or torch.export pinned every dim (or, in a
+    capture keeping the dims of size 1 fixed, every dim that may vary is of size 1)."""
     said = [note for note in compiled.notes if note.startswith("captured for these input shapes only")]
-    return said[0] if said else "torch.export kept no input dim symbolic (the model pins every one)"
+    if said:
+        return said[0]
+    if size_one_fixed:
+        return "every dim that may vary is of size 1 here, and this capture keeps those fixed"
+    return "torch.export kept no input dim symbolic (the model pins every one)"

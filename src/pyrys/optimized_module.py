@@ -200,7 +200,8 @@ class OptimizedModule(torch.nn.Module):
             self._note(f"inputs ({signature}) captured once more with their size-1 dims fixed ({why}); other shapes "
                        f"with those dims of size 1 are specialized from it ({describe_dims(compiled.generic.gm)})")
         else:
-            self._note(f"inputs ({signature}) captured and optimized again: {why}; {static_reason(compiled)}")
+            self._note(f"inputs ({signature}) captured and optimized again: {why}; "
+                       f"{static_reason(compiled, size_one_fixed=True)}")
         self._note_precision(compiled, compiled.signature)
         return compiled
 
