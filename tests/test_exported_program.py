@@ -48,6 +48,28 @@ def test_example_inputs_the_program_was_not_exported_for_are_an_input_error(dims
         pyrys.optimize(ep, (image(batch=batch).to(dtype),), backend="reference")
 
 
+class Keywords(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = torch.nn.Linear(4, 4)
+
+    def forward(self, a, b=None, c=None):
+        return self.linear(a) * 2 + b - c
+
+
+def test_keyword_example_inputs_in_another_order_than_exported_keep_their_names(backend):
+    """``{"c": c, "b": b}`` for an export of ``b=, c=``: the program bound them in the order given (error 2.2)."""
+    a, b, c = torch.rand(3, 4), torch.rand(3, 4), 10 * torch.rand(3, 4)
+    ep = torch.export.export(Keywords().eval(), (a,), {"b": b, "c": c})
+    expected = ep.module()(a, b=b, c=c)
+    opt = pyrys.optimize(ep, (a,), {"c": c, "b": b}, backend=backend)
+    assert pyrys.relative_error(opt(a, b=b, c=c), expected) <= TOLERANCE
+    assert pyrys.relative_error(opt(a, c=c, b=b), expected) <= TOLERANCE
+    with pytest.raises(pyrys.InputError, match=r"keyword inputs \['b'\], exported with \['b', 'c'\]"):
+        pyrys.optimize(ep, (a,), {"b": b}, backend=backend)
+
+
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_large"])
 def test_exported_torchvision_model_matches_eager(name, backend):
     from pyrys.testing import torchvision_model

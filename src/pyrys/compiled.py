@@ -101,10 +101,6 @@ def _compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: Op
     try:
         compiled = build_for_shape(template, signature, flat, config, like=like.program if like else None)
     except ShapeMismatch as why:  # the example itself: only if a pass assumed what its own shapes break
-        if frontend.kind == "ExportedProgram":  # the user's own export: its ranges, not a pass, refuse these
-            raise InputError(f"pyrys.optimize: the example inputs do not fit this ExportedProgram ({why}). Pass "
-                             "inputs within the ranges it was exported with, or export it again with those "
-                             "ranges") from why
         if not dynamic:
             raise CaptureError(f"pyrys: the graph captured from this {frontend.kind} does not hold for its own "
                                f"example inputs' shapes ({why}); export it without dynamic_shapes, or report "

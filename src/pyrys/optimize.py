@@ -12,7 +12,7 @@ from torch.utils._pytree import tree_flatten
 
 from pyrys.capture.captured import input_writes_note
 from pyrys.capture.model_copy import private_copy, state_of
-from pyrys.capture.exported_program import check_example_inputs, exported_example_inputs
+from pyrys.capture.exported_program import exported_example_inputs, exported_inputs
 from pyrys.capture.torchscript import is_torchscript, script_class_name
 from pyrys.errors import DeviceError
 from pyrys.numerics import TOLERANCES
@@ -123,8 +123,7 @@ def optimize(
     if isinstance(model, ExportedProgram):
         if example_inputs is None:
             example_inputs, example_kwargs = exported_example_inputs(model)
-        args, kwargs = _example_inputs(example_inputs, example_kwargs)
-        check_example_inputs(model, args, kwargs)
+        args, kwargs = exported_inputs(model, *_example_inputs(example_inputs, example_kwargs))
         config = with_calibration(config, calibration, accuracy_budget, args, kwargs)
         _check_on_cpu("the ExportedProgram", model.state_dict.items())
         optimized = OptimizedModule(exported_program_frontend(model), args, kwargs, config, _trace(config, model, args, kwargs))

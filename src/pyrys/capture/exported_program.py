@@ -7,9 +7,12 @@ in place, and those must not be the tensors the user's program holds.
 """
 from __future__ import annotations
 
+import sympy
 import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
+from torch.utils._pytree import tree_flatten, tree_flatten_with_path
+from torch.utils._sympy.numbers import int_oo
 
 from pyrys.capture.captured import Captured
 from pyrys.capture.export import from_exported, tracing
@@ -45,23 +48,48 @@ def exported_example_inputs(ep: ExportedProgram) -> tuple[tuple, dict]:
     return tuple(args), dict(kwargs)
 
 
-def check_example_inputs(ep: ExportedProgram, args: tuple, kwargs: dict) -> None:
-    """``InputError`` where ``args``/``kwargs`` are not inputs ``ep`` was exported for (another size of a dim it
-    holds fixed, a size outside a ``Dim``'s range, another structure: torch's own check, as ``ep.module()``
-    runs it; another dtype), so that the graph is never run on inputs it was not traced for."""
-    from torch.export._unlift import _check_inputs_match
-
+def exported_inputs(ep: ExportedProgram, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``args``/``kwargs`` checked against the inputs ``ep`` was exported for, the keywords in its order (a
+    program binds its inputs in the order they come: ``{"c": c, "b": b}`` for an export of ``b=, c=`` would
+    swap them).  ``InputError`` for another structure, another size of a dim it holds fixed, a size outside
+    a ``Dim``'s range (0 and 1 too, which torch's own check lets through), or another dtype: the graph is
+    never run on inputs it was not traced for."""
+    spec = ep.call_spec.in_spec
     try:
-        flat = _check_inputs_match(args, kwargs, ep.call_spec.in_spec)
-        ep._check_input_constraints(flat)
-        placeholders = [node for node, spec in zip(ep.graph.find_nodes(op="placeholder"), ep.graph_signature.input_specs)
-                        if spec.kind is InputKind.USER_INPUT]
-        for position, ((_, value), node) in enumerate(zip(flat, placeholders)):  # torch's check reads shapes only
-            val = node.meta.get("val")
-            if isinstance(val, torch.Tensor) and isinstance(value, torch.Tensor) and val.dtype != value.dtype:
-                raise TypeError(f"input {position} is {value.dtype}, exported as {val.dtype}")
-    except (RuntimeError, ValueError, TypeError) as error:
+        names = list(spec.child(1).context) if spec is not None else list(kwargs)
+        if sorted(kwargs) != sorted(names):
+            raise ValueError(f"keyword inputs {sorted(kwargs)}, exported with {names}")
+        kwargs = {name: kwargs[name] for name in names}
+        flat, given = tree_flatten((tuple(args), kwargs))
+        if spec is not None and given != spec:
+            raise ValueError(f"inputs structured as {given}, exported as {spec}")
+        torch_check = getattr(ep, "_check_input_constraints", None)  # a private method: used where it is there
+        if torch_check is not None:
+            torch_check(tree_flatten_with_path((tuple(args), kwargs))[0])
+        placeholders = [node for node, input_spec in zip(ep.graph.find_nodes(op="placeholder"),
+                                                         ep.graph_signature.input_specs)
+                        if input_spec.kind is InputKind.USER_INPUT]
+        for position, (value, node) in enumerate(zip(flat, placeholders)):
+            _check_input(position, value, node.meta.get("val"), ep.range_constraints)
+    except (RuntimeError, ValueError, TypeError, AssertionError) as error:
         why = " ".join(str(error).split()) or type(error).__name__
         raise InputError(f"pyrys.optimize: the example inputs do not fit this ExportedProgram ({why}). Pass inputs "
-                         "like those it was exported with (shapes, dtypes), or export it with dynamic_shapes= (torch.export.Dim) "
-                         "for the sizes that vary") from None
+                         "like those it was exported with (shapes, dtypes), or export it with dynamic_shapes= "
+                         "(torch.export.Dim) for the sizes that vary") from None
+    return tuple(args), kwargs
+
+
+def _check_input(position: int, value: object, val: object, ranges: dict) -> None:
+    """Input ``position`` (``value``) against its placeholder's ``val``: its dtype, and its sizes within the
+    ranges of the symbols they are (torch's check reads shapes only, and lets 0 and 1 through)."""
+    if not isinstance(val, torch.Tensor) or not isinstance(value, torch.Tensor):
+        return
+    if val.dtype != value.dtype:
+        raise TypeError(f"input {position} is {value.dtype}, exported as {val.dtype}")
+    for i, (dim, size) in enumerate(zip(val.shape, value.shape)):
+        bounds = ranges.get(dim.node.expr) if isinstance(dim, torch.SymInt) else None
+        if bounds is None:
+            continue
+        upper = None if bounds.upper in (int_oo, sympy.oo) else int(bounds.upper)
+        if size < int(bounds.lower) or (upper is not None and size > upper):
+            raise ValueError(f"input {position} dim {i} is {size}, outside its range [{bounds.lower}, {upper}]")
