@@ -456,6 +456,27 @@ def test_a_graph_captured_from_one_query_token_is_not_the_graph_for_every_length
     assert not any("optimized again" in note for note in opt.notes), opt.notes
 
 
+class BroadcastMask(torch.nn.Module):
+    """Scores of ``x`` against a cache plus a mask ``(batch, 1, cached + length)`` that broadcasts over the
+    queries: its 1 cannot be a symbol, and from one query token torch gives it the length's."""
+
+    def forward(self, x, past, mask):
+        keys = torch.cat([past, x], 1)
+        return torch.softmax(x @ keys.transpose(1, 2) + mask, -1) @ keys
+
+
+def test_a_broadcast_mask_beside_one_query_token_takes_every_length_from_two_captures(captures, backend):
+    model = BroadcastMask().eval()
+    step = lambda batch, length: (torch.rand(batch, length, 8), torch.rand(batch, 5, 8),  # noqa: E731
+                                  torch.rand(batch, 1, 5 + length))
+    opt = pyrys.optimize(model, step(2, 2), backend=backend)
+    for batch, length in [(3, 1), (3, 3), (2, 4), (2, 5), (2, 1), (4, 6)]:
+        inputs = step(batch, length)
+        assert pyrys.relative_error(opt(*inputs), model(*inputs)) <= TOLERANCE, (batch, length)
+    assert captures == [False, True, True], captures  # the example; from one token; from three, its 1 fixed
+    assert not any("optimized again" in note for note in opt.notes), opt.notes
+
+
 def test_a_size_one_capture_with_nothing_left_to_vary_says_so():
     """Not that the model pins every dim: every dim that may vary is of size 1 there."""
     model = CachedAttention().eval()

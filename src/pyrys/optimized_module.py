@@ -71,6 +71,7 @@ class OptimizedModule(torch.nn.Module):
         self._sizes_seen: dict[tuple[int, int], set[int]] = {}  # fixed dims (input position, dim) other sizes came
         # in, and the sizes each came at (the graph's included)
         self._size_one_inputs: list[tuple[tuple, dict]] = []  # inputs to capture them from, before a save
+        self._size_one_refused: list[tuple[tuple, dict]] = []  # of those, the ones the model refused (noted once)
         self._generic_tried = self._generic is not None or config.dynamic is not None or not frontend.symbolic
         kept = {c.signature for c in compiled} if frontend.fixed_shapes else set()  # loaded: nothing to capture from
         self._shapes = ShapeCache(config.max_shapes, self._first.signature, {c.signature: c for c in compiled}, kept)
@@ -243,7 +244,8 @@ class OptimizedModule(torch.nn.Module):
         template = template or self._generic
         if template is not None and not self._frontend.fixed_shapes:  # from the inputs it was captured from:
             args, kwargs = symbolic_example(args, kwargs)  # a batch of 1 made 2, so that a length of 1 is found too
-            self._size_one_inputs += excluded_size_one_inputs(template.generic.gm, args, kwargs)
+            self._size_one_inputs += [inputs for inputs in excluded_size_one_inputs(template.generic.gm, args, kwargs)
+                                      if not any(_same(inputs, refused) for refused in self._size_one_refused)]
 
     def complete_size_one(self) -> None:
         """Capture the size-1 shapes the graph for every shape excludes and no size-1 capture holds yet, nor a
@@ -271,11 +273,12 @@ class OptimizedModule(torch.nn.Module):
                                    f"could not be captured before saving ({type(error).__name__}: {line}); a module "
                                    "loaded from the save refuses them")
                         index -= 1
-                        del pending[index]  # not tried again at the next save
+                        self._size_one_refused.append(pending.pop(index))  # not tried again at the next save
                         continue
                 if template.generic is not None and template.generic is not self._generic.generic:
                     more = excluded_size_one_inputs(template.generic.gm, args, kwargs)
-                    pending += [inputs for inputs in more if not any(_same(inputs, known) for known in pending)]
+                    pending += [inputs for inputs in more
+                                if not any(_same(inputs, known) for known in pending + self._size_one_refused)]
 
     def _note_precision(self, compiled: Compiled, signature: Signature) -> None:
         """What a capture for new shapes did in lower precision, in ``opt.notes``: its bf16 accuracy guard's
@@ -314,7 +317,7 @@ class OptimizedModule(torch.nn.Module):
         first = programs.pop(self._first.signature)
         copied = OptimizedModule.from_compiled(self._frontend, self._config, [first, *programs.values()], self._generic,
                                                self._other_templates)
-        copied._size_one_inputs = list(self._size_one_inputs)
+        copied._size_one_inputs, copied._size_one_refused = list(self._size_one_inputs), list(self._size_one_refused)
         copied._sizes_seen = {where: set(sizes) for where, sizes in self._sizes_seen.items()}
         copied.training = self.training
         return copied

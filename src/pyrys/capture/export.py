@@ -35,7 +35,8 @@ from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, f
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from pyrys.capture.captured import Captured, input_writes_note
-from pyrys.capture.dynamic_shapes import VaryingDims, keeps_size_one_fixed, symbolic_dims, symbolic_example
+from pyrys.capture.dynamic_shapes import (SIZE_ONE_FIXED, VaryingDims, keeps_size_one_fixed, symbolic_dims,
+                                         symbolic_example)
 from pyrys.capture.training_ir import as_inference_graph
 from pyrys.errors import CaptureError
 from pyrys.ir.graph import STATE_KEY, StateRef, add_constant, add_placeholder, copy_graph, identifier, insert_call
@@ -217,7 +218,18 @@ def capture_module(model: torch.nn.Module, args: tuple, kwargs: dict | None = No
     except CaptureError:
         raise
     except Exception as error:  # noqa: BLE001 -- whatever fails with symbolic sizes is tried again with fixed ones
-        captured = from_exported(_exported_for_these_shapes(model, args, kwargs), model)
+        ones_fixed = VaryingDims(dynamic, size_one_fixed=True) if isinstance(dynamic, VaryingDims) else SIZE_ONE_FIXED
+        captured = None
+        if any(1 in t.shape for t in tree_flatten((args, kwargs or {}))[0] if isinstance(t, torch.Tensor)):
+            try:  # first with the dims of size 1 fixed: a mask's (batch, 1, length) broadcast is no symbol
+                captured = from_exported(export_module(model, args, kwargs, dynamic=ones_fixed), model)
+            except CaptureError:
+                raise
+            except Exception:  # noqa: BLE001 -- then with every dim fixed, below
+                pass
+            if captured is not None and input_dims(captured.gm):
+                return captured
+        captured = captured or from_exported(_exported_for_these_shapes(model, args, kwargs), model)
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         captured.notes.append(f"captured for these input shapes only: torch.export fails with symbolic sizes "
                               f"({type(error).__name__}: {first_line[:300]}); a new shape is captured again")

@@ -30,7 +30,7 @@ from pyrys.ir.graph import user_inputs
 
 FAKE_MODE_KEY = "pyrys_fake_mode"
 GUARDS_KEY, RANGES_KEY = "pyrys_guards", "pyrys_ranges"  # a loaded graph's (``saving/symbolic.py``)
-PINNED_KEY = "pyrys_pinned_at_one"  # :func:`pinned_dims_differ`'s, found once per graph
+PINNED_KEY = "pyrys_symbols_at_one"  # :func:`pinned_dims_differ`'s, found once per graph
 
 
 def sizes_kept_symbolic(mode: FakeTensorMode | None = None):
@@ -228,50 +228,57 @@ def bind_symbols(gm: fx.GraphModule, inputs: list) -> tuple[dict, str | None]:
 
 
 def pinned_dims_differ(gm: fx.GraphModule, inputs: list) -> str | None:
-    """Why ``inputs`` (``gm``'s flat user inputs) differ from ``gm`` at a dim it keeps symbolic but holds for 1
-    alone (:func:`pinned_at_one` of the example it was captured from: a decoder step's one query token), or
-    None: such a graph does not fit them any more than one holding that dim fixed at 1."""
+    """Why ``inputs`` (``gm``'s flat user inputs) do not fit ``gm`` at dims its example had of size 1 that it
+    keeps symbolic (a decoder step's one query token), or None.  A trace from such an example may hold for 1
+    alone (it assumed ``Eq(s27, 1)``: a range ``[1, 2]``), or have given one symbol to every dim of size 1
+    (torch's duck sizing: a mask's 1 and the length's), which other inputs give sizes of their own; such a
+    graph fits them no more than one holding those dims fixed at 1 would."""
     if PINNED_KEY not in gm.meta:
-        example = [torch.empty([hint(d) for d in val.shape], dtype=val.dtype, device="meta")
-                   if isinstance(val, torch.Tensor) and all(hint(d) is not None for d in val.shape) else val
-                   for val in (node.meta.get("val") for node in user_inputs(gm.graph))]
-        gm.meta[PINNED_KEY] = pinned_at_one(gm, example)
-    for position, dim in gm.meta[PINNED_KEY]:
-        value = inputs[position] if position < len(inputs) else None
-        if isinstance(value, torch.Tensor) and value.dim() > dim and value.shape[dim] != 1:
-            name = user_inputs(gm.graph)[position].name
-            return f"{name} dim {dim} is {value.shape[dim]}; the graph, captured with 1 there, holds for 1 alone"
+        gm.meta[PINNED_KEY] = _symbols_at_one(gm)
+    bindings, at_one = gm.meta[PINNED_KEY]
+    placeholders = user_inputs(gm.graph)
+    for symbol, where in at_one.items():
+        sizes = {(position, i): inputs[position].shape[i] for position, i in where
+                 if position < len(inputs) and isinstance(inputs[position], torch.Tensor)
+                 and inputs[position].dim() > i}
+        given = set(sizes.values())
+        if len(given) > 1 or (given and given != {1} and not _may_be(gm, {**bindings, symbol: sympy.Integer(*given)})):
+            (position, i), size = next((at, size) for at, size in sizes.items() if size != 1)
+            return (f"{placeholders[position].name} dim {i} is {size}; the graph, captured with 1 there, "
+                    f"holds for 1 alone")
     return None
 
 
-def pinned_at_one(gm: fx.GraphModule, inputs: list) -> list[tuple[int, int]]:
-    """``(position, dim)`` of the dims of size 1 in ``inputs`` (the flat user inputs ``gm`` was captured from)
-    that ``gm`` keeps symbolic but holds for 1 alone: the trace, from an example of size 1 there, took a path
-    that assumes it (``Eq(s27, 1)``, a range ``[1, 2]``), so every other size would be refused.  Each such
-    symbol is tried at 3 (its dims only; the other inputs as they are) with :func:`bind_symbols`."""
-    env = gm.meta[FAKE_MODE_KEY].shape_env
-    at_one: dict[sympy.Symbol, list[tuple[int, int]]] = {}
-    for position, (node, value) in enumerate(zip(user_inputs(gm.graph), inputs)):
+def _symbols_at_one(gm: fx.GraphModule) -> tuple[dict, dict[sympy.Symbol, list[tuple[int, int]]]]:
+    """The example's bindings of ``gm``'s symbols (from the hints of its inputs' sizes), and the ``(position,
+    dim)`` of every input dim that is a symbol of value 1 there, by symbol (none where a size has no hint)."""
+    env, at_one = gm.meta[FAKE_MODE_KEY].shape_env, {}
+    example = []
+    for position, node in enumerate(user_inputs(gm.graph)):
         val = node.meta.get("val")
-        if isinstance(val, torch.Tensor) and isinstance(value, torch.Tensor) and val.dim() == value.dim():
-            for i, (dim, size) in enumerate(zip(val.shape, value.shape)):
-                expr = env.replace(dim.node.expr) if isinstance(dim, torch.SymInt) and size == 1 else None
-                if isinstance(expr, sympy.Symbol):
-                    at_one.setdefault(expr, []).append((position, i))
-    return [pair for where in at_one.values() if not _holds_with_sizes(gm, inputs, where, 3) for pair in where]
+        if not isinstance(val, torch.Tensor):
+            example.append(None)
+            continue
+        sizes = [hint(d) for d in val.shape]
+        if any(size is None for size in sizes):
+            return {}, {}
+        example.append(torch.empty(sizes, dtype=val.dtype, device="meta"))
+        for i, (dim, size) in enumerate(zip(val.shape, sizes)):
+            expr = env.replace(dim.node.expr) if isinstance(dim, torch.SymInt) and size == 1 else None
+            if isinstance(expr, sympy.Symbol):
+                at_one.setdefault(expr, []).append((position, i))
+    bindings, why = bind_symbols(gm, example)
+    return (bindings, at_one) if why is None else ({}, {})
 
 
-def _holds_with_sizes(gm: fx.GraphModule, inputs: list, where: list[tuple[int, int]], size: int) -> bool:
-    """Whether ``gm`` holds for ``inputs`` (its flat user inputs) with the dims ``where`` (``(position, dim)``)
-    of ``size``: :func:`bind_symbols` on meta tensors of those shapes."""
-    def resized(position: int, value: Any) -> Any:
-        dims = [i for p, i in where if p == position]
-        if not dims:
-            return value
-        shape = [size if i in dims else s for i, s in enumerate(value.shape)]
-        return torch.empty(shape, dtype=value.dtype, device="meta")
-
-    return bind_symbols(gm, [resized(position, value) for position, value in enumerate(inputs)])[1] is None
+def _may_be(gm: fx.GraphModule, bindings: dict) -> bool:
+    """Whether the graph's ranges and guards hold with its symbols bound so."""
+    ranges, env = ranges_of(gm), gm.meta[FAKE_MODE_KEY].shape_env
+    for symbol, value in bindings.items():
+        lower, upper = ranges.get(symbol, (0, None))
+        if value < lower or (upper is not None and value > upper):
+            return False
+    return all(_evaluate(env.replace(guard), bindings) is sympy.true for guard in guards_of(gm))
 
 
 def _solve_derived(checks: list[tuple[sympy.Expr, int, str]], bindings: dict) -> None:
