@@ -34,7 +34,7 @@ from pyrys.backends.dnnl.program import Step
 
 FASTER = 0.9  # torch's kernel runs where it takes at most this fraction of oneDNN's steps' time
 TIMED_SCORES_BYTES = 8 << 20  # attention whose float32 scores take less is not timed: oneDNN's steps run
-RUNS = 5  # calls of each, interleaved; the best of each counts
+RUNS = 5  # calls of each, interleaved (fewer where they are long: ``measured.best_seconds``); the best counts
 
 
 def choose(engine: Engine, signature: dict, steps: list[Step], torch_call: Callable[[], object]) -> tuple[str, dict]:

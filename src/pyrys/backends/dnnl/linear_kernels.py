@@ -23,7 +23,7 @@ from pyrys.machine import cpu_flags
 MIN_ROWS = 16  # fewer rows (a decoder step, a classifier head): not worth a measurement
 MAX_WEIGHT = 1 << 23  # larger weights (a vocabulary projection) are not measured: a copy of it per kernel timed
 FASTER = 0.95  # the gemm kernel is chosen when it takes at most this fraction of the brgemm kernel's time
-RUNS = 7  # calls of each kernel, interleaved; the best of each counts
+RUNS = 7  # calls of each kernel, interleaved (fewer where they are long: ``measured.best_seconds``); the best counts
 
 
 def weight_layouts(engine: Engine, x_md: MemoryDesc, weight: torch.Tensor, dst_md: MemoryDesc,
@@ -60,8 +60,8 @@ def weight_layouts(engine: Engine, x_md: MemoryDesc, weight: torch.Tensor, dst_m
 
 def _seconds(engine: Engine, x_md: MemoryDesc, w_mds: tuple[MemoryDesc, ...], dst_md: MemoryDesc,
              bias_md: MemoryDesc | None) -> list[float]:
-    """For each weight layout of ``w_mds``, the best of :data:`RUNS` calls of the inner product, the layouts
-    called in turn (a busy moment slows both), after one warm-up call each."""
+    """For each weight layout of ``w_mds``, the best of up to :data:`RUNS` calls of the inner product
+    (:func:`measured.best_seconds`)."""
     stream = Stream(engine)  # held here: a bound call keeps only its handle
     calls = []
     for w_md in w_mds:

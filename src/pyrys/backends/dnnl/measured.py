@@ -62,13 +62,13 @@ def remember(choices: dict[str, dict]) -> None:
 def best_seconds(calls: list[Callable[[], object]], runs: int) -> list[float]:
     """The best of ``runs`` timed calls of each, called in turn (a busy moment slows all of them), after
     one warm-up call each.  Calls that are long at the warm-up get fewer rounds, at least :data:`MIN_RUNS`:
-    ``rounds = max(MIN_RUNS, min(runs, MEASURE_SECONDS // warm-up seconds of all))`` (Whisper's attention at
+    ``rounds = min(runs, max(MIN_RUNS, MEASURE_SECONDS // warm-up seconds of all))`` (Whisper's attention at
     batch 8, 0.3 s a call: 2 rounds, not 5; the best of two such calls is as steady as of five short ones)."""
     started = time.perf_counter()
     for call in calls:
         call()
     warm_up = time.perf_counter() - started
-    rounds = max(MIN_RUNS, min(runs, int(MEASURE_SECONDS // max(warm_up, 1e-9))))
+    rounds = min(runs, max(MIN_RUNS, int(MEASURE_SECONDS // max(warm_up, 1e-9))))
     best = [float("inf")] * len(calls)
     for _ in range(rounds):
         for i, call in enumerate(calls):
