@@ -218,9 +218,10 @@ def capture_module(model: torch.nn.Module, args: tuple, kwargs: dict | None = No
     except CaptureError:
         raise
     except Exception as error:  # noqa: BLE001 -- whatever fails with symbolic sizes is tried again with fixed ones
-        ones_fixed = VaryingDims(dynamic, size_one_fixed=True) if isinstance(dynamic, VaryingDims) else SIZE_ONE_FIXED
         captured = None
         if any(1 in t.shape for t in tree_flatten((args, kwargs or {}))[0] if isinstance(t, torch.Tensor)):
+            ones_fixed = (VaryingDims(dynamic, size_one_fixed=True) if isinstance(dynamic, VaryingDims)
+                          else SIZE_ONE_FIXED)
             try:  # first with the dims of size 1 fixed: a mask's (batch, 1, length) broadcast is no symbol
                 captured = from_exported(export_module(model, args, kwargs, dynamic=ones_fixed), model)
             except CaptureError:

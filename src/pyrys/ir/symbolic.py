@@ -215,16 +215,8 @@ def bind_symbols(gm: fx.GraphModule, inputs: list) -> tuple[dict, str | None]:
                         f"{', '.join(map(str, sorted(value.free_symbols, key=str)))}")
         if value != size:
             return {}, f"{where} is {size}, where the graph has {expr} = {value}"
-    ranges = ranges_of(gm)
-    for symbol, value in bindings.items():
-        lower, upper = ranges.get(symbol, (0, None))
-        if value < lower or (upper is not None and value > upper):
-            return {}, f"{symbol} = {value} is outside its range [{lower}, {upper}]"
-    for guard in guards_of(gm):
-        expr = env.replace(guard)
-        if _evaluate(expr, bindings) is not sympy.true:
-            return {}, f"the graph assumes {expr}, which {_bound_text(expr, bindings)} breaks"  # in the input symbols
-    return bindings, None
+    why = _refused(gm, bindings)
+    return ({}, why) if why is not None else (bindings, None)
 
 
 def pinned_dims_differ(gm: fx.GraphModule, inputs: list) -> str | None:
@@ -242,7 +234,8 @@ def pinned_dims_differ(gm: fx.GraphModule, inputs: list) -> str | None:
                  if position < len(inputs) and isinstance(inputs[position], torch.Tensor)
                  and inputs[position].dim() > i}
         given = set(sizes.values())
-        if len(given) > 1 or (given and given != {1} and not _may_be(gm, {**bindings, symbol: sympy.Integer(*given)})):
+        refused = len(given) == 1 and given != {1} and _refused(gm, {**bindings, symbol: sympy.Integer(*given)})
+        if len(given) > 1 or refused:
             (position, i), size = next((at, size) for at, size in sizes.items() if size != 1)
             return (f"{placeholders[position].name} dim {i} is {size}; the graph, captured with 1 there, "
                     f"holds for 1 alone")
@@ -271,14 +264,18 @@ def _symbols_at_one(gm: fx.GraphModule) -> tuple[dict, dict[sympy.Symbol, list[t
     return (bindings, at_one) if why is None else ({}, {})
 
 
-def _may_be(gm: fx.GraphModule, bindings: dict) -> bool:
-    """Whether the graph's ranges and guards hold with its symbols bound so."""
+def _refused(gm: fx.GraphModule, bindings: dict) -> str | None:
+    """Which of the graph's ranges or guards its symbols bound so break, or None where all hold."""
     ranges, env = ranges_of(gm), gm.meta[FAKE_MODE_KEY].shape_env
     for symbol, value in bindings.items():
         lower, upper = ranges.get(symbol, (0, None))
         if value < lower or (upper is not None and value > upper):
-            return False
-    return all(_evaluate(env.replace(guard), bindings) is sympy.true for guard in guards_of(gm))
+            return f"{symbol} = {value} is outside its range [{lower}, {upper}]"
+    for guard in guards_of(gm):
+        expr = env.replace(guard)
+        if _evaluate(expr, bindings) is not sympy.true:
+            return f"the graph assumes {expr}, which {_bound_text(expr, bindings)} breaks"  # in the input symbols
+    return None
 
 
 def _solve_derived(checks: list[tuple[sympy.Expr, int, str]], bindings: dict) -> None:
