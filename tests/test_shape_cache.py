@@ -23,6 +23,7 @@ def test_the_least_recently_used_entry_goes_and_the_pinned_one_stays():
     cache.touch("first")
     assert cache.put("d", 4) == ["a"]
     assert set(cache.entries) == {"first", "c", "d"}
+    assert cache.came_back("b") and cache.came_back("a") and not cache.came_back("c")  # evicted before or not
     tiny = ShapeCache(1, "first", {"first": 0})
     assert tiny.put("a", 1) == ["a"] and set(tiny.entries) == {"first"}  # nothing else to drop: not kept
     loaded = ShapeCache(2, "first", {"first": 0, "saved": 1}, kept={"first", "saved"})  # cannot compile them again
@@ -49,10 +50,13 @@ def test_an_optimized_module_keeps_at_most_max_shapes(compiles, backend):
     model = conv_bn_relu()
     opt = pyrys.optimize(model, (image(1),), backend=backend, max_shapes=2)
     first_graph = opt.graph
+    rebuilt = []  # after each call, how many notes say a dropped shape was built again
     for batch in (2, 3, 2, 1, 3, 4):
         x = image(batch)
         assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE
         assert len(opt._programs) <= 2
+        rebuilt.append(sum("built again after max_shapes=2 dropped them" in note for note in opt.notes))
+    assert rebuilt == [0, 0, 1, 1, 1, 1]  # from batch 2's comeback on, noted once
     # 1 is pinned; 2 was dropped for 3, came back (dropping 3), 3 came back, then 4 dropped 3
     assert compiles == [1, 2, 3, 2, 3, 4]
     held = {signature.leaves[0][0][0] for signature in opt._programs}

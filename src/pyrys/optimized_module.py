@@ -76,6 +76,7 @@ class OptimizedModule(torch.nn.Module):
         kept = {c.signature for c in compiled} if frontend.fixed_shapes else set()  # loaded: nothing to capture from
         self._shapes = ShapeCache(config.max_shapes, self._first.signature, {c.signature: c for c in compiled}, kept)
         self._fast_calls: dict[tuple, tuple[Signature, Any]] = {}
+        self._rotation_noted = False  # whether a signature built again after its eviction was noted
 
     @classmethod
     def from_compiled(cls, frontend: Frontend, config: OptimizeConfig, compiled: list[Compiled],
@@ -132,7 +133,13 @@ class OptimizedModule(torch.nn.Module):
         return compiled
 
     def _keep(self, signature: Signature, compiled: Compiled) -> None:
-        """Hold ``compiled`` among the signatures (the caller holds ``COMPILING``), dropping what it evicts."""
+        """Hold ``compiled`` among the signatures (the caller holds ``COMPILING``), dropping what it evicts; the
+        first signature built again after it was dropped is noted (more shapes take turns than ``max_shapes``)."""
+        if self._shapes.came_back(signature) and not self._rotation_noted:
+            self._rotation_noted = True
+            self._note(f"inputs ({signature.describe()}) built again after max_shapes={self._config.max_shapes} "
+                       "dropped them: more shapes take turns than it holds, and each is rebuilt when it comes back "
+                       "(raise max_shapes to keep them)")
         evicted = set(self._shapes.put(signature, compiled))
         if evicted:
             self._fast_calls = {k: v for k, v in self._fast_calls.items() if v[0] not in evicted}

@@ -3,6 +3,7 @@
     cache = ShapeCache(8, first_signature, {first_signature: compiled})
     cache.get(signature)              # the entry, marked as just used (no lock: a dict read and write)
     evicted = cache.put(signature, compiled)   # callers serialize their puts (the compile lock)
+    cache.came_back(signature)        # whether it was evicted before: more shapes take turns than the limit
 
 Readers never lock: ``entries`` is replaced, never changed, and a use is one dict store.  An
 entry evicted while a call runs on it finishes that call; the call holds its own reference.
@@ -13,6 +14,7 @@ import itertools
 from typing import Any, Hashable
 
 DEFAULT_MAX_SHAPES = 8
+DROPPED_REMEMBERED = 64  # how many evicted keys ``came_back`` remembers (the most recent)
 
 
 class ShapeCache:
@@ -25,6 +27,7 @@ class ShapeCache:
         self.entries: dict[Hashable, Any] = dict(entries)
         self._clock = itertools.count()
         self._used: dict[Hashable, int] = {key: next(self._clock) for key in entries}
+        self._dropped: dict[Hashable, None] = {}  # evicted keys, oldest first (at most DROPPED_REMEMBERED)
 
     def get(self, key: Hashable) -> Any:
         value = self.entries.get(key)
@@ -51,4 +54,12 @@ class ShapeCache:
         self.entries = entries
         for victim in evicted:
             self._used.pop(victim, None)
+            self._dropped[victim] = None
+        while len(self._dropped) > DROPPED_REMEMBERED:
+            del self._dropped[next(iter(self._dropped))]
         return evicted
+
+    def came_back(self, key: Hashable) -> bool:
+        """Whether ``key`` was evicted before (among the last :data:`DROPPED_REMEMBERED` evicted): more keys
+        take turns than ``limit`` holds, and each comes back to be built again."""
+        return key in self._dropped
