@@ -24,6 +24,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.operator_schemas import normalize_function
 
 from pyrys.ir.released import is_released, values_of
+from pyrys.ir.written import written_constants, written_tensors
 
 STATE_KEY = "pyrys_state"
 FLAGS_READ_KEY = "pyrys_flags_read"  # gm.meta: names of the flags the model reads, those resolved at import too
@@ -209,13 +210,19 @@ def share_constants(gm: fx.GraphModule, other: fx.GraphModule) -> int:
     """Point every constant of ``gm`` equal to one of ``other``'s (shape, dtype, strides and values) at
     ``other``'s tensor, so that two captures of one model hold (and a backend packs) its weights once;
     how many were shared.  ``other``'s released constants (:mod:`pyrys.ir.released`) are compared by
-    their restored values, each restored once for a digest and once more to confirm a match."""
+    their restored values, each restored once for a digest and once more to confirm a match.  Constants
+    either graph writes as it runs (:mod:`pyrys.ir.written`) are not shared."""
     held: dict[tuple, list[torch.Tensor]] = {}
+    written = written_tensors(other)  # a training norm's running statistics: each graph writes its own
     for tensor in other.buffers():
-        held.setdefault(_tensor_key(tensor), []).append(tensor)
+        if id(tensor) not in written:
+            held.setdefault(_tensor_key(tensor), []).append(tensor)
     digests: dict[int, int] = {}
     shared = 0
+    own = written_constants(gm)
     for name, tensor in list(gm.named_buffers(recurse=False)):
+        if name in own:
+            continue
         match = next((t for t in held.get(_tensor_key(tensor), ()) if _same_values(t, tensor, digests)), None)
         if match is not None and match is not tensor:
             setattr(gm, name, match)

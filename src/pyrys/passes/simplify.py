@@ -49,6 +49,7 @@ from pyrys.ir.edit import insert_op, replace_node, set_args
 from pyrys.ir.graph import add_constant, constant_value, op_args, tensor_meta
 from pyrys.ir.printer import format_arg
 from pyrys.ir.symbolic import dims_key, known_contiguous, view_shape
+from pyrys.ir.written import RUNNING_STATS, argument
 from pyrys.ir.vocabulary import PERMUTES, VIEWS, permutation, single_user
 from pyrys.passes.activation_formulas import ActivationFromFormula
 from pyrys.passes.attention_formula import AttentionFromFormula
@@ -362,11 +363,36 @@ def _trailing_dims_holding(shape, count) -> int | None:
     return None
 
 
+class TrainingNormWithoutStats(Rule):
+    """``batch_norm(x, w, b, mean, var, training=True, ...)`` -> ``batch_norm(x, w, b, None, None, True, ...)``
+    (likewise ``instance_norm``): in training a norm normalizes by its input's own statistics and only
+    updates the running ones in place (:mod:`pyrys.ir.written`), an update inference drops; without
+    them a call writes nothing."""
+
+    name = "training_norm_stats"
+    anchors = frozenset(RUNNING_STATS)
+
+    def match(self, gm: fx.GraphModule, node: fx.Node) -> Match | Miss | None:
+        mean, var, training = RUNNING_STATS[node.target]
+        if argument(node, *training) is not True or (argument(node, *mean) is None and argument(node, *var) is None):
+            return None
+        return Match({"stats": (mean, var)})
+
+    def rewrite(self, gm: fx.GraphModule, node: fx.Node, match: Match) -> None:
+        args, kwargs = list(node.args), dict(node.kwargs)
+        for position, name in match["stats"]:
+            if position < len(args):
+                args[position] = None
+            else:
+                kwargs[name] = None
+        set_args(node, tuple(args), kwargs=kwargs)
+
+
 SIMPLIFY_RULES: tuple[Rule, ...] = (
     tuple(RemoveNoOp(name, target, check) for target, (name, check) in NO_OPS.items())
     + (ConcatWithoutEmpty(), SoftmaxInItsOwnDtype(), RemoveMetadataAssert(), CollapseViews(), CollapsePermutes(),
        LinearFromMatmul(), ProductPlusTerm(), LinearOfFlattened(), ActivationFromFormula(), AttentionFromFormula(),
-       MergeSiblingLinears())
+       MergeSiblingLinears(), TrainingNormWithoutStats())
 )
 
 

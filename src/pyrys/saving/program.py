@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+import torch.fx as fx
 
 import pyrys
 from pyrys.backends import get_backend, release_constants
@@ -33,6 +34,7 @@ from pyrys.ir.meta import refresh_meta
 from pyrys.ir.quiet_fake import fake_tensor_errors_unlogged
 from pyrys.ir.released import values_of
 from pyrys.ir.symbolic import describe_dims
+from pyrys.ir.written import written_tensors
 from pyrys.machine import cpu_info
 from pyrys.capture.frontend import Frontend
 from pyrys.compiled import COMPILING, Compiled
@@ -68,7 +70,8 @@ def save(opt: OptimizedModule, path: str | os.PathLike) -> Path:
         generic = _encode_generic(opt._generic, tensors) if opt._generic is not None else None
         size_one = [record for i, template in enumerate(list(opt._other_templates)) if generic is not None
                     and (record := _encode_generic(template, tensors, f"size_one{i}")) is not None]
-    tensors, aliases = _without_repeats(tensors)
+        written = set().union(*(written_tensors(gm) for gm in _graphs(compiled, opt)))
+    tensors, aliases = _without_repeats(tensors, written)
     program = {"frontend": opt._frontend.kind, "threads": opt._config.threads, "layout": opt._config.layout,
                "first": first, "signatures": signatures, "aliases": aliases, "generic": generic, "size_one": size_one,
                "tensors": {key: {"shape": list(t.shape), "stride": list(t.stride()), "dtype": _dtype_name(t.dtype)}
@@ -188,10 +191,18 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _without_repeats(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _graphs(compiled: list[Compiled], opt: OptimizedModule) -> list[fx.GraphModule]:
+    """Every graph a save holds: each signature's, and those for every shape."""
+    templates = [opt._generic] if opt._generic is not None else []
+    return [c.captured.gm for c in compiled] + [t.generic.gm for t in templates + list(opt._other_templates)]
+
+
+def _without_repeats(tensors: dict[str, torch.Tensor],
+                     written: set[int]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``(stored, aliases)``: each distinct tensor once (the signatures of one model hold equal weights),
     with its values (restored, for a released constant), and every other key -> the stored key with
-    the same shape, strides, dtype and bytes."""
+    the same shape, strides, dtype and bytes; a tensor a graph writes (``written``, by ``id``) is
+    stored apart from the others of equal bytes (:mod:`pyrys.ir.written`)."""
     stored: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     by_content: dict[tuple, str] = {}
@@ -202,6 +213,8 @@ def _without_repeats(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.
             continue
         values = values_of(tensor)  # a released constant's values, read back from the backend's copy
         content = (tuple(values.shape), tuple(values.stride()), values.dtype, _digest(values))
+        if id(tensor) in written:
+            content = (*content, id(tensor))
         if content in by_content:
             aliases[key] = by_content[content]
         else:
