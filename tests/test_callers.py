@@ -109,6 +109,8 @@ def test_unusual_input_gives_eagers_result(backend, kind):
         opt = optimize(model, (image(size=8),), backend, layout=layout)
         error = pyrys.relative_error(opt(x), model(x))
         assert error <= TOLERANCE, f"relative error {error:.3g} (layout {layout})"
+    opt = optimize(model, (x,), backend)  # the example itself unusual: calls like it are read as they are run
+    assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE
 
 
 # --- NaN in the input -----------------------------------------------------------------------------

@@ -55,8 +55,8 @@ class OptimizedModule(torch.nn.Module):
             first = compile_signature(frontend, args, kwargs, config, dynamic=config.dynamic is True, trace=trace)
         self._hold(frontend, config, [first])
         self._find_size_one_gaps(args, kwargs)
-        if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
-            self._remember_fast_call(_call_key(args, grad=False), first)
+        if not kwargs and all(isinstance(a, torch.Tensor) for a in args):  # keyed as forward keys it: as run
+            self._remember_fast_call(_call_key(runnable_inputs(args, kwargs)[0], grad=False), first)
 
     def _hold(self, frontend: Frontend, config: OptimizeConfig, compiled: list[Compiled],
               generic: Compiled | None = None, other_templates: list[Compiled] | None = None) -> None:
@@ -430,10 +430,11 @@ def _call_key(args: tuple, grad: bool) -> tuple | None:
     """A cheap key for calls made of positional tensors only (None otherwise).
 
     Only keys of calls that passed :func:`runnable_inputs` unchanged are ever stored, so a
-    tensor on another device, with another layout, with its negation bit set or requiring grad in grad
-    mode (``grad``) never takes the fast path: it meets the checks instead."""
+    tensor on another device, with another layout, with its negation or conjugation bit set or requiring grad
+    in grad mode (``grad``) never takes the fast path: it meets the checks instead."""
     try:
-        return tuple((a.shape, a.dtype, a.is_cpu, a.layout, a.is_neg(), grad and a.requires_grad) for a in args)
+        return tuple((a.shape, a.dtype, a.is_cpu, a.layout, a.is_neg(), a.is_conj(), grad and a.requires_grad)
+                     for a in args)
     except AttributeError:
         return None
 
