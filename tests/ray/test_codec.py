@@ -68,6 +68,8 @@ def test_json_numbers_take_the_inputs_dtypes():
     ids, mask = decode(json.dumps({"inputs": [[[5, 6]], [[1, 0]]]}).encode(), [torch.int64, torch.int64]).inputs
     assert ids.dtype == mask.dtype == torch.int64 and ids.tolist() == [[5, 6]]
     assert decode(b"[1.5]").inputs[0].dtype == torch.float64  # no dtype known: numpy's
+    (ids,) = decode(b"[[9007199254740993, 1.0]]", [torch.int64]).inputs  # 2**53 + 1 beside a float: not rounded
+    assert ids.tolist() == [[9007199254740993, 1]]
 
 
 @pytest.mark.parametrize("body, dtypes, says", [
@@ -81,6 +83,8 @@ def test_json_numbers_take_the_inputs_dtypes():
     (b"[1.5, 2]", [torch.int64], "must hold values of torch.int64"),
     (b"[1180591620717411303424, 2]", [torch.int64], "an integer too large for 64 bits"),
     (b"[9223372036854775808]", [torch.int64], "an integer too large for 64 bits"),
+    (b"[9223372036854775808, 1.0]", [torch.int64], "an integer too large for 64 bits"),
+    (b"[2.5, 1]", [torch.int64], "must hold values of torch.int64"),
     (b"[[1e40, 2.0]]", [torch.float32], "beyond the range of torch.float32"),  # it was inf
     (b"[[100000.0]]", [torch.float16], "beyond the range of torch.float16"),
     (b"[[1e400]]", [torch.float32], "1e400 is beyond float64's range"),
