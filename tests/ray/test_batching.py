@@ -222,6 +222,17 @@ def test_the_predictor_is_safe_to_call_from_many_threads(model, saved):
         assert max(pool.map(call, range(24))) <= TOLERANCE
 
 
+def test_the_predictor_rounds_float32_rows_for_a_bfloat16_input(tmp_path):
+    """numpy has no bfloat16: a float32 column was refused, so Ray Data could not feed such a program at all."""
+    layer = nn.Linear(6, 3).eval()
+    opt = pyrys.optimize(layer.to(torch.bfloat16), (torch.randn(2, 6).to(torch.bfloat16),), dynamic=True)
+    x = np.random.default_rng(0).standard_normal((3, 6)).astype(np.float32)
+    got = Predictor(pyrys.save(opt, tmp_path / "bf16.pyrys"), column="x")({"x": x})["output"]
+    with torch.no_grad():
+        expected = layer(torch.from_numpy(x).to(torch.bfloat16)).float()
+    assert pyrys.relative_error(torch.from_numpy(np.asarray(got, np.float32)), expected) <= 1e-2
+
+
 class TwoInputs(nn.Module):
     def forward(self, ids, mask):
         return (ids * mask).float().cumsum(-1)

@@ -2,7 +2,8 @@
 
     ds = ray.data.from_numpy(images)                       # a column "data"; read_images gives "image"
     ds = ds.map_batches(pyrys.ray.Predictor, fn_constructor_args=("resnet50.pyrys",),
-                        fn_constructor_kwargs={"column": "data"}, batch_size=64, concurrency=2)
+                        fn_constructor_kwargs={"column": "data"}, batch_size=64,
+                        compute=ray.data.ActorPoolStrategy(size=2))
 
 Each actor loads the program once (``pyrys.load``: no capture, no pass).  ``path`` is the saved
 directory (every node must read it), or its files (``pyrys.saving.read_files(path)``, which Ray
@@ -84,7 +85,8 @@ class Predictor:
 
 def _column_tensor(values: Any, name: str, expected: Any = None) -> torch.Tensor:
     """A batch column as one tensor, rows in dim 0 (a column of per-row arrays is stacked; one of no rows is
-    the program's input with 0 rows, ``expected``: its signature leaf, ``(shape, dtype)``)."""
+    the program's input with 0 rows, ``expected``: its signature leaf, ``(shape, dtype)``; float32 rows for a
+    bfloat16 input, which numpy has no type for, are rounded to it, as ``pyrys serve`` does)."""
     array = values.to_numpy() if hasattr(values, "to_numpy") else np.asarray(values)
     if array.dtype == object and len(array) == 0 and is_tensor_leaf(expected):
         return torch.empty((0, *expected[0][1:]), dtype=expected[1])
@@ -103,7 +105,7 @@ def _column_tensor(values: Any, name: str, expected: Any = None) -> torch.Tensor
         except ValueError as error:
             raise InputError(f"pyrys.ray.Predictor: column {name!r} holds rows of different shapes ({error}); "
                              "resize them to one shape first") from None
-    return as_tensor(array, f"column {name!r}")
+    return as_tensor(array, f"column {name!r}", expected[1] if is_tensor_leaf(expected) else None)  # f32 -> bf16
 
 
 def _column_value(leaf: torch.Tensor, batch: Any) -> Any:
