@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 from hypothesis import given
@@ -10,7 +12,8 @@ from hypothesis import strategies as st
 
 import pyrys
 from pyrys.numerics import BF16_TOLERANCE, INT8_TOLERANCE
-from pyrys.numerics.budget import budget_for, fewest, max_error
+from pyrys.numerics.bisect import checked_tolerance
+from pyrys.numerics.budget import budget_for, check_budget, fewest, max_error
 from tests.models import conv_bn_relu, image
 
 
@@ -37,6 +40,13 @@ def test_the_default_budget_is_each_precisions_tolerance():
     assert budget_for("bf16", "auto") == BF16_TOLERANCE and budget_for("int8", "auto") == INT8_TOLERANCE
     assert budget_for("fp32", "auto") is None and budget_for("bf16", None) is None
     assert budget_for("int8", 1e-3) == 1e-3
+
+
+def test_a_numpy_budget_and_tolerance_are_numbers():
+    check_budget(np.float32(1e-2))  # was refused as not "a finite positive number"
+    assert checked_tolerance(np.float32(1e-4), "pyrys.bisect") == pytest.approx(1e-4)
+    with pytest.raises(ValueError, match="must be a finite positive number"):
+        check_budget(np.float32("nan"))
 
 
 @pytest.mark.parametrize("budget", [0, -1.0, "1e-2", True, float("nan"), float("inf")])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,6 +106,6 @@ def bisect(model: Any, example_inputs: Any = None, example_kwargs: dict | None =
 
 def checked_tolerance(tolerance: Any, caller: str) -> float:
     """``tolerance`` as a float; ``ValueError`` naming ``caller`` unless it is a non-negative number."""
-    if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) or not tolerance >= 0:
+    if not isinstance(tolerance, numbers.Real) or isinstance(tolerance, bool) or not tolerance >= 0:
         raise ValueError(f"{caller}: tolerance must be a non-negative number, got {tolerance!r}")
     return float(tolerance)

@@ -11,6 +11,7 @@ k of them with error(first k) <= budget go back to float32.  k is found by doubl
 """
 from __future__ import annotations
 
+import numbers
 from typing import Callable
 
 from pyrys.numerics import TOLERANCES, relative_error
@@ -35,7 +36,7 @@ def check_budget(accuracy_budget) -> None:
     anything else raises ``ValueError`` naming what it takes."""
     if accuracy_budget == AUTO or accuracy_budget is None:
         return
-    if isinstance(accuracy_budget, bool) or not isinstance(accuracy_budget, (int, float)) or \
+    if isinstance(accuracy_budget, bool) or not isinstance(accuracy_budget, numbers.Real) or \
             not 0 < accuracy_budget < float("inf"):
         raise ValueError(f"pyrys.optimize: accuracy_budget must be a finite positive number, 'auto' or None (no "
                          f"guard), got {accuracy_budget!r}")
