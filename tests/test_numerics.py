@@ -11,8 +11,10 @@ import torch.nn as nn
 
 import pyrys
 import pyrys.passes.fold_batch_norm as fold_batch_norm
+from pyrys import precision_notes
 from pyrys.ir.edit import insert_op, set_args
 from pyrys.ir.vocabulary import CONVOLUTIONS
+from pyrys.numerics import BF16_TOLERANCE, FP32_TOLERANCE
 from pyrys.numerics.bisect import graph_change, locate
 from pyrys.numerics.layers import LayerError
 from pyrys.numerics.report import NumericsReport
@@ -204,6 +206,18 @@ def test_explain_with_numerics_shows_the_table_and_the_first_stage_over(monkeypa
     text = pyrys.explain(conv_bn_relu(), (image(),), numerics=True).render()
     assert "fold_conv_bn" in text and "<- over the tolerance" in text
     assert "first over 1e-04: step 8, fold_conv_bn" in text
+
+
+def test_the_tolerance_is_that_of_what_runs(monkeypatch):
+    """A bfloat16 model rounds every op (fold_conv_bn's folded weights were flagged at 3e-3 against 1e-4);
+    bf16 asked for where the CPU has none runs float32, and explain judged it by bf16's 3e-2."""
+    model = conv_bn_relu().to(torch.bfloat16)
+    half = pyrys.explain(model, (image().to(torch.bfloat16),), numerics=True)
+    assert half.numerics.tolerance == BF16_TOLERANCE and "over the tolerance" not in half.render()
+    monkeypatch.setattr(precision_notes, "native_bf16", lambda: False)
+    emulated = pyrys.explain(conv_bn_relu(), (image(),), numerics=True, precision="bf16")
+    assert emulated.numerics.tolerance == FP32_TOLERANCE
+    assert pyrys.explain(conv_bn_relu(), (image(),), numerics=True, tolerance=0).numerics.tolerance == 0
 
 
 def test_explain_cli_numerics(capsys):

@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 
-from pyrys.numerics import FP32_TOLERANCE, TOLERANCES
 from pyrys.numerics.bisect import checked_tolerance, locate
 from pyrys.numerics.report import NumericsReport
 from pyrys.passes.pipeline import Step
@@ -94,13 +93,15 @@ def explain(model: torch.nn.Module, example_inputs: Any = None, *, backend: str 
     """Optimize ``model`` (see :func:`pyrys.optimize` for ``options``; an ``ExportedProgram`` needs no
     ``example_inputs``) and explain what happened; ``numerics``: also the error after every pass and of
     every layer, and the first stage over ``tolerance`` with what it changed (:mod:`pyrys.numerics`);
-    ``tolerance`` defaults to the precision's (``pyrys.numerics.TOLERANCES``: 1e-4 for fp32)."""
+    ``tolerance`` defaults to that of the precision run (``pyrys.numerics.TOLERANCES``: 1e-4 for fp32; bf16's
+    for half-precision outputs)."""
     from pyrys.optimize import optimize
 
-    if tolerance is None:
-        tolerance = TOLERANCES.get(options.get("precision", "fp32"), FP32_TOLERANCE)
-    tolerance = checked_tolerance(tolerance, "pyrys.explain")
+    if tolerance is not None:
+        tolerance = checked_tolerance(tolerance, "pyrys.explain")
     opt = optimize(model, example_inputs, backend=backend, dump_dir=dump_dir, numerics=numerics, **options)
     title = title or f"{type(model).__name__} on the {opt.backend} backend"
-    report = None if opt.numerics is None else dataclasses.replace(opt.numerics, tolerance=tolerance)
+    report = opt.numerics  # measured against the tolerance of what runs (bf16 asked where the CPU has none: fp32's)
+    if report is not None and tolerance is not None:
+        report = dataclasses.replace(report, tolerance=tolerance)
     return Explanation(title, opt.history, opt.misses, list(opt.notes), report)

@@ -9,7 +9,7 @@ import torch
 from pyrys import zoo
 from pyrys.backends import BACKEND_NAMES
 from pyrys.errors import ModelCopyError
-from pyrys.numerics import BF16_TOLERANCE, FP32_TOLERANCE, INT8_TOLERANCE, TOLERANCES
+from pyrys.numerics import BF16_TOLERANCE, FP32_TOLERANCE, INT8_TOLERANCE
 from pyrys.passes.precision import PRECISIONS
 from pyrys.quantization.calibration import samples_like
 from pyrys.signature import InputError
@@ -114,7 +114,7 @@ def run_explain(args: argparse.Namespace) -> int:
     try:
         result = explain(model, inputs, backend=args.backend, dump_dir=args.dump_dir, disable=tuple(args.disable),
                          title=title, numerics=args.numerics, precision=args.precision, calibration=calibration,
-                         tolerance=args.tolerance if args.tolerance is not None else TOLERANCES[args.precision])
+                         tolerance=args.tolerance)
     except (ValueError, InputError, ModelCopyError) as error:  # pyrys's errors (CaptureError ...), bad options
         raise SystemExit(f"pyrys explain: {type(error).__name__}: {error}") from None
     print(result.render())

@@ -158,8 +158,6 @@ def _trace(config: OptimizeConfig, model: Any, args: tuple, kwargs: dict) -> Num
     if not config.numerics:
         return None
     tolerance = TOLERANCES[effective_precision(config.precision)[0]]
-    if config.output_dtype is torch.bfloat16:  # the outputs' own rounding counts
-        tolerance = max(tolerance, TOLERANCES["bf16"])
     return NumericsTrace(lambda: eager_outputs(model, args, kwargs), tolerance, config.output_dtype)
 
 

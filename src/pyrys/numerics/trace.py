@@ -17,20 +17,26 @@ import torch.fx as fx
 
 from pyrys.backends.reference import ReferenceProgram
 from pyrys.ir.graph import STATE_KEY, copy_graph, state_ref
-from pyrys.numerics import FP32_TOLERANCE, error_or_reason
+from pyrys.numerics import BF16_TOLERANCE, FP32_TOLERANCE, error_or_reason
 from pyrys.numerics.layers import layer_errors, unmatched_nodes
 from pyrys.numerics.report import NumericsReport
 from pyrys.passes.pipeline import Step
+
+HALF_PRECISION = (torch.bfloat16, torch.float16)
 
 
 class NumericsTrace:
     """The errors of one compile on one set of example inputs (``run_eager``: the model's flat outputs on
     them, computed once, at the first measurement: after the capture).  With ``output_dtype`` (the outputs
-    asked for in that dtype) outputs are compared as eager's dtype: the rounding to it counts."""
+    asked for in that dtype) outputs are compared as eager's dtype: the rounding to it counts.  Outputs in
+    half precision (asked for so, or the model's own: a bfloat16 model) round every op they come from
+    another way than eager does: ``tolerance`` is then at least :data:`BF16_TOLERANCE`."""
 
     def __init__(self, run_eager: Callable[[], list], tolerance: float = FP32_TOLERANCE,
                  output_dtype: torch.dtype | None = None):
         self.run_eager, self.tolerance, self.output_dtype = run_eager, tolerance, output_dtype
+        if output_dtype in HALF_PRECISION:
+            self.tolerance = max(tolerance, BF16_TOLERANCE)
         self._eager: list | None = None
         self.captured: dict[str, torch.Tensor] | None = None
         self.problems: list[str] = []
@@ -40,6 +46,8 @@ class NumericsTrace:
         """The model's flat outputs, computed at the first measurement (after the capture)."""
         if self._eager is None:
             self._eager = self.run_eager()
+            if any(isinstance(v, torch.Tensor) and v.dtype in HALF_PRECISION for v in self._eager):
+                self.tolerance = max(self.tolerance, BF16_TOLERANCE)
         return self._eager
 
     def measure(self, step: str, gm: fx.GraphModule, inputs: list) -> float:
