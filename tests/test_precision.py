@@ -168,6 +168,22 @@ def test_a_model_already_in_bf16_runs_in_onednn():
     assert sum("dnnl::conv2d" in line for line in lines) == 20 and not [line for line in lines if "torch::" in line]
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_notes_name_the_dtype_a_model_of_another_dtype_runs_in(bf16_cpu, dtype):
+    """They said "float32" (and an accuracy measured against it) for a model that runs in its own dtype."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval().to(dtype)
+    x = torch.randn(2, 8).to(dtype)
+    name = str(dtype).removeprefix("torch.")
+    bf16 = pyrys.optimize(model, (x,), backend="reference", precision="bf16")
+    said = [note for note in bf16.notes if note.startswith("precision='bf16'")]
+    assert said == ([] if dtype == torch.bfloat16 else [  # a bfloat16 model runs in bf16 already
+        f"precision='bf16': no op could run in bf16 here, so the model runs in {name} (an op pyrys runs through "
+        "torch, such as torch's fused TransformerEncoderLayer fast path, keeps its dtype)"])
+    int8 = pyrys.optimize(model, (x,), backend="reference", precision="int8", calibration=[x, x * 2])
+    assert f"no convolution or linear could run in int8 here, so the model runs in {name} (see misses)" in int8.report()
+    assert {miss.reason for miss in int8.misses} == {f"stays {name}: its weight is not a float32 constant"}
+
+
 def test_explain_cli_precision(bf16_cpu, capsys):
     from pyrys.cli import main
 
@@ -349,7 +365,10 @@ def test_calibration_samples_are_what_the_bf16_guard_measures_on(bf16_cpu, backe
                "on 4 calibration samples" in n and "1 op kept" in n for n in opt.notes), opt.notes
     unmeasured = pyrys.optimize(model, (samples[0],), precision="bf16", calibration=samples, accuracy_budget=None)
     assert unmeasured.misses == [] and not any("outputs within" in n for n in unmeasured.notes)
-    scripted = pyrys.jit.compile(torch.jit.script(model), samples[0], backend=backend, precision="bf16",
+    script = torch.jit.script(model)
+    for name in ("weight", "bias"):
+        pyrys._jit_pass_freeze_params(script._c, "forward", name)
+    scripted = pyrys.jit.compile(script, samples[0], backend=backend, precision="bf16",
                                  calibration=samples, accuracy_budget=1e-2)  # pyrys.jit takes them too
     assert any("outputs within" in n and "on 4 calibration samples" in n for n in scripted.notes), scripted.notes
     with pytest.raises(pyrys.InputError, match="calibration sample 1 must be inputs like the example inputs"):

@@ -93,7 +93,7 @@ def _compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: Op
     notice = get_backend(config.backend)[2]
     if precision == "int8" and (config.backend != "dnnl" or not int8_layers(run)):
         precision_note = ""  # which oneDNN int8 kernels this CPU gets: said where they run
-    notes = captured.notes + [note for note in (notice, precision_note, int8_coverage_note(precision, run),
+    notes = captured.notes + [note for note in (notice, precision_note, int8_coverage_note(precision, run, captured.gm),
                                                 guard_accuracy_note(precision, config.calibration, guard),
                                                 disabled_precision_note(precision, config),
                                                 config.calibration.note if config.calibration else "") if note]

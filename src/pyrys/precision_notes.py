@@ -31,23 +31,42 @@ def int8_layers(run) -> int:
     return sum(step.fired.get("int8", 0) for step in run.history)
 
 
-def int8_coverage_note(precision: str, run) -> str:
+def int8_coverage_note(precision: str, run, gm: fx.GraphModule) -> str:
     """With ``precision="int8"``, a note when no op could run in int8 (the misses say why), or saying how many
     ops run in bf16 beside the int8 ones (where the CPU has native bf16: ``passes/quantize.py``); with
-    ``"bf16"``, a note when no op could run in bf16."""
+    ``"bf16"``, a note when no op could run in bf16 (none for a bfloat16 model: it runs so already).  What
+    runs instead is named from ``gm``, the optimized graph: a float64 model stays float64."""
+    own = runs_in(gm)
+    see = "see misses" if run.misses else ""
     if precision == "bf16" and not any(step.fired.get("bf16") for step in run.history):
-        return ("precision='bf16': no op could run in bf16 here, so the model runs in float32 (see misses; an op "
-                "pyrys runs through torch, such as torch's fused TransformerEncoderLayer fast path, keeps its dtype)")
+        if own.startswith("bfloat16"):
+            return ""
+        return (f"precision='bf16': no op could run in bf16 here, so the model runs in {own} ({see}{'; ' * bool(see)}"
+                "an op pyrys runs through torch, such as torch's fused TransformerEncoderLayer fast path, keeps its "
+                "dtype)")
     if precision != "int8":
         return ""
     bf16 = sum(step.fired.get("bf16", 0) for step in run.history)
     if not any(step.fired.get("int8") for step in run.history):
-        kept_in = "bf16 where the accuracy guard kept it, else float32" if bf16 else "float32"
-        return f"precision='int8': no convolution or linear could run in int8 here, so the model runs in {kept_in} (see misses)"
+        kept_in = f"bf16 where the accuracy guard kept it, else {own}" if bf16 else own
+        return (f"precision='int8': no convolution or linear could run in int8 here, so the model runs in {kept_in}"
+                + f" ({see})" * bool(see))
     if bf16:
-        return (f"precision='int8': {bf16} ops run in bf16, not float32 (this CPU has native bf16): attention (no "
-                "int8 kernel here), the layers the accuracy guard keeps out of int8, and the views between")
+        return (f"precision='int8': {bf16} op{'s' * (bf16 > 1)} run{'s' * (bf16 == 1)} in bf16, not float32 (this CPU "
+                "has native bf16): attention (no int8 kernel here), the layers the accuracy guard keeps out of int8, "
+                "and the views between")
     return ""
+
+
+def runs_in(gm: fx.GraphModule) -> str:
+    """The floating-point dtypes ``gm``'s ops compute in, the most common first ("float32" where none)."""
+    counts: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        value = node.meta.get("val") if node.op == "call_function" else None
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            name = str(value.dtype).removeprefix("torch.")
+            counts[name] = counts.get(name, 0) + 1
+    return " and ".join(sorted(counts, key=counts.get, reverse=True)) or "float32"
 
 
 def bf16_guard(calibration: Calibration | None, flat: list, gm: fx.GraphModule) -> Bf16Guard | None:

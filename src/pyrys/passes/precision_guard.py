@@ -62,7 +62,7 @@ class Bf16Guard:
             return max_error(ReferenceProgram(trial), self.samples, expected, limit), moved
 
         total, moved = error(frozenset())
-        self.error = total
+        self.error = total if moved else None  # nothing lowered (a float64 model): nothing to say
         if self.budget is None or total <= self.budget or not moved:
             return {}
         own = own_errors(gm, moved, self.samples)

@@ -193,7 +193,8 @@ def _candidates(gm: fx.GraphModule, result: PassResult) -> list[fx.Node]:
             continue
         why = _why_float(node)
         if why:
-            result.misses.append(Miss(RULE, node.name, f"stays float32: {why}"))
+            dtype = str(node.meta["val"].dtype).removeprefix("torch.")
+            result.misses.append(Miss(RULE, node.name, f"stays {dtype}: {why}"))
         else:
             layers.append(to_fused(gm, node, in_place=True))
     return layers
