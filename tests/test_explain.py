@@ -4,6 +4,7 @@ import torch
 
 import pyrys
 from pyrys.cli import main
+from pyrys import zoo
 from pyrys.explain import reason_template
 from tests.models import conv_bn_relu, image
 
@@ -75,6 +76,7 @@ def test_explain_takes_an_exported_programs_own_inputs_and_the_precisions_tolera
     (["--tolerance", "-1"], "argument --tolerance: expected a number >= 0 like 1e-4, got '-1'"),
     (["--disable", "nosuchpass"], "argument --disable: unknown pass 'nosuchpass'; the passes are freeze_params"),
     (["--backend", "nope"], "argument --backend: invalid choice: 'nope'"),
+    (["--input-shape", "1x-3x8x8"], "expected a shape like 1x3x224x224 (sizes 0 or more), got '1x-3x8x8'"),  # was torch's
 ])
 def test_cli_explain_refuses_bad_flags_with_a_message(arguments, says, capsys):
     with pytest.raises(SystemExit) as stopped:
@@ -90,6 +92,16 @@ def test_cli_explain_says_which_model_it_cannot_find(spec, says):
     """Tracebacks before: torchvision's ValueError, Linear's TypeError."""
     with pytest.raises(SystemExit, match=says):
         main(["explain", spec])
+
+
+def test_cli_explain_shapes_a_models_own_inputs():
+    """A model with ``example_inputs`` (token ids and a mask) was given an image of the shape: float ids."""
+    from pyrys.bench.models import bert4
+
+    ids, mask = zoo.example_inputs("pyrys.bench.models:bert4", bert4(), (2, 16))
+    assert ids.shape == mask.shape == (2, 16) and ids.dtype == torch.long and bool((mask == 1).all())
+    with pytest.raises(ValueError, match="--input-shape 1x3x8 does not fit .*bert4, whose inputs are 1x128, 1x128"):
+        zoo.example_inputs("pyrys.bench.models:bert4", bert4(), (1, 3, 8))
 
 
 def test_cli_explain_says_in_one_line_why_a_model_cannot_be_captured():

@@ -18,9 +18,12 @@ from pyrys.signature import InputError
 def parse_shape(text: str) -> tuple[int, ...]:
     """``"1x3x224x224"`` -> ``(1, 3, 224, 224)``."""
     try:
-        return tuple(int(part) for part in text.lower().split("x"))
+        shape = tuple(int(part) for part in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a shape like 1x3x224x224, got {text!r}") from None
+        shape = (-1,)
+    if any(size < 0 for size in shape):
+        raise argparse.ArgumentTypeError(f"expected a shape like 1x3x224x224 (sizes 0 or more), got {text!r}")
+    return shape
 
 
 def tolerance(text: str) -> float:
@@ -71,15 +74,6 @@ def load_model(spec: str) -> torch.nn.Module:
     return model.eval()
 
 
-def example_inputs(model: torch.nn.Module, spec: str, shape: tuple[int, ...] | None) -> tuple[torch.Tensor, ...]:
-    """One seeded image of ``shape``; without one, the model's own ``example_inputs(1)`` where it has that
-    method (``pyrys.bench.models``' transformers take token ids), else the model's usual image size."""
-    if shape is None and callable(getattr(model, "example_inputs", None)):
-        return tuple(model.example_inputs(1))
-    shape = shape or (zoo.input_shape(spec) if ":" not in spec else (1, 3, 224, 224))
-    return (torch.rand(shape, generator=torch.Generator().manual_seed(0)),)
-
-
 def add_explain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="a zoo model name (e.g. resnet50, hf_bert) or module:attr")
     parser.add_argument("--input-shape", type=parse_shape, default=None,
@@ -103,7 +97,10 @@ def run_explain(args: argparse.Namespace) -> int:
     from pyrys.explain import explain
 
     model = load_model(args.model)
-    inputs = example_inputs(model, args.model, args.input_shape)
+    try:
+        inputs = zoo.example_inputs(args.model, model, args.input_shape)
+    except ValueError as error:
+        raise SystemExit(f"pyrys explain: {error}") from None
     shapes = ", ".join("x".join(map(str, x.shape)) for x in inputs)
     title = f"{args.model} ({shapes}) on the {args.backend} backend"
     calibration = None

@@ -73,11 +73,33 @@ def build_model(name: str) -> torch.nn.Module:
     return torchvision_model(name)
 
 
-def example_inputs(name: str, model: torch.nn.Module) -> tuple[torch.Tensor, ...]:
-    """The model's own ``example_inputs(1)`` where it has them, else one seeded image of its usual size."""
+def example_inputs(name: str, model: torch.nn.Module, shape: tuple[int, ...] | None = None) -> tuple[torch.Tensor, ...]:
+    """The model's own ``example_inputs(1)`` where it has that method (the transformers take token ids and a
+    mask), each of ``shape`` where one is given (:func:`_like`: of the same dtype, ids among its ids, a mask of
+    ones all ones); else one seeded image of ``shape`` (default: the model's usual size; 224 for a ``module:attr``
+    model).  ``ValueError`` for a shape of another rank than the model's own inputs."""
+    generator = torch.Generator().manual_seed(0)
     if callable(getattr(model, "example_inputs", None)):
-        return tuple(model.example_inputs(1))
-    return (torch.rand(input_shape(name), generator=torch.Generator().manual_seed(0)),)
+        own = tuple(model.example_inputs(1))
+        if shape is None:
+            return own
+        if any(t.dim() != len(shape) for t in own):
+            raise ValueError(f"--input-shape {'x'.join(map(str, shape))} does not fit {name}, whose inputs are "
+                             f"{', '.join('x'.join(map(str, t.shape)) for t in own)}: give one of their rank")
+        return tuple(_like(t, shape, generator) for t in own)
+    shape = shape or (input_shape(name) if ":" not in name else (1, 3, 224, 224))
+    return (torch.rand(shape, generator=generator),)
+
+
+def _like(example: torch.Tensor, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """A seeded tensor of ``shape`` with ``example``'s dtype: its one value where it holds one (a mask of ones),
+    else integers in its range, or floats uniform in [0, 1)."""
+    if example.numel() and bool(example.min() == example.max()):
+        return torch.full(shape, example.reshape(-1)[0].item(), dtype=example.dtype)
+    if example.is_floating_point() or example.numel() == 0:
+        return torch.rand(shape, generator=generator).to(example.dtype)
+    low, high = int(example.min()), int(example.max())
+    return torch.randint(low, high + 1, shape, generator=generator).to(example.dtype)
 
 
 @dataclass
