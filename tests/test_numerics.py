@@ -218,6 +218,8 @@ def test_the_tolerance_is_that_of_what_runs(monkeypatch):
     emulated = pyrys.explain(conv_bn_relu(), (image(),), numerics=True, precision="bf16")
     assert emulated.numerics.tolerance == FP32_TOLERANCE
     assert pyrys.explain(conv_bn_relu(), (image(),), numerics=True, tolerance=0).numerics.tolerance == 0
+    int8 = pyrys.bisect(conv_bn_relu(), (image(),), precision="int8", calibration=[image(), image() * 2])
+    assert int8.stage is None and "every stage within 5e-02" in int8.render()  # 1e-4 named quantize
 
 
 def test_explain_cli_numerics(capsys):

@@ -92,16 +92,18 @@ def graph_change(before: str, after: str) -> list[str]:
 
 
 def bisect(model: Any, example_inputs: Any = None, example_kwargs: dict | None = None, *,
-           tolerance: float = FP32_TOLERANCE, **options) -> Bisection:
+           tolerance: float | None = None, **options) -> Bisection:
     """Optimize ``model`` with ``numerics=True`` (``options``: :func:`pyrys.optimize`'s) and name the first
-    stage whose output's relative error against eager crosses ``tolerance``."""
+    stage whose output's relative error against eager crosses ``tolerance`` (default: that of the precision
+    run, as ``pyrys.explain``'s: 1e-4 for fp32, so that ``precision="int8"`` does not always name ``quantize``)."""
     from pyrys.optimize import optimize
 
-    tolerance = checked_tolerance(tolerance, "pyrys.bisect")
+    if tolerance is not None:
+        tolerance = checked_tolerance(tolerance, "pyrys.bisect")
     options.pop("numerics", None)
     with torch.no_grad():
         opt = optimize(model, example_inputs, example_kwargs, numerics=True, **options)
-    return locate(opt.history, opt.numerics, tolerance)
+    return locate(opt.history, opt.numerics, opt.numerics.tolerance if tolerance is None else tolerance)
 
 
 def checked_tolerance(tolerance: Any, caller: str) -> float:
