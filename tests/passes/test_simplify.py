@@ -211,3 +211,17 @@ def test_a_softmax_asked_for_in_its_own_dtype_is_a_softmax(run_passes):
     assert result.error() <= TOLERANCE
     opt = pyrys.optimize(EagerAttention().eval(), (torch.randn(2, 8, 16),))
     assert "torch::" not in opt.program_text(), opt.program_text()
+
+
+def test_a_norm_training_for_good_reads_no_running_statistics(run_passes):
+    """Its running statistics are only updated in place (an update inference drops): without them a call writes
+    no constant.  A BatchNorm whose flag is not frozen keeps them (it may be called in eval mode)."""
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.InstanceNorm2d(3, track_running_stats=True)).train()
+    x = torch.randn(2, 3, 4, 4)
+    result = run_passes(model, (x,), "freeze_params", "freeze_flags", "simplify")
+    assert result.fired("simplify")["training_norm_stats"] == 2
+    norms = [line for line in result.after.splitlines() if "_norm(" in line]
+    assert len(norms) == 2 and not any("running" in line for line in norms) and result.error() <= TOLERANCE
+    unfrozen = run_passes(model[:1], (x,), "freeze_params", "simplify", freeze_flags=())  # its flag read at call
+    assert "training_norm_stats" not in unfrozen.fired("simplify")
+    assert all("running_var" in line for line in unfrozen.after.splitlines() if "batch_norm(" in line)
