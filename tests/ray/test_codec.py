@@ -70,6 +70,8 @@ def test_json_numbers_take_the_inputs_dtypes():
     assert decode(b"[1.5]").inputs[0].dtype == torch.float64  # no dtype known: numpy's
     (ids,) = decode(b"[[9007199254740993, 1.0]]", [torch.int64]).inputs  # 2**53 + 1 beside a float: not rounded
     assert ids.tolist() == [[9007199254740993, 1]]
+    for least in (b"[-9223372036854775808]", b"[-9223372036854775808, 1.0]"):  # int64's least, with a float too
+        assert decode(least, [torch.int64]).inputs[0].tolist()[0] == -2 ** 63
 
 
 @pytest.mark.parametrize("body, dtypes, says", [

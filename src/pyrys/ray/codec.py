@@ -215,6 +215,9 @@ def _finite_float(text: str) -> float:
     return value
 
 
+INT64_RANGE = (-2 ** 63, 2 ** 63 - 1)
+
+
 def _exact_integers(array: np.ndarray, value: Any, dtype: torch.dtype, what: str) -> np.ndarray:
     """The numbers of ``value`` (JSON that mixes integers and floats, which ``array`` holds as float64) as
     exact Python integers, for an input of the integer ``dtype``; a float that is not a whole number is refused."""
@@ -224,7 +227,7 @@ def _exact_integers(array: np.ndarray, value: Any, dtype: torch.dtype, what: str
                          "got values that type cannot hold exactly")
     whole = np.empty(numbers.shape, dtype=object)
     whole[:] = [int(v) for v in numbers]
-    if not any(abs(v) >= 2 ** 63 for v in whole):
+    if all(INT64_RANGE[0] <= v <= INT64_RANGE[1] for v in whole):
         whole = whole.astype(np.int64)
     return whole.reshape(array.shape)
 
@@ -237,8 +240,9 @@ def _json_tensor(value: Any, dtype: torch.dtype | None, what: str) -> torch.Tens
         raise InputError(f"pyrys serve: {what} must be a rectangular nested list of numbers: {error}") from None
     if dtype is not None and not (dtype.is_floating_point or dtype.is_complex) and array.dtype.kind == "f":
         array = _exact_integers(array, value, dtype, what)  # float64 rounds past 2**53: [2**53 + 1, 1.0]
-    if array.dtype == np.uint64 or array.dtype == object and any(
-            isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 2 ** 63 for v in array.reshape(-1)):
+    if array.dtype == np.uint64 or array.dtype == object and any(isinstance(v, int) and not isinstance(v, bool)
+                                                                and not INT64_RANGE[0] <= v <= INT64_RANGE[1]
+                                                                for v in array.reshape(-1)):
         raise InputError(f"pyrys serve: {what} holds an integer too large for 64 bits")
     if array.dtype.kind not in "biuf":
         raise InputError(f"pyrys serve: {what} must be a rectangular nested list of numbers, got {array.dtype} values")
