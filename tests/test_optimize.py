@@ -100,6 +100,25 @@ def test_training_norms_never_move_their_weights(how, tmp_path):
         assert pyrys.relative_error(loaded(x), eager(x)) <= TOLERANCE
 
 
+class ReadsItsStatistics(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = torch.nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return self.bn(x) + self.bn.running_mean  # in training: the mean the norm just updated
+
+
+def test_training_statistics_read_by_another_op_are_kept():
+    model = ReadsItsStatistics().train()
+    eager, x = copy.deepcopy(model), torch.randn(8, 4) * 3 + 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # training mode
+        opt = pyrys.optimize(torch.jit.script(model), (x,), backend="reference")
+    assert [pyrys.relative_error(opt(x), eager(x)) for _ in range(3)] == [0.0] * 3
+    assert any(m.rule == "training_norm_stats" and "is read by another op too" in m.reason for m in opt.misses)
+
+
 def test_non_module_is_rejected():
     with pytest.raises(TypeError, match="expects a torch.nn.Module, .*got str"):
         pyrys.optimize("not a module", (image(),))

@@ -8,8 +8,8 @@ aten's ``batch_norm`` and ``instance_norm`` update their running statistics in p
 A captured graph reads those as constants.  One made the same tensor as another constant of equal values
 (a fresh BatchNorm's ``running_var`` and ``weight`` are both ones) would move that constant at every
 call, so they are never shared between captures (``share_constants``) nor saved as one (``pyrys.save``);
-a norm whose ``training`` is the constant True, whose result never reads them, is given none
-(``simplify``'s ``training_norm_stats``).
+a norm whose ``training`` is the constant True (its result reads the input's own statistics) is given none
+where no other op reads them (``simplify``'s ``training_norm_stats``).
 """
 from __future__ import annotations
 

@@ -367,15 +367,19 @@ class TrainingNormWithoutStats(Rule):
     """``batch_norm(x, w, b, mean, var, training=True, ...)`` -> ``batch_norm(x, w, b, None, None, True, ...)``
     (likewise ``instance_norm``): in training a norm normalizes by its input's own statistics and only
     updates the running ones in place (:mod:`pyrys.ir.written`), an update inference drops; without
-    them a call writes nothing."""
+    them a call writes nothing.  Not where another op reads them (it reads what the update wrote)."""
 
     name = "training_norm_stats"
     anchors = frozenset(RUNNING_STATS)
 
     def match(self, gm: fx.GraphModule, node: fx.Node) -> Match | Miss | None:
         mean, var, training = RUNNING_STATS[node.target]
-        if argument(node, *training) is not True or (argument(node, *mean) is None and argument(node, *var) is None):
+        stats = [argument(node, *stat) for stat in (mean, var)]
+        if argument(node, *training) is not True or stats == [None, None]:
             return None
+        read = [s for s in stats if isinstance(s, fx.Node) and set(s.users) != {node}]
+        if read:
+            return fail(f"%{read[0].name} is read by another op too: it reads the value the update writes")
         return Match({"stats": (mean, var)})
 
     def rewrite(self, gm: fx.GraphModule, node: fx.Node, match: Match) -> None:
