@@ -89,8 +89,9 @@ def add_explain_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the precision to compile for (bf16, int8: see README; int8 calibrates on the example "
                              "and inputs drawn like it)")
     parser.add_argument("--tolerance", type=tolerance, default=None,
-                        help=f"the relative error --numerics flags (default: {FP32_TOLERANCE:g}; "
-                             f"{BF16_TOLERANCE:g} with --precision bf16, {INT8_TOLERANCE:g} with int8)")
+                        help=f"the relative error --numerics flags (default: that of the precision run, "
+                             f"{FP32_TOLERANCE:g} for fp32, {BF16_TOLERANCE:g} for bf16 or a half-precision model, "
+                             f"{INT8_TOLERANCE:g} for int8)")
 
 
 def run_explain(args: argparse.Namespace) -> int:
