@@ -164,6 +164,38 @@ def test_traced_module_is_imported_honestly_with_a_note():
     assert "traced module" in opt.report()
 
 
+class EveryConvolution(torch.nn.Module):
+    """conv1d, conv2d + BatchNorm + ReLU, conv3d and a transposed conv2d: what a trace records as ``_convolution``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1d, self.conv2d = torch.nn.Conv1d(3, 4, 3), torch.nn.Conv2d(3, 4, 3, stride=2, padding=1, groups=1)
+        self.bn, self.conv3d = torch.nn.BatchNorm2d(4), torch.nn.Conv3d(1, 2, 2)
+        self.up = torch.nn.ConvTranspose2d(4, 2, 2, stride=2, output_padding=1, dilation=1)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv2d(x)))
+        return self.up(y), self.conv1d(x.flatten(2)), self.conv3d(x[:, None, :2])
+
+
+def test_a_traced_convolution_is_the_named_one():
+    """A trace records ``aten::_convolution``, which nothing folded, fused or lowered (ResNet-18 traced: no fold,
+    no fusion, 15 torch fallbacks; bf16 and int8 left every conv in float32, silently)."""
+    model, x = EveryConvolution().eval(), torch.rand(2, 3, 6, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, (x,))
+    assert "aten::_convolution" in str(traced.inlined_graph)
+    opt = pyrys.optimize(traced, (x,))
+    assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE
+    assert "fold_conv_bn: conv_bn: 1" in opt.report() and "conv_activation: 1" in opt.report()
+    text = opt.program_text()
+    assert "_convolution" not in opt.graph + text and text.count(" = dnnl::conv") == 4, text
+    x2 = torch.rand(2, 3, 6, 6)
+    assert pyrys.relative_error(opt(x2), model(x2)) <= TOLERANCE
+
+
 def test_training_mode_module_warns_and_explains():
     model = conv_bn_relu().train()
     scripted = script(copy.deepcopy(model))  # scripting shares tensors with the model

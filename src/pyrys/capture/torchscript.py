@@ -39,6 +39,7 @@ from torch._subclasses.fake_tensor import DynamicOutputShapeException, FakeTenso
 from torch.utils._pytree import tree_flatten, tree_map
 
 from pyrys.capture.captured import Captured, input_writes_note
+from pyrys.capture.convolution import SPELLINGS as CONVOLUTION_SPELLINGS, named_convolution
 from pyrys.capture.in_place import functional_twin
 from pyrys.capture.script_types import named_tuple_class
 from pyrys.ir.quiet_fake import fake_tensor_errors_unlogged
@@ -622,6 +623,9 @@ class _Importer:
         if schema.name in _DROPOUTS and _known_false(values[2]):
             scope.bind(node.output(), values[0])  # dropout with train=False returns its input itself (a write to
             return  # either is a write to both, in TorchScript as in eager)
+        if schema.name in CONVOLUTION_SPELLINGS and (named := named_convolution(values, _val(values[1]))):
+            op, values = named  # a trace's _convolution: conv2d, as the passes and backends know it
+            schema = op._schema
         mutated = _mutated_argument(schema)
         if mutated is not None:
             op = _functional(schema, node)
