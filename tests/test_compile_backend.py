@@ -1,6 +1,8 @@
 """torch.compile(model, backend="pyrys"): per-graph programs, graph breaks, recompiles, options."""
 from __future__ import annotations
 
+import copy
+import threading
 from importlib.metadata import entry_points
 
 import pytest
@@ -446,6 +448,45 @@ def test_two_models_of_one_class_share_dynamos_graph_each_with_its_own_programs(
                 assert pyrys.relative_error(run(x), model(x)) <= TOLERANCE
     assert all(graph.runs_in_torch is None for graph in dynamo_graphs)
     assert sum(len(graph.programs) for graph in dynamo_graphs) == 2 and all(g._weights.changes == 0 for g in dynamo_graphs)
+
+
+def test_layers_of_one_class_compiled_one_by_one_each_keep_their_programs(dynamo_graphs, monkeypatch):
+    """Six layers of one class, each ``layer.compile(backend="pyrys")``: four sets of weights were kept, so every
+    call of the model compiled every layer again, for ever.  Past the bound the sets taking turns are changes:
+    torch runs the graph."""
+    from pyrys import compile_weights
+
+    layers = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(6)]).eval()
+    eager = copy.deepcopy(layers)
+    for layer in layers:
+        layer.compile(backend="pyrys")
+    x = torch.rand(2, 8)
+    with torch.no_grad():
+        for _ in range(5):
+            assert pyrys.relative_error(layers(x), eager(x)) <= TOLERANCE
+    (graph,) = {id(g): g for g in dynamo_graphs}.values()
+    assert len(graph.programs) == 6 and graph._weights.changes == 0 and graph.runs_in_torch is None
+    monkeypatch.setattr(compile_weights, "MAX_SETS", 3)  # six more layers: each round drops and rebuilds them
+    more = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(6)]).eval()
+    eager = copy.deepcopy(more)
+    for layer in more:
+        layer.compile(backend="pyrys")
+    with torch.no_grad():
+        for _ in range(4):
+            assert pyrys.relative_error(more(x), eager(x)) <= TOLERANCE
+    assert graph.runs_in_torch.startswith("its parameters or buffers changed at nearly every call")
+
+
+def test_the_weights_of_a_model_gone_are_let_go():
+    """Sets hold their tensors weakly: a model deleted leaves its set (and programs) when the next set comes."""
+    from pyrys.compile_weights import WeightSets
+
+    sets = WeightSets({0: "weight"}, threading.Lock())
+    first, second = torch.ones(3), torch.zeros(3)
+    assert sets.of((first,)) is not sets.of((second,)) and len(sets._sets) == 2
+    del first
+    sets.of((torch.full((3,), 2.0),))
+    assert len(sets._sets) == 2 and sets.changes == 0
 
 
 def test_weights_changed_between_evaluations_keep_compiling(dynamo_graphs, monkeypatch):

@@ -262,7 +262,7 @@ class DynamoGraph:
                 program = None if weights.shapes is None else weights.shapes.get(key)
                 if program is None:
                     try:
-                        program = self._optimize(inputs, scalars, weights.state)
+                        program = self._optimize(inputs, scalars, weights.state(args))
                     except CaptureError as error:  # what torch.export cannot take, torch runs
                         self._run_in_torch(f"pyrys cannot capture it ({error})")
                         return None

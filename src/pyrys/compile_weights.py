@@ -2,12 +2,14 @@
 
 Dynamo passes a module's parameters and buffers to its graph as inputs at every call, and one graph serves
 every instance of a class (two models of one architecture share it).  pyrys freezes them into its programs,
-so a graph keeps its programs per set of state tensors (told apart by identity, at most :data:`MAX_SETS`,
-the oldest dropped first), and compiles a set again where one of its tensors was written in place since
-(its version counter moved; an optimizer step, ``load_state_dict``, ``copy_``) or replaced: eager reads
-them at every call.  Where they change at nearly every call (more than :data:`MAX_CHANGES` times, each
-fewer than :data:`MIN_CALLS_APART` calls after the last) the graph runs in torch.  The check costs about
-20 us a call for ResNet-50's 320 tensors.  Not seen: ``p.data = t`` and writes through ``p.data`` (no
+so a graph keeps its programs per set of state tensors (told apart by identity, held by weak reference: a
+set whose model is gone is dropped with its programs; at most :data:`MAX_SETS`, the least recently called
+dropped first, so that each layer of a model compiled layer by layer keeps its own), and compiles a set
+again where one of its tensors was written in place since (its version counter moved; an optimizer step,
+``load_state_dict``, ``copy_``) or replaced: eager reads them at every call.  Where they change at nearly
+every call (more than :data:`MAX_CHANGES` times, each fewer than :data:`MIN_CALLS_APART` calls after the
+last; a set dropped for room that comes back counts as a change: more instances take turns than are kept)
+the graph runs in torch.  The check costs about 20 us a call for ResNet-50's 320 tensors.  Not seen: ``p.data = t`` and writes through ``p.data`` (no
 version of ``p``'s moves) and in-place writes to tensors made under ``torch.inference_mode()`` (they have
 no version counter).
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import logging
 import operator
 import threading
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
@@ -29,7 +32,7 @@ import torch
 from pyrys.shape_cache import ShapeCache
 
 LOG = logging.getLogger("pyrys")
-MAX_SETS = 4  # sets of state tensors (model instances) a graph keeps programs for
+MAX_SETS = 64  # sets of state tensors (model instances, layers of one class) a graph keeps programs for
 MAX_CHANGES = 4  # changes fewer than MIN_CALLS_APART calls apart before torch runs the graph
 MIN_CALLS_APART = 16  # a change this many calls or more after the last one (an evaluation between epochs) is free
 _WRITES = [0]  # writes of state that move no version counter, process-wide (note_state_written)
@@ -54,11 +57,11 @@ def _gatherer(positions: list[int]) -> Callable[[tuple], tuple]:
 
 @dataclass
 class WeightSet:
-    """One set of state tensors: by position, its path and tensor; the tensors as frozen and their versions; the
-    programs compiled from them (by input signature; None until the first)."""
+    """One set of state tensors: their paths by position; the tensors (weak references) as frozen and their
+    versions; the programs compiled from them (by input signature; None until the first)."""
 
-    state: dict[int, tuple[str, torch.Tensor]]
-    held: tuple
+    paths: dict[int, str]
+    held: tuple  # a weakref.ref of each tensor
     versioned: bool  # every tensor has a version counter (none made under inference_mode)
     versions: list
     writes_seen: int  # _WRITES when this set last looked for its tensors among those written
@@ -67,9 +70,17 @@ class WeightSet:
     @classmethod
     def of(cls, paths: dict[int, str], tensors: tuple) -> "WeightSet":
         versioned = not any(tensor.is_inference() for tensor in tensors)
-        made = cls(dict(zip(paths, zip(paths.values(), tensors))), tensors, versioned, [], 0)
+        made = cls(paths, tuple(map(weakref.ref, tensors)), versioned, [], 0)
         made.refreeze(tensors)
         return made
+
+    def state(self, args: tuple) -> dict[int, tuple[str, torch.Tensor]]:
+        """By position, the path and tensor of each of this set's tensors in a call's ``args``."""
+        return {i: (path, args[i]) for i, path in self.paths.items()}
+
+    def alive(self) -> bool:
+        """Whether every tensor of the set still exists (a model deleted: its set is of no use)."""
+        return None not in map(operator.call, self.held)
 
     def _versions(self, tensors: tuple) -> list:
         if self.versioned:
@@ -79,7 +90,8 @@ class WeightSet:
     def unchanged(self, tensors: tuple) -> bool:
         """Whether ``tensors`` are the ones frozen, unwritten since (by a write that moves a version, or one
         noted by :func:`note_state_written`)."""
-        if not (all(map(operator.is_, tensors, self.held)) and self._versions(tensors) == self.versions):
+        if not (all(map(operator.is_, tensors, map(operator.call, self.held))) and
+                self._versions(tensors) == self.versions):
             return False
         writes = _WRITES[0]
         if writes != self.writes_seen:
@@ -99,7 +111,8 @@ class WeightSets:
     def __init__(self, paths: dict[int, str], lock: threading.Lock):
         self.paths, self._lock = paths, lock
         self._gather = _gatherer(list(paths))
-        self._sets: OrderedDict[tuple[int, ...], WeightSet] = OrderedDict()
+        self._sets: OrderedDict[tuple[int, ...], WeightSet] = OrderedDict()  # least recently called first
+        self._dropped: OrderedDict[tuple[int, ...], None] = OrderedDict()  # sets dropped for room, the last ones
         self._last: WeightSet | None = None  # the set of the last call: the first looked at
         self.changes = 0  # changes that came soon after the one before
         self.calls = self._last_change = 0  # calls counted roughly (threads may race): a rate, not a total
@@ -115,19 +128,37 @@ class WeightSets:
         key = tuple(map(id, tensors))
         with self._lock:
             found = self._sets.get(key)
+            if found is not None and not found.alive():  # ids of tensors gone, taken by new ones
+                del self._sets[key]
+                found = None
             if found is None:
+                if key in self._dropped and self._changed_soon():  # more instances take turns than are kept
+                    return None
                 found = self._sets[key] = WeightSet.of(self.paths, tensors)
-                while len(self._sets) > MAX_SETS:
-                    self._sets.popitem(last=False)
+                self._make_room()
             elif not found.unchanged(tensors):
-                self.changes += self.calls - self._last_change < MIN_CALLS_APART
-                self._last_change = self.calls
-                if self.changes > MAX_CHANGES:
+                if self._changed_soon():
                     return None
                 LOG.info("pyrys (torch.compile): parameters or buffers changed since compiling: compiling again")
                 found.refreeze(tensors)
+            self._sets.move_to_end(key)
             self._last = found
             return found
+
+    def _changed_soon(self) -> bool:
+        """Count a change of weights; whether there were more than :data:`MAX_CHANGES` in quick succession."""
+        self.changes += self.calls - self._last_change < MIN_CALLS_APART
+        self._last_change = self.calls
+        return self.changes > MAX_CHANGES
+
+    def _make_room(self) -> None:
+        """Drop the sets whose model is gone, then the least recently called past :data:`MAX_SETS`."""
+        for key in [key for key, weights in self._sets.items() if not weights.alive()]:
+            del self._sets[key]
+        while len(self._sets) > MAX_SETS:
+            self._dropped[self._sets.popitem(last=False)[0]] = None
+        while len(self._dropped) > 4 * MAX_SETS:
+            self._dropped.popitem(last=False)
 
     def programs(self) -> dict:
         """Every set's programs, by (the set's place, input signature)."""
