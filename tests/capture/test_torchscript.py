@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
-from typing import List, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import pytest
 import torch
@@ -194,6 +194,25 @@ def test_a_traced_convolution_is_the_named_one():
     assert "_convolution" not in opt.graph + text and text.count(" = dnnl::conv") == 4, text
     x2 = torch.rand(2, 3, 6, 6)
     assert pyrys.relative_error(opt(x2), model(x2)) <= TOLERANCE
+
+
+class TensorsInADict(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.scales: Dict[str, torch.Tensor] = {"a": torch.randn(8), "b": torch.randn(8)}
+        self.bias = torch.nn.Parameter(torch.randn(8))
+        self.held: Dict[str, torch.Tensor] = {"bias": self.bias}
+
+    def forward(self, x):
+        return x * self.scales["a"] + self.scales["b"] + self.held["bias"]
+
+
+def test_a_dict_of_tensors_attribute_is_read_as_its_tensors():
+    """Its tensors went into the graph's code as literals: a NameError at the first call."""
+    model, x = TensorsInADict().eval(), torch.randn(2, 8)
+    opt = pyrys.optimize(script(model), (x,))
+    assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE
 
 
 def test_training_mode_module_warns_and_explains():

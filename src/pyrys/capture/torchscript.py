@@ -367,6 +367,10 @@ class _Importer:
             # a list of the module's tensors (a scripted nn.LSTM's _flat_weights): each its state read
             result = type(value)(self._held(scope, owner, v, f"{path}_{i}") if isinstance(v, torch.Tensor) else v
                                  for i, v in enumerate(value))
+        elif isinstance(value, dict) and any(isinstance(v, torch.Tensor) for v in value.values()):
+            # a Dict[str, Tensor] attribute: each tensor as the read of the state it is, else a constant
+            result = {k: self._held(scope, owner, v, f"{path}_{k}") if isinstance(v, torch.Tensor) else v
+                      for k, v in value.items()}
         elif isinstance(value, (list, dict)):  # one object per attribute, so that a write to it is read later
             result = self.attribute_containers.setdefault(path, copy.copy(value))
         else:
