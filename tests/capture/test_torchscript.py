@@ -215,6 +215,26 @@ def test_a_dict_of_tensors_attribute_is_read_as_its_tensors():
     assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE
 
 
+class ReshapedToItsBatch(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.linear(x.reshape(int(x.shape[0]), -1))  # int(): the trace keeps the number it was
+
+
+def test_a_trace_that_fixed_a_size_says_so_at_another():
+    """It raised torch's own RuntimeError ("a and b must have same reduction dim"), with 18 fake-tensor log lines."""
+    model = ReshapedToItsBatch().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, (torch.randn(2, 2, 4),))
+    opt = pyrys.optimize(traced, (torch.randn(2, 2, 4),))
+    with pytest.raises(TorchScriptImportError, match="fails on inputs like these .a traced module keeps the sizes"):
+        opt(torch.randn(5, 2, 4))
+
+
 def test_training_mode_module_warns_and_explains():
     model = conv_bn_relu().train()
     scripted = script(copy.deepcopy(model))  # scripting shares tensors with the model

@@ -269,14 +269,21 @@ class _Importer:
         inputs = list(graph.inputs())
         if isinstance(self.obj, torch.jit.ScriptModule):
             self.root.bind(inputs.pop(0), _ModuleRef("", self.obj))
-        if isinstance(self.obj, torch.jit.TracedModule):
+        traced = isinstance(self.obj, torch.jit.TracedModule)
+        if traced:
             self.notes.append("a traced module: its control flow and flags (training) were fixed when it was "
                               "traced, so freeze_flags has nothing to freeze; script it to keep them")
         self._bind_inputs(inputs, args, kwargs)
         try:
-            outputs = self._import_block(self.root, graph.nodes(), list(graph.outputs()))
+            with fake_tensor_errors_unlogged():
+                outputs = self._import_block(self.root, graph.nodes(), list(graph.outputs()))
         except _Raised as raised:
             raise TorchScriptImportError(f"{self.class_name} raises on inputs like these: {raised}") from None
+        except RuntimeError as error:  # an op's own check (shapes that do not multiply): eager fails there too
+            fixed = (" (a traced module keeps the sizes it was traced at where its code read them: a reshape to "
+                     "the traced batch; script the model, or trace it at this shape)") if traced else ""
+            raise TorchScriptImportError(f"{self.class_name} fails on inputs like these{fixed}: "
+                                         f"{str(error).strip().splitlines()[0]}") from error
         leaves, out_spec = tree_flatten(outputs[0] if len(outputs) == 1 else tuple(outputs))
         self._refuse_stale(leaves)
         self.root.graph.output(tuple(leaves))
