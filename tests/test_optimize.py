@@ -62,6 +62,25 @@ def test_dump_dir_and_print_after_each(tmp_path, capsys):
     assert "== after fuse_post_ops ==" in capsys.readouterr().out
 
 
+def test_each_capture_and_each_torch_compile_graph_dumps_to_its_own_folder(tmp_path):
+    """A new shape's capture, and every graph of a torch.compile'd model, wrote the same files: the last won."""
+    opt = pyrys.optimize(conv_bn_relu(), (image(),), backend="reference", dump_dir=tmp_path / "optimize")
+    opt(image(batch=2))
+    folders = sorted(p.name for p in (tmp_path / "optimize").iterdir() if p.is_dir())
+    assert folders == ["symbolic_Float_2_3_6_6"] and (tmp_path / "optimize" / folders[0] / "000_capture.txt").exists()
+    assert "Float(1, 3, 6, 6)" in (tmp_path / "optimize" / "000_capture.txt").read_text()
+
+    def broken(x):
+        y = torch.relu(x)
+        print(end="")  # a graph break: two graphs
+        return y * 2
+
+    torch._dynamo.reset()
+    torch.compile(broken, backend="pyrys", options={"dump_dir": str(tmp_path / "compile")})(image())
+    dumped = [p for p in (tmp_path / "compile").iterdir() if p.is_dir()]
+    assert len(dumped) == 2 and all((p / "000_capture.txt").exists() for p in dumped)
+
+
 def test_new_batch_size_compiles_a_new_program():
     model = conv_bn_relu()
     opt = pyrys.optimize(model, (image(),), backend="reference")

@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import copy
 import inspect
+import itertools
 import logging
 import re
 import sys
 import threading
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -197,11 +199,15 @@ def _unwrapped(gm: fx.GraphModule, wrapped: list[int], scalars: dict) -> tuple[f
     return fx.GraphModule(gm, graph), scalars
 
 
+_GRAPH_NUMBERS = itertools.count()  # dynamo graphs made in this process, in order
+
+
 class DynamoGraph:
     """The callable dynamo runs for one graph: one pyrys program per concrete input signature."""
 
     def __init__(self, gm: fx.GraphModule, example_inputs: list, options: dict):
         self.gm, self.options = gm, options
+        self.number, self._compiles = next(_GRAPH_NUMBERS), itertools.count()  # for dump_dir's folders
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.state: dict[int, tuple[str, torch.Tensor]] = {}
         for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
@@ -289,8 +295,11 @@ class DynamoGraph:
         gm, scalars = _unwrapped(self.gm, self.wrapped, scalars)
         module = _StatefulGraph(gm, self.inputs, state, scalars).train(self.training)
         self._state_names = {i: f"{owner}.{name}" for i, (owner, name) in module._paths.items()}
+        options = self.options
+        if options.get("dump_dir"):  # each graph's (and shape's, and weights') graphs in a folder of their own
+            options = {**options, "dump_dir": str(Path(options["dump_dir"]) / f"graph{self.number}_{next(self._compiles)}")}
         with torch.no_grad():
-            program = optimize(module, inputs, **self.options)
+            program = optimize(module, inputs, **options)
         shapes = ", ".join(str(tuple(x.shape)) for x in inputs if isinstance(x, torch.Tensor))
         for note in program.notes:
             LOG.info("pyrys, a torch.compile graph on inputs %s: %s", shapes, note)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 
 import dataclasses
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,12 +70,23 @@ def compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: Opt
         return compiled
 
 
+def _dump_dir(config: OptimizeConfig, signature: Signature, dynamic: bool | str, like: Compiled | None) -> Path | None:
+    """Where this compile's graphs are written: ``dump_dir`` for the first, a folder in it named by the inputs
+    (and ``symbolic`` for a capture with symbolic sizes) for each later one, which would overwrite them."""
+    if not config.dump_dir:
+        return None
+    if like is None:
+        return Path(config.dump_dir)
+    name = re.sub(r"[^A-Za-z0-9]+", "_", signature.describe()).strip("_")[:80]
+    return Path(config.dump_dir) / (f"symbolic_{name}" if dynamic else name)
+
+
 def _compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: OptimizeConfig, dynamic: bool | str,
                        like: Compiled | None, trace: NumericsTrace | None = None) -> Compiled:
     signature, flat = signature_of(args, kwargs)
     captured = frontend.capture(args, kwargs, dynamic)
     measure = None if trace is None else (lambda step, gm: trace.measure(step, gm, flat))
-    instruments = Instruments(config.print_after_each, Path(config.dump_dir) if config.dump_dir else None,
+    instruments = Instruments(config.print_after_each, _dump_dir(config, signature, dynamic, like),
                               None, captured.class_name, measure)
     if config.verify:
         from pyrys.ir.meta import refresh_meta
