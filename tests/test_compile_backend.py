@@ -567,3 +567,17 @@ def test_shapes_recompiled_for_new_weights_are_not_counted_as_thrown_away(compil
                 x = torch.rand(rows, 8)
                 assert pyrys.relative_error(compiled(x), layer(x)) <= TOLERANCE
             assert len(compiles) - before >= 2, update  # further shapes still get programs
+
+
+def test_a_value_dynamo_put_in_the_graph_is_explained_as_dynamos(dynamo_graphs):
+    """With capture_scalar_outputs the graph holds ``.item()``; the message told the user to use torch.compile."""
+    model, x = torch.nn.Linear(8, 8).eval(), torch.randn(4, 8)
+
+    def scaled(x):
+        y = model(x)
+        return y / (y.abs().max().item() + 1)
+
+    with torch._dynamo.config.patch(capture_scalar_outputs=True), torch.no_grad():
+        assert pyrys.relative_error(torch.compile(scaled, backend="pyrys")(x), scaled(x)) <= TOLERANCE
+    (graph,) = dynamo_graphs
+    assert "capture_scalar_outputs" in graph.runs_in_torch and "Use torch.compile" not in graph.runs_in_torch

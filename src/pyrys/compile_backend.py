@@ -41,6 +41,7 @@ import torch.fx as fx
 
 from pyrys import compile_weights
 from pyrys.compile_weights import WeightSet, WeightSets, note_state_written
+from pyrys.capture.export import DATA_DEPENDENT_ADVICE, DYNAMO_DATA_DEPENDENT_ADVICE
 from pyrys.errors import CaptureError, ModelChangedError
 from pyrys.ir.graph import identifier
 from pyrys.optimize import OptimizedModule, optimize
@@ -270,7 +271,8 @@ class DynamoGraph:
                     try:
                         program = self._optimize(inputs, scalars, weights.state(args))
                     except CaptureError as error:  # what torch.export cannot take, torch runs
-                        self._run_in_torch(f"pyrys cannot capture it ({error})")
+                        why = str(error).replace(DATA_DEPENDENT_ADVICE, DYNAMO_DATA_DEPENDENT_ADVICE)
+                        self._run_in_torch(f"pyrys cannot capture it ({why})")
                         return None
                     except ModelChangedError:  # a weight written while it compiled: torch runs this call,
                         self._came_again(key)  # the next compiles from the weights then (counted as seen)

@@ -315,6 +315,14 @@ def _refuse_script_objects(ep: ExportedProgram, owner: str) -> None:
                            f"{SCRIPT_OBJECTS_ADVICE}")
 
 
+DATA_DEPENDENT_ADVICE = ("Use torch.compile(model, backend=\"pyrys\"): dynamo breaks the graph there and pyrys "
+                         "compiles each piece")
+# what the torch.compile backend says instead: dynamo put the op into the graph it gives pyrys
+DYNAMO_DATA_DEPENDENT_ADVICE = ("Dynamo put it in this graph (torch._dynamo.config.capture_scalar_outputs or "
+                                "capture_dynamic_output_shape_ops is on); with them off it breaks the graph there "
+                                "and pyrys compiles each piece")
+
+
 def _refuse_data_dependent_shapes(graph_module: fx.GraphModule, owner: str) -> None:
     """torch.export captures ops whose output *shape* depends on data (``x[x > 0]``, ``nonzero``,
     ``unique``) with unbacked sizes; pyrys compiles every shape it runs, so it cannot take them."""
@@ -327,9 +335,7 @@ def _refuse_data_dependent_shapes(graph_module: fx.GraphModule, owner: str) -> N
                     else "makes a tensor whose shape depends on its data")
             raise CaptureError(
                 f"pyrys: {owner}.forward {what} at {node.name}{where} (`.item()`, `float(t)`; boolean-mask "
-                "indexing, nonzero, unique): pyrys compiles tensors of known shapes. Use "
-                "torch.compile(model, backend=\"pyrys\"): dynamo breaks the graph there and pyrys compiles "
-                "each piece")
+                f"indexing, nonzero, unique): pyrys compiles tensors of known shapes. {DATA_DEPENDENT_ADVICE}")
 
 
 def _bind_inputs(gm: fx.GraphModule, ep: ExportedProgram) -> None:
