@@ -67,7 +67,7 @@ def test_each_capture_and_each_torch_compile_graph_dumps_to_its_own_folder(tmp_p
     opt = pyrys.optimize(conv_bn_relu(), (image(),), backend="reference", dump_dir=tmp_path / "optimize")
     opt(image(batch=2))
     folders = sorted(p.name for p in (tmp_path / "optimize").iterdir() if p.is_dir())
-    assert folders == ["symbolic_Float_2_3_6_6"] and (tmp_path / "optimize" / folders[0] / "000_capture.txt").exists()
+    assert len(folders) == 1 and folders[0].startswith("symbolic_Float_2_3_6_6_") and (tmp_path / "optimize" / folders[0] / "000_capture.txt").exists()
     assert "Float(1, 3, 6, 6)" in (tmp_path / "optimize" / "000_capture.txt").read_text()
 
     def broken(x):

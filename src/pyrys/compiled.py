@@ -4,6 +4,7 @@ from __future__ import annotations
 
 
 import dataclasses
+import hashlib
 import re
 import threading
 from dataclasses import dataclass, field
@@ -77,7 +78,9 @@ def _dump_dir(config: OptimizeConfig, signature: Signature, dynamic: bool | str,
         return None
     if like is None:
         return Path(config.dump_dir)
-    name = re.sub(r"[^A-Za-z0-9]+", "_", signature.describe()).strip("_")[:80]
+    described = signature.describe()
+    digest = hashlib.sha1(f"{described} {dynamic}".encode()).hexdigest()[:8]  # names cut short stay apart
+    name = f"{re.sub(r'[^A-Za-z0-9]+', '_', described).strip('_')[:60]}_{digest}"
     return Path(config.dump_dir) / (f"symbolic_{name}" if dynamic else name)
 
 
