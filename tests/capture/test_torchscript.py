@@ -224,6 +224,22 @@ class ReshapedToItsBatch(torch.nn.Module):
         return self.linear(x.reshape(int(x.shape[0]), -1))  # int(): the trace keeps the number it was
 
 
+class WritesItsDict(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.held: Dict[str, torch.Tensor] = {"a": torch.ones(3), "b": torch.full((3,), 5.0)}
+
+    def forward(self, x):
+        self.held["a"] = x * 2
+        return self.held["a"] + self.held["b"]
+
+
+def test_a_write_to_a_dict_of_tensors_is_refused():
+    """Each read made a new dict of the module's tensors: the write was lost (off by 1.24, silently)."""
+    with pytest.raises(TorchScriptImportError, match="aten::_set_item writes held .in WritesItsDict., a list or dict"):
+        pyrys.optimize(script(WritesItsDict()), (torch.randn(3),))
+
+
 def test_a_trace_that_fixed_a_size_says_so_at_another():
     """It raised torch's own RuntimeError ("a and b must have same reduction dim"), with 18 fake-tensor log lines."""
     model = ReshapedToItsBatch().eval()

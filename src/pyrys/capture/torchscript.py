@@ -261,6 +261,7 @@ class _Importer:
         self.written_state: dict[str, fx.Node] = {}  # path -> its value after a write at the top level
         self.branch_written_state: set[str] = set()  # paths written inside a branch taken at run time
         self.attribute_containers: dict[str, Any] = {}  # path -> the list or dict a module attribute holds
+        self.tensor_containers: dict[int, tuple[str, Any]] = {}  # id -> (path, the list or dict of its tensors read)
         self.flags_read: set[str] = set()  # the flags read (attribute names), also those resolved at import
 
     # -- the whole graph -------------------------------------------------------------------
@@ -374,10 +375,12 @@ class _Importer:
             # a list of the module's tensors (a scripted nn.LSTM's _flat_weights): each its state read
             result = type(value)(self._held(scope, owner, v, f"{path}_{i}") if isinstance(v, torch.Tensor) else v
                                  for i, v in enumerate(value))
+            self.tensor_containers[id(result)] = (path, result)
         elif isinstance(value, dict) and any(isinstance(v, torch.Tensor) for v in value.values()):
             # a Dict[str, Tensor] attribute: each tensor as the read of the state it is, else a constant
             result = {k: self._held(scope, owner, v, f"{path}_{k}") if isinstance(v, torch.Tensor) else v
                       for k, v in value.items()}
+            self.tensor_containers[id(result)] = (path, result)
         elif isinstance(value, (list, dict)):  # one object per attribute, so that a write to it is read later
             result = self.attribute_containers.setdefault(path, copy.copy(value))
         else:
@@ -597,6 +600,10 @@ class _Importer:
         if schema.name in _TENSOR_QUERIES and isinstance(values[0], fx.Node):
             self._bind_results(scope, node, _TENSOR_QUERIES[schema.name](*_val(values)))
             return
+        if schema.name in _LIST_WRITES and id(values[0]) in self.tensor_containers:
+            raise TorchScriptImportError(f"{schema.name} writes {self.tensor_containers[id(values[0])][0]} (in "
+                                         f"{self.class_name}), a list or dict attribute holding tensors: pyrys reads "
+                                         "such an attribute as the module's tensors and does not import writes to it")
         if schema.name in _LIST_WRITES and isinstance(values[0], (list, dict)):
             if scope.parent is not None:
                 raise TorchScriptImportError(f"{schema.name} on a list inside a branch taken at run time (in "
