@@ -165,7 +165,8 @@ def test_traced_module_is_imported_honestly_with_a_note():
 
 
 class EveryConvolution(torch.nn.Module):
-    """conv1d, conv2d + BatchNorm + ReLU, conv3d and a transposed conv2d: what a trace records as ``_convolution``."""
+    """conv1d, conv2d + BatchNorm + ReLU, conv3d, a transposed conv2d and one padded "same": what a trace
+    records as ``_convolution`` (``_convolution_mode``)."""
 
     def __init__(self):
         super().__init__()
@@ -173,10 +174,11 @@ class EveryConvolution(torch.nn.Module):
         self.conv1d, self.conv2d = torch.nn.Conv1d(3, 4, 3), torch.nn.Conv2d(3, 4, 3, stride=2, padding=1, groups=1)
         self.bn, self.conv3d = torch.nn.BatchNorm2d(4), torch.nn.Conv3d(1, 2, 2)
         self.up = torch.nn.ConvTranspose2d(4, 2, 2, stride=2, output_padding=1, dilation=1)
+        self.same = torch.nn.Conv2d(3, 2, 3, padding="same")
 
     def forward(self, x):
         y = torch.relu(self.bn(self.conv2d(x)))
-        return self.up(y), self.conv1d(x.flatten(2)), self.conv3d(x[:, None, :2])
+        return self.up(y), self.conv1d(x.flatten(2)), self.conv3d(x[:, None, :2]), self.same(x)
 
 
 def test_a_traced_convolution_is_the_named_one():
@@ -191,7 +193,7 @@ def test_a_traced_convolution_is_the_named_one():
     assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE
     assert "fold_conv_bn: conv_bn: 1" in opt.report() and "conv_activation: 1" in opt.report()
     text = opt.program_text()
-    assert "_convolution" not in opt.graph + text and text.count(" = dnnl::conv") == 4, text
+    assert "_convolution" not in opt.graph + text and text.count(" = dnnl::conv") == 5, text
     x2 = torch.rand(2, 3, 6, 6)
     assert pyrys.relative_error(opt(x2), model(x2)) <= TOLERANCE
 

@@ -225,3 +225,18 @@ def test_a_norm_training_for_good_reads_no_running_statistics(run_passes):
     unfrozen = run_passes(model[:1], (x,), "freeze_params", "simplify", freeze_flags=())  # its flag read at call
     assert "training_norm_stats" not in unfrozen.fired("simplify")
     assert all("running_var" in line for line in unfrozen.after.splitlines() if "batch_norm(" in line)
+
+
+def test_string_conv_padding_is_spelled_out(run_passes):
+    """``padding="same"`` or ``"valid"`` ran as a torch fallback on every way in; an even kernel's "same" pads
+    one more on the right than the left, which a padding list cannot say."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding="same", dilation=2), torch.nn.ReLU(),
+                                torch.nn.Conv2d(4, 2, 4, padding="same")).eval()
+    x = torch.randn(1, 3, 9, 9)
+    result = run_passes(model, (x,), "freeze_params", "simplify")
+    assert result.fired("simplify")["explicit_conv_padding"] == 1 and "[2, 2], [2, 2], 1)" in result.after
+    assert [m.reason for m in result.misses] == ["%conv2d_1 pads 'same' with an even kernel: one more on the right "
+                                                 "than the left"]
+    assert result.error() <= TOLERANCE
+    opt = pyrys.optimize(model, (x,))
+    assert sum("= dnnl::conv2d" in line for line in opt.program_text().splitlines()) == 1

@@ -7,7 +7,8 @@ with an empty post-op chain (:func:`pyrys.ir.fused.to_fused`), so a backend lowe
     %conv2d = aten::conv2d(%x, %w, %b, [1, 1], [0, 0], [1, 1], 1)
     ->  %conv2d = pyrys::conv2d(%x, %w, %b, [1, 1], [0, 0], [1, 1], 1)      (the node keeps its name)
 
-A convolution with string padding (``padding="same"``) has no fused form and stays as it is
+A convolution with string padding (``padding="same"`` with an even kernel; simplify spells out the others)
+has no fused form and stays as it is
 (the dnnl backend runs it through torch).  An unbatched convolution or pooling (``[C, H, W]`` in)
 becomes a batch of one between views, the form oneDNN takes; a binary post-op's operand of the output's rank is
 batched too (a lower-rank one broadcasts from the right: it reads the same against ``[1, C, H, W]``):

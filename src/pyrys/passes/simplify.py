@@ -33,6 +33,10 @@ linear of the unflattened input (a linear takes any leading dims):
 
 so that it is lowered, folded into and fused like ``nn.Linear``.
 
+Convolutions with string padding are spelled out (``conv2d(x, W, b, s, "same", d, g) -> conv2d(x, W, b, s,
+[d * (k - 1) / 2, ...], d, g)``, where that is even), and a norm training for good reads no running
+statistics (it only updates them, in place: an update inference drops).
+
 Activations written out as arithmetic (GPT-2's tanh GELU, the erf GELU, SiLU) are the one op they
 compute (:mod:`pyrys.passes.activation_formulas`), so they are fused into the op before them:
 
@@ -363,6 +367,42 @@ def _trailing_dims_holding(shape, count) -> int | None:
     return None
 
 
+STRING_PADDED = {aten.conv1d.padding: aten.conv1d.default, aten.conv2d.padding: aten.conv2d.default,
+                 aten.conv3d.padding: aten.conv3d.default}
+
+
+class ExplicitConvPadding(Rule):
+    """``conv2d(x, W, b, stride, "valid" | "same", dilation, groups)`` -> ``conv2d(x, W, b, stride, p, dilation,
+    groups)``, the form every backend lowers: "valid" is ``p = 0``; "same" (stride 1) pads each spatial dim by
+    ``dilation * (k - 1)`` in all, ``p`` on each side where that is even (an even kernel pads one more on the
+    right, which ``p`` cannot say: a miss)."""
+
+    name = "explicit_conv_padding"
+    anchors = frozenset(STRING_PADDED)
+
+    def match(self, gm: fx.GraphModule, node: fx.Node) -> Match | Miss | None:
+        args = op_args(node)
+        weight = tensor_meta(args["weight"]) if isinstance(args["weight"], fx.Node) else None
+        if weight is None or not all(isinstance(k, int) for k in weight.shape[2:]):
+            return None
+        spatial = weight.dim() - 2
+        dilation = list(args.get("dilation", [1] * spatial))
+        dilation = dilation * spatial if len(dilation) == 1 else dilation
+        if args.get("padding", "valid") == "valid":
+            return Match({"padding": [0] * spatial})
+        totals = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
+        if any(total % 2 for total in totals):
+            return fail(f"%{node.name} pads 'same' with an even kernel: one more on the right than the left")
+        return Match({"padding": [total // 2 for total in totals]})
+
+    def rewrite(self, gm: fx.GraphModule, node: fx.Node, match: Match) -> None:
+        args = op_args(node)
+        spatial = len(match["padding"])
+        set_args(node, (args["input"], args["weight"], args.get("bias"), list(args.get("stride", [1] * spatial)),
+                        match["padding"], list(args.get("dilation", [1] * spatial)), args.get("groups", 1)),
+                 target=STRING_PADDED[node.target])
+
+
 class TrainingNormWithoutStats(Rule):
     """``batch_norm(x, w, b, mean, var, training=True, ...)`` -> ``batch_norm(x, w, b, None, None, True, ...)``
     (likewise ``instance_norm``): in training a norm normalizes by its input's own statistics and only
@@ -396,7 +436,7 @@ SIMPLIFY_RULES: tuple[Rule, ...] = (
     tuple(RemoveNoOp(name, target, check) for target, (name, check) in NO_OPS.items())
     + (ConcatWithoutEmpty(), SoftmaxInItsOwnDtype(), RemoveMetadataAssert(), CollapseViews(), CollapsePermutes(),
        LinearFromMatmul(), ProductPlusTerm(), LinearOfFlattened(), ActivationFromFormula(), AttentionFromFormula(),
-       MergeSiblingLinears(), TrainingNormWithoutStats())
+       MergeSiblingLinears(), TrainingNormWithoutStats(), ExplicitConvPadding())
 )
 
 
