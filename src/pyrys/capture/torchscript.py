@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import DynamicOutputShapeException, FakeTensorMode
+from torch._subclasses.fake_tensor import DynamicOutputShapeException, FakeTensorMode, UnsupportedOperatorException
 from torch.utils._pytree import tree_flatten, tree_map
 
 from pyrys.capture.captured import Captured, input_writes_note
@@ -57,6 +57,11 @@ class TorchScriptImportError(CaptureError):
 
 class _Raised(Exception):
     """The imported path reaches ``prim::RaiseException``."""
+
+
+class _OpRefused(RuntimeError):
+    """An op's own check refuses the values it is given (shapes that do not multiply); a RuntimeError, as
+    eager's, so that a branch that fails so is one that fails on these shapes."""
 
 
 @dataclass
@@ -280,11 +285,10 @@ class _Importer:
                 outputs = self._import_block(self.root, graph.nodes(), list(graph.outputs()))
         except _Raised as raised:
             raise TorchScriptImportError(f"{self.class_name} raises on inputs like these: {raised}") from None
-        except RuntimeError as error:  # an op's own check (shapes that do not multiply): eager fails there too
-            fixed = (" (a traced module keeps the sizes it was traced at where its code read them: a reshape to "
-                     "the traced batch; script the model, or trace it at this shape)") if traced else ""
-            raise TorchScriptImportError(f"{self.class_name} fails on inputs like these{fixed}: "
-                                         f"{str(error).strip().splitlines()[0]}") from error
+        except _OpRefused as error:  # eager fails there too
+            fixed = (" (a traced module keeps the sizes it was traced at where its code read them, a reshape to "
+                     "the traced batch: if these are not those, script the model or trace it at them)") if traced else ""
+            raise TorchScriptImportError(f"{self.class_name} fails on inputs like these{fixed}: {error}") from error
         leaves, out_spec = tree_flatten(outputs[0] if len(outputs) == 1 else tuple(outputs))
         self._refuse_stale(leaves)
         self.root.graph.output(tuple(leaves))
@@ -660,6 +664,12 @@ class _Importer:
                 f"{schema.name} makes a shape that depends on tensor data (in {self.class_name}: `x[x > 0]`, "
                 "nonzero); pyrys imports scripted code without running it (torch.compile(model, backend='pyrys') "
                 "runs such ops in torch)") from None
+        except (NotImplementedError, UnsupportedOperatorException):
+            raise
+        except RuntimeError as error:  # the op's own check of its arguments: eager fails there too
+            if not _checks_shapes(op):
+                raise
+            raise _OpRefused(f"{schema.name}: {(str(error).strip().splitlines() or [''])[0]}") from error
         if len(outputs) == 1 and isinstance(outputs[0].type(), torch._C.ListType) and \
                 isinstance(call.meta["val"], (list, tuple)):  # chunk, split, unbind: a list of known length
             parts = [self._index(scope, call, i, outputs[0]) for i in range(len(call.meta["val"]))]
@@ -810,6 +820,12 @@ def _state_target(scope: _Scope, node: fx.Node) -> str:
     return node.meta[STATE_KEY].target
 
 
+
+
+def _checks_shapes(op: torch._ops.OpOverload) -> bool:
+    """Whether an error of ``op`` on fake tensors is its check of the arguments, which eager makes too: an ATen
+    op's (another library's may have no fake kernel at all: its error says nothing of the inputs)."""
+    return op.namespace == "aten"
 
 
 def _overload(name: str, overload_name: str, node: torch._C.Node):
