@@ -7,9 +7,9 @@ set whose model is gone is dropped with its programs; at most :data:`MAX_SETS`, 
 dropped first, so that each layer of a model compiled layer by layer keeps its own), and compiles a set
 again where one of its tensors was written in place since (its version counter moved; an optimizer step,
 ``load_state_dict``, ``copy_``) or replaced: eager reads them at every call.  Where they change at nearly
-every call (more than :data:`MAX_CHANGES` times, each fewer than :data:`MIN_CALLS_APART` calls after the
-last; a set dropped for room that comes back counts as a change: more instances take turns than are kept)
-the graph runs in torch.  The check costs about 20 us a call for ResNet-50's 320 tensors.  Not seen: ``p.data = t`` and writes through ``p.data`` (no
+every call of theirs (more than :data:`MAX_CHANGES` times, each fewer than :data:`MIN_CALLS_APART` of its
+calls after the last; or sets dropped for room coming back as often, in the graph's calls: more instances
+take turns than are kept) the graph runs in torch.  The check costs about 20 us a call for ResNet-50's 320 tensors.  Not seen: ``p.data = t`` and writes through ``p.data`` (no
 version of ``p``'s moves) and in-place writes to tensors made under ``torch.inference_mode()`` (they have
 no version counter).
 
@@ -56,6 +56,22 @@ def _gatherer(positions: list[int]) -> Callable[[tuple], tuple]:
 
 
 @dataclass
+class Churn:
+    """How often something changed in the calls that saw it: ``changed_soon`` counts a change, and says whether
+    there were more than :data:`MAX_CHANGES`, each fewer than :data:`MIN_CALLS_APART` calls after the one
+    before (calls counted roughly: threads may race; a rate, not a total)."""
+
+    calls: int = 0
+    last_change: int = 0
+    changes: int = 0
+
+    def changed_soon(self) -> bool:
+        self.changes += self.calls - self.last_change < MIN_CALLS_APART
+        self.last_change = self.calls
+        return self.changes > MAX_CHANGES
+
+
+@dataclass
 class WeightSet:
     """One set of state tensors: their paths by position; the tensors (weak references) as frozen and their
     versions; the programs compiled from them (by input signature; None until the first)."""
@@ -66,6 +82,8 @@ class WeightSet:
     versions: list
     writes_seen: int  # _WRITES when this set last looked for its tensors among those written
     shapes: ShapeCache | None = field(default=None)
+    churn: Churn = field(default_factory=Churn)  # its tensors' changes, in its own calls (a model's other
+    # layers of the class, updated by the same optimizer step, are not this one's changes)
 
     @classmethod
     def of(cls, paths: dict[int, str], tensors: tuple) -> "WeightSet":
@@ -114,16 +132,21 @@ class WeightSets:
         self._sets: OrderedDict[tuple[int, ...], WeightSet] = OrderedDict()  # least recently called first
         self._dropped: OrderedDict[tuple[int, ...], WeightSet] = OrderedDict()  # sets dropped for room, the last
         self._last: WeightSet | None = None  # the set of the last call: the first looked at
-        self.changes = 0  # changes that came soon after the one before
-        self.calls = self._last_change = 0  # calls counted roughly (threads may race): a rate, not a total
+        self.returns = Churn()  # sets dropped for room that came back, in the graph's calls
+
+    @property
+    def changes(self) -> int:
+        """Changes that came soon after the one before: of any set's tensors, or sets coming back."""
+        return self.returns.changes + sum(weights.churn.changes for weights in list(self._sets.values()))
 
     def of(self, args: tuple) -> WeightSet | None:
         """The set ``args`` carry, its programs dropped where its tensors changed; None past
-        :data:`MAX_CHANGES` changes in quick succession."""
-        self.calls += 1
+        :data:`MAX_CHANGES` changes in quick succession (of one set's tensors, or of sets taking turns)."""
+        self.returns.calls += 1
         tensors = self._gather(args)
         last = self._last
         if last is not None and last.unchanged(tensors):
+            last.churn.calls += 1
             return last
         key = tuple(map(id, tensors))
         with self._lock:
@@ -133,24 +156,19 @@ class WeightSets:
                 found = None
             if found is None:
                 dropped = self._dropped.pop(key, None)  # alive: the same tensors (not new ones on old ids)
-                if dropped is not None and dropped.alive() and self._changed_soon():  # more take turns than kept
-                    return None
+                if dropped is not None and dropped.alive() and self.returns.changed_soon():  # more take turns
+                    return None  # than are kept
                 found = self._sets[key] = WeightSet.of(self.paths, tensors)
                 self._make_room()
             elif not found.unchanged(tensors):
-                if self._changed_soon():
+                if found.churn.changed_soon():
                     return None
                 LOG.info("pyrys (torch.compile): parameters or buffers changed since compiling: compiling again")
                 found.refreeze(tensors)
+            found.churn.calls += 1
             self._sets.move_to_end(key)
             self._last = found
             return found
-
-    def _changed_soon(self) -> bool:
-        """Count a change of weights; whether there were more than :data:`MAX_CHANGES` in quick succession."""
-        self.changes += self.calls - self._last_change < MIN_CALLS_APART
-        self._last_change = self.calls
-        return self.changes > MAX_CHANGES
 
     def _make_room(self) -> None:
         """Drop the sets whose model is gone, then the least recently called past :data:`MAX_SETS`."""
