@@ -71,8 +71,8 @@ def test_dnnl_frames_grow_with_the_callers_running_at_once():
     memory = opt.memory()
     assert memory["packed_weights"] > 0 and memory["activations"] > 0
     assert memory["frames"] == memory["activations"]  # one caller: one frame
-    for _ in range(5):  # four threads at once nearly always overlap; try again where they did not
-        call_from_threads(4, lambda: [opt(x) for _ in range(20)])
+    for _ in range(20):  # four threads at once nearly always overlap; try again where they did not (a loaded
+        call_from_threads(4, lambda: [opt(x) for _ in range(50)])  # host ran 5 tries of 20 calls apart once)
         if opt.memory()["frames"] > memory["activations"]:
             break
     frames = opt.memory()["frames"]
