@@ -41,9 +41,9 @@ def int8_coverage_note(precision: str, run, gm: fx.GraphModule) -> str:
     if precision == "bf16" and not any(step.fired.get("bf16") for step in run.history):
         if own.startswith("bfloat16"):
             return ""
-        return (f"precision='bf16': no op could run in bf16 here, so the model runs in {own} ({see}{'; ' * bool(see)}"
-                "an op pyrys runs through torch, such as torch's fused TransformerEncoderLayer fast path, keeps its "
-                "dtype)")
+        return (f"precision='bf16': no op could run in bf16 here, so the model runs in {own} ("
+                + f"{see}; " * bool(see) + "an op pyrys runs through torch, such as torch's fused "
+                "TransformerEncoderLayer fast path, keeps its dtype)")
     if precision != "int8":
         return ""
     bf16 = sum(step.fired.get("bf16", 0) for step in run.history)

@@ -221,12 +221,12 @@ INT64_RANGE = (-2 ** 63, 2 ** 63 - 1)
 def _exact_integers(array: np.ndarray, value: Any, dtype: torch.dtype, what: str) -> np.ndarray:
     """The numbers of ``value`` (JSON that mixes integers and floats, which ``array`` holds as float64) as
     exact Python integers, for an input of the integer ``dtype``; a float that is not a whole number is refused."""
-    numbers = np.array(value, dtype=object).reshape(-1)
-    if any(isinstance(v, float) and not v.is_integer() for v in numbers):
+    given = np.array(value, dtype=object).reshape(-1)
+    if any(isinstance(v, float) and not v.is_integer() for v in given):
         raise InputError(f"pyrys serve: {what} must hold values of {dtype} (the module's input), "
                          "got values that type cannot hold exactly")
-    whole = np.empty(numbers.shape, dtype=object)
-    whole[:] = [int(v) for v in numbers]
+    whole = np.empty(given.shape, dtype=object)
+    whole[:] = [int(v) for v in given]
     if all(INT64_RANGE[0] <= v <= INT64_RANGE[1] for v in whole):
         whole = whole.astype(np.int64)
     return whole.reshape(array.shape)
