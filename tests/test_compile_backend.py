@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import copy
+import gc
 import threading
+import weakref
 from importlib.metadata import entry_points
 
 import pytest
@@ -498,6 +500,19 @@ def test_the_weights_of_a_model_gone_are_let_go():
     del first
     sets.of((torch.full((3,), 2.0),))
     assert len(sets._sets) == 2 and sets.changes == 0
+
+
+def test_the_first_models_weights_are_let_go_too(dynamo_graphs):
+    """The graph kept the example inputs dynamo compiled it with: the first model's weights lived for ever."""
+    first, second, x = torch.nn.Linear(16, 16).eval(), torch.nn.Linear(16, 16).eval(), torch.rand(2, 16)
+    with torch.no_grad():
+        torch.compile(first, backend="pyrys")(x)
+        weight = weakref.ref(first.weight)
+        del first
+        torch.compile(second, backend="pyrys")(x)
+        assert pyrys.relative_error(torch.compile(second, backend="pyrys")(x), second(x)) <= TOLERANCE
+    gc.collect()
+    assert weight() is None
 
 
 def test_weights_changed_between_evaluations_keep_compiling(dynamo_graphs, monkeypatch):

@@ -210,11 +210,13 @@ class DynamoGraph:
         self.gm, self.options = gm, options
         self.number, self._compiles = next(_GRAPH_NUMBERS), itertools.count()  # for dump_dir's folders
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        self.state: dict[int, tuple[str, torch.Tensor]] = {}
+        state: dict[int, tuple[str, torch.Tensor]] = {}
         for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
             path = _is_state(node, value) if isinstance(value, torch.Tensor) else None
             if path is not None:
-                self.state[i] = (path, value)
+                state[i] = (path, value)
+        self.state = {i: path for i, (path, _) in state.items()}  # positions -> paths (not the example's tensors:
+        # its model, deleted, takes its weights with it)
         # Python numbers dynamo passes as 0-dim tensors (a module's float attribute, a float argument, with
         # dynamic=True) and reads with .item(): each value is a compile key, as the ints are
         self.wrapped = [i for i, node in enumerate(placeholders) if _wrapped_number(node)]
@@ -230,13 +232,13 @@ class DynamoGraph:
         self._grad_noted = False
         self._state_names: dict[int, str] = {}  # state position -> its name in the optimized module
         self._writes_state: list[int] = []  # the state positions this graph writes (it runs in torch)
-        self._buffers = [i for i, (_, value) in self.state.items() if not isinstance(value, torch.nn.Parameter)]
-        self._unowned_parameters = [i for i, (path, _) in self.state.items() if path.startswith(UNOWNED_PARAMETER)]
+        self._buffers = [i for i, (_, value) in state.items() if not isinstance(value, torch.nn.Parameter)]
+        self._unowned_parameters = [i for i, path in self.state.items() if path.startswith(UNOWNED_PARAMETER)]
         self._compiling = threading.Lock()
         # per set of state tensors (compile_weights.py), one program per concrete signature, compiled outside
         # dynamo's tracing at the set's first call, and for a further signature at its second (``_came_again``);
         # at most max_shapes of them, the least recently called dropped first
-        self._weights = WeightSets({i: path for i, (path, _) in self.state.items()}, self._compiling)
+        self._weights = WeightSets(self.state, self._compiling)
         # why this graph runs in torch as dynamo gave it (None: it runs as pyrys programs)
         self.runs_in_torch: str | None = None
         if not self.inputs:  # a graph of constants: nothing to compile for, nothing to warn about
