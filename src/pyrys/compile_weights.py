@@ -9,7 +9,7 @@ again where one of its tensors was written in place since (its version counter m
 ``load_state_dict``, ``copy_``) or replaced: eager reads them at every call.  Where they change at nearly
 every call of theirs (more than :data:`MAX_CHANGES` times, each fewer than :data:`MIN_CALLS_APART` of its
 calls after the last; or sets dropped for room coming back as often, in the graph's calls: more instances
-take turns than are kept) the graph runs in torch.  The check costs about 20 us a call for ResNet-50's 320
+take turns than are kept) the graph runs in torch.  The check costs about 30 us a call for ResNet-50's 320
 tensors.  Not seen: ``p.data = t`` and writes through ``p.data`` (no version of ``p``'s moves) and in-place
 writes to tensors made under ``torch.inference_mode()`` (they have no version counter).
 
