@@ -7,25 +7,14 @@ process, interleaved, medians of rounds.
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
 import pyrys
+from pyrys.bench.measure import interleaved_ms
 import pyrys.passes.simplify as simplify
 
-ROUNDS, CALLS = 3, 30
-
-
-def median_ms(run, x: torch.Tensor) -> float:
-    for _ in range(3):
-        run(x)
-    times = []
-    for _ in range(CALLS):
-        start = time.perf_counter()
-        run(x)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+ROUNDS, SECONDS = 3, 1.0  # rounds of interleaved_ms, seconds timed a system a round
 
 
 def same_padded_net() -> torch.nn.Module:
@@ -43,11 +32,9 @@ if __name__ == "__main__":
     simplify.SIMPLIFY_RULES = tuple(rule for rule in rules if rule.name != "explicit_conv_padding")
     before = pyrys.optimize(model, (x,))
     simplify.SIMPLIFY_RULES = rules
-    times: dict[str, list[float]] = {"eager": [], "before": [], "after": []}
     with torch.no_grad():
-        for _ in range(ROUNDS):
-            for label, run in (("eager", model), ("before", before), ("after", after)):
-                times[label].append(median_ms(run, x))
+        times = interleaved_ms({"eager": (model, (x,)), "before": (before, (x,)), "after": (after, (x,))},
+                               ROUNDS, SECONDS)
         errors = [pyrys.relative_error(opt(x), model(x)) for opt in (after, before)]
     ms = {label: statistics.median(values) for label, values in times.items()}
     print(", ".join(f"{label} {value:.2f} ms" for label, value in ms.items()),

@@ -14,22 +14,11 @@ import warnings
 import torch
 
 import pyrys
+from pyrys.bench.measure import interleaved_ms
 import pyrys.capture.torchscript as torchscript
 from pyrys.testing import torchvision_model
 
-ROUNDS, CALLS = 3, 20
-
-
-def median_ms(run, x: torch.Tensor) -> float:
-    """The median of ``CALLS`` timed calls after three warm-up calls, in ms."""
-    for _ in range(3):
-        run(x)
-    times = []
-    for _ in range(CALLS):
-        start = time.perf_counter()
-        run(x)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+ROUNDS, SECONDS = 3, 1.0  # rounds of interleaved_ms, seconds timed a system a round
 
 
 def compiled(model, x: torch.Tensor) -> tuple[pyrys.OptimizedModule, float]:
@@ -50,10 +39,7 @@ def compare(name: str) -> str:
         torchscript.CONVOLUTION_SPELLINGS = spellings
         systems = {"eager": model, "traced before": before, "traced after": after,
                    "nn.Module": pyrys.optimize(model, (x,))}
-        times: dict[str, list[float]] = {label: [] for label in systems}
-        for _ in range(ROUNDS):
-            for label, run in systems.items():
-                times[label].append(median_ms(run, x))
+        times = interleaved_ms({label: (run, (x,)) for label, run in systems.items()}, ROUNDS, SECONDS)
         errors = [pyrys.relative_error(opt(x), model(x)) for opt in (after, before)]
     ms = {label: statistics.median(values) for label, values in times.items()}
     return (f"{name}: " + ", ".join(f"{label} {value:.2f} ms" for label, value in ms.items())
