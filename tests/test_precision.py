@@ -111,7 +111,7 @@ def test_new_shapes_and_save_load(bf16_cpu, backend):
 def test_without_native_bf16_it_runs_fp32_and_says_so(monkeypatch, backend):
     monkeypatch.setattr(precision_notes, "native_bf16", lambda: False)
     opt = pyrys.optimize(conv_bn_relu(), (image(),), backend=backend, precision="bf16")
-    assert any("precision='bf16' runs in fp32 here" in note for note in opt.notes)
+    assert any("precision='bf16' runs in fp32: no native bfloat16 here" in note for note in opt.notes)
     assert "BFloat16" not in opt.graph
     assert pyrys.relative_error(opt(image()), conv_bn_relu()(image())) <= FP32_TOLERANCE
 

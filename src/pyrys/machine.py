@@ -13,18 +13,25 @@ from pathlib import Path
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8")
 
 
+# oneDNN's ``dnnl_cpu_isa_t``, as ``dnnl_get_effective_cpu_isa`` gives it: each ISA's value holds the bits of
+# those below it, so a flag is used where the effective ISA holds all of its ISA's bits
+ONEDNN_ISA_BITS = {"avx2": 0x7, "avx_vnni": 0xF, "avx512f": 0x27, "avx512_vnni": 0x67, "avx512_bf16": 0xE7,
+                   "amx_tile": 0xFEF, "amx_int8": 0xFEF, "amx_bf16": 0xFEF}
+
+
 def cpu_info() -> tuple[str, list[str]]:
-    """CPU model name and the ISA flags that matter, from ``/proc/cpuinfo``."""
-    name, flags = platform.processor() or "unknown", []
-    with open("/proc/cpuinfo") as cpuinfo:
-        for line in cpuinfo:
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                name = value.strip()
-            elif key.strip() == "flags":
-                flags = [flag for flag in ISA_FLAGS if flag in value.split()]
-                break
-    return name, flags
+    """CPU model name and the ISA flags that matter, as oneDNN's kernels use them (:func:`kernel_flags`)."""
+    name = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    name = value.strip()
+                    break
+    except OSError:
+        pass
+    return name, [flag for flag in ISA_FLAGS if flag in kernel_flags()]
 
 
 @cache
@@ -39,6 +46,31 @@ def cpu_flags() -> frozenset[str]:
     except OSError:
         pass
     return frozenset()
+
+
+@cache
+def kernel_flags() -> frozenset[str]:
+    """The CPU's flags as oneDNN's kernels use them: :func:`cpu_flags` less those above the ISA oneDNN
+    dispatches to (``ONEDNN_MAX_CPU_ISA=AVX2`` on an AMX CPU leaves no AVX-512, VNNI or AMX: int8 weights
+    must then fit the AVX2 kernels' 16-bit sums).  :func:`cpu_flags` itself where libdnnl does not load."""
+    flags = cpu_flags()
+    try:
+        from pyrys.backends.dnnl.binding import DnnlUnavailable, effective_cpu_isa
+
+        isa = effective_cpu_isa()
+    except DnnlUnavailable:
+        return flags
+    return flags - {flag for flag, bits in ONEDNN_ISA_BITS.items() if isa & bits != bits}
+
+
+def isa_limit_note() -> str:
+    """`` (ONEDNN_MAX_CPU_ISA=AVX2 withholds avx512f/...)`` where a limit leaves kernels without some of the CPU's
+    instructions, else ``""``: for the notes that say what a CPU lacks."""
+    withheld = [flag for flag in ONEDNN_ISA_BITS if flag in cpu_flags() - kernel_flags()]
+    if not withheld:
+        return ""
+    limit = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "a limit"
+    return f" (ONEDNN_MAX_CPU_ISA={limit} withholds the CPU's {'/'.join(withheld)})"
 
 
 @cache

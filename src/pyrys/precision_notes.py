@@ -7,7 +7,7 @@ import torch.fx as fx
 
 from pyrys.ir.symbolic import bind_symbols, is_symbolic
 from pyrys.numerics.budget import accuracy_note
-from pyrys.machine import native_bf16
+from pyrys.machine import isa_limit_note, native_bf16
 from pyrys.passes.precision_guard import Bf16Guard
 from pyrys.quantization import int8_note
 from pyrys.quantization.calibration import Calibration
@@ -19,8 +19,8 @@ def effective_precision(precision: str) -> tuple[str, str]:
     """The precision the passes use, and a note where it is not the one asked for (no native bf16 here)
     or says what it runs on (int8)."""
     if precision == "bf16" and not native_bf16():
-        return "fp32", ("precision='bf16' runs in fp32 here: this CPU has no native bfloat16 (neither avx512_bf16 "
-                        "nor amx_bf16), and emulated bf16 is slower than fp32")
+        return "fp32", ("precision='bf16' runs in fp32: no native bfloat16 here (neither avx512_bf16 "
+                        f"nor amx_bf16){isa_limit_note()}, and emulated bf16 is slower than fp32")
     if precision == "int8":
         return precision, int8_note()
     return precision, ""

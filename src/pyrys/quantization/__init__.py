@@ -28,7 +28,7 @@ from functools import cache
 import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401 -- registers torch.ops.quantized_decomposed
 
-from pyrys.machine import cpu_flags
+from pyrys.machine import isa_limit_note, kernel_flags
 
 _DECOMPOSED = torch.ops.quantized_decomposed
 QUANTIZE = _DECOMPOSED.quantize_per_tensor.default  # (x, scale, zero_point, q_min, q_max, dtype)
@@ -66,7 +66,7 @@ class TensorQuant:
 @cache
 def vnni() -> bool:
     """Whether the CPU multiplies u8 x s8 into 32 bits in one instruction (AVX-512 VNNI, AVX-VNNI or AMX int8)."""
-    return bool(set(VNNI_FLAGS) & cpu_flags())
+    return bool(set(VNNI_FLAGS) & kernel_flags())
 
 
 def weight_max(src_dtype: torch.dtype = torch.uint8, convolution: bool = False) -> int:
@@ -84,12 +84,12 @@ def weight_step(src_dtype: torch.dtype = torch.uint8, convolution: bool = False)
 
 def int8_note() -> str:
     """What ``opt.notes`` says about the int8 kernels this CPU gets."""
-    if "amx_int8" in cpu_flags():
+    if "amx_int8" in kernel_flags():
         return "int8: oneDNN's AMX int8 kernels (8-bit weights)"
     if vnni():
         return "int8: oneDNN's VNNI int8 kernels (8-bit weights)"
-    return ("int8: this CPU has no VNNI: oneDNN's AVX2 int8 kernels, with 7-bit weights so that their 16-bit "
-            "intermediate sums cannot saturate (-63..63; a convolution reading s8 gets them doubled: oneDNN halves those)")
+    return (f"int8: no VNNI here{isa_limit_note()}: oneDNN's AVX2 int8 kernels, with 7-bit weights so that their "
+            "16-bit intermediate sums cannot saturate (-63..63; a convolution reading s8 gets them doubled: oneDNN halves those)")
 
 
 def quantize_weight(weight: torch.Tensor, src_dtype: torch.dtype = torch.uint8,

@@ -69,6 +69,7 @@ FUNCTIONS: tuple[tuple[str, Any, tuple], ...] = (
     ("dnnl_status2str", c_char_p, (status_t,)),
     ("dnnl_fmt_tag2str", c_char_p, (enum_t,)),
     ("dnnl_set_verbose", status_t, (c_int,)),
+    ("dnnl_get_effective_cpu_isa", c_int, ()),
     # engine and stream
     ("dnnl_engine_get_count", c_size_t, (enum_t,)),
     ("dnnl_engine_create", status_t, (handle_p, enum_t, c_size_t)),
@@ -270,6 +271,11 @@ def version() -> str:
     """'3.2.0' for the loaded library."""
     v = load_library().dnnl_version().contents
     return f"{v.major}.{v.minor}.{v.patch}"
+
+
+def effective_cpu_isa() -> int:
+    """The ``dnnl_cpu_isa_t`` oneDNN dispatches to: the CPU's, or lower under ``ONEDNN_MAX_CPU_ISA``."""
+    return int(load_library().dnnl_get_effective_cpu_isa())
 
 
 def is_available() -> tuple[bool, str]:

@@ -6,13 +6,12 @@ preference keep their producer's format; reorders appear only where a consumer n
 """
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 
 from pyrys.backends.dnnl.constants import FormatTag
 from pyrys.backends.dnnl.primitives import MemoryDesc
 from pyrys.backends.dnnl.tensors import dnnl_dtype
+from pyrys.machine import kernel_flags
 
 POLICY_TAGS: dict[str, dict[int, FormatTag]] = {
     "nhwc": {3: FormatTag.acb, 4: FormatTag.acdb, 5: FormatTag.acdeb},
@@ -54,21 +53,9 @@ def is_plain_contiguous(md: MemoryDesc) -> bool:
     return md == MemoryDesc.from_strides(md.dims, md.dtype, contiguous_strides(md.dims))
 
 
-@lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
 def native_blocked_policy() -> str:
     """``blocked16`` where AVX-512 runs, else ``blocked8``."""
-    return "blocked16" if "avx512f" in cpu_flags() else "blocked8"
+    return "blocked16" if "avx512f" in kernel_flags() else "blocked8"
 
 
 def candidate_policies() -> list[str]:

@@ -18,7 +18,7 @@ from pyrys.backends.dnnl.descriptors import inner_product_pd
 from pyrys.backends.dnnl.layout import plain_md
 from pyrys.backends.dnnl.measured import best_seconds, decide, filled_memory, machine_key
 from pyrys.backends.dnnl.primitives import Engine, MemoryDesc, Primitive, PrimitiveAttr, Stream
-from pyrys.machine import cpu_flags
+from pyrys.machine import kernel_flags
 
 MIN_ROWS = 16  # fewer rows (a decoder step, a classifier head): not worth a measurement
 MAX_WEIGHT = 1 << 23  # larger weights (a vocabulary projection) are not measured: a copy of it per kernel timed
@@ -33,7 +33,7 @@ def weight_layouts(engine: Engine, x_md: MemoryDesc, weight: torch.Tensor, dst_m
     choice noted in ``choices``, by its memo: saved with the program);
     ``held``: the layouts the weight is packed in already (another shape, another thread count), offered
     first and nothing measured, so that a weight is packed once."""
-    if weight.dtype != torch.float32 or "avx512f" in cpu_flags() or not {"avx2", "fma"} <= cpu_flags():
+    if weight.dtype != torch.float32 or "avx512f" in kernel_flags() or not {"avx2", "fma"} <= kernel_flags():
         return offered
     if held:
         return [*held, *(md for md in offered if md not in held)]
