@@ -116,3 +116,82 @@ def test_unbatched_pooling_runs_as_a_batch_of_one(case, backend):
         assert pyrys.relative_error(opt(inputs), model(inputs)) <= TOLERANCE
     if backend == "dnnl":
         assert "dnnl::pooling" in opt.program_text() and "torch::conv" not in opt.program_text()
+
+
+class ZeroPadded(nn.Module):
+    """TF-style "same" padding (a zero pad, then a strided conv), an even kernel's ``padding="same"`` in 2-D and
+    1-D, and a pad of four different sides before a padded conv; BatchNorm with random statistics."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.bn = nn.Conv2d(3, 8, 3, stride=2), nn.BatchNorm2d(8)
+        self.b = nn.Conv2d(8, 8, 4, padding="same")
+        self.c = nn.Conv1d(8, 8, 2, padding="same", dilation=3)
+        self.d = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn.running_mean.uniform_(-1, 1)
+        self.bn.running_var.uniform_(0.5, 2)
+
+    def forward(self, x):
+        y = self.b(torch.relu(self.bn(self.a(nn.functional.pad(x, (0, 1, 0, 1))))))
+        return self.c(y.flatten(2)), self.d(nn.functional.pad(y, (2, 0, 1, 3)))
+
+
+@pytest.mark.parametrize("options", [{}, {"dynamic": True}, {"precision": "bf16"}, {"precision": "int8"}],
+                         ids=["fp32", "dynamic", "bf16", "int8"])
+def test_a_zero_pad_before_a_conv_is_its_padding(options, backend):
+    """The pads are the convs' padding, begin and end per dim (oneDNN's ``padding_l``/``padding_r``): no torch
+    step is left (before, each pad and each even-kernel "same" conv ran in torch, between reorders), through
+    bf16's conversions and int8's quantize pairs too; outputs as eager's, at another batch under ``dynamic``."""
+    model, x = ZeroPadded().eval(), torch.randn(2, 3, 33, 31)
+    if options.get("precision") == "int8":
+        options = {**options, "calibration": [(torch.randn(2, 3, 33, 31),) for _ in range(4)]}
+    opt = pyrys.optimize(model, (x,), backend=backend, verify=True, **options)
+    paddings = [n.args[4] for n in opt.graph_module.graph.nodes if n.target is FUSED_CONV]
+    assert sorted(paddings) == sorted([[0, 0, 1, 1], [1, 1, 2, 2], [1, 2], [2, 3, 4, 1]])
+    if backend == "dnnl":
+        assert "torch::" not in opt.program_text()
+    tolerance = {"bf16": 3e-2, "int8": 5e-2}.get(options.get("precision"), TOLERANCE)
+    for inputs in (x, torch.randn(3, 3, 33, 31)) if options.get("dynamic") else (x,):
+        for got, want in zip(opt(inputs), model(inputs)):
+            assert pyrys.relative_error(got, want) <= tolerance
+
+
+@pytest.mark.parametrize("pad, channels", [
+    (lambda x: nn.functional.pad(x, (1, 1, 1, 1), value=0.5), 4),      # not zeros
+    (lambda x: nn.functional.pad(x, (1, 2, 0, 1), mode="reflect"), 4),  # not constant
+    (lambda x: nn.functional.pad(x, (-1, 2, 0, 1)), 4),                 # a crop on one side
+    (lambda x: nn.functional.pad(x, (1, 1, 1, 1, 1, 0)), 5),            # the channels too
+], ids=["value", "reflect", "negative", "channels"])
+def test_a_pad_that_is_not_zeros_at_the_edges_stays(pad, channels, backend):
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), _Lambda(pad), nn.Conv2d(channels, 4, 3)).eval()
+    x = torch.randn(1, 3, 9, 9)
+    opt = pyrys.optimize(model, (x,), backend=backend, verify=True)
+    assert all(len(n.args[4]) == 2 for n in opt.graph_module.graph.nodes if n.target is FUSED_CONV)
+    assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE
+
+
+def test_a_pad_read_elsewhere_too_stays_for_its_other_reader(backend):
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            padded = nn.functional.pad(x, (0, 1, 1, 0))
+            return self.conv(padded), padded * 2
+
+    model, x = Shared().eval(), torch.randn(1, 3, 8, 8)
+    opt = pyrys.optimize(model, (x,), backend=backend, verify=True)
+    assert [n.args[4] for n in opt.graph_module.graph.nodes if n.target is FUSED_CONV] == [[1, 0, 0, 1]]
+    for got, want in zip(opt(x), model(x)):
+        assert pyrys.relative_error(got, want) <= TOLERANCE
+
+
+class _Lambda(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)

@@ -10,6 +10,10 @@ node's arguments, :func:`to_fused` and :func:`add_post_op` are its only writers:
 knows their positions or how a post-op is spelled in the schema.  Before the backends, every
 conv, linear and matrix product takes this form (``passes/legalize.py``), so they lower these four ops only.
 
+A fused convolution's ``padding`` is ATen's (one value per spatial dim, or one for all), or, where a zero pad
+before it was folded in (``passes/legalize.py``), the begin and end of each dim: ``[b_0, .., b_n-1, e_0, ..,
+e_n-1]``, oneDNN's ``padding_l`` and ``padding_r`` (:func:`conv_padding` reads both forms).
+
 A matrix product (``bmm``, ``mm``, ``matmul``) has no weight: both its operands may be computed
 (attention's ``q @ k^T`` outside ``scaled_dot_product_attention``); :attr:`FusedKind.weighted` says so.
 """
@@ -21,6 +25,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch._decomp import decomposition_table
 
 from pyrys.ir.edit import insert_op, replace_node, set_args
 from pyrys.ir.graph import op_args
@@ -60,9 +65,25 @@ class FusedKind:
         return {renamed.get(name, name): value for name, value in aten_args.items()}
 
 
+def conv_padding(padding, spatial: int) -> tuple[list[int], list[int]]:
+    """A fused convolution's padding as (begin, end) per spatial dim: ``[1]`` -> ``([1, 1], [1, 1])`` in 2-D,
+    ``[1, 2]`` -> ``([1, 2], [1, 2])``, ``[0, 0, 1, 1]`` -> ``([0, 0], [1, 1])``."""
+    padding = list(padding)
+    if len(padding) == 2 * spatial:
+        return padding[:spatial], padding[spatial:]
+    padding = padding * spatial if len(padding) == 1 else padding
+    return padding, list(padding)
+
+
 def _conv(input, weight, bias, stride, padding, dilation, groups):
-    """Convolution, 1d/2d/3d by the weight's rank."""
-    return _CONV_BY_RANK[weight.dim() - 2](input, weight, bias, stride, padding, dilation, groups)
+    """Convolution, 1d/2d/3d by the weight's rank; a zero pad first where its two sides differ."""
+    spatial = weight.dim() - 2
+    begin, end = conv_padding(padding, spatial)
+    if begin != end:
+        pad = [p for b, e in zip(reversed(begin), reversed(end)) for p in (b, e)]
+        input = decomposition_table[torch.ops.aten.constant_pad_nd.default](input, pad, 0)  # symbolic sizes kept
+        begin = [0] * spatial
+    return _CONV_BY_RANK[spatial](input, weight, bias, stride, begin, dilation, groups)
 
 
 def _conv_transpose(input, weight, bias, stride, padding, output_padding, groups, dilation):

@@ -65,7 +65,9 @@ _DECOMPOSED_WHEN_SYMBOLIC = {op: decomposition_table[op] for op in (
     # ``F.interpolate(y, size=x.shape[-2:])`` (FPN, UNet): the .vec overloads take concrete output sizes only
     aten.upsample_nearest1d.vec, aten.upsample_nearest2d.vec, aten.upsample_nearest3d.vec,
     aten._upsample_nearest_exact2d.vec, aten.upsample_bilinear2d.vec, aten.upsample_bicubic2d.vec,
-    aten.upsample_trilinear3d.vec)}
+    aten.upsample_trilinear3d.vec,
+    # size-oblivious, constant_pad_nd's C++ meta gives a symbolic dim's example size (``s0`` -> 2)
+    aten.constant_pad_nd.default)}
 
 
 def _op_for(target: Any, mode: FakeTensorMode) -> Any:

@@ -7,9 +7,15 @@ with an empty post-op chain (:func:`pyrys.ir.fused.to_fused`), so a backend lowe
     %conv2d = aten::conv2d(%x, %w, %b, [1, 1], [0, 0], [1, 1], 1)
     ->  %conv2d = pyrys::conv2d(%x, %w, %b, [1, 1], [0, 0], [1, 1], 1)      (the node keeps its name)
 
-A convolution with string padding (``padding="same"`` with an even kernel; simplify spells out the others)
-has no fused form and stays as it is
-(the dnnl backend runs it through torch).  An unbatched convolution or pooling (``[C, H, W]`` in)
+A zero pad that only adds to a convolution's input is folded into its padding, begin and end per dim
+(TF-style "same" padding, an even kernel's ``padding="same"``; read through an int8 input's quantize pair,
+whose zero point is 0, so the pad's zeros are the quantized zeros):
+
+    %p = aten::pad(%x, [0, 1, 0, 1])                  (W: 0 before, 1 after; H: 0 before, 1 after)
+    %y = pyrys::conv2d(%p, %w, %b, [2, 2], [0, 0], ..)  ->  %y = pyrys::conv2d(%x, %w, %b, [2, 2], [0, 0, 1, 1], ..)
+
+A convolution with string padding (where its kernel's size is not known) has no fused form and stays as it
+is (the dnnl backend runs it through torch).  An unbatched convolution or pooling (``[C, H, W]`` in)
 becomes a batch of one between views, the form oneDNN takes; a binary post-op's operand of the output's rank is
 batched too (a lower-rank one broadcasts from the right: it reads the same against ``[1, C, H, W]``):
 
@@ -29,10 +35,13 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from pyrys.ir.edit import insert_op, set_args
-from pyrys.ir.fused import FUSED_BY_BASE, FUSED_CONV, FUSED_CONV_TRANSPOSE, fused_form_miss, read_fused, to_fused
-from pyrys.ir.graph import tensor_meta
+from pyrys.ir.fused import (FUSED_BY_BASE, FUSED_CONV, FUSED_CONV_TRANSPOSE, conv_padding, fused_form_miss, read_fused,
+                            to_fused)
+from pyrys.ir.graph import op_args, tensor_meta
 from pyrys.ir.vocabulary import POOLS
 from pyrys.passes.rewrite import Match, Miss, PassResult, Rule, apply_rules, fail
+from pyrys.passes.precision import CONVERT
+from pyrys.quantization import DEQUANTIZE, QUANTIZE
 
 aten = torch.ops.aten
 
@@ -49,6 +58,95 @@ class ToFusedForm(Rule):
 
     def rewrite(self, gm: fx.GraphModule, node: fx.Node, match: Match) -> None:
         to_fused(gm, node, in_place=True)
+
+
+ZERO_PADS = frozenset({aten.pad.default, aten.constant_pad_nd.default})
+
+
+def zero_pad(node: object, spatial: int) -> list[int] | None:
+    """``node``'s pad (torch's order: last dim first, begin then end) if it pads at most the last ``spatial``
+    dims by constant zeros, by amounts known and not negative; else None."""
+    if not isinstance(node, fx.Node) or node.target not in ZERO_PADS:
+        return None
+    args = op_args(node)
+    if node.target is aten.pad.default and (args.get("mode", "constant") != "constant" or args.get("value") not in (None, 0)):
+        return None
+    if node.target is aten.constant_pad_nd.default and args.get("value", 0) != 0:
+        return None
+    pad = args["pad"]
+    if (not isinstance(pad, (list, tuple)) or len(pad) % 2 or len(pad) > 2 * spatial
+            or not all(type(p) is int and p >= 0 for p in pad)):
+        return None
+    return list(pad)
+
+
+def _zero_keeping(node: fx.Node) -> bool:
+    """Whether ``node`` maps its input's zeros to zeros elementwise: a dtype conversion (bf16's), or an int8
+    quantize or dequantize with zero point 0."""
+    if node.target is CONVERT:
+        return True
+    return node.target in (QUANTIZE, DEQUANTIZE) and node.args[2] == 0
+
+
+def _pad_through(source: object) -> tuple[fx.Node | None, list[fx.Node]]:
+    """The pad a conv's input comes from, through conversions that keep zeros (:func:`_zero_keeping`), each
+    read by the next alone, the last read by convs alone; and those conversions, the pad's reader first."""
+    chain = []
+    while isinstance(source, fx.Node) and _zero_keeping(source) and isinstance(source.args[0], fx.Node):
+        readers = source.users
+        if chain and len(readers) != 1 or not chain and not all(user.target is FUSED_CONV for user in readers):
+            return None, []
+        chain.insert(0, source)
+        source = source.args[0]
+    return (source if isinstance(source, fx.Node) else None), chain
+
+
+def _padded(fused, pad: list[int]) -> list[int] | None:
+    """The conv's padding (begin, then end, per dim) with ``pad`` added, or None where it is a string."""
+    spatial = tensor_meta(fused.args["weight"]).dim() - 2
+    if isinstance(fused.args["padding"], str):
+        return None
+    begin, end = conv_padding(fused.args["padding"], spatial)
+    for index in range(len(pad) // 2):  # pad[2i], pad[2i + 1]: the begin and end of the i-th dim from the last
+        begin[spatial - 1 - index] += pad[2 * index]
+        end[spatial - 1 - index] += pad[2 * index + 1]
+    return begin + end
+
+
+class ZeroPadIntoConv(Rule):
+    """``conv(pad(x, p, 0), ..)`` -> ``conv(x, .., padding=begin + end)``: oneDNN pads each side by its own
+    amount, and the pad (a torch step) is gone where nothing else reads it.  Through conversions that keep
+    zeros (bf16's, int8's quantize pair): ``conv(to(pad(x), bf16))`` -> ``conv(to(x, bf16))``, for every conv
+    reading the conversion."""
+
+    name = "zero_pad_into_conv"
+    anchors = frozenset({FUSED_CONV})
+
+    def match(self, gm: fx.GraphModule, node: fx.Node) -> Match | Miss | None:
+        fused = read_fused(node)
+        weight = tensor_meta(fused.args["weight"])
+        if weight is None:
+            return None
+        pad_node, chain = _pad_through(fused.args["input"])
+        pad = zero_pad(pad_node, weight.dim() - 2)
+        if pad is None:
+            return None
+        convs = list(chain[-1].users) if chain else [node]
+        paddings = [_padded(read_fused(conv), pad) for conv in convs]
+        if any(padding is None for padding in paddings):
+            return fail(f"%{node.name}'s padding is a string: the pad %{pad_node.name} stays")
+        return Match({"convs": convs, "paddings": paddings, "pad": pad_node, "chain": chain})
+
+    def rewrite(self, gm: fx.GraphModule, node: fx.Node, match: Match) -> None:
+        pad, chain = match["pad"], match["chain"]
+        if chain:  # to(pad(x)) -> to(x): the pad's zeros convert to zeros
+            set_args(chain[0], (pad.args[0], *chain[0].args[1:]), kwargs=chain[0].kwargs)
+        for conv, padding in zip(match["convs"], match["paddings"]):
+            fused = read_fused(conv)
+            source = chain[-1] if chain else pad.args[0]
+            set_args(conv, replace(fused, args={**fused.args, "input": source, "padding": padding}).node_args())
+        if not pad.users:
+            gm.graph.erase_node(pad)
 
 
 class BatchOfOne(Rule):
@@ -114,13 +212,16 @@ def _batch_of(node: object) -> fx.Node | None:
 
 
 LEGALIZE_RULES: tuple[Rule, ...] = (ToFusedForm(),)
+PADDING_RULES: tuple[Rule, ...] = (ZeroPadIntoConv(),)
 BATCHING_RULES: tuple[Rule, ...] = (BatchOfOne(),)
 
 
 def legalize(gm: fx.GraphModule) -> PassResult:
-    """Apply :data:`LEGALIZE_RULES` once over the graph, then :data:`BATCHING_RULES` on their fused forms."""
+    """Apply :data:`LEGALIZE_RULES` once over the graph, then :data:`PADDING_RULES` and :data:`BATCHING_RULES` on
+    their fused forms."""
     result = apply_rules(gm, LEGALIZE_RULES)
-    batching = apply_rules(gm, BATCHING_RULES)
-    result.fired.update(batching.fired)
-    result.misses += batching.misses
+    for rules in (PADDING_RULES, BATCHING_RULES):
+        later = apply_rules(gm, rules)
+        result.fired.update(later.fired)
+        result.misses += later.misses
     return result

@@ -34,7 +34,7 @@ linear of the unflattened input (a linear takes any leading dims):
 so that it is lowered, folded into and fused like ``nn.Linear``.
 
 Convolutions with string padding are spelled out (``conv2d(x, W, b, s, "same", d, g) -> conv2d(x, W, b, s,
-[d * (k - 1) / 2, ...], d, g)``, where that is even), and a norm training for good reads no running
+[d * (k - 1) // 2, ...], d, g)``, an even kernel's extra end as a zero pad before it), and a norm training for good reads no running
 statistics (it only updates them, in place: an update inference drops).
 
 Activations written out as arithmetic (GPT-2's tanh GELU, the erf GELU, SiLU) are the one op they
@@ -374,8 +374,9 @@ STRING_PADDED = {aten.conv1d.padding: aten.conv1d.default, aten.conv2d.padding: 
 class ExplicitConvPadding(Rule):
     """``conv2d(x, W, b, stride, "valid" | "same", dilation, groups)`` -> ``conv2d(x, W, b, stride, p, dilation,
     groups)``, the form every backend lowers: "valid" is ``p = 0``; "same" (stride 1) pads each spatial dim by
-    ``dilation * (k - 1)`` in all, ``p`` on each side where that is even (an even kernel pads one more on the
-    right, which ``p`` cannot say: a miss)."""
+    ``t = dilation * (k - 1)`` in all, ``p = t // 2`` on each side and, where ``t`` is odd (an even kernel), one
+    more at the end, as torch does: ``conv2d(pad(x, [0, 1, 0, 1]), W, b, stride, p, ..)`` (legalize folds the
+    pad into the conv's padding)."""
 
     name = "explicit_conv_padding"
     anchors = frozenset(STRING_PADDED)
@@ -391,14 +392,17 @@ class ExplicitConvPadding(Rule):
         if args.get("padding", "valid") == "valid":
             return Match({"padding": [0] * spatial})
         totals = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
-        if any(total % 2 for total in totals):
-            return fail(f"%{node.name} pads 'same' with an even kernel: one more on the right than the left")
-        return Match({"padding": [total // 2 for total in totals]})
+        return Match({"padding": [total // 2 for total in totals], "odd": [total % 2 for total in totals]})
 
     def rewrite(self, gm: fx.GraphModule, node: fx.Node, match: Match) -> None:
         args = op_args(node)
         spatial = len(match["padding"])
-        set_args(node, (args["input"], args["weight"], args.get("bias"), list(args.get("stride", [1] * spatial)),
+        source = args["input"]
+        if any(match.bindings.get("odd", ())):  # one more at the end: [0, odd_w, 0, odd_h, ..], last dim first
+            with gm.graph.inserting_before(node):
+                source = insert_op(gm.graph, aten.constant_pad_nd.default,
+                                   (source, [p for odd in reversed(match["odd"]) for p in (0, odd)]), f"{node.name}_pad")
+        set_args(node, (source, args["weight"], args.get("bias"), list(args.get("stride", [1] * spatial)),
                         match["padding"], list(args.get("dilation", [1] * spatial)), args.get("groups", 1)),
                  target=STRING_PADDED[node.target])
 

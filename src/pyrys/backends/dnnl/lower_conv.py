@@ -23,7 +23,7 @@ from pyrys.backends.dnnl.post_ops import Chain, Operand, build_chain, operand_of
 from pyrys.backends.dnnl.primitives import MemoryDesc, PrimitiveAttr, PrimitiveDesc
 from pyrys.backends.dnnl.tensors import dnnl_dtype
 from pyrys.backends.dnnl.values import ALIAS, Value
-from pyrys.ir.fused import Fused, read_fused
+from pyrys.ir.fused import Fused, conv_padding, read_fused
 from pyrys.ir.released import values_of
 from pyrys.passes.precision import CONVERT
 
@@ -170,13 +170,14 @@ def lower_conv(builder: Builder, node: fx.Node) -> None:
     else:
         weight, bias = _constant_weights(builder, a)
     rank = weight.dim() - 2
-    stride, padding, dilation = (_per_dim(a[k], rank) for k in ("stride", "padding", "dilation"))
+    stride, dilation = (_per_dim(a[k], rank) for k in ("stride", "dilation"))
+    begin, end = conv_padding(a["padding"], rank)
 
-    patches = int8 is not None and _patches(weight.shape[2:], stride, padding, dilation)
+    patches = int8 is not None and _patches(weight.shape[2:], stride, begin + end, dilation)
 
     def create(src, weights, dst, bias_md, attr):
-        pd = convolution_pd(builder.engine, src, weights, dst, bias_md, strides=stride, padding_l=padding,
-                            dilation=dilation, attr=attr)
+        pd = convolution_pd(builder.engine, src, weights, dst, bias_md, strides=stride, padding_l=begin,
+                            padding_r=end, dilation=dilation, attr=attr)
         return _past_amx_brgconv(pd) if patches else pd
 
     grouped = weight.reshape(_grouped_weight_dims(weight, a["groups"]))
