@@ -18,6 +18,7 @@ from pyrys.capture.captured import Captured
 from pyrys.errors import CaptureError
 from pyrys.ir.verify import VerificationError, make_verifier, output_types
 from pyrys.ir.graph import share_constants
+from pyrys.ir.generated_source import forgetting_dead_sources
 from pyrys.ir.symbolic import is_symbolic
 from pyrys.numerics.report import NumericsReport
 from pyrys.numerics.trace import NumericsTrace
@@ -48,6 +49,7 @@ class Compiled:
     numerics: NumericsReport | None = None  # measured on the example inputs (``numerics=True``)
 
 
+@forgetting_dead_sources
 def compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: OptimizeConfig,
                       dynamic: bool | str = False, like: Compiled | None = None, trace: NumericsTrace | None = None) -> Compiled:
     """Capture the model on these inputs (``dynamic``: for every shape, where it can; ``SIZE_ONE_FIXED``: every
@@ -144,6 +146,7 @@ def _measure_program(trace: NumericsTrace, compiled: Compiled, flat: list, confi
                         compile_probe)
 
 
+@forgetting_dead_sources
 def build_for_shape(template: Compiled, signature: Signature, flat: list, config: OptimizeConfig,
                     like: Program | None = None) -> Compiled:
     """The program for ``signature`` from ``template``'s optimized graph (specialized to these shapes when

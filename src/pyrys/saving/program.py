@@ -29,6 +29,7 @@ from pyrys.backends import get_backend, release_constants
 from pyrys.backends.options import LAYOUTS, BackendOptions
 from pyrys.capture.captured import Captured
 from pyrys.errors import LoadError, SaveError
+from pyrys.ir.generated_source import forgetting_dead_sources
 from pyrys.ir.graph import tensor_bytes
 from pyrys.ir.meta import refresh_meta
 from pyrys.ir.quiet_fake import fake_tensor_errors_unlogged
@@ -82,6 +83,7 @@ def save(opt: OptimizedModule, path: str | os.PathLike) -> Path:
     return write_directory(path, program, _storable(tensors), about)
 
 
+@forgetting_dead_sources
 def load(path: str | os.PathLike | Mapping[str, bytes], *, threads: int | None = None) -> OptimizedModule:
     """The module :func:`save` wrote to ``path``, ready to call; ``threads`` as in :func:`pyrys.optimize`.
     ``path`` may also be the save's files in memory (``pyrys.saving.read_files(path)``: name -> bytes).
