@@ -24,7 +24,7 @@ import pyrys
 from pyrys.numerics import INT8_TOLERANCE
 from pyrys.machine import native_bf16
 from pyrys.passes import quantize as quantize_pass
-from pyrys.quantization import weight_max
+from pyrys.quantization import vnni, weight_max
 from pyrys.quantization.bias_correction import BIAS_SAMPLES, measured_samples
 from pyrys.quantization.calibration import MAX_SAMPLES, samples_like
 from pyrys.quantization.guard import Switch
@@ -258,6 +258,8 @@ def test_the_accuracy_guard_keeps_the_sensitive_layer_in_floating_point(backend,
     has native bf16 (``keeps_in_bf16``; forced here either way), else in float32."""
     if kept_in == "bf16" and backend == "dnnl" and not native_bf16():
         pytest.skip("this CPU has no native bf16: oneDNN 3.2 has no bf16 linear for it")
+    if kept_in == "bf16" and not vnni():
+        pytest.skip("without VNNI the 7-bit weights move the second linear past this budget in bf16 too")
     monkeypatch.setattr(quantize_pass, "keeps_in_bf16", lambda: kept_in == "bf16")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()

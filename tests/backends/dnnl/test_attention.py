@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import pyrys
 from pyrys.backends.dnnl import attention_kernels, binding, lower_attention, measured
-from pyrys.machine import cpu_flags, native_bf16
+from pyrys.machine import kernel_flags, native_bf16
 from pyrys.numerics import relative_error
 from tests.conftest import TOLERANCE
 
@@ -250,7 +250,7 @@ def test_attention_one_head_at_a_time_matches_eager(name, monkeypatch):
     assert "torch::scaled_dot_product_attention" not in text and one_head == (name in IN_BLOCKS), text
 
 
-@pytest.mark.skipif("amx_bf16" not in cpu_flags(), reason="the CPU has no AMX (the kernel choice this is about)")
+@pytest.mark.skipif("amx_bf16" not in kernel_flags(), reason="the CPU has no AMX (the kernel choice this is about)")
 def test_bfloat16_attention_over_long_sequences_runs_one_head_at_a_time(monkeypatch):
     """Blocks of queries of every head lose oneDNN's brgemm kernel in bfloat16; blocks of one head's queries
     keep it (Whisper's encoder: 1500 queries, 9 MB of scores per head), writing a compact buffer that one

