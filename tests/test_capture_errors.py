@@ -258,3 +258,27 @@ def test_a_value_read_into_python_is_named_so():
     """``.item()`` was refused as "a tensor whose shape depends on its data"."""
     with pytest.raises(pyrys.CaptureError, match=r"reads a tensor's value into a Python number at item"):
         pyrys.optimize(ScalesByADraw().eval(), (torch.ones(2, 3),))
+
+
+@pytest.mark.parametrize("dynamic", [True, None])
+def test_inputs_the_model_refused_are_refused_again_without_a_capture(dynamic, monkeypatch):
+    """A new shape the model itself cannot take (3 channels expected, 5 given) is a ``CaptureError`` at every
+    call; before, each call captured again (a symbolic export under ``dynamic=True``: about 28 KB of torch's
+    shape environments kept for good each time, a stress helper found), now the first one's error is given."""
+    import pyrys.optimized_module as optimized_module
+
+    model, x = conv_bn_relu(), image(2)
+    opt = pyrys.optimize(model, (x,), dynamic=dynamic)
+    opt(image(3))  # a good new shape first (under dynamic=None, the capture for every shape)
+    captures = []
+    compile_signature = optimized_module.compile_signature
+    monkeypatch.setattr(optimized_module, "compile_signature",
+                        lambda *a, **k: captures.append(1) or compile_signature(*a, **k))
+    bad = torch.randn(2, 5, *x.shape[2:])
+    messages = []
+    for _ in range(3):
+        with pytest.raises(pyrys.CaptureError) as raised:
+            opt(bad)
+        messages.append(str(raised.value))
+    assert len(captures) <= 1 and len(set(messages)) == 1 and "5" in messages[0]
+    assert pyrys.relative_error(opt(image(4)), model(image(4))) <= TOLERANCE

@@ -25,6 +25,7 @@ from pyrys.ir.graph import user_inputs
 from pyrys.signature import InputError, Signature, arranged_like, check_compatible, runnable_inputs, signature_of
 from pyrys.capture.frontend import Frontend
 from pyrys.config import OptimizeConfig
+from pyrys.errors import CaptureError
 from pyrys.ir.quiet_fake import fake_tensor_errors_unlogged
 from pyrys.compiled import COMPILING, Compiled, build_for_shape, compile_signature, static_reason
 from pyrys.precision_notes import int8_layers
@@ -34,6 +35,7 @@ MAX_SHAPE_NOTES = 16  # opt.notes keeps at most this many, however many shapes a
 # graphs for every shape kept beside the first (size-1 dims fixed, other image sizes); past this many, a
 # shape none holds for is captured for itself alone (its program then counts against max_shapes)
 MAX_OTHER_TEMPLATES = 8
+MAX_REFUSED = 64  # input signatures whose compile the model refused, answered again without a capture
 
 
 class OptimizedModule(torch.nn.Module):
@@ -77,6 +79,7 @@ class OptimizedModule(torch.nn.Module):
         self._shapes = ShapeCache(config.max_shapes, self._first.signature, {c.signature: c for c in compiled}, kept)
         self._fast_calls: dict[tuple, tuple[Signature, Any]] = {}
         self._rotation_noted = False  # whether a signature built again after its eviction was noted
+        self._refused: dict[Signature, Exception] = {}  # why a signature's capture failed, most recent last
 
     @classmethod
     def from_compiled(cls, frontend: Frontend, config: OptimizeConfig, compiled: list[Compiled],
@@ -125,10 +128,19 @@ class OptimizedModule(torch.nn.Module):
         check_compatible(self._first.signature, signature, flat, args)
         if self._frontend.fixed_shapes and self._generic is None:
             raise self._fixed_shapes_error(signature, "")
+        refused = self._refused.get(signature)
+        if refused is not None:  # the model refused these inputs before: a capture again would too, and costs
+            raise copy.copy(refused).with_traceback(None)  # (a symbolic export each time, never freed by torch)
         with COMPILING:
             compiled = self._shapes.get(signature)
             if compiled is None:
-                compiled = self._new_shape(signature, flat, args, kwargs)
+                try:
+                    compiled = self._new_shape(signature, flat, args, kwargs)
+                except (CaptureError, InputError) as error:
+                    self._refused[signature] = copy.copy(error).with_traceback(None)
+                    while len(self._refused) > MAX_REFUSED:
+                        self._refused.pop(next(iter(self._refused)))
+                    raise
                 self._keep(signature, compiled)
         return compiled
 
