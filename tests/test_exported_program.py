@@ -152,3 +152,29 @@ def test_a_derived_dim_is_solved_for_its_symbol():
         opt(torch.randn(2, 5, 8), torch.randn(2, 2, 8))
     with pytest.raises(pyrys.InputError, match="= 13 is outside its range \\[1, 12\\]"):
         opt(torch.randn(2, 26, 8), torch.randn(2, 13, 8))
+
+
+def test_a_dim_out_of_its_range_is_named_and_dynamic_true_without_dims_says_so():
+    """A helper's findings: the range error named the symbol alone (``s53 = 200``) and advised exporting "with
+    dynamic_shapes" to a program that had them; ``dynamic=True`` on an export without dynamic dims (and on a
+    trace) was taken without a word."""
+    model, x = torch.nn.Sequential(torch.nn.Linear(8, 8)).eval(), torch.randn(2, 8)
+    ep = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch", max=16)},))
+    with pytest.raises(pyrys.InputError, match=r"dim 0 \(s\d+\) = 20 is outside its range .*whose Dims hold it"):
+        pyrys.optimize(ep, x)(torch.randn(20, 8))
+    fixed = pyrys.optimize(torch.export.export(model, (x,)), x, dynamic=True)
+    assert any("dynamic=True: this ExportedProgram has no dynamic dims" in note for note in fixed.notes)
+    traced = pyrys.optimize(torch.jit.trace(model, x), x, dynamic=True)
+    assert any("dynamic=True: a TorchScript import is specialized" in note for note in traced.notes)
+    assert not any("dynamic=True" in note for note in pyrys.optimize(ep, x, dynamic=True).notes)
+
+
+def test_an_input_passed_by_keyword_is_named_in_a_dtype_error():
+    class Masked(torch.nn.Module):
+        def forward(self, x, mask):
+            return x * mask
+
+    x = torch.randn(2, 3)
+    opt = pyrys.optimize(Masked(), (x,), {"mask": x})
+    with pytest.raises(pyrys.InputError, match="input 'mask' must have dtype torch.float32"):
+        opt(x, mask=x.bool())

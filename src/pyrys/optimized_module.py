@@ -56,9 +56,23 @@ class OptimizedModule(torch.nn.Module):
         with COMPILING:
             first = compile_signature(frontend, args, kwargs, config, dynamic=config.dynamic is True, trace=trace)
         self._hold(frontend, config, [first])
+        self._note_dynamic_ignored(first)
         self._find_size_one_gaps(args, kwargs)
         if not kwargs and all(isinstance(a, torch.Tensor) for a in args):  # keyed as forward keys it: as run
             self._remember_fast_call(_call_key(runnable_inputs(args, kwargs)[0], grad=False), first)
+
+    def _note_dynamic_ignored(self, first: Compiled) -> None:
+        """A note where ``dynamic=True`` cannot give symbolic sizes: a TorchScript import, an ExportedProgram
+        exported without dynamic dims (before, the option was taken without a word)."""
+        if self._config.dynamic is not True or first.generic is not None:
+            return
+        if self._frontend.fixed_shapes:
+            self._note(f"dynamic=True: this {self._frontend.kind} has no dynamic dims, so it takes the shapes it "
+                       "was exported for alone (export it with dynamic_shapes for others)")
+        elif not self._frontend.symbolic:
+            self._note(f"dynamic=True: a {self._frontend.kind} import is specialized to its inputs' shapes, so "
+                       "each new shape is imported and optimized again (optimize the nn.Module itself for one "
+                       "capture for every shape)")
 
     def _hold(self, frontend: Frontend, config: OptimizeConfig, compiled: list[Compiled],
               generic: Compiled | None = None, other_templates: list[Compiled] | None = None) -> None:
@@ -218,7 +232,8 @@ class OptimizedModule(torch.nn.Module):
         if compiled.generic is not None:
             self._other_templates.append(compiled)
             self._note(f"inputs ({signature}) captured once more with their size-1 dims fixed ({why}); other shapes "
-                       f"with those dims of size 1 are specialized from it ({describe_dims(compiled.generic.gm)})")
+                       f"with those dims of size 1 are specialized from it (its symbolic dims: "
+                       f"{describe_dims(compiled.generic.gm)})")
         else:
             self._note(f"inputs ({signature}) captured and optimized again: {why}; "
                        f"{static_reason(compiled, size_one_fixed=True)}")

@@ -137,8 +137,20 @@ def check_compatible(expected: Signature, got: Signature, flat: list, args: tupl
         described = ", ".join(_describe_value(a) for a in args)
         raise InputError(f"pyrys: expected inputs like the example inputs ({expected.describe()}): "
                          f"{_passed(expected.in_spec)}; got ({described}): {_passed(got.in_spec)}")
-    for i, (want, have, value) in enumerate(zip(expected.leaves, got.leaves, flat)):
-        _check_leaf(i, want, have, value)
+    for name, want, have, value in zip(leaf_names(got.in_spec), expected.leaves, got.leaves, flat):
+        _check_leaf(name, want, have, value)
+
+
+def leaf_names(spec: TreeSpec) -> list[str]:
+    """What to call each input leaf in a message, in flat order: ``input 0``, ``input 1[0]`` (a leaf inside
+    the second positional input), ``input 'attention_mask'`` (passed by keyword)."""
+    names = []
+    for group, keys in ((spec.child(0), range(spec.child(0).num_children)), (spec.child(1), spec.child(1).context)):
+        for index, key in enumerate(keys):
+            label = f"input {key!r}" if isinstance(key, str) else f"input {key}"
+            count = group.child(index).num_leaves
+            names += [label] if count == 1 else [f"{label}[{leaf}]" for leaf in range(count)]
+    return names
 
 
 def _passed(spec: TreeSpec) -> str:
@@ -147,15 +159,15 @@ def _passed(spec: TreeSpec) -> str:
     return f"{spec.child(0).num_children} by position" + (f", {', '.join(keywords)} by keyword" if keywords else "")
 
 
-def _check_leaf(i: int, want, have, value) -> None:
+def _check_leaf(name: str, want, have, value) -> None:
     if is_tensor_leaf(want):
         if not isinstance(value, torch.Tensor):
-            raise InputError(f"pyrys: input {i} must be a tensor like {_describe_leaf(want)}, got {type(value).__name__}")
+            raise InputError(f"pyrys: {name} must be a tensor like {_describe_leaf(want)}, got {type(value).__name__}")
         if value.dtype != want[1]:
-            raise InputError(f"pyrys: input {i} must have dtype {want[1]} like the example input "
+            raise InputError(f"pyrys: {name} must have dtype {want[1]} like the example input "
                              f"{_describe_leaf(want)}, got {value.dtype}")
         if value.dim() != len(want[0]):
-            raise InputError(f"pyrys: input {i} must have rank {len(want[0])} like the example input "
+            raise InputError(f"pyrys: {name} must have rank {len(want[0])} like the example input "
                              f"{_describe_leaf(want)}, got shape {tuple(value.shape)}")
     elif have != want:
-        raise InputError(f"pyrys: input {i} must equal the example's {want!r} (it was specialized), got {have!r}")
+        raise InputError(f"pyrys: {name} must equal the example's {want!r} (it was specialized), got {have!r}")

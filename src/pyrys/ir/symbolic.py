@@ -264,13 +264,23 @@ def _symbols_at_one(gm: fx.GraphModule) -> tuple[dict, dict[sympy.Symbol, list[t
     return (bindings, at_one) if why is None else ({}, {})
 
 
+def _symbol_at(gm: fx.GraphModule, symbol) -> str:
+    """``input_ids dim 1 (s53)``: the first input dim that is ``symbol``, or the symbol alone."""
+    for node in user_inputs(gm.graph):
+        val = node.meta.get("val")
+        for i, dim in enumerate(val.shape if isinstance(val, torch.Tensor) else ()):
+            if isinstance(dim, torch.SymInt) and dim.node.expr == symbol:
+                return f"{node.name} dim {i} ({symbol})"
+    return str(symbol)
+
+
 def _refused(gm: fx.GraphModule, bindings: dict) -> str | None:
     """Which of the graph's ranges or guards its symbols bound so break, or None where all hold."""
     ranges, env = ranges_of(gm), gm.meta[FAKE_MODE_KEY].shape_env
     for symbol, value in bindings.items():
         lower, upper = ranges.get(symbol, (0, None))
         if value < lower or (upper is not None and value > upper):
-            return f"{symbol} = {value} is outside its range [{lower}, {upper}]"
+            return f"{_symbol_at(gm, symbol)} = {value} is outside its range [{lower}, {upper}]"
     for guard in guards_of(gm):
         expr = env.replace(guard)
         if _evaluate(expr, bindings) is not sympy.true:
