@@ -70,6 +70,16 @@ _DECOMPOSED_WHEN_SYMBOLIC = {op: decomposition_table[op] for op in (
     aten.constant_pad_nd.default)}
 
 
+def _pad(input, pad, mode="constant", value=None):
+    """``aten::pad`` (``F.pad``), whose constant mode is ``constant_pad_nd``'s C++ meta: its decomposition there."""
+    if mode == "constant":
+        return _DECOMPOSED_WHEN_SYMBOLIC[aten.constant_pad_nd.default](input, pad, 0 if value is None else value)
+    return aten.pad.default(input, pad, mode, value)
+
+
+_DECOMPOSED_WHEN_SYMBOLIC[aten.pad.default] = _pad
+
+
 def _op_for(target: Any, mode: FakeTensorMode) -> Any:
     """What gives ``target``'s fake value under ``mode``: the op, or on symbolic sizes its decomposition
     where :data:`_DECOMPOSED_WHEN_SYMBOLIC` says so."""

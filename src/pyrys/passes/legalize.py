@@ -38,6 +38,7 @@ from pyrys.ir.edit import insert_op, set_args
 from pyrys.ir.fused import (FUSED_BY_BASE, FUSED_CONV, FUSED_CONV_TRANSPOSE, conv_padding, fused_form_miss, read_fused,
                             to_fused)
 from pyrys.ir.graph import op_args, tensor_meta
+from pyrys.ir.meta import settle_meta
 from pyrys.ir.vocabulary import POOLS
 from pyrys.passes.rewrite import Match, Miss, PassResult, Rule, apply_rules, fail
 from pyrys.passes.precision import CONVERT
@@ -94,11 +95,19 @@ def _pad_through(source: object) -> tuple[fx.Node | None, list[fx.Node]]:
     chain = []
     while isinstance(source, fx.Node) and _zero_keeping(source) and isinstance(source.args[0], fx.Node):
         readers = source.users
-        if chain and len(readers) != 1 or not chain and not all(user.target is FUSED_CONV for user in readers):
+        if chain and len(readers) != 1 or not chain and not all(_reads_as_input(user, source) for user in readers):
             return None, []
         chain.insert(0, source)
         source = source.args[0]
     return (source if isinstance(source, fx.Node) else None), chain
+
+
+def _reads_as_input(node: fx.Node, value: fx.Node) -> bool:
+    """Whether ``node`` is a fused conv reading ``value`` as its input alone (not as a residual operand)."""
+    if node.target is not FUSED_CONV:
+        return False
+    fused = read_fused(node)
+    return fused.args["input"] is value and value not in fused.post_inputs
 
 
 def _padded(fused, pad: list[int]) -> list[int] | None:
@@ -140,11 +149,13 @@ class ZeroPadIntoConv(Rule):
     def rewrite(self, gm: fx.GraphModule, node: fx.Node, match: Match) -> None:
         pad, chain = match["pad"], match["chain"]
         if chain:  # to(pad(x)) -> to(x): the pad's zeros convert to zeros
-            set_args(chain[0], (pad.args[0], *chain[0].args[1:]), kwargs=chain[0].kwargs)
+            chain[0].args = (pad.args[0], *chain[0].args[1:])
         for conv, padding in zip(match["convs"], match["paddings"]):
             fused = read_fused(conv)
             source = chain[-1] if chain else pad.args[0]
-            set_args(conv, replace(fused, args={**fused.args, "input": source, "padding": padding}).node_args())
+            conv.args = replace(fused, args={**fused.args, "input": source, "padding": padding}).node_args()
+        # every argument first, then the values: a conv of the unpadded input with its old padding may not exist
+        settle_meta([*chain, *match["convs"]])
         if not pad.users:
             gm.graph.erase_node(pad)
 
