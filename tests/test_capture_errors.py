@@ -282,3 +282,36 @@ def test_inputs_the_model_refused_are_refused_again_without_a_capture(dynamic, m
         messages.append(str(raised.value))
     assert len(captures) <= 1 and len(set(messages)) == 1 and "5" in messages[0]
     assert pyrys.relative_error(opt(image(4)), model(image(4))) <= TOLERANCE
+
+
+def test_a_refusal_the_model_s_own_state_caused_passes_later():
+    """A forward that raises while a flag is set: refused calls are answered from memory, but captured again at
+    the 16th, 32nd ... call since, so that clearing the flag is seen (a reviewer's finding: refused for ever)."""
+
+    class Flagged(nn.Module):
+        failing = True
+
+        def __init__(self):
+            super().__init__()
+            self.conv = conv_bn_relu()
+
+        def forward(self, x):
+            if self.failing and x.shape[0] == 3:
+                raise RuntimeError("not now")
+            return self.conv(x)
+
+    model = Flagged().eval()
+    opt = pyrys.optimize(model, (image(2),), dynamic=False)
+    with pytest.raises(pyrys.CaptureError) as first:
+        opt(image(3))
+    with pytest.raises(pyrys.CaptureError) as again:
+        opt(image(3))
+    assert str(again.value) == str(first.value) and isinstance(again.value.__cause__, RuntimeError)
+    Flagged.failing = False
+    results = []
+    for _ in range(16):
+        try:
+            results.append(opt(image(3)))
+        except pyrys.CaptureError:
+            pass
+    assert results and pyrys.relative_error(results[-1], model(image(3))) <= TOLERANCE

@@ -36,6 +36,7 @@ MAX_SHAPE_NOTES = 16  # opt.notes keeps at most this many, however many shapes a
 # shape none holds for is captured for itself alone (its program then counts against max_shapes)
 MAX_OTHER_TEMPLATES = 8
 MAX_REFUSED = 64  # input signatures whose compile the model refused, answered again without a capture
+RETRY_REFUSED = 16  # ... until this many calls, then at each power of two
 
 
 class OptimizedModule(torch.nn.Module):
@@ -93,7 +94,7 @@ class OptimizedModule(torch.nn.Module):
         self._shapes = ShapeCache(config.max_shapes, self._first.signature, {c.signature: c for c in compiled}, kept)
         self._fast_calls: dict[tuple, tuple[Signature, Any]] = {}
         self._rotation_noted = False  # whether a signature built again after its eviction was noted
-        self._refused: dict[Signature, Exception] = {}  # why a signature's capture failed, most recent last
+        self._refused: dict[Signature, list] = {}  # [why, calls since] a signature's capture failed, latest last
 
     @classmethod
     def from_compiled(cls, frontend: Frontend, config: OptimizeConfig, compiled: list[Compiled],
@@ -142,21 +143,36 @@ class OptimizedModule(torch.nn.Module):
         check_compatible(self._first.signature, signature, flat, args)
         if self._frontend.fixed_shapes and self._generic is None:
             raise self._fixed_shapes_error(signature, "")
-        refused = self._refused.get(signature)
-        if refused is not None:  # the model refused these inputs before: a capture again would too, and costs
-            raise copy.copy(refused).with_traceback(None)  # (a symbolic export each time, never freed by torch)
+        seen = self._refused.get(signature)
+        if seen is not None:  # refused before: a capture again costs (a symbolic export each time, which torch
+            seen[1] += 1      # keeps), so it is tried again only at the 16th, 32nd, 64th ... call since (a
+            if seen[1] < RETRY_REFUSED or seen[1] & (seen[1] - 1):  # refusal the model's state caused may pass)
+                raise _again(seen[0])
         with COMPILING:
+            now = self._refused.get(signature)
+            if now is not None and now is not seen:  # another caller was refused meanwhile
+                raise _again(now[0])
             compiled = self._shapes.get(signature)
             if compiled is None:
                 try:
                     compiled = self._new_shape(signature, flat, args, kwargs)
                 except (CaptureError, InputError) as error:
-                    self._refused[signature] = copy.copy(error).with_traceback(None)
-                    while len(self._refused) > MAX_REFUSED:
-                        self._refused.pop(next(iter(self._refused)))
+                    self._refuse(signature, error, seen[1] if seen is not None else 1)
                     raise
+                self._refused.pop(signature, None)
                 self._keep(signature, compiled)
         return compiled
+
+    def _refuse(self, signature: Signature, error: Exception, count: int) -> None:
+        """Remember why ``signature`` was refused (without tracebacks: they hold the call's frames and inputs),
+        the last :data:`MAX_REFUSED` such signatures."""
+        kept = copy.copy(error).with_traceback(None)
+        if error.__cause__ is not None:
+            kept.__cause__ = copy.copy(error.__cause__).with_traceback(None)
+        self._refused.pop(signature, None)
+        self._refused[signature] = [kept, count]
+        while len(self._refused) > MAX_REFUSED:
+            self._refused.pop(next(iter(self._refused)))
 
     def _keep(self, signature: Signature, compiled: Compiled) -> None:
         """Hold ``compiled`` among the signatures (the caller holds ``COMPILING``), dropping what it evicts; the
@@ -451,6 +467,13 @@ def _same(a: tuple[tuple, dict], b: tuple[tuple, dict]) -> bool:
 def _holds(template: Compiled, flat: list) -> bool:
     """Whether ``template``'s graph for every shape holds for these inputs' shapes."""
     return bind_symbols(template.generic.gm, flat)[1] is None
+
+
+def _again(error: Exception) -> Exception:
+    """A fresh copy of a remembered refusal, with its cause, to raise once more."""
+    again = copy.copy(error)
+    again.__cause__ = error.__cause__
+    return again
 
 
 def _call_key(args: tuple, grad: bool) -> tuple | None:
