@@ -107,8 +107,8 @@ def _compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: Op
     if like is not None:
         share_constants(captured.gm, like.captured.gm)
     generic = captured if is_symbolic(captured.gm) else None
-    notice = get_backend(config.backend)[2]
-    if precision == "int8" and (config.backend != "dnnl" or not int8_layers(run)):
+    _, backend, notice = get_backend(config.backend)
+    if precision == "int8" and (backend != "dnnl" or not int8_layers(run)):
         precision_note = ""  # which oneDNN int8 kernels this CPU gets: said where they run
     notes = captured.notes + [note for note in (notice, precision_note, int8_coverage_note(precision, run, captured.gm),
                                                 guard_accuracy_note(precision, config.calibration, guard),

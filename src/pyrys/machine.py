@@ -10,7 +10,7 @@ from functools import cache
 from pathlib import Path
 
 # the instruction sets that decide which kernels oneDNN picks (and so a program's layouts and speed)
-ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8")
+ISA_FLAGS = ("avx2", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 
 # oneDNN's ``dnnl_cpu_isa_t``, as ``dnnl_get_effective_cpu_isa`` gives it: each ISA's value holds the bits of
@@ -69,8 +69,10 @@ def isa_limit_note() -> str:
     withheld = [flag for flag in ONEDNN_ISA_BITS if flag in cpu_flags() - kernel_flags()]
     if not withheld:
         return ""
-    limit = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "a limit"
-    return f" (ONEDNN_MAX_CPU_ISA={limit} withholds the CPU's {'/'.join(withheld)})"
+    for variable in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        if os.environ.get(variable):
+            return f" ({variable}={os.environ[variable]} withholds the CPU's {'/'.join(withheld)})"
+    return f" (oneDNN's kernels here withhold the CPU's {'/'.join(withheld)})"
 
 
 @cache
