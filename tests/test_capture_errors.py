@@ -315,3 +315,14 @@ def test_a_refusal_the_model_s_own_state_caused_passes_later():
         except pyrys.CaptureError:
             pass
     assert results and pyrys.relative_error(results[-1], model(image(3))) <= TOLERANCE
+
+
+def test_a_refused_first_new_shape_leaves_the_graph_for_every_shape_to_the_next():
+    """Under ``dynamic=None`` the first new shape captures the graph for every shape; when that shape was one the
+    model refuses, every later shape was captured on its own, with a note saying no dim could stay symbolic."""
+    model, x = conv_bn_relu(), image(2)
+    opt = pyrys.optimize(model, (x,))
+    with pytest.raises(pyrys.CaptureError):
+        opt(torch.randn(2, 5, *x.shape[2:]))
+    assert pyrys.relative_error(opt(image(3)), model(image(3))) <= TOLERANCE
+    assert any("captured once more with symbolic sizes" in note for note in opt.notes), opt.notes

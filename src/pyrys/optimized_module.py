@@ -193,7 +193,11 @@ class OptimizedModule(torch.nn.Module):
         captured and optimized again for that shape alone, with a note saying why."""
         if self._generic is None and not self._generic_tried:
             self._generic_tried = True
-            compiled = compile_signature(self._frontend, args, kwargs, self._config, dynamic=True, like=self._first)
+            try:
+                compiled = compile_signature(self._frontend, args, kwargs, self._config, dynamic=True, like=self._first)
+            except (CaptureError, InputError):  # these inputs were refused, not symbolic sizes: the next shape tries
+                self._generic_tried = False
+                raise
             give_back_freed_memory()  # the capture's own copies of the weights, shared away (share_constants)
             if compiled.generic is not None:
                 self._generic = compiled
