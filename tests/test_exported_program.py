@@ -178,3 +178,5 @@ def test_an_input_passed_by_keyword_is_named_in_a_dtype_error():
     opt = pyrys.optimize(Masked(), (x,), {"mask": x})
     with pytest.raises(pyrys.InputError, match="input 'mask' must have dtype torch.float32"):
         opt(x, mask=x.bool())
+    with pytest.raises(pyrys.InputError, match="input 'mask' must be a dense"):
+        opt(x, mask=x.to_sparse())

@@ -106,22 +106,22 @@ def arranged_like(spec: TreeSpec, parameters: inspect.Signature | None, args: tu
 def runnable_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """The call's inputs as a program reads them: each tensor on the CPU and dense (else
     :class:`InputError`), with lazy negation or conjugation (``torch._neg_view``) applied."""
-    flat = tree_flatten((args, kwargs))[0]
+    flat, spec = tree_flatten((args, kwargs))
     for i, value in enumerate(flat):
-        if isinstance(value, torch.Tensor):
-            _check_runnable(i, value)
+        if isinstance(value, torch.Tensor) and (value.device.type != "cpu" or value.layout != torch.strided):
+            _check_runnable(leaf_names(spec)[i], value)
     if not any(isinstance(v, torch.Tensor) and (v.is_neg() or v.is_conj()) for v in flat):
         return args, kwargs
     resolve = lambda v: v.resolve_neg().resolve_conj() if isinstance(v, torch.Tensor) else v  # noqa: E731
     return tree_map(resolve, args), tree_map(resolve, kwargs)
 
 
-def _check_runnable(i: int, value: torch.Tensor) -> None:
+def _check_runnable(name: str, value: torch.Tensor) -> None:
     if value.device.type != "cpu":
-        raise InputError(f"pyrys: input {i} must be a tensor on the CPU (device 'cpu'), got a tensor on "
+        raise InputError(f"pyrys: {name} must be a tensor on the CPU (device 'cpu'), got a tensor on "
                          f"{value.device}; pyrys runs on the CPU: pass x.to('cpu')")
     if value.layout != torch.strided:
-        raise InputError(f"pyrys: input {i} must be a dense (strided) tensor, got layout {value.layout}; "
+        raise InputError(f"pyrys: {name} must be a dense (strided) tensor, got layout {value.layout}; "
                          "pass x.to_dense()")
 
 
