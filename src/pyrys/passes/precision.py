@@ -63,6 +63,7 @@ BETWEEN_OPS = frozenset({
     *ACTIVATIONS, aten.add.Tensor, aten.mul.Tensor, aten.sub.Tensor, aten.div.Tensor,
     aten.cat.default, *VIEWS, *PERMUTES, aten.clone.default, aten.contiguous.default,
     aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int,
+    aten.pad.default, aten.constant_pad_nd.default,  # a TF-style "same" pad between convs (folded into the next)
 })
 BF16_OPS = COMPUTE_OPS | BETWEEN_OPS
 # sums stay float32 where a float32 op reads them: a norm would read them converted back anyway, and the
