@@ -75,6 +75,22 @@ def conv_padding(padding, spatial: int) -> tuple[list[int], list[int]]:
     return padding, list(padding)
 
 
+def same_padding(kernel, dilation) -> tuple[list[int], list[int]]:
+    """``padding="same"`` (stride 1) as (begin, end) per spatial dim, as torch pads it: ``t = d * (k - 1)`` in
+    all, ``t // 2`` at the begin and the rest at the end (one more there for an even kernel)."""
+    dilation = list(dilation) * len(kernel) if len(dilation) == 1 else list(dilation)
+    totals = [d * (k - 1) for d, k in zip(dilation, kernel)]
+    return [t // 2 for t in totals], [t - t // 2 for t in totals]
+
+
+def string_padded_conv(input, weight, bias=None, stride=(1,), padding="valid", dilation=(1,), groups=1):
+    """``aten::conv2d.padding`` and its 1-D/3-D twins spelled with numbers (torch's meta of them fixes symbolic
+    sizes at the example's: ``ir/meta.py`` infers them so)."""
+    spatial = weight.dim() - 2
+    begin, end = same_padding(weight.shape[2:], dilation) if padding == "same" else ([0] * spatial,) * 2
+    return _conv(input, weight, bias, stride, begin + end, dilation, groups)
+
+
 def _conv(input, weight, bias, stride, padding, dilation, groups):
     """Convolution, 1d/2d/3d by the weight's rank; a zero pad first where its two sides differ."""
     spatial = weight.dim() - 2

@@ -77,7 +77,17 @@ def _pad(input, pad, mode="constant", value=None):
     return aten.pad.default(input, pad, mode, value)
 
 
+def _string_padded_conv(*args, **kwargs):
+    """``conv2d(x, W, b, s, "same")`` (1-D/3-D too): torch's meta pads with the example's sizes; spelled with
+    numbers (:func:`pyrys.ir.fused.string_padded_conv`) it keeps them symbolic."""
+    from pyrys.ir.fused import string_padded_conv  # fused ops import this module
+
+    return string_padded_conv(*args, **kwargs)
+
+
 _DECOMPOSED_WHEN_SYMBOLIC[aten.pad.default] = _pad
+for _op in (aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding):
+    _DECOMPOSED_WHEN_SYMBOLIC[_op] = _string_padded_conv
 
 
 def _op_for(target: Any, mode: FakeTensorMode) -> Any:

@@ -50,6 +50,7 @@ import torch
 import torch.fx as fx
 
 from pyrys.ir.edit import insert_op, replace_node, set_args
+from pyrys.ir.fused import same_padding
 from pyrys.ir.graph import add_constant, constant_value, op_args, tensor_meta
 from pyrys.ir.printer import format_arg
 from pyrys.ir.symbolic import dims_key, known_contiguous, view_shape
@@ -391,8 +392,8 @@ class ExplicitConvPadding(Rule):
         dilation = dilation * spatial if len(dilation) == 1 else dilation
         if args.get("padding", "valid") == "valid":
             return Match({"padding": [0] * spatial})
-        totals = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
-        return Match({"padding": [total // 2 for total in totals], "odd": [total % 2 for total in totals]})
+        begin, end = same_padding(weight.shape[2:], dilation)
+        return Match({"padding": begin, "odd": [e - b for b, e in zip(begin, end)]})
 
     def rewrite(self, gm: fx.GraphModule, node: fx.Node, match: Match) -> None:
         args = op_args(node)
