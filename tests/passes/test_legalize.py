@@ -244,3 +244,17 @@ def test_a_symbolic_length_survives_the_pad_s_shape_inference(model, backend):
     for shape in [(2, 8, 17), (3, 8, 9), (1, 8, 30)]:
         x = torch.randn(*shape)
         assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE
+
+
+@pytest.mark.parametrize("model", [
+    nn.Sequential(nn.ZeroPad2d((1, 0, 0, 0)), _Lambda(lambda x: nn.functional.pad(x, (0, 2, 1, 1))), nn.Conv2d(4, 4, 3)),
+    nn.Sequential(_Lambda(lambda x: nn.functional.pad(x, (3, 0))), nn.Conv1d(4, 4, 2, padding="same")),
+], ids=["two pads", "a pad, then an even kernel's same"])
+def test_zero_pads_in_a_row_are_one_padding(model, backend):
+    """A helper's finding: of two zero pads in a row (a user's, then the one an even kernel's "same" makes)
+    only the one next to the conv was folded, the other left a torch step."""
+    model = model.eval()
+    x = torch.randn(2, 4, 9, 11) if isinstance(model[-1], nn.Conv2d) else torch.randn(2, 4, 23)
+    opt = pyrys.optimize(model, (x,), backend=backend, verify=True)
+    assert not [n for n in opt.graph_module.graph.nodes if n.target in (aten.pad.default, aten.constant_pad_nd.default)]
+    assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE

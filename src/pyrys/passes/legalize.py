@@ -29,6 +29,7 @@ This runs after the recorded pipeline
 from __future__ import annotations
 
 from dataclasses import replace
+from itertools import zip_longest
 
 import torch
 import torch.fx as fx
@@ -137,27 +138,34 @@ class ZeroPadIntoConv(Rule):
         if weight is None:
             return None
         pad_node, chain = _pad_through(fused.args["input"])
-        pad = zero_pad(pad_node, weight.dim() - 2)
+        spatial = weight.dim() - 2
+        pad = zero_pad(pad_node, spatial)
         if pad is None:
             return None
+        pads = [pad_node]  # a zero pad of a zero pad read by it alone: one pad, their sums
+        while (inner := zero_pad(pads[-1].args[0], spatial)) is not None and len(pads[-1].args[0].users) == 1:
+            pads.append(pads[-1].args[0])
+            pad = [a + b for a, b in zip_longest(pad, inner, fillvalue=0)]
         convs = list(chain[-1].users) if chain else [node]
         paddings = [_padded(read_fused(conv), pad) for conv in convs]
         if any(padding is None for padding in paddings):
             return fail(f"%{node.name}'s padding is a string: the pad %{pad_node.name} stays")
-        return Match({"convs": convs, "paddings": paddings, "pad": pad_node, "chain": chain})
+        return Match({"convs": convs, "paddings": paddings, "pads": pads, "chain": chain})
 
     def rewrite(self, gm: fx.GraphModule, node: fx.Node, match: Match) -> None:
-        pad, chain = match["pad"], match["chain"]
+        pads, chain = match["pads"], match["chain"]
+        unpadded = pads[-1].args[0]
         if chain:  # to(pad(x)) -> to(x): the pad's zeros convert to zeros
-            chain[0].args = (pad.args[0], *chain[0].args[1:])
+            chain[0].args = (unpadded, *chain[0].args[1:])
         for conv, padding in zip(match["convs"], match["paddings"]):
             fused = read_fused(conv)
-            source = chain[-1] if chain else pad.args[0]
+            source = chain[-1] if chain else unpadded
             conv.args = replace(fused, args={**fused.args, "input": source, "padding": padding}).node_args()
         # every argument first, then the values: a conv of the unpadded input with its old padding may not exist
         settle_meta([*chain, *match["convs"]])
-        if not pad.users:
-            gm.graph.erase_node(pad)
+        for pad in pads:  # the outer first: each inner one is read by the one before alone
+            if not pad.users:
+                gm.graph.erase_node(pad)
 
 
 class BatchOfOne(Rule):
