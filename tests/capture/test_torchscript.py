@@ -25,6 +25,13 @@ def script(model):
         return torch.jit.script(model)
 
 
+def trace(model, inputs: tuple):
+    """``torch.jit.trace`` without its tracer warnings."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.jit.trace(model, inputs)
+
+
 CONV_BN_RELU_IMPORTED = """\
 graph(%self : ClassType<ConvBnRelu>,
       %x : Float(1, 3, 6, 6)):
@@ -156,9 +163,7 @@ def test_failing_shape_check_is_reported_at_compile_time():
 
 def test_traced_module_is_imported_honestly_with_a_note():
     model = conv_bn_relu()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(model, (image(),))
+    traced = trace(model, (image(),))
     opt = pyrys.optimize(traced, (image(),), backend="reference")
     assert pyrys.relative_error(opt(image()), model(image())) <= TOLERANCE
     assert "traced module" in opt.report()
@@ -185,9 +190,7 @@ def test_a_traced_convolution_is_the_named_one():
     """A trace records ``aten::_convolution``, which nothing folded, fused or lowered (ResNet-18 traced: no fold,
     no fusion, 15 torch fallbacks; bf16 and int8 left every conv in float32, silently)."""
     model, x = EveryConvolution().eval(), torch.rand(2, 3, 6, 6)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(model, (x,))
+    traced = trace(model, (x,))
     assert "aten::_convolution" in str(traced.inlined_graph)
     opt = pyrys.optimize(traced, (x,))
     assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE
@@ -245,9 +248,7 @@ def test_a_write_to_a_dict_of_tensors_is_refused():
 def test_a_trace_that_fixed_a_size_says_so_at_another():
     """It raised torch's own RuntimeError ("a and b must have same reduction dim"), with 18 fake-tensor log lines."""
     model = ReshapedToItsBatch().eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(model, (torch.randn(2, 2, 4),))
+    traced = trace(model, (torch.randn(2, 2, 4),))
     opt = pyrys.optimize(traced, (torch.randn(2, 2, 4),))
     with pytest.raises(TorchScriptImportError, match="fails on inputs like these .a traced module keeps the sizes"):
         opt(torch.randn(5, 2, 4))
@@ -304,9 +305,7 @@ class SizesAsTensors(torch.nn.Module):
 
 def test_a_trace_s_sizes_made_tensors_are_numbers_again():
     model, x = SizesAsTensors().eval(), torch.randn(2, 5, 6)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(model, (x,))
+    traced = trace(model, (x,))
     assert "prim::NumToTensor" in str(traced.inlined_graph)
     opt = pyrys.optimize(traced, (x,))
     assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE
@@ -320,9 +319,7 @@ def test_a_traced_size_in_float_arithmetic_keeps_the_trace_s_dtype():
             return torch.arange(6).view(2, 3) * (x.size(1) / 2.5) + x
 
     x = torch.randn(2, 3)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(Scaled(), (x,))
+    traced = trace(Scaled(), (x,))
     y = pyrys.optimize(traced, (x,))(x)
     assert y.dtype == torch.float32 and pyrys.relative_error(y, Scaled()(x)) <= TOLERANCE
 
