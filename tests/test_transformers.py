@@ -124,24 +124,46 @@ def test_traced_transformers_through_torchscript(name):
     assert pyrys.relative_error(opt(*inputs), expected) <= TOLERANCE
 
 
-def test_int8_at_new_shapes_says_when_layers_fall_back_and_dynamic_true_keeps_them():
+def _int8_layers(opt) -> list[int]:
+    return [sum(step.fired.get("int8", 0) for step in c.run.history) for c in opt._programs.values()]
+
+
+def test_int8_captures_that_compute_values_otherwise_are_calibrated_on_their_own():
     """BERT's static capture folds its position embeddings into a constant, the symbolic one computes them:
-    the calibrated scales do not name the symbolic graph's values.  The note says so; ``dynamic=True``
-    calibrates the symbolic graph itself, and every shape runs in int8."""
+    the first plan's scales do not name the symbolic graph's values, so that graph is calibrated on its own
+    (on the samples kept), and says so; where no sample is kept its layers fall back, with a note."""
     model = MODELS["hf_bert"](small=True)
     calibration = [model.example_inputs(2) for _ in range(3)]
     opt = pyrys.optimize(model, model.example_inputs(2), precision="int8", calibration=calibration)
+    inputs = model.example_inputs(1)
+    with torch.no_grad():
+        expected = model(*inputs)
+    assert pyrys.relative_error(opt(*inputs), expected) <= 5e-2  # within int8's tolerance
+    assert any("so it is calibrated on its own, on 3 of the calibration samples" in note
+               for note in opt.notes), opt.notes  # the symbolic graph takes them as they are
+    assert _int8_layers(opt) == [8, 8], _int8_layers(opt)
+    opt = pyrys.optimize(model, model.example_inputs(2), precision="int8", calibration=calibration)
+    opt._config.calibration.kept = []  # nothing to calibrate another graph on
     opt(*model.example_inputs(1))
-    assert any("int8 layers in int8, the rest in float32" in note for note in opt.notes), opt.notes
+    assert any("int8 layers in int8, the rest in floating point (their inputs are computed otherwise" in note
+               for note in opt.notes), opt.notes
+
+
+def test_int8_dynamic_true_keeps_every_shape_in_int8_batch_and_length_one_too():
+    """``dynamic=True`` calibrates the symbolic graph itself; GPT-2's excludes a batch of 1 and a length of 1
+    (a decode step), whose captures fold constants and are calibrated on the samples cut to their size-1 dims:
+    every shape runs all its linears in int8."""
+    model = MODELS["hf_gpt2"](small=True)
+    calibration = [model.example_inputs(2) for _ in range(3)]
     opt = pyrys.optimize(model, model.example_inputs(2), precision="int8", calibration=calibration, dynamic=True)
-    for batch in (1, 3):
-        inputs = model.example_inputs(batch)
+    for batch, length in ((1, None), (3, None), (2, 1), (1, 1)):
+        inputs = tuple(t[:, :length].contiguous() for t in model.example_inputs(batch))
         with torch.no_grad():
             expected = model(*inputs)
         assert pyrys.relative_error(opt(*inputs), expected) <= 5e-2  # within int8's tolerance
-    assert not any("the rest in float32" in note for note in opt.notes), opt.notes
-    in_int8 = [sum(step.fired.get("int8", 0) for step in c.run.history) for c in opt._programs.values()]
-    assert in_int8 and all(count == 8 for count in in_int8), in_int8  # every shape's program: all 8 linears
+    assert not any("the rest in floating point" in note for note in opt.notes), opt.notes
+    layers = _int8_layers(opt)
+    assert len(layers) == 5 and len(set(layers)) == 1 and layers[0] > 0, layers  # every shape's program alike
 
 
 @pytest.mark.parametrize("backend", ["reference", "dnnl"])

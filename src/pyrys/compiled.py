@@ -89,6 +89,8 @@ def _dump_dir(config: OptimizeConfig, signature: Signature, dynamic: bool | str,
 def _compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: OptimizeConfig, dynamic: bool | str,
                        like: Compiled | None, trace: NumericsTrace | None = None) -> Compiled:
     signature, flat = signature_of(args, kwargs)
+    if like is not None and config.calibration is not None:
+        config = dataclasses.replace(config, calibration=config.calibration.for_capture())
     captured = frontend.capture(args, kwargs, dynamic)
     measure = None if trace is None else (lambda step, gm: trace.measure(step, gm, flat))
     instruments = Instruments(config.print_after_each, _dump_dir(config, signature, dynamic, like),

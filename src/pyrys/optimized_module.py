@@ -28,6 +28,8 @@ from pyrys.config import OptimizeConfig
 from pyrys.errors import CaptureError
 from pyrys.ir.quiet_fake import fake_tensor_errors_unlogged
 from pyrys.compiled import COMPILING, Compiled, build_for_shape, compile_signature, static_reason
+from pyrys.numerics.budget import ACCURACY_NOTE
+from pyrys.passes.quantize import OWN_CALIBRATION
 from pyrys.precision_notes import int8_layers
 
 
@@ -336,19 +338,21 @@ class OptimizedModule(torch.nn.Module):
 
     def _note_precision(self, compiled: Compiled, signature: Signature) -> None:
         """What a capture for new shapes did in lower precision, in ``opt.notes``: its bf16 accuracy guard's
-        measure (it may keep other ops in float32: its misses say which), and fewer int8 layers than the
-        calibrated capture (its values computed otherwise, constants folded at one shape and not at another,
-        have no calibrated scale)."""
-        for note in compiled.notes:
-            if note.startswith("precision='bf16': "):
+        measure (it may keep other ops in float32: its misses say which), its own int8 calibration and its
+        measure (a graph computing values otherwise than the one calibrated first: ``passes/quantize.py``),
+        and fewer int8 layers than the first capture."""
+        calibrated = any(note.startswith(OWN_CALIBRATION) for note in compiled.notes)
+        for note in sorted(compiled.notes, key=lambda note: not note.startswith(OWN_CALIBRATION)):
+            if note.startswith(("precision='bf16': ", OWN_CALIBRATION)) or (
+                    calibrated and note.startswith(ACCURACY_NOTE % "int8")):
                 self._note(f"the capture for inputs ({signature.describe()}): {note}")
         first, now = int8_layers(self._first.run), int8_layers(compiled.run)
         if now < first:
+            why = ("the accuracy guard keeps more of them out of int8 there" if calibrated else
+                   "their inputs are computed otherwise there than in the graph calibrated, and no calibration "
+                   "sample fits it")
             self._note(f"precision='int8': the capture for inputs ({signature.describe()}) runs {now} of the "
-                       f"{first} int8 layers in int8, the rest in float32 (their inputs are computed otherwise "
-                       "there than in the graph calibrated; its misses say which)" + (
-                           "" if self._config.dynamic is True else
-                           "; optimize with dynamic=True to calibrate the graph every shape is specialized from"))
+                       f"{first} int8 layers in int8, the rest in floating point ({why}; its misses say which)")
 
     def _note(self, note: str) -> None:
         """Add to ``opt.notes`` (the first signature's), at most :data:`MAX_SHAPE_NOTES` times."""

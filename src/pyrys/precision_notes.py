@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from pyrys.ir.symbolic import bind_symbols, is_symbolic
 from pyrys.numerics.budget import accuracy_note
 from pyrys.machine import isa_limit_note, native_bf16
 from pyrys.passes.precision_guard import Bf16Guard
@@ -13,6 +12,7 @@ from pyrys.quantization import int8_note
 from pyrys.quantization.calibration import Calibration
 from pyrys.quantization.guard import CALIBRATION_DATA
 from pyrys.config import OptimizeConfig
+from pyrys.size_one import fitted_samples
 
 
 def effective_precision(precision: str) -> tuple[str, str]:
@@ -71,23 +71,18 @@ def runs_in(gm: fx.GraphModule) -> str:
 
 def bf16_guard(calibration: Calibration | None, flat: list, gm: fx.GraphModule) -> Bf16Guard | None:
     """What the bf16 accuracy guard of this compile measures on: the samples of ``calibration=`` where given
-    and the graph ``gm`` takes every one (its ranges and guards, or its fixed shapes: a capture for a step of
-    one token does not take samples of three), else the inputs it compiles for (``flat``); None where
-    ``accuracy_budget=None`` (nothing measured)."""
+    and the graph ``gm`` takes them (its ranges and guards, or its fixed shapes; a capture for a batch of one
+    or a step of one token takes them cut to its size-1 dims: :func:`~pyrys.size_one.fitted_samples`), else
+    the inputs it compiles for (``flat``); None where ``accuracy_budget=None`` (nothing measured)."""
     if calibration is None or calibration.accuracy_budget is None:
         return None
-    samples = calibration.samples  # kept (GUARD_SAMPLES of them): every capture measures on them
-    if samples and all(_takes(gm, sample, flat) for sample in samples):
-        return Bf16Guard(samples, calibration.accuracy_budget,
-                         f"{len(samples)} calibration sample{'s' * (len(samples) > 1)}")
+    samples = calibration.samples or []  # kept (GUARD_SAMPLES of them): every capture measures on them
+    fitted = fitted_samples(gm, samples, len(samples))
+    if fitted:
+        return Bf16Guard(fitted, calibration.accuracy_budget,
+                         f"{len(fitted)} calibration sample{'s' * (len(fitted) > 1)}"
+                         + (" (cut to its size-1 dims)" if fitted[0] is not samples[0] else ""))
     return Bf16Guard([flat], calibration.accuracy_budget, "the inputs compiled for")
-
-
-def _takes(gm: fx.GraphModule, sample: list, flat: list) -> bool:
-    """Whether ``gm`` (captured for ``flat``'s shapes, or for every shape) holds for ``sample``."""
-    if is_symbolic(gm):
-        return bind_symbols(gm, sample)[1] is None
-    return all(a.shape == b.shape for a, b in zip(sample, flat) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor))
 
 
 def guard_accuracy_note(precision: str, calibration: Calibration | None, guard: Bf16Guard | None) -> str:

@@ -8,6 +8,10 @@ captures a second graph from the inputs at hand with that symbol's dims narrowed
 every other one symbolic (``capture/dynamic_shapes.py``'s ``SIZE_ONE_FIXED``): at the first call that needs
 it, and before ``pyrys.save`` for each one still missing (and then for those a size-1 capture excludes in turn:
 batch 1 of length 1), so that a saved module takes batch 1 and length 1.
+
+Such a graph may compute some values otherwise than the one calibrated (constants folded at size 1): what
+its int8 layers read is measured on the calibration samples it takes, cut to its size-1 dims
+(:func:`fitted_samples`).
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_unflatten
 
 from pyrys.ir.graph import user_inputs
-from pyrys.ir.symbolic import FAKE_MODE_KEY, bind_symbols
+from pyrys.ir.symbolic import FAKE_MODE_KEY, bind_symbols, is_symbolic
 from pyrys.signature import signature_of
 
 
@@ -56,6 +60,62 @@ def size_one_dims(gm: fx.GraphModule, flat: list) -> bool:
     """Whether one of ``gm``'s symbolic input dims has size 1 in ``flat`` (a shape a graph captured with those
     dims fixed at 1 may hold for)."""
     return any(flat[i].shape[d] == 1 for places in _symbol_dims(gm, flat).values() for i, d in places)
+
+
+def fitted_samples(gm: fx.GraphModule, samples: list[list], limit: int) -> list[list]:
+    """The samples (flat inputs) ``gm`` takes, at most ``limit``, each cut where ``gm`` holds an input dim at
+    size 1 that the sample has larger (a capture for a batch of one, for a step of one token): into its rows
+    where only dims 0 are cut (each row a sample), else to its first position there."""
+    fitted: list[list] = []
+    for sample in samples:
+        cut = _size_one_places(gm, sample)
+        if not cut:
+            candidates = [sample]
+        elif {d for _, d in cut} == {0} and len({sample[i].shape[0] for i, _ in cut}) == 1:
+            candidates = [_narrowed(sample, cut, row) for row in range(sample[cut[0][0]].shape[0])]
+        else:
+            candidates = [_narrowed(sample, cut, 0)]
+        fitted += [candidate for candidate in candidates if takes(gm, candidate)]
+        if len(fitted) >= limit:
+            break
+    return fitted[:limit]
+
+
+def takes(gm: fx.GraphModule, flat: list) -> bool:
+    """Whether ``gm`` holds for these flat inputs: its ranges and guards with symbolic sizes, else its shapes."""
+    if is_symbolic(gm):
+        return bind_symbols(gm, flat)[1] is None
+    for node, value in zip(user_inputs(gm.graph), flat):
+        val = node.meta.get("val")
+        if isinstance(value, torch.Tensor) and not (isinstance(val, torch.Tensor) and val.shape == value.shape):
+            return False
+    return True
+
+
+def _size_one_places(gm: fx.GraphModule, flat: list) -> list[tuple[int, int]]:
+    """The ``(flat input, dim)`` places where ``gm``'s input has a fixed size of 1 and ``flat``'s is larger."""
+    places = []
+    for position, (node, value) in enumerate(zip(user_inputs(gm.graph), flat)):
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor) or not isinstance(value, torch.Tensor) or val.dim() != value.dim():
+            continue
+        for d, size in enumerate(val.shape):
+            if isinstance(size, torch.SymInt):
+                expr = size.node.expr
+                if not expr.is_number:
+                    continue
+                size = int(expr)
+            if size == 1 and value.shape[d] > 1:
+                places.append((position, d))
+    return places
+
+
+def _narrowed(flat: list, places: list[tuple[int, int]], start: int) -> list:
+    """``flat`` with each of ``places`` narrowed to the one position ``start`` (contiguous copies)."""
+    narrowed = list(flat)
+    for position, d in places:
+        narrowed[position] = narrowed[position].narrow(d, start, 1)
+    return [t.contiguous() if isinstance(t, torch.Tensor) else t for t in narrowed]
 
 
 def _symbol_dims(gm: fx.GraphModule, flat: list) -> dict[sympy.Symbol, list[tuple[int, int]]]:

@@ -92,9 +92,12 @@ def kept_reason(precision: str, own: float, total: float, budget: float, data: s
             f"accuracy_budget={budget:g}")
 
 
+ACCURACY_NOTE = "precision='%s': outputs within "  # how accuracy_note begins
+
+
 def accuracy_note(precision: str, error: float, budget: float | None, kept: int, data: str,
                   kept_in: str = "float32") -> str:
     """The note saying how far the outputs are from float32's, and what the guard kept (in ``kept_in``)."""
     held = "" if budget is None else f" (accuracy_budget={budget:g}" + (
         f": {kept} op{'s' * (kept != 1)} kept in {kept_in}, see misses)" if kept else ")")
-    return f"precision={precision!r}: outputs within {error:.1e} of float32's (max relative error on {data}){held}"
+    return f"{ACCURACY_NOTE % precision}{error:.1e} of float32's (max relative error on {data}){held}"

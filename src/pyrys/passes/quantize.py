@@ -41,9 +41,10 @@ from pyrys.passes.precision import run_in_bf16
 from pyrys.passes.rewrite import Miss, PassResult
 from pyrys.quantization import DEQUANTIZE, DEQUANTIZE_WEIGHT, QUANTIZE, TensorQuant, quantize_weight, weight_max
 from pyrys.quantization.bias_correction import bias_corrections, corrected_args, correctable
-from pyrys.quantization.calibration import Calibration, QuantizationPlan, observe
+from pyrys.quantization.calibration import MAX_SAMPLES, Calibration, QuantizationPlan, observe
 from pyrys.numerics.budget import GUARD_SAMPLES
 from pyrys.quantization.guard import BF16, FLOAT32, Switch, guard
+from pyrys.size_one import fitted_samples
 
 RULE = "int8"
 aten = torch.ops.aten
@@ -53,6 +54,7 @@ aten = torch.ops.aten
 # the result is quantized and the layer writes int8 (:func:`_shared_results`).
 INT8_READERS = frozenset({aten.mul.Tensor, aten.add.Tensor, aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default})
 COMMUTATIVE = frozenset({aten.mul.Tensor, aten.add.Tensor})
+OWN_CALIBRATION = "precision='int8': this capture computes some values otherwise"  # a later capture's note
 
 
 def quantize(gm: fx.GraphModule, precision: str, calibration: Calibration | None) -> PassResult:
@@ -68,25 +70,27 @@ def quantize(gm: fx.GraphModule, precision: str, calibration: Calibration | None
     keys, shared = _layer_keys(layers), _shared_results(layers)
     roles = _roles(layers, keys, shared)  # before the rewrite: each value the plan names, by its role
     with calibration.lock:
-        plan = calibration.plan
-        if plan is None:
-            samples = calibration.samples
+        plan, samples = _plan_or_samples(gm, calibration, roles, keys)
+        planning = plan is None
+        if planning:
             quants, expected = observe(gm, {value.name for value in roles.values()}, samples, GUARD_SAMPLES)
             memo: dict = {}
-            plan = QuantizationPlan({role: (_origin(value, keys, memo), quants[value.name])
-                                     for role, value in roles.items() if value.name in quants})
+            origins = {role: _origin(value, keys, memo) for role, value in roles.items()}
+            plan = QuantizationPlan({role: (origins[role], quants[value.name])
+                                     for role, value in roles.items() if value.name in quants}, origins)
         switches = _rewrite(gm, layers, keys, shared, _lookup(plan, roles, keys), result)
-        if calibration.plan is None and switches:
+        if planning and switches:
             plan.biases = bias_corrections(gm, switches, samples)
         _correct_biases(gm, switches, plan.biases)
         attention = _bf16_attention(gm) if switches else frozenset()  # no int8 op: all float32, as the note says
-        if calibration.plan is None:
+        if planning:
             plan.floating = BF16 if keeps_in_bf16() else FLOAT32
             if calibration.accuracy_budget is not None and switches:
                 plan.kept, plan.error, plan.floating = guard(
                     gm, switches, samples[:GUARD_SAMPLES], expected, calibration.accuracy_budget,
                     run_in_bf16 if plan.floating == BF16 else None, attention)
-            calibration.plan, calibration.samples = plan, None
+            calibration.planned(plan, samples)
+        calibration.plan = plan
     kept = set()
     for key, why in plan.kept.items():
         if key in switches:
@@ -170,6 +174,30 @@ def _origin(value: fx.Node, keys: dict[fx.Node, str], memo: dict | None = None) 
                       if isinstance(arg.meta.get("val"), torch.Tensor))  # not symbolic sizes: any shape
         memo[value] = hash((own, reads))
     return memo[value]
+
+
+def _plan_or_samples(gm: fx.GraphModule, calibration: Calibration, roles: dict[str, fx.Node],
+                     keys: dict[fx.Node, str]) -> tuple[QuantizationPlan | None, list[list] | None]:
+    """The plan this compile uses, or None and the samples to make one from.  A later capture (another shape:
+    ``calibration.parent`` is the first compile's) takes the first plan where that names every value this graph
+    quantizes, computed alike; else (a batch of one, a step of one token: constants folded at size 1 change
+    what computes a layer's input) it is calibrated on its own, on the samples the first compile kept cut to
+    its size-1 dims (:func:`~pyrys.size_one.fitted_samples`), and says so in ``calibration.note``; where it
+    takes none of them, the first plan quantizes what it computes alike."""
+    if calibration.plan is not None or calibration.parent is None:
+        return calibration.plan, calibration.samples
+    first = calibration.parent.plan
+    memo: dict = {}
+    if all(first.roles.get(role) == _origin(value, keys, memo) for role, value in roles.items()):
+        return first, None
+    samples = fitted_samples(gm, calibration.parent.kept, MAX_SAMPLES)
+    if not samples:
+        return first, None
+    cut = any(a is not b for a, b in zip(samples, calibration.parent.kept))
+    calibration.note = (f"{OWN_CALIBRATION} than the graph calibrated first, so it is calibrated on its own, on "
+                        f"{len(samples)} of the calibration samples"
+                        + (" (cut to its size-1 dims)" if cut else ""))
+    return None, samples
 
 
 def _lookup(plan: QuantizationPlan, roles: dict[str, fx.Node], keys: dict[fx.Node, str]):

@@ -33,6 +33,7 @@ from pyrys.signature import InputError, is_tensor_leaf, signature_of
 aten = torch.ops.aten
 MAX_SAMPLES = 300  # calibration reads at most this many samples (OpenVINO NNCF's default subset size)
 DRAWN_SAMPLES = 16  # samples_like's default count
+KEPT_SAMPLE_BYTES = 8 << 20  # the samples kept for later captures' own calibration (token ids: all 300)
 
 
 @dataclass
@@ -43,6 +44,7 @@ class QuantizationPlan:
     int8 layer's bias correction, and the layers kept in floating point by the accuracy guard, with why."""
 
     activations: dict[str, tuple[str, TensorQuant]]
+    roles: dict[str, int] = field(default_factory=dict)  # every role of the graph calibrated, with what computed it
     kept: dict[str, str] = field(default_factory=dict)
     biases: dict[str, torch.Tensor] = field(default_factory=dict)  # each layer's bias correction, by layer key
     error: float | None = None  # the outputs' error against float32 the guard measured (None: no guard)
@@ -51,21 +53,54 @@ class QuantizationPlan:
 
 
 class Calibration:
-    """The calibration samples of one ``optimize`` call and the plan made from them, once (the samples
-    are let go then); ``accuracy_budget``: see :mod:`pyrys.numerics.budget` (None: no guard).  With
-    ``precision="bf16"`` there is no plan: every compile's accuracy guard measures on the samples where its
-    graph takes them (None where none were given: each compile measures on its own inputs)."""
+    """The calibration samples of one ``optimize`` call and the plan made from them, once; ``accuracy_budget``:
+    see :mod:`pyrys.numerics.budget` (None: no guard).  With ``precision="bf16"`` there is no plan: every
+    compile's accuracy guard measures on the samples where its graph takes them (None where none were given:
+    each compile measures on its own inputs).
 
-    def __init__(self, samples: list[list] | None, accuracy_budget: float | None, note: str = ""):
+    With ``precision="int8"`` the samples are let go once the plan is made, but for the first ones
+    (:data:`KEPT_SAMPLE_BYTES` of them, ``kept``): a later capture (another shape) whose graph computes a
+    value otherwise than the one calibrated (a batch of one, a step of one token: constants folded at size 1)
+    is calibrated on its own, on those (:meth:`for_capture`)."""
+
+    def __init__(self, samples: list[list] | None, accuracy_budget: float | None, note: str = "",
+                 parent: "Calibration | None" = None):
         self.samples: list[list] | None = samples
         self.note = note  # what reading the samples did to them (cut into the example's rows), for opt.notes
         self.accuracy_budget = accuracy_budget
         self.plan: QuantizationPlan | None = None
+        self.kept: list[list] = []  # int8, once planned: the samples a later capture may calibrate on
+        self.parent = parent  # a later capture's: the first compile's calibration, whose plan it tries first
         self.lock = threading.Lock()
 
     def __repr__(self) -> str:
         held = "planned" if self.plan is not None else f"{len(self.samples or [])} samples"
         return f"Calibration({held}, accuracy_budget={self.accuracy_budget})"
+
+    def for_capture(self) -> "Calibration":
+        """What a later capture's compile reads: with int8 (a plan made) a calibration of its own, which takes
+        the first plan where that fits its graph and else calibrates it on the samples kept; else this one."""
+        root = self.parent or self
+        if root.plan is None:
+            return self
+        return Calibration(None, root.accuracy_budget, root.note, parent=root)
+
+    def planned(self, plan: "QuantizationPlan", samples: list[list]) -> None:
+        """Keep ``plan``; let the samples go, but for the first ones kept for later captures (a first compile's)."""
+        self.plan, self.samples = plan, None
+        if self.parent is None:
+            self.kept = kept_samples(samples)
+
+
+def kept_samples(samples: list[list]) -> list[list]:
+    """The first samples whose tensors hold :data:`KEPT_SAMPLE_BYTES` together (at least one)."""
+    kept, held = [], 0
+    for sample in samples:
+        held += sum(t.numel() * t.element_size() for t in sample if isinstance(t, torch.Tensor))
+        if kept and held > KEPT_SAMPLE_BYTES:
+            break
+        kept.append(sample)
+    return kept
 
 
 def calibration_samples(data: Iterable, args: tuple, kwargs: dict, limit: int | None = None) -> tuple[list[list], str]:
