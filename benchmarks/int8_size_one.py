@@ -20,7 +20,7 @@ from pyrys.precision_notes import int8_layers
 from pyrys.signature import signature_of
 
 ROUNDS, SECONDS = 3, 1.0  # rounds of interleaved_ms, seconds timed a system a round
-SHAPES = [(1, 1), (1, 64), (4, 1)]  # (batch, tokens): a decode step, a prompt of one, a step of four
+SHAPES = [(2, 64), (1, 1), (1, 64), (4, 1)]  # (batch, tokens): as calibrated, a decode step, a prompt of one, a step of four
 
 
 def main() -> None:

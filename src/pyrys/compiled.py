@@ -14,6 +14,7 @@ import torch
 
 from pyrys.backends import Program, get_backend, release_constants
 from pyrys.backends.options import BackendOptions
+from pyrys.calling_context import autocast_off
 from pyrys.capture.captured import Captured
 from pyrys.errors import CaptureError
 from pyrys.ir.verify import VerificationError, make_verifier, output_types
@@ -50,6 +51,7 @@ class Compiled:
 
 
 @forgetting_dead_sources
+@autocast_off
 def compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: OptimizeConfig,
                       dynamic: bool | str = False, like: Compiled | None = None, trace: NumericsTrace | None = None) -> Compiled:
     """Capture the model on these inputs (``dynamic``: for every shape, where it can; ``SIZE_ONE_FIXED``: every
@@ -149,6 +151,7 @@ def _measure_program(trace: NumericsTrace, compiled: Compiled, flat: list, confi
 
 
 @forgetting_dead_sources
+@autocast_off
 def build_for_shape(template: Compiled, signature: Signature, flat: list, config: OptimizeConfig,
                     like: Program | None = None) -> Compiled:
     """The program for ``signature`` from ``template``'s optimized graph (specialized to these shapes when

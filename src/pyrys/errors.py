@@ -27,3 +27,8 @@ class SaveError(RuntimeError):
 
 class LoadError(ValueError):
     """``pyrys.load`` was given a directory that is not a whole pyrys save this version can read."""
+
+
+class TracedCallError(TypeError):
+    """An optimized module was called by a tracer or a transform (``torch.jit.trace``, ``torch.export``,
+    ``torch.func.vmap``), which it cannot run under: it runs compiled programs on real CPU tensors."""

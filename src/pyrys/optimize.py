@@ -138,6 +138,11 @@ def optimize(
     if not isinstance(model, torch.nn.Module):
         raise TypeError("pyrys.optimize expects a torch.nn.Module, a TorchScript module or function, or a "
                         f"torch.export.ExportedProgram, got {type(model).__name__}")
+    inner = next((name for name, module in model.named_modules() if isinstance(module, OptimizedModule)), None)
+    if inner is not None:
+        raise TypeError(f"pyrys.optimize: this model holds a module optimized by pyrys (at {inner!r}), which "
+                        "cannot be captured again (it runs compiled programs, not torch ops); put the model it was "
+                        "optimized from in its place and optimize the whole")
     args, kwargs = _example_inputs(example_inputs, example_kwargs)
     config = with_calibration(config, calibration, accuracy_budget, args, kwargs)
     _check_on_cpu(type(model).__name__, state_of(model))
@@ -147,6 +152,7 @@ def optimize(
     model, writes = private_copy(model, frozen)
     trace = _trace(config, model, args, kwargs)
     optimized = OptimizedModule(module_frontend(model, writes), args, kwargs, config, trace)
+    optimized.training = optimized.compiled_training = bool(model.training)
     writes.wait()
     _warn_of_input_writes(optimized, caller_keeps_writes, model=model)
     return optimized
@@ -197,10 +203,12 @@ def optimize_torchscript(script: Any, example_inputs: Any, example_kwargs: dict 
     args, kwargs = _example_inputs(example_inputs, example_kwargs)
     config = with_calibration(config, calibration, accuracy_budget, args, kwargs)
     _check_on_cpu(script_class_name(script), state_of(script))
-    if (flag_values or {}).get("training", getattr(script, "training", False)):
+    training = bool((flag_values or {}).get("training", getattr(script, "training", False)))
+    if training:
         _warn_if_training(script, stacklevel=4)
     trace = _trace(config, script, args, kwargs)
     optimized = OptimizedModule(torchscript_frontend(script, flag_values), args, kwargs, config, trace)
+    optimized.training = optimized.compiled_training = training
     _warn_of_input_writes(optimized, caller_keeps_writes=False, stacklevel=4)
     return optimized
 

@@ -12,6 +12,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from pyrys.backends.reference import with_values
+from pyrys.calling_context import autocast_on, refuse_tracers, warn_of_autocast, without_autocast
 from pyrys.forwarding import forwarded
 from pyrys.ir.symbolic import (bind_symbols, describe_dims, differing_fixed_dims, fixed_dims_differ, pinned_dims_differ,
                                 rows_dim)
@@ -84,12 +85,14 @@ class OptimizedModule(torch.nn.Module):
         and those captured with symbolic sizes for the shapes it excludes (``other_templates``): with size-1
         dims fixed (``size_one.py``), or at other sizes of the dims it holds fixed (an image's height and width)."""
         self._frontend, self._config = frontend, config
+        self.training = self.compiled_training = False  # the mode captured (see train); optimize sets it
         self._first = compiled[0]
         self._generic = generic or next((c for c in compiled if c.generic is not None), None)
         self._other_templates: list[Compiled] = list(other_templates or [])
         self._sizes_seen: dict[tuple[int, int], set[int]] = {}  # fixed dims (input position, dim) other sizes came
         # in, and the sizes each came at (the graph's included)
         self._size_one_inputs: list[tuple[tuple, dict]] = []  # inputs to capture them from, before a save
+        self._told_of_mode = False  # train() warned once
         self._size_one_refused: list[tuple[tuple, dict]] = []  # of those, the ones the model refused (noted once)
         self._generic_tried = self._generic is not None or config.dynamic is not None or not frontend.symbolic
         kept = {c.signature for c in compiled} if frontend.fixed_shapes else set()  # loaded: nothing to capture from
@@ -109,6 +112,11 @@ class OptimizedModule(torch.nn.Module):
         return module
 
     def forward(self, *args, **kwargs):
+        refuse_tracers()
+        if autocast_on():  # not followed: the program's precision, and the same dtypes on every backend
+            warn_of_autocast(self._config.precision)
+            with without_autocast():
+                return self.forward(*args, **kwargs)
         if self._first.captured.input_writes:
             _refuse_shared_memory(args, kwargs, self._first.captured)
         grad = torch.is_grad_enabled()
@@ -377,8 +385,20 @@ class OptimizedModule(torch.nn.Module):
                                                self._other_templates)
         copied._size_one_inputs, copied._size_one_refused = list(self._size_one_inputs), list(self._size_one_refused)
         copied._sizes_seen = {where: set(sizes) for where, sizes in self._sizes_seen.items()}
-        copied.training = self.training
+        copied.training, copied.compiled_training = self.training, self.compiled_training
         return copied
+
+    def train(self, mode: bool = True) -> "OptimizedModule":
+        """Sets ``training``, as on any module, but what the module computes stays what was captured: the mode
+        the model was in at ``optimize`` (``compiled_training``); asked for the other, it warns once."""
+        if bool(mode) != self.compiled_training and not self._told_of_mode:
+            self._told_of_mode = True
+            captured = "training" if self.compiled_training else "eval"
+            warnings.warn(f"pyrys: train({bool(mode)}) does not change what an optimized module computes: it runs the "
+                          f"graph captured in {captured} mode (in eval mode BatchNorm is folded with its running "
+                          "statistics and dropout is off). Call the model itself to train, or optimize it in the "
+                          "mode wanted", UserWarning, stacklevel=2)
+        return super().train(mode)
 
     def __copy__(self) -> "OptimizedModule":
         return self.__deepcopy__({})

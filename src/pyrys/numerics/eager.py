@@ -17,13 +17,16 @@ import torch
 from torch.export import ExportedProgram
 from torch.utils._pytree import tree_leaves, tree_map
 
+from pyrys.calling_context import without_autocast
+
 
 def eager_outputs(model: Any, args: tuple, kwargs: dict) -> list:
-    """The flat outputs (tensor leaves and scalars, in pytree order) of ``model(*args, **kwargs)``."""
+    """The flat outputs (tensor leaves and scalars, in pytree order) of ``model(*args, **kwargs)`` (the reference
+    a compile is measured against: in float32, whatever the caller's ``torch.autocast``)."""
     if isinstance(model, ExportedProgram):
         model = model.module()
     args, kwargs = tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, (args, kwargs))
-    with torch.no_grad():
+    with torch.no_grad(), without_autocast():
         outputs = _own_copy(model)(*args, **kwargs)
     return [leaf.detach() if isinstance(leaf, torch.Tensor) else leaf for leaf in tree_leaves(outputs)]
 

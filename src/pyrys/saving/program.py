@@ -28,6 +28,7 @@ import pyrys
 from pyrys.backends import get_backend, release_constants
 from pyrys.backends.options import LAYOUTS, BackendOptions
 from pyrys.capture.captured import Captured
+from pyrys.calling_context import autocast_off
 from pyrys.errors import LoadError, SaveError
 from pyrys.ir.generated_source import forgetting_dead_sources
 from pyrys.ir.graph import tensor_bytes
@@ -74,6 +75,7 @@ def save(opt: OptimizedModule, path: str | os.PathLike) -> Path:
         written = set().union(*(written_tensors(gm) for gm in _graphs(compiled, opt)))
     tensors, aliases = _without_repeats(tensors, written)
     program = {"frontend": opt._frontend.kind, "threads": opt._config.threads, "layout": opt._config.layout,
+               "training": opt.compiled_training,
                "first": first, "signatures": signatures, "aliases": aliases, "generic": generic, "size_one": size_one,
                "tensors": {key: {"shape": list(t.shape), "stride": list(t.stride()), "dtype": _dtype_name(t.dtype)}
                            for key, t in tensors.items()}}
@@ -84,6 +86,7 @@ def save(opt: OptimizedModule, path: str | os.PathLike) -> Path:
 
 
 @forgetting_dead_sources
+@autocast_off
 def load(path: str | os.PathLike | Mapping[str, bytes], *, threads: int | None = None) -> OptimizedModule:
     """The module :func:`save` wrote to ``path``, ready to call; ``threads`` as in :func:`pyrys.optimize`.
     ``path`` may also be the save's files in memory (``pyrys.saving.read_files(path)``: name -> bytes).
@@ -127,7 +130,9 @@ def _load(path: str | os.PathLike, manifest: dict, program: dict, tensors: dict,
         raise
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, StopIteration, SyntaxError) as error:
         raise LoadError(f"pyrys.load: the program in {path} is malformed ({type(error).__name__}: {error})") from None
-    return OptimizedModule.from_compiled(frontend, config, [first, *compiled], generic, size_one)
+    loaded = OptimizedModule.from_compiled(frontend, config, [first, *compiled], generic, size_one)
+    loaded.training = loaded.compiled_training = program.get("training") is True  # (saves before it: eval)
+    return loaded
 
 
 def _check_options(program: dict) -> None:

@@ -1,0 +1,74 @@
+"""What around a call an optimized module cannot follow: tracers and transforms, and ``torch.autocast``.
+
+A compiled program runs real CPU tensors through oneDNN primitives built for them.  Under
+``torch.jit.trace`` (which crashed the interpreter once the call returned), ``torch.export`` or another
+tracer running fake tensors, or a ``torch.func`` transform (``vmap``, ``grad``), there are none: such a call
+raises :class:`TracedCallError` saying to trace the model itself.  (``torch.compile`` of a module holding an
+optimized one works: dynamo runs it as a call it does not trace.)
+
+``torch.autocast`` is not followed: the program runs the precision it was optimized for, whatever the
+caller's autocast says, and compiles with autocast off (a capture made under it would record autocast's
+bfloat16 casts into the graph every later shape is built from); a call under autocast warns once.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+
+import torch
+
+from pyrys.errors import TracedCallError
+
+_FAKE, _PROXY = torch._C._TorchDispatchModeKey.FAKE, torch._C._TorchDispatchModeKey.PROXY
+# the checks every call makes, bound once (about 0.2 us together)
+_tracing, _exporting, _mode, _transform_level = (torch._C._is_tracing, torch.compiler.is_exporting,
+                                                 torch._C._get_dispatch_mode, torch._C._functorch.maybe_current_level)
+
+
+def tracer() -> str | None:
+    """The tracer or transform running the call now, in words; None for a plain call."""
+    if _tracing():
+        return "torch.jit.trace"
+    if _exporting() or _mode(_FAKE) is not None or _mode(_PROXY) is not None:
+        return "torch.export (or another tracer running fake tensors)"
+    if _transform_level() is not None:
+        return "a torch.func transform (vmap, grad, jacrev ...)"
+    return None
+
+
+def refuse_tracers() -> None:
+    """:class:`TracedCallError` where the call is traced or transformed (see the module docstring)."""
+    by = tracer()
+    if by is not None:
+        raise TracedCallError(
+            f"pyrys: an optimized module cannot be called under {by}: it runs compiled oneDNN programs on real "
+            "CPU tensors, which a tracer does not pass. Trace, export or transform the original model (and "
+            "optimize the result: pyrys.optimize takes TorchScript and ExportedProgram), or torch.compile the "
+            "module that holds this one")
+
+
+def autocast_on() -> bool:
+    """Whether the caller's ``torch.autocast`` is on for the CPU."""
+    return torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled("cpu")
+
+
+def warn_of_autocast(precision: str) -> None:
+    warnings.warn(f"pyrys: torch.autocast is not followed: the optimized module runs the precision it was "
+                  f"optimized for (precision={precision!r}) and returns its dtypes; optimize with precision='bf16' "
+                  "(and output_dtype=torch.bfloat16 for bfloat16 outputs) to compute in bf16", UserWarning,
+                  stacklevel=5)  # the caller of the module
+
+
+def without_autocast() -> contextlib.AbstractContextManager:
+    """A context in which ``torch.autocast`` is off for the CPU (compiles, and calls made under it)."""
+    return torch.autocast("cpu", enabled=False)
+
+
+def autocast_off(function):
+    """``function`` run with ``torch.autocast`` off for the CPU (a compile: see the module docstring)."""
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        with without_autocast():
+            return function(*args, **kwargs)
+    return run

@@ -1,0 +1,130 @@
+"""What around a call an optimized module cannot follow (``pyrys/calling_context.py``): tracers and transforms
+get a pyrys error (``torch.jit.trace`` crashed the interpreter), ``torch.autocast`` is not followed (same dtypes
+on every backend, a warning; compiles run with it off), and ``train()`` warns that the captured mode stays."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import pyrys
+from pyrys.testing import randomize_batchnorm
+from tests.caller_helpers import run_isolated
+from tests.models import conv_bn_relu, image
+
+TOLERANCE = pyrys.FP32_TOLERANCE
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+
+
+class Attention(nn.Module):
+    """A block whose matrix products autocast would run in bf16."""
+
+    def __init__(self):
+        super().__init__()
+        self.mha, self.norm = nn.MultiheadAttention(16, 2, batch_first=True), nn.LayerNorm(16)
+
+    def forward(self, x):
+        return self.norm(x + self.mha(x, x, x, need_weights=False)[0])
+
+
+def _traced_under_jit_trace() -> None:
+    opt = pyrys.optimize(_mlp(), (torch.randn(3, 16),))
+    opt(torch.randn(3, 16))  # the fast path, which a trace would take, is set up
+    for traced in (opt, nn.Sequential(opt, nn.Tanh())):
+        with warnings.catch_warnings(), pytest.raises(pyrys.TracedCallError, match="torch.jit.trace"):
+            warnings.simplefilter("ignore")  # torch.jit.trace's deprecation
+            torch.jit.trace(traced, (torch.randn(3, 16),))
+
+
+def test_jit_trace_of_an_optimized_module_is_refused_not_a_crash():
+    """It segfaulted in torch's tracer once the call returned (run in a child: a crash fails the test)."""
+    run_isolated(_traced_under_jit_trace)
+
+
+@pytest.mark.parametrize("transform", ["export", "vmap"])
+def test_export_and_vmap_of_an_optimized_module_are_refused(transform):
+    x = torch.randn(3, 16)
+    opt = pyrys.optimize(_mlp(), (x,))
+    opt(x)
+    with pytest.raises(pyrys.TracedCallError, match="torch.export" if transform == "export" else "torch.func"):
+        if transform == "export":
+            torch.export.export(nn.Sequential(opt, nn.Tanh()).eval(), (x,))
+        else:
+            torch.func.vmap(opt)(torch.randn(2, 3, 16))
+    assert pyrys.relative_error(opt(x), _mlp()(x)) <= TOLERANCE  # and it still runs
+
+
+def test_optimizing_a_model_that_holds_an_optimized_module_says_so():
+    x = torch.randn(3, 16)
+    opt = pyrys.optimize(_mlp(), (x,))
+    with pytest.raises(TypeError, match=r"holds a module optimized by pyrys \(at '0'\)"):
+        pyrys.optimize(nn.Sequential(opt, nn.Tanh()).eval(), (x,))
+
+
+def test_torch_compile_of_a_module_holding_an_optimized_one_works():
+    x = torch.randn(3, 16)
+    opt = pyrys.optimize(_mlp(), (x,))
+    outer = nn.Sequential(opt, nn.Tanh()).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # dynamo's graph-break warnings
+        compiled = torch.compile(outer)
+        assert pyrys.relative_error(compiled(x), torch.tanh(_mlp()(x))) <= TOLERANCE
+
+
+def test_autocast_is_not_followed_and_says_so(backend):
+    """The dnnl backend returned float32 and the reference backend (torch ops) autocast's bfloat16: every
+    backend runs the program's precision now, with a warning."""
+    model = Attention().eval()
+    x = torch.randn(2, 5, 16)
+    opt = pyrys.optimize(model, (x,), backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.warns(UserWarning, match="autocast is not followed"):
+        y = opt(x)
+    assert y.dtype == torch.float32
+    with torch.no_grad():
+        assert pyrys.relative_error(y, model(x)) <= TOLERANCE
+
+
+def test_a_new_shape_first_called_under_autocast_does_not_put_bf16_in_the_graph():
+    """The capture for every later shape, made at that call, recorded autocast's bfloat16 casts: later float32
+    calls erred 1e-3."""
+    model = Attention().eval()
+    opt = pyrys.optimize(model, (torch.randn(2, 5, 16),))
+    with torch.autocast("cpu", dtype=torch.bfloat16), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt(torch.randn(5, 5, 16))
+    for x in (torch.randn(5, 5, 16), torch.randn(7, 9, 16)):
+        with torch.no_grad():
+            assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE
+
+
+def test_optimize_under_autocast_compiles_float32():
+    """The compile-time check against torch ran under autocast: a false oneDNN fault, the reference backend."""
+    model = Attention().eval()
+    x = torch.randn(2, 5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        opt = pyrys.optimize(model, (x,))
+    assert not any("fault" in note for note in opt.notes), opt.notes
+    with torch.no_grad():
+        assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE
+
+
+def test_train_warns_that_the_captured_mode_stays():
+    """``opt.train()`` changed ``training`` and nothing else, silently: BatchNorm stayed folded."""
+    model = randomize_batchnorm(conv_bn_relu()).eval()
+    x = image(2)
+    opt = pyrys.optimize(model, (x,))
+    assert opt.training is False and opt.compiled_training is False  # the mode it was captured in
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.eval()  # the mode it runs: nothing to say
+    with pytest.warns(UserWarning, match=r"train\(True\) does not change what an optimized module computes"):
+        opt.train()
+    assert opt.training is True
+    with torch.no_grad():
+        assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE  # still the eval graph
