@@ -339,6 +339,56 @@ def test_bad_saves_are_refused_by_name(tmp_path):
             pyrys.load(broken(name, change))
 
 
+def _edited_consistently(path: Path, edit) -> Path:
+    """The save at ``path`` with ``edit(program)`` applied and the manifest's digest made to match."""
+    program = json.loads((path / directory.PROGRAM).read_text())
+    edit(program)
+    data = json.dumps(program).encode()
+    (path / directory.PROGRAM).write_bytes(data)
+    manifest = json.loads((path / directory.MANIFEST).read_text())
+    manifest["files"][directory.PROGRAM] = hashlib.sha256(data).hexdigest()
+    (path / directory.MANIFEST).write_text(json.dumps(manifest))
+    return path
+
+
+def _quantize_nodes(program: dict) -> list[dict]:
+    return [node for node in program["signatures"][0]["graph"]["nodes"]
+            if node.get("target") == "quantized_decomposed::quantize_per_tensor.default"]
+
+
+def _tensor_edit(program: dict, stride) -> None:
+    key = next(key for key, meta in program["tensors"].items() if len(meta["shape"]) == 2)
+    program["tensors"][key]["stride"] = stride
+
+
+EDITS = {  # a program edited, and its digest made to match: raw torch errors at load, or at every call
+    "quantized to int64": (lambda p: _quantize_nodes(p)[0]["args"].__setitem__(-1, {"dtype": "int64"}),
+                           "quantized to torch.int64, not uint8 or int8"),
+    "bounds beyond int8": (lambda p: _quantize_nodes(p)[0]["args"].__setitem__(-2, 256), "are not within"),
+    "huge strides": (lambda p: _tensor_edit(p, [10**12, 1]), "do not lay out its shape .* densely"),
+    "aliasing strides": (lambda p: _tensor_edit(p, [0, 0]), "do not lay out its shape .* densely"),
+    "a range as text": (lambda p: p["generic"]["symbolic"]["ranges"].__setitem__(
+        next(iter(p["generic"]["symbolic"]["ranges"])), ["0", None]), "the saved range of the size"),
+    "another op": (lambda p: next(n for n in p["signatures"][0]["graph"]["nodes"] if n.get("target", "").startswith(
+        "pyrys::linear")).__setitem__("target", "aten::relu.default"), "malformed"),
+}
+
+
+@pytest.mark.parametrize("edit", EDITS)
+def test_a_program_edited_with_its_digest_made_to_match_raises_load_error(tmp_path, edit):
+    """A helper's fuzz of such edits: 67 of 400 raised torch's own errors (some at every call, one trying to
+    allocate 127 TB); each now raises ``LoadError`` at load."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 8)).eval()
+    x = torch.randn(2, 64)
+    opt = pyrys.optimize(model, (x,), precision="int8", calibration=[torch.randn(2, 64) for _ in range(4)],
+                         backend="reference", dynamic=True)
+    pyrys.save(opt, tmp_path / "saved")
+    change, message = EDITS[edit]
+    with pytest.raises(pyrys.LoadError, match=message):
+        pyrys.load(_edited_consistently(tmp_path / "saved", change))
+
+
 def test_tensors_that_do_not_match_the_program_are_refused(tmp_path):
     from safetensors.torch import load as load_tensors, save as save_tensors
 
@@ -369,6 +419,63 @@ def test_another_cpu_measures_the_layout_again_and_says_so(tmp_path):
     loaded = pyrys.load(path)
     assert any("the layout was chosen again here" in note for note in loaded.notes)
     assert pyrys.relative_error(loaded(image()), opt(image())) <= TOLERANCE
+
+
+_LOAD_AS_AVX2 = """
+import json, sys, warnings
+import torch, pyrys
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    loaded = pyrys.load(sys.argv[1])
+x, expected = torch.load(sys.argv[2])
+print(json.dumps({"notes": loaded.notes, "warnings": [str(w.message) for w in caught],
+                  "error": pyrys.relative_error(loaded(x), expected)}))
+"""
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_a_save_loaded_where_its_kernels_are_missing_says_so(tmp_path, precision):
+    """bf16 ops, or 8-bit int8 weights, saved where the CPU has their kernels, loaded where oneDNN has none (an
+    AVX2 Zen 3, as ``ONEDNN_MAX_CPU_ISA=AVX2`` plans it): right, but through torch (a bf16 ResNet-18 ran 27x
+    slower than its float32 save), and the notes said nothing, or named the saving CPU's AMX int8 kernels."""
+    import subprocess
+    import sys
+
+    from pyrys.machine import kernel_flags, native_bf16
+    from pyrys.quantization import vnni
+
+    if "dnnl" not in pyrys.available_backends() or not (native_bf16() if precision == "bf16" else vnni()):
+        pytest.skip(f"this CPU has no {precision} kernels to save a program for")
+    if "avx2" not in kernel_flags():
+        pytest.skip("no AVX2 here: ONEDNN_MAX_CPU_ISA=AVX2 cannot plan as a Zen 3")
+    model = conv_bn_relu().eval()
+    x = image(2)
+    calibration = [image(2) for _ in range(4)] if precision == "int8" else None
+    pyrys.save(pyrys.optimize(model, (x,), precision=precision, calibration=calibration), tmp_path / "saved")
+    with torch.no_grad():
+        torch.save((x, model(x)), tmp_path / "io.pt")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2"}
+    run = subprocess.run([sys.executable, "-c", _LOAD_AS_AVX2, str(tmp_path / "saved"), str(tmp_path / "io.pt")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["error"] <= (3e-2 if precision == "bf16" else 5e-2)  # right, as before
+    said = [note for note in result["notes"] if note.startswith("loaded on a CPU without the kernels it was compiled")]
+    assert said and "optimize the model again on this CPU" in said[0], result["notes"]
+    assert any("loaded on a CPU without the kernels" in warning for warning in result["warnings"]), result["warnings"]
+    assert not any(note.startswith(("int8: oneDNN's AMX", "int8: oneDNN's VNNI")) for note in result["notes"])
+
+
+def test_a_manifest_isa_that_is_not_a_list_of_names_is_named(tmp_path):
+    """``"isa": null`` was refused as a malformed program (TypeError: can only join an iterable)."""
+    opt = pyrys.optimize(conv_bn_relu(), (image(),))
+    path = tmp_path / "saved"
+    pyrys.save(opt, path)
+    manifest = json.loads((path / directory.MANIFEST).read_text())
+    manifest["isa"] = None
+    (path / directory.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(pyrys.LoadError, match="manifest.json's 'isa' must be a list of instruction set names"):
+        pyrys.load(path)
 
 
 def test_save_takes_only_an_optimized_module_and_pickle_points_to_it(tmp_path):

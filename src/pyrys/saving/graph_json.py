@@ -26,6 +26,7 @@ from pyrys.errors import LoadError, SaveError
 from pyrys.ir.control_flow import IF, RaisingBranch
 from pyrys.ir.graph import STATE_KEY, StateRef
 from pyrys.ir.symbolic import SIZE_ARITHMETIC, hint, is_symbolic_scalar_op
+from pyrys.quantization import DEQUANTIZE_WEIGHT, QUANTIZATION_OPS
 
 _GETITEM, _IF = "python::getitem", "pyrys::If"
 _DTYPES = {str(t).removeprefix("torch."): t for t in (
@@ -192,7 +193,22 @@ def decode_graph(record: dict, tensors: dict[str, torch.Tensor], mode: FakeTenso
                 nodes[entry["name"]] = node
     except (KeyError, TypeError, ValueError) as error:
         raise LoadError(f"pyrys.load: the saved program is malformed ({type(error).__name__}: {error})") from None
+    for node in graph.nodes:
+        if node.target in QUANTIZATION_OPS and (problem := _quantization_problem(node)):
+            raise LoadError(f"pyrys.load: the saved program is malformed ({node.name}: {problem})")
     return fx.GraphModule(root, graph)
+
+
+def _quantization_problem(node: fx.Node) -> str:
+    """What is wrong with a quantize or dequantize node's integer type and bounds ("" where nothing): torch's
+    kernels would refuse them at every call."""
+    *_, q_min, q_max, dtype = node.args[:7] if node.target is DEQUANTIZE_WEIGHT else node.args[:6]
+    if dtype not in (torch.uint8, torch.int8):
+        return f"quantized to {dtype}, not uint8 or int8"
+    info = torch.iinfo(dtype)
+    if not (type(q_min) is int and type(q_max) is int and info.min <= q_min < q_max <= info.max):
+        return f"bounds {q_min!r}..{q_max!r} are not within {dtype}'s {info.min}..{info.max}"
+    return ""
 
 
 def _decode_node(entry: dict, root: torch.nn.Module, graph: fx.Graph, nodes: dict, tensors: dict,

@@ -23,6 +23,7 @@ from typing import Any, Mapping
 
 import torch
 import torch.fx as fx
+from torch._prims_common import is_non_overlapping_and_dense_or_false
 
 import pyrys
 from pyrys.backends import get_backend, release_constants
@@ -30,6 +31,7 @@ from pyrys.backends.options import LAYOUTS, BackendOptions
 from pyrys.capture.captured import Captured
 from pyrys.calling_context import autocast_off
 from pyrys.errors import LoadError, SaveError
+from pyrys.saving.other_cpu import MISSING_KERNELS, missing_kernels_note, refreshed_notes, warn_of_missing_kernels
 from pyrys.ir.generated_source import forgetting_dead_sources
 from pyrys.ir.graph import tensor_bytes
 from pyrys.ir.meta import refresh_meta
@@ -109,7 +111,8 @@ def _load(path: str | os.PathLike, manifest: dict, program: dict, tensors: dict,
     try:
         tensors = _checked_tensors(program["tensors"], tensors)
         tensors.update({alias: tensors[key] for alias, key in program["aliases"].items()})
-        same_cpu = manifest.get("isa") == cpu_info()[1]
+        manifest = _with_checked_isa(manifest, path)
+        same_cpu = manifest["isa"] == cpu_info()[1]
         _check_options(program)
         config = OptimizeConfig(threads=threads if threads is not None else program["threads"],
                                 layout=program["layout"])
@@ -128,11 +131,25 @@ def _load(path: str | os.PathLike, manifest: dict, program: dict, tensors: dict,
                                          "(and save it again)")
     except LoadError:
         raise
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError, StopIteration, SyntaxError) as error:
-        raise LoadError(f"pyrys.load: the program in {path} is malformed ({type(error).__name__}: {error})") from None
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, StopIteration, SyntaxError, RuntimeError,
+            AssertionError, NotImplementedError, OverflowError) as error:  # torch's, building an edited program
+        line = (str(error).strip().splitlines() or [""])[0][:300]
+        raise LoadError(f"pyrys.load: the program in {path} is malformed ({type(error).__name__}: {line})") from None
+    warn_of_missing_kernels(next((note for c in (first, *compiled) for note in c.notes
+                                  if note.startswith(MISSING_KERNELS)), ""))
     loaded = OptimizedModule.from_compiled(frontend, config, [first, *compiled], generic, size_one)
     loaded.training = loaded.compiled_training = program.get("training") is True  # (saves before it: eval)
     return loaded
+
+
+def _with_checked_isa(manifest: dict, path: Any) -> dict:
+    """The manifest with its ``isa`` (the instruction sets of the CPU it was saved on: a list of names; none
+    recorded is read as an unknown CPU's), else :class:`LoadError` naming that field."""
+    isa = manifest.get("isa", [])
+    if not isinstance(isa, list) or not all(isinstance(name, str) for name in isa):
+        raise LoadError(f"pyrys.load: {path}: manifest.json's 'isa' must be a list of instruction set names (the "
+                        f"CPU it was saved on), got {isa!r}")
+    return {**manifest, "isa": isa}
 
 
 def _check_options(program: dict) -> None:
@@ -312,7 +329,7 @@ def _decode_compiled(record: dict, tensors: dict, config: OptimizeConfig, same_c
         if same_cpu:
             layout = record["layout"]
         else:
-            notes.append(f"saved on a CPU with {'/'.join(manifest.get('isa', [])) or 'other instructions'}; "
+            notes.append(f"saved on a CPU with {'/'.join(manifest['isa']) or 'other instructions'}; "
                          f"the layout was chosen again here ({config.layout})")
     if backend == "dnnl" and same_cpu:
         from pyrys.backends.dnnl import measured
@@ -327,6 +344,9 @@ def _decode_compiled(record: dict, tensors: dict, config: OptimizeConfig, same_c
     if fault is not None:
         notes.append(fault)
         backend = "reference"
+    if not same_cpu:
+        saved_on = "/".join(manifest["isa"]) or "other instructions"
+        notes = refreshed_notes(notes, missing_kernels_note(program.describe(), saved_on))
     return Compiled(signature, captured, PipelineRun(history), program, backend, captured.notes + notes)
 
 
@@ -365,6 +385,16 @@ def _checked_tensors(recorded: dict, tensors: dict[str, torch.Tensor]) -> dict[s
             raise LoadError(f"pyrys.load: the saved tensor {key} is {_dtype_name(tensor.dtype)}{list(tensor.shape)}, "
                             f"the program expects {meta['dtype']}{meta['shape']}")
         if list(tensor.stride()) != meta["stride"]:
+            _check_dense(key, tensor.shape, meta["stride"])
             tensors[key] = torch.empty_strided(tensor.shape, meta["stride"], dtype=tensor.dtype).copy_(tensor)
     return tensors
 
+
+
+def _check_dense(key: str, shape: torch.Size, stride: Any) -> None:
+    """:class:`LoadError` unless ``stride`` lays out ``shape`` densely, each element once (what a saved tensor's
+    strides are: a program edited to other ones would allocate far more, or alias its elements)."""
+    if not (isinstance(stride, list) and len(stride) == len(shape) and all(type(s) is int and s >= 0 for s in stride)
+            and is_non_overlapping_and_dense_or_false(torch.empty_strided(shape, stride, device="meta"))):
+        raise LoadError(f"pyrys.load: the saved tensor {key}'s strides {stride!r} do not lay out its shape "
+                        f"{list(shape)} densely")

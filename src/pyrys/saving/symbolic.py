@@ -130,5 +130,13 @@ def decode_symbolic(gm: fx.GraphModule, record: dict) -> None:
             node.meta["val"] = torch.empty(shape, dtype=node.meta["val"].dtype)
     set_fake_mode(gm, mode)
     gm.meta[GUARDS_KEY] = [decode_expr(tree, symbols) for tree in record["guards"]]
-    gm.meta[RANGES_KEY] = {symbols[name]: (lower, upper) for name, (lower, upper) in record["ranges"].items()}
+    gm.meta[RANGES_KEY] = {symbols[name]: _checked_bounds(name, *bounds) for name, bounds in record["ranges"].items()}
     refresh_meta(gm)
+
+
+def _checked_bounds(name: str, lower: Any, upper: Any) -> tuple[int, int | None]:
+    """A saved range ``[lower, upper]`` of sizes (``upper`` None: unbounded), else :class:`LoadError`."""
+    if type(lower) is not int or lower < 0 or not (upper is None or type(upper) is int and upper >= lower):
+        raise LoadError(f"pyrys.load: the saved range of the size {name} is {[lower, upper]!r}, not [lower, upper] "
+                        "sizes (upper null: unbounded)")
+    return lower, upper
