@@ -310,15 +310,7 @@ def test_bad_saves_are_refused_by_name(tmp_path):
         "missing": (lambda p: (p / directory.PROGRAM).unlink(), "incomplete: cannot read program.json"),
     }
     def edit_program(edit):  # an edit whose manifest is made to match: only the program's own checks see it
-        def change(path):
-            program = json.loads((path / directory.PROGRAM).read_text())
-            edit(program)
-            data = json.dumps(program).encode()
-            (path / directory.PROGRAM).write_bytes(data)
-            manifest = json.loads((path / directory.MANIFEST).read_text())
-            manifest["files"][directory.PROGRAM] = hashlib.sha256(data).hexdigest()
-            (path / directory.MANIFEST).write_text(json.dumps(manifest))
-        return change
+        return lambda path: _edited_consistently(path, edit)
 
     def cut_nodes(keep: int):
         def edit(program):
