@@ -20,6 +20,7 @@ from pyrys.errors import CaptureError
 from pyrys.ir.verify import VerificationError, make_verifier, output_types
 from pyrys.ir.graph import share_constants
 from pyrys.ir.generated_source import forgetting_dead_sources
+from pyrys.ir.quiet_fake import fake_tensor_errors_unlogged
 from pyrys.ir.symbolic import is_symbolic
 from pyrys.numerics.report import NumericsReport
 from pyrys.numerics.trace import NumericsTrace
@@ -50,6 +51,9 @@ class Compiled:
     numerics: NumericsReport | None = None  # measured on the example inputs (``numerics=True``)
 
 
+_SOURCE_PLACE = re.compile(r"^\S+\.(?:cpp|h|cc):\d+: ")  # where in torch's C++ an error was raised (its build path)
+
+
 @forgetting_dead_sources
 @autocast_off
 def compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: OptimizeConfig,
@@ -64,12 +68,13 @@ def compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: Opt
     if not dynamic:
         return _compile_signature(frontend, args, kwargs, config, False, like, trace)
     try:
-        return _compile_signature(frontend, args, kwargs, config, dynamic, like, trace)
+        with fake_tensor_errors_unlogged():  # a failure is the note below, not torch's traceback on stderr
+            return _compile_signature(frontend, args, kwargs, config, dynamic, like, trace)
     except (CaptureError, InputError, VerificationError):
         raise  # the model, the inputs or a pass is wrong: fixed shapes would not help
     except Exception as error:  # noqa: BLE001 -- anything else symbolic sizes broke: compile these shapes
         compiled = _compile_signature(frontend, args, kwargs, config, False, like, trace)
-        line = (str(error).strip().splitlines() or [""])[0][:300]
+        line = _SOURCE_PLACE.sub("", (str(error).strip().splitlines() or [""])[0])[:300]
         compiled.notes.append(f"captured for these input shapes only: the compile with symbolic sizes failed "
                               f"({type(error).__name__}: {line})")
         return compiled
