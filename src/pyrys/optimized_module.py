@@ -388,6 +388,24 @@ class OptimizedModule(torch.nn.Module):
         copied.training, copied.compiled_training = self.training, self.compiled_training
         return copied
 
+    def _apply(self, fn, recurse: bool = True) -> "OptimizedModule":
+        """What ``.to()``, ``.half()``, ``.double()``, ``.cuda()`` ... do to a module's tensors, tried on a probe of
+        the inputs' floating-point dtype on the CPU: a conversion that would change it raises (the compiled
+        program keeps its precision and device, and the call went unnoticed); one that changes nothing
+        (``.to("cpu")``, ``.float()`` of a float32 module) is a no-op."""
+        dtype = next((dtype for shape, dtype in (leaf for leaf in self._first.signature.leaves
+                                                 if isinstance(leaf, tuple) and len(leaf) == 2)
+                      if isinstance(dtype, torch.dtype) and dtype.is_floating_point), torch.float32)
+        probe = torch.zeros(1, dtype=dtype)
+        converted = fn(probe)
+        if isinstance(converted, torch.Tensor) and (converted.dtype != probe.dtype or converted.device != probe.device):
+            raise TypeError(f"pyrys: an optimized module keeps the precision and device it was optimized for "
+                            f"({str(dtype).removeprefix('torch.')} on the CPU); this conversion would make "
+                            f"{str(converted.dtype).removeprefix('torch.')} on {converted.device}. Optimize with "
+                            "precision='bf16' (output_dtype=torch.bfloat16 for bfloat16 outputs) for bf16, or "
+                            "convert the model itself and optimize that")
+        return self
+
     def train(self, mode: bool = True) -> "OptimizedModule":
         """Sets ``training``, as on any module, but what the module computes stays what was captured: the mode
         the model was in at ``optimize`` (``compiled_training``); asked for the other, it warns once."""
