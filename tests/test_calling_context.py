@@ -67,14 +67,21 @@ def test_optimizing_a_model_that_holds_an_optimized_module_says_so():
         pyrys.optimize(nn.Sequential(opt, nn.Tanh()).eval(), (x,))
 
 
-def test_torch_compile_of_a_module_holding_an_optimized_one_works():
+@pytest.mark.parametrize("compile_backend", ["inductor", "pyrys"])
+def test_torch_compile_of_a_module_holding_an_optimized_one_works(compile_backend):
+    """dynamo runs the optimized module as a call it does not trace (it traced into it, warning of the calls
+    inside that it could not)."""
     x = torch.randn(3, 16)
     opt = pyrys.optimize(_mlp(), (x,))
     outer = nn.Sequential(opt, nn.Tanh()).eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # dynamo's graph-break warnings
-        compiled = torch.compile(outer)
-        assert pyrys.relative_error(compiled(x), torch.tanh(_mlp()(x))) <= TOLERANCE
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = torch.compile(outer, backend=compile_backend)
+        for batch in (3, 5):
+            x = torch.randn(batch, 16)
+            assert pyrys.relative_error(compiled(x), torch.tanh(_mlp()(x))) <= TOLERANCE
+    assert not [w for w in caught if "Dynamo does not know how to trace" in str(w.message)], [str(w.message) for w in caught]
 
 
 def test_autocast_is_not_followed_and_says_so(backend):

@@ -112,6 +112,9 @@ class OptimizedModule(torch.nn.Module):
         return module
 
     def forward(self, *args, **kwargs):
+        if torch.compiler.is_compiling() and not torch.compiler.is_exporting():  # dynamo tracing a module that
+            # holds this one (torch.compile): a call it does not trace; torch.export is refused below
+            return _untraced_call(self, args, kwargs)
         refuse_tracers()
         if autocast_on():  # not followed: the program's precision, and the same dtypes on every backend
             warn_of_autocast(self._config.precision)
@@ -520,6 +523,13 @@ def _again(error: Exception) -> Exception:
     again = copy.copy(error)
     again.__cause__ = error.__cause__
     return again
+
+
+@torch.compiler.disable
+def _untraced_call(module: OptimizedModule, args: tuple, kwargs: dict):
+    """``module(*args, **kwargs)`` where dynamo does not trace it (a graph break, without dynamo's warnings
+    about the calls inside it that it cannot trace)."""
+    return module.forward(*args, **kwargs)
 
 
 def _call_key(args: tuple, grad: bool) -> tuple | None:
