@@ -148,3 +148,47 @@ def test_a_conversion_that_would_change_the_module_is_refused(conversion):
         convert()
     assert opt.to("cpu") is opt and opt.float() is opt and opt.to(torch.float32) is opt  # nothing to change
     assert pyrys.relative_error(opt(x), _mlp()(x)) <= TOLERANCE
+
+
+def test_calls_on_other_threads_run_while_a_thread_exports():
+    """``torch.compiler.is_exporting()`` is one flag for the process: read as "this call is exported", every
+    plain call on other threads raised while any thread exported (pyrys's own capture of a new shape too)."""
+    import threading
+
+    x = torch.randn(3, 16)
+    opt = pyrys.optimize(_mlp(), (x,))
+    expected = _mlp()(x)
+    errors, calls, done = [], [0], threading.Event()
+
+    def call() -> None:
+        while not done.is_set():
+            try:
+                assert pyrys.relative_error(opt(x), expected) <= TOLERANCE
+            except Exception as error:  # noqa: BLE001 -- reported below
+                errors.append(error)
+            calls[0] += 1
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    try:
+        for batch in (4, 5):
+            opt(torch.randn(batch, 16))  # new shapes: pyrys exports the model
+        torch.export.export(_mlp(), (x,))
+    finally:
+        done.set()
+        caller.join()
+    assert calls[0] > 0 and not errors, (calls, errors[:1])
+
+
+def test_train_warnings_name_the_callers_line():
+    """Through ``opt.eval()`` or a parent's ``.train()`` the warning named torch's ``nn.Module`` file."""
+    model = randomize_batchnorm(conv_bn_relu())
+    opt = pyrys.optimize(model.train(), (image(2),))  # captured in training mode
+    with pytest.warns(UserWarning, match=r"train\(False\)") as caught:
+        opt.eval()
+    assert caught[0].filename == __file__, caught[0].filename
+    opt = pyrys.optimize(model.eval(), (image(2),))
+    outer = nn.Sequential(opt).eval()
+    with pytest.warns(UserWarning, match=r"train\(True\)") as caught:
+        outer.train()
+    assert caught[0].filename == __file__, caught[0].filename

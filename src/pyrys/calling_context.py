@@ -21,16 +21,17 @@ import torch
 from pyrys.errors import TracedCallError
 
 _FAKE, _PROXY = torch._C._TorchDispatchModeKey.FAKE, torch._C._TorchDispatchModeKey.PROXY
-# the checks every call makes, bound once (about 0.2 us together)
-_tracing, _exporting, _mode, _transform_level = (torch._C._is_tracing, torch.compiler.is_exporting,
-                                                 torch._C._get_dispatch_mode, torch._C._functorch.maybe_current_level)
+# the checks every call makes, bound once (about 0.2 us together); each reads the calling thread's state
+# (not torch.compiler.is_exporting(): one flag for the process, set while any thread exports)
+_tracing, _mode, _transform_level = (torch._C._is_tracing, torch._C._get_dispatch_mode,
+                                     torch._C._functorch.maybe_current_level)
 
 
 def tracer() -> str | None:
-    """The tracer or transform running the call now, in words; None for a plain call."""
+    """The tracer or transform running the call now on this thread, in words; None for a plain call."""
     if _tracing():
         return "torch.jit.trace"
-    if _exporting() or _mode(_FAKE) is not None or _mode(_PROXY) is not None:
+    if _mode(_FAKE) is not None or _mode(_PROXY) is not None:
         return "torch.export (or another tracer running fake tensors)"
     if _transform_level() is not None:
         return "a torch.func transform (vmap, grad, jacrev ...)"
@@ -57,7 +58,7 @@ def warn_of_autocast(precision: str) -> None:
     warnings.warn(f"pyrys: torch.autocast is not followed: the optimized module runs the precision it was "
                   f"optimized for (precision={precision!r}) and returns its dtypes; optimize with precision='bf16' "
                   "(and output_dtype=torch.bfloat16 for bfloat16 outputs) to compute in bf16", UserWarning,
-                  stacklevel=5)  # the caller of the module
+                  stacklevel=6)  # the caller of the module (through _call, forward, Module.__call__)
 
 
 def without_autocast() -> contextlib.AbstractContextManager:

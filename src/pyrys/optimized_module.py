@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sys
 import warnings
 import weakref
 from typing import Any
@@ -30,7 +31,7 @@ from pyrys.errors import CaptureError
 from pyrys.ir.quiet_fake import fake_tensor_errors_unlogged
 from pyrys.compiled import COMPILING, Compiled, build_for_shape, compile_signature, static_reason
 from pyrys.numerics.budget import ACCURACY_NOTE
-from pyrys.passes.quantize import OWN_CALIBRATION
+from pyrys.passes.quantize import CALIBRATED_ON_ITS_OWN, OWN_CALIBRATION
 from pyrys.precision_notes import int8_layers
 
 
@@ -112,14 +113,19 @@ class OptimizedModule(torch.nn.Module):
         return module
 
     def forward(self, *args, **kwargs):
-        if torch.compiler.is_compiling() and not torch.compiler.is_exporting():  # dynamo tracing a module that
-            # holds this one (torch.compile): a call it does not trace; torch.export is refused below
+        if torch.compiler.is_compiling():  # dynamo tracing a module that holds this one (torch.compile): a call it
+            # does not trace (and torch.export, whose flag every thread reads: refused in _call where it traces)
             return _untraced_call(self, args, kwargs)
+        return self._call(args, kwargs)
+
+    def _call(self, args: tuple, kwargs: dict):
+        """``forward``'s work (warnings name the module's caller: ``stacklevel`` counts forward and torch's two
+        frames of ``Module.__call__``)."""
         refuse_tracers()
         if autocast_on():  # not followed: the program's precision, and the same dtypes on every backend
             warn_of_autocast(self._config.precision)
             with without_autocast():
-                return self.forward(*args, **kwargs)
+                return self._call(args, kwargs)
         if self._first.captured.input_writes:
             _refuse_shared_memory(args, kwargs, self._first.captured)
         grad = torch.is_grad_enabled()
@@ -135,7 +141,7 @@ class OptimizedModule(torch.nn.Module):
         if wanting_grad:
             warnings.warn(f"pyrys: input {wanting_grad[0]} requires grad, but pyrys runs inference only: the outputs "
                           "carry no gradient (their requires_grad is False). Call the model itself to train, or "
-                          "torch.compile(model, backend='pyrys'), which runs such calls in torch", stacklevel=4)
+                          "torch.compile(model, backend='pyrys'), which runs such calls in torch", stacklevel=5)
         if not kwargs and not wanting_grad and all(isinstance(a, torch.Tensor) for a in args):
             self._remember_fast_call(_call_key(args, grad), compiled)
         outputs = compiled.program(flat)
@@ -352,7 +358,7 @@ class OptimizedModule(torch.nn.Module):
         measure (it may keep other ops in float32: its misses say which), its own int8 calibration and its
         measure (a graph computing values otherwise than the one calibrated first: ``passes/quantize.py``),
         and fewer int8 layers than the first capture."""
-        calibrated = any(note.startswith(OWN_CALIBRATION) for note in compiled.notes)
+        calibrated = any(note.startswith(OWN_CALIBRATION) and CALIBRATED_ON_ITS_OWN in note for note in compiled.notes)
         for note in sorted(compiled.notes, key=lambda note: not note.startswith(OWN_CALIBRATION)):
             if note.startswith(("precision='bf16': ", OWN_CALIBRATION)) or (
                     calibrated and note.startswith(ACCURACY_NOTE % "int8")):
@@ -360,8 +366,8 @@ class OptimizedModule(torch.nn.Module):
         first, now = int8_layers(self._first.run), int8_layers(compiled.run)
         if now < first:
             why = ("the accuracy guard keeps more of them out of int8 there" if calibrated else
-                   "their inputs are computed otherwise there than in the graph calibrated, and no calibration "
-                   "sample fits it")
+                   "their inputs are computed otherwise there than in the graph calibrated, and the calibration "
+                   "samples do not fit it")
             self._note(f"precision='int8': the capture for inputs ({signature.describe()}) runs {now} of the "
                        f"{first} int8 layers in int8, the rest in floating point ({why}; its misses say which)")
 
@@ -418,7 +424,7 @@ class OptimizedModule(torch.nn.Module):
             warnings.warn(f"pyrys: train({bool(mode)}) does not change what an optimized module computes: it runs the "
                           f"graph captured in {captured} mode (in eval mode BatchNorm is folded with its running "
                           "statistics and dropout is off). Call the model itself to train, or optimize it in the "
-                          "mode wanted", UserWarning, stacklevel=2)
+                          "mode wanted", UserWarning, stacklevel=_outside_torch_modules())
         return super().train(mode)
 
     def __copy__(self) -> "OptimizedModule":
@@ -525,11 +531,20 @@ def _again(error: Exception) -> Exception:
     return again
 
 
+def _outside_torch_modules() -> int:
+    """The ``stacklevel``, for a warning of the method calling this, of the first frame outside torch's
+    ``nn.Module`` code (``opt.eval()``, and a parent's ``.train()``, reach ``train`` through it)."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename == torch.nn.modules.module.__file__:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 @torch.compiler.disable
 def _untraced_call(module: OptimizedModule, args: tuple, kwargs: dict):
     """``module(*args, **kwargs)`` where dynamo does not trace it (a graph break, without dynamo's warnings
     about the calls inside it that it cannot trace)."""
-    return module.forward(*args, **kwargs)
+    return module._call(args, kwargs)
 
 
 def _call_key(args: tuple, grad: bool) -> tuple | None:

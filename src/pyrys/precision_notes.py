@@ -77,17 +77,19 @@ def bf16_guard(calibration: Calibration | None, flat: list, gm: fx.GraphModule) 
     if calibration is None or calibration.accuracy_budget is None:
         return None
     samples = calibration.samples or []  # kept (GUARD_SAMPLES of them): every capture measures on them
-    fitted = fitted_samples(gm, samples, len(samples))
-    if fitted:
-        return Bf16Guard(fitted, calibration.accuracy_budget,
-                         f"{len(fitted)} calibration sample{'s' * (len(fitted) > 1)}"
-                         + (" (cut to its size-1 dims)" if fitted[0] is not samples[0] else ""))
-    return Bf16Guard([flat], calibration.accuracy_budget, "the inputs compiled for")
+    fitted, cut = fitted_samples(gm, samples, len(samples))
+    own = ([flat], "the inputs compiled for")
+    if not fitted:
+        return Bf16Guard(own[0], calibration.accuracy_budget, own[1])
+    if cut:  # cut to a size of 1, they may not run: an input holding positions in the dim cut
+        return Bf16Guard(fitted, calibration.accuracy_budget, f"{len(fitted)} samples cut from the calibration "
+                         "samples to its size-1 dims", fallback=own)
+    return Bf16Guard(fitted, calibration.accuracy_budget, f"{len(fitted)} calibration sample{'s' * (len(fitted) > 1)}")
 
 
 def guard_accuracy_note(precision: str, calibration: Calibration | None, guard: Bf16Guard | None) -> str:
-    """How far the outputs are from float32's, as the accuracy guard measured (bf16: this compile's; int8:
-    the first compile's, whose plan every compile uses)."""
+    """How far the outputs are from float32's, as the accuracy guard measured (bf16: this compile's; int8: that
+    of the plan this compile uses, the first compile's or, calibrated on its own, this one's)."""
     if guard is not None:
         return guard.note()
     plan = calibration.plan if calibration is not None and precision == "int8" else None

@@ -62,11 +62,14 @@ def size_one_dims(gm: fx.GraphModule, flat: list) -> bool:
     return any(flat[i].shape[d] == 1 for places in _symbol_dims(gm, flat).values() for i, d in places)
 
 
-def fitted_samples(gm: fx.GraphModule, samples: list[list], limit: int) -> list[list]:
+def fitted_samples(gm: fx.GraphModule, samples: list[list], limit: int) -> tuple[list[list], bool]:
     """The samples (flat inputs) ``gm`` takes, at most ``limit``, each cut where ``gm`` holds an input dim at
     size 1 that the sample has larger (a capture for a batch of one, for a step of one token): into its rows
-    where only dims 0 are cut (each row a sample), else to its first position there."""
+    where only dims 0 are cut (each row a sample), else to its first position there; and whether any was
+    cut.  The cut is by shapes alone: an input holding positions in a dim cut (which token to read) may now
+    point past it, so a run on cut samples may fail where the caller must fall back."""
     fitted: list[list] = []
+    cut_any = False
     for sample in samples:
         cut = _size_one_places(gm, sample)
         if not cut:
@@ -75,10 +78,12 @@ def fitted_samples(gm: fx.GraphModule, samples: list[list], limit: int) -> list[
             candidates = [_narrowed(sample, cut, row) for row in range(sample[cut[0][0]].shape[0])]
         else:
             candidates = [_narrowed(sample, cut, 0)]
-        fitted += [candidate for candidate in candidates if takes(gm, candidate)]
+        taken = [candidate for candidate in candidates if takes(gm, candidate)]
+        cut_any |= bool(cut and taken)
+        fitted += taken
         if len(fitted) >= limit:
             break
-    return fitted[:limit]
+    return fitted[:limit], cut_any
 
 
 def takes(gm: fx.GraphModule, flat: list) -> bool:

@@ -39,13 +39,18 @@ class Bf16Guard:
     error: float | None = None
     kept: dict[str, str] = field(default_factory=dict)
     failure: str = ""  # why the graph could not be measured (the model then runs with every op in bf16)
+    fallback: tuple[list[list], str] | None = None  # samples (and words) to measure on where ``samples`` fail
+    # to run: the inputs compiled for, where the samples were cut to a capture's size-1 dims
 
     def keep(self, gm: fx.GraphModule, lower: Callable[[fx.GraphModule, frozenset[str]], set[str]]) -> dict[str, str]:
         """:meth:`choose`, or nothing kept where the graph cannot be measured on the reference backend (the
-        failure is noted: a guard never stops a compile)."""
+        failure is noted: a guard never stops a compile); measured on ``fallback`` where the samples fail."""
         try:
             return self.choose(gm, lower)
         except Exception as error:  # noqa: BLE001 -- say why, compile as without a guard
+            if self.fallback is not None:  # samples cut to a size of 1 may not run (an input indexing the cut dim)
+                (self.samples, self.data), self.fallback = self.fallback, None
+                return self.keep(gm, lower)
             self.error, self.kept = None, {}
             self.failure = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
             return {}

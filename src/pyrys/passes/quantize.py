@@ -14,8 +14,9 @@ in :mod:`pyrys.quantization`:
 The first compile calibrates (:mod:`pyrys.quantization.calibration`), corrects each int8 op's bias for
 its rounding's mean shift (:mod:`pyrys.quantization.bias_correction`: the op's bias argument becomes a
 new constant) and runs the accuracy guard (:mod:`pyrys.quantization.guard`); the compiles of other input
-shapes reuse its plan, each value named by its role and checked against a digest of what computes it
-(:func:`_roles`, :func:`_origin`).  Every
+shapes reuse its plan where it fits, each value named by its role and checked against a digest of what
+computes it (:func:`_roles`, :func:`_origin`), and a graph that computes some value otherwise is calibrated on
+its own, on the samples the first compile kept (:func:`_plan_or_samples`).  Every
 conv or linear left in float32 is a miss with its reason (``opt.report()``, ``pyrys explain``); those the
 guard keeps run in bf16 where the CPU has it (:func:`keeps_in_bf16`,
 :func:`~pyrys.passes.precision.run_in_bf16`).  This runs last: constant propagation must not fold the weight's dequantize back into a float32 constant.
@@ -54,7 +55,8 @@ aten = torch.ops.aten
 # the result is quantized and the layer writes int8 (:func:`_shared_results`).
 INT8_READERS = frozenset({aten.mul.Tensor, aten.add.Tensor, aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default})
 COMMUTATIVE = frozenset({aten.mul.Tensor, aten.add.Tensor})
-OWN_CALIBRATION = "precision='int8': this capture computes some values otherwise"  # a later capture's note
+OWN_CALIBRATION = "precision='int8': this capture computes some values otherwise"  # a later capture's note,
+CALIBRATED_ON_ITS_OWN = "so it is calibrated on its own"  # and what it says where the capture was calibrated
 
 
 def quantize(gm: fx.GraphModule, precision: str, calibration: Calibration | None) -> PassResult:
@@ -70,10 +72,20 @@ def quantize(gm: fx.GraphModule, precision: str, calibration: Calibration | None
     keys, shared = _layer_keys(layers), _shared_results(layers)
     roles = _roles(layers, keys, shared)  # before the rewrite: each value the plan names, by its role
     with calibration.lock:
-        plan, samples = _plan_or_samples(gm, calibration, roles, keys)
+        plan, samples, cut = _plan_or_samples(gm, calibration, roles, keys)
         planning = plan is None
         if planning:
-            quants, expected = observe(gm, {value.name for value in roles.values()}, samples, GUARD_SAMPLES)
+            try:
+                quants, expected = observe(gm, {value.name for value in roles.values()}, samples, GUARD_SAMPLES)
+            except Exception as error:  # noqa: BLE001 -- samples cut by shapes may not run: the first plan then
+                if not cut:
+                    raise
+                plan, planning = calibration.parent.plan, False
+                line = (str(error).strip().splitlines() or [""])[0][:200]
+                calibration.note = (f"{OWN_CALIBRATION} than the graph calibrated first, and it does not run on the "
+                                    f"calibration samples cut to its size-1 dims ({type(error).__name__}: {line}): "
+                                    "the first plan quantizes what it computes alike, the rest stays in floating point")
+        if planning:
             memo: dict = {}
             origins = {role: _origin(value, keys, memo) for role, value in roles.items()}
             plan = QuantizationPlan({role: (origins[role], quants[value.name])
@@ -177,27 +189,26 @@ def _origin(value: fx.Node, keys: dict[fx.Node, str], memo: dict | None = None) 
 
 
 def _plan_or_samples(gm: fx.GraphModule, calibration: Calibration, roles: dict[str, fx.Node],
-                     keys: dict[fx.Node, str]) -> tuple[QuantizationPlan | None, list[list] | None]:
-    """The plan this compile uses, or None and the samples to make one from.  A later capture (another shape:
-    ``calibration.parent`` is the first compile's) takes the first plan where that names every value this graph
-    quantizes, computed alike; else (a batch of one, a step of one token: constants folded at size 1 change
-    what computes a layer's input) it is calibrated on its own, on the samples the first compile kept cut to
-    its size-1 dims (:func:`~pyrys.size_one.fitted_samples`), and says so in ``calibration.note``; where it
-    takes none of them, the first plan quantizes what it computes alike."""
+                     keys: dict[fx.Node, str]) -> tuple[QuantizationPlan | None, list[list] | None, bool]:
+    """The plan this compile uses, or None and the samples to make one from (and whether they were cut).  A
+    later capture (another shape: ``calibration.parent`` is the first compile's) takes the first plan where that
+    names every value this graph quantizes, computed alike; else (a batch of one, a step of one token:
+    constants folded at size 1 change what computes a layer's input) it is calibrated on its own, on the
+    samples the first compile kept cut to its size-1 dims (:func:`~pyrys.size_one.fitted_samples`), and says so
+    in ``calibration.note``; where it takes none of them, the first plan quantizes what it computes alike."""
     if calibration.plan is not None or calibration.parent is None:
-        return calibration.plan, calibration.samples
+        return calibration.plan, calibration.samples, False
     first = calibration.parent.plan
     memo: dict = {}
     if all(first.roles.get(role) == _origin(value, keys, memo) for role, value in roles.items()):
-        return first, None
-    samples = fitted_samples(gm, calibration.parent.kept, MAX_SAMPLES)
+        return first, None, False
+    samples, cut = fitted_samples(gm, calibration.parent.kept, MAX_SAMPLES)
     if not samples:
-        return first, None
-    cut = any(a is not b for a, b in zip(samples, calibration.parent.kept))
-    calibration.note = (f"{OWN_CALIBRATION} than the graph calibrated first, so it is calibrated on its own, on "
-                        f"{len(samples)} of the calibration samples"
-                        + (" (cut to its size-1 dims)" if cut else ""))
-    return None, samples
+        return first, None, False
+    calibration.note = (f"{OWN_CALIBRATION} than the graph calibrated first, {CALIBRATED_ON_ITS_OWN}, on "
+                        + (f"{len(samples)} samples cut from the calibration samples to its size-1 dims" if cut else
+                           f"{len(samples)} of the calibration samples"))
+    return None, samples, cut
 
 
 def _lookup(plan: QuantizationPlan, roles: dict[str, fx.Node], keys: dict[fx.Node, str]):

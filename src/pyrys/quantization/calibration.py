@@ -93,13 +93,15 @@ class Calibration:
 
 
 def kept_samples(samples: list[list]) -> list[list]:
-    """The first samples whose tensors hold :data:`KEPT_SAMPLE_BYTES` together (at least one)."""
+    """Copies of the first samples whose tensors hold :data:`KEPT_SAMPLE_BYTES` together (at least one): a
+    sample cut from a batch is a view, which would keep its whole batch alive; the caller's tensors stay theirs."""
     kept, held = [], 0
     for sample in samples:
         held += sum(t.numel() * t.element_size() for t in sample if isinstance(t, torch.Tensor))
         if kept and held > KEPT_SAMPLE_BYTES:
             break
-        kept.append(sample)
+        kept.append([t.clone(memory_format=torch.contiguous_format) if isinstance(t, torch.Tensor) else t
+                     for t in sample])
     return kept
 
 
