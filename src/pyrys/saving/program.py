@@ -131,15 +131,22 @@ def _load(path: str | os.PathLike, manifest: dict, program: dict, tensors: dict,
                                          "(and save it again)")
     except LoadError:
         raise
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError, StopIteration, SyntaxError, RuntimeError,
-            AssertionError, NotImplementedError, OverflowError) as error:  # torch's, building an edited program
-        line = (str(error).strip().splitlines() or [""])[0][:300]
-        raise LoadError(f"pyrys.load: the program in {path} is malformed ({type(error).__name__}: {line})") from None
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, StopIteration, SyntaxError) as error:
+        raise LoadError(f"pyrys.load: the program in {path} is malformed ({type(error).__name__}: "
+                        f"{_first_line(error)})") from None
+    except (RuntimeError, AssertionError, NotImplementedError, OverflowError) as error:  # torch's, while building
+        raise LoadError(f"pyrys.load: the program in {path} cannot be built here ({type(error).__name__}: "
+                        f"{_first_line(error)}): it was edited, or needs what this machine lacks (memory, "
+                        "an op of another torch)") from None
     warn_of_missing_kernels(next((note for c in (first, *compiled) for note in c.notes
                                   if note.startswith(MISSING_KERNELS)), ""))
     loaded = OptimizedModule.from_compiled(frontend, config, [first, *compiled], generic, size_one)
     loaded.training = loaded.compiled_training = program.get("training") is True  # (saves before it: eval)
     return loaded
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:300]
 
 
 def _with_checked_isa(manifest: dict, path: Any) -> dict:
