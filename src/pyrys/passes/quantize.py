@@ -175,8 +175,9 @@ def _made_in_int8(layers: list[fx.Node], inputs: set[fx.Node]) -> set[fx.Node]:
 
 def _origin(value: fx.Node, keys: dict[fx.Node, str], memo: dict | None = None) -> int:
     """What computes ``value``, to check a reused plan against: a digest of every op upstream of it (a layer
-    by its key, an input or constant by name, other ops by target), over the tensors they read.  A value
-    computed otherwise in another capture (a branch taken at one shape only) gets another digest, and so
+    by its key, an input or constant by name, other ops by target; each with its :func:`_literals`), over the
+    tensors they read.  A value computed otherwise in another capture (a branch taken at one shape only, even
+    one that differs only in a fused activation, a scalar or where a slice starts) gets another digest, and so
     does everything after it: its distribution is not the one calibrated."""
     memo = {} if memo is None else memo
     if value not in memo:
@@ -184,8 +185,32 @@ def _origin(value: fx.Node, keys: dict[fx.Node, str], memo: dict | None = None) 
                                   else str(value.target))
         reads = tuple(_origin(arg, keys, memo) for arg in value.all_input_nodes
                       if isinstance(arg.meta.get("val"), torch.Tensor))  # not symbolic sizes: any shape
-        memo[value] = hash((own, reads))
+        memo[value] = hash((own, _literals(value) if value.op == "call_function" else (), reads))
     return memo[value]
+
+
+# the arguments of ops that select positions which say what is computed (dim and start), not those that
+# follow the input's shape (a slice's end, a narrow's length)
+_POSITION_ARGS = {aten.slice.Tensor: (1, 2), aten.narrow.default: (1, 2)}
+_SIZES = "sizes"  # a list of ints (a view's shape, an expand's sizes, a mean's dims): follows the shape
+
+
+def _literals(node: fx.Node) -> tuple:
+    """The arguments of ``node`` that are not graph values and say what it computes: scalars, strings, dtypes,
+    a fused op's post-ops; not sizes, which follow the inputs' shapes (see :data:`_POSITION_ARGS`)."""
+    kept = _POSITION_ARGS.get(node.target)
+    args = [arg for i, arg in enumerate(node.args) if kept is None or i in kept]
+    return tuple(_literal(arg) for arg in args) + tuple((name, _literal(arg)) for name, arg in sorted(node.kwargs.items()))
+
+
+def _literal(arg):
+    if isinstance(arg, fx.Node):
+        return None  # a graph value: read through ``reads`` (a symbolic size: any shape)
+    if isinstance(arg, (list, tuple)):
+        if all(isinstance(item, (int, fx.Node)) and not isinstance(item, bool) for item in arg):
+            return _SIZES
+        return tuple(_literal(item) for item in arg)
+    return arg if isinstance(arg, (bool, int, float, str, torch.dtype)) or arg is None else type(arg).__name__
 
 
 def _plan_or_samples(gm: fx.GraphModule, calibration: Calibration, roles: dict[str, fx.Node],
