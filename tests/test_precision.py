@@ -445,3 +445,17 @@ def test_a_capture_the_calibration_samples_do_not_fit_is_guarded_on_its_own_inpu
         inputs = StepWithCancelling.inputs(batch, tokens, seed=9)
         assert pyrys.relative_error(opt(*inputs)[1], model(*inputs)[1]) <= 1e-2, (batch, tokens)
     assert not any("could not measure" in note for note in opt.notes), opt.notes
+
+
+def test_the_stated_error_says_bf16_outputs_are_rounded_after_it(bf16_cpu):
+    """With ``output_dtype=torch.bfloat16`` the guard's measure (0.0 here: both linears kept in float32 for a
+    budget of 1e-3) is of the outputs before their rounding, which the caller's outputs carry (2.5e-3)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8)).eval()
+    samples = [(torch.randn(4, 16),) for _ in range(4)]
+    rounded = pyrys.optimize(model, samples[0], precision="bf16", calibration=samples, accuracy_budget=1e-3,
+                             output_dtype=torch.bfloat16)
+    assert any("the error stated is the outputs' before their rounding to bfloat16" in note
+               for note in rounded.notes), rounded.notes
+    plain = pyrys.optimize(model, samples[0], precision="bf16", calibration=samples, accuracy_budget=1e-3)
+    assert not any("before their rounding" in note for note in plain.notes), plain.notes

@@ -30,7 +30,7 @@ from pyrys.signature import InputError, Signature, signature_of
 from pyrys.capture.frontend import Frontend
 from pyrys.config import OptimizeConfig
 from pyrys.precision_notes import (bf16_guard, disabled_precision_note, effective_precision, guard_accuracy_note,
-                                   int8_coverage_note, int8_layers)
+                                   int8_coverage_note, int8_layers, rounded_outputs_note)
 
 
 @dataclass
@@ -119,8 +119,9 @@ def _compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: Op
     _, backend, notice = get_backend(config.backend)
     if precision == "int8" and (backend != "dnnl" or not int8_layers(run)):
         precision_note = ""  # which oneDNN int8 kernels this CPU gets: said where they run
+    measured = guard_accuracy_note(precision, config.calibration, guard)
     notes = captured.notes + [note for note in (notice, precision_note, int8_coverage_note(precision, run, captured.gm),
-                                                guard_accuracy_note(precision, config.calibration, guard),
+                                                measured, rounded_outputs_note(precision, config, measured),
                                                 disabled_precision_note(precision, config),
                                                 config.calibration.note if config.calibration else "") if note]
     template = Compiled(signature, captured, run, None, "", notes, generic)

@@ -106,3 +106,16 @@ def disabled_precision_note(precision: str, config: OptimizeConfig) -> str:
     undone = [f"precision={precision!r}"] * (precision == "bf16")
     undone += [f"output_dtype={config.output_dtype}"] * (config.output_dtype is not None)
     return f"the pass lower_precision is disabled: {' and '.join(undone)} not applied" if undone else ""
+
+
+BF16_ROUNDING = 2.0 ** -8  # the largest relative rounding error of a float32 rounded to bfloat16 (8 bits)
+
+
+def rounded_outputs_note(precision: str, config: OptimizeConfig, measured: str) -> str:
+    """With ``output_dtype=torch.bfloat16``, that the error an accuracy note states (``measured``) is the
+    outputs' before they are rounded to bfloat16 for the caller, which adds up to :data:`BF16_ROUNDING`."""
+    if config.output_dtype != torch.bfloat16 or precision not in ("bf16", "int8") or not measured:
+        return ""
+    return (f"output_dtype=torch.bfloat16: the error stated is the outputs' before their rounding to bfloat16, which "
+            f"adds up to {BF16_ROUNDING:.1e} of each (relative); an accuracy_budget below that cannot hold for "
+            "what the caller receives")
