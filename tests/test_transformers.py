@@ -264,3 +264,21 @@ def test_a_decoder_with_rotary_heads_gives_eagers_logits_at_one_token():
         opt = pyrys.optimize(model, (), {"input_ids": torch.randint(0, 100, (2, 7)), "use_cache": False})
         with torch.no_grad():
             assert pyrys.relative_error(opt(input_ids=one, use_cache=False).logits, expected) <= TOLERANCE
+
+
+@pytest.mark.parametrize("name", ["hf_gpt2", "hf_bert"])
+def test_a_first_new_shape_of_length_one_still_gives_a_graph_for_every_shape(name):
+    """``dynamic=None``, a prompt then a one-token step: the symbolic capture was made at length 1, which
+    torch.export refuses (HF's ``is_causal=q_len > 1``, a symbolic bool), and every later length was then a
+    capture of its own.  It is made at length 2 now, and later lengths are specialized from it."""
+    model = MODELS[name](small=True)
+    prompt = model.example_inputs(1)
+    opt = pyrys.optimize(model, prompt)
+    for length in (1, 17, 18, 19):
+        inputs = tuple(torch.cat([t, t], 1)[:, :length].contiguous() for t in prompt)
+        with torch.no_grad():
+            assert pyrys.relative_error(opt(*inputs), model(*inputs)) <= TOLERANCE
+    assert any(note.startswith("input shapes vary: captured once more with symbolic sizes") for note in opt.notes), \
+        opt.notes
+    assert not any(f"{length})" in note and "captured and optimized again" in note
+                   for note in opt.notes for length in (18, 19)), opt.notes

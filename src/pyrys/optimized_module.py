@@ -22,7 +22,7 @@ from pyrys.machine import give_back_freed_memory
 from pyrys.passes.specialize import ShapeMismatch
 from pyrys.shape_cache import ShapeCache
 from pyrys.size_one import excluded_size_one_inputs, size_one_dims
-from pyrys.capture.dynamic_shapes import SIZE_ONE_FIXED, VaryingDims, symbolic_example
+from pyrys.capture.dynamic_shapes import SIZE_ONE_FIXED, VaryingDims, symbolic_example, widened_like
 from pyrys.ir.graph import user_inputs
 from pyrys.signature import InputError, Signature, arranged_like, check_compatible, runnable_inputs, signature_of
 from pyrys.capture.frontend import Frontend
@@ -212,21 +212,29 @@ class OptimizedModule(torch.nn.Module):
         captured and optimized again for that shape alone, with a note saying why."""
         if self._generic is None and not self._generic_tried:
             self._generic_tried = True
+            first = [leaf[0] if isinstance(leaf, tuple) and len(leaf) == 2 and isinstance(leaf[1], torch.dtype)
+                     else None for leaf in self._first.signature.leaves]
+            capture_args, capture_kwargs = symbolic_example(*widened_like(args, kwargs, first))  # sizes of 1 made 2
             try:
-                compiled = compile_signature(self._frontend, args, kwargs, self._config, dynamic=True, like=self._first)
+                compiled = self._capture_generic(capture_args, capture_kwargs, args, kwargs)
             except (CaptureError, InputError):  # these inputs were refused, not symbolic sizes: the next shape tries
                 self._generic_tried = False
                 raise
+            capture_args, capture_kwargs = (capture_args, capture_kwargs) if compiled.signature != signature \
+                else (args, kwargs)
             give_back_freed_memory()  # the capture's own copies of the weights, shared away (share_constants)
             if compiled.generic is not None:
                 self._generic = compiled
                 self._note(f"input shapes vary: captured once more with symbolic sizes "
                            f"({describe_dims(compiled.generic.gm)}); every later shape is specialized from it")
-                self._find_size_one_gaps(args, kwargs)
+                self._find_size_one_gaps(capture_args, capture_kwargs)
             else:
-                self._note(f"inputs ({signature.describe()}) captured and optimized again: {static_reason(compiled)}")
-            self._note_precision(compiled, signature)
-            return compiled
+                self._note(f"inputs ({compiled.signature.describe()}) captured and optimized again: "
+                           f"{static_reason(compiled)}")
+            self._note_precision(compiled, compiled.signature)
+            if compiled.signature == signature:
+                return compiled
+            self._keep(compiled.signature, compiled)  # the widened inputs' program; these inputs' comes below
         others: list[str] = []  # why the graphs for other sizes did not hold either (a loaded module says so)
         if self._generic is not None:
             try:
@@ -257,6 +265,21 @@ class OptimizedModule(torch.nn.Module):
         compiled.notes.append(note)
         self._note(note)
         self._note_precision(compiled, signature)
+        return compiled
+
+    def _capture_generic(self, widened_args: tuple, widened_kwargs: dict, args: tuple, kwargs: dict) -> Compiled:
+        """The capture with symbolic sizes ``dynamic=None`` makes at its first new shape: from the inputs widened
+        (sizes of 1 made 2), else, where the model refuses those (a dim it pins) or they give no symbolic graph,
+        from the inputs themselves."""
+        if signature_of(widened_args, widened_kwargs)[0] == signature_of(args, kwargs)[0]:
+            return compile_signature(self._frontend, args, kwargs, self._config, dynamic=True, like=self._first)
+        try:
+            compiled = compile_signature(self._frontend, widened_args, widened_kwargs, self._config, dynamic=True,
+                                         like=self._first)
+        except (CaptureError, InputError):
+            compiled = None
+        if compiled is None or compiled.generic is None:
+            compiled = compile_signature(self._frontend, args, kwargs, self._config, dynamic=True, like=self._first)
         return compiled
 
     def _capture_size_one(self, args: tuple, kwargs: dict, why: str) -> Compiled:

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 from torch.export import Dim
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 MAX_SEQUENCE_RANK = 3  # inputs up to this rank have every dim symbolic; higher ranks only the batch
 # ``dynamic=`` of a capture whose example's dims of size 1 stay 1 (the rest as above): the graph for the shapes
@@ -107,3 +107,22 @@ def symbolic_example(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         return torch.cat([value, value]) if isinstance(value, torch.Tensor) and value.dim() else value
 
     return tree_map(widened, args), tree_map(widened, kwargs)
+
+
+def widened_like(args: tuple, kwargs: dict, first: list) -> tuple[tuple, dict]:
+    """The inputs to capture with symbolic sizes at a new shape (``dynamic=None``): as given, but each tensor
+    dim of size 1 where the first inputs' (``first``: their flat shapes, None for a non-tensor) is larger
+    repeated to 2.  A length of 1 (a decode step after a prompt) takes paths larger lengths do not (HF's
+    ``is_causal=q_len > 1``, a symbolic bool torch.export refuses), and would leave every later shape a
+    capture of its own."""
+    leaves, spec = tree_flatten((args, kwargs))
+    if len(leaves) != len(first):
+        return args, kwargs
+    widened = []
+    for value, shape in zip(leaves, first):
+        if isinstance(value, torch.Tensor) and shape is not None and value.dim() == len(shape):
+            for dim, (size, before) in enumerate(zip(value.shape, shape)):
+                if size == 1 and before > 1:
+                    value = torch.cat([value, value], dim)
+        widened.append(value)
+    return tree_unflatten(widened, spec)
