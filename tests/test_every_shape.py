@@ -588,3 +588,19 @@ def test_a_failed_symbolic_capture_leaves_no_torch_traceback_and_says_why_plainl
     assert "failed while attempting to run meta" not in capfd.readouterr().err
     failed = [note for note in opt.notes if "the compile with symbolic sizes failed" in note]
     assert failed and not any(".cpp:" in note for note in failed), opt.notes
+
+
+def test_the_widened_capture_of_a_first_new_shape_leaves_the_first_program_alone(tmp_path):
+    """A batch-2 example, then a batch of 1: the symbolic capture runs from the batch made 2, the example's own
+    signature, and its program replaced the first one held (``pyrys.save`` then raised a bare ValueError)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Softmax(-1)).eval()
+    opt = pyrys.optimize(model, (torch.randn(2, 8, 16),))
+    first = opt._first
+    x = torch.randn(1, 8, 16)
+    with torch.no_grad():
+        assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE
+    assert opt._programs[first.signature] is first
+    assert len(opt._programs) == 2  # the example's and the batch of 1's: the widened program is not kept
+    loaded = pyrys.load(pyrys.save(opt, tmp_path / "saved"))
+    assert pyrys.relative_error(loaded(x), opt(x)) == 0

@@ -233,8 +233,7 @@ class OptimizedModule(torch.nn.Module):
                            f"{static_reason(compiled)}")
             self._note_precision(compiled, compiled.signature)
             if compiled.signature == signature:
-                return compiled
-            self._keep(compiled.signature, compiled)  # the widened inputs' program; these inputs' comes below
+                return compiled  # (the widened inputs' program is let go: nobody called that shape)
         others: list[str] = []  # why the graphs for other sizes did not hold either (a loaded module says so)
         if self._generic is not None:
             try:

@@ -117,5 +117,5 @@ def rounded_outputs_note(precision: str, config: OptimizeConfig, measured: str) 
     if config.output_dtype != torch.bfloat16 or precision not in ("bf16", "int8") or not measured:
         return ""
     return (f"output_dtype=torch.bfloat16: the error stated is the outputs' before their rounding to bfloat16, which "
-            f"adds up to {BF16_ROUNDING:.1e} of each (relative); an accuracy_budget below that cannot hold for "
+            f"adds up to {BF16_ROUNDING:.1e} of each (relative); an accuracy_budget below that may not hold for "
             "what the caller receives")

@@ -210,7 +210,9 @@ def _literal(arg):
         if all(isinstance(item, (int, fx.Node)) and not isinstance(item, bool) for item in arg):
             return _SIZES
         return tuple(_literal(item) for item in arg)
-    return arg if isinstance(arg, (bool, int, float, str, torch.dtype)) or arg is None else type(arg).__name__
+    if isinstance(arg, float):
+        return arg.hex()  # NaN too: equal NaNs hash alike
+    return arg if isinstance(arg, (bool, int, str, torch.dtype)) or arg is None else type(arg).__name__
 
 
 def _plan_or_samples(gm: fx.GraphModule, calibration: Calibration, roles: dict[str, fx.Node],
