@@ -23,8 +23,16 @@ from pyrys.errors import TracedCallError
 _FAKE, _PROXY = torch._C._TorchDispatchModeKey.FAKE, torch._C._TorchDispatchModeKey.PROXY
 # the checks every call makes, bound once (about 0.2 us together); each reads the calling thread's state
 # (not torch.compiler.is_exporting(): one flag for the process, set while any thread exports)
-_tracing, _mode, _transform_level = (torch._C._is_tracing, torch._C._get_dispatch_mode,
-                                     torch._C._functorch.maybe_current_level)
+_tracing, _mode, _transform_level, _any_autocast = (torch._C._is_tracing, torch._C._get_dispatch_mode,
+                                                    torch._C._functorch.maybe_current_level,
+                                                    torch._C._is_any_autocast_enabled)
+
+
+def called_plainly() -> bool:
+    """Whether this call is neither traced nor transformed nor under any ``torch.autocast``: what every call
+    checks first, in one function (the rest of this module runs only where it is not)."""
+    return not (_tracing() or _mode(_FAKE) is not None or _mode(_PROXY) is not None
+                or _transform_level() is not None or _any_autocast())
 
 
 def tracer() -> str | None:
@@ -51,7 +59,7 @@ def refuse_tracers() -> None:
 
 def autocast_on() -> bool:
     """Whether the caller's ``torch.autocast`` is on for the CPU."""
-    return torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled("cpu")
+    return _any_autocast() and torch.is_autocast_enabled("cpu")
 
 
 def warn_of_autocast(precision: str) -> None:

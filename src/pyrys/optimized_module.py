@@ -13,7 +13,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from pyrys.backends.reference import with_values
-from pyrys.calling_context import autocast_on, refuse_tracers, warn_of_autocast, without_autocast
+from pyrys.calling_context import autocast_on, called_plainly, refuse_tracers, warn_of_autocast, without_autocast
 from pyrys.forwarding import forwarded
 from pyrys.ir.symbolic import (bind_symbols, describe_dims, differing_fixed_dims, fixed_dims_differ, pinned_dims_differ,
                                 rows_dim)
@@ -24,7 +24,8 @@ from pyrys.shape_cache import ShapeCache
 from pyrys.size_one import excluded_size_one_inputs, size_one_dims
 from pyrys.capture.dynamic_shapes import SIZE_ONE_FIXED, VaryingDims, symbolic_example, widened_like
 from pyrys.ir.graph import user_inputs
-from pyrys.signature import InputError, Signature, arranged_like, check_compatible, runnable_inputs, signature_of
+from pyrys.signature import (InputError, Signature, arranged_like, check_compatible, is_tensor_leaf, runnable_inputs,
+                             signature_of)
 from pyrys.capture.frontend import Frontend
 from pyrys.config import OptimizeConfig
 from pyrys.errors import CaptureError
@@ -121,11 +122,12 @@ class OptimizedModule(torch.nn.Module):
     def _call(self, args: tuple, kwargs: dict):
         """``forward``'s work (warnings name the module's caller: ``stacklevel`` counts forward and torch's two
         frames of ``Module.__call__``)."""
-        refuse_tracers()
-        if autocast_on():  # not followed: the program's precision, and the same dtypes on every backend
-            warn_of_autocast(self._config.precision)
-            with without_autocast():
-                return self._call(args, kwargs)
+        if not called_plainly():
+            refuse_tracers()
+            if autocast_on():  # not followed: the program's precision, and the same dtypes on every backend
+                warn_of_autocast(self._config.precision)
+                with without_autocast():
+                    return self._call(args, kwargs)
         if self._first.captured.input_writes:
             _refuse_shared_memory(args, kwargs, self._first.captured)
         grad = torch.is_grad_enabled()
@@ -212,8 +214,7 @@ class OptimizedModule(torch.nn.Module):
         captured and optimized again for that shape alone, with a note saying why."""
         if self._generic is None and not self._generic_tried:
             self._generic_tried = True
-            first = [leaf[0] if isinstance(leaf, tuple) and len(leaf) == 2 and isinstance(leaf[1], torch.dtype)
-                     else None for leaf in self._first.signature.leaves]
+            first = [leaf[0] if is_tensor_leaf(leaf) else None for leaf in self._first.signature.leaves]
             capture_args, capture_kwargs = symbolic_example(*widened_like(args, kwargs, first))  # sizes of 1 made 2
             try:
                 compiled = self._capture_generic(capture_args, capture_kwargs, args, kwargs)
@@ -424,9 +425,8 @@ class OptimizedModule(torch.nn.Module):
         the inputs' floating-point dtype on the CPU: a conversion that would change it raises (the compiled
         program keeps its precision and device, and the call went unnoticed); one that changes nothing
         (``.to("cpu")``, ``.float()`` of a float32 module) is a no-op."""
-        dtype = next((dtype for shape, dtype in (leaf for leaf in self._first.signature.leaves
-                                                 if isinstance(leaf, tuple) and len(leaf) == 2)
-                      if isinstance(dtype, torch.dtype) and dtype.is_floating_point), torch.float32)
+        dtype = next((leaf[1] for leaf in self._first.signature.leaves
+                      if is_tensor_leaf(leaf) and leaf[1].is_floating_point), torch.float32)
         probe = torch.zeros(1, dtype=dtype)
         converted = fn(probe)
         if isinstance(converted, torch.Tensor) and (converted.dtype != probe.dtype or converted.device != probe.device):

@@ -102,7 +102,8 @@ def quantize(gm: fx.GraphModule, precision: str, calibration: Calibration | None
                     gm, switches, samples[:GUARD_SAMPLES], expected, calibration.accuracy_budget,
                     run_in_bf16 if plan.floating == BF16 else None, attention)
             calibration.planned(plan, samples)
-        calibration.plan = plan
+        else:
+            calibration.plan = plan  # the first plan, which this capture takes (its notes read it here)
     kept = set()
     for key, why in plan.kept.items():
         if key in switches:
