@@ -1,6 +1,7 @@
 """max_shapes: compiled shapes are bounded, the least recently called goes first, the first never."""
 from __future__ import annotations
 
+import copy
 import importlib
 from concurrent.futures import ThreadPoolExecutor
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 import pyrys
+from pyrys.optimized_module import MAX_SHAPE_NOTES
 from pyrys.shape_cache import ShapeCache
 from tests.conftest import TOLERANCE, spy_dynamo_graphs
 from tests.models import conv_bn_relu, image
@@ -106,3 +108,23 @@ def test_torch_compile_graphs_keep_at_most_max_shapes(monkeypatch):
         torch._dynamo.reset()
     assert max(len(shapes) for shapes in compiled_shapes.values()) >= 3  # dynamo's dynamic graph saw 3 shapes
     assert made and all(len(graph.programs) <= 2 for graph in made)
+
+
+def test_notes_past_their_bound_keep_the_latest_and_count_the_rest():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU()).eval()
+    opt = pyrys.optimize(model, torch.randn(1, 4), dynamic=False, max_shapes=32)
+    before = len(opt.notes)
+    for batch in range(2, 2 + MAX_SHAPE_NOTES + 3):  # each a capture of its own, each noted
+        opt(torch.randn(batch, 4))
+    assert len(opt.notes) == before + MAX_SHAPE_NOTES
+    assert opt.notes[-1].startswith("3 notes of later shapes not kept") and "Float(20, 4)" in opt.notes[-1]
+    assert "Float(2, 4)" in opt.notes[before]  # the first ones stay
+
+
+def test_a_copy_notes_its_own_shapes():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU()).eval()
+    opt = pyrys.optimize(model, torch.randn(1, 4), dynamic=False)
+    twin = copy.deepcopy(opt)
+    twin(torch.randn(3, 4))
+    assert any("Float(3, 4)" in note for note in twin.notes)
+    assert not any("Float(3, 4)" in note for note in opt.notes)

@@ -95,6 +95,7 @@ class OptimizedModule(torch.nn.Module):
         # in, and the sizes each came at (the graph's included)
         self._size_one_inputs: list[tuple[tuple, dict]] = []  # inputs to capture them from, before a save
         self._told_of_mode = False  # train() warned once
+        self._notes_added = 0  # by _note, to opt.notes
         self._size_one_refused: list[tuple[tuple, dict]] = []  # of those, the ones the model refused (noted once)
         self._generic_tried = self._generic is not None or config.dynamic is not None or not frontend.symbolic
         kept = {c.signature for c in compiled} if frontend.fixed_shapes else set()  # loaded: nothing to capture from
@@ -395,9 +396,16 @@ class OptimizedModule(torch.nn.Module):
                        f"{first} int8 layers in int8, the rest in floating point ({why}; its misses say which)")
 
     def _note(self, note: str) -> None:
-        """Add to ``opt.notes`` (the first signature's), at most :data:`MAX_SHAPE_NOTES` times."""
-        if len(self._first.notes) < MAX_SHAPE_NOTES:
-            self._first.notes.append(note)
+        """Add to ``opt.notes`` (the first signature's); past :data:`MAX_SHAPE_NOTES` added, one last entry
+        holds the latest note and counts those it replaced."""
+        notes = self._first.notes
+        self._notes_added += 1
+        if self._notes_added <= MAX_SHAPE_NOTES:
+            notes.append(note)
+        else:
+            replaced = self._notes_added - MAX_SHAPE_NOTES
+            notes[-1] = (f"{replaced} notes of later shapes not kept (opt.notes keeps {MAX_SHAPE_NOTES} of them); "
+                         f"the latest: {note}")
 
     def _fixed_shapes_error(self, signature: Signature, why: str) -> InputError:
         source = f"pyrys: the module optimized from this {self._frontend.kind}"
@@ -410,7 +418,8 @@ class OptimizedModule(torch.nn.Module):
 
     def __deepcopy__(self, memo: dict) -> "OptimizedModule":
         """An independent module: its own frames and caches; the compiled, read-only plans are shared."""
-        programs = {signature: dataclasses.replace(compiled, program=copy.deepcopy(compiled.program, memo))
+        programs = {signature: dataclasses.replace(compiled, program=copy.deepcopy(compiled.program, memo),
+                                                   notes=list(compiled.notes))
                     for signature, compiled in self._programs.items()}
         first = programs.pop(self._first.signature)
         copied = OptimizedModule.from_compiled(self._frontend, self._config, [first, *programs.values()], self._generic,
@@ -418,6 +427,7 @@ class OptimizedModule(torch.nn.Module):
         copied._size_one_inputs, copied._size_one_refused = list(self._size_one_inputs), list(self._size_one_refused)
         copied._sizes_seen = {where: set(sizes) for where, sizes in self._sizes_seen.items()}
         copied.training, copied.compiled_training = self.training, self.compiled_training
+        copied._notes_added = self._notes_added
         return copied
 
     def _apply(self, fn, recurse: bool = True) -> "OptimizedModule":
