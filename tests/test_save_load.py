@@ -355,7 +355,7 @@ def _tensor_edit(program: dict, stride) -> None:
 
 EDITS = {  # a program edited, and its digest made to match: raw torch errors at load, or at every call
     "quantized to int64": (lambda p: _quantize_nodes(p)[0]["args"].__setitem__(-1, {"dtype": "int64"}),
-                           "quantized to torch.int64, not uint8 or int8"),
+                           "quantized to torch.int64, not one of torch.uint8"),
     "bounds beyond int8": (lambda p: _quantize_nodes(p)[0]["args"].__setitem__(-2, 256), "are not within"),
     "huge strides": (lambda p: _tensor_edit(p, [10**12, 1]), "do not lay out its shape .* densely"),
     "aliasing strides": (lambda p: _tensor_edit(p, [0, 0]), "do not lay out its shape .* densely"),
@@ -703,3 +703,27 @@ def test_saves_to_one_path_take_turns_and_a_load_never_sees_one_half_replaced(tm
         loader.join()
     assert saved == [path] * 100
     assert errors == [] and sorted(p.name for p in tmp_path.iterdir()) == ["m.pyrys"]
+
+
+class _QuantizedWithTorchOps(torch.nn.Module):
+    """Torch's own quantize/dequantize pair (PT2E's 16-bit activations) before a linear."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.linear, self.dtype = torch.nn.Linear(16, 16), dtype
+
+    def forward(self, x):
+        import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers the ops)
+        ops, info = torch.ops.quantized_decomposed, torch.iinfo(self.dtype)
+        q = ops.quantize_per_tensor(x, 0.01, 0, info.min, info.max, self.dtype)
+        return self.linear(ops.dequantize_per_tensor(q, 0.01, 0, info.min, info.max, self.dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.int16, torch.int32, torch.uint8])
+def test_a_graph_holding_torch_quantize_ops_of_any_type_they_take_loads(tmp_path, dtype):
+    """A reviewer's find: load took only uint8 and int8 there, and refused what save had written."""
+    torch.manual_seed(0)
+    model, x = _QuantizedWithTorchOps(dtype).eval(), torch.randn(4, 16) * 0.5
+    opt = pyrys.optimize(model, x)
+    pyrys.save(opt, tmp_path / "saved")
+    assert torch.equal(pyrys.load(tmp_path / "saved")(x), opt(x))

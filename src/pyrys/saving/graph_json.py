@@ -199,15 +199,20 @@ def decode_graph(record: dict, tensors: dict[str, torch.Tensor], mode: FakeTenso
     return fx.GraphModule(root, graph)
 
 
+QUANTIZED_TYPES = (torch.uint8, torch.int8, torch.uint16, torch.int16, torch.int32, torch.float8_e5m2,
+                   torch.float8_e4m3fn)  # what torch's quantized_decomposed ops quantize to (pyrys's own int8: the first two)
+
+
 def _quantization_problem(node: fx.Node) -> str:
     """What is wrong with a quantize or dequantize node's integer type and bounds ("" where nothing): torch's
     kernels would refuse them at every call."""
     *_, q_min, q_max, dtype = node.args[:7] if node.target is DEQUANTIZE_WEIGHT else node.args[:6]
-    if dtype not in (torch.uint8, torch.int8):
-        return f"quantized to {dtype}, not uint8 or int8"
-    info = torch.iinfo(dtype)
-    if not (type(q_min) is int and type(q_max) is int and info.min <= q_min < q_max <= info.max):
-        return f"bounds {q_min!r}..{q_max!r} are not within {dtype}'s {info.min}..{info.max}"
+    if dtype not in QUANTIZED_TYPES:
+        return f"quantized to {dtype}, not one of {', '.join(str(t) for t in QUANTIZED_TYPES)}"
+    info = torch.finfo(dtype) if dtype.is_floating_point else torch.iinfo(dtype)
+    low, high = int(info.min), int(info.max)
+    if not (type(q_min) is int and type(q_max) is int and low <= q_min <= q_max <= high):
+        return f"bounds {q_min!r}..{q_max!r} are not within {dtype}'s {low}..{high}"
     return ""
 
 
