@@ -60,6 +60,15 @@ def test_export_and_vmap_of_an_optimized_module_are_refused(transform):
     assert pyrys.relative_error(opt(x), _mlp()(x)) <= TOLERANCE  # and it still runs
 
 
+def test_strict_export_of_a_module_holding_an_optimized_one_says_why_it_cannot():
+    """torch's own error, whose hint is to remove the ``torch.compiler.disable``: the reason says why not."""
+    x = torch.randn(3, 16)
+    opt = pyrys.optimize(_mlp(), (x,))
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"reason: pyrys: an optimized module runs compiled oneDNN programs"):
+        torch.export.export(nn.Sequential(opt, nn.Tanh()).eval(), (x,), strict=True)
+
+
 def test_optimizing_a_model_that_holds_an_optimized_module_says_so():
     x = torch.randn(3, 16)
     opt = pyrys.optimize(_mlp(), (x,))
@@ -192,3 +201,12 @@ def test_train_warnings_name_the_callers_line():
     with pytest.warns(UserWarning, match=r"train\(True\)") as caught:
         outer.train()
     assert caught[0].filename == __file__, caught[0].filename
+
+
+def test_a_call_under_autocast_warns_at_the_callers_line():
+    """Both warnings of one call (autocast, an input requiring grad): the second named torch's file once."""
+    opt = pyrys.optimize(_mlp(), (torch.randn(3, 16),))
+    with warnings.catch_warnings(record=True) as caught, torch.autocast("cpu"):
+        warnings.simplefilter("always")
+        opt(torch.randn(3, 16, requires_grad=True))
+    assert len(caught) == 2 and {w.filename for w in caught} == {__file__}, [(w.filename, str(w.message)) for w in caught]

@@ -121,14 +121,18 @@ class OptimizedModule(torch.nn.Module):
         return self._call(args, kwargs)
 
     def _call(self, args: tuple, kwargs: dict):
-        """``forward``'s work (warnings name the module's caller: ``stacklevel`` counts forward and torch's two
-        frames of ``Module.__call__``)."""
+        """``forward``'s work: the checks of the calling context, then the call."""
         if not called_plainly():
             refuse_tracers()
             if autocast_on():  # not followed: the program's precision, and the same dtypes on every backend
                 warn_of_autocast(self._config.precision)
                 with without_autocast():
-                    return self._call(args, kwargs)
+                    return self._run(args, kwargs)
+        return self._run(args, kwargs)
+
+    def _run(self, args: tuple, kwargs: dict):
+        """The call itself (its warnings name the module's caller: ``stacklevel`` counts this, ``_call``,
+        forward and torch's two frames of ``Module.__call__``)."""
         if self._first.captured.input_writes:
             _refuse_shared_memory(args, kwargs, self._first.captured)
         grad = torch.is_grad_enabled()
@@ -144,7 +148,7 @@ class OptimizedModule(torch.nn.Module):
         if wanting_grad:
             warnings.warn(f"pyrys: input {wanting_grad[0]} requires grad, but pyrys runs inference only: the outputs "
                           "carry no gradient (their requires_grad is False). Call the model itself to train, or "
-                          "torch.compile(model, backend='pyrys'), which runs such calls in torch", stacklevel=5)
+                          "torch.compile(model, backend='pyrys'), which runs such calls in torch", stacklevel=6)
         if not kwargs and not wanting_grad and all(isinstance(a, torch.Tensor) for a in args):
             self._remember_fast_call(_call_key(args, grad), compiled)
         outputs = compiled.program(flat)
@@ -572,7 +576,9 @@ def _outside_torch_modules() -> int:
     return level
 
 
-@torch.compiler.disable
+@torch.compiler.disable(reason="pyrys: an optimized module runs compiled oneDNN programs, not torch ops, so "
+                        "torch.compile runs it untraced, a graph break, which torch.export(strict=True) and "
+                        "torch.compile(fullgraph=True) refuse; export or compile the model it was optimized from")
 def _untraced_call(module: OptimizedModule, args: tuple, kwargs: dict):
     """``module(*args, **kwargs)`` where dynamo does not trace it (a graph break, without dynamo's warnings
     about the calls inside it that it cannot trace)."""
