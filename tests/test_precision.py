@@ -459,3 +459,13 @@ def test_the_stated_error_says_bf16_outputs_are_rounded_after_it(bf16_cpu):
                for note in rounded.notes), rounded.notes
     plain = pyrys.optimize(model, samples[0], precision="bf16", calibration=samples, accuracy_budget=1e-3)
     assert not any("before their rounding" in note for note in plain.notes), plain.notes
+
+
+def test_the_bf16_guards_samples_are_copies_not_the_callers_batches(bf16_cpu):
+    """A reviewer's find: samples cut from the caller's batches were views, which kept every batch alive
+    for the module's life, and the guard of each later capture measured what the caller wrote there since."""
+    model = conv_bn_relu()
+    batches = [image(16) for _ in range(2)]
+    opt = pyrys.optimize(model, (image(1),), precision="bf16", calibration=batches)
+    held = {t.untyped_storage().data_ptr() for sample in opt._config.calibration.samples for t in sample}
+    assert held and not held & {batch.untyped_storage().data_ptr() for batch in batches}

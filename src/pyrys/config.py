@@ -14,7 +14,7 @@ from pyrys.backends.options import LAYOUTS
 from pyrys.numerics.budget import AUTO, GUARD_SAMPLES, budget_for, check_budget
 from pyrys.passes.freeze import ALL
 from pyrys.passes.precision import PRECISIONS
-from pyrys.quantization.calibration import Calibration, calibration_samples
+from pyrys.quantization.calibration import Calibration, calibration_samples, copied_sample
 from pyrys.passes.pipeline import check_pass_names
 from pyrys.shape_cache import DEFAULT_MAX_SHAPES
 
@@ -156,4 +156,6 @@ def with_calibration(config: OptimizeConfig, calibration: Iterable | None, accur
         return config
     limit = GUARD_SAMPLES if config.precision == "bf16" else None  # bf16 reads only what its guard measures on
     samples, note = (None, "") if calibration is None else calibration_samples(calibration, args, kwargs, limit)
+    if samples is not None and config.precision == "bf16":  # kept for every later compile's guard
+        samples = [copied_sample(sample) for sample in samples]
     return dataclasses.replace(config, calibration=Calibration(samples, budget, note))

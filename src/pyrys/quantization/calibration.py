@@ -100,9 +100,14 @@ def kept_samples(samples: list[list]) -> list[list]:
         held += sum(t.numel() * t.element_size() for t in sample if isinstance(t, torch.Tensor))
         if kept and held > KEPT_SAMPLE_BYTES:
             break
-        kept.append([t.clone(memory_format=torch.contiguous_format) if isinstance(t, torch.Tensor) else t
-                     for t in sample])
+        kept.append(copied_sample(sample))
     return kept
+
+
+def copied_sample(sample: list) -> list:
+    """``sample`` with its tensors copied (a view cut from the caller's batch would keep it alive, and see
+    what the caller writes there later)."""
+    return [t.clone(memory_format=torch.contiguous_format) if isinstance(t, torch.Tensor) else t for t in sample]
 
 
 def calibration_samples(data: Iterable, args: tuple, kwargs: dict, limit: int | None = None) -> tuple[list[list], str]:
