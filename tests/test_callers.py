@@ -207,6 +207,44 @@ def test_mutating_a_constant_output_does_not_change_the_next_call(backend):
     assert error <= TOLERANCE, f"relative error {error:.3g} after the caller changed the previous call's outputs"
 
 
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+class Merged(nn.Module):
+    """Outputs the passes make one value (equal linears merged, a clone dropped), and a view (which may or
+    may not share its base's memory: either way a write to one output changes no other eager keeps apart)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x):
+        a, b = self.linear(x), self.linear(x)
+        return a, b, torch.relu(a), torch.relu(a).clone(), a.view(-1), x.clone(), x.clone()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_outputs_eager_keeps_apart_stay_apart(backend, precision, dynamic, tmp_path):
+    """A helper's fuzz: the second of two merged outputs changed when the caller wrote the first."""
+    torch.manual_seed(0)
+    model, x = Merged().eval(), torch.randn(2, 4)
+    opt = pyrys.optimize(model, x, backend=backend, precision=precision, dynamic=dynamic)
+    pyrys.save(opt, tmp_path / "saved")
+    for module in (opt, pyrys.load(tmp_path / "saved")):
+        for batch in (2, 3) if dynamic else (2,):
+            x = torch.randn(batch, 4)
+            outputs, expected = module(x), model(x)
+            for i, j in ((0, 1), (2, 3), (5, 6), (0, 2)):
+                assert not _shares_memory(outputs[i], outputs[j]), (i, j)
+            outputs[0].zero_()
+            outputs[2].zero_()
+            outputs[5].zero_()
+            for i in (1, 3, 6):
+                assert pyrys.relative_error(outputs[i], expected[i]) <= 1e-2, i
+
+
 # --- the user's model ----------------------------------------------------------------------------
 
 def _bits(state: dict) -> dict:

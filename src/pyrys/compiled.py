@@ -17,6 +17,7 @@ from pyrys.backends.options import BackendOptions
 from pyrys.calling_context import autocast_off
 from pyrys.capture.captured import Captured
 from pyrys.errors import CaptureError
+from pyrys.ir.output_aliases import output_roots, outputs_to_copy
 from pyrys.ir.verify import VerificationError, make_verifier, output_types
 from pyrys.ir.graph import share_constants
 from pyrys.ir.generated_source import forgetting_dead_sources
@@ -111,8 +112,10 @@ def _compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: Op
     guard = bf16_guard(config.calibration, flat, captured.gm) if precision == "bf16" else None
     options = PassOptions(config.freeze_params, config.freeze_flags, precision, config.calibration, config.output_dtype,
                           guard)
+    roots = output_roots(captured.gm, clones_are_views=False)
     run = run_pipeline(captured.gm, options, config.disable, instruments)
     legalize_for_backends(captured.gm, instruments)
+    captured.output_copies = outputs_to_copy(roots, output_roots(captured.gm, clones_are_views=True))
     if like is not None:
         share_constants(captured.gm, like.captured.gm)
     generic = captured if is_symbolic(captured.gm) else None

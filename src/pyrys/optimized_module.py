@@ -24,6 +24,7 @@ from pyrys.shape_cache import ShapeCache
 from pyrys.size_one import excluded_size_one_inputs, size_one_dims
 from pyrys.capture.dynamic_shapes import SIZE_ONE_FIXED, VaryingDims, symbolic_example, widened_like
 from pyrys.ir.graph import user_inputs
+from pyrys.ir.output_aliases import copied_apart
 from pyrys.signature import (InputError, Signature, arranged_like, check_compatible, is_tensor_leaf, runnable_inputs,
                              signature_of)
 from pyrys.capture.frontend import Frontend
@@ -152,6 +153,8 @@ class OptimizedModule(torch.nn.Module):
         if not kwargs and not wanting_grad and all(isinstance(a, torch.Tensor) for a in args):
             self._remember_fast_call(_call_key(args, grad), compiled)
         outputs = compiled.program(flat)
+        if compiled.captured.output_copies:
+            outputs = copied_apart(outputs, compiled.captured.output_copies)
         return tree_unflatten(outputs, compiled.captured.out_spec)
 
     def _remember_fast_call(self, key: tuple, compiled: Compiled) -> None:
@@ -600,7 +603,9 @@ def _call_key(args: tuple, grad: bool) -> tuple | None:
 
 def _direct_call(compiled: Compiled):
     """The program with its outputs restructured, for the all-tensor fast path of ``forward``."""
-    program, spec = compiled.program, compiled.captured.out_spec
+    program, spec, copies = compiled.program, compiled.captured.out_spec, compiled.captured.output_copies
+    if copies:
+        return lambda flat: tree_unflatten(copied_apart(program(flat), copies), spec)
     if spec.is_leaf():
         return lambda flat: program(flat)[0]
     return lambda flat: tree_unflatten(program(flat), spec)

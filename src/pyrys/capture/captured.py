@@ -24,6 +24,8 @@ class Captured:
     notes: list[str] = field(default_factory=list)  # what capture changed or dropped, for ``opt.report()``
     input_writes: tuple[str, ...] = ()  # the inputs forward writes in place (dropped from ``gm``)
     state_writes: tuple[str, ...] = ()  # the module state it writes (BatchNorm's statistics ...; dropped)
+    output_copies: tuple[int, ...] = ()  # flat outputs the passes made share memory eager kept apart
+    # (copied at each call: ``ir/output_aliases.py``)
 
 
 def input_writes_note(inputs) -> str:

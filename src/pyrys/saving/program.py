@@ -35,6 +35,7 @@ from pyrys.saving.other_cpu import MISSING_KERNELS, missing_kernels_note, refres
 from pyrys.ir.generated_source import forgetting_dead_sources
 from pyrys.ir.graph import tensor_bytes
 from pyrys.ir.meta import refresh_meta
+from pyrys.ir.output_aliases import output_roots
 from pyrys.ir.quiet_fake import fake_tensor_errors_unlogged
 from pyrys.ir.released import values_of
 from pyrys.ir.symbolic import describe_dims
@@ -192,7 +193,8 @@ def _encode_generic(template: Compiled, tensors: dict, prefix: str = "generic") 
                       "far and those the other graphs saved hold for", stacklevel=3)
         return None
     return {"graph": graph, "symbolic": symbolic, "in_spec": encode_spec(captured.in_spec),
-            "out_spec": encode_spec(captured.out_spec), "class_name": captured.class_name}
+            "out_spec": encode_spec(captured.out_spec), "class_name": captured.class_name,
+            "output_copies": list(captured.output_copies)}
 
 
 def _decode_generic(record: dict, tensors: dict, first: Compiled) -> Compiled:
@@ -201,8 +203,18 @@ def _decode_generic(record: dict, tensors: dict, first: Compiled) -> Compiled:
     gm = decode_graph(record["graph"], tensors)
     decode_symbolic(gm, record["symbolic"])
     captured = Captured(gm, decode_spec(record["in_spec"], made), decode_spec(record["out_spec"], made),
-                        record["class_name"], [])
+                        record["class_name"], [], output_copies=_decode_output_copies(record, gm))
     return Compiled(first.signature, captured, first.run, first.program, first.backend, first.notes, captured)
+
+
+def _decode_output_copies(record: dict, gm: fx.GraphModule) -> tuple[int, ...]:
+    """The saved positions of outputs copied apart at each call (saves before them: none), each checked."""
+    copies = record.get("output_copies", [])
+    count = len(output_roots(gm, clones_are_views=True))
+    if not isinstance(copies, list) or not all(type(c) is int and 0 < c < count for c in copies):
+        raise LoadError(f"pyrys.load: the saved program is malformed (output_copies {copies!r} are not positions "
+                        f"among its {count} outputs)")
+    return tuple(copies)
 
 
 def _no_capture(args: tuple, kwargs: dict, dynamic: bool) -> Captured:
@@ -298,6 +310,7 @@ def _encode_compiled(compiled: Compiled, prefix: str, tensors: dict) -> dict:
         "capture_notes": captured.notes,
         "input_writes": list(captured.input_writes),
         "state_writes": list(captured.state_writes),
+        "output_copies": list(captured.output_copies),
         "graph": encode_graph(captured.gm, prefix, tensors),
         "backend": compiled.backend,
         "layout": getattr(program, "layout", None),
@@ -321,7 +334,8 @@ def _decode_compiled(record: dict, tensors: dict, config: OptimizeConfig, same_c
     refresh_meta(gm)
     captured = Captured(gm, in_spec, decode_spec(record["out_spec"], made), record["class_name"],
                         list(record["capture_notes"]),
-                        tuple(record.get("input_writes", ())), tuple(record.get("state_writes", ())))
+                        tuple(record.get("input_writes", ())), tuple(record.get("state_writes", ())),
+                        _decode_output_copies(record, gm))
     history = [Step(s["name"], s["graph"], dict(s["fired"]), [Miss(*m) for m in s["misses"]], s["seconds"],
                     s.get("error")) for s in record["history"]]
     compile_program, backend, notice = get_backend("auto" if record["backend"] == "dnnl" else record["backend"])

@@ -1,0 +1,74 @@
+"""Outputs that eager returns as separate tensors stay separate.
+
+Passes may make two outputs one value: common subexpressions merged (two equal linears), a clone
+dropped (``relu(a)`` and ``relu(a).clone()``), a backend lowering a clone as a view. The caller owns
+every output and may write into one; it must not change another that eager kept apart.
+
+The *root* of an output is the value whose memory it reads: followed back through every op whose
+torch schema returns an alias of an input (views, ``detach``, ``to`` of the same dtype, a split's
+parts); after the passes, through clones too (the dnnl backend lowers a clone as a view of a value
+already in its layout). Two outputs with one root after the passes but two roots in the graph
+captured are copied apart at call time (:func:`outputs_to_copy`: the later positions of each group).
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_flatten
+
+aten = torch.ops.aten
+_COPIES_AS_VIEWS = frozenset({aten.clone.default, aten.contiguous.default})  # dnnl: views (lower_ops.lower_clone)
+
+
+def output_roots(gm: fx.GraphModule, clones_are_views: bool) -> list[object | None]:
+    """Per flat output position, what its memory is (a node, or a constant's target); None for no tensor.
+    ``clones_are_views``: as a backend may run them (after the passes), not as eager does."""
+    output = next(node for node in reversed(gm.graph.nodes) if node.op == "output")
+    return [_root(value, clones_are_views) if isinstance(value, fx.Node) else None
+            for value in tree_flatten(output.args[0])[0]]
+
+
+def outputs_to_copy(captured_roots: list, final_roots: list) -> tuple[int, ...]:
+    """The positions to copy at each call: those sharing a root after the passes with an earlier position
+    whose root in the captured graph was another."""
+    copies, first_at = [], {}
+    for position, (captured, final) in enumerate(zip(captured_roots, final_roots)):
+        if final is None:
+            continue
+        earlier = first_at.setdefault(final, position)
+        if earlier != position and captured_roots[earlier] != captured:
+            copies.append(position)
+    return tuple(copies)
+
+
+def copied_apart(outputs: list, positions: tuple[int, ...]) -> list:
+    """``outputs`` with those at ``positions`` copied (a program's fresh list: changed in place)."""
+    for position in positions:
+        outputs[position] = outputs[position].clone()
+    return outputs
+
+
+def _root(node: fx.Node, clones_are_views: bool) -> object:
+    while True:
+        if node.op == "get_attr":
+            return ("constant", node.target)
+        source = _aliased_input(node, clones_are_views)
+        if source is None:
+            return node
+        node = source
+
+
+def _aliased_input(node: fx.Node, clones_are_views: bool) -> fx.Node | None:
+    """The input whose memory ``node``'s result may share, else None (a part of a split: the split's input)."""
+    if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    if node.target is operator.getitem:
+        return _aliased_input(node.args[0], clones_are_views)
+    if clones_are_views and node.target in _COPIES_AS_VIEWS:
+        return node.args[0]
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None and any(r.alias_info is not None for r in schema.returns):
+        return node.args[0]
+    return None
