@@ -359,6 +359,8 @@ EDITS = {  # a program edited, and its digest made to match: raw torch errors at
     "bounds beyond int8": (lambda p: _quantize_nodes(p)[0]["args"].__setitem__(-2, 256), "are not within"),
     "huge strides": (lambda p: _tensor_edit(p, [10**12, 1]), "do not lay out its shape .* densely"),
     "aliasing strides": (lambda p: _tensor_edit(p, [0, 0]), "do not lay out its shape .* densely"),
+    "a parameter of no kind": (lambda p: p.__setitem__("parameters", [["x", "NOPE", False]]),
+                               "malformed .ValueError: value None is not a valid Parameter.kind"),
     "a range as text": (lambda p: p["generic"]["symbolic"]["ranges"].__setitem__(
         next(iter(p["generic"]["symbolic"]["ranges"])), ["0", None]), "the saved range of the size"),
     "another op": (lambda p: next(n for n in p["signatures"][0]["graph"]["nodes"] if n.get("target", "").startswith(
@@ -727,3 +729,26 @@ def test_a_graph_holding_torch_quantize_ops_of_any_type_they_take_loads(tmp_path
     opt = pyrys.optimize(model, x)
     pyrys.save(opt, tmp_path / "saved")
     assert torch.equal(pyrys.load(tmp_path / "saved")(x), opt(x))
+
+
+class _TwoInputs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+    def forward(self, x, y):
+        return self.a(x) + 2 * self.b(y)
+
+
+@pytest.mark.parametrize("example", ["by position", "by keyword"])
+def test_a_loaded_module_takes_inputs_passed_either_way(tmp_path, example):
+    """As the module it was saved from does (a helper's find: only the example's way was taken)."""
+    torch.manual_seed(0)
+    model, x, y = _TwoInputs().eval(), torch.randn(2, 4), torch.randn(2, 4)
+    opt = pyrys.optimize(model, (x, y)) if example == "by position" else pyrys.optimize(model, (), {"x": x, "y": y})
+    pyrys.save(opt, tmp_path / "saved")
+    loaded, expected = pyrys.load(tmp_path / "saved"), opt(x, y)
+    for args, kwargs in (((x, y), {}), ((x,), {"y": y}), ((), {"y": y, "x": x})):
+        assert torch.equal(loaded(*args, **kwargs), expected)
+    with pytest.raises(pyrys.InputError, match="expected inputs like the example inputs"):
+        loaded(x, z=y)

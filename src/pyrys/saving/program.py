@@ -50,7 +50,7 @@ from pyrys.passes.rewrite import Miss
 from pyrys.saving.directory import parse_files, read_directory, write_directory
 from pyrys.saving.graph_json import _DTYPES, decode_arg, decode_graph, encode_arg, encode_graph
 from pyrys.saving.symbolic import decode_symbolic, encode_symbolic
-from pyrys.saving.tree_spec import decode_spec, encode_spec
+from pyrys.saving.tree_spec import decode_parameters, decode_spec, encode_parameters, encode_spec
 from pyrys.signature import Signature
 
 
@@ -78,7 +78,7 @@ def save(opt: OptimizedModule, path: str | os.PathLike) -> Path:
         written = set().union(*(written_tensors(gm) for gm in _graphs(compiled, opt)))
     tensors, aliases = _without_repeats(tensors, written)
     program = {"frontend": opt._frontend.kind, "threads": opt._config.threads, "layout": opt._config.layout,
-               "training": opt.compiled_training,
+               "training": opt.compiled_training, "parameters": encode_parameters(opt._frontend.parameters),
                "first": first, "signatures": signatures, "aliases": aliases, "generic": generic, "size_one": size_one,
                "tensors": {key: {"shape": list(t.shape), "stride": list(t.stride()), "dtype": _dtype_name(t.dtype)}
                            for key, t in tensors.items()}}
@@ -129,7 +129,7 @@ def _load(path: str | os.PathLike, manifest: dict, program: dict, tensors: dict,
         release_constants(first.program, graphs)  # every signature's packed copies are the first's
         frontend = Frontend(_no_capture, f"saved {program['frontend']}",
                             fixed_shapes=f"It was loaded from {path}: optimize the model for another shape "
-                                         "(and save it again)")
+                                         "(and save it again)", parameters=decode_parameters(program.get("parameters")))
     except LoadError:
         raise
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, StopIteration, SyntaxError) as error:

@@ -15,10 +15,17 @@ fields; otherwise as a class of that name and those fields made at load.  A regi
 back as itself when its module is already imported, else as a dict of its keys (a tuple where the
 context is not a list of keys).  :func:`decode_spec` reports each class it could not find.  Nothing
 is imported and nothing is unpickled.
+
+``forward``'s parameters (which let a call pass by keyword what the example passed by position, or the
+reverse) are kept as names and kinds, each default as a mark that there is one (not its value):
+
+    def forward(self, x, mask=None)  ->  [["x", "POSITIONAL_OR_KEYWORD", false],
+                                          ["mask", "POSITIONAL_OR_KEYWORD", true]]
 """
 from __future__ import annotations
 
 import collections
+import inspect
 from typing import Any
 
 from torch.utils._pytree import SUPPORTED_NODES, TreeSpec, treespec_leaf
@@ -97,3 +104,29 @@ def _namedtuple_class(payload: dict, made: list[str]) -> type:
     if was_made:
         made.append(f"{payload['module']}.{payload['name']}")
     return cls
+
+
+_HAS_DEFAULT = object()  # a saved parameter's default: there is one (a call may leave it out)
+
+
+def encode_parameters(parameters: inspect.Signature | None) -> list | None:
+    """``forward``'s parameters as ``[name, kind, has default]`` lists (None stays None)."""
+    if parameters is None:
+        return None
+    return [[p.name, p.kind.name, p.default is not inspect.Parameter.empty] for p in parameters.parameters.values()]
+
+
+def decode_parameters(record: Any) -> inspect.Signature | None:
+    """The signature :func:`encode_parameters` wrote (``ValueError`` where it is not one)."""
+    if record is None:
+        return None
+    if not isinstance(record, list) or not all(isinstance(p, list) and len(p) == 3 for p in record):
+        raise ValueError(f"the saved parameters of forward are not [name, kind, has default] lists: {record!r:.100}")
+    return inspect.Signature([inspect.Parameter(name, _KINDS.get(kind),
+                                                default=_HAS_DEFAULT if has_default is True else inspect.Parameter.empty)
+                              for name, kind, has_default in record])
+
+
+_KINDS = {kind.name: kind for kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                       inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.KEYWORD_ONLY,
+                                       inspect.Parameter.VAR_KEYWORD)}
