@@ -6,6 +6,7 @@ example inputs off the CPU (``pyrys.InputError``), a model ``copy.deepcopy`` can
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
@@ -326,3 +327,30 @@ def test_a_refused_first_new_shape_leaves_the_graph_for_every_shape_to_the_next(
         opt(torch.randn(2, 5, *x.shape[2:]))
     assert pyrys.relative_error(opt(image(3)), model(image(3))) <= TOLERANCE
     assert any("captured once more with symbolic sizes" in note for note in opt.notes), opt.notes
+
+
+@dataclasses.dataclass
+class _Pair:
+    first: torch.Tensor
+    second: torch.Tensor
+
+
+class _ReturnsPair(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.linear(x)
+        return _Pair(y, torch.relu(y))
+
+
+def test_a_dataclass_output_says_how_to_register_it_and_then_works():
+    """The message said pyrys captured dataclasses, then refused one (a helper's find): it takes them
+    registered with torch.export.register_dataclass."""
+    model, x = _ReturnsPair().eval(), torch.randn(2, 4)
+    with pytest.raises(pyrys.CaptureError, match=r"returns a .*_Pair.* torch.export.register_dataclass for a dataclass"):
+        pyrys.optimize(model, x)
+    torch.export.register_dataclass(_Pair)
+    out = pyrys.optimize(model, x)(x)
+    assert isinstance(out, _Pair) and torch.allclose(out.second, torch.relu(model.linear(x)), atol=1e-6)

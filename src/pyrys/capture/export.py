@@ -188,8 +188,9 @@ def _unknown_type_message(model: torch.nn.Module, type_name: str, where: str) ->
                   "cache apart), or ")
     return (f"pyrys: {type(model).__name__}.forward {'returns' if where == 'output' else 'takes'} a {type_name}, "
             "which torch.export cannot take apart into tensors (pyrys captures tensors and numbers in tuples, "
-            f"lists, dicts and dataclasses); {advice}wrap the model so that forward {'returns' if where == 'output' else 'takes'} "
-            "its tensors, or register the class with torch.utils._pytree.register_pytree_node")
+            f"lists, dicts, namedtuples and registered classes); {advice}wrap the model so that forward "
+            f"{'returns' if where == 'output' else 'takes'} its tensors, or register the class: "
+            "torch.export.register_dataclass for a dataclass, else torch.utils._pytree.register_pytree_node")
 
 
 def _data_dependent_message(model: torch.nn.Module, error: Exception) -> str:
