@@ -77,13 +77,13 @@ def bf16_guard(calibration: Calibration | None, flat: list, gm: fx.GraphModule) 
     if calibration is None or calibration.accuracy_budget is None:
         return None
     samples = calibration.samples or []  # kept (GUARD_SAMPLES of them): every capture measures on them
-    fitted, cut = fitted_samples(gm, samples, len(samples))
+    fitted, how = fitted_samples(gm, samples, len(samples))
     own = ([flat], "the inputs compiled for")
     if not fitted:
         return Bf16Guard(own[0], calibration.accuracy_budget, own[1])
-    if cut:  # cut to a size of 1, they may not run: an input holding positions in the dim cut
-        return Bf16Guard(fitted, calibration.accuracy_budget, f"{len(fitted)} samples cut from the calibration "
-                         "samples to its size-1 dims", fallback=own)
+    if how:  # cut to a size of 1, they may not run: an input holding positions in the dim cut
+        return Bf16Guard(fitted, calibration.accuracy_budget, f"{len(fitted)} samples {how}",
+                         fallback=own)
     return Bf16Guard(fitted, calibration.accuracy_budget, f"{len(fitted)} calibration sample{'s' * (len(fitted) > 1)}")
 
 

@@ -11,7 +11,8 @@ batch 1 of length 1), so that a saved module takes batch 1 and length 1.
 
 Such a graph may compute some values otherwise than the one calibrated (constants folded at size 1): what
 its int8 layers read is measured on the calibration samples it takes, cut to its size-1 dims
-(:func:`fitted_samples`).
+(:func:`fitted_samples`); and the reverse, a graph for batches from 2 where the samples are of one row: on
+them joined into samples of more rows.
 """
 from __future__ import annotations
 
@@ -62,12 +63,19 @@ def size_one_dims(gm: fx.GraphModule, flat: list) -> bool:
     return any(flat[i].shape[d] == 1 for places in _symbol_dims(gm, flat).values() for i, d in places)
 
 
-def fitted_samples(gm: fx.GraphModule, samples: list[list], limit: int) -> tuple[list[list], bool]:
+JOINED_ROWS = (2, 4, 8)  # the rows of the samples tried where a graph takes no sample of fewer rows as it is
+
+
+def fitted_samples(gm: fx.GraphModule, samples: list[list], limit: int) -> tuple[list[list], str]:
     """The samples (flat inputs) ``gm`` takes, at most ``limit``, each cut where ``gm`` holds an input dim at
     size 1 that the sample has larger (a capture for a batch of one, for a step of one token): into its rows
-    where only dims 0 are cut (each row a sample), else to its first position there; and whether any was
-    cut.  The cut is by shapes alone: an input holding positions in a dim cut (which token to read) may now
-    point past it, so a run on cut samples may fail where the caller must fall back."""
+    where only dims 0 are cut (each row a sample), else to its first position there.  Where it takes none as
+    they are and their tensors are rows (dim 0, one count per sample): consecutive samples joined into
+    samples of the graph's rows where fixed, else of :data:`JOINED_ROWS` rows (batch-1 samples, a graph for
+    batches from 2).  Returns them and how
+    they were made from the samples ("" where as they are).  The cut is by shapes alone: an input holding
+    positions in a dim cut (which token to read) may now point past it, so a run on cut samples may fail
+    where the caller must fall back."""
     fitted: list[list] = []
     cut_any = False
     for sample in samples:
@@ -83,7 +91,44 @@ def fitted_samples(gm: fx.GraphModule, samples: list[list], limit: int) -> tuple
         fitted += taken
         if len(fitted) >= limit:
             break
-    return fitted[:limit], cut_any
+    if fitted:
+        return fitted[:limit], "cut from the calibration samples to its size-1 dims" if cut_any else ""
+    for rows in dict.fromkeys((*_fixed_rows(gm), *JOINED_ROWS)):
+        joined = _joined(samples, rows)
+        if joined and takes(gm, joined[0]):
+            return ([sample for sample in joined if takes(gm, sample)][:limit],
+                    f"of {rows} rows, joined from the calibration samples")
+    return [], ""
+
+
+def _fixed_rows(gm: fx.GraphModule) -> tuple[int, ...]:
+    """The rows (dim 0) of ``gm``'s first tensor input where that size is fixed (a static capture), else ()."""
+    for node in user_inputs(gm.graph):
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.dim():
+            return (val.shape[0],) if isinstance(val.shape[0], int) else ()
+    return ()
+
+
+def _joined(samples: list[list], rows: int) -> list[list]:
+    """Samples of ``rows`` rows each, consecutive ``samples`` joined along dim 0, where each sample's tensors
+    have one count of rows dividing ``rows`` and its other inputs are the first sample's; else []."""
+    counts = {t.shape[0] for sample in samples for t in sample if isinstance(t, torch.Tensor) and t.dim()}
+    if len(counts) != 1 or rows % next(iter(counts)) or rows == next(iter(counts)):
+        return []
+    per = rows // next(iter(counts))
+    first = samples[0] if samples else []
+    joined = []
+    for start in range(0, len(samples) - per + 1, per):
+        group = samples[start:start + per]
+        if any(len(s) != len(first) or any(isinstance(t, torch.Tensor) != isinstance(f, torch.Tensor) or
+                                           (not isinstance(t, torch.Tensor) and t != f) or
+                                           (isinstance(t, torch.Tensor) and not t.dim())
+                                           for t, f in zip(s, first)) for s in group):
+            return []
+        joined.append([torch.cat([s[i] for s in group]) if isinstance(value, torch.Tensor) else value
+                       for i, value in enumerate(first)])
+    return joined
 
 
 def takes(gm: fx.GraphModule, flat: list) -> bool:

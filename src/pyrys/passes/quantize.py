@@ -83,7 +83,7 @@ def quantize(gm: fx.GraphModule, precision: str, calibration: Calibration | None
                 plan, planning = calibration.parent.plan, False
                 line = (str(error).strip().splitlines() or [""])[0][:200]
                 calibration.note = (f"{OWN_CALIBRATION} than the graph calibrated first, and it does not run on the "
-                                    f"calibration samples cut to its size-1 dims ({type(error).__name__}: {line}): "
+                                    f"calibration samples made to fit it ({type(error).__name__}: {line}): "
                                     "the first plan quantizes what it computes alike, the rest stays in floating point")
         if planning:
             memo: dict = {}
@@ -230,13 +230,12 @@ def _plan_or_samples(gm: fx.GraphModule, calibration: Calibration, roles: dict[s
     memo: dict = {}
     if all(first.roles.get(role) == _origin(value, keys, memo) for role, value in roles.items()):
         return first, None, False
-    samples, cut = fitted_samples(gm, calibration.parent.kept, MAX_SAMPLES)
+    samples, how = fitted_samples(gm, calibration.parent.kept, MAX_SAMPLES)
     if not samples:
         return first, None, False
     calibration.note = (f"{OWN_CALIBRATION} than the graph calibrated first, {CALIBRATED_ON_ITS_OWN}, on "
-                        + (f"{len(samples)} samples cut from the calibration samples to its size-1 dims" if cut else
-                           f"{len(samples)} of the calibration samples"))
-    return None, samples, cut
+                        + (f"{len(samples)} samples {how}" if how else f"{len(samples)} of the calibration samples"))
+    return None, samples, bool(how)
 
 
 def _lookup(plan: QuantizationPlan, roles: dict[str, fx.Node], keys: dict[fx.Node, str]):
