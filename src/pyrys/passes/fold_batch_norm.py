@@ -48,9 +48,20 @@ def training_flag_miss(training) -> Miss | None:
 
 def _not_constant(args: dict, names: tuple[str, ...], owner: str) -> Miss | None:
     for name in names:
-        if args[name] is not None and not is_constant(args[name]):
+        if args[name] is not None and not _constant_valued(args[name]):
             return fail(f"{owner} {name} (%{args[name].name}) is not a constant: freeze_params did not freeze it")
     return None
+
+
+_FOLDS = frozenset({FOLD_WEIGHT, FOLD_BIAS, FOLD_INPUT_WEIGHT, FOLD_INPUT_BIAS})
+
+
+def _constant_valued(value) -> bool:
+    """A constant, or a fold of constants this pass made (``conv(bn(x))`` folded, then a BatchNorm after the
+    same conv: MaxViT's blocks), which ``constant_propagation`` evaluates."""
+    if isinstance(value, fx.Node) and value.op == "call_function" and value.target in _FOLDS:
+        return all(_constant_valued(arg) for arg in value.args)
+    return is_constant(value)
 
 
 def _bn_miss(bn: dict, producer_args: dict, owner: str) -> Miss | None:
