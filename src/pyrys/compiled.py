@@ -112,10 +112,10 @@ def _compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: Op
     guard = bf16_guard(config.calibration, flat, captured.gm) if precision == "bf16" else None
     options = PassOptions(config.freeze_params, config.freeze_flags, precision, config.calibration, config.output_dtype,
                           guard)
-    roots = output_roots(captured.gm, clones_are_views=False)
+    roots = output_roots(captured.gm, as_backends_run=False)
     run = run_pipeline(captured.gm, options, config.disable, instruments)
     legalize_for_backends(captured.gm, instruments)
-    captured.output_copies = outputs_to_copy(roots, output_roots(captured.gm, clones_are_views=True))
+    captured.output_copies = outputs_to_copy(roots, output_roots(captured.gm, as_backends_run=True))
     if like is not None:
         share_constants(captured.gm, like.captured.gm)
     generic = captured if is_symbolic(captured.gm) else None

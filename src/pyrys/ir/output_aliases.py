@@ -5,9 +5,10 @@ dropped (``relu(a)`` and ``relu(a).clone()``), a backend lowering a clone as a v
 every output and may write into one; it must not change another that eager kept apart.
 
 The *root* of an output is the value whose memory it reads: followed back through every op whose
-torch schema returns an alias of an input (views, ``detach``, ``to`` of the same dtype, a split's
-parts); after the passes, through clones too (the dnnl backend lowers a clone as a view of a value
-already in its layout). Two outputs with one root after the passes but two roots in the graph
+torch schema returns an alias of an input (views, ``detach``, a split's parts). In the graph captured
+(eager's), not through those that alias only sometimes (``reshape`` of a tensor a view cannot give,
+``to`` of another dtype: copies); after the passes, through those and through clones too (the dnnl
+backend lowers a clone as a view of a value already in its layout). Two outputs with one root after the passes but two roots in the graph
 captured are copied apart at call time (:func:`outputs_to_copy`: the later positions of each group).
 """
 from __future__ import annotations
@@ -20,13 +21,15 @@ from torch.utils._pytree import tree_flatten
 
 aten = torch.ops.aten
 _COPIES_AS_VIEWS = frozenset({aten.clone.default, aten.contiguous.default})  # dnnl: views (lower_ops.lower_clone)
+_SOMETIMES_VIEWS = frozenset({aten.reshape, aten.flatten, aten.unflatten, aten.reshape_as, aten.contiguous,
+                              aten.to})  # eager copies where the input cannot be viewed so, or converts
 
 
-def output_roots(gm: fx.GraphModule, clones_are_views: bool) -> list[object | None]:
+def output_roots(gm: fx.GraphModule, as_backends_run: bool) -> list[object | None]:
     """Per flat output position, what its memory is (a node, or a constant's target); None for no tensor.
-    ``clones_are_views``: as a backend may run them (after the passes), not as eager does."""
+    ``as_backends_run``: as a backend may run them (after the passes), not as eager does."""
     output = next(node for node in reversed(gm.graph.nodes) if node.op == "output")
-    return [_root(value, clones_are_views) if isinstance(value, fx.Node) else None
+    return [_root(value, as_backends_run) if isinstance(value, fx.Node) else None
             for value in tree_flatten(output.args[0])[0]]
 
 
@@ -50,24 +53,26 @@ def copied_apart(outputs: list, positions: tuple[int, ...]) -> list:
     return outputs
 
 
-def _root(node: fx.Node, clones_are_views: bool) -> object:
+def _root(node: fx.Node, as_backends_run: bool) -> object:
     while True:
         if node.op == "get_attr":
             return ("constant", node.target)
-        source = _aliased_input(node, clones_are_views)
+        source = _aliased_input(node, as_backends_run)
         if source is None:
             return node
         node = source
 
 
-def _aliased_input(node: fx.Node, clones_are_views: bool) -> fx.Node | None:
+def _aliased_input(node: fx.Node, as_backends_run: bool) -> fx.Node | None:
     """The input whose memory ``node``'s result may share, else None (a part of a split: the split's input)."""
     if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
         return None
     if node.target is operator.getitem:
-        return _aliased_input(node.args[0], clones_are_views)
-    if clones_are_views and node.target in _COPIES_AS_VIEWS:
+        return _aliased_input(node.args[0], as_backends_run)
+    if as_backends_run and node.target in _COPIES_AS_VIEWS:
         return node.args[0]
+    if not as_backends_run and getattr(node.target, "overloadpacket", None) in _SOMETIMES_VIEWS:
+        return None
     schema = getattr(node.target, "_schema", None)
     if schema is not None and any(r.alias_info is not None for r in schema.returns):
         return node.args[0]

@@ -210,7 +210,7 @@ def _decode_generic(record: dict, tensors: dict, first: Compiled) -> Compiled:
 def _decode_output_copies(record: dict, gm: fx.GraphModule) -> tuple[int, ...]:
     """The saved positions of outputs copied apart at each call (saves before them: none), each checked."""
     copies = record.get("output_copies", [])
-    count = len(output_roots(gm, clones_are_views=True))
+    count = len(output_roots(gm, as_backends_run=True))
     if not isinstance(copies, list) or not all(type(c) is int and 0 < c < count for c in copies):
         raise LoadError(f"pyrys.load: the saved program is malformed (output_copies {copies!r} are not positions "
                         f"among its {count} outputs)")
