@@ -247,6 +247,25 @@ def test_a_call_may_pass_by_position_what_the_example_passed_by_keyword():
     assert torch.allclose(keywords(b=y, a=x), x - y)  # keywords in another order
 
 
+class _DifferenceWithOptions(torch.nn.Module):
+    """HuggingFace's forwards take ``**kwargs`` besides their named inputs."""
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        return input_ids - attention_mask
+
+
+def test_a_forward_taking_kwargs_is_called_by_its_named_parameters_either_way(tmp_path):
+    """A helper's find: any ``**kwargs`` made ``opt(ids, attention_mask=m)`` an error after an example
+    passed by keyword, as HuggingFace models are called."""
+    model, x, y = _DifferenceWithOptions().eval(), torch.rand(3, 4), torch.rand(3, 4)
+    opt = pyrys.optimize(model, (), {"input_ids": x, "attention_mask": y})
+    pyrys.save(opt, tmp_path / "saved")
+    for module in (opt, pyrys.load(tmp_path / "saved")):
+        assert torch.allclose(module(x, attention_mask=y), x - y) and torch.allclose(module(x, y), x - y)
+        with pytest.raises(pyrys.InputError):  # an input the example did not pass, taken by **kwargs
+            module(x, attention_mask=y, other=y)
+
+
 @pytest.mark.parametrize("options, message", [
     ({"freeze_params": "weight"}, "freeze_params must be a list or tuple of names, e.g. \\['weight', 'bias'\\] or None; got 'weight'"),
     ({"freeze_params": [1]}, "freeze_params must hold names \\(strings\\), got 1"),

@@ -85,19 +85,21 @@ def arranged_like(spec: TreeSpec, parameters: inspect.Signature | None, args: tu
     """A call's inputs passed as the example passed them (``spec``: the example's), by ``forward``'s parameters:
     ``opt(x, mask=m)`` for an example ``(x, m)``, or the reverse. Any other call is returned as it is (and
     the signature check says what differs): one that passes or leaves out an input the example did not,
-    or a ``forward`` taking ``*args`` or ``**kwargs``."""
+    or a ``forward`` taking ``*args`` (a ``**kwargs`` one, as HuggingFace's are, by its named parameters)."""
     positional, names = spec.child(0).num_children, list(spec.child(1).context)
     if len(args) == positional and sorted(kwargs) == sorted(names):
         return args, (kwargs if list(kwargs) == names else {name: kwargs[name] for name in names})
     if parameters is None:
         return args, kwargs
-    order = list(parameters.parameters)
-    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters.parameters.values()):
+    if any(p.kind is p.VAR_POSITIONAL for p in parameters.parameters.values()):
         return args, kwargs
+    rest = next((p.name for p in parameters.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+    order = [name for name in parameters.parameters if name != rest]
     try:
-        given = parameters.bind(*args, **kwargs).arguments
+        given = dict(parameters.bind(*args, **kwargs).arguments)
     except TypeError:
         return args, kwargs
+    given.update(given.pop(rest, {}))  # names **kwargs took
     if set(given) != set(order[:positional]) | set(names):
         return args, kwargs
     return tuple(given[name] for name in order[:positional]), {name: given[name] for name in names}
