@@ -604,3 +604,23 @@ def test_the_widened_capture_of_a_first_new_shape_leaves_the_first_program_alone
     assert len(opt._programs) == 2  # the example's and the batch of 1's: the widened program is not kept
     loaded = pyrys.load(pyrys.save(opt, tmp_path / "saved"))
     assert pyrys.relative_error(loaded(x), opt(x)) == 0
+
+
+class _Positions(torch.nn.Module):
+    """A table of 8 positions, added to a sequence of any length up to 8."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.randn(8, 4))
+
+    def forward(self, x):
+        return x + self.table[: x.shape[1]].expand(x.shape[1], 4)
+
+
+def test_a_shape_the_model_refuses_raises_without_torch_traceback(capfd):
+    """torch's fake tensors logged a traceback before the CaptureError on a capture for fixed shapes too."""
+    opt = pyrys.optimize(_Positions().eval(), (torch.randn(2, 6, 4),), dynamic=False)
+    capfd.readouterr()
+    with pytest.raises(pyrys.CaptureError):
+        opt(torch.randn(2, 12, 4))
+    assert "failed while attempting to run meta" not in capfd.readouterr().err

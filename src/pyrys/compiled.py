@@ -67,7 +67,8 @@ def compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: Opt
     size it cannot take), these shapes are compiled as they are, with a note giving the error.  ``trace``:
     measure every pass and the program against eager on these inputs (:mod:`pyrys.numerics.trace`)."""
     if not dynamic:
-        return _compile_signature(frontend, args, kwargs, config, False, like, trace)
+        with fake_tensor_errors_unlogged():  # a failure raises CaptureError, with torch's error as its cause
+            return _compile_signature(frontend, args, kwargs, config, False, like, trace)
     try:
         with fake_tensor_errors_unlogged():  # a failure is the note below, not torch's traceback on stderr
             return _compile_signature(frontend, args, kwargs, config, dynamic, like, trace)
