@@ -624,3 +624,12 @@ def test_a_shape_the_model_refuses_raises_without_torch_traceback(capfd):
     with pytest.raises(pyrys.CaptureError):
         opt(torch.randn(2, 12, 4))
     assert "failed while attempting to run meta" not in capfd.readouterr().err
+
+
+def test_a_loaded_graph_refusing_a_size_names_the_input_dim_and_the_nearest_size_it_takes(tmp_path):
+    """A helper's note: the refusal quoted ``Eq(s28, Min(32, s28)) | ...`` with its symbol alone."""
+    opt = pyrys.optimize(_Positions().eval(), (torch.randn(2, 6, 4),), dynamic=True)
+    pyrys.save(opt, tmp_path / "saved")
+    with pytest.raises(pyrys.InputError, match=r"which x dim 1 \(s\d+\) = 12 breaks \(the nearest x dim 1 \(s\d+\) "
+                                               r"it holds for: 8\)"):
+        pyrys.load(tmp_path / "saved")(torch.randn(2, 12, 4))

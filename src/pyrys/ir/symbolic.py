@@ -284,7 +284,8 @@ def _refused(gm: fx.GraphModule, bindings: dict) -> str | None:
     for guard in guards_of(gm):
         expr = env.replace(guard)
         if _evaluate(expr, bindings) is not sympy.true:
-            return f"the graph assumes {expr}, which {_bound_text(expr, bindings)} breaks"  # in the input symbols
+            return (f"the graph assumes {expr}, which {_bound_text(gm, expr, bindings)} breaks"  # in the input symbols
+                    f"{_holding_text(gm, expr, bindings)}")
     return None
 
 
@@ -338,9 +339,29 @@ def _evaluate(expr: sympy.Expr, bindings: dict) -> Any:
     return value
 
 
-def _bound_text(expr: sympy.Expr, bindings: dict) -> str:
+def _bound_text(gm: fx.GraphModule, expr: sympy.Expr, bindings: dict) -> str:
     used = sorted(expr.free_symbols & set(bindings), key=str)
-    return ", ".join(f"{s} = {bindings[s]}" for s in used) or "this shape"
+    return ", ".join(f"{_symbol_at(gm, s)} = {bindings[s]}" for s in used) or "this shape"
+
+
+HOLDING_SEARCH = 256  # sizes tried each way from the one refused, for the nearest that a guard holds for
+
+
+def _holding_text(gm: fx.GraphModule, expr: sympy.Expr, bindings: dict) -> str:
+    """Where a guard of one symbol breaks, the nearest sizes below and above that it holds for (a table of 32
+    positions: ``Eq(s, Min(32, s))`` holds up to 32), as text; "" where it has more symbols or none is near."""
+    used = list(expr.free_symbols & set(bindings))
+    if len(used) != 1:
+        return ""
+    symbol, value = used[0], int(bindings[used[0]])
+
+    def holds(size: int) -> bool:
+        return _evaluate(expr, {**bindings, symbol: sympy.Integer(size)}) is sympy.true
+
+    below = next((size for size in range(value - 1, max(value - HOLDING_SEARCH, -1), -1) if holds(size)), None)
+    above = next((size for size in range(value + 1, value + HOLDING_SEARCH) if holds(size)), None)
+    sizes = [f"{size}" for size in (below, above) if size is not None]
+    return f" (the nearest {_symbol_at(gm, symbol)} it holds for: {' and '.join(sizes)})" if sizes else ""
 
 
 def rows_dim(gm: fx.GraphModule) -> sympy.Expr | None:
