@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sympy
 import torch
+from torch._guards import detect_fake_mode
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 from torch.utils._pytree import tree_flatten, tree_flatten_with_path
@@ -18,24 +19,37 @@ from pyrys.capture.captured import Captured
 from pyrys.capture.export import from_exported, tracing
 from pyrys.errors import CaptureError
 from pyrys.ir.graph import state_inputs, state_ref
+from pyrys.ir.symbolic import is_symbolic, ranges_of, unhold_size_guards
 from pyrys.signature import InputError
 
 
 def capture_exported(ep: ExportedProgram) -> Captured:
+    held = set(_guards(ep))
     try:
         with tracing(), torch.no_grad():
             functional = ep.run_decompositions({})
     except (AssertionError, RuntimeError) as error:  # torch cannot functionalize it (an input written in place
         raise CaptureError(  # through another it aliases, say)
             "pyrys: torch cannot functionalize this ExportedProgram (ep.run_decompositions({}) fails: "
-            f"{str(error).splitlines()[0] if str(error) else type(error).__name__}); export it again from "
-            "example inputs in separate memory, or pass the nn.Module") from error
+            f"{str(error).splitlines()[0] if str(error) else type(error).__name__}); pass the nn.Module, or export it "
+            "again (with example inputs in separate memory where one tensor was passed twice) and pass that program "
+            "as torch.export.export returns it (one read back by torch.export.load with a derived dim such as "
+            "2 * Dim fails so)") from error
     captured = from_exported(functional, None)
+    if is_symbolic(captured.gm):
+        unhold_size_guards(captured.gm, [g for g in _guards(functional) if g not in held], ranges_of(captured.gm))
     for node in state_inputs(captured.gm.graph):
         ref = state_ref(node)
         if isinstance(ref.value, torch.Tensor):
             ref.value = ref.value.detach().clone()
     return captured
+
+
+def _guards(ep: ExportedProgram) -> list[sympy.Basic]:
+    """The guards of the shape env ``ep``'s symbolic sizes belong to (none without one)."""
+    mode = detect_fake_mode([node.meta.get("val") for node in ep.graph.find_nodes(op="placeholder")])
+    env = mode.shape_env if mode is not None else None
+    return [guard.expr for guard in env.guards] if env is not None else []
 
 
 def exported_example_inputs(ep: ExportedProgram) -> tuple[tuple, dict]:

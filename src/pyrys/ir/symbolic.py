@@ -30,6 +30,7 @@ from pyrys.ir.graph import user_inputs
 
 FAKE_MODE_KEY = "pyrys_fake_mode"
 GUARDS_KEY, RANGES_KEY = "pyrys_guards", "pyrys_ranges"  # a loaded graph's (``saving/symbolic.py``)
+UNHELD_GUARDS_KEY = "pyrys_unheld_guards"  # guards of its shape env the graph does not hold to (below)
 PINNED_KEY = "pyrys_symbols_at_one"  # :func:`pinned_dims_differ`'s, found once per graph
 
 
@@ -311,10 +312,27 @@ def _solve_derived(checks: list[tuple[sympy.Expr, int, str]], bindings: dict) ->
 
 
 def guards_of(gm: fx.GraphModule) -> list[sympy.Basic]:
-    """What the graph assumes about its sizes: its ``ShapeEnv``'s guards (a loaded graph: the saved ones)."""
+    """What the graph assumes about its sizes: its ``ShapeEnv``'s guards (a loaded graph: the saved ones),
+    but those :func:`unhold_size_guards` set aside."""
     if GUARDS_KEY in gm.meta:
         return list(gm.meta[GUARDS_KEY])
-    return [guard.expr for guard in gm.meta[FAKE_MODE_KEY].shape_env.guards]
+    unheld = gm.meta.get(UNHELD_GUARDS_KEY, ())
+    return [guard.expr for guard in gm.meta[FAKE_MODE_KEY].shape_env.guards if guard.expr not in unheld]
+
+
+def unhold_size_guards(gm: fx.GraphModule, guards: list[sympy.Basic], ranges: dict) -> None:
+    """Set aside those of ``guards`` that only exclude a size ``ranges`` (a program's promise) allow:
+    ``Ne(s, 1)`` where ``s`` may be 1. ``run_decompositions`` of an ExportedProgram read back by
+    ``torch.export.load`` adds them (its shape env then ranges from 1 where export's ranged from 2, and the
+    retrace guards what export's size-oblivious trace did not), which the program itself does not hold to."""
+    unheld = []
+    for guard in guards:
+        if isinstance(guard, sympy.Ne) and isinstance(guard.lhs, sympy.Symbol) and guard.rhs.is_Integer:
+            lower, upper = ranges.get(guard.lhs, (None, None))
+            if lower is not None and lower <= int(guard.rhs) and (upper is None or int(guard.rhs) <= upper):
+                unheld.append(guard)
+    if unheld:
+        gm.meta[UNHELD_GUARDS_KEY] = tuple(unheld)
 
 
 def set_ranges(gm: fx.GraphModule, ranges: dict[sympy.Symbol, tuple]) -> None:
