@@ -607,3 +607,14 @@ def test_a_value_dynamo_put_in_the_graph_is_explained_as_dynamos(dynamo_graphs):
         assert pyrys.relative_error(torch.compile(scaled, backend="pyrys")(x), scaled(x)) <= TOLERANCE
     (graph,) = dynamo_graphs
     assert "capture_scalar_outputs" in graph.runs_in_torch and "Use torch.compile" not in graph.runs_in_torch
+
+
+def test_an_inductor_mode_is_said_to_be_ignored_once(caplog, monkeypatch):
+    """It was logged for every graph dynamo handed over (22 times for one model called from 8 threads)."""
+    monkeypatch.setattr(pyrys.compile_backend, "_MODES_SAID", set())
+    torch._dynamo.reset()
+    compiled = torch.compile(torch.nn.Linear(8, 8).eval(), backend="pyrys", mode="max-autotune")
+    with caplog.at_level("WARNING", logger="pyrys"), torch.no_grad():
+        for batch in (2, 3, 4):
+            compiled(torch.randn(batch, 8))
+    assert caplog.text.count("mode='max-autotune' is inductor's and is ignored") == 1, caplog.text

@@ -59,12 +59,24 @@ _COMPILED_MODULE = ("self", "fn")
 MAX_WRAPPED_VALUES = 8  # distinct values of a graph's number inputs that get programs (then torch runs it)
 
 
+_MODES_SAID: set = set()  # the modes pyrys_backend has said it ignores
+_MODES_LOCK = threading.Lock()
+
+
+def _first_time(mode: str) -> bool:
+    """Whether ``mode`` is new to this process (then remembered)."""
+    with _MODES_LOCK:
+        new = mode not in _MODES_SAID
+        _MODES_SAID.add(mode)
+    return new
+
+
 def pyrys_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None = None,
                   mode: str | None = None) -> Callable:
     """The dynamo backend: returns a callable that runs ``gm``'s pyrys program(s). ``mode`` (inductor's
-    ``"reduce-overhead"``, ``"max-autotune"``) has no meaning here: said per graph, and ignored, as torch's own
-    ``eager`` backend does."""
-    if mode not in (None, "default"):
+    ``"reduce-overhead"``, ``"max-autotune"``) has no meaning here: said once per mode and process, and ignored,
+    as torch's own ``eager`` backend does."""
+    if mode not in (None, "default") and _first_time(mode):
         LOG.warning("pyrys (torch.compile): mode=%r is inductor's and is ignored; pyrys's own settings are "
                     "options={...} (precision, threads, layout ...)", mode)
     options = dict(options or {})
