@@ -366,15 +366,18 @@ HOLDING_SEARCH = 256  # sizes tried each way from the one refused, for the neare
 
 
 def _holding_text(gm: fx.GraphModule, expr: sympy.Expr, bindings: dict) -> str:
-    """Where a guard of one symbol breaks, the nearest sizes below and above that it holds for (a table of 32
-    positions: ``Eq(s, Min(32, s))`` holds up to 32), as text; "" where it has more symbols or none is near."""
+    """Where a guard of one symbol breaks, the nearest sizes below and above within its range that it holds
+    for (a table of 32 positions: ``Eq(s, Min(32, s))`` holds up to 32), as text; "" where it has more symbols
+    or none is near."""
     used = list(expr.free_symbols & set(bindings))
     if len(used) != 1:
         return ""
     symbol, value = used[0], int(bindings[used[0]])
+    lower, upper = ranges_of(gm).get(symbol, (0, None))
 
     def holds(size: int) -> bool:
-        return _evaluate(expr, {**bindings, symbol: sympy.Integer(size)}) is sympy.true
+        return (lower <= size and (upper is None or size <= upper)
+                and _evaluate(expr, {**bindings, symbol: sympy.Integer(size)}) is sympy.true)
 
     below = next((size for size in range(value - 1, max(value - HOLDING_SEARCH, -1), -1) if holds(size)), None)
     above = next((size for size in range(value + 1, value + HOLDING_SEARCH) if holds(size)), None)
