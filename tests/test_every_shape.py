@@ -633,3 +633,26 @@ def test_a_loaded_graph_refusing_a_size_names_the_input_dim_and_the_nearest_size
     with pytest.raises(pyrys.InputError, match=r"which x dim 1 \(s\d+\) = 12 breaks \(the nearest x dim 1 \(s\d+\) "
                                                r"it holds for: 8\)"):
         pyrys.load(tmp_path / "saved")(torch.randn(2, 12, 4))
+
+
+class _SqueezesTheBatch(torch.nn.Module):
+    def forward(self, x):
+        return x.squeeze(0).softmax(0).flatten()
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_a_squeeze_of_a_symbolic_dim_is_right_at_size_one(dynamic, tmp_path):
+    """The graph, traced where the batch is not 1, does not squeeze it: at a batch of 1 the passes' view kept
+    it, and the softmax over it gave ones (a reviewer's find). Size 1 is captured on its own now, and a
+    program that cannot be captured again refuses it."""
+    model = _SqueezesTheBatch().eval()
+    opt = pyrys.optimize(model, (torch.randn(3, 4),), dynamic=dynamic)
+    for batch in (2, 1, 5):
+        x = torch.randn(batch, 4)
+        assert opt(x).shape == model(x).shape and pyrys.relative_error(opt(x), model(x)) <= TOLERANCE, batch
+    pyrys.save(opt, tmp_path / "saved")
+    x = torch.randn(1, 4)
+    assert torch.allclose(pyrys.load(tmp_path / "saved")(x), model(x), atol=1e-6)
+    ep = torch.export.export(model, (torch.randn(3, 4),), dynamic_shapes=({0: torch.export.Dim("B", min=1)},))
+    with pytest.raises(pyrys.InputError, match=r"Ne\(s\d+, 1\)"):
+        pyrys.optimize(ep)(x)

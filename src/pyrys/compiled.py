@@ -22,7 +22,7 @@ from pyrys.ir.verify import VerificationError, make_verifier, output_types
 from pyrys.ir.graph import share_constants
 from pyrys.ir.generated_source import forgetting_dead_sources
 from pyrys.ir.quiet_fake import fake_tensor_errors_unlogged
-from pyrys.ir.symbolic import is_symbolic
+from pyrys.ir.symbolic import hold_squeezed_sizes, is_symbolic
 from pyrys.numerics.report import NumericsReport
 from pyrys.numerics.trace import NumericsTrace
 from pyrys.passes.specialize import ShapeMismatch, specialize
@@ -101,6 +101,8 @@ def _compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: Op
     if like is not None and config.calibration is not None:
         config = dataclasses.replace(config, calibration=config.calibration.for_capture())
     captured = frontend.capture(args, kwargs, dynamic)
+    if is_symbolic(captured.gm):
+        hold_squeezed_sizes(captured.gm)
     measure = None if trace is None else (lambda step, gm: trace.measure(step, gm, flat))
     instruments = Instruments(config.print_after_each, _dump_dir(config, signature, dynamic, like),
                               None, captured.class_name, measure)

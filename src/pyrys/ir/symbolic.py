@@ -28,9 +28,12 @@ from torch.utils._sympy.numbers import int_oo
 
 from pyrys.ir.graph import user_inputs
 
+aten = torch.ops.aten
+
 FAKE_MODE_KEY = "pyrys_fake_mode"
 GUARDS_KEY, RANGES_KEY = "pyrys_guards", "pyrys_ranges"  # a loaded graph's (``saving/symbolic.py``)
 UNHELD_GUARDS_KEY = "pyrys_unheld_guards"  # guards of its shape env the graph does not hold to (below)
+SQUEEZED_KEY = "pyrys_squeezed_sizes"  # what its squeezes of symbolic dims assume (:func:`hold_squeezed_sizes`)
 PINNED_KEY = "pyrys_symbols_at_one"  # :func:`pinned_dims_differ`'s, found once per graph
 
 
@@ -185,9 +188,10 @@ def _fixed_dim_differs(node: fx.Node, val: torch.Tensor, value: torch.Tensor) ->
     return f"{node.name} dim {i} is {size}; the graph holds it fixed at {fixed}"
 
 
-def bind_symbols(gm: fx.GraphModule, inputs: list) -> tuple[dict, str | None]:
+def bind_symbols(gm: fx.GraphModule, inputs: list, explain: bool = False) -> tuple[dict, str | None]:
     """Bind the symbols of ``gm``'s user inputs to the dims of ``inputs`` (its flat user inputs, in
-    order); ``(bindings, None)`` when every range and guard holds, else ``({}, why not)``."""
+    order); ``(bindings, None)`` when every range and guard holds, else ``({}, why not)``; ``explain``: a
+    broken guard's why names the nearest sizes it holds for (which costs up to milliseconds)."""
     mode = gm.meta[FAKE_MODE_KEY]
     env = mode.shape_env
     placeholders = user_inputs(gm.graph)
@@ -216,7 +220,7 @@ def bind_symbols(gm: fx.GraphModule, inputs: list) -> tuple[dict, str | None]:
                         f"{', '.join(map(str, sorted(value.free_symbols, key=str)))}")
         if value != size:
             return {}, f"{where} is {size}, where the graph has {expr} = {value}"
-    why = _refused(gm, bindings)
+    why = _refused(gm, bindings, explain)
     return ({}, why) if why is not None else (bindings, None)
 
 
@@ -275,7 +279,7 @@ def _symbol_at(gm: fx.GraphModule, symbol) -> str:
     return str(symbol)
 
 
-def _refused(gm: fx.GraphModule, bindings: dict) -> str | None:
+def _refused(gm: fx.GraphModule, bindings: dict, explain: bool = False) -> str | None:
     """Which of the graph's ranges or guards its symbols bound so break, or None where all hold."""
     ranges, env = ranges_of(gm), gm.meta[FAKE_MODE_KEY].shape_env
     for symbol, value in bindings.items():
@@ -286,7 +290,7 @@ def _refused(gm: fx.GraphModule, bindings: dict) -> str | None:
         expr = env.replace(guard)
         if _evaluate(expr, bindings) is not sympy.true:
             return (f"the graph assumes {expr}, which {_bound_text(gm, expr, bindings)} breaks"  # in the input symbols
-                    f"{_holding_text(gm, expr, bindings)}")
+                    f"{_holding_text(gm, expr, bindings) if explain else ''}")
     return None
 
 
@@ -317,7 +321,30 @@ def guards_of(gm: fx.GraphModule) -> list[sympy.Basic]:
     if GUARDS_KEY in gm.meta:
         return list(gm.meta[GUARDS_KEY])
     unheld = gm.meta.get(UNHELD_GUARDS_KEY, ())
-    return [guard.expr for guard in gm.meta[FAKE_MODE_KEY].shape_env.guards if guard.expr not in unheld]
+    return [guard.expr for guard in gm.meta[FAKE_MODE_KEY].shape_env.guards
+            if guard.expr not in unheld] + list(gm.meta.get(SQUEEZED_KEY, ()))
+
+
+def hold_squeezed_sizes(gm: fx.GraphModule) -> None:
+    """A squeeze of a symbolic dim removes it where it is 1 alone, which the graph, traced where it is not,
+    does not follow (``x.squeeze(0).softmax(0)`` at a batch of 1 gave ones): the graph holds for that size
+    not 1 (``Ne(s, 1)`` among :func:`guards_of`), and a size of 1 is captured on its own (``size_one.py``)
+    or refused. Read before the passes, which turn a squeeze into a view."""
+    env, held = gm.meta[FAKE_MODE_KEY].shape_env, []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or getattr(node.target, "overloadpacket", None) is not aten.squeeze:
+            continue
+        val = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+        if not isinstance(val, torch.Tensor):
+            continue
+        dims = node.args[1] if len(node.args) > 1 else range(val.dim())
+        for d in [dims] if isinstance(dims, int) else dims:
+            size = val.shape[d]
+            expr = env.replace(size.node.expr) if isinstance(size, torch.SymInt) else None
+            if expr is not None and not expr.is_number:
+                held.append(sympy.Ne(expr, 1))
+    if held:
+        gm.meta[SQUEEZED_KEY] = tuple(dict.fromkeys(held))
 
 
 def unhold_size_guards(gm: fx.GraphModule, guards: list[sympy.Basic], ranges: dict) -> None:

@@ -42,7 +42,7 @@ def specialize(gm: fx.GraphModule, inputs: list) -> fx.GraphModule:
     """``gm`` for the shapes of ``inputs`` (its flat user inputs); see the module docstring."""
     if not is_symbolic(gm):
         return gm
-    _, why = bind_symbols(gm, inputs)
+    _, why = bind_symbols(gm, inputs, explain=True)
     if why is not None:
         raise ShapeMismatch(why)
     concrete = fx.GraphModule(gm, copy_graph(gm.graph), gm.__class__.__name__)
