@@ -937,3 +937,31 @@ def test_a_graph_for_batches_from_two_is_calibrated_on_one_row_samples_joined(dy
     joined = {None: "on 32 samples of 2 rows", False: "on 16 samples of 4 rows"}  # the symbolic graph, batch 4's
     assert dynamic is True or any(f"calibrated on its own, {joined[dynamic]}, joined from the calibration samples"
                                   in note for note in opt.notes), opt.notes  # True: one graph, calibrated so
+
+
+class _ReadsLastToken(nn.Module):
+    """A two-layer model over token ids whose graph at length 1 computes the first layer's input otherwise."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding, self.mix, self.out = nn.Embedding(50, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, ids):
+        h = self.embedding(ids)
+        h = torch.tanh(h) if ids.shape[1] > 1 else torch.relu(h) * 2.0
+        return self.out(torch.relu(self.mix(h)))[:, -1]
+
+
+def test_a_step_of_one_token_at_a_batch_of_two_is_calibrated_on_samples_cut_and_joined():
+    """From one-row samples of 8 tokens, a capture for (2, 1) needs them cut to one token and joined into two
+    rows; it took neither and ran its layers in floating point (a helper's find on GPT-2's decode steps)."""
+    torch.manual_seed(0)
+    model = _ReadsLastToken().eval()
+    calibration = [torch.randint(0, 50, (1, 8)) for _ in range(12)]
+    opt = pyrys.optimize(model, (calibration[0],), precision="int8", calibration=calibration, dynamic=False)
+    x = torch.randint(0, 50, (2, 1))
+    with torch.no_grad():
+        assert pyrys.relative_error(opt(x), model(x)) <= INT8_TOLERANCE
+    assert not any("in floating point" in note for note in opt.notes), opt.notes
+    assert any("samples of 2 rows, cut to its size-1 dims and joined from the calibration samples" in note
+               for note in opt.notes), opt.notes

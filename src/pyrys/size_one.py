@@ -70,14 +70,16 @@ def fitted_samples(gm: fx.GraphModule, samples: list[list], limit: int) -> tuple
     """The samples (flat inputs) ``gm`` takes, at most ``limit``, each cut where ``gm`` holds an input dim at
     size 1 that the sample has larger (a capture for a batch of one, for a step of one token): into its rows
     where only dims 0 are cut (each row a sample), else to its first position there.  Where it takes none as
-    they are and their tensors are rows (dim 0, one count per sample): consecutive samples joined into
-    samples of the graph's rows where fixed, else of :data:`JOINED_ROWS` rows (batch-1 samples, a graph for
-    batches from 2).  Returns them and how
-    they were made from the samples ("" where as they are).  The cut is by shapes alone: an input holding
-    positions in a dim cut (which token to read) may now point past it, so a run on cut samples may fail
-    where the caller must fall back."""
+    they are and their tensors are rows (dim 0, one count per sample): consecutive samples (cut as above
+    where so cut: a step of one token at a batch of 2 from one-row samples) joined into samples of the
+    graph's rows where fixed, else of :data:`JOINED_ROWS` rows (batch-1 samples, a graph for batches from 2).
+    Returns them and how they were made from the samples ("" where as they are).  The cut is by shapes
+    alone: an input holding positions in a dim cut (which token to read) may now point past it, so a run on
+    cut samples may fail where the caller must fall back."""
     fitted: list[list] = []
     cut_any = False
+    made: list[list] = []  # every sample as cut, whether taken or not: what is joined
+    cut_made = False
     for sample in samples:
         cut = _size_one_places(gm, sample)
         if not cut:
@@ -87,17 +89,20 @@ def fitted_samples(gm: fx.GraphModule, samples: list[list], limit: int) -> tuple
         else:
             candidates = [_narrowed(sample, cut, 0)]
         taken = [candidate for candidate in candidates if takes(gm, candidate)]
+        made += candidates if len(made) < limit * max(JOINED_ROWS) else []
+        cut_made |= bool(cut)
         cut_any |= bool(cut and taken)
         fitted += taken
         if len(fitted) >= limit:
             break
     if fitted:
         return fitted[:limit], "cut from the calibration samples to its size-1 dims" if cut_any else ""
+    cut = "cut to its size-1 dims and " if cut_made else ""
     for rows in dict.fromkeys((*_fixed_rows(gm), *JOINED_ROWS)):
-        joined = _joined(samples, rows)
+        joined = _joined(made, rows)
         if joined and takes(gm, joined[0]):
             return ([sample for sample in joined if takes(gm, sample)][:limit],
-                    f"of {rows} rows, joined from the calibration samples")
+                    f"of {rows} rows, {cut}joined from the calibration samples")
     return [], ""
 
 
