@@ -8,8 +8,9 @@ The *root* of an output is the value whose memory it reads: followed back throug
 torch schema returns an alias of an input (views, ``detach``, a split's parts). In the graph captured
 (eager's), not through those that alias only sometimes (``reshape`` of a tensor a view cannot give,
 ``to`` of another dtype: copies); after the passes, through those and through clones too (the dnnl
-backend lowers a clone as a view of a value already in its layout). Two outputs with one root after the passes but two roots in the graph
-captured are copied apart at call time (:func:`outputs_to_copy`: the later positions of each group).
+backend lowers a clone as a view of a value already in its layout). Two outputs with one root after
+the passes but two roots in the graph captured are copied apart at call time (:func:`outputs_to_copy`:
+the later positions of each group).
 """
 from __future__ import annotations
 
