@@ -965,3 +965,23 @@ def test_a_step_of_one_token_at_a_batch_of_two_is_calibrated_on_samples_cut_and_
     assert not any("in floating point" in note for note in opt.notes), opt.notes
     assert any("samples of 2 rows, cut to its size-1 dims and joined from the calibration samples" in note
                for note in opt.notes), opt.notes
+
+
+class _BranchOnTwoRows(_BranchOnOneRow):
+    def forward(self, x):
+        h = self.l1(x)
+        h = torch.relu(h) * 6.0 + 1.0 if x.shape[0] == 2 else torch.tanh(h)
+        return self.l3(torch.relu(self.l2(h)))
+
+
+def test_samples_of_more_rows_are_regrouped_into_a_captures_fewer():
+    """Batch-4 samples, a static capture at batch 2 computing otherwise: its layers ran in floating point."""
+    torch.manual_seed(1)
+    model = _BranchOnTwoRows().eval()
+    calibration = [torch.randn(4, 16) for _ in range(16)]
+    opt = pyrys.optimize(model, (torch.randn(4, 16),), precision="int8", calibration=calibration, dynamic=False)
+    x = torch.cat(calibration)[:2]
+    with torch.no_grad():
+        assert pyrys.relative_error(opt(x), model(x)) <= INT8_TOLERANCE
+    assert any("calibrated on its own, on 32 samples of 2 rows, joined from the calibration samples" in note
+               for note in opt.notes), opt.notes

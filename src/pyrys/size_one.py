@@ -11,8 +11,8 @@ batch 1 of length 1), so that a saved module takes batch 1 and length 1.
 
 Such a graph may compute some values otherwise than the one calibrated (constants folded at size 1): what
 its int8 layers read is measured on the calibration samples it takes, cut to its size-1 dims
-(:func:`fitted_samples`); and the reverse, a graph for batches from 2 where the samples are of one row: on
-them joined into samples of more rows.
+(:func:`fitted_samples`); and where their rows are not its rows (one-row samples, a graph for batches from 2;
+batch-4 samples, a capture at batch 2), on their rows regrouped into samples of its rows.
 """
 from __future__ import annotations
 
@@ -70,9 +70,10 @@ def fitted_samples(gm: fx.GraphModule, samples: list[list], limit: int) -> tuple
     """The samples (flat inputs) ``gm`` takes, at most ``limit``, each cut where ``gm`` holds an input dim at
     size 1 that the sample has larger (a capture for a batch of one, for a step of one token): into its rows
     where only dims 0 are cut (each row a sample), else to its first position there.  Where it takes none as
-    they are and their tensors are rows (dim 0, one count per sample): consecutive samples (cut as above
-    where so cut: a step of one token at a batch of 2 from one-row samples) joined into samples of the
-    graph's rows where fixed, else of :data:`JOINED_ROWS` rows (batch-1 samples, a graph for batches from 2).
+    they are and their tensors are rows (dim 0, one count per sample): the rows of consecutive samples (cut
+    as above where so cut: a step of one token at a batch of 2 from one-row samples) regrouped into samples
+    of the graph's rows where fixed, else of :data:`JOINED_ROWS` rows (batch-1 samples, a graph for batches
+    from 2).
     Returns them and how they were made from the samples ("" where as they are).  The cut is by shapes
     alone: an input holding positions in a dim cut (which token to read) may now point past it, so a run on
     cut samples may fail where the caller must fall back."""
@@ -116,16 +117,20 @@ def _fixed_rows(gm: fx.GraphModule) -> tuple[int, ...]:
 
 
 def _joined(samples: list[list], rows: int) -> list[list]:
-    """Samples of ``rows`` rows each, consecutive ``samples`` joined along dim 0, where each sample's tensors
-    have one count of rows dividing ``rows`` and its other inputs are the first sample's; else []."""
+    """Samples of ``rows`` rows each, the rows of consecutive ``samples`` regrouped along dim 0 (batch-4
+    samples into 2 rows, one-row samples into 2), where every sample's tensors have one count of rows and
+    its other inputs are the first sample's; else []."""
     counts = {t.shape[0] for sample in samples for t in sample if isinstance(t, torch.Tensor) and t.dim()}
-    if len(counts) != 1 or rows % next(iter(counts)) or rows == next(iter(counts)):
+    if len(counts) != 1 or rows == next(iter(counts)):
         return []
-    per = rows // next(iter(counts))
-    first = samples[0] if samples else []
+    count = next(iter(counts))
+    if count > 1:  # each row a sample first
+        samples = [[t[row:row + 1] if isinstance(t, torch.Tensor) and t.dim() else t for t in sample]
+                   for sample in samples for row in range(count)]
+    first = samples[0]
     joined = []
-    for start in range(0, len(samples) - per + 1, per):
-        group = samples[start:start + per]
+    for start in range(0, len(samples) - rows + 1, rows):
+        group = samples[start:start + rows]
         if any(len(s) != len(first) or any(isinstance(t, torch.Tensor) != isinstance(f, torch.Tensor) or
                                            (not isinstance(t, torch.Tensor) and t != f) or
                                            (isinstance(t, torch.Tensor) and not t.dim())
