@@ -985,3 +985,37 @@ def test_samples_of_more_rows_are_regrouped_into_a_captures_fewer():
         assert pyrys.relative_error(opt(x), model(x)) <= INT8_TOLERANCE
     assert any("calibrated on its own, on 32 samples of 2 rows, joined from the calibration samples" in note
                for note in opt.notes), opt.notes
+
+
+def test_calibration_samples_of_other_lengths_calibrate_the_capture_for_every_length():
+    """With ``dynamic=True`` samples of other lengths are read as they are: a running sum's range grows with
+    the length, and calibrated at 16 tokens alone the layer after it clips at 64 (error ~0.5); calibrated on
+    lengths 1 to 64 it does not.  Without ``dynamic=True`` such samples are refused, naming it."""
+    torch.manual_seed(0)
+    model = Fn(lambda m, x: m.out(torch.relu(m.inp(x)).cumsum(1)), inp=nn.Linear(8, 16), out=nn.Linear(16, 4)).eval()
+    x, long = torch.randn(2, 16, 8), torch.randn(2, 64, 8)
+    lengths = [torch.randn(2, length, 8) for length in (1, 4, 16, 64) * 2]
+    opt = pyrys.optimize(model, (x,), precision="int8", calibration=lengths, dynamic=True)
+    assert pyrys.relative_error(opt(long), model(long)) <= INT8_TOLERANCE
+    assert any("3 other input shapes than the example's read as they are: (Float(2, 1, 8))" in n for n in opt.notes)
+    assert re.search(r"quantize: int8: [12]\b", opt.report())  # (the guard may keep one in bf16)
+    same = pyrys.optimize(model, (x,), precision="int8", calibration=[torch.randn(2, 16, 8) for _ in range(8)],
+                          dynamic=True)
+    assert pyrys.relative_error(same(long), model(long)) > 4 * INT8_TOLERANCE  # what the other lengths fix
+    for dynamic in (None, False):
+        with pytest.raises(pyrys.InputError, match="calibration sample 0 .* read with dynamic=True"):
+            pyrys.optimize(model, (x,), precision="int8", calibration=lengths, dynamic=dynamic)
+
+
+def test_calibration_samples_of_sizes_the_graph_excludes_are_left_out_with_a_note():
+    """A model pinning its length (a reshape to 16 tokens) keeps that dim fixed: samples of other lengths are
+    left out, said in the notes; where none fits, an InputError names their shapes."""
+    model = Fn(lambda m, x: m.out(x.reshape(x.shape[0], 16 * 8)), out=nn.Linear(16 * 8, 4)).eval()
+    x = torch.randn(2, 16, 8)
+    samples = [torch.randn(2, 16, 8), torch.randn(2, 4, 8), torch.randn(2, 16, 8), torch.randn(2, 4, 8)]
+    opt = pyrys.optimize(model, (x,), precision="int8", calibration=samples, dynamic=True)
+    assert any("2 samples of shapes the captured graph does not hold for were left out ([2, 4, 8])" in n
+               for n in opt.notes)
+    assert pyrys.relative_error(opt(x), model(x)) <= INT8_TOLERANCE
+    with pytest.raises(pyrys.InputError, match=r"holds for none of the calibration samples' shapes \(\[2, 4, 8\]\)"):
+        pyrys.optimize(model, (x,), precision="int8", calibration=samples[1::2], dynamic=True)

@@ -148,14 +148,17 @@ def check_calibration_options(precision: str, calibration: Any, accuracy_budget:
 
 
 def with_calibration(config: OptimizeConfig, calibration: Iterable | None, accuracy_budget: float | str | None,
-                     args: tuple, kwargs: dict) -> OptimizeConfig:
+                     args: tuple, kwargs: dict, other_sizes: bool = False) -> OptimizeConfig:
     """``config`` holding the checked calibration samples (if any) and the accuracy budget of its precision
-    (int8, bf16; with bf16 and ``accuracy_budget=None``: none, nothing is measured), else as it is."""
+    (int8, bf16; with bf16 and ``accuracy_budget=None``: none, nothing is measured), else as it is.  Samples
+    of other sizes than the example's are read where the first capture is for every size: ``dynamic=True``,
+    or ``other_sizes`` (an ExportedProgram, whose Dims say which)."""
     budget = budget_for(config.precision, accuracy_budget)
     if calibration is None and (config.precision != "bf16" or budget is None):
         return config
     limit = GUARD_SAMPLES if config.precision == "bf16" else None  # bf16 reads only what its guard measures on
-    samples, note = (None, "") if calibration is None else calibration_samples(calibration, args, kwargs, limit)
+    samples, note = (None, "") if calibration is None else calibration_samples(
+        calibration, args, kwargs, limit, other_sizes=other_sizes or config.dynamic is True)
     if samples is not None and config.precision == "bf16":  # kept for every later compile's guard
         samples = [copied_sample(sample) for sample in samples]
     return dataclasses.replace(config, calibration=Calibration(samples, budget, note))

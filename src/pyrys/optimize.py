@@ -124,7 +124,7 @@ def optimize(
         if example_inputs is None:
             example_inputs, example_kwargs = exported_example_inputs(model)
         args, kwargs = exported_inputs(model, *_example_inputs(example_inputs, example_kwargs))
-        config = with_calibration(config, calibration, accuracy_budget, args, kwargs)
+        config = with_calibration(config, calibration, accuracy_budget, args, kwargs, other_sizes=True)
         _check_on_cpu("the ExportedProgram", model.state_dict.items())
         optimized = OptimizedModule(exported_program_frontend(model), args, kwargs, config, _trace(config, model, args, kwargs))
         _warn_of_input_writes(optimized, caller_keeps_writes=False)

@@ -121,7 +121,8 @@ def _joined(samples: list[list], rows: int) -> list[list]:
     samples into 2 rows, one-row samples into 2), where every sample's tensors have one count of rows and
     its other inputs are the first sample's; else []."""
     counts = {t.shape[0] for sample in samples for t in sample if isinstance(t, torch.Tensor) and t.dim()}
-    if len(counts) != 1 or rows == next(iter(counts)):
+    sizes = {tuple(t.shape[1:] if isinstance(t, torch.Tensor) else () for t in sample) for sample in samples}
+    if len(counts) != 1 or len(sizes) > 1 or rows == next(iter(counts)):  # (rows of other lengths: no join)
         return []
     count = next(iter(counts))
     if count > 1:  # each row a sample first

@@ -45,7 +45,8 @@ from pyrys.quantization.bias_correction import bias_corrections, corrected_args,
 from pyrys.quantization.calibration import MAX_SAMPLES, Calibration, QuantizationPlan, observe
 from pyrys.numerics.budget import GUARD_SAMPLES
 from pyrys.quantization.guard import BF16, FLOAT32, Switch, guard
-from pyrys.size_one import fitted_samples
+from pyrys.signature import InputError
+from pyrys.size_one import fitted_samples, takes
 
 RULE = "int8"
 aten = torch.ops.aten
@@ -224,8 +225,10 @@ def _plan_or_samples(gm: fx.GraphModule, calibration: Calibration, roles: dict[s
     constants folded at size 1 change what computes a layer's input) it is calibrated on its own, on the
     samples the first compile kept cut to its size-1 dims (:func:`~pyrys.size_one.fitted_samples`), and says so
     in ``calibration.note``; where it takes none of them, the first plan quantizes what it computes alike."""
-    if calibration.plan is not None or calibration.parent is None:
-        return calibration.plan, calibration.samples, False
+    if calibration.plan is not None:
+        return calibration.plan, None, False
+    if calibration.parent is None:
+        return None, held_samples(gm, calibration), False
     first = calibration.parent.plan
     memo: dict = {}
     if all(first.roles.get(role) == _origin(value, keys, memo) for role, value in roles.items()):
@@ -236,6 +239,37 @@ def _plan_or_samples(gm: fx.GraphModule, calibration: Calibration, roles: dict[s
     calibration.note = (f"{OWN_CALIBRATION} than the graph calibrated first, {CALIBRATED_ON_ITS_OWN}, on "
                         + (f"{len(samples)} samples {how}" if how else f"{len(samples)} of the calibration samples"))
     return None, samples, bool(how)
+
+
+def held_samples(gm: fx.GraphModule, calibration: Calibration) -> list[list]:
+    """The first compile's samples that ``gm`` holds for (read at other sizes with ``dynamic=True``, a sample
+    may be of a size its graph excludes, or the capture may have kept fixed shapes); those left out are said
+    in ``calibration.note``.  Where it holds for none: the samples fitted to it (one-row samples joined for a
+    graph for batches from 2: :func:`~pyrys.size_one.fitted_samples`), else :class:`InputError`."""
+    samples = calibration.samples or []
+    shapes = [tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in sample) for sample in samples]
+    held: dict[tuple, bool] = {}  # each shape's, once (a graph with symbolic sizes reads its guards)
+    for shape, sample in zip(shapes, samples):
+        if shape not in held:
+            held[shape] = takes(gm, sample)
+    left = [shape for shape, holds in held.items() if not holds]
+    if not left:
+        return samples
+    described = ", ".join(" and ".join(str(list(s)) for s in shape if s is not None) for shape in left[:4])
+    if len(left) == len(held):  # (a graph for batches from 2, one-row samples: joined into its rows)
+        fitted, how = fitted_samples(gm, samples, len(samples))
+        if fitted:
+            calibration.note = "; ".join(filter(None, [
+                calibration.read_note, f"calibration: the captured graph holds for none of the samples as they are "
+                                       f"({described}{', ...' if len(left) > 4 else ''}): read {len(fitted)} {how}"]))
+            return fitted
+        raise InputError(f"pyrys: the captured graph holds for none of the calibration samples' shapes ({described}"
+                         f"{', ...' if len(left) > 4 else ''}): give samples of the example's shapes")
+    taken = [sample for shape, sample in zip(shapes, samples) if held[shape]]
+    left_out = (f"calibration: {len(samples) - len(taken)} samples of shapes the captured graph does not hold for "
+                f"were left out ({described}{', ...' if len(left) > 4 else ''})")
+    calibration.note = "; ".join(filter(None, [calibration.read_note, left_out]))
+    return taken
 
 
 def _lookup(plan: QuantizationPlan, roles: dict[str, fx.Node], keys: dict[fx.Node, str]):

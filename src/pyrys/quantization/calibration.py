@@ -67,6 +67,7 @@ class Calibration:
                  parent: "Calibration | None" = None):
         self.samples: list[list] | None = samples
         self.note = note  # what reading the samples did to them (cut into the example's rows), for opt.notes
+        self.read_note = note  # that alone (a compile adds which samples its graph did not hold for)
         self.accuracy_budget = accuracy_budget
         self.plan: QuantizationPlan | None = None
         self.kept: list[list] = []  # int8, once planned: the samples a later capture may calibrate on
@@ -87,9 +88,9 @@ class Calibration:
 
     def planned(self, plan: "QuantizationPlan", samples: list[list]) -> None:
         """Keep ``plan``; let the samples go, but for the first ones kept for later captures (a first compile's)."""
+        if self.parent is None:  # from every sample read (those of sizes its graph excludes too: a later capture's)
+            self.kept = kept_samples(self.samples or samples)
         self.plan, self.samples = plan, None
-        if self.parent is None:
-            self.kept = kept_samples(samples)
 
 
 def kept_samples(samples: list[list]) -> list[list]:
@@ -110,15 +111,19 @@ def copied_sample(sample: list) -> list:
     return [t.clone(memory_format=torch.contiguous_format) if isinstance(t, torch.Tensor) else t for t in sample]
 
 
-def calibration_samples(data: Iterable, args: tuple, kwargs: dict, limit: int | None = None) -> tuple[list[list], str]:
+def calibration_samples(data: Iterable, args: tuple, kwargs: dict, limit: int | None = None,
+                        other_sizes: bool = False) -> tuple[list[list], str]:
     """The flat inputs of each sample of ``data`` (at most ``limit``, default :data:`MAX_SAMPLES`), each checked
     against the example inputs ``(args, kwargs)``: :class:`InputError` naming the sample and what differs.
-    Returns them and a note when samples were cut (below), else "".
+    Returns them and a note when samples were cut or read at other sizes (below), else "".
 
     Samples whose tensors differ from the example's only in their rows (dim 0 of every tensor: a
     ``DataLoader`` batch of 32 for an example of one, a smaller last batch) are cut into samples of the
     example's rows, carrying rows over from one sample to the next; rows too few for a last sample are
-    left out. The observers' statistics are the same however rows are grouped."""
+    left out. The observers' statistics are the same however rows are grouped.  With ``other_sizes``
+    (``dynamic=True``: one capture for every size) samples whose tensors differ from the example's in other
+    sizes too (texts of other lengths) are read as they are, where the graph holds for them (``passes/quantize.py``);
+    without it such a sample is an :class:`InputError` saying so."""
     if isinstance(data, torch.Tensor) or not isinstance(data, Iterable):
         raise TypeError("pyrys.optimize: calibration must be an iterable of input samples (a list of tensors or of "
                         "input tuples, or a DataLoader over the inputs), got " + type(data).__name__)
@@ -126,6 +131,7 @@ def calibration_samples(data: Iterable, args: tuple, kwargs: dict, limit: int | 
     wanted = MAX_SAMPLES if limit is None else limit
     samples: list[list] = []
     rows = _Rows(expected)
+    resized: dict[str, None] = {}  # the signatures of the samples read at other sizes, in order
     for i, sample in enumerate(data):
         if isinstance(sample, Mapping) and args:
             raise InputError(f"pyrys: calibration sample {i} is a mapping (keys {sorted(map(str, sample))}), but the "
@@ -138,11 +144,17 @@ def calibration_samples(data: Iterable, args: tuple, kwargs: dict, limit: int | 
             samples.append(flat)
         elif rows.fits(signature):
             samples += rows.take(flat)
+        elif other_sizes and sized_otherwise(signature, expected):
+            samples.append(flat)
+            resized.setdefault(signature.describe(), None)
         else:
+            sized = sized_otherwise(signature, expected)
             raise InputError(f"pyrys: calibration sample {i} must be inputs like the example inputs "
                              f"({expected.describe()}), got ({_describe(signature)}); every sample is one call's "
                              "inputs with the example's shapes and dtypes, or a batch of such along dim 0 (a "
-                             "DataLoader over the inputs alone, without labels)")
+                             "DataLoader over the inputs alone, without labels)"
+                             + ("; samples of other sizes (texts of other lengths) are read with dynamic=True, whose "
+                                "one capture for every size is calibrated on them" if sized else ""))
         if len(samples) >= wanted:
             break
     if not samples:
@@ -151,7 +163,27 @@ def calibration_samples(data: Iterable, args: tuple, kwargs: dict, limit: int | 
     _warn_of_constant_inputs(samples[:wanted])
     cut = (f"calibration: samples of {', '.join(map(str, sorted(rows.cut)))} rows were cut into the example's "
            f"{rows.per_sample} along dim 0 (taken as the batch)") if rows.cut else ""
+    if resized:
+        shown = [f"({described})" for described in list(resized)[:4]] + ["..."] * (len(resized) > 4)
+        cut = "; ".join(filter(None, [cut, f"calibration: samples of {len(resized)} other input shapes than the "
+                                           f"example's read as they are: {', '.join(shown)}"]))
     return samples[:wanted], cut
+
+
+def sized_otherwise(signature, expected) -> bool:
+    """Whether ``signature`` differs from ``expected`` in tensor sizes alone: the same structure, values, dtypes
+    and ranks."""
+    if signature.in_spec != expected.in_spec or len(signature.leaves) != len(expected.leaves):
+        return False
+    for got, want in zip(signature.leaves, expected.leaves):
+        if is_tensor_leaf(want) != is_tensor_leaf(got):
+            return False
+        if not is_tensor_leaf(want):
+            if got != want:
+                return False
+        elif got[1] != want[1] or len(got[0]) != len(want[0]):
+            return False
+    return True
 
 
 class _Rows:
