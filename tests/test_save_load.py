@@ -716,14 +716,18 @@ class _QuantizedWithTorchOps(torch.nn.Module):
 
     def forward(self, x):
         import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers the ops)
-        ops, info = torch.ops.quantized_decomposed, torch.iinfo(self.dtype)
-        q = ops.quantize_per_tensor(x, 0.01, 0, info.min, info.max, self.dtype)
-        return self.linear(ops.dequantize_per_tensor(q, 0.01, 0, info.min, info.max, self.dtype))
+        ops = torch.ops.quantized_decomposed
+        info = torch.finfo(self.dtype) if self.dtype.is_floating_point else torch.iinfo(self.dtype)
+        low, high = int(info.min), int(info.max)
+        q = ops.quantize_per_tensor(x, 0.01, 0, low, high, self.dtype)
+        return self.linear(ops.dequantize_per_tensor(q, 0.01, 0, low, high, self.dtype))
 
 
-@pytest.mark.parametrize("dtype", [torch.int16, torch.int32, torch.uint8])
+@pytest.mark.parametrize("dtype", [torch.int16, torch.int32, torch.uint8, torch.uint16, torch.float8_e4m3fn,
+                                   torch.float8_e5m2])
 def test_a_graph_holding_torch_quantize_ops_of_any_type_they_take_loads(tmp_path, dtype):
-    """A reviewer's find: load took only uint8 and int8 there, and refused what save had written."""
+    """A reviewer's find: load took only uint8 and int8 there, and refused what save had written (uint16 and
+    float8 then too: the types a saved argument may name were listed apart from those quantize ops take)."""
     torch.manual_seed(0)
     model, x = _QuantizedWithTorchOps(dtype).eval(), torch.randn(4, 16) * 0.5
     opt = pyrys.optimize(model, x)

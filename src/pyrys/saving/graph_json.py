@@ -29,9 +29,11 @@ from pyrys.ir.symbolic import SIZE_ARITHMETIC, hint, is_symbolic_scalar_op
 from pyrys.quantization import DEQUANTIZE_WEIGHT, QUANTIZATION_OPS
 
 _GETITEM, _IF = "python::getitem", "pyrys::If"
+QUANTIZED_TYPES = (torch.uint8, torch.int8, torch.uint16, torch.int16, torch.int32, torch.float8_e5m2,
+                   torch.float8_e4m3fn)  # what torch's quantized_decomposed ops quantize to (pyrys's own int8: the first two)
 _DTYPES = {str(t).removeprefix("torch."): t for t in (
-    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16, torch.int8,
-    torch.uint8, torch.bool, torch.complex64, torch.complex128)}
+    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.bool, torch.complex64,
+    torch.complex128, *QUANTIZED_TYPES)}  # (a constant or an argument of one of these types: each read back)
 _MEMORY_FORMATS = {str(f).removeprefix("torch."): f for f in (
     torch.contiguous_format, torch.channels_last, torch.channels_last_3d, torch.preserve_format)}
 _LAYOUTS = {str(layout).removeprefix("torch."): layout for layout in (torch.strided, torch.sparse_coo)}
@@ -197,10 +199,6 @@ def decode_graph(record: dict, tensors: dict[str, torch.Tensor], mode: FakeTenso
         if node.target in QUANTIZATION_OPS and (problem := _quantization_problem(node)):
             raise LoadError(f"pyrys.load: the saved program is malformed ({node.name}: {problem})")
     return fx.GraphModule(root, graph)
-
-
-QUANTIZED_TYPES = (torch.uint8, torch.int8, torch.uint16, torch.int16, torch.int32, torch.float8_e5m2,
-                   torch.float8_e4m3fn)  # what torch's quantized_decomposed ops quantize to (pyrys's own int8: the first two)
 
 
 def _quantization_problem(node: fx.Node) -> str:
