@@ -254,6 +254,22 @@ def test_a_trace_that_fixed_a_size_says_so_at_another():
         opt(torch.randn(5, 2, 4))
 
 
+class ReadsFourthToken(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.linear(x[:, 3])
+
+
+def test_an_index_past_a_dim_is_refused_as_the_model_refuses_it():
+    """torch's fake tensors raise IndexError there, not RuntimeError: it came out raw (a helper's find)."""
+    opt = pyrys.optimize(script(ReadsFourthToken().eval()), (torch.randn(2, 5, 8),))
+    with pytest.raises(TorchScriptImportError, match="fails on inputs like these: aten::select: .*index 3 out of range"):
+        opt(torch.randn(2, 2, 8))
+
+
 def test_training_mode_module_warns_and_explains():
     model = conv_bn_relu().train()
     scripted = script(copy.deepcopy(model))  # scripting shares tensors with the model

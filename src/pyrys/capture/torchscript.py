@@ -480,7 +480,8 @@ class _Importer:
                 outputs = self._import_block(sub, block.nodes(), list(block.outputs()))
         except _Raised as raised:
             return _PendingBranch(sub, None, str(raised))
-        except RuntimeError as error:  # e.g. shapes that do not broadcast: eager would fail on this path too
+        except (RuntimeError, IndexError) as error:  # shapes that do not broadcast, an index past a dim: eager
+            # would fail on this path too
             return _PendingBranch(sub, None, f"this branch fails on inputs of these shapes: {error}")
         _check_tensors(outputs)
         return _PendingBranch(sub, outputs, None)
@@ -666,7 +667,8 @@ class _Importer:
                 "runs such ops in torch)") from None
         except (NotImplementedError, UnsupportedOperatorException):
             raise
-        except RuntimeError as error:  # the op's own check of its arguments: eager fails there too
+        except (RuntimeError, IndexError) as error:  # the op's own check of its arguments (an index past a
+            # dim raises IndexError): eager fails there too
             if not _checks_shapes(op):
                 raise
             raise _OpRefused(f"{schema.name}: {(str(error).strip().splitlines() or [''])[0]}") from error
