@@ -160,6 +160,27 @@ def test_a_derived_dim_is_solved_for_its_symbol():
         opt(torch.randn(2, 26, 8), torch.randn(2, 13, 8))
 
 
+class _BranchesOnThree(torch.nn.Module):
+    def forward(self, x):
+        return x * 100 if x.shape[0] == 3 else x + 1
+
+
+@pytest.mark.parametrize("read_back", [False, True])
+def test_a_program_branching_on_a_size_refuses_that_size_read_back_too(read_back, tmp_path):
+    """Exported at batch 2 with Dim.AUTO, the graph is the ``x + 1`` branch's and holds ``Ne(s, 3)``; read back
+    by torch.export.load that guard was taken for one its functionalization adds and set aside, and batch 3
+    ran the other branch's graph (a reviewer's find)."""
+    ep = torch.export.export(_BranchesOnThree(), (torch.randn(2, 5),), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    if read_back:
+        torch.export.save(ep, tmp_path / "model.pt2")
+        ep = torch.export.load(tmp_path / "model.pt2")
+    opt = pyrys.optimize(ep)
+    with pytest.raises(pyrys.InputError, match=r"the graph assumes Ne\(s\d+, 3\)"):
+        opt(torch.randn(3, 5))
+    x = torch.randn(4, 5)
+    assert torch.equal(opt(x), x + 1)
+
+
 def test_a_program_read_back_with_a_derived_dim_is_refused_saying_what_to_pass(tmp_path):
     """torch cannot functionalize it (``expected sympy.Symbol``); the advice was for another cause."""
     h = torch.export.Dim("h", min=1, max=12)

@@ -7,6 +7,8 @@ in place, and those must not be the tensors the user's program holds.
 """
 from __future__ import annotations
 
+import re
+
 import sympy
 import torch
 from torch._guards import detect_fake_mode
@@ -37,7 +39,8 @@ def capture_exported(ep: ExportedProgram) -> Captured:
             "2 * Dim fails so)") from error
     captured = from_exported(functional, None)
     if is_symbolic(captured.gm):
-        unhold_size_guards(captured.gm, [g for g in _guards(functional) if g not in held], ranges_of(captured.gm))
+        unhold_size_guards(captured.gm, [g for g in _guards(functional) if g not in held], ranges_of(captured.gm),
+                           _sizes_excluded(ep))
     for node in state_inputs(captured.gm.graph):
         ref = state_ref(node)
         if isinstance(ref.value, torch.Tensor):
@@ -53,6 +56,19 @@ def _guards(ep: ExportedProgram) -> list[sympy.Basic]:
         return []
     env = mode.shape_env if mode is not None else None
     return [guard.expr for guard in env.guards] if env is not None else []
+
+
+_EXCLUDED_SIZE = re.compile(r"\.size\(\)\[\d+\] != (\d+)")
+
+
+def _sizes_excluded(ep: ExportedProgram) -> frozenset[int] | None:
+    """The sizes ``ep``'s own guards exclude from some input dim (``L['x'].size()[0] != 3``: a branch on the
+    batch, which ``torch.export.load`` keeps as text; its shape env then holds none), or None where it records
+    no guards so."""
+    code = getattr(ep, "_guards_code", None)
+    if code is None:
+        return None
+    return frozenset(int(size) for line in code for size in _EXCLUDED_SIZE.findall(str(line)))
 
 
 def exported_example_inputs(ep: ExportedProgram) -> tuple[tuple, dict]:

@@ -347,16 +347,22 @@ def hold_squeezed_sizes(gm: fx.GraphModule) -> None:
         gm.meta[SQUEEZED_KEY] = tuple(dict.fromkeys(held))
 
 
-def unhold_size_guards(gm: fx.GraphModule, guards: list[sympy.Basic], ranges: dict) -> None:
-    """Set aside those of ``guards`` that only exclude a size ``ranges`` (a program's promise) allow:
+def unhold_size_guards(gm: fx.GraphModule, guards: list[sympy.Basic], ranges: dict,
+                       excluded: frozenset[int] | None) -> None:
+    """Set aside those of ``guards`` that only exclude a size ``ranges`` (a program's promise) allow and the
+    program's own guards do not (``excluded``: the sizes they exclude; None: unknown, then size 1 alone):
     ``Ne(s, 1)`` where ``s`` may be 1. ``run_decompositions`` of an ExportedProgram read back by
     ``torch.export.load`` adds them (its shape env then ranges from 1 where export's ranged from 2, and the
-    retrace guards what export's size-oblivious trace did not), which the program itself does not hold to."""
+    retrace guards what export's size-oblivious trace did not), which the program itself does not hold to.
+    A branch on a size (``Ne(s, 3)``, in the program's guards as text) is held: its graph is not that size's."""
     unheld = []
     for guard in guards:
         if isinstance(guard, sympy.Ne) and isinstance(guard.lhs, sympy.Symbol) and guard.rhs.is_Integer:
+            size = int(guard.rhs)
+            if (excluded is None and size != 1) or (excluded is not None and size in excluded):
+                continue
             lower, upper = ranges.get(guard.lhs, (None, None))
-            if lower is not None and lower <= int(guard.rhs) and (upper is None or int(guard.rhs) <= upper):
+            if lower is not None and lower <= size and (upper is None or size <= upper):
                 unheld.append(guard)
     if unheld:
         gm.meta[UNHELD_GUARDS_KEY] = tuple(unheld)
