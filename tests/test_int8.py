@@ -1019,3 +1019,45 @@ def test_calibration_samples_of_sizes_the_graph_excludes_are_left_out_with_a_not
     assert pyrys.relative_error(opt(x), model(x)) <= INT8_TOLERANCE
     with pytest.raises(pyrys.InputError, match=r"holds for none of the calibration samples' shapes \(\[2, 4, 8\]\)"):
         pyrys.optimize(model, (x,), precision="int8", calibration=samples[1::2], dynamic=True)
+
+
+class _PooledTokens(nn.Module):
+    """Token ids through a conv, attention and an MLP, pooled over the length (a helper's fuzz model)."""
+
+    def __init__(self, width=32):
+        super().__init__()
+        self.embedding, self.position = nn.Embedding(50, width), nn.Embedding(64, width)
+        self.conv, self.norm = nn.Conv1d(width, width, 3, padding=1), nn.LayerNorm(width)
+        self.attention = nn.MultiheadAttention(width, 4, batch_first=True)
+        self.up, self.down, self.head = nn.Linear(width, 64), nn.Linear(64, width), nn.Linear(width, 5)
+
+    def forward(self, ids):
+        length = ids.shape[1]
+        h = self.embedding(ids) + self.position(torch.arange(length))
+        h = h + torch.relu(self.conv(h.transpose(1, 2))).transpose(1, 2) * (length ** -0.5)
+        n = self.norm(h)
+        h = h + self.attention(n, n, n, need_weights=False)[0]
+        h = h + self.down(torch.nn.functional.silu(self.up(h)))
+        return self.head(torch.nn.functional.avg_pool1d(h.transpose(1, 2), length).squeeze(-1))
+
+
+def test_shapes_specialized_from_a_graph_compiled_apart_say_what_it_runs_in_int8():
+    """A graph for every batch captured at (1, 1), which excludes batch 1 itself (compiled apart for it), gave
+    batches 2 and 3 at length 1 programs with none of its layers in int8, whose notes were the batch-1
+    program's (int8, bf16 attention) and opt.notes silent (a helper's find): now they carry that graph's own
+    notes, and opt.notes says how many int8 layers it runs."""
+    torch.manual_seed(0)
+    model = _PooledTokens().eval()
+    ids = lambda batch, length: torch.randint(0, 50, (batch, length))  # noqa: E731
+    opt = pyrys.optimize(model, (ids(2, 16),), precision="int8", calibration=[ids(2, 16) for _ in range(16)])
+    with torch.no_grad():
+        for shape in [(1, 1), (2, 1), (3, 1)]:
+            x = ids(*shape)
+            assert pyrys.relative_error(opt(x), model(x)) <= INT8_TOLERANCE
+    for signature, compiled in opt._programs.items():
+        in_int8 = compiled.program.describe().count("int8=[")
+        claims = any(note.startswith("precision='int8': outputs within") for note in compiled.notes)
+        says_none = any("no convolution or linear could run in int8" in note for note in compiled.notes)
+        assert in_int8 or says_none or not claims, (signature.describe(), compiled.notes)
+        if not in_int8:
+            assert any(re.search(r"runs 0 of the \d+ int8 layers in int8", note) for note in opt.notes), opt.notes

@@ -143,6 +143,44 @@ def test_a_write_through_data_is_seen_too():
             opt(torch.randn(2, IN, 8, 8))
 
 
+@pytest.mark.parametrize("dynamic", [False, None])
+def test_a_write_while_a_new_shape_compiles_raises_and_keeps_no_program(monkeypatch, dynamic):
+    """Another thread writing a weight while a new shape was captured gave that shape (and, under
+    dynamic=None, every later one) a program of the new weights, silently (a helper's find): the check
+    runs after each compile too."""
+    import pyrys.capture.frontend as frontend
+
+    model, x = net_and_input()
+    with torch.no_grad():
+        opt = pyrys.optimize(model, (x,), backend="dnnl", dynamic=dynamic)
+        capture = frontend.capture_module
+
+        def capture_then_written(*args, **kwargs):
+            captured = capture(*args, **kwargs)
+            model.fc.weight.mul_(2.0)  # as if by another thread, while this shape compiles
+            return captured
+
+        monkeypatch.setattr(frontend, "capture_module", capture_then_written)
+        with pytest.raises(pyrys.ModelChangedError, match="fc.weight"):
+            opt(torch.randn(2, IN, 8, 8))
+        monkeypatch.setattr(frontend, "capture_module", capture)
+        with pytest.raises(pyrys.ModelChangedError, match="fc.weight"):  # nothing of it was kept
+            opt(torch.randn(2, IN, 8, 8))
+
+
+def test_a_torchscript_module_written_after_optimize_raises_at_a_new_shape():
+    """Each shape of a TorchScript module is imported again: from the weights written since (a helper's find)."""
+    model, x = net_and_input()
+    scripted = torch.jit.script(model)
+    with torch.no_grad():
+        opt = pyrys.optimize(scripted, (x,))
+        before = opt(x)
+        scripted.fc.weight.mul_(2.0)
+        assert torch.equal(opt(x), before)  # the shape compiled before runs on
+        with pytest.raises(pyrys.ModelChangedError, match="fc.weight of .* written after.*imported apart"):
+            opt(torch.randn(2, IN, 8, 8))
+
+
 def test_with_freezing_disabled_the_state_is_copied_not_shared():
     model, x = net_and_input()
     with torch.no_grad():

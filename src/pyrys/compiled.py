@@ -50,6 +50,8 @@ class Compiled:
     notes: list[str] = field(default_factory=list)
     generic: Captured | None = None
     numerics: NumericsReport | None = None  # measured on the example inputs (``numerics=True``)
+    template: "Compiled | None" = None  # where ``generic`` excludes this signature's shapes, so that its program
+    # was compiled apart: that graph's compile (its history and notes), which later shapes are specialized from
 
 
 _SOURCE_PLACE = re.compile(r"^\S+\.(?:cpp|h|cc):\d+: ")  # where in torch's C++ an error was raised (its build path)
@@ -97,6 +99,16 @@ def _dump_dir(config: OptimizeConfig, signature: Signature, dynamic: bool | str,
 
 def _compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: OptimizeConfig, dynamic: bool | str,
                        like: Compiled | None, trace: NumericsTrace | None = None) -> Compiled:
+    if frontend.writes is not None and like is not None:  # (the first: its CRCs are being read meanwhile)
+        frontend.writes.check()  # and once more when compiled: a write meanwhile would be in its program
+    compiled = _compile_unchecked(frontend, args, kwargs, config, dynamic, like, trace)
+    if frontend.writes is not None:
+        frontend.writes.check()
+    return compiled
+
+
+def _compile_unchecked(frontend: Frontend, args: tuple, kwargs: dict, config: OptimizeConfig, dynamic: bool | str,
+                       like: Compiled | None, trace: NumericsTrace | None = None) -> Compiled:
     signature, flat = signature_of(args, kwargs)
     if like is not None and config.calibration is not None:
         config = dataclasses.replace(config, calibration=config.calibration.for_capture())
@@ -142,7 +154,7 @@ def _compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: Op
         compiled.notes.append(f"captured for these input shapes only: {why}")
         if compiled.generic is None and generic is not None:  # other shapes are specialized from it still,
             share_constants(generic.gm, compiled.captured.gm)  # on the weights this program packed: one copy
-            compiled.generic = generic
+            compiled.generic, compiled.template = generic, template
         return compiled
     if trace is not None:
         compiled.numerics = _measure_program(trace, compiled, flat, config)
@@ -169,6 +181,7 @@ def build_for_shape(template: Compiled, signature: Signature, flat: list, config
     """The program for ``signature`` from ``template``'s optimized graph (specialized to these shapes when
     it is symbolic: :mod:`pyrys.passes.specialize`, which raises ``ShapeMismatch`` for a shape it does not
     hold for); ``like``: a program of the same graph whose decisions and packed weights to reuse."""
+    template = template.template or template  # (its history and notes are the graph's specialized here)
     source = template.generic or template.captured
     gm = specialize(source.gm, flat)
     if config.verify and gm is not source.gm:

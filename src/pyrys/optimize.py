@@ -11,7 +11,7 @@ from torch.export import ExportedProgram
 from torch.utils._pytree import tree_flatten
 
 from pyrys.capture.captured import input_writes_note
-from pyrys.capture.model_copy import private_copy, state_of
+from pyrys.capture.model_copy import SCRIPT_ADVICE, WriteCheck, private_copy, state_of
 from pyrys.capture.exported_program import exported_example_inputs, exported_inputs
 from pyrys.capture.torchscript import is_torchscript, script_class_name
 from pyrys.errors import DeviceError
@@ -207,8 +207,11 @@ def optimize_torchscript(script: Any, example_inputs: Any, example_kwargs: dict 
     if training:
         _warn_if_training(script, stacklevel=4)
     trace = _trace(config, script, args, kwargs)
-    optimized = OptimizedModule(torchscript_frontend(script, flag_values), args, kwargs, config, trace)
+    writes = WriteCheck(script_class_name(script), {name: t for name, t in state_of(script) if not t.is_inference()},
+                        advice=SCRIPT_ADVICE)
+    optimized = OptimizedModule(torchscript_frontend(script, flag_values, writes), args, kwargs, config, trace)
     optimized.training = optimized.compiled_training = training
+    writes.wait()
     _warn_of_input_writes(optimized, caller_keeps_writes=False, stacklevel=4)
     return optimized
 

@@ -401,6 +401,11 @@ class OptimizedModule(torch.nn.Module):
                    "samples do not fit it")
             self._note(f"precision='int8': the capture for inputs ({signature.describe()}) runs {now} of the "
                        f"{first} int8 layers in int8, the rest in floating point ({why}; its misses say which)")
+        if compiled.template is not None and int8_layers(compiled.template.run) < max(now, first):
+            self._note(f"precision='int8': the graph for other shapes captured with inputs ({signature.describe()}), "
+                       f"which excludes their own shapes, runs {int8_layers(compiled.template.run)} of the "
+                       f"{max(now, first)} int8 layers in int8, the rest in floating point (its notes: "
+                       + "; ".join(n for n in compiled.template.notes if n.startswith("precision='int8'"))[:400] + ")")
 
     def _note(self, note: str) -> None:
         """Add to ``opt.notes`` (the first signature's); past :data:`MAX_SHAPE_NOTES` added, one last entry

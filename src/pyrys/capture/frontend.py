@@ -30,6 +30,8 @@ class Frontend:
     fixed_shapes: str = ""  # empty: a new shape is captured again
     symbolic: bool = False  # torch.export can capture it with symbolic sizes
     parameters: inspect.Signature | None = None  # forward's, to take a call that passes inputs another way
+    writes: WriteCheck | None = None  # that the user's weights a capture reads are as at optimize: checked before
+    # and after each compile (a write while one ran would have given that shape's program the new weights)
 
 
 def forward_parameters(forward: Callable) -> inspect.Signature | None:
@@ -45,19 +47,19 @@ def module_frontend(model: torch.nn.Module, writes: WriteCheck | None = None) ->
     renamed = rename_for_export(model)
 
     def capture(args: tuple, kwargs: dict, dynamic: bool) -> Captured:
-        if writes is not None:
-            writes.check()
         captured = capture_module(model, args, kwargs, dynamic=dynamic)
         captured.notes[:0] = renamed
         return captured
 
-    return Frontend(capture, "nn.Module", symbolic=True, parameters=forward_parameters(model.forward))
+    return Frontend(capture, "nn.Module", symbolic=True, parameters=forward_parameters(model.forward), writes=writes)
 
 
-def torchscript_frontend(script: Any, flag_values: dict[str, bool] | None = None) -> Frontend:
-    """A ``ScriptModule`` or scripted function, imported without tracing (state is copied)."""
+def torchscript_frontend(script: Any, flag_values: dict[str, bool] | None = None,
+                         writes: WriteCheck | None = None) -> Frontend:
+    """A ``ScriptModule`` or scripted function, imported without tracing (state is copied); ``writes``: the
+    check that its state is as at optimize (each new shape imports it again)."""
     return Frontend(lambda args, kwargs, dynamic: capture_torchscript(script, args, kwargs, flag_values),
-                    "TorchScript", parameters=script_parameters(script))
+                    "TorchScript", parameters=script_parameters(script), writes=writes)
 
 
 def exported_program_frontend(ep: ExportedProgram) -> Frontend:

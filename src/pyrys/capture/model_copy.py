@@ -30,11 +30,16 @@ from pyrys.errors import ModelChangedError, ModelCopyError
 from pyrys.ir.graph import tensor_bytes
 
 
+MODULE_ADVICE = ("Optimize the model again for its new weights, or pass dynamic=True so that every shape is compiled "
+                 "from the weights at optimize")
+SCRIPT_ADVICE = "Optimize the module again for its new weights (each shape of a TorchScript module is imported apart)"
+
+
 class WriteCheck:
     """The version counter, address and CRC-32 of each tensor the copy shares with the user's model."""
 
-    def __init__(self, owner: str, shared: dict[str, torch.Tensor]):
-        self.owner, self.shared = owner, shared
+    def __init__(self, owner: str, shared: dict[str, torch.Tensor], advice: str = MODULE_ADVICE):
+        self.owner, self.shared, self.advice = owner, shared, advice
         self.stamps = {name: _stamp(tensor) for name, tensor in shared.items()}
         self.digests: dict[str, int | None] = {}
         self._digesting = threading.Thread(target=self._digest_all, name="pyrys-weight-digests", daemon=True)
@@ -55,8 +60,7 @@ class WriteCheck:
                 raise ModelChangedError(
                     f"pyrys: {name} of {self.owner} was written after pyrys.optimize (in place, load_state_dict, "
                     ".data, ...). The compiled programs hold the weights from optimize, and this new input shape "
-                    "would be compiled from the new ones. Optimize the model again for its new weights, or pass "
-                    "dynamic=True so that every shape is compiled from the weights at optimize")
+                    f"would be compiled from the new ones. {self.advice}")
 
 
 def _stamp(tensor: torch.Tensor) -> tuple:
