@@ -28,7 +28,10 @@ from functools import cache
 import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401 -- registers torch.ops.quantized_decomposed
 
+from pyrys.capture.script_builtins import drop_stale_builtins
 from pyrys.machine import isa_limit_note, kernel_flags
+
+drop_stale_builtins()  # the ops its second overloads replaced (torch.jit.script would mistake objects for them)
 
 _DECOMPOSED = torch.ops.quantized_decomposed
 QUANTIZE = _DECOMPOSED.quantize_per_tensor.default  # (x, scale, zero_point, q_min, q_max, dtype)
