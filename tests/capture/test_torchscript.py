@@ -270,6 +270,38 @@ def test_an_index_past_a_dim_is_refused_as_the_model_refuses_it():
         opt(torch.randn(2, 2, 8))
 
 
+class MaskedThenBiased(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+
+    def forward(self, x, mask: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None):
+        y = self.linear(x)
+        if mask is not None:
+            y = y * mask
+        if bias is not None:
+            y = y + bias
+        return y
+
+
+@pytest.mark.parametrize("backend", ["reference", "dnnl"])
+def test_a_none_input_before_a_tensor_keeps_its_place(backend, tmp_path):
+    """The None got no graph input, so the tensor after it was bound to the None's place: a bare
+    AttributeError (dnnl) or a wrong read (reference) at the first call (a helper's find)."""
+    if backend not in pyrys.available_backends():
+        pytest.skip(f"the {backend} backend is not available here")
+    scripted = script(MaskedThenBiased().eval())
+    x, mask, bias = torch.randn(2, 4), torch.rand(2, 4), torch.randn(4)
+    for args, kwargs in [((x, None, bias), {}), ((x,), {"mask": None, "bias": bias})]:
+        opt = pyrys.optimize(scripted, args, kwargs, backend=backend)
+        assert torch.allclose(opt(*args, **kwargs), scripted(*args, **kwargs), atol=TOLERANCE)
+        assert torch.allclose(opt(x[:1], None, bias), scripted(x[:1], None, bias), atol=TOLERANCE)  # imported again
+        with pytest.raises(pyrys.InputError, match="must equal the example's None"):  # as an nn.Module's
+            opt(x, mask, bias)
+        pyrys.save(opt, tmp_path / backend)
+        assert torch.allclose(pyrys.load(tmp_path / backend)(x, None, bias), scripted(x, None, bias), atol=TOLERANCE)
+
+
 def test_training_mode_module_warns_and_explains():
     model = conv_bn_relu().train()
     scripted = script(copy.deepcopy(model))  # scripting shares tensors with the model

@@ -322,6 +322,7 @@ class _Importer:
         for value, example in [*zip(inputs, args), *((by_name[k], v) for k, v in kwargs.items())]:
             if example is None and isinstance(value.type(), torch._C.OptionalType):
                 self.root.bind(value, None)  # an Optional input passed None: calls must pass None there too
+                add_placeholder(self.root.graph, _node_name(value, "input"), None)  # its place among the inputs
                 continue
             if not isinstance(example, torch.Tensor):
                 raise TorchScriptImportError("pyrys imports scripted code with tensor inputs (and None for an "
