@@ -210,3 +210,15 @@ def test_a_call_under_autocast_warns_at_the_callers_line():
         warnings.simplefilter("always")
         opt(torch.randn(3, 16, requires_grad=True))
     assert len(caught) == 2 and {w.filename for w in caught} == {__file__}, [(w.filename, str(w.message)) for w in caught]
+
+
+def test_a_call_through_a_forward_hook_warns_at_the_callers_line():
+    """A hook adds a frame of torch's between the caller and forward: the counted stacklevel named torch's
+    module.py (a reviewer's find); the first frame outside pyrys and torch is named now."""
+    opt = pyrys.optimize(_mlp(), (torch.randn(3, 16),))
+    handle = opt.register_forward_hook(lambda module, args, output: None)
+    with warnings.catch_warnings(record=True) as caught, torch.autocast("cpu"):
+        warnings.simplefilter("always")
+        opt(torch.randn(3, 16, requires_grad=True))
+    handle.remove()
+    assert len(caught) == 2 and {w.filename for w in caught} == {__file__}, [(w.filename, str(w.message)) for w in caught]

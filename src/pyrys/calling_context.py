@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import sys
 import warnings
 
 import torch
@@ -66,7 +68,21 @@ def warn_of_autocast(precision: str) -> None:
     warnings.warn(f"pyrys: torch.autocast is not followed: the optimized module runs the precision it was "
                   f"optimized for (precision={precision!r}) and returns its dtypes; optimize with precision='bf16' "
                   "(and output_dtype=torch.bfloat16 for bfloat16 outputs) to compute in bf16", UserWarning,
-                  stacklevel=6)  # the caller of the module (through _call, forward, Module.__call__)
+                  stacklevel=callers_level())
+
+
+_PYRYS_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+
+
+def callers_level() -> int:
+    """The ``stacklevel`` that names, in a warning of the function calling this, the user's line: the first
+    frame outside pyrys and torch (``Module.__call__`` and its hooks' path, ``opt.eval()`` reaching ``train``,
+    dynamo's wrapper of an untraced call); a hard-coded count missed it where a forward hook added a frame."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith((_PYRYS_DIR, _TORCH_DIR)):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def without_autocast() -> contextlib.AbstractContextManager:

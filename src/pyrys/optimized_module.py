@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import sys
 import warnings
 import weakref
 from typing import Any
@@ -13,7 +12,8 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from pyrys.backends.reference import with_values
-from pyrys.calling_context import autocast_on, called_plainly, refuse_tracers, warn_of_autocast, without_autocast
+from pyrys.calling_context import (autocast_on, called_plainly, callers_level, refuse_tracers, warn_of_autocast,
+                                   without_autocast)
 from pyrys.forwarding import forwarded
 from pyrys.ir.symbolic import (bind_symbols, describe_dims, differing_fixed_dims, fixed_dims_differ, pinned_dims_differ,
                                 rows_dim)
@@ -149,7 +149,7 @@ class OptimizedModule(torch.nn.Module):
         if wanting_grad:
             warnings.warn(f"pyrys: input {wanting_grad[0]} requires grad, but pyrys runs inference only: the outputs "
                           "carry no gradient (their requires_grad is False). Call the model itself to train, or "
-                          "torch.compile(model, backend='pyrys'), which runs such calls in torch", stacklevel=6)
+                          "torch.compile(model, backend='pyrys'), which runs such calls in torch", stacklevel=callers_level())
         if not kwargs and not wanting_grad and all(isinstance(a, torch.Tensor) for a in args):
             self._remember_fast_call(_call_key(args, grad), compiled)
         outputs = compiled.program(flat)
@@ -468,7 +468,7 @@ class OptimizedModule(torch.nn.Module):
             warnings.warn(f"pyrys: train({bool(mode)}) does not change what an optimized module computes: it runs the "
                           f"graph captured in {captured} mode (in eval mode BatchNorm is folded with its running "
                           "statistics and dropout is off). Call the model itself to train, or optimize it in the "
-                          "mode wanted", UserWarning, stacklevel=_outside_torch_modules())
+                          "mode wanted", UserWarning, stacklevel=callers_level())
         return super().train(mode)
 
     def __copy__(self) -> "OptimizedModule":
@@ -573,15 +573,6 @@ def _again(error: Exception) -> Exception:
     again = copy.copy(error)
     again.__cause__ = error.__cause__
     return again
-
-
-def _outside_torch_modules() -> int:
-    """The ``stacklevel``, for a warning of the method calling this, of the first frame outside torch's
-    ``nn.Module`` code (``opt.eval()``, and a parent's ``.train()``, reach ``train`` through it)."""
-    frame, level = sys._getframe(2), 2
-    while frame is not None and frame.f_code.co_filename == torch.nn.modules.module.__file__:
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 @torch.compiler.disable(reason="pyrys: an optimized module runs compiled oneDNN programs, not torch ops, so "
