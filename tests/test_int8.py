@@ -1041,11 +1041,15 @@ class _PooledTokens(nn.Module):
         return self.head(torch.nn.functional.avg_pool1d(h.transpose(1, 2), length).squeeze(-1))
 
 
-def test_shapes_specialized_from_a_graph_compiled_apart_say_what_it_runs_in_int8():
+@pytest.mark.parametrize("samples_fit", [True, False])
+def test_shapes_specialized_from_a_graph_compiled_apart_say_what_it_runs_in_int8(samples_fit, monkeypatch):
     """A graph for every batch captured at (1, 1), which excludes batch 1 itself (compiled apart for it), gave
     batches 2 and 3 at length 1 programs with none of its layers in int8, whose notes were the batch-1
-    program's (int8, bf16 attention) and opt.notes silent (a helper's find): now they carry that graph's own
-    notes, and opt.notes says how many int8 layers it runs."""
+    program's (int8, bf16 attention) and opt.notes silent (a helper's find): it took no sample (their length
+    16 is past its range, [1, 2]), and they are cut now to the length it was captured at; where none fits,
+    its programs carry that graph's own notes, and opt.notes says how many int8 layers it runs."""
+    if not samples_fit:
+        monkeypatch.setattr(quantize_pass, "fitted_samples", lambda gm, samples, limit: ([], ""))
     torch.manual_seed(0)
     model = _PooledTokens().eval()
     ids = lambda batch, length: torch.randint(0, 50, (batch, length))  # noqa: E731
@@ -1059,5 +1063,6 @@ def test_shapes_specialized_from_a_graph_compiled_apart_say_what_it_runs_in_int8
         claims = any(note.startswith("precision='int8': outputs within") for note in compiled.notes)
         says_none = any("no convolution or linear could run in int8" in note for note in compiled.notes)
         assert in_int8 or says_none or not claims, (signature.describe(), compiled.notes)
+        assert in_int8 or not samples_fit, signature.describe()
         if not in_int8:
             assert any(re.search(r"runs 0 of the \d+ int8 layers in int8", note) for note in opt.notes), opt.notes

@@ -22,7 +22,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_unflatten
 
 from pyrys.ir.graph import user_inputs
-from pyrys.ir.symbolic import FAKE_MODE_KEY, bind_symbols, is_symbolic
+from pyrys.ir.symbolic import FAKE_MODE_KEY, bind_symbols, hint, is_symbolic, ranges_of
 from pyrys.signature import signature_of
 
 
@@ -68,8 +68,9 @@ JOINED_ROWS = (2, 4, 8)  # the rows of the samples tried where a graph takes no 
 
 def fitted_samples(gm: fx.GraphModule, samples: list[list], limit: int) -> tuple[list[list], str]:
     """The samples (flat inputs) ``gm`` takes, at most ``limit``, each cut where ``gm`` holds an input dim at
-    size 1 that the sample has larger (a capture for a batch of one, for a step of one token): into its rows
-    where only dims 0 are cut (each row a sample), else to its first position there.  Where it takes none as
+    a size the sample has larger (:func:`_fixed_places`: a capture for a batch of one, for a step of one token,
+    for a length the model pins): into its rows where only dims 0 are cut to 1 (each row a sample), else to
+    its first positions there.  Where it takes none as
     they are and their tensors are rows (dim 0, one count per sample): the rows of consecutive samples (cut
     as above where so cut: a step of one token at a batch of 2 from one-row samples) regrouped into samples
     of the graph's rows where fixed, else of :data:`JOINED_ROWS` rows (batch-1 samples, a graph for batches
@@ -81,11 +82,13 @@ def fitted_samples(gm: fx.GraphModule, samples: list[list], limit: int) -> tuple
     cut_any = False
     made: list[list] = []  # every sample as cut, whether taken or not: what is joined
     cut_made = False
+    wider = False  # a cut to a fixed size above 1 (a length the graph pins at 2)
     for sample in samples:
-        cut = _size_one_places(gm, sample)
+        cut = _fixed_places(gm, sample)
+        wider |= any(size > 1 for *_, size in cut)
         if not cut:
             candidates = [sample]
-        elif {d for _, d in cut} == {0} and len({sample[i].shape[0] for i, _ in cut}) == 1:
+        elif {d for _, d, _ in cut} == {0} and len({sample[i].shape[0] for i, _, _ in cut}) == 1:
             candidates = [_narrowed(sample, cut, row) for row in range(sample[cut[0][0]].shape[0])]
         else:
             candidates = [_narrowed(sample, cut, 0)]
@@ -96,9 +99,10 @@ def fitted_samples(gm: fx.GraphModule, samples: list[list], limit: int) -> tuple
         fitted += taken
         if len(fitted) >= limit:
             break
+    dims = "fixed sizes" if wider else "size-1 dims"
     if fitted:
-        return fitted[:limit], "cut from the calibration samples to its size-1 dims" if cut_any else ""
-    cut = "cut to its size-1 dims and " if cut_made else ""
+        return fitted[:limit], f"cut from the calibration samples to its {dims}" if cut_any else ""
+    cut = f"cut to its {dims} and " if cut_made else ""
     for rows in dict.fromkeys((*_fixed_rows(gm), *JOINED_ROWS)):
         joined = _joined(made, rows)
         if joined and takes(gm, joined[0]):
@@ -153,9 +157,12 @@ def takes(gm: fx.GraphModule, flat: list) -> bool:
     return True
 
 
-def _size_one_places(gm: fx.GraphModule, flat: list) -> list[tuple[int, int]]:
-    """The ``(flat input, dim)`` places where ``gm``'s input has a fixed size of 1 and ``flat``'s is larger."""
+def _fixed_places(gm: fx.GraphModule, flat: list) -> list[tuple[int, int, int]]:
+    """The ``(flat input, dim, size)`` places where ``gm``'s input has a fixed ``size`` (or a symbolic one
+    ranging below ``flat``'s: the size it was captured at) and ``flat``'s is larger: of 1 anywhere, above 1 past dim 0 (a length the model pins;
+    more rows than a fixed batch are regrouped, not cut: :func:`_joined`)."""
     places = []
+    ranges = ranges_of(gm) if is_symbolic(gm) else {}
     for position, (node, value) in enumerate(zip(user_inputs(gm.graph), flat)):
         val = node.meta.get("val")
         if not isinstance(val, torch.Tensor) or not isinstance(value, torch.Tensor) or val.dim() != value.dim():
@@ -163,19 +170,20 @@ def _size_one_places(gm: fx.GraphModule, flat: list) -> list[tuple[int, int]]:
         for d, size in enumerate(val.shape):
             if isinstance(size, torch.SymInt):
                 expr = size.node.expr
-                if not expr.is_number:
+                upper = ranges.get(expr, (None, None))[1] if not expr.is_number else None
+                if not expr.is_number and (upper is None or value.shape[d] <= upper):
                     continue
-                size = int(expr)
-            if size == 1 and value.shape[d] > 1:
-                places.append((position, d))
+                size = int(expr) if expr.is_number else hint(size)  # (the size it was captured at: held)
+            if (size == 1 or d > 0) and value.shape[d] > size:
+                places.append((position, d, size))
     return places
 
 
-def _narrowed(flat: list, places: list[tuple[int, int]], start: int) -> list:
-    """``flat`` with each of ``places`` narrowed to the one position ``start`` (contiguous copies)."""
+def _narrowed(flat: list, places: list[tuple[int, int, int]], start: int) -> list:
+    """``flat`` with each of ``places`` narrowed to its size from position ``start`` (contiguous copies)."""
     narrowed = list(flat)
-    for position, d in places:
-        narrowed[position] = narrowed[position].narrow(d, start, 1)
+    for position, d, size in places:
+        narrowed[position] = narrowed[position].narrow(d, start, size)
     return [t.contiguous() if isinstance(t, torch.Tensor) else t for t in narrowed]
 
 
