@@ -1066,3 +1066,16 @@ def test_shapes_specialized_from_a_graph_compiled_apart_say_what_it_runs_in_int8
         assert in_int8 or not samples_fit, signature.describe()
         if not in_int8:
             assert any(re.search(r"runs 0 of the \d+ int8 layers in int8", note) for note in opt.notes), opt.notes
+
+
+def test_attention_whose_query_is_apart_from_its_key_and_value_projects_in_int8():
+    """Its in-projection weight is split in two; the parts stayed computed and both projections ran in
+    float32, in torch (a helper's find): constant propagation folds them now."""
+    from tests.passes.test_constant_propagation import QueryApartFromKeyValue
+
+    torch.manual_seed(0)
+    model, x, memory = QueryApartFromKeyValue().eval(), torch.randn(2, 5, 32), torch.randn(2, 7, 32)
+    samples = [(torch.randn(2, 5, 32), torch.randn(2, 7, 32)) for _ in range(8)]
+    opt = pyrys.optimize(model, (x, memory), precision="int8", calibration=samples)
+    assert "quantize: int8: 3" in opt.report() and "not a float32 constant" not in opt.report()
+    assert pyrys.relative_error(opt(x, memory), model(x, memory)) <= INT8_TOLERANCE

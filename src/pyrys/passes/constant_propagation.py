@@ -6,10 +6,13 @@
 
 Fold ops on frozen weights (``pyrys::fold_weight``/``fold_bias``) become tensors the
 same way.  Not folded: ops with random or side effects, ops producing tuples
-(their ``getitem`` users are folded instead when possible), and results much larger
-than their inputs (``expand`` of a scalar to an image would only cost memory).
+(their ``getitem`` users are folded instead: each part of a split weight a constant, so that the
+linear reading it is a layer), and results much larger than their inputs (``expand`` of a scalar
+to an image would only cost memory).
 """
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.fx as fx
@@ -29,12 +32,38 @@ def constant_propagation(gm: fx.GraphModule, only: frozenset | None = None) -> P
     given: the int8 pass folds its bf16 weights' conversions, not the weights' dequantize); ``fired["folded"]``
     counts them."""
     result = PassResult()
+    tuples: dict[fx.Node, tuple] = {}  # each all-constant op giving a tuple, evaluated once for its getitems
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and (only is None or node.target in only) and _foldable(node):
             if _fold(gm, node):
                 result.fired["folded"] += 1
+        elif only is None and _item_of_constant_tuple(node):
+            if _fold_item(gm, node, tuples):
+                result.fired["folded"] += 1
     gm.recompile()
     return result
+
+
+def _item_of_constant_tuple(node: fx.Node) -> bool:
+    """``getitem(op(constants...), i)``: a part of a split, chunk or unbind of a weight (nn.MultiheadAttention's
+    in-projection split for a query apart from its key and value)."""
+    if node.op != "call_function" or node.target is not operator.getitem or not isinstance(node.args[1], int):
+        return False
+    source = node.args[0]
+    return isinstance(source, fx.Node) and source.op == "call_function" and _foldable(source)
+
+
+def _fold_item(gm: fx.GraphModule, node: fx.Node, tuples: dict[fx.Node, tuple]) -> bool:
+    source = node.args[0]
+    args = constant_value(gm, source.args)
+    kwargs = {k: constant_value(gm, v) for k, v in source.kwargs.items()}
+    if source not in tuples:
+        with torch.no_grad():
+            tuples[source] = source.target(*args, **kwargs)
+    value = tuples[source]
+    if not isinstance(value, (tuple, list)) or not isinstance(value[node.args[1]], torch.Tensor):
+        return False
+    return _replace_by_tensor(gm, node, value[node.args[1]], args, kwargs)
 
 
 def _foldable(node: fx.Node) -> bool:
