@@ -237,6 +237,7 @@ def test_dynamic_false_captures_every_shape_again(captures):
     opt = pyrys.optimize(conv_bn_relu(), (image(1),), backend="reference", dynamic=False)
     opt(image(2))
     assert captures == [False, False] and opt._generic is None
+    assert any("captured and optimized again: dynamic=False: each new shape is captured" in n for n in opt.notes)
     with pytest.raises(ValueError, match="dynamic must be"):
         pyrys.optimize(conv_bn_relu(), (image(1),), dynamic="yes")
 

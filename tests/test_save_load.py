@@ -577,6 +577,15 @@ def test_a_save_for_dnnl_runs_on_the_reference_backend_where_dnnl_does_not_load(
     assert pyrys.relative_error(loaded(image()), opt(image())) <= TOLERANCE
 
 
+def test_a_loaded_module_saved_again_names_the_way_its_model_came_in(tmp_path):
+    """It said "this saved saved nn.Module" (a helper's note)."""
+    opt = pyrys.optimize(conv_bn_relu(), (image(1),), backend="reference")
+    pyrys.save(opt, tmp_path / "first")
+    pyrys.save(pyrys.load(tmp_path / "first"), tmp_path / "second")
+    with pytest.raises(pyrys.InputError, match="optimized from this saved nn.Module was compiled for"):
+        pyrys.load(tmp_path / "second")(image(2))
+
+
 def test_a_save_loads_from_its_files_in_memory(tmp_path):
     model = conv_bn_relu().eval()
     x = image(2)

@@ -263,7 +263,8 @@ class OptimizedModule(torch.nn.Module):
                 if fitting is not None and size_one_dims(fitting.generic.gm, flat):
                     return self._capture_size_one(args, kwargs, why)
         elif self._frontend.symbolic:
-            why = "the captured graph holds fixed shapes (no input dim could stay symbolic)"
+            why = ("dynamic=False: each new shape is captured and optimized again" if self._config.dynamic is False
+                   else "the captured graph holds fixed shapes (no input dim could stay symbolic)")
         else:
             why = f"a {self._frontend.kind} import is specialized to its inputs' shapes"
         if self._frontend.fixed_shapes:

@@ -77,7 +77,7 @@ def save(opt: OptimizedModule, path: str | os.PathLike) -> Path:
                     and (record := _encode_generic(template, tensors, f"size_one{i}")) is not None]
         written = set().union(*(written_tensors(gm) for gm in _graphs(compiled, opt)))
     tensors, aliases = _without_repeats(tensors, written)
-    program = {"frontend": opt._frontend.kind, "threads": opt._config.threads, "layout": opt._config.layout,
+    program = {"frontend": opt._frontend.kind.removeprefix("saved "), "threads": opt._config.threads, "layout": opt._config.layout,
                "training": opt.compiled_training, "parameters": encode_parameters(opt._frontend.parameters),
                "first": first, "signatures": signatures, "aliases": aliases, "generic": generic, "size_one": size_one,
                "tensors": {key: {"shape": list(t.shape), "stride": list(t.stride()), "dtype": _dtype_name(t.dtype)}
