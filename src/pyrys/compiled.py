@@ -77,7 +77,8 @@ def compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: Opt
     except (CaptureError, InputError, VerificationError):
         raise  # the model, the inputs or a pass is wrong: fixed shapes would not help
     except Exception as error:  # noqa: BLE001 -- anything else symbolic sizes broke: compile these shapes
-        compiled = _compile_signature(frontend, args, kwargs, config, False, like, trace)
+        with fake_tensor_errors_unlogged():  # (as above: a failure raises, without torch's traceback on stderr)
+            compiled = _compile_signature(frontend, args, kwargs, config, False, like, trace)
         line = _SOURCE_PLACE.sub("", (str(error).strip().splitlines() or [""])[0])[:300]
         compiled.notes.append(f"captured for these input shapes only: the compile with symbolic sizes failed "
                               f"({type(error).__name__}: {line})")

@@ -152,10 +152,7 @@ class OptimizedModule(torch.nn.Module):
                           "torch.compile(model, backend='pyrys'), which runs such calls in torch", stacklevel=callers_level())
         if not kwargs and not wanting_grad and all(isinstance(a, torch.Tensor) for a in args):
             self._remember_fast_call(_call_key(args, grad), compiled)
-        outputs = compiled.program(flat)
-        if compiled.captured.output_copies:
-            outputs = copied_apart(outputs, compiled.captured.output_copies)
-        return tree_unflatten(outputs, compiled.captured.out_spec)
+        return _direct_call(compiled)(flat)  # (the program's outputs as the fast path gives them)
 
     def _remember_fast_call(self, key: tuple, compiled: Compiled) -> None:
         self._fast_calls[key] = (compiled.signature, _direct_call(compiled))
@@ -599,7 +596,8 @@ def _call_key(args: tuple, grad: bool) -> tuple | None:
 
 
 def _direct_call(compiled: Compiled):
-    """The program with its outputs restructured, for the all-tensor fast path of ``forward``."""
+    """The program with its outputs copied apart where eager keeps them apart and restructured: every call's
+    (the all-tensor fast path of ``forward`` keeps it)."""
     program, spec, copies = compiled.program, compiled.captured.out_spec, compiled.captured.output_copies
     if copies:
         return lambda flat: tree_unflatten(copied_apart(program(flat), copies), spec)
