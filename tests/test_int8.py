@@ -999,9 +999,14 @@ def test_calibration_samples_of_other_lengths_calibrate_the_capture_for_every_le
     assert pyrys.relative_error(opt(long), model(long)) <= INT8_TOLERANCE
     assert any("3 other input shapes than the example's read as they are: (Float(2, 1, 8))" in n for n in opt.notes)
     assert re.search(r"quantize: int8: [12]\b", opt.report())  # (the guard may keep one in bf16)
+    assert not any("no calibration sample had" in note for note in opt.notes)  # 64 was measured
     same = pyrys.optimize(model, (x,), precision="int8", calibration=[torch.randn(2, 16, 8) for _ in range(8)],
                           dynamic=True)
     assert pyrys.relative_error(same(long), model(long)) > 4 * INT8_TOLERANCE  # what the other lengths fix
+    said = [note for note in same.notes if "no calibration sample had" in note]  # and a note says so, once
+    assert len(said) == 1 and "(input 0 dim 1 is 64, the samples' 16)" in said[0], same.notes
+    same(torch.randn(2, 32, 8))
+    assert sum("no calibration sample had" in note for note in same.notes) == 1
     for dynamic in (None, False):
         with pytest.raises(pyrys.InputError, match="calibration sample 0 .* read with dynamic=True"):
             pyrys.optimize(model, (x,), precision="int8", calibration=lengths, dynamic=dynamic)

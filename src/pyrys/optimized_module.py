@@ -25,8 +25,8 @@ from pyrys.size_one import excluded_size_one_inputs, size_one_dims
 from pyrys.capture.dynamic_shapes import SIZE_ONE_FIXED, VaryingDims, symbolic_example, widened_like
 from pyrys.ir.graph import user_inputs
 from pyrys.ir.output_aliases import copied_apart
-from pyrys.signature import (InputError, Signature, arranged_like, check_compatible, is_tensor_leaf, runnable_inputs,
-                             signature_of)
+from pyrys.signature import (InputError, Signature, arranged_like, check_compatible, is_tensor_leaf, leaf_names,
+                             runnable_inputs, signature_of)
 from pyrys.capture.frontend import Frontend
 from pyrys.config import OptimizeConfig
 from pyrys.errors import CaptureError
@@ -96,6 +96,7 @@ class OptimizedModule(torch.nn.Module):
         # in, and the sizes each came at (the graph's included)
         self._size_one_inputs: list[tuple[tuple, dict]] = []  # inputs to capture them from, before a save
         self._told_of_mode = False  # train() warned once
+        self._unmeasured_noted = False  # int8 at a size no calibration sample had: noted once
         self._notes_added = 0  # by _note, to opt.notes
         self._size_one_refused: list[tuple[tuple, dict]] = []  # of those, the ones the model refused (noted once)
         self._generic_tried = self._generic is not None or config.dynamic is not None or not frontend.symbolic
@@ -187,7 +188,29 @@ class OptimizedModule(torch.nn.Module):
                     raise
                 self._refused.pop(signature, None)
                 self._keep(signature, compiled)
+                self._note_unmeasured_sizes(compiled, flat)
         return compiled
+
+    def _note_unmeasured_sizes(self, compiled: Compiled, flat: list) -> None:
+        """Once: a note where int8 runs at a size past dim 0 no calibration sample had, with the first plan's
+        scales (a capture calibrated on its own measured its own): they were not measured there."""
+        calibration = self._config.calibration
+        if (self._unmeasured_noted or calibration is None or self._config.precision != "int8"
+                or not int8_layers(compiled.run)
+                or _calibrated_on_its_own(compiled)):
+            return
+        names = leaf_names(compiled.signature.in_spec)
+        unmeasured = [f"{names[i]} dim {d} is {value.shape[d]}, the samples' {'/'.join(map(str, sorted(sizes)))}"
+                      for i, value in enumerate(flat) if isinstance(value, torch.Tensor)
+                      for d in range(1, value.dim()) if (sizes := calibration.sizes.get((i, d))) is not None
+                      and value.shape[d] not in sizes]
+        if unmeasured:
+            self._unmeasured_noted = True
+            self._note(f"precision='int8': inputs ({compiled.signature.describe()}) are of sizes no calibration "
+                       f"sample had ({'; '.join(unmeasured[:3])}): the scales calibrated run there unmeasured, and an "
+                       "activation whose range follows that size (a mean over fewer tokens, a scale by the length) may "
+                       "clip (a fuzz: error 0.3-0.55 at length 1 against 1.2e-2 at the 16 calibrated); calibrate on "
+                       "samples of the sizes served (read with dynamic=True)")
 
     def _refuse(self, signature: Signature, error: Exception, count: int) -> None:
         """Remember why ``signature`` was refused (without tracebacks: they hold the call's frames and inputs),
@@ -387,7 +410,7 @@ class OptimizedModule(torch.nn.Module):
         measure (it may keep other ops in float32: its misses say which), its own int8 calibration and its
         measure (a graph computing values otherwise than the one calibrated first: ``passes/quantize.py``),
         and fewer int8 layers than the first capture."""
-        calibrated = any(note.startswith(OWN_CALIBRATION) and CALIBRATED_ON_ITS_OWN in note for note in compiled.notes)
+        calibrated = _calibrated_on_its_own(compiled)
         for note in sorted(compiled.notes, key=lambda note: not note.startswith(OWN_CALIBRATION)):
             if note.startswith(("precision='bf16': ", OWN_CALIBRATION)) or (
                     calibrated and note.startswith(ACCURACY_NOTE % "int8")):
@@ -593,6 +616,12 @@ def _call_key(args: tuple, grad: bool) -> tuple | None:
                      for a in args)
     except AttributeError:
         return None
+
+
+def _calibrated_on_its_own(compiled: Compiled) -> bool:
+    """Whether this capture's int8 plan is its own (it computes values otherwise than the first's), as its
+    note says (``passes/quantize.py``)."""
+    return any(note.startswith(OWN_CALIBRATION) and CALIBRATED_ON_ITS_OWN in note for note in compiled.notes)
 
 
 def _direct_call(compiled: Compiled):

@@ -66,6 +66,7 @@ class Calibration:
     def __init__(self, samples: list[list] | None, accuracy_budget: float | None, note: str = "",
                  parent: "Calibration | None" = None):
         self.samples: list[list] | None = samples
+        self.sizes = sample_sizes(samples or [])  # (flat input, dim) -> the sizes the samples read had there
         self.note = note  # what reading the samples did to them (cut into the example's rows), for opt.notes
         self.read_note = note  # that alone (a compile adds which samples its graph did not hold for)
         self.accuracy_budget = accuracy_budget
@@ -91,6 +92,17 @@ class Calibration:
         if self.parent is None:  # from every sample read (those of sizes its graph excludes too: a later capture's)
             self.kept = kept_samples(self.samples or samples)
         self.plan, self.samples = plan, None
+
+
+def sample_sizes(samples: list[list]) -> dict[tuple[int, int], frozenset[int]]:
+    """``(flat input, dim) -> sizes``: the sizes the samples' tensors have at each place."""
+    sizes: dict[tuple[int, int], set[int]] = {}
+    for sample in samples:
+        for position, value in enumerate(sample):
+            if isinstance(value, torch.Tensor):
+                for d, size in enumerate(value.shape):
+                    sizes.setdefault((position, d), set()).add(size)
+    return {place: frozenset(held) for place, held in sizes.items()}
 
 
 def kept_samples(samples: list[list]) -> list[list]:
