@@ -1084,3 +1084,54 @@ def test_attention_whose_query_is_apart_from_its_key_and_value_projects_in_int8(
     opt = pyrys.optimize(model, (x, memory), precision="int8", calibration=samples)
     assert "quantize: int8: 3" in opt.report() and "not a float32 constant" not in opt.report()
     assert pyrys.relative_error(opt(x, memory), model(x, memory)) <= INT8_TOLERANCE
+
+
+class _LeftPaddedAttention(nn.Module):
+    """Attention over token ids whose padded positions are masked out with -inf (a reviewer's model)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding, self.query, self.value = nn.Embedding(50, 32), nn.Linear(32, 32), nn.Linear(32, 32)
+        self.out = nn.Linear(32, 5)
+
+    def forward(self, ids, mask):
+        h = self.embedding(ids) * (ids.shape[1] ** -0.5)
+        q = self.query(h)
+        scores = (q @ q.transpose(1, 2)).masked_fill(~mask[:, None, :], float("-inf")).softmax(-1)
+        return self.out(scores @ self.value(h)).mean(1)
+
+
+def test_samples_cut_to_nothing_but_padding_are_not_calibrated_on():
+    """Left-padded samples cut to a static capture's 4 positions are all padding: NaN in float32, and the
+    guard, reading NaN against NaN as agreement, noted an error of 0 (a reviewer's find). The first plan
+    quantizes what it computes alike instead, and the note says why."""
+    torch.manual_seed(0)
+    model = _LeftPaddedAttention().eval()
+
+    def sample(length, padding):
+        mask = torch.ones(1, length, dtype=torch.bool)
+        mask[:, :padding] = False
+        return torch.randint(0, 50, (1, length)), mask
+
+    opt = pyrys.optimize(model, sample(16, 8), precision="int8", calibration=[sample(16, 8) for _ in range(8)],
+                         dynamic=False)
+    x = sample(4, 0)
+    with torch.no_grad():
+        assert opt(*x).isfinite().all()
+    assert any("float32 outputs on them are not finite" in note for note in opt.notes), opt.notes
+    assert not any("within 0.0e+00" in note for note in opt.notes), opt.notes
+    assert any("no calibration sample had" in note for note in opt.notes)  # (its scales: the first plan's)
+
+
+def test_an_exported_program_takes_samples_of_other_sizes_where_its_dims_allow_them():
+    """With Dims its graph is for every size they allow: samples of other lengths are read; exported without
+    them, such samples are refused as for dynamic=False (a reviewer's note: they were taken, and cut)."""
+    torch.manual_seed(0)
+    model = Fn(lambda m, x: m.out(torch.relu(m.inp(x)).cumsum(1)), inp=nn.Linear(8, 16), out=nn.Linear(16, 4)).eval()
+    x, lengths = torch.randn(2, 16, 8), [torch.randn(2, length, 8) for length in (4, 16, 64) * 2]
+    dims = torch.export.export(model, (x,), dynamic_shapes=(({1: torch.export.Dim("length", min=2, max=128)},),))
+    opt = pyrys.optimize(dims, (x,), precision="int8", calibration=lengths)
+    long = torch.randn(2, 64, 8)
+    assert pyrys.relative_error(opt(long), model(long)) <= INT8_TOLERANCE
+    with pytest.raises(pyrys.InputError, match="read with dynamic=True"):
+        pyrys.optimize(torch.export.export(model, (x,)), (x,), precision="int8", calibration=lengths)

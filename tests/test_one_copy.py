@@ -181,6 +181,26 @@ def test_a_torchscript_module_written_after_optimize_raises_at_a_new_shape():
             opt(torch.randn(2, IN, 8, 8))
 
 
+class HoldsATensor(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear, self.shift = nn.Linear(8, 8), torch.randn(8)  # a plain tensor attribute: no buffer
+
+    def forward(self, x):
+        return self.linear(x) + self.shift
+
+
+def test_a_torchscript_modules_plain_tensor_attribute_is_checked_too():
+    """Its forward reads it as it reads a weight, but only parameters and buffers were checked (a reviewer's
+    find: a new shape took the value written)."""
+    scripted = torch.jit.script(HoldsATensor().eval())
+    opt = pyrys.optimize(scripted, (torch.randn(2, 8),))
+    with torch.no_grad():
+        scripted.shift.add_(100.0)
+    with pytest.raises(pyrys.ModelChangedError, match="shift of"):
+        opt(torch.randn(4, 8))
+
+
 def test_with_freezing_disabled_the_state_is_copied_not_shared():
     model, x = net_and_input()
     with torch.no_grad():

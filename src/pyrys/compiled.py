@@ -16,7 +16,7 @@ from pyrys.backends import Program, get_backend, release_constants
 from pyrys.backends.options import BackendOptions
 from pyrys.calling_context import autocast_off
 from pyrys.capture.captured import Captured
-from pyrys.errors import CaptureError
+from pyrys.errors import CaptureError, ModelChangedError
 from pyrys.ir.output_aliases import output_roots, outputs_to_copy
 from pyrys.ir.verify import VerificationError, make_verifier, output_types
 from pyrys.ir.graph import share_constants
@@ -74,8 +74,8 @@ def compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: Opt
     try:
         with fake_tensor_errors_unlogged():  # a failure is the note below, not torch's traceback on stderr
             return _compile_signature(frontend, args, kwargs, config, dynamic, like, trace)
-    except (CaptureError, InputError, VerificationError):
-        raise  # the model, the inputs or a pass is wrong: fixed shapes would not help
+    except (CaptureError, InputError, VerificationError, ModelChangedError):
+        raise  # the model, the inputs or a pass is wrong, or the weights were written: fixed shapes would not help
     except Exception as error:  # noqa: BLE001 -- anything else symbolic sizes broke: compile these shapes
         with fake_tensor_errors_unlogged():  # (as above: a failure raises, without torch's traceback on stderr)
             compiled = _compile_signature(frontend, args, kwargs, config, False, like, trace)
@@ -100,11 +100,12 @@ def _dump_dir(config: OptimizeConfig, signature: Signature, dynamic: bool | str,
 
 def _compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: OptimizeConfig, dynamic: bool | str,
                        like: Compiled | None, trace: NumericsTrace | None = None) -> Compiled:
-    if frontend.writes is not None and like is not None:  # (the first: its CRCs are being read meanwhile)
-        frontend.writes.check()  # and once more when compiled: a write meanwhile would be in its program
+    checked = frontend.writes is not None and like is not None  # (the first compile's are the weights at optimize)
+    if checked:
+        frontend.writes.check(digests=False)  # cheap: a write in place, before the capture
     compiled = _compile_unchecked(frontend, args, kwargs, config, dynamic, like, trace)
-    if frontend.writes is not None:
-        frontend.writes.check()
+    if checked:
+        frontend.writes.check()  # every write since optimize, this compile's time too: it would be in the program
     return compiled
 
 

@@ -13,7 +13,7 @@ from torch.utils._pytree import tree_flatten
 from pyrys.capture.captured import input_writes_note
 from pyrys.capture.model_copy import SCRIPT_ADVICE, WriteCheck, private_copy, state_of
 from pyrys.capture.exported_program import exported_example_inputs, exported_inputs
-from pyrys.capture.torchscript import is_torchscript, script_class_name
+from pyrys.capture.torchscript import is_torchscript, script_class_name, script_tensors
 from pyrys.errors import DeviceError
 from pyrys.numerics import TOLERANCES
 from pyrys.numerics.budget import AUTO
@@ -124,7 +124,8 @@ def optimize(
         if example_inputs is None:
             example_inputs, example_kwargs = exported_example_inputs(model)
         args, kwargs = exported_inputs(model, *_example_inputs(example_inputs, example_kwargs))
-        config = with_calibration(config, calibration, accuracy_budget, args, kwargs, other_sizes=True)
+        config = with_calibration(config, calibration, accuracy_budget, args, kwargs,
+                                  other_sizes=bool(model.range_constraints))  # (its Dims: symbolic sizes)
         _check_on_cpu("the ExportedProgram", model.state_dict.items())
         optimized = OptimizedModule(exported_program_frontend(model), args, kwargs, config, _trace(config, model, args, kwargs))
         _warn_of_input_writes(optimized, caller_keeps_writes=False)
@@ -207,7 +208,8 @@ def optimize_torchscript(script: Any, example_inputs: Any, example_kwargs: dict 
     if training:
         _warn_if_training(script, stacklevel=4)
     trace = _trace(config, script, args, kwargs)
-    writes = WriteCheck(script_class_name(script), {name: t for name, t in state_of(script) if not t.is_inference()},
+    writes = WriteCheck(script_class_name(script),
+                        {name: t for name, t in script_tensors(script).items() if not t.is_inference()},
                         advice=SCRIPT_ADVICE)
     optimized = OptimizedModule(torchscript_frontend(script, flag_values, writes), args, kwargs, config, trace)
     optimized.training = optimized.compiled_training = training

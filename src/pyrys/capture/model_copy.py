@@ -52,11 +52,13 @@ class WriteCheck:
         """Return once the CRCs are recorded (``optimize`` waits: they are the weights at optimize)."""
         self._digesting.join()
 
-    def check(self) -> None:
-        """Raise :class:`ModelChangedError` if a shared tensor was written since it was recorded."""
-        self.wait()
+    def check(self, digests: bool = True) -> None:
+        """Raise :class:`ModelChangedError` if a shared tensor was written since it was recorded: its version
+        counter or address moved, or (``digests``) its CRC-32 (a write through ``.data``, which no counter sees)."""
+        if digests:
+            self.wait()
         for name, tensor in self.shared.items():
-            if _stamp(tensor) != self.stamps[name] or _digest(tensor) != self.digests[name]:
+            if _stamp(tensor) != self.stamps[name] or (digests and _digest(tensor) != self.digests[name]):
                 raise ModelChangedError(
                     f"pyrys: {name} of {self.owner} was written after pyrys.optimize (in place, load_state_dict, "
                     ".data, ...). The compiled programs hold the weights from optimize, and this new input shape "

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import itertools
 import operator
 from dataclasses import dataclass
 from typing import Any
@@ -80,6 +81,23 @@ def _arguments(obj: Any) -> list | None:
         return list(obj.forward.schema.arguments[1:] if isinstance(obj, torch.jit.ScriptModule) else obj.schema.arguments)
     except (AttributeError, RuntimeError):
         return None
+
+
+def script_tensors(obj: Any) -> dict[str, torch.Tensor]:
+    """Every tensor a scripted module holds, by name: its parameters and buffers, and tensor attributes that
+    are neither (``self.t = torch.randn(8)``), which its forward reads alike (none for a scripted function)."""
+    tensors = {}
+    for prefix, module in obj.named_modules() if hasattr(obj, "named_modules") else ():
+        try:
+            names = list(module._concrete_type.get_attributes())
+        except AttributeError:  # (loaded by torch.jit.load: no concrete type) its parameters and buffers
+            names = [name for name, _ in itertools.chain(module.named_parameters(recurse=False),
+                                                         module.named_buffers(recurse=False))]
+        for name in names:
+            value = getattr(module, name, None)
+            if isinstance(value, torch.Tensor):
+                tensors[f"{prefix}.{name}" if prefix else name] = value
+    return tensors
 
 
 def script_parameters(obj: Any) -> inspect.Signature | None:

@@ -78,6 +78,10 @@ def quantize(gm: fx.GraphModule, precision: str, calibration: Calibration | None
         if planning:
             try:
                 quants, expected = observe(gm, {value.name for value in roles.values()}, samples, GUARD_SAMPLES)
+                if cut and not all(bool(t.isfinite().all()) for t in tree_leaves(expected)
+                                   if isinstance(t, torch.Tensor) and t.is_floating_point()):
+                    raise ValueError("its float32 outputs on them are not finite (the positions kept may be "
+                                     "all padding, masked out)")  # a guard measuring NaN against NaN says 0
             except Exception as error:  # noqa: BLE001 -- samples cut by shapes may not run: the first plan then
                 if not cut:
                     raise

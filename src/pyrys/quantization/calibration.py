@@ -85,7 +85,7 @@ class Calibration:
         root = self.parent or self
         if root.plan is None:
             return self
-        return Calibration(None, root.accuracy_budget, root.note, parent=root)
+        return Calibration(None, root.accuracy_budget, root.read_note, parent=root)
 
     def planned(self, plan: "QuantizationPlan", samples: list[list]) -> None:
         """Keep ``plan``; let the samples go, but for the first ones kept for later captures (a first compile's)."""
