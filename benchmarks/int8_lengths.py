@@ -63,7 +63,7 @@ def main() -> None:
                 for length in LENGTHS:
                     inputs = [sample(length) for _ in range(4)]
                     errors.append(max(pyrys.relative_error(opt(*x), model(*x)) for x in inputs))
-            said = [note for note in opt.notes if "no calibration sample had" in note]
+            said = [note for note in opt.notes if "outside the calibration samples" in note]
             print(f"{make.__name__}, calibrated on {label}: "
                   + ", ".join(f"{n}: {e:.1e}" for n, e in zip(LENGTHS, errors))
                   + (f"; note: {said[0][:110]}..." if said else "; no note of unmeasured sizes"))

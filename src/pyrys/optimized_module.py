@@ -34,6 +34,7 @@ from pyrys.ir.quiet_fake import fake_tensor_errors_unlogged
 from pyrys.compiled import COMPILING, Compiled, build_for_shape, compile_signature, static_reason
 from pyrys.numerics.budget import ACCURACY_NOTE
 from pyrys.passes.quantize import CALIBRATED_ON_ITS_OWN, OWN_CALIBRATION
+from pyrys.quantization.calibration import CALIBRATED_SIZES_KEY
 from pyrys.precision_notes import int8_layers
 
 
@@ -96,7 +97,7 @@ class OptimizedModule(torch.nn.Module):
         # in, and the sizes each came at (the graph's included)
         self._size_one_inputs: list[tuple[tuple, dict]] = []  # inputs to capture them from, before a save
         self._told_of_mode = False  # train() warned once
-        self._unmeasured_noted = False  # int8 at a size no calibration sample had: noted once
+        self._unmeasured_noted = False  # int8 at a size outside its calibration samples': noted once
         self._notes_added = 0  # by _note, to opt.notes
         self._size_one_refused: list[tuple[tuple, dict]] = []  # of those, the ones the model refused (noted once)
         self._generic_tried = self._generic is not None or config.dynamic is not None or not frontend.symbolic
@@ -192,25 +193,24 @@ class OptimizedModule(torch.nn.Module):
         return compiled
 
     def _note_unmeasured_sizes(self, compiled: Compiled, flat: list) -> None:
-        """Once: a note where int8 runs at a size past dim 0 no calibration sample had, with the first plan's
-        scales (a capture calibrated on its own measured its own): they were not measured there."""
-        calibration = self._config.calibration
-        if (self._unmeasured_noted or calibration is None or self._config.precision != "int8"
-                or not int8_layers(compiled.run)
-                or _calibrated_on_its_own(compiled)):
+        """Once: a note where int8 runs at a size past dim 0 outside those of the samples its plan was made on
+        (the first's, or a capture's own): its scales were not measured there."""
+        sizes = (compiled.generic or compiled.captured).gm.meta.get(CALIBRATED_SIZES_KEY)
+        if self._unmeasured_noted or not sizes or not int8_layers(compiled.run):
             return
         names = leaf_names(compiled.signature.in_spec)
-        unmeasured = [f"{names[i]} dim {d} is {value.shape[d]}, the samples' {'/'.join(map(str, sorted(sizes)))}"
+        unmeasured = [f"{names[i]} dim {d} is {value.shape[d]}, the samples' " +
+                      (f"{min(held)} to {max(held)}" if len(held) > 1 else f"{min(held)}")
                       for i, value in enumerate(flat) if isinstance(value, torch.Tensor)
-                      for d in range(1, value.dim()) if (sizes := calibration.sizes.get((i, d))) is not None
-                      and value.shape[d] not in sizes]
+                      for d in range(1, value.dim()) if (held := sizes.get((i, d)))
+                      and not min(held) <= value.shape[d] <= max(held)]
         if unmeasured:
             self._unmeasured_noted = True
-            self._note(f"precision='int8': inputs ({compiled.signature.describe()}) are of sizes no calibration "
-                       f"sample had ({'; '.join(unmeasured[:3])}): the scales calibrated run there unmeasured, and an "
-                       "activation whose range follows that size (a mean over fewer tokens, a scale by the length) may "
-                       "clip (a fuzz: error 0.3-0.55 at length 1 against 1.2e-2 at the 16 calibrated); calibrate on "
-                       "samples of the sizes served (read with dynamic=True)")
+            self._note(f"precision='int8': inputs ({compiled.signature.describe()}) are of sizes outside the "
+                       f"calibration samples' ({'; '.join(unmeasured[:3])}): the scales calibrated run there "
+                       "unmeasured, and an activation whose range follows that size (a mean over fewer tokens, a scale "
+                       "by the length) may clip (a fuzz: error 0.3-0.55 at length 1 against 1.2e-2 at the 16 "
+                       "calibrated); calibrate on samples of the sizes served (read with dynamic=True)")
 
     def _refuse(self, signature: Signature, error: Exception, count: int) -> None:
         """Remember why ``signature`` was refused (without tracebacks: they hold the call's frames and inputs),

@@ -42,7 +42,8 @@ from pyrys.passes.precision import run_in_bf16
 from pyrys.passes.rewrite import Miss, PassResult
 from pyrys.quantization import DEQUANTIZE, DEQUANTIZE_WEIGHT, QUANTIZE, TensorQuant, quantize_weight, weight_max
 from pyrys.quantization.bias_correction import bias_corrections, corrected_args, correctable
-from pyrys.quantization.calibration import MAX_SAMPLES, Calibration, QuantizationPlan, observe
+from pyrys.quantization.calibration import (CALIBRATED_SIZES_KEY, MAX_SAMPLES, Calibration, QuantizationPlan,
+                                           observe, sample_sizes)
 from pyrys.numerics.budget import GUARD_SAMPLES
 from pyrys.quantization.guard import BF16, FLOAT32, Switch, guard
 from pyrys.signature import InputError
@@ -94,7 +95,8 @@ def quantize(gm: fx.GraphModule, precision: str, calibration: Calibration | None
             memo: dict = {}
             origins = {role: _origin(value, keys, memo) for role, value in roles.items()}
             plan = QuantizationPlan({role: (origins[role], quants[value.name])
-                                     for role, value in roles.items() if value.name in quants}, origins)
+                                     for role, value in roles.items() if value.name in quants}, origins,
+                                    sizes=sample_sizes(samples))
         switches = _rewrite(gm, layers, keys, shared, _lookup(plan, roles, keys), result)
         if planning and switches:
             plan.biases = bias_corrections(gm, switches, samples)
@@ -109,6 +111,7 @@ def quantize(gm: fx.GraphModule, precision: str, calibration: Calibration | None
             calibration.planned(plan, samples)
         else:
             calibration.plan = plan  # the first plan, which this capture takes (its notes read it here)
+    gm.meta[CALIBRATED_SIZES_KEY] = plan.sizes  # what later shapes specialized from this graph are told of
     kept = set()
     for key, why in plan.kept.items():
         if key in switches:

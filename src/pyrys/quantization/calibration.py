@@ -50,6 +50,10 @@ class QuantizationPlan:
     error: float | None = None  # the outputs' error against float32 the guard measured (None: no guard)
     floating: str = "float32"  # what the ops not in int8 run in where they can (the layers the guard keeps,
     # attention): "bf16" where the CPU has it (and the budget holds so, where a guard measures), else "float32"
+    sizes: dict[tuple[int, int], frozenset[int]] = field(default_factory=dict)  # of the samples it was made on
+
+
+CALIBRATED_SIZES_KEY = "pyrys_calibrated_sizes"  # a quantized graph's meta: its plan's ``sizes``
 
 
 class Calibration:
@@ -66,7 +70,6 @@ class Calibration:
     def __init__(self, samples: list[list] | None, accuracy_budget: float | None, note: str = "",
                  parent: "Calibration | None" = None):
         self.samples: list[list] | None = samples
-        self.sizes = sample_sizes(samples or [])  # (flat input, dim) -> the sizes the samples read had there
         self.note = note  # what reading the samples did to them (cut into the example's rows), for opt.notes
         self.read_note = note  # that alone (a compile adds which samples its graph did not hold for)
         self.accuracy_budget = accuracy_budget
