@@ -78,7 +78,7 @@ def compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: Opt
         raise  # the model, the inputs or a pass is wrong, or the weights were written: fixed shapes would not help
     except Exception as error:  # noqa: BLE001 -- anything else symbolic sizes broke: compile these shapes
         with fake_tensor_errors_unlogged():  # (as above: a failure raises, without torch's traceback on stderr)
-            compiled = _compile_signature(frontend, args, kwargs, config, False, like, trace)
+            compiled = _compile_signature(frontend, args, kwargs, _calibrated_apart(config), False, like, trace)
         line = _SOURCE_PLACE.sub("", (str(error).strip().splitlines() or [""])[0])[:300]
         compiled.notes.append(f"captured for these input shapes only: the compile with symbolic sizes failed "
                               f"({type(error).__name__}: {line})")
@@ -152,7 +152,7 @@ def _compile_unchecked(frontend: Frontend, args: tuple, kwargs: dict, config: Op
             raise CaptureError(f"pyrys: the graph captured from this {frontend.kind} does not hold for its own "
                                f"example inputs' shapes ({why}); export it without dynamic_shapes, or report "
                                "this as a pyrys bug") from why
-        compiled = compile_signature(frontend, args, kwargs, config, like=like, trace=trace)
+        compiled = compile_signature(frontend, args, kwargs, _calibrated_apart(config), like=like, trace=trace)
         compiled.notes.append(f"captured for these input shapes only: {why}")
         if compiled.generic is None and generic is not None:  # other shapes are specialized from it still,
             share_constants(generic.gm, compiled.captured.gm)  # on the weights this program packed: one copy
@@ -161,6 +161,15 @@ def _compile_unchecked(frontend: Frontend, args: tuple, kwargs: dict, config: Op
     if trace is not None:
         compiled.numerics = _measure_program(trace, compiled, flat, config)
     return compiled
+
+
+def _calibrated_apart(config: OptimizeConfig) -> OptimizeConfig:
+    """``config`` for the compile of these shapes alone after the symbolic one: where that made the int8 plan,
+    a later capture's calibration (the plan where this graph computes alike, else calibrated on its own); it
+    took the plan as it was, and a batch-1 example's static graph ran 1 of 5 layers in int8, unnoted."""
+    if config.calibration is None:
+        return config
+    return dataclasses.replace(config, calibration=config.calibration.for_capture())
 
 
 def _measure_program(trace: NumericsTrace, compiled: Compiled, flat: list, config: OptimizeConfig) -> NumericsReport:

@@ -33,7 +33,7 @@ from pyrys.errors import CaptureError
 from pyrys.ir.quiet_fake import fake_tensor_errors_unlogged
 from pyrys.compiled import COMPILING, Compiled, build_for_shape, compile_signature, static_reason
 from pyrys.numerics.budget import ACCURACY_NOTE
-from pyrys.passes.quantize import CALIBRATED_ON_ITS_OWN, OWN_CALIBRATION
+from pyrys.passes.quantize import CALIBRATED_ON_ITS_OWN, OWN_NOTES
 from pyrys.quantization.calibration import CALIBRATED_SIZES_KEY
 from pyrys.precision_notes import int8_layers
 
@@ -411,8 +411,8 @@ class OptimizedModule(torch.nn.Module):
         measure (a graph computing values otherwise than the one calibrated first: ``passes/quantize.py``),
         and fewer int8 layers than the first capture."""
         calibrated = _calibrated_on_its_own(compiled)
-        for note in sorted(compiled.notes, key=lambda note: not note.startswith(OWN_CALIBRATION)):
-            if note.startswith(("precision='bf16': ", OWN_CALIBRATION)) or (
+        for note in sorted(compiled.notes, key=lambda note: not note.startswith(OWN_NOTES)):
+            if note.startswith(("precision='bf16': ", *OWN_NOTES)) or (
                     calibrated and note.startswith(ACCURACY_NOTE % "int8")):
                 self._note(f"the capture for inputs ({signature.describe()}): {note}")
         first, now = int8_layers(self._first.run), int8_layers(compiled.run)
@@ -621,7 +621,7 @@ def _call_key(args: tuple, grad: bool) -> tuple | None:
 def _calibrated_on_its_own(compiled: Compiled) -> bool:
     """Whether this capture's int8 plan is its own (it computes values otherwise than the first's), as its
     note says (``passes/quantize.py``)."""
-    return any(note.startswith(OWN_CALIBRATION) and CALIBRATED_ON_ITS_OWN in note for note in compiled.notes)
+    return any(note.startswith(OWN_NOTES) and CALIBRATED_ON_ITS_OWN in note for note in compiled.notes)
 
 
 def _direct_call(compiled: Compiled):

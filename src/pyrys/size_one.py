@@ -121,17 +121,24 @@ def _fixed_rows(gm: fx.GraphModule) -> tuple[int, ...]:
 
 
 def _joined(samples: list[list], rows: int) -> list[list]:
-    """Samples of ``rows`` rows each, the rows of consecutive ``samples`` regrouped along dim 0 (batch-4
-    samples into 2 rows, one-row samples into 2), where every sample's tensors have one count of rows and
-    its other inputs are the first sample's; else []."""
+    """Samples of ``rows`` rows each, the rows of consecutive ``samples`` of one shape regrouped along dim 0
+    (batch-4 samples into 2 rows, one-row samples into 2; texts of several lengths each with their own),
+    where every sample's tensors have one count of rows and its other inputs are the first sample's; else []."""
     counts = {t.shape[0] for sample in samples for t in sample if isinstance(t, torch.Tensor) and t.dim()}
-    sizes = {tuple(t.shape[1:] if isinstance(t, torch.Tensor) else () for t in sample) for sample in samples}
-    if len(counts) != 1 or len(sizes) > 1 or rows == next(iter(counts)):  # (rows of other lengths: no join)
+    if len(counts) != 1 or rows == next(iter(counts)):
         return []
     count = next(iter(counts))
     if count > 1:  # each row a sample first
         samples = [[t[row:row + 1] if isinstance(t, torch.Tensor) and t.dim() else t for t in sample]
                    for sample in samples for row in range(count)]
+    alike: dict[tuple, list[list]] = {}  # by the sizes past dim 0, in the order they come
+    for sample in samples:
+        alike.setdefault(tuple(t.shape[1:] if isinstance(t, torch.Tensor) else () for t in sample), []).append(sample)
+    return [joined for group in alike.values() for joined in _joined_alike(group, rows)]
+
+
+def _joined_alike(samples: list[list], rows: int) -> list[list]:
+    """``samples`` (one row each, of one shape) joined ``rows`` at a time; [] where their other inputs differ."""
     first = samples[0]
     joined = []
     for start in range(0, len(samples) - rows + 1, rows):

@@ -59,7 +59,17 @@ class Bf16Guard:
         """The ops of ``gm`` (float32, not lowered yet) to keep in float32; ``lower(graph, kept)`` lowers a
         graph in place keeping the ops named in ``kept``, and returns the names of the compute ops it moved."""
         reference = ReferenceProgram(gm)
-        expected = [reference(sample) for sample in self.samples]
+        expected, run = [], []
+        for sample in self.samples:  # (one the model refuses, a text past its position table, is left out)
+            try:
+                expected.append(reference(sample))
+                run.append(sample)
+            except Exception:  # noqa: BLE001 -- eager fails on it too; where every one fails, keep() says why
+                if sample is self.samples[-1] and not run:
+                    raise
+        if len(run) < len(self.samples):
+            self.data = f"{len(run)} of the {self.data} (the model fails on the rest)"
+            self.samples = run
 
         def error(kept: frozenset[str], limit: float = float("inf")) -> tuple[float, set[str]]:
             trial = trial_copy(gm)

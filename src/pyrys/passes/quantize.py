@@ -43,7 +43,7 @@ from pyrys.passes.rewrite import Miss, PassResult
 from pyrys.quantization import DEQUANTIZE, DEQUANTIZE_WEIGHT, QUANTIZE, TensorQuant, quantize_weight, weight_max
 from pyrys.quantization.bias_correction import bias_corrections, corrected_args, correctable
 from pyrys.quantization.calibration import (CALIBRATED_SIZES_KEY, MAX_SAMPLES, Calibration, QuantizationPlan,
-                                           observe, sample_sizes)
+                                           observe, sample_sizes, spread_first)
 from pyrys.numerics.budget import GUARD_SAMPLES
 from pyrys.quantization.guard import BF16, FLOAT32, Switch, guard
 from pyrys.signature import InputError
@@ -58,6 +58,8 @@ aten = torch.ops.aten
 INT8_READERS = frozenset({aten.mul.Tensor, aten.add.Tensor, aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default})
 COMMUTATIVE = frozenset({aten.mul.Tensor, aten.add.Tensor})
 OWN_CALIBRATION = "precision='int8': this capture computes some values otherwise"  # a later capture's note,
+OWN_SIZES = "precision='int8': this capture is of sizes the first plan's samples did not have"  # (or this one)
+OWN_NOTES = (OWN_CALIBRATION, OWN_SIZES)
 CALIBRATED_ON_ITS_OWN = "so it is calibrated on its own"  # and what it says where the capture was calibrated
 
 
@@ -78,11 +80,14 @@ def quantize(gm: fx.GraphModule, precision: str, calibration: Calibration | None
         planning = plan is None
         if planning:
             try:
-                quants, expected = observe(gm, {value.name for value in roles.values()}, samples, GUARD_SAMPLES)
-                if cut and not all(bool(t.isfinite().all()) for t in tree_leaves(expected)
-                                   if isinstance(t, torch.Tensor) and t.is_floating_point()):
-                    raise ValueError("its float32 outputs on them are not finite (the positions kept may be "
-                                     "all padding, masked out)")  # a guard measuring NaN against NaN says 0
+                samples = spread_first(samples, GUARD_SAMPLES)  # (the guard's: of every size, where they vary)
+                quants, expected, samples, failed = observe(gm, {value.name for value in roles.values()}, samples,
+                                                            GUARD_SAMPLES)
+                calibration.note = "; ".join(filter(None, [calibration.note, failed]))
+                if cut and _degenerate(expected, samples):  # a guard measuring NaN against NaN, or one answer,
+                    # says 0
+                    raise ValueError("its float32 outputs on them are not finite, or all alike (the positions "
+                                     "kept may be all padding, masked out)")
             except Exception as error:  # noqa: BLE001 -- samples cut by shapes may not run: the first plan then
                 if not cut:
                     raise
@@ -123,6 +128,22 @@ def quantize(gm: fx.GraphModule, precision: str, calibration: Calibration | None
         result.fired.update(run_in_bf16(gm, kept | attention).fired)
     cleanup.dead_code_elimination(gm)  # the quantize/dequantize nodes and constants of ops kept out of int8
     return result
+
+
+def _degenerate(outputs: list, samples: list[list]) -> bool:
+    """Whether the float32 outputs of samples cut to fit a capture say nothing: one not finite, or every
+    sample's the same where the samples are not (samples cut to their padding)."""
+    def alike(values: list[list]) -> bool:
+        return len(values) > 1 and all(len(v) == len(values[0]) and all(
+            a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(v, values[0]))
+            for v in values[1:])
+
+    tensors = [[t for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+               for output in outputs]
+    if not all(bool(t.isfinite().all()) for output in tensors for t in output):
+        return True
+    inputs = [[t for t in sample if isinstance(t, torch.Tensor)] for sample in samples[:len(outputs)]]
+    return alike(tensors) and not alike(inputs)
 
 
 def keeps_in_bf16() -> bool:
@@ -239,7 +260,11 @@ def _plan_or_samples(gm: fx.GraphModule, calibration: Calibration, roles: dict[s
     first = calibration.parent.plan
     memo: dict = {}
     if all(first.roles.get(role) == _origin(value, keys, memo) for role, value in roles.items()):
-        return first, None, False
+        held = held_by(gm, calibration.parent.kept)  # samples of its sizes the first plan did not read (a
+        if not any(not _read_by(first, sample) for sample in held):  # TorchScript import's or an image size's)
+            return first, None, False
+        calibration.note = f"{OWN_SIZES}, {CALIBRATED_ON_ITS_OWN}, on {len(held)} of the calibration samples"
+        return None, held, False
     samples, how = fitted_samples(gm, calibration.parent.kept, MAX_SAMPLES)
     if not samples:
         return first, None, False
@@ -254,11 +279,8 @@ def held_samples(gm: fx.GraphModule, calibration: Calibration) -> list[list]:
     in ``calibration.note``.  Where it holds for none: the samples fitted to it (one-row samples joined for a
     graph for batches from 2: :func:`~pyrys.size_one.fitted_samples`), else :class:`InputError`."""
     samples = calibration.samples or []
-    shapes = [tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in sample) for sample in samples]
-    held: dict[tuple, bool] = {}  # each shape's, once (a graph with symbolic sizes reads its guards)
-    for shape, sample in zip(shapes, samples):
-        if shape not in held:
-            held[shape] = takes(gm, sample)
+    shapes = [_shapes(sample) for sample in samples]
+    held = _held_shapes(gm, samples)
     left = [shape for shape, holds in held.items() if not holds]
     if not left:
         return samples
@@ -277,6 +299,33 @@ def held_samples(gm: fx.GraphModule, calibration: Calibration) -> list[list]:
                 f"were left out ({described}{', ...' if len(left) > 4 else ''})")
     calibration.note = "; ".join(filter(None, [calibration.read_note, left_out]))
     return taken
+
+
+def _shapes(sample: list) -> tuple:
+    return tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in sample)
+
+
+def _held_shapes(gm: fx.GraphModule, samples: list[list]) -> dict[tuple, bool]:
+    """Whether ``gm`` holds for each of the samples' shapes, read once a shape (a graph with symbolic sizes
+    reads its guards)."""
+    held: dict[tuple, bool] = {}
+    for sample in samples:
+        shape = _shapes(sample)
+        if shape not in held:
+            held[shape] = takes(gm, sample)
+    return held
+
+
+def held_by(gm: fx.GraphModule, samples: list[list]) -> list[list]:
+    """The samples ``gm`` holds for as they are."""
+    held = _held_shapes(gm, samples)
+    return [sample for sample in samples if held[_shapes(sample)]]
+
+
+def _read_by(plan: QuantizationPlan, sample: list) -> bool:
+    """Whether the samples ``plan`` was made on had every size of ``sample``."""
+    return all(size in plan.sizes.get((i, d), ()) for i, t in enumerate(sample) if isinstance(t, torch.Tensor)
+               for d, size in enumerate(t.shape))
 
 
 def _lookup(plan: QuantizationPlan, roles: dict[str, fx.Node], keys: dict[fx.Node, str]):
