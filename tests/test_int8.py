@@ -1256,3 +1256,44 @@ def test_a_batch_one_example_compiled_apart_from_the_symbolic_graph_is_calibrate
                                                                   calibration=samples, dynamic=dynamic).report())[1]
               for dynamic in (False, True)]
     assert counts[0] == counts[1] == "5", counts
+
+
+def test_a_sample_that_fails_late_leaves_nothing_of_itself_in_the_scales():
+    """It failed at the position table after both linears had run, and their values were observed already:
+    scales 900x, 0.25 at a good input (a reviewer's find); a sample's values are observed once it has run."""
+    torch.manual_seed(0)
+    model = Fn(lambda m, x: m.l2(torch.relu(m.l1(x))) + m.pos(torch.arange(x.shape[1])), l1=nn.Linear(8, 16),
+               l2=nn.Linear(16, 8), pos=nn.Embedding(64, 8)).eval()
+    good = [torch.randn(1, 16, 8) for _ in range(8)]
+    opt = pyrys.optimize(model, (good[0],), precision="int8", calibration=good + [torch.randn(1, 100, 8) * 1000],
+                         dynamic=True, accuracy_budget=None)
+    with torch.no_grad():
+        assert pyrys.relative_error(opt(good[0]), model(good[0])) <= INT8_TOLERANCE
+
+
+def test_a_capture_whose_own_samples_all_fail_takes_the_first_plan():
+    """A traced module's samples at 32 tokens hold ids past the vocabulary: the capture of that length,
+    calibrated on them, raised the model's IndexError at a valid call (a reviewer's find)."""
+    torch.manual_seed(0)
+    model = Fn(lambda m, ids: m.l2(torch.relu(m.l1(m.emb(ids)))).mean(1), emb=nn.Embedding(50, 16),
+               l1=nn.Linear(16, 16), l2=nn.Linear(16, 4)).eval()
+    traced = torch.jit.trace(model, (torch.randint(0, 50, (1, 16)),))
+    samples = [torch.randint(0, 50, (1, 16)) for _ in range(8)] + [torch.randint(50, 60, (1, 32)) for _ in range(2)]
+    opt = pyrys.optimize(traced, (samples[0],), precision="int8", calibration=samples, dynamic=True)
+    x = torch.randint(0, 50, (1, 32))
+    with torch.no_grad():
+        assert pyrys.relative_error(opt(x), model(x)) <= INT8_TOLERANCE
+
+
+def test_integer_outputs_do_not_make_cut_samples_look_alike():
+    """A model returning an argmax has no float output to compare: every sample's looked alike, and the
+    capture at one token took the first plan, 0 of its 2 layers in int8 (a reviewer's find)."""
+    torch.manual_seed(0)
+    model = Fn(lambda m, ids: _ReadsLastToken.forward(m, ids).argmax(-1), embedding=nn.Embedding(50, 16),
+               mix=nn.Linear(16, 16), out=nn.Linear(16, 4)).eval()
+    samples = [torch.randint(0, 50, (1, 8)) for _ in range(12)]
+    opt = pyrys.optimize(model, (samples[0],), precision="int8", calibration=samples, dynamic=False)
+    with torch.no_grad():
+        opt(torch.randint(0, 50, (2, 1)))
+    assert not any("runs 0 of the" in note for note in opt.notes), opt.notes
+    assert any("so it is calibrated on its own" in note for note in opt.notes), opt.notes

@@ -104,10 +104,9 @@ def fitted_samples(gm: fx.GraphModule, samples: list[list], limit: int) -> tuple
         return fitted[:limit], f"cut from the calibration samples to its {dims}" if cut_any else ""
     cut = f"cut to its {dims} and " if cut_made else ""
     for rows in dict.fromkeys((*_fixed_rows(gm), *JOINED_ROWS)):
-        joined = _joined(made, rows)
-        if joined and takes(gm, joined[0]):
-            return ([sample for sample in joined if takes(gm, sample)][:limit],
-                    f"of {rows} rows, {cut}joined from the calibration samples")
+        joined = held_by(gm, _joined(made, rows))  # (texts of several lengths: those of the lengths it holds)
+        if joined:
+            return joined[:limit], f"of {rows} rows, {cut}joined from the calibration samples"
     return [], ""
 
 
@@ -151,6 +150,27 @@ def _joined_alike(samples: list[list], rows: int) -> list[list]:
         joined.append([torch.cat([s[i] for s in group]) if isinstance(value, torch.Tensor) else value
                        for i, value in enumerate(first)])
     return joined
+
+
+def shapes_of(sample: list) -> tuple:
+    return tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in sample)
+
+
+def held_shapes(gm: fx.GraphModule, samples: list[list]) -> dict[tuple, bool]:
+    """Whether ``gm`` holds for each of the samples' shapes, read once a shape (a graph with symbolic sizes
+    reads its guards)."""
+    held: dict[tuple, bool] = {}
+    for sample in samples:
+        shape = shapes_of(sample)
+        if shape not in held:
+            held[shape] = takes(gm, sample)
+    return held
+
+
+def held_by(gm: fx.GraphModule, samples: list[list]) -> list[list]:
+    """The samples ``gm`` holds for as they are."""
+    held = held_shapes(gm, samples)
+    return [sample for sample in samples if held[shapes_of(sample)]]
 
 
 def takes(gm: fx.GraphModule, flat: list) -> bool:

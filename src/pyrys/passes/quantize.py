@@ -47,7 +47,7 @@ from pyrys.quantization.calibration import (CALIBRATED_SIZES_KEY, MAX_SAMPLES, C
 from pyrys.numerics.budget import GUARD_SAMPLES
 from pyrys.quantization.guard import BF16, FLOAT32, Switch, guard
 from pyrys.signature import InputError
-from pyrys.size_one import fitted_samples, takes
+from pyrys.size_one import fitted_samples, held_by, held_shapes, shapes_of
 
 RULE = "int8"
 aten = torch.ops.aten
@@ -81,9 +81,14 @@ def quantize(gm: fx.GraphModule, precision: str, calibration: Calibration | None
         if planning:
             try:
                 samples = spread_first(samples, GUARD_SAMPLES)  # (the guard's: of every size, where they vary)
-                quants, expected, samples, failed = observe(gm, {value.name for value in roles.values()}, samples,
-                                                            GUARD_SAMPLES)
-                calibration.note = "; ".join(filter(None, [calibration.note, failed]))
+                count = len(samples)
+                quants, expected, samples, (failed, said) = observe(gm, {value.name for value in roles.values()},
+                                                                    samples, GUARD_SAMPLES)
+                if failed:  # left out: the model's own refusal, or the cut's (positions past the dim cut)
+                    left = (f"{failed} of the {count} samples made to fit it do not run on it" if cut else
+                            f"the model fails on {failed} of the {count} samples")
+                    calibration.note = "; ".join(filter(None, [calibration.note, f"calibration: {left}, left out "
+                                                                                 f"({said})"]))
                 if cut and _degenerate(expected, samples):  # a guard measuring NaN against NaN, or one answer,
                     # says 0
                     raise ValueError("its float32 outputs on them are not finite, or all alike (the positions "
@@ -140,6 +145,8 @@ def _degenerate(outputs: list, samples: list[list]) -> bool:
 
     tensors = [[t for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()]
                for output in outputs]
+    if not any(tensors):  # (integer outputs alone, an argmax: nothing to say)
+        return False
     if not all(bool(t.isfinite().all()) for output in tensors for t in output):
         return True
     inputs = [[t for t in sample if isinstance(t, torch.Tensor)] for sample in samples[:len(outputs)]]
@@ -264,7 +271,7 @@ def _plan_or_samples(gm: fx.GraphModule, calibration: Calibration, roles: dict[s
         if not any(not _read_by(first, sample) for sample in held):  # TorchScript import's or an image size's)
             return first, None, False
         calibration.note = f"{OWN_SIZES}, {CALIBRATED_ON_ITS_OWN}, on {len(held)} of the calibration samples"
-        return None, held, False
+        return None, held, True  # (where none runs, the first plan, as for samples cut to fit)
     samples, how = fitted_samples(gm, calibration.parent.kept, MAX_SAMPLES)
     if not samples:
         return first, None, False
@@ -279,8 +286,8 @@ def held_samples(gm: fx.GraphModule, calibration: Calibration) -> list[list]:
     in ``calibration.note``.  Where it holds for none: the samples fitted to it (one-row samples joined for a
     graph for batches from 2: :func:`~pyrys.size_one.fitted_samples`), else :class:`InputError`."""
     samples = calibration.samples or []
-    shapes = [_shapes(sample) for sample in samples]
-    held = _held_shapes(gm, samples)
+    shapes = [shapes_of(sample) for sample in samples]
+    held = held_shapes(gm, samples)
     left = [shape for shape, holds in held.items() if not holds]
     if not left:
         return samples
@@ -299,27 +306,6 @@ def held_samples(gm: fx.GraphModule, calibration: Calibration) -> list[list]:
                 f"were left out ({described}{', ...' if len(left) > 4 else ''})")
     calibration.note = "; ".join(filter(None, [calibration.read_note, left_out]))
     return taken
-
-
-def _shapes(sample: list) -> tuple:
-    return tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in sample)
-
-
-def _held_shapes(gm: fx.GraphModule, samples: list[list]) -> dict[tuple, bool]:
-    """Whether ``gm`` holds for each of the samples' shapes, read once a shape (a graph with symbolic sizes
-    reads its guards)."""
-    held: dict[tuple, bool] = {}
-    for sample in samples:
-        shape = _shapes(sample)
-        if shape not in held:
-            held[shape] = takes(gm, sample)
-    return held
-
-
-def held_by(gm: fx.GraphModule, samples: list[list]) -> list[list]:
-    """The samples ``gm`` holds for as they are."""
-    held = _held_shapes(gm, samples)
-    return [sample for sample in samples if held[_shapes(sample)]]
 
 
 def _read_by(plan: QuantizationPlan, sample: list) -> bool:

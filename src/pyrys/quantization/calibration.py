@@ -330,15 +330,17 @@ def _describe(signature) -> str:
 
 
 def observe(gm: fx.GraphModule, names: set[str], samples: list[list],
-            keep_outputs: int) -> tuple[dict[str, TensorQuant], list[list], list[list], str]:
+            keep_outputs: int) -> tuple[dict[str, TensorQuant], list[list], list[list], tuple[int, str]]:
     """Run ``gm`` on every sample; the quantization of each value named in ``names`` (an activation an int8
     op reads), from its finite values (an infinity or NaN saturates or stays what it is in int8 whatever the
     scale, and would make the histogram's range meaningless), and the outputs of the first ``keep_outputs``
-    samples (the float32 answers the guard compares with).  A sample the model fails on (a text longer than
-    its position table, an id past its vocabulary: eager fails too) is left out: returned are the samples
-    run and what the first failure said ("" where none failed); where every one fails, that error is raised."""
+    samples (the float32 answers the guard compares with).  A sample ``gm`` fails on (a text longer than the
+    model's position table, an id past its vocabulary: eager fails too) is left out, none of its values
+    observed: returned are the samples run and ``(how many failed, what the first said)``; where every one
+    fails, that error is raised."""
     program = ReferenceProgram(gm)
     observers: dict[str, HistogramObserver] = {}
+    seen: list[tuple[str, torch.Tensor]] = []  # one sample's, observed once it has run through
 
     def visit(name: str, value: torch.Tensor) -> None:
         if name not in names or not value.is_floating_point():
@@ -348,20 +350,24 @@ def observe(gm: fx.GraphModule, names: set[str], samples: list[list],
         if not bool(finite.all()):
             value = value[finite]
         if value.numel():
-            if name not in observers:
-                observers[name] = HistogramObserver(dtype=torch.quint8, qscheme=torch.per_tensor_affine)
-            observers[name](value)
+            seen.append((name, value))
 
     outputs, run, failed, first_error = [], [], 0, None
     for i, sample in enumerate(samples):
+        seen.clear()
         try:
             result = program.observe(sample, visit)
-        except Exception as error:  # noqa: BLE001 -- the model refuses this sample (eager raises too)
+        except Exception as error:  # noqa: BLE001 -- the graph refuses this sample (eager raises too)
             failed, first_error = failed + 1, first_error or (i, error)
             continue
+        for name, value in seen:
+            if name not in observers:
+                observers[name] = HistogramObserver(dtype=torch.quint8, qscheme=torch.per_tensor_affine)
+            observers[name](value)
         run.append(sample)
         if len(outputs) < keep_outputs:
             outputs.append(result)
+    seen.clear()
     if not run:
         raise first_error[1]
     said = ""
@@ -369,10 +375,10 @@ def observe(gm: fx.GraphModule, names: set[str], samples: list[list],
         i, error = first_error
         line = (str(error).strip().splitlines() or [""])[0][:160]
         shapes = ", ".join(str(list(t.shape)) for t in samples[i] if isinstance(t, torch.Tensor))
-        said = (f"calibration: the model fails on {failed} of the {len(samples)} samples, left out (one of shapes "
-                f"{shapes}: {type(error).__name__}: {line})")
+        said = f"one of shapes {shapes}: {type(error).__name__}: {line}"
     bounds = table_bounds(gm)
-    return {name: _quant_of(observer, bounds.get(name)) for name, observer in observers.items()}, outputs, run, said
+    quants = {name: _quant_of(observer, bounds.get(name)) for name, observer in observers.items()}
+    return quants, outputs, run, (failed, said)
 
 
 # ops whose result holds only numbers of their first argument
