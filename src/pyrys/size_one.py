@@ -153,6 +153,7 @@ def _joined_alike(samples: list[list], rows: int) -> list[list]:
 
 
 def shapes_of(sample: list) -> tuple:
+    """A sample's flat inputs' shapes (None for a value that is not a tensor): what groups samples alike."""
     return tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in sample)
 
 

@@ -30,6 +30,7 @@ from pyrys.ir.graph import constant_value, is_constant
 from pyrys.ir.vocabulary import PERMUTES, VIEWS
 from pyrys.quantization import TensorQuant
 from pyrys.signature import InputError, is_tensor_leaf, signature_of
+from pyrys.size_one import shapes_of
 
 aten = torch.ops.aten
 MAX_SAMPLES = 300  # calibration reads at most this many samples (OpenVINO NNCF's default subset size)
@@ -105,8 +106,7 @@ def spread_first(samples: list[list], count: int) -> list[list]:
     one token; a helper's find)."""
     by_shape: dict[tuple, list] = {}
     for sample in samples:
-        by_shape.setdefault(tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in sample),
-                            []).append(sample)
+        by_shape.setdefault(shapes_of(sample), []).append(sample)
     if len(by_shape) <= 1 or count < 2:
         return samples
     order = sorted(by_shape, key=lambda shape: sum(math.prod(s) for s in shape if s is not None))
@@ -237,18 +237,10 @@ class _Rows:
         self.cut: set[int] = set()  # the row counts of the samples cut
 
     def fits(self, signature) -> bool:
-        if self.per_sample is None or signature.in_spec != self.expected.in_spec:
+        if self.per_sample is None or not sized_otherwise(signature, self.expected):
             return False
-        firsts = set()
-        for got, want in zip(signature.leaves, self.expected.leaves, strict=True):
-            if not is_tensor_leaf(want):
-                if got != want:
-                    return False
-                continue
-            if not is_tensor_leaf(got) or got[1] != want[1] or len(got[0]) != len(want[0]) or got[0][1:] != want[0][1:]:
-                return False
-            firsts.add(got[0][0])
-        return len(firsts) == 1
+        tensors = [(got[0], want[0]) for got, want in zip(signature.leaves, self.expected.leaves) if is_tensor_leaf(want)]
+        return all(got[1:] == want[1:] for got, want in tensors) and len({got[0] for got, _ in tensors}) == 1
 
     def take(self, flat: list) -> list[list]:
         self.cut.add(next(x.shape[0] for x in flat if isinstance(x, torch.Tensor)))
