@@ -1007,6 +1007,12 @@ def test_calibration_samples_of_other_lengths_calibrate_the_capture_for_every_le
     assert len(said) == 1 and "(input 0 dim 1 is 64, the samples' 16)" in said[0], same.notes
     same(torch.randn(2, 32, 8))
     assert sum("outside the calibration samples" in note for note in same.notes) == 1
+    with tempfile.TemporaryDirectory() as folder:  # the sizes calibrated are saved: a loaded module says so too
+        pyrys.save(pyrys.optimize(model, (x,), precision="int8", calibration=[torch.randn(2, 16, 8)] * 4,
+                                  dynamic=True), f"{folder}/m")
+        loaded = pyrys.load(f"{folder}/m")
+    loaded(long)
+    assert any("(input 0 dim 1 is 64, the samples' 16)" in note for note in loaded.notes), loaded.notes
     for dynamic in (None, False):
         with pytest.raises(pyrys.InputError, match="calibration sample 0 .* read with dynamic=True"):
             pyrys.optimize(model, (x,), precision="int8", calibration=lengths, dynamic=dynamic)

@@ -47,6 +47,7 @@ from pyrys.config import OptimizeConfig, check_threads, threads_problem
 from pyrys.optimized_module import OptimizedModule
 from pyrys.passes.pipeline import PipelineRun, Step
 from pyrys.passes.rewrite import Miss
+from pyrys.quantization.calibration import CALIBRATED_SIZES_KEY
 from pyrys.saving.directory import parse_files, read_directory, write_directory
 from pyrys.saving.graph_json import _DTYPES, decode_arg, decode_graph, encode_arg, encode_graph
 from pyrys.saving.symbolic import decode_symbolic, encode_symbolic
@@ -192,9 +193,11 @@ def _encode_generic(template: Compiled, tensors: dict, prefix: str = "generic") 
                       f"from its saved form ({why}); it is left out: the loaded module runs the shapes compiled so "
                       "far and those the other graphs saved hold for", stacklevel=3)
         return None
+    calibrated = captured.gm.meta.get(CALIBRATED_SIZES_KEY) or {}
     return {"graph": graph, "symbolic": symbolic, "in_spec": encode_spec(captured.in_spec),
             "out_spec": encode_spec(captured.out_spec), "class_name": captured.class_name,
-            "output_copies": list(captured.output_copies)}
+            "output_copies": list(captured.output_copies),
+            "calibrated_sizes": [[place[0], place[1], sorted(held)] for place, held in sorted(calibrated.items())]}
 
 
 def _decode_generic(record: dict, tensors: dict, first: Compiled) -> Compiled:
@@ -202,9 +205,24 @@ def _decode_generic(record: dict, tensors: dict, first: Compiled) -> Compiled:
     made: list[str] = []
     gm = decode_graph(record["graph"], tensors)
     decode_symbolic(gm, record["symbolic"])
+    if calibrated := _decode_calibrated_sizes(record):
+        gm.meta[CALIBRATED_SIZES_KEY] = calibrated
     captured = Captured(gm, decode_spec(record["in_spec"], made), decode_spec(record["out_spec"], made),
                         record["class_name"], [], output_copies=_decode_output_copies(record, gm))
     return Compiled(first.signature, captured, first.run, first.program, first.backend, first.notes, captured)
+
+
+def _decode_calibrated_sizes(record: dict) -> dict[tuple[int, int], frozenset[int]]:
+    """The saved sizes an int8 plan's samples had, ``[[flat input, dim, [sizes]], ...]`` (saves before them:
+    none), each checked: what a new shape outside them is told of (``OptimizedModule._note_unmeasured_sizes``)."""
+    saved = record.get("calibrated_sizes", [])
+    if not isinstance(saved, list) or not all(
+            isinstance(entry, list) and len(entry) == 3 and all(type(v) is int and v >= 0 for v in entry[:2])
+            and isinstance(entry[2], list) and entry[2] and all(type(v) is int and v >= 0 for v in entry[2])
+            for entry in saved):
+        raise LoadError(f"pyrys.load: the saved program is malformed (calibrated_sizes {saved!r} are not "
+                        "[input, dim, [sizes]] entries)")
+    return {(entry[0], entry[1]): frozenset(entry[2]) for entry in saved}
 
 
 def _decode_output_copies(record: dict, gm: fx.GraphModule) -> tuple[int, ...]:
