@@ -495,19 +495,25 @@ class Structured(torch.nn.Module):
 
     def forward(self, x, ids, scale: float = 2.0, *, extra=None):
         y = self.conv(x) * scale
-        return {"pair": Pair(y, self.embed(ids)), "stats": (y.sum(), y.amax()), "extra": extra + 1}
+        return {"pair": Pair(y, self.embed(ids)), "stats": (y.sum(), y.amax()), "extra": extra + 1, "shape": y.shape}
 
 
 def test_inputs_and_outputs_keep_their_structure(tmp_path, backend):
     model = Structured().eval()
     args, kwargs = (torch.rand(2, 3, 8, 8), torch.tensor([[1, 2], [3, 4]]), 3.0), {"extra": torch.rand(2)}
     opt = pyrys.optimize(model, args, kwargs, backend=backend)
+    other_args = (torch.rand(3, 3, 10, 10), torch.tensor([[1, 2]] * 3), 3.0)
+    opt(*other_args, **kwargs)  # a capture for every shape, saved with the module
     pyrys.save(opt, tmp_path / "saved")
     loaded = pyrys.load(tmp_path / "saved")
     with torch.no_grad():
         expected, got = model(*args, **kwargs), loaded(*args, **kwargs)
     assert isinstance(got["pair"], Pair) and isinstance(got["stats"], tuple)
     assert _equal(got["pair"], opt(*args, **kwargs)["pair"])
+    for module in (opt, loaded):  # a torch.Size stays one (torch's pytree gives it back as a tuple), at a new shape too
+        assert type(module(*args, **kwargs)["shape"]) is torch.Size and module(*args, **kwargs)["shape"] == (2, 4, 6, 6)
+        other = module(*other_args, **kwargs)["shape"]
+        assert type(other) is torch.Size and other == (3, 4, 8, 8)
     assert pyrys.relative_error(got["pair"].scaled, expected["pair"].scaled) <= TOLERANCE
     assert torch.equal(got["extra"], expected["extra"])
 

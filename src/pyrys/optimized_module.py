@@ -9,7 +9,7 @@ import weakref
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from pyrys.backends.reference import with_values
 from pyrys.calling_context import (autocast_on, called_plainly, callers_level, refuse_tracers, warn_of_autocast,
@@ -25,6 +25,7 @@ from pyrys.size_one import excluded_size_one_inputs, size_one_dims
 from pyrys.capture.dynamic_shapes import SIZE_ONE_FIXED, VaryingDims, symbolic_example, widened_like
 from pyrys.ir.graph import user_inputs
 from pyrys.ir.output_aliases import copied_apart
+from pyrys.output_tree import unflattener
 from pyrys.signature import (InputError, Signature, arranged_like, check_compatible, is_tensor_leaf, leaf_names,
                              runnable_inputs, signature_of)
 from pyrys.capture.frontend import Frontend
@@ -628,11 +629,12 @@ def _direct_call(compiled: Compiled):
     """The program with its outputs copied apart where eager keeps them apart and restructured: every call's
     (the all-tensor fast path of ``forward`` keeps it)."""
     program, spec, copies = compiled.program, compiled.captured.out_spec, compiled.captured.output_copies
+    structure = unflattener(spec)
     if copies:
-        return lambda flat: tree_unflatten(copied_apart(program(flat), copies), spec)
+        return lambda flat: structure(copied_apart(program(flat), copies))
     if spec.is_leaf():
         return lambda flat: program(flat)[0]
-    return lambda flat: tree_unflatten(program(flat), spec)
+    return lambda flat: structure(program(flat))
 
 
 def _refuse_shared_memory(args: tuple, kwargs: dict, captured) -> None:
