@@ -263,6 +263,32 @@ def test_an_operand_of_any_broadcast_shape_fuses_into_a_onednn_matmul(shape):
     assert "dnnl::matmul_add_relu" in opt.program_text() and runs_in_onednn(opt), opt.program_text()
 
 
+class LinearPlusOperand(nn.Module):
+    """``relu(linear(x) + c)`` on a 3-D ``x``, with ``c`` a graph input of any shape that broadcasts to it."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(16, 9)
+
+    def forward(self, x, c):
+        return torch.relu(self.linear(x) + c)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 9), (1, 7, 9), (7, 9), (1, 7, 1), (2, 1, 1), (1, 1, 9), (9,), (2, 7, 1),
+                                   (2, 7, 9)])
+def test_an_operand_of_any_broadcast_shape_fuses_into_a_onednn_linear(shape):
+    """A linear runs on its input's rows (leading dims flattened); an operand that broadcasts over some of them
+    but not all was given to oneDNN as it was: a call at ``(2, 1, 9)`` erred 2.2 silently at a new shape (at
+    the first, the compile's self-check fell back to torch).  It is broadcast to every row now."""
+    model = LinearPlusOperand().eval()
+    args = (rand(2, 7, 16), rand(*shape, seed=3))
+    opt = pyrys.optimize(model, args)
+    assert relative_error(opt(*args), model(*args)) <= TOLERANCE
+    assert "dnnl::linear_add_relu" in opt.program_text() and "torch::" not in opt.program_text(), opt.program_text()
+    full = pyrys.optimize(model, (rand(2, 7, 16), rand(*(2, 7, 9)[3 - len(shape):], seed=4)))  # a new shape of it
+    assert relative_error(full(*args), model(*args)) <= TOLERANCE
+
+
 @pytest.mark.parametrize("rank", [3, 4])
 def test_a_result_read_transposed_runs_in_onednn(rank):
     batch = (2,) if rank == 3 else (2, 3)

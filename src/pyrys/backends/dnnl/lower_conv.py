@@ -21,8 +21,8 @@ from pyrys.backends.dnnl.layout import plain_md, policy_md
 from pyrys.backends.dnnl.lower_int8 import INT8, Int8Op, post_operands, read_int8
 from pyrys.backends.dnnl.post_ops import Chain, Operand, build_chain, operand_of
 from pyrys.backends.dnnl.primitives import MemoryDesc, PrimitiveAttr, PrimitiveDesc
-from pyrys.backends.dnnl.tensors import dnnl_dtype
-from pyrys.backends.dnnl.values import ALIAS, Value
+from pyrys.backends.dnnl.tensors import DNNL_TO_TORCH, dnnl_dtype
+from pyrys.backends.dnnl.values import ALIAS, Value, broadcast_of
 from pyrys.ir.fused import Fused, conv_padding, read_fused
 from pyrys.ir.released import values_of
 from pyrys.passes.precision import CONVERT
@@ -280,19 +280,32 @@ def _as_2d(builder: Builder, value: Value, rows: int) -> Value:
 
 
 def _operand_2d(builder: Builder, node: fx.Node, rows: int, out_shape) -> Operand:
-    """A post-op operand of a linear run on ``rows`` rows: a computed one viewed as 2-D where it has every
-    row; a constant one as one row, or (where it differs from row to row) broadcast to every row."""
+    """A post-op operand of a linear run on ``rows`` rows, as 2-D: one row where it is the same for every row;
+    viewed as ``(rows, -1)`` where it has every row (its last dim the output's or 1); else (it broadcasts over
+    some leading dims but not all: ``(B, 1, N)`` or ``(L, N)`` added to ``(B, L, N)``) broadcast to every row,
+    a constant once, a computed one by a copy each call."""
     operand = operand_of(builder, node)
+    out_shape = list(out_shape)
+    dims = list(operand.constant.shape) if operand.constant is not None else list(operand.value.md.dims)
+    if len(dims) > len(out_shape):
+        raise Unsupported(f"a post-op operand of shape {dims} has more dims than the linear's output {out_shape}")
+    padded = [1] * (len(out_shape) - len(dims)) + dims
     if operand.constant is not None:
         constant = operand.constant
-        if all(d == 1 for d in constant.shape[:-1]):
+        if all(d == 1 for d in padded[:-1]):
             constant = constant.reshape(1, -1)
         else:
-            constant = values_of(constant).expand(list(out_shape)).reshape(rows, -1)  # a released one's values
+            constant = values_of(constant).expand(out_shape).reshape(rows, -1)  # a released one's values
         return Operand(None, False, constant=constant, name=operand.name)
-    if len(operand.value.md.dims) == 2 or operand.value.md.dims[-1] * rows != _numel(operand.value.md.dims):
-        return operand
-    return Operand(_as_2d(builder, operand.value, rows), operand.exclusive)
+    if all(d == 1 for d in padded[:-1]):
+        return Operand(_as_2d(builder, operand.value, 1), operand.exclusive)
+    if padded[:-1] == out_shape[:-1]:
+        return Operand(_as_2d(builder, operand.value, rows), operand.exclusive)
+    source = builder.to_plain(operand.value)
+    full = out_shape[:-1] + padded[-1:]
+    view = broadcast_of(source, f"{source.name}.expanded", full)
+    copy = builder.copy(view, plain_md(full, DNNL_TO_TORCH[source.md.dtype]))
+    return Operand(_as_2d(builder, copy, rows), True)
 
 
 def _numel(dims) -> int:
