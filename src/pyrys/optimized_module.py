@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
+from pyrys.backends import keep_held
 from pyrys.backends.reference import with_values
 from pyrys.calling_context import (autocast_on, called_plainly, callers_level, refuse_tracers, warn_of_autocast,
                                    without_autocast)
@@ -235,6 +236,15 @@ class OptimizedModule(torch.nn.Module):
         evicted = set(self._shapes.put(signature, compiled))
         if evicted:
             self._fast_calls = {k: v for k, v in self._fast_calls.items() if v[0] not in evicted}
+            held = self._held()
+            keep_held([c.program for c in held], [gm for c in held for gm in _graphs_of(c)])
+
+    def _held(self) -> list[Compiled]:
+        """Every compile this module holds: its signatures', the graph for every shape's and the templates'."""
+        held = [*self._shapes.entries.values(), self._first, *self._other_templates]
+        held += [self._generic] if self._generic is not None else []
+        held += [c.template for c in held if c.template is not None]
+        return list({id(c): c for c in held}.values())
 
     def _new_shape(self, signature: Signature, flat: list, args: tuple, kwargs: dict) -> Compiled:
         """The program for a new shape: specialized from the graph optimized for every shape.  With
@@ -623,6 +633,10 @@ def _calibrated_on_its_own(compiled: Compiled) -> bool:
     """Whether this capture's int8 plan is its own (it computes values otherwise than the first's), as its
     note says (``passes/quantize.py``)."""
     return any(note.startswith(OWN_NOTES) and CALIBRATED_ON_ITS_OWN in note for note in compiled.notes)
+
+
+def _graphs_of(compiled: Compiled) -> list[torch.fx.GraphModule]:
+    return [compiled.captured.gm] + ([compiled.generic.gm] if compiled.generic is not None else [])
 
 
 def _direct_call(compiled: Compiled):

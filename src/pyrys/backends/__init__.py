@@ -55,6 +55,17 @@ def release_constants(program: Program, gms: list[fx.GraphModule]) -> int:
     return release(gms) if release is not None else 0
 
 
+def keep_held(programs: list[Program], graphs: list[fx.GraphModule]) -> int:
+    """After input signatures were dropped: what backends share between programs (the dnnl backend's packed
+    weights) keeps only what ``programs`` (every one still held) and ``graphs`` read.  How many constants were
+    forgotten (0 where a backend shares nothing)."""
+    try:
+        from pyrys.backends.dnnl import runtime
+    except ImportError:
+        return 0
+    return runtime.keep_held(programs, graphs)
+
+
 def available_backends() -> list[str]:
     names = ["reference"]
     if _dnnl_backend()[0] is not None:

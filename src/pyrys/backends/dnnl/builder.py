@@ -122,6 +122,24 @@ class PackedWeights:
             if not self.entries[key]:
                 del self.entries[key], self.sources[key]
 
+    def keep_held(self, used: set[int], constants: list[torch.Tensor]) -> int:
+        """Forget every constant no held program reads (none of its packed copies' addresses in ``used``) and
+        no held graph holds (``constants``: theirs, stand-ins or plain): what a dropped input signature alone
+        packed (a slice of a weight its capture folded for its own length).  How many were forgotten."""
+        bases = {id(base) for t in constants if (base := released_base(t)) is not None}
+        storages = {t.untyped_storage().data_ptr() for t in constants if released_base(t) is None}
+        forgotten = 0
+        with self._lock:
+            for key in list(self.entries):
+                source = self.sources[key]
+                base = released_base(source)
+                held = id(base) in bases if base is not None else source.untyped_storage().data_ptr() in storages
+                if not held and not any(s.data_ptr() in used for _, s in self.entries[key]):
+                    del self.entries[key], self.sources[key]
+                    self.read_as_is.discard(key)
+                    forgotten += 1
+        return forgotten
+
     def release(self, engine: Engine, tensor: torch.Tensor) -> torch.Tensor | None:
         """A stand-in for ``tensor`` if every copy held of it (or, where it has none, of its transpose: a
         linear's weight run as a matmul) is packed in another layout, with its dtype (read back, it gives

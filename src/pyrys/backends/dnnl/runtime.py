@@ -343,3 +343,21 @@ def compile_program(gm: fx.GraphModule, example_inputs: list, options: BackendOp
                     like=None):
     """The dnnl backend: see :class:`DnnlRuntime` (``like``: a runtime of another shape, or None)."""
     return DnnlRuntime(gm, example_inputs, options, like if isinstance(like, DnnlRuntime) else None)
+
+
+def keep_held(programs: list, graphs: list[fx.GraphModule]) -> int:
+    """Each packing the held runtimes among ``programs`` share keeps only what their programs read or ``graphs``
+    (every graph still held) hold: a signature ``max_shapes`` dropped leaves nothing packed behind.  How many
+    constants were forgotten."""
+    groups: dict[int, list[DnnlRuntime]] = {}
+    for program in programs:
+        if isinstance(program, DnnlRuntime):
+            groups.setdefault(id(program.packed), []).append(program)
+    constants = [t for gm in dict.fromkeys(graphs) for t in gm.buffers()]
+    forgotten = 0
+    for group in groups.values():
+        used = {slot.constant.data_ptr() for runtime in group for program in list(runtime.programs.values())
+                for slot in program.slots if slot.constant is not None}
+        own = [t for runtime in group for t in runtime.gm.buffers()]
+        forgotten += group[0].packed.keep_held(used, constants + own)
+    return forgotten
