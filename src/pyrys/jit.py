@@ -18,6 +18,7 @@ not folded, and the result's ``report()`` says so.
 """
 from __future__ import annotations
 
+import threading
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,9 +37,11 @@ class FreezeRequests:
     params: list[str] = field(default_factory=list)
     flags: dict[str, bool] = field(default_factory=dict)
     compiled: dict[str, OptimizedModule] = field(default_factory=dict)
+    generation: int = 0  # freeze calls so far: a compile begun before one is not kept
 
 
 _REQUESTS: "weakref.WeakKeyDictionary[Any, FreezeRequests]" = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()  # a freeze call against a compile that stores its result
 
 
 def _cpp_module(module: Any) -> torch._C.ScriptModule:
@@ -90,7 +93,7 @@ def _jit_pass_freeze_params(module: Any, method_name: str, attribute: str) -> No
     entry = requests_for(cpp)
     if attribute not in entry.params:
         entry.params.append(attribute)
-    entry.compiled.clear()
+    _forget_compiles(entry)
 
 
 def _jit_pass_freeze_flags(module: Any, method_name: str, attribute: str, value: bool) -> None:
@@ -105,7 +108,13 @@ def _jit_pass_freeze_flags(module: Any, method_name: str, attribute: str, value:
                              f"its bool attributes are named {sorted(flags)}")
     entry = requests_for(cpp)
     entry.flags[attribute] = value
-    entry.compiled.clear()
+    _forget_compiles(entry)
+
+
+def _forget_compiles(entry: FreezeRequests) -> None:
+    with _LOCK:
+        entry.generation += 1
+        entry.compiled.clear()
 
 
 def freeze_params(module: Any, *attributes: str) -> None:
@@ -121,7 +130,9 @@ def freeze_flags(module: Any, **flags: bool) -> None:
 
 
 def compile(module: Any, *example_inputs: Any, **options: Any) -> OptimizedModule:
-    """The optimized module for ``module`` with its recorded freezes (cached until a new freeze call).
+    """The optimized module for ``module`` with its recorded freezes, cached until a new freeze call or a write
+    to the module's tensors (in place or by ``load_state_dict``: their version counters); a compile given
+    ``calibration=`` is not cached (its samples are data a key cannot stand for).
 
     ``options`` are :func:`pyrys.optimize`'s (``backend``, ``disable``, ...), except the freezes.
     """
@@ -132,14 +143,20 @@ def compile(module: Any, *example_inputs: Any, **options: Any) -> OptimizedModul
         if key in options:
             raise TypeError(f"pyrys.jit takes freezes from the _jit_pass_* calls, not {key}=")
     entry = requests_for(module) if isinstance(module, torch.jit.ScriptModule) else FreezeRequests()
+    cached = "calibration" not in options
     key = repr(sorted(options.items()))
-    compiled = entry.compiled.get(key)
-    if compiled is None:
-        measured = {name: options.pop(name) for name in ("calibration", "accuracy_budget") if name in options}
-        config = make_config(freeze_params=tuple(entry.params), freeze_flags=tuple(entry.flags), **options)
-        check_calibration_options(config.precision, measured.get("calibration"), measured.get("accuracy_budget", AUTO))
-        compiled = optimize_torchscript(module, example_inputs, None, config, dict(entry.flags), **measured)
-        entry.compiled[key] = compiled
+    with _LOCK:
+        generation, params, flags = entry.generation, tuple(entry.params), dict(entry.flags)
+        compiled = entry.compiled.get(key) if cached else None
+    if compiled is not None and compiled._weights_unchanged():
+        return compiled
+    measured = {name: options.pop(name) for name in ("calibration", "accuracy_budget") if name in options}
+    config = make_config(freeze_params=params, freeze_flags=tuple(flags), **options)
+    check_calibration_options(config.precision, measured.get("calibration"), measured.get("accuracy_budget", AUTO))
+    compiled = optimize_torchscript(module, example_inputs, None, config, flags, **measured)
+    with _LOCK:
+        if cached and entry.generation == generation:  # no freeze call came while it compiled
+            entry.compiled[key] = compiled
     return compiled
 
 

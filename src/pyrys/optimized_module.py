@@ -31,7 +31,7 @@ from pyrys.signature import (InputError, Signature, arranged_like, check_compati
                              runnable_inputs, signature_of)
 from pyrys.capture.frontend import Frontend
 from pyrys.config import OptimizeConfig
-from pyrys.errors import CaptureError
+from pyrys.errors import CaptureError, ModelChangedError
 from pyrys.ir.quiet_fake import fake_tensor_errors_unlogged
 from pyrys.compiled import COMPILING, Compiled, build_for_shape, compile_signature, static_reason
 from pyrys.numerics.budget import ACCURACY_NOTE
@@ -528,6 +528,16 @@ class OptimizedModule(torch.nn.Module):
     notes = forwarded("_first.notes", "What capture and the backend choice said (a fallback, a dropped write).")
     numerics = forwarded("_first.numerics", "The :class:`pyrys.numerics.report.NumericsReport` of ``numerics=True`` "
                                             "(error after every pass and of every layer), else None.")
+
+    def _weights_unchanged(self) -> bool:
+        """Whether no tensor shared with the model was written in place since optimize (version counters only:
+        cheap enough for every call of ``pyrys.jit.run``)."""
+        try:
+            if self._frontend.writes is not None:
+                self._frontend.writes.check(digests=False)
+        except ModelChangedError:
+            return False
+        return True
 
     @property
     def writes(self) -> tuple[str, ...]:

@@ -121,6 +121,37 @@ def test_seed_calls_freeze_a_flag_to_the_requested_value():
     assert pyrys.relative_error(pyrys.jit.run(scripted, x, backend="reference"), expected(x)) <= TOLERANCE
 
 
+def test_the_jit_cache_follows_weight_writes_freezes_and_calibration(monkeypatch):
+    """A helper's fuzz: ``pyrys.jit.run`` after ``m.c.weight.mul_(3)`` ran the old weights (error 0.65); two
+    int8 compiles given other calibration samples of the same repr returned the first one (error 0.93); a
+    freeze call during a compile was lost (the compile begun before it was kept)."""
+    scripted = script(conv_bn_relu())
+    x = image()
+    pyrys.jit.freeze_params(scripted, "weight", "bias", "running_mean", "running_var")
+    pyrys.jit.freeze_flags(scripted, training=False)
+    first = pyrys.jit.compile(scripted, x)
+    assert pyrys.jit.compile(scripted, x) is first  # cached
+    with torch.no_grad():
+        scripted.conv.weight.mul_(3)
+        assert pyrys.relative_error(pyrys.jit.run(scripted, x), scripted(x)) <= TOLERANCE
+    assert pyrys.jit.compile(scripted, x) is not first
+    samples = [torch.rand(1, 3, 6, 6) for _ in range(4)]
+    one = pyrys.jit.compile(scripted, x, precision="int8", calibration=samples)
+    assert pyrys.jit.compile(scripted, x, precision="int8", calibration=samples) is not one  # never cached
+
+    from pyrys import jit
+    real = jit.optimize_torchscript
+
+    def freeze_meanwhile(*args, **kwargs):
+        pyrys.jit.freeze_flags(scripted, training=False)  # another thread's call, while this compiles
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jit, "optimize_torchscript", freeze_meanwhile)
+    raced = pyrys.jit.compile(scripted, x, backend="reference")
+    monkeypatch.setattr(jit, "optimize_torchscript", real)
+    assert pyrys.jit.compile(scripted, x, backend="reference") is not raced  # not kept: a freeze came
+
+
 def test_scripted_function():
     def foo(x, y):
         z = torch.full([1], 1.0) + 2
