@@ -313,6 +313,20 @@ def test_empty_outputs_and_matching_infinities_agree(backend):
     assert pyrys.relative_error([one, nan], [one, one]) == pyrys.relative_error([nan, one], [one, one]) == float("inf")
 
 
+def test_relative_error_compares_every_leaf_by_its_place():
+    """A helper's fuzz: numbers, strings and dicts of swapped keys all measured 0.0, complex tensors as integers."""
+    a = torch.randn(3, 4)
+    assert pyrys.relative_error(1.1, 1.0) == pytest.approx(0.1) and pyrys.relative_error((a, 3), (a, 4)) == 1.0
+    assert pyrys.relative_error({"x": a, "y": a * 5}, {"y": a * 5, "x": a}) == 0.0  # paired by key, not order
+    assert pyrys.relative_error({"x": a, "y": a}, {"y": a * 5, "x": a}) == pytest.approx(0.8, rel=1e-6)
+    for got, want, why in [(a, 1.0, "output type differs: Tensor vs eager's float"), ("a", "b", "value differs"),
+                           ({"x": a}, {"y": a}, r"eager's \['y'\] missing; \['x'\] not in eager's")]:
+        with pytest.raises(AssertionError, match=why):
+            pyrys.relative_error(got, want)
+    z = torch.randn(3, dtype=torch.complex64)
+    assert 0 < pyrys.relative_error(z * (1 + 1e-6), z) < 1e-5
+
+
 class Branches(nn.Module):
     def __init__(self):
         super().__init__()

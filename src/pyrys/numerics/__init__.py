@@ -16,7 +16,7 @@ that crosses a tolerance (``bisect.py``).
 from __future__ import annotations
 
 import torch
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import MappingKey, tree_flatten_with_path, tree_leaves
 
 FP32_TOLERANCE = 1e-4
 BF16_TOLERANCE = 3e-2  # bfloat16 keeps 8 bits of mantissa: ~4e-3 per stored value, compounding over layers
@@ -24,31 +24,66 @@ INT8_TOLERANCE = 5e-2  # 8-bit activations and weights: OpenVINO int8 errs 1.5-2
 TOLERANCES = {"fp32": FP32_TOLERANCE, "bf16": BF16_TOLERANCE, "int8": INT8_TOLERANCE}  # by ``optimize(precision=...)``
 
 
-def _leaf_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+def _leaf_error(actual, expected) -> float:
+    """One leaf's error: a tensor's (floating or complex: relative, as above; other dtypes: 0 or 1, exact), a
+    Python number's as a 0-d tensor's; any other value must be equal (``AssertionError`` otherwise)."""
+    if not isinstance(expected, torch.Tensor) and not isinstance(actual, torch.Tensor):
+        numbers = (actual, expected)
+        if all(isinstance(v, (bool, int)) for v in numbers):
+            return float(actual != expected)
+        if all(isinstance(v, (bool, int, float, complex)) for v in numbers):
+            wide = torch.complex128 if any(isinstance(v, complex) for v in numbers) else torch.float64
+            return _leaf_error(torch.tensor(actual, dtype=wide), torch.tensor(expected, dtype=wide))
+        if actual == expected:
+            return 0.0
+        raise AssertionError(f"output value differs: {actual!r} vs eager's {expected!r}")
+    if not isinstance(actual, torch.Tensor) or not isinstance(expected, torch.Tensor):
+        raise AssertionError(f"output type differs: {type(actual).__name__} vs eager's {type(expected).__name__}")
     actual, expected = actual.detach(), expected.detach()
     if actual.shape != expected.shape or actual.dtype != expected.dtype:
         raise AssertionError(f"output type differs: {actual.dtype}{tuple(actual.shape)} "
                              f"vs eager {expected.dtype}{tuple(expected.shape)}")
-    if not expected.is_floating_point():
+    if not (expected.is_floating_point() or expected.is_complex()):
         return float((actual != expected).any())
     if expected.numel() == 0:
         return 0.0
-    actual, expected = actual.double(), expected.double()
+    wide = torch.complex128 if expected.is_complex() else torch.float64
+    actual, expected = actual.to(wide), expected.to(wide)
     difference = (actual - expected).abs()
     agree = (actual == expected) | (actual.isnan() & expected.isnan())  # the same inf, or NaN in both
     difference = difference.masked_fill(agree, 0.0).nan_to_num(nan=float("inf"))  # NaN on one side only: inf
     finite = expected[expected.isfinite()].abs()
-    scale = (finite.max() if finite.numel() else expected.new_tensor(1.0)).clamp_min(1e-12)
+    scale = (finite.max() if finite.numel() else finite.new_tensor(1.0)).clamp_min(1e-12)
     return float(difference.max() / scale)
 
 
 def relative_error(actual, expected) -> float:
-    """Worst relative error over all tensor leaves of two outputs with the same structure."""
-    got, want = tree_leaves(actual), tree_leaves(expected)
-    if len(got) != len(want):
-        raise AssertionError(f"output structure differs: {len(got)} leaves vs eager's {len(want)}")
-    errors = [_leaf_error(a, e) for a, e in zip(got, want) if isinstance(e, torch.Tensor)]
-    return max(errors, default=0.0)
+    """Worst relative error over the leaves of two outputs of the same structure, paired by place (a dict's
+    by key, in any order); ``AssertionError`` where the structures, a leaf's type or a non-number differ."""
+    got, want = _leaves_by_place(actual), _leaves_by_place(expected)
+    if got.keys() != want.keys():
+        missing, extra = [_path(p) for p in want if p not in got], [_path(p) for p in got if p not in want]
+        raise AssertionError(f"output structure differs: {len(got)} leaves vs eager's {len(want)}"
+                             + (f"; eager's {', '.join(missing[:4])} missing" if missing else "")
+                             + (f"; {', '.join(extra[:4])} not in eager's" if extra else ""))
+    return max((_leaf_error(got[place], want[place]) for place in want), default=0.0)
+
+
+def _leaves_by_place(tree) -> dict:
+    try:
+        leaves, _ = tree_flatten_with_path(tree)
+    except ValueError:  # a class registered with torch's pytree without key paths: its leaves in order
+        return {(f"[{i}]",): leaf for i, leaf in enumerate(tree_leaves(tree))}
+    return {tuple(_place(key) for key in path): leaf for path, leaf in leaves}
+
+
+def _path(places: tuple) -> str:
+    return "".join(str(place) for place in places) or "the output"
+
+
+def _place(key):
+    """A path entry as a hashable: a dict key itself, any other entry by its text."""
+    return key if isinstance(key, MappingKey) and isinstance(key.key, (str, int)) else str(key)
 
 
 def error_or_reason(actual, expected) -> tuple[float, str]:
