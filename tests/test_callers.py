@@ -11,6 +11,7 @@ import copy
 import gc
 import io
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -71,6 +72,29 @@ def meta_input_refused(backend: str) -> None:
 
 def test_meta_input_is_refused_naming_cpu(backend):
     run_isolated(meta_input_refused, backend)  # today's dnnl runtime reads address 0 and crashes
+
+
+def tensors_without_one_memory_refused(backend: str) -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    opt = optimize(conv_bn_relu(), (image(),), backend)
+    opt(image())  # the fast path holds the example's shape now
+    with FakeTensorMode():
+        fake = torch.rand(1, 3, 6, 6)
+    with pytest.raises(pyrys.InputError, match="input 0 must be a tensor with values, got a FakeTensor"):
+        opt(fake)
+    for layout in (torch.strided, torch.jagged):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's: nested tensors are a prototype
+            nested = torch.nested.nested_tensor([image()[0], image()[0]], layout=layout)
+        with pytest.raises(pyrys.InputError, match="input 0 must be a dense .strided. tensor, got a nested tensor"):
+            opt(nested)
+
+
+def test_fake_and_nested_tensors_are_refused(backend):
+    """A helper's fuzz: a FakeTensor of the example's shape took the fast path and ran on address 0 (a
+    segfault); a strided nested tensor raised torch's internal error."""
+    run_isolated(tensors_without_one_memory_refused, backend)
 
 
 WRONG_INPUTS = {

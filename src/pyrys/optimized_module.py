@@ -631,11 +631,12 @@ def _call_key(args: tuple, grad: bool) -> tuple | None:
 
     Only keys of calls that passed :func:`runnable_inputs` unchanged are ever stored, so a
     tensor on another device, with another layout, with its negation or conjugation bit set or requiring grad
-    in grad mode (``grad``) never takes the fast path: it meets the checks instead."""
+    in grad mode (``grad``) never takes the fast path: it meets the checks instead; nor does a tensor of another
+    class (a FakeTensor, which has no memory to run on) or a nested one (which has no one shape)."""
     try:
-        return tuple((a.shape, a.dtype, a.is_cpu, a.layout, a.is_neg(), a.is_conj(), grad and a.requires_grad)
-                     for a in args)
-    except AttributeError:
+        return tuple((type(a), a.shape, a.dtype, a.is_cpu, a.layout, a.is_neg(), a.is_conj(),
+                      grad and a.requires_grad) for a in args)
+    except (AttributeError, RuntimeError):
         return None
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_map
+from torch._subclasses.fake_tensor import FakeTensor
 
 from pyrys.ir.printer import format_tensor_type
 
@@ -110,7 +111,8 @@ def runnable_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     :class:`InputError`), with lazy negation or conjugation (``torch._neg_view``) applied."""
     flat, spec = tree_flatten((args, kwargs))
     for i, value in enumerate(flat):
-        if isinstance(value, torch.Tensor) and (value.device.type != "cpu" or value.layout != torch.strided):
+        if isinstance(value, torch.Tensor) and (value.device.type != "cpu" or value.layout != torch.strided
+                                                or value.is_nested or type(value) not in _PLAIN_TENSORS):
             _check_runnable(leaf_names(spec)[i], value)
     if not any(isinstance(v, torch.Tensor) and (v.is_neg() or v.is_conj()) for v in flat):
         return args, kwargs
@@ -118,7 +120,16 @@ def runnable_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return tree_map(resolve, args), tree_map(resolve, kwargs)
 
 
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)  # others are looked at closer (a FakeTensor has no values)
+
+
 def _check_runnable(name: str, value: torch.Tensor) -> None:
+    if isinstance(value, FakeTensor):
+        raise InputError(f"pyrys: {name} must be a tensor with values, got a FakeTensor (torch's tensor of shapes "
+                         "alone, made under FakeTensorMode); pass a real tensor")
+    if value.is_nested:
+        raise InputError(f"pyrys: {name} must be a dense (strided) tensor, got a nested tensor; pass "
+                         "x.to_padded_tensor(0.0) (and a mask)")
     if value.device.type != "cpu":
         raise InputError(f"pyrys: {name} must be a tensor on the CPU (device 'cpu'), got a tensor on "
                          f"{value.device}; pyrys runs on the CPU: pass x.to('cpu')")
