@@ -240,6 +240,9 @@ def test_dynamic_true_compiles_every_shape_from_the_weights_at_optimize():
         want = model(x2)
         model.conv.weight.mul_(2.0)
         assert torch.allclose(opt(x2), want, atol=1e-5)
+        with pytest.raises(pyrys.ModelChangedError, match="this shape needs one") as refused:  # an image size
+            opt(torch.randn(2, IN, 10, 10))  # is captured apart: the advice is not to pass dynamic=True again
+        assert "or pass dynamic=True" not in str(refused.value)
 
 
 def test_state_left_unfrozen_is_copied_not_shared():
