@@ -377,6 +377,10 @@ def test_weights_written_or_replaced_after_compiling_compile_again(dynamo_graphs
         assert pyrys.relative_error(compiled(x), model(x)) <= TOLERANCE
         model.weight = torch.nn.Parameter(torch.rand(4, 4))
         assert pyrys.relative_error(compiled(x), model(x)) <= TOLERANCE
+        torch.nn.utils.vector_to_parameters(torch.rand(20), model.parameters())  # p.data = t: a helper's find,
+        assert pyrys.relative_error(compiled(x), model(x)) <= TOLERANCE  # which erred 0.98 silently
+        model.bfloat16().float()  # the same, through Module._apply (3e-3)
+        assert pyrys.relative_error(compiled(x), model(x)) <= TOLERANCE
     assert all(graph.programs for graph in dynamo_graphs)
 
 

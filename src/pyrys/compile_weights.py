@@ -10,8 +10,9 @@ again where one of its tensors was written in place since (its version counter m
 every call of theirs (more than :data:`MAX_CHANGES` times, each fewer than :data:`MIN_CALLS_APART` of its
 calls after the last; or sets dropped for room coming back as often, in the graph's calls: more instances
 take turns than are kept) the graph runs in torch.  The check costs about 30 us a call for ResNet-50's 320
-tensors.  Not seen: ``p.data = t`` and writes through ``p.data`` (no version of ``p``'s moves) and in-place
-writes to tensors made under ``torch.inference_mode()`` (they have no version counter).
+tensors.  ``p.data = t`` is seen by the address it moves (``vector_to_parameters`` and ``module.bfloat16().float()``
+do it).  Not seen: writes through ``p.data`` (no version of ``p``'s moves) and in-place writes to tensors made
+under ``torch.inference_mode()`` (they have no version counter).
 
 BatchNorm's statistics, written by a train-mode graph that runs in torch, get no new version either (and a
 new one would break autograd's check of the tensors it saved): such a graph notes the tensors it wrote
@@ -38,6 +39,7 @@ MIN_CALLS_APART = 16  # a change this many calls or more after the last one (an 
 _WRITES = [0]  # writes of state that move no version counter, process-wide (note_state_written)
 _WRITTEN_AT: dict[int, int] = {}  # id of a tensor so written -> the count of the write that wrote it last
 _VERSION = operator.attrgetter("_version")
+_ADDRESS = operator.methodcaller("data_ptr")
 
 
 def note_state_written(tensors: list[torch.Tensor]) -> None:
@@ -101,9 +103,11 @@ class WeightSet:
         return all(ref() is not None for ref in self.held)  # `None in`: Tensor.__eq__ on each, 500x slower
 
     def _versions(self, tensors: tuple) -> list:
+        """Each tensor's version and address (``p.data = t`` moves the address alone: ``vector_to_parameters``,
+        ``module.bfloat16().float()``)."""
         if self.versioned:
-            return list(map(_VERSION, tensors))
-        return [None if tensor.is_inference() else tensor._version for tensor in tensors]
+            return list(zip(map(_VERSION, tensors), map(_ADDRESS, tensors)))
+        return [(None if tensor.is_inference() else tensor._version, tensor.data_ptr()) for tensor in tensors]
 
     def unchanged(self, tensors: tuple) -> bool:
         """Whether ``tensors`` are the ones frozen, unwritten since (by a write that moves a version, or one
