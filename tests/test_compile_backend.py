@@ -397,6 +397,24 @@ def test_batch_norm_statistics_a_training_call_updates_reach_the_eval_program():
         assert pyrys.relative_error(compiled(x), model(x)) <= TOLERANCE
 
 
+def test_instance_norm_statistics_a_training_call_updates_are_written_and_read():
+    """A helper's fuzz: ``InstanceNorm2d(track_running_stats=True)`` in training compiled, and its statistics
+    were never updated (eager's were).  It runs in torch, saying why; the eval program reads the new ones."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.InstanceNorm2d(4, affine=True,
+                                                                                 track_running_stats=True)).train()
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="pyrys")
+    with torch.no_grad():
+        for _ in range(3):
+            x = torch.randn(2, 3, 6, 6)
+            assert pyrys.relative_error(compiled(x), eager(x)) <= TOLERANCE
+        torch.testing.assert_close(model[1].running_mean, eager[1].running_mean)
+        assert eager[1].running_mean.abs().sum() > 0
+        model.eval(), eager.eval()
+        assert pyrys.relative_error(compiled(x), eager(x)) <= TOLERANCE
+
+
 def calls_between_weight_changes(changes: int, calls: int, step: float) -> None:
     """A linear compiled, its weight changed ``changes`` times with ``calls`` calls after each, every call
     against eager."""

@@ -178,6 +178,19 @@ def _trains_batch_norm(gm: fx.GraphModule) -> bool:
             training = node.kwargs.get("training", node.args[5] if len(node.args) > 5 else False)
             if training is True:
                 return True
+    return _updates_instance_norm_statistics(gm)
+
+
+def _updates_instance_norm_statistics(gm: fx.GraphModule) -> bool:
+    """Whether an instance norm of ``gm`` updates running statistics (``track_running_stats`` in training:
+    ``F.instance_norm`` given them, with ``use_input_stats``), which its capture drops (rule
+    ``training_norm_stats``) without naming them written, as it names a batch norm's."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.nn.functional.instance_norm:
+            running_mean = node.kwargs.get("running_mean", node.args[1] if len(node.args) > 1 else None)
+            use_input_stats = node.kwargs.get("use_input_stats", node.args[5] if len(node.args) > 5 else True)
+            if running_mean is not None and use_input_stats is not False:
+                return True
     return False
 
 
@@ -255,6 +268,9 @@ class DynamoGraph:
         self.runs_in_torch: str | None = None
         if not self.inputs:  # a graph of constants: nothing to compile for, nothing to warn about
             self.runs_in_torch = "it has no tensor input to compile for: it runs in torch"
+        elif _updates_instance_norm_statistics(gm):
+            self._run_in_torch("it updates an instance norm's running statistics in place (track_running_stats in "
+                               "training mode), which a pyrys program would not")
         elif _under_autocast(gm):
             self._run_in_torch("it runs under torch.autocast, whose dtypes a pyrys program would not follow (for "
                                "bfloat16, options={'precision': 'bf16'} without autocast)")
