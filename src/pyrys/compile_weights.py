@@ -8,8 +8,8 @@ dropped first, so that each layer of a model compiled layer by layer keeps its o
 again where one of its tensors was written in place since (its version counter moved; an optimizer step,
 ``load_state_dict``, ``copy_``) or replaced: eager reads them at every call.  Where they change at nearly
 every call of theirs (more than :data:`MAX_CHANGES` times, each fewer than :data:`MIN_CALLS_APART` of its
-calls after the last; or sets dropped for room coming back as often, in the graph's calls: more instances
-take turns than are kept) the graph runs in torch.  The check costs about 30 us a call for ResNet-50's 320
+calls after the last; or, in the graph's calls, tensors replaced as often, or sets dropped for room coming
+back as often: more instances take turns than are kept) the graph runs in torch.  The check costs about 30 us a call for ResNet-50's 320
 tensors.  ``p.data = t`` is seen by the address it moves (``vector_to_parameters`` and ``module.bfloat16().float()``
 do it).  Not seen: writes through ``p.data`` (no version of ``p``'s moves) and in-place writes to tensors made
 under ``torch.inference_mode()`` (they have no version counter).
@@ -162,6 +162,9 @@ class WeightSets:
                 dropped = self._dropped.pop(key, None)  # alive: the same tensors (not new ones on old ids)
                 if dropped is not None and dropped.alive() and self.returns.changed_soon():  # more take turns
                     return None  # than are kept
+                replaced = dropped is None and any(not weights.alive() for weights in self._sets.values())
+                if replaced and self.returns.changed_soon():  # a tensor replaced (``p = nn.Parameter(...)``), its
+                    return None  # set gone with the old one: a change of the graph's, as often as a write
                 found = self._sets[key] = WeightSet.of(self.paths, tensors)
                 self._make_room()
             elif not found.unchanged(tensors):
