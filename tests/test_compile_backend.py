@@ -452,6 +452,47 @@ def test_parameters_replaced_at_every_call_stop_compiling_and_run_in_torch(dynam
     assert graph.runs_in_torch.startswith("its parameters or buffers changed at nearly every call, more than 2 times")
 
 
+class HeadsByMode(torch.nn.Module):
+    """Heads in a plain dict keyed by names nn.Module has as methods (not a ModuleDict)."""
+
+    def __init__(self):
+        super().__init__()
+        self.heads = {"train": torch.nn.Linear(4, 4), "forward": torch.nn.Linear(4, 4)}
+
+    def forward(self, x, mode: str = "train"):
+        return self.heads[mode](x)
+
+
+class ScaleBy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = torch.nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        return x * self.l
+
+
+class BlocksInAList(torch.nn.Module):
+    """A plain list whose elements name a parameter and a submodule alike (``l``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = [ScaleBy(), torch.nn.Sequential()]
+        self.blocks[1].l = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.blocks[1].l(self.blocks[0](x))
+
+
+@pytest.mark.parametrize("model", [HeadsByMode, BlocksInAList])
+def test_state_reached_through_plain_containers_compiles(model):
+    """A helper's fuzz: the state's path walked into ``nn.Module.train`` (a method) or a Parameter and raised
+    an internal AttributeError where eager runs."""
+    module, x = model().eval(), torch.rand(2, 4)
+    with torch.no_grad():
+        assert pyrys.relative_error(torch.compile(module, backend="pyrys")(x), module(x)) <= TOLERANCE
+
+
 def test_a_graph_under_autocast_runs_in_torch_with_autocasts_dtypes(dynamo_graphs, caplog):
     model, x = torch.nn.Linear(8, 8).eval(), torch.rand(3, 8)
 

@@ -123,11 +123,13 @@ def _register(root: torch.nn.Module, path: str, value: torch.Tensor) -> tuple[st
     """
     *owners, leaf = ["graph_state", *path.split(".")]
     module, names = root, []
-    for part in owners:
-        name = identifier(part)
-        if not hasattr(module, name):
+    for part in owners:  # each part a submodule of its own, named apart from the module's attributes (a plain dict
+        made = module.__dict__.setdefault("_pyrys_parts", {})  # of heads keyed "train": not nn.Module.train)
+        name = made.get(part)
+        if name is None:
+            name = made[part] = identifier(part, set(dir(module)))
             module.add_module(name, torch.nn.Module())
-        module, names = getattr(module, name), names + [name]
+        module, names = module._modules[name], names + [name]
     name = identifier(leaf, set(dir(module)))
     if isinstance(value, torch.nn.Parameter):
         module.register_parameter(name, torch.nn.Parameter(value.detach(), requires_grad=False))
