@@ -481,6 +481,9 @@ def test_save_takes_only_an_optimized_module_and_pickle_points_to_it(tmp_path):
         pyrys.save(torch.compile(conv_bn_relu(), backend="pyrys"), tmp_path / "x")
     with pytest.raises(TypeError, match="pyrys.save"):
         pickle.dumps(pyrys.optimize(conv_bn_relu(), (image(),)))
+    for path in (bytes(tmp_path / "x"), None):  # pathlib's message said bytes are taken
+        with pytest.raises(TypeError, match="pyrys.save writes to a directory named by a str or os.PathLike path"):
+            pyrys.save(pyrys.optimize(conv_bn_relu(), (image(),)), path)
 
 
 Pair = collections.namedtuple("Pair", "scaled embedded")

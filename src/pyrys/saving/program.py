@@ -65,6 +65,9 @@ def save(opt: OptimizedModule, path: str | os.PathLike) -> Path:
         compiled_by_dynamo = (" (torch.compile's: its programs are made per graph on first call; save "
                               "pyrys.optimize(model, example_inputs) instead)") if kind.startswith("torch._dynamo") else ""
         raise SaveError(f"pyrys.save takes the module pyrys.optimize returned, got {kind}{compiled_by_dynamo}")
+    if not isinstance(path, (str, os.PathLike)) or isinstance(os.fspath(path), bytes):
+        raise TypeError(f"pyrys.save writes to a directory named by a str or os.PathLike path, got "
+                        f"{type(path).__name__} {path!r}")
     with COMPILING:  # the rebuild check of a symbolic graph uses torch's fake tensors, as another thread's capture does
         held = list(opt._programs.values())  # one read: a compile on another thread replaces the dict
         opt.complete_size_one()  # a loaded module cannot capture the size-1 shapes the graph for every shape excludes
