@@ -39,3 +39,15 @@ def test_zoo_command_prints_a_row_and_writes_markdown(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "squeezenet1_1" in out and "pass" in out and "1/1 passed" in out
     assert table.read_text().startswith("| model | backend |")
+
+
+def test_zoo_arguments_it_cannot_use_are_refused_before_it_runs(tmp_path, capsys):
+    """A helper's fuzz: ``--backend nosuch`` printed a traceback per model; an unwritable ``--markdown`` one
+    after the whole run."""
+    with pytest.raises(SystemExit):
+        main(["zoo", "squeezenet1_1", "--backend", "nosuch"])
+    assert "invalid choice: 'nosuch'" in capsys.readouterr().err
+    assert main(["zoo", "squeezenet1_1", "--markdown", str(tmp_path / "gone" / "zoo.md")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["zoo", "squeezenet1_1", "--markdown", str(tmp_path)]) == 2
+    assert "it is a folder" in capsys.readouterr().err

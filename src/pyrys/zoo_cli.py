@@ -5,18 +5,29 @@ import argparse
 import platform
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from pyrys import zoo
+from pyrys.backends import BACKEND_NAMES
 
 
 def add_zoo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("models", nargs="*", help=f"model names (default: all {len(zoo.MODELS)})")
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(zoo.QUICK)}")
-    parser.add_argument("--backend", action="append", default=None,
+    parser.add_argument("--backend", action="append", default=None, choices=BACKEND_NAMES[1:],
                         help="a backend to check (repeatable; default: every available backend)")
     parser.add_argument("--markdown", default=None, help="also write the table as markdown to this file")
+
+
+def _unwritable(path: Path) -> str:
+    """Why a file cannot be written at ``path`` (a folder there, no folder to hold it), or ""."""
+    if path.is_dir():
+        return "it is a folder"
+    if not path.parent.is_dir():
+        return f"its folder {path.parent} does not exist"
+    return ""
 
 
 def _format_error(row: zoo.ZooRow) -> str:
@@ -58,6 +69,9 @@ def run_zoo_command(args: argparse.Namespace) -> int:
     unknown = [n for n in names if n not in zoo.MODELS]
     if unknown:
         print(f"pyrys zoo: unknown model(s) {unknown}; known: {', '.join(zoo.MODELS)}", file=sys.stderr)
+        return 2
+    if args.markdown and (problem := _unwritable(Path(args.markdown))):  # found before the run, not after it
+        print(f"pyrys zoo: cannot write --markdown {args.markdown}: {problem}", file=sys.stderr)
         return 2
     backends = args.backend or pyrys.available_backends()
     console = Console()

@@ -192,3 +192,18 @@ def test_an_unknown_model_name_is_refused_before_anything_runs(tmp_path, capsys)
     """``--models nope`` ran, and wrote an empty bench.csv/json/md/png."""
     assert cli.main(["--models", "nope", "--systems", "pyrys-reference", "--out", str(tmp_path / "out")]) == 2
     assert "unknown model 'nope'" in capsys.readouterr().out and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("option", [["--threads", "0"], ["--rounds", "0"], ["--batch-sizes", "0"],
+                                    ["--block-seconds", "-1"], ["--warmup-seconds", "inf"]])
+def test_numbers_out_of_range_are_refused_by_name(option, capsys):
+    """A helper's fuzz: ``--threads 0`` raised torch's traceback, ``--rounds 0`` ran the default rounds."""
+    with pytest.raises(SystemExit):
+        cli.main([*option, "--models", "nope"])
+    assert option[0] in capsys.readouterr().err
+
+
+def test_an_out_that_is_a_file_is_refused_before_anything_runs(tmp_path, capsys):
+    (tmp_path / "taken").write_text("")
+    assert cli.main(["--quick", "--systems", "pyrys-reference", "--out", str(tmp_path / "taken")]) == 2
+    assert "is a file; it names the folder" in capsys.readouterr().out

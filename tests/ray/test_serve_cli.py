@@ -36,7 +36,11 @@ def test_a_port_in_use_is_refused_before_ray_starts(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("option", [["--replicas", "0"], ["--max-batch", "0"], ["--batch-wait-ms", "-1"],
-                                    ["--threads", "0"], ["--port", "99999"]])
+                                    ["--threads", "0"], ["--port", "99999"],
+                                    # a helper's fuzz: a lone request waited for ever; Ray started with 5000 CPUs
+                                    # and every replica failed; port 0 bound one the ready line did not name
+                                    ["--batch-wait-ms", "inf"], ["--batch-wait-ms", "nan"], ["--threads", "5000"],
+                                    ["--port", "0"]])
 def test_numbers_out_of_range_are_refused_by_name(option, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "x", *option])

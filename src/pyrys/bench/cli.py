@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import sys
 from pathlib import Path
 
@@ -28,15 +29,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+",
                         help=f"torchvision names, zoo transformers (hf_bert, hf_gpt2, ...) or module:factory "
                              f"(default: {' '.join(DEFAULT_MODELS)})")
-    parser.add_argument("--batch-sizes", nargs="+", type=int, help="default: 1 16 (1 with --quick)")
+    parser.add_argument("--batch-sizes", nargs="+", type=_at_least_one, help="default: 1 16 (1 with --quick)")
     parser.add_argument("--systems", nargs="+", default=["all"], help="systems to run (eager is always included)")
-    parser.add_argument("--threads", type=int, default=2, help="threads for torch, ORT and OpenVINO")
-    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 5, 2 with --quick)")
-    parser.add_argument("--block-seconds", type=float, default=1.0, help="target time of one timed block")
-    parser.add_argument("--warmup-seconds", type=float, default=0.25, help="warm-up before every block")
+    parser.add_argument("--threads", type=_at_least_one, default=2, help="threads for torch, ORT and OpenVINO")
+    parser.add_argument("--rounds", type=_at_least_one, help="interleaved rounds (default 5, 2 with --quick)")
+    parser.add_argument("--block-seconds", type=_seconds, default=1.0, help="target time of one timed block")
+    parser.add_argument("--warmup-seconds", type=_seconds, default=0.25, help="warm-up before every block")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for CSV/JSON/PNG")
     parser.add_argument("--quick", action="store_true", help="tiny model, few iterations (for tests)")
     parser.add_argument("--list-systems", action="store_true", help="list systems and whether they can run")
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds, 0 or more, got {text}")
+    return value
 
 
 def timing_plan(args: argparse.Namespace) -> TimingPlan:
@@ -124,6 +139,9 @@ def run_pinned(args: argparse.Namespace) -> int:
     unknown = [why for name in model_names(args) if ":" not in name and (why := unknown_model(name))]
     if unknown:
         console.print(f"[red]pyrys bench: {'; '.join(unknown)}")
+        return 2
+    if args.out.exists() and not args.out.is_dir():  # found before the run, not after it
+        console.print(f"[red]pyrys bench: --out {args.out} is a file; it names the folder the results go to")
         return 2
     console.print(f"threads: torch {threads}, onnxruntime intra-op {threads}, openvino {threads}")
     first_peaks = measure_machine_peaks(args.quick, console)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import signal
 import socket
@@ -19,6 +20,7 @@ import sys
 import threading
 from pathlib import Path
 
+from pyrys.config import threads_problem
 from pyrys.ray.codec import MAX_REQUEST_BYTES
 from pyrys.ray.source import load_program
 
@@ -35,7 +37,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{MAX_REQUEST_BYTES // 2**20}; beyond: 413)")
     parser.add_argument("--batch-wait-ms", type=_non_negative, default=5.0,
                         help="how long a batch waits to fill, in ms (default 5)")
-    parser.add_argument("--threads", type=_positive, default=None,
+    parser.add_argument("--threads", type=_threads, default=None,
                         help="threads per replica's call (default: CPUs / replicas)")
     parser.add_argument("--access-log", action="store_true", help="log every request (Ray Serve's access log)")
     parser.add_argument("--ship", action="store_true",
@@ -175,15 +177,22 @@ def _positive(text: str) -> int:
     return value
 
 
+def _threads(text: str) -> int:
+    value = int(text)
+    if problem := threads_problem(value):
+        raise argparse.ArgumentTypeError(problem.removeprefix("threads must be None or "))
+    return value
+
+
 def _port(text: str) -> int:
     value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a TCP port, 0 to 65535, got {value}")
+    if not 1 <= value <= 65535:  # (0, any free port: Ray Serve would not say which it took)
+        raise argparse.ArgumentTypeError(f"must be a TCP port, 1 to 65535, got {value}")
     return value
 
 
 def _non_negative(text: str) -> float:
     value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    if not 0 <= value < math.inf:  # NaN and infinity too: a lone request would wait for ever
+        raise argparse.ArgumentTypeError(f"must be a finite number, 0 or more, got {text}")
     return value
