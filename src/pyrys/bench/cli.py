@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from pyrys.cli_arguments import at_least_one, finite_non_negative
 from pyrys.bench.measure import TimingPlan, benchmark_model, error_text, pin_threads
 from pyrys.bench.models import build_model, example_inputs
 from pyrys.bench.peers import Peer, default_peers, select_peers
@@ -29,29 +29,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+",
                         help=f"torchvision names, zoo transformers (hf_bert, hf_gpt2, ...) or module:factory "
                              f"(default: {' '.join(DEFAULT_MODELS)})")
-    parser.add_argument("--batch-sizes", nargs="+", type=_at_least_one, help="default: 1 16 (1 with --quick)")
+    parser.add_argument("--batch-sizes", nargs="+", type=at_least_one, help="default: 1 16 (1 with --quick)")
     parser.add_argument("--systems", nargs="+", default=["all"], help="systems to run (eager is always included)")
-    parser.add_argument("--threads", type=_at_least_one, default=2, help="threads for torch, ORT and OpenVINO")
-    parser.add_argument("--rounds", type=_at_least_one, help="interleaved rounds (default 5, 2 with --quick)")
-    parser.add_argument("--block-seconds", type=_seconds, default=1.0, help="target time of one timed block")
-    parser.add_argument("--warmup-seconds", type=_seconds, default=0.25, help="warm-up before every block")
+    parser.add_argument("--threads", type=at_least_one, default=2, help="threads for torch, ORT and OpenVINO")
+    parser.add_argument("--rounds", type=at_least_one, help="interleaved rounds (default 5, 2 with --quick)")
+    parser.add_argument("--block-seconds", type=finite_non_negative, default=1.0, help="target time of one timed block")
+    parser.add_argument("--warmup-seconds", type=finite_non_negative, default=0.25, help="warm-up before every block")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for CSV/JSON/PNG")
     parser.add_argument("--quick", action="store_true", help="tiny model, few iterations (for tests)")
     parser.add_argument("--list-systems", action="store_true", help="list systems and whether they can run")
-
-
-def _at_least_one(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds, 0 or more, got {text}")
-    return value
 
 
 def timing_plan(args: argparse.Namespace) -> TimingPlan:

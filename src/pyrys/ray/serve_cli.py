@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import math
 import os
 import signal
 import socket
@@ -20,6 +19,7 @@ import sys
 import threading
 from pathlib import Path
 
+from pyrys.cli_arguments import at_least_one, finite_non_negative
 from pyrys.config import threads_problem
 from pyrys.ray.codec import MAX_REQUEST_BYTES
 from pyrys.ray.source import load_program
@@ -27,15 +27,15 @@ from pyrys.ray.source import load_program
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", help="a directory pyrys.save wrote")
-    parser.add_argument("--replicas", type=_positive, default=1, help="replicas, each with its own copy (default 1)")
+    parser.add_argument("--replicas", type=at_least_one, default=1, help="replicas, each with its own copy (default 1)")
     parser.add_argument("--port", type=_port, default=8000, help="HTTP port (default 8000)")
     parser.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1; 0.0.0.0 for every interface)")
-    parser.add_argument("--max-batch", type=_positive, default=8,
+    parser.add_argument("--max-batch", type=at_least_one, default=8,
                         help="requests run as one batch at most (default 8; 1 turns batching off)")
-    parser.add_argument("--max-request-mb", type=_positive, default=MAX_REQUEST_BYTES // 2**20,
+    parser.add_argument("--max-request-mb", type=at_least_one, default=MAX_REQUEST_BYTES // 2**20,
                         help=f"the largest request body, and what an .npz body may decompress to, in MiB (default "
                              f"{MAX_REQUEST_BYTES // 2**20}; beyond: 413)")
-    parser.add_argument("--batch-wait-ms", type=_non_negative, default=5.0,
+    parser.add_argument("--batch-wait-ms", type=finite_non_negative, default=5.0,
                         help="how long a batch waits to fill, in ms (default 5)")
     parser.add_argument("--threads", type=_threads, default=None,
                         help="threads per replica's call (default: CPUs / replicas)")
@@ -170,13 +170,6 @@ def _check_port_free(host: str, port: int) -> None:
             raise OSError(f"cannot listen on {host}:{port} ({error.strerror}); pass --port another port") from None
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def _threads(text: str) -> int:
     value = int(text)
     if problem := threads_problem(value):
@@ -190,9 +183,3 @@ def _port(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be a TCP port, 1 to 65535, got {value}")
     return value
 
-
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < math.inf:  # NaN and infinity too: a lone request would wait for ever
-        raise argparse.ArgumentTypeError(f"must be a finite number, 0 or more, got {text}")
-    return value
