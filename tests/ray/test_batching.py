@@ -163,6 +163,17 @@ def test_the_predictor_adds_named_output_columns_to_a_batch(model, saved):
     assert np.array_equal(named["logits"], batch["out_0"])
 
 
+def test_the_predictors_columns_are_distinct_where_output_names_read_alike(tmp_path):
+    """``"a_b"`` and ``{"a": {"b": ...}}`` both became the column ``out_a_b``: one was lost."""
+    class Alike(nn.Module):
+        def forward(self, x):
+            return {"a_b": x + 1, "a": {"b": x + 2}}
+
+    path = pyrys.save(pyrys.optimize(Alike().eval(), (torch.zeros(2, 3),)), tmp_path / "alike.pyrys")
+    batch = Predictor(path, column="x", output_column="out")({"x": np.zeros((2, 3), np.float32)})
+    assert {k: float(v[0, 0]) for k, v in batch.items() if k != "x"} == {"out_a_b": 1.0, "out_a_b~1": 2.0}
+
+
 def test_the_predictor_stacks_a_column_of_per_row_arrays(saved):
     x = images(3, 4).numpy()
     rows = np.empty(3, dtype=object)

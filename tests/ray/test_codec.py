@@ -177,3 +177,13 @@ def test_a_body_or_what_it_decompresses_to_beyond_the_limit_is_refused_before_it
     with pytest.raises(RequestTooLarge, match="the body is"):
         decode(_npy(np.zeros(2**18, np.float32)), max_bytes=2**20)
     assert decode(body).inputs[0].shape == (4096, 3, 8, 8)  # within the default limit
+
+
+def test_outputs_whose_places_read_alike_keep_distinct_names():
+    """A helper's fuzz: ``{"c.d": a, "c": {"d": b}}`` named both ``c.d``: the .npz answer held two members of
+    one name (np.load kept one), the JSON answer one key."""
+    outputs = {"a_b": torch.ones(1), "c.d": torch.full((1,), 3.0), "c": {"d": torch.full((1,), 4.0)}}
+    assert [name for name, _ in named_leaves(outputs)] == ["a_b", "c.d", "c.d~1"]
+    body, _ = encode(outputs, "npz")
+    assert {k: float(v[0]) for k, v in np.load(io.BytesIO(body)).items()} == {"a_b": 1.0, "c.d": 3.0, "c.d~1": 4.0}
+    assert json.loads(encode(outputs, "json")[0]) == {"a_b": [1.0], "c.d": [3.0], "c.d~1": [4.0]}

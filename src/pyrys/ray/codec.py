@@ -105,9 +105,25 @@ def encode(outputs: Any, form: str) -> tuple[bytes, str]:
 
 def named_leaves(outputs: Any) -> list[tuple[str, Any]]:
     """Each leaf of ``outputs`` with its name: its path of tuple indices and dict keys joined by ``.``
-    (``""`` for an output that is one tensor)."""
+    (``""`` for an output that is one tensor), made :func:`distinct`."""
     flat, _ = tree_flatten_with_path(outputs)
-    return [(".".join(str(_key_name(k)) for k in path), leaf) for path, leaf in flat]
+    names = distinct([".".join(str(_key_name(k)) for k in path) for path, _ in flat])
+    return [(name, leaf) for name, (_, leaf) in zip(names, flat)]
+
+
+def distinct(names: list[str]) -> list[str]:
+    """``names`` with each one that repeats an earlier one suffixed ``~1``, ``~2`` ... (``{"c.d": a, "c":
+    {"d": b}}`` names two outputs ``c.d``: the second is ``c.d~1``, not lost in a zip or a JSON object)."""
+    taken: set[str] = set()
+    made = []
+    for name in names:
+        unique, count = name, 0
+        while unique in taken:
+            count += 1
+            unique = f"{name}~{count}"
+        taken.add(unique)
+        made.append(unique)
+    return made
 
 
 def to_numpy(value: Any) -> np.ndarray:

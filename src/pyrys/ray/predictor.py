@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from pyrys.ray.batching import per_row
-from pyrys.ray.codec import as_tensor, named_leaves, to_numpy
+from pyrys.ray.codec import as_tensor, distinct, named_leaves, to_numpy
 from pyrys.ray.source import load_program
 from pyrys.signature import InputError, is_tensor_leaf
 
@@ -80,7 +80,7 @@ class Predictor:
             return list(self.output_column)
         if len(named) == 1:
             return [self.output_column]
-        return [f"{self.output_column}_{name.replace('.', '_')}" for name, _ in named]
+        return distinct([f"{self.output_column}_{name.replace('.', '_')}" for name, _ in named])
 
 
 def _column_tensor(values: Any, name: str, expected: Any = None) -> torch.Tensor:
