@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import pyrys
+from pyrys import precision_notes
 from pyrys.numerics import BF16_TOLERANCE, INT8_TOLERANCE
 from pyrys.numerics.bisect import checked_tolerance
 from pyrys.numerics.budget import budget_for, check_budget, fewest, max_error
@@ -65,3 +66,32 @@ def test_a_nan_output_breaks_any_budget():
     assert max_error(program, samples, expected) == float("inf")
     assert max_error(program, samples, expected, limit=1e-2) == float("inf")
     assert max_error(lambda sample: [torch.ones(3)], samples, expected) == 0.0
+
+
+class LogitsAndClass(torch.nn.Module):
+    """A classifier returning its logits and their argmax."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 100))
+
+    def forward(self, x):
+        logits = self.net(x)
+        return logits, logits.argmax(-1)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_an_integer_output_beside_floating_ones_is_not_measured(precision, monkeypatch):
+    """A helper's fuzz: an argmax beside the logits flips at a near tie, an error of 1, and the guard kept every
+    op in float32 (its notes said no op could run in bf16).  The logits are measured; the argmax follows them."""
+    monkeypatch.setattr(precision_notes, "native_bf16", lambda: True)  # bf16 built and run on any CPU
+    model, x = LogitsAndClass().eval(), torch.randn(64, 64)
+    samples = [torch.randn(64, 64) for _ in range(8)]
+    opt = pyrys.optimize(model, (x,), precision=precision, calibration=samples, backend="reference")
+    assert ("quantize: int8: 2" if precision == "int8" else "lower_precision: conversion") in opt.report(), opt.report()
+    logits, classes = opt(x)
+    assert pyrys.relative_error(logits, model(x)[0]) <= (INT8_TOLERANCE if precision == "int8" else BF16_TOLERANCE)
+    assert max_error(lambda s: [s[0], s[0].argmax(-1)], [[torch.ones(2)]],
+                     [[torch.ones(2), torch.tensor(1)]]) == 0.0  # only the floating leaf
+    assert max_error(lambda s: [s[0].argmax(-1)], [[torch.ones(2)]], [[torch.tensor(1)]]) == 1.0  # none else

@@ -14,6 +14,9 @@ from __future__ import annotations
 import numbers
 from typing import Callable
 
+import torch
+from torch.utils._pytree import tree_leaves
+
 from pyrys.numerics import TOLERANCES, relative_error
 
 AUTO = "auto"  # optimize's default accuracy_budget: the precision's own (DEFAULT_BUDGETS)
@@ -44,14 +47,27 @@ def check_budget(accuracy_budget) -> None:
 
 def max_error(program, samples: list[list], expected: list[list], limit: float = float("inf")) -> float:
     """The largest relative error of ``program``'s outputs on ``samples`` against ``expected``; the first one
-    over ``limit`` as soon as it is seen (a trial that breaks the budget needs no more samples run)."""
+    over ``limit`` as soon as it is seen (a trial that breaks the budget needs no more samples run).  Where
+    the outputs hold floating-point tensors, those alone are measured: an integer output computed from them
+    (a classifier's argmax beside its logits) flips at a near tie in any precision, and counted it would be
+    an error of 1 that keeps every op in float32."""
     largest = 0.0
     for sample, want in zip(samples, expected):
-        error = relative_error(program(sample), want)
+        error = relative_error(*_floating(program(sample), want))
         largest = max(largest, error) if error == error else float("inf")  # NaN breaks any budget
         if largest > limit:
             break
     return largest
+
+
+def _floating(actual, expected) -> tuple[list, list]:
+    """The leaves of ``actual`` and ``expected`` where ``expected`` holds a floating-point (or complex)
+    tensor; all of them where it holds none."""
+    got, want = tree_leaves(actual), tree_leaves(expected)
+    if len(got) != len(want):
+        return got, want  # (relative_error says how they differ)
+    kept = [i for i, e in enumerate(want) if isinstance(e, torch.Tensor) and (e.is_floating_point() or e.is_complex())]
+    return ([got[i] for i in kept], [want[i] for i in kept]) if kept else (got, want)
 
 
 def keep_fewest(count: int, error_keeping: Callable[[int], float], budget: float) -> tuple[int, float]:
