@@ -363,6 +363,8 @@ EDITS = {  # a program edited, and its digest made to match: raw torch errors at
                                "malformed .ValueError: value None is not a valid Parameter.kind"),
     "a range as text": (lambda p: p["generic"]["symbolic"]["ranges"].__setitem__(
         next(iter(p["generic"]["symbolic"]["ranges"])), ["0", None]), "the saved range of the size"),
+    "a keyword input named by a number": (lambda p: p["signatures"][0]["in_spec"]["tuple"][1]["dict"].__setitem__(
+        "keys", [1]), "its inputs are not .positional inputs"),
     "calibrated sizes as text": (lambda p: p["generic"].__setitem__("calibrated_sizes", [[0, 1, ["64"]]]),
                                  "calibrated_sizes .* are not .input, dim, .sizes.. entries"),
     "another op": (lambda p: next(n for n in p["signatures"][0]["graph"]["nodes"] if n.get("target", "").startswith(

@@ -210,7 +210,7 @@ def _decode_generic(record: dict, tensors: dict, first: Compiled) -> Compiled:
     decode_symbolic(gm, record["symbolic"])
     if calibrated := _decode_calibrated_sizes(record):
         gm.meta[CALIBRATED_SIZES_KEY] = calibrated
-    captured = Captured(gm, decode_spec(record["in_spec"], made), decode_spec(record["out_spec"], made),
+    captured = Captured(gm, _decode_in_spec(record["in_spec"], made), decode_spec(record["out_spec"], made),
                         record["class_name"], [], output_copies=_decode_output_copies(record, gm))
     return Compiled(first.signature, captured, first.run, first.program, first.backend, first.notes, captured)
 
@@ -344,12 +344,22 @@ def _encode_compiled(compiled: Compiled, prefix: str, tensors: dict) -> dict:
     }
 
 
+def _decode_in_spec(record: Any, made: list[str]):
+    """A saved structure of a call's inputs: ``((positional...), {name: keyword...})``, else ``LoadError``."""
+    spec = decode_spec(record, made)
+    if not (spec.type is tuple and spec.num_children == 2 and spec.child(0).type is tuple
+            and spec.child(1).type is dict and all(isinstance(key, str) for key in spec.child(1).context)):
+        raise LoadError("pyrys.load: the saved program is malformed (its inputs are not (positional inputs, "
+                        f"{{name: keyword input}}): {record!r:.200})")
+    return spec
+
+
 def _decode_compiled(record: dict, tensors: dict, config: OptimizeConfig, same_cpu: bool, manifest: dict,
                      like: Any = None) -> Compiled:
     """One saved signature, its program built (``like``: the first signature's, whose engine, layout and
     packed weights it shares)."""
     made: list[str] = []
-    in_spec = decode_spec(record["in_spec"], made)
+    in_spec = _decode_in_spec(record["in_spec"], made)
     signature = Signature(in_spec, tuple(_decode_leaf(leaf) for leaf in record["leaves"]))
     gm = decode_graph(record["graph"], tensors)
     refresh_meta(gm)
