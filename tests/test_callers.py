@@ -89,11 +89,19 @@ def tensors_without_one_memory_refused(backend: str) -> None:
             nested = torch.nested.nested_tensor([image()[0], image()[0]], layout=layout)
         with pytest.raises(pyrys.InputError, match="input 0 must be a dense .strided. tensor, got a nested tensor"):
             opt(nested)
+    from torch.testing._internal.two_tensor import TwoTensor  # subclasses that wrap others: no memory of their own
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's: masked tensors are a prototype
+        wrappers = [TwoTensor(image(), image()), torch.masked.as_masked_tensor(image(), image() > 0.5)]
+    for wrapper in wrappers:
+        with pytest.raises(pyrys.InputError, match=f"input 0 must be a plain tensor, got a {type(wrapper).__name__}"):
+            opt(wrapper)
 
 
 def test_fake_and_nested_tensors_are_refused(backend):
     """A helper's fuzz: a FakeTensor of the example's shape took the fast path and ran on address 0 (a
-    segfault); a strided nested tensor raised torch's internal error."""
+    segfault); a strided nested tensor raised torch's internal error; a reviewer's: a TwoTensor or a
+    MaskedTensor (no memory of their own) segfaulted too."""
     run_isolated(tensors_without_one_memory_refused, backend)
 
 

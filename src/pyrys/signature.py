@@ -123,6 +123,15 @@ def runnable_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)  # others are looked at closer (a FakeTensor has no values)
 
 
+def _has_memory(value: torch.Tensor) -> bool:
+    """Whether a tensor's values lie in memory of its own (a subclass that wraps others has none: its storage
+    has no address)."""
+    try:
+        return value.numel() == 0 or value.untyped_storage().data_ptr() != 0
+    except RuntimeError:
+        return False
+
+
 def _check_runnable(name: str, value: torch.Tensor) -> None:
     if isinstance(value, FakeTensor):
         raise InputError(f"pyrys: {name} must be a tensor with values, got a FakeTensor (torch's tensor of shapes "
@@ -130,6 +139,9 @@ def _check_runnable(name: str, value: torch.Tensor) -> None:
     if value.is_nested:
         raise InputError(f"pyrys: {name} must be a dense (strided) tensor, got a nested tensor; pass "
                          "x.to_padded_tensor(0.0) (and a mask)")
+    if type(value) not in _PLAIN_TENSORS and not _has_memory(value):  # a wrapper (MaskedTensor, DTensor)
+        raise InputError(f"pyrys: {name} must be a plain tensor, got a {type(value).__name__} (a tensor subclass "
+                         "that wraps others); pass the plain tensor it stands for")
     if value.device.type != "cpu":
         raise InputError(f"pyrys: {name} must be a tensor on the CPU (device 'cpu'), got a tensor on "
                          f"{value.device}; pyrys runs on the CPU: pass x.to('cpu')")

@@ -15,6 +15,8 @@ that crosses a tolerance (``bisect.py``).
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch.utils._pytree import MappingKey, tree_flatten_with_path, tree_leaves
 
@@ -28,12 +30,13 @@ def _leaf_error(actual, expected) -> float:
     """One leaf's error: a tensor's (floating or complex: relative, as above; other dtypes: 0 or 1, exact), a
     Python number's as a 0-d tensor's; any other value must be equal (``AssertionError`` otherwise)."""
     if not isinstance(expected, torch.Tensor) and not isinstance(actual, torch.Tensor):
-        numbers = (actual, expected)
-        if all(isinstance(v, (bool, int)) for v in numbers):
+        pair = (actual, expected)  # Python's numbers and NumPy's scalars
+        if all(isinstance(v, numbers.Integral) for v in pair):
             return float(actual != expected)
-        if all(isinstance(v, (bool, int, float, complex)) for v in numbers):
-            wide = torch.complex128 if any(isinstance(v, complex) for v in numbers) else torch.float64
-            return _leaf_error(torch.tensor(actual, dtype=wide), torch.tensor(expected, dtype=wide))
+        if all(isinstance(v, numbers.Number) for v in pair):
+            wide = torch.float64 if all(isinstance(v, numbers.Real) for v in pair) else torch.complex128
+            return _leaf_error(torch.tensor(complex(actual) if wide == torch.complex128 else float(actual), dtype=wide),
+                               torch.tensor(complex(expected) if wide == torch.complex128 else float(expected), dtype=wide))
         if actual == expected:
             return 0.0
         raise AssertionError(f"output value differs: {actual!r} vs eager's {expected!r}")
