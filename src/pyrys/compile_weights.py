@@ -9,10 +9,10 @@ again where one of its tensors was written in place since (its version counter m
 ``load_state_dict``, ``copy_``) or replaced: eager reads them at every call.  Where they change at nearly
 every call of theirs (more than :data:`MAX_CHANGES` times, each fewer than :data:`MIN_CALLS_APART` of its
 calls after the last; or, in the graph's calls, tensors replaced as often, or sets dropped for room coming
-back as often: more instances take turns than are kept) the graph runs in torch.  The check costs about 30 us a call for ResNet-50's 320
-tensors.  ``p.data = t`` is seen by the address it moves (``vector_to_parameters`` and ``module.bfloat16().float()``
-do it).  Not seen: writes through ``p.data`` (no version of ``p``'s moves) and in-place writes to tensors made
-under ``torch.inference_mode()`` (they have no version counter).
+back as often: more instances take turns than are kept) the graph runs in torch.  The check costs about 30 us
+a call for ResNet-50's 320 tensors.  ``p.data = t`` is seen by the address it moves (``vector_to_parameters``
+and ``module.bfloat16().float()`` do it).  Not seen: writes through ``p.data`` (no version of ``p``'s moves)
+and in-place writes to tensors made under ``torch.inference_mode()`` (they have no version counter).
 
 BatchNorm's statistics, written by a train-mode graph that runs in torch, get no new version either (and a
 new one would break autograd's check of the tensors it saved): such a graph notes the tensors it wrote

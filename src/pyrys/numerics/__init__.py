@@ -34,9 +34,9 @@ def _leaf_error(actual, expected) -> float:
         if all(isinstance(v, numbers.Integral) for v in pair):
             return float(actual != expected)
         if all(isinstance(v, numbers.Number) for v in pair):
-            wide = torch.float64 if all(isinstance(v, numbers.Real) for v in pair) else torch.complex128
-            return _leaf_error(torch.tensor(complex(actual) if wide == torch.complex128 else float(actual), dtype=wide),
-                               torch.tensor(complex(expected) if wide == torch.complex128 else float(expected), dtype=wide))
+            convert, wide = (float, torch.float64) if all(isinstance(v, numbers.Real) for v in pair) \
+                else (complex, torch.complex128)
+            return _leaf_error(torch.tensor(convert(actual), dtype=wide), torch.tensor(convert(expected), dtype=wide))
         if actual == expected:
             return 0.0
         raise AssertionError(f"output value differs: {actual!r} vs eager's {expected!r}")
