@@ -154,12 +154,13 @@ class OptimizedModule(torch.nn.Module):
             warnings.warn(f"pyrys: input {wanting_grad[0]} requires grad, but pyrys runs inference only: the outputs "
                           "carry no gradient (their requires_grad is False). Call the model itself to train, or "
                           "torch.compile(model, backend='pyrys'), which runs such calls in torch", stacklevel=callers_level())
+        call = _direct_call(compiled)  # (the program's outputs as the fast path gives them)
         if not kwargs and not wanting_grad and all(isinstance(a, torch.Tensor) for a in args):
-            self._remember_fast_call(_call_key(args, grad), compiled)
-        return _direct_call(compiled)(flat)  # (the program's outputs as the fast path gives them)
+            self._remember_fast_call(_call_key(args, grad), compiled, call)
+        return call(flat)
 
-    def _remember_fast_call(self, key: tuple, compiled: Compiled) -> None:
-        self._fast_calls[key] = (compiled.signature, _direct_call(compiled))
+    def _remember_fast_call(self, key: tuple, compiled: Compiled, call=None) -> None:
+        self._fast_calls[key] = (compiled.signature, call or _direct_call(compiled))
         if compiled.signature not in self._shapes.entries:  # evicted meanwhile: do not keep it alive here
             self._fast_calls.pop(key, None)
 

@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 
 from pyrys.cli_arguments import at_least_one, finite_non_negative
-from pyrys.config import threads_problem
+from pyrys.config import MAX_THREADS
 from pyrys.ray.codec import MAX_REQUEST_BYTES
 from pyrys.ray.source import load_program
 
@@ -172,8 +172,8 @@ def _check_port_free(host: str, port: int) -> None:
 
 def _threads(text: str) -> int:
     value = int(text)
-    if problem := threads_problem(value):
-        raise argparse.ArgumentTypeError(problem.removeprefix("threads must be None or "))
+    if not 1 <= value <= MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_THREADS} (pyrys.optimize's threads=), got {value}")
     return value
 
 
