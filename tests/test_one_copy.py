@@ -285,6 +285,31 @@ def test_a_stand_in_and_its_views_restore_the_values_exactly():
     assert values_of(tensor) is tensor and not is_released(torch.empty(2, device="meta"))
 
 
+def test_a_constant_held_under_two_names_is_restored_under_both():
+    """Two layers of equal weights share one tensor (a later capture's constants shared with the first's, say):
+    ``named_buffers`` lists it once, so a restore or release by name used to leave the other name holding the
+    stand-in (a reference run then read a meta tensor: wrong numbers at a new shape's check) or the plain copy."""
+    from pyrys.backends.reference import ReferenceProgram
+    from pyrys.ir.graph import named_constants
+
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False)))
+    weight = torch.randn(4, 4)
+    gm.register_buffer("w", weight)
+    gm.register_buffer("w_again", weight)
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    first = graph.call_function(torch.nn.functional.linear, (x, graph.get_attr("w")))
+    graph.output((graph.call_function(torch.nn.functional.linear, (first, graph.get_attr("w_again"))),))
+    gm.graph = graph
+    gm.recompile()
+    assert [name for name, _ in named_constants(gm)][-2:] == ["w", "w_again"]
+    stand_in = release(weight, lambda: weight.clone())
+    gm.w = gm.w_again = stand_in
+    x = torch.randn(3, 4)
+    expected = torch.nn.functional.linear(torch.nn.functional.linear(x, weight), weight)
+    assert torch.equal(ReferenceProgram(gm)([x])[0], expected)
+
+
 class GroupedAndTransposed(nn.Module):
     """A grouped conv and a transposed conv, whose weights are packed through views."""
 

@@ -193,6 +193,9 @@ class OptimizedModule(torch.nn.Module):
                 self._refused.pop(signature, None)
                 self._keep(signature, compiled)
                 self._note_unmeasured_sizes(compiled, flat)
+                fault = getattr(compiled.program, "fault", None)  # its own check's (dnnl's self_check.py)
+                if fault is not None and getattr(self._first.program, "fault", None) is None:  # (else said once)
+                    self._note(f"inputs ({signature.describe()}): {fault}")
         return compiled
 
     def _note_unmeasured_sizes(self, compiled: Compiled, flat: list) -> None:

@@ -17,7 +17,7 @@ import torch.fx as fx
 from pyrys.backends.options import BackendOptions
 from pyrys.backends.threads import ThreadPinned
 from pyrys.ir.finite import all_finite
-from pyrys.ir.graph import copy_graph, state_ref
+from pyrys.ir.graph import copy_graph, named_constants, state_ref
 from pyrys.ir.released import is_released, values_of
 from pyrys.ir.ops import PYTHON_IMPLS
 from pyrys.ir.printer import format_node
@@ -194,12 +194,15 @@ def held_bytes(gm: fx.GraphModule) -> int:
 def with_values(gm: fx.GraphModule, values=values_of) -> fx.GraphModule:
     """``gm``, or a copy of it whose released constants (:mod:`pyrys.ir.released`) hold their values again
     (``values(stand_in)``: a backend may give the plain copy it keeps)."""
-    released = [(name, t) for name, t in gm.named_buffers(recurse=False) if is_released(t)]
+    released = [(name, t) for name, t in named_constants(gm) if is_released(t)]
     if not released:
         return gm
     copied = fx.GraphModule(gm, copy_graph(gm.graph), gm.__class__.__name__)
+    restored: dict[int, torch.Tensor] = {}  # one copy of a constant held under several names
     for name, tensor in released:
-        setattr(copied, name, values(tensor))
+        if id(tensor) not in restored:
+            restored[id(tensor)] = values(tensor)
+        setattr(copied, name, restored[id(tensor)])
     return copied
 
 

@@ -193,6 +193,13 @@ def tensor_meta(node: fx.Node) -> torch.Tensor | None:
     return val if isinstance(val, torch.Tensor) else None
 
 
+def named_constants(gm: fx.GraphModule) -> list[tuple[str, torch.Tensor]]:
+    """Every tensor constant of ``gm`` by name, one held under several names once per name (two layers of
+    equal weights shared by :func:`share_constants`, tied weights): ``named_buffers`` lists such a tensor
+    once, and code that replaces constants by name would leave its other names holding the old one."""
+    return list(gm.named_buffers(recurse=False, remove_duplicate=False))
+
+
 def drop_unused_constants(gm: fx.GraphModule) -> int:
     """Delete ``get_attr`` nodes with no users, then release every tensor no node reads."""
     removed = 0
@@ -201,7 +208,7 @@ def drop_unused_constants(gm: fx.GraphModule) -> int:
             gm.graph.erase_node(node)
             removed += 1
     read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for name in [name for name, _ in gm.named_buffers(recurse=False) if name not in read]:
+    for name in [name for name, _ in named_constants(gm) if name not in read]:
         delattr(gm, name)
     return removed
 
@@ -220,7 +227,7 @@ def share_constants(gm: fx.GraphModule, other: fx.GraphModule) -> int:
     digests: dict[int, int] = {}
     shared = 0
     own = written_constants(gm)
-    for name, tensor in list(gm.named_buffers(recurse=False)):
+    for name, tensor in named_constants(gm):
         if name in own:
             continue
         match = next((t for t in held.get(_tensor_key(tensor), ()) if _same_values(t, tensor, digests)), None)

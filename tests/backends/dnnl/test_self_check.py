@@ -127,3 +127,25 @@ def test_a_save_loaded_on_another_cpu_is_checked_there(tmp_path, monkeypatch):
     with pytest.warns(RuntimeWarning, match="disagrees with the same graph on torch ops"):
         loaded = pyrys.load(tmp_path / "saved")
     assert pyrys.relative_error(loaded(x), model(x)) < TOLERANCE and loaded.backend == "reference"
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_a_fault_at_another_shape_alone_is_caught_there(monkeypatch, dynamic):
+    """A lowering can go wrong at one shape only (a post-op operand broadcast over leading dims was handed to
+    oneDNN unbroadcast at new shapes): a program of a new shape is checked too, on that call's inputs, its
+    released weights restored from the packed copies for the check alone."""
+    model, x2, x5, x7 = net(), torch.rand(2, 3, 8, 8), torch.rand(5, 3, 8, 8), torch.rand(7, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        opt = pyrys.optimize(model, (x2,), backend="dnnl", dynamic=dynamic)
+        held = opt.memory()["weights"]  # plain (a bias read as it is), the rest packed only
+        assert pyrys.relative_error(opt(x7), model(x7)) < TOLERANCE  # a new shape that agrees: no warning
+    assert opt.memory()["weights"] == held  # ... and its check restored no weights for good
+    call = DnnlProgram.__call__
+    monkeypatch.setattr(DnnlProgram, "__call__", lambda self, inputs: [
+        y * 1.01 if inputs[0].shape[0] == 5 else y for y in call(self, inputs)])
+    with pytest.warns(RuntimeWarning, match="disagrees with the same graph on torch ops"):
+        assert pyrys.relative_error(opt(x5), model(x5)) < TOLERANCE
+    assert pyrys.relative_error(opt(x5), model(x5)) < TOLERANCE
+    assert any("disagrees" in note for note in opt.notes)
+    assert opt._first.program.fault is None and pyrys.relative_error(opt(x2), model(x2)) < TOLERANCE

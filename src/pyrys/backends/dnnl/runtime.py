@@ -45,7 +45,9 @@ from pyrys.backends.thread_choice import ThreadChooser
 from pyrys.backends.threads import PER_CALLER_THREADS, current_threads, with_threads
 from pyrys.forwarding import forwarded
 from pyrys.ir.finite import all_finite
+from pyrys.ir.graph import named_constants
 from pyrys.ir.printer import format_graph
+from pyrys.ir.released import is_released
 from pyrys.ir.work import share_of
 from pyrys.machine import give_back_freed_memory
 from pyrys.quantization.nonfinite import rounds_activations
@@ -79,19 +81,24 @@ class DnnlRuntime:
         self.float_inputs = [i for i, t in enumerate(example_inputs)
                              if checked and isinstance(t, torch.Tensor) and t.is_floating_point()]
         self.fault: str | None = None  # why every call runs on the reference backend (``self_check.py``)
-        if options.check and (like is None or like.fault) and self_check.checkable(gm, example_inputs):
+        if options.check and self_check.checkable(gm, example_inputs):
             self._check(example_inputs, threads)
 
     def _check(self, example_inputs: list, threads: int) -> None:
-        """The first program against the reference backend on the example inputs (the graph's constants
-        are still its own here: the reference reads them, nothing is copied); kept only where they disagree."""
+        """The first program against the reference backend on the example inputs; the reference is kept only
+        where they disagree.  The first shape's graph holds its constants still (the reference reads them,
+        nothing is copied); another shape's holds stand-ins of released ones, whose plain copies the
+        reference restores from the packed ones for the check alone (one copy of the weights, freed after)."""
         reference = ReferenceProgram(self.gm)
+        restored = any(is_released(t) for t in self.gm.buffers())
         self.fault = with_threads(threads, self_check.disagreement, self.first, reference, self.gm, example_inputs)
         if self.fault is not None:
             self._reference = reference
             warnings.warn(f"pyrys: {self.fault}", RuntimeWarning, stacklevel=2)
         else:
             reference.discard()
+            if restored:
+                give_back_freed_memory(collect_cycles=False)  # the restored copies' pages
 
     @property
     def reference(self) -> ReferenceProgram:
@@ -116,7 +123,7 @@ class DnnlRuntime:
         stand_ins: dict[int, torch.Tensor] = {}
         plain: list[weakref.ref] = []
         for gm in dict.fromkeys(gms):
-            for name, tensor in list(gm.named_buffers(recurse=False)):
+            for name, tensor in named_constants(gm):
                 stand_in = stand_ins.get(id(tensor))
                 if stand_in is None:
                     stand_in = self.packed.release(self.engine, tensor)

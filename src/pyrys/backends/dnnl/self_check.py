@@ -18,8 +18,10 @@ another op's result (1e-2), int8 rounds a result 1 LSB the other way, which late
 
 Not compared: what the reference gives as NaN or infinity (README, "NaN and infinities").  Not checked: a
 graph with a random op (two runs differ anyway), example inputs that are not finite (such
-calls take the reference backend where a step would drop NaN), and a program of another shape built from
-a checked one (its constants are released by then: the check would first copy every weight back).
+calls take the reference backend where a step would drop NaN).  A program of another input shape is checked
+too, on that call's inputs: the graph's constants are released by then (packed only), so the reference runs
+on plain copies restored from the packed ones, freed after (a shape's lowering has its own faults: a linear's
+post-op operand broadcast over leading dims was handed to oneDNN unbroadcast at new shapes only).
 """
 from __future__ import annotations
 
