@@ -921,6 +921,33 @@ def test_a_capture_differing_in_a_fused_activation_or_scalar_is_calibrated_on_it
     assert any("calibrated on its own" in note for note in opt.notes), opt.notes
 
 
+class _ScalePickedByLength(nn.Module):
+    """A scale chosen by the length (LongRoPE's short and long factors), folded into the first linear's weight:
+    the weight keeps its name, with other values, in the capture for the other branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(16, 16), nn.Linear(16, 16)
+        self.register_buffer("short", torch.tensor(40.0))
+        self.register_buffer("long", torch.tensor(0.05))
+
+    def forward(self, x):
+        return self.l2(self.l1(x) * (self.long if x.shape[1] > 8 else self.short))
+
+
+def test_a_capture_whose_folded_weights_differ_is_calibrated_on_its_own():
+    """A helper's fuzz: calibrated at lengths 12 and 4 (as README advises), a length of 5 reused length 12's
+    scales (error 0.99): layers were told apart by their weights' names, not values."""
+    torch.manual_seed(0)
+    model = _ScalePickedByLength().eval()
+    calibration = [torch.randn(2, length, 16) for length in (12, 4) for _ in range(4)]
+    opt = pyrys.optimize(model, (torch.randn(2, 12, 16),), precision="int8", calibration=calibration, dynamic=True)
+    with torch.no_grad():
+        for shape in [(2, 12), (2, 4), (3, 5)]:
+            x = torch.randn(*shape, 16)
+            assert pyrys.relative_error(opt(x), model(x)) <= INT8_TOLERANCE, shape
+
+
 @pytest.mark.parametrize("dynamic", [None, True, False])
 def test_a_graph_for_batches_from_two_is_calibrated_on_one_row_samples_joined(dynamic):
     """Optimized and calibrated at a batch of one, then called with more rows: the graph for every batch size

@@ -21,13 +21,12 @@ from __future__ import annotations
 import copy
 import itertools
 import threading
-import zlib
 from typing import Any, Iterable
 
 import torch
 
 from pyrys.errors import ModelChangedError, ModelCopyError
-from pyrys.ir.graph import tensor_bytes
+from pyrys.ir.graph import values_crc
 
 
 MODULE_ADVICE = ("Optimize the model again for its new weights, or call each input shape it is to serve before "
@@ -49,7 +48,7 @@ class WriteCheck:
         self._digesting.start()
 
     def _digest_all(self) -> None:
-        self.digests = {name: _digest(tensor) for name, tensor in self.shared.items()}
+        self.digests = {name: values_crc(tensor) for name, tensor in self.shared.items()}
 
     def wait(self) -> None:
         """Return once the CRCs are recorded (``optimize`` waits: they are the weights at optimize)."""
@@ -61,7 +60,7 @@ class WriteCheck:
         if digests:
             self.wait()
         for name, tensor in self.shared.items():
-            if _stamp(tensor) != self.stamps[name] or (digests and _digest(tensor) != self.digests[name]):
+            if _stamp(tensor) != self.stamps[name] or (digests and values_crc(tensor) != self.digests[name]):
                 raise ModelChangedError(
                     f"pyrys: {name} of {self.owner} was written after pyrys.optimize (in place, load_state_dict, "
                     ".data, ...). The compiled programs hold the weights from optimize, and this new input shape "
@@ -70,15 +69,6 @@ class WriteCheck:
 
 def _stamp(tensor: torch.Tensor) -> tuple:
     return tensor._version, tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype
-
-
-def _digest(tensor: torch.Tensor) -> int | None:
-    """CRC-32 of the tensor's bytes; None where they cannot be read as bytes (a quantized or sparse
-    tensor: its version counter and address are all that is checked)."""
-    try:
-        return zlib.crc32(tensor_bytes(tensor))
-    except (RuntimeError, TypeError, ValueError):
-        return None
 
 
 def private_copy(model: torch.nn.Module, frozen: Iterable[str] | None) -> tuple[torch.nn.Module, WriteCheck]:

@@ -242,14 +242,24 @@ def _same_values(held: torch.Tensor, tensor: torch.Tensor, digests: dict[int, in
         return True
     if not is_released(held):
         return torch.equal(held, tensor)
-    return _digest(held, digests) == _digest(tensor, digests) and torch.equal(values_of(held), tensor)
+    digest = _digest(held, digests)
+    return digest is not None and digest == _digest(tensor, digests) and torch.equal(values_of(held), tensor)
 
 
-def _digest(tensor: torch.Tensor, digests: dict[int, int]) -> int:
-    """A CRC of the tensor's bytes (a released one's restored values), computed once per tensor."""
+def _digest(tensor: torch.Tensor, digests: dict[int, int | None]) -> int | None:
+    """:func:`values_crc`, computed once per tensor (by identity, in ``digests``)."""
     if id(tensor) not in digests:
-        digests[id(tensor)] = zlib.crc32(tensor_bytes(values_of(tensor)))
+        digests[id(tensor)] = values_crc(tensor)
     return digests[id(tensor)]
+
+
+def values_crc(tensor: torch.Tensor) -> int | None:
+    """CRC-32 of the tensor's values (a released one's restored: :func:`~pyrys.ir.released.values_of`); None
+    where its bytes are not its values (a quantized or sparse tensor)."""
+    try:
+        return zlib.crc32(tensor_bytes(values_of(tensor)))
+    except (RuntimeError, TypeError, ValueError):
+        return None
 
 
 def tensor_bytes(tensor: torch.Tensor):

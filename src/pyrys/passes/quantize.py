@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_leaves
 from pyrys.ir.edit import insert_op
 from pyrys.ir.fused import (FUSED_BY_BASE, FUSED_CONV, FUSED_CONV_TRANSPOSE, FUSED_OPS, as_fused, fused_form_miss,
                             read_fused, to_fused)
-from pyrys.ir.graph import add_constant
+from pyrys.ir.graph import add_constant, values_crc
 from pyrys.ir.provenance import copies
 from pyrys.ir.vocabulary import ATTENTION
 from pyrys.machine import native_bf16
@@ -220,10 +220,20 @@ def _origin(value: fx.Node, keys: dict[fx.Node, str], memo: dict | None = None) 
     if value not in memo:
         own = keys.get(value) or (f"{value.op} {value.target}" if value.op in ("placeholder", "get_attr")
                                   else str(value.target))
+        if value.op == "get_attr":  # by its values too: a constant folded into a weight (``x * scale`` picked
+            own = (own, _constant_crc(value))  # by the length) keeps the weight's name with other values
         reads = tuple(_origin(arg, keys, memo) for arg in value.all_input_nodes
                       if isinstance(arg.meta.get("val"), torch.Tensor))  # not symbolic sizes: any shape
         memo[value] = hash((own, _literals(value) if value.op == "call_function" else (), reads))
     return memo[value]
+
+
+def _constant_crc(node: fx.Node) -> int | None:
+    """The CRC-32 of the constant a ``get_attr`` node reads (None: not a tensor, or no bytes to read)."""
+    value = node.graph.owning_module
+    for part in str(node.target).split("."):
+        value = getattr(value, part, None)
+    return values_crc(value) if isinstance(value, torch.Tensor) else None
 
 
 # the arguments of ops that select positions which say what is computed (dim and start), not those that
