@@ -89,11 +89,22 @@ def test_cli_explain_refuses_bad_flags_with_a_message(arguments, says, capsys):
 @pytest.mark.parametrize("spec, says", [("no_such_module_here:Net", "cannot import 'no_such_module_here'"),
                                         ("torch.nn:NoSuchNet", "'torch.nn' has no attribute 'NoSuchNet'"),
                                         ("no_such_zoo_model", "unknown model 'no_such_zoo_model': expected a torchvision"),
-                                        ("torch.nn:Linear", "cannot be built with no arguments")])
+                                        ("torch.nn:Linear", "cannot be built with no arguments"),
+                                        ("torch:float32", "is a dtype: neither an nn.Module nor something that")])
 def test_cli_explain_says_which_model_it_cannot_find(spec, says):
-    """Tracebacks before: torchvision's ValueError, Linear's TypeError."""
+    """Tracebacks before: torchvision's ValueError, Linear's TypeError; a dtype "cannot be built with no arguments"."""
     with pytest.raises(SystemExit, match=says):
         main(["explain", spec])
+
+
+def _factory_with_a_bug() -> torch.nn.Module:
+    return torch.nn.Linear("four", 3)
+
+
+def test_cli_explain_lets_a_factorys_own_error_through():
+    """A helper's fuzz: a TypeError inside a factory read "cannot be built with no arguments"."""
+    with pytest.raises(TypeError, match="empty"):
+        main(["explain", "tests.test_explain:_factory_with_a_bug"])
 
 
 def test_cli_explain_shapes_a_models_own_inputs():

@@ -311,6 +311,10 @@ def test_empty_outputs_and_matching_infinities_agree(backend):
     nan, one = torch.tensor([float("nan"), 1.0]), torch.tensor([2.0, 1.0])
     assert pyrys.relative_error(nan, one) == pyrys.relative_error(one, nan) == float("inf")  # not silent
     assert pyrys.relative_error([one, nan], [one, one]) == pyrys.relative_error([nan, one], [one, one]) == float("inf")
+    inf, big = float("inf"), torch.tensor([1e308], dtype=torch.float64)  # a helper's fuzz: 1.8e308, and 1.797
+    assert pyrys.relative_error(torch.tensor([-inf, 1.0]), torch.tensor([inf, 1.0])) == inf
+    assert pyrys.relative_error(torch.tensor([5.0, 1.0]), torch.tensor([inf, 1.0])) == inf
+    assert pyrys.relative_error(-big, big) == 2.0
 
 
 def test_relative_error_compares_every_leaf_by_its_place():
@@ -349,3 +353,14 @@ def test_an_inlined_torchscript_branch_keeps_its_twins(backend):
     opt = pyrys.optimize(torch.jit.script(Branches().eval()), (torch.randn(2, 4),), backend=backend, numerics=True)
     assert opt.numerics.first_over() is None, opt.numerics.render()
     assert opt.numerics.layer("y_1").op == "aten::add" and len(opt.numerics.unmatched) == 1
+
+
+def test_the_tolerance_prints_as_it_is():
+    """A helper's fuzz: ``tolerance=0.0046`` printed as 5e-03, with rows of 4.9e-03 marked over it."""
+    from pyrys.numerics.report import format_tolerance
+
+    assert [format_tolerance(t) for t in (1e-4, 0.0046, 1.5e-4, 5e-2)] == ["1e-04", "4.6e-03", "1.5e-04", "5e-02"]
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    explained = pyrys.explain(model, (torch.randn(4, 16),), numerics=True, tolerance=0.0046)
+    assert "(tolerance 4.6e-03)" in explained.render()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 
 import torch
 
@@ -65,10 +66,17 @@ def load_model(spec: str) -> torch.nn.Module:
         if not hasattr(target, part):
             raise SystemExit(f"pyrys explain: {module_name!r} has no attribute {attr!r} (from {spec!r})")
         target = getattr(target, part)
-    try:
-        model = target if isinstance(target, torch.nn.Module) else target()
-    except TypeError as error:
-        raise SystemExit(f"pyrys explain: {spec} cannot be built with no arguments: {error}") from None
+    if not isinstance(target, torch.nn.Module) and not callable(target):
+        raise SystemExit(f"pyrys explain: {spec} is a {type(target).__name__}: neither an nn.Module nor something "
+                         "that builds one")
+    if not isinstance(target, torch.nn.Module):
+        try:  # a TypeError the factory itself raises is its own error, with its traceback
+            inspect.signature(target).bind()
+        except TypeError as error:
+            raise SystemExit(f"pyrys explain: {spec} cannot be built with no arguments: {error}") from None
+        except ValueError:  # no signature to read (a builtin): called as it is
+            pass
+    model = target if isinstance(target, torch.nn.Module) else target()
     if not isinstance(model, torch.nn.Module):
         raise SystemExit(f"pyrys explain: {spec} is not an nn.Module and did not build one")
     return model.eval()

@@ -34,7 +34,7 @@ from pyrys.config import OptimizeConfig
 from pyrys.errors import CaptureError, ModelChangedError
 from pyrys.ir.quiet_fake import fake_tensor_errors_unlogged
 from pyrys.compiled import COMPILING, Compiled, build_for_shape, compile_signature, static_reason
-from pyrys.numerics.budget import ACCURACY_NOTE
+from pyrys.numerics.budget import ACCURACY_NOTE, KEPT_BY_GUARD
 from pyrys.passes.quantize import CALIBRATED_ON_ITS_OWN, OWN_NOTES
 from pyrys.quantization.calibration import CALIBRATED_SIZES_KEY
 from pyrys.precision_notes import int8_layers
@@ -426,9 +426,12 @@ class OptimizedModule(torch.nn.Module):
         measure (a graph computing values otherwise than the one calibrated first: ``passes/quantize.py``),
         and fewer int8 layers than the first capture."""
         calibrated = _calibrated_on_its_own(compiled)
+        kept = "; ".join(str(miss) for miss in compiled.run.misses if KEPT_BY_GUARD in str(miss))
         for note in sorted(compiled.notes, key=lambda note: not note.startswith(OWN_NOTES)):
             if note.startswith(("precision='bf16': ", *OWN_NOTES)) or (
                     calibrated and note.startswith(ACCURACY_NOTE % "int8")):
+                # opt.misses are the first capture's: this one's kept ops are named here
+                note = note.replace("see misses", kept) if kept else note
                 self._note(f"the capture for inputs ({signature.describe()}): {note}")
         first, now = int8_layers(self._first.run), int8_layers(compiled.run)
         if now < first:

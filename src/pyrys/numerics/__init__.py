@@ -52,12 +52,13 @@ def _leaf_error(actual, expected) -> float:
         return 0.0
     wide = torch.complex128 if expected.is_complex() else torch.float64
     actual, expected = actual.to(wide), expected.to(wide)
-    difference = (actual - expected).abs()
-    agree = (actual == expected) | (actual.isnan() & expected.isnan())  # the same inf, or NaN in both
-    difference = difference.masked_fill(agree, 0.0).nan_to_num(nan=float("inf"))  # NaN on one side only: inf
     finite = expected[expected.isfinite()].abs()
     scale = (finite.max() if finite.numel() else finite.new_tensor(1.0)).clamp_min(1e-12)
-    return float(difference.max() / scale)
+    difference = (actual / scale - expected / scale).abs()  # scaled first: 1e308 - -1e308 is no overflow
+    agree = (actual == expected) | (actual.isnan() & expected.isnan())  # the same inf, or NaN in both
+    # NaN on one side only, or an infinity the other side lacks: inf (nan_to_num would make that FLT64_MAX)
+    difference = difference.masked_fill(agree, 0.0).nan_to_num(nan=float("inf"), posinf=float("inf"))
+    return float(difference.max())
 
 
 def relative_error(actual, expected) -> float:

@@ -24,7 +24,7 @@ import torch
 
 from pyrys.numerics import FP32_TOLERANCE
 from pyrys.numerics.layers import LayerError
-from pyrys.numerics.report import NumericsReport, format_error
+from pyrys.numerics.report import NumericsReport, format_error, format_tolerance
 from pyrys.passes.pipeline import Step
 
 
@@ -44,8 +44,8 @@ class Bisection:
     def render(self, lines_shown: int = 40) -> str:
         if self.stage is None:
             worst = max((error for _, error in self.report.rows), default=0.0)
-            return f"every stage within {self.tolerance:.0e} (worst {format_error(worst)})"
-        lines = [f"first over {self.tolerance:.0e}: step {self.index}, {self.stage} (error {format_error(self.error)}; "
+            return f"every stage within {format_tolerance(self.tolerance)} (worst {format_error(worst)})"
+        lines = [f"first over {format_tolerance(self.tolerance)}: step {self.index}, {self.stage} (error {format_error(self.error)}; "
                  f"{format_error(self.error_before)} before it)"]
         if self.stage == "capture":
             lines.append("the captured graph itself differs from the model (the capture changed the arithmetic)")
@@ -61,7 +61,7 @@ class Bisection:
             if len(self.changed) > lines_shown:
                 lines.append(f"  ... {len(self.changed) - lines_shown} more lines")
         if self.layers:
-            lines.append(f"layers over {self.tolerance:.0e}, worst first:")
+            lines.append(f"layers over {format_tolerance(self.tolerance)}, worst first:")
             lines += [f"  {format_error(layer.error):>9}  {layer.describe()}" for layer in self.layers]
         lines += [f"! {problem}" for problem in self.report.problems]
         return "\n".join(lines)

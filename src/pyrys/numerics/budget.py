@@ -103,12 +103,13 @@ def kept_reason(precision: str, own: float, total: float, budget: float, data: s
                 kept_in: str = "float32") -> str:
     """A kept op's miss reason (kept in ``kept_in``)."""
     which = "the op that moves its own the most" if kept == 1 else f"one of the {kept} ops that move theirs the most"
-    return (f"kept in {kept_in} by the accuracy guard: {precision} moves its own result by {own:.1e} (relative, on "
+    return (f"kept in {kept_in} {KEPT_BY_GUARD}: {precision} moves its own result by {own:.1e} (relative, on "
             f"{data}), {which}; with every op in {precision} the outputs moved {total:.1e}, over "
             f"accuracy_budget={budget:g}")
 
 
 ACCURACY_NOTE = "precision='%s': outputs within "  # how accuracy_note begins
+KEPT_BY_GUARD = "by the accuracy guard"  # in every kept op's reason (kept_reason)
 
 
 def accuracy_note(precision: str, error: float, budget: float | None, kept: int, data: str,

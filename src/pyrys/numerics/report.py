@@ -59,7 +59,7 @@ class NumericsReport:
                        f"{', '.join('%' + layer.node for layer in self.layers[:5])}{', ...' if len(self.layers) > 5 else ''})")
 
     def render(self, layers: int = 10) -> str:
-        lines = [f"numerics: max relative error against eager on the example inputs (tolerance {self.tolerance:.0e})"]
+        lines = [f"numerics: max relative error against eager on the example inputs (tolerance {format_tolerance(self.tolerance)})"]
         width = max(len(name) for name, _ in self.rows)
         for index, (name, error) in enumerate(self.rows):
             over = "  <- over the tolerance" if not error <= self.tolerance else ""
@@ -73,6 +73,16 @@ class NumericsReport:
                 why = f"  ({layer.reason})" if layer.reason else ""
                 lines.append(f"  {format_error(layer.error):>9}  {layer.describe()}{why}")
         return "\n".join(lines)
+
+
+def format_tolerance(tolerance: float) -> str:
+    """The shortest ``1e-04``, ``4.6e-03`` that reads back as ``tolerance`` (one digit hid 4.6e-03 as 5e-03, under
+    which rows marked over it read), at most six digits."""
+    for digits in range(6):
+        text = f"{tolerance:.{digits}e}"
+        if float(text) == tolerance:
+            return text
+    return f"{tolerance:.5e}"
 
 
 def format_error(error: float) -> str:
