@@ -81,8 +81,14 @@ class DnnlRuntime:
         self.float_inputs = [i for i, t in enumerate(example_inputs)
                              if checked and isinstance(t, torch.Tensor) and t.is_floating_point()]
         self.fault: str | None = None  # why every call runs on the reference backend (``self_check.py``)
+        # the structures (self_check.structure) of this graph's programs checked so far, shared by its shapes
+        self.checked: set[str] = like.checked if like is not None else set()
         if options.check and self_check.checkable(gm, example_inputs):
-            self._check(example_inputs, threads)
+            structure = self_check.structure(self.first)
+            if like is None or like.fault or structure not in self.checked:
+                self._check(example_inputs, threads)
+                if self.fault is None:
+                    self.checked.add(structure)
 
     def _check(self, example_inputs: list, threads: int) -> None:
         """The first program against the reference backend on the example inputs; the reference is kept only
