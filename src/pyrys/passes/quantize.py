@@ -312,8 +312,9 @@ def held_samples(gm: fx.GraphModule, calibration: Calibration) -> list[list]:
         raise InputError(f"pyrys: the captured graph holds for none of the calibration samples' shapes ({described}"
                          f"{', ...' if len(left) > 4 else ''}): give samples of the example's shapes")
     taken = [sample for shape, sample in zip(shapes, samples) if held[shape]]
-    left_out = (f"calibration: {len(samples) - len(taken)} samples of shapes the captured graph does not hold for "
-                f"were left out ({described}{', ...' if len(left) > 4 else ''})")
+    count = len(samples) - len(taken)
+    left_out = (f"calibration: {count} sample{'s' * (count != 1)} of shapes the captured graph does not hold for "
+                f"{'were' if count != 1 else 'was'} left out ({described}{', ...' if len(left) > 4 else ''})")
     calibration.note = "; ".join(filter(None, [calibration.read_note, left_out]))
     return taken
 
