@@ -401,3 +401,30 @@ def test_signatures_max_shapes_drops_leave_nothing_packed_behind(dynamic):
                 assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE
         packed.append(opt.memory()["packed_weights"])
     assert packed[0] == packed[1] == packed[2], packed
+
+
+def test_the_weights_a_new_shapes_check_restores_are_freed_at_once(monkeypatch):
+    """A reviewer's find: the check of a new shape's program kept its restored weights alive in the reference's
+    graph copy (a reference cycle) until a full collection: a second copy of the weights, for a while."""
+    import pyrys.backends.reference as reference
+
+    restored = []
+    init = reference.ReferenceProgram.__init__
+
+    def spying(self, gm, *args, **kwargs):
+        released = {name for name, t in gm.named_buffers() if is_released(t)}
+        init(self, gm, *args, **kwargs)
+        restored.extend(weakref.ref(t) for name, t in self.source.named_buffers() if name in released)
+
+    monkeypatch.setattr(reference.ReferenceProgram, "__init__", spying)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)).eval()
+    opt = pyrys.optimize(model, (torch.randn(1, 64),), backend="dnnl", dynamic=True)
+    gc.collect()
+    gc.disable()
+    try:
+        x = torch.randn(3, 64)  # batch 3: another structure than batch 1's, checked
+        assert pyrys.relative_error(opt(x), model(x)) < TOLERANCE
+        assert restored and all(ref() is None for ref in restored)
+    finally:
+        gc.enable()

@@ -33,7 +33,9 @@ class ReferenceProgram:
     made at the first such call."""
 
     def __init__(self, gm: fx.GraphModule, float_path_for_nonfinite: bool = True):
-        gm = with_values(gm)
+        restored = with_values(gm)
+        self._restored = restored is not gm  # a copy holding restored constants: discard frees them
+        gm = restored
         self.gm = without_dispatch(gm)
         self.source = gm  # the graph as printed: profile's step texts
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -78,7 +80,7 @@ class ReferenceProgram:
     def discard(self) -> None:
         """Let go of the graph's constants now, for a program made to run once (``self_check.py``): its graph
         module is a reference cycle, which only a full collection (0.2 s) would free, with them."""
-        for module in self.gm.modules():
+        for module in [*self.gm.modules(), *(self.source.modules() if self._restored else ())]:
             module._buffers.clear()
             module._parameters.clear()
         self.state.clear()

@@ -81,30 +81,35 @@ class DnnlRuntime:
         self.float_inputs = [i for i, t in enumerate(example_inputs)
                              if checked and isinstance(t, torch.Tensor) and t.is_floating_point()]
         self.fault: str | None = None  # why every call runs on the reference backend (``self_check.py``)
-        # the structures (self_check.structure) of this graph's programs checked so far, shared by its shapes
-        self.checked: set[str] = like.checked if like is not None else set()
+        # the structures (self_check.structure) of this graph's programs checked so far, shared by its shapes:
+        # those that passed, and those that disagreed, with why (a later shape of one runs on torch ops at once)
+        self.checked: dict[str, str | None] = like.checked if like is not None else {}
         if options.check and self_check.checkable(gm, example_inputs):
             structure = self_check.structure(self.first)
             if like is None or like.fault or structure not in self.checked:
                 self._check(example_inputs, threads)
-                if self.fault is None:
-                    self.checked.add(structure)
+                self.checked[structure] = self.fault
+            elif self.checked[structure] is not None:
+                self.fault = self.checked[structure]
+                warnings.warn(f"pyrys: {self.fault}", RuntimeWarning, stacklevel=2)
 
     def _check(self, example_inputs: list, threads: int) -> None:
         """The first program against the reference backend on the example inputs; the reference is kept only
         where they disagree.  The first shape's graph holds its constants still (the reference reads them,
         nothing is copied); another shape's holds stand-ins of released ones, whose plain copies the
-        reference restores from the packed ones for the check alone (one copy of the weights, freed after)."""
-        reference = ReferenceProgram(self.gm)
+        reference restores from the packed ones for the check alone (one copy of the weights, freed after;
+        where they disagree, calls take :attr:`reference`, on the copies every shape shares)."""
         restored = any(is_released(t) for t in self.gm.buffers())
+        reference = ReferenceProgram(self.gm)
         self.fault = with_threads(threads, self_check.disagreement, self.first, reference, self.gm, example_inputs)
         if self.fault is not None:
-            self._reference = reference
             warnings.warn(f"pyrys: {self.fault}", RuntimeWarning, stacklevel=2)
-        else:
-            reference.discard()
-            if restored:
-                give_back_freed_memory(collect_cycles=False)  # the restored copies' pages
+        if self.fault is not None and not restored:
+            self._reference = reference
+            return
+        reference.discard()
+        if restored:
+            give_back_freed_memory(collect_cycles=False)  # the restored copies' pages
 
     @property
     def reference(self) -> ReferenceProgram:

@@ -20,7 +20,8 @@ Not compared: what the reference gives as NaN or infinity (README, "NaN and infi
 graph with a random op (two runs differ anyway), example inputs that are not finite (such
 calls take the reference backend where a step would drop NaN).  A program of another input shape is checked
 too, on that call's inputs, unless a program of the same :func:`structure` (the same steps, kernels, formats
-and blocks, and the same dims of size 1) passed already: the graph's constants are released by then (packed
+and blocks, the same dims of size 1 and sizes with a kernel tail) was checked already (one that disagreed: its
+calls run on torch ops at once): the graph's constants are released by then (packed
 only), so the reference runs on plain copies restored from the packed ones, freed after.  A new shape's
 lowering has faults of its own (a linear's post-op operand broadcast over leading dims was handed to oneDNN
 unbroadcast at new shapes only), and the check costs a run on torch ops (ResNet-50 at batch 7: 0.6 s, 0.2x
@@ -41,12 +42,19 @@ SMALLEST_SCALE = 1e-4  # an output nearer 0 everywhere (a zero input's) is measu
 
 
 _SIZE = re.compile(r"(?<![\w.])\d+(?![\w.])")  # a whole number on its own: not in a name, a kernel or a float
+_COMMENT = re.compile(r"\s*#.*$", re.MULTILINE)  # a step's comment (a kernel choice's timings differ per shape)
+BLOCK = 16  # a size that is a multiple of this runs no kernel tail (oneDNN blocks by 16 and its multiples)
 
 
 def structure(program) -> str:
-    """``program``'s text with every whole number but 1 written ``N``: what its lowering decided (steps, kernels,
-    formats, attention blocks, which dims are 1: oneDNN's faults at size 1 so far), not the sizes."""
-    return _SIZE.sub(lambda number: number[0] if number[0] == "1" else "N", program.text)
+    """``program``'s text without comments and with every whole number but 1 written by its class, ``N`` (a
+    multiple of :data:`BLOCK`) or ``T`` (a tail): what its lowering decided (steps, kernels, formats, attention
+    blocks, which dims are 1, where kernels run a tail: oneDNN's faults so far were at size 1), not the sizes."""
+    def size_class(number: re.Match) -> str:
+        value = int(number[0])
+        return "1" if value == 1 else ("N" if value % BLOCK == 0 else "T")
+
+    return _SIZE.sub(size_class, _COMMENT.sub("", program.text))
 
 
 def checkable(gm: fx.GraphModule, inputs: list) -> bool:
