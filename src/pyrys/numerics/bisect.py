@@ -45,8 +45,8 @@ class Bisection:
         if self.stage is None:
             worst = max((error for _, error in self.report.rows), default=0.0)
             return f"every stage within {format_tolerance(self.tolerance)} (worst {format_error(worst)})"
-        lines = [f"first over {format_tolerance(self.tolerance)}: step {self.index}, {self.stage} (error {format_error(self.error)}; "
-                 f"{format_error(self.error_before)} before it)"]
+        lines = [f"first over {format_tolerance(self.tolerance)}: step {self.index}, {self.stage} "
+                 f"(error {format_error(self.error)}; {format_error(self.error_before)} before it)"]
         if self.stage == "capture":
             lines.append("the captured graph itself differs from the model (the capture changed the arithmetic)")
         program = self.index == len(self.report.passes)

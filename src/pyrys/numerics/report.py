@@ -59,7 +59,8 @@ class NumericsReport:
                        f"{', '.join('%' + layer.node for layer in self.layers[:5])}{', ...' if len(self.layers) > 5 else ''})")
 
     def render(self, layers: int = 10) -> str:
-        lines = [f"numerics: max relative error against eager on the example inputs (tolerance {format_tolerance(self.tolerance)})"]
+        lines = ["numerics: max relative error against eager on the example inputs "
+                 f"(tolerance {format_tolerance(self.tolerance)})"]
         width = max(len(name) for name, _ in self.rows)
         for index, (name, error) in enumerate(self.rows):
             over = "  <- over the tolerance" if not error <= self.tolerance else ""

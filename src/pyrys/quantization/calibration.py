@@ -204,7 +204,8 @@ def calibration_samples(data: Iterable, args: tuple, kwargs: dict, limit: int | 
     if resized:
         shown = [f"({described})" for described in list(resized)[:4]] + ["..."] * (len(resized) > 4)
         cut = "; ".join(filter(None, [cut, f"calibration: samples of {len(resized)} other input shapes than the "
-                                           f"example's read as they are where the captured graph holds for them: {', '.join(shown)}"]))
+                                           "example's read as they are where the captured graph holds for them: "
+                                           f"{', '.join(shown)}"]))
     return samples[:wanted], cut
 
 

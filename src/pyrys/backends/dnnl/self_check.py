@@ -21,11 +21,11 @@ graph with a random op (two runs differ anyway), example inputs that are not fin
 calls take the reference backend where a step would drop NaN).  A program of another input shape is checked
 too, on that call's inputs, unless a program of the same :func:`structure` (the same steps, kernels, formats
 and blocks, the same dims of size 1 and sizes with a kernel tail) was checked already (one that disagreed: its
-calls run on torch ops at once): the graph's constants are released by then (packed
-only), so the reference runs on plain copies restored from the packed ones, freed after.  A new shape's
-lowering has faults of its own (a linear's post-op operand broadcast over leading dims was handed to oneDNN
-unbroadcast at new shapes only), and the check costs a run on torch ops (ResNet-50 at batch 7: 0.6 s, 0.2x
-of the first compile), so a shape that only changes sizes is not checked again.
+calls run on torch ops at once): the graph's constants are released by then (packed only), so the reference
+runs on plain copies restored from the packed ones, freed after.  A new shape's lowering has faults of its
+own (a linear's post-op operand broadcast over leading dims was handed to oneDNN unbroadcast at new shapes
+only), and the check costs a run on torch ops (ResNet-50 at batch 7: 0.6 s, 0.2x of the first compile), so a
+shape that only changes sizes within their classes is not checked again.
 """
 from __future__ import annotations
 
