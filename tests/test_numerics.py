@@ -364,3 +364,12 @@ def test_the_tolerance_prints_as_it_is():
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
     explained = pyrys.explain(model, (torch.randn(4, 16),), numerics=True, tolerance=0.0046)
     assert "(tolerance 4.6e-03)" in explained.render()
+
+
+def test_bisect_says_when_the_model_itself_is_random():
+    """A helper's fuzz: dropout in training mode was blamed on the capture ("the capture changed the arithmetic")."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5), nn.Linear(8, 4))  # training mode: random
+    text = pyrys.bisect(model, (torch.randn(2, 8),)).render()
+    assert "the model itself is random" in text and "capture changed the arithmetic" not in text
+    assert "! the model gives other outputs on a second run" in text

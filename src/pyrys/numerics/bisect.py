@@ -25,6 +25,7 @@ import torch
 from pyrys.numerics import FP32_TOLERANCE
 from pyrys.numerics.layers import LayerError
 from pyrys.numerics.report import NumericsReport, format_error, format_tolerance
+from pyrys.numerics.trace import RANDOM_MODEL
 from pyrys.passes.pipeline import Step
 
 
@@ -47,7 +48,9 @@ class Bisection:
             return f"every stage within {format_tolerance(self.tolerance)} (worst {format_error(worst)})"
         lines = [f"first over {format_tolerance(self.tolerance)}: step {self.index}, {self.stage} "
                  f"(error {format_error(self.error)}; {format_error(self.error_before)} before it)"]
-        if self.stage == "capture":
+        if self.stage == "capture" and any(problem.startswith(RANDOM_MODEL) for problem in self.report.problems):
+            lines.append("the model itself is random: its own two runs differ (see below)")
+        elif self.stage == "capture":
             lines.append("the captured graph itself differs from the model (the capture changed the arithmetic)")
         program = self.index == len(self.report.passes)
         if 0 < self.index and not program and not self.changed:

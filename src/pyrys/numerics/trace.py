@@ -23,6 +23,9 @@ from pyrys.numerics.report import NumericsReport
 from pyrys.passes.pipeline import Step
 
 HALF_PRECISION = (torch.bfloat16, torch.float16)
+# a problem said where the capture seems over the tolerance because the model itself is random at inference
+RANDOM_MODEL = "the model gives other outputs on a second run with the same inputs"
+
 
 
 class NumericsTrace:
@@ -68,7 +71,19 @@ class NumericsTrace:
         error, reason = error_or_reason(self._comparable(outputs), eager)
         if reason:
             self.problems.append(f"after {step}: {reason}")
+        if step == "capture" and error > self.tolerance and self._random():
+            self.problems.append(f"{RANDOM_MODEL} (random at inference: dropout in training mode, rand_like, ...): "
+                                 "no stage can agree with it; call model.eval() or measure without the random ops")
         return error
+
+    def _random(self) -> bool:
+        """Whether the model's outputs on the example inputs differ from one run to the next (one run more)."""
+        try:
+            again = self.run_eager()
+        except Exception:  # noqa: BLE001 -- it ran once: a second failure says nothing of randomness
+            return False
+        error, reason = error_or_reason(again, self.eager)
+        return bool(reason) or error > 0
 
     def report(self, history: list[Step], gm: fx.GraphModule, program: Callable[[list], list], backend: str,
                inputs: list, compile_probe: Callable[[fx.GraphModule], Callable[[list], list]]) -> NumericsReport:
