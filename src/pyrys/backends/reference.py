@@ -34,7 +34,7 @@ class ReferenceProgram:
 
     def __init__(self, gm: fx.GraphModule, float_path_for_nonfinite: bool = True):
         restored = with_values(gm)
-        self._restored = restored is not gm  # a copy holding restored constants: discard frees them
+        self.restored = restored is not gm  # it holds a copy with released constants restored: discard frees it
         gm = restored
         self.gm = without_dispatch(gm)
         self.source = gm  # the graph as printed: profile's step texts
@@ -80,7 +80,7 @@ class ReferenceProgram:
     def discard(self) -> None:
         """Let go of the graph's constants now, for a program made to run once (``self_check.py``): its graph
         module is a reference cycle, which only a full collection (0.2 s) would free, with them."""
-        for module in [*self.gm.modules(), *(self.source.modules() if self._restored else ())]:
+        for module in [*self.gm.modules(), *(self.source.modules() if self.restored else ())]:
             module._buffers.clear()
             module._parameters.clear()
         self.state.clear()

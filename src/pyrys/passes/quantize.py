@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_leaves
 from pyrys.ir.edit import insert_op
 from pyrys.ir.fused import (FUSED_BY_BASE, FUSED_CONV, FUSED_CONV_TRANSPOSE, FUSED_OPS, as_fused, fused_form_miss,
                             read_fused, to_fused)
-from pyrys.ir.graph import add_constant, values_crc
+from pyrys.ir.graph import add_constant, constant_value, values_crc
 from pyrys.ir.provenance import copies
 from pyrys.ir.vocabulary import ATTENTION
 from pyrys.machine import native_bf16
@@ -230,9 +230,7 @@ def _origin(value: fx.Node, keys: dict[fx.Node, str], memo: dict | None = None) 
 
 def _constant_crc(node: fx.Node) -> int | None:
     """The CRC-32 of the constant a ``get_attr`` node reads (None: not a tensor, or no bytes to read)."""
-    value = node.graph.owning_module
-    for part in str(node.target).split("."):
-        value = getattr(value, part, None)
+    value = constant_value(node.graph.owning_module, node)
     return values_crc(value) if isinstance(value, torch.Tensor) else None
 
 

@@ -47,7 +47,6 @@ from pyrys.forwarding import forwarded
 from pyrys.ir.finite import all_finite
 from pyrys.ir.graph import named_constants
 from pyrys.ir.printer import format_graph
-from pyrys.ir.released import is_released
 from pyrys.ir.work import share_of
 from pyrys.machine import give_back_freed_memory
 from pyrys.quantization.nonfinite import rounds_activations
@@ -99,16 +98,15 @@ class DnnlRuntime:
         nothing is copied); another shape's holds stand-ins of released ones, whose plain copies the
         reference restores from the packed ones for the check alone (one copy of the weights, freed after;
         where they disagree, calls take :attr:`reference`, on the copies every shape shares)."""
-        restored = any(is_released(t) for t in self.gm.buffers())
         reference = ReferenceProgram(self.gm)
         self.fault = with_threads(threads, self_check.disagreement, self.first, reference, self.gm, example_inputs)
         if self.fault is not None:
             warnings.warn(f"pyrys: {self.fault}", RuntimeWarning, stacklevel=2)
-        if self.fault is not None and not restored:
+        if self.fault is not None and not reference.restored:
             self._reference = reference
             return
         reference.discard()
-        if restored:
+        if reference.restored:
             give_back_freed_memory(collect_cycles=False)  # the restored copies' pages
 
     @property
