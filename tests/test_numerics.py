@@ -222,6 +222,19 @@ def test_the_tolerance_is_that_of_what_runs(monkeypatch):
     assert int8.stage is None and "every stage within 5e-02" in int8.render()  # 1e-4 named quantize
 
 
+def test_a_precision_nothing_runs_in_is_not_the_tolerance():
+    """bf16 whose guard kept every op in float32, int8 of a model with no op it quantizes: float32 ran, and a
+    float32 fault of 1e-3 hid under the 3e-2 or 5e-2 asked for."""
+    pointwise = nn.Sequential(nn.ReLU(), nn.Hardswish()).eval()
+    int8 = pyrys.optimize(pointwise, (image(),), precision="int8", calibration=[image()], numerics=True)
+    assert int8.numerics.tolerance == FP32_TOLERANCE, int8.notes
+    if precision_notes.native_bf16():
+        kept = pyrys.optimize(conv_bn_relu(), (image(),), precision="bf16", accuracy_budget=1e-9, numerics=True)
+        assert "BFloat16" not in kept.graph and kept.numerics.tolerance == FP32_TOLERANCE
+        ran = pyrys.optimize(conv_bn_relu(), (image(),), precision="bf16", numerics=True)
+        assert ran.numerics.tolerance == BF16_TOLERANCE
+
+
 def test_explain_cli_numerics(capsys):
     from pyrys.cli import main
 

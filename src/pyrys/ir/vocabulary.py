@@ -7,6 +7,7 @@
     MATRIX_PRODUCTS  mm, bmm, matmul                                y[..., m, n] = sum_k a[..., m, k] b[..., k, n]
     VIEWS            the same bytes under another shape: view, reshape, flatten, squeeze, unsqueeze, alias
     PERMUTES         the same bytes with the dims reordered: permute, transpose
+    INT8             the 8-bit dtypes int8 activations and weights are stored in (uint8, int8)
 
 A pass or a backend that needs one of these names imports it from here, never from another pass.
 """
@@ -37,6 +38,18 @@ POOLS = {aten.max_pool1d.default: 1, aten.max_pool2d.default: 2, aten.max_pool3d
          aten.avg_pool1d.default: 1, aten.avg_pool2d.default: 2, aten.avg_pool3d.default: 3,
          aten.adaptive_avg_pool1d.default: 1, aten.adaptive_avg_pool2d.default: 2,
          aten.adaptive_avg_pool3d.default: 3}
+
+
+INT8 = frozenset({torch.uint8, torch.int8})
+
+
+def precision_of(gm: fx.GraphModule) -> str:
+    """The lowest precision the graph computes in: ``"int8"``, ``"bf16"`` or ``"fp32"`` (its inputs aside:
+    a model converting uint8 images is a float32 graph)."""
+    dtypes = {getattr(node.meta.get("val"), "dtype", None) for node in gm.graph.nodes if node.op == "call_function"}
+    if dtypes & INT8:
+        return "int8"
+    return "bf16" if torch.bfloat16 in dtypes else "fp32"
 
 
 def is_pure(node: fx.Node) -> bool:

@@ -17,7 +17,8 @@ import torch.fx as fx
 
 from pyrys.backends.reference import ReferenceProgram
 from pyrys.ir.graph import STATE_KEY, copy_graph, state_ref
-from pyrys.numerics import BF16_TOLERANCE, FP32_TOLERANCE, error_or_reason
+from pyrys.ir.vocabulary import precision_of
+from pyrys.numerics import BF16_TOLERANCE, FP32_TOLERANCE, TOLERANCES, error_or_reason
 from pyrys.numerics.layers import layer_errors, unmatched_nodes
 from pyrys.numerics.report import NumericsReport
 from pyrys.passes.pipeline import Step
@@ -38,7 +39,8 @@ class NumericsTrace:
     def __init__(self, run_eager: Callable[[], list], tolerance: float = FP32_TOLERANCE,
                  output_dtype: torch.dtype | None = None):
         self.run_eager, self.tolerance, self.output_dtype = run_eager, tolerance, output_dtype
-        if output_dtype in HALF_PRECISION:
+        self.half_outputs = output_dtype in HALF_PRECISION
+        if self.half_outputs:
             self.tolerance = max(tolerance, BF16_TOLERANCE)
         self._eager: list | None = None
         self.captured: dict[str, torch.Tensor] | None = None
@@ -50,6 +52,7 @@ class NumericsTrace:
         if self._eager is None:
             self._eager = self.run_eager()
             if any(isinstance(v, torch.Tensor) and v.dtype in HALF_PRECISION for v in self._eager):
+                self.half_outputs = True
                 self.tolerance = max(self.tolerance, BF16_TOLERANCE)
         return self._eager
 
@@ -99,7 +102,14 @@ class NumericsTrace:
             problems.append(f"per-layer errors unavailable: the probe program failed "
                             f"({type(failure).__name__}: {str(failure).strip()[:200]})")
         passes = [(step.name, step.error if step.error is not None else float("nan")) for step in history]
-        return NumericsReport(self.tolerance, passes, backend, error, layers, unmatched_nodes(gm, captured), problems)
+        return NumericsReport(self.ran_in(gm), passes, backend, error, layers, unmatched_nodes(gm, captured), problems)
+
+    def ran_in(self, gm: fx.GraphModule) -> float:
+        """The tolerance of the precision ``gm`` (the optimized graph) computes in, where that is higher than
+        the one asked for (``precision="bf16"`` whose guard kept every op in float32, int8 with no op quantized:
+        1e-4 is what they are held to), never below :data:`BF16_TOLERANCE` for half-precision outputs."""
+        ran = TOLERANCES[precision_of(gm)]
+        return min(self.tolerance, max(ran, BF16_TOLERANCE) if self.half_outputs else ran)
 
 
     def _comparable(self, outputs: list) -> list:

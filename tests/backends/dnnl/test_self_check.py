@@ -9,6 +9,7 @@ import torch.nn as nn
 import pyrys
 from pyrys.backends.dnnl import binding, self_check
 from pyrys.backends.dnnl.program import DnnlProgram
+from pyrys.ir.vocabulary import precision_of
 from tests.conftest import TOLERANCE
 
 available, reason = binding.is_available()
@@ -63,7 +64,7 @@ def test_precision_of_graphs():
                                         calibration=samples).graph_module for precision, samples in calibration.items()}
     for precision, gm in graphs.items():
         expected = precision if precision != "bf16" or torch.bfloat16 in _dtypes(gm) else "fp32"  # no native bf16
-        assert self_check.precision_of(gm) == expected
+        assert precision_of(gm) == expected
 
 
 def test_random_graphs_and_non_finite_inputs_are_not_checked():

@@ -18,13 +18,14 @@ from pyrys.backends.dnnl.builder import F32_OR_BF16, Builder, Unsupported, check
 from pyrys.backends.dnnl.constants import ARG_BIAS, ARG_DST, ARG_SRC, ARG_WEIGHTS, arg_post_op_src1
 from pyrys.backends.dnnl.descriptors import convolution_pd, deconvolution_pd, inner_product_pd, matmul_pd
 from pyrys.backends.dnnl.layout import plain_md, policy_md
-from pyrys.backends.dnnl.lower_int8 import INT8, Int8Op, post_operands, read_int8
+from pyrys.backends.dnnl.lower_int8 import Int8Op, post_operands, read_int8
 from pyrys.backends.dnnl.post_ops import Chain, Operand, build_chain, operand_of
 from pyrys.backends.dnnl.primitives import MemoryDesc, PrimitiveAttr, PrimitiveDesc
 from pyrys.backends.dnnl.tensors import DNNL_TO_TORCH, dnnl_dtype
 from pyrys.backends.dnnl.values import ALIAS, Value, broadcast_of
 from pyrys.ir.fused import Fused, conv_padding, read_fused
 from pyrys.ir.released import values_of
+from pyrys.ir.vocabulary import INT8
 from pyrys.passes.precision import CONVERT
 
 

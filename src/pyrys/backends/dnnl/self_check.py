@@ -34,7 +34,7 @@ import re
 import torch
 import torch.fx as fx
 
-from pyrys.backends.dnnl.lower_int8 import INT8
+from pyrys.ir.vocabulary import precision_of
 from pyrys.numerics import relative_error
 
 ALLOWED = {"fp32": 1e-3, "bf16": 1e-1, "int8": 2.5e-1}
@@ -72,15 +72,6 @@ def _random(node: fx.Node) -> bool:
         dropout = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
         return dropout != 0.0
     return True
-
-
-def precision_of(gm: fx.GraphModule) -> str:
-    """The lowest precision the graph computes in: ``"int8"``, ``"bf16"`` or ``"fp32"`` (its inputs aside:
-    a model converting uint8 images is a float32 graph)."""
-    dtypes = {getattr(node.meta.get("val"), "dtype", None) for node in gm.graph.nodes if node.op == "call_function"}
-    if dtypes & INT8:
-        return "int8"
-    return "bf16" if torch.bfloat16 in dtypes else "fp32"
 
 
 def disagreement(program, reference, gm: fx.GraphModule, inputs: list) -> str | None:
