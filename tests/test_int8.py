@@ -403,6 +403,17 @@ def test_a_model_without_a_quantizable_op_runs_float32_and_says_so(backend):
     assert torch.equal(opt(x), model(x))
 
 
+def test_an_empty_linear_stays_float_beside_the_int8_ones():
+    """``nn.Linear(8, 0)`` (a head with no classes) raised ZeroDivisionError in bias correction."""
+    torch.manual_seed(0)
+    model = Fn(lambda m, x: (m.body(x), m.empty(torch.relu(x))), body=nn.Linear(8, 8), empty=nn.Linear(8, 0)).eval()
+    x = torch.randn(4, 8)
+    opt = pyrys.optimize(model, (x,), precision="int8", calibration=[torch.randn(4, 8) for _ in range(4)])
+    body, empty = opt(x)
+    assert empty.shape == (4, 0) and pyrys.relative_error(body, model.body(x)) <= INT8_TOLERANCE
+    assert fired(opt) == {"int8": 1} and any("its weight is empty" in miss.reason for miss in opt.misses)
+
+
 def test_what_stays_float32_is_a_miss_with_its_reason(backend):
     torch.manual_seed(0)
     model = Fn(lambda m, x: m.up(torch.relu(m.conv(x))), conv=nn.Conv2d(3, 8, 3), up=nn.ConvTranspose2d(8, 4, 2, 2)).eval()

@@ -363,6 +363,8 @@ def _why_float(node: fx.Node) -> str:
     x, weight = fused.args["input"], fused.args["weight"]
     if not isinstance(weight, fx.Node) or weight.op != "get_attr" or weight.meta["val"].dtype != torch.float32:
         return "its weight is not a float32 constant"
+    if weight.meta["val"].numel() == 0:
+        return "its weight is empty (no input or output features): there is nothing to quantize"
     if not isinstance(x, fx.Node) or x.op == "get_attr" or x.meta["val"].dtype != torch.float32:
         return "its input is not a float32 activation"
     if node.meta["val"].dtype != torch.float32:
