@@ -93,6 +93,46 @@ def two_batch_sizes_at_once(backend: str) -> None:
     assert_all_right(run_together(tasks), THREADS * CALLS)
 
 
+def calls_while_another_thread_captures(backend: str) -> None:
+    """A new shape's capture (torch.export: a transformer at batch 1, which its symbolic graph excludes) on one
+    thread while others call a shape built already: export sets torch.compiler.is_compiling() for the whole
+    process, and their calls took the path for dynamo's trace, whose wrapper edits torch's node meta that
+    export swaps (KeyError: 'custom'; a helper's find)."""
+    import threading
+
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    model = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    opt = optimize(model, (torch.randn(2, 5, 16),), backend, dynamic=True)
+    inputs = [torch.randn(2, 5, 16) for _ in range(4)]
+    expected = eager(model, inputs)
+    done = threading.Event()
+
+    def hot(thread: int) -> Callable[[], list]:
+        def task() -> list:
+            wrong, calls = [], 0
+            while not done.is_set() or calls == 0:
+                wrong += caller_task(opt, inputs, expected, thread)()
+                calls += 1
+            return wrong
+        return task
+
+    def new_shape() -> list:
+        try:
+            x = torch.randn(1, 5, 16)
+            error = pyrys.relative_error(opt(x), model(x))
+            return [f"batch 1: relative error {error:.3g}"] if error > pyrys.FP32_TOLERANCE else []
+        finally:
+            done.set()
+
+    results = run_together([hot(thread) for thread in range(3)] + [new_shape])
+    assert_all_right(results, len(results))
+
+
+def test_calls_while_another_thread_captures(backend):
+    run_isolated(calls_while_another_thread_captures, backend)
+
+
 def test_two_batch_sizes_called_at_once(backend):
     run_isolated(two_batch_sizes_at_once, backend)
 

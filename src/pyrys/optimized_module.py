@@ -120,8 +120,11 @@ class OptimizedModule(torch.nn.Module):
         return module
 
     def forward(self, *args, **kwargs):
-        if torch.compiler.is_compiling():  # dynamo tracing a module that holds this one (torch.compile): a call it
-            # does not trace (and torch.export, whose flag every thread reads: refused in _call where it traces)
+        if torch.compiler.is_dynamo_compiling():  # dynamo tracing a module that holds this one (torch.compile,
+            # strict torch.export): a call it does not trace. Not is_compiling(): one flag for the process, set
+            # while any thread exports (a new shape's capture), and the disabled call's wrapper edits torch's
+            # node meta that export swaps: KeyError 'custom' on other threads. A non-strict export's own
+            # trace is refused in _call
             return _untraced_call(self, args, kwargs)
         return self._call(args, kwargs)
 
