@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import re
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from pyrys.ir.graph import share_constants
 from pyrys.ir.generated_source import forgetting_dead_sources
 from pyrys.ir.quiet_fake import fake_tensor_errors_unlogged
 from pyrys.ir.symbolic import hold_squeezed_sizes, is_symbolic
+from pyrys.numerics.budget import GUARD_MEASURE_KEY, program_over_budget
 from pyrys.numerics.report import NumericsReport
 from pyrys.numerics.trace import NumericsTrace
 from pyrys.passes.specialize import ShapeMismatch, specialize
@@ -132,6 +134,7 @@ def _compile_unchecked(frontend: Frontend, args: tuple, kwargs: dict, config: Op
     roots = output_roots(captured.gm, as_backends_run=False)
     run = run_pipeline(captured.gm, options, config.disable, instruments)
     legalize_for_backends(captured.gm, instruments)
+    guard_measure = captured.gm.meta.pop(GUARD_MEASURE_KEY, None)  # (the samples and answers it measured on)
     captured.output_copies = outputs_to_copy(roots, output_roots(captured.gm, as_backends_run=True))
     if like is not None:
         share_constants(captured.gm, like.captured.gm)
@@ -158,6 +161,11 @@ def _compile_unchecked(frontend: Frontend, args: tuple, kwargs: dict, config: Op
             share_constants(generic.gm, compiled.captured.gm)  # on the weights this program packed: one copy
             compiled.generic, compiled.template = generic, template
         return compiled
+    over = program_over_budget(guard_measure, compiled.program, flat) if guard_measure is not None and \
+        compiled.backend != "reference" else ""  # (on torch's ops the program is the graph the guard measured)
+    if over:  # in place of the guard's note, which says what torch's ops gave
+        compiled.notes = [note for note in compiled.notes if note != measured] + [over]
+        warnings.warn(f"pyrys: {over}", stacklevel=2)
     if trace is not None:
         compiled.numerics = _measure_program(trace, compiled, flat, config)
     return compiled

@@ -12,6 +12,7 @@ k of them with error(first k) <= budget go back to float32.  k is found by doubl
 from __future__ import annotations
 
 import numbers
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -22,6 +23,49 @@ from pyrys.numerics import TOLERANCES, relative_error
 AUTO = "auto"  # optimize's default accuracy_budget: the precision's own (DEFAULT_BUDGETS)
 DEFAULT_BUDGETS = {p: TOLERANCES[p] for p in ("bf16", "int8")}  # each lower precision's tolerance
 GUARD_SAMPLES = 4  # samples the guards measure on (the first ones of calibration=, else the example inputs)
+GUARD_MEASURE_KEY = "pyrys_guard_measure"  # a graph's meta, from its guard until its program is checked
+
+
+@dataclass
+class GuardMeasure:
+    """What an accuracy guard measured on: ``samples`` (each one call's flat inputs), ``expected`` (the float32
+    graph's outputs on them), the ``error`` it found there on torch's ops, and the ``budget`` it held to."""
+
+    precision: str
+    samples: list[list]
+    expected: list[list]
+    error: float
+    budget: float
+    data: str
+
+
+def program_over_budget(measure: GuardMeasure, program, flat: list) -> str:
+    """A note where the backend's ``program`` (built for ``flat``'s shapes) errs more than the budget on the
+    guard's samples of those shapes, where the guard, measuring torch's ops, found the budget held; else "".
+    Two kernels round a value apart by one step, and an output that jumps at a threshold of it (a comparison,
+    a mask, a rounding to integers) moves by the jump: rare, and no op the guard could keep would show it."""
+    same = [(sample, want) for sample, want in zip(measure.samples, measure.expected)
+            if _same_shapes(sample, flat)]
+    if not same or measure.error > measure.budget:  # (over already: the guard's own note says so)
+        return ""
+    try:
+        error = max_error(program, [sample for sample, _ in same], [want for _, want in same])
+    except Exception:  # noqa: BLE001 -- a check, never a compile's failure: the example inputs ran on it
+        return ""
+    if error <= measure.budget:
+        return ""
+    return (f"precision='{measure.precision}': the compiled program's outputs are {error:.1e} from float32's on "
+            f"{measure.data}, over accuracy_budget={measure.budget:g}, where the guard measured {measure.error:.1e} "
+            "on torch's ops: oneDNN's kernels round some value otherwise, and an output that jumps at a threshold "
+            "of it (a comparison, a mask, a rounding to integers) moved by the jump: such an output matches "
+            "float32's only in float32")
+
+
+def _same_shapes(sample: list, flat: list) -> bool:
+    """Whether ``sample``'s tensors have ``flat``'s shapes (a program built for those takes it)."""
+    return len(sample) == len(flat) and all(
+        not isinstance(b, torch.Tensor) or (isinstance(a, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype)
+        for a, b in zip(sample, flat))
 
 
 def budget_for(precision: str, accuracy_budget: float | str | None) -> float | None:

@@ -24,7 +24,8 @@ from pyrys.ir.graph import nodes_in, trial_copy
 from pyrys.ir.ops import PYTHON_IMPLS
 from pyrys.ir.vocabulary import ATTENTION
 from pyrys.numerics import relative_error
-from pyrys.numerics.budget import accuracy_note, keep_fewest, kept_reason, max_error
+from pyrys.numerics.budget import (GUARD_MEASURE_KEY, GuardMeasure, accuracy_note, keep_fewest, kept_reason,
+                                   max_error)
 
 
 @dataclass
@@ -78,7 +79,11 @@ class Bf16Guard:
 
         total, moved = error(frozenset())
         self.error = total if moved else None  # nothing lowered (a float64 model): nothing to say
-        if self.budget is None or total <= self.budget or not moved:
+        if self.budget is None or not moved:
+            return {}
+        measured = GuardMeasure("bf16", self.samples, expected, total, self.budget, self.data)
+        gm.meta[GUARD_MEASURE_KEY] = measured  # the backend's program is measured on them too (compiled.py)
+        if total <= self.budget:
             return {}
         own = own_errors(gm, moved, self.samples)
         ordered = sorted(own, key=own.__getitem__, reverse=True)  # ties in graph order
@@ -86,6 +91,7 @@ class Bf16Guard:
                                         self.budget)
         self.kept = {name: kept_reason("bf16", own[name], total, self.budget, self.data, count)
                      for name in ordered[:count]}
+        measured.error = self.error
         return self.kept
 
     def note(self) -> str:

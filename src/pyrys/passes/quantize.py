@@ -44,8 +44,8 @@ from pyrys.quantization import DEQUANTIZE, DEQUANTIZE_WEIGHT, QUANTIZE, TensorQu
 from pyrys.quantization.bias_correction import bias_corrections, corrected_args, correctable
 from pyrys.quantization.calibration import (CALIBRATED_SIZES_KEY, MAX_SAMPLES, Calibration, QuantizationPlan,
                                            observe, sample_sizes, spread_first)
-from pyrys.numerics.budget import GUARD_SAMPLES
-from pyrys.quantization.guard import BF16, FLOAT32, Switch, guard
+from pyrys.numerics.budget import GUARD_MEASURE_KEY, GUARD_SAMPLES, GuardMeasure
+from pyrys.quantization.guard import BF16, CALIBRATION_DATA, FLOAT32, Switch, guard
 from pyrys.signature import InputError
 from pyrys.size_one import fitted_samples, held_by, held_shapes, shapes_of
 
@@ -118,6 +118,8 @@ def quantize(gm: fx.GraphModule, precision: str, calibration: Calibration | None
                 plan.kept, plan.error, plan.floating = guard(
                     gm, switches, samples[:GUARD_SAMPLES], expected, calibration.accuracy_budget,
                     run_in_bf16 if plan.floating == BF16 else None, attention)
+                gm.meta[GUARD_MEASURE_KEY] = GuardMeasure("int8", samples[:GUARD_SAMPLES], expected, plan.error,
+                                                          calibration.accuracy_budget, CALIBRATION_DATA)
             calibration.planned(plan, samples)
         else:
             calibration.plan = plan  # the first plan, which this capture takes (its notes read it here)
