@@ -15,7 +15,7 @@ from pyrys import precision_notes
 from pyrys.numerics import BF16_TOLERANCE, INT8_TOLERANCE
 from pyrys.numerics.bisect import checked_tolerance
 from pyrys.numerics.budget import GuardMeasure, budget_for, check_budget, fewest, max_error, program_over_budget
-from tests.models import conv_bn_relu, image
+from tests.models import Fn, conv_bn_relu, image
 
 
 @given(count=st.integers(1, 300), data=st.data())
@@ -109,17 +109,12 @@ def test_the_program_is_measured_where_the_guard_measured_torchs_ops():
     assert "the guard measured 1.0e-03 on torch's ops" in over
     assert program_over_budget(measure, lambda sample: [sample[0] * 1.5], [torch.ones(3)]) == ""  # other shapes
 
-    class Masked(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.linear = torch.nn.Linear(16, 16)
-
-        def forward(self, x):
-            h = self.linear(x)
-            return h.masked_fill(h > 0.25, 0.0)
+    def masked(m, x):
+        h = m.linear(x)
+        return h.masked_fill(h > 0.25, 0.0)
 
     torch.manual_seed(53)
-    model, x = Masked().eval(), torch.randn(4, 16)
+    model, x = Fn(masked, linear=torch.nn.Linear(16, 16)).eval(), torch.randn(4, 16)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = pyrys.optimize(model, (x,), precision="bf16")
