@@ -98,8 +98,9 @@ def test_graph_breaks_give_several_correct_programs(capsys):
 
 def test_unknown_option_is_refused():
     compiled = torch.compile(conv_bn_relu(), backend="pyrys", options={"colour": "blue"})
-    with pytest.raises(Exception, match="unknown torch.compile option"):
+    with pytest.raises(Exception, match="unknown torch.compile option") as refused:
         compiled(image())
+    assert "'precision'" in str(refused.value) and "'calibration'" not in str(refused.value)  # (refused as well)
 
 
 def test_options_are_optimizes_keywords_threads_and_layout_included(dynamo_graphs):

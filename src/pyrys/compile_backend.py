@@ -53,6 +53,7 @@ LOG = logging.getLogger("pyrys")
 # the options are optimize's keyword options, all of them
 _OPTION_NAMES = frozenset(name for name, parameter in inspect.signature(optimize).parameters.items()
                           if parameter.kind is inspect.Parameter.KEYWORD_ONLY)
+_NOT_THROUGH_COMPILE = frozenset({"calibration", "output_dtype"})  # refused below, each saying why
 _STATE_SOURCE = re.compile(r"\['([^']+)'\]|\.([A-Za-z_]\w*)")
 _SOURCE_ROOT = re.compile(r"[LG]\['([^']+)'\]")  # a local or global of the compiled frame
 _COMPILED_MODULE = ("self", "fn")
@@ -82,7 +83,8 @@ def pyrys_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None
     options = dict(options or {})
     unknown = sorted(set(options) - _OPTION_NAMES)
     if unknown:
-        raise ValueError(f"pyrys: unknown torch.compile option(s) {unknown}; known: {sorted(_OPTION_NAMES)}")
+        raise ValueError(f"pyrys: unknown torch.compile option(s) {unknown}; known: "
+                         f"{sorted(_OPTION_NAMES - _NOT_THROUGH_COMPILE)}")
     if options.get("precision") == "int8" or "calibration" in options:
         raise ValueError("pyrys: precision='int8' and calibration= are not available through torch.compile: "
                          "calibration samples are the model's inputs, and dynamo's graphs take other ones; use "
