@@ -520,6 +520,38 @@ def test_an_upsampling_to_the_input_size_takes_symbolic_sizes(captures, mode):
     assert captures == so_far, captures  # sizes 20 and 24, then symbolic: nothing more
 
 
+class TwoLevelHead(torch.nn.Module):
+    """LRASPP's head: a coarse map upsampled to a finer one's size, added to it, the sum upsampled to the
+    input's size."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.mode = mode
+        self.low, self.high = torch.nn.Conv2d(3, 4, 3, stride=2, padding=1), torch.nn.Conv2d(4, 4, 3, stride=2, padding=1)
+        self.low_head, self.high_head = torch.nn.Conv2d(4, 2, 1), torch.nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        low = self.low(x)
+        coarse = torch.nn.functional.interpolate(self.high_head(self.high(low)), size=low.shape[-2:], mode=self.mode)
+        return torch.nn.functional.interpolate(self.low_head(low) + coarse, size=x.shape[-2:], mode=self.mode)
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic", "nearest"])
+def test_an_upsampled_sum_of_two_levels_takes_symbolic_sizes(mode):
+    """The decomposition of the second bilinear upsampling failed on symbolic sizes (its index tensors did not
+    broadcast), so every image size of LRASPP was captured and optimized on its own (a helper's find)."""
+    model = TwoLevelHead(mode).eval()
+    opt = pyrys.optimize(model, (image(1, size=32),), verify=True)
+    for size in (36, 40, 44, 52):
+        x = image(1, size=size)
+        assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE, size
+    assert not any("symbolic sizes failed" in note for note in opt.notes), opt.notes
+    assert any("captured once more with symbolic sizes (x dim 2" in note for note in opt.notes), opt.notes
+    channels_last = image(1, size=48).to(memory_format=torch.channels_last)
+    assert pyrys.relative_error(opt(channels_last), model(channels_last)) <= TOLERANCE
+
+
 def test_the_graphs_for_other_image_sizes_are_bounded(captures, monkeypatch):
     monkeypatch.setattr(importlib.import_module("pyrys.optimized_module"), "MAX_OTHER_TEMPLATES", 1)
     model = pyrys.testing.randomize_batchnorm(Flattening()).eval()
@@ -563,8 +595,9 @@ def test_recurrent_layers_take_every_batch_from_one_capture(captures, kind, tmp_
 
 
 class _UpsampledAfterStride(torch.nn.Module):
-    """A strided conv, then a bilinear upsampling: its symbolic capture at other image sizes fails in torch's
-    meta of ``_unsafe_index`` (each such size is captured for itself)."""
+    """A strided conv, then a bilinear upsampling: its symbolic capture at other image sizes failed in torch's
+    meta of ``_unsafe_index`` (each such size captured for itself), as it does still where pyrys takes that
+    upsampling's value from torch's decomposition (``ir/meta.py`` no longer does)."""
 
     def __init__(self):
         super().__init__()
@@ -575,9 +608,12 @@ class _UpsampledAfterStride(torch.nn.Module):
         return torch.nn.functional.layer_norm(x, (x.shape[-1],))
 
 
-def test_a_failed_symbolic_capture_leaves_no_torch_traceback_and_says_why_plainly(capfd):
+def test_a_failed_symbolic_capture_leaves_no_torch_traceback_and_says_why_plainly(capfd, monkeypatch):
     """torch's fake tensors logged a traceback of about 20 lines per new image size on stderr, and the note
     quoted torch's C++ build path."""
+    upsampling = torch.ops.aten.upsample_bilinear2d.vec  # its value from torch's decomposition, as it was
+    monkeypatch.setitem(importlib.import_module("pyrys.ir.meta")._DECOMPOSED_WHEN_SYMBOLIC, upsampling,
+                        torch._decomp.decomposition_table[upsampling])
     torch.manual_seed(0)
     model = _UpsampledAfterStride().eval()
     opt = pyrys.optimize(model, (torch.randn(1, 4, 16, 16),), dynamic=True)

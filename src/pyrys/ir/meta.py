@@ -16,6 +16,8 @@ from typing import Any, Iterable
 import torch
 import torch.fx as fx
 from torch._decomp import decomposition_table
+from torch._decomp.decompositions import upsample_compute_output_size
+from torch._prims_common import suggest_memory_format
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.node import map_aggregate
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
@@ -62,12 +64,25 @@ def _shape_is_enough(value: Any) -> bool:
 # ``at::native::lstm`` reads ``numel()`` of its input (GRU's and RNN's C++ take symbolic sizes)
 _DECOMPOSED_WHEN_SYMBOLIC = {op: decomposition_table[op] for op in (
     aten.baddbmm.default, aten.lstm.input, aten.lstm.data,
-    # ``F.interpolate(y, size=x.shape[-2:])`` (FPN, UNet): the .vec overloads take concrete output sizes only
-    aten.upsample_nearest1d.vec, aten.upsample_nearest2d.vec, aten.upsample_nearest3d.vec,
-    aten._upsample_nearest_exact2d.vec, aten.upsample_bilinear2d.vec, aten.upsample_bicubic2d.vec,
-    aten.upsample_trilinear3d.vec,
     # size-oblivious, constant_pad_nd's C++ meta gives a symbolic dim's example size (``s0`` -> 2)
     aten.constant_pad_nd.default)}
+
+
+def _upsampled(input, output_size, *options):
+    """An upsampling ``.vec`` overload's value on symbolic sizes (``F.interpolate(y, size=x.shape[-2:])``: FPN,
+    UNet, LRASPP): its C++ takes concrete sizes only, and its decomposition (and the ``.default`` overload's
+    meta, which is that decomposition) computes the values with index tensors whose broadcast fails
+    (``SymIntArrayRef expected to contain only concrete integers``) where the input sums two maps of sizes
+    computed apart; the result is ``input``'s batch and channels at the output size, in its memory format."""
+    scale_factors = options[-1]  # (align_corners, scale_factors) or (scale_factors,)
+    size = upsample_compute_output_size(input.size(), output_size, scale_factors)
+    result = input.new_empty((*input.shape[:2], *size))
+    return result.contiguous(memory_format=suggest_memory_format(input))
+
+
+for _name in ("upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d", "_upsample_nearest_exact2d",
+              "upsample_linear1d", "upsample_bilinear2d", "upsample_bicubic2d", "upsample_trilinear3d"):
+    _DECOMPOSED_WHEN_SYMBOLIC[getattr(aten, _name).vec] = _upsampled
 
 
 def _pad(input, pad, mode="constant", value=None):
