@@ -404,30 +404,38 @@ def test_a_model_without_a_quantizable_op_runs_float32_and_says_so(backend):
 
 
 def test_samples_of_an_example_with_positional_and_keyword_inputs():
-    """``optimize(m, (x,), {"scale": s})``: a sample ``(x, scale)`` was refused as three inputs, a mapping
-    likewise, and ``(x,)`` calibrated every sample with the example's scale, silently (0.76 off at another
-    scale; a helper's find). Every input in order or an (args, kwargs) pair now vary it; ``(x,)`` says it
-    does not."""
+    """``optimize(m, (x,), {"scale": s, "relu": True})``: a sample ``(x, scale)`` was refused as three inputs, a
+    mapping likewise, and ``(x,)`` calibrated every sample with the example's scale, silently (0.76 off at
+    another scale; a helper's find). Pairs (their keywords in any order, the one positional input bare or in
+    a tuple) and tuples of every input (the flag left out or not) now vary it; ``(x,)`` says it does not."""
     class Scaled(nn.Module):
         def __init__(self):
             super().__init__()
             self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 4)
 
-        def forward(self, x, scale):
-            return self.b(torch.relu(self.a(x) * scale))
+        def forward(self, x, scale, relu=False):
+            h = self.a(x) * scale
+            return self.b(torch.relu(h) if relu else h)
 
     torch.manual_seed(0)
     model = Scaled().eval()
     x, scales = torch.randn(2, 6), [torch.full((2, 1), 0.01)] + [torch.full((2, 1), 1.0 + k) for k in range(3)]
     inputs = [torch.randn(2, 6) for _ in scales]
-    for samples in ([(a, s) for a, s in zip(inputs, scales)], [((a,), {"scale": s}) for a, s in zip(inputs, scales)]):
-        opt = pyrys.optimize(model, (x,), {"scale": scales[0]}, precision="int8", calibration=samples)
-        assert fired(opt)["int8"] == 2 and not any("as it is" in note for note in opt.notes)
-        assert pyrys.relative_error(opt(inputs[1], scale=scales[1]), model(inputs[1], scales[1])) <= INT8_TOLERANCE
-    alone = pyrys.optimize(model, (x,), {"scale": scales[0]}, precision="int8", calibration=[(a,) for a in inputs])
-    assert any("every sample took the example's scale as it is" in note for note in alone.notes), alone.notes
-    with pytest.raises(pyrys.InputError, match=r"its keyword inputs scale last\), or as an \(args, kwargs\) pair"):
-        pyrys.optimize(model, (x,), {"scale": scales[0]}, precision="int8", calibration=[{"x": x, "scale": scales[0]}])
+    example = {"scale": scales[0], "relu": True}
+    forms = {"every input": lambda a, s: (a, s, True), "the tensors": lambda a, s: (a, s),
+             "pair": lambda a, s: ((a,), {"relu": True, "scale": s}), "bare pair": lambda a, s: (a, {"scale": s})}
+    for form, sample in forms.items():
+        opt = pyrys.optimize(model, (x,), example, precision="int8",
+                             calibration=[sample(a, s) for a, s in zip(inputs, scales)])
+        assert fired(opt)["int8"] == 2 and not any("as it is" in note for note in opt.notes), (form, opt.notes)
+        error = pyrys.relative_error(opt(inputs[1], scale=scales[1], relu=True), model(inputs[1], scales[1], True))
+        assert error <= INT8_TOLERANCE, form
+    alone = pyrys.optimize(model, (x,), example, precision="int8",
+                           calibration=[(a, s, True) for a, s in zip(inputs[1:], scales[1:])] + [(inputs[0],)])
+    assert any("calibration: 1 of the 4 samples read took the example's scale as it is" in note
+               for note in alone.notes), alone.notes
+    with pytest.raises(pyrys.InputError, match=r"its keyword inputs scale, relu last\), or as an \(args, kwargs\) pair"):
+        pyrys.optimize(model, (x,), example, precision="int8", calibration=[{"x": x, "scale": scales[0]}])
 
 
 def test_an_empty_linear_stays_float_beside_the_int8_ones():

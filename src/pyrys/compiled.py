@@ -15,7 +15,7 @@ import torch
 
 from pyrys.backends import Program, get_backend, release_constants
 from pyrys.backends.options import BackendOptions
-from pyrys.calling_context import autocast_off
+from pyrys.calling_context import autocast_off, callers_level
 from pyrys.capture.captured import Captured
 from pyrys.errors import CaptureError, ModelChangedError
 from pyrys.ir.output_aliases import output_roots, outputs_to_copy
@@ -32,8 +32,8 @@ from pyrys.passes.pipeline import Instruments, PassOptions, PipelineRun, legaliz
 from pyrys.signature import InputError, Signature, signature_of
 from pyrys.capture.frontend import Frontend
 from pyrys.config import OptimizeConfig
-from pyrys.precision_notes import (bf16_guard, disabled_precision_note, effective_precision, guard_accuracy_note,
-                                   int8_coverage_note, int8_layers, rounded_outputs_note)
+from pyrys.precision_notes import (BF16_ROUNDING, bf16_guard, disabled_precision_note, effective_precision,
+                                   guard_accuracy_note, int8_coverage_note, int8_layers, rounded_outputs_note)
 
 
 @dataclass
@@ -143,8 +143,9 @@ def _compile_unchecked(frontend: Frontend, args: tuple, kwargs: dict, config: Op
     if precision == "int8" and (backend != "dnnl" or not int8_layers(run)):
         precision_note = ""  # which oneDNN int8 kernels this CPU gets: said where they run
     measured = guard_accuracy_note(precision, config.calibration, guard)
+    rounded = rounded_outputs_note(precision, config, measured)
     notes = captured.notes + [note for note in (notice, precision_note, int8_coverage_note(precision, run, captured.gm),
-                                                measured, rounded_outputs_note(precision, config, measured),
+                                                measured, rounded,
                                                 disabled_precision_note(precision, config),
                                                 config.calibration.note if config.calibration else "") if note]
     template = Compiled(signature, captured, run, None, "", notes, generic)
@@ -161,11 +162,12 @@ def _compile_unchecked(frontend: Frontend, args: tuple, kwargs: dict, config: Op
             share_constants(generic.gm, compiled.captured.gm)  # on the weights this program packed: one copy
             compiled.generic, compiled.template = generic, template
         return compiled
-    over = program_over_budget(guard_measure, compiled.program, flat) if guard_measure is not None and \
-        compiled.backend != "reference" else ""  # (on torch's ops the program is the graph the guard measured)
-    if over:  # in place of the guard's note, which says what torch's ops gave
-        compiled.notes = [note for note in compiled.notes if note != measured] + [over]
-        warnings.warn(f"pyrys: {over}", stacklevel=2)
+    if guard_measure is not None and compiled.backend != "reference":  # (on torch's ops: what the guard measured)
+        over = program_over_budget(guard_measure, compiled.program, flat,
+                                   BF16_ROUNDING if config.output_dtype == torch.bfloat16 else 0.0)
+        if over:  # in place of the guard's notes, which say what torch's ops gave
+            compiled.notes = [note for note in compiled.notes if note not in (measured, rounded)] + [over]
+            warnings.warn(f"pyrys: {over}", stacklevel=callers_level())
     if trace is not None:
         compiled.numerics = _measure_program(trace, compiled, flat, config)
     return compiled

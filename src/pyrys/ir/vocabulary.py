@@ -44,12 +44,13 @@ INT8 = frozenset({torch.uint8, torch.int8})
 
 
 def precision_of(gm: fx.GraphModule) -> str:
-    """The lowest precision the graph computes in: ``"int8"``, ``"bf16"`` or ``"fp32"`` (its inputs aside:
-    a model converting uint8 images is a float32 graph)."""
-    dtypes = {getattr(node.meta.get("val"), "dtype", None) for node in gm.graph.nodes if node.op == "call_function"}
-    if dtypes & INT8:
+    """The lowest precision the graph computes in: ``"int8"`` where it quantizes (``quantized_decomposed``
+    ops: a model's own cast to uint8 is not int8 arithmetic), ``"bf16"`` where an op makes bfloat16 (the
+    passes' conversions, or the model's own), else ``"fp32"``."""
+    ops = [node for node in gm.graph.nodes if node.op == "call_function"]
+    if any(getattr(node.target, "namespace", None) == "quantized_decomposed" for node in ops):
         return "int8"
-    return "bf16" if torch.bfloat16 in dtypes else "fp32"
+    return "bf16" if any(getattr(node.meta.get("val"), "dtype", None) == torch.bfloat16 for node in ops) else "fp32"
 
 
 def is_pure(node: fx.Node) -> bool:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from pyrys.numerics import TOLERANCES, relative_error
 
@@ -28,8 +28,9 @@ GUARD_MEASURE_KEY = "pyrys_guard_measure"  # a graph's meta, from its guard unti
 
 @dataclass
 class GuardMeasure:
-    """What an accuracy guard measured on: ``samples`` (each one call's flat inputs), ``expected`` (the float32
-    graph's outputs on them), the ``error`` it found there on torch's ops, and the ``budget`` it held to."""
+    """What an accuracy guard of ``precision`` ("bf16", "int8") measured on: ``samples`` (each one call's flat
+    inputs; ``data``: them in words, for a note), ``expected`` (the float32 graph's outputs on them), the
+    outputs' ``error`` it found there on torch's ops with the ops it chose kept, and the ``budget`` it held."""
 
     precision: str
     samples: list[list]
@@ -39,26 +40,39 @@ class GuardMeasure:
     data: str
 
 
-def program_over_budget(measure: GuardMeasure, program, flat: list) -> str:
-    """A note where the backend's ``program`` (built for ``flat``'s shapes) errs more than the budget on the
-    guard's samples of those shapes, where the guard, measuring torch's ops, found the budget held; else "".
-    Two kernels round a value apart by one step, and an output that jumps at a threshold of it (a comparison,
-    a mask, a rounding to integers) moves by the jump: rare, and no op the guard could keep would show it."""
+def program_over_budget(measure: GuardMeasure, program, flat: list, rounding: float = 0.0) -> str:
+    """The accuracy note for the backend's ``program`` (built for ``flat``'s shapes) where it errs more than
+    the budget (plus ``rounding``: what an ``output_dtype`` adds) on the guard's samples of those shapes, where
+    the guard, measuring torch's ops, found the budget held; else "".  Two kernels round a value apart by one
+    step, and an output that jumps at a threshold of it (a comparison, a mask, a rounding to integers) moves
+    by the jump: rare, and no op the guard could keep would show it."""
     same = [(sample, want) for sample, want in zip(measure.samples, measure.expected)
             if _same_shapes(sample, flat)]
     if not same or measure.error > measure.budget:  # (over already: the guard's own note says so)
         return ""
     try:
-        error = max_error(program, [sample for sample, _ in same], [want for _, want in same])
+        error = max(max_error(lambda inputs: _as_expected(program(inputs), want), [sample], [want])
+                    for sample, want in same)
     except Exception:  # noqa: BLE001 -- a check, never a compile's failure: the example inputs ran on it
         return ""
-    if error <= measure.budget:
+    if error <= measure.budget + rounding:
         return ""
-    return (f"precision='{measure.precision}': the compiled program's outputs are {error:.1e} from float32's on "
-            f"{measure.data}, over accuracy_budget={measure.budget:g}, where the guard measured {measure.error:.1e} "
-            "on torch's ops: oneDNN's kernels round some value otherwise, and an output that jumps at a threshold "
-            "of it (a comparison, a mask, a rounding to integers) moved by the jump: such an output matches "
-            "float32's only in float32")
+    return (f"{ACCURACY_NOTE % measure.precision}{error:.1e} of float32's (max relative error on {measure.data}, "
+            f"of the compiled program), over accuracy_budget={measure.budget:g}: the guard measured "
+            f"{measure.error:.1e} there on torch's ops, and oneDNN's kernels round some value otherwise; an output "
+            "that jumps at a threshold of it (a comparison, a mask, a rounding to integers) moved by the jump, "
+            "and matches float32's only in float32")
+
+
+def _as_expected(outputs, expected):
+    """``outputs`` with each floating-point tensor in the dtype of ``expected``'s (an ``output_dtype``, a
+    bfloat16 model returning float32: compared as the guard compared)."""
+    got, spec = tree_flatten(outputs)
+    want = tree_leaves(expected)
+    if len(got) != len(want):
+        return outputs  # (relative_error says how they differ)
+    return tree_unflatten([g.to(w.dtype) if isinstance(g, torch.Tensor) and isinstance(w, torch.Tensor) and
+                           g.is_floating_point() and w.is_floating_point() else g for g, w in zip(got, want)], spec)
 
 
 def _same_shapes(sample: list, flat: list) -> bool:

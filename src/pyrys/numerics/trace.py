@@ -102,15 +102,15 @@ class NumericsTrace:
             problems.append(f"per-layer errors unavailable: the probe program failed "
                             f"({type(failure).__name__}: {str(failure).strip()[:200]})")
         passes = [(step.name, step.error if step.error is not None else float("nan")) for step in history]
-        return NumericsReport(self.ran_in(gm), passes, backend, error, layers, unmatched_nodes(gm, captured), problems)
+        return NumericsReport(self.tolerance_ran_in(gm), passes, backend, error, layers, unmatched_nodes(gm, captured),
+                              problems)
 
-    def ran_in(self, gm: fx.GraphModule) -> float:
-        """The tolerance of the precision ``gm`` (the optimized graph) computes in, where that is higher than
-        the one asked for (``precision="bf16"`` whose guard kept every op in float32, int8 with no op quantized:
-        1e-4 is what they are held to), never below :data:`BF16_TOLERANCE` for half-precision outputs."""
+    def tolerance_ran_in(self, gm: fx.GraphModule) -> float:
+        """The tolerance of the precision ``gm`` (the optimized graph) computes in where it is tighter than the
+        one asked for (``precision="bf16"`` whose guard kept every op in float32, int8 with no op quantized:
+        held to 1e-4), never below :data:`BF16_TOLERANCE` for half-precision outputs."""
         ran = TOLERANCES[precision_of(gm)]
         return min(self.tolerance, max(ran, BF16_TOLERANCE) if self.half_outputs else ran)
-
 
     def _comparable(self, outputs: list) -> list:
         """``outputs`` with the floating-point ones asked for in ``output_dtype`` back in eager's dtype."""

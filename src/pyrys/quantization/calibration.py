@@ -19,17 +19,17 @@ import operator
 import threading
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Iterable
 
 import torch
 import torch.fx as fx
 from torch.ao.quantization.observer import HistogramObserver, MinMaxObserver
-from torch.utils._pytree import tree_flatten
 
 from pyrys.backends.reference import ReferenceProgram
 from pyrys.ir.graph import constant_value, is_constant
 from pyrys.ir.vocabulary import PERMUTES, VIEWS
 from pyrys.quantization import TensorQuant
+from pyrys.quantization.sample_forms import as_call
 from pyrys.signature import InputError, is_tensor_leaf, signature_of
 from pyrys.size_one import shapes_of
 
@@ -168,19 +168,11 @@ def calibration_samples(data: Iterable, args: tuple, kwargs: dict, limit: int | 
     rows = _Rows(expected)
     resized: dict[str, None] = {}  # the signatures of the samples read at other sizes, in order
     kept: dict[str, None] = {}  # the example's keyword tensors samples took as they are
+    kept_by = 0  # how many samples did
     for i, sample in enumerate(data):
-        if isinstance(sample, Mapping) and args:
-            raise InputError(f"pyrys: calibration sample {i} is a mapping (keys {sorted(map(str, sample))}), but the "
-                             "example inputs were passed by position: give each sample as a tuple in the example's "
-                             "order" + (f" (its keyword inputs {', '.join(kwargs)} last), or as an (args, kwargs) pair"
-                                        if kwargs else "") + " (a mapping is read where the example passed keywords "
-                             "only)")
-        if kwargs and not args and isinstance(sample, (tuple, list)) and len(sample) > 1:
-            raise InputError(f"pyrys: calibration sample {i} is a {type(sample).__name__} of {len(sample)} inputs, but "
-                             f"the example inputs were passed by keyword ({', '.join(kwargs)}): give each sample as a "
-                             "mapping of those names (a tokenizer's output, a dict)")
-        sample_args, sample_kwargs = _as_call(sample, args, kwargs)
-        kept.update(dict.fromkeys(_kept_keywords(sample, args, kwargs)))
+        sample_args, sample_kwargs, kept_as_they_are = as_call(i, sample, args, kwargs)
+        kept_by += bool(kept_as_they_are)
+        kept.update(dict.fromkeys(kept_as_they_are))
         signature, flat = signature_of(sample_args, sample_kwargs)
         _check_finite(i, flat)
         if signature == expected:
@@ -204,19 +196,19 @@ def calibration_samples(data: Iterable, args: tuple, kwargs: dict, limit: int | 
         raise ValueError("pyrys.optimize: calibration gave no samples: pass a non-empty iterable of input samples"
                          + (f" (it gave {rows.held} rows, fewer than the example's {rows.per_sample})" if rows.held else ""))
     _warn_of_constant_inputs(samples[:wanted])
-    cut = (f"calibration: samples of {', '.join(map(str, sorted(rows.cut)))} rows were cut into the example's "
-           f"{rows.per_sample} along dim 0 (taken as the batch)") if rows.cut else ""
+    notes = [f"calibration: samples of {', '.join(map(str, sorted(rows.cut)))} rows were cut into the example's "
+             f"{rows.per_sample} along dim 0 (taken as the batch)"] if rows.cut else []
     if kept:
-        cut = "; ".join(filter(None, [cut, f"calibration: every sample took the example's {', '.join(kept)} as it is "
-                                           "(a sample of the positional inputs alone): to vary it, give each sample "
-                                           "as an (args, kwargs) pair or a tuple of every input, the keyword ones "
-                                           "last"]))
+        read = "every sample" if kept_by == i + 1 else f"{kept_by} of the {i + 1} samples read"
+        they, them = ("they are", "them") if len(kept) > 1 else ("it is", "it")
+        notes.append(f"calibration: {read} took the example's {', '.join(kept)} as {they} (a sample without "
+                     f"{them}): to vary {them}, give each sample as an (args, kwargs) pair or a tuple of every "
+                     "input, the keyword ones last")
     if resized:
         shown = [f"({described})" for described in list(resized)[:4]] + ["..."] * (len(resized) > 4)
-        cut = "; ".join(filter(None, [cut, f"calibration: samples of {len(resized)} other input shapes than the "
-                                           "example's read as they are where the captured graph holds for them: "
-                                           f"{', '.join(shown)}"]))
-    return samples[:wanted], cut
+        notes.append(f"calibration: samples of {len(resized)} other input shapes than the example's read as they are "
+                     f"where the captured graph holds for them: {', '.join(shown)}")
+    return samples[:wanted], "; ".join(notes)
 
 
 def sized_otherwise(signature, expected) -> bool:
@@ -310,42 +302,6 @@ def _check_finite(index: int, flat: list) -> None:
         if isinstance(value, torch.Tensor) and value.is_floating_point() and bool(value.isnan().any()):
             raise InputError(f"pyrys: calibration sample {index} holds NaN (its input {position}); calibration "
                              "measures the ranges of numbers: leave that sample out or clean it")
-
-
-def _as_call(sample: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """A sample as a call's ``(args, kwargs)``: a tensor is one input; a mapping the keyword inputs where the
-    example passed keywords only (as a HuggingFace tokenizer's output is passed); where it passed both, an
-    ``(args, kwargs)`` pair, or a tuple of every input, the keyword ones last in the example's order; a tuple
-    or list of the positional inputs alone takes the example's keyword inputs as they are (noted:
-    :func:`_kept_keywords`)."""
-    if isinstance(sample, Mapping) and kwargs and not args:
-        return (), ({name: sample[name] for name in kwargs} if set(sample) == set(kwargs) else dict(sample))
-    if isinstance(sample, torch.Tensor):
-        return (sample,), kwargs
-    if args and kwargs and _call_pair(sample, args):
-        return tuple(sample[0]), dict(sample[1])
-    if isinstance(sample, (tuple, list)):
-        if args and kwargs and len(sample) == len(args) + len(kwargs):
-            return tuple(sample[:len(args)]), dict(zip(kwargs, sample[len(args):]))
-        return tuple(sample), kwargs
-    return (sample,), kwargs
-
-
-def _call_pair(sample: Any, args: tuple) -> bool:
-    """Whether ``sample`` is a call's ``(args, kwargs)`` pair, not two positional inputs of such types."""
-    pair = isinstance(sample, (tuple, list)) and len(sample) == 2 and isinstance(sample[0], (tuple, list)) \
-        and isinstance(sample[1], Mapping)
-    return pair and not (len(args) == 2 and isinstance(args[0], (tuple, list)) and isinstance(args[1], Mapping))
-
-
-def _kept_keywords(sample: Any, args: tuple, kwargs: dict) -> list[str]:
-    """The example's keyword tensors a positional-only sample takes as they are (none where it has none)."""
-    if not (args and kwargs) or not isinstance(sample, (tuple, list, torch.Tensor)) or _call_pair(sample, args):
-        return []
-    if isinstance(sample, (tuple, list)) and len(sample) == len(args) + len(kwargs):
-        return []
-    return [name for name, value in kwargs.items()
-            if any(isinstance(leaf, torch.Tensor) for leaf in tree_flatten(value)[0])]
 
 
 def _describe(signature) -> str:

@@ -11,6 +11,7 @@ from pyrys.backends.dnnl import binding, self_check
 from pyrys.backends.dnnl.program import DnnlProgram
 from pyrys.ir.vocabulary import precision_of
 from tests.conftest import TOLERANCE
+from tests.models import Fn
 
 available, reason = binding.is_available()
 pytestmark = pytest.mark.skipif(not available, reason=f"oneDNN unavailable: {reason}")
@@ -65,6 +66,9 @@ def test_precision_of_graphs():
     for precision, gm in graphs.items():
         expected = precision if precision != "bf16" or torch.bfloat16 in _dtypes(gm) else "fp32"  # no native bf16
         assert precision_of(gm) == expected
+    quantized_by_hand = Fn(lambda m, x: m.conv((x * 255).to(torch.uint8).float() / 255), conv=torch.nn.Conv2d(3, 4, 3))
+    cast = pyrys.optimize(quantized_by_hand.eval(), (x,), backend="reference")  # the model's own uint8 is no int8
+    assert precision_of(cast.graph_module) == "fp32" and "uint8" in str(cast.graph).lower()
 
 
 def test_random_graphs_and_non_finite_inputs_are_not_checked():

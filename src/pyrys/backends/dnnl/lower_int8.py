@@ -33,6 +33,7 @@ from pyrys.backends.dnnl.values import Value
 from pyrys.ir.fused import FUSED_CONV, FUSED_CONV_TRANSPOSE, Fused
 from pyrys.quantization import DEQUANTIZE, DEQUANTIZE_WEIGHT, QUANTIZE, TensorQuant, weight_max, weight_step
 
+
 @dataclass(frozen=True)
 class Int8Op:
     """What an int8 conv or linear reads: the quantized input (the quantize node), its quantization, the int8
