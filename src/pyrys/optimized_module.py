@@ -22,7 +22,7 @@ from pyrys.numerics.trace import NumericsTrace
 from pyrys.machine import give_back_freed_memory
 from pyrys.passes.specialize import ShapeMismatch
 from pyrys.shape_cache import ShapeCache
-from pyrys.size_one import excluded_size_one_inputs, size_one_dims
+from pyrys.size_one import excluded_size_one_inputs, other_sizes_held, size_one_dims
 from pyrys.capture.dynamic_shapes import SIZE_ONE_FIXED, VaryingDims, symbolic_example, widened_like
 from pyrys.ir.graph import user_inputs
 from pyrys.ir.output_aliases import copied_apart
@@ -403,13 +403,15 @@ class OptimizedModule(torch.nn.Module):
                 template = next((t for t in self._other_templates if _holds(t, flat)), None)
                 if template is None:
                     held = self._shapes.get(signature)
-                    if held is not None and held.generic is None:
-                        continue  # a program of these shapes alone (no dim left symbolic): saved as it is
+                    if held is not None and held.generic is None and not (
+                            self._generic is not None and other_sizes_held(self._generic.generic.gm, flat)):
+                        continue  # a program of these shapes alone, and no other size to take: saved as it is
+                        # (a batch-1 example's, where the graph for every shape varies the length too, is not)
                     try:
                         with fake_tensor_errors_unlogged():  # a refusal is the note below, not torch's traceback
                             template = self._capture_size_one(args, kwargs, "before saving")
-                        if template.generic is None:
-                            self._keep(signature, template)
+                        if template.generic is None:  # what the save writes, whatever max_shapes drops
+                            self._shapes.keep(signature, template)
                     except Exception as error:  # noqa: BLE001 -- the model refuses these inputs: the save goes on
                         line = (str(error).strip().splitlines() or [""])[0][:200]
                         self._note(f"inputs ({signature.describe()}) of a size 1 the graph for every shape excludes "

@@ -59,6 +59,14 @@ class ShapeCache:
             del self._dropped[next(iter(self._dropped))]
         return evicted
 
+    def keep(self, key: Hashable, value: Any) -> None:
+        """Add ``key`` among the entries never evicted (besides ``limit``): one that a save needs and that its
+        load could not compile again (a size-1 program captured before saving)."""
+        if key not in self.kept and key != self.pinned:
+            self.kept, self.limit = self.kept | {key}, self.limit + 1
+        self.entries = {**self.entries, key: value}
+        self.touch(key)
+
     def came_back(self, key: Hashable) -> bool:
         """Whether ``key`` was evicted before (among the last :data:`DROPPED_REMEMBERED` evicted): more keys
         take turns than ``limit`` holds, and each comes back to be built again."""

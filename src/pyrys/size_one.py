@@ -57,6 +57,13 @@ def excluded_size_one_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> l
     return examples
 
 
+def other_sizes_held(gm: fx.GraphModule, flat: list) -> bool:
+    """Whether one of ``gm``'s symbolic input dims has a size other than 1 in ``flat``: a capture of those
+    inputs with their size-1 dims fixed (a batch of one at every length) takes more shapes than a program of
+    ``flat``'s shapes alone (one length)."""
+    return any(flat[i].shape[d] != 1 for places in _symbol_dims(gm, flat).values() for i, d in places)
+
+
 def size_one_dims(gm: fx.GraphModule, flat: list) -> bool:
     """Whether one of ``gm``'s symbolic input dims has size 1 in ``flat`` (a shape a graph captured with those
     dims fixed at 1 may hold for)."""
