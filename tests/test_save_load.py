@@ -175,8 +175,12 @@ def test_a_size_one_capture_the_model_refuses_is_noted_once_not_tried_at_every_s
     opt._capture_size_one = refused
     counts = []
     for attempt in range(3):
-        pyrys.save(opt, tmp_path / f"saved{attempt}")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pyrys.save(opt, tmp_path / f"saved{attempt}")
         counts.append(len(tried))
+        said = [w for w in caught if "could not be captured before saving" in str(w.message)]
+        assert len(said) == (counts[0] if attempt == 0 else 0) and all(w.filename == __file__ for w in said)
     assert counts[0] >= 1 and counts[1] == counts[2] == counts[0], counts
     assert sum("could not be captured before saving" in note for note in opt.notes) == counts[0]
 
@@ -373,6 +377,10 @@ EDITS = {  # a program edited, and its digest made to match: raw torch errors at
                                  "calibrated_sizes .* are not .input, dim, .sizes.. entries"),
     "another op": (lambda p: next(n for n in p["signatures"][0]["graph"]["nodes"] if n.get("target", "").startswith(
         "pyrys::linear")).__setitem__("target", "aten::relu.default"), "cannot be built here .RuntimeError"),
+    "a note as a list": (lambda p: p["signatures"][0]["notes"].append(["x"]), "notes must be a list of texts"),
+    "a weight's scales null": (lambda p: next(n for n in p["signatures"][0]["graph"]["nodes"] if n.get("target", "")
+                                              .startswith("quantized_decomposed::dequantize_per_channel"))["args"]
+                               .__setitem__(1, None), "malformed .AttributeError"),  # (it failed at every call)
 }
 
 
@@ -389,6 +397,20 @@ def test_a_program_edited_with_its_digest_made_to_match_raises_load_error(tmp_pa
     change, message = EDITS[edit]
     with pytest.raises(pyrys.LoadError, match=message):
         pyrys.load(_edited_consistently(tmp_path / "saved", change))
+
+
+def test_a_save_through_a_symbolic_link_writes_the_save_it_names(tmp_path):
+    """``current -> v1``: the rename replaced the link with a new save, and v1 kept the old one (a helper's
+    find)."""
+    x = torch.randn(2, 16)
+    torch.manual_seed(0)
+    first = pyrys.optimize(torch.nn.Linear(16, 4).eval(), (x,))
+    torch.manual_seed(1)
+    second = pyrys.optimize(torch.nn.Linear(16, 4).eval(), (x,))
+    pyrys.save(first, tmp_path / "v1")
+    (tmp_path / "current").symlink_to(tmp_path / "v1")
+    pyrys.save(second, tmp_path / "current")
+    assert (tmp_path / "current").is_symlink() and torch.equal(pyrys.load(tmp_path / "v1")(x), second(x))
 
 
 def test_tensors_that_do_not_match_the_program_are_refused(tmp_path):

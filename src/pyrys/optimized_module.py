@@ -414,9 +414,11 @@ class OptimizedModule(torch.nn.Module):
                             self._shapes.keep(signature, template)
                     except Exception as error:  # noqa: BLE001 -- the model refuses these inputs: the save goes on
                         line = (str(error).strip().splitlines() or [""])[0][:200]
-                        self._note(f"inputs ({signature.describe()}) of a size 1 the graph for every shape excludes "
-                                   f"could not be captured before saving ({type(error).__name__}: {line}); a module "
-                                   "loaded from the save refuses them")
+                        said = (f"inputs ({signature.describe()}) of a size 1 the graph for every shape excludes "
+                                f"could not be captured before saving ({type(error).__name__}: {line}); a module "
+                                "loaded from the save refuses them")
+                        self._note(said)
+                        warnings.warn(f"pyrys.save: {said}", stacklevel=callers_level())
                         index -= 1
                         self._size_one_refused.append(pending.pop(index))  # not tried again at the next save
                         continue

@@ -53,8 +53,11 @@ def is_pyrys_save(path: Path) -> bool:
 
 
 def write_directory(path: str | os.PathLike, program: dict, tensors: dict[str, torch.Tensor], about: dict) -> Path:
-    """Write ``program`` (JSON), ``tensors`` and a manifest (``about`` plus format and hashes) to ``path``."""
+    """Write ``program`` (JSON), ``tensors`` and a manifest (``about`` plus format and hashes) to ``path``
+    (a symbolic link: to the save it points to, which the link keeps naming)."""
     path = Path(path)
+    if path.is_symlink():  # (replaced by the rename, the link itself became the new save beside the old one)
+        path = path.resolve()
     files = {PROGRAM: json.dumps(program, indent=1).encode(), TENSORS: save_tensors(tensors)}
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **about,
                 "files": {name: _sha256(data) for name, data in files.items()}}

@@ -364,13 +364,13 @@ def _decode_compiled(record: dict, tensors: dict, config: OptimizeConfig, same_c
     gm = decode_graph(record["graph"], tensors)
     refresh_meta(gm)
     captured = Captured(gm, in_spec, decode_spec(record["out_spec"], made), record["class_name"],
-                        list(record["capture_notes"]),
+                        _texts(record["capture_notes"], "capture_notes"),
                         tuple(record.get("input_writes", ())), tuple(record.get("state_writes", ())),
                         _decode_output_copies(record, gm))
     history = [Step(s["name"], s["graph"], dict(s["fired"]), [Miss(*m) for m in s["misses"]], s["seconds"],
                     s.get("error")) for s in record["history"]]
     compile_program, backend, notice = get_backend("auto" if record["backend"] == "dnnl" else record["backend"])
-    notes = list(record["notes"])
+    notes = _texts(record["notes"], "notes")
     notes += [f"the class {name} is not imported here: it comes back as a namedtuple of that name and fields "
               "made at load (a namedtuple), or as a dict of its keys (a pytree class such as a ModelOutput)"
               for name in dict.fromkeys(made)]
@@ -392,6 +392,8 @@ def _decode_compiled(record: dict, tensors: dict, config: OptimizeConfig, same_c
     program = compile_program(gm, _example_inputs(signature, random=not same_cpu), options, like=like)
     if backend == "dnnl" and same_cpu and record["policy"]:
         program = _with_policy(program, record["policy"])
+    if same_cpu:  # run once (on another CPU the check above did): an edit its digest was made to match for
+        program(_example_inputs(signature, random=True))  # (a scale set to null) fails here, not at every call
     fault = getattr(program, "fault", None)
     if fault is not None:
         notes.append(fault)
@@ -407,6 +409,13 @@ def _with_policy(program: Any, policy: str) -> Any:
     for built in program.programs.values():
         built.policy = policy
     return program
+
+
+def _texts(values: Any, name: str) -> list[str]:
+    """A saved list of texts (notes), as a list; ``TypeError`` (a malformed program) for anything else."""
+    if not isinstance(values, list) or not all(isinstance(value, str) for value in values):
+        raise TypeError(f"{name} must be a list of texts, got {values!r:.80}")
+    return list(values)
 
 
 def _example_inputs(signature: Signature, random: bool = False) -> list:
