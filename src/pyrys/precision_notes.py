@@ -52,9 +52,9 @@ def int8_coverage_note(precision: str, run, gm: fx.GraphModule) -> str:
         return (f"precision='int8': no convolution or linear could run in int8 here, so the model runs in {kept_in}"
                 + f" ({see})" * bool(see))
     if bf16:
-        return (f"precision='int8': {bf16} op{'s' * (bf16 > 1)} run{'s' * (bf16 == 1)} in bf16, not float32 (this CPU "
-                "has native bf16): attention (no int8 kernel here), the layers the accuracy guard keeps out of int8, "
-                "and the views between")
+        return (f"precision='int8': {bf16} op{'s' * (bf16 > 1)} run{'s' * (bf16 == 1)} in bf16, not float32 (the CPU "
+                "compiled for has native bf16): attention (no int8 kernel), the layers the accuracy guard keeps out "
+                "of int8, and the views between")
     return ""
 
 
