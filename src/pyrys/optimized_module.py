@@ -410,15 +410,19 @@ class OptimizedModule(torch.nn.Module):
                     try:
                         with fake_tensor_errors_unlogged():  # a refusal is the note below, not torch's traceback
                             template = self._capture_size_one(args, kwargs, "before saving")
-                        if template.generic is None:  # what the save writes, whatever max_shapes drops
-                            self._shapes.keep(signature, template)
+                        if template.generic is None:  # what the save writes, whatever max_shapes drops; done
+                            self._shapes.keep(signature, template)  # (captured again at every save otherwise)
+                            index -= 1
+                            pending.pop(index)
+                            continue
                     except Exception as error:  # noqa: BLE001 -- the model refuses these inputs: the save goes on
                         line = (str(error).strip().splitlines() or [""])[0][:200]
                         said = (f"inputs ({signature.describe()}) of a size 1 the graph for every shape excludes "
                                 f"could not be captured before saving ({type(error).__name__}: {line}); a module "
                                 "loaded from the save refuses them")
                         self._note(said)
-                        warnings.warn(f"pyrys.save: {said}", stacklevel=callers_level())
+                        if isinstance(error, ModelChangedError):  # (a model's own refusal of a size of 1: noted)
+                            warnings.warn(f"pyrys.save: {said}", stacklevel=callers_level())
                         index -= 1
                         self._size_one_refused.append(pending.pop(index))  # not tried again at the next save
                         continue

@@ -60,11 +60,12 @@ class ShapeCache:
         return evicted
 
     def keep(self, key: Hashable, value: Any) -> None:
-        """Add ``key`` among the entries never evicted (besides ``limit``): one that a save needs and that its
-        load could not compile again (a size-1 program captured before saving)."""
+        """Hold ``key`` (``value`` where it is not held yet) among the entries never evicted (besides ``limit``):
+        one a save needs and its load could not compile again (a size-1 program captured before saving)."""
         if key not in self.kept and key != self.pinned:
             self.kept, self.limit = self.kept | {key}, self.limit + 1
-        self.entries = {**self.entries, key: value}
+        if key not in self.entries:  # (one held already stays: the pinned one is what opt.graph describes)
+            self.entries = {**self.entries, key: value}
         self.touch(key)
 
     def came_back(self, key: Hashable) -> bool:

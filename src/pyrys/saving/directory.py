@@ -55,9 +55,10 @@ def is_pyrys_save(path: Path) -> bool:
 def write_directory(path: str | os.PathLike, program: dict, tensors: dict[str, torch.Tensor], about: dict) -> Path:
     """Write ``program`` (JSON), ``tensors`` and a manifest (``about`` plus format and hashes) to ``path``
     (a symbolic link: to the save it points to, which the link keeps naming)."""
-    path = Path(path)
-    if path.is_symlink():  # (replaced by the rename, the link itself became the new save beside the old one)
-        path = path.resolve()
+    try:
+        path = _through_link(path)
+    except (OSError, RuntimeError) as error:  # a loop of links
+        raise SaveError(f"pyrys.save: cannot write {path}: {error}") from None
     files = {PROGRAM: json.dumps(program, indent=1).encode(), TENSORS: save_tensors(tensors)}
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **about,
                 "files": {name: _sha256(data) for name, data in files.items()}}
@@ -173,9 +174,19 @@ def read_directory(path: str | os.PathLike) -> tuple[dict, dict, dict[str, torch
 def read_files(path: str | os.PathLike) -> dict[str, bytes]:
     """A save's files, by name, as bytes (what :func:`parse_files` and ``pyrys.load`` take): a program
     kept in memory or sent elsewhere (Ray's object store) without a shared file system."""
-    path = Path(path)
+    try:
+        path = _through_link(path)
+    except (OSError, RuntimeError) as error:  # a loop of links
+        raise LoadError(f"pyrys.load: cannot read {path}: {error}") from None
     with _directory_lock(path.parent, exclusive=False):  # a save's replace is never seen half done
         return _read_files(path)
+
+
+def _through_link(path: str | os.PathLike) -> Path:
+    """``path``, or where it points if it is a symbolic link: saves and loads take turns in the folder of the
+    save itself (renamed into place, a link would become the new save beside the old one)."""
+    path = Path(path)
+    return path.resolve(strict=False) if path.is_symlink() else path
 
 
 def _read_files(path: Path) -> dict[str, bytes]:

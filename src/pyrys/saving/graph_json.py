@@ -196,9 +196,22 @@ def decode_graph(record: dict, tensors: dict[str, torch.Tensor], mode: FakeTenso
     except (KeyError, TypeError, ValueError) as error:
         raise LoadError(f"pyrys.load: the saved program is malformed ({type(error).__name__}: {error})") from None
     for node in graph.nodes:
-        if node.target in QUANTIZATION_OPS and (problem := _quantization_problem(node)):
+        problem = _missing_tensor(node) or (node.target in QUANTIZATION_OPS and _quantization_problem(node))
+        if problem:
             raise LoadError(f"pyrys.load: the saved program is malformed ({node.name}: {problem})")
     return fx.GraphModule(root, graph)
+
+
+def _missing_tensor(node: fx.Node) -> str:
+    """Which tensor argument of an aten-style op its schema requires is None ("" where none is): fake tensors
+    let it through, and the op raised at every call (an int8 weight's scales set to null)."""
+    schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+    if schema is None:
+        return ""
+    given = {**dict(zip((argument.name for argument in schema.arguments), node.args)), **node.kwargs}
+    return next((f"its {argument.name} is None, where {schema.name} takes a tensor" for argument in schema.arguments
+                 if isinstance(argument.type, torch.TensorType) and argument.name in given
+                 and given[argument.name] is None), "")
 
 
 def _quantization_problem(node: fx.Node) -> str:
