@@ -26,6 +26,15 @@ INT8_TOLERANCE = 5e-2  # 8-bit activations and weights: OpenVINO int8 errs 1.5-2
 TOLERANCES = {"fp32": FP32_TOLERANCE, "bf16": BF16_TOLERANCE, "int8": INT8_TOLERANCE}  # by ``optimize(precision=...)``
 
 
+def in_dtypes_of(outputs: list, expected: list) -> list:
+    """Flat ``outputs`` with each floating-point tensor in the dtype of ``expected``'s at its place (outputs
+    asked for in another ``output_dtype``, compared as eager's); as they are where the two differ in number."""
+    if len(outputs) != len(expected):  # another structure: relative_error says so
+        return outputs
+    return [out.to(want.dtype) if isinstance(out, torch.Tensor) and isinstance(want, torch.Tensor)
+            and out.is_floating_point() and want.is_floating_point() else out for out, want in zip(outputs, expected)]
+
+
 def _leaf_error(actual, expected) -> float:
     """One leaf's error: a tensor's (floating or complex: relative, as above; other dtypes: 0 or 1, exact), a
     Python number's as a 0-d tensor's; any other value must be equal (``AssertionError`` otherwise)."""

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
+from torch.utils._pytree import tree_leaves
 
-from pyrys.numerics import TOLERANCES, relative_error
+from pyrys.numerics import TOLERANCES, in_dtypes_of, relative_error
 
 AUTO = "auto"  # optimize's default accuracy_budget: the precision's own (DEFAULT_BUDGETS)
 DEFAULT_BUDGETS = {p: TOLERANCES[p] for p in ("bf16", "int8")}  # each lower precision's tolerance
@@ -51,8 +51,8 @@ def program_over_budget(measure: GuardMeasure, program, flat: list, rounding: fl
     if not same or measure.error > measure.budget:  # (over already: the guard's own note says so)
         return ""
     try:
-        error = max(max_error(lambda inputs: _as_expected(program(inputs), want), [sample], [want])
-                    for sample, want in same)
+        error = max(max_error(lambda inputs: in_dtypes_of(program(inputs), want), [sample], [want])
+                    for sample, want in same)  # (bfloat16 outputs asked for: compared as the guard compared)
     except Exception:  # noqa: BLE001 -- a check, never a compile's failure: the example inputs ran on it
         return ""
     if error <= measure.budget + rounding:
@@ -62,17 +62,6 @@ def program_over_budget(measure: GuardMeasure, program, flat: list, rounding: fl
             f"{measure.error:.1e} there on torch's ops, and oneDNN's kernels round some value otherwise; an output "
             "that jumps at a threshold of it (a comparison, a mask, a rounding to integers) moved by the jump, "
             "and matches float32's only in float32")
-
-
-def _as_expected(outputs, expected):
-    """``outputs`` with each floating-point tensor in the dtype of ``expected``'s (an ``output_dtype``, a
-    bfloat16 model returning float32: compared as the guard compared)."""
-    got, spec = tree_flatten(outputs)
-    want = tree_leaves(expected)
-    if len(got) != len(want):
-        return outputs  # (relative_error says how they differ)
-    return tree_unflatten([g.to(w.dtype) if isinstance(g, torch.Tensor) and isinstance(w, torch.Tensor) and
-                           g.is_floating_point() and w.is_floating_point() else g for g, w in zip(got, want)], spec)
 
 
 def _same_shapes(sample: list, flat: list) -> bool:

@@ -18,7 +18,7 @@ import torch.fx as fx
 from pyrys.backends.reference import ReferenceProgram
 from pyrys.ir.graph import STATE_KEY, copy_graph, state_ref
 from pyrys.ir.vocabulary import precision_of
-from pyrys.numerics import BF16_TOLERANCE, FP32_TOLERANCE, TOLERANCES, error_or_reason
+from pyrys.numerics import BF16_TOLERANCE, FP32_TOLERANCE, TOLERANCES, error_or_reason, in_dtypes_of
 from pyrys.numerics.layers import layer_errors, unmatched_nodes
 from pyrys.numerics.report import NumericsReport
 from pyrys.passes.pipeline import Step
@@ -114,11 +114,7 @@ class NumericsTrace:
 
     def _comparable(self, outputs: list) -> list:
         """``outputs`` with the floating-point ones asked for in ``output_dtype`` back in eager's dtype."""
-        if self.output_dtype is None or len(outputs) != len(self.eager):  # another structure: reported as such
-            return outputs
-        return [out.to(want.dtype) if isinstance(out, torch.Tensor) and isinstance(want, torch.Tensor)
-                and out.is_floating_point() and want.is_floating_point() else out
-                for out, want in zip(outputs, self.eager)]
+        return outputs if self.output_dtype is None else in_dtypes_of(outputs, self.eager)
 
 
 def with_own_state(gm: fx.GraphModule) -> fx.GraphModule:
