@@ -29,17 +29,13 @@ def as_call(index: int, sample: Any, args: tuple, kwargs: dict) -> tuple[tuple, 
     _refuse(index, sample, args, kwargs)
     if isinstance(sample, Mapping) and kwargs and not args:
         return (), ({name: sample[name] for name in kwargs} if set(sample) == set(kwargs) else dict(sample)), []
-    if isinstance(sample, torch.Tensor):
-        return (sample,), kwargs, _holding_tensors(kwargs) if args else []
     if args and kwargs:
         read = _pair(sample, args, kwargs) or _every_input(sample, args, kwargs)
-        if read is not None:
+        if read is not None:  # (its keywords are the example's names: in the example's order, the rest its own)
             positional, given = read
-            return positional, {name: given.get(name, value) for name, value in kwargs.items()} \
-                if set(given) <= set(kwargs) else given, _holding_tensors(kwargs, without=given)
-    if isinstance(sample, (tuple, list)):
-        return tuple(sample), kwargs, _holding_tensors(kwargs) if args else []
-    return (sample,), kwargs, _holding_tensors(kwargs) if args else []
+            return positional, {**kwargs, **given}, _holding_tensors(kwargs, without=given)
+    positional = tuple(sample) if isinstance(sample, (tuple, list)) else (sample,)
+    return positional, kwargs, _holding_tensors(kwargs) if args else []
 
 
 def _refuse(index: int, sample: Any, args: tuple, kwargs: dict) -> None:
