@@ -13,7 +13,7 @@ from torch.utils._pytree import tree_flatten
 from pyrys.capture.captured import input_writes_note
 from pyrys.capture.model_copy import SCRIPT_ADVICE, WriteCheck, private_copy, state_of
 from pyrys.capture.exported_program import exported_example_inputs, exported_inputs
-from pyrys.capture.torchscript import is_torchscript, script_class_name, script_tensors
+from pyrys.capture.script_module import is_torchscript, script_class_name, script_tensors
 from pyrys.errors import DeviceError
 from pyrys.numerics import TOLERANCES
 from pyrys.numerics.budget import AUTO

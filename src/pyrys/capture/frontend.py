@@ -13,7 +13,8 @@ from pyrys.capture.captured import Captured
 from pyrys.capture.export import capture_module, rename_for_export
 from pyrys.capture.model_copy import WriteCheck
 from pyrys.capture.exported_program import capture_exported
-from pyrys.capture.torchscript import capture_torchscript, script_parameters
+from pyrys.capture.script_module import script_parameters
+from pyrys.capture.torchscript import capture_torchscript
 
 
 @dataclass

@@ -28,8 +28,6 @@ State values are copies: the user's scripted module is never modified.
 from __future__ import annotations
 
 import copy
-import inspect
-import itertools
 import operator
 from dataclasses import dataclass
 from typing import Any
@@ -41,19 +39,17 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from pyrys.capture.captured import Captured, input_writes_note
 from pyrys.capture.convolution import SPELLINGS as CONVOLUTION_SPELLINGS, named_convolution
-from pyrys.capture.in_place import functional_twin
+from pyrys.capture.script_module import NO_DEFAULT, forward_defaults, script_class_name, script_parameters
+from pyrys.capture.script_ops import (LAYOUT_QUERIES, LIST_WRITES, PRIM_AS_OPS, PYTHON_OPS, TENSOR_QUERIES,
+                                      TorchScriptImportError, call_op, checks_shapes, functional_op, has_node,
+                                      is_view_node, mutated_argument, op_overload, returns_view, split_arguments)
 from pyrys.capture.script_types import named_tuple_class
 from pyrys.ir.quiet_fake import fake_tensor_errors_unlogged
-from pyrys.errors import CaptureError
 from pyrys.ir.control_flow import IF, RaisingBranch, add_if, has_effects
 from pyrys.ir.graph import FLAGS_READ_KEY, STATE_KEY, StateRef, add_constant, add_placeholder
 
 SHAPE_QUERIES = frozenset({"aten::size", "aten::dim", "aten::numel", "aten::len", "aten::sym_size"})
 MAX_UNROLLED_ITERATIONS = 10_000
-
-
-class TorchScriptImportError(CaptureError):
-    """The scripted code uses something pyrys cannot import; the message says what and why."""
 
 
 class _Raised(Exception):
@@ -69,64 +65,6 @@ class _OpRefused(RuntimeError):
 class _ModuleRef:
     path: str
     module: Any
-
-
-def is_torchscript(obj: Any) -> bool:
-    return isinstance(obj, (torch.jit.ScriptModule, torch.jit.ScriptFunction))
-
-
-def _arguments(obj: Any) -> list | None:
-    """``forward``'s schema arguments (a scripted function's own), without ``self``; None where unknown."""
-    try:
-        return list(obj.forward.schema.arguments[1:] if isinstance(obj, torch.jit.ScriptModule) else obj.schema.arguments)
-    except (AttributeError, RuntimeError):
-        return None
-
-
-def script_tensors(obj: Any) -> dict[str, torch.Tensor]:
-    """Every tensor a scripted module holds, by name: its parameters and buffers, and tensor attributes that
-    are neither (``self.t = torch.randn(8)``), which its forward reads alike (none for a scripted function)."""
-    tensors = {}
-    for prefix, module in obj.named_modules() if hasattr(obj, "named_modules") else ():
-        try:
-            names = list(module._concrete_type.get_attributes())
-        except AttributeError:  # (loaded by torch.jit.load: no concrete type) its parameters and buffers
-            names = [name for name, _ in itertools.chain(module.named_parameters(recurse=False),
-                                                         module.named_buffers(recurse=False))]
-        for name in names:
-            value = getattr(module, name, None)
-            if isinstance(value, torch.Tensor):
-                tensors[f"{prefix}.{name}" if prefix else name] = value
-    return tensors
-
-
-def script_parameters(obj: Any) -> inspect.Signature | None:
-    """``forward``'s parameters (a scripted function's own), by name, from the schema: what lets a call pass
-    by keyword what the example passed by position."""
-    arguments = _arguments(obj)
-    if arguments is None:
-        return None
-    try:
-        return inspect.Signature([inspect.Parameter(a.name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                                    default=a.default_value if a.has_default_value() else inspect.Parameter.empty)
-                                  for a in arguments])
-    except ValueError:  # names Python cannot take
-        return None
-
-
-_NO_DEFAULT = object()
-
-
-def _defaults(obj: Any) -> list:
-    """Each input's default value in ``forward``'s schema (``_NO_DEFAULT`` where it has none); [] unknown."""
-    arguments = _arguments(obj) or []
-    return [a.default_value if a.has_default_value() else _NO_DEFAULT for a in arguments]
-
-
-def script_class_name(obj: Any) -> str:
-    if isinstance(obj, torch.jit.ScriptModule):
-        return getattr(obj, "original_name", type(obj).__name__)
-    return getattr(obj, "name", "function")
 
 
 def capture_torchscript(obj: Any, args: tuple, kwargs: dict | None = None,
@@ -224,10 +162,6 @@ def _node_name(value: torch._C.Value, fallback: str) -> str:
     """A name hint from TorchScript's debug name (``x.1`` -> ``x``); FX and :func:`identifier` make it valid."""
     name = value.debugName().split(".")[0]
     return name if name and not name.isdigit() else fallback
-
-
-def _has_node(obj: Any) -> bool:
-    return any(isinstance(v, fx.Node) for v in tree_flatten(obj)[0])
 
 
 def _constant_values(obj: Any) -> Any:
@@ -330,9 +264,9 @@ class _Importer:
                                          f"({', '.join(names)}), got {len(args)} by position"
                                          + (f" and {', '.join(kwargs)} by keyword" if kwargs else ""))
         by_name = dict(zip(names, inputs))
-        for name, value, default in zip(names, inputs, _defaults(self.obj) or [_NO_DEFAULT] * len(inputs)):
+        for name, value, default in zip(names, inputs, forward_defaults(self.obj) or [NO_DEFAULT] * len(inputs)):
             if name not in kwargs and names.index(name) >= len(args):
-                if default is _NO_DEFAULT:
+                if default is NO_DEFAULT:
                     raise TorchScriptImportError(f"{self.class_name}.forward takes {len(inputs)} input(s) "
                                                  f"({', '.join(names)}); the example leaves out {name}, which has "
                                                  "no default")
@@ -360,7 +294,7 @@ class _Importer:
         handler = _HANDLERS.get(kind)
         if handler is not None:
             handler(self, scope, node)
-        elif kind.startswith("prim::") and kind not in _PRIM_AS_OPS:
+        elif kind.startswith("prim::") and kind not in PRIM_AS_OPS:
             raise TorchScriptImportError(f"pyrys cannot import {kind} yet (in {self.class_name}): {node}".strip())
         else:
             self._op(scope, node)
@@ -518,7 +452,7 @@ class _Importer:
 
     def _loop(self, scope: _Scope, node: torch._C.Node) -> None:
         trip, cond, *carried = [scope.lookup(v) for v in node.inputs()]
-        if _has_node(trip) or _has_node(cond):
+        if has_node(trip) or has_node(cond):
             raise TorchScriptImportError("pyrys unrolls loops at import, so a loop's trip count and condition must be "
                                          "known then (constants, shapes, int attributes); this one depends on "
                                          f"values computed at run time: {node}".strip())
@@ -532,7 +466,7 @@ class _Importer:
             for value, obj in zip(params, [i, *carried]):
                 scope.bind(value, obj)
             cond, *carried = self._import_block(scope, block.nodes(), results)
-            if _has_node(cond):
+            if has_node(cond):
                 raise TorchScriptImportError("a loop's condition depends on values computed at run time; "
                                              "pyrys unrolls loops at import and cannot")
             i += 1
@@ -553,7 +487,7 @@ class _Importer:
 
     def _dict(self, scope: _Scope, node: torch._C.Node) -> None:
         items = [scope.lookup(v) for v in node.inputs()]
-        if _has_node(items[0::2]):
+        if has_node(items[0::2]):
             raise TorchScriptImportError(f"a dict with keys computed at run time (in {self.class_name}) is not supported")
         scope.bind(node.output(), dict(zip(items[0::2], items[1::2])))
 
@@ -588,7 +522,7 @@ class _Importer:
 
     def _tensor_query(self, scope: _Scope, node: torch._C.Node) -> None:
         """``x.is_nested``, ``x.is_cuda``, ``x.requires_grad``: the answer for an inference program's tensors."""
-        scope.bind(node.output(), _TENSOR_QUERIES[node.kind()](_val(scope.lookup(node.input()))))
+        scope.bind(node.output(), TENSOR_QUERIES[node.kind()](_val(scope.lookup(node.input()))))
 
     def _warn(self, scope: _Scope, node: torch._C.Node) -> None:
         self.notes.append(f"{self.class_name} calls warnings.warn; pyrys does not repeat the warning at run time")
@@ -596,7 +530,7 @@ class _Importer:
     def _num_to_tensor(self, scope: _Scope, node: torch._C.Node) -> None:
         """A number as a 0-dim tensor (a traced ``x.size(1)`` is one): a constant, the number being known."""
         number = scope.lookup(node.input())
-        if _has_node(number):
+        if has_node(number):
             raise TorchScriptImportError(f"prim::NumToTensor of a computed number (in {self.class_name}): {node}".strip())
         scope.bind(node.output(), add_constant(scope.gm, _as_declared(node.output(), torch.tensor(number)),
                                                _node_name(node.output(), "number")))
@@ -607,51 +541,51 @@ class _Importer:
     # -- ATen calls ------------------------------------------------------------------------------
     def _op(self, scope: _Scope, node: torch._C.Node) -> None:
         schema = torch._C.parse_schema(node.schema())
-        op = _overload(schema.name, schema.overload_name, node)
+        op = op_overload(schema.name, schema.overload_name, node)
         values = [scope.lookup(v) for v in node.inputs()]
         self._refuse_stale(values)
         tensor_out = any(_is_tensor_type(v.type()) for v in node.outputs())
         if schema.name in _IDENTITY_TESTS:  # `query is not key`, `bias_k is not None`: the values imported are
             self._bind_results(scope, node, _IDENTITY_TESTS[schema.name](*values))  # the tensors eager compares
             return
-        if schema.name in ("aten::tensor", "aten::as_tensor") and not _has_node(values):  # torch.tensor([0, 2])
+        if schema.name in ("aten::tensor", "aten::as_tensor") and not has_node(values):  # torch.tensor([0, 2])
             literal = torch.tensor(values[0], dtype=values[1] if len(values) > 1 else None)
             scope.bind(node.output(), add_constant(scope.gm, literal, _node_name(node.output(), "tensor")))
             return
-        if schema.name in _LAYOUT_QUERIES:
+        if schema.name in LAYOUT_QUERIES:
             raise TorchScriptImportError(f"{schema.name} asks for a tensor's memory layout (in {self.class_name}), "
                                          "which a call may change and a program does not specialize on")
-        if schema.name in _TENSOR_QUERIES and isinstance(values[0], fx.Node):
-            self._bind_results(scope, node, _TENSOR_QUERIES[schema.name](*_val(values)))
+        if schema.name in TENSOR_QUERIES and isinstance(values[0], fx.Node):
+            self._bind_results(scope, node, TENSOR_QUERIES[schema.name](*_val(values)))
             return
-        if schema.name in _LIST_WRITES and id(values[0]) in self.tensor_containers:
+        if schema.name in LIST_WRITES and id(values[0]) in self.tensor_containers:
             raise TorchScriptImportError(f"{schema.name} writes {self.tensor_containers[id(values[0])][0]} (in "
                                          f"{self.class_name}), a list or dict attribute holding tensors: pyrys reads "
                                          "such an attribute as the module's tensors and does not import writes to it")
-        if schema.name in _LIST_WRITES and isinstance(values[0], (list, dict)):
+        if schema.name in LIST_WRITES and isinstance(values[0], (list, dict)):
             if scope.parent is not None:
                 raise TorchScriptImportError(f"{schema.name} on a list inside a branch taken at run time (in "
                                              f"{self.class_name}) is not supported")
-            self._bind_results(scope, node, self._python(_LIST_WRITES[schema.name], values, node))  # the importer's
+            self._bind_results(scope, node, self._python(LIST_WRITES[schema.name], values, node))  # the importer's
             return
-        python_op = _PYTHON_OPS.get(schema.name)
+        python_op = PYTHON_OPS.get(schema.name)
         concatenated = schema.name == "aten::add" and isinstance(values[1], (list, tuple))  # tensors in it too
         container = bool(values) and isinstance(values[0], (list, tuple, dict))
         if python_op is not None and container and (concatenated or schema.name == "aten::__getitem__" and
-                                                    isinstance(values[0], dict) or not _has_node(values[1:])):
+                                                    isinstance(values[0], dict) or not has_node(values[1:])):
             self._bind_results(scope, node, self._python(python_op, values, node))  # a list of values, possibly tensors
             return
-        if not tensor_out and not _has_node(values):
-            self._bind_results(scope, node, _call(op, schema, values))  # scalar arithmetic on constants
+        if not tensor_out and not has_node(values):
+            self._bind_results(scope, node, call_op(op, schema, values))  # scalar arithmetic on constants
             return
         if not tensor_out and schema.name in SHAPE_QUERIES:
-            self._bind_results(scope, node, _call(op, schema, _val(values)))  # specialized to the example shapes
+            self._bind_results(scope, node, call_op(op, schema, _val(values)))  # specialized to the example shapes
             return
         constants = _constant_values(values)
-        if constants is not None and _numbers_only(constants) and _has_node(values) and \
-                torch.Tag.nondeterministic_seeded not in op.tags and _mutated_argument(schema) is None:
+        if constants is not None and _numbers_only(constants) and has_node(values) and \
+                torch.Tag.nondeterministic_seeded not in op.tags and mutated_argument(schema) is None:
             # arithmetic on sizes a trace made tensors (prim::NumToTensor): computed now, as the sizes are
-            result = _call(op, schema, constants)
+            result = call_op(op, schema, constants)
             if isinstance(result, torch.Tensor):  # in the trace's dtype: a traced number promotes like a Python one
                 result = add_constant(scope.gm, _as_declared(node.output(), result), _node_name(node.output(), "number"))
             if not any(isinstance(v, torch.Tensor) for v in tree_flatten(result)[0]):
@@ -668,10 +602,10 @@ class _Importer:
         if schema.name in CONVOLUTION_SPELLINGS and (named := named_convolution(values, _val(values[1]))):
             op, values = named  # a trace's _convolution: conv2d, as the passes and backends know it
             schema = op._schema
-        mutated = _mutated_argument(schema)
+        mutated = mutated_argument(schema)
         if mutated is not None:
-            op = _functional(schema, node)
-        args, kwargs = _split(schema, values)
+            op = functional_op(schema, node)
+        args, kwargs = split_arguments(schema, values)
         outputs = list(node.outputs())
         base = op.__name__.split(".")[0]
         name = _node_name(outputs[0], base) if len(outputs) == 1 else base
@@ -688,18 +622,18 @@ class _Importer:
             raise
         except (RuntimeError, IndexError) as error:  # the op's own check of its arguments (an index past a
             # dim raises IndexError): eager fails there too
-            if not _checks_shapes(op):
+            if not checks_shapes(op):
                 raise
             raise _OpRefused(f"{schema.name}: {(str(error).strip().splitlines() or [''])[0]}") from error
         if len(outputs) == 1 and isinstance(outputs[0].type(), torch._C.ListType) and \
                 isinstance(call.meta["val"], (list, tuple)):  # chunk, split, unbind: a list of known length
             parts = [self._index(scope, call, i, outputs[0]) for i in range(len(call.meta["val"]))]
-            if _is_view(schema):
+            if returns_view(schema):
                 self.view_parts.update(parts)
                 self._note_views(values, parts)
             scope.bind(outputs[0], parts)
         elif len(outputs) == 1:
-            if _is_view(schema):
+            if returns_view(schema):
                 self._note_views(values, [call])
             scope.bind(outputs[0], call)
         else:
@@ -737,7 +671,7 @@ class _Importer:
     def _rebind_mutated(self, scope: _Scope, node, value: torch._C.Value, old: Any, new: fx.Node) -> None:
         """After ``x.add_(y)``, later reads of ``x`` see the functional result, through every name and list that
         held it (``y = x.add_(1); y.mul_(2)`` writes ``x`` twice)."""
-        if isinstance(old, fx.Node) and (old in self.view_parts or old.op == "call_function" and _is_view_node(old)):
+        if isinstance(old, fx.Node) and (old in self.view_parts or old.op == "call_function" and is_view_node(old)):
             raise TorchScriptImportError(f"{node.kind()} writes to a view of another tensor; pyrys does not import "
                                          "in-place ops on views")
         self._stale_views_of(old)
@@ -843,101 +777,6 @@ def _state_target(scope: _Scope, node: fx.Node) -> str:
 
 
 
-def _checks_shapes(op: torch._ops.OpOverload) -> bool:
-    """Whether an error of ``op`` on fake tensors is its check of the arguments, which eager makes too: an ATen
-    op's (another library's may have no fake kernel at all: its error says nothing of the inputs)."""
-    return op.namespace == "aten"
-
-
-def _overload(name: str, overload_name: str, node: torch._C.Node):
-    namespace, base = name.split("::")
-    try:
-        packet = getattr(getattr(torch.ops, namespace), base)
-        return getattr(packet, overload_name or "default")
-    except (AttributeError, RuntimeError):
-        raise TorchScriptImportError(f"no torch op {name}.{overload_name or 'default'} for {node.kind()}") from None
-
-
-def _split(schema, values: list) -> tuple[list, dict]:
-    """Positional and keyword arguments as the op overload takes them; keyword defaults left out."""
-    args, kwargs = [], {}
-    for argument, value in zip(schema.arguments, values):
-        if argument.kwarg_only:
-            if not _is_default(argument, value):
-                kwargs[argument.name] = value
-        else:
-            args.append(value)
-    return args, kwargs
-
-
-def _is_default(argument, value) -> bool:
-    if not argument.has_default_value() or _has_node(value) or isinstance(value, torch.Tensor):
-        return False
-    default = argument.default_value
-    return type(default) is type(value) and default == value or (default is None and value is None)
-
-
-def _call(op, schema, values: list):
-    args, kwargs = _split(schema, values)
-    return op(*args, **kwargs)
-
-
-def _mutated_argument(schema) -> int | None:
-    for i, argument in enumerate(schema.arguments):
-        if argument.alias_info is not None and argument.alias_info.is_write:
-            return i
-    return None
-
-
-def _functional(schema, node: torch._C.Node):
-    twin = functional_twin(schema)
-    if twin is None:
-        raise TorchScriptImportError(f"{node.kind()} writes to its input and has no functional form pyrys knows")
-    return twin
-
-
-def _is_view(schema) -> bool:
-    return any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns)
-
-
-def _is_view_node(node: fx.Node) -> bool:
-    schema = getattr(node.target, "_schema", None)
-    return schema is not None and _is_view(schema)
-
-
-# list operations TorchScript spells as ATen ops, applied to the Python lists the importer holds
-_PYTHON_OPS = {"aten::__getitem__": operator.getitem, "aten::len": len, "aten::add": operator.add,
-               "aten::eq": operator.eq, "aten::ne": operator.ne, "aten::__contains__": operator.contains,
-               "aten::copy": lambda items: items.copy(),  # list.copy() (torchvision's Swin), dict.copy(); a tensor's
-               # aten::copy takes a tensor first
-               "aten::slice": lambda items, start=None, end=None, step=1: items[start:end:step], "aten::list": list,
-               "aten::mul": operator.mul, "aten::keys": lambda d: list(d.keys()), "aten::values": lambda d: list(d.values()),
-               "aten::items": lambda d: list(d.items()), "aten::get": lambda d, key, default=None: d.get(key, default),
-               "aten::dict": dict}
-# list and dict operations that write it in place (a loop collecting outputs, a ModuleDict's outputs by name); no
-# outputs but the list, or none
-_LIST_WRITES = {"aten::append": lambda items, item: (items.append(item), items)[1],
-                "aten::extend": lambda items, more: (items.extend(more), ())[1],
-                "aten::insert": lambda items, index, item: (items.insert(index, item), ())[1],
-                "aten::pop": lambda items, *where: items.pop(*where),
-                "aten::remove": lambda items, item: (items.remove(item), ())[1],
-                "aten::Delete": lambda items, key: (items.__delitem__(key), ())[1],
-                "aten::setdefault": lambda items, key, default: items.setdefault(key, default),
-                "aten::update": lambda items, more: (items.update(more), ())[1],
-                "aten::_set_item": lambda items, key, item: (items.__setitem__(key, item), items)[1],
-                "aten::sort": lambda items, reverse=False: (items.sort(reverse=reverse), ())[1],
-                "aten::reverse": lambda items: (items.reverse(), ())[1],
-                "aten::clear": lambda items: (items.clear(), ())[1]}
-_LAYOUT_QUERIES = frozenset({"aten::is_contiguous", "aten::stride"})
-# tensor properties TorchScript asks about, read from the example's: an inference program's own
-_TENSOR_QUERIES = {"aten::is_floating_point": lambda t: t.is_floating_point(), "aten::is_complex": lambda t: t.is_complex(),
-                   "aten::element_size": lambda t: t.element_size(), "aten::is_signed": lambda t: t.is_signed(),
-                   "prim::is_nested": lambda t: False, "prim::is_cuda": lambda t: False, "prim::is_mkldnn": lambda t: False,
-                   "prim::is_sparse": lambda t: False, "prim::is_quantized": lambda t: False, "prim::is_meta": lambda t: False,
-                   "prim::requires_grad": lambda t: False, "prim::layout": lambda t: torch.strided,
-                   "prim::type": lambda device: device.type}  # x.device.type
-_PRIM_AS_OPS = frozenset({"prim::min", "prim::max", "prim::abs"})
-
 _HANDLERS = {
     "prim::Constant": _Importer._constant,
     "prim::GetAttr": _Importer._get_attr,
@@ -956,6 +795,6 @@ _HANDLERS = {
     "prim::dtype": _Importer._tensor_property,
     "prim::device": _Importer._tensor_property,
     "aten::format": _Importer._format,
-    **{kind: _Importer._tensor_query for kind in _TENSOR_QUERIES if kind.startswith("prim::")},
+    **{kind: _Importer._tensor_query for kind in TENSOR_QUERIES if kind.startswith("prim::")},
     "aten::warn": _Importer._warn,
 }
