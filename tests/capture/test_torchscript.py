@@ -878,3 +878,93 @@ def test_a_branch_thrown_away_at_import_leaves_no_records_and_its_flag_counts_as
         warnings.simplefilter("error")
         opt = pyrys.optimize(scripted, (x,), freeze_flags=["keep"])
     assert opt.writes == () and torch.equal(opt(x)[0], x * 2)
+
+
+class WritesThroughContainersInABranch(torch.nn.Module):
+    """In-place writes in a branch through a list entry, a loop over a list, a dict entry and a name made in the
+    branch, nested Ifs, both arms: eager writes the one tensor every name and entry holds."""
+
+    def __init__(self, flag: bool, inner: bool):
+        super().__init__()
+        self.flag, self.inner = flag, inner
+
+    def forward(self, x):
+        y = x * 1
+        ts: List[torch.Tensor] = [y, x * 2]
+        d: Dict[str, torch.Tensor] = {"a": x + 1}
+        if self.flag:
+            ts[0].mul_(3)
+            for t in ts:
+                t.add_(1)
+            z = d["a"]
+            z.mul_(5)
+            if self.inner:
+                ts[1].sub_(4)
+            w = ts[0]
+            w.add_(ts[1])  # reads ts[1] after the nested If's write
+        else:
+            d["a"].neg_()
+        return y, ts[1], d["a"], ts[0] * 1
+
+
+@pytest.mark.parametrize("flag,inner", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("freeze_flags", [None, ()])
+def test_writes_in_a_branch_through_lists_and_dicts_reach_the_tensor(flag, inner, freeze_flags):
+    """``ts[0].mul_(3)`` under ``if self.flag:`` was lost (a write in a branch reached only the names the branch
+    wrote through): the If passes out the new value of every tensor of its scope a branch writes."""
+    model, x = WritesThroughContainersInABranch(flag, inner).eval(), torch.rand(2, 3)
+    opt = pyrys.optimize(script(model), (x,), freeze_flags=freeze_flags)
+    for got, want in zip(opt(x), model(x)):
+        assert torch.allclose(got, want), (got, want)
+
+
+class InPlaceIntoANarrowerDtype(torch.nn.Module):
+    def forward(self, x, i):
+        acc = torch.zeros(x.shape)
+        acc.add_(x.double())  # computed in float64, written into float32
+        count = torch.zeros(i.shape, dtype=torch.int32)
+        count.add_(i)  # int64 written into int32: wraps
+        y = (x * 10).int()
+        y.mul_(2)  # a conversion's result is a new tensor: the write is its own
+        return acc, count, y
+
+
+def test_in_place_ops_keep_the_dtype_of_the_tensor_they_write():
+    """An in-place op imported as its functional form returned the promoted dtype (float64, int64 without the
+    wrap), and a write to ``x.int()`` was refused as a write to a view."""
+    model, x, i = InPlaceIntoANarrowerDtype().eval(), torch.randn(4), torch.tensor([1, 2**31, 3, -5])
+    got, want = pyrys.optimize(script(model), (x, i))(x, i), model(x, i)
+    assert [g.dtype for g in got] == [w.dtype for w in want] and all(map(torch.equal, got, want)), (got, want)
+
+
+class InPlaceBroadcastsPastItself(torch.nn.Module):
+    def forward(self, x):
+        y = x * 1
+        y.add_(torch.ones(3, 1, 4))
+        return y
+
+
+class RandomInPlace(torch.nn.Module):
+    def forward(self, x):
+        n = torch.zeros(x.shape, dtype=torch.int64)
+        n.random_(0, 10)
+        return x + n
+
+
+class ReturnsAnOpsNamedResult(torch.nn.Module):
+    def forward(self, x):
+        return x.max(1)
+
+
+def test_in_place_ops_eager_refuses_or_fx_cannot_write_are_refused_and_named_op_results_are_tuples():
+    """An in-place op whose result would not fit its tensor is eager's error (pyrys computed the broadcast);
+    ``random_(0, 10)``'s functional form ``aten.random.from`` raised a SyntaxError from torch.fx's code; an
+    op's named result (``x.max(1)``, a plain tuple in TorchScript) raised ValueError."""
+    x = torch.randn(2, 4)
+    with pytest.raises(pyrys.CaptureError, match="fails on inputs like these"):
+        pyrys.optimize(script(InPlaceBroadcastsPastItself().eval()), (x,))
+    with pytest.raises(TorchScriptImportError, match="aten.random.from .*Python keyword"):
+        pyrys.optimize(script(RandomInPlace().eval()), (x,))
+    model = ReturnsAnOpsNamedResult().eval()
+    got, want = pyrys.optimize(script(model), (x,))(x), script(model)(x)
+    assert type(got) is tuple and all(map(torch.equal, got, want))

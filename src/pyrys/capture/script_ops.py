@@ -3,6 +3,7 @@ them, what it writes or views; and the list, dict and tensor-property operations
 applied to the Python values the importer holds."""
 from __future__ import annotations
 
+import keyword
 import operator
 from typing import Any
 
@@ -72,6 +73,9 @@ def functional_op(schema, node: torch._C.Node):
     twin = functional_twin(schema)
     if twin is None:
         raise TorchScriptImportError(f"{node.kind()} writes to its input and has no functional form pyrys knows")
+    if keyword.iskeyword(twin._overloadname):  # torch.fx writes the call as Python: `aten.random.from(...)` is not
+        raise TorchScriptImportError(f"{node.kind()}'s functional form {twin} has an overload named like a Python "
+                                     "keyword, which torch.fx cannot call; pyrys does not import it")
     return twin
 
 
@@ -79,9 +83,24 @@ def returns_view(schema) -> bool:
     return any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns)
 
 
+# ops whose schema says they may return their input, which they do only when they change nothing
+_CONVERSIONS = frozenset({"aten::to", "aten::type_as"})
+
+
+def is_view_call(schema, first: Any, result: Any) -> bool:
+    """Whether a call of ``schema`` on ``first`` (its first argument's value) returned a view of it: as the
+    schema says, but for a conversion to another dtype (``x.int()``), a new tensor."""
+    if not returns_view(schema):
+        return False
+    return not (schema.name in _CONVERSIONS and isinstance(first, torch.Tensor) and isinstance(result, torch.Tensor)
+                and result.dtype != first.dtype)
+
+
 def is_view_node(node: fx.Node) -> bool:
     schema = getattr(node.target, "_schema", None)
-    return schema is not None and returns_view(schema)
+    first = node.args[0] if node.args else None
+    return schema is not None and is_view_call(schema, first.meta.get("val") if isinstance(first, fx.Node) else first,
+                                                node.meta.get("val"))
 
 
 # list operations TorchScript spells as ATen ops, applied to the Python lists the importer holds

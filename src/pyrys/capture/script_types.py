@@ -19,9 +19,10 @@ def named_tuple_class(value: torch._C.Value) -> type | None:
     """The class of the NamedTuple ``value`` is, or None where it is a plain tuple."""
     text = str(value.node())
     head = f"%{value.debugName()} : {NAMED_TUPLE}"
-    if not text.startswith(head):
-        return None
-    return _class(value.type().annotation_str, tuple(_field_names(text[len(head):])))
+    name = value.type().annotation_str
+    if not text.startswith(head) or not all(part.isidentifier() for part in name.split(".")):
+        return None  # an ATen op's named result (``x.max(1)``: ``Tuple[Tensor, Tensor]``), a plain tuple in TorchScript
+    return _class(name, tuple(_field_names(text[len(head):])))
 
 
 def _field_names(rest: str) -> list[str]:

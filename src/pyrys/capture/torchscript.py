@@ -42,7 +42,7 @@ from pyrys.capture.convolution import SPELLINGS as CONVOLUTION_SPELLINGS, named_
 from pyrys.capture.script_module import NO_DEFAULT, forward_defaults, script_class_name, script_parameters
 from pyrys.capture.script_ops import (LAYOUT_QUERIES, LIST_WRITES, PRIM_AS_OPS, PYTHON_OPS, TENSOR_QUERIES,
                                       TorchScriptImportError, call_op, checks_shapes, functional_op, has_node,
-                                      is_view_node, mutated_argument, op_overload, returns_view, split_arguments)
+                                      is_view_call, is_view_node, mutated_argument, op_overload, split_arguments)
 from pyrys.capture.script_types import named_tuple_class
 from pyrys.ir.quiet_fake import fake_tensor_errors_unlogged
 from pyrys.ir.control_flow import IF, RaisingBranch, add_if, has_effects
@@ -91,19 +91,16 @@ class _Scope:
         self.gm, self.graph, self.parent = gm, gm.graph, parent
         self.env: dict[int, Any] = {}
         self.captures: dict[fx.Node, fx.Node] = {}  # outer node -> placeholder here
-        self.escaped: dict[int, torch._C.Value] = {}  # outer values this branch writes (in-place ops)
+        self.versions: dict[fx.Node, fx.Node] = {}  # outer node -> its value here since an in-place write here
 
     def bind(self, value: torch._C.Value, obj: Any) -> None:
         self.env[value.unique()] = obj
 
-    def defines(self, value: torch._C.Value) -> bool:
-        return value.unique() in self.env
-
-    def rebind(self, value: torch._C.Value, obj: Any) -> None:
-        """A new version of ``value`` (after an in-place op); a branch passes it out of the If."""
-        if self.parent is not None and not self.defines(value):
-            self.escaped[value.unique()] = value
-        self.bind(value, obj)
+    def outer_of(self, node: fx.Node) -> fx.Node | None:
+        """The outer node ``node`` stands for in this branch (a placeholder capturing it, or its version since
+        a write here); None for a value of the branch's own."""
+        return next((outer for table in (self.captures, self.versions) for outer, here in table.items()
+                     if here is node), None)
 
     def lookup(self, value: torch._C.Value) -> Any:
         key = value.unique()
@@ -116,7 +113,7 @@ class _Scope:
     def capture(self, outer: Any) -> Any:
         if self.parent is None:
             return outer
-        return tree_map(lambda v: self._capture_node(v) if isinstance(v, fx.Node) else v, outer)
+        return tree_map(lambda v: self.versions.get(v) or self._capture_node(v) if isinstance(v, fx.Node) else v, outer)
 
     def _capture_node(self, outer: fx.Node) -> fx.Node:
         if outer not in self.captures:
@@ -387,20 +384,21 @@ class _Importer:
             for value, out in zip(node.outputs(), outputs):
                 scope.bind(value, out)
             return
-        escaped = list({k: v for b in branches for k, v in b.scope.escaped.items()}.values())
+        written = list(dict.fromkeys(outer for b in branches for outer in b.scope.versions))  # tensors of this
+        # scope a branch writes in place (through any name, list or dict entry): the If passes their new values out
         for branch in branches:
             if branch.outputs is not None:
-                branch.outputs += [branch.scope.lookup(v) for v in escaped]
+                branch.outputs += [branch.scope.versions.get(outer) or branch.scope._capture_node(outer)
+                                   for outer in written]
                 _check_tensors(branch.outputs)
-        outputs = list(node.outputs()) + escaped
-        if not outputs and all(b.raises is None and not _has_effects(b.gm) for b in branches):
+        values = list(node.outputs())
+        if not values and not written and all(b.raises is None and not _has_effects(b.gm) for b in branches):
             return  # both arms only wrote module state, which inference drops
-        before = {value.unique(): scope.lookup(value) for value in escaped}
-        self._emit_if(scope, outputs, cond, branches)
-        for value in escaped:
-            scope.rebind(value, scope.env[value.unique()])
-            if scope.parent is None and isinstance(before[value.unique()], fx.Node):
-                self._rebind_aliases(scope, before[value.unique()], scope.env[value.unique()])
+        items = self._emit_if(scope, values + written, cond, branches)
+        for value, item in zip(values, items):
+            scope.bind(value, item)
+        for outer, item in zip(written, items[len(values):]):
+            self._write(scope, outer, item)
 
     def _branches_or_none(self, scope: _Scope, cond: fx.Node, blocks: list) -> list | None:
         """Both branches of a run-time If, or None where its condition is flags (a bool at import) and a branch
@@ -439,16 +437,20 @@ class _Importer:
         _check_tensors(outputs)
         return _PendingBranch(sub, outputs, None)
 
-    def _emit_if(self, scope: _Scope, values: list, cond: fx.Node, pending: list) -> None:
+    def _emit_if(self, scope: _Scope, outputs: list, cond: fx.Node, pending: list) -> list[fx.Node]:
+        """The If node and one item node per output (a TorchScript value, or a tensor of this scope written)."""
         operands = list(dict.fromkeys(outer for p in pending for outer in p.scope.captures))
         then, otherwise = [p.finish(operands) for p in pending]
         call = add_if(scope.gm, cond, then, otherwise, operands)
         with self.mode:
             call.meta["val"] = IF(cond.meta["val"], then, otherwise, [o.meta["val"] for o in operands])
-        for i, value in enumerate(values):
-            item = scope.graph.create_node("call_function", operator.getitem, (call, i), {}, name=_node_name(value, "if_out"))
+        items = []
+        for i, out in enumerate(outputs):
+            name = f"{out.name}_written" if isinstance(out, fx.Node) else _node_name(out, "if_out")
+            item = scope.graph.create_node("call_function", operator.getitem, (call, i), {}, name=name)
             item.meta["val"] = call.meta["val"][i]
-            scope.bind(value, item)
+            items.append(item)
+        return items
 
     def _loop(self, scope: _Scope, node: torch._C.Node) -> None:
         trip, cond, *carried = [scope.lookup(v) for v in node.inputs()]
@@ -625,15 +627,17 @@ class _Importer:
             if not checks_shapes(op):
                 raise
             raise _OpRefused(f"{schema.name}: {(str(error).strip().splitlines() or [''])[0]}") from error
+        if mutated is not None:
+            call = self._as_written(scope, schema, call, _val(values[mutated]))
         if len(outputs) == 1 and isinstance(outputs[0].type(), torch._C.ListType) and \
                 isinstance(call.meta["val"], (list, tuple)):  # chunk, split, unbind: a list of known length
             parts = [self._index(scope, call, i, outputs[0]) for i in range(len(call.meta["val"]))]
-            if returns_view(schema):
+            if is_view_call(schema, _val(values[0]) if values else None, call.meta["val"]):
                 self.view_parts.update(parts)
                 self._note_views(values, parts)
             scope.bind(outputs[0], parts)
         elif len(outputs) == 1:
-            if returns_view(schema):
+            if is_view_call(schema, _val(values[0]) if values else None, call.meta["val"]):
                 self._note_views(values, [call])
             scope.bind(outputs[0], call)
         else:
@@ -641,6 +645,24 @@ class _Importer:
                 scope.bind(value, self._index(scope, call, i, value))
         if mutated is not None:
             self._rebind_mutated(scope, node, list(node.inputs())[mutated], values[mutated], call)
+
+    def _as_written(self, scope: _Scope, schema, result: fx.Node, written: Any) -> fx.Node:
+        """The functional result of an in-place op as the tensor it writes holds it: eager computes
+        ``acc.add_(x.double())`` in the promoted dtype and writes it into ``acc``'s (int64 into int32 wraps),
+        and refuses a result of another shape."""
+        value = result.meta["val"]
+        if not isinstance(written, torch.Tensor) or not isinstance(value, torch.Tensor):
+            return result
+        if value.shape != written.shape:
+            raise _OpRefused(f"{schema.name}: its result of shape {tuple(value.shape)} does not fit the tensor "
+                             f"it writes, of shape {tuple(written.shape)}")
+        if value.dtype == written.dtype:
+            return result
+        cast = scope.graph.create_node("call_function", torch.ops.aten._to_copy.default, (result,),
+                                       {"dtype": written.dtype}, name=f"{result.name}_as_written")
+        with self.mode:
+            cast.meta["val"] = torch.ops.aten._to_copy.default(value, dtype=written.dtype)
+        return cast
 
     def _note_views(self, values: list, views: list[fx.Node]) -> None:
         for base in tree_flatten(values)[0]:
@@ -682,7 +704,7 @@ class _Importer:
             self.state_writes.append(target)
             if scope.parent is None:  # later reads in this call see the value written, as in eager
                 self.written_state[target] = new
-                scope.rebind(value, new)
+                scope.bind(value, new)
                 self._rebind_aliases(scope, old, new)
             else:  # written in a branch taken at run time: a read after it is refused (_get_attr)
                 self.branch_written_state.add(target)
@@ -691,13 +713,21 @@ class _Importer:
         if written is not None and written not in self.input_writes:
             self.input_writes.append(written)  # the optimized module leaves the caller's tensor as it was
             self.notes.append(input_writes_note([written]))
-        scope.rebind(value, new)
-        if scope.parent is None:
-            self._rebind_aliases(scope, old, new)
+        scope.bind(value, new)
+        if isinstance(old, fx.Node):
+            self._write(scope, old, new)
+
+    def _write(self, scope: _Scope, old: fx.Node, new: fx.Node) -> None:
+        """``old`` of ``scope`` holds ``new`` from now on, through every name and list entry; in a branch, a tensor
+        of an outer scope written is passed out of the If (its names and lists there are the same tensor)."""
+        self._rebind_aliases(scope, old, new)
+        outer = scope.outer_of(old) if scope.parent is not None else None
+        if outer is not None:
+            scope.versions[outer] = new
 
     def _rebind_aliases(self, scope: _Scope, old: fx.Node, new: fx.Node) -> None:
-        """Every other name, list, tuple or dict entry of the top level that held ``old`` holds ``new`` (they
-        are one tensor in eager), and so does a state read after a write."""
+        """Every other name, list, tuple or dict entry of ``scope`` that held ``old`` holds ``new`` (they are one
+        tensor in eager), and so does a state read after a write."""
         for key, obj in list(scope.env.items()):
             scope.env[key] = _swapped(obj, old, new)
         for target, read in list(self.written_state.items()):
