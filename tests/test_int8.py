@@ -1290,6 +1290,33 @@ def test_samples_given_by_position_for_an_example_by_keyword_are_refused_saying_
         pyrys.optimize(model, (), {"ids": ids, "mask": mask}, precision="int8", calibration=[(ids, mask)] * 4)
 
 
+def test_mappings_that_leave_out_keyword_inputs_take_the_examples():
+    """An example ``{"input_ids", "attention_mask", "use_cache": False}`` refused a tokenizer's outputs (no
+    ``use_cache``) as samples, though a left-out keyword input is documented as the example's (a helper's find
+    on HuggingFace's Llama); one leaving out a tensor input takes the example's and says so."""
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding, self.out = nn.Embedding(20, 8), nn.Linear(8, 2)
+
+        def forward(self, ids, mask, use_cache=True):
+            return self.out(self.embedding(ids) * mask[..., None]).sum(1) * (2 if use_cache else 1)
+
+    torch.manual_seed(0)
+    model = Tagger().eval()
+    ids, mask = torch.randint(0, 20, (2, 6)), torch.ones(2, 6)
+    example = {"ids": ids, "mask": mask, "use_cache": False}
+    tokenized = [{"mask": mask, "ids": torch.randint(0, 20, (2, 6))} for _ in range(4)]
+    opt = pyrys.optimize(model, (), example, precision="int8", calibration=tokenized)
+    assert fired(opt)["int8"] == 1 and not any("as it is" in note for note in opt.notes), opt.notes
+    assert pyrys.relative_error(opt(**example), model(**example)) <= INT8_TOLERANCE
+    ids_alone = pyrys.optimize(model, (), example, precision="int8", calibration=[{"ids": s["ids"]} for s in tokenized])
+    assert any("every sample took the example's mask as it is (a sample without it): to vary it, give each "
+               "sample's mapping every input" in note for note in ids_alone.notes), ids_alone.notes
+    with pytest.raises(pyrys.InputError, match="calibration sample 0 must be inputs like the example"):
+        pyrys.optimize(model, (), example, precision="int8", calibration=[{**tokenized[0], "other": mask}])
+
+
 class _LeftPaddedEncoder(nn.Module):
     """An encoder layer with a padding mask, mean-pooled over the tokens the mask keeps (a helper's model)."""
 

@@ -202,8 +202,9 @@ def calibration_samples(data: Iterable, args: tuple, kwargs: dict, limit: int | 
         read = "every sample" if kept_by == i + 1 else f"{kept_by} of the {i + 1} samples read"
         they, them = ("they are", "them") if len(kept) > 1 else ("it is", "it")
         notes.append(f"calibration: {read} took the example's {', '.join(kept)} as {they} (a sample without "
-                     f"{them}): to vary {them}, give each sample as an (args, kwargs) pair or a tuple of every "
-                     "input, the keyword ones last")
+                     f"{them}): to vary {them}, "
+                     + ("give each sample's mapping every input" if not args else "give each sample as an (args, "
+                        "kwargs) pair or a tuple of every input, the keyword ones last"))
     if resized:
         shown = [f"({described})" for described in list(resized)[:4]] + ["..."] * (len(resized) > 4)
         notes.append(f"calibration: samples of {len(resized)} other input shapes than the example's read as they are "

@@ -2,7 +2,7 @@
 
     example passed                   a sample may be
     positional inputs only           a tensor (one input), a tuple or list of them
-    keyword inputs only              a mapping of those names (a tokenizer's output)
+    keyword inputs only              a mapping of those names (a tokenizer's output), or of some of them
     both                             an (args, kwargs) pair, ``((x,), {"mask": m})`` or ``(x, {"mask": m})``;
                                      a tuple of every input, the keyword ones last in the example's order
                                      (those holding no tensor, flags such as ``use_cache=False``, may be
@@ -28,7 +28,10 @@ def as_call(index: int, sample: Any, args: tuple, kwargs: dict) -> tuple[tuple, 
     tuple where it passed keywords only."""
     _refuse(index, sample, args, kwargs)
     if isinstance(sample, Mapping) and kwargs and not args:
-        return (), ({name: sample[name] for name in kwargs} if set(sample) == set(kwargs) else dict(sample)), []
+        if not set(sample) <= set(kwargs):
+            return (), dict(sample), []  # names the example did not pass: the signature check says which
+        return (), {name: sample[name] if name in sample else kwargs[name] for name in kwargs}, \
+            _holding_tensors(kwargs, without=sample)
     if args and kwargs:
         read = _pair(sample, args, kwargs) or _every_input(sample, args, kwargs)
         if read is not None:  # (its keywords are the example's names: in the example's order, the rest its own)
