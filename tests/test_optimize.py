@@ -195,6 +195,29 @@ def test_an_input_passed_twice_or_by_an_unknown_keyword_is_named():
         opt(scale=image())
 
 
+class ReadsABatch(torch.nn.Module):
+    def forward(self, batch, pair):
+        return batch["a"] * 2 + batch["b"] + pair[0] - pair[1]
+
+
+@pytest.mark.parametrize("batch, pair, message", [
+    ({"b": 1, "a": 0}, [0, 0], r"input 0 must hold the keys \['a', 'b'\] in that order, the example's, got \['b', 'a'\] "
+                               r"\(the program was compiled for the example's order"),
+    ({"a": 0}, [0, 0], r"input 0 must hold the keys \['a', 'b'\] like the example's, got \['a'\]"),
+    ({"a": 0, "b": 0}, (0, 0), "input 1 must be a list like the example's, got a tuple"),
+    ({"a": 0, "b": 0}, [0], "input 1 must hold 2 items like the example's, got 1"),
+    ({"a": [0], "b": 0}, [0, 0], r"input 0\['a'\] must be a tensor or value like the example's, got a list"),
+])
+def test_inputs_held_in_containers_unlike_the_examples_are_named(batch, pair, message):
+    """A dict of the example's keys in another order said only "1 by position; got (dict): 1 by position"
+    (a helper's find): the first container that differs is named, and how."""
+    x = torch.rand(2, 3)
+    opt = pyrys.optimize(ReadsABatch().eval(), ({"a": x, "b": x}, [x, x]), backend="reference")
+    filled = lambda value: [filled(v) for v in value] if isinstance(value, list) else x  # noqa: E731
+    with pytest.raises(pyrys.InputError, match=message):
+        opt({key: filled(value) for key, value in batch.items()}, type(pair)(filled(v) for v in pair))
+
+
 def test_a_single_tensor_is_accepted_as_example_inputs():
     opt = pyrys.optimize(conv_bn_relu(), image(), backend="reference")
     assert opt(image()).shape == (1, 4, 4, 4)

@@ -556,6 +556,9 @@ def test_save_takes_only_an_optimized_module_and_pickle_points_to_it(tmp_path):
     for path in (bytes(tmp_path / "x"), None):  # pathlib's message said bytes are taken
         with pytest.raises(TypeError, match="pyrys.save writes to a directory named by a str or os.PathLike path"):
             pyrys.save(pyrys.optimize(conv_bn_relu(), (image(),)), path)
+    for path in (5, None, bytes(tmp_path / "x")):  # os.fspath's message named no argument
+        with pytest.raises(TypeError, match="pyrys.load reads a directory named by a str or os.PathLike path"):
+            pyrys.load(path)
 
 
 Pair = collections.namedtuple("Pair", "scaled embedded")

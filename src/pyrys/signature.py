@@ -160,8 +160,10 @@ def check_compatible(expected: Signature, got: Signature, flat: list, args: tupl
     """Raise :class:`InputError` naming what was expected unless only shapes (same rank) differ."""
     if got.in_spec != expected.in_spec:
         described = ", ".join(_describe_value(a) for a in args)
+        inner = _passed(got.in_spec) == _passed(expected.in_spec) and _inner_difference(expected.in_spec, got.in_spec)
         raise InputError(f"pyrys: expected inputs like the example inputs ({expected.describe()}): "
-                         f"{_passed(expected.in_spec)}; got ({described}): {_passed(got.in_spec)}")
+                         f"{_passed(expected.in_spec)}; got ({described}): {_passed(got.in_spec)}"
+                         + (f"; {inner}" if inner else ""))
     for name, want, have, value in zip(leaf_names(got.in_spec), expected.leaves, got.leaves, flat):
         _check_leaf(name, want, have, value)
 
@@ -176,6 +178,44 @@ def leaf_names(spec: TreeSpec) -> list[str]:
             count = group.child(index).num_leaves
             names += [label] if count == 1 else [f"{label}[{leaf}]" for leaf in range(count)]
     return names
+
+
+def _inner_difference(want: TreeSpec, have: TreeSpec) -> str | None:
+    """What first differs inside inputs passed alike: ``input 0 must be a dict with the keys ['a', 'b'] in
+    that order ...``."""
+    for group, keys in ((0, range(want.child(0).num_children)), (1, want.child(1).context)):
+        for index, key in enumerate(keys):
+            label = f"input {key!r}" if isinstance(key, str) else f"input {key}"
+            found = _difference(want.child(group).child(index), have.child(group).child(index), label)
+            if found:
+                return found
+    return None
+
+
+def _difference(want: TreeSpec, have: TreeSpec, name: str) -> str | None:
+    if want.type is not have.type:
+        return f"{name} must be {_container(want)} like the example's, got {_container(have)}"
+    if want.context != have.context:
+        if isinstance(want.context, list) and isinstance(have.context, list) and \
+                sorted(map(repr, want.context)) == sorted(map(repr, have.context)):
+            return (f"{name} must hold the keys {want.context} in that order, the example's, got {have.context} "
+                    "(the program was compiled for the example's order, which a model may read: reorder the keys)")
+        return f"{name} must hold the keys {want.context} like the example's, got {have.context}"
+    if want.num_children != have.num_children:
+        return f"{name} must hold {want.num_children} items like the example's, got {have.num_children}"
+    for index in range(want.num_children):
+        key = want.context[index] if isinstance(want.context, list) else index
+        found = _difference(want.child(index), have.child(index), f"{name}[{key!r}]")
+        if found:
+            return found
+    return None
+
+
+def _container(spec: TreeSpec) -> str:
+    if spec.type is None:
+        return "a tensor or value"
+    name = spec.type.__name__
+    return f"{'an' if name[0].lower() in 'aeiou' else 'a'} {name}"
 
 
 def _passed(spec: TreeSpec) -> str:

@@ -101,6 +101,10 @@ def load(path: str | os.PathLike | Mapping[str, bytes], *, threads: int | None =
     Raises :class:`pyrys.LoadError` for a directory that is not a whole pyrys save of a format
     this pyrys reads, or whose tensors do not match its program."""
     check_threads(threads, "pyrys.load")
+    if not isinstance(path, (str, os.PathLike, Mapping)) or isinstance(path, os.PathLike) and \
+            isinstance(os.fspath(path), bytes):
+        raise TypeError(f"pyrys.load reads a directory named by a str or os.PathLike path (or a save's files in "
+                        f"memory, a mapping of names to bytes), got {type(path).__name__} {path!r}")
     if isinstance(path, Mapping):
         manifest, program, tensors = parse_files(dict(path), "the program's files in memory")
         path = "files in memory"
