@@ -109,6 +109,35 @@ def test_a_shape_that_depends_on_data_names_the_line_and_torch_compile():
         torch._dynamo.reset()
 
 
+class TorchCond(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.cond(x.sum() > 0, lambda x: self.linear(x).relu(), lambda x: x * 2 - 1, (x,))
+
+
+def test_torch_cond_is_a_capture_error_and_runs_in_torch_under_torch_compile():
+    """``torch.cond`` raised ``AttributeError: 'Module' object has no attribute 'true_graph_0'`` from torch.fx
+    through every way in (a helper's find): it is a CaptureError saying what to do, and under
+    ``torch.compile`` the graph holding it runs in torch."""
+    model, x = TorchCond().eval(), torch.randn(2, 4)
+    for way_in in (lambda: pyrys.optimize(model, (x,)), lambda: pyrys.optimize(torch.export.export(model, (x,)))):
+        with pytest.raises(pyrys.CaptureError, match=r"uses torch.ops.higher_order.cond at cond .*a pyrys program "
+                                                      r"runs one path. Write it as Python"):
+            way_in()
+    compiled = torch.compile(model, backend="pyrys")
+    try:
+        with torch.no_grad():
+            for sign in (1, -1, 1):
+                inputs = x.abs() * sign
+                assert torch.allclose(compiled(inputs), model(inputs))
+    finally:
+        torch._dynamo.reset()
+
+
 def test_torchscript_data_dependence_is_a_capture_error_too():
     scripted = torch.jit.script(LoopOnData().eval())
     with pytest.raises(pyrys.CaptureError, match="data-dependent control flow"):

@@ -100,6 +100,29 @@ def test_a_program_exported_with_dynamic_shapes_runs_every_size_its_ranges_allow
         opt(image(batch=9))
 
 
+class MergesTwoDims(torch.nn.Module):
+    def forward(self, x):
+        return x.reshape(x.shape[0] * x.shape[1], -1) * 2
+
+
+def test_a_program_read_back_runs_sizes_of_one_its_retrace_guards_in_products(tmp_path):
+    """Read back by ``torch.export.load``, a reshape merging two Dims of ``[1, 6]`` and ``[1, 9]`` refused
+    ``(1, 1, 5)`` (its functionalization guarded ``Ne(s0*s1, s1)``, ``Ne(Mod(s1, s0*s1), 0)``, ``Ne(s0*s1, 1)``);
+    a second ``optimize`` of the same program refused ``(4, 1, 5)`` too (the first's retrace had added
+    ``Ne(s0, 1)`` to the program's shape env, then taken for the program's own). A helper's find."""
+    dims = {0: torch.export.Dim("B", min=1, max=6), 1: torch.export.Dim("T", min=1, max=9)}
+    torch.export.save(torch.export.export(MergesTwoDims(), (torch.randn(2, 3, 5),), dynamic_shapes=(dims,)),
+                      tmp_path / "model.pt2")
+    ep = torch.export.load(tmp_path / "model.pt2")
+    for _ in range(2):
+        opt = pyrys.optimize(ep)
+        for shape in ((1, 1, 5), (4, 1, 5), (1, 4, 5), (6, 9, 5)):
+            x = torch.randn(shape)
+            assert torch.equal(opt(x), MergesTwoDims()(x)), shape
+    with pytest.raises(pyrys.InputError, match=r"outside its range \[1, 9\]"):
+        opt(torch.randn(2, 10, 5))
+
+
 @pytest.mark.parametrize("layout", ["transposed", "channels_last", "strided slice"])
 def test_an_input_in_another_layout_than_exported_gives_eagers_result(layout, backend):
     """The program's ``flatten`` is a ``view`` after its decomposition, valid for the strides it was exported

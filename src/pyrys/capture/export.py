@@ -278,6 +278,7 @@ def from_exported(ep: ExportedProgram, model: torch.nn.Module | None = None) -> 
     owner = type(model).__name__ if model is not None else "ExportedProgram"
     _refuse_script_objects(ep, owner)
     _refuse_data_dependent_shapes(ep.graph_module, owner)
+    _refuse_control_flow_ops(ep.graph_module, owner)
     gm = fx.GraphModule(torch.nn.Module(), copy_graph(ep.graph_module.graph))
     _keep_symbolic_shapes(gm, ep)
     _bind_inputs(gm, ep)
@@ -337,6 +338,18 @@ def _refuse_data_dependent_shapes(graph_module: fx.GraphModule, owner: str) -> N
             raise CaptureError(
                 f"pyrys: {owner}.forward {what} at {node.name}{where} (`.item()`, `float(t)`; boolean-mask "
                 f"indexing, nonzero, unique): pyrys compiles tensors of known shapes. {DATA_DEPENDENT_ADVICE}")
+
+
+def _refuse_control_flow_ops(graph_module: fx.GraphModule, owner: str) -> None:
+    """``torch.cond`` and ``while_loop`` (higher-order ops holding graphs, which ``run_decompositions`` leaves as
+    they are): a branch or loop on tensor data, which a pyrys program, built for one path, cannot take."""
+    for node in graph_module.graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, torch._ops.HigherOrderOperator):
+            raise CaptureError(
+                f"pyrys: {owner}.forward uses torch.ops.higher_order.{node.target.name()} at {node.name} (a branch or "
+                "loop on tensor data, torch.cond or while_loop): a pyrys program runs one path. Write it as Python "
+                "(`if x.sum() > 0:`) and use torch.compile(model, backend=\"pyrys\"): dynamo breaks the graph "
+                "there and pyrys compiles each piece (a graph that holds the op itself runs in torch)")
 
 
 def _bind_inputs(gm: fx.GraphModule, ep: ExportedProgram) -> None:

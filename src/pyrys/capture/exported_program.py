@@ -8,6 +8,7 @@ in place, and those must not be the tensors the user's program holds.
 from __future__ import annotations
 
 import re
+import weakref
 
 import sympy
 import torch
@@ -26,7 +27,7 @@ from pyrys.signature import InputError
 
 
 def capture_exported(ep: ExportedProgram) -> Captured:
-    held = set(_guards(ep))
+    held = set(_guards(ep, as_first_seen=True))
     try:
         with tracing(), torch.no_grad():
             functional = ep.run_decompositions({})
@@ -48,14 +49,22 @@ def capture_exported(ep: ExportedProgram) -> Captured:
     return captured
 
 
-def _guards(ep: ExportedProgram) -> list[sympy.Basic]:
-    """The guards of the shape env ``ep``'s symbolic sizes belong to (none without one)."""
+def _guards(ep: ExportedProgram, as_first_seen: bool = False) -> list[sympy.Basic]:
+    """The guards of the shape env ``ep``'s symbolic sizes belong to (none without one); ``as_first_seen``:
+    those it held when pyrys first read it (``run_decompositions`` adds its retrace's to that same env, so a
+    second ``optimize`` of one program would take the first's as the program's own)."""
     try:
         mode = detect_fake_mode([node.meta.get("val") for node in ep.graph.find_nodes(op="placeholder")])
     except AssertionError:  # values of several fake modes: none to read guards from
         return []
     env = mode.shape_env if mode is not None else None
-    return [guard.expr for guard in env.guards] if env is not None else []
+    if env is None:
+        return []
+    count = _FIRST_SEEN.setdefault(env, len(env.guards)) if as_first_seen else len(env.guards)
+    return [guard.expr for guard in env.guards[:count]]
+
+
+_FIRST_SEEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # shape env -> its guards when first read
 
 
 _EXCLUDED_SIZE = re.compile(r"\.size\(\)\[\d+\] != (\d+)")

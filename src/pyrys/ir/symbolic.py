@@ -14,6 +14,7 @@ code that only shows or compares shapes reads :func:`hint` (the example's value)
 from __future__ import annotations
 
 import contextlib
+import itertools
 import operator
 from typing import Any
 
@@ -355,17 +356,53 @@ def unhold_size_guards(gm: fx.GraphModule, guards: list[sympy.Basic], ranges: di
     ``torch.export.load`` adds them (its shape env then ranges from 1 where export's ranged from 2, and the
     retrace guards what export's size-oblivious trace did not), which the program itself does not hold to.
     A branch on a size (``Ne(s, 3)``, in the program's guards as text) is held: its graph is not that size's."""
+    def allowed(symbol: sympy.Symbol, size: int) -> bool:
+        """Whether the program allows ``symbol`` to be ``size``, which a guard excludes."""
+        if (excluded is None and size != 1) or (excluded is not None and size in excluded):
+            return False
+        lower, upper = ranges.get(symbol, (None, None))
+        return lower is not None and lower <= size and (upper is None or size <= upper)
+
     unheld = []
     for guard in guards:
         if isinstance(guard, sympy.Ne) and isinstance(guard.lhs, sympy.Symbol) and guard.rhs.is_Integer:
-            size = int(guard.rhs)
-            if (excluded is None and size != 1) or (excluded is not None and size in excluded):
-                continue
-            lower, upper = ranges.get(guard.lhs, (None, None))
-            if lower is not None and lower <= size and (upper is None or size <= upper):
-                unheld.append(guard)
+            size_held = allowed(guard.lhs, int(guard.rhs))
+        else:
+            ones = _sizes_at_one_excluded(guard, ranges)
+            size_held = bool(ones) and all(allowed(symbol, 1) for symbol in ones)
+        if size_held:
+            unheld.append(guard)
     if unheld:
         gm.meta[UNHELD_GUARDS_KEY] = tuple(unheld)
+
+
+_TRIED_SIZES = (1, 2, 3, 7)
+
+
+def _sizes_at_one_excluded(guard: sympy.Basic, ranges: dict) -> set[sympy.Symbol]:
+    """The symbols ``guard`` excludes from 1 where it holds for every size of at least 2 (as torch.export's
+    size-oblivious trace took them) and fails only where some size is 1 (``Ne(s0*s1, s1)``,
+    ``Ne(Mod(s1, s0*s1), 0)``, ``Ne(s0*s1, 1)``), tried on the sizes 1, 2, 3 and 7 its ranges allow; empty
+    for any other guard."""
+    symbols = sorted(guard.free_symbols, key=str)
+    if not symbols or len(symbols) > 4:
+        return set()
+    at_one: set[sympy.Symbol] = set()
+    for sizes in itertools.product(_TRIED_SIZES, repeat=len(symbols)):
+        if not all(_within(ranges.get(symbol), size) for symbol, size in zip(symbols, sizes)):
+            continue
+        holds = guard.xreplace({symbol: sympy.Integer(size) for symbol, size in zip(symbols, sizes)})
+        if holds is sympy.true:
+            continue
+        if holds is not sympy.false or 1 not in sizes:
+            return set()  # not decided by sizes alone, or fails where no size is 1: a guard the graph holds to
+        at_one.update(symbol for symbol, size in zip(symbols, sizes) if size == 1)
+    return at_one
+
+
+def _within(bounds: tuple | None, size: int) -> bool:
+    lower, upper = bounds or (None, None)
+    return (lower is None or lower <= size) and (upper is None or size <= upper)
 
 
 def set_ranges(gm: fx.GraphModule, ranges: dict[sympy.Symbol, tuple]) -> None:
