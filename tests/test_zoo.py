@@ -51,3 +51,8 @@ def test_zoo_arguments_it_cannot_use_are_refused_before_it_runs(tmp_path, capsys
     assert "does not exist" in capsys.readouterr().err
     assert main(["zoo", "squeezenet1_1", "--markdown", str(tmp_path)]) == 2
     assert "it is a folder" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("")  # said its folder did not exist; /proc's ran the whole zoo, then a traceback
+    for path, why in ((tmp_path / "afile" / "zoo.md", "afile is a file, not a folder"), ("/proc/zoo.md", "takes no new file"),
+                      ("", "it is empty")):
+        assert main(["zoo", "squeezenet1_1", "--markdown", str(path)]) == 2
+        assert why in capsys.readouterr().err, path

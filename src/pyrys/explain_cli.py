@@ -60,8 +60,9 @@ def load_model(spec: str) -> torch.nn.Module:
     module_name, _, attr = spec.partition(":")
     try:
         target = importlib.import_module(module_name)
-    except ImportError as error:
-        raise SystemExit(f"pyrys explain: cannot import {module_name!r} (from {spec!r}): {error}") from None
+    except (ImportError, ValueError, TypeError) as error:  # a name import cannot read (empty, a path) too
+        raise SystemExit(f"pyrys explain: cannot import {module_name!r} (from {spec!r}): {error}; give "
+                         "module:attribute, a module importable from here") from None
     for part in attr.split("."):
         if not hasattr(target, part):
             raise SystemExit(f"pyrys explain: {module_name!r} has no attribute {attr!r} (from {spec!r})")

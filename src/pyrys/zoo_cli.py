@@ -5,12 +5,12 @@ import argparse
 import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from pyrys import zoo
 from pyrys.backends import BACKEND_NAMES
+from pyrys.output_paths import unwritable_file
 
 
 def add_zoo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,15 +19,6 @@ def add_zoo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", action="append", default=None, choices=BACKEND_NAMES[1:],
                         help="a backend to check (repeatable; default: every available backend)")
     parser.add_argument("--markdown", default=None, help="also write the table as markdown to this file")
-
-
-def _unwritable(path: Path) -> str:
-    """Why a file cannot be written at ``path`` (a folder there, no folder to hold it), or ""."""
-    if path.is_dir():
-        return "it is a folder"
-    if not path.parent.is_dir():
-        return f"its folder {path.parent} does not exist"
-    return ""
 
 
 def _format_error(row: zoo.ZooRow) -> str:
@@ -70,7 +61,7 @@ def run_zoo_command(args: argparse.Namespace) -> int:
     if unknown:
         print(f"pyrys zoo: unknown model(s) {unknown}; known: {', '.join(zoo.MODELS)}", file=sys.stderr)
         return 2
-    if args.markdown and (problem := _unwritable(Path(args.markdown))):  # found before the run, not after it
+    if args.markdown is not None and (problem := unwritable_file(args.markdown)):  # found before the run, not after it
         print(f"pyrys zoo: cannot write --markdown {args.markdown}: {problem}", file=sys.stderr)
         return 2
     backends = args.backend or pyrys.available_backends()

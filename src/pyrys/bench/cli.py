@@ -17,6 +17,7 @@ from pyrys.bench.models import build_model, example_inputs
 from pyrys.bench.peers import Peer, default_peers, select_peers
 from pyrys.bench.report import add_peak_share, build_table, describe_machine, make_rows, write_all
 from pyrys.bench.roofline import best_of, count_flops, fp32_peak, measure_peaks
+from pyrys.output_paths import unwritable_folder
 from pyrys.zoo import unknown_model
 
 DEFAULT_MODELS = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0",
@@ -126,8 +127,8 @@ def run_pinned(args: argparse.Namespace) -> int:
     if unknown:
         console.print(f"[red]pyrys bench: {'; '.join(unknown)}")
         return 2
-    if args.out.exists() and not args.out.is_dir():  # found before the run, not after it
-        console.print(f"[red]pyrys bench: --out {args.out} is a file; it names the folder the results go to")
+    if problem := unwritable_folder(args.out):  # found before the run, not after it
+        console.print(f"[red]pyrys bench: cannot write --out {args.out}: {problem}")
         return 2
     console.print(f"threads: torch {threads}, onnxruntime intra-op {threads}, openvino {threads}")
     first_peaks = measure_machine_peaks(args.quick, console)
