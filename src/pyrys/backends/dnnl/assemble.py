@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from pyrys.backends.dnnl.builder import Builder
+from pyrys.backends.dnnl.builder import Builder, md_type
 from pyrys.backends.dnnl.constants import ARG_FROM, ARG_TO
 from pyrys.backends.dnnl.descriptors import reorder_pd
 from pyrys.backends.dnnl.frame import Frame
@@ -145,7 +145,26 @@ def _constant_storages(gm: fx.GraphModule, builder: Builder, values: list[Value]
 
 
 def _program_text(gm: fx.GraphModule, builder: Builder, results: list) -> str:
-    header = ", ".join(f"%{n.name} : {format_type(n.meta.get('val'))}" for n in gm.graph.nodes if n.op == "placeholder")
-    body = [f"  {step.text}" for step in builder.steps]
+    """The program in the seed's form: a line per step, and a ``view`` line (no call) before the first read of a
+    value that is another's bytes seen with another shape or layout (``%flatten``, a ``mean`` without keepdim)."""
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    header = ", ".join(f"%{n.name} : {format_type(n.meta.get('val'))}" for n in inputs)
+    shown = {n.name for n in inputs}
+    body = []
+    for step in builder.steps:
+        for value in step.reads:
+            body += _view_lines(value, shown)
+        body.append(f"  {step.text}")
+        shown.update(value.name for value in step.writes)
+    for result in results:
+        body += _view_lines(result, shown) if isinstance(result, Value) else []
     returns = ", ".join(f"%{r.name}" if isinstance(r, Value) else "<constant>" for r in results)
     return f"graph({header}):\n" + "\n".join(body + [f"  return ({returns})"])
+
+
+def _view_lines(value: Value, shown: set[str]) -> list[str]:
+    """The ``view`` lines that define ``value`` (and the views it is of) where no line has yet."""
+    if value.name in shown or value.kind != ALIAS or value.alias_of is None:
+        return []
+    shown.add(value.name)
+    return _view_lines(value.alias_of, shown) + [f"  %{value.name} : {md_type(value.md)} = view(%{value.alias_of.name})"]

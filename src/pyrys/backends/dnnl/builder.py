@@ -294,7 +294,7 @@ class Builder:
         out = Value(f"{value.name}.reorder", md)
         pd = reorder_pd(self.engine, value.md, md)
         info = f"format_info=[{value.layout()} -> {out.layout()}]"
-        self.add_primitive(f"%{out.name} : {_md_type(md)} = dnnl::reorder[{info}](%{value.name})",
+        self.add_primitive(f"%{out.name} : {md_type(md)} = dnnl::reorder[{info}](%{value.name})",
                            pd, {ARG_FROM: value, ARG_TO: out}, reads=[value], writes=[out])
         return out
 
@@ -347,17 +347,20 @@ def _slot_of(value: Value) -> int:
     return value.slot
 
 
-def _md_type(md: MemoryDesc) -> str:
+def md_type(md: MemoryDesc) -> str:
     return f"{_TYPE_NAMES.get(md.dtype.name, md.dtype.name)}({', '.join(str(d) for d in md.dims)})"
 
 
 _TYPE_NAMES = {"f32": "Float", "bf16": "BFloat16", "f16": "Half", "s32": "Int", "s8": "Char", "u8": "Byte"}
 
 
-def node_text(node: fx.Node, label: str, attrs: str, operands: list[str]) -> str:
-    """A program line in the seed's form: ``%y : Float(...) = dnnl::conv2d_relu[attrs](%x, ...)``."""
+def node_text(node: fx.Node, label: str, attrs: str, operands: list[str], out: Value | None = None) -> str:
+    """A program line in the seed's form: ``%y : Float(...) = dnnl::conv2d_relu[attrs](%x, ...)``; ``out``: the
+    value written where it is not the node's own (a mean's keepdim result, which the node's is a view of)."""
     attrs = f"[{attrs}]" if attrs else ""
-    return f"%{node.name} : {format_type(node.meta.get('val'))} = {label}{attrs}({', '.join(operands)})"
+    named = out is not None and out.name != node.name and out.md is not None
+    written = f"%{out.name} : {md_type(out.md)}" if named else f"%{node.name} : {format_type(node.meta.get('val'))}"
+    return f"{written} = {label}{attrs}({', '.join(operands)})"
 
 
 F32 = frozenset({torch.float32})

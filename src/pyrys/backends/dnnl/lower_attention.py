@@ -40,7 +40,7 @@ import torch.fx as fx
 
 from pyrys.backends.dnnl import attention_kernels, torch_attention
 from pyrys.backends.dnnl.binding import DnnlError
-from pyrys.backends.dnnl.builder import F32_OR_BF16, Builder, Unsupported, check_dtype, node_text
+from pyrys.backends.dnnl.builder import F32_OR_BF16, Builder, Unsupported, check_dtype, md_type, node_text
 from pyrys.backends.dnnl.constants import ARG_DST, ARG_SRC, ARG_WEIGHTS, AlgKind, DataType, arg_post_op_src1
 from pyrys.backends.dnnl.descriptors import matmul_pd, softmax_pd
 from pyrys.backends.dnnl.layout import contiguous_strides, plain_md
@@ -545,7 +545,7 @@ def _emit_blocks(builder: Builder, node: fx.Node, o: Operands, result: Value, bl
 
         # P = softmax(S), in place (in bfloat16 for bfloat16 attention)
         softmax = softmax_pd(builder.engine, s.md, last, p.md)
-        text = f"%{probs.name}{block} = dnnl::softmax[axis={last}](%{scores.name}{block})"
+        text = f"%{probs.name}{block} : {md_type(p.md)} = dnnl::softmax[axis={last}](%{scores.name}{block})"
         builder.add_primitive(text, softmax, {ARG_SRC: s, ARG_DST: p}, [s], [p], unlike_eager_on_nonfinite=True)
 
         # O = (P V) * keep, into the block's part of the output

@@ -215,7 +215,7 @@ def _pool_into(builder: Builder, node: fx.Node, out: Value, x: Value, alg: AlgKi
     pd, quant = with_int8_dst(create, quant)
     out.md = pd.dst_md()
     text = node_text(node, f"dnnl::{alg.name}", f"kernel={list(kernel)}, format_info=[{x.layout()}]"
-                                               f"{quantizing_note(quant)}", [f"%{x.name}"])
+                                               f"{quantizing_note(quant)}", [f"%{x.name}"], out)
     builder.add_primitive(text, pd, {ARG_SRC: x, ARG_DST: out}, [x], [out], unlike_eager_on_nonfinite=alg == AlgKind.pooling_max)
 
 
@@ -300,7 +300,7 @@ def _reduce(builder: Builder, node: fx.Node, x: Value, dims: list[int]) -> Value
     dst_md = plain_md(dims, torch.float32)
     pd = reduction_pd(builder.engine, AlgKind.reduction_mean, x.md, dst_md)
     reduced = Value(f"{node.name}.keepdim", pd.dst_md())
-    text = node_text(node, "dnnl::reduction_mean", f"format_info=[{x.layout()}]", [f"%{x.name}"])
+    text = node_text(node, "dnnl::reduction_mean", f"format_info=[{x.layout()}]", [f"%{x.name}"], reduced)
     builder.add_primitive(text, pd, {ARG_SRC: x, ARG_DST: reduced}, [x], [reduced])
     builder.values[node] = reduced
     return reduced
