@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import pyrys
 from pyrys import precision_notes
 from pyrys.numerics import BF16_TOLERANCE, INT8_TOLERANCE
-from pyrys.numerics.bisect import checked_tolerance
+from pyrys.numerics import checked_tolerance
 from pyrys.numerics.budget import GuardMeasure, budget_for, check_budget, fewest, max_error, program_over_budget
 from tests.models import Fn, conv_bn_relu, image
 

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from pyrys.numerics.bisect import checked_tolerance, locate
+from pyrys.numerics import checked_tolerance
+from pyrys.numerics.bisect import locate
 from pyrys.numerics.report import NumericsReport
 from pyrys.passes.pipeline import Step
 from pyrys.passes.rewrite import Miss
@@ -91,7 +92,8 @@ def explain(model: torch.nn.Module, example_inputs: Any = None, *, backend: str 
             dump_dir: str | Path | None = None, title: str | None = None, numerics: bool = False,
             tolerance: float | None = None, **options) -> Explanation:
     """Optimize ``model`` (see :func:`pyrys.optimize` for ``options``; an ``ExportedProgram`` needs no
-    ``example_inputs``) and explain what happened; ``numerics``: also the error after every pass and of
+    ``example_inputs``) and explain what happened (``title``: its first line, ``{backend}`` in it the backend
+    that ran, the one ``"auto"`` picked); ``numerics``: also the error after every pass and of
     every layer, and the first stage over ``tolerance`` with what it changed (:mod:`pyrys.numerics`);
     ``tolerance`` defaults to that of the precision run (``pyrys.numerics.TOLERANCES``: 1e-4 for fp32; bf16's
     for half-precision outputs)."""
@@ -100,7 +102,7 @@ def explain(model: torch.nn.Module, example_inputs: Any = None, *, backend: str 
     if tolerance is not None:
         tolerance = checked_tolerance(tolerance, "pyrys.explain")
     opt = optimize(model, example_inputs, backend=backend, dump_dir=dump_dir, numerics=numerics, **options)
-    title = title or f"{type(model).__name__} on the {opt.backend} backend"
+    title = (title or f"{type(model).__name__} on the {{backend}} backend").replace("{backend}", opt.backend)
     report = opt.numerics  # measured against the tolerance of what runs (bf16 asked where the CPU has none: fp32's)
     if report is not None and tolerance is not None:
         report = dataclasses.replace(report, tolerance=tolerance)

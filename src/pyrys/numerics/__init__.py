@@ -105,3 +105,10 @@ def error_or_reason(actual, expected) -> tuple[float, str]:
         return relative_error(actual, expected), ""
     except AssertionError as error:
         return float("inf"), str(error)
+
+
+def checked_tolerance(tolerance: object, caller: str) -> float:
+    """``tolerance`` as a float; ``ValueError`` naming ``caller`` unless it is a non-negative number."""
+    if not isinstance(tolerance, numbers.Real) or isinstance(tolerance, bool) or not tolerance >= 0:
+        raise ValueError(f"{caller}: tolerance must be a non-negative number, got {tolerance!r}")
+    return float(tolerance)

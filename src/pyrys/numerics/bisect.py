@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from pyrys.numerics import FP32_TOLERANCE
+from pyrys.numerics import FP32_TOLERANCE, checked_tolerance
 from pyrys.numerics.layers import LayerError
 from pyrys.numerics.report import NumericsReport, format_error, format_tolerance
 from pyrys.numerics.trace import RANDOM_MODEL
@@ -109,8 +108,3 @@ def bisect(model: Any, example_inputs: Any = None, example_kwargs: dict | None =
     return locate(opt.history, opt.numerics, opt.numerics.tolerance if tolerance is None else tolerance)
 
 
-def checked_tolerance(tolerance: Any, caller: str) -> float:
-    """``tolerance`` as a float; ``ValueError`` naming ``caller`` unless it is a non-negative number."""
-    if not isinstance(tolerance, numbers.Real) or isinstance(tolerance, bool) or not tolerance >= 0:
-        raise ValueError(f"{caller}: tolerance must be a non-negative number, got {tolerance!r}")
-    return float(tolerance)

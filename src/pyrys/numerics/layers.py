@@ -50,10 +50,14 @@ class LayerError:
 
 def probed_nodes(gm: fx.GraphModule, captured: Container[str]) -> list[fx.Node]:
     """The op nodes whose floating-point value has a captured twin; not int8's dequantize nodes: they are
-    part of the int8 op that reads them (made an output, one would stand alone), the op itself is probed."""
+    part of the int8 op that reads them (made an output, one would stand alone), the op itself is probed; nor a
+    node read only by nodes computing its own twin (a bf16 linear read by its conversion to float32: made an
+    output, its bfloat16 value would be written, where the program writes float32 at once), which are probed."""
     return [node for node in gm.graph.nodes
             if node.op == "call_function" and node.target not in QUANTIZATION_OPS
-            and _is_float_tensor(node.meta.get("val")) and computes(node) in captured]
+            and _is_float_tensor(node.meta.get("val")) and computes(node) in captured
+            and not (node.users and all(user.op == "call_function" and computes(user) == computes(node)
+                                        for user in node.users))]
 
 
 def unmatched_nodes(gm: fx.GraphModule, captured: Container[str]) -> list[str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from pyrys.numerics import checked_tolerance
 from pyrys.numerics.layers import LayerError
 
 
@@ -39,7 +40,7 @@ class NumericsReport:
 
     def first_over(self, tolerance: float | None = None) -> tuple[int, str, float] | None:
         """``(row index, stage, error)`` of the first stage over ``tolerance`` (default: the report's), or None."""
-        limit = self.tolerance if tolerance is None else tolerance
+        limit = self.tolerance if tolerance is None else checked_tolerance(tolerance, "NumericsReport.first_over")
         return next(((i, name, error) for i, (name, error) in enumerate(self.rows) if not error <= limit), None)
 
     def layer(self, name: str) -> LayerError:
