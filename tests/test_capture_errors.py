@@ -15,7 +15,7 @@ from torch import nn
 
 import pyrys
 from tests.conftest import TOLERANCE
-from tests.models import conv_bn_relu, image
+from tests.models import Fn, conv_bn_relu, image
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.*is deprecated:FutureWarning")
 
@@ -109,6 +109,17 @@ def test_a_shape_that_depends_on_data_names_the_line_and_torch_compile():
         torch._dynamo.reset()
 
 
+@torch.library.custom_op("pyrys_tests::add_one", mutates_args=("buf",))
+def _add_one(x: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    buf.add_(1)
+    return x + buf
+
+
+@_add_one.register_fake
+def _(x, buf):
+    return torch.empty_like(x)
+
+
 class TorchCond(nn.Module):
     def __init__(self):
         super().__init__()
@@ -128,6 +139,8 @@ def test_torch_cond_is_a_capture_error_and_runs_in_torch_under_torch_compile():
         with pytest.raises(pyrys.CaptureError, match=r"uses torch.ops.higher_order.cond at cond .*a pyrys program "
                                                       r"runs one path. Write it as Python"):
             way_in()
+    mutating = Fn(lambda m, x: _add_one(x, torch.zeros_like(x)) * 2).eval()  # auto_functionalized: not refused
+    assert torch.equal(pyrys.optimize(mutating, (x,))(x), mutating(x))
     compiled = torch.compile(model, backend="pyrys")
     try:
         with torch.no_grad():

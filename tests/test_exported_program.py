@@ -123,6 +123,26 @@ def test_a_program_read_back_runs_sizes_of_one_its_retrace_guards_in_products(tm
         opt(torch.randn(2, 10, 5))
 
 
+class ChecksAProduct(torch.nn.Module):
+    def forward(self, x, y):
+        torch._check(x.shape[0] * x.shape[1] != y.shape[0])
+        return x.sum() + y.sum()
+
+
+def test_a_guard_that_fails_where_no_size_is_one_is_held_after_a_read_back(tmp_path):
+    """``Ne(s0*s1, s2)`` (the program's own ``torch._check``) was set aside as failing only at 1 (sizes 1, 2, 3
+    and 7 were tried: 2 * 2 = 4 never was), and ``(2, 2), (4,)`` ran where the program refuses it (a review's
+    find): a polynomial guard is set aside only where it is proven to hold from 2."""
+    dims = ({0: torch.export.Dim("a", min=1, max=8), 1: torch.export.Dim("b", min=1, max=8)},
+            {0: torch.export.Dim("c", min=1, max=8)})
+    example = (torch.randn(2, 3), torch.randn(5))
+    torch.export.save(torch.export.export(ChecksAProduct(), example, dynamic_shapes=dims), tmp_path / "model.pt2")
+    opt = pyrys.optimize(torch.export.load(tmp_path / "model.pt2"), example)
+    with pytest.raises(pyrys.InputError, match="the graph assumes"):
+        opt(torch.ones(2, 2), torch.ones(4))
+    assert torch.equal(opt(torch.ones(1, 3), torch.ones(5)), ChecksAProduct()(torch.ones(1, 3), torch.ones(5)))
+
+
 @pytest.mark.parametrize("layout", ["transposed", "channels_last", "strided slice"])
 def test_an_input_in_another_layout_than_exported_gives_eagers_result(layout, backend):
     """The program's ``flatten`` is a ``view`` after its decomposition, valid for the strides it was exported

@@ -968,3 +968,55 @@ def test_in_place_ops_eager_refuses_or_fx_cannot_write_are_refused_and_named_op_
     model = ReturnsAnOpsNamedResult().eval()
     got, want = pyrys.optimize(script(model), (x,))(x), script(model)(x)
     assert type(got) is tuple and all(map(torch.equal, got, want))
+
+
+class WritesAnIfsOutput(torch.nn.Module):
+    def __init__(self, same: bool):
+        super().__init__()
+        self.same = same
+
+    def forward(self, x):
+        y = x * 1
+        if self.same:
+            r = y
+        else:
+            r = y * 5
+        r.add_(10)  # writes y too where r is y
+        return r + 0, y + 0
+
+
+class ViewThenBranchWrite(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.flag = True
+
+    def forward(self, x):
+        y = x * 1
+        v = y.view(-1)
+        if self.flag:
+            y.add_(1)
+        return v * 1
+
+
+class IntPlusFloat(torch.nn.Module):
+    def forward(self, x):
+        count = torch.zeros(x.shape, dtype=torch.int64)
+        count.add_(x)
+        return count
+
+
+def test_writes_eager_makes_on_one_path_of_an_if_or_refuses_are_refused():
+    """Wrong answers a review found: a write to an If's output that is, on one path, another tensor (``r = y``)
+    reached only the output, and a view taken before a branch that writes its base read the old values: a
+    later read of that tensor or view is refused now (the write alone, or a read of the output, is not);
+    ``long.add_(float)`` is eager's error (it was cast)."""
+    x = torch.arange(3.0) + 1
+    for same in (True, False):
+        with pytest.raises(TorchScriptImportError, match="writing in place a value an If gave, which on one of "
+                                                         "its paths was that tensor itself"):
+            pyrys.optimize(script(WritesAnIfsOutput(same).eval()), (x,))
+    with pytest.raises(TorchScriptImportError, match="reads a view of a tensor after writing that tensor in place"):
+        pyrys.optimize(script(ViewThenBranchWrite().eval()), (x,))
+    with pytest.raises(pyrys.CaptureError, match="result type torch.float32 can't be cast to the desired output type "
+                                                 "torch.int64"):
+        pyrys.optimize(script(IntPlusFloat().eval()), (x,))

@@ -340,11 +340,15 @@ def _refuse_data_dependent_shapes(graph_module: fx.GraphModule, owner: str) -> N
                 f"indexing, nonzero, unique): pyrys compiles tensors of known shapes. {DATA_DEPENDENT_ADVICE}")
 
 
+_CONTROL_FLOW_OPS = frozenset(getattr(torch.ops.higher_order, name) for name in ("cond", "while_loop", "map_impl", "scan")
+                              if hasattr(torch.ops.higher_order, name))  # (others, a custom op's auto_functionalized: ops)
+
+
 def _refuse_control_flow_ops(graph_module: fx.GraphModule, owner: str) -> None:
     """``torch.cond`` and ``while_loop`` (higher-order ops holding graphs, which ``run_decompositions`` leaves as
     they are): a branch or loop on tensor data, which a pyrys program, built for one path, cannot take."""
     for node in graph_module.graph.nodes:
-        if node.op == "call_function" and isinstance(node.target, torch._ops.HigherOrderOperator):
+        if node.op == "call_function" and node.target in _CONTROL_FLOW_OPS:
             raise CaptureError(
                 f"pyrys: {owner}.forward uses torch.ops.higher_order.{node.target.name()} at {node.name} (a branch or "
                 "loop on tensor data, torch.cond or while_loop): a pyrys program runs one path. Write it as Python "

@@ -194,7 +194,12 @@ def _is_tensor_type(t: torch._C.JitType) -> bool:
     return False
 
 
-_RECORDS = ("views_of", "stale", "view_parts", "notes", "input_writes", "state_writes", "written_state",
+_STALE_VIEW = ("reads a view of a tensor after writing that tensor in place; pyrys does not import that (take the "
+               "view after the write)")
+_STALE_PATH_ALIAS = ("reads a tensor after writing in place a value an If gave, which on one of its paths was that "
+                     "tensor itself (`r = y` in one branch, then `r.add_(1)`); pyrys does not import that read (write "
+                     "the tensor by its own name)")
+_RECORDS = ("views_of", "stale", "view_parts", "path_aliases", "notes", "input_writes", "state_writes", "written_state",
             "branch_written_state", "flags_read")  # the _Importer's records of what the import did
 
 
@@ -207,8 +212,11 @@ class _Importer:
         self.root = _Scope(fx.GraphModule(torch.nn.Module(), fx.Graph()))
         self.state: dict[str, fx.Node] = {}
         self.views_of: dict[fx.Node, list[fx.Node]] = {}  # a tensor -> the views taken of it
-        self.stale: set[fx.Node] = set()  # views of a tensor written in place since: reading one is refused
+        self.stale: dict[fx.Node, str] = {}  # values a write made stale (views of a tensor written in place
+        # since; a tensor an If's output was on one path, written since): reading one is refused, saying why
         self.view_parts: set[fx.Node] = set()  # the parts of a chunk or split: views too
+        self.path_aliases: dict[fx.Node, list[fx.Node]] = {}  # If outputs that are, on one path, a tensor of
+        # the If's scope: those tensors
         self.notes: list[str] = []
         self.input_writes: list[str] = []  # inputs forward writes in place (placeholder names)
         self.state_writes: list[str] = []  # state it writes (paths)
@@ -395,8 +403,11 @@ class _Importer:
         if not values and not written and all(b.raises is None and not _has_effects(b.gm) for b in branches):
             return  # both arms only wrote module state, which inference drops
         items = self._emit_if(scope, values + written, cond, branches)
-        for value, item in zip(values, items):
+        for i, (value, item) in enumerate(zip(values, items)):
             scope.bind(value, item)
+            aliased = [outer for b in branches if b.outputs is not None and (outer := b.scope.outer_of(b.outputs[i]))]
+            if aliased:  # on one path the tensor of this scope itself (`r = y`): a write to it reaches that tensor
+                self.path_aliases[item] = aliased  # on that path only
         for outer, item in zip(written, items[len(values):]):
             self._write(scope, outer, item)
 
@@ -658,6 +669,9 @@ class _Importer:
                              f"it writes, of shape {tuple(written.shape)}")
         if value.dtype == written.dtype:
             return result
+        if not torch.can_cast(value.dtype, written.dtype):  # eager's rule: a float result into an integer tensor
+            raise _OpRefused(f"{schema.name}: result type {value.dtype} can't be cast to the desired output type "
+                             f"{written.dtype}")
         cast = scope.graph.create_node("call_function", torch.ops.aten._to_copy.default, (result,),
                                        {"dtype": written.dtype}, name=f"{result.name}_as_written")
         with self.mode:
@@ -674,13 +688,13 @@ class _Importer:
         pending = [written] if isinstance(written, fx.Node) else []
         while pending:
             views = self.views_of.pop(pending.pop(), [])
-            self.stale.update(views)
+            self.stale.update(dict.fromkeys(views, _STALE_VIEW))
             pending.extend(views)
 
     def _refuse_stale(self, values: Any) -> None:
-        if self.stale and any(isinstance(v, fx.Node) and v in self.stale for v in tree_flatten(values)[0]):
-            raise TorchScriptImportError(f"{self.class_name} reads a view of a tensor after writing that tensor in "
-                                         "place; pyrys does not import that (take the view after the write)")
+        if self.stale and (read := next((v for v in tree_flatten(values)[0] if isinstance(v, fx.Node) and v in self.stale),
+                                        None)) is not None:
+            raise TorchScriptImportError(f"{self.class_name} {self.stale[read]}")
 
     def _python(self, operation, values: list, node: torch._C.Node) -> Any:
         """A list or dict operation applied to the importer's own, its failure (eager's too) a reason."""
@@ -696,6 +710,8 @@ class _Importer:
         if isinstance(old, fx.Node) and (old in self.view_parts or old.op == "call_function" and is_view_node(old)):
             raise TorchScriptImportError(f"{node.kind()} writes to a view of another tensor; pyrys does not import "
                                          "in-place ops on views")
+        if isinstance(old, fx.Node) and (aliased := self._path_aliased(scope, old)):
+            self.stale.update(dict.fromkeys(aliased, _STALE_PATH_ALIAS))  # read again, they would be the old values
         self._stale_views_of(old)
         if isinstance(old, fx.Node) and (old.meta.get(STATE_KEY) or old in scope.captures.values()
                                          and _captured_state(scope, old)):
@@ -717,9 +733,16 @@ class _Importer:
         if isinstance(old, fx.Node):
             self._write(scope, old, new)
 
+    def _path_aliased(self, scope: _Scope, node: fx.Node | None) -> list[fx.Node]:
+        """The tensors ``node`` (an If's output, or a branch's capture of one) is on one of the If's paths."""
+        while node is not None and node not in self.path_aliases and scope.parent is not None:
+            node, scope = scope.outer_of(node), scope.parent
+        return self.path_aliases.get(node, [])
+
     def _write(self, scope: _Scope, old: fx.Node, new: fx.Node) -> None:
         """``old`` of ``scope`` holds ``new`` from now on, through every name and list entry; in a branch, a tensor
         of an outer scope written is passed out of the If (its names and lists there are the same tensor)."""
+        self._stale_views_of(old)  # (an If's write-back: the views of the outer tensor taken before it)
         self._rebind_aliases(scope, old, new)
         outer = scope.outer_of(old) if scope.parent is not None else None
         if outer is not None:

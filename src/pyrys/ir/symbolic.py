@@ -376,16 +376,17 @@ def unhold_size_guards(gm: fx.GraphModule, guards: list[sympy.Basic], ranges: di
         gm.meta[UNHELD_GUARDS_KEY] = tuple(unheld)
 
 
-_TRIED_SIZES = (1, 2, 3, 7)
+_TRIED_SIZES = (1, 2, 3, 4, 5, 6, 8, 12)
 
 
 def _sizes_at_one_excluded(guard: sympy.Basic, ranges: dict) -> set[sympy.Symbol]:
     """The symbols ``guard`` excludes from 1 where it holds for every size of at least 2 (as torch.export's
     size-oblivious trace took them) and fails only where some size is 1 (``Ne(s0*s1, s1)``,
-    ``Ne(Mod(s1, s0*s1), 0)``, ``Ne(s0*s1, 1)``), tried on the sizes 1, 2, 3 and 7 its ranges allow; empty
-    for any other guard."""
+    ``Ne(Mod(s1, s0*s1), 0)``, ``Ne(s0*s1, 1)``): tried on the sizes 1 to 12 its ranges allow (of at most three
+    symbols), and where its sides differ by a polynomial, that difference proven non-zero for sizes from 2
+    (``Ne(s0*s1, s2)``, which the sizes tried may miss, is not); empty for any other guard."""
     symbols = sorted(guard.free_symbols, key=str)
-    if not symbols or len(symbols) > 4:
+    if not symbols or len(symbols) > 3 or not isinstance(guard, sympy.Ne) or _differs_from_two(guard, symbols) is False:
         return set()
     at_one: set[sympy.Symbol] = set()
     for sizes in itertools.product(_TRIED_SIZES, repeat=len(symbols)):
@@ -398,6 +399,17 @@ def _sizes_at_one_excluded(guard: sympy.Basic, ranges: dict) -> set[sympy.Symbol
             return set()  # not decided by sizes alone, or fails where no size is 1: a guard the graph holds to
         at_one.update(symbol for symbol, size in zip(symbols, sizes) if size == 1)
     return at_one
+
+
+def _differs_from_two(guard: sympy.Ne, symbols: list[sympy.Symbol]) -> bool | None:
+    """Whether ``lhs - rhs`` is non-zero for every size of at least 2, where it is a polynomial: each size
+    written ``2 + t`` (``t >= 0``), the expanded difference positive or negative by its terms' signs; None
+    for a difference that is no polynomial (``Mod``: the sizes tried decide)."""
+    above_two = {s: sympy.Symbol(f"t_{s}", integer=True, nonnegative=True) for s in symbols}
+    difference = sympy.expand((guard.lhs - guard.rhs).xreplace({s: t + 2 for s, t in above_two.items()}))
+    if not difference.is_polynomial(*above_two.values()):
+        return None
+    return bool(difference.is_positive or difference.is_negative)
 
 
 def _within(bounds: tuple | None, size: int) -> bool:
