@@ -53,6 +53,9 @@ def test_cli_explain_module_attr_with_dump_dir(tmp_path, capsys):
     assert "fold_conv_bn: 1 folded" in out and "misses: none" in out
     assert (tmp_path / "000_capture.txt").exists()
     assert any(p.name.endswith("_fold_conv_bn.txt") for p in tmp_path.iterdir())
+    assert main(["explain", "tests.models:conv_bn_relu", "--input-shape", "1x3x6x6", "--backend", "auto"]) == 0
+    title = capsys.readouterr().out.splitlines()[0]  # said "on the auto backend"
+    assert title.endswith(f"on the {pyrys.available_backends()[0]} backend"), title
 
 
 def test_explain_resnet50_has_no_misses_for_conv_bn_relu_and_residuals():
@@ -117,6 +120,19 @@ def test_cli_explain_shapes_a_models_own_inputs():
     assert ids.shape == mask.shape == (2, 16) and ids.dtype == torch.long and bool((mask == 1).all())
     with pytest.raises(ValueError, match="--input-shape 1x3x8 does not fit .*bert4, whose inputs are 1x128, 1x128"):
         zoo.example_inputs("pyrys.bench.models:bert4", bert4(), (1, 3, 8))
+
+    class OneTensor(torch.nn.Module):  # example_inputs giving one tensor: its rows were read as the inputs
+        def forward(self, x, scale):
+            return x * scale
+
+        def example_inputs(self, batch):
+            return torch.ones(batch, 16)
+
+    (x,) = zoo.example_inputs("tests:OneTensor", OneTensor(), None)
+    assert x.shape == (1, 16)
+    OneTensor.example_inputs = lambda self, batch: (torch.ones(batch, 4), torch.tensor(2.0))
+    with pytest.raises(ValueError, match="whose inputs are 1x4, a 0-d tensor: give one of their rank"):
+        zoo.example_inputs("tests:OneTensor", OneTensor(), (2, 4))
 
 
 def test_cli_explain_says_in_one_line_why_a_model_cannot_be_captured():

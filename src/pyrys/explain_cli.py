@@ -112,7 +112,7 @@ def run_explain(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise SystemExit(f"pyrys explain: {error}") from None
     shapes = ", ".join("x".join(map(str, x.shape)) for x in inputs)
-    title = f"{args.model} ({shapes}) on the {args.backend} backend"
+    title = f"{args.model} ({shapes}) on the {{backend}} backend"  # the one auto picks, once optimized
     calibration = None
     if args.precision == "int8":
         calibration = samples_like(inputs)

@@ -80,12 +80,14 @@ def example_inputs(name: str, model: torch.nn.Module, shape: tuple[int, ...] | N
     model).  ``ValueError`` for a shape of another rank than the model's own inputs."""
     generator = torch.Generator().manual_seed(0)
     if callable(getattr(model, "example_inputs", None)):
-        own = tuple(model.example_inputs(1))
+        given = model.example_inputs(1)
+        own = (given,) if isinstance(given, torch.Tensor) else tuple(given)  # one tensor is one input, not its rows
         if shape is None:
             return own
         if any(t.dim() != len(shape) for t in own):
             raise ValueError(f"--input-shape {'x'.join(map(str, shape))} does not fit {name}, whose inputs are "
-                             f"{', '.join('x'.join(map(str, t.shape)) for t in own)}: give one of their rank")
+                             f"{', '.join('x'.join(map(str, t.shape)) or 'a 0-d tensor' for t in own)}: give one of "
+                             "their rank")
         return tuple(_like(t, shape, generator) for t in own)
     shape = shape or (input_shape(name) if ":" not in name else (1, 3, 224, 224))
     return (torch.rand(shape, generator=generator),)

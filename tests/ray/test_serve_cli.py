@@ -33,6 +33,8 @@ def test_a_port_in_use_is_refused_before_ray_starts(tmp_path, capsys):
         taken.listen()
         assert main(["serve", str(path), "--port", str(taken.getsockname()[1])]) == 2
     assert "pass --port another port" in capsys.readouterr().err
+    assert main(["serve", str(path), "--host", "nosuch.invalid"]) == 2  # said to pass another port
+    assert "'nosuch.invalid' is no address of this machine" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("option", [["--replicas", "0"], ["--max-batch", "0"], ["--batch-wait-ms", "-1"],

@@ -11,6 +11,7 @@ the ``pyrys`` application it started.
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import os
 import signal
@@ -166,8 +167,12 @@ def _check_port_free(host: str, port: int) -> None:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
+        except socket.gaierror as error:  # a name that resolves to no address here
+            raise OSError(f"cannot listen on {host}:{port}: {host!r} is no address of this machine "
+                          f"({error.strerror}); pass --host an address or name of it (0.0.0.0: every one)") from None
         except OSError as error:
-            raise OSError(f"cannot listen on {host}:{port} ({error.strerror}); pass --port another port") from None
+            raise OSError(f"cannot listen on {host}:{port} ({error.strerror}); pass --port another port" +
+                          (" or --host an address of this machine" if error.errno == errno.EADDRNOTAVAIL else "")) from None
 
 
 def _threads(text: str) -> int:
