@@ -28,7 +28,7 @@ def assemble(builder: Builder, gm: fx.GraphModule, inputs: list[Value], threads:
     output_node = next(n for n in gm.graph.nodes if n.op == "output")
     fresh: list[Value] = []
     results = [_decide_output(builder, arg, fresh) for arg in output_node.args[0]]
-    plan = plan_memory(builder.steps)
+    plan = plan_memory(builder.steps, [r for r in results if isinstance(r, Value)])
     values = _all_values(builder, [*inputs, *[r for r in results if isinstance(r, Value)]])
     for index, value in enumerate(values):
         value.slot = index

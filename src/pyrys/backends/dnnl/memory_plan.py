@@ -1,7 +1,8 @@
 """Compile-time memory planning: activation buffers reused by liveness.
 
 Each planned value lives from the step that writes it to the last step that reads it
-(reads through aliases count, and so do reads of torch results that may be views of it).  Buffers are assigned greedily in program order: a value
+(reads through aliases count, and so do reads of torch results that may be views of it), or to the
+end where an output may view it.  Buffers are assigned greedily in program order: a value
 takes the smallest free buffer that fits, else grows the largest free one, else opens a
 new one.  Peak activation memory is the sum of the buffers' sizes.
 """
@@ -22,8 +23,10 @@ class Plan:
         return sum(self.buffer_sizes)
 
 
-def lifetimes(steps) -> dict[Value, tuple[int, int]]:
-    """(first write, last read) step index of every planned root value."""
+def lifetimes(steps, outputs: list[Value] = ()) -> dict[Value, tuple[int, int]]:
+    """(first write, last read) step index of every planned root value; the bytes ``outputs`` may view (a
+    torch fallback's result returned as it is, a ``select`` of an activation) live to the end, where the
+    output is copied out of them."""
     spans: dict[Value, list[int]] = {}
     for index, step in enumerate(steps):
         for value in step.writes:
@@ -34,11 +37,15 @@ def lifetimes(steps) -> dict[Value, tuple[int, int]]:
             for root in value.roots():
                 if root.kind == PLANNED and root in spans:
                     spans[root][1] = max(spans[root][1], index)
+    for value in outputs:
+        for root in value.roots():
+            if root.kind == PLANNED and root in spans:
+                spans[root][1] = len(steps)
     return {value: (start, end) for value, (start, end) in spans.items()}
 
 
-def plan_memory(steps) -> Plan:
-    spans = lifetimes(steps)
+def plan_memory(steps, outputs: list[Value] = ()) -> Plan:
+    spans = lifetimes(steps, outputs)
     sizes: list[int] = []
     owner_end: list[int] = []  # per buffer: last step its current value is read
     assignment: dict[Value, int] = {}
