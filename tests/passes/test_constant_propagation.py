@@ -86,3 +86,30 @@ def test_the_parts_of_a_split_weight_become_constants(run_passes):
     assert "split" not in result.after and "TupleIndex" not in result.after
     assert result.fired("constant_propagation") == {"folded": 4}  # the two parts of the weight and of the bias
     assert result.error() <= TOLERANCE
+
+
+class ViewsAFoldedTranspose(torch.nn.Module):
+    """A value of the weights alone with a transpose's strides, then viewed: legal on those strides only."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.p = torch.nn.Parameter(torch.randn(1, 5, 4, 8))
+        self.w = torch.nn.Parameter(torch.randn(32, 16))
+
+    def forward(self, x):
+        t = self.p.transpose(1, 2) * 2.0
+        y = x + t.transpose(1, 2).view(1, 5, 32)
+        return torch.nn.functional.linear(y, self.w.t() * 1.5), self.p.permute(0, 2, 1, 3) + 1
+
+
+def test_a_folded_value_keeps_the_strides_it_was_traced_with():
+    """A folded constant was made contiguous: the view after it, legal on the traced strides, raised torch's
+    "Cannot view a tensor" (HF DeBERTa's p2c attention, Conditional DETR; a helper's find)."""
+    import pyrys
+
+    model, x = ViewsAFoldedTranspose().eval(), torch.randn(1, 5, 32)
+    for backend in pyrys.available_backends():
+        opt = pyrys.optimize(model, (x,), backend=backend)
+        with torch.no_grad():
+            assert all(pyrys.relative_error(a, b) <= TOLERANCE for a, b in zip(opt(x), model(x))), backend

@@ -94,6 +94,7 @@ def _replace_by_tensor(gm: fx.GraphModule, node: fx.Node, value: torch.Tensor, a
     if value.numel() * value.element_size() > _input_bytes(args, kwargs) + GROWTH_LIMIT_BYTES:
         return False
     with gm.graph.inserting_before(node):
-        constant = add_constant(gm, value.contiguous(), node.name)
+        constant = add_constant(gm, value.clone(), node.name)  # its strides (dense: as traced; a later view may
+        # need them), its own bytes (not the storage of what it viewed)
     replace_node(node, constant)
     return True
