@@ -693,3 +693,29 @@ def test_a_squeeze_of_a_symbolic_dim_is_right_at_size_one(dynamic, tmp_path):
     ep = torch.export.export(model, (torch.randn(3, 4),), dynamic_shapes=({0: torch.export.Dim("B", min=1)},))
     with pytest.raises(pyrys.InputError, match=r"Ne\(s\d+, 1\)"):
         pyrys.optimize(ep)(x)
+
+
+class ReadsASizeThroughATensor(torch.nn.Module):
+    """A size read into a Python number through a tensor (HF DeBERTa's relative-position buckets): data to a
+    capture with symbolic sizes, a constant to one of fixed sizes."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        span = int(torch.tensor(x.size(1)).clamp(max=4))
+        return self.linear(x) * span
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_a_model_the_capture_with_symbolic_sizes_refuses_compiles_each_shape(dynamic):
+    """Every new shape (``dynamic=None``), or ``optimize`` itself (``True``), raised the symbolic capture's
+    CaptureError where a capture of the shape alone works (a helper's find on HF DeBERTa)."""
+    model = ReadsASizeThroughATensor().eval()
+    opt = pyrys.optimize(model, (torch.randn(2, 6, 8),), dynamic=dynamic)
+    for length in (3, 6, 9):
+        x = torch.randn(2, length, 8)
+        assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE, length
+    assert any("the compile with symbolic sizes failed (DataDependentError" in note for note in opt.notes), opt.notes

@@ -12,8 +12,8 @@
     pyrys._jit_pass_freeze_params(m._c, 'forward', 'weight'); pyrys.jit.graph_for(m, x)   # the seed's calls
 """
 from pyrys.backends import available_backends
-from pyrys.errors import (CaptureError, DeviceError, LoadError, ModelChangedError, ModelCopyError, SaveError,
-                          TracedCallError)
+from pyrys.errors import (CaptureError, DataDependentError, DeviceError, LoadError, ModelChangedError, ModelCopyError,
+                          SaveError, TracedCallError)
 from pyrys.explain import explain
 from pyrys.numerics import FP32_TOLERANCE, relative_error
 from pyrys.numerics.bisect import bisect
@@ -30,6 +30,6 @@ register_backend()
 __version__ = "0.1.0"
 
 __all__ = ["optimize", "explain", "bisect", "save", "load", "OptimizedModule", "available_backends", "relative_error", "FP32_TOLERANCE",
-           "PASS_NAMES", "InputError", "CaptureError", "DeviceError", "ModelCopyError",
+           "PASS_NAMES", "InputError", "CaptureError", "DataDependentError", "DeviceError", "ModelCopyError",
            "ModelChangedError", "SaveError", "LoadError", "TracedCallError", "jit",
            "_jit_pass_freeze_params", "_jit_pass_freeze_flags", "__version__"]

@@ -17,7 +17,7 @@ from pyrys.backends import Program, get_backend, release_constants
 from pyrys.backends.options import BackendOptions
 from pyrys.calling_context import autocast_off, callers_level
 from pyrys.capture.captured import Captured
-from pyrys.errors import CaptureError, ModelChangedError
+from pyrys.errors import CaptureError, DataDependentError, ModelChangedError
 from pyrys.ir.output_aliases import output_roots, outputs_to_copy
 from pyrys.ir.verify import VerificationError, make_verifier, output_types
 from pyrys.ir.graph import share_constants
@@ -76,15 +76,23 @@ def compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: Opt
     try:
         with fake_tensor_errors_unlogged():  # a failure is the note below, not torch's traceback on stderr
             return _compile_signature(frontend, args, kwargs, config, dynamic, like, trace)
+    except DataDependentError as error:  # a size read into Python (HF DeBERTa's relative positions) is data to a
+        failed: Exception = error  # capture with symbolic sizes, a constant to one of these shapes: tried so
     except (CaptureError, InputError, VerificationError, ModelChangedError):
         raise  # the model, the inputs or a pass is wrong, or the weights were written: fixed shapes would not help
     except Exception as error:  # noqa: BLE001 -- anything else symbolic sizes broke: compile these shapes
+        failed = error
+    try:
         with fake_tensor_errors_unlogged():  # (as above: a failure raises, without torch's traceback on stderr)
             compiled = _compile_signature(frontend, args, kwargs, _calibrated_apart(config), False, like, trace)
-        line = _SOURCE_PLACE.sub("", (str(error).strip().splitlines() or [""])[0])[:300]
-        compiled.notes.append(f"captured for these input shapes only: the compile with symbolic sizes failed "
-                              f"({type(error).__name__}: {line})")
-        return compiled
+    except DataDependentError:
+        if isinstance(failed, DataDependentError):
+            raise failed from failed.__cause__  # data the model reads at these shapes too: the capture's own error
+        raise
+    line = _SOURCE_PLACE.sub("", (str(failed).strip().splitlines() or [""])[0])[:300]
+    compiled.notes.append(f"captured for these input shapes only: the compile with symbolic sizes failed "
+                          f"({type(failed).__name__}: {line})")
+    return compiled
 
 
 def _dump_dir(config: OptimizeConfig, signature: Signature, dynamic: bool | str, like: Compiled | None) -> Path | None:

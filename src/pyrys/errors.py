@@ -9,6 +9,11 @@ class CaptureError(ValueError):
     """The model's code cannot become one graph (it branches on tensor data, say)."""
 
 
+class DataDependentError(CaptureError):
+    """``forward`` reads tensor data into Python (a branch, ``.item()``) or makes a shape from it: where the
+    data is a size, a capture with symbolic sizes meets it and one of fixed sizes does not."""
+
+
 class DeviceError(ValueError):
     """The model's parameters or buffers are not real CPU tensors (on ``meta``, or on a GPU)."""
 

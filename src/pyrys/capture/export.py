@@ -38,7 +38,7 @@ from pyrys.capture.captured import Captured, input_writes_note
 from pyrys.capture.dynamic_shapes import (SIZE_ONE_FIXED, VaryingDims, keeps_size_one_fixed, symbolic_dims,
                                          symbolic_example)
 from pyrys.capture.training_ir import as_inference_graph
-from pyrys.errors import CaptureError
+from pyrys.errors import CaptureError, DataDependentError
 from pyrys.ir.graph import STATE_KEY, StateRef, add_constant, add_placeholder, copy_graph, identifier, insert_call
 from pyrys.ir.symbolic import input_dims, set_fake_mode, set_ranges, sizes_kept_symbolic
 
@@ -116,7 +116,7 @@ def export_module(model: torch.nn.Module, args: tuple, kwargs: dict | None = Non
         except (UserError, GuardOnDataDependentSymNode, DataDependentOutputException) as error:
             if isinstance(error, UserError) and error.error_type != UserErrorType.DYNAMIC_CONTROL_FLOW:
                 raise
-            raise CaptureError(_data_dependent_message(model, error)) from error
+            raise DataDependentError(_data_dependent_message(model, error)) from error
         except (RuntimeError, ValueError) as error:
             unknown = _UNKNOWN_TYPE.search(str(error))
             if unknown is None:
@@ -335,7 +335,7 @@ def _refuse_data_dependent_shapes(graph_module: fx.GraphModule, owner: str) -> N
             what = ("reads a tensor's value into a Python number"
                     if node.target in (aten.item.default, aten._local_scalar_dense.default)
                     else "makes a tensor whose shape depends on its data")
-            raise CaptureError(
+            raise DataDependentError(
                 f"pyrys: {owner}.forward {what} at {node.name}{where} (`.item()`, `float(t)`; boolean-mask "
                 f"indexing, nonzero, unique): pyrys compiles tensors of known shapes. {DATA_DEPENDENT_ADVICE}")
 
