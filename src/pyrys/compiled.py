@@ -62,14 +62,17 @@ _SOURCE_PLACE = re.compile(r"^\S+\.(?:cpp|h|cc):\d+: ")  # where in torch's C++ 
 @forgetting_dead_sources
 @autocast_off
 def compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: OptimizeConfig,
-                      dynamic: bool | str = False, like: Compiled | None = None, trace: NumericsTrace | None = None) -> Compiled:
+                      dynamic: bool | str = False, like: Compiled | None = None, trace: NumericsTrace | None = None,
+                      apart_on_data: bool = True) -> Compiled:
     """Capture the model on these inputs (``dynamic``: for every shape, where it can; ``SIZE_ONE_FIXED``: every
     shape with these inputs' size-1 dims), run the pipeline,
     and build the backend's program for these inputs' shapes.  ``like``: a signature compiled before,
     whose equal constants this one shares (:func:`share_constants`) and whose backend decisions and
     packed weights it reuses.  Where the symbolic compile fails (a pass or a lowering meeting a symbolic
     size it cannot take), these shapes are compiled as they are, with a note giving the error.  ``trace``:
-    measure every pass and the program against eager on these inputs (:mod:`pyrys.numerics.trace`)."""
+    measure every pass and the program against eager on these inputs (:mod:`pyrys.numerics.trace`).
+    ``apart_on_data``: a symbolic capture meeting tensor data (:class:`DataDependentError`) tries these shapes
+    alone (else it raises: inputs nobody called, widened for the capture, are not worth a compile of their own)."""
     if not dynamic:
         with fake_tensor_errors_unlogged():  # a failure raises CaptureError, with torch's error as its cause
             return _compile_signature(frontend, args, kwargs, config, False, like, trace)
@@ -77,7 +80,9 @@ def compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: Opt
         with fake_tensor_errors_unlogged():  # a failure is the note below, not torch's traceback on stderr
             return _compile_signature(frontend, args, kwargs, config, dynamic, like, trace)
     except DataDependentError as error:  # a size read into Python (HF DeBERTa's relative positions) is data to a
-        failed: Exception = error  # capture with symbolic sizes, a constant to one of these shapes: tried so
+        if not apart_on_data:  # capture with symbolic sizes, a constant to one of these shapes: tried so
+            raise
+        failed: Exception = error
     except (CaptureError, InputError, VerificationError, ModelChangedError):
         raise  # the model, the inputs or a pass is wrong, or the weights were written: fixed shapes would not help
     except Exception as error:  # noqa: BLE001 -- anything else symbolic sizes broke: compile these shapes

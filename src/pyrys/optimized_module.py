@@ -322,7 +322,7 @@ class OptimizedModule(torch.nn.Module):
             return compile_signature(self._frontend, args, kwargs, self._config, dynamic=True, like=self._first)
         try:
             compiled = compile_signature(self._frontend, widened_args, widened_kwargs, self._config, dynamic=True,
-                                         like=self._first)
+                                         like=self._first, apart_on_data=False)
         except (CaptureError, InputError):
             compiled = None
         if compiled is None or compiled.generic is None:
