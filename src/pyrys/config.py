@@ -12,6 +12,7 @@ import torch
 
 from pyrys.backends.options import LAYOUTS
 from pyrys.numerics.budget import AUTO, GUARD_SAMPLES, budget_for, check_budget
+from pyrys.output_paths import unwritable_folder
 from pyrys.passes.freeze import ALL
 from pyrys.passes.precision import PRECISIONS
 from pyrys.quantization.calibration import Calibration, calibration_samples, copied_sample
@@ -66,10 +67,8 @@ def _check_dump_dir(dump_dir: Any) -> None:
         return
     if not isinstance(dump_dir, (str, os.PathLike)):
         raise ValueError(f"pyrys.optimize: dump_dir must be a path (str or pathlib.Path) or None, got {dump_dir!r}")
-    try:
-        Path(dump_dir).mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ValueError(f"pyrys.optimize: cannot make dump_dir {str(dump_dir)!r}: {error.strerror or error}") from None
+    if os.fspath(dump_dir) and (problem := unwritable_folder(dump_dir)):  # ("": no dumps, as None)
+        raise ValueError(f"pyrys.optimize: cannot make dump_dir {str(dump_dir)!r}: {problem}")
 
 
 def make_config(*, backend: str = "auto", freeze_params: Iterable[str] | None = ALL,

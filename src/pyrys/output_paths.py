@@ -24,7 +24,7 @@ def unwritable_folder(name: str | os.PathLike) -> str:
         return "it is empty"
     path = Path(name)
     if path.exists() and not path.is_dir():
-        return "it is a file; it names the folder the results go to"
+        return "it is a file, not a folder"
     return _unwritable_folder(path, make=True)
 
 
