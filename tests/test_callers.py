@@ -277,6 +277,31 @@ def test_outputs_eager_keeps_apart_stay_apart(backend, precision, dynamic, tmp_p
                 assert pyrys.relative_error(outputs[i], expected[i]) <= 1e-2, i
 
 
+class CopiesOfTheInput(nn.Module):
+    """Copies of views of the input (a backend lowers a clone of a value in its layout as a view), and a copy
+    of a slice viewed flat (legal on the copy alone)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(32, 32)
+
+    def forward(self, x):
+        return x.view(-1).clone(), x[:, 0].clone(), self.linear(x), x.flatten().clone(), x[:, 0].clone().view(-1)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_copies_of_the_input_are_the_callers_own(backend, precision, batch):
+    """A helper's fuzz: ``x.view(-1).clone()`` came back as the caller's ``x`` (a write to it wrote ``x``), and
+    ``x[:, 0].clone().view(-1)`` raised torch's "Cannot view" (the clone was dropped as changing nothing)."""
+    torch.manual_seed(0)
+    model, x = CopiesOfTheInput().eval(), torch.randn(batch, 3, 32)
+    outputs, expected = pyrys.optimize(model, (x,), backend=backend, precision=precision)(x), model(x)
+    assert all(pyrys.relative_error(a, b) <= 3e-2 for a, b in zip(outputs, expected))
+    for i in (0, 1, 3, 4):
+        assert not _shares_memory(outputs[i], x), i
+
+
 # --- the user's model ----------------------------------------------------------------------------
 
 def _bits(state: dict) -> dict:

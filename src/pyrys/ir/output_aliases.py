@@ -10,7 +10,8 @@ torch schema returns an alias of an input (views, ``detach``, a split's parts). 
 ``to`` of another dtype: copies); after the passes, through those and through clones too (the dnnl
 backend lowers a clone as a view of a value already in its layout). Two outputs with one root after
 the passes but two roots in the graph captured are copied apart at call time (:func:`outputs_to_copy`:
-the later positions of each group).
+the later positions of each group), as is an output whose root after the passes is a graph input where it
+was not one in the graph captured.
 """
 from __future__ import annotations
 
@@ -36,15 +37,20 @@ def output_roots(gm: fx.GraphModule, as_backends_run: bool) -> list[object | Non
 
 def outputs_to_copy(captured_roots: list, final_roots: list) -> tuple[int, ...]:
     """The positions to copy at each call: those sharing a root after the passes with an earlier position
-    whose root in the captured graph was another."""
+    whose root in the captured graph was another, and those whose root after the passes is a graph input where
+    eager's was not (``x.view(-1).clone()``: the caller's tensor, where eager returns a copy)."""
     copies, first_at = [], {}
     for position, (captured, final) in enumerate(zip(captured_roots, final_roots)):
         if final is None:
             continue
         earlier = first_at.setdefault(final, position)
-        if earlier != position and captured_roots[earlier] != captured:
+        if earlier != position and captured_roots[earlier] != captured or _is_input(final) and not _is_input(captured):
             copies.append(position)
     return tuple(copies)
+
+
+def _is_input(root: object) -> bool:
+    return isinstance(root, fx.Node) and root.op == "placeholder"
 
 
 def copied_apart(outputs: list, positions: tuple[int, ...]) -> list:

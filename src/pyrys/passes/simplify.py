@@ -73,8 +73,9 @@ def _layout_kept(x: torch.Tensor, memory_format) -> bool:
     """True if copying ``x`` into ``memory_format`` gives the same strides it has."""
     if isinstance(memory_format, int):
         memory_format = MEMORY_FORMATS[memory_format]
-    if memory_format in (None, torch.preserve_format):
-        return True
+    if memory_format in (None, torch.preserve_format):  # strides kept where dense; where not (a slice, x[:, 0]) the
+        return known_contiguous(x)  # copy is contiguous, and a view after it may need that (taken as not kept
+        # where unknown: a copy too many)
     if memory_format == torch.contiguous_format:
         return known_contiguous(x)  # no guard: attention's (B, L, H, D) output, transposed, is contiguous for any B
     return x.is_contiguous(memory_format=memory_format)
