@@ -22,7 +22,7 @@ from pyrys.numerics.trace import NumericsTrace
 from pyrys.machine import give_back_freed_memory
 from pyrys.passes.specialize import ShapeMismatch
 from pyrys.shape_cache import ShapeCache
-from pyrys.size_one import excluded_size_one_inputs, other_sizes_held, size_one_dims
+from pyrys.size_one import SizeOneInputs, excluded_size_one_inputs, other_sizes_held, size_one_dims
 from pyrys.capture.dynamic_shapes import SIZE_ONE_FIXED, VaryingDims, symbolic_example, widened_like
 from pyrys.ir.graph import user_inputs
 from pyrys.ir.output_aliases import copied_apart
@@ -97,11 +97,11 @@ class OptimizedModule(torch.nn.Module):
         self._other_templates: list[Compiled] = list(other_templates or [])
         self._sizes_seen: dict[tuple[int, int], set[int]] = {}  # fixed dims (input position, dim) other sizes came
         # in, and the sizes each came at (the graph's included)
-        self._size_one_inputs: list[tuple[tuple, dict]] = []  # inputs to capture them from, before a save
+        self._size_one_inputs: list[SizeOneInputs] = []  # inputs to capture them from, before a save
         self._told_of_mode = False  # train() warned once
         self._unmeasured_noted = False  # int8 at a size outside its calibration samples': noted once
         self._notes_added = 0  # by _note, to opt.notes
-        self._size_one_refused: list[tuple[tuple, dict]] = []  # of those, the ones the model refused (noted once)
+        self._size_one_refused: list[SizeOneInputs] = []  # of those, the ones the model refused (noted once)
         self._generic_tried = self._generic is not None or config.dynamic is not None or not frontend.symbolic
         kept = {c.signature for c in compiled} if frontend.fixed_shapes else set()  # loaded: nothing to capture from
         self._shapes = ShapeCache(config.max_shapes, self._first.signature, {c.signature: c for c in compiled}, kept)
@@ -397,7 +397,7 @@ class OptimizedModule(torch.nn.Module):
         with COMPILING:
             pending, index = self._size_one_inputs, 0
             while index < len(pending):  # a size-1 capture may exclude a size 1 of another dim: batch 1, length 1
-                args, kwargs = pending[index]
+                args, kwargs, alone = pending[index]
                 index += 1
                 signature, flat = signature_of(args, kwargs)
                 template = next((t for t in self._other_templates if _holds(t, flat)), None)
@@ -416,6 +416,10 @@ class OptimizedModule(torch.nn.Module):
                             pending.pop(index)
                             continue
                     except Exception as error:  # noqa: BLE001 -- the model refuses these inputs: the save goes on
+                        if alone and not isinstance(error, ModelChangedError):  # a mix the model need not take:
+                            index -= 1  # the inputs with their other batches narrowed too come next
+                            self._size_one_refused.append(pending.pop(index))
+                            continue
                         line = (str(error).strip().splitlines() or [""])[0][:200]
                         said = (f"inputs ({signature.describe()}) of a size 1 the graph for every shape excludes "
                                 f"could not be captured before saving ({type(error).__name__}: {line}); a module "
@@ -618,9 +622,9 @@ def _contiguous(value: Any) -> Any:
     return value.contiguous() if isinstance(value, torch.Tensor) else value
 
 
-def _same(a: tuple[tuple, dict], b: tuple[tuple, dict]) -> bool:
+def _same(a: SizeOneInputs, b: SizeOneInputs) -> bool:
     """Whether two calls' inputs have one signature (shapes, dtypes)."""
-    return signature_of(*a)[0] == signature_of(*b)[0]
+    return signature_of(a.args, a.kwargs)[0] == signature_of(b.args, b.kwargs)[0]
 
 
 def _holds(template: Compiled, flat: list) -> bool:

@@ -16,6 +16,8 @@ batch-4 samples, a capture at batch 2), on their rows regrouped into samples of 
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import sympy
 import torch
 import torch.fx as fx
@@ -26,11 +28,21 @@ from pyrys.ir.symbolic import FAKE_MODE_KEY, bind_symbols, hint, is_symbolic, ra
 from pyrys.signature import signature_of
 
 
-def excluded_size_one_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list[tuple[tuple, dict]]:
+class SizeOneInputs(NamedTuple):
+    """Inputs to capture a size of 1 from, and whether they narrow one symbol's dims ``alone`` where other
+    inputs share their size (a text batch of one beside two images): a mix the model may refuse (ids and a
+    mask of two batches), in which case the inputs with both narrowed, which come next, are captured instead."""
+    args: tuple
+    kwargs: dict
+    alone: bool
+
+
+def excluded_size_one_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list[SizeOneInputs]:
     """For each symbol of ``gm``'s inputs whose value 1 its ranges or guards exclude (the other dims as in
-    ``args``, ``kwargs``), those inputs with that symbol's dims narrowed to 1, and with them every other
-    input dim at the same place of the same size (ids and a mask may have a symbol each for one batch: a
-    model given one narrowed and not the other fails), copied contiguous (a narrowed view's strides would
+    ``args``, ``kwargs``), those inputs with that symbol's dims narrowed to 1 (where other inputs' batches
+    vary apart: a text batch of 3 with one image), and with them every other input dim at the same place of
+    the same size (ids and a mask may have a symbol each for one batch: a model given one narrowed and not
+    the other fails), each where ``gm`` refuses it, copied contiguous (a narrowed view's strides would
     become symbols of their own in the capture; a view would keep the caller's whole tensor)."""
     signature, flat = signature_of(args, kwargs)
     dims = _symbol_dims(gm, flat)
@@ -41,19 +53,21 @@ def excluded_size_one_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> l
             continue  # empty: no row to narrow to
         group = sorted({(i, d) for places in dims.values() for i, d in places
                         if d == where[0][1] and flat[i].shape[d] == size} | set(where))
-        narrowed = list(flat)  # (of size 1 already: these inputs, where a graph captured from others excludes them)
-        for i, d in group:
-            narrowed[i] = narrowed[i].narrow(d, 0, 1)
-        shapes = tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in narrowed)
-        if shapes in seen:
-            continue
-        seen.add(shapes)
-        shapes = [torch.empty(t.shape, dtype=t.dtype, device="meta") if isinstance(t, torch.Tensor) else t
-                  for t in narrowed]
-        if bind_symbols(gm, shapes)[1] is not None:
-            narrowed = [t.clone(memory_format=torch.contiguous_format) if isinstance(t, torch.Tensor) else t
-                        for t in narrowed]  # copies: kept until a save, they must not hold the caller's tensors
-            examples.append(tree_unflatten(narrowed, signature.in_spec))
+        for places in dict.fromkeys((tuple(sorted(where)), tuple(group))):
+            narrowed = list(flat)  # (of size 1 already: these inputs, where a graph captured from others excludes them)
+            for i, d in places:
+                narrowed[i] = narrowed[i].narrow(d, 0, 1)
+            shapes = tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in narrowed)
+            if shapes in seen:
+                continue
+            seen.add(shapes)
+            shapes = [torch.empty(t.shape, dtype=t.dtype, device="meta") if isinstance(t, torch.Tensor) else t
+                      for t in narrowed]
+            if bind_symbols(gm, shapes)[1] is not None:
+                narrowed = [t.clone(memory_format=torch.contiguous_format) if isinstance(t, torch.Tensor) else t
+                            for t in narrowed]  # copies: kept until a save, they must not hold the caller's tensors
+                examples.append(SizeOneInputs(*tree_unflatten(narrowed, signature.in_spec),
+                                              alone=len(places) < len(group)))
     return examples
 
 
