@@ -129,3 +129,21 @@ def test_a_value_the_fake_mode_tracks_is_never_taken_from_the_memo(monkeypatch):
     for memo in (False, True, True):
         fresh = meta.fresh_meta(gm, memo=memo)
         assert [fresh[v] for v in values] == [7.0, 11.0]
+
+
+@pytest.mark.parametrize("mode, shape", [("nearest", (0, 2, 3, 3)), ("nearest", (0, 2, 5)), ("nearest", (0, 2, 2, 3, 3)),
+                                         ("bilinear", (0, 2, 3, 3)), ("nearest-exact", (0, 2, 3, 3))])
+def test_an_op_whose_fake_kernel_fails_on_an_empty_tensor_runs_on_a_real_one(mode, shape):
+    """torch's meta of ``upsample_nearest2d`` checks ``numel() != 0 or <an int>``: a batch of 0, which eager
+    interpolates, raised ``TypeError: cond must be a bool`` from ``optimize`` and from a call (a helper's
+    find). The op runs on real empty tensors there, which costs nothing."""
+    import pyrys
+
+    class Resize(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.interpolate(x, size=(6,) * (len(shape) - 2), mode=mode)
+
+    model, empty = Resize().eval(), torch.randn(shape)
+    for opt in (pyrys.optimize(model, (torch.randn(1, *shape[1:]),)), pyrys.optimize(model, (empty,))):
+        assert opt(empty).shape == model(empty).shape
+        assert pyrys.relative_error(opt(torch.ones(2, *shape[1:])), model(torch.ones(2, *shape[1:]))) <= 1e-6

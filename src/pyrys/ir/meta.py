@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch._decomp import decomposition_table
 from torch._decomp.decompositions import upsample_compute_output_size
 from torch._prims_common import suggest_memory_format
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 from torch.fx.node import map_aggregate
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
@@ -128,7 +128,10 @@ class _Fresh(FakeTensorProp):
         if remembered is not None:
             return remembered
         args, kwargs = _in_mode(args, self._mode), _in_mode(kwargs, self._mode)
-        result = super().call_function(_op_for(target, self._mode), args, kwargs)
+        try:
+            result = super().call_function(_op_for(target, self._mode), args, kwargs)
+        except (TypeError, RuntimeError) as error:
+            result = _on_empty_tensors(target, args, kwargs, self._mode, error)
         _remember(key, result)
         return result
 
@@ -158,6 +161,30 @@ class _Fresh(FakeTensorProp):
         else:
             n.meta["val"] = recorded
         return result
+
+
+def _on_empty_tensors(target: Any, args: tuple, kwargs: dict, mode: FakeTensorMode, error: Exception) -> Any:
+    """``target``'s value where its fake kernel failed (``error``, raised again otherwise) on a tensor with
+    no elements and concrete sizes: the op run on real empty tensors of those shapes, which costs nothing
+    (torch's meta of ``upsample_nearest2d`` checks ``numel() != 0 or <an int>`` and raises TypeError on a
+    batch of 0, which eager runs)."""
+    fakes: list[torch.Tensor] = []
+    map_aggregate((args, kwargs), lambda v: fakes.append(v) if isinstance(v, torch.Tensor) else None)
+    concrete = all(isinstance(d, int) for t in fakes for d in (*t.shape, *t.stride()))
+    if not concrete or not any(t.numel() == 0 for t in fakes) or not isinstance(target, torch._ops.OpOverload):
+        raise error
+
+    def real(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="cpu")
+        return value
+
+    with unset_fake_temporarily():
+        try:
+            result = target(*map_aggregate(args, real), **map_aggregate(kwargs, real))
+        except Exception:  # noqa: BLE001 -- eager refuses it too: the fake kernel's error is the one to see
+            raise error from None
+    return map_aggregate(result, lambda v: _fake_like(mode, v) if isinstance(v, torch.Tensor) else v)
 
 
 def _repair_view(node: fx.Node, error: Exception) -> bool:
@@ -296,7 +323,10 @@ def _infer(node: fx.Node, mode: FakeTensorMode) -> Any:
 
     args, kwargs = fx.map_arg(node.args, fake), fx.map_arg(node.kwargs, fake)
     with mode, propagating(mode):
-        result = _op_for(node.target, mode)(*args, **kwargs)
+        try:
+            result = _op_for(node.target, mode)(*args, **kwargs)
+        except (TypeError, RuntimeError) as error:
+            result = _on_empty_tensors(node.target, args, kwargs, mode, error)
     return map_aggregate(result, lambda v: v.detach() if isinstance(v, torch.Tensor) else v)
 
 
