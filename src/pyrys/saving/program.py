@@ -33,9 +33,10 @@ from pyrys.calling_context import autocast_off
 from pyrys.errors import LoadError, SaveError
 from pyrys.saving.other_cpu import MISSING_KERNELS, missing_kernels_note, refreshed_notes, warn_of_missing_kernels
 from pyrys.ir.generated_source import forgetting_dead_sources
-from pyrys.ir.graph import tensor_bytes
+from pyrys.ir.graph import tensor_bytes, user_inputs
 from pyrys.ir.meta import refresh_meta
 from pyrys.ir.output_aliases import output_roots
+from pyrys.ir.printer import format_tensor_type
 from pyrys.ir.quiet_fake import fake_tensor_errors_unlogged
 from pyrys.ir.released import values_of
 from pyrys.ir.symbolic import describe_dims
@@ -52,7 +53,7 @@ from pyrys.saving.directory import parse_files, read_directory, write_directory
 from pyrys.saving.graph_json import _DTYPES, decode_arg, decode_graph, encode_arg, encode_graph
 from pyrys.saving.symbolic import decode_symbolic, encode_symbolic
 from pyrys.saving.tree_spec import decode_parameters, decode_spec, encode_parameters, encode_spec
-from pyrys.signature import Signature
+from pyrys.signature import Signature, is_tensor_leaf
 
 
 def save(opt: OptimizedModule, path: str | os.PathLike) -> Path:
@@ -367,6 +368,7 @@ def _decode_compiled(record: dict, tensors: dict, config: OptimizeConfig, same_c
     signature = Signature(in_spec, tuple(_decode_leaf(leaf) for leaf in record["leaves"]))
     gm = decode_graph(record["graph"], tensors)
     refresh_meta(gm)
+    _check_inputs(gm, signature)
     captured = Captured(gm, in_spec, decode_spec(record["out_spec"], made), record["class_name"],
                         _texts(record["capture_notes"], "capture_notes"),
                         tuple(record.get("input_writes", ())), tuple(record.get("state_writes", ())),
@@ -376,7 +378,8 @@ def _decode_compiled(record: dict, tensors: dict, config: OptimizeConfig, same_c
     compile_program, backend, notice = get_backend("auto" if record["backend"] == "dnnl" else record["backend"])
     notes = _texts(record["notes"], "notes")
     notes += [f"the class {name} is not imported here: it comes back as a namedtuple of that name and fields "
-              "made at load (a namedtuple), or as a dict of its keys (a pytree class such as a ModelOutput)"
+              "made at load (a namedtuple), or as a dict of its keys (a pytree class such as a ModelOutput or a dataclass; "
+              "a tuple where its keys are not known)"
               for name in dict.fromkeys(made)]
     if backend != record["backend"]:
         notes.append(f"saved for the {record['backend']} backend, running on {backend}: {notice}")
@@ -404,6 +407,17 @@ def _decode_compiled(record: dict, tensors: dict, config: OptimizeConfig, same_c
         saved_on = "/".join(manifest["isa"]) or "other instructions"
         notes = refreshed_notes(notes, missing_kernels_note(program.describe(), saved_on))
     return Compiled(signature, captured, PipelineRun(history), program, backend, captured.notes + notes)
+
+
+def _check_inputs(gm: fx.GraphModule, signature: Signature) -> None:
+    """:class:`LoadError` unless each of the graph's inputs has its signature's shape and dtype (a program whose
+    ``val`` was edited, its digest made to match, returned one row of three, silently)."""
+    for node, leaf in zip(user_inputs(gm.graph), signature.leaves):
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and (not is_tensor_leaf(leaf) or (tuple(val.shape), val.dtype) != leaf):
+            raise LoadError(f"pyrys.load: the saved program's input {node.name} is "
+                            f"{format_tensor_type(val.shape, val.dtype)} where its signature says "
+                            f"{signature.describe()}")
 
 
 def _with_policy(program: Any, policy: str) -> Any:

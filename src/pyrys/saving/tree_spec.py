@@ -12,8 +12,8 @@
 registered with torch's pytree (a HuggingFace ``ModelOutput``) whose context is JSON.  A namedtuple
 comes back as its own class when its module is already imported and the class has the same
 fields; otherwise as a class of that name and those fields made at load.  A registered class comes
-back as itself when its module is already imported, else as a dict of its keys (a tuple where the
-context is not a list of keys).  :func:`decode_spec` reports each class it could not find.  Nothing
+back as itself when its module is already imported, else as a dict of its keys (those a ModelOutput's
+or a dataclass's context names; a tuple where it names none).  :func:`decode_spec` reports each class it could not find.  Nothing
 is imported and nothing is unpickled.
 
 ``forward``'s parameters (which let a call pass by keyword what the example passed by position, or the
@@ -92,10 +92,23 @@ def decode_spec(record: Any, made: list[str]) -> TreeSpec:
         if cls is not None and cls in SUPPORTED_NODES:
             return TreeSpec(cls, context, children)
         made.append(f"{payload['module']}.{payload['name']}")
-        if isinstance(context, (list, tuple)) and len(context) == len(children) and all(isinstance(k, str) for k in context):
-            return TreeSpec(dict, list(context), children)
-        return TreeSpec(tuple, None, children)
+        keys = _keys(context, len(children))
+        return TreeSpec(dict, keys, children) if keys is not None else TreeSpec(tuple, None, children)
     raise ValueError(f"unknown container {kind!r}")
+
+
+def _keys(context: Any, count: int) -> list[str] | None:
+    """The names of a registered class's ``count`` children from its context: a list of them (a ModelOutput's),
+    or first in a pair of lists (``torch.utils._pytree.register_dataclass``'s: field names, then the fields
+    that are no children); None where it holds no such names."""
+    def names(value: Any) -> bool:
+        return isinstance(value, (list, tuple)) and len(value) == count and all(isinstance(k, str) for k in value)
+
+    if names(context):
+        return list(context)
+    if isinstance(context, (list, tuple)) and len(context) == 2 and names(context[0]):
+        return list(context[0])
+    return None
 
 
 def _namedtuple_class(payload: dict, made: list[str]) -> type:
