@@ -574,9 +574,21 @@ class OptimizedModule(torch.nn.Module):
 
     @property
     def input_types(self) -> list:
-        """Per flat input (positional, then keyword) of the first compiled signature: ``(shape, dtype)`` for
-        a tensor, the value itself for an input it was specialized to."""
-        return list(self._first.signature.leaves)
+        """Per flat input of the first compiled signature, in the order a call passing them all by position
+        takes them (the positional ones, then the keyword ones in ``forward``'s order: an example
+        ``{"mask": m, "ids": i}`` for ``forward(ids, mask)`` gives ids first, as ``opt(i, m)`` reads them;
+        ``pyrys serve`` and the Ray Predictor decode inputs so): ``(shape, dtype)`` for a tensor, the value itself
+        for an input it was specialized to."""
+        signature, parameters = self._first.signature, self._frontend.parameters
+        positional, keywords = signature.in_spec.child(0), signature.in_spec.child(1)
+        leaves = list(signature.leaves)
+        groups, start = [], positional.num_leaves
+        for name, child in zip(keywords.context, keywords.children_specs):
+            groups.append((name, leaves[start:start + child.num_leaves]))
+            start += child.num_leaves
+        order = list(parameters.parameters) if parameters is not None else []
+        groups.sort(key=lambda group: order.index(group[0]) if group[0] in order else len(order))
+        return leaves[:positional.num_leaves] + [leaf for _, group in groups for leaf in group]
 
     @property
     def specializes_shapes(self) -> bool:

@@ -2,6 +2,7 @@
 request gets its own error, a program saved for fixed shapes is never batched past what it holds."""
 from __future__ import annotations
 
+import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -291,3 +292,32 @@ def test_an_output_whose_rows_only_matched_by_chance_answers_each_request():
     requests = [(torch.ones(1, 3),), (torch.ones(3, 3) * 2,)]
     results = batcher.run(requests)
     assert not batcher.batches and [tuple(out.shape) for out, _ in results] == [(4, 3), (4, 3)]
+
+
+def test_inputs_given_by_keyword_in_another_order_are_decoded_in_forward_s(tmp_path):
+    """An example ``{"mask": m, "ids": i}`` for ``forward(ids, mask)``: ``input_types`` came in the example's
+    order while ``pyrys serve`` and the Predictor pass inputs by position, as ``opt(ids, mask)`` takes them, so a
+    JSON request's ids were read as floats and the Predictor's empty batch got the wrong dtypes (a helper's find)."""
+    from pyrys.ray.codec import decode
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(50, 4)
+
+        def forward(self, ids, mask):
+            return self.embed(ids).sum(-1) * mask
+
+    model = Tokens().eval()
+    ids, mask = torch.randint(0, 50, (2, 5)), torch.rand(2, 5)
+    path = pyrys.save(pyrys.optimize(model, (), {"mask": mask, "ids": ids}, dynamic=True), tmp_path / "tokens")
+    loaded = pyrys.load(path)
+    assert [dtype for _, dtype in loaded.input_types] == [torch.int64, torch.float32]
+    request = decode(json.dumps({"inputs": [ids.tolist(), mask.tolist()]}).encode(),
+                     [dtype for _, dtype in loaded.input_types])
+    assert torch.equal(loaded(*request.inputs), loaded(ids, mask))
+    predictor = Predictor(path, column=["ids", "mask"], output_column="out")
+    assert predictor({"ids": np.empty(0, dtype=object), "mask": np.empty(0, dtype=object)})["out"].shape[0] == 0
+    got = predictor({"ids": ids.numpy(), "mask": mask.numpy()})["out"]
+    with torch.no_grad():
+        assert pyrys.relative_error(torch.from_numpy(got), model(ids, mask)) <= TOLERANCE
