@@ -90,6 +90,17 @@ def without_autocast() -> contextlib.AbstractContextManager:
     return torch.autocast("cpu", enabled=False)
 
 
+def rng_kept(function):
+    """``function`` run with torch's CPU random generator put back as it was after it (a compile runs the
+    program and the model to measure them: a model's own random ops, ``randn_like`` noise, drew from it, and a
+    seeded first call drew other numbers than eager's)."""
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        with torch.random.fork_rng(devices=[]):
+            return function(*args, **kwargs)
+    return run
+
+
 def autocast_off(function):
     """``function`` run with ``torch.autocast`` off for the CPU (a compile: see the module docstring)."""
     @functools.wraps(function)

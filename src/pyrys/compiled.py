@@ -15,7 +15,7 @@ import torch
 
 from pyrys.backends import Program, get_backend, release_constants
 from pyrys.backends.options import BackendOptions
-from pyrys.calling_context import autocast_off, callers_level
+from pyrys.calling_context import autocast_off, callers_level, rng_kept
 from pyrys.capture.captured import Captured
 from pyrys.errors import CaptureError, DataDependentError, ModelChangedError
 from pyrys.ir.output_aliases import output_roots, outputs_to_copy
@@ -61,6 +61,7 @@ _SOURCE_PLACE = re.compile(r"^\S+\.(?:cpp|h|cc):\d+: ")  # where in torch's C++ 
 
 @forgetting_dead_sources
 @autocast_off
+@rng_kept
 def compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: OptimizeConfig,
                       dynamic: bool | str = False, like: Compiled | None = None, trace: NumericsTrace | None = None,
                       apart_on_data: bool = True) -> Compiled:
@@ -210,6 +211,7 @@ def _measure_program(trace: NumericsTrace, compiled: Compiled, flat: list, confi
 
 @forgetting_dead_sources
 @autocast_off
+@rng_kept
 def build_for_shape(template: Compiled, signature: Signature, flat: list, config: OptimizeConfig,
                     like: Program | None = None) -> Compiled:
     """The program for ``signature`` from ``template``'s optimized graph (specialized to these shapes when
