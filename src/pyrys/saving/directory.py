@@ -9,7 +9,7 @@
 ``write_directory`` writes into a fresh sibling directory and renames it into place, so an
 interrupted save leaves no half-written ``path``; an existing ``path`` is replaced only if
 it is a pyrys save.  The sibling's name holds the host and process that write it
-(``.NAME.saving@HOST@PID-XXXX``; a host name holds no ``@``), so the next save to ``path`` removes
+(``.NAME.saving@HOST@PID-XXXX``, a long NAME cut; a host name holds no ``@``), so the next save to ``path`` removes
 what a save killed on this host left, once it is ``STALE_AFTER_S`` old.  ``read_directory`` checks the format, its version and every file's
 SHA-256 before anything is parsed, so a truncated or edited save is refused by name.
 """
@@ -131,8 +131,19 @@ def _replace(staging: Path, path: Path) -> None:
 STALE_AFTER_S = 600  # a sibling this old whose process is gone is what a killed save left
 
 
+NAME_MAX = 255  # bytes of a file name on Linux and macOS file systems
+
+
 def _sibling_base(path: Path, kind: str) -> str:
-    return f".{path.name}.{kind}@{socket.gethostname()}@"
+    """``.NAME.KIND@HOST@``, with a NAME too long to leave room for the pid and ``mkdtemp``'s 8 letters (a
+    229-byte save name failed with 'File name too long') cut and given a digest of the whole."""
+    host = socket.gethostname()
+    room = NAME_MAX - len(f"..{kind}@{host}@".encode()) - len("4294967295-") - 8
+    name = path.name
+    if len(name.encode()) > room:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+        name = name.encode()[:max(room - 17, 0)].decode(errors="ignore") + "~" + digest
+    return f".{name}.{kind}@{host}@"
 
 
 def _sibling_prefix(path: Path, kind: str) -> str:
