@@ -70,7 +70,7 @@ class Predictor:
                     rows = [self.module(*(t[i:i + 1] for t in inputs)) for i in range(len(inputs[0]))]
                 except InputError:
                     raise error from None
-        return torch.utils._pytree.tree_map(lambda *parts: torch.cat(parts), *rows) if len(rows) > 1 else rows[0]
+        return torch.utils._pytree.tree_map(_joined_rows, *rows) if len(rows) > 1 else rows[0]
 
     def _output_names(self, named: list[tuple[str, Any]]) -> list[str]:
         if not isinstance(self.output_column, str):
@@ -115,3 +115,9 @@ def _column_value(leaf: torch.Tensor, batch: Any) -> Any:
 
 def _describe(leaf: Any) -> str:
     return f"shape {tuple(leaf.shape)}" if isinstance(leaf, torch.Tensor) else type(leaf).__name__
+
+
+def _joined_rows(*parts: Any) -> Any:
+    """One output's rows, called one by one, joined; an output that is no tensor is the first row's (refused
+    below as not per row, by name, as a batch's would be; ``torch.cat`` raised a TypeError)."""
+    return torch.cat(parts) if all(isinstance(part, torch.Tensor) for part in parts) else parts[0]
