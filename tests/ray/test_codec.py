@@ -62,6 +62,19 @@ def test_fortran_order_and_big_endian_arrays_arrive_as_the_same_values():
     assert tensor.dtype == torch.float32 and np.array_equal(tensor.numpy(), x.astype(np.float32))
 
 
+def test_a_complex_input_s_json_numbers_are_real_and_imaginary_pairs_and_other_refusals_say_what_is_wrong():
+    """Pairs decoded as an int64 tensor with one more dim; ``{"inputs": []}`` was refused naming its keys, which
+    were right (a helper's finds)."""
+    (z,) = decode(b"[[[1, 2], [3.5, -4]]]", [torch.complex64]).inputs
+    assert z.dtype == torch.complex64 and z.tolist() == [[1 + 2j, 3.5 - 4j]]
+    with pytest.raises(InputError, match="a \\[real, imaginary\\] pair, got a list of shape \\[1, 3\\]"):
+        decode(b"[[1, 2, 3]]", [torch.complex64])
+    for body, says in ((b'{"inputs": []}', "got an empty list"), (b'{"inputs": "x"}', "got a str there"),
+                       (b'{"input": [1]}', "got keys \\['input'\\]")):
+        with pytest.raises(InputError, match=says):
+            decode(body, [torch.float32])
+
+
 def test_json_numbers_take_the_inputs_dtypes():
     (x,) = decode(b"[[1, 2], [3, 4]]", [torch.float32]).inputs
     assert x.dtype == torch.float32 and x.tolist() == [[1, 2], [3, 4]]

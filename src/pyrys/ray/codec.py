@@ -6,7 +6,8 @@ A body is one of
 - ``.npz`` (``np.savez(f, x, mask)``, or ``savez_compressed``): its inputs, by position: the arrays
   must be named ``arr_0``, ``arr_1``, ... (what ``savez`` names positional arrays), since a name
   cannot say which positional input it is;
-- JSON: a nested list of numbers (one input) or ``{"inputs": [first, second, ...]}``.
+- JSON: a nested list of numbers (one input) or ``{"inputs": [first, second, ...]}``; a complex input's
+  numbers as ``[real, imaginary]`` pairs, as answers give them.
 
 JSON numbers take the dtype of the input they fill (``input_dtypes``); a value that dtype cannot
 hold exactly (``1.5`` for an integer input) is refused, and so is a float beyond its range (``1e40``
@@ -214,8 +215,10 @@ def _load_json(body: bytes, input_dtypes: Sequence[torch.dtype | None]) -> tuple
         raise InputError(f"pyrys serve: the JSON body cannot be read: {error}") from None
     if isinstance(value, dict):
         if set(value) != {"inputs"} or not isinstance(value["inputs"], list) or not value["inputs"]:
+            got = (f"keys {sorted(value)}" if set(value) != {"inputs"} else
+                   "an empty list" if value["inputs"] == [] else f"a {type(value['inputs']).__name__} there")
             raise InputError('pyrys serve: a JSON object body must be {"inputs": [first, second, ...]} (one nested '
-                             f"list per input), got keys {sorted(value)}")
+                             f"list per input), got {got}")
         values = value["inputs"]
     else:
         values = [value]
@@ -262,7 +265,13 @@ def _json_tensor(value: Any, dtype: torch.dtype | None, what: str) -> torch.Tens
         raise InputError(f"pyrys serve: {what} holds an integer too large for 64 bits")
     if array.dtype.kind not in "biuf":
         raise InputError(f"pyrys serve: {what} must be a rectangular nested list of numbers, got {array.dtype} values")
-    if dtype is None or dtype.is_complex:
+    if dtype is not None and dtype.is_complex:  # [real, imaginary] pairs, as answers give them
+        if array.ndim == 0 or array.shape[-1] != 2:
+            raise InputError(f"pyrys serve: {what} is {dtype} (the module's input): give each number as a "
+                             f"[real, imaginary] pair, got a list of shape {list(array.shape)}")
+        pairs = torch.from_numpy(array.astype(np.float64)).to(torch.float64 if dtype == torch.complex128 else torch.float32)
+        return torch.view_as_complex(pairs.contiguous()).to(dtype)
+    if dtype is None:
         return as_tensor(array, what)
     tensor = torch.from_numpy(array)
     cast = tensor.to(dtype)
