@@ -358,10 +358,14 @@ def test_another_capture_never_takes_a_scale_measured_on_another_value(backend):
     assert misses and all("was not calibrated" in m.reason for m in misses)  # float32, and it says so
 
 
-def test_torch_compile_says_int8_needs_optimize():
+@pytest.mark.parametrize("options, named", [({"precision": "int8"}, "precision='int8' is"),
+                                            ({"precision": "bf16", "calibration": []}, "precision='bf16' with calibration= is")])
+def test_torch_compile_says_int8_needs_optimize(options, named):
+    """bf16 with calibration= was refused as "precision='int8' and calibration=" (a helper's find)."""
     model, x = resnet_like(), images(1)[0]
-    compiled = torch.compile(model, backend="pyrys", options={"precision": "int8"})
-    with pytest.raises(Exception, match="precision='int8' and calibration= are not available through torch.compile"):
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="pyrys", options=options)
+    with pytest.raises(Exception, match=f"pyrys: {named} not available through torch.compile \\(neither"):
         compiled(x)
 
 

@@ -86,9 +86,13 @@ def pyrys_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None
         raise ValueError(f"pyrys: unknown torch.compile option(s) {unknown}; known: "
                          f"{sorted(_OPTION_NAMES - _NOT_THROUGH_COMPILE)}")
     if options.get("precision") == "int8" or "calibration" in options:
-        raise ValueError("pyrys: precision='int8' and calibration= are not available through torch.compile: "
-                         "calibration samples are the model's inputs, and dynamo's graphs take other ones; use "
-                         "pyrys.optimize(model, x, precision=..., calibration=...)")
+        asked = " with ".join(f"{name}={options[name]!r}" if name == "precision" else f"{name}="
+                              for name in ("precision", "calibration") if name in options)
+        raise ValueError(f"pyrys: {asked} is not available through torch.compile (neither precision='int8' nor "
+                         "calibration= is): calibration samples are the model's inputs, and dynamo's graphs take "
+                         "other ones; use pyrys.optimize(model, x, precision=..., calibration=...)"
+                         + (", or precision='bf16' without calibration= here" if options.get("precision") == "bf16"
+                            else ""))
     if options.get("output_dtype") is not None:
         raise ValueError("pyrys: output_dtype is not available through torch.compile: dynamo expects the dtypes "
                          "its graph was traced with; use pyrys.optimize(model, x, output_dtype=...)")
