@@ -6,7 +6,8 @@ so a graph keeps its programs per set of state tensors (told apart by identity, 
 set whose model is gone is dropped with its programs; at most :data:`MAX_SETS`, the least recently called
 dropped first, so that each layer of a model compiled layer by layer keeps its own), and compiles a set
 again where one of its tensors was written in place since (its version counter moved; an optimizer step,
-``load_state_dict``, ``copy_``) or replaced: eager reads them at every call.  Where they change at nearly
+``load_state_dict``, ``copy_``; a fused optimizer's step, which moves none, is noted by a hook on every
+optimizer's steps) or replaced: eager reads them at every call.  Where they change at nearly
 every call of theirs (more than :data:`MAX_CHANGES` times, each fewer than :data:`MIN_CALLS_APART` of its
 calls after the last; or, in the graph's calls, tensors replaced as often, or sets dropped for room coming
 back as often: more instances take turns than are kept) the graph runs in torch.  The check costs about 30 us
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from pyrys.shape_cache import ShapeCache
 
@@ -48,6 +50,17 @@ def note_state_written(tensors: list[torch.Tensor]) -> None:
     if len(_WRITTEN_AT) > 100_000:  # ids of tensors long gone: a set holding none of them misses nothing
         _WRITTEN_AT.clear()
     _WRITTEN_AT.update(dict.fromkeys(map(id, tensors), _WRITES[0]))
+
+
+def _note_fused_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    """A fused optimizer's step (``fused=True``: Adam, AdamW, SGD, Adagrad) writes its parameters without
+    moving their versions: noted as such writes (a compiled model kept serving the weights it froze)."""
+    fused = [group for group in optimizer.param_groups if group.get("fused")]
+    if fused:
+        note_state_written([p for group in fused for p in group["params"]])
+
+
+register_optimizer_step_post_hook(_note_fused_step)  # every optimizer's step, process-wide
 
 
 def _gatherer(positions: list[int]) -> Callable[[tuple], tuple]:

@@ -33,7 +33,10 @@ def torchvision_model(name: str, seed: int = 0, **kwargs) -> torch.nn.Module:
     """A torchvision model by name, as the tests, the demo, the zoo and the benchmarks use it, in eval mode.
 
     Random weights, the backbone's too (``weights_backbone=None`` where the model has one): nothing
-    is downloaded.  Randomized BatchNorm (:func:`randomize_batchnorm`).  No all-zero weight tensors
+    is downloaded.  Randomized BatchNorm (:func:`randomize_batchnorm`), whose running statistics are then
+    those of the activations of random images (:func:`_measure_batchnorm_statistics`): statistics unrelated
+    to the activations shrank them layer after layer, and MobileNet's, EfficientNet's or GoogLeNet's outputs
+    came out the same, to 1e-7, for any input (a program that ignored its input passed every comparison).  No all-zero weight tensors
     (ViT's head starts at zero, which would make every output 0 and every comparison vacuous):
     each gets ``N(0, 0.02)`` values.  ``kwargs`` go to the torchvision builder.
     """
@@ -43,9 +46,10 @@ def torchvision_model(name: str, seed: int = 0, **kwargs) -> torch.nn.Module:
     builder = torchvision.models.get_model_builder(name)
     if "weights_backbone" in inspect.signature(builder).parameters:
         kwargs.setdefault("weights_backbone", None)
-    model = randomize_batchnorm(builder(weights=None, **kwargs), seed)
+    model = randomize_batchnorm(builder(weights=None, **kwargs), seed).eval()
     _fill_all_zero_weights(model, torch.Generator().manual_seed(seed))
-    return model.eval()
+    _measure_batchnorm_statistics(model, seed)
+    return model
 
 
 def _fill_all_zero_weights(model: torch.nn.Module, generator: torch.Generator) -> None:
@@ -53,3 +57,32 @@ def _fill_all_zero_weights(model: torch.nn.Module, generator: torch.Generator) -
         for parameter in model.parameters():
             if parameter.numel() > 1 and not parameter.any():
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+
+
+STATISTICS_IMAGES = (2, 3, 128, 128)  # what the BatchNorm statistics are measured on (seeded uniform noise)
+
+
+def _measure_batchnorm_statistics(model: torch.nn.Module, seed: int) -> None:
+    """Set every tracked BatchNorm's running mean and variance to those of its input on seeded random images
+    (its affine parameters stay random), the rest of ``model`` in eval mode.  Where the model does not take
+    such images (a video or detection model), the random statistics stay."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.track_running_stats]
+    if not norms:
+        return
+    kept = [(m, m.momentum, m.running_mean.clone(), m.running_var.clone()) for m in norms]
+    images = torch.rand(STATISTICS_IMAGES, generator=torch.Generator().manual_seed(seed))
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average: one batch gives its statistics
+        norm.train()
+    try:
+        with torch.no_grad():
+            model(images)
+    except Exception:  # noqa: BLE001 -- not an image model: its random statistics stay
+        for norm, _, mean, var in kept:
+            norm.running_mean.copy_(mean)
+            norm.running_var.copy_(var)
+    finally:
+        for norm, momentum, *_ in kept:
+            norm.momentum = momentum
+            norm.eval()
