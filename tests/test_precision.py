@@ -66,7 +66,10 @@ def test_a_torchvision_model_in_bf16(bf16_cpu, backend):
     assert report.tolerance == BF16_TOLERANCE and report.first_over() is None, report.render()
     rows = dict(report.passes)
     assert rows["fuse_post_ops"] <= FP32_TOLERANCE < rows["lower_precision"]  # where the error comes from
-    assert report.layers and all(layer.error <= BF16_TOLERANCE for layer in report.layers), report.render()
+    # each layer's error is against eager's value there, all the rounding before it included, as a max norm: deep
+    # in the network it passes the output's (5.6e-2 where the output errs 2.4e-2; eager in bf16 errs 2.9e-2)
+    assert report.layers and all(layer.error <= 3 * BF16_TOLERANCE for layer in report.layers), report.render()
+    assert max(layer.error for layer in report.layers) > 1e-3  # (measured where bf16 ran)
 
 
 def test_bisect_names_the_precision_pass(bf16_cpu):
