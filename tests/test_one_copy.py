@@ -168,6 +168,39 @@ def test_a_write_while_a_new_shape_compiles_raises_and_keeps_no_program(monkeypa
             opt(torch.randn(2, IN, 8, 8))
 
 
+@pytest.mark.parametrize("script", [False, True])
+def test_a_write_undone_before_a_new_shape_s_compile_ends_raises(monkeypatch, script):
+    """A weight written through ``.data`` while the compile froze it and restored before the check after it
+    was in that shape's program, 0.9-1.1 off, every call (a helper's find, with a thread doing
+    ``p.data.mul_(2); p.data.div_(2)``): each copy the compile freezes is checked against the weights at
+    optimize."""
+    import pyrys.capture.frontend as frontend
+    import pyrys.passes.freeze as freeze
+
+    model, x = net_and_input()
+    module = torch.jit.script(model) if script else model
+    with torch.no_grad():
+        opt = pyrys.optimize(module, (x,), backend="dnnl", dynamic=False)
+        weight = module.fc.weight
+        # where the values are copied: as the freeze pass runs, or as a TorchScript import reads the module
+        owner, name = (frontend, "capture_torchscript") if script else (freeze, "freeze_params")
+        copying = getattr(owner, name)
+
+        def copying_while_written(*args, **kwargs):
+            weight.data.mul_(2.0)
+            try:
+                return copying(*args, **kwargs)
+            finally:
+                weight.data.div_(2.0)
+
+        monkeypatch.setattr(owner, name, copying_while_written)
+        with pytest.raises(pyrys.ModelChangedError, match="fc.weight"):
+            opt(torch.randn(2, IN, 8, 8))
+        monkeypatch.setattr(owner, name, copying)
+        y = torch.randn(2, IN, 8, 8)
+        assert pyrys.relative_error(opt(y), model(y)) <= 1e-5  # untouched, it compiles
+
+
 def test_a_torchscript_module_written_after_optimize_raises_at_a_new_shape():
     """Each shape of a TorchScript module is imported again: from the weights written since (a helper's find)."""
     model, x = net_and_input()

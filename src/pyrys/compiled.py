@@ -143,8 +143,9 @@ def _compile_unchecked(frontend: Frontend, args: tuple, kwargs: dict, config: Op
         instruments.verify = make_verifier(output_types(captured.gm), config.output_dtype)
     precision, precision_note = effective_precision(config.precision)
     guard = bf16_guard(config.calibration, flat, captured.gm) if precision == "bf16" else None
+    checked = frontend.writes is not None and like is not None  # (as _compile_signature's checks)
     options = PassOptions(config.freeze_params, config.freeze_flags, precision, config.calibration, config.output_dtype,
-                          guard)
+                          guard, frontend.writes.check_copy if checked else None)
     roots = output_roots(captured.gm, as_backends_run=False)
     run = run_pipeline(captured.gm, options, config.disable, instruments)
     legalize_for_backends(captured.gm, instruments)

@@ -43,6 +43,8 @@ class WriteCheck:
     def __init__(self, owner: str, shared: dict[str, torch.Tensor], advice: str = MODULE_ADVICE):
         self.owner, self.shared, self.advice = owner, shared, advice
         self.stamps = {name: _stamp(tensor) for name, tensor in shared.items()}
+        self._names = {id(tensor): name for name, tensor in shared.items()}
+        self._places = {_place(tensor): name for name, tensor in shared.items()}
         self.digests: dict[str, int | None] = {}
         self._digesting = threading.Thread(target=self._digest_all, name="pyrys-weight-digests", daemon=True)
         self._digesting.start()
@@ -61,10 +63,32 @@ class WriteCheck:
             self.wait()
         for name, tensor in self.shared.items():
             if _stamp(tensor) != self.stamps[name] or (digests and values_crc(tensor) != self.digests[name]):
-                raise ModelChangedError(
-                    f"pyrys: {name} of {self.owner} was written after pyrys.optimize (in place, load_state_dict, "
-                    ".data, ...). The compiled programs hold the weights from optimize, and this new input shape "
-                    f"would be compiled from the new ones. {self.advice}")
+                raise self._changed(name)
+
+    def check_copy(self, target: str, source: torch.Tensor, copy: torch.Tensor) -> None:
+        """Raise :class:`ModelChangedError` if ``copy``, what a compile froze of the shared tensor ``source`` (the
+        graph's state ``target``), has other values than it had at ``optimize``: a write undone before the check
+        after the compile (``p.data.mul_(2)``, then ``div_(2)``, on another thread) would be in the program,
+        though no check sees it.  ``source`` is found by identity, else by the bytes it views, else by name (a
+        TorchScript import's state is a copy made as it reads the module)."""
+        name = self._names.get(id(source))
+        if name is None or self.shared[name] is not source:
+            name = self._places.get(_place(source), target if target in self.shared else None)
+        if name is not None:
+            self.wait()
+            if values_crc(copy) != self.digests[name]:
+                raise self._changed(name)
+
+    def _changed(self, name: str) -> ModelChangedError:
+        return ModelChangedError(
+            f"pyrys: {name} of {self.owner} was written after pyrys.optimize (in place, load_state_dict, "
+            ".data, ...). The compiled programs hold the weights from optimize, and this new input shape "
+            f"would be compiled from the new ones. {self.advice}")
+
+
+def _place(tensor: torch.Tensor) -> tuple:
+    """Where a tensor's values lie and how they are laid out (a view of the same bytes is another place)."""
+    return tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype
 
 
 def _stamp(tensor: torch.Tensor) -> tuple:

@@ -17,7 +17,7 @@ BatchNorm then stays in training form and is not folded (``fold_conv_bn`` says s
 from __future__ import annotations
 
 import warnings
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.fx as fx
@@ -29,8 +29,11 @@ from pyrys.passes.rewrite import PassResult
 ALL = None  # freeze every parameter and buffer / every flag
 
 
-def freeze_params(gm: fx.GraphModule, attributes: Iterable[str] | None = ALL) -> PassResult:
-    """Replace reads of parameters/buffers whose attribute name is in ``attributes`` (all if None)."""
+def freeze_params(gm: fx.GraphModule, attributes: Iterable[str] | None = ALL,
+                  check: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None) -> PassResult:
+    """Replace reads of parameters/buffers whose attribute name is in ``attributes`` (all if None);
+    ``check(target, tensor, copy)`` is given each copy made (it raises where the copy holds other weights than those
+    the module compiled before: :meth:`pyrys.capture.model_copy.WriteCheck.check_copy`)."""
     wanted = None if attributes is None else set(attributes)
     result = PassResult()
     first_op = next(n for n in gm.graph.nodes if n.op != "placeholder")
@@ -41,6 +44,8 @@ def freeze_params(gm: fx.GraphModule, attributes: Iterable[str] | None = ALL) ->
             continue
         if id(ref.value) not in copies:
             copies[id(ref.value)] = ref.value.detach().clone()
+            if check is not None:
+                check(ref.target, ref.value, copies[id(ref.value)])
         _replace_with_constant(gm, node, copies[id(ref.value)], ref.target, first_op)
         result.fired[ref.attribute] += 1
     read = {state_ref(node).attribute for node in state_inputs(gm.graph) if state_ref(node).kind != "flag"}

@@ -48,6 +48,8 @@ class PassOptions:
     calibration: Calibration | None = field(default=None, compare=False)  # precision="int8": samples, then the plan
     output_dtype: torch.dtype | None = None  # every floating-point output in this dtype (None: as eager gives it)
     guard: Bf16Guard | None = field(default=None, compare=False)  # precision="bf16": what the accuracy guard measures on
+    frozen_check: Callable[[str, torch.Tensor, torch.Tensor], None] | None = field(default=None, compare=False)
+    # (a later capture's: each copy freeze_params makes, checked against the weights at optimize)
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ MAX_SWEEPS = 10  # a fixed-point pass stops after this many sweeps even if rules
 
 
 PIPELINE: tuple[Pass, ...] = (
-    Pass("freeze_params", lambda gm, o: freeze.freeze_params(gm, o.freeze_params)),
+    Pass("freeze_params", lambda gm, o: freeze.freeze_params(gm, o.freeze_params, o.frozen_check)),
     Pass("freeze_flags", lambda gm, o: freeze.freeze_flags(gm, o.freeze_flags)),
     Pass("constant_propagation", lambda gm, o: constant_propagation.constant_propagation(gm)),
     Pass("inline_constant_ifs", lambda gm, o: control_flow.inline_constant_ifs(gm)),
