@@ -70,6 +70,24 @@ def test_loop_count_from_tensor_data():
         pyrys.optimize(LoopOnData().eval(), (image(),), backend="reference")
 
 
+class CountOnData(nn.Module):
+    """A branch on the count of a mask's elements: torch's error names the line in another form."""
+
+    def forward(self, x):
+        y = x[x > 0.5]
+        if y.numel() > 3:
+            return y.sum()
+        return x.sum()
+
+
+def test_a_branch_on_a_count_of_data_names_the_line():
+    """torch said where (``Caused by: (…ture_errors.py:N in forward)``, its path cut at the front), and the message
+    named no line (a helper's find)."""
+    with pytest.raises(pyrys.DataDependentError) as raised:
+        pyrys.optimize(CountOnData().eval(), (torch.rand(4, 4),), backend="reference")
+    assert f"at {__file__}:" in str(raised.value) and "(`if y.numel() > 3:`)" in str(raised.value)
+
+
 def test_the_named_way_works():
     model = BranchOnData().eval()
     compiled = torch.compile(model, backend="pyrys", options={"backend": "reference"})

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import keyword
+import linecache
 import operator
 import re
+import sys
 
 import torch
 import torch.fx as fx
@@ -53,6 +55,8 @@ _STATE_KINDS = {InputKind.PARAMETER: "parameter", InputKind.BUFFER: "buffer"}
 #       File "model.py", line 7, in forward
 #         if y.sum() > 0:
 _USER_LINE = re.compile(r'raised this error:\s*File "(?P<file>[^"]+)", line (?P<line>\d+), in \w+\n(?P<code>[^\n]+)')
+# torch's other form: the frame that guarded, its path cut at the front ("mp/me/model.py" for /tmp/me/model.py)
+_CAUSED_BY = re.compile(r"Caused by: \((?P<file>[^()\n]+?):(?P<line>\d+) in (?P<function>[\w<>]+)\)")
 
 
 def rename_for_export(model: torch.nn.Module) -> list[str]:
@@ -193,10 +197,26 @@ def _unknown_type_message(model: torch.nn.Module, type_name: str, where: str) ->
             "torch.export.register_dataclass for a dataclass, else torch.utils._pytree.register_pytree_node")
 
 
+def _data_read_at(error: str) -> tuple[str, int, str] | None:
+    """The file, line and code where torch's data-dependent ``error`` says the data was read: its traceback of the
+    user's frame, else its ``Caused by: (path:line in function)`` (the path's head cut: found again among the
+    modules' files; none for torch.nn's own ``Module`` call machinery)."""
+    place = _USER_LINE.search(error)
+    if place:
+        return place["file"], int(place["line"]), place["code"].strip()
+    caused = _CAUSED_BY.search(error)
+    if caused is None or caused["function"] in ("_call_impl", "_wrapped_call_impl"):
+        return None
+    tail = caused["file"]
+    files = {getattr(module, "__file__", None) for module in list(sys.modules.values())}
+    path = next((f for f in files if isinstance(f, str) and f.endswith(tail)), tail)
+    return path, int(caused["line"]), linecache.getline(path, int(caused["line"])).strip()
+
+
 def _data_dependent_message(model: torch.nn.Module, error: Exception) -> str:
     """What torch.export's data-dependent errors mean for the user, with the line that needs the data."""
-    place = _USER_LINE.search(str(error))
-    where = f" at {place['file']}:{place['line']} (`{place['code'].strip()}`)" if place else ""
+    place = _data_read_at(str(error))
+    where = f" at {place[0]}:{place[1]}" + (f" (`{place[2]}`)" if place[2] else "") if place else ""
     return (f"pyrys: {type(model).__name__}.forward branches on tensor data{where}: Python needs a tensor's "
             "values (an `if x.sum() > 0:`, a loop count or a size computed from data), and a captured graph holds "
             "one path through forward, so torch.export cannot capture it. Use "
