@@ -314,7 +314,8 @@ def held_samples(gm: fx.GraphModule, calibration: Calibration) -> list[list]:
     taken = [sample for shape, sample in zip(shapes, samples) if held[shape]]
     count = len(samples) - len(taken)
     left_out = (f"calibration: {count} sample{'s' * (count != 1)} of shapes the captured graph does not hold for "
-                f"{'were' if count != 1 else 'was'} left out ({described}{', ...' if len(left) > 4 else ''})")
+                f"{'were' if count != 1 else 'was'} left out ({described}{', ...' if len(left) > 4 else ''}); "
+                "a capture for such shapes, at their first call, is calibrated on them")
     calibration.note = "; ".join(filter(None, [calibration.read_note, left_out]))
     return taken
 

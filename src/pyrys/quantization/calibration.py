@@ -208,7 +208,7 @@ def calibration_samples(data: Iterable, args: tuple, kwargs: dict, limit: int | 
     if resized:
         shown = [f"({described})" for described in list(resized)[:4]] + ["..."] * (len(resized) > 4)
         notes.append(f"calibration: samples of {len(resized)} other input shapes than the example's read as they are "
-                     f"where the captured graph holds for them: {', '.join(shown)}")
+                     f"where the captured graph holds for them (else left out, below): {', '.join(shown)}")
     return samples[:wanted], "; ".join(notes)
 
 
