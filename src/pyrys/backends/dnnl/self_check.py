@@ -16,6 +16,10 @@ legitimately differ by: float32 sums in another order (1e-6 on every model tried
 another op's result (1e-2), int8 rounds a result 1 LSB the other way, which later layers carry (up to
 3e-2 on torchvision CNNs, ``benchmarks/int8_agreement.py``).
 
+Where the graph on torch ops moves as far with its inputs rounded by :data:`ROUNDING` (a model that amplifies
+rounding: an unstable network whose float32 eager is far from float64), the note says so and blames no
+kernel; its calls run on torch ops all the same, in eager's rounding.
+
 Not compared: what the reference gives as NaN or infinity (README, "NaN and infinities").  Not checked: a
 graph with a random op (two runs differ anyway), example inputs that are not finite (such
 calls take the reference backend where a step would drop NaN).  A program of another input shape is checked
@@ -86,6 +90,13 @@ def disagreement(program, reference, gm: fx.GraphModule, inputs: list) -> str | 
     again, _ = _worst(program(_copies(perturbed)), reference(_copies(perturbed)))
     if again <= allowed:  # the example itself is ill-conditioned (a constant image into an instance norm)
         return None
+    amplified, _ = _worst(reference(_copies(_perturbed(inputs, ROUNDING))), reference(_copies(inputs)))
+    if amplified > allowed:  # the graph itself: a float32 rounding of its inputs moves its outputs as far
+        return (f"the oneDNN program disagrees with the same graph on torch ops on the example inputs (output "
+                f"{where}: relative error {worst:.1e}), and so does the graph on torch ops with its inputs rounded "
+                f"by {ROUNDING:.0e} ({amplified:.1e}): the model amplifies rounding (no kernel's fault is shown; "
+                "float32 eager differs from float64 alike); every call of these input shapes runs on torch ops "
+                "(the reference backend), whose rounding is eager's")
     return (f"the oneDNN program disagrees with the same graph on torch ops on the example inputs (output {where}: "
             f"relative error {worst:.1e}, {again:.1e} on them perturbed, over the {allowed:.0e} allowed in "
             f"{precision_of(gm)}): a fault in a oneDNN kernel pyrys does not know yet; every call of these input "
@@ -105,8 +116,11 @@ def _worst(got: list, want: list) -> tuple[float, int]:
     return worst, where
 
 
-def _perturbed(inputs: list) -> list:
-    """The floating-point inputs with seeded noise of a tenth of their magnitude added: where the example is
+ROUNDING = 1e-6  # relative noise of a float32 rounding's size: what a graph that amplifies rounding is found by
+
+
+def _perturbed(inputs: list, size: float = 0.1) -> list:
+    """The floating-point inputs with seeded noise of ``size`` (a tenth) of their magnitude added: where the example is
     ill-conditioned for the graph (a constant image makes an instance norm's ``x - mean`` pure rounding, which
     its ``1 / std`` amplifies), the two agree on these; a wrong kernel is wrong on both."""
     generator = torch.Generator().manual_seed(0)
@@ -114,7 +128,7 @@ def _perturbed(inputs: list) -> list:
     for t in inputs:
         if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
             scale = float(t.detach().abs().max().float()) or 1.0
-            noise = torch.randn(t.shape, generator=generator, dtype=torch.float32) * (0.1 * scale)
+            noise = torch.randn(t.shape, generator=generator, dtype=torch.float32) * (size * scale)
             t = (t.float() + noise).to(t.dtype)
         perturbed.append(t)
     return perturbed
