@@ -145,23 +145,6 @@ def test_unusual_input_gives_eagers_result(backend, kind):
     assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE
 
 
-@pytest.mark.parametrize("rank", [4, 5])
-def test_image_outputs_take_the_callers_layout_as_eager_s_do(backend, rank):
-    """A channels-last example gave contiguous calls channels-last outputs (``y.view(2, -1)`` raised where eager's
-    worked), and the reverse (a helper's find): eager's convolutions follow the call's layout."""
-    conv, last = (nn.Conv2d, torch.channels_last) if rank == 4 else (nn.Conv3d, torch.channels_last_3d)
-    torch.manual_seed(0)
-    model = nn.Sequential(conv(3, 8, 3, padding=1), nn.ReLU(), conv(8, 4, 1)).eval()
-    x = torch.randn(2, 3, *(9,) * (rank - 2))
-    for example in (x, x.contiguous(memory_format=last)):
-        opt = optimize(model, (example,), backend)
-        for call in (x, x.contiguous(memory_format=last), x.contiguous(memory_format=last)):  # (twice: fast path)
-            with torch.no_grad():
-                want = model(call)
-            got = opt(call)
-            assert got.stride() == want.stride() and pyrys.relative_error(got, want) <= TOLERANCE
-
-
 # --- NaN in the input -----------------------------------------------------------------------------
 
 def _conv() -> nn.Conv2d:

@@ -157,8 +157,8 @@ class OptimizedModule(torch.nn.Module):
             warnings.warn(f"pyrys: input {wanting_grad[0]} requires grad, but pyrys runs inference only: the outputs "
                           "carry no gradient (their requires_grad is False). Call the model itself to train, or "
                           "torch.compile(model, backend='pyrys'), which runs such calls in torch", stacklevel=callers_level())
-        call = _direct_call(compiled, _callers_layout(compiled, flat))  # (the program's outputs as the fast path
-        if not kwargs and not wanting_grad and all(isinstance(a, torch.Tensor) for a in args):  # gives them)
+        call = _direct_call(compiled)  # (the program's outputs as the fast path gives them)
+        if not kwargs and not wanting_grad and all(isinstance(a, torch.Tensor) for a in args):
             self._remember_fast_call(_call_key(args, grad), compiled, call)
         return call(flat)
 
@@ -669,7 +669,7 @@ def _call_key(args: tuple, grad: bool) -> tuple | None:
     class (a FakeTensor, which has no memory to run on) or a nested one (which has no one shape)."""
     try:
         return tuple((type(a), a.shape, a.dtype, a.is_cpu, a.layout, a.is_neg(), a.is_conj(),
-                      grad and a.requires_grad, a.is_contiguous()) for a in args)
+                      grad and a.requires_grad) for a in args)
     except (AttributeError, RuntimeError):
         return None
 
@@ -684,60 +684,16 @@ def _graphs_of(compiled: Compiled) -> list[torch.fx.GraphModule]:
     return [compiled.captured.gm] + ([compiled.generic.gm] if compiled.generic is not None else [])
 
 
-def _direct_call(compiled: Compiled, relayout: tuple[torch.memory_format, torch.memory_format] | None = None):
+def _direct_call(compiled: Compiled):
     """The program with its outputs copied apart where eager keeps them apart and restructured: every call's
-    (the all-tensor fast path of ``forward`` keeps it); with ``relayout`` (``(program's, caller's)``: see
-    :func:`_callers_layout`), its image outputs in the program's input layout are given the caller's."""
+    (the all-tensor fast path of ``forward`` keeps it)."""
     program, spec, copies = compiled.program, compiled.captured.out_spec, compiled.captured.output_copies
-    if relayout is not None:
-        program = _relaid(program, *relayout)
     structure = unflattener(spec)
     if copies:
         return lambda flat: structure(copied_apart(program(flat), copies))
     if spec.is_leaf():
         return lambda flat: program(flat)[0]
     return lambda flat: structure(program(flat))
-
-
-def _memory_format(value: Any) -> torch.memory_format | None:
-    """``contiguous_format`` or ``channels_last`` (``_3d``) for a rank-4/5 tensor laid out so; else None."""
-    if not isinstance(value, torch.Tensor) or value.dim() not in (4, 5):
-        return None
-    if value.is_contiguous():
-        return torch.contiguous_format
-    last = torch.channels_last if value.dim() == 4 else torch.channels_last_3d
-    return last if value.is_contiguous(memory_format=last) else None
-
-
-def _callers_layout(compiled: Compiled, flat: list) -> tuple[torch.memory_format, torch.memory_format] | None:
-    """``(program's, caller's)`` image layouts where the call's images come in another one than those the program
-    was captured from (a channels-last example, contiguous calls): eager's convolutions follow the caller's,
-    and the program's outputs follow its example's, where ``y.view(n, -1)`` failed; None where they agree."""
-    gm = compiled.captured.gm
-    formats = _INPUT_FORMATS.get(gm)
-    if formats is None:
-        formats = _INPUT_FORMATS[gm] = tuple(_memory_format(node.meta.get("val")) for node in user_inputs(gm.graph))
-    if not any(formats):
-        return None
-    for program, value in zip(formats, flat):
-        caller = _memory_format(value)
-        if program is not None and caller is not None and program != caller and value.shape[1] > 1:
-            return program, caller
-    return None
-
-
-_INPUT_FORMATS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # captured graph -> its images' layouts
-
-
-def _relaid(program, program_format: torch.memory_format, caller_format: torch.memory_format):
-    """``program`` with each image output laid out as the program's inputs copied into the caller's layout."""
-    ranks = {torch.channels_last: 4, torch.channels_last_3d: 5}
-
-    def run(flat: list) -> list:
-        return [out.contiguous(memory_format=caller_format)
-                if _memory_format(out) == program_format and out.shape[1] > 1 and
-                ranks.get(caller_format, out.dim()) == out.dim() else out for out in program(flat)]
-    return run
 
 
 def _refuse_shared_memory(args: tuple, kwargs: dict, captured) -> None:
