@@ -21,6 +21,7 @@ import warnings
 import torch
 
 from pyrys.errors import TracedCallError
+from pyrys.ir.vocabulary import draws_random_numbers
 
 _FAKE, _PROXY = torch._C._TorchDispatchModeKey.FAKE, torch._C._TorchDispatchModeKey.PROXY
 # the checks every call makes, bound once (about 0.2 us together); each reads the calling thread's state
@@ -91,13 +92,18 @@ def without_autocast() -> contextlib.AbstractContextManager:
 
 
 def rng_kept(function):
-    """``function`` run with torch's CPU random generator put back as it was after it (a compile runs the
-    program and the model to measure them: a model's own random ops, ``randn_like`` noise, drew from it, and a
-    seeded first call drew other numbers than eager's)."""
+    """``function`` (a compile, returning a ``Compiled``) with torch's CPU random generator put back as it was
+    where the graph it compiled draws random numbers: the compile runs the program and the model to measure
+    them, and a model's own noise (``randn_like``) drew from the generator, so that a seeded first call drew
+    other numbers than eager's.  Only there: the generator is the process's, and what other threads drew
+    meanwhile is drawn again after it is put back."""
     @functools.wraps(function)
     def run(*args, **kwargs):
-        with torch.random.fork_rng(devices=[]):
-            return function(*args, **kwargs)
+        state = torch.random.get_rng_state()
+        compiled = function(*args, **kwargs)
+        if any(draws_random_numbers(node) for node in compiled.captured.gm.graph.nodes):
+            torch.random.set_rng_state(state)
+        return compiled
     return run
 
 

@@ -64,6 +64,17 @@ def is_pure(node: fx.Node) -> bool:
     return torch.Tag.nondeterministic_seeded not in getattr(node.target, "tags", ())
 
 
+def draws_random_numbers(node: fx.Node) -> bool:
+    """Whether ``node`` draws from torch's random generator (attention is tagged so for its dropout, which is
+    0 at inference: it draws nothing then)."""
+    if node.op != "call_function" or torch.Tag.nondeterministic_seeded not in getattr(node.target, "tags", ()):
+        return False
+    if node.target is torch.ops.aten.scaled_dot_product_attention.default:
+        dropout = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
+        return dropout != 0.0
+    return True
+
+
 def single_user(node: fx.Node) -> bool:
     """Exactly one node reads ``node``'s value: a rewrite may consume it."""
     return len(node.users) == 1

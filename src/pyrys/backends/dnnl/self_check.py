@@ -38,7 +38,7 @@ import re
 import torch
 import torch.fx as fx
 
-from pyrys.ir.vocabulary import precision_of
+from pyrys.ir.vocabulary import draws_random_numbers, precision_of
 from pyrys.numerics import relative_error
 
 ALLOWED = {"fp32": 1e-3, "bf16": 1e-1, "int8": 2.5e-1}
@@ -63,19 +63,9 @@ def structure(program) -> str:
 
 def checkable(gm: fx.GraphModule, inputs: list) -> bool:
     """Whether two runs of ``gm`` on ``inputs`` should agree: no random op, every floating input finite."""
-    if any(_random(node) for node in gm.graph.nodes if node.op == "call_function"):
+    if any(draws_random_numbers(node) for node in gm.graph.nodes):
         return False
     return all(bool(t.isfinite().all()) for t in inputs if isinstance(t, torch.Tensor) and t.is_floating_point())
-
-
-def _random(node: fx.Node) -> bool:
-    """Whether ``node`` draws random numbers (attention is tagged so for its dropout, which is 0 here)."""
-    if torch.Tag.nondeterministic_seeded not in getattr(node.target, "tags", ()):
-        return False
-    if node.target is torch.ops.aten.scaled_dot_product_attention.default:
-        dropout = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
-        return dropout != 0.0
-    return True
 
 
 def disagreement(program, reference, gm: fx.GraphModule, inputs: list) -> str | None:
