@@ -414,3 +414,18 @@ def test_a_dataclass_output_says_how_to_register_it_and_then_works():
     torch.export.register_dataclass(_Pair)
     out = pyrys.optimize(model, x)(x)
     assert isinstance(out, _Pair) and torch.allclose(out.second, torch.relu(model.linear(x)), atol=1e-6)
+
+
+def test_a_cut_path_several_files_end_with_is_given_as_torch_gave_it(monkeypatch):
+    """torch cuts the path's head; "model.py" also ends "xmodel.py", whose line was quoted (a review's find)."""
+    import sys
+    import types
+
+    from pyrys.capture.export import _data_read_at
+
+    for name in ("proj_model", "proj_xmodel"):
+        module = types.ModuleType(name)
+        module.__file__ = f"/somewhere/{name.removeprefix('proj_')}.py"
+        monkeypatch.setitem(sys.modules, name, module)
+    assert _data_read_at("Caused by: (model.py:3 in forward)") == ("model.py", 3, "")
+    assert _data_read_at("Caused by: (ewhere/xmodel.py:3 in forward)")[0] == "/somewhere/xmodel.py"

@@ -48,7 +48,7 @@ def pass_name(text: str) -> str:
 
 
 def load_model(spec: str) -> torch.nn.Module:
-    """A zoo model name (torchvision's, random weights and randomized BatchNorm; or a transformer, ``hf_bert``)
+    """A zoo model name (torchvision's, random weights and BatchNorm: ``pyrys.testing``; or a transformer, ``hf_bert``)
     or ``module:attr``.
 
     ``attr`` may be an ``nn.Module`` instance or something that builds one when called with no arguments.

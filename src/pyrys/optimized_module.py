@@ -574,8 +574,9 @@ class OptimizedModule(torch.nn.Module):
 
     @property
     def input_types(self) -> list:
-        """Per flat input of the first compiled signature, in the order a call passing them all by position
-        takes them (the positional ones, then the keyword ones in ``forward``'s order: an example
+        """Per flat input of the first compiled signature, the positional ones first, then the keyword ones in
+        ``forward``'s order (what a call passing them all by position gives, where no parameter between them is
+        left out: an example
         ``{"mask": m, "ids": i}`` for ``forward(ids, mask)`` gives ids first, as ``opt(i, m)`` reads them;
         ``pyrys serve`` and the Ray Predictor decode inputs so): ``(shape, dtype)`` for a tensor, the value itself
         for an input it was specialized to."""
@@ -583,7 +584,7 @@ class OptimizedModule(torch.nn.Module):
         positional, keywords = signature.in_spec.child(0), signature.in_spec.child(1)
         leaves = list(signature.leaves)
         groups, start = [], positional.num_leaves
-        for name, child in zip(keywords.context, keywords.children_specs):
+        for name, child in zip(keywords.context, keywords.children()):
             groups.append((name, leaves[start:start + child.num_leaves]))
             start += child.num_leaves
         order = list(parameters.parameters) if parameters is not None else []

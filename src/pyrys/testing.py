@@ -69,7 +69,8 @@ def _measure_batchnorm_statistics(model: torch.nn.Module, seed: int) -> None:
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.track_running_stats]
     if not norms:
         return
-    kept = [(m, m.momentum, m.running_mean.clone(), m.running_var.clone()) for m in norms]
+    kept = [(m, m.momentum, {k: v.clone() for k, v in m.state_dict().items() if k.startswith(("running", "num"))})
+            for m in norms]
     images = torch.rand(STATISTICS_IMAGES, generator=torch.Generator().manual_seed(seed))
     for norm in norms:
         norm.reset_running_stats()
@@ -79,9 +80,8 @@ def _measure_batchnorm_statistics(model: torch.nn.Module, seed: int) -> None:
         with torch.no_grad():
             model(images)
     except Exception:  # noqa: BLE001 -- not an image model: its random statistics stay
-        for norm, _, mean, var in kept:
-            norm.running_mean.copy_(mean)
-            norm.running_var.copy_(var)
+        for norm, _, statistics in kept:
+            norm.load_state_dict(statistics, strict=False)
     finally:
         for norm, momentum, *_ in kept:
             norm.momentum = momentum

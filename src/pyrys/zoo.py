@@ -7,7 +7,7 @@ transformers (with the ``transformers`` extra), optimized and compared with eage
     pyrys zoo --quick               # the subset the default test run checks
 
 Models come from :func:`pyrys.testing.torchvision_model`: random weights (no download),
-randomized BatchNorm statistics and no all-zero weight tensors (ViT's head is
+BatchNorm with random affine parameters and the statistics of random images, and no all-zero weight tensors (ViT's head is
 zero-initialized, which would make every output 0 and every comparison vacuous).
 A row passes when ``pyrys.relative_error(optimized, eager) <= pyrys.FP32_TOLERANCE``.
 """

@@ -323,16 +323,19 @@ def test_inputs_given_by_keyword_in_another_order_are_decoded_in_forward_s(tmp_p
         assert pyrys.relative_error(torch.from_numpy(got), model(ids, mask)) <= TOLERANCE
 
 
-def test_an_output_that_is_no_tensor_is_refused_by_name_when_rows_run_one_by_one(tmp_path):
-    """A program for one row run row by row: joining a None output raised torch.cat's TypeError (a helper's find)."""
-    class WithNone(nn.Module):
+@pytest.mark.parametrize("other, says", [(lambda y: None, "got NoneType"), (lambda y: y.sum(), "got shape \\(\\)")])
+def test_an_output_that_is_no_tensor_is_refused_by_name_when_rows_run_one_by_one(tmp_path, other, says):
+    """A program for one row run row by row: joining a None output raised torch.cat's TypeError, a 0-d one its
+    RuntimeError (a helper's and a review's finds)."""
+    class WithOther(nn.Module):
         def __init__(self):
             super().__init__()
             self.linear = nn.Linear(4, 3)
 
         def forward(self, x):
-            return {"p": self.linear(x), "none": None}
+            y = self.linear(x)
+            return {"p": y, "other": other(y)}
 
-    path = pyrys.save(pyrys.optimize(WithNone().eval(), (torch.ones(1, 4),)), tmp_path / "with_none")
-    with pytest.raises(ValueError, match="output 'out_none' must have one row per input row \\(3\\), got NoneType"):
+    path = pyrys.save(pyrys.optimize(WithOther().eval(), (torch.ones(1, 4),)), tmp_path / "with_other")
+    with pytest.raises(ValueError, match=f"output 'out_other' must have one row per input row \\(3\\), {says}"):
         Predictor(path, column="x", output_column="out")({"x": np.ones((3, 4), np.float32)})

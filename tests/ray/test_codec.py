@@ -67,8 +67,12 @@ def test_a_complex_input_s_json_numbers_are_real_and_imaginary_pairs_and_other_r
     were right (a helper's finds)."""
     (z,) = decode(b"[[[1, 2], [3.5, -4]]]", [torch.complex64]).inputs
     assert z.dtype == torch.complex64 and z.tolist() == [[1 + 2j, 3.5 - 4j]]
-    with pytest.raises(InputError, match="a \\[real, imaginary\\] pair, got a list of shape \\[1, 3\\]"):
+    with pytest.raises(InputError, match="a \\[real, imaginary\\] pair of numbers, got a list of shape \\[1, 3\\]"):
         decode(b"[[1, 2, 3]]", [torch.complex64])
+    with pytest.raises(InputError, match="pair of numbers, got a list of shape \\[1, 2\\] of bool values"):
+        decode(b"[[true, false]]", [torch.complex64])
+    with pytest.raises(InputError, match="beyond the range of torch.float32"):  # (it became inf+0j; a review's find)
+        decode(b"[[1e40, 0.0]]", [torch.complex64])
     for body, says in ((b'{"inputs": []}', "got an empty list"), (b'{"inputs": "x"}', "got a str there"),
                        (b'{"input": [1]}', "got keys \\['input'\\]")):
         with pytest.raises(InputError, match=says):

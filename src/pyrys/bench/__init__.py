@@ -2,6 +2,6 @@
 
 Modules: ``peers`` (one class per system), ``measure`` (interleaved timing, compile
 time, memory, error), ``roofline`` (machine peaks, model FLOPs), ``report`` (table,
-CSV, JSON, chart), ``models`` (model zoo with randomized BatchNorm) and ``cli``
+CSV, JSON, chart), ``models`` (model zoo: ``pyrys.testing``'s random weights and BatchNorm) and ``cli``
 (``add_arguments`` and ``run`` for the ``pyrys bench`` subcommand).
 """

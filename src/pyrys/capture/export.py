@@ -199,18 +199,20 @@ def _unknown_type_message(model: torch.nn.Module, type_name: str, where: str) ->
 
 def _data_read_at(error: str) -> tuple[str, int, str] | None:
     """The file, line and code where torch's data-dependent ``error`` says the data was read: its traceback of the
-    user's frame, else its ``Caused by: (path:line in function)`` (the path's head cut: found again among the
-    modules' files; none for torch.nn's own ``Module`` call machinery)."""
+    user's frame, else its ``Caused by: (path:line in function)`` (the path's head cut: found again where one
+    module's file alone ends so, else as torch gave it; none for torch.nn's own ``Module`` call machinery)."""
     place = _USER_LINE.search(error)
     if place:
         return place["file"], int(place["line"]), place["code"].strip()
     caused = _CAUSED_BY.search(error)
     if caused is None or caused["function"] in ("_call_impl", "_wrapped_call_impl"):
         return None
-    tail = caused["file"]
+    tail, line = caused["file"], int(caused["line"])
     files = {getattr(module, "__file__", None) for module in list(sys.modules.values())}
-    path = next((f for f in files if isinstance(f, str) and f.endswith(tail)), tail)
-    return path, int(caused["line"]), linecache.getline(path, int(caused["line"])).strip()
+    found = sorted(f for f in files if isinstance(f, str) and f.endswith(tail))
+    if len(found) != 1:  # none, or several (a cut as short as "model.py" matches "xmodel.py" too): as torch gave it
+        return tail, line, ""
+    return found[0], line, linecache.getline(found[0], line).strip()
 
 
 def _data_dependent_message(model: torch.nn.Module, error: Exception) -> str:

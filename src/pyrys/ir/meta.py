@@ -164,15 +164,15 @@ class _Fresh(FakeTensorProp):
 
 
 def _on_empty_tensors(target: Any, args: tuple, kwargs: dict, mode: FakeTensorMode, error: Exception) -> Any:
-    """``target``'s value where its fake kernel failed (``error``, raised again otherwise) on a tensor with
-    no elements and concrete sizes: the op run on real empty tensors of those shapes, which costs nothing
+    """``target``'s value where its fake kernel failed (``error``, raised again otherwise) on tensors with
+    no elements, each of concrete sizes: the op run on real empty tensors of those shapes, which costs nothing
     (torch's meta of ``upsample_nearest2d`` checks ``numel() != 0 or <an int>`` and raises TypeError on a
     batch of 0, which eager runs)."""
     fakes: list[torch.Tensor] = []
     map_aggregate((args, kwargs), lambda v: fakes.append(v) if isinstance(v, torch.Tensor) else None)
     concrete = all(isinstance(d, int) for t in fakes for d in (*t.shape, *t.stride()))
-    if not concrete or not any(t.numel() == 0 for t in fakes) or not isinstance(target, torch._ops.OpOverload):
-        raise error
+    if not concrete or not fakes or any(t.numel() for t in fakes) or not isinstance(target, torch._ops.OpOverload):
+        raise error  # (a tensor with values: an op whose shape reads them would read uninitialised memory)
 
     def real(value: Any) -> Any:
         if isinstance(value, torch.Tensor):

@@ -266,11 +266,11 @@ def _json_tensor(value: Any, dtype: torch.dtype | None, what: str) -> torch.Tens
     if array.dtype.kind not in "biuf":
         raise InputError(f"pyrys serve: {what} must be a rectangular nested list of numbers, got {array.dtype} values")
     if dtype is not None and dtype.is_complex:  # [real, imaginary] pairs, as answers give them
-        if array.ndim == 0 or array.shape[-1] != 2:
+        if array.ndim == 0 or array.shape[-1] != 2 or array.dtype.kind == "b":
             raise InputError(f"pyrys serve: {what} is {dtype} (the module's input): give each number as a "
-                             f"[real, imaginary] pair, got a list of shape {list(array.shape)}")
-        pairs = torch.from_numpy(array.astype(np.float64)).to(torch.float64 if dtype == torch.complex128 else torch.float32)
-        return torch.view_as_complex(pairs.contiguous()).to(dtype)
+                             f"[real, imaginary] pair of numbers, got a list of shape {list(array.shape)} of "
+                             f"{array.dtype} values")
+        return torch.view_as_complex(_json_tensor(value, dtype.to_real(), what)).to(dtype)
     if dtype is None:
         return as_tensor(array, what)
     tensor = torch.from_numpy(array)

@@ -118,6 +118,6 @@ def _describe(leaf: Any) -> str:
 
 
 def _joined_rows(*parts: Any) -> Any:
-    """One output's rows, called one by one, joined; an output that is no tensor is the first row's (refused
+    """One output's rows, called one by one, joined; an output that is no tensor, or a 0-d one, is the first row's (refused
     below as not per row, by name, as a batch's would be; ``torch.cat`` raised a TypeError)."""
-    return torch.cat(parts) if all(isinstance(part, torch.Tensor) for part in parts) else parts[0]
+    return torch.cat(parts) if all(isinstance(part, torch.Tensor) and part.dim() for part in parts) else parts[0]

@@ -138,11 +138,11 @@ def _sibling_base(path: Path, kind: str) -> str:
     """``.NAME.KIND@HOST@``, with a NAME too long to leave room for the pid and ``mkdtemp``'s 8 letters (a
     229-byte save name failed with 'File name too long') cut and given a digest of the whole."""
     host = socket.gethostname()
-    room = NAME_MAX - len(f"..{kind}@{host}@".encode()) - len("4294967295-") - 8
+    room = NAME_MAX - len(os.fsencode(f"..{kind}@{host}@")) - len("4294967295-") - 8
     name = path.name
-    if len(name.encode()) > room:
-        digest = hashlib.sha256(name.encode()).hexdigest()[:16]
-        name = name.encode()[:max(room - 17, 0)].decode(errors="ignore") + "~" + digest
+    if len(os.fsencode(name)) > room:  # (bytes as the file system has them: a Latin-1 name too)
+        digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+        name = os.fsencode(name)[:max(room - 17, 0)].decode(errors="ignore") + "~" + digest
     return f".{name}.{kind}@{host}@"
 
 
