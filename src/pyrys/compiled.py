@@ -24,7 +24,7 @@ from pyrys.ir.graph import share_constants
 from pyrys.ir.generated_source import forgetting_dead_sources
 from pyrys.ir.quiet_fake import fake_tensor_errors_unlogged
 from pyrys.ir.symbolic import hold_squeezed_sizes, is_symbolic
-from pyrys.numerics.budget import GUARD_MEASURE_KEY, program_over_budget
+from pyrys.numerics.budget import GUARD_MEASURE_KEY, program_error, program_over_budget
 from pyrys.numerics.report import NumericsReport
 from pyrys.numerics.trace import NumericsTrace
 from pyrys.passes.specialize import ShapeMismatch, specialize
@@ -178,11 +178,14 @@ def _compile_unchecked(frontend: Frontend, args: tuple, kwargs: dict, config: Op
             compiled.generic, compiled.template = generic, template
         return compiled
     if guard_measure is not None and compiled.backend != "reference":  # (on torch's ops: what the guard measured)
-        over = program_over_budget(guard_measure, compiled.program, flat,
-                                   BF16_ROUNDING if config.output_dtype == torch.bfloat16 else 0.0)
+        error, every_sample = program_error(guard_measure, compiled.program, flat)
+        over = program_over_budget(guard_measure, error, BF16_ROUNDING if config.output_dtype == torch.bfloat16 else 0.0)
         if over:  # in place of the guard's notes, which say what torch's ops gave
             compiled.notes = [note for note in compiled.notes if note not in (measured, rounded)] + [over]
             warnings.warn(f"pyrys: {over}", stacklevel=callers_level())
+        elif measured and every_sample and guard_measure.error <= guard_measure.budget:  # the program's own error
+            again = guard_accuracy_note(precision, config.calibration, guard, error)  # on the data the note names
+            compiled.notes = [again if note == measured else note for note in compiled.notes]
     if trace is not None:
         compiled.numerics = _measure_program(trace, compiled, flat, config)
     return compiled

@@ -87,16 +87,18 @@ def bf16_guard(calibration: Calibration | None, flat: list, gm: fx.GraphModule) 
     return Bf16Guard(fitted, calibration.accuracy_budget, f"{len(fitted)} calibration sample{'s' * (len(fitted) > 1)}")
 
 
-def guard_accuracy_note(precision: str, calibration: Calibration | None, guard: Bf16Guard | None) -> str:
+def guard_accuracy_note(precision: str, calibration: Calibration | None, guard: Bf16Guard | None,
+                        error: float | None = None) -> str:
     """How far the outputs are from float32's, as the accuracy guard measured (bf16: this compile's; int8: that
-    of the plan this compile uses, the first compile's or, calibrated on its own, this one's)."""
+    of the plan this compile uses, the first compile's or, calibrated on its own, this one's); ``error``: the
+    compiled program's, measured on the same data (the guard measured torch's ops)."""
     if guard is not None:
-        return guard.note()
+        return guard.note(error)
     plan = calibration.plan if calibration is not None and precision == "int8" else None
     if plan is None or plan.error is None:
         return ""
-    return accuracy_note("int8", plan.error, calibration.accuracy_budget, len(plan.kept), CALIBRATION_DATA,
-                         plan.floating)
+    return accuracy_note("int8", plan.error if error is None else error, calibration.accuracy_budget, len(plan.kept),
+                         CALIBRATION_DATA, plan.floating)
 
 
 def disabled_precision_note(precision: str, config: OptimizeConfig) -> str:

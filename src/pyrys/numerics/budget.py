@@ -40,23 +40,31 @@ class GuardMeasure:
     data: str
 
 
-def program_over_budget(measure: GuardMeasure, program, flat: list, rounding: float = 0.0) -> str:
-    """The accuracy note for the backend's ``program`` (built for ``flat``'s shapes) where it errs more than
-    the budget (plus ``rounding``: what an ``output_dtype`` adds) on the guard's samples of those shapes, where
-    the guard, measuring torch's ops, found the budget held; else "".  Two kernels round a value apart by one
-    step, and an output that jumps at a threshold of it (a comparison, a mask, a rounding to integers) moves
-    by the jump: rare, and no op the guard could keep would show it."""
+def program_error(measure: GuardMeasure, program, flat: list) -> tuple[float | None, bool]:
+    """The backend's ``program`` (built for ``flat``'s shapes) measured as the guard measured torch's ops: its
+    outputs' largest relative error on the guard's samples of those shapes, and whether those are every sample
+    (the data an accuracy note names); None where none is of them, or it fails (a check, never a compile's
+    failure: the example inputs ran on it)."""
     same = [(sample, want) for sample, want in zip(measure.samples, measure.expected)
             if _same_shapes(sample, flat)]
-    if not same or measure.error > measure.budget:  # (over already: the guard's own note says so)
-        return ""
+    if not same:
+        return None, False
     try:
         error = max(max_error(lambda inputs: in_dtypes_of(program(inputs), want), [sample], [want])
                     for sample, want in same)  # (bfloat16 outputs asked for: compared as the guard compared)
-    except Exception:  # noqa: BLE001 -- a check, never a compile's failure: the example inputs ran on it
-        return ""
-    if error <= measure.budget + rounding:
-        return ""
+    except Exception:  # noqa: BLE001
+        return None, False
+    return error, len(same) == len(measure.samples)
+
+
+def program_over_budget(measure: GuardMeasure, error: float | None, rounding: float = 0.0) -> str:
+    """The accuracy note for a program that errs ``error`` (:func:`program_error`) where that is more than the
+    budget (plus ``rounding``: what an ``output_dtype`` adds) while the guard, measuring torch's ops, found
+    the budget held; else "".  Two kernels round a value apart by one step, and an output that jumps at a
+    threshold of it (a comparison, a mask, a rounding to integers) moves by the jump: rare, and no op the guard
+    could keep would show it."""
+    if error is None or measure.error > measure.budget or error <= measure.budget + rounding:
+        return ""  # (over already: the guard's own note says so)
     return (f"{ACCURACY_NOTE % measure.precision}{error:.1e} of float32's (max relative error on {measure.data}, "
             f"of the compiled program), over accuracy_budget={measure.budget:g}: the guard measured "
             f"{measure.error:.1e} there on torch's ops, and oneDNN's kernels round some value otherwise; an output "

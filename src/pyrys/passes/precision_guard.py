@@ -94,13 +94,14 @@ class Bf16Guard:
         measured.error = self.error
         return self.kept
 
-    def note(self) -> str:
+    def note(self, error: float | None = None) -> str:
+        """What the guard measured, in ``opt.notes`` (``error``: the compiled program's, measured alike)."""
         if self.failure:
             return (f"precision='bf16': the accuracy guard could not measure the graph on {self.data} "
                     f"({self.failure}); every op that can runs in bf16")
         if self.error is None:
             return ""
-        return accuracy_note("bf16", self.error, self.budget, len(self.kept), self.data)
+        return accuracy_note("bf16", self.error if error is None else error, self.budget, len(self.kept), self.data)
 
 
 def own_errors(gm: fx.GraphModule, names: set[str], samples: list[list]) -> dict[str, float]:
