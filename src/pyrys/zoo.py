@@ -9,7 +9,10 @@ transformers (with the ``transformers`` extra), optimized and compared with eage
 Models come from :func:`pyrys.testing.torchvision_model`: random weights (no download),
 BatchNorm with random affine parameters and the statistics of random images, and no all-zero weight tensors (ViT's head is
 zero-initialized, which would make every output 0 and every comparison vacuous).
-A row passes when ``pyrys.relative_error(optimized, eager) <= pyrys.FP32_TOLERANCE``.
+A row passes when ``pyrys.relative_error(optimized, eager) <= pyrys.FP32_TOLERANCE``, or, past that, within
+:data:`EAGER_MARGIN` times eager's own float32 error against float64 (measured then): a deep network carrying
+signal amplifies float32 rounding, and two float32 computations as accurate as each other differ by up to the
+sum of their errors (ResNet-152: eager 2.4e-4 off float64, pyrys 2.4e-4 off float64, 4.0e-4 off eager).
 """
 from __future__ import annotations
 
@@ -118,12 +121,21 @@ class ZooRow:
     error: float = float("nan")
     seconds: float = 0.0
     failure: str = ""
+    eager_error: float | None = None  # eager float32's own error against float64, where error passed the tolerance
+
+    @property
+    def tolerance(self) -> float:
+        """What ``error`` is held to: :data:`pyrys.FP32_TOLERANCE`, or :data:`EAGER_MARGIN` times eager's own error."""
+        from pyrys.numerics import FP32_TOLERANCE
+
+        return max(FP32_TOLERANCE, EAGER_MARGIN * (self.eager_error or 0.0))
 
     @property
     def passed(self) -> bool:
-        from pyrys.numerics import FP32_TOLERANCE
+        return not self.failure and self.error <= self.tolerance
 
-        return not self.failure and self.error <= FP32_TOLERANCE
+
+EAGER_MARGIN = 3.0  # errors of two float32 computations add (2x), and a margin
 
 
 FOLD_PASSES = ("fold_conv_bn", "fold_constant_affine")
@@ -159,12 +171,28 @@ def run_model(name: str, backend: str = "reference", model: torch.nn.Module | No
         row.folds, row.fusions = _fired(history, FOLD_PASSES), _fired(history, FUSE_PASSES)
         row.misses = len(opt.misses)
         row.error = pyrys.relative_error(actual, expected)
+        if row.error > pyrys.FP32_TOLERANCE:
+            row.eager_error = _eager_error(model, inputs, expected)
     except Exception as error:  # a zoo row reports the failure; the run goes on
         row.failure = f"{type(error).__name__}: {error}".splitlines()[0][:200]
         traceback.print_exc()
     row.seconds = time.perf_counter() - start
     gc.collect()
     return row
+
+
+def _eager_error(model: torch.nn.Module, inputs: tuple, expected) -> float:
+    """``relative_error(eager float32, eager float64)``: the rounding error of eager itself on these inputs."""
+    import copy
+
+    import pyrys
+
+    double = copy.deepcopy(model).double()
+    widened = tuple(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs)
+    with torch.no_grad():
+        exact = double(*widened)
+    return pyrys.relative_error(expected, torch.utils._pytree.tree_map(
+        lambda t: t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, exact))
 
 
 def run_zoo(names, backends, on_row=None) -> list[ZooRow]:

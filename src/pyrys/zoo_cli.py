@@ -22,7 +22,10 @@ def add_zoo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _format_error(row: zoo.ZooRow) -> str:
-    return "-" if row.failure else f"{row.error:.1e}"
+    """The error against eager, and eager's own against float64 where that was measured (the bound then)."""
+    if row.failure:
+        return "-"
+    return f"{row.error:.1e}" + (f" (eager's own: {row.eager_error:.1e})" if row.eager_error is not None else "")
 
 
 def _table(rows: list[zoo.ZooRow]):
