@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from pyrys.bench.transformer_models import MODELS as TRANSFORMER_MODELS
-from pyrys.testing import torchvision_model
+from pyrys.testing import input_size, torchvision_model
 
 CLASSIFICATION = (
     "alexnet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
@@ -51,11 +51,8 @@ SEGMENTATION = ("fcn_resnet50", "deeplabv3_resnet50", "lraspp_mobilenet_v3_large
 TRANSFORMERS = tuple(TRANSFORMER_MODELS) if importlib.util.find_spec("transformers") else ()
 MODELS = CLASSIFICATION + SEGMENTATION + TRANSFORMERS
 QUICK = ("resnet18", "mobilenet_v3_small", "squeezenet1_1", "shufflenet_v2_x0_5")
-INPUT_SIZES = {"inception_v3": 299}  # every other model: 224 x 224
-
-
 def input_shape(name: str, batch: int = 1) -> tuple[int, ...]:
-    size = INPUT_SIZES.get(name, 224)
+    size = input_size(name)
     return (batch, 3, size, size)
 
 

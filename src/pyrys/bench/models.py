@@ -15,8 +15,7 @@ import torch
 from torch import nn
 
 from pyrys.bench.transformer_models import MODELS as TRANSFORMER_MODELS
-from pyrys.testing import randomize_batchnorm, torchvision_model
-from pyrys.zoo import INPUT_SIZES
+from pyrys.testing import input_size, randomize_batchnorm, torchvision_model
 
 def build_model(name: str) -> nn.Module:
     """A torchvision model or a zoo transformer (``hf_bert``) by name, or ``pkg.module:factory`` returning an
@@ -34,7 +33,7 @@ def example_inputs(name: str, batch_size: int, model: nn.Module | None = None) -
     """Seeded random image inputs; a model may override with ``example_inputs(batch)``."""
     if model is not None and hasattr(model, "example_inputs"):
         return tuple(model.example_inputs(batch_size))
-    size = INPUT_SIZES.get(name, 224)
+    size = input_size(name)
     generator = torch.Generator().manual_seed(1)
     return (torch.randn(batch_size, 3, size, size, generator=generator),)
 
