@@ -51,6 +51,8 @@ SEGMENTATION = ("fcn_resnet50", "deeplabv3_resnet50", "lraspp_mobilenet_v3_large
 TRANSFORMERS = tuple(TRANSFORMER_MODELS) if importlib.util.find_spec("transformers") else ()
 MODELS = CLASSIFICATION + SEGMENTATION + TRANSFORMERS
 QUICK = ("resnet18", "mobilenet_v3_small", "squeezenet1_1", "shufflenet_v2_x0_5")
+
+
 def input_shape(name: str, batch: int = 1) -> tuple[int, ...]:
     size = input_size(name)
     return (batch, 3, size, size)
@@ -169,7 +171,10 @@ def run_model(name: str, backend: str = "reference", model: torch.nn.Module | No
         row.misses = len(opt.misses)
         row.error = pyrys.relative_error(actual, expected)
         if row.error > pyrys.FP32_TOLERANCE:
-            row.eager_error = _eager_error(model, inputs, expected)
+            try:
+                row.eager_error = _eager_error(model, inputs, expected)
+            except Exception:  # noqa: BLE001 -- a model that does not run in float64: held to the tolerance
+                traceback.print_exc()
     except Exception as error:  # a zoo row reports the failure; the run goes on
         row.failure = f"{type(error).__name__}: {error}".splitlines()[0][:200]
         traceback.print_exc()
