@@ -114,9 +114,15 @@ def _dump_dir(config: OptimizeConfig, signature: Signature, dynamic: bool | str,
     return Path(config.dump_dir) / (f"symbolic_{name}" if dynamic else name)
 
 
+def _checks_writes(frontend: Frontend, like: Compiled | None) -> bool:
+    """Whether a compile checks the user's weights against those at optimize (a later one: the first compile's
+    are the weights at optimize), before and after it and in each copy it freezes."""
+    return frontend.writes is not None and like is not None
+
+
 def _compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: OptimizeConfig, dynamic: bool | str,
                        like: Compiled | None, trace: NumericsTrace | None = None) -> Compiled:
-    checked = frontend.writes is not None and like is not None  # (the first compile's are the weights at optimize)
+    checked = _checks_writes(frontend, like)
     if checked:
         frontend.writes.check(digests=False)  # cheap: a write in place, before the capture
     compiled = _compile_unchecked(frontend, args, kwargs, config, dynamic, like, trace)
@@ -143,7 +149,7 @@ def _compile_unchecked(frontend: Frontend, args: tuple, kwargs: dict, config: Op
         instruments.verify = make_verifier(output_types(captured.gm), config.output_dtype)
     precision, precision_note = effective_precision(config.precision)
     guard = bf16_guard(config.calibration, flat, captured.gm) if precision == "bf16" else None
-    checked = frontend.writes is not None and like is not None  # (as _compile_signature's checks)
+    checked = _checks_writes(frontend, like)
     options = PassOptions(config.freeze_params, config.freeze_flags, precision, config.calibration, config.output_dtype,
                           guard, frontend.writes.check_copy if checked else None)
     roots = output_roots(captured.gm, as_backends_run=False)
