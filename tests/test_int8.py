@@ -292,6 +292,38 @@ def test_the_accuracy_guard_keeps_the_sensitive_layer_in_floating_point(backend,
     assert pyrys.relative_error(guarded(x), model(x)) <= 1e-2
 
 
+def test_the_guard_keeps_the_op_that_moves_the_outputs_not_the_one_that_moves_its_own(monkeypatch):
+    """``quiet`` reads one huge, unused feature (int8 moves its result by ~1), its result scaled down 1e3 beside
+    ``loud``'s, which reads one large feature it uses (int8 moves its result by a few 1e-2): the guard orders by
+    the effect on the outputs (:mod:`pyrys.numerics.sensitivity`) and keeps ``loud`` alone; ordered by own error
+    it kept both."""
+    monkeypatch.setattr(quantize_pass, "keeps_in_bf16", lambda: False)
+    torch.manual_seed(0)
+    model = Fn(lambda m, x: torch.cat([m.loud(x[:, 8:]), 1e-3 * m.quiet(x[:, :8])], dim=1),
+               loud=nn.Linear(8, 8), quiet=nn.Linear(8, 8)).eval()
+    with torch.no_grad():
+        model.quiet.weight[:, 0] = 0
+    generator = torch.Generator().manual_seed(0)
+
+    def sample():
+        x = torch.randn(4, 16, generator=generator)
+        x[:, 0] *= 5000
+        x[:, 8] *= 30
+        return x
+    calibration = [sample() for _ in range(8)]
+    x = calibration[0]
+    unguarded = int8(model, x, "reference", calibration, accuracy_budget=None)
+    assert pyrys.relative_error(unguarded(x), model(x)) > 2e-2
+    guarded = int8(model, x, "reference", calibration, accuracy_budget=1e-2)
+    (miss,) = guarded.misses
+    assert re.search(rf"%{miss.node} : Float\(4, 8\) = pyrys::linear\(%slice_\d+, %loud_weight", guarded.graph), \
+        guarded.graph
+    own, effect = map(float, re.search(r"moves its own result by (\S+) and the outputs by (\S+) ", miss.reason).groups())
+    assert own < 0.5 and effect > 1e-2, miss.reason
+    assert fired(guarded) == {"int8": 1}  # quiet
+    assert pyrys.relative_error(guarded(x), model(x)) <= 1e-2
+
+
 @pytest.mark.skipif(not native_bf16(), reason="this CPU has no native bf16: the guard keeps layers in float32")
 def test_an_int8_layer_read_by_a_bf16_kept_one_writes_bf16():
     """The first linear is int8; the second reads one huge, unused feature (the guard keeps it, in bf16 on this

@@ -344,6 +344,39 @@ def test_accuracy_budget_keeps_the_op_that_breaks_it_in_float32(bf16_cpu, backen
     assert pyrys.relative_error(opt(other), model(other)) <= 1e-2
 
 
+class LoudAndQuiet(torch.nn.Module):
+    """Two difference-taking linears (:class:`Cancelling`'s): ``quiet`` on features ~100 (bf16 loses every
+    difference: its own error ~1), its result scaled down 1e3 before it joins the output; ``loud`` on features
+    ~10 (bf16 moves its result by ~3e-2); their results side by side are the output (so no sum fuses them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.quiet, self.loud = Cancelling().differences, Cancelling().differences
+
+    def forward(self, x):
+        return torch.cat([self.loud(x[:, 8:]), 1e-3 * self.quiet(x[:, :8])], dim=1)
+
+    @staticmethod
+    def inputs(batch: int = 4, seed: int = 0) -> torch.Tensor:
+        noise = torch.randn(batch, 16, generator=torch.Generator().manual_seed(seed))
+        return torch.cat([100 + 0.01 * noise[:, :8], 10 + 0.5 * noise[:, 8:]], dim=1)
+
+
+def test_the_guard_keeps_the_op_that_moves_the_outputs_not_the_one_that_moves_its_own(bf16_cpu):
+    """The guard orders ops by their effect on the outputs (:mod:`pyrys.numerics.sensitivity`): ``loud`` alone is
+    kept; by own error ``quiet`` came first, and both were kept."""
+    model, x = LoudAndQuiet().eval(), LoudAndQuiet.inputs()
+    unguarded = pyrys.optimize(model, (x,), precision="bf16", accuracy_budget=None, backend="reference")
+    assert pyrys.relative_error(unguarded(x), model(x)) > 1e-2
+    opt = pyrys.optimize(model, (x,), precision="bf16", accuracy_budget=1e-2, backend="reference")
+    (miss,) = opt.misses
+    assert re.search(rf"%{miss.node} : Float\(4, 7\) = aten::linear\(%slice_\d+, %loud_weight", opt.graph), opt.graph
+    own, effect = map(float, re.search(r"moves its own result by (\S+) and the outputs by (\S+) ", miss.reason).groups())
+    assert 1e-3 < own < 0.1 and effect > 1e-2, miss.reason
+    assert "the op that moves the outputs the most" in miss.reason
+    assert pyrys.relative_error(opt(x), model(x)) <= 1e-2
+
+
 def test_the_default_budget_measures_and_keeps_what_holds(bf16_cpu, backend):
     model, x = conv_bn_relu(), image()
     opt = pyrys.optimize(model, (x,), backend=backend, precision="bf16")

@@ -54,11 +54,11 @@ class ReferenceProgram:
     def __call__(self, inputs: list) -> list:
         if self.float_inputs and not all_finite(inputs, self.float_inputs):
             return self.float_path(inputs)
-        args = self._arguments(inputs)
+        args = self.arguments(inputs)
         with torch.no_grad():
             return [self._owned(output) for output in self.gm(*args)]
 
-    def _arguments(self, inputs: list) -> list:
+    def arguments(self, inputs: list) -> list:
         """The graph's arguments in placeholder order: module state, and the user's inputs as captured."""
         user = iter(map(_as_traced, inputs, self.strides))
         return [self.state[i] if i in self.state else next(user) for i in range(self.arity)]
@@ -93,7 +93,7 @@ class ReferenceProgram:
 
     def profile(self, inputs: list, runs: int = 20) -> list[tuple[str, float]]:
         """Median microseconds of every op over ``runs`` calls, with the op's line of the graph."""
-        timer, args = _NodeTimer(self.gm), self._arguments(inputs)
+        timer, args = _NodeTimer(self.gm), self.arguments(inputs)
         with torch.no_grad():
             for _ in range(runs):
                 timer.run(*args)
@@ -102,7 +102,7 @@ class ReferenceProgram:
 
     def activations(self, inputs: list) -> tuple[list, dict[str, torch.Tensor]]:
         """The outputs, and the value of every op node that makes a tensor, by node name (for numerics)."""
-        recorder, args = _ValueRecorder(self.gm), self._arguments(inputs)
+        recorder, args = _ValueRecorder(self.gm), self.arguments(inputs)
         with torch.no_grad():
             outputs = recorder.run(*args)
         return [self._owned(output) for output in outputs], recorder.values
@@ -110,7 +110,7 @@ class ReferenceProgram:
     def observe(self, inputs: list, visit) -> list:
         """The outputs; ``visit(name, tensor)`` sees every tensor an input or op node makes, when it is made
         (for calibration: nothing is kept here)."""
-        recorder, args = _ValueRecorder(self.gm, visit), self._arguments(inputs)
+        recorder, args = _ValueRecorder(self.gm, visit), self.arguments(inputs)
         with torch.no_grad():
             outputs = recorder.run(*args)
         return [self._owned(output) for output in outputs]

@@ -5,7 +5,8 @@
                float32 outputs)
     own(op)  = the error an op's own rounding makes in its result, on the float32 graph's activations
 
-When error(nothing kept) > budget, the ops are ordered by ``own``, largest first, and the fewest first
+When error(nothing kept) > budget, the ops are ordered by their first-order effect on the outputs
+(:mod:`pyrys.numerics.sensitivity`; by ``own`` where the graph has no derivative), largest first, and the fewest first
 k of them with error(first k) <= budget go back to float32.  k is found by doubling, then bisection
 (:func:`fewest`): about 2 log2(k) evaluations of error instead of k.
 """
@@ -19,6 +20,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from pyrys.numerics import TOLERANCES, in_dtypes_of, relative_error
+from pyrys.numerics.sensitivity import Sensitivity
 
 AUTO = "auto"  # optimize's default accuracy_budget: the precision's own (DEFAULT_BUDGETS)
 DEFAULT_BUDGETS = {p: TOLERANCES[p] for p in ("bf16", "int8")}  # each lower precision's tolerance
@@ -154,13 +156,19 @@ def fewest(count: int, holds: Callable[[int], bool]) -> int:
     return high
 
 
-def kept_reason(precision: str, own: float, total: float, budget: float, data: str, kept: int,
-                kept_in: str = "float32") -> str:
-    """A kept op's miss reason (kept in ``kept_in``)."""
-    which = "the op that moves its own the most" if kept == 1 else f"one of the {kept} ops that move theirs the most"
-    return (f"kept in {kept_in} {KEPT_BY_GUARD}: {precision} moves its own result by {own:.1e} (relative, on "
-            f"{data}), {which}; with every op in {precision} the outputs moved {total:.1e}, over "
-            f"accuracy_budget={budget:g}")
+def kept_reason(precision: str, measured: Sensitivity, name: str, total: float, budget: float, data: str,
+                kept: int, kept_in: str = "float32") -> str:
+    """Op ``name``'s miss reason (kept in ``kept_in``), from what :mod:`~pyrys.numerics.sensitivity` ``measured``."""
+    own = f"{precision} moves its own result by {measured.own[name]:.1e}"
+    if measured.effect is None:  # (the graph has no derivative: ordered by own error)
+        moves, what = f"{own} (relative, on {data})", ("its own", "theirs")
+    else:
+        moves = (f"{own} and the outputs by {measured.effect[name]:.1e} (relative; the outputs' to first order, "
+                 f"their root-sum-square; on {data})")
+        what = ("the outputs", "the outputs")
+    which = f"the op that moves {what[0]} the most" if kept == 1 else f"one of the {kept} ops that move {what[1]} the most"
+    return (f"kept in {kept_in} {KEPT_BY_GUARD}: {moves}, {which}; with every op in {precision} the outputs moved "
+            f"{total:.1e}, over accuracy_budget={budget:g}")
 
 
 ACCURACY_NOTE = "precision='%s': outputs within "  # how accuracy_note begins

@@ -1,12 +1,13 @@
 """The bf16 accuracy guard: how far ``precision="bf16"`` moves the outputs from float32's, and which ops
-go back to float32 when that is more than ``accuracy_budget`` (the search: :mod:`pyrys.numerics.budget`).
+go back to float32 when that is more than ``accuracy_budget`` (the search: :mod:`pyrys.numerics.budget`), the
+ops that move the outputs the most first.
 
-    error(K) = max over the samples of relative_error(graph lowered with the ops K kept in float32, float32 graph)
-    own(op)  = max over the samples of relative_error(op on its float32 arguments rounded to bfloat16,
-                                                      op on the float32 arguments)
+    error(K)  = max over the samples of relative_error(graph lowered with the ops K kept in float32, float32 graph)
+    effect(op) = how far the op on its float32 arguments rounded to bfloat16 moves the outputs, to first order
+                (:mod:`pyrys.numerics.sensitivity`)
 
-both on the reference backend, ``own`` on the float32 graph's activations (one run per sample for all
-ops: each op evaluated once more on its rounded arguments).  Each evaluation of ``error`` lowers a copy
+both on the reference backend, ``effect`` on the float32 graph's activations (one run and a few backward
+passes per sample for all ops: each op evaluated once more on its rounded arguments).  Each evaluation of ``error`` lowers a copy
 of the graph (its constants shared) and runs it; the graph itself is lowered once, with the ops chosen.
 With the budget kept by everything in bf16 (the usual case: ~4e-3 on CNNs and encoders) the guard
 costs one float32 and one bf16 run of the graph per sample.
@@ -23,9 +24,9 @@ from pyrys.backends.reference import ReferenceProgram
 from pyrys.ir.graph import nodes_in, trial_copy
 from pyrys.ir.ops import PYTHON_IMPLS
 from pyrys.ir.vocabulary import ATTENTION
-from pyrys.numerics import relative_error
 from pyrys.numerics.budget import (GUARD_MEASURE_KEY, GuardMeasure, accuracy_note, keep_fewest, kept_reason,
                                    max_error)
+from pyrys.numerics.sensitivity import Sensitivity, sensitivities
 
 
 @dataclass
@@ -85,11 +86,11 @@ class Bf16Guard:
         gm.meta[GUARD_MEASURE_KEY] = measured  # the backend's program is measured on them too (compiled.py)
         if total <= self.budget:
             return {}
-        own = own_errors(gm, moved, self.samples)
-        ordered = sorted(own, key=own.__getitem__, reverse=True)  # ties in graph order
+        measured = sensitivity(gm, moved, self.samples)
+        ordered = measured.order()
         count, self.error = keep_fewest(len(ordered), lambda k: error(frozenset(ordered[:k]), self.budget)[0],
                                         self.budget)
-        self.kept = {name: kept_reason("bf16", own[name], total, self.budget, self.data, count)
+        self.kept = {name: kept_reason("bf16", measured, name, total, self.budget, self.data, count)
                      for name in ordered[:count]}
         measured.error = self.error
         return self.kept
@@ -104,34 +105,22 @@ class Bf16Guard:
         return accuracy_note("bf16", self.error if error is None else error, self.budget, len(self.kept), self.data)
 
 
-def own_errors(gm: fx.GraphModule, names: set[str], samples: list[list]) -> dict[str, float]:
-    """``own(op)`` of the module docstring for each op named in ``names``; only the values those ops read
-    are kept, each op measured as soon as its result is made."""
+def sensitivity(gm: fx.GraphModule, names: set[str], samples: list[list]) -> Sensitivity:
+    """Each op named in ``names``' own error and first-order effect on the outputs in bf16
+    (:mod:`pyrys.numerics.sensitivity`): the op run on its float32 arguments rounded to bfloat16 (attention's
+    query, key and value alone), on the float32 graph's activations."""
     program = ReferenceProgram(gm)
     nodes = {node.name: node for node in gm.graph.nodes if node.name in names}
-    read = {arg.name for node in nodes.values() for arg in node.all_input_nodes if arg.op != "get_attr"}
-    own = dict.fromkeys(nodes, 0.0)  # in graph order
+    reads = {arg.name for node in nodes.values() for arg in node.all_input_nodes if arg.op != "get_attr"}
 
-    for sample in samples:
-        values: dict[str, torch.Tensor] = {}
+    def rounded(name: str, value):
+        node = nodes[name]
+        rounding = nodes_in(node.args[:3] if node.target is ATTENTION else (node.args, node.kwargs))
+        args, kwargs = fx.map_arg((node.args, node.kwargs),
+                                  lambda a: _rounded(value(a)) if a in rounding else value(a))
+        return PYTHON_IMPLS.get(node.target, node.target)(*args, **kwargs)
 
-        def value(arg: fx.Node):
-            return getattr(program.gm, arg.target) if arg.op == "get_attr" else values[arg.name]
-
-        def visit(node_name: str, tensor) -> None:
-            if node_name in read:
-                values[node_name] = tensor
-            node = nodes.get(node_name)
-            if node is None:
-                return
-            rounded = nodes_in(node.args[:3] if node.target is ATTENTION else (node.args, node.kwargs))
-            args, kwargs = fx.map_arg((node.args, node.kwargs),
-                                      lambda a: _rounded(value(a)) if a in rounded else value(a))
-            run = PYTHON_IMPLS.get(node.target, node.target)
-            own[node_name] = max(own[node_name], relative_error(run(*args, **kwargs), tensor))
-
-        program.observe(sample, visit)
-    return own
+    return sensitivities(program.gm, program.arguments, samples, rounded, set(nodes), reads)
 
 
 def _rounded(value):

@@ -2,19 +2,20 @@
 the calibration data are within ``accuracy_budget`` of float32's.
 
     error(S)  = max over the guard's samples of relative_error(outputs with the ops S in int8, float32 outputs)
-    own(op)   = max over the samples of relative_error(op on its int8 arguments, op on its float32 ones),
-                both on the float32 graph's activations: the error the op's own quantization makes
+    effect(op) = how far the op's own quantization moves the outputs, to first order, on the float32 graph's
+                activations (:mod:`pyrys.numerics.sensitivity`; the op's own error where the graph has no
+                derivative)
 
-If error(every op) > budget, the fewest ops with the largest ``own`` go back to float32 so that error(the
-rest) <= budget (the search: :mod:`pyrys.numerics.budget`).  Where the CPU has native bf16 they go back to
-bf16 instead (``keep_in_bf16``: about 10x float32's speed on AMX, 2x on AVX-512 BF16), and the ops with
-no int8 kernel that run faster in bf16 (attention) run so too, error(S) measured so; all float32 only if
-even every op in bf16 breaks the budget.  Every op's ``own`` comes from one run of
-the float32 graph per sample (each op evaluated once more on its quantized arguments), so the guard
-costs two runs of the graph (on the reference backend, the rounding simulated) per sample plus about
-2 log2(k) more for k ops put back, on the first :data:`~pyrys.numerics.budget.GUARD_SAMPLES` calibration
-samples; nothing beyond the first when the budget holds with every op in int8.  (Measuring each op's
-effect on the outputs alone took a run per op: 200 s for BERT-base's 73 linears.)
+If error(every op) > budget, the fewest ops with the largest ``effect`` go back to float32 so that
+error(the rest) <= budget (the search: :mod:`pyrys.numerics.budget`).  Where the CPU has native bf16 they
+go back to bf16 instead (``keep_in_bf16``: about 10x float32's speed on AMX, 2x on AVX-512 BF16), and the
+ops with no int8 kernel that run faster in bf16 (attention) run so too, error(S) measured so; all float32
+only if even every op in bf16 breaks the budget.  Every op's ``effect`` comes from one run of the float32
+graph per sample (each op evaluated once more on its quantized arguments) and a few backward passes, so
+the guard costs about six runs of the graph (on the reference backend, the rounding simulated) per sample
+plus about 2 log2(k) more for k ops put back, on the first :data:`~pyrys.numerics.budget.GUARD_SAMPLES`
+calibration samples; one run of the int8 graph per sample when the budget holds with every op in int8.
+(Measuring each op's effect on the outputs alone took a run per op: 200 s for BERT-base's 73 linears.)
 """
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ import torch.fx as fx
 from pyrys.backends.reference import ReferenceProgram
 from pyrys.ir.graph import add_constant, nodes_in, trial_copy
 from pyrys.ir.ops import PYTHON_IMPLS
-from pyrys.numerics import relative_error
 from pyrys.numerics.budget import GUARD_SAMPLES, keep_fewest, kept_reason, max_error
+from pyrys.numerics.sensitivity import Sensitivity, sensitivities
 from pyrys.quantization import DEQUANTIZE_WEIGHT
 
 # what int8's reasons and note say the guard measured on (the first samples only: a note said "the calibration
@@ -93,30 +94,39 @@ def guard(gm: fx.GraphModule, switches: dict[str, Switch], samples: list[list], 
         if total <= budget:
             return {}, total, precision
         if not ordered:
-            own = own_errors(gm, switches, samples, weights)
-            ordered = sorted(own, key=own.__getitem__, reverse=True)
+            measured = sensitivity(gm, switches, samples, weights)
+            ordered = measured.order()
         count, final = keep_fewest(len(ordered), lambda k: keep(k, precision) or error(budget), budget)
         if final <= budget:
             break  # else even every op in bf16 breaks the budget: float32 then (and the last try's if not)
     keep(count, FLOAT32)  # the switches as chosen (the search may have tried others last); bf16 is the pass's
-    return {name: kept_reason("int8", own[name], total, budget, CALIBRATION_DATA, count, precision)
+    return {name: kept_reason("int8", measured, name, total, budget, CALIBRATION_DATA, count, precision)
             for name in ordered[:count]}, final, precision
 
 
-def own_errors(gm: fx.GraphModule, switches: dict[str, Switch], samples: list[list],
-               weights: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
-    """``own(op)`` of the module docstring for every op of ``switches`` (left in float32 on return);
-    ``weights``: :func:`dequantized_weights`, where the caller holds them already."""
-    own = dict.fromkeys(switches, 0.0)
+def sensitivity(gm: fx.GraphModule, switches: dict[str, Switch], samples: list[list],
+                weights: dict[str, torch.Tensor] | None = None) -> Sensitivity:
+    """Each op of ``switches``' own error and first-order effect on the outputs (:mod:`pyrys.numerics.sensitivity`),
+    by key, every op in float32 (so left on return); ``weights``: :func:`dequantized_weights`, where the caller
+    holds them already."""
+    for switch in switches.values():
+        switch.set(False)  # the quantize/dequantize nodes stay in the graph, unread: each run computes them
+    weights = dequantized_weights(gm) if weights is None else weights  # (but the weights' once)
+    program = ReferenceProgram(with_weights(gm, weights))
+    by_layer = {switch.layer.name: name for name, switch in switches.items()}
+    reads = {arg.name for switch in switches.values() for arg in nodes_in((switch.int8_args, switch.layer.kwargs))
+             if arg.op != "get_attr" and arg.name not in weights}
 
-    def measure(name: str, arguments, result) -> None:
-        switch = switches[name]
-        run = PYTHON_IMPLS.get(switch.layer.target, switch.layer.target)
-        quantized = run(*arguments(switch.int8_args), **arguments(switch.layer.kwargs))
-        own[name] = max(own[name], relative_error(quantized, result))
+    def rounded(layer: str, value):
+        switch = switches[by_layer[layer]]
+        arguments = fx.map_arg((switch.int8_args, switch.layer.kwargs),
+                               lambda arg: weights[arg.name] if arg.name in weights else value(arg))
+        return PYTHON_IMPLS.get(switch.layer.target, switch.layer.target)(*arguments[0], **arguments[1])
 
-    on_float32_activations(gm, switches, samples, measure, weights=weights)
-    return own
+    measured = sensitivities(program.gm, program.arguments, samples, rounded, set(by_layer), reads)
+    return Sensitivity({by_layer[layer]: own for layer, own in measured.own.items()},
+                       None if measured.effect is None else
+                       {by_layer[layer]: effect for layer, effect in measured.effect.items()})
 
 
 def on_float32_activations(gm: fx.GraphModule, switches: dict[str, Switch], samples: list[list], measure,
