@@ -318,7 +318,7 @@ def test_the_guard_keeps_the_op_that_moves_the_outputs_not_the_one_that_moves_it
     (miss,) = guarded.misses
     assert re.search(rf"%{miss.node} : Float\(4, 8\) = pyrys::linear\(%slice_\d+, %loud_weight", guarded.graph), \
         guarded.graph
-    own, effect = map(float, re.search(r"moves its own result by (\S+) and the outputs by (\S+) ", miss.reason).groups())
+    own, effect = map(float, re.search(r"moves its own result by (\S+) and, to first order, the outputs by about (\S+) ", miss.reason).groups())
     assert own < 0.5 and effect > 1e-2, miss.reason
     assert fired(guarded) == {"int8": 1}  # quiet
     assert pyrys.relative_error(guarded(x), model(x)) <= 1e-2

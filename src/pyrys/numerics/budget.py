@@ -162,9 +162,12 @@ def kept_reason(precision: str, measured: Sensitivity, name: str, total: float, 
     own = f"{precision} moves its own result by {measured.own[name]:.1e}"
     if measured.effect is None:  # (the graph has no derivative: ordered by own error)
         moves, what = f"{own} (relative, on {data})", ("its own", "theirs")
+    elif name in measured.underived:
+        moves = (f"{own} (relative, on {data}; no derivative of the outputs reaches it: that is taken as its "
+                 "effect on them)")
+        what = ("the outputs", "the outputs")
     else:
-        moves = (f"{own} and the outputs by {measured.effect[name]:.1e} (relative; the outputs' to first order, "
-                 f"their root-sum-square; on {data})")
+        moves = f"{own} and, to first order, the outputs by about {measured.effect[name]:.1e} (relative, on {data})"
         what = ("the outputs", "the outputs")
     which = f"the op that moves {what[0]} the most" if kept == 1 else f"one of the {kept} ops that move {what[1]} the most"
     return (f"kept in {kept_in} {KEPT_BY_GUARD}: {moves}, {which}; with every op in {precision} the outputs moved "

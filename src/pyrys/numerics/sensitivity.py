@@ -2,24 +2,31 @@
 measured in one run of the float32 graph and a few backward passes per sample, not a run per op.
 
 With ``a_k`` op k's float32 result and ``e_k`` = (op k on its rounded arguments) - ``a_k``, both on the
-float32 graph's activations:
+float32 graph's activations, and ``J_lk`` = dy_l/da_k for each output y_l (n_l values):
 
     own(k)    = relative_error(a_k + e_k, a_k)
-    effect(k) = ||J_k e_k||_2 / max|y|,   J_k = dy/da_k        (y an output; the largest over outputs)
+    effect(k) = sqrt(sum over outputs l of m_l(k)^2),   m_l(k) = c_l ||J_lk e_k||_2 / (sqrt(n_l) max|y_l|)
+    c_l       = sqrt(max(2 ln n_l, 1))
 
-``J_k e_k`` is how far the outputs move, to first order, when op k alone rounds.  Its norm comes from
+``J_lk e_k`` is how far output l moves, to first order, when op k alone rounds; ||.||_2 / sqrt(n_l) is that
+move's root mean square, and n values of a Gaussian move of that root mean square peak near c_l times it:
+m_l(k) estimates the budget's measure, the largest move relative to the largest value (an L2 norm would put
+an op that moves a large output a little before one that moves a small output a lot).  The norms come from
 random directions: for r ~ N(0, I), E[(r . J_k e_k)^2] = ||J_k e_k||^2, and r . J_k e_k = (J_k^T r) . e_k,
-where one backward pass of r . y gives J_k^T r for every k at once.  So
+where one backward pass of r . y gives J_k^T r for every k at once; with every output weighted by
+c_l / (sqrt(n_l) max|y_l|) in r . y, the mean of ((J_k^T r) . e_k)^2 over PROBES directions is effect(k)^2
+(the largest over samples).
 
-    effect(k) ~ sqrt(mean over PROBES directions r of ((J_k^T r) . e_k)^2)      (max over samples)
-
-An op's own error says little about the outputs: a stem convolution's small error is amplified by every
-layer after it, a block scaled by 1e-6 (ConvNeXt's layer scale) moves nothing however large its own.  On
-GoogLeNet's int8 at a budget of 8e-3 the guard kept 43 ops by ``own``, 11 by ``effect``, 8 by each op's
-measured effect alone (a run per op: 13x the time); ResNet-50 at 6e-3: every op, 43, 41.
+An op no derivative of a floating-point output reaches (through an argmax, a comparison, an integer
+index) has no first-order effect to measure, though its rounding may flip what it decides: its effect is
+taken to be its own error (a gain of 1), and its reason says so.  An op's own error alone says little: a
+stem convolution's small error is amplified by every layer after it, a block scaled by 1e-6 (ConvNeXt's
+layer scale) moves nothing however large its own.  On GoogLeNet's int8 at a budget of 8e-3 the guard kept
+43 ops by ``own``, 8 by ``effect``, 8 by each op's measured effect alone (a run per op: 13x the time).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -36,11 +43,12 @@ SEED = 0  # the directions' generator: a compile chooses the same ops each time,
 @dataclass
 class Sensitivity:
     """``own`` and ``effect`` of the module docstring for each op, by name; ``effect`` is None where the graph
-    has no first-order derivative to take (an op without one, a write to a value backward reads): the
-    guards then order by ``own``, and say so."""
+    has no first-order derivative to take (a write to a value backward reads): the guards then order by
+    ``own``, and say so; ``underived``: the ops no output's derivative reaches (their effect is their own)."""
 
     own: dict[str, float]
     effect: dict[str, float] | None
+    underived: frozenset[str] = frozenset()
 
     def order(self) -> list[str]:
         """The ops, the largest ``effect`` first (ties, and every op without one, by ``own``)."""
@@ -57,6 +65,7 @@ def sensitivities(gm: fx.GraphModule, arguments: Callable[[list], list], samples
     (only those are kept)."""
     own = dict.fromkeys((node.name for node in gm.graph.nodes if node.name in names), 0.0)  # in graph order
     effect: dict[str, float] | None = dict.fromkeys(own, 0.0)
+    reached: set[str] = set()  # the ops some output's derivative reaches
     probes = max(4, -(-PROBES // max(len(samples), 1)))
     generator = torch.Generator().manual_seed(SEED)
     for sample in samples:
@@ -69,13 +78,18 @@ def sensitivities(gm: fx.GraphModule, arguments: Callable[[list], list], samples
                     found = _effects(outputs, run.deltas, errors, probes, generator)
                 for name, value in found.items():
                     effect[name] = max(effect[name], value)
+                reached.update(found)
                 continue
             except Exception:  # noqa: BLE001 -- no derivative to take (see Sensitivity): own alone
                 effect = None
                 run = _Perturbed(gm, names, reads, rounded, own, errors)
         with torch.no_grad():
             run.run(*arguments(sample))
-    return Sensitivity(own, effect)
+    if effect is None:
+        return Sensitivity(own, None)
+    underived = frozenset(own.keys() - reached)
+    effect.update((name, own[name]) for name in underived)  # (a gain of 1: the module docstring)
+    return Sensitivity(own, effect, underived)
 
 
 def _recordable(value):
@@ -92,6 +106,14 @@ class _Perturbed(fx.Interpreter):
         self.names, self.reads, self.rounded, self.own, self.errors = names, reads, rounded, own, errors
         self.kept: dict[str, object] = {}
         self.deltas: dict[str, torch.Tensor] = {}
+        self.copies: dict[str, torch.Tensor] = {}
+
+    def fetch_attr(self, target: str):
+        """The constant, copied once where it was made under ``torch.inference_mode`` (autograd saves constants)."""
+        value = super().fetch_attr(target)
+        if torch.is_grad_enabled() and isinstance(value, torch.Tensor) and value.is_inference():
+            value = self.copies.setdefault(target, _recordable(value))
+        return value
 
     def value(self, node: fx.Node):
         """The float32 value of ``node`` (a constant, or named in ``reads``), gradient-free."""
@@ -118,21 +140,21 @@ class _Perturbed(fx.Interpreter):
 
 def _effects(outputs, deltas: dict[str, torch.Tensor], errors: dict[str, torch.Tensor], probes: int,
              generator: torch.Generator) -> dict[str, float]:
-    """effect(k) on one sample for every op with a delta (zero for those no output depends on)."""
-    leaves = [y for y in tree_leaves(outputs) if isinstance(y, torch.Tensor) and y.requires_grad
-              and y.is_floating_point()]
+    """effect(k) on one sample for every op with a delta that some output's derivative reaches."""
+    leaves = []
+    for y in tree_leaves(outputs):
+        if isinstance(y, torch.Tensor) and y.requires_grad and y.is_floating_point() and y.numel():
+            largest = float(y.detach().abs().max())
+            if 0 < largest < float("inf"):  # (NaN fails both)
+                leaves.append((y, largest * y.numel() ** 0.5 / max(2 * math.log(y.numel()), 1) ** 0.5))
     names = list(deltas)
-    squares = dict.fromkeys(names, 0.0)
-    scales = [float(y.detach().abs().max()) if y.numel() else 0.0 for y in leaves]
-    leaves = [(y, scale) for y, scale in zip(leaves, scales) if scale > 0 and scale == scale and scale != float("inf")]
-    if not leaves or not names:
-        return squares
-    for probe in range(probes):
+    squares: dict[str, float] = {}
+    for probe in range(probes if leaves and names else 0):
         directed = sum((y * torch.randn(y.shape, generator=generator, dtype=y.dtype)).sum() / scale
-                       for y, scale in leaves)  # every output relative to its largest value
+                       for y, scale in leaves)  # each output weighted by c_l / (sqrt(n_l) max|y_l|)
         gradients = torch.autograd.grad(directed, [deltas[name] for name in names], retain_graph=probe + 1 < probes,
                                         allow_unused=True)
         for name, gradient in zip(names, gradients):
             if gradient is not None:
-                squares[name] += float((gradient.float() * errors[name]).sum()) ** 2 / probes
+                squares[name] = squares.get(name, 0.0) + float((gradient.float() * errors[name]).sum()) ** 2 / probes
     return {name: square ** 0.5 if square == square else float("inf") for name, square in squares.items()}

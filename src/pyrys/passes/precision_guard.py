@@ -86,11 +86,11 @@ class Bf16Guard:
         gm.meta[GUARD_MEASURE_KEY] = measured  # the backend's program is measured on them too (compiled.py)
         if total <= self.budget:
             return {}
-        measured = sensitivity(gm, moved, self.samples)
-        ordered = measured.order()
+        sensitive = sensitivity(gm, moved, self.samples)
+        ordered = sensitive.order()
         count, self.error = keep_fewest(len(ordered), lambda k: error(frozenset(ordered[:k]), self.budget)[0],
                                         self.budget)
-        self.kept = {name: kept_reason("bf16", measured, name, total, self.budget, self.data, count)
+        self.kept = {name: kept_reason("bf16", sensitive, name, total, self.budget, self.data, count)
                      for name in ordered[:count]}
         measured.error = self.error
         return self.kept
