@@ -324,6 +324,23 @@ def test_the_guard_keeps_the_op_that_moves_the_outputs_not_the_one_that_moves_it
     assert pyrys.relative_error(guarded(x), model(x)) <= 1e-2
 
 
+def test_the_guard_keeps_the_op_that_decides_an_index_and_says_why(monkeypatch):
+    """``classify``'s argmax picks rows of a table: int8 flips some picks (the outputs move 0.8), and no derivative
+    reaches ``classify``: its own error is taken as its effect (a gain of 1), and its reason says so (the int8
+    guard dropped that, and its reason claimed a first-order effect; a helper's find)."""
+    monkeypatch.setattr(quantize_pass, "keeps_in_bf16", lambda: False)
+    torch.manual_seed(0)
+    model = Fn(lambda m, x: m.table(m.classify(x).argmax(-1)) + m.other(x), classify=nn.Linear(8, 16),
+               other=nn.Linear(8, 4), table=nn.Embedding(16, 4)).eval()
+    generator = torch.Generator().manual_seed(0)
+    calibration = [torch.randn(64, 8, generator=generator) for _ in range(8)]
+    opt = int8(model, calibration[0], "reference", calibration, accuracy_budget=1e-2)
+    (miss,) = opt.misses
+    assert re.search(rf"%{miss.node} : Float\(64, 16\) = pyrys::linear\(%\w+, %classify_weight", opt.graph), opt.graph
+    assert "no derivative of the outputs reaches it: that is taken as its effect on them" in miss.reason
+    assert max(pyrys.relative_error(opt(x), model(x)) for x in calibration[:4]) <= 1e-2
+
+
 @pytest.mark.skipif(not native_bf16(), reason="this CPU has no native bf16: the guard keeps layers in float32")
 def test_an_int8_layer_read_by_a_bf16_kept_one_writes_bf16():
     """The first linear is int8; the second reads one huge, unused feature (the guard keeps it, in bf16 on this

@@ -21,7 +21,7 @@ from pyrys.numerics import BF16_TOLERANCE, FP32_TOLERANCE
 from pyrys.testing import torchvision_model
 from tests.caller_helpers import images, run_together
 from tests.conftest import spy_dynamo_graphs
-from tests.models import conv_bn_relu, image
+from tests.models import Fn, conv_bn_relu, image
 
 precision_notes = importlib.import_module("pyrys.precision_notes")
 needs_native_bf16 = pytest.mark.skipif(not native_bf16(), reason="the CPU has no native bf16 (avx512_bf16, amx_bf16)")
@@ -435,7 +435,7 @@ def test_calibration_samples_are_what_the_bf16_guard_measures_on(bf16_cpu, backe
 def test_a_guard_that_cannot_measure_says_so_and_compiles(bf16_cpu, monkeypatch):
     from pyrys.passes.precision_guard import Bf16Guard
 
-    def fails(self, gm, lower):
+    def fails(self, gm, lower, rounding):
         raise RuntimeError("no reference run here")
 
     monkeypatch.setattr(Bf16Guard, "choose", fails)
@@ -551,3 +551,23 @@ def test_a_later_captures_kept_ops_are_named_in_its_note(bf16_cpu):
     opt(100 + torch.randn(3, 8))  # features near 100: bf16 would erase the differences
     noted = [note for note in opt.notes if note.startswith("the capture for inputs (Float(3, 8))")]
     assert noted and "see misses" not in noted[0] and "kept in float32 by the accuracy guard" in noted[0]
+
+
+def test_the_guard_rounds_what_lowering_an_op_alone_rounds(bf16_cpu):
+    """``rounded_alone``: a fused ``linear + residual`` on a float32 residual rounds its own arguments only, not
+    the residual, and writes float32; a plain linear rounds its arguments and its result (the guard's measure
+    of each op follows it: it charged the residual stream's rounding to the op that adds it)."""
+    from pyrys.ir.fused import FUSED_OPS, read_fused
+    from pyrys.passes.precision import rounded_alone
+
+    model = Fn(lambda m, x: (m.norm(x.exp() + m.fc(x)), m.head(x)), fc=torch.nn.Linear(8, 8),
+               head=torch.nn.Linear(8, 8), norm=torch.nn.LayerNorm(8)).eval()
+    opt = pyrys.optimize(model, (torch.randn(2, 8),), backend="reference")
+    graph = opt._first.captured.gm.graph
+    (fused,) = [n for n in graph.nodes if n.target in FUSED_OPS and read_fused(n).post_inputs]
+    arguments, result_rounded = rounded_alone(fused)
+    assert not result_rounded and set(read_fused(fused).post_inputs).isdisjoint(arguments)
+    assert read_fused(fused).args["input"] in arguments and read_fused(fused).args["weight"] in arguments
+    (plain,) = [n for n in graph.nodes if n.op == "call_function" and n is not fused and "linear" in n.name]
+    arguments, result_rounded = rounded_alone(plain)
+    assert result_rounded and set(plain.all_input_nodes) <= arguments

@@ -181,3 +181,25 @@ def test_constants_made_under_inference_mode_are_measured():
         reads = {node.name for node in gm.graph.nodes if node.op != "get_attr"}
         inside = sensitivities(gm, lambda sample: sample, [[x]], rounded, set(names), reads)
     assert inside.effect is not None and min(inside.effect.values()) > 0, inside
+
+
+class DecidesBeside(nn.Module):
+    """``classify`` feeds an integer output only (an argmax beside a floating-point one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.classify, self.other = nn.Linear(8, 16), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.other(x), self.classify(x).argmax(-1)
+
+
+def test_an_op_only_an_unmeasured_integer_output_is_computed_from_has_no_effect():
+    """The budget measures the floating-point outputs alone where there are some: an op that only the argmax
+    beside them reads moves nothing it measures (taken to move them by its own error, it was kept for nothing;
+    a helper's find)."""
+    torch.manual_seed(0)
+    gm = fx.symbolic_trace(DecidesBeside().eval())
+    measured = measure(gm, [[torch.randn(4, 8)]], {"classify": torch.full((4, 16), 0.5), "other": torch.full((4, 4), 1e-4)})
+    assert measured.underived == frozenset() and measured.effect["classify"] == 0.0 < measured.effect["other"]
+    assert measured.order() == ["other", "classify"]

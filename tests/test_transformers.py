@@ -1,5 +1,6 @@
 """HuggingFace transformers (small configs of the zoo's seven families) on the dnnl backend against eager:
 attention in oneDNN, no torch fallback inside a layer.  They skip without the ``transformers`` extra."""
+import importlib
 import re
 
 import pytest
@@ -304,3 +305,24 @@ def test_an_output_a_torch_step_views_is_copied_before_its_bytes_are_reused():
         with torch.no_grad():
             want = model(**sample).vision_model_output.pooler_output
         assert pyrys.relative_error(opt(**sample).vision_model_output.pooler_output, want) <= 5e-2
+
+
+def test_the_bf16_guard_keeps_bert_s_pooler_not_the_layers_whose_residual_stays_float32(monkeypatch):
+    """Lowering a fused ``linear + residual`` leaves the float32 residual and the sum unrounded, and rounds a
+    lone op's result: the guard's measure of each op now rounds what lowering rounds (``rounded_alone``).  It
+    charged the residual stream's rounding to the encoder's ``linear_add`` ops, ranked the pooler (whose
+    bfloat16 result is an output) last and kept 5 ops where the pooler alone holds the budget (a helper's find)."""
+    from transformers import BertConfig, BertModel
+
+    monkeypatch.setattr(importlib.import_module("pyrys.precision_notes"), "native_bf16", lambda: True)
+    torch.manual_seed(0)
+    config = BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+                        vocab_size=1000)
+    model = BertModel(config).eval()
+    samples = [(torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(100 + i)),
+                torch.ones(2, 16, dtype=torch.long)) for i in range(4)]
+    opt = pyrys.optimize(model, samples[0], precision="bf16", calibration=samples, accuracy_budget=5e-3,
+                         backend="reference")
+    (miss,) = opt.misses
+    assert re.search(rf"%{miss.node} : Float\(2, 64\) = pyrys::linear_tanh\(", opt.graph), opt.graph  # the pooler
+    assert max(pyrys.relative_error(opt(*s), model(*s)) for s in samples) <= 5e-3

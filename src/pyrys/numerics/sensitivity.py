@@ -19,10 +19,12 @@ c_l / (sqrt(n_l) max|y_l|) in r . y, the mean of ((J_k^T r) . e_k)^2 over PROBES
 
 An op no derivative of a floating-point output reaches (through an argmax, a comparison, an integer
 index) has no first-order effect to measure, though its rounding may flip what it decides: its effect is
-taken to be its own error (a gain of 1), and its reason says so.  An op's own error alone says little: a
-stem convolution's small error is amplified by every layer after it, a block scaled by 1e-6 (ConvNeXt's
-layer scale) moves nothing however large its own.  On GoogLeNet's int8 at a budget of 8e-3 the guard kept
-43 ops by ``own``, 8 by ``effect``, 8 by each op's measured effect alone (a run per op: 13x the time).
+taken to be its own error (a gain of 1), and its reason says so; one that only integer outputs beside
+floating-point ones are computed from (which the budget does not measure) has none.  An op's own error
+alone says little: a stem convolution's small error is amplified by every layer after it, a block scaled
+by 1e-6 (ConvNeXt's layer scale) moves nothing however large its own.  On GoogLeNet's int8 at a budget of
+8e-3 the guard kept 43 ops by ``own``, 8 by ``effect``, 8 by each op's measured effect alone (a run per op:
+13x the time).
 """
 from __future__ import annotations
 
@@ -66,6 +68,7 @@ def sensitivities(gm: fx.GraphModule, arguments: Callable[[list], list], samples
     own = dict.fromkeys((node.name for node in gm.graph.nodes if node.name in names), 0.0)  # in graph order
     effect: dict[str, float] | None = dict.fromkeys(own, 0.0)
     reached: set[str] = set()  # the ops some output's derivative reaches
+    measured: set[str] | None = None  # the nodes the measured outputs are computed from
     probes = max(4, -(-PROBES // max(len(samples), 1)))
     generator = torch.Generator().manual_seed(SEED)
     for sample in samples:
@@ -79,6 +82,7 @@ def sensitivities(gm: fx.GraphModule, arguments: Callable[[list], list], samples
                 for name, value in found.items():
                     effect[name] = max(effect[name], value)
                 reached.update(found)
+                measured = _measured_sources(gm, outputs) if measured is None else measured
                 continue
             except Exception:  # noqa: BLE001 -- no derivative to take (see Sensitivity): own alone
                 effect = None
@@ -87,9 +91,27 @@ def sensitivities(gm: fx.GraphModule, arguments: Callable[[list], list], samples
             run.run(*arguments(sample))
     if effect is None:
         return Sensitivity(own, None)
-    underived = frozenset(own.keys() - reached)
+    underived = frozenset(name for name in own.keys() - reached if measured is None or name in measured)
     effect.update((name, own[name]) for name in underived)  # (a gain of 1: the module docstring)
-    return Sensitivity(own, effect, underived)
+    return Sensitivity(own, effect, underived)  # (an op no measured output is computed from: effect 0)
+
+
+def _measured_sources(gm: fx.GraphModule, outputs) -> set[str]:
+    """The names of the nodes the outputs a guard measures are computed from: the floating-point outputs
+    (:func:`~pyrys.numerics.budget.max_error` leaves an integer one beside them out), every output where none is."""
+    (output,) = [node for node in gm.graph.nodes if node.op == "output"]
+    nodes, values = tree_leaves(output.args), tree_leaves(outputs)
+    if len(nodes) != len(values):
+        return {node.name for node in gm.graph.nodes}
+    floating = [node for node, value in zip(nodes, values) if isinstance(node, fx.Node)
+                and isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex())]
+    pending, seen = floating or [node for node in nodes if isinstance(node, fx.Node)], set()
+    while pending:
+        node = pending.pop()
+        if node.name not in seen:
+            seen.add(node.name)
+            pending.extend(node.all_input_nodes)
+    return seen
 
 
 def _recordable(value):

@@ -21,12 +21,14 @@ import torch
 import torch.fx as fx
 
 from pyrys.backends.reference import ReferenceProgram
-from pyrys.ir.graph import nodes_in, trial_copy
+from pyrys.ir.graph import trial_copy
 from pyrys.ir.ops import PYTHON_IMPLS
-from pyrys.ir.vocabulary import ATTENTION
 from pyrys.numerics.budget import (GUARD_MEASURE_KEY, GuardMeasure, accuracy_note, keep_fewest, kept_reason,
                                    max_error)
 from pyrys.numerics.sensitivity import Sensitivity, sensitivities
+
+
+Rounding = Callable[[fx.Node], tuple[set[fx.Node], bool]]  # an op -> what lowering it alone rounds
 
 
 @dataclass
@@ -44,22 +46,26 @@ class Bf16Guard:
     fallback: tuple[list[list], str] | None = None  # samples (and words) to measure on where ``samples`` fail
     # to run: the inputs compiled for, where the samples were cut to a capture's size-1 dims
 
-    def keep(self, gm: fx.GraphModule, lower: Callable[[fx.GraphModule, frozenset[str]], set[str]]) -> dict[str, str]:
+    def keep(self, gm: fx.GraphModule, lower: Callable[[fx.GraphModule, frozenset[str]], set[str]],
+             rounding: Rounding) -> dict[str, str]:
         """:meth:`choose`, or nothing kept where the graph cannot be measured on the reference backend (the
         failure is noted: a guard never stops a compile); measured on ``fallback`` where the samples fail."""
         try:
-            return self.choose(gm, lower)
+            return self.choose(gm, lower, rounding)
         except Exception as error:  # noqa: BLE001 -- say why, compile as without a guard
             if self.fallback is not None:  # samples cut to a size of 1 may not run (an input indexing the cut dim)
                 (self.samples, self.data), self.fallback = self.fallback, None
-                return self.keep(gm, lower)
+                return self.keep(gm, lower, rounding)
             self.error, self.kept = None, {}
             self.failure = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
             return {}
 
-    def choose(self, gm: fx.GraphModule, lower: Callable[[fx.GraphModule, frozenset[str]], set[str]]) -> dict[str, str]:
+    def choose(self, gm: fx.GraphModule, lower: Callable[[fx.GraphModule, frozenset[str]], set[str]],
+               rounding: Rounding) -> dict[str, str]:
         """The ops of ``gm`` (float32, not lowered yet) to keep in float32; ``lower(graph, kept)`` lowers a
-        graph in place keeping the ops named in ``kept``, and returns the names of the compute ops it moved."""
+        graph in place keeping the ops named in ``kept``, and returns the names of the compute ops it moved;
+        ``rounding(node)``: what lowering that op alone rounds (its arguments made bfloat16, and whether its
+        result is)."""
         reference = ReferenceProgram(gm)
         expected, run = [], []
         for sample in self.samples:  # (one the model refuses, a text past its position table, is left out)
@@ -86,7 +92,7 @@ class Bf16Guard:
         gm.meta[GUARD_MEASURE_KEY] = measured  # the backend's program is measured on them too (compiled.py)
         if total <= self.budget:
             return {}
-        sensitive = sensitivity(gm, moved, self.samples)
+        sensitive = sensitivity(gm, moved, self.samples, rounding)
         ordered = sensitive.order()
         count, self.error = keep_fewest(len(ordered), lambda k: error(frozenset(ordered[:k]), self.budget)[0],
                                         self.budget)
@@ -105,20 +111,22 @@ class Bf16Guard:
         return accuracy_note("bf16", self.error if error is None else error, self.budget, len(self.kept), self.data)
 
 
-def sensitivity(gm: fx.GraphModule, names: set[str], samples: list[list]) -> Sensitivity:
+def sensitivity(gm: fx.GraphModule, names: set[str], samples: list[list], rounding: Rounding) -> Sensitivity:
     """Each op named in ``names``' own error and first-order effect on the outputs in bf16
-    (:mod:`pyrys.numerics.sensitivity`): the op run on its float32 arguments rounded to bfloat16 (attention's
-    query, key and value alone), on the float32 graph's activations."""
+    (:mod:`pyrys.numerics.sensitivity`): the op run on its float32 arguments rounded to bfloat16 as lowering it
+    alone rounds them (``rounding``: not a fused op's float32 residual; attention's query, key and value only),
+    its result rounded where it is bfloat16, on the float32 graph's activations."""
     program = ReferenceProgram(gm)
     nodes = {node.name: node for node in gm.graph.nodes if node.name in names}
+    roundings = {name: rounding(node) for name, node in nodes.items()}
     reads = {arg.name for node in nodes.values() for arg in node.all_input_nodes if arg.op != "get_attr"}
 
     def rounded(name: str, value):
-        node = nodes[name]
-        rounding = nodes_in(node.args[:3] if node.target is ATTENTION else (node.args, node.kwargs))
+        node, (arguments, result_rounded) = nodes[name], roundings[name]
         args, kwargs = fx.map_arg((node.args, node.kwargs),
-                                  lambda a: _rounded(value(a)) if a in rounding else value(a))
-        return PYTHON_IMPLS.get(node.target, node.target)(*args, **kwargs)
+                                  lambda a: _rounded(value(a)) if a in arguments else value(a))
+        result = PYTHON_IMPLS.get(node.target, node.target)(*args, **kwargs)
+        return _rounded(result) if result_rounded else result
 
     return sensitivities(program.gm, program.arguments, samples, rounded, set(nodes), reads)
 

@@ -126,7 +126,8 @@ def sensitivity(gm: fx.GraphModule, switches: dict[str, Switch], samples: list[l
     measured = sensitivities(program.gm, program.arguments, samples, rounded, set(by_layer), reads)
     return Sensitivity({by_layer[layer]: own for layer, own in measured.own.items()},
                        None if measured.effect is None else
-                       {by_layer[layer]: effect for layer, effect in measured.effect.items()})
+                       {by_layer[layer]: effect for layer, effect in measured.effect.items()},
+                       frozenset(by_layer[layer] for layer in measured.underived))
 
 
 def on_float32_activations(gm: fx.GraphModule, switches: dict[str, Switch], samples: list[list], measure,
