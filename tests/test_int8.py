@@ -324,6 +324,25 @@ def test_the_guard_keeps_the_op_that_moves_the_outputs_not_the_one_that_moves_it
     assert pyrys.relative_error(guarded(x), model(x)) <= 1e-2
 
 
+def test_a_guard_that_cannot_measure_says_so_and_compiles_every_op_in_int8(monkeypatch):
+    """As bf16's guard: a failure measuring the graph is a note, not a failed compile (a reviewer's find)."""
+    from pyrys.quantization import guard as guard_module
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("no measure here")
+
+    monkeypatch.setattr(guard_module, "sensitivity", fails)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    with torch.no_grad():
+        model[0].weight[:, 0] = 0
+    calibration = [torch.randn(4, 8, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    for x in calibration:
+        x[:, 0] *= 5000  # (one huge unused feature: the budget breaks, the guard measures)
+    opt = int8(model, calibration[0], "reference", calibration, accuracy_budget=1e-2)
+    assert any("the accuracy guard could not measure the graph" in n and "no measure here" in n for n in opt.notes)
+    assert opt.misses == [] and fired(opt) == {"int8": 2}
+
+
 def test_the_guard_keeps_the_op_that_decides_an_index_and_says_why(monkeypatch):
     """``classify``'s argmax picks rows of a table: int8 flips some picks (the outputs move 0.8), and no derivative
     reaches ``classify``: its own error is taken as its effect (a gain of 1), and its reason says so (the int8
@@ -337,7 +356,7 @@ def test_the_guard_keeps_the_op_that_decides_an_index_and_says_why(monkeypatch):
     opt = int8(model, calibration[0], "reference", calibration, accuracy_budget=1e-2)
     (miss,) = opt.misses
     assert re.search(rf"%{miss.node} : Float\(64, 16\) = pyrys::linear\(%\w+, %classify_weight", opt.graph), opt.graph
-    assert "no derivative of the outputs reaches it: that is taken as its effect on them" in miss.reason
+    assert "no finite derivative of the outputs reaches it: that is taken as its effect on them" in miss.reason
     assert max(pyrys.relative_error(opt(x), model(x)) for x in calibration[:4]) <= 1e-2
 
 

@@ -553,21 +553,25 @@ def test_a_later_captures_kept_ops_are_named_in_its_note(bf16_cpu):
     assert noted and "see misses" not in noted[0] and "kept in float32 by the accuracy guard" in noted[0]
 
 
-def test_the_guard_rounds_what_lowering_an_op_alone_rounds(bf16_cpu):
-    """``rounded_alone``: a fused ``linear + residual`` on a float32 residual rounds its own arguments only, not
-    the residual, and writes float32; a plain linear rounds its arguments and its result (the guard's measure
-    of each op follows it: it charged the residual stream's rounding to the op that adds it)."""
-    from pyrys.ir.fused import FUSED_OPS, read_fused
-    from pyrys.passes.precision import rounded_alone
+def test_the_guard_rounds_each_op_where_the_lowered_graph_does():
+    """``rounded_when_lowered`` reads lowering's own result: a fused ``linear + residual`` on a float32 residual
+    (an ``exp``'s) rounds its own arguments only and writes float32; a conv adding another conv's bf16 result (a
+    ResNet block's end) reads that in bf16 and writes bf16; a plain linear rounds its arguments and its result.
+    (The guard's measure of each op follows it: it charged the residual stream's rounding to the op that adds
+    it, and then a rule for one op lowered alone missed ResNet's sums; helpers' finds.)"""
+    from pyrys.ir.graph import trial_copy
+    from pyrys.passes.precision import _lower, rounded_when_lowered
 
-    model = Fn(lambda m, x: (m.norm(x.exp() + m.fc(x)), m.head(x)), fc=torch.nn.Linear(8, 8),
-               head=torch.nn.Linear(8, 8), norm=torch.nn.LayerNorm(8)).eval()
-    opt = pyrys.optimize(model, (torch.randn(2, 8),), backend="reference")
-    graph = opt._first.captured.gm.graph
-    (fused,) = [n for n in graph.nodes if n.target in FUSED_OPS and read_fused(n).post_inputs]
-    arguments, result_rounded = rounded_alone(fused)
-    assert not result_rounded and set(read_fused(fused).post_inputs).isdisjoint(arguments)
-    assert read_fused(fused).args["input"] in arguments and read_fused(fused).args["weight"] in arguments
-    (plain,) = [n for n in graph.nodes if n.op == "call_function" and n is not fused and "linear" in n.name]
-    arguments, result_rounded = rounded_alone(plain)
-    assert result_rounded and set(plain.all_input_nodes) <= arguments
+    def rounding(module, example):
+        lowered = trial_copy(pyrys.optimize(module, (example,), backend="reference")._first.captured.gm)
+        return rounded_when_lowered(lowered, _lower(lowered, "bf16", None, frozenset())[1])
+
+    residual = Fn(lambda m, x: (m.norm(x.exp() + m.fc(x)), m.head(x)), fc=torch.nn.Linear(8, 8),
+                  head=torch.nn.Linear(8, 8), norm=torch.nn.LayerNorm(8)).eval()
+    assert rounding(residual, torch.randn(2, 8)) == {
+        "linear_2": (frozenset({"xs_0", "fc_weight", "fc_bias"}), False),  # exp's float32 result unrounded
+        "linear_1": (frozenset({"xs_0", "head_weight", "head_bias"}), True)}
+    block = Fn(lambda m, x: torch.relu(m.b(m.a(x)) + m.c(x)), a=torch.nn.Conv2d(3, 4, 3, padding=1),
+               b=torch.nn.Conv2d(4, 4, 3, padding=1), c=torch.nn.Conv2d(3, 4, 1)).eval()
+    (read, result), = [value for value in rounding(block, torch.randn(1, 3, 8, 8)).values() if "c_weight" in value[0]]
+    assert result and read == {"xs_0", "c_weight", "c_bias", "conv2d_1"}, read  # c adds b's bf16 result, in bf16

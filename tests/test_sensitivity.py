@@ -150,7 +150,7 @@ def test_an_op_no_derivative_reaches_takes_its_own_error_as_its_effect():
     assert measured.underived == {"classify"} and measured.effect["classify"] == measured.own["classify"] > 0
     assert measured.order() == ["classify", "other"]
     reason = kept_reason("bf16", measured, "classify", 0.2, 0.01, "the samples", 1)
-    assert "no derivative of the outputs reaches it" in reason and "the op that moves the outputs the most" in reason
+    assert "no finite derivative of the outputs reaches it" in reason and "the op that moves the outputs the most" in reason
 
 
 class Weighted(nn.Module):
@@ -203,3 +203,24 @@ def test_an_op_only_an_unmeasured_integer_output_is_computed_from_has_no_effect(
     measured = measure(gm, [[torch.randn(4, 8)]], {"classify": torch.full((4, 16), 0.5), "other": torch.full((4, 4), 1e-4)})
     assert measured.underived == frozenset() and measured.effect["classify"] == 0.0 < measured.effect["other"]
     assert measured.order() == ["other", "classify"]
+
+
+class SquareRootAtZero(nn.Module):
+    """``first`` reaches the output through a square root at 0: a derivative of inf * 0, NaN."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Linear(8, 4), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return torch.sqrt(self.first(x) * 0) + self.second(x)
+
+
+def test_an_op_behind_a_nan_derivative_takes_its_own_error_as_its_effect():
+    """A NaN derivative is no first-order estimate: it made the op's effect infinite, first in the order (and kept
+    for nothing; a helper's find)."""
+    torch.manual_seed(0)
+    gm = fx.symbolic_trace(SquareRootAtZero().eval())
+    measured = measure(gm, [[torch.randn(4, 8)]], {"first": torch.full((4, 4), 1e-3), "second": torch.full((4, 4), 1e-3)})
+    assert measured.underived == {"first"} and measured.effect["first"] == measured.own["first"] < 1
+    assert 0 < measured.effect["second"] < 1

@@ -163,8 +163,8 @@ def kept_reason(precision: str, measured: Sensitivity, name: str, total: float, 
     if measured.effect is None:  # (the graph has no derivative: ordered by own error)
         moves, what = f"{own} (relative, on {data})", ("its own", "theirs")
     elif name in measured.underived:
-        moves = (f"{own} (relative, on {data}; no derivative of the outputs reaches it: that is taken as its "
-                 "effect on them)")
+        moves = (f"{own} (relative, on {data}; no finite derivative of the outputs reaches it: that is taken as "
+                 "its effect on them)")
         what = ("the outputs", "the outputs")
     else:
         moves = f"{own} and, to first order, the outputs by about {measured.effect[name]:.1e} (relative, on {data})"

@@ -17,14 +17,14 @@ where one backward pass of r . y gives J_k^T r for every k at once; with every o
 c_l / (sqrt(n_l) max|y_l|) in r . y, the mean of ((J_k^T r) . e_k)^2 over PROBES directions is effect(k)^2
 (the largest over samples).
 
-An op no derivative of a floating-point output reaches (through an argmax, a comparison, an integer
-index) has no first-order effect to measure, though its rounding may flip what it decides: its effect is
-taken to be its own error (a gain of 1), and its reason says so; one that only integer outputs beside
-floating-point ones are computed from (which the budget does not measure) has none.  An op's own error
-alone says little: a stem convolution's small error is amplified by every layer after it, a block scaled
-by 1e-6 (ConvNeXt's layer scale) moves nothing however large its own.  On GoogLeNet's int8 at a budget of
-8e-3 the guard kept 43 ops by ``own``, 8 by ``effect``, 8 by each op's measured effect alone (a run per op:
-13x the time).
+An op no (finite) derivative of a floating-point output reaches (through an argmax, a comparison, an
+integer index; a square root at 0) has no first-order effect to measure, though its rounding may flip what
+it decides: its effect is taken to be its own error (a gain of 1), and its reason says so; one that only
+integer outputs beside floating-point ones are computed from (which the budget does not measure) has none.
+An op's own error alone says little: a stem convolution's small error is amplified by every layer after it,
+a block scaled by 1e-6 (ConvNeXt's layer scale) moves nothing however large its own.  On GoogLeNet's int8
+at a budget of 8e-3 the guard kept 43 ops by ``own``, 8 by ``effect``, 8 by each op's measured effect alone
+(a run per op: 13x the time).
 """
 from __future__ import annotations
 
@@ -179,4 +179,5 @@ def _effects(outputs, deltas: dict[str, torch.Tensor], errors: dict[str, torch.T
         for name, gradient in zip(names, gradients):
             if gradient is not None:
                 squares[name] = squares.get(name, 0.0) + float((gradient.float() * errors[name]).sum()) ** 2 / probes
-    return {name: square ** 0.5 if square == square else float("inf") for name, square in squares.items()}
+    return {name: square ** 0.5 for name, square in squares.items() if square == square}  # (NaN: a derivative
+    # of 0 * inf, sqrt's at 0: no first-order estimate, the op is taken as underived)

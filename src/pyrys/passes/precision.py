@@ -34,7 +34,7 @@ from pyrys.ir.edit import insert_op
 from pyrys.ir.meta import settle_meta
 from pyrys.ir.provenance import copies
 from pyrys.ir.fused import FUSED_MATMUL, FUSED_OPS, Fused, read_fused
-from pyrys.ir.graph import nodes_in, op_args
+from pyrys.ir.graph import op_args
 from pyrys.ir.post_ops import ACTIVATIONS
 from pyrys.ir.vocabulary import ATTENTION, MATRIX_PRODUCTS, PERMUTES, VIEWS, WEIGHTED, is_pure
 from pyrys.passes.constant_propagation import constant_propagation
@@ -80,7 +80,7 @@ def lower_precision(gm: fx.GraphModule, precision: str, output_dtype: torch.dtyp
     against float32 and keep in float32 the ops it chooses (:mod:`pyrys.passes.precision_guard`), each a miss."""
     kept: dict[str, str] = {}
     if precision == "bf16" and guard is not None:  # measured without output_dtype: no op choice changes that
-        kept = guard.keep(gm, lambda trial, names: _lower(trial, precision, None, names)[1], rounded_alone)
+        kept = guard.keep(gm, lambda trial, names: _lower(trial, precision, None, names)[1], rounded_when_lowered)
     result, _ = _lower(gm, precision, output_dtype, frozenset(kept))
     result.misses = [Miss("bf16", name, why) for name, why in kept.items()]
     return result
@@ -157,18 +157,18 @@ def _lower(gm: fx.GraphModule, precision: str, output_dtype: torch.dtype | None,
     return result, moved
 
 
-def rounded_alone(node: fx.Node) -> tuple[set[fx.Node], bool]:
-    """What lowering the float32 op ``node`` alone to bf16 rounds (:func:`_lower`'s rule, for the accuracy
-    guard's measure of it): the arguments converted to bfloat16, and whether its result is bfloat16 (a fused
-    op adding a float32 residual keeps that operand and its result float32; attention rounds its query, key
-    and value only)."""
-    fused = read_fused(node)
-    residuals = _float32_residuals(fused, set())
-    if residuals:
-        return set(nodes_in(tuple(fused.args.values()))) | (set(fused.post_inputs) - residuals), False
-    if node.target is ATTENTION:
-        return set(nodes_in(node.args[:3])), True
-    return set(nodes_in((node.args, node.kwargs))), True
+def rounded_when_lowered(lowered: fx.GraphModule, names: set[str]) -> dict[str, tuple[frozenset[str], bool]]:
+    """What a graph :func:`_lower` lowered rounds at each op named in ``names``, by the names the float32 graph
+    gives its values (a trial copy keeps them): the values the op reads in bfloat16 (converted for it, or made
+    bfloat16 by the ops before it), and whether its result is bfloat16 (not where a fused op adds a float32
+    residual).  The accuracy guard measures each op so: lowering's own rule, read off its result."""
+    rounding = {}
+    for node in lowered.graph.nodes:
+        if node.name in names:
+            read = {arg.args[0].name if arg.target is CONVERT else arg.name
+                    for arg in node.all_input_nodes if _is_low(arg.meta.get("val"))}
+            rounding[node.name] = (frozenset(read), _is_low(node.meta.get("val")))
+    return rounding
 
 
 # the ops between a projection and the attention reading it: views of the heads (split, views, permutes)
@@ -291,6 +291,11 @@ def _as_dtype(arg, dtype: torch.dtype, low: set[fx.Node], convert, user: fx.Node
         return arg
     current = LOW if arg in low else arg.meta["val"].dtype
     return convert(arg, dtype, user) if current.is_floating_point and current != dtype else arg
+
+
+def _is_low(value) -> bool:
+    """A bfloat16 tensor."""
+    return isinstance(value, torch.Tensor) and value.dtype == LOW
 
 
 def _is_high(value) -> bool:

@@ -7,10 +7,11 @@ ops that move the outputs the most first.
                 (:mod:`pyrys.numerics.sensitivity`)
 
 both on the reference backend, ``effect`` on the float32 graph's activations (one run and a few backward
-passes per sample for all ops: each op evaluated once more on its rounded arguments).  Each evaluation of ``error`` lowers a copy
-of the graph (its constants shared) and runs it; the graph itself is lowered once, with the ops chosen.
-With the budget kept by everything in bf16 (the usual case: ~4e-3 on CNNs and encoders) the guard
-costs one float32 and one bf16 run of the graph per sample.
+passes per sample for all ops: each op evaluated once more on its arguments rounded where the graph with
+every op lowered reads them in bfloat16, its result too where that is bfloat16).  Each evaluation of
+``error`` lowers a copy of the graph (its constants shared) and runs it; the graph itself is lowered once,
+with the ops chosen.  With the budget kept by everything in bf16 (the usual case: ~4e-3 on CNNs and
+encoders) the guard costs one float32 and one bf16 run of the graph per sample.
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ from pyrys.numerics.budget import (GUARD_MEASURE_KEY, GuardMeasure, accuracy_not
 from pyrys.numerics.sensitivity import Sensitivity, sensitivities
 
 
-Rounding = Callable[[fx.Node], tuple[set[fx.Node], bool]]  # an op -> what lowering it alone rounds
+Rounding = Callable[[fx.GraphModule, set[str]], dict[str, tuple[frozenset[str], bool]]]  # (lowered graph, op names)
+# -> for each op: the names of the values it reads in bfloat16, and whether its result is bfloat16
 
 
 @dataclass
@@ -64,8 +66,8 @@ class Bf16Guard:
                rounding: Rounding) -> dict[str, str]:
         """The ops of ``gm`` (float32, not lowered yet) to keep in float32; ``lower(graph, kept)`` lowers a
         graph in place keeping the ops named in ``kept``, and returns the names of the compute ops it moved;
-        ``rounding(node)``: what lowering that op alone rounds (its arguments made bfloat16, and whether its
-        result is)."""
+        ``rounding(lowered graph, names)``: what lowering rounds at each op named (the values it reads in
+        bfloat16, and whether its result is)."""
         reference = ReferenceProgram(gm)
         expected, run = [], []
         for sample in self.samples:  # (one the model refuses, a text past its position table, is left out)
@@ -79,12 +81,16 @@ class Bf16Guard:
             self.data = f"{len(run)} of the {self.data} (the model fails on the rest)"
             self.samples = run
 
+        lowered: list[fx.GraphModule] = []
+
         def error(kept: frozenset[str], limit: float = float("inf")) -> tuple[float, set[str]]:
             trial = trial_copy(gm)
             moved = lower(trial, kept)
+            lowered[:] = [trial]
             return max_error(ReferenceProgram(trial), self.samples, expected, limit), moved
 
         total, moved = error(frozenset())
+        roundings = rounding(lowered.pop(), moved)  # (every op lowered: where the search starts)
         self.error = total if moved else None  # nothing lowered (a float64 model): nothing to say
         if self.budget is None or not moved:
             return {}
@@ -92,7 +98,7 @@ class Bf16Guard:
         gm.meta[GUARD_MEASURE_KEY] = measured  # the backend's program is measured on them too (compiled.py)
         if total <= self.budget:
             return {}
-        sensitive = sensitivity(gm, moved, self.samples, rounding)
+        sensitive = sensitivity(gm, roundings, self.samples)
         ordered = sensitive.order()
         count, self.error = keep_fewest(len(ordered), lambda k: error(frozenset(ordered[:k]), self.budget)[0],
                                         self.budget)
@@ -111,20 +117,20 @@ class Bf16Guard:
         return accuracy_note("bf16", self.error if error is None else error, self.budget, len(self.kept), self.data)
 
 
-def sensitivity(gm: fx.GraphModule, names: set[str], samples: list[list], rounding: Rounding) -> Sensitivity:
-    """Each op named in ``names``' own error and first-order effect on the outputs in bf16
-    (:mod:`pyrys.numerics.sensitivity`): the op run on its float32 arguments rounded to bfloat16 as lowering it
-    alone rounds them (``rounding``: not a fused op's float32 residual; attention's query, key and value only),
-    its result rounded where it is bfloat16, on the float32 graph's activations."""
+def sensitivity(gm: fx.GraphModule, roundings: dict[str, tuple[frozenset[str], bool]],
+                samples: list[list]) -> Sensitivity:
+    """Each op named in ``roundings``' own error and first-order effect on the outputs in bf16
+    (:mod:`pyrys.numerics.sensitivity`): the op run on its float32 arguments rounded to bfloat16 where the
+    lowered graph reads them so (``roundings[name]``: those values' names, and whether its result is bfloat16:
+    rounded too), on the float32 graph's activations."""
     program = ReferenceProgram(gm)
-    nodes = {node.name: node for node in gm.graph.nodes if node.name in names}
-    roundings = {name: rounding(node) for name, node in nodes.items()}
+    nodes = {node.name: node for node in gm.graph.nodes if node.name in roundings}
     reads = {arg.name for node in nodes.values() for arg in node.all_input_nodes if arg.op != "get_attr"}
 
     def rounded(name: str, value):
         node, (arguments, result_rounded) = nodes[name], roundings[name]
         args, kwargs = fx.map_arg((node.args, node.kwargs),
-                                  lambda a: _rounded(value(a)) if a in arguments else value(a))
+                                  lambda a: _rounded(value(a)) if a.name in arguments else value(a))
         result = PYTHON_IMPLS.get(node.target, node.target)(*args, **kwargs)
         return _rounded(result) if result_rounded else result
 

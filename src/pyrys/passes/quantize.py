@@ -115,11 +115,20 @@ def quantize(gm: fx.GraphModule, precision: str, calibration: Calibration | None
         if planning:
             plan.floating = BF16 if keeps_in_bf16() else FLOAT32
             if calibration.accuracy_budget is not None and switches:
-                plan.kept, plan.error, plan.floating = guard(
-                    gm, switches, samples[:GUARD_SAMPLES], expected, calibration.accuracy_budget,
-                    run_in_bf16 if plan.floating == BF16 else None, attention)
-                gm.meta[GUARD_MEASURE_KEY] = GuardMeasure("int8", samples[:GUARD_SAMPLES], expected, plan.error,
-                                                          calibration.accuracy_budget, CALIBRATION_DATA)
+                try:
+                    plan.kept, plan.error, plan.floating = guard(
+                        gm, switches, samples[:GUARD_SAMPLES], expected, calibration.accuracy_budget,
+                        run_in_bf16 if plan.floating == BF16 else None, attention)
+                    gm.meta[GUARD_MEASURE_KEY] = GuardMeasure("int8", samples[:GUARD_SAMPLES], expected, plan.error,
+                                                              calibration.accuracy_budget, CALIBRATION_DATA)
+                except Exception as error:  # noqa: BLE001 -- a guard never stops a compile: say why, as bf16's does
+                    for switch in switches.values():
+                        switch.set(True)
+                    plan.kept, plan.error = {}, None
+                    line = (str(error).strip().splitlines() or [""])[0][:200]
+                    calibration.note = "; ".join(filter(None, [calibration.note, (
+                        f"precision='int8': the accuracy guard could not measure the graph on {CALIBRATION_DATA} "
+                        f"({type(error).__name__}: {line}); every op that can runs in int8")]))
             calibration.planned(plan, samples)
         else:
             calibration.plan = plan  # the first plan, which this capture takes (its notes read it here)
