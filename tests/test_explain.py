@@ -58,6 +58,18 @@ def test_cli_explain_module_attr_with_dump_dir(tmp_path, capsys):
     assert title.endswith(f"on the {pyrys.available_backends()[0]} backend"), title
 
 
+def test_cli_explain_takes_an_accuracy_budget(capsys):
+    """``--accuracy-budget``: the layers the guard keeps at it, each with why (the default budget rarely keeps any)."""
+    shape = ["tests.models:conv_bn_relu", "--input-shape", "1x3x6x6", "--precision", "int8"]
+    assert main(["explain", *shape, "--accuracy-budget", "1e-6"]) == 0
+    out = capsys.readouterr().out
+    assert "kept in " in out and "by the accuracy guard" in out and "accuracy_budget=1e-06" in out, out
+    assert main(["explain", *shape, "--accuracy-budget", "none"]) == 0
+    assert "by the accuracy guard" not in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="accuracy_budget= is read with precision='int8' or 'bf16' only"):
+        main(["explain", "tests.models:conv_bn_relu", "--input-shape", "1x3x6x6", "--accuracy-budget", "1e-2"])
+
+
 def test_explain_resnet50_has_no_misses_for_conv_bn_relu_and_residuals():
     from pyrys.testing import torchvision_model
 
@@ -79,6 +91,7 @@ def test_explain_takes_an_exported_programs_own_inputs_and_the_precisions_tolera
 
 @pytest.mark.parametrize("arguments, says", [
     (["--tolerance", "-1"], "argument --tolerance: expected a number >= 0 like 1e-4, got '-1'"),
+    (["--accuracy-budget", "0"], "argument --accuracy-budget: expected a number > 0 like 1e-2, 'auto' or 'none', got '0'"),
     (["--disable", "nosuchpass"], "argument --disable: unknown pass 'nosuchpass'; the passes are freeze_params"),
     (["--backend", "nope"], "argument --backend: invalid choice: 'nope'"),
     (["--input-shape", "1x-3x8x8"], "expected a shape like 1x3x224x224 (sizes 0 or more), got '1x-3x8x8'"),  # was torch's

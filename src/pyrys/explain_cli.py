@@ -11,6 +11,7 @@ from pyrys import zoo
 from pyrys.backends import BACKEND_NAMES
 from pyrys.errors import ModelCopyError
 from pyrys.numerics import BF16_TOLERANCE, FP32_TOLERANCE, INT8_TOLERANCE
+from pyrys.numerics.budget import AUTO
 from pyrys.passes.precision import PRECISIONS
 from pyrys.quantization.calibration import samples_like
 from pyrys.signature import InputError
@@ -83,6 +84,19 @@ def load_model(spec: str) -> torch.nn.Module:
     return model.eval()
 
 
+def accuracy_budget(text: str) -> float | str | None:
+    """An accuracy budget: a finite number > 0, ``auto`` (the precision's default) or ``none`` (no guard)."""
+    if text in (AUTO, "none"):
+        return None if text == "none" else AUTO
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 0 like 1e-2, 'auto' or 'none', got {text!r}")
+    return value
+
+
 def add_explain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="a zoo model name (e.g. resnet50, hf_bert) or module:attr")
     parser.add_argument("--input-shape", type=parse_shape, default=None,
@@ -97,6 +111,10 @@ def add_explain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="the precision to compile for (bf16, int8: see README; int8 calibrates on the example "
                              "and inputs drawn like it)")
+    parser.add_argument("--accuracy-budget", type=accuracy_budget, default=AUTO,
+                        help="with --precision bf16 or int8: the error against float32 the accuracy guard holds, "
+                             "keeping the ops that move the outputs most in floating point, each listed with why "
+                             "(default: auto, the precision's own; none: no guard)")
     parser.add_argument("--tolerance", type=tolerance, default=None,
                         help=f"the relative error --numerics flags (default: that of the precision run, "
                              f"{FP32_TOLERANCE:g} for fp32, {BF16_TOLERANCE:g} for bf16 or a half-precision model, "
@@ -121,7 +139,7 @@ def run_explain(args: argparse.Namespace) -> int:
     try:
         result = explain(model, inputs, backend=args.backend, dump_dir=args.dump_dir, disable=tuple(args.disable),
                          title=title, numerics=args.numerics, precision=args.precision, calibration=calibration,
-                         tolerance=args.tolerance)
+                         tolerance=args.tolerance, accuracy_budget=args.accuracy_budget)
     except (ValueError, InputError, ModelCopyError) as error:  # pyrys's errors (CaptureError ...), bad options
         raise SystemExit(f"pyrys explain: {type(error).__name__}: {error}") from None
     print(result.render())
