@@ -11,9 +11,9 @@ error(the rest) <= budget (the search: :mod:`pyrys.numerics.budget`).  Where the
 go back to bf16 instead (``keep_in_bf16``: about 10x float32's speed on AMX, 2x on AVX-512 BF16), and the
 ops with no int8 kernel that run faster in bf16 (attention) run so too, error(S) measured so; all float32
 only if even every op in bf16 breaks the budget.  Every op's ``effect`` comes from one run of the float32
-graph per sample (each op evaluated once more on its quantized arguments) and a few backward passes, so
-the guard costs about six runs of the graph (on the reference backend, the rounding simulated) per sample
-plus about 2 log2(k) more for k ops put back, on the first :data:`~pyrys.numerics.budget.GUARD_SAMPLES`
+graph per sample (each op evaluated once more on its quantized arguments) and four backward passes (each
+about two runs' work), so the guard costs about ten runs of the graph (on the reference backend, the
+rounding simulated) per sample plus about 2 log2(k) more for k ops put back, on the first :data:`~pyrys.numerics.budget.GUARD_SAMPLES`
 calibration samples; one run of the int8 graph per sample when the budget holds with every op in int8.
 (Measuring each op's effect on the outputs alone took a run per op: 200 s for BERT-base's 73 linears.)
 """
