@@ -52,6 +52,12 @@ class Sensitivity:
     effect: dict[str, float] | None
     underived: frozenset[str] = frozenset()
 
+    def renamed(self, names: dict[str, str]) -> "Sensitivity":
+        """The same measure with each op's name ``names[name]``."""
+        return Sensitivity({names[k]: v for k, v in self.own.items()},
+                           None if self.effect is None else {names[k]: v for k, v in self.effect.items()},
+                           frozenset(names[k] for k in self.underived))
+
     def order(self) -> list[str]:
         """The ops, the largest ``effect`` first (ties, and every op without one, by ``own``)."""
         effect = self.effect or {}

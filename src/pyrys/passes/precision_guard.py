@@ -81,16 +81,12 @@ class Bf16Guard:
             self.data = f"{len(run)} of the {self.data} (the model fails on the rest)"
             self.samples = run
 
-        lowered: list[fx.GraphModule] = []
-
-        def error(kept: frozenset[str], limit: float = float("inf")) -> tuple[float, set[str]]:
+        def error(kept: frozenset[str], limit: float = float("inf")) -> tuple[float, set[str], fx.GraphModule]:
             trial = trial_copy(gm)
             moved = lower(trial, kept)
-            lowered[:] = [trial]
-            return max_error(ReferenceProgram(trial), self.samples, expected, limit), moved
+            return max_error(ReferenceProgram(trial), self.samples, expected, limit), moved, trial
 
-        total, moved = error(frozenset())
-        roundings = rounding(lowered.pop(), moved)  # (every op lowered: where the search starts)
+        total, moved, lowered = error(frozenset())
         self.error = total if moved else None  # nothing lowered (a float64 model): nothing to say
         if self.budget is None or not moved:
             return {}
@@ -98,7 +94,8 @@ class Bf16Guard:
         gm.meta[GUARD_MEASURE_KEY] = measured  # the backend's program is measured on them too (compiled.py)
         if total <= self.budget:
             return {}
-        sensitive = sensitivity(gm, roundings, self.samples)
+        sensitive = sensitivity(gm, rounding(lowered, moved), self.samples)  # (rounded as with every op lowered)
+        del lowered
         ordered = sensitive.order()
         count, self.error = keep_fewest(len(ordered), lambda k: error(frozenset(ordered[:k]), self.budget)[0],
                                         self.budget)

@@ -13,8 +13,9 @@ ops with no int8 kernel that run faster in bf16 (attention) run so too, error(S)
 only if even every op in bf16 breaks the budget.  Every op's ``effect`` comes from one run of the float32
 graph per sample (each op evaluated once more on its quantized arguments) and four backward passes (each
 about two runs' work), so the guard costs about ten runs of the graph (on the reference backend, the
-rounding simulated) per sample plus about 2 log2(k) more for k ops put back, on the first :data:`~pyrys.numerics.budget.GUARD_SAMPLES`
-calibration samples; one run of the int8 graph per sample when the budget holds with every op in int8.
+rounding simulated) per sample plus about 2 log2(k) more for k ops put back, on the first
+:data:`~pyrys.numerics.budget.GUARD_SAMPLES` calibration samples; one run of the int8 graph per sample when
+the budget holds with every op in int8.
 (Measuring each op's effect on the outputs alone took a run per op: 200 s for BERT-base's 73 linears.)
 """
 from __future__ import annotations
@@ -109,13 +110,7 @@ def sensitivity(gm: fx.GraphModule, switches: dict[str, Switch], samples: list[l
     """Each op of ``switches``' own error and first-order effect on the outputs (:mod:`pyrys.numerics.sensitivity`),
     by key, every op in float32 (so left on return); ``weights``: :func:`dequantized_weights`, where the caller
     holds them already."""
-    for switch in switches.values():
-        switch.set(False)  # the quantize/dequantize nodes stay in the graph, unread: each run computes them
-    weights = dequantized_weights(gm) if weights is None else weights  # (but the weights' once)
-    program = ReferenceProgram(with_weights(gm, weights))
-    by_layer = {switch.layer.name: name for name, switch in switches.items()}
-    reads = {arg.name for switch in switches.values() for arg in nodes_in((switch.int8_args, switch.layer.kwargs))
-             if arg.op != "get_attr" and arg.name not in weights}
+    program, weights, by_layer, reads = _float32_run(gm, switches, weights)
 
     def rounded(layer: str, value):
         switch = switches[by_layer[layer]]
@@ -123,11 +118,7 @@ def sensitivity(gm: fx.GraphModule, switches: dict[str, Switch], samples: list[l
                                lambda arg: weights[arg.name] if arg.name in weights else value(arg))
         return PYTHON_IMPLS.get(switch.layer.target, switch.layer.target)(*arguments[0], **arguments[1])
 
-    measured = sensitivities(program.gm, program.arguments, samples, rounded, set(by_layer), reads)
-    return Sensitivity({by_layer[layer]: own for layer, own in measured.own.items()},
-                       None if measured.effect is None else
-                       {by_layer[layer]: effect for layer, effect in measured.effect.items()},
-                       frozenset(by_layer[layer] for layer in measured.underived))
+    return sensitivities(program.gm, program.arguments, samples, rounded, set(by_layer), reads).renamed(by_layer)
 
 
 def on_float32_activations(gm: fx.GraphModule, switches: dict[str, Switch], samples: list[list], measure,
@@ -135,14 +126,7 @@ def on_float32_activations(gm: fx.GraphModule, switches: dict[str, Switch], samp
     """Run the graph with every op of ``switches`` in float32 (so left) on each sample; as each op's result is
     made, ``measure(name, arguments, result)``, where ``arguments(args)`` gives the tensors an argument tuple
     of that op (its int8 one; its float32 one too with ``float_arguments``) reads.  Only those tensors are kept."""
-    for switch in switches.values():
-        switch.set(False)  # the quantize/dequantize nodes stay in the graph, unread: each run computes them
-    weights = dequantized_weights(gm) if weights is None else weights  # (but the weights' once)
-    program = ReferenceProgram(with_weights(gm, weights))
-    by_layer = {switch.layer.name: name for name, switch in switches.items()}
-    read = {arg.name for switch in switches.values()
-            for arg in nodes_in((switch.int8_args, switch.float_args if float_arguments else (), switch.layer.kwargs))
-            if arg.op != "get_attr"}
+    program, weights, by_layer, read = _float32_run(gm, switches, weights, float_arguments)
 
     def value(arg: fx.Node):
         if arg.name in weights:
@@ -163,6 +147,23 @@ def on_float32_activations(gm: fx.GraphModule, switches: dict[str, Switch], samp
                 measure(name, arguments, tensor)
 
         program.observe(sample, visit)
+
+
+def _float32_run(gm: fx.GraphModule, switches: dict[str, Switch], weights: dict[str, torch.Tensor] | None,
+                 float_arguments: bool = False) -> tuple[ReferenceProgram, dict, dict[str, str], set[str]]:
+    """Every op of ``switches`` set to float32 (the quantize/dequantize nodes stay in the graph, unread: each run
+    computes them, but the weights' once: ``weights``, made here where None), and the graph's program; each op's
+    key by its layer's name, and the names of the activations the ops' int8 arguments (and with
+    ``float_arguments`` their float32 ones) read."""
+    for switch in switches.values():
+        switch.set(False)
+    weights = dequantized_weights(gm) if weights is None else weights
+    program = ReferenceProgram(with_weights(gm, weights))
+    by_layer = {switch.layer.name: name for name, switch in switches.items()}
+    reads = {arg.name for switch in switches.values()
+             for arg in nodes_in((switch.int8_args, switch.float_args if float_arguments else (), switch.layer.kwargs))
+             if arg.op != "get_attr" and arg.name not in weights}
+    return program, weights, by_layer, reads
 
 
 def dequantized_weights(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
