@@ -595,6 +595,45 @@ def test_a_save_loaded_where_its_kernels_are_missing_says_so(tmp_path, precision
     assert not any(note.startswith(("int8: oneDNN's AMX", "int8: oneDNN's VNNI")) for note in result["notes"])
 
 
+_SAVE_AS_AVX2 = """
+import sys
+import torch, pyrys
+from tests.models import conv_bn_relu, image
+torch.manual_seed(0)
+model = conv_bn_relu().eval()
+opt = pyrys.optimize(model, (image(2),), precision="int8", calibration=[image(2) for _ in range(4)])
+assert any("7-bit weights" in note for note in opt.notes), opt.notes
+pyrys.save(opt, sys.argv[1])
+"""
+
+
+def test_a_save_with_7_bit_weights_loaded_where_there_is_vnni_says_so(tmp_path):
+    """int8 saved on an AVX2 CPU (7-bit weights) and loaded on one with VNNI runs its 7-bit weights on the VNNI
+    kernels, right; its note said "8-bit weights" (a helper's find)."""
+    import subprocess
+    import sys
+
+    from pyrys.machine import kernel_flags
+    from pyrys.quantization import vnni
+
+    if "dnnl" not in pyrys.available_backends() or not vnni():
+        pytest.skip("no VNNI here: a save from an AVX2 CPU runs on the kernels it was saved for")
+    if "avx2" not in kernel_flags():
+        pytest.skip("no AVX2 here: ONEDNN_MAX_CPU_ISA=AVX2 cannot plan as a Zen 3")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-c", _SAVE_AS_AVX2, str(tmp_path / "saved")], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    loaded = pyrys.load(tmp_path / "saved")
+    said = [note for note in loaded.notes if note.startswith("int8: ")]
+    assert len(said) == 1 and "VNNI int8 kernels (7-bit weights" in said[0], loaded.notes
+    torch.manual_seed(0)
+    model, x = conv_bn_relu().eval(), image(2)
+    with torch.no_grad():
+        assert pyrys.relative_error(loaded(x), model(x)) <= 5e-2
+
+
 def test_a_manifest_isa_that_is_not_a_list_of_names_is_named(tmp_path):
     """``"isa": null`` was refused as a malformed program (TypeError: can only join an iterable)."""
     opt = pyrys.optimize(conv_bn_relu(), (image(),))

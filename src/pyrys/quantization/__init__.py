@@ -85,13 +85,19 @@ def weight_step(src_dtype: torch.dtype = torch.uint8, convolution: bool = False)
     return 2 if convolution and src_dtype == torch.int8 and not vnni() else 1
 
 
-def int8_note() -> str:
-    """What ``opt.notes`` says about the int8 kernels this CPU gets."""
+SEVEN_BIT_WEIGHTS = "7-bit weights"  # what the note says of weights quantized for AVX2's kernels
+
+
+def int8_note(saved_seven_bit: bool = False) -> str:
+    """What ``opt.notes`` says about the int8 kernels this CPU gets; ``saved_seven_bit``: of a program loaded
+    here whose weights were quantized to 7 bits on a CPU without VNNI (these kernels run them as they are)."""
+    weights = (f"{SEVEN_BIT_WEIGHTS}, as quantized on the CPU it was saved on, which had no VNNI: optimize again "
+               "here for 8-bit ones") if saved_seven_bit else "8-bit weights"
     if "amx_int8" in kernel_flags():
-        return "int8: oneDNN's AMX int8 kernels (8-bit weights)"
+        return f"int8: oneDNN's AMX int8 kernels ({weights})"
     if vnni():
-        return "int8: oneDNN's VNNI int8 kernels (8-bit weights)"
-    return (f"int8: no VNNI here{isa_limit_note()}: oneDNN's AVX2 int8 kernels, with 7-bit weights so that their "
+        return f"int8: oneDNN's VNNI int8 kernels ({weights})"
+    return (f"int8: no VNNI here{isa_limit_note()}: oneDNN's AVX2 int8 kernels, with {SEVEN_BIT_WEIGHTS} so that their "
             "16-bit intermediate sums cannot saturate (-63..63; a convolution reading s8 gets them doubled: oneDNN halves those)")
 
 
