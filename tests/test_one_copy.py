@@ -308,6 +308,52 @@ def test_dropping_the_module_frees_its_packed_weights():
     assert packed() is None
 
 
+@pytest.fixture
+def collector_off():
+    """Python's cyclic collector off for the test (``gc.collect()`` still collects), as it was after."""
+    collecting = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    yield
+    if collecting:
+        gc.enable()
+
+
+def test_a_program_and_its_frames_go_with_the_module_without_the_collector(collector_off):
+    """A program's idle frames referred back to it: every program called once sat in a cycle, its packed
+    weights (and the frames' buffers) freed only by the collector (a helper's find)."""
+    from pyrys.backends.dnnl.program import DnnlProgram
+
+    model, x = net_and_input()
+    with torch.no_grad():
+        opt = pyrys.optimize(model, (x,), backend="dnnl")
+        opt(x)
+        opt(x)
+    programs = [weakref.ref(p) for p in opt._first.program.programs.values()]
+    assert programs and all(isinstance(p(), DnnlProgram) and p().frames for p in programs)
+    del opt
+    assert all(p() is None for p in programs)
+
+
+def test_a_module_freed_is_collected_at_the_next_optimize(collector_off):
+    """Its graphs are torch.fx's, cyclic, and hold the weights its program reads as they are: freed by the
+    collector alone, which after a load may run many modules later (a model loaded, called and freed ten
+    times grew by 7 copies of its weights); the next optimize or load collects once the modules freed held
+    32 MiB or more."""
+    from pyrys.machine import COLLECT_AFTER_FREED_BYTES
+
+    torch.manual_seed(0)
+    model, x = nn.Linear(4096, COLLECT_AFTER_FREED_BYTES // 4 // 4096).eval(), torch.rand(2, 4096)
+    with torch.no_grad():
+        opt = pyrys.optimize(model, (x,), backend="dnnl")
+        opt(x)
+    graph = weakref.ref(opt._first.captured.gm)
+    del opt
+    assert graph() is not None  # (a cycle: the collector's)
+    pyrys.optimize(model, (x,), backend="dnnl")
+    assert graph() is None
+
+
 def test_a_stand_in_and_its_views_restore_the_values_exactly():
     tensor = torch.randn(4, 6)
     stand_in = release(tensor, lambda: tensor.clone())

@@ -15,6 +15,7 @@ from pyrys.capture.model_copy import SCRIPT_ADVICE, WriteCheck, private_copy, st
 from pyrys.capture.exported_program import exported_example_inputs, exported_inputs
 from pyrys.capture.script_module import is_torchscript, script_class_name, script_tensors
 from pyrys.errors import DeviceError
+from pyrys.machine import collect_freed_modules
 from pyrys.numerics import TOLERANCES
 from pyrys.numerics.budget import AUTO
 from pyrys.numerics.eager import eager_outputs
@@ -120,6 +121,7 @@ def optimize(
                          layout=layout, max_shapes=max_shapes, dynamic=dynamic, numerics=numerics,
                          precision=precision, output_dtype=output_dtype)
     check_calibration_options(precision, calibration, accuracy_budget)
+    collect_freed_modules()
     if isinstance(model, ExportedProgram):
         if example_inputs is None:
             example_inputs, example_kwargs = exported_example_inputs(model)

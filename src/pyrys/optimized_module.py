@@ -19,7 +19,7 @@ from pyrys.forwarding import forwarded
 from pyrys.ir.symbolic import (bind_symbols, describe_dims, differing_fixed_dims, fixed_dims_differ, pinned_dims_differ,
                                 rows_dim)
 from pyrys.numerics.trace import NumericsTrace
-from pyrys.machine import give_back_freed_memory
+from pyrys.machine import give_back_freed_memory, note_module_freed
 from pyrys.passes.specialize import ShapeMismatch
 from pyrys.shape_cache import ShapeCache
 from pyrys.size_one import SizeOneInputs, excluded_size_one_inputs, other_sizes_held, size_one_dims
@@ -524,6 +524,17 @@ class OptimizedModule(torch.nn.Module):
                           "statistics and dropout is off). Call the model itself to train, or optimize it in the "
                           "mode wanted", UserWarning, stacklevel=callers_level())
         return super().train(mode)
+
+    def __del__(self) -> None:
+        """Counted towards the collection the next ``optimize`` or ``load`` makes (its graphs are cyclic and hold
+        the weights its program reads as they are: :func:`pyrys.machine.collect_freed_modules`)."""
+        first = self.__dict__.get("_first")
+        if first is not None:
+            try:
+                held = first.program.memory()
+                note_module_freed(held["weights"] + held["packed_weights"])
+            except Exception:  # noqa: BLE001 -- a half-built module (its compile failed) holds nothing to count
+                pass
 
     def __copy__(self) -> "OptimizedModule":
         return self.__deepcopy__({})

@@ -41,7 +41,7 @@ from pyrys.ir.quiet_fake import fake_tensor_errors_unlogged
 from pyrys.ir.released import values_of
 from pyrys.ir.symbolic import describe_dims
 from pyrys.ir.written import written_tensors
-from pyrys.machine import cpu_info
+from pyrys.machine import collect_freed_modules, cpu_info
 from pyrys.capture.frontend import Frontend
 from pyrys.compiled import COMPILING, Compiled
 from pyrys.config import OptimizeConfig, check_threads, threads_problem
@@ -111,6 +111,7 @@ def load(path: str | os.PathLike | Mapping[str, bytes], *, threads: int | None =
         path = "files in memory"
     else:
         manifest, program, tensors = read_directory(path)
+    collect_freed_modules()
     with COMPILING:  # loading propagates meta and builds programs, as a compile does: they take turns
         return _load(path, manifest, program, tensors, threads)
 

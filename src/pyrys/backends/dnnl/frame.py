@@ -8,7 +8,9 @@ oneDNN's *user* scratchpad mode, so primitives may run from many threads at once
 as no two executions share a scratchpad), a stream, and the steps pre-bound to all of it.
 
 A frame serves one call at a time; the program keeps a pool of them that grows to the
-number of concurrent callers.
+number of concurrent callers.  A frame holds the parts of the program it reads, not the program:
+the pool and the frames would be a cycle, freed (with the packed weights the frames view) only by
+the cyclic collector; the program closes its frames when it goes.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ if TYPE_CHECKING:
 
 class Frame:
     def __init__(self, program: "DnnlProgram"):
-        self.program = program
+        self.input_slots, self.fresh, self.slots = program.input_slots, program.fresh, program.slots
+        self.outputs, self.released = program.outputs, program.released
         self.stream = Stream(program.engine)
         self.buffers = [torch.zeros(size, dtype=torch.uint8) if zeroed else torch.empty(size, dtype=torch.uint8)
                         for size, zeroed in program.buffers]
@@ -55,11 +58,10 @@ class Frame:
 
     def prepare(self, inputs: list) -> None:
         """Bind the call's inputs (tensors made contiguous; numbers as they are) and fresh output tensors."""
-        program = self.program
-        for slot, value in zip(program.input_slots, inputs):
+        for slot, value in zip(self.input_slots, inputs):
             contiguous = not isinstance(value, torch.Tensor) or value.is_contiguous()
             self.bind(slot, value if contiguous else value.contiguous())
-        for slot, shape, strides, dtype in program.fresh:
+        for slot, shape, strides, dtype in self.fresh:
             self.bind(slot, torch.empty_strided(shape, strides, dtype=dtype))
 
     def run(self, inputs: list) -> list:
@@ -70,9 +72,9 @@ class Frame:
 
     def finish(self) -> list:
         """The call's outputs; then the frame lets go of the call's tensors."""
-        outputs = [output(self) for output in self.program.outputs]
+        outputs = [output(self) for output in self.outputs]
         tensors = self.tensors
-        for slot in self.program.released:
+        for slot in self.released:
             tensors[slot] = None
         return outputs
 
@@ -84,7 +86,7 @@ class Frame:
     def strided(self, value) -> torch.Tensor:
         """A torch view of a planned value's bytes in this frame, with its (plain) descriptor's dims and
         strides: what a torch step reads or writes in place."""
-        root = self.program.slots[value.root.slot]
+        root = self.slots[value.root.slot]
         dtype = DNNL_TO_TORCH[value.md.dtype]
         data = self.buffers[root.buffer][root.offset + value.byte_offset:]
         typed = data[:len(data) // dtype.itemsize * dtype.itemsize].view(dtype)

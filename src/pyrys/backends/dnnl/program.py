@@ -109,6 +109,14 @@ class DnnlProgram:
         while self._idle:
             self._idle.pop().close()
 
+    def __del__(self) -> None:
+        """Its frames go with it: their bound steps refer back to them (a cycle only the collector would
+        free, holding the packed weights they view: a model optimized or loaded again and again, its last
+        module deleted each time, grew by its weights at each until a collection)."""
+        idle = self.__dict__.get("_idle")
+        while idle:
+            idle.pop().close()
+
     def __deepcopy__(self, memo: dict) -> "DnnlProgram":
         """A program with its own frames; the immutable plan (primitives, packed weights) is shared."""
         copied = object.__new__(DnnlProgram)
