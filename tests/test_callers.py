@@ -89,6 +89,8 @@ def tensors_without_one_memory_refused(backend: str) -> None:
             nested = torch.nested.nested_tensor([image()[0], image()[0]], layout=layout)
         with pytest.raises(pyrys.InputError, match="input 0 must be a dense .strided. tensor, got a nested tensor"):
             opt(nested)
+        with pytest.raises(pyrys.InputError, match="example input 0 must be a dense .strided. tensor, got a nested"):
+            pyrys.optimize(conv_bn_relu(), (nested,), backend=backend)  # (torch's "Internal error" at its sizes)
     from torch.testing._internal.two_tensor import TwoTensor  # subclasses that wrap others: no memory of their own
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's: masked tensors are a prototype

@@ -146,13 +146,14 @@ def test_train_warns_that_the_captured_mode_stays():
         assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE  # still the eval graph
 
 
-@pytest.mark.parametrize("conversion", ["half", "double", "bfloat16", "to float64", "to meta"])
+@pytest.mark.parametrize("conversion", ["half", "double", "bfloat16", "to float64", "to meta", "cuda"])
 def test_a_conversion_that_would_change_the_module_is_refused(conversion):
     """``opt.half()``, ``opt.to(torch.float64)``, ``opt.to("meta")`` did nothing, silently."""
     x = torch.randn(3, 16)
     opt = pyrys.optimize(_mlp(), (x,))
     convert = {"half": lambda: opt.half(), "double": lambda: opt.double(), "bfloat16": lambda: opt.bfloat16(),
-               "to float64": lambda: opt.to(torch.float64), "to meta": lambda: opt.to("meta")}[conversion]
+               "to float64": lambda: opt.to(torch.float64), "to meta": lambda: opt.to("meta"),
+               "cuda": lambda: opt.cuda()}[conversion]  # (no GPU: torch's "no NVIDIA driver" before)
     with pytest.raises(TypeError, match="keeps the precision and device it was optimized for"):
         convert()
     assert opt.to("cpu") is opt and opt.float() is opt and opt.to(torch.float32) is opt  # nothing to change

@@ -96,6 +96,13 @@ def test_graph_breaks_give_several_correct_programs(capsys):
     assert "a graph break" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("options", ["fast", ["precision"], 5])
+def test_options_that_are_not_a_dict_are_refused(options):
+    compiled = torch.compile(conv_bn_relu(), backend="pyrys", options=options)
+    with pytest.raises(Exception, match="torch.compile's options= is a dict of pyrys's settings"):
+        compiled(image())
+
+
 def test_unknown_option_is_refused():
     compiled = torch.compile(conv_bn_relu(), backend="pyrys", options={"colour": "blue"})
     with pytest.raises(Exception, match="unknown torch.compile option") as refused:

@@ -223,6 +223,28 @@ def test_a_length_pinned_through_floor_divisions_falls_back_to_these_shapes(back
     assert any("torch.export fails with symbolic sizes (NotImplementedError" in note for note in opt.notes), opt.notes
 
 
+class Chunked(torch.nn.Module):
+    def forward(self, x):
+        return x.chunk(3, 1)
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_a_chunk_at_sizes_its_guard_excludes_is_captured_again(backend, dynamic, tmp_path):
+    """``x.chunk(3, 1)`` guards its count of parts, ``FloorDiv(s, CeilDiv(s, 3))``; looking for the nearest size
+    that guard holds for divided by zero at s = 0: a bare ZeroDivisionError where eager runs (a helper's find).
+    A loaded module refuses such a shape with the nearest one it takes."""
+    model = Chunked().eval()
+    opt = pyrys.optimize(model, (torch.randn(3, 5, 4),), backend=backend, dynamic=dynamic)
+    for shape in [(2, 1, 4), (3, 2, 4), (2, 6, 4)]:
+        x = torch.randn(*shape)
+        got, want = opt(x), model(x)
+        assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want)), shape
+    saved = pyrys.optimize(model, (torch.randn(3, 5, 4),), backend=backend, dynamic=True)
+    pyrys.save(saved, tmp_path / "saved")
+    with pytest.raises(pyrys.InputError, match="nearest x dim 1"):
+        pyrys.load(tmp_path / "saved")(torch.randn(3, 2, 4))
+
+
 def test_an_exported_program_with_dynamic_dims_takes_new_shapes():
     model = pyrys.testing.randomize_batchnorm(Flattening()).eval()
     ep = torch.export.export(model, (image(2, size=8),), dynamic_shapes=({0: Dim("batch")},))

@@ -464,6 +464,14 @@ def test_bad_input_gets_a_clear_error():
     for budget in (0, -1.0, "1e-2", True):
         with pytest.raises(ValueError, match="accuracy_budget must be a finite positive number, 'auto' or None"):
             pyrys.optimize(model, (x,), precision="int8", calibration=[x], accuracy_budget=budget)
+    with pytest.raises(pyrys.InputError, match="calibration sample 1's input 0 must be a tensor on the CPU"):
+        pyrys.optimize(model, (x,), precision="int8", calibration=[x, x.to("meta")])  # (torch's meta .item() error)
+
+
+def test_int8_with_its_pass_disabled_says_so_and_does_not_blame_the_model():
+    model, x = resnet_like(), images(1)[0]
+    opt = pyrys.optimize(model, (x,), precision="int8", calibration=[x], disable=("quantize",))
+    assert opt.notes == ["the pass quantize is disabled: precision='int8' not applied"], opt.notes
 
 
 def test_a_model_without_a_quantizable_op_runs_float32_and_says_so(backend):

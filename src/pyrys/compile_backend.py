@@ -34,7 +34,7 @@ import sys
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.fx as fx
@@ -80,6 +80,10 @@ def pyrys_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None
     if mode not in (None, "default") and _first_time(mode):
         LOG.warning("pyrys (torch.compile): mode=%r is inductor's and is ignored; pyrys's own settings are "
                     "options={...} (precision, threads, layout ...)", mode)
+    if options is not None and not isinstance(options, Mapping):
+        raise TypeError(f"pyrys: torch.compile's options= is a dict of pyrys's settings "
+                        f"({sorted(_OPTION_NAMES - _NOT_THROUGH_COMPILE)}), e.g. options={{'precision': 'bf16'}}; "
+                        f"got {type(options).__name__} {options!r}")
     options = dict(options or {})
     unknown = sorted(set(options) - _OPTION_NAMES)
     if unknown:

@@ -165,9 +165,9 @@ def _compile_unchecked(frontend: Frontend, args: tuple, kwargs: dict, config: Op
         precision_note = ""  # which oneDNN int8 kernels this CPU gets: said where they run
     measured = guard_accuracy_note(precision, config.calibration, guard)
     rounded = rounded_outputs_note(precision, config, measured)
-    notes = captured.notes + [note for note in (notice, precision_note, int8_coverage_note(precision, run, captured.gm),
-                                                measured, rounded,
-                                                disabled_precision_note(precision, config),
+    disabled = disabled_precision_note(precision, config)
+    coverage = "" if disabled.startswith("the pass quantize") else int8_coverage_note(precision, run, captured.gm)
+    notes = captured.notes + [note for note in (notice, precision_note, coverage, measured, rounded, disabled,
                                                 config.calibration.note if config.calibration else "") if note]
     template = Compiled(signature, captured, run, None, "", notes, generic)
     try:

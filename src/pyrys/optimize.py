@@ -22,7 +22,7 @@ from pyrys.numerics.eager import eager_outputs
 from pyrys.numerics.trace import NumericsTrace
 from pyrys.passes.freeze import ALL
 from pyrys.shape_cache import DEFAULT_MAX_SHAPES
-from pyrys.signature import InputError
+from pyrys.signature import InputError, check_runnable
 from pyrys.capture.frontend import exported_program_frontend, module_frontend, torchscript_frontend
 from pyrys.config import OptimizeConfig, check_calibration_options, make_config, with_calibration
 from pyrys.optimized_module import OptimizedModule
@@ -183,6 +183,8 @@ def _example_inputs(example_inputs: Any, example_kwargs: dict | None) -> tuple[t
         if isinstance(value, torch.Tensor) and value.device.type != "cpu":
             raise InputError(f"pyrys: example input {i} must be on the CPU (pyrys compiles for the CPU), got a tensor "
                              f"on {value.device}; pass CPU tensors with real values, e.g. x.to(\"cpu\")")
+        if isinstance(value, torch.Tensor):
+            check_runnable(f"example input {i}", value)  # (a nested one: torch's "Internal error" at its sizes)
     return args, kwargs
 
 

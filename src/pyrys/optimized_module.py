@@ -504,11 +504,16 @@ class OptimizedModule(torch.nn.Module):
         dtype = next((leaf[1] for leaf in self._first.signature.leaves
                       if is_tensor_leaf(leaf) and leaf[1].is_floating_point), torch.float32)
         probe = torch.zeros(1, dtype=dtype)
-        converted = fn(probe)
-        if isinstance(converted, torch.Tensor) and (converted.dtype != probe.dtype or converted.device != probe.device):
+        try:
+            converted = fn(probe)
+            would = (f"make {str(converted.dtype).removeprefix('torch.')} on {converted.device}"
+                     if isinstance(converted, torch.Tensor) and (converted.dtype, converted.device) != (dtype, probe.device)
+                     else "")
+        except Exception as error:  # noqa: BLE001 -- .cuda() without a GPU: torch's "no NVIDIA driver"
+            would = f"move it, and fails on a tensor here ({type(error).__name__}: {str(error).strip()[:120]})"
+        if would:
             raise TypeError(f"pyrys: an optimized module keeps the precision and device it was optimized for "
-                            f"({str(dtype).removeprefix('torch.')} on the CPU); this conversion would make "
-                            f"{str(converted.dtype).removeprefix('torch.')} on {converted.device}. Optimize with "
+                            f"({str(dtype).removeprefix('torch.')} on the CPU); this conversion would {would}. Optimize with "
                             "precision='bf16' (output_dtype=torch.bfloat16 for bfloat16 outputs) for bf16, or "
                             "convert the model itself and optimize that")
         return self

@@ -102,7 +102,10 @@ def guard_accuracy_note(precision: str, calibration: Calibration | None, guard: 
 
 
 def disabled_precision_note(precision: str, config: OptimizeConfig) -> str:
-    """What ``disable=("lower_precision",)`` leaves undone (bf16, ``output_dtype``), said rather than silent."""
+    """What ``disable=("lower_precision",)`` leaves undone (bf16, ``output_dtype``), or ``disable=("quantize",)``
+    (int8), said rather than silent (and rather than a note blaming the model: "no op could run in ...")."""
+    if precision == "int8" and "quantize" in config.disable:
+        return "the pass quantize is disabled: precision='int8' not applied"
     if "lower_precision" not in config.disable:
         return ""
     undone = [f"precision={precision!r}"] * (precision == "bf16")

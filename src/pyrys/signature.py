@@ -113,7 +113,7 @@ def runnable_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     for i, value in enumerate(flat):
         if isinstance(value, torch.Tensor) and (value.device.type != "cpu" or value.layout != torch.strided
                                                 or value.is_nested or type(value) not in _PLAIN_TENSORS):
-            _check_runnable(leaf_names(spec)[i], value)
+            check_runnable(leaf_names(spec)[i], value)
     if not any(isinstance(v, torch.Tensor) and (v.is_neg() or v.is_conj()) for v in flat):
         return args, kwargs
     resolve = lambda v: v.resolve_neg().resolve_conj() if isinstance(v, torch.Tensor) else v  # noqa: E731
@@ -132,7 +132,8 @@ def _has_memory(value: torch.Tensor) -> bool:
         return False
 
 
-def _check_runnable(name: str, value: torch.Tensor) -> None:
+def check_runnable(name: str, value: torch.Tensor) -> None:
+    """:class:`InputError` naming ``name`` unless ``value`` is a dense CPU tensor with values of its own."""
     if isinstance(value, FakeTensor):
         raise InputError(f"pyrys: {name} must be a tensor with values, got a FakeTensor (torch's tensor of shapes "
                          "alone, made under FakeTensorMode); pass a real tensor")

@@ -433,7 +433,13 @@ def ranges_of(gm: fx.GraphModule) -> dict[sympy.Symbol, tuple]:
 
 
 def _evaluate(expr: sympy.Expr, bindings: dict) -> Any:
-    value = expr.xreplace(bindings)
+    """``expr`` at ``bindings``; NaN where it divides by zero there (a chunk's ``FloorDiv(s, CeilDiv(s, 3))``
+    at s = 0, tried for the nearest size a guard holds for: a bare ZeroDivisionError): no guard holds then,
+    no dim matches."""
+    try:
+        value = expr.xreplace(bindings)
+    except ZeroDivisionError:
+        return sympy.nan
     if isinstance(value, sympy.Integer):
         return int(value)
     return value

@@ -24,13 +24,14 @@ from typing import Iterable
 import torch
 import torch.fx as fx
 from torch.ao.quantization.observer import HistogramObserver, MinMaxObserver
+from torch.utils._pytree import tree_leaves
 
 from pyrys.backends.reference import ReferenceProgram
 from pyrys.ir.graph import constant_value, is_constant
 from pyrys.ir.vocabulary import PERMUTES, VIEWS
 from pyrys.quantization import TensorQuant
 from pyrys.quantization.sample_forms import as_call
-from pyrys.signature import InputError, is_tensor_leaf, signature_of
+from pyrys.signature import InputError, check_runnable, is_tensor_leaf, signature_of
 from pyrys.size_one import shapes_of
 
 aten = torch.ops.aten
@@ -171,6 +172,9 @@ def calibration_samples(data: Iterable, args: tuple, kwargs: dict, limit: int | 
     kept_by = 0  # how many samples did
     for i, sample in enumerate(data):
         sample_args, sample_kwargs, kept_as_they_are = as_call(i, sample, args, kwargs)
+        for position, value in enumerate(tree_leaves((sample_args, sample_kwargs))):
+            if isinstance(value, torch.Tensor):  # (on meta: torch's "cannot be called on meta tensors")
+                check_runnable(f"calibration sample {i}'s input {position}", value)
         kept_by += bool(kept_as_they_are)
         kept.update(dict.fromkeys(kept_as_they_are))
         signature, flat = signature_of(sample_args, sample_kwargs)
