@@ -335,3 +335,25 @@ def model_state_unchanged(backend: str) -> None:
 
 def test_the_users_model_state_is_bitwise_unchanged(backend):
     run_isolated(model_state_unchanged, backend)
+
+
+def _and_its_view(y: torch.Tensor) -> tuple:
+    return y, y.view(y.shape[0], -1)  # (eager refuses a channels-last y here)
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_every_call_gives_what_contiguous_inputs_give_whatever_its_layout(backend, dynamic):
+    """Captures read contiguous copies of their inputs.  A shape's program followed its first call's layout: a
+    channels-last call at a new batch size, refused (the model views a conv's output), refused that batch size's
+    contiguous calls after it; its outputs came back channels-last for contiguous calls; a channels-last example
+    gave channels-last outputs, which ``.view`` refuses (helpers' finds)."""
+    torch.manual_seed(0)
+    model = Fn(lambda m, x: _and_its_view(m.conv(x)), conv=nn.Conv2d(3, 4, 3)).eval()
+    channels_last = image(2, size=8).contiguous(memory_format=torch.channels_last)
+    opt = optimize(model, (channels_last,), backend, dynamic=dynamic)
+    for batch in (2, 3, 5):
+        x = image(batch, size=8)
+        for call in (x.contiguous(memory_format=torch.channels_last), x):
+            y, flat = opt(call)
+            assert y.is_contiguous() and flat.is_contiguous() and y.view(batch, -1).shape == flat.shape
+            assert all(pyrys.relative_error(a, b) <= TOLERANCE for a, b in zip((y, flat), model(x)))

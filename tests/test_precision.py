@@ -445,6 +445,18 @@ def test_a_guard_that_cannot_measure_says_so_and_compiles(bf16_cpu, monkeypatch)
     assert opt.misses == [] and "BFloat16(4, 7) = aten::linear" in opt.graph  # compiled as without a guard
 
 
+@pytest.mark.parametrize("example", ["nan", "inf", "zeros"])
+def test_the_guard_says_it_cannot_measure_on_outputs_without_a_number(bf16_cpu, example):
+    """All-NaN, all-inf or all-zero outputs make every error 0: the guard read "within 0.0e+00" and kept
+    nothing (the program erred 0.23 on other data; a helper's find)."""
+    model = Fn(lambda m, x: m.differences(x) * 100, differences=Cancelling().differences).eval()
+    x = {"nan": torch.full((4, 8), float("nan")), "inf": torch.full((4, 8), float("inf")),
+         "zeros": torch.zeros(4, 8)}[example]
+    opt = pyrys.optimize(model, (x,), precision="bf16", accuracy_budget=1e-2)
+    assert any("accuracy guard could not measure the graph" in n and "all 0 or not finite" in n for n in opt.notes)
+    assert not any("outputs within" in n for n in opt.notes), opt.notes
+
+
 def test_disabling_lower_precision_says_what_it_leaves_undone(bf16_cpu, backend):
     opt = pyrys.optimize(conv_bn_relu(), (image(),), backend=backend, precision="bf16", output_dtype=torch.bfloat16,
                          disable=("lower_precision",))

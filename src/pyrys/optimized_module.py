@@ -63,6 +63,7 @@ class OptimizedModule(torch.nn.Module):
     def __init__(self, frontend: Frontend, args: tuple, kwargs: dict, config: OptimizeConfig,
                  trace: NumericsTrace | None = None):
         super().__init__()
+        args, kwargs = tree_map(_contiguous, (args, kwargs))  # every capture's inputs are contiguous (_compile)
         with COMPILING:
             first = compile_signature(frontend, args, kwargs, config, dynamic=config.dynamic is True, trace=trace)
         self._hold(frontend, config, [first])
@@ -188,6 +189,11 @@ class OptimizedModule(torch.nn.Module):
                 raise _again(now[0])
             compiled = self._shapes.get(signature)
             if compiled is None:
+                # captured and specialized from contiguous copies (the program reads its inputs so): a shape's
+                # program, its outputs' layout and a refusal followed the layout of its first call (a
+                # channels-last batch refused where the model views a conv's output: every later call of that
+                # batch size was, contiguous ones too; a helper's find)
+                flat, args, kwargs = tree_map(_contiguous, (flat, args, kwargs))
                 try:
                     compiled = self._new_shape(signature, flat, args, kwargs)
                 except (CaptureError, InputError) as error:

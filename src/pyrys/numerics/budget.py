@@ -102,6 +102,16 @@ def check_budget(accuracy_budget) -> None:
                          f"guard), got {accuracy_budget!r}")
 
 
+def check_measurable(expected: list[list]) -> None:
+    """``ValueError`` where the float32 outputs a guard measures against hold no finite number but 0 (an
+    all-NaN, all-inf or all-zero example): every error is 0 against them, and a guard reading 0 kept nothing
+    (a model erring 0.23 on other data was said to be within 0; a helper's find)."""
+    tensors = [t for t in tree_leaves(expected) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if tensors and not any(bool((torch.isfinite(t) & (t != 0)).any()) for t in tensors):
+        raise ValueError("its float32 outputs on them are all 0 or not finite, so any error against them is 0: "
+                         "pass calibration= samples like the inputs served")
+
+
 def max_error(program, samples: list[list], expected: list[list], limit: float = float("inf")) -> float:
     """The largest relative error of ``program``'s outputs on ``samples`` against ``expected``; the first one
     over ``limit`` as soon as it is seen (a trial that breaks the budget needs no more samples run).  Where

@@ -24,8 +24,8 @@ import torch.fx as fx
 from pyrys.backends.reference import ReferenceProgram
 from pyrys.ir.graph import trial_copy
 from pyrys.ir.ops import PYTHON_IMPLS
-from pyrys.numerics.budget import (GUARD_MEASURE_KEY, GuardMeasure, accuracy_note, keep_fewest, kept_reason,
-                                   max_error)
+from pyrys.numerics.budget import (GUARD_MEASURE_KEY, GuardMeasure, accuracy_note, check_measurable, keep_fewest,
+                                   kept_reason, max_error)
 from pyrys.numerics.sensitivity import Sensitivity, sensitivities
 
 
@@ -80,6 +80,7 @@ class Bf16Guard:
         if len(run) < len(self.samples):
             self.data = f"{len(run)} of the {self.data} (the model fails on the rest)"
             self.samples = run
+        check_measurable(expected)
 
         def error(kept: frozenset[str], limit: float = float("inf")) -> tuple[float, set[str], fx.GraphModule]:
             trial = trial_copy(gm)

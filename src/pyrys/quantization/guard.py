@@ -29,7 +29,7 @@ import torch.fx as fx
 from pyrys.backends.reference import ReferenceProgram
 from pyrys.ir.graph import add_constant, nodes_in, trial_copy
 from pyrys.ir.ops import PYTHON_IMPLS
-from pyrys.numerics.budget import GUARD_SAMPLES, keep_fewest, kept_reason, max_error
+from pyrys.numerics.budget import GUARD_SAMPLES, check_measurable, keep_fewest, kept_reason, max_error
 from pyrys.numerics.sensitivity import Sensitivity, sensitivities
 from pyrys.quantization import DEQUANTIZE_WEIGHT
 
@@ -68,6 +68,7 @@ def guard(gm: fx.GraphModule, switches: dict[str, Switch], samples: list[list], 
     the outputs' error with the rest in int8, and the precision the floating-point ops run in: ``"bf16"``
     where ``keep_in_bf16(graph, op names)`` (running those ops of a graph in bf16) is given and the budget
     holds so, the ops named in ``in_bf16`` (attention: no int8 kernel) in bf16 too; else ``"float32"``."""
+    check_measurable(expected)
     lowered: set[str] = set()  # names of the ops a trial runs in bf16
 
     weights = dequantized_weights(gm)
