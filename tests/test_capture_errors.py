@@ -429,3 +429,24 @@ def test_a_cut_path_several_files_end_with_is_given_as_torch_gave_it(monkeypatch
         monkeypatch.setitem(sys.modules, name, module)
     assert _data_read_at("Caused by: (model.py:3 in forward)") == ("model.py", 3, "")
     assert _data_read_at("Caused by: (ewhere/xmodel.py:3 in forward)")[0] == "/somewhere/xmodel.py"
+
+
+def test_a_hook_that_reads_values_is_named_when_the_capture_fails():
+    """torch.export runs the modules' forward hooks on tensors without values: a hook calling ``.numpy()``
+    failed the capture with a message naming forward alone (a helper's find)."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval()
+    model[0].register_forward_hook(lambda module, inputs, output: output.numpy())
+    with pytest.raises(pyrys.CaptureError, match="The forward hooks of '0' run in the capture too"):
+        pyrys.optimize(model, (torch.rand(2, 4),))
+
+
+def test_a_pruned_weight_computed_with_grad_gets_the_pruning_remedy():
+    """``torch.nn.utils.prune`` computes ``weight`` in a forward pre-hook; computed with grad on, deepcopy
+    refuses it, and the advice was to give torch.Tensor a __deepcopy__ (a helper's find)."""
+    from torch.nn.utils import prune
+
+    model = nn.Sequential(nn.Linear(4, 4)).eval()
+    prune.l1_unstructured(model[0], "weight", amount=0.5)
+    model(torch.rand(2, 4))  # (grad on: the weight is computed as a graph's non-leaf)
+    with pytest.raises(pyrys.ModelCopyError, match=r"prune.remove\(module, 'weight'\)"):
+        pyrys.optimize(model, (torch.rand(2, 4),))

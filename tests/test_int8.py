@@ -1484,3 +1484,24 @@ def test_integer_outputs_do_not_make_cut_samples_look_alike():
         opt(torch.randint(0, 50, (2, 1)))
     assert not any("runs 0 of the" in note for note in opt.notes), opt.notes
     assert any("so it is calibrated on its own" in note for note in opt.notes), opt.notes
+
+
+class Masked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(8, 4)
+
+    def forward(self, x, mask=None):
+        return self.linear(x) * mask
+
+
+def test_a_calibration_sample_of_other_structure_names_its_inputs():
+    """A keyword misspelt in a sample read "must be inputs like (Float(2, 3, 8), Float(2, 3, 4)), got (Float(2, 3,
+    8), Float(2, 3, 4))": the same words twice (a helper's find)."""
+    torch.manual_seed(0)
+    model = Masked().eval()
+    x, mask = torch.rand(2, 3, 8), torch.ones(2, 3, 4)
+    assert pyrys.optimize(model, (x,), {"mask": mask}, precision="int8", calibration=[(x, {"mask": mask})])
+    with pytest.raises(pyrys.InputError, match=r"like the example inputs \(input 0: Float\(2, 3, 8\), input 'mask': "
+                                               r"Float\(2, 3, 4\)\), got \(.*input 'mask'\['mak'\]: Float"):
+        pyrys.optimize(model, (x,), {"mask": mask}, precision="int8", calibration=[(x, {"mak": mask})])

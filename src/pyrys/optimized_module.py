@@ -32,6 +32,7 @@ from pyrys.signature import (InputError, Signature, arranged_like, check_compati
 from pyrys.capture.frontend import Frontend
 from pyrys.config import OptimizeConfig
 from pyrys.errors import CaptureError, ModelChangedError
+from pyrys.ir.meta import bound_torch_fake_cache
 from pyrys.ir.quiet_fake import fake_tensor_errors_unlogged
 from pyrys.compiled import COMPILING, Compiled, build_for_shape, compile_signature, static_reason
 from pyrys.numerics.budget import ACCURACY_NOTE, KEPT_BY_GUARD
@@ -200,6 +201,7 @@ class OptimizedModule(torch.nn.Module):
                     self._refuse(signature, error, seen[1] if seen is not None else 1)
                     raise
                 self._refused.pop(signature, None)
+                bound_torch_fake_cache()
                 self._keep(signature, compiled)
                 self._note_unmeasured_sizes(compiled, flat)
                 fault = getattr(compiled.program, "fault", None)  # its own check's (dnnl's self_check.py)

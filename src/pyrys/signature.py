@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils._pytree import TreeSpec, tree_flatten, tree_map
+from torch.utils._pytree import TreeSpec, keystr, tree_flatten, tree_flatten_with_path, tree_map, tree_unflatten
 from torch._subclasses.fake_tensor import FakeTensor
 
 from pyrys.ir.printer import format_tensor_type
@@ -30,6 +30,15 @@ class Signature:
 
     def describe(self) -> str:
         return ", ".join(_describe_leaf(leaf) for leaf in self.leaves)
+
+    def describe_named(self) -> str:
+        """:meth:`describe` with each input's place: ``input 0: Float(2, 3), input 'mask': Float(2, 4)``, and where
+        an input holds several, ``input 'mask'['mak']: ...`` (a mapping passed as the tensor)."""
+        paths = [path for path, _ in tree_flatten_with_path(tree_unflatten(list(range(len(self.leaves))),
+                                                                           self.in_spec))[0]]
+        names = [(f"input {path[1].idx}" if path[0].idx == 0 else f"input {path[1].key!r}") + keystr(path[2:])
+                 for path in paths]
+        return ", ".join(f"{name}: {_describe_leaf(leaf)}" for name, leaf in zip(names, self.leaves))
 
 
 def is_tensor_leaf(leaf) -> bool:

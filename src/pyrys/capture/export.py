@@ -279,8 +279,21 @@ def _exported_for_these_shapes(model: torch.nn.Module, args: tuple, kwargs: dict
                                "pyrys the float model (precision=\"int8\" quantizes it)") from error
         raise CaptureError(f"pyrys: torch.export cannot capture {type(model).__name__} on inputs of shapes ({shapes}): "
                            f"{type(error).__name__}: {first_line}. Does eager forward run on these inputs with "
-                           "gradients on (torch.export traces that path)? Otherwise use "
+                           "gradients on (torch.export traces that path)?" + _hooks_hint(model) + " Otherwise use "
                            "torch.compile(model, backend=\"pyrys\"), or report it") from error
+
+
+def _hooks_hint(model: torch.nn.Module) -> str:
+    """Where modules of ``model`` have forward hooks (or pre-hooks), that torch.export runs them too, on fake
+    tensors: one reading values (``.numpy()``, ``.item()`` into a list) fails the capture (a helper's find: the
+    message named forward alone)."""
+    hooked = [repr(name) if name else type(model).__name__ for name, module in model.named_modules()
+              if module._forward_hooks or module._forward_pre_hooks]
+    if not hooked:
+        return ""
+    return (f" The forward hooks of {', '.join(hooked[:3])}{' ...' * (len(hooked) > 3)} run in the capture too, "
+            "on tensors without values: a hook that reads values (.numpy(), .item()) fails it; remove it before "
+            "optimizing.")
 
 
 def _export_symbolic(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool | VaryingDims = True) -> ExportedProgram:

@@ -108,11 +108,15 @@ def private_copy(model: torch.nn.Module, frozen: Iterable[str] | None) -> tuple[
     except Exception as error:
         culprit = _uncopyable_attribute(model)
         where = f" (its attribute {culprit[0]}, a {culprit[1]})" if culprit else ""
+        computed = "graph leaves" in str(error)  # a tensor a hook computed with grad (torch.nn.utils.prune's weight)
+        remedy = ("That tensor was computed with autograd on (torch.nn.utils.prune computes its weight in a forward "
+                  "pre-hook): call the model once under torch.no_grad(), or make the pruning permanent "
+                  "(prune.remove(module, 'weight')), before optimizing" if computed else
+                  "Make that attribute deep-copyable (give its class a __deepcopy__) or remove it before optimizing")
         raise ModelCopyError(
             f"pyrys: copy.deepcopy cannot copy {type(model).__name__}{where}: {error}. pyrys optimizes a private "
-            "copy so that your model is never modified. Make that attribute deep-copyable (give its class a "
-            "__deepcopy__) or remove it before optimizing, or pass an ExportedProgram, which pyrys uses without "
-            "copying: pyrys.optimize(torch.export.export(model, (x,)))") from error
+            f"copy so that your model is never modified. {remedy}, or pass an ExportedProgram, which pyrys uses "
+            "without copying: pyrys.optimize(torch.export.export(model, (x,)))") from error
     return copied, WriteCheck(type(model).__name__, shared)
 
 

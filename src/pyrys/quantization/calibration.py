@@ -189,7 +189,8 @@ def calibration_samples(data: Iterable, args: tuple, kwargs: dict, limit: int | 
         else:
             sized = sized_otherwise(signature, expected)
             raise InputError(f"pyrys: calibration sample {i} must be inputs like the example inputs "
-                             f"({expected.describe()}), got ({_describe(signature)}); every sample is one call's "
+                             f"({_described(expected, signature)}), got ({_described(signature, expected)}); every "
+                             "sample is one call's "
                              "inputs with the example's shapes and dtypes, or a batch of such along dim 0 (a "
                              "DataLoader over the inputs alone, without labels)"
                              + ("; samples of other sizes (texts of other lengths) are read with dynamic=True, whose "
@@ -307,6 +308,18 @@ def _check_finite(index: int, flat: list) -> None:
         if isinstance(value, torch.Tensor) and value.is_floating_point() and bool(value.isnan().any()):
             raise InputError(f"pyrys: calibration sample {index} holds NaN (its input {position}); calibration "
                              "measures the ranges of numbers: leave that sample out or clean it")
+
+
+def _described(signature, other) -> str:
+    """``signature`` in words, with its inputs' names where its shapes read as ``other``'s (a keyword misspelt,
+    a list for the keywords: "(Float(2, 3), Float(2, 4)), got (Float(2, 3), Float(2, 4))" said nothing)."""
+    said = _describe(signature)
+    if said != _describe(other):
+        return said
+    try:
+        return signature.describe_named()
+    except Exception:  # noqa: BLE001 -- a structure leaf_names does not read (a spec of another form): as it is
+        return said
 
 
 def _describe(signature) -> str:
