@@ -55,8 +55,9 @@ class ReferenceProgram:
         if self.float_inputs and not all_finite(inputs, self.float_inputs):
             return self.float_path(inputs)
         args = self.arguments(inputs)
-        with torch.no_grad():
-            return [self._owned(output) for output in self.gm(*args)]
+        with torch.no_grad():  # (forward, not the module's call: torch's wrapper of a graph module prints the
+            # traceback of a failure to stderr, and callers measuring samples that may not fit catch it)
+            return [self._owned(output) for output in self.gm.forward(*args)]
 
     def arguments(self, inputs: list) -> list:
         """The graph's arguments in placeholder order: module state, and the user's inputs as captured."""
