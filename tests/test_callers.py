@@ -357,3 +357,15 @@ def test_every_call_gives_what_contiguous_inputs_give_whatever_its_layout(backen
             y, flat = opt(call)
             assert y.is_contiguous() and flat.is_contiguous() and y.view(batch, -1).shape == flat.shape
             assert all(pyrys.relative_error(a, b) <= TOLERANCE for a, b in zip((y, flat), model(x)))
+
+
+def test_a_buffer_returned_under_inference_mode_can_be_written_after(backend):
+    """Eager returns the buffer itself; pyrys a copy, made under ``torch.inference_mode``: an inference tensor,
+    which an in-place write outside it refuses (a helper's find)."""
+    model = Fn(lambda m, x: (m.linear(x), m.ones), linear=nn.Linear(4, 2)).eval()
+    model.register_buffer("ones", torch.ones(2))
+    opt = optimize(model, (torch.randn(3, 4),), backend)
+    with torch.inference_mode():
+        _, ones = opt(torch.randn(3, 4))
+    assert not ones.is_inference() and torch.equal(ones.add_(1), torch.full((2,), 2.0))
+    assert torch.equal(opt(torch.randn(3, 4))[1], torch.ones(2))  # the program's own stays

@@ -17,7 +17,17 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
+import torch
+
 MEMORY_KEYS = ("weights", "packed_weights", "activations", "frames")
+
+
+def constant_for_caller(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of a constant the program keeps, returned as an output: made outside inference mode, as eager
+    returns the module's buffer itself (a copy made under ``torch.inference_mode`` could not be written outside
+    it; a helper's find)."""
+    with torch.inference_mode(False):
+        return tensor.clone()
 
 
 @runtime_checkable

@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 
 from pyrys.backends.options import BackendOptions
+from pyrys.backends.program import constant_for_caller
 from pyrys.backends.threads import ThreadPinned
 from pyrys.ir.finite import all_finite
 from pyrys.ir.graph import copy_graph, named_constants, state_ref
@@ -66,7 +67,7 @@ class ReferenceProgram:
 
     def _owned(self, output):
         if isinstance(output, torch.Tensor) and output.untyped_storage().data_ptr() in self.internal:
-            return output.clone()
+            return constant_for_caller(output)
         return output
 
     @property

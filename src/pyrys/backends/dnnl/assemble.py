@@ -21,6 +21,7 @@ from pyrys.backends.dnnl.layout import plain_md
 from pyrys.backends.dnnl.memory_plan import plan_memory
 from pyrys.backends.dnnl.program import DnnlProgram, Slot
 from pyrys.backends.dnnl.values import ALIAS, CONSTANT, DYNAMIC, PLANNED, Value
+from pyrys.backends.program import constant_for_caller
 from pyrys.ir.printer import format_type
 
 
@@ -94,7 +95,7 @@ def _output(result) -> Callable[[Frame], Any]:
             return lambda frame: frame.owned(frame.tensors[slot])
         return lambda frame: frame.tensors[slot]
     if isinstance(result, torch.Tensor):
-        return lambda frame: result.clone()  # the program's constant stays the program's
+        return lambda frame: constant_for_caller(result)  # the program's constant stays the program's
     return lambda frame: result
 
 
