@@ -472,6 +472,10 @@ def test_int8_with_its_pass_disabled_says_so_and_does_not_blame_the_model():
     model, x = resnet_like(), images(1)[0]
     opt = pyrys.optimize(model, (x,), precision="int8", calibration=[x], disable=("quantize",))
     assert opt.notes == ["the pass quantize is disabled: precision='int8' not applied"], opt.notes
+    opt = pyrys.optimize(model, (x,), precision="int8", calibration=[x], disable=("quantize", "lower_precision"),
+                         output_dtype=torch.bfloat16)
+    assert opt.notes == ["the pass quantize is disabled: precision='int8' not applied; the pass lower_precision is "
+                         "disabled: output_dtype=torch.bfloat16 not applied"], opt.notes
 
 
 def test_a_model_without_a_quantizable_op_runs_float32_and_says_so(backend):

@@ -9,6 +9,7 @@ that a write to the user's weights after optimize is never compiled silently.
 """
 from __future__ import annotations
 
+import copy
 import gc
 import weakref
 
@@ -352,6 +353,27 @@ def test_a_module_freed_is_collected_at_the_next_optimize(collector_off):
     assert graph() is not None  # (a cycle: the collector's)
     pyrys.optimize(model, (x,), backend="dnnl")
     assert graph() is None
+
+
+def test_freeing_a_module_asks_its_program_nothing(monkeypatch):
+    """``__del__`` asked the program its memory, which takes the packer's lock: a collection running it under
+    that lock (an allocation while a new shape packs) hung the thread, and every compile after (a reviewer's
+    find). A dropped copy counted the weights it shares as freed."""
+    from pyrys import machine
+
+    model, x = net_and_input()
+    with torch.no_grad():
+        opt = pyrys.optimize(model, (x,), backend="dnnl")
+        opt(x)
+    copied = copy.deepcopy(opt)
+    asked = []
+    monkeypatch.setattr(type(opt._first.program), "memory", lambda self: asked.append(self) or {})
+    before = machine._freed_bytes[0]
+    del copied
+    assert machine._freed_bytes[0] == before  # (the original holds them)
+    del opt
+    gc.collect()
+    assert not asked and machine._freed_bytes[0] > before
 
 
 def test_a_stand_in_and_its_views_restore_the_values_exactly():

@@ -455,6 +455,8 @@ def test_the_guard_says_it_cannot_measure_on_outputs_without_a_number(bf16_cpu, 
     opt = pyrys.optimize(model, (x,), precision="bf16", accuracy_budget=1e-2)
     assert any("accuracy guard could not measure the graph" in n and "all 0 or not finite" in n for n in opt.notes)
     assert not any("outputs within" in n for n in opt.notes), opt.notes
+    wide = pyrys.optimize(model.double(), (x.double(),), precision="bf16", accuracy_budget=1e-2)
+    assert not any("accuracy guard" in n for n in wide.notes), wide.notes  # (nothing lowered: nothing measured)
 
 
 def test_disabling_lower_precision_says_what_it_leaves_undone(bf16_cpu, backend):

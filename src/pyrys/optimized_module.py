@@ -109,6 +109,7 @@ class OptimizedModule(torch.nn.Module):
         self._shapes = ShapeCache(config.max_shapes, self._first.signature, {c.signature: c for c in compiled}, kept)
         self._fast_calls: dict[tuple, tuple[Signature, Any]] = {}
         self._rotation_noted = False  # whether a signature built again after its eviction was noted
+        self._weight_bytes = _weight_bytes(self._first.program)  # freed with it (a copy shares them: 0)
         self._refused: dict[Signature, list] = {}  # [why, calls since] a signature's capture failed, latest last
 
     @classmethod
@@ -502,6 +503,7 @@ class OptimizedModule(torch.nn.Module):
         copied._sizes_seen = {where: set(sizes) for where, sizes in self._sizes_seen.items()}
         copied.training, copied.compiled_training = self.training, self.compiled_training
         copied._notes_added = self._notes_added
+        copied._weight_bytes = 0  # the original's, shared
         return copied
 
     def _apply(self, fn, recurse: bool = True) -> "OptimizedModule":
@@ -540,14 +542,10 @@ class OptimizedModule(torch.nn.Module):
 
     def __del__(self) -> None:
         """Counted towards the collection the next ``optimize`` or ``load`` makes (its graphs are cyclic and hold
-        the weights its program reads as they are: :func:`pyrys.machine.collect_freed_modules`)."""
-        first = self.__dict__.get("_first")
-        if first is not None:
-            try:
-                held = first.program.memory()
-                note_module_freed(held["weights"] + held["packed_weights"])
-            except Exception:  # noqa: BLE001 -- a half-built module (its compile failed) holds nothing to count
-                pass
+        the weights its program reads as they are: :func:`pyrys.machine.collect_freed_modules`): the bytes
+        counted when it was made (a collection may run this anywhere, under a lock its thread holds: nothing
+        here takes one)."""
+        note_module_freed(self.__dict__.get("_weight_bytes", 0))
 
     def __copy__(self) -> "OptimizedModule":
         return self.__deepcopy__({})
@@ -653,6 +651,15 @@ class OptimizedModule(torch.nn.Module):
         lines += [f"note: {note}" for note in self.notes]
         lines += [self.numerics.render()] if self.numerics is not None else []
         return "\n".join(lines)
+
+
+def _weight_bytes(program) -> int:
+    """What ``program`` holds of weights, plain and packed (0 where it cannot say: only counted)."""
+    try:
+        held = program.memory()
+        return held["weights"] + held["packed_weights"]
+    except Exception:  # noqa: BLE001 -- accounting never fails a compile
+        return 0
 
 
 def _contiguous(value: Any) -> Any:

@@ -104,13 +104,13 @@ def guard_accuracy_note(precision: str, calibration: Calibration | None, guard: 
 def disabled_precision_note(precision: str, config: OptimizeConfig) -> str:
     """What ``disable=("lower_precision",)`` leaves undone (bf16, ``output_dtype``), or ``disable=("quantize",)``
     (int8), said rather than silent (and rather than a note blaming the model: "no op could run in ...")."""
-    if precision == "int8" and "quantize" in config.disable:
-        return "the pass quantize is disabled: precision='int8' not applied"
-    if "lower_precision" not in config.disable:
-        return ""
-    undone = [f"precision={precision!r}"] * (precision == "bf16")
-    undone += [f"output_dtype={config.output_dtype}"] * (config.output_dtype is not None)
-    return f"the pass lower_precision is disabled: {' and '.join(undone)} not applied" if undone else ""
+    said = ["the pass quantize is disabled: precision='int8' not applied"] * (
+        precision == "int8" and "quantize" in config.disable)
+    if "lower_precision" in config.disable:
+        undone = [f"precision={precision!r}"] * (precision == "bf16")
+        undone += [f"output_dtype={config.output_dtype}"] * (config.output_dtype is not None)
+        said += [f"the pass lower_precision is disabled: {' and '.join(undone)} not applied"] * bool(undone)
+    return "; ".join(said)
 
 
 BF16_ROUNDING = 2.0 ** -8  # the largest relative rounding error of a float32 rounded to bfloat16 (8 bits)

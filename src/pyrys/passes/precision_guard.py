@@ -80,7 +80,6 @@ class Bf16Guard:
         if len(run) < len(self.samples):
             self.data = f"{len(run)} of the {self.data} (the model fails on the rest)"
             self.samples = run
-        check_measurable(expected)
 
         def error(kept: frozenset[str], limit: float = float("inf")) -> tuple[float, set[str], fx.GraphModule]:
             trial = trial_copy(gm)
@@ -88,7 +87,9 @@ class Bf16Guard:
             return max_error(ReferenceProgram(trial), self.samples, expected, limit), moved, trial
 
         total, moved, lowered = error(frozenset())
-        self.error = total if moved else None  # nothing lowered (a float64 model): nothing to say
+        if moved:  # (nothing lowered, a float64 model: nothing to measure, nothing to say)
+            check_measurable(expected)
+        self.error = total if moved else None
         if self.budget is None or not moved:
             return {}
         measured = GuardMeasure("bf16", self.samples, expected, total, self.budget, self.data)
