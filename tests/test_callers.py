@@ -369,3 +369,9 @@ def test_a_buffer_returned_under_inference_mode_can_be_written_after(backend):
         _, ones = opt(torch.randn(3, 4))
     assert not ones.is_inference() and torch.equal(ones.add_(1), torch.full((2,), 2.0))
     assert torch.equal(opt(torch.randn(3, 4))[1], torch.ones(2))  # the program's own stays
+    rows = Fn(lambda m, x: (m.linear(x), m.ones[: x.shape[0]]), linear=nn.Linear(4, 2)).eval()  # a view by size:
+    rows.register_buffer("ones", torch.ones(8))  # not folded where the size is symbolic (a reviewer's find)
+    opt = optimize(rows, (torch.randn(3, 4),), backend, dynamic=True)
+    with torch.inference_mode():
+        _, ones = opt(torch.randn(5, 4))
+    assert not ones.is_inference() and torch.equal(ones.add_(1), torch.full((5,), 2.0))

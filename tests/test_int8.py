@@ -1509,3 +1509,7 @@ def test_a_calibration_sample_of_other_structure_names_its_inputs():
     with pytest.raises(pyrys.InputError, match=r"like the example inputs \(input 0: Float\(2, 3, 8\), input 'mask': "
                                                r"Float\(2, 3, 4\)\), got \(.*input 'mask'\['mak'\]: Float"):
         pyrys.optimize(model, (x,), {"mask": mask}, precision="int8", calibration=[(x, {"mak": mask})])
+    pair = Fn(lambda m, x, ab: m.linear(x) + ab[0] * ab[1], linear=nn.Linear(8, 4)).eval()
+    example = (x, (mask, mask))
+    with pytest.raises(pyrys.InputError, match=r"as tuple\(\*, tuple\(\*, \*\)\)\), got .* as tuple\(\*, list"):
+        pyrys.optimize(pair, example, precision="int8", calibration=[(x, [mask, mask])])  # (a DataLoader's lists)

@@ -110,6 +110,7 @@ class OptimizedModule(torch.nn.Module):
         self._fast_calls: dict[tuple, tuple[Signature, Any]] = {}
         self._rotation_noted = False  # whether a signature built again after its eviction was noted
         self._weight_bytes = _weight_bytes(self._first.program)  # freed with it (a copy shares them: 0)
+        bound_torch_fake_cache()  # (an optimize or a load adds ~50 entries)
         self._refused: dict[Signature, list] = {}  # [why, calls since] a signature's capture failed, latest last
 
     @classmethod

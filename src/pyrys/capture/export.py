@@ -289,11 +289,12 @@ def _hooks_hint(model: torch.nn.Module) -> str:
     message named forward alone)."""
     hooked = [repr(name) if name else type(model).__name__ for name, module in model.named_modules()
               if module._forward_hooks or module._forward_pre_hooks]
+    hooked += ["every module (register_module_forward_hook)"] * bool(
+        torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks)
     if not hooked:
         return ""
     return (f" The forward hooks of {', '.join(hooked[:3])}{' ...' * (len(hooked) > 3)} run in the capture too, "
-            "on tensors without values: a hook that reads values (.numpy(), .item()) fails it; remove it before "
-            "optimizing.")
+            "on tensors without values: a hook that reads them (.numpy()) fails it; remove it before optimizing.")
 
 
 def _export_symbolic(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: bool | VaryingDims = True) -> ExportedProgram:

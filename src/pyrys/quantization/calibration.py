@@ -317,9 +317,19 @@ def _described(signature, other) -> str:
     if said != _describe(other):
         return said
     try:
-        return signature.describe_named()
+        named = signature.describe_named()
+        if named != other.describe_named():
+            return named
+        return f"{named}; as {_structure(signature.in_spec.child(0))}"  # (a DataLoader's lists for tuples)
     except Exception:  # noqa: BLE001 -- a structure leaf_names does not read (a spec of another form): as it is
         return said
+
+
+def _structure(spec) -> str:
+    """A pytree's containers in words: ``tuple(*, list(*, *))``, ``*`` a leaf."""
+    if spec.is_leaf():
+        return "*"
+    return f"{spec.type.__name__}({', '.join(_structure(spec.child(i)) for i in range(spec.num_children))})"
 
 
 def _describe(signature) -> str:

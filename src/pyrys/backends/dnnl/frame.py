@@ -21,6 +21,7 @@ import torch
 from pyrys.backends.dnnl.layout import contiguous_strides
 from pyrys.backends.dnnl.primitives import Memory, Stream
 from pyrys.backends.dnnl.tensors import DNNL_TO_TORCH
+from pyrys.backends.program import constant_for_caller
 
 if TYPE_CHECKING:
     from pyrys.backends.dnnl.program import DnnlProgram
@@ -93,8 +94,9 @@ class Frame:
         return typed.as_strided(value.md.dims, value.md.strides)
 
     def owned(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor``, or a copy of it if it shares bytes with this frame's buffers or the program's constants."""
-        return tensor.clone() if tensor.untyped_storage().data_ptr() in self.internal else tensor
+        """``tensor``, or a copy of it if it shares bytes with this frame's buffers or the program's constants
+        (made outside inference mode: a constant's view is a module buffer's in eager, writable after)."""
+        return constant_for_caller(tensor) if tensor.untyped_storage().data_ptr() in self.internal else tensor
 
 
 def _view(tensor: torch.Tensor, shape: tuple, offset: int) -> torch.Tensor:
