@@ -391,16 +391,51 @@ class DividesBy(torch.nn.Module):
         return x / s
 
 
-def test_a_float_input_is_specialized_to_its_bits():
+def test_a_float_input_is_specialized_to_its_bits(backend):
     """``-0.0 == 0.0``: a program for 0.0 answered x / -0.0 with +inf; and NaN, equal to nothing, was refused as
-    not the example's NaN."""
+    not the example's NaN.  Another value gets a program of its own (it raised "it was specialized")."""
     x = torch.rand(3) + 0.5
-    opt = pyrys.optimize(DividesBy(), (x, 0.0), backend="reference")
+    opt = pyrys.optimize(DividesBy().eval(), (x, 0.0), backend=backend)
     assert torch.equal(opt(x, 0.0), x / 0.0)
-    with pytest.raises(pyrys.InputError, match="must equal the example's 0.0 \\(it was specialized\\), got -0.0"):
-        opt(x, -0.0)
-    nan = pyrys.optimize(DividesBy(), (x, float("nan")), backend="reference")
+    assert torch.equal(opt(x, -0.0), x / -0.0) and torch.equal(opt(x, 2.0), x / 2.0)
+    assert torch.equal(opt(x, 0.0), x / 0.0)  # (the example's program still)
+    assert any("input 1 is -0.0, the example's 0.0" in note for note in opt.notes), opt.notes
+    with pytest.raises(pyrys.InputError, match="must equal the example's 0.0 \\(it was specialized\\), got 2"):
+        opt(x, 2)  # an int where the example had a float
+    nan = pyrys.optimize(DividesBy().eval(), (x, float("nan")), backend=backend)
     assert nan(x, float("nan")).isnan().all()
+
+
+class Scaled(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+
+    def forward(self, x, scale: float, shift: int, relu: bool):
+        y = self.linear(x) * scale + shift
+        return y.relu() if relu else y
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_number_inputs_at_other_values_and_shapes_give_eager_s_outputs(backend, dynamic, tmp_path):
+    """Each value a program of its own, beside the example's graph for every shape; a save takes the values
+    it holds, a loaded module refuses others (it cannot capture), and so does int8 (calibrated at the
+    example's values)."""
+    torch.manual_seed(0)
+    model, x = Scaled().eval(), torch.randn(3, 4)
+    opt = pyrys.optimize(model, (x, 0.5, 2, True), backend=backend, dynamic=dynamic)
+    calls = [(x, 0.5, 2, True), (x, 2.0, 2, True), (torch.randn(5, 4), 2.0, 2, True), (torch.randn(5, 4), 0.5, 2, True),
+             (x, 0.5, 3, True), (x, 0.5, 2, False), (torch.randn(1, 4), -1.5, -3, False)]
+    for call in calls:
+        assert pyrys.relative_error(opt(*call), model(*call)) <= TOLERANCE, call[1:]
+    pyrys.save(opt, tmp_path / "saved")
+    loaded = pyrys.load(tmp_path / "saved")
+    assert pyrys.relative_error(loaded(x, 2.0, 2, True), model(x, 2.0, 2, True)) <= TOLERANCE
+    with pytest.raises(pyrys.InputError, match="it was specialized"):
+        loaded(x, 7.0, 2, True)
+    int8 = pyrys.optimize(model, (x, 0.5, 2, True), precision="int8", calibration=[(x, 0.5, 2, True)])
+    with pytest.raises(pyrys.InputError, match="it was specialized"):
+        int8(x, 2.0, 2, True)
 
 
 class CountsItsCalls(torch.nn.Module):

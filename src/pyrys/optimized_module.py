@@ -27,8 +27,8 @@ from pyrys.capture.dynamic_shapes import SIZE_ONE_FIXED, VaryingDims, symbolic_e
 from pyrys.ir.graph import user_inputs
 from pyrys.ir.output_aliases import copied_apart
 from pyrys.output_tree import unflattener
-from pyrys.signature import (InputError, Signature, arranged_like, check_compatible, is_tensor_leaf, leaf_names,
-                             runnable_inputs, signature_of)
+from pyrys.signature import (InputError, Signature, arranged_like, check_compatible, differing_numbers, is_tensor_leaf,
+                             leaf_names, runnable_inputs, signature_of)
 from pyrys.capture.frontend import Frontend
 from pyrys.config import OptimizeConfig
 from pyrys.errors import CaptureError, ModelChangedError
@@ -178,7 +178,8 @@ class OptimizedModule(torch.nn.Module):
 
     def _compile(self, signature: Signature, flat: list, args: tuple, kwargs: dict) -> Compiled:
         """The program for a new input signature, compiled once however many threads ask at once."""
-        check_compatible(self._first.signature, signature, flat, args)
+        numbers = self._numbers_may_differ()
+        check_compatible(self._first.signature, signature, flat, args, numbers)
         if self._frontend.fixed_shapes and self._generic is None:
             raise self._fixed_shapes_error(signature, "")
         seen = self._refused.get(signature)
@@ -198,7 +199,9 @@ class OptimizedModule(torch.nn.Module):
                 # batch size was, contiguous ones too; a helper's find)
                 flat, args, kwargs = tree_map(_contiguous, (flat, args, kwargs))
                 try:
-                    compiled = self._new_shape(signature, flat, args, kwargs)
+                    differing = differing_numbers(self._first.signature, signature) if numbers else []
+                    compiled = (self._capture_numbers(signature, differing, args, kwargs) if differing
+                                else self._new_shape(signature, flat, args, kwargs))
                 except (CaptureError, InputError) as error:
                     self._refuse(signature, error, seen[1] if seen is not None else 1)
                     raise
@@ -209,6 +212,26 @@ class OptimizedModule(torch.nn.Module):
                 fault = getattr(compiled.program, "fault", None)  # its own check's (dnnl's self_check.py)
                 if fault is not None and getattr(self._first.program, "fault", None) is None:  # (else said once)
                     self._note(f"inputs ({signature.describe()}): {fault}")
+        return compiled
+
+    def _numbers_may_differ(self) -> bool:
+        """Whether a number input (``forward(x, scale: float)``) may come at another value than the example's: a
+        capture of its own then (not from a save, which cannot capture, nor with int8, calibrated at the
+        example's values)."""
+        return not self._frontend.fixed_shapes and self._config.precision != "int8"
+
+    def _capture_numbers(self, signature: Signature, differing: list[int], args: tuple, kwargs: dict) -> Compiled:
+        """The program for inputs whose numbers differ from the example's: torch.export freezes a number into
+        the graph, so these are captured and optimized for themselves (each value a signature of its own,
+        counted against ``max_shapes``), with a note (one was an ``InputError`` "it was specialized")."""
+        compiled = compile_signature(self._frontend, args, kwargs, self._config, like=self._first)
+        names = leaf_names(signature.in_spec)
+        said = ", ".join(f"{names[i]} is {signature.leaves[i]!r}, the example's {self._first.signature.leaves[i]!r}"
+                         for i in differing[:3])
+        note = (f"inputs ({signature.describe()}) captured and optimized again: {said} (a number input is frozen "
+                "into the graph captured; each value gets a program of its own)")
+        compiled.notes.append(note)
+        self._note(note)
         return compiled
 
     def _note_unmeasured_sizes(self, compiled: Compiled, flat: list) -> None:

@@ -166,16 +166,29 @@ def _describe_value(value: Any) -> str:
     return type(value).__name__
 
 
-def check_compatible(expected: Signature, got: Signature, flat: list, args: tuple) -> None:
-    """Raise :class:`InputError` naming what was expected unless only shapes (same rank) differ."""
+def differing_numbers(expected: Signature, got: Signature) -> list[int]:
+    """The flat positions where both signatures hold a number of one type (float, int, bool) and the numbers
+    differ: inputs a capture freezes into its graph (torch.export specializes them)."""
+    return [i for i, (want, have) in enumerate(zip(expected.leaves, got.leaves))
+            if type(want) in _NUMBERS and _NUMBERS[type(want)] is _NUMBERS.get(type(have)) and want != have]
+
+
+_NUMBERS = {bool: bool, int: int, float: float, ExactFloat: float}  # a signature's number leaves, by kind
+
+
+def check_compatible(expected: Signature, got: Signature, flat: list, args: tuple, numbers_may_differ: bool = False) -> None:
+    """Raise :class:`InputError` naming what was expected unless only shapes (same rank) differ, or numbers of
+    one type (``numbers_may_differ``: a capture of their own follows)."""
     if got.in_spec != expected.in_spec:
         described = ", ".join(_describe_value(a) for a in args)
         inner = _passed(got.in_spec) == _passed(expected.in_spec) and _inner_difference(expected.in_spec, got.in_spec)
         raise InputError(f"pyrys: expected inputs like the example inputs ({expected.describe()}): "
                          f"{_passed(expected.in_spec)}; got ({described}): {_passed(got.in_spec)}"
                          + (f"; {inner}" if inner else ""))
-    for name, want, have, value in zip(leaf_names(got.in_spec), expected.leaves, got.leaves, flat):
-        _check_leaf(name, want, have, value)
+    free = set(differing_numbers(expected, got)) if numbers_may_differ else set()
+    for i, (name, want, have, value) in enumerate(zip(leaf_names(got.in_spec), expected.leaves, got.leaves, flat)):
+        if i not in free:
+            _check_leaf(name, want, have, value)
 
 
 def leaf_names(spec: TreeSpec) -> list[str]:
