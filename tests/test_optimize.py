@@ -7,7 +7,7 @@ import torch
 import pyrys
 from pyrys.passes.pipeline import PASS_NAMES, PIPELINE
 from tests.conftest import TOLERANCE
-from tests.models import conv_bn_relu, image
+from tests.models import Fn, conv_bn_relu, image
 
 
 def test_drop_in_module_with_graph_and_history():
@@ -474,3 +474,29 @@ def test_module_state_that_forward_writes_is_warned_of():
         warnings.simplefilter("error")  # a BatchNorm's statistics in training mode: the training-mode warning only
         warnings.filterwarnings("ignore", message=".*training mode")
         pyrys.optimize(torch.nn.BatchNorm1d(3).train(), (torch.rand(4, 3),))
+
+
+class ScaledWeight(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("w", torch.ones(4))
+
+    def forward(self, x, s: float):
+        return x / (self.w * s)
+
+
+def test_a_value_of_its_own_keeps_its_bits_its_type_and_its_save(backend, tmp_path):
+    """Reviewers' finds: a capture at -0.0 was given the 0.0 capture's folded ``w * s`` (constants shared by
+    ``torch.equal``, which takes -0.0 for 0.0): inf for eager's -inf; a save after a NaN call wrote ``nan``,
+    which load refused; ``False`` found the program of ``0`` (``False == 0``, one hash)."""
+    x = torch.rand(4) + 0.5
+    opt = pyrys.optimize(ScaledWeight().eval(), (x, 0.0), backend=backend)
+    assert torch.equal(opt(x, -0.0), x / -0.0) and torch.equal(opt(x, 0.0), x / 0.0)
+    assert opt(x, float("nan")).isnan().all()
+    pyrys.save(opt, tmp_path / "saved")
+    loaded = pyrys.load(tmp_path / "saved")
+    assert loaded(x, float("nan")).isnan().all() and torch.equal(loaded(x, -0.0), x / -0.0)
+    counts = pyrys.optimize(Fn(lambda m, x, n: x + torch.full((4,), n)).eval(), (x, 2), backend=backend)
+    assert counts(x, 0).dtype == torch.float32
+    with pytest.raises(pyrys.InputError, match="must equal the example's 2 .* got False"):
+        counts(x, False)

@@ -28,7 +28,7 @@ from pyrys.ir.graph import user_inputs
 from pyrys.ir.output_aliases import copied_apart
 from pyrys.output_tree import unflattener
 from pyrys.signature import (InputError, Signature, arranged_like, check_compatible, differing_numbers, is_tensor_leaf,
-                             leaf_names, runnable_inputs, signature_of)
+                             leaf_names, leaf_value, runnable_inputs, signature_of)
 from pyrys.capture.frontend import Frontend
 from pyrys.config import OptimizeConfig
 from pyrys.errors import CaptureError, ModelChangedError
@@ -628,7 +628,7 @@ class OptimizedModule(torch.nn.Module):
         for an input it was specialized to."""
         signature, parameters = self._first.signature, self._frontend.parameters
         positional, keywords = signature.in_spec.child(0), signature.in_spec.child(1)
-        leaves = list(signature.leaves)
+        leaves = [leaf_value(leaf) for leaf in signature.leaves]
         groups, start = [], positional.num_leaves
         for name, child in zip(keywords.context, keywords.children()):
             groups.append((name, leaves[start:start + child.num_leaves]))

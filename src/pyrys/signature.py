@@ -63,11 +63,36 @@ class ExactFloat(float):
         return hash("nan") if math.isnan(self) else float.__hash__(self)  # else a plain float's: a loaded one finds it
 
 
+class ExactBool(int):
+    """A bool input in a signature, equal only to a bool: ``False == 0`` (and one hash), so a call with ``False``
+    took the program of ``0`` (int outputs where eager's were bool; a reviewer's find)."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, (bool, ExactBool)) and int(self) == int(other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    def __hash__(self) -> int:
+        return hash(("bool", int(self)))
+
+    def __repr__(self) -> str:
+        return repr(bool(self))
+
+
+def leaf_value(leaf: Any) -> Any:
+    """A number leaf as the plain Python value a call passes (``ExactBool`` as a bool: an int subclass,
+    ``torch.full((2,), flag)`` of it is int64)."""
+    return bool(leaf) if type(leaf) is ExactBool else float(leaf) if type(leaf) is ExactFloat else leaf
+
+
 def _leaf(value: Any):
     if isinstance(value, torch.Tensor):
         return (tuple(value.shape), value.dtype)
     if type(value) is float:
         return ExactFloat(value)
+    if type(value) is bool:
+        return ExactBool(value)
     try:
         hash(value)
     except TypeError:  # a numpy array, say: the signature still hashes, and the checks name what it is
@@ -173,7 +198,7 @@ def differing_numbers(expected: Signature, got: Signature) -> list[int]:
             if type(want) in _NUMBERS and _NUMBERS[type(want)] is _NUMBERS.get(type(have)) and want != have]
 
 
-_NUMBERS = {bool: bool, int: int, float: float, ExactFloat: float}  # a signature's number leaves, by kind
+_NUMBERS = {bool: bool, ExactBool: bool, int: int, float: float, ExactFloat: float}  # a signature's number leaves
 
 
 def check_compatible(expected: Signature, got: Signature, flat: list, args: tuple, numbers_may_differ: bool = False) -> None:

@@ -72,6 +72,10 @@ def encode_arg(arg: Any, where: str) -> Any:
     """An argument as JSON (see the module docstring); ``where`` names the node for the error."""
     if isinstance(arg, fx.Node):
         return {"%": arg.name}
+    if isinstance(arg, float) and type(arg) is not float:  # a signature's ExactFloat: json tells NaN by o != o,
+        return float(arg)  # which it answers False (a save of a NaN input wrote nan, which load refused)
+    if isinstance(arg, int) and type(arg) not in (int, bool):  # a signature's ExactBool: a JSON bool
+        return bool(arg)
     if arg is None or isinstance(arg, (bool, int, float, str)):
         return arg
     if isinstance(arg, list):

@@ -53,7 +53,7 @@ from pyrys.saving.directory import parse_files, read_directory, write_directory
 from pyrys.saving.graph_json import _DTYPES, decode_arg, decode_graph, encode_arg, encode_graph
 from pyrys.saving.symbolic import decode_symbolic, encode_symbolic
 from pyrys.saving.tree_spec import decode_parameters, decode_spec, encode_parameters, encode_spec
-from pyrys.signature import Signature, is_tensor_leaf
+from pyrys.signature import ExactBool, ExactFloat, Signature, is_tensor_leaf, leaf_value
 
 
 def save(opt: OptimizedModule, path: str | os.PathLike) -> Path:
@@ -324,7 +324,8 @@ def _decode_leaf(record: dict) -> Any:
     if "tensor" in record:
         shape, dtype = record["tensor"]
         return tuple(shape), _DTYPES[dtype]
-    return decode_arg(record["value"], {})
+    value = decode_arg(record["value"], {})  # as a call's signature holds it (a NaN finds it, a bool not an int)
+    return ExactFloat(value) if type(value) is float else ExactBool(value) if type(value) is bool else value
 
 
 def _encode_compiled(compiled: Compiled, prefix: str, tensors: dict) -> dict:
@@ -446,7 +447,7 @@ def _example_inputs(signature: Signature, random: bool = False) -> list:
         return torch.zeros(shape, dtype=dtype)
 
     return [made(*leaf) if isinstance(leaf, tuple) and len(leaf) == 2 and isinstance(leaf[1], torch.dtype)
-            else leaf for leaf in signature.leaves]
+            else leaf_value(leaf) for leaf in signature.leaves]
 
 
 def _checked_tensors(recorded: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
