@@ -27,6 +27,7 @@ from pyrys.ir.control_flow import IF, RaisingBranch
 from pyrys.ir.graph import STATE_KEY, StateRef
 from pyrys.ir.symbolic import SIZE_ARITHMETIC, hint, is_symbolic_scalar_op
 from pyrys.quantization import DEQUANTIZE_WEIGHT, QUANTIZATION_OPS
+from pyrys.signature import ExactBool
 
 _GETITEM, _IF = "python::getitem", "pyrys::If"
 QUANTIZED_TYPES = (torch.uint8, torch.int8, torch.uint16, torch.int16, torch.int32, torch.float8_e5m2,
@@ -74,7 +75,7 @@ def encode_arg(arg: Any, where: str) -> Any:
         return {"%": arg.name}
     if isinstance(arg, float) and type(arg) is not float:  # a signature's ExactFloat: json tells NaN by o != o,
         return float(arg)  # which it answers False (a save of a NaN input wrote nan, which load refused)
-    if isinstance(arg, int) and type(arg) not in (int, bool):  # a signature's ExactBool: a JSON bool
+    if type(arg) is ExactBool:  # a signature's bool (an int subclass): a JSON bool
         return bool(arg)
     if arg is None or isinstance(arg, (bool, int, float, str)):
         return arg
