@@ -284,9 +284,9 @@ def _exported_for_these_shapes(model: torch.nn.Module, args: tuple, kwargs: dict
 
 
 def _hooks_hint(model: torch.nn.Module) -> str:
-    """Where modules of ``model`` have forward hooks (or pre-hooks), that torch.export runs them too, on fake
-    tensors: one reading values (``.numpy()``, ``.item()`` into a list) fails the capture (a helper's find: the
-    message named forward alone)."""
+    """Where modules of ``model`` (or every module) have forward hooks or pre-hooks, that torch.export runs
+    them too, on fake tensors: one reading values (``.numpy()``) fails the capture, one recording ``.item()``
+    records a symbolic number (a helper's find: the message named forward alone)."""
     hooked = [repr(name) if name else type(model).__name__ for name, module in model.named_modules()
               if module._forward_hooks or module._forward_pre_hooks]
     hooked += ["every module (register_module_forward_hook)"] * bool(
