@@ -251,13 +251,9 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     capture at ``s = -0.0`` was given the 0.0 capture's folded ``w * s``: x / it gave inf for -inf; a
     reviewer's find) and a NaN for no value; by value where the bytes are not the values (quantized)."""
     try:
-        return a.dtype == b.dtype and torch.equal(_as_bytes(a), _as_bytes(b))
+        return a.dtype == b.dtype and torch.equal(flat_bytes(a), flat_bytes(b))
     except (RuntimeError, TypeError, ValueError):
         return torch.equal(a, b)
-
-
-def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
 
 
 def _digest(tensor: torch.Tensor, digests: dict[int, int | None]) -> int | None:
@@ -276,10 +272,15 @@ def values_crc(tensor: torch.Tensor) -> int | None:
         return None
 
 
+def flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's values as one flat uint8 tensor of its bytes (a copy only where it is not contiguous);
+    raises for a tensor whose bytes are not its values (quantized, sparse)."""
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
 def tensor_bytes(tensor: torch.Tensor):
-    """The tensor's values as one flat array of bytes (a copy only where it is not contiguous), for a
-    digest; raises for a tensor whose bytes are not its values (quantized, sparse)."""
-    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+    """:func:`flat_bytes` as a numpy array, for a digest."""
+    return flat_bytes(tensor).numpy()
 
 
 def _tensor_key(tensor: torch.Tensor) -> tuple:
