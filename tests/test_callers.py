@@ -279,6 +279,37 @@ def test_outputs_eager_keeps_apart_stay_apart(backend, precision, dynamic, tmp_p
                 assert pyrys.relative_error(outputs[i], expected[i]) <= 1e-2, i
 
 
+class OneTensorTwice(nn.Module):
+    """One tensor returned at several places, a computed one read by another op too, an input, a buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.register_buffer("table", torch.arange(3.0))
+
+    def forward(self, x):
+        y = self.linear(x)
+        return y, torch.relu(y), y, {"a": y, "x": x, "again": x}, self.table, self.table
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_one_tensor_returned_twice_is_one_object(backend, precision, dynamic, tmp_path):
+    """``return y, y`` gives eager one object twice (a write through one shows in the other); the fp32 dnnl
+    program gave two copies where ``y`` was read by another op too."""
+    torch.manual_seed(0)
+    model, x = OneTensorTwice().eval(), torch.randn(2, 4)
+    opt = pyrys.optimize(model, x, backend=backend, precision=precision, dynamic=dynamic)
+    pyrys.save(opt, tmp_path / "saved")
+    for module in (opt, pyrys.load(tmp_path / "saved")):
+        for batch in (2, 3) if dynamic else (2,):
+            x = torch.randn(batch, 4)
+            y, relu, again, named, table, table_again = module(x)
+            assert y is again and y is named["a"] and named["x"] is named["again"] and table is table_again
+            assert y is not relu
+            assert pyrys.relative_error((y, relu), model(x)[:2]) <= 1e-2
+
+
 class CopiesOfTheInput(nn.Module):
     """Copies of views of the input (a backend lowers a clone of a value in its layout as a view), and a copy
     of a slice viewed flat (legal on the copy alone)."""

@@ -25,7 +25,7 @@ from pyrys.shape_cache import ShapeCache
 from pyrys.size_one import SizeOneInputs, excluded_size_one_inputs, other_sizes_held, size_one_dims
 from pyrys.capture.dynamic_shapes import SIZE_ONE_FIXED, VaryingDims, symbolic_example, widened_like
 from pyrys.ir.graph import user_inputs
-from pyrys.ir.output_aliases import copied_apart
+from pyrys.ir.output_aliases import as_one_object, copied_apart, same_outputs
 from pyrys.output_tree import unflattener
 from pyrys.signature import (InputError, Signature, arranged_like, check_compatible, differing_numbers, is_tensor_leaf,
                              leaf_names, leaf_value, runnable_inputs, signature_of)
@@ -745,6 +745,9 @@ def _direct_call(compiled: Compiled):
     (the all-tensor fast path of ``forward`` keeps it)."""
     program, spec, copies = compiled.program, compiled.captured.out_spec, compiled.captured.output_copies
     structure = unflattener(spec)
+    same = same_outputs(compiled.captured.gm, copies)
+    if same:
+        return lambda flat: structure(as_one_object(copied_apart(program(flat), copies), same))
     if copies:
         return lambda flat: structure(copied_apart(program(flat), copies))
     if spec.is_leaf():

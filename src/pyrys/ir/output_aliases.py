@@ -12,6 +12,10 @@ backend lowers a clone as a view of a value already in its layout). Two outputs 
 the passes but two roots in the graph captured are copied apart at call time (:func:`outputs_to_copy`:
 the later positions of each group), as is an output whose root after the passes is a graph input where it
 was not one in the graph captured.
+
+The other way round, one tensor returned at two places (``return y, y``, ``{"a": y, "b": y}``) is one object
+in eager's result: :func:`same_outputs` finds those places, and the call gives the first's object at the
+others (a backend's two copies of it would let a write through one miss the other).
 """
 from __future__ import annotations
 
@@ -51,6 +55,27 @@ def outputs_to_copy(captured_roots: list, final_roots: list) -> tuple[int, ...]:
 
 def _is_input(root: object) -> bool:
     return isinstance(root, fx.Node) and root.op == "placeholder"
+
+
+def same_outputs(gm: fx.GraphModule, copies: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """``(position, earlier)`` pairs: the flat outputs that are the same node of ``gm`` as an earlier one (eager
+    returns one object at both), but for ``copies`` (:func:`outputs_to_copy`: one node only after the passes)."""
+    output = next(node for node in reversed(gm.graph.nodes) if node.op == "output")
+    pairs, first_at = [], {}
+    for position, value in enumerate(tree_flatten(output.args[0])[0]):
+        if isinstance(value, fx.Node) and position not in copies:
+            earlier = first_at.setdefault(value, position)
+            if earlier != position:
+                pairs.append((position, earlier))
+    return tuple(pairs)
+
+
+def as_one_object(outputs: list, pairs: tuple[tuple[int, int], ...]) -> list:
+    """``outputs`` with each ``(position, earlier)`` pair's position given the earlier's object (a program's
+    fresh list: changed in place)."""
+    for position, earlier in pairs:
+        outputs[position] = outputs[earlier]
+    return outputs
 
 
 def copied_apart(outputs: list, positions: tuple[int, ...]) -> list:
