@@ -168,3 +168,43 @@ def test_to_and_contiguous_are_rewritten_with_symbolic_sizes_too(second_traces):
     for rows in (3, 5):
         y = torch.rand(rows, 8)
         assert pyrys.relative_error(opt(y), model(y)) <= TOLERANCE
+
+
+class SlicedBlocks(nn.Module):
+    """Blocks with BatchNorm called through a slice of their container (``self.features[1:3](x)``: smp's DPN
+    encoder, whose blocks share one activation module), a ``ModuleList`` slice (which numbers its parts from 0
+    again) and one block in training mode."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        shared = nn.ReLU()
+
+        def block():
+            bn = nn.BatchNorm2d(4)
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2)
+            return nn.Sequential(bn, shared, nn.Conv2d(4, 4, 3, padding=1))
+
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3), block(), block())
+        self.blocks = nn.ModuleList([block(), block(), block()])
+
+    def forward(self, x):
+        x = self.features[1:3](self.features[0](x))
+        for b in self.blocks[1:]:
+            x = b(x)
+        return x
+
+
+@pytest.mark.parametrize("training", [None, "features.2.0", "blocks.2.0", "blocks.1.0"])
+def test_batch_norms_called_through_a_slice_of_their_container_follow_their_own_mode(training, backend):
+    """A helper's find: ``self.features[1:3](x)`` made the module stack name ``features.slice(1, 3, None).1.bn``,
+    which ``get_submodule`` refused: a raw AttributeError from ``pyrys.optimize``."""
+    model, x = SlicedBlocks().eval(), image(batch=2)
+    if training is not None:
+        model.get_submodule(training).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # training mode
+        opt = pyrys.optimize(model, (x,), backend=backend)
+    with torch.no_grad():
+        assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE

@@ -469,17 +469,40 @@ def _training_flag(gm: fx.GraphModule, node: fx.Node, model: torch.nn.Module | N
     captured_value = node.target is aten._native_batch_norm_legit_functional.default
     if node.target is aten.batch_norm.default and isinstance(node.args[5], bool):  # the training IR's
         captured_value = node.args[5]
-    if path is None or model is not None and bool(model.get_submodule(path).training) != captured_value:
+    owner = _owner(model, path) if model is not None and path is not None else None
+    if path is None or model is not None and (owner is None or bool(owner.training) != captured_value):
         return captured_value
     target = f"{path}.training" if path else "training"
     for existing in gm.graph.nodes:
         ref = existing.meta.get(STATE_KEY)
         if existing.op == "placeholder" and ref is not None and ref.target == target:
             return existing
-    value = bool(model.get_submodule(path).training if model is not None else captured_value)
+    value = bool(owner.training if owner is not None else captured_value)
     flag = add_placeholder(gm.graph, target, value)  # "0.training" (a Sequential's BatchNorm) -> _0_training
     flag.meta[STATE_KEY] = StateRef(target, "flag", value)
     return flag
+
+
+_SLICE = re.compile(r"slice\((-?\d+|None), (-?\d+|None), (-?\d+|None)\)")
+
+
+def _owner(model: torch.nn.Module, path: str) -> torch.nn.Module | None:
+    """The module at ``path`` of a node's module stack in ``model``, else None.  A stack names a slice of a
+    container called in forward by it (``features.slice(1, 3, None).1.bn`` for ``self.features[1:3](x)``):
+    the slice is taken as forward took it (a ``ModuleList``'s numbers its parts from 0 again)."""
+    module = model
+    for name in path.split(".") if path else ():
+        sliced = _SLICE.fullmatch(name)
+        try:
+            if sliced:
+                module = module[slice(*(None if v == "None" else int(v) for v in sliced.groups()))]
+            else:
+                module = module.get_submodule(name)
+        except (AttributeError, TypeError, IndexError, KeyError):
+            return None
+        if not isinstance(module, torch.nn.Module):
+            return None
+    return module
 
 
 def _owner_path(node: fx.Node) -> str | None:
