@@ -226,3 +226,27 @@ def test_batch_norms_on_both_sides_of_a_conv_fold_into_it(run_passes):
     assert result.fired("fold_conv_bn") == {"bn_conv": 1, "conv_bn": 1} and result.misses == []
     assert result.after == BN_CONV_BN_FOLDED
     assert result.error() <= TOLERANCE
+
+
+class StatisticsComputedAfterTheConv(torch.nn.Module):
+    """``F.batch_norm`` whose statistics and affine parameters are computed after the conv they follow."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+        self.bn.running_var.uniform_(0.5, 2)
+
+    def forward(self, x):
+        y = torch.nn.functional.conv2d(x, self.conv.weight * 2, self.conv.bias)
+        return torch.nn.functional.batch_norm(y, self.bn.running_mean + 0.5, self.bn.running_var * 2,
+                                              self.bn.weight * 3, self.bn.bias - 1, False, 0.1, 1e-5)
+
+
+def test_batch_norm_operands_computed_after_the_conv_fold_in_order(run_passes):
+    """A helper's find: the folds were put before the conv, reading operands computed after it (torch.fx's
+    "used before it has been defined" from pyrys.optimize and the torch.compile backend)."""
+    result = run_passes(StatisticsComputedAfterTheConv().eval(), (image(),), *PASSES)
+    assert result.fired("fold_conv_bn") == {"conv_bn": 1}
+    assert "aten::batch_norm" not in result.after
+    assert result.error() <= TOLERANCE

@@ -103,6 +103,7 @@ class FoldBatchNormIntoProducer(Rule):
         if channel_dim != 0:
             weight_args += (channel_dim, groups)
         bias_args = (args["bias"], bn["weight"], bn["bias"], bn["running_mean"], bn["running_var"], bn["eps"])
+        node.prepend(conv)  # (its one reader) after BatchNorm's operands, which may be computed after it: the folds read them
         with gm.graph.inserting_before(conv):
             weight = insert_op(gm.graph, FOLD_WEIGHT, weight_args, f"{_name(args['weight'])}_bn_folded")
             bias = insert_op(gm.graph, FOLD_BIAS, bias_args, f"{_name(args['bias'], conv.name + '_bias')}_bn_folded")
