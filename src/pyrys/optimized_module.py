@@ -178,8 +178,10 @@ class OptimizedModule(torch.nn.Module):
 
     def _compile(self, signature: Signature, flat: list, args: tuple, kwargs: dict) -> Compiled:
         """The program for a new input signature, compiled once however many threads ask at once."""
-        numbers = self._numbers_may_differ()
-        check_compatible(self._first.signature, signature, flat, args, numbers)
+        check_compatible(self._first.signature, signature, flat, args, numbers_may_differ=True)
+        differing = differing_numbers(self._first.signature, signature)
+        if differing and not self._numbers_may_differ():
+            raise self._frozen_numbers_error(signature, differing)
         if self._frontend.fixed_shapes and self._generic is None:
             raise self._fixed_shapes_error(signature, "")
         seen = self._refused.get(signature)
@@ -199,7 +201,6 @@ class OptimizedModule(torch.nn.Module):
                 # batch size was, contiguous ones too; a helper's find)
                 flat, args, kwargs = tree_map(_contiguous, (flat, args, kwargs))
                 try:
-                    differing = differing_numbers(self._first.signature, signature) if numbers else []
                     compiled = (self._capture_numbers(signature, differing, args, kwargs) if differing
                                 else self._new_shape(signature, flat, args, kwargs))
                 except (CaptureError, InputError) as error:
@@ -219,6 +220,19 @@ class OptimizedModule(torch.nn.Module):
         capture of its own then (not from a save, which cannot capture, nor with int8, calibrated at the
         example's values)."""
         return not self._frontend.fixed_shapes and self._config.precision != "int8"
+
+    def _frozen_numbers_error(self, signature: Signature, differing: list[int]) -> InputError:
+        """Why a number input may not take another value than the example's here (a loaded module, int8)."""
+        names, first = leaf_names(signature.in_spec), self._first.signature
+        said = "; ".join(f"{names[i]} is {signature.leaves[i]!r}, the example's {first.leaves[i]!r}"
+                         for i in differing[:3])
+        if self._frontend.fixed_shapes:
+            held = "; ".join(f"({s.describe()})" for s in self._programs)
+            return InputError(f"pyrys: {said}: a number input is frozen into the graph captured for it, and a loaded "
+                              f"module cannot capture another; it holds inputs {held}. Save the module after calls "
+                              "with the values it is to take")
+        return InputError(f"pyrys: {said}: with precision='int8' a number input keeps the example's value (the "
+                          "scales were calibrated with it); optimize a module for each value, or pass it as a tensor")
 
     def _capture_numbers(self, signature: Signature, differing: list[int], args: tuple, kwargs: dict) -> Compiled:
         """The program for inputs whose numbers differ from the example's: torch.export freezes a number into

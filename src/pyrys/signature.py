@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,9 +81,55 @@ class ExactBool(int):
         return repr(bool(self))
 
 
+class TypedValue:
+    """A signature's leaf for an input of another type than a plain int, float, bool, str or None (an ``IntEnum``
+    or ``str`` Enum member, a NumPy scalar, a ``torch.dtype``): equal only to a value of the same type (by its
+    qualified name, which a save keeps) and the same value (a float's bits).  ``Mode.A == 1``, with one hash: a
+    call with ``Mode.A`` took the program captured for ``1``, where forward told them apart (a helper's find)."""
+
+    __slots__ = ("type_name", "plain", "original")
+
+    def __init__(self, type_name: str, plain: Any, original: Any = None):
+        self.type_name, self.plain, self.original = type_name, plain, original  # original: None from a save
+
+    @classmethod
+    def of(cls, value: Any) -> "TypedValue":
+        kind = type(value)
+        plain = value.item() if hasattr(value, "item") and type(value).__module__ == "numpy" else \
+            next((base(value) for base in (int, float, complex, str) if isinstance(value, base)), value)
+        return cls(f"{kind.__module__}.{kind.__qualname__}", plain, value)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TypedValue) or other.type_name != self.type_name:
+            return False
+        a, b = self.plain, other.plain
+        return a.hex() == b.hex() if type(a) is float and type(b) is float else type(a) is type(b) and a == b
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    def __hash__(self) -> int:
+        plain = self.plain
+        return hash((self.type_name, "nan" if isinstance(plain, float) and math.isnan(plain) else plain))
+
+    def __repr__(self) -> str:
+        return repr(self.original) if self.original is not None else f"{self.type_name}({self.plain!r})"
+
+    @property
+    def value(self) -> Any:
+        """What a call passes: the value itself, or (from a save) its plain form."""
+        return self.original if self.original is not None else self.plain
+
+
+PLAIN_TYPES = (int, float, bool, str, type(None))  # input values a signature holds as they are (floats and bools
+# as ExactFloat and ExactBool); any other type's as a TypedValue
+
+
 def leaf_value(leaf: Any) -> Any:
     """A number leaf as the plain Python value a call passes (``ExactBool`` as a bool: an int subclass,
     ``torch.full((2,), flag)`` of it is int64)."""
+    if type(leaf) is TypedValue:
+        return leaf.value
     return bool(leaf) if type(leaf) is ExactBool else float(leaf) if type(leaf) is ExactFloat else leaf
 
 
@@ -97,7 +144,7 @@ def _leaf(value: Any):
         hash(value)
     except TypeError:  # a numpy array, say: the signature still hashes, and the checks name what it is
         return Unhashable(type(value).__name__, id(value))
-    return value
+    return value if type(value) in PLAIN_TYPES else TypedValue.of(value)
 
 
 @dataclass(frozen=True)
@@ -192,13 +239,16 @@ def _describe_value(value: Any) -> str:
 
 
 def differing_numbers(expected: Signature, got: Signature) -> list[int]:
-    """The flat positions where both signatures hold a number of one type (float, int, bool) and the numbers
-    differ: inputs a capture freezes into its graph (torch.export specializes them)."""
+    """The flat positions where both signatures hold a number (a bool, an int, a float, an ``IntEnum`` member,
+    a NumPy scalar ...) and they differ, in value or in type: inputs a capture freezes into its graph
+    (torch.export specializes them)."""
     return [i for i, (want, have) in enumerate(zip(expected.leaves, got.leaves))
-            if type(want) in _NUMBERS and _NUMBERS[type(want)] is _NUMBERS.get(type(have)) and want != have]
+            if _is_number(want) and _is_number(have) and want != have]
 
 
-_NUMBERS = {bool: bool, ExactBool: bool, int: int, float: float, ExactFloat: float}  # a signature's number leaves
+def _is_number(leaf: Any) -> bool:
+    value = leaf.plain if type(leaf) is TypedValue else leaf
+    return isinstance(value, numbers.Number) and not is_tensor_leaf(leaf)
 
 
 def check_compatible(expected: Signature, got: Signature, flat: list, args: tuple, numbers_may_differ: bool = False) -> None:
@@ -283,4 +333,10 @@ def _check_leaf(name: str, want, have, value) -> None:
             raise InputError(f"pyrys: {name} must have rank {len(want[0])} like the example input "
                              f"{_describe_leaf(want)}, got shape {tuple(value.shape)}")
     elif have != want:
-        raise InputError(f"pyrys: {name} must equal the example's {want!r} (it was specialized), got {have!r}")
+        kind = type(leaf_value(want)).__name__
+        if is_tensor_leaf(have):
+            raise InputError(f"pyrys: {name} must be a {kind} like the example's {want!r}, got a tensor "
+                             f"{_describe_leaf(have)} (a number input is frozen into the graph captured; a tensor "
+                             "is a tensor input: pass it as the example did)")
+        raise InputError(f"pyrys: {name} must equal the example's {want!r} (it was specialized), got {have!r}"
+                         + (f", a {type(value).__name__}" if type(value) is not type(leaf_value(want)) else ""))

@@ -53,7 +53,7 @@ from pyrys.saving.directory import parse_files, read_directory, write_directory
 from pyrys.saving.graph_json import _DTYPES, decode_arg, decode_graph, encode_arg, encode_graph
 from pyrys.saving.symbolic import decode_symbolic, encode_symbolic
 from pyrys.saving.tree_spec import decode_parameters, decode_spec, encode_parameters, encode_spec
-from pyrys.signature import ExactBool, ExactFloat, Signature, is_tensor_leaf, leaf_value
+from pyrys.signature import ExactBool, ExactFloat, Signature, TypedValue, is_tensor_leaf, leaf_value
 
 
 def save(opt: OptimizedModule, path: str | os.PathLike) -> Path:
@@ -317,6 +317,8 @@ def _storable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _encode_leaf(leaf: Any) -> Any:
     if isinstance(leaf, tuple) and len(leaf) == 2 and isinstance(leaf[1], torch.dtype):
         return {"tensor": [list(leaf[0]), _dtype_name(leaf[1])]}
+    if type(leaf) is TypedValue:  # its type by name: load imports nothing
+        return {"typed": [leaf.type_name, encode_arg(leaf.plain, f"an input of type {leaf.type_name}")]}
     return {"value": encode_arg(leaf, "an input")}
 
 
@@ -324,6 +326,9 @@ def _decode_leaf(record: dict) -> Any:
     if "tensor" in record:
         shape, dtype = record["tensor"]
         return tuple(shape), _DTYPES[dtype]
+    if "typed" in record:
+        type_name, plain = record["typed"]
+        return TypedValue(str(type_name), decode_arg(plain, {}))
     value = decode_arg(record["value"], {})  # as a call's signature holds it (a NaN finds it, a bool not an int)
     return ExactFloat(value) if type(value) is float else ExactBool(value) if type(value) is bool else value
 
