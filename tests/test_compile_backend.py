@@ -372,6 +372,32 @@ def test_parameters_passed_as_arguments_get_their_gradients(dynamo_graphs):
     assert params["weight"].grad is not None and params["bias"].grad is not None
 
 
+class Forces(torch.nn.Module):
+    """An energy model whose forward takes its own gradient (forces as -dE/dx), called under no_grad."""
+
+    def __init__(self):
+        super().__init__()
+        self.energy = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+    def forward(self, x):
+        with torch.enable_grad():
+            x = x.detach().requires_grad_()
+            hidden = self.energy[0](x)
+            return -torch.autograd.grad(self.energy[2](torch.tanh(hidden)).sum(), x)[0], hidden
+
+
+def test_a_graph_that_turns_grad_on_inside_a_no_grad_call_runs_in_torch(dynamo_graphs, caplog):
+    """A helper's find: the program's outputs carried no autograd graph, so ``torch.autograd.grad`` in forward
+    failed ("element 0 of tensors does not require grad"), with nothing said."""
+    torch.manual_seed(0)
+    model, x = Forces().eval(), torch.rand(3, 4)
+    with torch.no_grad():
+        forces, hidden = torch.compile(model, backend="pyrys")(x)
+        expected, _ = model(x)
+    assert pyrys.relative_error(forces, expected) <= TOLERANCE and hidden.requires_grad
+    assert "turns grad on" in caplog.text
+
+
 def test_weights_written_or_replaced_after_compiling_compile_again(dynamo_graphs):
     """Eager reads the parameters at every call: an optimizer step, ``load_state_dict`` or a new Parameter is
     seen by the next call, as in eager (and in torch.compile's other backends)."""

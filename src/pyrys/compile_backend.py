@@ -206,6 +206,14 @@ def _updates_instance_norm_statistics(gm: fx.GraphModule) -> bool:
     return False
 
 
+def _enables_grad(gm: fx.GraphModule) -> bool:
+    """Whether ``gm`` turns grad on where its caller has it off (``with torch.enable_grad():`` in a forward called
+    under ``torch.no_grad()``); dynamo guards on the grad mode, so the caller's is the one at this compile.  Under
+    inference mode nothing records autograd, whatever the grad mode."""
+    return not torch.is_grad_enabled() and not torch.is_inference_mode_enabled() and any(
+        node.target is torch._C._set_grad_enabled and node.args[:1] == (True,) for node in gm.graph.nodes)
+
+
 def _under_autocast(gm: fx.GraphModule) -> bool:
     """Whether ``gm`` runs under autocast (the caller's: dynamo guards on it, so this graph is called under it
     only; or its own), whose dtypes a pyrys program would not follow."""
@@ -283,6 +291,9 @@ class DynamoGraph:
         elif _updates_instance_norm_statistics(gm):
             self._run_in_torch("it updates an instance norm's running statistics in place (track_running_stats in "
                                "training mode), which a pyrys program would not")
+        elif _enables_grad(gm):
+            self._run_in_torch("it turns grad on (torch.enable_grad()) where its caller has it off: its outputs carry "
+                               "an autograd graph (forces as -dE/dx, saliency), which a pyrys program's would not")
         elif _under_autocast(gm):
             self._run_in_torch("it runs under torch.autocast, whose dtypes a pyrys program would not follow (for "
                                "bfloat16, options={'precision': 'bf16'} without autocast)")

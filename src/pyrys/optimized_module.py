@@ -578,12 +578,15 @@ class OptimizedModule(torch.nn.Module):
                           "mode wanted", UserWarning, stacklevel=callers_level())
         return super().train(mode)
 
-    def __del__(self) -> None:
+    def __del__(self, note=note_module_freed) -> None:
         """Counted towards the collection the next ``optimize`` or ``load`` makes (its graphs are cyclic and hold
         the weights its program reads as they are: :func:`pyrys.machine.collect_freed_modules`): the bytes
         counted when it was made (a collection may run this anywhere, under a lock its thread holds: nothing
-        here takes one)."""
-        note_module_freed(self.__dict__.get("_weight_bytes", 0))
+        here takes one).  At the interpreter's exit modules' globals may be gone already: nothing is counted then."""
+        try:
+            note(self.__dict__.get("_weight_bytes", 0))
+        except (TypeError, AttributeError):  # (a global of pyrys.machine made None at exit)
+            pass
 
     def __copy__(self) -> "OptimizedModule":
         return self.__deepcopy__({})
