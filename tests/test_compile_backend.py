@@ -110,6 +110,16 @@ def test_unknown_option_is_refused():
     assert "'precision'" in str(refused.value) and "'calibration'" not in str(refused.value)  # (refused as well)
 
 
+@pytest.mark.parametrize("options, says", [({"threads": 0}, "threads must be None or an int"),
+                                           ({"layout": "wide"}, "layout must be one of"),
+                                           ({"disable": ["fold_everything"]}, "fold_everything")])
+def test_an_option_s_bad_value_is_refused_naming_torch_compile(options, says):
+    """It was refused naming pyrys.optimize, which the caller never called."""
+    compiled = torch.compile(conv_bn_relu(), backend="pyrys", options=options)
+    with pytest.raises(Exception, match=f"pyrys: torch.compile's options=: .*{says}"):
+        compiled(image())
+
+
 def test_options_are_optimizes_keywords_threads_and_layout_included(dynamo_graphs):
     import inspect
 

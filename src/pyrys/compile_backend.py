@@ -41,6 +41,7 @@ import torch.fx as fx
 
 from pyrys import compile_weights
 from pyrys.compile_weights import WeightSet, WeightSets, note_state_written
+from pyrys.config import make_config
 from pyrys.capture.export import DATA_DEPENDENT_ADVICE, DYNAMO_DATA_DEPENDENT_ADVICE
 from pyrys.errors import CaptureError, ModelChangedError
 from pyrys.ir.graph import identifier
@@ -100,7 +101,18 @@ def pyrys_backend(gm: fx.GraphModule, example_inputs: list, options: dict | None
     if options.get("output_dtype") is not None:
         raise ValueError("pyrys: output_dtype is not available through torch.compile: dynamo expects the dtypes "
                          "its graph was traced with; use pyrys.optimize(model, x, output_dtype=...)")
+    _check_options(options)
     return DynamoGraph(gm, example_inputs, options)
+
+
+def _check_options(options: dict) -> None:
+    """``options`` checked as ``pyrys.optimize`` checks its keywords, the error naming ``torch.compile``'s
+    ``options=`` (the programs are compiled at a graph's first call, where it named ``pyrys.optimize``)."""
+    takes = inspect.signature(make_config).parameters
+    try:
+        make_config(**{name: value for name, value in options.items() if name in takes})
+    except ValueError as error:
+        raise ValueError(f"pyrys: torch.compile's options=: {str(error).removeprefix('pyrys.optimize: ')}") from None
 
 
 class _StatefulGraph(torch.nn.Module):

@@ -334,9 +334,12 @@ def _check_leaf(name: str, want, have, value) -> None:
                              f"{_describe_leaf(want)}, got shape {tuple(value.shape)}")
     elif have != want:
         kind = type(leaf_value(want)).__name__
-        if is_tensor_leaf(have):
+        if is_tensor_leaf(have) and _is_number(want):
             raise InputError(f"pyrys: {name} must be a {kind} like the example's {want!r}, got a tensor "
                              f"{_describe_leaf(have)} (a number input is frozen into the graph captured; a tensor "
                              "is a tensor input: pass it as the example did)")
+        if is_tensor_leaf(have):
+            raise InputError(f"pyrys: {name} must equal the example's {want!r} (it was specialized), got a tensor "
+                             f"{_describe_leaf(have)}")
         raise InputError(f"pyrys: {name} must equal the example's {want!r} (it was specialized), got {have!r}"
                          + (f", a {type(value).__name__}" if type(value) is not type(leaf_value(want)) else ""))

@@ -856,6 +856,17 @@ def test_example_inputs_by_keyword_and_an_optional_passed_none_are_imported():
         pyrys.optimize(scripted, (x, None))  # y is not Optional: it failed later inside torch
 
 
+class ScriptedScale(torch.nn.Module):
+    def forward(self, x, k: int):
+        return x * k
+
+
+def test_a_scripted_number_input_is_refused_saying_what_to_do():
+    with pytest.raises(TorchScriptImportError, match=r"input %k\S* takes int, the example passes int \(3\): optimize the "
+                                                     r"nn.Module itself"):
+        pyrys.optimize(torch.jit.script(ScriptedScale()), (torch.ones(2), 3))
+
+
 class KeepsUnderAFlag(torch.nn.Module):
     def __init__(self):
         super().__init__()

@@ -284,7 +284,11 @@ class _Importer:
             if not isinstance(example, torch.Tensor):
                 raise TorchScriptImportError("pyrys imports scripted code with tensor inputs (and None for an "
                                              f"Optional one) only; input %{value.debugName()} takes {value.type()}, "
-                                             f"the example passes {type(example).__name__}")
+                                             f"the example passes {type(example).__name__} ({example!r:.60})"
+                                             + (": optimize the nn.Module itself, whose capture takes numbers, or "
+                                                "script a forward that takes a tensor" if isinstance(
+                                                    value.type(), (torch._C.IntType, torch._C.FloatType,
+                                                                   torch._C.BoolType)) else ""))
             node = add_placeholder(self.root.graph, _node_name(value, "input"), self.mode.from_tensor(example))
             self.root.bind(value, node)
 
