@@ -310,6 +310,33 @@ def test_one_tensor_returned_twice_is_one_object(backend, precision, dynamic, tm
             assert pyrys.relative_error((y, relu), model(x)[:2]) <= 1e-2
 
 
+class CopiedOrMergedTwice(nn.Module):
+    """One tensor at two places that the passes copy (a clone of the input dropped) or merge with another (two
+    equal linears): each group one object, apart from the others."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = x.view(-1).clone()
+        a, b = self.linear(x), self.linear(x)
+        return y, y, a, b, b
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_one_tensor_twice_is_one_object_where_the_passes_copy_or_merge_it(backend, precision, tmp_path):
+    """A reviewer's find: positions copied apart (``output_copies``) were each a copy of their own."""
+    torch.manual_seed(0)
+    model, x = CopiedOrMergedTwice().eval(), torch.randn(2, 4)
+    opt = pyrys.optimize(model, x, backend=backend, precision=precision)
+    pyrys.save(opt, tmp_path / "saved")
+    for module in (opt, pyrys.load(tmp_path / "saved")):
+        y, y_again, a, b, b_again = module(x)
+        assert y is y_again and b is b_again and not _shares_memory(a, b) and not _shares_memory(y, x)
+        assert pyrys.relative_error((y, a, b), (x.view(-1), *model(x)[2:4])) <= 1e-2
+
+
 class CopiesOfTheInput(nn.Module):
     """Copies of views of the input (a backend lowers a clone of a value in its layout as a view), and a copy
     of a slice viewed flat (legal on the copy alone)."""

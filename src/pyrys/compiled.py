@@ -18,7 +18,7 @@ from pyrys.backends.options import BackendOptions
 from pyrys.calling_context import autocast_off, callers_level, rng_kept
 from pyrys.capture.captured import Captured
 from pyrys.errors import CaptureError, DataDependentError, ModelChangedError
-from pyrys.ir.output_aliases import output_roots, outputs_to_copy
+from pyrys.ir.output_aliases import output_roots, outputs_to_copy, same_outputs
 from pyrys.ir.verify import VerificationError, make_verifier, output_types
 from pyrys.ir.graph import share_constants
 from pyrys.ir.generated_source import forgetting_dead_sources
@@ -153,6 +153,7 @@ def _compile_unchecked(frontend: Frontend, args: tuple, kwargs: dict, config: Op
     options = PassOptions(config.freeze_params, config.freeze_flags, precision, config.calibration, config.output_dtype,
                           guard, frontend.writes.check_copy if checked else None)
     roots = output_roots(captured.gm, as_backends_run=False)
+    captured.same_outputs = same_outputs(captured.gm)
     run = run_pipeline(captured.gm, options, config.disable, instruments)
     legalize_for_backends(captured.gm, instruments)
     guard_measure = captured.gm.meta.pop(GUARD_MEASURE_KEY, None)  # (the samples and answers it measured on)

@@ -25,9 +25,10 @@ from pyrys.shape_cache import ShapeCache
 from pyrys.size_one import SizeOneInputs, excluded_size_one_inputs, other_sizes_held, size_one_dims
 from pyrys.capture.dynamic_shapes import SIZE_ONE_FIXED, VaryingDims, symbolic_example, widened_like
 from pyrys.ir.graph import user_inputs
-from pyrys.ir.output_aliases import as_one_object, copied_apart, same_outputs
+from pyrys.ir.output_aliases import as_one_object, copied_apart
 from pyrys.output_tree import unflattener
-from pyrys.signature import (InputError, Signature, arranged_like, check_compatible, differing_numbers, is_tensor_leaf,
+from pyrys.signature import (InputError, Signature, arranged_like, as_python_number, check_compatible, differing_numbers,
+                             is_tensor_leaf,
                              leaf_names, leaf_value, runnable_inputs, signature_of)
 from pyrys.capture.frontend import Frontend
 from pyrys.config import OptimizeConfig
@@ -199,7 +200,7 @@ class OptimizedModule(torch.nn.Module):
                 # program, its outputs' layout and a refusal followed the layout of its first call (a
                 # channels-last batch refused where the model views a conv's output: every later call of that
                 # batch size was, contiguous ones too; a helper's find)
-                flat, args, kwargs = tree_map(_contiguous, (flat, args, kwargs))
+                flat, args, kwargs = tree_map(_capturable, (flat, args, kwargs))
                 try:
                     compiled = (self._capture_numbers(signature, differing, args, kwargs) if differing
                                 else self._new_shape(signature, flat, args, kwargs))
@@ -224,15 +225,23 @@ class OptimizedModule(torch.nn.Module):
     def _frozen_numbers_error(self, signature: Signature, differing: list[int]) -> InputError:
         """Why a number input may not take another value than the example's here (a loaded module, int8)."""
         names, first = leaf_names(signature.in_spec), self._first.signature
-        said = "; ".join(f"{names[i]} is {signature.leaves[i]!r}, the example's {first.leaves[i]!r}"
+
+        def described(leaf) -> str:  # a value equal to the example's differs in type: say which
+            value = leaf_value(leaf)
+            kind = type(value).__name__
+            return f"{value!r} ({'an' if kind[0] in 'aeiou' else 'a'} {kind})" if any(
+                leaf_value(signature.leaves[i]) == leaf_value(first.leaves[i]) for i in differing) else repr(value)
+
+        said = "; ".join(f"{names[i]} is {described(signature.leaves[i])}, the example's {described(first.leaves[i])}"
                          for i in differing[:3])
         if self._frontend.fixed_shapes:
             held = "; ".join(f"({s.describe()})" for s in self._programs)
-            return InputError(f"pyrys: {said}: a number input is frozen into the graph captured for it, and a loaded "
-                              f"module cannot capture another; it holds inputs {held}. Save the module after calls "
-                              "with the values it is to take")
-        return InputError(f"pyrys: {said}: with precision='int8' a number input keeps the example's value (the "
-                          "scales were calibrated with it); optimize a module for each value, or pass it as a tensor")
+            return InputError(f"pyrys: {said}: a number input is frozen into the graph captured for it, and the module "
+                              f"optimized from this {self._frontend.kind} cannot capture another; it holds inputs "
+                              f"{held}. {self._frontend.fixed_shapes}")
+        return InputError(f"pyrys: {said}: with precision='int8' a number input keeps the example's value and type "
+                          "(the scales were calibrated with it); pass it so, optimize a module for each value, or "
+                          "pass it as a tensor")
 
     def _capture_numbers(self, signature: Signature, differing: list[int], args: tuple, kwargs: dict) -> Compiled:
         """The program for inputs whose numbers differ from the example's: torch.export freezes a number into
@@ -707,6 +716,12 @@ def _contiguous(value: Any) -> Any:
     return value.contiguous() if isinstance(value, torch.Tensor) else value
 
 
+def _capturable(value: Any) -> Any:
+    """An input as a capture takes it: a tensor contiguous, a NumPy scalar as the Python number the signature
+    holds (torch.export refuses ``np.int64``)."""
+    return value.contiguous() if isinstance(value, torch.Tensor) else as_python_number(value)
+
+
 def _same(a: SizeOneInputs, b: SizeOneInputs) -> bool:
     """Whether two calls' inputs have one signature (shapes, dtypes)."""
     return signature_of(a.args, a.kwargs)[0] == signature_of(b.args, b.kwargs)[0]
@@ -762,7 +777,7 @@ def _direct_call(compiled: Compiled):
     (the all-tensor fast path of ``forward`` keeps it)."""
     program, spec, copies = compiled.program, compiled.captured.out_spec, compiled.captured.output_copies
     structure = unflattener(spec)
-    same = same_outputs(compiled.captured.gm, copies)
+    same = compiled.captured.same_outputs
     if same:
         return lambda flat: structure(as_one_object(copied_apart(program(flat), copies), same))
     if copies:

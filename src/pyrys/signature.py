@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,8 +96,7 @@ class TypedValue:
     @classmethod
     def of(cls, value: Any) -> "TypedValue":
         kind = type(value)
-        plain = value.item() if hasattr(value, "item") and type(value).__module__ == "numpy" else \
-            next((base(value) for base in (int, float, complex, str) if isinstance(value, base)), value)
+        plain = next((base(value) for base in (int, float, complex, str) if isinstance(value, base)), value)
         return cls(f"{kind.__module__}.{kind.__qualname__}", plain, value)
 
     def __eq__(self, other: object) -> bool:
@@ -122,7 +122,19 @@ class TypedValue:
 
 
 PLAIN_TYPES = (int, float, bool, str, type(None))  # input values a signature holds as they are (floats and bools
-# as ExactFloat and ExactBool); any other type's as a TypedValue
+# as ExactFloat and ExactBool); any other type's as a TypedValue, but NumPy's scalars: as the Python number of
+# their value (torch's ops take them so; a call with np.sqrt(4.0) for an example's 2.0 runs its program)
+
+
+def as_python_number(value: Any) -> Any:
+    """A NumPy scalar (``np.float64``, ``np.int64``, ``np.bool_`` ...) as the Python number of its value; any
+    other value as it is."""
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and isinstance(value, numpy.generic):
+        plain = value.item()
+        if isinstance(plain, (bool, int, float, complex)):
+            return plain
+    return value
 
 
 def leaf_value(leaf: Any) -> Any:
@@ -136,6 +148,7 @@ def leaf_value(leaf: Any) -> Any:
 def _leaf(value: Any):
     if isinstance(value, torch.Tensor):
         return (tuple(value.shape), value.dtype)
+    value = as_python_number(value)
     if type(value) is float:
         return ExactFloat(value)
     if type(value) is bool:

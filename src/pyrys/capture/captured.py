@@ -26,6 +26,7 @@ class Captured:
     state_writes: tuple[str, ...] = ()  # the module state it writes (BatchNorm's statistics ...; dropped)
     output_copies: tuple[int, ...] = ()  # flat outputs the passes made share memory eager kept apart
     # (copied at each call: ``ir/output_aliases.py``)
+    same_outputs: tuple[tuple[int, int], ...] = ()  # (position, earlier): one tensor at both in eager's result
 
 
 def input_writes_note(inputs) -> str:

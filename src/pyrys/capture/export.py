@@ -346,11 +346,12 @@ def _refuse_script_objects(ep: ExportedProgram, owner: str) -> None:
     objects = [spec for spec in ep.graph_signature.input_specs if spec.kind in (InputKind.CUSTOM_OBJ, InputKind.TOKEN)]
     inputs = [spec for spec in ep.graph_signature.input_specs
               if spec.kind is InputKind.USER_INPUT and isinstance(spec.arg, CustomObjArgument)]
-    if inputs:  # an Enum member passed to forward (an IntEnum's too): torch.export holds it as an object
-        kinds = sorted({getattr(spec.arg, "class_fqn", None) or "an object" for spec in inputs})
-        raise CaptureError(f"pyrys: {owner}.forward is passed {', '.join(kinds)} ({', '.join(s.arg.name for s in inputs)}"
-                           "), which torch.export holds as an opaque object and a pyrys program cannot: pass its plain "
-                           f"value (an Enum member's .value, int(member)) or {SCRIPT_OBJECTS_ADVICE}")
+    members = [spec for spec in inputs if (getattr(spec.arg, "class_fqn", None) or "").startswith("enum.")]
+    if members:  # an Enum member passed to forward (an IntEnum's too): torch.export holds it as an object
+        raise CaptureError(f"pyrys: {owner}.forward is passed an Enum member ({', '.join(s.arg.name for s in members)})"
+                           ", which torch.export holds as an opaque object and a pyrys program cannot: pass its plain "
+                           f"value (member.value, int(member)) or {SCRIPT_OBJECTS_ADVICE}")
+    objects += inputs
     if objects:
         kinds = sorted({getattr(spec.arg, "class_fqn", None) or spec.kind.name for spec in objects})
         raise CaptureError(f"pyrys: {owner}.forward uses {', '.join(kinds)} (a script object, such as a "

@@ -14,8 +14,10 @@ the later positions of each group), as is an output whose root after the passes 
 was not one in the graph captured.
 
 The other way round, one tensor returned at two places (``return y, y``, ``{"a": y, "b": y}``) is one object
-in eager's result: :func:`same_outputs` finds those places, and the call gives the first's object at the
-others (a backend's two copies of it would let a write through one miss the other).
+in eager's result: :func:`same_outputs` finds those places in the graph captured (the passes may merge
+two outputs eager keeps apart, or give one a copy of its own: ``outputs_to_copy``), and the call gives the
+first's object at the others, after the copies (a backend's two copies of one would let a write through one
+miss the other).
 """
 from __future__ import annotations
 
@@ -57,9 +59,9 @@ def _is_input(root: object) -> bool:
     return isinstance(root, fx.Node) and root.op == "placeholder"
 
 
-def same_outputs(gm: fx.GraphModule, copies: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
-    """``(position, earlier)`` pairs: the flat outputs that are the same node of ``gm`` as an earlier one (eager
-    returns one object at both), but for ``copies`` (:func:`outputs_to_copy`: one node only after the passes)."""
+def same_outputs(gm: fx.GraphModule, copies: tuple[int, ...] = ()) -> tuple[tuple[int, int], ...]:
+    """``(position, earlier)`` pairs: the flat outputs that are the same node of ``gm`` as an earlier one (in the
+    graph captured: eager returns one object at both), but for ``copies``."""
     output = next(node for node in reversed(gm.graph.nodes) if node.op == "output")
     pairs, first_at = [], {}
     for position, value in enumerate(tree_flatten(output.args[0])[0]):

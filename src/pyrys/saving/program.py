@@ -35,7 +35,7 @@ from pyrys.saving.other_cpu import MISSING_KERNELS, missing_kernels_note, refres
 from pyrys.ir.generated_source import forgetting_dead_sources
 from pyrys.ir.graph import tensor_bytes, user_inputs
 from pyrys.ir.meta import refresh_meta
-from pyrys.ir.output_aliases import output_roots
+from pyrys.ir.output_aliases import output_roots, same_outputs
 from pyrys.ir.printer import format_tensor_type
 from pyrys.ir.quiet_fake import fake_tensor_errors_unlogged
 from pyrys.ir.released import values_of
@@ -138,8 +138,8 @@ def _load(path: str | os.PathLike, manifest: dict, program: dict, tensors: dict,
         tensors.clear()  # the graphs hold them now: released below, freed with nothing else holding them
         release_constants(first.program, graphs)  # every signature's packed copies are the first's
         frontend = Frontend(_no_capture, f"saved {program['frontend']}",
-                            fixed_shapes=f"It was loaded from {path}: optimize the model for another shape "
-                                         "(and save it again)", parameters=decode_parameters(program.get("parameters")))
+                            fixed_shapes=f"It was loaded from {path}: optimize the model for other inputs "
+                                         "(and save it again after calls with them)", parameters=decode_parameters(program.get("parameters")))
     except LoadError:
         raise
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, StopIteration, SyntaxError) as error:
@@ -206,6 +206,7 @@ def _encode_generic(template: Compiled, tensors: dict, prefix: str = "generic") 
     return {"graph": graph, "symbolic": symbolic, "in_spec": encode_spec(captured.in_spec),
             "out_spec": encode_spec(captured.out_spec), "class_name": captured.class_name,
             "output_copies": list(captured.output_copies),
+            "same_outputs": [list(pair) for pair in captured.same_outputs],
             "calibrated_sizes": [[place[0], place[1], sorted(held)] for place, held in sorted(calibrated.items())]}
 
 
@@ -216,8 +217,9 @@ def _decode_generic(record: dict, tensors: dict, first: Compiled) -> Compiled:
     decode_symbolic(gm, record["symbolic"])
     if calibrated := _decode_calibrated_sizes(record):
         gm.meta[CALIBRATED_SIZES_KEY] = calibrated
+    copies = _decode_output_copies(record, gm)
     captured = Captured(gm, _decode_in_spec(record["in_spec"], made), decode_spec(record["out_spec"], made),
-                        record["class_name"], [], output_copies=_decode_output_copies(record, gm))
+                        record["class_name"], [], output_copies=copies, same_outputs=_decode_same_outputs(record, gm, copies))
     return Compiled(first.signature, captured, first.run, first.program, first.backend, first.notes, captured)
 
 
@@ -238,10 +240,24 @@ def _decode_output_copies(record: dict, gm: fx.GraphModule) -> tuple[int, ...]:
     """The saved positions of outputs copied apart at each call (saves before them: none), each checked."""
     copies = record.get("output_copies", [])
     count = len(output_roots(gm, as_backends_run=True))
-    if not isinstance(copies, list) or not all(type(c) is int and 0 < c < count for c in copies):
+    if not isinstance(copies, list) or not all(type(c) is int and 0 <= c < count for c in copies):
         raise LoadError(f"pyrys.load: the saved program is malformed (output_copies {copies!r} are not positions "
                         f"among its {count} outputs)")
     return tuple(copies)
+
+
+def _decode_same_outputs(record: dict, gm: fx.GraphModule, copies: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """The saved ``(position, earlier)`` pairs of outputs that are one object (saves before them: those of the
+    saved graph, but for the copies), each checked."""
+    pairs = record.get("same_outputs")
+    if pairs is None:
+        return same_outputs(gm, copies)
+    count = len(output_roots(gm, as_backends_run=True))
+    if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 and all(type(v) is int for v in p)
+                                              and 0 <= p[1] < p[0] < count for p in pairs):
+        raise LoadError(f"pyrys.load: the saved program is malformed (same_outputs {pairs!r} are not pairs of "
+                        f"positions among its {count} outputs)")
+    return tuple((later, earlier) for later, earlier in pairs)
 
 
 def _no_capture(args: tuple, kwargs: dict, dynamic: bool) -> Captured:
@@ -327,8 +343,11 @@ def _decode_leaf(record: dict) -> Any:
         shape, dtype = record["tensor"]
         return tuple(shape), _DTYPES[dtype]
     if "typed" in record:
-        type_name, plain = record["typed"]
-        return TypedValue(str(type_name), decode_arg(plain, {}))
+        typed = record["typed"]
+        if not (isinstance(typed, list) and len(typed) == 2 and isinstance(typed[0], str)):
+            raise LoadError(f"pyrys.load: the saved program is malformed (an input's typed value {typed!r:.120} is "
+                            "not [type name, value])")
+        return TypedValue(typed[0], decode_arg(typed[1], {}))
     value = decode_arg(record["value"], {})  # as a call's signature holds it (a NaN finds it, a bool not an int)
     return ExactFloat(value) if type(value) is float else ExactBool(value) if type(value) is bool else value
 
@@ -344,6 +363,7 @@ def _encode_compiled(compiled: Compiled, prefix: str, tensors: dict) -> dict:
         "input_writes": list(captured.input_writes),
         "state_writes": list(captured.state_writes),
         "output_copies": list(captured.output_copies),
+        "same_outputs": [list(pair) for pair in captured.same_outputs],
         "graph": encode_graph(captured.gm, prefix, tensors),
         "backend": compiled.backend,
         "layout": getattr(program, "layout", None),
@@ -376,10 +396,11 @@ def _decode_compiled(record: dict, tensors: dict, config: OptimizeConfig, same_c
     gm = decode_graph(record["graph"], tensors)
     refresh_meta(gm)
     _check_inputs(gm, signature)
+    copies = _decode_output_copies(record, gm)
     captured = Captured(gm, in_spec, decode_spec(record["out_spec"], made), record["class_name"],
                         _texts(record["capture_notes"], "capture_notes"),
-                        tuple(record.get("input_writes", ())), tuple(record.get("state_writes", ())),
-                        _decode_output_copies(record, gm))
+                        tuple(record.get("input_writes", ())), tuple(record.get("state_writes", ())), copies,
+                        _decode_same_outputs(record, gm, copies))
     history = [Step(s["name"], s["graph"], dict(s["fired"]), [Miss(*m) for m in s["misses"]], s["seconds"],
                     s.get("error")) for s in record["history"]]
     compile_program, backend, notice = get_backend("auto" if record["backend"] == "dnnl" else record["backend"])
