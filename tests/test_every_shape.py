@@ -466,6 +466,35 @@ def test_a_kv_cache_growing_a_token_a_call_is_captured_with_its_length_symbolic(
     assert any("past_k dim 2 (s" in note for note in opt.notes), opt.notes
 
 
+class SamePadded(torch.nn.Module):
+    """Convolutions padded TF "same" way, the pad computed from the size (timm's ``Conv2dSame``)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.convs = torch.nn.ModuleList(torch.nn.Conv2d(c, 4, 3, stride=2) for c in (3, 4, 4))
+
+    def forward(self, x):
+        for conv in self.convs:
+            pads = [max((math.ceil(size / 2) - 1) * 2 + 3 - size, 0) for size in x.shape[-2:]]
+            x = torch.relu(conv(torch.nn.functional.pad(x, [pads[1] // 2, pads[1] - pads[1] // 2,
+                                                            pads[0] // 2, pads[0] - pads[0] // 2])))
+        return x
+
+
+def test_image_sizes_padded_from_the_size_are_captured_one_by_one(captures, backend):
+    """A helper's find: timm's tf_mobilenetv3_small_100 at a third image width was captured with the width
+    symbolic, and each layer's "same" pad made it a nested Max/ceil of the last: torch.export and sympy ran for
+    more than 9 minutes.  Such an input's image sizes are never made symbolic (a capture per size, seconds)."""
+    model = SamePadded().eval()
+    opt = pyrys.optimize(model, (torch.rand(1, 3, 17, 17),), backend=backend)
+    for size in (18, 21, 25, 18):
+        x = torch.rand(1, 3, 17, size)
+        assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE, size
+    assert not any(isinstance(dynamic, VaryingDims) and dynamic for dynamic in captures), captures
+    assert any("each is captured for its size alone" in note for note in opt.notes), opt.notes
+
+
 def test_a_graph_captured_from_one_query_token_is_not_the_graph_for_every_length(captures, backend):
     """A symbolic capture from a step of one token (``x`` of length 1) would hold for length 1 alone (its trace
     assumes it): the first new shape, of one token, is captured symbolically from two tokens, and length 1

@@ -23,7 +23,8 @@ from pyrys.machine import give_back_freed_memory, note_module_freed
 from pyrys.passes.specialize import ShapeMismatch
 from pyrys.shape_cache import ShapeCache
 from pyrys.size_one import SizeOneInputs, excluded_size_one_inputs, other_sizes_held, size_one_dims
-from pyrys.capture.dynamic_shapes import SIZE_ONE_FIXED, VaryingDims, symbolic_example, widened_like
+from pyrys.capture.dynamic_shapes import (PADDED_WINDOW_INPUTS_KEY, SIZE_ONE_FIXED, VaryingDims, symbolic_example,
+                                          widened_like)
 from pyrys.ir.graph import user_inputs
 from pyrys.ir.output_aliases import as_one_object, copied_apart
 from pyrys.output_tree import unflattener
@@ -110,6 +111,7 @@ class OptimizedModule(torch.nn.Module):
         self._shapes = ShapeCache(config.max_shapes, self._first.signature, {c.signature: c for c in compiled}, kept)
         self._fast_calls: dict[tuple, tuple[Signature, Any]] = {}
         self._rotation_noted = False  # whether a signature built again after its eviction was noted
+        self._padded_noted = False  # whether image sizes left out of VaryingDims were noted (_varying_dims)
         self._weight_bytes = _weight_bytes(self._first.program)  # freed with it (a copy shares them: 0)
         bound_torch_fake_cache()  # (an optimize or a load adds ~50 entries)
         self._refused: dict[Signature, list] = {}  # [why, calls since] a signature's capture failed, latest last
@@ -434,8 +436,18 @@ class OptimizedModule(torch.nn.Module):
         return compiled
 
     def _varying_dims(self) -> frozenset[tuple[int, int]]:
-        """The fixed dims that came at three sizes or more: symbolic in the next capture (``VaryingDims``)."""
-        return frozenset(where for where, sizes in self._sizes_seen.items() if len(sizes) >= 3)
+        """The fixed dims that came at three sizes or more: symbolic in the next capture (``VaryingDims``), but an
+        image size of an input that reaches a pad before a convolution or pooling (``padded_window_inputs``): those
+        are captured size by size, with a note."""
+        padded = self._first.captured.gm.meta.get(PADDED_WINDOW_INPUTS_KEY, frozenset())
+        varying = {where for where, sizes in self._sizes_seen.items() if len(sizes) >= 3}
+        left_out = {(position, dim) for position, dim in varying if position in padded and dim >= 2}
+        if left_out and not self._padded_noted:
+            self._padded_noted = True
+            self._note("image sizes keep changing, but each is captured for its size alone: the model pads its images "
+                       "before a convolution or pooling, a pad such models compute from the size (TF 'same' padding), "
+                       "and symbolic image sizes through it took torch.export minutes")
+        return frozenset(varying - left_out)
 
     def _find_size_one_gaps(self, args: tuple, kwargs: dict, template: Compiled | None = None) -> None:
         """Remember, from the inputs at hand, the size-1 shapes the graph for every shape (``template``, else the

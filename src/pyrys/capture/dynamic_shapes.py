@@ -27,8 +27,12 @@ import inspect
 from typing import Any
 
 import torch
+import torch.fx as fx
 from torch.export import Dim
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
+
+from pyrys.ir.graph import user_inputs
+from pyrys.ir.vocabulary import CONV_TRANSPOSES, CONVOLUTIONS, POOLS, ZERO_PADS
 
 MAX_SEQUENCE_RANK = 3  # inputs up to this rank have every dim symbolic; higher ranks only the batch
 # ``dynamic=`` of a capture whose example's dims of size 1 stay 1 (the rest as above): the graph for the shapes
@@ -44,6 +48,31 @@ class VaryingDims(frozenset):
         varying = super().__new__(cls, dims)
         varying.size_one_fixed = size_one_fixed
         return varying
+
+
+PADDED_WINDOW_INPUTS_KEY = "pyrys_padded_window_inputs"  # gm.meta: see padded_window_inputs
+
+
+def padded_window_inputs(gm: fx.GraphModule) -> frozenset[int]:
+    """The positions among ``gm``'s user inputs of those whose data reaches a pad that a convolution or pooling
+    reads.  Such a model often computes the pad from the size (TF "same" padding, timm's ``Conv2dSame``):
+    with symbolic image sizes each layer's size is then a nested ``Max``/``ceil`` of the last one's, over which
+    torch.export and sympy spent minutes (tf_mobilenetv3_small_100: more than 9 minutes at a third width, against
+    seconds for a capture of that size alone), so their image sizes are captured one by one (``VaryingDims``
+    leaves them out).  From the graph as captured, before the passes fold pads into convolutions."""
+    windows = CONVOLUTIONS | CONV_TRANSPOSES | frozenset(POOLS)
+    pads = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in ZERO_PADS
+            and any(user.target in windows for user in n.users)]
+    if not pads:
+        return frozenset()
+    reaching: set[fx.Node] = set()
+    work = list(pads)
+    while work:  # every node a padded window's pad depends on
+        node = work.pop()
+        if node not in reaching:
+            reaching.add(node)
+            work.extend(node.all_input_nodes)
+    return frozenset(i for i, node in enumerate(user_inputs(gm.graph)) if node in reaching)
 
 
 def keeps_size_one_fixed(dynamic: object) -> bool:

@@ -32,6 +32,7 @@ VIEWS = frozenset({aten.view.default, aten._unsafe_view.default, aten.reshape.de
                    aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.unsqueeze.default,
                    aten.alias.default})
 PERMUTES = frozenset({aten.permute.default, aten.transpose.int})
+ZERO_PADS = frozenset({aten.pad.default, aten.constant_pad_nd.default})  # (zeros: their mode and value say)
 ATTENTION = aten.scaled_dot_product_attention.default  # (q, k, v, mask, ...): softmax(q k^T * scale + mask) v
 # pooling ops by their number of spatial dims: the input is (N, C, spatial...), or (C, spatial...) unbatched
 POOLS = {aten.max_pool1d.default: 1, aten.max_pool2d.default: 2, aten.max_pool3d.default: 3,

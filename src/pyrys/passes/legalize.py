@@ -40,7 +40,7 @@ from pyrys.ir.fused import (FUSED_BY_BASE, FUSED_CONV, FUSED_CONV_TRANSPOSE, con
                             to_fused)
 from pyrys.ir.graph import op_args, tensor_meta
 from pyrys.ir.meta import settle_meta
-from pyrys.ir.vocabulary import POOLS
+from pyrys.ir.vocabulary import POOLS, ZERO_PADS
 from pyrys.passes.rewrite import Match, Miss, PassResult, Rule, apply_rules, fail
 from pyrys.passes.precision import CONVERT
 from pyrys.quantization import DEQUANTIZE, QUANTIZE
@@ -60,9 +60,6 @@ class ToFusedForm(Rule):
 
     def rewrite(self, gm: fx.GraphModule, node: fx.Node, match: Match) -> None:
         to_fused(gm, node, in_place=True)
-
-
-ZERO_PADS = frozenset({aten.pad.default, aten.constant_pad_nd.default})
 
 
 def zero_pad(node: object, spatial: int) -> list[int] | None:
