@@ -331,7 +331,8 @@ class OptimizedModule(torch.nn.Module):
             if compiled.generic is not None:
                 self._generic = compiled
                 self._note(f"input shapes vary: captured once more with symbolic sizes "
-                           f"({describe_dims(compiled.generic.gm)}); every later shape is specialized from it")
+                           f"({describe_dims(compiled.generic.gm)}); every later shape that differs in those alone is "
+                           "specialized from it")
                 self._find_size_one_gaps(capture_args, capture_kwargs)
             else:
                 self._note(f"inputs ({compiled.signature.describe()}) captured and optimized again: "
