@@ -444,6 +444,20 @@ def test_number_inputs_at_other_values_and_shapes_give_eager_s_outputs(backend, 
         int8(x, 2.0, 2, True)
 
 
+def test_a_number_that_keeps_changing_is_told_to_be_a_tensor(backend):
+    """A denoising loop's int timestep was a capture and compile at every step (about 10 s each for a small
+    UNet), silently: at the fourth value a warning (once) says a tensor is captured once for all its values."""
+    model, x = Scaled().eval(), torch.randn(3, 4)
+    opt = pyrys.optimize(model, (x, 0.5, 2, True), backend=backend)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(3, 8):
+            assert pyrys.relative_error(opt(x, 0.5, step, True), model(x, 0.5, step, True)) <= TOLERANCE
+    said = [str(w.message) for w in caught if "pass it as a tensor" in str(w.message)]
+    assert len(said) == 1 and "input 2 (an int) came at 4 values" in said[0], [str(w.message) for w in caught]
+    assert caught[0].filename == __file__
+
+
 class CountsItsCalls(torch.nn.Module):
     def __init__(self):
         super().__init__()

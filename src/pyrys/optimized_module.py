@@ -30,7 +30,7 @@ from pyrys.ir.output_aliases import as_one_object, copied_apart
 from pyrys.output_tree import unflattener
 from pyrys.signature import (InputError, Signature, arranged_like, as_python_number, check_compatible, differing_numbers,
                              is_tensor_leaf,
-                             leaf_names, leaf_value, runnable_inputs, signature_of)
+                             leaf_names, leaf_value, runnable_inputs, signature_of, with_article)
 from pyrys.capture.frontend import Frontend
 from pyrys.config import OptimizeConfig
 from pyrys.errors import CaptureError, ModelChangedError
@@ -49,6 +49,7 @@ MAX_SHAPE_NOTES = 16  # opt.notes keeps at most this many, however many shapes a
 MAX_OTHER_TEMPLATES = 8
 MAX_REFUSED = 64  # input signatures whose compile the model refused, answered again without a capture
 RETRY_REFUSED = 16  # ... until this many calls, then at each power of two
+NUMBER_VALUES_ADVISED = 4  # a number input at this many values (the example's included) is told to be a tensor
 
 
 class OptimizedModule(torch.nn.Module):
@@ -112,6 +113,8 @@ class OptimizedModule(torch.nn.Module):
         self._fast_calls: dict[tuple, tuple[Signature, Any]] = {}
         self._rotation_noted = False  # whether a signature built again after its eviction was noted
         self._padded_noted = False  # whether image sizes left out of VaryingDims were noted (_varying_dims)
+        self._number_values: dict[int, set] = {}  # number input position -> the values captured for (_capture_numbers)
+        self._numbers_advised = False  # whether _advise_a_tensor warned
         self._weight_bytes = _weight_bytes(self._first.program)  # freed with it (a copy shares them: 0)
         bound_torch_fake_cache()  # (an optimize or a load adds ~50 entries)
         self._refused: dict[Signature, list] = {}  # [why, calls since] a signature's capture failed, latest last
@@ -230,8 +233,7 @@ class OptimizedModule(torch.nn.Module):
 
         def described(leaf) -> str:  # a value equal to the example's differs in type: say which
             value = leaf_value(leaf)
-            kind = type(value).__name__
-            return f"{value!r} ({'an' if kind[0] in 'aeiou' else 'a'} {kind})" if any(
+            return f"{value!r} ({with_article(type(value).__name__)})" if any(
                 leaf_value(signature.leaves[i]) == leaf_value(first.leaves[i]) for i in differing) else repr(value)
 
         said = "; ".join(f"{names[i]} is {described(signature.leaves[i])}, the example's {described(first.leaves[i])}"
@@ -257,7 +259,24 @@ class OptimizedModule(torch.nn.Module):
                 "into the graph captured; each value gets a program of its own)")
         compiled.notes.append(note)
         self._note(note)
+        self._advise_a_tensor(signature, differing, names)
         return compiled
+
+    def _advise_a_tensor(self, signature: Signature, differing: list[int], names: list[str]) -> None:
+        """Once: a warning where a number input came at :data:`NUMBER_VALUES_ADVISED` values, each a capture and
+        compile of its own (a denoising loop's ``int`` timestep: about 10 s a step for a small UNet), that a
+        0-dim tensor is captured once for all its values."""
+        for i in differing:
+            values = self._number_values.setdefault(i, {self._first.signature.leaves[i]})
+            values.add(signature.leaves[i])
+            if len(values) == NUMBER_VALUES_ADVISED and not self._numbers_advised:
+                self._numbers_advised = True
+                advice = (f"{names[i]} ({with_article(type(leaf_value(signature.leaves[i])).__name__)}) came at "
+                          f"{NUMBER_VALUES_ADVISED} values, each captured and optimized on its own (a number input is "
+                          "frozen into the graph captured); if it changes from call to call (a step or a timestep), "
+                          "pass it as a tensor (torch.tensor(value)): a tensor input is captured once for all its values")
+                self._note(advice)
+                warnings.warn(f"pyrys: {advice}", UserWarning, stacklevel=callers_level())
 
     def _note_unmeasured_sizes(self, compiled: Compiled, flat: list) -> None:
         """Once: a note where int8 runs at a size past dim 0 outside those of the samples its plan was made on

@@ -326,7 +326,12 @@ def _container(spec: TreeSpec) -> str:
     if spec.type is None:
         return "a tensor or value"
     name = spec.type.__name__
-    return f"{'an' if name[0].lower() in 'aeiou' else 'a'} {name}"
+    return with_article(name)
+
+
+def with_article(noun: str) -> str:
+    """``noun`` with its indefinite article: ``an int``, ``a float``."""
+    return f"{'an' if noun[:1].lower() in ('a', 'e', 'i', 'o', 'u') else 'a'} {noun}"
 
 
 def _passed(spec: TreeSpec) -> str:
