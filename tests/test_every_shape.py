@@ -482,17 +482,46 @@ class SamePadded(torch.nn.Module):
         return x
 
 
-def test_image_sizes_padded_from_the_size_are_captured_one_by_one(captures, backend):
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_image_sizes_padded_from_the_size_are_captured_one_by_one(captures, backend, dynamic):
     """A helper's find: timm's tf_mobilenetv3_small_100 at a third image width was captured with the width
     symbolic, and each layer's "same" pad made it a nested Max/ceil of the last: torch.export and sympy ran for
-    more than 9 minutes.  Such an input's image sizes are never made symbolic (a capture per size, seconds)."""
+    more than 9 minutes.  Such an input's image sizes are never made symbolic (a capture per size, seconds);
+    with dynamic=True too (a reviewer's find: the first graph kept for it was a copy without the mark)."""
     model = SamePadded().eval()
-    opt = pyrys.optimize(model, (torch.rand(1, 3, 17, 17),), backend=backend)
+    opt = pyrys.optimize(model, (torch.rand(1, 3, 17, 17),), backend=backend, dynamic=dynamic)
     for size in (18, 21, 25, 18):
         x = torch.rand(1, 3, 17, size)
         assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE, size
     assert not any(isinstance(dynamic, VaryingDims) and dynamic for dynamic in captures), captures
     assert any("each is captured for its size alone" in note for note in opt.notes), opt.notes
+
+
+class CachedAttentionThenCausalConv(CachedAttention):
+    """A decoder step whose attention output goes through a causal convolution (padded on the left)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv1d(32, 32, 3)
+
+    def forward(self, x, past_k, past_v):
+        attended, k, v = super().forward(x, past_k, past_v)
+        return self.conv(torch.nn.functional.pad(attended.transpose(1, 2), (2, 0))).transpose(1, 2), k, v
+
+
+def test_a_kv_cache_before_a_padded_convolution_keeps_its_length_symbolic(captures, backend):
+    """A reviewer's find: every input the pad's data came from was taken for an image (the cache, through
+    attention), and its length was captured one by one again."""
+    model = CachedAttentionThenCausalConv().eval()
+    step = lambda length: (torch.rand(1, 1, 32), torch.rand(1, 4, length, 8), torch.rand(1, 4, length, 8))  # noqa: E731
+    opt = pyrys.optimize(model, step(1), backend=backend)
+    for length in range(2, 10):
+        inputs = step(length)
+        for got, expected in zip(opt(*inputs), model(*inputs)):
+            assert pyrys.relative_error(got, expected) <= TOLERANCE, length
+        if length == 5:
+            so_far = list(captures)
+    assert captures == so_far and any(isinstance(dynamic, VaryingDims) and dynamic for dynamic in captures), captures
 
 
 def test_a_graph_captured_from_one_query_token_is_not_the_graph_for_every_length(captures, backend):

@@ -549,3 +549,8 @@ def test_a_number_of_another_type_is_not_taken_for_the_example_s(backend, tmp_pa
     with pytest.raises(pyrys.InputError, match="input 1 is 2 \\(an int\\), the example's 2.0 \\(a float\\): .*cannot "
                                                "capture another"):
         loaded(x, 2)
+    ints = pyrys.optimize(Fn(lambda m, x, s: x * s).eval(), (x, np.int64(3)), backend=backend)  # (torch.export
+    assert torch.equal(ints(x, 3), x * 3) and torch.equal(ints(x, np.int64(4)), x * 4)  # refuses np.int64)
+    tensor = Fn(lambda m, x, v: (x + 1, torch.tensor(v))).eval()  # np.float64 is captured as it is: float64,
+    values = pyrys.optimize(tensor, (x, 1.5), backend=backend)  # as in eager
+    assert values(x, np.float64(2.5))[1].dtype == tensor(x, np.float64(2.5))[1].dtype == torch.float64

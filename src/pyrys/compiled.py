@@ -18,7 +18,7 @@ from pyrys.backends.options import BackendOptions
 from pyrys.calling_context import autocast_off, callers_level, rng_kept
 from pyrys.capture.captured import Captured
 from pyrys.errors import CaptureError, DataDependentError, ModelChangedError
-from pyrys.capture.dynamic_shapes import PADDED_WINDOW_INPUTS_KEY, padded_window_inputs
+from pyrys.capture.dynamic_shapes import padded_window_inputs
 from pyrys.ir.output_aliases import output_roots, outputs_to_copy, same_outputs
 from pyrys.ir.verify import VerificationError, make_verifier, output_types
 from pyrys.ir.graph import share_constants
@@ -138,7 +138,7 @@ def _compile_unchecked(frontend: Frontend, args: tuple, kwargs: dict, config: Op
     if like is not None and config.calibration is not None:
         config = dataclasses.replace(config, calibration=config.calibration.for_capture())
     captured = frontend.capture(args, kwargs, dynamic)
-    captured.gm.meta[PADDED_WINDOW_INPUTS_KEY] = padded_window_inputs(captured.gm)  # (before the passes fold pads)
+    captured.padded_window_inputs = padded_window_inputs(captured.gm)  # (before the passes fold pads)
     if is_symbolic(captured.gm):
         hold_squeezed_sizes(captured.gm)
     measure = None if trace is None else (lambda step, gm: trace.measure(step, gm, flat))

@@ -23,8 +23,7 @@ from pyrys.machine import give_back_freed_memory, note_module_freed
 from pyrys.passes.specialize import ShapeMismatch
 from pyrys.shape_cache import ShapeCache
 from pyrys.size_one import SizeOneInputs, excluded_size_one_inputs, other_sizes_held, size_one_dims
-from pyrys.capture.dynamic_shapes import (PADDED_WINDOW_INPUTS_KEY, SIZE_ONE_FIXED, VaryingDims, symbolic_example,
-                                          widened_like)
+from pyrys.capture.dynamic_shapes import SIZE_ONE_FIXED, VaryingDims, symbolic_example, widened_like
 from pyrys.ir.graph import user_inputs
 from pyrys.ir.output_aliases import as_one_object, copied_apart
 from pyrys.output_tree import unflattener
@@ -67,7 +66,7 @@ class OptimizedModule(torch.nn.Module):
     def __init__(self, frontend: Frontend, args: tuple, kwargs: dict, config: OptimizeConfig,
                  trace: NumericsTrace | None = None):
         super().__init__()
-        args, kwargs = tree_map(_contiguous, (args, kwargs))  # every capture's inputs are contiguous (_compile)
+        args, kwargs = tree_map(_capturable, (args, kwargs))  # every capture's inputs are contiguous (_compile)
         with COMPILING:
             first = compile_signature(frontend, args, kwargs, config, dynamic=config.dynamic is True, trace=trace)
         self._hold(frontend, config, [first])
@@ -411,7 +410,7 @@ class OptimizedModule(torch.nn.Module):
         """The program for inputs with a size of 1 the graph for every shape excludes (``why``), from a capture
         with those dims fixed at 1 and the others symbolic, kept for every later shape it holds for (and for
         ``pyrys.save``; where that capture keeps no size symbolic, it is these shapes' alone)."""
-        args, kwargs = tree_map(_contiguous, (args, kwargs))  # a view's strides would become symbols of their own
+        args, kwargs = tree_map(_capturable, (args, kwargs))  # a view's strides would become symbols of their own
         varying = self._varying_dims()
         dynamic = VaryingDims(varying, size_one_fixed=True) if varying else SIZE_ONE_FIXED
         compiled = compile_signature(self._frontend, args, kwargs, self._config, dynamic=dynamic, like=self._first)
@@ -459,7 +458,7 @@ class OptimizedModule(torch.nn.Module):
         """The fixed dims that came at three sizes or more: symbolic in the next capture (``VaryingDims``), but an
         image size of an input that reaches a pad before a convolution or pooling (``padded_window_inputs``): those
         are captured size by size, with a note."""
-        padded = self._first.captured.gm.meta.get(PADDED_WINDOW_INPUTS_KEY, frozenset())
+        padded = self._first.captured.padded_window_inputs
         varying = {where for where, sizes in self._sizes_seen.items() if len(sizes) >= 3}
         left_out = {(position, dim) for position, dim in varying if position in padded and dim >= 2}
         if left_out and not self._padded_noted:
@@ -744,14 +743,13 @@ def _weight_bytes(program) -> int:
         return 0
 
 
-def _contiguous(value: Any) -> Any:
-    return value.contiguous() if isinstance(value, torch.Tensor) else value
-
-
 def _capturable(value: Any) -> Any:
-    """An input as a capture takes it: a tensor contiguous, a NumPy scalar as the Python number the signature
-    holds (torch.export refuses ``np.int64``)."""
-    return value.contiguous() if isinstance(value, torch.Tensor) else as_python_number(value)
+    """An input as a capture takes it: a tensor contiguous; a NumPy scalar torch.export refuses (``np.int64``,
+    ``np.bool_``, ``np.float32``) as the Python number of its value, but ``np.float64`` as it is (a float:
+    ``torch.tensor(v)`` of it is float64, as in eager)."""
+    if isinstance(value, torch.Tensor):
+        return value.contiguous()
+    return value if isinstance(value, (int, float, complex)) else as_python_number(value)
 
 
 def _same(a: SizeOneInputs, b: SizeOneInputs) -> bool:

@@ -127,12 +127,12 @@ PLAIN_TYPES = (int, float, bool, str, type(None))  # input values a signature ho
 
 
 def as_python_number(value: Any) -> Any:
-    """A NumPy scalar (``np.float64``, ``np.int64``, ``np.bool_`` ...) as the Python number of its value; any
+    """A NumPy number (``np.float64``, ``np.int64``, ``np.float32`` ...) as the Python number of its value; any
     other value as it is."""
     numpy = sys.modules.get("numpy")
-    if numpy is not None and isinstance(value, numpy.generic):
-        plain = value.item()
-        if isinstance(plain, (bool, int, float, complex)):
+    if numpy is not None and isinstance(value, numpy.generic) and not isinstance(value, numpy.bool_):
+        plain = value.item()  # (np.bool_ is not one: torch.full((2,), np.bool_(True)) is float32, of True bool)
+        if isinstance(plain, (int, float, complex)):
             return plain
     return value
 

@@ -32,7 +32,8 @@ from torch.export import Dim
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
 
 from pyrys.ir.graph import user_inputs
-from pyrys.ir.vocabulary import CONV_TRANSPOSES, CONVOLUTIONS, POOLS, ZERO_PADS
+from pyrys.ir.vocabulary import (ATTENTION, CONV_TRANSPOSES, CONVOLUTIONS, LINEARS, MATRIX_PRODUCTS, PERMUTES, POOLS,
+                                 VIEWS, ZERO_PADS)
 
 MAX_SEQUENCE_RANK = 3  # inputs up to this rank have every dim symbolic; higher ranks only the batch
 # ``dynamic=`` of a capture whose example's dims of size 1 stay 1 (the rest as above): the graph for the shapes
@@ -50,29 +51,43 @@ class VaryingDims(frozenset):
         return varying
 
 
-PADDED_WINDOW_INPUTS_KEY = "pyrys_padded_window_inputs"  # gm.meta: see padded_window_inputs
-
-
 def padded_window_inputs(gm: fx.GraphModule) -> frozenset[int]:
-    """The positions among ``gm``'s user inputs of those whose data reaches a pad that a convolution or pooling
-    reads.  Such a model often computes the pad from the size (TF "same" padding, timm's ``Conv2dSame``):
-    with symbolic image sizes each layer's size is then a nested ``Max``/``ceil`` of the last one's, over which
-    torch.export and sympy spent minutes (tf_mobilenetv3_small_100: more than 9 minutes at a third width, against
-    seconds for a capture of that size alone), so their image sizes are captured one by one (``VaryingDims``
-    leaves them out).  From the graph as captured, before the passes fold pads into convolutions."""
+    """The positions among ``gm``'s user inputs of those that reach, as images, a pad a convolution or pooling
+    reads (through a few elementwise ops).  Such a model often computes the pad from the size (TF "same"
+    padding, timm's ``Conv2dSame``): with symbolic image sizes each layer's size is then a nested ``Max``/``ceil``
+    of the last one's, over which torch.export and sympy spent minutes (tf_mobilenetv3_small_100: more than 9
+    minutes at a third width, against seconds for a capture of that size alone), so their image sizes are
+    captured one by one (``VaryingDims`` leaves them out).  "As images": back from the pad through anything but
+    ops that take an input's dims apart (matrix products, attention, views, permutes, concatenation: a KV cache
+    reaches a padded causal convolution so, and keeps its length symbolic).  From the graph as captured, before
+    the passes fold pads into convolutions."""
     windows = CONVOLUTIONS | CONV_TRANSPOSES | frozenset(POOLS)
-    pads = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in ZERO_PADS
-            and any(user.target in windows for user in n.users)]
-    if not pads:
-        return frozenset()
+    pads = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in ZERO_PADS and _feeds(n, windows)]
     reaching: set[fx.Node] = set()
     work = list(pads)
-    while work:  # every node a padded window's pad depends on
+    while work:
         node = work.pop()
         if node not in reaching:
             reaching.add(node)
-            work.extend(node.all_input_nodes)
+            if node.op == "call_function" and node.target not in _REARRANGING:
+                work.extend(node.all_input_nodes)
     return frozenset(i for i, node in enumerate(user_inputs(gm.graph)) if node in reaching)
+
+
+_REARRANGING = (MATRIX_PRODUCTS | LINEARS | VIEWS | PERMUTES
+                | {ATTENTION, torch.ops.aten.cat.default, torch.ops.aten.stack.default})  # see padded_window_inputs
+
+
+def _feeds(pad: fx.Node, windows: frozenset, steps: int = 3) -> bool:
+    """Whether a window op reads ``pad``'s result, directly or through up to ``steps`` other ops (a cast, an
+    activation)."""
+    users = list(pad.users)
+    for _ in range(steps + 1):
+        if any(user.target in windows for user in users):
+            return True
+        users = [after for user in users if user.op == "call_function" and user.target not in _REARRANGING
+                 for after in user.users]
+    return False
 
 
 def keeps_size_one_fixed(dynamic: object) -> bool:
