@@ -66,4 +66,4 @@ def torchscript_frontend(script: Any, flag_values: dict[str, bool] | None = None
 def exported_program_frontend(ep: ExportedProgram) -> Frontend:
     """A ``torch.export.ExportedProgram``, used as it is (not exported again); its dynamic dims stay symbolic."""
     return Frontend(lambda args, kwargs, dynamic: capture_exported(ep), "ExportedProgram",
-                    fixed_shapes="Export it again for these inputs (for other shapes, with dynamic_shapes whose Dims hold them)")
+                    fixed_shapes="Export it again for these inputs (for another shape, with dynamic_shapes whose Dims hold it)")
