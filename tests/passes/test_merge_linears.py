@@ -1,4 +1,5 @@
 """simplify's merge_sibling_linears rule: linears reading one input become one linear and a split."""
+import pytest
 import torch
 import torch.nn as nn
 
@@ -58,3 +59,29 @@ def test_a_bias_on_some_but_not_all_keeps_them_apart(run_passes):
     result = run_passes(Projections(mixed_bias=True).eval(), (torch.randn(2, 3, 8),), "freeze_params", "simplify")
     assert "merge_sibling_linears" not in result.fired("simplify")
     assert result.error() <= TOLERANCE
+
+
+class QueryKeyApartFromValue(nn.Module):
+    """``nn.MultiheadAttention`` with one tensor for query and key and another for value (RT-DETR's AIFI)."""
+
+    def __init__(self, batch_first: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.attention = nn.MultiheadAttention(64, 4, batch_first=batch_first)
+
+    def forward(self, src, pos):
+        q = k = src + pos
+        return self.attention(q, k, value=src)[0]
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_views_of_a_merged_part_read_it_whatever_its_strides(batch_first, backend):
+    """A helper's find: at batch 2 the merged query/key part, a strided row of the merged output, met the view
+    the model made of the contiguous linear (``q.view(L, B * H, D)``): torch's "Cannot view" from the pass."""
+    import pyrys
+
+    model = QueryKeyApartFromValue(batch_first).eval()
+    src, pos = torch.rand(4, 2, 64), torch.rand(4, 2, 64)
+    opt = pyrys.optimize(model, (src, pos), backend=backend)
+    with torch.no_grad():
+        assert pyrys.relative_error(opt(src, pos), model(src, pos)) <= TOLERANCE

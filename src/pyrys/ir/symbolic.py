@@ -418,9 +418,12 @@ def _within(bounds: tuple | None, size: int) -> bool:
 
 
 def set_ranges(gm: fx.GraphModule, ranges: dict[sympy.Symbol, tuple]) -> None:
-    """Hold ``symbol -> (lower, upper)`` as the graph's ranges (``torch.export``'s promise, or a save's)."""
+    """Hold ``symbol -> (lower, upper)`` as the graph's ranges (``torch.export``'s promise, or a save's), those of
+    sizes: a float symbol's ``(-oo, oo)`` (``zuf0``: a float torch.export could not specialize, YOLO's anchors)
+    is no size's (``int(-oo)`` raised, and the capture with symbolic sizes was given up)."""
     gm.meta[RANGES_KEY] = {symbol: (int(lower), None if upper in (int_oo, sympy.oo) else int(upper))
-                           for symbol, (lower, upper) in ranges.items()}
+                           for symbol, (lower, upper) in ranges.items()
+                           if lower not in (-int_oo, -sympy.oo) and getattr(lower, "is_integer", True)}
 
 
 def ranges_of(gm: fx.GraphModule) -> dict[sympy.Symbol, tuple]:

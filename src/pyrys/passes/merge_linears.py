@@ -71,7 +71,24 @@ class MergeSiblingLinears(Rule):
             pieces = [insert_op(gm.graph, operator.getitem, (parts, index), f"{linear.name}_part")
                       for index, linear in enumerate(linears)]
         for linear, piece in zip(linears, pieces):
+            _views_as_reshapes(linear)
             replace_node(linear, piece)
+
+
+_VIEWS = frozenset({aten.view.default, aten._unsafe_view.default})
+
+
+def _views_as_reshapes(node: fx.Node) -> None:
+    """The views of ``node``'s result (and views of those) as reshapes: a part of the split is strided (a row
+    of the merged output), where the linear's own result was contiguous, and a view the model made of it may
+    not be one of the part (``nn.MultiheadAttention`` at batch 2: ``q.view(L, B * H, D)``, torch's "Cannot view"
+    from the pass, a helper's find); a reshape gives the same values, copying where it must."""
+    work = [node]
+    while work:
+        for user in list(work.pop().users):
+            if user.op == "call_function" and user.target in _VIEWS:
+                user.target = aten.reshape.default
+                work.append(user)
 
 
 def _position(node: fx.Node) -> int:
