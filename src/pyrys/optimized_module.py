@@ -28,8 +28,7 @@ from pyrys.ir.graph import user_inputs
 from pyrys.ir.output_aliases import as_one_object, copied_apart
 from pyrys.output_tree import unflattener
 from pyrys.signature import (InputError, Signature, arranged_like, as_python_number, check_compatible, differing_numbers,
-                             is_tensor_leaf,
-                             leaf_names, leaf_value, runnable_inputs, signature_of, with_article)
+                             is_tensor_leaf, leaf_names, leaf_value, runnable_inputs, signature_of, with_article)
 from pyrys.capture.frontend import Frontend
 from pyrys.config import OptimizeConfig
 from pyrys.errors import CaptureError, ModelChangedError
@@ -744,9 +743,9 @@ def _weight_bytes(program) -> int:
 
 
 def _capturable(value: Any) -> Any:
-    """An input as a capture takes it: a tensor contiguous; a NumPy scalar torch.export refuses (``np.int64``,
-    ``np.bool_``, ``np.float32``) as the Python number of its value, but ``np.float64`` as it is (a float:
-    ``torch.tensor(v)`` of it is float64, as in eager)."""
+    """An input as a capture takes it: a tensor contiguous; a NumPy number torch.export refuses (``np.int64``,
+    ``np.float32``) as the Python number of its value, but ``np.float64`` as it is (a float: ``torch.tensor(v)``
+    of it is float64, as in eager) and ``np.bool_`` too (which torch.export refuses, clearly)."""
     if isinstance(value, torch.Tensor):
         return value.contiguous()
     return value if isinstance(value, (int, float, complex)) else as_python_number(value)

@@ -84,7 +84,7 @@ class ExactBool(int):
 
 class TypedValue:
     """A signature's leaf for an input of another type than a plain int, float, bool, str or None (an ``IntEnum``
-    or ``str`` Enum member, a NumPy scalar, a ``torch.dtype``): equal only to a value of the same type (by its
+    or ``str`` Enum member, a NumPy bool, a ``torch.dtype``): equal only to a value of the same type (by its
     qualified name, which a save keeps) and the same value (a float's bits).  ``Mode.A == 1``, with one hash: a
     call with ``Mode.A`` took the program captured for ``1``, where forward told them apart (a helper's find)."""
 
@@ -252,8 +252,8 @@ def _describe_value(value: Any) -> str:
 
 
 def differing_numbers(expected: Signature, got: Signature) -> list[int]:
-    """The flat positions where both signatures hold a number (a bool, an int, a float, an ``IntEnum`` member,
-    a NumPy scalar ...) and they differ, in value or in type: inputs a capture freezes into its graph
+    """The flat positions where both signatures hold a number (a bool, an int, a float, an ``IntEnum`` member
+    ...) and they differ, in value or in type: inputs a capture freezes into its graph
     (torch.export specializes them)."""
     return [i for i, (want, have) in enumerate(zip(expected.leaves, got.leaves))
             if _is_number(want) and _is_number(have) and want != have]
@@ -353,11 +353,11 @@ def _check_leaf(name: str, want, have, value) -> None:
     elif have != want:
         kind = type(leaf_value(want)).__name__
         if is_tensor_leaf(have) and _is_number(want):
-            raise InputError(f"pyrys: {name} must be a {kind} like the example's {want!r}, got a tensor "
+            raise InputError(f"pyrys: {name} must be {with_article(kind)} like the example's {want!r}, got a tensor "
                              f"{_describe_leaf(have)} (a number input is frozen into the graph captured; a tensor "
                              "is a tensor input: pass it as the example did)")
         if is_tensor_leaf(have):
             raise InputError(f"pyrys: {name} must equal the example's {want!r} (it was specialized), got a tensor "
                              f"{_describe_leaf(have)}")
         raise InputError(f"pyrys: {name} must equal the example's {want!r} (it was specialized), got {have!r}"
-                         + (f", a {type(value).__name__}" if type(value) is not type(leaf_value(want)) else ""))
+                         + (f", {with_article(type(value).__name__)}" if type(value) is not type(leaf_value(want)) else ""))

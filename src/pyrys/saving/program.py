@@ -139,7 +139,8 @@ def _load(path: str | os.PathLike, manifest: dict, program: dict, tensors: dict,
         release_constants(first.program, graphs)  # every signature's packed copies are the first's
         frontend = Frontend(_no_capture, f"saved {program['frontend']}",
                             fixed_shapes=f"It was loaded from {path}: optimize the model for other inputs "
-                                         "(and save it again after calls with them)", parameters=decode_parameters(program.get("parameters")))
+                                         "(and save it again after calls with them)",
+                            parameters=decode_parameters(program.get("parameters")))
     except LoadError:
         raise
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, StopIteration, SyntaxError) as error:
@@ -219,7 +220,8 @@ def _decode_generic(record: dict, tensors: dict, first: Compiled) -> Compiled:
         gm.meta[CALIBRATED_SIZES_KEY] = calibrated
     copies = _decode_output_copies(record, gm)
     captured = Captured(gm, _decode_in_spec(record["in_spec"], made), decode_spec(record["out_spec"], made),
-                        record["class_name"], [], output_copies=copies, same_outputs=_decode_same_outputs(record, gm, copies))
+                        record["class_name"], [], output_copies=copies,
+                        same_outputs=_decode_same_outputs(record, gm, copies))
     return Compiled(first.signature, captured, first.run, first.program, first.backend, first.notes, captured)
 
 
