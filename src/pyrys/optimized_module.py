@@ -182,7 +182,7 @@ class OptimizedModule(torch.nn.Module):
 
     def _compile(self, signature: Signature, flat: list, args: tuple, kwargs: dict) -> Compiled:
         """The program for a new input signature, compiled once however many threads ask at once."""
-        check_compatible(self._first.signature, signature, flat, args, numbers_may_differ=True)
+        check_compatible(self._first.signature, signature, flat, args)
         differing = differing_numbers(self._first.signature, signature)
         if differing and not self._numbers_may_differ():
             raise self._frozen_numbers_error(signature, differing)

@@ -264,16 +264,16 @@ def _is_number(leaf: Any) -> bool:
     return isinstance(value, numbers.Number) and not is_tensor_leaf(leaf)
 
 
-def check_compatible(expected: Signature, got: Signature, flat: list, args: tuple, numbers_may_differ: bool = False) -> None:
-    """Raise :class:`InputError` naming what was expected unless only shapes (same rank) differ, or numbers of
-    one type (``numbers_may_differ``: a capture of their own follows)."""
+def check_compatible(expected: Signature, got: Signature, flat: list, args: tuple) -> None:
+    """Raise :class:`InputError` naming what was expected unless only shapes (same rank) or numbers differ
+    (:func:`differing_numbers`: whether another number may be captured is the caller's to say)."""
     if got.in_spec != expected.in_spec:
         described = ", ".join(_describe_value(a) for a in args)
         inner = _passed(got.in_spec) == _passed(expected.in_spec) and _inner_difference(expected.in_spec, got.in_spec)
         raise InputError(f"pyrys: expected inputs like the example inputs ({expected.describe()}): "
                          f"{_passed(expected.in_spec)}; got ({described}): {_passed(got.in_spec)}"
                          + (f"; {inner}" if inner else ""))
-    free = set(differing_numbers(expected, got)) if numbers_may_differ else set()
+    free = set(differing_numbers(expected, got))
     for i, (name, want, have, value) in enumerate(zip(leaf_names(got.in_spec), expected.leaves, got.leaves, flat)):
         if i not in free:
             _check_leaf(name, want, have, value)
