@@ -39,7 +39,7 @@ def _fake_like(mode: FakeTensorMode, val: Any, device: str | None = None) -> Any
     return val
 
 
-def _fake_input(mode: FakeTensorMode, node: fx.Node):
+def fake_input(mode: FakeTensorMode, node: fx.Node):
     """An input's fake value: a state input's (a parameter, a buffer) from its tensor, as constants are
     (:meth:`_Fresh.get_attr`), else from its recorded value."""
     ref = state_ref(node)
@@ -209,7 +209,7 @@ def fresh_meta(gm: fx.GraphModule, repair_views: bool = False, memo: bool = Fals
     with ``memo``, ops on concrete shapes asked before are not run again (the verifier runs every op)."""
     mode = graph_fake_mode(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    fake_inputs = [_fake_input(mode, n) for n in placeholders]
+    fake_inputs = [fake_input(mode, n) for n in placeholders]
     propagation = _Fresh(gm, mode, repair_views, memo)
     with propagating(mode):
         propagation.propagate_dont_convert_inputs(*fake_inputs)

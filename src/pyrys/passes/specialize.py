@@ -6,7 +6,8 @@ concrete shapes, so each input shape gets a copy in which
 * the symbols are bound to the inputs' dims, after checking every range and guard the trace
   and the passes assumed (a shape that breaks one raises :class:`ShapeMismatch`: the caller
   captures that shape again and says why);
-* every value's shape is propagated again, concretely;
+* every value's shape is made concrete: its symbolic one with the symbols bound (``ir/bound_meta.py``),
+  or where that cannot say, propagated again;
 * size arithmetic becomes literals: ``sym_size(x, 0)`` -> ``2``, ``mul(s1, 32)`` -> ``4096``,
   so ``view(x, [%sym_size, %mul])`` reads ``view(x, [2, 4096])``; size checks are evaluated
   and dropped;
@@ -22,8 +23,9 @@ import torch
 import torch.fx as fx
 
 from pyrys.ir.graph import copy_graph, replace_with_literal, user_inputs
-from pyrys.ir.meta import refresh_meta
-from pyrys.ir.symbolic import bind_symbols, is_symbolic, is_symbolic_scalar_op
+from pyrys.ir.bound_meta import bound_meta
+from pyrys.ir.meta import fake_input, refresh_meta
+from pyrys.ir.symbolic import bind_symbols, graph_fake_mode, is_symbolic, is_symbolic_scalar_op
 from pyrys.passes.pipeline import apply_passes, select_passes
 
 aten = torch.ops.aten
@@ -42,20 +44,41 @@ def specialize(gm: fx.GraphModule, inputs: list) -> fx.GraphModule:
     """``gm`` for the shapes of ``inputs`` (its flat user inputs); see the module docstring."""
     if not is_symbolic(gm):
         return gm
-    _, why = bind_symbols(gm, inputs, explain=True)
+    bindings, why = bind_symbols(gm, inputs, explain=True)
     if why is not None:
         raise ShapeMismatch(why)
     concrete = fx.GraphModule(gm, copy_graph(gm.graph), gm.__class__.__name__)
     for node, value in zip(user_inputs(concrete.graph), inputs):
         node.meta["val"] = value
-    try:
-        refresh_meta(concrete)
-    except Exception as error:  # noqa: BLE001 -- an op that fails at this shape: capture it again
-        raise ShapeMismatch(f"shape propagation fails at this shape: {type(error).__name__}: {error}") from error
+    if not _bind_meta(gm, concrete, bindings):
+        try:
+            refresh_meta(concrete)
+        except Exception as error:  # noqa: BLE001 -- an op that fails at this shape: capture it again
+            raise ShapeMismatch(f"shape propagation fails at this shape: {type(error).__name__}: {error}") from error
     _fold_sizes(concrete)
     apply_passes(concrete, SHAPE_PASSES)
     concrete.recompile()
     return concrete
+
+
+def _bind_meta(gm: fx.GraphModule, concrete: fx.GraphModule, bindings: dict) -> bool:
+    """Set ``concrete``'s values from ``gm``'s symbolic ones at ``bindings`` (:mod:`pyrys.ir.bound_meta`: the
+    same as propagating them, without running each op's shape rule); whether it could."""
+    mode = graph_fake_mode(concrete)  # a fresh one, as propagation would make
+    values = bound_meta(gm, bindings, mode)
+    if values is None:
+        return False
+    nodes = list(concrete.graph.nodes)
+    if any(n.op not in ("placeholder", "output") and n.name not in values for n in nodes):
+        return False
+    for node in nodes:
+        if node.op == "placeholder":  # as propagation gives them: fake tensors of the same mode
+            node.meta["val"] = fake_input(mode, node)
+        elif node.op == "output":  # what it returns, as propagation records it
+            node.meta["val"] = fx.node.map_arg(node.args[0], lambda n: n.meta.get("val"))
+        else:
+            node.meta["val"] = values[node.name]
+    return True
 
 
 def _fold_sizes(gm: fx.GraphModule) -> None:
