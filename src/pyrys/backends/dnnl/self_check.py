@@ -29,7 +29,9 @@ calls run on torch ops at once): the graph's constants are released by then (pac
 runs on plain copies restored from the packed ones, freed after.  A new shape's lowering has faults of its
 own (a linear's post-op operand broadcast over leading dims was handed to oneDNN unbroadcast at new shapes
 only), and the check costs a run on torch ops (ResNet-50 at batch 7: 0.6 s, 0.2x of the first compile), so a
-shape that only changes sizes within their classes is not checked again.
+shape that only changes sizes within their classes is not checked again.  The call whose new shape was
+checked returns the outputs the check's run gave on its inputs (not run again: ResNet-50 at batch 7, ~0.1 s),
+where they are what it would give: no input written, none viewed by an output.
 """
 from __future__ import annotations
 
@@ -68,30 +70,56 @@ def checkable(gm: fx.GraphModule, inputs: list) -> bool:
     return all(bool(t.isfinite().all()) for t in inputs if isinstance(t, torch.Tensor) and t.is_floating_point())
 
 
-def disagreement(program, reference, gm: fx.GraphModule, inputs: list) -> str | None:
+def disagreement(program, reference, gm: fx.GraphModule, inputs: list) -> tuple[str | None, list | None]:
     """Why ``program`` cannot be trusted on ``gm``'s shapes (its outputs against ``reference``'s on copies of
     ``inputs``, then, where those disagree, on the inputs perturbed: :func:`_perturbed`), or None where they
-    agree within :data:`ALLOWED` on either."""
+    agree within :data:`ALLOWED` on either; and the program's outputs on ``inputs`` where they are what a
+    call on ``inputs`` itself gives (:func:`_own_outputs`), else None."""
     allowed = ALLOWED[precision_of(gm)]
-    worst, where = _worst(program(_copies(inputs)), reference(_copies(inputs)))
+    copies = _copies(inputs)
+    versions = [version_of(t) for t in copies]
+    outputs = program(copies)
+    worst, where = _worst(outputs, reference(_copies(inputs)))
+    outputs = _own_outputs(outputs, copies, versions)
     if worst <= allowed:
-        return None
+        return None, outputs
     perturbed = _perturbed(inputs)
     again, _ = _worst(program(_copies(perturbed)), reference(_copies(perturbed)))
     if again <= allowed:  # the example itself is ill-conditioned (a constant image into an instance norm)
-        return None
+        return None, outputs
     amplified, _ = _worst(reference(_copies(_perturbed(inputs, ROUNDING))), reference(_copies(inputs)))
     if amplified > allowed:  # the graph itself: a float32 rounding of its inputs moves its outputs as far
         return (f"the oneDNN program disagrees with the same graph on torch ops on the example inputs (output "
                 f"{where}: relative error {worst:.1e}), and so does the graph on torch ops with its inputs rounded "
                 f"by {ROUNDING:.0e} ({amplified:.1e}): the model amplifies rounding (no kernel's fault is shown; "
                 "float32 eager differs from float64 alike); every call of these input shapes runs on torch ops "
-                "(the reference backend), whose rounding is eager's")
+                "(the reference backend), whose rounding is eager's"), None
     return (f"the oneDNN program disagrees with the same graph on torch ops on the example inputs (output {where}: "
             f"relative error {worst:.1e}, {again:.1e} on them perturbed, over the {allowed:.0e} allowed in "
             f"{precision_of(gm)}): a fault in a oneDNN kernel pyrys does not know yet; every call of these input "
             "shapes runs on torch ops (the reference backend) instead. Please report it, with pyrys.save(opt, path) "
-            "of the module")
+            "of the module"), None
+
+
+def version_of(value) -> int | None:
+    """A tensor's version counter (each write in place adds one); None for anything else and for an inference
+    tensor (``torch.inference_mode``'s, which counts no writes)."""
+    if not isinstance(value, torch.Tensor) or value.is_inference():
+        return None
+    return value._version
+
+
+def _own_outputs(outputs: list, copies: list, versions: list) -> list | None:
+    """``outputs`` (of a run on ``copies``) where a run on the originals gives the same: no copy was written
+    (its version as in ``versions``) and no output shares memory with one (an output that is an input, or a
+    view of one, must be the caller's own input); else None."""
+    inputs = [t for t in copies if isinstance(t, torch.Tensor)]
+    if any(version_of(t) != version or t.is_inference() for t, version in zip(inputs, versions)):
+        return None
+    held = {t.untyped_storage().data_ptr() for t in inputs if t.numel()}
+    if any(isinstance(o, torch.Tensor) and o.numel() and o.untyped_storage().data_ptr() in held for o in outputs):
+        return None
+    return outputs
 
 
 def _worst(got: list, want: list) -> tuple[float, int]:
