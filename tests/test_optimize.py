@@ -554,3 +554,18 @@ def test_a_number_of_another_type_is_not_taken_for_the_example_s(backend, tmp_pa
     tensor = Fn(lambda m, x, v: (x + 1, torch.tensor(v))).eval()  # np.float64 is captured as it is: float64,
     values = pyrys.optimize(tensor, (x, 1.5), backend=backend)  # as in eager
     assert values(x, np.float64(2.5))[1].dtype == tensor(x, np.float64(2.5))[1].dtype == torch.float64
+
+
+def test_a_numpy_bool_is_refused_naming_numpy_and_what_to_pass(backend):
+    """A helper's find: ``np.False_`` for an example's ``False`` was refused as "must equal the example's False
+    ... got np.False_, a bool" (NumPy's bool is named ``bool`` too); torch takes it otherwise than a bool
+    (``torch.full((2,), np.True_)`` is float32), so it stays refused, saying so."""
+    model, x = Fn(lambda m, x, flip: x.flip(-1) if flip else x * 2).eval(), torch.randn(4)
+    opt = pyrys.optimize(model, (x, False), backend=backend)
+    with pytest.raises(pyrys.InputError, match=r"got np.False_, a numpy.bool \(a NumPy bool is not a bool to torch: "
+                                               r"pass bool\(value\)\)"):
+        opt(x, np.False_)
+    with pytest.raises(pyrys.CaptureError, match=r"takes a numpy.bool, which torch.export cannot take: pass a Python "
+                                                 r"number \(bool\(value\)"):
+        pyrys.optimize(model, (x, np.True_), backend=backend)
+    assert torch.equal(opt(x, True), x.flip(-1))

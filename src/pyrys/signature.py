@@ -334,6 +334,12 @@ def with_article(noun: str) -> str:
     return f"{'an' if noun[:1].lower() in ('a', 'e', 'i', 'o', 'u') else 'a'} {noun}"
 
 
+def type_name(value: Any) -> str:
+    """``value``'s type as a message names it: ``int``, ``numpy.bool`` (NumPy's own is ``bool``, as Python's)."""
+    kind = type(value)
+    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__.split('.')[0]}.{kind.__name__}"
+
+
 def _passed(spec: TreeSpec) -> str:
     """How a call passed its inputs: ``2 by position, mask by keyword``."""
     keywords = list(spec.child(1).context)
@@ -359,5 +365,9 @@ def _check_leaf(name: str, want, have, value) -> None:
         if is_tensor_leaf(have):
             raise InputError(f"pyrys: {name} must equal the example's {want!r} (it was specialized), got a tensor "
                              f"{_describe_leaf(have)}")
+        numpy = sys.modules.get("numpy")
+        advice = (" (a NumPy bool is not a bool to torch: pass bool(value))"
+                  if numpy is not None and isinstance(value, numpy.bool_) else "")
         raise InputError(f"pyrys: {name} must equal the example's {want!r} (it was specialized), got {have!r}"
-                         + (f", {with_article(type(value).__name__)}" if type(value) is not type(leaf_value(want)) else ""))
+                         + (f", {with_article(type_name(value))}" if type(value) is not type(leaf_value(want)) else "")
+                         + advice)

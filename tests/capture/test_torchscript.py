@@ -187,6 +187,20 @@ def test_runtime_dependent_control_flow_is_refused_with_a_reason(model, reason):
         pyrys.optimize(script(model.eval()), (torch.rand(2, 3),), backend="reference")
 
 
+def test_an_import_refusal_is_pyrys_s_and_says_what_to_do():
+    """A helper's find: a scripted write into a slice of a computed tensor raised "aten::copy_ writes to a view of
+    another tensor; ..." alone: no ``pyrys:``, no way forward."""
+    class WritesASlice(torch.nn.Module):
+        def forward(self, x):
+            y = x * 2
+            y[:, :2] = 0.0
+            return y
+
+    with pytest.raises(TorchScriptImportError, match=r"^pyrys: the scripted WritesASlice cannot be imported: aten::copy_ "
+                                                     r"writes to a view .* Pass the nn.Module itself if you have it"):
+        pyrys.optimize(script(WritesASlice().eval()), (torch.rand(2, 3),), backend="reference")
+
+
 def test_failing_shape_check_is_reported_at_compile_time():
     with pytest.raises(TorchScriptImportError, match="expected 4D input"):
         pyrys.optimize(script(torch.nn.BatchNorm2d(3).eval()), (torch.rand(3, 5),), backend="reference")

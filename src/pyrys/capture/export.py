@@ -185,6 +185,9 @@ def _unknown_type_message(model: torch.nn.Module, type_name: str, where: str) ->
     """What torch.export's "not a known type" (a class it cannot take apart, say a HuggingFace cache) means."""
     cache = "Cache" in type_name.rsplit(".", 1)[-1]
     advice = ""
+    if type_name.startswith("numpy.") and where != "output":  # np.bool_ (other NumPy numbers are made Python's)
+        return (f"pyrys: {type(model).__name__}.forward takes a {type_name}, which torch.export cannot take: pass a "
+                "Python number (bool(value), int(value), float(value)) or a tensor (torch.from_numpy)")
     if cache and where == "output":
         advice = "pass use_cache=False among the inputs (the cache is what the model returns beside its outputs), or "
     elif cache:

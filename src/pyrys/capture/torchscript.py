@@ -81,7 +81,16 @@ def capture_torchscript(obj: Any, args: tuple, kwargs: dict | None = None,
             "a module with overloaded forwards, such as a scripted nn.LSTM): script a module that calls it, or pass "
             "the nn.Module itself")
     importer = _Importer(obj, dict(flag_values or {}))
-    return importer.run(args, dict(kwargs or {}))
+    try:
+        return importer.run(args, dict(kwargs or {}))
+    except TorchScriptImportError as error:  # said as pyrys's, with what to do
+        said = str(error)
+        if said.startswith("pyrys:"):
+            raise
+        advice = "" if "nn.Module itself" in said else \
+            ". Pass the nn.Module itself if you have it (torch.export captures it)"
+        raise TorchScriptImportError(f"pyrys: the scripted {script_class_name(obj)} cannot be imported: "
+                                     f"{said.rstrip('.')}{advice}") from error
 
 
 class _Scope:
