@@ -19,6 +19,7 @@ import torch.fx as fx
 from pyrys.ir.edit import insert_op, replace_node
 from pyrys.ir.graph import add_constant, constant_value, op_args, tensor_meta
 from pyrys.ir.post_ops import ACTIVATIONS
+from pyrys.ir.vocabulary import PERMUTES, VIEWS
 from pyrys.passes.rewrite import Match, Miss, Rule
 
 aten = torch.ops.aten
@@ -79,16 +80,32 @@ _VIEWS = frozenset({aten.view.default, aten._unsafe_view.default})
 
 
 def _views_as_reshapes(node: fx.Node) -> None:
-    """The views of ``node``'s result (and views of those) as reshapes: a part of the split is strided (a row
-    of the merged output), where the linear's own result was contiguous, and a view the model made of it may
-    not be one of the part (``nn.MultiheadAttention`` at batch 2: ``q.view(L, B * H, D)``, torch's "Cannot view"
-    from the pass, a helper's find); a reshape gives the same values, copying where it must."""
-    work = [node]
+    """The views of ``node``'s result, and of whatever aliases it (a transpose, a permute, a slice, another
+    view), as reshapes: a part of the split is strided (a row of the merged output), where the linear's own
+    result was contiguous, and a view the model made of it may not be one of the part (``nn.MultiheadAttention``
+    at batch 2: ``q.view(L, B * H, D)``; Longformer's ``q.view(S, B, H, D).transpose(0, 1).transpose(1, 2)
+    .view(B * H, S, D)``: torch's "Cannot view" from the pass, helpers' finds); a reshape gives the same
+    values, copying where it must."""
+    work, seen = [node], {node}
     while work:
         for user in list(work.pop().users):
-            if user.op == "call_function" and user.target in _VIEWS:
+            if user in seen or not _aliases(user):
+                continue
+            if user.target in _VIEWS:
                 user.target = aten.reshape.default
-                work.append(user)
+            seen.add(user)
+            work.append(user)
+
+
+def _aliases(node: fx.Node) -> bool:
+    """Whether ``node``'s result may view its input's memory: a view, reshape, transpose or permute, a slice
+    or select (an op whose schema says its result aliases), a part of a split."""
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem or node.target in VIEWS or node.target in PERMUTES:
+        return True
+    schema = getattr(node.target, "_schema", None)
+    return schema is not None and any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns)
 
 
 def _position(node: fx.Node) -> int:
