@@ -421,3 +421,17 @@ def test_an_empty_operand_of_a_concat_is_dropped(run_passes):
     result = run_passes(Cache(), (rand(2, 5, 12),), "constant_propagation", "simplify")
     assert result.fired("simplify").get("concat_without_empty") == 2, result.after
     assert "aten::cat([%x, %add], 1)" in result.after and result.error() == 0
+
+
+@pytest.mark.parametrize("name, fn", [
+    ("view", lambda y: y.view(()) * 2.0),  # HF TimeSeriesTransformer's and Informer's scaler
+    ("reshape", lambda y: y.reshape(()) + y.view(())),
+    ("squeeze", lambda y: y.squeeze().sigmoid()),
+])
+def test_a_view_to_no_dims_stays_torch_s(name, fn):
+    """A helper's find: ``linear(x).view(())`` raised "oneDNN has no rank-0 memory descriptor" from the lowering."""
+    torch.manual_seed(0)
+    model, x = Fn(lambda m, x: fn(m.lin(x)), lin=nn.Linear(4, 1)).eval(), torch.randn(1, 4)
+    opt = pyrys.optimize(model, (x,), backend="dnnl")
+    y = torch.randn(1, 4)
+    assert pyrys.relative_error(opt(y), model(y)) < TOLERANCE

@@ -424,7 +424,9 @@ def lower_view(builder: Builder, node: fx.Node) -> None:
         raise Unsupported("view of a dynamic tensor")
     meta = node.meta["val"]
     check_dtype(node.args[0].meta["val"], meta, dtypes=F32_OR_BF16)
-    if meta.dim() > 0 and not source.md.inner_blocks:
+    if meta.dim() == 0:
+        raise Unsupported("a view to 0 dims (oneDNN has no rank-0 memory descriptor: it stays torch's)")
+    if not source.md.inner_blocks:
         try:  # a strided view (a head of a split projection) stays one where its dims allow
             builder.values[node] = Value(node.name, source.md.reshape(list(meta.shape)), ALIAS, source)
             return
