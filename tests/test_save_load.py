@@ -986,3 +986,26 @@ def test_a_save_name_as_long_as_a_file_name_may_be_is_written_and_replaced(tmp_p
         pyrys.save(opt, path)  # replaced: the old save moved aside to a sibling of its own
         assert torch.equal(pyrys.load(path)(torch.ones(1, 4)), opt(torch.ones(1, 4)))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["a" * 255, "é" * 127, latin1, latin1 * 60])
+
+
+def test_a_save_without_the_graph_for_every_shape_says_so_in_its_notes(tmp_path, monkeypatch):
+    """A helper's find (HF XLNet: an arange's float step puts ``FloatTrueDiv`` in a size): the save warned that
+    it left the graph for every shape out, but the loaded module's notes still said every later shape is
+    specialized from it, and it refused them."""
+    from pyrys.errors import SaveError
+    from pyrys.saving import program
+
+    def unnamable(gm):
+        raise SaveError("pyrys.save: a size of the graph uses Float, which a saved program cannot name")
+
+    model, (x2,), (x3,) = residual_net(), images(1, 0, (2, 3, 32, 32)), images(1, 1, (3, 3, 32, 32))
+    opt = pyrys.optimize(model, (x2,), dynamic=True)
+    monkeypatch.setattr(program, "encode_symbolic", unnamable)
+    with pytest.warns(UserWarning, match="the graph for every shape is left out"):
+        pyrys.save(opt, tmp_path / "saved")
+    loaded = pyrys.load(tmp_path / "saved")
+    assert loaded.notes[-1] == ("saved without the graph for every shape (a size of the graph uses Float, which a "
+                                "saved program cannot name): this module runs the shapes compiled before saving only")
+    assert pyrys.relative_error(loaded(x2), opt(x2)) == 0 and pyrys.relative_error(opt(x3), model(x3)) < TOLERANCE
+    with pytest.raises(pyrys.InputError, match="compiled for inputs"):
+        loaded(x3)

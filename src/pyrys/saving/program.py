@@ -77,9 +77,12 @@ def save(opt: OptimizedModule, path: str | os.PathLike) -> Path:
         first = compiled.index(opt._first)
         tensors: dict[str, torch.Tensor] = {}
         signatures = [_encode_compiled(c, f"sig{i}", tensors) for i, c in enumerate(compiled)]
-        generic = _encode_generic(opt._generic, tensors) if opt._generic is not None else None
+        generic, left_out = _encode_generic(opt._generic, tensors) if opt._generic is not None else (None, None)
         size_one = [record for i, template in enumerate(list(opt._other_templates)) if generic is not None
-                    and (record := _encode_generic(template, tensors, f"size_one{i}")) is not None]
+                    and (record := _encode_generic(template, tensors, f"size_one{i}")[0]) is not None]
+        if left_out is not None:  # the loaded module's notes say so (those of its captures say otherwise)
+            signatures[first]["notes"].append(f"saved without the graph for every shape ({left_out}): this module "
+                                              "runs the shapes compiled before saving only")
         written = set().union(*(written_tensors(gm) for gm in _graphs(compiled, opt)))
     tensors, aliases = _without_repeats(tensors, written)
     program = {"frontend": opt._frontend.kind.removeprefix("saved "), "threads": opt._config.threads, "layout": opt._config.layout,
@@ -183,9 +186,9 @@ def _check_options(program: dict) -> None:
             raise LoadError(f"pyrys.load: a saved signature's layout {record.get('layout')!r} is not one of {LAYOUTS[1:]}")
 
 
-def _encode_generic(template: Compiled, tensors: dict, prefix: str = "generic") -> dict | None:
-    """The graph new shapes are specialized from, with its symbolic sizes (``saving/symbolic.py``);
-    None where they cannot be written (the module is saved without it: its shapes only)."""
+def _encode_generic(template: Compiled, tensors: dict, prefix: str = "generic") -> tuple[dict | None, str | None]:
+    """The graph new shapes are specialized from, with its symbolic sizes (``saving/symbolic.py``), and None;
+    or None and why where they cannot be written (the module is saved without it: its shapes only)."""
     captured = template.generic
     try:
         symbolic = encode_symbolic(captured.gm)
@@ -193,7 +196,7 @@ def _encode_generic(template: Compiled, tensors: dict, prefix: str = "generic") 
     except SaveError as error:
         warnings.warn(f"{error}; the graph for every shape is left out: the loaded module runs the shapes "
                       "compiled so far only", stacklevel=3)
-        return None
+        return None, str(error).removeprefix("pyrys.save: ")
     try:  # what load does: torch's fake tensors cannot rebuild some views over symbolic sizes (a negative
         with fake_tensor_errors_unlogged():  # padding's slices), which load would raise on
             decode_symbolic(decode_graph(graph, tensors), symbolic)
@@ -202,13 +205,14 @@ def _encode_generic(template: Compiled, tensors: dict, prefix: str = "generic") 
         warnings.warn(f"pyrys.save: the graph with symbolic sizes ({describe_dims(captured.gm)}) cannot be rebuilt "
                       f"from its saved form ({why}); it is left out: the loaded module runs the shapes compiled so "
                       "far and those the other graphs saved hold for", stacklevel=3)
-        return None
+        return None, f"it cannot be rebuilt from its saved form: {why}"
     calibrated = captured.gm.meta.get(CALIBRATED_SIZES_KEY) or {}
-    return {"graph": graph, "symbolic": symbolic, "in_spec": encode_spec(captured.in_spec),
-            "out_spec": encode_spec(captured.out_spec), "class_name": captured.class_name,
-            "output_copies": list(captured.output_copies),
-            "same_outputs": [list(pair) for pair in captured.same_outputs],
-            "calibrated_sizes": [[place[0], place[1], sorted(held)] for place, held in sorted(calibrated.items())]}
+    record = {"graph": graph, "symbolic": symbolic, "in_spec": encode_spec(captured.in_spec),
+              "out_spec": encode_spec(captured.out_spec), "class_name": captured.class_name,
+              "output_copies": list(captured.output_copies),
+              "same_outputs": [list(pair) for pair in captured.same_outputs],
+              "calibrated_sizes": [[place[0], place[1], sorted(held)] for place, held in sorted(calibrated.items())]}
+    return record, None
 
 
 def _decode_generic(record: dict, tensors: dict, first: Compiled) -> Compiled:
