@@ -80,8 +80,10 @@ def bound_meta(gm: fx.GraphModule, bindings: dict[sympy.Symbol, sympy.Integer],
             return number(value, float)
         if isinstance(value, torch.SymBool):
             return number(value, bool)
+        if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor):
+            return value  # a one-element constant, real as propagation keeps it (its value is read: ``item()``)
         if isinstance(value, torch.Tensor):
-            if value.layout != torch.strided or value.is_quantized:
+            if value.layout != torch.strided or value.is_quantized or value.constant is not None:
                 raise _Unbound("a tensor of another layout")
             sizes, strides = dims(value.shape), dims(value.stride())
             if any(size < 1 for size in sizes) or any(stride < 0 for stride in strides):
