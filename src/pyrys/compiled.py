@@ -226,17 +226,20 @@ def _measure_program(trace: NumericsTrace, compiled: Compiled, flat: list, confi
 @autocast_off
 @rng_kept
 def build_for_shape(template: Compiled, signature: Signature, flat: list, config: OptimizeConfig,
-                    like: Program | None = None) -> Compiled:
+                    like: Program | None = None, for_call: bool = False) -> Compiled:
     """The program for ``signature`` from ``template``'s optimized graph (specialized to these shapes when
     it is symbolic: :mod:`pyrys.passes.specialize`, which raises ``ShapeMismatch`` for a shape it does not
-    hold for); ``like``: a program of the same graph whose decisions and packed weights to reuse."""
+    hold for); ``like``: a program of the same graph whose decisions and packed weights to reuse;
+    ``for_call``: ``flat`` are the inputs of a call that runs the program next (its check's outputs are kept
+    for it: ``BackendOptions.keep_outputs``)."""
     template = template.template or template  # (its history and notes are the graph's specialized here)
     source = template.generic or template.captured
     gm = specialize(source.gm, flat)
     if config.verify and gm is not source.gm:
         make_verifier(output_types(gm))(gm)
     compile_program, backend, _ = get_backend(config.backend)
-    program = compile_program(gm, flat, BackendOptions(config.threads, config.layout, check=True), like=like)
+    program = compile_program(gm, flat, BackendOptions(config.threads, config.layout, check=True,
+                                                      keep_outputs=for_call), like=like)
     release_constants(program, [gm, source.gm])
     captured = dataclasses.replace(source, gm=gm, notes=list(source.notes))
     notes = list(template.notes)

@@ -360,12 +360,14 @@ class OptimizedModule(torch.nn.Module):
         others: list[str] = []  # why the graphs for other sizes did not hold either (a loaded module says so)
         if self._generic is not None:
             try:
-                return build_for_shape(self._generic, signature, flat, self._config, like=self._first.program)
+                return build_for_shape(self._generic, signature, flat, self._config, like=self._first.program,
+                                       for_call=True)
             except ShapeMismatch as error:
                 why = str(error)
             for template in self._other_templates:
                 try:
-                    return build_for_shape(template, signature, flat, self._config, like=self._first.program)
+                    return build_for_shape(template, signature, flat, self._config, like=self._first.program,
+                                           for_call=True)
                 except ShapeMismatch as error:
                     others.append(f"another graph saved with it: {error}")
             if not self._frontend.fixed_shapes:

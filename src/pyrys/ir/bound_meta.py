@@ -9,12 +9,15 @@ of what a new shape costs).  Binding the symbols gives the same numbers without 
     size_i = expr_i.xreplace({s0: 2, ...}),  stride_i likewise.
 
 They were found equal, node for node (sizes, strides, dtypes), on torchvision's CNNs and ViT/Swin and on HF
-BERT, DistilBERT, GPT-2, ViT and Whisper at other batch sizes and lengths, where no symbol is 0 or 1.  At
-size 1 they are not: a dim of size 1 has no meaningful stride, and the symbolic graph's (an ``expand``'s 0)
-differs from what the ops give (5); at 0 an op's rule may refuse.  So :func:`bound_meta` answers only
-where every symbol is 2 or more and every size it gives is a whole number of at least 1; it returns None
-otherwise (and for any value it does not know), and the caller propagates as before.  Storage offsets are
-not carried (the symbolic graph's are not either, and nothing lowered reads them from ``meta``).
+BERT, DistilBERT, GPT-2, ViT and Whisper at other batch sizes and lengths, where no symbol is 0 or 1: the
+symbolic graph's values were propagated "size-obliviously", as if no symbol were 0 or 1, which is exact
+for every other size.  At 1 they are not: a ``reshape`` of an ``expand``ed tensor is a view there (strides
+``(8, 0, 1)``) where the symbolic graph has a copy (``(24, 8, 1)``), and a later ``view`` that the copy
+allows fails on the view (propagation makes it a ``reshape``: a reviewer's find); at 0 an op's rule may
+refuse.  So :func:`bound_meta` answers only where every symbol is 2 or more and every size it gives is a
+whole number of at least 1; it returns None otherwise (and for any value it does not know), and the
+caller propagates as before.  Storage offsets are not carried (the symbolic graph's are not either, and
+nothing lowered reads them from ``meta``).
 """
 from __future__ import annotations
 
@@ -49,7 +52,7 @@ def bound_meta(gm: fx.GraphModule, bindings: dict[sympy.Symbol, sympy.Integer],
     """Every node's ``meta["val"]`` of ``gm`` (symbolic) at ``bindings`` but its placeholders' and output's, by
     node name, tensors as fake ones of ``mode`` (of concrete sizes); None where one cannot be given so (see
     the module docstring)."""
-    if not bindings or any(int(size) < 1 for size in bindings.values()):
+    if not bindings or any(int(size) < 2 for size in bindings.values()):
         return None
     env = gm.meta[FAKE_MODE_KEY].shape_env
     numbers: dict[sympy.Basic, Any] = {}
@@ -88,9 +91,6 @@ def bound_meta(gm: fx.GraphModule, bindings: dict[sympy.Symbol, sympy.Integer],
             sizes, strides = dims(value.shape), dims(value.stride())
             if any(size < 1 for size in sizes) or any(stride < 0 for stride in strides):
                 raise _Unbound("an empty or negative size")
-            for i in reversed(range(len(sizes))):  # an expand's 0 where its symbolic size is 1 here: as the ops give
-                if sizes[i] == 1 and strides[i] == 0 and isinstance(value.shape[i], torch.SymInt):
-                    strides[i] = strides[i + 1] * sizes[i + 1] if i + 1 < len(sizes) else 1
             return _fake(mode, sizes, strides, value.dtype, value.device)
         if isinstance(value, (list, tuple)):
             parts = [bound(v) for v in value]

@@ -271,3 +271,17 @@ def test_inference_tensors_run_the_program_again(monkeypatch):
         runs = _counting_runs(monkeypatch)
         x1 = torch.rand(1, 3, 8, 8)
         assert pyrys.relative_error(opt(x1), model(x1)) < TOLERANCE and runs == [1, 1]
+
+
+def test_no_program_keeps_a_checks_outputs_that_no_call_takes(tmp_path):
+    """A reviewer's find: the outputs were kept by every program built like another shape's, also by those no
+    call runs next (the size-1 programs ``pyrys.save`` captures, a load's on another CPU): held for ever."""
+    torch.manual_seed(0)
+    model = Fn(lambda m, x: m.out(m.inner(x).squeeze(0).relu()), inner=nn.Linear(16, 16),  # squeeze(0): the
+               out=nn.Linear(16, 64)).eval()                                               # graph assumes batch > 1
+    opt = pyrys.optimize(model, (torch.randn(2, 8, 16),), backend="dnnl", dynamic=True)
+    x = torch.randn(3, 8, 16)
+    assert pyrys.relative_error(opt(x), model(x)) < TOLERANCE
+    pyrys.save(opt, tmp_path / "saved")  # (captures batch 1 first, which the graph for every shape excludes)
+    held = [*opt._programs.values(), *opt._other_templates]
+    assert len(held) >= 3 and not [c for c in held if getattr(c.program, "_checked_outputs", None)]

@@ -87,7 +87,7 @@ class DnnlRuntime:
         if options.check and self_check.checkable(gm, example_inputs):
             structure = self_check.structure(self.first)
             if like is None or like.fault or structure not in self.checked:
-                self._check(example_inputs, threads, keep_outputs=like is not None)
+                self._check(example_inputs, threads, keep_outputs=options.keep_outputs)
                 self.checked[structure] = self.fault
             elif self.checked[structure] is not None:
                 self.fault = self.checked[structure]
