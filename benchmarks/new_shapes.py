@@ -6,6 +6,7 @@ growth it caused.  ``dynamic=None`` (default) captures with symbolic sizes at th
 ``True`` at ``optimize``, ``False`` never (each shape captured and optimized again, the old behaviour).
 
     python benchmarks/new_shapes.py                      # resnet18 1 -> 2, 3, 5; a 4-layer BERT 128 -> 32, 64, 77
+    python benchmarks/new_shapes.py --models bert4_batch2 # the BERT at batch 2 (a batch of 1 is propagated again)
     python benchmarks/new_shapes.py --models resnet18 --modes none true
 """
 from __future__ import annotations
@@ -21,14 +22,14 @@ from pyrys.bench.measure import current_rss_bytes as rss
 from pyrys.bench.models import bert4
 
 def inputs(name, size):
-    if name == "bert4":
-        return model.example_inputs(1, size)
+    if name.startswith("bert4"):
+        return model.example_inputs(2 if name == "bert4_batch2" else 1, size)
     return (torch.rand(size, 3, 224, 224),)
 
 name, mode, sizes = sys.argv[1], sys.argv[2], [int(s) for s in sys.argv[3].split(",")]
 dynamic = {"none": None, "true": True, "false": False}[mode]
 torch.manual_seed(0)
-model = bert4().eval() if name == "bert4" else getattr(torchvision.models, name)().eval()
+model = bert4().eval() if name.startswith("bert4") else getattr(torchvision.models, name)().eval()
 weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
 rows = []
 with torch.no_grad():
@@ -47,12 +48,12 @@ with torch.no_grad():
 print(json.dumps({"weights": weights, "rows": rows, "notes": opt.notes}))
 """
 
-SIZES = {"resnet18": "1,2,3,5", "bert4": "128,32,64,77"}
+SIZES = {"resnet18": "1,2,3,5", "bert4": "128,32,64,77", "bert4_batch2": "128,32,64,77"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["resnet18", "bert4"])
+    parser.add_argument("--models", nargs="+", default=["resnet18", "bert4"], choices=sorted(SIZES))
     parser.add_argument("--modes", nargs="+", default=["none", "true", "false"], choices=["none", "true", "false"])
     args = parser.parse_args()
     from pyrys.machine import cpu_info
