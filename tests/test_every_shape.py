@@ -799,3 +799,32 @@ def test_a_model_the_capture_with_symbolic_sizes_refuses_compiles_each_shape(dyn
         x = torch.randn(2, length, 8)
         assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE, length
     assert any("the compile with symbolic sizes failed (DataDependentError" in note for note in opt.notes), opt.notes
+
+
+class RoundedUpToPatches(torch.nn.Module):
+    """timm's MobileViT: the feature map resized to a whole number of patches, ``math.ceil(H / 4) * 4``."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        height, width = y.shape[-2:]
+        rows, columns = math.ceil(height / 4) * 4, math.ceil(width / 4) * 4
+        y = torch.nn.functional.interpolate(y, size=(rows, columns), mode="bilinear", align_corners=False)
+        return y.reshape(y.shape[0], 8, rows // 4, 4, columns // 4, 4).mean((3, 5)).flatten(1)
+
+
+def test_a_size_rounded_up_with_math_ceil_is_size_arithmetic(tmp_path):
+    """A helper's find: the capture with symbolic image sizes held ``math.ceil`` of a size, which the verifier
+    refused ("not an op overload", the call failed) and specialization did not make a literal."""
+    model = RoundedUpToPatches().eval()
+    opt = pyrys.optimize(model, (torch.randn(2, 3, 32, 32),), dynamic=True, verify=True)
+    for size in [(48, 48), (40, 24), (30, 30), (33, 65)]:
+        x = torch.randn(2, 3, *size)
+        assert pyrys.relative_error(opt(x), model(x)) < TOLERANCE, size
+    pyrys.save(opt, tmp_path / "saved")
+    loaded, x = pyrys.load(tmp_path / "saved"), torch.randn(3, 3, 26, 38)
+    assert pyrys.relative_error(loaded(x), model(x)) < TOLERANCE

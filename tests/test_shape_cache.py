@@ -39,9 +39,9 @@ def compiles(monkeypatch) -> list:
     seen = []
     original = BUILDERS[0].build_for_shape
 
-    def spy(template, signature, flat, config, like=None):
+    def spy(template, signature, flat, config, like=None, **options):
         seen.append(flat[0].shape[0])
-        return original(template, signature, flat, config, like)
+        return original(template, signature, flat, config, like, **options)
 
     for module in BUILDERS:
         monkeypatch.setattr(module, "build_for_shape", spy)

@@ -14,6 +14,7 @@ code that only shows or compares shapes reads :func:`hint` (the example's value)
 from __future__ import annotations
 
 import contextlib
+import math
 import itertools
 import operator
 from typing import Any
@@ -119,7 +120,8 @@ def dims_key(dims) -> tuple:
 SIZE_ARITHMETIC: dict[str, Any] = {f.__name__: f for f in (
     operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod, operator.neg,
     operator.pow, operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
-    torch.sym_max, torch.sym_min, torch.sym_not, torch.sym_float, torch.sym_int, torch.sym_ite, torch.sym_sqrt)}
+    torch.sym_max, torch.sym_min, torch.sym_not, torch.sym_float, torch.sym_int, torch.sym_ite, torch.sym_sqrt,
+    math.ceil, math.floor, math.trunc)}  # (timm's MobileViT: ``math.ceil(H / 2) * 2`` of a symbolic height)
 
 
 def is_symbolic_scalar_op(target: Any) -> bool:
