@@ -42,6 +42,7 @@ from pyrys.capture.dynamic_shapes import (SIZE_ONE_FIXED, VaryingDims, keeps_siz
 from pyrys.capture.training_ir import as_inference_graph
 from pyrys.errors import CaptureError, DataDependentError
 from pyrys.ir.graph import STATE_KEY, StateRef, add_constant, add_placeholder, copy_graph, identifier, insert_call
+from pyrys.ir.quiet_fake import export_diagnostics_unlogged
 from pyrys.ir.symbolic import input_dims, set_fake_mode, set_ranges, sizes_kept_symbolic
 
 aten = torch.ops.aten
@@ -112,7 +113,8 @@ def export_module(model: torch.nn.Module, args: tuple, kwargs: dict | None = Non
     ``dynamic``: batch and sequence dims ``Dim.AUTO`` (``dynamic_shapes.py``; ``SIZE_ONE_FIXED``: those of
     size 1 kept), for a graph that holds for every size torch.export could keep symbolic."""
     args, kwargs = _unaliased(*_own_tensor_objects(args, kwargs or {}))
-    with tracing(), torch.no_grad(), sizes_kept_symbolic() if dynamic else contextlib.nullcontext():
+    with tracing(), torch.no_grad(), sizes_kept_symbolic() if dynamic else contextlib.nullcontext(), \
+            export_diagnostics_unlogged():
         try:
             varying = dynamic if isinstance(dynamic, VaryingDims) else frozenset()
             shapes = symbolic_dims(model, args, kwargs, keeps_size_one_fixed(dynamic), varying) if dynamic else None

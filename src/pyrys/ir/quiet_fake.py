@@ -2,7 +2,10 @@
 
 torch's fake tensors log a failing op with its traceback (165 lines for one model) before raising it; where
 pyrys tries something that may fail and records why (a TorchScript branch not taken on these shapes, a saved
-symbolic graph rebuilt to see whether load can), that log is quiet on the trying thread meanwhile.
+symbolic graph rebuilt to see whether load can), that log is quiet on the trying thread meanwhile.  So is
+torch.export's "Failed to reduce inequalities" (sympy could not simplify the ranges it suggests for a
+``Dim``, a warning with a traceback for symbolic image sizes: SqueezeNet, MobileViT) while pyrys exports:
+the export goes on, and pyrys reads no suggestion.
 """
 from __future__ import annotations
 
@@ -24,6 +27,18 @@ class _UnloggedHere(logging.Filter):
 
 _UNLOGGED = _UnloggedHere()
 logging.getLogger("torch._subclasses.fake_tensor").addFilter(_UNLOGGED)
+UNREDUCED = "Failed to reduce inequalities"  # torch.fx.experimental.symbolic_shapes's, with its traceback
+
+
+class _UnreducedHere(_UnloggedHere):
+    """Drops torch.export's :data:`UNREDUCED` on the threads inside :func:`export_diagnostics_unlogged`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return super().filter(record) or record.msg != UNREDUCED
+
+
+_UNREDUCED = _UnreducedHere()
+logging.getLogger("torch.fx.experimental.symbolic_shapes").addFilter(_UNREDUCED)
 
 
 @contextlib.contextmanager
@@ -34,3 +49,13 @@ def fake_tensor_errors_unlogged():
         yield
     finally:
         _UNLOGGED.local.depth -= 1
+
+
+@contextlib.contextmanager
+def export_diagnostics_unlogged():
+    """torch.export's :data:`UNREDUCED` warning is quiet on this thread meanwhile."""
+    _UNREDUCED.local.depth = getattr(_UNREDUCED.local, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _UNREDUCED.local.depth -= 1
