@@ -42,20 +42,20 @@ logging.getLogger("torch.fx.experimental.symbolic_shapes").addFilter(_UNREDUCED)
 
 
 @contextlib.contextmanager
+def _quiet_here(drops: _UnloggedHere):
+    """``drops`` drops its records on this thread meanwhile."""
+    drops.local.depth = getattr(drops.local, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        drops.local.depth -= 1
+
+
 def fake_tensor_errors_unlogged():
     """torch's fake-tensor log is quiet on this thread meanwhile."""
-    _UNLOGGED.local.depth = getattr(_UNLOGGED.local, "depth", 0) + 1
-    try:
-        yield
-    finally:
-        _UNLOGGED.local.depth -= 1
+    return _quiet_here(_UNLOGGED)
 
 
-@contextlib.contextmanager
 def export_diagnostics_unlogged():
     """torch.export's :data:`UNREDUCED` warning is quiet on this thread meanwhile."""
-    _UNREDUCED.local.depth = getattr(_UNREDUCED.local, "depth", 0) + 1
-    try:
-        yield
-    finally:
-        _UNREDUCED.local.depth -= 1
+    return _quiet_here(_UNREDUCED)
