@@ -230,7 +230,7 @@ def _counting_runs(monkeypatch) -> list:
 
 def test_a_new_shapes_call_returns_its_checks_outputs(monkeypatch):
     """The check of a new shape's program runs it on the call's inputs: the call returns those outputs rather
-    than run it again (a warm run of the model: ResNet-50 at batch 7, ~0.1 s of ~0.9)."""
+    than run it again (a warm run of the program fewer)."""
     model, x = net(), torch.rand(2, 3, 8, 8)
     opt = pyrys.optimize(model, (x,), backend="dnnl", dynamic=True)
     runs = _counting_runs(monkeypatch)

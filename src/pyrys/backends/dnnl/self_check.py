@@ -30,7 +30,7 @@ runs on plain copies restored from the packed ones, freed after.  A new shape's 
 own (a linear's post-op operand broadcast over leading dims was handed to oneDNN unbroadcast at new shapes
 only), and the check costs a run on torch ops (ResNet-50 at batch 7: 0.6 s, 0.2x of the first compile), so a
 shape that only changes sizes within their classes is not checked again.  The call whose new shape was
-checked returns the outputs the check's run gave on its inputs (not run again: ResNet-50 at batch 7, ~0.1 s),
+checked returns the outputs the check's run gave on its inputs (a warm run of the program fewer),
 where they are what it would give: no input written, none viewed by an output.
 """
 from __future__ import annotations
