@@ -91,18 +91,18 @@ def _root(node: fx.Node, as_backends_run: bool) -> object:
     while True:
         if node.op == "get_attr":
             return ("constant", node.target)
-        source = _aliased_input(node, as_backends_run)
+        source = aliased_input(node, as_backends_run)
         if source is None:
             return node
         node = source
 
 
-def _aliased_input(node: fx.Node, as_backends_run: bool) -> fx.Node | None:
+def aliased_input(node: fx.Node, as_backends_run: bool) -> fx.Node | None:
     """The input whose memory ``node``'s result may share, else None (a part of a split: the split's input)."""
     if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
         return None
     if node.target is operator.getitem:
-        return _aliased_input(node.args[0], as_backends_run)
+        return aliased_input(node.args[0], as_backends_run)
     if as_backends_run and node.target in _COPIES_AS_VIEWS:
         return node.args[0]
     if not as_backends_run and getattr(node.target, "overloadpacket", None) in _SOMETIMES_VIEWS:

@@ -19,7 +19,7 @@ import torch.fx as fx
 from pyrys.ir.edit import insert_op, replace_node
 from pyrys.ir.graph import add_constant, constant_value, op_args, tensor_meta
 from pyrys.ir.post_ops import ACTIVATIONS
-from pyrys.ir.vocabulary import PERMUTES, VIEWS
+from pyrys.ir.output_aliases import aliased_input
 from pyrys.passes.rewrite import Match, Miss, Rule
 
 aten = torch.ops.aten
@@ -89,23 +89,14 @@ def _views_as_reshapes(node: fx.Node) -> None:
     work, seen = [node], {node}
     while work:
         for user in list(work.pop().users):
-            if user in seen or not _aliases(user):
+            if user in seen:
                 continue
-            if user.target in _VIEWS:
+            if user.target in _VIEWS:  # (``_unsafe_view``'s schema says no alias: named here)
                 user.target = aten.reshape.default
+            elif aliased_input(user, as_backends_run=True) is None:
+                continue
             seen.add(user)
             work.append(user)
-
-
-def _aliases(node: fx.Node) -> bool:
-    """Whether ``node``'s result may view its input's memory: a view, reshape, transpose or permute, a slice
-    or select (an op whose schema says its result aliases), a part of a split."""
-    if node.op != "call_function":
-        return False
-    if node.target is operator.getitem or node.target in VIEWS or node.target in PERMUTES:
-        return True
-    schema = getattr(node.target, "_schema", None)
-    return schema is not None and any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns)
 
 
 def _position(node: fx.Node) -> int:
