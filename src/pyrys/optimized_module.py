@@ -16,6 +16,7 @@ from pyrys.backends.reference import with_values
 from pyrys.calling_context import (autocast_on, called_plainly, callers_level, refuse_tracers, warn_of_autocast,
                                    without_autocast)
 from pyrys.forwarding import forwarded
+from pyrys.input_structures import binding_error, passed_otherwise
 from pyrys.ir.symbolic import (bind_symbols, describe_dims, differing_fixed_dims, fixed_dims_differ, pinned_dims_differ,
                                 rows_dim)
 from pyrys.numerics.trace import NumericsTrace
@@ -47,6 +48,7 @@ MAX_SHAPE_NOTES = 16  # opt.notes keeps at most this many, however many shapes a
 MAX_OTHER_TEMPLATES = 8
 MAX_REFUSED = 64  # input signatures whose compile the model refused, answered again without a capture
 RETRY_REFUSED = 16  # ... until this many calls, then at each power of two
+MAX_STRUCTURES = 4  # ways of passing other inputs than the example's, each a module of its own (_passed_otherwise)
 NUMBER_VALUES_ADVISED = 4  # a number input at this many values (the example's included) is told to be a tensor
 
 
@@ -63,11 +65,12 @@ class OptimizedModule(torch.nn.Module):
     """
 
     def __init__(self, frontend: Frontend, args: tuple, kwargs: dict, config: OptimizeConfig,
-                 trace: NumericsTrace | None = None):
+                 trace: NumericsTrace | None = None, like: Compiled | None = None):
         super().__init__()
         args, kwargs = tree_map(_capturable, (args, kwargs))  # every capture's inputs are contiguous (_compile)
         with COMPILING:
-            first = compile_signature(frontend, args, kwargs, config, dynamic=config.dynamic is True, trace=trace)
+            first = compile_signature(frontend, args, kwargs, config, dynamic=config.dynamic is True, trace=trace,
+                                      like=like)
         self._hold(frontend, config, [first])
         self._note_dynamic_ignored(first)
         self._find_size_one_gaps(args, kwargs)
@@ -116,6 +119,9 @@ class OptimizedModule(torch.nn.Module):
         self._weight_bytes = _weight_bytes(self._first.program)  # freed with it (a copy shares them: 0)
         bound_torch_fake_cache()  # (an optimize or a load adds ~50 entries)
         self._refused: dict[Signature, list] = {}  # [why, calls since] a signature's capture failed, latest last
+        self._structures: dict[tuple, OptimizedModule] = {}  # inputs passed otherwise (PassedOtherwise.key): theirs
+        self._structure_keys: dict[Any, tuple] = {}  # a call's in_spec -> its key there, once found
+        self._structures_refused: dict[tuple, Exception] = {}  # keys whose capture failed: raised again
 
     @classmethod
     def from_compiled(cls, frontend: Frontend, config: OptimizeConfig, compiled: list[Compiled],
@@ -159,7 +165,12 @@ class OptimizedModule(torch.nn.Module):
         args, kwargs = runnable_inputs(*arranged_like(self._first.signature.in_spec, self._frontend.parameters,
                                                      args, kwargs))
         signature, flat = signature_of(args, kwargs)
-        compiled = self._shapes.get(signature) or self._compile(signature, flat, args, kwargs)
+        compiled = self._shapes.get(signature)
+        if compiled is None:
+            other = self._passed_otherwise(signature, args, kwargs)
+            if other is not None:
+                return other(*args, **kwargs)
+            compiled = self._compile(signature, flat, args, kwargs)
         wanting_grad = [i for i, v in enumerate(flat) if grad and isinstance(v, torch.Tensor) and v.requires_grad]
         if wanting_grad:
             warnings.warn(f"pyrys: input {wanting_grad[0]} requires grad, but pyrys runs inference only: the outputs "
@@ -180,9 +191,61 @@ class OptimizedModule(torch.nn.Module):
         """The compiled signatures held now (at most ``max_shapes``; the first is always held)."""
         return self._shapes.entries
 
+    def _passed_otherwise(self, signature: Signature, args: tuple, kwargs: dict) -> "OptimizedModule | None":
+        """The module for a call that passes other inputs than the example (an optional input left out or added,
+        ``None`` for a value: :func:`passed_otherwise`), captured and optimized for them at their first call (as
+        ``optimize`` would with them as the example; equal weights shared), at most :data:`MAX_STRUCTURES` of
+        them, the oldest let go; None for a call that passes the example's inputs."""
+        key = self._structure_keys.get(signature.in_spec)
+        if key is None:
+            otherwise = passed_otherwise(self._first.signature.in_spec, self._frontend.parameters, args, kwargs)
+            if otherwise is None:
+                return None
+            key = otherwise.key
+        module = self._structures.get(key)
+        if module is not None:
+            return module
+        if key in self._structures_refused:
+            raise _again(self._structures_refused[key])
+        otherwise = passed_otherwise(self._first.signature.in_spec, self._frontend.parameters, args, kwargs)
+        said = f"inputs ({signature.describe()}) pass other inputs than the example's: {otherwise.describe()}"
+        if self._frontend.fixed_shapes:
+            raise InputError(f"pyrys: {said}; the module optimized from this {self._frontend.kind} cannot capture "
+                             f"them. {self._frontend.fixed_shapes}")
+        if self._config.precision == "int8":
+            raise InputError(f"pyrys: {said}; with precision='int8' the program was calibrated on samples passed as "
+                             "the example is: pass the inputs so, or optimize a module for these, with calibration "
+                             "samples passed like them")
+        with COMPILING:
+            module = self._structures.get(key)
+            if module is None:
+                try:
+                    module = OptimizedModule(self._frontend, args, kwargs, self._config, like=self._first)
+                except (CaptureError, InputError) as error:
+                    kept = copy.copy(error).with_traceback(None)
+                    self._structures_refused[key] = kept
+                    raise
+                module.training, module.compiled_training = self.training, self.compiled_training
+                give_back_freed_memory()  # its capture's own copies of the weights, shared away (share_constants)
+                self._structures[key] = module
+                self._note(f"{said}: captured and optimized for them, as optimize would with them as the example "
+                           "inputs (a module of their own within this one, sharing its weights)")
+                while len(self._structures) > MAX_STRUCTURES:
+                    dropped = next(iter(self._structures))
+                    del self._structures[dropped]
+                    self._structure_keys = {k: v for k, v in self._structure_keys.items() if v != dropped}
+            self._structure_keys[signature.in_spec] = key
+        return module
+
     def _compile(self, signature: Signature, flat: list, args: tuple, kwargs: dict) -> Compiled:
         """The program for a new input signature, compiled once however many threads ask at once."""
-        check_compatible(self._first.signature, signature, flat, args)
+        try:
+            check_compatible(self._first.signature, signature, flat, args)
+        except InputError as error:  # a call eager refuses as well: say what forward says
+            refused = binding_error(self._frontend.parameters, args, kwargs)
+            if refused is None:
+                raise
+            raise InputError(f"{error}; forward itself refuses that call: {refused}") from None
         differing = differing_numbers(self._first.signature, signature)
         if differing and not self._numbers_may_differ():
             raise self._frozen_numbers_error(signature, differing)
@@ -583,6 +646,8 @@ class OptimizedModule(torch.nn.Module):
         copied.training, copied.compiled_training = self.training, self.compiled_training
         copied._notes_added = self._notes_added
         copied._weight_bytes = 0  # the original's, shared
+        copied._structures = {key: copy.deepcopy(module, memo) for key, module in self._structures.items()}
+        copied._structure_keys = dict(self._structure_keys)
         return copied
 
     def _apply(self, fn, recurse: bool = True) -> "OptimizedModule":
@@ -714,8 +779,10 @@ class OptimizedModule(torch.nn.Module):
     def memory(self) -> dict[str, int]:
         """Bytes the module holds, over every input signature it keeps (see :mod:`pyrys.backends.program`):
         ``weights`` and ``packed_weights`` once (every shape's program shares the first's), ``activations``
-        the largest call's arena, ``frames`` what every shape's idle frames hold."""
-        held = [compiled.program.memory() for compiled in list(self._programs.values())]
+        the largest call's arena, ``frames`` what every shape's idle frames hold (those of inputs passed otherwise
+        than the example's too: ``_passed_otherwise``)."""
+        held = [compiled.program.memory() for module in [self, *list(self._structures.values())]
+                for compiled in list(module._programs.values())]
         first = self._first.program.memory()
         return {"weights": first["weights"], "packed_weights": first["packed_weights"],
                 "activations": max(m["activations"] for m in held), "frames": sum(m["frames"] for m in held)}

@@ -83,6 +83,10 @@ def save(opt: OptimizedModule, path: str | os.PathLike) -> Path:
         if left_out is not None:  # the loaded module's notes say so (those of its captures say otherwise)
             signatures[first]["notes"].append(f"saved without the graph for every shape ({left_out}): this module "
                                               "runs the shapes compiled before saving only")
+        if opt._structures:
+            signatures[first]["notes"].append(
+                f"saved without the programs for inputs passed otherwise than the example's ({len(opt._structures)}: "
+                "an optional input left out or added): the loaded module takes inputs passed as the example's")
         written = set().union(*(written_tensors(gm) for gm in _graphs(compiled, opt)))
     tensors, aliases = _without_repeats(tensors, written)
     program = {"frontend": opt._frontend.kind.removeprefix("saved "), "threads": opt._config.threads, "layout": opt._config.layout,
