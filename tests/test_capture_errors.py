@@ -7,6 +7,7 @@ example inputs off the CPU (``pyrys.InputError``), a model ``copy.deepcopy`` can
 from __future__ import annotations
 
 import dataclasses
+import sys
 import threading
 
 import pytest
@@ -63,6 +64,34 @@ def test_branch_on_tensor_data_names_the_line_and_torch_compile():
     assert "if y.sum() > 0:" in message and "test_capture_errors.py" in message
     assert 'torch.compile(model, backend="pyrys")' in message
     assert raised.value.__cause__ is not None  # torch's own error, chained
+
+
+class CountOfSelected(nn.Module):
+    """A branch on how many values a mask selects (torchvision's detection models: ``if boxes.numel() == 0``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+
+    def forward(self, x):
+        y = self.conv(x).flatten()
+        y = y[y > 0]
+        if y.numel() == 0:
+            return x.sum()
+        return y.sum()
+
+
+@pytest.mark.parametrize("model", [BranchOnData, CountOfSelected])
+def test_torch_s_partial_graph_is_not_printed_before_the_error(model, capfd):
+    """torch.export printed the graph it had traced to stderr (1,700 lines for a detection model: a helper's
+    find) before pyrys's error; it is kept on torch's error, the ``__cause__``."""
+    with pytest.raises(pyrys.CaptureError, match="branches on tensor data") as raised:
+        pyrys.optimize(model().eval(), (image(),), backend="reference")
+    printed = capfd.readouterr().err
+    assert "def forward(" not in printed, printed[:400]
+    print("stderr still writes", file=sys.stderr)
+    assert capfd.readouterr().err == "stderr still writes\n"
+    assert raised.value.__cause__ is not None
 
 
 def test_loop_count_from_tensor_data():

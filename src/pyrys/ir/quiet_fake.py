@@ -5,12 +5,14 @@ pyrys tries something that may fail and records why (a TorchScript branch not ta
 symbolic graph rebuilt to see whether load can), that log is quiet on the trying thread meanwhile.  So is
 torch.export's "Failed to reduce inequalities" (sympy could not simplify the ranges it suggests for a
 ``Dim``, a warning with a traceback for symbolic image sizes: SqueezeNet, MobileViT) while pyrys exports:
-the export goes on, and pyrys reads no suggestion.
+the export goes on, and pyrys reads no suggestion; and the partial graph torch.export prints to stderr before
+an error on tensor data, which pyrys raises again naming the line.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import threading
 
 
@@ -56,6 +58,56 @@ def fake_tensor_errors_unlogged():
     return _quiet_here(_UNLOGGED)
 
 
+@contextlib.contextmanager
 def export_diagnostics_unlogged():
-    """torch.export's :data:`UNREDUCED` warning is quiet on this thread meanwhile."""
-    return _quiet_here(_UNREDUCED)
+    """torch.export's :data:`UNREDUCED` warning is quiet on this thread meanwhile, and so is the partial graph
+    it prints to stderr when tracing meets tensor data (``partial_fx_graph``: 1,700 lines for a detection
+    model, before the error pyrys raises for it, which names the line; the graph stays on torch's error, the
+    ``__cause__`` of pyrys's)."""
+    with _quiet_here(_UNREDUCED), _partial_graphs_unprinted():
+        yield
+
+
+_UNPRINTED = threading.local()
+
+
+class _WithoutPartialGraphs:
+    """A stream passing every write to ``stream`` but a partial graph's (:func:`_is_partial_graph`) and the
+    newline ``print`` writes after it, on the threads inside :func:`_partial_graphs_unprinted`."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        if getattr(_UNPRINTED, "depth", 0):
+            if _is_partial_graph(text):
+                _UNPRINTED.newline = True
+                return len(text)
+            if _UNPRINTED.__dict__.pop("newline", False) and text == "\n":
+                return len(text)
+        return self.stream.write(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+def _is_partial_graph(text) -> bool:
+    """An FX graph's code as torch.export prints it (``graph.python_code(...).src``)."""
+    return isinstance(text, str) and text.lstrip().startswith("def forward(") and "torch.ops." in text
+
+
+@contextlib.contextmanager
+def _partial_graphs_unprinted():
+    """``sys.stderr`` drops the partial graph torch.export prints on this thread meanwhile (another thread's
+    writes pass, and whatever stream is ``sys.stderr`` at the end stays, unless it is the one set here)."""
+    _UNPRINTED.depth = getattr(_UNPRINTED, "depth", 0) + 1
+    own = None
+    if not isinstance(sys.stderr, _WithoutPartialGraphs):
+        own = sys.stderr = _WithoutPartialGraphs(sys.stderr)
+    try:
+        yield
+    finally:
+        _UNPRINTED.depth -= 1
+        _UNPRINTED.__dict__.pop("newline", None)
+        if own is not None and sys.stderr is own:
+            sys.stderr = own.stream
