@@ -98,6 +98,30 @@ def test_train_mode_warns_and_explains():
     assert "BatchNorm is in training mode" in opt.report()
 
 
+class _AroundModulesInEvalMode(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = conv_bn_relu().eval()
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("model, said", [
+    (lambda: torch.nn.ReLU(), None),  # every fresh module is in training mode: nothing computes otherwise
+    (lambda: _AroundModulesInEvalMode(), None),  # a wrapper left in training mode (a helper's find: warned)
+    (lambda: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.5)), "dropout stays random"),
+    (lambda: conv_bn_relu().train(), "BatchNorm uses its batch's statistics and is not folded"),
+])
+def test_training_mode_is_warned_of_where_it_computes_otherwise(model, said):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pyrys.optimize(model(), (image(batch=2),), backend="reference")
+    training = [str(w.message) for w in caught if "training mode" in str(w.message)]
+    assert training == ([f"pyrys.optimize: the model is in training mode; {said}. Call model.eval() first for "
+                         "inference."] if said else []), training
+
+
 @pytest.mark.parametrize("how", [{}, {"backend": "reference"}, {"freeze_flags": ()}, {"disable": ["simplify"]},
                                  {"script": True}])
 def test_training_norms_never_move_their_weights(how, tmp_path):
@@ -459,6 +483,13 @@ def test_a_number_that_keeps_changing_is_told_to_be_a_tensor(backend):
     said = [str(w.message) for w in caught if "pass it as a tensor" in str(w.message)]
     assert len(said) == 1 and "input 2 (an int) came at 4 values" in said[0], [str(w.message) for w in caught]
     assert caught[0].filename == __file__
+    opt = pyrys.optimize(model, (x, 0.5, 2, True), backend=backend)
+    with warnings.catch_warnings(record=True) as caught:  # the fourth value a bool: the input is named as an int
+        warnings.simplefilter("always")
+        for step in (3, 4, True):
+            assert pyrys.relative_error(opt(x, 0.5, step, True), model(x, 0.5, step, True)) <= TOLERANCE
+    said = [str(w.message) for w in caught if "pass it as a tensor" in str(w.message)]
+    assert len(said) == 1 and "input 2 (an int) came at 4 values" in said[0], said
 
 
 class CountsItsCalls(torch.nn.Module):

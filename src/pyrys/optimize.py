@@ -15,6 +15,8 @@ from pyrys.capture.model_copy import SCRIPT_ADVICE, WriteCheck, private_copy, st
 from pyrys.capture.exported_program import exported_example_inputs, exported_inputs
 from pyrys.capture.script_module import is_torchscript, script_class_name, script_tensors
 from pyrys.errors import DeviceError
+from pyrys.ir.vocabulary import draws_random_numbers
+from pyrys.ir.written import RUNNING_STATS, argument
 from pyrys.machine import collect_freed_modules
 from pyrys.numerics import TOLERANCES
 from pyrys.numerics.budget import AUTO
@@ -149,7 +151,6 @@ def optimize(
     args, kwargs = _example_inputs(example_inputs, example_kwargs)
     config = with_calibration(config, calibration, accuracy_budget, args, kwargs)
     _check_on_cpu(type(model).__name__, state_of(model))
-    _warn_if_training(model)
     caller_keeps_writes = getattr(model, "caller_keeps_writes", False)
     frozen = () if "freeze_params" in config.disable else config.freeze_params
     model, writes = private_copy(model, frozen)
@@ -157,6 +158,7 @@ def optimize(
     optimized = OptimizedModule(module_frontend(model, writes), args, kwargs, config, trace)
     optimized.training = optimized.compiled_training = bool(model.training)
     writes.wait()
+    _warn_if_training(optimized)
     _warn_of_input_writes(optimized, caller_keeps_writes, model=model)
     return optimized
 
@@ -209,8 +211,6 @@ def optimize_torchscript(script: Any, example_inputs: Any, example_kwargs: dict 
     config = with_calibration(config, calibration, accuracy_budget, args, kwargs)
     _check_on_cpu(script_class_name(script), state_of(script))
     training = bool((flag_values or {}).get("training", getattr(script, "training", False)))
-    if training:
-        _warn_if_training(script, stacklevel=4)
     trace = _trace(config, script, args, kwargs)
     writes = WriteCheck(script_class_name(script),
                         {name: t for name, t in script_tensors(script).items() if not t.is_inference()},
@@ -218,6 +218,7 @@ def optimize_torchscript(script: Any, example_inputs: Any, example_kwargs: dict 
     optimized = OptimizedModule(torchscript_frontend(script, flag_values, writes), args, kwargs, config, trace)
     optimized.training = optimized.compiled_training = training
     writes.wait()
+    _warn_if_training(optimized, stacklevel=4)
     _warn_of_input_writes(optimized, caller_keeps_writes=False, stacklevel=4)
     return optimized
 
@@ -254,7 +255,24 @@ def _warn_of_input_writes(optimized: OptimizedModule, caller_keeps_writes: bool,
                       "torch", stacklevel=stacklevel)
 
 
-def _warn_if_training(model: Any, stacklevel: int = 3) -> None:
-    if getattr(model, "training", False):
-        warnings.warn("pyrys.optimize: the model is in training mode; BatchNorm will not be folded and "
-                      "dropout stays random. Call model.eval() first for inference.", stacklevel=stacklevel)
+def _warn_if_training(optimized: OptimizedModule, stacklevel: int = 3) -> None:
+    """Where a model captured in training mode computes otherwise than in eval mode (:func:`training_effects`
+    of its graph), say so: a model without BatchNorm or dropout (a fresh ``nn.ReLU()``, a wrapper left in
+    training mode around submodules in eval mode) computes alike in both, and is not warned of."""
+    effects = training_effects(optimized._first.captured.gm) if optimized.compiled_training else []
+    if effects:
+        warnings.warn(f"pyrys.optimize: the model is in training mode; {' and '.join(effects)}. Call model.eval() "
+                      "first for inference.", stacklevel=stacklevel)
+
+
+def training_effects(gm: torch.fx.GraphModule) -> list[str]:
+    """What a graph captured in training mode computes otherwise than eval mode would, by its ops: a
+    batch norm whose training flag is not False, an op drawing random numbers (dropout, drop path)."""
+    nodes = [node for node in gm.graph.nodes if node.op == "call_function"]
+    effects = []
+    if any(node.target is torch.ops.aten.batch_norm.default and argument(node, *RUNNING_STATS[node.target][2])
+           is not False for node in nodes):
+        effects.append("BatchNorm uses its batch's statistics and is not folded")
+    if any(draws_random_numbers(node) for node in nodes):
+        effects.append("dropout stays random")
+    return effects

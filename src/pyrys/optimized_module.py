@@ -332,7 +332,8 @@ class OptimizedModule(torch.nn.Module):
             values.add(signature.leaves[i])
             if len(values) == NUMBER_VALUES_ADVISED and not self._numbers_advised:
                 self._numbers_advised = True
-                advice = (f"{names[i]} ({with_article(type(leaf_value(signature.leaves[i])).__name__)}) came at "
+                kind = type(leaf_value(self._first.signature.leaves[i])).__name__  # the example's (a bool came last)
+                advice = (f"{names[i]} ({with_article(kind)}) came at "
                           f"{NUMBER_VALUES_ADVISED} values, each captured and optimized on its own (a number input is "
                           "frozen into the graph captured); if it changes from call to call (a step or a timestep), "
                           "pass it as a tensor (torch.tensor(value)): a tensor input is captured once for all its values")
