@@ -1,7 +1,8 @@
 """A call that passes other inputs than the example (an optional input left out or added, ``None`` for a
-value) runs as eager does: a capture of its own, once per way, its weights shared; where none can be made
-(int8, a loaded module) the error names the input."""
+value, ids as int32) runs as eager does: a capture of its own, once per way, its weights shared; where none
+can be made (int8, a loaded module) the error names the input."""
 import copy
+import importlib
 
 import pytest
 import torch
@@ -56,7 +57,7 @@ def test_optional_inputs_left_out_or_added_run_as_eager(backend):
         for name, call in CALLS.items():
             args, kwargs = call(*inputs(batch))
             assert pyrys.relative_error(opt(*args, **kwargs), model(*args, **kwargs)) <= TOLERANCE, name
-    said = [note for note in opt.notes if "pass other inputs than the example's" in note]
+    said = [note for note in opt.notes if "differ from the example's in what they pass" in note]
     assert any("mask left out, the example passed it" in note for note in said), opt.notes
     assert any("bias passed, the example left it out" in note for note in said), opt.notes
     assert any("mask is None, the example's is not" in note for note in said), opt.notes
@@ -77,7 +78,7 @@ def test_a_value_at_its_default_the_example_left_out_is_the_example_s_call():
 def test_the_key_says_what_forward_is_given():
     model = OptionalInputs()
     x, m, b = inputs()
-    first = signature_of((x,), {"mask": m})[0].in_spec
+    first = signature_of((x,), {"mask": m})[0]
     parameters = pyrys.optimize(model.eval(), (x,), {"mask": m}, backend="reference")._frontend.parameters
     left_out = passed_otherwise(first, parameters, (x,), {})
     assert left_out.key == (("x", False),) and left_out.differences == ("mask left out, the example passed it",)
@@ -158,3 +159,87 @@ def test_a_huggingface_model_called_without_the_mask_it_was_optimized_with():
     for call in ({"input_ids": ids}, {"input_ids": ids[:1, :7]}, {"input_ids": ids, "token_type_ids": ids % 2}):
         want = model(**call).last_hidden_state
         assert pyrys.relative_error(opt(**call).last_hidden_state, want) <= TOLERANCE, list(call)
+
+
+class Embedded(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embedding = torch.nn.Embedding(50, 16)
+        self.linear = torch.nn.Linear(16, 16)
+
+    def forward(self, ids, mask):
+        return self.linear(self.embedding(ids)) * mask.unsqueeze(-1)
+
+
+def test_ids_and_masks_of_another_integer_dtype_run_as_eager_and_floats_stay_refused():
+    """Token ids as int32 (eager's embedding takes them as int64) and a mask as bool: a capture of their own
+    (a helper's find: an InputError); a float64 image into a float32 model stays the dtype error eager gives."""
+    model = Embedded().eval()
+    ids, mask = torch.randint(0, 50, (2, 7)), torch.randint(0, 2, (2, 7))
+    opt = pyrys.optimize(model, (ids, mask))
+    for call in [(ids.int(), mask), (ids, mask.bool()), (ids.int(), mask.bool()), (ids[:1, :5].int(), mask[:1, :5])]:
+        assert pyrys.relative_error(opt(*call), model(*call)) <= TOLERANCE, [t.dtype for t in call]
+    assert len(opt._structures) == 3
+    assert any("input 0 is int32, the example's int64" in note for note in opt.notes), opt.notes
+    with pytest.raises(pyrys.InputError, match="must have dtype torch.float32"):
+        pyrys.optimize(OptionalInputs().eval(), (inputs()[0],))(inputs()[0].double())
+
+
+def test_none_and_a_tensor_for_one_input_are_told_apart_at_every_shape():
+    """``opt(x, mask=None)`` and ``opt(x, mask=m)`` hold their inputs alike to torch's pytree (None is a leaf):
+    the second at a new shape went to the first's module, which ignores the mask."""
+    model = OptionalInputs().eval()
+    x, m, _ = inputs()
+    opt = pyrys.optimize(model, (x,), {"mask": m})
+    assert pyrys.relative_error(opt(x, mask=None), model(x)) <= TOLERANCE
+    x, m, _ = inputs(3)
+    assert pyrys.relative_error(opt(x, mask=m), model(x, mask=m)) <= TOLERANCE
+    assert pyrys.relative_error(opt(x, mask=None), model(x)) <= TOLERANCE
+    (passed_none,) = opt._structures.values()
+    assert not passed_none._structures  # (the mask's call came to it, which captured it once more)
+    left_out = pyrys.optimize(model, (x,), {"mask": None})  # the example passed None: leaving it out is its call
+    assert pyrys.relative_error(left_out(x), model(x)) <= TOLERANCE and not left_out._structures
+
+
+def test_a_refused_way_is_refused_for_those_inputs_alone():
+    """A call eager refuses too (a mask of 3 rows for 2) made every later call of that way raise its error."""
+    model = OptionalInputs().eval()
+    x, m, b = inputs()
+    opt = pyrys.optimize(model, (x,))
+    with pytest.raises(pyrys.CaptureError):
+        opt(x, m[:1].expand(3, -1, -1, -1).contiguous())
+    assert pyrys.relative_error(opt(x, m), model(x, m)) <= TOLERANCE
+
+
+def test_a_number_equal_to_its_default_is_the_example_s_call():
+    model = OptionalInputs().eval()
+    x, m, _ = inputs()
+    opt = pyrys.optimize(model, (x,), {"mask": m})
+    assert pyrys.relative_error(opt(x, m, scale=float("1.0")), model(x, m)) <= TOLERANCE
+    assert not opt._structures, opt.notes
+    assert pyrys.relative_error(opt(x, m, scale=-0.0), model(x, m, scale=-0.0)) <= TOLERANCE  # not 1.0: a way
+
+
+def test_the_least_recently_called_way_is_let_go(monkeypatch):
+    monkeypatch.setattr(importlib.import_module("pyrys.optimized_module"), "MAX_STRUCTURES", 2)
+    model = OptionalInputs().eval()
+    x, m, b = inputs()
+    opt = pyrys.optimize(model, (x,), {"mask": m})
+    for call in [((x,), {}), ((x,), {"bias": b}), ((x,), {}), ((x, m), {"bias": b}), ((x,), {})]:
+        assert pyrys.relative_error(opt(*call[0], **call[1]), model(*call[0], **call[1])) <= TOLERANCE
+    assert list(opt._structures) == [(("x", False), ("mask", False), ("bias", False)), (("x", False),)]
+    opt(x, bias=b)
+    assert "built again after more ways than 2 took turns" in opt.notes[-1], opt.notes
+
+
+def test_a_bf16_way_measures_its_accuracy_on_its_own_inputs():
+    """The calibration samples are the example's way: a way adding an input measured nothing ("could not
+    measure"), or the mask samples as the bias."""
+    model = OptionalInputs().eval()
+    x, m, b = inputs()
+    samples = [inputs(2)[:2] for _ in range(2)]
+    opt = pyrys.optimize(model, (x, m), precision="bf16", calibration=samples)
+    assert pyrys.relative_error(opt(x, m, b), model(x, m, b)) <= 3e-2
+    said = [note for note in opt.notes if note.startswith("inputs (") and "bf16" in note]
+    assert said and not any("could not measure" in note for note in opt.notes), opt.notes

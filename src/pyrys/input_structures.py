@@ -1,5 +1,6 @@
 """Which of ``forward``'s inputs a call passes, against the example's: an optional input left out, added, or
-``None`` where the example passed a value (HuggingFace's ``attention_mask``, ``token_type_ids``, ``return_dict``).
+``None`` where the example passed a value (HuggingFace's ``attention_mask``, ``token_type_ids``, ``return_dict``),
+or an index tensor in another integer dtype (ids as int32, a mask as bool: :func:`other_index_dtypes`).
 
 Eager runs each such call; torch.export captures the inputs it is given, so a call that passes another set
 of inputs (:func:`passed_otherwise`) gets a capture and a program of its own (``OptimizedModule``), while a
@@ -12,14 +13,15 @@ import inspect
 from dataclasses import dataclass
 from typing import Any
 
-from torch.utils._pytree import TreeSpec
+import torch
 
 
 @dataclass(frozen=True)
 class PassedOtherwise:
     """A call's top-level inputs where they differ from the example's: ``key`` names the inputs it passes
-    other than at their defaults (each with whether it is ``None``), in ``forward``'s order: calls of one key
-    give ``forward`` alike; ``differences`` says what differs from the example, in words."""
+    other than at their defaults (each with whether it is ``None``), in ``forward``'s order (or every tensor's
+    dtype: :func:`other_index_dtypes`), which calls of one module share (what else differs among them, a shape,
+    a number, that module tells apart as any does); ``differences`` says what differs, in words."""
 
     key: tuple[tuple[str, bool], ...]
     differences: tuple[str, ...]
@@ -53,29 +55,29 @@ def binding_error(parameters: inspect.Signature | None, args: tuple, kwargs: dic
     return None
 
 
-def example_inputs_by_name(spec: TreeSpec, parameters: inspect.Signature) -> dict[str, bool]:
-    """The inputs the example passed (``spec``: its signature's), by name, each with whether it was ``None``
-    (its first ones by position are ``forward``'s first parameters)."""
+def example_inputs_by_name(example, parameters: inspect.Signature) -> dict[str, bool]:
+    """The inputs the example passed (``example``: its signature, with ``in_spec`` and ``leaves``), by name,
+    each with whether it was ``None`` (its first ones by position are ``forward``'s first parameters)."""
     order = [p.name for p in parameters.parameters.values() if p.kind is not p.VAR_KEYWORD]
-    positional, keywords = spec.child(0), spec.child(1)
-    passed = {order[i]: _is_none(positional.child(i)) for i in range(min(positional.num_children, len(order)))}
-    passed.update({name: _is_none(keywords.child(i)) for i, name in enumerate(keywords.context)})
-    return passed
-
-
-def _is_none(spec: TreeSpec) -> bool:
-    return spec.type is type(None)
+    positional, keywords = example.in_spec.child(0), example.in_spec.child(1)
+    nones, start = [], 0
+    for group in (positional, keywords):
+        for i in range(group.num_children):
+            child = group.child(i)
+            nones.append(child.is_leaf() and example.leaves[start] is None)  # (None is a leaf to torch's pytree)
+            start += child.num_leaves
+    names = [order[i] if i < len(order) else None for i in range(positional.num_children)] + list(keywords.context)
+    return {name: none for name, none in zip(names, nones) if name is not None}
 
 
 def with_defaults_as_example(given: dict[str, Any], example: dict[str, bool],
                              parameters: inspect.Signature) -> dict[str, Any]:
     """``given`` with the inputs that give ``forward`` what the example gave it passed as the example passed
-    them: one the example left out, passed at its default (``is`` it: ``None``, ``True``, ``False``), left
-    out; one the example passed as ``None``, left out where ``None`` is its default, passed as ``None``."""
+    them: one the example left out, passed at its default (:func:`at_default`), left out; one the example
+    passed as ``None``, left out where ``None`` is its default, passed as ``None``."""
     given = dict(given)
     for name in [name for name in given if name not in example]:
-        default = _default(parameters, name)
-        if default is not inspect.Parameter.empty and given[name] is default:
+        if at_default(parameters, name, given[name]):
             del given[name]
     for name, was_none in example.items():
         if name not in given and was_none and _default(parameters, name) is None:
@@ -88,15 +90,26 @@ def _default(parameters: inspect.Signature, name: str) -> Any:
     return inspect.Parameter.empty if parameter is None else parameter.default
 
 
-def passed_otherwise(spec: TreeSpec, parameters: inspect.Signature | None, args: tuple,
+def at_default(parameters: inspect.Signature, name: str, value: Any) -> bool:
+    """Whether ``value`` is parameter ``name``'s default: that object, or a number or string of its type and
+    value (``float("1.0")`` for ``1.0``; not ``-0.0`` for ``0.0``, nor ``1`` for ``True``)."""
+    default = _default(parameters, name)
+    if value is default:
+        return True
+    if type(value) is not type(default) or type(value) not in (int, float, complex, str, bytes):
+        return False
+    return value == default and repr(value) == repr(default)
+
+
+def passed_otherwise(example_signature, parameters: inspect.Signature | None, args: tuple,
                      kwargs: dict) -> PassedOtherwise | None:
-    """How a call that ``forward`` takes passes other inputs than the example (``spec``: its signature's): an
-    input it leaves out or adds, or ``None`` on one side only; None where it passes the same ones (or
-    ``forward`` refuses it, or its parameters are unknown: the signature check says what differs)."""
+    """How a call that ``forward`` takes passes other inputs than the example (``example_signature``: its
+    signature): an input it leaves out or adds, or ``None`` on one side only; None where it passes the same
+    ones (or ``forward`` refuses it, or its parameters are unknown: the signature check says what differs)."""
     given = bound_inputs(parameters, args, kwargs)
     if given is None:
         return None
-    example = example_inputs_by_name(spec, parameters)
+    example = example_inputs_by_name(example_signature, parameters)
     given = with_defaults_as_example(given, example, parameters)
     differences = []
     for name in _in_forward_order(parameters, [*example, *given]):
@@ -109,8 +122,8 @@ def passed_otherwise(spec: TreeSpec, parameters: inspect.Signature | None, args:
                                else f"{name} is not None, the example's is")
     if not differences:
         return None
-    at_default = [name for name in given if given[name] is _default(parameters, name)]  # (x, None) is (x,)
-    key = tuple((name, given[name] is None) for name in _in_forward_order(parameters, given) if name not in at_default)
+    defaults = [name for name in given if at_default(parameters, name, given[name])]  # (x, None) is (x,)
+    key = tuple((name, given[name] is None) for name in _in_forward_order(parameters, given) if name not in defaults)
     return PassedOtherwise(key, tuple(differences))
 
 
@@ -119,3 +132,34 @@ def _in_forward_order(parameters: inspect.Signature, names: list[str]) -> list[s
     unique = list(dict.fromkeys(names))
     order = [name for name in parameters.parameters if name in unique]
     return order + [name for name in unique if name not in order]
+
+
+def leaf_kinds(leaves: tuple) -> tuple:
+    """What each of a signature's ``leaves`` is, its shape and value aside: a tensor's dtype, None, or the type
+    of a value. With the ``in_spec``, what tells apart the calls :class:`PassedOtherwise` tells apart."""
+    return tuple(leaf[1] if is_tensor_leaf(leaf) else None if leaf is None else type(leaf) for leaf in leaves)
+
+
+def other_index_dtypes(expected: tuple, got: tuple, names: list[str]) -> PassedOtherwise | None:
+    """Where tensors of a call (its signature's leaves ``got``, of the example's structure) come in another
+    integer dtype or as bool where the example's were integer or bool (token ids as int32, which eager's
+    embedding takes as it takes int64; a mask as bool): a capture of their own, keyed by every tensor's dtype.
+    None where no such tensor differs (a floating-point one in another dtype is the signature check's error:
+    eager's ops refuse float64 into float32 weights)."""
+    differing = [i for i, (want, have) in enumerate(zip(expected, got))
+                 if is_tensor_leaf(want) and is_tensor_leaf(have) and want[1] != have[1]
+                 and _is_index_dtype(want[1]) and _is_index_dtype(have[1])]
+    if not differing:
+        return None
+    key = (("dtypes", tuple(str(leaf[1]) for leaf in got if is_tensor_leaf(leaf))),)
+    return PassedOtherwise(key, tuple(f"{names[i]} is {str(got[i][1]).removeprefix('torch.')}, the example's "
+                                      f"{str(expected[i][1]).removeprefix('torch.')}" for i in differing))
+
+
+def _is_index_dtype(dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex)
+
+
+def is_tensor_leaf(leaf) -> bool:
+    """Whether a signature's leaf stands for a tensor: its ``(shape, dtype)``."""
+    return isinstance(leaf, tuple) and len(leaf) == 2 and isinstance(leaf[1], torch.dtype)

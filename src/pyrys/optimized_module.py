@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 
+import contextlib
 import copy
 import dataclasses
 import warnings
 import weakref
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -16,7 +18,7 @@ from pyrys.backends.reference import with_values
 from pyrys.calling_context import (autocast_on, called_plainly, callers_level, refuse_tracers, warn_of_autocast,
                                    without_autocast)
 from pyrys.forwarding import forwarded
-from pyrys.input_structures import binding_error, passed_otherwise
+from pyrys.input_structures import PassedOtherwise, binding_error, leaf_kinds, other_index_dtypes, passed_otherwise
 from pyrys.ir.symbolic import (bind_symbols, describe_dims, differing_fixed_dims, fixed_dims_differ, pinned_dims_differ,
                                 rows_dim)
 from pyrys.numerics.trace import NumericsTrace
@@ -38,7 +40,7 @@ from pyrys.ir.quiet_fake import fake_tensor_errors_unlogged
 from pyrys.compiled import COMPILING, Compiled, build_for_shape, compile_signature, static_reason
 from pyrys.numerics.budget import ACCURACY_NOTE, KEPT_BY_GUARD
 from pyrys.passes.quantize import CALIBRATED_ON_ITS_OWN, OWN_NOTES
-from pyrys.quantization.calibration import CALIBRATED_SIZES_KEY
+from pyrys.quantization.calibration import CALIBRATED_SIZES_KEY, Calibration
 from pyrys.precision_notes import int8_layers
 
 
@@ -48,7 +50,7 @@ MAX_SHAPE_NOTES = 16  # opt.notes keeps at most this many, however many shapes a
 MAX_OTHER_TEMPLATES = 8
 MAX_REFUSED = 64  # input signatures whose compile the model refused, answered again without a capture
 RETRY_REFUSED = 16  # ... until this many calls, then at each power of two
-MAX_STRUCTURES = 4  # ways of passing other inputs than the example's, each a module of its own (_passed_otherwise)
+MAX_STRUCTURES = 8  # ways of passing other inputs than the example's, each a module of its own (_passed_otherwise)
 NUMBER_VALUES_ADVISED = 4  # a number input at this many values (the example's included) is told to be a tensor
 
 
@@ -119,9 +121,10 @@ class OptimizedModule(torch.nn.Module):
         self._weight_bytes = _weight_bytes(self._first.program)  # freed with it (a copy shares them: 0)
         bound_torch_fake_cache()  # (an optimize or a load adds ~50 entries)
         self._refused: dict[Signature, list] = {}  # [why, calls since] a signature's capture failed, latest last
-        self._structures: dict[tuple, OptimizedModule] = {}  # inputs passed otherwise (PassedOtherwise.key): theirs
-        self._structure_keys: dict[Any, tuple] = {}  # a call's in_spec -> its key there, once found
-        self._structures_refused: dict[tuple, Exception] = {}  # keys whose capture failed: raised again
+        self._structures: OrderedDict[tuple, OptimizedModule] = OrderedDict()  # inputs passed otherwise, by
+        # PassedOtherwise.key: their modules, the least recently called first
+        self._structure_keys: dict[Any, tuple] = {}  # a call's (in_spec, leaf kinds) -> its key there, once found
+        self._structures_dropped: set[tuple] = set()  # keys let go (a way built again is noted)
 
     @classmethod
     def from_compiled(cls, frontend: Frontend, config: OptimizeConfig, compiled: list[Compiled],
@@ -162,7 +165,7 @@ class OptimizedModule(torch.nn.Module):
         if fast is not None:
             self._shapes.touch(fast[0])
             return fast[1](list(args))
-        args, kwargs = runnable_inputs(*arranged_like(self._first.signature.in_spec, self._frontend.parameters,
+        args, kwargs = runnable_inputs(*arranged_like(self._first.signature, self._frontend.parameters,
                                                      args, kwargs))
         signature, flat = signature_of(args, kwargs)
         compiled = self._shapes.get(signature)
@@ -193,49 +196,89 @@ class OptimizedModule(torch.nn.Module):
 
     def _passed_otherwise(self, signature: Signature, args: tuple, kwargs: dict) -> "OptimizedModule | None":
         """The module for a call that passes other inputs than the example (an optional input left out or added,
-        ``None`` for a value: :func:`passed_otherwise`), captured and optimized for them at their first call (as
-        ``optimize`` would with them as the example; equal weights shared), at most :data:`MAX_STRUCTURES` of
-        them, the oldest let go; None for a call that passes the example's inputs."""
-        key = self._structure_keys.get(signature.in_spec)
+        ``None`` for a value, ids of another integer dtype: :meth:`_otherwise`), captured and optimized for them
+        at their first call (as ``optimize`` would with them as the example; equal weights shared), at most
+        :data:`MAX_STRUCTURES` of them, the least recently called let go; None for the example's way."""
+        memo = (signature.in_spec, leaf_kinds(signature.leaves))
+        key = self._structure_keys.get(memo)
+        otherwise = None
         if key is None:
-            otherwise = passed_otherwise(self._first.signature.in_spec, self._frontend.parameters, args, kwargs)
+            otherwise = self._otherwise(signature, args, kwargs)
             if otherwise is None:
                 return None
-            key = otherwise.key
+            key = self._structure_keys[memo] = otherwise.key  # (a dict's item set: atomic)
         module = self._structures.get(key)
         if module is not None:
+            with contextlib.suppress(KeyError):  # (let go by another thread meanwhile: still this call's)
+                self._structures.move_to_end(key)
             return module
-        if key in self._structures_refused:
-            raise _again(self._structures_refused[key])
-        otherwise = passed_otherwise(self._first.signature.in_spec, self._frontend.parameters, args, kwargs)
-        said = f"inputs ({signature.describe()}) pass other inputs than the example's: {otherwise.describe()}"
+        otherwise = otherwise or self._otherwise(signature, args, kwargs)
+        said = f"inputs ({signature.describe()}) differ from the example's in what they pass: {otherwise.describe()}"
         if self._frontend.fixed_shapes:
-            raise InputError(f"pyrys: {said}; the module optimized from this {self._frontend.kind} cannot capture "
-                             f"them. {self._frontend.fixed_shapes}")
+            raise InputError(f"pyrys: {said}; the module optimized from this {self._frontend.kind} takes inputs passed "
+                             "as its example's alone (pyrys.save keeps no other way's programs): pass them so, or "
+                             "optimize the model itself for these")
         if self._config.precision == "int8":
             raise InputError(f"pyrys: {said}; with precision='int8' the program was calibrated on samples passed as "
                              "the example is: pass the inputs so, or optimize a module for these, with calibration "
                              "samples passed like them")
+        seen = self._refused_before(signature)
         with COMPILING:
+            now = self._refused.get(signature)
+            if now is not None and now is not seen:  # another caller was refused meanwhile
+                raise _again(now[0])
             module = self._structures.get(key)
             if module is None:
-                try:
-                    module = OptimizedModule(self._frontend, args, kwargs, self._config, like=self._first)
-                except (CaptureError, InputError) as error:
-                    kept = copy.copy(error).with_traceback(None)
-                    self._structures_refused[key] = kept
-                    raise
-                module.training, module.compiled_training = self.training, self.compiled_training
-                give_back_freed_memory()  # its capture's own copies of the weights, shared away (share_constants)
-                self._structures[key] = module
-                self._note(f"{said}: captured and optimized for them, as optimize would with them as the example "
-                           "inputs (a module of their own within this one, sharing its weights)")
-                while len(self._structures) > MAX_STRUCTURES:
-                    dropped = next(iter(self._structures))
-                    del self._structures[dropped]
-                    self._structure_keys = {k: v for k, v in self._structure_keys.items() if v != dropped}
-            self._structure_keys[signature.in_spec] = key
+                module = self._capture_otherwise(signature, key, said, args, kwargs, seen)
         return module
+
+    def _capture_otherwise(self, signature: Signature, key: tuple, said: str, args: tuple, kwargs: dict,
+                           seen: list | None) -> "OptimizedModule":
+        """:meth:`_passed_otherwise`'s module, made (the caller holds ``COMPILING``): the bf16 guard measures on
+        these inputs (the calibration samples are the example's way), its notes join ``opt.notes``."""
+        calibration = self._config.calibration  # (bf16's: its budget, measured on these inputs)
+        config = dataclasses.replace(self._config, calibration=calibration and Calibration(None, calibration.accuracy_budget))
+        try:
+            module = OptimizedModule(self._frontend, args, kwargs, config, like=self._first)
+        except (CaptureError, InputError) as error:
+            self._refuse(signature, error, seen[1] if seen is not None else 1)
+            raise
+        self._refused.pop(signature, None)
+        module.training, module.compiled_training = self.training, self.compiled_training
+        module._weight_bytes = 0  # this module's, shared (share_constants)
+        give_back_freed_memory()  # its capture's own copies of the weights, shared away
+        again = key in self._structures_dropped
+        self._structures[key] = module
+        self._note(f"{said}: captured and optimized for them, as optimize would with them as the example inputs "
+                   "(a module of their own within this one, sharing its weights)"
+                   + (f"; built again after more ways than {MAX_STRUCTURES} took turns" if again else ""))
+        for note in [n for n in module.notes if n not in self._first.notes]:
+            self._note(f"inputs ({signature.describe()}): {note}")
+        while len(self._structures) > MAX_STRUCTURES:
+            dropped, _ = self._structures.popitem(last=False)
+            self._structures_dropped.add(dropped)
+            self._structure_keys = {memo: k for memo, k in self._structure_keys.items() if k != dropped}
+        return module
+
+    def _otherwise(self, signature: Signature, args: tuple, kwargs: dict) -> PassedOtherwise | None:
+        """How a call passes other inputs than the example (:func:`passed_otherwise`), or, passing the same ones,
+        index tensors of another integer dtype or bool (:func:`other_index_dtypes`); None where neither."""
+        first = self._first.signature
+        otherwise = passed_otherwise(first, self._frontend.parameters, args, kwargs)
+        if otherwise is None and signature.in_spec == first.in_spec:
+            return other_index_dtypes(first.leaves, signature.leaves, leaf_names(signature.in_spec))
+        return otherwise
+
+    def _refused_before(self, signature: Signature) -> list | None:
+        """``[why, calls since]`` where capturing ``signature`` was refused before, raising that again unless
+        this call is one to try again at: a capture again costs (a symbolic export each time, which torch keeps),
+        so it is tried only at the 16th, 32nd, 64th ... call since (a refusal the model's state caused may pass)."""
+        seen = self._refused.get(signature)
+        if seen is not None:
+            seen[1] += 1
+            if seen[1] < RETRY_REFUSED or seen[1] & (seen[1] - 1):
+                raise _again(seen[0])
+        return seen
 
     def _compile(self, signature: Signature, flat: list, args: tuple, kwargs: dict) -> Compiled:
         """The program for a new input signature, compiled once however many threads ask at once."""
@@ -251,11 +294,7 @@ class OptimizedModule(torch.nn.Module):
             raise self._frozen_numbers_error(signature, differing)
         if self._frontend.fixed_shapes and self._generic is None:
             raise self._fixed_shapes_error(signature, "")
-        seen = self._refused.get(signature)
-        if seen is not None:  # refused before: a capture again costs (a symbolic export each time, which torch
-            seen[1] += 1      # keeps), so it is tried again only at the 16th, 32nd, 64th ... call since (a
-            if seen[1] < RETRY_REFUSED or seen[1] & (seen[1] - 1):  # refusal the model's state caused may pass)
-                raise _again(seen[0])
+        seen = self._refused_before(signature)
         with COMPILING:
             now = self._refused.get(signature)
             if now is not None and now is not seen:  # another caller was refused meanwhile
@@ -647,8 +686,8 @@ class OptimizedModule(torch.nn.Module):
         copied.training, copied.compiled_training = self.training, self.compiled_training
         copied._notes_added = self._notes_added
         copied._weight_bytes = 0  # the original's, shared
-        copied._structures = {key: copy.deepcopy(module, memo) for key, module in self._structures.items()}
-        copied._structure_keys = dict(self._structure_keys)
+        copied._structures = OrderedDict((key, copy.deepcopy(module, memo)) for key, module in self._structures.items())
+        copied._structure_keys, copied._structures_dropped = dict(self._structure_keys), set(self._structures_dropped)
         return copied
 
     def _apply(self, fn, recurse: bool = True) -> "OptimizedModule":
@@ -778,10 +817,10 @@ class OptimizedModule(torch.nn.Module):
         return self._first.program.describe()
 
     def memory(self) -> dict[str, int]:
-        """Bytes the module holds, over every input signature it keeps (see :mod:`pyrys.backends.program`):
-        ``weights`` and ``packed_weights`` once (every shape's program shares the first's), ``activations``
-        the largest call's arena, ``frames`` what every shape's idle frames hold (those of inputs passed otherwise
-        than the example's too: ``_passed_otherwise``)."""
+        """Bytes the module holds, over every input signature it keeps (see :mod:`pyrys.backends.program`), those
+        of inputs passed otherwise than the example's too (:meth:`_passed_otherwise`: up to ``max_shapes`` for
+        each way): ``weights`` and ``packed_weights`` once (every program shares the first's), ``activations``
+        the largest call's arena, ``frames`` what every program's idle frames hold."""
         held = [compiled.program.memory() for module in [self, *list(self._structures.values())]
                 for compiled in list(module._programs.values())]
         first = self._first.program.memory()

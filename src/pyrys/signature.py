@@ -18,7 +18,7 @@ import torch
 from torch.utils._pytree import TreeSpec, keystr, tree_flatten, tree_flatten_with_path, tree_map, tree_unflatten
 from torch._subclasses.fake_tensor import FakeTensor
 
-from pyrys.input_structures import bound_inputs, example_inputs_by_name, with_defaults_as_example
+from pyrys.input_structures import bound_inputs, example_inputs_by_name, is_tensor_leaf, with_defaults_as_example
 from pyrys.ir.printer import format_tensor_type
 
 
@@ -44,8 +44,6 @@ class Signature:
         return ", ".join(f"{name}: {_describe_leaf(leaf)}" for name, leaf in zip(names, self.leaves))
 
 
-def is_tensor_leaf(leaf) -> bool:
-    return isinstance(leaf, tuple) and len(leaf) == 2 and isinstance(leaf[1], torch.dtype)
 
 
 def _describe_leaf(leaf) -> str:
@@ -177,20 +175,21 @@ def signature_of(args: tuple, kwargs: dict) -> tuple[Signature, list]:
     return Signature(spec, tuple(_leaf(v) for v in flat)), flat
 
 
-def arranged_like(spec: TreeSpec, parameters: inspect.Signature | None, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """A call's inputs passed as the example passed them (``spec``: the example's), by ``forward``'s parameters:
+def arranged_like(example: Signature, parameters: inspect.Signature | None, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A call's inputs passed as the example passed them (``example``: its signature), by ``forward``'s parameters:
     ``opt(x, mask=m)`` for an example ``(x, m)``, or the reverse; an input at its default the example left out
     (``mask=None``), left out (:func:`pyrys.input_structures.with_defaults_as_example`). Any other call is
     returned as it is: one that passes or leaves out an input the example did not (a program of its own:
     :func:`pyrys.input_structures.passed_otherwise`), or that a ``forward`` taking ``*args`` (a ``**kwargs``
     one, as HuggingFace's are, by its named parameters) or unknown parameters leaves unbound."""
+    spec = example.in_spec
     positional, names = spec.child(0).num_children, list(spec.child(1).context)
     if len(args) == positional and sorted(kwargs) == sorted(names):
         return args, (kwargs if list(kwargs) == names else {name: kwargs[name] for name in names})
     given = bound_inputs(parameters, args, kwargs)
     if given is None:
         return args, kwargs
-    given = with_defaults_as_example(given, example_inputs_by_name(spec, parameters), parameters)
+    given = with_defaults_as_example(given, example_inputs_by_name(example, parameters), parameters)
     order = [p.name for p in parameters.parameters.values() if p.kind is not p.VAR_KEYWORD]
     if set(given) != set(order[:positional]) | set(names):
         return args, kwargs
