@@ -107,11 +107,22 @@ class _AroundModulesInEvalMode(torch.nn.Module):
         return self.net(x)
 
 
+class _HalvedInTraining(torch.nn.Module):
+    def forward(self, x):
+        return x * 0.5 if self.training else x
+
+
 @pytest.mark.parametrize("model, said", [
     (lambda: torch.nn.ReLU(), None),  # every fresh module is in training mode: nothing computes otherwise
     (lambda: _AroundModulesInEvalMode(), None),  # a wrapper left in training mode (a helper's find: warned)
-    (lambda: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.5)), "dropout stays random"),
+    (lambda: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.5)),
+     "dropout (an op drawing random numbers) stays random"),
     (lambda: conv_bn_relu().train(), "BatchNorm uses its batch's statistics and is not folded"),
+    (lambda: _HalvedInTraining(), "the model (_HalvedInTraining) reads self.training in forward, which the graph "
+                                  "captured in that mode"),  # (a review's find: the graph holds no trace of it)
+    (lambda: torch.nn.InstanceNorm2d(3, track_running_stats=True), "the model (InstanceNorm2d) reads self.training in "
+                                                                   "forward, which the graph captured in that mode"),
+    (lambda: torch.nn.InstanceNorm2d(3), None),
 ])
 def test_training_mode_is_warned_of_where_it_computes_otherwise(model, said):
     with warnings.catch_warnings(record=True) as caught:

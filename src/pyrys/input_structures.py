@@ -19,11 +19,12 @@ import torch
 @dataclass(frozen=True)
 class PassedOtherwise:
     """A call's top-level inputs where they differ from the example's: ``key`` names the inputs it passes
-    other than at their defaults (each with whether it is ``None``), in ``forward``'s order (or every tensor's
-    dtype: :func:`other_index_dtypes`), which calls of one module share (what else differs among them, a shape,
-    a number, that module tells apart as any does); ``differences`` says what differs, in words."""
+    other than at their defaults (each with whether it is ``None``), in ``forward``'s order, or the index
+    tensors of another dtype (:func:`other_index_dtypes`); ``OptimizedModule`` adds every tensor's dtype and
+    rank. Calls of one key share a module, which tells apart what else differs (a shape, a number) as any
+    does. ``differences`` says what differs from the example, in words."""
 
-    key: tuple[tuple[str, bool], ...]
+    key: tuple
     differences: tuple[str, ...]
 
     def describe(self) -> str:
@@ -134,10 +135,18 @@ def _in_forward_order(parameters: inspect.Signature, names: list[str]) -> list[s
     return order + [name for name in unique if name not in order]
 
 
+def tensor_kinds(leaves: tuple) -> tuple:
+    """Each tensor's dtype and rank among a signature's ``leaves``, in order."""
+    return tuple((leaf[1], len(leaf[0])) for leaf in leaves if is_tensor_leaf(leaf))
+
+
 def leaf_kinds(leaves: tuple) -> tuple:
-    """What each of a signature's ``leaves`` is, its shape and value aside: a tensor's dtype, None, or the type
-    of a value. With the ``in_spec``, what tells apart the calls :class:`PassedOtherwise` tells apart."""
-    return tuple(leaf[1] if is_tensor_leaf(leaf) else None if leaf is None else type(leaf) for leaf in leaves)
+    """What each of a signature's ``leaves`` is, its sizes and value aside: a tensor's dtype and rank, None, or
+    the type of a value. With the ``in_spec``, it tells apart the calls whose :class:`PassedOtherwise` keys
+    differ (those keys leave out inputs at their defaults: calls of one memo entry may differ in key, and go
+    to either module, whose own checks take them)."""
+    return tuple((leaf[1], len(leaf[0])) if is_tensor_leaf(leaf) else None if leaf is None else type(leaf)
+                 for leaf in leaves)
 
 
 def other_index_dtypes(expected: tuple, got: tuple, names: list[str]) -> PassedOtherwise | None:
@@ -151,7 +160,7 @@ def other_index_dtypes(expected: tuple, got: tuple, names: list[str]) -> PassedO
                  and _is_index_dtype(want[1]) and _is_index_dtype(have[1])]
     if not differing:
         return None
-    key = (("dtypes", tuple(str(leaf[1]) for leaf in got if is_tensor_leaf(leaf))),)
+    key = (("index dtypes", tuple(differing)),)
     return PassedOtherwise(key, tuple(f"{names[i]} is {str(got[i][1]).removeprefix('torch.')}, the example's "
                                       f"{str(expected[i][1]).removeprefix('torch.')}" for i in differing))
 

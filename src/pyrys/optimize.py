@@ -2,7 +2,6 @@
 :class:`OptimizedModule`, whose signatures `compiled.py` takes through capture -> passes -> backend."""
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -10,14 +9,12 @@ import torch
 from torch.export import ExportedProgram
 from torch.utils._pytree import tree_flatten
 
-from pyrys.capture.captured import input_writes_note
 from pyrys.capture.model_copy import SCRIPT_ADVICE, WriteCheck, private_copy, state_of
 from pyrys.capture.exported_program import exported_example_inputs, exported_inputs
 from pyrys.capture.script_module import is_torchscript, script_class_name, script_tensors
 from pyrys.errors import DeviceError
-from pyrys.ir.vocabulary import draws_random_numbers
-from pyrys.ir.written import RUNNING_STATS, argument
 from pyrys.machine import collect_freed_modules
+from pyrys.mode_warnings import warn_if_training, warn_of_writes
 from pyrys.numerics import TOLERANCES
 from pyrys.numerics.budget import AUTO
 from pyrys.numerics.eager import eager_outputs
@@ -132,7 +129,7 @@ def optimize(
                                   other_sizes=bool(model.range_constraints))  # (its Dims: symbolic sizes)
         _check_on_cpu("the ExportedProgram", model.state_dict.items())
         optimized = OptimizedModule(exported_program_frontend(model), args, kwargs, config, _trace(config, model, args, kwargs))
-        _warn_of_input_writes(optimized, caller_keeps_writes=False)
+        warn_of_writes(optimized, caller_keeps_writes=False)
         return optimized
     if is_torchscript(model):
         return optimize_torchscript(model, example_inputs, example_kwargs, config, calibration=calibration,
@@ -158,8 +155,8 @@ def optimize(
     optimized = OptimizedModule(module_frontend(model, writes), args, kwargs, config, trace)
     optimized.training = optimized.compiled_training = bool(model.training)
     writes.wait()
-    _warn_if_training(optimized)
-    _warn_of_input_writes(optimized, caller_keeps_writes, model=model)
+    warn_if_training(optimized, model)
+    warn_of_writes(optimized, caller_keeps_writes, model=model)
     return optimized
 
 
@@ -218,61 +215,8 @@ def optimize_torchscript(script: Any, example_inputs: Any, example_kwargs: dict 
     optimized = OptimizedModule(torchscript_frontend(script, flag_values, writes), args, kwargs, config, trace)
     optimized.training = optimized.compiled_training = training
     writes.wait()
-    _warn_if_training(optimized, stacklevel=4)
-    _warn_of_input_writes(optimized, caller_keeps_writes=False, stacklevel=4)
+    warn_if_training(optimized, script, stacklevel=4)
+    warn_of_writes(optimized, caller_keeps_writes=False, stacklevel=4)
     return optimized
 
 
-NORM_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")  # written in training mode
-
-
-def _norm_statistics_in_training(name: str, model: torch.nn.Module | None) -> bool:
-    """Whether the state ``name`` is a norm's running statistics its module writes in training mode (batch
-    statistics are what it reads then: the writes change no output); without the model (an ExportedProgram, a
-    TorchScript import), whether its name says so."""
-    owner, _, leaf = name.rpartition(".")
-    if leaf not in NORM_STATISTICS:
-        return False
-    try:
-        return model is None or bool(model.get_submodule(owner).training)
-    except AttributeError:
-        return True
-
-
-def _warn_of_input_writes(optimized: OptimizedModule, caller_keeps_writes: bool, stacklevel: int = 3,
-                          model: torch.nn.Module | None = None) -> None:
-    """An input written in place changes the caller's tensor in eager and not here, and module state written in
-    place (other than a norm's statistics in training mode) changes what eager's later calls read: say so,
-    unless the caller (the ``torch.compile`` backend) runs such a model in torch."""
-    if optimized._first.captured.input_writes and not caller_keeps_writes:
-        warnings.warn(f"pyrys.optimize: {input_writes_note(optimized._first.captured.input_writes)}",
-                      stacklevel=stacklevel)
-    state = [name for name in optimized._first.captured.state_writes if not _norm_statistics_in_training(name, model)]
-    if state and not caller_keeps_writes:  # a counter, a cache: eager's later calls read what forward wrote
-        warnings.warn(f"pyrys.optimize: forward writes {', '.join(state)} in place (module state); the optimized "
-                      "module never writes it, so every call reads it as it was at optimize, where eager's next "
-                      "calls read what forward wrote. torch.compile(model, backend='pyrys') runs such a graph in "
-                      "torch", stacklevel=stacklevel)
-
-
-def _warn_if_training(optimized: OptimizedModule, stacklevel: int = 3) -> None:
-    """Where a model captured in training mode computes otherwise than in eval mode (:func:`training_effects`
-    of its graph), say so: a model without BatchNorm or dropout (a fresh ``nn.ReLU()``, a wrapper left in
-    training mode around submodules in eval mode) computes alike in both, and is not warned of."""
-    effects = training_effects(optimized._first.captured.gm) if optimized.compiled_training else []
-    if effects:
-        warnings.warn(f"pyrys.optimize: the model is in training mode; {' and '.join(effects)}. Call model.eval() "
-                      "first for inference.", stacklevel=stacklevel)
-
-
-def training_effects(gm: torch.fx.GraphModule) -> list[str]:
-    """What a graph captured in training mode computes otherwise than eval mode would, by its ops: a
-    batch norm whose training flag is not False, an op drawing random numbers (dropout, drop path)."""
-    nodes = [node for node in gm.graph.nodes if node.op == "call_function"]
-    effects = []
-    if any(node.target is torch.ops.aten.batch_norm.default and argument(node, *RUNNING_STATS[node.target][2])
-           is not False for node in nodes):
-        effects.append("BatchNorm uses its batch's statistics and is not folded")
-    if any(draws_random_numbers(node) for node in nodes):
-        effects.append("dropout stays random")
-    return effects

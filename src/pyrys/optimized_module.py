@@ -18,11 +18,13 @@ from pyrys.backends.reference import with_values
 from pyrys.calling_context import (autocast_on, called_plainly, callers_level, refuse_tracers, warn_of_autocast,
                                    without_autocast)
 from pyrys.forwarding import forwarded
-from pyrys.input_structures import PassedOtherwise, binding_error, leaf_kinds, other_index_dtypes, passed_otherwise
+from pyrys.input_structures import (PassedOtherwise, binding_error, leaf_kinds, other_index_dtypes, passed_otherwise,
+                                     tensor_kinds)
 from pyrys.ir.symbolic import (bind_symbols, describe_dims, differing_fixed_dims, fixed_dims_differ, pinned_dims_differ,
                                 rows_dim)
 from pyrys.numerics.trace import NumericsTrace
 from pyrys.machine import give_back_freed_memory, note_module_freed
+from pyrys.mode_warnings import warn_of_writes
 from pyrys.passes.specialize import ShapeMismatch
 from pyrys.shape_cache import ShapeCache
 from pyrys.size_one import SizeOneInputs, excluded_size_one_inputs, other_sizes_held, size_one_dims
@@ -125,6 +127,7 @@ class OptimizedModule(torch.nn.Module):
         # PassedOtherwise.key: their modules, the least recently called first
         self._structure_keys: dict[Any, tuple] = {}  # a call's (in_spec, leaf kinds) -> its key there, once found
         self._structures_dropped: set[tuple] = set()  # keys let go (a way built again is noted)
+        self._outer: weakref.ref | None = None  # the module this one is a way of passing inputs of: its notes go there
 
     @classmethod
     def from_compiled(cls, frontend: Frontend, config: OptimizeConfig, compiled: list[Compiled],
@@ -246,6 +249,8 @@ class OptimizedModule(torch.nn.Module):
         self._refused.pop(signature, None)
         module.training, module.compiled_training = self.training, self.compiled_training
         module._weight_bytes = 0  # this module's, shared (share_constants)
+        warn_of_writes(module, caller_keeps_writes=False, stacklevel=callers_level() + 1,
+                       source=f"pyrys: inputs ({signature.describe()})")
         give_back_freed_memory()  # its capture's own copies of the weights, shared away
         again = key in self._structures_dropped
         self._structures[key] = module
@@ -254,6 +259,7 @@ class OptimizedModule(torch.nn.Module):
                    + (f"; built again after more ways than {MAX_STRUCTURES} took turns" if again else ""))
         for note in [n for n in module.notes if n not in self._first.notes]:
             self._note(f"inputs ({signature.describe()}): {note}")
+        module._outer = weakref.ref(self)  # (its later notes, a new shape's, join these too)
         while len(self._structures) > MAX_STRUCTURES:
             dropped, _ = self._structures.popitem(last=False)
             self._structures_dropped.add(dropped)
@@ -266,8 +272,10 @@ class OptimizedModule(torch.nn.Module):
         first = self._first.signature
         otherwise = passed_otherwise(first, self._frontend.parameters, args, kwargs)
         if otherwise is None and signature.in_spec == first.in_spec:
-            return other_index_dtypes(first.leaves, signature.leaves, leaf_names(signature.in_spec))
-        return otherwise
+            otherwise = other_index_dtypes(first.leaves, signature.leaves, leaf_names(signature.in_spec))
+        if otherwise is None:
+            return None  # each way's tensors' dtypes and ranks are its own: its module's first call fixes them
+        return dataclasses.replace(otherwise, key=otherwise.key + (("tensors", tensor_kinds(signature.leaves)),))
 
     def _refused_before(self, signature: Signature) -> list | None:
         """``[why, calls since]`` where capturing ``signature`` was refused before, raising that again unless
@@ -655,6 +663,9 @@ class OptimizedModule(torch.nn.Module):
     def _note(self, note: str) -> None:
         """Add to ``opt.notes`` (the first signature's); past :data:`MAX_SHAPE_NOTES` added, one last entry
         holds the latest note and counts those it replaced."""
+        outer = self._outer() if self._outer is not None else None
+        if outer is not None:
+            outer._note(f"inputs passed as ({self._first.signature.describe()}): {note}")
         notes = self._first.notes
         self._notes_added += 1
         if self._notes_added <= MAX_SHAPE_NOTES:
@@ -687,6 +698,8 @@ class OptimizedModule(torch.nn.Module):
         copied._notes_added = self._notes_added
         copied._weight_bytes = 0  # the original's, shared
         copied._structures = OrderedDict((key, copy.deepcopy(module, memo)) for key, module in self._structures.items())
+        for module in copied._structures.values():
+            module._outer = weakref.ref(copied)
         copied._structure_keys, copied._structures_dropped = dict(self._structure_keys), set(self._structures_dropped)
         return copied
 

@@ -44,8 +44,6 @@ class Signature:
         return ", ".join(f"{name}: {_describe_leaf(leaf)}" for name, leaf in zip(names, self.leaves))
 
 
-
-
 def _describe_leaf(leaf) -> str:
     return format_tensor_type(*leaf) if is_tensor_leaf(leaf) else repr(leaf)
 

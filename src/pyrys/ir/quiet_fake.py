@@ -10,10 +10,12 @@ an error on tensor data, which pyrys raises again naming the line.
 """
 from __future__ import annotations
 
+import builtins
 import contextlib
 import logging
-import sys
 import threading
+
+from torch.export import _trace as _export_trace
 
 
 class _UnloggedHere(logging.Filter):
@@ -71,43 +73,27 @@ def export_diagnostics_unlogged():
 _UNPRINTED = threading.local()
 
 
-class _WithoutPartialGraphs:
-    """A stream passing every write to ``stream`` but a partial graph's (:func:`_is_partial_graph`) and the
-    newline ``print`` writes after it, on the threads inside :func:`_partial_graphs_unprinted`."""
+def _print_unless_partial_graph(*values, **options) -> None:
+    """``print`` as torch.export's module calls it, but for the partial graph of a failed trace on the threads
+    inside :func:`_partial_graphs_unprinted` (a module-level name there: no stream of anyone else's is wrapped)."""
+    if getattr(_UNPRINTED, "depth", 0) and values and _is_partial_graph(values[0]):
+        return
+    builtins.print(*values, **options)
 
-    def __init__(self, stream) -> None:
-        self.stream = stream
 
-    def write(self, text: str) -> int:
-        if getattr(_UNPRINTED, "depth", 0):
-            if _is_partial_graph(text):
-                _UNPRINTED.newline = True
-                return len(text)
-            if _UNPRINTED.__dict__.pop("newline", False) and text == "\n":
-                return len(text)
-        return self.stream.write(text)
-
-    def __getattr__(self, name: str):
-        return getattr(self.stream, name)
+_export_trace.print = _print_unless_partial_graph  # torch.export/_trace.py: print(e.partial_fx_graph, file=sys.stderr)
 
 
 def _is_partial_graph(text) -> bool:
     """An FX graph's code as torch.export prints it (``graph.python_code(...).src``)."""
-    return isinstance(text, str) and text.lstrip().startswith("def forward(") and "torch.ops." in text
+    return isinstance(text, str) and text.lstrip().startswith("def forward(")
 
 
 @contextlib.contextmanager
 def _partial_graphs_unprinted():
-    """``sys.stderr`` drops the partial graph torch.export prints on this thread meanwhile (another thread's
-    writes pass, and whatever stream is ``sys.stderr`` at the end stays, unless it is the one set here)."""
+    """torch.export prints no partial graph on this thread meanwhile."""
     _UNPRINTED.depth = getattr(_UNPRINTED, "depth", 0) + 1
-    own = None
-    if not isinstance(sys.stderr, _WithoutPartialGraphs):
-        own = sys.stderr = _WithoutPartialGraphs(sys.stderr)
     try:
         yield
     finally:
         _UNPRINTED.depth -= 1
-        _UNPRINTED.__dict__.pop("newline", None)
-        if own is not None and sys.stderr is own:
-            sys.stderr = own.stream

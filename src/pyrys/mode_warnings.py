@@ -1,0 +1,106 @@
+"""Warnings of what an optimized module computes otherwise than eager's later calls would: writes it drops
+(inputs and module state written in place), and a model captured in training mode (:func:`warn_if_training`)."""
+from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from pyrys.capture.captured import input_writes_note
+from pyrys.ir.vocabulary import draws_random_numbers
+from pyrys.ir.written import RUNNING_STATS, argument
+
+NORM_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")  # written in training mode
+
+
+def _norm_statistics_in_training(name: str, model: torch.nn.Module | None) -> bool:
+    """Whether the state ``name`` is a norm's running statistics its module writes in training mode (batch
+    statistics are what it reads then: the writes change no output); without the model (an ExportedProgram, a
+    TorchScript import, a capture of other inputs), whether its name says so."""
+    owner, _, leaf = name.rpartition(".")
+    if leaf not in NORM_STATISTICS:
+        return False
+    try:
+        return model is None or bool(model.get_submodule(owner).training)
+    except AttributeError:
+        return True
+
+
+def warn_of_writes(optimized, caller_keeps_writes: bool, stacklevel: int = 3, model: torch.nn.Module | None = None,
+                   source: str = "pyrys.optimize") -> None:
+    """An input written in place changes the caller's tensor in eager and not here, and module state written in
+    place (other than a norm's statistics in training mode) changes what eager's later calls read: say so,
+    unless the caller (the ``torch.compile`` backend) runs such a model in torch (``source``: who says it)."""
+    captured = optimized._first.captured
+    if captured.input_writes and not caller_keeps_writes:
+        warnings.warn(f"{source}: {input_writes_note(captured.input_writes)}", stacklevel=stacklevel)
+    state = [name for name in captured.state_writes if not _norm_statistics_in_training(name, model)]
+    if state and not caller_keeps_writes:  # a counter, a cache: eager's later calls read what forward wrote
+        warnings.warn(f"{source}: forward writes {', '.join(state)} in place (module state); the optimized "
+                      "module never writes it, so every call reads it as it was at optimize, where eager's next "
+                      "calls read what forward wrote. torch.compile(model, backend='pyrys') runs such a graph in "
+                      "torch", stacklevel=stacklevel)
+
+
+def warn_if_training(optimized, model: Any, stacklevel: int = 3) -> None:
+    """Where a model captured in training mode computes otherwise than in eval mode, say so: its graph's
+    :func:`training_effects`, or a module in training mode whose forward reads ``self.training``
+    (:func:`training_readers`). A fresh ``nn.ReLU()``, or a wrapper left in training mode around submodules in
+    eval mode, computes alike in both and is not warned of."""
+    if not optimized.compiled_training:
+        return
+    effects = training_effects(optimized._first.captured.gm)
+    readers = training_readers(model)
+    if readers:
+        effects.append(f"{readers[0]} reads self.training in forward, which the graph captured in that mode")
+    if effects:
+        warnings.warn(f"pyrys.optimize: the model is in training mode; {' and '.join(effects)}. Call model.eval() "
+                      "first for inference.", stacklevel=stacklevel)
+
+
+def training_effects(gm: fx.GraphModule) -> list[str]:
+    """What a graph captured in training mode computes otherwise than eval mode would, by its ops: a batch
+    norm whose training flag is not False, an op drawing random numbers (dropout, drop path, RReLU)."""
+    nodes = [node for node in gm.graph.nodes if node.op == "call_function"]
+    effects = []
+    if any(node.target is torch.ops.aten.batch_norm.default and argument(node, *RUNNING_STATS[node.target][2])
+           is not False for node in nodes):
+        effects.append("BatchNorm uses its batch's statistics and is not folded")
+    if any(draws_random_numbers(node) for node in nodes):
+        effects.append("dropout (an op drawing random numbers) stays random")
+    return effects
+
+
+def training_readers(model: Any) -> list[str]:
+    """The modules of ``model`` in training mode whose forward reads the mode where its graph may show nothing
+    of it (``if self.training:``; an instance norm keeping running statistics): user classes and other
+    libraries' by their source (a traced one's is lost: each), torch.nn's instance norms by their running
+    statistics (torch.nn's batch norms, dropouts and RNNs: their ops in the graph say it)."""
+    readers = []
+    for name, module in model.named_modules() if isinstance(model, torch.nn.Module) else ():
+        if module.training and _reads_training(module):
+            readers.append(f"{name or 'the model'} ({_class_name(module)})")
+    return readers
+
+
+def _class_name(module: torch.nn.Module) -> str:
+    return getattr(module, "original_name", None) or type(module).__name__  # (a TorchScript module's own class)
+
+
+def _reads_training(module: torch.nn.Module) -> bool:
+    name = _class_name(module)
+    if name.startswith("InstanceNorm"):  # (a traced one keeps its buffers, not its flags)
+        return dict(module.named_buffers(recurse=False)).get("running_mean") is not None
+    scripted = isinstance(module, torch.jit.ScriptModule)
+    if (hasattr(torch.nn, name) if scripted else type(module).__module__.startswith("torch.nn.")):
+        return False
+    if isinstance(module, torch.jit.TracedModule):  # its code is the path traced: whether forward read it is lost
+        return True
+    try:
+        source = module.code if scripted else inspect.getsource(type(module).forward)
+    except (OSError, TypeError, RuntimeError, AttributeError):  # no source (a builtin, a class made by exec)
+        return False
+    return "training" in source
