@@ -225,28 +225,19 @@ class OptimizedModule(torch.nn.Module):
             raise InputError(f"pyrys: {said}; with precision='int8' the program was calibrated on samples passed as "
                              "the example is: pass the inputs so, or optimize a module for these, with calibration "
                              "samples passed like them")
-        seen = self._refused_before(signature)
-        with COMPILING:
-            now = self._refused.get(signature)
-            if now is not None and now is not seen:  # another caller was refused meanwhile
-                raise _again(now[0])
+        with self._compiling(signature):
             module = self._structures.get(key)
             if module is None:
-                module = self._capture_otherwise(signature, key, said, args, kwargs, seen)
+                module = self._capture_otherwise(signature, key, said, args, kwargs)
         return module
 
-    def _capture_otherwise(self, signature: Signature, key: tuple, said: str, args: tuple, kwargs: dict,
-                           seen: list | None) -> "OptimizedModule":
+    def _capture_otherwise(self, signature: Signature, key: tuple, said: str, args: tuple,
+                           kwargs: dict) -> "OptimizedModule":
         """:meth:`_passed_otherwise`'s module, made (the caller holds ``COMPILING``): the bf16 guard measures on
         these inputs (the calibration samples are the example's way), its notes join ``opt.notes``."""
         calibration = self._config.calibration  # (bf16's: its budget, measured on these inputs)
         config = dataclasses.replace(self._config, calibration=calibration and Calibration(None, calibration.accuracy_budget))
-        try:
-            module = OptimizedModule(self._frontend, args, kwargs, config, like=self._first)
-        except (CaptureError, InputError) as error:
-            self._refuse(signature, error, seen[1] if seen is not None else 1)
-            raise
-        self._refused.pop(signature, None)
+        module = OptimizedModule(self._frontend, args, kwargs, config, like=self._first)
         module.training, module.compiled_training = self.training, self.compiled_training
         module._weight_bytes = 0  # this module's, shared (share_constants)
         warn_of_writes(module, caller_keeps_writes=False, stacklevel=callers_level() + 1,
@@ -277,16 +268,27 @@ class OptimizedModule(torch.nn.Module):
             return None  # each way's tensors' dtypes and ranks are its own: its module's first call fixes them
         return dataclasses.replace(otherwise, key=otherwise.key + (("tensors", tensor_kinds(signature.leaves)),))
 
-    def _refused_before(self, signature: Signature) -> list | None:
-        """``[why, calls since]`` where capturing ``signature`` was refused before, raising that again unless
-        this call is one to try again at: a capture again costs (a symbolic export each time, which torch keeps),
-        so it is tried only at the 16th, 32nd, 64th ... call since (a refusal the model's state caused may pass)."""
+    @contextlib.contextmanager
+    def _compiling(self, signature: Signature):
+        """``COMPILING`` held for a compile for ``signature``, whose refusal (a ``CaptureError`` or
+        ``InputError``) is remembered and raised again without a capture (:meth:`_refuse`) unless this call is
+        one to try again at: a capture again costs (a symbolic export each time, which torch keeps), so it is
+        tried only at the 16th, 32nd, 64th ... call since (a refusal the model's state caused may pass)."""
         seen = self._refused.get(signature)
         if seen is not None:
             seen[1] += 1
             if seen[1] < RETRY_REFUSED or seen[1] & (seen[1] - 1):
                 raise _again(seen[0])
-        return seen
+        with COMPILING:
+            now = self._refused.get(signature)
+            if now is not None and now is not seen:  # another caller was refused meanwhile
+                raise _again(now[0])
+            try:
+                yield
+            except (CaptureError, InputError) as error:
+                self._refuse(signature, error, seen[1] if seen is not None else 1)
+                raise
+            self._refused.pop(signature, None)
 
     def _compile(self, signature: Signature, flat: list, args: tuple, kwargs: dict) -> Compiled:
         """The program for a new input signature, compiled once however many threads ask at once."""
@@ -302,11 +304,7 @@ class OptimizedModule(torch.nn.Module):
             raise self._frozen_numbers_error(signature, differing)
         if self._frontend.fixed_shapes and self._generic is None:
             raise self._fixed_shapes_error(signature, "")
-        seen = self._refused_before(signature)
-        with COMPILING:
-            now = self._refused.get(signature)
-            if now is not None and now is not seen:  # another caller was refused meanwhile
-                raise _again(now[0])
+        with self._compiling(signature):
             compiled = self._shapes.get(signature)
             if compiled is None:
                 # captured and specialized from contiguous copies (the program reads its inputs so): a shape's
@@ -314,13 +312,8 @@ class OptimizedModule(torch.nn.Module):
                 # channels-last batch refused where the model views a conv's output: every later call of that
                 # batch size was, contiguous ones too; a helper's find)
                 flat, args, kwargs = tree_map(_capturable, (flat, args, kwargs))
-                try:
-                    compiled = (self._capture_numbers(signature, differing, args, kwargs) if differing
-                                else self._new_shape(signature, flat, args, kwargs))
-                except (CaptureError, InputError) as error:
-                    self._refuse(signature, error, seen[1] if seen is not None else 1)
-                    raise
-                self._refused.pop(signature, None)
+                compiled = (self._capture_numbers(signature, differing, args, kwargs) if differing
+                            else self._new_shape(signature, flat, args, kwargs))
                 bound_torch_fake_cache()
                 self._keep(signature, compiled)
                 self._note_unmeasured_sizes(compiled, flat)
