@@ -149,6 +149,41 @@ def test_where_no_capture_can_be_made_the_error_names_the_input(tmp_path):
         loaded(x)
 
 
+def test_a_loaded_module_takes_an_input_passed_at_the_default_the_example_left_out(tmp_path):
+    """The save kept "has a default", not its value: a loaded module refused ``opt(x, None)`` and
+    ``opt(x, scale=1.0)``, which give ``forward`` what the example gave it.  A default of another type stays
+    a mark (a call passing it is refused, naming the input)."""
+    import json
+
+    from pyrys.saving.tree_spec import decode_parameters, encode_parameters
+
+    model = OptionalInputs().eval()
+    x, m, _ = inputs()
+    opt = pyrys.optimize(model, (x,))
+    pyrys.save(opt, tmp_path / "saved")
+    loaded = pyrys.load(tmp_path / "saved")
+    for args, kwargs in [((x, None), {}), ((x,), {"bias": None, "scale": 1.0}), ((x, None, None, float("1.0")), {})]:
+        assert torch.equal(loaded(*args, **kwargs), opt(x)), (args, kwargs)
+    with pytest.raises(pyrys.InputError, match="scale passed, the example left it out; the module optimized from"):
+        loaded(x, scale=2.0)
+    with pytest.raises(pyrys.InputError, match="mask passed, the example left it out"):
+        loaded(x, m)
+
+    def forward(x, size=(2, 2), *, nan=float("nan"), flag=True, name="a", count=3):
+        pass
+
+    import inspect
+    signature = inspect.signature(forward)
+    decoded = decode_parameters(json.loads(json.dumps(encode_parameters(signature))))
+    assert [p.name for p in decoded.parameters.values()] == list(signature.parameters)
+    assert decoded.parameters["size"].default is not inspect.Parameter.empty  # kept as a mark
+    assert [decoded.parameters[n].default for n in ("flag", "name", "count")] == [True, "a", 3]
+    assert type(decoded.parameters["count"].default) is int and decoded.parameters["nan"].default != 0
+    assert decoded.parameters["x"].default is inspect.Parameter.empty
+    with pytest.raises(ValueError, match="a saved parameter's default"):
+        decode_parameters([["x", "POSITIONAL_OR_KEYWORD", {"default": [1]}]])
+
+
 def test_a_huggingface_model_called_without_the_mask_it_was_optimized_with():
     transformers = pytest.importorskip("transformers", reason="needs HuggingFace transformers")
     torch.manual_seed(0)

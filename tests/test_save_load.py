@@ -441,6 +441,8 @@ EDITS = {  # a program edited, and its digest made to match: raw torch errors at
     "aliasing strides": (lambda p: _tensor_edit(p, [0, 0]), "do not lay out its shape .* densely"),
     "a parameter of no kind": (lambda p: p.__setitem__("parameters", [["x", "NOPE", False]]),
                                "malformed .ValueError: value None is not a valid Parameter.kind"),
+    "a default as a list": (lambda p: p.__setitem__("parameters", [["x", "POSITIONAL_OR_KEYWORD", {"default": [1]}]]),
+                            "malformed .ValueError: a saved parameter's default is not false, true or"),
     "a range as text": (lambda p: p["generic"]["symbolic"]["ranges"].__setitem__(
         next(iter(p["generic"]["symbolic"]["ranges"])), ["0", None]), "the saved range of the size"),
     "a keyword input named by a number": (lambda p: p["signatures"][0]["in_spec"]["tuple"][1]["dict"].__setitem__(

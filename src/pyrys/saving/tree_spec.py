@@ -17,10 +17,12 @@ or a dataclass's context names; a tuple where it names none).  :func:`decode_spe
 is imported and nothing is unpickled.
 
 ``forward``'s parameters (which let a call pass by keyword what the example passed by position, or the
-reverse) are kept as names and kinds, each default as a mark that there is one (not its value):
+reverse, or pass an input the example left out at its default) are kept as names and kinds, each default
+as its value where it is ``None``, a bool, a number or a string, else as a mark that there is one:
 
-    def forward(self, x, mask=None)  ->  [["x", "POSITIONAL_OR_KEYWORD", false],
-                                          ["mask", "POSITIONAL_OR_KEYWORD", true]]
+    def forward(self, x, mask=None, size=(2, 2))  ->  [["x", "POSITIONAL_OR_KEYWORD", false],
+                                                       ["mask", "POSITIONAL_OR_KEYWORD", {"default": null}],
+                                                       ["size", "POSITIONAL_OR_KEYWORD", true]]
 """
 from __future__ import annotations
 
@@ -119,14 +121,22 @@ def _namedtuple_class(payload: dict, made: list[str]) -> type:
     return cls
 
 
-_HAS_DEFAULT = object()  # a saved parameter's default: there is one (a call may leave it out)
+_HAS_DEFAULT = object()  # a saved parameter's default that was not saved: there is one (a call may leave it out)
+_SAVED_DEFAULTS = (type(None), bool, int, float, str)  # defaults JSON gives back as they were (type and value)
 
 
 def encode_parameters(parameters: inspect.Signature | None) -> list | None:
-    """``forward``'s parameters as ``[name, kind, has default]`` lists (None stays None)."""
+    """``forward``'s parameters as ``[name, kind, default]`` lists: the default ``false`` (none), ``{"default":
+    value}`` or ``true`` (one of another type); None stays None."""
     if parameters is None:
         return None
-    return [[p.name, p.kind.name, p.default is not inspect.Parameter.empty] for p in parameters.parameters.values()]
+    return [[p.name, p.kind.name, _encode_default(p.default)] for p in parameters.parameters.values()]
+
+
+def _encode_default(default: Any) -> bool | dict:
+    if default is inspect.Parameter.empty:
+        return False
+    return {"default": default} if type(default) in _SAVED_DEFAULTS else True
 
 
 def decode_parameters(record: Any) -> inspect.Signature | None:
@@ -134,10 +144,19 @@ def decode_parameters(record: Any) -> inspect.Signature | None:
     if record is None:
         return None
     if not isinstance(record, list) or not all(isinstance(p, list) and len(p) == 3 for p in record):
-        raise ValueError(f"the saved parameters of forward are not [name, kind, has default] lists: {record!r:.100}")
-    return inspect.Signature([inspect.Parameter(name, _KINDS.get(kind),
-                                                default=_HAS_DEFAULT if has_default is True else inspect.Parameter.empty)
-                              for name, kind, has_default in record])
+        raise ValueError(f"the saved parameters of forward are not [name, kind, default] lists: {record!r:.100}")
+    return inspect.Signature([inspect.Parameter(name, _KINDS.get(kind), default=_decode_default(default))
+                              for name, kind, default in record])
+
+
+def _decode_default(default: Any) -> Any:
+    if default is True:
+        return _HAS_DEFAULT
+    if default is False:
+        return inspect.Parameter.empty
+    if isinstance(default, dict) and set(default) == {"default"} and type(default["default"]) in _SAVED_DEFAULTS:
+        return default["default"]
+    raise ValueError(f"a saved parameter's default is not false, true or {{\"default\": value}}: {default!r:.100}")
 
 
 _KINDS = {kind.name: kind for kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
