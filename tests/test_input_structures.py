@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import pyrys
+from pyrys import precision_notes
+from pyrys.machine import native_bf16
 from pyrys.input_structures import passed_otherwise
 from pyrys.signature import signature_of
 from tests.caller_helpers import run_together
@@ -269,13 +271,17 @@ def test_the_least_recently_called_way_is_let_go(monkeypatch):
     assert "built again after more ways than 2 took turns" in opt.notes[-1], opt.notes
 
 
-def test_a_bf16_way_measures_its_accuracy_on_its_own_inputs():
+@pytest.mark.parametrize("backend", ["dnnl", "reference"])
+def test_a_bf16_way_measures_its_accuracy_on_its_own_inputs(backend, monkeypatch):
     """The calibration samples are the example's way: a way adding an input measured nothing ("could not
     measure"), or the mask samples as the bias."""
+    if backend == "dnnl" and not native_bf16():
+        pytest.skip("the CPU has no native bf16 (avx512_bf16, amx_bf16): bf16 runs float32, measuring nothing")
+    monkeypatch.setattr(precision_notes, "native_bf16", lambda: True)  # (the reference backend: bf16 on any CPU)
     model = OptionalInputs().eval()
     x, m, b = inputs()
     samples = [inputs(2)[:2] for _ in range(2)]
-    opt = pyrys.optimize(model, (x, m), precision="bf16", calibration=samples)
+    opt = pyrys.optimize(model, (x, m), precision="bf16", calibration=samples, backend=backend)
     assert pyrys.relative_error(opt(x, m, b), model(x, m, b)) <= 3e-2
     said = [note for note in opt.notes if note.startswith("inputs (") and "bf16" in note]
     assert said and not any("could not measure" in note for note in opt.notes), opt.notes
