@@ -210,3 +210,20 @@ def test_an_out_that_is_a_file_is_refused_before_anything_runs(tmp_path, capsys)
     for out in (tmp_path / "taken" / "sub", "/proc/pyrys_out"):  # ran the whole benchmark, then a traceback
         assert cli.main(["--quick", "--systems", "pyrys-reference", "--out", str(out)]) == 2
         assert "cannot write --out" in capsys.readouterr().out, out
+
+
+@pytest.mark.skipif("dnnl" not in pyrys.available_backends(), reason="the dnnl backend is not available here")
+def test_a_program_the_self_check_sent_to_torch_ops_says_so_in_the_table(monkeypatch):
+    """EfficientNet-B0 (random batch norms, the bench's image) on an AVX2 EPYC: the self-check found it
+    amplifies rounding and ran its calls on torch ops, 66.6 ms against 26.4 for ONNX Runtime, and the
+    table's note said nothing."""
+    from pyrys.backends.dnnl import self_check
+    from pyrys.bench.measure import prepare_system
+    from pyrys.bench.peers import PyrysPeer
+
+    model, x = nn.Sequential(nn.Linear(8, 8), nn.ReLU()).eval(), torch.randn(2, 8)
+    assert prepare_system(PyrysPeer(1, "dnnl"), model, (x,), model(x)).note == ""
+    monkeypatch.setitem(self_check.ALLOWED, "fp32", -1.0)  # every program disagrees; so does rounding the inputs
+    with pytest.warns(RuntimeWarning, match="amplifies rounding"):
+        result = prepare_system(PyrysPeer(1, "dnnl"), model, (x,), model(x))
+    assert result.note == "calls run on torch ops: the model amplifies rounding (the self-check; opt.notes)"

@@ -153,7 +153,7 @@ def _prepare_and_check(peer: Peer, model: torch.nn.Module, inputs: Inputs, refer
     compile_s = time.perf_counter() - start
     end_rss = peak_rss_bytes() if peak_known else current_rss_bytes()
     return SystemResult(peer.name, compile_s=compile_s, peak_rss_mib=(end_rss - start_rss) / MIB,
-                        max_rel_error=error_vs_eager(output, reference), runner=runner)
+                        max_rel_error=error_vs_eager(output, reference), runner=runner, note=peer.note(runner))
 
 
 def warm_up(runner: Runner, inputs: Inputs, seconds: float) -> float:

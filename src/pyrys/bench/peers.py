@@ -42,6 +42,10 @@ class Peer:
     def prepare(self, model: nn.Module, inputs: Inputs) -> Runner:
         raise NotImplementedError
 
+    def note(self, runner: Runner) -> str:
+        """What the table should say of a prepared system beside its numbers ("" for nothing)."""
+        return ""
+
 
 class Eager(Peer):
     """The model itself, run by PyTorch eager under ``torch.no_grad``."""
@@ -76,6 +80,16 @@ class PyrysPeer(Peer):
         calibration = calibration_data(inputs) if self.precision == "int8" else None
         return pyrys.optimize(model, example_inputs=inputs, backend=self.backend, precision=self.precision,
                               calibration=calibration)
+
+    def note(self, runner: Runner) -> str:
+        """Where the compile-time self-check sent the calls to torch ops, that (its times are torch's)."""
+        from pyrys.backends.dnnl.self_check import ON_TORCH_OPS
+
+        fault = next((note for note in runner.notes if ON_TORCH_OPS in note), None)
+        if fault is None:
+            return ""
+        why = "the model amplifies rounding" if "amplifies rounding" in fault else "its program disagreed"
+        return f"calls run on torch ops: {why} (the self-check; opt.notes)"
 
 
 def calibration_data(inputs: Inputs) -> list[Inputs]:
