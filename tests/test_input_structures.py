@@ -10,7 +10,7 @@ import torch
 import pyrys
 from pyrys import precision_notes
 from pyrys.machine import native_bf16
-from pyrys.input_structures import passed_otherwise
+from pyrys.input_structures import at_default, passed_otherwise
 from pyrys.signature import signature_of
 from tests.caller_helpers import run_together
 from tests.conftest import TOLERANCE
@@ -171,16 +171,21 @@ def test_a_loaded_module_takes_an_input_passed_at_the_default_the_example_left_o
     with pytest.raises(pyrys.InputError, match="mask passed, the example left it out"):
         loaded(x, m)
 
-    def forward(x, size=(2, 2), *, nan=float("nan"), flag=True, name="a", count=3):
+    def forward(x, size=(2, 2), *, nan=float("nan"), flag=True, name="a", count=3, big=10**5000, zero=-0.0):
         pass
 
     import inspect
+    import math
     signature = inspect.signature(forward)
-    decoded = decode_parameters(json.loads(json.dumps(encode_parameters(signature))))
+    decoded = decode_parameters(json.loads(json.dumps(encode_parameters(signature))))  # (json.dumps refuses 10**5000)
     assert [p.name for p in decoded.parameters.values()] == list(signature.parameters)
-    assert decoded.parameters["size"].default is not inspect.Parameter.empty  # kept as a mark
+    for mark in ("size", "big"):  # kept as a mark: a call may leave it out, and one passing it is a way of its own
+        assert decoded.parameters[mark].default is not inspect.Parameter.empty
+        assert not at_default(decoded, mark, signature.parameters[mark].default)
     assert [decoded.parameters[n].default for n in ("flag", "name", "count")] == [True, "a", 3]
-    assert type(decoded.parameters["count"].default) is int and decoded.parameters["nan"].default != 0
+    assert type(decoded.parameters["count"].default) is int and math.isnan(decoded.parameters["nan"].default)
+    assert at_default(decoded, "nan", float("nan")) and at_default(decoded, "zero", -0.0)
+    assert not at_default(decoded, "zero", 0.0) and not at_default(decoded, "count", 3.0)
     assert decoded.parameters["x"].default is inspect.Parameter.empty
     with pytest.raises(ValueError, match="a saved parameter's default"):
         decode_parameters([["x", "POSITIONAL_OR_KEYWORD", {"default": [1]}]])

@@ -376,7 +376,7 @@ def test_bad_saves_are_refused_by_name(tmp_path):
         return change
 
     cases = {
-        "newer": (edit_manifest(format_version=directory.FORMAT_VERSION + 1), "format version 2 .* up to 1"),
+        "newer": (edit_manifest(format_version=directory.FORMAT_VERSION + 1), f"format version {directory.FORMAT_VERSION + 1} .* up to {directory.FORMAT_VERSION}"),
         "foreign": (edit_manifest(format="onnx"), "not a pyrys save"),
         "truncated": (lambda p: (p / directory.TENSORS).write_bytes(_half(p / directory.TENSORS)),
                       "tensors.safetensors was changed or truncated"),

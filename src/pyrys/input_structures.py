@@ -93,13 +93,13 @@ def _default(parameters: inspect.Signature, name: str) -> Any:
 
 def at_default(parameters: inspect.Signature, name: str, value: Any) -> bool:
     """Whether ``value`` is parameter ``name``'s default: that object, or a number or string of its type and
-    value (``float("1.0")`` for ``1.0``; not ``-0.0`` for ``0.0``, nor ``1`` for ``True``)."""
+    value (``float("1.0")`` for ``1.0``, a NaN for a NaN; not ``-0.0`` for ``0.0``, nor ``1`` for ``True``)."""
     default = _default(parameters, name)
     if value is default:
         return True
     if type(value) is not type(default) or type(value) not in (int, float, complex, str, bytes):
         return False
-    return value == default and repr(value) == repr(default)
+    return repr(value) == repr(default)  # (equal values of one of these types, NaN too; -0.0 is not 0.0)
 
 
 def passed_otherwise(example_signature, parameters: inspect.Signature | None, args: tuple,

@@ -83,12 +83,12 @@ class PyrysPeer(Peer):
 
     def note(self, runner: Runner) -> str:
         """Where the compile-time self-check sent the calls to torch ops, that (its times are torch's)."""
-        from pyrys.backends.dnnl.self_check import ON_TORCH_OPS
+        from pyrys.backends.dnnl.self_check import AMPLIFIES, ON_TORCH_OPS
 
         fault = next((note for note in runner.notes if ON_TORCH_OPS in note), None)
         if fault is None:
             return ""
-        why = "the model amplifies rounding" if "amplifies rounding" in fault else "its program disagreed"
+        why = AMPLIFIES if AMPLIFIES in fault else "its program disagreed"
         return f"calls run on torch ops: {why} (the self-check; opt.notes)"
 
 

@@ -1,7 +1,7 @@
 """The saved directory: written whole or not at all, read only if whole, of a known format.
 
     path/
-      manifest.json          {"format": "pyrys-program", "format_version": 1, "pyrys": ..., "torch": ...,
+      manifest.json          {"format": "pyrys-program", "format_version": 2, "pyrys": ..., "torch": ...,
                               "onednn": ..., "cpu": ..., "isa": [...], "files": {name: sha256}}
       program.json           the program (graphs, decisions, history)
       tensors.safetensors    every tensor, by key
@@ -36,7 +36,7 @@ from safetensors.torch import save as save_tensors
 from pyrys.errors import LoadError, SaveError
 
 FORMAT = "pyrys-program"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: forward's defaults saved as values (saving/tree_spec.py), which 1 read as none
 MANIFEST, PROGRAM, TENSORS = "manifest.json", "program.json", "tensors.safetensors"
 
 

@@ -123,11 +123,12 @@ def _namedtuple_class(payload: dict, made: list[str]) -> type:
 
 _HAS_DEFAULT = object()  # a saved parameter's default that was not saved: there is one (a call may leave it out)
 _SAVED_DEFAULTS = (type(None), bool, int, float, str)  # defaults JSON gives back as they were (type and value)
+_JSON_INTS = range(-2**63, 2**64)  # ints every JSON reader takes (json.dumps refuses those past 4300 digits)
 
 
 def encode_parameters(parameters: inspect.Signature | None) -> list | None:
     """``forward``'s parameters as ``[name, kind, default]`` lists: the default ``false`` (none), ``{"default":
-    value}`` or ``true`` (one of another type); None stays None."""
+    value}`` or ``true`` (one of another type, or an int past 64 bits); None stays None."""
     if parameters is None:
         return None
     return [[p.name, p.kind.name, _encode_default(p.default)] for p in parameters.parameters.values()]
@@ -136,7 +137,8 @@ def encode_parameters(parameters: inspect.Signature | None) -> list | None:
 def _encode_default(default: Any) -> bool | dict:
     if default is inspect.Parameter.empty:
         return False
-    return {"default": default} if type(default) in _SAVED_DEFAULTS else True
+    saved = type(default) in _SAVED_DEFAULTS and (type(default) is not int or default in _JSON_INTS)
+    return {"default": default} if saved else True
 
 
 def decode_parameters(record: Any) -> inspect.Signature | None:

@@ -44,6 +44,7 @@ from pyrys.ir.vocabulary import draws_random_numbers, precision_of
 from pyrys.numerics import relative_error
 
 ALLOWED = {"fp32": 1e-3, "bf16": 1e-1, "int8": 2.5e-1}
+AMPLIFIES = "the model amplifies rounding"  # (a failed check's, where the graph itself does)
 ON_TORCH_OPS = "every call of these input shapes runs on torch ops (the reference backend)"  # (a failed check's)
 SMALLEST_SCALE = 1e-4  # an output nearer 0 everywhere (a zero input's) is measured against this, not itself
 
@@ -92,7 +93,7 @@ def disagreement(program, reference, gm: fx.GraphModule, inputs: list) -> tuple[
     if amplified > allowed:  # the graph itself: a float32 rounding of its inputs moves its outputs as far
         return (f"the oneDNN program disagrees with the same graph on torch ops on the example inputs (output "
                 f"{where}: relative error {worst:.1e}), and so does the graph on torch ops with its inputs rounded "
-                f"by {ROUNDING:.0e} ({amplified:.1e}): the model amplifies rounding (no kernel's fault is shown; "
+                f"by {ROUNDING:.0e} ({amplified:.1e}): {AMPLIFIES} (no kernel's fault is shown; "
                 f"float32 eager differs from float64 alike); {ON_TORCH_OPS}, whose rounding is eager's"), None
     return (f"the oneDNN program disagrees with the same graph on torch ops on the example inputs (output {where}: "
             f"relative error {worst:.1e}, {again:.1e} on them perturbed, over the {allowed:.0e} allowed in "
