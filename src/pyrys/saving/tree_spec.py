@@ -18,7 +18,8 @@ is imported and nothing is unpickled.
 
 ``forward``'s parameters (which let a call pass by keyword what the example passed by position, or the
 reverse, or pass an input the example left out at its default) are kept as names and kinds, each default
-as its value where it is ``None``, a bool, a number or a string, else as a mark that there is one:
+as its value where it is ``None``, a bool, an int within 64 bits, a float or a string, else as a mark that
+there is one:
 
     def forward(self, x, mask=None, size=(2, 2))  ->  [["x", "POSITIONAL_OR_KEYWORD", false],
                                                        ["mask", "POSITIONAL_OR_KEYWORD", {"default": null}],
