@@ -52,6 +52,17 @@ def private_tuning_cache(tmp_path_factory):
         yield
 
 
+@pytest.fixture(autouse=True)
+def int8_linears_in_int8(monkeypatch):
+    """Every int8 linear runs on oneDNN's int8 kernel, whatever this CPU measures (on one without VNNI the
+    backend may run it in float32: ``int8_or_float.py``, tested in ``tests/backends/dnnl/test_int8_or_float.py``):
+    the int8 programs the tests read are the same on every CPU."""
+    if "dnnl" in pyrys.available_backends():
+        from pyrys.backends.dnnl import int8_or_float
+
+        monkeypatch.setattr(int8_or_float, "float32_instead", lambda *args: "")
+
+
 @pytest.fixture
 def run_passes():
     """``run_passes(model, inputs, "freeze_params", "fold_conv_bn", freeze_flags=...)``."""

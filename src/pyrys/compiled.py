@@ -242,7 +242,7 @@ def build_for_shape(template: Compiled, signature: Signature, flat: list, config
                                                       keep_outputs=for_call), like=like)
     release_constants(program, [gm, source.gm])
     captured = dataclasses.replace(source, gm=gm, notes=list(source.notes))
-    notes = list(template.notes)
+    notes = list(template.notes) + [note for note in getattr(program, "notes", []) if note not in template.notes]
     fault = getattr(program, "fault", None)  # its calls run on the reference backend (dnnl's self_check.py)
     if fault is not None:
         notes.append(fault)

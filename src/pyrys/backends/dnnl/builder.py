@@ -38,6 +38,7 @@ class PackedWeights:
         self.entries: dict[tuple, list[tuple[MemoryDesc, torch.Tensor]]] = {}  # source -> [(md, bytes)]
         self.sources: dict[tuple, torch.Tensor] = {}  # keeps each source alive while its address is a key
         self.read_as_is: set[tuple] = set()  # constants torch code reads by address: never released
+        self.float_copies: dict[tuple, torch.Tensor] = {}  # int8 weight -> its float32 values (int8_or_float.py)
         self._lock = threading.Lock()  # programs of several shapes and thread counts build at once
 
     def packed(self, engine: Engine, stream: Stream, tensor: torch.Tensor, md: MemoryDesc | None,
@@ -59,6 +60,40 @@ class PackedWeights:
                 entries[:] = [e for e in entries if e is not entry]
                 if not entries and key in self.entries:
                     del self.entries[key], self.sources[key]
+            self._drop_unread_float_copies()
+
+    def float_copy(self, weight: torch.Tensor, make) -> torch.Tensor:
+        """The float32 values of the int8 ``weight`` (``make()``), made once and read by every program that
+        runs it in float32 (so that they are packed once); held while a packed copy of them is."""
+        with self._lock:
+            made = self.float_copies.get(_key(weight))
+        if made is not None:
+            return made
+        made = make()  # (outside the lock: it may read a released weight's values, which takes it)
+        with self._lock:
+            return self.float_copies.setdefault(_key(weight), made)
+
+    def has_float_copy(self, weight: torch.Tensor) -> bool:
+        with self._lock:
+            return _key(weight) in self.float_copies
+
+    def release_float_copies(self, engine: Engine) -> int:
+        """A stand-in for each float32 copy held only packed in another layout (:meth:`release`): its plain
+        values are freed.  How many were released."""
+        with self._lock:
+            held = list(self.float_copies.items())
+        released = 0
+        for key, tensor in held:
+            stand_in = self.release(engine, tensor)
+            if stand_in is not None:
+                with self._lock:
+                    self.float_copies[key] = stand_in
+                released += 1
+        return released
+
+    def _drop_unread_float_copies(self) -> None:
+        """Forget the float32 copies no packed entry holds (every program reading them was let go)."""
+        self.float_copies = {key: t for key, t in self.float_copies.items() if _key(t) in self.entries}
 
     def values(self, engine: Engine, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor``'s values for torch code that reads them as they lie: itself, marked so that it is never
@@ -114,6 +149,7 @@ class PackedWeights:
         copies are all kept: its values live nowhere else)."""
         with self._lock:
             self._retain(used)
+            self._drop_unread_float_copies()
 
     def _retain(self, used: set[int]) -> None:
         for key in list(self.entries):
@@ -138,6 +174,7 @@ class PackedWeights:
                     del self.entries[key], self.sources[key]
                     self.read_as_is.discard(key)
                     forgotten += 1
+            self._drop_unread_float_copies()
         return forgotten
 
     def release(self, engine: Engine, tensor: torch.Tensor) -> torch.Tensor | None:
@@ -168,6 +205,8 @@ class PackedWeights:
                 if not torch.equal(unpack(), tensor):
                     return None
             stand_in = release(tensor, unpack)
+            if key in self.float_copies:  # an int8 weight some programs run in float32: found by its stand-in
+                self.float_copies[_key(stand_in)] = self.float_copies.pop(key)
             packed_view = stand_in.t() if transposed else stand_in  # what later builds pack and look up
             self.entries[_key(packed_view)] = self.entries.pop(packed_key)
             self.sources[_key(packed_view)] = packed_view

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from pyrys.backends.dnnl import linear_kernels, linear_primitive
+from pyrys.backends.dnnl import int8_or_float, linear_kernels, linear_primitive
 from pyrys.backends.dnnl.binding import DnnlError
 from pyrys.backends.dnnl.builder import F32_OR_BF16, Builder, Unsupported, check_dtype, node_text
 from pyrys.backends.dnnl.constants import ARG_BIAS, ARG_DST, ARG_SRC, ARG_WEIGHTS, arg_post_op_src1
@@ -210,22 +210,28 @@ def lower_linear(builder: Builder, node: fx.Node) -> None:
     ``W^T`` where :mod:`linear_primitive` says so."""
     fused = read_fused(node)
     a = fused.args
-    int8 = read_int8(builder, node, fused, residual=False)
-    weight = int8.weight if int8 is not None else builder.constant(a["weight"])
+    out = node.meta["val"]
+    rows = out.numel() // out.shape[-1]
+    int8, in_float32 = read_int8(builder, node, fused, residual=False), ""
+    if int8 is not None:
+        in_float32 = int8_or_float.float32_instead(builder, int8, rows, a["bias"] is not None)
+    if in_float32:  # the same numbers in float32: the dequantized input and weight the graph names
+        weight, int8 = int8_or_float.float_weight(builder, a["weight"], int8), None
+    else:
+        weight = int8.weight if int8 is not None else builder.constant(a["weight"])
     bias = builder.constant(a["bias"])
     if weight is None or weight.dim() != 2 or (a["bias"] is not None and bias is None):
         raise Unsupported("linear weights are not 2-D constants")
-    out = node.meta["val"]
     source = int8.src if int8 is not None else a["input"]
     check_dtype(source.meta["val"], dtypes=F32_OR_BF16 | INT8 if int8 is not None else F32_OR_BF16)
     check_dtype(out, dtypes=F32_OR_BF16)  # bfloat16 in, float32 out: a bf16 op with a float32 residual
-    rows = out.numel() // out.shape[-1]
     x = _as_2d(builder, builder.value_of(source), rows)
     dst_dtype = _dst_dtype(node, int8)
     dst_md = plain_md([rows, weight.shape[0]], dst_dtype)
     operands = [_operand_2d(builder, n, rows, out.shape) for n in fused.post_inputs]
     chain = build_chain(builder, fused.post_ops, operands, dst_md)
     note = _dtype_note(dst_dtype, node) if int8 is None else ""
+    note += f"{int8_or_float.IN_FLOAT32}{in_float32}]" if in_float32 else ""
     pd = None
     if linear_primitive.as_matmul(rows, weight, builder.packed):
         # x [rows, in] @ W^T [in, out]: the weight's transposed view is what is packed (the same view every build)

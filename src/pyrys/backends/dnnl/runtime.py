@@ -37,7 +37,7 @@ from pyrys.backends.dnnl.layout import candidate_policies
 from pyrys.backends.dnnl.lower import LAYOUT_CHOOSERS, build_program, layout_applies
 from pyrys.backends.dnnl.measured import machine_key
 from pyrys.backends.dnnl.primitives import Engine
-from pyrys.backends.dnnl import self_check
+from pyrys.backends.dnnl import int8_or_float, self_check
 from pyrys.backends.dnnl.program import DnnlProgram
 from pyrys.backends.options import BackendOptions
 from pyrys.backends.reference import ReferenceProgram, held_bytes, with_values
@@ -148,10 +148,11 @@ class DnnlRuntime:
                     stand_ins[id(tensor)] = stand_in
                     setattr(gm, name, stand_in)
         tensor = None  # the loop's last one
+        released = self.packed.release_float_copies(self.engine)  # (int8 weights run in float32: int8_or_float.py)
         # a full collection (0.2 s once torch is loaded) only where a plain copy outlived its graphs: held by a
         # reference cycle (a discarded graph module of calibration or the accuracy guard), or by its owner
         give_back_freed_memory(collect_cycles=any(ref() is not None for ref in plain))
-        return len(stand_ins)
+        return len(stand_ins) + released
 
     def __call__(self, inputs: list) -> list:
         if self.fault is not None or self.float_inputs and not all_finite(inputs, self.float_inputs):
@@ -279,6 +280,12 @@ class DnnlRuntime:
         raise TypeError("pyrys: a compiled dnnl program holds oneDNN primitives and cannot be pickled")
 
     # what the first program says (the program text, memory, profile) -------------------
+    @property
+    def notes(self) -> list[str]:
+        """What the first program's lowering says for ``opt.notes`` (int8 linears run in float32 here)."""
+        said = int8_or_float.note([step.text for step in self.first.steps])
+        return [said] if said else []
+
     def describe(self) -> str:
         said = f"# every call runs on the reference backend: {self.fault}\n" if self.fault is not None else ""
         return said + self.first.describe()

@@ -1,0 +1,123 @@
+"""Whether an int8 linear runs on oneDNN's int8 kernel here, or in float32 on the same numbers.
+
+Without VNNI oneDNN's int8 kernels multiply u8 x s8 pairs into 16 bits, and on some such CPUs that is
+slower than their float32 kernel: AMD EPYC Zen 1, 2 threads, 128 x 768 -> 3072, int8 21.4 ms
+(``gemm_s8u8s32``) against float32 8.6 ms (``brgemm:avx2``); BERT-base int8 2.3x its float32 time.  On a
+Zen 3, with the same ISA flags, int8 is the faster (RESULTS.md): it is the microarchitecture's, so it is
+measured.  Where the CPU has no VNNI, each int8 linear is timed once per shape against float32 (no post-ops,
+buffers of constant bytes: :func:`measured.best_seconds`); where float32 takes at most :data:`FASTER` of
+int8's time it runs in float32 on the numbers the graph names,
+
+    y = post_ops((s_x q_x) (s_W[o] q_W)^T + b)
+
+its input the dequantized int8 value, its weight ``s_W[o] q_W`` made once in float32: the int8 op's answer
+up to float32's rounding of the sums, which calibration and the accuracy guard measured.  The choice is kept
+in the tuning cache (kind ``int8_linear``) under the shape, the source type, the thread count and the CPU,
+and saved with the program.  A weight packed already for another shape or thread count keeps its form (in
+int8, or in float32 where its float32 copy is held): one copy of each weight.  With VNNI (AVX-512 VNNI,
+AVX-VNNI, AMX) an int8 lane does four products where float32's does one: nothing is measured.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.fx as fx
+
+from pyrys.backends.dnnl.binding import DnnlError
+from pyrys.backends.dnnl.constants import ARG_ATTR_SCALES, ARG_BIAS, ARG_DST, ARG_SRC, ARG_WEIGHTS
+from pyrys.backends.dnnl.descriptors import inner_product_pd
+from pyrys.backends.dnnl.layout import any_md, plain_md
+from pyrys.backends.dnnl.linear_primitive import packed_for_matmul
+from pyrys.backends.dnnl.measured import best_seconds, decide, filled_memory, machine_key
+from pyrys.backends.dnnl.primitives import Primitive, PrimitiveAttr, Stream
+from pyrys.quantization import vnni
+
+if TYPE_CHECKING:
+    from pyrys.backends.dnnl.builder import Builder
+    from pyrys.backends.dnnl.lower_int8 import Int8Op
+
+FASTER = 0.95  # float32 is chosen where it takes at most this fraction of the int8 kernel's time
+RUNS = 7  # calls of each kernel, interleaved (fewer where they are long); the best counts
+MAX_WEIGHT = 1 << 26  # larger weights are not measured (a copy of each form is timed): they stay int8
+HELD = "its float32 weight is held already (made for another shape or thread count)"
+
+
+def float32_instead(builder: "Builder", int8: "Int8Op", rows: int, has_bias: bool) -> str:
+    """Why the int8 linear ``int8`` of ``rows`` rows runs in float32 here ("": it runs in int8); see the
+    module docstring.  The measured choice is noted in ``builder.kernel_choices`` (saved with the program)."""
+    if vnni() or int8.weight.dim() != 2:
+        return ""
+    if builder.packed.has_float_copy(int8.weight):
+        return HELD
+    if builder.packed.layouts_of(int8.weight, plain=True) or packed_for_matmul(int8.weight, builder.packed):
+        return ""  # packed in int8 already
+    if int8.weight.numel() > MAX_WEIGHT:
+        return ""
+    out_features, in_features = int8.weight.shape
+    src = {torch.uint8: "u8", torch.int8: "s8"}[int8.src_quant.dtype]
+    key = {"rows": rows, "weight": [out_features, in_features], "src": src, "bias": has_bias, "runs": RUNS,
+           "faster": FASTER, **machine_key(torch.get_num_threads())}  # the thread count the program runs with
+
+    def measure() -> dict | None:
+        try:
+            int8_seconds, float_seconds = _seconds(builder, rows, out_features, in_features, src, has_bias)
+        except DnnlError:
+            return None
+        return {"float32": float_seconds <= FASTER * int8_seconds,
+                "measured": f"int8 {int8_seconds * 1e3:.3f} ms, float32 {float_seconds * 1e3:.3f} ms"}
+
+    memo, choice = decide("int8_linear", key, measure)
+    if choice is None:
+        return ""
+    builder.kernel_choices[memo] = choice
+    return f"measured slower in int8 here ({choice['measured']})" if choice["float32"] else ""
+
+
+IN_FLOAT32 = ", int8=[in float32: "  # how a program line says it (``lower_conv.lower_linear``)
+
+
+def note(step_texts: list[str]) -> str:
+    """What ``opt.notes`` says of a program whose int8 linears some run in float32 ("" where none does)."""
+    moved = sum(IN_FLOAT32 in text for text in step_texts)
+    if not moved:
+        return ""
+    count = moved + sum(", int8=[src=" in text and "dnnl::linear" in text for text in step_texts)
+    return (f"precision='int8': {moved} of the {count} int8 linears run in float32 on their int8 numbers (the "
+            "dequantized input and weight: the same answer), where oneDNN's int8 kernel was measured slower on "
+            "this CPU (no VNNI; each one's times in the program text)")
+
+
+def float_weight(builder: "Builder", dequantize: fx.Node, int8: "Int8Op") -> torch.Tensor:
+    """The float32 weight ``s_W[o] q_W`` of an int8 linear (``dequantize``: its weight's node), computed as
+    the graph computes it, once: every program reads the same tensor, so it is packed once."""
+    def make() -> torch.Tensor:
+        q, scales, zero_points = (builder.constant_values(a) for a in dequantize.args[:3])
+        return dequantize.target(q, scales, zero_points, *dequantize.args[3:]).contiguous()
+
+    return builder.packed.float_copy(int8.weight, make)
+
+
+def _seconds(builder: "Builder", rows: int, out_features: int, in_features: int, src: str,
+             has_bias: bool) -> list[float]:
+    """The best times of the int8 inner product (scales per output channel) and of the float32 one, each in
+    the weight layout oneDNN picks."""
+    engine = builder.engine
+    stream = Stream(engine)  # held here: a bound call keeps only its handle
+    src_dtype = torch.uint8 if src == "u8" else torch.int8
+    calls = []
+    for x_dtype, w_dtype, scales in ((src_dtype, torch.int8, {ARG_SRC: 0, ARG_WEIGHTS: 1}),
+                                     (torch.float32, torch.float32, {})):
+        bias_md = plain_md([out_features], torch.float32) if has_bias else None
+        pd = inner_product_pd(engine, plain_md([rows, in_features], x_dtype),
+                              any_md([out_features, in_features], w_dtype), plain_md([rows, out_features], torch.float32),
+                              bias_md, attr=PrimitiveAttr(scales=scales))
+        args = {ARG_SRC: filled_memory(engine, pd.src_md()), ARG_WEIGHTS: filled_memory(engine, pd.weights_md()),
+                ARG_DST: filled_memory(engine, pd.dst_md())}
+        if has_bias:
+            args[ARG_BIAS] = filled_memory(engine, pd.weights_md(1))
+        if scales:
+            args[ARG_ATTR_SCALES | ARG_SRC] = filled_memory(engine, plain_md([1], torch.float32))
+            args[ARG_ATTR_SCALES | ARG_WEIGHTS] = filled_memory(engine, plain_md([out_features], torch.float32))
+        calls.append(Primitive(pd).bind(stream, args).run)
+    return best_seconds(calls, RUNS)
