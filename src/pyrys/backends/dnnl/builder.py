@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,7 +39,7 @@ class PackedWeights:
         self.entries: dict[tuple, list[tuple[MemoryDesc, torch.Tensor]]] = {}  # source -> [(md, bytes)]
         self.sources: dict[tuple, torch.Tensor] = {}  # keeps each source alive while its address is a key
         self.read_as_is: set[tuple] = set()  # constants torch code reads by address: never released
-        self.float_copies: dict[tuple, torch.Tensor] = {}  # int8 weight -> its float32 values (int8_or_float.py)
+        self.int8_forms: dict[tuple, Int8Form] = {}  # int8 weight -> how its linears run (int8_or_float.py)
         self._lock = threading.Lock()  # programs of several shapes and thread counts build at once
 
     def packed(self, engine: Engine, stream: Stream, tensor: torch.Tensor, md: MemoryDesc | None,
@@ -60,40 +61,54 @@ class PackedWeights:
                 entries[:] = [e for e in entries if e is not entry]
                 if not entries and key in self.entries:
                     del self.entries[key], self.sources[key]
-            self._drop_unread_float_copies()
+            self._drop_unread_int8_forms()
 
-    def float_copy(self, weight: torch.Tensor, make) -> torch.Tensor:
-        """The float32 values of the int8 ``weight`` (``make()``), made once and read by every program that
-        runs it in float32 (so that they are packed once); held while a packed copy of them is."""
+    def int8_form(self, weight: torch.Tensor) -> "Int8Form | None":
+        """How the linears reading the int8 ``weight`` run, as its first build chose; None before that."""
         with self._lock:
-            made = self.float_copies.get(_key(weight))
+            return self.int8_forms.get(_key(weight))
+
+    def choose_int8_form(self, weight: torch.Tensor, memo: str, choice: dict) -> "Int8Form":
+        """Record the choice (``memo`` and ``choice``, as :func:`measured.decide` gives them) for ``weight``,
+        unless one is recorded already; the one recorded."""
+        with self._lock:
+            return self.int8_forms.setdefault(_key(weight), Int8Form(weight, memo, choice))
+
+    def float_copy(self, form: "Int8Form", make) -> torch.Tensor:
+        """The float32 values of ``form``'s weight (``make()``), made once and read by every program that runs
+        it in float32 (so that they are packed once)."""
+        with self._lock:
+            made = form.float_copy
         if made is not None:
             return made
-        made = make()  # (outside the lock: it may read a released weight's values, which takes it)
+        made = make()  # (outside the lock: reading a weight's values may take it)
         with self._lock:
-            return self.float_copies.setdefault(_key(weight), made)
-
-    def has_float_copy(self, weight: torch.Tensor) -> bool:
-        with self._lock:
-            return _key(weight) in self.float_copies
+            if form.float_copy is None:
+                form.float_copy = made
+            return form.float_copy
 
     def release_float_copies(self, engine: Engine) -> int:
         """A stand-in for each float32 copy held only packed in another layout (:meth:`release`): its plain
         values are freed.  How many were released."""
         with self._lock:
-            held = list(self.float_copies.items())
+            forms = [form for form in self.int8_forms.values() if form.float_copy is not None]
         released = 0
-        for key, tensor in held:
-            stand_in = self.release(engine, tensor)
+        for form in forms:
+            stand_in = self.release(engine, form.float_copy)
             if stand_in is not None:
                 with self._lock:
-                    self.float_copies[key] = stand_in
+                    form.float_copy = stand_in
                 released += 1
         return released
 
-    def _drop_unread_float_copies(self) -> None:
-        """Forget the float32 copies no packed entry holds (every program reading them was let go)."""
-        self.float_copies = {key: t for key, t in self.float_copies.items() if _key(t) in self.entries}
+    def _drop_unread_int8_forms(self) -> None:
+        """Forget the choices for int8 weights no packed entry reads any more, in either form (every program
+        reading them was let go)."""
+        def read(form: Int8Form) -> bool:
+            copies = [form.weight, form.weight.t()] + ([form.float_copy] if form.float_copy is not None else [])
+            return any(_key(t) in self.entries for t in copies)
+
+        self.int8_forms = {key: form for key, form in self.int8_forms.items() if read(form)}
 
     def values(self, engine: Engine, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor``'s values for torch code that reads them as they lie: itself, marked so that it is never
@@ -149,7 +164,7 @@ class PackedWeights:
         copies are all kept: its values live nowhere else)."""
         with self._lock:
             self._retain(used)
-            self._drop_unread_float_copies()
+            self._drop_unread_int8_forms()
 
     def _retain(self, used: set[int]) -> None:
         for key in list(self.entries):
@@ -174,7 +189,7 @@ class PackedWeights:
                     del self.entries[key], self.sources[key]
                     self.read_as_is.discard(key)
                     forgotten += 1
-            self._drop_unread_float_copies()
+            self._drop_unread_int8_forms()
         return forgotten
 
     def release(self, engine: Engine, tensor: torch.Tensor) -> torch.Tensor | None:
@@ -205,13 +220,27 @@ class PackedWeights:
                 if not torch.equal(unpack(), tensor):
                     return None
             stand_in = release(tensor, unpack)
-            if key in self.float_copies:  # an int8 weight some programs run in float32: found by its stand-in
-                self.float_copies[_key(stand_in)] = self.float_copies.pop(key)
+            form = self.int8_forms.pop(key, None)
+            if form is not None:  # an int8 weight packed in int8: its choice, found by its stand-in
+                form.weight = stand_in
+                self.int8_forms[_key(stand_in)] = form
             packed_view = stand_in.t() if transposed else stand_in  # what later builds pack and look up
             self.entries[_key(packed_view)] = self.entries.pop(packed_key)
             self.sources[_key(packed_view)] = packed_view
             del self.sources[packed_key]
             return stand_in
+
+
+@dataclass
+class Int8Form:
+    """How the linears reading one int8 weight run (``int8_or_float.py``): the choice its first build made
+    (``choice["float32"]``; ``memo``: what it is remembered and saved under), and where they run in float32,
+    the weight's float32 values."""
+
+    weight: torch.Tensor  # the int8 weight (held: its address is the key), or its stand-in once released
+    memo: str
+    choice: dict
+    float_copy: torch.Tensor | None = None
 
 
 def _unpack(engine: Engine, md: MemoryDesc, storage: torch.Tensor, shape: tuple) -> torch.Tensor:

@@ -11,11 +11,16 @@ int8's time it runs in float32 on the numbers the graph names,
     y = post_ops((s_x q_x) (s_W[o] q_W)^T + b)
 
 its input the dequantized int8 value, its weight ``s_W[o] q_W`` made once in float32: the int8 op's answer
-up to float32's rounding of the sums, which calibration and the accuracy guard measured.  The choice is kept
-in the tuning cache (kind ``int8_linear``) under the shape, the source type, the thread count and the CPU,
-and saved with the program.  A weight packed already for another shape or thread count keeps its form (in
-int8, or in float32 where its float32 copy is held): one copy of each weight.  With VNNI (AVX-512 VNNI,
-AVX-VNNI, AMX) an int8 lane does four products where float32's does one: nothing is measured.
+up to float32's rounding of the sums (which can move a value written in int8 for the next layer by one step
+where it lies at a rounding tie: within int8's own error, which calibration and the accuracy guard measured).
+The times are the two kernels' alone; the float32 one also costs a reorder of its int8 input to float32 (and
+a quantize of its result where the next op reads int8), a few percent at these sizes, which :data:`FASTER`
+leaves room for.  The choice is kept in the tuning cache (kind ``int8_linear``) under the shape, the source
+type, the thread count and the CPU.  The first build reading a weight chooses for it (:class:`~pyrys.backends.dnnl.builder.Int8Form`):
+every later shape, thread count and layout candidate keeps that form, in int8 or on its one float32 copy,
+and notes the choice in its program's ``kernel_choices``, which a save keeps (a load runs what was saved).
+With VNNI (AVX-512 VNNI, AVX-VNNI, AMX) an int8 lane does four products where float32's does one: nothing
+is measured.
 """
 from __future__ import annotations
 
@@ -40,38 +45,49 @@ if TYPE_CHECKING:
 FASTER = 0.95  # float32 is chosen where it takes at most this fraction of the int8 kernel's time
 RUNS = 7  # calls of each kernel, interleaved (fewer where they are long); the best counts
 MAX_WEIGHT = 1 << 26  # larger weights are not measured (a copy of each form is timed): they stay int8
-HELD = "its float32 weight is held already (made for another shape or thread count)"
 
 
 def float32_instead(builder: "Builder", int8: "Int8Op", rows: int, has_bias: bool) -> str:
     """Why the int8 linear ``int8`` of ``rows`` rows runs in float32 here ("": it runs in int8); see the
-    module docstring.  The measured choice is noted in ``builder.kernel_choices`` (saved with the program)."""
+    module docstring.  The choice is noted in ``builder.kernel_choices`` (saved with the program) by every
+    build that follows it, the first one's and those of later shapes, thread counts and layout candidates."""
     if vnni() or int8.weight.dim() != 2:
         return ""
-    if builder.packed.has_float_copy(int8.weight):
-        return HELD
-    if builder.packed.layouts_of(int8.weight, plain=True) or packed_for_matmul(int8.weight, builder.packed):
-        return ""  # packed in int8 already
-    if int8.weight.numel() > MAX_WEIGHT:
+    form = builder.packed.int8_form(int8.weight)
+    if form is None:
+        if builder.packed.layouts_of(int8.weight, plain=True) or packed_for_matmul(int8.weight, builder.packed):
+            return ""  # packed in int8 already, nothing chosen (not measured: its choice was let go)
+        if int8.weight.numel() > MAX_WEIGHT:
+            return ""
+        memo, choice = decide("int8_linear", _key(int8, rows, has_bias),
+                              lambda: _measure(builder, int8, rows, has_bias))
+        if choice is None:
+            return ""
+        form = builder.packed.choose_int8_form(int8.weight, memo, choice)
+    builder.kernel_choices[form.memo] = form.choice
+    if not form.choice["float32"]:
         return ""
+    return f"measured slower in int8 here ({form.choice['measured']})"  # (at the rows of the first shape built)
+
+
+def _key(int8: "Int8Op", rows: int, has_bias: bool) -> dict:
     out_features, in_features = int8.weight.shape
-    src = {torch.uint8: "u8", torch.int8: "s8"}[int8.src_quant.dtype]
-    key = {"rows": rows, "weight": [out_features, in_features], "src": src, "bias": has_bias, "runs": RUNS,
-           "faster": FASTER, **machine_key(torch.get_num_threads())}  # the thread count the program runs with
+    return {"rows": rows, "weight": [out_features, in_features], "src": _SRC[int8.src_quant.dtype], "bias": has_bias,
+            "runs": RUNS, "faster": FASTER, **machine_key(torch.get_num_threads())}  # the program's thread count
 
-    def measure() -> dict | None:
-        try:
-            int8_seconds, float_seconds = _seconds(builder, rows, out_features, in_features, src, has_bias)
-        except DnnlError:
-            return None
-        return {"float32": float_seconds <= FASTER * int8_seconds,
-                "measured": f"int8 {int8_seconds * 1e3:.3f} ms, float32 {float_seconds * 1e3:.3f} ms"}
 
-    memo, choice = decide("int8_linear", key, measure)
-    if choice is None:
-        return ""
-    builder.kernel_choices[memo] = choice
-    return f"measured slower in int8 here ({choice['measured']})" if choice["float32"] else ""
+_SRC = {torch.uint8: "u8", torch.int8: "s8"}
+
+
+def _measure(builder: "Builder", int8: "Int8Op", rows: int, has_bias: bool) -> dict | None:
+    out_features, in_features = int8.weight.shape
+    try:
+        int8_seconds, float_seconds = _seconds(builder, rows, out_features, in_features, _SRC[int8.src_quant.dtype],
+                                               has_bias)
+    except DnnlError:
+        return None
+    return {"float32": float_seconds <= FASTER * int8_seconds,
+            "measured": f"{rows} rows: int8 {int8_seconds * 1e3:.3f} ms, float32 {float_seconds * 1e3:.3f} ms"}
 
 
 IN_FLOAT32 = ", int8=[in float32: "  # how a program line says it (``lower_conv.lower_linear``)
@@ -84,7 +100,7 @@ def note(step_texts: list[str]) -> str:
         return ""
     count = moved + sum(", int8=[src=" in text and "dnnl::linear" in text for text in step_texts)
     return (f"precision='int8': {moved} of the {count} int8 linears run in float32 on their int8 numbers (the "
-            "dequantized input and weight: the same answer), where oneDNN's int8 kernel was measured slower on "
+            "dequantized input and weight), where oneDNN's int8 kernel was measured slower on "
             "this CPU (no VNNI; each one's times in the program text)")
 
 
@@ -95,7 +111,7 @@ def float_weight(builder: "Builder", dequantize: fx.Node, int8: "Int8Op") -> tor
         q, scales, zero_points = (builder.constant_values(a) for a in dequantize.args[:3])
         return dequantize.target(q, scales, zero_points, *dequantize.args[3:]).contiguous()
 
-    return builder.packed.float_copy(int8.weight, make)
+    return builder.packed.float_copy(builder.packed.int8_form(int8.weight), make)
 
 
 def _seconds(builder: "Builder", rows: int, out_features: int, in_features: int, src: str,
