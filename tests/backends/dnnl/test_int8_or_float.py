@@ -120,20 +120,38 @@ def test_a_weight_keeps_its_form_across_shapes_and_thread_counts(no_vnni, monkey
     assert len(texts) == 3 and all((IN_FLOAT32 in text) == (first == "float32") for text in texts), texts
 
 
-def test_the_float32_weight_is_one_packed_copy(no_vnni, monkeypatch):
-    """The float32 weight made from the int8 one is freed once packed in oneDNN's layout (a stand-in keeps
-    its shape); the int8 weight, never packed, is the graph's only plain copy."""
+def test_the_float32_weight_is_the_one_copy(no_vnni, monkeypatch):
+    """The float32 weight made from the int8 one is freed once packed in oneDNN's layout, and so is the
+    int8 weight (stand-ins keep their shapes; the int8 values come back from the packed float32 copy,
+    exactly: a save and a call on NaN, which runs the graph on torch ops, read them)."""
     from pyrys.backends.dnnl import linear_kernels
+    from pyrys.ir.graph import named_constants
+    from pyrys.ir.released import values_of
 
     monkeypatch.setattr(linear_kernels, "kernel_flags", lambda: frozenset({"avx512f"}))  # oneDNN's layout
-    timed(monkeypatch, 2.0, 1.0)
     model, x, calibration = model_and_data()
+    timed(monkeypatch, 1.0, 2.0)
+    in_int8 = int8(model, x, calibration)
+    monkeypatch.setattr(measured, "_DECIDED", {})
+    monkeypatch.setenv("PYRYS_CACHE_DIR", "")
+    timed(monkeypatch, 2.0, 1.0)
     opt = int8(model, x, calibration)
-    copies = [form.float_copy for form in opt._first.program.packed.int8_forms.values()]
-    assert len(copies) == 2 and all(is_released(copy) for copy in copies)
-    float_bytes = sum(copy.numel() * 4 for copy in copies)
+    forms = list(opt._first.program.packed.int8_forms.values())
+    assert len(forms) == 2 and all(is_released(form.float_copy) and is_released(form.weight) for form in forms)
+    int8_weights = {name: t for name, t in named_constants(in_int8._first.captured.gm) if t.dtype == torch.int8}
+    released = {name: t for name, t in named_constants(opt._first.captured.gm) if t.dtype == torch.int8}
+    assert len(int8_weights) == 2 and released.keys() == int8_weights.keys()
+    for name, stand_in in released.items():
+        assert is_released(stand_in) and torch.equal(values_of(stand_in), values_of(int8_weights[name]))
+    int8_bytes = sum(t.numel() for t in int8_weights.values())
+    assert opt.memory()["weights"] == in_int8.memory()["weights"] < int8_bytes  # (biases and scales: the
+    float_bytes = sum(form.float_copy.numel() * 4 for form in forms)  # int8 program's weights are packed)
     assert opt.memory()["packed_weights"] >= float_bytes
-    assert pyrys.relative_error(opt(x), model(x)) <= 5e-2
+    assert pyrys.relative_error(opt(x), in_int8(x)) <= 1e-5
+    nan = x.clone()
+    nan[0, 0, 0] = float("nan")
+    assert torch.equal(opt(nan).isnan(), in_int8(nan).isnan())
+    assert pyrys.relative_error(opt(nan)[1:], in_int8(nan)[1:]) <= 1e-5
 
 
 def conv_and_linears():

@@ -75,16 +75,17 @@ class PackedWeights:
             return self.int8_forms.setdefault(_key(weight), Int8Form(weight, memo, choice))
 
     def float_copy(self, form: "Int8Form", make) -> torch.Tensor:
-        """The float32 values of ``form``'s weight (``make()``), made once and read by every program that runs
-        it in float32 (so that they are packed once)."""
+        """The float32 values of ``form``'s weight (``make()``: them and the scales they were made with), made
+        once and read by every program that runs it in float32 (so that they are packed once); the int8
+        weight is then released to a stand-in that reads them back (:meth:`release`)."""
         with self._lock:
             made = form.float_copy
         if made is not None:
             return made
-        made = make()  # (outside the lock: reading a weight's values may take it)
+        made, scales = make()  # (outside the lock: reading a weight's values may take it)
         with self._lock:
             if form.float_copy is None:
-                form.float_copy = made
+                form.float_copy, form.scales = made, scales
             return form.float_copy
 
     def release_float_copies(self, engine: Engine) -> int:
@@ -203,6 +204,8 @@ class PackedWeights:
                 packed_key = _key(tensor.t())  # a linear run as a matmul packs its weight's transpose
                 entries = self.entries.get(packed_key)
             own = tensor.untyped_storage().data_ptr()
+            if not entries and not is_released(tensor):
+                return self._release_int8_weight(tensor, key)
             if (not entries or tensor.numel() <= 1 or is_released(tensor) or key in self.read_as_is
                     or any(s.untyped_storage().data_ptr() == own or DNNL_TO_TORCH.get(md.dtype) != tensor.dtype
                            for md, s in entries)
@@ -220,15 +223,43 @@ class PackedWeights:
                 if not torch.equal(unpack(), tensor):
                     return None
             stand_in = release(tensor, unpack)
-            form = self.int8_forms.pop(key, None)
-            if form is not None:  # an int8 weight packed in int8: its choice, found by its stand-in
-                form.weight = stand_in
-                self.int8_forms[_key(stand_in)] = form
+            self._rekey_int8_form(key, stand_in)  # (an int8 weight packed in int8: its choice follows it)
             packed_view = stand_in.t() if transposed else stand_in  # what later builds pack and look up
             self.entries[_key(packed_view)] = self.entries.pop(packed_key)
             self.sources[_key(packed_view)] = packed_view
             del self.sources[packed_key]
             return stand_in
+
+
+    def _release_int8_weight(self, tensor: torch.Tensor, key: tuple) -> torch.Tensor | None:
+        """A stand-in for an int8 weight no program reads in int8, whose linears run on its float32 copy,
+        packed (the caller holds the lock): its values come back from that copy, ``round(W_f32 / s_W[o])``,
+        exactly (checked: else None)."""
+        form = self.int8_forms.get(key)
+        if (form is None or form.float_copy is None or form.scales is None or tensor.dtype != torch.int8
+                or key in self.read_as_is or _key(form.float_copy) not in self.entries
+                or any(s.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr()
+                       for s in self.sources.values())):
+            return None
+        restore = functools.partial(_requantized, form)
+        if not torch.equal(restore(), tensor):
+            return None
+        stand_in = release(tensor, restore)
+        self._rekey_int8_form(key, stand_in)
+        return stand_in
+
+    def _rekey_int8_form(self, key: tuple, stand_in: torch.Tensor) -> None:
+        form = self.int8_forms.pop(key, None)
+        if form is not None:
+            form.weight = stand_in
+            self.int8_forms[_key(stand_in)] = form
+
+
+def _requantized(form: "Int8Form") -> torch.Tensor:
+    """The int8 weight whose float32 copy ``form`` holds: ``round(W_f32 / s_W[o])`` (``W_f32 = s_W[o] q_W`` is
+    one rounding from the exact product, far within half a step of ``q_W``, |q_W| <= 127)."""
+    values = values_of(form.float_copy)
+    return torch.round(values / form.scales.reshape(-1, *[1] * (values.dim() - 1))).to(torch.int8)
 
 
 @dataclass
@@ -241,6 +272,7 @@ class Int8Form:
     memo: str
     choice: dict
     float_copy: torch.Tensor | None = None
+    scales: torch.Tensor | None = None  # s_W[o], with the float32 copy: what gives the int8 weight back
 
 
 def _unpack(engine: Engine, md: MemoryDesc, storage: torch.Tensor, shape: tuple) -> torch.Tensor:

@@ -36,6 +36,7 @@ from pyrys.backends.dnnl.layout import any_md, plain_md
 from pyrys.backends.dnnl.linear_primitive import packed_for_matmul
 from pyrys.backends.dnnl.measured import best_seconds, decide, filled_memory, machine_key
 from pyrys.backends.dnnl.primitives import Primitive, PrimitiveAttr, Stream
+from pyrys.ir.released import values_of
 from pyrys.quantization import vnni
 
 if TYPE_CHECKING:
@@ -107,9 +108,10 @@ def note(step_texts: list[str]) -> str:
 def float_weight(builder: "Builder", dequantize: fx.Node, int8: "Int8Op") -> torch.Tensor:
     """The float32 weight ``s_W[o] q_W`` of an int8 linear (``dequantize``: its weight's node), computed as
     the graph computes it, once: every program reads the same tensor, so it is packed once."""
-    def make() -> torch.Tensor:
-        q, scales, zero_points = (builder.constant_values(a) for a in dequantize.args[:3])
-        return dequantize.target(q, scales, zero_points, *dequantize.args[3:]).contiguous()
+    def make() -> tuple[torch.Tensor, torch.Tensor]:
+        # (values_of, not builder.constant_values: that marks a constant read as it is, never released)
+        q, scales, zero_points = (values_of(builder.constant(a)) for a in dequantize.args[:3])
+        return dequantize.target(q, scales, zero_points, *dequantize.args[3:]).contiguous(), scales
 
     return builder.packed.float_copy(builder.packed.int8_form(int8.weight), make)
 
