@@ -120,7 +120,7 @@ def test_a_weight_keeps_its_form_across_shapes_and_thread_counts(no_vnni, monkey
     assert len(texts) == 3 and all((IN_FLOAT32 in text) == (first == "float32") for text in texts), texts
 
 
-def test_the_float32_weight_is_the_one_copy(no_vnni, monkeypatch):
+def test_the_float32_weight_is_the_one_copy(no_vnni, monkeypatch, tmp_path):
     """The float32 weight made from the int8 one is freed once packed in oneDNN's layout, and so is the
     int8 weight (stand-ins keep their shapes; the int8 values come back from the packed float32 copy,
     exactly: a save and a call on NaN, which runs the graph on torch ops, read them)."""
@@ -148,6 +148,8 @@ def test_the_float32_weight_is_the_one_copy(no_vnni, monkeypatch):
     float_bytes = sum(form.float_copy.numel() * 4 for form in forms)  # int8 program's weights are packed)
     assert opt.memory()["packed_weights"] >= float_bytes
     assert pyrys.relative_error(opt(x), in_int8(x)) <= 1e-5
+    pyrys.save(opt, tmp_path / "saved")
+    assert torch.equal(pyrys.load(tmp_path / "saved")(x), opt(x))
     nan = x.clone()
     nan[0, 0, 0] = float("nan")
     assert torch.equal(opt(nan).isnan(), in_int8(nan).isnan())
@@ -186,6 +188,25 @@ def test_a_save_runs_what_it_was_saved_with(no_vnni, monkeypatch, tmp_path, make
     loaded = pyrys.load(tmp_path / "saved")
     assert torch.equal(loaded(x), expected)
     assert linear_lines(loaded) == saved_lines
+
+
+@pytest.mark.parametrize("form", ["float32", "int8"])
+def test_one_int8_tensor_read_with_two_scales(no_vnni, monkeypatch, tmp_path, form):
+    """Weights ``W`` and ``2 W`` quantize to the same int8 values with other scales; a save keeps equal bytes
+    once, so the loaded graph's two linears read one int8 tensor (a helper's find: the float32 copy was
+    the weight's alone, made with the first linear's scales, and the second ran on it: 0.34 off)."""
+    torch.manual_seed(0)
+    model = Fn(lambda m, x: m.a(x) + m.b(torch.relu(x)), a=torch.nn.Linear(16, 16), b=torch.nn.Linear(16, 16)).eval()
+    with torch.no_grad():
+        model.b.weight.copy_(model.a.weight * 2)
+    x = torch.randn(40, 16)
+    timed(monkeypatch, *((2.0, 1.0) if form == "float32" else (1.0, 2.0)))
+    opt = int8(model, x, [(torch.randn(40, 16),) for _ in range(4)], dynamic=True)
+    pyrys.save(opt, tmp_path / "saved")
+    loaded = pyrys.load(tmp_path / "saved")
+    assert torch.equal(loaded(x), opt(x))
+    y = torch.randn(7, 16)  # a shape of the loaded module's own
+    assert pyrys.relative_error(loaded(y), opt(y)) <= 1e-5
 
 
 def test_both_kernels_really_run(no_vnni, tmp_path):

@@ -31,15 +31,16 @@ class PackedWeights:
     (one per layout candidate, thread count and input shape): a weight is packed once per layout.
 
     :meth:`release` hands out a stand-in (:mod:`pyrys.ir.released`) for a constant held here only
-    in other layouts (or, for a linear run as a matmul, only its transpose), so that the graph's plain
-    copy can be freed; a stand-in's values come back from its packed copy, and a further layout is
-    packed from them."""
+    in other layouts (or, for a linear run as a matmul, only its transpose; or, for an int8 weight
+    whose linears run in float32, only as its float32 values: :class:`Int8Form`), so that the graph's
+    plain copy can be freed; a stand-in's values come back from its packed copy, and a further layout
+    is packed from them."""
 
     def __init__(self) -> None:
         self.entries: dict[tuple, list[tuple[MemoryDesc, torch.Tensor]]] = {}  # source -> [(md, bytes)]
         self.sources: dict[tuple, torch.Tensor] = {}  # keeps each source alive while its address is a key
         self.read_as_is: set[tuple] = set()  # constants torch code reads by address: never released
-        self.int8_forms: dict[tuple, Int8Form] = {}  # int8 weight -> how its linears run (int8_or_float.py)
+        self.int8_forms: dict[tuple, Int8Form] = {}  # (int8 weight, scales) -> how its linears run (int8_or_float.py)
         self._lock = threading.Lock()  # programs of several shapes and thread counts build at once
 
     def packed(self, engine: Engine, stream: Stream, tensor: torch.Tensor, md: MemoryDesc | None,
@@ -63,29 +64,31 @@ class PackedWeights:
                     del self.entries[key], self.sources[key]
             self._drop_unread_int8_forms()
 
-    def int8_form(self, weight: torch.Tensor) -> "Int8Form | None":
-        """How the linears reading the int8 ``weight`` run, as its first build chose; None before that."""
+    def int8_form(self, weight: torch.Tensor, scales: torch.Tensor) -> "Int8Form | None":
+        """How the linears reading the int8 ``weight`` with ``scales`` run, as the first build chose; None
+        before that.  By both: two linears may read one int8 tensor with other scales (a save keeps equal
+        bytes once: ``W`` and ``2 W`` quantize alike)."""
         with self._lock:
-            return self.int8_forms.get(_key(weight))
+            return self.int8_forms.get(_form_key(weight, scales))
 
-    def choose_int8_form(self, weight: torch.Tensor, memo: str, choice: dict) -> "Int8Form":
-        """Record the choice (``memo`` and ``choice``, as :func:`measured.decide` gives them) for ``weight``,
-        unless one is recorded already; the one recorded."""
+    def choose_int8_form(self, weight: torch.Tensor, scales: torch.Tensor, memo: str, choice: dict) -> "Int8Form":
+        """Record the choice (``memo`` and ``choice``, as :func:`measured.decide` gives them) for ``weight``
+        read with ``scales``, unless one is recorded already; the one recorded."""
         with self._lock:
-            return self.int8_forms.setdefault(_key(weight), Int8Form(weight, memo, choice))
+            return self.int8_forms.setdefault(_form_key(weight, scales), Int8Form(weight, scales, memo, choice))
 
     def float_copy(self, form: "Int8Form", make) -> torch.Tensor:
-        """The float32 values of ``form``'s weight (``make()``: them and the scales they were made with), made
-        once and read by every program that runs it in float32 (so that they are packed once); the int8
-        weight is then released to a stand-in that reads them back (:meth:`release`)."""
+        """The float32 values of ``form``'s weight (``make()``: ``s_W[o] q_W``), made once and read by every
+        program that runs it in float32 (so that they are packed once); the int8 weight is then released to
+        a stand-in that reads them back (:meth:`release`)."""
         with self._lock:
             made = form.float_copy
         if made is not None:
             return made
-        made, scales = make()  # (outside the lock: reading a weight's values may take it)
+        made = make()  # (outside the lock: reading a weight's values may take it)
         with self._lock:
             if form.float_copy is None:
-                form.float_copy, form.scales = made, scales
+                form.float_copy = made
             return form.float_copy
 
     def release_float_copies(self, engine: Engine) -> int:
@@ -196,16 +199,18 @@ class PackedWeights:
     def release(self, engine: Engine, tensor: torch.Tensor) -> torch.Tensor | None:
         """A stand-in for ``tensor`` if every copy held of it (or, where it has none, of its transpose: a
         linear's weight run as a matmul) is packed in another layout, with its dtype (read back, it gives
-        the same values exactly); else None (it is read as it is, or not packed here, or a single number)."""
+        the same values exactly), or, where none is, if it is an int8 weight held as its float32 values
+        (:meth:`_release_int8_weight`); else None (it is read as it is, or not packed here, or a single
+        number)."""
         with self._lock:
             key = packed_key = _key(tensor)
             entries = self.entries.get(key)
             if not entries and tensor.dim() == 2 and not is_released(tensor):
                 packed_key = _key(tensor.t())  # a linear run as a matmul packs its weight's transpose
                 entries = self.entries.get(packed_key)
-            own = tensor.untyped_storage().data_ptr()
             if not entries and not is_released(tensor):
                 return self._release_int8_weight(tensor, key)
+            own = tensor.untyped_storage().data_ptr()
             if (not entries or tensor.numel() <= 1 or is_released(tensor) or key in self.read_as_is
                     or any(s.untyped_storage().data_ptr() == own or DNNL_TO_TORCH.get(md.dtype) != tensor.dtype
                            for md, s in entries)
@@ -230,14 +235,13 @@ class PackedWeights:
             del self.sources[packed_key]
             return stand_in
 
-
     def _release_int8_weight(self, tensor: torch.Tensor, key: tuple) -> torch.Tensor | None:
         """A stand-in for an int8 weight no program reads in int8, whose linears run on its float32 copy,
         packed (the caller holds the lock): its values come back from that copy, ``round(W_f32 / s_W[o])``,
         exactly (checked: else None)."""
-        form = self.int8_forms.get(key)
-        if (form is None or form.float_copy is None or form.scales is None or tensor.dtype != torch.int8
-                or key in self.read_as_is or _key(form.float_copy) not in self.entries
+        form = next((f for k, f in self.int8_forms.items() if k[0] == key and f.float_copy is not None
+                     and _key(f.float_copy) in self.entries), None)  # (any: each gives it back exactly)
+        if (form is None or tensor.dtype != torch.int8 or key in self.read_as_is
                 or any(s.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr()
                        for s in self.sources.values())):
             return None
@@ -249,17 +253,19 @@ class PackedWeights:
         return stand_in
 
     def _rekey_int8_form(self, key: tuple, stand_in: torch.Tensor) -> None:
-        form = self.int8_forms.pop(key, None)
-        if form is not None:
+        """The choices for the weight whose key was ``key``, found by its stand-in from now on."""
+        for form_key in [k for k in self.int8_forms if k[0] == key]:
+            form = self.int8_forms.pop(form_key)
             form.weight = stand_in
-            self.int8_forms[_key(stand_in)] = form
+            self.int8_forms[(_key(stand_in), form_key[1])] = form
 
 
 def _requantized(form: "Int8Form") -> torch.Tensor:
     """The int8 weight whose float32 copy ``form`` holds: ``round(W_f32 / s_W[o])`` (``W_f32 = s_W[o] q_W`` is
     one rounding from the exact product, far within half a step of ``q_W``, |q_W| <= 127)."""
     values = values_of(form.float_copy)
-    return torch.round(values / form.scales.reshape(-1, *[1] * (values.dim() - 1))).to(torch.int8)
+    scales = values_of(form.scales)
+    return torch.round(values / scales.reshape(-1, *[1] * (values.dim() - 1))).to(torch.int8)
 
 
 @dataclass
@@ -269,10 +275,14 @@ class Int8Form:
     the weight's float32 values."""
 
     weight: torch.Tensor  # the int8 weight (held: its address is the key), or its stand-in once released
+    scales: torch.Tensor  # s_W[o]
     memo: str
     choice: dict
     float_copy: torch.Tensor | None = None
-    scales: torch.Tensor | None = None  # s_W[o], with the float32 copy: what gives the int8 weight back
+
+
+def _form_key(weight: torch.Tensor, scales: torch.Tensor) -> tuple:
+    return _key(weight), values_of(scales).detach().contiguous().numpy().tobytes()
 
 
 def _unpack(engine: Engine, md: MemoryDesc, storage: torch.Tensor, shape: tuple) -> torch.Tensor:

@@ -54,7 +54,7 @@ def float32_instead(builder: "Builder", int8: "Int8Op", rows: int, has_bias: boo
     build that follows it, the first one's and those of later shapes, thread counts and layout candidates."""
     if vnni() or int8.weight.dim() != 2:
         return ""
-    form = builder.packed.int8_form(int8.weight)
+    form = builder.packed.int8_form(int8.weight, int8.weight_scales)
     if form is None:
         if builder.packed.layouts_of(int8.weight, plain=True) or packed_for_matmul(int8.weight, builder.packed):
             return ""  # packed in int8 already, nothing chosen (not measured: its choice was let go)
@@ -64,7 +64,7 @@ def float32_instead(builder: "Builder", int8: "Int8Op", rows: int, has_bias: boo
                               lambda: _measure(builder, int8, rows, has_bias))
         if choice is None:
             return ""
-        form = builder.packed.choose_int8_form(int8.weight, memo, choice)
+        form = builder.packed.choose_int8_form(int8.weight, int8.weight_scales, memo, choice)
     builder.kernel_choices[form.memo] = form.choice
     if not form.choice["float32"]:
         return ""
@@ -108,12 +108,12 @@ def note(step_texts: list[str]) -> str:
 def float_weight(builder: "Builder", dequantize: fx.Node, int8: "Int8Op") -> torch.Tensor:
     """The float32 weight ``s_W[o] q_W`` of an int8 linear (``dequantize``: its weight's node), computed as
     the graph computes it, once: every program reads the same tensor, so it is packed once."""
-    def make() -> tuple[torch.Tensor, torch.Tensor]:
+    def make() -> torch.Tensor:
         # (values_of, not builder.constant_values: that marks a constant read as it is, never released)
         q, scales, zero_points = (values_of(builder.constant(a)) for a in dequantize.args[:3])
-        return dequantize.target(q, scales, zero_points, *dequantize.args[3:]).contiguous(), scales
+        return dequantize.target(q, scales, zero_points, *dequantize.args[3:]).contiguous()
 
-    return builder.packed.float_copy(builder.packed.int8_form(int8.weight), make)
+    return builder.packed.float_copy(builder.packed.int8_form(int8.weight, int8.weight_scales), make)
 
 
 def _seconds(builder: "Builder", rows: int, out_features: int, in_features: int, src: str,
