@@ -30,12 +30,12 @@ import torch
 import torch.fx as fx
 
 from pyrys.backends.dnnl.binding import DnnlError
-from pyrys.backends.dnnl.constants import ARG_ATTR_SCALES, ARG_BIAS, ARG_DST, ARG_SRC, ARG_WEIGHTS
+from pyrys.backends.dnnl.constants import ARG_ATTR_SCALES, ARG_SRC, ARG_WEIGHTS
 from pyrys.backends.dnnl.descriptors import inner_product_pd
 from pyrys.backends.dnnl.layout import any_md, plain_md
 from pyrys.backends.dnnl.linear_primitive import packed_for_matmul
-from pyrys.backends.dnnl.measured import best_seconds, decide, filled_memory, machine_key
-from pyrys.backends.dnnl.primitives import Primitive, PrimitiveAttr, Stream
+from pyrys.backends.dnnl.measured import decide, filled_memory, inner_product_seconds, machine_key
+from pyrys.backends.dnnl.primitives import PrimitiveAttr
 from pyrys.ir.released import values_of
 from pyrys.quantization import vnni
 
@@ -119,23 +119,16 @@ def float_weight(builder: "Builder", dequantize: fx.Node, int8: "Int8Op") -> tor
 def _seconds(builder: "Builder", rows: int, out_features: int, in_features: int, src: str,
              has_bias: bool) -> list[float]:
     """The best times of the int8 inner product (scales per output channel) and of the float32 one, each in
-    the weight layout oneDNN picks."""
+    the weight layout oneDNN picks (:func:`measured.inner_product_seconds`)."""
     engine = builder.engine
-    stream = Stream(engine)  # held here: a bound call keeps only its handle
-    src_dtype = torch.uint8 if src == "u8" else torch.int8
-    calls = []
-    for x_dtype, w_dtype, scales in ((src_dtype, torch.int8, {ARG_SRC: 0, ARG_WEIGHTS: 1}),
+    candidates = []
+    for x_dtype, w_dtype, scales in ((torch.uint8 if src == "u8" else torch.int8, torch.int8, {ARG_SRC: 0, ARG_WEIGHTS: 1}),
                                      (torch.float32, torch.float32, {})):
         bias_md = plain_md([out_features], torch.float32) if has_bias else None
         pd = inner_product_pd(engine, plain_md([rows, in_features], x_dtype),
                               any_md([out_features, in_features], w_dtype), plain_md([rows, out_features], torch.float32),
                               bias_md, attr=PrimitiveAttr(scales=scales))
-        args = {ARG_SRC: filled_memory(engine, pd.src_md()), ARG_WEIGHTS: filled_memory(engine, pd.weights_md()),
-                ARG_DST: filled_memory(engine, pd.dst_md())}
-        if has_bias:
-            args[ARG_BIAS] = filled_memory(engine, pd.weights_md(1))
-        if scales:
-            args[ARG_ATTR_SCALES | ARG_SRC] = filled_memory(engine, plain_md([1], torch.float32))
-            args[ARG_ATTR_SCALES | ARG_WEIGHTS] = filled_memory(engine, plain_md([out_features], torch.float32))
-        calls.append(Primitive(pd).bind(stream, args).run)
-    return best_seconds(calls, RUNS)
+        further = {ARG_ATTR_SCALES | ARG_SRC: filled_memory(engine, plain_md([1], torch.float32)),
+                   ARG_ATTR_SCALES | ARG_WEIGHTS: filled_memory(engine, plain_md([out_features], torch.float32))}
+        candidates.append((pd, has_bias, further if scales else {}))
+    return inner_product_seconds(engine, candidates, RUNS)

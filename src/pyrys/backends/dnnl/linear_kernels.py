@@ -13,11 +13,10 @@ from __future__ import annotations
 import torch
 
 from pyrys.backends.dnnl.binding import DnnlError
-from pyrys.backends.dnnl.constants import ARG_BIAS, ARG_DST, ARG_SRC, ARG_WEIGHTS
 from pyrys.backends.dnnl.descriptors import inner_product_pd
 from pyrys.backends.dnnl.layout import plain_md
-from pyrys.backends.dnnl.measured import best_seconds, decide, filled_memory, machine_key
-from pyrys.backends.dnnl.primitives import Engine, MemoryDesc, Primitive, PrimitiveAttr, Stream
+from pyrys.backends.dnnl.measured import decide, inner_product_seconds, machine_key
+from pyrys.backends.dnnl.primitives import Engine, MemoryDesc, PrimitiveAttr
 from pyrys.machine import kernel_flags
 
 MIN_ROWS = 16  # fewer rows (a decoder step, a classifier head): not worth a measurement
@@ -61,14 +60,6 @@ def weight_layouts(engine: Engine, x_md: MemoryDesc, weight: torch.Tensor, dst_m
 def _seconds(engine: Engine, x_md: MemoryDesc, w_mds: tuple[MemoryDesc, ...], dst_md: MemoryDesc,
              bias_md: MemoryDesc | None) -> list[float]:
     """For each weight layout of ``w_mds``, the best of up to :data:`RUNS` calls of the inner product
-    (:func:`measured.best_seconds`)."""
-    stream = Stream(engine)  # held here: a bound call keeps only its handle
-    calls = []
-    for w_md in w_mds:
-        pd = inner_product_pd(engine, x_md, w_md, dst_md, bias_md, attr=PrimitiveAttr())
-        args = {ARG_SRC: filled_memory(engine, pd.src_md()), ARG_WEIGHTS: filled_memory(engine, pd.weights_md()),
-                ARG_DST: filled_memory(engine, pd.dst_md())}
-        if bias_md is not None:
-            args[ARG_BIAS] = filled_memory(engine, pd.weights_md(1))
-        calls.append(Primitive(pd).bind(stream, args).run)
-    return best_seconds(calls, RUNS)
+    (:func:`measured.inner_product_seconds`)."""
+    return inner_product_seconds(engine, [(inner_product_pd(engine, x_md, w_md, dst_md, bias_md, attr=PrimitiveAttr()),
+                                           bias_md is not None, {}) for w_md in w_mds], RUNS)

@@ -18,7 +18,8 @@ import torch
 
 from pyrys import tuning_cache
 from pyrys.backends.dnnl import binding
-from pyrys.backends.dnnl.primitives import Engine, Memory, MemoryDesc
+from pyrys.backends.dnnl.constants import ARG_BIAS, ARG_DST, ARG_SRC, ARG_WEIGHTS
+from pyrys.backends.dnnl.primitives import Engine, Memory, MemoryDesc, Primitive, PrimitiveDesc, Stream
 from pyrys.machine import cpu_info
 
 _DECIDED: dict[str, dict] = {}  # this process's choices, by kind and key (the tuning cache may be off)
@@ -83,3 +84,17 @@ def filled_memory(engine: Engine, md: MemoryDesc) -> Memory:
     kernel down)."""
     data = torch.full((max(md.size(), 1),), 0x3C, dtype=torch.uint8)
     return Memory(engine, md, data.data_ptr(), keepalive=data)
+
+
+def inner_product_seconds(engine: Engine, candidates: list[tuple[PrimitiveDesc, bool, dict]], runs: int) -> list[float]:
+    """For each inner product ``(pd, has_bias, further arguments)`` (the runtime scales of an int8 one), the
+    best of up to ``runs`` calls (:func:`best_seconds`) on buffers of constant bytes (:func:`filled_memory`)."""
+    stream = Stream(engine)  # held here: a bound call keeps only its handle
+    calls = []
+    for pd, has_bias, further in candidates:
+        args = {ARG_SRC: filled_memory(engine, pd.src_md()), ARG_WEIGHTS: filled_memory(engine, pd.weights_md()),
+                ARG_DST: filled_memory(engine, pd.dst_md()), **further}
+        if has_bias:
+            args[ARG_BIAS] = filled_memory(engine, pd.weights_md(1))
+        calls.append(Primitive(pd).bind(stream, args).run)
+    return best_seconds(calls, runs)
