@@ -129,6 +129,7 @@ def _seconds(builder: "Builder", rows: int, out_features: int, in_features: int,
                               any_md([out_features, in_features], w_dtype), plain_md([rows, out_features], torch.float32),
                               bias_md, attr=PrimitiveAttr(scales=scales))
         further = {ARG_ATTR_SCALES | ARG_SRC: filled_memory(engine, plain_md([1], torch.float32)),
-                   ARG_ATTR_SCALES | ARG_WEIGHTS: filled_memory(engine, plain_md([out_features], torch.float32))}
-        candidates.append((pd, has_bias, further if scales else {}))
+                   ARG_ATTR_SCALES | ARG_WEIGHTS: filled_memory(engine, plain_md([out_features], torch.float32))
+                   } if scales else {}  # (the int8 one's runtime scales)
+        candidates.append((pd, has_bias, further))
     return inner_product_seconds(engine, candidates, RUNS)
