@@ -84,7 +84,8 @@ def test_writes_csv_json_and_png(bench_output):
 def test_writes_markdown_with_one_row_per_system_and_the_command(bench_output):
     out, systems = bench_output
     text = (out / "bench.md").read_text()
-    assert text.startswith("Command: `pyrys bench ")
+    command = text.splitlines()[0]  # the arguments main was given, not this process's (pytest's) own
+    assert command.startswith("Command: `pyrys bench --quick --models ") and command.endswith(f"--out {out}`"), command
     table_rows = [line for line in text.splitlines() if line.startswith("| ") and line.split("|")[1].strip() in systems]
     assert [line.split("|")[1].strip() for line in table_rows] == systems
     assert "vs onnxruntime" in text or "onnxruntime" not in systems

@@ -15,6 +15,7 @@ from pyrys.cli_arguments import at_least_one, finite_non_negative
 from pyrys.bench.measure import TimingPlan, benchmark_model, error_text, pin_threads
 from pyrys.bench.models import build_model, example_inputs
 from pyrys.bench.peers import Peer, default_peers, select_peers
+from pyrys.bench.markdown import command_line
 from pyrys.bench.report import add_peak_share, build_table, describe_machine, make_rows, write_all
 from pyrys.bench.roofline import best_of, count_flops, fp32_peak, measure_peaks
 from pyrys.output_paths import unwritable_folder
@@ -110,8 +111,8 @@ def bench_all(args: argparse.Namespace, peers: list[Peer], plan: TimingPlan,
     return rows, failures
 
 
-def run_pinned(args: argparse.Namespace) -> int:
-    """The benchmark with threads pinned to ``--threads``."""
+def run_pinned(args: argparse.Namespace, command: str) -> int:
+    """The benchmark with threads pinned to ``--threads``; ``command`` is the report's command line."""
     console = Console()
     if not console.is_terminal:
         console = Console(width=170)
@@ -135,7 +136,7 @@ def run_pinned(args: argparse.Namespace) -> int:
     rows, failures = bench_all(args, peers, timing_plan(args), console)
     peaks = best_of(first_peaks, measure_machine_peaks(args.quick, console))
     add_peak_share(rows, fp32_peak(peaks))
-    report(rows, describe_machine(threads, peaks), args.out, console)
+    report(rows, describe_machine(threads, peaks), args.out, console, command)
     return 1 if failures else 0
 
 
@@ -145,18 +146,19 @@ def measure_machine_peaks(quick: bool, console: Console) -> dict[str, float]:
         return measure_peaks(quick=quick)
 
 
-def report(rows: list[dict], machine: dict, out: Path, console: Console) -> None:
+def report(rows: list[dict], machine: dict, out: Path, console: Console, command: str) -> None:
     """Print the table and write CSV, JSON and PNG."""
     console.print(build_table(rows, machine))
-    for kind, path in write_all(rows, machine, out).items():
+    for kind, path in write_all(rows, machine, out, command).items():
         console.print(f"{kind}: {path}")
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the benchmark described by ``args``; print a table and write CSV/JSON/PNG."""
+def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:
+    """Run the benchmark described by ``args`` (parsed from ``argv``, the arguments after ``pyrys bench``;
+    None: this process's command line); print a table and write CSV/JSON/PNG."""
     threads_before = torch.get_num_threads()
     try:
-        return run_pinned(args)
+        return run_pinned(args, command_line(argv))
     finally:
         torch.set_num_threads(threads_before)
 
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point for ``python -m pyrys.bench.cli``."""
     parser = argparse.ArgumentParser(prog="pyrys bench", description=__doc__)
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return run(parser.parse_args(argv), argv)
 
 
 if __name__ == "__main__":

@@ -73,10 +73,11 @@ def render(rows: list[dict], machine: dict, command: str) -> str:
     return "\n".join(out)
 
 
-def command_line() -> str:
-    """This process's ``pyrys bench`` command line, as the user typed it (for the report)."""
-    args = sys.argv[1:]
-    if args[:1] == ["bench"]:
+def command_line(argv: list[str] | None = None) -> str:
+    """The ``pyrys bench`` command line of ``argv`` (the arguments after ``pyrys bench``), or of this
+    process's own arguments where None: what the user typed (for the report)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if argv is None and args[:1] == ["bench"]:
         args = args[1:]
     return " ".join(["pyrys bench", *args])
 

@@ -14,7 +14,7 @@ import torch
 from rich.table import Table
 
 from pyrys.bench.chart import write_chart
-from pyrys.bench.markdown import command_line, write_markdown
+from pyrys.bench.markdown import write_markdown
 from pyrys.bench.measure import SystemResult
 from pyrys.machine import cpu_info
 
@@ -122,12 +122,13 @@ def write_json(rows: list[dict], machine: dict, path: Path) -> None:
     path.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
 
 
-def write_all(rows: list[dict], machine: dict, out_dir: Path) -> dict[str, Path]:
-    """Write CSV, JSON, Markdown and PNG into ``out_dir``; return their paths."""
+def write_all(rows: list[dict], machine: dict, out_dir: Path, command: str) -> dict[str, Path]:
+    """Write CSV, JSON, Markdown (headed by ``command``, the command line) and PNG into ``out_dir``; return
+    their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {kind: out_dir / f"bench.{kind}" for kind in ("csv", "json", "md", "png")}
     write_csv(rows, paths["csv"])
     write_json(rows, machine, paths["json"])
-    write_markdown(rows, machine, command_line(), paths["md"])
+    write_markdown(rows, machine, command, paths["md"])
     write_chart(rows, machine_line(machine), paths["png"])
     return paths
