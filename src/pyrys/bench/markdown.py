@@ -6,6 +6,7 @@ peak, compile time, memory and error.  Then one line per model: pyrys-dnnl again
 """
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 
@@ -79,7 +80,7 @@ def command_line(argv: list[str] | None = None) -> str:
     args = sys.argv[1:] if argv is None else list(argv)
     if argv is None and args[:1] == ["bench"]:
         args = args[1:]
-    return " ".join(["pyrys bench", *args])
+    return shlex.join(["pyrys", "bench", *args])  # quoted where a shell would need it (a path with spaces)
 
 
 def write_markdown(rows: list[dict], machine: dict, command: str, path: Path) -> None:
