@@ -75,6 +75,21 @@ def test_a_linear_measured_slower_in_int8_runs_in_float32_with_the_same_answer(n
     assert 1e-4 < pyrys.relative_error(in_float32(x), model(x)) <= 5e-2  # (int8's error, not float32's)
 
 
+def test_a_program_whose_calls_run_on_torch_ops_notes_no_float32_linears(no_vnni, monkeypatch):
+    """Where the self-check found the program wrong, torch's ops run every call: no int8 linear runs in
+    float32 (nor in int8), and the notes say only that."""
+    from pyrys.backends.dnnl.program import DnnlProgram
+
+    model, x, calibration = model_and_data()
+    timed(monkeypatch, 2.0, 1.0)
+    call = DnnlProgram.__call__
+    monkeypatch.setattr(DnnlProgram, "__call__", lambda self, inputs: [y * 1.5 for y in call(self, inputs)])
+    with pytest.warns(RuntimeWarning, match="torch ops"):
+        opt = int8(model, x, calibration)
+    assert any("runs on torch ops" in note for note in opt.notes), opt.notes
+    assert not any("int8 linears run in float32" in note for note in opt.notes), opt.notes
+
+
 @pytest.mark.parametrize("int8_s, float32_s", [(1.0, 0.97), (1.0, 1.5)])
 def test_a_tie_or_a_faster_int8_kernel_stays_int8(no_vnni, monkeypatch, int8_s, float32_s):
     model, x, calibration = model_and_data()

@@ -282,7 +282,10 @@ class DnnlRuntime:
     # what the first program says (the program text, memory, profile) -------------------
     @property
     def notes(self) -> list[str]:
-        """What the first program's lowering says for ``opt.notes`` (int8 linears run in float32 here)."""
+        """What the first program's lowering says for ``opt.notes`` (int8 linears run in float32 here); nothing
+        where its calls run on the reference backend (:attr:`fault`, which the notes give instead)."""
+        if self.fault is not None:
+            return []
         said = int8_or_float.note([step.text for step in self.first.steps])
         return [said] if said else []
 
