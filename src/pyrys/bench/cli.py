@@ -147,7 +147,7 @@ def measure_machine_peaks(quick: bool, console: Console) -> dict[str, float]:
 
 
 def report(rows: list[dict], machine: dict, out: Path, console: Console, command: str) -> None:
-    """Print the table and write CSV, JSON and PNG."""
+    """Print the table and write CSV, JSON, Markdown (headed by ``command``) and PNG."""
     console.print(build_table(rows, machine))
     for kind, path in write_all(rows, machine, out, command).items():
         console.print(f"{kind}: {path}")

@@ -121,10 +121,11 @@ def _seconds(builder: "Builder", rows: int, out_features: int, in_features: int,
     """The best times of the int8 inner product (scales per output channel) and of the float32 one, each in
     the weight layout oneDNN picks (:func:`measured.inner_product_seconds`)."""
     engine = builder.engine
+    src_dtype = torch.uint8 if src == "u8" else torch.int8
+    bias_md = plain_md([out_features], torch.float32) if has_bias else None
     candidates = []
-    for x_dtype, w_dtype, scales in ((torch.uint8 if src == "u8" else torch.int8, torch.int8, {ARG_SRC: 0, ARG_WEIGHTS: 1}),
+    for x_dtype, w_dtype, scales in ((src_dtype, torch.int8, {ARG_SRC: 0, ARG_WEIGHTS: 1}),
                                      (torch.float32, torch.float32, {})):
-        bias_md = plain_md([out_features], torch.float32) if has_bias else None
         pd = inner_product_pd(engine, plain_md([rows, in_features], x_dtype),
                               any_md([out_features, in_features], w_dtype), plain_md([rows, out_features], torch.float32),
                               bias_md, attr=PrimitiveAttr(scales=scales))
