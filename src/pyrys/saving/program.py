@@ -14,6 +14,7 @@ otherwise, and for a shape that graph does not hold for, another shape raises
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -428,13 +429,17 @@ def _decode_compiled(record: dict, tensors: dict, config: OptimizeConfig, same_c
         else:
             notes.append(f"saved on a CPU with {'/'.join(manifest['isa']) or 'other instructions'}; "
                          f"the layout was chosen again here ({config.layout})")
+    building = contextlib.nullcontext()
     if backend == "dnnl" and same_cpu:
         from pyrys.backends.dnnl import measured
-        measured.remember(record.get("kernel_choices", {}))  # the kernels it was saved with
+        choices = record.get("kernel_choices", {})
+        measured.remember(choices)  # for the programs of other thread counts, built at a call
+        building = measured.saved(choices)  # the kernels it was saved with, nothing measured
     # on another CPU the program gets other kernels, whose faults the compile's check never saw: checked here too,
     # on seeded random inputs (zeros would hide a wrong convolution behind its bias)
     options = BackendOptions(config.threads, layout, check=not same_cpu)
-    program = compile_program(gm, _example_inputs(signature, random=not same_cpu), options, like=like)
+    with building:
+        program = compile_program(gm, _example_inputs(signature, random=not same_cpu), options, like=like)
     if backend == "dnnl" and same_cpu and record["policy"]:
         program = _with_policy(program, record["policy"])
     fault = getattr(program, "fault", None)

@@ -234,3 +234,57 @@ def test_both_kernels_really_run(no_vnni, tmp_path):
     for record in records:
         times = re.findall(r"([\d.]+) ms", record["value"]["measured"])
         assert len(times) == 2 and all(float(ms) > 0 for ms in times)
+
+
+def refuse_to_measure(monkeypatch) -> None:
+    def refuse(*args):
+        raise AssertionError("a load measured a kernel")
+
+    monkeypatch.setattr(int8_or_float, "_seconds", refuse)
+    monkeypatch.setattr(measured, "best_seconds", refuse)
+
+
+@pytest.mark.parametrize("saved_in", ["float32", "int8"])
+def test_a_load_at_another_thread_count_runs_what_was_saved(no_vnni, monkeypatch, tmp_path, saved_in):
+    """A save made with 2 threads, loaded in a process that runs 1: its choices are made at 2, and the load
+    takes them rather than measure at 1 (and perhaps run the other kernel)."""
+    model, x, calibration = model_and_data()
+    timed(monkeypatch, *((2.0, 1.0) if saved_in == "float32" else (1.0, 2.0)))
+    opt = with_threads(2, int8, model, x, calibration)
+    saved_lines = linear_lines(opt)
+    expected = opt(x)
+    pyrys.save(opt, tmp_path / "saved")
+    monkeypatch.setattr(measured, "_DECIDED", {})
+    monkeypatch.setenv("PYRYS_CACHE_DIR", "")
+    refuse_to_measure(monkeypatch)
+    loaded = with_threads(1, pyrys.load, tmp_path / "saved")
+    assert linear_lines(loaded) == saved_lines
+    assert pyrys.relative_error(with_threads(1, loaded, x), expected) <= 1e-5
+
+
+def test_a_save_without_a_choice_loads_in_int8_whatever_this_process_chose(no_vnni, monkeypatch, tmp_path):
+    """A save from a pyrys that did not measure int8 linears (none recorded) ran them in int8: its load runs
+    them in int8, measuring nothing, though this process chose float32 for the same shapes (kept in its
+    memory and the tuning cache)."""
+    from tests.test_save_load import _edited_consistently
+
+    model, x, calibration = model_and_data()
+    timed(monkeypatch, 1.0, 2.0)
+    in_int8 = int8(model, x, calibration)(x)
+    monkeypatch.setattr(measured, "_DECIDED", {})
+    monkeypatch.setenv("PYRYS_CACHE_DIR", str(tmp_path / "cache"))
+    timed(monkeypatch, 2.0, 1.0)
+    opt = int8(model, x, calibration)
+    assert all(IN_FLOAT32 in line for line in linear_lines(opt))
+    pyrys.save(opt, tmp_path / "saved")
+
+    def without_int8_choices(program):
+        for record in program["signatures"]:
+            record["kernel_choices"] = {memo: choice for memo, choice in record["kernel_choices"].items()
+                                        if '"kind": "int8_linear"' not in memo}
+
+    path = _edited_consistently(tmp_path / "saved", without_int8_choices)
+    refuse_to_measure(monkeypatch)
+    loaded = pyrys.load(path)
+    assert not any(IN_FLOAT32 in line for line in linear_lines(loaded))
+    assert torch.equal(loaded(x), in_int8)

@@ -37,10 +37,11 @@ TIMED_SCORES_BYTES = 8 << 20  # attention whose float32 scores take less is not 
 RUNS = 5  # calls of each, interleaved (fewer where they are long: ``measured.best_seconds``); the best counts
 
 
-def choose(engine: Engine, signature: dict, steps: list[Step], torch_call: Callable[[], object]) -> tuple[str, dict]:
+def choose(engine: Engine, signature: dict, steps: list[Step],
+           torch_call: Callable[[], object]) -> tuple[str, dict | None]:
     """``(memo, choice)`` for one attention signature, the choice ``{"kernel": "torch" | "onednn", "measured":
     text}`` and the memo it is remembered under (``measured.py``): timing ``steps`` (oneDNN's, each run alone
-    on constant bytes) against ``torch_call`` where no choice is known."""
+    on constant bytes) against ``torch_call`` where no choice is known (None: a load whose save has none)."""
     def measure() -> dict:
         onednn, by_torch = best_seconds([_steps_call(engine, steps), torch_call], RUNS)
         return {"kernel": "torch" if by_torch <= FASTER * onednn else "onednn",

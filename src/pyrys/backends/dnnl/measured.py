@@ -5,9 +5,12 @@
 ``measure()`` returns the choice (a JSON-able dict), or None where it could not measure (nothing is
 kept then).  A choice is looked up in this process first (``remember`` seeds it from a saved
 program), then in the tuning cache (``pyrys.tuning_cache``), and measured only where neither has it.
+While ``pyrys.load`` builds a saved program (:func:`saved`), the save's choices answer alone.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
 import threading
@@ -26,6 +29,7 @@ _DECIDED: dict[str, dict] = {}  # this process's choices, by kind and key (the t
 _LOCK = threading.Lock()
 MEASURE_SECONDS = 1.0  # timed rounds of one choice stop short where a round would take longer in all
 MIN_RUNS = 2
+_SAVED: contextvars.ContextVar[dict[str, dict] | None] = contextvars.ContextVar("pyrys_saved_choices", default=None)
 
 
 def machine_key(threads: int) -> dict:
@@ -42,6 +46,9 @@ def machine_key(threads: int) -> dict:
 def decide(kind: str, key: dict, measure: Callable[[], dict | None]) -> tuple[str, dict | None]:
     """The choice of ``kind`` for ``key`` and the memo it is remembered under (:func:`remember`)."""
     memo = json.dumps({"kind": kind, **key}, sort_keys=True)
+    choices = _SAVED.get()
+    if choices is not None:
+        return _saved_choice(choices, memo)
     with _LOCK:
         choice = _DECIDED.get(memo) or tuning_cache.lookup(kind, key)
         if choice is None:
@@ -51,6 +58,42 @@ def decide(kind: str, key: dict, measure: Callable[[], dict | None]) -> tuple[st
             tuning_cache.store(kind, key, choice)
         _DECIDED[memo] = choice
     return memo, choice
+
+
+@contextlib.contextmanager
+def saved(choices: dict[str, dict]):
+    """While ``pyrys.load`` builds a program saved on this CPU: every choice is the save's, measured nothing
+    (a load runs what was saved, and fast).  Not this process's choices, nor the tuning cache's: they may
+    differ from the save's.  The save's choice made at another thread count where none was made at this
+    one (a save made with 2 threads loaded in a process that runs 1); where the save has none (a pyrys that
+    did not measure that kind saved it), None: the kind's unmeasured default, which that pyrys ran."""
+    token = _SAVED.set(dict(choices))
+    try:
+        yield
+    finally:
+        _SAVED.reset(token)
+
+
+def _saved_choice(choices: dict[str, dict], memo: str) -> tuple[str, dict | None]:
+    """``(memo, choice)`` from a save's ``choices``: ``memo``'s, else the first (in sorted order) whose key
+    differs from it in the thread count alone, under its own memo; ``(memo, None)`` where neither is saved."""
+    if memo in choices:
+        return memo, choices[memo]
+    wanted = _without_threads(memo)
+    for other in sorted(choices):
+        if _without_threads(other) == wanted:
+            return other, choices[other]
+    return memo, None
+
+
+def _without_threads(memo: str) -> dict | None:
+    try:
+        key = json.loads(memo)
+    except ValueError:
+        return None
+    if isinstance(key, dict):
+        key.pop("threads", None)
+    return key
 
 
 def remember(choices: dict[str, dict]) -> None:

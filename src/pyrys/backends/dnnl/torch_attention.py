@@ -40,8 +40,9 @@ def instead_if_faster(builder: Builder, node: fx.Node, start: tuple, read: tuple
             else torch.zeros(meta.shape, dtype=meta.dtype)
     steps = [step for step in builder.steps[start[0]:] if step.primitive is not None]
     memo, choice = attention_kernels.choose(builder.engine, signature, steps, _timed_call(read, out_md, timed))
-    builder.kernel_choices[memo] = choice
-    if choice.get("kernel") != "torch":  # an unreadable record too: oneDNN's steps
+    if choice is not None:  # (None: a load of a save that has no choice for it)
+        builder.kernel_choices[memo] = choice
+    if choice is None or choice.get("kernel") != "torch":  # an unreadable record too: oneDNN's steps
         return
     builder.restore(start, node)
     mask_value = None
