@@ -133,6 +133,29 @@ def test_training_mode_is_warned_of_where_it_computes_otherwise(model, said):
                          "inference."] if said else []), training
 
 
+def _eval_with_training_parts(*parts: str) -> torch.nn.Module:
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 6 * 6, 8), torch.nn.BatchNorm1d(8),
+                                torch.nn.Dropout(0.5)).eval()
+    for index in parts:
+        model[int(index)].train()
+    return model
+
+
+@pytest.mark.parametrize("parts, said", [
+    (("2", "3"), "modules of the model are in training mode (2, 3) though it is in eval mode; BatchNorm uses its "
+                 "batch's statistics and is not folded and dropout (an op drawing random numbers) stays random"),
+    (("1",), None),  # a linear in training mode computes as in eval mode
+])
+def test_modules_in_training_mode_in_a_model_in_eval_mode_are_warned_of(parts, said):
+    """``model.eval()`` then ``model[3].train()``: random at every call, as eager (a helper's find: not warned)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pyrys.optimize(_eval_with_training_parts(*parts), (image(batch=2),), backend="reference")
+    training = [str(w.message) for w in caught if "training mode" in str(w.message)]
+    assert training == ([f"pyrys.optimize: {said}. Call model.eval() (it sets every module's mode) first for "
+                         "inference."] if said else []), training
+
+
 @pytest.mark.parametrize("how", [{}, {"backend": "reference"}, {"freeze_flags": ()}, {"disable": ["simplify"]},
                                  {"script": True}])
 def test_training_norms_never_move_their_weights(how, tmp_path):

@@ -46,19 +46,35 @@ def warn_of_writes(optimized, caller_keeps_writes: bool, stacklevel: int = 3, mo
 
 
 def warn_if_training(optimized, model: Any, stacklevel: int = 3) -> None:
-    """Where a model captured in training mode computes otherwise than in eval mode, say so: its graph's
-    :func:`training_effects`, or a module in training mode whose forward reads ``self.training``
-    (:func:`training_readers`). A fresh ``nn.ReLU()``, or a wrapper left in training mode around submodules in
-    eval mode, computes alike in both and is not warned of."""
-    if not optimized.compiled_training:
+    """Where a model captured with modules in training mode computes otherwise than in eval mode, say so: its
+    graph's :func:`training_effects`, or a module in training mode whose forward reads ``self.training``
+    (:func:`training_readers`); the model itself in training mode, or some of its modules where it is in eval
+    mode (``model.eval()`` then ``model.dropout.train()``). A fresh ``nn.ReLU()``, or a wrapper left in
+    training mode around submodules in eval mode, computes alike in both and is not warned of."""
+    training = _in_training(model)
+    if not training:
         return
     effects = training_effects(optimized._first.captured.gm)
     readers = training_readers(model)
     if readers:
         effects.append(f"{readers[0]} reads self.training in forward, which the graph captured in that mode")
-    if effects:
-        warnings.warn(f"pyrys.optimize: the model is in training mode; {' and '.join(effects)}. Call model.eval() "
-                      "first for inference.", stacklevel=stacklevel)
+    if not effects:
+        return
+    if optimized.compiled_training:
+        which, fix = "the model is in training mode", "Call model.eval()"
+    else:
+        shown = ", ".join(training[:3]) + (f" and {len(training) - 3} more" if len(training) > 3 else "")
+        which, fix = f"modules of the model are in training mode ({shown}) though it is in eval mode", \
+            "Call model.eval() (it sets every module's mode)"
+    warnings.warn(f"pyrys.optimize: {which}; {' and '.join(effects)}. {fix} first for inference.",
+                  stacklevel=stacklevel)
+
+
+def _in_training(model: Any) -> list[str]:
+    """The names of ``model``'s modules in training mode ("the model" for itself)."""
+    if not isinstance(model, torch.nn.Module):
+        return []
+    return [name or "the model" for name, module in model.named_modules() if module.training]
 
 
 def training_effects(gm: fx.GraphModule) -> list[str]:
