@@ -481,3 +481,16 @@ def test_a_pruned_weight_computed_with_grad_gets_the_pruning_remedy():
     model(torch.rand(2, 4))  # (grad on: the weight is computed as a graph's non-leaf)
     with pytest.raises(pyrys.ModelCopyError, match=r"prune.remove\(module, 'weight'\)"):
         pyrys.optimize(model, (torch.rand(2, 4),))
+
+
+def test_a_lazy_module_not_yet_called_is_a_clear_error():
+    """Parameters a lazy module makes at its first call (a helper's find: torch's "uninitialized parameter"
+    error from inside pyrys's model copy)."""
+    model = torch.nn.Sequential(torch.nn.LazyLinear(5), torch.nn.ReLU()).eval()
+    x = torch.randn(2, 7)
+    with pytest.raises(pyrys.CaptureError, match=r"Sequential has parameters not made yet \(0.weight, 0.bias: a lazy "
+                                                  r"module's.*Call the model once on an example input"):
+        pyrys.optimize(model, (x,), backend="reference")
+    assert torch.nn.parameter.is_lazy(model[0].weight)  # untouched
+    model(x)
+    torch.testing.assert_close(pyrys.optimize(model, (x,), backend="reference")(x), model(x))

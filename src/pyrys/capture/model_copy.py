@@ -25,7 +25,7 @@ from typing import Any, Iterable
 
 import torch
 
-from pyrys.errors import ModelChangedError, ModelCopyError
+from pyrys.errors import CaptureError, ModelChangedError, ModelCopyError
 from pyrys.ir.graph import values_crc
 
 
@@ -99,6 +99,11 @@ def private_copy(model: torch.nn.Module, frozen: Iterable[str] | None) -> tuple[
     """The copy pyrys captures (see the module docstring) and the check of the tensors it shares.
 
     ``frozen``: the attribute names ``freeze_params`` freezes (None: all; empty when the pass is disabled)."""
+    lazy = [name for name, tensor in state_of(model) if torch.nn.parameter.is_lazy(tensor)]
+    if lazy:
+        raise CaptureError(f"pyrys: {type(model).__name__} has parameters not made yet ({', '.join(lazy[:3])}"
+                           f"{', ...' if len(lazy) > 3 else ''}: a lazy module's, such as nn.LazyLinear). Call the "
+                           "model once on an example input (model(x)) before optimizing: that makes them")
     wanted = None if frozen is None else set(frozen)
     shared = {name: tensor for name, tensor in state_of(model)
               if (wanted is None or name.rpartition(".")[2] in wanted) and not tensor.is_inference()}
