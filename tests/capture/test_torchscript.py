@@ -1044,3 +1044,25 @@ def test_writes_eager_makes_on_one_path_of_an_if_or_refuses_are_refused():
     with pytest.raises(pyrys.CaptureError, match="result type torch.float32 can't be cast to the desired output type "
                                                  "torch.int64"):
         pyrys.optimize(script(IntPlusFloat().eval()), (x,))
+
+
+class _KeysMadeWithStr(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        out: Dict[str, torch.Tensor] = {}
+        for i in range(2):
+            out["layer" + str(i)] = self.linear(x) * i
+        return out
+
+
+def test_str_of_a_number_makes_a_dict_key():
+    """``str(i)`` is ``aten::str``, whose generic argument torch's Python binding cannot take (a helper's find:
+    torch's RuntimeError from inside the import)."""
+    model = script(_KeysMadeWithStr().eval())
+    x = torch.randn(3, 4)
+    out = pyrys.optimize(model, (x,), backend="reference")(x)
+    assert list(out) == ["layer0", "layer1"]
+    torch.testing.assert_close(out, model(x))

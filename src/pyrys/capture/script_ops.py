@@ -112,6 +112,9 @@ PYTHON_OPS = {"aten::__getitem__": operator.getitem, "aten::len": len, "aten::ad
                "aten::mul": operator.mul, "aten::keys": lambda d: list(d.keys()), "aten::values": lambda d: list(d.values()),
                "aten::items": lambda d: list(d.items()), "aten::get": lambda d, key, default=None: d.get(key, default),
                "aten::dict": dict}
+# operations on numbers and strings whose ATen op takes a generic type, which torch's Python binding cannot
+# convert a Python value to (``str(i)``, a dict's key made in a loop)
+SCALAR_OPS = {"aten::str": str}
 # list and dict operations that write it in place (a loop collecting outputs, a ModuleDict's outputs by name); no
 # outputs but the list, or none
 LIST_WRITES = {"aten::append": lambda items, item: (items.append(item), items)[1],

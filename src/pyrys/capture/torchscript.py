@@ -40,9 +40,10 @@ from torch.utils._pytree import tree_flatten, tree_map
 from pyrys.capture.captured import Captured, input_writes_note
 from pyrys.capture.convolution import SPELLINGS as CONVOLUTION_SPELLINGS, named_convolution
 from pyrys.capture.script_module import NO_DEFAULT, forward_defaults, script_class_name, script_parameters
-from pyrys.capture.script_ops import (LAYOUT_QUERIES, LIST_WRITES, PRIM_AS_OPS, PYTHON_OPS, TENSOR_QUERIES,
-                                      TorchScriptImportError, call_op, checks_shapes, functional_op, has_node,
-                                      is_view_call, is_view_node, mutated_argument, op_overload, split_arguments)
+from pyrys.capture.script_ops import (LAYOUT_QUERIES, LIST_WRITES, PRIM_AS_OPS, PYTHON_OPS, SCALAR_OPS,
+                                      TENSOR_QUERIES, TorchScriptImportError, call_op, checks_shapes, functional_op,
+                                      has_node, is_view_call, is_view_node, mutated_argument, op_overload,
+                                      split_arguments)
 from pyrys.capture.script_types import named_tuple_class
 from pyrys.ir.quiet_fake import fake_tensor_errors_unlogged
 from pyrys.ir.control_flow import IF, RaisingBranch, add_if, has_effects
@@ -602,7 +603,7 @@ class _Importer:
             self._bind_results(scope, node, self._python(python_op, values, node))  # a list of values, possibly tensors
             return
         if not tensor_out and not has_node(values):
-            self._bind_results(scope, node, call_op(op, schema, values))  # scalar arithmetic on constants
+            self._bind_results(scope, node, self._scalar(op, schema, values, node))  # arithmetic on constants
             return
         if not tensor_out and schema.name in SHAPE_QUERIES:
             self._bind_results(scope, node, call_op(op, schema, _val(values)))  # specialized to the example shapes
@@ -708,6 +709,17 @@ class _Importer:
         if self.stale and (read := next((v for v in tree_flatten(values)[0] if isinstance(v, fx.Node) and v in self.stale),
                                         None)) is not None:
             raise TorchScriptImportError(f"{self.class_name} {self.stale[read]}")
+
+    def _scalar(self, op, schema, values: list, node: torch._C.Node) -> Any:
+        """An op on Python values (numbers, strings): torch's, or Python's where torch's binding cannot take
+        them from Python (``str(i)``: ``aten::str`` takes a generic type)."""
+        if schema.name in SCALAR_OPS:
+            return self._python(SCALAR_OPS[schema.name], values, node)
+        try:
+            return call_op(op, schema, values)
+        except RuntimeError as error:
+            raise TorchScriptImportError(f"{node.kind()} on the values {values!r:.80} fails when called from Python "
+                                         f"(in {self.class_name}): {str(error).splitlines()[0]}") from None
 
     def _python(self, operation, values: list, node: torch._C.Node) -> Any:
         """A list or dict operation applied to the importer's own, its failure (eager's too) a reason."""
