@@ -61,8 +61,8 @@ def test_training_mode_is_a_miss_with_a_reason(run_passes):
     result = run_passes(conv_bn_relu().train(), (image(batch=2),), *PASSES)
     assert result.fired("fold_conv_bn") == {}
     assert [m.reason for m in result.misses] == [
-        "BatchNorm is in training mode (the model was captured with training=True; "
-        "call model.eval() before optimizing)"]
+        "BatchNorm is in training mode (its module was, when the model was captured; model.eval() sets "
+        "every module's mode: call it before optimizing)"]
     assert result.error() <= TOLERANCE
 
 

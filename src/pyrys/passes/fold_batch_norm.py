@@ -41,8 +41,8 @@ def training_flag_miss(training) -> Miss | None:
         return fail(f"BatchNorm's training flag (%{training.name}) is not a constant: "
                     "freeze_flags did not run or did not include 'training'")
     if training:
-        return fail("BatchNorm is in training mode (the model was captured with training=True; "
-                    "call model.eval() before optimizing)")
+        return fail("BatchNorm is in training mode (its module was, when the model was captured; model.eval() sets "
+                    "every module's mode: call it before optimizing)")
     return None
 
 
