@@ -399,6 +399,7 @@ def _rewrite(gm: fx.GraphModule, layers: list[fx.Node], keys: dict[fx.Node, str]
     when the plan quantizes it; the readers of :func:`_shared_results` read its int8 result.  The switches,
     by layer key, set to int8."""
     pairs: dict[fx.Node, fx.Node] = {}  # value -> its dequantized form
+    weights: dict[tuple, list] = {}  # the int8 weights made (:func:`_dequantized_weight`)
     switches = {}
 
     def dequantized(x: fx.Node, role: str) -> fx.Node | None:
@@ -419,7 +420,7 @@ def _rewrite(gm: fx.GraphModule, layers: list[fx.Node], keys: dict[fx.Node, str]
             continue
         with gm.graph.inserting_before(layer):
             weight = _dequantized_weight(gm, fused.args["weight"], TensorQuant.of_node(x_dq).dtype,
-                                         fused.kind.op is FUSED_CONV)
+                                         fused.kind.op is FUSED_CONV, weights)
         residuals = {r: dequantized(r, f"residual {i} of {key}") for i, r in enumerate(_residuals(layer))}
         operands = tuple(residuals.get(p) or p for p in fused.post_inputs)
         int8 = replace(fused, args={**fused.args, "input": x_dq, "weight": weight}, post_inputs=operands).node_args()
@@ -462,15 +463,30 @@ def _quantize_dequantize(gm: fx.GraphModule, x: fx.Node, quant: TensorQuant) -> 
     return dq
 
 
-def _dequantized_weight(gm: fx.GraphModule, weight: fx.Node, src_dtype: torch.dtype, convolution: bool) -> fx.Node:
-    """The int8 form of a layer's ``weight`` for an input of ``src_dtype``, dequantized (per output channel)."""
-    q, scales = quantize_weight(getattr(gm, weight.target), src_dtype, convolution)
+def _dequantized_weight(gm: fx.GraphModule, weight: fx.Node, src_dtype: torch.dtype, convolution: bool,
+                        made: dict[tuple, list]) -> fx.Node:
+    """The int8 form of a layer's ``weight`` for an input of ``src_dtype``, dequantized (per output channel).
+    Equal int8 weights with equal scales are one tensor (``made``: those of this graph, by shape and
+    checksums): a weight two layers read (one module called twice, tied weights, equal copies) is kept
+    once, as a save keeps equal bytes once, so that the backend's choices per int8 tensor
+    (``int8_or_float.py``) are the same before saving and after loading."""
+    q, scales = _one_of_equals(made, *quantize_weight(getattr(gm, weight.target), src_dtype, convolution))
     w_max = weight_max(src_dtype, convolution)
     nodes = [add_constant(gm, value, f"{weight.target}_{suffix}") for value, suffix in
              ((q, "int8"), (scales, "scale"), (torch.zeros(scales.shape, dtype=torch.int64), "zero_point"))]
     dq = insert_op(gm.graph, DEQUANTIZE_WEIGHT, (*nodes, 0, -w_max, w_max, torch.int8), f"{weight.target}_dq")
     copies(dq, weight)
     return dq
+
+
+def _one_of_equals(made: dict[tuple, list], q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, scales)``, or the pair ``made`` holds with equal values (then ``made`` holds it still)."""
+    key = (tuple(q.shape), tuple(scales.shape), values_crc(q), values_crc(scales))
+    for pair in made.setdefault(key, []):
+        if torch.equal(pair[0], q) and torch.equal(pair[1], scales):
+            return pair
+    made[key].append((q, scales))
+    return q, scales
 
 
 def _reads_once(user: fx.Node, value: fx.Node) -> bool:

@@ -288,3 +288,45 @@ def test_a_save_without_a_choice_loads_in_int8_whatever_this_process_chose(no_vn
     loaded = pyrys.load(path)
     assert not any(IN_FLOAT32 in line for line in linear_lines(loaded))
     assert torch.equal(loaded(x), in_int8)
+
+
+def test_a_malformed_tuning_cache_record_is_measured_again(no_vnni, monkeypatch, tmp_path):
+    """A record with the right key but no choice in it (edited, or written by something else) is not read
+    (a helper's find: KeyError from the build)."""
+    model, x, calibration = model_and_data()
+    timed(monkeypatch, 2.0, 1.0)
+    int8(model, x, calibration)
+    paths = list((tmp_path / "int8_linear").glob("*.json"))
+    assert len(paths) == 2
+    for path in paths:
+        record = json.loads(path.read_text())
+        path.write_text(json.dumps({"key": record["key"], "value": {"measured": "no choice"}}))
+    monkeypatch.setattr(measured, "_DECIDED", {})
+    calls = timed(monkeypatch, 2.0, 1.0)
+    opt = int8(model, x, calibration)
+    assert len(calls) == 2 and all(IN_FLOAT32 in line for line in linear_lines(opt))
+    assert all(json.loads(path.read_text())["value"]["float32"] is True for path in paths)  # written again
+
+
+def test_a_weight_two_linears_read_is_one_int8_tensor_run_one_way(no_vnni, monkeypatch, tmp_path):
+    """One linear called at 40 rows and at 4: its int8 weight is one tensor, run as the first build chose,
+    before saving and after loading (a helper's find: quantized once per call, the two chose apart; a save
+    keeps equal bytes once, so the load ran both the first one's way, and not bitwise)."""
+    torch.manual_seed(0)
+    model = Fn(lambda m, x: m.a(torch.relu(m.h(x))).sum(1) + m.a(x.mean(1)),
+               a=torch.nn.Linear(32, 32), h=torch.nn.Linear(32, 32)).eval()
+    x = torch.randn(4, 10, 32)
+    monkeypatch.setattr(int8_or_float, "_seconds", lambda builder, rows, *shape: [1.0, 2.0] if rows == 40 else [2.0, 1.0])
+    opt = int8(model, x, [(torch.randn(4, 10, 32),) for _ in range(4)])
+    saved_lines = linear_lines(opt)
+    assert len(saved_lines) == 3 and not any(IN_FLOAT32 in line for line in saved_lines)
+    int8_weights = {id(t) for name, t in opt.graph_module.named_buffers() if name.startswith("a_weight_int8")}
+    assert len(int8_weights) == 1
+    expected = opt(x)
+    pyrys.save(opt, tmp_path / "saved")
+    monkeypatch.setattr(measured, "_DECIDED", {})
+    monkeypatch.setenv("PYRYS_CACHE_DIR", "")
+    refuse_to_measure(monkeypatch)
+    loaded = pyrys.load(tmp_path / "saved")
+    assert linear_lines(loaded) == saved_lines
+    assert torch.equal(loaded(x), expected)

@@ -35,6 +35,7 @@ from pyrys.backends.dnnl.program import Step
 FASTER = 0.9  # torch's kernel runs where it takes at most this fraction of oneDNN's steps' time
 TIMED_SCORES_BYTES = 8 << 20  # attention whose float32 scores take less is not timed: oneDNN's steps run
 RUNS = 5  # calls of each, interleaved (fewer where they are long: ``measured.best_seconds``); the best counts
+FIELDS = {"kernel": str, "measured": str}  # what a choice holds (:func:`measured.decide`)
 
 
 def choose(engine: Engine, signature: dict, steps: list[Step],
@@ -48,7 +49,7 @@ def choose(engine: Engine, signature: dict, steps: list[Step],
                 "measured": f"oneDNN's steps {onednn * 1e3:.3f} ms, torch's kernel {by_torch * 1e3:.3f} ms"}
 
     key = {**signature, "runs": RUNS, "faster": FASTER, **machine_key(torch.get_num_threads())}
-    return decide("attention_kernel", key, measure)
+    return decide("attention_kernel", key, measure, FIELDS)
 
 
 def _steps_call(engine: Engine, steps: list[Step]) -> Callable[[], None]:

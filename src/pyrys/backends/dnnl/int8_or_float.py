@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
 FASTER = 0.95  # float32 is chosen where it takes at most this fraction of the int8 kernel's time
 RUNS = 7  # calls of each kernel, interleaved (fewer where they are long); the best counts
+FIELDS = {"float32": bool, "measured": str}  # what a choice holds (:func:`measured.decide`)
 MAX_WEIGHT = 1 << 26  # larger weights are not measured (a copy of each form is timed): they stay int8
 
 
@@ -61,7 +62,7 @@ def float32_instead(builder: "Builder", int8: "Int8Op", rows: int, has_bias: boo
         if int8.weight.numel() > MAX_WEIGHT:
             return ""
         memo, choice = decide("int8_linear", _key(int8, rows, has_bias),
-                              lambda: _measure(builder, int8, rows, has_bias))
+                              lambda: _measure(builder, int8, rows, has_bias), FIELDS)
         if choice is None:
             return ""
         form = builder.packed.choose_int8_form(int8.weight, int8.weight_scales, memo, choice)

@@ -23,6 +23,7 @@ MIN_ROWS = 16  # fewer rows (a decoder step, a classifier head): not worth a mea
 MAX_WEIGHT = 1 << 23  # larger weights (a vocabulary projection) are not measured: a copy of it per kernel timed
 FASTER = 0.95  # the gemm kernel is chosen when it takes at most this fraction of the brgemm kernel's time
 RUNS = 7  # calls of each kernel, interleaved (fewer where they are long: ``measured.best_seconds``); the best counts
+FIELDS = {"layout": str, "measured": str}  # what a choice holds (:func:`measured.decide`)
 
 
 def weight_layouts(engine: Engine, x_md: MemoryDesc, weight: torch.Tensor, dst_md: MemoryDesc,
@@ -51,7 +52,7 @@ def weight_layouts(engine: Engine, x_md: MemoryDesc, weight: torch.Tensor, dst_m
         return {"layout": "plain" if gemm <= FASTER * brgemm else "any",
                 "measured": f"oneDNN's choice {brgemm * 1e3:.3f} ms, plain weights {gemm * 1e3:.3f} ms"}
 
-    memo, choice = decide("linear_kernel", key, measure)
+    memo, choice = decide("linear_kernel", key, measure, FIELDS)
     if choice is not None and choices is not None:
         choices[memo] = choice
     return [plain, *offered] if choice is not None and choice.get("layout") == "plain" else offered

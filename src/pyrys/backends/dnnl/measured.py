@@ -43,14 +43,17 @@ def machine_key(threads: int) -> dict:
             "pyrys": __version__, "onednn": binding.version()}
 
 
-def decide(kind: str, key: dict, measure: Callable[[], dict | None]) -> tuple[str, dict | None]:
-    """The choice of ``kind`` for ``key`` and the memo it is remembered under (:func:`remember`)."""
+def decide(kind: str, key: dict, measure: Callable[[], dict | None],
+           fields: dict[str, type] | None = None) -> tuple[str, dict | None]:
+    """The choice of ``kind`` for ``key`` and the memo it is remembered under (:func:`remember`).
+    ``fields``: what a choice holds, by name and type; a tuning-cache record without them (written by
+    something else, or edited) is measured again."""
     memo = json.dumps({"kind": kind, **key}, sort_keys=True)
     choices = _SAVED.get()
     if choices is not None:
         return _saved_choice(choices, memo)
     with _LOCK:
-        choice = _DECIDED.get(memo) or tuning_cache.lookup(kind, key)
+        choice = _DECIDED.get(memo) or _well_formed(tuning_cache.lookup(kind, key), fields)
         if choice is None:
             choice = measure()
             if choice is None:
@@ -58,6 +61,13 @@ def decide(kind: str, key: dict, measure: Callable[[], dict | None]) -> tuple[st
             tuning_cache.store(kind, key, choice)
         _DECIDED[memo] = choice
     return memo, choice
+
+
+def _well_formed(choice: object, fields: dict[str, type] | None) -> dict | None:
+    if not isinstance(choice, dict) or any(not isinstance(choice.get(name), kind) for name, kind in
+                                           (fields or {}).items()):
+        return None
+    return choice
 
 
 @contextlib.contextmanager
