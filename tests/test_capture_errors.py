@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import threading
+import warnings
 
 import pytest
 import torch
@@ -494,3 +495,19 @@ def test_a_lazy_module_not_yet_called_is_a_clear_error():
     assert torch.nn.parameter.is_lazy(model[0].weight)  # untouched
     model(x)
     torch.testing.assert_close(pyrys.optimize(model, (x,), backend="reference")(x), model(x))
+
+
+def test_process_wide_module_hooks_are_warned_of():
+    """torch runs them in the capture (torch.export once more than eager, for a pre-hook) and on the optimized
+    module's calls too (a helper's find: a hook doubling every output doubled pyrys's once more, unsaid)."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4)).eval()
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda module, args: None)
+    try:
+        with pytest.warns(UserWarning, match="process-wide module hooks are registered"):
+            pyrys.optimize(model, (torch.randn(2, 4),), backend="reference")
+    finally:
+        handle.remove()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pyrys.optimize(model, (torch.randn(2, 4),), backend="reference")
+    assert not [w for w in caught if "process-wide" in str(w.message)]

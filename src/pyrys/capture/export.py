@@ -24,6 +24,7 @@ import linecache
 import operator
 import re
 import sys
+import warnings
 
 import torch
 import torch.fx as fx
@@ -236,6 +237,7 @@ def capture_module(model: torch.nn.Module, args: tuple, kwargs: dict | None = No
     """``model`` in pyrys IR; ``dynamic``: for every shape (``SIZE_ONE_FIXED``: every shape with these inputs'
     dims of size 1), falling back to these inputs' shapes (with a note saying why) when torch.export cannot
     trace it with symbolic sizes."""
+    _warn_of_global_hooks()
     if not dynamic:
         return from_exported(_exported_for_these_shapes(model, args, kwargs), model)
     try:
@@ -286,6 +288,19 @@ def _exported_for_these_shapes(model: torch.nn.Module, args: tuple, kwargs: dict
                            f"{type(error).__name__}: {first_line}. Does eager forward run on these inputs with "
                            "gradients on (torch.export traces that path)?" + _hooks_hint(model) + " Otherwise use "
                            "torch.compile(model, backend=\"pyrys\"), or report it") from error
+
+
+def _warn_of_global_hooks() -> None:
+    """Process-wide module hooks run in torch.export's capture, where they may run once more than in eager
+    (a pre-hook adding 1 to every module's input: twice in eager ``nn.Sequential(nn.Linear)``, three times
+    in its export), and on each call of the optimized module, an ``nn.Module`` itself (a helper's find:
+    outputs doubled once more than eager's): say so, since a hook that changes tensors changes the outputs."""
+    if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+        warnings.warn("pyrys.optimize: process-wide module hooks are registered (register_module_forward_hook "
+                      "or register_module_forward_pre_hook); torch.export runs them in the capture (where it may "
+                      "run them once more than eager does) and torch runs them on each call of the optimized module "
+                      "too: one that changes tensors gives other outputs than eager's. Remove them before "
+                      "optimizing (a hook that only reads, returning None, changes nothing)", stacklevel=2)
 
 
 def _hooks_hint(model: torch.nn.Module) -> str:
