@@ -663,6 +663,15 @@ def test_save_takes_only_an_optimized_module_and_pickle_points_to_it(tmp_path):
             pyrys.load(path)
 
 
+def test_load_state_dict_of_an_optimized_module_points_to_the_model():
+    """Its weights are the program's constants: a helper's find, torch's "unexpected keys" said nothing of it."""
+    model = conv_bn_relu()
+    opt = pyrys.optimize(model, (image(),), backend="reference")
+    assert opt.state_dict() == {} and opt.load_state_dict({}) is not None
+    with pytest.raises(RuntimeError, match=r"frozen into its program at optimize .*model.load_state_dict"):
+        opt.load_state_dict(model.state_dict())
+
+
 Pair = collections.namedtuple("Pair", "scaled embedded")
 
 

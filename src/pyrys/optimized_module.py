@@ -743,6 +743,15 @@ class OptimizedModule(torch.nn.Module):
     def __copy__(self) -> "OptimizedModule":
         return self.__deepcopy__({})
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Nothing to load (``state_dict()`` is empty: the weights are constants of the program); given
+        tensors, a clear error rather than torch's "unexpected keys"."""
+        if state_dict:
+            raise RuntimeError("pyrys: an optimized module has no state to load: its weights were frozen into its "
+                               "program at optimize (its state_dict() is empty). Load them into the model "
+                               "(model.load_state_dict(...)) and optimize it again")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def __reduce_ex__(self, protocol):
         raise TypeError(
             "pyrys: an optimized module holds compiled oneDNN programs and cannot be pickled, so neither pickle "
