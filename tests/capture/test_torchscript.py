@@ -1055,6 +1055,9 @@ class _KeysMadeWithStr(torch.nn.Module):
         out: Dict[str, torch.Tensor] = {}
         for i in range(2):
             out["layer" + str(i)] = self.linear(x) * i
+        for scale in [0.5, 1.0]:
+            out["scale" + str(scale)] = self.linear(x) * scale  # TorchScript's text: "1.", not Python's "1.0"
+        out[str(["a", "b"])] = x
         return out
 
 
@@ -1064,5 +1067,5 @@ def test_str_of_a_number_makes_a_dict_key():
     model = script(_KeysMadeWithStr().eval())
     x = torch.randn(3, 4)
     out = pyrys.optimize(model, (x,), backend="reference")(x)
-    assert list(out) == ["layer0", "layer1"]
+    assert list(out) == list(model(x)) == ["layer0", "layer1", "scale0.5", "scale1.", "[a, b]"]
     torch.testing.assert_close(out, model(x))

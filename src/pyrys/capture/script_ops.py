@@ -3,6 +3,7 @@ them, what it writes or views; and the list, dict and tensor-property operations
 applied to the Python values the importer holds."""
 from __future__ import annotations
 
+import functools
 import keyword
 import operator
 from typing import Any
@@ -55,6 +56,19 @@ def _is_default(argument, value) -> bool:
         return False
     default = argument.default_value
     return type(default) is type(value) and default == value or (default is None and value is None)
+
+
+def script_str(value: Any, type_text: str) -> str:
+    """TorchScript's ``str(value)`` for a value of TorchScript type ``type_text`` (its IR spelling: ``float[]``),
+    run by TorchScript itself (``aten::str`` takes a generic argument, which torch's Python binding cannot take):
+    its text is not Python's (``str(1.0)`` is ``'1.'``, ``str(['a'])`` is ``'[a]'``)."""
+    return _str_function(type_text)(value)
+
+
+@functools.lru_cache(maxsize=64)
+def _str_function(type_text: str):
+    graph = torch._C.parse_ir(f"graph(%x : {type_text}):\n  %y : str = aten::str(%x)\n  return (%y)")
+    return torch._C._create_function_from_graph("pyrys_str", graph)
 
 
 def call_op(op, schema, values: list):
@@ -112,9 +126,6 @@ PYTHON_OPS = {"aten::__getitem__": operator.getitem, "aten::len": len, "aten::ad
                "aten::mul": operator.mul, "aten::keys": lambda d: list(d.keys()), "aten::values": lambda d: list(d.values()),
                "aten::items": lambda d: list(d.items()), "aten::get": lambda d, key, default=None: d.get(key, default),
                "aten::dict": dict}
-# operations on numbers and strings whose ATen op takes a generic type, which torch's Python binding cannot
-# convert a Python value to (``str(i)``, a dict's key made in a loop)
-SCALAR_OPS = {"aten::str": str}
 # list and dict operations that write it in place (a loop collecting outputs, a ModuleDict's outputs by name); no
 # outputs but the list, or none
 LIST_WRITES = {"aten::append": lambda items, item: (items.append(item), items)[1],

@@ -40,9 +40,9 @@ from torch.utils._pytree import tree_flatten, tree_map
 from pyrys.capture.captured import Captured, input_writes_note
 from pyrys.capture.convolution import SPELLINGS as CONVOLUTION_SPELLINGS, named_convolution
 from pyrys.capture.script_module import NO_DEFAULT, forward_defaults, script_class_name, script_parameters
-from pyrys.capture.script_ops import (LAYOUT_QUERIES, LIST_WRITES, PRIM_AS_OPS, PYTHON_OPS, SCALAR_OPS,
-                                      TENSOR_QUERIES, TorchScriptImportError, call_op, checks_shapes, functional_op,
-                                      has_node, is_view_call, is_view_node, mutated_argument, op_overload,
+from pyrys.capture.script_ops import (LAYOUT_QUERIES, LIST_WRITES, PRIM_AS_OPS, PYTHON_OPS, TENSOR_QUERIES,
+                                      TorchScriptImportError, call_op, checks_shapes, functional_op, has_node,
+                                      is_view_call, is_view_node, mutated_argument, op_overload, script_str,
                                       split_arguments)
 from pyrys.capture.script_types import named_tuple_class
 from pyrys.ir.quiet_fake import fake_tensor_errors_unlogged
@@ -711,15 +711,16 @@ class _Importer:
             raise TorchScriptImportError(f"{self.class_name} {self.stale[read]}")
 
     def _scalar(self, op, schema, values: list, node: torch._C.Node) -> Any:
-        """An op on Python values (numbers, strings): torch's, or Python's where torch's binding cannot take
-        them from Python (``str(i)``: ``aten::str`` takes a generic type)."""
-        if schema.name in SCALAR_OPS:
-            return self._python(SCALAR_OPS[schema.name], values, node)
+        """An op on Python values (numbers, strings): torch's, or TorchScript's own ``str`` (``str(i)``: its
+        ATen op takes a generic argument, which torch's Python binding cannot)."""
         try:
+            if schema.name == "aten::str":
+                return script_str(values[0], node.inputsAt(0).type().str())  # (its IR spelling: "float[]")
             return call_op(op, schema, values)
         except RuntimeError as error:
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise TorchScriptImportError(f"{node.kind()} on the values {values!r:.80} fails when called from Python "
-                                         f"(in {self.class_name}): {str(error).splitlines()[0]}") from None
+                                         f"(in {self.class_name}): {first_line}") from None
 
     def _python(self, operation, values: list, node: torch._C.Node) -> Any:
         """A list or dict operation applied to the importer's own, its failure (eager's too) a reason."""
