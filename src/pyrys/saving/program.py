@@ -429,17 +429,18 @@ def _decode_compiled(record: dict, tensors: dict, config: OptimizeConfig, same_c
         else:
             notes.append(f"saved on a CPU with {'/'.join(manifest['isa']) or 'other instructions'}; "
                          f"the layout was chosen again here ({config.layout})")
-    building = contextlib.nullcontext()
+    building, saved_choices = contextlib.nullcontext(), None
     if backend == "dnnl" and same_cpu:
         from pyrys.backends.dnnl import measured
-        choices = record.get("kernel_choices", {})
-        measured.remember(choices)  # for the programs of other thread counts, built at a call
-        building = measured.saved(choices)  # the kernels it was saved with, nothing measured
+        saved_choices = measured.SavedChoices.of(record.get("kernel_choices", {}))
+        building = measured.saved(saved_choices)  # the kernels it was saved with, nothing measured
     # on another CPU the program gets other kernels, whose faults the compile's check never saw: checked here too,
     # on seeded random inputs (zeros would hide a wrong convolution behind its bias)
     options = BackendOptions(config.threads, layout, check=not same_cpu)
     with building:
         program = compile_program(gm, _example_inputs(signature, random=not same_cpu), options, like=like)
+    if saved_choices is not None and hasattr(program, "saved_choices"):
+        program.saved_choices = saved_choices  # its programs for other thread counts, built at a call
     if backend == "dnnl" and same_cpu and record["policy"]:
         program = _with_policy(program, record["policy"])
     fault = getattr(program, "fault", None)

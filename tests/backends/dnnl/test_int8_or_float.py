@@ -330,3 +330,27 @@ def test_a_weight_two_linears_read_is_one_int8_tensor_run_one_way(no_vnni, monke
     loaded = pyrys.load(tmp_path / "saved")
     assert linear_lines(loaded) == saved_lines
     assert torch.equal(loaded(x), expected)
+
+
+def test_a_save_whose_choices_were_made_on_another_cpu_is_measured_here(no_vnni, monkeypatch, tmp_path):
+    """Choices of a kind the save holds, made elsewhere only (another CPU with the same ISA flags, another
+    pyrys or oneDNN: other memos), are chosen here as a compile chooses, not taken as unmeasured (a review's
+    find: int8 linears ran int8 there, untimed)."""
+    from tests.test_save_load import _edited_consistently
+
+    model, x, calibration = model_and_data()
+    timed(monkeypatch, 2.0, 1.0)
+    opt = int8(model, x, calibration)
+    pyrys.save(opt, tmp_path / "saved")
+
+    def made_elsewhere(program):
+        for record in program["signatures"]:
+            record["kernel_choices"] = {memo.replace('"cpu": "', '"cpu": "another '): choice
+                                        for memo, choice in record["kernel_choices"].items()}
+
+    path = _edited_consistently(tmp_path / "saved", made_elsewhere)
+    monkeypatch.setattr(measured, "_DECIDED", {})
+    monkeypatch.setenv("PYRYS_CACHE_DIR", "")
+    calls = timed(monkeypatch, 2.0, 1.0)
+    loaded = pyrys.load(path)
+    assert len(calls) == 2 and all(IN_FLOAT32 in line for line in linear_lines(loaded))

@@ -3,9 +3,9 @@
     memo, choice = decide("attention_kernel", {**inputs, **machine_key(threads)}, measure)
 
 ``measure()`` returns the choice (a JSON-able dict), or None where it could not measure (nothing is
-kept then).  A choice is looked up in this process first (``remember`` seeds it from a saved
-program), then in the tuning cache (``pyrys.tuning_cache``), and measured only where neither has it.
-While ``pyrys.load`` builds a saved program (:func:`saved`), the save's choices answer alone.
+kept then).  A choice is looked up in this process first, then in the tuning cache
+(``pyrys.tuning_cache``), and measured only where neither has it.  While a saved program is built
+(:func:`saved`), the save's choices answer first.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import json
 import os
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -29,7 +30,7 @@ _DECIDED: dict[str, dict] = {}  # this process's choices, by kind and key (the t
 _LOCK = threading.Lock()
 MEASURE_SECONDS = 1.0  # timed rounds of one choice stop short where a round would take longer in all
 MIN_RUNS = 2
-_SAVED: contextvars.ContextVar[dict[str, dict] | None] = contextvars.ContextVar("pyrys_saved_choices", default=None)
+_SAVED: contextvars.ContextVar["SavedChoices | None"] = contextvars.ContextVar("pyrys_saved_choices", default=None)
 
 
 def machine_key(threads: int) -> dict:
@@ -45,13 +46,14 @@ def machine_key(threads: int) -> dict:
 
 def decide(kind: str, key: dict, measure: Callable[[], dict | None],
            fields: dict[str, type] | None = None) -> tuple[str, dict | None]:
-    """The choice of ``kind`` for ``key`` and the memo it is remembered under (:func:`remember`).
+    """The choice of ``kind`` for ``key`` and the memo it is remembered under (and saved under, with a program).
     ``fields``: what a choice holds, by name and type; a tuning-cache record without them (written by
     something else, or edited) is measured again."""
     memo = json.dumps({"kind": kind, **key}, sort_keys=True)
-    choices = _SAVED.get()
-    if choices is not None:
-        return _saved_choice(choices, memo)
+    saved_choices = _SAVED.get()
+    answer = _saved_choice(saved_choices, memo) if saved_choices is not None else None
+    if answer is not None:
+        return answer
     with _LOCK:
         choice = _DECIDED.get(memo) or _well_formed(tuning_cache.lookup(kind, key), fields)
         if choice is None:
@@ -70,47 +72,65 @@ def _well_formed(choice: object, fields: dict[str, type] | None) -> dict | None:
     return choice
 
 
+@dataclass(frozen=True)
+class SavedChoices:
+    """A save's kernel choices (by memo), indexed by their keys without the thread count."""
+
+    choices: dict[str, dict]
+    by_key: dict[str, list[tuple[int, str]]]  # key without threads -> [(threads, memo)]
+    kinds: frozenset[str]
+
+    @classmethod
+    def of(cls, choices: dict[str, dict]) -> "SavedChoices":
+        by_key: dict[str, list[tuple[int, str]]] = {}
+        kinds = set()
+        for memo in choices:
+            key, threads = _split(memo)
+            if key is not None:
+                by_key.setdefault(json.dumps(key, sort_keys=True), []).append((threads, memo))
+                kinds.add(key.get("kind"))
+        return cls(dict(choices), by_key, frozenset(kinds))
+
+
 @contextlib.contextmanager
-def saved(choices: dict[str, dict]):
-    """While ``pyrys.load`` builds a program saved on this CPU: every choice is the save's, measured nothing
-    (a load runs what was saved, and fast).  Not this process's choices, nor the tuning cache's: they may
-    differ from the save's.  The save's choice made at another thread count where none was made at this
-    one (a save made with 2 threads loaded in a process that runs 1); where the save has none (a pyrys that
-    did not measure that kind saved it), None: the kind's unmeasured default, which that pyrys ran."""
-    token = _SAVED.set(dict(choices))
+def saved(choices: SavedChoices):
+    """While a program saved on this CPU is built (by ``pyrys.load``, or for another thread count at a call):
+    every choice is the save's, measured nothing (a load runs what was saved, and fast); not this process's
+    nor the tuning cache's, which may differ.  The save's choice at the nearest thread count where it has
+    none at this one (a save made with 2 threads loaded by a process running 1).  Where the save has no
+    choice of that kind at all (a pyrys that did not measure it saved it): None, the kind's unmeasured
+    default, which that pyrys ran.  Where it has choices of that kind made elsewhere only (another CPU with
+    the same ISA flags, another pyrys or oneDNN): chosen as a compile chooses, here."""
+    token = _SAVED.set(choices)
     try:
         yield
     finally:
         _SAVED.reset(token)
 
 
-def _saved_choice(choices: dict[str, dict], memo: str) -> tuple[str, dict | None]:
-    """``(memo, choice)`` from a save's ``choices``: ``memo``'s, else the first (in sorted order) whose key
-    differs from it in the thread count alone, under its own memo; ``(memo, None)`` where neither is saved."""
-    if memo in choices:
-        return memo, choices[memo]
-    wanted = _without_threads(memo)
-    for other in sorted(choices):
-        if _without_threads(other) == wanted:
-            return other, choices[other]
-    return memo, None
+def _saved_choice(saved: SavedChoices, memo: str) -> tuple[str, dict | None] | None:
+    """``(memo, choice)`` from ``saved`` (see :func:`saved`): ``memo``'s, else the one of the nearest thread
+    count under its own memo, else ``(memo, None)``; None where it must be chosen here."""
+    if memo in saved.choices:
+        return memo, saved.choices[memo]
+    key, threads = _split(memo)
+    others = saved.by_key.get(json.dumps(key, sort_keys=True), [])
+    if others:
+        nearest = min(others, key=lambda other: (abs(other[0] - threads), other[0]))[1]
+        return nearest, saved.choices[nearest]
+    return None if key.get("kind") in saved.kinds else (memo, None)
 
 
-def _without_threads(memo: str) -> dict | None:
+def _split(memo: str) -> tuple[dict | None, int]:
+    """A memo's key without its thread count, and the thread count (0 where it has none)."""
     try:
         key = json.loads(memo)
     except ValueError:
-        return None
-    if isinstance(key, dict):
-        key.pop("threads", None)
-    return key
-
-
-def remember(choices: dict[str, dict]) -> None:
-    """Take ``choices`` (a saved program's, made on this CPU, by memo) as this process's: a loaded program
-    runs what it was saved with, nothing measured."""
-    with _LOCK:
-        _DECIDED.update(choices)
+        return None, 0
+    if not isinstance(key, dict):
+        return None, 0
+    threads = key.pop("threads", 0)
+    return key, threads if isinstance(threads, int) else 0
 
 
 def best_seconds(calls: list[Callable[[], object]], runs: int) -> list[float]:

@@ -22,6 +22,7 @@ negative number) is never checked; the README lists the differences.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
 import time
@@ -37,7 +38,7 @@ from pyrys.backends.dnnl.layout import candidate_policies
 from pyrys.backends.dnnl.lower import LAYOUT_CHOOSERS, build_program, layout_applies
 from pyrys.backends.dnnl.measured import machine_key
 from pyrys.backends.dnnl.primitives import Engine
-from pyrys.backends.dnnl import int8_or_float, self_check
+from pyrys.backends.dnnl import int8_or_float, measured, self_check
 from pyrys.backends.dnnl.program import DnnlProgram
 from pyrys.backends.options import BackendOptions
 from pyrys.backends.reference import ReferenceProgram, held_bytes, with_values
@@ -61,6 +62,7 @@ class DnnlRuntime:
     def __init__(self, gm: fx.GraphModule, example_inputs: list, options: BackendOptions,
                  like: "DnnlRuntime | None" = None):
         self.gm, self.pinned = gm, options.threads
+        self.saved_choices: measured.SavedChoices | None = None  # a loaded program's (``saving/program.py``)
         self._building = threading.Lock()
         threads = options.threads or current_threads()
         if like is None:
@@ -219,9 +221,11 @@ class DnnlRuntime:
             return self._built(threads)
 
     def _built(self, threads: int) -> DnnlProgram:
-        """The program for ``threads``, built now if it is not yet (the caller holds ``_building``)."""
+        """The program for ``threads``, built now if it is not yet (the caller holds ``_building``); a loaded
+        one's with the kernels its save chose (:func:`measured.saved`)."""
         if threads not in self.programs:
-            program = build_program(self.gm, self.layout, self.engine, threads, self.packed, reuse_packed=True)
+            with measured.saved(self.saved_choices) if self.saved_choices else contextlib.nullcontext():
+                program = build_program(self.gm, self.layout, self.engine, threads, self.packed, reuse_packed=True)
             program.policy = self.first.policy
             self.programs = {**self.programs, threads: program}
         return self.programs[threads]
