@@ -144,6 +144,8 @@ def _eval_with_training_parts(*parts: str) -> torch.nn.Module:
 @pytest.mark.parametrize("parts, said", [
     (("2", "3"), "modules of the model are in training mode (2, 3) though it is in eval mode; BatchNorm uses its "
                  "batch's statistics and is not folded and dropout (an op drawing random numbers) stays random"),
+    (("2",), "modules of the model are in training mode (2) though it is in eval mode; BatchNorm uses its "
+             "batch's statistics and is not folded"),
     (("1",), None),  # a linear in training mode computes as in eval mode
 ])
 def test_modules_in_training_mode_in_a_model_in_eval_mode_are_warned_of(parts, said):
@@ -154,6 +156,42 @@ def test_modules_in_training_mode_in_a_model_in_eval_mode_are_warned_of(parts, s
     training = [str(w.message) for w in caught if "training mode" in str(w.message)]
     assert training == ([f"pyrys.optimize: {said}. Call model.eval() (it sets every module's mode) first for "
                          "inference."] if said else []), training
+
+
+class _Sampling(torch.nn.Module):
+    """Draws random numbers on purpose (a VAE's sample, Monte Carlo dropout), in any mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.nn.functional.dropout(self.head(x), 0.1, training=True) + torch.randn_like(x)
+
+
+def test_random_ops_of_an_eval_model_are_not_blamed_on_a_linear_in_training_mode():
+    """A review's find: the model's own random ops were warned of as if its linear left in training mode drew
+    them (model.eval() changes nothing there)."""
+    model = _Sampling().eval()
+    model.head.train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pyrys.optimize(model, (torch.randn(2, 4),), backend="reference")
+    assert not [str(w.message) for w in caught if "training mode" in str(w.message)]
+
+
+def test_a_scripted_model_whose_training_flag_is_frozen_false_is_not_warned_of():
+    """``pyrys.jit.freeze_flags(m, training=False)`` sets every module's flag in the graph (a review's find:
+    warned of its modules' own attributes, still True)."""
+    model = torch.jit.script(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 6 * 6, 8),
+                                                 torch.nn.BatchNorm1d(8), torch.nn.Dropout(0.5), _HalvedInTraining()))
+    pyrys.jit.freeze_flags(model, training=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt = pyrys.jit.compile(model, image(batch=2), backend="reference")
+    assert not [str(w.message) for w in caught if "training mode" in str(w.message)]
+    x = image(batch=2)
+    torch.testing.assert_close(opt(x), opt(x))  # eval mode: no dropout
 
 
 @pytest.mark.parametrize("how", [{}, {"backend": "reference"}, {"freeze_flags": ()}, {"disable": ["simplify"]},

@@ -45,36 +45,63 @@ def warn_of_writes(optimized, caller_keeps_writes: bool, stacklevel: int = 3, mo
                       "torch", stacklevel=stacklevel)
 
 
-def warn_if_training(optimized, model: Any, stacklevel: int = 3) -> None:
+def warn_if_training(optimized, model: Any, stacklevel: int = 3, frozen_training: bool | None = None) -> None:
     """Where a model captured with modules in training mode computes otherwise than in eval mode, say so: its
     graph's :func:`training_effects`, or a module in training mode whose forward reads ``self.training``
-    (:func:`training_readers`); the model itself in training mode, or some of its modules where it is in eval
-    mode (``model.eval()`` then ``model.dropout.train()``). A fresh ``nn.ReLU()``, or a wrapper left in
+    (:func:`training_readers`).  The model itself in training mode; or, where it is in eval mode, modules of
+    it left in training mode whose mode changes what they compute (a batch norm, a dropout, an RReLU, a
+    reader; ``model.eval()`` then ``model.bn.train()``), each effect said only where such a module has it (a
+    sampling model's ``randn`` is no dropout left in training mode).  ``frozen_training``: the value
+    ``pyrys.jit.freeze_flags`` gave every module's flag.  A fresh ``nn.ReLU()``, or a wrapper left in
     training mode around submodules in eval mode, computes alike in both and is not warned of."""
-    training = _in_training(model)
-    if not training:
+    if frozen_training is False:
+        return
+    whole = frozen_training or optimized.compiled_training
+    modules = [] if whole else _mode_dependent_in_training(model)
+    if not whole and not modules:
         return
     effects = training_effects(optimized._first.captured.gm)
+    if not whole:
+        effects = [effect for effect in effects if effect in {kind for _, kind in modules}]
     readers = training_readers(model)
     if readers:
         effects.append(f"{readers[0]} reads self.training in forward, which the graph captured in that mode")
     if not effects:
         return
-    if optimized.compiled_training:
+    if whole:
         which, fix = "the model is in training mode", "Call model.eval()"
     else:
-        shown = ", ".join(training[:3]) + (f" and {len(training) - 3} more" if len(training) > 3 else "")
+        names = [name for name, _ in modules]
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
         which, fix = f"modules of the model are in training mode ({shown}) though it is in eval mode", \
             "Call model.eval() (it sets every module's mode)"
     warnings.warn(f"pyrys.optimize: {which}; {' and '.join(effects)}. {fix} first for inference.",
                   stacklevel=stacklevel)
 
 
-def _in_training(model: Any) -> list[str]:
-    """The names of ``model``'s modules in training mode ("the model" for itself)."""
+_NORM_EFFECT = "BatchNorm uses its batch's statistics and is not folded"
+_RANDOM_EFFECT = "dropout (an op drawing random numbers) stays random"
+_KIND_BY_CLASS = (("BatchNorm", _NORM_EFFECT), ("SyncBatchNorm", _NORM_EFFECT), ("Dropout", _RANDOM_EFFECT),
+                  ("AlphaDropout", _RANDOM_EFFECT), ("FeatureAlphaDropout", _RANDOM_EFFECT), ("RReLU", _RANDOM_EFFECT))
+
+
+def _mode_dependent_in_training(model: Any) -> list[tuple[str, str]]:
+    """``(name, effect)`` of ``model``'s modules in training mode whose mode changes what they compute:
+    torch.nn's batch norms, dropouts and RReLU by class (the effect :func:`training_effects` says), and
+    the modules :func:`training_readers` names."""
     if not isinstance(model, torch.nn.Module):
         return []
-    return [name or "the model" for name, module in model.named_modules() if module.training]
+    found = []
+    for name, module in model.named_modules():
+        if not module.training:
+            continue
+        kind = next((effect for prefix, effect in _KIND_BY_CLASS if _class_name(module).startswith(prefix)),
+                    None) if _from_torch_nn(module) else None
+        if kind is None and _reads_training(module):
+            kind = "reads self.training"
+        if kind is not None:
+            found.append((name or "the model", kind))
+    return found
 
 
 def training_effects(gm: fx.GraphModule) -> list[str]:
@@ -84,9 +111,9 @@ def training_effects(gm: fx.GraphModule) -> list[str]:
     effects = []
     if any(node.target is torch.ops.aten.batch_norm.default and argument(node, *RUNNING_STATS[node.target][2])
            is not False for node in nodes):
-        effects.append("BatchNorm uses its batch's statistics and is not folded")
+        effects.append(_NORM_EFFECT)
     if any(draws_random_numbers(node) for node in nodes):
-        effects.append("dropout (an op drawing random numbers) stays random")
+        effects.append(_RANDOM_EFFECT)
     return effects
 
 
@@ -106,17 +133,23 @@ def _class_name(module: torch.nn.Module) -> str:
     return getattr(module, "original_name", None) or type(module).__name__  # (a TorchScript module's own class)
 
 
+def _from_torch_nn(module: torch.nn.Module) -> bool:
+    """A torch.nn class's module (scripted too: by its class name)."""
+    if isinstance(module, torch.jit.ScriptModule):
+        return hasattr(torch.nn, _class_name(module))
+    return type(module).__module__.startswith("torch.nn.")
+
+
 def _reads_training(module: torch.nn.Module) -> bool:
     name = _class_name(module)
     if name.startswith("InstanceNorm"):  # (a traced one keeps its buffers, not its flags)
         return dict(module.named_buffers(recurse=False)).get("running_mean") is not None
-    scripted = isinstance(module, torch.jit.ScriptModule)
-    if (hasattr(torch.nn, name) if scripted else type(module).__module__.startswith("torch.nn.")):
+    if _from_torch_nn(module):
         return False
     if isinstance(module, torch.jit.TracedModule):  # its code is the path traced: whether forward read it is lost
         return True
     try:
-        source = module.code if scripted else inspect.getsource(type(module).forward)
+        source = module.code if isinstance(module, torch.jit.ScriptModule) else inspect.getsource(type(module).forward)
     except (OSError, TypeError, RuntimeError, AttributeError):  # no source (a builtin, a class made by exec)
         return False
     return "training" in source

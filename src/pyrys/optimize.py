@@ -215,7 +215,7 @@ def optimize_torchscript(script: Any, example_inputs: Any, example_kwargs: dict 
     optimized = OptimizedModule(torchscript_frontend(script, flag_values, writes), args, kwargs, config, trace)
     optimized.training = optimized.compiled_training = training
     writes.wait()
-    warn_if_training(optimized, script, stacklevel=4)
+    warn_if_training(optimized, script, stacklevel=4, frozen_training=(flag_values or {}).get("training"))
     warn_of_writes(optimized, caller_keeps_writes=False, stacklevel=4)
     return optimized
 
