@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import pyrys
 from pyrys.backends.dnnl import attention_kernels, binding, lower_attention, measured
+from pyrys.backends.threads import with_threads
 from pyrys.machine import kernel_flags, native_bf16
 from pyrys.numerics import relative_error
 from tests.conftest import TOLERANCE
@@ -549,3 +550,25 @@ def test_choosing_torch_keeps_none_of_the_constants_the_onednn_steps_packed(monk
     runtime = opt._first.program
     shapes = sorted(tuple(source.shape) for source in runtime.packed.sources.values())
     assert all(len(shape) <= 2 for shape in shapes), shapes  # the projection's weight and bias only
+
+
+def test_a_loaded_program_built_for_another_thread_count_takes_the_saved_kernel(monkeypatch, tmp_path):
+    """A program built at a call for a thread count the save has none for takes the save's choice (of the
+    nearest count) rather than time the kernels again in the caller's call (a review's find)."""
+    monkeypatch.setenv("PYRYS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(attention_kernels, "TIMED_SCORES_BYTES", 0)
+    monkeypatch.setattr(attention_kernels, "FASTER", float("inf"))  # torch's kernel chosen: not the default
+    model = Heads().eval()
+    opt = with_threads(2, pyrys.optimize, model, (X,))
+    assert "# chosen: torch's fused attention" in opt.program_text()
+    pyrys.save(opt, tmp_path / "saved")
+    monkeypatch.setattr(measured, "_DECIDED", {})
+    monkeypatch.setenv("PYRYS_CACHE_DIR", "")
+
+    def refuse(*args):
+        raise AssertionError("a loaded program measured a kernel")
+
+    monkeypatch.setattr(attention_kernels, "best_seconds", refuse)
+    loaded = with_threads(2, pyrys.load, tmp_path / "saved")
+    assert relative_error(with_threads(1, loaded, X), model(X)) <= TOLERANCE  # builds the 1-thread program
+    assert "# chosen: torch's fused attention" in loaded._first.program.programs[1].describe()
