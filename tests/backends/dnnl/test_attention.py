@@ -13,6 +13,7 @@ from pyrys.backends.dnnl import attention_kernels, binding, lower_attention, mea
 from pyrys.backends.threads import with_threads
 from pyrys.machine import kernel_flags, native_bf16
 from pyrys.numerics import relative_error
+from tests.backends.dnnl.no_measuring import refuse_to_measure
 from tests.conftest import TOLERANCE
 
 # without native bf16 oneDNN has no bf16 kernels (and precision="bf16" runs fp32): these run on such CPUs only
@@ -564,11 +565,7 @@ def test_a_loaded_program_built_for_another_thread_count_takes_the_saved_kernel(
     pyrys.save(opt, tmp_path / "saved")
     monkeypatch.setattr(measured, "_DECIDED", {})
     monkeypatch.setenv("PYRYS_CACHE_DIR", "")
-
-    def refuse(*args):
-        raise AssertionError("a loaded program measured a kernel")
-
-    monkeypatch.setattr(attention_kernels, "best_seconds", refuse)
+    refuse_to_measure(monkeypatch)
     loaded = with_threads(2, pyrys.load, tmp_path / "saved")
     assert relative_error(with_threads(1, loaded, X), model(X)) <= TOLERANCE  # builds the 1-thread program
     assert "# chosen: torch's fused attention" in loaded._first.program.programs[1].describe()

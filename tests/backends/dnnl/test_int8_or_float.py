@@ -12,6 +12,7 @@ import pyrys
 from pyrys.backends.dnnl import int8_or_float, measured
 from pyrys.backends.threads import with_threads
 from pyrys.ir.released import is_released
+from tests.backends.dnnl.no_measuring import refuse_to_measure
 from tests.models import Fn
 
 IN_FLOAT32 = int8_or_float.IN_FLOAT32.strip(", ")
@@ -195,11 +196,7 @@ def test_a_save_runs_what_it_was_saved_with(no_vnni, monkeypatch, tmp_path, make
     pyrys.save(opt, tmp_path / "saved")
     monkeypatch.setattr(measured, "_DECIDED", {})
     monkeypatch.setenv("PYRYS_CACHE_DIR", "")
-
-    def refuse(*args):
-        raise AssertionError("a load measured a kernel")
-
-    monkeypatch.setattr(int8_or_float, "_seconds", refuse)
+    refuse_to_measure(monkeypatch)
     loaded = pyrys.load(tmp_path / "saved")
     assert torch.equal(loaded(x), expected)
     assert linear_lines(loaded) == saved_lines
@@ -234,14 +231,6 @@ def test_both_kernels_really_run(no_vnni, tmp_path):
     for record in records:
         times = re.findall(r"([\d.]+) ms", record["value"]["measured"])
         assert len(times) == 2 and all(float(ms) > 0 for ms in times)
-
-
-def refuse_to_measure(monkeypatch) -> None:
-    def refuse(*args):
-        raise AssertionError("a load measured a kernel")
-
-    monkeypatch.setattr(int8_or_float, "_seconds", refuse)
-    monkeypatch.setattr(measured, "best_seconds", refuse)
 
 
 @pytest.mark.parametrize("saved_in", ["float32", "int8"])
