@@ -172,6 +172,19 @@ def test_the_float32_weight_is_the_one_copy(no_vnni, monkeypatch, tmp_path):
     assert pyrys.relative_error(opt(nan)[1:], in_int8(nan)[1:]) <= 1e-5
 
 
+def assert_loaded_as_saved(opt, x, path, monkeypatch) -> None:
+    """``opt`` saved at ``path`` and loaded in what stands for a new process (no choice in memory, no tuning
+    cache), measuring nothing: the same linears' program lines, the same outputs bitwise."""
+    expected, lines = opt(x), linear_lines(opt)
+    pyrys.save(opt, path)
+    monkeypatch.setattr(measured, "_DECIDED", {})
+    monkeypatch.setenv("PYRYS_CACHE_DIR", "")
+    refuse_to_measure(monkeypatch)
+    loaded = pyrys.load(path)
+    assert linear_lines(loaded) == lines
+    assert torch.equal(loaded(x), expected)
+
+
 def conv_and_linears():
     """A model with a convolution: its program is chosen among layout candidates, each built (a helper's
     find: the candidates after the first followed the first's choice without noting it, so a save of the
@@ -192,14 +205,7 @@ def test_a_save_runs_what_it_was_saved_with(no_vnni, monkeypatch, tmp_path, make
     saved_lines = linear_lines(opt)
     assert len(saved_lines) == 2 and all((IN_FLOAT32 in line) == (saved_in == "float32") for line in saved_lines)
     assert all(" rows: int8 " in line for line in saved_lines if IN_FLOAT32 in line), saved_lines  # its times
-    expected = opt(x)
-    pyrys.save(opt, tmp_path / "saved")
-    monkeypatch.setattr(measured, "_DECIDED", {})
-    monkeypatch.setenv("PYRYS_CACHE_DIR", "")
-    refuse_to_measure(monkeypatch)
-    loaded = pyrys.load(tmp_path / "saved")
-    assert torch.equal(loaded(x), expected)
-    assert linear_lines(loaded) == saved_lines
+    assert_loaded_as_saved(opt, x, tmp_path / "saved", monkeypatch)
 
 
 @pytest.mark.parametrize("form", ["float32", "int8"])
@@ -311,14 +317,7 @@ def test_a_weight_two_linears_read_is_one_int8_tensor_run_one_way(no_vnni, monke
     assert len(saved_lines) == 3 and not any(IN_FLOAT32 in line for line in saved_lines)
     int8_weights = {id(t) for name, t in opt.graph_module.named_buffers() if name.startswith("a_weight_int8")}
     assert len(int8_weights) == 1
-    expected = opt(x)
-    pyrys.save(opt, tmp_path / "saved")
-    monkeypatch.setattr(measured, "_DECIDED", {})
-    monkeypatch.setenv("PYRYS_CACHE_DIR", "")
-    refuse_to_measure(monkeypatch)
-    loaded = pyrys.load(tmp_path / "saved")
-    assert linear_lines(loaded) == saved_lines
-    assert torch.equal(loaded(x), expected)
+    assert_loaded_as_saved(opt, x, tmp_path / "saved", monkeypatch)
 
 
 def test_a_save_whose_choices_were_made_on_another_cpu_is_measured_here(no_vnni, monkeypatch, tmp_path):
