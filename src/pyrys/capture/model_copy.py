@@ -103,8 +103,8 @@ def private_copy(model: torch.nn.Module, frozen: Iterable[str] | None) -> tuple[
     if lazy:
         raise CaptureError(f"pyrys: {type(model).__name__} has parameters not made yet ({', '.join(lazy[:3])}"
                            f"{', ...' if len(lazy) > 3 else ''}: a lazy module's, such as nn.LazyLinear). Call the "
-                           "model once on an example input (model(x)) before optimizing: that makes them (a lazy module "
-                           "forward never calls stays unmade: remove it)")
+                           "model once on an example input (model(x)) before optimizing: that makes them (a lazy "
+                           "module forward never calls stays unmade: remove it)")
     wanted = None if frozen is None else set(frozen)
     shared = {name: tensor for name, tensor in state_of(model)
               if (wanted is None or name.rpartition(".")[2] in wanted) and not tensor.is_inference()}
