@@ -52,6 +52,15 @@ def private_tuning_cache(tmp_path_factory):
         yield
 
 
+@pytest.fixture
+def quiet_cpu(monkeypatch):
+    """Every timing counts as made on a quiet CPU (kept in the tuning cache): a test of what the cache keeps
+    must not depend on the load beside it (the suite runs in two processes; ``pyrys.backends.cpu_share``)."""
+    from pyrys.backends import cpu_share
+
+    monkeypatch.setattr(cpu_share, "QUIET", 0.0)
+
+
 @pytest.fixture(autouse=True)
 def int8_linears_in_int8(monkeypatch):
     """Every int8 linear runs on oneDNN's int8 kernel, whatever this CPU measures (on one without VNNI the

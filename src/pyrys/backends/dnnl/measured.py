@@ -5,7 +5,8 @@
 ``measure()`` returns the choice (a JSON-able dict), or None where it could not measure (nothing is
 kept then).  A choice is looked up in this process first, then in the tuning cache
 (``pyrys.tuning_cache``), and measured only where neither has it.  While a saved program is built
-(:func:`saved`), the save's choices answer first.
+(:func:`saved`), the save's choices answer first.  A choice timed on a busy CPU (:mod:`pyrys.backends.cpu_share`)
+serves this process only: the next process times it again.
 """
 from __future__ import annotations
 
@@ -21,9 +22,11 @@ from typing import Callable
 import torch
 
 from pyrys import tuning_cache
+from pyrys.backends.cpu_share import CpuShare, busy_said, is_quiet, timed_quietly
 from pyrys.backends.dnnl import binding
 from pyrys.backends.dnnl.constants import ARG_BIAS, ARG_DST, ARG_SRC, ARG_WEIGHTS
 from pyrys.backends.dnnl.primitives import Engine, Memory, MemoryDesc, Primitive, PrimitiveDesc, Stream
+from pyrys.backends.threads import current_threads
 from pyrys.machine import cpu_info
 
 _DECIDED: dict[str, dict] = {}  # this process's choices, by kind and key (the tuning cache may be off)
@@ -31,6 +34,8 @@ _LOCK = threading.Lock()
 MEASURE_SECONDS = 1.0  # timed rounds of one choice stop short where a round would take longer in all
 MIN_RUNS = 2
 _SAVED: contextvars.ContextVar["SavedChoices | None"] = contextvars.ContextVar("pyrys_saved_choices", default=None)
+# the CPU shares of the timings made while one choice is measured (:func:`decide`)
+_SHARES: contextvars.ContextVar["list[float] | None"] = contextvars.ContextVar("pyrys_cpu_shares", default=None)
 
 
 def machine_key(threads: int) -> dict:
@@ -55,21 +60,42 @@ def decide(kind: str, key: dict, measure: Callable[[], dict | None],
     if answer is not None:
         return answer
     with _LOCK:
-        choice = _DECIDED.get(memo) or _well_formed(tuning_cache.lookup(kind, key), fields)
+        choice = _DECIDED.get(memo) or _well_formed(tuning_cache.lookup(kind, key), {**(fields or {}), **_TIMED})
         if choice is None:
-            choice = measure()
+            choice = _timed(measure)
             if choice is None:
                 return memo, None
-            tuning_cache.store(kind, key, choice)
+            if is_quiet(choice["cpu_share"]):
+                tuning_cache.store(kind, key, choice)
         _DECIDED[memo] = choice
     return memo, choice
 
 
-def _well_formed(choice: object, fields: dict[str, type] | None) -> dict | None:
-    if not isinstance(choice, dict) or any(not isinstance(choice.get(name), kind) for name, kind in
-                                           (fields or {}).items()):
+_TIMED = {"cpu_share": float}  # what every kept choice holds besides its kind's fields
+
+
+def _timed(measure: Callable[[], dict | None]) -> dict | None:
+    """``measure()``'s choice with the least CPU share of its timings (1.0 where it timed nothing), and where
+    that was busy, its ``measured`` text saying so."""
+    shares: list[float] = []
+    token = _SHARES.set(shares)
+    try:
+        choice = measure()
+    finally:
+        _SHARES.reset(token)
+    if choice is None:
         return None
-    return choice
+    share = round(min(shares, default=1.0), 2)
+    said = "" if is_quiet(share) else busy_said(share)
+    return {**choice, "cpu_share": share, **({"measured": f"{choice.get('measured', '')}{said}"} if said else {})}
+
+
+def _well_formed(choice: object, fields: dict[str, type]) -> dict | None:
+    """``choice`` where it holds ``fields`` and was timed on a quiet CPU (a record of an older pyrys, which
+    kept busy timings, is timed again), else None."""
+    if not isinstance(choice, dict) or any(not isinstance(choice.get(name), kind) for name, kind in fields.items()):
+        return None
+    return choice if timed_quietly(choice) else None
 
 
 @dataclass(frozen=True)
@@ -137,18 +163,23 @@ def best_seconds(calls: list[Callable[[], object]], runs: int) -> list[float]:
     """The best of ``runs`` timed calls of each, called in turn (a busy moment slows all of them), after
     one warm-up call each.  Calls that are long at the warm-up get fewer rounds, at least :data:`MIN_RUNS`:
     ``rounds = min(runs, max(MIN_RUNS, MEASURE_SECONDS // warm-up seconds of all))`` (Whisper's attention at
-    batch 8, 0.3 s a call: 2 rounds, not 5; the best of two such calls is as steady as of five short ones)."""
+    batch 8, 0.3 s a call: 2 rounds, not 5; the best of two such calls is as steady as of five short ones).
+    The rounds' CPU share (:mod:`pyrys.backends.cpu_share`) goes to the choice being measured (:func:`decide`)."""
     started = time.perf_counter()
     for call in calls:
         call()
     warm_up = time.perf_counter() - started
     rounds = min(runs, max(MIN_RUNS, int(MEASURE_SECONDS // max(warm_up, 1e-9))))
     best = [float("inf")] * len(calls)
-    for _ in range(rounds):
-        for i, call in enumerate(calls):
-            start = time.perf_counter()
-            call()
-            best[i] = min(best[i], time.perf_counter() - start)
+    with CpuShare(current_threads()) as load:
+        for _ in range(rounds):
+            for i, call in enumerate(calls):
+                start = time.perf_counter()
+                call()
+                best[i] = min(best[i], time.perf_counter() - start)
+    shares = _SHARES.get()
+    if shares is not None:
+        shares.append(load.share)
     return best
 
 

@@ -43,6 +43,7 @@ from pyrys.backends.dnnl.program import DnnlProgram
 from pyrys.backends.options import BackendOptions
 from pyrys.backends.reference import ReferenceProgram, held_bytes, with_values
 from pyrys.backends.thread_choice import ThreadChooser
+from pyrys.backends.cpu_share import CpuShare, timed_quietly
 from pyrys.backends.threads import PER_CALLER_THREADS, current_threads, with_threads
 from pyrys.forwarding import forwarded
 from pyrys.ir.finite import all_finite
@@ -232,7 +233,8 @@ class DnnlRuntime:
 
     def _choose_policy(self, example_inputs: list, layout: str, threads: int) -> DnnlProgram:
         """The program in the layout policy asked for; for ``"auto"`` the faster candidate, measured here
-        or found in the tuning cache (``pyrys.tuning_cache``) under this graph, thread count and CPU (a
+        or found in the tuning cache (``pyrys.tuning_cache``) under this graph, thread count and CPU, where
+        it was timed on a quiet CPU (:mod:`pyrys.backends.cpu_share`; a
         graph with no convolution, or whose convolutions do little of the work, is built once:
         :func:`_why_not_measured`)."""
         policies = candidate_policies() if layout == "auto" else [layout]
@@ -244,7 +246,7 @@ class DnnlRuntime:
             return program
         key = _tuning_key(self.gm, threads, policies) if len(policies) > 1 else None
         cached = tuning_cache.lookup("layout", key) if key else None
-        if cached and cached.get("policy") in policies:
+        if cached and cached.get("policy") in policies and timed_quietly(cached):
             program = build_program(self.gm, cached["policy"], self.engine, threads, self.packed)
             program.policy = f"{cached['policy']} (tuning cache: {cached.get('measured', 'measured before')})"
             self.layout = cached["policy"]
@@ -253,11 +255,14 @@ class DnnlRuntime:
         best = 0
         if len(programs) > 1:
             inputs = [t.contiguous() if isinstance(t, torch.Tensor) else t for t in example_inputs]
-            seconds = with_threads(threads, _time_policies, programs, inputs)
+            with CpuShare(threads) as load:
+                seconds = with_threads(threads, _time_policies, programs, inputs)
             best = min(range(len(programs)), key=lambda i: seconds[i])
             timings = ", ".join(f"{name} {s * 1e3:.2f} ms" for name, s in zip(policies, seconds))
-            programs[best].policy = f"{policies[best]} (measured: {timings})"
-            tuning_cache.store("layout", key, {"policy": policies[best], "measured": timings})
+            programs[best].policy = f"{policies[best]} (measured: {timings}{load.said})"
+            if load.quiet:  # a busy CPU's timings serve this compile alone
+                tuning_cache.store("layout", key, {"policy": policies[best], "measured": timings,
+                                                   "cpu_share": round(load.share, 2)})
         self.layout = policies[best]
         chosen = programs[best]
         if len(programs) > 1:
