@@ -52,10 +52,11 @@ def private_tuning_cache(tmp_path_factory):
         yield
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def quiet_cpu(monkeypatch):
-    """Every timing counts as made on a quiet CPU (kept in the tuning cache): a test of what the cache keeps
-    must not depend on the load beside it (the suite runs in two processes; ``pyrys.backends.cpu_share``)."""
+    """Every timing counts as made on a quiet CPU (kept in the tuning cache, as on a quiet machine): what the
+    suite's compiles keep and read must not depend on the load beside them (it runs in two processes, which
+    keep each other's CPUs busy; ``pyrys.backends.cpu_share``, tested in ``tests/backends/dnnl/test_busy_cpu.py``)."""
     from pyrys.backends import cpu_share
 
     monkeypatch.setattr(cpu_share, "QUIET", 0.0)

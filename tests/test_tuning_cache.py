@@ -37,7 +37,7 @@ def measured(monkeypatch) -> list:
     return calls
 
 
-def test_the_second_compile_takes_the_layout_from_the_cache(cache, measured, quiet_cpu):
+def test_the_second_compile_takes_the_layout_from_the_cache(cache, measured):
     model = conv_bn_relu()
     first = pyrys.optimize(model, (image(),), backend="dnnl", threads=2)
     assert len(measured) == 1 and "(measured:" in first._first.program.policy
@@ -51,7 +51,7 @@ def test_the_second_compile_takes_the_layout_from_the_cache(cache, measured, qui
     assert len(measured) == 3
 
 
-def test_an_unreadable_or_foreign_record_is_measured_again(cache, measured, quiet_cpu):
+def test_an_unreadable_or_foreign_record_is_measured_again(cache, measured):
     model = conv_bn_relu()
     pyrys.optimize(model, (image(),), backend="dnnl")
     (record,) = (cache / "layout").glob("*.json")

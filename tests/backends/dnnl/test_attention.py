@@ -475,7 +475,7 @@ def test_torch_fused_attention_runs_where_it_is_measured_faster(name, monkeypatc
     assert "dnnl::softmax" not in text and "# fallback" not in text.split("scaled_dot_product_attention")[1], text
 
 
-def test_the_kernel_choice_is_measured_once_and_kept(monkeypatch, tmp_path, quiet_cpu):
+def test_the_kernel_choice_is_measured_once_and_kept(monkeypatch, tmp_path):
     """One timing per signature: the attentions of one shape share it, and the next compile reads it from
     the tuning cache."""
     monkeypatch.setenv("PYRYS_CACHE_DIR", str(tmp_path))

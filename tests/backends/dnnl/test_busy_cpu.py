@@ -17,6 +17,12 @@ measured = pytest.importorskip("pyrys.backends.dnnl.measured", reason="the dnnl 
 runtime = pytest.importorskip("pyrys.backends.dnnl.runtime", reason="the dnnl backend's modules do not import")
 
 KEY = {"shape": [3, 4], "threads": 1}
+THRESHOLD = cpu_share.QUIET  # (read at import: the suite's fixture ``quiet_cpu`` sets it to 0 in each test)
+
+
+@pytest.fixture
+def busy_told_apart(monkeypatch):
+    monkeypatch.setattr(cpu_share, "QUIET", THRESHOLD)
 
 
 @pytest.fixture
@@ -35,10 +41,10 @@ def sleeping_choice(timings: list):
     return measure
 
 
-def test_the_share_is_cpu_seconds_over_wall_seconds_per_thread(monkeypatch):
+def test_the_share_is_cpu_seconds_over_wall_seconds_per_thread(monkeypatch, busy_told_apart):
     with CpuShare(1) as load:
         time.sleep(0.02)  # no CPU at all
-    assert load.share < cpu_share.QUIET
+    assert load.share < THRESHOLD
     clock = {"cpu": 0.0, "wall": 0.0}
     monkeypatch.setattr(cpu_share, "time", SimpleNamespace(process_time=lambda: clock["cpu"],
                                                            perf_counter=lambda: clock["wall"]))
@@ -50,10 +56,10 @@ def test_the_share_is_cpu_seconds_over_wall_seconds_per_thread(monkeypatch):
     assert load.share == pytest.approx(0.95) and load.quiet and load.said == ""
 
 
-def test_a_busy_timing_serves_this_process_and_is_timed_again_by_the_next(cache):
+def test_a_busy_timing_serves_this_process_and_is_timed_again_by_the_next(cache, busy_told_apart):
     timings = []
     memo, choice = measured.decide("test_kind", KEY, sleeping_choice(timings), {"pick": str})
-    assert choice["pick"] == "first" and choice["cpu_share"] < cpu_share.QUIET
+    assert choice["pick"] == "first" and choice["cpu_share"] < THRESHOLD
     assert "timed on a busy CPU" in choice["measured"] and "not kept in the tuning cache" in choice["measured"]
     assert tuning_cache.lookup("test_kind", KEY) is None
     assert measured.decide("test_kind", KEY, sleeping_choice(timings), {"pick": str}) == (memo, choice)
@@ -63,7 +69,7 @@ def test_a_busy_timing_serves_this_process_and_is_timed_again_by_the_next(cache)
     assert len(timings) == 2
 
 
-def test_a_quiet_timing_is_kept_and_an_older_record_without_its_share_is_timed_again(cache, quiet_cpu):
+def test_a_quiet_timing_is_kept_and_an_older_record_without_its_share_is_timed_again(cache):
     timings = []
     memo, choice = measured.decide("test_kind", KEY, sleeping_choice(timings), {"pick": str})
     assert "busy" not in choice["measured"] and tuning_cache.lookup("test_kind", KEY) == choice
@@ -79,7 +85,7 @@ def test_a_quiet_timing_is_kept_and_an_older_record_without_its_share_is_timed_a
     assert len(timings) == 2 and isinstance(tuning_cache.lookup("test_kind", KEY)["cpu_share"], float)
 
 
-def test_a_choice_that_timed_nothing_is_kept(cache):
+def test_a_choice_that_timed_nothing_is_kept(cache, busy_told_apart):
     """A measurement that reads no timing of its own (faked in tests, or one that could not time) is quiet."""
     memo, choice = measured.decide("test_kind", KEY, lambda: {"pick": "second", "measured": "-"}, {"pick": str})
     assert choice["cpu_share"] == 1.0 and tuning_cache.lookup("test_kind", KEY) == choice

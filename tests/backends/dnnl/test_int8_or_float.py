@@ -227,7 +227,7 @@ def test_one_int8_tensor_read_with_two_scales(no_vnni, monkeypatch, tmp_path, fo
     assert pyrys.relative_error(loaded(y), opt(y)) <= 1e-5
 
 
-def test_both_kernels_really_run(no_vnni, tmp_path, quiet_cpu):
+def test_both_kernels_really_run(no_vnni, tmp_path):
     """Measured for real (both times in the tuning cache); whichever wins, the answer is int8's."""
     model, x, calibration = model_and_data()
     opt = int8(model, x, calibration, accuracy_budget=None)

@@ -60,7 +60,7 @@ def test_small_row_counts_and_avx512_cpus_are_not_measured(avx2_cpu, monkeypatch
     assert calls == []
 
 
-def test_both_kernels_really_run_and_agree(avx2_cpu, tmp_path, quiet_cpu):
+def test_both_kernels_really_run_and_agree(avx2_cpu, tmp_path):
     """Measured for real (both times recorded in the tuning cache); whichever wins, the answer is eager's."""
     model, x = torch.nn.Linear(256, 512).eval(), torch.randn(128, 256)
     opt = pyrys.optimize(model, (x,), backend="dnnl")
