@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 
-QUIET = 0.8  # a timing whose threads each got at least this share of a core ran on a quiet CPU
+QUIET = 0.75  # a timing whose threads each got at least this share of a core ran on a quiet CPU
 
 
 class CpuShare:
