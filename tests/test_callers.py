@@ -362,6 +362,109 @@ def test_copies_of_the_input_are_the_callers_own(backend, precision, batch):
         assert not _shares_memory(outputs[i], x), i
 
 
+class Views(nn.Module):
+    """Outputs that are views of the input (strided: a copy on the dnnl backend before) or of another output."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.linear(x)
+        return y, x.t(), x[:, 1:], torch.chunk(x, 2, dim=1)[1], y.view(-1), y.t()[1:], x.view(x.shape[0], 2, 2)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_views_of_an_input_or_an_output_are_views_as_in_eager(backend, dynamic, tmp_path):
+    """A helper's find: the dnnl program gave ``x.t()`` and ``x[:, 1:]`` memory of their own, so a write
+    through them missed ``x`` (under torch.compile: the graph after a break writing through a view, lost)."""
+    torch.manual_seed(0)
+    model = Views().eval()
+    opt = pyrys.optimize(model, (torch.randn(3, 4),), backend=backend, dynamic=dynamic)
+    pyrys.save(opt, tmp_path / "saved")
+    for module in (opt, pyrys.load(tmp_path / "saved")):
+        for batch in (3, 5) if dynamic else (3,):
+            x = torch.randn(batch, 4)
+            outputs, expected = module(x), model(x)
+            for output, eager_output in zip(outputs, expected):
+                assert (output.shape, output.stride(), output.storage_offset()) == (
+                    eager_output.shape, eager_output.stride(), eager_output.storage_offset())
+                assert pyrys.relative_error(output, eager_output) <= TOLERANCE
+            assert all(_shares_memory(outputs[i], x) for i in (1, 2, 3, 6))
+            assert all(_shares_memory(outputs[i], outputs[0]) for i in (4, 5))
+            outputs[1][1:].mul_(0)  # x's columns 1.. through its transpose: the slice shows it
+            assert not x[:, 1:].any() and not outputs[2].any() and x[:, 0].all()
+            outputs[4].zero_()
+            assert not outputs[0].any() and not outputs[5].any()
+
+
+def clamp_after_a_break(m, x):
+    y = m.linear(x)
+    flat = y.view(-1)
+    torch._dynamo.graph_break()
+    flat.clamp_(min=0)  # through a view the graph before the break returned
+    return y
+
+
+def double_after_a_break(m, x):
+    h = x[:, 1:]
+    torch._dynamo.graph_break()
+    h.mul_(2)  # the caller's x, through a view
+    return m.linear(x)
+
+
+class Cache(nn.Module):
+    """Writes its buffer through a slice the graph before a break returned."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 3)
+        self.register_buffer("cache", torch.zeros(4, 3))
+
+    def forward(self, x, position: int):
+        h = self.linear(x)
+        slot = self.cache[position]
+        torch._dynamo.graph_break()
+        slot.copy_(h[0])
+        return self.cache.sum(0) + h
+
+
+@pytest.mark.parametrize("forward", [clamp_after_a_break, double_after_a_break])
+def test_writes_through_a_view_after_a_graph_break_reach_what_it_views(backend, forward):
+    """Helpers' finds under torch.compile: each write, through a view the graph before a break returned,
+    was lost (the output unclamped; the caller's ``x`` not doubled)."""
+    torch.manual_seed(0)
+    model = Fn(forward, linear=nn.Linear(4, 4)).eval()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="pyrys", options={"backend": backend})
+    for _ in range(3):  # (a graph's first calls may run in torch)
+        x = torch.randn(3, 4)
+        x_eager = x.clone()
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            output, expected = compiled(x), model(x_eager)
+        assert pyrys.relative_error(output, expected) <= TOLERANCE and torch.equal(x, x_eager)
+    torch._dynamo.reset()
+
+
+def test_a_graph_returning_a_view_of_a_buffer_runs_in_torch(backend, caplog):
+    """A helper's find: a KV-cache-like buffer written through a slice after a break stayed zero (the graph
+    before returned a copy of the frozen buffer's slice)."""
+    torch.manual_seed(0)
+    model, twin = Cache().eval(), Cache().eval()
+    twin.load_state_dict(model.state_dict())
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="pyrys", options={"backend": backend})
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for call in range(8):  # (each position's first call runs in torch; the second compiles)
+            x = torch.randn(2, 3)
+            assert pyrys.relative_error(compiled(x, call % 4), twin(x, call % 4)) <= TOLERANCE
+    assert torch.allclose(model.cache, twin.cache) and model.cache.any()
+    assert "returns module state or a view of it" in caplog.text
+    torch._dynamo.reset()
+
+
 # --- the user's model ----------------------------------------------------------------------------
 
 def _bits(state: dict) -> dict:

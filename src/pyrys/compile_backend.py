@@ -348,6 +348,11 @@ class DynamoGraph:
                         self._writes_state = [i for i, name in self._state_names.items() if name in program.writes]
                         self._run_in_torch(f"the graph writes {written} in place, which a pyrys program would not")
                         return None
+                    if program._first.captured.state_views:
+                        self._run_in_torch("it returns module state or a view of it (a buffer's slice), which eager "
+                                           "returns as the state's own memory and a pyrys program as a copy: the "
+                                           "code after it may write through it")
+                        return None
                     if weights.shapes is None:
                         limit = self.options.get("max_shapes", DEFAULT_MAX_SHAPES)
                         weights.shapes = ShapeCache(limit, key, {key: program})

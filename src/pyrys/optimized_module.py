@@ -31,6 +31,7 @@ from pyrys.size_one import SizeOneInputs, excluded_size_one_inputs, other_sizes_
 from pyrys.capture.dynamic_shapes import SIZE_ONE_FIXED, VaryingDims, symbolic_example, widened_like
 from pyrys.ir.graph import user_inputs
 from pyrys.ir.output_aliases import as_one_object, copied_apart
+from pyrys.ir.output_views import with_views
 from pyrys.output_tree import unflattener
 from pyrys.signature import (InputError, Signature, arranged_like, as_python_number, check_compatible, differing_numbers,
                              is_tensor_leaf, leaf_names, leaf_value, runnable_inputs, signature_of, with_article)
@@ -926,11 +927,13 @@ def _graphs_of(compiled: Compiled) -> list[torch.fx.GraphModule]:
 
 
 def _direct_call(compiled: Compiled):
-    """The program with its outputs copied apart where eager keeps them apart and restructured: every call's
-    (the all-tensor fast path of ``forward`` keeps it)."""
+    """The program with its outputs copied apart where eager keeps them apart, views where eager's are views
+    (``ir/output_views.py``), and restructured: every call's (the all-tensor fast path of ``forward`` keeps it)."""
     program, spec, copies = compiled.program, compiled.captured.out_spec, compiled.captured.output_copies
     structure = unflattener(spec)
-    same = compiled.captured.same_outputs
+    same, views = compiled.captured.same_outputs, compiled.captured.output_views
+    if views:
+        return lambda flat: structure(as_one_object(with_views(copied_apart(program(flat), copies), flat, views), same))
     if same:
         return lambda flat: structure(as_one_object(copied_apart(program(flat), copies), same))
     if copies:

@@ -27,6 +27,8 @@ class Captured:
     output_copies: tuple[int, ...] = ()  # flat outputs the passes made share memory eager kept apart
     # (copied at each call: ``ir/output_aliases.py``)
     same_outputs: tuple[tuple[int, int], ...] = ()  # (position, earlier): one tensor at both in eager's result
+    output_views: tuple = ()  # outputs made again at each call as views of an input or output (``ir/output_views.py``)
+    state_views: tuple[int, ...] = ()  # outputs that are module state or views of it (``output_views.state_views``)
     # the user inputs whose image sizes stay fixed in every capture (``dynamic_shapes.padded_window_inputs``)
     padded_window_inputs: frozenset[int] = frozenset()
 

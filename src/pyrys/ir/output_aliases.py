@@ -37,7 +37,7 @@ def output_roots(gm: fx.GraphModule, as_backends_run: bool) -> list[object | Non
     """Per flat output position, what its memory is (a node, or a constant's target); None for no tensor.
     ``as_backends_run``: as a backend may run them (after the passes), not as eager does."""
     output = next(node for node in reversed(gm.graph.nodes) if node.op == "output")
-    return [_root(value, as_backends_run) if isinstance(value, fx.Node) else None
+    return [memory_root(value, as_backends_run) if isinstance(value, fx.Node) else None
             for value in tree_flatten(output.args[0])[0]]
 
 
@@ -87,7 +87,8 @@ def copied_apart(outputs: list, positions: tuple[int, ...]) -> list:
     return outputs
 
 
-def _root(node: fx.Node, as_backends_run: bool) -> object:
+def memory_root(node: fx.Node, as_backends_run: bool) -> object:
+    """The node whose memory ``node``'s result is (itself, or what it views), or ``("constant", target)``."""
     while True:
         if node.op == "get_attr":
             return ("constant", node.target)

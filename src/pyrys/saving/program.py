@@ -37,6 +37,7 @@ from pyrys.ir.generated_source import forgetting_dead_sources
 from pyrys.ir.graph import tensor_bytes, user_inputs
 from pyrys.ir.meta import refresh_meta
 from pyrys.ir.output_aliases import output_roots, same_outputs
+from pyrys.ir.output_views import OutputView
 from pyrys.ir.printer import format_tensor_type
 from pyrys.ir.quiet_fake import fake_tensor_errors_unlogged
 from pyrys.ir.released import values_of
@@ -216,6 +217,7 @@ def _encode_generic(template: Compiled, tensors: dict, prefix: str = "generic") 
               "out_spec": encode_spec(captured.out_spec), "class_name": captured.class_name,
               "output_copies": list(captured.output_copies),
               "same_outputs": [list(pair) for pair in captured.same_outputs],
+              "output_views": _encode_output_views(captured, prefix, tensors),
               "calibrated_sizes": [[place[0], place[1], sorted(held)] for place, held in sorted(calibrated.items())]}
     return record, None
 
@@ -230,7 +232,8 @@ def _decode_generic(record: dict, tensors: dict, first: Compiled) -> Compiled:
     copies = _decode_output_copies(record, gm)
     captured = Captured(gm, _decode_in_spec(record["in_spec"], made), decode_spec(record["out_spec"], made),
                         record["class_name"], [], output_copies=copies,
-                        same_outputs=_decode_same_outputs(record, gm, copies))
+                        same_outputs=_decode_same_outputs(record, gm, copies),
+                        output_views=_decode_output_views(record, gm, tensors))
     return Compiled(first.signature, captured, first.run, first.program, first.backend, first.notes, captured)
 
 
@@ -269,6 +272,35 @@ def _decode_same_outputs(record: dict, gm: fx.GraphModule, copies: tuple[int, ..
         raise LoadError(f"pyrys.load: the saved program is malformed (same_outputs {pairs!r} are not pairs of "
                         f"positions among its {count} outputs)")
     return tuple((later, earlier) for later, earlier in pairs)
+
+
+def _encode_output_views(captured: Captured, prefix: str, tensors: dict) -> list[dict]:
+    return [{"position": view.position, "of_output": view.of_output,
+             "graph": encode_graph(view.replay, f"{prefix}/view{i}", tensors)}
+            for i, view in enumerate(captured.output_views)]
+
+
+def _decode_output_views(record: dict, gm: fx.GraphModule, tensors: dict) -> tuple[OutputView, ...]:
+    """The saved outputs made again at each call as views (saves before them: none), each checked: a position
+    among the outputs, viewing an input or an earlier-placed output, by a graph of the inputs and that output."""
+    views = record.get("output_views", [])
+    count, inputs = len(output_roots(gm, as_backends_run=True)), len(user_inputs(gm.graph))
+    decoded, placed = [], set()
+    viewed = {view.get("position") for view in views if isinstance(view, dict)} if isinstance(views, list) else set()
+    for view in views if isinstance(views, list) else [None]:
+        position, of_output = (view.get("position"), view.get("of_output")) if isinstance(view, dict) else (None, None)
+        if not (type(position) is int and 0 <= position < count and position not in placed
+                and (of_output is None or type(of_output) is int and 0 <= of_output < count and of_output != position
+                     and (of_output in placed or of_output not in viewed))):
+            raise LoadError(f"pyrys.load: the saved program is malformed (output_views: {view!r:.200} is not a "
+                            f"view of an input or of another of its {count} outputs)")
+        replay = decode_graph(view.get("graph"), tensors)
+        if len(user_inputs(replay.graph)) != inputs + 1:
+            raise LoadError(f"pyrys.load: the saved program is malformed (output_views: the view at {position} "
+                            f"reads {len(user_inputs(replay.graph)) - 1} inputs, the graph {inputs})")
+        decoded.append(OutputView(position, of_output, replay))
+        placed.add(position)
+    return tuple(decoded)
 
 
 def _no_capture(args: tuple, kwargs: dict, dynamic: bool) -> Captured:
@@ -375,6 +407,7 @@ def _encode_compiled(compiled: Compiled, prefix: str, tensors: dict) -> dict:
         "state_writes": list(captured.state_writes),
         "output_copies": list(captured.output_copies),
         "same_outputs": [list(pair) for pair in captured.same_outputs],
+        "output_views": _encode_output_views(captured, prefix, tensors),
         "graph": encode_graph(captured.gm, prefix, tensors),
         "backend": compiled.backend,
         "layout": getattr(program, "layout", None),
@@ -411,7 +444,7 @@ def _decode_compiled(record: dict, tensors: dict, config: OptimizeConfig, same_c
     captured = Captured(gm, in_spec, decode_spec(record["out_spec"], made), record["class_name"],
                         _texts(record["capture_notes"], "capture_notes"),
                         tuple(record.get("input_writes", ())), tuple(record.get("state_writes", ())), copies,
-                        _decode_same_outputs(record, gm, copies))
+                        _decode_same_outputs(record, gm, copies), _decode_output_views(record, gm, tensors))
     history = [Step(s["name"], s["graph"], dict(s["fired"]), [Miss(*m) for m in s["misses"]], s["seconds"],
                     s.get("error")) for s in record["history"]]
     compile_program, backend, notice = get_backend("auto" if record["backend"] == "dnnl" else record["backend"])
