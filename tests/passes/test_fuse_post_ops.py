@@ -47,6 +47,10 @@ ACTIVATIONS = {
     "tanh": (torch.tanh, "pyrys::conv2d_tanh("),
     "elu": (F.elu, "pyrys::conv2d_elu[post_ops=['elu:1.0']]"),
     "mish": (F.mish, "pyrys::conv2d_mish("),
+    # one bound (a helper's find: not fused, "an open bound"): the other is infinite; min=0 alone is a relu
+    "clamp_min_0": (lambda y: torch.clamp(y, min=0), "pyrys::conv2d_relu("),
+    "clamp_min": (lambda y: torch.clamp(y, min=-0.5), "pyrys::conv2d_clamp[post_ops=['clamp:-0.5,inf']]"),
+    "clamp_max": (lambda y: torch.clamp(y, max=0.25), "pyrys::conv2d_clamp[post_ops=['clamp:-inf,0.25']]"),
 }
 
 

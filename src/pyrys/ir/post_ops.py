@@ -133,6 +133,19 @@ def _reads(name: str, *param_names: str) -> Callable[[dict], PostOp]:
     return read
 
 
+def _clamp(low: str, high: str) -> Callable[[dict], PostOp]:
+    """A reader of a clamp's bounds, either of which may be open (None: -inf or inf); ``clamp(min=0)`` is a relu."""
+    def read(args: dict) -> PostOp:
+        lo, hi = args[low], args[high]
+        if lo is None and hi is None:
+            raise NoPostOp("clamp with no bound has no post-op equivalent")
+        if lo == 0 and hi is None:
+            return PostOp("relu")
+        return PostOp("clamp", (-math.inf if lo is None else lo, math.inf if hi is None else hi))
+
+    return read
+
+
 def _elu(args: dict) -> PostOp:
     if args["scale"] != 1 or args["input_scale"] != 1:
         raise NoPostOp("elu with scale or input_scale has no oneDNN post-op equivalent")
@@ -145,9 +158,9 @@ _aten = torch.ops.aten
 # these into conv/linear; the dnnl backend runs a standalone one as an eltwise primitive.
 ACTIVATIONS: dict[object, Callable[[dict], PostOp]] = {
     _aten.relu.default: _reads("relu"),
-    _aten.hardtanh.default: _reads("clamp", "min_val", "max_val"),
+    _aten.hardtanh.default: _clamp("min_val", "max_val"),
     _aten.relu6.default: lambda args: PostOp("clamp", (0.0, 6.0)),
-    _aten.clamp.default: _reads("clamp", "min", "max"),
+    _aten.clamp.default: _clamp("min", "max"),
     _aten.leaky_relu.default: _reads("leaky_relu", "negative_slope"),
     _aten.elu.default: _elu,
     _aten.gelu.default: lambda args: PostOp("gelu_tanh" if args["approximate"] == "tanh" else "gelu_erf"),

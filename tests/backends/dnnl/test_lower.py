@@ -435,3 +435,18 @@ def test_a_view_to_no_dims_stays_torch_s(name, fn):
     opt = pyrys.optimize(model, (x,), backend="dnnl")
     y = torch.randn(1, 4)
     assert pyrys.relative_error(opt(y), model(y)) < TOLERANCE
+
+
+@pytest.mark.parametrize("bounds", [(0.0, None), (-0.5, None), (None, 0.25), (-0.3, 0.4)])
+@pytest.mark.parametrize("layer", ["conv", "linear"])
+def test_a_clamp_with_one_bound_runs_fused_as_eager_has_it(bounds, layer):
+    """An open bound is an infinite one in oneDNN's clip (``min=0`` alone: a relu)."""
+    torch.manual_seed(0)
+    low, high = bounds
+    module, x = (nn.Conv2d(3, 8, 3), torch.randn(2, 3, 9, 9)) if layer == "conv" else (nn.Linear(16, 8), torch.randn(5, 16))
+    model = Fn(lambda m, x: torch.clamp(m.layer(x), low, high), layer=module).eval()
+    opt = pyrys.optimize(model, (x,), backend="dnnl")
+    fused = [line for line in opt.program_text().splitlines() if f"dnnl::{layer}" in line]
+    assert len(fused) == 1 and ("_relu" in fused[0] or "_clamp" in fused[0]), opt.program_text()
+    for scale in (1.0, 100.0):
+        assert pyrys.relative_error(opt(x * scale), model(x * scale)) <= TOLERANCE
