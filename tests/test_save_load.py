@@ -455,6 +455,10 @@ EDITS = {  # a program edited, and its digest made to match: raw torch errors at
     "a weight's scales null": (lambda p: next(n for n in p["signatures"][0]["graph"]["nodes"] if n.get("target", "")
                                               .startswith("quantized_decomposed::dequantize_per_channel"))["args"]
                                .__setitem__(1, None), "its scales is None"),  # (it failed at every call)
+    # a helper's finds: loaded, then every call was refused asking for an input the graph never reads; ignored
+    "an input added to the signature": (lambda p: p["signatures"][0]["leaves"].append({"tensor": [[1], "float32"]}),
+                                        "graph takes 1 inputs where its signature lists 2"),
+    "training as text": (lambda p: p.__setitem__("training", "yes"), "training is 'yes', not true or false"),
 }
 
 
@@ -825,6 +829,8 @@ def test_a_save_loads_from_its_files_in_memory(tmp_path):
         pyrys.load({**files, directory.PROGRAM: files[directory.PROGRAM][:-10]})
     with pytest.raises(pyrys.LoadError, match="not a pyrys save: it has no manifest.json"):
         pyrys.load({})
+    with pytest.raises(pyrys.LoadError, match="manifest.json is a str, not bytes"):  # said "it has no manifest.json"
+        pyrys.load({k: v.decode("latin1") for k, v in files.items()})
 
 
 def test_a_size_one_program_evicted_before_the_save_is_captured_again_and_a_loaded_one_is_never_evicted(tmp_path):

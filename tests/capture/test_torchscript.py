@@ -994,6 +994,23 @@ def test_in_place_ops_eager_refuses_or_fx_cannot_write_are_refused_and_named_op_
     assert type(got) is tuple and all(map(torch.equal, got, want))
 
 
+class ReshapesInPlace(torch.nn.Module):
+    def forward(self, x):
+        y = x * 1
+        y.unsqueeze_(0)
+        return y.transpose_(1, 2)
+
+
+def test_an_in_place_op_that_changes_the_shape_is_named_as_the_imports_limit_not_the_models():
+    """A helper's find: ``y.unsqueeze_(0)``, which eager runs, read "I fails on inputs like these"."""
+    x = torch.randn(3, 4)
+    assert script(ReshapesInPlace().eval())(x).shape == (1, 4, 3)
+    with pytest.raises(TorchScriptImportError, match="no in-place op that changes a tensor's shape, as "
+                                                     "aten::unsqueeze_ does .eager runs it.; write y = y.unsqueeze"):
+        pyrys.optimize(script(ReshapesInPlace().eval()), (x,))
+    assert pyrys.optimize(ReshapesInPlace().eval(), (x,))(x).shape == (1, 4, 3)  # the nn.Module itself
+
+
 class WritesAnIfsOutput(torch.nn.Module):
     def __init__(self, same: bool):
         super().__init__()

@@ -164,6 +164,18 @@ def test_the_predictor_adds_named_output_columns_to_a_batch(model, saved):
     assert np.array_equal(named["logits"], batch["out_0"])
 
 
+@pytest.mark.parametrize("arguments, error, says", [
+    ({"column": 5}, TypeError, "column must be a column name or a list of them, got 5"),
+    ({"output_column": 5}, TypeError, "output_column must be a column name or a list of them"),
+    ({"column": ["pixels", None]}, TypeError, "column must be a column name"),
+    ({"column": "pixels", "output_column": "pixels"}, ValueError, "'pixels' is an input column too")])
+def test_the_predictor_refuses_column_names_it_cannot_use(saved, arguments, error, says):
+    """A helper's find: an int column raised "'int' object is not iterable"; an int output column passed, to fail
+    at the first batch; outputs named as the input replaced it."""
+    with pytest.raises(error, match=says):
+        Predictor(saved[0], **arguments)
+
+
 def test_the_predictors_columns_are_distinct_where_output_names_read_alike(tmp_path):
     """``"a_b"`` and ``{"a": {"b": ...}}`` both became the column ``out_a_b``: one was lost."""
     class Alike(nn.Module):

@@ -30,8 +30,8 @@ from pyrys.ir.graph import values_crc
 
 
 MODULE_ADVICE = ("Optimize the model again for its new weights, or call each input shape it is to serve before "
-                 "writing them; dynamic=True compiles the batch sizes and sequence lengths its graph for every shape "
-                 "holds from the weights at optimize, without a capture, but this shape needs one (dynamic=None "
+                 "writing them. With dynamic=True, a batch size or sequence length the graph for every shape holds "
+                 "is compiled from the weights at optimize, without a capture; this shape needs one (dynamic=None "
                  "captures that graph at the first new shape; another image size or a branch on a size is captured "
                  "apart)")
 SCRIPT_ADVICE = "Optimize the module again for its new weights (each shape of a TorchScript module is imported apart)"

@@ -53,6 +53,10 @@ SHAPE_QUERIES = frozenset({"aten::size", "aten::dim", "aten::numel", "aten::len"
 MAX_UNROLLED_ITERATIONS = 10_000
 
 
+# in-place ops that change the shape of the tensor they act on (eager runs them; the import writes values only)
+_RESHAPING_IN_PLACE = frozenset({"unsqueeze_", "squeeze_", "transpose_", "t_", "swapdims_", "swapaxes_", "as_strided_",
+                                 "resize_", "resize_as_"})
+
 class _Raised(Exception):
     """The imported path reaches ``prim::RaiseException``."""
 
@@ -678,6 +682,11 @@ class _Importer:
         value = result.meta["val"]
         if not isinstance(written, torch.Tensor) or not isinstance(value, torch.Tensor):
             return result
+        if value.shape != written.shape and schema.name.removeprefix("aten::") in _RESHAPING_IN_PLACE:
+            raise TorchScriptImportError(f"{self.class_name}: pyrys imports no in-place op that changes a tensor's "
+                                         f"shape, as {schema.name} does (eager runs it); write y = "
+                                         f"y.{schema.name.removeprefix('aten::').rstrip('_')}(...) in the scripted "
+                                         "code, or optimize the nn.Module itself")
         if value.shape != written.shape:
             raise _OpRefused(f"{schema.name}: its result of shape {tuple(value.shape)} does not fit the tensor "
                              f"it writes, of shape {tuple(written.shape)}")

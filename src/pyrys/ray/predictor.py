@@ -34,9 +34,14 @@ class Predictor:
 
     def __init__(self, path: str | os.PathLike | Mapping[str, bytes], column: str | Sequence[str] = "image",
                  output_column: str | Sequence[str] = "output", *, threads: int | None = None):
+        self.columns = _names(column, "column")
+        output_names = _names(output_column, "output_column")
+        clashing = sorted(set(self.columns) & set(output_names))
+        if clashing:
+            raise ValueError(f"pyrys.ray.Predictor: output_column {clashing[0]!r} is an input column too: the outputs "
+                             "would replace the inputs; name the outputs otherwise")
+        self.output_column = output_column if isinstance(output_column, str) else output_names
         self.module = load_program(path, threads)
-        self.columns = [column] if isinstance(column, str) else list(column)
-        self.output_column = output_column
 
     def __call__(self, batch: Mapping[str, Any]) -> Any:
         if not hasattr(batch, "keys"):
@@ -81,6 +86,14 @@ class Predictor:
         if len(named) == 1:
             return [self.output_column]
         return distinct([f"{self.output_column}_{name.replace('.', '_')}" for name, _ in named])
+
+
+def _names(value: Any, argument: str) -> list[str]:
+    """A column name or a sequence of them as a list of names, else ``TypeError`` naming ``argument``."""
+    names = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
+    if not names or not all(isinstance(name, str) and name for name in names):
+        raise TypeError(f"pyrys.ray.Predictor: {argument} must be a column name or a list of them, got {value!r:.80}")
+    return names
 
 
 def _column_tensor(values: Any, name: str, expected: Any = None) -> torch.Tensor:

@@ -220,6 +220,11 @@ def parse_files(files: dict[str, bytes], where: str) -> tuple[dict, dict, dict[s
     SHA-256 checked against the manifest before anything else is parsed.  A file may be any bytes-like object
     (``bytearray``, ``memoryview``: what a transport hands over)."""
     files = {name: bytes(data) if isinstance(data, (bytearray, memoryview)) else data for name, data in files.items()}
+    not_bytes = sorted(name for name in (MANIFEST, PROGRAM, TENSORS)
+                       if name in files and not isinstance(files[name], bytes))
+    if not_bytes:
+        raise LoadError(f"pyrys.load: {where}: {not_bytes[0]} is a {type(files[not_bytes[0]]).__name__}, not bytes; "
+                        "pass each file's bytes as read (bytes, bytearray or memoryview), not decoded text")
     manifest = _parse_manifest(files.get(MANIFEST), where)
     for name in (PROGRAM, TENSORS):
         if not isinstance(files.get(name), bytes):

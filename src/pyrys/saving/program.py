@@ -162,6 +162,9 @@ def _load(path: str | os.PathLike, manifest: dict, program: dict, tensors: dict,
     warn_of_missing_kernels(next((note for c in (first, *compiled) for note in c.notes
                                   if note.startswith(MISSING_KERNELS)), ""))
     loaded = OptimizedModule.from_compiled(frontend, config, [first, *compiled], generic, size_one)
+    if program.get("training", False) not in (True, False):
+        raise LoadError(f"pyrys.load: the saved program is malformed (training is {program['training']!r:.40}, "
+                        "not true or false)")
     loaded.training = loaded.compiled_training = program.get("training") is True  # (saves before it: eval)
     return loaded
 
@@ -489,7 +492,11 @@ def _decode_compiled(record: dict, tensors: dict, config: OptimizeConfig, same_c
 def _check_inputs(gm: fx.GraphModule, signature: Signature) -> None:
     """:class:`LoadError` unless each of the graph's inputs has its signature's shape and dtype (a program whose
     ``val`` was edited, its digest made to match, returned one row of three, silently)."""
-    for node, leaf in zip(user_inputs(gm.graph), signature.leaves):
+    inputs = user_inputs(gm.graph)
+    if len(inputs) != len(signature.leaves):  # (an entry added to the signature: every call was refused, asking for it)
+        raise LoadError(f"pyrys.load: the saved program is malformed (its graph takes {len(inputs)} inputs where "
+                        f"its signature lists {len(signature.leaves)}: {signature.describe()})")
+    for node, leaf in zip(inputs, signature.leaves):
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor) and (not is_tensor_leaf(leaf) or (tuple(val.shape), val.dtype) != leaf):
             raise LoadError(f"pyrys.load: the saved program's input {node.name} is "
