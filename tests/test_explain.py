@@ -1,4 +1,7 @@
 """``pyrys.explain`` and ``pyrys explain MODEL``: per-pass counts and misses grouped by reason."""
+import os
+import sys
+
 import pytest
 import torch
 
@@ -117,6 +120,15 @@ def test_cli_explain_says_which_model_it_cannot_find(spec, says):
 
 def _factory_with_a_bug() -> torch.nn.Module:
     return torch.nn.Linear("four", 3)
+
+
+def test_cli_explain_finds_a_module_in_the_working_folder(tmp_path, monkeypatch, capsys):
+    """A helper's find: the console script (unlike ``python -m``) has no working folder on ``sys.path``."""
+    (tmp_path / "my_models_here.py").write_text("import torch\nnet = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", os.getcwd(), str(tmp_path))])
+    assert main(["explain", "my_models_here:net", "--input-shape", "1x3x8x8"]) == 0
+    assert "misses: none" in capsys.readouterr().out
 
 
 def test_cli_explain_lets_a_factorys_own_error_through():

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import os
+import sys
 
 import torch
 
@@ -59,11 +61,13 @@ def load_model(spec: str) -> torch.nn.Module:
             raise SystemExit(f"pyrys explain: {why}")
         return zoo.build_model(spec)
     module_name, _, attr = spec.partition(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:  # as ``python -m`` has it (a console script has not):
+        sys.path.insert(0, os.getcwd())  # a module in the working folder is found
     try:
         target = importlib.import_module(module_name)
     except (ImportError, ValueError, TypeError) as error:  # a name import cannot read (empty, a path) too
         raise SystemExit(f"pyrys explain: cannot import {module_name!r} (from {spec!r}): {error}; give "
-                         "module:attribute, a module importable from here") from None
+                         "module:attribute, a module in this folder or on PYTHONPATH") from None
     for part in attr.split("."):
         if not hasattr(target, part):
             raise SystemExit(f"pyrys explain: {module_name!r} has no attribute {attr!r} (from {spec!r})")
