@@ -371,7 +371,8 @@ class Views(nn.Module):
 
     def forward(self, x):
         y = self.linear(x)
-        return y, x.t(), x[:, 1:], torch.chunk(x, 2, dim=1)[1], y.view(-1), y.t()[1:], x.view(x.shape[0], 2, 2)
+        return (y, x.t(), x[:, 1:], torch.chunk(x, 2, dim=1)[1], y.view(-1), y.t()[1:], x.view(x.shape[0], 2, 2),
+                x.reshape(-1), y.flatten(), x.contiguous()[1:], x.t().reshape(-1))
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
@@ -390,12 +391,33 @@ def test_views_of_an_input_or_an_output_are_views_as_in_eager(backend, dynamic, 
                 assert (output.shape, output.stride(), output.storage_offset()) == (
                     eager_output.shape, eager_output.stride(), eager_output.storage_offset())
                 assert pyrys.relative_error(output, eager_output) <= TOLERANCE
-            assert all(_shares_memory(outputs[i], x) for i in (1, 2, 3, 6))
-            assert all(_shares_memory(outputs[i], outputs[0]) for i in (4, 5))
+            assert all(_shares_memory(outputs[i], x) for i in (1, 2, 3, 6, 7, 9))
+            assert all(_shares_memory(outputs[i], outputs[0]) for i in (4, 5, 8))
+            assert not _shares_memory(outputs[10], x)  # a reshape torch cannot view: a copy, as eager's
             outputs[1][1:].mul_(0)  # x's columns 1.. through its transpose: the slice shows it
             assert not x[:, 1:].any() and not outputs[2].any() and x[:, 0].all()
             outputs[4].zero_()
             assert not outputs[0].any() and not outputs[5].any()
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_views_of_an_input_laid_out_otherwise_than_the_example_are_eagers(backend, dynamic):
+    """A reviewer's find: captured on a contiguous input, ``x.contiguous()`` left no op, so a transposed call
+    input replayed ``x.contiguous().view(-1)`` as a view (torch raised) and ``x.contiguous()[1:]`` as a view
+    of the caller's ``x``: those calls keep the program's own tensors."""
+    torch.manual_seed(0)
+    model = Fn(lambda m, x: (m.linear(x), x.contiguous().view(-1), x.contiguous()[1:], x.t()),
+               linear=nn.Linear(4, 4)).eval()
+    opt = pyrys.optimize(model, (torch.randn(3, 4),), backend=backend, dynamic=dynamic)
+    for x in (torch.randn(4, 3).t(), torch.randn(3, 8)[:, ::2], torch.randn(3, 4)):
+        before = x.clone()
+        outputs, expected = opt(x), model(x)
+        for output, eager_output in zip(outputs, expected):
+            assert output.shape == eager_output.shape and pyrys.relative_error(output, eager_output) <= TOLERANCE
+        assert _shares_memory(outputs[1], x) == _shares_memory(expected[1], x)
+        assert _shares_memory(outputs[2], x) == _shares_memory(expected[2], x)
+        outputs[2].zero_()
+        assert torch.equal(x, before) == (not _shares_memory(expected[2], x))
 
 
 def clamp_after_a_break(m, x):
@@ -416,14 +438,14 @@ def double_after_a_break(m, x):
 class Cache(nn.Module):
     """Writes its buffer through a slice the graph before a break returned."""
 
-    def __init__(self):
+    def __init__(self, as_slot: bool = True):
         super().__init__()
-        self.linear = nn.Linear(3, 3)
+        self.linear, self.as_slot = nn.Linear(3, 3), as_slot
         self.register_buffer("cache", torch.zeros(4, 3))
 
     def forward(self, x, position: int):
         h = self.linear(x)
-        slot = self.cache[position]
+        slot = self.cache[position] if self.as_slot else self.cache.reshape(-1)[3 * position:3 * position + 3]
         torch._dynamo.graph_break()
         slot.copy_(h[0])
         return self.cache.sum(0) + h
@@ -447,11 +469,12 @@ def test_writes_through_a_view_after_a_graph_break_reach_what_it_views(backend, 
     torch._dynamo.reset()
 
 
-def test_a_graph_returning_a_view_of_a_buffer_runs_in_torch(backend, caplog):
+@pytest.mark.parametrize("as_slot", [True, False])
+def test_a_graph_returning_a_view_of_a_buffer_runs_in_torch(backend, caplog, as_slot):
     """A helper's find: a KV-cache-like buffer written through a slice after a break stayed zero (the graph
-    before returned a copy of the frozen buffer's slice)."""
+    before returned a copy of the frozen buffer's slice); a reviewer's: through a slice of its reshape too."""
     torch.manual_seed(0)
-    model, twin = Cache().eval(), Cache().eval()
+    model, twin = Cache(as_slot).eval(), Cache(as_slot).eval()
     twin.load_state_dict(model.state_dict())
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="pyrys", options={"backend": backend})

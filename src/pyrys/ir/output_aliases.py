@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_flatten
 
 aten = torch.ops.aten
 _COPIES_AS_VIEWS = frozenset({aten.clone.default, aten.contiguous.default})  # dnnl: views (lower_ops.lower_clone)
-_SOMETIMES_VIEWS = frozenset({aten.reshape, aten.flatten, aten.unflatten, aten.reshape_as, aten.contiguous,
+SOMETIMES_VIEWS = frozenset({aten.reshape, aten.flatten, aten.unflatten, aten.reshape_as, aten.contiguous,
                               aten.to})  # eager copies where the input cannot be viewed so, or converts
 
 
@@ -106,7 +106,7 @@ def aliased_input(node: fx.Node, as_backends_run: bool) -> fx.Node | None:
         return aliased_input(node.args[0], as_backends_run)
     if as_backends_run and node.target in _COPIES_AS_VIEWS:
         return node.args[0]
-    if not as_backends_run and getattr(node.target, "overloadpacket", None) in _SOMETIMES_VIEWS:
+    if not as_backends_run and getattr(node.target, "overloadpacket", None) in SOMETIMES_VIEWS:
         return None
     schema = getattr(node.target, "_schema", None)
     if schema is not None and any(r.alias_info is not None for r in schema.returns):

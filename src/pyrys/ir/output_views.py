@@ -9,11 +9,17 @@ Such an output is made again at each call by its view ops, run in torch on what 
 input, or the call's output at another position (microseconds: no data is touched).
 
 An output qualifies where, in the graph captured (eager's ops, before any pass), it is reached from its
-*base* by ops that always alias their input (:func:`pyrys.ir.output_aliases.aliased_input`: ``view``,
-``t``, ``slice``, ``select``, ``expand``, a split's parts ...), the base is a user input or another
+*base* by ops that alias their input always (:func:`pyrys.ir.output_aliases.aliased_input`: ``view``,
+``t``, ``slice``, ``select``, ``expand``, a split's parts ...) or where they can (``reshape``, ``flatten``,
+``contiguous``, ``to``: torch decides at the call, as eager's would), the base is a user input or another
 position's output, and every other argument of those ops is a literal or a size computed from the inputs'
 sizes (a graph with symbolic sizes).  Views of what no output returns (an intermediate, module state) stay
 the program's own tensors, as do outputs in another dtype than eager's (``output_dtype``).
+
+The graph was captured on contiguous inputs, where a ``contiguous()`` leaves no op: the replay holds for a
+base laid out as in the capture, contiguous.  A call whose base is not (a transposed or channels-last input)
+keeps the program's own tensor there (a helper's find: ``x.contiguous().view(-1)`` of a transposed ``x``
+replayed as ``view`` raised, ``x.contiguous()[1:]`` aliased the caller's input).
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
 from pyrys.ir.graph import STATE_KEY, user_inputs
-from pyrys.ir.output_aliases import aliased_input, memory_root
+from pyrys.ir.output_aliases import SOMETIMES_VIEWS, aliased_input
 from pyrys.ir.symbolic import is_symbolic_scalar_op
 
 aten = torch.ops.aten
@@ -35,11 +41,15 @@ _SIZES = frozenset({aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.defau
 @dataclass(frozen=True)
 class OutputView:
     """The flat output at ``position``: ``replay(*call's flat inputs, base)``, where ``base`` is the call's
-    output at position ``of_output`` (None where it views an input, which ``replay`` reads among the inputs)."""
+    output at position ``of_output``, or its input at ``of_input`` (then ``replay`` reads it among the inputs)."""
 
     position: int
     of_output: int | None
+    of_input: int | None
     replay: fx.GraphModule
+
+    def base(self, outputs: list, flat: list) -> object:
+        return outputs[self.of_output] if self.of_output is not None else flat[self.of_input]
 
 
 def output_views(gm: fx.GraphModule) -> tuple[OutputView, ...]:
@@ -73,8 +83,10 @@ def state_views(gm: fx.GraphModule) -> tuple[int, ...]:
     output = next(node for node in reversed(gm.graph.nodes) if node.op == "output")
     positions = []
     for position, value in enumerate(tree_flatten(output.args[0])[0]):
-        root = memory_root(value, as_backends_run=False) if isinstance(value, fx.Node) else None
-        if isinstance(root, tuple) or isinstance(root, fx.Node) and STATE_KEY in root.meta:
+        node = value if isinstance(value, fx.Node) else None
+        while node is not None and node.op != "get_attr" and STATE_KEY not in node.meta:
+            node = _viewed_input(node)  # (a reshape of it too: eager's may be a view)
+        if node is not None:
             positions.append(position)
     return tuple(positions)
 
@@ -82,8 +94,9 @@ def state_views(gm: fx.GraphModule) -> tuple[int, ...]:
 def with_views(outputs: list, flat: list, views: tuple[OutputView, ...]) -> list:
     """``outputs`` (a program's fresh list, changed in place) with each view made again on what it views."""
     for view in views:
-        base = None if view.of_output is None else outputs[view.of_output]
-        outputs[view.position] = view.replay(*flat, base)
+        base = view.base(outputs, flat)
+        if isinstance(base, torch.Tensor) and base.is_contiguous():  # as captured (see the module docstring)
+            outputs[view.position] = view.replay.forward(*flat, None if view.of_output is None else base)
     return outputs
 
 
@@ -107,13 +120,15 @@ def _view(value: fx.Node, position: int, inputs: list[fx.Node], first_at: dict[f
             return None
         env[made] = graph.node_copy(made, env.__getitem__)
     graph.output(env[value])
-    return OutputView(position, None if node in inputs else first_at[node], fx.GraphModule(torch.nn.Module(), graph))
+    of_input = inputs.index(node) if node in inputs else None
+    return OutputView(position, None if of_input is not None else first_at[node], of_input,
+                      fx.GraphModule(torch.nn.Module(), graph))
 
 
 def _aliasing_step(node: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
     """The value ``node`` views and the nodes that make it from that value (a split's part: the part and the
     split), else None."""
-    source = aliased_input(node, as_backends_run=False)
+    source = _viewed_input(node)
     if source is None:
         return None
     if node.target is operator.getitem:
@@ -122,6 +137,14 @@ def _aliasing_step(node: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
             return None
         return source, [node, parent]
     return source, [node]
+
+
+def _viewed_input(node: fx.Node) -> fx.Node | None:
+    """What ``node``'s result is, or may be, a view of (a ``reshape`` too: eager's is one where torch can)."""
+    if node.op == "call_function" and getattr(node.target, "overloadpacket", None) in SOMETIMES_VIEWS \
+            and node.args and isinstance(node.args[0], fx.Node):
+        return node.args[0]
+    return aliased_input(node, as_backends_run=False)
 
 
 def _copy_size(node: fx.Node, graph: fx.Graph, env: dict) -> bool:

@@ -278,7 +278,7 @@ def _decode_same_outputs(record: dict, gm: fx.GraphModule, copies: tuple[int, ..
 
 
 def _encode_output_views(captured: Captured, prefix: str, tensors: dict) -> list[dict]:
-    return [{"position": view.position, "of_output": view.of_output,
+    return [{"position": view.position, "of_output": view.of_output, "of_input": view.of_input,
              "graph": encode_graph(view.replay, f"{prefix}/view{i}", tensors)}
             for i, view in enumerate(captured.output_views)]
 
@@ -291,8 +291,11 @@ def _decode_output_views(record: dict, gm: fx.GraphModule, tensors: dict) -> tup
     decoded, placed = [], set()
     viewed = {view.get("position") for view in views if isinstance(view, dict)} if isinstance(views, list) else set()
     for view in views if isinstance(views, list) else [None]:
-        position, of_output = (view.get("position"), view.get("of_output")) if isinstance(view, dict) else (None, None)
+        position, of_output, of_input = (view.get("position"), view.get("of_output"), view.get("of_input")) \
+            if isinstance(view, dict) else (None, None, None)
         if not (type(position) is int and 0 <= position < count and position not in placed
+                and (of_output is None) != (of_input is None)
+                and (of_input is None or type(of_input) is int and 0 <= of_input < inputs)
                 and (of_output is None or type(of_output) is int and 0 <= of_output < count and of_output != position
                      and (of_output in placed or of_output not in viewed))):
             raise LoadError(f"pyrys.load: the saved program is malformed (output_views: {view!r:.200} is not a "
@@ -301,7 +304,7 @@ def _decode_output_views(record: dict, gm: fx.GraphModule, tensors: dict) -> tup
         if len(user_inputs(replay.graph)) != inputs + 1:
             raise LoadError(f"pyrys.load: the saved program is malformed (output_views: the view at {position} "
                             f"reads {len(user_inputs(replay.graph)) - 1} inputs, the graph {inputs})")
-        decoded.append(OutputView(position, of_output, replay))
+        decoded.append(OutputView(position, of_output, of_input, replay))
         placed.add(position)
     return tuple(decoded)
 
