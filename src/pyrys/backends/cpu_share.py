@@ -42,7 +42,7 @@ class CpuShare:
 
     @property
     def said(self) -> str:
-        return "" if self.quiet else busy_said(self.share)
+        return busy_said(self.share)
 
 
 def is_quiet(share: float) -> bool:
@@ -56,4 +56,7 @@ def timed_quietly(record: dict) -> bool:
 
 
 def busy_said(share: float) -> str:
+    """What a choice timed at ``share`` adds to its text: "" where the CPU was quiet."""
+    if is_quiet(share):
+        return ""
     return f"; timed on a busy CPU ({share:.2f} of a core per thread): not kept in the tuning cache"

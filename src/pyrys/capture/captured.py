@@ -8,9 +8,13 @@ into the model's own structure with ``out_spec``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch.fx as fx
 from torch.utils._pytree import TreeSpec
+
+if TYPE_CHECKING:
+    from pyrys.ir.output_views import OutputView
 
 
 @dataclass
@@ -27,7 +31,7 @@ class Captured:
     output_copies: tuple[int, ...] = ()  # flat outputs the passes made share memory eager kept apart
     # (copied at each call: ``ir/output_aliases.py``)
     same_outputs: tuple[tuple[int, int], ...] = ()  # (position, earlier): one tensor at both in eager's result
-    output_views: tuple = ()  # outputs made again at each call as views of an input or output (``ir/output_views.py``)
+    output_views: tuple["OutputView", ...] = ()  # outputs made again at each call as views of an input or output (``ir/output_views.py``)
     state_views: tuple[int, ...] = ()  # outputs that are module state or views of it (``output_views.state_views``)
     # the user inputs whose image sizes stay fixed in every capture (``dynamic_shapes.padded_window_inputs``)
     padded_window_inputs: frozenset[int] = frozenset()

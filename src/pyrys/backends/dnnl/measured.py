@@ -86,7 +86,7 @@ def _timed(measure: Callable[[], dict | None]) -> dict | None:
     if choice is None:
         return None
     share = round(min(shares, default=1.0), 2)
-    said = "" if is_quiet(share) else busy_said(share)
+    said = busy_said(share)
     return {**choice, "cpu_share": share, **({"measured": f"{choice.get('measured', '')}{said}"} if said else {})}
 
 
