@@ -131,6 +131,17 @@ def test_cli_explain_finds_a_module_in_the_working_folder(tmp_path, monkeypatch,
     assert "misses: none" in capsys.readouterr().out
 
 
+def test_cli_explain_says_it_explains_a_training_model_in_eval_mode(tmp_path, monkeypatch, capsys):
+    """A helper's find: a factory's model in training mode was explained in eval mode, silently."""
+    (tmp_path / "my_training_net.py").write_text("import torch\n"
+                                                 "net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), "
+                                                 "torch.nn.BatchNorm2d(4)).train()\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["explain", "my_training_net:net", "--input-shape", "1x3x8x8"]) == 0
+    captured = capsys.readouterr()
+    assert "is in training mode; explained in eval mode" in captured.err and "fold_conv_bn: 1 folded" in captured.out
+
+
 def test_cli_explain_lets_a_factorys_own_error_through():
     """A helper's fuzz: a TypeError inside a factory read "cannot be built with no arguments"."""
     with pytest.raises(TypeError, match="empty"):

@@ -23,10 +23,16 @@ def test_train_mode_program_state_is_not_written():
     x = image(batch=2)
     ep = torch.export.export(model, (x,))
     before = {k: v.clone() for k, v in ep.state_dict.items()}
-    opt = pyrys.optimize(ep, (x,), backend="reference")
-    assert "BatchNorm is in training mode" in opt.report()
+    with pytest.warns(UserWarning, match="exported in training mode; BatchNorm uses its batch's statistics"):
+        opt = pyrys.optimize(ep, (x,), backend="reference")  # (a helper's find: said nothing, training False)
+    assert "BatchNorm is in training mode" in opt.report() and opt.training
     opt(x)
     assert all(torch.equal(before[k], v) for k, v in ep.state_dict.items())
+
+
+def test_an_eval_mode_program_says_nothing_of_training(recwarn):
+    opt = pyrys.optimize(torch.export.export(conv_bn_relu().eval(), (image(),)), backend="reference")
+    assert not opt.training and not [w for w in recwarn if "training mode" in str(w.message)]
 
 
 def test_a_new_shape_asks_for_a_new_export():

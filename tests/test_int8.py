@@ -154,6 +154,36 @@ def test_accuracy_on_both_backends_and_their_agreement(make, backend):
     assert pyrys.relative_error(opt(x), reference(x)) <= 2e-2  # the same rounding, up to ties and sum order
 
 
+class Scaled(nn.Module):
+    """A small conv net on inputs times ``scale``, its weights times ``weight_scale`` and its biases so that
+    every activation is the unscaled net's times ``scale * weight_scale ** depth`` (ReLU commutes with both)."""
+
+    def __init__(self, scale: float, weight_scale: float):
+        super().__init__()
+        torch.manual_seed(0)
+        self.scale, self.body = scale, nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                                                     nn.Conv2d(8, 4, 3, padding=1), nn.Flatten(), nn.Linear(256, 10))
+        with torch.no_grad():
+            for depth, layer in enumerate((self.body[0], self.body[2], self.body[4]), start=1):
+                layer.weight.mul_(weight_scale)
+                layer.bias.mul_(scale * weight_scale ** depth)
+
+    def forward(self, x):
+        return self.body(x * self.scale)
+
+
+@pytest.mark.parametrize("scale, weight_scale", [(1e-8, 1.0), (1e-30, 1.0), (1e14, 1.0), (1.0, 1e-7)],
+                         ids=["activations 1e-8", "activations 1e-30", "activations 1e14", "weights 1e-7"])
+def test_int8_errs_alike_at_any_magnitude(scale, weight_scale):
+    """Helpers' finds, with no guard: activations of ~1e-6 and less rounded to a few levels (the observer's
+    scale floor, float32's eps), past ~1e13 its search overflowed (every value clipped: 0.83), and weights of
+    ~1e-8 quantized to 0 (0.71); each errs as at magnitude 1 now."""
+    model = Scaled(scale, weight_scale).eval()
+    x = images(1, (2, 3, 8, 8))[0]
+    opt = int8(model, x, calibration=images(8, (2, 3, 8, 8), seed=1), accuracy_budget=None)
+    assert pyrys.relative_error(opt(x), model(x)) <= INT8_TOLERANCE
+
+
 def test_the_dnnl_program_stays_int8_between_convolutions():
     if "dnnl" not in pyrys.available_backends():
         pytest.skip("the dnnl backend is not available")

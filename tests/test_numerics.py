@@ -347,6 +347,15 @@ def test_empty_outputs_and_matching_infinities_agree(backend):
     assert pyrys.relative_error(-big, big) == 2.0
 
 
+def test_relative_error_is_relative_at_any_magnitude():
+    """A helper's find: measured against at least 1e-12, outputs of 1e-14 erred 0.79 where the guard saw 6e-3."""
+    a, b = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    for magnitude in (1e-14, 1e-30, 1e30):
+        assert pyrys.relative_error(a * magnitude, b * magnitude) == pytest.approx(pyrys.relative_error(a, b))
+    zeros = torch.zeros(3)
+    assert pyrys.relative_error(zeros + 1e-13, zeros) == pytest.approx(0.1)  # zeros: against ZERO_SCALE
+
+
 def test_relative_error_compares_every_leaf_by_its_place():
     """A helper's fuzz: numbers, strings and dicts of swapped keys all measured 0.0, complex tensors as integers."""
     a = torch.randn(3, 4)

@@ -459,6 +459,12 @@ EDITS = {  # a program edited, and its digest made to match: raw torch errors at
     "an input added to the signature": (lambda p: p["signatures"][0]["leaves"].append({"tensor": [[1], "float32"]}),
                                         "graph takes 1 inputs where its signature lists 2"),
     "training as text": (lambda p: p.__setitem__("training", "yes"), "training is 'yes', not true or false"),
+    # a helper's finds: loaded, then every call gave finite garbage (0.96-3.2 relative)
+    "a scale of 0": (lambda p: _quantize_nodes(p)[0]["args"].__setitem__(1, 0.0), "a scale of 0.0 is not a positive"),
+    "a scale of NaN": (lambda p: _quantize_nodes(p)[0]["args"].__setitem__(1, float("nan")), "a scale of nan"),
+    "a negative scale": (lambda p: _quantize_nodes(p)[0]["args"].__setitem__(1, -1.0), "a scale of -1.0"),
+    "a zero point past the bounds": (lambda p: _quantize_nodes(p)[0]["args"].__setitem__(2, 500),
+                                     "a zero point of 500.0 is not a whole number within"),
 }
 
 

@@ -20,6 +20,7 @@ from pyrys.capture.captured import Captured
 from pyrys.errors import CaptureError, DataDependentError, ModelChangedError
 from pyrys.capture.dynamic_shapes import padded_window_inputs
 from pyrys.ir.output_aliases import output_roots, outputs_to_copy, same_outputs
+from pyrys.ir.output_layouts import contiguous_outputs, keep_contiguous
 from pyrys.ir.output_views import output_views, state_views
 from pyrys.ir.verify import VerificationError, make_verifier, output_types
 from pyrys.ir.graph import share_constants
@@ -159,8 +160,10 @@ def _compile_unchecked(frontend: Frontend, args: tuple, kwargs: dict, config: Op
     captured.same_outputs = same_outputs(captured.gm)
     captured.output_views = output_views(captured.gm) if config.output_dtype is None else ()
     captured.state_views = state_views(captured.gm)
+    contiguous = contiguous_outputs(captured.gm)
     run = run_pipeline(captured.gm, options, config.disable, instruments)
     legalize_for_backends(captured.gm, instruments)
+    keep_contiguous(captured.gm, contiguous)
     guard_measure = captured.gm.meta.pop(GUARD_MEASURE_KEY, None)  # (the samples and answers it measured on)
     captured.output_copies = outputs_to_copy(roots, output_roots(captured.gm, as_backends_run=True))
     if like is not None:

@@ -85,6 +85,8 @@ def load_model(spec: str) -> torch.nn.Module:
     model = target if isinstance(target, torch.nn.Module) else target()
     if not isinstance(model, torch.nn.Module):
         raise SystemExit(f"pyrys explain: {spec} is not an nn.Module and did not build one")
+    if model.training:  # (pyrys.optimize would capture it so, with a warning: the CLI explains inference)
+        print(f"pyrys explain: {spec} is in training mode; explained in eval mode (model.eval())", file=sys.stderr)
     return model.eval()
 
 

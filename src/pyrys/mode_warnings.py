@@ -16,6 +16,12 @@ from pyrys.ir.written import RUNNING_STATS, argument
 NORM_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")  # written in training mode
 
 
+def in_training(module: Any) -> bool:
+    """A module's ``training`` flag; False for a ``torch.jit.freeze``'d script, which has none (freezing
+    takes an eval-mode module and inlines its flags)."""
+    return bool(getattr(module, "training", False))
+
+
 def _norm_statistics_in_training(name: str, model: torch.nn.Module | None) -> bool:
     """Whether the state ``name`` is a norm's running statistics its module writes in training mode (batch
     statistics are what it reads then: the writes change no output); without the model (an ExportedProgram, a
@@ -24,7 +30,7 @@ def _norm_statistics_in_training(name: str, model: torch.nn.Module | None) -> bo
     if leaf not in NORM_STATISTICS:
         return False
     try:
-        return model is None or bool(model.get_submodule(owner).training)
+        return model is None or in_training(model.get_submodule(owner))
     except AttributeError:
         return True
 
@@ -93,7 +99,7 @@ def _mode_dependent_in_training(model: Any) -> list[tuple[str, str]]:
         return []
     found = []
     for name, module in model.named_modules():
-        if not module.training:
+        if not in_training(module):
             continue
         kind = next((effect for prefix, effect in _KIND_BY_CLASS if _class_name(module).startswith(prefix)),
                     None) if _from_torch_nn(module) else None
@@ -102,6 +108,17 @@ def _mode_dependent_in_training(model: Any) -> list[tuple[str, str]]:
         if kind is not None:
             found.append((name or "the model", kind))
     return found
+
+
+def warn_if_exported_training(optimized, stacklevel: int = 3) -> None:
+    """An ExportedProgram has no mode to read: where its graph holds a batch norm in training mode (exported from a
+    model in training mode), the module says ``training`` and warns as :func:`warn_if_training` would (an op
+    drawing random numbers may be a sampling model's own: not told apart here)."""
+    if _NORM_EFFECT not in training_effects(optimized._first.captured.gm):
+        return
+    optimized.training = optimized.compiled_training = True
+    warnings.warn(f"pyrys.optimize: the ExportedProgram was exported in training mode; {_NORM_EFFECT}. Export the "
+                  "model after model.eval() for inference.", UserWarning, stacklevel=stacklevel)
 
 
 def training_effects(gm: fx.GraphModule) -> list[str]:
@@ -124,7 +141,7 @@ def training_readers(model: Any) -> list[str]:
     statistics (torch.nn's batch norms, dropouts and RNNs: their ops in the graph say it)."""
     readers = []
     for name, module in model.named_modules() if isinstance(model, torch.nn.Module) else ():
-        if module.training and _reads_training(module):
+        if in_training(module) and _reads_training(module):
             readers.append(f"{name or 'the model'} ({_class_name(module)})")
     return readers
 

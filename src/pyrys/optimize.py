@@ -14,7 +14,7 @@ from pyrys.capture.exported_program import exported_example_inputs, exported_inp
 from pyrys.capture.script_module import is_torchscript, script_class_name, script_tensors
 from pyrys.errors import DeviceError
 from pyrys.machine import collect_freed_modules
-from pyrys.mode_warnings import warn_if_training, warn_of_writes
+from pyrys.mode_warnings import in_training, warn_if_exported_training, warn_if_training, warn_of_writes
 from pyrys.numerics import TOLERANCES
 from pyrys.numerics.budget import AUTO
 from pyrys.numerics.eager import eager_outputs
@@ -129,6 +129,7 @@ def optimize(
                                   other_sizes=bool(model.range_constraints))  # (its Dims: symbolic sizes)
         _check_on_cpu("the ExportedProgram", model.state_dict.items())
         optimized = OptimizedModule(exported_program_frontend(model), args, kwargs, config, _trace(config, model, args, kwargs))
+        warn_if_exported_training(optimized)
         warn_of_writes(optimized, caller_keeps_writes=False)
         return optimized
     if is_torchscript(model):
@@ -207,7 +208,7 @@ def optimize_torchscript(script: Any, example_inputs: Any, example_kwargs: dict 
     args, kwargs = _example_inputs(example_inputs, example_kwargs)
     config = with_calibration(config, calibration, accuracy_budget, args, kwargs)
     _check_on_cpu(script_class_name(script), state_of(script))
-    training = bool((flag_values or {}).get("training", getattr(script, "training", False)))
+    training = bool((flag_values or {}).get("training", in_training(script)))
     trace = _trace(config, script, args, kwargs)
     writes = WriteCheck(script_class_name(script),
                         {name: t for name, t in script_tensors(script).items() if not t.is_inference()},

@@ -68,6 +68,16 @@ def test_scripted_module_matches_eager_and_is_not_modified():
     assert all(torch.equal(before[k], v) for k, v in scripted.state_dict().items())
 
 
+def test_a_frozen_script_imports(tmp_path, backend):
+    """A helper's find: ``torch.jit.freeze`` leaves no ``training`` attribute: an AttributeError from pyrys."""
+    model = conv_bn_relu()
+    frozen = torch.jit.freeze(script(model))
+    torch.jit.save(frozen, tmp_path / "frozen.pt")
+    for scripted in (frozen, torch.jit.load(tmp_path / "frozen.pt")):
+        opt = pyrys.optimize(scripted, (image(),), backend=backend)
+        assert not opt.training and pyrys.relative_error(opt(image()), model(image())) <= TOLERANCE
+
+
 class FlagAndLoop(torch.nn.Module):
     """``prim::If`` on a flag and on ``training``; a loop over an int attribute."""
 

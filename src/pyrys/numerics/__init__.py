@@ -6,7 +6,8 @@ The stated fp32 tolerance is ``FP32_TOLERANCE = 1e-4``: the largest deviation ma
 at most 1e-4 of the output's magnitude.  Nested outputs (tuples, dicts) are compared
 leaf by leaf and the worst leaf counts.  Where both hold the same infinity, or both a NaN,
 they agree; a NaN on one side only is an infinite error (so ``error > budget`` holds and ``max`` keeps
-it); the magnitude is that of the finite values; an empty tensor agrees with itself.
+it); the magnitude is that of the finite values (however small: an output of 1e-14 is measured against
+1e-14), or :data:`ZERO_SCALE` where they are all 0; an empty tensor agrees with itself.
 
 ``optimize(..., numerics=True)`` measures this after every pass and for every layer of the
 backend's program (``trace.py``, ``layers.py``; the result is ``opt.numerics``, a
@@ -23,6 +24,7 @@ from torch.utils._pytree import MappingKey, tree_flatten_with_path, tree_leaves
 FP32_TOLERANCE = 1e-4
 BF16_TOLERANCE = 3e-2  # bfloat16 keeps 8 bits of mantissa: ~4e-3 per stored value, compounding over layers
 INT8_TOLERANCE = 5e-2  # 8-bit activations and weights: OpenVINO int8 errs 1.5-2.8e-2 on torchvision CNNs
+ZERO_SCALE = 1e-12  # what an output of zeros is measured against: its differences are absolute ones, over this
 TOLERANCES = {"fp32": FP32_TOLERANCE, "bf16": BF16_TOLERANCE, "int8": INT8_TOLERANCE}  # by ``optimize(precision=...)``
 
 
@@ -62,7 +64,8 @@ def _leaf_error(actual, expected) -> float:
     wide = torch.complex128 if expected.is_complex() else torch.float64
     actual, expected = actual.to(wide), expected.to(wide)
     finite = expected[expected.isfinite()].abs()
-    scale = (finite.max() if finite.numel() else finite.new_tensor(1.0)).clamp_min(1e-12)
+    scale = finite.max() if finite.numel() else finite.new_tensor(1.0)
+    scale = scale if scale > 0 else scale.new_tensor(ZERO_SCALE)
     difference = (actual / scale - expected / scale).abs()  # scaled first: 1e308 - -1e308 is no overflow
     agree = (actual == expected) | (actual.isnan() & expected.isnan())  # the same inf, or NaN in both
     # NaN on one side only, or an infinity the other side lacks: inf (nan_to_num would make that FLT64_MAX)

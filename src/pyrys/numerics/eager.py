@@ -18,6 +18,7 @@ from torch.export import ExportedProgram
 from torch.utils._pytree import tree_leaves, tree_map
 
 from pyrys.calling_context import without_autocast
+from pyrys.mode_warnings import in_training
 
 
 def eager_outputs(model: Any, args: tuple, kwargs: dict) -> list:
@@ -38,6 +39,6 @@ def _own_copy(model: Any) -> Any:
     try:
         return copy.deepcopy(model)
     except Exception:  # noqa: BLE001 -- a ScriptModule holding something deepcopy refuses
-        if isinstance(model, torch.jit.ScriptModule) and not model.training:
+        if isinstance(model, torch.jit.ScriptModule) and not in_training(model):
             return model
         raise

@@ -108,7 +108,8 @@ def quantize_weight(weight: torch.Tensor, src_dtype: torch.dtype = torch.uint8,
     step = weight_step(src_dtype, convolution)
     levels = weight_max(src_dtype, convolution) // step
     observer = torch.ao.quantization.PerChannelMinMaxObserver(
-        ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric, quant_min=-levels, quant_max=levels)
+        ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric, quant_min=-levels, quant_max=levels,
+        eps=torch.finfo(torch.float32).tiny)  # (its default, float32's eps, made weights under ~1e-5 all 0)
     observer(weight.detach())
     scales, _ = observer.calculate_qparams()
     scales = scales.to(torch.float32)

@@ -5,7 +5,11 @@ model's inputs yields), with the example inputs' structure, shapes and dtypes, o
 into the example's rows).  The captured graph runs on
 each (in float32, on the reference backend) and a histogram observer sees every activation an int8 op
 reads; its scale is the one that minimizes the quantization's squared error over the histogram
-(``torch.ao.quantization.HistogramObserver``), u8 for a value never seen negative, s8 otherwise.
+(``torch.ao.quantization.HistogramObserver``), u8 for a value never seen negative, s8 otherwise.  The observer
+sees each value times a power of two that brings its first sample's largest magnitude into [0.5, 1), and the
+scale it gives is divided by it again (exact): its search squares and cubes bin widths in float32, which
+overflowed past ~1e13 (every value clipped: an error of 0.83), and it keeps scales of at least float32's eps
+(1.2e-7), which rounded values of ~1e-6 and smaller to a few levels or none (helpers' finds).
 
 A value that holds rows of a constant table (an ``nn.Embedding`` lookup, an ``nn.EmbeddingBag`` mean or max,
 through views and ``cat``) may meet any row of it, while the samples look up a few: its range takes in the
@@ -349,7 +353,7 @@ def observe(gm: fx.GraphModule, names: set[str], samples: list[list],
     observed: returned are the samples run and ``(how many failed, what the first said)``; where every one
     fails, that error is raised."""
     program = ReferenceProgram(gm)
-    observers: dict[str, HistogramObserver] = {}
+    observers: dict[str, tuple[HistogramObserver, float]] = {}  # with the factor it sees a value times
     seen: list[tuple[str, torch.Tensor]] = []  # one sample's, observed once it has run through
 
     def visit(name: str, value: torch.Tensor) -> None:
@@ -372,8 +376,10 @@ def observe(gm: fx.GraphModule, names: set[str], samples: list[list],
             continue
         for name, value in seen:
             if name not in observers:
-                observers[name] = HistogramObserver(dtype=torch.quint8, qscheme=torch.per_tensor_affine)
-            observers[name](value)
+                observers[name] = (HistogramObserver(dtype=torch.quint8, qscheme=torch.per_tensor_affine),
+                                   unit_factor(float(value.abs().max())))
+            observer, factor = observers[name]
+            observer(value * factor)
         run.append(sample)
         if len(outputs) < keep_outputs:
             outputs.append(result)
@@ -387,7 +393,7 @@ def observe(gm: fx.GraphModule, names: set[str], samples: list[list],
         shapes = ", ".join(str(list(t.shape)) for t in samples[i] if isinstance(t, torch.Tensor))
         said = f"one of shapes {shapes}: {type(error).__name__}: {line}"
     bounds = table_bounds(gm)
-    quants = {name: _quant_of(observer, bounds.get(name)) for name, observer in observers.items()}
+    quants = {name: _quant_of(observer, factor, bounds.get(name)) for name, (observer, factor) in observers.items()}
     return quants, outputs, run, (failed, said)
 
 
@@ -437,24 +443,35 @@ def _extremes(table: torch.Tensor) -> tuple[float, float]:
     return (float(finite.min()), float(finite.max())) if finite.numel() else (0.0, 0.0)
 
 
-def _quant_of(observer: HistogramObserver, table: tuple[float, float] | None = None) -> TensorQuant:
+def unit_factor(magnitude: float) -> float:
+    """The power of two that brings ``magnitude`` into [0.5, 1) (1 for 0 and non-finite ones)."""
+    if not math.isfinite(magnitude) or magnitude <= 0:
+        return 1.0
+    return math.ldexp(1.0, -math.frexp(magnitude)[1])
+
+
+SMALLEST_SCALE = torch.finfo(torch.float32).tiny  # a scale's floor: its inverse (``1 / s``, quantizing) is finite
+
+
+def _quant_of(observer: HistogramObserver, factor: float, table: tuple[float, float] | None = None) -> TensorQuant:
     """u8 (zero point 0) when nothing negative was seen, else s8 symmetric: zero is exact in both, and the
-    kernels need no zero-point compensation.  ``table``: the extremes of the constant tables the value holds
-    rows of, which its range takes in (min/max over them and what was seen)."""
+    kernels need no zero-point compensation.  ``observer`` saw the values times ``factor``; ``table``: the
+    extremes of the constant tables the value holds rows of, which its range takes in (min/max over them and
+    what was seen)."""
     if table is not None:
-        seen = torch.tensor([float(observer.min_val), float(observer.max_val), *table])
-        signed = bool(seen.min() < 0)
-        bounded = MinMaxObserver(dtype=torch.qint8 if signed else torch.quint8,
-                                 qscheme=torch.per_tensor_symmetric if signed else torch.per_tensor_affine)
-        bounded(seen)
-        scale, zero_point = bounded.calculate_qparams()
-        return TensorQuant(float(scale.reshape(-1)[0]), int(zero_point.reshape(-1)[0]),
-                           torch.int8 if signed else torch.uint8)
-    if float(observer.min_val) < 0:
+        seen = [float(observer.min_val) / factor, float(observer.max_val) / factor, *table]
+        factor = unit_factor(max(abs(v) for v in seen))
+        signed = min(seen) < 0
+        observer = MinMaxObserver(dtype=torch.qint8 if signed else torch.quint8,
+                                  qscheme=torch.per_tensor_symmetric if signed else torch.per_tensor_affine)
+        observer(torch.tensor(seen) * factor)
+        dtype = torch.int8 if signed else torch.uint8
+    elif float(observer.min_val) < 0:
         symmetric = HistogramObserver(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
         symmetric.load_state_dict(observer.state_dict())
         observer, dtype = symmetric, torch.int8
     else:
         dtype = torch.uint8
     scale, zero_point = observer.calculate_qparams()
-    return TensorQuant(float(scale.reshape(-1)[0]), int(zero_point.reshape(-1)[0]), dtype)
+    return TensorQuant(max(float(scale.reshape(-1)[0]) / factor, SMALLEST_SCALE), int(zero_point.reshape(-1)[0]),
+                       dtype)

@@ -201,7 +201,7 @@ def decode_graph(record: dict, tensors: dict[str, torch.Tensor], mode: FakeTenso
     except (KeyError, TypeError, ValueError) as error:
         raise LoadError(f"pyrys.load: the saved program is malformed ({type(error).__name__}: {error})") from None
     for node in graph.nodes:
-        problem = _missing_tensor(node) or (node.target in QUANTIZATION_OPS and _quantization_problem(node))
+        problem = _missing_tensor(node) or (node.target in QUANTIZATION_OPS and _quantization_problem(node, root))
         if problem:
             raise LoadError(f"pyrys.load: the saved program is malformed ({node.name}: {problem})")
     return fx.GraphModule(root, graph)
@@ -219,17 +219,39 @@ def _missing_tensor(node: fx.Node) -> str:
                  and given[argument.name] is None), "")
 
 
-def _quantization_problem(node: fx.Node) -> str:
-    """What is wrong with a quantize or dequantize node's integer type and bounds ("" where nothing): torch's
-    kernels would refuse them at every call."""
-    *_, q_min, q_max, dtype = node.args[:7] if node.target is DEQUANTIZE_WEIGHT else node.args[:6]
+def _quantization_problem(node: fx.Node, root: torch.nn.Module) -> str:
+    """What is wrong with a quantize or dequantize node's integer type, bounds, scales and zero points ("" where
+    nothing): torch's kernels would refuse the first two at every call, and compute finite garbage from a scale
+    of 0, NaN or -1 or a zero point outside the bounds (a helper's edit)."""
+    _, scale, zero_point, *_, q_min, q_max, dtype = node.args[:7] if node.target is DEQUANTIZE_WEIGHT else node.args[:6]
     if dtype not in QUANTIZED_TYPES:
         return f"quantized to {dtype}, not one of {', '.join(str(t) for t in QUANTIZED_TYPES)}"
     info = torch.finfo(dtype) if dtype.is_floating_point else torch.iinfo(dtype)
     low, high = int(info.min), int(info.max)
     if not (type(q_min) is int and type(q_max) is int and low <= q_min <= q_max <= high):
         return f"bounds {q_min!r}..{q_max!r} are not within {dtype}'s {low}..{high}"
+    scales, zero_points = _numbers(scale, root), _numbers(zero_point, root)
+    if scales is not None and not bool((good := scales.isfinite() & (scales > 0)).all()):
+        return f"a scale of {_first_bad(scales, good)} is not a positive finite number"
+    if zero_points is not None and not bool((good := (zero_points == zero_points.round()) & (zero_points >= q_min)
+                                             & (zero_points <= q_max)).all()):
+        return f"a zero point of {_first_bad(zero_points, good)} is not a whole number within {q_min}..{q_max}"
     return ""
+
+
+def _numbers(arg: Any, root: torch.nn.Module) -> torch.Tensor | None:
+    """A quantization argument's numbers where they are known at load: a literal's, a constant tensor's
+    (None for anything else: a value computed at each call, or a type torch's op itself refuses)."""
+    if isinstance(arg, fx.Node):
+        value = getattr(root, arg.target, None) if arg.op == "get_attr" else None
+        return value.detach().double() if isinstance(value, torch.Tensor) and not value.is_complex() else None
+    if isinstance(arg, (int, float)) and not isinstance(arg, bool):
+        return torch.tensor([float(arg)], dtype=torch.float64)
+    return None
+
+
+def _first_bad(numbers: torch.Tensor, good: torch.Tensor) -> str:
+    return repr(float(numbers[~good].reshape(-1)[0]))
 
 
 def _decode_node(entry: dict, root: torch.nn.Module, graph: fx.Graph, nodes: dict, tensors: dict,

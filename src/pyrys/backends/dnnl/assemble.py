@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import torch
 import torch.fx as fx
+from torch._prims_common import is_non_overlapping_and_dense_or_false
 
 from pyrys.backends.dnnl.builder import Builder, md_type
 from pyrys.backends.dnnl.constants import ARG_FROM, ARG_TO
@@ -43,7 +44,8 @@ def assemble(builder: Builder, gm: fx.GraphModule, inputs: list[Value], threads:
     return DnnlProgram(
         engine=builder.engine, steps=list(builder.steps), slots=slots, buffers=buffers,
         scratchpad_bytes=builder.scratchpad_bytes, input_slots=[v.slot for v in inputs],
-        fresh=[(v.slot, *_fresh_layout(v)) for v in fresh], outputs=[_output(r) for r in results],
+        fresh=[(v.slot, *_fresh_layout(v)) for v in fresh],
+        outputs=[_output(r, _torch_result_strides(arg, r)) for arg, r in zip(output_node.args[0], results)],
         released=[v.slot for v in dynamic], dynamic_aliases=aliases,
         constant_storages=_constant_storages(gm, builder, values), text=_program_text(gm, builder, results), plan=plan,
         weight_bytes=builder.weight_bytes, policy=builder.policy, threads=threads,
@@ -56,9 +58,9 @@ def _decide_output(builder: Builder, arg: Any, fresh: list[Value]):
     if constant is not None or not isinstance(arg, fx.Node):
         return constant if constant is not None else arg
     value = builder.values[arg]
-    if value.kind == DYNAMIC:
-        return value
     meta = arg.meta["val"]
+    if value.kind == DYNAMIC and not _laid_out_otherwise(value, meta):
+        return value
     md = plain_md(meta.shape, meta.dtype, tuple(meta.stride()))
     if value.kind == PLANNED and value.md == md and not _read_after_written(builder, value):
         value.kind = DYNAMIC  # the producer writes straight into the caller's fresh tensor
@@ -82,18 +84,51 @@ def _decide_output(builder: Builder, arg: Any, fresh: list[Value]):
     return out
 
 
+def _laid_out_otherwise(value: Value, meta) -> bool:
+    """Whether a torch fallback's result (contiguous: ``fallback.py``) is laid out otherwise than eager's
+    dense ``meta`` (``exp`` of a permuted activation keeps its strides in eager): reordered into eager's."""
+    return value.md is not None and _dense(meta) and not _same_strides(meta.shape, value.md.strides, meta.stride())
+
+
+def _torch_result_strides(arg: Any, result: Any) -> tuple | None:
+    """Eager's strides for an output torch computes in a type oneDNN has not (``h > 0``, ``h.double()``) where
+    they are not contiguous: its result is laid out so at each call (:func:`_in_strides`); else None."""
+    meta = arg.meta.get("val") if isinstance(arg, fx.Node) else None
+    if not isinstance(result, Value) or result.md is not None or not _dense(meta) or meta.is_contiguous():
+        return None
+    return tuple(meta.stride())
+
+
+def _dense(meta) -> bool:
+    return isinstance(meta, torch.Tensor) and meta.dim() > 0 and is_non_overlapping_and_dense_or_false(meta)
+
+
+def _same_strides(shape, strides, wanted) -> bool:
+    """Equal strides, but for dims of size 1 (which no index steps over)."""
+    return all(size == 1 or stride == want for size, stride, want in zip(shape, strides, wanted))
+
+
+def _in_strides(tensor: torch.Tensor, strides: tuple) -> torch.Tensor:
+    if _same_strides(tensor.shape, tensor.stride(), strides):
+        return tensor
+    return torch.empty_strided(tensor.shape, strides, dtype=tensor.dtype).copy_(tensor)
+
+
 def _fresh_layout(value: Value) -> tuple[tuple, tuple, torch.dtype]:
     meta = value.output_meta
     return tuple(meta.shape), tuple(meta.stride()), meta.dtype
 
 
-def _output(result) -> Callable[[Frame], Any]:
-    """How a frame produces one output: its slot's tensor, a copy where it may view internal memory."""
+def _output(result, strides: tuple | None = None) -> Callable[[Frame], Any]:
+    """How a frame produces one output: its slot's tensor, a copy where it may view internal memory (or where
+    it is not laid out in ``strides``)."""
     if isinstance(result, Value):
         slot = result.slot
         if result.may_view_internal_memory():
-            return lambda frame: frame.owned(frame.tensors[slot])
-        return lambda frame: frame.tensors[slot]
+            owned = lambda frame: frame.owned(frame.tensors[slot])  # noqa: E731
+        else:
+            owned = lambda frame: frame.tensors[slot]  # noqa: E731
+        return owned if strides is None else lambda frame: _in_strides(owned(frame), strides)
     if isinstance(result, torch.Tensor):
         return lambda frame: constant_for_caller(result)  # the program's constant stays the program's
     return lambda frame: result

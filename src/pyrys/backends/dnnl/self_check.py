@@ -41,7 +41,7 @@ import torch
 import torch.fx as fx
 
 from pyrys.ir.vocabulary import draws_random_numbers, precision_of
-from pyrys.numerics import relative_error
+from pyrys.numerics import ZERO_SCALE, relative_error
 
 ALLOWED = {"fp32": 1e-3, "bf16": 1e-1, "int8": 2.5e-1}
 AMPLIFIES = "the model amplifies rounding"  # (a failed check's, where the graph itself does)
@@ -162,7 +162,7 @@ def _error(actual: torch.Tensor, expected: torch.Tensor) -> float:
         return 0.0
     scale = float(expected[finite].abs().max())
     error = relative_error(actual[finite], expected[finite])
-    return error * min(1.0, max(scale, 1e-12) / SMALLEST_SCALE)
+    return error * min(1.0, (scale or ZERO_SCALE) / SMALLEST_SCALE)
 
 
 def _copies(inputs: list) -> list:
