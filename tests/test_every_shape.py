@@ -223,6 +223,30 @@ def test_a_length_pinned_through_floor_divisions_falls_back_to_these_shapes(back
     assert any("torch.export fails with symbolic sizes (NotImplementedError" in note for note in opt.notes), opt.notes
 
 
+class PaddedToFours(torch.nn.Module):
+    """A sequence padded to a multiple of 4 with zeros (a pad of 0 at some lengths), then windows of 4 averaged."""
+
+    def forward(self, x):
+        batch, length, width = x.shape
+        x = torch.nn.functional.pad(x, (0, 0, 0, (4 - length % 4) % 4))
+        return x.reshape(batch, -1, 4, width).mean(2)
+
+
+@pytest.mark.parametrize("dynamic, example", [(True, 8), (None, 9)])
+def test_a_pad_computed_from_the_length_pads_at_every_length(backend, dynamic, example, tmp_path):
+    """A helper's find: the symbolic graph's pad was worked out through torch's decomposition, which skips a pad
+    that is 0 at the example's sizes with no guard: no pad at any length (silently wrong shapes and values;
+    with ``dynamic=None``, where the first new length needed none), and so saved."""
+    model = PaddedToFours().eval()
+    opt = pyrys.optimize(model, (torch.randn(2, example, 3),), backend=backend, dynamic=dynamic)
+    for length in (12, 9, 13, 6, 8):
+        x = torch.randn(2, length, 3)
+        assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE, length
+    pyrys.save(opt, tmp_path / "saved")
+    x = torch.randn(3, 14, 3)
+    assert pyrys.relative_error(pyrys.load(tmp_path / "saved")(x), model(x)) <= TOLERANCE
+
+
 class Chunked(torch.nn.Module):
     def forward(self, x):
         return x.chunk(3, 1)

@@ -459,6 +459,7 @@ EDITS = {  # a program edited, and its digest made to match: raw torch errors at
     "an input added to the signature": (lambda p: p["signatures"][0]["leaves"].append({"tensor": [[1], "float32"]}),
                                         "graph takes 1 inputs where its signature lists 2"),
     "training as text": (lambda p: p.__setitem__("training", "yes"), "training is 'yes', not true or false"),
+    "max_shapes as text": (lambda p: p.__setitem__("max_shapes", "8"), "the saved max_shapes '8' is not a positive"),
     # a helper's finds: loaded, then every call gave finite garbage (0.96-3.2 relative)
     "a scale of 0": (lambda p: _quantize_nodes(p)[0]["args"].__setitem__(1, 0.0), "a scale of 0.0 is not a positive"),
     "a scale of NaN": (lambda p: _quantize_nodes(p)[0]["args"].__setitem__(1, float("nan")), "a scale of nan"),
@@ -481,6 +482,19 @@ def test_a_program_edited_with_its_digest_made_to_match_raises_load_error(tmp_pa
     change, message = EDITS[edit]
     with pytest.raises(pyrys.LoadError, match=message):
         pyrys.load(_edited_consistently(tmp_path / "saved", change))
+
+
+def test_a_loaded_module_keeps_the_max_shapes_it_was_optimized_with(tmp_path):
+    """A helper's find: the load held the default's 8 new shapes where the module was optimized for 2."""
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU()).eval()
+    opt = pyrys.optimize(model, (torch.randn(2, 16),), backend="reference", dynamic=True, max_shapes=2)
+    opt(torch.randn(3, 16))
+    pyrys.save(opt, tmp_path / "saved")
+    loaded = pyrys.load(tmp_path / "saved")
+    for batch in range(4, 10):
+        x = torch.randn(batch, 16)
+        assert pyrys.relative_error(loaded(x), model(x)) <= 1e-5
+    assert len(loaded._shapes.entries) == 3  # the two saved, and two besides the one opt.graph describes
 
 
 def test_a_save_through_a_symbolic_link_writes_the_save_it_names(tmp_path):

@@ -63,9 +63,23 @@ def _shape_is_enough(value: Any) -> bool:
 # baddbmm's meta expands a broadcast input ((B*H, 1, L): BLOOM's alibi) with the C++ expand of concrete sizes;
 # ``at::native::lstm`` reads ``numel()`` of its input (GRU's and RNN's C++ take symbolic sizes)
 _DECOMPOSED_WHEN_SYMBOLIC = {op: decomposition_table[op] for op in (
-    aten.baddbmm.default, aten.lstm.input, aten.lstm.data,
-    # size-oblivious, constant_pad_nd's C++ meta gives a symbolic dim's example size (``s0`` -> 2)
-    aten.constant_pad_nd.default)}
+    aten.baddbmm.default, aten.lstm.input, aten.lstm.data)}
+
+
+def _constant_padded(input, pad, value=0):
+    """``constant_pad_nd``'s value on symbolic sizes: each padded dim (the last first) grows by its two pads
+    (a negative one crops), as sizes.  Its C++ meta, size-oblivious, gives a symbolic dim's example size
+    (``s0`` -> 2); its decomposition skips a pad that is 0 at the example's sizes with no guard kept:
+    ``(4 - T % 4) % 4``, 0 at the example's T = 8, padded nothing at every T (a helper's find)."""
+    torch._check(len(pad) % 2 == 0 and len(pad) // 2 <= input.dim(),
+                 lambda: f"pad of {len(pad)} numbers for {input.dim()} dims")
+    shape = list(input.shape)
+    for k in range(len(pad) // 2):
+        shape[-1 - k] = shape[-1 - k] + pad[2 * k] + pad[2 * k + 1]
+    return input.new_empty(shape).contiguous(memory_format=suggest_memory_format(input))
+
+
+_DECOMPOSED_WHEN_SYMBOLIC[aten.constant_pad_nd.default] = _constant_padded
 
 
 def _upsampled(input, output_size, *options):

@@ -47,6 +47,7 @@ from pyrys.machine import collect_freed_modules, cpu_info
 from pyrys.capture.frontend import Frontend
 from pyrys.compiled import COMPILING, Compiled
 from pyrys.config import OptimizeConfig, check_threads, threads_problem
+from pyrys.shape_cache import DEFAULT_MAX_SHAPES
 from pyrys.optimized_module import OptimizedModule
 from pyrys.passes.pipeline import PipelineRun, Step
 from pyrys.passes.rewrite import Miss
@@ -92,6 +93,7 @@ def save(opt: OptimizedModule, path: str | os.PathLike) -> Path:
         written = set().union(*(written_tensors(gm) for gm in _graphs(compiled, opt)))
     tensors, aliases = _without_repeats(tensors, written)
     program = {"frontend": opt._frontend.kind.removeprefix("saved "), "threads": opt._config.threads, "layout": opt._config.layout,
+               "max_shapes": opt._config.max_shapes,
                "training": opt.compiled_training, "parameters": encode_parameters(opt._frontend.parameters),
                "first": first, "signatures": signatures, "aliases": aliases, "generic": generic, "size_one": size_one,
                "tensors": {key: {"shape": list(t.shape), "stride": list(t.stride()), "dtype": _dtype_name(t.dtype)}
@@ -135,7 +137,7 @@ def _load(path: str | os.PathLike, manifest: dict, program: dict, tensors: dict,
         same_cpu = manifest["isa"] == cpu_info()[1]
         _check_options(program)
         config = OptimizeConfig(threads=threads if threads is not None else program["threads"],
-                                layout=program["layout"])
+                                layout=program["layout"], max_shapes=program.get("max_shapes", DEFAULT_MAX_SHAPES))
         records = list(program["signatures"])
         first = _decode_compiled(records.pop(program["first"]), tensors, config, same_cpu, manifest)
         compiled = [_decode_compiled(record, tensors, config, same_cpu, manifest, like=first.program)
@@ -190,6 +192,9 @@ def _check_options(program: dict) -> None:
         raise LoadError(f"pyrys.load: the saved program's {problem}")
     if layout not in LAYOUTS:
         raise LoadError(f"pyrys.load: the saved layout {layout!r} is not one of {LAYOUTS}")
+    max_shapes = program.get("max_shapes", DEFAULT_MAX_SHAPES)  # (saves before it: the default)
+    if type(max_shapes) is not int or max_shapes < 1:
+        raise LoadError(f"pyrys.load: the saved max_shapes {max_shapes!r:.40} is not a positive int")
     for record in program["signatures"]:
         if record.get("layout") not in (None, *LAYOUTS[1:]):
             raise LoadError(f"pyrys.load: a saved signature's layout {record.get('layout')!r} is not one of {LAYOUTS[1:]}")
