@@ -58,6 +58,11 @@ def nonfinite_values(gm: fx.GraphModule) -> dict[fx.Node, str]:
     return origin
 
 
+def makes_nonfinite(gm: fx.GraphModule) -> bool:
+    """Whether an op of ``gm`` may make NaN or an infinity from finite operands (its constants' numbers not read)."""
+    return any(node.op == "call_function" and _source(gm, node) is not None for node in gm.graph.nodes)
+
+
 def _source(gm: fx.GraphModule, node: fx.Node) -> str | None:
     x = node.args[0] if node.args else None
     if node.target in NONFINITE_SOURCES:

@@ -225,6 +225,29 @@ def test_minus_infinity_made_inside_the_network_gives_nan_through_relu_as_docume
     assert_like_eager(opt(x), model(x), nan_also_at=torch.isinf(torch.exp(x)))
 
 
+class LogThenRelu(nn.Module):
+    def __init__(self, fused: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fused, self.conv = fused, nn.Conv2d(1, 4, 1)
+        with torch.no_grad():
+            self.conv.weight.abs_()  # (log(0) -> -inf stays -inf through it)
+
+    def forward(self, x):
+        return F.relu(self.conv(torch.log(x)) if self.fused else torch.log(x))
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["standalone", "fused"])
+def test_minus_infinity_from_a_logarithm_gives_zero_through_relu(fused):
+    """A helper's find: ``log(x).relu()`` at ``x = 0`` gave NaN (the relu's mask: -inf * 0), eager 0."""
+    model, x = LogThenRelu(fused).eval(), torch.rand(1, 1, 4, 8) + 0.5
+    opt = pyrys.optimize(model, (x,), backend="dnnl")
+    assert ("dnnl::conv2d_relu" if fused else "dnnl::relu") in opt.program_text()
+    x[0, 0, 0, :3] = torch.tensor([0.0, 0.1, 2.0])
+    got, want = opt(x), model(x)
+    assert not got.isnan().any() and torch.equal(got == 0, want == 0) and pyrys.relative_error(got, want) <= 1e-6
+
+
 NAN_MAKERS = {  # a NaN made from finite inputs, then a clip
     "x * 1e39": lambda x: x.relu() * 1e39,  # inf in float32: 0 * inf
     "x / 1e-50": lambda x: x.relu() / 1e-50,  # a divisor of 0 in float32: 0 / 0

@@ -327,6 +327,7 @@ class Builder:
         self.restored: dict[tuple, torch.Tensor] = {}  # released constants torch steps read: their values
         self.weight_bytes = 0
         self.scratchpad_bytes = 0
+        self.sees_nonfinite = False  # the node lowered now may read an infinity the graph made (``lower.py``)
 
     # -- values -------------------------------------------------------------------------
     def value_of(self, arg: Any, in_memory: bool = True) -> Value:

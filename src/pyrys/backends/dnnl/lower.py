@@ -27,7 +27,7 @@ from pyrys.backends.dnnl.program import DnnlProgram
 from pyrys.backends.dnnl.values import DYNAMIC, Value
 from pyrys.backends.threads import with_threads
 from pyrys.backends.dnnl.post_ops import DROPS_NAN
-from pyrys.ir.finite import nonfinite_values
+from pyrys.ir.finite import makes_nonfinite, nonfinite_values
 from pyrys.ir.fused import FUSED_CONV, FUSED_CONV_TRANSPOSE, FUSED_LINEAR, read_fused
 from pyrys.ir.graph import op_args, state_ref
 from pyrys.ir.post_ops import ACTIVATIONS, NoPostOp, activation_post_op
@@ -56,27 +56,33 @@ def _lower_node(builder: Builder, node: fx.Node, nonfinite: dict[fx.Node, str]) 
         return lower_fallback(builder, node, f"oneDNN's {dropped} turns NaN into a number, and a NaN may come from "
                                              f"{nonfinite[node]}")
     snapshot = builder.snapshot()
+    builder.sees_nonfinite = node in nonfinite  # (its relu then maps -inf to 0: post_ops.eltwise_steps)
     try:
         rule(builder, node)
     except (Unsupported, binding.DnnlError) as error:
         builder.restore(snapshot, node)
         lower_fallback(builder, node, str(error).splitlines()[0][:120])
+    finally:
+        builder.sees_nonfinite = False
+
+
+def _post_op_names(node: fx.Node) -> list[str]:
+    """The post-ops ``node`` runs: a fused op's, or its own as an activation."""
+    if node.target in ACTIVATIONS:
+        try:
+            return [activation_post_op(node.target, op_args(node)).name]
+        except NoPostOp:
+            return []
+    fused = read_fused(node)
+    return [post_op.name for post_op in fused.post_ops] if fused is not None else []
 
 
 def _drops_nan(node: fx.Node) -> str | None:
-    """What in ``node`` gives a number for NaN where eager keeps it, if anything: max pooling, or a post-op (a
-    fused op's, or its own as an activation) in :data:`DROPS_NAN`."""
+    """What in ``node`` gives a number for NaN where eager keeps it, if anything: max pooling, or a post-op in
+    :data:`DROPS_NAN`."""
     if node.target in MAX_POOLINGS:
         return "max pooling"
-    if node.target in ACTIVATIONS:
-        try:
-            names = [activation_post_op(node.target, op_args(node)).name]
-        except NoPostOp:
-            return None
-    else:
-        fused = read_fused(node)
-        names = [post_op.name for post_op in fused.post_ops] if fused is not None else []
-    return next((name for name in names if name in DROPS_NAN), None)
+    return next((name for name in _post_op_names(node) if name in DROPS_NAN), None)
 
 
 def _has_zero_size(node: fx.Node) -> bool:
@@ -95,9 +101,12 @@ def _lower(gm: fx.GraphModule, policy: str, engine: Engine, packed: PackedWeight
            reuse_packed: bool) -> DnnlProgram:
     builder = Builder(gm, policy, engine, packed, reuse_packed)
     inputs = []
-    # the analysis reads every constant's numbers (BERT-base: 0.3 s): only where a step could drop a NaN
-    drops = any(node.op == "call_function" and _drops_nan(node) for node in gm.graph.nodes)
-    nonfinite = nonfinite_values(gm) if drops else {}
+    # the analysis reads every constant's numbers (BERT-base: 0.3 s): only where a step could drop a NaN, or a
+    # relu meet an infinity the graph makes (``log(x).relu()`` at x = 0)
+    calls = [node for node in gm.graph.nodes if node.op == "call_function"]
+    drops = any(_drops_nan(node) for node in calls)
+    relu_after_source = any("relu" in _post_op_names(node) for node in calls) and makes_nonfinite(gm)
+    nonfinite = nonfinite_values(gm) if drops or relu_after_source else {}
     for node in gm.graph.nodes:
         if node.op == "placeholder" and state_ref(node) is None:
             inputs.append(_define_input(builder, node))

@@ -55,7 +55,8 @@ def same_layout_md(value: Value, shape, dtype: torch.dtype | None = None) -> Mem
 
 
 def _unary(builder: Builder, node: fx.Node, post_op: PostOp) -> None:
-    _steps(builder, node, eltwise_steps(post_op), post_op.name, post_op.name in UNLIKE_EAGER_ON_NONFINITE)
+    _steps(builder, node, eltwise_steps(post_op, builder.sees_nonfinite), post_op.name,
+           post_op.name in UNLIKE_EAGER_ON_NONFINITE)
 
 
 def _steps(builder: Builder, node: fx.Node, steps: list, name: str, unlike_eager: bool) -> None:

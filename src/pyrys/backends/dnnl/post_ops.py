@@ -35,6 +35,10 @@ FLT_MAX = 3.4028234663852886e38
 # runtime.py).
 MASK_NEGATIVE: Eltwise = (AlgKind.eltwise_hardswish, FLT_MAX, 0.0)
 RELU: list[Eltwise] = [MASK_NEGATIVE, (AlgKind.eltwise_abs, 0.0, 0.0)]
+# where the graph may make -inf before it (``log(x).relu()`` at x = 0: NaN, a helper's find): the elu(0) form,
+# 0 * (exp(y) - 1) = -0 for y <= 0 (-inf too), NaN kept, made +0 by abs; ~1.09x the mask's time
+# (leaky_relu with slope 0 is eager's 0 * y: NaN at -inf, as the mask gives)
+RELU_PAST_INFINITY: list[Eltwise] = [(AlgKind.eltwise_elu, 0.0, 0.0), (AlgKind.eltwise_abs, 0.0, 0.0)]
 
 
 def _leaky_relu(slope: float) -> list[Eltwise]:
@@ -74,11 +78,12 @@ DROPS_NAN = frozenset({"clamp", "hardsigmoid"})
 BINARY = {"add": AlgKind.binary_add, "mul": AlgKind.binary_mul}
 
 
-def eltwise_steps(post_op: PostOp) -> list[Eltwise]:
-    """The oneDNN eltwise steps of a unary post-op (``PostOp("clamp", (0.0, 6.0))``)."""
+def eltwise_steps(post_op: PostOp, sees_nonfinite: bool = False) -> list[Eltwise]:
+    """The oneDNN eltwise steps of a unary post-op (``PostOp("clamp", (0.0, 6.0))``); ``sees_nonfinite``: its
+    input may hold an infinity the graph made (a relu is then :data:`RELU_PAST_INFINITY`)."""
     if post_op.name not in ELTWISE:
         raise Unsupported(f"post-op {post_op.name} has no oneDNN eltwise")
-    return ELTWISE[post_op.name](*post_op.params)
+    return RELU_PAST_INFINITY if sees_nonfinite and post_op.name == "relu" else ELTWISE[post_op.name](*post_op.params)
 
 
 def eltwise_post_ops(steps: list[Eltwise]) -> PostOps:
@@ -140,7 +145,7 @@ def build_chain(builder: Builder, post_ops: Sequence[PostOp], operands: list[Ope
         if post_op.binary:
             _append_binary(builder, chain, post_op.name, next(pending), dst_md)
         else:
-            for alg, alpha, beta in eltwise_steps(post_op):
+            for alg, alpha, beta in eltwise_steps(post_op, builder.sees_nonfinite):
                 chain.post_ops.append_eltwise(alg, alpha, beta)
     return chain
 
