@@ -247,6 +247,35 @@ def test_a_pad_computed_from_the_length_pads_at_every_length(backend, dynamic, e
     assert pyrys.relative_error(pyrys.load(tmp_path / "saved")(x), model(x)) <= TOLERANCE
 
 
+class DownUp(torch.nn.Module):
+    """A strided conv, then a transposed one back to the input's length (its output padding: the length's
+    parity), and the first three positions unbound and summed."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.down, self.up = torch.nn.Conv1d(3, 4, 3, stride=2, padding=1), \
+            torch.nn.ConvTranspose1d(4, 3, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        y = self.up(self.down(x), output_size=x.shape[-1:]) + x
+        return sum(y[..., :3].unbind(-1))
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_sizes_computed_from_the_length_hold_at_every_length(backend, dynamic, tmp_path):
+    """A helper's finds: the fused transposed conv's ``int[]`` output padding took the example's number (one
+    longer at every other length, silently), and ``unbind`` of a dim of ``Min(3, s)`` kept it in its parts."""
+    model = DownUp().eval()
+    opt = pyrys.optimize(model, (torch.randn(2, 3, 8),), backend=backend, dynamic=dynamic)
+    for length in (5, 9, 6, 7):
+        x = torch.randn(2, 3, length)
+        assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE, length
+    pyrys.save(opt, tmp_path / "saved")
+    x = torch.randn(3, 3, 11)
+    assert pyrys.relative_error(pyrys.load(tmp_path / "saved")(x), model(x)) <= TOLERANCE
+
+
 class Chunked(torch.nn.Module):
     def forward(self, x):
         return x.chunk(3, 1)

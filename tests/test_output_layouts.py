@@ -85,3 +85,27 @@ def test_results_of_torch_steps_keep_eagers_strides(backend):
     assert [a.dtype for a in got] == [b.dtype for b in expected]
     _same_layouts([a.double() if a.dtype == torch.bool else a for a in got],
                   [b.double() if b.dtype == torch.bool else b for b in expected])
+
+
+class ViewOfATorchStep(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(4, 8, 1)
+
+    def forward(self, x):
+        e = self.conv(x).permute(0, 2, 3, 1).exp()
+        g = e > 1
+        return e, e[..., :2], g, g[..., :2]
+
+
+def test_a_view_of_an_output_in_eagers_strides_views_it(backend):
+    """A reviewer's find: with the torch step's result laid out as eager's (permuted), the view of it was made
+    from the program's own copy: a write into the output missed the view."""
+    model, x = ViewOfATorchStep().eval(), torch.randn(2, 4, 5, 5)
+    opt = pyrys.optimize(model, (x,), backend=backend)
+    got, expected = opt(x), model(x)
+    assert [a.stride() for a in got] == [b.stride() for b in expected]
+    got[0].zero_()
+    got[2].fill_(True)
+    assert bool((got[1] == 0).all()) and bool(got[3].all())

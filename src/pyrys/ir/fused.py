@@ -109,10 +109,12 @@ def _conv_transpose(input, weight, bias, stride, padding, output_padding, groups
 
 
 FUSED_KINDS: tuple[FusedKind, ...] = (
-    FusedKind("conv", CONVOLUTIONS, "Tensor input, Tensor weight, Tensor? bias, int[] stride, int[] padding, "
-              "int[] dilation, int groups", _conv),
-    FusedKind("conv_transpose", CONV_TRANSPOSES, "Tensor input, Tensor weight, Tensor? bias, int[] stride, "
-              "int[] padding, int[] output_padding, int groups, int[] dilation", _conv_transpose),
+    # (sizes as ATen's: a padding or output padding computed from a symbolic length stays that expression, where
+    # ``int[]`` took the example's number, unguarded: ``output_size=x.shape[-1:]``, a helper's find)
+    FusedKind("conv", CONVOLUTIONS, "Tensor input, Tensor weight, Tensor? bias, SymInt[] stride, SymInt[] padding, "
+              "SymInt[] dilation, SymInt groups", _conv),
+    FusedKind("conv_transpose", CONV_TRANSPOSES, "Tensor input, Tensor weight, Tensor? bias, SymInt[] stride, "
+              "SymInt[] padding, SymInt[] output_padding, SymInt groups, SymInt[] dilation", _conv_transpose),
     FusedKind("linear", LINEARS, "Tensor input, Tensor weight, Tensor? bias", F.linear, ranked=False),
     FusedKind("matmul", MATRIX_PRODUCTS, "Tensor input, Tensor mat2", torch.matmul, ranked=False, weighted=False,
               renamed=(("other", "mat2"),)),

@@ -82,6 +82,17 @@ def _constant_padded(input, pad, value=0):
 _DECOMPOSED_WHEN_SYMBOLIC[aten.constant_pad_nd.default] = _constant_padded
 
 
+def _unbound(input, dim=0):
+    """``unbind``'s value on symbolic sizes: a ``select`` of each index.  Its reference splits and squeezes, and
+    a part of a dim of ``Min(3, s)`` is ``Min(3, s) // 3`` long, not known to be 1: the squeeze kept it
+    (``x[:, :3].unbind(1)``: ``(B, 1, C)`` parts, a helper's find).  How many parts: the example's (the graph's
+    readers of them are that many)."""
+    return tuple(input.select(dim, index) for index in range(int(input.shape[dim])))
+
+
+_DECOMPOSED_WHEN_SYMBOLIC[aten.unbind.int] = _unbound
+
+
 def _upsampled(input, output_size, *options):
     """An upsampling ``.vec`` overload's value on symbolic sizes (``F.interpolate(y, size=x.shape[-2:])``: FPN,
     UNet, LRASPP): its C++ takes concrete sizes only, and its decomposition (and the ``.default`` overload's

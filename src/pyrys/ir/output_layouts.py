@@ -29,8 +29,8 @@ def contiguous_outputs(gm: fx.GraphModule) -> frozenset[int]:
 def keep_contiguous(gm: fx.GraphModule, positions: frozenset[int]) -> int:
     """Give each output at ``positions`` that is not contiguous now a contiguous copy; how many got one."""
     output = next(node for node in reversed(gm.graph.nodes) if node.op == "output")
-    strided = {value for position, value in enumerate(_outputs(gm))
-               if position in positions and isinstance(value, fx.Node) and _is_tensor(value) and not _contiguous(value)}
+    strided = list(dict.fromkeys(value for position, value in enumerate(_outputs(gm))  # (in output order)
+                                 if position in positions and _is_tensor(value) and not _contiguous(value)))
     for value in strided:
         with gm.graph.inserting_before(output):
             copy = gm.graph.create_node("call_function", torch.ops.aten.clone.default, (value,),

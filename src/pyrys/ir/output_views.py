@@ -92,11 +92,22 @@ def state_views(gm: fx.GraphModule) -> tuple[int, ...]:
 
 
 def with_views(outputs: list, flat: list, views: tuple[OutputView, ...]) -> list:
-    """``outputs`` (a program's fresh list, changed in place) with each view made again on what it views."""
+    """``outputs`` (a program's fresh list, changed in place) with each view made again on what it views: an
+    input where it is contiguous (as captured: see the module docstring), an output as the program lays it out
+    (eager's layout: ``exp`` of a permuted activation is permuted), where the view ops take it (a ``view``
+    that its strides refuse raises; the program's own tensor then)."""
     for view in views:
         base = view.base(outputs, flat)
-        if isinstance(base, torch.Tensor) and base.is_contiguous():  # as captured (see the module docstring)
-            outputs[view.position] = view.replay.forward(*flat, None if view.of_output is None else base)
+        if not isinstance(base, torch.Tensor):
+            continue
+        if view.of_output is None:
+            if base.is_contiguous():
+                outputs[view.position] = view.replay.forward(*flat, None)
+            continue
+        try:
+            outputs[view.position] = view.replay.forward(*flat, base)
+        except RuntimeError:
+            pass
     return outputs
 
 

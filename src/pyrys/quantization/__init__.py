@@ -40,6 +40,7 @@ DEQUANTIZE_WEIGHT = _DECOMPOSED.dequantize_per_channel.default  # (q, scales, ze
 QUANTIZATION_OPS = frozenset({QUANTIZE, DEQUANTIZE, DEQUANTIZE_WEIGHT})
 
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+SMALLEST_SCALE = torch.finfo(torch.float32).tiny  # a scale's floor: its inverse (``1 / s``, quantizing) is finite
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ def quantize_weight(weight: torch.Tensor, src_dtype: torch.dtype = torch.uint8,
     levels = weight_max(src_dtype, convolution) // step
     observer = torch.ao.quantization.PerChannelMinMaxObserver(
         ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric, quant_min=-levels, quant_max=levels,
-        eps=torch.finfo(torch.float32).tiny)  # (its default, float32's eps, made weights under ~1e-5 all 0)
+        eps=SMALLEST_SCALE)  # (its default, float32's eps, made weights under ~1e-5 all 0)
     observer(weight.detach())
     scales, _ = observer.calculate_qparams()
     scales = scales.to(torch.float32)

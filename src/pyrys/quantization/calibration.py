@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_leaves
 from pyrys.backends.reference import ReferenceProgram
 from pyrys.ir.graph import constant_value, is_constant
 from pyrys.ir.vocabulary import PERMUTES, VIEWS
-from pyrys.quantization import TensorQuant
+from pyrys.quantization import SMALLEST_SCALE, TensorQuant
 from pyrys.quantization.sample_forms import as_call
 from pyrys.signature import InputError, check_runnable, is_tensor_leaf, signature_of
 from pyrys.size_one import shapes_of
@@ -353,7 +353,8 @@ def observe(gm: fx.GraphModule, names: set[str], samples: list[list],
     observed: returned are the samples run and ``(how many failed, what the first said)``; where every one
     fails, that error is raised."""
     program = ReferenceProgram(gm)
-    observers: dict[str, tuple[HistogramObserver, float]] = {}  # with the factor it sees a value times
+    observers: dict[str, HistogramObserver] = {}
+    factors: dict[str, float] = {}  # what each observer sees its value times, set at its first sample not all 0
     seen: list[tuple[str, torch.Tensor]] = []  # one sample's, observed once it has run through
 
     def visit(name: str, value: torch.Tensor) -> None:
@@ -376,10 +377,10 @@ def observe(gm: fx.GraphModule, names: set[str], samples: list[list],
             continue
         for name, value in seen:
             if name not in observers:
-                observers[name] = (HistogramObserver(dtype=torch.quint8, qscheme=torch.per_tensor_affine),
-                                   unit_factor(float(value.abs().max())))
-            observer, factor = observers[name]
-            observer(value * factor)
+                observers[name] = HistogramObserver(dtype=torch.quint8, qscheme=torch.per_tensor_affine)
+            if name not in factors and bool(value.any()):  # (zeros seen before are zeros at any factor)
+                factors[name] = unit_factor(float(value.abs().max()))
+            observers[name](value * factors.get(name, 1.0))
         run.append(sample)
         if len(outputs) < keep_outputs:
             outputs.append(result)
@@ -393,7 +394,7 @@ def observe(gm: fx.GraphModule, names: set[str], samples: list[list],
         shapes = ", ".join(str(list(t.shape)) for t in samples[i] if isinstance(t, torch.Tensor))
         said = f"one of shapes {shapes}: {type(error).__name__}: {line}"
     bounds = table_bounds(gm)
-    quants = {name: _quant_of(observer, factor, bounds.get(name)) for name, (observer, factor) in observers.items()}
+    quants = {name: _quant_of(observer, factors.get(name, 1.0), bounds.get(name)) for name, observer in observers.items()}
     return quants, outputs, run, (failed, said)
 
 
@@ -448,9 +449,6 @@ def unit_factor(magnitude: float) -> float:
     if not math.isfinite(magnitude) or magnitude <= 0:
         return 1.0
     return math.ldexp(1.0, -math.frexp(magnitude)[1])
-
-
-SMALLEST_SCALE = torch.finfo(torch.float32).tiny  # a scale's floor: its inverse (``1 / s``, quantizing) is finite
 
 
 def _quant_of(observer: HistogramObserver, factor: float, table: tuple[float, float] | None = None) -> TensorQuant:
