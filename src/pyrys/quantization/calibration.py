@@ -6,10 +6,10 @@ into the example's rows).  The captured graph runs on
 each (in float32, on the reference backend) and a histogram observer sees every activation an int8 op
 reads; its scale is the one that minimizes the quantization's squared error over the histogram
 (``torch.ao.quantization.HistogramObserver``), u8 for a value never seen negative, s8 otherwise.  The observer
-sees each value times a power of two that brings its first sample's largest magnitude into [0.5, 1), and the
-scale it gives is divided by it again (exact): its search squares and cubes bin widths in float32, which
-overflowed past ~1e13 (every value clipped: an error of 0.83), and it keeps scales of at least float32's eps
-(1.2e-7), which rounded values of ~1e-6 and smaller to a few levels or none (helpers' finds).
+sees each value times a power of two that brings its largest magnitude (in its first sample not all 0) into
+[0.5, 1), and the scale it gives is divided by it again (exact): its search squares and cubes bin widths in
+float32, which overflowed past ~1e13 (every value clipped: an error of 0.83), and it keeps scales of at least
+float32's eps (1.2e-7), which rounded values of ~1e-6 and smaller to a few levels or none (helpers' finds).
 
 A value that holds rows of a constant table (an ``nn.Embedding`` lookup, an ``nn.EmbeddingBag`` mean or max,
 through views and ``cat``) may meet any row of it, while the samples look up a few: its range takes in the
@@ -445,10 +445,11 @@ def _extremes(table: torch.Tensor) -> tuple[float, float]:
 
 
 def unit_factor(magnitude: float) -> float:
-    """The power of two that brings ``magnitude`` into [0.5, 1) (1 for 0 and non-finite ones)."""
+    """The power of two that brings ``magnitude`` into [0.5, 1) (1 for 0 and non-finite ones), at most 2^126 (a
+    float32 denormal's is past float32: ``value * factor`` would be infinite)."""
     if not math.isfinite(magnitude) or magnitude <= 0:
         return 1.0
-    return math.ldexp(1.0, -math.frexp(magnitude)[1])
+    return math.ldexp(1.0, min(-math.frexp(magnitude)[1], 126))
 
 
 def _quant_of(observer: HistogramObserver, factor: float, table: tuple[float, float] | None = None) -> TensorQuant:
