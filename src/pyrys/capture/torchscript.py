@@ -57,6 +57,7 @@ MAX_UNROLLED_ITERATIONS = 10_000
 _RESHAPING_IN_PLACE = frozenset({"unsqueeze_", "squeeze_", "transpose_", "t_", "swapdims_", "swapaxes_", "as_strided_",
                                  "resize_", "resize_as_"})
 
+
 class _Raised(Exception):
     """The imported path reaches ``prim::RaiseException``."""
 

@@ -164,9 +164,6 @@ def _load(path: str | os.PathLike, manifest: dict, program: dict, tensors: dict,
     warn_of_missing_kernels(next((note for c in (first, *compiled) for note in c.notes
                                   if note.startswith(MISSING_KERNELS)), ""))
     loaded = OptimizedModule.from_compiled(frontend, config, [first, *compiled], generic, size_one)
-    if program.get("training", False) not in (True, False):
-        raise LoadError(f"pyrys.load: the saved program is malformed (training is {program['training']!r:.40}, "
-                        "not true or false)")
     loaded.training = loaded.compiled_training = program.get("training") is True  # (saves before it: eval)
     return loaded
 
@@ -192,6 +189,9 @@ def _check_options(program: dict) -> None:
         raise LoadError(f"pyrys.load: the saved program's {problem}")
     if layout not in LAYOUTS:
         raise LoadError(f"pyrys.load: the saved layout {layout!r} is not one of {LAYOUTS}")
+    if program.get("training", False) not in (True, False):
+        raise LoadError(f"pyrys.load: the saved program is malformed (training is {program['training']!r:.40}, "
+                        "not true or false)")
     max_shapes = program.get("max_shapes", DEFAULT_MAX_SHAPES)  # (saves before it: the default)
     if type(max_shapes) is not int or max_shapes < 1:
         raise LoadError(f"pyrys.load: the saved max_shapes {max_shapes!r:.40} is not a positive int")
