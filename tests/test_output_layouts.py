@@ -109,3 +109,35 @@ def test_a_view_of_an_output_in_eagers_strides_views_it(backend):
     got[0].zero_()
     got[2].fill_(True)
     assert bool((got[1] == 0).all()) and bool(got[3].all())
+
+
+class NormsOfTransposes(nn.Module):
+    """Batch norms of transposed activations: eager's CPU kernel lays out each result as its input suggests
+    (contiguous below 4-D and for a transposed image, channels-last for a channels-last one); torch's meta
+    keeps the input's strides."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.sequence, self.image = nn.BatchNorm1d(8), nn.BatchNorm2d(8)
+        for norm in (self.sequence, self.image):
+            norm.running_mean.uniform_(-1, 1)
+            norm.running_var.uniform_(0.5, 2)
+
+    def forward(self, x, image):
+        return self.sequence(x.transpose(1, 2)), self.image(image.transpose(2, 3)), \
+            self.image(image.contiguous(memory_format=torch.channels_last))
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_batch_norms_of_transposes_are_laid_out_as_eagers(backend, dynamic):
+    """Left alone before: the batch norm of ``x.transpose(1, 2)`` came back transposed (strides (40, 1, 8)),
+    eager's contiguous, so ``y.view(-1)`` raised."""
+    model = NormsOfTransposes().eval()
+    inputs = (torch.randn(2, 5, 8), torch.randn(2, 8, 4, 6))
+    opt = pyrys.optimize(model, inputs, backend=backend, dynamic=dynamic)
+    got, expected = opt(*inputs), model(*inputs)
+    assert [a.is_contiguous() for a in got] == [b.is_contiguous() for b in expected] == [True, True, False]
+    assert got[2].is_contiguous(memory_format=torch.channels_last)
+    assert pyrys.relative_error(got, expected) <= TOLERANCE
+    assert got[0].view(-1).shape == (80,)

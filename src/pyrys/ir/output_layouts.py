@@ -9,7 +9,10 @@ contiguous copy at the end of the graph, which every backend runs:
     return (%cls_part, ...)  ->  %cls_part_contiguous = aten::clone(%cls_part, memory_format=contiguous_format)
                                  return (%cls_part_contiguous, ...)
 
-"Contiguous" is :func:`~pyrys.ir.symbolic.known_contiguous`: for every size of a symbolic dim.
+"Contiguous" is :func:`~pyrys.ir.symbolic.known_contiguous`: for every size of a symbolic dim.  Eager's
+layout is the captured graph's, but for the ops in ``SUGGESTED_LAYOUT``: their CPU kernels lay out the result
+as ``input.suggest_memory_format()`` (contiguous below 4-D), where torch's meta keeps the input's strides (a
+batch norm of ``x.transpose(1, 2)``: eager's ``(40, 5, 1)``, the meta's ``(40, 1, 8)``).
 """
 from __future__ import annotations
 
@@ -18,12 +21,16 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
 from pyrys.ir.meta import settle_meta
-from pyrys.ir.symbolic import known_contiguous
+from pyrys.ir.symbolic import hint, known_contiguous
+
+SUGGESTED_LAYOUT = frozenset({torch.ops.aten.batch_norm.default})
+"""Ops whose CPU result is laid out as ``input.suggest_memory_format()`` whatever the meta says."""
 
 
 def contiguous_outputs(gm: fx.GraphModule) -> frozenset[int]:
     """The flat output positions of ``gm`` (as captured: eager's) that are contiguous tensors."""
-    return frozenset(position for position, value in enumerate(_outputs(gm)) if _contiguous(value))
+    return frozenset(position for position, value in enumerate(_outputs(gm))
+                     if _contiguous(value) or _suggested_contiguous(value))
 
 
 def keep_contiguous(gm: fx.GraphModule, positions: frozenset[int]) -> int:
@@ -53,3 +60,26 @@ def _is_tensor(value) -> bool:
 
 def _contiguous(value) -> bool:
     return _is_tensor(value) and known_contiguous(value.meta["val"])
+
+
+def _suggested_contiguous(value) -> bool:
+    """``value`` comes from an op of ``SUGGESTED_LAYOUT`` whose CPU kernel gives a contiguous result: what it
+    gives for uninitialized inputs of the same sizes and strides (the kernel's own rules: a size-1 dim lets a
+    channels-last read count as channels-last), symbolic sizes at the example's."""
+    if not (_is_tensor(value) and value.op == "call_function" and value.target in SUGGESTED_LAYOUT):
+        return False
+    metas = [arg.meta.get("val") if isinstance(arg, fx.Node) else arg for arg in value.args]
+    probes = [_probe(meta) if isinstance(meta, torch.Tensor) else meta for meta in metas]
+    if any(probe is None for probe, meta in zip(probes, metas) if isinstance(meta, torch.Tensor)):
+        return False
+    with torch.no_grad():
+        return value.target(*probes, **value.kwargs).is_contiguous()
+
+
+def _probe(meta: torch.Tensor) -> torch.Tensor | None:
+    """An uninitialized tensor of ``meta``'s sizes and strides (the example's for symbolic ones; None where
+    one has no example value)."""
+    sizes, strides = [hint(d) for d in meta.shape], [hint(d) for d in meta.stride()]
+    if not all(isinstance(d, int) for d in (*sizes, *strides)):
+        return None
+    return torch.empty_strided(sizes, strides, dtype=meta.dtype)
