@@ -90,8 +90,10 @@ JOINED_ROWS = (2, 4, 8)  # the rows of the samples tried where a graph takes no 
 def fitted_samples(gm: fx.GraphModule, samples: list[list], limit: int) -> tuple[list[list], str]:
     """The samples (flat inputs) ``gm`` takes, at most ``limit``, each cut where ``gm`` holds an input dim at
     a size the sample has larger (:func:`_fixed_places`: a capture for a batch of one, for a step of one token,
-    for a length the model pins): into its rows where only dims 0 are cut to 1 (each row a sample), else to
-    its first positions there.  Where it takes none as
+    for a length the model pins): into its rows where dims 0 of one size are cut to 1 (each row a sample, any
+    other dim cut to its first positions: a step of one token from batch-2 samples takes each row's first
+    token, where row 0's alone, left-padded, measured only masked tokens; a helper's find), else to its first
+    positions there.  Where it takes none as
     they are and their tensors are rows (dim 0, one count per sample): the rows of consecutive samples (cut
     as above where so cut: a step of one token at a batch of 2 from one-row samples) regrouped into samples
     of the graph's rows where fixed, else of :data:`JOINED_ROWS` rows (batch-1 samples, a graph for batches
@@ -109,8 +111,8 @@ def fitted_samples(gm: fx.GraphModule, samples: list[list], limit: int) -> tuple
         wider |= any(size > 1 for *_, size in cut)
         if not cut:
             candidates = [sample]
-        elif {d for _, d, _ in cut} == {0} and len({sample[i].shape[0] for i, _, _ in cut}) == 1:
-            candidates = [_narrowed(sample, cut, row) for row in range(sample[cut[0][0]].shape[0])]
+        elif len(rows := {sample[i].shape[0] for i, d, _ in cut if d == 0}) == 1:
+            candidates = [_narrowed(sample, cut, row) for row in range(rows.pop())]
         else:
             candidates = [_narrowed(sample, cut, 0)]
         taken = [candidate for candidate in candidates if takes(gm, candidate)]
@@ -228,11 +230,12 @@ def _fixed_places(gm: fx.GraphModule, flat: list) -> list[tuple[int, int, int]]:
     return places
 
 
-def _narrowed(flat: list, places: list[tuple[int, int, int]], start: int) -> list:
-    """``flat`` with each of ``places`` narrowed to its size from position ``start`` (contiguous copies)."""
+def _narrowed(flat: list, places: list[tuple[int, int, int]], row: int) -> list:
+    """``flat`` with each of ``places`` narrowed to its size: dims 0 from ``row``, the others from their first
+    position (contiguous copies)."""
     narrowed = list(flat)
     for position, d, size in places:
-        narrowed[position] = narrowed[position].narrow(d, start, size)
+        narrowed[position] = narrowed[position].narrow(d, row if d == 0 else 0, size)
     return [t.contiguous() if isinstance(t, torch.Tensor) else t for t in narrowed]
 
 
