@@ -112,9 +112,13 @@ def test_unknown_option_is_refused():
 
 @pytest.mark.parametrize("options, says", [({"threads": 0}, "threads must be None or an int"),
                                            ({"layout": "wide"}, "layout must be one of"),
-                                           ({"disable": ["fold_everything"]}, "fold_everything")])
+                                           ({"disable": ["fold_everything"]}, "fold_everything"),
+                                           ({"backend": "foo"}, "backend must be one of"),
+                                           ({"accuracy_budget": -1}, "accuracy_budget must be a finite positive"),
+                                           ({"accuracy_budget": 0.1}, "accuracy_budget= is read with precision")])
 def test_an_option_s_bad_value_is_refused_naming_torch_compile(options, says):
-    """It was refused naming pyrys.optimize, which the caller never called."""
+    """It was refused naming pyrys.optimize, which the caller never called (a backend or an accuracy budget at
+    every call, from the compile: a helper's find)."""
     compiled = torch.compile(conv_bn_relu(), backend="pyrys", options=options)
     with pytest.raises(Exception, match=f"pyrys: torch.compile's options=: .*{says}"):
         compiled(image())
@@ -250,6 +254,22 @@ def test_a_graph_pyrys_cannot_capture_runs_in_torch(dynamo_graphs, monkeypatch, 
     (graph,) = dynamo_graphs
     assert graph.runs_in_torch == "pyrys cannot capture it (pyrys: a reason): it runs in torch"
     assert "a reason" in caplog.text
+
+
+def test_a_graph_torch_export_fails_on_runs_in_torch_without_advising_torch_compile(dynamo_graphs):
+    """A helper's find: the warning told a torch.compile user to use torch.compile(model, backend="pyrys")."""
+    def write_through_data(x):
+        x.data.add_(1)
+        return x + 0
+
+    x = torch.rand(3)
+    expected = x + 1
+    with torch.no_grad():
+        assert torch.equal(torch.compile(write_through_data, backend="pyrys")(x), expected)
+    (graph,) = dynamo_graphs
+    assert graph.runs_in_torch.startswith("pyrys cannot capture it (pyrys: torch.export cannot capture "
+                                          "TorchCompileGraph on inputs of shapes ((3,))")
+    assert "Otherwise report it" in graph.runs_in_torch and "use torch.compile" not in graph.runs_in_torch
 
 
 def test_numbers_that_keep_changing_stop_compiling_and_run_in_torch(dynamo_graphs, monkeypatch):
@@ -510,6 +530,25 @@ def test_parameters_replaced_at_every_call_stop_compiling_and_run_in_torch(dynam
             assert pyrys.relative_error(compiled(x), model(x)) <= TOLERANCE
     (graph,) = dynamo_graphs
     assert graph.runs_in_torch.startswith("its parameters or buffers changed at nearly every call, more than 2 times")
+
+
+def test_models_built_one_after_another_each_compile(dynamo_graphs, monkeypatch):
+    """A helper's find: a sweep over checkpoints (build, compile, call 3 times, delete) counted each new model
+    as its predecessor's parameters replaced, and from the sixth on every model of the class ran in torch, a
+    long-lived one after it too, with a warning of parameters changed at nearly every call."""
+    from pyrys import compile_weights
+
+    monkeypatch.setattr(compile_weights, "MAX_CHANGES", 2)
+    x = torch.rand(2, 4)
+    with torch.no_grad():
+        for _ in range(6):
+            model = torch.nn.Linear(4, 4).eval()
+            compiled = torch.compile(model, backend="pyrys")
+            for _ in range(3):
+                assert pyrys.relative_error(compiled(x), model(x)) <= TOLERANCE
+            del model, compiled
+    (graph,) = dynamo_graphs
+    assert graph.runs_in_torch is None and len(graph.programs) == 1
 
 
 class HeadsByMode(torch.nn.Module):

@@ -41,8 +41,9 @@ import torch.fx as fx
 
 from pyrys import compile_weights
 from pyrys.compile_weights import WeightSet, WeightSets, note_state_written
-from pyrys.config import make_config
-from pyrys.capture.export import DATA_DEPENDENT_ADVICE, DYNAMO_DATA_DEPENDENT_ADVICE
+from pyrys.config import check_calibration_options, make_config
+from pyrys.numerics.budget import AUTO
+from pyrys.capture.export import DATA_DEPENDENT_ADVICE, DYNAMO_DATA_DEPENDENT_ADVICE, EXPORT_ADVICE_END
 from pyrys.errors import CaptureError, ModelChangedError
 from pyrys.ir.graph import identifier
 from pyrys.optimize import OptimizedModule, optimize
@@ -111,11 +112,13 @@ def _check_options(options: dict) -> None:
     takes = inspect.signature(make_config).parameters
     try:
         make_config(**{name: value for name, value in options.items() if name in takes})
+        check_calibration_options(options.get("precision", "fp32"), options.get("calibration"),
+                                  options.get("accuracy_budget", AUTO))
     except ValueError as error:
         raise ValueError(f"pyrys: torch.compile's options=: {str(error).removeprefix('pyrys.optimize: ')}") from None
 
 
-class _StatefulGraph(torch.nn.Module):
+class TorchCompileGraph(torch.nn.Module):
     """The dynamo graph with its parameter/buffer inputs held as module state again."""
 
     caller_keeps_writes = True  # a graph that writes its inputs or state runs in torch (DynamoGraph)
@@ -336,7 +339,8 @@ class DynamoGraph:
                     try:
                         program = self._optimize(inputs, scalars, weights.state(args))
                     except CaptureError as error:  # what torch.export cannot take, torch runs
-                        why = str(error).replace(DATA_DEPENDENT_ADVICE, DYNAMO_DATA_DEPENDENT_ADVICE)
+                        why = str(error).replace(DATA_DEPENDENT_ADVICE, DYNAMO_DATA_DEPENDENT_ADVICE).replace(
+                            EXPORT_ADVICE_END, " Otherwise report it")  # (torch.compile is what it uses)
                         self._run_in_torch(f"pyrys cannot capture it ({why})")
                         return None
                     except ModelChangedError:  # a weight written while it compiled: torch runs this call,
@@ -365,7 +369,7 @@ class DynamoGraph:
 
     def _optimize(self, inputs: tuple, scalars: dict, state: dict) -> OptimizedModule:
         gm, scalars = _unwrapped(self.gm, self.wrapped, scalars)
-        module = _StatefulGraph(gm, self.inputs, state, scalars).train(self.training)
+        module = TorchCompileGraph(gm, self.inputs, state, scalars).train(self.training)
         self._state_names = {i: f"{owner}.{name}" for i, (owner, name) in module._paths.items()}
         options = self.options
         if options.get("dump_dir"):  # each graph's (and shape's, and weights') graphs in a folder of their own

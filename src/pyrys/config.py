@@ -10,6 +10,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from pyrys.backends import BACKEND_NAMES
 from pyrys.backends.options import LAYOUTS
 from pyrys.numerics.budget import AUTO, GUARD_SAMPLES, budget_for, check_budget
 from pyrys.output_paths import unwritable_folder
@@ -80,6 +81,8 @@ def make_config(*, backend: str = "auto", freeze_params: Iterable[str] | None = 
                 output_dtype: torch.dtype | None = None) -> OptimizeConfig:
     """An :class:`OptimizeConfig` from :func:`optimize`'s keyword options, checked."""
     check_threads(threads, "pyrys.optimize")
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"pyrys.optimize: backend must be one of {BACKEND_NAMES}, got {backend!r}")
     for name, value in (("print_after_each", print_after_each), ("verify", verify)):
         if not isinstance(value, bool):
             raise ValueError(f"pyrys.optimize: {name} must be True or False, got {value!r}")

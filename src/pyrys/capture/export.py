@@ -285,9 +285,17 @@ def _exported_for_these_shapes(model: torch.nn.Module, args: tuple, kwargs: dict
                                f"{first_line}. {SCRIPT_OBJECTS_ADVICE.capitalize()}, or give "
                                "pyrys the float model (precision=\"int8\" quantizes it)") from error
         raise CaptureError(f"pyrys: torch.export cannot capture {type(model).__name__} on inputs of shapes ({shapes}): "
-                           f"{type(error).__name__}: {first_line}. Does eager forward run on these inputs with "
-                           "gradients on (torch.export traces that path)?" + _hooks_hint(model) + " Otherwise use "
-                           "torch.compile(model, backend=\"pyrys\"), or report it") from error
+                           f"{type(error).__name__}: {first_line}. " + _export_advice(model)) from error
+
+
+EXPORT_ADVICE_END = " Otherwise use torch.compile(model, backend=\"pyrys\"), or report it"
+
+
+def _export_advice(model: torch.nn.Module) -> str:
+    """What to check where torch.export failed on a model, and what to use instead (a torch.compile graph's
+    failure says otherwise: ``compile_backend.py``)."""
+    return ("Does eager forward run on these inputs with gradients on (torch.export traces that path)?" +
+            _hooks_hint(model) + EXPORT_ADVICE_END)
 
 
 def _warn_of_global_hooks() -> None:
