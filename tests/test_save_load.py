@@ -406,9 +406,23 @@ def test_bad_saves_are_refused_by_name(tmp_path):
             shape=[7, *program["signatures"][0]["graph"]["nodes"][0]["val"]["shape"][1:]])),
             "the saved program's input .* is Float\\(7, .* where its signature says"),
     })
+    deep = b"[" * 100_000 + b"]" * 100_000  # a tester's find: json.loads raised RecursionError, not LoadError
+
+    def deep_program(path):  # its digest made to match
+        (path / directory.PROGRAM).write_bytes(deep)
+        files = json.loads((path / directory.MANIFEST).read_text())["files"]
+        edit_manifest(files={**files, directory.PROGRAM: hashlib.sha256(deep).hexdigest()})(path)
+
+    cases.update({
+        "deep manifest": (lambda p: (p / directory.MANIFEST).write_bytes(deep),
+                          "manifest.json is not valid JSON .JSON nested deeper than"),
+        "deep program": (deep_program, "cannot be read: JSON nested deeper than"),
+    })
     for name, (change, message) in cases.items():
         with pytest.raises(pyrys.LoadError, match=message):
             pyrys.load(broken(name, change))
+    with pytest.raises(pyrys.SaveError, match="exists and is not a pyrys save"):
+        pyrys.save(opt, tmp_path / "deep manifest")
 
 
 def _edited_consistently(path: Path, edit) -> Path:

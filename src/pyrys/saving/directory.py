@@ -44,10 +44,18 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _json(data: bytes | str) -> Any:
+    """``json.loads``; JSON nested too deep to parse (a RecursionError) is a ValueError, as other bad JSON."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("JSON nested deeper than Python's parser reads") from None
+
+
 def is_pyrys_save(path: Path) -> bool:
     """Whether ``path`` is a directory holding a pyrys manifest."""
     try:
-        return json.loads((path / MANIFEST).read_text()).get("format") == FORMAT
+        return _json((path / MANIFEST).read_text()).get("format") == FORMAT
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -233,7 +241,7 @@ def parse_files(files: dict[str, bytes], where: str) -> tuple[dict, dict, dict[s
             raise LoadError(f"pyrys.load: {where}: {name} was changed or truncated after it was saved "
                             "(its SHA-256 is not the one the manifest records); save the model again")
     try:
-        program = json.loads(files[PROGRAM])
+        program = _json(files[PROGRAM])
         tensors = load_tensors(files[TENSORS])
     except (ValueError, SafetensorError) as error:
         raise LoadError(f"pyrys.load: {where} cannot be read: {error}") from None
@@ -244,7 +252,7 @@ def _parse_manifest(data: bytes | None, where: str) -> dict[str, Any]:
     if not isinstance(data, bytes):
         raise LoadError(f"pyrys.load: {where} is not a pyrys save: it has no {MANIFEST}")
     try:
-        manifest = json.loads(data)
+        manifest = _json(data)
     except ValueError as error:
         raise LoadError(f"pyrys.load: {where}: {MANIFEST} is not valid JSON ({error})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
