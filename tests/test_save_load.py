@@ -498,6 +498,43 @@ def test_a_program_edited_with_its_digest_made_to_match_raises_load_error(tmp_pa
         pyrys.load(_edited_consistently(tmp_path / "saved", change))
 
 
+class _ConvsToDict(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+        self.deconv = torch.nn.ConvTranspose2d(8, 4, 3, stride=2)
+
+    def forward(self, x):
+        return {"y": self.deconv(torch.relu(self.conv(x)))}
+
+
+def _fused(program: dict, name: str) -> dict:
+    return next(n for n in program["signatures"][0]["graph"]["nodes"] if n.get("target") == f"pyrys::{name}.default")
+
+
+CONV_EDITS = {  # a tester's finds: each loaded, then every call raised torch's error (or ran a cropped input)
+    "a dilation of 0": (lambda p: _fused(p, "conv")["args"].__setitem__(5, [0, 0]),
+                        "pyrys::conv's dilation must be at least 1, got \\[0, 0\\]"),
+    "a negative end padding": (lambda p: _fused(p, "conv")["args"].__setitem__(4, [0, 0, -1, 0]),
+                               "pyrys::conv's padding must be at least 0"),
+    "groups of 0": (lambda p: _fused(p, "conv")["args"].__setitem__(6, 0),  # (torch's meta refused it: in other words)
+                    "pyrys::conv's groups must be at least 1"),
+    "an output padding past the stride": (lambda p: _fused(p, "conv_transpose")["args"].__setitem__(5, [2, 2]),
+                                          "output_padding \\[2, 2\\] must be smaller than the stride"),
+    "a dilation of 0 in a transposed conv": (lambda p: _fused(p, "conv_transpose")["args"].__setitem__(7, [0, 0]),
+                                             "pyrys::conv_transpose's dilation must be at least 1"),
+}
+
+
+@pytest.mark.parametrize("edit", CONV_EDITS)
+def test_a_convolution_edited_with_its_digest_made_to_match_raises_load_error(tmp_path, edit):
+    opt = pyrys.optimize(_ConvsToDict().eval(), (torch.randn(2, 3, 16, 16),), backend="reference")
+    pyrys.save(opt, tmp_path / "saved")
+    change, message = CONV_EDITS[edit]
+    with pytest.raises(pyrys.LoadError, match=message):
+        pyrys.load(_edited_consistently(tmp_path / "saved", change))
+
+
 def test_a_loaded_module_keeps_the_max_shapes_it_was_optimized_with(tmp_path):
     """A helper's find: the load held the default's 8 new shapes where the module was optimized for 2."""
     model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU()).eval()

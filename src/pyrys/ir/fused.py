@@ -121,16 +121,49 @@ FUSED_KINDS: tuple[FusedKind, ...] = (
 )
 
 
+_LEAST = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1, "output_padding": 0}  # each size's least value
+
+
+def check_sizes(kind: FusedKind, args: dict[str, Any]) -> None:
+    """RuntimeError naming a fused op's size argument that torch's kernels refuse at every call, where its
+    fake functions do not all check (dilation 0, an output padding past the stride: a program edited so
+    loaded, then failed at each call).  Symbolic values are left to the kernel."""
+    for name, least in _LEAST.items():
+        if name in args and any(type(v) is int and v < least for v in _values(args[name])):
+            raise RuntimeError(f"pyrys::{kind.name}'s {name} must be at least {least}, got {args[name]}")
+    if "output_padding" in args and not _output_padding_fits(args):
+        raise RuntimeError(f"pyrys::{kind.name}'s output_padding {args['output_padding']} must be smaller than "
+                           f"the stride {args['stride']} or the dilation {args['dilation']} in each dim")
+
+
+def _values(value: Any) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _output_padding_fits(args: dict[str, Any]) -> bool:
+    """Each dim's output padding below its stride or its dilation (a single value stands for every dim's)."""
+    sizes = [_values(args[name]) for name in ("output_padding", "stride", "dilation")]
+    dims = max(map(len, sizes))
+    for padding, stride, dilation in zip(*(values * dims if len(values) == 1 else values for values in sizes)):
+        if all(type(v) is int for v in (padding, stride, dilation)) and padding >= max(stride, dilation):
+            return False
+    return True
+
+
 def _register(kind: FusedKind) -> None:
-    """``pyrys::<kind.name>``: the base op, then its post-op chain (the same function is its fake)."""
+    """``pyrys::<kind.name>``: the base op, then its post-op chain; its fake is the same, its sizes checked."""
 
     def run(*args):
         *own, post_ops, post_inputs = args
         return apply_post_ops(kind.compute(*own), [PostOp.parse(p) for p in post_ops], post_inputs)
 
+    def fake(*args):
+        check_sizes(kind, dict(zip(kind.arguments, args)))
+        return run(*args)
+
     run.__name__ = run.__qualname__ = kind.name
     op = pyrys_op(kind.name, f"({kind.signature}, {_POST_OP_SIGNATURE}) -> Tensor")(run)
-    op.register_fake(run)
+    op.register_fake(fake)
 
 
 for _kind in FUSED_KINDS:
