@@ -459,8 +459,11 @@ EDITS = {  # a program edited, and its digest made to match: raw torch errors at
                             "malformed .ValueError: a saved parameter's default is not false, true or"),
     "a range as text": (lambda p: p["generic"]["symbolic"]["ranges"].__setitem__(
         next(iter(p["generic"]["symbolic"]["ranges"])), ["0", None]), "the saved range of the size"),
-    "a keyword input named by a number": (lambda p: p["signatures"][0]["in_spec"]["tuple"][1]["dict"].__setitem__(
-        "keys", [1]), "its inputs are not .positional inputs"),
+    "a keyword input named by a number": (lambda p: p["signatures"][0]["in_spec"]["tuple"][1].__setitem__(
+        "dict", {"keys": [1], "children": [None]}), "its inputs are not .positional inputs"),
+    # a tester's find: read as keywords a, b and c, which every call was then asked for
+    "keyword names as a string": (lambda p: p["signatures"][0]["in_spec"]["tuple"][1]["dict"].__setitem__(
+        "keys", "abc"), "a saved dict's keys are not a list of 0 distinct hashable values: 'abc'"),
     "calibrated sizes as text": (lambda p: p["generic"].__setitem__("calibrated_sizes", [[0, 1, ["64"]]]),
                                  "calibrated_sizes .* are not .input, dim, .sizes.. entries"),
     "another op": (lambda p: next(n for n in p["signatures"][0]["graph"]["nodes"] if n.get("target", "").startswith(
@@ -523,6 +526,8 @@ CONV_EDITS = {  # a tester's finds: each loaded, then every call raised torch's 
                                           "output_padding \\[2, 2\\] must be smaller than the stride"),
     "a dilation of 0 in a transposed conv": (lambda p: _fused(p, "conv_transpose")["args"].__setitem__(7, [0, 0]),
                                              "pyrys::conv_transpose's dilation must be at least 1"),
+    "an output key as a list": (lambda p: p["signatures"][0]["out_spec"]["dict"].__setitem__("keys", [["y"]]),
+                                "a saved dict's keys are not a list of 1 distinct hashable values"),
 }
 
 

@@ -84,7 +84,7 @@ def decode_spec(record: Any, made: list[str]) -> TreeSpec:
     if kind in ("dict", "ordered_dict"):
         container = dict if kind == "dict" else collections.OrderedDict
         children = [decode_spec(c, made) for c in payload["children"]]
-        return TreeSpec(container, list(decode_arg(payload["keys"], {})), children)
+        return TreeSpec(container, _dict_keys(payload["keys"], len(children)), children)
     if kind == "namedtuple":
         cls = _namedtuple_class(payload, made)
         return TreeSpec(collections.namedtuple, cls, [decode_spec(c, made) for c in payload["children"]])
@@ -98,6 +98,23 @@ def decode_spec(record: Any, made: list[str]) -> TreeSpec:
         keys = _keys(context, len(children))
         return TreeSpec(dict, keys, children) if keys is not None else TreeSpec(tuple, None, children)
     raise ValueError(f"unknown container {kind!r}")
+
+
+def _dict_keys(record: Any, count: int) -> list:
+    """A saved dict's keys: a list of ``count`` distinct hashable values, else ValueError (a string read as
+    its letters, a list as a key: a program so edited loaded, then every call failed)."""
+    keys = decode_arg(record, {})
+    if not (isinstance(keys, list) and len(keys) == count and _distinct(keys)):
+        raise ValueError(f"a saved dict's keys are not a list of {count} distinct hashable values: {record!r:.100}")
+    return keys
+
+
+def _distinct(values: list) -> bool:
+    """Whether no two of ``values`` are equal, each hashable."""
+    try:
+        return len(set(values)) == len(values)
+    except TypeError:
+        return False
 
 
 def _keys(context: Any, count: int) -> list[str] | None:
