@@ -540,6 +540,23 @@ def test_a_convolution_edited_with_its_digest_made_to_match_raises_load_error(tm
         pyrys.load(_edited_consistently(tmp_path / "saved", change))
 
 
+def test_a_program_torch_cannot_build_is_refused_without_torch_s_log(tmp_path, capfd):
+    """A tester's find: torch's fake tensors printed an 18-line traceback before the LoadError."""
+    opt = pyrys.optimize(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU()).eval(), (torch.randn(2, 8),),
+                         backend="reference")
+    pyrys.save(opt, tmp_path / "saved")
+
+    def widen(program):  # its input 9 wide, the weight 8: its matrix product cannot be built
+        signature = program["signatures"][0]
+        signature["leaves"][0]["tensor"][0] = [2, 9]
+        signature["graph"]["nodes"][0]["val"].update(shape=[2, 9], stride=[9, 1])
+
+    capfd.readouterr()
+    with pytest.raises(pyrys.LoadError, match="cannot be built here"):
+        pyrys.load(_edited_consistently(tmp_path / "saved", widen))
+    assert capfd.readouterr().err == ""
+
+
 def test_a_loaded_module_keeps_the_max_shapes_it_was_optimized_with(tmp_path):
     """A helper's find: the load held the default's 8 new shapes where the module was optimized for 2."""
     model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU()).eval()

@@ -124,7 +124,8 @@ def load(path: str | os.PathLike | Mapping[str, bytes], *, threads: int | None =
         manifest, program, tensors = read_directory(path)
     collect_freed_modules()
     with COMPILING:  # loading propagates meta and builds programs, as a compile does: they take turns
-        return _load(path, manifest, program, tensors, threads)
+        with fake_tensor_errors_unlogged():  # a failure is the LoadError, without torch's traceback on stderr
+            return _load(path, manifest, program, tensors, threads)
 
 
 def _load(path: str | os.PathLike, manifest: dict, program: dict, tensors: dict,
