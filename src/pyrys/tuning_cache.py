@@ -44,7 +44,7 @@ def lookup(kind: str, key: dict) -> dict | None:
     path = _path(kind, key)
     try:
         record = json.loads(path.read_text()) if path is not None else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # (JSON nested too deep to parse: a record not ours)
         return None
     if not isinstance(record, dict) or record.get("key") != key:
         return None  # another key with the same digest, or a record written by something else
