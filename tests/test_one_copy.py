@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import re
 import weakref
 
 import pytest
@@ -473,6 +474,25 @@ def test_a_transposed_conv_weight_is_packed_once_for_every_shape():
             xb = torch.randn(batch, 8, 10, 10)
             assert torch.allclose(opt(xb), model(xb), atol=1e-5)
     assert opt.memory()["packed_weights"] == packed  # each shape reads the first shape's packed copies
+
+
+def test_int8_conv_weights_are_released_whether_the_conv_reads_s8_or_u8():
+    """A tester's find: the first conv (its input has negatives: s8) kept its plain int8 weight beside the packed
+    one, on AVX2 without VNNI: the check that its weights are even read them as torch code reading them as they
+    lie, never released.  Now each int8 weight is held once, packed, and new shapes restore it exactly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3), nn.ReLU()).eval()
+    x = torch.randn(1, 16, 16, 16)
+    calibration = [torch.randn(1, 16, 16, 16) for _ in range(4)]
+    with torch.no_grad():
+        opt = pyrys.optimize(model, (x,), backend="dnnl", precision="int8", calibration=calibration)
+        reference = pyrys.optimize(model, (x,), backend="reference", precision="int8", calibration=calibration)
+        opt(x)
+        assert re.search(r"int8=\[src=s8.*\n.*int8=\[src=u8", opt.program_text())
+        weights = {name: t for name, t in opt._first.program.gm.named_buffers() if t.dtype == torch.int8}
+        assert len(weights) == 2 and all(is_released(t) for t in weights.values()), weights.keys()
+        xb = torch.randn(2, 16, 12, 12)
+        assert pyrys.relative_error(opt(xb), reference(xb)) <= 1e-5
 
 
 class PositionSlice(nn.Module):

@@ -31,6 +31,7 @@ from pyrys.backends.dnnl.primitives import PrimitiveAttr
 from pyrys.backends.dnnl.tensors import dnnl_dtype
 from pyrys.backends.dnnl.values import Value
 from pyrys.ir.fused import FUSED_CONV, FUSED_CONV_TRANSPOSE, Fused
+from pyrys.ir.released import values_of
 from pyrys.quantization import DEQUANTIZE, DEQUANTIZE_WEIGHT, QUANTIZE, TensorQuant, weight_max, weight_step
 
 
@@ -85,7 +86,8 @@ def read_int8(builder: Builder, node: fx.Node, fused: Fused, residual: bool = Tr
     if -weight.args[4] != weight.args[5] or weight.args[5] > w_max:
         raise Unsupported(f"weights in -{weight.args[5]}..{weight.args[5]}: this CPU's int8 kernels take "
                           f"-{w_max}..{w_max} for {src_quant.dtype} inputs (without VNNI their 16-bit sums saturate)")
-    if weight_step(src_quant.dtype, convolution) == 2 and bool(builder.constant_values(weight.args[0]).remainder(2).any()):
+    # (values_of, not builder.constant_values: that marks the weight read as it lies, never released)
+    if weight_step(src_quant.dtype, convolution) == 2 and bool(values_of(q_weight).remainder(2).any()):
         raise Unsupported("odd int8 weights for a convolution reading s8: oneDNN's AVX2 kernels halve them (a "
                           "graph quantized for another CPU; optimize again here)")
     return Int8Op(x.args[0], src_quant, q_weight, scales.to(torch.float32), _written_quant(node, fused, residual))
