@@ -148,6 +148,13 @@ def test_cli_explain_lets_a_factorys_own_error_through():
         main(["explain", "tests.test_explain:_factory_with_a_bug"])
 
 
+@pytest.mark.parametrize("shape", ["99999999999x99999999999", "1x1x100000000x100000000"])  # overflows; 40 PB
+def test_cli_explain_says_in_one_line_that_a_shape_is_too_large(shape):
+    """A tester's find: torch's error from making the input, with its traceback."""
+    with pytest.raises(SystemExit, match=rf"^pyrys explain: cannot make an input of shape {shape} here: [^\n]*$"):
+        main(["explain", "torch.nn:Identity", "--input-shape", shape])
+
+
 def test_cli_explain_shapes_a_models_own_inputs():
     """A model with ``example_inputs`` (token ids and a mask) was given an image of the shape: float ids."""
     from pyrys.bench.models import bert4
@@ -166,6 +173,8 @@ def test_cli_explain_shapes_a_models_own_inputs():
 
     (x,) = zoo.example_inputs("tests:OneTensor", OneTensor(), None)
     assert x.shape == (1, 16)
+    with pytest.raises(ValueError, match="cannot make an input of shape 99999999999x99999999999 here"):
+        zoo.example_inputs("tests:OneTensor", OneTensor(), (99999999999, 99999999999))
     OneTensor.example_inputs = lambda self, batch: (torch.ones(batch, 4), torch.tensor(2.0))
     with pytest.raises(ValueError, match="whose inputs are 1x4, a 0-d tensor: give one of their rank"):
         zoo.example_inputs("tests:OneTensor", OneTensor(), (2, 4))

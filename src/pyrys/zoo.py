@@ -20,6 +20,7 @@ import gc
 import importlib.util
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -79,7 +80,7 @@ def example_inputs(name: str, model: torch.nn.Module, shape: tuple[int, ...] | N
     """The model's own ``example_inputs(1)`` where it has that method (the transformers take token ids and a
     mask), each of ``shape`` where one is given (:func:`_like`: of the same dtype, ids among its ids, a mask of
     ones all ones); else one seeded image of ``shape`` (default: the model's usual size; 224 for a ``module:attr``
-    model).  ``ValueError`` for a shape of another rank than the model's own inputs."""
+    model).  ``ValueError`` for a shape of another rank than the model's own inputs, or too large to make."""
     generator = torch.Generator().manual_seed(0)
     if callable(getattr(model, "example_inputs", None)):
         given = model.example_inputs(1)
@@ -90,9 +91,22 @@ def example_inputs(name: str, model: torch.nn.Module, shape: tuple[int, ...] | N
             raise ValueError(f"--input-shape {'x'.join(map(str, shape))} does not fit {name}, whose inputs are "
                              f"{', '.join('x'.join(map(str, t.shape)) or 'a 0-d tensor' for t in own)}: give one of "
                              "their rank")
-        return tuple(_like(t, shape, generator) for t in own)
+        with _made_here(shape):
+            return tuple(_like(t, shape, generator) for t in own)
     shape = shape or (input_shape(name) if ":" not in name else (1, 3, 224, 224))
-    return (torch.rand(shape, generator=generator),)
+    with _made_here(shape):
+        return (torch.rand(shape, generator=generator),)
+
+
+@contextmanager
+def _made_here(shape: tuple[int, ...]):
+    """torch's error for an input of ``shape`` too large to make (its bytes overflow, or are more than memory
+    gives) as a one-line ``ValueError``."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as error:
+        why = (str(error).splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"cannot make an input of shape {'x'.join(map(str, shape))} here: {why}") from None
 
 
 def _like(example: torch.Tensor, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
