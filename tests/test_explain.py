@@ -142,9 +142,11 @@ def test_cli_explain_says_it_explains_a_training_model_in_eval_mode(tmp_path, mo
     assert "is in training mode; explained in eval mode" in captured.err and "fold_conv_bn: 1 folded" in captured.out
 
 
-def test_cli_explain_lets_a_factorys_own_error_through():
-    """A helper's fuzz: a TypeError inside a factory read "cannot be built with no arguments"."""
-    with pytest.raises(TypeError, match="empty"):
+def test_cli_explain_names_a_factorys_own_error_in_one_line():
+    """A helper's fuzz: a TypeError inside a factory read "cannot be built with no arguments"; then a tester's: its
+    traceback was printed whole.  Now the factory and its own error, in one line."""
+    with pytest.raises(SystemExit, match=r"^pyrys explain: tests.test_explain:_factory_with_a_bug\(\) raised "
+                                         r"TypeError: empty\(\)[^\n]*$"):
         main(["explain", "tests.test_explain:_factory_with_a_bug"])
 
 

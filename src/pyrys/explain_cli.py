@@ -76,13 +76,17 @@ def load_model(spec: str) -> torch.nn.Module:
         raise SystemExit(f"pyrys explain: {spec} is a {type(target).__name__}: neither an nn.Module nor something "
                          "that builds one")
     if not isinstance(target, torch.nn.Module):
-        try:  # a TypeError the factory itself raises is its own error, with its traceback
+        try:
             inspect.signature(target).bind()
         except TypeError as error:
             raise SystemExit(f"pyrys explain: {spec} cannot be built with no arguments: {error}") from None
         except ValueError:  # no signature to read (a builtin): called as it is
             pass
-    model = target if isinstance(target, torch.nn.Module) else target()
+    try:
+        model = target if isinstance(target, torch.nn.Module) else target()
+    except Exception as error:  # the factory's own error, in one line (its traceback hidden)
+        why = (str(error).splitlines() or [""])[0]
+        raise SystemExit(f"pyrys explain: {spec}() raised {type(error).__name__}: {why}") from None
     if not isinstance(model, torch.nn.Module):
         raise SystemExit(f"pyrys explain: {spec} is not an nn.Module and did not build one")
     if model.training:  # (pyrys.optimize would capture it so, with a warning: the CLI explains inference)
