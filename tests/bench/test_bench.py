@@ -228,3 +228,17 @@ def test_a_program_the_self_check_sent_to_torch_ops_says_so_in_the_table(monkeyp
     with pytest.warns(RuntimeWarning, match="amplifies rounding"):
         result = prepare_system(PyrysPeer(1, "dnnl"), model, (x,), model(x))
     assert result.note == "calls run on torch ops: the model amplifies rounding (the self-check; opt.notes)"
+
+
+def test_a_note_with_brackets_is_printed_as_written():
+    """A helper's find: a peer's error ``[enforce fail at alloc_cpu.cpp:127]`` lost its brackets' text in the
+    table (rich read it as markup)."""
+    from rich.console import Console
+
+    row = dict.fromkeys(("model", "system", "median_ms", "p10_ms", "p90_ms", "vs_eager", "gflop_s", "pct_fp32_peak",
+                         "compile_s", "peak_rss_mib", "max_rel_error"))
+    row.update(model="m", batch=1, system="s", note="[enforce fail at alloc_cpu.cpp:127] out of memory")
+    console = Console(width=300, record=True)
+    machine = {"versions": {}, "cpu": "cpu", "isa": [], "cores": 2, "threads": 2, "date": "today"}
+    console.print(build_table([row], machine))
+    assert "[enforce fail at alloc_cpu.cpp:127]" in console.export_text()

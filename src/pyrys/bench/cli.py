@@ -73,7 +73,7 @@ def list_systems(peers: list[Peer], console: Console) -> int:
     width = max(len(peer.name) for peer in peers)
     for peer in peers:
         ok, reason = peer.available()
-        console.print(f"{peer.name:{width}} {'available' if ok else 'skipped: ' + reason}")
+        console.print(f"{peer.name:{width}} {'available' if ok else 'skipped: ' + reason}", markup=False)
     return 0
 
 
@@ -106,7 +106,7 @@ def bench_all(args: argparse.Namespace, peers: list[Peer], plan: TimingPlan,
             try:
                 rows += bench_one(name, batch, peers, plan, progress, task)
             except Exception as error:  # a model that cannot be built or counted
-                console.print(f"[red]{name} batch {batch}: {error_text(error)}")
+                console.print(f"{name} batch {batch}: {error_text(error)}", style="red", markup=False)
                 failures += 1
     return rows, failures
 
@@ -120,16 +120,16 @@ def run_pinned(args: argparse.Namespace, command: str) -> int:
     try:
         peers = select_peers(default_peers(threads), args.systems)
     except ValueError as error:
-        console.print(f"[red]{error}")
+        console.print(str(error), style="red", markup=False)
         return 2
     if args.list_systems:
         return list_systems(peers, console)
     unknown = [why for name in model_names(args) if ":" not in name and (why := unknown_model(name))]
     if unknown:
-        console.print(f"[red]pyrys bench: {'; '.join(unknown)}")
+        console.print(f"pyrys bench: {'; '.join(unknown)}", style="red", markup=False)
         return 2
     if problem := unwritable_folder(args.out):  # found before the run, not after it
-        console.print(f"[red]pyrys bench: cannot write --out {args.out}: {problem}")
+        console.print(f"pyrys bench: cannot write --out {args.out}: {problem}", style="red", markup=False)
         return 2
     console.print(f"threads: torch {threads}, onnxruntime intra-op {threads}, openvino {threads}")
     first_peaks = measure_machine_peaks(args.quick, console)
@@ -150,7 +150,7 @@ def report(rows: list[dict], machine: dict, out: Path, console: Console, command
     """Print the table and write CSV, JSON, Markdown (headed by ``command``) and PNG."""
     console.print(build_table(rows, machine))
     for kind, path in write_all(rows, machine, out, command).items():
-        console.print(f"{kind}: {path}")
+        console.print(f"{kind}: {path}", markup=False)
 
 
 def run(args: argparse.Namespace, argv: list[str] | None = None) -> int:

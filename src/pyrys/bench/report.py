@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from rich.table import Table
+from rich.text import Text
 
 from pyrys.bench.chart import write_chart
 from pyrys.bench.markdown import write_markdown
@@ -91,7 +92,8 @@ def build_table(rows: list[dict], machine: dict) -> Table:
         error = f"{row['max_rel_error']:.1e}" if row["max_rel_error"] is not None else "-"
         table.add_row(row["model"], str(row["batch"]), row["system"], _cell(row["median_ms"], ".3g"), spread,
                       _cell(row["vs_eager"]), _cell(row["gflop_s"], ".1f"), _cell(row["pct_fp32_peak"], ".0f"),
-                      _cell(row["compile_s"], ".1f"), _cell(row["peak_rss_mib"], ".0f"), error, row["note"])
+                      _cell(row["compile_s"], ".1f"), _cell(row["peak_rss_mib"], ".0f"), error,
+                      Text(row["note"]))  # (as written: a peer's error may hold brackets, which markup would eat)
     return table
 
 
