@@ -462,7 +462,8 @@ class DynamoGraph:
         weights = None if self.runs_in_torch else self._weights.of(args)
         if weights is None and not self.runs_in_torch:
             self._run_in_torch(f"its parameters or buffers changed at nearly every call, more than {compile_weights.MAX_CHANGES} "
-                               "times, each a compile")
+                               "times, each a compile (written, replaced, or a model of its class deleted and "
+                               "another built)")
         program = None if self.runs_in_torch else self._compile(list(args), weights)
         if program is None:
             return self._in_torch(args)

@@ -115,14 +115,6 @@ class WeightSet:
         """Whether every tensor of the set still exists (a model deleted: its set is of no use)."""
         return all(ref() is not None for ref in self.held)  # `None in`: Tensor.__eq__ on each, 500x slower
 
-    def replaced_in(self, key: tuple[int, ...]) -> bool:
-        """Whether a set of tensors (by id) is this one with some tensor replaced: some of these are gone, and
-        some still held are in it (a model deleted, its successor built anew, replaced none: a sweep over
-        checkpoints made every model of the class after the fifth run in torch; a helper's find)."""
-        held = [ref() for ref in self.held]
-        gone = any(tensor is None for tensor in held)  # (`None in held`: Tensor.__eq__ on each)
-        return gone and any(tensor is not None and id(tensor) in key for tensor in held)
-
     def _versions(self, tensors: tuple) -> list:
         """Each tensor's version and address (``p.data = t`` moves the address alone: ``vector_to_parameters``,
         ``module.bfloat16().float()``)."""
@@ -183,7 +175,7 @@ class WeightSets:
                 dropped = self._dropped.pop(key, None)  # alive: the same tensors (not new ones on old ids)
                 if dropped is not None and dropped.alive() and self.returns.changed_soon():  # more take turns
                     return None  # than are kept
-                replaced = dropped is None and any(weights.replaced_in(key) for weights in self._sets.values())
+                replaced = dropped is None and any(not weights.alive() for weights in self._sets.values())
                 if replaced and self.returns.changed_soon():  # a tensor replaced (``p = nn.Parameter(...)``), its
                     return None  # set gone with the old one: a change of the graph's, as often as a write
                 found = self._sets[key] = WeightSet.of(self.paths, tensors)
