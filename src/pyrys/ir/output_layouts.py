@@ -63,17 +63,42 @@ def _contiguous(value) -> bool:
 
 
 def _suggested_contiguous(value) -> bool:
-    """``value`` comes from an op of ``SUGGESTED_LAYOUT`` whose CPU kernel gives a contiguous result: what it
-    gives for uninitialized inputs of the same sizes and strides (the kernel's own rules: a size-1 dim lets a
-    channels-last read count as channels-last), symbolic sizes at the example's."""
-    if not (_is_tensor(value) and value.op == "call_function" and value.target in SUGGESTED_LAYOUT):
+    """``value``'s layout is that of an op of ``SUGGESTED_LAYOUT`` (:func:`_layout_source`) whose CPU kernel
+    gives a contiguous result: what it gives for uninitialized inputs of the same sizes and strides (the
+    kernel's own rules: a size-1 dim lets a channels-last read count as channels-last), symbolic sizes at
+    the example's."""
+    source = _layout_source(value) if _is_tensor(value) else None
+    if source is None or source.target not in SUGGESTED_LAYOUT:
         return False
-    metas = [arg.meta.get("val") if isinstance(arg, fx.Node) else arg for arg in value.args]
+    metas = [arg.meta.get("val") if isinstance(arg, fx.Node) else arg for arg in source.args]
+    if any(isinstance(arg, fx.Node) and meta is None for arg, meta in zip(source.args, metas)):
+        return False
     probes = [_probe(meta) if isinstance(meta, torch.Tensor) else meta for meta in metas]
     if any(probe is None for probe, meta in zip(probes, metas) if isinstance(meta, torch.Tensor)):
         return False
-    with torch.no_grad():
-        return value.target(*probes, **value.kwargs).is_contiguous()
+    try:
+        with torch.no_grad():
+            return source.target(*probes, **source.kwargs).is_contiguous()
+    except RuntimeError:  # (arguments its kernel refuses: the meta's layout stands)
+        return False
+
+
+def _layout_source(value: fx.Node) -> fx.Node:
+    """The op ``value`` takes its layout from: itself, or back through ops whose result has the sizes and
+    strides of their first tensor input, as eager's elementwise ops follow it (``relu(bn(x.transpose(1, 2)))``,
+    ``bn(...) + 1``: a reviewer's find)."""
+    while value.op == "call_function" and value.target not in SUGGESTED_LAYOUT:
+        first = next((arg for arg in value.args if _is_tensor(arg)), None)
+        if first is None or _hinted(first) != _hinted(value):
+            break
+        value = first
+    return value
+
+
+def _hinted(value: fx.Node) -> tuple:
+    """``value``'s sizes and strides at the example's values."""
+    val = value.meta["val"]
+    return tuple(map(hint, val.shape)), tuple(map(hint, val.stride()))
 
 
 def _probe(meta: torch.Tensor) -> torch.Tensor | None:
