@@ -1156,10 +1156,12 @@ def test_a_step_of_one_token_at_a_batch_of_two_is_calibrated_on_samples_cut_and_
                for note in opt.notes), opt.notes
 
 
-def test_a_step_of_one_token_from_left_padded_samples_is_calibrated_on_every_row():
+@pytest.mark.parametrize("padded_rows", [slice(0, 1), slice(None)])
+def test_a_step_of_one_token_from_left_padded_samples_is_calibrated_on_every_row_and_end(padded_rows):
     """From batch-2 samples whose row 0 is left-padded, a capture for (1, 1) was calibrated on row 0's first
     token alone, always padding (an embedding of zeros): a real token erred 0.2-0.7 while its note said 9e-3
-    (a helper's find on GPT-2). Each row's first token is a sample."""
+    (a helper's find on GPT-2); with every row left-padded, on each row's first token (a reviewer's). Each
+    row's first and last tokens are samples."""
     torch.manual_seed(0)
     model = _ReadsLastToken().eval()
     with torch.no_grad():
@@ -1167,14 +1169,14 @@ def test_a_step_of_one_token_from_left_padded_samples_is_calibrated_on_every_row
     calibration = []
     for _ in range(6):
         ids = torch.randint(1, 50, (2, 8))
-        ids[0, :4] = 0  # row 0 left-padded
+        ids[padded_rows, :4] = 0  # left-padded
         calibration.append(ids)
     opt = pyrys.optimize(model, (calibration[0],), precision="int8", calibration=calibration, dynamic=False)
     for token in (1, 17, 49):
         x = torch.tensor([[token]])
         with torch.no_grad():
             assert pyrys.relative_error(opt(x), model(x)) <= INT8_TOLERANCE
-    assert any("on 12 samples cut from the calibration samples to its size-1 dims" in note
+    assert any("on 24 samples cut from the calibration samples to its size-1 dims" in note
                for note in opt.notes), opt.notes
 
 
@@ -1471,8 +1473,9 @@ class _LeftPaddedEncoder(nn.Module):
 
 
 def test_left_padded_samples_cut_to_their_first_token_are_not_calibrated_on():
-    """Cut for a capture at one token, left-padded samples are padding alone: every output the same (zeros),
-    which the guard noted as an error of 0 while a real token erred 1.26 (a helper's find)."""
+    """Cut for a capture at one token, left-padded samples were padding alone: every output the same (zeros),
+    which the guard noted as an error of 0 while a real token erred 1.26 (a helper's find; then noted as
+    samples all alike). Each row's last token is a sample too now: the guard measures real tokens."""
     torch.manual_seed(0)
     model = _LeftPaddedEncoder().eval()
 
@@ -1487,7 +1490,7 @@ def test_left_padded_samples_cut_to_their_first_token_are_not_calibrated_on():
     with torch.no_grad():
         assert pyrys.relative_error(opt(*x), model(*x)) <= INT8_TOLERANCE
     assert not any("within 0.0e+00" in note for note in opt.notes), opt.notes
-    assert any("not finite, or all alike" in note for note in opt.notes), opt.notes
+    assert any("cut from the calibration samples to its size-1 dims" in note for note in opt.notes), opt.notes
 
 
 def test_a_batch_one_example_compiled_apart_from_the_symbolic_graph_is_calibrated_for_its_own_graph():

@@ -90,15 +90,16 @@ JOINED_ROWS = (2, 4, 8)  # the rows of the samples tried where a graph takes no 
 def fitted_samples(gm: fx.GraphModule, samples: list[list], limit: int) -> tuple[list[list], str]:
     """The samples (flat inputs) ``gm`` takes, at most ``limit``, each cut where ``gm`` holds an input dim at
     a size the sample has larger (:func:`_fixed_places`: a capture for a batch of one, for a step of one token,
-    for a length the model pins): into its rows where dims 0 of one size are cut to 1 (each row a sample, any
-    other dim cut to its first positions: a step of one token from batch-2 samples takes each row's first
-    token, where row 0's alone, left-padded, measured only masked tokens; a helper's find), else to its first
-    positions there.  Where it takes none as
-    they are and their tensors are rows (dim 0, one count per sample): the rows of consecutive samples (cut
-    as above where so cut: a step of one token at a batch of 2 from one-row samples) regrouped into samples
-    of the graph's rows where fixed, else of :data:`JOINED_ROWS` rows (batch-1 samples, a graph for batches
-    from 2).
-    Returns them and how they were made from the samples ("" where as they are).  The cut is by shapes
+    for a length the model pins): into its rows where dims 0 of one size are cut to 1 (each row a sample),
+    any other dim of those tensors to its first positions and, as another sample, its last (a step of one
+    token from left-padded texts takes each row's last token too: row 0's first token alone measured only
+    padding; a helper's find and a reviewer's); where another tensor is cut past dim 0 (a GRU's state at its
+    batch, dim 1), every cut from the first positions, a sample of each's first rows.
+
+    Where it takes none as they are and their tensors are rows (dim 0, one count per sample): the rows of
+    consecutive samples (cut as above where so cut: a step of one token at a batch of 2 from one-row samples)
+    regrouped into samples of the graph's rows where fixed, else of :data:`JOINED_ROWS` rows (batch-1
+    samples, a graph for batches from 2).  Returns them and how they were made from the samples ("" where as they are).  The cut is by shapes
     alone: an input holding positions in a dim cut (which token to read) may now point past it, so a run on
     cut samples may fail where the caller must fall back."""
     fitted: list[list] = []
@@ -111,8 +112,8 @@ def fitted_samples(gm: fx.GraphModule, samples: list[list], limit: int) -> tuple
         wider |= any(size > 1 for *_, size in cut)
         if not cut:
             candidates = [sample]
-        elif len(rows := {sample[i].shape[0] for i, d, _ in cut if d == 0}) == 1:
-            candidates = [_narrowed(sample, cut, row) for row in range(rows.pop())]
+        elif rows := _cut_rows(sample, cut):
+            candidates = [_narrowed(sample, cut, row, end) for row in range(rows) for end in _ends(cut)]
         else:
             candidates = [_narrowed(sample, cut, 0)]
         taken = [candidate for candidate in candidates if takes(gm, candidate)]
@@ -230,12 +231,30 @@ def _fixed_places(gm: fx.GraphModule, flat: list) -> list[tuple[int, int, int]]:
     return places
 
 
-def _narrowed(flat: list, places: list[tuple[int, int, int]], row: int) -> list:
+def _cut_rows(sample: list, cut: list[tuple[int, int, int]]) -> int:
+    """How many rows of ``sample`` are samples where cut as ``cut`` says: those of the tensors cut at dim 0
+    where they have one count (1 where none is), and every tensor cut past dim 0 is one of them or none is
+    cut at dim 0; else 0 (a GRU's state cut at its batch, dim 1, beside inputs cut at dim 0)."""
+    at_rows = {i for i, d, _ in cut if d == 0}
+    counts = {sample[i].shape[0] for i in at_rows}
+    if len(counts) > 1 or (at_rows and any(i not in at_rows for i, d, _ in cut if d > 0)):
+        return 0
+    return counts.pop() if counts else 1
+
+
+def _ends(cut: list[tuple[int, int, int]]) -> tuple[bool, ...]:
+    """Whether to cut dims past 0 from their first positions, their last or both: both where one is cut."""
+    return (False, True) if any(d > 0 for _, d, _ in cut) else (False,)
+
+
+def _narrowed(flat: list, places: list[tuple[int, int, int]], row: int, end: bool = False) -> list:
     """``flat`` with each of ``places`` narrowed to its size: dims 0 from ``row``, the others from their first
-    position (contiguous copies)."""
+    position, or to their last ones where ``end`` (contiguous copies)."""
     narrowed = list(flat)
     for position, d, size in places:
-        narrowed[position] = narrowed[position].narrow(d, row if d == 0 else 0, size)
+        tensor = narrowed[position]
+        start = row if d == 0 else tensor.shape[d] - size if end else 0
+        narrowed[position] = tensor.narrow(d, start, size)
     return [t.contiguous() if isinstance(t, torch.Tensor) else t for t in narrowed]
 
 
