@@ -825,6 +825,23 @@ def test_a_namedtuple_whose_module_is_not_imported_comes_back_by_name_and_fields
     assert any("gone.models.Pair" in note for note in loaded.notes)
 
 
+class ReturnsPair(torch.nn.Module):
+    def forward(self, x):
+        return Pair(x * 2, x + 1)
+
+
+@pytest.mark.parametrize("fields, message", [("se", "fields are not a list of 2 names: 'se'"),
+                                             (["a", "b", "c"], "fields are not a list of 2 names"),
+                                             (["a", "def"], "fields \\['a', 'def'\\] make no class")])
+def test_a_namedtuples_fields_edited_are_refused_at_load(tmp_path, fields, message):
+    """A reviewer's find: fields as a string (read as its letters) or one more than its children loaded, then
+    every call raised."""
+    pyrys.save(pyrys.optimize(ReturnsPair().eval(), (torch.rand(2, 3),), backend="reference"), tmp_path / "saved")
+    edit = (lambda p: p["signatures"][0]["out_spec"]["namedtuple"].__setitem__("fields", fields))
+    with pytest.raises(pyrys.LoadError, match=message):
+        pyrys.load(_edited_consistently(tmp_path / "saved", edit))
+
+
 class Outputs:
     """A class registered with torch's pytree by its keys, as HuggingFace registers its ``ModelOutput``s."""
 

@@ -86,8 +86,8 @@ def decode_spec(record: Any, made: list[str]) -> TreeSpec:
         children = [decode_spec(c, made) for c in payload["children"]]
         return TreeSpec(container, _dict_keys(payload["keys"], len(children)), children)
     if kind == "namedtuple":
-        cls = _namedtuple_class(payload, made)
-        return TreeSpec(collections.namedtuple, cls, [decode_spec(c, made) for c in payload["children"]])
+        children = [decode_spec(c, made) for c in payload["children"]]
+        return TreeSpec(collections.namedtuple, _namedtuple_class(payload, made, len(children)), children)
     if kind == "registered":
         children = [decode_spec(c, made) for c in payload["children"]]
         context = decode_arg(payload["context"], {})
@@ -131,9 +131,17 @@ def _keys(context: Any, count: int) -> list[str] | None:
     return None
 
 
-def _namedtuple_class(payload: dict, made: list[str]) -> type:
-    """The namedtuple class if its module is imported and its fields match, else one made with that name."""
-    cls, was_made = namedtuple_class(payload["module"], payload["name"], payload["fields"])
+def _namedtuple_class(payload: dict, made: list[str], count: int) -> type:
+    """The namedtuple class if its module is imported and its fields match, else one made with that name;
+    ValueError where the fields are not ``count`` distinct names (a string read as its letters, a field
+    more than its children: a program so edited loaded, then every call failed; a reviewer's find)."""
+    fields = payload["fields"]
+    if not (isinstance(fields, list) and len(fields) == count and all(isinstance(f, str) for f in fields)):
+        raise ValueError(f"a saved namedtuple's fields are not a list of {count} names: {fields!r:.100}")
+    try:
+        cls, was_made = namedtuple_class(payload["module"], payload["name"], fields)
+    except (TypeError, ValueError) as error:  # (a keyword or a repeated name: collections.namedtuple's checks)
+        raise ValueError(f"a saved namedtuple's fields {fields!r:.100} make no class: {error}") from None
     if was_made:
         made.append(f"{payload['module']}.{payload['name']}")
     return cls
