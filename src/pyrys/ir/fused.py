@@ -137,17 +137,23 @@ def check_sizes(kind: FusedKind, args: dict[str, Any]) -> None:
 
 
 def _values(value: Any) -> list:
+    """A size argument's values: its list, or the one value it is."""
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _output_padding_fits(args: dict[str, Any]) -> bool:
     """Each dim's output padding below its stride or its dilation (a single value stands for every dim's)."""
-    sizes = [_values(args[name]) for name in ("output_padding", "stride", "dilation")]
-    dims = max(map(len, sizes))
-    for padding, stride, dilation in zip(*(values * dims if len(values) == 1 else values for values in sizes)):
+    paddings, strides, dilations = (_values(args[name]) for name in ("output_padding", "stride", "dilation"))
+    dims = max(len(paddings), len(strides), len(dilations))
+    for padding, stride, dilation in zip(_per_dim(paddings, dims), _per_dim(strides, dims), _per_dim(dilations, dims)):
         if all(type(v) is int for v in (padding, stride, dilation)) and padding >= max(stride, dilation):
             return False
     return True
+
+
+def _per_dim(values: list, dims: int) -> list:
+    """``values`` for ``dims`` dims: one value repeated, else as they are."""
+    return values * dims if len(values) == 1 else values
 
 
 def _register(kind: FusedKind) -> None:
