@@ -1570,3 +1570,28 @@ def test_a_calibration_sample_of_other_structure_names_its_inputs():
     example = (x, (mask, mask))
     with pytest.raises(pyrys.InputError, match=r"as tuple\(\*, tuple\(\*, \*\)\)\), got .* as tuple\(\*, list"):
         pyrys.optimize(pair, example, precision="int8", calibration=[(x, [mask, mask])])  # (a DataLoader's lists)
+
+
+class _GatedByItsMean(nn.Module):
+    """A conv plus a per-sample mean of its input, then a sigmoid: at batch 1 a fast int8 kernel takes the
+    add, at batch 4 only oneDNN's reference kernel does."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return torch.sigmoid(self.conv(x) + x.mean((2, 3), keepdim=True))
+
+
+def test_a_new_batch_size_on_the_reference_kernel_reads_its_own_weights():
+    """A helper's find: the batch-4 conv ran oneDNN's reference kernel on weights packed for batch 1's AVX2
+    kernel (halved for s8 inputs) and erred 0.18 where four batch-1 calls erred 1.2e-2, silently."""
+    torch.manual_seed(0)
+    model = _GatedByItsMean().eval()
+    calibration = [torch.randn(1, 8, 12, 12) for _ in range(8)]
+    opt = pyrys.optimize(model, (calibration[0],), precision="int8", calibration=calibration)
+    x = torch.randn(4, 8, 12, 12)
+    with torch.no_grad():
+        rows = torch.cat([opt(x[i:i + 1]) for i in range(4)])
+        assert pyrys.relative_error(opt(x), rows) <= 1e-3
