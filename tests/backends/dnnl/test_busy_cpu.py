@@ -115,3 +115,12 @@ def test_a_layout_timed_on_a_busy_cpu_is_not_kept(cache, monkeypatch):
     pyrys.optimize(model, (image(),), backend="dnnl", threads=2)
     assert len(timed) == 4
 
+
+
+def test_this_process_keeps_the_choices_last_asked_for(cache, monkeypatch):
+    """A helper's find: ``_DECIDED`` grew by two choices for every new sequence length through torch.compile,
+    for ever; past ``MAX_DECIDED`` the choice asked for least recently goes (the tuning cache keeps it)."""
+    monkeypatch.setattr(measured, "MAX_DECIDED", 3)
+    for i in (0, 1, 2, 3, 4, 2, 9):
+        measured.decide("kind", {**KEY, "i": i}, lambda: {"pick": "first"})
+    assert [json.loads(memo)["i"] for memo in measured._DECIDED] == [4, 2, 9]

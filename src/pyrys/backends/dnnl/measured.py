@@ -29,7 +29,8 @@ from pyrys.backends.dnnl.primitives import Engine, Memory, MemoryDesc, Primitive
 from pyrys.backends.threads import current_threads
 from pyrys.machine import cpu_info
 
-_DECIDED: dict[str, dict] = {}  # this process's choices, by kind and key (the tuning cache may be off)
+_DECIDED: dict[str, dict] = {}  # this process's choices, by kind and key (the tuning cache may be off), in the
+MAX_DECIDED = 4096  # order last asked; the first dropped past this many (a new sequence length: 2 more)
 _LOCK = threading.Lock()
 MEASURE_SECONDS = 1.0  # timed rounds of one choice stop short where a round would take longer in all
 MIN_RUNS = 2
@@ -67,7 +68,10 @@ def decide(kind: str, key: dict, measure: Callable[[], dict | None],
                 return memo, None
             if is_quiet(choice["cpu_share"]):
                 tuning_cache.store(kind, key, choice)
+        _DECIDED.pop(memo, None)
         _DECIDED[memo] = choice
+        if len(_DECIDED) > MAX_DECIDED:
+            del _DECIDED[next(iter(_DECIDED))]
     return memo, choice
 
 
