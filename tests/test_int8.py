@@ -484,7 +484,7 @@ def test_bad_input_gets_a_clear_error():
         pyrys.optimize(model, (x,), precision="int8", calibration=[x, torch.randn(2, 3, 16, 16)])
     with pytest.raises(pyrys.InputError, match=r"calibration sample 0 .* got \(Float\(2, 3, 32, 32\), Long\(2\)\)"):
         pyrys.optimize(model, (x,), precision="int8", calibration=[(x, torch.zeros(2, dtype=torch.long))])
-    with pytest.raises(ValueError, match="it gave 1 rows, fewer than the example's 2"):
+    with pytest.raises(ValueError, match="calibration gave 1 rows, fewer than one sample of the example's 2: "):
         pyrys.optimize(model, (x,), precision="int8", calibration=[x[:1]])
     with pytest.raises(pyrys.InputError, match=r"calibration sample 0 .* got \(Double\(2, 3, 32, 32\)\)"):
         pyrys.optimize(model, (x,), precision="int8", calibration=[x.double()])

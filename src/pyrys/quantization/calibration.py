@@ -202,8 +202,11 @@ def calibration_samples(data: Iterable, args: tuple, kwargs: dict, limit: int | 
         if len(samples) >= wanted:
             break
     if not samples:
-        raise ValueError("pyrys.optimize: calibration gave no samples: pass a non-empty iterable of input samples"
-                         + (f" (it gave {rows.held} rows, fewer than the example's {rows.per_sample})" if rows.held else ""))
+        if rows.held:  # (a helper's note: "gave no samples" read wrong where it gave rows)
+            raise ValueError(f"pyrys.optimize: calibration gave {rows.held} rows, fewer than one sample of the "
+                             f"example's {rows.per_sample}: pass samples of the example's shapes, or batches of "
+                             "them along dim 0")
+        raise ValueError("pyrys.optimize: calibration gave no samples: pass a non-empty iterable of input samples")
     _warn_of_constant_inputs(samples[:wanted])
     notes = [f"calibration: samples of {', '.join(map(str, sorted(rows.cut)))} rows were cut into the example's "
              f"{rows.per_sample} along dim 0 (taken as the batch)"] if rows.cut else []
