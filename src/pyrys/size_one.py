@@ -99,7 +99,9 @@ def fitted_samples(gm: fx.GraphModule, samples: list[list], limit: int) -> tuple
     Where it takes none as they are and their tensors are rows (dim 0, one count per sample): the rows of
     consecutive samples (cut as above where so cut: a step of one token at a batch of 2 from one-row samples)
     regrouped into samples of the graph's rows where fixed, else of :data:`JOINED_ROWS` rows (batch-1
-    samples, a graph for batches from 2).  Returns them and how they were made from the samples ("" where as they are).  The cut is by shapes
+    samples, a graph for batches from 2).
+
+    Returns them and how they were made from the samples ("" where as they are).  The cut is by shapes
     alone: an input holding positions in a dim cut (which token to read) may now point past it, so a run on
     cut samples may fail where the caller must fall back."""
     fitted: list[list] = []

@@ -12,7 +12,8 @@ contiguous copy at the end of the graph, which every backend runs:
 "Contiguous" is :func:`~pyrys.ir.symbolic.known_contiguous`: for every size of a symbolic dim.  Eager's
 layout is the captured graph's, but for the ops in ``SUGGESTED_LAYOUT``: their CPU kernels lay out the result
 as ``input.suggest_memory_format()`` (contiguous below 4-D), where torch's meta keeps the input's strides (a
-batch norm of ``x.transpose(1, 2)``: eager's ``(40, 5, 1)``, the meta's ``(40, 1, 8)``).
+batch norm of ``x.transpose(1, 2)``: eager's ``(40, 5, 1)``, the meta's ``(40, 1, 8)``), and the ops after
+them that keep their first input's layout (a relu of it, it plus 1).
 """
 from __future__ import annotations
 
