@@ -29,8 +29,8 @@ from pyrys.backends.dnnl.primitives import Engine, Memory, MemoryDesc, Primitive
 from pyrys.backends.threads import current_threads
 from pyrys.machine import cpu_info
 
-_DECIDED: dict[str, dict] = {}  # this process's choices, by kind and key (the tuning cache may be off), in the
-MAX_DECIDED = 4096  # order last asked; the first dropped past this many (a new sequence length: 2 more)
+_DECIDED: dict[str, dict] = {}  # this process's choices by kind and key (the tuning cache may be off), last asked last
+MAX_DECIDED = 4096  # choices _DECIDED keeps, the least recently asked dropped (each new sequence length adds 2)
 _LOCK = threading.Lock()
 MEASURE_SECONDS = 1.0  # timed rounds of one choice stop short where a round would take longer in all
 MIN_RUNS = 2
