@@ -249,3 +249,29 @@ def test_an_operand_that_broadcasts_the_output_larger_is_a_miss(run_passes):
     assert result.fired("fuse_post_ops") == {}
     assert [m.reason for m in result.misses] == [
         "the other operand of add, %y (1, 4, 5, 5), broadcasts the output of %conv2d (1, 4, 1, 1) to a larger shape"]
+
+
+class _ScaledAndShifted(torch.nn.Module):
+    """``relu(linear(a)) * 0.1 + 0.3`` beside ``(a @ b) / sqrt(8) - 0.7``: numbers no float32 holds."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = torch.nn.Linear(8, 8)
+
+    def forward(self, a, b):
+        return torch.relu(self.linear(a)) * 0.1 + 0.3, (a @ b) / 8 ** 0.5 - 0.7
+
+
+def test_a_float64_model_is_scaled_and_shifted_by_its_numbers_as_eager_reads_them(backend):
+    """A float64 ``y * c`` fused as a post-op scales by ``c`` itself, not ``c`` rounded to float32 (a
+    helper's find: 0.1 became 0.10000000149, errors of 1e-10 to 3e-8 where eager's own are 1e-16)."""
+    import pyrys
+
+    model = _ScaledAndShifted().double().eval()
+    a, b = torch.randn(4, 8, dtype=torch.float64), torch.randn(8, 8, dtype=torch.float64)
+    opt = pyrys.optimize(model, (a, b), backend=backend)
+    assert "scale:0.1]" in str(opt.graph) or "scale:0.1'" in str(opt.graph)
+    with torch.no_grad():
+        for got, want in zip(opt(a, b), model(a, b)):
+            torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14)

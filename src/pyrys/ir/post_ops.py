@@ -192,24 +192,41 @@ def as_float32(c: float) -> float:
     return float(torch.tensor(float(c), dtype=torch.float32))
 
 
+def as_read_by(c: float, dtype: torch.dtype) -> float:
+    """``c`` as torch's kernels for ``dtype`` read a Python number: as it is for float64, as float32 for
+    float32 and the types computed in float32 (bfloat16, float16)."""
+    return float(c) if dtype == torch.float64 else as_float32(c)
+
+
+def _is_factor(c: float, dtype: torch.dtype) -> bool:
+    """:func:`is_float32_factor`, or for float64 a finite factor other than 0."""
+    return math.isfinite(c) and c != 0 if dtype == torch.float64 else is_float32_factor(c)
+
+
 # ``y op c`` for a number ``c``: op -> its name (the passes fuse it as a scale or shift post-op; the dnnl
 # backend runs a standalone one as that post-op's eltwise step)
 SCALAR_OPS = {_aten.mul.Tensor: "mul", _aten.div.Tensor: "div", _aten.add.Tensor: "add", _aten.sub.Tensor: "sub"}
 
 
-def scalar_post_op(target, c: float) -> "PostOp | str":
-    """``y op c`` (``target`` in :data:`SCALAR_OPS`) as one scale or shift post-op, or why it has none.
+def scalar_post_op(target, c: float, dtype: torch.dtype = torch.float32) -> "PostOp | str":
+    """``y op c`` (``target`` in :data:`SCALAR_OPS`, ``y`` of ``dtype``) as one scale or shift post-op, or why
+    it has none.
 
-    ``c`` is read as float32, as eager reads it (``x / 1e39`` divides by inf).  A divisor becomes the factor
-    ``1 / c``.  A factor of 0 or beyond float32 stays an op (:func:`is_float32_factor`); so does a term that is
-    0 in float32: ``y + 0`` and ``y - 0`` differ only at ``-0``, which oneDNN's primitive cache does not tell
-    from ``+0`` (a program for ``x - 1e-46`` reused the one built for ``x + 1e-46``)."""
-    op, value = SCALAR_OPS[target], as_float32(c)
+    ``c`` is read as eager reads it (:func:`as_read_by`: ``x / 1e39`` divides a float32 ``x`` by inf; a
+    float64 ``x`` is scaled by ``c`` itself).  A divisor becomes the factor ``1 / c``.  A factor of 0 or
+    beyond float32 (float64's range for a float64 ``y``) stays an op; so does a term that is 0 as read:
+    ``y + 0`` and ``y - 0`` differ only at ``-0``, which oneDNN's primitive cache does not tell from ``+0``
+    (a program for ``x - 1e-46`` reused the one built for ``x + 1e-46``)."""
+    op, value = SCALAR_OPS[target], as_read_by(c, dtype)
     if op in ("mul", "div"):
         factor = value if op == "mul" else (1.0 / value if value != 0 and math.isfinite(value) else 0.0)
-        if not is_float32_factor(factor):
-            return f"{op} by {c!r}: a factor of 0 or beyond float32 (torch computes it)"
+        if not _is_factor(factor, dtype):
+            return f"{op} by {c!r}: a factor of 0 or beyond {_range_of(dtype)} (torch computes it)"
         return PostOp("scale", (factor,))
     if value == 0:
-        return f"{op} of {c!r}: a term of 0 in float32 (torch computes it)"
+        return f"{op} of {c!r}: a term of 0 in {_range_of(dtype)} (torch computes it)"
     return PostOp("shift", (value if op == "add" else -value,))
+
+
+def _range_of(dtype: torch.dtype) -> str:
+    return "float64" if dtype == torch.float64 else "float32"

@@ -28,7 +28,7 @@ import torch.fx as fx
 
 from pyrys.ir.edit import replace_node
 from pyrys.ir.fused import FUSED_BY_BASE, FUSED_OPS, add_post_op, fused_form_miss, to_fused
-from pyrys.ir.graph import op_args
+from pyrys.ir.graph import op_args, tensor_meta
 from pyrys.ir.symbolic import hint, keeps_shape
 from pyrys.ir.post_ops import ACTIVATIONS, SCALAR_OPS, NoPostOp, PostOp, activation_post_op, scalar_post_op
 from pyrys.passes.rewrite import Match, Miss, PassResult, Rule, apply_rules, fail, shared_miss
@@ -145,7 +145,8 @@ class FuseScalar(Rule):
             return None
         if isinstance(c, bool) or not isinstance(c, (int, float)) or args.get("alpha", 1) != 1:
             return None
-        post_op = scalar_post_op(node.target, c)
+        out = tensor_meta(node)
+        post_op = scalar_post_op(node.target, c, out.dtype if out is not None else torch.float32)
         if isinstance(post_op, str):
             return fail(f"{post_op}: it stays an op")
         return _producer_miss(producer, post_op) or Match({"producer": producer, "post_op": post_op})
