@@ -33,6 +33,29 @@ def test_user_model_is_never_modified():
     assert not model.training
 
 
+class _Symmetric(torch.nn.Module):
+    def forward(self, weight):
+        return weight.triu() + weight.triu(1).transpose(-1, -2)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_a_parametrized_model_optimized_inside_parametrize_cached_still_runs_in_eager(dynamic):
+    """torch.export's fake weight was left in ``parametrize``'s cache under the user's module: inside the
+    user's ``parametrize.cached()`` their own model then returned fake tensors (a helper's find)."""
+    from torch.nn.utils import parametrize
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8)).eval()
+    parametrize.register_parametrization(model[0], "weight", _Symmetric())
+    x = torch.randn(4, 8)
+    with parametrize.cached(), torch.no_grad():
+        opt = pyrys.optimize(model, (x,), backend="reference", dynamic=dynamic)
+        assert all(type(v) is torch.Tensor for v in parametrize._cache.values())
+        expected = model(x)
+        assert type(expected) is torch.Tensor and parametrize._cache_enabled == 1
+        torch.testing.assert_close(opt(x), expected)
+    assert parametrize._cache_enabled == 0 and not parametrize._cache
+
+
 def test_disable_by_name_and_unknown_names():
     opt = pyrys.optimize(conv_bn_relu(), (image(),), backend="reference", disable=["fold_conv_bn"])
     assert "aten::batch_norm" in opt.graph

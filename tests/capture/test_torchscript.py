@@ -1096,3 +1096,42 @@ def test_str_of_a_number_makes_a_dict_key():
     out = pyrys.optimize(model, (x,), backend="reference")(x)
     assert list(out) == list(model(x)) == ["layer0", "layer1", "scale0.5", "scale1.", "[a, b]"]
     torch.testing.assert_close(out, model(x))
+
+
+class _Scaled(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def _times_ten(module: torch.nn.Module, inputs: Tuple[torch.Tensor], output: torch.Tensor) -> torch.Tensor:
+    return output * 10.0
+
+
+def _plus_hundred(module: torch.nn.Module, inputs: Tuple[torch.Tensor]) -> Tuple[torch.Tensor]:
+    return (inputs[0] + 100.0,)
+
+
+@pytest.mark.parametrize("register, held", [
+    (lambda m: m.register_forward_hook(_times_ten), "1 forward hook of its own"),
+    (lambda m: (m.register_forward_pre_hook(_plus_hundred), m.register_forward_hook(_times_ten),
+                m.register_forward_hook(_times_ten)), "2 forward hooks and 1 forward pre-hook of its own"),
+])
+def test_hooks_on_the_scripted_module_itself_are_refused_not_dropped(register, held):
+    """TorchScript runs a root module's hooks when it is called, outside the forward graph imported: the
+    outputs were the hook-free ones (off by 8.9 and 55; a helper's find).  A submodule's hook is a call in
+    the graph, imported."""
+    model = _Scaled().eval()
+    register(model)
+    x = torch.randn(3, 8)
+    with pytest.raises(TorchScriptImportError, match=f"^pyrys: the scripted _Scaled has {held}, .* pass the "
+                                                     "nn.Module itself"):
+        pyrys.optimize(script(model), (x,), backend="reference")
+    inner_hooked = _Scaled().eval()
+    register(inner_hooked.inner)
+    scripted = script(inner_hooked)
+    with torch.no_grad():
+        torch.testing.assert_close(pyrys.optimize(scripted, (x,), backend="reference")(x), scripted(x))

@@ -33,6 +33,7 @@ from torch._dynamo.exc import UserError, UserErrorType
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import DataDependentOutputException
 from torch.export import ExportedProgram
+from torch.nn.utils import parametrize
 from torch.export.graph_signature import CustomObjArgument, InputKind, OutputKind, TensorArgument
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, free_unbacked_symbols
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
@@ -107,6 +108,21 @@ def tracing() -> contextlib.AbstractContextManager:
     return convert_frame.compile_lock
 
 
+@contextlib.contextmanager
+def parametrizations_uncached():
+    """``torch.nn.utils.parametrize``'s cache off while torch.export traces: inside the user's
+    ``parametrize.cached()`` the trace's fake weights were cached under the user's module (a copy's
+    parametrization keys its cache by the module it was registered on), which the user's model then
+    returned for the rest of the block (a helper's find; torch.export alone does the same).  What was
+    turned off is added back, so a block another thread leaves meanwhile still counts."""
+    turned_off = parametrize._cache_enabled
+    parametrize._cache_enabled -= turned_off
+    try:
+        yield
+    finally:
+        parametrize._cache_enabled += turned_off
+
+
 def export_module(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
                   dynamic: bool | str = False) -> ExportedProgram:
     """``torch.export`` at ATen level, functional; the model itself is not modified.
@@ -115,7 +131,7 @@ def export_module(model: torch.nn.Module, args: tuple, kwargs: dict | None = Non
     size 1 kept), for a graph that holds for every size torch.export could keep symbolic."""
     args, kwargs = _unaliased(*_own_tensor_objects(args, kwargs or {}))
     with tracing(), torch.no_grad(), sizes_kept_symbolic() if dynamic else contextlib.nullcontext(), \
-            export_diagnostics_unlogged():
+            export_diagnostics_unlogged(), parametrizations_uncached():
         try:
             varying = dynamic if isinstance(dynamic, VaryingDims) else frozenset()
             shapes = symbolic_dims(model, args, kwargs, keeps_size_one_fixed(dynamic), varying) if dynamic else None

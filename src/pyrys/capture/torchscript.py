@@ -86,6 +86,7 @@ def capture_torchscript(obj: Any, args: tuple, kwargs: dict | None = None,
             f"{script_class_name(obj)} has no single scripted forward to import (its methods: {', '.join(methods) or 'none'}; "
             "a module with overloaded forwards, such as a scripted nn.LSTM): script a module that calls it, or pass "
             "the nn.Module itself")
+    _refuse_root_hooks(obj)
     importer = _Importer(obj, dict(flag_values or {}))
     try:
         return importer.run(args, dict(kwargs or {}))
@@ -97,6 +98,23 @@ def capture_torchscript(obj: Any, args: tuple, kwargs: dict | None = None,
             ". Pass the nn.Module itself if you have it (torch.export captures it)"
         raise TorchScriptImportError(f"pyrys: the scripted {script_class_name(obj)} cannot be imported: "
                                      f"{said.rstrip('.')}{advice}") from error
+
+
+def _refuse_root_hooks(obj: Any) -> None:
+    """A ``ScriptModule`` whose own forward hooks or pre-hooks were scripted with it runs them when it is called,
+    outside its ``forward`` graph, the graph imported: refused, not dropped (the outputs were the hook-free
+    ones; a helper's find).  A submodule's hooks are calls in the graph, imported; a trace has them run."""
+    module = getattr(obj, "_c", None)
+    if not hasattr(module, "_get_forward_hooks"):
+        return
+    counts = {"forward hook": len(module._get_forward_hooks()),
+              "forward pre-hook": len(module._get_forward_pre_hooks())}
+    held = " and ".join(f"{count} {kind}{'s' if count > 1 else ''}" for kind, count in counts.items() if count)
+    if held:
+        raise TorchScriptImportError(
+            f"pyrys: the scripted {script_class_name(obj)} has {held} of its own, which TorchScript runs when it "
+            "is called, outside the forward graph pyrys imports: pass the nn.Module itself (torch.export captures "
+            "its hooks), or register them on a submodule before scripting (its graph calls them)")
 
 
 class _Scope:
