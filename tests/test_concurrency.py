@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import pytest
 import torch
 
 import pyrys
@@ -202,3 +203,34 @@ def outputs_belong_to_callers(backend: str) -> None:
 
 def test_outputs_belong_to_the_caller(backend):
     run_isolated(outputs_belong_to_callers, backend)
+
+
+def fresh_thread_takes_the_process_setting() -> None:
+    import threading
+
+    from pyrys.backends.threads import current_threads
+
+    torch.set_num_threads(1)
+    model = residual_net()
+    x = images(1, seed=0)[0]
+    opt = optimize(model, (x,), "dnnl")
+    seen = {}
+
+    def worker() -> None:  # its first torch call is pyrys's
+        seen["pyrys"] = current_threads()
+        opt(x)
+        seen["choice"] = opt.thread_choice()
+        seen["torch"] = torch.get_num_threads()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen["pyrys"] == seen["torch"] == 1, seen
+    assert seen["choice"].startswith("1 thread "), seen
+
+
+@pytest.mark.skipif("dnnl" not in pyrys.available_backends(), reason="the dnnl backend is not available")
+def test_a_new_thread_calls_with_the_count_torch_gives_it():
+    """A new thread's OpenMP count is every CPU until torch gives it the process's setting at its first torch
+    call: a worker thread of a process set to 1 thread ran 2 (a helper's find)."""
+    run_isolated(fresh_thread_takes_the_process_setting)

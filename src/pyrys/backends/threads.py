@@ -22,39 +22,40 @@ from pyrys.machine import available_cpus
 T = TypeVar("T")
 
 
-def _openmp() -> tuple[Callable[[], int], Callable[[int], None]] | None:
-    """``(omp_get_max_threads, omp_set_num_threads)`` of the OpenMP runtime torch loaded, or None."""
+def _omp_set_num_threads() -> Callable[[int], None] | None:
+    """``omp_set_num_threads`` of the OpenMP runtime torch loaded, or None.  (A thread's count is read
+    through ``torch.get_num_threads()``: :func:`current_threads`.)"""
     try:
-        process = ctypes.CDLL(None)
-        get, set_ = process.omp_get_max_threads, process.omp_set_num_threads
+        set_ = ctypes.CDLL(None).omp_set_num_threads
     except (OSError, AttributeError):
         return None
-    get.restype, get.argtypes = ctypes.c_int, ()
     set_.restype, set_.argtypes = None, (ctypes.c_int,)
-    return get, set_
+    return set_
 
 
-_OPENMP = _openmp()
+_OMP_SET_NUM_THREADS = _omp_set_num_threads()
 # whether a thread count can be set for one caller alone (else each change is process-wide, under a lock,
 # and a program's calls do not change their thread count on their own: pyrys.backends.thread_choice)
-PER_CALLER_THREADS = _OPENMP is not None
+PER_CALLER_THREADS = _OMP_SET_NUM_THREADS is not None
 _AVAILABLE_CPUS = available_cpus()  # read once: every call caps its thread count by it
 _TORCH_LOCK = threading.Lock()
 
 
 def current_threads() -> int:
     """The calling thread's thread count (what ``torch.get_num_threads()`` says on this thread), at most
-    the CPUs the process may use (:func:`pyrys.machine.available_cpus`: affinity and cgroup quota)."""
-    threads = _OPENMP[0]() if _OPENMP is not None else torch.get_num_threads()
-    return min(threads, _AVAILABLE_CPUS)
+    the CPUs the process may use (:func:`pyrys.machine.available_cpus`: affinity and cgroup quota).  Read
+    through torch, not OpenMP: torch gives a thread its setting at the thread's first call of it, and a new
+    thread's OpenMP count is every CPU till then (a worker thread of a process set to 1 ran 2; a helper's
+    find)."""
+    return min(torch.get_num_threads(), _AVAILABLE_CPUS)
 
 
 def with_threads(threads: int, function: Callable[..., T], *args) -> T:
     """``function(*args)`` with ``threads`` threads on the calling thread; the caller's count is restored."""
-    if _OPENMP is None:
+    if _OMP_SET_NUM_THREADS is None:
         return _with_torch_threads(threads, function, *args)
-    get, set_ = _OPENMP
-    previous = get()
+    set_ = _OMP_SET_NUM_THREADS
+    previous = torch.get_num_threads()  # (this thread's, as torch sets it: :func:`current_threads`)
     if previous == threads:
         return function(*args)
     set_(threads)

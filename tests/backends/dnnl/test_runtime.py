@@ -97,6 +97,7 @@ def test_a_caller_with_another_thread_count_gets_a_program_built_for_it():
     seen = {}
 
     def call_with(index: int) -> None:
+        torch.get_num_threads()  # (torch gives a new thread the process's count at its first such call)
         torch.set_num_threads(other if index % 2 else own)
         seen[index] = pyrys.relative_error(opt(x), model(x))
 
