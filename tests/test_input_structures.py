@@ -217,7 +217,7 @@ class Embedded(torch.nn.Module):
 
 def test_ids_and_masks_of_another_integer_dtype_run_as_eager_and_floats_stay_refused():
     """Token ids as int32 (eager's embedding takes them as int64) and a mask as bool: a capture of their own
-    (a helper's find: an InputError); a float64 image into a float32 model stays the dtype error eager gives."""
+    (a helper's find: an InputError); a float64 image into a float32 conv stays the dtype error, with eager's."""
     model = Embedded().eval()
     ids, mask = torch.randint(0, 50, (2, 7)), torch.randint(0, 2, (2, 7))
     opt = pyrys.optimize(model, (ids, mask))
@@ -225,8 +225,40 @@ def test_ids_and_masks_of_another_integer_dtype_run_as_eager_and_floats_stay_ref
         assert pyrys.relative_error(opt(*call), model(*call)) <= TOLERANCE, [t.dtype for t in call]
     assert len(opt._structures) == 3
     assert any("input 0 is int32, the example's int64" in note for note in opt.notes), opt.notes
-    with pytest.raises(pyrys.InputError, match="must have dtype torch.float32"):
+    with pytest.raises(pyrys.InputError, match=r"must have dtype torch.float32 like the example input .*, got "
+                                               r"torch.float64, which the model does not take, as eager does not "
+                                               r"\(Input type \(double\) and bias type \(float\)"):
         pyrys.optimize(OptionalInputs().eval(), (inputs()[0],))(inputs()[0].double())
+
+
+class CastsItsInput(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = torch.nn.Linear(4, 4)
+
+    def forward(self, x, scale):
+        return self.linear(x.float()) * scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_floats_of_another_dtype_run_as_eager_where_the_model_takes_them(dtype):
+    """A ``forward`` that casts its input (``x.float()``, as HuggingFace's vision embeddings do) takes a
+    float64 image, and a number's 0-dim float64 tensor does not promote a float32 product: eager runs both,
+    pyrys refused both (a helper's find).  A capture of their own now, as for integer ids."""
+    model = CastsItsInput().eval()
+    x, scale = torch.randn(2, 4), torch.tensor(2.0)
+    opt = pyrys.optimize(model, (x, scale))
+    for call in [(x.to(dtype), scale), (x, scale.double()), (x[:1].to(dtype), scale.to(dtype))]:
+        with torch.no_grad():
+            expected = model(*call)
+        got = opt(*call)
+        assert got.dtype == expected.dtype
+        assert pyrys.relative_error(got, expected) <= TOLERANCE, [t.dtype for t in call]
+    assert any(f"input 0 is {str(dtype)[6:]}, the example's float32" in note for note in opt.notes), opt.notes
+    loaded_like = pyrys.optimize(model, (x, scale), precision="int8", calibration=[(x, scale)])
+    with pytest.raises(pyrys.InputError, match="input 0 must have dtype torch.float32 like the example input"):
+        loaded_like(x.to(dtype), scale)
 
 
 def test_none_and_a_tensor_for_one_input_are_told_apart_at_every_shape():

@@ -1,6 +1,6 @@
 """Which of ``forward``'s inputs a call passes, against the example's: an optional input left out, added, or
 ``None`` where the example passed a value (HuggingFace's ``attention_mask``, ``token_type_ids``, ``return_dict``),
-or an index tensor in another integer dtype (ids as int32, a mask as bool: :func:`other_index_dtypes`).
+or a tensor in another dtype (ids as int32, a mask as bool, a float64 image: :func:`other_dtypes`).
 
 Eager runs each such call; torch.export captures the inputs it is given, so a call that passes another set
 of inputs (:func:`passed_otherwise`) gets a capture and a program of its own (``OptimizedModule``), while a
@@ -20,12 +20,13 @@ import torch
 class PassedOtherwise:
     """A call's top-level inputs where they differ from the example's: ``key`` names the inputs it passes
     other than at their defaults (each with whether it is ``None``), in ``forward``'s order, or the index
-    tensors of another dtype (:func:`other_index_dtypes`); ``OptimizedModule`` adds every tensor's dtype and
+    tensors of another dtype (:func:`other_dtypes`); ``OptimizedModule`` adds every tensor's dtype and
     rank. Calls of one key share a module, which tells apart what else differs (a shape, a number) as any
     does. ``differences`` says what differs from the example, in words."""
 
     key: tuple
     differences: tuple[str, ...]
+    floating: bool = False  # a floating-point tensor in another dtype (:func:`other_dtypes`)
 
     def describe(self) -> str:
         return "; ".join(self.differences)
@@ -149,20 +150,24 @@ def leaf_kinds(leaves: tuple) -> tuple:
                  for leaf in leaves)
 
 
-def other_index_dtypes(expected: tuple, got: tuple, names: list[str]) -> PassedOtherwise | None:
+def other_dtypes(expected: tuple, got: tuple, names: list[str], floating: bool) -> PassedOtherwise | None:
     """Where tensors of a call (its signature's leaves ``got``, of the example's structure) come in another
     integer dtype or as bool where the example's were integer or bool (token ids as int32, which eager's
-    embedding takes as it takes int64; a mask as bool): a capture of their own, keyed by every tensor's dtype.
-    None where no such tensor differs (a floating-point one in another dtype is the signature check's error:
-    eager's ops refuse float64 into float32 weights)."""
+    embedding takes as it takes int64; a mask as bool), or with ``floating``, in another floating-point dtype
+    where the example's was floating-point (a float64 image, which eager runs where ``forward`` casts it,
+    ``x.float()``, or a number's 0-dim tensor, which does not promote): a capture of their own, keyed by every
+    tensor's dtype.  Where eager's ops refuse the dtype (float64 into float32 weights) so does that capture
+    (``OptimizedModule`` says so).  None where no such tensor differs."""
     differing = [i for i, (want, have) in enumerate(zip(expected, got))
                  if is_tensor_leaf(want) and is_tensor_leaf(have) and want[1] != have[1]
-                 and _is_index_dtype(want[1]) and _is_index_dtype(have[1])]
+                 and (_is_index_dtype(want[1]) and _is_index_dtype(have[1])
+                      or floating and want[1].is_floating_point and have[1].is_floating_point)]
     if not differing:
         return None
-    key = (("index dtypes", tuple(differing)),)
+    key = (("dtypes", tuple(differing)),)
     return PassedOtherwise(key, tuple(f"{names[i]} is {str(got[i][1]).removeprefix('torch.')}, the example's "
-                                      f"{str(expected[i][1]).removeprefix('torch.')}" for i in differing))
+                                      f"{str(expected[i][1]).removeprefix('torch.')}" for i in differing),
+                           floating=any(got[i][1].is_floating_point for i in differing))
 
 
 def _is_index_dtype(dtype) -> bool:

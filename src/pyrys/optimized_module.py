@@ -18,7 +18,7 @@ from pyrys.backends.reference import with_values
 from pyrys.calling_context import (autocast_on, called_plainly, callers_level, refuse_tracers, warn_of_autocast,
                                    without_autocast)
 from pyrys.forwarding import forwarded
-from pyrys.input_structures import (PassedOtherwise, binding_error, leaf_kinds, other_index_dtypes, passed_otherwise,
+from pyrys.input_structures import (PassedOtherwise, binding_error, leaf_kinds, other_dtypes, passed_otherwise,
                                      tensor_kinds)
 from pyrys.ir.symbolic import (bind_symbols, describe_dims, differing_fixed_dims, fixed_dims_differ, pinned_dims_differ,
                                 rows_dim)
@@ -229,8 +229,23 @@ class OptimizedModule(torch.nn.Module):
         with self._compiling(signature):
             module = self._structures.get(key)
             if module is None:
-                module = self._capture_otherwise(signature, key, said, args, kwargs)
+                try:
+                    module = self._capture_otherwise(signature, key, said, args, kwargs)
+                except CaptureError as error:
+                    if not otherwise.floating:
+                        raise
+                    raise self._dtype_refused(signature, args, kwargs, error) from error
         return module
+
+    def _dtype_refused(self, signature: Signature, args: tuple, kwargs: dict, error: CaptureError) -> InputError:
+        """A call whose floating-point tensor of another dtype the model refuses (captured for it: eager's ops
+        refuse float64 into float32 weights): the signature check's dtype error, with torch's reason."""
+        reason = _first_line(error.__cause__ or error)
+        try:
+            check_compatible(self._first.signature, signature, signature_of(args, kwargs)[1], args)
+        except InputError as refused:
+            return InputError(f"{refused}, which the model does not take, as eager does not ({reason})")
+        return InputError(f"pyrys: inputs ({signature.describe()}) the model does not take, as eager does not ({reason})")
 
     def _capture_otherwise(self, signature: Signature, key: tuple, said: str, args: tuple,
                            kwargs: dict) -> "OptimizedModule":
@@ -260,11 +275,14 @@ class OptimizedModule(torch.nn.Module):
 
     def _otherwise(self, signature: Signature, args: tuple, kwargs: dict) -> PassedOtherwise | None:
         """How a call passes other inputs than the example (:func:`passed_otherwise`), or, passing the same ones,
-        index tensors of another integer dtype or bool (:func:`other_index_dtypes`); None where neither."""
+        tensors of another dtype (:func:`other_dtypes`: index tensors of another integer dtype or bool, and
+        where a capture can be made, floating-point ones of another floating-point dtype; else those stay the
+        signature check's dtype error); None where neither."""
         first = self._first.signature
         otherwise = passed_otherwise(first, self._frontend.parameters, args, kwargs)
         if otherwise is None and signature.in_spec == first.in_spec:
-            otherwise = other_index_dtypes(first.leaves, signature.leaves, leaf_names(signature.in_spec))
+            capturable = not self._frontend.fixed_shapes and self._config.precision != "int8"
+            otherwise = other_dtypes(first.leaves, signature.leaves, leaf_names(signature.in_spec), capturable)
         if otherwise is None:
             return None  # each way's tensors' dtypes and ranks are its own: its module's first call fixes them
         return dataclasses.replace(otherwise, key=otherwise.key + (("tensors", tensor_kinds(signature.leaves)),))
@@ -975,3 +993,8 @@ def _span(tensor: torch.Tensor) -> tuple[int, int]:
     start = tensor.data_ptr()
     last = sum((n - 1) * abs(s) for n, s in zip(tensor.shape, tensor.stride()))
     return start, start + (last + 1) * tensor.element_size()
+
+
+def _first_line(error: Exception) -> str:
+    """An error's first line, without its ``pyrys:``: where a message quotes another's."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0].removeprefix("pyrys: ")
