@@ -231,7 +231,7 @@ def test_ids_and_masks_of_another_integer_dtype_run_as_eager_and_floats_stay_ref
         pyrys.optimize(OptionalInputs().eval(), (inputs()[0],))(inputs()[0].double())
 
 
-class CastsItsInput(torch.nn.Module):
+class CastsAndScales(torch.nn.Module):
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
@@ -246,7 +246,7 @@ def test_floats_of_another_dtype_run_as_eager_where_the_model_takes_them(dtype):
     """A ``forward`` that casts its input (``x.float()``, as HuggingFace's vision embeddings do) takes a
     float64 image, and a number's 0-dim float64 tensor does not promote a float32 product: eager runs both,
     pyrys refused both (a helper's find).  A capture of their own now, as for integer ids."""
-    model = CastsItsInput().eval()
+    model = CastsAndScales().eval()
     x, scale = torch.randn(2, 4), torch.tensor(2.0)
     opt = pyrys.optimize(model, (x, scale))
     for call in [(x.to(dtype), scale), (x, scale.double()), (x[:1].to(dtype), scale.to(dtype))]:
