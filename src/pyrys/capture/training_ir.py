@@ -125,12 +125,14 @@ def _make_functional(node: fx.Node, order: dict[fx.Node, int]) -> None:
 
 def _rewritable(node: fx.Node) -> bool:
     """An in-place dropout when not training (it writes nothing), ``to`` without a ``memory_format`` (it reads
-    dtypes only), ``contiguous``, or ``unflatten`` on fixed shapes."""
+    dtypes only), ``contiguous`` or ``unflatten``."""
     if node.target is aten.dropout_.default:
         return len(node.args) > 2 and node.args[2] is False
     if node.target in _TO:
         return node.kwargs.get("memory_format") in (None, torch.preserve_format)
     if node.target is aten.contiguous.default:
+        return isinstance(node.args[0], fx.Node) and isinstance(node.args[0].meta.get("val"), torch.Tensor)
+    if node.target is aten.unflatten.int:
         return isinstance(node.args[0], fx.Node) and isinstance(node.args[0].meta.get("val"), torch.Tensor)
     return _static(node)
 
@@ -172,7 +174,25 @@ def _to(gm: fx.GraphModule, node: fx.Node) -> None:
 
 
 def _unflatten(gm: fx.GraphModule, node: fx.Node) -> None:
-    _replace(gm, node, aten.view.default, (node.args[0], list(node.meta["val"].shape)))
+    """``unflatten(x, dim, sizes)`` -> ``view(x, x's sizes with the one at dim replaced by sizes)``, a symbolic
+    size of ``x`` read by ``sym_size`` (as the second trace writes it): nn.MultiheadAttention's packed
+    projection is one, and a symbolic capture of a model holding it took the second trace (5-8 s of a tiny
+    nn.Transformer's capture here, seven times over before a save)."""
+    x, dim, sizes = node.args[0], node.args[1], list(node.args[2])
+    shape = list(x.meta["val"].shape)
+    dim %= len(shape)
+    with gm.graph.inserting_before(node):
+        outer = [_size_of(gm, x, i, size) for i, size in enumerate(shape)]
+    _replace(gm, node, aten.view.default, (x, outer[:dim] + sizes + outer[dim + 1:]))
+
+
+def _size_of(gm: fx.GraphModule, x: fx.Node, dim: int, size) -> "int | fx.Node":
+    """``x``'s size at ``dim``: the number, or a ``sym_size`` node where it is symbolic."""
+    if isinstance(size, int):
+        return size
+    node = gm.graph.call_function(aten.sym_size.int, (x, dim))
+    node.meta["val"] = size
+    return node
 
 
 def _dropout_in_place(gm: fx.GraphModule, node: fx.Node) -> None:
