@@ -1453,8 +1453,12 @@ def test_mappings_that_leave_out_keyword_inputs_take_the_examples():
     ids_alone = pyrys.optimize(model, (), example, precision="int8", calibration=[{"ids": s["ids"]} for s in tokenized])
     assert any("every sample took the example's mask as it is (a sample without it): to vary it, give each "
                "sample's mapping every input" in note for note in ids_alone.notes), ids_alone.notes
-    with pytest.raises(pyrys.InputError, match="calibration sample 0 must be inputs like the example"):
+    with pytest.raises(pyrys.InputError, match="calibration sample 0 must be inputs like the example.*; it passes "
+                                               "other, which the example does not: leave it out of the samples"):
         pyrys.optimize(model, (), example, precision="int8", calibration=[{**tokenized[0], "other": mask}])
+    with pytest.raises(pyrys.InputError, match=r"got \(Long\(8, 6\), Float\(2, 6\), False\).*; its mask is the "
+                                               r"example's \(the sample leaves it out\)"):  # (a helper's find)
+        pyrys.optimize(model, (), example, precision="int8", calibration=[{"ids": torch.randint(0, 20, (8, 6))}])
 
 
 class _LeftPaddedEncoder(nn.Module):

@@ -269,6 +269,9 @@ def test_missing_example_inputs():
         pyrys.optimize(conv_bn_relu())
     with pytest.raises(TypeError, match="non-empty tuple of inputs"):
         pyrys.optimize(conv_bn_relu(), ())
+    with pytest.raises(TypeError, match=r"got dict \(keyword inputs, a tokenizer's output, go in example_kwargs: "
+                                        r"pyrys.optimize\(model, None, inputs\)"):
+        pyrys.optimize(conv_bn_relu(), {"x": image()})
 
 
 def test_inputs_by_keyword_only():

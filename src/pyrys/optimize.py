@@ -35,8 +35,11 @@ def _as_args(example_inputs: Any) -> tuple:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
     if not isinstance(example_inputs, (tuple, list)) or not example_inputs:
+        keywords = (" (keyword inputs, a tokenizer's output, go in example_kwargs: "
+                    "pyrys.optimize(model, None, inputs) or example_kwargs=inputs)"
+                    if isinstance(example_inputs, Mapping) else "")
         raise TypeError("pyrys.optimize expects example_inputs to be a non-empty tuple of inputs "
-                        f"(e.g. (torch.rand(1, 3, 224, 224),)), got {type(example_inputs).__name__}")
+                        f"(e.g. (torch.rand(1, 3, 224, 224),)), got {type(example_inputs).__name__}{keywords}")
     return tuple(example_inputs)
 
 

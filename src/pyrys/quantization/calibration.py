@@ -198,7 +198,8 @@ def calibration_samples(data: Iterable, args: tuple, kwargs: dict, limit: int | 
                              "inputs with the example's shapes and dtypes, or a batch of such along dim 0 (a "
                              "DataLoader over the inputs alone, without labels)"
                              + ("; samples of other sizes (texts of other lengths) are read with dynamic=True, whose "
-                                "one capture for every size is calibrated on them" if sized else ""))
+                                "one capture for every size is calibrated on them" if sized else "")
+                             + _keywords_said(sample_kwargs, kwargs, kept_as_they_are))
         if len(samples) >= wanted:
             break
     if not samples:
@@ -222,6 +223,22 @@ def calibration_samples(data: Iterable, args: tuple, kwargs: dict, limit: int | 
         notes.append(f"calibration: samples of {len(resized)} other input shapes than the example's read as they are "
                      f"where the captured graph holds for them (else left out, below): {', '.join(shown)}")
     return samples[:wanted], "; ".join(notes)
+
+
+def _keywords_said(sample_kwargs: dict, kwargs: dict, kept: list[str]) -> str:
+    """What a refused sample's keyword inputs have to do with it: those the example does not pass (a
+    tokenizer's ``token_type_ids``), and those it took from the example (its shapes shown were the
+    example's: a helper's find, "got (Long(8, 8), Long(2, 8))" said nothing of the mask filled in)."""
+    said = ""
+    extra = [name for name in sample_kwargs if name not in kwargs]
+    if extra:
+        said += (f"; it passes {', '.join(extra)}, which the example does not: leave "
+                 f"{'it' if len(extra) == 1 else 'them'} out of the samples, or pass the example "
+                 f"{'it' if len(extra) == 1 else 'them'} too")
+    if kept:
+        said += (f"; its {', '.join(kept)} {'is' if len(kept) == 1 else 'are'} the example's (the sample leaves "
+                 f"{'it' if len(kept) == 1 else 'them'} out)")
+    return said
 
 
 def sized_otherwise(signature, expected) -> bool:
