@@ -45,7 +45,7 @@ from pyrys.quantization.bias_correction import bias_corrections, corrected_args,
 from pyrys.quantization.calibration import (CALIBRATED_SIZES_KEY, MAX_SAMPLES, Calibration, QuantizationPlan,
                                            observe, sample_sizes, spread_first)
 from pyrys.numerics.budget import GUARD_MEASURE_KEY, GUARD_SAMPLES, GuardMeasure
-from pyrys.quantization.guard import BF16, CALIBRATION_DATA, FLOAT32, Switch, guard
+from pyrys.quantization.guard import BF16, CALIBRATION_DATA, FLOAT32, SCREENED, Switch, guard, most_moved
 from pyrys.signature import InputError
 from pyrys.size_one import fitted_samples, held_by, held_shapes, shapes_of
 
@@ -116,10 +116,14 @@ def quantize(gm: fx.GraphModule, precision: str, calibration: Calibration | None
             plan.floating = BF16 if keeps_in_bf16() else FLOAT32
             if calibration.accuracy_budget is not None and switches:
                 try:
+                    measured, answers = samples[:len(expected)], expected
+                    worst = most_moved(gm, switches, samples[len(expected):SCREENED])
+                    if worst is not None:
+                        measured, answers = measured + [worst[0]], answers + [worst[1]]
                     plan.kept, plan.error, plan.floating = guard(
-                        gm, switches, samples[:GUARD_SAMPLES], expected, calibration.accuracy_budget,
+                        gm, switches, measured, answers, calibration.accuracy_budget,
                         run_in_bf16 if plan.floating == BF16 else None, attention)
-                    gm.meta[GUARD_MEASURE_KEY] = GuardMeasure("int8", samples[:GUARD_SAMPLES], expected, plan.error,
+                    gm.meta[GUARD_MEASURE_KEY] = GuardMeasure("int8", measured, answers, plan.error,
                                                               calibration.accuracy_budget, CALIBRATION_DATA)
                 except Exception as error:  # noqa: BLE001 -- a guard never stops a compile: say why, as bf16's does
                     for switch in switches.values():
