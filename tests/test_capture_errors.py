@@ -97,6 +97,24 @@ def test_torch_s_partial_graph_is_not_printed_before_the_error(model, capfd):
     assert raised.value.__cause__ is not None
 
 
+class PackedLengths(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(4, 8, batch_first=True)
+
+    def forward(self, x, lengths):
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        return nn.utils.rnn.pad_packed_sequence(self.lstm(packed)[0], batch_first=True)[0]
+
+
+def test_sizes_made_from_a_tensor_s_values_are_said_so():
+    """pack_padded_sequence makes sizes from its lengths: the error asked whether eager runs with gradients on
+    (a helper's find); it says what the model does and what runs it."""
+    with pytest.raises(pyrys.DataDependentError, match=r"PackedLengths's forward makes a size from a tensor's "
+                                                       r"values .*Use torch.compile\(model, backend=\"pyrys\"\)"):
+        pyrys.optimize(PackedLengths().eval(), (torch.randn(3, 5, 4), torch.tensor([5, 3, 2])), backend="reference")
+
+
 def test_loop_count_from_tensor_data():
     with pytest.raises(pyrys.CaptureError, match=r"branches on tensor data.*range\(int\(x.sum\(\)\)\)"):
         pyrys.optimize(LoopOnData().eval(), (image(),), backend="reference")

@@ -300,8 +300,20 @@ def _exported_for_these_shapes(model: torch.nn.Module, args: tuple, kwargs: dict
                                f"trace (torch.ao's quantized packed parameters: a model quantized already): "
                                f"{first_line}. {SCRIPT_OBJECTS_ADVICE.capitalize()}, or give "
                                "pyrys the float model (precision=\"int8\" quantizes it)") from error
+        if _SIZE_FROM_TENSOR.search(str(error)):  # a size argument given a tensor: sizes made from its values
+            raise DataDependentError(
+                f"pyrys: {type(model).__name__}'s forward makes a size from a tensor's values (here a size argument "
+                f"was given a tensor: {first_line}), as pack_padded_sequence does from its lengths: torch.export "
+                "traces without values. Use torch.compile(model, backend=\"pyrys\"), which runs that part in "
+                "torch") from error
         raise CaptureError(f"pyrys: torch.export cannot capture {type(model).__name__} on inputs of shapes ({shapes}): "
                            f"{type(error).__name__}: {first_line}. " + _export_advice(model)) from error
+
+
+# torch's refusal of a fake tensor where it wants ints (a size): ``zeros(): argument 'size' failed to unpack the
+# object at pos 2 with error "type must be tuple of ints,but got FakeTensor"`` (a helper's find: the message
+# asked whether eager runs with gradients on)
+_SIZE_FROM_TENSOR = re.compile(r"(tuple of ints|of SymInts|an int), ?but got FakeTensor")
 
 
 EXPORT_ADVICE_END = " Otherwise use torch.compile(model, backend=\"pyrys\"), or report it"
