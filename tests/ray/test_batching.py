@@ -351,3 +351,104 @@ def test_an_output_that_is_no_tensor_is_refused_by_name_when_rows_run_one_by_one
     path = pyrys.save(pyrys.optimize(WithOther().eval(), (torch.ones(1, 4),)), tmp_path / "with_other")
     with pytest.raises(ValueError, match=f"output 'out_other' must have one row per input row \\(3\\), {says}"):
         Predictor(path, column="x", output_column="out")({"x": np.ones((3, 4), np.float32)})
+
+
+class IdMix(nn.Module):
+    """Token ids in, each row's embeddings plus the batch's mean embedding out: rows mix."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(50, 8)
+
+    def forward(self, ids):
+        y = self.embed(ids)
+        return y + y.mean(0, keepdim=True)
+
+
+def test_a_warm_up_of_padding_ids_decides_nothing_and_a_later_batch_is_checked(tmp_path):
+    """Two all-zero id requests agree batched, and the probe shuffled ids that were all 0: the check passed for
+    good, and 16/16 later batched answers were wrong (a helper's find)."""
+    model = IdMix().eval()
+    module = pyrys.load(pyrys.save(pyrys.optimize(model, (torch.randint(0, 50, (2, 6)),), dynamic=True),
+                                   tmp_path / "idmix"))
+    batcher, pad = Batcher(module), torch.zeros(1, 6, dtype=torch.long)
+    batcher.run([(pad,), (pad.clone(),)])
+    assert batcher.batches  # undecided: one value everywhere cannot show rows mixing
+    requests = [(torch.randint(1, 50, (1, 6), generator=torch.Generator().manual_seed(i)),) for i in range(3)]
+    for _ in range(2):
+        results = batcher.run(requests)
+        assert not batcher.batches and [rows for _, rows in results] == [1, 1, 1]
+        with torch.no_grad():
+            assert all(_close(out, model(*inputs)) for (out, _), inputs in zip(results, requests))
+
+
+def test_the_probe_moves_every_id_to_another_id_seen():
+    from pyrys.ray.batching import _unlike
+
+    ids = torch.tensor([[3, 3, 7], [7, 9, 3]])
+    made = _unlike(ids, [ids, torch.tensor([[3, 3, 3]])])
+    assert not (made == ids).any() and set(made.unique().tolist()) <= {3, 7, 9}
+    assert not torch.equal(made[0], made[1]) and torch.equal(_unlike(ids[:1] * 0, [ids[:1] * 0]), ids[:1] * 0)
+
+
+class SmallFeatureMix(nn.Module):
+    """Column 0 per row and ~1000; column 1 centered over the batch (rows mix), ~1."""
+
+    def forward(self, x):
+        return torch.cat([1000 * x[:, :1], x[:, 1:] - x[:, 1:].mean(0, keepdim=True)], 1)
+
+
+def test_rows_mixing_in_a_small_feature_beside_a_large_one_are_seen(tmp_path):
+    """An error over the whole output's largest value (1000) hid column 1's O(1) one: batched answers were wrong
+    (a helper's find)."""
+    model = SmallFeatureMix().eval()
+    module = pyrys.load(pyrys.save(pyrys.optimize(model, (torch.rand(2, 2),), dynamic=True), tmp_path / "mix"))
+    batcher = Batcher(module)
+    requests = [(torch.rand(1, 2, generator=torch.Generator().manual_seed(i)) + 0.5,) for i in range(4)]
+    for _ in range(2):
+        results = batcher.run(requests)
+        assert not batcher.batches
+        assert all(torch.allclose(out, model(*inputs), atol=1e-4) for (out, _), inputs in zip(results, requests))
+
+
+class Mlp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.Sequential(nn.Linear(32, 256), nn.GELU(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 10))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+def test_rows_that_do_not_mix_keep_batching_through_float32_rounding(model, saved, tmp_path):
+    """The per-feature check is tight: the kernels of another batch size must not turn batching off."""
+    mlp = pyrys.load(pyrys.save(pyrys.optimize(Mlp().eval(), (torch.randn(2, 32),), dynamic=True), tmp_path / "mlp"))
+    cases = [(mlp, [(torch.randn(1 + i % 3, 32) * 10 ** (i - 2),) for i in range(5)]),
+             (pyrys.load(saved[0]), [(images(1 + i % 2, 20 + i),) for i in range(5)])]
+    for module, requests in cases:
+        batcher = Batcher(module)
+        for _ in range(2):
+            assert [rows for _, rows in batcher.run(requests)] == [sum(len(r[0]) for r in requests)] * 5
+        assert batcher.batches
+
+
+def test_a_bert_with_padding_masks_keeps_batching(tmp_path):
+    transformers = pytest.importorskip("transformers", reason="needs HuggingFace transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64)
+    bert = transformers.BertModel(config).eval()
+    ids = torch.randint(1, 100, (4, 7))
+    mask = (torch.arange(7) < torch.tensor([[7], [5], [3], [6]])).long()
+    module = pyrys.load(pyrys.save(pyrys.optimize(bert, (ids[:2], mask[:2]), dynamic=True), tmp_path / "bert"))
+    batcher = Batcher(module)
+    requests = [(ids[i:i + 1], mask[i:i + 1]) for i in range(4)]
+    if not module.batches_rows:
+        pytest.skip("this BERT's graph does not batch (its inputs' dim 0 are separate symbols)")
+    for _ in range(2):
+        results = batcher.run(requests)
+        assert [rows for _, rows in results] == [4] * 4 and batcher.batches
+    with torch.no_grad():
+        assert all(_close(out, bert(*inputs)) for (out, _), inputs in zip(results, requests))

@@ -13,11 +13,12 @@ along dim 0, run once, and every output tensor is split back: request i gets row
 
 That rows do not mix (no op reduces or attends across dim 0) cannot be read from the shapes: a
 sequence-first model (``(S, B, E)``, attention across dim 0) has the same symbolic size in dim 0 of
-its input and output.  So the first batch that runs is also run request by request, and its first
-request once more joined with rows unlike it (requests that attend alike, a warm-up of copies, cannot
-show rows mixing); where any output moved by more than ``ROWS_AGREE`` (relative), or changed shape,
-the module never batches again, and its callers
-get the request-by-request outputs.  ``--max-batch 1`` turns batching off.  Batching changes which
+its input and output.  So a batch is also run request by request, and its first request once more joined
+with rows unlike it (requests that attend alike, a warm-up of copies, cannot show rows mixing), until a check saw
+rows that differ (the batch's, or the probe's: a warm-up of padding ids, one value everywhere, decides nothing).
+Where any output element moved by more than ``ROWS_AGREE`` of its feature's magnitude (the largest over the rows
+at that place) beyond float rounding (:func:`rows_agree`), or changed shape, the module never batches again, and
+its callers get the request-by-request outputs.  ``--max-batch 1`` turns batching off.  Batching changes which
 kernels run (they depend on the batch size), so a row's output agrees with the same row run alone
 within the module's float tolerance, not bitwise; rows that mix move by far more.
 """
@@ -31,6 +32,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from pyrys.numerics import error_or_reason
 
 ROWS_AGREE = 1e-2  # bf16 and int8 rows move ~1e-3 with the batch's kernels; mixed rows move O(1)
+ROWS_ROUNDING = 1e-5  # float32 rows move ~1e-7-1e-6 of the output's magnitude with the batch's kernels
 
 
 class Batcher:
@@ -77,41 +79,96 @@ class Batcher:
 
     def _check_rows(self, requests: list[tuple[torch.Tensor, ...]],
                     batched: list[tuple[Any, int]]) -> list[tuple[Any, int]]:
-        """The first batch's answers against each request run alone, then a probe (:func:`_probe_mixes_rows`):
-        the alone answers, and no batching from now on, where rows mixed."""
+        """The batch's answers against each request run alone, then a probe (:meth:`_probe_mixes_rows`): the alone
+        answers, and no batching from now on, where rows mixed.  The check counts for good only where the rows it
+        saw differ (the batch's own, or the probe's): identical rows mix to the same values."""
         alone = [self._one(inputs) for inputs in requests]
         if any(isinstance(outputs, Exception) for outputs, _ in alone):
             return alone  # undecided: a request failed alone that ran in the batch
-        agree = all(error_or_reason(joined, own)[0] <= ROWS_AGREE for (own, _), (joined, _) in zip(alone, batched))
-        mixes = not agree or self._probe_mixes_rows(requests[0], alone[0][0])
-        if mixes is None:
-            return batched  # undecided: the probe could not run; the next batch checks again
-        self._rows_checked, self.batches = True, not mixes
-        return alone if mixes else batched
+        floor = _rounding_floor(self._module)
+        agree = all(rows_agree(joined, own, floor) for (own, _), (joined, _) in zip(alone, batched))
+        probed = self._probe_mixes_rows(requests, alone[0][0], floor) if agree else True
+        if probed is True:
+            self._rows_checked, self.batches = True, False
+            return alone
+        self._rows_checked = probed is False or _rows_differ(requests)  # else undecided: the next batch checks again
+        return batched
 
-    def _probe_mixes_rows(self, inputs: tuple[torch.Tensor, ...], alone: Any) -> bool | None:
-        """Whether ``inputs`` joined with rows unlike them (:func:`_unlike`) answer differently for their own rows:
-        requests that attend alike (copies, a warm-up, one row and the same twice) cannot show rows mixing.
-        None where the probe fails."""
+    def _probe_mixes_rows(self, requests: list[tuple[torch.Tensor, ...]], alone: Any, floor: float) -> bool | None:
+        """Whether the first request joined with rows unlike its own (:func:`_unlike`, made from values seen in
+        ``requests``) answers differently for its own rows: requests that attend alike (copies, a warm-up, one row
+        and the same twice) cannot show rows mixing.  None where the probe fails or cannot make other rows (every
+        input holds one value, as a warm-up of padding ids does)."""
+        inputs = requests[0]
+        unlike = tuple(_unlike(t, [r[k] for r in requests]) for k, t in enumerate(inputs))
+        if all(torch.equal(made, t) for made, t in zip(unlike, inputs)):
+            return None
         try:
             with torch.inference_mode():
-                joined = self._module(*(torch.cat([t, _unlike(t)]) for t in inputs))
+                joined = self._module(*(torch.cat([t, made]) for t, made in zip(inputs, unlike)))
             own = tree_unflatten([leaf[:rows_of(inputs)] for leaf in tree_flatten(joined)[0]], tree_flatten(alone)[1])
         except Exception:  # noqa: BLE001 - the probe's rows are made up: a model may refuse them
             return None
-        return error_or_reason(own, alone)[0] > ROWS_AGREE
+        return not rows_agree(own, alone, floor)
 
 
-def _unlike(tensor: torch.Tensor) -> torch.Tensor:
-    """Rows of ``tensor``'s shape and dtype, unlike its own: floats drawn around its values, anything else (token
-    ids, masks) its values shuffled, so that they stay ones the model takes."""
+def rows_agree(batched: Any, alone: Any, floor: float = ROWS_ROUNDING) -> bool:
+    """Whether a request's outputs from a batch are its outputs run alone, element by element:
+    ``|batched - alone| <= ROWS_AGREE * feature + floor * leaf``, where ``feature`` is the largest magnitude at that
+    place over the rows (dims 1..: a feature, a column) and ``leaf`` the largest of the whole output.  A feature of
+    values ~1 that moves by 0.3 next to one of ~1000 is rows mixing (a relative error over the whole output,
+    3e-4, hid it); the kernels of another batch size move float32 values by ~1e-6 of the output's magnitude."""
+    got, got_spec = tree_flatten(batched)
+    want, want_spec = tree_flatten(alone)
+    return got_spec == want_spec and all(_leaf_agrees(a, b, floor) for a, b in zip(got, want))
+
+
+def _leaf_agrees(got: Any, want: Any, floor: float) -> bool:
+    if not isinstance(got, torch.Tensor) or not isinstance(want, torch.Tensor):
+        return error_or_reason(got, want)[0] == 0
+    if got.shape != want.shape or got.dtype != want.dtype:
+        return False
+    if not (want.is_floating_point() or want.is_complex()):
+        return torch.equal(got, want)
+    if want.numel() == 0:
+        return True
+    wide = torch.complex128 if want.is_complex() else torch.float64
+    got, want = got.detach().to(wide), want.detach().to(wide)
+    same = (got == want) | (got.isnan() & want.isnan())  # the same infinity, or NaN in both
+    size = torch.maximum(got.abs(), want.abs()).nan_to_num(nan=0.0, posinf=0.0)
+    feature = size.amax(0, keepdim=True) if size.dim() else size
+    allowed = ROWS_AGREE * feature + floor * size.max()
+    return bool(((got - want).abs().nan_to_num(nan=float("inf")) <= allowed).logical_or(same).all())
+
+
+def _rounding_floor(module: Any) -> float:
+    """What batching may move an output by, over its largest magnitude, beside :data:`ROWS_AGREE` of each feature's:
+    :data:`ROWS_ROUNDING` for float32, :data:`ROWS_AGREE` where the program runs bf16 or int8 layers."""
+    precision = getattr(getattr(module, "_config", None), "precision", None)
+    return ROWS_AGREE if precision in ("bf16", "int8") else ROWS_ROUNDING
+
+
+def _rows_differ(requests: list[tuple[torch.Tensor, ...]]) -> bool:
+    """Whether the batch's rows (dim 0 of its inputs, joined) are not all one row: copies cannot show mixing."""
+    joined = [torch.cat(column) for column in zip(*requests)]
+    return any(len(t) > 1 and not bool((t == t[:1]).all()) for t in joined)
+
+
+def _unlike(tensor: torch.Tensor, seen: list[torch.Tensor]) -> torch.Tensor:
+    """Rows of ``tensor``'s shape and dtype, each element unlike its own: floats drawn around its values; anything
+    else (token ids, masks) each element moved to another value ``seen`` in the requests' same input, by a step
+    of its row (a row of ids stays ids the embedding takes); ``tensor`` itself where only one value was seen."""
     generator = torch.Generator().manual_seed(len(tensor))
     if tensor.is_floating_point() or tensor.is_complex():
         spread = float(tensor.float().std()) if tensor.numel() > 1 else 1.0
         noise = torch.randn(tensor.shape, generator=generator).to(tensor.dtype)
         return tensor.mean() + noise * (spread if spread > 0 else 1.0)
-    flat = tensor.reshape(-1)
-    return flat[torch.randperm(flat.numel(), generator=generator)].view_as(tensor)
+    values = torch.unique(torch.cat([t.reshape(-1) for t in seen]).long())
+    if len(values) < 2:
+        return tensor
+    place = torch.searchsorted(values, tensor.long())
+    step = 1 + torch.arange(len(tensor)).remainder(len(values) - 1).view(-1, *[1] * (tensor.dim() - 1))
+    return values[(place + step) % len(values)].to(tensor.dtype)
 
 
 def per_row(leaf: Any, rows: int) -> bool:
