@@ -835,6 +835,22 @@ class OptimizedModule(torch.nn.Module):
         return leaves[:positional.num_leaves] + [leaf for _, group in groups for leaf in group]
 
     @property
+    def input_names(self) -> list:
+        """Per flat input, in :attr:`input_types`' order, the name of the ``forward`` parameter it fills; None for
+        one that is part of a parameter (a tuple's, a dict's) or that no named parameter takes (``*args``)."""
+        signature, parameters = self._first.signature, self._frontend.parameters
+        named = [p for p in parameters.parameters.values()] if parameters is not None else []
+        named = [p.name for p in named if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        positional, keywords = signature.in_spec.child(0), signature.in_spec.child(1)
+        names = []
+        for i, child in enumerate(positional.children()):
+            names += [named[i] if i < len(named) and child.num_leaves == 1 else None] * child.num_leaves
+        groups = [(name, child.num_leaves) for name, child in zip(keywords.context, keywords.children())]
+        order = list(parameters.parameters) if parameters is not None else []
+        groups.sort(key=lambda group: order.index(group[0]) if group[0] in order else len(order))  # as input_types
+        return names + [name if leaves == 1 else None for name, leaves in groups for _ in range(leaves)]
+
+    @property
     def specializes_shapes(self) -> bool:
         """Whether a new input shape is specialized from a graph captured with symbolic sizes (no capture,
         no pass); False where a new shape captures the model again or, loaded, is refused."""

@@ -452,3 +452,25 @@ def test_a_bert_with_padding_masks_keeps_batching(tmp_path):
         assert [rows for _, rows in results] == [4] * 4 and batcher.batches
     with torch.no_grad():
         assert all(_close(out, bert(*inputs)) for (out, _), inputs in zip(results, requests))
+
+
+def test_the_predictor_refuses_input_columns_listed_out_of_forwards_order(tmp_path):
+    """``column=["attention_mask", "input_ids"]`` for ``forward(input_ids, attention_mask)`` ran with the two
+    swapped, silently (a helper's find): columns fill the inputs by position."""
+    opt = pyrys.optimize(TwoInputs().eval(), (torch.ones(2, 5, dtype=torch.long), torch.ones(2, 5, dtype=torch.long)),
+                         dynamic=True)
+    path = pyrys.save(opt, tmp_path / "two.pyrys")
+    assert pyrys.load(path).input_names == ["ids", "mask"]
+    with pytest.raises(ValueError, match=r"column= \['mask', 'ids'\] names forward's parameters in another order "
+                                         r"than its inputs \['ids', 'mask'\].*column=\['ids', 'mask'\]"):
+        Predictor(path, column=["mask", "ids"])
+    Predictor(path, column=["ids", "mask"])
+    Predictor(path, column=["b", "a"])  # other names: by position, as documented
+
+
+def test_the_predictor_refuses_to_replace_a_column_the_batch_has(saved):
+    """A label column named ``output`` was replaced by the outputs, silently (a helper's find)."""
+    batch = {"image": images(2, 1).numpy(), "out_0": np.array([7, 7])}
+    with pytest.raises(ValueError, match="the batch has a column 'out_0' already.*pass output_column= another name"):
+        Predictor(saved[0], output_column="out")(batch)
+    assert batch["out_0"].tolist() == [7, 7] and sorted(batch) == ["image", "out_0"]

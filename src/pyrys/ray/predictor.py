@@ -8,11 +8,12 @@
 Each actor loads the program once (``pyrys.load``: no capture, no pass).  ``path`` is the saved
 directory (every node must read it), or its files (``pyrys.saving.read_files(path)``, which Ray
 ships to each actor with the constructor's arguments), or an object reference to them.  A batch's ``column``
-(or columns, one per positional input) become the inputs, dim 0 being the rows; the outputs are
+(or columns, one per positional input, bound by position: columns named as ``forward``'s parameters in
+another order are refused) become the inputs, dim 0 being the rows; the outputs are
 added to the batch as ``output_column`` (one tensor output), or, for several outputs, as
 ``output_column`` + ``"_"`` + the output's name (:func:`pyrys.ray.codec.named_leaves`: ``output_0``,
 ``output_logits``), or under the names ``output_column`` lists.  Every output must have one row
-per input row.  A batch size the program cannot take (a program saved for fixed shapes) runs
+per input row, and a column the batch already has is not replaced (``ValueError``).  A batch size the program cannot take (a program saved for fixed shapes) runs
 row by row when the program takes one row, else raises :class:`pyrys.InputError` naming the shapes.
 """
 from __future__ import annotations
@@ -42,6 +43,7 @@ class Predictor:
                              "would replace the inputs; name the outputs otherwise")
         self.output_column = output_column if isinstance(output_column, str) else output_names
         self.module = load_program(path, threads)
+        _check_column_order(self.columns, getattr(self.module, "input_names", []))
 
     def __call__(self, batch: Mapping[str, Any]) -> Any:
         if not hasattr(batch, "keys"):
@@ -57,7 +59,12 @@ class Predictor:
         outputs = self._run(inputs)
         rows = len(inputs[0])
         named = named_leaves(outputs)
-        for (_, leaf), name in zip(named, self._output_names(named)):
+        names = self._output_names(named)
+        taken = [name for name in names if name in batch]
+        if taken:
+            raise ValueError(f"pyrys.ray.Predictor: the batch has a column {taken[0]!r} already, which the output would "
+                             "replace; pass output_column= another name for the outputs")
+        for (_, leaf), name in zip(named, names):
             if not per_row(leaf, rows):
                 raise ValueError(f"pyrys.ray.Predictor: output {name!r} must have one row per input row ({rows}), "
                                  f"got {_describe(leaf)}; Ray Data needs per-row outputs")
@@ -94,6 +101,16 @@ def _names(value: Any, argument: str) -> list[str]:
     if not names or not all(isinstance(name, str) and name for name in names):
         raise TypeError(f"pyrys.ray.Predictor: {argument} must be a column name or a list of them, got {value!r:.80}")
     return names
+
+
+def _check_column_order(columns: list[str], inputs: list) -> None:
+    """``ValueError`` where ``columns`` are the names of the program's inputs (``forward``'s parameters they fill)
+    in another order: columns bind to inputs by position, so the inputs would be swapped."""
+    known = [name for name in inputs if name is not None]
+    if set(columns) <= set(known) and columns != inputs[:len(columns)]:
+        raise ValueError(f"pyrys.ray.Predictor: column= {columns} names forward's parameters in another order than "
+                         f"its inputs {inputs[:len(columns)]}; columns fill the inputs by position, so list them "
+                         f"in forward's order: column={inputs[:len(columns)]}")
 
 
 def _column_tensor(values: Any, name: str, expected: Any = None) -> torch.Tensor:
