@@ -21,7 +21,7 @@ from pyrys.forwarding import forwarded
 from pyrys.input_structures import (PassedOtherwise, binding_error, leaf_kinds, other_dtypes, passed_otherwise,
                                      tensor_kinds)
 from pyrys.ir.symbolic import (bind_symbols, describe_dims, differing_fixed_dims, fixed_dims_differ, pinned_dims_differ,
-                                rows_dim)
+                                rows_dim, rows_dim_reason)
 from pyrys.numerics.trace import NumericsTrace
 from pyrys.machine import give_back_freed_memory, note_module_freed
 from pyrys.mode_warnings import warn_of_writes
@@ -862,6 +862,13 @@ class OptimizedModule(torch.nn.Module):
         without capture, and dim 0 of every input and every output is one symbolic size, the rows.  That no
         op mixes rows (a reduction or attention across dim 0) is not visible in shapes: the caller's to know."""
         return self._generic is not None and rows_dim(self._generic.generic.gm) is not None
+
+    def why_rows_do_not_batch(self) -> str:
+        """Why :attr:`batches_rows` is False ("" where it is True)."""
+        if self._generic is None:
+            return ("it was saved for fixed shapes: optimize it with dynamic=True (or call it at a second batch "
+                    "size before pyrys.save) and save it again to batch")
+        return rows_dim_reason(self._generic.generic.gm)
 
     def program_text(self) -> str:
         return self._first.program.describe()

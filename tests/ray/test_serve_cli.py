@@ -47,3 +47,26 @@ def test_numbers_out_of_range_are_refused_by_name(option, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "x", *option])
     assert option[0] in capsys.readouterr().err
+
+
+def test_the_note_on_requests_that_cannot_batch_says_why(tmp_path):
+    """A BERT optimized with dynamic=True was told to optimize with dynamic=True: its inputs' dims 0 are separate
+    symbols in the graph (a helper's find)."""
+    import argparse
+
+    import torch
+
+    import pyrys
+    from pyrys.ray.serve_cli import _notes
+
+    class Apart(torch.nn.Module):
+        def forward(self, ids, mask):
+            return ids * 2, mask + 1
+
+    args, two = argparse.Namespace(replicas=1, max_batch=8), (torch.ones(2, 3), torch.ones(2, 3))
+    apart = pyrys.load(pyrys.save(pyrys.optimize(Apart(), two, dynamic=True), tmp_path / "apart"))
+    fixed = pyrys.load(pyrys.save(pyrys.optimize(Apart(), two), tmp_path / "fixed"))
+    (note,) = _notes(apart, args, 1, 2, cluster=False)
+    assert "the inputs' dims 0 are separate symbols in the captured graph" in note and "dynamic=True" not in note
+    (note,) = _notes(fixed, args, 1, 2, cluster=False)
+    assert "saved for fixed shapes: optimize it with dynamic=True" in note

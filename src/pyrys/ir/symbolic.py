@@ -492,6 +492,19 @@ def rows_dim(gm: fx.GraphModule) -> sympy.Expr | None:
     return dim if isinstance(dim, sympy.Symbol) else None
 
 
+def rows_dim_reason(gm: fx.GraphModule) -> str:
+    """Why :func:`rows_dim` finds no rows in ``gm`` ("" where it does)."""
+    inputs = [_dim0(node.meta.get("val")) for node in user_inputs(gm.graph)]
+    if rows_dim(gm) is not None:
+        return ""
+    if any(not isinstance(dim, sympy.Symbol) for dim in inputs):
+        return "an input's dim 0 is a fixed size in the captured graph, or the input is not a tensor"
+    if len(set(inputs)) > 1:
+        return (f"the inputs' dims 0 are separate symbols in the captured graph ({', '.join(map(str, inputs))}): "
+                "no op ties them to one size, so they cannot be read as the same rows")
+    return "an output's dim 0 is not the inputs' rows (a fixed size, another size, or not a tensor)"
+
+
 def _dim0(value: Any) -> Any:
     if isinstance(value, torch.Tensor) and value.dim() > 0 and isinstance(value.shape[0], torch.SymInt):
         return value.shape[0].node.expr

@@ -135,9 +135,8 @@ def _notes(module, args: argparse.Namespace, threads: int, cpus: int, cluster: b
         notes.append(f"{args.replicas} replica(s) x {threads} thread(s) is more than the {cpus} CPUs here: "
                      "they will take turns on them")
     if args.max_batch > 1 and not module.batches_rows:
-        notes.append("requests will run one by one: this program cannot join them along dim 0 (it was saved for "
-                     "fixed shapes, or an input's or output's dim 0 is not the rows); optimize it with "
-                     "dynamic=True and save it again to batch")
+        why = getattr(module, "why_rows_do_not_batch", lambda: "")()
+        notes.append(f"requests will run one by one: this program cannot join them along dim 0 ({why})")
     return notes
 
 
