@@ -434,26 +434,6 @@ def test_rows_that_do_not_mix_keep_batching_through_float32_rounding(model, save
         assert batcher.batches
 
 
-def test_a_bert_with_padding_masks_keeps_batching(tmp_path):
-    transformers = pytest.importorskip("transformers", reason="needs HuggingFace transformers")
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64)
-    bert = transformers.BertModel(config).eval()
-    ids = torch.randint(1, 100, (4, 7))
-    mask = (torch.arange(7) < torch.tensor([[7], [5], [3], [6]])).long()
-    module = pyrys.load(pyrys.save(pyrys.optimize(bert, (ids[:2], mask[:2]), dynamic=True), tmp_path / "bert"))
-    batcher = Batcher(module)
-    requests = [(ids[i:i + 1], mask[i:i + 1]) for i in range(4)]
-    if not module.batches_rows:
-        pytest.skip("this BERT's graph does not batch (its inputs' dim 0 are separate symbols)")
-    for _ in range(2):
-        results = batcher.run(requests)
-        assert [rows for _, rows in results] == [4] * 4 and batcher.batches
-    with torch.no_grad():
-        assert all(_close(out, bert(*inputs)) for (out, _), inputs in zip(results, requests))
-
-
 def test_the_predictor_refuses_input_columns_listed_out_of_forwards_order(tmp_path):
     """``column=["attention_mask", "input_ids"]`` for ``forward(input_ids, attention_mask)`` ran with the two
     swapped, silently (a helper's find): columns fill the inputs by position."""
