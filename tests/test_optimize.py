@@ -56,6 +56,27 @@ def test_a_parametrized_model_optimized_inside_parametrize_cached_still_runs_in_
     assert parametrize._cache_enabled == 0 and not parametrize._cache
 
 
+def test_the_parametrize_cache_counter_other_threads_count_on_is_left_alone():
+    """Turning the process-wide counter off for the trace broke other threads' ``cached()`` blocks (one left
+    during the trace left its cache uncleared: a later block read a stale weight; a review's find)."""
+    from torch.nn.utils import parametrize
+
+    from pyrys.capture.export import parametrizations_unspoiled
+
+    real = torch.ones(2)
+    with parametrize.cached():
+        parametrize._cache[(0, "weight")] = real
+        with parametrizations_unspoiled():
+            assert parametrize._cache_enabled == 1
+            parametrize._cache[(1, "weight")] = torch.nn.Parameter(torch.ones(2)).data.as_subclass(_Traced)
+            parametrize._cache[(0, "weight")] = torch.zeros(2).as_subclass(_Traced)
+        assert parametrize._cache == {(0, "weight"): real}
+
+
+class _Traced(torch.Tensor):
+    """A tensor of a subclass, as torch.export's fake ones are."""
+
+
 def test_disable_by_name_and_unknown_names():
     opt = pyrys.optimize(conv_bn_relu(), (image(),), backend="reference", disable=["fold_conv_bn"])
     assert "aten::batch_norm" in opt.graph

@@ -238,14 +238,16 @@ class OptimizedModule(torch.nn.Module):
         return module
 
     def _dtype_refused(self, signature: Signature, args: tuple, kwargs: dict, error: CaptureError) -> InputError:
-        """A call whose floating-point tensor of another dtype the model refuses (captured for it: eager's ops
-        refuse float64 into float32 weights): the signature check's dtype error, with torch's reason."""
+        """A call whose floating-point tensor of another dtype the capture for it refuses (eager's ops refuse
+        float64 into float32 weights; torch.export may refuse what eager runs): the signature check's dtype
+        error, with torch's reason."""
         reason = _first_line(error.__cause__ or error)
         try:
             check_compatible(self._first.signature, signature, signature_of(args, kwargs)[1], args)
         except InputError as refused:
-            return InputError(f"{refused}, which the model does not take, as eager does not ({reason})")
-        return InputError(f"pyrys: inputs ({signature.describe()}) the model does not take, as eager does not ({reason})")
+            return InputError(f"{refused}, which the model's capture for it refuses, as eager's ops do where they "
+                              f"take no such dtype ({reason})")
+        return InputError(f"pyrys: inputs ({signature.describe()}) whose capture torch refuses ({reason})")
 
     def _capture_otherwise(self, signature: Signature, key: tuple, said: str, args: tuple,
                            kwargs: dict) -> "OptimizedModule":

@@ -109,18 +109,25 @@ def tracing() -> contextlib.AbstractContextManager:
 
 
 @contextlib.contextmanager
-def parametrizations_uncached():
-    """``torch.nn.utils.parametrize``'s cache off while torch.export traces: inside the user's
-    ``parametrize.cached()`` the trace's fake weights were cached under the user's module (a copy's
-    parametrization keys its cache by the module it was registered on), which the user's model then
-    returned for the rest of the block (a helper's find; torch.export alone does the same).  What was
-    turned off is added back, so a block another thread leaves meanwhile still counts."""
-    turned_off = parametrize._cache_enabled
-    parametrize._cache_enabled -= turned_off
+def parametrizations_unspoiled():
+    """``torch.nn.utils.parametrize``'s cache as the trace found it: inside the user's ``parametrize.cached()``
+    the trace's fake weights were cached under the user's module (a copy's parametrization keys its cache by the
+    module it was registered on), which the user's model then returned for the rest of the block (a helper's
+    find; torch.export alone does the same).  What the trace put there that is not a plain tensor is taken out
+    (a value it replaced put back); the cache's process-wide counter is left alone, which other threads' blocks
+    count on (turning it off for the trace broke theirs: a review's find).  A call of the model on another
+    thread inside such a block during the trace may still read a fake weight: torch's cache is process-wide."""
+    before = dict(parametrize._cache)
     try:
         yield
     finally:
-        parametrize._cache_enabled += turned_off
+        cache = parametrize._cache  # (a new dict where every block was left meanwhile)
+        for key, value in list(cache.items()):
+            if before.get(key) is not value and type(value) not in (torch.Tensor, torch.nn.Parameter):
+                if key in before:
+                    cache[key] = before[key]
+                else:
+                    cache.pop(key, None)
 
 
 def export_module(model: torch.nn.Module, args: tuple, kwargs: dict | None = None,
@@ -131,7 +138,7 @@ def export_module(model: torch.nn.Module, args: tuple, kwargs: dict | None = Non
     size 1 kept), for a graph that holds for every size torch.export could keep symbolic."""
     args, kwargs = _unaliased(*_own_tensor_objects(args, kwargs or {}))
     with tracing(), torch.no_grad(), sizes_kept_symbolic() if dynamic else contextlib.nullcontext(), \
-            export_diagnostics_unlogged(), parametrizations_uncached():
+            export_diagnostics_unlogged(), parametrizations_unspoiled():
         try:
             varying = dynamic if isinstance(dynamic, VaryingDims) else frozenset()
             shapes = symbolic_dims(model, args, kwargs, keeps_size_one_fixed(dynamic), varying) if dynamic else None

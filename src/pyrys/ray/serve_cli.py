@@ -136,7 +136,7 @@ def _notes(module, args: argparse.Namespace, threads: int, cpus: int, cluster: b
                      "they will take turns on them")
     if args.max_batch > 1 and not module.batches_rows:
         why = getattr(module, "why_rows_do_not_batch", lambda: "")()
-        notes.append(f"requests will run one by one: this program cannot join them along dim 0 ({why})")
+        notes.append("requests will run one by one: this program cannot join them along dim 0" + (f" ({why})" if why else ""))
     return notes
 
 
