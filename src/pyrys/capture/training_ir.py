@@ -182,8 +182,9 @@ def _unflatten(gm: fx.GraphModule, node: fx.Node) -> None:
     shape = list(x.meta["val"].shape)
     dim %= len(shape)
     with gm.graph.inserting_before(node):
-        outer = [_size_of(gm, x, i, size) for i, size in enumerate(shape)]
-    _replace(gm, node, aten.view.default, (x, outer[:dim] + sizes + outer[dim + 1:]))
+        before = [_size_of(gm, x, i, size) for i, size in enumerate(shape[:dim])]
+        after = [_size_of(gm, x, i, size) for i, size in enumerate(shape[dim + 1:], dim + 1)]
+    _replace(gm, node, aten.view.default, (x, before + sizes + after))
 
 
 def _size_of(gm: fx.GraphModule, x: fx.Node, dim: int, size) -> "int | fx.Node":
