@@ -30,6 +30,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from pyrys.numerics import error_or_reason
+from pyrys.precision_notes import effective_precision
 
 ROWS_AGREE = 1e-2  # bf16 and int8 rows move ~1e-3 with the batch's kernels; mixed rows move O(1)
 ROWS_ROUNDING = 1e-5  # float32 rows move ~1e-7-1e-6 of the output's magnitude with the batch's kernels
@@ -143,9 +144,10 @@ def _leaf_agrees(got: Any, want: Any, floor: float) -> bool:
 
 def _rounding_floor(module: Any) -> float:
     """What batching may move an output by, over its largest magnitude, beside :data:`ROWS_AGREE` of each feature's:
-    :data:`ROWS_ROUNDING` for float32, :data:`ROWS_AGREE` where the program runs bf16 or int8 layers."""
-    precision = getattr(getattr(module, "_config", None), "precision", None)
-    return ROWS_AGREE if precision in ("bf16", "int8") else ROWS_ROUNDING
+    :data:`ROWS_ROUNDING` for float32, :data:`ROWS_AGREE` where the program runs bf16 or int8 layers (the precision
+    it runs in: ``precision="bf16"`` runs float32 on a CPU without native bf16)."""
+    asked = getattr(getattr(module, "_config", None), "precision", None)
+    return ROWS_AGREE if asked and effective_precision(asked)[0] in ("bf16", "int8") else ROWS_ROUNDING
 
 
 def _rows_differ(requests: list[tuple[torch.Tensor, ...]]) -> bool:
