@@ -307,10 +307,13 @@ def test_the_accuracy_guard_keeps_the_sensitive_layer_in_floating_point(backend,
     x = calibration[0]
     unguarded = int8(model, x, backend, calibration, accuracy_budget=None)
     assert pyrys.relative_error(unguarded(x), model(x)) > 0.1
-    guarded = int8(model, x, backend, calibration, accuracy_budget=1e-2)
+    # bf16 rounds the kept linear's input too: 1.1e-2 with it alone kept, over 1e-2 (the guard then kept both:
+    # a native-bf16 EPYC Zen 4)
+    budget = 1e-2 if kept_in == "float32" else 2e-2
+    guarded = int8(model, x, backend, calibration, accuracy_budget=budget)
     (miss,) = guarded.misses
     assert miss.rule == "int8" and f"kept in {kept_in} by the accuracy guard" in miss.reason
-    assert "accuracy_budget=0.01" in miss.reason
+    assert f"accuracy_budget={budget}" in miss.reason
     assert f"1 op kept in {kept_in}, see misses" in " ".join(guarded.notes)
     if kept_in == "float32":
         assert re.search(rf"%{miss.node} : Float\(4, 16\) = pyrys::linear_relu\(%input_1, ", guarded.graph)  # the first
@@ -321,7 +324,7 @@ def test_the_accuracy_guard_keeps_the_sensitive_layer_in_floating_point(backend,
                          guarded.graph)
         assert "BFloat16(16, 8) = prim::Constant" in guarded.graph
         assert fired(guarded) == {"int8": 1, "bf16": 1, "conversion": 2}
-    assert pyrys.relative_error(guarded(x), model(x)) <= 1e-2
+    assert pyrys.relative_error(guarded(x), model(x)) <= budget
 
 
 def test_the_guard_keeps_the_op_that_moves_the_outputs_not_the_one_that_moves_its_own(monkeypatch):

@@ -285,3 +285,51 @@ def test_no_program_keeps_a_checks_outputs_that_no_call_takes(tmp_path):
     pyrys.save(opt, tmp_path / "saved")  # (captures batch 1 first, which the graph for every shape excludes)
     held = [*opt._programs.values(), *opt._other_templates]
     assert len(held) >= 3 and not [c for c in held if getattr(c.program, "_checked_outputs", None)]
+
+
+class ChaoticAfterLinear(nn.Module):
+    """A linear, then the logistic map: some of the linear's bf16 or int8 roundings (16k of its inputs) flip
+    with a 1e-6 change of its input, and the map makes that change whole."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = nn.Linear(512, 64)
+
+    def forward(self, x):
+        x = torch.sigmoid(self.linear(x)) * 0.8 + 0.1
+        for _ in range(40):
+            x = 3.99 * x * (1 - x)
+        return x
+
+
+@pytest.mark.parametrize("precision", ["int8", "bf16"])
+def test_a_lower_precision_model_that_amplifies_rounding_runs_on_onednn(precision):
+    """The bench's random EfficientNet-B0 and RegNetY in bf16 and int8 with ``accuracy_budget=None`` (AVX-512
+    EPYC Zen 4): the check found them amplifying rounding and ran every call on torch ops, 2.5-10x slower
+    (RegNetY bf16 22.5 against 5.1 ms), where torch's ops round to bf16 or int8 too, no nearer float32."""
+    from pyrys.machine import native_bf16
+
+    if precision == "bf16" and not native_bf16():
+        pytest.skip("bf16 runs float32 on a CPU without native bf16: no bf16 program to check")
+    x = torch.rand(32, 512, generator=torch.Generator().manual_seed(0))
+    calibration = [(x,)] if precision == "int8" else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        opt = pyrys.optimize(ChaoticAfterLinear().eval(), (x,), backend="dnnl", precision=precision,
+                             calibration=calibration, accuracy_budget=None)
+    assert opt._first.backend == "dnnl" and opt._first.program.fault is None
+    assert any(f"{self_check.AMPLIFIES}, and its {precision} rounding flips" in note and "run on oneDNN" in note
+               for note in opt.notes), opt.notes
+    assert opt(x).shape == (32, 64)
+
+
+def test_a_lower_precision_kernel_fault_is_still_one(monkeypatch):
+    """Only rounding is let through: an int8 program 2x off on a model that does not amplify rounding still
+    runs on torch ops."""
+    call = DnnlProgram.__call__
+    monkeypatch.setattr(DnnlProgram, "__call__", lambda self, inputs: [y * 2 for y in call(self, inputs)])
+    x = torch.rand(2, 3, 8, 8)
+    with pytest.warns(RuntimeWarning, match="a fault in a oneDNN kernel"):
+        opt = pyrys.optimize(net(), (x,), backend="dnnl", precision="int8", calibration=[(x,)], accuracy_budget=None)
+    assert opt._first.backend == "reference"

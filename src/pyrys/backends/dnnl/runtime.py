@@ -84,6 +84,7 @@ class DnnlRuntime:
         self.float_inputs = [i for i, t in enumerate(example_inputs)
                              if checked and isinstance(t, torch.Tensor) and t.is_floating_point()]
         self.fault: str | None = None  # why every call runs on the reference backend (``self_check.py``)
+        self.check_note: str | None = None  # why a program that differs from torch's ops runs all the same
         # the structures (self_check.structure) of this graph's programs checked so far, shared by its shapes:
         # those that passed, and those that disagreed, with why (a later shape of one runs on torch ops at once)
         self.checked: dict[str, str | None] = like.checked if like is not None else {}
@@ -105,8 +106,8 @@ class DnnlRuntime:
         ``keep_outputs``: the program's outputs are kept for the call on these inputs that made this shape's
         program (the caller's call, next: it returns them rather than run the program again)."""
         reference = ReferenceProgram(self.gm)
-        self.fault, outputs = with_threads(threads, self_check.disagreement, self.first, reference, self.gm,
-                                           example_inputs)
+        self.fault, outputs, self.check_note = with_threads(threads, self_check.disagreement, self.first, reference,
+                                                            self.gm, example_inputs)
         if keep_outputs and self.fault is None and outputs is not None:
             self._checked_outputs["next"] = CheckedOutputs(example_inputs, outputs)
         if self.fault is not None:
@@ -296,7 +297,7 @@ class DnnlRuntime:
         if self.fault is not None:
             return []
         said = int8_or_float.note([step.text for step in self.first.steps])
-        return [said] if said else []
+        return [note for note in (said, self.check_note) if note]
 
     def describe(self) -> str:
         said = f"# every call runs on the reference backend: {self.fault}\n" if self.fault is not None else ""
