@@ -136,6 +136,11 @@ def test_benchmark_model_times_every_available_system():
 def test_select_peers_keeps_eager_and_rejects_unknown_names():
     peers = default_peers(1)
     assert [p.name for p in select_peers(peers, ["onnxruntime"])] == ["eager", "onnxruntime"]
+    # the unguarded systems (accuracy_budget=None) run when named, or with "all"
+    assert not any("unguarded" in p.name for p in select_peers(peers, []))
+    assert [p.name for p in select_peers(peers, ["all"]) if "unguarded" in p.name] == [
+        "pyrys-dnnl-bf16-unguarded", "pyrys-dnnl-int8-unguarded"]
+    assert [p.name for p in select_peers(peers, ["pyrys-dnnl-int8-unguarded"])] == ["eager", "pyrys-dnnl-int8-unguarded"]
     with pytest.raises(ValueError, match="unknown systems"):
         select_peers(peers, ["no-such-system"])
 

@@ -32,7 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"torchvision names, zoo transformers (hf_bert, hf_gpt2, ...) or module:factory "
                              f"(default: {' '.join(DEFAULT_MODELS)})")
     parser.add_argument("--batch-sizes", nargs="+", type=at_least_one, help="default: 1 16 (1 with --quick)")
-    parser.add_argument("--systems", nargs="+", default=["all"], help="systems to run (eager is always included)")
+    parser.add_argument("--systems", nargs="+", default=[],
+                        help="systems to run (eager is always included; default: every one but the -unguarded ones, "
+                             "'all': every one)")
     parser.add_argument("--threads", type=at_least_one, default=2, help="threads for torch, ORT and OpenVINO")
     parser.add_argument("--rounds", type=at_least_one, help="interleaved rounds (default 5, 2 with --quick)")
     parser.add_argument("--block-seconds", type=finite_non_negative, default=1.0, help="target time of one timed block")
@@ -69,11 +71,12 @@ def short_name(model_name: str) -> str:
 
 
 def list_systems(peers: list[Peer], console: Console) -> int:
-    """Print every system and whether it can run here."""
+    """Print every system and whether it can run here (and which run only when named)."""
     width = max(len(peer.name) for peer in peers)
     for peer in peers:
         ok, reason = peer.available()
-        console.print(f"{peer.name:{width}} {'available' if ok else 'skipped: ' + reason}", markup=False)
+        named = "" if peer.by_default else " (run when named)"
+        console.print(f"{peer.name:{width}} {'available' if ok else 'skipped: ' + reason}{named}", markup=False)
     return 0
 
 
@@ -123,7 +126,7 @@ def run_pinned(args: argparse.Namespace, command: str) -> int:
         console.print(str(error), style="red", markup=False)
         return 2
     if args.list_systems:
-        return list_systems(peers, console)
+        return list_systems(peers if args.systems else default_peers(threads), console)
     unknown = [why for name in model_names(args) if ":" not in name and (why := unknown_model(name))]
     if unknown:
         console.print(f"pyrys bench: {'; '.join(unknown)}", style="red", markup=False)

@@ -32,6 +32,7 @@ class Peer:
     """A system to benchmark; subclasses override ``prepare``."""
 
     name = "peer"
+    by_default = True  # run when --systems names none (else only when named)
 
     def __init__(self, threads: int) -> None:
         self.threads = threads
@@ -58,12 +59,17 @@ class Eager(Peer):
 
 class PyrysPeer(Peer):
     """``pyrys.optimize`` with one backend, at one precision (``pyrys-dnnl``, ``pyrys-dnnl-bf16``,
-    ``pyrys-dnnl-int8``: calibrated on :func:`calibration_data`)."""
+    ``pyrys-dnnl-int8``: calibrated on :func:`calibration_data`); ``guarded=False`` (``...-unguarded``):
+    ``accuracy_budget=None``, every op the precision can run in it, as OpenVINO runs them (on models whose
+    outputs amplify rounding, the default guard keeps most ops in float32: the same speed at the same error
+    is this system's)."""
 
-    def __init__(self, threads: int, backend: str, precision: str = "fp32") -> None:
+    def __init__(self, threads: int, backend: str, precision: str = "fp32", guarded: bool = True) -> None:
         super().__init__(threads)
-        self.backend, self.precision = backend, precision
-        self.name = f"pyrys-{backend}" + ("" if precision == "fp32" else f"-{precision}")
+        self.backend, self.precision, self.guarded = backend, precision, guarded
+        self.name = f"pyrys-{backend}" + ("" if precision == "fp32" else f"-{precision}") + \
+            ("" if guarded else "-unguarded")
+        self.by_default = guarded
 
     def available(self) -> tuple[bool, str]:
         from pyrys.machine import native_bf16
@@ -78,8 +84,9 @@ class PyrysPeer(Peer):
         import pyrys
 
         calibration = calibration_data(inputs) if self.precision == "int8" else None
+        budget = {} if self.guarded else {"accuracy_budget": None}
         return pyrys.optimize(model, example_inputs=inputs, backend=self.backend, precision=self.precision,
-                              calibration=calibration)
+                              calibration=calibration, **budget)
 
     def note(self, runner: Runner) -> str:
         """Where the compile-time self-check sent the calls to torch ops, that (its times are torch's)."""
@@ -327,15 +334,18 @@ def openvino_has_bf16() -> bool:
 def default_peers(threads: int) -> list[Peer]:
     """Every system, in report order: pyrys backends first, then eager and the peers."""
     pyrys = [PyrysPeer(threads, backend) for backend in pyrys_backends()] + [
-        PyrysPeer(threads, "dnnl", "bf16"), PyrysPeer(threads, "dnnl", "int8")]
+        PyrysPeer(threads, "dnnl", precision, guarded) for guarded in (True, False) for precision in ("bf16", "int8")]
     others = [Eager(threads), TorchScript(threads), Inductor(threads), OnnxRuntime(threads), OnnxRuntimeInt8(threads),
               InductorInt8(threads), OpenVino(threads), OpenVino(threads, "bf16"), OpenVinoInt8(threads)]
     return pyrys + others
 
 
 def select_peers(peers: list[Peer], names: list[str] | None) -> list[Peer]:
-    """The peers named (all when ``names`` is empty); eager is always kept as the reference."""
-    if not names or names == ["all"]:
+    """The peers named (when ``names`` is empty, those run by default; ``["all"]``: every one); eager is always
+    kept as the reference."""
+    if not names:
+        return [peer for peer in peers if peer.by_default]
+    if names == ["all"]:
         return peers
     known = {peer.name: peer for peer in peers}
     unknown = [name for name in names if name not in known]
