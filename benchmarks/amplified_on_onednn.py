@@ -7,7 +7,6 @@ Runtime, interleaved blocks in one process, with each one's error against eager.
 from __future__ import annotations
 
 import statistics
-import time
 import warnings
 
 import torch
@@ -17,16 +16,7 @@ import pyrys.bench.peers as peers
 from pyrys.backends.dnnl import self_check
 from pyrys.bench.models import build_model, example_inputs
 
-
-def block(runner, inputs, calls: int = 60) -> float:
-    for _ in range(5):
-        runner(*inputs)
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        runner(*inputs)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+from guarded_unguarded import block  # (this folder: run as python benchmarks/...)
 
 
 def main() -> None:
