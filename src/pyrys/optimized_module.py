@@ -341,6 +341,9 @@ class OptimizedModule(torch.nn.Module):
                 fault = getattr(compiled.program, "fault", None)  # its own check's (dnnl's self_check.py)
                 if fault is not None and getattr(self._first.program, "fault", None) is None:  # (else said once)
                     self._note(f"inputs ({signature.describe()}): {fault}")
+                trusted = getattr(compiled.program, "check_note", None)  # differs, as rounding explains
+                if trusted:
+                    self._note(f"inputs ({signature.describe()}): {trusted}")
         return compiled
 
     def _numbers_may_differ(self) -> bool:

@@ -235,7 +235,8 @@ def test_a_program_the_self_check_sent_to_torch_ops_says_so_in_the_table(monkeyp
     monkeypatch.setattr(DnnlProgram, "__call__", lambda self, inputs: [y * 1.5 for y in call(self, inputs)])
     with pytest.warns(RuntimeWarning, match="amplifies rounding"):
         result = prepare_system(PyrysPeer(1, "dnnl"), model, (x,), model(x))
-    assert result.note == "calls run on torch ops: the model amplifies rounding (the self-check; opt.notes)"
+    assert result.note == ("calls run on torch ops: its program disagreed more than the model's rounding explains "
+                           "(the self-check; opt.notes)")
 
 
 def test_a_note_with_brackets_is_printed_as_written():

@@ -95,7 +95,8 @@ class PyrysPeer(Peer):
         fault = next((note for note in runner.notes if ON_TORCH_OPS in note), None)
         if fault is None:
             return ""
-        why = AMPLIFIES if AMPLIFIES in fault else "its program disagreed"
+        why = "its program disagreed more than the model's rounding explains" if AMPLIFIES in fault \
+            else "its program disagreed"
         return f"calls run on torch ops: {why} (the self-check; opt.notes)"
 
 

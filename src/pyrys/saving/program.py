@@ -488,6 +488,10 @@ def _decode_compiled(record: dict, tensors: dict, config: OptimizeConfig, same_c
         program.saved_choices = saved_choices  # its programs for other thread counts, built at a call
     if backend == "dnnl" and same_cpu and record["policy"]:
         program = _with_policy(program, record["policy"])
+    if not same_cpu:  # checked again here: the save's check notes are the other CPU's
+        from pyrys.backends.dnnl.self_check import TRUSTED
+        notes = [note for note in notes if TRUSTED not in note] + \
+            [note for note in [getattr(program, "check_note", None)] if note]
     fault = getattr(program, "fault", None)
     if fault is not None:
         notes.append(fault)

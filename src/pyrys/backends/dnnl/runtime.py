@@ -86,7 +86,9 @@ class DnnlRuntime:
         self.fault: str | None = None  # why every call runs on the reference backend (``self_check.py``)
         self.check_note: str | None = None  # why a program that differs from torch's ops runs all the same
         # the structures (self_check.structure) of this graph's programs checked so far, shared by its shapes:
-        # those that passed, and those that disagreed, with why (a later shape of one runs on torch ops at once)
+        # those that passed (None; also one trusted with a note, self_check.TRUSTED: a later shape of it is not
+        # checked, and its note is the first's), and those that disagreed, with why (a later shape of one runs
+        # on torch ops at once)
         self.checked: dict[str, str | None] = like.checked if like is not None else {}
         if options.check and self_check.checkable(gm, example_inputs):
             structure = self_check.structure(self.first)
@@ -300,7 +302,8 @@ class DnnlRuntime:
         return [note for note in (said, self.check_note) if note]
 
     def describe(self) -> str:
-        said = f"# every call runs on the reference backend: {self.fault}\n" if self.fault is not None else ""
+        said = f"# every call runs on the reference backend: {self.fault}\n" if self.fault is not None else \
+            (f"# {self.check_note}\n" if self.check_note else "")
         return said + self.first.describe()
 
     def profile(self, inputs: list, runs: int = 20) -> list[tuple[str, float]]:
