@@ -89,7 +89,8 @@ def disagreement(program, reference, gm: fx.GraphModule, inputs: list) -> tuple[
     agree within :data:`ALLOWED` on either; the program's outputs on ``inputs`` where they are what a
     call on ``inputs`` itself gives (:func:`_own_outputs`), else None; and a note where it is trusted though
     they disagree (its graph amplifies rounding: :func:`_rounded_alike`)."""
-    allowed = ALLOWED[precision_of(gm)]
+    precision = precision_of(gm)
+    allowed = ALLOWED[precision]
     copies = _copies(inputs)
     versions = [version_of(t) for t in copies]
     outputs = program(copies)
@@ -104,7 +105,6 @@ def disagreement(program, reference, gm: fx.GraphModule, inputs: list) -> tuple[
     if again <= allowed:  # the example itself is ill-conditioned (a constant image into an instance norm)
         return None, outputs, None
     moved = _errors(reference(_copies(_perturbed(inputs, ROUNDING))), expected)
-    precision = precision_of(gm)
     unexplained = [i for i, (error, move) in enumerate(zip(errors, moved))
                    if error > allowed and not _rounding_explains(error, move, allowed, precision)]
     if not unexplained:
@@ -119,7 +119,7 @@ def disagreement(program, reference, gm: fx.GraphModule, inputs: list) -> tuple[
                 f"{ON_TORCH_OPS}"), None, None
     return (f"the oneDNN program disagrees with the same graph on torch ops on the example inputs (output {where}: "
             f"relative error {worst:.1e}, {again:.1e} on them perturbed, over the {allowed:.0e} allowed in "
-            f"{precision_of(gm)}): a fault in a oneDNN kernel pyrys does not know yet; {ON_TORCH_OPS} instead. "
+            f"{precision}): a fault in a oneDNN kernel pyrys does not know yet; {ON_TORCH_OPS} instead. "
             "Please report it, with pyrys.save(opt, path) of the module"), None, None
 
 
@@ -138,7 +138,7 @@ TRUSTED = "its calls run on oneDNN: torch's ops round no nearer the exact result
 
 def _rounded_alike(precision: str, errors: list[float], moved: list[float]) -> str:
     """The note of a program trusted though it differs from its graph on torch ops (:func:`_rounding_explains`)."""
-    i = max(range(len(errors)), key=lambda j: errors[j])
+    _, i = _worst(errors)
     lower = "" if precision == "fp32" else f", and the {precision} graph there rounds to {precision} too"
     measured = "" if precision == "fp32" else ("; its error against float32 is what the accuracy guard measures "
                                                "(accuracy_budget=; none with None)")
