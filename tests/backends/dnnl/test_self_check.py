@@ -451,3 +451,44 @@ def test_the_rounding_probe_keeps_zeros(monkeypatch):
     with pytest.warns(RuntimeWarning, match="a fault in a oneDNN kernel"):
         opt = pyrys.optimize(MaskOfZeros().eval(), (x,), backend="dnnl")
     assert opt._first.backend == "reference"
+
+
+def test_a_large_feature_does_not_hide_a_float32_fault(monkeypatch):
+    """A helper's find: the 1e-6 rounding probe's noise is of an input's largest magnitude, so a feature of 1e6
+    (read with a weight of 1e-7) made a plain linear look as if it amplified rounding, and a program 50% off ran
+    on oneDNN, trusted.  A float32 program is now measured against its graph run in float64: torch's float32 ops
+    are 1e-7 off it there, the program 0.5."""
+    _scaled_kernels(monkeypatch, 1.5)
+    torch.manual_seed(0)
+    head = nn.Linear(16, 4).eval()
+    with torch.no_grad():
+        head.weight[:, 0] = 1e-7
+    x = torch.rand(2, 16, generator=torch.Generator().manual_seed(1))
+    x[:, 0] = 1e6
+    with pytest.warns(RuntimeWarning, match="from that graph run in float64, where torch's float32 ops are"):
+        opt = pyrys.optimize(head, (x,), backend="dnnl")
+    assert opt._first.backend == "reference"
+    assert any("a fault in a oneDNN kernel" in note for note in opt.notes)
+
+
+def test_a_trusted_float32_program_says_how_far_each_is_from_float64():
+    x = torch.rand(32, 512, generator=torch.Generator().manual_seed(0))
+    opt = pyrys.optimize(ChaoticAfterLinear().eval(), (x,), backend="dnnl")
+    (note,) = [note for note in opt.notes if self_check.TRUSTED in note]
+    assert "from that graph run in float64, where torch's float32 ops are" in note
+
+
+def test_the_float64_reference_widens_constants_and_dtypes_and_refuses_what_it_cannot():
+    """Every float32 constant, input and ``dtype=`` becomes float64 (the outputs agree with float32 eager to
+    its rounding); a graph whose output is another floating dtype gives None (the rounding probe judges it)."""
+    from pyrys.backends.float64 import float64_outputs
+
+    torch.manual_seed(0)
+    model = Fn(lambda m, x: (m.linear(x), x.to(torch.float32) * 3, torch.ones_like(x, dtype=torch.float32)),
+               linear=nn.Linear(8, 4)).eval()
+    x = torch.rand(2, 8)
+    outputs = float64_outputs(pyrys.optimize(model, (x,), backend="reference")._first.program, [x])
+    assert [y.dtype for y in outputs] == [torch.float64] * 3
+    assert all(torch.allclose(y.float(), want, rtol=1e-6, atol=1e-6) for y, want in zip(outputs, model(x)))
+    half = Fn(lambda m, x: m.linear(x).half(), linear=nn.Linear(8, 4)).eval()
+    assert float64_outputs(pyrys.optimize(half, (x,), backend="reference")._first.program, [x]) is None

@@ -16,24 +16,30 @@ legitimately differ by: float32 sums in another order (1e-6 on every model tried
 another op's result (1e-2), int8 rounds a result 1 LSB the other way, which later layers carry (up to
 3e-2 on torchvision CNNs, ``benchmarks/int8_agreement.py``).
 
-Where the graph on torch ops moves as far with its inputs rounded by :data:`ROUNDING` (a model that amplifies
-rounding: an unstable network whose float32 eager is far from float64), no kernel is blamed, and the program
-keeps running on oneDNN, with a note (:data:`TRUSTED`; no warning): torch's ops round no nearer the exact
-result (the bench's random EfficientNet-B0, float32: the program 2.4e-3 from its graph on torch ops, that
-graph 3.4e-3 from itself with its inputs rounded, and 2.4e-3 from eager where the program is 7.2e-5), and
-calls ran 2.6-14x slower there (its float32, RegNetY's bf16 and int8 on an AVX-512 EPYC Zen 4).  Each output
-is judged by its own move (:func:`_rounding_explains`): one that disagrees must itself move past the bound
-with its inputs rounded, both finite, and in float32 be within :data:`ROUNDED_ALIKE` times its move; a bf16
-or int8 one need not (a 1e-6 change flips few of the roundings other kernels flip), and is also measured with
-its inputs moved by one bf16 step of their own size (:func:`_stepped`: at one row a 1e-6 change flipped none,
-and a model trusted at batch 32 was blamed on a kernel at batch 5).  The 1e-6 noise is of each input's largest
-magnitude (zeros stay 0): a feature far larger than the others makes it large for them, and the model then
-looks as if it amplified rounding (a helper's find); an output is judged whole, so a fault in a part of it
-that does not amplify, beside a part that does (``torch.cat`` of the two), passes; integer outputs are not
-compared.  So a kernel's fault no
-larger than that passes, in bf16 or int8 one of any size in an output that amplifies rounding: there the
-accuracy guard's measure against float32 is the only one (none with ``accuracy_budget=None``).  A program
-whose outputs rounding does not explain runs on torch ops, its note naming the output.
+Which of the two is off, where they differ: a float32 graph runs once more on torch ops in float64
+(:mod:`pyrys.backends.float64`, near the exact result), and each output that differs past the bound must be no
+further from it than :data:`ROUNDED_ALIKE` times torch's float32 ops are, both finite (:func:`_against_float64`).
+Then the two differ by rounding, which the graph amplifies (an unstable network, whose float32 eager is far
+from float64), no kernel is blamed, and the program keeps running on oneDNN, with a note (:data:`TRUSTED`; no
+warning): torch's ops round about as far from it (the bench's random EfficientNet-B0 at 2 threads: its
+program 2.4e-3 from its graph on torch ops and 1.7e-3 from float64, where torch's float32 ops are 8.1e-4), and
+calls ran 2.6-14x slower there (its float32, RegNetY's bf16 and int8 on an AVX-512 EPYC Zen 4).  A program
+further off than that runs on torch ops, its note naming the output and both distances.  An output is judged
+whole: a fault in a part of it that does not amplify rounding, beside a part that does (``torch.cat`` of the
+two), passes where it is within 3x of that part's distance from float64; integer outputs are not compared.
+
+A bf16 or int8 graph (whose graph on torch ops rounds to bf16 or int8 too, elsewhere than the program does),
+and a float32 one that does not run in float64 (a module call, a half-precision output), are judged by a probe
+instead (:func:`_rounding_explains`): an output that disagrees must itself move past the bound with its
+inputs rounded by :data:`ROUNDING`, both finite, and in float32 be within :data:`ROUNDED_ALIKE` times that
+move; a bf16 or int8 one need not (a 1e-6 change flips few of the roundings other kernels flip), and is also
+measured with its inputs moved by one bf16 step of their own size (:func:`_stepped`: at one row a 1e-6 change
+flipped none, and a model trusted at batch 32 was blamed on a kernel at batch 5).  The probe's noise is of
+each input's largest magnitude (zeros stay 0): a feature far larger than the others makes it large for them,
+and the model then looks as if it amplified rounding (a helper's find: a float32 linear 50% off was trusted
+so, before float64 judged float32).  So a bf16 or int8 kernel's fault of any size in an output that amplifies
+rounding passes: there the accuracy guard's measure against float32 is the only one (none with
+``accuracy_budget=None``).
 
 Not compared: what the reference gives as NaN or infinity (README, "NaN and infinities").  Not checked: a
 graph with a random op (two runs differ anyway), example inputs that are not finite (such
@@ -56,11 +62,12 @@ import re
 import torch
 import torch.fx as fx
 
+from pyrys.backends.float64 import float64_outputs
 from pyrys.ir.vocabulary import draws_random_numbers, precision_of
 from pyrys.numerics import ZERO_SCALE, relative_error
 
 ALLOWED = {"fp32": 1e-3, "bf16": 1e-1, "int8": 2.5e-1}
-ROUNDED_ALIKE = 3.0  # a float32 program this near its graph on torch ops, as rounding its inputs moves that graph
+ROUNDED_ALIKE = 3.0  # a float32 program this far from float64, times torch's float32 ops' (or the probe's move)
 AMPLIFIES = "the model amplifies rounding"  # (a failed check's, where the graph itself does)
 ON_TORCH_OPS = "every call of these input shapes runs on torch ops (the reference backend)"  # (a failed check's)
 SMALLEST_SCALE = 1e-4  # an output nearer 0 everywhere (a zero input's) is measured against this, not itself
@@ -99,17 +106,22 @@ def disagreement(program, reference, gm: fx.GraphModule, inputs: list) -> tuple[
     allowed = ALLOWED[precision]
     copies = _copies(inputs)
     versions = [version_of(t) for t in copies]
-    outputs = program(copies)
+    got = program(copies)
     expected = reference(_copies(inputs))
-    errors = _errors(outputs, expected)
+    errors = _errors(got, expected)
     worst, where = _worst(errors)
-    outputs = _own_outputs(outputs, copies, versions)
+    outputs = _own_outputs(got, copies, versions)
     if worst <= allowed:
         return None, outputs, None
     perturbed = _perturbed(inputs)
     again, _ = _worst(_errors(program(_copies(perturbed)), reference(_copies(perturbed))))
     if again <= allowed:  # the example itself is ill-conditioned (a constant image into an instance norm)
         return None, outputs, None
+    exact = float64_outputs(reference, _copies(inputs)) if precision == "fp32" else None
+    if exact is not None:
+        fault, note = _against_float64(errors, _errors(_wide(got), exact), _errors(_wide(expected), exact),
+                                       allowed, again)
+        return fault, (outputs if fault is None else None), note
     moved = _errors(reference(_copies(_perturbed(inputs, ROUNDING, keep_zeros=True))), expected)
     unexplained = [i for i, (error, move) in enumerate(zip(errors, moved))
                    if error > allowed and not _rounding_explains(error, move, allowed, precision)]
@@ -133,6 +145,37 @@ def disagreement(program, reference, gm: fx.GraphModule, inputs: list) -> tuple[
             "Please report it, with pyrys.save(opt, path) of the module"), None, None
 
 
+def _against_float64(errors: list[float], off: list[float], torch_off: list[float], allowed: float,
+                     again: float) -> tuple[str | None, str | None]:
+    """A float32 program's verdict where its graph runs in float64 (:mod:`pyrys.backends.float64`): each output
+    that differs from torch's ops past ``allowed`` (``errors``) must be no further from the float64 result
+    (``off``) than :data:`ROUNDED_ALIKE` times torch's float32 ops are (``torch_off``), both finite: then the
+    two differ by rounding, which the graph amplifies, and the program is trusted with a note; else the fault
+    (a kernel's, or rounding further off than torch's own) and no note."""
+    unexplained = [i for i, error in enumerate(errors) if error > allowed and not (
+        math.isfinite(off[i]) and math.isfinite(torch_off[i]) and off[i] <= ROUNDED_ALIKE * torch_off[i])]
+    if not unexplained:
+        _, i = _worst(errors)
+        return None, (f"the oneDNN program differs from the same graph on torch ops by {errors[i]:.1e} on the "
+                      f"example inputs (output {i}), and is {off[i]:.1e} from that graph run in float64, where "
+                      f"torch's float32 ops are {torch_off[i]:.1e}: {AMPLIFIES}; {TRUSTED}")
+    i = max(unexplained, key=lambda j: errors[j])
+    found = (f"the oneDNN program disagrees with the same graph on torch ops on the example inputs (output {i}: "
+             f"relative error {errors[i]:.1e}, {again:.1e} on them perturbed, over the {allowed:.0e} allowed in "
+             f"fp32), and is {off[i]:.1e} from that graph run in float64, where torch's float32 ops are "
+             f"{torch_off[i]:.1e}")
+    if max(torch_off) > allowed:  # (float32 itself is that far off somewhere: the graph amplifies rounding)
+        return (f"{found}, more than rounding explains ({AMPLIFIES}, and {ROUNDED_ALIKE:g}x torch's distance is "
+                f"allowed): a kernel's fault; {ON_TORCH_OPS}"), None
+    return (f"{found}: a fault in a oneDNN kernel pyrys does not know yet; {ON_TORCH_OPS} instead. Please report "
+            "it, with pyrys.save(opt, path) of the module"), None
+
+
+def _wide(outputs: list) -> list:
+    """The floating-point tensors of ``outputs`` in float64 (compared with the graph's float64 outputs)."""
+    return [y.double() if isinstance(y, torch.Tensor) and y.is_floating_point() else y for y in outputs]
+
+
 def _rounding_explains(error: float, move: float, allowed: float, precision: str) -> bool:
     """Whether an output ``error`` off its graph on torch ops, which moves ``move`` with its inputs rounded by
     :data:`ROUNDING`, may be rounding: that output itself amplifies rounding (``move`` over ``allowed``), both
@@ -143,7 +186,8 @@ def _rounding_explains(error: float, move: float, allowed: float, precision: str
     return precision != "fp32" or error <= ROUNDED_ALIKE * move
 
 
-TRUSTED = "its calls run on oneDNN: torch's ops round no nearer the exact result"  # (a trusted program's note)
+TRUSTED = "its calls run on oneDNN: torch's own ops round about as far from the exact result"  # (a trusted
+# program's note)
 
 
 def _rounded_alike(precision: str, errors: list[float], moved: list[float]) -> str:
