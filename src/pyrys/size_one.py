@@ -87,7 +87,8 @@ def size_one_dims(gm: fx.GraphModule, flat: list) -> bool:
 JOINED_ROWS = (2, 4, 8)  # the rows of the samples tried where a graph takes no sample of fewer rows as it is
 
 
-def fitted_samples(gm: fx.GraphModule, samples: list[list], limit: int) -> tuple[list[list], str]:
+def fitted_samples(gm: fx.GraphModule, samples: list[list], limit: int,
+                   first: bool = False) -> tuple[list[list], str]:
     """The samples (flat inputs) ``gm`` takes, at most ``limit``, each cut where ``gm`` holds an input dim at
     a size the sample has larger (:func:`_fixed_places`: a capture for a batch of one, for a step of one token,
     for a length the model pins): into its rows where dims 0 of one size are cut to 1 (each row a sample),
@@ -101,6 +102,11 @@ def fitted_samples(gm: fx.GraphModule, samples: list[list], limit: int) -> tuple
     regrouped into samples of the graph's rows where fixed, else of :data:`JOINED_ROWS` rows (batch-1
     samples, a graph for batches from 2).
 
+    ``first``: ``gm`` is the first capture, of the example's shapes: a size above 1 that it holds fixed is the
+    model's (a feature or channel count, which eager refuses another of), so a sample larger there is not
+    cut to fit but left out (RGBA images were read as their RGB channels, 17 features as the first 16: a
+    helper's find).
+
     Returns them and how they were made from the samples ("" where as they are).  The cut is by shapes
     alone: an input holding positions in a dim cut (which token to read) may now point past it, so a run on
     cut samples may fail where the caller must fall back."""
@@ -111,6 +117,8 @@ def fitted_samples(gm: fx.GraphModule, samples: list[list], limit: int) -> tuple
     wider = False  # a cut to a fixed size above 1 (a length the graph pins at 2)
     for sample in samples:
         cut = _fixed_places(gm, sample)
+        if first and any(size > 1 for *_, size in cut):
+            continue
         wider |= any(size > 1 for *_, size in cut)
         if not cut:
             candidates = [sample]

@@ -316,7 +316,7 @@ def held_samples(gm: fx.GraphModule, calibration: Calibration) -> list[list]:
         return samples
     described = ", ".join(" and ".join(str(list(s)) for s in shape if s is not None) for shape in left[:4])
     if len(left) == len(held):  # (a graph for batches from 2, one-row samples: joined into its rows)
-        fitted, how = fitted_samples(gm, samples, len(samples))
+        fitted, how = fitted_samples(gm, samples, len(samples), first=True)
         if fitted:
             calibration.note = "; ".join(filter(None, [
                 calibration.read_note, f"calibration: the captured graph holds for none of the samples as they are "
