@@ -13,6 +13,7 @@ import torch
 from pyrys.backends import BACKEND_NAMES
 from pyrys.backends.options import LAYOUTS
 from pyrys.numerics.budget import AUTO, GUARD_SAMPLES, budget_for, check_budget
+from pyrys.signature import signature_of
 from pyrys.output_paths import unwritable_folder
 from pyrys.passes.freeze import ALL
 from pyrys.passes.precision import PRECISIONS
@@ -163,4 +164,6 @@ def with_calibration(config: OptimizeConfig, calibration: Iterable | None, accur
         calibration, args, kwargs, limit, other_sizes=other_sizes or config.dynamic is True)
     if samples is not None and config.precision == "bf16":  # kept for every later compile's guard
         samples = [copied_sample(sample) for sample in samples]
-    return dataclasses.replace(config, calibration=Calibration(samples, budget, note))
+    _, flat = signature_of(args, kwargs)
+    shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in flat]
+    return dataclasses.replace(config, calibration=Calibration(samples, budget, note, example_shapes=shapes))

@@ -77,8 +77,7 @@ def bf16_guard(calibration: Calibration | None, flat: list, gm: fx.GraphModule) 
     if calibration is None or calibration.accuracy_budget is None:
         return None
     samples = calibration.samples or []  # kept (GUARD_SAMPLES of them): every capture measures on them
-    first, calibration.fitted_once = not calibration.fitted_once, True  # (the first compile's: the example's)
-    fitted, how = fitted_samples(gm, samples, len(samples), first=first)
+    fitted, how = fitted_samples(gm, samples, len(samples), calibration.example_shapes)
     own = ([flat], "the inputs compiled for")
     if not fitted:
         return Bf16Guard(own[0], calibration.accuracy_budget, own[1])

@@ -88,7 +88,7 @@ JOINED_ROWS = (2, 4, 8)  # the rows of the samples tried where a graph takes no 
 
 
 def fitted_samples(gm: fx.GraphModule, samples: list[list], limit: int,
-                   first: bool = False) -> tuple[list[list], str]:
+                   example_shapes: list | None = None) -> tuple[list[list], str]:
     """The samples (flat inputs) ``gm`` takes, at most ``limit``, each cut where ``gm`` holds an input dim at
     a size the sample has larger (:func:`_fixed_places`: a capture for a batch of one, for a step of one token,
     for a length the model pins): into its rows where dims 0 of one size are cut to 1 (each row a sample),
@@ -102,10 +102,11 @@ def fitted_samples(gm: fx.GraphModule, samples: list[list], limit: int,
     regrouped into samples of the graph's rows where fixed, else of :data:`JOINED_ROWS` rows (batch-1
     samples, a graph for batches from 2).
 
-    ``first``: ``gm`` is the first capture, of the example's shapes: a size above 1 that it holds fixed is the
-    model's (a feature or channel count, which eager refuses another of), so a sample larger there is not
-    cut to fit but left out (RGBA images were read as their RGB channels, 17 features as the first 16: a
-    helper's find).
+    ``example_shapes``: the example's flat input shapes; where ``gm`` holds a size above 1 fixed that the
+    example has there too, it is the model's (a feature or channel count, which eager refuses another of,
+    or a size the example's capture pins), so a sample larger there is not cut to fit but left out (with
+    ``dynamic=True`` RGBA images were read as their RGB channels, 17 features as the first 16: a helper's
+    find); a size a later capture holds for itself (a smaller image: the top-left crop) is cut to.
 
     Returns them and how they were made from the samples ("" where as they are).  The cut is by shapes
     alone: an input holding positions in a dim cut (which token to read) may now point past it, so a run on
@@ -117,7 +118,7 @@ def fitted_samples(gm: fx.GraphModule, samples: list[list], limit: int,
     wider = False  # a cut to a fixed size above 1 (a length the graph pins at 2)
     for sample in samples:
         cut = _fixed_places(gm, sample)
-        if first and any(size > 1 for *_, size in cut):
+        if any(size > 1 and _example_size(example_shapes, i, d) == size for i, d, size in cut):
             continue
         wider |= any(size > 1 for *_, size in cut)
         if not cut:
@@ -142,6 +143,12 @@ def fitted_samples(gm: fx.GraphModule, samples: list[list], limit: int,
         if joined:
             return joined[:limit], f"of {rows} rows, {cut}joined from the calibration samples"
     return [], ""
+
+
+def _example_size(example_shapes: list | None, position: int, dim: int) -> int | None:
+    """The example's size of its flat input ``position`` at ``dim`` (None where unknown)."""
+    shape = example_shapes[position] if example_shapes is not None and position < len(example_shapes) else None
+    return shape[dim] if shape is not None and dim < len(shape) else None
 
 
 def _fixed_rows(gm: fx.GraphModule) -> tuple[int, ...]:

@@ -295,7 +295,7 @@ def _plan_or_samples(gm: fx.GraphModule, calibration: Calibration, roles: dict[s
             return first, None, False
         calibration.note = f"{OWN_SIZES}, {CALIBRATED_ON_ITS_OWN}, on {len(held)} of the calibration samples"
         return None, held, True  # (where none runs, the first plan, as for samples cut to fit)
-    samples, how = fitted_samples(gm, calibration.parent.kept, MAX_SAMPLES)
+    samples, how = fitted_samples(gm, calibration.parent.kept, MAX_SAMPLES, calibration.example_shapes)
     if not samples:
         return first, None, False
     calibration.note = (f"{OWN_CALIBRATION} than the graph calibrated first, {CALIBRATED_ON_ITS_OWN}, on "
@@ -316,7 +316,7 @@ def held_samples(gm: fx.GraphModule, calibration: Calibration) -> list[list]:
         return samples
     described = ", ".join(" and ".join(str(list(s)) for s in shape if s is not None) for shape in left[:4])
     if len(left) == len(held):  # (a graph for batches from 2, one-row samples: joined into its rows)
-        fitted, how = fitted_samples(gm, samples, len(samples), first=True)
+        fitted, how = fitted_samples(gm, samples, len(samples), calibration.example_shapes)
         if fitted:
             calibration.note = "; ".join(filter(None, [
                 calibration.read_note, f"calibration: the captured graph holds for none of the samples as they are "

@@ -76,7 +76,7 @@ class Calibration:
     is calibrated on its own, on those (:meth:`for_capture`)."""
 
     def __init__(self, samples: list[list] | None, accuracy_budget: float | None, note: str = "",
-                 parent: "Calibration | None" = None):
+                 parent: "Calibration | None" = None, example_shapes: list | None = None):
         self.samples: list[list] | None = samples
         self.note = note  # what reading the samples did to them (cut into the example's rows), for opt.notes
         self.read_note = note  # that alone (a compile adds which samples its graph did not hold for)
@@ -85,8 +85,9 @@ class Calibration:
         self.kept: list[list] = []  # int8, once planned: the samples a later capture may calibrate on
         self.parent = parent  # a later capture's: the first compile's calibration, whose plan it tries first
         self.lock = threading.Lock()
-        self.fitted_once = False  # whether a compile fitted the samples yet (bf16's guard: the first, of the
-        # example's shapes, cuts none to a fixed size above 1)
+        # the example's flat input shapes (None: not a tensor): a sample is not cut to a size above 1 a capture
+        # holds fixed where the example has it too (:func:`~pyrys.size_one.fitted_samples`)
+        self.example_shapes = parent.example_shapes if parent is not None else example_shapes
 
     def __repr__(self) -> str:
         held = "planned" if self.plan is not None else f"{len(self.samples or [])} samples"

@@ -453,18 +453,24 @@ def test_the_rounding_probe_keeps_zeros(monkeypatch):
     assert opt._first.backend == "reference"
 
 
-def test_a_large_feature_does_not_hide_a_float32_fault(monkeypatch):
-    """A helper's find: the 1e-6 rounding probe's noise is of an input's largest magnitude, so a feature of 1e6
-    (read with a weight of 1e-7) made a plain linear look as if it amplified rounding, and a program 50% off ran
-    on oneDNN, trusted.  A float32 program is now measured against its graph run in float64: torch's float32 ops
-    are 1e-7 off it there, the program 0.5."""
-    _scaled_kernels(monkeypatch, 1.5)
+def _head_beside_a_large_feature() -> tuple[nn.Module, torch.Tensor]:
+    """A linear and an input whose feature 0 is 1e6, read with a weight of 1e-7."""
     torch.manual_seed(0)
     head = nn.Linear(16, 4).eval()
     with torch.no_grad():
         head.weight[:, 0] = 1e-7
     x = torch.rand(2, 16, generator=torch.Generator().manual_seed(1))
     x[:, 0] = 1e6
+    return head, x
+
+
+def test_a_large_feature_does_not_hide_a_float32_fault(monkeypatch):
+    """A helper's find: the 1e-6 rounding probe's noise is of an input's largest magnitude, so a feature of 1e6
+    (read with a weight of 1e-7) made a plain linear look as if it amplified rounding, and a program 50% off ran
+    on oneDNN, trusted.  A float32 program is now measured against its graph run in float64: torch's float32 ops
+    are 1e-7 off it there, the program 0.5."""
+    _scaled_kernels(monkeypatch, 1.5)
+    head, x = _head_beside_a_large_feature()
     with pytest.warns(RuntimeWarning, match="from that graph run in float64, where torch's float32 ops are"):
         opt = pyrys.optimize(head, (x,), backend="dnnl")
     assert opt._first.backend == "reference"
@@ -506,12 +512,7 @@ def test_a_large_feature_does_not_hide_a_bf16_fault(monkeypatch):
     if not native_bf16():
         pytest.skip("bf16 runs float32 on a CPU without native bf16: no bf16 program to check")
     _scaled_kernels(monkeypatch, 1.5)
-    torch.manual_seed(0)
-    head = nn.Linear(16, 4).eval()
-    with torch.no_grad():
-        head.weight[:, 0] = 1e-7
-    x = torch.rand(2, 16, generator=torch.Generator().manual_seed(1))
-    x[:, 0] = 1e6
+    head, x = _head_beside_a_large_feature()
     with pytest.warns(RuntimeWarning, match="a fault in a oneDNN kernel"):
         opt = pyrys.optimize(head, (x,), backend="dnnl", precision=precision, accuracy_budget=None)
     assert opt._first.backend == "reference"
