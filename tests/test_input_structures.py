@@ -362,3 +362,17 @@ def test_a_way_that_writes_its_input_warns_as_optimize_does():
     opt = pyrys.optimize(ClampsItsMask().eval(), (x,))
     with pytest.warns(UserWarning, match=r"pyrys: inputs \(Float\(2, 4\), Float\(2, 4\)\): input writes dropped"):
         opt(x, torch.full((2, 4), 3.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_another_float_dtype_into_a_linear_is_the_dtype_error(dtype):
+    """A helper's find: a linear's capture takes a float64 or float16 input and its first run refuses it (torch's
+    "mat1 and mat2 must have the same dtype", raised from the compile's check); it is the dtype error, as a
+    conv's, with torch's reason."""
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).eval()
+    x = torch.randn(4, 16)
+    opt = pyrys.optimize(model, (x,))
+    with pytest.raises(pyrys.InputError, match=rf"must have dtype torch.float32 like the example input .*, got {dtype}, "
+                                               r"which the model's capture for it refuses.*same dtype"):
+        opt(x.to(dtype))
+    assert torch.equal(opt(x), opt(x))  # the module still runs the example's dtype

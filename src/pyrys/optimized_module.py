@@ -231,13 +231,14 @@ class OptimizedModule(torch.nn.Module):
             if module is None:
                 try:
                     module = self._capture_otherwise(signature, key, said, args, kwargs)
-                except CaptureError as error:
+                except (CaptureError, RuntimeError) as error:  # (the capture may pass, and its first run refuse:
+                    # a linear's float64 input into float32 weights, in the compile's check; a helper's find)
                     if not otherwise.floating:
                         raise
                     raise self._dtype_refused(signature, args, kwargs, error) from error
         return module
 
-    def _dtype_refused(self, signature: Signature, args: tuple, kwargs: dict, error: CaptureError) -> InputError:
+    def _dtype_refused(self, signature: Signature, args: tuple, kwargs: dict, error: Exception) -> InputError:
         """A call whose floating-point tensor of another dtype the capture for it refuses (eager's ops refuse
         float64 into float32 weights; torch.export may refuse what eager runs): the signature check's dtype
         error, with torch's reason."""

@@ -1135,3 +1135,23 @@ def test_hooks_on_the_scripted_module_itself_are_refused_not_dropped(register, h
     scripted = script(inner_hooked)
     with torch.no_grad():
         torch.testing.assert_close(pyrys.optimize(scripted, (x,), backend="reference")(x), scripted(x))
+
+
+class _PickedColumns(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        columns = [0, 2]
+        return self.linear(x)[:, columns] + torch.tensor([1.0, 2.0], dtype=torch.float32)
+
+
+def test_a_scripted_tensor_literal_with_a_dtype_imports():
+    """A helper's find: TorchScript holds ``torch.tensor(..., dtype=)`` (and an index list) with the dtype as a
+    number, which the importer handed to ``torch.tensor``: a TypeError."""
+    model = _PickedColumns().eval()
+    x = torch.randn(2, 8)
+    opt = pyrys.optimize(torch.jit.script(model), (x,))
+    assert pyrys.relative_error(opt(x), model(x)) < TOLERANCE

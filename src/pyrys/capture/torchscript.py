@@ -599,7 +599,7 @@ class _Importer:
             self._bind_results(scope, node, _IDENTITY_TESTS[schema.name](*values))  # the tensors eager compares
             return
         if schema.name in ("aten::tensor", "aten::as_tensor") and not has_node(values):  # torch.tensor([0, 2])
-            literal = torch.tensor(values[0], dtype=values[1] if len(values) > 1 else None)
+            literal = torch.tensor(values[0], dtype=_as_dtype(values[1]) if len(values) > 1 else None)
             scope.bind(node.output(), add_constant(scope.gm, literal, _node_name(node.output(), "tensor")))
             return
         if schema.name in LAYOUT_QUERIES:
@@ -668,6 +668,11 @@ class _Importer:
                 f"{schema.name} makes a shape that depends on tensor data (in {self.class_name}: `x[x > 0]`, "
                 "nonzero); pyrys imports scripted code without running it (torch.compile(model, backend='pyrys') "
                 "runs such ops in torch)") from None
+        except TypeError as error:  # (torch's own shape function failing: upsample_nearest2d's at a batch of 0
+            # checks `numel != 0 or prod(sizes)`, an int; a helper's find)
+            raise TorchScriptImportError(
+                f"torch's shape function of {schema.name} fails on these inputs (in {self.class_name}: {error}); "
+                "eager may run them: optimize the nn.Module itself, or pass inputs of other sizes") from error
         except (NotImplementedError, UnsupportedOperatorException):
             raise
         except (RuntimeError, IndexError) as error:  # the op's own check of its arguments (an index past a
@@ -905,3 +910,10 @@ _HANDLERS = {
     **{kind: _Importer._tensor_query for kind in TENSOR_QUERIES if kind.startswith("prim::")},
     "aten::warn": _Importer._warn,
 }
+
+
+def _as_dtype(value):
+    """A dtype as TorchScript's graph holds it, a ScalarType's number (``torch.tensor([0, 2])`` of an index
+    list is ``aten::tensor(list, 4, ...)``), as a ``torch.dtype`` (``torch.tensor`` takes no number: a helper's
+    find); None and a dtype as they are."""
+    return torch.ops.aten.scalar_tensor.default(0, dtype=value).dtype if isinstance(value, int) else value
