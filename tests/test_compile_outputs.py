@@ -95,3 +95,29 @@ def test_optimize(tail, backend):
     for x in inputs():
         with torch.no_grad():
             assert_same(opt(x), model(x))
+
+
+class ViewedAfterABreak(nn.Module):
+    """A conv, a graph break, then a view of its output's channels-last layout (eager's for a channels-last
+    image)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        torch._dynamo.graph_break()
+        return y.permute(0, 2, 3, 1).view(x.shape[0], -1)
+
+
+def test_torch_compile_gives_a_channels_last_output_as_eager_does():
+    """A helper's find: a program's outputs are contiguous, so a channels-last image's conv output came back
+    contiguous where eager's (and inductor's) is channels-last, and the view after the graph break failed."""
+    model = ViewedAfterABreak().eval()
+    x = torch.rand(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert torch.compile(model.conv, backend="pyrys")(x).stride() == model.conv(x).stride()
+        torch._dynamo.reset()
+        assert pyrys.relative_error(torch.compile(model, backend="pyrys")(x), model(x)) <= TOLERANCE

@@ -289,6 +289,7 @@ class DynamoGraph:
                        if i not in self.state and i not in self.wrapped and isinstance(v, torch.Tensor)]
         self.scalars = [i for i, v in enumerate(example_inputs) if not isinstance(v, torch.Tensor)]
         self.training = _trains_batch_norm(gm)
+        self.layouts = _output_layouts(gm)  # what eager's outputs are laid out in, where not contiguous
         self._grad_noted = False
         self._state_names: dict[int, str] = {}  # state position -> its name in the optimized module
         self._writes_state: list[int] = []  # the state positions this graph writes (it runs in torch)
@@ -468,7 +469,38 @@ class DynamoGraph:
         if program is None:
             return self._in_torch(args)
         with torch.no_grad():
-            return program(*[args[i] for i in self.inputs])
+            outputs = program(*[args[i] for i in self.inputs])
+        return _laid_out(outputs, self.layouts) if self.layouts else outputs
+
+
+CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}  # by rank
+
+
+def _output_layouts(gm: fx.GraphModule) -> dict[int, torch.memory_format]:
+    """``{output position: memory format}`` for each output dynamo's trace has channels-last and not
+    contiguous (a channels-last image's conv): a program's outputs are contiguous (README, "Memory layout"),
+    and code after a graph break that views eager's layout failed on them (a helper's find).  Only what the
+    trace's strides say for certain (a symbolic one that may be either: left as the program gives it)."""
+    from torch.fx.experimental.symbolic_shapes import guard_or_false
+
+    (output,) = [node for node in gm.graph.nodes if node.op == "output"]
+    values = output.args[0] if isinstance(output.args[0], (tuple, list)) else [output.args[0]]
+    layouts = {}
+    for position, node in enumerate(values):
+        val = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, fx.Node) else None
+        layout = CHANNELS_LAST.get(val.dim()) if isinstance(val, torch.Tensor) else None
+        if layout is not None and guard_or_false(val.is_contiguous(memory_format=layout)) \
+                and not guard_or_false(val.is_contiguous()):
+            layouts[position] = layout
+    return layouts
+
+
+def _laid_out(outputs, layouts: dict[int, torch.memory_format]):
+    """``outputs`` (a tuple or list, as dynamo's graph returns them) with those at ``layouts``' positions in
+    their memory format (a copy where they are not already)."""
+    laid = [y.contiguous(memory_format=layouts[i]) if i in layouts and isinstance(y, torch.Tensor) else y
+            for i, y in enumerate(outputs)]
+    return type(outputs)(laid) if isinstance(outputs, tuple) else laid
 
 
 def register_backend() -> None:
