@@ -79,8 +79,9 @@ def bf16_guard(calibration: Calibration | None, flat: list, gm: fx.GraphModule) 
     samples = calibration.samples or []  # kept (GUARD_SAMPLES of them): every capture measures on them
     fitted, how = fitted_samples(gm, samples, len(samples), calibration.example_shapes)
     own = ([flat], "the inputs compiled for")
-    if not fitted:
-        return Bf16Guard(own[0], calibration.accuracy_budget, own[1])
+    if not fitted:  # (said where there were samples: the read's note promises a word on those left out)
+        held = f", its graph holding for none of the {len(samples)} calibration samples" if samples else ""
+        return Bf16Guard(own[0], calibration.accuracy_budget, own[1] + held)
     if how:  # cut to a size of 1, they may not run: an input holding positions in the dim cut
         return Bf16Guard(fitted, calibration.accuracy_budget, f"{len(fitted)} samples {how}",
                          fallback=own)
