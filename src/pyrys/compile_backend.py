@@ -497,7 +497,9 @@ def _output_layouts(gm: fx.GraphModule) -> dict[int, torch.memory_format]:
 
 def _laid_out(outputs, layouts: dict[int, torch.memory_format]):
     """``outputs`` (a tuple or list, as dynamo's graph returns them) with those at ``layouts``' positions in
-    their memory format (a copy where they are not already)."""
+    their memory format (a copy where they are not already); one tensor as output 0."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs.contiguous(memory_format=layouts[0]) if 0 in layouts else outputs
     laid = [y.contiguous(memory_format=layouts[i]) if i in layouts and isinstance(y, torch.Tensor) else y
             for i, y in enumerate(outputs)]
     return type(outputs)(laid) if isinstance(outputs, tuple) else laid
