@@ -376,3 +376,21 @@ def test_another_float_dtype_into_a_linear_is_the_dtype_error(dtype):
                                                r"which the model's capture for it refuses.*same dtype"):
         opt(x.to(dtype))
     assert torch.equal(opt(x), opt(x))  # the module still runs the example's dtype
+
+
+class _PartsOfParameters(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = torch.nn.Linear(8, 8)
+
+    def forward(self, a, pair, *, extra=None):
+        return self.linear(a) + pair[0] + extra["b"]
+
+
+def test_input_names_leave_out_a_tensor_inside_a_tuple_or_dict_of_one():
+    """A helper's find: a tuple or dict parameter holding one tensor named it for the parameter (``pair``,
+    ``extra``), which pyrys.ray's column check took for the whole parameter."""
+    a = torch.randn(2, 8)
+    opt = pyrys.optimize(_PartsOfParameters().eval(), (a, (torch.randn(2, 8),)), {"extra": {"b": torch.randn(2, 8)}})
+    assert opt.input_names == ["a", None, None]

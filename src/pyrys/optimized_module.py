@@ -850,11 +850,14 @@ class OptimizedModule(torch.nn.Module):
         positional, keywords = signature.in_spec.child(0), signature.in_spec.child(1)
         names = []
         for i, child in enumerate(positional.children()):
-            names += [named[i] if i < len(named) and child.num_leaves == 1 else None] * child.num_leaves
-        groups = [(name, child.num_leaves) for name, child in zip(keywords.context, keywords.children())]
+            names += [named[i] if i < len(named) and child.is_leaf() else None] * child.num_leaves
+        # (a tuple or dict of one tensor is not that tensor: its one leaf was named for the parameter, and
+        # pyrys.ray's column check took the parameter for it; a helper's find)
+        groups = [(name, child.num_leaves, child.is_leaf())
+                  for name, child in zip(keywords.context, keywords.children())]
         order = list(parameters.parameters) if parameters is not None else []
         groups.sort(key=lambda group: order.index(group[0]) if group[0] in order else len(order))  # as input_types
-        return names + [name if leaves == 1 else None for name, leaves in groups for _ in range(leaves)]
+        return names + [name if leaf else None for name, leaves, leaf in groups for _ in range(leaves)]
 
     @property
     def specializes_shapes(self) -> bool:
