@@ -55,14 +55,30 @@ class MeanHead(nn.Module):
         return self.fc(self.conv(x).mean((2, 3)))
 
 
+class TorchReaders(nn.Module):
+    """torch ops (no oneDNN lowering) reading a conv's and a linear's results: in bf16 both write the float32
+    their readers convert to, the conversion folded into them."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 16, 3), nn.Linear(16, 10)
+
+    def forward(self, x):
+        pooled = nn.functional.adaptive_max_pool2d(torch.relu(self.conv(x)), 1).flatten(1)
+        logits = self.fc(pooled)
+        return logits, logits.argmax(-1)
+
+
 @pytest.mark.parametrize("options", [{"layout": "nhwc"}, {"layout": "blocked16"}, {"precision": "bf16"},
                                      {"precision": "int8"}], ids=lambda o: next(iter(o.values())))
-@pytest.mark.parametrize("build, shape", [(MeanHead, (1, 3, 8, 8)), (_pooled_head, (2, 3, 8, 8)), (Block, (2, 7, 32))],
-                         ids=["mean", "flatten", "attention"])
+@pytest.mark.parametrize("build, shape", [(MeanHead, (1, 3, 8, 8)), (_pooled_head, (2, 3, 8, 8)), (Block, (2, 7, 32)),
+                                          (TorchReaders, (2, 3, 12, 12))],
+                         ids=["mean", "flatten", "attention", "torch-readers"])
 def test_every_value_a_program_line_reads_is_defined_before_it(build, shape, options):
     """A mean without keepdim in blocked16 printed ``%mean = pooling(...)``, then a reorder of ``%mean.keepdim``
     (never defined) and a linear reading ``%mean`` (the pooling's name, not the reorder's view); a flatten was
-    read and never defined; attention's softmax line had no type (a helper's find)."""
+    read and never defined; attention's softmax line had no type; in bf16 a torch op read ``%conv2d_f32``, the
+    name of a conversion folded into the conv (helpers' finds)."""
     torch.manual_seed(0)
     model, x = build().eval(), torch.randn(shape)
     if options.get("precision") == "int8":
@@ -71,3 +87,15 @@ def test_every_value_a_program_line_reads_is_defined_before_it(build, shape, opt
     text = opt.program_text()
     assert undefined_reads(text) == [], text
     assert pyrys.relative_error(opt(x), model(x)) <= {"bf16": 3e-2, "int8": 5e-2}.get(options.get("precision"), 1e-4)
+
+
+def test_a_bf16_op_writing_float32_is_typed_so():
+    """A bf16 conv or linear whose float32 conversion is folded into it (``dst_dtype=f32``) writes float32, and
+    its line says so (it said ``BFloat16``)."""
+    torch.manual_seed(0)
+    opt = pyrys.optimize(TorchReaders().eval(), (torch.randn(2, 3, 12, 12),), backend="dnnl", precision="bf16")
+    if "bf16" not in opt.program_text():
+        pytest.skip("no native bf16 on this CPU: the program runs float32")
+    folded = [line for line in opt.program_text().splitlines() if "dst_dtype=f32" in line]
+    assert len(folded) == 2, opt.program_text()
+    assert all(re.match(r"\s*%\w+ : Float\(", line) for line in folded), opt.program_text()

@@ -18,7 +18,7 @@ from pyrys.backends.dnnl.program import Step
 from pyrys.backends.dnnl.tensors import DNNL_TO_TORCH, dnnl_dtype, to_layout, to_tensor
 from pyrys.backends.dnnl.values import CONSTANT, PLANNED, Value
 from pyrys.ir.graph import state_ref
-from pyrys.ir.printer import format_arg, format_type
+from pyrys.ir.printer import format_arg, format_tensor_type, format_type
 from pyrys.ir.released import is_released, release, released_base, values_of
 
 
@@ -467,10 +467,17 @@ _TYPE_NAMES = {"f32": "Float", "bf16": "BFloat16", "f16": "Half", "s32": "Int", 
 
 def node_text(node: fx.Node, label: str, attrs: str, operands: list[str], out: Value | None = None) -> str:
     """A program line in the seed's form: ``%y : Float(...) = dnnl::conv2d_relu[attrs](%x, ...)``; ``out``: the
-    value written where it is not the node's own (a mean's keepdim result, which the node's is a view of)."""
+    value written where it is not the node's own (a mean's keepdim result, which the node's is a view of), or
+    where it has another data type than the node's (a bf16 conv writing the float32 its reader converts to)."""
     attrs = f"[{attrs}]" if attrs else ""
+    meta = node.meta.get("val")
     named = out is not None and out.name != node.name and out.md is not None
-    written = f"%{out.name} : {md_type(out.md)}" if named else f"%{node.name} : {format_type(node.meta.get('val'))}"
+    if named:
+        written = f"%{out.name} : {md_type(out.md)}"
+    elif out is not None and out.md is not None and isinstance(meta, torch.Tensor):
+        written = f"%{node.name} : {format_tensor_type(meta.shape, DNNL_TO_TORCH[out.md.dtype])}"
+    else:
+        written = f"%{node.name} : {format_type(meta)}"
     return f"{written} = {label}{attrs}({', '.join(operands)})"
 
 

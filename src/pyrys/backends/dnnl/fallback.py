@@ -38,6 +38,16 @@ def _torch_input(builder: Builder, arg):
     return arg
 
 
+def _operand_text(arg, template) -> str:
+    """How the program text names an argument: a computed tensor by the value read (its float32 or plain
+    copy, a producer's own where it wrote the converted type), anything else as the graph has it."""
+    if isinstance(template, Value):
+        return f"%{template.name}"
+    if isinstance(arg, (list, tuple)) and isinstance(template, (list, tuple)):
+        return "[" + ", ".join(_operand_text(a, t) for a, t in zip(arg, template)) + "]"
+    return format_arg(arg)
+
+
 def _resolver(template, tensors: list) -> Callable[[], Any]:
     """A function producing one argument from ``template``, reading values from ``tensors`` by slot."""
     if isinstance(template, Value):
@@ -103,6 +113,6 @@ def lower_fallback(builder: Builder, node: fx.Node, reason: str) -> None:
 
         return call
 
-    operands = [format_arg(a) if not isinstance(a, Value) else f"%{a.name}" for a in node.args]
-    text = node_text(node, f"torch::{op_name(node).split('::')[-1]}", "", [str(o) for o in operands])
+    operands = [_operand_text(a, template) for a, template in zip(node.args, args)]
+    text = node_text(node, f"torch::{op_name(node).split('::')[-1]}", "", operands)
     builder.add_torch(f"{text}  # fallback: {reason}", bind, reads, [out])

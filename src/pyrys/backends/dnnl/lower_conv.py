@@ -84,7 +84,7 @@ def _finish(builder: Builder, node: fx.Node, pd: PrimitiveDesc, src: Value, weig
         args[arg_post_op_src1(index)] = operand
     reads = [src, *chain.binary_operands.values()] + ([chain.sum_base] if chain.sum_base else [])
     operands = [f"%{v.name}" for v in reads]
-    builder.add_primitive(node_text(node, label, format_info(pd) + note, operands), pd, args, reads, [dst],
+    builder.add_primitive(node_text(node, label, format_info(pd) + note, operands, dst), pd, args, reads, [dst],
                           unlike_eager_on_nonfinite=chain.unlike_eager_on_nonfinite)
     return dst
 
