@@ -1620,6 +1620,22 @@ def test_the_guard_measures_the_sample_int8_moves_most_not_only_the_first():
                for note in opt.notes), opt.notes
 
 
+@pytest.mark.parametrize("count, measured_on", [(1, "the calibration data's one sample"),
+                                                 (3, "the calibration data's 3 samples"),
+                                                 (5, "the calibration data's 5 samples"),
+                                                 (9, "the calibration data's first 4 samples and the one of its first 9 ")])
+def test_the_notes_say_which_samples_the_guard_measured_on(count, measured_on):
+    """The note and the kept ops' reasons said "the calibration data's first 4 samples and the one of its first
+    16" of a single sample."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)).eval()
+    samples = [torch.randn(2, 8) for _ in range(count)]
+    samples[0][1, 3] = 60.0  # an outlier the histogram clips: the guard keeps an op
+    opt = pyrys.optimize(model, (samples[0],), precision="int8", calibration=samples, accuracy_budget=1e-3)
+    said = [line for line in [*opt.notes, *map(str, opt.misses)] if "relative" in line and "calibration data" in line]
+    assert said and all(measured_on in line and "first 16" not in line for line in said), said
+
+
 def test_a_loader_refilling_one_tensor_is_read_sample_by_sample():
     """A helper's find: samples were kept as the loader yielded them, so a loader refilling one tensor in place
     was calibrated on its last sample five times (0.87 off on its own data, the note said 3e-3).  An iterator's

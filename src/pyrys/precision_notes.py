@@ -10,7 +10,6 @@ from pyrys.machine import isa_limit_note, native_bf16
 from pyrys.passes.precision_guard import Bf16Guard
 from pyrys.quantization import int8_note
 from pyrys.quantization.calibration import Calibration
-from pyrys.quantization.guard import CALIBRATION_DATA
 from pyrys.config import OptimizeConfig
 from pyrys.size_one import fitted_samples
 
@@ -99,7 +98,7 @@ def guard_accuracy_note(precision: str, calibration: Calibration | None, guard: 
     if plan is None or plan.error is None:
         return ""
     return accuracy_note("int8", plan.error if error is None else error, calibration.accuracy_budget, len(plan.kept),
-                         CALIBRATION_DATA, plan.floating)
+                         plan.measured_on, plan.floating)
 
 
 def disabled_precision_note(precision: str, config: OptimizeConfig) -> str:

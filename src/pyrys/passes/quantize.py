@@ -45,7 +45,7 @@ from pyrys.quantization.bias_correction import bias_corrections, corrected_args,
 from pyrys.quantization.calibration import (CALIBRATED_SIZES_KEY, MAX_SAMPLES, Calibration, QuantizationPlan,
                                            observe, sample_sizes, spread_first)
 from pyrys.numerics.budget import GUARD_MEASURE_KEY, GUARD_SAMPLES, GuardMeasure
-from pyrys.quantization.guard import BF16, CALIBRATION_DATA, FLOAT32, SCREENED, Switch, guard, most_moved
+from pyrys.quantization.guard import BF16, FLOAT32, SCREENED, Switch, calibration_data, guard, most_moved
 from pyrys.signature import InputError
 from pyrys.size_one import fitted_samples, held_by, held_shapes, shapes_of
 
@@ -117,21 +117,23 @@ def quantize(gm: fx.GraphModule, precision: str, calibration: Calibration | None
             if calibration.accuracy_budget is not None and switches:
                 try:
                     measured, answers = samples[:len(expected)], expected
-                    worst = most_moved(gm, switches, samples[len(expected):SCREENED])
+                    screened = samples[len(expected):SCREENED]
+                    plan.measured_on = calibration_data(len(measured), len(screened))
+                    worst = most_moved(gm, switches, screened)
                     if worst is not None:
                         measured, answers = measured + [worst[0]], answers + [worst[1]]
                     plan.kept, plan.error, plan.floating = guard(
                         gm, switches, measured, answers, calibration.accuracy_budget,
-                        run_in_bf16 if plan.floating == BF16 else None, attention)
+                        run_in_bf16 if plan.floating == BF16 else None, attention, plan.measured_on)
                     gm.meta[GUARD_MEASURE_KEY] = GuardMeasure("int8", measured, answers, plan.error,
-                                                              calibration.accuracy_budget, CALIBRATION_DATA)
+                                                              calibration.accuracy_budget, plan.measured_on)
                 except Exception as error:  # noqa: BLE001 -- a guard never stops a compile: say why, as bf16's does
                     for switch in switches.values():
                         switch.set(True)
                     plan.kept, plan.error = {}, None
                     line = (str(error).strip().splitlines() or [""])[0][:200]
                     calibration.note = "; ".join(filter(None, [calibration.note, (
-                        f"precision='int8': the accuracy guard could not measure the graph on {CALIBRATION_DATA} "
+                        f"precision='int8': the accuracy guard could not measure the graph on {plan.measured_on} "
                         f"({type(error).__name__}: {line}); every op that can runs in int8")]))
             calibration.planned(plan, samples)
         else:

@@ -59,6 +59,7 @@ class QuantizationPlan:
     floating: str = "float32"  # what the ops not in int8 run in where they can (the layers the guard keeps,
     # attention): "bf16" where the CPU has it (and the budget holds so, where a guard measures), else "float32"
     sizes: dict[tuple[int, int], frozenset[int]] = field(default_factory=dict)  # of the samples it was made on
+    measured_on: str = "the calibration data"  # what the guard measured on, as notes say it (quantization/guard.py)
 
 
 CALIBRATED_SIZES_KEY = "pyrys_calibrated_sizes"  # a quantized graph's meta: its plan's ``sizes``

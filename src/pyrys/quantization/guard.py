@@ -30,15 +30,25 @@ import torch.fx as fx
 from pyrys.backends.reference import ReferenceProgram
 from pyrys.ir.graph import add_constant, nodes_in, trial_copy
 from pyrys.ir.ops import PYTHON_IMPLS
-from pyrys.numerics.budget import GUARD_SAMPLES, check_measurable, keep_fewest, kept_reason, max_error
+from pyrys.numerics.budget import check_measurable, keep_fewest, kept_reason, max_error
 from pyrys.numerics.sensitivity import Sensitivity, sensitivities
 from pyrys.quantization import DEQUANTIZE_WEIGHT
 
 SCREENED = 16  # the calibration samples of which the guard measures the one int8 moves the most besides the first
-# what int8's reasons and note say the guard measured on (not all: a note said "the calibration data" of 8
-# samples, within 2.3e-03 on the 4 measured, 3.0e-03 on all 8)
-CALIBRATION_DATA = (f"the calibration data's first {GUARD_SAMPLES} samples and the one of its first {SCREENED} "
-                    "int8 moves the most")
+
+
+def calibration_data(first: int, screened: int) -> str:
+    """What int8's reasons and note say the guard measured on: the ``first`` samples, and where ``screened``
+    more follow them, the one of those that int8 moves the most (not "the calibration data": a note said so of
+    8 samples, within 2.3e-03 on the 4 measured, 3.0e-03 on all 8; nor "its first 4 samples and the one of its
+    first 16" of one sample)."""
+    if screened <= 1:
+        count = first + screened
+        return "the calibration data's one sample" if count == 1 else f"the calibration data's {count} samples"
+    return (f"the calibration data's first {first} sample{'s' * (first != 1)} and the one of its first "
+            f"{first + screened} int8 moves the most")
+
+
 FLOAT32, BF16 = "float32", "bf16"  # what the guard keeps ops in
 
 
@@ -66,11 +76,12 @@ class Switch:
 
 def guard(gm: fx.GraphModule, switches: dict[str, Switch], samples: list[list], expected: list[list],
           budget: float, keep_in_bf16: Callable[[fx.GraphModule, set[str]], object] | None = None,
-          in_bf16: frozenset[str] = frozenset()) -> tuple[dict[str, str], float, str]:
+          in_bf16: frozenset[str] = frozenset(), data: str = "the calibration data") -> tuple[dict[str, str], float, str]:
     """Put ops of ``switches`` back into floating point (see the module docstring); ``{op name: why}`` for each,
     the outputs' error with the rest in int8, and the precision the floating-point ops run in: ``"bf16"``
     where ``keep_in_bf16(graph, op names)`` (running those ops of a graph in bf16) is given and the budget
-    holds so, the ops named in ``in_bf16`` (attention: no int8 kernel) in bf16 too; else ``"float32"``."""
+    holds so, the ops named in ``in_bf16`` (attention: no int8 kernel) in bf16 too; else ``"float32"``.
+    ``data``: what the reasons say ``samples`` are (:func:`calibration_data`)."""
     check_measurable(expected)
     lowered: set[str] = set()  # names of the ops a trial runs in bf16
 
@@ -105,7 +116,7 @@ def guard(gm: fx.GraphModule, switches: dict[str, Switch], samples: list[list], 
         if final <= budget:
             break  # else even every op in bf16 breaks the budget: float32 then (and the last try's if not)
     keep(count, FLOAT32)  # the switches as chosen (the search may have tried others last); bf16 is the pass's
-    return {name: kept_reason("int8", measured, name, total, budget, CALIBRATION_DATA, count, precision)
+    return {name: kept_reason("int8", measured, name, total, budget, data, count, precision)
             for name in ordered[:count]}, final, precision
 
 
