@@ -1,8 +1,10 @@
 """What around a call an optimized module cannot follow (``pyrys/calling_context.py``): tracers and transforms
 get a pyrys error (``torch.jit.trace`` crashed the interpreter), ``torch.autocast`` is not followed (same dtypes
-on every backend, a warning; compiles run with it off), and ``train()`` warns that the captured mode stays."""
+on every backend, a warning; compiles run with it off), nor is torch's default dtype (a warning; a compile
+refuses), and ``train()`` warns that the captured mode stays."""
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
@@ -117,6 +119,60 @@ def test_a_new_shape_first_called_under_autocast_does_not_put_bf16_in_the_graph(
     for x in (torch.randn(5, 5, 16), torch.randn(7, 9, 16)):
         with torch.no_grad():
             assert pyrys.relative_error(opt(x), model(x)) <= TOLERANCE
+
+
+class MadeFromTheDefault(nn.Module):
+    """Tensors the model makes take torch's default dtype: ``ones``, and an integer range divided by a float."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.linear(x) + torch.ones(8) + torch.arange(x.shape[1]).unsqueeze(-1) / 7.0
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+@pytest.mark.parametrize("other", [torch.float64, torch.bfloat16])
+def test_a_new_shape_under_another_default_dtype_is_refused_not_captured_in_it(other):
+    """A new shape first called under another default dtype was captured in it, and every later shape compiled
+    from that capture too: float64 outputs where eager's are float32, or float32 ones made from bf16-rounded
+    constants, 7e-4 off (a helper's find).  The process-wide default is not set back for a compile (other
+    threads read it): the compile refuses, the call at a compiled shape computes as optimized and warns."""
+    model = MadeFromTheDefault().eval()
+    opt = pyrys.optimize(model, (torch.randn(2, 5, 8),))
+    with default_dtype(other):
+        with pytest.raises(pyrys.InputError, match="default dtype is torch.*optimized under torch.float32"):
+            opt(torch.randn(3, 6, 8, dtype=torch.float32))
+        with pytest.warns(UserWarning, match="default dtype .* is not followed"):
+            kept = opt(torch.randn(2, 5, 8, dtype=torch.float32))
+    assert kept.dtype == torch.float32
+    for shape in [(2, 5, 8), (3, 6, 8), (4, 9, 8)]:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            y, want = opt(x), model(x)
+        assert y.dtype == want.dtype and pyrys.relative_error(y, want) <= TOLERANCE
+
+
+def test_a_module_optimized_under_another_default_dtype_follows_it():
+    model = MadeFromTheDefault().eval()
+    with default_dtype(torch.float64):
+        opt = pyrys.optimize(model, (torch.randn(2, 5, 8, dtype=torch.float32),))
+        for shape in [(2, 5, 8), (3, 6, 8)]:
+            x = torch.randn(shape, dtype=torch.float32)
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("error")  # the default it was optimized under: nothing to say
+                y, want = opt(x), model(x)
+            assert y.dtype == want.dtype == torch.float64 and pyrys.relative_error(y, want) <= TOLERANCE
 
 
 def test_optimize_under_autocast_compiles_float32():

@@ -1,4 +1,4 @@
-"""What around a call an optimized module cannot follow: tracers and transforms, and ``torch.autocast``.
+"""What around a call an optimized module cannot follow: tracers and transforms, ``torch.autocast``, the default dtype.
 
 A compiled program runs real CPU tensors through oneDNN primitives built for them.  Under
 ``torch.jit.trace`` (which crashed the interpreter once the call returned), ``torch.export`` or another
@@ -6,7 +6,10 @@ tracer running fake tensors, or a ``torch.func`` transform (``vmap``, ``grad``),
 raises :class:`TracedCallError` saying to trace the model itself.  (``torch.compile`` of a module holding an
 optimized one works: dynamo runs it as a call it does not trace.)
 
-``torch.autocast`` is not followed: the program runs the precision it was optimized for, whatever the
+Nor is torch's default dtype where it is not the one at ``optimize`` (a call warns; a new shape's compile
+raises :class:`~pyrys.signature.InputError`: a capture then would make the model's own tensors in it for
+every later shape, and the default is the process's, not to be set back for a compile while other threads
+read it).  ``torch.autocast`` is not followed: the program runs the precision it was optimized for, whatever the
 caller's autocast says, and compiles with autocast off (a capture made under it would record autocast's
 bfloat16 casts into the graph every later shape is built from); a call under autocast warns once.
 """
@@ -21,6 +24,7 @@ import warnings
 import torch
 
 from pyrys.errors import TracedCallError
+from pyrys.signature import InputError
 from pyrys.ir.vocabulary import draws_random_numbers
 
 _FAKE, _PROXY = torch._C._TorchDispatchModeKey.FAKE, torch._C._TorchDispatchModeKey.PROXY
@@ -63,6 +67,30 @@ def refuse_tracers() -> None:
 def autocast_on() -> bool:
     """Whether the caller's ``torch.autocast`` is on for the CPU."""
     return _any_autocast() and torch.is_autocast_enabled("cpu")
+
+
+class OtherDefaultDtype(InputError):
+    """A compile refused because torch's default dtype is not the one the module was optimized under (a refusal
+    of this call's context, not of its inputs: not remembered for them)."""
+
+
+def other_default_dtype(inputs: str, optimized_under: torch.dtype) -> OtherDefaultDtype:
+    """Why a compile for ``inputs`` (a new shape's) refuses to run while torch's default dtype is not the one the
+    module was optimized under (process-wide, so not set back for the compile: other threads read it)."""
+    now = torch.get_default_dtype()
+    return OtherDefaultDtype(
+        f"pyrys: these inputs ({inputs}) need a compile of their own, and torch's default dtype is {now} where the "
+        f"module was optimized under {optimized_under}: a capture now would compute what the model makes from the "
+        "default (torch.ones, torch.arange(n) / 7, a Python float made a tensor) in it, for these inputs and every "
+        f"later shape compiled from it. Call it with torch.set_default_dtype({optimized_under}), or optimize the "
+        f"model under {now}")
+
+
+def warn_of_default_dtype(optimized_under: torch.dtype) -> None:
+    warnings.warn(f"pyrys: torch's default dtype ({torch.get_default_dtype()}) is not followed: the optimized "
+                  f"module computes as it was optimized, under {optimized_under} (eager may make other dtypes where "
+                  "the model creates tensors: torch.ones, torch.arange(n) / 7)", UserWarning,
+                  stacklevel=callers_level())
 
 
 def warn_of_autocast(precision: str) -> None:

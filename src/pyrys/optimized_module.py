@@ -15,8 +15,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from pyrys.backends import keep_held
 from pyrys.backends.reference import with_values
-from pyrys.calling_context import (autocast_on, called_plainly, callers_level, refuse_tracers, warn_of_autocast,
-                                   without_autocast)
+from pyrys.calling_context import (OtherDefaultDtype, autocast_on, called_plainly, callers_level, refuse_tracers,
+                                   warn_of_autocast, warn_of_default_dtype, without_autocast)
 from pyrys.forwarding import forwarded
 from pyrys.input_structures import (PassedOtherwise, binding_error, leaf_kinds, other_dtypes, passed_otherwise,
                                      tensor_kinds)
@@ -55,6 +55,9 @@ MAX_REFUSED = 64  # input signatures whose compile the model refused, answered a
 RETRY_REFUSED = 16  # ... until this many calls, then at each power of two
 MAX_STRUCTURES = 8  # ways of passing other inputs than the example's, each a module of its own (_passed_otherwise)
 NUMBER_VALUES_ADVISED = 4  # a number input at this many values (the example's included) is told to be a tensor
+
+
+_default_dtype = torch.get_default_dtype  # (bound once: every call reads it)
 
 
 class OptimizedModule(torch.nn.Module):
@@ -151,8 +154,10 @@ class OptimizedModule(torch.nn.Module):
 
     def _call(self, args: tuple, kwargs: dict):
         """``forward``'s work: the checks of the calling context, then the call."""
-        if not called_plainly():
+        if not called_plainly() or _default_dtype() is not self._first.default_dtype:
             refuse_tracers()
+            if _default_dtype() is not self._first.default_dtype:
+                warn_of_default_dtype(self._first.default_dtype)
             if autocast_on():  # not followed: the program's precision, and the same dtypes on every backend
                 warn_of_autocast(self._config.precision)
                 with without_autocast():
@@ -307,6 +312,8 @@ class OptimizedModule(torch.nn.Module):
                 raise _again(now[0])
             try:
                 yield
+            except OtherDefaultDtype:
+                raise  # (the call's context, not its inputs, refused)
             except (CaptureError, InputError) as error:
                 self._refuse(signature, error, seen[1] if seen is not None else 1)
                 raise
