@@ -350,6 +350,22 @@ def _half(path: Path) -> bytes:
     return data[:len(data) // 2]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_a_save_has_the_mode_the_umask_gives_a_directory(tmp_path, umask):
+    """A save was 0700 whatever the umask (``tempfile.mkdtemp``'s), and saving again over one made readable
+    reset it: a serving account could not load it (a helper's find).  A path with a NUL is a SaveError."""
+    opt = pyrys.optimize(conv_bn_relu(), (image(),))
+    before = os.umask(umask)
+    try:
+        for _ in range(2):  # a new save, then one replacing it
+            pyrys.save(opt, tmp_path / "model")
+            assert (tmp_path / "model").stat().st_mode & 0o777 == 0o777 & ~umask
+    finally:
+        os.umask(before)
+    with pytest.raises(pyrys.SaveError, match="null byte"):
+        pyrys.save(opt, str(tmp_path / "a\x00b"))
+
+
 def test_bad_saves_are_refused_by_name(tmp_path):
     opt = pyrys.optimize(conv_bn_relu(), (image(),))
     good = tmp_path / "good"
@@ -567,7 +583,7 @@ def test_a_loaded_module_keeps_the_max_shapes_it_was_optimized_with(tmp_path):
     for batch in range(4, 10):
         x = torch.randn(batch, 16)
         assert pyrys.relative_error(loaded(x), model(x)) <= 1e-5
-    assert len(loaded._shapes.entries) == 3  # the two saved, and two besides the one opt.graph describes
+    assert len(loaded._shapes.entries) == 4  # the two saved, and max_shapes besides them (it held one: a helper's find)
 
 
 def test_a_save_through_a_symbolic_link_writes_the_save_it_names(tmp_path):

@@ -18,12 +18,14 @@ DROPPED_REMEMBERED = 64  # how many evicted keys ``came_back`` remembers (the mo
 
 
 class ShapeCache:
-    """At most ``limit`` entries besides those ``kept``; ``pinned`` (the signature ``opt.graph`` describes) and the
-    ``kept`` ones (a loaded module's saved signatures: it cannot compile them again) are never evicted."""
+    """At most ``limit`` entries besides those ``kept`` (``pinned`` among the ``limit`` where not kept);
+    ``pinned`` (the signature ``opt.graph`` describes) and the ``kept`` ones (a loaded module's saved signatures:
+    it cannot compile them again) are never evicted."""
 
     def __init__(self, limit: int, pinned: Hashable, entries: dict[Hashable, Any], kept: set[Hashable] = frozenset()):
-        self.kept = frozenset(kept) - {pinned}  # never evicted either: entries that could not be compiled again
-        self.limit, self.pinned = len(self.kept) + max(limit, len(entries) - len(self.kept)), pinned
+        held = frozenset(kept)  # (a loaded module held one entry fewer besides its saved ones: a helper's find)
+        self.kept = held - {pinned}  # never evicted either: entries that could not be compiled again
+        self.limit, self.pinned = len(held) + max(limit, len(entries) - len(held)), pinned
         self.entries: dict[Hashable, Any] = dict(entries)
         self._clock = itertools.count()
         self._used: dict[Hashable, int] = {key: next(self._clock) for key in entries}

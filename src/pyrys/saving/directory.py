@@ -76,8 +76,8 @@ def write_directory(path: str | os.PathLike, program: dict, tensors: dict[str, t
         with _directory_lock(path.parent, exclusive=True):
             _refuse_what_is_not_a_save(path)
             _remove_what_killed_saves_left(path)
-        staging = Path(tempfile.mkdtemp(prefix=_sibling_prefix(path, "saving"), dir=path.parent))
-    except OSError as error:
+        staging = _new_directory(path.parent, _sibling_prefix(path, "saving"))
+    except (OSError, ValueError) as error:  # (ValueError: a NUL in the path)
         raise SaveError(f"pyrys.save: cannot write in {path.parent}: {error}") from None
     try:
         for name, data in files.items():
@@ -93,6 +93,19 @@ def write_directory(path: str | os.PathLike, program: dict, tensors: dict[str, t
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def _new_directory(parent: Path, prefix: str) -> Path:
+    """A new directory ``prefix`` + 8 random letters in ``parent``, with the mode the umask gives a directory (a
+    save is read by other accounts: ``tempfile.mkdtemp``'s 0700 kept a serving user out; a helper's find)."""
+    for _ in range(100):
+        candidate = parent / f"{prefix}{os.urandom(6).hex()[:8]}"
+        try:
+            os.mkdir(candidate, 0o777)
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free name for {prefix}* in {parent}")
 
 
 def _refuse_what_is_not_a_save(path: Path) -> None:
