@@ -12,10 +12,12 @@ compact copy (scores of 12 heads x 197 x 64 on AMX: 112 us against 69; 24 us mor
 ViT-base program, 365 us against 135 per layer for both matmuls), so bfloat16 heads are copied compact
 first (:func:`_compact_is_faster`); in float32 the two kernels are within 7-17% (AVX-512), less than the
 copies cost, and the heads stay views.  ``bias`` is the mask as an additive float: 0 where a boolean mask
-attends and ``MASKED`` (-1e30) where it does not, a float mask as it is with -inf raised to
-``MASKED``, keys after the query's position for ``is_causal``.  A finite ``MASKED`` keeps a query
+attends and ``MASKED`` (-1e30) where it does not, a float mask as it is (a query whose every key is -inf:
+``MASKED`` there), keys after the query's position for ``is_causal``.  A finite ``MASKED`` keeps a query
 whose every key is masked from giving NaN (``exp(-1e30 - max)`` is 0 wherever one key is kept); torch
-gives such a query 0, which ``keep`` (1 where the query keeps a key, else 0) restores.  A constant mask
+gives such a query 0, which ``keep`` (1 where the query keeps a key, else 0) restores.  (A float mask
+raised to -1e30 everywhere lost what told its values below apart: a query whose keys were all masked by
+-1e31 and -1e35 attended to all alike, where torch attends to the -1e31 key alone; a helper's find.)  A constant mask
 is read once, when the program is built; a computed one each call, by one torch step that every
 attention reading that mask shares.  The output is written in the layout that makes its readers'
 ``transpose(1, 2)`` (the heads merged back) a contiguous view.
@@ -70,8 +72,9 @@ def attention_bias(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         bias = torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, MASKED)
         keep = mask.any(-1, keepdim=True)
     else:
-        bias = mask.float().clamp_min(MASKED)
-        keep = (mask != float("-inf")).any(-1, keepdim=True)
+        bias = mask.float()
+        keep = (bias != float("-inf")).any(-1, keepdim=True)
+        bias = bias.masked_fill(~keep, MASKED)  # only where every key is -inf: elsewhere -inf and -1e35 stay
     return bias, keep.float()
 
 
