@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from pyrys.backends.reference import ReferenceProgram
+from pyrys.backends.reference import ReferenceProgram, without_dispatch
 from pyrys.ir.graph import copy_graph, named_constants
 from pyrys.ir.post_ops import as_float32
 from pyrys.quantization import DEQUANTIZE, DEQUANTIZE_WEIGHT
@@ -29,7 +29,7 @@ def float64_outputs(reference: ReferenceProgram, inputs: list, lower: bool = Fal
     output that is not float64, computed in a dtype the graph names itself).  ``lower``: a bf16 or int8 graph,
     run without rounding its activations (its bf16 values and casts float64 too, its int8 ones' quantize and
     dequantize pairs skipped: :func:`~pyrys.quantization.nonfinite.float_path`), its rounded weights as they are."""
-    gm = float_path(reference.gm) if lower else reference.gm
+    gm = float_path(reference.source) if lower else reference.source  # (its ops as torch's: the targets read here)
     wide_dtypes = WIDENED_LOWER if lower else WIDENED
     if any(node.op == "call_module" for node in gm.graph.nodes):
         return None
@@ -39,7 +39,7 @@ def float64_outputs(reference: ReferenceProgram, inputs: list, lower: bool = Fal
                                                        lambda arg: _widened_arg(arg, wide_dtypes))
         if node.op == "call_function" and node.target in (DEQUANTIZE, DEQUANTIZE_WEIGHT):
             node.kwargs = {**node.kwargs, "out_dtype": torch.float64}  # (an int8 weight's, float32 by default)
-    wide = fx.GraphModule(gm, graph)
+    wide = without_dispatch(fx.GraphModule(gm, graph))
     for name, value in [*named_constants(wide), *wide.named_parameters(recurse=False)]:
         wide._parameters.pop(name, None)
         wide.register_buffer(name, _widened(value, wide_dtypes))

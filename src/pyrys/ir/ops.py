@@ -38,7 +38,8 @@ import torch
 # every pyrys op -> the plain Python function behind it.  Running it directly skips torch's
 # custom-op dispatch, whose dynamo wrapper reads and writes torch.export's process-wide
 # state: a call on one thread while another thread exports (a new input shape compiling)
-# failed with KeyError: 'custom'.
+# failed with KeyError: 'custom'.  (torch's quantize/dequantize ops too, computed faster:
+# :func:`pyrys.quantization.quantize`.)
 PYTHON_IMPLS: dict = {}
 
 
