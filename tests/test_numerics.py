@@ -4,13 +4,17 @@ from __future__ import annotations
 import logging
 import warnings
 from collections import Counter
+from unittest import mock
 
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import pyrys
 import pyrys.passes.fold_batch_norm as fold_batch_norm
+from pyrys import numerics
 from pyrys import precision_notes
 from pyrys.ir.edit import insert_op, set_args
 from pyrys.ir.vocabulary import CONVOLUTIONS
@@ -354,6 +358,28 @@ def test_relative_error_is_relative_at_any_magnitude():
         assert pyrys.relative_error(a * magnitude, b * magnitude) == pytest.approx(pyrys.relative_error(a, b))
     zeros = torch.zeros(3)
     assert pyrys.relative_error(zeros + 1e-13, zeros) == pytest.approx(0.1)  # zeros: against ZERO_SCALE
+
+
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 2**31), dtype=st.sampled_from(["float32", "float64", "bfloat16", "float16"]),
+       magnitude=st.sampled_from([0.0, 1e-300, 1e-40, 1e-6, 1.0, 1e30, 1e300]),
+       noise=st.sampled_from([0.0, 1e-7, 1e-3, 1.0]), shape=st.sampled_from([(1,), (7,), (3, 5, 2)]))
+def test_relative_error_of_finite_tensors_is_the_general_measure(seed, dtype, magnitude, noise, shape):
+    """Finite tensors take a shorter path (4 passes over them, not 15: the int8 guard measures every op's result);
+    it gives the general case's number (up to that one's rounding: it divides before it subtracts, 1e-16 of
+    the scale), and leaves the tensors as they were (a float64 one is not copied by ``.double()``)."""
+    generator = torch.Generator().manual_seed(seed)
+    dtype = getattr(torch, dtype)
+    want = (torch.randn(shape, generator=generator, dtype=torch.float64) * magnitude).to(dtype)
+    got = (want.double() + torch.randn(shape, generator=generator, dtype=torch.float64) * noise * magnitude).to(dtype)
+    before = got.clone(), want.clone()
+    fast = numerics._finite_error(got, want)
+    with mock.patch.object(numerics, "_finite_error", lambda *_: None):
+        general = pyrys.relative_error(got, want)
+    if fast is not None:
+        assert fast == pytest.approx(general, rel=1e-6, abs=1e-15)
+    assert pyrys.relative_error(got, want) == pytest.approx(general, rel=1e-6, abs=1e-15)
+    assert torch.equal(got, before[0]) and torch.equal(want, before[1])
 
 
 def test_relative_error_compares_every_leaf_by_its_place():

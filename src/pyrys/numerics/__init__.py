@@ -61,6 +61,10 @@ def _leaf_error(actual, expected) -> float:
         return float((actual != expected).any())
     if expected.numel() == 0:
         return 0.0
+    if not expected.is_complex():
+        fast = _finite_error(actual, expected)
+        if fast is not None:
+            return fast
     wide = torch.complex128 if expected.is_complex() else torch.float64
     actual, expected = actual.to(wide), expected.to(wide)
     finite = expected[expected.isfinite()].abs()
@@ -71,6 +75,21 @@ def _leaf_error(actual, expected) -> float:
     # NaN on one side only, or an infinity the other side lacks: inf (nan_to_num would make that FLT64_MAX)
     difference = difference.masked_fill(agree, 0.0).nan_to_num(nan=float("inf"), posinf=float("inf"))
     return float(difference.max())
+
+
+def _finite_error(actual: torch.Tensor, expected: torch.Tensor) -> float | None:
+    """:func:`_leaf_error` of two real tensors both finite everywhere (None otherwise): ``max |a - e|`` (exact,
+    in float64) over ``max |e|``, in four passes over the data and one float64 copy, where the general case
+    takes about fifteen and ten (the int8 guard measures every op's result: 10% of its compile at batch 16)."""
+    if not (torch.isfinite(actual.sum()) and torch.isfinite(expected.sum())):
+        return None  # (a sum overflowing from finite values takes the general case too: it is right for both)
+    scale = float(torch.linalg.vector_norm(expected, float("inf")))
+    if 0 < scale < 1e-290:
+        return None  # float64 values whose difference is subnormal, its bits lost: scaled first there
+    difference = float(torch.linalg.vector_norm(actual.to(torch.float64, copy=True).sub_(expected), float("inf")))
+    if difference == float("inf"):
+        return None  # float64 values whose difference overflows (1e308 and -1e308): scaled first there
+    return difference / (scale if scale > 0 else ZERO_SCALE)
 
 
 def relative_error(actual, expected) -> float:
