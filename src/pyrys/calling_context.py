@@ -1,4 +1,4 @@
-"""What around a call an optimized module cannot follow: tracers and transforms, ``torch.autocast``, the default dtype.
+"""What around a call an optimized module cannot follow: tracers and transforms, ``torch.autocast``, another default dtype.
 
 A compiled program runs real CPU tensors through oneDNN primitives built for them.  Under
 ``torch.jit.trace`` (which crashed the interpreter once the call returned), ``torch.export`` or another
@@ -6,10 +6,10 @@ tracer running fake tensors, or a ``torch.func`` transform (``vmap``, ``grad``),
 raises :class:`TracedCallError` saying to trace the model itself.  (``torch.compile`` of a module holding an
 optimized one works: dynamo runs it as a call it does not trace.)
 
-Nor is torch's default dtype where it is not the one at ``optimize`` (a call warns; a new shape's compile
-raises :class:`~pyrys.signature.InputError`: a capture then would make the model's own tensors in it for
-every later shape, and the default is the process's, not to be set back for a compile while other threads
-read it).  ``torch.autocast`` is not followed: the program runs the precision it was optimized for, whatever the
+A call while torch's default dtype is not the one at ``optimize`` raises :class:`OtherDefaultDtype` (an
+:class:`~pyrys.signature.InputError`): the program's torch steps would make the model's own tensors in it
+(a float64 ``n / 7`` read as float32 by a oneDNN step: 0.56 off), and so would a capture, for every later
+shape; the default is the process's, not to be set back for one call while other threads read it.  ``torch.autocast`` is not followed: the program runs the precision it was optimized for, whatever the
 caller's autocast says, and compiles with autocast off (a capture made under it would record autocast's
 bfloat16 casts into the graph every later shape is built from); a call under autocast warns once.
 """
@@ -70,27 +70,20 @@ def autocast_on() -> bool:
 
 
 class OtherDefaultDtype(InputError):
-    """A compile refused because torch's default dtype is not the one the module was optimized under (a refusal
-    of this call's context, not of its inputs: not remembered for them)."""
+    """A call refused because torch's default dtype is not the one the module was optimized under."""
 
 
-def other_default_dtype(inputs: str, optimized_under: torch.dtype) -> OtherDefaultDtype:
-    """Why a compile for ``inputs`` (a new shape's) refuses to run while torch's default dtype is not the one the
-    module was optimized under (process-wide, so not set back for the compile: other threads read it)."""
+def other_default_dtype(optimized_under: torch.dtype) -> OtherDefaultDtype:
+    """Why a call (or a compile) refuses to run while torch's default dtype is not ``optimized_under``: what the
+    model makes from the default (``torch.ones(8)``, ``n / 7`` of an integer) is made in it by the program's
+    torch steps at each call and by a capture for every later shape, and the default is the process's, not
+    to be set back for one call while other threads read it."""
     now = torch.get_default_dtype()
     return OtherDefaultDtype(
-        f"pyrys: these inputs ({inputs}) need a compile of their own, and torch's default dtype is {now} where the "
-        f"module was optimized under {optimized_under}: a capture now would compute what the model makes from the "
-        "default (torch.ones, torch.arange(n) / 7, a Python float made a tensor) in it, for these inputs and every "
-        f"later shape compiled from it. Call it with torch.set_default_dtype({optimized_under}), or optimize the "
-        f"model under {now}")
-
-
-def warn_of_default_dtype(optimized_under: torch.dtype) -> None:
-    warnings.warn(f"pyrys: torch's default dtype ({torch.get_default_dtype()}) is not followed: the optimized "
-                  f"module computes as it was optimized, under {optimized_under} (eager may make other dtypes where "
-                  "the model creates tensors: torch.ones, torch.arange(n) / 7)", UserWarning,
-                  stacklevel=callers_level())
+        f"pyrys: torch's default dtype is {now}, and the module was optimized under {optimized_under}: what the "
+        f"model makes from the default (torch.ones(8), an integer tensor / 7) would be {now} here and "
+        f"{optimized_under} where the program was compiled. Call it with torch.set_default_dtype({optimized_under}), "
+        f"or optimize the model under {now}")
 
 
 def warn_of_autocast(precision: str) -> None:

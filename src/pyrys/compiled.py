@@ -57,7 +57,6 @@ class Compiled:
     numerics: NumericsReport | None = None  # measured on the example inputs (``numerics=True``)
     template: "Compiled | None" = None  # where ``generic`` excludes this signature's shapes, so that its program
     # was compiled apart: that graph's compile (its history and notes), which later shapes are specialized from
-    default_dtype: torch.dtype = field(default_factory=torch.get_default_dtype)  # torch's, as it was compiled
 
 
 _SOURCE_PLACE = re.compile(r"^\S+\.(?:cpp|h|cc):\d+: ")  # where in torch's C++ an error was raised (its build path)
@@ -78,8 +77,8 @@ def compile_signature(frontend: Frontend, args: tuple, kwargs: dict, config: Opt
     measure every pass and the program against eager on these inputs (:mod:`pyrys.numerics.trace`).
     ``apart_on_data``: a symbolic capture meeting tensor data (:class:`DataDependentError`) tries these shapes
     alone (else it raises: inputs nobody called, widened for the capture, are not worth a compile of their own)."""
-    if like is not None and torch.get_default_dtype() != like.default_dtype:
-        raise other_default_dtype(signature_of(args, kwargs)[0].describe(), like.default_dtype)
+    if torch.get_default_dtype() != config.default_dtype:  # (a call refuses first: a capture at pyrys.save)
+        raise other_default_dtype(config.default_dtype)
     if not dynamic:
         with fake_tensor_errors_unlogged():  # a failure raises CaptureError, with torch's error as its cause
             return _compile_signature(frontend, args, kwargs, config, False, like, trace)

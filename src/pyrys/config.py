@@ -42,6 +42,8 @@ class OptimizeConfig:
     # precision="int8": the samples, then the plan; "bf16": the samples (if given) and the accuracy budget
     calibration: Calibration | None = field(default=None, compare=False, repr=False)
     output_dtype: torch.dtype | None = None  # every floating-point output in this dtype; None: eager's
+    # torch's default dtype, as it was at optimize (a loaded module: as its save says); calls under another refuse
+    default_dtype: torch.dtype = field(default_factory=torch.get_default_dtype)
 
 
 OUTPUT_DTYPES = (None, torch.float32, torch.bfloat16)

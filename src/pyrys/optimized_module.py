@@ -15,8 +15,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from pyrys.backends import keep_held
 from pyrys.backends.reference import with_values
-from pyrys.calling_context import (OtherDefaultDtype, autocast_on, called_plainly, callers_level, refuse_tracers,
-                                   warn_of_autocast, warn_of_default_dtype, without_autocast)
+from pyrys.calling_context import (autocast_on, called_plainly, callers_level, other_default_dtype, refuse_tracers,
+                                   warn_of_autocast, without_autocast)
 from pyrys.forwarding import forwarded
 from pyrys.input_structures import (PassedOtherwise, binding_error, leaf_kinds, other_dtypes, passed_otherwise,
                                      tensor_kinds)
@@ -154,10 +154,10 @@ class OptimizedModule(torch.nn.Module):
 
     def _call(self, args: tuple, kwargs: dict):
         """``forward``'s work: the checks of the calling context, then the call."""
-        if not called_plainly() or _default_dtype() is not self._first.default_dtype:
+        if not called_plainly() or _default_dtype() is not self._config.default_dtype:
             refuse_tracers()
-            if _default_dtype() is not self._first.default_dtype:
-                warn_of_default_dtype(self._first.default_dtype)
+            if _default_dtype() is not self._config.default_dtype:
+                raise other_default_dtype(self._config.default_dtype)
             if autocast_on():  # not followed: the program's precision, and the same dtypes on every backend
                 warn_of_autocast(self._config.precision)
                 with without_autocast():
@@ -312,8 +312,6 @@ class OptimizedModule(torch.nn.Module):
                 raise _again(now[0])
             try:
                 yield
-            except OtherDefaultDtype:
-                raise  # (the call's context, not its inputs, refused)
             except (CaptureError, InputError) as error:
                 self._refuse(signature, error, seen[1] if seen is not None else 1)
                 raise

@@ -58,6 +58,8 @@ from pyrys.saving.symbolic import decode_symbolic, encode_symbolic
 from pyrys.saving.tree_spec import decode_parameters, decode_spec, encode_parameters, encode_spec
 from pyrys.signature import ExactBool, ExactFloat, Signature, TypedValue, is_tensor_leaf, leaf_value
 
+SAVED_DEFAULT_DTYPES = ("float32", "float64", "bfloat16", "float16")  # what torch.set_default_dtype takes
+
 
 def save(opt: OptimizedModule, path: str | os.PathLike) -> Path:
     """Write ``opt`` (every input signature it has compiled) to the directory ``path``; returns it.
@@ -93,7 +95,7 @@ def save(opt: OptimizedModule, path: str | os.PathLike) -> Path:
         written = set().union(*(written_tensors(gm) for gm in _graphs(compiled, opt)))
     tensors, aliases = _without_repeats(tensors, written)
     program = {"frontend": opt._frontend.kind.removeprefix("saved "), "threads": opt._config.threads, "layout": opt._config.layout,
-               "max_shapes": opt._config.max_shapes,
+               "max_shapes": opt._config.max_shapes, "default_dtype": _dtype_name(opt._config.default_dtype),
                "training": opt.compiled_training, "parameters": encode_parameters(opt._frontend.parameters),
                "first": first, "signatures": signatures, "aliases": aliases, "generic": generic, "size_one": size_one,
                "tensors": {key: {"shape": list(t.shape), "stride": list(t.stride()), "dtype": _dtype_name(t.dtype)}
@@ -138,7 +140,12 @@ def _load(path: str | os.PathLike, manifest: dict, program: dict, tensors: dict,
         same_cpu = manifest["isa"] == cpu_info()[1]
         _check_options(program)
         config = OptimizeConfig(threads=threads if threads is not None else program["threads"],
-                                layout=program["layout"], max_shapes=program.get("max_shapes", DEFAULT_MAX_SHAPES))
+                                layout=program["layout"], max_shapes=program.get("max_shapes", DEFAULT_MAX_SHAPES),
+                                default_dtype=_DTYPES[program.get("default_dtype", "float32")])
+        if torch.get_default_dtype() != config.default_dtype:  # its graphs' types are worked out again here
+            raise LoadError(f"pyrys.load: torch's default dtype is {torch.get_default_dtype()}, and {path} was "
+                            f"optimized under {config.default_dtype}; load it (and call it) with "
+                            f"torch.set_default_dtype({config.default_dtype})")
         records = list(program["signatures"])
         first = _decode_compiled(records.pop(program["first"]), tensors, config, same_cpu, manifest)
         compiled = [_decode_compiled(record, tensors, config, same_cpu, manifest, like=first.program)
@@ -193,6 +200,9 @@ def _check_options(program: dict) -> None:
     if program.get("training", False) not in (True, False):
         raise LoadError(f"pyrys.load: the saved program is malformed (training is {program['training']!r:.40}, "
                         "not true or false)")
+    default_dtype = program.get("default_dtype", "float32")  # (saves before it: torch's default)
+    if default_dtype not in SAVED_DEFAULT_DTYPES:
+        raise LoadError(f"pyrys.load: the saved default_dtype {default_dtype!r:.40} is not one of {SAVED_DEFAULT_DTYPES}")
     max_shapes = program.get("max_shapes", DEFAULT_MAX_SHAPES)  # (saves before it: the default)
     if type(max_shapes) is not int or max_shapes < 1:
         raise LoadError(f"pyrys.load: the saved max_shapes {max_shapes!r:.40} is not a positive int")
