@@ -82,8 +82,9 @@ def quantize(gm: fx.GraphModule, precision: str, calibration: Calibration | None
             try:
                 samples = spread_first(samples, GUARD_SAMPLES)  # (the guard's: of every size, where they vary)
                 count = len(samples)
-                quants, expected, samples, (failed, said) = observe(gm, {value.name for value in roles.values()},
-                                                                    samples, GUARD_SAMPLES)
+                quants, answered, samples, (failed, said) = observe(gm, {value.name for value in roles.values()},
+                                                                    samples, SCREENED)
+                expected = answered[:GUARD_SAMPLES]
                 if failed:  # left out: the model's own refusal, or the cut's (positions past the dim cut)
                     left = (f"{failed} of the {count} samples made to fit it do not run on it" if cut else
                             f"the model fails on {failed} of the {count} samples")
@@ -119,7 +120,7 @@ def quantize(gm: fx.GraphModule, precision: str, calibration: Calibration | None
                     measured, answers = samples[:len(expected)], expected
                     screened = samples[len(expected):SCREENED]
                     plan.measured_on = calibration_data(len(measured), len(screened))
-                    worst = most_moved(gm, switches, screened)
+                    worst = most_moved(gm, switches, screened, answered[len(expected):SCREENED])
                     if worst is not None:
                         measured, answers = measured + [worst[0]], answers + [worst[1]]
                     plan.kept, plan.error, plan.floating = guard(

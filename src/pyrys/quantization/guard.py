@@ -15,8 +15,8 @@ graph per sample (each op evaluated once more on its quantized arguments) and fo
 about two runs' work), so the guard costs about ten runs of the graph (on the reference backend, the
 rounding simulated) per sample plus about 2 log2(k) more for k ops put back, on the first
 :data:`~pyrys.numerics.budget.GUARD_SAMPLES` calibration samples and the one of the next ones (up to :data:`SCREENED`)
-whose outputs every op in int8 moves the most (:func:`most_moved`: two runs of each); one run of the int8 graph
-per sample when the budget holds with every op in int8.
+whose outputs every op in int8 moves the most (:func:`most_moved`: a run of each in int8, its float32 outputs
+calibration's); one run of the int8 graph per sample when the budget holds with every op in int8.
 (Measuring each op's effect on the outputs alone took a run per op: 200 s for BERT-base's 73 linears.)
 """
 from __future__ import annotations
@@ -120,23 +120,23 @@ def guard(gm: fx.GraphModule, switches: dict[str, Switch], samples: list[list], 
             for name in ordered[:count]}, final, precision
 
 
-def most_moved(gm: fx.GraphModule, switches: dict[str, Switch], samples: list[list]) -> tuple[list, list] | None:
-    """Of ``samples``, the one whose outputs every op of ``switches`` in int8 moves the most from float32's,
-    with its float32 outputs (None where ``samples`` is empty): the guard measures it beside the first ones.
-    A rare value moves one sample alone: a BERT whose [CLS] channel was -557 in 31 of 32 rows and +557 in one
-    erred 0.17 on that row's sample, the 14th, under a budget of 1e-3 the first four held (a helper's find)."""
+def most_moved(gm: fx.GraphModule, switches: dict[str, Switch], samples: list[list],
+               expected: list[list]) -> tuple[list, list] | None:
+    """Of ``samples``, the one whose outputs every op of ``switches`` in int8 moves the most from float32's
+    (``expected``: calibration's run of the graph before quantization, which is every op in float32), with
+    those (None where ``samples`` is empty): the guard measures it beside the first ones.  A rare value moves
+    one sample alone: a BERT whose [CLS] channel was -557 in 31 of 32 rows and +557 in one erred 0.17 on that
+    row's sample, the 14th, under a budget of 1e-3 the first four held (a helper's find)."""
     if not samples:
         return None
-    weights = dequantized_weights(gm)
-    outputs = []
-    for int8 in (False, True):
-        for switch in switches.values():
-            switch.set(int8)
-        program = ReferenceProgram(with_weights(gm, weights))
-        outputs.append([program(sample) for sample in samples])
-    errors = [max_error(lambda _, got=got: got, [None], [want]) for got, want in zip(outputs[1], outputs[0])]
+    for switch in switches.values():
+        switch.set(True)
+    program, errors = ReferenceProgram(with_weights(gm, dequantized_weights(gm))), []
+    for sample, want in zip(samples, expected):
+        got = program(sample)
+        errors.append(max_error(lambda _: got, [None], [want]))  # noqa: B023 -- called at once
     worst = max(range(len(samples)), key=lambda i: errors[i])
-    return samples[worst], outputs[0][worst]
+    return samples[worst], expected[worst]
 
 
 def sensitivity(gm: fx.GraphModule, switches: dict[str, Switch], samples: list[list],
