@@ -7,6 +7,10 @@ compiles the same model); rounds alternate the two trees; medians and their rati
 
     git worktree add /tmp/pyrys_old <commit>
     python benchmarks/compile_ab.py --old /tmp/pyrys_old/src --models bert4 bert_base --rounds 3
+    python benchmarks/compile_ab.py --old /tmp/pyrys_old/src --models efficientnet_b0 --precision int8 --batch 16
+
+With ``--precision int8`` both trees calibrate on ``pyrys.bench.peers.calibration_data`` of the example
+(what ``pyrys bench`` gives every int8 system), with the default accuracy guard.
 """
 from __future__ import annotations
 
@@ -23,21 +27,26 @@ spec = importlib.util.spec_from_file_location("models_here", sys.argv[1])
 models = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(models)
 model = (getattr(models, sys.argv[2]) if hasattr(models, sys.argv[2]) else lambda: models.build_model(sys.argv[2]))()
-x = models.example_inputs(sys.argv[2], 1, model)
+precision, batch = sys.argv[3], int(sys.argv[4])
+x = models.example_inputs(sys.argv[2], batch, model)
+options = {"precision": precision}
+if precision == "int8":
+    from pyrys.bench.peers import calibration_data
+    options["calibration"] = calibration_data(x)
 tiny = models.tiny_convnet().eval()
 pyrys.optimize(tiny, tiny.example_inputs(1))(*tiny.example_inputs(1))
 start = time.perf_counter()
 with torch.no_grad():
-    pyrys.optimize(model.eval(), x)(*x)
+    pyrys.optimize(model.eval(), x, **options)(*x)
 print(time.perf_counter() - start)
 """
 MODELS = Path(__file__).resolve().parents[1] / "src" / "pyrys" / "bench" / "models.py"
 
 
-def compile_seconds(src: str, model: str) -> float:
+def compile_seconds(src: str, model: str, precision: str = "fp32", batch: int = 1) -> float:
     env = dict(os.environ, PYTHONPATH=src, PYRYS_CACHE_DIR="")
-    out = subprocess.run([sys.executable, "-c", CHILD, str(MODELS), model], env=env, capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", CHILD, str(MODELS), model, precision, str(batch)],
+                         env=env, capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -46,6 +55,8 @@ def main() -> None:
     parser.add_argument("--old", required=True, help="the earlier tree's src folder")
     parser.add_argument("--models", nargs="+", default=["bert4", "bert_base", "resnet50"])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32")
+    parser.add_argument("--batch", type=int, default=1)
     args = parser.parse_args()
     trees = {"old": args.old, "new": str(MODELS.parents[2])}
     print("| model | old s (runs) | new s (runs) | new / old |")
@@ -54,7 +65,7 @@ def main() -> None:
         times: dict[str, list[float]] = {label: [] for label in trees}
         for _ in range(args.rounds):
             for label, src in trees.items():
-                times[label].append(compile_seconds(src, model))
+                times[label].append(compile_seconds(src, model, args.precision, args.batch))
         old, new = statistics.median(times["old"]), statistics.median(times["new"])
         runs = {label: ", ".join(f"{t:.2f}" for t in values) for label, values in times.items()}
         print(f"| {model} | {old:.2f} ({runs['old']}) | {new:.2f} ({runs['new']}) | {new / old:.3f} |")
