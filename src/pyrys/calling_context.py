@@ -1,4 +1,4 @@
-"""What around a call an optimized module cannot follow: tracers and transforms, ``torch.autocast``, another default dtype.
+"""What around a call an optimized module cannot follow: tracers, transforms, ``torch.autocast``, another default dtype.
 
 A compiled program runs real CPU tensors through oneDNN primitives built for them.  Under
 ``torch.jit.trace`` (which crashed the interpreter once the call returned), ``torch.export`` or another
@@ -9,7 +9,9 @@ optimized one works: dynamo runs it as a call it does not trace.)
 A call while torch's default dtype is not the one at ``optimize`` raises :class:`OtherDefaultDtype` (an
 :class:`~pyrys.signature.InputError`): the program's torch steps would make the model's own tensors in it
 (a float64 ``n / 7`` read as float32 by a oneDNN step: 0.56 off), and so would a capture, for every later
-shape; the default is the process's, not to be set back for one call while other threads read it.  ``torch.autocast`` is not followed: the program runs the precision it was optimized for, whatever the
+shape; the default is the process's, not to be set back for one call while other threads read it.
+
+``torch.autocast`` is not followed: the program runs the precision it was optimized for, whatever the
 caller's autocast says, and compiles with autocast off (a capture made under it would record autocast's
 bfloat16 casts into the graph every later shape is built from); a call under autocast warns once.
 """

@@ -76,7 +76,8 @@ class Switch:
 
 def guard(gm: fx.GraphModule, switches: dict[str, Switch], samples: list[list], expected: list[list],
           budget: float, keep_in_bf16: Callable[[fx.GraphModule, set[str]], object] | None = None,
-          in_bf16: frozenset[str] = frozenset(), data: str = "the calibration data") -> tuple[dict[str, str], float, str]:
+          in_bf16: frozenset[str] = frozenset(),
+          data: str = "the calibration data") -> tuple[dict[str, str], float, str]:
     """Put ops of ``switches`` back into floating point (see the module docstring); ``{op name: why}`` for each,
     the outputs' error with the rest in int8, and the precision the floating-point ops run in: ``"bf16"``
     where ``keep_in_bf16(graph, op names)`` (running those ops of a graph in bf16) is given and the budget
