@@ -78,8 +78,8 @@ def _leaf_error(actual, expected) -> float:
 
 
 def _finite_error(actual: torch.Tensor, expected: torch.Tensor) -> float | None:
-    """:func:`_leaf_error` of two real tensors both finite everywhere (None otherwise): ``max |a - e|`` (exact,
-    in float64) over ``max |e|``, in four passes over the data and one float64 copy, where the general case
+    """:func:`_leaf_error` of two real tensors both finite everywhere (None otherwise): ``max |a - e|`` (in float64:
+    exact for float32 and narrower) over ``max |e|``, in four passes over the data and one float64 copy, where the general case
     takes about fifteen and ten (the int8 guard measures every op's result: 10% of its compile at batch 16)."""
     if not (torch.isfinite(actual.sum()) and torch.isfinite(expected.sum())):
         return None  # (a sum overflowing from finite values takes the general case too: it is right for both)
