@@ -137,13 +137,16 @@ def _floating(actual, expected) -> tuple[list, list]:
     return ([got[i] for i in kept], [want[i] for i in kept]) if kept else (got, want)
 
 
-def keep_fewest(count: int, error_keeping: Callable[[int], float], budget: float) -> tuple[int, float]:
+def keep_fewest(count: int, error_keeping: Callable[[int], float], budget: float,
+                known: dict[int, float] | None = None) -> tuple[int, float]:
     """How many of ``count`` ops (largest own error first) to keep in float32, and the outputs' error then:
-    the fewest first k with ``error_keeping(k) <= budget`` (:func:`fewest`), each k measured once."""
-    errors: dict[int, float] = {}
+    the fewest first k with ``error_keeping(k) <= budget`` (:func:`fewest`), each k measured once (those of
+    ``known``, ``{k: error}``, not again)."""
+    errors: dict[int, float] = dict(known or {})
 
     def holds(k: int) -> bool:
-        errors[k] = error_keeping(k)
+        if k not in errors:
+            errors[k] = error_keeping(k)
         return errors[k] <= budget
 
     kept = fewest(count, holds)

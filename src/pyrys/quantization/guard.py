@@ -10,7 +10,8 @@ If error(every op) > budget, the fewest ops with the largest ``effect`` go back 
 error(the rest) <= budget (the search: :mod:`pyrys.numerics.budget`).  Where the CPU has native bf16 they
 go back to bf16 instead (``keep_in_bf16``: about 10x float32's speed on AMX, 2x on AVX-512 BF16), and the
 ops with no int8 kernel that run faster in bf16 (attention) run so too, error(S) measured so; all float32
-only if even every op in bf16 breaks the budget.  Every op's ``effect`` comes from one run of the float32
+only if even every op in bf16 breaks the budget (measured first: one run where the search would take
+about 2 log2(k)).  Every op's ``effect`` comes from one run of the float32
 graph per sample (each op evaluated once more on its quantized arguments) and four backward passes (each
 about two runs' work), so the guard costs about ten runs of the graph (on the reference backend, the
 rounding simulated) per sample plus about 2 log2(k) more for k ops put back, on the first
@@ -105,17 +106,25 @@ def guard(gm: fx.GraphModule, switches: dict[str, Switch], samples: list[list], 
             lowered.update(in_bf16, (switches[name].layer.name for name in ordered[:k]))
 
     ordered: list[str] = []
+    total = None
     for precision in (BF16, FLOAT32) if keep_in_bf16 is not None else (FLOAT32,):
         keep(0, precision)
-        total = error()
+        if total is None or in_bf16:  # (else float32's every op in int8 is bf16's: measured already)
+            total = error()
         if total <= budget:
             return {}, total, precision
         if not ordered:
             measured = sensitivity(gm, switches, samples, weights)
             ordered = measured.order()
-        count, final = keep_fewest(len(ordered), lambda k: keep(k, precision) or error(budget), budget)
+        known = {}
+        if precision == BF16:  # every op in bf16 first: where that breaks the budget, no k of them holds it
+            keep(len(ordered), BF16)
+            known[len(ordered)] = error(budget)
+            if known[len(ordered)] > budget:
+                continue  # float32 then
+        count, final = keep_fewest(len(ordered), lambda k: keep(k, precision) or error(budget), budget, known)
         if final <= budget:
-            break  # else even every op in bf16 breaks the budget: float32 then (and the last try's if not)
+            break  # else even every op in float32 breaks the budget (the last try's then)
     keep(count, FLOAT32)  # the switches as chosen (the search may have tried others last); bf16 is the pass's
     return {name: kept_reason("int8", measured, name, total, budget, data, count, precision)
             for name in ordered[:count]}, final, precision
