@@ -9,7 +9,10 @@ from __future__ import annotations
 import copy
 import importlib
 import itertools
+import os
 import re
+import subprocess
+import sys
 import tempfile
 import warnings
 
@@ -325,6 +328,33 @@ def test_the_accuracy_guard_keeps_the_sensitive_layer_in_floating_point(backend,
         assert "BFloat16(16, 8) = prim::Constant" in guarded.graph
         assert fired(guarded) == {"int8": 1, "bf16": 1, "conversion": 2}
     assert pyrys.relative_error(guarded(x), model(x)) <= budget
+
+
+PADDED_BINARY = """
+import torch, pyrys
+from torch import nn
+from tests.models import Fn
+torch.manual_seed(0)
+model = Fn(lambda m, x: m.c(m.a(x) / (m.b(x).abs() + 1e-3)), a=nn.ConvTranspose2d(3, 6, 3, padding=1),
+           b=nn.ConvTranspose2d(3, 6, 3, padding=1), c=nn.Conv2d(6, 6, 1)).eval()
+calibration = [torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+for layout in ("blocked8", "blocked16"):
+    opt = pyrys.optimize(model, calibration[0], precision="int8", calibration=calibration, layout=layout,
+                         accuracy_budget=None)
+    print(layout, float(pyrys.relative_error(opt(calibration[0]), model(calibration[0]))))
+"""
+
+
+def test_an_int8_quantized_binary_in_a_padded_blocked_layout_does_not_crash(tmp_path):
+    """A division of two float32 results (transposed convs: no int8 kernel) in ``aBcd8b`` with 6 channels, read
+    by an int8 conv: oneDNN 3.2's binary kernel writing int8 there with its scale crashed the process (SIGSEGV,
+    a helper's find); it writes float32 now and a reorder quantizes.  In a process of its own: a crash."""
+    result = subprocess.run([sys.executable, "-c", PADDED_BINARY], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYRYS_CACHE_DIR": str(tmp_path),
+                                 "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    errors = [float(line.split()[1]) for line in result.stdout.splitlines()]
+    assert len(errors) == 2 and max(errors) <= INT8_TOLERANCE
 
 
 def test_where_every_op_in_bf16_breaks_the_budget_the_guard_searches_float32_alone(monkeypatch):

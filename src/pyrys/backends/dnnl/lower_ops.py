@@ -109,7 +109,11 @@ def lower_binary(builder: Builder, node: fx.Node) -> None:
         raise Unsupported("the first operand is broadcast or constant")
     x, x_scale = read_quantized(builder, a)  # int8 with its scale where int8 layers share it (int8_dst.py)
     y = _second_operand(builder, b, x)
-    quant = quantized_reader(node)
+    # oneDNN 3.2's jit:uni binary kernel writing s8 or u8 from float32 or bf16 with a post-op (the destination's
+    # scale) into a blocked layout whose channels are padded (6 in aBcd8b) crashed the process (SIGSEGV; a
+    # helper's find: an int8 guard's float32 convs feeding a / (b.abs() + 1e-3) under layout="blocked8"):
+    # there it writes its own data type, and the quantize after it converts
+    quant = None if x.md.padded_dims != x.md.dims else quantized_reader(node)
 
     def create(quant):
         dst_md = same_layout_md(x, x.md.dims, out.dtype if quant is None else quant.dtype)

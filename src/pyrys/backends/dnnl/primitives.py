@@ -180,6 +180,11 @@ class MemoryDesc(Handle):
         return self._query_dims(Query.strides, self.ndims)
 
     @property
+    def padded_dims(self) -> tuple[int, ...]:
+        """The dims as laid out: a blocked dim rounded up to its block (6 channels in ``aBcd8b``: 8)."""
+        return self._query_dims(Query.padded_dims, self.ndims)
+
+    @property
     def inner_blocks(self) -> list[tuple[int, int]]:
         """[(block size, logical dim index)], innermost last; [] for plain layouts."""
         count = self._query_int(Query.inner_nblks_s32)
