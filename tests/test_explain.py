@@ -182,6 +182,43 @@ def test_cli_explain_shapes_a_models_own_inputs():
         zoo.example_inputs("tests:OneTensor", OneTensor(), (2, 4))
 
 
+class _OwnInputs(torch.nn.Module):
+    """A model whose ``example_inputs`` gives what a test sets in ``given``."""
+    given = None
+
+    def forward(self, x):
+        return x * 2
+
+    def example_inputs(self, batch):
+        if isinstance(self.given, Exception):
+            raise self.given
+        return self.given
+
+
+@pytest.mark.parametrize("given, says", [
+    ({"x": torch.ones(1, 4)}, r"example_inputs\(1\) should return a tensor or a tuple of tensors .*got dict"),
+    ((torch.ones(1, 4), 3), r"example_inputs\(1\) should return a tensor or a tuple .*got a tuple of Tensor, int"),
+    ((), r"example_inputs\(1\) should return a tensor or a tuple of tensors .*got an empty tuple"),
+    (RuntimeError("no data here\nsecond line"), r"example_inputs\(1\) raised RuntimeError: no data here$"),
+])
+def test_cli_explain_says_in_one_line_what_a_models_example_inputs_should_give(given, says, monkeypatch):
+    """A helper's find: a dict or a number among them raised AttributeError ('str' object has no attribute
+    'shape'), and example_inputs' own error its traceback."""
+    monkeypatch.setattr(_OwnInputs, "given", given)
+    with pytest.raises(SystemExit, match=rf"^pyrys explain: tests.test_explain:_OwnInputs: {says}"):
+        main(["explain", "tests.test_explain:_OwnInputs"])
+
+
+def test_cli_explain_refuses_a_tolerance_without_numerics():
+    """A helper's find: ``--tolerance`` alone was read by nothing, silently (``pyrys.explain`` likewise)."""
+    with pytest.raises(SystemExit, match="--tolerance is the error --numerics flags; give --numerics too"):
+        main(["explain", "torch.nn:Identity", "--tolerance", "1e-3"])
+    with pytest.raises(ValueError, match="tolerance= is the error numerics=True flags"):
+        pyrys.explain(torch.nn.Identity(), (torch.ones(2),), tolerance=1e-3)
+    with pytest.raises(TypeError, match="title must be a str"):  # was AttributeError: 'int' ... 'replace'
+        pyrys.explain(torch.nn.Identity(), (torch.ones(2),), title=5)
+
+
 def test_cli_explain_says_in_one_line_why_a_model_cannot_be_captured():
     with pytest.raises(SystemExit, match="pyrys explain: CaptureError: pyrys: torch.export cannot capture"):
         main(["explain", "tests.models:conv_bn_relu", "--input-shape", "1x3x1x1"])

@@ -109,10 +109,15 @@ def test_layers_name_the_captured_value_they_compute(backend):
     assert layer.absorbed[-3:] == ("conv2d", "batch_norm", "relu")
     assert layer.describe().endswith("= %relu (+ %conv2d, %batch_norm)")
     assert opt.numerics.layer("relu") is layer and opt.numerics.layer(layer.node) is layer
+    assert opt.numerics.layer("%relu") is layer  # as the report prints it (a helper's find: "no op %%relu")
     with pytest.raises(KeyError, match="%batch_norm has no value of its own .* folded or fused into"):
         opt.numerics.layer("batch_norm")
     with pytest.raises(KeyError, match="no op %nothing"):
         opt.numerics.layer("nothing")
+    for layers in (-1, "3", 1.5, True):  # -1 listed none under "1 compared"; "3" raised slice's TypeError
+        with pytest.raises(ValueError, match="layers is how many of the worst layers to list"):
+            opt.numerics.render(layers=layers)
+    assert "= %relu" in opt.numerics.render(layers=1) and "= %relu" not in opt.numerics.render(layers=0)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -40,6 +40,15 @@ def test_zoo_command_prints_a_row_and_writes_markdown(tmp_path, capsys):
     assert table.read_text().startswith("| model | backend |")
 
 
+def test_zoo_runs_a_model_and_a_backend_named_twice_once_and_prints_whole_cells(capsys, monkeypatch):
+    """A helper's find: ``squeezenet1_1 squeezenet1_1 --backend reference --backend reference`` compiled it four
+    times; at 80 columns (a file's width) the table cut its cells ("sque…", "0.0e+…")."""
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["zoo", "squeezenet1_1", "squeezenet1_1", "--backend", "reference", "--backend", "reference"]) == 0
+    out = capsys.readouterr().out
+    assert "1/1 passed" in out and "…" not in out and "squeezenet1_1" in out.split("optimized vs eager")[1]
+
+
 def test_zoo_arguments_it_cannot_use_are_refused_before_it_runs(tmp_path, capsys):
     """A helper's fuzz: ``--backend nosuch`` printed a traceback per model; an unwritable ``--markdown`` one
     after the whole run."""

@@ -101,6 +101,11 @@ def explain(model: torch.nn.Module, example_inputs: Any = None, *, backend: str 
 
     if tolerance is not None:
         tolerance = checked_tolerance(tolerance, "pyrys.explain")
+        if not numerics:
+            raise ValueError("pyrys.explain: tolerance= is the error numerics=True flags; without it nothing reads it")
+    if title is not None and not isinstance(title, str):
+        raise TypeError(f"pyrys.explain: title must be a str (its first line; '{{backend}}' in it names the backend), "
+                        f"got {type(title).__name__}")
     opt = optimize(model, example_inputs, backend=backend, dump_dir=dump_dir, numerics=numerics, **options)
     title = (title or f"{type(model).__name__} on the {{backend}} backend").replace("{backend}", opt.backend)
     report = opt.numerics  # measured against the tolerance of what runs (bf16 asked where the CPU has none: fp32's)

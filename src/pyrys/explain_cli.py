@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
-import os
 import sys
 
 import torch
@@ -12,6 +9,8 @@ import torch
 from pyrys import zoo
 from pyrys.backends import BACKEND_NAMES
 from pyrys.errors import ModelCopyError
+from pyrys.model_specs import ModelSpecError
+from pyrys.model_specs import load_model as load_named_model
 from pyrys.numerics import BF16_TOLERANCE, FP32_TOLERANCE, INT8_TOLERANCE
 from pyrys.numerics.budget import AUTO
 from pyrys.passes.precision import PRECISIONS
@@ -51,44 +50,12 @@ def pass_name(text: str) -> str:
 
 
 def load_model(spec: str) -> torch.nn.Module:
-    """A zoo model name (torchvision's, random weights and BatchNorm: ``pyrys.testing``; or a transformer, ``hf_bert``)
-    or ``module:attr``.
-
-    ``attr`` may be an ``nn.Module`` instance or something that builds one when called with no arguments.
-    """
-    if ":" not in spec:
-        if why := zoo.unknown_model(spec):
-            raise SystemExit(f"pyrys explain: {why}")
-        return zoo.build_model(spec)
-    module_name, _, attr = spec.partition(":")
-    if os.getcwd() not in sys.path and "" not in sys.path:  # as ``python -m`` has it (a console script has not):
-        sys.path.insert(0, os.getcwd())  # a module in the working folder is found
+    """The model ``spec`` names (:mod:`pyrys.model_specs`: a zoo name or ``module:attr``), in eval mode; a spec
+    that names none exits with why."""
     try:
-        target = importlib.import_module(module_name)
-    except (ImportError, ValueError, TypeError) as error:  # a name import cannot read (empty, a path) too
-        raise SystemExit(f"pyrys explain: cannot import {module_name!r} (from {spec!r}): {error}; give "
-                         "module:attribute, a module in this folder or on PYTHONPATH") from None
-    for part in attr.split("."):
-        if not hasattr(target, part):
-            raise SystemExit(f"pyrys explain: {module_name!r} has no attribute {attr!r} (from {spec!r})")
-        target = getattr(target, part)
-    if not isinstance(target, torch.nn.Module) and not callable(target):
-        raise SystemExit(f"pyrys explain: {spec} is a {type(target).__name__}: neither an nn.Module nor something "
-                         "that builds one")
-    if not isinstance(target, torch.nn.Module):
-        try:
-            inspect.signature(target).bind()
-        except TypeError as error:
-            raise SystemExit(f"pyrys explain: {spec} cannot be built with no arguments: {error}") from None
-        except ValueError:  # no signature to read (a builtin): called as it is
-            pass
-    try:
-        model = target if isinstance(target, torch.nn.Module) else target()
-    except Exception as error:  # the factory's own error, in one line (its traceback hidden)
-        why = (str(error).splitlines() or [""])[0]
-        raise SystemExit(f"pyrys explain: {spec}() raised {type(error).__name__}: {why}") from None
-    if not isinstance(model, torch.nn.Module):
-        raise SystemExit(f"pyrys explain: {spec} is not an nn.Module and did not build one")
+        model = load_named_model(spec)
+    except ModelSpecError as error:
+        raise SystemExit(f"pyrys explain: {error}") from None
     if model.training:  # (pyrys.optimize would capture it so, with a warning: the CLI explains inference)
         print(f"pyrys explain: {spec} is in training mode; explained in eval mode (model.eval())", file=sys.stderr)
     return model.eval()
@@ -134,10 +101,12 @@ def add_explain_arguments(parser: argparse.ArgumentParser) -> None:
 def run_explain(args: argparse.Namespace) -> int:
     from pyrys.explain import explain
 
+    if args.tolerance is not None and not args.numerics:
+        raise SystemExit("pyrys explain: --tolerance is the error --numerics flags; give --numerics too")
     model = load_model(args.model)
     try:
         inputs = zoo.example_inputs(args.model, model, args.input_shape)
-    except ValueError as error:
+    except ValueError as error:  # (ModelSpecError too: the model's own example_inputs)
         raise SystemExit(f"pyrys explain: {error}") from None
     shapes = ", ".join("x".join(map(str, x.shape)) for x in inputs)
     title = f"{args.model} ({shapes}) on the {{backend}} backend"  # the one auto picks, once optimized

@@ -81,10 +81,11 @@ def example_inputs(name: str, model: torch.nn.Module, shape: tuple[int, ...] | N
     mask), each of ``shape`` where one is given (:func:`_like`: of the same dtype, ids among its ids, a mask of
     ones all ones); else one seeded image of ``shape`` (default: the model's usual size; 224 for a ``module:attr``
     model).  ``ValueError`` for a shape of another rank than the model's own inputs, or too large to make."""
+    from pyrys.model_specs import own_example_inputs
+
     generator = torch.Generator().manual_seed(0)
-    if callable(getattr(model, "example_inputs", None)):
-        given = model.example_inputs(1)
-        own = (given,) if isinstance(given, torch.Tensor) else tuple(given)  # one tensor is one input, not its rows
+    own = own_example_inputs(name, model, 1)
+    if own is not None:
         if shape is None:
             return own
         if any(t.dim() != len(shape) for t in own):

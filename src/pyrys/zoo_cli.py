@@ -34,7 +34,8 @@ def _table(rows: list[zoo.ZooRow]):
     table = Table(title="pyrys zoo: optimized vs eager")
     for column in ("model", "backend", "ops before", "ops after", "folds", "fusions", "misses", "max error",
                    "result", "s"):
-        table.add_column(column, justify="left" if column in ("model", "backend", "result") else "right")
+        table.add_column(column, justify="left" if column in ("model", "backend", "result") else "right",
+                         overflow="fold")  # (a narrow terminal wraps a cell: "0.0e+…" told nothing)
     for row in rows:
         result = "[green]pass[/green]" if row.passed else f"[red]FAIL[/red] {row.failure}"
         table.add_row(row.model, row.backend, str(row.nodes_before), str(row.nodes_after), str(row.folds),
@@ -59,7 +60,7 @@ def run_zoo_command(args: argparse.Namespace) -> int:
 
     import pyrys
 
-    names = list(args.models) or list(zoo.QUICK if args.quick else zoo.MODELS)
+    names = list(dict.fromkeys(args.models)) or list(zoo.QUICK if args.quick else zoo.MODELS)  # each once
     unknown = [n for n in names if n not in zoo.MODELS]
     if unknown:
         print(f"pyrys zoo: unknown model(s) {unknown}; known: {', '.join(zoo.MODELS)}", file=sys.stderr)
@@ -67,8 +68,8 @@ def run_zoo_command(args: argparse.Namespace) -> int:
     if args.markdown is not None and (problem := unwritable_file(args.markdown)):  # found before the run, not after it
         print(f"pyrys zoo: cannot write --markdown {args.markdown}: {problem}", file=sys.stderr)
         return 2
-    backends = args.backend or pyrys.available_backends()
-    console = Console()
+    backends = list(dict.fromkeys(args.backend)) if args.backend else pyrys.available_backends()
+    console = Console() if sys.stdout.isatty() else Console(width=170)  # (a file gets the whole table's width)
     start = time.time()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:

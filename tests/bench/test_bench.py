@@ -200,6 +200,35 @@ def test_an_unknown_model_name_is_refused_before_anything_runs(tmp_path, capsys)
     assert "unknown model 'nope'" in capsys.readouterr().out and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("spec, says", [("no_such_module_here:net", "cannot import 'no_such_module_here'"),
+                                        ("torch.nn:NoSuchNet", "'torch.nn' has no attribute 'NoSuchNet'"),
+                                        ("torch:float32", "neither an nn.Module nor something that builds one")])
+def test_a_module_attr_that_names_no_model_is_refused_before_anything_runs(spec, says, tmp_path, capsys):
+    """A helper's find: each row printed Python's error, then an empty table was written."""
+    assert cli.main(["--models", spec, "--systems", "pyrys-reference", "--out", str(tmp_path / "out")]) == 2
+    assert says in capsys.readouterr().out and not (tmp_path / "out").exists()
+
+
+def test_a_module_in_the_working_folder_is_found_and_one_tensor_is_one_input(tmp_path, monkeypatch):
+    """Two helpers' finds: ``pyrys explain`` found a module in the working folder and ``pyrys bench`` did not;
+    a model's ``example_inputs`` giving one tensor was read as its rows (batch 1: one input of shape (64,))."""
+    from pyrys.bench.models import build_model, example_inputs
+
+    (tmp_path / "bench_here.py").write_text(
+        "import torch\n"
+        "class Net(torch.nn.Sequential):\n"
+        "    def example_inputs(self, batch):\n"
+        "        return torch.ones(batch, 64)\n"
+        "def build():\n"
+        "    return Net(torch.nn.Linear(64, 8))\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    model = build_model("bench_here:build")
+    for batch in (1, 4):
+        (x,) = example_inputs("bench_here:build", batch, model)
+        assert x.shape == (batch, 64)
+
+
 @pytest.mark.parametrize("option", [["--threads", "0"], ["--rounds", "0"], ["--batch-sizes", "0"],
                                     ["--block-seconds", "-1"], ["--warmup-seconds", "inf"]])
 def test_numbers_out_of_range_are_refused_by_name(option, capsys):

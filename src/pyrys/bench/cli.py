@@ -19,7 +19,7 @@ from pyrys.bench.markdown import command_line
 from pyrys.bench.report import add_peak_share, build_table, describe_machine, make_rows, write_all
 from pyrys.bench.roofline import best_of, count_flops, fp32_peak, measure_peaks
 from pyrys.output_paths import unwritable_folder
-from pyrys.zoo import unknown_model
+from pyrys.model_specs import ModelSpecError, resolve
 
 DEFAULT_MODELS = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0",
                   "densenet121", "convnext_tiny", "regnet_y_800mf", "shufflenet_v2_x1_0"]
@@ -58,6 +58,18 @@ def timing_plan(args: argparse.Namespace) -> TimingPlan:
 def model_names(args: argparse.Namespace) -> list[str]:
     """``--models``, or the tiny model with ``--quick``, or the default zoo."""
     return args.models or ([QUICK_MODEL] if args.quick else DEFAULT_MODELS)
+
+
+def unnamed_models(names: list[str]) -> list[str]:
+    """Why each of ``names`` names no model (:func:`pyrys.model_specs.resolve`: unknown, not importable, no such
+    attribute, not a model or a factory of one)."""
+    unknown = []
+    for name in names:
+        try:
+            resolve(name)
+        except ModelSpecError as error:
+            unknown.append(str(error))
+    return unknown
 
 
 def batch_sizes(args: argparse.Namespace) -> list[int]:
@@ -127,8 +139,7 @@ def run_pinned(args: argparse.Namespace, command: str) -> int:
         return 2
     if args.list_systems:
         return list_systems(peers if args.systems else default_peers(threads), console)
-    unknown = [why for name in model_names(args) if ":" not in name and (why := unknown_model(name))]
-    if unknown:
+    if unknown := unnamed_models(model_names(args)):  # found before the run (a model's build fails in its row)
         console.print(f"pyrys bench: {'; '.join(unknown)}", style="red", markup=False)
         return 2
     if problem := unwritable_folder(args.out):  # found before the run, not after it

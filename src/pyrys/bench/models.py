@@ -8,31 +8,32 @@ and variance 1 are unrealistic (they make folding trivial), so every BatchNorm o
 
 from __future__ import annotations
 
-import importlib
+import copy
 import math
 
 import torch
 from torch import nn
 
-from pyrys.bench.transformer_models import MODELS as TRANSFORMER_MODELS
-from pyrys.testing import input_size, randomize_batchnorm, torchvision_model
+from pyrys.model_specs import load_model, own_example_inputs, resolve
+from pyrys.testing import input_size, randomize_batchnorm
 
 def build_model(name: str) -> nn.Module:
-    """A torchvision model or a zoo transformer (``hf_bert``) by name, or ``pkg.module:factory`` returning an
-    nn.Module."""
-    if name in TRANSFORMER_MODELS:
-        return TRANSFORMER_MODELS[name]()
+    """A torchvision model or a zoo transformer (``hf_bert``) by name, or ``module:attr`` (:mod:`pyrys.model_specs`:
+    an nn.Module or a factory of one; a copy, its BatchNorms randomized), in eval mode."""
+    model = load_model(name)
     if ":" not in name:
-        return torchvision_model(name)
-    module_name, attr = name.split(":", 1)
-    model = getattr(importlib.import_module(module_name), attr)()
+        return model.eval()
+    if model is resolve(name):  # an nn.Module the module holds (not a factory's): a copy is randomized
+        model = copy.deepcopy(model)
     return randomize_batchnorm(model).eval()
 
 
 def example_inputs(name: str, batch_size: int, model: nn.Module | None = None) -> tuple[torch.Tensor, ...]:
-    """Seeded random image inputs; a model may override with ``example_inputs(batch)``."""
-    if model is not None and hasattr(model, "example_inputs"):
-        return tuple(model.example_inputs(batch_size))
+    """The model's own ``example_inputs(batch)`` (:func:`~pyrys.model_specs.own_example_inputs`), else seeded
+    random images."""
+    own = None if model is None else own_example_inputs(name, model, batch_size)
+    if own is not None:
+        return own
     size = input_size(name)
     generator = torch.Generator().manual_seed(1)
     return (torch.randn(batch_size, 3, size, size, generator=generator),)

@@ -46,7 +46,9 @@ class NumericsReport:
     def layer(self, name: str) -> LayerError:
         """The layer that is node ``name`` of the program, or that computes captured node ``name``.
 
-        A captured node folded or fused into another raises ``KeyError`` saying which node took it over."""
+        A captured node folded or fused into another raises ``KeyError`` saying which node took it over.  ``name``
+        may be written as the report prints it (``%conv2d``)."""
+        name = name.removeprefix("%") if isinstance(name, str) else name
         for layer in self.layers:
             if name in (layer.node, layer.computes):
                 return layer
@@ -60,6 +62,10 @@ class NumericsReport:
                        f"{', '.join('%' + layer.node for layer in self.layers[:5])}{', ...' if len(self.layers) > 5 else ''})")
 
     def render(self, layers: int = 10) -> str:
+        """The stages' errors and the ``layers`` worst layers (a count, 0 or more), as text."""
+        if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
+            raise ValueError(f"NumericsReport.render: layers is how many of the worst layers to list, a whole number "
+                             f"0 or more, got {layers!r}")
         lines = ["numerics: max relative error against eager on the example inputs "
                  f"(tolerance {format_tolerance(self.tolerance)})"]
         width = max(len(name) for name, _ in self.rows)
