@@ -196,17 +196,48 @@ class _OwnInputs(torch.nn.Module):
 
 
 @pytest.mark.parametrize("given, says", [
-    ({"x": torch.ones(1, 4)}, r"example_inputs\(1\) should return a tensor or a tuple of tensors .*got dict"),
-    ((torch.ones(1, 4), 3), r"example_inputs\(1\) should return a tensor or a tuple .*got a tuple of Tensor, int"),
-    ((), r"example_inputs\(1\) should return a tensor or a tuple of tensors .*got an empty tuple"),
+    ({"x": torch.ones(1, 4)}, r"example_inputs\(1\) should return a tensor or a tuple of .*, got dict"),
+    ((), r"example_inputs\(1\) should return a tensor or a tuple of the model's positional inputs, got an empty"),
     (RuntimeError("no data here\nsecond line"), r"example_inputs\(1\) raised RuntimeError: no data here$"),
 ])
 def test_cli_explain_says_in_one_line_what_a_models_example_inputs_should_give(given, says, monkeypatch):
-    """A helper's find: a dict or a number among them raised AttributeError ('str' object has no attribute
-    'shape'), and example_inputs' own error its traceback."""
+    """A helper's find: a dict raised AttributeError ('str' object has no attribute 'shape'), and
+    example_inputs' own error its traceback."""
     monkeypatch.setattr(_OwnInputs, "given", given)
     with pytest.raises(SystemExit, match=rf"^pyrys explain: tests.test_explain:_OwnInputs: {says}"):
         main(["explain", "tests.test_explain:_OwnInputs"])
+
+
+def test_cli_explain_takes_a_number_among_a_models_own_inputs(monkeypatch, capsys):
+    """A number among ``example_inputs`` raised AttributeError ('int' object has no attribute 'shape')."""
+    class Scaled(_OwnInputs):
+        def forward(self, x, scale):
+            return x * scale
+
+    monkeypatch.setattr(_OwnInputs, "given", (torch.ones(1, 4), 3))
+    monkeypatch.setattr(sys.modules[__name__], "_Scaled", Scaled, raising=False)
+    assert main(["explain", "tests.test_explain:_Scaled"]) == 0
+    assert "tests.test_explain:_Scaled (1x4, 3) on the" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="inputs are 1x4, 3: give one of their rank \\(tensors' only\\)"):
+        main(["explain", "tests.test_explain:_Scaled", "--input-shape", "2x4"])
+
+
+@pytest.mark.parametrize("source, says", [
+    ("raise RuntimeError('config file missing')", r"importing 'broken_here' \(from 'broken_here:net'\) raised "
+                                                   r"RuntimeError: config file missing$"),
+    ("import no_such_dependency_here", r"importing 'broken_here' .* failed: it imports 'no_such_dependency_here', "
+                                       "which is not installed here$"),
+    ("def (:", r"importing 'broken_here' .* raised SyntaxError"),
+])
+def test_cli_explain_says_in_one_line_why_a_module_failed_to_import(source, says, tmp_path, monkeypatch):
+    """A review's find: a module raising anything but ImportError on import gave its traceback (and pyrys bench,
+    checking its models first, the same); a missing dependency of the module read "cannot import" the module."""
+    (tmp_path / "broken_here.py").write_text(source + "\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+    monkeypatch.delitem(sys.modules, "broken_here", raising=False)
+    with pytest.raises(SystemExit, match=rf"^pyrys explain: {says}"):
+        main(["explain", "broken_here:net"])
 
 
 def test_cli_explain_refuses_a_tolerance_without_numerics():

@@ -9,7 +9,7 @@ import torch
 from pyrys import zoo
 from pyrys.backends import BACKEND_NAMES
 from pyrys.errors import ModelCopyError
-from pyrys.model_specs import ModelSpecError
+from pyrys.model_specs import ModelSpecError, describe_inputs
 from pyrys.model_specs import load_model as load_named_model
 from pyrys.numerics import BF16_TOLERANCE, FP32_TOLERANCE, INT8_TOLERANCE
 from pyrys.numerics.budget import AUTO
@@ -108,8 +108,7 @@ def run_explain(args: argparse.Namespace) -> int:
         inputs = zoo.example_inputs(args.model, model, args.input_shape)
     except ValueError as error:  # (ModelSpecError too: the model's own example_inputs)
         raise SystemExit(f"pyrys explain: {error}") from None
-    shapes = ", ".join("x".join(map(str, x.shape)) for x in inputs)
-    title = f"{args.model} ({shapes}) on the {{backend}} backend"  # the one auto picks, once optimized
+    title = f"{args.model} ({describe_inputs(inputs)}) on the {{backend}} backend"  # the one auto picks, once optimized
     calibration = None
     if args.precision == "int8":
         calibration = samples_like(inputs)

@@ -5,7 +5,7 @@ A spec is a zoo model's name (torchvision's, random weights and BatchNorm: :mod:
 transformer, ``hf_bert``) or ``module:attr``, where ``attr`` (dotted) is an ``nn.Module`` or something that
 builds one when called with no arguments; the module is looked for on ``sys.path`` and in the working folder,
 as ``python -m`` has it.  A model may have ``example_inputs(batch)``: one tensor (one input, not its rows) or a
-tuple of tensors.  Anything else raises :class:`ModelSpecError`, one line saying what was expected (a
+tuple of its positional inputs.  Anything else raises :class:`ModelSpecError`, one line saying what was expected (a
 command's caller prefixes its name).
 """
 from __future__ import annotations
@@ -35,11 +35,7 @@ def resolve(spec: str) -> Any:
     module_name, _, attr = spec.partition(":")
     if os.getcwd() not in sys.path and "" not in sys.path:  # as ``python -m`` has it (a console script has not):
         sys.path.insert(0, os.getcwd())  # a module in the working folder is found
-    try:
-        target = importlib.import_module(module_name)
-    except (ImportError, ValueError, TypeError) as error:  # a name import cannot read (empty, a path) too
-        raise ModelSpecError(f"cannot import {module_name!r} (from {spec!r}): {error}; give module:attribute, a "
-                             "module in this folder or on PYTHONPATH") from None
+    target = _imported(module_name, spec)
     for part in attr.split("."):
         if not hasattr(target, part):
             raise ModelSpecError(f"{module_name!r} has no attribute {attr!r} (from {spec!r})")
@@ -54,6 +50,26 @@ def resolve(spec: str) -> Any:
         except ValueError:  # no signature to read (a builtin): called as it is
             pass
     return target
+
+
+def _imported(module_name: str, spec: str) -> Any:
+    """The module ``module_name``; where there is none, or importing it fails (its own code raising, or an
+    import of its own not installed), one line saying so."""
+    parents = [".".join(module_name.split(".")[:i + 1]) for i in range(module_name.count(".") + 1)]
+    not_found = (f"cannot import {module_name!r} (from {spec!r}): %s; give module:attribute, a module in this "
+                 "folder or on PYTHONPATH")
+    if not all(part.isidentifier() for part in module_name.split(".")):  # empty, a path
+        raise ModelSpecError(not_found % "not a module name")
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name in parents:
+            raise ModelSpecError(not_found % error) from None
+        raise ModelSpecError(f"importing {module_name!r} (from {spec!r}) failed: it imports {error.name!r}, "
+                             "which is not installed here") from None
+    except Exception as error:  # the module's own code raising (a SyntaxError too): in one line
+        raise ModelSpecError(f"importing {module_name!r} (from {spec!r}) raised {type(error).__name__}: "
+                             f"{_first_line(error)}") from None
 
 
 def load_model(spec: str) -> torch.nn.Module:
@@ -71,9 +87,9 @@ def load_model(spec: str) -> torch.nn.Module:
     return model
 
 
-def own_example_inputs(spec: str, model: torch.nn.Module, batch: int) -> tuple[torch.Tensor, ...] | None:
-    """``model.example_inputs(batch)`` as a tuple of tensors (one tensor: one input, not its rows); None where
-    the model has no such method."""
+def own_example_inputs(spec: str, model: torch.nn.Module, batch: int) -> tuple | None:
+    """``model.example_inputs(batch)`` as the tuple of the model's positional inputs (one tensor: one input,
+    not its rows; numbers and nested tuples as they are); None where the model has no such method."""
     method = getattr(model, "example_inputs", None)
     if not callable(method):
         return None
@@ -83,14 +99,22 @@ def own_example_inputs(spec: str, model: torch.nn.Module, batch: int) -> tuple[t
         raise ModelSpecError(f"{spec}: example_inputs({batch}) raised {type(error).__name__}: "
                              f"{_first_line(error)}") from None
     inputs = (given,) if isinstance(given, torch.Tensor) else given
-    if not isinstance(inputs, (tuple, list)) or not inputs or \
-            not all(isinstance(t, torch.Tensor) for t in inputs):
-        got = (type(given).__name__ if not isinstance(inputs, (tuple, list)) else
-               f"an empty {type(given).__name__}" if not inputs else
-               f"a {type(given).__name__} of {', '.join(type(t).__name__ for t in inputs)}")
-        raise ModelSpecError(f"{spec}: example_inputs({batch}) should return a tensor or a tuple of tensors (the "
-                             f"model's positional inputs), got {got}")
+    if not isinstance(inputs, (tuple, list)) or not inputs:
+        got = f"an empty {type(given).__name__}" if isinstance(inputs, (tuple, list)) else type(given).__name__
+        raise ModelSpecError(f"{spec}: example_inputs({batch}) should return a tensor or a tuple of the model's "
+                             f"positional inputs, got {got}")
     return tuple(inputs)
+
+
+def describe_inputs(inputs: tuple) -> str:
+    """``1x3x8x8, 1x16`` for tensors; a number as itself, a tuple in parentheses."""
+    def one(value: Any) -> str:
+        if isinstance(value, torch.Tensor):
+            return "x".join(map(str, value.shape)) or "a 0-d tensor"
+        if isinstance(value, (tuple, list)):
+            return f"({', '.join(one(v) for v in value)})"
+        return f"{value!r:.40}"
+    return ", ".join(one(value) for value in inputs)
 
 
 def _first_line(error: BaseException) -> str:

@@ -81,17 +81,16 @@ def example_inputs(name: str, model: torch.nn.Module, shape: tuple[int, ...] | N
     mask), each of ``shape`` where one is given (:func:`_like`: of the same dtype, ids among its ids, a mask of
     ones all ones); else one seeded image of ``shape`` (default: the model's usual size; 224 for a ``module:attr``
     model).  ``ValueError`` for a shape of another rank than the model's own inputs, or too large to make."""
-    from pyrys.model_specs import own_example_inputs
+    from pyrys.model_specs import describe_inputs, own_example_inputs
 
     generator = torch.Generator().manual_seed(0)
     own = own_example_inputs(name, model, 1)
     if own is not None:
         if shape is None:
             return own
-        if any(t.dim() != len(shape) for t in own):
+        if any(not isinstance(t, torch.Tensor) or t.dim() != len(shape) for t in own):
             raise ValueError(f"--input-shape {'x'.join(map(str, shape))} does not fit {name}, whose inputs are "
-                             f"{', '.join('x'.join(map(str, t.shape)) or 'a 0-d tensor' for t in own)}: give one of "
-                             "their rank")
+                             f"{describe_inputs(own)}: give one of their rank (tensors' only)")
         with _made_here(shape):
             return tuple(_like(t, shape, generator) for t in own)
     shape = shape or (input_shape(name) if ":" not in name else (1, 3, 224, 224))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import time
@@ -69,7 +70,8 @@ def run_zoo_command(args: argparse.Namespace) -> int:
         print(f"pyrys zoo: cannot write --markdown {args.markdown}: {problem}", file=sys.stderr)
         return 2
     backends = list(dict.fromkeys(args.backend)) if args.backend else pyrys.available_backends()
-    console = Console() if sys.stdout.isatty() else Console(width=170)  # (a file gets the whole table's width)
+    wide = not sys.stdout.isatty() and "COLUMNS" not in os.environ  # a file gets the whole table's width
+    console = Console(width=170) if wide else Console()
     start = time.time()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:

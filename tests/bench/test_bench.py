@@ -220,13 +220,20 @@ def test_a_module_in_the_working_folder_is_found_and_one_tensor_is_one_input(tmp
         "    def example_inputs(self, batch):\n"
         "        return torch.ones(batch, 64)\n"
         "def build():\n"
-        "    return Net(torch.nn.Linear(64, 8))\n")
+        "    return Net(torch.nn.Linear(64, 8))\n"
+        "class Two(torch.nn.Module):\n"
+        "    def forward(self, x, pair):\n"
+        "        return x * pair[0] + pair[1]\n"
+        "    def example_inputs(self, batch):\n"
+        "        return [torch.ones(batch, 3), (2, torch.ones(3))]\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     model = build_model("bench_here:build")
     for batch in (1, 4):
         (x,) = example_inputs("bench_here:build", batch, model)
         assert x.shape == (batch, 64)
+    x, (two, y) = example_inputs("bench_here:Two", 2, build_model("bench_here:Two"))  # as the model takes them
+    assert x.shape == (2, 3) and two == 2 and y.shape == (3,)
 
 
 @pytest.mark.parametrize("option", [["--threads", "0"], ["--rounds", "0"], ["--batch-sizes", "0"],

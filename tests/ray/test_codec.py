@@ -106,6 +106,7 @@ def test_json_numbers_take_the_inputs_dtypes():
     (b"[2.5, 1]", [torch.int64], "must hold values of torch.int64"),
     (b"[[1e40, 2.0]]", [torch.float32], "beyond the range of torch.float32"),  # it was inf
     (b"[[100000.0]]", [torch.float16], "beyond the range of torch.float16"),
+    (b"[[70000]]", [torch.float16], "beyond the range of torch.float16"),  # an integer became inf (a helper's find)
     (b"[[1e400]]", [torch.float32], "1e400 is beyond float64's range"),
     (b"\x93NUMPY\x01\x00garbage", [], ".npy body cannot be read"),
     (b"PK\x03\x04garbage", [], ".npz body cannot be read"),
@@ -128,6 +129,21 @@ def _npy_header(shape: tuple, dtype: str = "<f4") -> bytes:
     buffer = io.BytesIO()
     np.lib.format.write_array_header_1_0(buffer, {"descr": dtype, "fortran_order": False, "shape": shape})
     return buffer.getvalue()
+
+
+def _open_bracket_npy() -> bytes:
+    """A .npy body whose header's shape is ``(2, 4 `` (numpy's parser raised tokenize.TokenError: an answer of
+    500, not 400; a helper's find)."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros((2, 4), np.float32))
+    return buffer.getvalue().replace(b"(2, 4)", b"(2, 4 ")
+
+
+@pytest.mark.parametrize("body", [_open_bracket_npy(), _zip(**{"arr_0.npy": _open_bracket_npy()})],
+                         ids=["npy", "npz"])
+def test_a_npy_header_with_an_open_bracket_is_an_input_error(body):
+    with pytest.raises(InputError, match="the .npy body cannot be read|the .npz body's arr_0 cannot be read"):
+        decode(body, [torch.float32])
 
 
 @pytest.mark.parametrize("body, says", [

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from pyrys.model_specs import load_model, own_example_inputs, resolve
+from pyrys.model_specs import load_model, own_example_inputs
 from pyrys.testing import input_size, randomize_batchnorm
 
 def build_model(name: str) -> nn.Module:
@@ -23,12 +23,10 @@ def build_model(name: str) -> nn.Module:
     model = load_model(name)
     if ":" not in name:
         return model.eval()
-    if model is resolve(name):  # an nn.Module the module holds (not a factory's): a copy is randomized
-        model = copy.deepcopy(model)
-    return randomize_batchnorm(model).eval()
+    return randomize_batchnorm(copy.deepcopy(model)).eval()  # (a copy: the module may hold the one it gives)
 
 
-def example_inputs(name: str, batch_size: int, model: nn.Module | None = None) -> tuple[torch.Tensor, ...]:
+def example_inputs(name: str, batch_size: int, model: nn.Module | None = None) -> tuple:
     """The model's own ``example_inputs(batch)`` (:func:`~pyrys.model_specs.own_example_inputs`), else seeded
     random images."""
     own = None if model is None else own_example_inputs(name, model, batch_size)

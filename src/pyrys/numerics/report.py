@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 from pyrys.numerics import checked_tolerance
@@ -63,7 +64,7 @@ class NumericsReport:
 
     def render(self, layers: int = 10) -> str:
         """The stages' errors and the ``layers`` worst layers (a count, 0 or more), as text."""
-        if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
+        if isinstance(layers, bool) or not isinstance(layers, numbers.Integral) or layers < 0:
             raise ValueError(f"NumericsReport.render: layers is how many of the worst layers to list, a whole number "
                              f"0 or more, got {layers!r}")
         lines = ["numerics: max relative error against eager on the example inputs "
@@ -77,7 +78,7 @@ class NumericsReport:
             made = f"; {len(self.unmatched)} made by pyrys, not compared" if self.unmatched else ""
             lines.append(f"worst layers of the {self.backend} program, against the captured values they compute "
                          f"({len(self.layers)} compared{made}):")
-            for layer in self.layers[:layers]:
+            for layer in self.layers[:int(layers)]:
                 why = f"  ({layer.reason})" if layer.reason else ""
                 lines.append(f"  {format_error(layer.error):>9}  {layer.describe()}{why}")
         return "\n".join(lines)

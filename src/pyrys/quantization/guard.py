@@ -10,8 +10,9 @@ If error(every op) > budget, the fewest ops with the largest ``effect`` go back 
 error(the rest) <= budget (the search: :mod:`pyrys.numerics.budget`).  Where the CPU has native bf16 they
 go back to bf16 instead (``keep_in_bf16``: about 10x float32's speed on AMX, 2x on AVX-512 BF16), and the
 ops with no int8 kernel that run faster in bf16 (attention) run so too, error(S) measured so; all float32
-only if even every op in bf16 breaks the budget (measured first: one run where the search would take
-about 2 log2(k)).  Every op's ``effect`` comes from one run of the float32
+only if even every op in bf16 breaks the budget (measured after the first op alone: one run where the
+search would take about 2 log2(k); one more than the search where bf16 holds it with more than one op
+kept).  Every op's ``effect`` comes from one run of the float32
 graph per sample (each op evaluated once more on its quantized arguments) and four backward passes (each
 about two runs' work), so the guard costs about ten runs of the graph (on the reference backend, the
 rounding simulated) per sample plus about 2 log2(k) more for k ops put back, on the first
@@ -116,11 +117,14 @@ def guard(gm: fx.GraphModule, switches: dict[str, Switch], samples: list[list], 
         if not ordered:
             measured = sensitivity(gm, switches, samples, weights)
             ordered = measured.order()
-        known = {}
-        if precision == BF16:  # every op in bf16 first: where that breaks the budget, no k of them holds it
-            keep(len(ordered), BF16)
-            known[len(ordered)] = error(budget)
-            if known[len(ordered)] > budget:
+        known: dict[int, float] = {}
+        if precision == BF16:  # the first op in bf16 (the search's first step), then, where that breaks the
+            for k in dict.fromkeys((1, len(ordered))):  # budget, every op: where that does too, no k holds it
+                keep(k, BF16)
+                known[k] = error(budget)
+                if known[k] <= budget:
+                    break
+            if min(known.values()) > budget:
                 continue  # float32 then
         count, final = keep_fewest(len(ordered), lambda k: keep(k, precision) or error(budget), budget, known)
         if final <= budget:

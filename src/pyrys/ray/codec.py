@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import io
 import json
+import tokenize
 import math
 import threading
 import zipfile
@@ -179,8 +180,8 @@ def _read_npy_alone(stream: IO[bytes], available: int, what: str) -> np.ndarray:
                                  f"{available} bytes")
         stream.seek(start)
         return np.lib.format.read_array(stream, allow_pickle=False)
-    except (ValueError, OSError, EOFError, MemoryError) as error:
-        raise InputError(f"pyrys serve: {what} cannot be read: {error or type(error).__name__}") from None
+    except (ValueError, OSError, EOFError, MemoryError, tokenize.TokenError) as error:  # (TokenError: a header
+        raise InputError(f"pyrys serve: {what} cannot be read: {error or type(error).__name__}") from None  # "(2, 4 ")
 
 
 def _read_npz(body: bytes, max_bytes: int) -> list[tuple[str, np.ndarray]]:
@@ -278,7 +279,8 @@ def _json_tensor(value: Any, dtype: torch.dtype | None, what: str) -> torch.Tens
     if not dtype.is_floating_point and not torch.equal(cast.to(tensor.dtype), tensor):
         raise InputError(f"pyrys serve: {what} must hold values of {dtype} (the module's input), "
                          "got values that type cannot hold exactly")
-    if dtype.is_floating_point and tensor.is_floating_point() and bool((cast.isinf() & ~tensor.isinf()).any()):
+    finite = ~tensor.isinf() if tensor.is_floating_point() else torch.ones_like(cast, dtype=torch.bool)
+    if dtype.is_floating_point and bool((cast.isinf() & finite).any()):  # (an integer too: 70000 as float16)
         raise InputError(f"pyrys serve: {what} holds a number beyond the range of {dtype} (the module's input), "
                          f"which would be inf; the largest is {torch.finfo(dtype).max:g}")
     return cast

@@ -109,23 +109,19 @@ def lower_binary(builder: Builder, node: fx.Node) -> None:
         raise Unsupported("the first operand is broadcast or constant")
     x, x_scale = read_quantized(builder, a)  # int8 with its scale where int8 layers share it (int8_dst.py)
     y = _second_operand(builder, b, x)
-    # oneDNN 3.2's jit:uni binary kernel writing s8 or u8 from float32 or bf16 with a post-op (the destination's
-    # scale) into a blocked layout whose channels are padded (6 in aBcd8b) crashed the process (SIGSEGV; a
-    # helper's find: an int8 guard's float32 convs feeding a / (b.abs() + 1e-3) under layout="blocked8"):
-    # there it writes its own data type, and the quantize after it converts
-    quant = None if x.md.padded_dims != x.md.dims else quantized_reader(node)
+    quant = quantized_reader(node)
 
     def create(quant):
         dst_md = same_layout_md(x, x.md.dims, out.dtype if quant is None else quant.dtype)
         attr = quantizing_attr(quant, scales={ARG_SRC: 0} if x_scale is not None else None)
         return binary_pd(builder.engine, BINARY_ALGS[node.target], x.md, y.md, dst_md, attr)
     try:
-        pd, quant = with_int8_dst(create, quant)
+        pd, quant = with_int8_dst(create, _writable_int8(quant, x))
     except DnnlError:
         if x_scale is None:
             raise
         x, x_scale = builder.value_of(a), None  # no int8 kernel for it: it reads the dequantized value
-        pd, quant = with_int8_dst(create, quant)
+        pd, quant = with_int8_dst(create, _writable_int8(quant, x))
     result = builder.define(node, pd.dst_md())
     label = f"dnnl::{node.target._schema.name.split('::')[1]}"
     note = quantizing_note(quant) + (f", src_scale={x_scale:.6g}" if x_scale is not None else "")
@@ -134,6 +130,16 @@ def lower_binary(builder: Builder, node: fx.Node) -> None:
     if x_scale is not None:
         args[ARG_ATTR_SCALES | ARG_SRC] = scale_value(builder, x_scale, f"{node.name}.src_scale")
     builder.add_primitive(text, pd, args, [x, y], [result])
+
+
+def _writable_int8(quant, x: Value):
+    """``quant``, or None where a binary op reading ``x`` must not write int8: oneDNN 3.2's jit:uni binary kernel
+    writing s8 or u8 from float32 or bf16 with a post-op (the destination's scale) into a blocked layout whose
+    channels are padded (6 in aBcd8b) crashed the process (SIGSEGV; a helper's find: an int8 guard's float32
+    convs feeding ``a / (b.abs() + 1e-3)`` under ``layout="blocked8"``).  There it writes its own data type,
+    and the quantize after it converts."""
+    padded = x.md.padded_dims != x.md.dims
+    return None if quant is not None and padded and x.md.dtype not in INT8_DTYPES else quant
 
 
 def _broadcast_dims(shape, ndims: int) -> list[int]:
