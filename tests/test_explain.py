@@ -111,6 +111,7 @@ def test_cli_explain_refuses_bad_flags_with_a_message(arguments, says, capsys):
                                         ("torch.nn:Linear", "cannot be built with no arguments"),
                                         ("torch:float32", "is a dtype: neither an nn.Module nor something that"),
                                         (":Net", "cannot import '' .*give module:attribute"),
+                                        ("no/such%s:Net%d", "cannot import 'no/such%s' .*not a module name"),
                                         ("./net.py:Net", "cannot import './net.py' .*give module:attribute")])
 def test_cli_explain_says_which_model_it_cannot_find(spec, says):
     """Tracebacks before: torchvision's ValueError, Linear's TypeError; a dtype "cannot be built with no arguments"."""

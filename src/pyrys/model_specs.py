@@ -4,9 +4,9 @@ both read.
 A spec is a zoo model's name (torchvision's, random weights and BatchNorm: :mod:`pyrys.testing`; or a zoo
 transformer, ``hf_bert``) or ``module:attr``, where ``attr`` (dotted) is an ``nn.Module`` or something that
 builds one when called with no arguments; the module is looked for on ``sys.path`` and in the working folder,
-as ``python -m`` has it.  A model may have ``example_inputs(batch)``: one tensor (one input, not its rows) or a
-tuple of its positional inputs.  Anything else raises :class:`ModelSpecError`, one line saying what was expected (a
-command's caller prefixes its name).
+as ``python -m`` has it.  A model may have ``example_inputs(batch)``: one tensor (one input, not its rows)
+or a tuple of its positional inputs.  Anything else raises :class:`ModelSpecError`, one line saying what was
+expected (a command's caller prefixes its name).
 """
 from __future__ import annotations
 
@@ -56,15 +56,17 @@ def _imported(module_name: str, spec: str) -> Any:
     """The module ``module_name``; where there is none, or importing it fails (its own code raising, or an
     import of its own not installed), one line saying so."""
     parents = [".".join(module_name.split(".")[:i + 1]) for i in range(module_name.count(".") + 1)]
-    not_found = (f"cannot import {module_name!r} (from {spec!r}): %s; give module:attribute, a module in this "
-                 "folder or on PYTHONPATH")
+    def not_found(why: object) -> ModelSpecError:
+        return ModelSpecError(f"cannot import {module_name!r} (from {spec!r}): {why}; give module:attribute, a "
+                              "module in this folder or on PYTHONPATH")
+
     if not all(part.isidentifier() for part in module_name.split(".")):  # empty, a path
-        raise ModelSpecError(not_found % "not a module name")
+        raise not_found("not a module name")
     try:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as error:
         if error.name in parents:
-            raise ModelSpecError(not_found % error) from None
+            raise not_found(error) from None
         raise ModelSpecError(f"importing {module_name!r} (from {spec!r}) failed: it imports {error.name!r}, "
                              "which is not installed here") from None
     except Exception as error:  # the module's own code raising (a SyntaxError too): in one line
