@@ -56,6 +56,7 @@ def _imported(module_name: str, spec: str) -> Any:
     """The module ``module_name``; where there is none, or importing it fails (its own code raising, or an
     import of its own not installed), one line saying so."""
     parents = [".".join(module_name.split(".")[:i + 1]) for i in range(module_name.count(".") + 1)]
+
     def not_found(why: object) -> ModelSpecError:
         return ModelSpecError(f"cannot import {module_name!r} (from {spec!r}): {why}; give module:attribute, a "
                               "module in this folder or on PYTHONPATH")
