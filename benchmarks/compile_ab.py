@@ -23,6 +23,12 @@ from pathlib import Path
 
 CHILD = r"""
 import importlib.util, sys, time, torch, pyrys
+try:
+    import pyrys.model_specs
+except ImportError:  # a tree before it: this tree's, by path (this tree's models.py reads it)
+    spec = importlib.util.spec_from_file_location("pyrys.model_specs", sys.argv[5])
+    sys.modules["pyrys.model_specs"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sys.modules["pyrys.model_specs"])
 spec = importlib.util.spec_from_file_location("models_here", sys.argv[1])
 models = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(models)
@@ -41,12 +47,13 @@ with torch.no_grad():
 print(time.perf_counter() - start)
 """
 MODELS = Path(__file__).resolve().parents[1] / "src" / "pyrys" / "bench" / "models.py"
+MODEL_SPECS = MODELS.parents[1] / "model_specs.py"
 
 
 def compile_seconds(src: str, model: str, precision: str = "fp32", batch: int = 1) -> float:
     env = dict(os.environ, PYTHONPATH=src, PYRYS_CACHE_DIR="")
-    out = subprocess.run([sys.executable, "-W", "ignore", "-c", CHILD, str(MODELS), model, precision, str(batch)],
-                         env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", CHILD, str(MODELS), model, precision, str(batch),
+                          str(MODEL_SPECS)], env=env, capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
