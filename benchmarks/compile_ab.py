@@ -1,9 +1,11 @@
-"""Compile time of pyrys against an earlier pyrys: ``optimize`` + first call, fresh processes, alternating.
+"""Compile time (and peak memory) of pyrys against an earlier pyrys: ``optimize`` + first call, fresh processes,
+alternating.
 
 Each run is a fresh process (a compile warms caches a second one would find), with the tuning
 cache off and a small model optimized first, so that loading the libraries is not counted.
 The models come from this tree's ``pyrys.bench.models`` (loaded by path, so the earlier tree
-compiles the same model); rounds alternate the two trees; medians and their ratio are printed.
+compiles the same model); rounds alternate the two trees; medians and their ratio are printed, and the
+median peak RSS growth of the compile (the most resident memory during it, less what was resident before).
 
     git worktree add /tmp/pyrys_old <commit>
     python benchmarks/compile_ab.py --old /tmp/pyrys_old/src --models bert4 bert_base --rounds 3
@@ -41,20 +43,24 @@ if precision == "int8":
     options["calibration"] = calibration_data(x)
 tiny = models.tiny_convnet().eval()
 pyrys.optimize(tiny, tiny.example_inputs(1))(*tiny.example_inputs(1))
+from pyrys.bench.measure import current_rss_bytes, peak_rss_bytes, reset_peak_rss
+before, peak_known = current_rss_bytes(), reset_peak_rss()
 start = time.perf_counter()
 with torch.no_grad():
     pyrys.optimize(model.eval(), x, **options)(*x)
-print(time.perf_counter() - start)
+print(time.perf_counter() - start, ((peak_rss_bytes() if peak_known else current_rss_bytes()) - before) / 2**20)
 """
 MODELS = Path(__file__).resolve().parents[1] / "src" / "pyrys" / "bench" / "models.py"
 MODEL_SPECS = MODELS.parents[1] / "model_specs.py"
 
 
-def compile_seconds(src: str, model: str, precision: str = "fp32", batch: int = 1) -> float:
+def compile_seconds(src: str, model: str, precision: str = "fp32", batch: int = 1) -> tuple[float, float]:
+    """Seconds to optimize ``model`` and call it once, and the peak RSS growth meanwhile in MiB."""
     env = dict(os.environ, PYTHONPATH=src, PYRYS_CACHE_DIR="")
     out = subprocess.run([sys.executable, "-W", "ignore", "-c", CHILD, str(MODELS), model, precision, str(batch),
                           str(MODEL_SPECS)], env=env, capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    seconds, mib = out.stdout.strip().splitlines()[-1].split()
+    return float(seconds), float(mib)
 
 
 def main() -> None:
@@ -66,16 +72,20 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     args = parser.parse_args()
     trees = {"old": args.old, "new": str(MODELS.parents[2])}
-    print("| model | old s (runs) | new s (runs) | new / old |")
-    print("| --- | --- | --- | ---: |")
+    print("| model | old s (runs) | new s (runs) | new / old | peak RSS growth MiB, old / new |")
+    print("| --- | --- | --- | ---: | ---: |")
     for model in args.models:
         times: dict[str, list[float]] = {label: [] for label in trees}
+        peaks: dict[str, list[float]] = {label: [] for label in trees}
         for _ in range(args.rounds):
             for label, src in trees.items():
-                times[label].append(compile_seconds(src, model, args.precision, args.batch))
+                seconds, mib = compile_seconds(src, model, args.precision, args.batch)
+                times[label].append(seconds)
+                peaks[label].append(mib)
         old, new = statistics.median(times["old"]), statistics.median(times["new"])
         runs = {label: ", ".join(f"{t:.2f}" for t in values) for label, values in times.items()}
-        print(f"| {model} | {old:.2f} ({runs['old']}) | {new:.2f} ({runs['new']}) | {new / old:.3f} |")
+        print(f"| {model} | {old:.2f} ({runs['old']}) | {new:.2f} ({runs['new']}) | {new / old:.3f} | "
+              f"{statistics.median(peaks['old']):.0f} / {statistics.median(peaks['new']):.0f} |")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -713,6 +714,35 @@ def test_bias_correction_reads_sixteen_rows_of_samples_and_at_least_four_samples
     assert count((3, 3, 8, 8)) == 6 and count((8, 128), (8, 128)) == 4 and count((16, 3, 8, 8)) == 4
     assert count((8, 128), (1, 128)) == 16 and count(()) == 16  # no common batch: one row each
     assert len(measured_samples([[torch.zeros(16, 3)]] * 2)) == 2 and measured_samples([]) == []
+
+
+def test_the_dequantized_weights_are_made_once_and_freed_with_the_pass(monkeypatch):
+    """Bias correction, the screening for the most moved sample and the guard read one float32 copy of the int8
+    weights (BERT-base: 390 MiB each; three copies made the compile's peak 1.8 GiB), freed when the quantize
+    pass returns, not whenever the collector next runs (the guard's trial graphs that read it are cycles)."""
+    guard_module = importlib.import_module("pyrys.quantization.guard")
+    made, alive = [], []
+    real = guard_module.dequantized_weights
+
+    def counted(gm):
+        weights = real(gm)
+        made.append(len(weights))
+        alive.extend(weakref.ref(tensor) for tensor in weights.values())
+        return weights
+
+    monkeypatch.setattr(guard_module, "dequantized_weights", counted)
+    monkeypatch.setattr(quantize_pass, "dequantized_weights", counted, raising=False)
+    real_pass, left = quantize_pass.quantize, []
+
+    def quantize_then_look(*args):
+        result = real_pass(*args)
+        left.append(sum(ref() is not None for ref in alive))
+        return result
+
+    monkeypatch.setattr(quantize_pass, "quantize", quantize_then_look)
+    model, x = resnet_like(), images(1)[0]
+    int8(model, x, accuracy_budget=1e-9)  # a budget no int8 op holds: the guard measures every step
+    assert len(made) == 1 and made[0] > 0 and left == [0]
 
 
 def test_a_reader_of_two_int8_results_reads_each_as_its_layer_is_set():

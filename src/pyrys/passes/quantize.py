@@ -36,7 +36,7 @@ from pyrys.ir.fused import (FUSED_BY_BASE, FUSED_CONV, FUSED_CONV_TRANSPOSE, FUS
 from pyrys.ir.graph import add_constant, constant_value, values_crc
 from pyrys.ir.provenance import copies
 from pyrys.ir.vocabulary import ATTENTION
-from pyrys.machine import native_bf16
+from pyrys.machine import give_back_freed_memory, native_bf16
 from pyrys.passes import cleanup
 from pyrys.passes.precision import run_in_bf16
 from pyrys.passes.rewrite import Miss, PassResult
@@ -45,7 +45,8 @@ from pyrys.quantization.bias_correction import bias_corrections, corrected_args,
 from pyrys.quantization.calibration import (CALIBRATED_SIZES_KEY, MAX_SAMPLES, Calibration, QuantizationPlan,
                                            observe, sample_sizes, spread_first)
 from pyrys.numerics.budget import GUARD_MEASURE_KEY, GUARD_SAMPLES, GuardMeasure
-from pyrys.quantization.guard import BF16, FLOAT32, SCREENED, Switch, calibration_data, guard, most_moved
+from pyrys.quantization.guard import (BF16, FLOAT32, SCREENED, Switch, calibration_data, dequantized_weights, guard,
+                                     most_moved)
 from pyrys.signature import InputError
 from pyrys.size_one import fitted_samples, held_by, held_shapes, shapes_of
 
@@ -109,8 +110,10 @@ def quantize(gm: fx.GraphModule, precision: str, calibration: Calibration | None
                                      for role, value in roles.items() if value.name in quants}, origins,
                                     sizes=sample_sizes(samples))
         switches = _rewrite(gm, layers, keys, shared, _lookup(plan, roles, keys), result)
+        # every int8 weight's float32 value, once for bias correction and the guard (BERT-base: 390 MiB each)
+        weights = dequantized_weights(gm) if planning and switches else {}
         if planning and switches:
-            plan.biases = bias_corrections(gm, switches, samples)
+            plan.biases = bias_corrections(gm, switches, samples, weights)
         _correct_biases(gm, switches, plan.biases)
         attention = _bf16_attention(gm) if switches else frozenset()  # no int8 op: all float32, as the note says
         if planning:
@@ -120,12 +123,12 @@ def quantize(gm: fx.GraphModule, precision: str, calibration: Calibration | None
                     measured, answers = samples[:len(expected)], expected
                     screened = samples[len(expected):SCREENED]
                     plan.measured_on = calibration_data(len(measured), len(screened))
-                    worst = most_moved(gm, switches, screened, answered[len(expected):SCREENED])
+                    worst = most_moved(gm, switches, screened, answered[len(expected):SCREENED], weights)
                     if worst is not None:
                         measured, answers = measured + [worst[0]], answers + [worst[1]]
                     plan.kept, plan.error, plan.floating = guard(
                         gm, switches, measured, answers, calibration.accuracy_budget,
-                        run_in_bf16 if plan.floating == BF16 else None, attention, plan.measured_on)
+                        run_in_bf16 if plan.floating == BF16 else None, attention, plan.measured_on, weights)
                     gm.meta[GUARD_MEASURE_KEY] = GuardMeasure("int8", measured, answers, plan.error,
                                                               calibration.accuracy_budget, plan.measured_on)
                 except Exception as error:  # noqa: BLE001 -- a guard never stops a compile: say why, as bf16's does
@@ -137,6 +140,9 @@ def quantize(gm: fx.GraphModule, precision: str, calibration: Calibration | None
                         f"precision='int8': the accuracy guard could not measure the graph on {plan.measured_on} "
                         f"({type(error).__name__}: {line}); every op that can runs in int8")]))
             calibration.planned(plan, samples)
+            if weights:  # the trials that read them are fx modules, in cycles: freed by the collector alone
+                weights.clear()
+                give_back_freed_memory()
         else:
             calibration.plan = plan  # the first plan, which this capture takes (its notes read it here)
     gm.meta[CALIBRATED_SIZES_KEY] = plan.sizes  # what later shapes specialized from this graph are told of

@@ -42,9 +42,11 @@ BIAS_SAMPLES = 16  # rows (samples of one row) the mean shift is measured on (a 
 BIAS_MIN_SAMPLES = 4  # samples it is measured on at least, however many rows each holds
 
 
-def bias_corrections(gm: fx.GraphModule, switches: dict, samples: list[list]) -> dict[str, torch.Tensor]:
+def bias_corrections(gm: fx.GraphModule, switches: dict, samples: list[list],
+                     weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """``c`` of the module docstring for every op of ``switches`` (:class:`~pyrys.quantization.guard.Switch`,
-    by layer key; left as they were on return), float32, one value per output channel."""
+    by layer key; left as they were on return), float32, one value per output channel; ``weights``:
+    :func:`~pyrys.quantization.guard.dequantized_weights`, where the caller holds them already."""
     was_int8 = {name: switch.int8 for name, switch in switches.items()}
     sums: dict[str, torch.Tensor] = {}  # per channel: the shifts' sum, and how many (finite) were summed
     counts: dict[str, torch.Tensor] = {}
@@ -69,7 +71,7 @@ def bias_corrections(gm: fx.GraphModule, switches: dict, samples: list[list]) ->
         sums[name] = sums.get(name, 0) + (shift.sum(others, dtype=torch.float64) if others else shift.double())
         counts[name] = counts.get(name, 0) + (finite.sum(others) if others else finite.long())
 
-    on_float32_activations(gm, switches, measured_samples(samples), measure, float_arguments=True)
+    on_float32_activations(gm, switches, measured_samples(samples), measure, float_arguments=True, weights=weights)
     for name, switch in switches.items():
         switch.set(was_int8[name])
     return {name: (total / counts[name].clamp_min(1)).float() for name, total in sums.items()}

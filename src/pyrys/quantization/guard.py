@@ -79,16 +79,18 @@ class Switch:
 def guard(gm: fx.GraphModule, switches: dict[str, Switch], samples: list[list], expected: list[list],
           budget: float, keep_in_bf16: Callable[[fx.GraphModule, set[str]], object] | None = None,
           in_bf16: frozenset[str] = frozenset(),
-          data: str = "the calibration data") -> tuple[dict[str, str], float, str]:
+          data: str = "the calibration data", weights: dict[str, torch.Tensor] | None = None,
+          ) -> tuple[dict[str, str], float, str]:
     """Put ops of ``switches`` back into floating point (see the module docstring); ``{op name: why}`` for each,
     the outputs' error with the rest in int8, and the precision the floating-point ops run in: ``"bf16"``
     where ``keep_in_bf16(graph, op names)`` (running those ops of a graph in bf16) is given and the budget
     holds so, the ops named in ``in_bf16`` (attention: no int8 kernel) in bf16 too; else ``"float32"``.
-    ``data``: what the reasons say ``samples`` are (:func:`calibration_data`)."""
+    ``data``: what the reasons say ``samples`` are (:func:`calibration_data`); ``weights``:
+    :func:`dequantized_weights`, where the caller holds them already."""
     check_measurable(expected)
     lowered: set[str] = set()  # names of the ops a trial runs in bf16
 
-    weights = dequantized_weights(gm)
+    weights = dequantized_weights(gm) if weights is None else weights
 
     def error(limit: float = float("inf")) -> float:
         trial = with_weights(gm, weights)
@@ -135,17 +137,19 @@ def guard(gm: fx.GraphModule, switches: dict[str, Switch], samples: list[list], 
 
 
 def most_moved(gm: fx.GraphModule, switches: dict[str, Switch], samples: list[list],
-               expected: list[list]) -> tuple[list, list] | None:
+               expected: list[list], weights: dict[str, torch.Tensor] | None = None) -> tuple[list, list] | None:
     """Of ``samples``, the one whose outputs every op of ``switches`` in int8 moves the most from float32's
     (``expected``: calibration's run of the graph before quantization, which is every op in float32), with
     those (None where ``samples`` is empty): the guard measures it beside the first ones.  A rare value moves
     one sample alone: a BERT whose [CLS] channel was -557 in 31 of 32 rows and +557 in one erred 0.17 on that
-    row's sample, the 14th, under a budget of 1e-3 the first four held (a helper's find)."""
+    row's sample, the 14th, under a budget of 1e-3 the first four held (a helper's find).  ``weights``: as
+    :func:`guard`'s."""
     if not samples:
         return None
     for switch in switches.values():
         switch.set(True)
-    program, errors = ReferenceProgram(with_weights(gm, dequantized_weights(gm))), []
+    weights = dequantized_weights(gm) if weights is None else weights
+    program, errors = ReferenceProgram(with_weights(gm, weights)), []
     for sample, want in zip(samples, expected):
         got = program(sample)
         errors.append(max_error(lambda _: got, [None], [want]))  # noqa: B023 -- called at once
