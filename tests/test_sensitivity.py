@@ -32,7 +32,7 @@ def measure(gm: fx.GraphModule, samples, shifts: dict[str, torch.Tensor]) -> Sen
         module = gm.get_submodule(node.target)
         return module(value(node.args[0])) + shifts[name]
 
-    reads = {node.name for node in gm.graph.nodes if node.op in ("placeholder", "call_module")}
+    reads = {node.name for node in gm.graph.nodes if node.op not in ("get_attr", "output")}
     return sensitivities(gm, lambda sample: sample, samples, rounded, set(shifts), reads)
 
 
@@ -224,3 +224,35 @@ def test_an_op_behind_a_nan_derivative_takes_its_own_error_as_its_effect():
     measured = measure(gm, [[torch.randn(4, 8)]], {"first": torch.full((4, 4), 1e-3), "second": torch.full((4, 4), 1e-3)})
     assert measured.underived == {"first"} and measured.effect["first"] == measured.own["first"] < 1
     assert 0 < measured.effect["second"] < 1
+
+
+class ThroughASplit(nn.Module):
+    """``first``'s result reaches ``second`` through ``chunk`` (a tuple, then its items) and the output beside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Linear(8, 16), nn.Linear(8, 8)
+        with torch.no_grad():
+            self.second.weight.mul_(100)
+
+    def forward(self, x):
+        a, b = self.first(x).chunk(2, -1)
+        return self.second(a) + b
+
+
+def test_a_result_is_followed_through_values_that_hold_several_tensors():
+    """The backward passes run to the measured results no other comes before and take the rest's gradients on
+    the way: ``second`` reads ``first``'s through a split, so it is not one of those (made one, it would cut
+    ``first``'s path through it: its effect 100x too small)."""
+    torch.manual_seed(0)
+    gm = fx.symbolic_trace(ThroughASplit().eval())
+    x = torch.randn(4, 8)
+    shifts = {"first": 1e-3 * torch.randn(4, 16), "second": 1e-3 * torch.randn(4, 8)}
+    measured = measure(gm, [[x]], shifts)
+    y = gm(x).detach()
+    w = gm.second.weight.detach()
+    exact = {"first": shifts["first"][:, :8] @ w.T + shifts["first"][:, 8:], "second": shifts["second"]}
+    for name, moved in exact.items():
+        expected = float(moved.norm() / y.abs().max()) * (2 * math.log(y.numel()) / y.numel()) ** 0.5
+        assert 0.5 * expected < measured.effect[name] < 1.6 * expected, (name, measured.effect, expected)
+    assert measured.order() == ["first", "second"] and not measured.underived
