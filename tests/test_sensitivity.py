@@ -36,6 +36,14 @@ def measure(gm: fx.GraphModule, samples, shifts: dict[str, torch.Tensor]) -> Sen
     return sensitivities(gm, lambda sample: sample, samples, rounded, set(shifts), reads)
 
 
+def assert_effects_near(measured: Sensitivity, exact: dict[str, torch.Tensor], y: torch.Tensor) -> None:
+    """Each op's effect within [0.5, 1.6] of c ||move||_2 / (sqrt(n) max|y|), ``exact[name]`` its first-order move
+    of the output ``y``."""
+    for name, moved in exact.items():
+        expected = float(moved.norm() / y.abs().max()) * (2 * math.log(y.numel()) / y.numel()) ** 0.5
+        assert 0.5 * expected < measured.effect[name] < 1.6 * expected, (name, measured.effect, expected)
+
+
 def test_the_effect_estimates_the_largest_move_of_the_outputs():
     """effect(k) = c ||J_k e_k||_2 / (sqrt(n) max|y|), c = sqrt(2 ln n): the root mean square of the outputs'
     first-order move (exact here: every op is linear), times where n Gaussian values of it peak, from random
@@ -47,9 +55,8 @@ def test_the_effect_estimates_the_largest_move_of_the_outputs():
     measured = measure(gm, [[x]], shifts)
     y = gm(x).detach()
     exact = {"first": shifts["first"] @ gm.amplify.weight.detach().T, "second": shifts["second"]}
+    assert_effects_near(measured, exact, y)
     for name, moved in exact.items():
-        expected = float(moved.norm() / y.abs().max()) * (2 * math.log(y.numel()) / y.numel()) ** 0.5
-        assert 0.5 * expected < measured.effect[name] < 1.6 * expected, (name, measured.effect, expected)
         largest = float(moved.abs().max() / y.abs().max())
         assert 0.4 * largest < measured.effect[name] < 2.5 * largest, (name, measured.effect, largest)
     # own: the same relative error on each (1e-3 of results ~1), yet "first" moves the outputs ~100x more
@@ -249,10 +256,7 @@ def test_a_result_is_followed_through_values_that_hold_several_tensors():
     x = torch.randn(4, 8)
     shifts = {"first": 1e-3 * torch.randn(4, 16), "second": 1e-3 * torch.randn(4, 8)}
     measured = measure(gm, [[x]], shifts)
-    y = gm(x).detach()
     w = gm.second.weight.detach()
     exact = {"first": shifts["first"][:, :8] @ w.T + shifts["first"][:, 8:], "second": shifts["second"]}
-    for name, moved in exact.items():
-        expected = float(moved.norm() / y.abs().max()) * (2 * math.log(y.numel()) / y.numel()) ** 0.5
-        assert 0.5 * expected < measured.effect[name] < 1.6 * expected, (name, measured.effect, expected)
+    assert_effects_near(measured, exact, gm(x).detach())
     assert measured.order() == ["first", "second"] and not measured.underived
