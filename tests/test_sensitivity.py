@@ -260,3 +260,33 @@ def test_a_result_is_followed_through_values_that_hold_several_tensors():
     exact = {"first": shifts["first"][:, :8] @ w.T + shifts["first"][:, 8:], "second": shifts["second"]}
     assert_effects_near(measured, exact, gm(x).detach())
     assert measured.order() == ["first", "second"] and not measured.underived
+
+
+class WritesResultsInPlace(nn.Module):
+    """``first``'s result goes through an in-place relu, ``second``'s is tripled in place before ``third``."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second, self.third = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        y = self.second(self.relu(self.first(x)))
+        return self.third(y.mul_(3))
+
+
+def test_results_written_in_place_are_measured_at_their_own_values():
+    """The gradient at a measured result is taken where the op made it: an in-place write after it (ReLU's
+    ``inplace=True``, a scaling) neither stops the measure (the first result a leaf that the relu could not
+    write: every op ordered by its own error) nor hands the op the gradient after the write (3x too small)."""
+    torch.manual_seed(0)
+    gm = fx.symbolic_trace(WritesResultsInPlace().eval())
+    x = torch.randn(4, 8)
+    shifts = {name: 1e-3 * torch.randn(4, 8) for name in ("first", "second", "third")}
+    measured = measure(gm, [[x]], shifts)
+    assert measured.effect is not None and not measured.underived
+    w = {name: getattr(gm, name).weight.detach() for name in shifts}
+    passes = (gm.first(x) > 0).float()  # where the relu lets first's move through
+    exact = {"first": 3 * ((shifts["first"] * passes) @ w["second"].T) @ w["third"].T,
+             "second": 3 * shifts["second"] @ w["third"].T, "third": shifts["third"]}
+    assert_effects_near(measured, exact, gm(x.clone()).detach())

@@ -84,7 +84,7 @@ def sensitivities(gm: fx.GraphModule, arguments: Callable[[list], list], samples
             try:
                 with torch.inference_mode(False), torch.enable_grad():  # (a compile under inference_mode too)
                     outputs = run.run(*[_recordable(value) for value in arguments(sample)])
-                    found = _effects(outputs, run.deltas, run.roots, errors, probes, generator)
+                    found = _effects(outputs, run, probes, generator)
                 for name, value in found.items():
                     effect[name] = max(effect[name], value)
                 reached.update(found)
@@ -121,29 +121,36 @@ def _measured_sources(gm: fx.GraphModule, outputs) -> set[str]:
 
 
 def _recordable(value):
-    """``value``, or a copy where it is a tensor made under ``torch.inference_mode`` (autograd cannot save those)."""
-    return value.clone() if isinstance(value, torch.Tensor) and value.is_inference() else value
+    """A tensor ``value`` detached (the backward passes run to the measured results alone: a weight or input
+    that requires grad is not one), copied where it was made under ``torch.inference_mode`` (autograd cannot
+    save those); anything else as it is."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    return value.clone() if value.is_inference() else value.detach()
 
 
 class _Perturbed(fx.Interpreter):
-    """Runs the graph; at each measured op, its own error into ``own`` (the largest) and ``errors`` (e_k, in
-    bfloat16: 3 digits do), and, under grad mode, its result into ``deltas[name]``, whose gradient is J_k^T r.
-    (A zero added to each result, the gradients all returned at once and e_k in float32 held three more copies
-    of every activation: EfficientNet-B0's int8 guard at batch 16 peaked at 3.7 GiB, 2.8 without them.)"""
+    """Runs the graph; at each measured op, its own error into ``own`` (the largest) and ``errors`` (e_k), and,
+    under grad mode, a hook on its result that puts ``(J_k^T r) . e_k`` into ``dots[name]`` as a backward pass
+    makes the result's gradient J_k^T r, which is then dropped.  The passes run to one scalar zero that the
+    results no other measured one comes before add (``zero``; a copy of those few).  Registered as the
+    result is made, a hook sees its gradient even where a later op writes the result in place.  (A zero
+    tensor added to every result, with every gradient returned at once, held two more copies of every
+    activation: EfficientNet-B0's int8 guard at batch 16 peaked at 3.7 GiB.)"""
 
     def __init__(self, gm: fx.GraphModule, names: set[str], reads: set[str], rounded, own: dict, errors: dict):
         super().__init__(gm)
         self.names, self.reads, self.rounded, self.own, self.errors = names, reads, rounded, own, errors
         self.kept: dict[str, object] = {}
-        self.deltas: dict[str, torch.Tensor] = {}
-        self.roots: list[torch.Tensor] = []  # the measured results no other one comes before
-        self.reached: set[str] = set()  # the nodes whose results the backward passes reach from the outputs
+        self.dots: dict[str, float] = {}  # one backward pass's (J_k^T r) . e_k, by op
+        self.zero: torch.Tensor | None = None  # what the backward passes run to, where a measured result adds it
+        self.reached: set[str] = set()  # the nodes computed from a measured result with a derivative
         self.copies: dict[str, torch.Tensor] = {}
 
     def fetch_attr(self, target: str):
-        """The constant, copied once where it was made under ``torch.inference_mode`` (autograd saves constants)."""
+        """The constant, under grad mode :func:`_recordable` (a copy made once where one is needed)."""
         value = super().fetch_attr(target)
-        if torch.is_grad_enabled() and isinstance(value, torch.Tensor) and value.is_inference():
+        if torch.is_grad_enabled() and isinstance(value, torch.Tensor):
             value = self.copies.setdefault(target, _recordable(value))
         return value
 
@@ -154,8 +161,6 @@ class _Perturbed(fx.Interpreter):
 
     def run_node(self, node: fx.Node):
         result = super().run_node(node)
-        if node.name in self.reads:
-            self.kept[node.name] = result
         derived = (any(arg.name in self.reached for arg in node.all_input_nodes)  # from a measured result
                    and any(isinstance(leaf, torch.Tensor) and leaf.requires_grad for leaf in tree_leaves(result)))
         if node.name in self.names and isinstance(result, torch.Tensor) and result.is_floating_point():
@@ -163,21 +168,30 @@ class _Perturbed(fx.Interpreter):
                 moved = self.rounded(node.name, self.value)
                 exact = result.detach()
                 self.own[node.name] = max(self.own[node.name], relative_error(moved, exact))
-                self.errors[node.name] = (moved - exact).to(torch.bfloat16)  # (held to the backward passes)
-            if torch.is_grad_enabled():  # J_k^T r is the gradient at the result itself: where no measured result
-                if not derived:  # comes before, a leaf the backward passes run to (made without a copy; any
-                    result = result.detach().requires_grad_()  # other history, a weight's, is not wanted)
-                    self.roots.append(result)
-                self.deltas[node.name] = result
+                self.errors[node.name] = error = (moved - exact).float()
+            if torch.is_grad_enabled():
+                if not derived:
+                    if self.zero is None:
+                        self.zero = torch.zeros((), requires_grad=True)
+                    result = result.detach() + self.zero
+                result.register_hook(_dot_into(self.dots, node.name, error))
                 derived = True
+        if node.name in self.reads:
+            self.kept[node.name] = result
         if derived:
             self.reached.add(node.name)
         return result
 
 
-def _effects(outputs, deltas: dict[str, torch.Tensor], roots: list[torch.Tensor], errors: dict[str, torch.Tensor],
-             probes: int, generator: torch.Generator) -> dict[str, float]:
-    """effect(k) on one sample for every op with a delta that some output's derivative reaches."""
+def _dot_into(dots: dict[str, float], name: str, error: torch.Tensor):
+    """A gradient hook putting ``gradient . error`` into ``dots[name]`` (it holds neither the result nor the run)."""
+    def take(gradient: torch.Tensor) -> None:
+        dots[name] = float((gradient.float() * error).sum())
+    return take
+
+
+def _effects(outputs, run: _Perturbed, probes: int, generator: torch.Generator) -> dict[str, float]:
+    """effect(k) on one sample (``run``'s) for every measured op that some output's derivative reaches."""
     leaves = []
     for y in tree_leaves(outputs):
         if isinstance(y, torch.Tensor) and y.requires_grad and y.is_floating_point() and y.numel():
@@ -185,21 +199,12 @@ def _effects(outputs, deltas: dict[str, torch.Tensor], roots: list[torch.Tensor]
             if 0 < largest < float("inf"):  # (NaN fails both)
                 leaves.append((y, largest * y.numel() ** 0.5 / max(2 * math.log(y.numel()), 1) ** 0.5))
     squares: dict[str, float] = {}
-
-    def taken(name: str):
-        def take(gradient: torch.Tensor) -> None:
-            squares[name] = squares.get(name, 0.0) + float((gradient.float() * errors[name]).sum()) ** 2 / probes
-        return take
-
-    # each result's gradient is taken as the backward pass makes it, and dropped; the pass runs to the roots
-    handles = [delta.register_hook(taken(name)) for name, delta in deltas.items()]
-    try:
-        for probe in range(probes if leaves and roots else 0):
-            directed = sum((y * torch.randn(y.shape, generator=generator, dtype=y.dtype)).sum() / scale
-                           for y, scale in leaves)  # each output weighted by c_l / (sqrt(n_l) max|y_l|)
-            torch.autograd.grad(directed, roots, retain_graph=probe + 1 < probes, allow_unused=True)
-    finally:
-        for handle in handles:
-            handle.remove()
+    for probe in range(probes if leaves and run.zero is not None else 0):
+        directed = sum((y * torch.randn(y.shape, generator=generator, dtype=y.dtype)).sum() / scale
+                       for y, scale in leaves)  # each output weighted by c_l / (sqrt(n_l) max|y_l|)
+        run.dots.clear()
+        torch.autograd.grad(directed, [run.zero], retain_graph=probe + 1 < probes, allow_unused=True)
+        for name, dot in run.dots.items():
+            squares[name] = squares.get(name, 0.0) + dot ** 2 / probes
     return {name: square ** 0.5 for name, square in squares.items() if square == square}  # (NaN: a derivative
     # of 0 * inf, sqrt's at 0: no first-order estimate, the op is taken as underived)
