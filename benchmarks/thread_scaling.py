@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import re
 
-
 import pyrys
 from pyrys.bench.models import build_model, example_inputs
 from pyrys.bench.peers import calibration_data
