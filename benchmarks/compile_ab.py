@@ -48,19 +48,21 @@ before, peak_known = current_rss_bytes(), reset_peak_rss()
 start = time.perf_counter()
 with torch.no_grad():
     pyrys.optimize(model.eval(), x, **options)(*x)
-print(time.perf_counter() - start, ((peak_rss_bytes() if peak_known else current_rss_bytes()) - before) / 2**20)
+print(time.perf_counter() - start, ((peak_rss_bytes() if peak_known else current_rss_bytes()) - before) / 2**20,
+      int(peak_known))
 """
 MODELS = Path(__file__).resolve().parents[1] / "src" / "pyrys" / "bench" / "models.py"
 MODEL_SPECS = MODELS.parents[1] / "model_specs.py"
 
 
-def compile_seconds(src: str, model: str, precision: str = "fp32", batch: int = 1) -> tuple[float, float]:
-    """Seconds to optimize ``model`` and call it once, and the peak RSS growth meanwhile in MiB."""
+def compile_seconds(src: str, model: str, precision: str = "fp32", batch: int = 1) -> tuple[float, float, bool]:
+    """Seconds to optimize ``model`` and call it once, the peak RSS growth meanwhile in MiB, and whether it was
+    the peak (where the kernel lets the process reset it) or only the growth at the end."""
     env = dict(os.environ, PYTHONPATH=src, PYRYS_CACHE_DIR="")
     out = subprocess.run([sys.executable, "-W", "ignore", "-c", CHILD, str(MODELS), model, precision, str(batch),
                           str(MODEL_SPECS)], env=env, capture_output=True, text=True, check=True)
-    seconds, mib = out.stdout.strip().splitlines()[-1].split()
-    return float(seconds), float(mib)
+    seconds, mib, peak = out.stdout.strip().splitlines()[-1].split()
+    return float(seconds), float(mib), peak == "1"
 
 
 def main() -> None:
@@ -74,18 +76,22 @@ def main() -> None:
     trees = {"old": args.old, "new": str(MODELS.parents[2])}
     print("| model | old s (runs) | new s (runs) | new / old | peak RSS growth MiB, old / new |")
     print("| --- | --- | --- | ---: | ---: |")
+    ends_only = False
     for model in args.models:
         times: dict[str, list[float]] = {label: [] for label in trees}
         peaks: dict[str, list[float]] = {label: [] for label in trees}
         for _ in range(args.rounds):
             for label, src in trees.items():
-                seconds, mib = compile_seconds(src, model, args.precision, args.batch)
+                seconds, mib, peak = compile_seconds(src, model, args.precision, args.batch)
                 times[label].append(seconds)
                 peaks[label].append(mib)
+                ends_only = ends_only or not peak
         old, new = statistics.median(times["old"]), statistics.median(times["new"])
         runs = {label: ", ".join(f"{t:.2f}" for t in values) for label, values in times.items()}
         print(f"| {model} | {old:.2f} ({runs['old']}) | {new:.2f} ({runs['new']}) | {new / old:.3f} | "
               f"{statistics.median(peaks['old']):.0f} / {statistics.median(peaks['new']):.0f} |")
+    if ends_only:
+        print("(the peak could not be reset here (/proc/self/clear_refs): RSS growth at the end, not the peak)")
 
 
 if __name__ == "__main__":

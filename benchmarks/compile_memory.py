@@ -1,6 +1,6 @@
 """Where a compile's memory goes: resident memory (RSS) sampled every 20 ms during ``optimize`` + first call
-of a bench model, with the pyrys frames the main thread was in, printed where it moved by more than
-``--step`` MiB; the peak first.
+of a bench model (a small model compiled first: loading the libraries is not counted), with the pyrys frames
+the main thread was in, printed where it moved by more than ``--step`` MiB; the peak first.
 
     python benchmarks/compile_memory.py efficientnet_b0 --precision int8 --batch 16
     python benchmarks/compile_memory.py hf_bert --precision int8 --step 100
@@ -20,7 +20,7 @@ import torch
 
 import pyrys
 from pyrys.bench.measure import current_rss_bytes
-from pyrys.bench.models import build_model, example_inputs
+from pyrys.bench.models import build_model, example_inputs, tiny_convnet
 from pyrys.bench.peers import calibration_data
 
 MIB = 1 << 20
@@ -40,8 +40,11 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--step", type=float, default=50.0, help="print where RSS moved by this many MiB")
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
+    tiny = tiny_convnet().eval()  # the libraries loaded (and their first allocations made) before measuring
+    pyrys.optimize(tiny, tiny.example_inputs(1))(*tiny.example_inputs(1))
     model = build_model(args.model).eval()
     inputs = example_inputs(args.model, args.batch, model)
     options = {"precision": args.precision}

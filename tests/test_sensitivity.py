@@ -290,3 +290,32 @@ def test_results_written_in_place_are_measured_at_their_own_values():
     exact = {"first": 3 * ((shifts["first"] * passes) @ w["second"].T) @ w["third"].T,
              "second": 3 * shifts["second"] @ w["third"].T, "third": shifts["third"]}
     assert_effects_near(measured, exact, gm(x.clone()).detach())
+
+
+class CopiesInto(nn.Module):
+    """``first``'s result reaches ``second`` only through an in-place copy into another tensor (no graph edge)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Linear(8, 8), nn.Linear(8, 8)
+        with torch.no_grad():
+            self.second.weight.mul_(100)
+
+    def forward(self, x):
+        buffer = torch.zeros(4, 8)
+        buffer.copy_(self.first(x))
+        return self.second(buffer)
+
+
+def test_a_result_copied_into_another_tensor_is_followed():
+    """What starts a derivative is read off the tensors, not the graph's edges: ``second`` reads no node
+    computed from ``first``, yet its input requires grad through the copy (followed by edges, ``second``
+    started its own and ``first`` moved nothing: a reviewer's find)."""
+    torch.manual_seed(0)
+    gm = fx.symbolic_trace(CopiesInto().eval())
+    x = torch.randn(4, 8)
+    shifts = {"first": 1e-3 * torch.randn(4, 8), "second": 1e-3 * torch.randn(4, 8)}
+    measured = measure(gm, [[x]], shifts)
+    exact = {"first": shifts["first"] @ gm.second.weight.detach().T, "second": shifts["second"]}
+    assert_effects_near(measured, exact, gm(x).detach())
+    assert measured.order() == ["first", "second"]

@@ -89,6 +89,7 @@ def sensitivities(gm: fx.GraphModule, arguments: Callable[[list], list], samples
                     effect[name] = max(effect[name], value)
                 reached.update(found)
                 measured = _measured_sources(gm, outputs) if measured is None else measured
+                del outputs  # (its autograd graph holds the hooks, and they e_k: not through the next sample)
                 continue
             except Exception:  # noqa: BLE001 -- no derivative to take (see Sensitivity): own alone
                 effect = None
@@ -131,12 +132,12 @@ def _recordable(value):
 
 class _Perturbed(fx.Interpreter):
     """Runs the graph; at each measured op, its own error into ``own`` (the largest) and ``errors`` (e_k), and,
-    under grad mode, a hook on its result that puts ``(J_k^T r) . e_k`` into ``dots[name]`` as a backward pass
-    makes the result's gradient J_k^T r, which is then dropped.  The passes run to one scalar zero that the
-    results no other measured one comes before add (``zero``; a copy of those few).  Registered as the
-    result is made, a hook sees its gradient even where a later op writes the result in place.  (A zero
-    tensor added to every result, with every gradient returned at once, held two more copies of every
-    activation: EfficientNet-B0's int8 guard at batch 16 peaked at 3.7 GiB.)"""
+    under grad mode, a hook on its result that puts ``(J_k^T r) . e_k`` into ``dots[name]`` when a backward
+    pass makes the result's gradient J_k^T r (which is then dropped: no copy of it is kept).  Only a measured
+    result starts a derivative: constants, inputs and a submodule's parameters are read detached, and a result
+    that does not already require grad adds the scalar ``zero``, which the backward passes run to.  A hook is
+    registered as its result is made, so it sees the gradient there even where a later op writes the result
+    in place."""
 
     def __init__(self, gm: fx.GraphModule, names: set[str], reads: set[str], rounded, own: dict, errors: dict):
         super().__init__(gm)
@@ -144,7 +145,6 @@ class _Perturbed(fx.Interpreter):
         self.kept: dict[str, object] = {}
         self.dots: dict[str, float] = {}  # one backward pass's (J_k^T r) . e_k, by op
         self.zero: torch.Tensor | None = None  # what the backward passes run to, where a measured result adds it
-        self.reached: set[str] = set()  # the nodes computed from a measured result with a derivative
         self.copies: dict[str, torch.Tensor] = {}
 
     def fetch_attr(self, target: str):
@@ -154,6 +154,14 @@ class _Perturbed(fx.Interpreter):
             value = self.copies.setdefault(target, _recordable(value))
         return value
 
+    def call_module(self, target, args, kwargs):
+        """The submodule run on its parameters and buffers under grad mode :func:`_recordable`."""
+        if not torch.is_grad_enabled():
+            return super().call_module(target, args, kwargs)
+        module = self.fetch_attr(target)
+        state = {name: _recordable(value) for name, value in [*module.named_parameters(), *module.named_buffers()]}
+        return torch.func.functional_call(module, state, args, kwargs)
+
     def value(self, node: fx.Node):
         """The float32 value of ``node`` (a constant, or named in ``reads``), gradient-free."""
         value = self.fetch_attr(node.target) if node.op == "get_attr" else self.kept[node.name]
@@ -161,25 +169,26 @@ class _Perturbed(fx.Interpreter):
 
     def run_node(self, node: fx.Node):
         result = super().run_node(node)
-        derived = (any(arg.name in self.reached for arg in node.all_input_nodes)  # from a measured result
-                   and any(isinstance(leaf, torch.Tensor) and leaf.requires_grad for leaf in tree_leaves(result)))
         if node.name in self.names and isinstance(result, torch.Tensor) and result.is_floating_point():
-            with torch.no_grad():
-                moved = self.rounded(node.name, self.value)
-                exact = result.detach()
-                self.own[node.name] = max(self.own[node.name], relative_error(moved, exact))
-                self.errors[node.name] = error = (moved - exact).float()
-            if torch.is_grad_enabled():
-                if not derived:
-                    if self.zero is None:
-                        self.zero = torch.zeros((), requires_grad=True)
-                    result = result.detach() + self.zero
-                result.register_hook(_dot_into(self.dots, node.name, error))
-                derived = True
+            result = self._measured(node.name, result)
         if node.name in self.reads:
             self.kept[node.name] = result
-        if derived:
-            self.reached.add(node.name)
+        return result
+
+    def _measured(self, name: str, result: torch.Tensor) -> torch.Tensor:
+        """Measure op ``name``'s own error on ``result`` and, under grad mode, hook its gradient (the result to
+        run on: one that adds the zero where nothing measured before it reaches it)."""
+        with torch.no_grad():
+            moved = self.rounded(name, self.value)
+            exact = result.detach()
+            self.own[name] = max(self.own[name], relative_error(moved, exact))
+            self.errors[name] = error = (moved - exact).float()
+        if torch.is_grad_enabled():
+            if not result.requires_grad:  # (only a measured result starts a derivative)
+                if self.zero is None:
+                    self.zero = torch.zeros((), requires_grad=True)
+                result = result + self.zero
+            result.register_hook(_dot_into(self.dots, name, error))
         return result
 
 
