@@ -1133,8 +1133,9 @@ def test_hooks_on_the_scripted_module_itself_are_refused_not_dropped(register, h
     inner_hooked = _Scaled().eval()
     register(inner_hooked.inner)
     scripted = script(inner_hooked)
-    with torch.no_grad():
-        torch.testing.assert_close(pyrys.optimize(scripted, (x,), backend="reference")(x), scripted(x))
+    with torch.no_grad():  # outputs near 1e4 round by 1e-3 however summed: measured against the largest (the
+        # hooks dropped, they were 100x off; element by element, 11 of 60 seeds failed 1.3e-6 by cancellation)
+        assert pyrys.relative_error(pyrys.optimize(scripted, (x,), backend="reference")(x), scripted(x)) < 1e-5
 
 
 class _PickedColumns(torch.nn.Module):
