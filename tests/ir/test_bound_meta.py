@@ -145,3 +145,88 @@ def test_what_cannot_be_bound_is_propagated():
     assert bound_meta(gm, {symbol: sympy.Integer(0)}, graph_fake_mode(None)) is None
     assert bound_meta(gm, {symbol: sympy.Integer(1)}, graph_fake_mode(None)) is None
     assert bound_meta(gm, {symbol: sympy.Integer(3)}, graph_fake_mode(None)) is not None
+
+
+def _propagations(monkeypatch) -> list:
+    """Every shape propagation ``specialize`` runs from now on in the test (the graphs it propagated)."""
+    propagated, original = [], specializing.refresh_meta
+
+    def counted(gm):
+        propagated.append(gm)
+        original(gm)
+
+    monkeypatch.setattr(specializing, "refresh_meta", counted)
+    return propagated
+
+
+def _heads():
+    """A linear viewed into heads, transposed, a softmax over each head, merged back: every shape op of a batch
+    of 1 and any length agrees with the symbolic graph's."""
+    torch.manual_seed(0)
+
+    def forward(m, x):
+        batch, length, _ = x.shape
+        heads = m.a(x).view(batch, length, 4, 4).transpose(1, 2).softmax(-1)
+        return m.b(heads.transpose(1, 2).reshape(batch, length, 16))
+
+    return Fn(forward, a=nn.Linear(16, 16), b=nn.Linear(16, 8)).eval()
+
+
+def test_a_size_of_1_found_bound_alike_is_bound_after(monkeypatch):
+    """The first two shapes with a symbol at 1 are propagated and their values compared with the bound ones;
+    they agree here, so later shapes with that symbol at 1 are bound (a batch-1 BERT at a new length: 0.1 s of
+    propagation less); shapes without one are bound as before."""
+    model = _heads()
+    opt = pyrys.optimize(model, (torch.rand(2, 8, 16),), dynamic=True)
+    propagated = _propagations(monkeypatch)
+    for batch, length in [(1, 8), (3, 9), (1, 12), (1, 5), (1, 33), (2, 7)]:
+        x = torch.rand(batch, length, 16)
+        assert pyrys.relative_error(opt(x), model(x)) < 1e-5, (batch, length)
+    assert len(propagated) == 2
+    assert list(opt._generic.generic.gm.meta[specializing.BOUND_AT_ONE_KEY].values()) == [True]
+
+
+def test_a_size_of_1_found_other_than_bound_is_propagated_each_time(monkeypatch):
+    """Where torch's reshape views at batch 1 what the symbolic graph copies, every batch-1 shape is propagated
+    (bound values there fail at every call: the reviewer's find above)."""
+    model = ExpandedBeams().eval()
+    opt = pyrys.optimize(model, (torch.randn(2, 5, 8),), dynamic=True)
+    propagated = _propagations(monkeypatch)
+    for shape in [(1, 5), (1, 7), (1, 9)]:
+        x = torch.randn(*shape, 8)
+        assert pyrys.relative_error(opt(x), model(x)) < 1e-5, shape
+    assert len(propagated) == 3
+    assert list(opt._generic.generic.gm.meta[specializing.BOUND_AT_ONE_KEY].values()) == [False]
+
+
+def test_values_bound_at_1_where_found_alike_are_the_propagated_ones():
+    """Bound with a symbol at 1 where the first such shape was found alike, the values are still propagation's
+    at every other length."""
+    model = _heads()
+    opt = pyrys.optimize(model, (torch.rand(2, 8, 16),), dynamic=True)
+    gm = opt._generic.generic.gm
+    opt(torch.rand(1, 8, 16))
+    opt(torch.rand(1, 6, 16))
+    for length in (5, 9, 33):
+        flat = [torch.rand(1, length, 16)]
+        bindings, why = bind_symbols(gm, flat)
+        ones = frozenset(s for s, v in bindings.items() if v == 1)
+        assert why is None and gm.meta[specializing.BOUND_AT_ONE_KEY][ones]
+        propagated, _ = _propagated_and_bound(gm, flat)
+        bound = bound_meta(gm, bindings, graph_fake_mode(None), ones)
+        assert {name: _described(value) for name, value in bound.items()} == propagated, length
+
+
+def test_a_size_of_1_alike_at_one_shape_only_is_propagated_after(monkeypatch):
+    """Bound values that agree with propagation at the first shape with a symbol at 1 but not at the second (two
+    products of sizes that meet at one size) are not trusted: every later such shape is propagated."""
+    answers = iter([True, False])
+    monkeypatch.setattr(specializing, "_bound_alike", lambda *args: next(answers))
+    model = _heads()
+    opt = pyrys.optimize(model, (torch.rand(2, 8, 16),), dynamic=True)
+    propagated = _propagations(monkeypatch)
+    for length in (8, 12, 5, 33):
+        x = torch.rand(1, length, 16)
+        assert pyrys.relative_error(opt(x), model(x)) < 1e-5, length
+    assert len(propagated) == 4
+    assert list(opt._generic.generic.gm.meta[specializing.BOUND_AT_ONE_KEY].values()) == [False]

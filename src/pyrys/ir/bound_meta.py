@@ -11,12 +11,13 @@ of what a new shape costs).  Binding the symbols gives the same numbers without 
 They were found equal, node for node (sizes, strides, dtypes), on torchvision's CNNs and ViT/Swin and on HF
 BERT, DistilBERT, GPT-2, ViT and Whisper at other batch sizes and lengths, where no symbol is 0 or 1: the
 symbolic graph's values were propagated "size-obliviously", as if no symbol were 0 or 1, which is exact
-for every other size.  At 1 they are not: a ``reshape`` of an ``expand``ed tensor is a view there (strides
-``(8, 0, 1)``) where the symbolic graph has a copy (``(24, 8, 1)``), and a later ``view`` that the copy
-allows fails on the view (propagation makes it a ``reshape``: a reviewer's find); at 0 an op's rule may
-refuse.  So :func:`bound_meta` answers only where every symbol is 2 or more and every size it gives is a
-whole number of at least 1; it returns None otherwise (and for any value it does not know), and the
-caller propagates as before.  Storage offsets are not carried (the symbolic graph's are not either, and
+for every other size.  At 1 they may not be: a ``reshape`` of an ``expand``ed tensor is a view there
+(strides ``(8, 0, 1)``) where the symbolic graph has a copy (``(24, 8, 1)``), and a later ``view`` that the
+copy allows fails on the view (propagation makes it a ``reshape``: a reviewer's find); at 0 an op's rule may
+refuse.  So :func:`bound_meta` answers only where every symbol is 2 or more (or 1, for symbols its caller
+found bound alike to propagation at 1 once: ``passes/specialize.py``) and every size it gives is a whole
+number of at least 1; it returns None otherwise (and for any value it does not know), and the caller
+propagates as before.  Storage offsets are not carried (the symbolic graph's are not either, and
 nothing lowered reads them from ``meta``).
 """
 from __future__ import annotations
@@ -47,12 +48,13 @@ class _Unbound(Exception):
     """A value :func:`bound_meta` cannot give: the caller propagates shapes instead."""
 
 
-def bound_meta(gm: fx.GraphModule, bindings: dict[sympy.Symbol, sympy.Integer],
-               mode: FakeTensorMode) -> dict[str, Any] | None:
+def bound_meta(gm: fx.GraphModule, bindings: dict[sympy.Symbol, sympy.Integer], mode: FakeTensorMode,
+               ones: frozenset = frozenset()) -> dict[str, Any] | None:
     """Every node's ``meta["val"]`` of ``gm`` (symbolic) at ``bindings`` but its placeholders' and output's, by
     node name, tensors as fake ones of ``mode`` (of concrete sizes); None where one cannot be given so (see
-    the module docstring)."""
-    if not bindings or any(int(size) < 2 for size in bindings.values()):
+    the module docstring): a symbol below 2, unless it is 1 and in ``ones``."""
+    if not bindings or any(int(size) < 2 and not (int(size) == 1 and symbol in ones)
+                           for symbol, size in bindings.items()):
         return None
     env = gm.meta[FAKE_MODE_KEY].shape_env
     numbers: dict[sympy.Basic, Any] = {}
@@ -113,3 +115,13 @@ def bound_meta(gm: fx.GraphModule, bindings: dict[sympy.Symbol, sympy.Integer],
     except _Unbound:
         return None
     return values
+
+
+def described(value: Any) -> Any:
+    """What a node's value says of its shape, comparable with ``==``: a tensor's sizes, strides, dtype and
+    device; a list's or tuple's items so; anything else itself."""
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape), value.stride(), value.dtype, value.device
+    if isinstance(value, (list, tuple)):
+        return [described(v) for v in value]
+    return value
