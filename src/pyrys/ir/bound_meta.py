@@ -117,11 +117,14 @@ def bound_meta(gm: fx.GraphModule, bindings: dict[sympy.Symbol, sympy.Integer], 
     return values
 
 
-def described(value: Any) -> Any:
-    """What a node's value says of its shape, comparable with ``==``: a tensor's sizes, strides, dtype and
-    device; a list's or tuple's items so; anything else itself."""
+def described(value: Any, every_stride: bool = True) -> Any:
+    """What a node's value says of its shape, comparable with ``==``: a tensor's sizes, strides (without
+    ``every_stride``, not those of its dims of size 1, which no index steps over), dtype and device; a list's
+    or tuple's items so; anything else itself."""
     if isinstance(value, torch.Tensor):
-        return tuple(value.shape), value.stride(), value.dtype, value.device
+        strides = tuple(stride if every_stride or size != 1 else None for size, stride in zip(value.shape,
+                                                                                               value.stride()))
+        return tuple(value.shape), strides, value.dtype, value.device
     if isinstance(value, (list, tuple)):
-        return [described(v) for v in value]
+        return [described(v, every_stride) for v in value]
     return value

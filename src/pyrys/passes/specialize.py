@@ -11,9 +11,18 @@ concrete shapes, so each input shape gets a copy in which
   the symbolic graph's (a reshape that views instead of copying), so the first two shapes with a given set
   of symbols at 1 are propagated and their values compared with the bound ones: where every node's agree
   at both (and no view had to become a reshape), later shapes with those symbols at 1 are bound too (BERT at
-  batch 1 and a new length: 0.1 s of propagation less), else they are propagated each time.  Two shapes,
-  because a stride is a product of sizes, and two products can meet at one size (a view's ``16 * 16``
-  against a copy's ``16 * length`` at length 16) but not at two;
+  batch 1 and a new length: 0.1 s of propagation less), else they are propagated each time.  A size-1 dim's
+  stride may differ but in what the graph returns (an ``expand`` to 1 keeps its input's stride there where
+  the symbolic graph has 0, in HF BERT's masks: no index steps over it, and oneDNN's descriptors make such
+  strides canonical, ``backends/dnnl/primitives.py``).  Whether torch views or copies may also turn on how
+  two sizes compare (a slice of one length to another is whole where it is no shorter: a helper's find, a
+  reshape that views there and copies elsewhere, and no guard says so), so shapes are told apart by that
+  too: which symbols are 1, how the others are ordered, which equal a fixed size of the graph
+  (:func:`_kind_of`).  Two shapes of a kind, because a stride is a product of sizes, and two products can
+  meet at one size (a view's ``16 * 16`` against a copy's ``16 * length`` at length 16) but seldom at two.
+  Left: a choice that turns on a sum or product of sizes (a slice to ``length + 1`` of another length) is
+  not told apart; where it changes a view, the first call of such a shape raises torch's "view size is not
+  compatible" (a helper found no wrong result);
 * size arithmetic becomes literals: ``sym_size(x, 0)`` -> ``2``, ``mul(s1, 32)`` -> ``4096``,
   so ``view(x, [%sym_size, %mul])`` reads ``view(x, [2, 4096])``; size checks are evaluated
   and dropped;
@@ -28,7 +37,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from pyrys.ir.graph import copy_graph, replace_with_literal, user_inputs
+from pyrys.ir.graph import copy_graph, nodes_in, replace_with_literal, user_inputs
 from pyrys.ir.bound_meta import bound_meta, described
 from pyrys.ir.meta import fake_input, refresh_meta
 from pyrys.ir.symbolic import bind_symbols, graph_fake_mode, is_symbolic, is_symbolic_scalar_op
@@ -40,9 +49,10 @@ SIZE_QUERIES = frozenset({aten.sym_size.int, aten.sym_numel.default, aten.sym_st
 SIZE_CHECKS = frozenset({aten._assert_scalar.default, aten.sym_constrain_range_for_size.default,
                          aten.sym_constrain_range.default})
 SHAPE_PASSES = select_passes("simplify", "dead_code_elimination")  # run again once sizes are literals
-# a symbolic graph's {symbols at 1: True where bound values were propagation's at two shapes, False where not
-# at one, else the bindings of the one shape where they were}
+# a symbolic graph's {kind of shape with a symbol at 1 (_kind_of): True where bound values were propagation's at
+# two shapes, False where not at one, else the bindings of the one shape where they were}
 BOUND_AT_ONE_KEY = "pyrys_bound_at_one"
+FIXED_SIZES_KEY = "pyrys_fixed_sizes"  # _fixed_sizes's, found once per graph
 
 
 class ShapeMismatch(Exception):
@@ -60,7 +70,8 @@ def specialize(gm: fx.GraphModule, inputs: list) -> fx.GraphModule:
     for node, value in zip(user_inputs(concrete.graph), inputs):
         node.meta["val"] = value
     ones = frozenset(symbol for symbol, size in bindings.items() if int(size) == 1)
-    found = gm.meta.get(BOUND_AT_ONE_KEY, {}).get(ones) if ones else True  # (None: not compared yet)
+    kind = _kind_of(gm, bindings, ones)
+    found = gm.meta.get(BOUND_AT_ONE_KEY, {}).get(kind) if ones else True  # (None: not compared yet)
     if found is not True or not _bind_meta(gm, concrete, bindings, ones):
         targets = [node.target for node in concrete.graph.nodes]
         try:
@@ -71,19 +82,55 @@ def specialize(gm: fx.GraphModule, inputs: list) -> fx.GraphModule:
             alike = targets == [node.target for node in concrete.graph.nodes] and _bound_alike(gm, concrete, bindings,
                                                                                                 ones)
             compared = (bindings if found is None else True) if alike else False
-            gm.meta.setdefault(BOUND_AT_ONE_KEY, {})[ones] = compared  # (a dict's item set: atomic)
+            gm.meta.setdefault(BOUND_AT_ONE_KEY, {})[kind] = compared  # (a dict's item set: atomic)
     _fold_sizes(concrete)
     apply_passes(concrete, SHAPE_PASSES)
     concrete.recompile()
     return concrete
 
 
+def _kind_of(gm: fx.GraphModule, bindings: dict, ones: frozenset) -> tuple:
+    """What of ``bindings`` may decide how torch's ops lay out a value, beyond the symbols' ranges: ``ones``
+    (the symbols at 1), the order of the others (each one's rank among their values, ties alike), and those
+    equal to a fixed size of ``gm``."""
+    values = {symbol: int(size) for symbol, size in bindings.items() if symbol not in ones}
+    ranks = {size: rank for rank, size in enumerate(sorted(set(values.values())))}
+    fixed = _fixed_sizes(gm)
+    return (ones, frozenset((symbol, ranks[size]) for symbol, size in values.items()),
+            frozenset((symbol, size) for symbol, size in values.items() if size in fixed))
+
+
+def _fixed_sizes(gm: fx.GraphModule) -> frozenset:
+    """Every whole number of 2 or more among ``gm``'s values' sizes and its ops' arguments (a view's sizes)."""
+    found = gm.meta.get(FIXED_SIZES_KEY)
+    if found is None:
+        numbers: set = set()
+
+        def note(value) -> None:
+            if isinstance(value, torch.Tensor):
+                numbers.update(d for d in value.shape if isinstance(d, int))
+            elif isinstance(value, int) and not isinstance(value, bool):
+                numbers.add(value)
+            elif isinstance(value, (list, tuple)):
+                for item in value:
+                    note(item)
+
+        for node in gm.graph.nodes:
+            note(node.meta.get("val"))
+            note(list(node.args))
+            note(list(node.kwargs.values()))
+        found = gm.meta[FIXED_SIZES_KEY] = frozenset(n for n in numbers if n >= 2)
+    return found
+
+
 def _bound_alike(gm: fx.GraphModule, concrete: fx.GraphModule, bindings: dict, ones: frozenset) -> bool:
     """Whether ``gm``'s values bound at ``bindings`` (``ones``: its symbols at 1) are, node for node, what
     propagation gave ``concrete`` (its copy at those sizes)."""
     values = bound_meta(gm, bindings, graph_fake_mode(concrete), ones)
+    returned = set(nodes_in([node.args for node in concrete.graph.nodes if node.op == "output"]))
     return values is not None and all(
-        node.name in values and described(values[node.name]) == described(node.meta.get("val"))
+        node.name in values
+        and described(values[node.name], node in returned) == described(node.meta.get("val"), node in returned)
         for node in concrete.graph.nodes if node.op not in ("placeholder", "output"))
 
 
