@@ -183,7 +183,7 @@ def test_a_size_of_1_found_bound_alike_is_bound_after(monkeypatch):
         x = torch.rand(batch, length, 16)
         assert pyrys.relative_error(opt(x), model(x)) < 1e-5, (batch, length)
     assert len(propagated) == 2
-    assert list(opt._generic.generic.gm.meta[specializing.BOUND_AT_ONE_KEY].values()) == [True]
+    assert list(specializing.bound_at_one(opt._generic.generic.gm).values()) == [True]
 
 
 def test_a_size_of_1_found_other_than_bound_is_propagated_each_time(monkeypatch):
@@ -196,7 +196,7 @@ def test_a_size_of_1_found_other_than_bound_is_propagated_each_time(monkeypatch)
         x = torch.randn(*shape, 8)
         assert pyrys.relative_error(opt(x), model(x)) < 1e-5, shape
     assert len(propagated) == 4
-    assert list(opt._generic.generic.gm.meta[specializing.BOUND_AT_ONE_KEY].values()) == [False]
+    assert list(specializing.bound_at_one(opt._generic.generic.gm).values()) == [False]
 
 
 def test_values_bound_at_1_where_found_alike_are_the_propagated_ones():
@@ -211,7 +211,7 @@ def test_values_bound_at_1_where_found_alike_are_the_propagated_ones():
         flat = [torch.rand(1, length, 16)]
         bindings, why = bind_symbols(gm, flat)
         ones = frozenset(s for s, v in bindings.items() if v == 1)
-        assert why is None and gm.meta[specializing.BOUND_AT_ONE_KEY][specializing._kind_of(gm, bindings, ones)]
+        assert why is None and specializing.bound_at_one(gm)[specializing._kind_of(gm, bindings, ones)]
         propagated, _ = _propagated_and_bound(gm, flat)
         bound = bound_meta(gm, bindings, graph_fake_mode(None), ones)
         assert {name: _described(value) for name, value in bound.items()} == propagated, length
@@ -229,7 +229,7 @@ def test_a_size_of_1_alike_at_one_shape_only_is_propagated_after(monkeypatch):
         x = torch.rand(1, length, 16)
         assert pyrys.relative_error(opt(x), model(x)) < 1e-5, length
     assert len(propagated) == 4
-    assert list(opt._generic.generic.gm.meta[specializing.BOUND_AT_ONE_KEY].values()) == [False]
+    assert list(specializing.bound_at_one(opt._generic.generic.gm).values()) == [False]
 
 
 def test_a_size_1_dims_stride_differs_only_where_the_graph_returns_it(monkeypatch):
@@ -289,3 +289,16 @@ def test_shapes_whose_sizes_compare_otherwise_are_compared_apart(monkeypatch, ex
     widths_and_lengths = [(gm.graph.find_nodes(op="placeholder")[0].meta["val"].shape[2],
                            gm.graph.find_nodes(op="placeholder")[1].meta["val"].shape[1]) for gm in propagated]
     assert widths_and_lengths == [shape for shape in shapes if shape != (16, 12)]  # the third shorter by 2 or more
+
+
+def test_what_was_found_at_1_is_its_own_graphs():
+    """A trial copy (an accuracy guard's: other ops, the same meta) starts with nothing found at 1."""
+    from pyrys.ir.graph import trial_copy
+
+    model = _heads()
+    opt = pyrys.optimize(model, (torch.rand(2, 8, 16),), dynamic=True)
+    for length in (11, 13):
+        opt(torch.rand(1, length, 16))
+    gm = opt._generic.generic.gm
+    assert list(specializing.bound_at_one(gm).values()) == [True]
+    assert specializing.bound_at_one(trial_copy(gm)) == {}

@@ -50,10 +50,11 @@ SIZE_QUERIES = frozenset({aten.sym_size.int, aten.sym_numel.default, aten.sym_st
 SIZE_CHECKS = frozenset({aten._assert_scalar.default, aten.sym_constrain_range_for_size.default,
                          aten.sym_constrain_range.default})
 SHAPE_PASSES = select_passes("simplify", "dead_code_elimination")  # run again once sizes are literals
-# a symbolic graph's {kind of shape with a symbol at 1 (_kind_of): True where bound values were propagation's at
-# two shapes, False where not at one, else the bindings of the one shape where they were}
+# a symbolic graph's {its fx graph: {kind of shape with a symbol at 1 (_kind_of): True where bound values were
+# propagation's at two shapes, False where not at one, else the bindings of the one shape where they were}}, by
+# graph: a trial copy (``ir/graph.py``) shares its module's meta, not its values
 BOUND_AT_ONE_KEY = "pyrys_bound_at_one"
-FIXED_SIZES_KEY = "pyrys_fixed_sizes"  # _fixed_sizes's, found once per graph
+FIXED_SIZES_KEY = "pyrys_fixed_sizes"  # _fixed_sizes's, found once per graph, by graph likewise
 
 
 class ShapeMismatch(Exception):
@@ -72,7 +73,7 @@ def specialize(gm: fx.GraphModule, inputs: list) -> fx.GraphModule:
         node.meta["val"] = value
     ones = frozenset(symbol for symbol, size in bindings.items() if int(size) == 1)
     kind = _kind_of(gm, bindings, ones)
-    found = gm.meta.get(BOUND_AT_ONE_KEY, {}).get(kind) if ones else True  # (None: not compared yet)
+    found = bound_at_one(gm).get(kind) if ones else True  # (None: not compared yet)
     if found is not True or not _bind_meta(gm, concrete, bindings, ones):
         targets = [node.target for node in concrete.graph.nodes]
         try:
@@ -83,11 +84,16 @@ def specialize(gm: fx.GraphModule, inputs: list) -> fx.GraphModule:
             alike = targets == [node.target for node in concrete.graph.nodes] and _bound_alike(gm, concrete, bindings,
                                                                                                 ones)
             compared = (bindings if found is None else True) if alike else False
-            gm.meta.setdefault(BOUND_AT_ONE_KEY, {})[kind] = compared  # (a dict's item set: atomic)
+            bound_at_one(gm)[kind] = compared  # (a dict's item set: atomic)
     _fold_sizes(concrete)
     apply_passes(concrete, SHAPE_PASSES)
     concrete.recompile()
     return concrete
+
+
+def bound_at_one(gm: fx.GraphModule) -> dict:
+    """What was found of ``gm``'s values bound with a symbol at 1, by kind of shape (:data:`BOUND_AT_ONE_KEY`)."""
+    return gm.meta.setdefault(BOUND_AT_ONE_KEY, {}).setdefault(gm.graph, {})
 
 
 def _kind_of(gm: fx.GraphModule, bindings: dict, ones: frozenset) -> tuple:
@@ -104,7 +110,7 @@ def _kind_of(gm: fx.GraphModule, bindings: dict, ones: frozenset) -> tuple:
 
 def _fixed_sizes(gm: fx.GraphModule) -> frozenset:
     """Every whole number of 2 or more among ``gm``'s values' sizes and its ops' arguments (a view's sizes)."""
-    found = gm.meta.get(FIXED_SIZES_KEY)
+    found = gm.meta.setdefault(FIXED_SIZES_KEY, {}).get(gm.graph)
     if found is None:
         numbers: set = set()
 
@@ -121,7 +127,7 @@ def _fixed_sizes(gm: fx.GraphModule) -> frozenset:
             note(node.meta.get("val"))
             note(list(node.args))
             note(list(node.kwargs.values()))
-        found = gm.meta[FIXED_SIZES_KEY] = frozenset(n for n in numbers if n >= 2)
+        found = gm.meta[FIXED_SIZES_KEY][gm.graph] = frozenset(n for n in numbers if n >= 2)
     return found
 
 
