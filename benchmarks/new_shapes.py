@@ -8,6 +8,7 @@ growth it caused.  ``dynamic=None`` (default) captures with symbolic sizes at th
     python benchmarks/new_shapes.py                      # resnet18 1 -> 2, 3, 5; a 4-layer BERT 128 -> 32, 64, 77
     python benchmarks/new_shapes.py --models bert4_batch2 # the BERT at batch 2 (a batch of 1 is propagated again)
     python benchmarks/new_shapes.py --models resnet18 --modes none true
+    python benchmarks/new_shapes.py --models bert4 --modes true --sizes 128 20 37 45 50 90 100 110 29 53 71 83 97 120 41
 """
 from __future__ import annotations
 
@@ -55,6 +56,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["resnet18", "bert4"], choices=sorted(SIZES))
     parser.add_argument("--modes", nargs="+", default=["none", "true", "false"], choices=["none", "true", "false"])
+    parser.add_argument("--sizes", nargs="+", type=int, help="the first shape's size (batch for resnet18, tokens for "
+                        "bert4), then each new one's (default: each model's own list)")
     args = parser.parse_args()
     from pyrys.machine import cpu_info
 
@@ -63,12 +66,16 @@ def main() -> None:
     print("| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for name in args.models:
         for mode in args.modes:
-            result = in_fresh_process(CHILD, name, mode, SIZES[name])
+            sizes = ",".join(map(str, args.sizes)) if args.sizes else SIZES[name]
+            result = in_fresh_process(CHILD, name, mode, sizes)
             first, weights = result["rows"][0], result["weights"]
+            later = sorted(row["seconds"] for row in result["rows"][1:])
             for row in result["rows"][1:]:
                 print(f"| {name} | {mode.capitalize()} | {first['seconds']:.2f} | {row['size']} | {row['seconds']:.2f} | "
                       f"{row['seconds'] / first['seconds']:.3f} | {row['rss'] / 2**20:.1f} | "
                       f"{row['rss'] / weights:.2f} | {row['error']:.1e} |")
+            print(f"| {name} | {mode.capitalize()} | | median of {len(later)} | {later[len(later) // 2]:.2f} | "
+                  f"{later[len(later) // 2] / first['seconds']:.3f} | | | |")
 
 
 if __name__ == "__main__":
