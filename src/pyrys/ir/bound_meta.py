@@ -14,10 +14,10 @@ symbolic graph's values were propagated "size-obliviously", as if no symbol were
 for every other size.  At 1 they may not be: a ``reshape`` of an ``expand``ed tensor is a view there
 (strides ``(8, 0, 1)``) where the symbolic graph has a copy (``(24, 8, 1)``), and a later ``view`` that the
 copy allows fails on the view (propagation makes it a ``reshape``: a reviewer's find); at 0 an op's rule may
-refuse.  So :func:`bound_meta` answers only where every symbol is 2 or more (or 1, for symbols its caller
-found bound alike to propagation at 1 once: ``passes/specialize.py``) and every size it gives is a whole
-number of at least 1; it returns None otherwise (and for any value it does not know), and the caller
-propagates as before.  Storage offsets are not carried (the symbolic graph's are not either, and
+refuse.  So :func:`bound_meta` answers only where every symbol is 2 or more (or 1, for symbols its
+caller found bound alike to propagation at two shapes of a kind: ``passes/specialize.py``) and every size
+it gives is a whole number of at least 1; it returns None otherwise (and for any value it does not know),
+and the caller propagates as before.  Storage offsets are not carried (the symbolic graph's are not either, and
 nothing lowered reads them from ``meta``).
 """
 from __future__ import annotations
