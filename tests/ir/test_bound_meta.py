@@ -302,3 +302,16 @@ def test_what_was_found_at_1_is_its_own_graphs():
     gm = opt._generic.generic.gm
     assert list(specializing.bound_at_one(gm).values()) == [True]
     assert specializing.bound_at_one(trial_copy(gm)) == {}
+
+
+def test_a_view_bound_at_1_takes_what_torch_gives(monkeypatch):
+    """A third helper's find: a slice to ``length + 5`` of a width 5 longer is whole, and the reshape after it
+    views at batch 1, where the kind's first two shapes (widths 10 longer) copied: bound there, the ``view``
+    after it raised "view size is not compatible" at every call.  Views of a graph bound at 1 are reshapes."""
+    model = SliceToTheOtherLength(5).eval()
+    opt = pyrys.optimize(model, (torch.randn(2, 4, 7), torch.randn(2, 5, 8)), dynamic=True)
+    propagated = _propagations(monkeypatch)
+    for width, length in [(20, 10), (22, 12), (15, 10), (23, 13), (18, 13), (19, 14)]:
+        x, y = torch.randn(1, 4, width), torch.randn(1, length, 8)
+        assert pyrys.relative_error(opt(x, y), model(x, y)) < 1e-6, (width, length)
+    assert len(propagated) == 2

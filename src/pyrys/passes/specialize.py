@@ -23,8 +23,11 @@ concrete shapes, so each input shape gets a copy in which
   Two shapes of a kind, because a stride is a product of sizes, and two products can meet at one size (a
   view's ``16 * 16`` against a copy's ``16 * length`` at length 16) but seldom at two.  Left: a choice that
   turns on sizes further apart or on their products (a slice to ``2 * length``) is not told apart; where it
-  makes a view of a copy, the calls of such a shape raise torch's "view size is not compatible" (three
-  helpers' rounds, ~290 models and graphs, found no wrong result and no other failure);
+  makes a view of a copy, so every ``view`` of a graph whose values were bound at a size of 1 becomes a
+  ``reshape`` (the same where the strides allow a view: oneDNN's lowering takes both alike), as propagation
+  would make a view the strides refuse (three helpers' rounds, ~290 models and graphs, found no wrong
+  result; before this, torch's "view size is not compatible" at a slice to ``length + 5`` of a length 5
+  longer);
 * size arithmetic becomes literals: ``sym_size(x, 0)`` -> ``2``, ``mul(s1, 32)`` -> ``4096``,
   so ``view(x, [%sym_size, %mul])`` reads ``view(x, [2, 4096])``; size checks are evaluated
   and dropped;
@@ -75,7 +78,10 @@ def specialize(gm: fx.GraphModule, inputs: list) -> fx.GraphModule:
     ones = frozenset(symbol for symbol, size in bindings.items() if int(size) == 1)
     kind = _kind_of(gm, bindings, ones) if ones else None
     found = bound_at_one(gm).get(kind) if ones else True  # (None: not compared yet)
-    if found is not True or not _bind_meta(gm, concrete, bindings, ones):
+    if found is True and _bind_meta(gm, concrete, bindings, ones):
+        if ones:
+            _views_as_reshapes(concrete)
+    else:
         targets = [node.target for node in concrete.graph.nodes]
         try:
             refresh_meta(concrete)
@@ -90,6 +96,14 @@ def specialize(gm: fx.GraphModule, inputs: list) -> fx.GraphModule:
     apply_passes(concrete, SHAPE_PASSES)
     concrete.recompile()
     return concrete
+
+
+def _views_as_reshapes(gm: fx.GraphModule) -> None:
+    """Every ``view`` of ``gm`` a ``reshape``: its values were bound at a size of 1, where torch may give a view
+    what the symbolic graph copies, and a ``view`` of it then fail (propagation repairs those it sees)."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is aten.view.default:
+            node.target = aten.reshape.default
 
 
 def bound_at_one(gm: fx.GraphModule) -> dict:
