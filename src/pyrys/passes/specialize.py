@@ -7,27 +7,23 @@ concrete shapes, so each input shape gets a copy in which
   and the passes assumed (a shape that breaks one raises :class:`ShapeMismatch`: the caller
   captures that shape again and says why);
 * every value's shape is made concrete: its symbolic one with the symbols bound (``ir/bound_meta.py``),
-  or where that cannot say, propagated again.  A symbol at 1 may make torch's ops give other strides than
-  the symbolic graph's (a reshape that views instead of copying), so the first two shapes of a kind (which
-  symbols are 1, and more: below) are propagated and their values compared with the bound ones: where every
-  node's agree at both (and no view had to become a reshape), later shapes of that kind are bound too (a
-  4-layer BERT at batch 1 and a new length: 0.04-0.1 s of propagation less), else they are propagated each
-  time.  A size-1 dim's
-  stride may differ but in what the graph returns (an ``expand`` to 1 keeps its input's stride there where
-  the symbolic graph has 0, in HF BERT's masks: no index steps over it, and oneDNN's descriptors make such
-  strides canonical, ``backends/dnnl/primitives.py``).  Whether torch views or copies may also turn on how
-  two sizes compare (a slice of one length to another is whole where it is no shorter: a helper's find, a
-  reshape that views there and copies elsewhere, and no guard says so), so shapes are told apart by that
-  too: which symbols are 1, how the others compare, each pair's difference as -1, 0, 1 or beyond (a slice to
-  ``length + 1`` of another length), and which are within 1 of a fixed size of the graph (:func:`_kind_of`).
-  Two shapes of a kind, because a stride is a product of sizes, and two products can meet at one size (a
-  view's ``16 * 16`` against a copy's ``16 * length`` at length 16) but seldom at two.  Left: a choice that
-  turns on sizes further apart or on their products (a slice to ``2 * length``) is not told apart; where it
-  makes a view of a copy, so every ``view`` of a graph whose values were bound at a size of 1 becomes a
-  ``reshape`` (the same where the strides allow a view: oneDNN's lowering takes both alike), as propagation
-  would make a view the strides refuse (three helpers' rounds, ~290 models and graphs, found no wrong
-  result; before this, torch's "view size is not compatible" at a slice to ``length + 5`` of a length 5
-  longer);
+  or where that cannot say, propagated again.  At a size of 1 torch's ops may lay a value out otherwise
+  than the symbolic graph does (a reshape of an expanded tensor views where it copies), and whether they
+  do may turn on how the other sizes compare (a slice of one length to another is whole where it is no
+  shorter, and no guard says so: a helper's find).  So shapes with a size of 1 are grouped into kinds
+  (:func:`_kind_of`: which symbols are 1; each pair of the others' difference as -1, 0, 1 or beyond; which
+  lie within 1 of a fixed size of the graph); the first two shapes of a kind are propagated and their
+  values compared with the bound ones node for node, and later shapes of a kind where both agreed (no view
+  had to become a reshape) are bound too (a 4-layer BERT at batch 1 and a new length: 0.04-0.1 s less);
+  otherwise every shape of that kind is propagated.  Two shapes, because a stride is a product of sizes,
+  and two products can meet at one size (a view's ``16 * 16`` against a copy's ``16 * length`` at length
+  16) but seldom at two.  A size-1 dim's stride may differ but in what the graph returns (an ``expand`` to
+  1 keeps its input's stride there where the symbolic graph has 0, in HF BERT's masks: no index steps over
+  it, and oneDNN's descriptors make such strides canonical, ``backends/dnnl/primitives.py``).  A choice
+  that turns on sizes further apart or on their products (a slice to ``length + 5`` of a length 5 longer,
+  to ``2 * length``) is not told apart, so every ``view`` of a graph bound at a size of 1 becomes a
+  ``reshape``, as propagation would make a view the strides refuse (the same where they allow one:
+  oneDNN's lowering takes both alike).  Three helpers' rounds (~290 models and graphs) found no wrong result;
 * size arithmetic becomes literals: ``sym_size(x, 0)`` -> ``2``, ``mul(s1, 32)`` -> ``4096``,
   so ``view(x, [%sym_size, %mul])`` reads ``view(x, [2, 4096])``; size checks are evaluated
   and dropped;
