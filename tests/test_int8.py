@@ -1461,6 +1461,19 @@ def test_a_sample_the_model_fails_on_is_left_out_not_the_capture_for_every_size(
     assert pyrys.relative_error(opt(x), model(x)) <= INT8_TOLERANCE
 
 
+def test_calibration_the_model_fails_on_every_sample_of_is_an_input_error():
+    """Every sample holding an id past the vocabulary raised torch's bare IndexError out of the FX interpreter
+    (a helper's find): the error says that no sample ran, and the first one's error is its cause."""
+    torch.manual_seed(0)
+    model = Fn(lambda m, ids: m.fc(m.e(ids)), e=nn.Embedding(50, 16), fc=nn.Linear(16, 16)).eval()
+    bad = torch.randint(0, 50, (2, 12))
+    bad[0, 0] = 99
+    with pytest.raises(pyrys.InputError, match=r"fails on every calibration sample \(2 of them; one of shapes "
+                                               r"\[2, 12\]: IndexError: index out of range") as raised:
+        pyrys.optimize(model, (torch.randint(0, 50, (2, 12)),), precision="int8", calibration=[bad, bad.clone()])
+    assert isinstance(raised.value.__cause__, IndexError)
+
+
 def test_a_capture_of_a_size_the_first_plan_did_not_read_is_calibrated_on_its_samples():
     """An image size among the samples, left out of the first (fixed-size) capture, was never read: the
     capture made later for it took the first plan, 0.88 at 32x32 (a helper's find)."""

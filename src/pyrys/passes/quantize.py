@@ -99,6 +99,8 @@ def quantize(gm: fx.GraphModule, precision: str, calibration: Calibration | None
                 if not cut:
                     raise
                 plan, planning = calibration.parent.plan, False
+                if isinstance(error, InputError) and error.__cause__ is not None:
+                    error = error.__cause__  # (every sample failed: what the first raised)
                 line = (str(error).strip().splitlines() or [""])[0][:200]
                 calibration.note = (f"{OWN_CALIBRATION} than the graph calibrated first, and it does not run on the "
                                     f"calibration samples made to fit it ({type(error).__name__}: {line}): "

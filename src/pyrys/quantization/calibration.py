@@ -380,7 +380,7 @@ def observe(gm: fx.GraphModule, names: set[str], samples: list[list],
     samples (the float32 answers the guard compares with).  A sample ``gm`` fails on (a text longer than the
     model's position table, an id past its vocabulary: eager fails too) is left out, none of its values
     observed: returned are the samples run and ``(how many failed, what the first said)``; where every one
-    fails, that error is raised."""
+    fails, an :class:`InputError` saying what the first raised (its cause)."""
     program = ReferenceProgram(gm)
     observers: dict[str, HistogramObserver] = {}
     factors: dict[str, float] = {}  # what each observer sees its value times, set at its first sample not all 0
@@ -416,14 +416,15 @@ def observe(gm: fx.GraphModule, names: set[str], samples: list[list],
         if len(outputs) < keep_outputs:
             outputs.append(result)
     seen.clear()
-    if not run:
-        raise first_error[1]
     said = ""
     if failed:
         i, error = first_error
         line = (str(error).strip().splitlines() or [""])[0][:160]
         shapes = ", ".join(str(list(t.shape)) for t in samples[i] if isinstance(t, torch.Tensor))
         said = f"one of shapes {shapes}: {type(error).__name__}: {line}"
+    if not run:
+        raise InputError(f"pyrys: the model fails on every calibration sample ({failed} of them; {said}), as "
+                         "eager does: calibrate on inputs forward takes") from first_error[1]
     bounds = table_bounds(gm)
     quants = {name: _quant_of(observer, factors.get(name, 1.0), bounds.get(name)) for name, observer in observers.items()}
     return quants, outputs, run, (failed, said)
