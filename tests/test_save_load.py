@@ -491,6 +491,14 @@ EDITS = {  # a program edited, and its digest made to match: raw torch errors at
     # a helper's finds: loaded, then every call was refused asking for an input the graph never reads; ignored
     "an input added to the signature": (lambda p: p["signatures"][0]["leaves"].append({"tensor": [[1], "float32"]}),
                                         "graph takes 1 inputs where its signature lists 2"),
+    # a helper's finds: loaded, then every call raised torch's pytree error (or an IndexError) at its structure
+    "three outputs in the structure": (lambda p: p["signatures"][0].__setitem__("out_spec", {"tuple": [None] * 3}),
+                                       "its outputs' structure holds 3 values where its graph returns 1"),
+    "two inputs in the structure": (lambda p: p["signatures"][0].__setitem__(
+        "in_spec", {"tuple": [{"tuple": [None, None]}, {"dict": {"keys": [], "children": []}}]}),
+        "its inputs' structure holds 2 values where its signature lists 1"),
+    "three outputs in the symbolic graph's structure": (lambda p: p["generic"].__setitem__(
+        "out_spec", {"tuple": [None] * 3}), "its outputs' structure holds 3 values where its graph returns 1"),
     "training as text": (lambda p: p.__setitem__("training", "yes"), "training is 'yes', not true or false"),
     "max_shapes as text": (lambda p: p.__setitem__("max_shapes", "8"), "the saved max_shapes '8' is not a positive"),
     # a helper's finds: loaded, then every call gave finite garbage (0.96-3.2 relative)

@@ -248,9 +248,10 @@ def _decode_generic(record: dict, tensors: dict, first: Compiled) -> Compiled:
     decode_symbolic(gm, record["symbolic"])
     if calibrated := _decode_calibrated_sizes(record):
         gm.meta[CALIBRATED_SIZES_KEY] = calibrated
+    in_spec, out_spec = _decode_in_spec(record["in_spec"], made), decode_spec(record["out_spec"], made)
+    _check_structures(gm, in_spec, out_spec, len(first.signature.leaves))
     copies = _decode_output_copies(record, gm)
-    captured = Captured(gm, _decode_in_spec(record["in_spec"], made), decode_spec(record["out_spec"], made),
-                        record["class_name"], [], output_copies=copies,
+    captured = Captured(gm, in_spec, out_spec, record["class_name"], [], output_copies=copies,
                         same_outputs=_decode_same_outputs(record, gm, copies),
                         output_views=_decode_output_views(record, gm, tensors))
     return Compiled(first.signature, captured, first.run, first.program, first.backend, first.notes, captured)
@@ -462,8 +463,10 @@ def _decode_compiled(record: dict, tensors: dict, config: OptimizeConfig, same_c
     gm = decode_graph(record["graph"], tensors)
     refresh_meta(gm)
     _check_inputs(gm, signature)
+    out_spec = decode_spec(record["out_spec"], made)
+    _check_structures(gm, in_spec, out_spec, len(signature.leaves))
     copies = _decode_output_copies(record, gm)
-    captured = Captured(gm, in_spec, decode_spec(record["out_spec"], made), record["class_name"],
+    captured = Captured(gm, in_spec, out_spec, record["class_name"],
                         _texts(record["capture_notes"], "capture_notes"),
                         tuple(record.get("input_writes", ())), tuple(record.get("state_writes", ())), copies,
                         _decode_same_outputs(record, gm, copies), _decode_output_views(record, gm, tensors))
@@ -525,6 +528,20 @@ def _check_inputs(gm: fx.GraphModule, signature: Signature) -> None:
             raise LoadError(f"pyrys.load: the saved program's input {node.name} is "
                             f"{format_tensor_type(val.shape, val.dtype)} where its signature says "
                             f"{signature.describe()}")
+
+
+def _check_structures(gm: fx.GraphModule, in_spec, out_spec, inputs: int) -> None:
+    """:class:`LoadError` unless the saved structure of the inputs holds the signature's ``inputs`` values and
+    that of the outputs as many as the graph returns (an edit of either, its digest made to match, loaded and
+    then failed every call in torch's pytree: a helper's find)."""
+    if in_spec.num_leaves != inputs:
+        raise LoadError(f"pyrys.load: the saved program is malformed (its inputs' structure holds "
+                        f"{in_spec.num_leaves} values where its signature lists {inputs})")
+    returned = gm.graph.output_node().args[0]
+    count = len(returned) if isinstance(returned, (tuple, list)) else 1
+    if out_spec.num_leaves != count:
+        raise LoadError(f"pyrys.load: the saved program is malformed (its outputs' structure holds "
+                        f"{out_spec.num_leaves} values where its graph returns {count})")
 
 
 def _with_policy(program: Any, policy: str) -> Any:
