@@ -951,6 +951,27 @@ def test_calibration_on_a_constant_input_is_warned_of():
                        calibration=[torch.zeros(1, 3, 8, 8), torch.ones(1, 3, 8, 8)])
 
 
+def test_calibration_whose_range_rare_values_set_is_warned_of():
+    """One pixel of 1e6 in each sample set the input's range: every other value became 0 in int8, the note said
+    5.9e-03 against float32 (the outlier's output dominating), and an ordinary input erred 1.8, unsaid (a
+    helper's find).  A value mostly 0 (a ReLU past most of its inputs) is not warned of: its zeros are exact."""
+    torch.manual_seed(2)
+    model = Fn(lambda m, x: m.c2(torch.relu(m.c1(x))), c1=nn.Conv2d(3, 8, 3, padding=1), c2=nn.Conv2d(8, 8, 1)).eval()
+    samples = [torch.randn(2, 3, 16, 16) for _ in range(4)]
+    for i, sample in enumerate(samples):
+        sample[0, 0, 0, i] = 1e6
+    with pytest.warns(UserWarning, match=r"rare values far beyond the rest set the range of the input of c1\S* "
+                                         r"and 1 more \(up to 1.0e\+06, steps of 7.8e\+03\): int8 rounds 99.9% "):
+        opt = pyrys.optimize(model, (samples[0],), precision="int8", calibration=samples)
+    assert any("rare values far beyond the rest" in note for note in opt.notes), opt.notes
+    sparse = Fn(lambda m, x: m.fc(torch.relu(x - 3)), fc=nn.Linear(64, 8)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pyrys.optimize(model, (samples[0],), precision="int8", calibration=[torch.randn(2, 3, 16, 16) for _ in range(4)])
+        pyrys.optimize(sparse, (torch.randn(64, 64),), precision="int8",
+                       calibration=[torch.randn(64, 64) for _ in range(4)], accuracy_budget=None)
+
+
 class ConvPoolLinear(nn.Module):
     """No activation and no max-pooling: nothing in it but the rounding turns NaN into a number."""
 

@@ -23,6 +23,7 @@ guard keeps run in bf16 where the CPU has it (:func:`keeps_in_bf16`,
 """
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from dataclasses import replace
 
@@ -30,6 +31,7 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_leaves
 
+from pyrys.calling_context import callers_level
 from pyrys.ir.edit import insert_op
 from pyrys.ir.fused import (FUSED_BY_BASE, FUSED_CONV, FUSED_CONV_TRANSPOSE, FUSED_OPS, as_fused, fused_form_miss,
                             read_fused, to_fused)
@@ -83,14 +85,18 @@ def quantize(gm: fx.GraphModule, precision: str, calibration: Calibration | None
             try:
                 samples = spread_first(samples, GUARD_SAMPLES)  # (the guard's: of every size, where they vary)
                 count = len(samples)
-                quants, answered, samples, (failed, said) = observe(gm, {value.name for value in roles.values()},
-                                                                    samples, SCREENED)
+                quants, answered, samples, (failed, said), lost = observe(
+                    gm, {value.name for value in roles.values()}, samples, SCREENED)
                 expected = answered[:GUARD_SAMPLES]
                 if failed:  # left out: the model's own refusal, or the cut's (positions past the dim cut)
                     left = (f"{failed} of the {count} samples made to fit it do not run on it" if cut else
                             f"the model fails on {failed} of the {count} samples")
                     calibration.note = "; ".join(filter(None, [calibration.note, f"calibration: {left}, left out "
                                                                                  f"({said})"]))
+                if lost and not cut:
+                    said_lost = _lost_note(lost, roles, quants)
+                    calibration.note = "; ".join(filter(None, [calibration.note, said_lost]))
+                    warnings.warn(f"pyrys: {said_lost}", UserWarning, stacklevel=callers_level())
                 if cut and _degenerate(expected, samples):  # a guard measuring NaN against NaN, or one answer,
                     # says 0
                     raise ValueError("its float32 outputs on them are not finite, or all alike (the positions "
@@ -159,6 +165,22 @@ def quantize(gm: fx.GraphModule, precision: str, calibration: Calibration | None
         result.fired.update(run_in_bf16(gm, kept | attention).fired)
     cleanup.dead_code_elimination(gm)  # the quantize/dequantize nodes and constants of ops kept out of int8
     return result
+
+
+def _lost_note(lost: dict[str, float], roles: dict[str, fx.Node], quants: dict[str, TensorQuant]) -> str:
+    """What the calibration's ranges set by rare values (:func:`~pyrys.quantization.calibration.observe`'s
+    ``lost``) cost: the values named by their roles, the first one's range and step."""
+    named = {value.name: role for role, value in reversed(list(roles.items()))}  # (a value's first role)
+    where = [named[name] for name in lost if name in named]
+    first = next(name for name in lost if name in named)
+    quant, share = quants[first], lost[first]
+    low, high = quant.bounds
+    reach = quant.scale * max(quant.zero_point - low, high - quant.zero_point)
+    more = f" and {len(where) - 1} more" if len(where) > 1 else ""
+    return (f"int8 calibration: rare values far beyond the rest set the range of the {where[0]}{more} (up to "
+            f"{reach:.1e}, steps of {quant.scale:.1e}): int8 rounds {share:.1%} of its other nonzero values to 0, so "
+            "that the error measured on the calibration data holds for data with such values alone; calibrate on "
+            "data like what will be served, or leave those samples out")
 
 
 def _degenerate(outputs: list, samples: list[list]) -> bool:

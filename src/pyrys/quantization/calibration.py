@@ -15,6 +15,11 @@ A value that holds rows of a constant table (an ``nn.Embedding`` lookup, an ``nn
 through views and ``cat``) may meet any row of it, while the samples look up a few: its range takes in the
 table's smallest and largest number too (:func:`table_bounds`), min/max then, so that an id never seen in
 calibration is not clipped.
+
+Rare values far beyond the rest (one pixel of 1e6 in each calibration image) set the range the histogram
+choice keeps (their squared error outweighs the rounding of the rest), and int8 then rounds the others to
+0: :func:`rounded_to_zero` measures that share of an activation's nonzero values, and ``passes/quantize.py``
+warns of those where it is 99% or more (:data:`LOST_SHARE`).
 """
 from __future__ import annotations
 
@@ -42,6 +47,7 @@ aten = torch.ops.aten
 MAX_SAMPLES = 300  # calibration reads at most this many samples (OpenVINO NNCF's default subset size)
 DRAWN_SAMPLES = 16  # samples_like's default count
 KEPT_SAMPLE_BYTES = 8 << 20  # the samples kept for later captures' own calibration (token ids: all 300)
+LOST_SHARE = 0.99  # an activation whose int8 range rounds this share of its nonzero values to 0 is warned of
 
 
 @dataclass
@@ -372,15 +378,17 @@ def _describe(signature) -> str:
         return repr(signature.leaves)
 
 
-def observe(gm: fx.GraphModule, names: set[str], samples: list[list],
-            keep_outputs: int) -> tuple[dict[str, TensorQuant], list[list], list[list], tuple[int, str]]:
+def observe(gm: fx.GraphModule, names: set[str], samples: list[list], keep_outputs: int
+            ) -> tuple[dict[str, TensorQuant], list[list], list[list], tuple[int, str], dict[str, float]]:
     """Run ``gm`` on every sample; the quantization of each value named in ``names`` (an activation an int8
     op reads), from its finite values (an infinity or NaN saturates or stays what it is in int8 whatever the
     scale, and would make the histogram's range meaningless), and the outputs of the first ``keep_outputs``
     samples (the float32 answers the guard compares with).  A sample ``gm`` fails on (a text longer than the
     model's position table, an id past its vocabulary: eager fails too) is left out, none of its values
     observed: returned are the samples run and ``(how many failed, what the first said)``; where every one
-    fails, an :class:`InputError` saying what the first raised (its cause)."""
+    fails, an :class:`InputError` saying what the first raised (its cause).  Last, the values whose range
+    rounds most of their nonzero values to 0 (:func:`rounded_to_zero`; not one holding a table's rows, whose
+    range is the table's), with that share."""
     program = ReferenceProgram(gm)
     observers: dict[str, HistogramObserver] = {}
     factors: dict[str, float] = {}  # what each observer sees its value times, set at its first sample not all 0
@@ -398,6 +406,7 @@ def observe(gm: fx.GraphModule, names: set[str], samples: list[list],
         if value.numel():
             seen.append((name, value))
 
+    zeros: dict[str, int] = {}  # how many of the values each observer saw were 0
     outputs, run, failed, first_error = [], [], 0, None
     for i, sample in enumerate(samples):
         seen.clear()
@@ -412,6 +421,7 @@ def observe(gm: fx.GraphModule, names: set[str], samples: list[list],
             if name not in factors and bool(value.any()):  # (zeros seen before are zeros at any factor)
                 factors[name] = unit_factor(float(value.abs().max()))
             observers[name](value * factors.get(name, 1.0))
+            zeros[name] = zeros.get(name, 0) + int(value.numel() - value.count_nonzero())
         run.append(sample)
         if len(outputs) < keep_outputs:
             outputs.append(result)
@@ -427,7 +437,29 @@ def observe(gm: fx.GraphModule, names: set[str], samples: list[list],
                          "eager does: calibrate on inputs forward takes") from first_error[1]
     bounds = table_bounds(gm)
     quants = {name: _quant_of(observer, factors.get(name, 1.0), bounds.get(name)) for name, observer in observers.items()}
-    return quants, outputs, run, (failed, said)
+    lost = {name: share for name, observer in observers.items() if name not in bounds
+            and (share := rounded_to_zero(observer, factors.get(name, 1.0), quants[name], zeros[name])) >= LOST_SHARE}
+    return quants, outputs, run, (failed, said), lost
+
+
+def rounded_to_zero(observer: HistogramObserver, factor: float, quant: TensorQuant, zeros: int) -> float:
+    """The share of the nonzero values ``observer`` saw (times ``factor``; ``zeros`` of them were 0) that ``quant``
+    rounds to 0: those within half a step of it, ``|x| < scale / 2``, counted from the histogram (each bin's
+    count spread evenly over its width).  Near 1 where rare values far beyond the rest set the range (one pixel
+    of 1e6 in a calibration image: every other value of that input became 0 in int8)."""
+    counts = observer.histogram.double()
+    total = float(counts.sum()) - zeros
+    if total <= 0:
+        return 0.0
+    low, high = float(observer.min_val), float(observer.max_val)
+    half = quant.scale * factor / 2
+    if not high > low:
+        within = float(counts.sum()) * (abs(low) < half)
+    else:
+        edges = torch.linspace(low, high, counts.numel() + 1, dtype=torch.float64)
+        overlap = (edges[1:].clamp(-half, half) - edges[:-1].clamp(-half, half)).clamp(min=0)
+        within = float((counts * overlap / (edges[1:] - edges[:-1]).clamp(min=1e-300)).sum())
+    return min(max(within - zeros, 0.0) / total, 1.0)
 
 
 # ops whose result holds only numbers of their first argument
