@@ -387,6 +387,33 @@ def test_a_stand_in_and_its_views_restore_the_values_exactly():
     assert values_of(tensor) is tensor and not is_released(torch.empty(2, device="meta"))
 
 
+def test_a_later_capture_is_matched_to_released_weights_by_fingerprint_and_confirmed_byte_for_byte():
+    """Two captures share equal constants (``share_constants``); a released one's candidates were each restored
+    for a CRC of every byte.  Now the fingerprint its values had at release picks the one to restore, and that
+    one is compared whole: a tensor equal at every sampled element but one between them is not shared."""
+    from pyrys.ir.fingerprint import SAMPLED
+    from pyrys.ir.graph import share_constants
+
+    size = 4 * SAMPLED  # (one of every 4 elements sampled: element 1 is not)
+    weights = [torch.randn(size) for _ in range(3)]
+    restored = []
+
+    def restore(tensor):
+        return lambda: restored.append(tensor) or tensor.clone()
+
+    first = torch.fx.GraphModule(nn.Module(), torch.fx.Graph())
+    for i, weight in enumerate(weights):
+        first.register_buffer(f"w{i}", release(weight, restore(weight)))
+    later = torch.fx.GraphModule(nn.Module(), torch.fx.Graph())
+    later.register_buffer("same", weights[2].clone())
+    unsampled = weights[1].clone()
+    unsampled[1] += 1
+    later.register_buffer("unsampled", unsampled)
+    assert share_constants(later, first) == 1
+    assert later.same is first.w2 and later.unsampled is not first.w1
+    assert [id(t) for t in restored] == [id(weights[2]), id(weights[1])]  # each candidate whose samples matched
+
+
 def test_a_constant_held_under_two_names_is_restored_under_both():
     """Two layers of equal weights share one tensor (a later capture's constants shared with the first's, say):
     ``named_buffers`` lists it once, so a restore or release by name used to leave the other name holding the

@@ -23,7 +23,8 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.operator_schemas import normalize_function
 
-from pyrys.ir.released import is_released, values_of
+from pyrys.ir.fingerprint import fingerprint
+from pyrys.ir.released import is_released, released_fingerprint, values_of
 from pyrys.ir.written import written_constants, written_tensors
 
 STATE_KEY = "pyrys_state"
@@ -216,15 +217,16 @@ def drop_unused_constants(gm: fx.GraphModule) -> int:
 def share_constants(gm: fx.GraphModule, other: fx.GraphModule) -> int:
     """Point every constant of ``gm`` equal to one of ``other``'s (shape, dtype, strides and values) at
     ``other``'s tensor, so that two captures of one model hold (and a backend packs) its weights once;
-    how many were shared.  ``other``'s released constants (:mod:`pyrys.ir.released`) are compared by
-    their restored values, each restored once for a digest and once more to confirm a match.  Constants
+    how many were shared.  ``other``'s released constants (:mod:`pyrys.ir.released`) are compared by the
+    fingerprint their values had (:mod:`pyrys.ir.fingerprint`), each restored once to confirm a match (one
+    without a fingerprint: restored once for a digest of every byte and once more to confirm).  Constants
     either graph writes as it runs (:mod:`pyrys.ir.written`) are not shared."""
     held: dict[tuple, list[torch.Tensor]] = {}
     written = written_tensors(other)  # a training norm's running statistics: each graph writes its own
     for tensor in other.buffers():
         if id(tensor) not in written:
             held.setdefault(_tensor_key(tensor), []).append(tensor)
-    digests: dict[int, int] = {}
+    digests: dict = {}  # (by id: CRCs of every byte, and fingerprints)
     shared = 0
     own = written_constants(gm)
     for name, tensor in named_constants(gm):
@@ -237,11 +239,16 @@ def share_constants(gm: fx.GraphModule, other: fx.GraphModule) -> int:
     return shared
 
 
-def _same_values(held: torch.Tensor, tensor: torch.Tensor, digests: dict[int, int]) -> bool:
+def _same_values(held: torch.Tensor, tensor: torch.Tensor, digests: dict) -> bool:
     if held is tensor:
         return True
     if not is_released(held):
         return same_bits(held, tensor)
+    kept = released_fingerprint(held)
+    if kept is not None:  # (restored only where its samples match)
+        if ("fingerprint", id(tensor)) not in digests:
+            digests["fingerprint", id(tensor)] = fingerprint(tensor)
+        return kept == digests["fingerprint", id(tensor)] and same_bits(values_of(held), tensor)
     digest = _digest(held, digests)
     return digest is not None and digest == _digest(tensor, digests) and same_bits(values_of(held), tensor)
 

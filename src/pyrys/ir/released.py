@@ -19,7 +19,10 @@ from typing import Callable
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from pyrys.ir.fingerprint import fingerprint
+
 _RESTORE: WeakIdKeyDictionary = WeakIdKeyDictionary()  # stand-in -> () -> its values
+_FINGERPRINTS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # stand-in -> its values' fingerprint
 _LOCK = threading.Lock()  # compiles and loads on several threads register stand-ins
 
 
@@ -28,8 +31,11 @@ def release(tensor: torch.Tensor, restore: Callable[[], torch.Tensor]) -> torch.
     Made outside inference mode: an inference tensor's views and detached copies keep no base to find it by."""
     with torch.inference_mode(False):
         stand_in = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="meta")
+    kept = fingerprint(tensor)  # (microseconds: a later capture is matched to it without restoring it)
     with _LOCK:
         _RESTORE[stand_in] = restore
+        if kept is not None:
+            _FINGERPRINTS[stand_in] = kept
     return stand_in
 
 
@@ -40,6 +46,15 @@ def released_base(value: object) -> torch.Tensor | None:
     base = value if value._base is None else value._base
     with _LOCK:
         return base if base in _RESTORE else None
+
+
+def released_fingerprint(value: object) -> int | None:
+    """The :func:`~pyrys.ir.fingerprint.fingerprint` of the values the stand-in ``value`` stands for (not a view
+    of one), kept at :func:`release`; None for anything else."""
+    if released_base(value) is not value:
+        return None
+    with _LOCK:
+        return _FINGERPRINTS.get(value)
 
 
 def is_released(value: object) -> bool:
