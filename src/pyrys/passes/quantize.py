@@ -93,10 +93,6 @@ def quantize(gm: fx.GraphModule, precision: str, calibration: Calibration | None
                             f"the model fails on {failed} of the {count} samples")
                     calibration.note = "; ".join(filter(None, [calibration.note, f"calibration: {left}, left out "
                                                                                  f"({said})"]))
-                if lost and not cut:
-                    said_lost = _lost_note(lost, roles, quants)
-                    calibration.note = "; ".join(filter(None, [calibration.note, said_lost]))
-                    warnings.warn(f"pyrys: {said_lost}", UserWarning, stacklevel=callers_level())
                 if cut and _degenerate(expected, samples):  # a guard measuring NaN against NaN, or one answer,
                     # says 0
                     raise ValueError("its float32 outputs on them are not finite, or all alike (the positions "
@@ -147,6 +143,12 @@ def quantize(gm: fx.GraphModule, precision: str, calibration: Calibration | None
                     calibration.note = "; ".join(filter(None, [calibration.note, (
                         f"precision='int8': the accuracy guard could not measure the graph on {plan.measured_on} "
                         f"({type(error).__name__}: {line}); every op that can runs in int8")]))
+            read = _read_in_int8(roles, switches, plan.kept)  # (after the guard: what stays in int8)
+            lost = {name: share for name, share in lost.items() if name in read and not cut}
+            if lost:
+                said_lost = _lost_note(lost, read, quants)
+                calibration.note = "; ".join(filter(None, [calibration.note, said_lost]))
+                warnings.warn(f"pyrys: {said_lost}", UserWarning, stacklevel=callers_level())
             calibration.planned(plan, samples)
             if weights:  # the trials that read them are fx modules, in cycles: freed by the collector alone
                 weights.clear()
@@ -167,20 +169,31 @@ def quantize(gm: fx.GraphModule, precision: str, calibration: Calibration | None
     return result
 
 
-def _lost_note(lost: dict[str, float], roles: dict[str, fx.Node], quants: dict[str, TensorQuant]) -> str:
+def _read_in_int8(roles: dict[str, fx.Node], switches: dict, kept: dict) -> dict[str, str]:
+    """Each value (by name) a layer running in int8 reads (in ``switches``, not ``kept`` in floating point by the
+    guard), with the first such role."""
+    int8 = {key for key in switches if key not in kept}
+    read: dict[str, str] = {}
+    for role, value in roles.items():
+        if role.rsplit(" of ", 1)[-1] in int8:
+            read.setdefault(value.name, role)
+    return read
+
+
+def _lost_note(lost: dict[str, float], read: dict[str, str], quants: dict[str, TensorQuant]) -> str:
     """What the calibration's ranges set by rare values (:func:`~pyrys.quantization.calibration.observe`'s
-    ``lost``) cost: the values named by their roles, the first one's range and step."""
-    named = {value.name: role for role, value in reversed(list(roles.items()))}  # (a value's first role)
-    where = [named[name] for name in lost if name in named]
-    first = next(name for name in lost if name in named)
-    quant, share = quants[first], lost[first]
+    ``lost``, each read in int8: ``read``, by :func:`_read_in_int8`) cost: the values named by their roles,
+    the first one's range and step."""
+    first = next(iter(lost))
+    where, quant, share = [read[name] for name in lost], quants[first], lost[first]
     low, high = quant.bounds
     reach = quant.scale * max(quant.zero_point - low, high - quant.zero_point)
     more = f" and {len(where) - 1} more" if len(where) > 1 else ""
-    return (f"int8 calibration: rare values far beyond the rest set the range of the {where[0]}{more} (up to "
-            f"{reach:.1e}, steps of {quant.scale:.1e}): int8 rounds {share:.1%} of its other nonzero values to 0, so "
-            "that the error measured on the calibration data holds for data with such values alone; calibrate on "
-            "data like what will be served, or leave those samples out")
+    return (f"int8 calibration: a few values far beyond the rest set the range of the {where[0]}{more} (up to "
+            f"{reach:.1e}, steps of {quant.scale:.1e}): int8 rounds {share:.1%} of its nonzero values to 0. Where "
+            "such values are rare in what will be served (an outlier, a corrupt sample), leave those samples out: "
+            "the error measured on the calibration data holds for data with them alone; where they are the "
+            "signal (an activation mostly off), this is as it should be")
 
 
 def _degenerate(outputs: list, samples: list[list]) -> bool:

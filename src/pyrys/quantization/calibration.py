@@ -18,8 +18,9 @@ calibration is not clipped.
 
 Rare values far beyond the rest (one pixel of 1e6 in each calibration image) set the range the histogram
 choice keeps (their squared error outweighs the rounding of the rest), and int8 then rounds the others to
-0: :func:`rounded_to_zero` measures that share of an activation's nonzero values, and ``passes/quantize.py``
-warns of those where it is 99% or more (:data:`LOST_SHARE`).
+0: :func:`rounded_to_zero` counts those of an activation's nonzero values, and ``passes/quantize.py`` warns
+of those where it is 99% or more (:data:`LOST_SHARE`), or all but about one a sample (:func:`set_by_rare_values`),
+and an int8 layer reads it.
 """
 from __future__ import annotations
 
@@ -407,6 +408,7 @@ def observe(gm: fx.GraphModule, names: set[str], samples: list[list], keep_outpu
             seen.append((name, value))
 
     zeros: dict[str, int] = {}  # how many of the values each observer saw were 0
+    observations: dict[str, int] = {}  # how many samples' values it saw
     outputs, run, failed, first_error = [], [], 0, None
     for i, sample in enumerate(samples):
         seen.clear()
@@ -422,6 +424,7 @@ def observe(gm: fx.GraphModule, names: set[str], samples: list[list], keep_outpu
                 factors[name] = unit_factor(float(value.abs().max()))
             observers[name](value * factors.get(name, 1.0))
             zeros[name] = zeros.get(name, 0) + int(value.numel() - value.count_nonzero())
+            observations[name] = observations.get(name, 0) + 1
         run.append(sample)
         if len(outputs) < keep_outputs:
             outputs.append(result)
@@ -433,24 +436,36 @@ def observe(gm: fx.GraphModule, names: set[str], samples: list[list], keep_outpu
         shapes = ", ".join(str(list(t.shape)) for t in samples[i] if isinstance(t, torch.Tensor))
         said = f"one of shapes {shapes}: {type(error).__name__}: {line}"
     if not run:
-        raise InputError(f"pyrys: the model fails on every calibration sample ({failed} of them; {said}), as "
-                         "eager does: calibrate on inputs forward takes") from first_error[1]
+        raise InputError(f"pyrys: the model's captured graph fails on every calibration sample ({failed} of "
+                         f"them; {said}): calibrate on inputs forward takes") from first_error[1]
     bounds = table_bounds(gm)
     quants = {name: _quant_of(observer, factors.get(name, 1.0), bounds.get(name)) for name, observer in observers.items()}
-    lost = {name: share for name, observer in observers.items() if name not in bounds
-            and (share := rounded_to_zero(observer, factors.get(name, 1.0), quants[name], zeros[name])) >= LOST_SHARE}
+    lost = {}
+    for name, observer in observers.items():
+        rounded, nonzero = rounded_to_zero(observer, factors.get(name, 1.0), quants[name], zeros[name])
+        if name not in bounds and set_by_rare_values(rounded, nonzero, observations[name]):
+            lost[name] = rounded / nonzero
     return quants, outputs, run, (failed, said), lost
 
 
-def rounded_to_zero(observer: HistogramObserver, factor: float, quant: TensorQuant, zeros: int) -> float:
-    """The share of the nonzero values ``observer`` saw (times ``factor``; ``zeros`` of them were 0) that ``quant``
-    rounds to 0: those within half a step of it, ``|x| < scale / 2``, counted from the histogram (each bin's
-    count spread evenly over its width).  Near 1 where rare values far beyond the rest set the range (one pixel
-    of 1e6 in a calibration image: every other value of that input became 0 in int8)."""
+def set_by_rare_values(rounded: float, nonzero: float, samples: int) -> bool:
+    """Whether rare values set an activation's range, from how many of its ``nonzero`` values over ``samples``
+    int8 rounds to 0: :data:`LOST_SHARE` of them, or all but about one a sample where that is half of them or
+    more (one outlier among 64 values a sample left 98.4%)."""
+    kept = nonzero - rounded
+    return nonzero > 0 and (rounded >= LOST_SHARE * nonzero or (kept <= samples and rounded >= nonzero / 2))
+
+
+def rounded_to_zero(observer: HistogramObserver, factor: float, quant: TensorQuant, zeros: int) -> tuple[float, float]:
+    """How many of the nonzero values ``observer`` saw (times ``factor``; ``zeros`` of them were 0) ``quant``
+    rounds to 0, and how many nonzero values it saw: those within half a step of 0, ``|x| < scale / 2``,
+    counted from the histogram (each bin's count spread evenly over its width).  Nearly all where rare values
+    far beyond the rest set the range (one pixel of 1e6 in a calibration image: every other value of that
+    input became 0 in int8)."""
     counts = observer.histogram.double()
     total = float(counts.sum()) - zeros
     if total <= 0:
-        return 0.0
+        return 0.0, 0.0
     low, high = float(observer.min_val), float(observer.max_val)
     half = quant.scale * factor / 2
     if not high > low:
@@ -459,7 +474,7 @@ def rounded_to_zero(observer: HistogramObserver, factor: float, quant: TensorQua
         edges = torch.linspace(low, high, counts.numel() + 1, dtype=torch.float64)
         overlap = (edges[1:].clamp(-half, half) - edges[:-1].clamp(-half, half)).clamp(min=0)
         within = float((counts * overlap / (edges[1:] - edges[:-1]).clamp(min=1e-300)).sum())
-    return min(max(within - zeros, 0.0) / total, 1.0)
+    return min(max(within - zeros, 0.0), total), total
 
 
 # ops whose result holds only numbers of their first argument
