@@ -414,6 +414,20 @@ def test_a_later_capture_is_matched_to_released_weights_by_fingerprint_and_confi
     assert [id(t) for t in restored] == [id(weights[2]), id(weights[1])]  # each candidate whose samples matched
 
 
+def test_a_later_captures_own_stand_in_is_matched_by_its_fingerprint_too():
+    """A reviewer's find: a later capture holding a stand-in itself had no fingerprint to compare (read off a
+    meta tensor) and was never shared; each stand-in's own is the one kept at its release."""
+    from pyrys.ir.graph import share_constants
+
+    weight = torch.randn(64, 64)
+    first = torch.fx.GraphModule(nn.Module(), torch.fx.Graph())
+    first.register_buffer("w", release(weight, lambda: weight.clone()))
+    later = torch.fx.GraphModule(nn.Module(), torch.fx.Graph())
+    copy = weight.clone()
+    later.register_buffer("w", release(copy, lambda: copy.clone()))
+    assert share_constants(later, first) == 1 and later.w is first.w
+
+
 def test_a_constant_held_under_two_names_is_restored_under_both():
     """Two layers of equal weights share one tensor (a later capture's constants shared with the first's, say):
     ``named_buffers`` lists it once, so a restore or release by name used to leave the other name holding the

@@ -18,7 +18,7 @@ SAMPLED = 1024  # elements a fingerprint reads, at most
 
 def fingerprint(tensor: torch.Tensor) -> int | None:
     """The CRC-32 of the bytes of ``tensor``'s elements at ``SAMPLED`` evenly spaced places of its flat order
-    (all of them where it has fewer); None for a tensor whose bytes are not its values (quantized, sparse)."""
+    (all of them where it has fewer); None for a tensor whose bytes cannot be read so (sparse, on ``meta``)."""
     try:
         flat = tensor.detach().reshape(-1)
         if flat.numel() > SAMPLED:

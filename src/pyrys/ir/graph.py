@@ -244,13 +244,14 @@ def _same_values(held: torch.Tensor, tensor: torch.Tensor, digests: dict) -> boo
         return True
     if not is_released(held):
         return same_bits(held, tensor)
-    kept = released_fingerprint(held)
-    if kept is not None:  # (restored only where its samples match)
-        if ("fingerprint", id(tensor)) not in digests:
-            digests["fingerprint", id(tensor)] = fingerprint(tensor)
-        return kept == digests["fingerprint", id(tensor)] and same_bits(values_of(held), tensor)
+    if ("fingerprint", id(tensor)) not in digests:  # (a stand-in's own: kept at its release)
+        own = released_fingerprint(tensor) if is_released(tensor) else fingerprint(tensor)
+        digests["fingerprint", id(tensor)] = own
+    kept, own = released_fingerprint(held), digests["fingerprint", id(tensor)]
+    if kept is not None and own is not None:  # (restored only where its samples match)
+        return kept == own and same_bits(values_of(held), values_of(tensor))
     digest = _digest(held, digests)
-    return digest is not None and digest == _digest(tensor, digests) and same_bits(values_of(held), tensor)
+    return digest is not None and digest == _digest(tensor, digests) and same_bits(values_of(held), values_of(tensor))
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
