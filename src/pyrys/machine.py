@@ -140,6 +140,13 @@ def other_runnable_tasks(loadavg: Path = Path("/proc/loadavg"), tasks: Path = Pa
     return max(0, total - own)
 
 
+def free_cpus() -> int | None:
+    """The CPUs this process may use (:func:`available_cpus`) less the other tasks running or ready to run now
+    (:func:`other_runnable_tasks`), which may leave fewer than 0; None where Linux does not say."""
+    others = other_runnable_tasks()
+    return None if others is None else available_cpus() - others
+
+
 @cache
 def available_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
     """The CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (a container given

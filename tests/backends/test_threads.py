@@ -18,15 +18,15 @@ def two_threads():
 
 
 def _readings(monkeypatch, others: list[int | None], cpus: int = 2) -> list[int]:
-    """``other_runnable_tasks`` gives ``others`` in turn (the last one again after them); what it was read."""
+    """Other tasks running: ``others`` in turn (the last one again after them) on ``cpus``; what was read."""
     read = []
 
     def reading():
         read.append(len(read))
-        return others[min(len(read) - 1, len(others) - 1)]
+        running = others[min(len(read) - 1, len(others) - 1)]
+        return None if running is None else cpus - running
 
-    monkeypatch.setattr(threads, "other_runnable_tasks", reading)
-    monkeypatch.setattr(threads, "available_cpus", lambda: cpus)
+    monkeypatch.setattr(threads, "free_cpus", reading)
     monkeypatch.setattr(threads, "_AVAILABLE_CPUS", cpus)
     monkeypatch.setattr(threads.time, "sleep", lambda seconds: None)
     return read

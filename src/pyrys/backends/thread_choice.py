@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Container
 
-from pyrys.machine import available_cpus, other_runnable_tasks
+from pyrys.machine import free_cpus
 
 LOAD_SIGNAL = 1.3
 SLOW_DECAY = 0.75
@@ -63,8 +63,8 @@ EXPLORE_SECONDS = 1.0
 
 def crowded(threads: int) -> bool:
     """Whether other tasks, running or ready to run, leave fewer free CPUs of this process's than ``threads``."""
-    others = other_runnable_tasks()
-    return others is not None and others + threads > available_cpus()
+    free = free_cpus()
+    return free is not None and free < threads
 
 
 def thread_counts(threads: int) -> list[int]:

@@ -18,7 +18,7 @@ from typing import Callable, TypeVar
 
 import torch
 
-from pyrys.machine import available_cpus, other_runnable_tasks
+from pyrys.machine import available_cpus, free_cpus
 
 T = TypeVar("T")
 
@@ -69,21 +69,21 @@ def with_threads(threads: int, function: Callable[..., T], *args) -> T:
 def threads_for_torch_work(readings: int = 3, apart: float = 0.01) -> int:
     """The thread count for torch's own work while compiling (calibration and the accuracy guards: the graph
     run on torch's ops tens of times): the calling thread's (:func:`current_threads`), or where other tasks,
-    running or ready to run (:func:`pyrys.machine.other_runnable_tasks`), left fewer CPUs free at each of
-    ``readings`` readings ``apart`` seconds apart (a neighbour that stays, not one that passes), the most any
-    reading left, at least 1.  torch's OpenMP teams spin at barriers for a thread the OS descheduled: int8
-    EfficientNet-B0's compile beside two busy processes on 2 cores took 90-160 s with 2 threads, 15-35 s with
-    1 (12 s quiet).  A quiet machine costs one reading."""
+    running or ready to run, left fewer CPUs free (:func:`pyrys.machine.free_cpus`) at each of ``readings``
+    readings ``apart`` seconds apart (a neighbour that stays, not one that passes), the most any reading left,
+    at least 1.  torch's OpenMP teams spin at barriers for a thread the OS descheduled: int8 EfficientNet-B0's
+    compile beside two busy processes on 2 cores, 59.9 s -> 36.7 s (``benchmarks/compile_under_load.py``).  A
+    quiet machine costs one reading."""
     threads = current_threads()
-    free = 1
+    most = 1
     for reading in range(readings if threads > 1 else 0):
-        others = other_runnable_tasks()
-        if others is None or others + threads <= available_cpus():
+        free = free_cpus()
+        if free is None or free >= threads:
             return threads
-        free = max(free, available_cpus() - others)
+        most = max(most, free)
         if reading + 1 < readings:
             time.sleep(apart)
-    return min(free, threads)
+    return min(most, threads)
 
 
 def with_free_threads(function: Callable[..., T], *args) -> T:
