@@ -1,10 +1,11 @@
 """Compile time under CPU load: ``optimize`` + first call, quiet and beside busy processes, in fresh processes.
 
 int8 calibration and the accuracy guards run the graph on torch's ops tens of times; beside busy processes
-torch's OpenMP teams spin at barriers for a descheduled thread, so those passes take the threads other tasks
-leave free (``pyrys.backends.threads.threads_for_torch_work``).  Each compile runs in a new process (nothing
-cached: ``PYRYS_CACHE_DIR=``) with ``--threads`` threads, beside ``--busy`` processes spinning (unpinned);
-``--src`` gives source trees to compare (each put first on ``PYTHONPATH``), interleaved round by round.
+torch's OpenMP teams spin at barriers for a descheduled thread (RESULTS.md, 2026-12-07: running those passes
+with the threads left free was 0.61x beside two busy processes, and was taken back: the plan's scales then
+depended on the load).  Each compile runs in a new process (nothing cached: ``PYRYS_CACHE_DIR=``) with
+``--threads`` threads, beside ``--busy`` processes spinning (unpinned); ``--src`` gives source trees to
+compare (each put first on ``PYTHONPATH``), interleaved round by round.
 
     python benchmarks/compile_under_load.py --models efficientnet_b0 --busy 0 1 2 --rounds 2
     python benchmarks/compile_under_load.py --src /path/to/old/src src --busy 2

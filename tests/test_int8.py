@@ -1767,9 +1767,7 @@ def test_the_notes_say_which_samples_the_guard_measured_on(count, measured_on):
     assert said and all(measured_on in line and "first 16" not in line for line in said), said
 
 
-def test_a_loader_refilling_one_tensor_is_read_sample_by_sample(monkeypatch):
-    from pyrys.backends import threads  # two compiles compared bit for bit: calibrated at one thread count
-    monkeypatch.setattr(threads, "threads_for_torch_work", threads.current_threads)  # (not the load's)
+def test_a_loader_refilling_one_tensor_is_read_sample_by_sample():
     """A helper's find: samples were kept as the loader yielded them, so a loader refilling one tensor in place
     was calibrated on its last sample five times (0.87 off on its own data, the note said 3e-3).  An iterator's
     samples are copied as read: the same plan as from a list of the same tensors."""

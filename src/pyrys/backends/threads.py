@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import ctypes
 import threading
-import time
 from typing import Callable, TypeVar
 
 import torch
 
-from pyrys.machine import available_cpus, free_cpus
+from pyrys.machine import available_cpus
 
 T = TypeVar("T")
 
@@ -64,36 +63,6 @@ def with_threads(threads: int, function: Callable[..., T], *args) -> T:
         return function(*args)
     finally:
         set_(previous)
-
-
-def threads_for_torch_work(readings: int = 3, apart: float = 0.01) -> int:
-    """The thread count for torch's own work while compiling (calibration and the accuracy guards: the graph
-    run on torch's ops tens of times): the calling thread's (:func:`current_threads`), or where other tasks,
-    running or ready to run, left fewer CPUs free (:func:`pyrys.machine.free_cpus`) at each of ``readings``
-    readings ``apart`` seconds apart (a neighbour that stays, not one that passes), the most any reading left,
-    at least 1.  torch's OpenMP teams spin at barriers for a thread the OS descheduled: int8 EfficientNet-B0's
-    compile beside two busy processes on 2 cores, 59.9 s -> 36.7 s (``benchmarks/compile_under_load.py``).  A
-    quiet machine costs one reading."""
-    threads = current_threads()
-    most = 1
-    for reading in range(readings if threads > 1 else 0):
-        free = free_cpus()
-        if free is None or free >= threads:
-            return threads
-        most = max(most, free)
-        if reading + 1 < readings:
-            time.sleep(apart)
-    return min(most, threads)
-
-
-def with_free_threads(function: Callable[..., T], *args) -> T:
-    """``function(*args)`` with :func:`threads_for_torch_work` threads on the calling thread (restored after);
-    as it is where a count cannot be set for one caller alone (the process-wide fallback would make other
-    threads' calls wait for the whole pass, under its lock, and run with the count set for it)."""
-    if not PER_CALLER_THREADS:
-        return function(*args)
-    threads = threads_for_torch_work()
-    return function(*args) if threads == current_threads() else with_threads(threads, function, *args)
 
 
 def _with_torch_threads(threads: int, function: Callable[..., T], *args) -> T:

@@ -27,7 +27,6 @@ from typing import Callable, Iterable
 import torch
 import torch.fx as fx
 
-from pyrys.backends.threads import with_free_threads
 from pyrys.ir.meta import refresh_meta
 from pyrys.ir.printer import format_graph
 from pyrys.ir.verify import VerificationError
@@ -63,12 +62,6 @@ class Pass:
 MAX_SWEEPS = 10  # a fixed-point pass stops after this many sweeps even if rules still fire
 
 
-def _torch_work(heavy: bool, function: Callable[..., PassResult], *args) -> PassResult:
-    """``function(*args)``; where it is ``heavy``, with the threads other processes leave free
-    (:func:`~pyrys.backends.threads.with_free_threads`)."""
-    return with_free_threads(function, *args) if heavy else function(*args)
-
-
 PIPELINE: tuple[Pass, ...] = (
     Pass("freeze_params", lambda gm, o: freeze.freeze_params(gm, o.freeze_params, o.frozen_check)),
     Pass("freeze_flags", lambda gm, o: freeze.freeze_flags(gm, o.freeze_flags)),
@@ -80,13 +73,10 @@ PIPELINE: tuple[Pass, ...] = (
     Pass("fold_conv_bn", lambda gm, o: fold_batch_norm.fold_conv_bn(gm)),
     Pass("fold_constant_affine", lambda gm, o: fold_constant_affine.fold_constant_affine(gm), fixed_point=True),
     Pass("fuse_post_ops", lambda gm, o: fuse_post_ops.fuse_post_ops(gm), fixed_point=True),
-    # (the bf16 guard and int8 calibration run the graph on torch's ops many times: with_free_threads)
-    Pass("lower_precision", lambda gm, o: _torch_work(o.guard is not None, precision.lower_precision, gm, o.precision,
-                                                      o.output_dtype, o.guard)),
+    Pass("lower_precision", lambda gm, o: precision.lower_precision(gm, o.precision, o.output_dtype, o.guard)),
     Pass("constant_propagation", lambda gm, o: constant_propagation.constant_propagation(gm)),
     Pass("dead_code_elimination", lambda gm, o: cleanup.dead_code_elimination(gm)),
-    Pass("quantize", lambda gm, o: _torch_work(o.precision == "int8", quantize.quantize, gm, o.precision,
-                                               o.calibration)),
+    Pass("quantize", lambda gm, o: quantize.quantize(gm, o.precision, o.calibration)),
 )
 PASS_NAMES = tuple(dict.fromkeys(p.name for p in PIPELINE))
 _PASS_BY_NAME = {p.name: p for p in PIPELINE}
